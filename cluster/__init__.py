@@ -1,0 +1,1 @@
+"""The `ringpipe` command line: training, generation, launching and benchmarks."""

@@ -1,0 +1,26 @@
+"""`ringpipe` command-line entry point: a click group; each subcommand lives in its own module."""
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ringpipe")
+def main():
+    """ringpipe: distributed GPT training built from primitives."""
+
+
+@main.group()
+def bench():
+    """Benchmarks (nccl-tests style tables, --json output)."""
+
+
+def _register_commands():
+    # Subcommands register themselves on import; a missing optional module must not break the CLI.
+    from cluster import bench_commands  # noqa: F401
+
+
+_register_commands()
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

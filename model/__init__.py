@@ -1,0 +1,1 @@
+"""The dense GPT-2 as forward/backward op pairs, its optimizer, data and checkpoints."""

@@ -1,0 +1,1 @@
+"""Benchmarks and the trace viewer; called from the CLI, never calling back into it."""
