@@ -1,0 +1,122 @@
+"""AdamW (decoupled weight decay on 2-D weights), global-norm clipping, warmup + cosine schedule.
+
+The update rule `adamw_update` is a pure in-place function on arrays, so the same code updates a
+whole parameter dict (`AdamW`) or a flat 1-D shard of all parameters (ZeRO-1: each data-parallel
+rank owns a slice of param, grad, m and v, plus the matching slice of per-element decay rates).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime.backend import module_of, to_host
+
+
+def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,
+                 beta2: float = 0.999, eps: float = 1e-8, weight_decay=0.0) -> None:
+    """One AdamW step, in place on param, m, v (all the same shape as grad).
+
+    `step` counts updates including this one (1 on the first). `weight_decay` is a float, or an
+    array of per-element rates (0 where a parameter must not decay) for flat shards.
+    """
+    xp = module_of(param)
+    # Decoupled decay (Loshchilov & Hutter): shrink the weights, independent of the gradient.
+    if isinstance(weight_decay, (int, float)):
+        if weight_decay:
+            param *= 1.0 - lr * weight_decay
+    else:
+        param -= (lr * weight_decay) * param
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * (grad * grad)
+    # Bias corrections folded into scalars: p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    step_size = lr / (1.0 - beta1 ** step)
+    denom = xp.sqrt(v)
+    denom *= 1.0 / math.sqrt(1.0 - beta2 ** step)
+    denom += eps
+    param -= step_size * (m / denom)
+
+
+def grad_norm(grads: dict) -> float:
+    """The global L2 norm of all gradients together."""
+    return math.sqrt(sum(float(module_of(g).vdot(g.ravel(), g.ravel())) for g in grads.values()))
+
+
+def clip_scale(norm: float, max_norm: float | None) -> float:
+    """The factor that brings a gradient of global norm `norm` down to `max_norm` (1 if below)."""
+    if not max_norm or norm <= max_norm:
+        return 1.0
+    return max_norm / (norm + 1e-6)
+
+
+def clip_grad_norm(grads: dict, max_norm: float | None) -> float:
+    """Scale all gradients in place so their global norm is at most `max_norm`; returns the
+    norm before clipping. `max_norm` None or 0 disables clipping."""
+    norm = grad_norm(grads)
+    scale = clip_scale(norm, max_norm)
+    if scale != 1.0:
+        for g in grads.values():
+            g *= scale
+    return norm
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, total_steps: int) -> float:
+    """Learning rate at 0-based `step`: linear warmup over `warmup` steps, then cosine decay from
+    `lr` to `min_lr` at `total_steps`, then `min_lr`."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def decays(param) -> bool:
+    """Whether a parameter gets weight decay: 2-D matrices (linear weights and embeddings) do;
+    biases and LayerNorm gains (1-D) do not."""
+    return param.ndim == 2
+
+
+class AdamW:
+    """AdamW over a dict of parameters; state is (m, v) per parameter and the update count."""
+
+    def __init__(self, params: dict, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.beta1, self.beta2 = betas
+        self.eps = eps
+        self.weight_decay = {name: weight_decay if decays(p) else 0.0
+                             for name, p in params.items()}
+        xp = module_of(next(iter(params.values())))
+        self.m = {name: xp.zeros_like(p) for name, p in params.items()}
+        self.v = {name: xp.zeros_like(p) for name, p in params.items()}
+        self.step_count = 0
+
+    def update(self, params: dict, grads: dict, lr: float) -> None:
+        """Apply one AdamW step to `params` in place."""
+        self.step_count += 1
+        for name, param in params.items():
+            adamw_update(param, grads[name], self.m[name], self.v[name], self.step_count, lr,
+                         self.beta1, self.beta2, self.eps, self.weight_decay[name])
+
+    def state_dict(self) -> dict:
+        """Host arrays for a checkpoint: "step", "m.<param name>", "v.<param name>"."""
+        state = {"step": np.array(self.step_count, dtype=np.int64)}
+        for name in self.m:
+            state[f"m.{name}"] = to_host(self.m[name])
+            state[f"v.{name}"] = to_host(self.v[name])
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()` output (ValueError on missing or misshapen entries)."""
+        for name in self.m:
+            for moment, key in ((self.m, f"m.{name}"), (self.v, f"v.{name}")):
+                if key not in state:
+                    raise ValueError(f"optimizer state lacks {key!r}")
+                value = state[key]
+                if tuple(value.shape) != tuple(moment[name].shape):
+                    raise ValueError(f"optimizer state {key!r} has shape {tuple(value.shape)}, "
+                                     f"expected {tuple(moment[name].shape)}")
+                moment[name][...] = module_of(moment[name]).asarray(value)
+        self.step_count = int(state["step"])

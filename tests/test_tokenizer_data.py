@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+
+from model.data import TokenDataset, corpus_files, load_corpus, write_token_file
+from model.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
+
+TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n" * 20
+
+
+def test_char_tokenizer_vocabulary_is_sorted_distinct_characters():
+    tokenizer = CharTokenizer.from_text("banana")
+    assert tokenizer.chars == "abn"
+    assert tokenizer.vocab_size == 3
+    assert tokenizer.encode("nab").tolist() == [2, 0, 1]
+
+
+@pytest.mark.parametrize("tokenizer", [CharTokenizer.from_text(TEXT + "é✓"), ByteTokenizer()])
+def test_encode_then_decode_is_identity(tokenizer):
+    text = TEXT[:200] + "é✓"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_char_tokenizer_names_the_unknown_character():
+    with pytest.raises(ValueError, match=r"'z' at position 2"):
+        CharTokenizer.from_text("abc").encode("abzc")
+
+
+def test_byte_tokenizer_encodes_utf8_bytes():
+    assert ByteTokenizer().encode("é").tolist() == [0xC3, 0xA9]
+    assert ByteTokenizer().vocab_size == 256
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_saved_tokenizer_loads_back_equal(tmp_path, kind):
+    tokenizer = make_tokenizer(kind, TEXT)
+    tokenizer.save(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    loaded = load_tokenizer(str(tmp_path))
+    assert type(loaded) is type(tokenizer) and loaded.vocab_size == tokenizer.vocab_size
+    assert loaded.encode(TEXT).tolist() == tokenizer.encode(TEXT).tolist()
+
+
+def test_load_tokenizer_rejects_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(ValueError, match="no tokenizer file"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt tokenizer file"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_unknown_tokenizer_kind_is_rejected():
+    with pytest.raises(ValueError, match="unknown tokenizer 'words'"):
+        make_tokenizer("words", TEXT)
+
+
+def test_corpus_from_file_dir_and_glob_concatenates_sorted_files(tmp_path):
+    (tmp_path / "b.txt").write_text("BBB")
+    (tmp_path / "a.txt").write_text("AAA")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.md").write_text("CCC")
+    assert load_corpus(str(tmp_path / "a.txt")) == "AAA"
+    assert load_corpus(str(tmp_path)) == "AAABBBCCC"
+    assert load_corpus(str(tmp_path / "*.txt")) == "AAABBB"
+
+
+def test_corpus_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="no files matched"):
+        corpus_files(str(tmp_path / "*.nothing"))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        load_corpus(str(tmp_path / "empty.txt"))
+    (tmp_path / "binary.bin").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        load_corpus(str(tmp_path / "binary.bin"))
+
+
+def test_default_corpus_is_capped_stdlib_python_source():
+    text = load_corpus(None, max_chars=50_000)
+    assert len(text) == 50_000
+    assert "import" in text
+    assert text == load_corpus(None, max_chars=50_000)
+
+
+def _dataset(tmp_path, n=1000):
+    ids = np.arange(n) % 50
+    write_token_file(ids, str(tmp_path / "tokens.bin"))
+    return TokenDataset.from_file(str(tmp_path / "tokens.bin"), val_fraction=0.1)
+
+
+def test_token_file_split_is_90_10_and_memory_mapped(tmp_path):
+    data = _dataset(tmp_path)
+    assert isinstance(data.splits["train"], np.memmap)
+    assert len(data.splits["train"]) == 900 and len(data.splits["val"]) == 100
+    assert data.splits["val"][0] == 900 % 50
+
+
+def test_batch_targets_are_inputs_shifted_by_one(tmp_path):
+    data = _dataset(tmp_path)
+    x, y = data.get_batch("train", step=3, batch_size=8, block_size=16, seed=0)
+    assert x.shape == y.shape == (8, 16)
+    assert np.array_equal(x[:, 1:], y[:, :-1])
+    assert np.array_equal((x + 1) % 50, y)  # the stream counts up modulo 50
+
+
+def test_batches_are_deterministic_per_seed_step_and_split(tmp_path):
+    data = _dataset(tmp_path)
+    a = data.get_batch("train", 5, 8, 16, seed=1)[0]
+    assert np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=1)[0])
+    assert not np.array_equal(a, data.get_batch("train", 6, 8, 16, seed=1)[0])
+    assert not np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=2)[0])
+
+
+def test_val_batches_come_from_the_val_split(tmp_path):
+    ids = np.concatenate([np.zeros(900), np.ones(100)])
+    data = TokenDataset(ids, val_fraction=0.1)
+    x, _ = data.get_batch("val", 0, 4, 8, seed=0)
+    assert (x == 1).all()
+
+
+def test_block_size_larger_than_the_data_is_rejected(tmp_path):
+    data = _dataset(tmp_path, n=100)  # val split: 10 tokens
+    with pytest.raises(ValueError, match="too small for block size 10: the val split has 10"):
+        data.get_batch("train", 0, 2, 10, seed=0)
+    data.get_batch("train", 0, 2, 9, seed=0)
+
+
+def test_token_file_rejects_ids_beyond_uint16(tmp_path):
+    with pytest.raises(ValueError, match="does not fit"):
+        write_token_file(np.array([70000]), str(tmp_path / "t.bin"))
