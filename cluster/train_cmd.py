@@ -1,0 +1,200 @@
+"""`ringpipe train` and `ringpipe generate`: flags, progress on stderr, metrics.jsonl, errors.
+
+The loop itself lives in `model.train.Trainer`; this module only drives it and talks to the user.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import click
+
+from cluster.cli import main
+from model.train import TrainConfig
+
+
+# Flags that may change when a run is resumed; every other flag must match the checkpoint.
+RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class Progress:
+    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise."""
+
+    def __init__(self, first_step: int, total_steps: int, stream=sys.stderr):
+        self.first_step, self.total_steps, self.stream = first_step, total_steps, stream
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+        self.plain_every = max(1, (total_steps - first_step) // 20)
+
+    def update(self, metrics: dict) -> None:
+        step = metrics["step"]
+        done = step + 1 - self.first_step
+        per_step = (time.perf_counter() - self.start) / done
+        eta = per_step * (self.total_steps - step - 1)
+        line = (f"step {step + 1}/{self.total_steps} loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s "
+                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        if "val_loss" in metrics:
+            line += f" val_loss {metrics['val_loss']:.4f}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line)
+            if "val_loss" in metrics or step + 1 == self.total_steps:
+                self.stream.write("\n")
+        elif "val_loss" in metrics or done % self.plain_every == 0 or step + 1 == self.total_steps:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _config_from_flags(ctx: click.Context, flags: dict):
+    """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
+    from model.train import saved_config
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    chosen = {name: value for name, value in flags.items() if name in fields}
+    if not flags["resume"]:
+        return TrainConfig(**chosen)
+    config = saved_config(flags["out"])
+    for name, value in chosen.items():
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        if name in RESUME_OVERRIDABLE:
+            setattr(config, name, value)
+        elif value != getattr(config, name):
+            raise click.BadParameter(f"{value!r} differs from the checkpoint's "
+                                     f"{getattr(config, name)!r}; it cannot change on --resume",
+                                     param_hint="--" + name.replace("_", "-"))
+    return config
+
+
+def _metrics_file(out: str, first_step: int):
+    """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped."""
+    path = os.path.join(out, "metrics.jsonl")
+    kept = []
+    if first_step > 0 and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] < first_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+D = TrainConfig()  # flag defaults are the config's defaults
+
+
+@main.command()
+@click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
+@click.option("--tokenizer", type=click.Choice(["char", "byte"]), default=D.tokenizer, show_default=True)
+@click.option("--n-layer", type=click.IntRange(min=1), default=D.n_layer, show_default=True)
+@click.option("--n-head", type=click.IntRange(min=1), default=D.n_head, show_default=True)
+@click.option("--n-embd", type=click.IntRange(min=1), default=D.n_embd, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=D.block_size, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
+              help="Global batch, in sequences.")
+@click.option("--microbatches", type=click.IntRange(min=1), default=D.microbatches, show_default=True,
+              help="Gradient-accumulation steps the global batch is split into.")
+@click.option("--steps", type=click.IntRange(min=1), default=D.steps, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0), default=D.lr, show_default=True)
+@click.option("--min-lr", type=click.FloatRange(min=0), default=D.min_lr, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=D.warmup, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay, show_default=True)
+@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=D.beta2, show_default=True)
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=D.grad_clip, show_default=True,
+              help="Max global gradient norm; 0 disables clipping.")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=D.dropout, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=D.dtype, show_default=True)
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=D.eval_every, show_default=True,
+              help="Evaluate val loss every N steps (and after the last); 0: only after the last.")
+@click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=D.checkpoint_every,
+              show_default=True, help="Checkpoint every N steps (and after the last).")
+@click.option("--out", type=click.Path(file_okay=False), default="out", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
+@click.pass_context
+def train(ctx, **flags):
+    """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
+    from model.train import Trainer, find_checkpoint
+
+    out = flags["out"]
+    if not flags["resume"]:
+        try:
+            find_checkpoint(out)
+        except ValueError:
+            pass
+        else:
+            raise click.BadParameter(f"{out} already holds a checkpoint; pass --resume to "
+                                     "continue it, or choose another directory", param_hint="--out")
+    try:
+        config = _config_from_flags(ctx, flags)
+        trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
+
+    first_step = trainer.step
+    progress = Progress(first_step, config.steps)
+    with _metrics_file(out, first_step) as metrics_log:
+        try:
+            for step in range(first_step, config.steps):
+                metrics = trainer.train_step(step)
+                last = step + 1 == config.steps
+                if last or (config.eval_every and (step + 1) % config.eval_every == 0):
+                    metrics.update(trainer.evaluate())
+                metrics_log.write(json.dumps(metrics) + "\n")
+                metrics_log.flush()
+                progress.update(metrics)
+                if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                    trainer.save_checkpoint()
+        except KeyboardInterrupt:
+            raise click.ClickException(f"interrupted at step {trainer.step}; continue from the "
+                                       f"last checkpoint with --resume --out {out}") from None
+    trainer.save_checkpoint()
+    trainer.save_model()
+    click.echo(f"saved model and checkpoint to {out}", err=True)
+
+
+@main.command()
+@click.option("--checkpoint", "directory", required=True, type=click.Path(),
+              help="A run directory (--out of train) or a model directory.")
+@click.option("--prompt", default="\n", show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device):
+    """Continue --prompt with a trained model and print the text."""
+    from model.gpt import GPT
+    from model.tokenizer import load_tokenizer
+    from model.train import CHECKPOINT_DIR
+    from runtime.backend import array_module, to_host
+
+    if not os.path.isdir(directory):
+        raise click.BadParameter(f"directory {directory!r} does not exist", param_hint="--checkpoint")
+    if not os.path.exists(os.path.join(directory, "config.json")) and \
+            os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
+        directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
+    try:
+        tokenizer = load_tokenizer(directory)
+        gpt = GPT.from_pretrained(directory, device=device)
+    except Exception as exc:  # any reader error means the same thing to the user
+        raise click.ClickException(f"cannot load model from {directory}: {_one_line(exc)}") from None
+    if not prompt:
+        raise click.BadParameter("must not be empty", param_hint="--prompt")
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as exc:
+        raise click.BadParameter(_one_line(exc), param_hint="--prompt") from None
+    xp = array_module(device)
+    out = gpt.generate(xp.asarray(ids)[None, :], max_new_tokens, temperature=temperature,
+                       top_k=top_k, seed=seed)
+    click.echo(tokenizer.decode(to_host(out)[0]))
