@@ -24,6 +24,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+def _bad_flag(flag: str, message: str) -> click.ClickException:
+    # ClickException, not BadParameter: one "Error: ..." line without the usage block.
+    return click.ClickException(f"Invalid value for {flag}: {message}")
+
+
 class Progress:
     """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise."""
 
@@ -67,9 +72,9 @@ def _config_from_flags(ctx: click.Context, flags: dict):
         if name in RESUME_OVERRIDABLE:
             setattr(config, name, value)
         elif value != getattr(config, name):
-            raise click.BadParameter(f"{value!r} differs from the checkpoint's "
-                                     f"{getattr(config, name)!r}; it cannot change on --resume",
-                                     param_hint="--" + name.replace("_", "-"))
+            raise _bad_flag("--" + name.replace("_", "-"),
+                            f"{value!r} differs from the checkpoint's {getattr(config, name)!r};"
+                            " it cannot change on --resume")
     return config
 
 
@@ -131,8 +136,8 @@ def train(ctx, **flags):
         except ValueError:
             pass
         else:
-            raise click.BadParameter(f"{out} already holds a checkpoint; pass --resume to "
-                                     "continue it, or choose another directory", param_hint="--out")
+            raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to "
+                            "continue it, or choose another directory")
     try:
         config = _config_from_flags(ctx, flags)
         trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
@@ -179,7 +184,7 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
     from runtime.backend import array_module, to_host
 
     if not os.path.isdir(directory):
-        raise click.BadParameter(f"directory {directory!r} does not exist", param_hint="--checkpoint")
+        raise _bad_flag("--checkpoint", f"directory {directory!r} does not exist")
     if not os.path.exists(os.path.join(directory, "config.json")) and \
             os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
         directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
@@ -189,11 +194,11 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {_one_line(exc)}") from None
     if not prompt:
-        raise click.BadParameter("must not be empty", param_hint="--prompt")
+        raise _bad_flag("--prompt", "must not be empty")
     try:
         ids = tokenizer.encode(prompt)
     except ValueError as exc:
-        raise click.BadParameter(_one_line(exc), param_hint="--prompt") from None
+        raise _bad_flag("--prompt", _one_line(exc)) from None
     xp = array_module(device)
     out = gpt.generate(xp.asarray(ids)[None, :], max_new_tokens, temperature=temperature,
                        top_k=top_k, seed=seed)
