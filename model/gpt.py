@@ -1,0 +1,446 @@
+"""GPT-2 (pre-LN, tied LM head) as stages of op pairs, with a hand-written backward.
+
+Stages are the units later parallel schedules split: the embedding stage, block i, and the
+head+loss stage. Each has `*_forward -> (output, cache)` and `*_backward(cache, dout) ->
+(dinput, grads)`; a block can also run its backward as input-gradient now, weight-gradient later.
+Every cache is registered with `ActivationMemory`, so the bytes held between forward and
+backward are measured, not guessed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from model import ops
+from runtime.backend import DEVICES, array_module, to_host
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    dtype: str = "float32"
+    device: str = "cpu"
+    recompute: bool = False  # blocks cache only their input and recompute the rest in backward
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"GPTConfig.device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"GPTConfig.recompute must be a bool, got {self.recompute!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_shapes(config: GPTConfig) -> dict:
+    """GPT-2 public parameter names -> shapes, in a fixed order (the order init draws them)."""
+    C, V = config.n_embd, config.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C)}
+    for i in range(config.n_layer):
+        h = f"h.{i}."
+        shapes.update({
+            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
+            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
+            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
+            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
+            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
+            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
+        })
+    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
+    return shapes
+
+
+def init_params(config: GPTConfig, seed: int = 0) -> dict:
+    """GPT-2 init as float64 NumPy arrays: N(0, 0.02) weights, residual projections scaled by
+    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros. Independent of dtype and device."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(config).items():
+        if name.endswith(".bias"):
+            params[name] = np.zeros(shape)
+        elif ".ln_" in name or name.startswith("ln_f"):
+            params[name] = np.ones(shape)
+        else:
+            std = 0.02
+            if name.endswith("c_proj.weight"):
+                std /= math.sqrt(2 * config.n_layer)
+            params[name] = rng.normal(0.0, std, size=shape)
+    return params
+
+
+class ActivationMemory:
+    """Bytes of activations cached between forward and backward: live now, and peak since reset."""
+
+    def __init__(self):
+        self.live_bytes = 0
+        self.peak_bytes = 0
+
+    def reset(self):
+        self.live_bytes = self.peak_bytes = 0
+
+    @staticmethod
+    def nbytes(cache) -> int:
+        seen, total, stack = set(), 0, [cache]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, dict):
+                stack.extend(item.values())
+            elif isinstance(item, (tuple, list)):
+                stack.extend(item)
+            elif hasattr(item, "nbytes") and hasattr(item, "base"):
+                while item.base is not None:  # count each buffer once, through its views
+                    item = item.base
+                if id(item) not in seen:
+                    seen.add(id(item))
+                    total += item.nbytes
+        return total
+
+    def hold(self, cache):
+        self.live_bytes += self.nbytes(cache)
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        return cache
+
+    def release(self, cache):
+        self.live_bytes -= self.nbytes(cache)
+
+
+@dataclass
+class DeferredWeightGrads:
+    """What a block's backward_input leaves for backward_weight: the gradients already known
+    (LayerNorms) and, per linear, (param prefix, cached input x, dout)."""
+    layer: int
+    grads: dict
+    pending: list
+
+
+# Dropout sites; masks are drawn from (dropout_seed, layer, site) so a recompute redraws them.
+EMBEDDING, ATTN_PROBS, ATTN_RESIDUAL, MLP_RESIDUAL = range(4)
+
+
+class GPT:
+    """The dense GPT-2. `params` is a flat dict with GPT-2 public names (see `param_shapes`)."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, params: dict | None = None):
+        self.config = config
+        self.xp = array_module(config.device)
+        self.dtype = np.dtype(config.dtype)
+        host = init_params(config, seed) if params is None else params
+        self.params = {name: self.xp.asarray(np.asarray(to_host(p)).astype(self.dtype))
+                       for name, p in host.items()}
+        self.memory = ActivationMemory()
+        self._dropout_seeds = np.random.default_rng([seed, 1])
+
+    # ------------------------------------------------------------------ dropout randomness
+
+    def _rng(self, dropout_seed, layer, site):
+        if not self.config.dropout or dropout_seed is None:
+            return None
+        state = np.random.SeedSequence([dropout_seed, layer + 1, site]).generate_state(1)[0]
+        return self.xp.random.default_rng(int(state))
+
+    def _dropout(self, x, dropout_seed, layer, site):
+        rng = self._rng(dropout_seed, layer, site)
+        return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
+
+    # ------------------------------------------------------------------ embedding stage
+
+    def embedding_forward(self, idx, dropout_seed=None):
+        """idx int (B, T) -> x (B, T, C)."""
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tok, idx = ops.embedding_forward(self.params["wte.weight"], idx)
+        x = ops.residual_forward(tok, self.params["wpe.weight"][:T])
+        x, keep_mask = self._dropout(x, dropout_seed, -1, EMBEDDING)
+        return x, self.memory.hold({"idx": idx, "dropout": keep_mask})
+
+    def embedding_backward(self, cache, dx):
+        """dx (B, T, C) -> (None, {wte.weight, wpe.weight} grads)."""
+        self.memory.release(cache)
+        dx = ops.dropout_backward(dx, cache["dropout"])
+        dtok, dpos = ops.residual_backward(dx)
+        dwpe = self.xp.zeros_like(self.params["wpe.weight"])
+        dwpe[:dx.shape[1]] = dpos.sum(0)
+        dwte = ops.embedding_backward(dtok, cache["idx"], self.config.vocab_size)
+        return None, {"wte.weight": dwte, "wpe.weight": dwpe}
+
+    # ------------------------------------------------------------------ transformer block i
+
+    def _attention_half(self, i, x, dropout_seed):
+        """x -> x + dropout(c_proj(attn(c_attn(ln_1(x))))), cache of every op."""
+        p, h = self.params, f"h.{i}."
+        a, ln_1 = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        qkv, c_attn = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+        y, attn = ops.attention_forward(qkv, self.config.n_head, self.config.dropout,
+                                        self._rng(dropout_seed, i, ATTN_PROBS))
+        y, c_proj = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+        y, keep_mask = self._dropout(y, dropout_seed, i, ATTN_RESIDUAL)
+        cache = {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj,
+                 "attn.dropout": keep_mask}
+        return ops.residual_forward(x, y), cache
+
+    def _mlp_half(self, i, x, dropout_seed):
+        """x -> x + dropout(c_proj(gelu(c_fc(ln_2(x))))), cache of every op."""
+        p, h = self.params, f"h.{i}."
+        a, ln_2 = ops.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        f, c_fc = ops.linear_forward(a, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+        g, gelu = ops.gelu_forward(f)
+        y, c_proj = ops.linear_forward(g, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
+        y, keep_mask = self._dropout(y, dropout_seed, i, MLP_RESIDUAL)
+        cache = {"ln_2": ln_2, "mlp.c_fc": c_fc, "gelu": gelu, "mlp.c_proj": c_proj,
+                 "mlp.dropout": keep_mask}
+        return ops.residual_forward(x, y), cache
+
+    def block_forward(self, i, x, dropout_seed=None):
+        """Block i: x (B, T, C) -> (B, T, C). With config.recompute the cache is only x."""
+        if self.config.recompute:
+            out, _ = self._mlp_half(i, self._attention_half(i, x, dropout_seed)[0], dropout_seed)
+            return out, self.memory.hold({"input": x, "dropout_seed": dropout_seed})
+        x, attention_cache = self._attention_half(i, x, dropout_seed)
+        out, mlp_cache = self._mlp_half(i, x, dropout_seed)
+        return out, self.memory.hold({**attention_cache, **mlp_cache})
+
+    def _mlp_half_backward_input(self, i, cache, dout, deferred):
+        p, h = self.params, f"h.{i}."
+        dy = ops.dropout_backward(dout, cache["mlp.dropout"])
+        deferred.pending.append(("mlp.c_proj", cache["mlp.c_proj"], dy))
+        dg = ops.linear_backward_input(dy, p[h + "mlp.c_proj.weight"])
+        df = ops.gelu_backward(dg, cache["gelu"])
+        deferred.pending.append(("mlp.c_fc", cache["mlp.c_fc"], df))
+        da = ops.linear_backward_input(df, p[h + "mlp.c_fc.weight"])
+        dx, deferred.grads[h + "ln_2.weight"], deferred.grads[h + "ln_2.bias"] = \
+            ops.layernorm_backward(da, cache["ln_2"], p[h + "ln_2.weight"])
+        dx += dout  # residual
+        return dx
+
+    def _attention_half_backward_input(self, i, cache, dout, deferred):
+        p, h = self.params, f"h.{i}."
+        dy = ops.dropout_backward(dout, cache["attn.dropout"])
+        deferred.pending.append(("attn.c_proj", cache["attn.c_proj"], dy))
+        dy = ops.linear_backward_input(dy, p[h + "attn.c_proj.weight"])
+        dqkv = ops.attention_backward(dy, cache["attn"], self.config.n_head)
+        deferred.pending.append(("attn.c_attn", cache["attn.c_attn"], dqkv))
+        da = ops.linear_backward_input(dqkv, p[h + "attn.c_attn.weight"])
+        dx, deferred.grads[h + "ln_1.weight"], deferred.grads[h + "ln_1.bias"] = \
+            ops.layernorm_backward(da, cache["ln_1"], p[h + "ln_1.weight"])
+        dx += dout  # residual
+        return dx
+
+    def block_backward_input(self, i, cache, dout):
+        """dout (B, T, C) -> (dx (B, T, C), DeferredWeightGrads for `block_backward_weight`).
+
+        Frees the block cache; the deferred work keeps only the linears' inputs and douts.
+        """
+        self.memory.release(cache)
+        deferred = DeferredWeightGrads(i, {}, [])
+        if not self.config.recompute:
+            dx = self._mlp_half_backward_input(i, cache, dout, deferred)
+            dx = self._attention_half_backward_input(i, cache, dx, deferred)
+        else:
+            # Recompute one half at a time, so at most half a block's cache is alive at once.
+            x, seed = cache["input"], cache["dropout_seed"]
+            x_mid = self._attention_half(i, x, seed)[0]
+            mlp_cache = self.memory.hold(self._mlp_half(i, x_mid, seed)[1])
+            del x_mid
+            dx = self._mlp_half_backward_input(i, mlp_cache, dout, deferred)
+            self.memory.release(mlp_cache)
+            attention_cache = self.memory.hold(self._attention_half(i, x, seed)[1])
+            dx = self._attention_half_backward_input(i, attention_cache, dx, deferred)
+            self.memory.release(attention_cache)
+        self.memory.hold(deferred.pending)
+        return dx, deferred
+
+    def block_backward_weight(self, deferred):
+        """Runs the deferred linear weight gradients -> grads of every parameter of the block."""
+        self.memory.release(deferred.pending)
+        grads, h = deferred.grads, f"h.{deferred.layer}."
+        while deferred.pending:
+            name, x, dout = deferred.pending.pop()
+            grads[h + name + ".weight"], grads[h + name + ".bias"] = \
+                ops.linear_backward_weight(dout, x)
+        return grads
+
+    def block_backward(self, i, cache, dout):
+        """Fused backward of block i: dout (B, T, C) -> (dx, grads of the block's parameters)."""
+        dx, deferred = self.block_backward_input(i, cache, dout)
+        return dx, self.block_backward_weight(deferred)
+
+    # ------------------------------------------------------------------ head + loss stage
+
+    def head_forward(self, x, targets, ignore_index=-1):
+        """x (B, T, C), targets int (B, T) -> (mean cross-entropy loss as float, cache)."""
+        p = self.params
+        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        logits, lm_head = ops.linear_forward(a, p["wte.weight"].T)  # tied to wte
+        loss, ce = ops.cross_entropy_forward(logits, targets, ignore_index, overwrite_logits=True)
+        return loss, self.memory.hold({"ln_f": ln_f, "lm_head": lm_head, "cross_entropy": ce})
+
+    def head_backward(self, cache, dloss=1.0):
+        """-> (dx (B, T, C), grads {wte.weight (the LM-head share), ln_f.weight, ln_f.bias})."""
+        self.memory.release(cache)
+        p = self.params
+        dlogits = ops.cross_entropy_backward(cache["cross_entropy"], dloss)
+        da = ops.linear_backward_input(dlogits, p["wte.weight"].T)
+        dlogits2d = dlogits.reshape(-1, dlogits.shape[-1])
+        a = cache["lm_head"]
+        dwte = dlogits2d.T @ a.reshape(-1, a.shape[-1])  # (V, C), the transpose of Conv1D's dW
+        dx, dw, db = ops.layernorm_backward(da, cache["ln_f"], p["ln_f.weight"])
+        return dx, {"wte.weight": dwte, "ln_f.weight": dw, "ln_f.bias": db}
+
+    def head_logits(self, x):
+        """x (B, T, C) -> logits (B, T, V)."""
+        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"])
+        return ops.linear_forward(a, self.params["wte.weight"].T)[0]
+
+    # ------------------------------------------------------------------ whole model
+
+    def forward(self, idx):
+        """Inference logits, no dropout: idx int (B, T) -> logits (B, T, vocab_size)."""
+        x, cache = self.embedding_forward(idx)
+        self.memory.release(cache)
+        for i in range(self.config.n_layer):
+            x, cache = self.block_forward(i, x)
+            self.memory.release(cache)
+        return self.head_logits(x)
+
+    def loss_and_grads(self, idx, targets, ignore_index=-1, dropout_seed=None):
+        """One forward+backward. idx, targets int (B, T) -> (loss float, grads like params).
+
+        `memory.peak_bytes` afterwards holds the peak of cached activations during the step.
+        """
+        if self.config.dropout and dropout_seed is None:
+            dropout_seed = int(self._dropout_seeds.integers(2**63))
+        self.memory.reset()
+        x, embedding_cache = self.embedding_forward(idx, dropout_seed)
+        block_caches = []
+        for i in range(self.config.n_layer):
+            x, cache = self.block_forward(i, x, dropout_seed)
+            block_caches.append(cache)
+        loss, head_cache = self.head_forward(x, targets, ignore_index)
+        del x
+        dx, grads = self.head_backward(head_cache)
+        del head_cache
+        for i in reversed(range(self.config.n_layer)):
+            dx, block_grads = self.block_backward(i, block_caches.pop(), dx)
+            grads.update(block_grads)
+        _, embedding_grads = self.embedding_backward(embedding_cache, dx)
+        grads["wte.weight"] += embedding_grads["wte.weight"]  # tied: LM head + embedding
+        grads["wpe.weight"] = embedding_grads["wpe.weight"]
+        return loss, {name: grads[name] for name in self.params}
+
+    # ------------------------------------------------------------------ generation (KV cache)
+
+    def prefill(self, idx):
+        """Runs idx int (B, T) through the model, keeping each layer's keys and values.
+
+        -> (logits (B, T, V), kv) where kv is the cache that `decode_step` extends.
+        """
+        B, T = idx.shape
+        C, H = self.config.n_embd, self.config.n_head
+        shape = (B, H, self.config.block_size, C // H)
+        kv = {"length": 0, "layers": [(self.xp.empty(shape, self.dtype),
+                                       self.xp.empty(shape, self.dtype))
+                                      for _ in range(self.config.n_layer)]}
+        return self._forward_with_kv(idx, kv), kv
+
+    def decode_step(self, kv, tokens):
+        """tokens int (B,) at position kv["length"] -> logits (B, V), using and extending kv."""
+        return self._forward_with_kv(tokens[:, None], kv)[:, -1]
+
+    def _forward_with_kv(self, idx, kv):
+        xp, p, H = self.xp, self.params, self.config.n_head
+        B, T = idx.shape
+        start = kv["length"]
+        if start + T > self.config.block_size:
+            raise ValueError(f"KV cache holds {start} of block_size {self.config.block_size}; "
+                             f"cannot add {T} more positions")
+        x = p["wte.weight"][idx] + p["wpe.weight"][start:start + T]
+        # Query t (absolute start + t) may see keys 0 .. start + t.
+        bias = xp.triu(xp.full((T, start + T), -xp.inf, dtype=self.dtype), k=start + 1)
+        for i, (keys, values) in enumerate(kv["layers"]):
+            h = f"h.{i}."
+            a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+            qkv, _ = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+            q, k, v = ops._split_heads(qkv, H)
+            keys[:, :, start:start + T] = k
+            values[:, :, start:start + T] = v
+            scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)
+            scores *= 1.0 / math.sqrt(q.shape[-1])
+            scores += bias
+            y = ops.softmax_forward(scores) @ values[:, :, :start + T]
+            y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+            y, _ = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
+            x, _ = self._mlp_half(i, x + y, None)
+        kv["length"] = start + T
+        return self.head_logits(x)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """Samples max_new_tokens after idx int (B, T) -> (B, T + max_new_tokens).
+
+        temperature 0 picks the most likely token. Context longer than block_size is cropped to
+        the last block_size tokens, and the KV cache is rebuilt for that window.
+        """
+        rng = np.random.default_rng(seed)
+        block_size = self.config.block_size
+        tokens = to_host(idx).astype(np.int64)
+        logits, kv = self.prefill(self.xp.asarray(tokens[:, -block_size:]))
+        logits = logits[:, -1]
+        for step in range(max_new_tokens):
+            next_tokens = _sample(to_host(logits).astype(np.float64), temperature, top_k, rng)
+            tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
+            if step == max_new_tokens - 1:
+                break
+            if kv["length"] < block_size:
+                logits = self.decode_step(kv, self.xp.asarray(next_tokens))
+            else:
+                logits = self.prefill(self.xp.asarray(tokens[:, -block_size:]))[0][:, -1]
+        return self.xp.asarray(tokens) if self.xp is not np else tokens
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_pretrained(self, directory, tokenizer=None):
+        """Writes model.safetensors + config.json (Hugging Face GPT-2 format), atomically."""
+        from model.checkpoint import save_checkpoint
+        save_checkpoint(directory, {k: to_host(v) for k, v in self.params.items()},
+                        self.config, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None, device=None):
+        """Loads a checkpoint written by ringpipe or by transformers' GPT2LMHeadModel."""
+        from model.checkpoint import load_checkpoint
+        config, params = load_checkpoint(directory, dtype=dtype, device=device)
+        return cls(config, params=params)
+
+
+def _sample(logits, temperature, top_k, rng):
+    """logits float64 (B, V) on the host -> token ids int64 (B,)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random((logits.shape[0], 1)) * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(-1), logits.shape[-1] - 1).astype(np.int64)

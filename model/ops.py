@@ -1,0 +1,297 @@
+"""GPT-2 ops as forward/backward pairs, side by side (llm.c style).
+
+Each `*_forward` returns `(out, cache)`: the cache names exactly the activations its `*_backward`
+needs, so the memory held between forward and backward is visible at the call site. One code path
+serves NumPy and CuPy: the array module is always taken from the inputs (`module_of`).
+
+Shapes: B batch, T time, C channels, H heads, V vocabulary. Linear weights use GPT-2's Conv1D
+layout (in × out, y = x @ W + b).
+"""
+from __future__ import annotations
+
+import math
+
+from runtime.backend import module_of
+
+GELU_SCALE = math.sqrt(2.0 / math.pi)
+GELU_CUBIC = 0.044715
+LAYERNORM_EPS = 1e-5
+
+
+def _ones(xp, n, dtype):
+    return xp.ones((n, 1), dtype=dtype)
+
+
+def _row_sums(x2d):
+    """Sums over the last axis, (N, D) -> (N, 1); a gemv is several times faster than x.sum(-1)."""
+    return x2d @ _ones(module_of(x2d), x2d.shape[-1], x2d.dtype)
+
+
+def _column_sums(x2d):
+    """Sums over the first axis, (N, D) -> (D,)."""
+    return (_ones(module_of(x2d), x2d.shape[0], x2d.dtype).T @ x2d)[0]
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding_forward(weight, idx):
+    """weight (V, C), idx int (B, T) -> out (B, T, C); cache: idx."""
+    return weight[idx], idx
+
+
+def embedding_backward(dout, idx, num_embeddings):
+    """dout (B, T, C) -> dweight (num_embeddings, C), rows scatter-added at idx."""
+    xp = module_of(dout)
+    C = dout.shape[-1]
+    dweight = xp.zeros((num_embeddings, C), dtype=dout.dtype)
+    xp.add.at(dweight, idx.reshape(-1), dout.reshape(-1, C))
+    return dweight
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
+    """x (..., C) -> out (..., C); cache: (xhat (N, C) normalized input, rstd (N, 1))."""
+    xp = module_of(x)
+    C = x.shape[-1]
+    x2d = x.reshape(-1, C)
+    xhat = x2d - _row_sums(x2d) * (1.0 / C)
+    var = _row_sums(xhat * xhat)
+    var *= 1.0 / C
+    var += eps
+    rstd = xp.sqrt(var, out=var)
+    xp.divide(1.0, rstd, out=rstd)
+    xhat *= rstd
+    out = xhat * weight
+    out += bias
+    return out.reshape(x.shape), (xhat, rstd)
+
+
+def layernorm_backward(dout, cache, weight):
+    """dout (..., C) -> dx (..., C), dweight (C,), dbias (C,)."""
+    xhat, rstd = cache
+    C = dout.shape[-1]
+    dout2d = dout.reshape(-1, C)
+    dbias = _column_sums(dout2d)
+    dout_xhat = dout2d * xhat
+    dweight = _column_sums(dout_xhat)
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), with dxhat = dout * weight
+    dout_xhat *= weight
+    mean_dxhat_xhat = _row_sums(dout_xhat)
+    mean_dxhat_xhat *= 1.0 / C
+    dxhat = dout2d * weight
+    mean_dxhat = _row_sums(dxhat)
+    mean_dxhat *= 1.0 / C
+    dx = xhat * mean_dxhat_xhat
+    dx += mean_dxhat
+    module_of(dout).subtract(dxhat, dx, out=dx)
+    dx *= rstd
+    return dx.reshape(dout.shape), dweight, dbias
+
+
+# ----------------------------------------------------------------------------- linear (Conv1D)
+
+def linear_forward(x, weight, bias=None):
+    """x (..., in), weight (in, out), bias (out,) or None -> out (..., out); cache: x."""
+    out = x.reshape(-1, x.shape[-1]) @ weight
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[1]), x
+
+
+def linear_backward_input(dout, weight):
+    """dout (..., out), weight (in, out) -> dx (..., in). Needs no activation."""
+    dx = dout.reshape(-1, dout.shape[-1]) @ weight.T
+    return dx.reshape(*dout.shape[:-1], weight.shape[0])
+
+
+def linear_backward_weight(dout, x, has_bias=True):
+    """dout (..., out), cache x (..., in) -> dweight (in, out), dbias (out,) or None.
+
+    Separate from the input gradient so that pipeline schedules can run it later.
+    """
+    dout2d = dout.reshape(-1, dout.shape[-1])
+    dweight = x.reshape(-1, x.shape[-1]).T @ dout2d
+    return dweight, (_column_sums(dout2d) if has_bias else None)
+
+
+# ----------------------------------------------------------------------------- causal attention
+
+_causal_bias_cache = {}
+
+
+def _causal_bias(xp, T, dtype):
+    """(T, T) additive mask: 0 where key <= query, -inf above the diagonal."""
+    key = (xp.__name__, T, str(dtype))
+    if key not in _causal_bias_cache:
+        bias = xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+        _causal_bias_cache[key] = bias
+    return _causal_bias_cache[key]
+
+
+def _split_heads(qkv, n_head):
+    """qkv (B, T, 3C) -> q, k, v views, each (B, H, T, hs)."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+
+
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+    """Causal multi-head self-attention. qkv (B, T, 3C) -> y (B, T, C).
+
+    cache: (qkv, probs (B, H, T, T) softmax output, keep_mask or None).
+    """
+    xp = module_of(qkv)
+    B, T, C3 = qkv.shape
+    q, k, v = _split_heads(qkv, n_head)
+    scores = q @ k.swapaxes(-1, -2)
+    scores *= 1.0 / math.sqrt(q.shape[-1])
+    scores += _causal_bias(xp, T, scores.dtype)
+    probs = softmax_forward(scores)
+    attn, keep_mask = dropout_forward(probs, dropout_p, rng)
+    y = attn @ v  # (B, H, T, hs)
+    return y.transpose(0, 2, 1, 3).reshape(B, T, C3 // 3), (qkv, probs, keep_mask)
+
+
+def attention_backward(dy, cache, n_head):
+    """dy (B, T, C) -> dqkv (B, T, 3C)."""
+    xp = module_of(dy)
+    qkv, probs, keep_mask = cache
+    B, T, C = dy.shape
+    q, k, v = _split_heads(qkv, n_head)
+    dy = dy.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
+    dqkv = xp.empty((B, T, 3, n_head, C // n_head), dtype=dy.dtype)
+    dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
+    attn = probs if keep_mask is None else probs * keep_mask
+    dv[...] = attn.swapaxes(-1, -2) @ dy
+    del attn
+    dattn = dy @ v.swapaxes(-1, -2)
+    dscores = softmax_backward(dropout_backward(dattn, keep_mask), probs)
+    dscores *= 1.0 / math.sqrt(q.shape[-1])
+    dq[...] = dscores @ k
+    dk[...] = dscores.swapaxes(-1, -2) @ q
+    return dqkv.reshape(B, T, 3 * C)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+def softmax_forward(x):
+    """Softmax over the last axis, computed in place over x; returns probs (the cache)."""
+    xp = module_of(x)
+    x -= x.max(-1, keepdims=True)
+    xp.exp(x, out=x)
+    x /= _row_sums(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], 1)
+    return x
+
+
+def softmax_backward(dprobs, probs):
+    """dprobs, probs (..., N) -> dx = probs * (dprobs - sum(dprobs * probs)); overwrites dprobs."""
+    N = probs.shape[-1]
+    dot = _row_sums((dprobs * probs).reshape(-1, N)).reshape(*probs.shape[:-1], 1)
+    dprobs -= dot
+    dprobs *= probs
+    return dprobs
+
+
+# ----------------------------------------------------------------------------- GELU ("gelu_new")
+
+def gelu_forward(x):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written as x * sigmoid(2 z).
+
+    x (...) -> out (...); cache: (x, sigmoid(2 z)). exp is twice as fast as tanh here and the
+    cached sigmoid makes the backward free of transcendentals.
+    """
+    xp = module_of(x)
+    u = x * x
+    u *= -2.0 * GELU_SCALE * GELU_CUBIC
+    u -= 2.0 * GELU_SCALE
+    u *= x  # u = -2 z
+    xp.minimum(u, 80.0, out=u)  # exp(80) is finite even in float32
+    xp.exp(u, out=u)
+    u += 1.0
+    sig = xp.divide(1.0, u, out=u)
+    return x * sig, (x, sig)
+
+
+def gelu_backward(dout, cache):
+    """dout (...) -> dx = dout * (s + 2 x s (1 - s) dz/dx), s = sigmoid(2 z)."""
+    x, sig = cache
+    # grad = s + x * dz/dx * 2 s (1 - s),  dz/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+    g = x * x
+    g *= 3.0 * GELU_CUBIC * 2.0 * GELU_SCALE
+    g += 2.0 * GELU_SCALE
+    g *= x
+    one_minus = 1.0 - sig
+    one_minus *= sig
+    g *= one_minus
+    g += sig
+    g *= dout
+    return g
+
+
+# ----------------------------------------------------------------------------- residual, dropout
+
+def residual_forward(x, y):
+    """x + y; no cache."""
+    return x + y
+
+
+def residual_backward(dout):
+    """The gradient flows unchanged into both branches."""
+    return dout, dout
+
+
+def dropout_forward(x, p, rng):
+    """Zero each element with probability p, scale survivors by 1/(1-p). cache: keep_mask or None."""
+    if p == 0.0:
+        return x, None
+    keep_mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
+    keep_mask *= 1.0 / (1.0 - p)
+    return x * keep_mask, keep_mask
+
+
+def dropout_backward(dout, keep_mask):
+    """dout * keep_mask (which already holds the 1/(1-p) scale)."""
+    if keep_mask is None:
+        return dout
+    return dout * keep_mask
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def cross_entropy_forward(logits, targets, ignore_index=-1, overwrite_logits=False):
+    """Mean softmax cross-entropy over targets != ignore_index.
+
+    logits (B, T, V), targets int (B, T) -> loss (python float); cache: (probs (B, T, V),
+    targets with ignored ones set to 0, valid mask, count). With overwrite_logits the softmax is
+    computed in place (saves a (B, T, V) buffer).
+    """
+    xp = module_of(logits)
+    V = logits.shape[-1]
+    probs = logits if overwrite_logits else logits.copy()
+    flat = probs.reshape(-1, V)
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    count = int(valid.sum())
+    safe_targets = xp.where(valid, flat_targets, 0)
+    flat -= flat.max(-1, keepdims=True)
+    target_logit = flat[xp.arange(flat.shape[0]), safe_targets]  # shifted, gathered before exp
+    xp.exp(flat, out=flat)
+    sums = _row_sums(flat)
+    flat /= sums
+    # -log p[target] = log(sum exp) - shifted logit: exact even where p underflows
+    nll = xp.log(sums[:, 0]) - target_logit
+    loss = float((nll * valid).sum()) / max(count, 1)
+    return loss, (probs, safe_targets, valid, count)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """-> dlogits (B, T, V) = (probs - onehot(targets)) * valid * dloss / count.
+
+    Consumes the cache: dlogits is written over probs.
+    """
+    probs, safe_targets, valid, count = cache
+    xp = module_of(probs)
+    flat = probs.reshape(-1, probs.shape[-1])
+    flat[xp.arange(flat.shape[0]), safe_targets] -= 1.0
+    flat *= (valid * (dloss / max(count, 1))).astype(probs.dtype)[:, None]
+    return probs
