@@ -18,6 +18,7 @@ def bench():
 def _register_commands():
     # Subcommands register themselves on import; a missing optional module must not break the CLI.
     from cluster import bench_commands  # noqa: F401
+    from cluster import train_cmd  # noqa: F401
 
 
 _register_commands()

@@ -21,9 +21,10 @@ from safetensors.numpy import load_file, save_file
 
 from model.data import TokenDataset, load_corpus, write_token_file
 from model.gpt import GPT, GPTConfig
+from model.ops import cross_entropy_forward
 from model.optim import AdamW, clip_grad_norm, lr_at
 from model.tokenizer import load_tokenizer, make_tokenizer
-from runtime.backend import array_module, module_of, to_host
+from runtime.backend import array_module, to_host
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_FILE = "trainer.json"
@@ -82,15 +83,6 @@ class TrainConfig:
 def dropout_seed(seed: int, step: int, microbatch: int) -> int:
     """The dropout seed of one micro-batch: a function of (seed, step, microbatch) only."""
     return int(np.random.default_rng([seed, step, 2, microbatch]).integers(2**31))
-
-
-def cross_entropy(logits, targets) -> float:
-    """Mean negative log-likelihood of targets (B, T) under logits (B, T, V)."""
-    xp = module_of(logits)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_norm = xp.log(xp.exp(shifted).sum(axis=-1))
-    picked = xp.take_along_axis(shifted, targets[..., None], axis=-1)[..., 0]
-    return float((log_norm - picked).mean())
 
 
 def _tokenize_corpus(config: TrainConfig, tokenizer=None):
@@ -197,7 +189,9 @@ class Trainer:
                                           config.seed)
             for start in range(0, config.batch_size, rows):
                 logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
-                losses.append(cross_entropy(logits, xp.asarray(y[start:start + rows])))
+                loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),
+                                                overwrite_logits=True)
+                losses.append(loss)
         return {"val_loss": float(np.mean(losses))}
 
     def save_checkpoint(self) -> str:
