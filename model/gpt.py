@@ -191,8 +191,9 @@ class GPT:
         p, h = self.params, f"h.{i}."
         a, ln_1 = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
         qkv, c_attn = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        y, attn = ops.attention_forward(qkv, self.config.n_head, self.config.dropout,
-                                        self._rng(dropout_seed, i, ATTN_PROBS))
+        rng = self._rng(dropout_seed, i, ATTN_PROBS)
+        y, attn = ops.attention_forward(qkv, self.config.n_head,
+                                        self.config.dropout if rng else 0.0, rng)
         y, c_proj = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         y, keep_mask = self._dropout(y, dropout_seed, i, ATTN_RESIDUAL)
         cache = {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj,
