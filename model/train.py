@@ -86,11 +86,16 @@ def dropout_seed(seed: int, step: int, microbatch: int) -> int:
 
 
 def _tokenize_corpus(config: TrainConfig, tokenizer=None):
-    """(tokenizer, ids) for the corpus; a given tokenizer must cover the corpus."""
+    """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it."""
     text = load_corpus(config.data)
     if tokenizer is None:
         tokenizer = make_tokenizer(config.tokenizer, text)
-    ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text)
+    else:
+        try:
+            ids = tokenizer.encode(text)
+        except ValueError as exc:
+            raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
     TokenDataset(ids, config.val_fraction).check_block_size(config.block_size)
     return tokenizer, ids
 
@@ -126,18 +131,20 @@ class Trainer:
         if tokenizer.type != config.tokenizer:
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
+        _, ids = _tokenize_corpus(config, tokenizer)
         try:
-            _, ids = _tokenize_corpus(config, tokenizer)
-        except ValueError as exc:
-            raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
-        try:
-            gpt = GPT.from_pretrained(checkpoint, dtype=config.dtype, device=config.device)
+            saved = GPT.from_pretrained(checkpoint, dtype=config.dtype, device=config.device)
             optimizer_state = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
-        if gpt.config.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"checkpoint {checkpoint}: model vocab {gpt.config.vocab_size} != "
-                             f"tokenizer vocab {tokenizer.vocab_size}")
+        # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
+        gpt_config = config.gpt_config(tokenizer.vocab_size)
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            if getattr(saved.config, name) != getattr(gpt_config, name):
+                raise ValueError(f"checkpoint {checkpoint} has {name} "
+                                 f"{getattr(saved.config, name)}, the run expects "
+                                 f"{getattr(gpt_config, name)}")
+        gpt = GPT(gpt_config, params=saved.params)
         optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
                           config.weight_decay)
         optimizer.load_state_dict(optimizer_state)
