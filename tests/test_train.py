@@ -1,0 +1,228 @@
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cluster.cli import main
+from model.gpt import GPT
+from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
+
+TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def tiny_config(corpus, **overrides) -> TrainConfig:
+    settings = dict(data=corpus, n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4,
+                    steps=6, warmup=2, lr=1e-2, min_lr=1e-3, eval_iters=2, dtype="float64")
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def params_of(trainer):
+    return trainer.params_on_host()
+
+
+def test_microbatch_accumulation_equals_one_big_batch(corpus, tmp_path):
+    whole = Trainer.create(tiny_config(corpus), str(tmp_path / "whole"))
+    split = Trainer.create(tiny_config(corpus, microbatches=4), str(tmp_path / "split"))
+    for step in range(3):
+        loss_whole = whole.train_step(step)["loss"]
+        loss_split = split.train_step(step)["loss"]
+        assert loss_split == pytest.approx(loss_whole, rel=1e-12)
+    for name, value in params_of(whole).items():
+        np.testing.assert_allclose(params_of(split)[name], value, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_resume_equals_uninterrupted_run_bitwise(corpus, tmp_path, dtype):
+    config = dict(dtype=dtype, dropout=0.1, microbatches=2)
+    straight = Trainer.create(tiny_config(corpus, **config), str(tmp_path / "straight"))
+    for step in range(6):
+        straight.train_step(step)
+
+    run_dir = str(tmp_path / "interrupted")
+    first = Trainer.create(tiny_config(corpus, **config), run_dir)
+    for step in range(3):
+        first.train_step(step)
+    first.save_checkpoint()
+    del first
+    resumed = Trainer.resume(saved_config(run_dir), run_dir)
+    assert resumed.step == 3
+    for step in range(resumed.step, 6):
+        resumed.train_step(step)
+    for name, value in params_of(straight).items():
+        assert params_of(resumed)[name].dtype == np.dtype(dtype)
+        assert np.array_equal(params_of(resumed)[name], value), name
+
+
+def test_evaluate_is_deterministic_and_near_log_vocab_at_init(corpus, tmp_path):
+    trainer = Trainer.create(tiny_config(corpus), str(tmp_path / "run"))
+    val_loss = trainer.evaluate()["val_loss"]
+    assert val_loss == trainer.evaluate()["val_loss"]
+    assert abs(val_loss - np.log(trainer.tokenizer.vocab_size)) < 0.5
+
+
+def test_failed_checkpoint_save_leaves_the_previous_checkpoint_intact(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    trainer = Trainer.create(tiny_config(corpus), run_dir)
+    trainer.train_step(0)
+    trainer.save_checkpoint()
+    trainer.train_step(1)
+
+    def fail():
+        raise OSError("disk full")
+
+    trainer.optimizer.state_dict = fail
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint", "tokens.bin"]
+    assert Trainer.resume(saved_config(run_dir), run_dir).step == 1
+
+
+def test_an_interrupted_checkpoint_swap_falls_back_to_the_previous_one(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    trainer = Trainer.create(tiny_config(corpus), run_dir)
+    trainer.save_checkpoint()
+    # The state between the two renames of a swap: only the previous checkpoint exists.
+    os.replace(os.path.join(run_dir, "checkpoint"), os.path.join(run_dir, "checkpoint.old"))
+    assert find_checkpoint(run_dir).endswith("checkpoint.old")
+    trainer.save_checkpoint()
+    assert sorted(os.listdir(run_dir)) == ["checkpoint", "tokens.bin"]
+
+
+TINY_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16",
+              "--batch-size", "4", "--warmup", "1", "--eval-iters", "2"]
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_train_then_generate_end_to_end(corpus, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("train", "--data", corpus, *TINY_FLAGS, "--steps", 4, "--eval-every", 2,
+                     "--checkpoint-every", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
+    assert ["val_loss" in line for line in lines] == [False, True, False, True]
+    assert GPT.from_pretrained(str(out)).config.vocab_size == len(set(TEXT))
+    assert (out / "tokenizer.json").exists() and (out / "checkpoint").is_dir()
+
+    result = run_cli("generate", "--checkpoint", out, "--prompt", "3 little", "--max-new-tokens",
+                     20, "--seed", 1)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("3 little") and len(result.output) == len("3 little") + 21
+
+
+def test_resume_continues_the_run_and_keeps_metrics_consistent(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", corpus, *TINY_FLAGS, "--steps", 3, "--out", out).exit_code == 0
+    result = run_cli("train", "--resume", "--out", out, "--steps", 5)
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    assert saved_config(str(out)).steps == 5
+
+
+def _bad_cases(tmp_path, corpus):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("abcdefgh" * 3)
+    return {
+        "empty corpus": (["train", "--data", empty], "empty"),
+        "corpus too small": (["train", "--data", tiny], "too small"),
+        "block size larger than data": (["train", "--data", corpus, "--block-size", 2000],
+                                        "block size 2000"),
+        "no files matched": (["train", "--data", tmp_path / "*.nothing"], "no files matched"),
+        "n_embd not divisible by n_head": (["train", "--data", corpus, "--n-embd", 10,
+                                            "--n-head", 3], "n_embd"),
+        "microbatches not dividing batch": (["train", "--data", corpus, "--microbatches", 5],
+                                            "microbatches"),
+        "unknown dtype": (["train", "--data", corpus, "--dtype", "float16"], "--dtype"),
+        "unknown tokenizer": (["train", "--data", corpus, "--tokenizer", "words"], "--tokenizer"),
+        "missing checkpoint on resume": (["train", "--resume", "--out", tmp_path / "none"],
+                                         "no checkpoint"),
+        "missing generate checkpoint": (["generate", "--checkpoint", tmp_path / "none"],
+                                        "does not exist"),
+    }
+
+
+BAD_CASES = [
+    "empty corpus", "corpus too small", "block size larger than data", "no files matched",
+    "n_embd not divisible by n_head", "microbatches not dividing batch", "unknown dtype",
+    "unknown tokenizer", "missing checkpoint on resume", "missing generate checkpoint"]
+
+
+def assert_one_line_error(result, expected, with_usage=False):
+    """Exit status non-zero, one "Error: ..." line naming `expected`, no traceback; click's own
+    flag-value checks also print a usage hint (`with_usage`)."""
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.output
+    assert with_usage or len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_gives_a_one_line_error_and_writes_nothing(tmp_path, corpus, case):
+    args, expected = _bad_cases(tmp_path, corpus)[case]
+    out = tmp_path / "out"
+    if "--out" not in args and args[0] == "train":
+        args = args + ["--out", out]
+    result = run_cli(*args)
+    assert_one_line_error(result, expected, with_usage=case.startswith("unknown"))
+    assert not out.exists()
+
+
+@pytest.fixture
+def trained(tmp_path, corpus):
+    out = tmp_path / "run"
+    result = run_cli("train", "--data", corpus, *TINY_FLAGS, "--steps", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_training_into_a_run_with_a_checkpoint_needs_resume(trained, corpus):
+    result = run_cli("train", "--data", corpus, *TINY_FLAGS, "--out", trained)
+    assert_one_line_error(result, "--resume")
+
+
+def test_resume_rejects_another_tokenizer(trained):
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--tokenizer", "byte"),
+                          "--tokenizer")
+
+
+def test_resume_rejects_data_outside_the_char_vocabulary(trained, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("ZZZ QQQ XXX\n" * 200)
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--data", other),
+                          "tokenizer")
+
+
+def test_resume_rejects_changed_model_shape(trained):
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--n-layer", 3),
+                          "--n-layer")
+
+
+def test_corrupt_checkpoint_gives_a_one_line_error(trained):
+    weights = trained / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--steps", 4), "corrupt")
+    (trained / "model.safetensors").write_bytes(b"garbage")
+    assert_one_line_error(run_cli("generate", "--checkpoint", trained), "cannot load")
+
+
+def test_generate_rejects_a_prompt_outside_the_vocabulary(trained):
+    assert_one_line_error(run_cli("generate", "--checkpoint", trained, "--prompt", "€"), "--prompt")
