@@ -1,0 +1,371 @@
+"""Collective algorithms, each a generator run by the engine (see engine.py).
+
+Three families, chosen by size and placement the same way on every rank (as NCCL does):
+- direct: every rank sends its whole buffer to every other rank in one round — lowest latency for
+  small buffers;
+- shm: all members on one host; each rank copies its buffer into its shared-memory arena once and
+  reads its peers' blocks directly (reduce-scatter then all-gather without any further copies);
+- ring: chunked, pipelined ring (reduce-scatter then all-gather) over point-to-point messages —
+  the algorithm across hosts; a chunk is forwarded as soon as it is reduced, so sending one chunk
+  overlaps reducing the next.
+Every algorithm's first message to the right-hand neighbour carries the caller's signature
+(operation, shape, dtype, reduction, root); any disagreement is detected by some rank, which
+aborts the collective on every member (see engine.Engine._broadcast_abort).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.engine import CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
+from runtime.transfer import send_arrays
+
+REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}
+
+
+class CollectiveContext:
+    """What an algorithm needs: its group, its message keys and its signature."""
+
+    def __init__(self, engine, group, seq: int, epoch: int, name: str, signature: dict, config):
+        self.engine, self.group, self.seq, self.epoch = engine, group, seq, epoch
+        self.name, self.signature, self.config = name, signature, config
+        self.n, self.me = len(group.ranks), group.index
+
+    def send(self, peer: int, step: int, arrays=(), meta=None, allow_shm=True):
+        header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step}
+        if meta is not None:
+            header["m"] = meta
+        yield from send_arrays(self.engine, self.group.ranks[peer], header, arrays, self.group.gid,
+                               allow_shm and self.config.shm)
+
+    def recv(self, peer: int, step: int):
+        src = self.group.ranks[peer]
+        message = yield Recv((self.epoch, "coll", self.group.gid, self.seq, src, step), src)
+        return message
+
+    def check(self, message, peer: int):
+        theirs = (message.meta or {}).get("sig")
+        if theirs != self.signature:
+            raise CollectiveMismatch(
+                f"{self.name} on group {self.group.gid}: rank {self.me} called it with {describe(self.signature)}"
+                f" but rank {peer} with {describe(theirs)}")
+
+    def array(self, message, peer: int, index: int, like: np.ndarray) -> np.ndarray:
+        """Array `index` of a message (inline or in the peer's arena), checked against `like`."""
+        if message.shm is not None:
+            arrays = [view for _, view in message.shm]
+        else:
+            arrays = message.inline
+        if index >= len(arrays) or arrays[index].shape != like.shape or arrays[index].dtype != like.dtype:
+            raise CollectiveMismatch(f"{self.name} on group {self.group.gid}: rank {peer} sent a payload that "
+                                     f"does not match rank {self.me}'s {like.dtype}{list(like.shape)}")
+        return arrays[index]
+
+    def release(self, message):
+        if message.shm:
+            for offset, _ in message.shm:
+                self.engine.send(message.src, {"k": "free", "o": offset})
+
+    def peer_block(self, peer: int, offset: int, like: np.ndarray) -> np.ndarray:
+        src = self.group.ranks[peer]
+        try:
+            raw = self.engine.peer_arenas[src].view(offset, like.nbytes)
+        except (KeyError, ValueError) as exc:
+            raise CommError(f"{self.name}: bad shared-memory block from rank {peer}: {exc}") from None
+        return raw.view(like.dtype).reshape(like.shape)
+
+    def own_block(self, like: np.ndarray):
+        offset = yield WaitBlock(like.nbytes)
+        return offset, self.engine.arena.view(offset, like.nbytes).view(like.dtype).reshape(like.shape)
+
+
+def describe(signature) -> str:
+    if not isinstance(signature, dict):
+        return repr(signature)
+    return ", ".join(f"{k}={v}" for k, v in signature.items())
+
+
+def split_bounds(length: int, parts: int) -> list[int]:
+    """Boundaries of `parts` near-equal pieces of range(length)."""
+    return [length * i // parts for i in range(parts + 1)]
+
+
+def choose_algorithm(ctx: CollectiveContext, nbytes: int) -> str:
+    forced = ctx.config.algorithm
+    if forced != "auto":
+        if forced == "shm" and not ctx.group.shm:
+            return "ring"
+        return forced
+    if nbytes <= ctx.config.direct_max_bytes:
+        return "direct"
+    if ctx.group.shm:
+        return "shm"
+    return "ring"
+
+
+# ---- all_reduce ----------------------------------------------------------------------------------
+def all_reduce(ctx: CollectiveContext, work: np.ndarray, op: str):
+    """Reduce the 1-D array `work` over the group, in place; returns `work`."""
+    if ctx.n > 1:
+        reduce = REDUCTIONS[op]
+        algorithm = choose_algorithm(ctx, work.nbytes)
+        if algorithm == "direct":
+            yield from direct_all_reduce(ctx, work, reduce)
+        elif algorithm == "shm":
+            yield from shm_all_reduce(ctx, work, reduce)
+        else:
+            yield from ring_all_reduce(ctx, work, reduce)
+    if op == "avg":
+        work /= ctx.n
+    return work
+
+
+def direct_all_reduce(ctx, work, reduce):
+    meta = {"sig": ctx.signature}
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            yield from ctx.send(peer, 0, [work], meta, allow_shm=False)
+    parts = {ctx.me: work.copy()}
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            message = yield from ctx.recv(peer, 0)
+            ctx.check(message, peer)
+            parts[peer] = ctx.array(message, peer, 0, work)
+    # Every rank sums in rank order, so every rank gets bitwise the same result.
+    work[...] = parts[0]
+    for peer in range(1, ctx.n):
+        reduce(work, parts[peer], out=work)
+
+
+def ring_all_reduce(ctx, work, reduce):
+    n, me = ctx.n, ctx.me
+    right, left = (me + 1) % n, (me - 1) % n
+    bounds = split_bounds(work.size, n)
+    chunk = max(1, ctx.config.chunk_bytes // max(work.itemsize, 1))
+
+    def chunks(segment):
+        return [(lo, min(lo + chunk, bounds[segment + 1])) for lo in range(bounds[segment], bounds[segment + 1], chunk)]
+
+    def step_key(step, index):
+        return (step << 20) | index
+
+    first = True
+    for index, (lo, hi) in enumerate(chunks(me)):
+        yield from ctx.send(right, step_key(0, index), [work[lo:hi]], {"sig": ctx.signature} if first else None)
+        first = False
+    last_step = 2 * n - 3
+    for step in range(2 * n - 2):
+        reducing = step < n - 1
+        segment = (me - step - 1) % n
+        for index, (lo, hi) in enumerate(chunks(segment)):
+            message = yield from ctx.recv(left, step_key(step, index))
+            if step == 0 and index == 0:
+                ctx.check(message, left)
+            incoming = ctx.array(message, left, 0, work[lo:hi])
+            if reducing:
+                reduce(work[lo:hi], incoming, out=work[lo:hi])
+            else:
+                work[lo:hi] = incoming
+            ctx.release(message)
+            if step < last_step:
+                yield from ctx.send(right, step_key(step + 1, index), [work[lo:hi]])
+
+
+def shm_all_reduce(ctx, work, reduce):
+    """Each rank copies its round into its arena, reduces its own slice from every peer's block,
+    then copies every peer's reduced slice out. Two message rounds per data round plus one to
+    release the blocks."""
+    n, me = ctx.n, ctx.me
+    round_elems = max(1, ctx.config.round_bytes // max(work.itemsize, 1))
+    for round_index, start in enumerate(range(0, work.size, round_elems)):
+        piece = work[start : start + round_elems]
+        offset, block = yield from ctx.own_block(piece)
+        block[...] = piece
+        blocks = yield from exchange_blocks(ctx, 3 * round_index, offset, block, round_index == 0)
+        bounds = split_bounds(piece.size, n)
+        mine = slice(bounds[me], bounds[me + 1])
+        # Each slice is reduced by exactly one rank, so all ranks end up with identical values.
+        for peer in range(n):
+            if peer != me:
+                reduce(block[mine], blocks[peer][mine], out=block[mine])
+        yield from notify_all(ctx, 3 * round_index + 1)
+        for peer in range(n):
+            part = slice(bounds[peer], bounds[peer + 1])
+            piece[part] = blocks[peer][part]
+        yield from notify_all(ctx, 3 * round_index + 2)
+        ctx.engine.call_soon(lambda offset=offset: ctx.engine.release_block(offset))
+
+
+def exchange_blocks(ctx, step, offset, block, with_signature):
+    """Tell every peer where this rank's block is; returns every peer's block (by index)."""
+    meta = {"o": offset}
+    if with_signature:
+        meta["sig"] = ctx.signature
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            yield from ctx.send(peer, step, (), meta)
+    blocks = {ctx.me: block}
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            message = yield from ctx.recv(peer, step)
+            if with_signature:
+                ctx.check(message, peer)
+            blocks[peer] = ctx.peer_block(peer, (message.meta or {}).get("o", -1), block)
+    return blocks
+
+
+def notify_all(ctx, step):
+    """A round of empty messages: returns once every peer has reached `step`."""
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            yield from ctx.send(peer, step)
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            yield from ctx.recv(peer, step)
+
+
+# ---- all_gather ------------------------------------------------------------------------------------
+def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
+    """out[i] = rank i's x (out has a leading axis of size n)."""
+    out[ctx.me] = x
+    if ctx.n == 1:
+        return out
+    algorithm = choose_algorithm(ctx, out.nbytes)
+    if algorithm == "shm":
+        offset, block = yield from ctx.own_block(x)
+        block[...] = x
+        blocks = yield from exchange_blocks(ctx, 0, offset, block, True)
+        for peer in range(ctx.n):
+            out[peer] = blocks[peer]
+        yield from notify_all(ctx, 1)
+        ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+    elif algorithm == "ring":
+        n, me = ctx.n, ctx.me
+        right, left = (me + 1) % n, (me - 1) % n
+        yield from ctx.send(right, 0, [x], {"sig": ctx.signature})
+        for step in range(n - 1):
+            source = (me - step - 1) % n
+            message = yield from ctx.recv(left, step)
+            if step == 0:
+                ctx.check(message, left)
+            out[source] = ctx.array(message, left, 0, x)
+            ctx.release(message)
+            if step < n - 2:
+                yield from ctx.send(right, step + 1, [out[source]])
+    else:
+        for peer in range(ctx.n):
+            if peer != ctx.me:
+                yield from ctx.send(peer, 0, [x], {"sig": ctx.signature}, allow_shm=False)
+        for peer in range(ctx.n):
+            if peer != ctx.me:
+                message = yield from ctx.recv(peer, 0)
+                ctx.check(message, peer)
+                out[peer] = ctx.array(message, peer, 0, x)
+    return out
+
+
+# ---- reduce_scatter -----------------------------------------------------------------------------------
+def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
+    """work has shape (n, m): returns this rank's reduced row (m,)."""
+    n, me = ctx.n, ctx.me
+    reduce = REDUCTIONS[op]
+    if n == 1:
+        result = work[0].copy()
+    else:
+        algorithm = choose_algorithm(ctx, work.nbytes)
+        if algorithm == "shm":
+            offset, block = yield from ctx.own_block(work)
+            block[...] = work
+            blocks = yield from exchange_blocks(ctx, 0, offset, block, True)
+            result = blocks[0][me].copy()
+            for peer in range(1, n):
+                reduce(result, blocks[peer][me], out=result)
+            yield from notify_all(ctx, 1)
+            ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+        elif algorithm == "ring":
+            # The reduce-scatter half of the ring all-reduce, on rows: row (me+1) ends fully reduced
+            # here, so rank i sends its result for row i one hop left to finish.
+            right, left = (me + 1) % n, (me - 1) % n
+            acc = work.copy()
+            yield from ctx.send(right, 0, [acc[me]], {"sig": ctx.signature})
+            for step in range(n - 1):
+                row = (me - step - 1) % n
+                message = yield from ctx.recv(left, step)
+                if step == 0:
+                    ctx.check(message, left)
+                reduce(acc[row], ctx.array(message, left, 0, acc[row]), out=acc[row])
+                ctx.release(message)
+                if step < n - 2:
+                    yield from ctx.send(right, step + 1, [acc[row]])
+            owned = (me + 1) % n
+            yield from ctx.send(right, n, [acc[owned]])
+            message = yield from ctx.recv(left, n)
+            result = ctx.array(message, left, 0, acc[me]).copy()
+            ctx.release(message)
+        else:
+            for peer in range(n):
+                if peer != me:
+                    yield from ctx.send(peer, 0, [work[peer]], {"sig": ctx.signature}, allow_shm=False)
+            parts = {me: work[me]}
+            for peer in range(n):
+                if peer != me:
+                    message = yield from ctx.recv(peer, 0)
+                    ctx.check(message, peer)
+                    parts[peer] = ctx.array(message, peer, 0, work[me])
+            result = parts[0].copy()
+            for peer in range(1, n):
+                reduce(result, parts[peer], out=result)
+    if op == "avg":
+        result /= n
+    return result
+
+
+# ---- broadcast ------------------------------------------------------------------------------------
+def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
+    """Copy root's `work` into every rank's `work`."""
+    n, me = ctx.n, ctx.me
+    if n == 1:
+        return work
+    # A neighbour check first: only the root's peers would otherwise notice a disagreement.
+    yield from ctx.send((me + 1) % n, 0, (), {"sig": ctx.signature})
+    message = yield from ctx.recv((me - 1) % n, 0)
+    ctx.check(message, (me - 1) % n)
+    if me == root:
+        if choose_algorithm(ctx, work.nbytes) == "shm":
+            offset, block = yield from ctx.own_block(work)
+            block[...] = work
+            for peer in range(n):
+                if peer != me:
+                    yield from ctx.send(peer, 1, (), {"o": offset})
+            for peer in range(n):
+                if peer != me:
+                    yield from ctx.recv(peer, 2)
+            ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+        else:
+            for peer in range(n):
+                if peer != me:
+                    yield from ctx.send(peer, 1, [work], allow_shm=False)
+    else:
+        message = yield from ctx.recv(root, 1)
+        if message.meta and "o" in message.meta:
+            work[...] = ctx.peer_block(root, message.meta["o"], work)
+            yield from ctx.send(root, 2)
+        else:
+            work[...] = ctx.array(message, root, 0, work)
+    return work
+
+
+def barrier(ctx: CollectiveContext):
+    if ctx.n == 1:
+        return None
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            yield from ctx.send(peer, 0, (), {"sig": ctx.signature})
+    for peer in range(ctx.n):
+        if peer != ctx.me:
+            message = yield from ctx.recv(peer, 0)
+            ctx.check(message, peer)
+    return None
+
+
+__all__ = ["CollectiveContext", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier",
+           "REDUCTIONS", "WaitSent"]

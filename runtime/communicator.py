@@ -1,0 +1,267 @@
+"""Communicator: the user-facing handle on a group of ranks (point-to-point and collectives).
+
+Ranks inside a communicator are group-local: `comm.rank` is this process's index in the group and
+`dst`/`src` arguments are indices in the same group. Every operation has a synchronous form and an
+asynchronous one (`isend`/`irecv`, `async_op=True`) returning a `Handle` with `wait()`/`is_done()`.
+NumPy and CuPy arrays are accepted; CuPy arrays are staged through host memory and results stay on
+the device.
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import backend, collectives
+from runtime.collectives import CollectiveContext
+from runtime.engine import Engine, Handle, Recv
+from runtime.transfer import send_arrays
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """Knobs shared by every rank of a job (they must agree, since they pick the algorithm)."""
+
+    timeout: float = 60.0
+    shm: bool = True
+    algorithm: str = "auto"  # auto | direct | ring | shm
+    direct_max_bytes: int = 32 << 10
+    chunk_bytes: int = 1 << 20
+    round_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Group:
+    gid: str
+    ranks: tuple  # global ranks, in group order
+    index: int  # this process's position in `ranks`
+    shm: bool  # every member on this host, with shared memory usable
+
+
+def working_dtype(dtype: np.dtype) -> np.dtype:
+    # float16 sums overflow and lose precision quickly: reduce in float32, cast back at the end.
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+class Communicator:
+    def __init__(self, engine: Engine, group: Group, config: CommConfig, _sequence=None):
+        self.engine, self.group, self.config = engine, group, config
+        # Collectives are numbered per group in call order; communicators made by `using` share it.
+        self._sequence = _sequence or _Sequence()
+        self._subgroups = Counter()
+
+    def using(self, **changes) -> "Communicator":
+        """The same group with other knobs (e.g. `algorithm="ring"`); every rank must do the same."""
+        from dataclasses import replace
+
+        return Communicator(self.engine, self.group, replace(self.config, **changes), self._sequence)
+
+    rank = property(lambda self: self.group.index)
+    size = property(lambda self: len(self.group.ranks))
+    ranks = property(lambda self: self.group.ranks)
+
+    def __repr__(self):
+        return f"Communicator(group={self.group.gid!r}, rank={self.rank}, size={self.size})"
+
+    # ---- groups --------------------------------------------------------------------------------
+    def new_group(self, ranks) -> "Communicator | None":
+        """A communicator over `ranks` (indices in this communicator); None on ranks outside it.
+
+        Every member must call it (non-members may too); its id is derived from the members, so
+        members agree without communicating."""
+        ranks = [int(r) for r in ranks]
+        if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
+            raise ValueError(f"new_group: ranks {ranks} must be distinct members of 0..{self.size - 1}")
+        members = tuple(self.group.ranks[r] for r in ranks)
+        occurrence = self._subgroups[members]
+        self._subgroups[members] += 1
+        if self.rank not in ranks:
+            return None
+        gid = f"{self.group.gid}/{','.join(map(str, members))}#{occurrence}"
+        shm = self.group.shm or all(m in self.engine.shm_peers or m == self.engine.rank for m in members)
+        shm = shm and self.config.shm and self.engine.arena is not None
+        return Communicator(self.engine, Group(gid, members, ranks.index(self.rank), shm), self.config)
+
+    # ---- point-to-point -----------------------------------------------------------------------------
+    def _peer(self, peer: int, what: str) -> int:
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
+            raise ValueError(f"{what}: peer {peer!r} is not a rank of group {self.group.gid} (size {self.size})")
+        return self.group.ranks[int(peer)]
+
+    def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
+        """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
+        dst_global = self._peer(dst, "send")
+        host = np.asarray(backend.to_host(x))
+        if host.dtype.kind not in "biufc":
+            raise TypeError(f"send: dtype {host.dtype} is not numeric")
+        header = {"k": "p2p", "g": self.group.gid, "c": int(tag), "s": 0}
+        name = f"send to rank {dst} tag {tag} on group {self.group.gid}"
+        allow_shm = self.config.shm
+
+        def make(epoch):
+            return send_arrays(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm)
+
+        return self.engine.submit(name, make, timeout=timeout)
+
+    def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
+        self.isend(x, dst, tag, timeout).wait()
+
+    def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
+        """Start receiving an array from `src`; `wait()` returns it (written into `out` if given)."""
+        src_global = self._peer(src, "recv")
+        gid, engine = self.group.gid, self.engine
+        host_out = None if out is None or backend.is_device_array(out) else out
+        name = f"recv from rank {src} tag {tag} on group {gid}"
+
+        def make(epoch):
+            return _receive(engine, (epoch, "p2p", gid, int(tag), src_global, 0), src_global, host_out, name)
+
+        def finish(array):
+            if out is not None and backend.is_device_array(out):
+                out[...] = backend.module_of(out).asarray(array)
+                return out
+            return array
+
+        return engine.submit(name, make, timeout=timeout, transform=finish)
+
+    def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
+        return self.irecv(src, tag, out, timeout).wait()
+
+    # ---- collectives ------------------------------------------------------------------------------
+    def _collective(self, name, signature, algorithm, finish, async_op, timeout):
+        seq = self._sequence.next(self.engine.epoch)
+        full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
+
+        def make(epoch):
+            ctx = CollectiveContext(self.engine, self.group, seq, epoch, full_name, signature, self.config)
+            return algorithm(ctx)
+
+        handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
+                                    timeout=timeout, transform=finish)
+        return handle if async_op else handle.wait()
+
+    @staticmethod
+    def _check_op(name, op):
+        if op not in collectives.REDUCTIONS:
+            raise ValueError(f"{name}: unknown reduction op {op!r}; expected one of {sorted(collectives.REDUCTIONS)}")
+
+    def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
+        """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
+        self._check_op("all_reduce", op)
+        host = np.asarray(backend.to_host(x))
+        if op == "avg" and host.dtype.kind not in "fc":
+            raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {host.dtype}")
+        dtype = working_dtype(host.dtype)
+        in_place = (not backend.is_device_array(x) and isinstance(x, np.ndarray) and x.flags.c_contiguous
+                    and x.flags.writeable and x.dtype == dtype)
+        work = x.reshape(-1) if in_place else host.astype(dtype, copy=True).reshape(-1)
+        signature = {"op": "all_reduce", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}
+
+        def finish(result):
+            if not in_place:
+                _write_back(x, result.reshape(host.shape))
+            return x
+
+        return self._collective("all_reduce", signature, lambda ctx: collectives.all_reduce(ctx, work, op),
+                                finish, async_op, timeout)
+
+    def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
+        """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
+        host = np.ascontiguousarray(backend.to_host(x))
+        piece_shape = host.shape if host.ndim else (1,)
+        out = np.empty((self.size, *piece_shape), host.dtype)
+        piece = host.reshape(piece_shape)
+        signature = {"op": "all_gather", "shape": list(host.shape), "dtype": host.dtype.str}
+
+        def finish(result):
+            gathered = result.reshape(self.size * piece_shape[0], *piece_shape[1:])
+            return backend.module_of(x).asarray(gathered) if backend.is_device_array(x) else gathered
+
+        return self._collective("all_gather", signature, lambda ctx: collectives.all_gather(ctx, piece, out),
+                                finish, async_op, timeout)
+
+    def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
+        """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
+        self._check_op("reduce_scatter", op)
+        host = np.asarray(backend.to_host(x))
+        if host.ndim == 0 or host.shape[0] % self.size:
+            raise ValueError(f"reduce_scatter: x.shape[0] must be divisible by the group size {self.size}, "
+                             f"got shape {host.shape} on rank {self.rank}")
+        if op == "avg" and host.dtype.kind not in "fc":
+            raise TypeError(f"reduce_scatter: op 'avg' needs a floating dtype, got {host.dtype}")
+        rows = host.shape[0] // self.size
+        work = host.astype(working_dtype(host.dtype), copy=True).reshape(self.size, -1)
+        signature = {"op": "reduce_scatter", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}
+
+        def finish(result):
+            result = result.reshape(rows, *host.shape[1:]).astype(host.dtype, copy=False)
+            return backend.module_of(x).asarray(result) if backend.is_device_array(x) else result
+
+        return self._collective("reduce_scatter", signature, lambda ctx: collectives.reduce_scatter(ctx, work, op),
+                                finish, async_op, timeout)
+
+    def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
+        """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
+        self._peer(src, "broadcast")
+        host = np.asarray(backend.to_host(x))
+        in_place = isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable
+        work = x.reshape(-1) if in_place else host.copy().reshape(-1)
+        signature = {"op": "broadcast", "shape": list(host.shape), "dtype": host.dtype.str, "root": int(src)}
+
+        def finish(result):
+            if not in_place:
+                _write_back(x, result.reshape(host.shape))
+            return x
+
+        return self._collective("broadcast", signature, lambda ctx: collectives.broadcast(ctx, work, int(src)),
+                                finish, async_op, timeout)
+
+    def barrier(self, async_op: bool = False, timeout: float | None = None):
+        return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout)
+
+
+class _Sequence:
+    """Collective numbers of one group; they restart at 0 in every epoch (after an abort)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._value = 0
+
+    def next(self, epoch: int) -> int:
+        with self._lock:
+            if epoch != self._epoch:
+                self._epoch, self._value = epoch, 0
+            self._value += 1
+            return self._value - 1
+
+
+def _write_back(x, result: np.ndarray):
+    if backend.is_device_array(x):
+        x[...] = backend.module_of(x).asarray(result.astype(x.dtype, copy=False))
+    else:
+        np.copyto(x, result, casting="unsafe")
+
+
+def _receive(engine, key, src, out, name):
+    message = yield Recv(key, src)
+    if message.shm is not None:
+        arrays = [view for _, view in message.shm]
+    else:
+        arrays = message.inline
+    try:
+        if len(arrays) != 1:
+            raise ValueError(f"{name}: expected one array, got {len(arrays)}")
+        array = arrays[0]
+        if out is not None:
+            if out.shape != array.shape:
+                raise ValueError(f"{name}: out has shape {out.shape}, message has {array.shape}")
+            np.copyto(out, array, casting="unsafe")
+            return out
+        return np.array(array, copy=True)
+    finally:
+        if message.shm:
+            for offset, _ in message.shm:
+                engine.send(message.src, {"k": "free", "o": offset})

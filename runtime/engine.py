@@ -1,0 +1,502 @@
+"""The communication engine: one thread per worker owns every data-plane socket.
+
+User threads submit operations (p2p sends/receives, collectives) and get a `Handle` back; the
+engine runs each operation as a generator that yields what it waits for (a message, a ZeroMQ send
+to complete, a free shared-memory block) and resumes it when that is there. Many operations are
+in flight at once (several groups, p2p beside collectives), which is what lets compute overlap
+communication, as NCCL streams do. Every operation has a deadline: waiting past it fails the
+operation with an error naming the operation, group, rank and the peer it waited for.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import zmq
+
+from runtime import wire
+
+log = logging.getLogger("ringpipe.runtime")
+
+# Payloads at least this large move without a copy into ZeroMQ (tracked) or through shared memory.
+ZERO_COPY_BYTES = 64 << 10
+
+
+class CommError(RuntimeError):
+    """A communication operation failed (timeout, mismatch, abort)."""
+
+
+class CommTimeout(CommError, TimeoutError):
+    pass
+
+
+class CollectiveMismatch(CommError):
+    pass
+
+
+class Aborted(CommError):
+    pass
+
+
+class Handle:
+    """The result of an asynchronous operation: `wait()` returns it or raises its error."""
+
+    __slots__ = ("_event", "_result", "_error", "name", "_transform")
+
+    def __init__(self, name: str, transform=None):
+        self._event = threading.Event()
+        self._result = None
+        self._error = None
+        self._transform = transform
+        self.name = name
+
+    def is_done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None):
+        if not self._event.wait(timeout):
+            raise CommTimeout(f"{self.name}: not finished after waiting {timeout}s")
+        if self._error is not None:
+            raise self._error
+        if self._transform is not None:
+            self._result, self._transform = self._transform(self._result), None
+        return self._result
+
+    def _set(self, result=None, error=None):
+        self._result, self._error = result, error
+        self._event.set()
+
+
+class Message:
+    """One received data-plane message: inline arrays (read-only views of ZeroMQ frames) or
+    references to blocks of the sender's shared-memory arena."""
+
+    __slots__ = ("src", "meta", "inline", "shm")
+
+    def __init__(self, src, meta, inline, shm):
+        self.src, self.meta, self.inline, self.shm = src, meta, inline, shm
+
+
+# What an operation's generator can yield.
+class Recv:
+    __slots__ = ("key", "peer")
+
+    def __init__(self, key, peer):
+        self.key, self.peer = key, peer
+
+
+class WaitSent:
+    __slots__ = ("tracker", "peer")
+
+    def __init__(self, tracker, peer):
+        self.tracker, self.peer = tracker, peer
+
+
+class WaitBlock:
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+
+class Operation:
+    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch")
+
+    def __init__(self, name, generator, handle, timeout, abort_key, epoch):
+        self.name, self.generator, self.handle = name, generator, handle
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+        self.abort_key, self.epoch = abort_key, epoch
+        self.waiting = None
+
+
+class Engine:
+    """Owns the data-plane sockets of one worker and runs its communication operations."""
+
+    def __init__(self, rank: int, context: zmq.Context, keys, bind_host: str, timeout: float):
+        self.rank = rank
+        self.context = context
+        self.keys = keys
+        self.timeout = timeout
+        self.router = context.socket(zmq.ROUTER)
+        keys.make_server(self.router)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        port = self.router.bind_to_random_port(f"tcp://{bind_host}")
+        self.address = f"tcp://{bind_host}:{port}"
+        self.peers: dict[int, zmq.Socket] = {}
+        self.identity_to_rank: dict[bytes, int] = {}
+        self.arena = None
+        self.peer_arenas: dict = {}
+        self.same_host: set[int] = set()
+        self.shm_peers: set[int] = set()  # same-host peers that mapped this rank's arena
+        self.epoch = 0
+        self.inbox: dict = defaultdict(deque)
+        self.waiting: dict = defaultdict(deque)
+        self.operations: set[Operation] = set()
+        self.sent_waits: list = []
+        self.block_waits: deque = deque()
+        self.aborted: dict = {}
+        self.control = None
+        self.on_control = None
+        self.rejected_messages = 0
+        self.bytes_sent = defaultdict(int)  # group id -> payload bytes this rank sent
+        self._submissions: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._stopping = False
+        self._parent_pid = os.getppid()
+        self._thread = None
+
+    # ---- setup ---------------------------------------------------------------------------
+    def connect_peers(self, address_book: list[dict], host_id: str):
+        for entry in address_book:
+            peer = entry["rank"]
+            self.identity_to_rank[b"r%d" % peer] = peer
+            if entry["host"] == host_id:
+                self.same_host.add(peer)
+            if peer == self.rank:
+                continue
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.ROUTING_ID, b"r%d" % self.rank)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.LINGER, 0)
+            self.keys.make_client(sock)
+            sock.connect(entry["data"])
+            self.peers[peer] = sock
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name=f"ringpipe-engine-{self.rank}", daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        """Stop after everything submitted so far (replies included) has been handed to ZeroMQ."""
+        def set_stopping():
+            self._stopping = True
+
+        self.call_soon(set_stopping)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # ---- called from user threads ----------------------------------------------------------
+    def submit(self, name: str, make_generator, abort_key=None, timeout=None, transform=None) -> Handle:
+        """Run `make_generator(epoch)` on the engine thread; returns its Handle."""
+        handle = Handle(name, transform)
+        self._submissions.put((name, make_generator, handle, self.timeout if timeout is None else timeout,
+                               abort_key))
+        self._wake()
+        return handle
+
+    def call_soon(self, fn):
+        """Run `fn()` on the engine thread (used for control-plane sends)."""
+        self._submissions.put(fn)
+        self._wake()
+
+    def _wake(self):
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:  # pipe full: the engine is already awake
+            pass
+
+    # ---- used by operations (engine thread) -------------------------------------------------
+    def send(self, dst: int, header: dict, arrays=(), group=None):
+        """Send header + inline arrays to `dst`; returns a ZeroMQ tracker for large payloads."""
+        header["e"] = self.epoch
+        frames = wire.encode([header, list(arrays)])
+        nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames[1:])
+        if group is not None:
+            self.bytes_sent[group] += nbytes
+        if dst == self.rank:
+            self._deliver_local(frames)
+            return None
+        big = nbytes >= ZERO_COPY_BYTES
+        return self.peers[dst].send_multipart(frames, copy=not big, track=big) if big else \
+            self.peers[dst].send_multipart(frames)
+
+    def _deliver_local(self, frames):
+        # Decoded from copies: the sender may reuse its arrays as soon as send() returns.
+        self._dispatch(self.rank, wire.decode([bytes(frames[0])] + [bytes(f) for f in frames[1:]]))
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self):
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        if self.control is not None:
+            poller.register(self.control, zmq.POLLIN)
+        while not self._stopping:
+            try:
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._wake_read in events:
+                    try:
+                        while os.read(self._wake_read, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                self._take_submissions()
+                if self.router in events:
+                    self._receive_data()
+                if self.control is not None and self.control in events:
+                    self._receive_control()
+                self._check_sent()
+                self._check_deadlines()
+                if os.getppid() != self._parent_pid:
+                    log.error("rank %d: driver process went away; exiting", self.rank)
+                    os._exit(70)
+            except Exception:  # the engine must survive anything a message or an op does
+                log.exception("rank %d: error in communication engine loop", self.rank)
+
+    def _poll_timeout_ms(self) -> int:
+        if self.sent_waits:
+            return 1
+        timeout = 100.0
+        if self.operations:
+            soonest = min(op.deadline for op in self.operations) - time.monotonic()
+            timeout = min(timeout, max(soonest * 1000.0, 0.0))
+        return int(timeout) + 1
+
+    def _take_submissions(self):
+        while True:
+            try:
+                item = self._submissions.get_nowait()
+            except queue.Empty:
+                return
+            if callable(item):
+                item()
+                continue
+            name, make_generator, handle, timeout, abort_key = item
+            try:
+                generator = make_generator(self.epoch)
+            except Exception as exc:
+                handle._set(error=exc)
+                continue
+            op = Operation(name, generator, handle, timeout, abort_key, self.epoch)
+            reason = self.aborted.get((self.epoch, *abort_key[:2])) if abort_key else None
+            if reason is not None:
+                handle._set(error=CollectiveMismatch(reason))
+                continue
+            self.operations.add(op)
+            self._advance(op, None)
+
+    def _advance(self, op: Operation, value, error=None):
+        while True:
+            try:
+                request = op.generator.throw(error) if error is not None else op.generator.send(value)
+            except StopIteration as stop:
+                self._finish(op, result=stop.value)
+                return
+            except BaseException as exc:  # noqa: BLE001 - any failure belongs to the operation
+                self._finish(op, error=exc)
+                return
+            error = None
+            if isinstance(request, Recv):
+                pending = self.inbox.get(request.key)
+                if pending:
+                    value = pending.popleft()
+                    if not pending:
+                        del self.inbox[request.key]
+                    continue
+                self.waiting[request.key].append(op)
+            elif isinstance(request, WaitSent):
+                if request.tracker is None or request.tracker.done:
+                    value = None
+                    continue
+                self.sent_waits.append((request.tracker, op))
+            elif isinstance(request, WaitBlock):
+                offset = self.arena.alloc(request.nbytes)
+                if offset is not None:
+                    value = offset
+                    continue
+                self.block_waits.append((op, request.nbytes))
+            else:
+                error = TypeError(f"operation yielded {request!r}")
+                continue
+            op.waiting = request
+            return
+
+    def _finish(self, op: Operation, result=None, error=None):
+        self.operations.discard(op)
+        self._forget_waits(op)
+        if (isinstance(error, CollectiveMismatch) and op.abort_key is not None
+                and (op.epoch, *op.abort_key[:2]) not in self.aborted):
+            self._broadcast_abort(op, str(error))
+        op.handle._set(result, error)
+
+    def _forget_waits(self, op):
+        request, op.waiting = op.waiting, None
+        if isinstance(request, Recv):
+            waiters = self.waiting.get(request.key)
+            if waiters and op in waiters:
+                waiters.remove(op)
+                if not waiters:
+                    del self.waiting[request.key]
+        elif isinstance(request, WaitSent):
+            self.sent_waits = [(t, o) for t, o in self.sent_waits if o is not op]
+        elif isinstance(request, WaitBlock):
+            self.block_waits = deque((o, n) for o, n in self.block_waits if o is not op)
+
+    def _fail(self, op, error):
+        self._forget_waits(op)
+        try:
+            op.generator.close()
+        except Exception:  # noqa: BLE001
+            pass
+        self._finish(op, error=error)
+
+    def _check_sent(self):
+        if not self.sent_waits:
+            return
+        ready = [(t, o) for t, o in self.sent_waits if t.done]
+        if ready:
+            self.sent_waits = [(t, o) for t, o in self.sent_waits if not t.done]
+            for _, op in ready:
+                op.waiting = None
+                self._advance(op, None)
+
+    def _check_deadlines(self):
+        now = time.monotonic()
+        for op in [op for op in self.operations if op.deadline <= now]:
+            peer = getattr(op.waiting, "peer", None)
+            what = {Recv: "a message from", WaitSent: "a send to"}.get(type(op.waiting), "")
+            detail = f"waiting for {what} rank {peer}" if peer is not None else "waiting for shared memory"
+            self._fail(op, CommTimeout(f"{op.name} on rank {self.rank} timed out after "
+                                       f"{op.timeout:g}s {detail}"))
+
+    def release_block(self, offset: int):
+        """Return a block of this worker's arena and hand free space to operations waiting."""
+        self.arena.free(offset)
+        while self.block_waits:
+            op, nbytes = self.block_waits[0]
+            block = self.arena.alloc(nbytes)
+            if block is None:
+                return
+            self.block_waits.popleft()
+            op.waiting = None
+            self._advance(op, block)
+
+    # ---- incoming data ----------------------------------------------------------------------
+    def _receive_data(self):
+        for _ in range(1000):  # bounded so submissions and deadlines are looked at regularly
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            src = self.identity_to_rank.get(frames[0].bytes)
+            try:
+                if src is None:
+                    raise wire.WireError(f"unknown sender identity {frames[0].bytes[:16]!r}")
+                self._dispatch(src, wire.decode([frames[1].bytes] + [f.buffer for f in frames[2:]]))
+            except wire.WireError as exc:
+                self._reject(src, exc)
+
+    def _reject(self, src, reason):
+        self.rejected_messages += 1
+        log.error("rank %d: rejected a malformed message from %s: %s", self.rank,
+                  f"rank {src}" if src is not None else "an unknown sender", reason)
+
+    def _dispatch(self, src, value):
+        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], dict)
+                and isinstance(value[1], list)):
+            raise wire.WireError("message is not [header, arrays]")
+        header, inline = value
+        kind = header.get("k")
+        epoch = header.get("e")
+        if not isinstance(epoch, int):
+            raise wire.WireError("message has no epoch")
+        if kind == "free":
+            offset = header.get("o")
+            if not isinstance(offset, int) or self.arena is None:
+                raise wire.WireError("bad shared-memory free message")
+            if epoch == self.epoch:
+                self.release_block(offset)
+            return
+        if epoch < self.epoch:
+            return  # left over from an aborted call
+        if kind == "abort":
+            self._on_abort(epoch, header.get("g"), header.get("c"), str(header.get("r", "")))
+            return
+        if kind not in ("p2p", "coll"):
+            raise wire.WireError(f"unknown message kind {kind!r}")
+        group, channel, step = header.get("g"), header.get("c"), header.get("s", 0)
+        if not isinstance(group, str) or not isinstance(channel, int) or not isinstance(step, int):
+            raise wire.WireError("bad message key")
+        shm = header.get("shm")
+        if shm is not None:
+            shm = self._validate_shm(src, shm)
+        message = Message(src, header.get("m"), inline, shm)
+        key = (epoch, kind, group, channel, src, step)
+        waiters = self.waiting.get(key)
+        if waiters:
+            op = waiters.popleft()
+            if not waiters:
+                del self.waiting[key]
+            op.waiting = None
+            self._advance(op, message)
+        else:
+            self.inbox[key].append(message)
+
+    def _validate_shm(self, src, refs):
+        arena = self.peer_arenas.get(src)
+        if arena is None or not isinstance(refs, list):
+            raise wire.WireError(f"shared-memory reference from rank {src}, which has no mapped arena")
+        out = []
+        for ref in refs:
+            if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[0], int)):
+                raise wire.WireError("bad shared-memory reference")
+            offset, dtype_str, shape = ref
+            _, dtype, shape = wire._array_spec(wire.msgpack.packb([0, dtype_str, shape]))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            try:
+                view = arena.view(offset, nbytes)
+            except ValueError as exc:
+                raise wire.WireError(str(exc)) from None
+            out.append((offset, view.view(dtype).reshape(shape)))
+        return out
+
+    # ---- aborts -------------------------------------------------------------------------------
+    def _broadcast_abort(self, op, reason):
+        """Tell every member of the group that this collective cannot go on (mismatch seen here)."""
+        group, seq, members = op.abort_key
+        self.aborted[(op.epoch, group, seq)] = reason
+        for peer in members:
+            if peer != self.rank:
+                self.send(peer, {"k": "abort", "g": group, "c": seq, "r": reason})
+
+    def _on_abort(self, epoch, group, seq, reason):
+        self.aborted[(epoch, group, seq)] = reason
+        for op in list(self.operations):
+            if op.abort_key is not None and op.epoch == epoch and op.abort_key[:2] == (group, seq):
+                self._fail(op, CollectiveMismatch(reason))
+
+    def reset(self, epoch: int, reason: str):
+        """Fail every operation in flight and start a new epoch (after a failed call)."""
+        self.epoch = epoch
+        for op in list(self.operations):
+            self._fail(op, Aborted(reason))
+        self.inbox = defaultdict(deque, {k: v for k, v in self.inbox.items() if k[0] >= epoch})
+        self.waiting.clear()
+        self.sent_waits.clear()
+        self.block_waits.clear()
+        if self.arena is not None:
+            self.arena.reset()
+
+    # ---- control plane (owned here so the user's thread may be busy computing) ---------------
+    def _receive_control(self):
+        while True:
+            try:
+                frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                value = wire.decode([frames[0].bytes] + [f.buffer for f in frames[1:]])
+            except wire.WireError as exc:
+                self._reject("driver", exc)
+                continue
+            self.on_control(value)
+
+    def send_control(self, value):
+        frames = wire.encode(value)
+        self.control.send_multipart(frames)

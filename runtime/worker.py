@@ -1,0 +1,216 @@
+"""A worker process: registers with the driver, connects to its peers, then runs what it is sent.
+
+Started by `runtime.cluster.Cluster` as `python -m runtime.worker` with a msgpack bootstrap record
+on stdin (rank, addresses, the job's keys). The main thread executes calls (SPMD functions and
+actor methods) one at a time; the engine thread owns every socket, so the control plane (aborts,
+stop) keeps working while user code computes.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import queue
+import socket
+import sys
+import traceback
+
+import msgpack
+
+
+def limit_blas_threads(threads: int):
+    """Cap BLAS/OpenMP threads so N workers do not oversubscribe the machine's cores."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except Exception:  # noqa: BLE001 - threadpoolctl is best effort on exotic BLAS builds
+        pass
+
+
+def host_id() -> str:
+    """Identifies this machine (hostname + boot id) so same-host peers can use shared memory."""
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+def resolve(reference: dict):
+    """Find a module-level function or class by module and qualified name."""
+    module_name, qualname = reference["module"], reference["qualname"]
+    if module_name == "__main__":
+        module = sys.modules.get("__mp_main__")
+        if module is None:
+            path = reference.get("main")
+            if not path:
+                raise ImportError("the driver's __main__ has no file; define functions in an importable module")
+            spec = importlib.util.spec_from_file_location("__mp_main__", path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["__mp_main__"] = module
+            spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    target = module
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+class Worker:
+    def __init__(self, boot: dict):
+        import zmq
+
+        from runtime.auth import JobKeys
+        from runtime.communicator import CommConfig, Communicator, Group
+        from runtime.engine import Engine
+        from runtime.shm import Arena, PeerArena, arena_path
+
+        self.rank, self.world_size = boot["rank"], boot["world_size"]
+        self.config = CommConfig(**boot["comm"])
+        self.keys = JobKeys.from_dict(boot["keys"])
+        self.context = zmq.Context()
+        self.auth = self.keys.start_authenticator(self.context)
+        self.engine = Engine(self.rank, self.context, self.keys, boot["bind_host"], self.config.timeout)
+        self.calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.actors: dict = {}
+        self.host = host_id()
+
+        arena = None
+        if self.config.shm:
+            arena = Arena(arena_path(boot["job_id"], self.rank), boot["arena_bytes"])
+            self.engine.arena = arena
+        control = self.context.socket(zmq.DEALER)
+        control.setsockopt(zmq.ROUTING_ID, b"w%d" % self.rank)
+        control.setsockopt(zmq.LINGER, 2000)
+        self.keys.make_client(control)
+        control.connect(boot["driver"])
+        self.control = control
+        self._send({"t": "register", "rank": self.rank, "data": self.engine.address, "host": self.host,
+                    "pid": os.getpid(), "arena": arena.path if arena else None})
+        book = self._expect("book", boot["start_timeout"])["peers"]
+        self.engine.connect_peers(book, self.host)
+        if arena is not None:
+            for entry in book:
+                if entry["rank"] != self.rank and entry["host"] == self.host and entry["arena"]:
+                    self.engine.peer_arenas[entry["rank"]] = PeerArena(entry["arena"], boot["arena_bytes"])
+                    self.engine.shm_peers.add(entry["rank"])
+        self._send({"t": "ready"})
+        self._expect("unlink", boot["start_timeout"])
+        if arena is not None:
+            arena.unlink()  # every peer has it mapped now; nothing remains in /dev/shm
+        self._send({"t": "unlinked"})
+
+        everyone_here = all(e["host"] == self.host for e in book)
+        world = Group("w", tuple(range(self.world_size)), self.rank,
+                      bool(arena) and everyone_here and self.config.shm)
+        self.world = Communicator(self.engine, world, self.config)
+        self.engine.control = control
+        self.engine.on_control = self._on_control
+        self.engine.start()
+
+    # ---- control plane ---------------------------------------------------------------------------
+    def _send(self, value):
+        from runtime import wire
+
+        self.control.send_multipart(wire.encode(value))
+
+    def _expect(self, kind: str, timeout: float) -> dict:
+        from runtime import wire
+
+        if not self.control.poll(timeout * 1000):
+            raise TimeoutError(f"rank {self.rank}: no '{kind}' from the driver within {timeout}s")
+        value = wire.decode(self.control.recv_multipart())
+        if value.get("t") != kind:
+            raise RuntimeError(f"rank {self.rank}: expected '{kind}' from the driver, got {value.get('t')!r}")
+        return value
+
+    def _on_control(self, value):
+        """Engine thread: route a driver message."""
+        kind = value.get("t") if isinstance(value, dict) else None
+        if kind == "call":
+            self.calls.put(value)
+        elif kind == "abort":
+            self.engine.reset(int(value["epoch"]), str(value.get("reason", "aborted by the driver")))
+        elif kind == "stop":
+            self.calls.put(None)
+        else:
+            logging.getLogger("ringpipe.runtime").error("rank %d: unknown control message %r", self.rank, kind)
+
+    def _reply(self, value):
+        from runtime import wire
+
+        try:
+            frames = wire.encode(value)
+        except TypeError as exc:
+            frames = wire.encode({"t": "result", "id": value["id"], "ok": False, "type": "TypeError",
+                                  "error": f"result could not be sent: {exc}", "traceback": "", "aborted": False})
+        self.engine.call_soon(lambda: self.control.send_multipart(frames))
+
+    def shutdown(self):
+        """Flush what is queued for the driver, then close every socket."""
+        self.engine.stop()
+        self.auth.stop()
+        self.context.destroy(linger=2000)
+
+    # ---- calls ---------------------------------------------------------------------------------------
+    def serve(self):
+        from runtime.engine import Aborted
+
+        while True:
+            call = self.calls.get()
+            if call is None:
+                return 0
+            try:
+                value = self._execute(call)
+                self._reply({"t": "result", "id": call["id"], "ok": True, "value": value})
+            except SystemExit as exc:
+                self._reply({"t": "result", "id": call["id"], "ok": False, "type": "SystemExit",
+                             "error": f"SystemExit({exc.code})", "traceback": traceback.format_exc(),
+                             "aborted": False})
+                return exc.code if isinstance(exc.code, int) else 1
+            except BaseException as exc:  # noqa: BLE001 - everything goes back to the driver
+                self._reply({"t": "result", "id": call["id"], "ok": False, "type": type(exc).__name__,
+                             "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
+                             "aborted": isinstance(exc, Aborted)})
+
+    def _execute(self, call: dict):
+        kind = call["kind"]
+        args, kwargs = call.get("args") or [], call.get("kwargs") or {}
+        if kind == "run":
+            return resolve(call["target"])(self.world, *args, **kwargs)
+        if kind == "spawn":
+            self.actors[call["actor"]] = resolve(call["target"])(self.world, *args, **kwargs)
+            return None
+        if kind == "method":
+            actor = self.actors.get(call["actor"])
+            if actor is None:
+                raise KeyError(f"no actor {call['actor']} on rank {self.rank}")
+            return getattr(actor, call["method"])(*args, **kwargs)
+        if kind == "drop":
+            self.actors.pop(call["actor"], None)
+            return None
+        raise ValueError(f"unknown call kind {kind!r}")
+
+
+def main():
+    boot = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
+    sys.path[:] = boot["sys_path"]
+    os.chdir(boot["cwd"])
+    limit_blas_threads(boot["threads"])
+    logging.basicConfig(level=logging.WARNING, format=f"[ringpipe rank {boot['rank']}] %(levelname)s %(message)s")
+    worker = Worker(boot)
+    code = worker.serve()
+    worker.shutdown()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
