@@ -2,3 +2,35 @@
 from __future__ import annotations
 
 from cluster.cli import bench  # noqa: F401  (subcommands attach to this group)
+
+
+import click  # noqa: E402
+
+
+@bench.command("model")
+@click.option("--n-layer", default=4, show_default=True)
+@click.option("--n-head", default=4, show_default=True)
+@click.option("--n-embd", default=128, show_default=True)
+@click.option("--block-size", default=64, show_default=True)
+@click.option("--batch-size", default=12, show_default=True)
+@click.option("--vocab-size", default=65, show_default=True)
+@click.option("--steps", default=30, show_default=True, help="Timed steps (after 3 warmup).")
+@click.option("--threads", default=2, show_default=True, help="BLAS / torch threads.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
+@click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, steps, threads,
+                dtype, no_compare, json_path):
+    """Training-step tokens/s of the dense GPT vs transformers' GPT2LMHeadModel on CPU."""
+    from tools.bench_model import format_table, run, write_json
+
+    try:
+        result = run(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                     batch_size=batch_size, vocab_size=vocab_size, steps=steps,
+                     threads=threads, dtype=dtype, compare=not no_compare)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_table(result))
+    if json_path:
+        write_json(result, json_path)
