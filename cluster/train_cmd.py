@@ -13,7 +13,10 @@ import time
 import click
 
 from cluster.cli import main
-from model.train import TrainConfig
+from model.gpt import GPT
+from model.tokenizer import load_tokenizer
+from model.train import CHECKPOINT_DIR, Trainer, TrainConfig, find_checkpoint, saved_config
+from runtime.backend import array_module, to_host
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
@@ -32,7 +35,7 @@ def _bad_flag(flag: str, message: str) -> click.ClickException:
 class Progress:
     """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise."""
 
-    def __init__(self, first_step: int, total_steps: int, stream=sys.stderr):
+    def __init__(self, first_step: int, total_steps: int, stream):
         self.first_step, self.total_steps, self.stream = first_step, total_steps, stream
         self.tty = stream.isatty()
         self.start = time.perf_counter()
@@ -59,8 +62,6 @@ class Progress:
 
 def _config_from_flags(ctx: click.Context, flags: dict):
     """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
-    from model.train import saved_config
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     chosen = {name: value for name, value in flags.items() if name in fields}
     if not flags["resume"]:
@@ -127,8 +128,6 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.pass_context
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
-    from model.train import Trainer, find_checkpoint
-
     out = flags["out"]
     if not flags["resume"]:
         try:
@@ -145,7 +144,7 @@ def train(ctx, **flags):
         raise click.ClickException(_one_line(exc)) from None
 
     first_step = trainer.step
-    progress = Progress(first_step, config.steps)
+    progress = Progress(first_step, config.steps, sys.stderr)
     with _metrics_file(out, first_step) as metrics_log:
         try:
             for step in range(first_step, config.steps):
@@ -178,11 +177,6 @@ def train(ctx, **flags):
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device):
     """Continue --prompt with a trained model and print the text."""
-    from model.gpt import GPT
-    from model.tokenizer import load_tokenizer
-    from model.train import CHECKPOINT_DIR
-    from runtime.backend import array_module, to_host
-
     if not os.path.isdir(directory):
         raise _bad_flag("--checkpoint", f"directory {directory!r} does not exist")
     if not os.path.exists(os.path.join(directory, "config.json")) and \
