@@ -302,6 +302,9 @@ class Cluster:
             with self._lock:
                 future = self._pending.get(value.get("id"))
                 self._running.pop(rank, None)
+            if value.get("fence"):
+                with self._lock:
+                    self._fence_needed = True
             if future is None:
                 return
             if value.get("ok"):

@@ -325,10 +325,9 @@ def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
     n, me = ctx.n, ctx.me
     if n == 1:
         return work
-    # A neighbour check first: only the root's peers would otherwise notice a disagreement.
-    yield from ctx.send((me + 1) % n, 0, (), {"sig": ctx.signature})
-    message = yield from ctx.recv((me - 1) % n, 0)
-    ctx.check(message, (me - 1) % n)
+    # Everyone compares signatures first: the root hears from nobody otherwise, and would finish
+    # while a rank that disagrees raises.
+    yield from barrier(ctx)
     if me == root:
         if choose_algorithm(ctx, work.nbytes) == "shm":
             offset, block = yield from ctx.own_block(work)

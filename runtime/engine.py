@@ -143,6 +143,12 @@ class Engine:
         self.control = None
         self.on_control = None
         self.rejected_messages = 0
+        # Set when an operation failed: peers may be out of step, so the driver fences before the
+        # next call (a new epoch drops stale messages and restarts collective numbering).
+        self.needs_fence = False
+        # After an abort, operations started before the current call ends fail at once too: a rank
+        # that reaches a collective after the abort must not wait for peers that already gave up.
+        self.aborted_call: str | None = None
         self.bytes_sent = defaultdict(int)  # group id -> payload bytes this rank sent
         self._submissions: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_read, self._wake_write = os.pipe()
@@ -273,6 +279,9 @@ class Engine:
             except Exception as exc:
                 handle._set(error=exc)
                 continue
+            if self.aborted_call is not None:
+                handle._set(error=Aborted(self.aborted_call))
+                continue
             op = Operation(name, generator, handle, timeout, abort_key, self.epoch)
             reason = self.aborted.get((self.epoch, *abort_key[:2])) if abort_key else None
             if reason is not None:
@@ -318,6 +327,8 @@ class Engine:
             return
 
     def _finish(self, op: Operation, result=None, error=None):
+        if error is not None:
+            self.needs_fence = True
         self.operations.discard(op)
         self._forget_waits(op)
         if (isinstance(error, CollectiveMismatch) and op.abort_key is not None
@@ -398,12 +409,12 @@ class Engine:
                   f"rank {src}" if src is not None else "an unknown sender", reason)
 
     def _dispatch(self, src, value):
+        """Validate a decoded message completely, then route it (stale epochs are dropped)."""
         if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], dict)
                 and isinstance(value[1], list)):
             raise wire.WireError("message is not [header, arrays]")
         header, inline = value
-        kind = header.get("k")
-        epoch = header.get("e")
+        kind, epoch = header.get("k"), header.get("e")
         if not isinstance(epoch, int):
             raise wire.WireError("message has no epoch")
         if kind == "free":
@@ -413,12 +424,7 @@ class Engine:
             if epoch == self.epoch:
                 self.release_block(offset)
             return
-        if epoch < self.epoch:
-            return  # left over from an aborted call
-        if kind == "abort":
-            self._on_abort(epoch, header.get("g"), header.get("c"), str(header.get("r", "")))
-            return
-        if kind not in ("p2p", "coll"):
+        if kind not in ("p2p", "coll", "abort"):
             raise wire.WireError(f"unknown message kind {kind!r}")
         group, channel, step = header.get("g"), header.get("c"), header.get("s", 0)
         if not isinstance(group, str) or not isinstance(channel, int) or not isinstance(step, int):
@@ -426,6 +432,11 @@ class Engine:
         shm = header.get("shm")
         if shm is not None:
             shm = self._validate_shm(src, shm)
+        if epoch < self.epoch:
+            return  # left over from an aborted call
+        if kind == "abort":
+            self._on_abort(epoch, group, channel, str(header.get("r", "")))
+            return
         message = Message(src, header.get("m"), inline, shm)
         key = (epoch, kind, group, channel, src, step)
         waiters = self.waiting.get(key)
@@ -474,8 +485,10 @@ class Engine:
     def reset(self, epoch: int, reason: str):
         """Fail every operation in flight and start a new epoch (after a failed call)."""
         self.epoch = epoch
+        self.aborted_call = reason
         for op in list(self.operations):
             self._fail(op, Aborted(reason))
+        self.needs_fence = False
         self.inbox = defaultdict(deque, {k: v for k, v in self.inbox.items() if k[0] >= epoch})
         self.waiting.clear()
         self.sent_waits.clear()

@@ -147,6 +147,8 @@ class Worker:
     def _reply(self, value):
         from runtime import wire
 
+        value["fence"] = self.engine.needs_fence
+
         try:
             frames = wire.encode(value)
         except TypeError as exc:
@@ -168,6 +170,7 @@ class Worker:
             call = self.calls.get()
             if call is None:
                 return 0
+            self.engine.aborted_call = None  # a new call: earlier aborts are behind us
             try:
                 value = self._execute(call)
                 self._reply({"t": "result", "id": call["id"], "ok": True, "value": value})
