@@ -44,10 +44,11 @@ class Progress:
     def update(self, metrics: dict) -> None:
         step = metrics["step"]
         done = step + 1 - self.first_step
-        per_step = (time.perf_counter() - self.start) / done
-        eta = per_step * (self.total_steps - step - 1)
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / done * (self.total_steps - step - 1)
+        # tokens/s averaged over the session: one step's rate jitters too much to read
         line = (f"step {step + 1}/{self.total_steps} loss {metrics['loss']:.4f} "
-                f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tok/s "
+                f"lr {metrics['lr']:.2e} {metrics['tokens'] * done / elapsed:,.0f} tok/s "
                 f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
         if "val_loss" in metrics:
             line += f" val_loss {metrics['val_loss']:.4f}"

@@ -28,7 +28,8 @@ def _read_text(path: str) -> str:
 
 
 def corpus_files(data: str | None) -> list[str]:
-    """The sorted list of files named by `data`: a FILE, a DIR (all files below it) or a GLOB.
+    """The sorted list of files named by `data`: a FILE, a DIR (all files below it, hidden ones
+    excepted) or a GLOB.
 
     None means the default corpus (the standard library's top-level *.py files).
     """
@@ -37,7 +38,10 @@ def corpus_files(data: str | None) -> list[str]:
     if os.path.isfile(data):
         return [data]
     if os.path.isdir(data):
-        files = [os.path.join(root, name) for root, _, names in os.walk(data) for name in names]
+        files = []
+        for root, dirs, names in os.walk(data):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]  # skip .git and the like
+            files += [os.path.join(root, name) for name in names if not name.startswith(".")]
         if not files:
             raise ValueError(f"data directory {data} holds no files")
         return sorted(files)

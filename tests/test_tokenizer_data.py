@@ -58,6 +58,8 @@ def test_corpus_from_file_dir_and_glob_concatenates_sorted_files(tmp_path):
     (tmp_path / "a.txt").write_text("AAA")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.md").write_text("CCC")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "index").write_bytes(b"\xff")
     assert load_corpus(str(tmp_path / "a.txt")) == "AAA"
     assert load_corpus(str(tmp_path)) == "AAABBBCCC"
     assert load_corpus(str(tmp_path / "*.txt")) == "AAABBB"
