@@ -9,9 +9,12 @@ backward are measured, not guessed.
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from model import ops
 from runtime.backend import DEVICES, array_module, to_host
@@ -94,6 +97,7 @@ class ActivationMemory:
     def __init__(self):
         self.live_bytes = 0
         self.peak_bytes = 0
+        self._lock = threading.Lock()  # batch shards run on several threads
 
     def reset(self):
         self.live_bytes = self.peak_bytes = 0
@@ -116,12 +120,16 @@ class ActivationMemory:
         return total
 
     def hold(self, cache):
-        self.live_bytes += self.nbytes(cache)
-        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        nbytes = self.nbytes(cache)
+        with self._lock:
+            self.live_bytes += nbytes
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return cache
 
     def release(self, cache):
-        self.live_bytes -= self.nbytes(cache)
+        nbytes = self.nbytes(cache)
+        with self._lock:
+            self.live_bytes -= nbytes
 
 
 @dataclass
@@ -140,7 +148,8 @@ EMBEDDING, ATTN_PROBS, ATTN_RESIDUAL, MLP_RESIDUAL = range(4)
 class GPT:
     """The dense GPT-2. `params` is a flat dict with GPT-2 public names (see `param_shapes`)."""
 
-    def __init__(self, config: GPTConfig, seed: int = 0, params: dict | None = None):
+    def __init__(self, config: GPTConfig, seed: int = 0, params: dict | None = None,
+                 threads: int = 1):
         self.config = config
         self.xp = array_module(config.device)
         self.dtype = np.dtype(config.dtype)
@@ -148,6 +157,8 @@ class GPT:
         self.params = {name: self.xp.asarray(np.asarray(to_host(p)).astype(self.dtype))
                        for name, p in host.items()}
         self.memory = ActivationMemory()
+        self.threads = threads  # row shards of a batch run at once in loss_and_grads (NumPy)
+        self._executor = self._blas = None
         self._dropout_seeds = np.random.default_rng([seed, 1])
 
     # ------------------------------------------------------------------ dropout randomness
@@ -327,11 +338,42 @@ class GPT:
     def loss_and_grads(self, idx, targets, ignore_index=-1, dropout_seed=None):
         """One forward+backward. idx, targets int (B, T) -> (loss float, grads like params).
 
-        `memory.peak_bytes` afterwards holds the peak of cached activations during the step.
+        With `self.threads` > 1 (NumPy only) the batch is split into that many row shards that run
+        at once on threads with single-threaded BLAS, and their gradients are summed: the same
+        math, using every core for the elementwise work too. `memory.peak_bytes` afterwards holds
+        the peak of cached activations during the step (all shards together).
         """
         if self.config.dropout and dropout_seed is None:
             dropout_seed = int(self._dropout_seeds.integers(2**63))
         self.memory.reset()
+        shards = min(self.threads, idx.shape[0]) if self.xp is np else 1
+        if shards == 1:
+            loss, grads = self._shard_loss_and_grads(idx, targets, ignore_index, dropout_seed)
+            return loss, grads
+        rows = np.array_split(np.arange(idx.shape[0]), shards)
+        counts = [int((targets[r] != ignore_index).sum()) for r in rows]
+        total = max(sum(counts), 1)
+        seeds = [None if dropout_seed is None else
+                 int(np.random.SeedSequence([dropout_seed, k]).generate_state(1)[0])
+                 for k in range(shards)]
+
+        def run(k):
+            return self._shard_loss_and_grads(idx[rows[k]], targets[rows[k]], ignore_index,
+                                              seeds[k], dloss=counts[k] / total)
+
+        with self._blas_single_thread():
+            futures = [self._pool().submit(run, k) for k in range(1, shards)]
+            loss, grads = run(0)
+            loss *= counts[0] / total
+            for k, future in enumerate(futures, start=1):
+                shard_loss, shard_grads = future.result()
+                loss += shard_loss * counts[k] / total
+                for name, g in shard_grads.items():
+                    grads[name] += g
+        return loss, grads
+
+    def _shard_loss_and_grads(self, idx, targets, ignore_index, dropout_seed, dloss=1.0):
+        """The serial step: embedding, blocks, head forward; then backward through them all."""
         x, embedding_cache = self.embedding_forward(idx, dropout_seed)
         block_caches = []
         for i in range(self.config.n_layer):
@@ -339,7 +381,7 @@ class GPT:
             block_caches.append(cache)
         loss, head_cache = self.head_forward(x, targets, ignore_index)
         del x
-        dx, grads = self.head_backward(head_cache)
+        dx, grads = self.head_backward(head_cache, dloss)
         del head_cache
         for i in reversed(range(self.config.n_layer)):
             dx, block_grads = self.block_backward(i, block_caches.pop(), dx)
@@ -348,6 +390,16 @@ class GPT:
         grads["wte.weight"] += embedding_grads["wte.weight"]  # tied: LM head + embedding
         grads["wpe.weight"] = embedding_grads["wpe.weight"]
         return loss, {name: grads[name] for name in self.params}
+
+    def _pool(self):
+        if self._executor is None or self._executor._max_workers != self.threads - 1:
+            self._executor = ThreadPoolExecutor(self.threads - 1, "gpt-shard")
+        return self._executor
+
+    def _blas_single_thread(self):
+        if self._blas is None:
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=1, user_api="blas")
 
     # ------------------------------------------------------------------ generation (KV cache)
 

@@ -40,11 +40,20 @@ def embedding_forward(weight, idx):
 
 
 def embedding_backward(dout, idx, num_embeddings):
-    """dout (B, T, C) -> dweight (num_embeddings, C), rows scatter-added at idx."""
+    """dout (B, T, C) -> dweight (num_embeddings, C): the rows of dout summed per index."""
     xp = module_of(dout)
     C = dout.shape[-1]
+    flat_idx, rows = idx.reshape(-1), dout.reshape(-1, C)
     dweight = xp.zeros((num_embeddings, C), dtype=dout.dtype)
-    xp.add.at(dweight, idx.reshape(-1), dout.reshape(-1, C))
+    if not hasattr(xp.add, "reduceat"):  # array modules without reduceat scatter-add instead
+        xp.add.at(dweight, flat_idx, rows)
+        return dweight
+    # Sorting groups equal indices, so each group is one contiguous reduceat segment: several
+    # times faster than add.at's element-by-element scatter.
+    order = xp.argsort(flat_idx, kind="stable")
+    sorted_idx = flat_idx[order]
+    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), sorted_idx[1:] != sorted_idx[:-1]]))
+    dweight[sorted_idx[starts]] = xp.add.reduceat(rows[order], starts, axis=0)
     return dweight
 
 

@@ -112,7 +112,7 @@ def run(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_siz
     result = {"config": config.to_dict(), "batch_size": batch_size, "threads": threads,
               "steps": steps, "tokens_per_step": tokens}
     with threadpool_limits(limits=threads):
-        times, losses = bench_ringpipe(GPT(config, seed=0), batches, warmup)
+        times, losses = bench_ringpipe(GPT(config, seed=0, threads=threads), batches, warmup)
         result["ringpipe"] = summarize(times, tokens, losses)
         torch_run = bench_pytorch(GPT(config, seed=0), batches, warmup, threads) if compare \
             else None
