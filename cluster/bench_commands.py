@@ -34,3 +34,27 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
     click.echo(format_table(result))
     if json_path:
         write_json(result, json_path)
+
+
+@bench.command("collectives")
+@click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
+@click.option("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast,sendrecv", show_default=True,
+              help="Comma-separated operations.")
+@click.option("--sizes", default="1K-64M", show_default=True,
+              help="Byte sizes: a range (every 4th power of two) like 1K-64M, or a list like 1K,1M.")
+@click.option("--compare", type=click.Choice(["none", "gloo"]), default="none", show_default=True,
+              help="Also run torch.distributed's gloo backend on the same sizes (needs torch).")
+@click.option("--algorithm", type=click.Choice(["auto", "direct", "ring", "shm"]), default="auto",
+              show_default=True, help="Force one collective algorithm.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
+    """nccl-tests style table of collective time, algbw and busbw (results checked)."""
+    from tools.bench_collectives import main as run_bench, parse_sizes
+
+    try:
+        size_list = parse_sizes(sizes)
+        op_list = [o.strip() for o in ops.split(",") if o.strip()]
+        run_bench(world_size, op_list, size_list, compare if compare != "none" else None, json_path, algorithm,
+                  echo=click.echo)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
