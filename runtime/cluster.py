@@ -167,6 +167,9 @@ class Cluster:
         self._epoch = 0
         self._fence_needed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._clock_replies: dict[int, int] = {}
         self._lock = threading.Lock()
         self.keys = JobKeys.generate()
         self._context = zmq.Context()
@@ -264,27 +267,33 @@ class Cluster:
 
     # ---- the driver thread -----------------------------------------------------------------------
     def _serve(self):
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
         while not self._closed:
             try:
+                events = dict(poller.poll(20))
+                if self._wake_read in events:
+                    try:
+                        while os.read(self._wake_read, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
                 while True:
                     try:
                         rank, value = self._outbox.get_nowait()
                     except queue.Empty:
                         break
+                    if callable(value):
+                        value()
+                        continue
                     try:
                         self._send_to(rank, value)
                     except zmq.ZMQError as exc:  # that worker is gone; _check_processes reports it
                         if exc.errno != zmq.EHOSTUNREACH:
                             raise
-                if self._router.poll(20):
-                    for _ in range(100):
-                        try:
-                            frames = self._router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        rank, value = self._parse(frames)
-                        if rank is not None:
-                            self._on_message(rank, value)
+                if self._router in events:
+                    self._receive_all()
                 self._check_processes()
             except WorkerDied as died:
                 self._die(died)
@@ -294,9 +303,29 @@ class Cluster:
                     return
                 raise
 
+    def _receive_all(self):
+        for _ in range(100):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            rank, value = self._parse(frames)
+            if rank is not None:
+                self._on_message(rank, value)
+
+    def _post(self, rank, value):
+        """Queue a message (or a callable to run) for the driver thread."""
+        self._outbox.put((rank, value))
+        try:
+            os.write(self._wake_write, b"x")
+        except BlockingIOError:
+            pass
+
     def _on_message(self, rank, value):
         kind = value.get("t")
-        if kind == "fatal":
+        if kind == "clock":
+            self._clock_replies[rank] = int(value.get("time", 0))
+        elif kind == "fatal":
             self._fatal[rank] = value.get("traceback", "")
         elif kind == "result":
             with self._lock:
@@ -363,12 +392,12 @@ class Cluster:
                 self._fence_needed = False
                 self._epoch += 1
                 for rank in range(self.world_size):
-                    self._outbox.put((rank, {"t": "abort", "epoch": self._epoch, "reason": "fence"}))
+                    self._post(rank, {"t": "abort", "epoch": self._epoch, "reason": "fence"})
             self._pending[message["id"]] = future
             for rank in ranks:
                 self._running[rank] = future.name
         for rank in ranks:
-            self._outbox.put((rank, message))
+            self._post(rank, message)
         return future
 
     def submit(self, fn, *args, ranks=None, **kwargs) -> CallFuture:
@@ -386,6 +415,55 @@ class Cluster:
         self._call("spawn", reference(cls), args, kwargs, ranks, actor=actor_id, name=f"{name}()").result()
         ranks = list(range(self.world_size)) if ranks is None else sorted(set(ranks))
         return ActorGroup(self, actor_id, ranks, name)
+
+    # ---- tracing ---------------------------------------------------------------------------------------
+    def start_trace(self):
+        """Every worker starts recording spans; clock offsets to the driver are measured now."""
+        self._trace_clocks = {"start": self.measure_clock_offsets()}
+        for rank in range(self.world_size):
+            self._post(rank, {"t": "trace"})
+
+    def stop_trace(self, directory: str) -> list[str]:
+        """Stop recording; each rank writes DIR/trace-rank{r}.json, the driver DIR/clocks.json."""
+        import json
+
+        paths = self._call("trace_stop", None, [os.path.abspath(directory)], {}, None, name="stop_trace").result()
+        clocks = getattr(self, "_trace_clocks", {})
+        clocks["end"] = self.measure_clock_offsets()
+        with open(os.path.join(directory, "clocks.json"), "w") as f:
+            json.dump({"world_size": self.world_size, "offsets": clocks}, f, indent=1)
+        return paths
+
+    def measure_clock_offsets(self, samples: int = 15) -> dict[int, dict]:
+        """Each rank's clock minus the driver's (ns), from the ping-pong with the lowest round trip."""
+        done = threading.Event()
+        result: dict[int, dict] = {}
+
+        def ping_all():  # runs on the driver thread, which owns the socket
+            for rank in range(self.world_size):
+                best = None
+                for _ in range(samples):
+                    self._clock_replies.pop(rank, None)
+                    sent = time.monotonic_ns()
+                    self._send_to(rank, {"t": "clock"})
+                    deadline = time.monotonic() + 2.0
+                    while rank not in self._clock_replies and time.monotonic() < deadline:
+                        if self._router.poll(10):
+                            self._receive_all()
+                    received = time.monotonic_ns()
+                    if rank not in self._clock_replies:
+                        break
+                    rtt = received - sent
+                    offset = self._clock_replies[rank] - (sent + received) // 2
+                    if best is None or rtt < best["rtt_ns"]:
+                        best = {"offset_ns": offset, "rtt_ns": rtt}
+                result[rank] = best or {"offset_ns": 0, "rtt_ns": None}
+            done.set()
+
+        self._post(0, ping_all)
+        if not done.wait(60):
+            raise TimeoutError("clock offsets: the driver thread did not answer")
+        return result
 
     # ---- shutdown -----------------------------------------------------------------------------------
     def close(self):
@@ -408,6 +486,11 @@ class Cluster:
         except Exception:  # noqa: BLE001
             pass
         self._context.destroy(linger=0)
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._finalizer()
 
     def _terminate(self, grace: float = 0.0):

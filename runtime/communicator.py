@@ -62,6 +62,11 @@ class Communicator:
     size = property(lambda self: len(self.group.ranks))
     ranks = property(lambda self: self.group.ranks)
 
+    @property
+    def tracer(self):
+        """This process's trace recorder: `with comm.tracer.span("forward", microbatch=0): ...`."""
+        return self.engine.tracer
+
     def __repr__(self):
         return f"Communicator(group={self.group.gid!r}, rank={self.rank}, size={self.size})"
 
@@ -103,7 +108,12 @@ class Communicator:
         def make(epoch):
             return send_arrays(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm)
 
-        return self.engine.submit(name, make, timeout=timeout)
+        trace = None
+        if self.engine.tracer.enabled:
+            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag)))
+            trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
+                              "flow": flow})
+        return self.engine.submit(name, make, timeout=timeout, trace=trace)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         self.isend(x, dst, tag, timeout).wait()
@@ -124,13 +134,18 @@ class Communicator:
                 return out
             return array
 
-        return engine.submit(name, make, timeout=timeout, transform=finish)
+        trace = None
+        if engine.tracer.enabled:
+            flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag)))
+            nbytes = out.nbytes if out is not None else None
+            trace = ("recv", {"bytes": nbytes, "peer": int(src), "group": gid, "tag": int(tag), "flow": flow})
+        return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
         return self.irecv(src, tag, out, timeout).wait()
 
     # ---- collectives ------------------------------------------------------------------------------
-    def _collective(self, name, signature, algorithm, finish, async_op, timeout):
+    def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0):
         seq = self._sequence.next(self.engine.epoch)
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
 
@@ -138,8 +153,12 @@ class Communicator:
             ctx = CollectiveContext(self.engine, self.group, seq, epoch, full_name, signature, self.config)
             return algorithm(ctx)
 
+        trace = None
+        if self.engine.tracer.enabled:
+            trace = (name, {"bytes": int(nbytes), "group": self.group.gid, "seq": seq, "ranks": list(self.group.ranks),
+                            "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}"})
         handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
-                                    timeout=timeout, transform=finish)
+                                    timeout=timeout, transform=finish, trace=trace)
         return handle if async_op else handle.wait()
 
     @staticmethod
@@ -165,7 +184,7 @@ class Communicator:
             return x
 
         return self._collective("all_reduce", signature, lambda ctx: collectives.all_reduce(ctx, work, op),
-                                finish, async_op, timeout)
+                                finish, async_op, timeout, host.nbytes)
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
@@ -180,7 +199,7 @@ class Communicator:
             return backend.module_of(x).asarray(gathered) if backend.is_device_array(x) else gathered
 
         return self._collective("all_gather", signature, lambda ctx: collectives.all_gather(ctx, piece, out),
-                                finish, async_op, timeout)
+                                finish, async_op, timeout, out.nbytes)
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
@@ -201,7 +220,7 @@ class Communicator:
             return backend.module_of(x).asarray(result) if backend.is_device_array(x) else result
 
         return self._collective("reduce_scatter", signature, lambda ctx: collectives.reduce_scatter(ctx, work, op),
-                                finish, async_op, timeout)
+                                finish, async_op, timeout, host.nbytes)
 
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
@@ -217,7 +236,7 @@ class Communicator:
             return x
 
         return self._collective("broadcast", signature, lambda ctx: collectives.broadcast(ctx, work, int(src)),
-                                finish, async_op, timeout)
+                                finish, async_op, timeout, host.nbytes)
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
         return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout)

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from runtime import wire
+from runtime.trace import Tracer, now_ns
 
 log = logging.getLogger("ringpipe.runtime")
 
@@ -105,13 +106,16 @@ class WaitBlock:
 
 
 class Operation:
-    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch")
+    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch",
+                 "trace", "start_ns", "blocked_ns", "wait_ns")
 
-    def __init__(self, name, generator, handle, timeout, abort_key, epoch):
+    def __init__(self, name, generator, handle, timeout, abort_key, epoch, trace):
         self.name, self.generator, self.handle = name, generator, handle
         self.timeout, self.deadline = timeout, time.monotonic() + timeout
         self.abort_key, self.epoch = abort_key, epoch
         self.waiting = None
+        # Tracing: (span name, args) or None; wait_ns sums the time blocked on a peer's message.
+        self.trace, self.start_ns, self.blocked_ns, self.wait_ns = trace, 0, 0, 0
 
 
 class Engine:
@@ -156,6 +160,7 @@ class Engine:
         self._stopping = False
         self._parent_pid = os.getppid()
         self._thread = None
+        self.tracer = Tracer(rank)
 
     # ---- setup ---------------------------------------------------------------------------
     def connect_peers(self, address_book: list[dict], host_id: str):
@@ -188,11 +193,14 @@ class Engine:
             self._thread.join(timeout=5)
 
     # ---- called from user threads ----------------------------------------------------------
-    def submit(self, name: str, make_generator, abort_key=None, timeout=None, transform=None) -> Handle:
-        """Run `make_generator(epoch)` on the engine thread; returns its Handle."""
+    def submit(self, name: str, make_generator, abort_key=None, timeout=None, transform=None,
+               trace=None) -> Handle:
+        """Run `make_generator(epoch)` on the engine thread; returns its Handle.
+
+        `trace` = (span name, args dict) to record the operation when tracing is on."""
         handle = Handle(name, transform)
         self._submissions.put((name, make_generator, handle, self.timeout if timeout is None else timeout,
-                               abort_key))
+                               abort_key, trace if self.tracer.enabled else None))
         self._wake()
         return handle
 
@@ -273,7 +281,7 @@ class Engine:
             if callable(item):
                 item()
                 continue
-            name, make_generator, handle, timeout, abort_key = item
+            name, make_generator, handle, timeout, abort_key, trace = item
             try:
                 generator = make_generator(self.epoch)
             except Exception as exc:
@@ -282,7 +290,10 @@ class Engine:
             if self.aborted_call is not None:
                 handle._set(error=Aborted(self.aborted_call))
                 continue
-            op = Operation(name, generator, handle, timeout, abort_key, self.epoch)
+            op = Operation(name, generator, handle, timeout, abort_key, self.epoch, trace)
+            if trace is not None:
+                op.start_ns = now_ns()
+                self.tracer.counter("comm ops in flight", len(self.operations) + 1, thread="comm")
             reason = self.aborted.get((self.epoch, *abort_key[:2])) if abort_key else None
             if reason is not None:
                 handle._set(error=CollectiveMismatch(reason))
@@ -309,6 +320,8 @@ class Engine:
                         del self.inbox[request.key]
                     continue
                 self.waiting[request.key].append(op)
+                if op.trace is not None:
+                    op.blocked_ns = now_ns()
             elif isinstance(request, WaitSent):
                 if request.tracker is None or request.tracker.done:
                     value = None
@@ -334,6 +347,12 @@ class Engine:
         if (isinstance(error, CollectiveMismatch) and op.abort_key is not None
                 and (op.epoch, *op.abort_key[:2]) not in self.aborted):
             self._broadcast_abort(op, str(error))
+        if op.trace is not None:
+            name, args = op.trace
+            args = dict(args, wait_us=op.wait_ns / 1000.0)
+            if error is not None:
+                args["error"] = type(error).__name__
+            self.tracer.complete(name, "comm", "comm", op.start_ns, now_ns(), args)
         op.handle._set(result, error)
 
     def _forget_waits(self, op):
@@ -445,6 +464,8 @@ class Engine:
             if not waiters:
                 del self.waiting[key]
             op.waiting = None
+            if op.trace is not None:
+                op.wait_ns += now_ns() - op.blocked_ns
             self._advance(op, message)
         else:
             self.inbox[key].append(message)

@@ -18,6 +18,8 @@ import traceback
 
 import msgpack
 
+from runtime.trace import now_ns
+
 
 def limit_blas_threads(threads: int):
     """Cap BLAS/OpenMP threads so N workers do not oversubscribe the machine's cores."""
@@ -141,6 +143,10 @@ class Worker:
             self.engine.reset(int(value["epoch"]), str(value.get("reason", "aborted by the driver")))
         elif kind == "stop":
             self.calls.put(None)
+        elif kind == "clock":
+            self.engine.send_control({"t": "clock", "time": now_ns()})
+        elif kind == "trace":
+            self.engine.tracer.start()
         else:
             logging.getLogger("ringpipe.runtime").error("rank %d: unknown control message %r", self.rank, kind)
 
@@ -197,6 +203,8 @@ class Worker:
             if actor is None:
                 raise KeyError(f"no actor {call['actor']} on rank {self.rank}")
             return getattr(actor, call["method"])(*args, **kwargs)
+        if kind == "trace_stop":
+            return self.engine.tracer.stop(args[0])
         if kind == "drop":
             self.actors.pop(call["actor"], None)
             return None
