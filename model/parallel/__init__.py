@@ -1,0 +1,1 @@
+"""Parallel training pieces: the DP×TP×PP mesh, pipeline schedules (as data) and their simulator."""
