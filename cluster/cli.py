@@ -19,6 +19,7 @@ def _register_commands():
     # Subcommands register themselves on import; a missing optional module must not break the CLI.
     from cluster import bench_commands  # noqa: F401
     from cluster import train_cmd  # noqa: F401
+    from cluster import trace_cmd  # noqa: F401
 
 
 _register_commands()

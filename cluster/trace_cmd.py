@@ -1,0 +1,74 @@
+"""`ringpipe trace export|view|summary RUN_DIR`: Perfetto JSON, the offline HTML viewer, the summary table."""
+from __future__ import annotations
+
+import json
+import os
+import webbrowser
+
+import click
+
+from cluster.cli import main
+from tools.trace_io import TraceError, load_trace
+
+
+@main.group()
+def trace():
+    """Inspect traces written by cluster.start_trace()/stop_trace(DIR) (a run directory)."""
+
+
+def _load(run_dir: str):
+    try:
+        return load_trace(run_dir)
+    except TraceError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@trace.command("export")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default RUN_DIR/trace.json).")
+def export(run_dir, output):
+    """Chrome Trace Event JSON for https://ui.perfetto.dev or chrome://tracing."""
+    from tools.trace_export import write_chrome_trace
+
+    loaded = _load(run_dir)
+    output = output or os.path.join(run_dir, "trace.json")
+    count = write_chrome_trace(loaded, output)
+    click.echo(f"wrote {output} ({count} events, {len(loaded.ranks)} ranks); open it in https://ui.perfetto.dev")
+    _warn_causality(loaded)
+
+
+@trace.command("view")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default RUN_DIR/trace.html).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def view(run_dir, output, open_browser):
+    """One self-contained HTML page: pipeline swimlanes, summary table, loss curve (works offline)."""
+    from tools.trace_view import write_view
+
+    loaded = _load(run_dir)
+    output = output or os.path.join(run_dir, "trace.html")
+    write_view(loaded, output)
+    click.echo(f"wrote {output}")
+    _warn_causality(loaded)
+    if open_browser:
+        webbrowser.open("file://" + os.path.abspath(output))
+
+
+@trace.command("summary")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def summary(run_dir, as_json):
+    """Per-rank compute / communication / exposed communication / idle time, bubble, slowest rank."""
+    from tools.trace_summary import format_summary, summarize
+
+    result = summarize(_load(run_dir))
+    click.echo(json.dumps(result, indent=1) if as_json else format_summary(result))
+
+
+def _warn_causality(loaded):
+    report = loaded.causality
+    if report.violations:
+        click.echo(f"warning: {report.violations} of {report.pairs_checked} receives end before their send "
+                   f"starts: clock correction is off (see `ringpipe trace summary`)", err=True)

@@ -1,0 +1,244 @@
+"""Where each rank's time went: compute, communication, exposed communication, idle, pipeline bubble.
+
+Pure functions on a loaded `Trace` (tools/trace_io.py), so they can be checked on synthetic traces.
+
+Definitions (all over the traced wall time: first event of any rank to last event of any rank):
+  compute         union of the rank's compute-thread spans (forward, backward, optimizer, ...).
+  communication   union of the *transfer* part of its comm spans. A comm span is split in two: the
+                  first `wait_us` of it is time blocked on a peer (the peer had not sent / arrived
+                  yet), the rest is transfer. The runtime reports only the total blocked time, and
+                  a blocked wait happens before the data can move, so it is placed at the start.
+  exposed comm    communication not overlapped by compute (the compute thread is waiting on it).
+  idle            neither computing nor transferring: includes time blocked on a peer. So
+                  compute + exposed comm + idle = 100 %.
+  overlap         share of the communication time that runs while the rank computes.
+  bubble          idle time inside the training steps / the steps' wall time. A step's window runs
+                  from the first to the last compute span (of any rank) whose args carry that
+                  step; without step args the whole traced time is one window. Waiting on a peer
+                  is bubble, moving bytes is not (it is communication), which is what the
+                  theoretical bubble (p-1)/(m+p-1) of GPipe and 1F1B assumes: free communication.
+  slowest rank    the rank with the most compute time: in a synchronous run the others wait on it.
+"""
+from __future__ import annotations
+
+from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace
+
+DEFINITIONS = {
+    "compute": "union of compute-thread spans",
+    "communication": "union of comm spans minus their leading wait_us (time blocked on a peer)",
+    "exposed_comm": "communication not overlapped by compute",
+    "idle": "neither compute nor communication; includes time blocked on a peer",
+    "overlap": "communication overlapped by compute / communication",
+    "bubble": "idle time within the training steps' windows / their wall time",
+    "slowest": "the rank with the most compute time",
+}
+
+
+# ---- interval sets: sorted lists of disjoint [start, end) pairs -------------------------------------
+def union(intervals) -> list:
+    merged = []
+    for start, end in sorted(intervals):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def total(intervals) -> int:
+    return sum(end - start for start, end in intervals)
+
+
+def intersect(a: list, b: list) -> list:
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if start < end:
+            out.append([start, end])
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def subtract(a: list, b: list) -> list:
+    out, j = [], 0
+    for start, end in a:
+        while j < len(b) and b[j][1] <= start:
+            j += 1
+        k, cursor = j, start
+        while k < len(b) and b[k][0] < end:
+            if b[k][0] > cursor:
+                out.append([cursor, b[k][0]])
+            cursor = max(cursor, b[k][1])
+            k += 1
+        if cursor < end:
+            out.append([cursor, end])
+    return out
+
+
+# ---- the pieces of one rank's time ---------------------------------------------------------------
+def rank_intervals(trace: Trace, rank: int) -> dict:
+    """Interval sets of one rank: compute, comm (transfer), blocked (waiting on a peer)."""
+    compute, transfer, blocked = [], [], []
+    for span in trace.spans(rank):
+        if span.thread == COMM_THREAD:
+            wait_ns = min(span.duration_ns, int(round(float(span.args.get("wait_us") or 0) * 1000)))
+            blocked.append((span.start_ns, span.start_ns + wait_ns))
+            transfer.append((span.start_ns + wait_ns, span.end_ns))
+        elif span.thread == COMPUTE_THREAD or span.category == "compute":
+            compute.append((span.start_ns, span.end_ns))
+    return {"compute": union(compute), "comm": union(transfer), "blocked": union(blocked)}
+
+
+def breakdown(pieces: dict, window: list) -> dict:
+    """Nanoseconds of compute / comm / exposed comm / idle / blocked within `window` (an interval set)."""
+    compute = intersect(pieces["compute"], window)
+    comm = intersect(pieces["comm"], window)
+    busy = union(compute + comm)
+    return {
+        "wall": total(window),
+        "compute": total(compute),
+        "comm": total(comm),
+        "exposed_comm": total(subtract(comm, compute)),
+        "overlapped_comm": total(intersect(comm, compute)),
+        "idle": total(subtract(window, busy)),
+        "blocked": total(subtract(intersect(pieces["blocked"], window), busy)),
+    }
+
+
+def percent(part: float, whole: float) -> float:
+    return round(100.0 * part / whole, 3) if whole > 0 else 0.0
+
+
+def step_windows(trace: Trace) -> dict:
+    """step -> [start_ns, end_ns] over every rank's compute spans that carry that step."""
+    windows: dict = {}
+    for span in trace.spans(thread=COMPUTE_THREAD):
+        step = span.args.get("step")
+        if step is None:
+            continue
+        window = windows.setdefault(step, [span.start_ns, span.end_ns])
+        window[0], window[1] = min(window[0], span.start_ns), max(window[1], span.end_ns)
+    return dict(sorted(windows.items(), key=lambda item: item[1][0]))
+
+
+def theoretical_bubble(schedule: dict | None) -> float | None:
+    """Bubble fraction of the run's schedule, from model.parallel.simulator when available.
+
+    Fallback: GPipe and 1F1B idle (p-1) of the m+p-1 slots of a stage; interleaved 1F1B with v
+    virtual stages per rank shrinks the slots to 1/v: (p-1)/(v*m+p-1). Other schedules: unknown.
+    """
+    if not schedule:
+        return None
+    name = str(schedule.get("schedule", "")).lower()
+    p, m, v = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1)), int(schedule.get("virtual_stages", 1) or 1)
+    try:
+        from model.parallel.simulator import theoretical_bubble as simulated
+    except ImportError:
+        simulated = None
+    if simulated is not None:
+        try:
+            return float(simulated(name, p, m, v))
+        except (ValueError, KeyError, NotImplementedError, TypeError):
+            pass
+    if name in ("gpipe", "1f1b") and v == 1:
+        return (p - 1) / (m + p - 1)
+    if "interleav" in name or (name == "1f1b" and v > 1):
+        return (p - 1) / (v * m + p - 1)
+    return None
+
+
+def _ms(ns: float) -> float:
+    return round(ns / 1e6, 4)
+
+
+def summarize(trace: Trace) -> dict:
+    """The summary as plain JSON-able data (see the module docstring for the definitions)."""
+    window = [[trace.start_ns, trace.end_ns]] if trace.events else []
+    windows = step_windows(trace)
+    step_set = union(windows.values()) if windows else window
+    ranks, steps = [], []
+    pieces = {rank: rank_intervals(trace, rank) for rank in trace.ranks}
+    for rank in trace.ranks:
+        whole = breakdown(pieces[rank], window)
+        in_steps = breakdown(pieces[rank], step_set)
+        ranks.append({
+            "rank": rank,
+            "wall_ms": _ms(whole["wall"]),
+            "compute_ms": _ms(whole["compute"]),
+            "comm_ms": _ms(whole["comm"]),
+            "exposed_comm_ms": _ms(whole["exposed_comm"]),
+            "idle_ms": _ms(whole["idle"]),
+            "blocked_ms": _ms(whole["blocked"]),
+            "compute_pct": percent(whole["compute"], whole["wall"]),
+            "comm_pct": percent(whole["comm"], whole["wall"]),
+            "exposed_comm_pct": percent(whole["exposed_comm"], whole["wall"]),
+            "idle_pct": percent(whole["idle"], whole["wall"]),
+            "overlap_pct": percent(whole["overlapped_comm"], whole["comm"]),
+            "bubble_pct": percent(in_steps["idle"], in_steps["wall"]),
+            "slowest": False,
+        })
+    for step, (start, end) in windows.items():
+        rows = []
+        for rank in trace.ranks:
+            part = breakdown(pieces[rank], [[start, end]])
+            rows.append({"rank": rank, "compute_pct": percent(part["compute"], part["wall"]),
+                         "exposed_comm_pct": percent(part["exposed_comm"], part["wall"]),
+                         "idle_pct": percent(part["idle"], part["wall"])})
+        steps.append({"step": step, "start_ms": _ms(start), "wall_ms": _ms(end - start), "ranks": rows})
+    slowest = None
+    if ranks:
+        slowest = max(ranks, key=lambda r: (r["compute_ms"], r["compute_ms"] + r["exposed_comm_ms"], -r["rank"]))
+        slowest["slowest"] = True
+        slowest = slowest["rank"]
+    theory = theoretical_bubble(trace.schedule)
+    measured = round(sum(r["bubble_pct"] for r in ranks) / len(ranks), 3) if ranks else 0.0
+    return {
+        "directory": trace.directory,
+        "world_size": len(trace.ranks),
+        "wall_ms": _ms(total(window)),
+        "clock": trace.clock_source,
+        "ranks": ranks,
+        "slowest_rank": slowest,
+        "bubble": {"measured_pct": measured,
+                   "theoretical_pct": None if theory is None else round(100.0 * theory, 3),
+                   "window": "steps" if windows else "trace",
+                   "schedule": trace.schedule},
+        "steps": steps,
+        "causality": {"pairs_checked": trace.causality.pairs_checked,
+                      "violations": trace.causality.violations, "worst": trace.causality.worst},
+        "definitions": DEFINITIONS,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table, one row per rank, then bubble, per-step and causality lines."""
+    header = (f"{'rank':>4} {'wall ms':>10} {'compute%':>9} {'comm%':>7} {'exposed%':>9} {'idle%':>7} "
+              f"{'overlap%':>9} {'bubble%':>8}")
+    lines = [f"trace {summary['directory']}  ({summary['world_size']} ranks, {summary['wall_ms']:.3f} ms, "
+             f"clock: {summary['clock']})", header]
+    for r in summary["ranks"]:
+        flag = "  <- slowest" if r["slowest"] else ""
+        lines.append(f"{r['rank']:>4} {r['wall_ms']:>10.3f} {r['compute_pct']:>9.2f} {r['comm_pct']:>7.2f} "
+                     f"{r['exposed_comm_pct']:>9.2f} {r['idle_pct']:>7.2f} {r['overlap_pct']:>9.2f} "
+                     f"{r['bubble_pct']:>8.2f}{flag}")
+    bubble = summary["bubble"]
+    theory = "n/a (no schedule.json)" if bubble["theoretical_pct"] is None else f"{bubble['theoretical_pct']:.2f}%"
+    lines.append(f"bubble (mean over ranks, {bubble['window']} window): measured {bubble['measured_pct']:.2f}%, "
+                 f"theoretical {theory}")
+    for step in summary["steps"]:
+        cells = "  ".join(f"r{r['rank']} {r['compute_pct']:.1f}/{r['exposed_comm_pct']:.1f}/{r['idle_pct']:.1f}"
+                          for r in step["ranks"])
+        lines.append(f"step {step['step']}: {step['wall_ms']:.3f} ms  compute/exposed/idle %  {cells}")
+    causality = summary["causality"]
+    lines.append(f"causality: {causality['violations']} of {causality['pairs_checked']} send/recv pairs violated")
+    for v in causality["worst"]:
+        lines.append(f"  recv on rank {v['recv_rank']} ended {v['by_us']:.1f} us before the send on rank "
+                     f"{v['send_rank']} started (flow {v['flow']})")
+    lines.append("definitions: idle includes time blocked on a peer; bubble = idle within the steps")
+    return "\n".join(lines)
