@@ -1,0 +1,164 @@
+"""The parallel trainer: a runtime actor, one per rank, for any DP × TP × PP layout.
+
+    trainers = cluster.spawn(ParallelTrainer, train_config_dict, layout_dict, token_file, vocab_size)
+    metrics = trainers.train_step(step).result()
+
+Each rank builds the mesh, takes its slice of the full model initialised from the seed (so the
+model is the same whatever the layout), runs the pipeline schedule over its share of the step's
+global batch, synchronises gradients (tied embedding across the embedding group, data-parallel
+average), clips by the true global norm and applies AdamW to what it holds. With dp = tp = pp = 1
+it computes exactly what the single-process Trainer computes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.data import TokenDataset
+from model.gpt import GPTConfig, init_params
+from model.optim import AdamW, clip_scale, lr_at
+from model.parallel.mesh import Mesh
+from model.parallel.pipeline import run_pipeline_step
+from model.parallel.schedules import build_schedule, split_layers, stage_rank
+from model.parallel.stage import DenseStage
+from model.train import TrainConfig, dropout_seed
+
+
+@dataclass
+class Layout:
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    zero: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def validate(self, config: TrainConfig) -> None:
+        """ValueError before any worker starts, naming the setting that cannot work."""
+        for name in ("dp", "tp", "pp", "virtual_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        rows = self.dp * config.microbatches
+        if config.batch_size % rows:
+            raise ValueError(f"global batch {config.batch_size} is not divisible by dp × microbatches = "
+                             f"{self.dp} × {config.microbatches}")
+        if config.n_head % self.tp:
+            raise ValueError(f"n_head {config.n_head} is not divisible by tp {self.tp}")
+        split_layers(config.n_layer, self.pp * self.virtual_stages)  # raises on too few layers
+        build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
+        if self.zero not in (0, 1):
+            raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
+
+
+class ParallelTrainer:
+    def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int):
+        self.config = TrainConfig(**config)
+        self.layout = Layout(**layout)
+        self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
+        self.tracer = comm.tracer
+        self.gpt_config: GPTConfig = self.config.gpt_config(vocab_size)
+        self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
+        p, v = self.layout.pp, self.layout.virtual_stages
+        self.num_stages = p * v
+        self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
+        layer_ranges = split_layers(self.config.n_layer, self.num_stages)
+        full = init_params(self.gpt_config, self.config.seed)
+        self.stages = {s: DenseStage(self.gpt_config, full, layer_ranges[s], s == 0, s == self.num_stages - 1)
+                       for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
+        del full
+        # One optimizer entry per parameter name; the tied wte may sit in two local stages.
+        self.params = {}
+        for stage in self.stages.values():
+            for name, param in stage.params.items():
+                self.params.setdefault(name, param)
+        self.optimizer = AdamW(self.params, (self.config.beta1, self.config.beta2), self.config.eps,
+                               self.config.weight_decay)
+
+    # ---- one step --------------------------------------------------------------------------------
+    def _microbatches(self, split: str, step: int):
+        config, layout = self.config, self.layout
+        x, y = self.dataset.get_batch(split, step, config.batch_size, config.block_size, config.seed)
+        rows = config.batch_size // layout.dp
+        mine = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
+        x, y = x[mine], y[mine]
+        per = rows // config.microbatches
+        xp = next(iter(self.stages.values())).xp
+        return ([xp.asarray(x[k * per:(k + 1) * per]) for k in range(config.microbatches)],
+                [xp.asarray(y[k * per:(k + 1) * per]) for k in range(config.microbatches)])
+
+    def train_step(self, step: int) -> dict:
+        config, layout = self.config, self.layout
+        start = time.perf_counter()
+        inputs, targets = self._microbatches("train", step)
+        for stage in self.stages.values():
+            stage.zero_grads()
+        first_micro = self.mesh.dp_rank * config.microbatches
+        seeds = ([dropout_seed(config.seed, step, first_micro + k) for k in range(config.microbatches)]
+                 if config.dropout > 0 else None)
+        result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches, self.num_stages,
+                                   inputs, targets, dloss=1.0 / config.microbatches, dropout_seeds=seeds,
+                                   tracer=self.tracer, step=step)
+        with self.tracer.span("optimizer", step=step):
+            grads = self._synchronized_grads()
+            norm = self._global_grad_norm(grads)
+            scale = clip_scale(norm, config.grad_clip)
+            if scale != 1.0:
+                for g in grads.values():
+                    g *= scale
+            lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
+            self.optimizer.update(self.params, grads, lr)
+            self._refresh_tied_copies()
+        loss = float(np.mean(list(result.losses.values()))) if result.losses else None
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
+                "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
+                "seconds": time.perf_counter() - start,
+                "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values()))}
+
+    def _synchronized_grads(self) -> dict:
+        """One gradient per parameter name: local tied copies summed, the embedding group summed,
+        then averaged over data-parallel ranks."""
+        grads = {}
+        for stage in self.stages.values():
+            for name, g in stage.grads.items():
+                if name in grads:
+                    grads[name] += g  # the tied wte on two local stages
+                else:
+                    grads[name] = g
+        if self.mesh.embedding is not None and "wte.weight" in grads:
+            self.mesh.embedding.all_reduce(grads["wte.weight"])
+        if self.layout.dp > 1:
+            handles = [self.mesh.dp.all_reduce(g, op="avg", async_op=True) for g in grads.values()]
+            for handle in handles:
+                handle.wait()
+        return grads
+
+    def _global_grad_norm(self, grads: dict) -> float:
+        """The norm over the whole model: each parameter counted once across the pipeline (the
+        tied wte once, on the first stage) and across tensor-parallel ranks."""
+        owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)]
+        xp = next(iter(self.stages.values())).xp
+        total = np.array([float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
+        if self.layout.pp > 1:
+            self.mesh.pp.all_reduce(total)
+        return float(np.sqrt(total[0]))
+
+    def _refresh_tied_copies(self):
+        for stage in self.stages.values():
+            for name, param in stage.params.items():
+                if self.params[name] is not param:
+                    param[...] = self.params[name]
+
+    # ---- evaluation and state ----------------------------------------------------------------------
+    def local_params(self) -> dict:
+        """This rank's parameters on the host (full arrays when tp = 1)."""
+        return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in self.params.items()}
+
+    def coordinates(self) -> dict:
+        return {"dp": self.mesh.dp_rank, "tp": self.mesh.tp_rank, "pp": self.mesh.pp_rank}

@@ -1,0 +1,66 @@
+"""Every parallel layout reproduces single-process training on the same global batches (float64)."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from model.parallel.trainer import Layout, ParallelTrainer
+from model.train import Trainer, TrainConfig
+
+TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
+STEPS = 3
+
+
+def config_for(tmp_path, **overrides) -> TrainConfig:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    settings = dict(data=str(corpus), n_layer=4, n_head=4, n_embd=16, block_size=8, batch_size=16, microbatches=4,
+                    steps=STEPS, warmup=1, lr=1e-2, min_lr=1e-3, eval_iters=1, dtype="float64", grad_clip=0.5)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def reference_params(config: TrainConfig, run_dir: str):
+    trainer = Trainer.create(config, run_dir)
+    for step in range(STEPS):
+        trainer.train_step(step)
+    return trainer, trainer.params_on_host()
+
+
+def gather_full(per_rank: list[dict]) -> dict:
+    full = {}
+    for params in per_rank:
+        for name, value in params.items():
+            if name in full:
+                np.testing.assert_array_equal(full[name], value)  # replicas agree bitwise
+            full[name] = value
+    return full
+
+
+CASES = [  # (dp, tp, pp, schedule, virtual stages)
+    (1, 1, 2, "gpipe", 1),
+    (1, 1, 4, "1f1b", 1),
+    (1, 1, 2, "interleaved", 2),
+    (1, 1, 4, "zb-h1", 1),
+    (2, 1, 2, "1f1b", 1),
+    (2, 1, 1, "1f1b", 1),
+    (4, 1, 1, "1f1b", 1),
+    (1, 1, 1, "interleaved", 2),
+]
+
+
+@pytest.mark.parametrize("dp,tp,pp,schedule,v", CASES)
+def test_parallel_training_equals_single_process(local_cluster, tmp_path, dp, tp, pp, schedule, v):
+    config = config_for(tmp_path)
+    reference, expected = reference_params(config, str(tmp_path / "reference"))
+    layout = Layout(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v)
+    layout.validate(config)
+    cluster = local_cluster(layout.world_size)
+    trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                             str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        trainers.train_step(step).result()
+    got = gather_full(trainers.local_params().result())
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
