@@ -66,6 +66,15 @@ def test_gpipe_keeps_every_microbatch_in_flight_on_every_rank():
             assert simulate(build_schedule("gpipe", p, m)).peak_in_flight == [m] * p
 
 
+def test_in_flight_is_also_counted_per_virtual_stage():
+    result = simulate(build_schedule("interleaved", 2, 4, 2))
+    assert set(result.peak_in_flight_per_stage) == {0, 1, 2, 3}
+    # a rank's peak is at most the sum of its stages' peaks, and at least the largest one
+    for rank, peak in enumerate(result.peak_in_flight):
+        stage_peaks = [result.peak_in_flight_per_stage[s] for s in (rank, rank + 2)]
+        assert max(stage_peaks) <= peak <= sum(stage_peaks)
+
+
 def test_1f1b_keeps_at_most_p_minus_rank_in_flight():
     for p in RANKS:
         for m in MICROBATCHES:

@@ -39,6 +39,8 @@ Send/receive contract (what the executor may rely on, and what `simulator` prove
     * Every send has exactly one matching receive on the peer: SEND_ACTIVATION(mb, s) matches
       RECV_ACTIVATION(mb, s+1); SEND_GRAD(mb, s) matches RECV_GRAD(mb, s−1). Both ends compute the
       same `message_tag(action, m)`, unique within a step, so messages never need to arrive in order.
+      Tags repeat from step to step; the runtime queues messages per (source, tag) in FIFO order, so
+      a step's message is never taken for the previous step's.
     * A receive is placed immediately before the compute that consumes it, a send immediately after
       the compute that produces it. With asynchronous sends no list can then deadlock as long as
       the compute order respects the data flow — the simulator checks exactly that.

@@ -39,7 +39,9 @@ class SimulationResult:
     makespan: float
     busy: list  # per rank: time spent computing
     idle: list  # per rank: makespan − busy
-    peak_in_flight: list  # per rank: max forwards whose input gradient has not run yet
+    # per rank: max forwards whose input gradient has not run yet (with v > 1 these are chunk
+    # activations, each about 1/v of a v = 1 stage's)
+    peak_in_flight: list
     peak_in_flight_per_stage: dict  # stage -> the same count for that stage alone
     timeline: list = field(repr=False)  # per rank: (start, end, action) of compute actions
 
