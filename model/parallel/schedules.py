@@ -88,7 +88,9 @@ class Action:
         if self.kind is Kind.OPTIMIZER_STEP:
             return "step"
         where = f"{self.kind}{self.microbatch}@s{self.stage}"
-        return where if self.peer is None else f"{where}->r{self.peer}" if self.kind in SENDS else f"{where}<-r{self.peer}"
+        if self.peer is None:
+            return where
+        return f"{where}->r{self.peer}" if self.kind in SENDS else f"{where}<-r{self.peer}"
 
     @property
     def channel(self) -> tuple[str, int, int]:
