@@ -16,6 +16,8 @@ from cluster.cli import main
 from model.gpt import GPT
 from model.tokenizer import load_tokenizer
 from model.train import CHECKPOINT_DIR, Trainer, TrainConfig, find_checkpoint, saved_config
+from model.parallel.trainer import Layout
+from runtime import RemoteError, WorkerDied
 from runtime.backend import array_module, to_host
 
 
@@ -126,6 +128,21 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--out", type=click.Path(file_okay=False), default="out", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Local worker processes; must equal dp × tp × pp.")
+@click.option("--dp", type=click.IntRange(min=1), default=1, show_default=True, help="Data-parallel size.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="Tensor-parallel size.")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True, help="Pipeline stages.")
+@click.option("--schedule", type=click.Choice(["gpipe", "1f1b", "interleaved", "zb-h1"]), default="1f1b",
+              show_default=True, help="Pipeline schedule.")
+@click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model chunks per pipeline rank (interleaved schedule).")
+@click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
+@click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
+@click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
+@click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
+              help="At the end, print a sample of this many generated tokens.")
 @click.pass_context
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
@@ -138,12 +155,66 @@ def train(ctx, **flags):
         else:
             raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to "
                             "continue it, or choose another directory")
+    layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
+                    virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
+                    zero=flags["zero"])
+    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
+    if flags["nproc"] != layout.world_size:
+        raise _bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
+                        f"pp {layout.pp} = {layout.world_size} ranks")
     try:
         config = _config_from_flags(ctx, flags)
-        trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
+        if distributed:
+            from cluster.distributed_train import DistributedRun
+
+            trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"])
+        else:
+            trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_one_line(exc)) from None
+    try:
+        _train_loop(trainer, config, out)
+    except (RemoteError, WorkerDied) as exc:
+        raise click.ClickException(f"{str(exc).splitlines()[0]}; continue from the last checkpoint with "
+                                   f"--resume --out {out}") from None
+    finally:
+        if distributed:
+            trace_files = trainer.close()
+            if trace_files:
+                _report_trace(out)
+    if flags["sample"]:
+        tokenizer = trainer.tokenizer
+        prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
+        ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
+        click.echo(tokenizer.decode(to_host(ids)[0]))
 
+
+def _encodable(tokenizer, text) -> bool:
+    try:
+        tokenizer.encode(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _report_trace(out):
+    """The trace summary and the path of the viewer page, when the trace tools are present."""
+    try:
+        from tools.trace_summary import format_summary, summarize
+        from tools.trace_io import load_trace
+        from tools.trace_view import write_view
+    except ImportError:
+        click.echo(f"traces written to {out}", err=True)
+        return
+    trace = load_trace(out)
+    click.echo(format_summary(summarize(trace)), err=True)
+    page = os.path.join(out, "trace.html")
+    write_view(trace, page)
+    click.echo(f"trace viewer: {page}", err=True)
+
+
+def _train_loop(trainer, config, out):
+    """Steps, periodic evaluation and checkpoints, metrics.jsonl and progress; the final model."""
     first_step = trainer.step
     progress = Progress(first_step, config.steps, sys.stderr)
     with _metrics_file(out, first_step) as metrics_log:

@@ -162,3 +162,37 @@ class ParallelTrainer:
 
     def coordinates(self) -> dict:
         return {"dp": self.mesh.dp_rank, "tp": self.mesh.tp_rank, "pp": self.mesh.pp_rank}
+
+    # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
+    def optimizer_state(self) -> dict:
+        """AdamW state of what this rank holds, keyed like `AdamW.state_dict()` ("step", "m.NAME", "v.NAME")."""
+        return self.optimizer.state_dict()
+
+    def load_state(self, checkpoint_dir: str) -> int:
+        """Take this rank's part of a full checkpoint (weights and AdamW moments); returns its step."""
+        import json
+        import os
+
+        from safetensors.numpy import load_file
+
+        from model.checkpoint import load_checkpoint
+        from model.train import OPTIMIZER_FILE, TRAINER_STATE_FILE
+
+        _, full = load_checkpoint(checkpoint_dir, dtype=self.gpt_config.dtype)
+        optimizer_full = load_file(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
+        state = {"step": optimizer_full["step"]}
+        for name, param in self.params.items():
+            param[...] = self._shard_of(name, full[name].astype(param.dtype))
+            for moment in ("m", "v"):
+                state[f"{moment}.{name}"] = self._shard_of(name, optimizer_full[f"{moment}.{name}"])
+        self.optimizer.load_state_dict(state)
+        self._refresh_tied_copies()
+        with open(os.path.join(checkpoint_dir, TRAINER_STATE_FILE)) as f:
+            return int(json.load(f)["step"])
+
+    def _shard_of(self, name: str, full_array):
+        """The part of a full parameter-shaped array this rank holds (all of it without tp)."""
+        for stage in self.stages.values():
+            if name in stage.params and hasattr(stage, "take_shard"):
+                return stage.take_shard(name, full_array)
+        return full_array

@@ -1,0 +1,102 @@
+"""The driver of a multi-worker training run.
+
+`DistributedRun` offers the same calls as `model.train.Trainer` (step, train_step, evaluate,
+save_checkpoint, save_model, tokenizer), so `ringpipe train` drives both the same way. Behind them:
+local worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank, and a driver-side
+Trainer that owns the tokenizer, the token file and the checkpoint format. Checkpoints hold the full
+GPT-2 weights and AdamW moments under their GPT-2 names, so a run can resume with any layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+
+from model.parallel.trainer import Layout, ParallelTrainer
+from model.train import TOKEN_FILE, Trainer, TrainConfig, find_checkpoint
+from runtime import Cluster
+
+
+class DistributedRun:
+    def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
+                 timeout: float = 120.0):
+        layout.validate(config)  # before anything starts or is written
+        self.config, self.layout, self.out, self.trace = config, layout, out, trace
+        self.local = (Trainer.resume if resume else Trainer.create)(config, out)
+        self.tokenizer = self.local.tokenizer
+        self.step = self.local.step
+        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
+        try:
+            self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
+                                               dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
+                                               self.tokenizer.vocab_size)
+            if resume:
+                self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
+            if trace:
+                with open(os.path.join(out, "schedule.json"), "w") as f:
+                    json.dump({"schedule": layout.schedule, "pp": layout.pp, "microbatches": config.microbatches,
+                               "virtual_stages": layout.virtual_stages, "dp": layout.dp, "tp": layout.tp}, f)
+                self.cluster.start_trace()
+        except BaseException:
+            self.cluster.close()
+            raise
+        self._pulled_at = None
+
+    def train_step(self, step: int) -> dict:
+        start = time.perf_counter()
+        per_rank = self.trainers.train_step(step).result()
+        elapsed = time.perf_counter() - start
+        self.step = step + 1
+        losses = [m["loss"] for m in per_rank if m["loss"] is not None]
+        tokens = self.config.batch_size * self.config.block_size
+        return {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
+                "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                "bytes_sent": sum(m["bytes_sent"] for m in per_rank)}
+
+    def _pull_state(self, with_optimizer: bool):
+        """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
+        if self._pulled_at == (self.step, with_optimizer):
+            return
+        full = {}
+        for params in self.trainers.local_params().result():
+            full.update(params)
+        gpt = self.local.gpt
+        for name, param in gpt.params.items():
+            param[...] = gpt.xp.asarray(full[name])
+        if with_optimizer:
+            state = {}
+            for part in self.trainers.optimizer_state().result():
+                state.update(part)
+            self.local.optimizer.load_state_dict(state)
+        self.local.step = self.step
+        self._pulled_at = (self.step, with_optimizer)
+
+    def evaluate(self) -> dict:
+        self._pull_state(with_optimizer=False)
+        return self.local.evaluate()
+
+    def save_checkpoint(self) -> str:
+        self._pull_state(with_optimizer=True)
+        return self.local.save_checkpoint()
+
+    def save_model(self) -> None:
+        self._pull_state(with_optimizer=False)
+        self.local.save_model()
+
+    @property
+    def gpt(self):
+        self._pull_state(with_optimizer=False)
+        return self.local.gpt
+
+    def close(self) -> list[str]:
+        """Stop the workers; with tracing on, first write the traces into the run directory."""
+        paths = []
+        try:
+            if self.trace and self.cluster.failure is None:
+                paths = self.cluster.stop_trace(self.out)
+        finally:
+            self.cluster.close()
+        return paths
