@@ -106,20 +106,20 @@ class ActivationMemory:
 
     @staticmethod
     def nbytes(cache) -> int:
-        seen, total, stack = set(), 0, [cache]
+        """Bytes of the distinct buffers in a (nested dict/tuple/list of) arrays."""
+        buffers = {}
+        stack = [cache]
         while stack:
             item = stack.pop()
             if isinstance(item, dict):
                 stack.extend(item.values())
             elif isinstance(item, (tuple, list)):
                 stack.extend(item)
-            elif hasattr(item, "nbytes") and hasattr(item, "base"):
+            elif hasattr(item, "nbytes"):
                 while item.base is not None:  # count each buffer once, through its views
                     item = item.base
-                if id(item) not in seen:
-                    seen.add(id(item))
-                    total += item.nbytes
-        return total
+                buffers[id(item)] = item.nbytes
+        return sum(buffers.values())
 
     def hold(self, cache):
         nbytes = self.nbytes(cache)

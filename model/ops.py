@@ -18,8 +18,16 @@ GELU_CUBIC = 0.044715
 LAYERNORM_EPS = 1e-5
 
 
+_ones_cache = {}
+
+
 def _ones(xp, n, dtype):
-    return xp.ones((n, 1), dtype=dtype)
+    """A cached read-only (n, 1) column of ones."""
+    key = (xp.__name__, n, dtype)
+    ones = _ones_cache.get(key)
+    if ones is None:
+        ones = _ones_cache[key] = xp.ones((n, 1), dtype=dtype)
+    return ones
 
 
 def _row_sums(x2d):
