@@ -1,0 +1,67 @@
+"""`ringpipe train` across local workers: layouts, bad layouts, resuming with another layout."""
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cluster.cli import main
+from model.gpt import GPT
+
+TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def train(args, corpus, out, steps):
+    flags = ["train", "--data", corpus, "--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8",
+             "--batch-size", "8", "--microbatches", "2", "--steps", str(steps), "--lr", "1e-2", "--min-lr", "1e-2",
+             "--warmup", "0", "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1", "--out", out, *args]
+    return CliRunner().invoke(main, flags, catch_exceptions=False)
+
+
+def test_pipeline_run_writes_a_model_gpt2_tooling_opens(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    result = train(["--nproc", "2", "--pp", "2", "--sample", "20"], corpus, out, 3)
+    assert result.exit_code == 0, result.output
+    gpt = GPT.from_pretrained(out)
+    assert gpt.config.n_layer == 2
+    assert os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nproc", "3", "--dp", "2"], "--nproc"),
+    (["--nproc", "2", "--tp", "2", "--n-head", "3"], "n_head"),
+    (["--nproc", "4", "--pp", "4", "--n-layer", "2"], "layer"),
+    (["--nproc", "2", "--dp", "2", "--batch-size", "5"], "divisible"),
+    (["--nproc", "2", "--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3"],
+     "multiple"),
+])
+def test_bad_layouts_fail_in_one_line_before_any_worker_starts(corpus, tmp_path, args, message):
+    out = tmp_path / "run"
+    flags = list(args)
+    if "--n-head" in flags or "--n-layer" in flags or "--batch-size" in flags or "--microbatches" in flags:
+        result = CliRunner().invoke(main, ["train", "--data", corpus, "--out", str(out), "--block-size", "8",
+                                           "--n-embd", "12", "--steps", "1", *flags])
+    else:
+        result = train(flags, corpus, str(out), 2)
+    assert result.exit_code != 0
+    assert message in result.output and result.output.count("\n") == 1, result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_resume_with_another_layout_continues_exactly(corpus, tmp_path):
+    straight = str(tmp_path / "straight")
+    assert train(["--nproc", "2", "--dp", "2"], corpus, straight, 4).exit_code == 0
+    moved = str(tmp_path / "moved")
+    assert train(["--nproc", "2", "--pp", "2"], corpus, moved, 2).exit_code == 0
+    result = train(["--resume", "--nproc", "2", "--dp", "2"], corpus, moved, 4)
+    assert result.exit_code == 0, result.output
+    a, b = GPT.from_pretrained(straight).params, GPT.from_pretrained(moved).params
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-7, atol=1e-9, err_msg=name)
