@@ -18,6 +18,8 @@ Definitions (all over the traced wall time: first event of any rank to last even
                   is bubble, moving bytes is not (it is communication), which is what the
                   theoretical bubble (p-1)/(m+p-1) of GPipe and 1F1B assumes: free communication.
   slowest rank    the rank with the most compute time: in a synchronous run the others wait on it.
+Percentages are rounded to 3 decimals and milliseconds to 4, so the JSON, the text table and the
+HTML viewer show the very same numbers.
 """
 from __future__ import annotations
 
@@ -128,28 +130,29 @@ def step_windows(trace: Trace) -> dict:
 
 
 def theoretical_bubble(schedule: dict | None) -> float | None:
-    """Bubble fraction of the run's schedule, from model.parallel.simulator when available.
+    """Idle fraction of total time that the run's schedule predicts (uniform stages, free comm).
 
-    Fallback: GPipe and 1F1B idle (p-1) of the m+p-1 slots of a stage; interleaved 1F1B with v
-    virtual stages per rank shrinks the slots to 1/v: (p-1)/(v*m+p-1). Other schedules: unknown.
+    Taken from model.parallel.simulator.bubble_fraction_of_total when it is importable (it knows
+    every schedule and converts bubbles quoted against ideal compute time to fractions of total
+    time, which is what we measure). Fallback: GPipe and 1F1B idle (p-1) of a stage's m+p-1 slots;
+    interleaved with v virtual stages per rank (p-1)/(v*m+p-1); zb-h1 (p-1)/(3m+p-1).
     """
     if not schedule:
         return None
     name = str(schedule.get("schedule", "")).lower()
-    p, m, v = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1)), int(schedule.get("virtual_stages", 1) or 1)
+    p, m = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1))
+    v = int(schedule.get("virtual_stages", 1) or 1)
     try:
-        from model.parallel.simulator import theoretical_bubble as simulated
-    except ImportError:
-        simulated = None
-    if simulated is not None:
-        try:
-            return float(simulated(name, p, m, v))
-        except (ValueError, KeyError, NotImplementedError, TypeError):
-            pass
+        from model.parallel.simulator import bubble_fraction_of_total
+        return float(bubble_fraction_of_total(name, p, m, v))
+    except (ImportError, ValueError, KeyError):
+        pass
     if name in ("gpipe", "1f1b") and v == 1:
         return (p - 1) / (m + p - 1)
-    if "interleav" in name or (name == "1f1b" and v > 1):
+    if name in ("interleaved", "1f1b"):
         return (p - 1) / (v * m + p - 1)
+    if name == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
     return None
 
 

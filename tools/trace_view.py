@@ -47,7 +47,9 @@ def view_data(trace: Trace) -> dict:
         if span.args.get("step") is not None:
             window = steps.setdefault(str(span.args["step"]), [span.start_ns, span.end_ns])
             window[0], window[1] = min(window[0], span.start_ns), max(window[1], span.end_ns)
-    return {"ranks": trace.ranks, "lanes": {str(r): c for r, c in lanes.items()}, "spans": spans, "arrows": arrows,
+    stages = {rank: sorted({s.args["stage"] for s in trace.spans(rank, COMPUTE_THREAD) if "stage" in s.args},
+                           key=str) for rank in trace.ranks}
+    return {"ranks": trace.ranks, "stages": {str(r): v for r, v in stages.items()}, "lanes": {str(r): c for r, c in lanes.items()}, "spans": spans, "arrows": arrows,
             "wall_us": (trace.end_ns - trace.start_ns) / 1000.0,
             "steps": [[step, lo / 1000.0, hi / 1000.0] for step, (lo, hi) in steps.items()]}
 
@@ -155,7 +157,7 @@ def write_view(trace: Trace, path: str) -> None:
 CSS = """
 body{font:13px system-ui,sans-serif;margin:12px;color:#222}h1{font-size:16px}h2{font-size:14px;margin-top:18px}
 .meta{color:#555}#timeline{display:flex;border:1px solid #ccc;user-select:none}
-#labels{width:90px;flex:none;border-right:1px solid #ccc}#canvas{flex:1;height:100px;cursor:grab;display:block}
+#labels{width:120px;flex:none;border-right:1px solid #ccc}#canvas{flex:1;height:100px;cursor:grab;display:block}
 .rank-lane{box-shadow:inset 0 -1px #ddd}.sublane{box-sizing:border-box;padding-left:4px;
 font-size:11px;overflow:hidden;white-space:nowrap}.sublane[data-lane=compute]{font-weight:600}
 .sublane[data-lane=comm]{color:#777}#tooltip{position:fixed;background:#fff;border:1px solid #888;padding:4px 6px;
@@ -187,7 +189,10 @@ SCRIPT = r"""
         rowY[rank + '/' + thread + '/' + i] = y; y += h;
         const sub = document.createElement('div');
         sub.className = 'sublane'; sub.dataset.lane = thread; sub.style.height = h + 'px';
-        sub.textContent = thread === 'compute' ? (i ? '' : 'rank ' + rank) : (i ? '' : 'comm');
+        const stages = D.stages[rank] || [];
+        const name = 'rank ' + rank + (stages.length ? ' \u00b7 stage ' + stages.join(',') : '');
+        sub.textContent = thread === 'compute' ? (i ? '' : name) : (i ? '' : 'comm');
+        if (thread === 'compute' && !i) sub.title = name;
         lane.appendChild(sub);
       }
     }
