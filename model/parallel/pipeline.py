@@ -4,6 +4,9 @@ It knows nothing about which schedule it runs: forward, backward (full, input-on
 sends and receives are done exactly in list order. Sends are asynchronous and waited for before
 the step ends; receives block. Activations are freed as soon as their backward has run, and the
 number of micro-batches in flight (forwards whose input-backward has not run) is measured.
+
+Each stage's last backward_input and last backward_weight of the step get `last=True`, so the
+stage can report gradients that are final (data-parallel buckets start reducing them at once).
 """
 from __future__ import annotations
 
@@ -33,13 +36,14 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
     result.peak_in_flight = dict(in_flight)
     sends = []
     last = num_stages - 1
+    last_input, last_weight = _last_backward_indices(actions)
 
     def span(name, action):
         if tracer is None or not tracer.enabled:
             return _NULL
         return tracer.span(name, microbatch=action.microbatch, stage=action.stage, step=step)
 
-    for action in actions:
+    for index, action in enumerate(actions):
         kind, mb, s = action.kind, action.microbatch, action.stage
         if kind == Kind.FORWARD:
             if s == 0:
@@ -66,9 +70,9 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
             else:
                 dout = input_grads.pop((mb, s + 1))
             with span("backward" if kind == Kind.BACKWARD else "backward_input", action):
-                dx, weight_work = stages[s].backward_input(caches.pop((mb, s)), dout)
+                dx, weight_work = stages[s].backward_input(caches.pop((mb, s)), dout, last=index == last_input[s])
                 if kind == Kind.BACKWARD:
-                    stages[s].backward_weight(weight_work)
+                    stages[s].backward_weight(weight_work, last=index == last_weight[s])
             if kind == Kind.BACKWARD_INPUT:
                 deferred[(mb, s)] = weight_work
             in_flight[s] -= 1
@@ -76,7 +80,7 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
                 input_grads[(mb, s)] = dx
         elif kind == Kind.BACKWARD_WEIGHT:
             with span("backward_weight", action):
-                stages[s].backward_weight(deferred.pop((mb, s)))
+                stages[s].backward_weight(deferred.pop((mb, s)), last=index == last_weight[s])
         elif kind == Kind.SEND_ACTIVATION:
             sends.append(pp_comm.isend(outputs.pop((mb, s)), action.peer, tag=message_tag(action, num_microbatches)))
         elif kind == Kind.SEND_GRAD:
@@ -97,6 +101,17 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
                            f"gradients, {len(received)} received tensors — the schedule is inconsistent")
     result.peak_activation_bytes = max((st.memory.peak_bytes for st in stages.values()), default=0)
     return result
+
+
+def _last_backward_indices(actions) -> tuple[dict, dict]:
+    """stage -> index in `actions` of its last input-gradient and of its last weight-gradient action."""
+    last_input, last_weight = {}, {}
+    for index, action in enumerate(actions):
+        if action.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
+            last_input[action.stage] = index
+        if action.kind in (Kind.BACKWARD, Kind.BACKWARD_WEIGHT):
+            last_weight[action.stage] = index
+    return last_input, last_weight
 
 
 class _Null:
