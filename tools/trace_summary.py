@@ -54,7 +54,40 @@ def total(intervals) -> int:
     return sum(end - start for start, end in intervals)
 
 
+def clip(intervals: list, start: int, end: int) -> list:
+    """intersect(intervals, [[start, end]]) by bisection: per-step windows stay cheap on long traces."""
+    first = _bisect_end(intervals, start)
+    last = _bisect_start(intervals, end, first)
+    return [[max(s, start), min(e, end)] for s, e in intervals[first:last] if min(e, end) > max(s, start)]
+
+
+def _bisect_end(intervals: list, t: int) -> int:
+    """First index whose interval ends after t (intervals are disjoint and sorted)."""
+    lo, hi = 0, len(intervals)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if intervals[mid][1] <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def _bisect_start(intervals: list, t: int, lo: int = 0) -> int:
+    """First index at or after lo whose interval starts at or after t."""
+    hi = len(intervals)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if intervals[mid][0] < t:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def intersect(a: list, b: list) -> list:
+    if len(b) == 1:
+        return clip(a, b[0][0], b[0][1])
     out, i, j = [], 0, 0
     while i < len(a) and j < len(b):
         start, end = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
