@@ -5,11 +5,13 @@ import os
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cluster.cli import main
 from tools.trace_export import assign_lanes, to_chrome_trace
 from tools.trace_io import Event, clock_correction, load_trace
-from tools.trace_summary import summarize, theoretical_bubble
+from tools.trace_summary import clip, intersect, subtract, summarize, theoretical_bubble, union
 from tools.trace_view import render_html
 
 US = 1000  # ns per microsecond
@@ -132,6 +134,20 @@ def test_slowest_rank_is_the_one_with_most_compute(synthetic):
 def test_theoretical_bubble_fallback_formulas():
     assert theoretical_bubble(None) is None
     assert theoretical_bubble({"schedule": "1f1b", "pp": 4, "microbatches": 8}) == pytest.approx(3 / 11)
+
+
+intervals = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 15)).map(lambda t: (t[0], t[0] + t[1])), max_size=8)
+
+
+@given(intervals, intervals, st.integers(0, 70), st.integers(0, 20))
+@settings(max_examples=200, deadline=None)
+def test_interval_set_operations_agree_with_counting_points(a, b, start, length):
+    points = lambda spans: {t for s, e in spans for t in range(s, e)}  # noqa: E731
+    ua, ub = union(a), union(b)
+    assert points(ua) == points(a) and all(x[1] < y[0] for x, y in zip(ua, ua[1:]))
+    assert points(intersect(ua, ub)) == points(a) & points(b)
+    assert points(subtract(ua, ub)) == points(a) - points(b)
+    assert points(clip(ua, start, start + length)) == points(a) & set(range(start, start + length))
 
 
 # ---- Chrome trace export --------------------------------------------------------------------------
