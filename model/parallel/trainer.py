@@ -23,6 +23,7 @@ from model.parallel.mesh import Mesh
 from model.parallel.pipeline import run_pipeline_step
 from model.parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import DenseStage
+from model.parallel.tensor_parallel import TensorParallelStage, param_layout
 from model.train import TrainConfig, dropout_seed
 
 
@@ -70,7 +71,7 @@ class ParallelTrainer:
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
         layer_ranges = split_layers(self.config.n_layer, self.num_stages)
         full = init_params(self.gpt_config, self.config.seed)
-        self.stages = {s: DenseStage(self.gpt_config, full, layer_ranges[s], s == 0, s == self.num_stages - 1)
+        self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         del full
         # One optimizer entry per parameter name; the tied wte may sit in two local stages.
@@ -80,6 +81,12 @@ class ParallelTrainer:
                 self.params.setdefault(name, param)
         self.optimizer = AdamW(self.params, (self.config.beta1, self.config.beta2), self.config.eps,
                                self.config.weight_decay)
+
+    def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
+        if self.layout.tp == 1:
+            return DenseStage(self.gpt_config, full, layers, first, last)
+        return TensorParallelStage(self.gpt_config, full, layers, first, last, self.mesh.tp,
+                                   self.layout.sequence_parallel)
 
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
@@ -124,6 +131,8 @@ class ParallelTrainer:
     def _synchronized_grads(self) -> dict:
         """One gradient per parameter name: local tied copies summed, the embedding group summed,
         then averaged over data-parallel ranks."""
+        for stage in self.stages.values():
+            stage.finalize_grads()
         grads = {}
         for stage in self.stages.values():
             for name, g in stage.grads.items():
@@ -141,10 +150,15 @@ class ParallelTrainer:
 
     def _global_grad_norm(self, grads: dict) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
-        tied wte once, on the first stage) and across tensor-parallel ranks."""
-        owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)]
+        tied wte once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
+        replicated parameters on tp rank 0 only)."""
+        replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
+        owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)
+                 and (name not in replicated or self.mesh.tp_rank == 0)]
         xp = next(iter(self.stages.values())).xp
         total = np.array([float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
+        if self.layout.tp > 1:
+            self.mesh.tp.all_reduce(total)
         if self.layout.pp > 1:
             self.mesh.pp.all_reduce(total)
         return float(np.sqrt(total[0]))
@@ -157,8 +171,14 @@ class ParallelTrainer:
 
     # ---- evaluation and state ----------------------------------------------------------------------
     def local_params(self) -> dict:
-        """This rank's parameters on the host (full arrays when tp = 1)."""
+        """This rank's parameters on the host: tensor-parallel shards (see `param_layout`), full arrays
+        when tp = 1. `model.parallel.tensor_parallel.assemble_full_params` puts them back together."""
         return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in self.params.items()}
+
+    def param_layout(self) -> dict:
+        """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
+        axes = {name: axis for stage in self.stages.values() for name, axis in stage.shard_axes.items()}
+        return param_layout(axes, self.mesh.tp_rank, self.layout.tp, self.gpt_config)
 
     def coordinates(self) -> dict:
         return {"dp": self.mesh.dp_rank, "tp": self.mesh.tp_rank, "pp": self.mesh.pp_rank}

@@ -1,0 +1,428 @@
+"""Megatron-style tensor parallelism for one pipeline stage: `TensorParallelStage`.
+
+Each rank of the tensor-parallel group holds a slice of every weight matrix and of the vocabulary:
+
+    attention c_attn   column-parallel by heads: n_head/tp heads, their q, k and v columns
+    attention c_proj   row-parallel (rows of this rank's heads); bias replicated, added after the reduce
+    mlp c_fc           column-parallel;  mlp c_proj row-parallel
+    wte                vocab-parallel rows (vocabulary padded to a multiple of tp with zero rows); the
+                       LM head is tied to it, and the cross-entropy runs on the sharded logits
+    LayerNorms, wpe    replicated
+
+Every sublayer is input region → column-parallel → local op → row-parallel → output region
+(see tensor_parallel_communications.py): one all-reduce forward and one backward, or with sequence
+parallelism an all-gather and a reduce-scatter each way, LayerNorm/dropout/residual then running on
+(B, T/tp, C) sequence shards. Dropout masks are drawn for the full tensor and sliced, so training
+is the same as the dense model's whatever tp is.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from model import ops
+from model.gpt import ATTN_PROBS, ATTN_RESIDUAL, EMBEDDING, MLP_RESIDUAL, ActivationMemory, DeferredWeightGrads, \
+    GPTConfig, param_shapes
+from model.parallel.stage import _accumulate, stage_param_names
+from model.parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
+from runtime.backend import array_module, module_of, to_host
+
+# Block parameter → (axis split across tp, parts): c_attn's columns are [q | k | v], each split by heads.
+_BLOCK_SHARDS = {"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3), "attn.c_proj.weight": (0, 1),
+                 "mlp.c_fc.weight": (1, 1), "mlp.c_fc.bias": (0, 1), "mlp.c_proj.weight": (0, 1)}
+
+
+def shard_rule(name: str) -> tuple:
+    """(axis, parts) of a GPT-2 parameter: split along `axis` (None: replicated), each of `parts`
+    equal groups of that axis split across the tensor-parallel ranks."""
+    if name == "wte.weight":
+        return 0, 1
+    if name.startswith("h."):
+        return _BLOCK_SHARDS.get(name.split(".", 2)[2], (None, 1))
+    return None, 1
+
+
+def shard(full, name: str, rank: int, size: int):
+    """This rank's slice of the full parameter `name`; the axis is zero-padded to a multiple of size."""
+    axis, parts = shard_rule(name)
+    if axis is None:
+        return full
+    length = full.shape[axis]
+    padded = -(-length // (size * parts)) * size * parts
+    if padded != length:
+        widths = [(0, 0)] * full.ndim
+        widths[axis] = (0, padded - length)
+        full = np.pad(full, widths)
+    groups = np.split(full, parts, axis=axis)
+    return np.concatenate([np.split(group, size, axis=axis)[rank] for group in groups], axis=axis)
+
+
+def param_layout(shard_axes: dict, rank: int, size: int, config: GPTConfig) -> dict:
+    """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} for a stage's `shard_axes`:
+    enough to reassemble the full parameters from the shards."""
+    shapes = param_shapes(config)
+    return {name: {"axis": axis, "parts": shard_rule(name)[1] if axis is not None else 1, "tp_rank": rank,
+                   "tp_size": size, "full_shape": list(shapes[name])} for name, axis in shard_axes.items()}
+
+
+def assemble_full_params(per_rank_params: list, per_rank_layouts: list) -> dict:
+    """Driver side: the full GPT-2 parameters from every rank's `local_params()` and `param_layout()`.
+    Replicas of the same piece (data-parallel, replicated params) must agree bitwise."""
+    pieces = {}  # name -> {tp_rank: array}
+    layouts = {}
+    for params, layout in zip(per_rank_params, per_rank_layouts):
+        for name, value in params.items():
+            entry = layout[name]
+            seen = pieces.setdefault(name, {})
+            if entry["tp_rank"] in seen:
+                np.testing.assert_array_equal(seen[entry["tp_rank"]], value, err_msg=f"replicas of {name}")
+            seen[entry["tp_rank"]] = np.asarray(value)
+            layouts[name] = entry
+    full = {}
+    for name, by_rank in pieces.items():
+        entry = layouts[name]
+        axis, parts, size = entry["axis"], entry["parts"], entry["tp_size"]
+        if axis is None:
+            full[name] = by_rank[min(by_rank)]
+            continue
+        if sorted(by_rank) != list(range(size)):
+            raise ValueError(f"assemble_full_params: {name} has shards of tp ranks {sorted(by_rank)}, "
+                             f"expected 0..{size - 1}")
+        split = [np.split(by_rank[r], parts, axis=axis) for r in range(size)]
+        groups = [np.concatenate([split[r][p] for r in range(size)], axis=axis) for p in range(parts)]
+        whole = np.concatenate(groups, axis=axis)
+        full[name] = np.take(whole, np.arange(entry["full_shape"][axis]), axis=axis)  # drop vocab padding
+    return full
+
+
+# ---- vocab-parallel op pairs ----------------------------------------------------------------------------
+def vocab_parallel_embedding_forward(weight, idx, vocab_start):
+    """weight (V/tp, C) rows [vocab_start, +V/tp), idx int (B, T) -> partial (B, T, C): the rows of
+    ids this rank holds, zeros elsewhere (summing over tp gives the lookup); cache (local ids, mask)."""
+    xp = module_of(weight)
+    local = idx - vocab_start
+    mine = (local >= 0) & (local < weight.shape[0])
+    local = xp.where(mine, local, 0)
+    out = weight[local]
+    out *= mine[..., None]
+    return out, (local, mine)
+
+
+def vocab_parallel_embedding_backward(dout, cache, rows):
+    """dout (B, T, C) (the whole gradient) -> dweight (rows, C) of this rank's slice."""
+    local, mine = cache
+    return ops.embedding_backward(dout * mine[..., None], local, rows)
+
+
+def vocab_parallel_cross_entropy_forward(logits, targets, vocab_start, vocab_size, comm, ignore_index=-1):
+    """Mean cross-entropy from sharded logits, without gathering them.
+
+    logits (B, T, V/tp): columns [vocab_start, +V/tp) of the full logits (overwritten with the softmax);
+    columns ≥ vocab_size are padding and get probability 0. targets int (B, T), full ids.
+    Two all-reduces over `comm`: the row max, then (sum of exponentials, target logit) together.
+    -> (loss float, cache (probs, local targets, mask of targets on this rank, valid mask, count)).
+    """
+    xp = module_of(logits)
+    rows = logits.shape[-1]
+    flat = logits.reshape(-1, rows)
+    if vocab_start + rows > vocab_size:
+        flat[:, max(vocab_size - vocab_start, 0):] = -xp.inf
+    flat_targets = targets.reshape(-1)
+    valid = flat_targets != ignore_index
+    count = int(valid.sum())
+    local = flat_targets - vocab_start
+    mine = valid & (local >= 0) & (local < rows)
+    local = xp.where(mine, local, 0)
+    row_max = xp.ascontiguousarray(flat.max(-1))
+    comm.all_reduce(row_max, op="max")
+    flat -= row_max[:, None]
+    stats = xp.empty((flat.shape[0], 2), dtype=flat.dtype)  # sum of exp, shifted target logit
+    stats[:, 1] = xp.where(mine, flat[xp.arange(flat.shape[0]), local], 0.0)
+    xp.exp(flat, out=flat)
+    stats[:, 0] = flat.sum(-1)
+    comm.all_reduce(stats)
+    flat /= stats[:, :1]
+    nll = xp.log(stats[:, 0]) - stats[:, 1]
+    loss = float((nll * valid).sum()) / max(count, 1)
+    return loss, (logits, local, mine, valid, count)
+
+
+def vocab_parallel_cross_entropy_backward(cache, dloss=1.0):
+    """-> dlogits (B, T, V/tp) = (probs - onehot) · valid · dloss / count, over the cached probs."""
+    probs, local, mine, valid, count = cache
+    xp = module_of(probs)
+    flat = probs.reshape(-1, probs.shape[-1])
+    flat[xp.arange(flat.shape[0]), local] -= mine.astype(probs.dtype)
+    flat *= (valid * (dloss / max(count, 1))).astype(probs.dtype)[:, None]
+    return probs
+
+
+class _SliceOfFullDraw:
+    """A generator that hands out a slice of the draw the dense model makes for the full tensor,
+    so that dropout masks of shards are exactly the dense masks' slices."""
+
+    def __init__(self, rng, full_shape, index):
+        self.rng, self.full_shape, self.index = rng, full_shape, index
+
+    def random(self, shape, dtype):
+        return self.rng.random(self.full_shape, dtype=dtype)[self.index]
+
+
+class TensorParallelStage:
+    """This tensor-parallel rank's part of layers `layers` (and embedding/head when first/last), with
+    DenseStage's interface (see stage.py). `tp_comm` is the tensor-parallel communicator (mesh.tp).
+
+    shard_axes        name -> axis the parameter is split along across tp (None: replicated)
+    replicated_names  parameters whose gradients are the same on every tp rank (after finalize_grads)
+    finalize_grads()  with sequence parallelism, sums the LayerNorm and wpe gradients over tp
+                      (each rank saw only its positions); nothing otherwise
+    """
+
+    def __init__(self, config: GPTConfig, full_params: dict, layers: range, first: bool, last: bool, tp_comm,
+                 sequence_parallel: bool = False):
+        self.config, self.layers, self.first, self.last = config, layers, first, last
+        self.tp, self.sequence_parallel = tp_comm, sequence_parallel
+        size, rank = tp_comm.size, tp_comm.rank
+        if config.n_head % size:
+            raise ValueError(f"tensor parallel: n_head {config.n_head} is not divisible by tp {size} (rank {rank})")
+        if sequence_parallel and config.block_size % size:
+            raise ValueError(f"sequence parallel: block_size {config.block_size} is not divisible by tp {size}")
+        self.local_heads = config.n_head // size
+        self.heads = slice(rank * self.local_heads, (rank + 1) * self.local_heads)
+        self.vocab_rows = -(-config.vocab_size // size)  # per rank, after padding to a multiple of tp
+        self.vocab_start = rank * self.vocab_rows
+        self.xp = array_module(config.device)
+        dtype = np.dtype(config.dtype)
+        names = stage_param_names(config, layers, first, last)
+        self.shard_axes = {name: shard_rule(name)[0] for name in names}
+        self.params = {name: self.xp.asarray(np.array(shard(to_host(full_params[name]), name, rank, size),
+                                                      dtype=dtype)) for name in names}
+        self.grads = {name: self.xp.zeros_like(p) for name, p in self.params.items()}
+        self.replicated_names = [name for name, axis in self.shard_axes.items() if axis is None]
+        self._sequence_partial_names = [name for name in names if sequence_parallel and size > 1 and
+                                        (".ln_" in name or name.startswith("ln_f") or name == "wpe.weight")]
+        self.memory = ActivationMemory()
+        self._in, self._out = input_region(sequence_parallel), output_region(sequence_parallel)
+        self.on_grads_final = None  # callback(names) for data-parallel buckets, as on DenseStage
+
+    def grad_groups_in_ready_order(self) -> list[list[str]]:
+        """Parameter names in the groups, and the order, that `on_grads_final` reports them."""
+        groups = [self._head_names()] if self.last else []
+        groups += [self._block_names(i) for i in reversed(self.layers)]
+        return groups + ([["wpe.weight", "wte.weight"]] if self.first else [])
+
+    def _head_names(self):
+        return ["ln_f.weight", "ln_f.bias"] + ([] if self.first else ["wte.weight"])
+
+    def _block_names(self, i):
+        return [name for name in self.params if name.startswith(f"h.{i}.")]
+
+    def _report_final(self, names, last):
+        if last and self.on_grads_final is not None:
+            self.on_grads_final(names)
+
+    def take_shard(self, name: str, full_array):
+        """This rank's part of a full parameter-shaped array (a checkpoint's weight or AdamW moment)."""
+        return shard(to_host(full_array), name, self.tp.rank, self.tp.size)
+
+    def zero_grads(self):
+        for g in self.grads.values():
+            g[...] = 0
+
+    def finalize_grads(self):
+        if not self._sequence_partial_names:
+            return
+        xp = self.xp  # one all-reduce for all of them
+        flat = xp.concatenate([self.grads[name].ravel() for name in self._sequence_partial_names])
+        self.tp.all_reduce(flat)
+        offset = 0
+        for name in self._sequence_partial_names:
+            g = self.grads[name]
+            g[...] = flat[offset:offset + g.size].reshape(g.shape)
+            offset += g.size
+
+    # ---- the stage interface ----------------------------------------------------------------------------
+    def forward(self, inputs, targets=None, dropout_seed=None):
+        caches, x = [], inputs
+        if self.first:
+            x, cache = self._embedding_forward(inputs, dropout_seed)
+            caches.append(("embedding", cache))
+        for i in self.layers:
+            x, cache = self._block_forward(i, x, dropout_seed)
+            caches.append((i, cache))
+        if self.last:
+            loss, cache = self._head_forward(x, targets)
+            caches.append(("head", cache))
+            return loss, caches
+        return x, caches
+
+    def backward_input(self, caches, doutput, last: bool = False):
+        deferred, dx = [], doutput
+        while caches:
+            kind, cache = caches.pop()
+            if kind == "head":
+                dx = self._head_backward(cache, doutput)
+                self._report_final(self._head_names(), last)
+            elif kind == "embedding":
+                self._embedding_backward(cache, dx)
+                dx = None
+                self._report_final(["wpe.weight", "wte.weight"], last)
+            else:
+                dx, block_deferred = self._block_backward_input(kind, cache, dx)
+                deferred.append(block_deferred)
+        return dx, deferred
+
+    def backward_weight(self, deferred, last: bool = False):
+        for block in deferred:
+            self.memory.release(block.pending)
+            h = f"h.{block.layer}."
+            while block.pending:
+                name, x, dout = block.pending.pop()
+                block.grads[h + name + ".weight"], block.grads[h + name + ".bias"] = ops.linear_backward_weight(dout, x)
+            _accumulate(self.grads, block.grads)
+            self._report_final(self._block_names(block.layer), last)
+
+    def logits(self, idx):
+        """Inference on a stage holding the whole model: idx int (B, T) -> full logits (B, T, vocab_size),
+        the vocabulary shards gathered (for checks and sampling; training never gathers them)."""
+        x, cache = self._embedding_forward(idx, None)
+        self.memory.release(cache)
+        for i in self.layers:
+            x, cache = self._block_forward(i, x, None)
+            self.memory.release(cache)
+        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"])
+        local = ops.linear_forward(self._in.forward(a, self.tp), self.params["wte.weight"].T)[0]
+        gathered = self.tp.all_gather(self.xp.ascontiguousarray(local.transpose(2, 0, 1)))  # vocab first
+        return gathered.transpose(1, 2, 0)[..., :self.config.vocab_size]
+
+    # ---- dropout: slices of the dense model's masks ---------------------------------------------------
+    def _rng(self, dropout_seed, layer, site, full_shape, index):
+        if not self.config.dropout or dropout_seed is None:
+            return None
+        state = np.random.SeedSequence([dropout_seed, layer + 1, site]).generate_state(1)[0]  # as model.gpt
+        return _SliceOfFullDraw(self.xp.random.default_rng(int(state)), full_shape, index)
+
+    def _positions(self, length):
+        return sequence_slice(length, self.tp) if self.sequence_parallel else slice(0, length)
+
+    def _dropout(self, x, dropout_seed, layer, site):
+        """Dropout of a (B, T, C) activation, or of its sequence shard (B, T/tp, C)."""
+        B, T, C = x.shape
+        full_t = T * self.tp.size if self.sequence_parallel else T
+        rng = self._rng(dropout_seed, layer, site, (B, full_t, C), (slice(None), self._positions(full_t)))
+        return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
+
+    # ---- vocab-parallel embedding ----------------------------------------------------------------------
+    def _embedding_forward(self, idx, dropout_seed):
+        T = idx.shape[1]
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        tok, lookup = vocab_parallel_embedding_forward(self.params["wte.weight"], idx, self.vocab_start)
+        tok = self._out.forward(tok, self.tp)
+        x = ops.residual_forward(tok, self.params["wpe.weight"][self._positions(T)])
+        x, keep_mask = self._dropout(x, dropout_seed, -1, EMBEDDING)
+        return x, self.memory.hold({"lookup": lookup, "dropout": keep_mask, "length": T})
+
+    def _embedding_backward(self, cache, dx):
+        self.memory.release(cache)
+        dx = ops.dropout_backward(dx, cache["dropout"])
+        self.grads["wpe.weight"][self._positions(cache["length"])] += dx.sum(0)
+        dtok = self._out.backward(dx, self.tp)
+        self.grads["wte.weight"] += vocab_parallel_embedding_backward(dtok, cache["lookup"], self.vocab_rows)
+
+    # ---- transformer block: column-parallel then row-parallel, twice ----------------------------------
+    def _attention_half(self, i, x, dropout_seed):
+        p, h = self.params, f"h.{i}."
+        a, ln_1 = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a = self._in.forward(a, self.tp)
+        qkv, c_attn = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
+        B, T = qkv.shape[:2]
+        rng = self._rng(dropout_seed, i, ATTN_PROBS, (B, self.config.n_head, T, T), (slice(None), self.heads))
+        y, attn = ops.attention_forward(qkv, self.local_heads, self.config.dropout if rng else 0.0, rng)
+        y, c_proj = ops.linear_forward(y, p[h + "attn.c_proj.weight"])
+        y = self._out.forward(y, self.tp)
+        y += p[h + "attn.c_proj.bias"]  # replicated: added once, after the partial sums are reduced
+        y, keep_mask = self._dropout(y, dropout_seed, i, ATTN_RESIDUAL)
+        cache = {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj, "attn.dropout": keep_mask}
+        return ops.residual_forward(x, y), cache
+
+    def _mlp_half(self, i, x, dropout_seed):
+        p, h = self.params, f"h.{i}."
+        a, ln_2 = ops.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
+        a = self._in.forward(a, self.tp)
+        f, c_fc = ops.linear_forward(a, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
+        g, gelu = ops.gelu_forward(f)
+        y, c_proj = ops.linear_forward(g, p[h + "mlp.c_proj.weight"])
+        y = self._out.forward(y, self.tp)
+        y += p[h + "mlp.c_proj.bias"]
+        y, keep_mask = self._dropout(y, dropout_seed, i, MLP_RESIDUAL)
+        cache = {"ln_2": ln_2, "mlp.c_fc": c_fc, "gelu": gelu, "mlp.c_proj": c_proj, "mlp.dropout": keep_mask}
+        return ops.residual_forward(x, y), cache
+
+    def _block_forward(self, i, x, dropout_seed):
+        if self.config.recompute:  # keep only the input; backward runs the forward (and its collectives) again
+            out, _ = self._mlp_half(i, self._attention_half(i, x, dropout_seed)[0], dropout_seed)
+            return out, self.memory.hold({"input": x, "dropout_seed": dropout_seed})
+        x, attention_cache = self._attention_half(i, x, dropout_seed)
+        out, mlp_cache = self._mlp_half(i, x, dropout_seed)
+        return out, self.memory.hold({**attention_cache, **mlp_cache})
+
+    def _mlp_half_backward_input(self, i, cache, dout, deferred):
+        p, h = self.params, f"h.{i}."
+        dy = self._out.backward(ops.dropout_backward(dout, cache["mlp.dropout"]), self.tp)
+        deferred.pending.append(("mlp.c_proj", cache["mlp.c_proj"], dy))  # whole dy: the bias grad is replicated
+        df = ops.gelu_backward(ops.linear_backward_input(dy, p[h + "mlp.c_proj.weight"]), cache["gelu"])
+        deferred.pending.append(("mlp.c_fc", cache["mlp.c_fc"], df))
+        da = self._in.backward(ops.linear_backward_input(df, p[h + "mlp.c_fc.weight"]), self.tp)
+        dx, deferred.grads[h + "ln_2.weight"], deferred.grads[h + "ln_2.bias"] = \
+            ops.layernorm_backward(da, cache["ln_2"], p[h + "ln_2.weight"])
+        dx += dout  # residual
+        return dx
+
+    def _attention_half_backward_input(self, i, cache, dout, deferred):
+        p, h = self.params, f"h.{i}."
+        dy = self._out.backward(ops.dropout_backward(dout, cache["attn.dropout"]), self.tp)
+        deferred.pending.append(("attn.c_proj", cache["attn.c_proj"], dy))
+        dy = ops.linear_backward_input(dy, p[h + "attn.c_proj.weight"])
+        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads)
+        deferred.pending.append(("attn.c_attn", cache["attn.c_attn"], dqkv))
+        da = self._in.backward(ops.linear_backward_input(dqkv, p[h + "attn.c_attn.weight"]), self.tp)
+        dx, deferred.grads[h + "ln_1.weight"], deferred.grads[h + "ln_1.bias"] = \
+            ops.layernorm_backward(da, cache["ln_1"], p[h + "ln_1.weight"])
+        dx += dout  # residual
+        return dx
+
+    def _block_backward_input(self, i, cache, dout):
+        self.memory.release(cache)
+        deferred = DeferredWeightGrads(i, {}, [])
+        if self.config.recompute:
+            x, seed = cache["input"], cache["dropout_seed"]
+            x_mid, attention_cache = self._attention_half(i, x, seed)
+            cache = self.memory.hold({**attention_cache, **self._mlp_half(i, x_mid, seed)[1]})
+            del x_mid, attention_cache
+        dx = self._mlp_half_backward_input(i, cache, dout, deferred)
+        dx = self._attention_half_backward_input(i, cache, dx, deferred)
+        if self.config.recompute:
+            self.memory.release(cache)
+        self.memory.hold(deferred.pending)
+        return dx, deferred
+
+    # ---- LM head tied to the vocab-parallel wte, vocab-parallel cross-entropy -------------------------
+    def _head_forward(self, x, targets):
+        p = self.params
+        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        a = self._in.forward(a, self.tp)
+        logits, _ = ops.linear_forward(a, p["wte.weight"].T)  # (B, T, V/tp)
+        loss, ce = vocab_parallel_cross_entropy_forward(logits, targets, self.vocab_start, self.config.vocab_size,
+                                                        self.tp)
+        return loss, self.memory.hold({"ln_f": ln_f, "lm_head": a, "cross_entropy": ce})
+
+    def _head_backward(self, cache, dloss):
+        self.memory.release(cache)
+        p, a = self.params, cache["lm_head"]
+        dlogits = vocab_parallel_cross_entropy_backward(cache["cross_entropy"], dloss)
+        da = self._in.backward(ops.linear_backward_input(dlogits, p["wte.weight"].T), self.tp)
+        self.grads["wte.weight"] += dlogits.reshape(-1, dlogits.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        dx, dw, db = ops.layernorm_backward(da, cache["ln_f"], p["ln_f.weight"])
+        self.grads["ln_f.weight"] += dw
+        self.grads["ln_f.bias"] += db
+        return dx
