@@ -191,16 +191,22 @@ def load_trace(directory: str) -> Trace:
         start_sample, end_sample = _offset_samples(clocks, rank)
         to_driver = clock_correction(first, last, start_sample, end_sample)
         offsets[rank] = (first - to_driver(first), last - to_driver(last))
-        for phase, name, category, thread, start, duration, args in events:
-            begin = to_driver(int(start))
-            end = to_driver(int(start) + int(duration))
-            raw.append(Event(phase, rank, name, category, thread, begin, max(0, end - begin), args or {}))
+        try:
+            for phase, name, category, thread, start, duration, args in events:
+                begin = to_driver(int(start))
+                end = to_driver(int(start) + int(duration))
+                raw.append(Event(phase, rank, name, category, thread, begin, max(0, end - begin), dict(args or {})))
+        except (TypeError, ValueError):
+            raise TraceError(f"{path}: malformed event (expected [phase, name, category, thread, "
+                             f"start_ns, duration_ns, args])") from None
     base = min((e.start_ns for e in raw), default=0)
     for e in raw:
         e.start_ns -= base
     raw.sort(key=lambda e: (e.start_ns, -e.duration_ns))
     schedule_path = os.path.join(directory, "schedule.json")
     schedule = _read_json(schedule_path) if os.path.exists(schedule_path) else None
+    if not isinstance(schedule, dict):
+        schedule = None
     return Trace(directory=os.path.abspath(directory), ranks=list(files), events=raw, pids=pids,
                  clock_source="clocks.json (interpolated)" if clocks else "none (raw rank clocks)",
                  offsets_ns=offsets, base_ns=base, metrics=read_metrics(directory), schedule=schedule,
