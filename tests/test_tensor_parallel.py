@@ -266,3 +266,76 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
     params = assemble_full_params(trainers.local_params().result(), layouts)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
+
+
+# ---- communication accounting -----------------------------------------------------------------------------
+def analytic_bytes_per_step(config, tp, sequence_parallel):
+    """Bytes one rank sends per step of a tp-only layout, with the runtime's direct algorithm (every
+    rank sends its buffer, or for gathers/scatters the piece each peer needs, to each peer once)."""
+    rows = config.batch_size // config.microbatches
+    tokens, C, L, f64 = rows * config.block_size, config.n_embd, config.n_layer, 8
+    activation = tokens * C * f64
+    # Regions per micro-batch, forward + backward: embedding 1, two per layer each way, head 1.
+    regions_count = 2 + 4 * L
+    if sequence_parallel:  # all-gathers and reduce-scatters (the two halves of an all-reduce)
+        per_micro = 2 * regions_count * (tp - 1) * activation // tp
+    else:
+        per_micro = regions_count * (tp - 1) * activation
+    per_micro += (tp - 1) * (tokens + 2 * tokens) * f64  # cross-entropy: max, then (sum exp, target logit)
+    step = config.microbatches * per_micro + (tp - 1) * f64  # the gradient norm's sum of squares
+    if sequence_parallel:  # LayerNorm and wpe gradients summed over tp
+        step += (tp - 1) * (L * 4 * C + 2 * C + config.block_size * C) * f64
+    return step
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_bytes_sent_per_step_match_the_analytic_count(local_cluster, references, sequence_parallel):
+    reference = references(0.1)
+    config = reference["config"]
+    layout = Layout(tp=2, sequence_parallel=sequence_parallel)
+    trainers = local_cluster(2).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      reference["token_file"], reference["vocab"])
+    sent = [[m["bytes_sent"] for m in trainers.train_step(step).result()] for step in range(3)]
+    expected = analytic_bytes_per_step(config, 2, sequence_parallel)
+    for rank in range(2):
+        assert sent[2][rank] - sent[1][rank] == expected
+        assert sent[1][rank] - sent[0][rank] == expected
+
+
+# ---- checkpoints: the full model, whatever tp wrote it ------------------------------------------------------
+def tp_logits(comm, config, params, idx, sequence_parallel):
+    config = GPTConfig(**config)
+    stage = TensorParallelStage(config, params, range(config.n_layer), True, True, comm, sequence_parallel)
+    return stage.logits(idx)
+
+
+def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4(local_cluster, references,
+                                                                                 tmp_path):
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    reference = references(0.1)
+    config = reference["config"]
+    layout = Layout(tp=2, sequence_parallel=True)
+    trainers = local_cluster(2).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      reference["token_file"], reference["vocab"])
+    for step in range(2):
+        trainers.train_step(step).result()
+    full = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    gpt_config = config.gpt_config(reference["vocab"])
+    save_checkpoint(tmp_path / "ckpt", full, gpt_config)
+    loaded_config, loaded = load_checkpoint(tmp_path / "ckpt")
+    idx = np.random.default_rng(0).integers(0, reference["vocab"], (2, 8))
+    dense = GPT(loaded_config, params=loaded).forward(idx)
+    for tp, sequence_parallel in ((2, False), (4, True), (4, False)):
+        for logits in local_cluster(tp).run(tp_logits, loaded_config.to_dict(), loaded, idx, sequence_parallel):
+            assert logits.shape == dense.shape
+            np.testing.assert_allclose(logits, dense, **TOLERANCE)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+def test_bad_tensor_parallel_layouts_are_refused_before_any_worker_starts(references):
+    from model.parallel.mesh import layout as mesh_layout
+    config = references(0.1)["config"]
+    with pytest.raises(ValueError, match="n_head 4 is not divisible by tp 3"):
+        Layout(tp=3).validate(config)
+    with pytest.raises(ValueError, match="does not match the world size 3"):
+        mesh_layout(3, 1, 2, 1)
