@@ -131,6 +131,13 @@ def test_slowest_rank_is_the_one_with_most_compute(synthetic):
     assert [r["slowest"] for r in summary["ranks"]] == [True, False]
 
 
+def test_operations_table_totals_time_blocked_time_and_bytes_per_span_name(synthetic):
+    ops = {op["name"]: op for op in summarize(load_trace(synthetic))["operations"]}
+    assert ops["forward"]["count"] == 3 and ops["forward"]["total_ms"] == pytest.approx(0.3)
+    assert ops["recv"]["blocked_ms"] == pytest.approx(0.07) and ops["recv"]["bytes"] == 2000
+    assert ops["all_reduce"]["mean_us"] == pytest.approx(75.0)
+
+
 def test_theoretical_bubble_fallback_formulas():
     assert theoretical_bubble(None) is None
     assert theoretical_bubble({"schedule": "1f1b", "pp": 4, "microbatches": 8}) == pytest.approx(3 / 11)

@@ -189,6 +189,22 @@ def theoretical_bubble(schedule: dict | None) -> float | None:
     return None
 
 
+def operations(trace: Trace) -> list:
+    """Per span name and thread, over all ranks: count, total and mean time, bytes (largest total first)."""
+    table: dict = {}
+    for span in trace.spans():
+        row = table.setdefault((span.name, span.thread), {"name": span.name, "thread": span.thread, "count": 0,
+                                                         "total_ns": 0, "bytes": 0, "blocked_ns": 0})
+        row["count"] += 1
+        row["total_ns"] += span.duration_ns
+        row["bytes"] += int(span.args.get("bytes") or 0)
+        row["blocked_ns"] += int(float(span.args.get("wait_us") or 0) * 1000)
+    rows = sorted(table.values(), key=lambda r: -r["total_ns"])
+    return [{"name": r["name"], "thread": r["thread"], "count": r["count"], "total_ms": _ms(r["total_ns"]),
+             "mean_us": round(r["total_ns"] / r["count"] / 1000, 3), "bytes": r["bytes"],
+             "blocked_ms": _ms(r["blocked_ns"])} for r in rows]
+
+
 def _ms(ns: float) -> float:
     return round(ns / 1e6, 4)
 
@@ -246,6 +262,7 @@ def summarize(trace: Trace) -> dict:
                    "window": "steps" if windows else "trace",
                    "schedule": trace.schedule},
         "steps": steps,
+        "operations": operations(trace),
         "causality": {"pairs_checked": trace.causality.pairs_checked,
                       "violations": trace.causality.violations, "worst": trace.causality.worst},
         "definitions": DEFINITIONS,
@@ -271,6 +288,10 @@ def format_summary(summary: dict) -> str:
         cells = "  ".join(f"r{r['rank']} {r['compute_pct']:.1f}/{r['exposed_comm_pct']:.1f}/{r['idle_pct']:.1f}"
                           for r in step["ranks"])
         lines.append(f"step {step['step']}: {step['wall_ms']:.3f} ms  compute/exposed/idle %  {cells}")
+    lines.append("operations (all ranks): name, thread, count, total ms, mean us, blocked ms, bytes")
+    for op in summary["operations"][:12]:
+        lines.append(f"  {op['name']:<16} {op['thread']:<8} {op['count']:>7} {op['total_ms']:>10.3f} "
+                     f"{op['mean_us']:>10.1f} {op['blocked_ms']:>10.3f} {op['bytes']:>12}")
     causality = summary["causality"]
     lines.append(f"causality: {causality['violations']} of {causality['pairs_checked']} send/recv pairs violated")
     for v in causality["worst"]:

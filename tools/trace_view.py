@@ -6,6 +6,7 @@ keeps stable hooks for tests and scripts:
   .rank-lane[data-rank=r]          one per rank (built by the script), data-spans = compute spans
   .sublane[data-lane=compute|comm] its compute lane and the comm lane(s) under it
   table#summary tr[data-rank]      per-rank numbers; td[data-key][data-value] = trace_summary values
+  table#operations                 time, blocked time and bytes per span name
   select#step-select               zooms to one training step; table#steps shows that step
   svg#loss-curve                   loss (polyline.loss) and val_loss (circle.val-loss) per step
   body[data-ready="1"]             set when the script has finished
@@ -90,6 +91,14 @@ def steps_table(summary: dict) -> str:
             f'<th>exposed comm %</th><th>idle %</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
+def operations_table(summary: dict) -> str:
+    rows = "".join(f'<tr data-name="{html.escape(op["name"])}"><td>{html.escape(op["name"])}</td><td>{op["thread"]}</td>'
+                   f'<td>{op["count"]}</td><td>{op["total_ms"]:.3f}</td><td>{op["mean_us"]:.1f}</td>'
+                   f'<td>{op["blocked_ms"]:.3f}</td><td>{op["bytes"]:,}</td></tr>' for op in summary["operations"])
+    return ('<table id="operations"><thead><tr><th>operation</th><th>thread</th><th>count</th><th>total ms</th>'
+            f'<th>mean us</th><th>blocked ms</th><th>bytes</th></tr></thead><tbody>{rows}</tbody></table>')
+
+
 def loss_curve_svg(metrics: list, width: int = 640, height: int = 240) -> str:
     """Inline SVG of loss (line) and val_loss (dots) against step."""
     train = [(row["step"], row["loss"]) for row in metrics
@@ -142,6 +151,7 @@ Comm lanes: faded part = blocked on a peer. Arrows: send to matching recv.</p>
 <p class="meta">compute + exposed comm + idle = 100 % of the traced wall time; idle includes time blocked on a peer;
 bubble = idle within the training steps; slowest = most compute time.</p>
 <h2>Per step</h2>{steps_table(summary)}
+<h2>Operations (all ranks)</h2>{operations_table(summary)}
 <h2>Loss</h2>{loss_curve_svg(trace.metrics)}
 <script type="application/json" id="trace-data">{data}</script>
 <script>{SCRIPT}</script>
