@@ -19,6 +19,7 @@ import numpy as np
 from model.data import TokenDataset
 from model.gpt import GPTConfig, init_params
 from model.optim import AdamW, clip_scale, lr_at
+from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from model.parallel.mesh import Mesh
 from model.parallel.pipeline import run_pipeline_step
 from model.parallel.schedules import build_schedule, split_layers, stage_rank
@@ -59,7 +60,8 @@ class Layout:
 
 
 class ParallelTrainer:
-    def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int):
+    def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.config = TrainConfig(**config)
         self.layout = Layout(**layout)
         self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
@@ -74,13 +76,21 @@ class ParallelTrainer:
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         del full
+        if self.layout.zero and self.layout.tp > 1:
+            # The sharded norm would have to tell tp-replicated from tp-split parameters inside a shard.
+            raise NotImplementedError(f"rank {self.mesh.rank}: --zero 1 with --tp {self.layout.tp} "
+                                      "is not supported yet")
+        # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
+        self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.embedding, bucket_bytes,
+                                         shard=bool(self.layout.zero))
         # One optimizer entry per parameter name; the tied wte may sit in two local stages.
         self.params = {}
         for stage in self.stages.values():
             for name, param in stage.params.items():
                 self.params.setdefault(name, param)
-        self.optimizer = AdamW(self.params, (self.config.beta1, self.config.beta2), self.config.eps,
-                               self.config.weight_decay)
+        optimizer = ShardedAdamW if self.layout.zero else AdamW
+        self.optimizer = optimizer(self.gradients if self.layout.zero else self.params,
+                                   (self.config.beta1, self.config.beta2), self.config.eps, self.config.weight_decay)
 
     def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
         if self.layout.tp == 1:
@@ -104,8 +114,7 @@ class ParallelTrainer:
         config, layout = self.config, self.layout
         start = time.perf_counter()
         inputs, targets = self._microbatches("train", step)
-        for stage in self.stages.values():
-            stage.zero_grads()
+        self.gradients.begin_step()  # zeroes every stage's gradients (views into one flat buffer)
         first_micro = self.mesh.dp_rank * config.microbatches
         seeds = ([dropout_seed(config.seed, step, first_micro + k) for k in range(config.microbatches)]
                  if config.dropout > 0 else None)
@@ -113,40 +122,45 @@ class ParallelTrainer:
                                    inputs, targets, dloss=1.0 / config.microbatches, dropout_seeds=seeds,
                                    tracer=self.tracer, step=step)
         with self.tracer.span("optimizer", step=step):
-            grads = self._synchronized_grads()
-            norm = self._global_grad_norm(grads)
-            scale = clip_scale(norm, config.grad_clip)
-            if scale != 1.0:
-                for g in grads.values():
-                    g *= scale
             lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
-            self.optimizer.update(self.params, grads, lr)
-            self._refresh_tied_copies()
+            if layout.zero:
+                shards = self.gradients.finish()  # this rank's 1/dp of every bucket, averaged
+                norm = self._sharded_grad_norm(shards)
+                self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
+            else:
+                grads = self._synchronized_grads()
+                norm = self._global_grad_norm(grads)
+                scale = clip_scale(norm, config.grad_clip)
+                if scale != 1.0:
+                    for g in grads.values():
+                        g *= scale
+                self.optimizer.update(self.params, grads, lr)
+                self._refresh_tied_copies()
         loss = float(np.mean(list(result.losses.values()))) if result.losses else None
         return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
                 "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
                 "seconds": time.perf_counter() - start,
-                "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values()))}
+                "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values())),
+                "data_parallel": dict(self.gradients.timings)}
 
     def _synchronized_grads(self) -> dict:
-        """One gradient per parameter name: local tied copies summed, the embedding group summed,
-        then averaged over data-parallel ranks."""
+        """One gradient per parameter name, averaged over data-parallel ranks (bucket all-reduces
+        started during the last micro-batch's backward; tied local copies share one view) and the
+        wte summed over the embedding group; then each stage's own finishing step."""
+        grads = self.gradients.finish()
         for stage in self.stages.values():
-            stage.finalize_grads()
-        grads = {}
-        for stage in self.stages.values():
-            for name, g in stage.grads.items():
-                if name in grads:
-                    grads[name] += g  # the tied wte on two local stages
-                else:
-                    grads[name] = g
-        if self.mesh.embedding is not None and "wte.weight" in grads:
-            self.mesh.embedding.all_reduce(grads["wte.weight"])
-        if self.layout.dp > 1:
-            handles = [self.mesh.dp.all_reduce(g, op="avg", async_op=True) for g in grads.values()]
-            for handle in handles:
-                handle.wait()
+            stage.finalize_grads()  # sums over tp commute with the dp average, so they may come after
         return grads
+
+    def _sharded_grad_norm(self, shards: list) -> float:
+        """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp and over the
+        pipeline (the tied wte counted once, on the first stage)."""
+        total = np.array([self.gradients.shard_sum_of_squares(shards)])
+        if self.layout.dp > 1:
+            self.mesh.dp.all_reduce(total)
+        if self.layout.pp > 1:
+            self.mesh.pp.all_reduce(total)
+        return float(np.sqrt(total[0]))
 
     def _global_grad_norm(self, grads: dict) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
@@ -185,8 +199,15 @@ class ParallelTrainer:
 
     # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
     def optimizer_state(self) -> dict:
-        """AdamW state of what this rank holds, keyed like `AdamW.state_dict()` ("step", "m.NAME", "v.NAME")."""
+        """AdamW state of what this rank holds, keyed like `AdamW.state_dict()` ("step", "m.NAME", "v.NAME").
+        With ZeRO-1 the moments are all-gathered over dp, so every rank must be asked (collective)."""
         return self.optimizer.state_dict()
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of AdamW moments this rank keeps (with ZeRO-1 about 1/dp of the unsharded amount)."""
+        if self.layout.zero:
+            return self.optimizer.moment_bytes
+        return int(sum(m.nbytes for m in self.optimizer.m.values()) + sum(v.nbytes for v in self.optimizer.v.values()))
 
     def load_state(self, checkpoint_dir: str) -> int:
         """Take this rank's part of a full checkpoint (weights and AdamW moments); returns its step."""

@@ -1,0 +1,249 @@
+"""Data parallelism: gradients in flat buckets reduced while backward still runs, and ZeRO-1.
+
+Every data-parallel replica holds the same parameters and computes gradients on its own rows of
+the global batch. Parameters and gradients of a rank live in two flat buffers; `stage.params` and
+`stage.grads` entries are views into them (the tied wte held by two local stages is one view), so
+nothing is copied before communicating. The buffers are cut into buckets in the order gradients
+become final in backward (last layer first):
+
+    gradients = GradientBuckets(stages, mesh.dp, mesh.embedding, bucket_bytes=1 << 20, shard=False)
+    ... backward of the last micro-batch: each bucket's average starts once all its grads are final
+    grads = gradients.finish()          # waits; {name: averaged gradient view}
+    (shard=True, ZeRO-1: finish() returns this rank's 1/dp shard of every bucket, and `ShardedAdamW`
+    updates only that shard, then all-gathers the parameters.)
+
+Micro-batches before the last accumulate locally and do not communicate (as DDP's no_sync).
+The tied wte always has a bucket of its own: with pp > 1 its gradient is also summed over the
+embedding group (first and last stage), after the data-parallel average.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.optim import adamw_update, decays
+from model.parallel.data_parallel_communications import gather_shards, reduce_gradients, shard_bounds
+from runtime.backend import to_host
+
+TIED = "wte.weight"
+# Small enough that a baby GPT gets several buckets (overlap), large enough that per-collective
+# overhead (~100 µs on the local runtime) stays small next to the bytes moved.
+DEFAULT_BUCKET_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A contiguous run [start, start + size) of the flat buffers, holding `names` (padded)."""
+    start: int
+    size: int
+    names: tuple
+
+    @property
+    def span(self) -> slice:
+        return slice(self.start, self.start + self.size)
+
+
+def plan_buckets(groups_in_ready_order: list, shapes: dict, itemsize: int, bucket_bytes: int,
+                 pad_to: int = 1) -> tuple[list[Bucket], dict]:
+    """Pure layout: (buckets in ready order, {name: element offset in the flat buffers}).
+
+    A name reported more than once (the tied wte on two local stages) is final at its last report.
+    A bucket closes before a parameter that would take it past `bucket_bytes` (one larger parameter
+    gets a bucket alone); the tied wte is always alone. Bucket sizes are padded to `pad_to`.
+    """
+    last_seen = {}
+    for position, name in enumerate(name for group in groups_in_ready_order for name in group):
+        last_seen[name] = position
+    order = sorted(last_seen, key=last_seen.get)
+    buckets, offsets, current, start, used = [], {}, [], 0, 0  # used: elements in `current`
+
+    def close():
+        nonlocal current, start, used
+        if current:
+            size = -(-used // pad_to) * pad_to
+            buckets.append(Bucket(start, size, tuple(current)))
+            start, current, used = start + size, [], 0
+
+    for name in order:
+        elements = int(np.prod(shapes[name]))
+        if name == TIED or (current and (used + elements) * itemsize > bucket_bytes):
+            close()
+        offsets[name] = start + used
+        current.append(name)
+        used += elements
+        if name == TIED:
+            close()
+    close()
+    return buckets, offsets
+
+
+class GradientBuckets:
+    """Flat parameter/gradient buffers of this rank's stages, and their bucketed dp reduction."""
+
+    def __init__(self, stages: dict, dp_comm, embedding_comm=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 shard: bool = False):
+        self.dp_comm, self.embedding_comm, self.shard = dp_comm, embedding_comm, shard
+        self.dp_size, self.dp_rank = dp_comm.size, dp_comm.rank
+        some = next(iter(stages.values()))
+        params = {name: p for stage in stages.values() for name, p in stage.params.items()}
+        groups = [g for s in sorted(stages, reverse=True) for g in stages[s].grad_groups_in_ready_order()]
+        groups.append(sorted(params))  # anything a stage never reports is reduced when backward ends
+        dtype = next(iter(params.values())).dtype
+        shapes = {name: tuple(p.shape) for name, p in params.items()}
+        self.buckets, offsets = plan_buckets(groups, shapes, dtype.itemsize, bucket_bytes,
+                                             self.dp_size if shard else 1)
+        self.offsets, self.shapes, self.xp = offsets, shapes, some.xp
+        total = sum(b.size for b in self.buckets)
+        self.flat_params = self.xp.zeros(total, dtype)
+        self.flat_grads = self.xp.zeros(total, dtype)
+        self.params = {name: self.view(self.flat_params, name) for name in params}
+        self.grads = {name: self.view(self.flat_grads, name) for name in params}
+        for name, p in params.items():
+            self.params[name][...] = p
+        self.reports_needed = [0] * len(self.buckets)
+        self.bucket_of = {name: i for i, b in enumerate(self.buckets) for name in b.names}
+        for stage in stages.values():
+            for name in stage.params:
+                stage.params[name], stage.grads[name] = self.params[name], self.grads[name]
+                self.reports_needed[self.bucket_of[name]] += 1
+            stage.on_grads_final = self.mark_final
+        # The tied wte counts in the global norm once: on the rank holding the first stage.
+        self.tied_bucket = self.bucket_of.get(TIED)
+        self.counts_tied = any(getattr(stage, "first", False) for stage in stages.values())
+        self.timings = {}
+        self.begin_step()
+
+    def view(self, flat, name: str):
+        """Parameter `name`'s place in a flat buffer laid out like these buckets, in its shape."""
+        start, shape = self.offsets[name], self.shapes[name]
+        return flat[start:start + int(np.prod(shape))].reshape(shape)
+
+    def begin_step(self):
+        """Forget the previous step's readiness and zero the gradients."""
+        self.missing = list(self.reports_needed)
+        self.handles = {}  # bucket index -> handle (None: nothing to exchange), in launch order
+        self.first_launch = None
+        self.flat_grads[...] = 0
+
+    def mark_final(self, names):
+        """Stage callback: these gradients got their last contribution of the step."""
+        for name in names:
+            b = self.bucket_of[name]
+            self.missing[b] -= 1
+            if self.missing[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b: int):
+        if self.first_launch is None:
+            self.first_launch = time.perf_counter()
+        grads = self.flat_grads[self.buckets[b].span]
+        # The comm span starts when the engine thread picks the operation up; this marks the launch.
+        self.dp_comm.tracer.instant("bucket launch", args={"bucket": b, "bytes": int(grads.nbytes)})
+        self.handles[b] = reduce_gradients(self.dp_comm, grads, self.shard) if self.dp_size > 1 else None
+
+    def finish(self):
+        """Wait for every bucket (launching those not yet started, in bucket order).
+
+        Returns {name: averaged gradient} (views into the flat buffer), or with `shard` the list of
+        this rank's averaged shards, one per bucket. Timings go to `self.timings` (seconds):
+        overlapped = first launch → end of backward, exposed = waiting after backward."""
+        backward_end = time.perf_counter()
+        for b in range(len(self.buckets)):
+            if b not in self.handles:
+                self._launch(b)
+        shards = [None] * len(self.buckets)
+        for b, handle in self.handles.items():
+            span = self.buckets[b].span
+            # all-reduce averages `flat_grads` in place; reduce-scatter returns this rank's shard
+            shards[b] = self.flat_grads[span] if handle is None else handle.wait()
+            if b == self.tied_bucket and self.embedding_comm is not None:
+                self.embedding_comm.all_reduce(shards[b])  # first + last stage's wte contributions
+        done = time.perf_counter()
+        self.timings = {"buckets": len(self.buckets), "overlapped_s": backward_end - self.first_launch,
+                        "exposed_s": done - backward_end, "reduce_s": done - self.first_launch}
+        return shards if self.shard else self.grads
+
+    def shard_sum_of_squares(self, shards: list) -> float:
+        """Σ g² over this rank's shards (the tied wte only where it is counted)."""
+        return float(sum(float(np.vdot(to_host(s), to_host(s))) for b, s in enumerate(shards)
+                         if b != self.tied_bucket or self.counts_tied))
+
+    def shard_of(self, b: int) -> slice:
+        """This rank's part of bucket b, as a slice of the flat buffers."""
+        bucket = self.buckets[b]
+        local = shard_bounds(bucket.size, self.dp_rank, self.dp_size)
+        return slice(bucket.start + local.start, bucket.start + local.stop)
+
+
+class ShardedAdamW:
+    """ZeRO-1 AdamW: moments only for this rank's 1/dp shard of every bucket.
+
+    `update(shards, lr, grad_scale)` applies AdamW to the shard, then all-gathers the parameters.
+    `state_dict()` / `load_state_dict()` use the full per-parameter format of `AdamW` (gathered over
+    dp, so every rank must call them), so a checkpoint resumes with any dp size or layout.
+    """
+
+    def __init__(self, gradients: GradientBuckets, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.g, self.beta1, self.beta2, self.eps = gradients, betas[0], betas[1], eps
+        self.xp, flat = gradients.xp, gradients.flat_params
+        self.shards = [gradients.shard_of(b) for b in range(len(gradients.buckets))]
+        self.m = [self.xp.zeros(s.stop - s.start, flat.dtype) for s in self.shards]
+        self.v = [self.xp.zeros_like(m) for m in self.m]
+        rates = self.xp.zeros_like(flat)
+        for name, p in gradients.params.items():
+            if decays(p):
+                gradients.view(rates, name)[...] = weight_decay
+        self.decay = [rates[s].copy() for s in self.shards]  # per-element rates: 0 on biases and gains
+        self.step_count = 0
+
+    @property
+    def moment_bytes(self) -> int:
+        """Bytes of optimizer moments held by this rank."""
+        return int(sum(m.nbytes + v.nbytes for m, v in zip(self.m, self.v)))
+
+    def update(self, grad_shards: list, lr: float, grad_scale: float = 1.0) -> None:
+        self.step_count += 1
+        flat = self.g.flat_params
+        for b, shard in enumerate(self.shards):
+            grad = grad_shards[b] if grad_scale == 1.0 else grad_shards[b] * grad_scale
+            adamw_update(flat[shard], grad, self.m[b], self.v[b], self.step_count, lr, self.beta1,
+                         self.beta2, self.eps, self.decay[b])
+        if self.g.dp_size > 1:
+            gathered = gather_shards(self.g.dp_comm, [flat[shard] for shard in self.shards])
+            for bucket, full in zip(self.g.buckets, gathered):
+                flat[bucket.span] = full
+
+    def _gathered(self, moments: list) -> list:
+        if self.g.dp_size == 1:
+            return moments
+        return gather_shards(self.g.dp_comm, moments)
+
+    def state_dict(self) -> dict:
+        """Host arrays "step", "m.NAME", "v.NAME" for every parameter of this rank (collective over dp)."""
+        state = {"step": np.array(self.step_count, dtype=np.int64)}
+        for moment, shards in (("m", self.m), ("v", self.v)):
+            flat = self.xp.zeros_like(self.g.flat_params)
+            for bucket, full in zip(self.g.buckets, self._gathered(shards)):
+                flat[bucket.span] = full
+            for name in self.g.params:
+                state[f"{moment}.{name}"] = to_host(self.g.view(flat, name)).copy()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take this rank's shard of full per-parameter moments (ValueError on missing or misshapen)."""
+        for moment, shards in (("m", self.m), ("v", self.v)):
+            flat = self.xp.zeros_like(self.g.flat_params)
+            for name, param in self.g.params.items():
+                key = f"{moment}.{name}"
+                if key not in state:
+                    raise ValueError(f"optimizer state lacks {key!r}")
+                if tuple(state[key].shape) != tuple(param.shape):
+                    raise ValueError(f"optimizer state {key!r} has shape {tuple(state[key].shape)}, "
+                                     f"expected {tuple(param.shape)}")
+                self.g.view(flat, name)[...] = self.xp.asarray(state[key])
+            for b, shard in enumerate(self.shards):
+                shards[b][...] = flat[shard]
+        self.step_count = int(state["step"])

@@ -1,0 +1,200 @@
+"""Data parallelism: bucketed gradient averaging overlapped with backward, and ZeRO-1, reproduce
+single-process training on the same global batches."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from model.parallel.data_parallel import plan_buckets
+from model.parallel.trainer import Layout, ParallelTrainer
+from model.train import Trainer, TrainConfig
+
+TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
+STEPS = 5
+SMALL_BUCKETS = 4 << 10  # bytes: several buckets even for this tiny model
+
+
+def config_for(tmp_path, **overrides) -> TrainConfig:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    settings = dict(data=str(corpus), n_layer=3, n_head=2, n_embd=16, block_size=8, batch_size=8, microbatches=2,
+                    steps=STEPS, warmup=1, lr=1e-2, min_lr=1e-3, eval_iters=1, dtype="float64", grad_clip=0.5,
+                    weight_decay=0.1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def single_process_run(config: TrainConfig, run_dir: str, steps: int = STEPS):
+    trainer = Trainer.create(config, run_dir)
+    metrics = [trainer.train_step(step) for step in range(steps)]
+    return trainer, metrics, trainer.params_on_host()
+
+
+def spawn(local_cluster, config, layout: Layout, run_dir: str, vocab_size: int, bucket_bytes=SMALL_BUCKETS):
+    layout.validate(config)
+    cluster = local_cluster(layout.world_size)
+    trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                             os.path.join(run_dir, "tokens.bin"), vocab_size, bucket_bytes=bucket_bytes)
+    return cluster, trainers
+
+
+def full_params(trainers) -> dict:
+    full = {}
+    for params in trainers.local_params().result():
+        for name, value in params.items():
+            if name in full:
+                np.testing.assert_array_equal(full[name], value)  # replicas agree bitwise
+            full[name] = value
+    return full
+
+
+def assert_same_params(got: dict, expected: dict):
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_float64_parameters_equal_single_process_after_five_steps(local_cluster, tmp_path, dp, microbatches, zero):
+    config = config_for(tmp_path, microbatches=microbatches)
+    reference, expected_metrics, expected = single_process_run(config, str(tmp_path / "run"))
+    _, trainers = spawn(local_cluster, config, Layout(dp=dp, zero=zero), str(tmp_path / "run"),
+                        reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        metrics = trainers.train_step(step).result()
+        # The clipping norm is the true global one, and clipping is active in this run.
+        assert {m["grad_norm"] for m in metrics} == {metrics[0]["grad_norm"]}
+        np.testing.assert_allclose(metrics[0]["grad_norm"], expected_metrics[step]["grad_norm"], rtol=1e-7)
+        assert metrics[0]["grad_norm"] > config.grad_clip
+    assert_same_params(full_params(trainers), expected)
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.parametrize("dp", [2, 4])
+def test_float32_losses_agree_with_single_process(local_cluster, tmp_path, dp, zero):
+    config = config_for(tmp_path, dtype="float32")
+    reference, expected_metrics, _ = single_process_run(config, str(tmp_path / "run"))
+    _, trainers = spawn(local_cluster, config, Layout(dp=dp, zero=zero), str(tmp_path / "run"),
+                        reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        loss = np.mean([m["loss"] for m in trainers.train_step(step).result()])
+        np.testing.assert_allclose(loss, expected_metrics[step]["loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("pp,schedule,v", [(2, "1f1b", 1), (1, "interleaved", 2), (2, "zb-h1", 1)])
+def test_zero_with_pipeline_stages_and_tied_embedding_equals_single_process(local_cluster, tmp_path, pp, schedule,
+                                                                              v):
+    config = config_for(tmp_path, n_layer=4)
+    reference, _, expected = single_process_run(config, str(tmp_path / "run"))
+    _, trainers = spawn(local_cluster, config, Layout(dp=2, pp=pp, schedule=schedule, virtual_stages=v, zero=1),
+                        str(tmp_path / "run"), reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        trainers.train_step(step).result()
+    assert_same_params(full_params(trainers), expected)
+
+
+# ---- buckets ---------------------------------------------------------------------------------------
+def test_buckets_follow_readiness_order_with_the_tied_embedding_alone_and_padding():
+    shapes = {"ln_f.weight": (4,), "wte.weight": (10, 4), "wpe.weight": (8, 4), "h.1.w": (4, 4), "h.1.b": (4,),
+              "h.0.w": (4, 4), "h.0.b": (3,)}
+    groups = [["ln_f.weight", "wte.weight"], ["wpe.weight", "wte.weight"], ["h.1.w", "h.1.b"], ["h.0.w", "h.0.b"]]
+    buckets, offsets = plan_buckets(groups, shapes, itemsize=8, bucket_bytes=20 * 8, pad_to=4)
+    assert [b.names for b in buckets] == [("ln_f.weight",), ("wpe.weight",), ("wte.weight",),
+                                          ("h.1.w", "h.1.b"), ("h.0.w", "h.0.b")]
+    assert [b.size for b in buckets] == [4, 32, 40, 20, 20]  # h.0: 19 elements padded to 20
+    assert offsets["h.1.b"] == buckets[3].start + 16 and offsets["h.0.w"] == buckets[4].start
+
+
+def traced_step(local_cluster, tmp_path, zero: int):
+    """Rank 0's trace of step 1 of a dp=2, 2-micro-batch run: (backward spans by micro-batch, comm spans)."""
+    config = config_for(tmp_path, microbatches=2)
+    run_dir = str(tmp_path / "run")
+    reference = Trainer.create(config, run_dir)
+    cluster, trainers = spawn(local_cluster, config, Layout(dp=2, zero=zero), run_dir,
+                              reference.tokenizer.vocab_size)
+    trainers.train_step(0).result()
+    cluster.start_trace()
+    metrics = trainers.train_step(1).result()
+    cluster.stop_trace(str(tmp_path / "trace"))
+    with open(tmp_path / "trace" / "trace-rank0.json") as f:
+        events = json.load(f)["events"]
+        launches = [e[4] for e in events if e[0] == "i" and e[1] == "bucket launch"]
+        events = [e for e in events if e[0] == "X"]
+    backward = {e[6]["microbatch"]: (e[4], e[4] + e[5]) for e in events if e[1] == "backward"}
+    comm = [(e[1], e[4], e[4] + e[5], e[6]["bytes"]) for e in events if e[2] == "comm"]
+    return backward, comm, launches, metrics[0]
+
+
+def test_bucket_all_reduces_start_during_the_last_microbatch_backward(local_cluster, tmp_path):
+    backward, comm, launches, metrics = traced_step(local_cluster, tmp_path, zero=0)
+    last_start, last_end = backward[1]
+    buckets = metrics["data_parallel"]["buckets"]
+    assert len([c for c in comm if c[0] == "all_reduce"]) == len(launches) == buckets > 2
+    assert all(last_start <= t < last_end for t in launches)  # every bucket is final before backward ends
+    assert all(start >= last_start for _, start, _, _ in comm)
+    assert metrics["data_parallel"]["overlapped_s"] > 0
+
+
+def test_microbatches_before_the_last_do_not_communicate(local_cluster, tmp_path):
+    for zero in (0, 1):
+        backward, comm, _, _ = traced_step(local_cluster, tmp_path / f"zero{zero}", zero=zero)
+        assert comm and all(start >= backward[1][0] for _, start, _, _ in comm)
+        assert not [c for c in comm if c[1] < backward[0][1]]  # nothing sent while micro-batch 0 ran
+
+
+def test_zero_reduce_scatters_gradients_and_all_gathers_parameters(local_cluster, tmp_path):
+    _, comm, _, metrics = traced_step(local_cluster, tmp_path, zero=1)
+    names = [c[0] for c in comm]
+    buckets = metrics["data_parallel"]["buckets"]
+    assert names.count("reduce_scatter") == buckets and names.count("all_gather") == buckets
+    assert names.count("all_reduce") == 1  # the squared gradient norm
+
+
+# ---- ZeRO-1 optimizer state ----------------------------------------------------------------------------
+def test_zero_optimizer_memory_per_rank_is_one_over_dp(local_cluster, tmp_path):
+    config = config_for(tmp_path)
+    reference = Trainer.create(config, str(tmp_path / "run"))
+    vocab = reference.tokenizer.vocab_size
+    full = sum(m.nbytes + v.nbytes for m, v in zip(reference.optimizer.m.values(), reference.optimizer.v.values()))
+    for dp in (1, 2, 4):
+        _, trainers = spawn(local_cluster, config, Layout(dp=dp, zero=1), str(tmp_path / "run"), vocab)
+        per_rank = trainers.optimizer_state_bytes().result()
+        padding = 2 * 8 * dp * 16  # at most dp-1 pad elements per bucket, m and v; this model has < 16 buckets
+        assert all(full / dp <= b <= full / dp + padding for b in per_rank), (dp, full, per_rank)
+
+
+@pytest.mark.parametrize("resume_dp,resume_zero", [(1, 0), (4, 1)])
+def test_zero_checkpoint_resumes_with_another_dp_size(local_cluster, tmp_path, resume_dp, resume_zero):
+    config = config_for(tmp_path)
+    reference, _, expected = single_process_run(config, str(tmp_path / "reference"))
+    vocab = reference.tokenizer.vocab_size
+    run = Trainer.create(config, str(tmp_path / "run"))
+    _, trainers = spawn(local_cluster, config, Layout(dp=2, zero=1), str(tmp_path / "run"), vocab)
+    for step in range(2):
+        trainers.train_step(step).result()
+    # The checkpoint is the single-process format: full weights and full AdamW moments by name.
+    for name, value in full_params(trainers).items():
+        run.gpt.params[name][...] = value
+    states = trainers.optimizer_state().result()
+    for state in states[1:]:
+        assert all(np.array_equal(state[key], states[0][key]) for key in state)  # gathered on every rank
+    run.optimizer.load_state_dict(states[0])
+    run.step = 2
+    checkpoint = run.save_checkpoint()
+    _, resumed = spawn(local_cluster, config, Layout(dp=resume_dp, zero=resume_zero), str(tmp_path / "run"), vocab)
+    assert set(resumed.load_state(os.path.abspath(checkpoint)).result()) == {2}
+    for step in range(2, STEPS):
+        resumed.train_step(step).result()
+    assert_same_params(full_params(resumed), expected)
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+def test_global_batch_not_divisible_by_dp_times_microbatches_is_a_clear_error(tmp_path):
+    config = config_for(tmp_path, batch_size=8, microbatches=4)
+    with pytest.raises(ValueError, match=r"global batch 8 is not divisible by dp × microbatches = 4 × 4"):
+        Layout(dp=4).validate(config)
