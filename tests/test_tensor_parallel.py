@@ -8,7 +8,8 @@ from model import ops
 from model.gpt import GPT, GPTConfig, init_params
 from model.optim import clip_scale
 from model.parallel import tensor_parallel_communications as regions
-from model.parallel.tensor_parallel import (TensorParallelStage, assemble_full_params, param_layout, shard,
+from model.parallel.tensor_parallel import (TensorParallelStage, assemble_full_optimizer_state, assemble_full_params,
+                                            param_layout, shard,
                                             shard_rule, vocab_parallel_cross_entropy_forward)
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
@@ -70,9 +71,9 @@ PIECES = {"embedding": (True, False, range(0)), "block": (False, False, range(1,
 SEED = 1234
 
 
-def piece_config(vocab_size=65, dropout=0.0):
+def piece_config(vocab_size=65, dropout=0.0, recompute=False):
     return GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=8, vocab_size=vocab_size, dropout=dropout,
-                     dtype="float64")
+                     dtype="float64", recompute=recompute)
 
 
 def piece_data(config):
@@ -82,9 +83,9 @@ def piece_data(config):
     return idx, targets, rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16))
 
 
-def run_piece(comm, piece, sequence_parallel, vocab_size, dropout):
+def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=False):
     """One TensorParallelStage (a piece of the model) forward + backward on fixed data."""
-    config = piece_config(vocab_size, dropout)
+    config = piece_config(vocab_size, dropout, recompute)
     idx, targets, x, dout = piece_data(config)
     first, last, layers = PIECES[piece]
     stage = TensorParallelStage(config, init_params(config, 3), layers, first, last, comm, sequence_parallel)
@@ -146,6 +147,16 @@ def test_vocabulary_of_65_padded_for_tp_gives_the_dense_loss_and_gradients(local
     for name, g in expected.items():
         np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=name)
     assert all(r[2]["wte.weight"].shape == (-(-65 // tp), 16) for r in results)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_recomputed_blocks_give_the_same_gradients(local_cluster, sequence_parallel):
+    results = local_cluster(2).run(run_piece, "model", sequence_parallel, 65, 0.2, True)
+    loss, _, expected = dense_piece("model", 65, 0.2)
+    assert results[0][0] == pytest.approx(loss, rel=1e-12)
+    grads = assemble_full_params([r[2] for r in results], [r[3] for r in results])
+    for name, g in expected.items():
+        np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=name)
 
 
 class _OneRank:
@@ -227,7 +238,8 @@ def single_process_run(tmp, dropout):
     unclipped = 1.0 / clip_scale(metrics[0]["grad_norm"], config.grad_clip)
     return {"config": config, "token_file": str(tmp / "run" / "tokens.bin"), "vocab": trainer.tokenizer.vocab_size,
             "metrics": metrics, "grads": {k: g * unclipped for k, g in seen[0].items()},
-            "params": trainer.params_on_host()}
+            "params": trainer.params_on_host(), "optimizer": trainer.optimizer.state_dict(),
+            "checkpoint": trainer.save_checkpoint()}
 
 
 E2E = [  # dp, tp, pp, schedule, sequence parallel
@@ -266,6 +278,26 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
     params = assemble_full_params(trainers.local_params().result(), layouts)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    assert sorted(state) == sorted(reference["optimizer"])
+    for name, value in reference["optimizer"].items():
+        np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_full_checkpoint_loads_into_tensor_parallel_shards(local_cluster, references, tp):
+    reference = references(0.1)
+    layout = Layout(tp=tp)
+    trainers = local_cluster(tp).spawn(ParallelTrainer, dataclasses.asdict(reference["config"]),
+                                       dataclasses.asdict(layout), reference["token_file"], reference["vocab"])
+    assert trainers.load_state(reference["checkpoint"]).result() == [STEPS] * tp
+    layouts = trainers.param_layout().result()
+    params = assemble_full_params(trainers.local_params().result(), layouts)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    for name, value in reference["params"].items():
+        np.testing.assert_array_equal(params[name], value, err_msg=name)
+    for name, value in reference["optimizer"].items():
+        np.testing.assert_array_equal(state[name], value, err_msg=name)
 
 
 # ---- communication accounting -----------------------------------------------------------------------------

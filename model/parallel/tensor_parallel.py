@@ -94,6 +94,18 @@ def assemble_full_params(per_rank_params: list, per_rank_layouts: list) -> dict:
     return full
 
 
+def assemble_full_optimizer_state(per_rank_states: list, per_rank_layouts: list) -> dict:
+    """Driver side: the full AdamW state ("step", "m.NAME", "v.NAME") from every rank's
+    `optimizer_state()` and `param_layout()` (the moments are sharded like their parameters)."""
+    full = {"step": per_rank_states[0]["step"]}
+    for moment in ("m", "v"):
+        prefix = moment + "."
+        parts = [{name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
+                 for state in per_rank_states]
+        full.update({prefix + name: value for name, value in assemble_full_params(parts, per_rank_layouts).items()})
+    return full
+
+
 # ---- vocab-parallel op pairs ----------------------------------------------------------------------------
 def vocab_parallel_embedding_forward(weight, idx, vocab_start):
     """weight (V/tp, C) rows [vocab_start, +V/tp), idx int (B, T) -> partial (B, T, C): the rows of
