@@ -456,7 +456,7 @@ class Cluster:
                     rtt = received - sent
                     offset = self._clock_replies[rank] - (sent + received) // 2
                     if best is None or rtt < best["rtt_ns"]:
-                        best = {"offset_ns": offset, "rtt_ns": rtt}
+                        best = {"offset_ns": offset, "rtt_ns": rtt, "rank_ns": self._clock_replies[rank]}
                 result[rank] = best or {"offset_ns": 0, "rtt_ns": None}
             done.set()
 

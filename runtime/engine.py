@@ -320,8 +320,6 @@ class Engine:
                         del self.inbox[request.key]
                     continue
                 self.waiting[request.key].append(op)
-                if op.trace is not None:
-                    op.blocked_ns = now_ns()
             elif isinstance(request, WaitSent):
                 if request.tracker is None or request.tracker.done:
                     value = None
@@ -337,7 +335,16 @@ class Engine:
                 error = TypeError(f"operation yielded {request!r}")
                 continue
             op.waiting = request
+            if op.trace is not None:
+                op.blocked_ns = now_ns()
             return
+
+    def _resume(self, op: Operation, value):
+        """Continue a parked operation; time spent parked counts as waiting on a peer."""
+        op.waiting = None
+        if op.trace is not None:
+            op.wait_ns += now_ns() - op.blocked_ns
+        self._advance(op, value)
 
     def _finish(self, op: Operation, result=None, error=None):
         if error is not None:
@@ -350,6 +357,8 @@ class Engine:
         if op.trace is not None:
             name, args = op.trace
             args = dict(args, wait_us=op.wait_ns / 1000.0)
+            if args.get("bytes") is None and hasattr(result, "nbytes"):
+                args["bytes"] = int(result.nbytes)  # a receive learns its size on arrival
             if error is not None:
                 args["error"] = type(error).__name__
             self.tracer.complete(name, "comm", "comm", op.start_ns, now_ns(), args)
@@ -383,8 +392,7 @@ class Engine:
         if ready:
             self.sent_waits = [(t, o) for t, o in self.sent_waits if not t.done]
             for _, op in ready:
-                op.waiting = None
-                self._advance(op, None)
+                self._resume(op, None)
 
     def _check_deadlines(self):
         now = time.monotonic()
@@ -404,8 +412,7 @@ class Engine:
             if block is None:
                 return
             self.block_waits.popleft()
-            op.waiting = None
-            self._advance(op, block)
+            self._resume(op, block)
 
     # ---- incoming data ----------------------------------------------------------------------
     def _receive_data(self):
@@ -463,10 +470,7 @@ class Engine:
             op = waiters.popleft()
             if not waiters:
                 del self.waiting[key]
-            op.waiting = None
-            if op.trace is not None:
-                op.wait_ns += now_ns() - op.blocked_ns
-            self._advance(op, message)
+            self._resume(op, message)
         else:
             self.inbox[key].append(message)
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 
 now_ns = time.monotonic_ns
 
@@ -46,17 +45,11 @@ class Tracer:
         if self.enabled:
             self.events.append(("i", name, "mark", thread, now_ns(), 0, args or {}))
 
-    @contextmanager
     def span(self, name: str, category: str = "compute", **args):
-        """Record the enclosed block as a span on the compute thread (a no-op when off)."""
+        """Record the enclosed `with` block as a span on the compute thread (a no-op when off)."""
         if not self.enabled:
-            yield
-            return
-        start = now_ns()
-        try:
-            yield
-        finally:
-            self.events.append(("X", name, category, "compute", start, now_ns() - start, args))
+            return _NO_SPAN
+        return _Span(self.events, name, category, args)
 
     def next_flow(self, key: tuple) -> str:
         """The n-th message on a (group, src, dst, tag) channel gets the same id on both sides."""
@@ -76,3 +69,31 @@ class Tracer:
         os.replace(tmp, path)
         self.events = []
         return path
+
+
+class _Span:
+    __slots__ = ("events", "name", "category", "args", "start")
+
+    def __init__(self, events, name, category, args):
+        self.events, self.name, self.category, self.args = events, name, category, args
+
+    def __enter__(self):
+        self.start = now_ns()
+        return self
+
+    def __exit__(self, *exc):
+        self.events.append(("X", self.name, self.category, "compute", self.start, now_ns() - self.start, self.args))
+        return False
+
+
+class _NoSpan:
+    __slots__ = ()
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SPAN = _NoSpan()
