@@ -250,6 +250,7 @@ E2E = [  # dp, tp, pp, schedule, sequence parallel
     (1, 2, 2, "1f1b", False),
     (1, 2, 2, "zb-h1", True),
     (2, 2, 1, "1f1b", False),
+    (2, 2, 1, "1f1b", True),
 ]
 
 
