@@ -58,3 +58,33 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
                   echo=click.echo)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@bench.command("data-parallel")
+@click.option("--dp", "dp_max", default=2, show_default=True, type=click.IntRange(2, 64),
+              help="Largest dp size; timed against dp=1 with the same per-rank batch.")
+@click.option("--n-layer", default=4, show_default=True)
+@click.option("--n-head", default=4, show_default=True)
+@click.option("--n-embd", default=128, show_default=True)
+@click.option("--block-size", default=64, show_default=True)
+@click.option("--batch-per-rank", default=12, show_default=True, help="Sequences per dp rank and step.")
+@click.option("--microbatches", default=1, show_default=True)
+@click.option("--bucket-kb", default=1024, show_default=True, help="Gradient bucket size cap (KiB).")
+@click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
+@click.option("--steps", default=20, show_default=True, help="Timed steps (after 3 warmup).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_kb, zero,
+                        steps, json_path):
+    """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker) and how much of the
+    gradient all-reduce overlapped backward."""
+    from tools.bench_data_parallel import format_table, run, write_json
+
+    try:
+        result = run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                     batch_per_rank=batch_per_rank, microbatches=microbatches, steps=steps,
+                     bucket_bytes=bucket_kb << 10, zero=int(zero))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_table(result))
+    if json_path:
+        write_json(result, json_path)

@@ -1,0 +1,100 @@
+"""Data-parallel weak scaling: step time at dp = 1 and dp = N with the same per-rank batch.
+
+Each dp size runs on its own local cluster, one BLAS thread per worker, the `ParallelTrainer` actor
+with bucketed gradient averaging (optionally ZeRO-1). Efficiency = t(dp=1) / t(dp=N): 100 % when
+adding replicas costs nothing. Overlap comes from the trainer's own timers (medians over steps):
+
+    overlapped_s   first bucket launch → end of backward: communication in flight while computing
+    exposed_s      end of backward → every bucket reduced: communication nobody hid
+    overlap        overlapped_s / (overlapped_s + exposed_s)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from model.parallel.trainer import Layout, ParallelTrainer
+from model.train import Trainer, TrainConfig
+from runtime import Cluster
+
+CORPUS = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home; the wolf waited {i % 5} days.\n"
+                 for i in range(4000))
+
+
+def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 64,
+        batch_per_rank: int = 12, microbatches: int = 1, steps: int = 20, warmup: int = 3,
+        bucket_bytes: int = 1 << 20, zero: int = 0, timeout: float = 300.0) -> dict:
+    """Time `steps` training steps (after `warmup`) at each dp size; returns rows and efficiencies."""
+    if batch_per_rank % microbatches:
+        raise ValueError(f"per-rank batch {batch_per_rank} is not divisible by microbatches {microbatches}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            f.write(CORPUS)
+        base = TrainConfig(data=corpus, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                           batch_size=batch_per_rank, microbatches=microbatches, steps=10 ** 6, warmup=10,
+                           dtype="float32")
+        driver = Trainer.create(base, os.path.join(tmp, "run"))  # tokenizes once: tokens.bin and the vocabulary
+        token_file = os.path.join(tmp, "run", "tokens.bin")
+        for dp in dp_sizes:
+            config = dataclasses.replace(base, batch_size=batch_per_rank * dp)
+            layout = Layout(dp=dp, zero=zero)
+            layout.validate(config)
+            with Cluster(dp, threads_per_worker=1, timeout=timeout) as cluster:
+                trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                         token_file, driver.tokenizer.vocab_size, bucket_bytes=bucket_bytes)
+                rows.append(_time_steps(trainers, dp, steps, warmup))
+    baseline = rows[0]["step_s"]
+    for row in rows:
+        row["efficiency"] = baseline / row["step_s"]
+    params = sum(p.size for p in driver.gpt.params.values())
+    return {"model": {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
+                      "params": int(params), "gradient_bytes": int(params) * 4},
+            "batch_per_rank": batch_per_rank, "microbatches": microbatches, "bucket_bytes": bucket_bytes,
+            "zero": zero, "steps": steps, "load_average": os.getloadavg(), "rows": rows}
+
+
+def _time_steps(trainers, dp: int, steps: int, warmup: int) -> dict:
+    for step in range(warmup):
+        trainers.train_step(step).result()
+    step_s, wall_s, overlapped, exposed, buckets = [], [], [], [], 0
+    for step in range(warmup, warmup + steps):
+        start = time.perf_counter()
+        metrics = trainers.train_step(step).result()
+        wall_s.append(time.perf_counter() - start)
+        step_s.append(max(m["seconds"] for m in metrics))  # the slowest replica sets the pace
+        timings = [m["data_parallel"] for m in metrics]
+        overlapped.append(statistics.mean(t["overlapped_s"] for t in timings))
+        exposed.append(statistics.mean(t["exposed_s"] for t in timings))
+        buckets = timings[0]["buckets"]
+    row = {"dp": dp, "step_s": statistics.median(step_s), "driver_step_s": statistics.median(wall_s),
+           "buckets": buckets, "overlapped_s": statistics.median(overlapped), "exposed_s": statistics.median(exposed)}
+    communicating = row["overlapped_s"] + row["exposed_s"]
+    row["overlap"] = row["overlapped_s"] / communicating if dp > 1 and communicating > 0 else None
+    return row
+
+
+def format_table(result: dict) -> str:
+    model = result["model"]
+    lines = [f"GPT {model['n_layer']}L×{model['n_embd']}, {model['params']:,} parameters "
+             f"({model['gradient_bytes'] / 2 ** 20:.1f} MiB of float32 gradients), {result['batch_per_rank']} "
+             f"sequences × {model['block_size']} tokens per rank, {result['microbatches']} micro-batch(es), "
+             f"buckets ≤ {result['bucket_bytes'] / 2 ** 10:.0f} KiB, zero={result['zero']}, "
+             f"median of {result['steps']} steps, load average {result['load_average'][0]:.2f}",
+             f"{'dp':>3} {'step ms':>9} {'efficiency':>11} {'buckets':>8} {'overlapped ms':>14} "
+             f"{'exposed ms':>11} {'overlap':>8}"]
+    for row in result["rows"]:
+        overlap = f"{row['overlap']:.0%}" if row["overlap"] is not None else "-"
+        lines.append(f"{row['dp']:>3} {row['step_s'] * 1e3:>9.1f} {row['efficiency']:>11.1%} {row['buckets']:>8} "
+                     f"{row['overlapped_s'] * 1e3:>14.2f} {row['exposed_s'] * 1e3:>11.2f} {overlap:>8}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
