@@ -89,7 +89,8 @@ class GradientBuckets:
         some = next(iter(stages.values()))
         params = {name: p for stage in stages.values() for name, p in stage.params.items()}
         groups = [g for s in sorted(stages, reverse=True) for g in stages[s].grad_groups_in_ready_order()]
-        groups.append(sorted(params))  # anything a stage never reports is reduced when backward ends
+        reported = {name for group in groups for name in group}
+        groups.append(sorted(set(params) - reported))  # never reported: reduced when backward ends
         dtype = next(iter(params.values())).dtype
         shapes = {name: tuple(p.shape) for name, p in params.items()}
         self.buckets, offsets = plan_buckets(groups, shapes, dtype.itemsize, bucket_bytes,
