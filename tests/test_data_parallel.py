@@ -7,7 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from model.parallel.data_parallel import plan_buckets
+from model.gpt import GPTConfig, init_params
+from model.parallel.data_parallel import GradientBuckets, plan_buckets
+from model.parallel.stage import DenseStage
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 
@@ -108,6 +110,26 @@ def test_buckets_follow_readiness_order_with_the_tied_embedding_alone_and_paddin
                                           ("h.1.w", "h.1.b"), ("h.0.w", "h.0.b")]
     assert [b.size for b in buckets] == [4, 32, 40, 20, 20]  # h.0: 19 elements padded to 20
     assert offsets["h.1.b"] == buckets[3].start + 16 and offsets["h.0.w"] == buckets[4].start
+
+
+class _OneOfTwoRanks:  # GradientBuckets only asks a communicator for its size and rank when built
+    size, rank = 2, 0
+
+
+def test_buckets_of_a_stage_start_with_the_head_and_the_last_layer():
+    config = GPTConfig(vocab_size=65, n_layer=4, n_head=4, n_embd=32, block_size=16)
+    stage = DenseStage(config, init_params(config), range(4), True, True)
+    gradients = GradientBuckets({0: stage}, _OneOfTwoRanks(), bucket_bytes=20 << 10)
+    layers = [sorted({int(n.split(".")[1]) for n in b.names if n.startswith("h.")}, reverse=True)
+              for b in gradients.buckets]
+    assert gradients.buckets[0].names[:2] == ("ln_f.weight", "ln_f.bias")
+    assert gradients.buckets[1].names == ("wte.weight",)
+    assert [layer for bucket in layers for layer in bucket] == sorted(
+        [layer for bucket in layers for layer in bucket], reverse=True)  # last layer first
+    assert len(gradients.buckets) > 4
+    # Stage parameters and gradients are views into the flat buffers, so reducing a bucket needs no copy.
+    assert all(np.shares_memory(stage.grads[n], gradients.flat_grads) for n in stage.grads)
+    assert all(np.shares_memory(stage.params[n], gradients.flat_params) for n in stage.params)
 
 
 def traced_step(local_cluster, tmp_path, zero: int):
