@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import TOKEN_FILE, Trainer, TrainConfig, find_checkpoint
 from runtime import Cluster
@@ -60,16 +61,13 @@ class DistributedRun:
         """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
         if self._pulled_at == (self.step, with_optimizer):
             return
-        full = {}
-        for params in self.trainers.local_params().result():
-            full.update(params)
+        layouts = self.trainers.param_layout().result()
+        full = assemble_full_params(self.trainers.local_params().result(), layouts)
         gpt = self.local.gpt
         for name, param in gpt.params.items():
             param[...] = gpt.xp.asarray(full[name])
         if with_optimizer:
-            state = {}
-            for part in self.trainers.optimizer_state().result():
-                state.update(part)
+            state = assemble_full_optimizer_state(self.trainers.optimizer_state().result(), layouts)
             self.local.optimizer.load_state_dict(state)
         self.local.step = self.step
         self._pulled_at = (self.step, with_optimizer)

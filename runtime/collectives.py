@@ -65,6 +65,10 @@ class CollectiveContext:
             for offset, _ in message.shm:
                 self.engine.send(message.src, {"k": "free", "o": offset})
 
+    def count_shared(self, nbytes: int):
+        """Payload that peers read from this rank's arena counts as sent by this rank."""
+        self.engine.bytes_sent[self.group.gid] += int(nbytes)
+
     def peer_block(self, peer: int, offset: int, like: np.ndarray) -> np.ndarray:
         src = self.group.ranks[peer]
         try:
@@ -193,6 +197,8 @@ def shm_all_reduce(ctx, work, reduce):
             piece[part] = blocks[peer][part]
         yield from notify_all(ctx, 3 * round_index + 2)
         ctx.engine.call_soon(lambda offset=offset: ctx.engine.release_block(offset))
+        # Peers read (n-1)/n of this block in each of the two phases: count it as sent, as a ring would.
+        ctx.count_shared(2 * (n - 1) * (piece.nbytes // n))
 
 
 def exchange_blocks(ctx, step, offset, block, with_signature):
@@ -238,6 +244,7 @@ def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
             out[peer] = blocks[peer]
         yield from notify_all(ctx, 1)
         ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+        ctx.count_shared((ctx.n - 1) * x.nbytes)
     elif algorithm == "ring":
         n, me = ctx.n, ctx.me
         right, left = (me + 1) % n, (me - 1) % n
@@ -281,6 +288,7 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
                 reduce(result, blocks[peer][me], out=result)
             yield from notify_all(ctx, 1)
             ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+            ctx.count_shared((n - 1) * work[me].nbytes)
         elif algorithm == "ring":
             # The reduce-scatter half of the ring all-reduce, on rows: row (me+1) ends fully reduced
             # here, so rank i sends its result for row i one hop left to finish.
@@ -339,6 +347,7 @@ def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
                 if peer != me:
                     yield from ctx.recv(peer, 2)
             ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+            ctx.count_shared((n - 1) * work.nbytes)
         else:
             for peer in range(n):
                 if peer != me:
