@@ -226,3 +226,21 @@ def test_corrupt_checkpoint_gives_a_one_line_error(trained):
 
 def test_generate_rejects_a_prompt_outside_the_vocabulary(trained):
     assert_one_line_error(run_cli("generate", "--checkpoint", trained, "--prompt", "€"), "--prompt")
+
+
+def test_progress_writes_plain_lines_when_not_a_terminal():
+    import io
+
+    from cluster.train_cmd import Progress
+
+    stream = io.StringIO()
+    progress = Progress(first_step=0, total_steps=40, stream=stream)
+    for step in range(40):
+        metrics = {"step": step, "loss": 1.0, "lr": 1e-3, "tokens": 10, "tokens_per_s": 5.0}
+        if step == 10:  # between two regular lines
+            metrics["val_loss"] = 2.0
+        progress.update(metrics)
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 21
+    assert lines[-1].startswith("step 40/40 loss 1.0000") and "ETA 0:00" in lines[-1]
+    assert any(line.endswith("val_loss 2.0000") for line in lines)
