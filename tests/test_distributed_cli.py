@@ -25,13 +25,27 @@ def train(args, corpus, out, steps):
     return CliRunner().invoke(main, flags, catch_exceptions=False)
 
 
-def test_pipeline_run_writes_a_model_gpt2_tooling_opens(corpus, tmp_path):
+@pytest.mark.parametrize("layout", [["--nproc", "2", "--pp", "2"], ["--nproc", "2", "--tp", "2"],
+                                    ["--nproc", "4", "--dp", "2", "--tp", "2", "--sequence-parallel"]])
+def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout):
     out = str(tmp_path / "run")
-    result = train(["--nproc", "2", "--pp", "2", "--sample", "20"], corpus, out, 3)
+    result = train([*layout, "--sample", "20"], corpus, out, 3)
     assert result.exit_code == 0, result.output
     gpt = GPT.from_pretrained(out)
     assert gpt.config.n_layer == 2
     assert os.path.exists(os.path.join(out, "metrics.jsonl"))
+
+
+def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path):
+    straight = str(tmp_path / "straight")
+    assert train([], corpus, straight, 4).exit_code == 0
+    moved = str(tmp_path / "moved")
+    assert train(["--nproc", "2", "--tp", "2"], corpus, moved, 2).exit_code == 0
+    result = train(["--resume"], corpus, moved, 4)
+    assert result.exit_code == 0, result.output
+    a, b = GPT.from_pretrained(straight).params, GPT.from_pretrained(moved).params
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-7, atol=1e-9, err_msg=name)
 
 
 @pytest.mark.parametrize("args,message", [
