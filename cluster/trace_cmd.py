@@ -59,12 +59,13 @@ def view(run_dir, output, open_browser):
 @trace.command("summary")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def summary(run_dir, as_json):
+@click.option("--all-steps", is_flag=True, help="One line per step (default: the 8 slowest).")
+def summary(run_dir, as_json, all_steps):
     """Per-rank compute / communication / exposed communication / idle time, bubble, slowest rank."""
     from tools.trace_summary import format_summary, summarize
 
     result = summarize(_load(run_dir))
-    click.echo(json.dumps(result, indent=1) if as_json else format_summary(result))
+    click.echo(json.dumps(result, indent=1) if as_json else format_summary(result, None if all_steps else 8))
 
 
 def _warn_causality(loaded):

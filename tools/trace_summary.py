@@ -269,8 +269,10 @@ def summarize(trace: Trace) -> dict:
     }
 
 
-def format_summary(summary: dict) -> str:
-    """A plain-text table, one row per rank, then bubble, per-step and causality lines."""
+def format_summary(summary: dict, max_steps: int | None = 8) -> str:
+    """A plain-text table, one row per rank, then bubble, per-step and causality lines.
+
+    At most `max_steps` per-step lines (the slowest ones, in step order); None prints them all."""
     header = (f"{'rank':>4} {'wall ms':>10} {'compute%':>9} {'comm%':>7} {'exposed%':>9} {'idle%':>7} "
               f"{'overlap%':>9} {'bubble%':>8}")
     lines = [f"trace {summary['directory']}  ({summary['world_size']} ranks, {summary['wall_ms']:.3f} ms, "
@@ -284,7 +286,12 @@ def format_summary(summary: dict) -> str:
     theory = "n/a (no schedule.json)" if bubble["theoretical_pct"] is None else f"{bubble['theoretical_pct']:.2f}%"
     lines.append(f"bubble (mean over ranks, {bubble['window']} window): measured {bubble['measured_pct']:.2f}%, "
                  f"theoretical {theory}")
-    for step in summary["steps"]:
+    steps = summary["steps"]
+    if max_steps is not None and len(steps) > max_steps:
+        slowest = sorted(steps, key=lambda st: -st["wall_ms"])[:max_steps]
+        lines.append(f"{max_steps} slowest of {len(steps)} steps (`ringpipe trace summary --all-steps` for all):")
+        steps = sorted(slowest, key=lambda st: st["step"])
+    for step in steps:
         cells = "  ".join(f"r{r['rank']} {r['compute_pct']:.1f}/{r['exposed_comm_pct']:.1f}/{r['idle_pct']:.1f}"
                           for r in step["ranks"])
         lines.append(f"step {step['step']}: {step['wall_ms']:.3f} ms  compute/exposed/idle %  {cells}")
