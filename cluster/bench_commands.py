@@ -71,20 +71,57 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
 @click.option("--microbatches", default=1, show_default=True)
 @click.option("--bucket-kb", default=1024, show_default=True, help="Gradient bucket size cap (KiB).")
 @click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
-@click.option("--steps", default=20, show_default=True, help="Timed steps (after 3 warmup).")
+@click.option("--steps", default=20, show_default=True, help="Timed steps per round (after 3 warmup).")
+@click.option("--rounds", default=3, show_default=True, help="Alternating rounds; each dp size keeps its best.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
 def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_kb, zero,
-                        steps, json_path):
+                        steps, rounds, json_path):
     """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker) and how much of the
     gradient all-reduce overlapped backward."""
     from tools.bench_data_parallel import format_table, run, write_json
 
     try:
         result = run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                     batch_per_rank=batch_per_rank, microbatches=microbatches, steps=steps,
+                     batch_per_rank=batch_per_rank, microbatches=microbatches, steps=steps, rounds=rounds,
                      bucket_bytes=bucket_kb << 10, zero=int(zero))
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_table(result))
     if json_path:
         write_json(result, json_path)
+
+
+@bench.command("pipeline")
+@click.option("--schedules", default="1f1b,zb-h1,gpipe,interleaved", show_default=True,
+              help="Comma-separated pipeline schedules.")
+@click.option("--microbatches", default="4,8", show_default=True, help="Comma-separated micro-batch counts m.")
+@click.option("--pp", default=2, show_default=True, type=click.IntRange(2, 64),
+              help="Pipeline stages = workers (keep it ≤ the number of cores).")
+@click.option("--virtual-stages", default=2, show_default=True, type=click.IntRange(1, 16),
+              help="Chunks per rank for 'interleaved' (the other schedules use 1).")
+@click.option("--n-layer", default=4, show_default=True)
+@click.option("--n-head", default=8, show_default=True)
+@click.option("--n-embd", default=256, show_default=True)
+@click.option("--block-size", default=128, show_default=True)
+@click.option("--microbatch-size", default=4, show_default=True, help="Sequences per micro-batch.")
+@click.option("--split", default=None, help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
+@click.option("--warmup", default=2, show_default=True, help="Untraced steps first.")
+@click.option("--steps", default=3, show_default=True, help="Traced steps (the median is reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write one object per (schedule, m).")
+def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
+                   microbatch_size, split, warmup, steps, json_path):
+    """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
+    to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
+    from tools.bench_pipeline import format_summary, run, write_json
+
+    try:
+        rows = run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
+                   microbatches=[int(m) for m in microbatches.split(",") if m.strip()], pp=pp,
+                   virtual_stages=virtual_stages, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                   block_size=block_size, microbatch_size=microbatch_size, warmup=warmup, steps=steps,
+                   split=[int(c) for c in split.split(",")] if split else None, echo=click.echo)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_summary(rows))
+    if json_path:
+        write_json(rows, json_path)
