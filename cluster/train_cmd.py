@@ -127,6 +127,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="Checkpoint every N steps (and after the last).")
 @click.option("--out", type=click.Path(file_okay=False), default="out", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
+@click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds an earlier run (it is replaced).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Local worker processes; must equal dp × tp × pp.")
@@ -147,14 +148,18 @@ D = TrainConfig()  # flag defaults are the config's defaults
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
     out = flags["out"]
+    if flags["overwrite"] and flags["resume"]:
+        raise _bad_flag("--overwrite", "cannot be combined with --resume")
     if not flags["resume"]:
         try:
             find_checkpoint(out)
         except ValueError:
             pass
         else:
-            raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to "
-                            "continue it, or choose another directory")
+            if not flags["overwrite"]:
+                raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to continue it, "
+                                "--overwrite to replace it, or choose another directory")
+            _remove_run(out)
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"])
@@ -187,6 +192,20 @@ def train(ctx, **flags):
         prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
         ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
         click.echo(tokenizer.decode(to_host(ids)[0]))
+
+
+def _remove_run(out: str) -> None:
+    """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
+    import glob
+    import shutil
+
+    for pattern in ("checkpoint", "checkpoint.old", "checkpoint.tmp-*", "model.tmp-*"):
+        for path in glob.glob(os.path.join(out, pattern)):
+            shutil.rmtree(path, ignore_errors=True)
+    for pattern in ("metrics.jsonl", "tokens.bin", "model.safetensors", "config.json", "tokenizer.json",
+                    "trace-rank*.json", "clocks.json", "schedule.json", "trace.html"):
+        for path in glob.glob(os.path.join(out, pattern)):
+            os.remove(path)
 
 
 def _encodable(tokenizer, text) -> bool:

@@ -79,3 +79,15 @@ def test_resume_with_another_layout_continues_exactly(corpus, tmp_path):
     a, b = GPT.from_pretrained(straight).params, GPT.from_pretrained(moved).params
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def test_overwrite_replaces_an_earlier_run_and_refuses_resume(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert train([], corpus, out, 1).exit_code == 0
+    assert train([], corpus, out, 1).exit_code != 0  # refuses to clobber without --overwrite
+    result = train(["--overwrite"], corpus, out, 2)
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [line.count('"step"') for line in f] == [1, 1]
+    result = train(["--overwrite", "--resume"], corpus, out, 3)
+    assert result.exit_code != 0 and "--overwrite" in result.output
