@@ -73,17 +73,18 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
 @click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
 @click.option("--steps", default=20, show_default=True, help="Timed steps per round (after 3 warmup).")
 @click.option("--rounds", default=3, show_default=True, help="Alternating rounds; each dp size keeps its best.")
+@click.option("--no-independent", is_flag=True, help="Skip the row of --dp unconnected dp=1 runs at once.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
 def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_kb, zero,
-                        steps, rounds, json_path):
-    """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker) and how much of the
-    gradient all-reduce overlapped backward."""
+                        steps, rounds, no_independent, json_path):
+    """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker), how much of the
+    gradient all-reduce overlapped backward, and --dp unconnected dp=1 runs as the machine's limit."""
     from tools.bench_data_parallel import format_table, run, write_json
 
     try:
         result = run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                      batch_per_rank=batch_per_rank, microbatches=microbatches, steps=steps, rounds=rounds,
-                     bucket_bytes=bucket_kb << 10, zero=int(zero))
+                     bucket_bytes=bucket_kb << 10, zero=int(zero), independent=not no_independent)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_table(result))

@@ -30,9 +30,11 @@ CORPUS = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home; the w
 
 def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 64,
         batch_per_rank: int = 12, microbatches: int = 1, steps: int = 20, warmup: int = 3, rounds: int = 3,
-        bucket_bytes: int = 1 << 20, zero: int = 0, timeout: float = 300.0) -> dict:
+        bucket_bytes: int = 1 << 20, zero: int = 0, independent: bool = True, timeout: float = 300.0) -> dict:
     """Time each dp size for `rounds` alternating rounds of `steps` steps (after `warmup`); a row
-    keeps its best round (the least disturbed by other processes). Returns rows and efficiencies."""
+    keeps its best round (the least disturbed by other processes). With `independent`, one more
+    row: N unconnected dp=1 runs at once, the machine's own limit for N busy workers (shared
+    memory bandwidth and caches) with no communication at all. Returns rows and efficiencies."""
     if batch_per_rank % microbatches:
         raise ValueError(f"per-rank batch {batch_per_rank} is not divisible by microbatches {microbatches}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -44,27 +46,31 @@ def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, b
                            dtype="float32")
         driver = Trainer.create(base, os.path.join(tmp, "run"))  # tokenizes once: tokens.bin and the vocabulary
         token_file = os.path.join(tmp, "run", "tokens.bin")
-        trainers, clusters = {}, {}
-        for dp in dp_sizes:
+
+        def start(dp: int, copies: int = 1) -> list:
             config = dataclasses.replace(base, batch_size=batch_per_rank * dp)
             layout = Layout(dp=dp, zero=zero)
             layout.validate(config)
-            cluster = clusters[dp] = stack.enter_context(Cluster(dp, threads_per_worker=1, timeout=timeout))
-            trainers[dp] = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
-                                         token_file, driver.tokenizer.vocab_size, bucket_bytes=bucket_bytes)
-            for step in range(warmup):
-                trainers[dp].train_step(step).result()
+            runs = []
+            for _ in range(copies):
+                cluster = stack.enter_context(Cluster(dp, threads_per_worker=1, timeout=timeout))
+                runs.append((cluster, cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
+                                                    dataclasses.asdict(layout), token_file,
+                                                    driver.tokenizer.vocab_size, bucket_bytes=bucket_bytes)))
+            _time_steps(runs, range(warmup))
+            return runs
+
+        setups = [(f"dp={dp}", dp, start(dp)) for dp in dp_sizes]
+        if independent:
+            setups.append((f"{dp_sizes[-1]}× dp=1", dp_sizes[-1], start(1, copies=dp_sizes[-1])))
         best, next_step = {}, warmup
-        for _ in range(rounds):  # alternate, so a burst of outside load hits every dp size alike
-            for dp in dp_sizes:
-                cpu_before = clusters[dp].run(process_cpu_seconds)
-                row = _time_steps(trainers[dp], dp, range(next_step, next_step + steps))
-                cpu_used = [after - before for before, after in zip(cpu_before, clusters[dp].run(process_cpu_seconds))]
-                row["cpu_s_per_rank"] = max(cpu_used) / steps
-                if dp not in best or row["step_s"] < best[dp]["step_s"]:
-                    best[dp] = row
+        for _ in range(rounds):  # alternate, so a burst of outside load hits every setup alike
+            for label, dp, runs in setups:
+                row = {"setup": label, "dp": dp, **_time_steps(runs, range(next_step, next_step + steps))}
+                if label not in best or row["step_s"] < best[label]["step_s"]:
+                    best[label] = row
             next_step += steps
-    rows = [best[dp] for dp in dp_sizes]
+    rows = [best[label] for label, _, _ in setups]
     for row in rows:
         row["efficiency"] = rows[0]["step_s"] / row["step_s"]
     params = sum(p.size for p in driver.gpt.params.values())
@@ -80,21 +86,25 @@ def process_cpu_seconds(comm) -> float:
     return time.process_time()
 
 
-def _time_steps(trainers, dp: int, steps: range) -> dict:
-    step_s, wall_s, overlapped, exposed, buckets = [], [], [], [], 0
+def _time_steps(runs: list, steps: range) -> dict:
+    """Step `runs` [(cluster, trainers)] together; medians over steps of the slowest rank's numbers."""
+    cpu_before = [c for cluster, _ in runs for c in cluster.run(process_cpu_seconds)]
+    step_s, overlapped, exposed, buckets = [], [], [], 0
     for step in steps:
-        start = time.perf_counter()
-        metrics = trainers.train_step(step).result()
-        wall_s.append(time.perf_counter() - start)
+        futures = [trainers.train_step(step) for _, trainers in runs]
+        metrics = [m for future in futures for m in future.result()]
         step_s.append(max(m["seconds"] for m in metrics))  # the slowest replica sets the pace
-        timings = [m["data_parallel"] for m in metrics]
-        overlapped.append(statistics.mean(t["overlapped_s"] for t in timings))
-        exposed.append(statistics.mean(t["exposed_s"] for t in timings))
-        buckets = timings[0]["buckets"]
-    row = {"dp": dp, "step_s": statistics.median(step_s), "driver_step_s": statistics.median(wall_s),
-           "buckets": buckets, "overlapped_s": statistics.median(overlapped), "exposed_s": statistics.median(exposed)}
+        overlapped.append(statistics.mean(m["data_parallel"]["overlapped_s"] for m in metrics))
+        exposed.append(statistics.mean(m["data_parallel"]["exposed_s"] for m in metrics))
+        buckets = metrics[0]["data_parallel"]["buckets"]
+    cpu_after = [c for cluster, _ in runs for c in cluster.run(process_cpu_seconds)]
+    if not steps:
+        return {}
+    row = {"step_s": statistics.median(step_s), "buckets": buckets, "overlapped_s": statistics.median(overlapped),
+           "exposed_s": statistics.median(exposed),
+           "cpu_s_per_rank": max(a - b for a, b in zip(cpu_after, cpu_before)) / len(steps)}
     communicating = row["overlapped_s"] + row["exposed_s"]
-    row["overlap"] = row["overlapped_s"] / communicating if dp > 1 and communicating > 0 else None
+    row["overlap"] = row["overlapped_s"] / communicating if len(metrics) > len(runs) and communicating > 0 else None
     return row
 
 
@@ -106,13 +116,13 @@ def format_table(result: dict) -> str:
              f"buckets ≤ {result['bucket_bytes'] / 2 ** 10:.0f} KiB, zero={result['zero']}, "
              f"best of {result['rounds']} rounds of {result['steps']} steps (median), "
              f"load average {result['load_average'][0]:.2f}",
-             f"{'dp':>3} {'step ms':>9} {'efficiency':>11} {'buckets':>8} {'overlapped ms':>14} "
+             f"{'setup':>9} {'step ms':>9} {'efficiency':>11} {'buckets':>8} {'overlapped ms':>14} "
              f"{'exposed ms':>11} {'overlap':>8} {'cpu ms/rank':>12}"]
     for row in result["rows"]:
         overlap = f"{row['overlap']:.0%}" if row["overlap"] is not None else "-"
-        lines.append(f"{row['dp']:>3} {row['step_s'] * 1e3:>9.1f} {row['efficiency']:>11.1%} {row['buckets']:>8} "
-                     f"{row['overlapped_s'] * 1e3:>14.2f} {row['exposed_s'] * 1e3:>11.2f} {overlap:>8} "
-                     f"{row['cpu_s_per_rank'] * 1e3:>12.1f}")
+        lines.append(f"{row['setup']:>9} {row['step_s'] * 1e3:>9.1f} {row['efficiency']:>11.1%} "
+                     f"{row['buckets']:>8} {row['overlapped_s'] * 1e3:>14.2f} {row['exposed_s'] * 1e3:>11.2f} "
+                     f"{overlap:>8} {row['cpu_s_per_rank'] * 1e3:>12.1f}")
     return "\n".join(lines)
 
 
