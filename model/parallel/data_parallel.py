@@ -80,7 +80,12 @@ def plan_buckets(groups_in_ready_order: list, shapes: dict, itemsize: int, bucke
 
 
 class GradientBuckets:
-    """Flat parameter/gradient buffers of this rank's stages, and their bucketed dp reduction."""
+    """Flat parameter/gradient buffers of this rank's stages, and their bucketed dp reduction.
+
+    stages: stage index -> stage on this rank (its params/grads entries are replaced by views, its
+    `on_grads_final` set); dp_comm: the data-parallel communicator; embedding_comm: first + last
+    pipeline stage (None without pipeline parallelism); shard: ZeRO-1 (reduce-scatter, padded buckets).
+    """
 
     def __init__(self, stages: dict, dp_comm, embedding_comm=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  shard: bool = False):
@@ -188,7 +193,7 @@ class ShardedAdamW:
 
     def __init__(self, gradients: GradientBuckets, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
-        self.g, self.beta1, self.beta2, self.eps = gradients, betas[0], betas[1], eps
+        self.gradients, self.beta1, self.beta2, self.eps = gradients, betas[0], betas[1], eps
         self.xp, flat = gradients.xp, gradients.flat_params
         self.shards = [gradients.shard_of(b) for b in range(len(gradients.buckets))]
         self.m = [self.xp.zeros(s.stop - s.start, flat.dtype) for s in self.shards]
@@ -207,44 +212,45 @@ class ShardedAdamW:
 
     def update(self, grad_shards: list, lr: float, grad_scale: float = 1.0) -> None:
         self.step_count += 1
-        flat = self.g.flat_params
+        flat = self.gradients.flat_params
         for b, shard in enumerate(self.shards):
             grad = grad_shards[b] if grad_scale == 1.0 else grad_shards[b] * grad_scale
             adamw_update(flat[shard], grad, self.m[b], self.v[b], self.step_count, lr, self.beta1,
                          self.beta2, self.eps, self.decay[b])
-        if self.g.dp_size > 1:
-            gathered = gather_shards(self.g.dp_comm, [flat[shard] for shard in self.shards])
-            for bucket, full in zip(self.g.buckets, gathered):
+        if self.gradients.dp_size > 1:
+            gathered = gather_shards(self.gradients.dp_comm, [flat[shard] for shard in self.shards])
+            for bucket, full in zip(self.gradients.buckets, gathered):
                 flat[bucket.span] = full
 
     def _gathered(self, moments: list) -> list:
-        if self.g.dp_size == 1:
+        if self.gradients.dp_size == 1:
             return moments
-        return gather_shards(self.g.dp_comm, moments)
+        return gather_shards(self.gradients.dp_comm, moments)
 
     def state_dict(self) -> dict:
         """Host arrays "step", "m.NAME", "v.NAME" for every parameter of this rank (collective over dp)."""
         state = {"step": np.array(self.step_count, dtype=np.int64)}
         for moment, shards in (("m", self.m), ("v", self.v)):
-            flat = self.xp.zeros_like(self.g.flat_params)
-            for bucket, full in zip(self.g.buckets, self._gathered(shards)):
+            flat = self.xp.zeros_like(self.gradients.flat_params)
+            for bucket, full in zip(self.gradients.buckets, self._gathered(shards)):
                 flat[bucket.span] = full
-            for name in self.g.params:
-                state[f"{moment}.{name}"] = to_host(self.g.view(flat, name)).copy()
+            for name in self.gradients.params:
+                state[f"{moment}.{name}"] = to_host(self.gradients.view(flat, name)).copy()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         """Take this rank's shard of full per-parameter moments (ValueError on missing or misshapen)."""
         for moment, shards in (("m", self.m), ("v", self.v)):
-            flat = self.xp.zeros_like(self.g.flat_params)
-            for name, param in self.g.params.items():
+            flat = self.xp.zeros_like(self.gradients.flat_params)
+            for name, param in self.gradients.params.items():
                 key = f"{moment}.{name}"
                 if key not in state:
-                    raise ValueError(f"optimizer state lacks {key!r}")
+                    raise ValueError(f"ZeRO-1 (dp rank {self.gradients.dp_rank}): optimizer state lacks {key!r}")
                 if tuple(state[key].shape) != tuple(param.shape):
-                    raise ValueError(f"optimizer state {key!r} has shape {tuple(state[key].shape)}, "
+                    raise ValueError(f"ZeRO-1 (dp rank {self.gradients.dp_rank}): optimizer state {key!r} has "
+                                     f"shape {tuple(state[key].shape)}, "
                                      f"expected {tuple(param.shape)}")
-                self.g.view(flat, name)[...] = self.xp.asarray(state[key])
+                self.gradients.view(flat, name)[...] = self.xp.asarray(state[key])
             for b, shard in enumerate(self.shards):
                 shards[b][...] = flat[shard]
         self.step_count = int(state["step"])
