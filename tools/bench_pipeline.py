@@ -1,0 +1,299 @@
+"""Measured pipeline bubble: per-stage busy and idle time of real runs, next to the schedules' theory.
+
+For every (schedule, micro-batch count) a fresh local cluster runs `ParallelTrainer` with dp = tp = 1,
+pp stages, one BLAS thread per worker. After `warmup` steps the runtime's tracer records `steps`
+steps; everything below comes from those spans, and each number is the median over the traced steps.
+
+What is measured (per step, per pipeline rank)
+  window    ONE window per step, shared by all ranks: from the first pipeline compute span (forward,
+            backward, backward_input, backward_weight) of that step on ANY rank to the last one on
+            any rank. The optimizer (gradient sync, clipping, AdamW) is outside the pipeline's theory
+            and is reported apart. A shared window is what the theory assumes: the last rank idling
+            until the first activation arrives is bubble.
+  compute   union of the rank's pipeline compute spans of that step inside the window.
+  transfer  comm-thread time actually moving bytes (a comm span minus its leading `wait_us`), not
+            overlapped by compute ("exposed comm"). It is not bubble.
+  bubble    window − compute − exposed transfer: the rank neither computes nor moves bytes. Time
+            BLOCKED WAITING ON A PEER (a receive whose message has not come, an all-reduce whose
+            peer is late) IS bubble; so is any other gap ("overhead": Python between actions,
+            handing work to the comm thread, the previous step's optimizer tail).
+  bubble fraction (of total)  Σ_ranks bubble / (p · window)      — comparable across schedules.
+  bubble ratio (to ideal)     Σ_ranks bubble / Σ_ranks compute   — the Megatron / zero-bubble form.
+
+Theory, given in both forms (r = ratio to ideal compute, f = fraction of total, f = r / (1 + r)):
+  gpipe, 1f1b   f = (p−1)/(m+p−1)     (so r = (p−1)/m)
+  interleaved   r = (1/v)·(p−1)/m     (Narayanan et al.; converted to f for the comparison)
+  zb-h1         f from `simulate` with unit costs F = B = W (textbook r = (p−1)/(3m) is printed too)
+Also `simulate` of the same schedule (a) with the median MEASURED cost of each (rank, stage, kind) and
+the measured p2p latency: what the schedule should reach here with steady costs and no executor
+overhead; (b) "replay": each traced step with its own span durations and the measured latency. So
+  simulated(a) − theory     stage imbalance and the real F:B:W cost ratios,
+  replay − simulated(a)     jitter (one slow action delays the peer; CPU shared with other jobs),
+  measured − replay         executor overhead: Python between actions, thread hand-offs, latency spread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+
+from model.parallel.schedules import Kind, build_schedule, split_layers
+from model.parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
+from model.parallel.trainer import Layout, ParallelTrainer
+from model.train import TOKEN_FILE, Trainer, TrainConfig
+from runtime import Cluster
+from tools.bench_data_parallel import CORPUS
+from tools.trace_io import COMPUTE_THREAD, load_trace
+from tools.trace_summary import intersect, rank_intervals, subtract, total, union
+
+SCHEDULES = ("1f1b", "zb-h1", "gpipe", "interleaved")
+SPAN_OF_KIND = {Kind.FORWARD: "forward", Kind.BACKWARD: "backward", Kind.BACKWARD_INPUT: "backward_input",
+                Kind.BACKWARD_WEIGHT: "backward_weight"}
+PIPELINE_SPANS = frozenset(SPAN_OF_KIND.values())
+DEFINITIONS = {
+    "window": "per step, shared by all ranks: first to last pipeline compute span (F/B/I/W) of any rank",
+    "compute": "union of the rank's pipeline compute spans in the window (optimizer excluded)",
+    "exposed_comm": "comm spans minus their leading wait_us (bytes moving), not overlapped by compute",
+    "bubble": "window - compute - exposed_comm; includes time blocked on a peer and any other gap",
+    "blocked": "part of the bubble spent inside a comm span waiting on a peer",
+    "overhead": "rest of the bubble: Python between actions, thread hand-offs, previous optimizer tail",
+    "bubble_fraction": "sum of bubbles / (p * window): fraction of total time",
+    "bubble_ratio": "sum of bubbles / sum of compute: relative to ideal compute time",
+}
+
+
+def theory(schedule: str, p: int, m: int, v: int) -> dict:
+    """The schedule's theoretical bubble as fraction of total time and as ratio to ideal compute, plus
+    `simulate` with unit costs (F = 1, B = 2 or B = W = 1) as a cross-check of the formula."""
+    unit = simulate(build_schedule(schedule, p, m, v), UNIT_COSTS).bubble_fraction
+    value = theoretical_bubble(schedule, p, m, v)
+    if schedule == "zb-h1":
+        return {"fraction": unit, "ratio": unit / (1 - unit), "source": "simulate, unit costs F=B=W",
+                "textbook_ratio": value, "simulated_unit_fraction": unit}
+    if schedule == "interleaved":
+        return {"fraction": value / (1 + value), "ratio": value, "source": "(1/v)(p-1)/m of ideal",
+                "textbook_ratio": value, "simulated_unit_fraction": unit}
+    return {"fraction": value, "ratio": value / (1 - value), "source": "(p-1)/(m+p-1) of total",
+            "textbook_ratio": value / (1 - value), "simulated_unit_fraction": unit}
+
+
+def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: int = 2, n_layer: int = 4,
+        n_head: int = 8, n_embd: int = 256, block_size: int = 128, microbatch_size: int = 4, warmup: int = 2,
+        steps: int = 3, split=None, timeout: float = 300.0, echo=None) -> list[dict]:
+    """One row (a dict, see `measure`) per (schedule, m); rows whose layout cannot work raise ValueError
+    before any worker starts. `echo(text)` gets each row's table as soon as it is measured."""
+    if split is not None and "split" not in {f.name for f in dataclasses.fields(Layout)}:
+        raise ValueError("--split: model.parallel.trainer.Layout has no 'split' field, so ParallelTrainer always "
+                         "splits layers evenly (it calls split_layers without an explicit split)")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "corpus.txt")
+        with open(corpus, "w") as f:
+            f.write(CORPUS)
+        base = TrainConfig(data=corpus, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                           batch_size=microbatch_size, steps=10 ** 6, warmup=10, dtype="float32")
+        plans = []
+        for schedule in schedules:
+            for m in microbatches:
+                v = virtual_stages if schedule == "interleaved" else 1
+                config = dataclasses.replace(base, batch_size=microbatch_size * m, microbatches=m)
+                layout = Layout(pp=pp, schedule=schedule, virtual_stages=v)
+                if split is not None:
+                    split_layers(n_layer, pp * v, split)  # raises on a split that does not fit
+                    layout = dataclasses.replace(layout, split=list(split))
+                layout.validate(config)
+                plans.append((config, layout))
+        driver = Trainer.create(base, os.path.join(tmp, "run"))  # writes the token file once
+        token_file = os.path.join(tmp, "run", TOKEN_FILE)
+        for config, layout in plans:
+            row = measure(config, layout, token_file, driver.tokenizer.vocab_size, warmup, steps,
+                          os.path.join(tmp, f"trace-{layout.schedule}-{config.microbatches}"), timeout)
+            row["model"] = {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
+                            "vocab_size": driver.tokenizer.vocab_size, "microbatch_size": microbatch_size,
+                            "dtype": "float32", "split": [len(r) for r in _split(n_layer, layout, split)]}
+            rows.append(row)
+            if echo:
+                echo(format_row(row))
+    return rows
+
+
+def _split(n_layer, layout, split):
+    return split_layers(n_layer, layout.pp * layout.virtual_stages, split)
+
+
+def measure(config: TrainConfig, layout: Layout, token_file: str, vocab_size: int, warmup: int, steps: int,
+            trace_dir: str, timeout: float) -> dict:
+    """Run warmup + traced steps on a fresh cluster and reduce the trace to one row."""
+    with Cluster(layout.world_size, threads_per_worker=1, timeout=timeout) as cluster:
+        trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                 token_file, vocab_size)
+        for step in range(warmup):
+            trainers.train_step(step).result()
+        cluster.start_trace()
+        step_seconds = []
+        for step in range(warmup, warmup + steps):
+            start = time.perf_counter()
+            trainers.train_step(step).result()
+            step_seconds.append(time.perf_counter() - start)
+        cluster.stop_trace(trace_dir)
+    trace = load_trace(trace_dir)
+    p, m, v = layout.pp, config.microbatches, layout.virtual_stages
+    actions = build_schedule(layout.schedule, p, m, v)
+    row = analyse(trace, actions)
+    row.update(schedule=layout.schedule, pp=p, microbatches=m, virtual_stages=v, warmup=warmup, steps=steps,
+               driver_step_s=statistics.median(step_seconds), load_average=list(os.getloadavg()),
+               theory=theory(layout.schedule, p, m, v), definitions=DEFINITIONS)
+    costs = row["action_costs"]
+
+    def median_cost(rank, action):
+        return costs.get(f"{rank}/{action.stage}/{SPAN_OF_KIND.get(action.kind)}", {}).get("median_s", 0.0)
+
+    simulated = simulate(actions, median_cost, latency=row["p2p_latency_s"])
+    row["simulated_with_measured_costs"] = {"fraction": simulated.bubble_fraction,
+                                            "makespan_s": simulated.makespan}
+    row["measured_over_theory"] = row["bubble_fraction"] / row["theory"]["fraction"]
+    return row
+
+
+def analyse(trace, actions: list) -> dict:
+    """Median per-step busy/bubble per rank, per-action costs and p2p latency from one trace of a run
+    of `actions` (the schedule, one action list per rank). Each step is also replayed: `simulate` with
+    that step's own span durations, so jitter is in it and only executor overhead and latency are not."""
+    by_step: dict = {}
+    for span in trace.spans(thread=COMPUTE_THREAD):
+        if span.name in PIPELINE_SPANS and span.args.get("step") is not None:
+            by_step.setdefault(span.args["step"], []).append(span)
+    pieces = {rank: rank_intervals(trace, rank) for rank in trace.ranks}
+    latency = _p2p_latency(trace)
+    per_step = []
+    for step, spans in sorted(by_step.items()):
+        window = [[min(s.start_ns for s in spans), max(s.end_ns for s in spans)]]
+        wall = total(window)
+        ranks = []
+        for rank in trace.ranks:
+            compute = union((s.start_ns, s.end_ns) for s in spans if s.rank == rank)
+            compute = intersect(compute, window)
+            comm = intersect(pieces[rank]["comm"], window)
+            exposed = subtract(comm, compute)
+            busy = union(compute + comm)
+            blocked = subtract(intersect(pieces[rank]["blocked"], window), busy)
+            bubble = wall - total(busy)
+            ranks.append({"rank": rank, "actions": sum(1 for s in spans if s.rank == rank),
+                          "compute_s": total(compute) / 1e9, "exposed_comm_s": total(exposed) / 1e9,
+                          "bubble_s": bubble / 1e9, "blocked_s": total(blocked) / 1e9,
+                          "overhead_s": (bubble - total(blocked)) / 1e9})
+        bubble_sum = sum(r["bubble_s"] for r in ranks)
+        compute_sum = sum(r["compute_s"] for r in ranks)
+        durations = {(s.rank, s.args.get("stage"), s.name, s.args.get("microbatch")): s.duration_ns / 1e9
+                     for s in spans}
+        replay = simulate(actions, lambda rank, a: durations.get((rank, a.stage, SPAN_OF_KIND.get(a.kind),
+                                                                  a.microbatch), 0.0), latency)
+        per_step.append({"step": step, "window_s": wall / 1e9, "ranks": ranks,
+                         "replayed_fraction": replay.bubble_fraction,
+                         "bubble_fraction": bubble_sum / (len(ranks) * wall / 1e9) if wall else 0.0,
+                         "bubble_ratio": bubble_sum / compute_sum if compute_sum else 0.0})
+    if not per_step:
+        raise RuntimeError(f"{trace.directory}: no pipeline compute spans with a step were traced")
+    median = statistics.median
+    stages = []
+    for i, rank in enumerate(trace.ranks):
+        row = {"rank": rank}
+        for key in ("actions", "compute_s", "exposed_comm_s", "bubble_s", "blocked_s", "overhead_s"):
+            row[key] = median(s["ranks"][i][key] for s in per_step)
+        row["optimizer_s"] = median(_optimizer_seconds(trace, rank, s["step"]) for s in per_step)
+        stages.append(row)
+    window = median(s["window_s"] for s in per_step)
+    for row in stages:
+        row["bubble_fraction"] = row["bubble_s"] / window if window else 0.0
+    computes = [r["compute_s"] for r in stages]
+    return {"window_s": window, "bubble_fraction": median(s["bubble_fraction"] for s in per_step),
+            "bubble_ratio": median(s["bubble_ratio"] for s in per_step), "stages": stages,
+            "replayed_fraction": median(s["replayed_fraction"] for s in per_step),
+            "imbalance": max(computes) / statistics.mean(computes) if any(computes) else 1.0,
+            "per_step": per_step, "action_costs": _action_costs(trace), "p2p_latency_s": latency}
+
+
+def _optimizer_seconds(trace, rank: int, step) -> float:
+    return sum(s.duration_ns for s in trace.spans(rank, COMPUTE_THREAD)
+               if s.name == "optimizer" and s.args.get("step") == step) / 1e9
+
+
+def _action_costs(trace) -> dict:
+    """"rank/stage/span" -> median and count of that compute action's duration over the traced steps."""
+    durations: dict = {}
+    for span in trace.spans(thread=COMPUTE_THREAD):
+        if span.name in PIPELINE_SPANS:
+            key = f"{span.rank}/{span.args.get('stage')}/{span.name}"
+            durations.setdefault(key, []).append(span.duration_ns / 1e9)
+    return {key: {"median_s": statistics.median(d), "count": len(d)} for key, d in sorted(durations.items())}
+
+
+def _p2p_latency(trace) -> float:
+    """Median time from a send's start to the end of its receive, over receives posted before the send
+    (so the receive ended when the bytes had arrived); 0 when no receive waited."""
+    sends, delays = {}, []
+    for span in trace.spans():
+        if span.name == "send" and "flow" in span.args:
+            sends[span.args["flow"]] = span
+    for span in trace.spans():
+        send = sends.get(span.args.get("flow")) if span.name == "recv" else None
+        if send is not None and span.start_ns <= send.start_ns:
+            delays.append((span.end_ns - send.start_ns) / 1e9)
+    return statistics.median(delays) if delays else 0.0
+
+
+def format_row(row: dict) -> str:
+    """One (schedule, m) block: the bubble against theory, then one line per pipeline rank."""
+    t, sim = row["theory"], row["simulated_with_measured_costs"]
+    lines = [f"{row['schedule']:<11} m={row['microbatches']:<2} v={row['virtual_stages']}  bubble of total: "
+             f"measured {row['bubble_fraction']:6.1%}  theory {t['fraction']:6.1%} ({t['source']})  "
+             f"measured/theory {row['measured_over_theory']:.2f}",
+             f"{'':<16}simulated: unit costs {t['simulated_unit_fraction']:6.1%}  median measured costs "
+             f"{sim['fraction']:6.1%}  replay of each step's own durations {row['replayed_fraction']:6.1%}  "
+             f"stage imbalance (max/mean compute) {row['imbalance']:.2f}  layers per stage {row['model']['split']}",
+             f"{'':<16}bubble / ideal compute: measured {row['bubble_ratio']:6.1%}  theory {t['ratio']:6.1%}"
+             f"  (textbook {t['textbook_ratio']:.1%})  window {row['window_s'] * 1e3:.1f} ms"
+             f"  driver step {row['driver_step_s'] * 1e3:.1f} ms  p2p latency {row['p2p_latency_s'] * 1e6:.0f} us",
+             f"{'':<16}{'rank':>4} {'compute ms':>11} {'exposed ms':>11} {'bubble ms':>10} {'blocked ms':>11} "
+             f"{'overhead ms':>12} {'bubble':>7} {'optimizer ms':>13}"]
+    for s in row["stages"]:
+        lines.append(f"{'':<16}{s['rank']:>4} {s['compute_s'] * 1e3:>11.1f} {s['exposed_comm_s'] * 1e3:>11.2f} "
+                     f"{s['bubble_s'] * 1e3:>10.1f} {s['blocked_s'] * 1e3:>11.1f} {s['overhead_s'] * 1e3:>12.1f} "
+                     f"{s['bubble_fraction']:>7.1%} {s['optimizer_s'] * 1e3:>13.1f}")
+    costs = "  ".join(f"{key} {c['median_s'] * 1e3:.1f}" for key, c in row["action_costs"].items())
+    lines.append(f"{'':<16}action ms (rank/stage/kind, median): {costs}")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list) -> str:
+    """The header with the setup and definitions, then the targets of issue #6 checked."""
+    first = rows[0]
+    model = first["model"]
+    lines = [f"GPT {model['n_layer']}L×{model['n_embd']} ({model['n_head']} heads, block {model['block_size']}, "
+             f"vocab {model['vocab_size']}, {model['dtype']}), micro-batch {model['microbatch_size']} sequences, "
+             f"pp={first['pp']}, one BLAS thread per worker, median of "
+             f"{first['steps']} traced steps after {first['warmup']} warmup, load average "
+             f"{first['load_average'][0]:.2f}",
+             "bubble = idle time in the step window shared by all ranks (first to last F/B/I/W of any rank); "
+             "time blocked waiting on a peer counts as bubble, moving bytes does not; optimizer excluded"]
+    by = {(r["schedule"], r["microbatches"]): r for r in rows}
+    for m in sorted({r["microbatches"] for r in rows}):
+        one = by.get(("1f1b", m))
+        if one:
+            ok = one["measured_over_theory"] <= 1.25
+            lines.append(f"target m={m}: 1f1b measured/theory {one['measured_over_theory']:.2f} ≤ 1.25: "
+                         f"{'yes' if ok else 'NO'}")
+        zb = by.get(("zb-h1", m))
+        if one and zb:
+            ok = zb["bubble_fraction"] < one["bubble_fraction"]
+            lines.append(f"target m={m}: zb-h1 {zb['bubble_fraction']:.1%} < 1f1b {one['bubble_fraction']:.1%}: "
+                         f"{'yes' if ok else 'NO'}")
+    return "\n".join(lines)
+
+
+def write_json(rows: list, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
