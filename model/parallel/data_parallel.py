@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.optim import adamw_update, decays
-from model.parallel.data_parallel_communications import gather_shards, reduce_gradients, shard_bounds
+from model.parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
 from runtime.backend import to_host
 
 TIED = "wte.weight"
@@ -212,15 +212,17 @@ class ShardedAdamW:
 
     def update(self, grad_shards: list, lr: float, grad_scale: float = 1.0) -> None:
         self.step_count += 1
-        flat = self.gradients.flat_params
+        flat, gathering = self.gradients.flat_params, []
         for b, shard in enumerate(self.shards):
-            grad = grad_shards[b] if grad_scale == 1.0 else grad_shards[b] * grad_scale
+            grad = grad_shards[b]  # this step's own array (or a view of the flat gradients): scaled in place
+            if grad_scale != 1.0:
+                grad *= grad_scale
             adamw_update(flat[shard], grad, self.m[b], self.v[b], self.step_count, lr, self.beta1,
                          self.beta2, self.eps, self.decay[b])
-        if self.gradients.dp_size > 1:
-            gathered = gather_shards(self.gradients.dp_comm, [flat[shard] for shard in self.shards])
-            for bucket, full in zip(self.gradients.buckets, gathered):
-                flat[bucket.span] = full
+            if self.gradients.dp_size > 1:  # gather this bucket while the next one is updated
+                gathering.append(gather_shard(self.gradients.dp_comm, flat[shard]))
+        for bucket, handle in zip(self.gradients.buckets, gathering):
+            flat[bucket.span] = handle.wait()
 
     def _gathered(self, moments: list) -> list:
         if self.gradients.dp_size == 1:

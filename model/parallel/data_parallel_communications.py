@@ -2,7 +2,7 @@
 
     reduce_gradients      average a bucket over dp: all-reduce (every rank gets all of it) or
                           reduce-scatter (ZeRO: each rank gets its 1/dp shard); asynchronous
-    gather_shards         all-gather each rank's 1/dp shard of several buckets back into full ones
+    gather_shard(s)       all-gather each rank's 1/dp shard of a bucket (or of several) into full ones
     shard_bounds          which elements of a bucket rank r owns
 
 A bucket's length is a multiple of dp when it is sharded, so every shard has the same size.
@@ -27,6 +27,12 @@ def reduce_gradients(dp_comm, grads, shard: bool):
     if shard:
         return dp_comm.reduce_scatter(grads, op="avg", async_op=True)
     return dp_comm.all_reduce(grads, op="avg", async_op=True)
+
+
+def gather_shard(dp_comm, shard):
+    """Start gathering every rank's `shard` of one bucket; `wait()` gives the full bucket. `shard`
+    must stay untouched until then."""
+    return dp_comm.all_gather(shard, async_op=True)
 
 
 def gather_shards(dp_comm, shards: list) -> list:
