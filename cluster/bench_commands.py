@@ -107,7 +107,7 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
 @click.option("--microbatch-size", default=4, show_default=True, help="Sequences per micro-batch.")
 @click.option("--split", default=None, help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
 @click.option("--warmup", default=2, show_default=True, help="Untraced steps first.")
-@click.option("--steps", default=3, show_default=True, help="Traced steps (the median is reported).")
+@click.option("--steps", default=5, show_default=True, help="Traced steps (the median is reported).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write one object per (schedule, m).")
 def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
                    microbatch_size, split, warmup, steps, json_path):

@@ -4,6 +4,13 @@ For every (schedule, micro-batch count) a fresh local cluster runs `ParallelTrai
 pp stages, one BLAS thread per worker. After `warmup` steps the runtime's tracer records `steps`
 steps; everything below comes from those spans, and each number is the median over the traced steps.
 
+    ringpipe bench pipeline                       # 1f1b, zb-h1, gpipe, interleaved (v=2) × m = 4, 8
+    ringpipe bench pipeline --schedules 1f1b --microbatches 8 --steps 10 --json pipeline.json
+
+Numbers are only meaningful on a quiet machine (`uptime` load well under the core count): another
+job stretching single actions moves the per-step bubble by several points (the printed step range
+shows how much), and 1F1B, whose ranks wait on each other every action, feels it most.
+
 What is measured (per step, per pipeline rank)
   window    ONE window per step, shared by all ranks: from the first pipeline compute span (forward,
             backward, backward_input, backward_weight) of that step on ANY rank to the last one on
@@ -82,7 +89,7 @@ def theory(schedule: str, p: int, m: int, v: int) -> dict:
 
 def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: int = 2, n_layer: int = 4,
         n_head: int = 8, n_embd: int = 256, block_size: int = 128, microbatch_size: int = 4, warmup: int = 2,
-        steps: int = 3, split=None, timeout: float = 300.0, echo=None) -> list[dict]:
+        steps: int = 5, split=None, timeout: float = 300.0, echo=None) -> list[dict]:
     """One row (a dict, see `measure`) per (schedule, m); rows whose layout cannot work raise ValueError
     before any worker starts. `echo(text)` gets each row's table as soon as it is measured."""
     if split is not None and "split" not in {f.name for f in dataclasses.fields(Layout)}:
@@ -209,7 +216,9 @@ def analyse(trace, actions: list) -> dict:
     for row in stages:
         row["bubble_fraction"] = row["bubble_s"] / window if window else 0.0
     computes = [r["compute_s"] for r in stages]
-    return {"window_s": window, "bubble_fraction": median(s["bubble_fraction"] for s in per_step),
+    fractions = [s["bubble_fraction"] for s in per_step]
+    return {"window_s": window, "bubble_fraction": median(fractions),
+            "bubble_fraction_range": [min(fractions), max(fractions)],
             "bubble_ratio": median(s["bubble_ratio"] for s in per_step), "stages": stages,
             "replayed_fraction": median(s["replayed_fraction"] for s in per_step),
             "imbalance": max(computes) / statistics.mean(computes) if any(computes) else 1.0,
@@ -250,7 +259,8 @@ def format_row(row: dict) -> str:
     t, sim = row["theory"], row["simulated_with_measured_costs"]
     lines = [f"{row['schedule']:<11} m={row['microbatches']:<2} v={row['virtual_stages']}  bubble of total: "
              f"measured {row['bubble_fraction']:6.1%}  theory {t['fraction']:6.1%} ({t['source']})  "
-             f"measured/theory {row['measured_over_theory']:.2f}",
+             f"measured/theory {row['measured_over_theory']:.2f}  (steps {row['bubble_fraction_range'][0]:.1%}"
+             f"–{row['bubble_fraction_range'][1]:.1%})",
              f"{'':<16}simulated: unit costs {t['simulated_unit_fraction']:6.1%}  median measured costs "
              f"{sim['fraction']:6.1%}  replay of each step's own durations {row['replayed_fraction']:6.1%}  "
              f"stage imbalance (max/mean compute) {row['imbalance']:.2f}  layers per stage {row['model']['split']}",
@@ -258,11 +268,12 @@ def format_row(row: dict) -> str:
              f"  (textbook {t['textbook_ratio']:.1%})  window {row['window_s'] * 1e3:.1f} ms"
              f"  driver step {row['driver_step_s'] * 1e3:.1f} ms  p2p latency {row['p2p_latency_s'] * 1e6:.0f} us",
              f"{'':<16}{'rank':>4} {'compute ms':>11} {'exposed ms':>11} {'bubble ms':>10} {'blocked ms':>11} "
-             f"{'overhead ms':>12} {'bubble':>7} {'optimizer ms':>13}"]
+             f"{'overhead ms':>12} {'bubble':>7} {'optimizer ms':>13} {'gap/action us':>14}"]
     for s in row["stages"]:
         lines.append(f"{'':<16}{s['rank']:>4} {s['compute_s'] * 1e3:>11.1f} {s['exposed_comm_s'] * 1e3:>11.2f} "
                      f"{s['bubble_s'] * 1e3:>10.1f} {s['blocked_s'] * 1e3:>11.1f} {s['overhead_s'] * 1e3:>12.1f} "
-                     f"{s['bubble_fraction']:>7.1%} {s['optimizer_s'] * 1e3:>13.1f}")
+                     f"{s['bubble_fraction']:>7.1%} {s['optimizer_s'] * 1e3:>13.1f} "
+                     f"{s['overhead_s'] / max(s['actions'], 1) * 1e6:>14.0f}")
     costs = "  ".join(f"{key} {c['median_s'] * 1e3:.1f}" for key, c in row["action_costs"].items())
     lines.append(f"{'':<16}action ms (rank/stage/kind, median): {costs}")
     return "\n".join(lines)
