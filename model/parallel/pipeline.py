@@ -43,6 +43,13 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
             return _NULL
         return tracer.span(name, microbatch=action.microbatch, stage=action.stage, step=step)
 
+    # Every receive is posted up front (tags are unique within a step): a message that arrives
+    # before its RECV action is then already in place, with no round trip to the engine thread.
+    # Posted receives may wait through much of the step, so they get a longer deadline than one
+    # blocking call: still an error, not a hang, if a peer never sends.
+    patience = pp_comm.config.timeout * 10
+    posted = {action: pp_comm.irecv(action.peer, tag=message_tag(action, num_microbatches), timeout=patience)
+              for action in actions if action.kind in (Kind.RECV_ACTIVATION, Kind.RECV_GRAD)}
     for index, action in enumerate(actions):
         kind, mb, s = action.kind, action.microbatch, action.stage
         if kind == Kind.FORWARD:
@@ -87,7 +94,7 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
             sends.append(pp_comm.isend(input_grads.pop((mb, s)), action.peer,
                                        tag=message_tag(action, num_microbatches)))
         elif kind in (Kind.RECV_ACTIVATION, Kind.RECV_GRAD):
-            received[(mb, s)] = pp_comm.recv(action.peer, tag=message_tag(action, num_microbatches))
+            received[(mb, s)] = posted.pop(action).wait()
         elif kind == Kind.OPTIMIZER_STEP:
             for handle in sends:
                 handle.wait()
