@@ -138,6 +138,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="Pipeline schedule.")
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
+@click.option("--split", default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
 @click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
@@ -160,9 +161,13 @@ def train(ctx, **flags):
                 raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to continue it, "
                                 "--overwrite to replace it, or choose another directory")
             _remove_run(out)
+    try:
+        split = [int(part) for part in flags["split"].split(",")] if flags["split"] else None
+    except ValueError:
+        raise _bad_flag("--split", f"{flags['split']!r} is not a comma-separated list of block counts") from None
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
-                    zero=flags["zero"])
+                    zero=flags["zero"], split=split)
     distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
     if flags["nproc"] != layout.world_size:
         raise _bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "

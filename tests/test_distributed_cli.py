@@ -55,6 +55,8 @@ def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, t
     (["--nproc", "2", "--dp", "2", "--batch-size", "5"], "divisible"),
     (["--nproc", "2", "--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3"],
      "multiple"),
+    (["--nproc", "2", "--pp", "2", "--split", "2,1"], "split"),
+    (["--nproc", "2", "--pp", "2", "--split", "a,b"], "--split"),
 ])
 def test_bad_layouts_fail_in_one_line_before_any_worker_starts(corpus, tmp_path, args, message):
     out = tmp_path / "run"

@@ -64,3 +64,19 @@ def test_parallel_training_equals_single_process(local_cluster, tmp_path, dp, tp
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def test_an_explicit_layer_split_trains_the_same_model(local_cluster, tmp_path):
+    config = config_for(tmp_path)
+    reference, expected = reference_params(config, str(tmp_path / "reference"))
+    layout = Layout(pp=2, schedule="1f1b", split=[3, 1])
+    layout.validate(config)
+    trainers = local_cluster(2).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        trainers.train_step(step).result()
+    owned = [sorted(p) for p in trainers.local_params().result()]
+    assert sum(name.startswith("h.") for name in owned[0]) == 3 * 12  # three blocks on the first stage
+    got = gather_full(trainers.local_params().result())
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)

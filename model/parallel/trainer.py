@@ -37,6 +37,7 @@ class Layout:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     zero: int = 0
+    split: list | None = None  # blocks per pipeline stage (p × v entries); None = balanced
 
     @property
     def world_size(self) -> int:
@@ -53,7 +54,7 @@ class Layout:
                              f"{self.dp} × {config.microbatches}")
         if config.n_head % self.tp:
             raise ValueError(f"n_head {config.n_head} is not divisible by tp {self.tp}")
-        split_layers(config.n_layer, self.pp * self.virtual_stages)  # raises on too few layers
+        split_layers(config.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
@@ -71,7 +72,7 @@ class ParallelTrainer:
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
-        layer_ranges = split_layers(self.config.n_layer, self.num_stages)
+        layer_ranges = split_layers(self.config.n_layer, self.num_stages, self.layout.split)
         full = init_params(self.gpt_config, self.config.seed)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
