@@ -33,6 +33,7 @@ from runtime import wire
 from runtime.auth import JobKeys
 from runtime.communicator import CommConfig
 from runtime.shm import SHM_DIR, arena_path, shm_available
+from runtime.wakeup import WakePipe
 
 DEFAULT_ARENA_BYTES = 1 << 30  # sparse: only the pages a worker touches use memory
 
@@ -167,8 +168,7 @@ class Cluster:
         self._epoch = 0
         self._fence_needed = False
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
+        self._wakeup = WakePipe()
         self._clock_replies: dict[int, int] = {}
         self._lock = threading.Lock()
         self.keys = JobKeys.generate()
@@ -269,16 +269,12 @@ class Cluster:
     def _serve(self):
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         while not self._closed:
             try:
                 events = dict(poller.poll(20))
-                if self._wake_read in events:
-                    try:
-                        while os.read(self._wake_read, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fileno() in events:
+                    self._wakeup.drain()
                 while True:
                     try:
                         rank, value = self._outbox.get_nowait()
@@ -316,10 +312,7 @@ class Cluster:
     def _post(self, rank, value):
         """Queue a message (or a callable to run) for the driver thread."""
         self._outbox.put((rank, value))
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:
-            pass
+        self._wakeup.wake()
 
     def _on_message(self, rank, value):
         kind = value.get("t")
@@ -486,11 +479,7 @@ class Cluster:
         except Exception:  # noqa: BLE001
             pass
         self._context.destroy(linger=0)
-        for fd in (self._wake_read, self._wake_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._wakeup.close()
         self._finalizer()
 
     def _terminate(self, grace: float = 0.0):

@@ -21,6 +21,7 @@ import zmq
 
 from runtime import wire
 from runtime.trace import Tracer, now_ns
+from runtime.wakeup import WakePipe
 
 log = logging.getLogger("ringpipe.runtime")
 
@@ -155,8 +156,7 @@ class Engine:
         self.aborted_call: str | None = None
         self.bytes_sent = defaultdict(int)  # group id -> payload bytes this rank sent
         self._submissions: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
+        self._wakeup = WakePipe()
         self._stopping = False
         self._parent_pid = os.getppid()
         self._thread = None
@@ -210,10 +210,7 @@ class Engine:
         self._wake()
 
     def _wake(self):
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:  # pipe full: the engine is already awake
-            pass
+        self._wakeup.wake()
 
     # ---- used by operations (engine thread) -------------------------------------------------
     def send(self, dst: int, header: dict, arrays=(), group=None):
@@ -238,18 +235,14 @@ class Engine:
     def _loop(self):
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self._wake_read, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         if self.control is not None:
             poller.register(self.control, zmq.POLLIN)
         while not self._stopping:
             try:
                 events = dict(poller.poll(self._poll_timeout_ms()))
-                if self._wake_read in events:
-                    try:
-                        while os.read(self._wake_read, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fileno() in events:
+                    self._wakeup.drain()
                 self._take_submissions()
                 if self.router in events:
                     self._receive_data()
