@@ -137,10 +137,19 @@ class ActivationMemory:
 @dataclass
 class DeferredWeightGrads:
     """What a block's backward_input leaves for backward_weight: the gradients already known
-    (LayerNorms) and, per linear, (param prefix, cached input x, dout)."""
+    and, per linear, (param prefix, cached input x, dout) in `pending`."""
     layer: int
     grads: dict
     pending: list
+    defer: bool = True  # False: linear weight grads are computed at once, while dout is hot
+
+    def add(self, prefix, x, dout):
+        if self.defer:
+            self.pending.append((prefix, x, dout))
+        else:
+            name = f"h.{self.layer}.{prefix}"
+            self.grads[name + ".weight"], self.grads[name + ".bias"] = \
+                ops.linear_backward_weight(dout, x)
 
 
 _heap_tuned = False
@@ -262,10 +271,10 @@ class GPT:
     def _mlp_half_backward_input(self, i, cache, dout, deferred):
         p, h = self.params, f"h.{i}."
         dy = ops.dropout_backward(dout, cache["mlp.dropout"])
-        deferred.pending.append(("mlp.c_proj", cache["mlp.c_proj"], dy))
+        deferred.add("mlp.c_proj", cache["mlp.c_proj"], dy)
         dg = ops.linear_backward_input(dy, p[h + "mlp.c_proj.weight"])
         df = ops.gelu_backward(dg, cache["gelu"])
-        deferred.pending.append(("mlp.c_fc", cache["mlp.c_fc"], df))
+        deferred.add("mlp.c_fc", cache["mlp.c_fc"], df)
         da = ops.linear_backward_input(df, p[h + "mlp.c_fc.weight"])
         dx, deferred.grads[h + "ln_2.weight"], deferred.grads[h + "ln_2.bias"] = \
             ops.layernorm_backward(da, cache["ln_2"], p[h + "ln_2.weight"])
@@ -275,23 +284,23 @@ class GPT:
     def _attention_half_backward_input(self, i, cache, dout, deferred):
         p, h = self.params, f"h.{i}."
         dy = ops.dropout_backward(dout, cache["attn.dropout"])
-        deferred.pending.append(("attn.c_proj", cache["attn.c_proj"], dy))
+        deferred.add("attn.c_proj", cache["attn.c_proj"], dy)
         dy = ops.linear_backward_input(dy, p[h + "attn.c_proj.weight"])
         dqkv = ops.attention_backward(dy, cache["attn"], self.config.n_head)
-        deferred.pending.append(("attn.c_attn", cache["attn.c_attn"], dqkv))
+        deferred.add("attn.c_attn", cache["attn.c_attn"], dqkv)
         da = ops.linear_backward_input(dqkv, p[h + "attn.c_attn.weight"])
         dx, deferred.grads[h + "ln_1.weight"], deferred.grads[h + "ln_1.bias"] = \
             ops.layernorm_backward(da, cache["ln_1"], p[h + "ln_1.weight"])
         dx += dout  # residual
         return dx
 
-    def block_backward_input(self, i, cache, dout):
+    def block_backward_input(self, i, cache, dout, defer=True):
         """dout (B, T, C) -> (dx (B, T, C), DeferredWeightGrads for `block_backward_weight`).
 
         Frees the block cache; the deferred work keeps only the linears' inputs and douts.
         """
         self.memory.release(cache)
-        deferred = DeferredWeightGrads(i, {}, [])
+        deferred = DeferredWeightGrads(i, {}, [], defer)
         if not self.config.recompute:
             dx = self._mlp_half_backward_input(i, cache, dout, deferred)
             dx = self._attention_half_backward_input(i, cache, dx, deferred)
@@ -312,16 +321,14 @@ class GPT:
     def block_backward_weight(self, deferred):
         """Runs the deferred linear weight gradients -> grads of every parameter of the block."""
         self.memory.release(deferred.pending)
-        grads, h = deferred.grads, f"h.{deferred.layer}."
-        while deferred.pending:
-            name, x, dout = deferred.pending.pop()
-            grads[h + name + ".weight"], grads[h + name + ".bias"] = \
-                ops.linear_backward_weight(dout, x)
-        return grads
+        pending, deferred.pending, deferred.defer = deferred.pending, [], False
+        while pending:
+            deferred.add(*pending.pop())
+        return deferred.grads
 
     def block_backward(self, i, cache, dout):
         """Fused backward of block i: dout (B, T, C) -> (dx, grads of the block's parameters)."""
-        dx, deferred = self.block_backward_input(i, cache, dout)
+        dx, deferred = self.block_backward_input(i, cache, dout, defer=False)
         return dx, self.block_backward_weight(deferred)
 
     # ------------------------------------------------------------------ head + loss stage

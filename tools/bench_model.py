@@ -29,15 +29,24 @@ def random_batches(config: GPTConfig, batch_size: int, count: int, seed: int = 0
             for _ in range(count)]
 
 
-def time_steps(step, batches, warmup: int) -> list:
-    """Seconds per call of step(idx, targets), after `warmup` untimed calls."""
-    for idx, targets in batches[:warmup]:
-        step(idx, targets)
-    times = []
-    for idx, targets in batches[warmup:]:
-        start = time.perf_counter()
-        step(idx, targets)
-        times.append(time.perf_counter() - start)
+def time_interleaved(steps: dict, batches, warmup: int, round_steps: int = 5) -> dict:
+    """Seconds per call of each step(idx, targets) in `steps` (name -> function).
+
+    After `warmup` untimed calls each, the implementations take turns in rounds of
+    `round_steps` steps on the same batches, so a busy neighbour on a shared machine slows
+    both alike instead of whichever happened to run then.
+    """
+    for step in steps.values():
+        for idx, targets in batches[:warmup]:
+            step(idx, targets)
+    times = {name: [] for name in steps}
+    timed = batches[warmup:]
+    for start in range(0, len(timed), round_steps):
+        for name, step in steps.items():
+            for idx, targets in timed[start:start + round_steps]:
+                begin = time.perf_counter()
+                step(idx, targets)
+                times[name].append(time.perf_counter() - begin)
     return times
 
 
@@ -66,7 +75,8 @@ class ThreadedAdamW:
             future.result()
 
 
-def bench_ringpipe(gpt: GPT, batches, warmup: int) -> list:
+def ringpipe_step(gpt: GPT):
+    """-> (step(idx, targets), losses list): loss_and_grads + AdamW update."""
     optimizer = ThreadedAdamW(gpt.params, gpt.threads)
     losses = []
 
@@ -75,12 +85,12 @@ def bench_ringpipe(gpt: GPT, batches, warmup: int) -> list:
         optimizer.update(gpt.params, grads, LR)
         losses.append(loss)
 
-    return time_steps(step, batches, warmup), losses
+    return step, losses
 
 
-def bench_pytorch(gpt: GPT, batches, warmup: int, threads: int):
-    """The same model as transformers' GPT2LMHeadModel, or None when torch/transformers are
-    missing."""
+def pytorch_step(gpt: GPT, threads: int):
+    """-> (step, losses) for the same model as transformers' GPT2LMHeadModel trained with
+    torch.optim.AdamW, or None when torch/transformers are missing."""
     try:
         import torch
         import transformers
@@ -110,9 +120,9 @@ def bench_pytorch(gpt: GPT, batches, warmup: int, threads: int):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
 
-    return time_steps(step, batches, warmup), losses
+    return step, losses
 
 
 def activation_memory(config: GPTConfig, batch_size: int) -> dict:
@@ -138,12 +148,14 @@ def run(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_siz
     result = {"config": config.to_dict(), "batch_size": batch_size, "threads": threads,
               "steps": steps, "tokens_per_step": tokens}
     with threadpool_limits(limits=threads):
-        times, losses = bench_ringpipe(GPT(config, seed=0, threads=threads), batches, warmup)
-        result["ringpipe"] = summarize(times, tokens, losses)
-        torch_run = bench_pytorch(GPT(config, seed=0), batches, warmup, threads) if compare \
-            else None
-        if torch_run is not None:
-            result["pytorch"] = summarize(*torch_run[:1], tokens, torch_run[1])
+        steps = {"ringpipe": ringpipe_step(GPT(config, seed=0, threads=threads))}
+        torch_step = pytorch_step(GPT(config, seed=0), threads) if compare else None
+        if torch_step is not None:
+            steps["pytorch"] = torch_step
+        times = time_interleaved({name: s[0] for name, s in steps.items()}, batches, warmup)
+        for name, (_, losses) in steps.items():
+            result[name] = summarize(times[name], tokens, losses)
+        if "pytorch" in result:
             result["speedup"] = (result["ringpipe"]["tokens_per_s"]
                                  / result["pytorch"]["tokens_per_s"])
         if memory:
