@@ -77,9 +77,10 @@ def test_float64_parameters_equal_single_process_after_five_steps(local_cluster,
 
 
 @pytest.mark.parametrize("zero", [0, 1])
-@pytest.mark.parametrize("dp", [2, 4])
-def test_float32_losses_agree_with_single_process(local_cluster, tmp_path, dp, zero):
-    config = config_for(tmp_path, dtype="float32")
+@pytest.mark.parametrize("microbatches", [1, 2])
+@pytest.mark.parametrize("dp", [1, 2, 4])
+def test_float32_losses_agree_with_single_process(local_cluster, tmp_path, dp, microbatches, zero):
+    config = config_for(tmp_path, dtype="float32", microbatches=microbatches)
     reference, expected_metrics, _ = single_process_run(config, str(tmp_path / "run"))
     _, trainers = spawn(local_cluster, config, Layout(dp=dp, zero=zero), str(tmp_path / "run"),
                         reference.tokenizer.vocab_size)
