@@ -15,7 +15,8 @@ import click  # noqa: E402
 @click.option("--batch-size", default=12, show_default=True)
 @click.option("--vocab-size", default=65, show_default=True)
 @click.option("--steps", default=30, show_default=True, help="Timed steps (after 3 warmup).")
-@click.option("--threads", default=2, show_default=True, help="BLAS / torch threads.")
+@click.option("--threads", default=2, show_default=True,
+              help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers run.")

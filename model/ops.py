@@ -92,16 +92,14 @@ def layernorm_backward(dout, cache, weight):
     dbias = _column_sums(dout2d)
     dout_xhat = dout2d * xhat
     dweight = _column_sums(dout_xhat)
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), with dxhat = dout * weight
-    dout_xhat *= weight
-    mean_dxhat_xhat = _row_sums(dout_xhat)
-    mean_dxhat_xhat *= 1.0 / C
-    dxhat = dout2d * weight
-    mean_dxhat = _row_sums(dxhat)
-    mean_dxhat *= 1.0 / C
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), with dxhat = dout * weight;
+    # both row means are gemvs against weight, so dxhat is formed once, for the final sum.
+    weight_column = weight.reshape(-1, 1) * (1.0 / C)
+    mean_dxhat_xhat = dout_xhat @ weight_column
+    mean_dxhat = dout2d @ weight_column
     dx = xhat * mean_dxhat_xhat
     dx += mean_dxhat
-    module_of(dout).subtract(dxhat, dx, out=dx)
+    module_of(dout).subtract(dout2d * weight, dx, out=dx)
     dx *= rstd
     return dx.reshape(dout.shape), dweight, dbias
 
@@ -288,7 +286,10 @@ def residual_backward(dout):
 
 
 def dropout_forward(x, p, rng):
-    """Zero each element with probability p, scale survivors by 1/(1-p). cache: keep_mask or None."""
+    """Zeroes each element with probability p and scales survivors by 1/(1-p).
+
+    x (...) -> out (...); cache: keep_mask (0 or 1/(1-p) per element), or None when p is 0.
+    """
     if p == 0.0:
         return x, None
     keep_mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)

@@ -166,7 +166,8 @@ def run(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_siz
 def summarize(times, tokens, losses) -> dict:
     median = statistics.median(times)
     return {"ms_per_step": 1e3 * median, "ms_per_step_min": 1e3 * min(times),
-            "tokens_per_s": tokens / median, "first_loss": losses[0], "last_loss": losses[-1]}
+            "tokens_per_s": tokens / median, "first_loss": losses[0], "last_loss": losses[-1],
+            "step_ms": [round(1e3 * t, 2) for t in times]}
 
 
 def format_table(result: dict) -> str:
