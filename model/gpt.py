@@ -468,7 +468,7 @@ class GPT:
             h = f"h.{i}."
             a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
             qkv, _ = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-            q, k, v = ops._split_heads(qkv, H)
+            q, k, v = ops.split_heads(qkv, H)
             keys[:, :, start:start + T] = k
             values[:, :, start:start + T] = v
             scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)

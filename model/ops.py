@@ -144,7 +144,7 @@ def _causal_bias(xp, T, dtype):
     return _causal_bias_cache[key]
 
 
-def _split_heads(qkv, n_head):
+def split_heads(qkv, n_head):
     """qkv (B, T, 3C) -> q, k, v views, each (B, H, T, hs)."""
     B, T, C3 = qkv.shape
     return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
@@ -170,7 +170,7 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     """
     xp = module_of(qkv)
     B, T, C3 = qkv.shape
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(q.shape[-1])
     bias = _causal_bias(xp, T, qkv.dtype)
     y = xp.empty((B, T, n_head, q.shape[-1]), dtype=qkv.dtype)
@@ -193,7 +193,7 @@ def attention_backward(dy, cache, n_head):
     xp = module_of(dy)
     qkv, probs, keep_masks = cache
     B, T, C = dy.shape
-    q, k, v = _split_heads(qkv, n_head)
+    q, k, v = split_heads(qkv, n_head)
     scale = 1.0 / math.sqrt(q.shape[-1])
     dy = dy.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
     dqkv = xp.empty((B, T, 3, n_head, C // n_head), dtype=dy.dtype)
