@@ -80,6 +80,17 @@ class TrainConfig:
                          dtype=self.dtype, device=self.device)
 
 
+def threads_for(config: TrainConfig) -> int:
+    """Batch shards run on this many threads: all the cores this process may use. Not with dropout,
+    whose masks are drawn per shard: the run would differ from the same model split over workers."""
+    if config.dropout > 0:
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def dropout_seed(seed: int, step: int, microbatch: int) -> int:
     """The dropout seed of one micro-batch: a function of (seed, step, microbatch) only."""
     return int(np.random.default_rng([seed, step, 2, microbatch]).integers(2**31))
@@ -115,7 +126,7 @@ class Trainer:
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
         tokenizer, ids = _tokenize_corpus(config)
-        gpt = GPT(config.gpt_config(tokenizer.vocab_size), seed=config.seed)
+        gpt = GPT(config.gpt_config(tokenizer.vocab_size), seed=config.seed, threads=threads_for(config))
         optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
                           config.weight_decay)
         return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir))
@@ -144,7 +155,7 @@ class Trainer:
                 raise ValueError(f"checkpoint {checkpoint} has {name} "
                                  f"{getattr(saved.config, name)}, the run expects "
                                  f"{getattr(gpt_config, name)}")
-        gpt = GPT(gpt_config, params=saved.params)
+        gpt = GPT(gpt_config, params=saved.params, threads=threads_for(config))
         optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
                           config.weight_decay)
         optimizer.load_state_dict(optimizer_state)
