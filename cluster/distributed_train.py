@@ -23,7 +23,7 @@ from runtime import Cluster
 
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, bucket_bytes: int = 1 << 20):
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
         self.local = (Trainer.resume if resume else Trainer.create)(config, out)
@@ -33,7 +33,7 @@ class DistributedRun:
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
-                                               self.tokenizer.vocab_size)
+                                               self.tokenizer.vocab_size, bucket_bytes)
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:

@@ -142,6 +142,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
+@click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Data-parallel gradient bucket size in MiB.")
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
@@ -177,7 +179,8 @@ def train(ctx, **flags):
         if distributed:
             from cluster.distributed_train import DistributedRun
 
-            trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"])
+            trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
+                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)))
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except (ValueError, RuntimeError) as exc:

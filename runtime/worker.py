@@ -216,6 +216,9 @@ def main():
     sys.path[:] = boot["sys_path"]
     os.chdir(boot["cwd"])
     limit_blas_threads(boot["threads"])
+    # The engine thread must get the GIL quickly when a message arrives while the main thread
+    # computes; the default 5 ms switch interval would delay every collective by up to that much.
+    sys.setswitchinterval(0.0005)
     logging.basicConfig(level=logging.WARNING, format=f"[ringpipe rank {boot['rank']}] %(levelname)s %(message)s")
     worker = Worker(boot)
     code = worker.serve()
