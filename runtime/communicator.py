@@ -16,8 +16,9 @@ import numpy as np
 
 from runtime import backend, collectives
 from runtime.collectives import CollectiveContext
-from runtime.engine import Engine, Handle, Recv
-from runtime.transfer import send_arrays
+from runtime.engine import Aborted, Engine, Handle, Recv
+from runtime.trace import now_ns
+from runtime.transfer import send_arrays, send_now
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,24 @@ class Communicator:
             flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag)))
             trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
                               "flow": flow})
+        if dst_global in self.engine.same_host and dst_global != self.engine.rank:
+            # A peer on this host: send from this thread, sparing a hand-off to the engine thread
+            # (which may wait for the GIL while this thread computes). Per destination the path
+            # is always the same, so messages keep their order.
+            return self._send_directly(name, dst_global, header, host, allow_shm, trace)
         return self.engine.submit(name, make, timeout=timeout, trace=trace)
+
+    def _send_directly(self, name, dst_global, header, host, allow_shm, trace) -> Handle:
+        handle = Handle(name)
+        if self.engine.aborted_call is not None:
+            handle._set(error=Aborted(self.engine.aborted_call))
+            return handle
+        start = now_ns()
+        send_now(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm, track=False)
+        if trace is not None:
+            self.engine.tracer.complete(trace[0], "comm", "comm", start, now_ns(), dict(trace[1], wait_us=0.0))
+        handle._set(None)
+        return handle
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         self.isend(x, dst, tag, timeout).wait()

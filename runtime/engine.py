@@ -133,6 +133,7 @@ class Engine:
         port = self.router.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{bind_host}:{port}"
         self.peers: dict[int, zmq.Socket] = {}
+        self.send_lock = threading.Lock()
         self.identity_to_rank: dict[bytes, int] = {}
         self.arena = None
         self.peer_arenas: dict = {}
@@ -213,19 +214,26 @@ class Engine:
         self._wakeup.wake()
 
     # ---- used by operations (engine thread) -------------------------------------------------
-    def send(self, dst: int, header: dict, arrays=(), group=None):
-        """Send header + inline arrays to `dst`; returns a ZeroMQ tracker for large payloads."""
+    def send(self, dst: int, header: dict, arrays=(), group=None, track: bool = True):
+        """Send header + inline arrays to `dst`. Large payloads go without a copy and the ZeroMQ
+        tracker is returned (the arrays may be reused once it is done); with track=False ZeroMQ
+        copies them. Safe from any thread except for dst == this rank (engine thread only)."""
         header["e"] = self.epoch
         frames = wire.encode([header, list(arrays)])
         nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames[1:])
-        if group is not None:
-            self.bytes_sent[group] += nbytes
         if dst == self.rank:
+            if group is not None:
+                self.bytes_sent[group] += nbytes
             self._deliver_local(frames)
             return None
-        big = nbytes >= ZERO_COPY_BYTES
-        return self.peers[dst].send_multipart(frames, copy=not big, track=big) if big else \
+        zero_copy = track and nbytes >= ZERO_COPY_BYTES
+        with self.send_lock:  # the sockets are shared with user threads sending point-to-point
+            if group is not None:
+                self.bytes_sent[group] += nbytes
+            if zero_copy:
+                return self.peers[dst].send_multipart(frames, copy=False, track=True)
             self.peers[dst].send_multipart(frames)
+            return None
 
     def _deliver_local(self, frames):
         # Decoded from copies: the sender may reuse its arrays as soon as send() returns.

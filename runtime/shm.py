@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 
 import numpy as np
 
@@ -39,10 +40,15 @@ class Arena:
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
         self._free = [(0, size)]  # sorted (offset, length) holes
         self._used: dict[int, int] = {}
+        self._lock = threading.Lock()  # the engine thread and user threads sending directly
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a block of at least `nbytes`, or None when the arena is full right now."""
         length = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            return self._alloc(length)
+
+    def _alloc(self, length: int) -> int | None:
         for i, (offset, hole) in enumerate(self._free):
             if hole >= length:
                 if hole == length:
@@ -54,6 +60,10 @@ class Arena:
         return None
 
     def free(self, offset: int) -> bool:
+        with self._lock:
+            return self._free_block(offset)
+
+    def _free_block(self, offset: int) -> bool:
         length = self._used.pop(offset, None)
         if length is None:
             return False
@@ -71,8 +81,9 @@ class Arena:
         return True
 
     def reset(self):
-        self._free = [(0, self.size)]
-        self._used.clear()
+        with self._lock:
+            self._free = [(0, self.size)]
+            self._used.clear()
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.buffer[offset : offset + nbytes]

@@ -218,7 +218,7 @@ def main():
     limit_blas_threads(boot["threads"])
     # The engine thread must get the GIL quickly when a message arrives while the main thread
     # computes; the default 5 ms switch interval would delay every collective by up to that much.
-    sys.setswitchinterval(0.0005)
+    sys.setswitchinterval(float(os.environ.get("RINGPIPE_SWITCH_INTERVAL", "0.0005")))
     logging.basicConfig(level=logging.WARNING, format=f"[ringpipe rank {boot['rank']}] %(levelname)s %(message)s")
     worker = Worker(boot)
     code = worker.serve()
