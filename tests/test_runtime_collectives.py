@@ -231,3 +231,19 @@ def test_cupy_arrays_stay_on_the_device(local_cluster):
         pytest.skip("no CUDA device")
     results = local_cluster(2).run(cupy_all_reduce)
     assert all(m.startswith("cupy") and v == 3.0 for m, v in results)
+
+
+def test_everything_also_works_over_tcp_alone(local_cluster):
+    """With shared memory off, the same-host data path is ZeroMQ over TCP (as across hosts)."""
+    cluster = local_cluster(3, shm=False)
+    _, (tag1, tag2), _ = cluster.run(p2p_order_and_tags_three)
+    assert tag1 == list(range(10)) and tag2 == [-i for i in range(10)]
+    for algorithm in ALGORITHMS:
+        results = cluster.run(do_all_reduce, 200_001, "float32", "sum", algorithm, False)
+        expected = reference("sum", [rank_data(r, 200_001, "float32") for r in range(3)])
+        for result in results:
+            np.testing.assert_allclose(result, expected, rtol=1e-6)
+
+
+def p2p_order_and_tags_three(comm):
+    return p2p_order_and_tags(comm) if comm.rank < 2 else None
