@@ -80,3 +80,58 @@ def test_an_explicit_layer_split_trains_the_same_model(local_cluster, tmp_path):
     got = gather_full(trainers.local_params().result())
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_full_mesh_dp2_tp2_pp2_equals_single_process(local_cluster, tmp_path, schedule):
+    from model.parallel.tensor_parallel import assemble_full_params
+
+    config = config_for(tmp_path, n_head=2)
+    reference, expected = reference_params(config, str(tmp_path / "reference"))
+    layout = Layout(dp=2, tp=2, pp=2, schedule=schedule)
+    layout.validate(config)
+    trainers = local_cluster(8).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        trainers.train_step(step).result()
+    got = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("schedule,expected", [("1f1b", lambda p, m, stage: p - stage),
+                                               ("gpipe", lambda p, m, stage: m)])
+def test_peak_in_flight_microbatches_in_a_real_run(local_cluster, tmp_path, schedule, expected):
+    config = config_for(tmp_path, microbatches=8)
+    reference = Trainer.create(config, str(tmp_path / "reference"))
+    layout = Layout(pp=4, schedule=schedule)
+    trainers = local_cluster(4).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
+    metrics = trainers.train_step(0).result()
+    for stage, rank_metrics in enumerate(metrics):
+        peak = rank_metrics["peak_in_flight"][str(stage)]
+        if schedule == "1f1b":
+            assert peak <= expected(4, 8, stage)
+        else:
+            assert peak == expected(4, 8, stage)
+
+
+def test_a_traced_pipeline_step_records_spans_and_activation_counters(local_cluster, tmp_path):
+    import json
+
+    config = config_for(tmp_path)
+    reference = Trainer.create(config, str(tmp_path / "reference"))
+    cluster = local_cluster(2)
+    trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
+                             dataclasses.asdict(Layout(pp=2, schedule="zb-h1")),
+                             str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
+    cluster.start_trace()
+    trainers.train_step(0).result()
+    paths = cluster.stop_trace(str(tmp_path / "trace"))
+    events = json.load(open(sorted(paths)[0]))["events"]
+    names = {e[1] for e in events if e[0] == "X"}
+    assert {"forward", "backward_input", "backward_weight", "optimizer", "send", "recv"} <= names
+    forwards = [e for e in events if e[1] == "forward"]
+    assert sorted(e[6]["microbatch"] for e in forwards) == list(range(config.microbatches))
+    counters = [e[6]["activation bytes"] for e in events if e[0] == "C" and e[1] == "activation bytes"]
+    assert max(counters) > 0 and counters[-1] == 0

@@ -64,6 +64,7 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
                 out, cache = stages[s].forward(x, targets[mb] if s == last else None, seed)
             caches[(mb, s)] = cache
             in_flight[s] += 1
+            _count_activations(tracer, stages)
             result.peak_in_flight[s] = max(result.peak_in_flight[s], in_flight[s])
             if s == last:
                 result.losses[mb] = out
@@ -83,11 +84,13 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
             if kind == Kind.BACKWARD_INPUT:
                 deferred[(mb, s)] = weight_work
             in_flight[s] -= 1
+            _count_activations(tracer, stages)
             if s > 0:
                 input_grads[(mb, s)] = dx
         elif kind == Kind.BACKWARD_WEIGHT:
             with span("backward_weight", action):
                 stages[s].backward_weight(deferred.pop((mb, s)), last=index == last_weight[s])
+            _count_activations(tracer, stages)
         elif kind == Kind.SEND_ACTIVATION:
             sends.append(pp_comm.isend(outputs.pop((mb, s)), action.peer, tag=message_tag(action, num_microbatches)))
         elif kind == Kind.SEND_GRAD:
@@ -119,6 +122,12 @@ def _last_backward_indices(actions) -> tuple[dict, dict]:
         if action.kind in (Kind.BACKWARD, Kind.BACKWARD_WEIGHT):
             last_weight[action.stage] = index
     return last_input, last_weight
+
+
+def _count_activations(tracer, stages):
+    """Trace counter: the activation bytes this rank holds for later backward passes."""
+    if tracer is not None and tracer.enabled:
+        tracer.counter("activation bytes", sum(stage.memory.live_bytes for stage in stages.values()))
 
 
 class _Null:
