@@ -203,29 +203,43 @@ def attention_backward(dy, cache, n_head):
     for n, ((start, end), block_probs, keep_mask) in enumerate(blocks):
         dy_block = dy[:, :, start:end]
         attn = block_probs if keep_mask is None else block_probs * keep_mask
-        dv_block = attn.swapaxes(-1, -2) @ dy_block
         dattn = dy_block @ v[:, :, :end].swapaxes(-1, -2)
         dscores = softmax_backward(dropout_backward(dattn, keep_mask), block_probs)
         dscores *= scale
         xp.matmul(dscores, k[:, :, :end], out=dq[:, :, start:end])
-        dk_block = dscores.swapaxes(-1, -2) @ q[:, :, start:end]
-        if n == 0:
-            dv[...], dk[...] = dv_block, dk_block
+        if n == 0:  # matmuls straight into dqkv: no block-sized temporaries to copy
+            xp.matmul(attn.swapaxes(-1, -2), dy_block, out=dv)
+            xp.matmul(dscores.swapaxes(-1, -2), q[:, :, start:end], out=dk)
         else:
-            dv[:, :, :end] += dv_block
-            dk[:, :, :end] += dk_block
+            dv[:, :, :end] += attn.swapaxes(-1, -2) @ dy_block
+            dk[:, :, :end] += dscores.swapaxes(-1, -2) @ q[:, :, start:end]
     return dqkv.reshape(B, T, 3 * C)
 
 
 # ----------------------------------------------------------------------------- softmax
 
+# A row whose exp-sum is below this lies more than ~46 below the shared shift: its largest terms
+# near float32's underflow would lose precision, so softmax_forward shifts row by row instead.
+_SOFTMAX_MIN_SUM = 1e-20
+
 def softmax_forward(x):
-    """Softmax over the last axis, computed in place over x; returns probs (the cache)."""
+    """Softmax over the last axis. Shifts x in place; returns probs (the cache), a new array.
+
+    Softmax is unchanged by a shift per row. One shift for the whole array (a contiguous max,
+    ~10x faster than the max of each row of 64) keeps exp from overflowing; only a row lying far
+    below the overall top could underflow, and its sum shows it: then every row takes its own max.
+    """
     xp = module_of(x)
-    x -= x.max(-1, keepdims=True)
-    xp.exp(x, out=x)
-    x /= _row_sums(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], 1)
-    return x
+    rows = x.reshape(-1, x.shape[-1])
+    rows -= rows.max()
+    probs = xp.exp(rows)
+    sums = _row_sums(probs)
+    if sums.min() < _SOFTMAX_MIN_SUM:
+        rows -= rows.max(-1, keepdims=True)
+        xp.exp(rows, out=probs)
+        sums = _row_sums(probs)
+    probs *= xp.divide(1.0, sums, out=sums)  # a multiply is faster than a broadcast divide
+    return probs.reshape(x.shape)
 
 
 def softmax_backward(dprobs, probs):

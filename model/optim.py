@@ -27,16 +27,23 @@ def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,
             param *= 1.0 - lr * weight_decay
     else:
         param -= (lr * weight_decay) * param
+    # Every pass below writes in place, into m, v or the one work buffer: a temporary per
+    # expression would cost an allocation and an extra pass over memory each.
+    work = xp.multiply(grad, 1.0 - beta1)
     m *= beta1
-    m += (1.0 - beta1) * grad
+    m += work
+    xp.multiply(grad, grad, out=work)
+    work *= 1.0 - beta2
     v *= beta2
-    v += (1.0 - beta2) * (grad * grad)
-    # Bias corrections folded into scalars: p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
-    step_size = lr / (1.0 - beta1 ** step)
-    denom = xp.sqrt(v)
-    denom *= 1.0 / math.sqrt(1.0 - beta2 ** step)
-    denom += eps
-    param -= step_size * (m / denom)
+    v += work
+    # p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps), with sqrt(1-b2^t) moved into the
+    # numerator so that the bias corrections stay scalars.
+    root = math.sqrt(1.0 - beta2 ** step)
+    xp.sqrt(v, out=work)
+    work += eps * root
+    xp.divide(m, work, out=work)
+    work *= lr / (1.0 - beta1 ** step) * root
+    param -= work
 
 
 def grad_norm(grads: dict) -> float:

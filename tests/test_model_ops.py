@@ -109,6 +109,16 @@ def test_softmax_backward_matches_finite_differences():
     assert_grad(dx, lambda: np.sum(ops.softmax_forward(x.copy()) * upstream), x)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_softmax_of_a_row_far_below_the_others_is_exact(dtype):
+    # softmax_forward shifts the whole array by one max; this row would underflow under it.
+    x = np.array([[0.0, 1.0, 2.0], [-500.0, -499.0, -498.0]], dtype=dtype)
+    probs = ops.softmax_forward(x.copy())
+    expected = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
+    np.testing.assert_allclose(probs, [expected, expected], rtol=1e-6)
+    assert probs.dtype == dtype
+
+
 def test_gelu_backward_matches_finite_differences():
     x, upstream = randn(4, 6) * 3, randn(4, 6)
     _, cache = ops.gelu_forward(x)
