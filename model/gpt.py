@@ -19,6 +19,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from model import ops
+from model.optim import FlatArrays, flat_order
 from runtime.backend import DEVICES, array_module, to_host
 
 DTYPES = ("float32", "float64")
@@ -196,9 +197,13 @@ class GPT:
         if config.device == "cpu":
             _keep_large_arrays_on_the_heap()
         self.dtype = np.dtype(config.dtype)
-        host = init_params(config, seed) if params is None else params
-        self.params = {name: self.xp.asarray(np.asarray(to_host(p)).astype(self.dtype))
-                       for name, p in host.items()}
+        host = {name: np.asarray(to_host(p)) for name, p in
+                (init_params(config, seed) if params is None else params).items()}
+        # Views into one buffer (FlatArrays): AdamW then updates them in whole-buffer passes.
+        self.params = FlatArrays(self.xp.empty(sum(p.size for p in host.values()), self.dtype),
+                                 {name: p.shape for name, p in host.items()}, flat_order(host))
+        for name, p in host.items():
+            self.params[name][...] = self.xp.asarray(p.astype(self.dtype))
         self.memory = ActivationMemory()
         self.threads = threads  # row shards of a batch run at once in loss_and_grads (NumPy)
         self._executor = self._blas = None
@@ -406,12 +411,25 @@ class GPT:
             futures = [self._pool().submit(run, k) for k in range(1, shards)]
             loss, grads = run(0)
             loss *= counts[0] / total
+            other_grads = []
             for k, future in enumerate(futures, start=1):
                 shard_loss, shard_grads = future.result()
                 loss += shard_loss * counts[k] / total
+                other_grads.append(shard_grads)
+        if not (isinstance(self.params, FlatArrays) and self.params.intact()):
+            for shard_grads in other_grads:
                 for name, g in shard_grads.items():
                     grads[name] += g
-        return loss, grads
+            return loss, grads
+        # The shard sums land in a buffer laid out like the parameters, for AdamW's flat update;
+        # the additions are the same, in the same order.
+        summed = FlatArrays(self.xp.empty_like(self.params.flat),
+                            {name: p.shape for name, p in self.params.items()}, self.params.order)
+        for name, total_grad in summed.items():
+            self.xp.add(grads[name], other_grads[0][name], out=total_grad)
+            for shard_grads in other_grads[1:]:
+                total_grad += shard_grads[name]
+        return loss, summed
 
     def _shard_loss_and_grads(self, idx, targets, ignore_index, dropout_seed, dloss=1.0):
         """The serial step: embedding, blocks, head forward; then backward through them all."""

@@ -7,6 +7,7 @@ rank owns a slice of param, grad, m and v, plus the matching slice of per-elemen
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,26 +87,103 @@ def decays(param) -> bool:
     return param.ndim == 2
 
 
+class FlatArrays(dict):
+    """A dict of arrays, name -> shape, that are views into one 1-D buffer `flat`, laid out in
+    `order` (decaying parameters first, see `flat_order`). AdamW updates such parameters in a
+    few passes over the whole buffer instead of a dozen small calls per parameter."""
+
+    def __init__(self, flat, shapes: dict, order):
+        views, offset = {}, 0
+        for name in order:
+            size = math.prod(shapes[name])
+            views[name] = flat[offset:offset + size].reshape(shapes[name])
+            offset += size
+        if offset != flat.size:
+            raise ValueError(f"flat buffer holds {flat.size} elements, the layout {offset}")
+        super().__init__((name, views[name]) for name in shapes)
+        self.flat, self.order = flat, tuple(order)
+        self._views = views
+
+    def intact(self) -> bool:
+        """Whether every entry is still its view (code that rebinds a name breaks the layout)."""
+        return len(self) == len(self._views) and all(
+            self.get(name) is view for name, view in self._views.items())
+
+
+def flat_order(params: dict) -> list:
+    """Names in the order a FlatArrays lays them out: the decaying ones first, so that one
+    weight-decay rate covers a prefix of the buffer."""
+    return sorted(params, key=lambda name: not decays(params[name]))
+
+
 class AdamW:
     """AdamW over a dict of parameters; state is (m, v) per parameter and the update count."""
 
     def __init__(self, params: dict, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, threads: int = 1):
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.weight_decay = {name: weight_decay if decays(p) else 0.0
                              for name, p in params.items()}
         xp = module_of(next(iter(params.values())))
-        self.m = {name: xp.zeros_like(p) for name, p in params.items()}
-        self.v = {name: xp.zeros_like(p) for name, p in params.items()}
+        self._flat_params = params if isinstance(params, FlatArrays) and params.intact() else None
+        if self._flat_params is not None:
+            shapes = {name: p.shape for name, p in params.items()}
+            self.m = FlatArrays(xp.zeros_like(params.flat), shapes, params.order)
+            self.v = FlatArrays(xp.zeros_like(params.flat), shapes, params.order)
+            # [start, stop) ranges of the flat buffer with one decay rate each
+            self._decay_ranges, offset = [], 0
+            for name in params.order:
+                rate, size = self.weight_decay[name], params[name].size
+                if self._decay_ranges and self._decay_ranges[-1][2] == rate:
+                    self._decay_ranges[-1][1] += size
+                else:
+                    self._decay_ranges.append([offset, offset + size, rate])
+                offset += size
+        else:
+            self.m = {name: xp.zeros_like(p) for name, p in params.items()}
+            self.v = {name: xp.zeros_like(p) for name, p in params.items()}
         self.step_count = 0
+        self.threads = threads
+        self._executor = None
 
     def update(self, params: dict, grads: dict, lr: float) -> None:
-        """Apply one AdamW step to `params` in place."""
+        """Apply one AdamW step to `params` in place.
+
+        When params (the ones given at construction) and grads are both intact FlatArrays of one
+        layout, the update runs over whole buffer ranges, split over `threads` threads (NumPy
+        releases the GIL inside each pass); otherwise parameter by parameter.
+        """
         self.step_count += 1
+        if (params is self._flat_params and isinstance(grads, FlatArrays)
+                and grads.order == params.order and params.intact() and grads.intact()):
+            self._update_flat(params.flat, grads.flat, lr)
+            return
         for name, param in params.items():
             adamw_update(param, grads[name], self.m[name], self.v[name], self.step_count, lr,
                          self.beta1, self.beta2, self.eps, self.weight_decay[name])
+
+    def _update_flat(self, param, grad, lr):
+        n = param.size
+        bounds = [n * k // self.threads for k in range(self.threads + 1)]
+        pieces = [[] for _ in range(self.threads)]  # per thread: (start, stop, decay rate)
+        for k in range(self.threads):
+            for start, stop, rate in self._decay_ranges:
+                lo, hi = max(start, bounds[k]), min(stop, bounds[k + 1])
+                if lo < hi:
+                    pieces[k].append((lo, hi, rate))
+
+        def run(part):
+            for lo, hi, rate in part:
+                adamw_update(param[lo:hi], grad[lo:hi], self.m.flat[lo:hi], self.v.flat[lo:hi],
+                             self.step_count, lr, self.beta1, self.beta2, self.eps, rate)
+
+        if self.threads > 1 and self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads - 1, "adamw")
+        futures = [self._executor.submit(run, part) for part in pieces[1:]]
+        run(pieces[0])
+        for future in futures:
+            future.result()
 
     def state_dict(self) -> dict:
         """Host arrays for a checkpoint: "step", "m.<param name>", "v.<param name>"."""

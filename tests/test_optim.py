@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from model.optim import AdamW, adamw_update, clip_grad_norm, lr_at
+from model.optim import AdamW, FlatArrays, adamw_update, clip_grad_norm, flat_order, lr_at
 
 
 def reference_adamw(p, g, m, v, t, lr, b1, b2, eps, wd):
@@ -113,3 +113,36 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
     assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine: midpoint of lr and min_lr
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))
     assert lrs[110:] == [0.1] * 10
+
+
+def _flat_copy(arrays):
+    shapes = {name: a.shape for name, a in arrays.items()}
+    flat = FlatArrays(np.empty(sum(a.size for a in arrays.values())), shapes, flat_order(arrays))
+    for name, a in arrays.items():
+        flat[name][...] = a
+    return flat
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_flat_update_equals_per_parameter_update_bitwise(threads):
+    rng = np.random.default_rng(3)
+    params = {"b": rng.standard_normal(5), "w": rng.standard_normal((3, 4)),
+              "g": rng.standard_normal(2), "e": rng.standard_normal((2, 3))}
+    flat_params = _flat_copy(params)
+    per_param = AdamW(params, weight_decay=0.1)
+    flat = AdamW(flat_params, weight_decay=0.1, threads=threads)
+    for _ in range(3):
+        grads = {n: rng.standard_normal(p.shape) for n, p in params.items()}
+        per_param.update(params, grads, lr=0.01)
+        flat.update(flat_params, _flat_copy(grads), lr=0.01)
+    for name in params:
+        np.testing.assert_array_equal(flat_params[name], params[name])
+        np.testing.assert_array_equal(flat.m[name], per_param.m[name])
+
+
+def test_flat_params_with_a_rebound_entry_are_updated_one_by_one():
+    params = _flat_copy({"w": np.ones((2, 2)), "b": np.ones(2)})
+    optimizer = AdamW(params, weight_decay=0.5)
+    params["w"] = np.ones((2, 2))  # no longer a view of params.flat
+    optimizer.update(params, _flat_copy({"w": np.zeros((2, 2)), "b": np.zeros(2)}), lr=0.1)
+    np.testing.assert_allclose(params["w"], 0.95)

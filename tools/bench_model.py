@@ -76,8 +76,15 @@ class ThreadedAdamW:
 
 
 def ringpipe_step(gpt: GPT):
-    """-> (step(idx, targets), losses list): loss_and_grads + AdamW update."""
-    optimizer = ThreadedAdamW(gpt.params, gpt.threads)
+    """-> (step(idx, targets), losses list): loss_and_grads + AdamW update.
+
+    With batch shards on threads the gradients come back laid out like the parameters, and
+    AdamW splits its flat update over the threads itself; otherwise ThreadedAdamW.
+    """
+    if gpt.threads > 1 and gpt.xp is np:
+        optimizer = AdamW(gpt.params, BETAS, EPS, WEIGHT_DECAY, threads=gpt.threads)
+    else:
+        optimizer = ThreadedAdamW(gpt.params, gpt.threads)
     losses = []
 
     def step(idx, targets):
