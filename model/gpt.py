@@ -101,8 +101,8 @@ class ActivationMemory:
         self.live_bytes = 0
         self.peak_bytes = 0
         self._lock = threading.Lock()  # batch shards run on several threads
-        # id -> (cache, bytes counted by hold): release need not walk the cache again, a walk
-        # that holds the GIL against the other batch shard. Keeping the cache keeps its id unique.
+        # id(cache) -> bytes counted by hold, so that release need not walk the cache again (a
+        # walk that holds the GIL against the other batch shard). Ids only, to keep no cache alive.
         self._held = {}
 
     def reset(self):
@@ -129,15 +129,16 @@ class ActivationMemory:
     def hold(self, cache):
         nbytes = self.nbytes(cache)
         with self._lock:
-            self._held[id(cache)] = (cache, nbytes)
+            self._held[id(cache)] = nbytes
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)
         return cache
 
     def release(self, cache):
         with self._lock:
-            held = self._held.pop(id(cache), None)
-        nbytes = held[1] if held is not None and held[0] is cache else self.nbytes(cache)
+            nbytes = self._held.pop(id(cache), None)
+        if nbytes is None:  # never held (or reset since)
+            nbytes = self.nbytes(cache)
         with self._lock:
             self.live_bytes -= nbytes
 
