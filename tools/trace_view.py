@@ -311,6 +311,11 @@ SCRIPT = r"""
   document.getElementById('reset-zoom').addEventListener('click', () => { select.value = 'all'; showStep('all'); });
   window.addEventListener('resize', resize);
   resize();
+  // A long run drawn whole is a blur: open on its last step, laid out like the schedule
+  // (or on the step named in the address, e.g. trace.html#step=3).
+  const wanted = (location.hash.match(/step=([^&]+)/) || [])[1];
+  const opening = wanted || (D.steps.length > 3 ? String(D.steps[D.steps.length - 1][0]) : null);
+  if (opening && D.steps.some(st => String(st[0]) === opening)) { select.value = opening; showStep(opening); }
   document.body.dataset.ready = '1';
 })();
 """
