@@ -12,8 +12,8 @@ from model.parallel.data_parallel import GradientBuckets, plan_buckets
 from model.parallel.stage import DenseStage
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
+from tests.conftest import TEXT
 
-TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
 STEPS = 5
 SMALL_BUCKETS = 4 << 10  # bytes: several buckets even for this tiny model
 

@@ -8,14 +8,7 @@ from click.testing import CliRunner
 from cluster.cli import main
 from model.gpt import GPT
 
-TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
 
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def train(args, corpus, out, steps):

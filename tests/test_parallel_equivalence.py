@@ -6,8 +6,8 @@ import pytest
 
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
+from tests.conftest import TEXT
 
-TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
 STEPS = 3
 
 

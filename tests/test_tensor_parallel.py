@@ -13,6 +13,7 @@ from model.parallel.tensor_parallel import (TensorParallelStage, assemble_full_o
                                             shard_rule, vocab_parallel_cross_entropy_forward)
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
+from tests.conftest import TEXT
 
 TOLERANCE = dict(rtol=1e-7, atol=1e-9)
 
@@ -194,7 +195,6 @@ def test_each_rank_holds_its_heads_q_k_and_v_columns():
 
 
 # ---- end-to-end: parallel training equals single-process training --------------------------------------------
-TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
 STEPS = 5
 
 

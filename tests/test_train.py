@@ -8,15 +8,8 @@ from click.testing import CliRunner
 from cluster.cli import main
 from model.gpt import GPT
 from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
+from tests.conftest import TEXT
 
-TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def tiny_config(corpus, **overrides) -> TrainConfig:
