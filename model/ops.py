@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from model import kernels
 from runtime.backend import module_of
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -74,6 +75,9 @@ def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
     xp = module_of(x)
     C = x.shape[-1]
     x2d = x.reshape(-1, C)
+    if kernels.usable(x2d, weight, bias):
+        out, xhat, rstd = kernels.layernorm_forward(x2d, weight, bias, eps)
+        return out.reshape(x.shape), (xhat, rstd)
     xhat = x2d - _row_sums(x2d) * (1.0 / C)
     var = _row_sums(xhat * xhat)
     var *= 1.0 / C
@@ -91,6 +95,9 @@ def layernorm_backward(dout, cache, weight):
     xhat, rstd = cache
     C = dout.shape[-1]
     dout2d = dout.reshape(-1, C)
+    if kernels.usable(dout2d, xhat, rstd, weight):
+        dx, dweight, dbias = kernels.layernorm_backward(dout2d, xhat, rstd, weight)
+        return dx.reshape(dout.shape), dweight, dbias
     dbias = _column_sums(dout2d)
     dout_xhat = dout2d * xhat
     dweight = _column_sums(dout_xhat)
@@ -178,11 +185,15 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     y = xp.empty((B, T, n_head, q.shape[-1]), dtype=qkv.dtype)
     y_heads = y.transpose(0, 2, 1, 3)  # (B, H, T, hs) view of y
     probs, keep_masks = [], []
+    fused = kernels.usable(qkv)
     for start, end in _query_blocks(T):
         scores = q[:, :, start:end] @ k[:, :, :end].swapaxes(-1, -2)
-        scores *= scale
-        scores += bias[start:end, :end]
-        block_probs = softmax_forward(scores)
+        if fused:  # scale, mask and softmax in one pass, in place
+            block_probs = kernels.causal_softmax_forward(scores, start, scale)
+        else:
+            scores *= scale
+            scores += bias[start:end, :end]
+            block_probs = softmax_forward(scores)
         attn, keep_mask = dropout_forward(block_probs, dropout_p, rng)
         xp.matmul(attn, v[:, :, :end], out=y_heads[:, :, start:end])
         probs.append(block_probs)
@@ -205,9 +216,12 @@ def attention_backward(dy, cache, n_head):
     for n, ((start, end), block_probs, keep_mask) in enumerate(blocks):
         dy_block = dy[:, :, start:end]
         attn = block_probs if keep_mask is None else block_probs * keep_mask
-        dattn = dy_block @ v[:, :, :end].swapaxes(-1, -2)
-        dscores = softmax_backward(dropout_backward(dattn, keep_mask), block_probs)
-        dscores *= scale
+        dattn = dropout_backward(dy_block @ v[:, :, :end].swapaxes(-1, -2), keep_mask)
+        if kernels.usable(dattn, block_probs):
+            dscores = kernels.causal_softmax_backward(dattn, block_probs, start, scale)
+        else:
+            dscores = softmax_backward(dattn, block_probs)
+            dscores *= scale
         xp.matmul(dscores, k[:, :, :end], out=dq[:, :, start:end])
         if n == 0:  # matmuls straight into dqkv: no block-sized temporaries to copy
             xp.matmul(attn.swapaxes(-1, -2), dy_block, out=dv)
@@ -261,6 +275,9 @@ def gelu_forward(x):
     x (...) -> out (...); cache: (x, sigmoid(2 z)). exp is twice as fast as tanh here and the
     cached sigmoid makes the backward free of transcendentals.
     """
+    if kernels.usable(x):
+        out, sig = kernels.gelu_forward(x, GELU_SCALE, GELU_CUBIC)
+        return out, (x, sig)
     xp = module_of(x)
     u = x * x
     u *= -2.0 * GELU_SCALE * GELU_CUBIC
@@ -278,6 +295,8 @@ def gelu_forward(x):
 def gelu_backward(dout, cache):
     """dout (...) -> dx = dout * (s + 2 x s (1 - s) dz/dx), s = sigmoid(2 z)."""
     x, sig = cache
+    if kernels.usable(dout, x, sig):
+        return kernels.gelu_backward(dout, x, sig, GELU_SCALE, GELU_CUBIC)
     # grad = s + x * dz/dx * 2 s (1 - s),  dz/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     g = x * x
     g *= 3.0 * GELU_CUBIC * 2.0 * GELU_SCALE
@@ -339,6 +358,9 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, overwrite_logits=Fal
     valid = flat_targets != ignore_index
     count = int(valid.sum())
     safe_targets = xp.where(valid, flat_targets, 0)
+    if kernels.usable(flat):
+        nll = kernels.cross_entropy_forward(flat, flat_targets, ignore_index)
+        return float(nll.sum()) / max(count, 1), (probs, safe_targets, valid, count)
     flat -= flat.max(-1, keepdims=True)
     target_logit = flat[xp.arange(flat.shape[0]), safe_targets]  # shifted, gathered before exp
     xp.exp(flat, out=flat)

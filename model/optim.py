@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from model import kernels
 from runtime.backend import module_of, to_host
 
 
@@ -22,6 +23,11 @@ def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,
     array of per-element rates (0 where a parameter must not decay) for flat shards.
     """
     xp = module_of(param)
+    root = math.sqrt(1.0 - beta2 ** step)
+    if isinstance(weight_decay, (int, float)) and kernels.usable(param, grad, m, v):
+        kernels.adamw_update(param, grad, m, v, 1.0 - lr * weight_decay, beta1, beta2,
+                             lr / (1.0 - beta1 ** step) * root, eps * root)
+        return
     # Decoupled decay (Loshchilov & Hutter): shrink the weights, independent of the gradient.
     if isinstance(weight_decay, (int, float)):
         if weight_decay:
@@ -39,7 +45,6 @@ def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,
     v += work
     # p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps), with sqrt(1-b2^t) moved into the
     # numerator so that the bias corrections stay scalars.
-    root = math.sqrt(1.0 - beta2 ** step)
     xp.sqrt(v, out=work)
     work += eps * root
     xp.divide(m, work, out=work)

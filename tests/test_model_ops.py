@@ -1,8 +1,21 @@
-"""Every op's backward agrees with central finite differences of its forward (float64)."""
+"""Every op's backward agrees with central finite differences of its forward (float64).
+
+Each test runs twice: through the C kernels (model/kernels.py, where they build on this machine)
+and through the NumPy reference code.
+"""
 import numpy as np
 import pytest
 
-from model import ops
+from model import kernels, ops
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def kernel_path(request):
+    if request.param == "c" and kernels.library() is None:
+        pytest.skip(kernels.status())
+    previous = kernels.use_kernels(request.param == "c")
+    yield request.param
+    kernels.use_kernels(previous)
 
 RNG = np.random.default_rng(1234)
 
