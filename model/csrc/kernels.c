@@ -16,26 +16,25 @@
 #include <string.h>
 
 /* e^x in float, vectorizable (libm's expf is a call gcc cannot vectorize without -ffast-math).
- * x = n ln2 + r, |r| <= ln2/2; e^r by its Taylor series to r^7 (error < 1e-8 relative), 2^n built
- * in the exponent bits. Inputs are clamped to [-87, 88] so 2^n stays a normal float; below -87 the
- * result is ~1.6e-38 instead of 0, which no caller can tell from 0 at float precision. */
+ * x = n ln2 + r with |r| <= ln2/2 (Cody-Waite: ln2 split in an exact high part and a low
+ * remainder); e^r = 1 + r + r^2 P(r) with Cephes' degree-5 minimax P (about 1 ulp), evaluated in
+ * Estrin's form for a short dependency chain; 2^n is built in the exponent bits. x is clamped to
+ * [-87, 88] (max/min, which compile to single instructions) so 2^n stays a normal float; below
+ * -87 the result is ~1.6e-38 instead of 0, which no caller can tell from 0 at float precision. */
 static inline float exp_float(float x) {
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f;          /* ln 2 split into an exact high part ... */
-    r = r + n * 2.12194440e-4f;              /* ... and the low remainder (Cody-Waite) */
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    const float r2 = r * r, r4 = r2 * r2;
+    const float p = (5.0000001201e-1f + 1.6666665459e-1f * r)
+                  + r2 * (4.1665795894e-2f + 8.3334519073e-3f * r)
+                  + r4 * (1.3981999507e-3f + 1.9875691500e-4f * r);
+    const int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return (1.0f + r + r2 * p) * scale;
 }
 
 /* double is for gradient checks and float64 equivalence tests, where libm's accuracy matters

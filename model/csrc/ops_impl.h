@@ -68,7 +68,7 @@ void NAME(gelu_forward)(const T *x, T *out, T *sig, int64_t n, double scale, dou
     for (int64_t i = 0; i < n; i++) {
         const T xi = x[i];
         const T z = (T)scale * (xi + (T)cubic * xi * xi * xi);
-        const T t = EXP((T)-2 * (z < 0 ? -z : z));
+        const T t = EXP((T)-2 * (z > 0 ? z : -z));
         const T inv = (T)1 / ((T)1 + t);
         const T s = z >= 0 ? inv : t * inv;
         sig[i] = s;
@@ -89,6 +89,14 @@ void NAME(gelu_backward)(const T *dout, const T *x, const T *sig, T *dx, int64_t
 
 /* ------------------------------------------------------------------ causal softmax (attention) */
 
+/* Rows are processed over the visible keys rounded up to a multiple of 8 (one AVX vector of
+ * floats), the extra keys masked by a select: short variable-length loops would otherwise spend
+ * most of their time in scalar remainder iterations. */
+static inline int64_t NAME(visible_span)(int64_t visible, int64_t Tk) {
+    const int64_t rounded = (visible + 7) & ~(int64_t)7;
+    return rounded < Tk ? rounded : Tk;
+}
+
 /* scores (G, Tq, Tk), G = batch x heads: row r of a group is query q0 + r and sees keys
  * [0, q0 + r]. In place: probs = softmax(scale * scores) over the visible keys, 0 beyond. */
 void NAME(causal_softmax_forward)(T *scores, int64_t G, int64_t Tq, int64_t Tk, int64_t q0,
@@ -97,26 +105,27 @@ void NAME(causal_softmax_forward)(T *scores, int64_t G, int64_t Tq, int64_t Tk, 
     for (int64_t g = 0; g < G; g++) {
         for (int64_t r = 0; r < Tq; r++) {
             T *row = scores + (g * Tq + r) * Tk;
-            const int64_t n = q0 + r + 1 < Tk ? q0 + r + 1 : Tk;
+            const int64_t last = q0 + r, span = NAME(visible_span)(last + 1, Tk);
             T top = row[0];
 #pragma omp simd reduction(max : top)
-            for (int64_t j = 0; j < n; j++) top = row[j] > top ? row[j] : top;
+            for (int64_t j = 0; j < span; j++) top = (j <= last && row[j] > top) ? row[j] : top;
             T sum = 0;
 #pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < n; j++) {
-                const T e = EXP((row[j] - top) * s);
+            for (int64_t j = 0; j < span; j++) {
+                const T e = j <= last ? EXP((row[j] - top) * s) : (T)0;
                 row[j] = e;
                 sum += e;
             }
             const T inv = (T)1 / sum;
 #pragma omp simd
-            for (int64_t j = 0; j < n; j++) row[j] *= inv;
-            for (int64_t j = n; j < Tk; j++) row[j] = 0;
+            for (int64_t j = 0; j < span; j++) row[j] *= inv;
+            if (span < Tk) memset(row + span, 0, (size_t)(Tk - span) * sizeof(T));
         }
     }
 }
 
-/* In place on dprobs: dscores = scale * probs * (dprobs - sum(dprobs * probs)). */
+/* In place on dprobs: dscores = scale * probs * (dprobs - sum(dprobs * probs)); probs is 0 at
+ * masked keys, so they come out 0 too. */
 void NAME(causal_softmax_backward)(T *dprobs, const T *probs, int64_t G, int64_t Tq,
                                    int64_t Tk, int64_t q0, double scale) {
     const T s = (T)scale;
@@ -124,13 +133,13 @@ void NAME(causal_softmax_backward)(T *dprobs, const T *probs, int64_t G, int64_t
         for (int64_t r = 0; r < Tq; r++) {
             T *drow = dprobs + (g * Tq + r) * Tk;
             const T *prow = probs + (g * Tq + r) * Tk;
-            const int64_t n = q0 + r + 1 < Tk ? q0 + r + 1 : Tk;
+            const int64_t span = NAME(visible_span)(q0 + r + 1, Tk);
             T dot = 0;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t j = 0; j < n; j++) dot += drow[j] * prow[j];
+            for (int64_t j = 0; j < span; j++) dot += drow[j] * prow[j];
 #pragma omp simd
-            for (int64_t j = 0; j < n; j++) drow[j] = s * prow[j] * (drow[j] - dot);
-            for (int64_t j = n; j < Tk; j++) drow[j] = 0;
+            for (int64_t j = 0; j < span; j++) drow[j] = s * prow[j] * (drow[j] - dot);
+            if (span < Tk) memset(drow + span, 0, (size_t)(Tk - span) * sizeof(T));
         }
     }
 }
