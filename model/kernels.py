@@ -30,7 +30,8 @@ import numpy as np
 
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("kernels.c", "ops_impl.h")
-FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+         "-Wno-psabi"]
 NATIVE = ["-march=native"]
 BUILD_TIMEOUT_S = 120.0  # compiling takes about a second; waiting on another process included
 
@@ -149,6 +150,8 @@ def _bind(lib):
         "gelu_backward": ([p, p, p, p, i64, f64, f64], None),
         "causal_softmax_forward": ([p, i64, i64, i64, i64, f64], None),
         "causal_softmax_backward": ([p, p, i64, i64, i64, i64, f64], None),
+        "attention_forward": ([p, p, p, p, i64, i64, i64, i64, f64], None),
+        "attention_backward": ([p, p, p, p, p, i64, i64, i64, i64, f64], None),
         "cross_entropy_forward": ([p, p, p, i64, i64, i64], i64),
         "adamw_update": ([p, p, p, p, i64, f64, f64, f64, f64, f64], None),
     }
@@ -242,6 +245,34 @@ def causal_softmax_backward(dprobs, probs, query_offset, scale):
                                                 probs.size // (Tq * Tk), Tq, Tk, query_offset,
                                                 scale)
     return dprobs
+
+
+def attention_fits(head_size: int) -> bool:
+    """The attention kernels take head sizes that are whole vectors of 8, up to 256."""
+    return head_size % 8 == 0 and head_size <= 256
+
+
+def attention_forward(qkv, n_head, scale):
+    """qkv (B, T, 3C) -> y (B, T, C), probs (B, H, T, T)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    y = np.empty((B, T, C), qkv.dtype)
+    probs = np.empty((B, n_head, T, T), qkv.dtype)
+    work = np.empty(T * (C // n_head), qkv.dtype)
+    _fn("attention_forward", qkv.dtype)(_ptr(qkv), _ptr(y), _ptr(probs), _ptr(work), B, T, C,
+                                        n_head, scale)
+    return y, probs
+
+
+def attention_backward(dy, qkv, probs, scale):
+    """dy (B, T, C) -> dqkv (B, T, 3C)."""
+    B, T, C = dy.shape
+    n_head = probs.shape[1]
+    dqkv = np.empty_like(qkv)
+    work = np.empty(T * (C // n_head) + T * T, dy.dtype)
+    _fn("attention_backward", dy.dtype)(_ptr(dy), _ptr(qkv), _ptr(probs), _ptr(dqkv), _ptr(work),
+                                        B, T, C, n_head, scale)
+    return dqkv
 
 
 def cross_entropy_forward(logits2d, targets, ignore_index):

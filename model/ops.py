@@ -174,19 +174,23 @@ def _query_blocks(T):
 def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     """Causal multi-head self-attention. qkv (B, T, 3C) -> y (B, T, C).
 
-    cache: (qkv, probs, keep_masks): per query block (see _query_blocks) the softmax output
-    (B, H, end - start, end) and its dropout keep-mask (None without dropout).
+    cache: (qkv, query blocks [(start, end), ...] (see _query_blocks), per block the softmax
+    output (B, H, end - start, end), per block its dropout keep-mask (None without dropout)).
+    Without dropout the C kernel does all of it as one block.
     """
     xp = module_of(qkv)
     B, T, C3 = qkv.shape
+    scale = 1.0 / math.sqrt(C3 // (3 * n_head))
+    if dropout_p == 0.0 and kernels.attention_fits(C3 // (3 * n_head)) and kernels.usable(qkv):
+        y, probs = kernels.attention_forward(qkv, n_head, scale)
+        return y, (qkv, [(0, T)], [probs], [None])
     q, k, v = split_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
     bias = _causal_bias(xp, T, qkv.dtype)
     y = xp.empty((B, T, n_head, q.shape[-1]), dtype=qkv.dtype)
     y_heads = y.transpose(0, 2, 1, 3)  # (B, H, T, hs) view of y
-    probs, keep_masks = [], []
+    blocks, probs, keep_masks = _query_blocks(T), [], []
     fused = kernels.usable(qkv)
-    for start, end in _query_blocks(T):
+    for start, end in blocks:
         scores = q[:, :, start:end] @ k[:, :, :end].swapaxes(-1, -2)
         if fused:  # scale, mask and softmax in one pass, in place
             block_probs = kernels.causal_softmax_forward(scores, start, scale)
@@ -198,22 +202,25 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
         xp.matmul(attn, v[:, :, :end], out=y_heads[:, :, start:end])
         probs.append(block_probs)
         keep_masks.append(keep_mask)
-    return y.reshape(B, T, C3 // 3), (qkv, probs, keep_masks)
+    return y.reshape(B, T, C3 // 3), (qkv, blocks, probs, keep_masks)
 
 
 def attention_backward(dy, cache, n_head):
     """dy (B, T, C) -> dqkv (B, T, 3C)."""
     xp = module_of(dy)
-    qkv, probs, keep_masks = cache
+    qkv, blocks, probs, keep_masks = cache
     B, T, C = dy.shape
+    scale = 1.0 / math.sqrt(C // n_head)
+    if (len(blocks) == 1 and keep_masks[0] is None and kernels.attention_fits(C // n_head)
+            and kernels.usable(dy, qkv, probs[0])):
+        return kernels.attention_backward(dy, qkv, probs[0], scale)
     q, k, v = split_heads(qkv, n_head)
-    scale = 1.0 / math.sqrt(q.shape[-1])
     dy = dy.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
     dqkv = xp.empty((B, T, 3, n_head, C // n_head), dtype=dy.dtype)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     # The last block sees every key: it writes dk and dv, the earlier blocks add to them.
-    blocks = list(zip(_query_blocks(T), probs, keep_masks))[::-1]
-    for n, ((start, end), block_probs, keep_mask) in enumerate(blocks):
+    for n, ((start, end), block_probs, keep_mask) in enumerate(
+            reversed(list(zip(blocks, probs, keep_masks)))):
         dy_block = dy[:, :, start:end]
         attn = block_probs if keep_mask is None else block_probs * keep_mask
         dattn = dropout_backward(dy_block @ v[:, :, :end].swapaxes(-1, -2), keep_mask)

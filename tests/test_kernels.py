@@ -78,14 +78,19 @@ def test_gelu_forward_and_backward_including_large_inputs(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T", [1, 7, 64, 200])  # 200: three query blocks, offsets > 0
-def test_causal_attention_forward_and_backward(dtype, T):
+@pytest.mark.parametrize("T", [1, 7, 64, 200])  # NumPy: 200 is three query blocks
+@pytest.mark.parametrize("H, hs", [(3, 8), (2, 32), (1, 64), (2, 40), (2, 6)])  # 32, 64: own
+def test_causal_attention_forward_and_backward(dtype, T, H, hs):              # builds; 6: NumPy
     rng = np.random.default_rng(2)
-    qkv, dy = rand(rng, (2, T, 3 * 24), dtype, 2.0), rand(rng, (2, T, 24), dtype)
+    qkv, dy = rand(rng, (2, T, 3 * H * hs), dtype, 2.0), rand(rng, (2, T, H * hs), dtype)
 
     def run():
-        y, cache = ops.attention_forward(qkv, 3)
-        return (y, *cache[1], ops.attention_backward(dy, cache, 3))
+        y, cache = ops.attention_forward(qkv, H)
+        # the probabilities as one (B, H, T, T) array, however many query blocks made them
+        probs = np.zeros((2, H, T, T), dtype)
+        for (start, end), block in zip(cache[1], cache[2]):
+            probs[:, :, start:end, :end] = block
+        return (y, probs, ops.attention_backward(dy, cache, H))
 
     assert_close(*both_paths(run), dtype)
 

@@ -1,9 +1,25 @@
 /* Kernels over element type T (float or double); included by kernels.c once per type, which
- * defines T, SUFFIX (f32 / f64), EXP and SQRT. Every array is C-contiguous; shapes are passed as
- * int64. Forward and backward of each op sit side by side, as in model/ops.py. */
+ * defines T, SUFFIX (f32 / f64), ITYPE (the integer of T's width), EXP, EXP8 (on 8-lane
+ * vectors) and SQRT. Every array is C-contiguous; shapes are passed as int64. Forward and
+ * backward of each op sit side by side, as in model/ops.py. */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(op) CAT(op, SUFFIX)
+#define VEC CAT(vec8, SUFFIX)
+#define IVEC CAT(ivec8, SUFFIX)
+
+ALWAYS_INLINE VEC NAME(load8)(const T *p) {
+    VEC v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+ALWAYS_INLINE void NAME(store8)(T *p, VEC v) { memcpy(p, &v, sizeof v); }
+
+/* Lane-wise mask ? a : b (C has no vector ?:). */
+ALWAYS_INLINE VEC NAME(select8)(IVEC mask, VEC a, VEC b) {
+    return (VEC)(((IVEC)a & mask) | ((IVEC)b & ~mask));
+}
 
 /* ------------------------------------------------------------------ layernorm (rows of C) */
 
@@ -97,31 +113,52 @@ static inline int64_t NAME(visible_span)(int64_t visible, int64_t Tk) {
     return rounded < Tk ? rounded : Tk;
 }
 
+/* One row in place: softmax(scale * row) over keys [0, last], 0 for keys after it (up to Tk).
+ * When the span is whole vectors (Tk a multiple of 8) it runs on explicit vectors: rows this
+ * short lose more to a compiler's alignment peeling and remainder loops than to arithmetic. */
+ALWAYS_INLINE void NAME(causal_softmax_row)(T *row, int64_t last, int64_t Tk, T scale) {
+    const int64_t span = NAME(visible_span)(last + 1, Tk);
+    if (span % 8 == 0) {
+        const IVEC lane = {0, 1, 2, 3, 4, 5, 6, 7};
+        VEC top8 = (VEC){0} + row[0];
+        for (int64_t j0 = 0; j0 < span; j0 += 8) {
+            const VEC x = NAME(load8)(row + j0);
+            top8 = NAME(select8)((lane + (ITYPE)j0 <= (ITYPE)last) & (x > top8), x, top8);
+        }
+        T top = top8[0];
+        for (int c = 1; c < 8; c++) top = top8[c] > top ? top8[c] : top;
+        VEC sum8 = {0};
+        for (int64_t j0 = 0; j0 < span; j0 += 8) {
+            const VEC e = NAME(select8)(lane + (ITYPE)j0 <= (ITYPE)last,
+                                        EXP8((NAME(load8)(row + j0) - top) * scale), (VEC){0});
+            NAME(store8)(row + j0, e);
+            sum8 += e;
+        }
+        T sum = 0;
+        for (int c = 0; c < 8; c++) sum += sum8[c];
+        const T inv = (T)1 / sum;
+        for (int64_t j0 = 0; j0 < span; j0 += 8) NAME(store8)(row + j0, NAME(load8)(row + j0) * inv);
+    } else {
+        T top = row[0], sum = 0;
+        for (int64_t j = 0; j <= last; j++) top = row[j] > top ? row[j] : top;
+        for (int64_t j = 0; j < span; j++) {
+            const T e = j <= last ? EXP((row[j] - top) * scale) : (T)0;
+            row[j] = e;
+            sum += e;
+        }
+        const T inv = (T)1 / sum;
+        for (int64_t j = 0; j < span; j++) row[j] *= inv;
+    }
+    if (span < Tk) memset(row + span, 0, (size_t)(Tk - span) * sizeof(T));
+}
+
 /* scores (G, Tq, Tk), G = batch x heads: row r of a group is query q0 + r and sees keys
  * [0, q0 + r]. In place: probs = softmax(scale * scores) over the visible keys, 0 beyond. */
 void NAME(causal_softmax_forward)(T *scores, int64_t G, int64_t Tq, int64_t Tk, int64_t q0,
                                   double scale) {
-    const T s = (T)scale;
-    for (int64_t g = 0; g < G; g++) {
-        for (int64_t r = 0; r < Tq; r++) {
-            T *row = scores + (g * Tq + r) * Tk;
-            const int64_t last = q0 + r, span = NAME(visible_span)(last + 1, Tk);
-            T top = row[0];
-#pragma omp simd reduction(max : top)
-            for (int64_t j = 0; j < span; j++) top = (j <= last && row[j] > top) ? row[j] : top;
-            T sum = 0;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t j = 0; j < span; j++) {
-                const T e = j <= last ? EXP((row[j] - top) * s) : (T)0;
-                row[j] = e;
-                sum += e;
-            }
-            const T inv = (T)1 / sum;
-#pragma omp simd
-            for (int64_t j = 0; j < span; j++) row[j] *= inv;
-            if (span < Tk) memset(row + span, 0, (size_t)(Tk - span) * sizeof(T));
-        }
-    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t r = 0; r < Tq; r++)
+            NAME(causal_softmax_row)(scores + (g * Tq + r) * Tk, q0 + r, Tk, (T)scale);
 }
 
 /* In place on dprobs: dscores = scale * probs * (dprobs - sum(dprobs * probs)); probs is 0 at
@@ -142,6 +179,172 @@ void NAME(causal_softmax_backward)(T *dprobs, const T *probs, int64_t G, int64_t
             if (span < Tk) memset(drow + span, 0, (size_t)(Tk - span) * sizeof(T));
         }
     }
+}
+
+/* ------------------------------------------------------------------ causal self-attention */
+
+/* Three causal products of one head, for T x T weights and (T, hs) row matrices whose rows lie
+ * `stride` elements apart (inside qkv, y or dy). They skip the masked upper triangle, which
+ * batched matmuls cannot. The head size is a multiple of 8 (the caller checks), handled as
+ * vectors of 8 elements (GCC/Clang vector extensions: one AVX register of floats, two of
+ * doubles); the dispatch below instantiates hs = 32 and 64 as constants so that the
+ * accumulators stay in registers. */
+/* out[i][j] = sum_d a_i[d] bt[d][j] for the keys row i can see (rounded up to whole vectors);
+ * bt is the (hs, T) transpose of the other operand. Tiles of 4 rows x 8 keys share loads. */
+ALWAYS_INLINE void NAME(causal_scores)(const T *a, int64_t stride, const T *bt, T *out,
+                                       int64_t Tn, const int64_t hs) {
+    for (int64_t i0 = 0; i0 < Tn; i0 += 4) {
+        const int64_t rows = Tn - i0 < 4 ? Tn - i0 : 4;
+        const int64_t span = NAME(visible_span)(i0 + rows, Tn);
+        for (int64_t j0 = 0; j0 < span; j0 += 8) {
+            if (rows == 4 && span - j0 >= 8) {
+                const T *a0 = a + i0 * stride, *a1 = a0 + stride, *a2 = a1 + stride,
+                        *a3 = a2 + stride;
+                VEC acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
+                for (int64_t d = 0; d < hs; d++) {
+                    const VEC b = NAME(load8)(bt + d * Tn + j0);
+                    acc0 += a0[d] * b;
+                    acc1 += a1[d] * b;
+                    acc2 += a2[d] * b;
+                    acc3 += a3[d] * b;
+                }
+                NAME(store8)(out + i0 * Tn + j0, acc0);
+                NAME(store8)(out + (i0 + 1) * Tn + j0, acc1);
+                NAME(store8)(out + (i0 + 2) * Tn + j0, acc2);
+                NAME(store8)(out + (i0 + 3) * Tn + j0, acc3);
+            } else {  /* the ragged edge: last rows or last keys */
+                const int64_t cols = span - j0 < 8 ? span - j0 : 8;
+                for (int64_t r = 0; r < rows; r++)
+                    for (int64_t c = 0; c < cols; c++) {
+                        T sum = 0;
+                        for (int64_t d = 0; d < hs; d++)
+                            sum += a[(i0 + r) * stride + d] * bt[d * Tn + j0 + c];
+                        out[(i0 + r) * Tn + j0 + c] = sum;
+                    }
+            }
+        }
+    }
+}
+
+/* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w). */
+ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const T *m, int64_t mstride, T *out,
+                                         int64_t ostride, int64_t Tn, const int64_t hs) {
+    const int64_t nv = hs / 8;
+    for (int64_t i = 0; i < Tn; i++) {
+        VEC acc[32];
+        for (int64_t v = 0; v < nv; v++) acc[v] = (VEC){0};
+        const T *wi = w + i * Tn;
+        for (int64_t j = 0; j <= i; j++) {
+            const T wj = wi[j];
+            const T *mj = m + j * mstride;
+            for (int64_t v = 0; v < nv; v++) acc[v] += wj * NAME(load8)(mj + 8 * v);
+        }
+        for (int64_t v = 0; v < nv; v++) NAME(store8)(out + i * ostride + 8 * v, acc[v]);
+    }
+}
+
+/* out_j = sum_{i >= j} w[i][j] m_i (the transpose of the lower triangle of w), for two weight
+ * matrices at once: out1 from w1 and m1, out2 from w2 and m2 (dk and dv share the loop). */
+ALWAYS_INLINE void NAME(causal_mix_columns2)(const T *w1, const T *m1, int64_t stride1,
+                                             const T *w2, const T *m2, int64_t stride2,
+                                             T *out1, T *out2, int64_t ostride, int64_t Tn,
+                                             const int64_t hs) {
+    const int64_t nv = hs / 8;
+    for (int64_t j = 0; j < Tn; j++) {
+        VEC acc1[32], acc2[32];
+        for (int64_t v = 0; v < nv; v++) acc1[v] = acc2[v] = (VEC){0};
+        for (int64_t i = j; i < Tn; i++) {
+            const T a = w1[i * Tn + j], b = w2[i * Tn + j];
+            const T *x1 = m1 + i * stride1, *x2 = m2 + i * stride2;
+            for (int64_t v = 0; v < nv; v++) {
+                acc1[v] += a * NAME(load8)(x1 + 8 * v);
+                acc2[v] += b * NAME(load8)(x2 + 8 * v);
+            }
+        }
+        for (int64_t v = 0; v < nv; v++) {
+            NAME(store8)(out1 + j * ostride + 8 * v, acc1[v]);
+            NAME(store8)(out2 + j * ostride + 8 * v, acc2[v]);
+        }
+    }
+}
+
+ALWAYS_INLINE void NAME(transpose_rows)(const T *m, int64_t stride, T *out, int64_t Tn,
+                                        const int64_t hs) {
+    for (int64_t j = 0; j < Tn; j++)
+        for (int64_t d = 0; d < hs; d++) out[d * Tn + j] = m[j * stride + d];
+}
+
+/* One head: q, k, v rows inside qkv (stride 3C), y rows inside y (stride C). */
+ALWAYS_INLINE void NAME(attention_head_forward)(const T *q, const T *k, const T *v, int64_t stride,
+                                                T *y, int64_t ystride, T *probs, T *kt,
+                                                int64_t Tn, T scale, const int64_t hs) {
+    NAME(transpose_rows)(k, stride, kt, Tn, hs);
+    NAME(causal_scores)(q, stride, kt, probs, Tn, hs);
+    for (int64_t i = 0; i < Tn; i++) NAME(causal_softmax_row)(probs + i * Tn, i, Tn, scale);
+    NAME(causal_mix_rows)(probs, v, stride, y, ystride, Tn, hs);
+}
+
+ALWAYS_INLINE void NAME(attention_head_backward)(const T *q, const T *k, const T *v,
+                                                 int64_t stride, const T *dy, int64_t ystride,
+                                                 const T *probs, T *dq, T *dk, T *dv, T *vt,
+                                                 T *ds, int64_t Tn, T scale, const int64_t hs) {
+    NAME(transpose_rows)(v, stride, vt, Tn, hs);
+    NAME(causal_scores)(dy, ystride, vt, ds, Tn, hs);  /* dP = dy V^T */
+    for (int64_t i = 0; i < Tn; i++) {  /* dS = scale P (dP - <dP, P>), 0 where masked */
+        T *drow = ds + i * Tn;
+        const T *prow = probs + i * Tn;
+        const int64_t span = NAME(visible_span)(i + 1, Tn);
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j < span; j++) dot += drow[j] * prow[j];
+#pragma omp simd
+        for (int64_t j = 0; j < span; j++) drow[j] = scale * prow[j] * (drow[j] - dot);
+    }
+    NAME(causal_mix_rows)(ds, k, stride, dq, stride, Tn, hs);                   /* dq = dS K */
+    NAME(causal_mix_columns2)(ds, q, stride, probs, dy, ystride, dk, dv, stride, Tn, hs);
+}
+
+/* The causal self-attention of one layer, head by head, reading q, k, v where they lie in
+ * qkv (B, T, 3C) and writing y (B, T, C) as the heads' concatenation; probs (B, H, T, T) keeps
+ * the softmax output for the backward (0 above the diagonal). work: T * hs elements.
+ * hs: a multiple of 8, at most 256.
+ * Without dropout only (the NumPy path does dropout). */
+void NAME(attention_forward)(const T *qkv, T *y, T *probs, T *work, int64_t B, int64_t Tn,
+                             int64_t C, int64_t H, double scale) {
+    const int64_t hs = C / H, stride = 3 * C;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const T *q = qkv + b * Tn * stride + h * hs;
+            T *yh = y + b * Tn * C + h * hs, *p = probs + (b * H + h) * Tn * Tn;
+            if (hs == 32)
+                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, 32);
+            else if (hs == 64)
+                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, 64);
+            else
+                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, hs);
+        }
+}
+
+/* dy (B, T, C) -> dqkv (B, T, 3C), every element written. work: T * hs + T * T elements. */
+void NAME(attention_backward)(const T *dy, const T *qkv, const T *probs, T *dqkv, T *work,
+                              int64_t B, int64_t Tn, int64_t C, int64_t H, double scale) {
+    const int64_t hs = C / H, stride = 3 * C;
+    T *vt = work, *ds = work + Tn * hs;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            const T *q = qkv + b * Tn * stride + h * hs, *dyh = dy + b * Tn * C + h * hs;
+            const T *p = probs + (b * H + h) * Tn * Tn;
+            T *dq = dqkv + b * Tn * stride + h * hs;
+            if (hs == 32)
+                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
+                                              dq + 2 * C, vt, ds, Tn, (T)scale, 32);
+            else if (hs == 64)
+                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
+                                              dq + 2 * C, vt, ds, Tn, (T)scale, 64);
+            else
+                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
+                                              dq + 2 * C, vt, ds, Tn, (T)scale, hs);
+        }
 }
 
 /* ------------------------------------------------------------------ cross-entropy */
@@ -194,6 +397,8 @@ void NAME(adamw_update)(T *param, const T *grad, T *m, T *v, int64_t n, double d
     }
 }
 
+#undef VEC
+#undef IVEC
 #undef CAT_
 #undef CAT
 #undef NAME
