@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from model import kernels
 from model.gpt import GPT, GPTConfig
 from model.optim import AdamW
 
@@ -153,7 +154,7 @@ def run(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_siz
     batches = random_batches(config, batch_size, warmup + steps)
     tokens = batch_size * block_size
     result = {"config": config.to_dict(), "batch_size": batch_size, "threads": threads,
-              "steps": steps, "tokens_per_step": tokens}
+              "steps": steps, "tokens_per_step": tokens, "kernels": kernels.status()}
     with threadpool_limits(limits=threads):
         steps = {"ringpipe": ringpipe_step(GPT(config, seed=0, threads=threads))}
         torch_step = pytorch_step(GPT(config, seed=0), threads) if compare else None
@@ -184,7 +185,8 @@ def format_table(result: dict) -> str:
              f"{c['dtype']} threads={result['threads']} steps={result['steps']} (median)",
              f"{'implementation':<28}{'ms/step':>10}{'min ms':>10}{'tokens/s':>12}"
              f"{'loss first→last':>20}"]
-    for key, label in (("ringpipe", "ringpipe (NumPy)"),
+    ours = "NumPy + C kernels" if result.get("kernels") == "c" else "NumPy"
+    for key, label in (("ringpipe", f"ringpipe ({ours})"),
                        ("pytorch", "PyTorch GPT2LMHeadModel")):
         if key in result:
             r = result[key]
@@ -195,6 +197,8 @@ def format_table(result: dict) -> str:
         lines.append(f"ringpipe / PyTorch tokens/s: {result['speedup']:.2f}x")
     else:
         lines.append("PyTorch comparison skipped (--no-compare, or torch/transformers missing)")
+    if result.get("kernels", "c") != "c":
+        lines.append(f"ringpipe ops ran on {result['kernels']}")
     if "activation_memory_bytes" in result:
         m = result["activation_memory_bytes"]
         lines.append(f"peak cached activations at block_size {MEMORY_BLOCK_SIZE}, batch "

@@ -294,11 +294,21 @@ ALWAYS_INLINE void NAME(attention_head_backward)(const T *q, const T *k, const T
         T *drow = ds + i * Tn;
         const T *prow = probs + i * Tn;
         const int64_t span = NAME(visible_span)(i + 1, Tn);
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j < span; j++) dot += drow[j] * prow[j];
-#pragma omp simd
-        for (int64_t j = 0; j < span; j++) drow[j] = scale * prow[j] * (drow[j] - dot);
+        if (span % 8 == 0) {  /* whole vectors, as in causal_softmax_row */
+            VEC dot8 = {0};
+            for (int64_t j0 = 0; j0 < span; j0 += 8)
+                dot8 += NAME(load8)(drow + j0) * NAME(load8)(prow + j0);
+            T dot = 0;
+            for (int c = 0; c < 8; c++) dot += dot8[c];
+            for (int64_t j0 = 0; j0 < span; j0 += 8) {
+                const VEC p = NAME(load8)(prow + j0);
+                NAME(store8)(drow + j0, scale * p * (NAME(load8)(drow + j0) - dot));
+            }
+        } else {
+            T dot = 0;
+            for (int64_t j = 0; j < span; j++) dot += drow[j] * prow[j];
+            for (int64_t j = 0; j < span; j++) drow[j] = scale * prow[j] * (drow[j] - dot);
+        }
     }
     NAME(causal_mix_rows)(ds, k, stride, dq, stride, Tn, hs);                   /* dq = dS K */
     NAME(causal_mix_columns2)(ds, q, stride, probs, dy, ystride, dk, dv, stride, Tn, hs);
