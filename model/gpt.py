@@ -3,22 +3,25 @@
 Stages are the units later parallel schedules split: the embedding stage, block i, and the
 head+loss stage. Each has `*_forward -> (output, cache)` and `*_backward(cache, dout) ->
 (dinput, grads)`; a block can also run its backward as input-gradient now, weight-gradient later.
-Every cache is registered with `ActivationMemory`, so the bytes held between forward and
-backward are measured, not guessed.
+The block is model/block.py, shared with the tensor-parallel stage; sampling is
+model/generation.py. Every cache is registered with `ActivationMemory`, so the bytes held between
+forward and backward are measured, not guessed.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from model import ops
+from model import generation, ops
+from model.activation_memory import ActivationMemory
+from model.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
+                         dropout_generator_seed)
 from model.optim import FlatArrays, flat_order
 from runtime.backend import DEVICES, array_module, to_host
 
@@ -94,73 +97,6 @@ def init_params(config: GPTConfig, seed: int = 0) -> dict:
     return params
 
 
-class ActivationMemory:
-    """Bytes of activations cached between forward and backward: live now, and peak since reset."""
-
-    def __init__(self):
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self._lock = threading.Lock()  # batch shards run on several threads
-        # id(cache) -> bytes counted by hold, so that release need not walk the cache again (a
-        # walk that holds the GIL against the other batch shard). Ids only, to keep no cache alive.
-        self._held = {}
-
-    def reset(self):
-        self.live_bytes = self.peak_bytes = 0
-        self._held.clear()
-
-    @staticmethod
-    def nbytes(cache) -> int:
-        """Bytes of the distinct buffers in a (nested dict/tuple/list of) arrays."""
-        buffers = {}
-        stack = [cache]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, dict):
-                stack.extend(item.values())
-            elif isinstance(item, (tuple, list)):
-                stack.extend(item)
-            elif hasattr(item, "nbytes"):
-                while item.base is not None:  # count each buffer once, through its views
-                    item = item.base
-                buffers[id(item)] = item.nbytes
-        return sum(buffers.values())
-
-    def hold(self, cache):
-        nbytes = self.nbytes(cache)
-        with self._lock:
-            self._held[id(cache)] = nbytes
-            self.live_bytes += nbytes
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        return cache
-
-    def release(self, cache):
-        with self._lock:
-            nbytes = self._held.pop(id(cache), None)
-        if nbytes is None:  # never held (or reset since)
-            nbytes = self.nbytes(cache)
-        with self._lock:
-            self.live_bytes -= nbytes
-
-
-@dataclass
-class DeferredWeightGrads:
-    """What a block's backward_input leaves for backward_weight: the gradients already known
-    and, per linear, (param prefix, cached input x, dout) in `pending`."""
-    layer: int
-    grads: dict
-    pending: list
-    defer: bool = True  # False: linear weight grads are computed at once, while dout is hot
-
-    def add(self, prefix, x, dout):
-        if self.defer:
-            self.pending.append((prefix, x, dout))
-        else:
-            name = f"h.{self.layer}.{prefix}"
-            self.grads[name + ".weight"], self.grads[name + ".bias"] = \
-                ops.linear_backward_weight(dout, x)
-
-
 _heap_tuned = False
 
 
@@ -184,12 +120,12 @@ def _keep_large_arrays_on_the_heap():
         pass
 
 
-# Dropout sites; masks are drawn from (dropout_seed, layer, site) so a recompute redraws them.
-EMBEDDING, ATTN_PROBS, ATTN_RESIDUAL, MLP_RESIDUAL = range(4)
+class GPT(TransformerBlocks):
+    """The dense GPT-2. `params` is a flat dict with GPT-2 public names (see `param_shapes`).
 
-
-class GPT:
-    """The dense GPT-2. `params` is a flat dict with GPT-2 public names (see `param_shapes`)."""
+    Its blocks (`block_forward`, `block_backward_input`, ...) are `TransformerBlocks` with every
+    head here and identity regions around the linears.
+    """
 
     def __init__(self, config: GPTConfig, seed: int = 0, params: dict | None = None,
                  threads: int = 1):
@@ -206,6 +142,9 @@ class GPT:
         for name, p in host.items():
             self.params[name][...] = self.xp.asarray(p.astype(self.dtype))
         self.memory = ActivationMemory()
+        self.local_heads = config.n_head
+        self.input_region = self.output_region = IdentityRegion
+        self.tp = None  # no tensor-parallel group: the regions communicate nothing
         self.threads = threads  # row shards of a batch run at once in loss_and_grads (NumPy)
         self._executor = self._blas = None
         self._dropout_seeds = np.random.default_rng([seed, 1])
@@ -215,12 +154,14 @@ class GPT:
     def _rng(self, dropout_seed, layer, site):
         if not self.config.dropout or dropout_seed is None:
             return None
-        state = np.random.SeedSequence([dropout_seed, layer + 1, site]).generate_state(1)[0]
-        return self.xp.random.default_rng(int(state))
+        return self.xp.random.default_rng(dropout_generator_seed(dropout_seed, layer, site))
 
     def _dropout(self, x, dropout_seed, layer, site):
         rng = self._rng(dropout_seed, layer, site)
         return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
+
+    def _attention_dropout_rng(self, dropout_seed, layer, batch, length):
+        return self._rng(dropout_seed, layer, ATTN_PROBS)
 
     # ------------------------------------------------------------------ embedding stage
 
@@ -243,106 +184,6 @@ class GPT:
         dwpe[:dx.shape[1]] = dpos.sum(0)
         dwte = ops.embedding_backward(dtok, cache["idx"], self.config.vocab_size)
         return None, {"wte.weight": dwte, "wpe.weight": dwpe}
-
-    # ------------------------------------------------------------------ transformer block i
-
-    def _attention_half(self, i, x, dropout_seed):
-        """x -> x + dropout(c_proj(attn(c_attn(ln_1(x))))), cache of every op."""
-        p, h = self.params, f"h.{i}."
-        a, ln_1 = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        qkv, c_attn = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        rng = self._rng(dropout_seed, i, ATTN_PROBS)
-        y, attn = ops.attention_forward(qkv, self.config.n_head,
-                                        self.config.dropout if rng else 0.0, rng)
-        y, c_proj = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-        y, keep_mask = self._dropout(y, dropout_seed, i, ATTN_RESIDUAL)
-        cache = {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj,
-                 "attn.dropout": keep_mask}
-        return ops.residual_forward(x, y), cache
-
-    def _mlp_half(self, i, x, dropout_seed):
-        """x -> x + dropout(c_proj(gelu(c_fc(ln_2(x))))), cache of every op."""
-        p, h = self.params, f"h.{i}."
-        a, ln_2 = ops.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        f, c_fc = ops.linear_forward(a, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
-        g, gelu = ops.gelu_forward(f)
-        y, c_proj = ops.linear_forward(g, p[h + "mlp.c_proj.weight"], p[h + "mlp.c_proj.bias"])
-        y, keep_mask = self._dropout(y, dropout_seed, i, MLP_RESIDUAL)
-        cache = {"ln_2": ln_2, "mlp.c_fc": c_fc, "gelu": gelu, "mlp.c_proj": c_proj,
-                 "mlp.dropout": keep_mask}
-        return ops.residual_forward(x, y), cache
-
-    def block_forward(self, i, x, dropout_seed=None):
-        """Block i: x (B, T, C) -> (B, T, C). With config.recompute the cache is only x."""
-        if self.config.recompute:
-            out, _ = self._mlp_half(i, self._attention_half(i, x, dropout_seed)[0], dropout_seed)
-            return out, self.memory.hold({"input": x, "dropout_seed": dropout_seed})
-        x, attention_cache = self._attention_half(i, x, dropout_seed)
-        out, mlp_cache = self._mlp_half(i, x, dropout_seed)
-        return out, self.memory.hold({**attention_cache, **mlp_cache})
-
-    def _mlp_half_backward_input(self, i, cache, dout, deferred):
-        p, h = self.params, f"h.{i}."
-        dy = ops.dropout_backward(dout, cache["mlp.dropout"])
-        deferred.add("mlp.c_proj", cache["mlp.c_proj"], dy)
-        dg = ops.linear_backward_input(dy, p[h + "mlp.c_proj.weight"])
-        df = ops.gelu_backward(dg, cache["gelu"])
-        deferred.add("mlp.c_fc", cache["mlp.c_fc"], df)
-        da = ops.linear_backward_input(df, p[h + "mlp.c_fc.weight"])
-        dx, deferred.grads[h + "ln_2.weight"], deferred.grads[h + "ln_2.bias"] = \
-            ops.layernorm_backward(da, cache["ln_2"], p[h + "ln_2.weight"])
-        dx += dout  # residual
-        return dx
-
-    def _attention_half_backward_input(self, i, cache, dout, deferred):
-        p, h = self.params, f"h.{i}."
-        dy = ops.dropout_backward(dout, cache["attn.dropout"])
-        deferred.add("attn.c_proj", cache["attn.c_proj"], dy)
-        dy = ops.linear_backward_input(dy, p[h + "attn.c_proj.weight"])
-        dqkv = ops.attention_backward(dy, cache["attn"], self.config.n_head)
-        deferred.add("attn.c_attn", cache["attn.c_attn"], dqkv)
-        da = ops.linear_backward_input(dqkv, p[h + "attn.c_attn.weight"])
-        dx, deferred.grads[h + "ln_1.weight"], deferred.grads[h + "ln_1.bias"] = \
-            ops.layernorm_backward(da, cache["ln_1"], p[h + "ln_1.weight"])
-        dx += dout  # residual
-        return dx
-
-    def block_backward_input(self, i, cache, dout, defer=True):
-        """dout (B, T, C) -> (dx (B, T, C), DeferredWeightGrads for `block_backward_weight`).
-
-        Frees the block cache; the deferred work keeps only the linears' inputs and douts.
-        """
-        self.memory.release(cache)
-        deferred = DeferredWeightGrads(i, {}, [], defer)
-        if not self.config.recompute:
-            dx = self._mlp_half_backward_input(i, cache, dout, deferred)
-            dx = self._attention_half_backward_input(i, cache, dx, deferred)
-        else:
-            # Recompute one half at a time, so at most half a block's cache is alive at once.
-            x, seed = cache["input"], cache["dropout_seed"]
-            x_mid = self._attention_half(i, x, seed)[0]
-            mlp_cache = self.memory.hold(self._mlp_half(i, x_mid, seed)[1])
-            del x_mid
-            dx = self._mlp_half_backward_input(i, mlp_cache, dout, deferred)
-            self.memory.release(mlp_cache)
-            attention_cache = self.memory.hold(self._attention_half(i, x, seed)[1])
-            dx = self._attention_half_backward_input(i, attention_cache, dx, deferred)
-            self.memory.release(attention_cache)
-        self.memory.hold(deferred.pending)
-        return dx, deferred
-
-    def block_backward_weight(self, deferred):
-        """Runs the deferred linear weight gradients -> grads of every parameter of the block."""
-        self.memory.release(deferred.pending)
-        pending, deferred.pending, deferred.defer = deferred.pending, [], False
-        while pending:
-            deferred.add(*pending.pop())
-        return deferred.grads
-
-    def block_backward(self, i, cache, dout):
-        """Fused backward of block i: dout (B, T, C) -> (dx, grads of the block's parameters)."""
-        dx, deferred = self.block_backward_input(i, cache, dout, defer=False)
-        return dx, self.block_backward_weight(deferred)
 
     # ------------------------------------------------------------------ head + loss stage
 
@@ -464,70 +305,17 @@ class GPT:
     # ------------------------------------------------------------------ generation (KV cache)
 
     def prefill(self, idx):
-        """Runs idx int (B, T) through the model, keeping each layer's keys and values.
-
-        -> (logits (B, T, V), kv) where kv is the cache that `decode_step` extends.
-        """
-        B, T = idx.shape
-        C, H = self.config.n_embd, self.config.n_head
-        shape = (B, H, self.config.block_size, C // H)
-        kv = {"length": 0, "layers": [(self.xp.empty(shape, self.dtype),
-                                       self.xp.empty(shape, self.dtype))
-                                      for _ in range(self.config.n_layer)]}
-        return self._forward_with_kv(idx, kv), kv
+        """idx int (B, T) -> (logits (B, T, V), kv cache); see model/generation.py."""
+        return generation.prefill(self, idx)
 
     def decode_step(self, kv, tokens):
         """tokens int (B,) at position kv["length"] -> logits (B, V), using and extending kv."""
-        return self._forward_with_kv(tokens[:, None], kv)[:, -1]
-
-    def _forward_with_kv(self, idx, kv):
-        xp, p, H = self.xp, self.params, self.config.n_head
-        B, T = idx.shape
-        start = kv["length"]
-        if start + T > self.config.block_size:
-            raise ValueError(f"KV cache holds {start} of block_size {self.config.block_size}; "
-                             f"cannot add {T} more positions")
-        x = p["wte.weight"][idx] + p["wpe.weight"][start:start + T]
-        # Query t (absolute start + t) may see keys 0 .. start + t.
-        bias = xp.triu(xp.full((T, start + T), -xp.inf, dtype=self.dtype), k=start + 1)
-        for i, (keys, values) in enumerate(kv["layers"]):
-            h = f"h.{i}."
-            a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-            qkv, _ = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-            q, k, v = ops.split_heads(qkv, H)
-            keys[:, :, start:start + T] = k
-            values[:, :, start:start + T] = v
-            scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)
-            scores *= 1.0 / math.sqrt(q.shape[-1])
-            scores += bias
-            y = ops.softmax_forward(scores) @ values[:, :, :start + T]
-            y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
-            y, _ = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
-            x, _ = self._mlp_half(i, x + y, None)
-        kv["length"] = start + T
-        return self.head_logits(x)
+        return generation.decode_step(self, kv, tokens)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
-        """Samples max_new_tokens after idx int (B, T) -> (B, T + max_new_tokens).
-
-        temperature 0 picks the most likely token. Context longer than block_size is cropped to
-        the last block_size tokens, and the KV cache is rebuilt for that window.
-        """
-        rng = np.random.default_rng(seed)
-        block_size = self.config.block_size
-        tokens = to_host(idx).astype(np.int64)
-        logits, kv = self.prefill(self.xp.asarray(tokens[:, -block_size:]))
-        logits = logits[:, -1]
-        for step in range(max_new_tokens):
-            next_tokens = _sample(to_host(logits).astype(np.float64), temperature, top_k, rng)
-            tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
-            if step == max_new_tokens - 1:
-                break
-            if kv["length"] < block_size:
-                logits = self.decode_step(kv, self.xp.asarray(next_tokens))
-            else:
-                logits = self.prefill(self.xp.asarray(tokens[:, -block_size:]))[0][:, -1]
-        return self.xp.asarray(tokens) if self.xp is not np else tokens
+        """Samples max_new_tokens after idx int (B, T) -> (B, T + max_new_tokens); temperature 0
+        picks the most likely token. See model/generation.py."""
+        return generation.generate(self, idx, max_new_tokens, temperature, top_k, seed)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -544,16 +332,3 @@ class GPT:
         config, params = load_checkpoint(directory, dtype=dtype, device=device)
         return cls(config, params=params)
 
-
-def _sample(logits, temperature, top_k, rng):
-    """logits float64 (B, V) on the host -> token ids int64 (B,)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = np.partition(logits, -top_k, axis=-1)[:, -top_k][:, None]
-        logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((logits.shape[0], 1)) * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(-1), logits.shape[-1] - 1).astype(np.int64)

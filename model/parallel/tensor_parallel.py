@@ -12,7 +12,8 @@ Each rank of the tensor-parallel group holds a slice of every weight matrix and 
 Every sublayer is input region → column-parallel → local op → row-parallel → output region
 (see tensor_parallel_communications.py): one all-reduce forward and one backward, or with sequence
 parallelism an all-gather and a reduce-scatter each way, LayerNorm/dropout/residual then running on
-(B, T/tp, C) sequence shards. Dropout masks are drawn for the full tensor and sliced, so training
+(B, T/tp, C) sequence shards. The block itself is the dense model's (model/block.py), given these
+regions and this rank's heads. Dropout masks are drawn for the full tensor and sliced, so training
 is the same as the dense model's whatever tp is.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from model import ops
-from model.gpt import ATTN_PROBS, ATTN_RESIDUAL, EMBEDDING, MLP_RESIDUAL, ActivationMemory, DeferredWeightGrads, \
-    GPTConfig, param_shapes
+from model.activation_memory import ActivationMemory
+from model.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
+from model.gpt import GPTConfig, param_shapes
 from model.parallel.stage import _accumulate, stage_param_names
 from model.parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
 from runtime.backend import array_module, module_of, to_host
@@ -179,7 +181,7 @@ class _SliceOfFullDraw:
         return self.rng.random(self.full_shape, dtype=dtype)[self.index]
 
 
-class TensorParallelStage:
+class TensorParallelStage(TransformerBlocks):
     """This tensor-parallel rank's part of layers `layers` (and embedding/head when first/last), with
     DenseStage's interface (see stage.py). `tp_comm` is the tensor-parallel communicator (mesh.tp).
 
@@ -188,6 +190,8 @@ class TensorParallelStage:
     finalize_grads()  with sequence parallelism, sums the LayerNorm and wpe gradients over tp
                       (each rank saw only its positions); nothing otherwise
     """
+
+    recompute_one_half_at_a_time = False  # recomputing attention twice would repeat its collectives
 
     def __init__(self, config: GPTConfig, full_params: dict, layers: range, first: bool, last: bool, tp_comm,
                  sequence_parallel: bool = False):
@@ -213,7 +217,7 @@ class TensorParallelStage:
         self._sequence_partial_names = [name for name in names if sequence_parallel and size > 1 and
                                         (".ln_" in name or name.startswith("ln_f") or name == "wpe.weight")]
         self.memory = ActivationMemory()
-        self._in, self._out = input_region(sequence_parallel), output_region(sequence_parallel)
+        self.input_region, self.output_region = input_region(sequence_parallel), output_region(sequence_parallel)
         self.on_grads_final = None  # callback(names) for data-parallel buckets, as on DenseStage
 
     def grad_groups_in_ready_order(self) -> list[list[str]]:
@@ -259,7 +263,7 @@ class TensorParallelStage:
             x, cache = self._embedding_forward(inputs, dropout_seed)
             caches.append(("embedding", cache))
         for i in self.layers:
-            x, cache = self._block_forward(i, x, dropout_seed)
+            x, cache = self.block_forward(i, x, dropout_seed)
             caches.append((i, cache))
         if self.last:
             loss, cache = self._head_forward(x, targets)
@@ -279,18 +283,13 @@ class TensorParallelStage:
                 dx = None
                 self._report_final(["wpe.weight", "wte.weight"], last)
             else:
-                dx, block_deferred = self._block_backward_input(kind, cache, dx)
+                dx, block_deferred = self.block_backward_input(kind, cache, dx)
                 deferred.append(block_deferred)
         return dx, deferred
 
     def backward_weight(self, deferred, last: bool = False):
         for block in deferred:
-            self.memory.release(block.pending)
-            h = f"h.{block.layer}."
-            while block.pending:
-                name, x, dout = block.pending.pop()
-                block.grads[h + name + ".weight"], block.grads[h + name + ".bias"] = ops.linear_backward_weight(dout, x)
-            _accumulate(self.grads, block.grads)
+            _accumulate(self.grads, self.block_backward_weight(block))
             self._report_final(self._block_names(block.layer), last)
 
     def logits(self, idx):
@@ -299,10 +298,10 @@ class TensorParallelStage:
         x, cache = self._embedding_forward(idx, None)
         self.memory.release(cache)
         for i in self.layers:
-            x, cache = self._block_forward(i, x, None)
+            x, cache = self.block_forward(i, x, None)
             self.memory.release(cache)
         a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"])
-        local = ops.linear_forward(self._in.forward(a, self.tp), self.params["wte.weight"].T)[0]
+        local = ops.linear_forward(self.input_region.forward(a, self.tp), self.params["wte.weight"].T)[0]
         gathered = self.tp.all_gather(self.xp.ascontiguousarray(local.transpose(2, 0, 1)))  # vocab first
         return gathered.transpose(1, 2, 0)[..., :self.config.vocab_size]
 
@@ -310,8 +309,8 @@ class TensorParallelStage:
     def _rng(self, dropout_seed, layer, site, full_shape, index):
         if not self.config.dropout or dropout_seed is None:
             return None
-        state = np.random.SeedSequence([dropout_seed, layer + 1, site]).generate_state(1)[0]  # as model.gpt
-        return _SliceOfFullDraw(self.xp.random.default_rng(int(state)), full_shape, index)
+        return _SliceOfFullDraw(self.xp.random.default_rng(dropout_generator_seed(dropout_seed, layer, site)),
+                                full_shape, index)
 
     def _positions(self, length):
         return sequence_slice(length, self.tp) if self.sequence_parallel else slice(0, length)
@@ -323,13 +322,18 @@ class TensorParallelStage:
         rng = self._rng(dropout_seed, layer, site, (B, full_t, C), (slice(None), self._positions(full_t)))
         return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
 
+    def _attention_dropout_rng(self, dropout_seed, layer, batch, length):
+        """This rank's heads of the (B, n_head, T, T) attention-probability mask."""
+        return self._rng(dropout_seed, layer, ATTN_PROBS, (batch, self.config.n_head, length, length),
+                         (slice(None), self.heads))
+
     # ---- vocab-parallel embedding ----------------------------------------------------------------------
     def _embedding_forward(self, idx, dropout_seed):
         T = idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         tok, lookup = vocab_parallel_embedding_forward(self.params["wte.weight"], idx, self.vocab_start)
-        tok = self._out.forward(tok, self.tp)
+        tok = self.output_region.forward(tok, self.tp)
         x = ops.residual_forward(tok, self.params["wpe.weight"][self._positions(T)])
         x, keep_mask = self._dropout(x, dropout_seed, -1, EMBEDDING)
         return x, self.memory.hold({"lookup": lookup, "dropout": keep_mask, "length": T})
@@ -338,91 +342,14 @@ class TensorParallelStage:
         self.memory.release(cache)
         dx = ops.dropout_backward(dx, cache["dropout"])
         self.grads["wpe.weight"][self._positions(cache["length"])] += dx.sum(0)
-        dtok = self._out.backward(dx, self.tp)
+        dtok = self.output_region.backward(dx, self.tp)
         self.grads["wte.weight"] += vocab_parallel_embedding_backward(dtok, cache["lookup"], self.vocab_rows)
-
-    # ---- transformer block: column-parallel then row-parallel, twice ----------------------------------
-    def _attention_half(self, i, x, dropout_seed):
-        p, h = self.params, f"h.{i}."
-        a, ln_1 = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
-        a = self._in.forward(a, self.tp)
-        qkv, c_attn = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        B, T = qkv.shape[:2]
-        rng = self._rng(dropout_seed, i, ATTN_PROBS, (B, self.config.n_head, T, T), (slice(None), self.heads))
-        y, attn = ops.attention_forward(qkv, self.local_heads, self.config.dropout if rng else 0.0, rng)
-        y, c_proj = ops.linear_forward(y, p[h + "attn.c_proj.weight"])
-        y = self._out.forward(y, self.tp)
-        y += p[h + "attn.c_proj.bias"]  # replicated: added once, after the partial sums are reduced
-        y, keep_mask = self._dropout(y, dropout_seed, i, ATTN_RESIDUAL)
-        cache = {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj, "attn.dropout": keep_mask}
-        return ops.residual_forward(x, y), cache
-
-    def _mlp_half(self, i, x, dropout_seed):
-        p, h = self.params, f"h.{i}."
-        a, ln_2 = ops.layernorm_forward(x, p[h + "ln_2.weight"], p[h + "ln_2.bias"])
-        a = self._in.forward(a, self.tp)
-        f, c_fc = ops.linear_forward(a, p[h + "mlp.c_fc.weight"], p[h + "mlp.c_fc.bias"])
-        g, gelu = ops.gelu_forward(f)
-        y, c_proj = ops.linear_forward(g, p[h + "mlp.c_proj.weight"])
-        y = self._out.forward(y, self.tp)
-        y += p[h + "mlp.c_proj.bias"]
-        y, keep_mask = self._dropout(y, dropout_seed, i, MLP_RESIDUAL)
-        cache = {"ln_2": ln_2, "mlp.c_fc": c_fc, "gelu": gelu, "mlp.c_proj": c_proj, "mlp.dropout": keep_mask}
-        return ops.residual_forward(x, y), cache
-
-    def _block_forward(self, i, x, dropout_seed):
-        if self.config.recompute:  # keep only the input; backward runs the forward (and its collectives) again
-            out, _ = self._mlp_half(i, self._attention_half(i, x, dropout_seed)[0], dropout_seed)
-            return out, self.memory.hold({"input": x, "dropout_seed": dropout_seed})
-        x, attention_cache = self._attention_half(i, x, dropout_seed)
-        out, mlp_cache = self._mlp_half(i, x, dropout_seed)
-        return out, self.memory.hold({**attention_cache, **mlp_cache})
-
-    def _mlp_half_backward_input(self, i, cache, dout, deferred):
-        p, h = self.params, f"h.{i}."
-        dy = self._out.backward(ops.dropout_backward(dout, cache["mlp.dropout"]), self.tp)
-        deferred.pending.append(("mlp.c_proj", cache["mlp.c_proj"], dy))  # whole dy: the bias grad is replicated
-        df = ops.gelu_backward(ops.linear_backward_input(dy, p[h + "mlp.c_proj.weight"]), cache["gelu"])
-        deferred.pending.append(("mlp.c_fc", cache["mlp.c_fc"], df))
-        da = self._in.backward(ops.linear_backward_input(df, p[h + "mlp.c_fc.weight"]), self.tp)
-        dx, deferred.grads[h + "ln_2.weight"], deferred.grads[h + "ln_2.bias"] = \
-            ops.layernorm_backward(da, cache["ln_2"], p[h + "ln_2.weight"])
-        dx += dout  # residual
-        return dx
-
-    def _attention_half_backward_input(self, i, cache, dout, deferred):
-        p, h = self.params, f"h.{i}."
-        dy = self._out.backward(ops.dropout_backward(dout, cache["attn.dropout"]), self.tp)
-        deferred.pending.append(("attn.c_proj", cache["attn.c_proj"], dy))
-        dy = ops.linear_backward_input(dy, p[h + "attn.c_proj.weight"])
-        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads)
-        deferred.pending.append(("attn.c_attn", cache["attn.c_attn"], dqkv))
-        da = self._in.backward(ops.linear_backward_input(dqkv, p[h + "attn.c_attn.weight"]), self.tp)
-        dx, deferred.grads[h + "ln_1.weight"], deferred.grads[h + "ln_1.bias"] = \
-            ops.layernorm_backward(da, cache["ln_1"], p[h + "ln_1.weight"])
-        dx += dout  # residual
-        return dx
-
-    def _block_backward_input(self, i, cache, dout):
-        self.memory.release(cache)
-        deferred = DeferredWeightGrads(i, {}, [])
-        if self.config.recompute:
-            x, seed = cache["input"], cache["dropout_seed"]
-            x_mid, attention_cache = self._attention_half(i, x, seed)
-            cache = self.memory.hold({**attention_cache, **self._mlp_half(i, x_mid, seed)[1]})
-            del x_mid, attention_cache
-        dx = self._mlp_half_backward_input(i, cache, dout, deferred)
-        dx = self._attention_half_backward_input(i, cache, dx, deferred)
-        if self.config.recompute:
-            self.memory.release(cache)
-        self.memory.hold(deferred.pending)
-        return dx, deferred
 
     # ---- LM head tied to the vocab-parallel wte, vocab-parallel cross-entropy -------------------------
     def _head_forward(self, x, targets):
         p = self.params
         a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
-        a = self._in.forward(a, self.tp)
+        a = self.input_region.forward(a, self.tp)
         logits, _ = ops.linear_forward(a, p["wte.weight"].T)  # (B, T, V/tp)
         loss, ce = vocab_parallel_cross_entropy_forward(logits, targets, self.vocab_start, self.config.vocab_size,
                                                         self.tp)
@@ -432,7 +359,7 @@ class TensorParallelStage:
         self.memory.release(cache)
         p, a = self.params, cache["lm_head"]
         dlogits = vocab_parallel_cross_entropy_backward(cache["cross_entropy"], dloss)
-        da = self._in.backward(ops.linear_backward_input(dlogits, p["wte.weight"].T), self.tp)
+        da = self.input_region.backward(ops.linear_backward_input(dlogits, p["wte.weight"].T), self.tp)
         self.grads["wte.weight"] += dlogits.reshape(-1, dlogits.shape[-1]).T @ a.reshape(-1, a.shape[-1])
         dx, dw, db = ops.layernorm_backward(da, cache["ln_f"], p["ln_f.weight"])
         self.grads["ln_f.weight"] += dw

@@ -1,0 +1,208 @@
+"""The pre-LN transformer block as op pairs, written once for the dense GPT and the tensor-parallel
+stage.
+
+Block i is two residual sublayers, attention then MLP, each
+
+    entry:  LayerNorm → input region → column-parallel linear
+            local op: causal attention over this rank's heads, or GELU
+    exit:   row-parallel linear → output region → + bias → dropout → + sublayer input
+
+The regions are where the two models differ: identities in the dense model (whose "parallel" linears
+hold the whole matrices), the communications of model/parallel/tensor_parallel_communications.py in
+the tensor-parallel stage. The row-parallel bias is whole on every rank, so it is added once, after
+the output region has summed the partial products.
+
+The backward is split as pipeline schedules want it: `block_backward_input` now, the linears' weight
+gradients later (`DeferredWeightGrads`, `block_backward_weight`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from model import ops
+
+# Dropout sites. A mask is drawn from (dropout_seed, layer, site), so a recompute draws it again
+# and a tensor-parallel rank can draw the dense model's mask and keep its slice. The embedding is
+# layer -1.
+EMBEDDING, ATTN_PROBS, ATTN_RESIDUAL, MLP_RESIDUAL = range(4)
+
+
+def dropout_generator_seed(dropout_seed: int, layer: int, site: int) -> int:
+    """Seed of the generator drawing the dropout mask at (layer, site) of a step's dropout_seed."""
+    return int(np.random.SeedSequence([dropout_seed, layer + 1, site]).generate_state(1)[0])
+
+
+class IdentityRegion:
+    """The dense model's region around its linears: nothing to communicate, forward or backward."""
+
+    @staticmethod
+    def forward(x, comm):
+        return x
+
+    backward = forward
+
+
+@dataclass
+class DeferredWeightGrads:
+    """What a block's backward_input leaves for backward_weight: the gradients already known
+    and, per linear, (param prefix, cached input x, dout) in `pending`."""
+    layer: int
+    grads: dict
+    pending: list
+    defer: bool = True  # False: linear weight grads are computed at once, while dout is hot
+
+    def add(self, prefix, x, dout):
+        if self.defer:
+            self.pending.append((prefix, x, dout))
+        else:
+            name = f"h.{self.layer}.{prefix}"
+            self.grads[name + ".weight"], self.grads[name + ".bias"] = \
+                ops.linear_backward_weight(dout, x)
+
+
+class TransformerBlocks:
+    """Blocks `h.{i}.*`: forward, backward-input, deferred weight gradients, recompute.
+
+    Mixed into a model that provides
+        config          GPTConfig (dropout, recompute)
+        params          GPT-2 parameter names -> arrays (this rank's shards)
+        memory          ActivationMemory, holding every cache
+        local_heads     attention heads computed here (n_head / tensor-parallel size)
+        input_region, output_region, tp
+                        the regions around the column- and row-parallel linears,
+                        `forward(x, tp)` and `backward(dy, tp)`, and the communicator they take
+        _dropout(x, dropout_seed, layer, site) -> (x, keep_mask)
+        _attention_dropout_rng(dropout_seed, layer, batch, length) -> generator or None
+    """
+
+    # With config.recompute, backward rebuilds the caches from the block input. One half at a time
+    # keeps at most half a block's cache alive, for a second attention forward; the tensor-parallel
+    # stage rebuilds both halves at once, as that second forward would repeat its collectives.
+    recompute_one_half_at_a_time = True
+
+    # ---- the two sublayers -----------------------------------------------------------------
+    def _attention_half(self, i, x, dropout_seed):
+        """x -> x + dropout(c_proj(attn(c_attn(ln_1(x))))), cache of every op."""
+        qkv, ln_1, c_attn = self._entry_forward(i, x, "ln_1", "attn.c_attn")
+        rng = self._attention_dropout_rng(dropout_seed, i, qkv.shape[0], qkv.shape[1])
+        y, attn = ops.attention_forward(qkv, self.local_heads,
+                                        self.config.dropout if rng else 0.0, rng)
+        out, c_proj, keep_mask = self._exit_forward(i, x, y, "attn.c_proj", dropout_seed,
+                                                    ATTN_RESIDUAL)
+        return out, {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj,
+                     "attn.dropout": keep_mask}
+
+    def _mlp_half(self, i, x, dropout_seed):
+        """x -> x + dropout(c_proj(gelu(c_fc(ln_2(x))))), cache of every op."""
+        f, ln_2, c_fc = self._entry_forward(i, x, "ln_2", "mlp.c_fc")
+        g, gelu = ops.gelu_forward(f)
+        out, c_proj, keep_mask = self._exit_forward(i, x, g, "mlp.c_proj", dropout_seed,
+                                                    MLP_RESIDUAL)
+        return out, {"ln_2": ln_2, "mlp.c_fc": c_fc, "gelu": gelu, "mlp.c_proj": c_proj,
+                     "mlp.dropout": keep_mask}
+
+    def _mlp_half_backward_input(self, i, cache, dout, deferred):
+        dg = self._exit_backward_input(i, cache, dout, "mlp.c_proj", "mlp.dropout", deferred)
+        df = ops.gelu_backward(dg, cache["gelu"])
+        return self._entry_backward_input(i, cache, df, dout, "ln_2", "mlp.c_fc", deferred)
+
+    def _attention_half_backward_input(self, i, cache, dout, deferred):
+        dy = self._exit_backward_input(i, cache, dout, "attn.c_proj", "attn.dropout", deferred)
+        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads)
+        return self._entry_backward_input(i, cache, dqkv, dout, "ln_1", "attn.c_attn", deferred)
+
+    # ---- a sublayer's entry and exit, the op pairs around its local op ---------------------
+    def _entry_forward(self, i, x, norm, column):
+        """LayerNorm → input region → column-parallel linear -> (out, norm cache, linear cache)."""
+        p, norm, column = self.params, f"h.{i}.{norm}", f"h.{i}.{column}"
+        a, norm_cache = ops.layernorm_forward(x, p[norm + ".weight"], p[norm + ".bias"])
+        a = self.input_region.forward(a, self.tp)
+        out, column_cache = ops.linear_forward(a, p[column + ".weight"], p[column + ".bias"])
+        return out, norm_cache, column_cache
+
+    def _entry_backward_input(self, i, cache, dout_column, dout_sublayer, norm, column, deferred):
+        """-> dx of the sublayer input: through the column linear, the region, the LayerNorm and
+        the residual (dout_sublayer); the linear's weight gradient goes to `deferred`."""
+        p, h = self.params, f"h.{i}."
+        deferred.add(column, cache[column], dout_column)
+        da = ops.linear_backward_input(dout_column, p[h + column + ".weight"])
+        da = self.input_region.backward(da, self.tp)
+        dx, deferred.grads[h + norm + ".weight"], deferred.grads[h + norm + ".bias"] = \
+            ops.layernorm_backward(da, cache[norm], p[h + norm + ".weight"])
+        dx += dout_sublayer  # residual
+        return dx
+
+    def _exit_forward(self, i, x, y, row, dropout_seed, site):
+        """Row-parallel linear → output region → + bias → dropout → + x.
+
+        -> (out, linear cache, dropout mask). The bias is whole on every rank, so it is added once,
+        after the output region has summed the partial products."""
+        p, row = self.params, f"h.{i}.{row}"
+        y, row_cache = ops.linear_forward(y, p[row + ".weight"])
+        y = self.output_region.forward(y, self.tp)
+        y += p[row + ".bias"]
+        y, keep_mask = self._dropout(y, dropout_seed, i, site)
+        return ops.residual_forward(x, y), row_cache, keep_mask
+
+    def _exit_backward_input(self, i, cache, dout, row, dropout, deferred):
+        """-> the gradient of the local op's output; the row linear's weight gradient (whole dy: its
+        bias gradient is the same on every rank) goes to `deferred`."""
+        dy = self.output_region.backward(ops.dropout_backward(dout, cache[dropout]), self.tp)
+        deferred.add(row, cache[row], dy)
+        return ops.linear_backward_input(dy, self.params[f"h.{i}.{row}.weight"])
+
+    # ---- block i ---------------------------------------------------------------------------
+    def block_forward(self, i, x, dropout_seed=None):
+        """Block i: x (B, T, C) -> (B, T, C). With config.recompute the cache is only x."""
+        if self.config.recompute:
+            out, _ = self._mlp_half(i, self._attention_half(i, x, dropout_seed)[0], dropout_seed)
+            return out, self.memory.hold({"input": x, "dropout_seed": dropout_seed})
+        x, attention_cache = self._attention_half(i, x, dropout_seed)
+        out, mlp_cache = self._mlp_half(i, x, dropout_seed)
+        return out, self.memory.hold({**attention_cache, **mlp_cache})
+
+    def block_backward_input(self, i, cache, dout, defer=True):
+        """dout (B, T, C) -> (dx (B, T, C), DeferredWeightGrads for `block_backward_weight`).
+
+        Frees the block cache; the deferred work keeps only the linears' inputs and douts.
+        """
+        self.memory.release(cache)
+        deferred = DeferredWeightGrads(i, {}, [], defer)
+        if not self.config.recompute:
+            dx = self._mlp_half_backward_input(i, cache, dout, deferred)
+            dx = self._attention_half_backward_input(i, cache, dx, deferred)
+        elif self.recompute_one_half_at_a_time:
+            x, seed = cache["input"], cache["dropout_seed"]
+            x_mid = self._attention_half(i, x, seed)[0]
+            mlp_cache = self.memory.hold(self._mlp_half(i, x_mid, seed)[1])
+            del x_mid
+            dx = self._mlp_half_backward_input(i, mlp_cache, dout, deferred)
+            self.memory.release(mlp_cache)
+            attention_cache = self.memory.hold(self._attention_half(i, x, seed)[1])
+            dx = self._attention_half_backward_input(i, attention_cache, dx, deferred)
+            self.memory.release(attention_cache)
+        else:
+            x, seed = cache["input"], cache["dropout_seed"]
+            x_mid, attention_cache = self._attention_half(i, x, seed)
+            cache = self.memory.hold({**attention_cache, **self._mlp_half(i, x_mid, seed)[1]})
+            del x_mid, attention_cache
+            dx = self._mlp_half_backward_input(i, cache, dout, deferred)
+            dx = self._attention_half_backward_input(i, cache, dx, deferred)
+            self.memory.release(cache)
+        self.memory.hold(deferred.pending)
+        return dx, deferred
+
+    def block_backward_weight(self, deferred):
+        """Runs the deferred linear weight gradients -> grads of every parameter of the block."""
+        self.memory.release(deferred.pending)
+        pending, deferred.pending, deferred.defer = deferred.pending, [], False
+        while pending:
+            deferred.add(*pending.pop())
+        return deferred.grads
+
+    def block_backward(self, i, cache, dout):
+        """Fused backward of block i: dout (B, T, C) -> (dx, grads of the block's parameters)."""
+        dx, deferred = self.block_backward_input(i, cache, dout, defer=False)
+        return dx, self.block_backward_weight(deferred)
