@@ -1,5 +1,5 @@
 /* Kernels over element type T (float or double); included by kernels.c once per type, which
- * defines T, SUFFIX (f32 / f64), ITYPE (the integer of T's width), EXP, EXP8 (on 8-lane
+ * defines T, SUFFIX (f32 / f64), ITYPE (the integer of T's width), EXP8 (e^x on 8-lane
  * vectors) and SQRT. Every array is C-contiguous; shapes are passed as int64. Forward and
  * backward of each op sit side by side, as in model/ops.py. */
 #define CAT_(a, b) a##_##b
@@ -15,6 +15,19 @@ ALWAYS_INLINE VEC NAME(load8)(const T *p) {
 }
 
 ALWAYS_INLINE void NAME(store8)(T *p, VEC v) { memcpy(p, &v, sizeof v); }
+
+/* The first n < 8 lanes, for the ragged end of a row (the other lanes read as 0). */
+ALWAYS_INLINE VEC NAME(load_first)(const T *p, int64_t n) {
+    VEC v = {0};
+    memcpy(&v, p, (size_t)n * sizeof(T));
+    return v;
+}
+
+ALWAYS_INLINE void NAME(store_first)(T *p, VEC v, int64_t n) {
+    memcpy(p, &v, (size_t)n * sizeof(T));
+}
+
+static const IVEC NAME(lanes) = {0, 1, 2, 3, 4, 5, 6, 7};
 
 /* Lane-wise mask ? a : b (C has no vector ?:). */
 ALWAYS_INLINE VEC NAME(select8)(IVEC mask, VEC a, VEC b) {
@@ -79,17 +92,24 @@ void NAME(layernorm_backward)(const T *dout, const T *xhat, const T *rstd, const
 
 /* out = x sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3), the same as 0.5 x (1 + tanh z);
  * sigmoid is taken from e^{-2|z|} <= 1, so nothing overflows. sig is kept for the backward. */
-void NAME(gelu_forward)(const T *x, T *out, T *sig, int64_t n, double scale, double cubic) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        const T xi = x[i];
-        const T z = (T)scale * (xi + (T)cubic * xi * xi * xi);
-        const T t = EXP((T)-2 * (z > 0 ? z : -z));
-        const T inv = (T)1 / ((T)1 + t);
-        const T s = z >= 0 ? inv : t * inv;
-        sig[i] = s;
-        out[i] = xi * s;
+ALWAYS_INLINE void NAME(gelu8)(VEC x, T *out, T *sig, int64_t n, T scale, T cubic) {
+    const VEC z = scale * (x + cubic * x * x * x);
+    const VEC t = EXP8((T)-2 * NAME(select8)(z > 0, z, -z));
+    const VEC inv = (T)1 / ((T)1 + t);
+    const VEC s = NAME(select8)(z >= 0, inv, t * inv);
+    if (n == 8) {
+        NAME(store8)(sig, s);
+        NAME(store8)(out, x * s);
+    } else {
+        NAME(store_first)(sig, s, n);
+        NAME(store_first)(out, x * s, n);
     }
+}
+
+void NAME(gelu_forward)(const T *x, T *out, T *sig, int64_t n, double scale, double cubic) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) NAME(gelu8)(NAME(load8)(x + i), out + i, sig + i, 8, (T)scale, (T)cubic);
+    if (i < n) NAME(gelu8)(NAME(load_first)(x + i, n - i), out + i, sig + i, n - i, (T)scale, (T)cubic);
 }
 
 /* dx = dout (s + x 2 s (1 - s) dz/dx), dz/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2). */
@@ -114,41 +134,31 @@ static inline int64_t NAME(visible_span)(int64_t visible, int64_t Tk) {
 }
 
 /* One row in place: softmax(scale * row) over keys [0, last], 0 for keys after it (up to Tk).
- * When the span is whole vectors (Tk a multiple of 8) it runs on explicit vectors: rows this
- * short lose more to a compiler's alignment peeling and remainder loops than to arithmetic. */
+ * Explicit vectors with the masked keys selected away: rows this short lose more to a compiler's
+ * alignment peeling and remainder loops than to arithmetic. Only a row ending at Tk, when Tk is
+ * not a multiple of 8, has a partial last vector. */
 ALWAYS_INLINE void NAME(causal_softmax_row)(T *row, int64_t last, int64_t Tk, T scale) {
     const int64_t span = NAME(visible_span)(last + 1, Tk);
-    if (span % 8 == 0) {
-        const IVEC lane = {0, 1, 2, 3, 4, 5, 6, 7};
-        VEC top8 = (VEC){0} + row[0];
-        for (int64_t j0 = 0; j0 < span; j0 += 8) {
-            const VEC x = NAME(load8)(row + j0);
-            top8 = NAME(select8)((lane + (ITYPE)j0 <= (ITYPE)last) & (x > top8), x, top8);
-        }
-        T top = top8[0];
-        for (int c = 1; c < 8; c++) top = top8[c] > top ? top8[c] : top;
-        VEC sum8 = {0};
-        for (int64_t j0 = 0; j0 < span; j0 += 8) {
-            const VEC e = NAME(select8)(lane + (ITYPE)j0 <= (ITYPE)last,
-                                        EXP8((NAME(load8)(row + j0) - top) * scale), (VEC){0});
-            NAME(store8)(row + j0, e);
-            sum8 += e;
-        }
-        T sum = 0;
-        for (int c = 0; c < 8; c++) sum += sum8[c];
-        const T inv = (T)1 / sum;
-        for (int64_t j0 = 0; j0 < span; j0 += 8) NAME(store8)(row + j0, NAME(load8)(row + j0) * inv);
-    } else {
-        T top = row[0], sum = 0;
-        for (int64_t j = 0; j <= last; j++) top = row[j] > top ? row[j] : top;
-        for (int64_t j = 0; j < span; j++) {
-            const T e = j <= last ? EXP((row[j] - top) * scale) : (T)0;
-            row[j] = e;
-            sum += e;
-        }
-        const T inv = (T)1 / sum;
-        for (int64_t j = 0; j < span; j++) row[j] *= inv;
+    VEC top8 = (VEC){0} + row[0];
+    for (int64_t j0 = 0; j0 < span; j0 += 8) {
+        const VEC x = j0 + 8 <= span ? NAME(load8)(row + j0) : NAME(load_first)(row + j0, span - j0);
+        top8 = NAME(select8)((NAME(lanes) + (ITYPE)j0 <= (ITYPE)last) & (x > top8), x, top8);
     }
+    T top = top8[0];
+    for (int c = 1; c < 8; c++) top = top8[c] > top ? top8[c] : top;
+    VEC sum8 = {0};
+    for (int64_t j0 = 0; j0 < span; j0 += 8) {
+        const int64_t n = span - j0 < 8 ? span - j0 : 8;
+        const VEC x = n == 8 ? NAME(load8)(row + j0) : NAME(load_first)(row + j0, n);
+        const VEC e = NAME(select8)(NAME(lanes) + (ITYPE)j0 <= (ITYPE)last, EXP8((x - top) * scale),
+                                    (VEC){0});
+        if (n == 8) NAME(store8)(row + j0, e); else NAME(store_first)(row + j0, e, n);
+        sum8 += e;
+    }
+    T sum = 0;
+    for (int c = 0; c < 8; c++) sum += sum8[c];
+    const T inv = (T)1 / sum;
+    for (int64_t j = 0; j < span; j++) row[j] *= inv;
     if (span < Tk) memset(row + span, 0, (size_t)(Tk - span) * sizeof(T));
 }
 
@@ -369,16 +379,18 @@ int64_t NAME(cross_entropy_forward)(T *logits, const int64_t *targets, T *nll, i
     for (int64_t i = 0; i < N; i++) {
         T *row = logits + i * V;
         T top = row[0];
-#pragma omp simd reduction(max : top)
-        for (int64_t j = 0; j < V; j++) top = row[j] > top ? row[j] : top;
+        for (int64_t j = 1; j < V; j++) top = row[j] > top ? row[j] : top;
         const T target_logit = targets[i] == ignore_index ? 0 : row[targets[i]] - top;
-        T sum = 0;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < V; j++) {
-            const T e = EXP(row[j] - top);
-            row[j] = e;
-            sum += e;
+        VEC sum8 = {0};
+        for (int64_t j0 = 0; j0 < V; j0 += 8) {
+            const int64_t n = V - j0 < 8 ? V - j0 : 8;
+            const VEC x = n == 8 ? NAME(load8)(row + j0) : NAME(load_first)(row + j0, n);
+            const VEC e = NAME(select8)(NAME(lanes) < (ITYPE)n, EXP8(x - top), (VEC){0});
+            if (n == 8) NAME(store8)(row + j0, e); else NAME(store_first)(row + j0, e, n);
+            sum8 += e;
         }
+        T sum = 0;
+        for (int c = 0; c < 8; c++) sum += sum8[c];
         const T inv = (T)1 / sum;
 #pragma omp simd
         for (int64_t j = 0; j < V; j++) row[j] *= inv;
