@@ -236,44 +236,59 @@ ALWAYS_INLINE void NAME(causal_scores)(const T *a, int64_t stride, const T *bt, 
     }
 }
 
-/* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w). */
+/* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w). Two output
+ * rows at a time share every load of m_j. */
 ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const T *m, int64_t mstride, T *out,
                                          int64_t ostride, int64_t Tn, const int64_t hs) {
     const int64_t nv = hs / 8;
-    for (int64_t i = 0; i < Tn; i++) {
-        VEC acc[32];
-        for (int64_t v = 0; v < nv; v++) acc[v] = (VEC){0};
-        const T *wi = w + i * Tn;
-        for (int64_t j = 0; j <= i; j++) {
-            const T wj = wi[j];
+    for (int64_t i = 0; i < Tn; i += 2) {
+        const int pair = i + 1 < Tn;
+        const T *wa = w + i * Tn, *wb = wa + (pair ? Tn : 0);
+        VEC acc_a[32], acc_b[32];
+        for (int64_t v = 0; v < nv; v++) acc_a[v] = acc_b[v] = (VEC){0};
+        for (int64_t j = 0; j <= i; j++) {  /* keys both rows see */
             const T *mj = m + j * mstride;
-            for (int64_t v = 0; v < nv; v++) acc[v] += wj * NAME(load8)(mj + 8 * v);
+            for (int64_t v = 0; v < nv; v++) {
+                const VEC x = NAME(load8)(mj + 8 * v);
+                acc_a[v] += wa[j] * x;
+                acc_b[v] += wb[j] * x;
+            }
         }
-        for (int64_t v = 0; v < nv; v++) NAME(store8)(out + i * ostride + 8 * v, acc[v]);
+        for (int64_t v = 0; v < nv; v++) NAME(store8)(out + i * ostride + 8 * v, acc_a[v]);
+        if (pair) {  /* row i + 1 also sees key i + 1 */
+            const T *mj = m + (i + 1) * mstride;
+            for (int64_t v = 0; v < nv; v++)
+                NAME(store8)(out + (i + 1) * ostride + 8 * v,
+                             acc_b[v] + wb[i + 1] * NAME(load8)(mj + 8 * v));
+        }
     }
 }
 
-/* out_j = sum_{i >= j} w[i][j] m_i (the transpose of the lower triangle of w), for two weight
- * matrices at once: out1 from w1 and m1, out2 from w2 and m2 (dk and dv share the loop). */
-ALWAYS_INLINE void NAME(causal_mix_columns2)(const T *w1, const T *m1, int64_t stride1,
-                                             const T *w2, const T *m2, int64_t stride2,
-                                             T *out1, T *out2, int64_t ostride, int64_t Tn,
-                                             const int64_t hs) {
+/* out_j = sum_{i >= j} w[i][j] m_i (the transpose of the lower triangle of w). Two output rows
+ * at a time share every load of m_i. */
+ALWAYS_INLINE void NAME(causal_mix_columns)(const T *w, const T *m, int64_t mstride, T *out,
+                                            int64_t ostride, int64_t Tn, const int64_t hs) {
     const int64_t nv = hs / 8;
-    for (int64_t j = 0; j < Tn; j++) {
-        VEC acc1[32], acc2[32];
-        for (int64_t v = 0; v < nv; v++) acc1[v] = acc2[v] = (VEC){0};
-        for (int64_t i = j; i < Tn; i++) {
-            const T a = w1[i * Tn + j], b = w2[i * Tn + j];
-            const T *x1 = m1 + i * stride1, *x2 = m2 + i * stride2;
+    for (int64_t j = 0; j < Tn; j += 2) {
+        const int pair = j + 1 < Tn;
+        VEC acc_a[32], acc_b[32];
+        for (int64_t v = 0; v < nv; v++) {  /* query j is seen by key j only */
+            const VEC x = NAME(load8)(m + j * mstride + 8 * v);
+            acc_a[v] = w[j * Tn + j] * x;
+            acc_b[v] = (VEC){0};
+        }
+        for (int64_t i = j + 1; i < Tn; i++) {  /* queries both keys are seen by */
+            const T a = w[i * Tn + j], b = w[i * Tn + j + 1];
+            const T *mi = m + i * mstride;
             for (int64_t v = 0; v < nv; v++) {
-                acc1[v] += a * NAME(load8)(x1 + 8 * v);
-                acc2[v] += b * NAME(load8)(x2 + 8 * v);
+                const VEC x = NAME(load8)(mi + 8 * v);
+                acc_a[v] += a * x;
+                acc_b[v] += b * x;
             }
         }
         for (int64_t v = 0; v < nv; v++) {
-            NAME(store8)(out1 + j * ostride + 8 * v, acc1[v]);
-            NAME(store8)(out2 + j * ostride + 8 * v, acc2[v]);
+            NAME(store8)(out + j * ostride + 8 * v, acc_a[v]);
+            if (pair) NAME(store8)(out + (j + 1) * ostride + 8 * v, acc_b[v]);
         }
     }
 }
@@ -321,7 +336,8 @@ ALWAYS_INLINE void NAME(attention_head_backward)(const T *q, const T *k, const T
         }
     }
     NAME(causal_mix_rows)(ds, k, stride, dq, stride, Tn, hs);                   /* dq = dS K */
-    NAME(causal_mix_columns2)(ds, q, stride, probs, dy, ystride, dk, dv, stride, Tn, hs);
+    NAME(causal_mix_columns)(ds, q, stride, dk, stride, Tn, hs);                 /* dk = dS^T Q */
+    NAME(causal_mix_columns)(probs, dy, ystride, dv, stride, Tn, hs);            /* dv = P^T dy */
 }
 
 /* The causal self-attention of one layer, head by head, reading q, k, v where they lie in
