@@ -109,6 +109,22 @@ def test_cross_entropy_with_ignored_targets(dtype):
     assert_close(*both_paths(run), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_propagates_as_on_the_numpy_path(dtype):
+    """A diverged step must show up as NaN, not be squashed by the kernels' clamps."""
+    x = np.ones((1, 8, 3 * 64), dtype)  # 2 heads of 32
+    x[0, 5, 64 + 32 + 8] = np.nan  # the key at position 5 of head 1
+    y, _ = ops.attention_forward(x, 2)
+    assert np.isnan(y[0, 5:, 32:]).all()
+    assert not np.isnan(y[0, :5]).any() and not np.isnan(y[0, :, :32]).any()
+    g, _ = ops.gelu_forward(np.array([0.5, np.nan, -3.0], dtype))
+    assert np.isnan(g[1]) and not np.isnan(g[[0, 2]]).any()
+    logits = np.zeros((1, 2, 5), dtype)
+    logits[0, 1, 3] = np.nan
+    loss, _ = ops.cross_entropy_forward(logits, np.array([[1, 2]]))
+    assert np.isnan(loss)
+
+
 def test_cross_entropy_rejects_a_target_outside_the_vocabulary():
     logits = np.zeros((1, 3, 5), np.float32)
     with pytest.raises(IndexError, match="outside the vocabulary of 5"):

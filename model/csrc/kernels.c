@@ -30,13 +30,15 @@ typedef int64_t ivec8_f64 __attribute__((vector_size(64)));
  * high part and a low remainder (Cody-Waite); e^r = 1 + r + r^2 P(r) with Cephes' degree-5
  * minimax P (about 1 ulp), evaluated in Estrin's form for a short dependency chain; 2^n is
  * built in the exponent bits. x is clamped to [-87, 88] so 2^n stays a normal float: below -87
- * the result is ~1.6e-38 instead of 0, which no caller can tell from 0 at float precision. */
+ * the result is ~1.6e-38 instead of 0, which no caller can tell from 0 at float precision.
+ * NaN stays NaN, so a diverged step shows in the loss as it does on the NumPy path. */
 ALWAYS_INLINE vec8_f32 exp8_f32(vec8_f32 x) {
     const vec8_f32 lo = (vec8_f32){0} - 87.0f, hi = (vec8_f32){0} + 88.0f;
-    ivec8_f32 m = x > lo;
-    x = (vec8_f32)(((ivec8_f32)x & m) | ((ivec8_f32)lo & ~m));
-    m = x < hi;
-    x = (vec8_f32)(((ivec8_f32)x & m) | ((ivec8_f32)hi & ~m));
+    /* Clamp by replacing what compares beyond a bound: a NaN compares false and stays NaN. */
+    ivec8_f32 m = x < lo;
+    x = (vec8_f32)(((ivec8_f32)lo & m) | ((ivec8_f32)x & ~m));
+    m = x > hi;
+    x = (vec8_f32)(((ivec8_f32)hi & m) | ((ivec8_f32)x & ~m));
     const vec8_f32 n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     vec8_f32 r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
