@@ -285,6 +285,34 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
 
 
+@pytest.mark.parametrize("pp,sequence_parallel", [(1, False), (1, True), (2, True)])
+def test_zero_1_with_tensor_parallel_equals_single_process(local_cluster, references, pp, sequence_parallel):
+    """dp 2 x tp 2 (x pp 2) with ZeRO-1: the shards mix tp-split and tp-replicated parameters (and,
+    with sequence parallelism, gradients that must still be summed over tp)."""
+    reference = references(0.0)
+    config = reference["config"]
+    layout = Layout(dp=2, tp=2, pp=pp, schedule="1f1b", zero=1, sequence_parallel=sequence_parallel)
+    layout.validate(config)
+    trainers = local_cluster(layout.world_size).spawn(ParallelTrainer, dataclasses.asdict(config),
+                                                      dataclasses.asdict(layout), reference["token_file"],
+                                                      reference["vocab"], bucket_bytes=2 << 10)
+    for step in range(STEPS):
+        metrics = trainers.train_step(step).result()
+        expected = reference["metrics"][step]
+        losses = [m["loss"] for m in metrics if m["loss"] is not None]  # last stage, each dp rank
+        assert np.mean(losses) == pytest.approx(expected["loss"], rel=1e-12)
+        assert all(m["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-10) for m in metrics)
+    layouts = trainers.param_layout().result()
+    params = assemble_full_params(trainers.local_params().result(), layouts)
+    for name, value in reference["params"].items():
+        np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    for name, value in reference["optimizer"].items():
+        np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
+    half = trainers.optimizer_state_bytes().result()
+    assert max(half) < 0.75 * sum(p.nbytes * 2 for p in reference["params"].values()) / 2  # ~1/dp of a tp shard
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_a_full_checkpoint_loads_into_tensor_parallel_shards(local_cluster, references, tp):
     reference = references(0.1)

@@ -171,10 +171,35 @@ class GradientBuckets:
                         "exposed_s": done - backward_end, "reduce_s": done - self.first_launch}
         return shards if self.shard else self.grads
 
-    def shard_sum_of_squares(self, shards: list) -> float:
-        """Σ g² over this rank's shards (the tied wte only where it is counted)."""
-        return float(sum(float(np.vdot(to_host(s), to_host(s))) for b, s in enumerate(shards)
-                         if b != self.tied_bucket or self.counts_tied))
+    def shard_sum_of_squares(self, shards: list, skip=()) -> float:
+        """Σ g² over this rank's shards (the tied wte only where it is counted), leaving out the
+        elements of the parameters named in `skip`."""
+        skipped = {}
+        for b, start, stop in self.shard_ranges(skip):
+            skipped.setdefault(b, []).append((start, stop))
+        total = 0.0
+        for b, shard in enumerate(shards):
+            if b == self.tied_bucket and not self.counts_tied:
+                continue
+            host, position = to_host(shard), 0
+            for start, stop in sorted(skipped.get(b, [])) + [(len(host), len(host))]:
+                piece = host[position:start]
+                total += float(np.vdot(piece, piece))
+                position = stop
+        return total
+
+    def shard_ranges(self, names) -> list:
+        """[(bucket, start, stop)]: where the named parameters' elements lie inside this rank's
+        shards (indices into `finish()`'s shard arrays), in name order. Every rank with the same
+        stages and dp rank gets the same list, so tensor-parallel peers can reduce these pieces."""
+        ranges = []
+        for name in sorted(names):
+            b, shard = self.bucket_of[name], self.shard_of(self.bucket_of[name])
+            begin = self.offsets[name]
+            lo, hi = max(begin, shard.start), min(begin + int(np.prod(self.shapes[name])), shard.stop)
+            if lo < hi:
+                ranges.append((b, lo - shard.start, hi - shard.start))
+        return ranges
 
     def shard_of(self, b: int) -> slice:
         """This rank's part of bucket b, as a slice of the flat buffers."""

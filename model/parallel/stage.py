@@ -54,6 +54,7 @@ class DenseStage:
         self.grads = {name: self.xp.zeros_like(p) for name, p in self.params.items()}
         self.shard_axes = {name: None for name in names}  # nothing is split across tensor-parallel ranks
         self.replicated_names = list(names)  # every gradient is whole on this rank
+        self.tp_partial_names = []  # and none needs summing over tensor-parallel ranks
         self.on_grads_final = None  # callback(names) for data-parallel buckets; see the module docstring
 
     def grad_groups_in_ready_order(self) -> list[list[str]]:

@@ -187,8 +187,9 @@ class TensorParallelStage(TransformerBlocks):
 
     shard_axes        name -> axis the parameter is split along across tp (None: replicated)
     replicated_names  parameters whose gradients are the same on every tp rank (after finalize_grads)
-    finalize_grads()  with sequence parallelism, sums the LayerNorm and wpe gradients over tp
-                      (each rank saw only its positions); nothing otherwise
+    tp_partial_names  with sequence parallelism, the LayerNorm and wpe parameters: each rank's
+                      gradient covers only its positions and must be summed over tp
+    finalize_grads()  that sum, on this stage's gradients (ZeRO-1 does it on its shards instead)
     """
 
     recompute_one_half_at_a_time = False  # recomputing attention twice would repeat its collectives
@@ -214,7 +215,7 @@ class TensorParallelStage(TransformerBlocks):
                                                       dtype=dtype)) for name in names}
         self.grads = {name: self.xp.zeros_like(p) for name, p in self.params.items()}
         self.replicated_names = [name for name, axis in self.shard_axes.items() if axis is None]
-        self._sequence_partial_names = [name for name in names if sequence_parallel and size > 1 and
+        self.tp_partial_names = [name for name in names if sequence_parallel and size > 1 and
                                         (".ln_" in name or name.startswith("ln_f") or name == "wpe.weight")]
         self.memory = ActivationMemory()
         self.input_region, self.output_region = input_region(sequence_parallel), output_region(sequence_parallel)
@@ -245,13 +246,13 @@ class TensorParallelStage(TransformerBlocks):
             g[...] = 0
 
     def finalize_grads(self):
-        if not self._sequence_partial_names:
+        if not self.tp_partial_names:
             return
         xp = self.xp  # one all-reduce for all of them
-        flat = xp.concatenate([self.grads[name].ravel() for name in self._sequence_partial_names])
+        flat = xp.concatenate([self.grads[name].ravel() for name in self.tp_partial_names])
         self.tp.all_reduce(flat)
         offset = 0
-        for name in self._sequence_partial_names:
+        for name in self.tp_partial_names:
             g = self.grads[name]
             g[...] = flat[offset:offset + g.size].reshape(g.shape)
             offset += g.size

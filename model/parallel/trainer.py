@@ -77,10 +77,6 @@ class ParallelTrainer:
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         del full
-        if self.layout.zero and self.layout.tp > 1:
-            # The sharded norm would have to tell tp-replicated from tp-split parameters inside a shard.
-            raise NotImplementedError(f"rank {self.mesh.rank}: --zero 1 with --tp {self.layout.tp} "
-                                      "is not supported yet")
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
         self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.embedding, bucket_bytes,
                                          shard=bool(self.layout.zero))
@@ -126,6 +122,7 @@ class ParallelTrainer:
             lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
             if layout.zero:
                 shards = self.gradients.finish()  # this rank's 1/dp of every bucket, averaged
+                self._finalize_grad_shards(shards)
                 norm = self._sharded_grad_norm(shards)
                 self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
             else:
@@ -153,14 +150,33 @@ class ParallelTrainer:
             stage.finalize_grads()  # sums over tp commute with the dp average, so they may come after
         return grads
 
+    def _finalize_grad_shards(self, shards: list):
+        """ZeRO-1's finalize_grads: the tp sums of sequence-parallel gradients, on the pieces of them
+        inside this rank's shards (tensor-parallel peers hold the same pieces: same stage layout,
+        same dp rank). Sums over tp commute with the dp average, so after the reduce-scatter is fine."""
+        names = {name for stage in self.stages.values() for name in stage.tp_partial_names}
+        pieces = self.gradients.shard_ranges(names)
+        if not pieces:
+            return
+        xp = next(iter(self.stages.values())).xp
+        flat = xp.concatenate([shards[b][start:stop] for b, start, stop in pieces])
+        self.mesh.tp.all_reduce(flat)
+        offset = 0
+        for b, start, stop in pieces:
+            shards[b][start:stop] = flat[offset:offset + stop - start]
+            offset += stop - start
+
     def _sharded_grad_norm(self, shards: list) -> float:
-        """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp and over the
-        pipeline (the tied wte counted once, on the first stage)."""
-        total = np.array([self.gradients.shard_sum_of_squares(shards)])
-        if self.layout.dp > 1:
-            self.mesh.dp.all_reduce(total)
-        if self.layout.pp > 1:
-            self.mesh.pp.all_reduce(total)
+        """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp, tp and the
+        pipeline (the tied wte counted once, on the first stage; parameters replicated over tp
+        counted on tp rank 0 only)."""
+        replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
+        skip = replicated if self.layout.tp > 1 and self.mesh.tp_rank != 0 else ()
+        total = np.array([self.gradients.shard_sum_of_squares(shards, skip)])
+        for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
+                           (self.layout.pp, self.mesh.pp)):
+            if size > 1:
+                comm.all_reduce(total)
         return float(np.sqrt(total[0]))
 
     def _global_grad_norm(self, grads: dict) -> float:
