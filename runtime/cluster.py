@@ -335,19 +335,20 @@ class Cluster:
                 self._fatal[rank] = value.get("traceback", "")
                 if not future.errors and not value.get("aborted"):
                     # First failure of this call: stop the other ranks' communication so none hangs.
-                    self._abort(f"call {future.name} failed on rank {rank}")
+                    self._abort(f"call {future.name} failed on rank {rank}", future.call_id)
                 future._set(rank, False, value)
             if future.done():
                 with self._lock:
                     self._pending.pop(future.call_id, None)
 
-    def _abort(self, reason: str):
-        """Driver thread: fail every rank's communication in flight and start a new epoch."""
+    def _abort(self, reason: str, call_id: int):
+        """Driver thread: fail every rank's communication in flight and start a new epoch. Naming
+        the failed call lets a rank that has not started it yet still fail its communication."""
         with self._lock:
             self._epoch += 1
             epoch = self._epoch
             self._fence_needed = True
-        self._broadcast({"t": "abort", "epoch": epoch, "reason": reason})
+        self._broadcast({"t": "abort", "epoch": epoch, "reason": reason, "call": call_id})
 
     def _check_processes(self, starting: bool = False):
         for rank, proc in enumerate(self.processes):

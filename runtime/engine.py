@@ -154,7 +154,9 @@ class Engine:
         self.needs_fence = False
         # After an abort, operations started before the current call ends fail at once too: a rank
         # that reaches a collective after the abort must not wait for peers that already gave up.
-        self.aborted_call: str | None = None
+        self.aborted_call: str | None = None  # why communication of the current call fails
+        self.aborted_call_id: int | None = None  # the driver's id of the call that failed, if named
+        self.abort_lock = threading.Lock()  # the pair above changes together (engine and call threads)
         self.bytes_sent = defaultdict(int)  # group id -> payload bytes this rank sent
         self._submissions: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = WakePipe()
@@ -508,10 +510,11 @@ class Engine:
             if op.abort_key is not None and op.epoch == epoch and op.abort_key[:2] == (group, seq):
                 self._fail(op, CollectiveMismatch(reason))
 
-    def reset(self, epoch: int, reason: str):
-        """Fail every operation in flight and start a new epoch (after a failed call)."""
+    def reset(self, epoch: int, reason: str, call_id: int | None = None):
+        """Fail every operation in flight and start a new epoch (after a failed call, `call_id`)."""
         self.epoch = epoch
-        self.aborted_call = reason
+        with self.abort_lock:
+            self.aborted_call_id, self.aborted_call = call_id, reason
         for op in list(self.operations):
             self._fail(op, Aborted(reason))
         self.needs_fence = False

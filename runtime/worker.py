@@ -140,7 +140,9 @@ class Worker:
         if kind == "call":
             self.calls.put(value)
         elif kind == "abort":
-            self.engine.reset(int(value["epoch"]), str(value.get("reason", "aborted by the driver")))
+            call = value.get("call")
+            self.engine.reset(int(value["epoch"]), str(value.get("reason", "aborted by the driver")),
+                              call if isinstance(call, int) else None)
         elif kind == "stop":
             self.calls.put(None)
         elif kind == "clock":
@@ -176,7 +178,11 @@ class Worker:
             call = self.calls.get()
             if call is None:
                 return 0
-            self.engine.aborted_call = None  # a new call: earlier aborts are behind us
+            # A new call: earlier aborts are behind us, unless the abort is this call's own (it
+            # failed on another rank before this one took it off the queue).
+            with self.engine.abort_lock:
+                if self.engine.aborted_call_id != call["id"]:
+                    self.engine.aborted_call = None
             try:
                 value = self._execute(call)
                 self._reply({"t": "result", "id": call["id"], "ok": True, "value": value})

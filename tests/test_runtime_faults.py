@@ -120,6 +120,24 @@ def test_a_raising_rank_fails_the_call_quickly_and_the_cluster_stays_usable(loca
     assert cluster.run(sum_of_ranks) == [3.0, 3.0, 3.0]
 
 
+def busy(comm, seconds):
+    time.sleep(seconds)
+    return comm.rank
+
+
+def test_a_call_that_fails_before_a_busy_rank_starts_it_still_aborts_that_rank(local_cluster):
+    """Rank 0 is still in an earlier call when rank 1 fails the next one: the driver's abort reaches
+    rank 0 before rank 0 takes that call off its queue, and must still fail its collective."""
+    cluster = local_cluster(3)
+    earlier = cluster.submit(busy, 1.0, ranks=[0])
+    start = time.monotonic()
+    with pytest.raises(RemoteError) as info:
+        cluster.run(raise_on_rank, 1, 0.0, timeout=20)
+    assert info.value.rank == 1 and time.monotonic() - start < 5.0
+    assert earlier.result(timeout=5) == [0]
+    assert cluster.run(sum_of_ranks) == [3.0, 3.0, 3.0]
+
+
 def die_mid_collective(comm, how):
     if comm.rank == 2:
         time.sleep(0.2)
