@@ -24,5 +24,6 @@ def _register_commands():
 
 _register_commands()
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m cluster` is the module entry point
+    from cluster.__main__ import run
+    run()

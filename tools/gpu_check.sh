@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks, as one script for a session that is lent a device machine (the device tool's
+# README has the rules). That machine has CuPy, NumPy, msgpack, click, safetensors, threadpoolctl
+# and pytest, but no pyzmq and no package registry, so pyzmq travels as a wheel. Prepare here, once:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl pyzmq
+#
+# then run there, in one call:  run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# Logs land in $OUT (or ./gpu_check_out where $OUT is unset).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import sys, numpy, cupy, zmq; print(sys.version.split()[0], 'numpy', numpy.__version__,
+'cupy', cupy.__version__, 'pyzmq', zmq.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())"
+    python3 -c "from model import kernels; print('C kernels:', kernels.status())"
+} 2>&1 | tee "$OUT/environment.txt"
+
+# The local_cluster fixture comes from the installed package's pytest plugin; load it by hand
+# where ringpipe is not installed.
+plugin=(-p runtime.testing)
+if python3 -c "import importlib.metadata as m, sys; sys.exit(not any(e.name == 'ringpipe' for e in m.entry_points(group='pytest11')))"; then
+    plugin=()
+fi
+
+# 1. Correctness: the GPU tests, the CuPy collective, then the whole suite (CPU parts included).
+python3 -m pytest -q "${plugin[@]}" tests/test_gpu.py \
+    "tests/test_runtime_collectives.py::test_cupy_arrays_stay_on_the_device" 2>&1 | tee "$OUT/gpu_tests.log"
+gpu_status=${PIPESTATUS[0]}
+timeout 300 python3 -m pytest -q -x "${plugin[@]}" 2>&1 | tail -15 | tee "$OUT/suite_tail.log"
+
+# 2. A short real run on the GPU: 2 workers, tp 2, 50 steps on the default corpus, then a sample.
+timeout 240 python3 -m cluster train --device gpu --nproc 2 --tp 2 --n-layer 4 --n-head 4 \
+    --n-embd 128 --block-size 64 --batch-size 16 --steps 50 --eval-every 25 --eval-iters 2 \
+    --sample 100 --overwrite --out /tmp/gpu_run 2>&1 | tr '\r' '\n' | tail -25 | tee "$OUT/train.log"
+
+exit "$gpu_status"
