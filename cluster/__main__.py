@@ -1,5 +1,6 @@
 """`python -m cluster ...` is the `ringpipe` command, for machines where it is not installed."""
 
+
 def run():
     from cluster.cli import main
 
