@@ -368,6 +368,11 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, overwrite_logits=Fal
     if kernels.usable(flat):
         nll = kernels.cross_entropy_forward(flat, flat_targets, ignore_index)
         return float(nll.sum()) / max(count, 1), (probs, safe_targets, valid, count)
+    outside = (safe_targets < 0) | (safe_targets >= V)
+    if bool(outside.any()):  # fancy indexing would wrap negative targets around silently
+        bad = int(xp.flatnonzero(outside)[0])
+        raise IndexError(f"target {int(flat_targets[bad])} at position {bad} is outside the "
+                         f"vocabulary of {V}")
     flat -= flat.max(-1, keepdims=True)
     target_logit = flat[xp.arange(flat.shape[0]), safe_targets]  # shifted, gathered before exp
     xp.exp(flat, out=flat)

@@ -125,10 +125,16 @@ def test_nan_propagates_as_on_the_numpy_path(dtype):
     assert np.isnan(loss)
 
 
-def test_cross_entropy_rejects_a_target_outside_the_vocabulary():
+@pytest.mark.parametrize("kernels_on", [True, False])
+@pytest.mark.parametrize("bad", [5, -2])
+def test_cross_entropy_rejects_a_target_outside_the_vocabulary(kernels_on, bad):
     logits = np.zeros((1, 3, 5), np.float32)
-    with pytest.raises(IndexError, match="outside the vocabulary of 5"):
-        ops.cross_entropy_forward(logits, np.array([[0, 5, 1]]))
+    previous = kernels.use_kernels(kernels_on)
+    try:
+        with pytest.raises(IndexError, match=f"target {bad} at position 1 is outside the vocabulary of 5"):
+            ops.cross_entropy_forward(logits, np.array([[0, bad, 1]]))
+    finally:
+        kernels.use_kernels(previous)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
