@@ -285,6 +285,31 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True])
+def test_interleaved_pipeline_with_tensor_parallel_equals_single_process(local_cluster, tmp_path,
+                                                                        sequence_parallel):
+    """tp 2 x pp 2 with two chunks per rank: each rank runs two tensor-parallel stages."""
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    config = TrainConfig(data=str(tmp_path / "corpus.txt"), n_layer=4, n_head=4, n_embd=16, block_size=8,
+                         batch_size=8, microbatches=2, steps=STEPS, warmup=1, lr=1e-2, min_lr=1e-3, eval_iters=1,
+                         dtype="float64", grad_clip=0.5)
+    reference = Trainer.create(config, str(tmp_path / "run"))
+    expected = [reference.train_step(step) for step in range(STEPS)]
+    layout = Layout(tp=2, pp=2, schedule="interleaved", virtual_stages=2, sequence_parallel=sequence_parallel)
+    layout.validate(config)
+    trainers = local_cluster(layout.world_size).spawn(ParallelTrainer, dataclasses.asdict(config),
+                                                      dataclasses.asdict(layout), str(tmp_path / "run" / "tokens.bin"),
+                                                      reference.tokenizer.vocab_size)
+    for step in range(STEPS):
+        metrics = trainers.train_step(step).result()
+        losses = [m["loss"] for m in metrics if m["loss"] is not None]
+        assert np.mean(losses) == pytest.approx(expected[step]["loss"], rel=1e-12)
+        assert all(m["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-10) for m in metrics)
+    params = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    for name, value in reference.params_on_host().items():
+        np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
+
+
 @pytest.mark.parametrize("pp,sequence_parallel", [(1, False), (1, True), (2, True)])
 def test_zero_1_with_tensor_parallel_equals_single_process(local_cluster, references, pp, sequence_parallel):
     """dp 2 x tp 2 (x pp 2) with ZeRO-1: the shards mix tp-split and tp-replicated parameters (and,
