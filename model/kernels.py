@@ -150,8 +150,8 @@ def _bind(lib):
         "gelu_backward": ([p, p, p, p, i64, f64, f64], None),
         "causal_softmax_forward": ([p, i64, i64, i64, i64, f64], None),
         "causal_softmax_backward": ([p, p, i64, i64, i64, i64, f64], None),
-        "attention_forward": ([p, p, p, p, i64, i64, i64, i64, f64], None),
-        "attention_backward": ([p, p, p, p, p, i64, i64, i64, i64, f64], None),
+        "attention_forward": ([p, p, p, p, p, i64, i64, i64, i64, f64], None),
+        "attention_backward": ([p, p, p, p, p, p, i64, i64, i64, i64, f64], None),
         "cross_entropy_forward": ([p, p, p, i64, i64, i64], i64),
         "adamw_update": ([p, p, p, p, i64, f64, f64, f64, f64, f64], None),
     }
@@ -252,26 +252,52 @@ def attention_fits(head_size: int) -> bool:
     return head_size % 8 == 0 and head_size <= 256
 
 
+_packed_rows = {}
+
+
+def causal_rows(T: int) -> np.ndarray:
+    """Start of each row of a packed causal (T, T) triangle, T + 1 entries: row i holds keys
+    [0, i] rounded up to a multiple of 8 (at most T), so rows are whole vectors."""
+    rows = _packed_rows.get(T)
+    if rows is None:
+        spans = np.minimum((np.arange(1, T + 1) + 7) // 8 * 8, T)
+        rows = _packed_rows[T] = np.concatenate([[0], np.cumsum(spans)]).astype(np.int64)
+    return rows
+
+
+def unpack_causal(packed, T: int):
+    """(..., P) packed triangles -> (..., T, T), zeros above the diagonal (for the NumPy path)."""
+    rows = causal_rows(T)
+    spans = np.diff(rows)
+    row_of = np.repeat(np.arange(T), spans)
+    column = np.arange(rows[-1]) - rows[:-1][row_of]
+    full = np.zeros((*packed.shape[:-1], T, T), packed.dtype)
+    full[..., row_of, column] = packed
+    return full
+
+
 def attention_forward(qkv, n_head, scale):
-    """qkv (B, T, 3C) -> y (B, T, C), probs (B, H, T, T)."""
+    """qkv (B, T, 3C) -> y (B, T, C), probs (B, H, P) as packed triangles (see causal_rows)."""
     B, T, C3 = qkv.shape
     C = C3 // 3
+    rows = causal_rows(T)
     y = np.empty((B, T, C), qkv.dtype)
-    probs = np.empty((B, n_head, T, T), qkv.dtype)
+    probs = np.empty((B, n_head, int(rows[-1])), qkv.dtype)
     work = np.empty(T * (C // n_head), qkv.dtype)
-    _fn("attention_forward", qkv.dtype)(_ptr(qkv), _ptr(y), _ptr(probs), _ptr(work), B, T, C,
-                                        n_head, scale)
+    _fn("attention_forward", qkv.dtype)(_ptr(qkv), _ptr(y), _ptr(probs), _ptr(rows), _ptr(work),
+                                        B, T, C, n_head, scale)
     return y, probs
 
 
 def attention_backward(dy, qkv, probs, scale):
-    """dy (B, T, C) -> dqkv (B, T, 3C)."""
+    """dy (B, T, C), probs (B, H, P) packed -> dqkv (B, T, 3C)."""
     B, T, C = dy.shape
     n_head = probs.shape[1]
+    rows = causal_rows(T)
     dqkv = np.empty_like(qkv)
-    work = np.empty(T * (C // n_head) + T * T, dy.dtype)
-    _fn("attention_backward", dy.dtype)(_ptr(dy), _ptr(qkv), _ptr(probs), _ptr(dqkv), _ptr(work),
-                                        B, T, C, n_head, scale)
+    work = np.empty(T * (C // n_head) + int(rows[-1]), dy.dtype)
+    _fn("attention_backward", dy.dtype)(_ptr(dy), _ptr(qkv), _ptr(probs), _ptr(rows), _ptr(dqkv),
+                                        _ptr(work), B, T, C, n_head, scale)
     return dqkv
 
 

@@ -176,7 +176,8 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
 
     cache: (qkv, query blocks [(start, end), ...] (see _query_blocks), per block the softmax
     output (B, H, end - start, end), per block its dropout keep-mask (None without dropout)).
-    Without dropout the C kernel does all of it as one block.
+    Without dropout the C kernel does all of it as one block, its softmax output kept as packed
+    lower triangles (B, H, P), about half the memory (see kernels.causal_rows).
     """
     xp = module_of(qkv)
     B, T, C3 = qkv.shape
@@ -211,9 +212,10 @@ def attention_backward(dy, cache, n_head):
     qkv, blocks, probs, keep_masks = cache
     B, T, C = dy.shape
     scale = 1.0 / math.sqrt(C // n_head)
-    if (len(blocks) == 1 and keep_masks[0] is None and kernels.attention_fits(C // n_head)
-            and kernels.usable(dy, qkv, probs[0])):
-        return kernels.attention_backward(dy, qkv, probs[0], scale)
+    if probs[0].ndim == 3:  # packed by the C forward
+        if kernels.usable(dy, qkv, probs[0]):
+            return kernels.attention_backward(dy, qkv, probs[0], scale)
+        probs = [kernels.unpack_causal(probs[0], T)]  # kernels turned off since the forward
     q, k, v = split_heads(qkv, n_head)
     dy = dy.reshape(B, T, n_head, C // n_head).transpose(0, 2, 1, 3)
     dqkv = xp.empty((B, T, 3, n_head, C // n_head), dtype=dy.dtype)

@@ -89,10 +89,25 @@ def test_causal_attention_forward_and_backward(dtype, T, H, hs):              # 
         # the probabilities as one (B, H, T, T) array, however many query blocks made them
         probs = np.zeros((2, H, T, T), dtype)
         for (start, end), block in zip(cache[1], cache[2]):
-            probs[:, :, start:end, :end] = block
+            probs[:, :, start:end, :end] = block if block.ndim == 4 else kernels.unpack_causal(block, T)
         return (y, probs, ops.attention_backward(dy, cache, H))
 
     assert_close(*both_paths(run), dtype)
+
+
+def test_packed_attention_probabilities_take_half_the_memory_and_unpack_for_numpy():
+    rng = np.random.default_rng(6)
+    T = 40
+    qkv, dy = rand(rng, (2, T, 3 * 64), np.float64), rand(rng, (2, T, 64), np.float64)
+    y, cache = ops.attention_forward(qkv, 2)
+    packed = cache[2][0]
+    assert packed.shape == (2, 2, int(kernels.causal_rows(T)[-1])) and packed.size < 0.62 * 2 * 2 * T * T
+    expected = ops.attention_backward(dy, cache, 2)
+    previous = kernels.use_kernels(False)  # a backward on the NumPy path unpacks the forward's cache
+    try:
+        np.testing.assert_allclose(ops.attention_backward(dy, cache, 2), expected, rtol=1e-12, atol=1e-14)
+    finally:
+        kernels.use_kernels(previous)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

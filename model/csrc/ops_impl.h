@@ -133,11 +133,13 @@ static inline int64_t NAME(visible_span)(int64_t visible, int64_t Tk) {
     return rounded < Tk ? rounded : Tk;
 }
 
-/* One row in place: softmax(scale * row) over keys [0, last], 0 for keys after it (up to Tk).
+/* One row in place: softmax(scale * row) over keys [0, last], 0 for keys after it up to
+ * row_length (Tk for a full row; the packed rows of the attention kernels end at the span).
  * Explicit vectors with the masked keys selected away: rows this short lose more to a compiler's
  * alignment peeling and remainder loops than to arithmetic. Only a row ending at Tk, when Tk is
  * not a multiple of 8, has a partial last vector. */
-ALWAYS_INLINE void NAME(causal_softmax_row)(T *row, int64_t last, int64_t Tk, T scale) {
+ALWAYS_INLINE void NAME(causal_softmax_row)(T *row, int64_t last, int64_t Tk, int64_t row_length,
+                                            T scale) {
     const int64_t span = NAME(visible_span)(last + 1, Tk);
     VEC top8 = (VEC){0} + row[0];
     for (int64_t j0 = 0; j0 < span; j0 += 8) {
@@ -159,7 +161,7 @@ ALWAYS_INLINE void NAME(causal_softmax_row)(T *row, int64_t last, int64_t Tk, T 
     for (int c = 0; c < 8; c++) sum += sum8[c];
     const T inv = (T)1 / sum;
     for (int64_t j = 0; j < span; j++) row[j] *= inv;
-    if (span < Tk) memset(row + span, 0, (size_t)(Tk - span) * sizeof(T));
+    if (span < row_length) memset(row + span, 0, (size_t)(row_length - span) * sizeof(T));
 }
 
 /* scores (G, Tq, Tk), G = batch x heads: row r of a group is query q0 + r and sees keys
@@ -168,7 +170,7 @@ void NAME(causal_softmax_forward)(T *scores, int64_t G, int64_t Tq, int64_t Tk, 
                                   double scale) {
     for (int64_t g = 0; g < G; g++)
         for (int64_t r = 0; r < Tq; r++)
-            NAME(causal_softmax_row)(scores + (g * Tq + r) * Tk, q0 + r, Tk, (T)scale);
+            NAME(causal_softmax_row)(scores + (g * Tq + r) * Tk, q0 + r, Tk, Tk, (T)scale);
 }
 
 /* In place on dprobs: dscores = scale * probs * (dprobs - sum(dprobs * probs)); probs is 0 at
@@ -200,14 +202,15 @@ void NAME(causal_softmax_backward)(T *dprobs, const T *probs, int64_t G, int64_t
  * doubles); the dispatch below instantiates hs = 32 and 64 as constants so that the
  * accumulators stay in registers. */
 /* out[i][j] = sum_d a_i[d] bt[d][j] for the keys row i can see (rounded up to whole vectors);
- * bt is the (hs, T) transpose of the other operand. Tiles of 4 rows x 8 keys share loads. */
+ * bt is the (hs, T) transpose of the other operand. Tiles of 4 rows x 8 keys share loads; a row
+ * keeps only the columns of its span. */
 ALWAYS_INLINE void NAME(causal_scores)(const T *a, int64_t stride, const T *bt, T *out,
-                                       int64_t Tn, const int64_t hs) {
+                                       const int64_t *rows, int64_t Tn, const int64_t hs) {
     for (int64_t i0 = 0; i0 < Tn; i0 += 4) {
-        const int64_t rows = Tn - i0 < 4 ? Tn - i0 : 4;
-        const int64_t span = NAME(visible_span)(i0 + rows, Tn);
+        const int64_t nrows = Tn - i0 < 4 ? Tn - i0 : 4;
+        const int64_t span = rows[i0 + nrows] - rows[i0 + nrows - 1];  /* the tile's last row */
         for (int64_t j0 = 0; j0 < span; j0 += 8) {
-            if (rows == 4 && span - j0 >= 8) {
+            if (nrows == 4 && span - j0 >= 8) {
                 const T *a0 = a + i0 * stride, *a1 = a0 + stride, *a2 = a1 + stride,
                         *a3 = a2 + stride;
                 VEC acc0 = {0}, acc1 = {0}, acc2 = {0}, acc3 = {0};
@@ -218,32 +221,34 @@ ALWAYS_INLINE void NAME(causal_scores)(const T *a, int64_t stride, const T *bt, 
                     acc2 += a2[d] * b;
                     acc3 += a3[d] * b;
                 }
-                NAME(store8)(out + i0 * Tn + j0, acc0);
-                NAME(store8)(out + (i0 + 1) * Tn + j0, acc1);
-                NAME(store8)(out + (i0 + 2) * Tn + j0, acc2);
-                NAME(store8)(out + (i0 + 3) * Tn + j0, acc3);
+                /* spans below the tile's are whole vectors: a row takes all 8 columns or none */
+                if (j0 < rows[i0 + 1] - rows[i0]) NAME(store8)(out + rows[i0] + j0, acc0);
+                if (j0 < rows[i0 + 2] - rows[i0 + 1]) NAME(store8)(out + rows[i0 + 1] + j0, acc1);
+                if (j0 < rows[i0 + 3] - rows[i0 + 2]) NAME(store8)(out + rows[i0 + 2] + j0, acc2);
+                NAME(store8)(out + rows[i0 + 3] + j0, acc3);
             } else {  /* the ragged edge: last rows or last keys */
-                const int64_t cols = span - j0 < 8 ? span - j0 : 8;
-                for (int64_t r = 0; r < rows; r++)
-                    for (int64_t c = 0; c < cols; c++) {
+                for (int64_t r = i0; r < i0 + nrows; r++) {
+                    const int64_t row_span = rows[r + 1] - rows[r];
+                    for (int64_t c = j0; c < j0 + 8 && c < row_span; c++) {
                         T sum = 0;
-                        for (int64_t d = 0; d < hs; d++)
-                            sum += a[(i0 + r) * stride + d] * bt[d * Tn + j0 + c];
-                        out[(i0 + r) * Tn + j0 + c] = sum;
+                        for (int64_t d = 0; d < hs; d++) sum += a[r * stride + d] * bt[d * Tn + c];
+                        out[rows[r] + c] = sum;
                     }
+                }
             }
         }
     }
 }
 
-/* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w). Two output
- * rows at a time share every load of m_j. */
-ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const T *m, int64_t mstride, T *out,
-                                         int64_t ostride, int64_t Tn, const int64_t hs) {
+/* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w, whose row i
+ * starts at w + rows[i]). Two output rows at a time share every load of m_j. */
+ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const int64_t *rows, const T *m,
+                                         int64_t mstride, T *out, int64_t ostride, int64_t Tn,
+                                         const int64_t hs) {
     const int64_t nv = hs / 8;
     for (int64_t i = 0; i < Tn; i += 2) {
         const int pair = i + 1 < Tn;
-        const T *wa = w + i * Tn, *wb = wa + (pair ? Tn : 0);
+        const T *wa = w + rows[i], *wb = w + rows[pair ? i + 1 : i];
         VEC acc_a[32], acc_b[32];
         for (int64_t v = 0; v < nv; v++) acc_a[v] = acc_b[v] = (VEC){0};
         for (int64_t j = 0; j <= i; j++) {  /* keys both rows see */
@@ -266,19 +271,20 @@ ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const T *m, int64_t mstride
 
 /* out_j = sum_{i >= j} w[i][j] m_i (the transpose of the lower triangle of w). Two output rows
  * at a time share every load of m_i. */
-ALWAYS_INLINE void NAME(causal_mix_columns)(const T *w, const T *m, int64_t mstride, T *out,
-                                            int64_t ostride, int64_t Tn, const int64_t hs) {
+ALWAYS_INLINE void NAME(causal_mix_columns)(const T *w, const int64_t *rows, const T *m,
+                                            int64_t mstride, T *out, int64_t ostride, int64_t Tn,
+                                            const int64_t hs) {
     const int64_t nv = hs / 8;
     for (int64_t j = 0; j < Tn; j += 2) {
         const int pair = j + 1 < Tn;
         VEC acc_a[32], acc_b[32];
         for (int64_t v = 0; v < nv; v++) {  /* query j is seen by key j only */
             const VEC x = NAME(load8)(m + j * mstride + 8 * v);
-            acc_a[v] = w[j * Tn + j] * x;
+            acc_a[v] = w[rows[j] + j] * x;
             acc_b[v] = (VEC){0};
         }
         for (int64_t i = j + 1; i < Tn; i++) {  /* queries both keys are seen by */
-            const T a = w[i * Tn + j], b = w[i * Tn + j + 1];
+            const T a = w[rows[i] + j], b = w[rows[i] + j + 1];
             const T *mi = m + i * mstride;
             for (int64_t v = 0; v < nv; v++) {
                 const VEC x = NAME(load8)(mi + 8 * v);
@@ -299,26 +305,29 @@ ALWAYS_INLINE void NAME(transpose_rows)(const T *m, int64_t stride, T *out, int6
         for (int64_t d = 0; d < hs; d++) out[d * Tn + j] = m[j * stride + d];
 }
 
-/* One head: q, k, v rows inside qkv (stride 3C), y rows inside y (stride C). */
+/* One head: q, k, v rows inside qkv (stride 3C), y rows inside y (stride C); probs and the
+ * backward's dS are lower triangles packed row by row (row i at rows[i], see attention_forward). */
 ALWAYS_INLINE void NAME(attention_head_forward)(const T *q, const T *k, const T *v, int64_t stride,
-                                                T *y, int64_t ystride, T *probs, T *kt,
-                                                int64_t Tn, T scale, const int64_t hs) {
+                                                T *y, int64_t ystride, T *probs, const int64_t *rows,
+                                                T *kt, int64_t Tn, T scale, const int64_t hs) {
     NAME(transpose_rows)(k, stride, kt, Tn, hs);
-    NAME(causal_scores)(q, stride, kt, probs, Tn, hs);
-    for (int64_t i = 0; i < Tn; i++) NAME(causal_softmax_row)(probs + i * Tn, i, Tn, scale);
-    NAME(causal_mix_rows)(probs, v, stride, y, ystride, Tn, hs);
+    NAME(causal_scores)(q, stride, kt, probs, rows, Tn, hs);
+    for (int64_t i = 0; i < Tn; i++)
+        NAME(causal_softmax_row)(probs + rows[i], i, Tn, rows[i + 1] - rows[i], scale);
+    NAME(causal_mix_rows)(probs, rows, v, stride, y, ystride, Tn, hs);
 }
 
 ALWAYS_INLINE void NAME(attention_head_backward)(const T *q, const T *k, const T *v,
                                                  int64_t stride, const T *dy, int64_t ystride,
-                                                 const T *probs, T *dq, T *dk, T *dv, T *vt,
-                                                 T *ds, int64_t Tn, T scale, const int64_t hs) {
+                                                 const T *probs, const int64_t *rows, T *dq, T *dk,
+                                                 T *dv, T *vt, T *ds, int64_t Tn, T scale,
+                                                 const int64_t hs) {
     NAME(transpose_rows)(v, stride, vt, Tn, hs);
-    NAME(causal_scores)(dy, ystride, vt, ds, Tn, hs);  /* dP = dy V^T */
+    NAME(causal_scores)(dy, ystride, vt, ds, rows, Tn, hs);  /* dP = dy V^T */
     for (int64_t i = 0; i < Tn; i++) {  /* dS = scale P (dP - <dP, P>), 0 where masked */
-        T *drow = ds + i * Tn;
-        const T *prow = probs + i * Tn;
-        const int64_t span = NAME(visible_span)(i + 1, Tn);
+        T *drow = ds + rows[i];
+        const T *prow = probs + rows[i];
+        const int64_t span = rows[i + 1] - rows[i];
         if (span % 8 == 0) {  /* whole vectors, as in causal_softmax_row */
             VEC dot8 = {0};
             for (int64_t j0 = 0; j0 < span; j0 += 8)
@@ -335,53 +344,57 @@ ALWAYS_INLINE void NAME(attention_head_backward)(const T *q, const T *k, const T
             for (int64_t j = 0; j < span; j++) drow[j] = scale * prow[j] * (drow[j] - dot);
         }
     }
-    NAME(causal_mix_rows)(ds, k, stride, dq, stride, Tn, hs);                   /* dq = dS K */
-    NAME(causal_mix_columns)(ds, q, stride, dk, stride, Tn, hs);                 /* dk = dS^T Q */
-    NAME(causal_mix_columns)(probs, dy, ystride, dv, stride, Tn, hs);            /* dv = P^T dy */
+    NAME(causal_mix_rows)(ds, rows, k, stride, dq, stride, Tn, hs);              /* dq = dS K */
+    NAME(causal_mix_columns)(ds, rows, q, stride, dk, stride, Tn, hs);           /* dk = dS^T Q */
+    NAME(causal_mix_columns)(probs, rows, dy, ystride, dv, stride, Tn, hs);      /* dv = P^T dy */
 }
 
 /* The causal self-attention of one layer, head by head, reading q, k, v where they lie in
- * qkv (B, T, 3C) and writing y (B, T, C) as the heads' concatenation; probs (B, H, T, T) keeps
- * the softmax output for the backward (0 above the diagonal). work: T * hs elements.
- * hs: a multiple of 8, at most 256.
- * Without dropout only (the NumPy path does dropout). */
-void NAME(attention_forward)(const T *qkv, T *y, T *probs, T *work, int64_t B, int64_t Tn,
-                             int64_t C, int64_t H, double scale) {
-    const int64_t hs = C / H, stride = 3 * C;
+ * qkv (B, T, 3C) and writing y (B, T, C) as the heads' concatenation. probs (B, H, P) keeps the
+ * softmax output for the backward as packed lower triangles: row i of a head holds the keys it
+ * sees rounded up to whole vectors of 8 (0 past the diagonal), starting at rows[i]; rows has
+ * T + 1 entries, P = rows[T], about half of T * T. work: T * hs elements. hs: a multiple of 8,
+ * at most 256. Without dropout only (the NumPy path does dropout). */
+#define DISPATCH_HEAD_SIZE(call_with_hs)                                                            \
+    do {                                                                                            \
+        if (hs == 32) call_with_hs(32);                                                             \
+        else if (hs == 64) call_with_hs(64);                                                        \
+        else call_with_hs(hs);                                                                      \
+    } while (0)
+
+void NAME(attention_forward)(const T *qkv, T *y, T *probs, const int64_t *rows, T *work,
+                             int64_t B, int64_t Tn, int64_t C, int64_t H, double scale) {
+    const int64_t hs = C / H, stride = 3 * C, P = rows[Tn];
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const T *q = qkv + b * Tn * stride + h * hs;
-            T *yh = y + b * Tn * C + h * hs, *p = probs + (b * H + h) * Tn * Tn;
-            if (hs == 32)
-                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, 32);
-            else if (hs == 64)
-                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, 64);
-            else
-                NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, work, Tn, (T)scale, hs);
+            T *yh = y + b * Tn * C + h * hs, *p = probs + (b * H + h) * P;
+#define FORWARD(size) NAME(attention_head_forward)(q, q + C, q + 2 * C, stride, yh, C, p, rows, \
+                                                   work, Tn, (T)scale, size)
+            DISPATCH_HEAD_SIZE(FORWARD);
+#undef FORWARD
         }
 }
 
-/* dy (B, T, C) -> dqkv (B, T, 3C), every element written. work: T * hs + T * T elements. */
-void NAME(attention_backward)(const T *dy, const T *qkv, const T *probs, T *dqkv, T *work,
-                              int64_t B, int64_t Tn, int64_t C, int64_t H, double scale) {
-    const int64_t hs = C / H, stride = 3 * C;
+/* dy (B, T, C) -> dqkv (B, T, 3C), every element written. work: T * hs + P elements. */
+void NAME(attention_backward)(const T *dy, const T *qkv, const T *probs, const int64_t *rows,
+                              T *dqkv, T *work, int64_t B, int64_t Tn, int64_t C, int64_t H,
+                              double scale) {
+    const int64_t hs = C / H, stride = 3 * C, P = rows[Tn];
     T *vt = work, *ds = work + Tn * hs;
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
             const T *q = qkv + b * Tn * stride + h * hs, *dyh = dy + b * Tn * C + h * hs;
-            const T *p = probs + (b * H + h) * Tn * Tn;
+            const T *p = probs + (b * H + h) * P;
             T *dq = dqkv + b * Tn * stride + h * hs;
-            if (hs == 32)
-                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
-                                              dq + 2 * C, vt, ds, Tn, (T)scale, 32);
-            else if (hs == 64)
-                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
-                                              dq + 2 * C, vt, ds, Tn, (T)scale, 64);
-            else
-                NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, dq, dq + C,
-                                              dq + 2 * C, vt, ds, Tn, (T)scale, hs);
+#define BACKWARD(size) NAME(attention_head_backward)(q, q + C, q + 2 * C, stride, dyh, C, p, rows, \
+                                                     dq, dq + C, dq + 2 * C, vt, ds, Tn, (T)scale, size)
+            DISPATCH_HEAD_SIZE(BACKWARD);
+#undef BACKWARD
         }
 }
+
+#undef DISPATCH_HEAD_SIZE
 
 /* ------------------------------------------------------------------ cross-entropy */
 
