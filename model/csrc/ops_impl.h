@@ -240,6 +240,17 @@ ALWAYS_INLINE void NAME(causal_scores)(const T *a, int64_t stride, const T *bt, 
     }
 }
 
+/* acc_a += a x and acc_b += b x for one row x of hs = 8 nv elements: two weighted sums that
+ * share every load of x. */
+ALWAYS_INLINE void NAME(accumulate_pair)(VEC *acc_a, VEC *acc_b, T a, T b, const T *x,
+                                         const int64_t nv) {
+    for (int64_t v = 0; v < nv; v++) {
+        const VEC xv = NAME(load8)(x + 8 * v);
+        acc_a[v] += a * xv;
+        acc_b[v] += b * xv;
+    }
+}
+
 /* out_i = sum_{j <= i} w[i][j] m_j (the rows of m mixed by the lower triangle of w, whose row i
  * starts at w + rows[i]). Two output rows at a time share every load of m_j. */
 ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const int64_t *rows, const T *m,
@@ -251,14 +262,8 @@ ALWAYS_INLINE void NAME(causal_mix_rows)(const T *w, const int64_t *rows, const 
         const T *wa = w + rows[i], *wb = w + rows[pair ? i + 1 : i];
         VEC acc_a[32], acc_b[32];
         for (int64_t v = 0; v < nv; v++) acc_a[v] = acc_b[v] = (VEC){0};
-        for (int64_t j = 0; j <= i; j++) {  /* keys both rows see */
-            const T *mj = m + j * mstride;
-            for (int64_t v = 0; v < nv; v++) {
-                const VEC x = NAME(load8)(mj + 8 * v);
-                acc_a[v] += wa[j] * x;
-                acc_b[v] += wb[j] * x;
-            }
-        }
+        for (int64_t j = 0; j <= i; j++)  /* keys both rows see */
+            NAME(accumulate_pair)(acc_a, acc_b, wa[j], wb[j], m + j * mstride, nv);
         for (int64_t v = 0; v < nv; v++) NAME(store8)(out + i * ostride + 8 * v, acc_a[v]);
         if (pair) {  /* row i + 1 also sees key i + 1 */
             const T *mj = m + (i + 1) * mstride;
@@ -283,15 +288,9 @@ ALWAYS_INLINE void NAME(causal_mix_columns)(const T *w, const int64_t *rows, con
             acc_a[v] = w[rows[j] + j] * x;
             acc_b[v] = (VEC){0};
         }
-        for (int64_t i = j + 1; i < Tn; i++) {  /* queries both keys are seen by */
-            const T a = w[rows[i] + j], b = w[rows[i] + j + 1];
-            const T *mi = m + i * mstride;
-            for (int64_t v = 0; v < nv; v++) {
-                const VEC x = NAME(load8)(mi + 8 * v);
-                acc_a[v] += a * x;
-                acc_b[v] += b * x;
-            }
-        }
+        for (int64_t i = j + 1; i < Tn; i++)  /* queries both keys are seen by */
+            NAME(accumulate_pair)(acc_a, acc_b, w[rows[i] + j], w[rows[i] + j + 1],
+                                  m + i * mstride, nv);
         for (int64_t v = 0; v < nv; v++) {
             NAME(store8)(out + j * ostride + 8 * v, acc_a[v]);
             if (pair) NAME(store8)(out + (j + 1) * ostride + 8 * v, acc_b[v]);
