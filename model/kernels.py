@@ -15,7 +15,6 @@ leaves the NumPy path in place and is reported by `status()`.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import os
 import platform
@@ -110,6 +109,8 @@ def _build(target: Path, compiler: str) -> None:
 
 
 def _load():
+    import fcntl  # POSIX only: elsewhere the NumPy path stays, with this import error as the reason
+
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
