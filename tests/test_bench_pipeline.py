@@ -7,7 +7,8 @@ from cluster.cli import main
 
 ROW_KEYS = {"schedule", "pp", "microbatches", "virtual_stages", "window_s", "bubble_fraction", "bubble_ratio",
             "stages", "theory", "simulated_with_measured_costs", "replayed_fraction", "measured_over_theory",
-            "action_costs", "p2p_latency_s", "imbalance", "per_step", "model", "definitions", "load_average"}
+            "action_costs", "p2p_latency_s", "imbalance", "per_step", "model", "definitions", "load_average",
+            "core_gflops"}
 STAGE_KEYS = {"rank", "compute_s", "exposed_comm_s", "bubble_s", "blocked_s", "overhead_s", "bubble_fraction",
               "optimizer_s", "actions"}
 

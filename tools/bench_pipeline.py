@@ -131,9 +131,26 @@ def _split(n_layer, layout, split):
     return split_layers(n_layer, layout.pp * layout.virtual_stages, split)
 
 
+def core_gflops(seconds: float = 0.3) -> float:
+    """Single-thread float32 matmul speed of this machine right now: on a shared machine the same
+    run's bubble moves with how busy the neighbours are, so each row records it."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    a = np.ones((256, 256), np.float32)
+    with threadpool_limits(1):
+        a @ a
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ a
+            count += 1
+    return 2 * 256 ** 3 * count / (time.perf_counter() - start) / 1e9
+
+
 def measure(config: TrainConfig, layout: Layout, token_file: str, vocab_size: int, warmup: int, steps: int,
             trace_dir: str, timeout: float) -> dict:
     """Run warmup + traced steps on a fresh cluster and reduce the trace to one row."""
+    gflops = core_gflops()
     with Cluster(layout.world_size, threads_per_worker=1, timeout=timeout) as cluster:
         trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
                                  token_file, vocab_size)
@@ -152,6 +169,7 @@ def measure(config: TrainConfig, layout: Layout, token_file: str, vocab_size: in
     row = analyse(trace, actions)
     row.update(schedule=layout.schedule, pp=p, microbatches=m, virtual_stages=v, warmup=warmup, steps=steps,
                driver_step_s=statistics.median(step_seconds), load_average=list(os.getloadavg()),
+               core_gflops=gflops,
                theory=theory(layout.schedule, p, m, v), definitions=DEFINITIONS)
     costs = row["action_costs"]
 
@@ -287,7 +305,8 @@ def format_summary(rows: list) -> str:
              f"vocab {model['vocab_size']}, {model['dtype']}), micro-batch {model['microbatch_size']} sequences, "
              f"pp={first['pp']}, one BLAS thread per worker, median of "
              f"{first['steps']} traced steps after {first['warmup']} warmup, load average "
-             f"{first['load_average'][0]:.2f}",
+             f"{first['load_average'][0]:.2f}, one core's float32 matmul before each row "
+             f"{min(r['core_gflops'] for r in rows):.0f}–{max(r['core_gflops'] for r in rows):.0f} GFLOP/s",
              "bubble = idle time in the step window shared by all ranks (first to last F/B/I/W of any rank); "
              "time blocked waiting on a peer counts as bubble, moving bytes does not; optimizer excluded"]
     by = {(r["schedule"], r["microbatches"]): r for r in rows}
