@@ -10,6 +10,7 @@ operation with an error naming the operation, group, rank and the peer it waited
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import threading
@@ -487,7 +488,7 @@ class Engine:
                 raise wire.WireError("bad shared-memory reference")
             offset, dtype_str, shape = ref
             _, dtype, shape = wire._array_spec(wire.msgpack.packb([0, dtype_str, shape]))
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             try:
                 view = arena.view(offset, nbytes)
             except ValueError as exc:

@@ -7,6 +7,9 @@ copied into the header. Decoding validates everything it reads: a malformed mess
 """
 from __future__ import annotations
 
+import math
+import threading
+
 import msgpack
 import numpy as np
 
@@ -27,6 +30,18 @@ def _as_sendable_array(array: np.ndarray) -> np.ndarray:
     return array if array.flags.c_contiguous else array.copy(order="C")
 
 
+_local = threading.local()
+
+
+def _spec_packer() -> msgpack.Packer:
+    """This thread's packer for array records: msgpack.packb called inside another packb's
+    `default` costs ~20 us a call, a reused Packer well under 1 us (encode runs on several threads)."""
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 def encode(value) -> list:
     """Encode `value` (msgpack-able values, NumPy arrays and scalars, nested) into frames.
 
@@ -41,7 +56,7 @@ def encode(value) -> list:
             array = _as_sendable_array(obj)
             index = len(buffers)
             buffers.append(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
-            return msgpack.ExtType(ARRAY_EXT, msgpack.packb([index, array.dtype.str, list(array.shape)]))
+            return msgpack.ExtType(ARRAY_EXT, _spec_packer().pack([index, array.dtype.str, list(array.shape)]))
         if isinstance(obj, (set, frozenset)):
             return sorted(obj)
         raise TypeError(f"value of type {type(obj).__name__} cannot be sent (msgpack values and NumPy arrays only)")
@@ -103,7 +118,7 @@ class ArraySlot:
 
 def expected_nbytes(spec) -> int:
     _, dtype, shape = spec
-    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return math.prod(shape) * dtype.itemsize  # Python ints: no overflow, no NumPy call
 
 
 def array_from_frame(spec, frame) -> np.ndarray:
@@ -142,4 +157,4 @@ def decode(frames: list):
         arrays.append(array_from_frame(spec, frames[index + 1]))
     if len(frames) != len(specs) + 1:
         raise WireError(f"message has {len(frames)} frames, header describes {len(specs) + 1}")
-    return fill(value, arrays)
+    return fill(value, arrays) if specs else value
