@@ -109,9 +109,11 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
 @click.option("--split", default=None, help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
 @click.option("--warmup", default=2, show_default=True, help="Untraced steps first.")
 @click.option("--steps", default=5, show_default=True, help="Traced steps (the median is reported).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="Each setup once per round, taking turns; the best round is reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write one object per (schedule, m).")
 def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
-                   microbatch_size, split, warmup, steps, json_path):
+                   microbatch_size, split, warmup, steps, rounds, json_path):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
     from tools.bench_pipeline import format_summary, run, write_json
@@ -121,7 +123,8 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                    microbatches=[int(m) for m in microbatches.split(",") if m.strip()], pp=pp,
                    virtual_stages=virtual_stages, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                    block_size=block_size, microbatch_size=microbatch_size, warmup=warmup, steps=steps,
-                   split=[int(c) for c in split.split(",")] if split else None, echo=click.echo)
+                   split=[int(c) for c in split.split(",")] if split else None, echo=click.echo,
+                   rounds=rounds)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(format_summary(rows))

@@ -18,13 +18,17 @@ def test_bench_pipeline_writes_one_row_per_schedule_and_microbatch_count_with_bu
     result = CliRunner().invoke(main, ["bench", "pipeline", "--schedules", "1f1b,zb-h1", "--microbatches", "2",
                                        "--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
                                        "--microbatch-size", "1", "--warmup", "0", "--steps", "1",
-                                       "--json", str(path)])
+                                       "--rounds", "2", "--json", str(path)])
     assert result.exit_code == 0, result.output
     assert "measured" in result.output and "blocked" in result.output
     rows = json.loads(path.read_text())
     assert [(r["schedule"], r["microbatches"]) for r in rows] == [("1f1b", 2), ("zb-h1", 2)]
+    assert "best of 2 rounds" in result.output
     for row in rows:
         assert ROW_KEYS <= set(row)
+        # the reported round is the best of the two, both listed
+        assert len(row["rounds"]) == 2
+        assert row["bubble_fraction"] == min(r["bubble_fraction"] for r in row["rounds"])
         assert [s["rank"] for s in row["stages"]] == [0, 1]
         for stage in row["stages"]:
             assert STAGE_KEYS <= set(stage)
