@@ -1,10 +1,25 @@
 """`ringpipe bench ...` subcommands; the benchmark code itself lives in tools/."""
 from __future__ import annotations
 
+import json
+
 from cluster.cli import bench  # noqa: F401  (subcommands attach to this group)
 
 
 import click  # noqa: E402
+
+
+def _run_and_report(run, format_result, json_path):
+    """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, and write
+    its result as JSON when asked."""
+    try:
+        result = run()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_result(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 @bench.command("model")
@@ -24,17 +39,12 @@ import click  # noqa: E402
 def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, steps, threads,
                 dtype, no_compare, json_path):
     """Training-step tokens/s of the dense GPT vs transformers' GPT2LMHeadModel on CPU."""
-    from tools.bench_model import format_table, run, write_json
+    from tools.bench_model import format_table, run
 
-    try:
-        result = run(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                     batch_size=batch_size, vocab_size=vocab_size, steps=steps,
-                     threads=threads, dtype=dtype, compare=not no_compare)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(format_table(result))
-    if json_path:
-        write_json(result, json_path)
+    _run_and_report(lambda: run(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                batch_size=batch_size, vocab_size=vocab_size, steps=steps,
+                                threads=threads, dtype=dtype, compare=not no_compare),
+                    format_table, json_path)
 
 
 @bench.command("collectives")
@@ -80,17 +90,14 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
                         steps, rounds, no_independent, json_path):
     """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker), how much of the
     gradient all-reduce overlapped backward, and --dp unconnected dp=1 runs as the machine's limit."""
-    from tools.bench_data_parallel import format_table, run, write_json
+    from tools.bench_data_parallel import format_table, run
 
-    try:
-        result = run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                     batch_per_rank=batch_per_rank, microbatches=microbatches, steps=steps, rounds=rounds,
-                     bucket_bytes=bucket_kb << 10, zero=int(zero), independent=not no_independent)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(format_table(result))
-    if json_path:
-        write_json(result, json_path)
+    _run_and_report(lambda: run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                                block_size=block_size, batch_per_rank=batch_per_rank,
+                                microbatches=microbatches, steps=steps, rounds=rounds,
+                                bucket_bytes=bucket_kb << 10, zero=int(zero),
+                                independent=not no_independent),
+                    format_table, json_path)
 
 
 @bench.command("pipeline")
@@ -116,17 +123,13 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                    microbatch_size, split, warmup, steps, rounds, json_path):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
-    from tools.bench_pipeline import format_summary, run, write_json
+    from tools.bench_pipeline import format_summary, run
 
-    try:
-        rows = run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
-                   microbatches=[int(m) for m in microbatches.split(",") if m.strip()], pp=pp,
-                   virtual_stages=virtual_stages, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                   block_size=block_size, microbatch_size=microbatch_size, warmup=warmup, steps=steps,
-                   split=[int(c) for c in split.split(",")] if split else None, echo=click.echo,
-                   rounds=rounds)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
-    click.echo(format_summary(rows))
-    if json_path:
-        write_json(rows, json_path)
+    _run_and_report(lambda: run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
+                                microbatches=[int(m) for m in microbatches.split(",") if m.strip()],
+                                pp=pp, virtual_stages=virtual_stages, n_layer=n_layer, n_head=n_head,
+                                n_embd=n_embd, block_size=block_size, microbatch_size=microbatch_size,
+                                warmup=warmup, steps=steps,
+                                split=[int(c) for c in split.split(",")] if split else None,
+                                echo=click.echo, rounds=rounds),
+                    format_summary, json_path)

@@ -154,7 +154,7 @@ def _bind(lib):
         "attention_forward": ([p, p, p, p, p, i64, i64, i64, i64, f64], None),
         "attention_backward": ([p, p, p, p, p, p, i64, i64, i64, i64, f64], None),
         "cross_entropy_forward": ([p, p, p, i64, i64, i64], i64),
-        "adamw_update": ([p, p, p, p, i64, f64, f64, f64, f64, f64], None),
+        "adamw_update": ([p, p, p, p, p, i64, f64, f64, f64, f64, f64, f64], None),
     }
     for suffix in _DTYPES.values():
         for name, (argtypes, restype) in signatures.items():
@@ -315,6 +315,10 @@ def cross_entropy_forward(logits2d, targets, ignore_index):
     return nll
 
 
-def adamw_update(param, grad, m, v, decay_factor, beta1, beta2, step_size, eps_scaled):
-    _fn("adamw_update", param.dtype)(_ptr(param), _ptr(grad), _ptr(m), _ptr(v), param.size,
-                                     decay_factor, beta1, beta2, step_size, eps_scaled)
+def adamw_update(param, grad, m, v, lr, weight_decay, beta1, beta2, step_size, eps_scaled):
+    """weight_decay: a float, or an array of per-element rates like param (C-contiguous)."""
+    rates = None if isinstance(weight_decay, (int, float)) else weight_decay
+    _fn("adamw_update", param.dtype)(_ptr(param), _ptr(grad), _ptr(m), _ptr(v),
+                                     None if rates is None else _ptr(rates), param.size, lr,
+                                     0.0 if rates is not None else weight_decay, beta1, beta2,
+                                     step_size, eps_scaled)

@@ -24,8 +24,9 @@ def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,
     """
     xp = module_of(param)
     root = math.sqrt(1.0 - beta2 ** step)
-    if isinstance(weight_decay, (int, float)) and kernels.usable(param, grad, m, v):
-        kernels.adamw_update(param, grad, m, v, 1.0 - lr * weight_decay, beta1, beta2,
+    rate_arrays = () if isinstance(weight_decay, (int, float)) else (weight_decay,)
+    if kernels.usable(param, grad, m, v, *rate_arrays):
+        kernels.adamw_update(param, grad, m, v, lr, weight_decay, beta1, beta2,
                              lr / (1.0 - beta1 ** step) * root, eps * root)
         return
     # Decoupled decay (Loshchilov & Hutter): shrink the weights, independent of the gradient.

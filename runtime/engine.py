@@ -17,7 +17,6 @@ import threading
 import time
 from collections import defaultdict, deque
 
-import numpy as np
 import zmq
 
 from runtime import wire

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from model.gpt import GPT, GPTConfig
+from model.parallel.tensor_parallel import assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from tests.conftest import TEXT
@@ -81,7 +82,6 @@ def test_parallel_layouts_on_the_gpu_equal_single_process_cpu(local_cluster, tmp
     for step in range(3):
         trainers.train_step(step).result()
     layouts = trainers.param_layout().result()
-    from model.parallel.tensor_parallel import assemble_full_params
     got = assemble_full_params(trainers.local_params().result(), layouts)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)

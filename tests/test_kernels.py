@@ -153,14 +153,16 @@ def test_cross_entropy_rejects_a_target_outside_the_vocabulary(kernels_on, bad):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1, "per element"])  # the last: ZeRO-1 shards
 def test_adamw_update(dtype, weight_decay):
     def run():
         rng = np.random.default_rng(4)
         p, m, v = rand(rng, 1001, dtype), np.zeros(1001, dtype), np.zeros(1001, dtype)
+        decay = weight_decay
+        if decay == "per element":
+            decay = np.where(np.arange(1001) < 600, 0.1, 0.0).astype(dtype)
         for step in range(1, 6):
-            adamw_update(p, rand(rng, 1001, dtype), m, v, step, 1e-2, 0.9, 0.99, 1e-8,
-                         weight_decay)
+            adamw_update(p, rand(rng, 1001, dtype), m, v, step, 1e-2, 0.9, 0.99, 1e-8, decay)
         return p, m, v
 
     c, reference = both_paths(run)

@@ -13,7 +13,6 @@ Overlap comes from the trainer's own timers (medians over steps):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -124,8 +123,3 @@ def format_table(result: dict) -> str:
                      f"{row['buckets']:>8} {row['overlapped_s'] * 1e3:>14.2f} {row['exposed_s'] * 1e3:>11.2f} "
                      f"{overlap:>8} {row['cpu_s_per_rank'] * 1e3:>12.1f}")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)

@@ -7,7 +7,6 @@ Also reports the peak of cached activations with and without recompute at block 
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -206,8 +205,3 @@ def format_table(result: dict) -> str:
                      f"{m['recompute'] / 2**20:.1f} MiB "
                      f"({m['no_recompute'] / m['recompute']:.1f}x lower)")
     return "\n".join(lines)
-
-
-def write_json(result: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)

@@ -44,7 +44,6 @@ overhead; (b) "replay": each traced step with its own span durations and the mea
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
@@ -346,8 +345,3 @@ def format_summary(rows: list) -> str:
             lines.append(f"target m={m}: zb-h1 {zb['bubble_fraction']:.1%} < 1f1b {one['bubble_fraction']:.1%}: "
                          f"{'yes' if ok else 'NO'}")
     return "\n".join(lines)
-
-
-def write_json(rows: list, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)

@@ -429,21 +429,36 @@ int64_t NAME(cross_entropy_forward)(T *logits, const int64_t *targets, T *nll, i
 
 /* ------------------------------------------------------------------ AdamW */
 
+/* One element of AdamW: m, v updated, param shrunk by `keep` (1 - lr * decay rate), then moved. */
+ALWAYS_INLINE T NAME(adamw_element)(T param, T g, T *m, T *v, T keep, T b1, T b2, T c1, T c2, T lr_t,
+                                    T eps_t) {
+    const T mi = b1 * *m + c1 * g;
+    const T vi = b2 * *v + c2 * (g * g);
+    *m = mi;
+    *v = vi;
+    return param * keep - lr_t * (mi / (SQRT(vi) + eps_t));
+}
+
 /* One AdamW step over n elements, in place on param, m, v. step_size = lr / (1 - beta1^t) *
  * sqrt(1 - beta2^t) and eps_scaled = eps * sqrt(1 - beta2^t): the bias corrections folded into
- * scalars exactly as model/optim.py's adamw_update does. */
-void NAME(adamw_update)(T *param, const T *grad, T *m, T *v, int64_t n, double decay_factor,
-                        double beta1, double beta2, double step_size, double eps_scaled) {
-    const T keep = (T)decay_factor, b1 = (T)beta1, b2 = (T)beta2, c1 = (T)(1 - beta1),
-            c2 = (T)(1 - beta2), lr_t = (T)step_size, eps_t = (T)eps_scaled;
+ * scalars exactly as model/optim.py's adamw_update does. Weight decay: `rates` per element (a
+ * ZeRO-1 shard mixes decaying and non-decaying parameters), or where rates is NULL one `rate`. */
+void NAME(adamw_update)(T *param, const T *grad, T *m, T *v, const T *rates, int64_t n, double lr,
+                        double rate, double beta1, double beta2, double step_size, double eps_scaled) {
+    const T b1 = (T)beta1, b2 = (T)beta2, c1 = (T)(1 - beta1), c2 = (T)(1 - beta2),
+            lr_t = (T)step_size, eps_t = (T)eps_scaled;
+    if (rates == NULL) {
+        const T keep = (T)(1 - lr * rate);
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) {
-        const T g = grad[i];
-        const T mi = b1 * m[i] + c1 * g;
-        const T vi = b2 * v[i] + c2 * (g * g);
-        m[i] = mi;
-        v[i] = vi;
-        param[i] = param[i] * keep - lr_t * (mi / (SQRT(vi) + eps_t));
+        for (int64_t i = 0; i < n; i++)
+            param[i] = NAME(adamw_element)(param[i], grad[i], m + i, v + i, keep, b1, b2, c1, c2,
+                                           lr_t, eps_t);
+    } else {
+        const T lr_decay = (T)lr;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++)
+            param[i] = NAME(adamw_element)(param[i], grad[i], m + i, v + i, 1 - lr_decay * rates[i],
+                                           b1, b2, c1, c2, lr_t, eps_t);
     }
 }
 

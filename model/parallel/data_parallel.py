@@ -18,6 +18,7 @@ embedding group (first and last stage), after the data-parallel average.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -173,9 +174,9 @@ class GradientBuckets:
 
     def shard_sum_of_squares(self, shards: list, skip=()) -> float:
         """Σ g² over this rank's shards (the tied wte only where it is counted), leaving out the
-        elements of the parameters named in `skip`."""
+        `skip` ranges ((bucket, start, stop) from `shard_ranges`)."""
         skipped = {}
-        for b, start, stop in self.shard_ranges(skip):
+        for b, start, stop in skip:
             skipped.setdefault(b, []).append((start, stop))
         total = 0.0
         for b, shard in enumerate(shards):
@@ -196,7 +197,7 @@ class GradientBuckets:
         for name in sorted(names):
             b, shard = self.bucket_of[name], self.shard_of(self.bucket_of[name])
             begin = self.offsets[name]
-            lo, hi = max(begin, shard.start), min(begin + int(np.prod(self.shapes[name])), shard.stop)
+            lo, hi = max(begin, shard.start), min(begin + math.prod(self.shapes[name]), shard.stop)
             if lo < hi:
                 ranges.append((b, lo - shard.start, hi - shard.start))
         return ranges

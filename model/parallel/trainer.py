@@ -85,6 +85,12 @@ class ParallelTrainer:
         for stage in self.stages.values():
             for name, param in stage.params.items():
                 self.params.setdefault(name, param)
+        if self.layout.zero:  # where, inside this rank's shards, tp needs summing or counting once
+            partial = {name for stage in self.stages.values() for name in stage.tp_partial_names}
+            replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
+            self._tp_partial_pieces = self.gradients.shard_ranges(partial)
+            self._norm_skip = (self.gradients.shard_ranges(replicated)
+                               if self.layout.tp > 1 and self.mesh.tp_rank != 0 else [])
         optimizer = ShardedAdamW if self.layout.zero else AdamW
         self.optimizer = optimizer(self.gradients if self.layout.zero else self.params,
                                    (self.config.beta1, self.config.beta2), self.config.eps, self.config.weight_decay)
@@ -154,8 +160,7 @@ class ParallelTrainer:
         """ZeRO-1's finalize_grads: the tp sums of sequence-parallel gradients, on the pieces of them
         inside this rank's shards (tensor-parallel peers hold the same pieces: same stage layout,
         same dp rank). Sums over tp commute with the dp average, so after the reduce-scatter is fine."""
-        names = {name for stage in self.stages.values() for name in stage.tp_partial_names}
-        pieces = self.gradients.shard_ranges(names)
+        pieces = self._tp_partial_pieces
         if not pieces:
             return
         xp = next(iter(self.stages.values())).xp
@@ -170,9 +175,7 @@ class ParallelTrainer:
         """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp, tp and the
         pipeline (the tied wte counted once, on the first stage; parameters replicated over tp
         counted on tp rank 0 only)."""
-        replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
-        skip = replicated if self.layout.tp > 1 and self.mesh.tp_rank != 0 else ()
-        total = np.array([self.gradients.shard_sum_of_squares(shards, skip)])
+        total = np.array([self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
         for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
                            (self.layout.pp, self.mesh.pp)):
             if size > 1:
