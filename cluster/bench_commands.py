@@ -133,3 +133,34 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                                 split=[int(c) for c in split.split(",")] if split else None,
                                 echo=click.echo, rounds=rounds),
                     format_summary, json_path)
+
+
+@bench.command("quality")
+@click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
+@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run each.")
+@click.option("--samplers", default="epoch", show_default=True,
+              help="Comma-separated train samplers to run (epoch, random).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the recipe's 2000.")
+@click.option("--eval-iters", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--threads", default=2, show_default=True,
+              help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
+@click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers runs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare, json_path):
+    """Val loss after a full run of the training recipe, ringpipe vs GPT2LMHeadModel on the same batches."""
+    from model.data import SAMPLERS
+    from tools.bench_quality import format_table, run
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
+                                 param_hint="--seeds") from None
+    sampler_list = samplers.split(",")
+    for sampler in sampler_list:
+        if sampler not in SAMPLERS:
+            raise click.BadParameter(f"unknown sampler {sampler!r}; expected {', '.join(SAMPLERS)}",
+                                     param_hint="--samplers")
+    _run_and_report(lambda: run(data=data, seeds=seed_list, samplers=sampler_list, steps=steps,
+                                eval_iters=eval_iters, threads=threads, compare=not no_compare),
+                    format_table, json_path)

@@ -120,6 +120,9 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=D.dropout, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=D.dtype, show_default=True)
 @click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--sampler", type=click.Choice(["epoch", "random"]), default=D.sampler, show_default=True,
+              help="Train batches: shuffled epochs of back-to-back windows, or windows at random "
+                   "offsets drawn with replacement.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=D.eval_every, show_default=True,
               help="Evaluate val loss every N steps (and after the last); 0: only after the last.")
 @click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)

@@ -115,18 +115,23 @@ class TransformerBlocks:
 
     # ---- a sublayer's entry and exit, the op pairs around its local op ---------------------
     def _entry_forward(self, i, x, norm, column):
-        """LayerNorm → input region → column-parallel linear -> (out, norm cache, linear cache)."""
+        """LayerNorm → input region → column-parallel linear -> (out, norm cache, linear cache).
+
+        The linear's cache is its input from before the region: with sequence parallelism that is
+        this rank's positions only, and the backward gathers them again for the weight gradient
+        (as Megatron-LM does), so no activation is kept whole along both sequence and hidden axes.
+        The other regions' forward is the identity, so there the cache is the linear's input."""
         p, norm, column = self.params, f"h.{i}.{norm}", f"h.{i}.{column}"
         a, norm_cache = ops.layernorm_forward(x, p[norm + ".weight"], p[norm + ".bias"])
-        a = self.input_region.forward(a, self.tp)
-        out, column_cache = ops.linear_forward(a, p[column + ".weight"], p[column + ".bias"])
-        return out, norm_cache, column_cache
+        out, _ = ops.linear_forward(self.input_region.forward(a, self.tp), p[column + ".weight"],
+                                    p[column + ".bias"])
+        return out, norm_cache, a
 
     def _entry_backward_input(self, i, cache, dout_column, dout_sublayer, norm, column, deferred):
         """-> dx of the sublayer input: through the column linear, the region, the LayerNorm and
         the residual (dout_sublayer); the linear's weight gradient goes to `deferred`."""
         p, h = self.params, f"h.{i}."
-        deferred.add(column, cache[column], dout_column)
+        deferred.add(column, self.input_region.forward(cache[column], self.tp), dout_column)
         da = ops.linear_backward_input(dout_column, p[h + column + ".weight"])
         da = self.input_region.backward(da, self.tp)
         dx, deferred.grads[h + norm + ".weight"], deferred.grads[h + norm + ".bias"] = \

@@ -14,6 +14,7 @@ import numpy as np
 
 DEFAULT_CORPUS_CHARS = 2_000_000
 SPLITS = ("train", "val")
+SAMPLERS = ("epoch", "random")  # how train batches walk the split, see TokenDataset.get_batch
 TOKEN_DTYPE = np.uint16  # vocabularies up to 65536 tokens; half the disk of int32
 
 
@@ -96,6 +97,7 @@ class TokenDataset:
             raise ValueError("corpus is empty: no tokens")
         n_train = int(round(len(tokens) * (1.0 - val_fraction)))
         self.splits = {"train": tokens[:n_train], "val": tokens[n_train:]}
+        self._epoch_cache: dict = {}
 
     @classmethod
     def from_file(cls, path: str, val_fraction: float = 0.1) -> "TokenDataset":
@@ -112,17 +114,61 @@ class TokenDataset:
                     f"corpus too small for block size {block_size}: the {split} split has "
                     f"{len(tokens)} tokens, needs at least {block_size + 1}")
 
-    def get_batch(self, split: str, step: int, batch_size: int, block_size: int, seed: int):
+    def get_batch(self, split: str, step: int, batch_size: int, block_size: int, seed: int,
+                  sampler: str = "epoch"):
         """The GLOBAL batch of `step`: x, y (batch_size, block_size) int64, y = x shifted by one.
 
         The batch depends only on (seed, step, split), never on how many workers consume it:
         data-parallel ranks take row slices of it, and a resumed run sees the same batches.
+        With sampler "epoch", train batches walk through the split in shuffled epochs
+        (`train_window_starts`); with "random" they are windows at uniformly random offsets, drawn
+        with replacement, as nanoGPT draws them. Val batches are always random windows: an
+        unbiased sample of every window in the split.
         """
         if split not in self.splits:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         self.check_block_size(block_size)
         tokens = self.splits[split]
-        rng = np.random.default_rng([seed, step, SPLITS.index(split)])
-        starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
+        if split == "train" and sampler == "epoch":
+            starts = self.train_window_starts(step * batch_size, batch_size, block_size, seed)
+        else:
+            rng = np.random.default_rng([seed, step, SPLITS.index(split)])
+            starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
         window = tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
         return window[:, :-1], window[:, 1:]
+
+    def train_window_starts(self, first: int, count: int, block_size: int, seed: int):
+        """Start offsets of train samples first .. first+count-1 (a sample is a window of
+        block_size + 1 tokens), as an int64 array.
+
+        Samples come in epochs: each epoch tiles the split with back-to-back windows shifted by a
+        random phase below block_size, and visits them in a random order; both are drawn from
+        (seed, epoch). So every token is trained on once per epoch, as with a shuffled dataset
+        of fixed sequences (Megatron's GPT dataset), where windows drawn at random offsets with
+        replacement leave about e^-1.5 = 22 % of the tokens unseen after 1.5 epochs; the phase
+        lets later epochs cut the text at other places.
+        """
+        max_start = len(self.splits["train"]) - block_size - 1
+        per_epoch = max(1, max_start // block_size)
+        # Room for the phase: one window is given up so that any shift below block_size fits.
+        phases = min(block_size, max_start - (per_epoch - 1) * block_size + 1)
+        samples = np.arange(first, first + count, dtype=np.int64)
+        starts = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(samples // per_epoch):
+            phase, order = self._epoch_order(seed, int(epoch), per_epoch, phases)
+            mine = samples // per_epoch == epoch
+            starts[mine] = phase + order[samples[mine] % per_epoch] * block_size
+        return starts
+
+    def _epoch_order(self, seed: int, epoch: int, per_epoch: int, phases: int):
+        """(phase, permutation of the epoch's windows), cached: a step asks for one epoch, rarely
+        two, and drawing a permutation of a large split on every step would cost more than the
+        batch."""
+        key = (seed, epoch, per_epoch, phases)
+        if self._epoch_cache.get("key") != key:
+            rng = np.random.default_rng([seed, epoch, len(SPLITS)])  # a stream of its own
+            phase = int(rng.integers(0, phases))
+            self._epoch_cache = {"key": key, "value": (phase, rng.permutation(per_epoch))}
+        return self._epoch_cache["value"]

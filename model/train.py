@@ -19,7 +19,7 @@ import time
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from model.data import TokenDataset, load_corpus, write_token_file
+from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
 from model.gpt import GPT, GPTConfig
 from model.ops import cross_entropy_forward
 from model.optim import AdamW, clip_grad_norm, lr_at
@@ -57,6 +57,7 @@ class TrainConfig:
     dtype: str = "float32"
     seed: int = 0
     val_fraction: float = 0.1
+    sampler: str = "epoch"  # train batches: "epoch" (shuffled epochs) or "random" (random offsets)
     eval_every: int = 250
     eval_iters: int = 50  # val batches per evaluation; 20 left a noise of ~0.01 in the loss
     checkpoint_every: int = 500
@@ -71,6 +72,8 @@ class TrainConfig:
         if self.batch_size % self.microbatches:
             raise ValueError(f"batch size {self.batch_size} is not divisible by "
                              f"microbatches {self.microbatches}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
 
@@ -170,7 +173,7 @@ class Trainer:
         config, xp = self.config, self.xp
         start = time.perf_counter()
         x, y = self.dataset.get_batch("train", step, config.batch_size, config.block_size,
-                                      config.seed)
+                                      config.seed, config.sampler)
         rows = config.batch_size // config.microbatches
         total_loss, grads = 0.0, None
         for micro in range(config.microbatches):
@@ -204,7 +207,7 @@ class Trainer:
         losses = []
         for i in range(config.eval_iters):
             x, y = self.dataset.get_batch("val", i, config.batch_size, config.block_size,
-                                          config.seed)
+                                          config.seed, config.sampler)
             for start in range(0, config.batch_size, rows):
                 logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
                 loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),

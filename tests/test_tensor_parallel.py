@@ -160,6 +160,25 @@ def test_recomputed_blocks_give_the_same_gradients(local_cluster, sequence_paral
         np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=name)
 
 
+def block_cache_bytes(comm, sequence_parallel, dropout):
+    config = piece_config(dropout=dropout)
+    x = piece_data(config)[2]
+    stage = TensorParallelStage(config, init_params(config, 3), range(2), False, False, comm, sequence_parallel)
+    mine = regions.sequence_slice(8, comm) if sequence_parallel else slice(None)
+    return stage.memory.nbytes(stage.block_forward(1, x[:, mine], SEED)[1])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_with_sequence_parallelism_each_rank_caches_a_tp_th_of_a_blocks_activations(local_cluster, dropout):
+    config = piece_config(dropout=dropout)
+    gpt = GPT(config, params=init_params(config, 3))
+    dense = gpt.memory.nbytes(gpt.block_forward(1, piece_data(config)[2], SEED)[1])
+    # Every cached activation is split along the sequence or the hidden axis: the column-parallel
+    # linears keep their input's local positions and gather them again for the weight gradient.
+    assert local_cluster(2).run(block_cache_bytes, True, dropout) == [dense // 2] * 2
+    assert all(nbytes > dense // 2 for nbytes in local_cluster(2).run(block_cache_bytes, False, dropout))
+
+
 class _OneRank:
     size, rank = 1, 0
 
@@ -363,8 +382,9 @@ def analytic_bytes_per_step(config, tp, sequence_parallel):
     activation = tokens * C * f64
     # Regions per micro-batch, forward + backward: embedding 1, two per layer each way, head 1.
     regions_count = 2 + 4 * L
-    if sequence_parallel:  # all-gathers and reduce-scatters (the two halves of an all-reduce)
-        per_micro = 2 * regions_count * (tp - 1) * activation // tp
+    if sequence_parallel:  # all-gathers and reduce-scatters (the two halves of an all-reduce), and
+        # per layer the two column-parallel inputs gathered again for their weight gradients
+        per_micro = (2 * regions_count + 2 * L) * (tp - 1) * activation // tp
     else:
         per_micro = regions_count * (tp - 1) * activation
     per_micro += (tp - 1) * (tokens + 2 * tokens) * f64  # cross-entropy: max, then (sum exp, target logit)

@@ -104,12 +104,57 @@ def test_batch_targets_are_inputs_shifted_by_one(tmp_path):
     assert np.array_equal((x + 1) % 50, y)  # the stream counts up modulo 50
 
 
-def test_batches_are_deterministic_per_seed_step_and_split(tmp_path):
+@pytest.mark.parametrize("sampler", ["epoch", "random"])
+def test_batches_are_deterministic_per_seed_step_and_split(tmp_path, sampler):
     data = _dataset(tmp_path)
-    a = data.get_batch("train", 5, 8, 16, seed=1)[0]
-    assert np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=1)[0])
-    assert not np.array_equal(a, data.get_batch("train", 6, 8, 16, seed=1)[0])
-    assert not np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=2)[0])
+    a = data.get_batch("train", 5, 8, 16, seed=1, sampler=sampler)[0]
+    assert np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=1, sampler=sampler)[0])
+    assert not np.array_equal(a, data.get_batch("train", 6, 8, 16, seed=1, sampler=sampler)[0])
+    assert not np.array_equal(a, data.get_batch("train", 5, 8, 16, seed=2, sampler=sampler)[0])
+
+
+def test_the_sampler_chooses_how_train_batches_walk_the_split(tmp_path):
+    data = _dataset(tmp_path)
+    epoch = data.get_batch("train", 0, 8, 16, seed=1, sampler="epoch")[0]
+    random = data.get_batch("train", 0, 8, 16, seed=1, sampler="random")[0]
+    assert not np.array_equal(epoch, random)
+    assert np.array_equal(data.get_batch("val", 0, 8, 16, seed=1, sampler="epoch")[0],
+                          data.get_batch("val", 0, 8, 16, seed=1, sampler="random")[0])
+    with pytest.raises(ValueError, match="unknown sampler 'shuffle'"):
+        data.get_batch("train", 0, 8, 16, seed=1, sampler="shuffle")
+
+
+def test_a_train_epoch_visits_every_window_of_its_phase_exactly_once():
+    data = TokenDataset(np.arange(1000) % 50, val_fraction=0.1)  # train: 900 tokens
+    block = 16
+    per_epoch = (900 - block - 1) // block  # one window given up to leave room for the phase
+    phases = set()
+    for epoch in range(4):
+        starts = data.train_window_starts(epoch * per_epoch, per_epoch, block, seed=7)
+        phase = int(starts.min())
+        phases.add(phase)
+        assert 0 <= phase < block
+        assert sorted(starts) == [phase + k * block for k in range(per_epoch)]
+        assert starts.max() + block + 1 <= 900
+        assert not np.array_equal(starts, np.sort(starts))  # shuffled
+    assert len(phases) > 1  # later epochs cut the text at other places
+
+
+def test_train_samples_do_not_depend_on_how_they_are_batched():
+    data = TokenDataset(np.arange(1000) % 50, val_fraction=0.1)
+    whole = data.train_window_starts(0, 300, 16, seed=3)  # spans several epochs
+    pieces = [data.train_window_starts(first, 12, 16, seed=3) for first in range(0, 300, 12)]
+    assert np.array_equal(whole, np.concatenate(pieces))
+    x, _ = data.get_batch("train", 2, 12, 16, seed=3)
+    assert np.array_equal(x[:, 0], (whole[24:36]) % 50)
+
+
+def test_train_windows_fit_a_split_barely_longer_than_a_block():
+    data = TokenDataset(np.arange(20), val_fraction=0.5)  # train: 10 tokens
+    for block in (9, 8, 5, 4):
+        starts = data.train_window_starts(0, 40, block, seed=0)
+        assert starts.min() >= 0 and starts.max() + block + 1 <= 10, block
+    assert set(data.train_window_starts(0, 10, 9, seed=0)) == {0}
 
 
 def test_val_batches_come_from_the_val_split(tmp_path):

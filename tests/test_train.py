@@ -144,6 +144,7 @@ def _bad_cases(tmp_path, corpus):
                                             "microbatches"),
         "unknown dtype": (["train", "--data", corpus, "--dtype", "float16"], "--dtype"),
         "unknown tokenizer": (["train", "--data", corpus, "--tokenizer", "words"], "--tokenizer"),
+        "unknown sampler": (["train", "--data", corpus, "--sampler", "shuffle"], "--sampler"),
         "missing checkpoint on resume": (["train", "--resume", "--out", tmp_path / "none"],
                                          "no checkpoint"),
         "missing generate checkpoint": (["generate", "--checkpoint", tmp_path / "none"],
@@ -154,7 +155,7 @@ def _bad_cases(tmp_path, corpus):
 BAD_CASES = [
     "empty corpus", "corpus too small", "block size larger than data", "no files matched",
     "n_embd not divisible by n_head", "microbatches not dividing batch", "unknown dtype",
-    "unknown tokenizer", "missing checkpoint on resume", "missing generate checkpoint"]
+    "unknown tokenizer", "unknown sampler", "missing checkpoint on resume", "missing generate checkpoint"]
 
 
 def assert_one_line_error(result, expected, with_usage=False):
@@ -207,6 +208,12 @@ def test_resume_rejects_data_outside_the_char_vocabulary(trained, tmp_path):
 def test_resume_rejects_changed_model_shape(trained):
     assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--n-layer", 3),
                           "--n-layer")
+
+
+def test_resume_rejects_another_sampler(trained):
+    # The batches of the remaining steps would differ from the uninterrupted run's.
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--sampler", "random"),
+                          "--sampler")
 
 
 def test_corrupt_checkpoint_gives_a_one_line_error(trained):

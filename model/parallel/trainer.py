@@ -104,7 +104,8 @@ class ParallelTrainer:
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
         config, layout = self.config, self.layout
-        x, y = self.dataset.get_batch(split, step, config.batch_size, config.block_size, config.seed)
+        x, y = self.dataset.get_batch(split, step, config.batch_size, config.block_size, config.seed,
+                                      config.sampler)
         rows = config.batch_size // layout.dp
         mine = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
         x, y = x[mine], y[mine]
