@@ -278,7 +278,8 @@ def _read_trainer_state(checkpoint: str) -> dict:
     try:
         with open(path) as f:
             state = json.load(f)
-        state["config"] = TrainConfig(**state["config"])
+        # Checkpoints written before the epoch sampler existed drew random windows; keep doing so.
+        state["config"] = TrainConfig(**{"sampler": "random", **state["config"]})
         state["step"] = int(state["step"])
         return state
     except (OSError, ValueError, TypeError, KeyError) as exc:

@@ -216,6 +216,14 @@ def test_resume_rejects_another_sampler(trained):
                           "--sampler")
 
 
+def test_a_checkpoint_from_before_the_sampler_setting_resumes_with_random_windows(trained):
+    state_file = trained / "checkpoint" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    assert state["config"].pop("sampler") == "epoch"
+    state_file.write_text(json.dumps(state))
+    assert saved_config(trained).sampler == "random"  # what that run drew its batches with
+
+
 def test_corrupt_checkpoint_gives_a_one_line_error(trained):
     weights = trained / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
