@@ -145,10 +145,10 @@ class TokenDataset:
 
         Samples come in epochs: each epoch tiles the split with back-to-back windows shifted by a
         random phase below block_size, and visits them in a random order; both are drawn from
-        (seed, epoch). So every token is trained on once per epoch, as with a shuffled dataset
-        of fixed sequences (Megatron's GPT dataset), where windows drawn at random offsets with
-        replacement leave about e^-1.5 = 22 % of the tokens unseen after 1.5 epochs; the phase
-        lets later epochs cut the text at other places.
+        (seed, epoch). So every token (but a window's worth at the ends) is trained on once per
+        epoch, as with a shuffled dataset of fixed sequences (Megatron's GPT dataset), where
+        windows drawn at random offsets with replacement leave about e^-1.5 = 22 % of the tokens
+        unseen after 1.5 epochs; the phase lets later epochs cut the text at other places.
         """
         max_start = len(self.splits["train"]) - block_size - 1
         per_epoch = max(1, max_start // block_size)

@@ -207,7 +207,7 @@ def test_close_leaves_no_process_and_no_shared_memory_file():
 def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
+        import faulthandler, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         from runtime import Cluster
 
@@ -217,6 +217,8 @@ def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
         if __name__ == "__main__":
             with Cluster(2) as cluster:
                 print(" ".join(str(p.pid) for p in cluster.processes), flush=True)
+                # Should the driver hang on its way out, say where (every thread's stack), and go.
+                faulthandler.dump_traceback_later(30, exit=True)
                 cluster.run(sleep_long)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -224,7 +226,8 @@ def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
     assert len(pids) == 2
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=15)
+    _, stderr = proc.communicate(timeout=45)  # reads stderr as it comes: a full pipe cannot block the driver
+    assert "KeyboardInterrupt" in stderr and "Timeout (0:00:30)!" not in stderr, stderr
     assert proc.returncode != 0
     deadline = time.monotonic() + 5
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
