@@ -329,36 +329,43 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
 
 # ---- broadcast ------------------------------------------------------------------------------------
 def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
-    """Copy root's `work` into every rank's `work`."""
+    """Copy root's `work` into every rank's `work`.
+
+    One round: every rank sends its signature to every other, and the root's messages carry the
+    data too (or, through shared memory, where it lies). So every rank hears from every other:
+    ranks that disagree, on the root as on anything else, all raise, and the root cannot finish
+    while another rank fails the check.
+    """
     n, me = ctx.n, ctx.me
     if n == 1:
         return work
-    # Everyone compares signatures first: the root hears from nobody otherwise, and would finish
-    # while a rank that disagrees raises.
-    yield from barrier(ctx)
+    shm = choose_algorithm(ctx, work.nbytes) == "shm"
+    meta, payload = {"sig": ctx.signature}, ()
     if me == root:
-        if choose_algorithm(ctx, work.nbytes) == "shm":
+        if shm:
             offset, block = yield from ctx.own_block(work)
             block[...] = work
-            for peer in range(n):
-                if peer != me:
-                    yield from ctx.send(peer, 1, (), {"o": offset})
-            for peer in range(n):
-                if peer != me:
-                    yield from ctx.recv(peer, 2)
-            ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
-            ctx.count_shared((n - 1) * work.nbytes)
+            meta["o"] = offset
         else:
-            for peer in range(n):
-                if peer != me:
-                    yield from ctx.send(peer, 1, [work], allow_shm=False)
-    else:
-        message = yield from ctx.recv(root, 1)
-        if message.meta and "o" in message.meta:
-            work[...] = ctx.peer_block(root, message.meta["o"], work)
-            yield from ctx.send(root, 2)
-        else:
-            work[...] = ctx.array(message, root, 0, work)
+            payload = [work]
+    for peer in range(n):
+        if peer != me:
+            yield from ctx.send(peer, 0, payload, meta, allow_shm=False)
+    for peer in range(n):
+        if peer != me:
+            message = yield from ctx.recv(peer, 0)
+            ctx.check(message, peer)
+            if peer == root and shm:
+                work[...] = ctx.peer_block(root, message.meta["o"], work)
+                yield from ctx.send(root, 1)  # done reading: the root may reuse the block
+            elif peer == root:
+                work[...] = ctx.array(message, root, 0, work)
+    if me == root and shm:
+        for peer in range(n):
+            if peer != me:
+                yield from ctx.recv(peer, 1)
+        ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+        ctx.count_shared((n - 1) * work.nbytes)
     return work
 
 
