@@ -331,41 +331,49 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
 def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
     """Copy root's `work` into every rank's `work`.
 
-    One round: every rank sends its signature to every other, and the root's messages carry the
-    data too (or, through shared memory, where it lies). So every rank hears from every other:
-    ranks that disagree, on the root as on anything else, all raise, and the root cannot finish
-    while another rank fails the check.
+    Every rank must hear from every other, or the root would finish while a rank that disagrees
+    (on the root, say) raises. Direct and ring sizes take one round for it: every rank sends its
+    signature to every other, and the root's messages carry the data too.
     """
     n, me = ctx.n, ctx.me
     if n == 1:
         return work
-    shm = choose_algorithm(ctx, work.nbytes) == "shm"
-    meta, payload = {"sig": ctx.signature}, ()
-    if me == root:
-        if shm:
-            offset, block = yield from ctx.own_block(work)
-            block[...] = work
-            meta["o"] = offset
-        else:
-            payload = [work]
+    if choose_algorithm(ctx, work.nbytes) == "shm":
+        return (yield from broadcast_shm(ctx, work, root))
+    payload = [work] if me == root else ()
     for peer in range(n):
         if peer != me:
-            yield from ctx.send(peer, 0, payload, meta, allow_shm=False)
+            yield from ctx.send(peer, 0, payload, {"sig": ctx.signature}, allow_shm=False)
     for peer in range(n):
         if peer != me:
             message = yield from ctx.recv(peer, 0)
             ctx.check(message, peer)
-            if peer == root and shm:
-                work[...] = ctx.peer_block(root, message.meta["o"], work)
-                yield from ctx.send(root, 1)  # done reading: the root may reuse the block
-            elif peer == root:
+            if peer == root:
                 work[...] = ctx.array(message, root, 0, work)
-    if me == root and shm:
-        for peer in range(n):
-            if peer != me:
-                yield from ctx.recv(peer, 1)
-        ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
-        ctx.count_shared((n - 1) * work.nbytes)
+    return work
+
+
+def broadcast_shm(ctx: CollectiveContext, work: np.ndarray, root: int):
+    """Large buffers on one host: the signatures go round first, so that the root takes no block
+    of its arena for a broadcast that then fails; then the block's offset, and a note back from
+    each rank once it has copied the data out."""
+    n, me = ctx.n, ctx.me
+    yield from barrier(ctx)
+    if me != root:
+        message = yield from ctx.recv(root, 1)
+        work[...] = ctx.peer_block(root, message.meta["o"], work)
+        yield from ctx.send(root, 2)
+        return work
+    offset, block = yield from ctx.own_block(work)
+    block[...] = work
+    for peer in range(n):
+        if peer != me:
+            yield from ctx.send(peer, 1, (), {"o": offset})
+    for peer in range(n):
+        if peer != me:
+            yield from ctx.recv(peer, 2)
+    ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+    ctx.count_shared((n - 1) * work.nbytes)
     return work
 
 
