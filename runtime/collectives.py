@@ -29,6 +29,7 @@ class CollectiveContext:
         self.engine, self.group, self.seq, self.epoch = engine, group, seq, epoch
         self.name, self.signature, self.config = name, signature, config
         self.n, self.me = len(group.ranks), group.index
+        self.owned_blocks: set[int] = set()  # arena blocks taken and not yet given back
 
     def send(self, peer: int, step: int, arrays=(), meta=None, allow_shm=True):
         header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step}
@@ -79,7 +80,33 @@ class CollectiveContext:
 
     def own_block(self, like: np.ndarray):
         offset = yield WaitBlock(like.nbytes)
+        self.owned_blocks.add(offset)
         return offset, self.engine.arena.view(offset, like.nbytes).view(like.dtype).reshape(like.shape)
+
+    def give_back_block(self, offset: int):
+        """Return a block once every peer is done with it (on the next engine turn: returning it may
+        resume another operation, which must not run inside this one)."""
+        self.owned_blocks.discard(offset)
+        self.engine.call_soon(lambda: self.engine.release_block(offset))
+
+    def drop_owned_blocks(self):
+        """After a failure: blocks still owned go back at once, so that a caller who catches the
+        error does not leak arena space. Every member fails the collective together (the
+        signatures reach every rank, and an abort reaches every member), so no peer still needs
+        them. Operations waiting for space are resumed on the next engine turn."""
+        for offset in self.owned_blocks:
+            self.engine.arena.free(offset)
+        if self.owned_blocks:
+            self.owned_blocks.clear()
+            self.engine.call_soon(self.engine.grant_blocks)
+
+
+def guarded(ctx: CollectiveContext, algorithm):
+    """Run a collective's generator; if it fails or is closed, drop the arena blocks it holds."""
+    try:
+        return (yield from algorithm)
+    finally:
+        ctx.drop_owned_blocks()
 
 
 def describe(signature) -> str:
@@ -196,7 +223,7 @@ def shm_all_reduce(ctx, work, reduce):
             part = slice(bounds[peer], bounds[peer + 1])
             piece[part] = blocks[peer][part]
         yield from notify_all(ctx, 3 * round_index + 2)
-        ctx.engine.call_soon(lambda offset=offset: ctx.engine.release_block(offset))
+        ctx.give_back_block(offset)
         # Peers read (n-1)/n of this block in each of the two phases: count it as sent, as a ring would.
         ctx.count_shared(2 * (n - 1) * (piece.nbytes // n))
 
@@ -243,7 +270,7 @@ def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
         for peer in range(ctx.n):
             out[peer] = blocks[peer]
         yield from notify_all(ctx, 1)
-        ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+        ctx.give_back_block(offset)
         ctx.count_shared((ctx.n - 1) * x.nbytes)
     elif algorithm == "ring":
         n, me = ctx.n, ctx.me
@@ -287,7 +314,7 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
             for peer in range(1, n):
                 reduce(result, blocks[peer][me], out=result)
             yield from notify_all(ctx, 1)
-            ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+            ctx.give_back_block(offset)
             ctx.count_shared((n - 1) * work[me].nbytes)
         elif algorithm == "ring":
             # The reduce-scatter half of the ring all-reduce, on rows: row (me+1) ends fully reduced
@@ -372,7 +399,7 @@ def broadcast_shm(ctx: CollectiveContext, work: np.ndarray, root: int):
     for peer in range(n):
         if peer != me:
             yield from ctx.recv(peer, 2)
-    ctx.engine.call_soon(lambda: ctx.engine.release_block(offset))
+    ctx.give_back_block(offset)
     ctx.count_shared((n - 1) * work.nbytes)
     return work
 
@@ -390,5 +417,5 @@ def barrier(ctx: CollectiveContext):
     return None
 
 
-__all__ = ["CollectiveContext", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier",
+__all__ = ["CollectiveContext", "guarded", "all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier",
            "REDUCTIONS", "WaitSent"]

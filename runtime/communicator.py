@@ -180,7 +180,7 @@ class Communicator:
 
         def make(epoch):
             ctx = CollectiveContext(self.engine, self.group, seq, epoch, full_name, signature, self.config)
-            return algorithm(ctx)
+            return collectives.guarded(ctx, algorithm(ctx))
 
         trace = None
         if self.engine.tracer.enabled:

@@ -409,6 +409,10 @@ class Engine:
     def release_block(self, offset: int):
         """Return a block of this worker's arena and hand free space to operations waiting."""
         self.arena.free(offset)
+        self.grant_blocks()
+
+    def grant_blocks(self):
+        """Resume operations waiting for arena space, in order, while it lasts."""
         while self.block_waits:
             op, nbytes = self.block_waits[0]
             block = self.arena.alloc(nbytes)

@@ -68,6 +68,28 @@ def test_broadcast_with_different_roots_raises_on_every_rank(local_cluster, algo
     assert local_cluster(3).run(mismatched_broadcast_root, algorithm, roots, timeout=30) == ["CollectiveMismatch"] * 3
 
 
+def caught_shared_memory_mismatches(comm, repeats):
+    shm = comm.using(algorithm="shm")
+    dtype = np.float32 if comm.rank else np.float64  # every call disagrees on the dtype
+    calls = [shm.all_reduce, shm.all_gather, lambda x: shm.reduce_scatter(x.reshape(comm.size, -1)),
+             lambda x: shm.broadcast(x, src=0)]
+    for _ in range(repeats):
+        for call in calls:
+            try:
+                call(np.ones(1 << 16, dtype))
+            except Exception as exc:
+                assert type(exc).__name__ == "CollectiveMismatch", exc
+            else:
+                return "no error"
+    comm.barrier()  # by now the engine has run what the failed calls left for it
+    return len(comm.engine.arena._used)
+
+
+def test_failed_collectives_give_their_shared_memory_blocks_back(local_cluster):
+    # A caller who catches the error and goes on must not find the arena filling up.
+    assert local_cluster(2).run(caught_shared_memory_mismatches, 5, timeout=60) == [0, 0]
+
+
 def recv_that_never_comes(comm):
     if comm.rank == 0:
         try:
