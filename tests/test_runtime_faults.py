@@ -68,26 +68,27 @@ def test_broadcast_with_different_roots_raises_on_every_rank(local_cluster, algo
     assert local_cluster(3).run(mismatched_broadcast_root, algorithm, roots, timeout=30) == ["CollectiveMismatch"] * 3
 
 
-def caught_shared_memory_mismatches(comm, repeats):
+def shared_memory_blocks_left(comm, repeats, mismatched):
     shm = comm.using(algorithm="shm")
-    dtype = np.float32 if comm.rank else np.float64  # every call disagrees on the dtype
+    dtype = np.float32 if comm.rank or not mismatched else np.float64
     calls = [shm.all_reduce, shm.all_gather, lambda x: shm.reduce_scatter(x.reshape(comm.size, -1)),
              lambda x: shm.broadcast(x, src=0)]
     for _ in range(repeats):
         for call in calls:
             try:
-                call(np.ones(1 << 16, dtype))
+                call(np.ones(3 << 15, dtype))
             except Exception as exc:
-                assert type(exc).__name__ == "CollectiveMismatch", exc
+                assert mismatched and type(exc).__name__ == "CollectiveMismatch", exc
             else:
-                return "no error"
-    comm.barrier()  # by now the engine has run what the failed calls left for it
+                assert not mismatched, "no error"
+    comm.barrier()  # by now the engine has run what the calls left for it (blocks to give back)
     return len(comm.engine.arena._used)
 
 
-def test_failed_collectives_give_their_shared_memory_blocks_back(local_cluster):
-    # A caller who catches the error and goes on must not find the arena filling up.
-    assert local_cluster(2).run(caught_shared_memory_mismatches, 5, timeout=60) == [0, 0]
+@pytest.mark.parametrize("mismatched", [False, True])
+def test_collectives_give_every_shared_memory_block_back(local_cluster, mismatched):
+    # A caller who catches an error and goes on must not find the arena filling up.
+    assert local_cluster(3).run(shared_memory_blocks_left, 5, mismatched, timeout=60) == [0, 0, 0]
 
 
 def recv_that_never_comes(comm):
