@@ -154,12 +154,12 @@ class TokenDataset:
         per_epoch = max(1, max_start // block_size)
         # Room for the phase: one window is given up so that any shift below block_size fits.
         phases = min(block_size, max_start - (per_epoch - 1) * block_size + 1)
-        samples = np.arange(first, first + count, dtype=np.int64)
+        epochs, positions = np.divmod(np.arange(first, first + count, dtype=np.int64), per_epoch)
         starts = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(samples // per_epoch):
+        for epoch in np.unique(epochs):
             phase, order = self._epoch_order(seed, int(epoch), per_epoch, phases)
-            mine = samples // per_epoch == epoch
-            starts[mine] = phase + order[samples[mine] % per_epoch] * block_size
+            mine = epochs == epoch
+            starts[mine] = phase + order[positions[mine]] * block_size
         return starts
 
     def _epoch_order(self, seed: int, epoch: int, per_epoch: int, phases: int):

@@ -73,7 +73,7 @@ class TrainConfig:
             raise ValueError(f"batch size {self.batch_size} is not divisible by "
                              f"microbatches {self.microbatches}")
         if self.sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
 

@@ -91,8 +91,8 @@ def train_pytorch(trainer: Trainer, initial: dict, threads: int):
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
     named = dict(model.named_parameters())  # the tied lm_head appears once, as transformer.wte
-    decay = [p for name, p in named.items() if decays(p)]
-    no_decay = [p for name, p in named.items() if not decays(p)]
+    decay = [p for p in named.values() if decays(p)]
+    no_decay = [p for p in named.values() if not decays(p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps)
@@ -132,7 +132,8 @@ def run(data=None, seeds=(0,), samplers=("epoch",), steps=None, eval_iters=200, 
     base = TrainConfig(data=data, eval_iters=eval_iters)
     if steps is not None:
         base.steps = steps
-    base.validate()
+    for sampler in samplers:  # every setting checked before the first (long) run starts
+        dataclasses.replace(base, sampler=sampler).validate()
     rows = []
     for sampler in samplers:
         for seed in seeds:
