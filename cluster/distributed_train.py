@@ -55,17 +55,15 @@ class DistributedRun:
         tokens = self.config.batch_size * self.config.block_size
         return {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
                 "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                "bytes_sent": sum(m["bytes_sent"] for m in per_rank)}
+                "bytes_sent": sum(m["bytes_sent"] for m in per_rank),
+                **{key: per_rank[0][key] for key in ("loss_scale", "skipped") if key in per_rank[0]}}
 
     def _pull_state(self, with_optimizer: bool):
         """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
         if self._pulled_at == (self.step, with_optimizer):
             return
         layouts = self.trainers.param_layout().result()
-        full = assemble_full_params(self.trainers.local_params().result(), layouts)
-        gpt = self.local.gpt
-        for name, param in gpt.params.items():
-            param[...] = gpt.xp.asarray(full[name])
+        self.local.load_weights(assemble_full_params(self.trainers.local_params().result(), layouts))
         if with_optimizer:
             state = assemble_full_optimizer_state(self.trainers.optimizer_state().result(), layouts)
             self.local.optimizer.load_state_dict(state)

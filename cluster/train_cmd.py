@@ -118,7 +118,10 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--grad-clip", type=click.FloatRange(min=0), default=D.grad_clip, show_default=True,
               help="Max global gradient norm; 0 disables clipping.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=D.dropout, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=D.dtype, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
+              show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
+@click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
+              show_default=True, help="Mixed precision: good steps in a row before the loss scale doubles.")
 @click.option("--seed", type=int, default=D.seed, show_default=True)
 @click.option("--sampler", type=click.Choice(["epoch", "random"]), default=D.sampler, show_default=True,
               help="Train batches: shuffled epochs of back-to-back windows, or windows at random "

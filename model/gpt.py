@@ -20,12 +20,13 @@ from threadpoolctl import ThreadpoolController
 
 from model import generation, ops
 from model.activation_memory import ActivationMemory
+from model.mixed_precision import overflow_expected
 from model.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
                          dropout_generator_seed)
 from model.optim import FlatArrays, flat_order
 from runtime.backend import DEVICES, array_module, to_host
 
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "float16")  # float16: the model of a mixed-precision run
 
 
 @dataclass
@@ -199,11 +200,13 @@ class GPT(TransformerBlocks):
         """-> (dx (B, T, C), grads {wte.weight (the LM-head share), ln_f.weight, ln_f.bias})."""
         self.memory.release(cache)
         p = self.params
-        dlogits = ops.cross_entropy_backward(cache["cross_entropy"], dloss)
+        # float32 after a float16 forward (see ops.cross_entropy_forward): round to the model's dtype
+        dlogits = ops.cross_entropy_backward(cache["cross_entropy"], dloss).astype(self.dtype,
+                                                                                    copy=False)
         da = ops.linear_backward_input(dlogits, p["wte.weight"].T)
         dlogits2d = dlogits.reshape(-1, dlogits.shape[-1])
         a = cache["lm_head"]
-        dwte = dlogits2d.T @ a.reshape(-1, a.shape[-1])  # (V, C), the transpose of Conv1D's dW
+        dwte = ops.matmul(dlogits2d.T, a.reshape(-1, a.shape[-1]))  # (V, C), Conv1D's dW transposed
         dx, dw, db = ops.layernorm_backward(da, cache["ln_f"], p["ln_f.weight"])
         return dx, {"wte.weight": dwte, "ln_f.weight": dw, "ln_f.bias": db}
 
@@ -223,20 +226,26 @@ class GPT(TransformerBlocks):
             self.memory.release(cache)
         return self.head_logits(x)
 
-    def loss_and_grads(self, idx, targets, ignore_index=-1, dropout_seed=None):
+    def loss_and_grads(self, idx, targets, ignore_index=-1, dropout_seed=None, dloss=1.0):
         """One forward+backward. idx, targets int (B, T) -> (loss float, grads like params).
+
+        The gradients are of `dloss` × the mean loss (a mixed-precision run's loss scale).
 
         With `self.threads` > 1 (NumPy only) the batch is split into that many row shards that run
         at once on threads with single-threaded BLAS, and their gradients are summed: the same
         math, using every core for the elementwise work too. `memory.peak_bytes` afterwards holds
         the peak of cached activations during the step (all shards together).
         """
+        with overflow_expected(self.dtype):  # this thread's shard and the sums; the others see to theirs
+            return self._loss_and_grads(idx, targets, ignore_index, dropout_seed, dloss)
+
+    def _loss_and_grads(self, idx, targets, ignore_index, dropout_seed, dloss):
         if self.config.dropout and dropout_seed is None:
             dropout_seed = int(self._dropout_seeds.integers(2**63))
         self.memory.reset()
         shards = min(self.threads, idx.shape[0]) if self.xp is np else 1
         if shards == 1:
-            loss, grads = self._shard_loss_and_grads(idx, targets, ignore_index, dropout_seed)
+            loss, grads = self._shard_loss_and_grads(idx, targets, ignore_index, dropout_seed, dloss)
             return loss, grads
         rows = np.array_split(np.arange(idx.shape[0]), shards)
         counts = [int((targets[r] != ignore_index).sum()) for r in rows]
@@ -247,7 +256,7 @@ class GPT(TransformerBlocks):
 
         def run(k):
             return self._shard_loss_and_grads(idx[rows[k]], targets[rows[k]], ignore_index,
-                                              seeds[k], dloss=counts[k] / total)
+                                              seeds[k], dloss=dloss * counts[k] / total)
 
         with self._blas_single_thread():
             futures = [self._pool().submit(run, k) for k in range(1, shards)]
@@ -275,6 +284,10 @@ class GPT(TransformerBlocks):
 
     def _shard_loss_and_grads(self, idx, targets, ignore_index, dropout_seed, dloss=1.0):
         """The serial step: embedding, blocks, head forward; then backward through them all."""
+        with overflow_expected(self.dtype):  # errstate is per thread: shards run on several
+            return self._serial_loss_and_grads(idx, targets, ignore_index, dropout_seed, dloss)
+
+    def _serial_loss_and_grads(self, idx, targets, ignore_index, dropout_seed, dloss):
         x, embedding_cache = self.embedding_forward(idx, dropout_seed)
         block_caches = []
         for i in range(self.config.n_layer):

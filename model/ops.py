@@ -6,6 +6,12 @@ serves NumPy and CuPy: the array module is always taken from the inputs (`module
 
 Shapes: B batch, T time, C channels, H heads, V vocabulary. Linear weights use GPT-2's Conv1D
 layout (in × out, y = x @ W + b).
+
+float16 (mixed precision, see model/mixed_precision.py): activations, weights and gradients are
+float16, but what loses too much in 11 bits runs in float32, as Megatron-LM and apex do: LayerNorm
+statistics, attention scores and softmax, the cross-entropy (its probabilities and dlogits stay
+float32; callers round dlogits to float16), the embedding's gradient sums, and every matmul's
+accumulation. GELU, dropout and residuals run in float16.
 """
 from __future__ import annotations
 
@@ -19,6 +25,25 @@ from runtime.backend import module_of
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715
 LAYERNORM_EPS = 1e-5
+
+
+# Dtypes computed as described in the module docstring (float32 statistics and accumulation).
+LOW_PRECISION = (np.dtype(np.float16),)
+
+
+def is_low_precision(x) -> bool:
+    return x.dtype in LOW_PRECISION
+
+
+def matmul(a, b):
+    """a @ b, accumulated in float32 for float16 inputs (the result rounded once to float16).
+
+    GPU matmul units accumulate float16 products in float32 (cuBLAS's default for CuPy); NumPy's
+    own float16 loop does too but has no BLAS (~20x slower), so on NumPy the operands are widened.
+    """
+    if a.dtype in LOW_PRECISION and type(a) is np.ndarray:
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+    return a @ b
 
 
 _ones_cache = {}
@@ -35,12 +60,12 @@ def _ones(xp, n, dtype):
 
 def _row_sums(x2d):
     """Sums over the last axis, (N, D) -> (N, 1); a gemv is several times faster than x.sum(-1)."""
-    return x2d @ _ones(module_of(x2d), x2d.shape[-1], x2d.dtype)
+    return matmul(x2d, _ones(module_of(x2d), x2d.shape[-1], x2d.dtype))
 
 
 def _column_sums(x2d):
     """Sums over the first axis, (N, D) -> (D,)."""
-    return (_ones(module_of(x2d), x2d.shape[0], x2d.dtype).T @ x2d)[0]
+    return matmul(_ones(module_of(x2d), x2d.shape[0], x2d.dtype).T, x2d)[0]
 
 
 # ----------------------------------------------------------------------------- embedding
@@ -52,6 +77,8 @@ def embedding_forward(weight, idx):
 
 def embedding_backward(dout, idx, num_embeddings):
     """dout (B, T, C) -> dweight (num_embeddings, C): the rows of dout summed per index."""
+    if is_low_precision(dout):  # sums of many rows: in float32, rounded once
+        return embedding_backward(dout.astype(np.float32), idx, num_embeddings).astype(dout.dtype)
     xp = module_of(dout)
     C = dout.shape[-1]
     flat_idx, rows = idx.reshape(-1), dout.reshape(-1, C)
@@ -71,7 +98,13 @@ def embedding_backward(dout, idx, num_embeddings):
 # ----------------------------------------------------------------------------- layernorm
 
 def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
-    """x (..., C) -> out (..., C); cache: (xhat (N, C) normalized input, rstd (N, 1))."""
+    """x (..., C) -> out (..., C); cache: (xhat (N, C) normalized input, rstd (N, 1)).
+
+    float16 x: computed in float32 (the cache stays float32), out rounded to float16."""
+    if is_low_precision(x):
+        out, cache = layernorm_forward(x.astype(np.float32), weight.astype(np.float32),
+                                       bias.astype(np.float32), eps)
+        return out.astype(x.dtype), cache
     xp = module_of(x)
     C = x.shape[-1]
     x2d = x.reshape(-1, C)
@@ -91,7 +124,11 @@ def layernorm_forward(x, weight, bias, eps=LAYERNORM_EPS):
 
 
 def layernorm_backward(dout, cache, weight):
-    """dout (..., C) -> dx (..., C), dweight (C,), dbias (C,)."""
+    """dout (..., C) -> dx (..., C), dweight (C,), dbias (C,); float16 dout: computed in float32,
+    the three results rounded to float16."""
+    if is_low_precision(dout):
+        grads = layernorm_backward(dout.astype(np.float32), cache, weight.astype(np.float32))
+        return tuple(g.astype(dout.dtype) for g in grads)
     xhat, rstd = cache
     C = dout.shape[-1]
     dout2d = dout.reshape(-1, C)
@@ -117,7 +154,7 @@ def layernorm_backward(dout, cache, weight):
 
 def linear_forward(x, weight, bias=None):
     """x (..., in), weight (in, out), bias (out,) or None -> out (..., out); cache: x."""
-    out = x.reshape(-1, x.shape[-1]) @ weight
+    out = matmul(x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
         out += bias
     return out.reshape(*x.shape[:-1], weight.shape[1]), x
@@ -125,7 +162,7 @@ def linear_forward(x, weight, bias=None):
 
 def linear_backward_input(dout, weight):
     """dout (..., out), weight (in, out) -> dx (..., in). Needs no activation."""
-    dx = dout.reshape(-1, dout.shape[-1]) @ weight.T
+    dx = matmul(dout.reshape(-1, dout.shape[-1]), weight.T)
     return dx.reshape(*dout.shape[:-1], weight.shape[0])
 
 
@@ -135,7 +172,7 @@ def linear_backward_weight(dout, x, has_bias=True):
     Separate from the input gradient so that pipeline schedules can run it later.
     """
     dout2d = dout.reshape(-1, dout.shape[-1])
-    dweight = x.reshape(-1, x.shape[-1]).T @ dout2d
+    dweight = matmul(x.reshape(-1, x.shape[-1]).T, dout2d)
     return dweight, (_column_sums(dout2d) if has_bias else None)
 
 
@@ -178,7 +215,11 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     output (B, H, end - start, end), per block its dropout keep-mask (None without dropout)).
     Without dropout the C kernel does all of it as one block, its softmax output kept as packed
     lower triangles (B, H, P), about half the memory (see kernels.causal_rows).
+    float16 qkv: scores, softmax and the weighted sum in float32 (cache too), y rounded to float16.
     """
+    if is_low_precision(qkv):
+        y, cache = attention_forward(qkv.astype(np.float32), n_head, dropout_p, rng)
+        return y.astype(qkv.dtype), cache
     xp = module_of(qkv)
     B, T, C3 = qkv.shape
     scale = 1.0 / math.sqrt(C3 // (3 * n_head))
@@ -207,7 +248,9 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
 
 
 def attention_backward(dy, cache, n_head):
-    """dy (B, T, C) -> dqkv (B, T, 3C)."""
+    """dy (B, T, C) -> dqkv (B, T, 3C); float16 dy: in float32 (as the forward), dqkv float16."""
+    if is_low_precision(dy):
+        return attention_backward(dy.astype(np.float32), cache, n_head).astype(dy.dtype)
     xp = module_of(dy)
     qkv, blocks, probs, keep_masks = cache
     B, T, C = dy.shape
@@ -338,7 +381,10 @@ def dropout_forward(x, p, rng):
     """
     if p == 0.0:
         return x, None
-    keep_mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype)
+    # Generators draw float32 or float64 only; float16 masks come from the float32 draw (the same
+    # mask a float32 run draws).
+    draw = np.float32 if is_low_precision(x) else x.dtype
+    keep_mask = (rng.random(x.shape, dtype=draw) >= p).astype(x.dtype)
     keep_mask *= 1.0 / (1.0 - p)
     return x * keep_mask, keep_mask
 
@@ -357,8 +403,11 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, overwrite_logits=Fal
 
     logits (B, T, V), targets int (B, T) -> loss (python float); cache: (probs (B, T, V),
     targets with ignored ones set to 0, valid mask, count). With overwrite_logits the softmax is
-    computed in place (saves a (B, T, V) buffer).
+    computed in place (saves a (B, T, V) buffer). float16 logits: computed on a float32 copy, so
+    probs (and the backward's dlogits) are float32.
     """
+    if is_low_precision(logits):
+        logits, overwrite_logits = logits.astype(np.float32), True
     xp = module_of(logits)
     V = logits.shape[-1]
     probs = logits if overwrite_logits else logits.copy()
@@ -389,7 +438,7 @@ def cross_entropy_forward(logits, targets, ignore_index=-1, overwrite_logits=Fal
 def cross_entropy_backward(cache, dloss=1.0):
     """-> dlogits (B, T, V) = (probs - onehot(targets)) * valid * dloss / count.
 
-    Consumes the cache: dlogits is written over probs.
+    Consumes the cache: dlogits is written over probs (float32 when the logits were float16).
     """
     probs, safe_targets, valid, count = cache
     xp = module_of(probs)

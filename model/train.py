@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,9 +21,11 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
-from model.gpt import GPT, GPTConfig
+from model.gpt import GPT, GPTConfig, init_params
 from model.ops import cross_entropy_forward
-from model.optim import AdamW, clip_grad_norm, lr_at
+from model.mixed_precision import (LossScaledAdamW, LossScaler, check_supported, is_mixed,
+                                   model_dtype, weights_dtype)
+from model.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from model.tokenizer import load_tokenizer, make_tokenizer
 from runtime.backend import array_module, to_host
 
@@ -54,7 +57,8 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dropout: float = 0.0
-    dtype: str = "float32"
+    dtype: str = "float32"  # or "fp16-mixed" (see model/mixed_precision.py)
+    loss_scale_growth_interval: int = 2000  # mixed precision: good steps before the scale doubles
     seed: int = 0
     val_fraction: float = 0.1
     sampler: str = "epoch"  # train batches: "epoch" (shuffled epochs) or "random" (random offsets)
@@ -66,7 +70,7 @@ class TrainConfig:
     def validate(self) -> None:
         """ValueError naming the first setting that cannot work."""
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "microbatches",
-                     "steps", "eval_iters"):
+                     "steps", "eval_iters", "loss_scale_growth_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size % self.microbatches:
@@ -76,11 +80,12 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
+        check_supported(self.dtype)
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                          block_size=self.block_size, vocab_size=vocab_size, dropout=self.dropout,
-                         dtype=self.dtype, device=self.device)
+                         dtype=model_dtype(self.dtype), device=self.device)
 
 
 def threads_for(config: TrainConfig) -> int:
@@ -114,25 +119,62 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
     return tokenizer, ids
 
 
+def _master_weights(config: TrainConfig, gpt_config, params):
+    """A mixed run's float32 master weights, as a GPT that only holds them (it saves them in the
+    checkpoint format); None for other runs."""
+    if not is_mixed(config.dtype):
+        return None
+    return GPT(dataclasses.replace(gpt_config, dtype=weights_dtype(config.dtype)), params=params)
+
+
+def _optimizer(config: TrainConfig, params):
+    if is_mixed(config.dtype):
+        return LossScaledAdamW(params, (config.beta1, config.beta2), config.eps, config.weight_decay,
+                               LossScaler(growth_interval=config.loss_scale_growth_interval))
+    return AdamW(params, (config.beta1, config.beta2), config.eps, config.weight_decay)
+
+
 class Trainer:
-    """Model, optimizer and data of one run; `train_step` and `evaluate` return metrics dicts."""
+    """Model, optimizer and data of one run; `train_step` and `evaluate` return metrics dicts.
+
+    In a mixed-precision run `gpt` computes in float16 and `master` (a float32 GPT that never runs)
+    holds the weights AdamW updates and checkpoints save; `weights` is whichever holds them."""
 
     def __init__(self, config: TrainConfig, run_dir: str, gpt, optimizer, tokenizer, dataset,
-                 step: int = 0):
+                 step: int = 0, master=None):
         self.config, self.run_dir = config, run_dir
         self.gpt, self.optimizer, self.tokenizer, self.dataset = gpt, optimizer, tokenizer, dataset
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
+        self.master = master
+        self._master_grads = None if master is None else FlatArrays(
+            self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
+            master.params.order)
+
+    @property
+    def weights(self) -> GPT:
+        """The GPT holding the run's weights: the float32 master copy when mixed, else the model."""
+        return self.gpt if self.master is None else self.master
+
+    def load_weights(self, params: dict) -> None:
+        """Set the run's weights, and the model's (rounded to its dtype), from arrays by name."""
+        for model in (self.gpt,) if self.master is None else (self.master, self.gpt):
+            for name, param in model.params.items():
+                param[...] = model.xp.asarray(params[name])
 
     @classmethod
     def create(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
         tokenizer, ids = _tokenize_corpus(config)
-        gpt = GPT(config.gpt_config(tokenizer.vocab_size), seed=config.seed, threads=threads_for(config))
-        optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
-                          config.weight_decay)
-        return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir))
+        gpt_config = config.gpt_config(tokenizer.vocab_size)
+        gpt = GPT(gpt_config, seed=config.seed, threads=threads_for(config))
+        # Master weights from the same float64 draw as a float32 run's, not from the float16 model.
+        master = (_master_weights(config, gpt_config, init_params(gpt_config, config.seed))
+                  if is_mixed(config.dtype) else None)
+        optimizer = _optimizer(config, (gpt if master is None else master).params)
+        return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir),
+                   master=master)
 
     @classmethod
     def resume(cls, config: TrainConfig, run_dir: str) -> "Trainer":
@@ -147,7 +189,8 @@ class Trainer:
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
         try:
-            saved = GPT.from_pretrained(checkpoint, dtype=config.dtype, device=config.device)
+            saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                        device=config.device)
             optimizer_state = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
@@ -159,46 +202,68 @@ class Trainer:
                                  f"{getattr(saved.config, name)}, the run expects "
                                  f"{getattr(gpt_config, name)}")
         gpt = GPT(gpt_config, params=saved.params, threads=threads_for(config))
-        optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
-                          config.weight_decay)
+        master = _master_weights(config, gpt_config, saved.params)
+        optimizer = _optimizer(config, (gpt if master is None else master).params)
         optimizer.load_state_dict(optimizer_state)
         return cls(config, run_dir, gpt, optimizer, tokenizer,
-                   _token_dataset(config, ids, run_dir), step=state["step"])
+                   _token_dataset(config, ids, run_dir), step=state["step"], master=master)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`, accumulated over micro-batches.
 
-        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}.
+        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}; a mixed-precision
+        run adds "loss_scale" (the scale this step used) and "skipped" (an overflow: no update, and
+        grad_norm None), see model/mixed_precision.py.
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
         x, y = self.dataset.get_batch("train", step, config.batch_size, config.block_size,
                                       config.seed, config.sampler)
         rows = config.batch_size // config.microbatches
-        total_loss, grads = 0.0, None
+        mixed = self.master is not None
+        loss_scale = self.optimizer.scaler.scale if mixed else 1.0
+        total_loss, grads = 0.0, self._master_grads  # mixed: float16 grads add into float32 ones
         for micro in range(config.microbatches):
             rows_of = slice(micro * rows, (micro + 1) * rows)
             seed = dropout_seed(config.seed, step, micro) if config.dropout > 0 else None
             loss, micro_grads = self.gpt.loss_and_grads(xp.asarray(x[rows_of]),
-                                                        xp.asarray(y[rows_of]), dropout_seed=seed)
+                                                        xp.asarray(y[rows_of]), dropout_seed=seed,
+                                                        dloss=loss_scale)
             total_loss += loss
             if grads is None:
                 grads = micro_grads
+            elif mixed and micro == 0:
+                for name, g in micro_grads.items():
+                    grads[name][...] = g
             else:
                 for name, g in micro_grads.items():
                     grads[name] += g
-        if config.microbatches > 1:
+        if config.microbatches > 1 or mixed:
             # Equal-sized micro-batches: the mean of their mean losses is the big batch's mean.
+            # A mixed run divides out its loss scale here too, before the norm and clipping.
             for g in grads.values():
-                g *= 1.0 / config.microbatches
-        grad_norm = clip_grad_norm(grads, config.grad_clip)
+                g *= 1.0 / (config.microbatches * loss_scale)
+        norm = grad_norm(grads)
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
-        self.optimizer.update(self.gpt.params, grads, lr)
+        # An overflow in the float16 backward shows as a non-finite norm: skip, and halve the scale.
+        applied = self.optimizer.scaler.update(not math.isfinite(norm)) if mixed else True
+        if applied:
+            clip = clip_scale(norm, config.grad_clip)
+            if clip != 1.0:
+                for g in grads.values():
+                    g *= clip
+            self.optimizer.update(self.weights.params, grads, lr)
+            if mixed:
+                self.gpt.params.flat[...] = self.master.params.flat  # rounded to float16
         self.step = step + 1
         elapsed = time.perf_counter() - start
         tokens = config.batch_size * config.block_size
-        return {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
-                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+        metrics = {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
+                   "grad_norm": norm if applied else None, "tokens": tokens,
+                   "tokens_per_s": tokens / elapsed}
+        if mixed:
+            metrics.update(loss_scale=loss_scale, skipped=not applied)
+        return metrics
 
     def evaluate(self) -> dict:
         """Mean loss over the same `eval_iters` val batches every time: {"val_loss"}."""
@@ -226,7 +291,7 @@ class Trainer:
         previous = final + ".old"
         tmp = tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".tmp-", dir=self.run_dir)
         try:
-            self.gpt.save_pretrained(tmp, tokenizer=self.tokenizer)
+            self.weights.save_pretrained(tmp, tokenizer=self.tokenizer)
             save_file(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
             with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
                 json.dump({"step": self.step, "config": dataclasses.asdict(self.config)}, f,
@@ -246,14 +311,14 @@ class Trainer:
         file is written beside its target and renamed over it."""
         tmp = tempfile.mkdtemp(prefix="model.tmp-", dir=self.run_dir)
         try:
-            self.gpt.save_pretrained(tmp, tokenizer=self.tokenizer)
+            self.weights.save_pretrained(tmp, tokenizer=self.tokenizer)
             for name in sorted(os.listdir(tmp)):
                 os.replace(os.path.join(tmp, name), os.path.join(self.run_dir, name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def params_on_host(self) -> dict:
-        return {name: to_host(p) for name, p in self.gpt.params.items()}
+        return {name: to_host(p) for name, p in self.weights.params.items()}
 
 
 def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:

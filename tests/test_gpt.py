@@ -172,7 +172,7 @@ def test_init_follows_gpt2():
     (dict(n_layer=0), "n_layer must be a positive int"),
     (dict(vocab_size=2.5), "vocab_size must be a positive int"),
     (dict(dropout=1.0), "dropout must be in [0, 1)"),
-    (dict(dtype="float16"), "dtype must be one of"),
+    (dict(dtype="bfloat16"), "dtype must be one of"),
     (dict(device="tpu"), "device must be one of"),
 ])
 def test_config_validation_names_the_bad_field(change, message):

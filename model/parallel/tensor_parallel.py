@@ -99,7 +99,8 @@ def assemble_full_params(per_rank_params: list, per_rank_layouts: list) -> dict:
 def assemble_full_optimizer_state(per_rank_states: list, per_rank_layouts: list) -> dict:
     """Driver side: the full AdamW state ("step", "m.NAME", "v.NAME") from every rank's
     `optimizer_state()` and `param_layout()` (the moments are sharded like their parameters)."""
-    full = {"step": per_rank_states[0]["step"]}
+    # "step" and anything else whole on every rank (a mixed run's loss-scaler state)
+    full = {key: value for key, value in per_rank_states[0].items() if not key.startswith(("m.", "v."))}
     for moment in ("m", "v"):
         prefix = moment + "."
         parts = [{name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)}
@@ -130,11 +131,14 @@ def vocab_parallel_embedding_backward(dout, cache, rows):
 def vocab_parallel_cross_entropy_forward(logits, targets, vocab_start, vocab_size, comm, ignore_index=-1):
     """Mean cross-entropy from sharded logits, without gathering them.
 
-    logits (B, T, V/tp): columns [vocab_start, +V/tp) of the full logits (overwritten with the softmax);
+    logits (B, T, V/tp): columns [vocab_start, +V/tp) of the full logits (overwritten with the softmax;
+    float16 logits: a float32 copy is, and the cache's probs are float32);
     columns ≥ vocab_size are padding and get probability 0. targets int (B, T), full ids.
     Two all-reduces over `comm`: the row max, then (sum of exponentials, target logit) together.
     -> (loss float, cache (probs, local targets, mask of targets on this rank, valid mask, count)).
     """
+    if ops.is_low_precision(logits):  # statistics and probs in float32, as ops.cross_entropy_forward
+        logits = logits.astype(np.float32)
     xp = module_of(logits)
     rows = logits.shape[-1]
     flat = logits.reshape(-1, rows)
@@ -359,9 +363,9 @@ class TensorParallelStage(TransformerBlocks):
     def _head_backward(self, cache, dloss):
         self.memory.release(cache)
         p, a = self.params, cache["lm_head"]
-        dlogits = vocab_parallel_cross_entropy_backward(cache["cross_entropy"], dloss)
+        dlogits = vocab_parallel_cross_entropy_backward(cache["cross_entropy"], dloss).astype(a.dtype, copy=False)
         da = self.input_region.backward(ops.linear_backward_input(dlogits, p["wte.weight"].T), self.tp)
-        self.grads["wte.weight"] += dlogits.reshape(-1, dlogits.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        self.grads["wte.weight"] += ops.matmul(dlogits.reshape(-1, dlogits.shape[-1]).T, a.reshape(-1, a.shape[-1]))
         dx, dw, db = ops.layernorm_backward(da, cache["ln_f"], p["ln_f.weight"])
         self.grads["ln_f.weight"] += dw
         self.grads["ln_f.bias"] += db

@@ -11,6 +11,7 @@ it computes exactly what the single-process Trainer computes.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from model.data import TokenDataset
 from model.gpt import GPTConfig, init_params
+from model.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
+                                   weights_dtype)
 from model.optim import AdamW, clip_scale, lr_at
 from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from model.parallel.mesh import Mesh
@@ -58,6 +61,9 @@ class Layout:
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
+        if self.zero and is_mixed(config.dtype):
+            raise ValueError(f"--zero 1 with --dtype {config.dtype}: ZeRO-1 does not shard float32 master "
+                             "weights yet; use --zero 0")
 
 
 class ParallelTrainer:
@@ -76,10 +82,22 @@ class ParallelTrainer:
         full = init_params(self.gpt_config, self.config.seed)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
-        del full
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
         self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.embedding, bucket_bytes,
                                          shard=bool(self.layout.zero))
+        self.master = self.master_grads = None
+        if is_mixed(self.config.dtype):
+            # float32 master weights and gradients laid out like the float16 flat buffers (one copy
+            # each way per step), the weights from the float64 init, as a float32 run's.
+            xp, flat = self.gradients.xp, self.gradients.flat_params
+            self._master_flat = xp.zeros(flat.size, weights_dtype(self.config.dtype))
+            self._master_grads_flat = xp.zeros_like(self._master_flat)
+            self.master = {name: self.gradients.view(self._master_flat, name) for name in self.gradients.params}
+            self.master_grads = {name: self.gradients.view(self._master_grads_flat, name)
+                                 for name in self.gradients.params}
+            for name, weight in self.master.items():
+                weight[...] = xp.asarray(self._shard_of(name, full[name]).astype(weight.dtype))
+        del full
         # One optimizer entry per parameter name; the tied wte may sit in two local stages.
         self.params = {}
         for stage in self.stages.values():
@@ -91,9 +109,14 @@ class ParallelTrainer:
             self._tp_partial_pieces = self.gradients.shard_ranges(partial)
             self._norm_skip = (self.gradients.shard_ranges(replicated)
                                if self.layout.tp > 1 and self.mesh.tp_rank != 0 else [])
-        optimizer = ShardedAdamW if self.layout.zero else AdamW
-        self.optimizer = optimizer(self.gradients if self.layout.zero else self.params,
-                                   (self.config.beta1, self.config.beta2), self.config.eps, self.config.weight_decay)
+        betas = (self.config.beta1, self.config.beta2)
+        if self.master is not None:
+            self.optimizer = LossScaledAdamW(self.master, betas, self.config.eps, self.config.weight_decay,
+                                             LossScaler(growth_interval=self.config.loss_scale_growth_interval))
+        else:
+            optimizer = ShardedAdamW if self.layout.zero else AdamW
+            self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
+                                       self.config.weight_decay)
 
     def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
         if self.layout.tp == 1:
@@ -119,12 +142,15 @@ class ParallelTrainer:
         start = time.perf_counter()
         inputs, targets = self._microbatches("train", step)
         self.gradients.begin_step()  # zeroes every stage's gradients (views into one flat buffer)
+        mixed = self.master is not None
+        loss_scale = self.optimizer.scaler.scale if mixed else 1.0
         first_micro = self.mesh.dp_rank * config.microbatches
         seeds = ([dropout_seed(config.seed, step, first_micro + k) for k in range(config.microbatches)]
                  if config.dropout > 0 else None)
-        result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches, self.num_stages,
-                                   inputs, targets, dloss=1.0 / config.microbatches, dropout_seeds=seeds,
-                                   tracer=self.tracer, step=step)
+        with overflow_expected(self.gpt_config.dtype):
+            result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches,
+                                       self.num_stages, inputs, targets, dloss=loss_scale / config.microbatches,
+                                       dropout_seeds=seeds, tracer=self.tracer, step=step)
         with self.tracer.span("optimizer", step=step):
             lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
             if layout.zero:
@@ -134,15 +160,28 @@ class ParallelTrainer:
                 self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
             else:
                 grads = self._synchronized_grads()
-                norm = self._global_grad_norm(grads)
-                scale = clip_scale(norm, config.grad_clip)
-                if scale != 1.0:
-                    for g in grads.values():
-                        g *= scale
-                self.optimizer.update(self.params, grads, lr)
-                self._refresh_tied_copies()
+                overflow = False
+                if mixed:  # unscaled into float32 (see model/mixed_precision.py)
+                    self._master_grads_flat[...] = self.gradients.flat_grads
+                    self._master_grads_flat *= 1.0 / loss_scale
+                    grads, overflow = self.master_grads, has_overflow(self.gradients.xp, self._master_grads_flat)
+                norm = self._global_grad_norm(grads, overflow=True) if overflow else self._global_grad_norm(grads)
+                # An overflow on any rank makes every rank's norm non-finite: all skip the step together.
+                applied = self.optimizer.scaler.update(not math.isfinite(norm)) if mixed else True
+                if applied:
+                    scale = clip_scale(norm, config.grad_clip)
+                    if scale != 1.0:
+                        for g in grads.values():
+                            g *= scale
+                    self.optimizer.update(self.master if mixed else self.params, grads, lr)
+                    if mixed:
+                        self.gradients.flat_params[...] = self._master_flat  # rounded to float16
+                    self._refresh_tied_copies()
         loss = float(np.mean(list(result.losses.values()))) if result.losses else None
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
+        extra = {"loss_scale": loss_scale, "skipped": not applied} if mixed else {}
+        if mixed and not applied:
+            norm = None
+        return {**extra, "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
                 "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
                 "seconds": time.perf_counter() - start,
                 "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values())),
@@ -183,15 +222,16 @@ class ParallelTrainer:
                 comm.all_reduce(total)
         return float(np.sqrt(total[0]))
 
-    def _global_grad_norm(self, grads: dict) -> float:
+    def _global_grad_norm(self, grads: dict, *, overflow: bool = False) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
         tied wte once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
-        replicated parameters on tp rank 0 only)."""
+        replicated parameters on tp rank 0 only). `overflow` (a non-finite gradient here, counted or
+        not) makes it inf on every rank."""
         replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
         owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)
                  and (name not in replicated or self.mesh.tp_rank == 0)]
         xp = next(iter(self.stages.values())).xp
-        total = np.array([float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
+        total = np.array([math.inf if overflow else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
         if self.layout.tp > 1:
             self.mesh.tp.all_reduce(total)
         if self.layout.pp > 1:
@@ -206,9 +246,11 @@ class ParallelTrainer:
 
     # ---- evaluation and state ----------------------------------------------------------------------
     def local_params(self) -> dict:
-        """This rank's parameters on the host: tensor-parallel shards (see `param_layout`), full arrays
-        when tp = 1. `model.parallel.tensor_parallel.assemble_full_params` puts them back together."""
-        return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in self.params.items()}
+        """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
+        (see `param_layout`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
+        puts them back together."""
+        weights = self.params if self.master is None else self.master
+        return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in weights.items()}
 
     def param_layout(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
@@ -240,11 +282,14 @@ class ParallelTrainer:
         from model.checkpoint import load_checkpoint
         from model.train import OPTIMIZER_FILE, TRAINER_STATE_FILE
 
-        _, full = load_checkpoint(checkpoint_dir, dtype=self.gpt_config.dtype)
+        _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
         optimizer_full = load_file(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
-        state = {"step": optimizer_full["step"]}
+        # "step", and a mixed run's loss-scaler entries: whole on every rank
+        state = {key: value for key, value in optimizer_full.items() if not key.startswith(("m.", "v."))}
         for name, param in self.params.items():
             param[...] = self._shard_of(name, full[name].astype(param.dtype))
+            if self.master is not None:
+                self.master[name][...] = self.gradients.xp.asarray(self._shard_of(name, full[name]))
             for moment in ("m", "v"):
                 state[f"{moment}.{name}"] = self._shard_of(name, optimizer_full[f"{moment}.{name}"])
         self.optimizer.load_state_dict(state)
