@@ -158,3 +158,30 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
     _run_and_report(lambda: run(data=data, seeds=seed_list, samplers=samplers.split(","), steps=steps,
                                 eval_iters=eval_iters, threads=threads, compare=not no_compare),
                     format_table, json_path)
+
+
+@bench.command("gpu-step")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="cpu: a smoke test of the same code (use a tiny shape).")
+@click.option("--dtypes", default="float32,fp16-mixed", show_default=True, help="Comma-separated.")
+@click.option("--n-layer", default=12, show_default=True)
+@click.option("--n-head", default=12, show_default=True)
+@click.option("--n-embd", default=768, show_default=True)
+@click.option("--block-size", default=1024, show_default=True)
+@click.option("--vocab-size", default=50257, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--steps", default=10, show_default=True, help="Timed steps (median), after --warmup.")
+@click.option("--warmup", default=3, show_default=True)
+@click.option("--tf32", is_flag=True, help="TF32 matmuls for float32 (needs CUPY_TF32=1 in the environment).")
+@click.option("--peak-tflops", type=float, default=None, help="The dtype's dense peak, for an unlisted GPU.")
+@click.option("--no-compare", is_flag=True, help="Skip PyTorch eager.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_size, batch_size, steps, warmup,
+                   tf32, peak_tflops, no_compare, json_path):
+    """Training-step tokens/s and MFU of a GPT-2 124M-shaped model vs GPT2LMHeadModel in PyTorch eager."""
+    from tools.bench_gpu_step import format_table, run
+
+    _run_and_report(lambda: run(tuple(dtypes.split(",")), device, steps, warmup, tf32, not no_compare, peak_tflops,
+                                n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                                vocab_size=vocab_size, batch_size=batch_size),
+                    format_table, json_path)
