@@ -18,7 +18,8 @@ def array_module(device: str = "cpu"):
         try:
             import cupy
         except ImportError as exc:  # pragma: no cover - depends on the machine
-            raise RuntimeError("device 'gpu' needs CuPy: pip install 'ringpipe[gpu]'") from exc
+            raise RuntimeError("device 'gpu' needs CuPy: pip install 'ringpipe[gpu]' (CUDA 13; "
+                           "'ringpipe[gpu-cuda12]' for a CUDA 12 driver)") from exc
         if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
             raise RuntimeError("device 'gpu' asked for, but CuPy sees no CUDA device")
         return cupy

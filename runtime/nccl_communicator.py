@@ -153,6 +153,9 @@ class NcclCommunicator:
     def __init__(self, control, nccl=None, arrays=None, timeout: float | None = None):
         if nccl is None:
             from cupy.cuda import nccl
+        if not getattr(nccl, "available", True):  # CuPy built or run without libnccl
+            raise RuntimeError(f"NCCL communicator (rank {control.rank}): CuPy found no NCCL library "
+                               "(cupy.cuda.nccl.available is False)")
         self.control, self.nccl = control, nccl
         self.arrays = arrays if arrays is not None else CudaArrays()
         self.timeout = timeout if timeout is not None else control.config.timeout

@@ -85,3 +85,130 @@ def test_parallel_layouts_on_the_gpu_equal_single_process_cpu(local_cluster, tmp
     got = assemble_full_params(trainers.local_params().result(), layouts)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+# ---- mixed precision on the GPU: the CPU test's tolerance ------------------------------------------------
+def test_fp16_mixed_loss_curve_on_the_gpu_equals_float32_within_2e_2_at_each_of_50_steps(tmp_path):
+    from tests.test_mixed_precision import STEPS, small_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    full = Trainer.create(small_config(str(corpus), dtype="float32", device="gpu"), str(tmp_path / "float32"))
+    mixed = Trainer.create(small_config(str(corpus), device="gpu"), str(tmp_path / "mixed"))
+    assert isinstance(mixed.gpt.params["wte.weight"], cupy.ndarray)
+    assert mixed.gpt.params["wte.weight"].dtype == np.float16
+    for step in range(STEPS):
+        expected, got = full.train_step(step), mixed.train_step(step)
+        assert not got["skipped"], step
+        assert abs(got["loss"] - expected["loss"]) <= 2e-2, (step, got["loss"], expected["loss"])
+
+
+# ---- NCCL -------------------------------------------------------------------------------------------------
+def nccl_collectives(control):
+    """Every collective of the NCCL communicator on this rank's GPU (device = rank)."""
+    from runtime.nccl_communicator import NcclCommunicator
+
+    cupy.cuda.Device(control.rank).use()
+    comm = NcclCommunicator(control)
+    n, r = comm.size, comm.rank
+    x = cupy.arange(6, dtype=cupy.float32) + r
+    out = {"sum": comm.all_reduce(x.copy()), "avg": comm.all_reduce(x.copy(), op="avg"),
+           "max": comm.all_reduce(x.copy(), op="max", async_op=True).wait(),
+           "half": comm.all_reduce(cupy.ones(5, cupy.float16)),
+           "reduce_scatter": comm.reduce_scatter(cupy.arange(4 * n, dtype=cupy.float64).reshape(2 * n, 2)),
+           "all_gather": comm.all_gather(cupy.full((1, 3), r, cupy.int64)),
+           "broadcast": comm.broadcast(cupy.full(4, r, cupy.float32), src=n - 1)}
+    comm.barrier()
+    if n > 1:
+        if r == 0:
+            comm.send(cupy.arange(6, dtype=cupy.float16).reshape(2, 3), 1, tag=3)
+        elif r == 1:
+            out["recv"] = comm.recv(0, tag=3)
+    assert all(isinstance(v, cupy.ndarray) for v in out.values())
+    comm.destroy()
+    return {k: cupy.asnumpy(v) for k, v in out.items()}
+
+
+def _check_nccl_results(results):
+    n = len(results)
+    base = np.arange(6, dtype=np.float32)
+    total = sum(base + r for r in range(n))
+    full = np.arange(4 * n, dtype=np.float64).reshape(2 * n, 2) * n
+    for r, out in enumerate(results):
+        np.testing.assert_array_equal(out["sum"], total)
+        np.testing.assert_allclose(out["avg"], total / n, rtol=1e-6)
+        np.testing.assert_array_equal(out["max"], base + n - 1)
+        np.testing.assert_array_equal(out["half"], np.full(5, n, np.float16))
+        np.testing.assert_array_equal(out["reduce_scatter"], full[2 * r:2 * r + 2])
+        np.testing.assert_array_equal(out["all_gather"], np.repeat(np.arange(n), 3).reshape(n, 3))
+        np.testing.assert_array_equal(out["broadcast"], np.full(4, n - 1, np.float32))
+    if n > 1:
+        np.testing.assert_array_equal(results[1]["recv"], np.arange(6).reshape(2, 3))
+
+
+def _nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return False
+    return bool(getattr(nccl, "available", False))
+
+
+needs_nccl = pytest.mark.skipif(HAVE_GPU and not _nccl_available(),
+                                reason="CuPy has no NCCL here (cupy.cuda.nccl.available is False)")
+
+
+@needs_nccl
+@pytest.mark.timeout(120)
+def test_nccl_communicator_with_one_rank_runs_every_collective_on_the_device(local_cluster):
+    _check_nccl_results(local_cluster(1).run(nccl_collectives))
+
+
+@needs_nccl
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(HAVE_GPU and cupy.cuda.runtime.getDeviceCount() < 2,
+                    reason="multi-rank NCCL needs a GPU per rank: NCCL refuses two ranks of one communicator on "
+                           "one device, so with one GPU it stays untested")
+def test_nccl_communicator_with_two_ranks_on_two_gpus(local_cluster):
+    _check_nccl_results(local_cluster(2).run(nccl_collectives))
+
+
+# ---- the step benchmark, on the GPU with a small shape (the 124M run is tools/gpu_check.sh's) -----------
+def test_bench_gpu_step_runs_on_the_gpu_with_a_small_shape():
+    from tools.bench_gpu_step import run
+
+    result = run(device="gpu", steps=2, warmup=1, compare=False, n_layer=2, n_head=2, n_embd=64, block_size=64,
+                 vocab_size=100, batch_size=2)
+    assert [row["dtype"] for row in result["rows"] if row["implementation"] == "ringpipe"] == ["float32",
+                                                                                              "fp16-mixed"]
+    assert all(row["tokens_per_s"] > 0 for row in result["rows"] if "skipped" not in row)
+
+
+# ---- the runtime's own collectives on CuPy arrays (staged through host memory), 2-4 ranks on one GPU --------
+def runtime_ops_on_cupy(comm):
+    n, r = comm.size, comm.rank
+    x = cupy.arange(6, dtype=cupy.float32) + r
+    out = {"sum": comm.all_reduce(x.copy()), "avg": comm.all_reduce(x.copy(), op="avg"),
+           "max": comm.all_reduce(x.copy(), op="max", async_op=True).wait(),
+           "half": comm.all_reduce(cupy.ones(5, cupy.float16)),
+           "reduce_scatter": comm.reduce_scatter(cupy.arange(4 * n, dtype=cupy.float64).reshape(2 * n, 2)),
+           "all_gather": comm.all_gather(cupy.full((1, 3), r, cupy.int64)),
+           "broadcast": comm.broadcast(cupy.full(4, r, cupy.float32), src=n - 1)}
+    comm.barrier()
+    if r == 0:
+        comm.send(cupy.arange(6, dtype=cupy.float16).reshape(2, 3), 1, tag=3)
+    elif r == 1:
+        into = cupy.zeros((2, 3), cupy.float16)
+        comm.recv(0, tag=3, out=into)
+        out["recv"] = into
+    kinds = {k: type(v).__module__.split(".")[0] for k, v in out.items()}
+    return kinds, {k: cupy.asnumpy(v) for k, v in out.items()}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_runtime_collectives_on_cupy_arrays_give_every_op_its_result_and_stay_on_the_device(local_cluster,
+                                                                                            world_size):
+    results = local_cluster(world_size).run(runtime_ops_on_cupy)
+    assert all(set(kinds.values()) == {"cupy"} for kinds, _ in results)
+    _check_nccl_results([out for _, out in results])

@@ -295,3 +295,16 @@ def stuck(control):
 @pytest.mark.timeout(60)
 def test_a_wait_past_its_timeout_aborts_nccl_and_names_the_operation(local_cluster):
     assert local_cluster(1).run(stuck) == [True]
+
+
+def without_nccl_library(control):
+    fake = FakeNccl(control, unique_id_for(7))
+    fake.available = False
+    with pytest.raises(RuntimeError, match=r"rank 0\): CuPy found no NCCL library"):
+        NcclCommunicator(control, nccl=fake, arrays=HostArrays())
+    return fake.calls
+
+
+@pytest.mark.timeout(60)
+def test_a_cupy_without_nccl_is_a_one_line_error_before_anything_starts(local_cluster):
+    assert local_cluster(1).run(without_nccl_library) == [[]]
