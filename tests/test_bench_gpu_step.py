@@ -10,7 +10,7 @@ from model.gpt import GPTConfig, param_shapes
 from tools.bench_gpu_step import GPT2_124M, flops_per_token, peak_tflops
 
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
-        "--vocab-size", "50", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
+        "--vocab-size", "50", "--batch-size", "2", "--steps", "1", "--warmup", "1"]
 
 
 def test_flops_per_token_of_gpt2_124m_count_6n_plus_attention():

@@ -212,3 +212,61 @@ def test_an_overflow_makes_every_parallel_rank_skip_the_step_together(local_clus
             assert np.array_equal(old[name], new[name]), name
     per_rank = trainers.train_step(1).result()
     assert {m["loss_scale"] for m in per_rank} == {2.0 ** 39}
+
+
+@pytest.mark.timeout(180)
+def test_a_distributed_mixed_run_checkpoints_float32_weights_and_the_scaler_and_resumes(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["train", "--data", corpus, "--dtype", "fp16-mixed", "--n-layer", "2", "--n-embd", "16", "--n-head", "2",
+              "--block-size", "16", "--batch-size", "4", "--eval-iters", "1", "--nproc", "2", "--dp", "2",
+              "--loss-scale-growth-interval", "2", "--out", out]
+    result = CliRunner().invoke(main, [*common, "--steps", "3", "--sample", "5"])
+    assert result.exit_code == 0, result.output
+    checkpoint = os.path.join(out, "checkpoint")
+    assert {str(w.dtype) for w in load_file(os.path.join(checkpoint, "model.safetensors")).values()} == {"float32"}
+    optimizer = load_file(os.path.join(checkpoint, "optimizer.safetensors"))
+    assert float(optimizer["loss_scale"]) == 2.0 ** 17  # doubled after two good steps
+    assert int(optimizer["loss_scale_good_steps"]) == 1
+    result = CliRunner().invoke(main, [*common, "--steps", "4", "--resume"])
+    assert result.exit_code == 0, result.output
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    assert [m["loss_scale"] for m in metrics] == [2.0 ** 16, 2.0 ** 16, 2.0 ** 17, 2.0 ** 17]
+
+
+# ---- the float16 ops: statistics in float32 --------------------------------------------------------------
+def test_float16_layernorm_attention_and_cross_entropy_are_float32_results_rounded_once():
+    from model import ops
+
+    rng = np.random.default_rng(0)
+    x = (1000 + rng.normal(size=(2, 8, 16))).astype(np.float16)  # float16 alone loses the variance here
+    w, b = rng.normal(size=16).astype(np.float16), rng.normal(size=16).astype(np.float16)
+    out, _ = ops.layernorm_forward(x, w, b)
+    expected, _ = ops.layernorm_forward(x.astype(np.float32), w.astype(np.float32), b.astype(np.float32))
+    assert out.dtype == np.float16 and np.array_equal(out, expected.astype(np.float16))
+
+    qkv = rng.normal(size=(2, 8, 48)).astype(np.float16)
+    y, _ = ops.attention_forward(qkv, 2)
+    assert y.dtype == np.float16
+    assert np.array_equal(y, ops.attention_forward(qkv.astype(np.float32), 2)[0].astype(np.float16))
+
+    logits = (rng.normal(size=(2, 8, 50)) * 8).astype(np.float16)
+    targets = rng.integers(0, 50, (2, 8))
+    loss, cache = ops.cross_entropy_forward(logits, targets)
+    assert loss == ops.cross_entropy_forward(logits.astype(np.float32), targets)[0]
+    assert ops.cross_entropy_backward(cache).dtype == np.float32  # callers round dlogits once
+
+
+def test_float16_model_gradients_match_float64_to_float16_precision():
+    from model.gpt import GPT, GPTConfig
+
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dtype="float64")
+    idx = np.random.default_rng(1).integers(0, 50, (4, 16))
+    loss64, grads64 = GPT(config, seed=0).loss_and_grads(idx, idx)
+    scale = 2.0 ** 10  # as the loss scale does: keeps small gradients clear of float16's subnormals
+    loss16, grads16 = GPT(dataclasses.replace(config, dtype="float16"), seed=0).loss_and_grads(idx, idx, dloss=scale)
+    assert abs(loss16 - loss64) < 2e-3
+    for name, g in grads64.items():
+        got = grads16[name].astype(np.float64) / scale
+        assert grads16[name].dtype == np.float16
+        assert np.linalg.norm(got - g) <= 2e-2 * np.linalg.norm(g) + 1e-6, name
