@@ -51,8 +51,8 @@ def weights_dtype(dtype: str) -> str:
 def check_supported(dtype: str) -> None:
     """ValueError (one line) for a mixed dtype the array modules cannot run."""
     if dtype == "bf16-mixed":
-        raise ValueError("--dtype bf16-mixed: NumPy has no bfloat16 array type (and the CuPy path is "
-                         "untested with one); use fp16-mixed")
+        raise ValueError("--dtype bf16-mixed: NumPy has no bfloat16 array type, and no CuPy bfloat16 "
+                         "path is tested; use fp16-mixed")
 
 
 class LossScaler:

@@ -38,8 +38,9 @@ def is_low_precision(x) -> bool:
 def matmul(a, b):
     """a @ b, accumulated in float32 for float16 inputs (the result rounded once to float16).
 
-    GPU matmul units accumulate float16 products in float32 (cuBLAS's default for CuPy); NumPy's
-    own float16 loop does too but has no BLAS (~20x slower), so on NumPy the operands are widened.
+    GPU tensor cores accumulate float16 products in float32; NumPy's own float16 loop does too but
+    has no BLAS (~20x slower), so on NumPy the operands are widened. CuPy arrays go to cuBLAS as
+    they are.
     """
     if a.dtype in LOW_PRECISION and type(a) is np.ndarray:
         return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
