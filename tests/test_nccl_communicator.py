@@ -15,8 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.engine import CommTimeout
-from runtime.nccl_communicator import (DATATYPES, REDUCTIONS, UNIQUE_ID_BYTES, NcclCommunicator, datatype,
-                                       exchange_unique_id, reduction)
+from runtime.nccl_communicator import DATATYPES, REDUCTIONS, UNIQUE_ID_BYTES, NcclCommunicator, datatype, reduction
 
 AVG = 4
 DATA_TAG = 1 << 30  # the stand-in's own messages; NCCL's would not travel over the control plane

@@ -18,7 +18,6 @@ tokens/s, over the dtype's dense peak for the GPU (`PEAK_TFLOPS`, or --peak-tflo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import statistics
 import time
@@ -63,9 +62,8 @@ def _median_step_seconds(step, steps: int, warmup: int, synchronize) -> tuple[fl
 
 
 def ringpipe_run(shape: dict, dtype: str, device: str, steps: int, warmup: int) -> dict:
-    from model.gpt import GPT
+    from model.gpt import GPT, init_params
     from model.train import Trainer, TrainConfig, _master_weights, _optimizer
-    from model.gpt import init_params
 
     config = TrainConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
                          block_size=shape["block_size"], batch_size=shape["batch_size"], steps=steps + warmup,
