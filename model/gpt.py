@@ -26,6 +26,11 @@ from model.optim import FlatArrays, flat_order
 from runtime.backend import DEVICES, array_module, to_host
 
 DTYPES = ("float32", "float64")
+# The GPTConfig fields that decide what function the weights compute; the others (dropout, dtype,
+# device, recompute) say how a run computes it.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_inner",
+                       "layer_norm_epsilon", "scale_attn_weights",
+                       "scale_attn_by_inverse_layer_idx")
 
 
 @dataclass

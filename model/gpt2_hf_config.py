@@ -1,7 +1,8 @@
 """Reading transformers' GPT-2 `config.json` into a GPTConfig: every key it may hold, classified.
 
 A key of transformers' GPT2Config (and of its PretrainedConfig base) is one of
-    MODEL_KEYS      mapped onto a GPTConfig field, so the model computes what GPT2LMHeadModel does;
+    MODEL_KEYS      mapped onto a GPTConfig field, so the model computes what GPT2LMHeadModel does
+                    (ALIASES: the other names GPT2Config accepts for some of them);
     REFUSED_KEYS    supported only at the value given here; any other value is refused by name,
                     since loading it would compute something else without a word;
     NO_EFFECT_KEYS  no part of GPT2LMHeadModel's logits or gradients (run-time switches, token ids,
@@ -22,6 +23,10 @@ MODEL_KEYS = {
     "resid_pdrop": "dropout", "embd_pdrop": "dropout", "attn_pdrop": "dropout",
 }
 
+# GPT2Config's other names for keys above (its attribute_map); a file may use either.
+ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+           "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
 # Activations that are GPT-2's tanh-approximated GELU, the one model/ops.py implements.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
 
@@ -31,6 +36,8 @@ REFUSED_KEYS = {
     "tie_word_embeddings": ((True,), "ringpipe's LM head is tied to wte"),
     "add_cross_attention": ((False,), "ringpipe's GPT-2 has no cross-attention"),
     "model_type": (("gpt2",), "ringpipe reads GPT-2 checkpoints only"),
+    # Written by transformers 4.x (no longer a GPT2Config attribute in 5.x).
+    "pruned_heads": (({}, None), "ringpipe's blocks keep every attention head"),
 }
 
 NO_EFFECT_KEYS = frozenset({
@@ -58,6 +65,9 @@ NO_EFFECT_KEYS = frozenset({
 def refuse_unsupported(hf: dict, path: str) -> None:
     """ValueError naming `path` and the key if config.json asks for what ringpipe does not compute;
     called before the weights are read, so the config's reason is the one reported."""
+    for alias, key in ALIASES.items():
+        if alias in hf and key in hf and hf[alias] != hf[key]:
+            raise ValueError(f"{path}: {alias}={hf[alias]!r} contradicts {key}={hf[key]!r}")
     for key, (accepted, why) in REFUSED_KEYS.items():
         if key in hf and hf[key] not in accepted:
             raise ValueError(f"{path}: {key}={hf[key]!r} is not supported ({why}; "
@@ -77,6 +87,7 @@ def gpt_config_from_hf(hf: dict, path: str, **ringpipe_fields):
     from model.gpt import GPTConfig
 
     refuse_unsupported(hf, path)
+    hf = {**{key: hf[alias] for alias, key in ALIASES.items() if alias in hf}, **hf}
     rates = {key: hf[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop") if key in hf}
     fields = {}
     for key, field in MODEL_KEYS.items():

@@ -230,6 +230,19 @@ def test_resume_rejects_changed_model_shape(trained):
                           "--n-layer")
 
 
+def test_resume_rejects_a_checkpoint_whose_model_options_differ_from_the_run(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    Trainer.create(tiny_config(corpus), run_dir).save_checkpoint()
+    config_path = os.path.join(find_checkpoint(run_dir), "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["layer_norm_epsilon"] = 1e-3  # a model the run's flags do not describe
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="layer_norm_epsilon 0.001"):
+        Trainer.resume(saved_config(run_dir), run_dir)
+
+
 def test_resume_rejects_another_sampler(trained):
     # The batches of the remaining steps would differ from the uninterrupted run's.
     assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--sampler", "random"),

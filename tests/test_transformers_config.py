@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from model.gpt import GPT, GPTConfig
-from model.gpt2_hf_config import MODEL_KEYS, NO_EFFECT_KEYS, REFUSED_KEYS
+from model.gpt2_hf_config import ALIASES, MODEL_KEYS, NO_EFFECT_KEYS, REFUSED_KEYS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -66,6 +66,33 @@ def test_ringpipe_classifies_every_attribute_the_test_knows():
     assert set(ATTRIBUTES) <= ringpipe, sorted(set(ATTRIBUTES) - ringpipe)
     refused_here = {name for name, (kind, _) in ATTRIBUTES.items() if kind == "refused"}
     assert not refused_here & NO_EFFECT_KEYS
+
+
+def test_every_other_name_of_an_attribute_is_understood():
+    assert transformers.GPT2Config.attribute_map == ALIASES
+
+
+def test_a_config_that_uses_the_other_names_loads_the_same(tmp_path):
+    expected = save_transformers_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for alias, key in ALIASES.items():
+        config[alias] = config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    np.testing.assert_allclose(GPT.from_pretrained(tmp_path).forward(IDX), expected,
+                               rtol=1e-10, atol=1e-10)
+    config["n_embd"] = config["hidden_size"] * 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="hidden_size=16 contradicts n_embd=32"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_pruned_heads_of_older_transformers_files_are_refused(tmp_path):
+    save_transformers_model(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["pruned_heads"] = {"0": [1]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="pruned_heads"):
+        GPT.from_pretrained(tmp_path)
 
 
 def save_transformers_model(directory, precision=torch.float64, **attributes):
