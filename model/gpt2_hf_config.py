@@ -28,7 +28,7 @@ ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
            "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
 # Activations that are GPT-2's tanh-approximated GELU, the one model/ops.py implements.
-TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh")
 
 # Keys that change the math in ways ringpipe does not implement -> (the values it accepts, why).
 REFUSED_KEYS = {
