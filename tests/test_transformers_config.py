@@ -1,5 +1,6 @@
 """Every option of transformers' GPT2Config either gives GPT2LMHeadModel's logits in ringpipe or is
-refused by name when a checkpoint is loaded; none is silently ignored. All in float64."""
+refused by name when a checkpoint is loaded; none is silently ignored. Compared in float64 (float32
+only for reorder_and_upcast_attn, which transformers computes in float32 alone)."""
 import dataclasses
 import json
 
