@@ -14,7 +14,7 @@ import click
 
 from cluster.cli import main
 from model.gpt import GPT
-from model.tokenizer import load_tokenizer
+from model.tokenizer import TOKENIZER_FILES, load_tokenizer
 from model.train import CHECKPOINT_DIR, Trainer, TrainConfig, find_checkpoint, saved_config
 from model.parallel.trainer import Layout
 from runtime import RemoteError, WorkerDied
@@ -216,7 +216,7 @@ def _remove_run(out: str) -> None:
     for pattern in ("checkpoint", "checkpoint.old", "checkpoint.tmp-*", "model.tmp-*"):
         for path in glob.glob(os.path.join(out, pattern)):
             shutil.rmtree(path, ignore_errors=True)
-    for pattern in ("metrics.jsonl", "tokens.bin", "model.safetensors", "config.json", "tokenizer.json",
+    for pattern in ("metrics.jsonl", "tokens.bin", "model.safetensors", "config.json", *TOKENIZER_FILES,
                     "trace-rank*.json", "clocks.json", "schedule.json", "trace.html"):
         for path in glob.glob(os.path.join(out, pattern)):
             os.remove(path)

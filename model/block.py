@@ -88,7 +88,8 @@ class TransformerBlocks:
         qkv, ln_1, c_attn = self._entry_forward(i, x, "ln_1", "attn.c_attn")
         rng = self._attention_dropout_rng(dropout_seed, i, qkv.shape[0], qkv.shape[1])
         y, attn = ops.attention_forward(qkv, self.local_heads,
-                                        self.config.dropout if rng else 0.0, rng)
+                                        self.config.dropout if rng else 0.0, rng,
+                                        self.config.attention_scale(i))
         out, c_proj, keep_mask = self._exit_forward(i, x, y, "attn.c_proj", dropout_seed,
                                                     ATTN_RESIDUAL)
         return out, {"ln_1": ln_1, "attn.c_attn": c_attn, "attn": attn, "attn.c_proj": c_proj,
@@ -110,7 +111,8 @@ class TransformerBlocks:
 
     def _attention_half_backward_input(self, i, cache, dout, deferred):
         dy = self._exit_backward_input(i, cache, dout, "attn.c_proj", "attn.dropout", deferred)
-        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads)
+        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads,
+                                      self.config.attention_scale(i))
         return self._entry_backward_input(i, cache, dqkv, dout, "ln_1", "attn.c_attn", deferred)
 
     # ---- a sublayer's entry and exit, the op pairs around its local op ---------------------
@@ -122,7 +124,8 @@ class TransformerBlocks:
         (as Megatron-LM does), so no activation is kept whole along both sequence and hidden axes.
         The other regions' forward is the identity, so there the cache is the linear's input."""
         p, norm, column = self.params, f"h.{i}.{norm}", f"h.{i}.{column}"
-        a, norm_cache = ops.layernorm_forward(x, p[norm + ".weight"], p[norm + ".bias"])
+        a, norm_cache = ops.layernorm_forward(x, p[norm + ".weight"], p[norm + ".bias"],
+                                              self.config.layer_norm_epsilon)
         out, _ = ops.linear_forward(self.input_region.forward(a, self.tp), p[column + ".weight"],
                                     p[column + ".bias"])
         return out, norm_cache, a

@@ -32,15 +32,15 @@ def hf_config(config) -> dict:
         "n_embd": config.n_embd,
         "n_layer": config.n_layer,
         "n_head": config.n_head,
-        "n_inner": None,
+        "n_inner": config.n_inner,
         "activation_function": "gelu_new",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
-        "layer_norm_epsilon": 1e-5,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
         "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
+        "scale_attn_weights": config.scale_attn_weights,
+        "scale_attn_by_inverse_layer_idx": config.scale_attn_by_inverse_layer_idx,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
         "bos_token_id": None,
@@ -122,7 +122,8 @@ def _ringpipe_names(tensors: dict, path) -> dict:
 
 def load_checkpoint(directory, dtype=None, device=None):
     """-> (GPTConfig, params as host arrays). dtype defaults to the stored dtype."""
-    from model.gpt import DTYPES, GPTConfig, param_shapes
+    from model.gpt import DTYPES, param_shapes
+    from model.gpt2_hf_config import gpt_config_from_hf, refuse_unsupported
 
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -130,26 +131,14 @@ def load_checkpoint(directory, dtype=None, device=None):
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     hf = _read_config(config_path)
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{config_path}: activation_function "
-                         f"{hf['activation_function']!r} is not GPT-2's tanh GELU")
-    if hf.get("layer_norm_epsilon", 1e-5) != 1e-5:
-        raise ValueError(f"{config_path}: layer_norm_epsilon {hf['layer_norm_epsilon']} != 1e-5")
-    if hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)):
-        raise ValueError(f"{config_path}: n_inner {hf['n_inner']} != 4 * n_embd")
+    refuse_unsupported(hf, config_path)
     params = _ringpipe_names(_read_weights(weights_path), weights_path)
     stored = str(params["wte.weight"].dtype) if "wte.weight" in params else "float32"
     ours = hf.get("ringpipe", {})
-    try:
-        config = GPTConfig(
-            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-            block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-            dropout=float(ours.get("dropout", hf.get("resid_pdrop", 0.0))),
-            dtype=dtype or (stored if stored in DTYPES else "float32"),
-            device=device or "cpu",
-            recompute=bool(ours.get("recompute", False)))
-    except KeyError as exc:
-        raise ValueError(f"{config_path}: missing key {exc.args[0]!r}") from None
+    config = gpt_config_from_hf(hf, config_path,
+                                dtype=dtype or (stored if stored in DTYPES else "float32"),
+                                device=device or "cpu",
+                                recompute=bool(ours.get("recompute", False)))
     expected = param_shapes(config)
     missing = sorted(set(expected) - set(params))
     unknown = sorted(set(params) - set(expected))

@@ -44,13 +44,14 @@ def _forward_with_kv(gpt, idx, kv):
     bias = xp.triu(xp.full((T, start + T), -xp.inf, dtype=gpt.dtype), k=start + 1)
     for i, (keys, values) in enumerate(kv["layers"]):
         h = f"h.{i}."
-        a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"])
+        a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"],
+                                     gpt.config.layer_norm_epsilon)
         qkv, _ = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
         q, k, v = ops.split_heads(qkv, H)
         keys[:, :, start:start + T] = k
         values[:, :, start:start + T] = v
         scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)
-        scores *= 1.0 / math.sqrt(q.shape[-1])
+        scores *= gpt.config.attention_scale(i)
         scores += bias
         y = ops.softmax_forward(scores) @ values[:, :, :start + T]
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)

@@ -27,6 +27,11 @@ from model.optim import FlatArrays, flat_order
 from runtime.backend import DEVICES, array_module, to_host
 
 DTYPES = ("float32", "float64", "float16")  # float16: the model of a mixed-precision run
+# The GPTConfig fields that decide what function the weights compute; the others (dropout, dtype,
+# device, recompute) say how a run computes it.
+ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_inner",
+                       "layer_norm_epsilon", "scale_attn_weights",
+                       "scale_attn_by_inverse_layer_idx")
 
 
 @dataclass
@@ -40,6 +45,11 @@ class GPTConfig:
     dtype: str = "float32"
     device: str = "cpu"
     recompute: bool = False  # blocks cache only their input and recompute the rest in backward
+    # GPT-2 variants transformers' GPT2Config can describe (model/gpt2_hf_config.py maps them):
+    n_inner: int | None = None  # MLP width; None is GPT-2's 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_weights: bool = True  # attention scores divided by sqrt(head size)
+    scale_attn_by_inverse_layer_idx: bool = False  # ... and by (layer index + 1)
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -55,8 +65,27 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"GPTConfig.device must be one of {DEVICES}, got {self.device!r}")
-        if not isinstance(self.recompute, bool):
-            raise ValueError(f"GPTConfig.recompute must be a bool, got {self.recompute!r}")
+        for name in ("recompute", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.n_inner is not None and (isinstance(self.n_inner, bool)
+                                         or not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"GPTConfig.n_inner must be a positive int or None, got "
+                             f"{self.n_inner!r}")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a positive finite number, "
+                             f"got {eps!r}")
+
+    @property
+    def mlp_width(self) -> int:
+        """Columns of mlp.c_fc: n_inner, or 4 * n_embd when that is None."""
+        return 4 * self.n_embd if self.n_inner is None else self.n_inner
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor on q.k scores in block `layer` (0-based), as GPT2Attention computes it."""
+        scale = 1.0 / math.sqrt(self.n_embd // self.n_head) if self.scale_attn_weights else 1.0
+        return scale / (layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +93,7 @@ class GPTConfig:
 
 def param_shapes(config: GPTConfig) -> dict:
     """GPT-2 public parameter names -> shapes, in a fixed order (the order init draws them)."""
-    C, V = config.n_embd, config.vocab_size
+    C, V, F = config.n_embd, config.vocab_size, config.mlp_width
     shapes = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C)}
     for i in range(config.n_layer):
         h = f"h.{i}."
@@ -73,8 +102,8 @@ def param_shapes(config: GPTConfig) -> dict:
             h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
             h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
             h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, 4 * C), h + "mlp.c_fc.bias": (4 * C,),
-            h + "mlp.c_proj.weight": (4 * C, C), h + "mlp.c_proj.bias": (C,),
+            h + "mlp.c_fc.weight": (C, F), h + "mlp.c_fc.bias": (F,),
+            h + "mlp.c_proj.weight": (F, C), h + "mlp.c_proj.bias": (C,),
         })
     shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
     return shapes
@@ -191,7 +220,8 @@ class GPT(TransformerBlocks):
     def head_forward(self, x, targets, ignore_index=-1):
         """x (B, T, C), targets int (B, T) -> (mean cross-entropy loss as float, cache)."""
         p = self.params
-        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"],
+                                        self.config.layer_norm_epsilon)
         logits, lm_head = ops.linear_forward(a, p["wte.weight"].T)  # tied to wte
         loss, ce = ops.cross_entropy_forward(logits, targets, ignore_index, overwrite_logits=True)
         return loss, self.memory.hold({"ln_f": ln_f, "lm_head": lm_head, "cross_entropy": ce})
@@ -212,7 +242,8 @@ class GPT(TransformerBlocks):
 
     def head_logits(self, x):
         """x (B, T, C) -> logits (B, T, V)."""
-        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"])
+        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"],
+                                     self.config.layer_norm_epsilon)
         return ops.linear_forward(a, self.params["wte.weight"].T)[0]
 
     # ------------------------------------------------------------------ whole model

@@ -209,9 +209,10 @@ def _query_blocks(T):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
+def attention_forward(qkv, n_head, dropout_p=0.0, rng=None, scale=None):
     """Causal multi-head self-attention. qkv (B, T, 3C) -> y (B, T, C).
 
+    Scores q.k are multiplied by `scale` (None: 1/sqrt(head size), GPT-2's default).
     cache: (qkv, query blocks [(start, end), ...] (see _query_blocks), per block the softmax
     output (B, H, end - start, end), per block its dropout keep-mask (None without dropout)).
     Without dropout the C kernel does all of it as one block, its softmax output kept as packed
@@ -219,11 +220,12 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     float16 qkv: scores, softmax and the weighted sum in float32 (cache too), y rounded to float16.
     """
     if is_low_precision(qkv):
-        y, cache = attention_forward(qkv.astype(np.float32), n_head, dropout_p, rng)
+        y, cache = attention_forward(qkv.astype(np.float32), n_head, dropout_p, rng, scale)
         return y.astype(qkv.dtype), cache
     xp = module_of(qkv)
     B, T, C3 = qkv.shape
-    scale = 1.0 / math.sqrt(C3 // (3 * n_head))
+    if scale is None:
+        scale = 1.0 / math.sqrt(C3 // (3 * n_head))
     if dropout_p == 0.0 and kernels.attention_fits(C3 // (3 * n_head)) and kernels.usable(qkv):
         y, probs = kernels.attention_forward(qkv, n_head, scale)
         return y, (qkv, [(0, T)], [probs], [None])
@@ -248,14 +250,16 @@ def attention_forward(qkv, n_head, dropout_p=0.0, rng=None):
     return y.reshape(B, T, C3 // 3), (qkv, blocks, probs, keep_masks)
 
 
-def attention_backward(dy, cache, n_head):
-    """dy (B, T, C) -> dqkv (B, T, 3C); float16 dy: in float32 (as the forward), dqkv float16."""
+def attention_backward(dy, cache, n_head, scale=None):
+    """dy (B, T, C) -> dqkv (B, T, 3C); `scale` as given to attention_forward.
+    float16 dy: in float32 (as the forward), dqkv float16."""
     if is_low_precision(dy):
-        return attention_backward(dy.astype(np.float32), cache, n_head).astype(dy.dtype)
+        return attention_backward(dy.astype(np.float32), cache, n_head, scale).astype(dy.dtype)
     xp = module_of(dy)
     qkv, blocks, probs, keep_masks = cache
     B, T, C = dy.shape
-    scale = 1.0 / math.sqrt(C // n_head)
+    if scale is None:
+        scale = 1.0 / math.sqrt(C // n_head)
     if probs[0].ndim == 3:  # packed by the C forward
         if kernels.usable(dy, qkv, probs[0]):
             return kernels.attention_backward(dy, qkv, probs[0], scale)

@@ -1,6 +1,16 @@
-"""Tokenizers: characters of a corpus, or raw UTF-8 bytes; saved as one small `tokenizer.json`.
+"""Tokenizers: characters of a corpus, or raw UTF-8 bytes; saved as Hugging Face tokenizer files.
 
-The JSON format is ours: {"type": "char", "chars": "..."} or {"type": "byte"}.
+`save(dir)` writes `tokenizer.json` built with the `tokenizers` library, plus the
+`tokenizer_config.json` and `special_tokens_map.json` transformers reads, so that
+`AutoTokenizer.from_pretrained(run_dir)` gives ringpipe's ids:
+    char  a WordLevel model whose words are single characters (a pre-tokenizer isolates every code
+          point), ids in sorted character order. No unknown token: a character outside the
+          vocabulary is an error in ringpipe and in `tokenizers` alike, never a silent id.
+    byte  GPT-2's byte-level alphabet (each byte shown as one printable character) under a BPE
+          model with the 256 bytes and no merges, so the id of a byte is its value.
+ringpipe encodes with its own vectorised code and reads the files back without `tokenizers`.
+Run directories of earlier versions hold ringpipe's own `tokenizer.json`, {"type": "char",
+"chars": "..."} or {"type": "byte"}; they still load.
 """
 from __future__ import annotations
 
@@ -10,18 +20,45 @@ import os
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
+
+# What transformers needs beside tokenizer.json: the class to build (not GPT2TokenizerFast, which
+# config.json's model_type would pick), and no clean-up of spaces around punctuation in decode.
+TRANSFORMERS_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast",
+                       "clean_up_tokenization_spaces": False}
 
 
 class Tokenizer:
-    """What every tokenizer shares: `save(dir)` writes its `to_json()` as `dir/tokenizer.json`."""
+    """What every tokenizer shares: `save(dir)` writes its Hugging Face tokenizer files."""
 
-    def to_json(self) -> dict:
+    type = ""
+
+    def hf_tokenizer(self):
+        """This tokenizer as a `tokenizers.Tokenizer` (same ids, same decoding)."""
         raise NotImplementedError
+
+    def files(self) -> dict:
+        """File name -> text of each file `save` writes."""
+        return {TOKENIZER_FILE: self.hf_tokenizer().to_str(pretty=True),
+                TOKENIZER_CONFIG_FILE: json.dumps(TRANSFORMERS_CONFIG, indent=2),
+                SPECIAL_TOKENS_FILE: "{}"}
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, TOKENIZER_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.to_json(), f, ensure_ascii=False)
+        for name, text in self.files().items():
+            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+                f.write(text)
+
+
+def gpt2_byte_alphabet() -> list:
+    """GPT-2's printable stand-in for each byte value: printable Latin-1 bytes stand for
+    themselves, the other 68 take the code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
 
 
 class CharTokenizer(Tokenizer):
@@ -63,8 +100,16 @@ class CharTokenizer(Tokenizer):
             raise ValueError(f"token id out of range [0, {self.vocab_size}) for char tokenizer")
         return "".join(self.chars[i] for i in ids.tolist())
 
-    def to_json(self) -> dict:
-        return {"type": self.type, "chars": self.chars}
+    def hf_tokenizer(self):
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        # No unk_token in the vocabulary: tokenizers then refuses unknown characters, as encode does.
+        tokenizer = HFTokenizer(models.WordLevel({c: i for i, c in enumerate(self.chars)},
+                                                 unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tokenizer.decoder = decoders.Fuse()
+        return tokenizer
 
 
 class ByteTokenizer(Tokenizer):
@@ -83,8 +128,15 @@ class ByteTokenizer(Tokenizer):
             raise ValueError("token id out of range [0, 256) for byte tokenizer")
         return bytes(ids.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
 
-    def to_json(self) -> dict:
-        return {"type": self.type}
+    def hf_tokenizer(self):
+        from tokenizers import decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {char: byte for byte, char in enumerate(gpt2_byte_alphabet())}
+        tokenizer = HFTokenizer(models.BPE(vocab, []))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
 
 
 def make_tokenizer(kind: str, text: str):
@@ -97,12 +149,36 @@ def make_tokenizer(kind: str, text: str):
 
 
 def tokenizer_from_json(spec: dict):
+    """A tokenizer from a parsed tokenizer.json: the Hugging Face files `save` writes, or ringpipe's
+    earlier own format. ValueError for anything else."""
+    if isinstance(spec, dict) and isinstance(spec.get("model"), dict):
+        return _from_hf_json(spec)
     kind = spec.get("type") if isinstance(spec, dict) else None
     if kind == "char" and isinstance(spec.get("chars"), str):
         return CharTokenizer(spec["chars"])
     if kind == "byte":
         return ByteTokenizer()
     raise ValueError(f"unrecognised tokenizer description (type {kind!r})")
+
+
+def _from_hf_json(spec: dict):
+    """The char or byte tokenizer a Hugging Face tokenizer.json describes, if it is one of them."""
+    model = spec["model"]
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or spec.get("added_tokens"):
+        raise ValueError("a Hugging Face tokenizer that is not ringpipe's char or byte tokenizer")
+    by_id = sorted(vocab, key=vocab.get)
+    if model.get("type") == "WordLevel" and by_id and all(len(c) == 1 for c in by_id):
+        tokenizer = CharTokenizer("".join(by_id))
+        if tokenizer.chars == "".join(by_id) and sorted(vocab.values()) == list(range(len(by_id))):
+            return tokenizer
+    pre_tokenizer = spec.get("pre_tokenizer") or {}
+    if (model.get("type") == "BPE" and not model.get("merges")
+            and pre_tokenizer.get("type") == "ByteLevel"
+            and vocab == {char: byte for byte, char in enumerate(gpt2_byte_alphabet())}):
+        return ByteTokenizer()
+    raise ValueError(f"a Hugging Face {model.get('type')} tokenizer that is not ringpipe's char "
+                     "(single characters in sorted order) or byte tokenizer")
 
 
 def load_tokenizer(directory: str):
@@ -114,5 +190,7 @@ def load_tokenizer(directory: str):
         return tokenizer_from_json(spec)
     except FileNotFoundError:
         raise ValueError(f"no tokenizer file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt tokenizer file {path}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"tokenizer file {path}: {exc}") from None

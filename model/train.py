@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
-from model.gpt import GPT, GPTConfig, init_params
+from model.gpt import ARCHITECTURE_FIELDS, GPT, GPTConfig, init_params
 from model.ops import cross_entropy_forward
 from model.mixed_precision import (LossScaledAdamW, LossScaler, check_supported, is_mixed,
                                    model_dtype, weights_dtype)
@@ -196,7 +196,7 @@ class Trainer:
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
         gpt_config = config.gpt_config(tokenizer.vocab_size)
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        for name in ARCHITECTURE_FIELDS:
             if getattr(saved.config, name) != getattr(gpt_config, name):
                 raise ValueError(f"checkpoint {checkpoint} has {name} "
                                  f"{getattr(saved.config, name)}, the run expects "

@@ -3,10 +3,12 @@ import os
 
 import numpy as np
 import pytest
+import tokenizers
 from click.testing import CliRunner
 
 from cluster.cli import main
 from model.gpt import GPT
+from model.tokenizer import load_tokenizer
 
 
 
@@ -27,6 +29,9 @@ def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout
     gpt = GPT.from_pretrained(out)
     assert gpt.config.n_layer == 2
     assert os.path.exists(os.path.join(out, "metrics.jsonl"))
+    text = open(corpus, encoding="utf-8").read()[:200]
+    hf_tokenizer = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    assert hf_tokenizer.encode(text).ids == load_tokenizer(out).encode(text).tolist()
 
 
 def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path):

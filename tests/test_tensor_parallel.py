@@ -72,9 +72,9 @@ PIECES = {"embedding": (True, False, range(0)), "block": (False, False, range(1,
 SEED = 1234
 
 
-def piece_config(vocab_size=65, dropout=0.0, recompute=False):
+def piece_config(vocab_size=65, dropout=0.0, recompute=False, **options):
     return GPTConfig(n_layer=2, n_head=4, n_embd=16, block_size=8, vocab_size=vocab_size, dropout=dropout,
-                     dtype="float64", recompute=recompute)
+                     dtype="float64", recompute=recompute, **options)
 
 
 def piece_data(config):
@@ -84,9 +84,9 @@ def piece_data(config):
     return idx, targets, rng.normal(size=(2, 8, 16)), rng.normal(size=(2, 8, 16))
 
 
-def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=False):
+def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=False, options=None):
     """One TensorParallelStage (a piece of the model) forward + backward on fixed data."""
-    config = piece_config(vocab_size, dropout, recompute)
+    config = piece_config(vocab_size, dropout, recompute, **(options or {}))
     idx, targets, x, dout = piece_data(config)
     first, last, layers = PIECES[piece]
     stage = TensorParallelStage(config, init_params(config, 3), layers, first, last, comm, sequence_parallel)
@@ -98,8 +98,8 @@ def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=Fal
     return out, dx, stage.grads, param_layout(stage.shard_axes, comm.rank, comm.size, config)
 
 
-def dense_piece(piece, vocab_size, dropout):
-    config = piece_config(vocab_size, dropout)
+def dense_piece(piece, vocab_size, dropout, **options):
+    config = piece_config(vocab_size, dropout, **options)
     idx, targets, x, dout = piece_data(config)
     gpt = GPT(config, params=init_params(config, 3))
     if piece == "embedding":
@@ -155,6 +155,21 @@ def test_recomputed_blocks_give_the_same_gradients(local_cluster, sequence_paral
     results = local_cluster(2).run(run_piece, "model", sequence_parallel, 65, 0.2, True)
     loss, _, expected = dense_piece("model", 65, 0.2)
     assert results[0][0] == pytest.approx(loss, rel=1e-12)
+    grads = assemble_full_params([r[2] for r in results], [r[3] for r in results])
+    for name, g in expected.items():
+        np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=name)
+
+
+# GPT-2 variants from transformers' GPT2Config (see tests/test_transformers_config.py).
+GPT2_OPTIONS = dict(n_inner=24, layer_norm_epsilon=0.3, scale_attn_weights=False,
+                    scale_attn_by_inverse_layer_idx=True)
+
+
+def test_gpt2_config_options_give_the_dense_loss_and_gradients(local_cluster):
+    results = local_cluster(2).run(run_piece, "model", True, 65, 0.2, False, GPT2_OPTIONS)
+    loss, _, expected = dense_piece("model", 65, 0.2, **GPT2_OPTIONS)
+    assert results[0][0] == pytest.approx(loss, rel=1e-12)
+    assert loss != pytest.approx(dense_piece("model", 65, 0.2)[0], rel=1e-6)  # the options matter
     grads = assemble_full_params([r[2] for r in results], [r[3] for r in results])
     for name, g in expected.items():
         np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=name)

@@ -34,7 +34,8 @@ def test_byte_tokenizer_encodes_utf8_bytes():
 def test_saved_tokenizer_loads_back_equal(tmp_path, kind):
     tokenizer = make_tokenizer(kind, TEXT)
     tokenizer.save(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["special_tokens_map.json",
+                                                           "tokenizer.json", "tokenizer_config.json"]
     loaded = load_tokenizer(str(tmp_path))
     assert type(loaded) is type(tokenizer) and loaded.vocab_size == tokenizer.vocab_size
     assert loaded.encode(TEXT).tolist() == tokenizer.encode(TEXT).tolist()

@@ -3,10 +3,12 @@ import os
 
 import numpy as np
 import pytest
+import tokenizers
 from click.testing import CliRunner
 
 from cluster.cli import main
 from model.gpt import GPT
+from model.tokenizer import load_tokenizer
 from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
 from tests.conftest import TEXT
 
@@ -110,11 +112,29 @@ def test_train_then_generate_end_to_end(corpus, tmp_path):
     assert ["val_loss" in line for line in lines] == [False, True, False, True]
     assert GPT.from_pretrained(str(out)).config.vocab_size == len(set(TEXT))
     assert (out / "tokenizer.json").exists() and (out / "checkpoint").is_dir()
+    hf_tokenizer = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert hf_tokenizer.encode(TEXT[:50]).ids == load_tokenizer(str(out)).encode(TEXT[:50]).tolist()
 
     result = run_cli("generate", "--checkpoint", out, "--prompt", "3 little", "--max-new-tokens",
                      20, "--seed", 1)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("3 little") and len(result.output) == len("3 little") + 21
+
+
+def test_a_run_directory_with_ringpipes_earlier_tokenizer_file_resumes_and_generates(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--data", corpus, *TINY_FLAGS, "--steps", 2, "--out", out).exit_code == 0
+    # Earlier versions wrote their own tokenizer.json, and no other tokenizer file.
+    old_format = json.dumps({"type": "char", "chars": "".join(sorted(set(TEXT)))})
+    for directory in (out, out / "checkpoint"):
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            (directory / name).unlink()
+        (directory / "tokenizer.json").write_text(old_format)
+    result = run_cli("generate", "--checkpoint", out, "--prompt", "3 little", "--max-new-tokens", 5)
+    assert result.exit_code == 0 and result.output.startswith("3 little"), result.output
+    result = run_cli("train", "--resume", "--data", corpus, *TINY_FLAGS, "--steps", 3, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
 def test_resume_continues_the_run_and_keeps_metrics_consistent(corpus, tmp_path):
@@ -208,6 +228,19 @@ def test_resume_rejects_data_outside_the_char_vocabulary(trained, tmp_path):
 def test_resume_rejects_changed_model_shape(trained):
     assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--n-layer", 3),
                           "--n-layer")
+
+
+def test_resume_rejects_a_checkpoint_whose_model_options_differ_from_the_run(corpus, tmp_path):
+    run_dir = str(tmp_path / "run")
+    Trainer.create(tiny_config(corpus), run_dir).save_checkpoint()
+    config_path = os.path.join(find_checkpoint(run_dir), "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["layer_norm_epsilon"] = 1e-3  # a model the run's flags do not describe
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="layer_norm_epsilon 0.001"):
+        Trainer.resume(saved_config(run_dir), run_dir)
 
 
 def test_resume_rejects_another_sampler(trained):

@@ -205,6 +205,9 @@ class TensorParallelStage(TransformerBlocks):
         size, rank = tp_comm.size, tp_comm.rank
         if config.n_head % size:
             raise ValueError(f"tensor parallel: n_head {config.n_head} is not divisible by tp {size} (rank {rank})")
+        if config.mlp_width % size:
+            raise ValueError(f"tensor parallel: the MLP width {config.mlp_width} (n_inner) is not divisible by tp "
+                             f"{size} (rank {rank})")
         if sequence_parallel and config.block_size % size:
             raise ValueError(f"sequence parallel: block_size {config.block_size} is not divisible by tp {size}")
         self.local_heads = config.n_head // size
@@ -305,7 +308,8 @@ class TensorParallelStage(TransformerBlocks):
         for i in self.layers:
             x, cache = self.block_forward(i, x, None)
             self.memory.release(cache)
-        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"])
+        a, _ = ops.layernorm_forward(x, self.params["ln_f.weight"], self.params["ln_f.bias"],
+                                     self.config.layer_norm_epsilon)
         local = ops.linear_forward(self.input_region.forward(a, self.tp), self.params["wte.weight"].T)[0]
         gathered = self.tp.all_gather(self.xp.ascontiguousarray(local.transpose(2, 0, 1)))  # vocab first
         return gathered.transpose(1, 2, 0)[..., :self.config.vocab_size]
@@ -353,7 +357,7 @@ class TensorParallelStage(TransformerBlocks):
     # ---- LM head tied to the vocab-parallel wte, vocab-parallel cross-entropy -------------------------
     def _head_forward(self, x, targets):
         p = self.params
-        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"])
+        a, ln_f = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], self.config.layer_norm_epsilon)
         a = self.input_region.forward(a, self.tp)
         logits, _ = ops.linear_forward(a, p["wte.weight"].T)  # (B, T, V/tp)
         loss, ce = vocab_parallel_cross_entropy_forward(logits, targets, self.vocab_start, self.config.vocab_size,
