@@ -11,25 +11,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
+from model.checkpoint import write_checkpoint_files
 from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
 from model.gpt import GPT, GPTConfig
 from model.ops import cross_entropy_forward
 from model.optim import AdamW, clip_grad_norm, lr_at
 from model.tokenizer import load_tokenizer, make_tokenizer
 from runtime.backend import array_module, to_host
+from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
+                           staged_directory, write_json)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TOKEN_FILE = "tokens.bin"
+ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
+
+
+class NonFiniteError(ValueError):
+    """A step's loss or gradient norm is not finite; the update was not applied."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float):
+        self.step, self.loss, self.grad_norm = step, loss, grad_norm
+        super().__init__(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
+                         "stopped before applying it (lower --lr, or pass --on-nonfinite skip to "
+                         "skip such steps)")
 
 
 @dataclasses.dataclass
@@ -62,6 +74,7 @@ class TrainConfig:
     eval_iters: int = 50  # val batches per evaluation; 20 left a noise of ~0.01 in the loss
     checkpoint_every: int = 500
     device: str = "cpu"
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the step
 
     def validate(self) -> None:
         """ValueError naming the first setting that cannot work."""
@@ -76,6 +89,13 @@ class TrainConfig:
             raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
+                             f"got {self.on_nonfinite!r}")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
@@ -128,6 +148,7 @@ class Trainer:
     def create(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
+        remove_dead_temporaries(run_dir)
         tokenizer, ids = _tokenize_corpus(config)
         gpt = GPT(config.gpt_config(tokenizer.vocab_size), seed=config.seed, threads=threads_for(config))
         optimizer = AdamW(gpt.params, (config.beta1, config.beta2), config.eps,
@@ -139,6 +160,7 @@ class Trainer:
         """Continue the run saved in `run_dir/checkpoint` under `config` (usually the saved one,
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
         config.validate()
+        remove_dead_temporaries(run_dir)
         checkpoint = find_checkpoint(run_dir)
         state = _read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
@@ -148,7 +170,7 @@ class Trainer:
         _, ids = _tokenize_corpus(config, tokenizer)
         try:
             saved = GPT.from_pretrained(checkpoint, dtype=config.dtype, device=config.device)
-            optimizer_state = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
+            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
@@ -168,7 +190,9 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`, accumulated over micro-batches.
 
-        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}.
+        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}, plus "skipped":
+        True when the loss or gradient norm was not finite and `on_nonfinite` is "skip" (the
+        update is not applied); with "stop" that raises NonFiniteError, also before the update.
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
@@ -193,12 +217,19 @@ class Trainer:
                 g *= 1.0 / config.microbatches
         grad_norm = clip_grad_norm(grads, config.grad_clip)
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
-        self.optimizer.update(self.gpt.params, grads, lr)
+        finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+        if not finite and config.on_nonfinite == "stop":
+            raise NonFiniteError(step, total_loss / config.microbatches, grad_norm)
+        if finite:
+            self.optimizer.update(self.gpt.params, grads, lr)
         self.step = step + 1
         elapsed = time.perf_counter() - start
         tokens = config.batch_size * config.block_size
-        return {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
-                "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+        metrics = {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
+                   "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tokens / elapsed}
+        if not finite:
+            metrics["skipped"] = True
+        return metrics
 
     def evaluate(self) -> dict:
         """Mean loss over the same `eval_iters` val batches every time: {"val_loss"}."""
@@ -219,45 +250,37 @@ class Trainer:
         """Write `run_dir/checkpoint` atomically; returns its path.
 
         The new checkpoint is written into a temporary directory beside it and swapped in by
-        renames, so a crash leaves either the old or the new checkpoint, never a mixture.
+        renames, so a crash leaves either the old or the new checkpoint, never a mixture; a
+        failed write (full disk) is a FileWriteError and leaves the old one. Weights that are
+        not finite are refused (ValueError) so they never replace a good checkpoint.
         """
-        os.makedirs(self.run_dir, exist_ok=True)
+        _check_finite(self.gpt.params, "checkpoint")
         final = os.path.join(self.run_dir, CHECKPOINT_DIR)
-        previous = final + ".old"
-        tmp = tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".tmp-", dir=self.run_dir)
-        try:
-            self.gpt.save_pretrained(tmp, tokenizer=self.tokenizer)
-            save_file(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-            with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
-                json.dump({"step": self.step, "config": dataclasses.asdict(self.config)}, f,
-                          indent=1)
-            if os.path.isdir(final):
-                shutil.rmtree(previous, ignore_errors=True)
-                os.replace(final, previous)  # `find_checkpoint` falls back to it until the swap
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
+        with staged_directory(final) as stage:
+            write_checkpoint_files(stage, self.params_on_host(), self.gpt.config, self.tokenizer)
+            save_tensors(os.path.join(stage, OPTIMIZER_FILE), self.optimizer.state_dict())
+            write_json(os.path.join(stage, TRAINER_STATE_FILE),
+                       {"step": self.step, "config": dataclasses.asdict(self.config)}, indent=1)
         return final
 
     def save_model(self) -> None:
         """Write the final model (weights, config.json, tokenizer.json) into `run_dir`; each
         file is written beside its target and renamed over it."""
-        tmp = tempfile.mkdtemp(prefix="model.tmp-", dir=self.run_dir)
-        try:
-            self.gpt.save_pretrained(tmp, tokenizer=self.tokenizer)
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(self.run_dir, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        _check_finite(self.gpt.params, "model")
+        self.gpt.save_pretrained(self.run_dir, tokenizer=self.tokenizer)
 
     def params_on_host(self) -> dict:
         return {name: to_host(p) for name, p in self.gpt.params.items()}
 
 
+def _check_finite(params: dict, what: str) -> None:
+    for name, param in params.items():
+        if not bool(np.isfinite(to_host(param)).all()):
+            raise ValueError(f"not writing the {what}: parameter {name} is not finite")
+
+
 def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
-    os.makedirs(run_dir, exist_ok=True)
+    make_directory(run_dir)
     path = os.path.join(run_dir, TOKEN_FILE)
     write_token_file(ids, path)
     return TokenDataset.from_file(path, config.val_fraction)

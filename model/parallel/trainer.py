@@ -11,6 +11,7 @@ it computes exactly what the single-process Trainer computes.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -125,24 +126,31 @@ class ParallelTrainer:
         result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches, self.num_stages,
                                    inputs, targets, dloss=1.0 / config.microbatches, dropout_seeds=seeds,
                                    tracer=self.tracer, step=step)
+        # A non-finite loss or gradient skips the update on every rank alike: the decision is taken
+        # on the global norm, which every rank computes the same (a local non-finite loss is folded
+        # in; it also makes that rank's gradients non-finite, and so the dp average everywhere).
+        loss = float(np.mean(list(result.losses.values()))) if result.losses else None
+        poison = loss is not None and not math.isfinite(loss)
         with self.tracer.span("optimizer", step=step):
             lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
             if layout.zero:
                 shards = self.gradients.finish()  # this rank's 1/dp of every bucket, averaged
                 self._finalize_grad_shards(shards)
-                norm = self._sharded_grad_norm(shards)
-                self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
+                norm = self._sharded_grad_norm(shards, poison)
+                if math.isfinite(norm):
+                    self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
             else:
                 grads = self._synchronized_grads()
-                norm = self._global_grad_norm(grads)
+                norm = self._global_grad_norm(grads, poison)
                 scale = clip_scale(norm, config.grad_clip)
                 if scale != 1.0:
                     for g in grads.values():
                         g *= scale
-                self.optimizer.update(self.params, grads, lr)
-                self._refresh_tied_copies()
-        loss = float(np.mean(list(result.losses.values()))) if result.losses else None
-        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
+                if math.isfinite(norm):
+                    self.optimizer.update(self.params, grads, lr)
+                    self._refresh_tied_copies()
+        return {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": not math.isfinite(norm),
+                "rank": self.mesh.rank,
                 "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
                 "seconds": time.perf_counter() - start,
                 "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values())),
@@ -172,18 +180,18 @@ class ParallelTrainer:
             shards[b][start:stop] = flat[offset:offset + stop - start]
             offset += stop - start
 
-    def _sharded_grad_norm(self, shards: list) -> float:
+    def _sharded_grad_norm(self, shards: list, poison: bool = False) -> float:
         """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp, tp and the
         pipeline (the tied wte counted once, on the first stage; parameters replicated over tp
         counted on tp rank 0 only)."""
-        total = np.array([self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
+        total = np.array([np.nan if poison else self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
         for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
                            (self.layout.pp, self.mesh.pp)):
             if size > 1:
                 comm.all_reduce(total)
         return float(np.sqrt(total[0]))
 
-    def _global_grad_norm(self, grads: dict) -> float:
+    def _global_grad_norm(self, grads: dict, poison: bool = False) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
         tied wte once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
         replicated parameters on tp rank 0 only)."""
@@ -191,7 +199,7 @@ class ParallelTrainer:
         owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)
                  and (name not in replicated or self.mesh.tp_rank == 0)]
         xp = next(iter(self.stages.values())).xp
-        total = np.array([float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
+        total = np.array([np.nan if poison else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
         if self.layout.tp > 1:
             self.mesh.tp.all_reduce(total)
         if self.layout.pp > 1:
@@ -235,13 +243,12 @@ class ParallelTrainer:
         import json
         import os
 
-        from safetensors.numpy import load_file
-
         from model.checkpoint import load_checkpoint
         from model.train import OPTIMIZER_FILE, TRAINER_STATE_FILE
+        from runtime.files import load_tensors
 
         _, full = load_checkpoint(checkpoint_dir, dtype=self.gpt_config.dtype)
-        optimizer_full = load_file(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
+        optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
         state = {"step": optimizer_full["step"]}
         for name, param in self.params.items():
             param[...] = self._shard_of(name, full[name].astype(param.dtype))
