@@ -56,7 +56,11 @@ class DistributedRun:
         metrics = {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
                    "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
                    "bytes_sent": sum(m["bytes_sent"] for m in per_rank)}
-        if per_rank[0]["skipped"]:  # every rank skipped the update: they decide on the same global norm
+        skipped = {m["skipped"] for m in per_rank}
+        if len(skipped) > 1:  # cannot happen: every rank decides on the same global norm
+            raise RuntimeError(f"step {step + 1}: ranks disagree on skipping a non-finite step "
+                               f"({[m['rank'] for m in per_rank if m['skipped']]} skipped)")
+        if skipped == {True}:
             if self.config.on_nonfinite == "stop":
                 raise NonFiniteError(step, metrics["loss"], metrics["grad_norm"])
             metrics["skipped"] = True
