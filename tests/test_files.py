@@ -260,3 +260,39 @@ def test_temporary_names_carry_the_writer(tmp_path):
 
     name = os.path.basename(temporary_name(str(tmp_path / "x.json")))
     assert name.startswith("x.json.tmp-") and f"-{os.getpid()}-" in name
+
+
+def kill_during_a_checkpoint_write(args, out) -> bool:
+    """Start `ringpipe train ARGS`; SIGKILL it while a checkpoint after the first is half written
+    (the weights staged, trainer.json not yet). True if a staged checkpoint was left behind."""
+    driver = subprocess.Popen([sys.executable, "-m", "cluster", "train", *args], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while driver.poll() is None:
+            for name in os.listdir(out) if (out / "checkpoint").is_dir() else []:
+                stage = out / name
+                if name.startswith("checkpoint.tmp-") and (stage / "model.safetensors").exists() \
+                        and not (stage / "trainer.json").exists():
+                    driver.send_signal(signal.SIGKILL)
+                    break
+    finally:
+        driver.kill()
+        driver.wait()
+    return any(name.startswith("checkpoint.tmp-") for name in os.listdir(out))
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_of_the_driver_during_a_checkpoint_write_leaves_nothing_after_resume(tmp_path, corpus):
+    out = tmp_path / "run"
+    # Checkpoints of ~20 MB every step, so the driver spends much of its time writing them.
+    args = ["--data", corpus, *TINY, "--n-layer", "2", "--n-embd", "256", "--steps", "1000",
+            "--checkpoint-every", "1", "--out", str(out)]
+    for attempt in range(8):  # the kill may land just after a write finished: then try again
+        if kill_during_a_checkpoint_write(args + (["--resume"] if attempt else []), out):
+            break
+    else:
+        pytest.fail("no SIGKILL landed inside a checkpoint write in 8 attempts")
+    step = json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    result = run_cli("train", "--resume", "--out", out, "--steps", step + 1)
+    assert result.exit_code == 0, result.output
+    assert temporaries(out) == []
