@@ -19,8 +19,7 @@ class FlagError(click.BadParameter):
 
 
 def _fail(param, ctx, message: str):
-    error = FlagError(message, ctx=ctx, param=param)
-    raise error
+    raise FlagError(message, ctx=ctx, param=param)
 
 
 class FiniteFloat(click.FloatRange):
