@@ -12,7 +12,6 @@ its matching recv; the ranks of one collective are chained in rank order.
 """
 from __future__ import annotations
 
-
 from runtime.files import write_json
 from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace
 
