@@ -16,8 +16,8 @@ from cluster.cli import main
 from cluster.options import FiniteFloat, OutputDirectory
 from model.gpt import GPT
 from model.tokenizer import load_tokenizer
-from model.train import (CHECKPOINT_DIR, ON_NONFINITE, TRAINER_STATE_FILE, NonFiniteError, Trainer, TrainConfig, find_checkpoint,
-                         saved_config)
+from model.train import (CHECKPOINT_DIR, ON_NONFINITE, TRAINER_STATE_FILE, NonFiniteError, Trainer, TrainConfig,
+                         find_checkpoint, saved_config)
 from model.parallel.trainer import Layout
 from runtime import RemoteError, WorkerDied
 from runtime.backend import array_module, to_host
