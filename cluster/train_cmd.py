@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import click
 
@@ -16,8 +17,8 @@ from cluster.cli import main
 from cluster.options import FiniteFloat, OutputDirectory
 from model.gpt import GPT
 from model.tokenizer import load_tokenizer
-from model.train import (CHECKPOINT_DIR, ON_NONFINITE, TRAINER_STATE_FILE, NonFiniteError, Trainer, TrainConfig,
-                         find_checkpoint, saved_config)
+from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
+                         Trainer, TrainConfig, find_checkpoint, saved_config)
 from model.parallel.trainer import Layout
 from runtime import RemoteError, WorkerDied
 from runtime.backend import array_module, to_host
@@ -158,6 +159,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
     out = flags["out"]
+    warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
         raise _bad_flag("--overwrite", "cannot be combined with --resume")
     if not flags["resume"]:

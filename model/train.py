@@ -34,6 +34,10 @@ TOKEN_FILE = "tokens.bin"
 ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
 
 
+# NumPy's warnings when a step overflows: the non-finite check reports that step in one line instead.
+OVERFLOW_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
+
+
 class NonFiniteError(ValueError):
     """A step's loss or gradient norm is not finite; the update was not applied."""
 

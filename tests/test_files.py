@@ -296,3 +296,35 @@ def test_sigkill_of_the_driver_during_a_checkpoint_write_leaves_nothing_after_re
     result = run_cli("train", "--resume", "--out", out, "--steps", step + 1)
     assert result.exit_code == 0, result.output
     assert temporaries(out) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_workers_trace_that_does_not_fit_is_a_file_write_error_naming_the_file(small_disk):
+    from runtime import Cluster, RemoteError
+
+    with Cluster(2) as cluster:
+        cluster.start_trace()
+        fill(small_disk, 0)
+        with pytest.raises(RemoteError) as info:
+            cluster.stop_trace(str(small_disk))
+    assert info.value.exc_type == "FileWriteError"
+    assert f"cannot write {small_disk}/trace-rank" in str(info.value).splitlines()[0]
+    assert "No space left on device" in str(info.value).splitlines()[0]
+    assert temporaries(small_disk) == []
+
+
+def test_a_file_write_error_from_a_worker_is_one_line_in_any_command():
+    from cluster.cli import Commands
+    from runtime import RemoteError
+
+    @click.group(cls=Commands)
+    def group():
+        pass
+
+    @group.command()
+    def stop():
+        raise RemoteError(1, "FileWriteError", "FileWriteError: cannot write /out/trace-rank1.json: "
+                          "No space left on device", "Traceback ...\n", "stop_trace")
+
+    line = one_error_line(CliRunner().invoke(group, ["stop"]))
+    assert line.startswith("Error: rank 1 raised FileWriteError: cannot write /out/trace-rank1.json")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ from model.parallel.pipeline import run_pipeline_step
 from model.parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import DenseStage
 from model.parallel.tensor_parallel import TensorParallelStage, param_layout
-from model.train import TrainConfig, dropout_seed
+from model.train import OVERFLOW_WARNINGS, TrainConfig, dropout_seed
 
 
 @dataclass
@@ -65,6 +66,7 @@ class ParallelTrainer:
     def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.config = TrainConfig(**config)
+        warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
         self.tracer = comm.tracer
