@@ -307,23 +307,50 @@ def check_writable_file(path) -> None:
 
 # ---- tensors with checksums ----------------------------------------------------------------------
 def tensor_checksum(array) -> str:
-    """"crc32:xxxxxxxx" of a C-contiguous array's bytes (as safetensors stores them)."""
+    """"crc32:xxxxxxxx" of an array's bytes in C order (as safetensors stores them)."""
     import numpy as np
 
-    data = np.require(array, requirements="C")  # not ascontiguousarray: it turns 0-d into 1-d
-    return f"crc32:{zlib.crc32(memoryview(data).cast('B')) & 0xFFFFFFFF:08x}"
+    return f"crc32:{zlib.crc32(_raw_bytes(np.require(array, requirements='C'))) & 0xFFFFFFFF:08x}"
+
+
+def _raw_bytes(array):
+    """A C-contiguous array's bytes as a flat uint8 view (0-d, empty and bool arrays included)."""
+    return array.reshape(-1).view("uint8")
+
+
+# safetensors' dtype names (the format's public spec); data is little-endian, C order.
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                       "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                       "uint8": "U8", "bool": "BOOL"}
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
-    """Write {name: array} as safetensors, atomically, with a checksum per tensor in the metadata."""
+    """Write {name: array} as a safetensors file, atomically, with a checksum per tensor in the
+    metadata. Streamed tensor by tensor: no second copy of the data is built in memory."""
     import numpy as np
-    from safetensors.numpy import save
 
-    tensors = {name: np.require(array, requirements="C") for name, array in tensors.items()}
-    metadata = dict(metadata or {})
-    metadata[CHECKSUMS_KEY] = json.dumps({name: tensor_checksum(a) for name, a in tensors.items()},
-                                         separators=(",", ":"))
-    write_bytes(path, save(tensors, metadata=metadata))
+    arrays = {}
+    for name, array in tensors.items():
+        array = np.require(array, requirements="C")  # not ascontiguousarray: it turns 0-d into 1-d
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        if array.dtype.name not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot store")
+        arrays[name] = array
+    metadata = {**(metadata or {}), CHECKSUMS_KEY: json.dumps(
+        {name: tensor_checksum(a) for name, a in arrays.items()}, separators=(",", ":"))}
+    header, offset = {"__metadata__": metadata}, 0
+    for name, array in arrays.items():
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with atomic_write(path) as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for array in arrays.values():
+            f.write(_raw_bytes(array))
 
 
 def load_tensors(path, verify: bool = True) -> tuple[dict, dict]:

@@ -244,12 +244,18 @@ def test_a_checkpoint_without_checksums_still_loads(run):
     assert run_cli("train", "--resume", "--out", run, "--steps", 3).exit_code == 0
 
 
-def test_tensors_round_trip_with_their_checksums(tmp_path):
-    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(7, np.int64)}
-    save_tensors(tmp_path / "t.safetensors", tensors)
+def test_tensors_round_trip_through_the_reference_reader_with_their_checksums(tmp_path):
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "step": np.array(7, np.int64),
+               "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "empty": np.zeros((0, 4), np.float32),
+               "mask": np.array([True, False]), "ids": np.arange(5, dtype=np.uint16),
+               "big_endian": np.arange(4, dtype=">f4")}
+    save_tensors(tmp_path / "t.safetensors", tensors, metadata={"format": "pt"})
+    reference = load_file(tmp_path / "t.safetensors")  # safetensors' own reader
     loaded, metadata = load_tensors(tmp_path / "t.safetensors")
-    assert set(json.loads(metadata["ringpipe.checksums"])) == {"a", "step"}
-    assert loaded["step"].shape == () and np.array_equal(loaded["a"], tensors["a"])
+    for name, array in tensors.items():
+        assert reference[name].shape == array.shape and np.array_equal(reference[name], array), name
+        assert np.array_equal(loaded[name], array), name
+    assert metadata["format"] == "pt" and set(json.loads(metadata["ringpipe.checksums"])) == set(tensors)
     flip_byte_inside(tmp_path / "t.safetensors", "a")
     with pytest.raises(CorruptFileError, match="tensor a does not match"):
         load_tensors(tmp_path / "t.safetensors")
