@@ -62,7 +62,7 @@ class DistributedRun:
                                f"({[m['rank'] for m in per_rank if m['skipped']]} skipped)")
         if skipped == {True}:
             if self.config.on_nonfinite == "stop":
-                raise NonFiniteError(step, metrics["loss"], metrics["grad_norm"])
+                raise NonFiniteError.of_step(step, metrics["loss"], metrics["grad_norm"])
             metrics["skipped"] = True
         return metrics
 

@@ -39,13 +39,16 @@ OVERFLOW_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
 
 
 class NonFiniteError(ValueError):
-    """A step's loss or gradient norm is not finite; the update was not applied."""
+    """Numbers that must be finite are not, at 0-based `step` (shown 1-based, as on the console)."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
-        self.step, self.loss, self.grad_norm = step, loss, grad_norm
-        super().__init__(f"step {step + 1}: loss {loss} / gradient norm {grad_norm} is not finite; "
-                         "stopped before applying it (lower --lr, or pass --on-nonfinite skip to "
-                         "skip such steps)")
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(f"step {step + 1}: {message}")
+
+    @classmethod
+    def of_step(cls, step: int, loss: float, grad_norm: float) -> "NonFiniteError":
+        return cls(step, f"loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
+                         "applying it (lower --lr, or pass --on-nonfinite skip to skip such steps)")
 
 
 @dataclasses.dataclass
@@ -223,7 +226,7 @@ class Trainer:
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
         finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
         if not finite and config.on_nonfinite == "stop":
-            raise NonFiniteError(step, total_loss / config.microbatches, grad_norm)
+            raise NonFiniteError.of_step(step, total_loss / config.microbatches, grad_norm)
         if finite:
             self.optimizer.update(self.gpt.params, grads, lr)
         self.step = step + 1
@@ -258,7 +261,7 @@ class Trainer:
         failed write (full disk) is a FileWriteError and leaves the old one. Weights that are
         not finite are refused (ValueError) so they never replace a good checkpoint.
         """
-        _check_finite(self.gpt.params, "checkpoint")
+        self._check_finite("checkpoint")
         final = os.path.join(self.run_dir, CHECKPOINT_DIR)
         with staged_directory(final) as stage:
             write_checkpoint_files(stage, self.params_on_host(), self.gpt.config, self.tokenizer)
@@ -270,17 +273,18 @@ class Trainer:
     def save_model(self) -> None:
         """Write the final model (weights, config.json, tokenizer.json) into `run_dir`; each
         file is written beside its target and renamed over it."""
-        _check_finite(self.gpt.params, "model")
+        self._check_finite("model")
         self.gpt.save_pretrained(self.run_dir, tokenizer=self.tokenizer)
 
     def params_on_host(self) -> dict:
         return {name: to_host(p) for name, p in self.gpt.params.items()}
 
-
-def _check_finite(params: dict, what: str) -> None:
-    for name, param in params.items():
-        if not bool(np.isfinite(to_host(param)).all()):
-            raise ValueError(f"not writing the {what}: parameter {name} is not finite")
+    def _check_finite(self, what: str) -> None:
+        """NonFiniteError if a weight is nan/inf (an update overflowed): it must not be saved."""
+        for name, param in self.gpt.params.items():
+            if not bool(self.xp.isfinite(param).all()):
+                raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
+                                                    f"not writing the {what} (lower --lr)")
 
 
 def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:

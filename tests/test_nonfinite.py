@@ -104,3 +104,13 @@ def test_on_nonfinite_skip_leaves_the_weights_of_skipped_steps_unchanged(tmp_pat
     optimizer, _ = load_tensors(out / "checkpoint" / "optimizer.safetensors")
     assert int(optimizer["step"]) == 1  # only the first step was applied, on every rank alike
     assert np.isfinite(GPT.from_pretrained(out).params["wte.weight"]).all()
+
+
+def test_weights_that_overflowed_in_an_update_are_never_written(tmp_path, corpus):
+    # 1e39 is finite as a flag but overflows float32 in the update: step 1's loss and gradients
+    # were finite, the weights after it are not.
+    out = tmp_path / "run"
+    line = one_error_line(run_cli("train", "--data", corpus, *TINY, "--dtype", "float32", "--lr", "1e39",
+                                  "--warmup", "0", "--steps", 3, "--checkpoint-every", 1, "--out", out))
+    assert "step 1: parameter" in line and "not finite" in line and "no checkpoint was written yet" in line, line
+    assert not (out / "checkpoint").exists() and not (out / "model.safetensors").exists()
