@@ -1,12 +1,11 @@
 """`ringpipe bench ...` subcommands; the benchmark code itself lives in tools/."""
 from __future__ import annotations
 
-import json
+import click
 
-from cluster.cli import bench  # noqa: F401  (subcommands attach to this group)
-
-
-import click  # noqa: E402
+from cluster.cli import bench
+from cluster.options import FiniteFloat, OutputFile
+from runtime.files import write_json
 
 
 def _run_and_report(run, format_result, json_path):
@@ -18,8 +17,7 @@ def _run_and_report(run, format_result, json_path):
         raise click.ClickException(str(exc)) from None
     click.echo(format_result(result))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(json_path, result, indent=1)
 
 
 @bench.command("model")
@@ -35,7 +33,7 @@ def _run_and_report(run, format_result, json_path):
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
 @click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers run.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, steps, threads,
                 dtype, no_compare, json_path):
     """Training-step tokens/s of the dense GPT vs transformers' GPT2LMHeadModel on CPU."""
@@ -57,7 +55,7 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
               help="Also run torch.distributed's gloo backend on the same sizes (needs torch).")
 @click.option("--algorithm", type=click.Choice(["auto", "direct", "ring", "shm"]), default="auto",
               show_default=True, help="Force one collective algorithm.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the rows as JSON here.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write the rows as JSON here.")
 def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
     """nccl-tests style table of collective time, algbw and busbw (results checked)."""
     from tools.bench_collectives import main as run_bench, parse_sizes
@@ -85,7 +83,7 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
 @click.option("--steps", default=20, show_default=True, help="Timed steps per round (after 3 warmup).")
 @click.option("--rounds", default=3, show_default=True, help="Alternating rounds; each dp size keeps its best.")
 @click.option("--no-independent", is_flag=True, help="Skip the row of --dp unconnected dp=1 runs at once.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_kb, zero,
                         steps, rounds, no_independent, json_path):
     """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker), how much of the
@@ -118,7 +116,7 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
 @click.option("--steps", default=5, show_default=True, help="Traced steps (the median is reported).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
               help="Each setup once per round, taking turns; the best round is reported.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write one object per (schedule, m).")
+@click.option("--json", "json_path", type=OutputFile(), help="Write one object per (schedule, m).")
 def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
                    microbatch_size, split, warmup, steps, rounds, json_path):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
@@ -145,7 +143,7 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
 @click.option("--threads", default=2, show_default=True,
               help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
 @click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers runs.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare, json_path):
     """Val loss after a full run of the training recipe, ringpipe vs GPT2LMHeadModel on the same batches."""
     from tools.bench_quality import format_table, run
@@ -173,9 +171,9 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
 @click.option("--steps", default=10, show_default=True, help="Timed steps (median), after --warmup.")
 @click.option("--warmup", default=3, show_default=True)
 @click.option("--tf32", is_flag=True, help="TF32 matmuls for float32 (needs CUPY_TF32=1 in the environment).")
-@click.option("--peak-tflops", type=float, default=None, help="The dtype's dense peak, for an unlisted GPU.")
+@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None, help="The dtype's dense peak, for an unlisted GPU.")
 @click.option("--no-compare", is_flag=True, help="Skip PyTorch eager.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_size, batch_size, steps, warmup,
                    tf32, peak_tflops, no_compare, json_path):
     """Training-step tokens/s and MFU of a GPT-2 124M-shaped model vs GPT2LMHeadModel in PyTorch eager."""

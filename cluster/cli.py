@@ -3,8 +3,27 @@ from __future__ import annotations
 
 import click
 
+from runtime.files import FileWriteError
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+class Commands(click.Group):
+    """The `ringpipe` group: a file that cannot be written, here or on a worker, is one error line
+    naming the path and the cause, whichever command was writing it."""
+
+    def invoke(self, ctx):
+        from runtime import RemoteError
+
+        try:
+            return super().invoke(ctx)
+        except FileWriteError as exc:
+            raise click.ClickException(str(exc)) from None
+        except RemoteError as exc:
+            if exc.exc_type != FileWriteError.__name__:
+                raise
+            raise click.ClickException(str(exc).splitlines()[0]) from None
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ringpipe")
 def main():
     """ringpipe: distributed GPT training built from primitives."""

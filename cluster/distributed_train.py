@@ -9,7 +9,6 @@ GPT-2 weights and AdamW moments under their GPT-2 names, so a run can resume wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -17,8 +16,9 @@ import numpy as np
 
 from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import TOKEN_FILE, Trainer, TrainConfig, find_checkpoint
+from model.train import TOKEN_FILE, NonFiniteError, Trainer, TrainConfig, find_checkpoint
 from runtime import Cluster
+from runtime.files import write_json
 
 
 class DistributedRun:
@@ -37,9 +37,9 @@ class DistributedRun:
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
-                with open(os.path.join(out, "schedule.json"), "w") as f:
-                    json.dump({"schedule": layout.schedule, "pp": layout.pp, "microbatches": config.microbatches,
-                               "virtual_stages": layout.virtual_stages, "dp": layout.dp, "tp": layout.tp}, f)
+                write_json(os.path.join(out, "schedule.json"),
+                           {"schedule": layout.schedule, "pp": layout.pp, "microbatches": config.microbatches,
+                            "virtual_stages": layout.virtual_stages, "dp": layout.dp, "tp": layout.tp})
                 self.cluster.start_trace()
         except BaseException:
             self.cluster.close()
@@ -53,10 +53,20 @@ class DistributedRun:
         self.step = step + 1
         losses = [m["loss"] for m in per_rank if m["loss"] is not None]
         tokens = self.config.batch_size * self.config.block_size
-        return {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
-                "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
-                "bytes_sent": sum(m["bytes_sent"] for m in per_rank),
-                **{key: per_rank[0][key] for key in ("loss_scale", "skipped") if key in per_rank[0]}}
+        metrics = {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
+                   "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
+                   "bytes_sent": sum(m["bytes_sent"] for m in per_rank)}
+        skipped = {m["skipped"] for m in per_rank}
+        if len(skipped) > 1:  # cannot happen: every rank decides on the same global norm
+            raise RuntimeError(f"step {step + 1}: ranks disagree on skipping a step "
+                               f"({[m['rank'] for m in per_rank if m['skipped']]} skipped)")
+        if any(m["nonfinite"] for m in per_rank) and self.config.on_nonfinite == "stop":
+            raise NonFiniteError.of_step(step, metrics["loss"], metrics["grad_norm"])
+        if "loss_scale" in per_rank[0]:  # mixed precision: an overflow skips, and is no error
+            metrics.update(loss_scale=per_rank[0]["loss_scale"], skipped=per_rank[0]["skipped"])
+        elif skipped == {True}:
+            metrics["skipped"] = True
+        return metrics
 
     def _pull_state(self, with_optimizer: bool):
         """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""

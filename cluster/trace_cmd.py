@@ -8,6 +8,8 @@ import webbrowser
 import click
 
 from cluster.cli import main
+from cluster.options import OutputFile
+from runtime.files import FileWriteError, check_writable_file
 from tools.trace_io import TraceError, load_trace
 
 
@@ -23,16 +25,27 @@ def _load(run_dir: str):
         raise click.ClickException(str(exc)) from None
 
 
+def _default_output(run_dir: str, name: str) -> str:
+    """RUN_DIR/name, checked before the trace is read (a missing RUN_DIR is _load's error)."""
+    path = os.path.join(run_dir, name)
+    if os.path.isdir(run_dir):
+        try:
+            check_writable_file(path)
+        except FileWriteError as exc:
+            raise click.ClickException(str(exc)) from None
+    return path
+
+
 @trace.command("export")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", type=OutputFile(), default=None,
               help="Output file (default RUN_DIR/trace.json).")
 def export(run_dir, output):
     """Chrome Trace Event JSON for https://ui.perfetto.dev or chrome://tracing."""
     from tools.trace_export import write_chrome_trace
 
+    output = output or _default_output(run_dir, "trace.json")
     loaded = _load(run_dir)
-    output = output or os.path.join(run_dir, "trace.json")
     count = write_chrome_trace(loaded, output)
     click.echo(f"wrote {output} ({count} events, {len(loaded.ranks)} ranks); open it in https://ui.perfetto.dev")
     _warn_causality(loaded)
@@ -40,15 +53,15 @@ def export(run_dir, output):
 
 @trace.command("view")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", type=OutputFile(), default=None,
               help="Output file (default RUN_DIR/trace.html).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
 def view(run_dir, output, open_browser):
     """One self-contained HTML page: pipeline swimlanes, summary table, loss curve (works offline)."""
     from tools.trace_view import write_view
 
+    output = output or _default_output(run_dir, "trace.html")
     loaded = _load(run_dir)
-    output = output or os.path.join(run_dir, "trace.html")
     write_view(loaded, output)
     click.echo(f"wrote {output}")
     _warn_causality(loaded)

@@ -9,20 +9,24 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import click
 
 from cluster.cli import main
+from cluster.options import FiniteFloat, OutputDirectory
 from model.gpt import GPT
 from model.tokenizer import TOKENIZER_FILES, load_tokenizer
-from model.train import CHECKPOINT_DIR, Trainer, TrainConfig, find_checkpoint, saved_config
+from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
+                         Trainer, TrainConfig, find_checkpoint, saved_config)
 from model.parallel.trainer import Layout
 from runtime import RemoteError, WorkerDied
 from runtime.backend import array_module, to_host
+from runtime.files import AppendLog, FileWriteError, write_text
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
-RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device")
+RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -89,10 +93,8 @@ def _metrics_file(out: str, first_step: int):
     if first_step > 0 and os.path.exists(path):
         with open(path) as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] < first_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
-    return open(path, "a")
+    write_text(path, "".join(kept))
+    return AppendLog(path)
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
@@ -110,14 +112,14 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--microbatches", type=click.IntRange(min=1), default=D.microbatches, show_default=True,
               help="Gradient-accumulation steps the global batch is split into.")
 @click.option("--steps", type=click.IntRange(min=1), default=D.steps, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0), default=D.lr, show_default=True)
-@click.option("--min-lr", type=click.FloatRange(min=0), default=D.min_lr, show_default=True)
+@click.option("--lr", type=FiniteFloat(min=0), default=D.lr, show_default=True)
+@click.option("--min-lr", type=FiniteFloat(min=0), default=D.min_lr, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=D.warmup, show_default=True)
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=D.weight_decay, show_default=True)
-@click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=D.beta2, show_default=True)
-@click.option("--grad-clip", type=click.FloatRange(min=0), default=D.grad_clip, show_default=True,
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=D.weight_decay, show_default=True)
+@click.option("--beta2", type=FiniteFloat(0, 1, max_open=True), default=D.beta2, show_default=True)
+@click.option("--grad-clip", type=FiniteFloat(min=0), default=D.grad_clip, show_default=True,
               help="Max global gradient norm; 0 disables clipping.")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=D.dropout, show_default=True)
+@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.dropout, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
@@ -131,7 +133,10 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=D.checkpoint_every,
               show_default=True, help="Checkpoint every N steps (and after the last).")
-@click.option("--out", type=click.Path(file_okay=False), default="out", show_default=True)
+@click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
+              help="A step whose loss or gradient norm is nan/inf: stop the run (before applying it), "
+                   "or skip its update and go on.")
+@click.option("--out", type=OutputDirectory(), default="out", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds an earlier run (it is replaced).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
@@ -148,7 +153,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
-@click.option("--bucket-mb", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Data-parallel gradient bucket size in MiB.")
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
@@ -157,6 +162,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
     out = flags["out"]
+    warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
         raise _bad_flag("--overwrite", "cannot be combined with --resume")
     if not flags["resume"]:
@@ -193,6 +199,8 @@ def train(ctx, **flags):
         raise click.ClickException(_one_line(exc)) from None
     try:
         _train_loop(trainer, config, out)
+    except (NonFiniteError, FileWriteError) as exc:
+        raise click.ClickException(f"{exc}; {_checkpoint_status(out)}") from None
     except (RemoteError, WorkerDied) as exc:
         raise click.ClickException(f"{str(exc).splitlines()[0]}; continue from the last checkpoint with "
                                    f"--resume --out {out}") from None
@@ -206,6 +214,16 @@ def train(ctx, **flags):
         prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
         ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
         click.echo(tokenizer.decode(to_host(ids)[0]))
+
+
+def _checkpoint_status(out: str) -> str:
+    try:
+        checkpoint = find_checkpoint(out)
+        with open(os.path.join(checkpoint, TRAINER_STATE_FILE)) as f:
+            step = json.load(f)["step"]
+    except (ValueError, OSError, KeyError):
+        return "no checkpoint was written yet"
+    return f"the checkpoint of step {step} in {checkpoint} is intact (continue with --resume --out {out})"
 
 
 def _remove_run(out: str) -> None:
@@ -275,7 +293,7 @@ def _train_loop(trainer, config, out):
               help="A run directory (--out of train) or a model directory.")
 @click.option("--prompt", default="\n", show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -2,23 +2,34 @@
 
 Written with transformers' key style (`transformer.h.0.attn.c_attn.weight`, LM head tied to
 `transformer.wte.weight` and not stored), so `GPT2LMHeadModel.from_pretrained(dir)` opens it.
-Read back from either key style, with or without a stored `lm_head.weight`. Writes are atomic:
-files are built beside their destination and moved into place with os.replace.
+Read back from either key style, with or without a stored `lm_head.weight`. Writes are atomic
+(`runtime.files`); each tensor's checksum and the model's dimensions are stored in the
+safetensors metadata and checked on load.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
+
+from runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 PREFIX = "transformer."
 # Buffers some transformers versions store: the causal mask, not parameters.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# The weights file records the model's dimensions (safetensors metadata), so a config.json edited
+# or mismatched afterwards is refused rather than silently reinterpreting the weights.
+RECORD_KEY = "ringpipe.model"
+# The model options recorded beside the weights (model.gpt.ARCHITECTURE_FIELDS) and their
+# config.json names.
+HF_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
+            "vocab_size": "vocab_size", "n_inner": "n_inner", "layer_norm_epsilon": "layer_norm_epsilon",
+            "scale_attn_weights": "scale_attn_weights",
+            "scale_attn_by_inverse_layer_idx": "scale_attn_by_inverse_layer_idx"}
+RECORDED = tuple(HF_NAMES)
 
 
 def hf_config(config) -> dict:
@@ -55,28 +66,23 @@ def save_checkpoint(directory, params: dict, config, tokenizer=None) -> None:
     """Writes params (GPT-2 names -> host arrays, saved in their own dtype) and config.
 
     A directory that does not exist (or is empty) appears complete in one rename; into a
-    non-empty one each file is replaced atomically.
+    non-empty one each file is replaced atomically. FileWriteError (path and cause) if a file
+    cannot be written; nothing temporary is left behind.
     """
-    from safetensors.numpy import save_file
+    with staged_directory(directory, merge=True) as stage:
+        write_checkpoint_files(stage, params, config, tokenizer)
 
-    directory = os.path.abspath(os.fspath(directory))
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        tensors = {PREFIX + name: np.ascontiguousarray(array) for name, array in params.items()}
-        save_file(tensors, os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
-        with open(os.path.join(staging, CONFIG_FILE), "w") as f:
-            json.dump(hf_config(config), f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save(staging)
-        if not os.path.isdir(directory) or not os.listdir(directory):
-            os.replace(staging, directory)
-            return
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+def write_checkpoint_files(directory, params: dict, config, tokenizer=None) -> None:
+    """model.safetensors (with per-tensor checksums and the model's shape record in its metadata),
+    config.json and the tokenizer, into an existing (staging) directory."""
+    tensors = {PREFIX + name: array for name, array in params.items()}
+    record = json.dumps({key: getattr(config, key) for key in RECORDED}, separators=(",", ":"))
+    save_tensors(os.path.join(directory, WEIGHTS_FILE), tensors,
+                 metadata={"format": "pt", RECORD_KEY: record})
+    write_json(os.path.join(directory, CONFIG_FILE), hf_config(config), indent=2)
+    if tokenizer is not None:
+        tokenizer.save(directory)
 
 
 def _read_config(path) -> dict:
@@ -92,15 +98,27 @@ def _read_config(path) -> dict:
     return config
 
 
-def _read_weights(path) -> dict:
-    from safetensors.numpy import load_file
-
+def _read_weights(path) -> tuple[dict, dict]:
+    """-> (tensors, metadata); checksums verified where the file has them."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint weights not found: {path}")
-    try:
-        return load_file(path)
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    return load_tensors(path)
+
+
+def _check_record(hf: dict, metadata: dict, config_path: str, weights_path: str) -> None:
+    """config.json must agree with ringpipe's own record: its "ringpipe" section and the dimensions
+    stored beside the weights (both absent in checkpoints written by transformers)."""
+    records = [(f"its own \"ringpipe\" section", hf.get("ringpipe") or {})]
+    if RECORD_KEY in metadata:
+        try:
+            records.append((f"the record in {weights_path}", json.loads(metadata[RECORD_KEY])))
+        except ValueError:
+            raise ValueError(f"{weights_path}: metadata {RECORD_KEY} is not valid JSON") from None
+    for source, record in records:
+        for key, hf_name in HF_NAMES.items():
+            if key in record and hf_name in hf and record[key] != hf[hf_name]:
+                raise ValueError(f"{config_path}: {hf_name} {hf[hf_name]!r} contradicts {source} "
+                                 f"({key} {record[key]!r}); refusing to load a mismatched checkpoint")
 
 
 def _ringpipe_names(tensors: dict, path) -> dict:
@@ -132,7 +150,9 @@ def load_checkpoint(directory, dtype=None, device=None):
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     hf = _read_config(config_path)
     refuse_unsupported(hf, config_path)
-    params = _ringpipe_names(_read_weights(weights_path), weights_path)
+    tensors, metadata = _read_weights(weights_path)
+    _check_record(hf, metadata, config_path, weights_path)
+    params = _ringpipe_names(tensors, weights_path)
     stored = str(params["wte.weight"].dtype) if "wte.weight" in params else "float32"
     ours = hf.get("ringpipe", {})
     config = gpt_config_from_hf(hf, config_path,

@@ -12,6 +12,8 @@ import sysconfig
 
 import numpy as np
 
+from runtime.files import write_bytes
+
 DEFAULT_CORPUS_CHARS = 2_000_000
 SPLITS = ("train", "val")
 SAMPLERS = ("epoch", "random")  # how train batches walk the split, see TokenDataset.get_batch
@@ -74,13 +76,11 @@ def load_corpus(data: str | None = None, max_chars: int | None = None) -> str:
 
 
 def write_token_file(ids, path: str) -> None:
-    """Write ids (N,) as a raw uint16 file, atomically (temp file + rename)."""
+    """Write ids (N,) as a raw uint16 file, atomically; FileWriteError if it cannot be written."""
     ids = np.asarray(ids)
     if ids.size and int(ids.max()) > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError(f"token id {int(ids.max())} does not fit the uint16 token file {path}")
-    tmp = f"{path}.tmp{os.getpid()}"
-    ids.astype(TOKEN_DTYPE).tofile(tmp)
-    os.replace(tmp, path)
+    write_bytes(path, ids.astype(TOKEN_DTYPE).tobytes())
 
 
 class TokenDataset:

@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from runtime.files import make_directory, write_text
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -46,10 +48,10 @@ class Tokenizer:
                 SPECIAL_TOKENS_FILE: "{}"}
 
     def save(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
+        """Each file written beside its target and renamed over it (runtime.files)."""
+        make_directory(directory)
         for name, text in self.files().items():
-            with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-                f.write(text)
+            write_text(os.path.join(directory, name), text)
 
 
 def gpt2_byte_alphabet() -> list:

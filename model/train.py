@@ -13,13 +13,11 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
+from model.checkpoint import write_checkpoint_files
 from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
 from model.gpt import ARCHITECTURE_FIELDS, GPT, GPTConfig, init_params
 from model.ops import cross_entropy_forward
@@ -28,11 +26,31 @@ from model.mixed_precision import (LossScaledAdamW, LossScaler, check_supported,
 from model.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from model.tokenizer import load_tokenizer, make_tokenizer
 from runtime.backend import array_module, to_host
+from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
+                           staged_directory, write_json)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_FILE = "trainer.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TOKEN_FILE = "tokens.bin"
+ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
+
+
+# NumPy's warnings when a step overflows: the non-finite check reports that step in one line instead.
+OVERFLOW_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
+
+
+class NonFiniteError(ValueError):
+    """Numbers that must be finite are not, at 0-based `step` (shown 1-based, as on the console)."""
+
+    def __init__(self, step: int, message: str):
+        self.step = step
+        super().__init__(f"step {step + 1}: {message}")
+
+    @classmethod
+    def of_step(cls, step: int, loss: float, grad_norm: float) -> "NonFiniteError":
+        return cls(step, f"loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
+                         "applying it (lower --lr, or pass --on-nonfinite skip to skip such steps)")
 
 
 @dataclasses.dataclass
@@ -66,6 +84,7 @@ class TrainConfig:
     eval_iters: int = 50  # val batches per evaluation; 20 left a noise of ~0.01 in the loss
     checkpoint_every: int = 500
     device: str = "cpu"
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the step
 
     def validate(self) -> None:
         """ValueError naming the first setting that cannot work."""
@@ -81,6 +100,13 @@ class TrainConfig:
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
         check_supported(self.dtype)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
+                             f"got {self.on_nonfinite!r}")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
@@ -166,6 +192,7 @@ class Trainer:
     def create(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
+        remove_dead_temporaries(run_dir)
         tokenizer, ids = _tokenize_corpus(config)
         gpt_config = config.gpt_config(tokenizer.vocab_size)
         gpt = GPT(gpt_config, seed=config.seed, threads=threads_for(config))
@@ -181,6 +208,7 @@ class Trainer:
         """Continue the run saved in `run_dir/checkpoint` under `config` (usually the saved one,
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
         config.validate()
+        remove_dead_temporaries(run_dir)
         checkpoint = find_checkpoint(run_dir)
         state = _read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
@@ -191,7 +219,7 @@ class Trainer:
         try:
             saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
                                         device=config.device)
-            optimizer_state = load_file(os.path.join(checkpoint, OPTIMIZER_FILE))
+            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
@@ -211,9 +239,12 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`, accumulated over micro-batches.
 
-        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}; a mixed-precision
-        run adds "loss_scale" (the scale this step used) and "skipped" (an overflow: no update, and
-        grad_norm None), see model/mixed_precision.py.
+        Returns {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}, plus "skipped":
+        True when the loss or gradient norm was not finite and `on_nonfinite` is "skip" (the
+        update is not applied); with "stop" that raises NonFiniteError, also before the update.
+        A mixed-precision run adds "loss_scale" (the scale this step used) and "skipped" (also on
+        an overflow of the scaled backward: no update, grad_norm None, the scale halved; that is
+        never an error), see model/mixed_precision.py.
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
@@ -245,8 +276,14 @@ class Trainer:
                 g *= 1.0 / (config.microbatches * loss_scale)
         norm = grad_norm(grads)
         lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
-        # An overflow in the float16 backward shows as a non-finite norm: skip, and halve the scale.
-        applied = self.optimizer.scaler.update(not math.isfinite(norm)) if mixed else True
+        loss = total_loss / config.microbatches
+        # An overflow in the float16 backward shows as a non-finite norm: the loss scaler's to
+        # handle (skip, halve the scale). Otherwise a non-finite loss or norm is the run's fault.
+        overflow = mixed and not math.isfinite(norm)
+        finite = math.isfinite(loss) and (overflow or math.isfinite(norm))
+        if not finite and config.on_nonfinite == "stop":
+            raise NonFiniteError.of_step(step, loss, norm)
+        applied = finite and (self.optimizer.scaler.update(overflow) if mixed else True)
         if applied:
             clip = clip_scale(norm, config.grad_clip)
             if clip != 1.0:
@@ -259,10 +296,12 @@ class Trainer:
         elapsed = time.perf_counter() - start
         tokens = config.batch_size * config.block_size
         metrics = {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
-                   "grad_norm": norm if applied else None, "tokens": tokens,
+                   "grad_norm": None if overflow else norm, "tokens": tokens,
                    "tokens_per_s": tokens / elapsed}
         if mixed:
             metrics.update(loss_scale=loss_scale, skipped=not applied)
+        elif not finite:
+            metrics["skipped"] = True
         return metrics
 
     def evaluate(self) -> dict:
@@ -284,45 +323,38 @@ class Trainer:
         """Write `run_dir/checkpoint` atomically; returns its path.
 
         The new checkpoint is written into a temporary directory beside it and swapped in by
-        renames, so a crash leaves either the old or the new checkpoint, never a mixture.
+        renames, so a crash leaves either the old or the new checkpoint, never a mixture; a
+        failed write (full disk) is a FileWriteError and leaves the old one. Weights that are
+        not finite are refused (ValueError) so they never replace a good checkpoint.
         """
-        os.makedirs(self.run_dir, exist_ok=True)
+        self._check_finite("checkpoint")
         final = os.path.join(self.run_dir, CHECKPOINT_DIR)
-        previous = final + ".old"
-        tmp = tempfile.mkdtemp(prefix=CHECKPOINT_DIR + ".tmp-", dir=self.run_dir)
-        try:
-            self.weights.save_pretrained(tmp, tokenizer=self.tokenizer)
-            save_file(self.optimizer.state_dict(), os.path.join(tmp, OPTIMIZER_FILE))
-            with open(os.path.join(tmp, TRAINER_STATE_FILE), "w") as f:
-                json.dump({"step": self.step, "config": dataclasses.asdict(self.config)}, f,
-                          indent=1)
-            if os.path.isdir(final):
-                shutil.rmtree(previous, ignore_errors=True)
-                os.replace(final, previous)  # `find_checkpoint` falls back to it until the swap
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(previous, ignore_errors=True)
+        with staged_directory(final) as stage:
+            write_checkpoint_files(stage, self.params_on_host(), self.weights.config, self.tokenizer)
+            save_tensors(os.path.join(stage, OPTIMIZER_FILE), self.optimizer.state_dict())
+            write_json(os.path.join(stage, TRAINER_STATE_FILE),
+                       {"step": self.step, "config": dataclasses.asdict(self.config)}, indent=1)
         return final
 
     def save_model(self) -> None:
         """Write the final model (weights, config.json, tokenizer.json) into `run_dir`; each
         file is written beside its target and renamed over it."""
-        tmp = tempfile.mkdtemp(prefix="model.tmp-", dir=self.run_dir)
-        try:
-            self.weights.save_pretrained(tmp, tokenizer=self.tokenizer)
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(self.run_dir, name))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._check_finite("model")
+        self.weights.save_pretrained(self.run_dir, tokenizer=self.tokenizer)
 
     def params_on_host(self) -> dict:
         return {name: to_host(p) for name, p in self.weights.params.items()}
 
+    def _check_finite(self, what: str) -> None:
+        """NonFiniteError if a weight is nan/inf (an update overflowed): it must not be saved."""
+        for name, param in self.weights.params.items():
+            if not bool(self.xp.isfinite(param).all()):
+                raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
+                                                    f"not writing the {what} (lower --lr)")
+
 
 def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
-    os.makedirs(run_dir, exist_ok=True)
+    make_directory(run_dir)
     path = os.path.join(run_dir, TOKEN_FILE)
     write_token_file(ids, path)
     return TokenDataset.from_file(path, config.val_fraction)

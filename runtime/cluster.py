@@ -32,6 +32,7 @@ import zmq
 from runtime import wire
 from runtime.auth import JobKeys
 from runtime.communicator import CommConfig
+from runtime.files import write_json
 from runtime.shm import SHM_DIR, arena_path, shm_available
 from runtime.wakeup import WakePipe
 
@@ -419,13 +420,11 @@ class Cluster:
 
     def stop_trace(self, directory: str) -> list[str]:
         """Stop recording; each rank writes DIR/trace-rank{r}.json, the driver DIR/clocks.json."""
-        import json
-
         paths = self._call("trace_stop", None, [os.path.abspath(directory)], {}, None, name="stop_trace").result()
         clocks = getattr(self, "_trace_clocks", {})
         clocks["end"] = self.measure_clock_offsets()
-        with open(os.path.join(directory, "clocks.json"), "w") as f:
-            json.dump({"world_size": self.world_size, "offsets": clocks}, f, indent=1)
+        write_json(os.path.join(directory, "clocks.json"), {"world_size": self.world_size, "offsets": clocks},
+                   indent=1)
         return paths
 
     def measure_clock_offsets(self, samples: int = 15) -> dict[int, dict]:

@@ -14,9 +14,10 @@ Event tuple: (phase, name, category, thread, start_ns, duration_ns, args)
 """
 from __future__ import annotations
 
-import json
 import os
 import time
+
+from runtime.files import make_directory, write_json
 
 now_ns = time.monotonic_ns
 
@@ -60,13 +61,10 @@ class Tracer:
     def stop(self, directory: str) -> str:
         """Stop recording and write this rank's events; returns the file path."""
         self.enabled = False
-        os.makedirs(directory, exist_ok=True)
+        make_directory(directory)
         path = os.path.join(directory, f"trace-rank{self.rank}.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"rank": self.rank, "pid": os.getpid(), "clock": "monotonic_ns",
-                       "events": self.events}, f, separators=(",", ":"))
-        os.replace(tmp, path)
+        write_json(path, {"rank": self.rank, "pid": os.getpid(), "clock": "monotonic_ns",
+                          "events": self.events}, separators=(",", ":"))
         self.events = []
         return path
 

@@ -237,10 +237,10 @@ class RecordingTrainer(ParallelTrainer):
 
     first_grads = None
 
-    def _global_grad_norm(self, grads):
+    def _global_grad_norm(self, grads, *args):
         if self.first_grads is None:
             self.first_grads = {name: np.array(g) for name, g in grads.items()}
-        return super()._global_grad_norm(grads)
+        return super()._global_grad_norm(grads, *args)
 
     def recorded_grads(self):
         return self.first_grads

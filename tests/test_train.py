@@ -10,6 +10,7 @@ from cluster.cli import main
 from model.gpt import GPT
 from model.tokenizer import load_tokenizer
 from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
+from runtime.files import FileWriteError
 from tests.conftest import TEXT
 
 
@@ -76,7 +77,7 @@ def test_failed_checkpoint_save_leaves_the_previous_checkpoint_intact(corpus, tm
         raise OSError("disk full")
 
     trainer.optimizer.state_dict = fail
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FileWriteError, match="checkpoint: disk full"):
         trainer.save_checkpoint()
     assert sorted(os.listdir(run_dir)) == ["checkpoint", "tokens.bin"]
     assert Trainer.resume(saved_config(run_dir), run_dir).step == 1

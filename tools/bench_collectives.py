@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from runtime.files import check_writable_file, write_json
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "sendrecv")
 DTYPE = "float32"
 
@@ -164,8 +166,7 @@ def gloo_worker(rank, world_size, port, op_names, sizes, out_path):
     ops = Ops(rank, world_size, all_reduce, all_gather, reduce_scatter, broadcast, sendrecv, dist.barrier,
               lambda a: torch.from_numpy(a))
     rows = measure(ops, op_names, sizes)
-    with open(f"{out_path}.{rank}", "w") as f:
-        json.dump(rows, f)
+    write_json(f"{out_path}.{rank}", rows)
     dist.destroy_process_group()
 
 
@@ -242,6 +243,8 @@ def main(world_size=4, ops=OPS, sizes="1K-64M", compare=None, json_path=None, al
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     size_list = parse_sizes(sizes) if isinstance(sizes, str) else list(sizes)
+    if json_path:
+        check_writable_file(json_path)  # before the run, whose results would be lost at the end
     rows = run_ringpipe(world_size, ops, size_list, algorithm)
     gloo = None
     if compare == "gloo":
@@ -251,6 +254,5 @@ def main(world_size=4, ops=OPS, sizes="1K-64M", compare=None, json_path=None, al
     echo(format_table(rows, gloo, world_size))
     if json_path:
         keys = ("op", "size_bytes", "time_us", "algbw", "busbw", "wrong", "impl")
-        with open(json_path, "w") as f:
-            json.dump([{k: row[k] for k in keys} for row in rows + (gloo or [])], f, indent=1)
+        write_json(json_path, [{k: row[k] for k in keys} for row in rows + (gloo or [])], indent=1)
     return rows, gloo

@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from runtime import Cluster
+from runtime.files import write_text
 
 CORPUS = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home; the wolf waited {i % 5} days.\n"
                  for i in range(4000))
@@ -38,8 +39,7 @@ def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, b
         raise ValueError(f"per-rank batch {batch_per_rank} is not divisible by microbatches {microbatches}")
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         corpus = os.path.join(tmp, "corpus.txt")
-        with open(corpus, "w") as f:
-            f.write(CORPUS)
+        write_text(corpus, CORPUS)
         base = TrainConfig(data=corpus, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                            batch_size=batch_per_rank, microbatches=microbatches, steps=10 ** 6, warmup=10,
                            dtype="float32")

@@ -54,6 +54,7 @@ from model.parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import TOKEN_FILE, Trainer, TrainConfig
 from runtime import Cluster
+from runtime.files import write_text
 from tools.bench_data_parallel import CORPUS
 from tools.trace_io import COMPUTE_THREAD, load_trace
 from tools.trace_summary import intersect, rank_intervals, subtract, total, union
@@ -103,8 +104,7 @@ def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: i
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
-        with open(corpus, "w") as f:
-            f.write(CORPUS)
+        write_text(corpus, CORPUS)
         base = TrainConfig(data=corpus, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                            batch_size=microbatch_size, steps=10 ** 6, warmup=10, dtype="float32")
         plans = []

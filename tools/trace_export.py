@@ -12,8 +12,7 @@ its matching recv; the ranks of one collective are chained in rank order.
 """
 from __future__ import annotations
 
-import json
-
+from runtime.files import write_json
 from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace
 
 THREAD_ORDER = (COMPUTE_THREAD, COMM_THREAD)
@@ -134,6 +133,5 @@ def flow_events(flows: dict) -> list:
 def write_chrome_trace(trace: Trace, path: str) -> int:
     """Write the JSON; returns the number of trace events."""
     data = to_chrome_trace(trace)
-    with open(path, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+    write_json(path, data, separators=(",", ":"))
     return len(data["traceEvents"])

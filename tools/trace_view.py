@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 
+from runtime.files import write_text
 from tools.trace_export import assign_lanes
 from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace
 from tools.trace_summary import summarize
@@ -160,8 +161,7 @@ bubble = idle within the training steps; slowest = most compute time.</p>
 
 
 def write_view(trace: Trace, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render_html(trace))
+    write_text(path, render_html(trace))
 
 
 CSS = """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +29,7 @@ from model.parallel.pipeline import run_pipeline_step
 from model.parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import DenseStage
 from model.parallel.tensor_parallel import TensorParallelStage, param_layout
-from model.train import TrainConfig, dropout_seed
+from model.train import OVERFLOW_WARNINGS, TrainConfig, dropout_seed
 
 
 @dataclass
@@ -70,6 +71,7 @@ class ParallelTrainer:
     def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES):
         self.config = TrainConfig(**config)
+        warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
         self.tracer = comm.tracer
@@ -151,13 +153,22 @@ class ParallelTrainer:
             result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches,
                                        self.num_stages, inputs, targets, dloss=loss_scale / config.microbatches,
                                        dropout_seeds=seeds, tracer=self.tracer, step=step)
+        # A non-finite loss or gradient skips the update on every rank alike: the decision is taken
+        # on the global norm, which every rank computes the same (a local non-finite loss is folded
+        # in as NaN; it also makes that rank's gradients non-finite, and so the dp average everywhere).
+        # A mixed run's overflow of the scaled backward folds in as inf and is the loss scaler's.
+        loss = float(np.mean(list(result.losses.values()))) if result.losses else None
+        poison = loss is not None and not math.isfinite(loss)
         with self.tracer.span("optimizer", step=step):
             lr = lr_at(step, config.lr, config.min_lr, config.warmup, config.steps)
             if layout.zero:
                 shards = self.gradients.finish()  # this rank's 1/dp of every bucket, averaged
                 self._finalize_grad_shards(shards)
-                norm = self._sharded_grad_norm(shards)
-                self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
+                norm = self._sharded_grad_norm(shards, poison)
+                nonfinite = not math.isfinite(norm)
+                applied = not nonfinite
+                if applied:
+                    self.optimizer.update(shards, lr, clip_scale(norm, config.grad_clip))  # then all-gathers
             else:
                 grads = self._synchronized_grads()
                 overflow = False
@@ -165,9 +176,12 @@ class ParallelTrainer:
                     self._master_grads_flat[...] = self.gradients.flat_grads
                     self._master_grads_flat *= 1.0 / loss_scale
                     grads, overflow = self.master_grads, has_overflow(self.gradients.xp, self._master_grads_flat)
-                norm = self._global_grad_norm(grads, overflow=True) if overflow else self._global_grad_norm(grads)
-                # An overflow on any rank makes every rank's norm non-finite: all skip the step together.
-                applied = self.optimizer.scaler.update(not math.isfinite(norm)) if mixed else True
+                norm = self._global_grad_norm(grads, poison, overflow=overflow)
+                # inf: an overflow on some rank (every rank skips and halves its scale together);
+                # nan: a non-finite loss somewhere, the run's fault (skipped or stopped by the driver).
+                nonfinite = math.isnan(norm) or (not mixed and not math.isfinite(norm))
+                applied = not nonfinite and (self.optimizer.scaler.update(not math.isfinite(norm))
+                                             if mixed else True)
                 if applied:
                     scale = clip_scale(norm, config.grad_clip)
                     if scale != 1.0:
@@ -177,11 +191,11 @@ class ParallelTrainer:
                     if mixed:
                         self.gradients.flat_params[...] = self._master_flat  # rounded to float16
                     self._refresh_tied_copies()
-        loss = float(np.mean(list(result.losses.values()))) if result.losses else None
-        extra = {"loss_scale": loss_scale, "skipped": not applied} if mixed else {}
-        if mixed and not applied:
-            norm = None
-        return {**extra, "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "rank": self.mesh.rank,
+        extra = {"loss_scale": loss_scale} if mixed else {}
+        if mixed and not applied and not nonfinite:
+            norm = None  # an overflow's norm means nothing
+        return {**extra, "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": not applied,
+                "nonfinite": nonfinite, "rank": self.mesh.rank,
                 "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
                 "seconds": time.perf_counter() - start,
                 "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values())),
@@ -211,27 +225,28 @@ class ParallelTrainer:
             shards[b][start:stop] = flat[offset:offset + stop - start]
             offset += stop - start
 
-    def _sharded_grad_norm(self, shards: list) -> float:
+    def _sharded_grad_norm(self, shards: list, poison: bool = False) -> float:
         """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp, tp and the
         pipeline (the tied wte counted once, on the first stage; parameters replicated over tp
         counted on tp rank 0 only)."""
-        total = np.array([self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
+        total = np.array([np.nan if poison else self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
         for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
                            (self.layout.pp, self.mesh.pp)):
             if size > 1:
                 comm.all_reduce(total)
         return float(np.sqrt(total[0]))
 
-    def _global_grad_norm(self, grads: dict, *, overflow: bool = False) -> float:
+    def _global_grad_norm(self, grads: dict, poison: bool = False, *, overflow: bool = False) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
         tied wte once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
-        replicated parameters on tp rank 0 only). `overflow` (a non-finite gradient here, counted or
-        not) makes it inf on every rank."""
+        replicated parameters on tp rank 0 only). `poison` (a non-finite local loss) makes it nan on
+        every rank, `overflow` (a mixed run's non-finite gradient here) inf unless poisoned."""
         replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
         owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)
                  and (name not in replicated or self.mesh.tp_rank == 0)]
         xp = next(iter(self.stages.values())).xp
-        total = np.array([math.inf if overflow else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
+        total = np.array([np.nan if poison else math.inf if overflow
+                          else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
         if self.layout.tp > 1:
             self.mesh.tp.all_reduce(total)
         if self.layout.pp > 1:
@@ -277,13 +292,12 @@ class ParallelTrainer:
         import json
         import os
 
-        from safetensors.numpy import load_file
-
         from model.checkpoint import load_checkpoint
         from model.train import OPTIMIZER_FILE, TRAINER_STATE_FILE
+        from runtime.files import load_tensors
 
         _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
-        optimizer_full = load_file(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
+        optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
         # "step", and a mixed run's loss-scaler entries: whole on every rank
         state = {key: value for key, value in optimizer_full.items() if not key.startswith(("m.", "v."))}
         for name, param in self.params.items():

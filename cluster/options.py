@@ -1,0 +1,68 @@
+"""Click parameter types shared by every command: finite numbers and output paths checked up front.
+
+Their errors are one `Error: Invalid value for '--flag': ...` line, without click's usage block.
+"""
+from __future__ import annotations
+
+import math
+
+import click
+
+from runtime.files import FileWriteError, check_writable_directory, check_writable_file
+
+
+class FlagError(click.BadParameter):
+    """A bad flag value, shown as one line (click's BadParameter adds the usage block)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file, err=True)
+
+
+def _fail(param, ctx, message: str):
+    raise FlagError(message, ctx=ctx, param=param)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float flag (optionally within a range) that refuses nan and ±inf."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            _fail(param, ctx, f"{value!r} is not a finite number.")
+        try:
+            return super().convert(number, param, ctx)
+        except click.BadParameter as exc:
+            _fail(param, ctx, exc.message)
+
+
+class OutputFile(click.Path):
+    """A file the command will write: its directory must exist and be writable, checked before the
+    work starts (so a long benchmark cannot end by losing its results)."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        try:
+            check_writable_file(path)
+        except FileWriteError as exc:
+            _fail(param, ctx, str(exc))
+        return path
+
+
+class OutputDirectory(click.Path):
+    """A directory the command will create or write into, checked before the work starts."""
+
+    def __init__(self):
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        try:
+            check_writable_directory(path)
+        except FileWriteError as exc:
+            _fail(param, ctx, str(exc))
+        return path
