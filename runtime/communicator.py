@@ -5,6 +5,10 @@ Ranks inside a communicator are group-local: `comm.rank` is this process's index
 asynchronous one (`isend`/`irecv`, `async_op=True`) returning a `Handle` with `wait()`/`is_done()`.
 NumPy and CuPy arrays are accepted; CuPy arrays are staged through host memory and results stay on
 the device.
+
+Communication belongs to the call (`Cluster.run`, an actor method) that started it and is matched
+only within that call: an operation still running when its call returns is cancelled on every
+member (`wait()` on its handle raises `Cancelled`), and a message nobody received is dropped.
 """
 from __future__ import annotations
 

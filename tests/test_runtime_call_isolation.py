@@ -149,3 +149,24 @@ def test_a_receive_left_posted_in_one_call_does_not_take_the_next_calls_message(
     actors.leave_recv(6).result(timeout=30)
     assert actors.exchange(6).result(timeout=30) == [None, [7.0, 9.0], None]
     assert "recv from rank 0 tag 6" in actors.wait_left_handles().result(timeout=30)[1]
+
+
+def one_rank_leaves_early(comm):
+    import time
+
+    if comm.rank == 0:
+        comm.all_reduce(np.ones(4), async_op=True)  # returns without waiting
+        return None
+    time.sleep(0.5)  # rank 0's call has ended by now, and its all_reduce was cancelled
+    start = time.monotonic()
+    try:
+        comm.all_reduce(np.ones(4), timeout=30)
+    except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+        return type(exc).__name__, str(exc), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_waiting_for_a_collective_another_rank_left_behind_fails_at_once(local_cluster):
+    _, (kind, message, elapsed) = local_cluster(2).run(one_rank_leaves_early, timeout=30)
+    assert kind == "Aborted" and "cancelled on rank 0" in message and elapsed < 5.0
