@@ -54,7 +54,7 @@ def disagreements(draw):
 
 
 @pytest.mark.timeout(240)
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=disagreements())
 def test_any_disagreement_raises_collective_mismatch_on_every_rank(three_ranks, case):
     """Every collective, algorithm and size from empty to 2 x world (some ranks own no chunk),
