@@ -116,7 +116,7 @@ class Communicator:
 
         trace = None
         if self.engine.tracer.enabled:
-            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag)))
+            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag), call))
             trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
                               "flow": flow})
         if dst_global in self.engine.same_host and dst_global != self.engine.rank:
@@ -150,6 +150,7 @@ class Communicator:
         gid, engine = self.group.gid, self.engine
         host_out = None if out is None or backend.is_device_array(out) else out
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
+        call = engine.call
         name = f"recv from rank {src} tag {tag} on group {gid}"
 
         def make(epoch, call):
@@ -164,10 +165,10 @@ class Communicator:
 
         trace = None
         if engine.tracer.enabled:
-            flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag)))
+            flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag), call))
             nbytes = out.nbytes if out is not None else None
             trace = ("recv", {"bytes": nbytes, "peer": int(src), "group": gid, "tag": int(tag), "flow": flow})
-        return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace)
+        return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
         return self.irecv(src, tag, out, timeout).wait()
