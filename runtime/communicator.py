@@ -34,7 +34,7 @@ class CommConfig:
     algorithm: str = "auto"  # auto | direct | ring | shm
     direct_max_bytes: int = 32 << 10
     chunk_bytes: int = 1 << 20
-    round_bytes: int = 64 << 20
+    round_bytes: int = 64 << 20  # shared-memory rounds: at most this, and at most a quarter of the arena
 
 
 @dataclass(frozen=True)

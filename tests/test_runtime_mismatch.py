@@ -63,6 +63,15 @@ def test_any_disagreement_raises_collective_mismatch_on_every_rank(three_ranks, 
     assert results == ["CollectiveMismatch"] * WORLD, case
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_shape_mismatch_across_the_direct_shared_memory_boundary_raises_on_every_rank(three_ranks, kind):
+    # 4096 float64 = 32 KiB picks direct, one element more picks shared memory: the ranks run
+    # different algorithms, and still every one of them notices.
+    bad = three_ranks.run(disagreeing_collective, kind, "auto", 4096, "shape", 1, timeout=60)
+    assert bad == ["CollectiveMismatch"] * WORLD
+
+
 # ---- output buffers ----------------------------------------------------------------------------
 def receive_into(comm, out_dtype, out_shape, blocking, length):
     if comm.rank == 0:
