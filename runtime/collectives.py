@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
+from runtime.engine import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
 from runtime.transfer import send_arrays
 
 REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}
@@ -25,14 +25,14 @@ REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum
 class CollectiveContext:
     """What an algorithm needs: its group, its message keys and its signature."""
 
-    def __init__(self, engine, group, seq: int, epoch: int, name: str, signature: dict, config):
-        self.engine, self.group, self.seq, self.epoch = engine, group, seq, epoch
+    def __init__(self, engine, group, seq: int, epoch: int, call: int, name: str, signature: dict, config):
+        self.engine, self.group, self.seq, self.epoch, self.call = engine, group, seq, epoch, call
         self.name, self.signature, self.config = name, signature, config
         self.n, self.me = len(group.ranks), group.index
         self.owned_blocks: set[int] = set()  # arena blocks taken and not yet given back
 
     def send(self, peer: int, step: int, arrays=(), meta=None, allow_shm=True):
-        header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step}
+        header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step, "n": self.call}
         if meta is not None:
             header["m"] = meta
         yield from send_arrays(self.engine, self.group.ranks[peer], header, arrays, self.group.gid,
@@ -40,7 +40,7 @@ class CollectiveContext:
 
     def recv(self, peer: int, step: int):
         src = self.group.ranks[peer]
-        message = yield Recv((self.epoch, "coll", self.group.gid, self.seq, src, step), src)
+        message = yield Recv((self.epoch, self.call, "coll", self.group.gid, self.seq, src, step), src)
         return message
 
     def check(self, message, peer: int):
@@ -102,9 +102,15 @@ class CollectiveContext:
 
 
 def guarded(ctx: CollectiveContext, algorithm):
-    """Run a collective's generator; if it fails or is closed, drop the arena blocks it holds."""
+    """Run a collective's generator; if it fails or is closed, drop the arena blocks it holds.
+
+    Except when it is cancelled (a member's call ended without waiting for it): a peer may still
+    be reading this rank's blocks then, so they stay taken until the fence resets the arena."""
     try:
         return (yield from algorithm)
+    except (Cancelled, Aborted):
+        ctx.owned_blocks.clear()
+        raise
     finally:
         ctx.drop_owned_blocks()
 
@@ -118,6 +124,15 @@ def describe(signature) -> str:
 def split_bounds(length: int, parts: int) -> list[int]:
     """Boundaries of `parts` near-equal pieces of range(length)."""
     return [length * i // parts for i in range(parts + 1)]
+
+
+def shm_round_elements(ctx: CollectiveContext, itemsize: int) -> int:
+    """Elements of `itemsize` bytes that one shared-memory round moves: the configured round size,
+    but at most a quarter of the arena, so that a buffer larger than the arena goes in rounds and
+    collectives of several groups fit beside each other. Every rank's arena has the same size, so
+    every rank splits the same way."""
+    round_bytes = min(ctx.config.round_bytes, ctx.engine.arena.size // 4)
+    return max(1, round_bytes // max(itemsize, 1))
 
 
 def choose_algorithm(ctx: CollectiveContext, nbytes: int) -> str:
@@ -139,6 +154,11 @@ def all_reduce(ctx: CollectiveContext, work: np.ndarray, op: str):
     if ctx.n > 1:
         reduce = REDUCTIONS[op]
         algorithm = choose_algorithm(ctx, work.nbytes)
+        if work.size < ctx.n:
+            # Fewer elements than ranks: some rank would have no ring segment (and shm no round)
+            # and so send no signature; a disagreement could then go unseen. Direct sends every
+            # signature to every rank, and is the fastest at this size anyway.
+            algorithm = "direct"
         if algorithm == "direct":
             yield from direct_all_reduce(ctx, work, reduce)
         elif algorithm == "shm":
@@ -206,7 +226,7 @@ def shm_all_reduce(ctx, work, reduce):
     then copies every peer's reduced slice out. Two message rounds per data round plus one to
     release the blocks."""
     n, me = ctx.n, ctx.me
-    round_elems = max(1, ctx.config.round_bytes // max(work.itemsize, 1))
+    round_elems = shm_round_elements(ctx, work.itemsize)
     for round_index, start in enumerate(range(0, work.size, round_elems)):
         piece = work[start : start + round_elems]
         offset, block = yield from ctx.own_block(piece)
@@ -264,14 +284,19 @@ def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
         return out
     algorithm = choose_algorithm(ctx, out.nbytes)
     if algorithm == "shm":
-        offset, block = yield from ctx.own_block(x)
-        block[...] = x
-        blocks = yield from exchange_blocks(ctx, 0, offset, block, True)
-        for peer in range(ctx.n):
-            out[peer] = blocks[peer]
-        yield from notify_all(ctx, 1)
-        ctx.give_back_block(offset)
-        ctx.count_shared((ctx.n - 1) * x.nbytes)
+        # In rounds of a slice of every rank's piece (one round, the first, even when empty).
+        flat, pieces = x.reshape(-1), out.reshape(ctx.n, -1)
+        per_round = shm_round_elements(ctx, x.itemsize)
+        for index, start in enumerate(range(0, max(flat.size, 1), per_round)):
+            piece = flat[start : start + per_round]
+            offset, block = yield from ctx.own_block(piece)
+            block[...] = piece
+            blocks = yield from exchange_blocks(ctx, 2 * index, offset, block, index == 0)
+            for peer in range(ctx.n):
+                pieces[peer, start : start + piece.size] = blocks[peer]
+            yield from notify_all(ctx, 2 * index + 1)
+            ctx.give_back_block(offset)
+            ctx.count_shared((ctx.n - 1) * piece.nbytes)
     elif algorithm == "ring":
         n, me = ctx.n, ctx.me
         right, left = (me + 1) % n, (me - 1) % n
@@ -307,15 +332,21 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
     else:
         algorithm = choose_algorithm(ctx, work.nbytes)
         if algorithm == "shm":
-            offset, block = yield from ctx.own_block(work)
-            block[...] = work
-            blocks = yield from exchange_blocks(ctx, 0, offset, block, True)
-            result = blocks[0][me].copy()
-            for peer in range(1, n):
-                reduce(result, blocks[peer][me], out=result)
-            yield from notify_all(ctx, 1)
-            ctx.give_back_block(offset)
-            ctx.count_shared((n - 1) * work[me].nbytes)
+            # In rounds of columns: round i shares work[:, cols] (one round, the first, even when empty).
+            result = np.empty(work.shape[1], work.dtype)
+            per_round = shm_round_elements(ctx, n * work.itemsize)
+            for index, start in enumerate(range(0, max(work.shape[1], 1), per_round)):
+                part = work[:, start : start + per_round]
+                offset, block = yield from ctx.own_block(part)
+                block[...] = part
+                blocks = yield from exchange_blocks(ctx, 2 * index, offset, block, index == 0)
+                mine = result[start : start + part.shape[1]]
+                mine[...] = blocks[0][me]
+                for peer in range(1, n):
+                    reduce(mine, blocks[peer][me], out=mine)
+                yield from notify_all(ctx, 2 * index + 1)
+                ctx.give_back_block(offset)
+                ctx.count_shared((n - 1) * mine.nbytes)
         elif algorithm == "ring":
             # The reduce-scatter half of the ring all-reduce, on rows: row (me+1) ends fully reduced
             # here, so rank i sends its result for row i one hop left to finish.
@@ -382,25 +413,31 @@ def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
 
 def broadcast_shm(ctx: CollectiveContext, work: np.ndarray, root: int):
     """Large buffers on one host: the signatures go round first, so that the root takes no block
-    of its arena for a broadcast that then fails; then the block's offset, and a note back from
-    each rank once it has copied the data out."""
+    of its arena for a broadcast that then fails; then, round by round (see shm_round_elements),
+    the block's offset, and a note back from each rank once it has copied the data out."""
     n, me = ctx.n, ctx.me
     yield from barrier(ctx)
+    per_round = shm_round_elements(ctx, work.itemsize)
+    rounds = list(enumerate(range(0, max(work.size, 1), per_round)))
     if me != root:
-        message = yield from ctx.recv(root, 1)
-        work[...] = ctx.peer_block(root, message.meta["o"], work)
-        yield from ctx.send(root, 2)
+        for index, start in rounds:
+            piece = work[start : start + per_round]
+            message = yield from ctx.recv(root, 2 * index + 1)
+            piece[...] = ctx.peer_block(root, (message.meta or {}).get("o", -1), piece)
+            yield from ctx.send(root, 2 * index + 2)
         return work
-    offset, block = yield from ctx.own_block(work)
-    block[...] = work
-    for peer in range(n):
-        if peer != me:
-            yield from ctx.send(peer, 1, (), {"o": offset})
-    for peer in range(n):
-        if peer != me:
-            yield from ctx.recv(peer, 2)
-    ctx.give_back_block(offset)
-    ctx.count_shared((n - 1) * work.nbytes)
+    for index, start in rounds:
+        piece = work[start : start + per_round]
+        offset, block = yield from ctx.own_block(piece)
+        block[...] = piece
+        for peer in range(n):
+            if peer != me:
+                yield from ctx.send(peer, 2 * index + 1, (), {"o": offset})
+        for peer in range(n):
+            if peer != me:
+                yield from ctx.recv(peer, 2 * index + 2)
+        ctx.give_back_block(offset)
+        ctx.count_shared((n - 1) * piece.nbytes)
     return work
 
 

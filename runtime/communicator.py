@@ -5,6 +5,10 @@ Ranks inside a communicator are group-local: `comm.rank` is this process's index
 asynchronous one (`isend`/`irecv`, `async_op=True`) returning a `Handle` with `wait()`/`is_done()`.
 NumPy and CuPy arrays are accepted; CuPy arrays are staged through host memory and results stay on
 the device.
+
+Communication belongs to the call (`Cluster.run`, an actor method) that started it and is matched
+only within that call: an operation still running when its call returns is cancelled on every
+member (`wait()` on its handle raises `Cancelled`), and a message nobody received is dropped.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ class CommConfig:
     algorithm: str = "auto"  # auto | direct | ring | shm
     direct_max_bytes: int = 32 << 10
     chunk_bytes: int = 1 << 20
-    round_bytes: int = 64 << 20
+    round_bytes: int = 64 << 20  # shared-memory rounds: at most this, and at most a quarter of the arena
 
 
 @dataclass(frozen=True)
@@ -102,16 +106,17 @@ class Communicator:
         host = np.asarray(backend.to_host(x))
         if host.dtype.kind not in "biufc":
             raise TypeError(f"send: dtype {host.dtype} is not numeric")
-        header = {"k": "p2p", "g": self.group.gid, "c": int(tag), "s": 0}
+        call = self.engine.call
+        header = {"k": "p2p", "g": self.group.gid, "c": int(tag), "s": 0, "n": call}
         name = f"send to rank {dst} tag {tag} on group {self.group.gid}"
         allow_shm = self.config.shm
 
-        def make(epoch):
+        def make(epoch, call):
             return send_arrays(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm)
 
         trace = None
         if self.engine.tracer.enabled:
-            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag)))
+            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag), call))
             trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
                               "flow": flow})
         if dst_global in self.engine.same_host and dst_global != self.engine.rank:
@@ -119,7 +124,7 @@ class Communicator:
             # (which may wait for the GIL while this thread computes). Per destination the path
             # is always the same, so messages keep their order.
             return self._send_directly(name, dst_global, header, host, allow_shm, trace)
-        return self.engine.submit(name, make, timeout=timeout, trace=trace)
+        return self.engine.submit(name, make, timeout=timeout, trace=trace, call=call)
 
     def _send_directly(self, name, dst_global, header, host, allow_shm, trace) -> Handle:
         handle = Handle(name)
@@ -137,14 +142,20 @@ class Communicator:
         self.isend(x, dst, tag, timeout).wait()
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
-        """Start receiving an array from `src`; `wait()` returns it (written into `out` if given)."""
+        """Start receiving an array from `src`; `wait()` returns it (written into `out` if given).
+
+        `out` must have the message's shape and dtype (nothing is cast): otherwise `wait()` raises
+        ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
         gid, engine = self.group.gid, self.engine
         host_out = None if out is None or backend.is_device_array(out) else out
+        expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
+        call = engine.call
         name = f"recv from rank {src} tag {tag} on group {gid}"
 
-        def make(epoch):
-            return _receive(engine, (epoch, "p2p", gid, int(tag), src_global, 0), src_global, host_out, name)
+        def make(epoch, call):
+            return _receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
+                            expect, name)
 
         def finish(array):
             if out is not None and backend.is_device_array(out):
@@ -154,10 +165,10 @@ class Communicator:
 
         trace = None
         if engine.tracer.enabled:
-            flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag)))
+            flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag), call))
             nbytes = out.nbytes if out is not None else None
             trace = ("recv", {"bytes": nbytes, "peer": int(src), "group": gid, "tag": int(tag), "flow": flow})
-        return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace)
+        return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
         return self.irecv(src, tag, out, timeout).wait()
@@ -166,7 +177,8 @@ class Communicator:
     def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0):
         if self.size == 1:
             # Nothing to exchange: run the algorithm here, without a round trip to the engine thread.
-            ctx = CollectiveContext(self.engine, self.group, -1, self.engine.epoch, name, signature, self.config)
+            ctx = CollectiveContext(self.engine, self.group, -1, self.engine.epoch, self.engine.call, name, signature,
+                                    self.config)
             handle = Handle(name, finish)
             try:
                 next(algorithm(ctx))
@@ -175,19 +187,20 @@ class Communicator:
             else:
                 raise RuntimeError(f"{name}: a one-rank collective tried to communicate")
             return handle if async_op else handle.wait()
-        seq = self._sequence.next(self.engine.epoch)
+        call = self.engine.call
+        seq = self._sequence.next((self.engine.epoch, call))
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
 
-        def make(epoch):
-            ctx = CollectiveContext(self.engine, self.group, seq, epoch, full_name, signature, self.config)
+        def make(epoch, call):
+            ctx = CollectiveContext(self.engine, self.group, seq, epoch, call, full_name, signature, self.config)
             return collectives.guarded(ctx, algorithm(ctx))
 
         trace = None
         if self.engine.tracer.enabled:
             trace = (name, {"bytes": int(nbytes), "group": self.group.gid, "seq": seq, "ranks": list(self.group.ranks),
-                            "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}"})
+                            "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{call}"})
         handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
-                                    timeout=timeout, transform=finish, trace=trace)
+                                    timeout=timeout, transform=finish, trace=trace, call=call)
         return handle if async_op else handle.wait()
 
     @staticmethod
@@ -272,14 +285,16 @@ class Communicator:
 
 
 class _Sequence:
-    """Collective numbers of one group; they restart at 0 in every epoch (after an abort)."""
+    """Collective numbers of one group; they restart at 0 in every call and every epoch (after an
+    abort), so a collective one rank left unfinished in a call does not shift the next call's."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._epoch = 0
+        self._epoch = (0, 0)
         self._value = 0
 
-    def next(self, epoch: int) -> int:
+    def next(self, epoch: tuple) -> int:
+        """`epoch` = (abort epoch, call id)."""
         with self._lock:
             if epoch != self._epoch:
                 self._epoch, self._value = epoch, 0
@@ -294,7 +309,9 @@ def _write_back(x, result: np.ndarray):
         np.copyto(x, result, casting="unsafe")
 
 
-def _receive(engine, key, src, out, name):
+def _receive(engine, key, src, out, expect, name):
+    """Receive one array; into host array `out` if given. `expect` = (shape, dtype) of the caller's
+    output buffer (host or device), which the message must match exactly."""
     message = yield Recv(key, src)
     if message.shm is not None:
         arrays = [view for _, view in message.shm]
@@ -304,10 +321,15 @@ def _receive(engine, key, src, out, name):
         if len(arrays) != 1:
             raise ValueError(f"{name}: expected one array, got {len(arrays)}")
         array = arrays[0]
+        if expect is not None:
+            shape, dtype = expect
+            if shape != array.shape:
+                raise ValueError(f"{name} on rank {engine.rank}: out has shape {shape}, message has {array.shape}")
+            if dtype != array.dtype:
+                raise ValueError(f"{name} on rank {engine.rank}: out has dtype {dtype}, message has {array.dtype} "
+                                 f"(no casting: receive into a {array.dtype} buffer, or without out=)")
         if out is not None:
-            if out.shape != array.shape:
-                raise ValueError(f"{name}: out has shape {out.shape}, message has {array.shape}")
-            np.copyto(out, array, casting="unsafe")
+            np.copyto(out, array)
             return out
         return np.array(array, copy=True)
     finally:

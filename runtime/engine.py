@@ -45,6 +45,11 @@ class Aborted(CommError):
     pass
 
 
+class Cancelled(CommError):
+    """The operation was still running when the call that started it ended (its handle was never
+    waited on there); it was stopped on every member, since a peer's next call must not match it."""
+
+
 class Handle:
     """The result of an asynchronous operation: `wait()` returns it or raises its error."""
 
@@ -107,13 +112,13 @@ class WaitBlock:
 
 
 class Operation:
-    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch",
+    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch", "call",
                  "trace", "start_ns", "blocked_ns", "wait_ns")
 
-    def __init__(self, name, generator, handle, timeout, abort_key, epoch, trace):
+    def __init__(self, name, generator, handle, timeout, abort_key, epoch, call, trace):
         self.name, self.generator, self.handle = name, generator, handle
         self.timeout, self.deadline = timeout, time.monotonic() + timeout
-        self.abort_key, self.epoch = abort_key, epoch
+        self.abort_key, self.epoch, self.call = abort_key, epoch, call
         self.waiting = None
         # Tracing: (span name, args) or None; wait_ns sums the time blocked on a peer's message.
         self.trace, self.start_ns, self.blocked_ns, self.wait_ns = trace, 0, 0, 0
@@ -140,6 +145,11 @@ class Engine:
         self.same_host: set[int] = set()
         self.shm_peers: set[int] = set()  # same-host peers that mapped this rank's arena
         self.epoch = 0
+        # The driver's id of the call this worker runs (or ran last). Every data message carries
+        # the call it belongs to ("n") and is matched within that call only: what a call left
+        # behind (a message nobody received, an operation nobody waited for) never meets the next.
+        self.call = 0
+        self._call_handles: list[Handle] = []  # handles submitted during the current call
         self.inbox: dict = defaultdict(deque)
         self.waiting: dict = defaultdict(deque)
         self.operations: set[Operation] = set()
@@ -197,15 +207,46 @@ class Engine:
 
     # ---- called from user threads ----------------------------------------------------------
     def submit(self, name: str, make_generator, abort_key=None, timeout=None, transform=None,
-               trace=None) -> Handle:
-        """Run `make_generator(epoch)` on the engine thread; returns its Handle.
+               trace=None, call=None) -> Handle:
+        """Run `make_generator(epoch, call)` on the engine thread; returns its Handle.
 
-        `trace` = (span name, args dict) to record the operation when tracing is on."""
+        `call` is the call the operation belongs to (default: the current one); messages it sends
+        carry it and it receives only messages of the same call. `trace` = (span name, args dict)
+        to record the operation when tracing is on."""
         handle = Handle(name, transform)
+        handles = self._call_handles
+        if len(handles) >= 256:  # keep the list short: only unfinished handles matter at the end
+            handles[:] = [h for h in handles if not h.is_done()]
+        handles.append(handle)
         self._submissions.put((name, make_generator, handle, self.timeout if timeout is None else timeout,
-                               abort_key, trace if self.tracer.enabled else None))
+                               abort_key, self.call if call is None else call,
+                               trace if self.tracer.enabled else None))
         self._wake()
         return handle
+
+    def begin_call(self, call_id: int):
+        """Worker thread, before running call `call_id`: messages of earlier calls are stale from now."""
+        self.call = call_id
+        self._call_handles = []
+        self.call_soon(lambda: self._drop_before(call_id))
+
+    def end_call(self, call_id: int, what: str):
+        """Worker thread, when call `call_id` has returned or raised: operations it started and did
+        not wait for are cancelled on every member (their handles raise `Cancelled`). Waits for the
+        engine thread only when there is such an operation."""
+        handles, self._call_handles = self._call_handles, []
+        if all(h.is_done() for h in handles):
+            return
+        done = threading.Event()
+
+        def cancel():
+            try:
+                self._cancel_call(call_id, what)
+            finally:
+                done.set()
+
+        self.call_soon(cancel)
+        done.wait(10.0)
 
     def call_soon(self, fn):
         """Run `fn()` on the engine thread (used for control-plane sends)."""
@@ -284,22 +325,22 @@ class Engine:
             if callable(item):
                 item()
                 continue
-            name, make_generator, handle, timeout, abort_key, trace = item
+            name, make_generator, handle, timeout, abort_key, call, trace = item
             try:
-                generator = make_generator(self.epoch)
+                generator = make_generator(self.epoch, call)
             except Exception as exc:
                 handle._set(error=exc)
                 continue
             if self.aborted_call is not None:
                 handle._set(error=Aborted(self.aborted_call))
                 continue
-            op = Operation(name, generator, handle, timeout, abort_key, self.epoch, trace)
+            op = Operation(name, generator, handle, timeout, abort_key, self.epoch, call, trace)
             if trace is not None:
                 op.start_ns = now_ns()
                 self.tracer.counter("comm ops in flight", len(self.operations) + 1, thread="comm")
-            reason = self.aborted.get((self.epoch, *abort_key[:2])) if abort_key else None
-            if reason is not None:
-                handle._set(error=CollectiveMismatch(reason))
+            aborted = self.aborted.get((self.epoch, call, *abort_key[:2])) if abort_key else None
+            if aborted is not None:
+                handle._set(error=aborted[0](aborted[1]))
                 continue
             self.operations.add(op)
             self._advance(op, None)
@@ -354,9 +395,9 @@ class Engine:
             self.needs_fence = True
         self.operations.discard(op)
         self._forget_waits(op)
-        if (isinstance(error, CollectiveMismatch) and op.abort_key is not None
-                and (op.epoch, *op.abort_key[:2]) not in self.aborted):
-            self._broadcast_abort(op, str(error))
+        if (isinstance(error, (CollectiveMismatch, Cancelled)) and op.abort_key is not None
+                and (op.epoch, op.call, *op.abort_key[:2]) not in self.aborted):
+            self._broadcast_abort(op, error)
         if op.trace is not None:
             name, args = op.trace
             args = dict(args, wait_us=op.wait_ns / 1000.0)
@@ -387,6 +428,43 @@ class Engine:
         except Exception:  # noqa: BLE001
             pass
         self._finish(op, error=error)
+
+    def _cancel(self, op, error):
+        """Like _fail, but the error is raised inside the operation: a collective keeps the arena
+        blocks it owns (a peer may still be reading them) until the fence that follows resets
+        the arena, instead of giving them back at once."""
+        self._forget_waits(op)
+        try:
+            op.generator.throw(error)
+        except BaseException:  # noqa: BLE001 - the expected way out
+            pass
+        else:
+            op.generator.close()
+        self._finish(op, error=error)
+
+    def _cancel_call(self, call_id: int, what: str):
+        left = [op for op in self.operations if op.call <= call_id]
+        for op in left:
+            self._cancel(op, Cancelled(f"{op.name} was cancelled on rank {self.rank}: {what} ended before it "
+                                       f"finished; wait() for asynchronous operations before a call returns"))
+        if left:
+            log.warning("rank %d: %s ended with %d operation(s) still running, cancelled: %s", self.rank, what,
+                        len(left), "; ".join(op.name for op in left))
+
+    def _drop_before(self, call_id: int):
+        """Engine thread, at the start of a call: forget what earlier calls left behind."""
+        self._cancel_call(call_id - 1, "an earlier call")
+        for key in [k for k in self.inbox if k[1] < call_id]:
+            for message in self.inbox.pop(key):
+                self._free_unread(message)
+        for key in [k for k in self.aborted if k[1] < call_id]:
+            del self.aborted[key]
+
+    def _free_unread(self, message):
+        """A message dropped unread still gives the sender's arena blocks back."""
+        if message.shm:
+            for offset, _ in message.shm:
+                self.send(message.src, {"k": "free", "o": offset})
 
     def _check_sent(self):
         if not self.sent_waits:
@@ -459,19 +537,23 @@ class Engine:
             return
         if kind not in ("p2p", "coll", "abort"):
             raise wire.WireError(f"unknown message kind {kind!r}")
-        group, channel, step = header.get("g"), header.get("c"), header.get("s", 0)
-        if not isinstance(group, str) or not isinstance(channel, int) or not isinstance(step, int):
+        group, channel, step, call = header.get("g"), header.get("c"), header.get("s", 0), header.get("n")
+        if not (isinstance(group, str) and isinstance(channel, int) and isinstance(step, int)
+                and isinstance(call, int)):
             raise wire.WireError("bad message key")
         shm = header.get("shm")
         if shm is not None:
             shm = self._validate_shm(src, shm)
-        if epoch < self.epoch:
-            return  # left over from an aborted call
-        if kind == "abort":
-            self._on_abort(epoch, group, channel, str(header.get("r", "")))
-            return
         message = Message(src, header.get("m"), inline, shm)
-        key = (epoch, kind, group, channel, src, step)
+        if epoch < self.epoch:
+            return  # left over from an aborted call (the arena it points into was reset)
+        if call < self.call:  # left over from an earlier call: nobody here will receive it
+            self._free_unread(message)
+            return
+        if kind == "abort":
+            self._on_abort(epoch, call, group, channel, str(header.get("r", "")), header.get("x") == "cancel")
+            return
+        key = (epoch, call, kind, group, channel, src, step)
         waiters = self.waiting.get(key)
         if waiters:
             op = waiters.popleft()
@@ -500,19 +582,27 @@ class Engine:
         return out
 
     # ---- aborts -------------------------------------------------------------------------------
-    def _broadcast_abort(self, op, reason):
-        """Tell every member of the group that this collective cannot go on (mismatch seen here)."""
+    def _broadcast_abort(self, op, error):
+        """Tell every member of the group that this collective cannot go on (a mismatch seen here,
+        or this rank's call ended without waiting for it)."""
         group, seq, members = op.abort_key
-        self.aborted[(op.epoch, group, seq)] = reason
+        cancelled = isinstance(error, Cancelled)
+        self.aborted[(op.epoch, op.call, group, seq)] = (Aborted if cancelled else CollectiveMismatch, str(error))
+        header = {"k": "abort", "g": group, "c": seq, "n": op.call, "r": str(error)}
+        if cancelled:
+            header["x"] = "cancel"
         for peer in members:
             if peer != self.rank:
-                self.send(peer, {"k": "abort", "g": group, "c": seq, "r": reason})
+                self.send(peer, dict(header))
 
-    def _on_abort(self, epoch, group, seq, reason):
-        self.aborted[(epoch, group, seq)] = reason
+    def _on_abort(self, epoch, call, group, seq, reason, cancelled):
+        kind = Aborted if cancelled else CollectiveMismatch
+        self.aborted[(epoch, call, group, seq)] = (kind, reason)
         for op in list(self.operations):
-            if op.abort_key is not None and op.epoch == epoch and op.abort_key[:2] == (group, seq):
-                self._fail(op, CollectiveMismatch(reason))
+            if (op.abort_key is not None and op.epoch == epoch and op.call == call
+                    and op.abort_key[:2] == (group, seq)):
+                # A cancelled peer may still be reading this rank's blocks: keep them until the fence.
+                (self._cancel if cancelled else self._fail)(op, kind(reason))
 
     def reset(self, epoch: int, reason: str, call_id: int | None = None):
         """Fail every operation in flight and start a new epoch (after a failed call, `call_id`)."""

@@ -53,7 +53,7 @@ class Tracer:
         return _Span(self.events, name, category, args)
 
     def next_flow(self, key: tuple) -> str:
-        """The n-th message on a (group, src, dst, tag) channel gets the same id on both sides."""
+        """The n-th message on a (group, src, dst, tag, call) channel gets the same id on both sides."""
         n = self.flow_counts.get(key, 0)
         self.flow_counts[key] = n + 1
         return ":".join(map(str, key)) + f":{n}"

@@ -155,6 +155,8 @@ class Worker:
     def _reply(self, value):
         from runtime import wire
 
+        # Operations this call started and left running are cancelled before the driver hears back.
+        self.engine.end_call(value["id"], f"call {value['id']} ({self._call_name})")
         value["fence"] = self.engine.needs_fence
 
         try:
@@ -183,6 +185,8 @@ class Worker:
             with self.engine.abort_lock:
                 if self.engine.aborted_call_id != call["id"]:
                     self.engine.aborted_call = None
+            self._call_name = (call.get("target") or {}).get("qualname") or call.get("method") or call["kind"]
+            self.engine.begin_call(call["id"])
             try:
                 value = self._execute(call)
                 self._reply({"t": "result", "id": call["id"], "ok": True, "value": value})

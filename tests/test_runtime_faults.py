@@ -313,7 +313,7 @@ def test_malformed_messages_are_rejected_and_the_worker_keeps_working(local_clus
     # Authenticated (the test holds the job key), using the one peer identity rank 0's socket has
     # free: its own. The ROUTER ignores a second connection claiming rank 1's identity.
     sock = _dealer(cluster.keys, b"r0", cluster.worker_addresses[0]["data"])
-    good_header = {"k": "p2p", "g": "w", "c": 99, "s": 0, "e": 0}
+    good_header = {"k": "p2p", "g": "w", "c": 99, "s": 0, "e": 0, "n": 0}
     bad_messages = [
         [b"\xc1\xff garbage"],                                              # not msgpack
         [msgpack.packb({"hello": 1})],                                       # not [header, arrays]
