@@ -411,7 +411,10 @@ class Engine:
         if self.heartbeat is None or self.control is None or now < self._next_beat:
             return
         self._next_beat = now + self.heartbeat_interval
-        self.send_control(self.heartbeat())
+        try:  # never block here: a driver that stopped reading must not wedge this thread
+            self.control.send_multipart(wire.encode(self.heartbeat()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def describe_waits(self, limit: int = 4) -> list[str]:
         """What operations in flight wait for, longest first (engine thread), e.g.
