@@ -228,10 +228,11 @@ class Cluster:
         self._wakeup = WakePipe()
         self._clock_replies: dict[int, int] = {}
         # Liveness, kept by the driver thread: when each rank was last heard from, its last
-        # heartbeat, and the stacks asked of ranks that seem stuck (rank -> time asked / text).
+        # heartbeat, and the stacks asked of ranks that seem stuck ((call id, rank) -> time asked;
+        # rank -> the stack's text).
         self._last_heard: dict[int, float] = {}
         self._beats: dict[int, dict] = {}
-        self._stack_asked: dict[int, float] = {}
+        self._stack_asked: dict[tuple, float] = {}
         self._stacks: dict[int, str] = {}
         self._last_check = time.monotonic()
         self._lock = threading.Lock()
@@ -286,6 +287,7 @@ class Cluster:
         self._gather("unlinked", start_timeout)
         now = time.monotonic()
         self._last_heard = {rank: now for rank in range(self.world_size)}
+        self._last_check = now
 
     def _gather(self, kind: str, timeout: float) -> dict[int, dict]:
         got: dict[int, dict] = {}
@@ -480,11 +482,14 @@ class Cluster:
                 allowance = self.stuck_grace + (0.0 if waited_by is not None else self.comm_config.timeout)
                 if now < future.failed_at + allowance:
                     continue
-                asked = self._stack_asked.get(rank)
+                asked = self._stack_asked.get((future.call_id, rank))
                 if asked is None:
-                    self._stack_asked[rank] = now
+                    self._stack_asked[(future.call_id, rank)] = now
                     self._stacks.pop(rank, None)
-                    self._send_to(rank, {"t": "stack"})
+                    try:
+                        self._send_to(rank, {"t": "stack"})
+                    except zmq.ZMQError:  # unreachable: reported without a stack below
+                        pass
                     continue
                 if rank not in self._stacks and now - asked < 2.0:
                     continue
@@ -610,9 +615,15 @@ class Cluster:
                 result[rank] = best or {"offset_ns": 0, "rtt_ns": None}
             done.set()
 
+        if self._failure is not None:
+            raise ClusterStopped(self._failure)
         self._post(0, ping_all)
-        if not done.wait(60):
-            raise TimeoutError("clock offsets: the driver thread did not answer")
+        deadline = time.monotonic() + 60
+        while not done.wait(0.05):
+            if not self._thread.is_alive():  # stopped by a lost worker before it got to the pings
+                raise ClusterStopped(self._failure or RuntimeError("the cluster was closed"))
+            if time.monotonic() > deadline:
+                raise TimeoutError("clock offsets: the driver thread did not answer")
         return result
 
     # ---- shutdown -----------------------------------------------------------------------------------
