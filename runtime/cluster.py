@@ -508,15 +508,14 @@ class Cluster:
     def _doing(self, rank: int) -> str:
         """What the rank was doing as far as the driver knows: its call, and what its last heartbeat said."""
         beat = self._beats.get(rank) or {}
-        call = beat.get("name") or self._running.get(rank)
-        if not call:
-            return "idle (between calls)"
-        doing = f"running {call}"
-        if isinstance(beat.get("seconds"), (int, float)) and beat.get("name"):
+        if not beat.get("name"):
+            queued = self._running.get(rank)
+            return f"between calls, with {queued} sent to it" if queued else "idle (between calls)"
+        doing = f"running {beat['name']}"
+        if isinstance(beat.get("seconds"), (int, float)):
             doing += f" for {beat['seconds']:.1f}s"
         waits = [str(w) for w in beat.get("waiting") or []][:3]
-        doing += f", {'; '.join(waits)}" if waits else ", in its own code (no communication pending)"
-        return doing
+        return doing + (f", {'; '.join(waits)}" if waits else ", in its own code (no communication pending)")
 
     def _die(self, died: WorkerLost):
         self._failure = died
