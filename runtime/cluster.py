@@ -216,7 +216,8 @@ class Cluster:
         self.heartbeat_interval, self.heartbeat_timeout, self.stuck_grace = \
             heartbeat_interval, heartbeat_timeout, stuck_grace
         raise_descriptor_limit()
-        self._closed = False
+        self._closed = False  # no more calls; the driver thread ends
+        self._released = False  # close() has run: no process, socket or thread of ours is left
         self._failure: Exception | None = None
         self._ids = itertools.count()
         self._pending: dict[int, CallFuture] = {}
@@ -627,13 +628,17 @@ class Cluster:
 
     # ---- shutdown -----------------------------------------------------------------------------------
     def close(self):
-        """Stop every worker (politely, then by force) and release every resource. Idempotent."""
-        if self._closed:
+        """Stop every worker (politely, then by force) and release every resource. Idempotent.
+
+        After a lost worker the driver thread is already stopping the others: this waits for it,
+        so that no worker is left running when close() returns."""
+        if self._released:
             return
+        self._released = True
         self._closed = True
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)  # the router is this thread's alone from here on
+            thread.join(timeout=10)  # the router is this thread's alone from here on
         for rank, proc in enumerate(self.processes):
             if proc.poll() is None:
                 try:

@@ -154,4 +154,5 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
         assert error.endswith("no checkpoint was saved yet, so start the run again"), error
     else:
         assert error.endswith(f"continue from the last checkpoint with --resume --out {out}"), error
-    assert not any(_alive(p.pid) for p in _RecordingCluster.last.processes)
+    left = [p.pid for p in _RecordingCluster.last.processes if _alive(p.pid)]
+    assert not left, f"workers {left} still running"
