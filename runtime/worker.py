@@ -183,6 +183,7 @@ class Worker:
     def _reply(self, value):
         from runtime import wire
 
+        self.current = None  # the call is over: heartbeats say so from now on
         value["fence"] = self.engine.needs_fence
         value["waited_for"] = sorted(self.engine.timed_out_on)
 
@@ -228,12 +229,6 @@ class Worker:
                              "aborted": isinstance(exc, Aborted)})
 
     def _execute(self, call: dict):
-        try:
-            return self._dispatch_call(call)
-        finally:
-            self.current = None
-
-    def _dispatch_call(self, call: dict):
         kind = call["kind"]
         args, kwargs = call.get("args") or [], call.get("kwargs") or {}
         if kind == "run":
