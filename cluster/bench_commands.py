@@ -7,14 +7,26 @@ from cluster.cli import bench
 from cluster.options import FiniteFloat, OutputFile
 from runtime.files import write_json
 
+from runtime import RemoteError, WorkerLost  # noqa: E402
+
+# A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
+_ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost)
+
+
+def _first_line(exc: Exception) -> str:
+    """A flag's ValueError as it is; a worker's error without its remote traceback."""
+    if isinstance(exc, ValueError) or not str(exc):
+        return str(exc) or type(exc).__name__
+    return str(exc).splitlines()[0]
+
 
 def _run_and_report(run, format_result, json_path):
     """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, and write
     its result as JSON when asked."""
     try:
         result = run()
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except _ONE_LINE_ERRORS as exc:
+        raise click.ClickException(_first_line(exc)) from None
     click.echo(format_result(result))
     if json_path:
         write_json(json_path, result, indent=1)
@@ -65,8 +77,8 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
         op_list = [o.strip() for o in ops.split(",") if o.strip()]
         run_bench(world_size, op_list, size_list, compare if compare != "none" else None, json_path, algorithm,
                   echo=click.echo)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except _ONE_LINE_ERRORS as exc:
+        raise click.ClickException(_first_line(exc)) from None
 
 
 @bench.command("data-parallel")

@@ -70,8 +70,8 @@ class DistributedRun:
 
     def _pull_state(self, with_optimizer: bool):
         """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
-        if self._pulled_at == (self.step, with_optimizer):
-            return
+        if self._pulled_at in ((self.step, with_optimizer), (self.step, True)):
+            return  # already here (the optimizer moments pulled for a checkpoint do no harm)
         layouts = self.trainers.param_layout().result()
         self.local.load_weights(assemble_full_params(self.trainers.local_params().result(), layouts))
         if with_optimizer:

@@ -20,7 +20,7 @@ from model.tokenizer import TOKENIZER_FILES, load_tokenizer
 from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
                          Trainer, TrainConfig, find_checkpoint, saved_config)
 from model.parallel.trainer import Layout
-from runtime import RemoteError, WorkerDied
+from runtime import ClusterStopped, RemoteError, WorkerLost
 from runtime.backend import array_module, to_host
 from runtime.files import AppendLog, FileWriteError, write_text
 
@@ -31,6 +31,21 @@ RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_e
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.ClickException:
+    """One line for a worker that failed, died, went silent or got stuck, wherever the driver was
+    (starting, training, evaluating, pulling weights for a checkpoint, writing traces): the cause's
+    first line and, when a checkpoint exists, how to continue from it."""
+    cause = exc.cause if isinstance(exc, ClusterStopped) else exc
+    line = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
+    try:
+        find_checkpoint(out)
+    except ValueError:
+        hint = "; no checkpoint was saved yet, so start the run again" if resumable else ""
+    else:
+        hint = f"; continue from the last checkpoint with --resume --out {out}" if resumable else ""
+    return click.ClickException(line + hint)
 
 
 def _bad_flag(flag: str, message: str) -> click.ClickException:
@@ -195,25 +210,31 @@ def train(ctx, **flags):
                                      bucket_bytes=int(flags["bucket_mb"] * (1 << 20)))
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
+    except WorkerLost as exc:
+        raise _worker_failure(exc, out) from None
+    except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
+        raise _worker_failure(exc, out, resumable=False) from None
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_one_line(exc)) from None
+    # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
+    # evaluates, writes a checkpoint or traces on its own. Each gives the same one-line error.
     try:
-        _train_loop(trainer, config, out)
+        try:
+            _train_loop(trainer, config, out)
+        finally:
+            if distributed:
+                trace_files = trainer.close()
+                if trace_files:
+                    _report_trace(out)
+        if flags["sample"]:
+            tokenizer = trainer.tokenizer
+            prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
+            ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
+            click.echo(tokenizer.decode(to_host(ids)[0]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {_checkpoint_status(out)}") from None
-    except (RemoteError, WorkerDied) as exc:
-        raise click.ClickException(f"{str(exc).splitlines()[0]}; continue from the last checkpoint with "
-                                   f"--resume --out {out}") from None
-    finally:
-        if distributed:
-            trace_files = trainer.close()
-            if trace_files:
-                _report_trace(out)
-    if flags["sample"]:
-        tokenizer = trainer.tokenizer
-        prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
-        ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-        click.echo(tokenizer.decode(to_host(ids)[0]))
+    except (RemoteError, WorkerLost) as exc:
+        raise _worker_failure(exc, out) from None
 
 
 def _checkpoint_status(out: str) -> str:

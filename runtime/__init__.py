@@ -2,9 +2,11 @@
 
 Imports nothing from the rest of ringpipe.
 """
-from runtime.cluster import ActorGroup, CallFuture, Cluster, RemoteError, WorkerDied
+from runtime.cluster import (ActorGroup, CallFuture, Cluster, ClusterStopped, RemoteError, WorkerDied, WorkerLost,
+                             WorkerStuck, WorkerUnresponsive)
 from runtime.communicator import CommConfig, Communicator
 from runtime.engine import Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle
 
-__all__ = ["Cluster", "RemoteError", "WorkerDied", "CallFuture", "ActorGroup", "Communicator", "CommConfig",
+__all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",
+           "ClusterStopped", "CallFuture", "ActorGroup", "Communicator", "CommConfig",
            "Handle", "CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled"]

@@ -4,11 +4,20 @@ The driver makes a fresh key pair per job and hands it to each worker over its s
 the command line or the environment). Servers run a ZAP handler that admits a client only if it
 proved possession of the job's secret key, so another local process cannot join, send a message
 that is acted on, or read what is sent.
+
+Strangers can still open TCP connections to a listening port. Each costs a file descriptor until
+ZeroMQ drops it, so every listening socket gets a short handshake deadline, and each process raises
+its soft descriptor limit: a flood of idle connections cannot starve the run of descriptors.
 """
 from __future__ import annotations
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+
+# A connection that has not completed the CURVE handshake within this many milliseconds is closed
+# (ZeroMQ's default is 30 s). Our own peers finish it in milliseconds; a client whose handshake is
+# cut short reconnects by itself.
+HANDSHAKE_DEADLINE_MS = 2000
 
 
 class JobKeys:
@@ -32,6 +41,7 @@ class JobKeys:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_DEADLINE_MS)
 
     def make_client(self, sock: zmq.Socket):
         sock.setsockopt(zmq.CURVE_SERVERKEY, self.public)
@@ -44,6 +54,22 @@ class JobKeys:
         auth.start()
         auth.configure_curve_callback(domain="*", credentials_provider=_SameJob(self.public))
         return auth
+
+
+def raise_descriptor_limit():
+    """Raise this process's soft limit on open files to the hard limit, so that connections from
+    strangers (each an accepted socket until its handshake deadline) cannot exhaust descriptors
+    the run needs for its own files."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        target = min(target, 1 << 20)  # a sane ceiling: some code sizes tables by the limit
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):  # not on this platform, or not allowed: keep the limit
+        pass
 
 
 class _SameJob:

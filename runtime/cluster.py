@@ -8,13 +8,18 @@
 A worker that raises makes the call fail with `RemoteError` (rank + remote traceback) and aborts
 the communication of the other ranks, so nobody hangs; the cluster stays usable. A worker that
 dies (exit, signal) is noticed within a fraction of a second: the driver raises `WorkerDied` and
-stops every other worker. `close()` leaves no process and no shared-memory file behind.
+stops every other worker. Each worker's engine thread sends a heartbeat every second, whatever its
+compute thread is doing: a worker silent for `heartbeat_timeout` seconds (stopped, or its host
+gone) raises `WorkerUnresponsive`; a live worker that makes no progress in a call the others gave up
+on (they timed out waiting for it, or the call failed elsewhere) raises `WorkerStuck` with its Python
+stack. Either way every worker is stopped. `close()` leaves no process and no shared-memory file behind.
 """
 from __future__ import annotations
 
 import atexit
 import glob
 import itertools
+import logging
 import os
 import queue
 import secrets
@@ -30,7 +35,7 @@ import msgpack
 import zmq
 
 from runtime import wire
-from runtime.auth import JobKeys
+from runtime.auth import JobKeys, raise_descriptor_limit
 from runtime.communicator import CommConfig
 from runtime.files import write_json
 from runtime.shm import SHM_DIR, arena_path, shm_available
@@ -48,17 +53,49 @@ class RemoteError(RuntimeError):
                          f"--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}")
 
 
-class WorkerDied(RuntimeError):
+class WorkerLost(RuntimeError):
+    """A worker can no longer take part (died, silent or stuck): every worker has been stopped.
+
+    `rank`, `pid` and `call` (the call it was running, or None) name it where known."""
+
+    def __init__(self, message: str, rank: int | None = None, pid: int | None = None, call: str | None = None):
+        self.rank, self.pid, self.call = rank, pid, call
+        super().__init__(message)
+
+
+class WorkerDied(WorkerLost):
     """A worker process ended while the cluster was running."""
 
     def __init__(self, rank: int, pid: int, returncode: int, remote_traceback: str, call: str | None):
-        self.rank, self.pid, self.returncode = rank, pid, returncode
+        self.returncode = returncode
         how = (f"was killed by signal {signal.Signals(-returncode).name}" if returncode < 0
                else f"exited with code {returncode}")
         during = f" while running {call}" if call else ""
         tb = (f"\n--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}" if remote_traceback
               else " (no traceback: the process ended without raising)")
-        super().__init__(f"worker rank {rank} (pid {pid}) {how}{during}; all workers stopped.{tb}")
+        super().__init__(f"worker rank {rank} (pid {pid}) {how}{during}; all workers stopped.{tb}", rank, pid, call)
+
+
+class WorkerUnresponsive(WorkerLost, TimeoutError):
+    """A worker sent nothing (not even a heartbeat) for too long: stopped, wedged, or its host gone."""
+
+
+class WorkerStuck(WorkerLost):
+    """A live worker made no progress in a call that the other ranks gave up on; `stack` is where
+    its compute thread was."""
+
+    def __init__(self, message: str, rank: int, pid: int, call: str | None, stack: str):
+        self.stack = stack
+        super().__init__(message, rank, pid, call)
+
+
+class ClusterStopped(WorkerLost):
+    """A call on a cluster that a lost worker stopped earlier; `cause` is that first failure."""
+
+    def __init__(self, cause: Exception):
+        self.cause = cause
+        super().__init__(f"cluster is stopped: {str(cause).splitlines()[0]}", getattr(cause, "rank", None),
+                         getattr(cause, "pid", None), getattr(cause, "call", None))
 
 
 def reference(target) -> dict:
@@ -82,6 +119,10 @@ class CallFuture:
         self.errors: dict[int, dict] = {}
         self.died: Exception | None = None
         self._done = threading.Event()
+        # Set by the driver thread when the call first fails: the time, and the peers that ranks
+        # timed out waiting for (peer -> one rank that waited), to tell a stuck rank from a slow one.
+        self.failed_at: float | None = None
+        self.blamed: dict[int, int] = {}
 
     def _set(self, rank, ok, value):
         if ok:
@@ -103,6 +144,10 @@ class CallFuture:
         while not self._done.wait(0.05):
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: no result after {timeout}s")
+            thread = getattr(self.cluster, "_thread", None)
+            if thread is not None and not thread.is_alive() and not self._done.is_set():
+                # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
+                raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
         if self.died is not None:
             raise self.died
         if self.errors:
@@ -150,7 +195,13 @@ class Cluster:
     def __init__(self, world_size: int, *, timeout: float = 60.0, shm: bool = True, algorithm: str = "auto",
                  threads_per_worker: int | None = None, bind_host: str = "127.0.0.1",
                  start_timeout: float = 60.0, arena_bytes: int = DEFAULT_ARENA_BYTES, env: dict | None = None,
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 8.0, stuck_grace: float = 3.0,
                  **comm_options):
+        """`timeout`: seconds a communication operation may wait for a peer. A worker that sends
+        nothing for `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every
+        `heartbeat_interval`); a worker still inside a call `stuck_grace` seconds after the others
+        timed out waiting for it (or `timeout + stuck_grace` after the call failed elsewhere) is
+        reported as stuck, with its stack."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         if algorithm not in ("auto", "direct", "ring", "shm"):
@@ -160,7 +211,14 @@ class Cluster:
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
-        self._closed = False
+        if not 0 < heartbeat_interval < heartbeat_timeout:
+            raise ValueError(f"heartbeat_interval {heartbeat_interval!r} must be positive and below "
+                             f"heartbeat_timeout {heartbeat_timeout!r}")
+        self.heartbeat_interval, self.heartbeat_timeout, self.stuck_grace = \
+            heartbeat_interval, heartbeat_timeout, stuck_grace
+        raise_descriptor_limit()
+        self._closed = False  # no more calls; the driver thread ends
+        self._released = False  # close() has run: no process, socket or thread of ours is left
         self._failure: Exception | None = None
         self._ids = itertools.count()
         self._pending: dict[int, CallFuture] = {}
@@ -171,6 +229,14 @@ class Cluster:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = WakePipe()
         self._clock_replies: dict[int, int] = {}
+        # Liveness, kept by the driver thread: when each rank was last heard from, its last
+        # heartbeat, and the stacks asked of ranks that seem stuck ((call id, rank) -> time asked;
+        # rank -> the stack's text).
+        self._last_heard: dict[int, float] = {}
+        self._beats: dict[int, dict] = {}
+        self._stack_asked: dict[tuple, float] = {}
+        self._stacks: dict[int, str] = {}
+        self._last_check = time.monotonic()
         self._lock = threading.Lock()
         self.keys = JobKeys.generate()
         self._context = zmq.Context()
@@ -205,7 +271,8 @@ class Cluster:
             boot = {"rank": rank, "world_size": self.world_size, "job_id": self.job_id, "driver": self.address,
                     "keys": self.keys.to_dict(), "bind_host": bind_host, "comm": asdict(self.comm_config),
                     "sys_path": list(sys.path), "cwd": os.getcwd(), "threads": self.threads_per_worker,
-                    "start_timeout": start_timeout, "arena_bytes": arena_bytes}
+                    "start_timeout": start_timeout, "arena_bytes": arena_bytes,
+                    "heartbeat_interval": self.heartbeat_interval}
             # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers.
             proc = subprocess.Popen([sys.executable, "-m", "runtime.worker"], stdin=subprocess.PIPE, env=env,
                                     start_new_session=True)
@@ -220,6 +287,9 @@ class Cluster:
         self._gather("ready", start_timeout)
         self._broadcast({"t": "unlink"})
         self._gather("unlinked", start_timeout)
+        now = time.monotonic()
+        self._last_heard = {rank: now for rank in range(self.world_size)}
+        self._last_check = now
 
     def _gather(self, kind: str, timeout: float) -> dict[int, dict]:
         got: dict[int, dict] = {}
@@ -228,7 +298,9 @@ class Cluster:
             self._check_processes(starting=True)
             if time.monotonic() > deadline:
                 missing = sorted(set(range(self.world_size)) - set(got))
-                raise TimeoutError(f"workers {missing} did not send '{kind}' within {timeout}s")
+                pids = [self.processes[r].pid for r in missing]
+                raise WorkerUnresponsive(f"worker ranks {missing} (pids {pids}) did not send '{kind}' within "
+                                         f"{timeout}s of start-up", missing[0], pids[0], "start-up")
             if not self._router.poll(50):
                 continue
             frames = self._router.recv_multipart()
@@ -289,26 +361,35 @@ class Cluster:
                     except zmq.ZMQError as exc:  # that worker is gone; _check_processes reports it
                         if exc.errno != zmq.EHOSTUNREACH:
                             raise
-                if self._router in events:
-                    self._receive_all()
+                drained = self._receive_all() if self._router in events else True
                 self._check_processes()
-            except WorkerDied as died:
-                self._die(died)
+                if drained:  # judge silence only once every message that arrived has been read
+                    self._check_liveness()
+            except WorkerLost as lost:
+                self._die(lost)
                 return
-            except zmq.ZMQError:
+            except zmq.ZMQError as exc:
                 if self._closed:
                     return
-                raise
+                self._die(WorkerLost(f"the driver's control socket failed: {exc}; all workers stopped"))
+                return
+            except Exception as exc:  # noqa: BLE001 - a dead driver thread would hang every caller
+                logging.getLogger("ringpipe.runtime").exception("driver thread failed")
+                self._die(WorkerLost(f"the driver thread failed: {type(exc).__name__}: {exc}; "
+                                     "all workers stopped"))
+                return
 
-    def _receive_all(self):
+    def _receive_all(self) -> bool:
+        """Handle what has arrived (at most 100 messages); True if nothing more is waiting."""
         for _ in range(100):
             try:
                 frames = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return True
             rank, value = self._parse(frames)
             if rank is not None:
                 self._on_message(rank, value)
+        return False
 
     def _post(self, rank, value):
         """Queue a message (or a callable to run) for the driver thread."""
@@ -317,7 +398,12 @@ class Cluster:
 
     def _on_message(self, rank, value):
         kind = value.get("t")
-        if kind == "clock":
+        self._last_heard[rank] = time.monotonic()
+        if kind == "beat":
+            self._beats[rank] = value
+        elif kind == "stack":
+            self._stacks[rank] = str(value.get("text", ""))
+        elif kind == "clock":
             self._clock_replies[rank] = int(value.get("time", 0))
         elif kind == "fatal":
             self._fatal[rank] = value.get("traceback", "")
@@ -334,6 +420,11 @@ class Cluster:
                 future._set(rank, True, value.get("value"))
             else:
                 self._fatal[rank] = value.get("traceback", "")
+                if future.failed_at is None:
+                    future.failed_at = time.monotonic()
+                for peer in value.get("waited_for") or []:
+                    if isinstance(peer, int):
+                        future.blamed.setdefault(peer, rank)
                 if not future.errors and not value.get("aborted"):
                     # First failure of this call: stop the other ranks' communication so none hangs.
                     self._abort(f"call {future.name} failed on rank {rank}", future.call_id)
@@ -358,7 +449,77 @@ class Cluster:
                 raise WorkerDied(rank, proc.pid, code, self._fatal.get(rank, ""), self._running.get(rank)
                                  or ("start-up" if starting else None))
 
-    def _die(self, died: WorkerDied):
+    # ---- liveness (driver thread) ---------------------------------------------------------------------
+    def _check_liveness(self):
+        now = time.monotonic()
+        stalled = now - self._last_check
+        self._last_check = now
+        if stalled > 1.0:
+            # The driver itself was not listening (its process paused or starved): that time is
+            # nobody's silence, so it does not count against the workers.
+            for rank in self._last_heard:
+                self._last_heard[rank] += stalled
+        for rank, heard in self._last_heard.items():
+            silent = now - heard
+            if silent > self.heartbeat_timeout and self.processes[rank].poll() is None:
+                pid = self.processes[rank].pid
+                call = self._running.get(rank)
+                raise WorkerUnresponsive(
+                    f"worker rank {rank} (pid {pid}) sent no heartbeat for {silent:.1f}s"
+                    f"{_process_state(pid)}; it was last heard {self._doing(rank)}; all workers stopped",
+                    rank, pid, call)
+        self._check_stuck(now)
+
+    def _check_stuck(self, now: float):
+        """A rank still inside a call the others gave up on is stuck: ask for its stack, report it."""
+        with self._lock:
+            failed = [f for f in self._pending.values() if f.failed_at is not None and not f.done()]
+        for future in failed:
+            for rank in future.ranks:
+                if rank in future.values or rank in future.errors:
+                    continue
+                waited_by = future.blamed.get(rank)
+                # Ranks timed out waiting for this one: it already had the full communication
+                # timeout. Otherwise it may still be computing towards its next collective.
+                allowance = self.stuck_grace + (0.0 if waited_by is not None else self.comm_config.timeout)
+                if now < future.failed_at + allowance:
+                    continue
+                asked = self._stack_asked.get((future.call_id, rank))
+                if asked is None:
+                    self._stack_asked[(future.call_id, rank)] = now
+                    self._stacks.pop(rank, None)
+                    try:
+                        self._send_to(rank, {"t": "stack"})
+                    except zmq.ZMQError:  # unreachable: reported without a stack below
+                        pass
+                    continue
+                if rank not in self._stacks and now - asked < 2.0:
+                    continue
+                pid = self.processes[rank].pid
+                stack = self._stacks.get(rank) or f"(no stack: rank {rank} did not answer{_process_state(pid)})"
+                cause = future.errors[waited_by if waited_by is not None else min(future.errors)]
+                why = (f"rank {waited_by} timed out waiting for it" if waited_by is not None
+                       else f"the call failed on rank {min(future.errors)}")
+                error = " ".join(str(cause.get("error", "")).split())[:300]
+                raise WorkerStuck(
+                    f"worker rank {rank} (pid {pid}) made no progress in {future.name}: {why} "
+                    f"({error}) and it had not returned {now - future.failed_at:.1f}s later; it is "
+                    f"{self._doing(rank)}; all workers stopped.\n--- stack of rank {rank} (pid {pid}) ---\n"
+                    f"{stack.rstrip()}", rank, pid, future.name, stack)
+
+    def _doing(self, rank: int) -> str:
+        """What the rank was doing as far as the driver knows: its call, and what its last heartbeat said."""
+        beat = self._beats.get(rank) or {}
+        if not beat.get("name"):
+            queued = self._running.get(rank)
+            return f"between calls, with {queued} sent to it" if queued else "idle (between calls)"
+        doing = f"running {beat['name']}"
+        if isinstance(beat.get("seconds"), (int, float)):
+            doing += f" for {beat['seconds']:.1f}s"
+        waits = [str(w) for w in beat.get("waiting") or []][:3]
+        return doing + (f", {'; '.join(waits)}" if waits else ", in its own code (no communication pending)")
+
+    def _die(self, died: WorkerLost):
         self._failure = died
         with self._lock:
             pending = list(self._pending.values())
@@ -370,14 +531,14 @@ class Cluster:
     # ---- calls -------------------------------------------------------------------------------------
     def _call(self, kind, target, args, kwargs, ranks, actor=None, method=None, name=None) -> CallFuture:
         if self._failure is not None:
-            raise RuntimeError(f"cluster is stopped: {self._failure}".split("\n")[0])
+            raise ClusterStopped(self._failure)
         if self._closed:
             raise RuntimeError("cluster is closed")
         ranks = list(range(self.world_size)) if ranks is None else sorted(set(int(r) for r in ranks))
         if not ranks or not all(0 <= r < self.world_size for r in ranks):
             raise ValueError(f"ranks {ranks} must be a non-empty subset of 0..{self.world_size - 1}")
         message = {"t": "call", "id": next(self._ids), "kind": kind, "target": target, "args": list(args),
-                   "kwargs": kwargs, "actor": actor, "method": method}
+                   "kwargs": kwargs, "actor": actor, "method": method, "name": name or kind}
         wire.encode(message)  # fail here, in the caller, if an argument cannot be sent
         future = CallFuture(self, message["id"], ranks, name or kind)
         with self._lock:
@@ -453,20 +614,30 @@ class Cluster:
                 result[rank] = best or {"offset_ns": 0, "rtt_ns": None}
             done.set()
 
+        if self._failure is not None:
+            raise ClusterStopped(self._failure)
         self._post(0, ping_all)
-        if not done.wait(60):
-            raise TimeoutError("clock offsets: the driver thread did not answer")
+        deadline = time.monotonic() + 60
+        while not done.wait(0.05):
+            if not self._thread.is_alive():  # stopped by a lost worker before it got to the pings
+                raise ClusterStopped(self._failure or RuntimeError("the cluster was closed"))
+            if time.monotonic() > deadline:
+                raise TimeoutError("clock offsets: the driver thread did not answer")
         return result
 
     # ---- shutdown -----------------------------------------------------------------------------------
     def close(self):
-        """Stop every worker (politely, then by force) and release every resource. Idempotent."""
-        if self._closed:
+        """Stop every worker (politely, then by force) and release every resource. Idempotent.
+
+        After a lost worker the driver thread is already stopping the others: this waits for it,
+        so that no worker is left running when close() returns."""
+        if self._released:
             return
+        self._released = True
         self._closed = True
         thread = getattr(self, "_thread", None)
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2)  # the router is this thread's alone from here on
+            thread.join(timeout=10)  # the router is this thread's alone from here on
         for rank, proc in enumerate(self.processes):
             if proc.poll() is None:
                 try:
@@ -522,4 +693,15 @@ class Cluster:
         return self._failure
 
 
-__all__ = ["Cluster", "RemoteError", "WorkerDied", "CallFuture", "ActorGroup", "arena_path"]
+def _process_state(pid: int) -> str:
+    """ " (process is stopped)" if /proc says so (a local, SIGSTOPped worker); else nothing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return " (its process is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
+
+
+__all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",
+           "ClusterStopped", "CallFuture", "ActorGroup", "arena_path"]

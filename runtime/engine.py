@@ -174,6 +174,14 @@ class Engine:
         self._parent_pid = os.getppid()
         self._thread = None
         self.tracer = Tracer(rank)
+        # Liveness: `heartbeat()` (set by the worker) builds a message this thread sends to the
+        # driver every `heartbeat_interval` seconds, whatever the compute thread is doing; peers
+        # whose messages this rank timed out waiting for go into `timed_out_on` (the worker reports
+        # them so the driver can tell the stuck rank from the ranks that waited for it).
+        self.heartbeat = None
+        self.heartbeat_interval = 1.0
+        self._next_beat = 0.0
+        self.timed_out_on: set[int] = set()
 
     # ---- setup ---------------------------------------------------------------------------
     def connect_peers(self, address_book: list[dict], host_id: str):
@@ -301,6 +309,7 @@ class Engine:
                     self._receive_control()
                 self._check_sent()
                 self._check_deadlines()
+                self._beat()
                 if os.getppid() != self._parent_pid:
                     log.error("rank %d: driver process went away; exiting", self.rank)
                     os._exit(70)
@@ -475,10 +484,34 @@ class Engine:
             for _, op in ready:
                 self._resume(op, None)
 
+    def _beat(self):
+        now = time.monotonic()
+        if self.heartbeat is None or self.control is None or now < self._next_beat:
+            return
+        self._next_beat = now + self.heartbeat_interval
+        try:  # never block here: a driver that stopped reading must not wedge this thread
+            self.control.send_multipart(wire.encode(self.heartbeat()), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def describe_waits(self, limit: int = 4) -> list[str]:
+        """What operations in flight wait for, longest first (engine thread), e.g.
+        'all_reduce group w waiting 3.2s for a message from rank 2'."""
+        now = time.monotonic()
+        out = []
+        for op in sorted(self.operations, key=lambda o: o.deadline - o.timeout)[:limit]:
+            peer = getattr(op.waiting, "peer", None)
+            what = {Recv: "a message from", WaitSent: "a send to"}.get(type(op.waiting), "")
+            target = f"{what} rank {peer}" if peer is not None else "shared memory"
+            out.append(f"{op.name} waiting {now - (op.deadline - op.timeout):.1f}s for {target}")
+        return out
+
     def _check_deadlines(self):
         now = time.monotonic()
         for op in [op for op in self.operations if op.deadline <= now]:
             peer = getattr(op.waiting, "peer", None)
+            if peer is not None:
+                self.timed_out_on.add(peer)
             what = {Recv: "a message from", WaitSent: "a send to"}.get(type(op.waiting), "")
             detail = f"waiting for {what} rank {peer}" if peer is not None else "waiting for shared memory"
             self._fail(op, CommTimeout(f"{op.name} on rank {self.rank} timed out after "

@@ -3,7 +3,7 @@
 Started by `runtime.cluster.Cluster` as `python -m runtime.worker` with a msgpack bootstrap record
 on stdin (rank, addresses, the job's keys). The main thread executes calls (SPMD functions and
 actor methods) one at a time; the engine thread owns every socket, so the control plane (aborts,
-stop) keeps working while user code computes.
+stop, heartbeats, stack requests) keeps working while user code computes.
 """
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import os
 import queue
 import socket
 import sys
+import threading
+import time
 import traceback
 
 import msgpack
@@ -84,6 +86,9 @@ class Worker:
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.actors: dict = {}
         self.host = host_id()
+        # The call the main thread is running: (driver's call id, name, monotonic start) or None.
+        self.current: tuple | None = None
+        self.main_thread = threading.get_ident()
 
         arena = None
         if self.config.shm:
@@ -116,6 +121,8 @@ class Worker:
         self.world = Communicator(self.engine, world, self.config)
         self.engine.control = control
         self.engine.on_control = self._on_control
+        self.engine.heartbeat = self._heartbeat
+        self.engine.heartbeat_interval = float(boot.get("heartbeat_interval", 1.0))
         self.engine.start()
 
     # ---- control plane ---------------------------------------------------------------------------
@@ -149,15 +156,38 @@ class Worker:
             self.engine.send_control({"t": "clock", "time": now_ns()})
         elif kind == "trace":
             self.engine.tracer.start()
+        elif kind == "stack":
+            self.engine.send_control({"t": "stack", "text": self._main_stack()})
         else:
             logging.getLogger("ringpipe.runtime").error("rank %d: unknown control message %r", self.rank, kind)
+
+    def _heartbeat(self) -> dict:
+        """Engine thread: the liveness message, with the call in progress and what it waits for."""
+        beat = {"t": "beat", "waiting": self.engine.describe_waits()}
+        current = self.current
+        if current is not None:
+            beat.update(call=current[0], name=current[1], seconds=time.monotonic() - current[2])
+        return beat
+
+    def _main_stack(self) -> str:
+        """Engine thread: where the compute (main) thread is now, as a formatted Python stack."""
+        frame = sys._current_frames().get(self.main_thread)
+        if frame is None:
+            return "(the main thread has no Python frame)"
+        frames = traceback.extract_stack(frame)
+        # Start at the user's code: the frames of this module and of `python -m` say nothing.
+        while len(frames) > 1 and (frames[0].filename == __file__ or frames[0].filename.startswith("<frozen")):
+            frames.pop(0)
+        return "".join(traceback.format_list(frames))
 
     def _reply(self, value):
         from runtime import wire
 
         # Operations this call started and left running are cancelled before the driver hears back.
         self.engine.end_call(value["id"], f"call {value['id']} ({self._call_name})")
+        self.current = None  # the call is over: heartbeats say so from now on
         value["fence"] = self.engine.needs_fence
+        value["waited_for"] = sorted(self.engine.timed_out_on)
 
         try:
             frames = wire.encode(value)
@@ -186,6 +216,8 @@ class Worker:
                 if self.engine.aborted_call_id != call["id"]:
                     self.engine.aborted_call = None
             self._call_name = (call.get("target") or {}).get("qualname") or call.get("method") or call["kind"]
+            self.engine.timed_out_on.clear()
+            self.current = (call["id"], str(call.get("name") or call["kind"]), time.monotonic())
             self.engine.begin_call(call["id"])
             try:
                 value = self._execute(call)
@@ -222,6 +254,9 @@ class Worker:
 
 
 def main():
+    from runtime.auth import raise_descriptor_limit
+
+    raise_descriptor_limit()  # before any socket: strangers' connections must not starve this process
     boot = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
     sys.path[:] = boot["sys_path"]
     os.chdir(boot["cwd"])

@@ -1,0 +1,158 @@
+"""`ringpipe train` when a worker dies, stops or hangs: one line naming it, the resume hint, a
+non-zero exit and no process left, wherever the driver is at that moment."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+import cluster.distributed_train as distributed_train
+import model.train
+from cluster.cli import main
+from runtime import Cluster
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
+         "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1"]
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid):
+    """Pids of the processes whose parent is `pid` (the workers of a driver)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return sorted(out)
+
+
+def _metric_lines(out):
+    try:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return 0
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_worker_ends_ringpipe_train_within_seconds_with_one_line(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "cluster", "train", "--data", corpus, *SMALL, "--steps", "100000",
+           "--checkpoint-every", "3", "--eval-every", "0", "--nproc", "4", "--tp", "2", "--pp", "2", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 60
+        while _metric_lines(out) < 4 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        workers = _children(proc.pid)
+        assert len(workers) == 4 and _metric_lines(out) >= 4, proc.poll()
+        os.kill(workers[2], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        elapsed = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        leftovers = [pid for pid in workers if _alive(pid)]
+        for pid in leftovers:  # a stopped worker cannot even notice that its driver is gone
+            os.kill(pid, signal.SIGKILL)
+    assert not leftovers, f"workers {leftovers} were still running"
+    assert proc.returncode != 0
+    assert elapsed < 15.0, elapsed  # noticed within 10 s; the rest is stopping everything
+    assert "Traceback" not in stderr, stderr
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: worker rank ") and f"(pid {workers[2]})" in error, stderr
+    assert "heartbeat" in error and f"--resume --out {out}" in error
+
+
+# ---- a worker killed while the driver does its own part of the work --------------------------------
+class _RecordingCluster(Cluster):
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _RecordingCluster.last = self
+
+
+def _kill_a_worker_and_wait_until_noticed():
+    cluster = _RecordingCluster.last
+    os.kill(cluster.processes[1].pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cluster.failure is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert cluster.failure is not None
+
+
+def _killing_first(function, on_call=1):
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            _kill_a_worker_and_wait_until_noticed()
+        return function(*args, **kwargs)
+    return wrapper
+
+
+def _killing_after(function):
+    def wrapper(*args, **kwargs):
+        result = function(*args, **kwargs)
+        _kill_a_worker_and_wait_until_noticed()
+        return result
+    return wrapper
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["setup", "evaluation", "pulling weights for a checkpoint",
+                                   "writing a checkpoint", "writing traces"])
+def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_the_resume_hint(
+        corpus, tmp_path, monkeypatch, where):
+    monkeypatch.setattr(distributed_train, "Cluster", _RecordingCluster)
+    extra = []
+    if where == "setup":
+        monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
+    elif where == "evaluation":
+        monkeypatch.setattr(model.train.Trainer, "evaluate", _killing_first(model.train.Trainer.evaluate))
+    elif where == "pulling weights for a checkpoint":
+        # The second checkpoint's pull: the weights are in, the optimizer moments are asked next.
+        monkeypatch.setattr(distributed_train, "assemble_full_params",
+                            _killing_first(distributed_train.assemble_full_params, on_call=2))
+    elif where == "writing a checkpoint":
+        monkeypatch.setattr(model.train.Trainer, "save_checkpoint",
+                            _killing_after(model.train.Trainer.save_checkpoint))
+    else:
+        monkeypatch.setattr(_RecordingCluster, "stop_trace", _killing_first(Cluster.stop_trace))
+        extra = ["--trace"]
+    out = str(tmp_path / "run")
+    # Checkpoints after steps 2 and 4, one evaluation after the last step (6).
+    flags = ["train", "--data", corpus, *SMALL, "--steps", "6", "--eval-every", "0", "--checkpoint-every", "2",
+             "--nproc", "2", "--pp", "2", "--out", out, *extra]
+    result = CliRunner().invoke(main, flags, catch_exceptions=False)  # a traceback fails the test
+    assert result.exit_code != 0
+    error = result.output.strip().splitlines()[-1]
+    pid = _RecordingCluster.last.processes[1].pid
+    assert error.startswith(f"Error: worker rank 1 (pid {pid}) was killed by signal SIGKILL"), result.output
+    assert "cluster is stopped" not in error and "Traceback" not in result.output
+    if where == "setup":
+        assert error.endswith("no checkpoint was saved yet, so start the run again"), error
+    else:
+        assert error.endswith(f"continue from the last checkpoint with --resume --out {out}"), error
+    left = [p.pid for p in _RecordingCluster.last.processes if _alive(p.pid)]
+    assert not left, f"workers {left} still running"
