@@ -22,7 +22,7 @@ def _run_and_report(run, format_result, json_path):
             json.dump(result, f, indent=1)
 
 
-@bench.command("model")
+@bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
 @click.option("--n-layer", default=4, show_default=True)
 @click.option("--n-head", default=4, show_default=True)
 @click.option("--n-embd", default=128, show_default=True)
@@ -47,7 +47,7 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
                     format_table, json_path)
 
 
-@bench.command("collectives")
+@bench.command("collectives", short_help="Collective time, algbw, busbw per size.")
 @click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
 @click.option("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast,sendrecv", show_default=True,
               help="Comma-separated operations.")
@@ -71,7 +71,7 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
         raise click.ClickException(str(exc)) from None
 
 
-@bench.command("data-parallel")
+@bench.command("data-parallel", short_help="Weak scaling and overlap of data parallelism.")
 @click.option("--dp", "dp_max", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Largest dp size; timed against dp=1 with the same per-rank batch.")
 @click.option("--n-layer", default=4, show_default=True)
@@ -100,7 +100,7 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
                     format_table, json_path)
 
 
-@bench.command("pipeline")
+@bench.command("pipeline", short_help="Pipeline bubble per schedule, measured vs theory.")
 @click.option("--schedules", default="1f1b,zb-h1,gpipe,interleaved", show_default=True,
               help="Comma-separated pipeline schedules.")
 @click.option("--microbatches", default="4,8", show_default=True, help="Comma-separated micro-batch counts m.")
@@ -135,7 +135,7 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                     format_summary, json_path)
 
 
-@bench.command("quality")
+@bench.command("quality", short_help="Val loss of the recipe: ringpipe vs transformers.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run each.")
 @click.option("--samplers", default="epoch", show_default=True,

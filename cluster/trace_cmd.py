@@ -11,9 +11,10 @@ from cluster.cli import main
 from tools.trace_io import TraceError, load_trace
 
 
-@main.group()
+@main.group(short_help="Summarise, view or export a run's trace.")
 def trace():
-    """Inspect traces written by cluster.start_trace()/stop_trace(DIR) (a run directory)."""
+    """Inspect the traces of a run directory (record them with `ringpipe train --trace`, or
+    cluster.start_trace()/stop_trace(DIR) from Python)."""
 
 
 def _load(run_dir: str):
@@ -23,7 +24,7 @@ def _load(run_dir: str):
         raise click.ClickException(str(exc)) from None
 
 
-@trace.command("export")
+@trace.command("export", short_help="Chrome/Perfetto trace JSON.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output file (default RUN_DIR/trace.json).")
@@ -38,7 +39,7 @@ def export(run_dir, output):
     _warn_causality(loaded)
 
 
-@trace.command("view")
+@trace.command("view", short_help="Offline HTML page: swimlanes, summary, loss.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Output file (default RUN_DIR/trace.html).")
@@ -56,7 +57,7 @@ def view(run_dir, output, open_browser):
         webbrowser.open("file://" + os.path.abspath(output))
 
 
-@trace.command("summary")
+@trace.command("summary", short_help="Per-rank compute/comm/idle time and bubble.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--all-steps", is_flag=True, help="One line per step (default: the 8 slowest).")

@@ -117,12 +117,12 @@ def test_summary_percentages_match_hand_computed_values(synthetic):
 
 def test_bubble_is_idle_time_within_the_step_window_next_to_the_theoretical_one(synthetic):
     summary = summarize(load_trace(synthetic))
-    # step 0 spans [0, 230]: rank 0 idle 10 us, rank 1 idle 110 us (incl. 60 us blocked on rank 0)
+    # step index 0 (step 1) spans [0, 230]: rank 0 idle 10 us, rank 1 idle 110 us (incl. 60 us blocked on rank 0)
     assert [r["bubble_pct"] for r in summary["ranks"]] == pytest.approx([100 / 23, 1100 / 23], abs=1e-3)
     assert summary["bubble"]["measured_pct"] == pytest.approx(600 / 23, abs=1e-3)
     assert summary["bubble"]["window"] == "steps"
     assert summary["bubble"]["theoretical_pct"] == pytest.approx(100 / 3, abs=1e-3)  # (p-1)/(m+p-1), p=m=2
-    assert summary["steps"][0]["step"] == 0 and summary["steps"][0]["wall_ms"] == pytest.approx(0.23)
+    assert summary["steps"][0]["step"] == 1 and summary["steps"][0]["wall_ms"] == pytest.approx(0.23)
 
 
 def test_slowest_rank_is_the_one_with_most_compute(synthetic):

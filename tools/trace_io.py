@@ -6,6 +6,10 @@ A trace directory (usually the run directory) holds what `Cluster.stop_trace` wr
   clocks.json         {"world_size", "offsets": {"start"|"end": {rank: {"offset_ns", "rtt_ns"}}}}
 and, when it is a training run, metrics.jsonl (one JSON object per step) and schedule.json.
 
+Step numbers: a span's "step" arg in the rank files is the 0-based step index the trainer ran;
+loading turns it into the 1-based step number that the progress line and metrics.jsonl show, so
+every tool (summary, viewer, export) names a step the way the console does.
+
 Clock correction: offset = rank clock - driver clock, measured at the start and at the end of
 tracing. Hosts drift, so the offset at a rank time t is interpolated linearly between the two
 samples. The samples carry no timestamp of their own, and they bracket the trace (measured just
@@ -155,7 +159,8 @@ def check_causality(events: list, worst: int = 5) -> CausalityReport:
 
 
 def read_metrics(directory: str) -> list:
-    """metrics.jsonl rows (dicts); a torn last line (run still writing) is skipped."""
+    """metrics.jsonl rows (dicts); a torn last line (run still writing) is skipped. "step" is the
+    1-based step number; files from before that numbering (a row with step 0) are renumbered."""
     path = os.path.join(directory, "metrics.jsonl")
     rows = []
     if os.path.exists(path):
@@ -167,6 +172,8 @@ def read_metrics(directory: str) -> list:
                     continue
                 if isinstance(row, dict):
                     rows.append(row)
+    if any(row.get("step") == 0 for row in rows):  # written before steps were numbered from 1
+        rows = [{**row, "step": row["step"] + 1} if isinstance(row.get("step"), int) else row for row in rows]
     return rows
 
 
@@ -195,7 +202,10 @@ def load_trace(directory: str) -> Trace:
             for phase, name, category, thread, start, duration, args in events:
                 begin = to_driver(int(start))
                 end = to_driver(int(start) + int(duration))
-                raw.append(Event(phase, rank, name, category, thread, begin, max(0, end - begin), dict(args or {})))
+                args = dict(args or {})
+                if type(args.get("step")) is int:
+                    args["step"] += 1  # step index -> step number (see the module docstring)
+                raw.append(Event(phase, rank, name, category, thread, begin, max(0, end - begin), args))
         except (TypeError, ValueError):
             raise TraceError(f"{path}: malformed event (expected [phase, name, category, thread, "
                              f"start_ns, duration_ns, args])") from None
