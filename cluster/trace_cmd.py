@@ -8,7 +8,7 @@ import webbrowser
 import click
 
 from cluster.cli import main
-from tools.trace_io import TraceError, load_trace
+from tools.trace_io import TraceError, bulk_allocation, load_trace
 
 
 @main.group(short_help="Summarise, view or export a run's trace.")
@@ -17,9 +17,9 @@ def trace():
     cluster.start_trace()/stop_trace(DIR) from Python)."""
 
 
-def _load(run_dir: str):
+def _load(run_dir: str, counters: bool = True):
     try:
-        return load_trace(run_dir)
+        return load_trace(run_dir, counters=counters)
     except TraceError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -32,9 +32,10 @@ def export(run_dir, output):
     """Chrome Trace Event JSON for https://ui.perfetto.dev or chrome://tracing."""
     from tools.trace_export import write_chrome_trace
 
-    loaded = _load(run_dir)
-    output = output or os.path.join(run_dir, "trace.json")
-    count = write_chrome_trace(loaded, output)
+    with bulk_allocation():
+        loaded = _load(run_dir)
+        output = output or os.path.join(run_dir, "trace.json")
+        count = write_chrome_trace(loaded, output)
     click.echo(f"wrote {output} ({count} events, {len(loaded.ranks)} ranks); open it in https://ui.perfetto.dev")
     _warn_causality(loaded)
 
@@ -48,13 +49,15 @@ def view(run_dir, output, open_browser):
     """One self-contained HTML page: pipeline swimlanes, summary table, loss curve (works offline)."""
     from tools.trace_view import write_view
 
-    loaded = _load(run_dir)
-    output = output or os.path.join(run_dir, "trace.html")
-    write_view(loaded, output)
+    with bulk_allocation():
+        loaded = _load(run_dir, counters=False)
+        output = output or os.path.join(run_dir, "trace.html")
+        write_view(loaded, output)
     click.echo(f"wrote {output}")
     _warn_causality(loaded)
-    if open_browser:
-        webbrowser.open("file://" + os.path.abspath(output))
+    if open_browser and not webbrowser.open("file://" + os.path.abspath(output)):
+        click.echo(f"no browser found to open it: open {os.path.abspath(output)} in one (it works offline)",
+                   err=True)
 
 
 @trace.command("summary", short_help="Per-rank compute/comm/idle time and bubble.")
@@ -65,7 +68,8 @@ def summary(run_dir, as_json, all_steps):
     """Per-rank compute / communication / exposed communication / idle time, bubble, slowest rank."""
     from tools.trace_summary import format_summary, summarize
 
-    result = summarize(_load(run_dir))
+    with bulk_allocation():
+        result = summarize(_load(run_dir, counters=False))
     click.echo(json.dumps(result, indent=1) if as_json else format_summary(result, None if all_steps else 8))
 
 

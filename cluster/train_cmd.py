@@ -338,15 +338,20 @@ def _report_trace(out):
     """The trace summary and the path of the viewer page, when the trace tools are present."""
     try:
         from tools.trace_summary import format_summary, summarize
-        from tools.trace_io import load_trace
+        from tools.trace_io import bulk_allocation, load_trace, rank_files
         from tools.trace_view import write_view
     except ImportError:
         click.echo(f"traces written to {out}", err=True)
         return
-    trace = load_trace(out)
-    click.echo(format_summary(summarize(trace)), err=True)
-    page = os.path.join(out, "trace.html")
-    write_view(trace, page)
+    megabytes = sum(os.path.getsize(path) for path in rank_files(out).values()) / 1e6
+    _status(f"summarising the trace ({megabytes:.0f} MB from {len(rank_files(out))} ranks)")
+    with bulk_allocation():
+        trace = load_trace(out, counters=False)
+        summary = summarize(trace)
+        click.echo(format_summary(summary), err=True)
+        page = os.path.join(out, "trace.html")
+        _status(f"writing the trace viewer ({len(trace.events):,} spans)")
+        write_view(trace, page, summary)
     click.echo(f"trace viewer: {page}", err=True)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace
+from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace, peer_rank
 
 THREAD_ORDER = (COMPUTE_THREAD, COMM_THREAD)
 
@@ -58,13 +58,20 @@ def _thread_rank(name: str) -> tuple:
 
 
 def _jsonable(args: dict) -> dict:
-    return {str(k): (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v))
-            for k, v in args.items()}
+    """The args with a point-to-point peer's global rank added; values JSON cannot hold are
+    written as strings (`write_chrome_trace` passes default=str), so args pass through as they are."""
+    if "peer" in args:
+        return {**args, "peer_rank": peer_rank(args)}
+    return args
 
 
 def to_chrome_trace(trace: Trace) -> dict:
     """The {"traceEvents": [...], ...} object for one trace."""
     out, lane_of, tids_of = [], {}, {}
+    other_threads: dict = {}  # rank -> threads of its counters and instants
+    for e in trace.events:
+        if e.phase != "X":
+            other_threads.setdefault(e.rank, set()).add(e.thread)
     for rank in trace.ranks:
         spans_by_thread: dict = {}
         for span in trace.spans(rank):
@@ -74,7 +81,7 @@ def to_chrome_trace(trace: Trace) -> dict:
             for span, lane in zip(spans, assign_lanes(spans)):
                 lane_of[id(span)] = name = lane_name(thread, lane)
                 names.add(name)
-        names |= {e.thread for e in trace.events if e.rank == rank and e.phase != "X"}
+        names |= other_threads.get(rank, set())
         names = sorted(names | {COMPUTE_THREAD, COMM_THREAD}, key=_thread_rank)
         tids = {name: index + 1 for index, name in enumerate(names)}
         tids_of[rank] = tids
@@ -90,7 +97,8 @@ def to_chrome_trace(trace: Trace) -> dict:
     flows: dict = {}
     for event in trace.events:
         tids = tids_of[event.rank]
-        ts = microseconds(event.start_ns)
+        # = microseconds(): for integer ns, x / 1000 is already the nearest double to 3 decimals
+        ts = event.start_ns / 1000 if type(event.start_ns) is int else microseconds(event.start_ns)
         if event.phase == "X":
             tid = tids[lane_of[id(event)]]
             out.append({"ph": "X", "pid": event.rank, "tid": tid, "ts": ts,
@@ -134,6 +142,8 @@ def flow_events(flows: dict) -> list:
 def write_chrome_trace(trace: Trace, path: str) -> int:
     """Write the JSON; returns the number of trace events."""
     data = to_chrome_trace(trace)
+    # json.dumps, not json.dump: only the one-shot encoder runs in C (3-5x faster on 10^5 events).
+    text = json.dumps(data, separators=(",", ":"), default=str)
     with open(path, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
+        f.write(text)
     return len(data["traceEvents"])
