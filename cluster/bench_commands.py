@@ -119,11 +119,12 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
               help="Each setup once per round, taking turns; the best round is reported.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write one object per (schedule, m).")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each row's per-rank times and simulations.")
 def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
-                   microbatch_size, split, warmup, steps, rounds, json_path):
+                   microbatch_size, split, warmup, steps, rounds, json_path, verbose):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
-    from tools.bench_pipeline import format_summary, run
+    from tools.bench_pipeline import format_table, run
 
     _run_and_report(lambda: run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
                                 microbatches=[int(m) for m in microbatches.split(",") if m.strip()],
@@ -131,8 +132,8 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                                 n_embd=n_embd, block_size=block_size, microbatch_size=microbatch_size,
                                 warmup=warmup, steps=steps,
                                 split=[int(c) for c in split.split(",")] if split else None,
-                                echo=click.echo, rounds=rounds),
-                    format_summary, json_path)
+                                echo=lambda line: click.echo(line, err=True), rounds=rounds),
+                    lambda rows: format_table(rows, verbose), json_path)
 
 
 @bench.command("quality", short_help="Val loss of the recipe: ringpipe vs transformers.")

@@ -137,7 +137,8 @@ def rank_files(directory: str) -> dict:
         if match:
             files[int(match.group(1))] = path
     if not files:
-        raise TraceError(f"{directory}: no trace-rank*.json files (record with cluster.start_trace/stop_trace)")
+        raise TraceError(f"{directory}: no trace-rank*.json files; record a run's trace with "
+                         f"`ringpipe train --trace --out {directory} ...` (or cluster.start_trace()/stop_trace(DIR))")
     return dict(sorted(files.items()))
 
 
