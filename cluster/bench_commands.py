@@ -159,3 +159,21 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
     _run_and_report(lambda: run(data=data, seeds=seed_list, samplers=samplers.split(","), steps=steps,
                                 eval_iters=eval_iters, threads=threads, compare=not no_compare),
                     format_table, json_path)
+
+
+@bench.command("trace-tools", short_help="Time trace summary/view/export on a run.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Runs of each tool.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write results here.")
+def bench_trace_tools(run_dir, repeats, json_path):
+    """Wall and CPU time of `ringpipe trace summary|view|export RUN_DIR` (fresh processes) and of the
+    report `train --trace` prints after "saved model", on a copy of the run's traces."""
+    from tools.bench_trace_tools import format_table, run
+
+    def run_or_fail():
+        try:
+            return run(run_dir, repeats)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    _run_and_report(run_or_fail, format_table, json_path)

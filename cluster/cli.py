@@ -1,7 +1,7 @@
 """`ringpipe` command-line entry point: a click group; each subcommand lives in its own module."""
 from __future__ import annotations
 
-import sys
+import importlib
 
 import click
 
@@ -9,7 +9,20 @@ import click
 class _Group(click.Group):
     """A command group where Ctrl-C ends any command with exit status 130 (128 + SIGINT), as
     shells and PyTorch's launchers report it, and a line of its own instead of click's "Aborted!".
-    Commands with more to say (`train`: can it resume?) catch KeyboardInterrupt themselves."""
+    Commands with more to say (`train`: can it resume?) catch KeyboardInterrupt themselves.
+
+    `lazy` maps command names to the module that defines them; it is imported when the command is
+    used or listed, so `ringpipe trace summary` does not load the model code (~0.5 s of imports)."""
+
+    lazy: dict = {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            importlib.import_module(self.lazy[name])  # its commands register themselves on import
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         try:
@@ -30,18 +43,8 @@ def bench():
     """Benchmarks (nccl-tests style tables, --json output)."""
 
 
-def _register_commands():
-    # Subcommands register themselves on import; a missing optional module must not break the CLI.
-    try:
-        from cluster import bench_commands  # noqa: F401
-        from cluster import train_cmd  # noqa: F401
-        from cluster import trace_cmd  # noqa: F401
-    except KeyboardInterrupt:  # Ctrl-C while NumPy & co. load: the same exit as inside a command
-        click.echo("\ninterrupted", err=True)
-        sys.exit(130)
-
-
-_register_commands()
+main.lazy = {"train": "cluster.train_cmd", "generate": "cluster.train_cmd", "trace": "cluster.trace_cmd"}
+from cluster import bench_commands  # noqa: E402,F401  (light: each bench imports its tools when run)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m cluster` is the module entry point
     from cluster.__main__ import run
