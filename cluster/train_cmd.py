@@ -307,6 +307,8 @@ def _report_interrupt(out, config, state) -> None:
                    if config.checkpoint_every else
                    f"interrupted {where}; no checkpoint was written, so there is nothing to resume "
                    f"(with --checkpoint-every 0 it is written only at the end)", err=True)
+    elif saved >= config.steps:  # stopped while the trace report or the sample was being made
+        click.echo(f"interrupted after the run completed: its model and checkpoint are in {out}", err=True)
     else:
         click.echo(f"interrupted {where}; the last checkpoint is at step {saved}: continue it with "
                    f"ringpipe train --resume --out {out}", err=True)

@@ -322,3 +322,11 @@ def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
     progress.end_line()
     progress.end_line()  # once only
     assert stream.getvalue().endswith("-:--\n") and stream.getvalue().count("\n") == 1
+
+
+def test_ctrl_c_after_the_run_completed_says_nothing_is_lost(trained, capsys):
+    from cluster.train_cmd import _report_interrupt
+
+    config = saved_config(trained)  # 2 steps, both done and checkpointed
+    _report_interrupt(str(trained), config, {"trainer": None, "progress": None})
+    assert capsys.readouterr().err.strip() == f"interrupted after the run completed: its model and checkpoint are in {trained}"
