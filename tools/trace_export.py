@@ -29,7 +29,8 @@ def assign_lanes(spans: list) -> list:
     Greedy: each span goes on the first lane where, after closing the spans that ended, it fits
     inside the innermost open span (or the lane has none open).
     """
-    order = sorted(range(len(spans)), key=lambda i: (spans[i].start_ns, -spans[i].duration_ns))
+    keys = [(s.start_ns, -s.duration_ns) for s in spans]
+    order = sorted(range(len(spans)), key=keys.__getitem__)
     stacks: list = []  # per lane: end times of the open spans, innermost last
     lanes = [0] * len(spans)
     for i in order:

@@ -245,26 +245,25 @@ def _load_trace(directory: str, counters: bool) -> Trace:
             raise TraceError(f"{path}: not a rank trace (expected an object with an 'events' list)")
         pids[rank] = data.get("pid")
         events = data["events"]
+        # Column-wise with NumPy: Python-level work here runs once per event (10^5 and more).
         try:
-            first = min((int(e[4]) for e in events), default=0)
-            last = max((int(e[4]) + int(e[5]) for e in events), default=0)
-        except (TypeError, ValueError, IndexError):
-            raise TraceError(f"{path}: {malformed}") from None
-        offset, slope, t0 = _correction(first, last, *_offset_samples(clocks, rank))
-        offsets[rank] = (int(round(offset + slope * (first - t0))), int(round(offset + slope * (last - t0))))
-        if events:
-            firsts[rank] = first
-        # Column-wise with NumPy: this runs once per event (10^5 and more).
-        rows = events if counters else [e for e in events if e[0] != "C"]
-        try:
-            if any(len(e) != 7 for e in rows):
+            if set(map(len, events)) - {7}:
                 raise ValueError
+            every_start = np.array([e[4] for e in events], dtype=np.int64)
+            every_end = every_start + np.array([e[5] for e in events], dtype=np.int64)
+            rows = events if counters else [e for e in events if e[0] != "C"]
             columns = list(zip(*rows)) or [()] * 7
             start = np.array(columns[4], dtype=np.int64)
             end = start + np.array(columns[5], dtype=np.int64)
             args = [a if type(a) is dict else dict(a or {}) for a in columns[6]]
         except (TypeError, ValueError, OverflowError):
             raise TraceError(f"{path}: {malformed}") from None
+        first = int(every_start.min()) if len(events) else 0
+        last = int(every_end.max()) if len(events) else 0
+        offset, slope, t0 = _correction(first, last, *_offset_samples(clocks, rank))
+        offsets[rank] = (int(round(offset + slope * (first - t0))), int(round(offset + slope * (last - t0))))
+        if events:
+            firsts[rank] = first
         if slope:  # np.rint rounds half to even, as round() does
             start = start - np.rint(offset + slope * (start - t0)).astype(np.int64)
             end = end - np.rint(offset + slope * (end - t0)).astype(np.int64)

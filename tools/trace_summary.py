@@ -154,6 +154,9 @@ def percent(part: float, whole: float) -> float:
 
 def step_windows(trace: Trace) -> dict:
     """step -> [start_ns, end_ns] over every rank's compute spans that carry that step."""
+    cached = trace.__dict__.get("_step_windows")  # the summary and the viewer both ask
+    if cached is not None and cached[0] is trace.events and cached[1] == len(trace.events):
+        return {step: list(window) for step, window in cached[2].items()}
     windows: dict = {}
     for span in trace.spans(thread=COMPUTE_THREAD):
         step = span.args.get("step")
@@ -161,7 +164,9 @@ def step_windows(trace: Trace) -> dict:
             continue
         window = windows.setdefault(step, [span.start_ns, span.end_ns])
         window[0], window[1] = min(window[0], span.start_ns), max(window[1], span.end_ns)
-    return dict(sorted(windows.items(), key=lambda item: item[1][0]))
+    windows = dict(sorted(windows.items(), key=lambda item: item[1][0]))
+    trace.__dict__["_step_windows"] = (trace.events, len(trace.events), windows)
+    return {step: list(window) for step, window in windows.items()}
 
 
 def theoretical_bubble(schedule: dict | None) -> float | None:
@@ -267,10 +272,11 @@ def rank_measures(trace: Trace, rank: int) -> dict:
             comm.append(span)
         elif span.thread == COMPUTE_THREAD or span.category == "compute":
             compute.append((span.start_ns, span.start_ns + span.duration_ns))
-    waits = np.array([min(s.duration_ns, int(round(float(s.args.get("wait_us") or 0) * 1000))) for s in comm],
-                     dtype=np.int64)
     starts = np.array([s.start_ns for s in comm], dtype=np.int64)
-    ends = starts + np.array([s.duration_ns for s in comm], dtype=np.int64)
+    durations = np.array([s.duration_ns for s in comm], dtype=np.int64)
+    ends = starts + durations
+    wait_us = np.array([float(s.args.get("wait_us") or 0) for s in comm], dtype=np.float64)
+    waits = np.minimum(durations, np.rint(wait_us * 1000).astype(np.int64))  # rint rounds as round()
     compute = as_set(compute)
     transfer = as_set(np.stack([starts + waits, ends], axis=1))
     blocked = as_set(np.stack([starts, starts + waits], axis=1))

@@ -27,7 +27,9 @@ SUMMARY_COLUMNS = (("compute_pct", "compute %"), ("comm_pct", "comm %"), ("expos
 
 def view_data(trace: Trace) -> dict:
     """Compact arrays for the script: spans per (rank, lane), p2p arrows, step windows.
-    A span's peer is its global rank (the trace records the index within the span's group)."""
+    A span's peer is its global rank (the trace records the index within the span's group). Span
+    start and duration are integer nanoseconds (JSON writes integers several times faster than
+    floats; the script turns them into microseconds)."""
     spans, lanes, sends = [], {}, {}
     for rank in trace.ranks:
         counts = {}
@@ -37,7 +39,7 @@ def view_data(trace: Trace) -> dict:
             counts[thread] = max(indexes, default=0) + 1
             for span, lane in zip(own, indexes):
                 a = span.args
-                spans.append([rank, thread, lane, span.start_ns / 1000.0, span.duration_ns / 1000.0, span.name,
+                spans.append([rank, thread, lane, span.start_ns, span.duration_ns, span.name,
                               a.get("microbatch"), a.get("step"), a.get("bytes"), a.get("wait_us"),
                               peer_rank(a) if "peer" in a else a.get("ranks"), a.get("stage")])
                 if "flow" in a and span.name in ("send", "recv"):
@@ -206,6 +208,7 @@ function describe(s, unit) {
 SCRIPT = r"""
 (function () {
   const D = JSON.parse(document.getElementById('trace-data').textContent);
+  for (const s of D.spans) { s[3] /= 1000; s[4] /= 1000; }  // ns -> us, the unit of everything below
   const COMPUTE_H = 26, COMM_H = 12, AXIS_H = 18;
   const COLORS = {forward: '#4e79a7', backward: '#59a14f', backward_input: '#8cd17d', backward_weight: '#b07aa1',
     optimizer: '#9d9d9d', send: '#e15759', recv: '#76b7b2'};
