@@ -37,7 +37,8 @@ def _bad_flag(flag: str, message: str) -> click.ClickException:
 
 
 class Progress:
-    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise.
+    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise
+    (the session's first step, every 1/20 of the run, evaluations and the last step).
 
     Rate and ETA come from the last `window` steps, not counting the session's first step (it
     pays for warm-up: page faults, first allocations, the workers' first messages), so neither
@@ -72,7 +73,7 @@ class Progress:
             self.line_open = True
             if "val_loss" in metrics or step == self.total_steps:
                 self.end_line()
-        elif "val_loss" in metrics or done % self.plain_every == 0 or step == self.total_steps:
+        elif "val_loss" in metrics or done % self.plain_every == 0 or step == self.total_steps or done == 1:
             self.stream.write(line + "\n")
         self.stream.flush()
 

@@ -250,7 +250,8 @@ def test_progress_writes_plain_lines_when_not_a_terminal():
             metrics["val_loss"] = 2.0
         progress.update(metrics)
     lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and len(lines) == 21
+    assert "\r" not in stream.getvalue() and len(lines) == 22  # the first step, then every 2nd, + 1 val
+    assert lines[0].startswith("step 1/40") and "ETA -:--" in lines[0]
     assert lines[-1].startswith("step 40/40 loss 1.0000") and "ETA 0:00" in lines[-1]
     assert any(line.endswith("val_loss 2.0000") for line in lines)
 
