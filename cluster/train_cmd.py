@@ -353,7 +353,7 @@ def _report_trace(out):
         summary = summarize(trace)
         click.echo(format_summary(summary), err=True)
         page = os.path.join(out, "trace.html")
-        _status(f"writing the trace viewer ({len(trace.events):,} spans)")
+        _status(f"writing the trace viewer ({len(trace.events):,} events)")
         write_view(trace, page, summary)
     click.echo(f"trace viewer: {page}", err=True)
 
