@@ -357,3 +357,15 @@ def test_view_open_without_a_browser_says_so_with_the_path(synthetic):
     page = os.path.join(synthetic, "trace.html")
     assert result.stderr.strip().splitlines() == [
         f"no browser found to open it: open {page} in one (it works offline)"]
+
+
+def test_bench_trace_tools_times_each_tool_on_a_copy_of_the_run(synthetic, tmp_path):
+    before = sorted(os.listdir(synthetic))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "trace-tools", synthetic, "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["tools"]
+    assert [row["name"] for row in rows] == ["summary", "view", "export", "report"]
+    assert all(row["wall_s"] > 0 and row["cpu_s"] > 0 for row in rows)
+    assert {row["name"]: row["target_s"] for row in rows if row["target_s"]} == {"summary": 3.0, "view": 5.0}
+    assert sorted(os.listdir(synthetic)) == before  # the run itself is left as it was
