@@ -32,7 +32,7 @@ def _run_and_report(run, format_result, json_path):
         write_json(json_path, result, indent=1)
 
 
-@bench.command("model")
+@bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
 @click.option("--n-layer", default=4, show_default=True)
 @click.option("--n-head", default=4, show_default=True)
 @click.option("--n-embd", default=128, show_default=True)
@@ -57,7 +57,7 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
                     format_table, json_path)
 
 
-@bench.command("collectives")
+@bench.command("collectives", short_help="Collective time, algbw, busbw per size.")
 @click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
 @click.option("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast,sendrecv", show_default=True,
               help="Comma-separated operations.")
@@ -81,7 +81,7 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
         raise click.ClickException(_first_line(exc)) from None
 
 
-@bench.command("data-parallel")
+@bench.command("data-parallel", short_help="Weak scaling and overlap of data parallelism.")
 @click.option("--dp", "dp_max", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Largest dp size; timed against dp=1 with the same per-rank batch.")
 @click.option("--n-layer", default=4, show_default=True)
@@ -110,7 +110,7 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
                     format_table, json_path)
 
 
-@bench.command("pipeline")
+@bench.command("pipeline", short_help="Pipeline bubble per schedule, measured vs theory.")
 @click.option("--schedules", default="1f1b,zb-h1,gpipe,interleaved", show_default=True,
               help="Comma-separated pipeline schedules.")
 @click.option("--microbatches", default="4,8", show_default=True, help="Comma-separated micro-batch counts m.")
@@ -129,11 +129,12 @@ def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_r
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
               help="Each setup once per round, taking turns; the best round is reported.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write one object per (schedule, m).")
+@click.option("-v", "--verbose", is_flag=True, help="Also print each row's per-rank times and simulations.")
 def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head, n_embd, block_size,
-                   microbatch_size, split, warmup, steps, rounds, json_path):
+                   microbatch_size, split, warmup, steps, rounds, json_path, verbose):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
-    from tools.bench_pipeline import format_summary, run
+    from tools.bench_pipeline import format_table, run
 
     _run_and_report(lambda: run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
                                 microbatches=[int(m) for m in microbatches.split(",") if m.strip()],
@@ -141,11 +142,11 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                                 n_embd=n_embd, block_size=block_size, microbatch_size=microbatch_size,
                                 warmup=warmup, steps=steps,
                                 split=[int(c) for c in split.split(",")] if split else None,
-                                echo=click.echo, rounds=rounds),
-                    format_summary, json_path)
+                                echo=lambda line: click.echo(line, err=True), rounds=rounds),
+                    lambda rows: format_table(rows, verbose), json_path)
 
 
-@bench.command("quality")
+@bench.command("quality", short_help="Val loss of the recipe: ringpipe vs transformers.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run each.")
 @click.option("--samplers", default="epoch", show_default=True,
@@ -170,7 +171,7 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
                     format_table, json_path)
 
 
-@bench.command("gpu-step")
+@bench.command("gpu-step", short_help="GPU train step tokens/s and MFU vs PyTorch.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="cpu: a smoke test of the same code (use a tiny shape).")
 @click.option("--dtypes", default="float32,fp16-mixed", show_default=True, help="Comma-separated.")
@@ -195,3 +196,21 @@ def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_si
                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                 vocab_size=vocab_size, batch_size=batch_size),
                     format_table, json_path)
+
+
+@bench.command("trace-tools", short_help="Time trace summary/view/export on a run.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Runs of each tool.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
+def bench_trace_tools(run_dir, repeats, json_path):
+    """Wall and CPU time of `ringpipe trace summary|view|export RUN_DIR` (fresh processes) and of the
+    report `train --trace` prints after "saved model", on a copy of the run's traces."""
+    from tools.bench_trace_tools import format_table, run
+
+    def run_or_fail():
+        try:
+            return run(run_dir, repeats)
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    _run_and_report(run_or_fail, format_table, json_path)

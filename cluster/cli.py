@@ -1,20 +1,41 @@
 """`ringpipe` command-line entry point: a click group; each subcommand lives in its own module."""
 from __future__ import annotations
 
+import importlib
+
 import click
 
 from runtime.files import FileWriteError
 
 
-class Commands(click.Group):
-    """The `ringpipe` group: a file that cannot be written, here or on a worker, is one error line
-    naming the path and the cause, whichever command was writing it."""
+class _Group(click.Group):
+    """The `ringpipe` group. Ctrl-C ends any command with exit status 130 (128 + SIGINT), as shells
+    and PyTorch's launchers report it, and a line of its own instead of click's "Aborted!"; commands
+    with more to say (`train`: can it resume?) catch KeyboardInterrupt themselves. A file that
+    cannot be written, here or on a worker, is one error line naming the path and the cause,
+    whichever command was writing it.
+
+    `lazy` maps command names to the module that defines them; it is imported when the command is
+    used or listed, so `ringpipe trace summary` does not load the model code (~0.5 s of imports)."""
+
+    lazy: dict = {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in self.lazy:
+            importlib.import_module(self.lazy[name])  # its commands register themselves on import
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx):
         from runtime import RemoteError
 
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except FileWriteError as exc:
             raise click.ClickException(str(exc)) from None
         except RemoteError as exc:
@@ -23,25 +44,19 @@ class Commands(click.Group):
             raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ringpipe")
 def main():
     """ringpipe: distributed GPT training built from primitives."""
 
 
-@main.group()
+@main.group(short_help="Benchmarks: tables on the terminal, --json for the details.")
 def bench():
     """Benchmarks (nccl-tests style tables, --json output)."""
 
 
-def _register_commands():
-    # Subcommands register themselves on import; a missing optional module must not break the CLI.
-    from cluster import bench_commands  # noqa: F401
-    from cluster import train_cmd  # noqa: F401
-    from cluster import trace_cmd  # noqa: F401
-
-
-_register_commands()
+main.lazy = {"train": "cluster.train_cmd", "generate": "cluster.train_cmd", "trace": "cluster.trace_cmd"}
+from cluster import bench_commands  # noqa: E402,F401  (light: each bench imports its tools when run)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m cluster` is the module entry point
     from cluster.__main__ import run

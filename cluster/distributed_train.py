@@ -23,12 +23,14 @@ from runtime.files import write_json
 
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
-                 timeout: float = 120.0, bucket_bytes: int = 1 << 20):
+                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None):
+        """`say(message)` is told what each slow stretch of starting up is doing."""
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
         self.local = (Trainer.resume if resume else Trainer.create)(config, out)
         self.tokenizer = self.local.tokenizer
         self.step = self.local.step
+        say(f"starting {layout.world_size} workers")
         self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),

@@ -10,17 +10,18 @@ import click
 from cluster.cli import main
 from cluster.options import OutputFile
 from runtime.files import FileWriteError, check_writable_file
-from tools.trace_io import TraceError, load_trace
+from tools.trace_io import TraceError, bulk_allocation, load_trace
 
 
-@main.group()
+@main.group(short_help="Summarise, view or export a run's trace.")
 def trace():
-    """Inspect traces written by cluster.start_trace()/stop_trace(DIR) (a run directory)."""
+    """Inspect the traces of a run directory (record them with `ringpipe train --trace`, or
+    cluster.start_trace()/stop_trace(DIR) from Python)."""
 
 
-def _load(run_dir: str):
+def _load(run_dir: str, counters: bool = True):
     try:
-        return load_trace(run_dir)
+        return load_trace(run_dir, counters=counters)
     except TraceError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -36,7 +37,7 @@ def _default_output(run_dir: str, name: str) -> str:
     return path
 
 
-@trace.command("export")
+@trace.command("export", short_help="Chrome/Perfetto trace JSON.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=OutputFile(), default=None,
               help="Output file (default RUN_DIR/trace.json).")
@@ -45,13 +46,14 @@ def export(run_dir, output):
     from tools.trace_export import write_chrome_trace
 
     output = output or _default_output(run_dir, "trace.json")
-    loaded = _load(run_dir)
-    count = write_chrome_trace(loaded, output)
+    with bulk_allocation():
+        loaded = _load(run_dir)
+        count = write_chrome_trace(loaded, output)
     click.echo(f"wrote {output} ({count} events, {len(loaded.ranks)} ranks); open it in https://ui.perfetto.dev")
     _warn_causality(loaded)
 
 
-@trace.command("view")
+@trace.command("view", short_help="Offline HTML page: swimlanes, summary, loss.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=OutputFile(), default=None,
               help="Output file (default RUN_DIR/trace.html).")
@@ -61,15 +63,17 @@ def view(run_dir, output, open_browser):
     from tools.trace_view import write_view
 
     output = output or _default_output(run_dir, "trace.html")
-    loaded = _load(run_dir)
-    write_view(loaded, output)
+    with bulk_allocation():
+        loaded = _load(run_dir, counters=False)
+        write_view(loaded, output)
     click.echo(f"wrote {output}")
     _warn_causality(loaded)
-    if open_browser:
-        webbrowser.open("file://" + os.path.abspath(output))
+    if open_browser and not webbrowser.open("file://" + os.path.abspath(output)):
+        click.echo(f"no browser found to open it: open {os.path.abspath(output)} in one (it works offline)",
+                   err=True)
 
 
-@trace.command("summary")
+@trace.command("summary", short_help="Per-rank compute/comm/idle time and bubble.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--all-steps", is_flag=True, help="One line per step (default: the 8 slowest).")
@@ -77,7 +81,8 @@ def summary(run_dir, as_json, all_steps):
     """Per-rank compute / communication / exposed communication / idle time, bubble, slowest rank."""
     from tools.trace_summary import format_summary, summarize
 
-    result = summarize(_load(run_dir))
+    with bulk_allocation():
+        result = summarize(_load(run_dir, counters=False))
     click.echo(json.dumps(result, indent=1) if as_json else format_summary(result, None if all_steps else 8))
 
 

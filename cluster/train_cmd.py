@@ -4,6 +4,7 @@ The loop itself lives in `model.train.Trainer`; this module only drives it and t
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -18,11 +19,12 @@ from cluster.options import FiniteFloat, OutputDirectory
 from model.gpt import GPT
 from model.tokenizer import TOKENIZER_FILES, load_tokenizer
 from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
-                         Trainer, TrainConfig, find_checkpoint, saved_config)
+                         Trainer, TrainConfig, find_checkpoint, saved_config, saved_step)
 from model.parallel.trainer import Layout
 from runtime import ClusterStopped, RemoteError, WorkerLost
 from runtime.backend import array_module, to_host
 from runtime.files import AppendLog, FileWriteError, write_text
+from tools.trace_io import read_metrics
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
@@ -54,32 +56,52 @@ def _bad_flag(flag: str, message: str) -> click.ClickException:
 
 
 class Progress:
-    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise."""
+    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise
+    (the session's first step, every 1/20 of the run, evaluations and the last step).
 
-    def __init__(self, first_step: int, total_steps: int, stream):
+    Rate and ETA come from the last `window` steps, not counting the session's first step (it
+    pays for warm-up: page faults, first allocations, the workers' first messages), so neither
+    is skewed by it; until a second step has finished the ETA reads "-:--"."""
+
+    def __init__(self, first_step: int, total_steps: int, stream, window: int = 20):
         self.first_step, self.total_steps, self.stream = first_step, total_steps, stream
         self.tty = stream.isatty()
-        self.start = time.perf_counter()
+        self.last = time.perf_counter()
+        self.durations = collections.deque(maxlen=window)
+        self.line_open = False  # a redrawn TTY line without its newline yet
         self.plain_every = max(1, (total_steps - first_step) // 20)
 
     def update(self, metrics: dict) -> None:
-        step = metrics["step"]
-        done = step + 1 - self.first_step
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / done * (self.total_steps - step - 1)
-        # tokens/s averaged over the session: one step's rate jitters too much to read
-        line = (f"step {step + 1}/{self.total_steps} loss {metrics['loss']:.4f} "
-                f"lr {metrics['lr']:.2e} {metrics['tokens'] * done / elapsed:,.0f} tok/s "
-                f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+        step = metrics["step"]  # 1-based: the number of optimizer steps done
+        done = step - self.first_step
+        now = time.perf_counter()
+        if done > 1:
+            self.durations.append(now - self.last)
+        self.last = now
+        if self.durations:
+            per_step = sum(self.durations) / len(self.durations)
+            eta = int(per_step * (self.total_steps - step))
+            rate = f"{metrics['tokens'] / per_step:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}"
+        else:
+            rate = "- tok/s ETA -:--"
+        line = f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {rate}"
         if "val_loss" in metrics:
             line += f" val_loss {metrics['val_loss']:.4f}"
         if self.tty:
             self.stream.write("\r\033[K" + line)
-            if "val_loss" in metrics or step + 1 == self.total_steps:
-                self.stream.write("\n")
-        elif "val_loss" in metrics or done % self.plain_every == 0 or step + 1 == self.total_steps:
+            self.line_open = True
+            if "val_loss" in metrics or step == self.total_steps:
+                self.end_line()
+        elif "val_loss" in metrics or done % self.plain_every == 0 or step == self.total_steps or done == 1:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def end_line(self) -> None:
+        """Finish a redrawn line, so that what is printed next starts on a line of its own."""
+        if self.line_open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.line_open = False
 
 
 def _config_from_flags(ctx: click.Context, flags: dict):
@@ -102,12 +124,13 @@ def _config_from_flags(ctx: click.Context, flags: dict):
 
 
 def _metrics_file(out: str, first_step: int):
-    """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped."""
+    """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped.
+    Its "step" is the 1-based step number the progress line shows (after that many updates)."""
     path = os.path.join(out, "metrics.jsonl")
     kept = []
     if first_step > 0 and os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] < first_step]
+        # Rows are renumbered from 1 when the file predates 1-based step numbers.
+        kept = [json.dumps(row) + "\n" for row in read_metrics(out) if row.get("step", 0) <= first_step]
     write_text(path, "".join(kept))
     return AppendLog(path)
 
@@ -115,7 +138,7 @@ def _metrics_file(out: str, first_step: int):
 D = TrainConfig()  # flag defaults are the config's defaults
 
 
-@main.command()
+@main.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte"]), default=D.tokenizer, show_default=True)
 @click.option("--n-layer", type=click.IntRange(min=1), default=D.n_layer, show_default=True)
@@ -198,16 +221,44 @@ def train(ctx, **flags):
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
     distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
+    # Flags that would do nothing in this layout are refused, not silently dropped.
+    if flags["sequence_parallel"] and layout.tp == 1:
+        raise _bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
+                        "activations tensor parallelism would otherwise replicate)")
+    if flags["zero"] and layout.dp == 1:
+        raise _bad_flag("--zero", f"{flags['zero']} needs --dp 2 or more (ZeRO-1 shards the optimizer "
+                        "state over data-parallel ranks)")
     if flags["nproc"] != layout.world_size:
         raise _bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
                         f"pp {layout.pp} = {layout.world_size} ranks")
     try:
         config = _config_from_flags(ctx, flags)
+        if flags["resume"] and _already_complete(ctx, config, out):
+            return
+        if distributed:
+            layout.validate(config)  # before the first status line: a bad layout is the only output
+    except (ValueError, RuntimeError) as exc:
+        raise click.ClickException(_one_line(exc)) from None
+    state = {"trainer": None, "progress": None}
+    try:
+        _run(flags, config, layout, distributed, out, state)
+    except KeyboardInterrupt:
+        _report_interrupt(out, config, state)
+        raise click.exceptions.Exit(130) from None
+
+
+def _run(flags, config, layout, distributed, out, state):
+    """Start the trainer (saying what takes time), train, report the trace, print the sample."""
+    _prepare_kernels()
+    try:
+        say = _status
+        say(("loading the checkpoint in " + out + " and tokenizing " if flags["resume"] else "tokenizing ")
+            + (config.data or "the Python standard library source"))
         if distributed:
             from cluster.distributed_train import DistributedRun
 
             trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
-                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)))
+                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
@@ -216,17 +267,23 @@ def train(ctx, **flags):
         raise _worker_failure(exc, out, resumable=False) from None
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_one_line(exc)) from None
+    state["trainer"] = trainer
+    finished = False
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
     # evaluates, writes a checkpoint or traces on its own. Each gives the same one-line error.
     try:
         try:
-            _train_loop(trainer, config, out)
+            _train_loop(trainer, config, out, state)
+            finished = True
         finally:
             if distributed:
+                if finished and flags["trace"]:
+                    _status(f"collecting the traces of {layout.world_size} workers")
                 trace_files = trainer.close()
-                if trace_files:
+                if trace_files and finished:
                     _report_trace(out)
         if flags["sample"]:
+            _status(f"generating a {flags['sample']}-token sample")
             tokenizer = trainer.tokenizer
             prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
             ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
@@ -245,6 +302,59 @@ def _checkpoint_status(out: str) -> str:
     except (ValueError, OSError, KeyError):
         return "no checkpoint was written yet"
     return f"the checkpoint of step {step} in {checkpoint} is intact (continue with --resume --out {out})"
+
+
+def _status(message: str) -> None:
+    """One line on stderr saying what the next silent stretch is doing."""
+    click.echo(message + " ...", err=True)
+
+
+def _prepare_kernels() -> None:
+    """Compile the C kernels here, saying so, before the workers start (they then load the build)."""
+    from model import kernels
+
+    if kernels.enabled and not kernels.is_built():
+        _status("compiling the C kernels (once per machine and source version)")
+    kernels.library()
+
+
+def _already_complete(ctx, config, out) -> bool:
+    """On --resume of a run whose checkpoint has reached --steps: say so (True), or refuse an
+    explicit --steps below it; nothing is trained or re-saved."""
+    done = saved_step(out)
+    if done < config.steps:
+        return False
+    explicit = ctx.get_parameter_source("steps") == click.core.ParameterSource.COMMANDLINE
+    if done > config.steps and explicit:
+        raise _bad_flag("--steps", f"{config.steps} is below the {done} steps the run in {out} has "
+                                   f"completed; pass a larger --steps to train further")
+    click.echo(f"the run in {out} is already complete at step {done} of {config.steps}; nothing to do. "
+               f"To train further, pass --steps M with M > {done}, e.g. "
+               f"ringpipe train --resume --out {out} --steps {2 * done}", err=True)
+    return True
+
+
+def _report_interrupt(out, config, state) -> None:
+    """After Ctrl-C: where the run stopped and whether (and from which step) it can resume."""
+    if state["progress"] is not None:
+        state["progress"].end_line()
+    trainer = state["trainer"]
+    where = "while starting" if trainer is None else f"after step {trainer.step} of {config.steps}"
+    try:
+        saved = saved_step(out)
+    except ValueError:
+        saved = None
+    if saved is None:
+        click.echo(f"interrupted {where}; no checkpoint was written, so there is nothing to resume "
+                   f"(checkpoints are written every {config.checkpoint_every} steps and at the end)"
+                   if config.checkpoint_every else
+                   f"interrupted {where}; no checkpoint was written, so there is nothing to resume "
+                   f"(with --checkpoint-every 0 it is written only at the end)", err=True)
+    elif saved >= config.steps:  # stopped while the trace report or the sample was being made
+        click.echo(f"interrupted after the run completed: its model and checkpoint are in {out}", err=True)
+    else:
+        click.echo(f"interrupted {where}; the last checkpoint is at step {saved}: continue it with "
+                   f"ringpipe train --resume --out {out}", err=True)
 
 
 def _remove_run(out: str) -> None:
@@ -273,43 +383,46 @@ def _report_trace(out):
     """The trace summary and the path of the viewer page, when the trace tools are present."""
     try:
         from tools.trace_summary import format_summary, summarize
-        from tools.trace_io import load_trace
+        from tools.trace_io import bulk_allocation, load_trace, rank_files
         from tools.trace_view import write_view
     except ImportError:
         click.echo(f"traces written to {out}", err=True)
         return
-    trace = load_trace(out)
-    click.echo(format_summary(summarize(trace)), err=True)
-    page = os.path.join(out, "trace.html")
-    write_view(trace, page)
+    megabytes = sum(os.path.getsize(path) for path in rank_files(out).values()) / 1e6
+    _status(f"summarising the trace ({megabytes:.0f} MB from {len(rank_files(out))} ranks)")
+    with bulk_allocation():
+        trace = load_trace(out, counters=False)
+        summary = summarize(trace)
+        click.echo(format_summary(summary), err=True)
+        page = os.path.join(out, "trace.html")
+        _status(f"writing the trace viewer ({len(trace.events):,} events)")
+        write_view(trace, page, summary)
     click.echo(f"trace viewer: {page}", err=True)
 
 
-def _train_loop(trainer, config, out):
+def _train_loop(trainer, config, out, state):
     """Steps, periodic evaluation and checkpoints, metrics.jsonl and progress; the final model."""
     first_step = trainer.step
-    progress = Progress(first_step, config.steps, sys.stderr)
+    progress = state["progress"] = Progress(first_step, config.steps, sys.stderr)
     with _metrics_file(out, first_step) as metrics_log:
-        try:
-            for step in range(first_step, config.steps):
-                metrics = trainer.train_step(step)
-                last = step + 1 == config.steps
-                if last or (config.eval_every and (step + 1) % config.eval_every == 0):
-                    metrics.update(trainer.evaluate())
-                metrics_log.write(json.dumps(metrics) + "\n")
-                metrics_log.flush()
-                progress.update(metrics)
-                if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                    trainer.save_checkpoint()
-        except KeyboardInterrupt:
-            raise click.ClickException(f"interrupted at step {trainer.step}; continue from the "
-                                       f"last checkpoint with --resume --out {out}") from None
+        for step in range(first_step, config.steps):
+            metrics = trainer.train_step(step)
+            metrics["step"] = step + 1  # step numbers count from 1, as the progress line shows
+            last = step + 1 == config.steps
+            if last or (config.eval_every and (step + 1) % config.eval_every == 0):
+                metrics.update(trainer.evaluate())
+            metrics_log.write(json.dumps(metrics) + "\n")
+            metrics_log.flush()
+            progress.update(metrics)
+            if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                trainer.save_checkpoint()
+    progress.end_line()
     trainer.save_checkpoint()
     trainer.save_model()
     click.echo(f"saved model and checkpoint to {out}", err=True)
 
 
-@main.command()
+@main.command(short_help="Continue a prompt with a trained model.")
 @click.option("--checkpoint", "directory", required=True, type=click.Path(),
               help="A run directory (--out of train) or a model directory.")
 @click.option("--prompt", default="\n", show_default=True)

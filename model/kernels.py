@@ -108,20 +108,30 @@ def _build(target: Path, compiler: str) -> None:
             os.unlink(tmp)
 
 
+def _target() -> Path:
+    """Where the build for these sources, flags and CPU is cached."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(" ".join(FLAGS + NATIVE).encode())
+    digest.update(_cpu_signature().encode())
+    return cache_dir() / f"kernels-{digest.hexdigest()[:16]}.so"
+
+
+def is_built() -> bool:
+    """True when `library()` will not compile: loaded already, or the build is in the cache."""
+    return _tried or _target().exists()
+
+
 def _load():
     import fcntl  # POSIX only: elsewhere the NumPy path stays, with this import error as the reason
 
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC)")
-    digest = hashlib.sha256()
-    for name in SOURCES:
-        digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(" ".join(FLAGS + NATIVE).encode())
-    digest.update(_cpu_signature().encode())
-    directory = cache_dir()
+    target = _target()
+    directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"kernels-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         with open(directory / "build.lock", "w") as lock_file:
             deadline = time.monotonic() + BUILD_TIMEOUT_S

@@ -386,3 +386,8 @@ def _read_trainer_state(checkpoint: str) -> dict:
 def saved_config(run_dir: str) -> TrainConfig:
     """The TrainConfig stored in the run's checkpoint."""
     return _read_trainer_state(find_checkpoint(run_dir))["config"]
+
+
+def saved_step(run_dir: str) -> int:
+    """Steps completed by the run's checkpoint (ValueError if there is none)."""
+    return _read_trainer_state(find_checkpoint(run_dir))["step"]

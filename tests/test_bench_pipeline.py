@@ -4,6 +4,7 @@ import json
 from click.testing import CliRunner
 
 from cluster.cli import main
+from tools.bench_pipeline import format_table
 
 ROW_KEYS = {"schedule", "pp", "microbatches", "virtual_stages", "window_s", "bubble_fraction", "bubble_ratio",
             "stages", "theory", "simulated_with_measured_costs", "replayed_fraction", "measured_over_theory",
@@ -20,7 +21,7 @@ def test_bench_pipeline_writes_one_row_per_schedule_and_microbatch_count_with_bu
                                        "--microbatch-size", "1", "--warmup", "0", "--steps", "1",
                                        "--rounds", "2", "--json", str(path)])
     assert result.exit_code == 0, result.output
-    assert "measured" in result.output and "blocked" in result.output
+    assert "measured" in result.output
     rows = json.loads(path.read_text())
     assert [(r["schedule"], r["microbatches"]) for r in rows] == [("1f1b", 2), ("zb-h1", 2)]
     assert "best of 2 rounds" in result.output
@@ -38,6 +39,17 @@ def test_bench_pipeline_writes_one_row_per_schedule_and_microbatch_count_with_bu
                          row["simulated_with_measured_costs"]["fraction"]):
             assert 0.0 <= fraction <= 1.0
     assert abs(rows[0]["theory"]["fraction"] - 1 / 3) < 1e-12  # (p-1)/(m+p-1) with p = m = 2
+
+    # stdout is the README's table: setup, header, one row per setup, targets; rounds went to stderr
+    table = result.stdout.splitlines()
+    assert len(table) <= 10, result.stdout
+    header = next(i for i, line in enumerate(table) if line.startswith("schedule"))
+    assert "measured bubble" in table[header] and "each round" in table[header]
+    assert [line.split()[:2] for line in table[header + 1:header + 3]] == [["1f1b", "2"], ["zb-h1", "2"]]
+    assert "round 1/2" in result.stderr and "round 1/2" not in result.stdout
+    # the per-rank details are in --json, and on the terminal with --verbose
+    assert "gap/action us" not in result.stdout
+    assert "gap/action us" in format_table(rows, verbose=True)
 
 
 def test_bench_pipeline_rejects_a_schedule_rule_before_any_worker_starts():

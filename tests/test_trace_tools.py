@@ -1,6 +1,9 @@
 """Trace tools: loading onto one clock, the Chrome/Perfetto export, the summary, the viewer, the CLI."""
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ from cluster.cli import main
 from tools.trace_export import assign_lanes, to_chrome_trace
 from tools.trace_io import Event, clock_correction, load_trace
 from tools.trace_summary import clip, intersect, subtract, summarize, theoretical_bubble, union
-from tools.trace_view import render_html
+from tools.trace_view import FORMAT_SCRIPT, render_html, view_data
 
 US = 1000  # ns per microsecond
 
@@ -117,12 +120,12 @@ def test_summary_percentages_match_hand_computed_values(synthetic):
 
 def test_bubble_is_idle_time_within_the_step_window_next_to_the_theoretical_one(synthetic):
     summary = summarize(load_trace(synthetic))
-    # step 0 spans [0, 230]: rank 0 idle 10 us, rank 1 idle 110 us (incl. 60 us blocked on rank 0)
+    # step index 0 (step 1) spans [0, 230]: rank 0 idle 10 us, rank 1 idle 110 us (incl. 60 us blocked on rank 0)
     assert [r["bubble_pct"] for r in summary["ranks"]] == pytest.approx([100 / 23, 1100 / 23], abs=1e-3)
     assert summary["bubble"]["measured_pct"] == pytest.approx(600 / 23, abs=1e-3)
     assert summary["bubble"]["window"] == "steps"
     assert summary["bubble"]["theoretical_pct"] == pytest.approx(100 / 3, abs=1e-3)  # (p-1)/(m+p-1), p=m=2
-    assert summary["steps"][0]["step"] == 0 and summary["steps"][0]["wall_ms"] == pytest.approx(0.23)
+    assert summary["steps"][0]["step"] == 1 and summary["steps"][0]["wall_ms"] == pytest.approx(0.23)
 
 
 def test_slowest_rank_is_the_one_with_most_compute(synthetic):
@@ -247,6 +250,7 @@ def test_cli_summary_export_view(synthetic, tmp_path):
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "no such directory"),
     (lambda d: os.makedirs(d), "no trace-rank"),
+    (lambda d: os.makedirs(d), "ringpipe train --trace"),  # the way a user records one
     (lambda d: (os.makedirs(d), open(os.path.join(d, "trace-rank0.json"), "w").write("{")), "corrupt JSON"),
 ])
 def test_cli_errors_are_one_line(tmp_path, setup, message):
@@ -285,3 +289,83 @@ def test_a_traced_runtime_run_exports_summarizes_and_views(local_cluster, tmp_pa
     for r in summary["ranks"]:
         assert r["compute_pct"] > 0 and r["compute_pct"] + r["exposed_comm_pct"] + r["idle_pct"] == pytest.approx(100, abs=0.01)
     assert CliRunner().invoke(main, ["trace", "view", str(tmp_path)]).exit_code == 0
+
+
+# ---- what the viewer shows -----------------------------------------------------------------------------
+def four_ranks_with_a_subgroup_send(tmp_path):
+    """Ranks 1 and 3 form the group "w/1,3#0"; rank 1 sends to its peer index 1, which is rank 3."""
+    idle = [span("forward", 0, 10, microbatch=0, stage=0, step=0)]
+    rank1 = idle + [span("send", 10, 20, "comm", bytes=8, peer=1, group="w/1,3#0", tag=0, wait_us=0.0, flow="f")]
+    rank3 = idle + [span("recv", 5, 20, "comm", bytes=8, peer=0, group="w/1,3#0", tag=0, wait_us=5.0, flow="f")]
+    return load_trace(write_trace(tmp_path / "run", [idle, rank1, idle, rank3]))
+
+
+def test_viewer_and_export_name_a_peer_by_its_global_rank(tmp_path):
+    trace = four_ranks_with_a_subgroup_send(tmp_path)
+    shown = {(row[0], row[5]): row[10] for row in view_data(trace)["spans"] if row[5] in ("send", "recv")}
+    assert shown == {(1, "send"): 3, (3, "recv"): 1}
+    exported = [e["args"] for e in to_chrome_trace(trace)["traceEvents"] if e.get("name") in ("send", "recv")]
+    assert sorted(a["peer_rank"] for a in exported) == [1, 3]
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed: the page's formatting functions are not run")
+def test_tooltip_uses_one_time_unit_chosen_by_the_visible_range():
+    def tooltip(row, visible_us):
+        script = FORMAT_SCRIPT + f"process.stdout.write(describe({json.dumps(row)}, unitFor({visible_us})));"
+        return subprocess.run([NODE, "-e", script], capture_output=True, text=True, check=True).stdout
+
+    send = [1, "comm", 0, 1528835.0, 282196.3, "send", None, 3, 131072, 1500.0, 3, None]
+    assert tooltip(send, 2_000_000).splitlines()[1:] == [  # a 2 s view: milliseconds throughout
+        "start 1528.835 ms, duration 282.196 ms", "step 3", "bytes 131,072", "blocked on a peer 1.500 ms",
+        "peer rank 3"]
+    assert tooltip(send, 20_000_000).splitlines()[1] == "start 1.529 s, duration 0.282 s"
+    assert tooltip(send, 500).splitlines()[1] == "start 1528835.000 us, duration 282196.300 us"
+
+
+def test_the_page_has_a_colour_legend_built_from_the_canvas_colours(synthetic):
+    page = render_html(load_trace(synthetic))
+    assert '<div id="legend"></div>' in page
+    script = page.split("<script>")[-1]
+    assert "COLORS[s[5]] || OTHER[s[1]]" in script and "Object.entries(COLORS)" in script
+
+
+def test_steps_are_numbered_from_1_in_summary_viewer_and_loss_curve(synthetic):
+    # The rank files carry the trainer's step index 0; metrics.jsonl here is an old, 0-based file.
+    trace = load_trace(synthetic)
+    assert [step["step"] for step in summarize(trace)["steps"]] == [1]
+    assert [row["step"] for row in trace.metrics] == [1, 2]
+    page = render_html(trace)
+    assert '<option value="1">step 1</option>' in page and "step 0" not in page
+    assert "step 2 val_loss 3.2000" in page
+
+
+def test_metrics_written_with_1_based_steps_are_read_as_they_are(tmp_path):
+    run = write_trace(tmp_path / "run", [RANK0], metrics=[{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.0}])
+    assert [row["step"] for row in load_trace(run).metrics] == [1, 2]
+
+
+def test_view_open_without_a_browser_says_so_with_the_path(synthetic):
+    env = {**os.environ, "BROWSER": shutil.which("false"), "PATH": "/nonexistent"}  # no other browser found
+    env.pop("DISPLAY", None), env.pop("WAYLAND_DISPLAY", None)
+    result = subprocess.run([sys.executable, "-m", "cluster", "trace", "view", synthetic, "--open"], env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    page = os.path.join(synthetic, "trace.html")
+    assert result.stderr.strip().splitlines() == [
+        f"no browser found to open it: open {page} in one (it works offline)"]
+
+
+def test_bench_trace_tools_times_each_tool_on_a_copy_of_the_run(synthetic, tmp_path):
+    before = sorted(os.listdir(synthetic))
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, ["bench", "trace-tools", synthetic, "--repeats", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["tools"]
+    assert [row["name"] for row in rows] == ["summary", "view", "export", "report"]
+    assert all(row["wall_s"] > 0 and row["cpu_s"] > 0 for row in rows)
+    assert {row["name"]: row["target_s"] for row in rows if row["target_s"]} == {"summary": 3.0, "view": 5.0}
+    assert sorted(os.listdir(synthetic)) == before  # the run itself is left as it was

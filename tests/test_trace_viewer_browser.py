@@ -67,3 +67,25 @@ def test_viewer_shows_one_lane_per_rank_and_the_summary_of_the_cli(tmp_path):
         assert shown.pop("slowest") == row["slowest"]
         assert shown == {key: row[key] for key in shown}
         assert len(shown) >= 6
+
+
+class LegendReader(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.names, self._depth = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "div" and attrs.get("id") == "legend":
+            self._depth = 1
+        elif self._depth and tag == "span" and "data-name" in attrs:
+            self.names.append(attrs["data-name"])
+
+
+def test_viewer_shows_a_legend_of_the_colours_on_its_canvas(tmp_path):
+    run = write_trace(tmp_path / "run", [RANK0, RANK1])
+    assert CliRunner().invoke(main, ["trace", "view", run, "-o", str(tmp_path / "view.html")]).exit_code == 0
+    legend = LegendReader()
+    legend.feed(dump_dom(tmp_path / "view.html", tmp_path / "profile"))
+    # forward, send and recv have their own colours; all_reduce is "other comm"; faded = blocked
+    assert legend.names == ["forward", "send", "recv", "other comm (collectives)", "blocked"]

@@ -108,7 +108,7 @@ def test_train_then_generate_end_to_end(corpus, tmp_path):
                      "--checkpoint-every", 2, "--out", out)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1, 2, 3]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]  # 1-based, as the progress line counts
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(lines[0])
     assert ["val_loss" in line for line in lines] == [False, True, False, True]
     assert GPT.from_pretrained(str(out)).config.vocab_size == len(set(TEXT))
@@ -144,7 +144,7 @@ def test_resume_continues_the_run_and_keeps_metrics_consistent(corpus, tmp_path)
     result = run_cli("train", "--resume", "--out", out, "--steps", 5)
     assert result.exit_code == 0, result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
     assert saved_config(str(out)).steps == 5
 
 
@@ -183,7 +183,8 @@ def assert_one_line_error(result, expected, with_usage=False):
     """Exit status non-zero, one "Error: ..." line naming `expected`, no traceback; click's own
     flag-value checks also print a usage hint (`with_usage`)."""
     assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
+    # Status lines ("tokenizing corpus.txt ...") may come before the error.
+    lines = [line for line in result.output.strip().splitlines() if not line.endswith(" ...")]
     errors = [line for line in lines if line.startswith("Error: ")]
     assert len(errors) == 1 and expected in errors[0], result.output
     assert with_usage or len(lines) == 1, result.output
@@ -222,7 +223,7 @@ def test_resume_rejects_another_tokenizer(trained):
 def test_resume_rejects_data_outside_the_char_vocabulary(trained, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("ZZZ QQQ XXX\n" * 200)
-    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--data", other),
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--data", other, "--steps", 4),
                           "tokenizer")
 
 
@@ -277,12 +278,90 @@ def test_progress_writes_plain_lines_when_not_a_terminal():
 
     stream = io.StringIO()
     progress = Progress(first_step=0, total_steps=40, stream=stream)
-    for step in range(40):
+    for step in range(1, 41):
         metrics = {"step": step, "loss": 1.0, "lr": 1e-3, "tokens": 10, "tokens_per_s": 5.0}
-        if step == 10:  # between two regular lines
+        if step == 11:  # between two regular lines
             metrics["val_loss"] = 2.0
         progress.update(metrics)
     lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and len(lines) == 21
+    assert "\r" not in stream.getvalue() and len(lines) == 22  # the first step, then every 2nd, + 1 val
+    assert lines[0].startswith("step 1/40") and "ETA -:--" in lines[0]
     assert lines[-1].startswith("step 40/40 loss 1.0000") and "ETA 0:00" in lines[-1]
     assert any(line.endswith("val_loss 2.0000") for line in lines)
+
+
+def test_resuming_a_finished_run_says_it_is_complete_and_how_to_train_further(trained):
+    saved = {path: path.stat().st_mtime_ns for path in trained.rglob("*") if path.is_file()}
+    result = run_cli("train", "--resume", "--out", trained)
+    assert result.exit_code == 0, result.output
+    assert "already complete at step 2" in result.output and "--steps" in result.output, result.output
+    assert "saved model" not in result.output
+    # nothing trained, nothing re-saved
+    assert {path: path.stat().st_mtime_ns for path in trained.rglob("*") if path.is_file()} == saved
+
+
+def test_resuming_with_fewer_steps_than_the_run_completed_is_refused(trained):
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--steps", 1), "--steps")
+
+
+def test_metrics_from_before_one_based_steps_are_renumbered_on_resume(trained):
+    metrics = trained / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    metrics.write_text("".join(json.dumps({**row, "step": row["step"] - 1}) + "\n" for row in rows))  # old files
+    result = run_cli("train", "--resume", "--out", trained, "--steps", 3)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_eta_is_a_moving_average_that_leaves_out_the_warm_up_step(monkeypatch):
+    import io
+
+    from cluster import train_cmd
+
+    clock = FakeClock()
+    monkeypatch.setattr(train_cmd.time, "perf_counter", clock)
+    stream = io.StringIO()
+    progress = train_cmd.Progress(first_step=0, total_steps=100, stream=stream)
+    progress.plain_every = 1
+    clock.now = 60.0  # step 1 pays for warm-up: a minute
+    progress.update({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens": 1000})
+    assert "ETA -:--" in stream.getvalue().splitlines()[-1]
+    for step in range(2, 31):  # then 0.5 s a step, then 1 s a step
+        clock.now += 0.5 if step <= 10 else 1.0
+        progress.update({"step": step, "loss": 1.0, "lr": 1e-3, "tokens": 1000})
+    last = stream.getvalue().splitlines()[-1]
+    assert "1,000 tok/s" in last and "ETA 1:10" in last, last  # 70 steps left at the last 20 steps' 1 s
+
+
+def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
+    import io
+
+    from cluster.train_cmd import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(first_step=0, total_steps=10, stream=stream)
+    progress.update({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens": 10})
+    assert not stream.getvalue().endswith("\n")
+    progress.end_line()
+    progress.end_line()  # once only
+    assert stream.getvalue().endswith("-:--\n") and stream.getvalue().count("\n") == 1
+
+
+def test_ctrl_c_after_the_run_completed_says_nothing_is_lost(trained, capsys):
+    from cluster.train_cmd import _report_interrupt
+
+    config = saved_config(trained)  # 2 steps, both done and checkpointed
+    _report_interrupt(str(trained), config, {"trainer": None, "progress": None})
+    assert capsys.readouterr().err.strip() == f"interrupted after the run completed: its model and checkpoint are in {trained}"

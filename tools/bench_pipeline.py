@@ -95,7 +95,7 @@ def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: i
         steps: int = 5, split=None, timeout: float = 300.0, echo=None, rounds: int = 1) -> list[dict]:
     """One row (a dict, see `measure`) per (schedule, m): the best of `rounds` rounds, each round's
     bubble listed under "rounds"; rows whose layout cannot work raise ValueError before any worker
-    starts. `echo(text)` gets each round's result as soon as it is measured, then each row's table."""
+    starts. `echo(text)` gets each round's result (one line) as soon as it is measured."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     if split is not None and "split" not in {f.name for f in dataclasses.fields(Layout)}:
@@ -140,8 +140,6 @@ def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: i
                                "measured_over_theory": r["measured_over_theory"],
                                "core_gflops": r["core_gflops"]} for r in runs]
             rows.append(best)
-            if echo:
-                echo(format_row(best))
     return rows
 
 
@@ -316,6 +314,26 @@ def format_row(row: dict) -> str:
     costs = "  ".join(f"{key} {c['median_s'] * 1e3:.1f}" for key, c in row["action_costs"].items())
     lines.append(f"{'':<16}action ms (rank/stage/kind, median): {costs}")
     return "\n".join(lines)
+
+
+def format_table(rows: list, verbose: bool = False) -> str:
+    """What `ringpipe bench pipeline` prints: the setup, one table row per (schedule, m) with the
+    README's columns, the targets; `verbose` adds each row's per-rank block (`format_row`)."""
+    header = ("schedule", "m", "v", "measured bubble", "theory", "measured / theory", "each round",
+              "range over steps")
+    table = [header] + [(r["schedule"], str(r["microbatches"]), str(r["virtual_stages"]),
+                         f"{r['bubble_fraction']:.1%}", f"{r['theory']['fraction']:.1%}",
+                         f"{r['measured_over_theory']:.2f}",
+                         " ".join(f"{x['measured_over_theory']:.2f}" for x in r.get("rounds", [])) or "-",
+                         f"{r['bubble_fraction_range'][0]:.1%}–{r['bubble_fraction_range'][1]:.1%}")
+                        for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in table]
+    lines = format_summary(rows).splitlines()
+    setup, targets = lines[:2], lines[2:]
+    details = [format_row(r) for r in rows] if verbose else []
+    return "\n".join(setup + [""] + text + [""] + targets + ([""] + details if details else []))
 
 
 def format_summary(rows: list) -> str:

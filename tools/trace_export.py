@@ -12,8 +12,10 @@ its matching recv; the ranks of one collective are chained in rank order.
 """
 from __future__ import annotations
 
-from runtime.files import write_json
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace
+import json
+
+from runtime.files import write_text
+from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace, peer_rank
 
 THREAD_ORDER = (COMPUTE_THREAD, COMM_THREAD)
 
@@ -28,7 +30,8 @@ def assign_lanes(spans: list) -> list:
     Greedy: each span goes on the first lane where, after closing the spans that ended, it fits
     inside the innermost open span (or the lane has none open).
     """
-    order = sorted(range(len(spans)), key=lambda i: (spans[i].start_ns, -spans[i].duration_ns))
+    keys = [(s.start_ns, -s.duration_ns) for s in spans]
+    order = sorted(range(len(spans)), key=keys.__getitem__)
     stacks: list = []  # per lane: end times of the open spans, innermost last
     lanes = [0] * len(spans)
     for i in order:
@@ -57,13 +60,20 @@ def _thread_rank(name: str) -> tuple:
 
 
 def _jsonable(args: dict) -> dict:
-    return {str(k): (v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else str(v))
-            for k, v in args.items()}
+    """The args with a point-to-point peer's global rank added; values JSON cannot hold are
+    written as strings (`write_chrome_trace` passes default=str), so args pass through as they are."""
+    if "peer" in args:
+        return {**args, "peer_rank": peer_rank(args)}
+    return args
 
 
 def to_chrome_trace(trace: Trace) -> dict:
     """The {"traceEvents": [...], ...} object for one trace."""
     out, lane_of, tids_of = [], {}, {}
+    other_threads: dict = {}  # rank -> threads of its counters and instants
+    for e in trace.events:
+        if e.phase != "X":
+            other_threads.setdefault(e.rank, set()).add(e.thread)
     for rank in trace.ranks:
         spans_by_thread: dict = {}
         for span in trace.spans(rank):
@@ -73,7 +83,7 @@ def to_chrome_trace(trace: Trace) -> dict:
             for span, lane in zip(spans, assign_lanes(spans)):
                 lane_of[id(span)] = name = lane_name(thread, lane)
                 names.add(name)
-        names |= {e.thread for e in trace.events if e.rank == rank and e.phase != "X"}
+        names |= other_threads.get(rank, set())
         names = sorted(names | {COMPUTE_THREAD, COMM_THREAD}, key=_thread_rank)
         tids = {name: index + 1 for index, name in enumerate(names)}
         tids_of[rank] = tids
@@ -89,7 +99,8 @@ def to_chrome_trace(trace: Trace) -> dict:
     flows: dict = {}
     for event in trace.events:
         tids = tids_of[event.rank]
-        ts = microseconds(event.start_ns)
+        # = microseconds(): for integer ns, x / 1000 is already the nearest double to 3 decimals
+        ts = event.start_ns / 1000 if type(event.start_ns) is int else microseconds(event.start_ns)
         if event.phase == "X":
             tid = tids[lane_of[id(event)]]
             out.append({"ph": "X", "pid": event.rank, "tid": tid, "ts": ts,
@@ -133,5 +144,6 @@ def flow_events(flows: dict) -> list:
 def write_chrome_trace(trace: Trace, path: str) -> int:
     """Write the JSON; returns the number of trace events."""
     data = to_chrome_trace(trace)
-    write_json(path, data, separators=(",", ":"))
+    # json.dumps, not json.dump: only the one-shot encoder runs in C (3-5x faster on 10^5 events).
+    write_text(path, json.dumps(data, separators=(",", ":"), default=str))
     return len(data["traceEvents"])

@@ -18,8 +18,8 @@ import json
 
 from runtime.files import write_text
 from tools.trace_export import assign_lanes
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace
-from tools.trace_summary import summarize
+from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace, peer_rank
+from tools.trace_summary import step_windows, summarize
 
 SUMMARY_COLUMNS = (("compute_pct", "compute %"), ("comm_pct", "comm %"), ("exposed_comm_pct", "exposed comm %"),
                    ("idle_pct", "idle %"), ("overlap_pct", "overlap %"), ("bubble_pct", "bubble %"),
@@ -27,7 +27,10 @@ SUMMARY_COLUMNS = (("compute_pct", "compute %"), ("comm_pct", "comm %"), ("expos
 
 
 def view_data(trace: Trace) -> dict:
-    """Compact arrays for the script: spans per (rank, lane), p2p arrows, step windows."""
+    """Compact arrays for the script: spans per (rank, lane), p2p arrows, step windows.
+    A span's peer is its global rank (the trace records the index within the span's group). Span
+    start and duration are integer nanoseconds (JSON writes integers several times faster than
+    floats; the script turns them into microseconds)."""
     spans, lanes, sends = [], {}, {}
     for rank in trace.ranks:
         counts = {}
@@ -37,21 +40,18 @@ def view_data(trace: Trace) -> dict:
             counts[thread] = max(indexes, default=0) + 1
             for span, lane in zip(own, indexes):
                 a = span.args
-                spans.append([rank, thread, lane, span.start_ns / 1000.0, span.duration_ns / 1000.0, span.name,
+                spans.append([rank, thread, lane, span.start_ns, span.duration_ns, span.name,
                               a.get("microbatch"), a.get("step"), a.get("bytes"), a.get("wait_us"),
-                              a.get("peer", a.get("ranks")), a.get("stage")])
-                if span.name in ("send", "recv") and "flow" in a:
+                              peer_rank(a) if "peer" in a else a.get("ranks"), a.get("stage")])
+                if "flow" in a and span.name in ("send", "recv"):
                     sends.setdefault(a["flow"], {})[span.name] = len(spans) - 1
         lanes[rank] = counts
     arrows = [[ends["send"], ends["recv"]] for ends in sends.values() if len(ends) == 2]
-    steps = {}
-    for span in trace.spans(thread=COMPUTE_THREAD):
-        if span.args.get("step") is not None:
-            window = steps.setdefault(str(span.args["step"]), [span.start_ns, span.end_ns])
-            window[0], window[1] = min(window[0], span.start_ns), max(window[1], span.end_ns)
+    steps = step_windows(trace)
     stages = {rank: sorted({s.args["stage"] for s in trace.spans(rank, COMPUTE_THREAD) if "stage" in s.args},
                            key=str) for rank in trace.ranks}
-    return {"ranks": trace.ranks, "stages": {str(r): v for r, v in stages.items()}, "lanes": {str(r): c for r, c in lanes.items()}, "spans": spans, "arrows": arrows,
+    return {"ranks": trace.ranks, "stages": {str(r): v for r, v in stages.items()},
+            "lanes": {str(r): c for r, c in lanes.items()}, "spans": spans, "arrows": arrows,
             "wall_us": (trace.end_ns - trace.start_ns) / 1000.0,
             "steps": [[step, lo / 1000.0, hi / 1000.0] for step, (lo, hi) in steps.items()]}
 
@@ -143,9 +143,11 @@ def render_html(trace: Trace, summary: dict | None = None) -> str:
 <h1>{title}</h1>
 <p class="meta">{len(trace.ranks)} ranks, {summary['wall_ms']:.3f} ms traced, clock: {html.escape(trace.clock_source)}.
 Wheel: zoom, drag: pan, hover: details. F forward, B backward, W weight gradient, O optimizer; the number is the micro-batch.
-Comm lanes: faded part = blocked on a peer. Arrows: send to matching recv.</p>
+Comm lanes: faded part = blocked on a peer. Arrows: send to matching recv. Steps are numbered from 1, as in the
+training's progress line and metrics.jsonl.</p>
 <div id="controls"><label>step <select id="step-select"><option value="all">all</option>{options}</select></label>
 <button id="reset-zoom">reset zoom</button> <span id="range"></span></div>
+<div id="legend"></div>
 <div id="timeline"><div id="labels"></div><canvas id="canvas"></canvas></div>
 <div id="tooltip" hidden></div>
 <h2>Summary</h2>{summary_table(summary)}
@@ -155,13 +157,14 @@ bubble = idle within the training steps; slowest = most compute time.</p>
 <h2>Operations (all ranks)</h2>{operations_table(summary)}
 <h2>Loss</h2>{loss_curve_svg(trace.metrics)}
 <script type="application/json" id="trace-data">{data}</script>
-<script>{SCRIPT}</script>
+<script>{FORMAT_SCRIPT}{SCRIPT}</script>
 </body></html>
 """
 
 
-def write_view(trace: Trace, path: str) -> None:
-    write_text(path, render_html(trace))
+def write_view(trace: Trace, path: str, summary: dict | None = None) -> None:
+    """Write the page; pass the trace's `summarize` result when you have it (saves recomputing)."""
+    write_text(path, render_html(trace, summary))
 
 
 CSS = """
@@ -176,15 +179,58 @@ table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:2px 6px;text-
 tr.slowest{background:#fde2e1}.flag{color:#c00;font-size:11px}#steps tr[hidden]{display:none}
 #loss-curve .frame{fill:none;stroke:#ccc}#loss-curve .loss{fill:none;stroke:#4e79a7;stroke-width:1.5}
 #loss-curve .val-loss{fill:#e15759}#loss-curve text{font-size:10px;fill:#555}
+#legend{margin:6px 0;font-size:12px}#legend span{margin-right:12px;white-space:nowrap}
+#legend i{display:inline-block;width:12px;height:10px;margin-right:4px;vertical-align:-1px}
+"""
+
+# Pure functions of the page (the tests run them in Node when it is installed).
+FORMAT_SCRIPT = r"""
+// One time unit at a time, chosen by the visible range: the axis, the range and the tooltip agree.
+const UNITS = [['s', 1e6], ['ms', 1e3], ['us', 1]];
+function unitFor(rangeUs) { return UNITS.find(([, size]) => rangeUs >= 10 * size) || UNITS[2]; }
+function inUnit(us, unit) { return (us / unit[1]).toFixed(3) + ' ' + unit[0]; }
+// The tooltip of one span row of the data: [rank, thread, lane, start_us, duration_us, name,
+// microbatch, step, bytes, wait_us, peer's global rank or the collective's ranks, stage].
+function describe(s, unit) {
+  const given = v => v !== null && v !== undefined;
+  const lines = [s[5] + '  (rank ' + s[0] + ', ' + s[1] + ')',
+                 'start ' + inUnit(s[3], unit) + ', duration ' + inUnit(s[4], unit)];
+  if (given(s[6])) lines.push('micro-batch ' + s[6]);
+  if (given(s[11])) lines.push('stage ' + s[11]);
+  if (given(s[7])) lines.push('step ' + s[7]);
+  if (given(s[8])) lines.push('bytes ' + s[8].toLocaleString('en-US'));
+  if (s[9]) lines.push('blocked on a peer ' + inUnit(s[9], unit));
+  if (given(s[10])) lines.push((Array.isArray(s[10]) ? 'ranks ' : 'peer rank ') + s[10]);
+  return lines.join('\n');
+}
 """
 
 SCRIPT = r"""
 (function () {
   const D = JSON.parse(document.getElementById('trace-data').textContent);
+  for (const s of D.spans) { s[3] /= 1000; s[4] /= 1000; }  // ns -> us, the unit of everything below
   const COMPUTE_H = 26, COMM_H = 12, AXIS_H = 18;
   const COLORS = {forward: '#4e79a7', backward: '#59a14f', backward_input: '#8cd17d', backward_weight: '#b07aa1',
     optimizer: '#9d9d9d', send: '#e15759', recv: '#76b7b2'};
   const LETTERS = {forward: 'F', backward: 'B', backward_input: 'B', backward_weight: 'W', optimizer: 'O'};
+  const OTHER = {compute: '#f28e2b', comm: '#edc948'};
+  // The legend is built from the same colour table the canvas uses, so they cannot disagree.
+  const legend = document.getElementById('legend');
+  const present = new Set(D.spans.map(s => s[5]));
+  const entries = Object.entries(COLORS).filter(([name]) => present.has(name));
+  if (D.spans.some(s => !(s[5] in COLORS) && s[1] === 'compute')) entries.push(['other compute', OTHER.compute]);
+  if (D.spans.some(s => !(s[5] in COLORS) && s[1] === 'comm')) entries.push(['other comm (collectives)', OTHER.comm]);
+  for (const [name, color] of entries) {
+    const item = document.createElement('span'); item.dataset.name = name;
+    const swatch = document.createElement('i'); swatch.style.background = color;
+    item.append(swatch, name.replace(/_/g, ' ')); legend.appendChild(item);
+  }
+  if (D.spans.some(s => s[1] === 'comm' && s[9])) {
+    const item = document.createElement('span'); item.dataset.name = 'blocked';
+    const swatch = document.createElement('i'); swatch.style.background = OTHER.comm; swatch.style.opacity = 0.3;
+    item.append(swatch, 'blocked on a peer (faded part of a comm span)'); legend.appendChild(item);
+  }
+
   const canvas = document.getElementById('canvas'), ctx = canvas.getContext('2d');
   const labels = document.getElementById('labels'), tip = document.getElementById('tooltip');
   // Rows: for each rank its compute lane(s), then its comm lane(s).
@@ -232,7 +278,7 @@ SCRIPT = r"""
     for (const s of D.spans) {
       const a = X(s[3]), b = X(s[3] + s[4]); if (b < 0 || a > width) continue;
       const top = rowOf(s) + 1, h = heightOf(s) - 2, w = Math.max(b - a, 0.5);
-      ctx.fillStyle = COLORS[s[5]] || (s[1] === 'compute' ? '#f28e2b' : '#edc948');
+      ctx.fillStyle = COLORS[s[5]] || OTHER[s[1]];
       if (s[1] === 'comm' && s[9]) {  // leading wait_us: blocked on a peer, drawn faded
         const blocked = Math.min(X(s[3] + s[9]) - a, w);
         ctx.globalAlpha = 0.3; ctx.fillRect(a, top, blocked, h); ctx.globalAlpha = 1;
@@ -254,16 +300,17 @@ SCRIPT = r"""
       ctx.lineTo(x1 - 6 * Math.cos(angle - 0.4), y1 - 6 * Math.sin(angle - 0.4));
       ctx.lineTo(x1 - 6 * Math.cos(angle + 0.4), y1 - 6 * Math.sin(angle + 0.4)); ctx.fill();
     }
-    document.getElementById('range').textContent =
-      'showing ' + (t0 / 1000).toFixed(3) + ' to ' + (t1 / 1000).toFixed(3) + ' ms';
+    const unit = unitFor(t1 - t0);
+    document.getElementById('range').textContent = 'showing ' + inUnit(t0, unit) + ' to ' + inUnit(t1, unit);
   }
   function drawAxis() {
-    const span = t1 - t0, raw = span / 8, unit = Math.pow(10, Math.floor(Math.log10(raw)));
-    const step = [1, 2, 5, 10].map(m => m * unit).find(v => v >= raw);
+    const span = t1 - t0, raw = span / 8, decade = Math.pow(10, Math.floor(Math.log10(raw)));
+    const step = [1, 2, 5, 10].map(m => m * decade).find(v => v >= raw);
+    const unit = unitFor(span), digits = Math.max(0, -Math.floor(Math.log10(step / unit[1])));
     ctx.fillStyle = '#555'; ctx.strokeStyle = '#ddd';
     for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) {
       const x = X(t); ctx.beginPath(); ctx.moveTo(x, AXIS_H - 4); ctx.lineTo(x, height); ctx.stroke();
-      ctx.fillText(step >= 1000 ? (t / 1000).toFixed(step >= 10000 ? 0 : 1) + ' ms' : t.toFixed(0) + ' us', x + 2, 8);
+      ctx.fillText((t / unit[1]).toFixed(digits) + ' ' + unit[0], x + 2, 8);
     }
   }
   canvas.addEventListener('wheel', e => {
@@ -285,15 +332,7 @@ SCRIPT = r"""
     const hit = D.spans.find(s => e.offsetY >= rowOf(s) && e.offsetY < rowOf(s) + heightOf(s) &&
                                    t >= s[3] - tol && t <= s[3] + s[4] + tol);
     if (!hit || drag) { tip.hidden = true; return; }
-    const lines = [hit[5] + '  (rank ' + hit[0] + ', ' + hit[1] + ')', 'start ' + (hit[3] / 1000).toFixed(3) +
-                   ' ms, duration ' + hit[4].toFixed(1) + ' us'];
-    if (hit[6] !== null && hit[6] !== undefined) lines.push('micro-batch ' + hit[6]);
-    if (hit[11] !== null && hit[11] !== undefined) lines.push('stage ' + hit[11]);
-    if (hit[7] !== null && hit[7] !== undefined) lines.push('step ' + hit[7]);
-    if (hit[8] !== null && hit[8] !== undefined) lines.push('bytes ' + hit[8].toLocaleString());
-    if (hit[9]) lines.push('blocked on peer ' + hit[9].toFixed(1) + ' us');
-    if (hit[10] !== null && hit[10] !== undefined) lines.push((Array.isArray(hit[10]) ? 'ranks ' : 'peer ') + hit[10]);
-    tip.textContent = lines.join('\n'); tip.hidden = false;
+    tip.textContent = describe(hit, unitFor(t1 - t0)); tip.hidden = false;
     tip.style.left = (e.clientX + 12) + 'px'; tip.style.top = (e.clientY + 12) + 'px';
   });
   canvas.addEventListener('mouseleave', () => { tip.hidden = true; });
