@@ -235,8 +235,9 @@ def train(ctx, **flags):
         config = _config_from_flags(ctx, flags)
         if flags["resume"] and _already_complete(ctx, config, out):
             return
+        config.validate()  # before the first status line: a bad config or layout is the only output
         if distributed:
-            layout.validate(config)  # before the first status line: a bad layout is the only output
+            layout.validate(config)
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_one_line(exc)) from None
     state = {"trainer": None, "progress": None}

@@ -320,10 +320,10 @@ def test_a_workers_trace_that_does_not_fit_is_a_file_write_error_naming_the_file
 
 
 def test_a_file_write_error_from_a_worker_is_one_line_in_any_command():
-    from cluster.cli import Commands
+    from cluster.cli import _Group
     from runtime import RemoteError
 
-    @click.group(cls=Commands)
+    @click.group(cls=_Group)
     def group():
         pass
 

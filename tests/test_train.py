@@ -135,7 +135,7 @@ def test_a_run_directory_with_ringpipes_earlier_tokenizer_file_resumes_and_gener
     assert result.exit_code == 0 and result.output.startswith("3 little"), result.output
     result = run_cli("train", "--resume", "--data", corpus, *TINY_FLAGS, "--steps", 3, "--out", out)
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3  # 1-based
 
 
 def test_resume_continues_the_run_and_keeps_metrics_consistent(corpus, tmp_path):
