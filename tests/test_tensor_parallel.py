@@ -7,8 +7,8 @@ import pytest
 from model import ops
 from model.gpt import GPT, GPTConfig, init_params
 from model.optim import clip_scale
-from model.parallel import tensor_parallel_communications as regions
-from model.parallel.tensor_parallel import (TensorParallelStage, assemble_full_optimizer_state, assemble_full_params,
+from model.parallel.tensor_parallel import tensor_parallel_communications as regions
+from model.parallel.tensor_parallel.layers import (TensorParallelStage, assemble_full_optimizer_state, assemble_full_params,
                                             param_layout, shard,
                                             shard_rule, vocab_parallel_cross_entropy_forward)
 from model.parallel.trainer import Layout, ParallelTrainer
@@ -237,10 +237,10 @@ class RecordingTrainer(ParallelTrainer):
 
     first_grads = None
 
-    def _global_grad_norm(self, grads, *args):
+    def _global_grad_norm(self, grads, *args, **kwargs):
         if self.first_grads is None:
             self.first_grads = {name: np.array(g) for name, g in grads.items()}
-        return super()._global_grad_norm(grads, *args)
+        return super()._global_grad_norm(grads, *args, **kwargs)
 
     def recorded_grads(self):
         return self.first_grads

@@ -49,8 +49,8 @@ import statistics
 import tempfile
 import time
 
-from model.parallel.schedules import Kind, build_schedule, split_layers
-from model.parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
+from model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers
+from model.parallel.pipeline_parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import TOKEN_FILE, Trainer, TrainConfig
 from runtime import Cluster

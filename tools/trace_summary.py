@@ -165,7 +165,7 @@ def step_windows(trace: Trace) -> dict:
 def theoretical_bubble(schedule: dict | None) -> float | None:
     """Idle fraction of total time that the run's schedule predicts (uniform stages, free comm).
 
-    Taken from model.parallel.simulator.bubble_fraction_of_total when it is importable (it knows
+    Taken from model.parallel.pipeline_parallel.simulator.bubble_fraction_of_total when it is importable (it knows
     every schedule and converts bubbles quoted against ideal compute time to fractions of total
     time, which is what we measure). Fallback: GPipe and 1F1B idle (p-1) of a stage's m+p-1 slots;
     interleaved with v virtual stages per rank (p-1)/(v*m+p-1); zb-h1 (p-1)/(3m+p-1).
@@ -176,7 +176,7 @@ def theoretical_bubble(schedule: dict | None) -> float | None:
     p, m = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1))
     v = int(schedule.get("virtual_stages", 1) or 1)
     try:
-        from model.parallel.simulator import bubble_fraction_of_total
+        from model.parallel.pipeline_parallel.simulator import bubble_fraction_of_total
         return float(bubble_fraction_of_total(name, p, m, v))
     except (ImportError, ValueError, KeyError):
         pass

@@ -25,10 +25,10 @@ from model.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is
 from model.optim import AdamW, clip_scale, lr_at
 from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from model.parallel.mesh import Mesh
-from model.parallel.pipeline import run_pipeline_step
-from model.parallel.schedules import build_schedule, split_layers, stage_rank
+from model.parallel.pipeline_parallel.executor import run_pipeline_step
+from model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import DenseStage
-from model.parallel.tensor_parallel import TensorParallelStage, param_layout
+from model.parallel.tensor_parallel.layers import TensorParallelStage, param_layout
 from model.train import OVERFLOW_WARNINGS, TrainConfig, dropout_seed
 
 

@@ -25,7 +25,7 @@ from model.activation_memory import ActivationMemory
 from model.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
 from model.gpt import GPTConfig, param_shapes
 from model.parallel.stage import _accumulate, stage_param_names
-from model.parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
+from model.parallel.tensor_parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
 from runtime.backend import array_module, module_of, to_host
 
 # Block parameter → (axis split across tp, parts): c_attn's columns are [q | k | v], each split by heads.
