@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.gpt import GPT, GPTConfig
-from model.parallel.tensor_parallel.layers import assemble_full_params
+from model.parallel.tensor_parallel import assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from tests.conftest import TEXT

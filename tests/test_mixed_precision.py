@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from cluster.cli import main
 from model.mixed_precision import LossScaler
-from model.parallel.tensor_parallel.layers import assemble_full_params
+from model.parallel.tensor_parallel import assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig, saved_config
 

@@ -84,7 +84,7 @@ def test_an_explicit_layer_split_trains_the_same_model(local_cluster, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 def test_full_mesh_dp2_tp2_pp2_equals_single_process(local_cluster, tmp_path, schedule):
-    from model.parallel.tensor_parallel.layers import assemble_full_params
+    from model.parallel.tensor_parallel import assemble_full_params
 
     config = config_for(tmp_path, n_head=2)
     reference, expected = reference_params(config, str(tmp_path / "reference"))

@@ -8,9 +8,11 @@ from model import ops
 from model.gpt import GPT, GPTConfig, init_params
 from model.optim import clip_scale
 from model.parallel.tensor_parallel import tensor_parallel_communications as regions
-from model.parallel.tensor_parallel.layers import (TensorParallelStage, assemble_full_optimizer_state, assemble_full_params,
-                                            param_layout, shard,
-                                            shard_rule, vocab_parallel_cross_entropy_forward)
+from model.gpt2_parallel_plan import GPT2ParallelPlan
+from model.parallel.stage import Stage
+from model.parallel.tensor_parallel.layers import vocab_parallel_cross_entropy_forward
+from model.parallel.tensor_parallel.sharding import (assemble_full_optimizer_state, assemble_full_params, shard,
+                                                     shard_table)
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from tests.conftest import TEXT
@@ -85,17 +87,17 @@ def piece_data(config):
 
 
 def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=False, options=None):
-    """One TensorParallelStage (a piece of the model) forward + backward on fixed data."""
+    """One tensor-parallel Stage (a piece of the model) forward + backward on fixed data."""
     config = piece_config(vocab_size, dropout, recompute, **(options or {}))
     idx, targets, x, dout = piece_data(config)
     first, last, layers = PIECES[piece]
-    stage = TensorParallelStage(config, init_params(config, 3), layers, first, last, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config, 3), layers, first, last, comm, sequence_parallel)
     mine = regions.sequence_slice(8, comm) if sequence_parallel else slice(None)
     out, caches = stage.forward(idx if first else x[:, mine], targets if last else None, SEED)
     dx, deferred = stage.backward_input(caches, 1.0 if last else dout[:, mine])
     stage.backward_weight(deferred)
     stage.finalize_grads()
-    return out, dx, stage.grads, param_layout(stage.shard_axes, comm.rank, comm.size, config)
+    return out, dx, stage.grads, stage.shard_table()
 
 
 def dense_piece(piece, vocab_size, dropout, **options):
@@ -178,9 +180,9 @@ def test_gpt2_config_options_give_the_dense_loss_and_gradients(local_cluster):
 def block_cache_bytes(comm, sequence_parallel, dropout):
     config = piece_config(dropout=dropout)
     x = piece_data(config)[2]
-    stage = TensorParallelStage(config, init_params(config, 3), range(2), False, False, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config, 3), range(2), False, False, comm, sequence_parallel)
     mine = regions.sequence_slice(8, comm) if sequence_parallel else slice(None)
-    return stage.memory.nbytes(stage.block_forward(1, x[:, mine], SEED)[1])
+    return stage.memory.nbytes(stage.pieces.block_forward(1, x[:, mine], SEED)[1])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -213,9 +215,11 @@ def test_shards_of_every_parameter_reassemble_to_the_full_model():
     config = piece_config()
     full = init_params(config, 0)
     for tp in (1, 2, 4):
-        axes = {name: shard_rule(name)[0] for name in full}
-        per_rank = [{name: shard(value, name, r, tp) for name, value in full.items()} for r in range(tp)]
-        layouts = [param_layout(axes, r, tp, config) for r in range(tp)]
+        plan = GPT2ParallelPlan(config)
+        shardings = {name: plan.sharding(name) for name in full}
+        per_rank = [{name: shard(value, shardings[name], r, tp) for name, value in full.items()} for r in range(tp)]
+        layouts = [shard_table(shardings, {name: value.shape for name, value in full.items()}, r, tp)
+                   for r in range(tp)]
         got = assemble_full_params(per_rank, layouts)
         for name, value in full.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{name} tp={tp}")
@@ -224,7 +228,7 @@ def test_shards_of_every_parameter_reassemble_to_the_full_model():
 def test_each_rank_holds_its_heads_q_k_and_v_columns():
     config = piece_config()
     w = init_params(config, 0)["h.0.attn.c_attn.weight"]  # (16, 48): [q | k | v], 4 heads of 4
-    mine = shard(w, "h.0.attn.c_attn.weight", 1, 2)
+    mine = shard(w, GPT2ParallelPlan(config).sharding("h.0.attn.c_attn.weight"), 1, 2)
     np.testing.assert_array_equal(mine, np.concatenate([w[:, 8:16], w[:, 24:32], w[:, 40:48]], axis=1))
 
 
@@ -426,7 +430,7 @@ def test_bytes_sent_per_step_match_the_analytic_count(local_cluster, references,
 # ---- checkpoints: the full model, whatever tp wrote it ------------------------------------------------------
 def tp_logits(comm, config, params, idx, sequence_parallel):
     config = GPTConfig(**config)
-    stage = TensorParallelStage(config, params, range(config.n_layer), True, True, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), params, range(config.n_layer), True, True, comm, sequence_parallel)
     return stage.logits(idx)
 
 
