@@ -5,7 +5,7 @@
 
 Each rank builds the mesh, takes its slice of the full model initialised from the seed (so the
 model is the same whatever the layout), runs the pipeline schedule over its share of the step's
-global batch, synchronises gradients (tied embedding across the embedding group, data-parallel
+global batch, synchronises gradients (tied parameters across the tie group, data-parallel
 average), clips by the true global norm and applies AdamW to what it holds. With dp = tp = pp = 1
 it computes exactly what the single-process Trainer computes.
 """
@@ -25,7 +25,7 @@ from model.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is
                                    weights_dtype)
 from model.optim import AdamW, clip_scale, lr_at
 from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
-from model.parallel.mesh import Mesh
+from model.parallel.mesh import Mesh, parallel_axes
 from model.parallel.pipeline_parallel.executor import run_pipeline_step
 from model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import Stage
@@ -75,10 +75,11 @@ class ParallelTrainer:
         self.config = TrainConfig(**config)
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
-        self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
         self.tracer = comm.tracer
         self.gpt_config: GPTConfig = self.config.gpt_config(vocab_size)
         self.plan = (GPT2ParallelPlan if plan is None else _resolve(plan))(self.gpt_config)
+        self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
+                         ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
@@ -88,7 +89,7 @@ class ParallelTrainer:
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
-        self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.embedding, bucket_bytes,
+        self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.tie, bucket_bytes,
                                          shard=bool(self.layout.zero))
         self.master = self.master_grads = None
         if is_mixed(self.config.dtype):
@@ -230,11 +231,17 @@ class ParallelTrainer:
         pipeline (tied parameters counted once, on the first stage; parameters replicated over tp
         counted on tp rank 0 only)."""
         total = np.array([np.nan if poison else self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
-        for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
-                           (self.layout.pp, self.mesh.pp)):
-            if size > 1:
-                comm.all_reduce(total)
+        self._sum_over_axes(total, ["dp"] + [name for name in self._inner_axes() if name != "dp"])
         return float(np.sqrt(total[0]))
+
+    def _inner_axes(self) -> list[str]:
+        return [name for name, _ in reversed(self.mesh.axes)]
+
+    def _sum_over_axes(self, total, names):
+        """All-reduce `total` over the mesh axes `names`, in that order (an axis of one is skipped)."""
+        for name in names:
+            if getattr(self.mesh, f"{name}_size") > 1:
+                self.mesh.communicators[name].all_reduce(total)
 
     def _global_grad_norm(self, grads: dict, poison: bool = False, *, overflow: bool = False) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
@@ -248,10 +255,8 @@ class ParallelTrainer:
         xp = next(iter(self.stages.values())).xp
         total = np.array([np.nan if poison else math.inf if overflow
                           else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
-        if self.layout.tp > 1:
-            self.mesh.tp.all_reduce(total)
-        if self.layout.pp > 1:
-            self.mesh.pp.all_reduce(total)
+        # Data-parallel replicas hold the same averaged gradients; every other axis holds other parts.
+        self._sum_over_axes(total, [name for name in self._inner_axes() if name != "dp"])
         return float(np.sqrt(total[0]))
 
     def _refresh_tied_copies(self):
@@ -273,7 +278,7 @@ class ParallelTrainer:
         return {name: entry for stage in self.stages.values() for name, entry in stage.shard_table().items()}
 
     def coordinates(self) -> dict:
-        return {"dp": self.mesh.dp_rank, "tp": self.mesh.tp_rank, "pp": self.mesh.pp_rank}
+        return dict(self.mesh.indices)
 
     # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
     def optimizer_state(self) -> dict:
