@@ -5,12 +5,12 @@ import pytest
 from model.parallel.mesh import Mesh, coordinates, format_groups, mesh_groups, parallel_axes
 
 
-def layout(world, dp, tp, pp):
+def groups_of(world, dp, tp, pp):
     return mesh_groups(world, parallel_axes(dp=dp, tp=tp, pp=pp))
 
 
-def test_layout_dp2_tp2_pp2_on_8_ranks():
-    assert layout(8, dp=2, tp=2, pp=2) == {
+def test_groups_of_dp2_tp2_pp2_on_8_ranks():
+    assert groups_of(8, dp=2, tp=2, pp=2) == {
         "tp": [[0, 1], [2, 3], [4, 5], [6, 7]],
         "dp": [[0, 2], [1, 3], [4, 6], [5, 7]],
         "pp": [[0, 4], [1, 5], [2, 6], [3, 7]],
@@ -18,16 +18,16 @@ def test_layout_dp2_tp2_pp2_on_8_ranks():
     }
 
 
-def test_layout_tp2_pp4_puts_the_tie_group_on_first_and_last_stage():
-    groups = layout(8, dp=1, tp=2, pp=4)
+def test_groups_of_tp2_pp4_put_the_tie_group_on_first_and_last_stage():
+    groups = groups_of(8, dp=1, tp=2, pp=4)
     assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert groups["dp"] == [[r] for r in range(8)]
     assert groups["pp"] == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert groups["tie"] == [[0, 6], [1, 7]]
 
 
-def test_layout_without_pipeline_has_no_tie_group():
-    groups = layout(6, dp=3, tp=2, pp=1)
+def test_groups_without_pipeline_have_no_tie_group():
+    groups = groups_of(6, dp=3, tp=2, pp=1)
     assert groups["dp"] == [[0, 2, 4], [1, 3, 5]]
     assert groups["tie"] == []
 
@@ -36,7 +36,7 @@ def test_every_dimension_partitions_the_world():
     for dp, tp, pp in [(2, 3, 2), (1, 1, 5), (4, 1, 3)]:
         world = dp * tp * pp
         for kind in ("tp", "dp", "pp"):
-            members = sorted(r for group in layout(world, dp, tp, pp)[kind] for r in group)
+            members = sorted(r for group in groups_of(world, dp, tp, pp)[kind] for r in group)
             assert members == list(range(world))
 
 
@@ -51,9 +51,9 @@ def test_coordinates_invert_the_rank_formula():
 
 def test_bad_product_names_the_values():
     with pytest.raises(ValueError, match=r"pp=3 × dp=2 × tp=2 = 12 does not match the world size 8"):
-        layout(8, dp=2, tp=2, pp=3)
+        groups_of(8, dp=2, tp=2, pp=3)
     with pytest.raises(ValueError, match=r"tp must be an integer ≥ 1, got 0"):
-        layout(8, dp=8, tp=0, pp=1)
+        groups_of(8, dp=8, tp=0, pp=1)
 
 
 def test_format_groups_prints_one_line_per_group_kind():
@@ -96,9 +96,9 @@ def members_of_each_group(comm, dp, tp, pp):
 
 
 @pytest.mark.parametrize("dp, tp, pp", [(1, 2, 2), (2, 1, 2)])
-def test_mesh_communicators_contain_the_layout_ranks(local_cluster, dp, tp, pp):
+def test_mesh_communicators_contain_the_group_ranks(local_cluster, dp, tp, pp):
     results = local_cluster(4).run(members_of_each_group, dp, tp, pp)
-    groups = layout(4, dp, tp, pp)
+    groups = groups_of(4, dp, tp, pp)
     for rank, found in enumerate(results):
         for kind in ("tp", "dp", "pp"):
             assert found[kind] == next(g for g in groups[kind] if rank in g)

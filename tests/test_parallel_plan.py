@@ -195,7 +195,7 @@ def test_a_second_model_family_trains_through_model_parallel_as_in_one_process(l
                                                       dataclasses.asdict(layout), token_file, vocab, plan=PLAN)
     for step in range(STEPS):
         trainers.train_step(step).result()
-    got = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    got = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, **TOLERANCE, err_msg=name)

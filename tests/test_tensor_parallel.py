@@ -218,9 +218,9 @@ def test_shards_of_every_parameter_reassemble_to_the_full_model():
         plan = GPT2ParallelPlan(config)
         shardings = {name: plan.sharding(name) for name in full}
         per_rank = [{name: shard(value, shardings[name], r, tp) for name, value in full.items()} for r in range(tp)]
-        layouts = [shard_table(shardings, {name: value.shape for name, value in full.items()}, r, tp)
+        tables = [shard_table(shardings, {name: value.shape for name, value in full.items()}, r, tp)
                    for r in range(tp)]
-        got = assemble_full_params(per_rank, layouts)
+        got = assemble_full_params(per_rank, tables)
         for name, value in full.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{name} tp={tp}")
 
@@ -304,20 +304,20 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
                                                       dataclasses.asdict(layout), reference["token_file"],
                                                       reference["vocab"])
     first = trainers.train_step(0).result()
-    layouts = trainers.param_layout().result()
+    tables = trainers.shard_table().result()
     losses = [m["loss"] for m in first if m["loss"] is not None]
     assert np.mean(losses) == pytest.approx(reference["metrics"][0]["loss"], rel=1e-12)  # mean over dp
     assert all(m["grad_norm"] == pytest.approx(reference["metrics"][0]["grad_norm"], rel=1e-10) for m in first)
-    grads = assemble_full_params(trainers.recorded_grads().result(), layouts)
+    grads = assemble_full_params(trainers.recorded_grads().result(), tables)
     assert sorted(grads) == sorted(reference["grads"])
     for name, g in reference["grads"].items():
         np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=f"first-step gradient of {name}")
     for step in range(1, STEPS):
         trainers.train_step(step).result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
+    params = assemble_full_params(trainers.local_params().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     assert sorted(state) == sorted(reference["optimizer"])
     for name, value in reference["optimizer"].items():
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
@@ -343,7 +343,7 @@ def test_interleaved_pipeline_with_tensor_parallel_equals_single_process(local_c
         losses = [m["loss"] for m in metrics if m["loss"] is not None]
         assert np.mean(losses) == pytest.approx(expected[step]["loss"], rel=1e-12)
         assert all(m["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-10) for m in metrics)
-    params = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    params = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     for name, value in reference.params_on_host().items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
 
@@ -365,11 +365,11 @@ def test_zero_1_with_tensor_parallel_equals_single_process(local_cluster, refere
         losses = [m["loss"] for m in metrics if m["loss"] is not None]  # last stage, each dp rank
         assert np.mean(losses) == pytest.approx(expected["loss"], rel=1e-12)
         assert all(m["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-10) for m in metrics)
-    layouts = trainers.param_layout().result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
+    tables = trainers.shard_table().result()
+    params = assemble_full_params(trainers.local_params().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     for name, value in reference["optimizer"].items():
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
     half = trainers.optimizer_state_bytes().result()
@@ -383,9 +383,9 @@ def test_a_full_checkpoint_loads_into_tensor_parallel_shards(local_cluster, refe
     trainers = local_cluster(tp).spawn(ParallelTrainer, dataclasses.asdict(reference["config"]),
                                        dataclasses.asdict(layout), reference["token_file"], reference["vocab"])
     assert trainers.load_state(reference["checkpoint"]).result() == [STEPS] * tp
-    layouts = trainers.param_layout().result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    tables = trainers.shard_table().result()
+    params = assemble_full_params(trainers.local_params().result(), tables)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_array_equal(params[name], value, err_msg=name)
     for name, value in reference["optimizer"].items():
@@ -444,7 +444,7 @@ def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4
                                       reference["token_file"], reference["vocab"])
     for step in range(2):
         trainers.train_step(step).result()
-    full = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    full = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     gpt_config = config.gpt_config(reference["vocab"])
     save_checkpoint(tmp_path / "ckpt", full, gpt_config)
     loaded_config, loaded = load_checkpoint(tmp_path / "ckpt")

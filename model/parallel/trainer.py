@@ -213,7 +213,7 @@ class ParallelTrainer:
 
     def _finalize_grad_shards(self, shards: list):
         """ZeRO-1's finalize_grads: the tp sums of sequence-parallel gradients, on the pieces of them
-        inside this rank's shards (tensor-parallel peers hold the same pieces: same stage layout,
+        inside this rank's shards (tensor-parallel peers hold the same pieces: same stages,
         same dp rank). Sums over tp commute with the dp average, so after the reduce-scatter is fine."""
         pieces = self._tp_partial_pieces
         if not pieces:
@@ -268,12 +268,12 @@ class ParallelTrainer:
     # ---- evaluation and state ----------------------------------------------------------------------
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
-        (see `param_layout`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
+        (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
         puts them back together."""
         weights = self.params if self.master is None else self.master
         return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in weights.items()}
 
-    def param_layout(self) -> dict:
+    def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
         return {name: entry for stage in self.stages.values() for name, entry in stage.shard_table().items()}
 

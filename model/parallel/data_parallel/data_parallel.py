@@ -48,7 +48,7 @@ class Bucket:
 
 def plan_buckets(groups_in_ready_order: list, shapes: dict, itemsize: int, bucket_bytes: int,
                  pad_to: int = 1, tied=()) -> tuple[list[Bucket], dict]:
-    """Pure layout: (buckets in ready order, {name: element offset in the flat buffers}).
+    """Pure planning: (buckets in ready order, {name: element offset in the flat buffers}).
 
     A name reported more than once (a tied parameter on two local stages) is final at its last report.
     A bucket closes before a parameter that would take it past `bucket_bytes` (one larger parameter
