@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from model import ops
 from model.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
-from model.gpt import GPTConfig, init_params
+from model.gpt import GPTConfig, _keep_large_arrays_on_the_heap, init_params
 from model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 from model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
                                                    vocab_parallel_cross_entropy_forward,
@@ -78,6 +78,8 @@ class GPT2ParallelPlan:
             raise ValueError(f"sequence parallel: block_size {config.block_size} is not divisible by tp {size}")
 
     def stage_pieces(self, stage) -> GPT2StagePieces:
+        if self.device == "cpu":
+            _keep_large_arrays_on_the_heap()  # as the dense GPT does: activations reuse freed heap pages
         return GPT2StagePieces(self.config, stage)
 
 

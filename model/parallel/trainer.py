@@ -84,7 +84,7 @@ class ParallelTrainer:
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
-        layer_ranges = split_layers(self.config.n_layer, self.num_stages, self.layout.split)
+        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split)
         full = self.plan.init_params(self.config.seed)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
