@@ -74,10 +74,10 @@ class DistributedRun:
         """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
         if self._pulled_at in ((self.step, with_optimizer), (self.step, True)):
             return  # already here (the optimizer moments pulled for a checkpoint do no harm)
-        layouts = self.trainers.param_layout().result()
-        self.local.load_weights(assemble_full_params(self.trainers.local_params().result(), layouts))
+        tables = self.trainers.shard_table().result()
+        self.local.load_weights(assemble_full_params(self.trainers.local_params().result(), tables))
         if with_optimizer:
-            state = assemble_full_optimizer_state(self.trainers.optimizer_state().result(), layouts)
+            state = assemble_full_optimizer_state(self.trainers.optimizer_state().result(), tables)
             self.local.optimizer.load_state_dict(state)
         self.local.step = self.step
         self._pulled_at = (self.step, with_optimizer)

@@ -9,7 +9,8 @@ import pytest
 
 from model.gpt import GPTConfig, init_params
 from model.parallel.data_parallel import GradientBuckets, plan_buckets
-from model.parallel.stage import DenseStage
+from model.gpt2_parallel_plan import GPT2ParallelPlan
+from model.parallel.stage import Stage
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from tests.conftest import TEXT
@@ -106,7 +107,8 @@ def test_buckets_follow_readiness_order_with_the_tied_embedding_alone_and_paddin
     shapes = {"ln_f.weight": (4,), "wte.weight": (10, 4), "wpe.weight": (8, 4), "h.1.w": (4, 4), "h.1.b": (4,),
               "h.0.w": (4, 4), "h.0.b": (3,)}
     groups = [["ln_f.weight", "wte.weight"], ["wpe.weight", "wte.weight"], ["h.1.w", "h.1.b"], ["h.0.w", "h.0.b"]]
-    buckets, offsets = plan_buckets(groups, shapes, itemsize=8, bucket_bytes=20 * 8, pad_to=4)
+    buckets, offsets = plan_buckets(groups, shapes, itemsize=8, bucket_bytes=20 * 8, pad_to=4,
+                                    tied=("wte.weight",))
     assert [b.names for b in buckets] == [("ln_f.weight",), ("wpe.weight",), ("wte.weight",),
                                           ("h.1.w", "h.1.b"), ("h.0.w", "h.0.b")]
     assert [b.size for b in buckets] == [4, 32, 40, 20, 20]  # h.0: 19 elements padded to 20
@@ -119,7 +121,7 @@ class _OneOfTwoRanks:  # GradientBuckets only asks a communicator for its size a
 
 def test_buckets_of_a_stage_start_with_the_head_and_the_last_layer():
     config = GPTConfig(vocab_size=65, n_layer=4, n_head=4, n_embd=32, block_size=16)
-    stage = DenseStage(config, init_params(config), range(4), True, True)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config), range(4), True, True)
     gradients = GradientBuckets({0: stage}, _OneOfTwoRanks(), bucket_bytes=20 << 10)
     layers = [sorted({int(n.split(".")[1]) for n in b.names if n.startswith("h.")}, reverse=True)
               for b in gradients.buckets]

@@ -81,8 +81,8 @@ def test_parallel_layouts_on_the_gpu_equal_single_process_cpu(local_cluster, tmp
         str(tmp_path / "cpu" / "run" / "tokens.bin"), reference.tokenizer.vocab_size)
     for step in range(3):
         trainers.train_step(step).result()
-    layouts = trainers.param_layout().result()
-    got = assemble_full_params(trainers.local_params().result(), layouts)
+    tables = trainers.shard_table().result()
+    got = assemble_full_params(trainers.local_params().result(), tables)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
 

@@ -184,7 +184,7 @@ def test_mixed_precision_in_parallel_layouts_matches_single_process_mixed(local_
         losses = [m["loss"] for m in per_rank if m["loss"] is not None]
         assert abs(float(np.mean(losses)) - expected[step]) <= 2e-2, step
         assert not any(m["skipped"] for m in per_rank)
-    got = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    got = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     for name, value in reference.params_on_host().items():
         assert got[name].dtype == np.float32, name
         np.testing.assert_allclose(got[name], value, atol=5e-3, err_msg=name)

@@ -94,7 +94,7 @@ def test_full_mesh_dp2_tp2_pp2_equals_single_process(local_cluster, tmp_path, sc
                                       str(tmp_path / "reference" / "tokens.bin"), reference.tokenizer.vocab_size)
     for step in range(STEPS):
         trainers.train_step(step).result()
-    got = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    got = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
 

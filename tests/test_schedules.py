@@ -3,9 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.parallel.schedules import Action, Kind, build_schedule, message_tag, split_layers
-from model.parallel.simulator import (ScheduleError, bubble_fraction_of_total, format_timeline, simulate,
-                                      theoretical_bubble)
+from model.parallel.pipeline_parallel.schedules import Action, Kind, build_schedule, message_tag, split_layers
+from model.parallel.pipeline_parallel.simulator import ScheduleError, format_timeline, simulate, theoretical_bubble
 
 RANKS, MICROBATCHES, VIRTUAL = range(1, 6), range(1, 13), range(1, 4)
 SPLIT_COSTS = {Kind.FORWARD: 1, Kind.BACKWARD_INPUT: 1, Kind.BACKWARD_WEIGHT: 1, Kind.BACKWARD: 2}
@@ -91,14 +90,14 @@ def test_zb_h1_has_1f1b_memory_and_a_smaller_bubble():
             if p >= 2 and m >= p:
                 assert zb.bubble_fraction < one_f_one_b.bubble_fraction
                 # the paper's (p−1)/(3m) relative to ideal compute time, for T_F = T_B = T_W
-                assert zb.bubble_fraction == pytest.approx(bubble_fraction_of_total("zb-h1", p, m))
+                assert zb.bubble_fraction == pytest.approx(theoretical_bubble("zb-h1", p, m))
 
 
 def test_interleaved_bubble_is_megatrons_and_below_1f1b():
     for name, p, m, v in valid_shapes():
         if name == "interleaved" and p >= 2 and v >= 2:
             result = simulate(build_schedule("interleaved", p, m, v))
-            assert result.bubble_fraction == pytest.approx(bubble_fraction_of_total("interleaved", p, m, v))
+            assert result.bubble_fraction == pytest.approx(theoretical_bubble("interleaved", p, m, v))
             assert result.bubble_fraction < simulate(build_schedule("1f1b", p, m)).bubble_fraction
 
 

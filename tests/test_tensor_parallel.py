@@ -7,10 +7,12 @@ import pytest
 from model import ops
 from model.gpt import GPT, GPTConfig, init_params
 from model.optim import clip_scale
-from model.parallel import tensor_parallel_communications as regions
-from model.parallel.tensor_parallel import (TensorParallelStage, assemble_full_optimizer_state, assemble_full_params,
-                                            param_layout, shard,
-                                            shard_rule, vocab_parallel_cross_entropy_forward)
+from model.parallel.tensor_parallel import tensor_parallel_communications as regions
+from model.gpt2_parallel_plan import GPT2ParallelPlan
+from model.parallel.stage import Stage
+from model.parallel.tensor_parallel.layers import vocab_parallel_cross_entropy_forward
+from model.parallel.tensor_parallel.sharding import (assemble_full_optimizer_state, assemble_full_params, shard,
+                                                     shard_table)
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import Trainer, TrainConfig
 from tests.conftest import TEXT
@@ -85,17 +87,17 @@ def piece_data(config):
 
 
 def run_piece(comm, piece, sequence_parallel, vocab_size, dropout, recompute=False, options=None):
-    """One TensorParallelStage (a piece of the model) forward + backward on fixed data."""
+    """One tensor-parallel Stage (a piece of the model) forward + backward on fixed data."""
     config = piece_config(vocab_size, dropout, recompute, **(options or {}))
     idx, targets, x, dout = piece_data(config)
     first, last, layers = PIECES[piece]
-    stage = TensorParallelStage(config, init_params(config, 3), layers, first, last, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config, 3), layers, first, last, comm, sequence_parallel)
     mine = regions.sequence_slice(8, comm) if sequence_parallel else slice(None)
     out, caches = stage.forward(idx if first else x[:, mine], targets if last else None, SEED)
     dx, deferred = stage.backward_input(caches, 1.0 if last else dout[:, mine])
     stage.backward_weight(deferred)
     stage.finalize_grads()
-    return out, dx, stage.grads, param_layout(stage.shard_axes, comm.rank, comm.size, config)
+    return out, dx, stage.grads, stage.shard_table()
 
 
 def dense_piece(piece, vocab_size, dropout, **options):
@@ -178,9 +180,9 @@ def test_gpt2_config_options_give_the_dense_loss_and_gradients(local_cluster):
 def block_cache_bytes(comm, sequence_parallel, dropout):
     config = piece_config(dropout=dropout)
     x = piece_data(config)[2]
-    stage = TensorParallelStage(config, init_params(config, 3), range(2), False, False, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config, 3), range(2), False, False, comm, sequence_parallel)
     mine = regions.sequence_slice(8, comm) if sequence_parallel else slice(None)
-    return stage.memory.nbytes(stage.block_forward(1, x[:, mine], SEED)[1])
+    return stage.memory.nbytes(stage.pieces.block_forward(1, x[:, mine], SEED)[1])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -213,10 +215,12 @@ def test_shards_of_every_parameter_reassemble_to_the_full_model():
     config = piece_config()
     full = init_params(config, 0)
     for tp in (1, 2, 4):
-        axes = {name: shard_rule(name)[0] for name in full}
-        per_rank = [{name: shard(value, name, r, tp) for name, value in full.items()} for r in range(tp)]
-        layouts = [param_layout(axes, r, tp, config) for r in range(tp)]
-        got = assemble_full_params(per_rank, layouts)
+        plan = GPT2ParallelPlan(config)
+        shardings = {name: plan.sharding(name) for name in full}
+        per_rank = [{name: shard(value, shardings[name], r, tp) for name, value in full.items()} for r in range(tp)]
+        tables = [shard_table(shardings, {name: value.shape for name, value in full.items()}, r, tp)
+                   for r in range(tp)]
+        got = assemble_full_params(per_rank, tables)
         for name, value in full.items():
             np.testing.assert_array_equal(got[name], value, err_msg=f"{name} tp={tp}")
 
@@ -224,7 +228,7 @@ def test_shards_of_every_parameter_reassemble_to_the_full_model():
 def test_each_rank_holds_its_heads_q_k_and_v_columns():
     config = piece_config()
     w = init_params(config, 0)["h.0.attn.c_attn.weight"]  # (16, 48): [q | k | v], 4 heads of 4
-    mine = shard(w, "h.0.attn.c_attn.weight", 1, 2)
+    mine = shard(w, GPT2ParallelPlan(config).sharding("h.0.attn.c_attn.weight"), 1, 2)
     np.testing.assert_array_equal(mine, np.concatenate([w[:, 8:16], w[:, 24:32], w[:, 40:48]], axis=1))
 
 
@@ -237,10 +241,10 @@ class RecordingTrainer(ParallelTrainer):
 
     first_grads = None
 
-    def _global_grad_norm(self, grads, *args):
+    def _global_grad_norm(self, grads, *args, **kwargs):
         if self.first_grads is None:
             self.first_grads = {name: np.array(g) for name, g in grads.items()}
-        return super()._global_grad_norm(grads, *args)
+        return super()._global_grad_norm(grads, *args, **kwargs)
 
     def recorded_grads(self):
         return self.first_grads
@@ -300,20 +304,20 @@ def test_tensor_parallel_training_equals_single_process(local_cluster, reference
                                                       dataclasses.asdict(layout), reference["token_file"],
                                                       reference["vocab"])
     first = trainers.train_step(0).result()
-    layouts = trainers.param_layout().result()
+    tables = trainers.shard_table().result()
     losses = [m["loss"] for m in first if m["loss"] is not None]
     assert np.mean(losses) == pytest.approx(reference["metrics"][0]["loss"], rel=1e-12)  # mean over dp
     assert all(m["grad_norm"] == pytest.approx(reference["metrics"][0]["grad_norm"], rel=1e-10) for m in first)
-    grads = assemble_full_params(trainers.recorded_grads().result(), layouts)
+    grads = assemble_full_params(trainers.recorded_grads().result(), tables)
     assert sorted(grads) == sorted(reference["grads"])
     for name, g in reference["grads"].items():
         np.testing.assert_allclose(grads[name], g, **TOLERANCE, err_msg=f"first-step gradient of {name}")
     for step in range(1, STEPS):
         trainers.train_step(step).result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
+    params = assemble_full_params(trainers.local_params().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     assert sorted(state) == sorted(reference["optimizer"])
     for name, value in reference["optimizer"].items():
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
@@ -339,7 +343,7 @@ def test_interleaved_pipeline_with_tensor_parallel_equals_single_process(local_c
         losses = [m["loss"] for m in metrics if m["loss"] is not None]
         assert np.mean(losses) == pytest.approx(expected[step]["loss"], rel=1e-12)
         assert all(m["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-10) for m in metrics)
-    params = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    params = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     for name, value in reference.params_on_host().items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
 
@@ -361,11 +365,11 @@ def test_zero_1_with_tensor_parallel_equals_single_process(local_cluster, refere
         losses = [m["loss"] for m in metrics if m["loss"] is not None]  # last stage, each dp rank
         assert np.mean(losses) == pytest.approx(expected["loss"], rel=1e-12)
         assert all(m["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-10) for m in metrics)
-    layouts = trainers.param_layout().result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
+    tables = trainers.shard_table().result()
+    params = assemble_full_params(trainers.local_params().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_allclose(params[name], value, **TOLERANCE, err_msg=f"{name} after {STEPS} steps")
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     for name, value in reference["optimizer"].items():
         np.testing.assert_allclose(state[name], value, **TOLERANCE, err_msg=f"AdamW {name}")
     half = trainers.optimizer_state_bytes().result()
@@ -379,9 +383,9 @@ def test_a_full_checkpoint_loads_into_tensor_parallel_shards(local_cluster, refe
     trainers = local_cluster(tp).spawn(ParallelTrainer, dataclasses.asdict(reference["config"]),
                                        dataclasses.asdict(layout), reference["token_file"], reference["vocab"])
     assert trainers.load_state(reference["checkpoint"]).result() == [STEPS] * tp
-    layouts = trainers.param_layout().result()
-    params = assemble_full_params(trainers.local_params().result(), layouts)
-    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), layouts)
+    tables = trainers.shard_table().result()
+    params = assemble_full_params(trainers.local_params().result(), tables)
+    state = assemble_full_optimizer_state(trainers.optimizer_state().result(), tables)
     for name, value in reference["params"].items():
         np.testing.assert_array_equal(params[name], value, err_msg=name)
     for name, value in reference["optimizer"].items():
@@ -426,7 +430,7 @@ def test_bytes_sent_per_step_match_the_analytic_count(local_cluster, references,
 # ---- checkpoints: the full model, whatever tp wrote it ------------------------------------------------------
 def tp_logits(comm, config, params, idx, sequence_parallel):
     config = GPTConfig(**config)
-    stage = TensorParallelStage(config, params, range(config.n_layer), True, True, comm, sequence_parallel)
+    stage = Stage(GPT2ParallelPlan(config), params, range(config.n_layer), True, True, comm, sequence_parallel)
     return stage.logits(idx)
 
 
@@ -440,7 +444,7 @@ def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4
                                       reference["token_file"], reference["vocab"])
     for step in range(2):
         trainers.train_step(step).result()
-    full = assemble_full_params(trainers.local_params().result(), trainers.param_layout().result())
+    full = assemble_full_params(trainers.local_params().result(), trainers.shard_table().result())
     gpt_config = config.gpt_config(reference["vocab"])
     save_checkpoint(tmp_path / "ckpt", full, gpt_config)
     loaded_config, loaded = load_checkpoint(tmp_path / "ckpt")
@@ -454,9 +458,9 @@ def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4
 
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_bad_tensor_parallel_layouts_are_refused_before_any_worker_starts(references):
-    from model.parallel.mesh import layout as mesh_layout
+    from model.parallel.mesh import mesh_groups, parallel_axes
     config = references(0.1)["config"]
     with pytest.raises(ValueError, match="n_head 4 is not divisible by tp 3"):
         Layout(tp=3).validate(config)
     with pytest.raises(ValueError, match="does not match the world size 3"):
-        mesh_layout(3, 1, 2, 1)
+        mesh_groups(3, parallel_axes(dp=1, tp=2, pp=1))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cluster.cli import main
 from tools.trace_export import assign_lanes, to_chrome_trace
 from tools.trace_io import Event, clock_correction, load_trace
-from tools.trace_summary import clip, intersect, subtract, summarize, theoretical_bubble, union
+from tools.trace_summary import clip, intersect, schedule_bubble, subtract, summarize, union
 from tools.trace_view import FORMAT_SCRIPT, render_html, view_data
 
 US = 1000  # ns per microsecond
@@ -141,9 +141,9 @@ def test_operations_table_totals_time_blocked_time_and_bytes_per_span_name(synth
     assert ops["all_reduce"]["mean_us"] == pytest.approx(75.0)
 
 
-def test_theoretical_bubble_fallback_formulas():
-    assert theoretical_bubble(None) is None
-    assert theoretical_bubble({"schedule": "1f1b", "pp": 4, "microbatches": 8}) == pytest.approx(3 / 11)
+def test_the_schedule_bubble_is_the_simulators_fraction_of_total_time():
+    assert schedule_bubble(None) is None
+    assert schedule_bubble({"schedule": "1f1b", "pp": 4, "microbatches": 8}) == pytest.approx(3 / 11)
 
 
 intervals = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 15)).map(lambda t: (t[0], t[0] + t[1])), max_size=8)

@@ -49,8 +49,8 @@ import statistics
 import tempfile
 import time
 
-from model.parallel.schedules import Kind, build_schedule, split_layers
-from model.parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
+from model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers
+from model.parallel.pipeline_parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.train import TOKEN_FILE, Trainer, TrainConfig
 from runtime import Cluster
@@ -79,15 +79,14 @@ def theory(schedule: str, p: int, m: int, v: int) -> dict:
     """The schedule's theoretical bubble as fraction of total time and as ratio to ideal compute, plus
     `simulate` with unit costs (F = 1, B = 2 or B = W = 1) as a cross-check of the formula."""
     unit = simulate(build_schedule(schedule, p, m, v), UNIT_COSTS).bubble_fraction
-    value = theoretical_bubble(schedule, p, m, v)
+    fraction = theoretical_bubble(schedule, p, m, v)  # of total time
+    textbook_ratio = fraction / (1 - fraction)  # to ideal compute time, as the papers quote it
     if schedule == "zb-h1":
         return {"fraction": unit, "ratio": unit / (1 - unit), "source": "simulate, unit costs F=B=W",
-                "textbook_ratio": value, "simulated_unit_fraction": unit}
-    if schedule == "interleaved":
-        return {"fraction": value / (1 + value), "ratio": value, "source": "(1/v)(p-1)/m of ideal",
-                "textbook_ratio": value, "simulated_unit_fraction": unit}
-    return {"fraction": value, "ratio": value / (1 - value), "source": "(p-1)/(m+p-1) of total",
-            "textbook_ratio": value / (1 - value), "simulated_unit_fraction": unit}
+                "textbook_ratio": textbook_ratio, "simulated_unit_fraction": unit}
+    source = "(1/v)(p-1)/m of ideal" if schedule == "interleaved" else "(p-1)/(m+p-1) of total"
+    return {"fraction": fraction, "ratio": textbook_ratio, "source": source, "textbook_ratio": textbook_ratio,
+            "simulated_unit_fraction": unit}
 
 
 def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: int = 2, n_layer: int = 4,

@@ -169,31 +169,21 @@ def step_windows(trace: Trace) -> dict:
     return {step: list(window) for step, window in windows.items()}
 
 
-def theoretical_bubble(schedule: dict | None) -> float | None:
-    """Idle fraction of total time that the run's schedule predicts (uniform stages, free comm).
-
-    Taken from model.parallel.simulator.bubble_fraction_of_total when it is importable (it knows
-    every schedule and converts bubbles quoted against ideal compute time to fractions of total
-    time, which is what we measure). Fallback: GPipe and 1F1B idle (p-1) of a stage's m+p-1 slots;
-    interleaved with v virtual stages per rank (p-1)/(v*m+p-1); zb-h1 (p-1)/(3m+p-1).
-    """
+def schedule_bubble(schedule: dict | None) -> float | None:
+    """Idle fraction of total time that the run's schedule predicts (uniform stages, free comm):
+    model.parallel.pipeline_parallel.simulator.theoretical_bubble of the trace's schedule record, or
+    None without one (or for a schedule it does not know)."""
     if not schedule:
         return None
+    from model.parallel.pipeline_parallel.simulator import theoretical_bubble
+
     name = str(schedule.get("schedule", "")).lower()
     p, m = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1))
     v = int(schedule.get("virtual_stages", 1) or 1)
     try:
-        from model.parallel.simulator import bubble_fraction_of_total
-        return float(bubble_fraction_of_total(name, p, m, v))
-    except (ImportError, ValueError, KeyError):
-        pass
-    if name in ("gpipe", "1f1b") and v == 1:
-        return (p - 1) / (m + p - 1)
-    if name in ("interleaved", "1f1b"):
-        return (p - 1) / (v * m + p - 1)
-    if name == "zb-h1":
-        return (p - 1) / (3 * m + p - 1)
-    return None
+        return float(theoretical_bubble(name, p, m, v))
+    except ValueError:
+        return None
 
 
 def operations(trace: Trace) -> list:
@@ -338,7 +328,7 @@ def summarize(trace: Trace) -> dict:
         slowest = max(ranks, key=lambda r: (r["compute_ms"], r["compute_ms"] + r["exposed_comm_ms"], -r["rank"]))
         slowest["slowest"] = True
         slowest = slowest["rank"]
-    theory = theoretical_bubble(trace.schedule)
+    theory = schedule_bubble(trace.schedule)
     measured = round(sum(r["bubble_pct"] for r in ranks) / len(ranks), 3) if ranks else 0.0
     return {
         "directory": trace.directory,

@@ -1,69 +1,88 @@
-"""The DP×TP×PP device mesh: which world ranks form each tensor-, data- and pipeline-parallel group.
+"""The device mesh: named parallel axes, and which world ranks form each axis's groups.
 
-World ranks are laid out with tensor parallelism innermost (its peers are neighbouring ranks, the
-ones that talk most), then data parallelism, then pipeline parallelism outermost:
+A mesh is a list of named axes ordered outermost to innermost, e.g.
+
+    parallel_axes(dp=2, tp=2, pp=2) == (("pp", 2), ("dp", 2), ("tp", 2))
+
+World ranks count through the axes like digits of a number, the innermost fastest: tensor
+parallelism (whose peers are neighbouring ranks, the ones that talk most), then data parallelism,
+then the pipeline outermost:
 
     rank = (pp_index · dp + dp_index) · tp + tp_index
 
-`layout(world, dp, tp, pp)` is the pure table of groups (testable and printable without
-processes); `Mesh(world_comm, dp, tp, pp)` builds this rank's communicators from it. A mesh is made
-once per process and passed explicitly to whatever needs it; there is no global one.
+A new axis (context parallel, expert parallel) is one more entry. `mesh_groups(world, axes)` is the
+pure table of groups (testable and printable without processes); `Mesh(world_comm, axes)` builds
+this rank's communicators from it. A mesh is made once per process and passed explicitly to
+whatever needs it; there is no global one.
+
+Besides one group per axis, a mesh with a pipeline axis "pp" of size > 1 has a "tie" group per
+pipeline: its first and last stage, which hold the parameters a model family ties between its
+embedding and its head (its plan's `tied_params`) and sum their gradients.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+
+PIPELINE = "pp"  # the axis whose groups are pipelines, in stage order
+TIE = "tie"
 
 
-class Coordinates(NamedTuple):
-    pp: int
-    dp: int
-    tp: int
+def parallel_axes(dp: int = 1, tp: int = 1, pp: int = 1) -> tuple:
+    """The DP × TP × PP mesh's axes, outermost first: (("pp", pp), ("dp", dp), ("tp", tp))."""
+    return (("pp", pp), ("dp", dp), ("tp", tp))
 
 
-def _check_shape(world: int, dp: int, tp: int, pp: int) -> None:
-    for name, size in (("dp", dp), ("tp", tp), ("pp", pp)):
+def _check_axes(world: int, axes) -> None:
+    names = [name for name, _ in axes]
+    if len(set(names)) != len(names) or TIE in names:
+        raise ValueError(f"mesh: axis names must be distinct and not {TIE!r}, got {names}")
+    for name, size in axes:
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"mesh: {name} must be an integer ≥ 1, got {size!r}")
-    if dp * tp * pp != world:
-        raise ValueError(f"mesh: dp={dp} × tp={tp} × pp={pp} = {dp * tp * pp} does not match the world size {world}")
+    total = math.prod(size for _, size in axes)
+    if total != world:
+        product = " × ".join(f"{name}={size}" for name, size in axes)
+        raise ValueError(f"mesh: {product} = {total} does not match the world size {world}")
 
 
-def world_rank(pp_index: int, dp_index: int, tp_index: int, dp: int, tp: int) -> int:
-    """The world rank at mesh coordinates (pp_index, dp_index, tp_index)."""
-    return (pp_index * dp + dp_index) * tp + tp_index
+def world_rank(indices: dict, axes) -> int:
+    """The world rank at `indices` ({axis name: index}) of the mesh `axes`."""
+    rank = 0
+    for name, size in axes:
+        rank = rank * size + indices[name]
+    return rank
 
 
-def coordinates(rank: int, dp: int, tp: int) -> Coordinates:
-    """The (pp, dp, tp) indices of world rank `rank`."""
-    outer, tp_index = divmod(rank, tp)
-    pp_index, dp_index = divmod(outer, dp)
-    return Coordinates(pp_index, dp_index, tp_index)
+def coordinates(rank: int, axes) -> dict:
+    """{axis name: index} of world rank `rank`, outermost axis first."""
+    indices = {}
+    for name, size in reversed(axes):
+        rank, indices[name] = divmod(rank, size)
+    return {name: indices[name] for name, _ in axes}
 
 
-def layout(world: int, dp: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
-    """Every group of the mesh as lists of world ranks, in a fixed order:
-
-    "tp": one group per (pp, dp) — the tp neighbouring ranks sharing a layer's shards;
-    "dp": one group per (pp, tp) — replicas of the same shard that average gradients;
-    "pp": one group per (dp, tp) — the stages of one pipeline, in stage order;
-    "embedding": per (dp, tp), [first stage, last stage] — they hold the tied token embedding and
-                 all-reduce its gradient; empty when pp == 1 (the tie is then local).
-    """
-    _check_shape(world, dp, tp, pp)
-    at = lambda s, d, t: world_rank(s, d, t, dp, tp)  # noqa: E731
-    groups = {
-        "tp": [[at(s, d, t) for t in range(tp)] for s in range(pp) for d in range(dp)],
-        "dp": [[at(s, d, t) for d in range(dp)] for s in range(pp) for t in range(tp)],
-        "pp": [[at(s, d, t) for s in range(pp)] for d in range(dp) for t in range(tp)],
-    }
-    groups["embedding"] = [[group[0], group[-1]] for group in groups["pp"]] if pp > 1 else []
+def mesh_groups(world: int, axes, ties: bool = True) -> dict[str, list[list[int]]]:
+    """Every group of the mesh as lists of world ranks: per axis, innermost axis first, one group for
+    each combination of the other axes' indices (in rank order), its members in the axis's index
+    order; then, with `ties` and a pipeline axis longer than 1, "tie": [first stage, last stage] of
+    every pipeline (empty otherwise)."""
+    _check_axes(world, axes)
+    groups = {}
+    for name, size in reversed(axes):
+        others = [(other, other_size) for other, other_size in axes if other != name]
+        groups[name] = []
+        for position in range(world // size):
+            where = coordinates(position, others)
+            groups[name].append([world_rank({**where, name: i}, axes) for i in range(size)])
+    pipelines = groups.get(PIPELINE, [])
+    groups[TIE] = [[group[0], group[-1]] for group in pipelines] if ties and pipelines and len(pipelines[0]) > 1 else []
     return groups
 
 
-def format_layout(world: int, dp: int, tp: int, pp: int) -> str:
-    """`layout` as text for users, one line per kind of group."""
-    groups = layout(world, dp, tp, pp)
-    lines = [f"world {world} = dp {dp} × tp {tp} × pp {pp}"]
+def format_groups(world: int, axes, ties: bool = True) -> str:
+    """`mesh_groups` as text for users, one line per kind of group."""
+    groups = mesh_groups(world, axes, ties)
+    lines = [f"world {world} = " + " × ".join(f"{name} {size}" for name, size in reversed(axes))]
     for kind, members in groups.items():
         text = " ".join("[" + ",".join(map(str, group)) + "]" for group in members)
         lines.append(f"{kind:>9}: {text or '(none)'}")
@@ -71,27 +90,35 @@ def format_layout(world: int, dp: int, tp: int, pp: int) -> str:
 
 
 class Mesh:
-    """This rank's place in the mesh and one communicator per dimension.
+    """This rank's place in the mesh and one communicator per axis.
 
-    mesh.tp, mesh.dp, mesh.pp    Communicators over this rank's groups (group-local ranks: in mesh.pp
-                                 the rank is the pipeline stage index).
-    mesh.embedding               Communicator over [first, last] stage of this (dp, tp) pipeline,
-                                 on those two stages only; None on middle stages and when pp == 1.
-    Every rank of `world_comm` must build the Mesh with the same shape (groups are created
-    collectively, in the same order everywhere).
+    mesh.axes                   (name, size) pairs, outermost first
+    mesh.<axis>                 the communicator over this rank's group of that axis (group-local
+                                ranks: in mesh.pp the rank is the pipeline stage index), e.g. mesh.tp
+    mesh.<axis>_rank, _size     this rank's index along the axis, and its length (mesh.dp_rank, ...)
+    mesh.tie                    communicator over [first, last] stage of this pipeline, on those two
+                                stages only; None on middle stages, when pp == 1, and without `ties`
+    Every rank of `world_comm` must build the Mesh with the same axes (groups are created
+    collectively, in the same order everywhere). `Mesh(world_comm, dp=2, tp=2)` is short for
+    `Mesh(world_comm, parallel_axes(dp=2, tp=2))`.
     """
 
-    def __init__(self, world_comm, dp: int, tp: int, pp: int):
-        _check_shape(world_comm.size, dp, tp, pp)
-        self.world = world_comm
-        self.dp_size, self.tp_size, self.pp_size = dp, tp, pp
-        self.rank = world_comm.rank
-        self.pp_rank, self.dp_rank, self.tp_rank = coordinates(self.rank, dp, tp)
-        self.groups = layout(world_comm.size, dp, tp, pp)
-        self.tp = self._member_of(self.groups["tp"])
-        self.dp = self._member_of(self.groups["dp"])
-        self.pp = self._member_of(self.groups["pp"])
-        self.embedding = self._member_of(self.groups["embedding"])
+    def __init__(self, world_comm, axes=None, *, dp: int = 1, tp: int = 1, pp: int = 1, ties: bool = True):
+        axes = tuple(parallel_axes(dp, tp, pp) if axes is None else axes)
+        _check_axes(world_comm.size, axes)
+        for name, _ in axes:
+            if not name.isidentifier() or hasattr(type(self), name):
+                raise ValueError(f"mesh: {name!r} cannot name an axis")
+        self.world, self.axes, self.rank = world_comm, axes, world_comm.rank
+        self.indices = coordinates(self.rank, axes)
+        self.groups = mesh_groups(world_comm.size, axes, ties)
+        self.communicators = {}
+        for name, size in reversed(axes):  # innermost first, as the groups
+            self.communicators[name] = self._member_of(self.groups[name])
+            setattr(self, name, self.communicators[name])
+            setattr(self, f"{name}_rank", self.indices[name])
+            setattr(self, f"{name}_size", size)
+        self.tie = self._member_of(self.groups[TIE])
 
     def _member_of(self, groups):
         # Every rank calls new_group for every group, in the same order; only members get a communicator.
@@ -103,34 +130,45 @@ class Mesh:
         return mine
 
     def __repr__(self):
-        return (f"Mesh(rank={self.rank}, dp={self.dp_rank}/{self.dp_size}, tp={self.tp_rank}/{self.tp_size}, "
-                f"pp={self.pp_rank}/{self.pp_size})")
+        where = ", ".join(f"{name}={self.indices[name]}/{size}" for name, size in self.axes)
+        return f"Mesh(rank={self.rank}, {where})"
+
+    # ---- pipeline questions (the "pp" axis; a single stage without one) -----------------------------
+    @property
+    def _stages(self) -> int:
+        return dict(self.axes).get(PIPELINE, 1)
+
+    @property
+    def _stage(self) -> int:
+        return self.indices.get(PIPELINE, 0)
 
     @property
     def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
+        return self._stage == 0
 
     @property
     def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp_size - 1
+        return self._stage == self._stages - 1
 
     def stage_world_rank(self, pp_index: int) -> int:
-        """World rank of pipeline stage `pp_index` in this rank's (dp, tp) pipeline."""
-        return world_rank(pp_index % self.pp_size, self.dp_rank, self.tp_rank, self.dp_size, self.tp_size)
+        """World rank of pipeline stage `pp_index` in this rank's pipeline."""
+        if PIPELINE not in self.indices:
+            return self.rank
+        return world_rank({**self.indices, PIPELINE: pp_index % self._stages}, self.axes)
 
     @property
     def next_pp_rank(self) -> int:
         """World rank of the next pipeline stage; the last stage's next is the first (interleaving wraps)."""
-        return self.stage_world_rank(self.pp_rank + 1)
+        return self.stage_world_rank(self._stage + 1)
 
     @property
     def prev_pp_rank(self) -> int:
         """World rank of the previous pipeline stage; the first stage's previous is the last."""
-        return self.stage_world_rank(self.pp_rank - 1)
+        return self.stage_world_rank(self._stage - 1)
 
-    def coordinates(self, rank: int | None = None) -> Coordinates:
-        """(pp, dp, tp) indices of world rank `rank` (this rank by default)."""
+    def coordinates(self, rank: int | None = None) -> dict:
+        """{axis name: index} of world rank `rank` (this rank by default), outermost axis first."""
         rank = self.rank if rank is None else rank
         if not 0 <= rank < self.world.size:
             raise ValueError(f"mesh: rank {rank} is outside the world of {self.world.size} ranks")
-        return coordinates(rank, self.dp_size, self.tp_size)
+        return coordinates(rank, self.axes)

@@ -1,8 +1,8 @@
 """One rank's part of the model in a parallel layout: a contiguous range of layers, plus the
-embedding on the first pipeline stage and the final LayerNorm, LM head and loss on the last.
+embedding on the first pipeline stage and the head and loss on the last, with or without tensor
+parallelism (the regions are the only difference: identities when tp = 1).
 
-Every parallel schedule talks to a stage through the same four calls, so pipeline executors do not
-care whether the stage is dense or tensor-parallel:
+Every parallel schedule talks to a stage through the same four calls:
 
     output, cache = stage.forward(inputs, targets, dropout_seed)
         first stage: inputs = token ids (B, T); otherwise hidden states (B, T, C)
@@ -16,120 +16,169 @@ care whether the stage is dense or tensor-parallel:
 Gradient readiness (for data-parallel buckets): the executor passes `last=True` to the stage's last
 backward_input and last backward_weight of the step. During those calls, as soon as a group of
 gradients has received its final contribution, the stage calls `stage.on_grads_final(names)` (when
-set). `stage.grad_groups_in_ready_order()` lists those groups in the order they are reported. The
-tied wte is reported once per stage, after the stage's last contribution to it.
+set). `stage.grad_groups_in_ready_order()` lists those groups in the order they are reported. A tied
+parameter is reported once per stage, after the stage's last contribution to it.
 
-`DenseStage` wraps the dense GPT's op pairs; the tensor-parallel stage mirrors it.
+What the layers are, which parameters they use and how those are sharded comes from the model
+family's parallel plan (model/parallel/plan.py); this file names no weight.
 """
 from __future__ import annotations
 
-from model.gpt import GPT, GPTConfig
+import numpy as np
+
+from model.activation_memory import ActivationMemory
+from model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
+from model.parallel.tensor_parallel.sharding import shard, shard_table
+from model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,
+                                                                           sequence_slice)
+from runtime.backend import array_module, to_host
 
 
-def stage_param_names(config: GPTConfig, layers: range, first: bool, last: bool) -> list[str]:
-    """GPT-2 parameter names held by a stage (the tied wte lives on the first and the last)."""
-    names = []
-    if first:
-        names += ["wte.weight", "wpe.weight"]
-    for i in layers:
-        names += [f"h.{i}.{p}" for p in ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                                         "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                                         "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")]
-    if last:
-        if not first:
-            names.append("wte.weight")
-        names += ["ln_f.weight", "ln_f.bias"]
-    return names
+class Stage:
+    """Layers `layers` (and embedding/head when first/last) of the model `plan` describes, this rank's
+    shards of their parameters, and accumulated gradients. `tp_comm`: the tensor-parallel communicator
+    (mesh.tp); None or a group of one for a stage without tensor parallelism.
 
+    shard_axes        name -> axis the parameter is split along across tp (None: replicated)
+    replicated_names  parameters whose gradients are the same on every tp rank (after finalize_grads)
+    tp_partial_names  with sequence parallelism, the plan's sequence-partial parameters: each rank's
+                      gradient covers only its positions and must be summed over tp
+    finalize_grads()  that sum, on this stage's gradients (ZeRO-1 does it on its shards instead)
+    """
 
-class DenseStage:
-    """Layers `layers` of a dense GPT (and embedding/head when first/last), with accumulated grads."""
-
-    def __init__(self, config: GPTConfig, full_params: dict, layers: range, first: bool, last: bool):
-        self.config, self.layers, self.first, self.last = config, layers, first, last
-        names = stage_param_names(config, layers, first, last)
-        self.gpt = GPT(config, params={name: full_params[name] for name in names})
-        self.params = self.gpt.params
-        self.xp = self.gpt.xp
+    def __init__(self, plan: ParallelPlan, full_params: dict, layers: range, first: bool, last: bool, tp_comm=None,
+                 sequence_parallel: bool = False):
+        self.plan, self.layers, self.first, self.last = plan, layers, first, last
+        self.tp = tp_comm
+        size, rank = (1, 0) if tp_comm is None else (tp_comm.size, tp_comm.rank)
+        self.tensor_parallel = size > 1
+        self.sequence_parallel = sequence_parallel and self.tensor_parallel
+        if self.tensor_parallel:
+            plan.check_tensor_parallel(size, rank, self.sequence_parallel)
+        self.tp_size, self.tp_rank = size, rank
+        names = stage_param_names(plan, layers, first, last)
+        # Nothing is split without tensor parallelism.
+        self.shardings = {name: plan.sharding(name) if self.tensor_parallel else REPLICATED for name in names}
+        self.shard_axes = {name: s.axis for name, s in self.shardings.items()}
+        self.full_shapes = {name: tuple(full_params[name].shape) for name in names}
+        self.xp = array_module(plan.device)
+        dtype = np.dtype(plan.dtype)
+        self.params = {name: self.xp.asarray(np.array(self.take_shard(name, full_params[name]), dtype=dtype))
+                       for name in names}
         self.grads = {name: self.xp.zeros_like(p) for name, p in self.params.items()}
-        self.shard_axes = {name: None for name in names}  # nothing is split across tensor-parallel ranks
-        self.replicated_names = list(names)  # every gradient is whole on this rank
-        self.tp_partial_names = []  # and none needs summing over tensor-parallel ranks
+        self.replicated_names = [name for name, axis in self.shard_axes.items() if axis is None]
+        self.tp_partial_names = [name for name, s in self.shardings.items()
+                                 if self.sequence_parallel and s.sequence_partial]
+        self.memory = ActivationMemory()
+        if self.tensor_parallel:
+            self.input_region, self.output_region = input_region(self.sequence_parallel), output_region(
+                self.sequence_parallel)
+        else:
+            self.input_region = self.output_region = IDENTITY
+        self.pieces = plan.stage_pieces(self)
         self.on_grads_final = None  # callback(names) for data-parallel buckets; see the module docstring
 
-    def grad_groups_in_ready_order(self) -> list[list[str]]:
-        """Parameter names in the groups, and the order, that `on_grads_final` reports them: head and
-        embedding during backward_input, then the blocks (last first) during backward_weight."""
-        groups = [self._head_names()] if self.last else []
-        if self.first:
-            groups.append(["wpe.weight", "wte.weight"])
-        return groups + [self._block_names(i) for i in reversed(self.layers)]
+    # ---- parameters and gradients -----------------------------------------------------------------------
+    def take_shard(self, name: str, full_array):
+        """This rank's part of a full parameter-shaped array (a checkpoint's weight or AdamW moment)."""
+        return shard(to_host(full_array), self.shardings[name], self.tp_rank, self.tp_size)
 
-    def _head_names(self) -> list[str]:
-        # On a stage that also embeds, wte gets its last contribution from the embedding backward.
-        return ["ln_f.weight", "ln_f.bias"] + ([] if self.first else ["wte.weight"])
+    def shard_table(self) -> dict:
+        """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of this stage's parameters."""
+        return shard_table(self.shardings, self.full_shapes, self.tp_rank, self.tp_size)
 
-    def _block_names(self, i: int) -> list[str]:
-        return [name for name in self.params if name.startswith(f"h.{i}.")]
-
-    def _report_final(self, names: list[str]):
-        if self.on_grads_final is not None:
-            self.on_grads_final(names)
-
-    def finalize_grads(self):
-        """Nothing to do: a dense stage's gradients are complete after backward."""
-
-    @property
-    def memory(self):
-        return self.gpt.memory
+    def positions(self, length: int) -> slice:
+        """The sequence positions of a length-`length` sequence this rank's activations hold."""
+        return sequence_slice(length, self.tp) if self.sequence_parallel else slice(0, length)
 
     def zero_grads(self):
         for g in self.grads.values():
             g[...] = 0
 
+    def finalize_grads(self):
+        """With sequence parallelism, sum the sequence-partial gradients over tp (one all-reduce)."""
+        if not self.tp_partial_names:
+            return
+        flat = self.xp.concatenate([self.grads[name].ravel() for name in self.tp_partial_names])
+        self.tp.all_reduce(flat)
+        offset = 0
+        for name in self.tp_partial_names:
+            g = self.grads[name]
+            g[...] = flat[offset:offset + g.size].reshape(g.shape)
+            offset += g.size
+
+    # ---- gradient readiness ---------------------------------------------------------------------------
+    def grad_groups_in_ready_order(self) -> list[list[str]]:
+        """Parameter names in the groups that `on_grads_final` reports: head and embedding during
+        backward_input, then the blocks (last first) during backward_weight. This is also the order
+        of the data-parallel flat buffers; tensor-parallel stages list the embedding after the blocks,
+        as they always have (moving it would move ZeRO-1's shard boundaries, and so the order in
+        which the gradient norm sums, and change float32 results in the last bits)."""
+        groups = [self._head_names()] if self.last else []
+        blocks = [self.plan.block_params(i) for i in reversed(self.layers)]
+        embedding = [self._tied_last(self.plan.embedding_params())] if self.first else []
+        return groups + (blocks + embedding if self.tensor_parallel else embedding + blocks)
+
+    def _tied_last(self, names) -> list[str]:
+        tied = set(self.plan.tied_params)
+        return [n for n in names if n not in tied] + [n for n in names if n in tied]
+
+    def _head_names(self) -> list[str]:
+        # On a stage that also embeds, a tied parameter gets its last contribution from the embedding backward.
+        tied = set(self.plan.tied_params)
+        return self._tied_last([n for n in self.plan.head_params() if not (self.first and n in tied)])
+
+    def _report_final(self, names: list[str], last: bool):
+        if last and self.on_grads_final is not None:
+            self.on_grads_final(names)
+
+    def _accumulate(self, grads: dict):
+        for name, g in grads.items():
+            self.grads[name] += g
+
+    # ---- the stage interface ----------------------------------------------------------------------------
     def forward(self, inputs, targets=None, dropout_seed=None):
-        caches = []
-        x = inputs
+        caches, x = [], inputs
         if self.first:
-            x, cache = self.gpt.embedding_forward(inputs, dropout_seed)
+            x, cache = self.pieces.embedding_forward(inputs, dropout_seed)
             caches.append(("embedding", cache))
         for i in self.layers:
-            x, cache = self.gpt.block_forward(i, x, dropout_seed)
+            x, cache = self.pieces.block_forward(i, x, dropout_seed)
             caches.append((i, cache))
         if self.last:
-            loss, cache = self.gpt.head_forward(x, targets)
+            loss, cache = self.pieces.head_forward(x, targets)
             caches.append(("head", cache))
             return loss, caches
         return x, caches
 
     def backward_input(self, caches, doutput, last: bool = False):
-        grads, deferred = self.grads, []
-        dx = doutput
+        deferred, dx = [], doutput
         while caches:
             kind, cache = caches.pop()
             if kind == "head":
-                dx, head_grads = self.gpt.head_backward(cache, doutput)
-                _accumulate(grads, head_grads)
-                if last:
-                    self._report_final(self._head_names())
+                dx, grads = self.pieces.head_backward(cache, doutput)
+                self._accumulate(grads)
+                self._report_final(self._head_names(), last)
             elif kind == "embedding":
-                _, embedding_grads = self.gpt.embedding_backward(cache, dx)
-                _accumulate(grads, embedding_grads)
+                self._accumulate(self.pieces.embedding_backward(cache, dx))
                 dx = None
-                if last:
-                    self._report_final(["wpe.weight", "wte.weight"])
+                self._report_final(self._tied_last(self.plan.embedding_params()), last)
             else:
-                dx, block_deferred = self.gpt.block_backward_input(kind, cache, dx)
+                dx, block_deferred = self.pieces.block_backward_input(kind, cache, dx)
                 deferred.append(block_deferred)
         return dx, deferred
 
     def backward_weight(self, deferred, last: bool = False):
         for block_deferred in deferred:
-            _accumulate(self.grads, self.gpt.block_backward_weight(block_deferred))
-            if last:
-                self._report_final(self._block_names(block_deferred.layer))
+            self._accumulate(self.pieces.block_backward_weight(block_deferred))
+            self._report_final(self.plan.block_params(block_deferred.layer), last)
 
-
-def _accumulate(into: dict, grads: dict):
-    for name, g in grads.items():
-        into[name] += g
+    def logits(self, idx):
+        """Inference on a stage holding the whole model: idx int (B, T) -> full logits (B, T, vocab),
+        gathered over tensor-parallel ranks (for checks and sampling; training never gathers them)."""
+        x, cache = self.pieces.embedding_forward(idx, None)
+        self.memory.release(cache)
+        for i in self.layers:
+            x, cache = self.pieces.block_forward(i, x, None)
+            self.memory.release(cache)
+        return self.pieces.head_logits(x)

@@ -5,7 +5,7 @@
 
 Each rank builds the mesh, takes its slice of the full model initialised from the seed (so the
 model is the same whatever the layout), runs the pipeline schedule over its share of the step's
-global batch, synchronises gradients (tied embedding across the embedding group, data-parallel
+global batch, synchronises gradients (tied parameters across the tie group, data-parallel
 average), clips by the true global norm and applies AdamW to what it holds. With dp = tp = pp = 1
 it computes exactly what the single-process Trainer computes.
 """
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.data import TokenDataset
-from model.gpt import GPTConfig, init_params
+from model.gpt import GPTConfig
+from model.gpt2_parallel_plan import GPT2ParallelPlan
 from model.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                    weights_dtype)
 from model.optim import AdamW, clip_scale, lr_at
 from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
-from model.parallel.mesh import Mesh
-from model.parallel.pipeline import run_pipeline_step
-from model.parallel.schedules import build_schedule, split_layers, stage_rank
-from model.parallel.stage import DenseStage
-from model.parallel.tensor_parallel import TensorParallelStage, param_layout
+from model.parallel.mesh import Mesh, parallel_axes
+from model.parallel.pipeline_parallel.executor import run_pipeline_step
+from model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
+from model.parallel.stage import Stage
 from model.train import OVERFLOW_WARNINGS, TrainConfig, dropout_seed
 
 
@@ -69,23 +69,27 @@ class Layout:
 
 class ParallelTrainer:
     def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, plan: str | None = None):
+        """`plan`: "module:callable" making the model family's parallel plan from the GPTConfig the
+        TrainConfig describes (model/parallel/plan.py); GPT-2's by default."""
         self.config = TrainConfig(**config)
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
-        self.mesh = Mesh(comm, self.layout.dp, self.layout.tp, self.layout.pp)
         self.tracer = comm.tracer
         self.gpt_config: GPTConfig = self.config.gpt_config(vocab_size)
+        self.plan = (GPT2ParallelPlan if plan is None else _resolve(plan))(self.gpt_config)
+        self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
+                         ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
-        layer_ranges = split_layers(self.config.n_layer, self.num_stages, self.layout.split)
-        full = init_params(self.gpt_config, self.config.seed)
+        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split)
+        full = self.plan.init_params(self.config.seed)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
-        self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.embedding, bucket_bytes,
+        self.gradients = GradientBuckets(self.stages, self.mesh.dp, self.mesh.tie, bucket_bytes,
                                          shard=bool(self.layout.zero))
         self.master = self.master_grads = None
         if is_mixed(self.config.dtype):
@@ -100,7 +104,7 @@ class ParallelTrainer:
             for name, weight in self.master.items():
                 weight[...] = xp.asarray(self._shard_of(name, full[name]).astype(weight.dtype))
         del full
-        # One optimizer entry per parameter name; the tied wte may sit in two local stages.
+        # One optimizer entry per parameter name; a tied parameter may sit in two local stages.
         self.params = {}
         for stage in self.stages.values():
             for name, param in stage.params.items():
@@ -121,10 +125,7 @@ class ParallelTrainer:
                                        self.config.weight_decay)
 
     def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
-        if self.layout.tp == 1:
-            return DenseStage(self.gpt_config, full, layers, first, last)
-        return TensorParallelStage(self.gpt_config, full, layers, first, last, self.mesh.tp,
-                                   self.layout.sequence_parallel)
+        return Stage(self.plan, full, layers, first, last, self.mesh.tp, self.layout.sequence_parallel)
 
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
@@ -204,7 +205,7 @@ class ParallelTrainer:
     def _synchronized_grads(self) -> dict:
         """One gradient per parameter name, averaged over data-parallel ranks (bucket all-reduces
         started during the last micro-batch's backward; tied local copies share one view) and the
-        wte summed over the embedding group; then each stage's own finishing step."""
+        tied parameters summed over the tie group; then each stage's own finishing step."""
         grads = self.gradients.finish()
         for stage in self.stages.values():
             stage.finalize_grads()  # sums over tp commute with the dp average, so they may come after
@@ -212,7 +213,7 @@ class ParallelTrainer:
 
     def _finalize_grad_shards(self, shards: list):
         """ZeRO-1's finalize_grads: the tp sums of sequence-parallel gradients, on the pieces of them
-        inside this rank's shards (tensor-parallel peers hold the same pieces: same stage layout,
+        inside this rank's shards (tensor-parallel peers hold the same pieces: same stages,
         same dp rank). Sums over tp commute with the dp average, so after the reduce-scatter is fine."""
         pieces = self._tp_partial_pieces
         if not pieces:
@@ -227,30 +228,35 @@ class ParallelTrainer:
 
     def _sharded_grad_norm(self, shards: list, poison: bool = False) -> float:
         """ZeRO-1: the true global norm from this rank's averaged shards, summed over dp, tp and the
-        pipeline (the tied wte counted once, on the first stage; parameters replicated over tp
+        pipeline (tied parameters counted once, on the first stage; parameters replicated over tp
         counted on tp rank 0 only)."""
         total = np.array([np.nan if poison else self.gradients.shard_sum_of_squares(shards, self._norm_skip)])
-        for size, comm in ((self.layout.dp, self.mesh.dp), (self.layout.tp, self.mesh.tp),
-                           (self.layout.pp, self.mesh.pp)):
-            if size > 1:
-                comm.all_reduce(total)
+        self._sum_over_axes(total, ["dp"] + [name for name in self._inner_axes() if name != "dp"])
         return float(np.sqrt(total[0]))
+
+    def _inner_axes(self) -> list[str]:
+        return [name for name, _ in reversed(self.mesh.axes)]
+
+    def _sum_over_axes(self, total, names):
+        """All-reduce `total` over the mesh axes `names`, in that order (an axis of one is skipped)."""
+        for name in names:
+            if getattr(self.mesh, f"{name}_size") > 1:
+                self.mesh.communicators[name].all_reduce(total)
 
     def _global_grad_norm(self, grads: dict, poison: bool = False, *, overflow: bool = False) -> float:
         """The norm over the whole model: each parameter counted once across the pipeline (the
-        tied wte once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
+        tied parameters once, on the first stage) and across tensor-parallel ranks (shards on every tp rank,
         replicated parameters on tp rank 0 only). `poison` (a non-finite local loss) makes it nan on
         every rank, `overflow` (a mixed run's non-finite gradient here) inf unless poisoned."""
         replicated = {name for stage in self.stages.values() for name in stage.replicated_names}
-        owned = [g for name, g in grads.items() if not (name == "wte.weight" and 0 not in self.stages)
+        tied = set(self.plan.tied_params)
+        owned = [g for name, g in grads.items() if not (name in tied and 0 not in self.stages)
                  and (name not in replicated or self.mesh.tp_rank == 0)]
         xp = next(iter(self.stages.values())).xp
         total = np.array([np.nan if poison else math.inf if overflow
                           else float(sum(float(xp.vdot(g.ravel(), g.ravel())) for g in owned))])
-        if self.layout.tp > 1:
-            self.mesh.tp.all_reduce(total)
-        if self.layout.pp > 1:
-            self.mesh.pp.all_reduce(total)
+        # Data-parallel replicas hold the same averaged gradients; every other axis holds other parts.
+        self._sum_over_axes(total, [name for name in self._inner_axes() if name != "dp"])
         return float(np.sqrt(total[0]))
 
     def _refresh_tied_copies(self):
@@ -262,18 +268,17 @@ class ParallelTrainer:
     # ---- evaluation and state ----------------------------------------------------------------------
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
-        (see `param_layout`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
+        (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
         puts them back together."""
         weights = self.params if self.master is None else self.master
         return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in weights.items()}
 
-    def param_layout(self) -> dict:
+    def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
-        axes = {name: axis for stage in self.stages.values() for name, axis in stage.shard_axes.items()}
-        return param_layout(axes, self.mesh.tp_rank, self.layout.tp, self.gpt_config)
+        return {name: entry for stage in self.stages.values() for name, entry in stage.shard_table().items()}
 
     def coordinates(self) -> dict:
-        return {"dp": self.mesh.dp_rank, "tp": self.mesh.tp_rank, "pp": self.mesh.pp_rank}
+        return dict(self.mesh.indices)
 
     # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
     def optimizer_state(self) -> dict:
@@ -314,6 +319,14 @@ class ParallelTrainer:
     def _shard_of(self, name: str, full_array):
         """The part of a full parameter-shaped array this rank holds (all of it without tp)."""
         for stage in self.stages.values():
-            if name in stage.params and hasattr(stage, "take_shard"):
+            if name in stage.params:
                 return stage.take_shard(name, full_array)
         return full_array
+
+
+def _resolve(reference: str):
+    """The object a "package.module:name" reference names."""
+    import importlib
+
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)

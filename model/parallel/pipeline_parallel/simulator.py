@@ -22,7 +22,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from model.parallel.schedules import COMPUTE, RECEIVES, SENDS, SCHEDULES, Action, Kind, stage_rank
+from model.parallel.pipeline_parallel.schedules import COMPUTE, RECEIVES, SENDS, SCHEDULES, Action, Kind, stage_rank
 
 # Unit costs: the split backward's B and W together cost the full backward.
 UNIT_COSTS = {Kind.FORWARD: 1.0, Kind.BACKWARD: 2.0, Kind.BACKWARD_INPUT: 1.0, Kind.BACKWARD_WEIGHT: 1.0,
@@ -228,33 +228,22 @@ def _check_complete(p, num_stages, schedule, has):
 
 # ---- theory -------------------------------------------------------------------------------------------
 
-# What `theoretical_bubble` returns for each schedule:
-#   "total": idle time / total time (p · makespan), the same as SimulationResult.bubble_fraction;
-#   "ideal": bubble time / ideal compute time (the form in the Megatron and zero-bubble papers).
-NORMALISATION = {"gpipe": "total", "1f1b": "total", "interleaved": "ideal", "zb-h1": "ideal"}
-
-
 def theoretical_bubble(name: str, p: int, m: int, v: int = 1) -> float:
-    """The textbook bubble of a schedule, in the normalisation of its source (`NORMALISATION`).
+    """The textbook bubble of a schedule as a FRACTION OF TOTAL TIME: idle / (p · makespan), for uniform
+    stage costs and free communication — what `SimulationResult.bubble_fraction` and the trace tools
+    measure, so every schedule compares with every other and with a run.
 
-    gpipe, 1f1b   (p−1)/(m+p−1), as a fraction of total time (uniform stage costs, no latency).
-    interleaved   (1/v)·(p−1)/m, relative to the ideal compute time m·(t_f+t_b) (Narayanan et al.).
-    zb-h1         (p−1)/(3m), relative to ideal compute time, for T_F = T_B = T_W (Qi et al.).
-    Use `bubble_fraction_of_total` to compare them with each other or with a simulation.
+    gpipe, 1f1b   (p−1)/(m+p−1).
+    interleaved   r/(1+r), r = (1/v)·(p−1)/m, Narayanan et al.'s bubble relative to ideal compute time.
+    zb-h1         r/(1+r), r = (p−1)/(3m), Qi et al.'s, relative to ideal compute time, for T_F = T_B = T_W.
+    The papers' ratio to ideal compute time is f/(1−f) of the fraction f returned here.
     """
-    if name not in NORMALISATION:
+    if name not in SCHEDULES:
         raise ValueError(f"theoretical_bubble: unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}")
     if name in ("gpipe", "1f1b"):
         return (p - 1) / (m + p - 1)
-    if name == "interleaved":
-        return (p - 1) / (v * m)
-    return (p - 1) / (3 * m)
-
-
-def bubble_fraction_of_total(name: str, p: int, m: int, v: int = 1) -> float:
-    """`theoretical_bubble` converted to idle / total time: a ratio r to ideal time becomes r/(1+r)."""
-    value = theoretical_bubble(name, p, m, v)
-    return value if NORMALISATION[name] == "total" else value / (1 + value)
+    ratio = (p - 1) / (v * m) if name == "interleaved" else (p - 1) / (3 * m)
+    return ratio / (1 + ratio)
 
 
 # ---- teaching -----------------------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def _identity(x, comm):
     return x
 
 
+# Without tensor parallelism: nothing to communicate, forward or backward.
+IDENTITY = Region("identity", forward=_identity, backward=_identity)
+
 # ---- tensor-parallel regions ----------------------------------------------------------------------------
 # Before a column-parallel layer: every rank needs the whole input; each contributes part of its gradient.
 copy_to_tensor_parallel_region = Region("copy_to_tensor_parallel_region", forward=_identity, backward=_all_reduce)

@@ -2,19 +2,20 @@
 
 Every data-parallel replica holds the same parameters and computes gradients on its own rows of
 the global batch. Parameters and gradients of a rank live in two flat buffers; `stage.params` and
-`stage.grads` entries are views into them (the tied wte held by two local stages is one view), so
+`stage.grads` entries are views into them (a tied parameter held by two local stages is one view), so
 nothing is copied before communicating. The buffers are cut into buckets in the order gradients
 become final in backward (last layer first):
 
-    gradients = GradientBuckets(stages, mesh.dp, mesh.embedding, bucket_bytes=1 << 20, shard=False)
+    gradients = GradientBuckets(stages, mesh.dp, mesh.tie, bucket_bytes=1 << 20, shard=False)
     ... backward of the last micro-batch: each bucket's average starts once all its grads are final
     grads = gradients.finish()          # waits; {name: averaged gradient view}
     (shard=True, ZeRO-1: finish() returns this rank's 1/dp shard of every bucket, and `ShardedAdamW`
     updates only that shard, then all-gathers the parameters.)
 
 Micro-batches before the last accumulate locally and do not communicate (as DDP's no_sync).
-The tied wte always has a bucket of its own: with pp > 1 its gradient is also summed over the
-embedding group (first and last stage), after the data-parallel average.
+A tied parameter (the plan's `tied_params`, e.g. GPT-2's wte) always has a bucket of its own: with
+pp > 1 its gradient is also summed over the tie group (first and last stage), after the data-parallel
+average.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from model.optim import adamw_update, decays
-from model.parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
+from model.parallel.data_parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
 from runtime.backend import to_host
 
-TIED = "wte.weight"
 # Small enough that a baby GPT gets several buckets (overlap), large enough that per-collective
 # overhead (~100 µs on the local runtime) stays small next to the bytes moved.
 DEFAULT_BUCKET_BYTES = 1 << 20
@@ -47,12 +47,12 @@ class Bucket:
 
 
 def plan_buckets(groups_in_ready_order: list, shapes: dict, itemsize: int, bucket_bytes: int,
-                 pad_to: int = 1) -> tuple[list[Bucket], dict]:
-    """Pure layout: (buckets in ready order, {name: element offset in the flat buffers}).
+                 pad_to: int = 1, tied=()) -> tuple[list[Bucket], dict]:
+    """Pure planning: (buckets in ready order, {name: element offset in the flat buffers}).
 
-    A name reported more than once (the tied wte on two local stages) is final at its last report.
+    A name reported more than once (a tied parameter on two local stages) is final at its last report.
     A bucket closes before a parameter that would take it past `bucket_bytes` (one larger parameter
-    gets a bucket alone); the tied wte is always alone. Bucket sizes are padded to `pad_to`.
+    gets a bucket alone); each `tied` name is always alone. Bucket sizes are padded to `pad_to`.
     """
     last_seen = {}
     for position, name in enumerate(name for group in groups_in_ready_order for name in group):
@@ -69,12 +69,12 @@ def plan_buckets(groups_in_ready_order: list, shapes: dict, itemsize: int, bucke
 
     for name in order:
         elements = int(np.prod(shapes[name]))
-        if name == TIED or (current and (used + elements) * itemsize > bucket_bytes):
+        if name in tied or (current and (used + elements) * itemsize > bucket_bytes):
             close()
         offsets[name] = start + used
         current.append(name)
         used += elements
-        if name == TIED:
+        if name in tied:
             close()
     close()
     return buckets, offsets
@@ -84,13 +84,14 @@ class GradientBuckets:
     """Flat parameter/gradient buffers of this rank's stages, and their bucketed dp reduction.
 
     stages: stage index -> stage on this rank (its params/grads entries are replaced by views, its
-    `on_grads_final` set); dp_comm: the data-parallel communicator; embedding_comm: first + last
-    pipeline stage (None without pipeline parallelism); shard: ZeRO-1 (reduce-scatter, padded buckets).
+    `on_grads_final` set); dp_comm: the data-parallel communicator; tie_comm: first + last pipeline
+    stage (the mesh's tie group; None without pipeline parallelism), over which the gradients of the
+    stages' `plan.tied_params` are summed; shard: ZeRO-1 (reduce-scatter, padded buckets).
     """
 
-    def __init__(self, stages: dict, dp_comm, embedding_comm=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    def __init__(self, stages: dict, dp_comm, tie_comm=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  shard: bool = False):
-        self.dp_comm, self.embedding_comm, self.shard = dp_comm, embedding_comm, shard
+        self.dp_comm, self.tie_comm, self.shard = dp_comm, tie_comm, shard
         self.dp_size, self.dp_rank = dp_comm.size, dp_comm.rank
         some = next(iter(stages.values()))
         params = {name: p for stage in stages.values() for name, p in stage.params.items()}
@@ -99,8 +100,9 @@ class GradientBuckets:
         groups.append(sorted(set(params) - reported))  # never reported: reduced when backward ends
         dtype = next(iter(params.values())).dtype
         shapes = {name: tuple(p.shape) for name, p in params.items()}
+        tied = {name for stage in stages.values() for name in stage.plan.tied_params}
         self.buckets, offsets = plan_buckets(groups, shapes, dtype.itemsize, bucket_bytes,
-                                             self.dp_size if shard else 1)
+                                             self.dp_size if shard else 1, tied)
         self.offsets, self.shapes, self.xp = offsets, shapes, some.xp
         total = sum(b.size for b in self.buckets)
         self.flat_params = self.xp.zeros(total, dtype)
@@ -116,8 +118,8 @@ class GradientBuckets:
                 stage.params[name], stage.grads[name] = self.params[name], self.grads[name]
                 self.reports_needed[self.bucket_of[name]] += 1
             stage.on_grads_final = self.mark_final
-        # The tied wte counts in the global norm once: on the rank holding the first stage.
-        self.tied_bucket = self.bucket_of.get(TIED)
+        # A tied parameter counts in the global norm once: on the rank holding the first stage.
+        self.tied_buckets = {self.bucket_of[name] for name in tied if name in self.bucket_of}
         self.counts_tied = any(getattr(stage, "first", False) for stage in stages.values())
         self.timings = {}
         self.begin_step()
@@ -165,22 +167,22 @@ class GradientBuckets:
             span = self.buckets[b].span
             # all-reduce averages `flat_grads` in place; reduce-scatter returns this rank's shard
             shards[b] = self.flat_grads[span] if handle is None else handle.wait()
-            if b == self.tied_bucket and self.embedding_comm is not None:
-                self.embedding_comm.all_reduce(shards[b])  # first + last stage's wte contributions
+            if b in self.tied_buckets and self.tie_comm is not None:
+                self.tie_comm.all_reduce(shards[b])  # the first and the last stage's contributions
         done = time.perf_counter()
         self.timings = {"buckets": len(self.buckets), "overlapped_s": backward_end - self.first_launch,
                         "exposed_s": done - backward_end, "reduce_s": done - self.first_launch}
         return shards if self.shard else self.grads
 
     def shard_sum_of_squares(self, shards: list, skip=()) -> float:
-        """Σ g² over this rank's shards (the tied wte only where it is counted), leaving out the
+        """Σ g² over this rank's shards (tied parameters only where they are counted), leaving out the
         `skip` ranges ((bucket, start, stop) from `shard_ranges`)."""
         skipped = {}
         for b, start, stop in skip:
             skipped.setdefault(b, []).append((start, stop))
         total = 0.0
         for b, shard in enumerate(shards):
-            if b == self.tied_bucket and not self.counts_tied:
+            if b in self.tied_buckets and not self.counts_tied:
                 continue
             host, position = to_host(shard), 0
             for start, stop in sorted(skipped.get(b, [])) + [(len(host), len(host))]:

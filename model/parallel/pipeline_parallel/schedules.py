@@ -3,7 +3,7 @@
 `build_schedule(name, num_ranks, num_microbatches, virtual_stages)` returns `schedule`, a list
 with one entry per pipeline rank; `schedule[r]` is the ordered list of `Action`s rank `r` performs
 in ONE training step. Nothing here runs a model or talks to a network: an executor interprets the
-lists, and `model.parallel.simulator` checks and times them without a model.
+lists, and `model.parallel.pipeline_parallel.simulator` checks and times them without a model.
 
 Stages and ranks
     There are `num_stages = p * v` model stages 0..p·v−1 (stage 0 consumes the micro-batch input,

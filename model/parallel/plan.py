@@ -1,0 +1,78 @@
+"""The parallel plan: what a model family tells model/parallel, which names no weight of any family.
+
+A family (GPT-2: model/gpt2_parallel_plan.py) describes itself to the parallel machinery by an
+object with these members; the mesh, the one `Stage` class, data parallelism and the trainer ask
+it, and nothing else, about names, shards, ties and the forward/backward of a stage.
+
+    plan.dtype, plan.device              how the weights are held ("float64", "cpu", ...)
+    plan.num_layers                      the blocks pipeline stages divide between them
+    plan.init_params(seed)               {name: full float64 host array}, the same whatever the layout
+    plan.embedding_params()              names the first pipeline stage holds besides its blocks
+    plan.block_params(i)                 names of block i
+    plan.head_params()                   names the last pipeline stage holds besides its blocks
+    plan.tied_params                     names held by both the first and the last stage (a tied
+                                         embedding/LM head): their gradients are summed over the mesh's
+                                         tie group, and counted once in the gradient norm
+    plan.sharding(name)                  a `Sharding`: replicated, column-, row- or vocab-parallel
+                                         (axis, fused parts, sequence-partial gradient)
+    plan.check_tensor_parallel(size, rank, sequence_parallel)
+                                         ValueError naming the size that cannot split the model
+    plan.stage_pieces(stage)             the `StagePieces` of one `Stage`, bound to its params and regions
+
+`StagePieces` are the forward/backward op pairs a stage strings together (embedding on the first
+stage, blocks, head and loss on the last). They use `stage.params`, `stage.memory`, `stage.tp`,
+`stage.input_region` / `stage.output_region` (identities when tp = 1), `stage.sequence_parallel`
+and `stage.positions(length)`; gradients are returned as {name: array} and the stage accumulates them.
+
+    embedding_forward(idx, dropout_seed) -> (x, cache)     idx int (B, T); x (B, T or T/tp, C)
+    embedding_backward(cache, dx) -> grads
+    block_forward(i, x, dropout_seed) -> (x, cache)
+    block_backward_input(i, cache, dout) -> (dx, deferred)  deferred.layer == i
+    block_backward_weight(deferred) -> grads
+    head_forward(x, targets) -> (loss float, cache)          the micro-batch's mean loss
+    head_backward(cache, dloss) -> (dx, grads)
+    head_logits(x) -> logits (B, T, vocab)                   inference only (gathered over tp)
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from model.parallel.tensor_parallel.sharding import (REPLICATED, Sharding, column_parallel,  # noqa: F401
+                                                     row_parallel, vocab_parallel)
+
+
+class StagePieces(Protocol):
+    def embedding_forward(self, idx, dropout_seed): ...
+    def embedding_backward(self, cache, dx) -> dict: ...
+    def block_forward(self, i: int, x, dropout_seed): ...
+    def block_backward_input(self, i: int, cache, dout): ...
+    def block_backward_weight(self, deferred) -> dict: ...
+    def head_forward(self, x, targets): ...
+    def head_backward(self, cache, dloss): ...
+    def head_logits(self, x): ...
+
+
+class ParallelPlan(Protocol):
+    dtype: str
+    device: str
+    num_layers: int
+    tied_params: tuple
+
+    def init_params(self, seed: int) -> dict: ...
+    def embedding_params(self) -> list: ...
+    def block_params(self, i: int) -> list: ...
+    def head_params(self) -> list: ...
+    def sharding(self, name: str) -> Sharding: ...
+    def check_tensor_parallel(self, size: int, rank: int, sequence_parallel: bool) -> None: ...
+    def stage_pieces(self, stage) -> StagePieces: ...
+
+
+def stage_param_names(plan: ParallelPlan, layers: range, first: bool, last: bool) -> list[str]:
+    """Names a pipeline stage holds: the embedding's on the first, its blocks', the head's on the
+    last (a tied name held by a stage that is both first and last appears once)."""
+    names = list(plan.embedding_params()) if first else []
+    for i in layers:
+        names += plan.block_params(i)
+    if last:
+        names += [name for name in plan.head_params() if name not in names]
+    return names
