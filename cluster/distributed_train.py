@@ -1,6 +1,6 @@
 """The driver of a multi-worker training run.
 
-`DistributedRun` offers the same calls as `model.train.Trainer` (step, train_step, evaluate,
+`DistributedRun` offers the same calls as `model.training.trainer.Trainer` (step, train_step, evaluate,
 save_checkpoint, save_model, tokenizer), so `ringpipe train` drives both the same way. Behind them:
 local worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank, and a driver-side
 Trainer that owns the tokenizer, the token file and the checkpoint format. Checkpoints hold the full
@@ -16,7 +16,10 @@ import numpy as np
 
 from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import TOKEN_FILE, NonFiniteError, Trainer, TrainConfig, find_checkpoint
+from model.training.config import TrainConfig
+from model.training.run_dir import TOKEN_FILE, find_checkpoint
+from model.training.step import NonFiniteError
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_json
 

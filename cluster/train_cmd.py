@@ -1,6 +1,6 @@
 """`ringpipe train` and `ringpipe generate`: flags, progress on stderr, metrics.jsonl, errors.
 
-The loop itself lives in `model.train.Trainer`; this module only drives it and talks to the user.
+The loop itself lives in `model.training.trainer.Trainer`; this module only drives it and talks to the user.
 """
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ import click
 
 from cluster.cli import main
 from cluster.options import FiniteFloat, OutputDirectory
-from model.gpt import GPT
-from model.tokenizer import TOKENIZER_FILES, load_tokenizer
-from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
-                         Trainer, TrainConfig, find_checkpoint, saved_config, saved_step)
+from model.gpt2.model import GPT
+from model.data.tokenizer import TOKENIZER_FILES, load_tokenizer
+from model.training.config import ON_NONFINITE, TrainConfig
+from model.training.run_dir import (CHECKPOINT_DIR, TRAINER_STATE_FILE, find_checkpoint, saved_config,
+                                    saved_step)
+from model.training.step import OVERFLOW_WARNINGS, NonFiniteError
+from model.training.trainer import Trainer
 from model.parallel.trainer import Layout
 from runtime import ClusterStopped, RemoteError, WorkerLost
 from runtime.backend import array_module, to_host
@@ -311,7 +314,7 @@ def _status(message: str) -> None:
 
 def _prepare_kernels() -> None:
     """Compile the C kernels here, saying so, before the workers start (they then load the build)."""
-    from model import kernels
+    from model.nn import kernels
 
     if kernels.enabled and not kernels.is_built():
         _status("compiling the C kernels (once per machine and source version)")

@@ -1,4 +1,4 @@
-"""The C kernels (model/kernels.py) agree with the NumPy reference ops, build once per machine,
+"""The C kernels (model/nn/kernels.py) agree with the NumPy reference ops, build once per machine,
 and fall back to NumPy with a reason when they cannot be built."""
 import os
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model import kernels, ops
-from model.optim import adamw_update
+from model.nn import kernels, ops
+from model.nn.optim import adamw_update
 
 ROOT = Path(__file__).resolve().parents[1]
 

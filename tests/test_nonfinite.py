@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from cluster.cli import main
 from cluster.options import FiniteFloat
-from model.gpt import GPT
-from model.train import TrainConfig
+from model.gpt2.model import GPT
+from model.training.config import TrainConfig
 from runtime.files import load_tensors
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 3

@@ -7,9 +7,11 @@ import tokenizers
 from click.testing import CliRunner
 
 from cluster.cli import main
-from model.gpt import GPT
-from model.tokenizer import load_tokenizer
-from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
+from model.gpt2.model import GPT
+from model.data.tokenizer import load_tokenizer
+from model.training.config import TrainConfig
+from model.training.run_dir import find_checkpoint, saved_config
+from model.training.trainer import Trainer
 from runtime.files import FileWriteError
 from tests.conftest import TEXT
 

@@ -20,7 +20,8 @@ import time
 from contextlib import ExitStack
 
 from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_text
 

@@ -52,7 +52,9 @@ import time
 from model.parallel.schedules import Kind, build_schedule, split_layers
 from model.parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
 from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import TOKEN_FILE, Trainer, TrainConfig
+from model.training.config import TrainConfig
+from model.training.run_dir import TOKEN_FILE
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_text
 from tools.bench_data_parallel import CORPUS

@@ -23,7 +23,8 @@ tied wte is reported once per stage, after the stage's last contribution to it.
 """
 from __future__ import annotations
 
-from model.gpt import GPT, GPTConfig
+from model.gpt2.config import GPTConfig
+from model.gpt2.model import GPT
 
 
 def stage_param_names(config: GPTConfig, layers: range, first: bool, last: bool) -> list[str]:

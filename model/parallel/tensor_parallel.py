@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import ops
-from model.activation_memory import ActivationMemory
-from model.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
-from model.gpt import GPTConfig, param_shapes
+from model.nn import ops
+from model.nn.activation_memory import ActivationMemory
+from model.gpt2.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
+from model.gpt2.config import GPTConfig, param_shapes
 from model.parallel.stage import _accumulate, stage_param_names
 from model.parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
 from runtime.backend import array_module, module_of, to_host

@@ -1,4 +1,4 @@
-"""Fused C kernels for the element-wise ops of a training step on the CPU (model/csrc/).
+"""Fused C kernels for the element-wise ops of a training step on the CPU (model/nn/csrc/).
 
 `model.ops` calls these for C-contiguous float32/float64 NumPy arrays when the library is
 available, and its own NumPy code otherwise (CuPy arrays, no C compiler, RINGPIPE_KERNELS=numpy).

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from model import ops
+from model.nn import ops
 from runtime.backend import to_host
 
 
