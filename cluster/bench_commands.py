@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import click
 
-from cluster.cli import bench
 from cluster.options import FiniteFloat, OutputFile
+from runtime import RemoteError, WorkerLost
 from runtime.files import write_json
-
-from runtime import RemoteError, WorkerLost  # noqa: E402
 
 # A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
 _ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost)
+
+
+@click.group(short_help="Benchmarks: tables on the terminal, --json for the details.")
+def bench():
+    """Benchmarks (nccl-tests style tables, --json output)."""
 
 
 def _first_line(exc: Exception) -> str:

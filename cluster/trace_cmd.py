@@ -7,13 +7,12 @@ import webbrowser
 
 import click
 
-from cluster.cli import main
 from cluster.options import OutputFile
 from runtime.files import FileWriteError, check_writable_file
 from tools.trace_io import TraceError, bulk_allocation, load_trace
 
 
-@main.group(short_help="Summarise, view or export a run's trace.")
+@click.group(short_help="Summarise, view or export a run's trace.")
 def trace():
     """Inspect the traces of a run directory (record them with `ringpipe train --trace`, or
     cluster.start_trace()/stop_trace(DIR) from Python)."""

@@ -31,7 +31,8 @@ def one_error_line(result) -> str:
 
 
 def all_commands(group, prefix=()):
-    for name, command in group.commands.items():
+    for name in group.list_commands(None):  # loads the lazily registered commands too
+        command = group.get_command(None, name)
         if isinstance(command, click.Group):
             yield from all_commands(command, prefix + (name,))
         else:

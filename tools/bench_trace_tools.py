@@ -5,7 +5,7 @@ Each tool runs as a fresh process, imports included, the way a user types it:
   view     `ringpipe trace view RUN_DIR -o ...`
   export   `ringpipe trace export RUN_DIR -o ...`
   report   what `ringpipe train --trace` does after "saved model" once the traces are collected:
-           the summary and the viewer page (`cluster.train_cmd._report_trace`).
+           the summary and the viewer page (`cluster.progress.report_trace`).
 The run's trace files are copied into a temporary directory first, so the run is left as it was.
 Each tool runs `repeats` times; the best wall time is the result (CPU time, user + system, is given
 too: on a shared machine the wall time includes waiting for a core). Targets (issue 13, the
@@ -30,7 +30,7 @@ TRACE_FILES = ("trace-rank*.json", "clocks.json", "schedule.json", "metrics.json
 
 def _commands(run_dir: str, scratch: str) -> dict:
     cli = [sys.executable, "-m", "cluster", "trace"]
-    report = f"from cluster.train_cmd import _report_trace; _report_trace({run_dir!r})"
+    report = f"from cluster.progress import report_trace; report_trace({run_dir!r})"
     return {"summary": cli + ["summary", run_dir],
             "view": cli + ["view", run_dir, "-o", os.path.join(scratch, "view.html")],
             "export": cli + ["export", run_dir, "-o", os.path.join(scratch, "trace.json")],
