@@ -17,7 +17,7 @@ import numpy as np
 from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from model.parallel.trainer import Layout, ParallelTrainer
 from model.training.config import TrainConfig
-from model.training.run_dir import TOKEN_FILE, find_checkpoint
+from model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
 from model.training.step import NonFiniteError
 from model.training.trainer import Trainer
 from runtime import Cluster
@@ -42,7 +42,7 @@ class DistributedRun:
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
-                write_json(os.path.join(out, "schedule.json"),
+                write_json(os.path.join(out, SCHEDULE_FILE),
                            {"schedule": layout.schedule, "pp": layout.pp, "microbatches": config.microbatches,
                             "virtual_stages": layout.virtual_stages, "dp": layout.dp, "tp": layout.tp})
                 self.cluster.start_trace()
