@@ -9,6 +9,11 @@ from model.gpt2.config import GPTConfig
 from model.nn.mixed_precision import check_supported, model_dtype
 
 ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
+# The model's options a run chooses (the `--n-layer`... flags): TrainConfig fields passed to the
+# model's GPTConfig under the same names, in this one list. The model's other fields come from
+# elsewhere: vocab_size from the tokenizer, dtype from the run's precision (`dtype` here names the
+# recipe, e.g. "fp16-mixed", not an array dtype), the rest are GPT-2's defaults.
+MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "device")
 
 
 @dataclasses.dataclass
@@ -17,7 +22,7 @@ class TrainConfig:
     in sequences, split into `microbatches` equal parts for gradient accumulation."""
     data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
     tokenizer: str = "char"
-    n_layer: int = 4
+    n_layer: int = 4  # n_layer ... block_size, dropout, device: the model's (MODEL_OPTIONS)
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 64
@@ -33,7 +38,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dropout: float = 0.0
-    dtype: str = "float32"  # or "fp16-mixed" (see model/mixed_precision.py)
+    dtype: str = "float32"  # or "fp16-mixed" (see model/nn/mixed_precision.py)
     loss_scale_growth_interval: int = 2000  # mixed precision: good steps before the scale doubles
     seed: int = 0
     val_fraction: float = 0.1
@@ -67,6 +72,6 @@ class TrainConfig:
                              f"got {self.on_nonfinite!r}")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         block_size=self.block_size, vocab_size=vocab_size, dropout=self.dropout,
-                         dtype=model_dtype(self.dtype), device=self.device)
+        """The model this run trains: MODEL_OPTIONS from here, `vocab_size` from the tokenizer."""
+        return GPTConfig(**{name: getattr(self, name) for name in MODEL_OPTIONS},
+                         vocab_size=vocab_size, dtype=model_dtype(self.dtype))
