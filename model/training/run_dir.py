@@ -34,7 +34,6 @@ TOKEN_FILE = "tokens.bin"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, *TOKENIZER_FILES)
 # Written by runtime.Cluster.stop_trace (runtime/ names them itself: it imports nothing of model/).
-TRACE_RANK_FILE = "trace-rank{rank}.json"
 TRACE_RANK_GLOB = "trace-rank*.json"
 CLOCKS_FILE = "clocks.json"
 SCHEDULE_FILE = "schedule.json"  # written by the driver of a traced run
