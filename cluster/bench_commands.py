@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import click
 
-from cluster.cli import bench
-from cluster.options import FiniteFloat, OutputFile
+from cluster.options import FiniteFloat, OutputFile, bad_flag
+from runtime import RemoteError, WorkerLost
 from runtime.files import write_json
-
-from runtime import RemoteError, WorkerLost  # noqa: E402
 
 # A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
 _ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost)
+
+
+@click.group(short_help="Benchmarks: tables on the terminal, --json for the details.")
+def bench():
+    """Benchmarks (nccl-tests style tables, --json output)."""
 
 
 def _first_line(exc: Exception) -> str:
@@ -90,22 +93,33 @@ def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
 @click.option("--block-size", default=64, show_default=True)
 @click.option("--batch-per-rank", default=12, show_default=True, help="Sequences per dp rank and step.")
 @click.option("--microbatches", default=1, show_default=True)
-@click.option("--bucket-kb", default=1024, show_default=True, help="Gradient bucket size cap (KiB).")
+@click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
+              help="Gradient bucket size cap in MiB, as train's --bucket-mb (fractions allowed, e.g. 0.25).")
+@click.option("--bucket-kb", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Deprecated: the bucket cap in KiB; use --bucket-mb.")
 @click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
 @click.option("--steps", default=20, show_default=True, help="Timed steps per round (after 3 warmup).")
 @click.option("--rounds", default=3, show_default=True, help="Alternating rounds; each dp size keeps its best.")
 @click.option("--no-independent", is_flag=True, help="Skip the row of --dp unconnected dp=1 runs at once.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
-def bench_data_parallel(dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_kb, zero,
-                        steps, rounds, no_independent, json_path):
+@click.pass_context
+def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_per_rank, microbatches, bucket_mb,
+                        bucket_kb, zero, steps, rounds, no_independent, json_path):
     """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker), how much of the
     gradient all-reduce overlapped backward, and --dp unconnected dp=1 runs as the machine's limit."""
     from tools.bench_data_parallel import format_table, run
 
+    bucket_bytes = int(bucket_mb * (1 << 20))
+    if bucket_kb is not None:  # the flag's old name and unit, still accepted
+        if ctx.get_parameter_source("bucket_mb") == click.core.ParameterSource.COMMANDLINE:
+            raise bad_flag("--bucket-kb", "give the bucket size once, as --bucket-mb (--bucket-kb is its "
+                                          "deprecated KiB form)")
+        click.echo(f"--bucket-kb is deprecated; use --bucket-mb {bucket_kb / 1024:g}", err=True)
+        bucket_bytes = bucket_kb << 10
     _run_and_report(lambda: run(dp_sizes=(1, dp_max), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                                 block_size=block_size, batch_per_rank=batch_per_rank,
                                 microbatches=microbatches, steps=steps, rounds=rounds,
-                                bucket_bytes=bucket_kb << 10, zero=int(zero),
+                                bucket_bytes=bucket_bytes, zero=int(zero),
                                 independent=not no_independent),
                     format_table, json_path)
 

@@ -1,4 +1,8 @@
-"""`ringpipe` command-line entry point: a click group; each subcommand lives in its own module."""
+"""`ringpipe` command-line entry point: a click group; each subcommand lives in its own module.
+
+The subcommand modules define plain click commands and never import this module, so imports go one
+way: cli.py -> train_cmd.py, generate_cmd.py, trace_cmd.py, bench_commands.py -> model/, tools/.
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,15 +12,16 @@ import click
 from runtime.files import FileWriteError
 
 
-class _Group(click.Group):
+class Commands(click.Group):
     """The `ringpipe` group. Ctrl-C ends any command with exit status 130 (128 + SIGINT), as shells
     and PyTorch's launchers report it, and a line of its own instead of click's "Aborted!"; commands
     with more to say (`train`: can it resume?) catch KeyboardInterrupt themselves. A file that
     cannot be written, here or on a worker, is one error line naming the path and the cause,
     whichever command was writing it.
 
-    `lazy` maps command names to the module that defines them; it is imported when the command is
-    used or listed, so `ringpipe trace summary` does not load the model code (~0.5 s of imports)."""
+    `lazy` maps command names to "module:attribute" of the click command; the module is imported
+    when the command is used or listed, so `ringpipe trace summary` does not load the model code
+    (~0.5 s of imports)."""
 
     lazy: dict = {}
 
@@ -25,7 +30,8 @@ class _Group(click.Group):
 
     def get_command(self, ctx, name):
         if name not in self.commands and name in self.lazy:
-            importlib.import_module(self.lazy[name])  # its commands register themselves on import
+            module, _, attribute = self.lazy[name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), name)
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
@@ -44,20 +50,11 @@ class _Group(click.Group):
             raise click.ClickException(str(exc).splitlines()[0]) from None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ringpipe")
 def main():
     """ringpipe: distributed GPT training built from primitives."""
 
 
-@main.group(short_help="Benchmarks: tables on the terminal, --json for the details.")
-def bench():
-    """Benchmarks (nccl-tests style tables, --json output)."""
-
-
-main.lazy = {"train": "cluster.train_cmd", "generate": "cluster.train_cmd", "trace": "cluster.trace_cmd"}
-from cluster import bench_commands  # noqa: E402,F401  (light: each bench imports its tools when run)
-
-if __name__ == "__main__":  # pragma: no cover - `python -m cluster` is the module entry point
-    from cluster.__main__ import run
-    run()
+main.lazy = {"train": "cluster.train_cmd:train", "generate": "cluster.generate_cmd:generate",
+             "trace": "cluster.trace_cmd:trace", "bench": "cluster.bench_commands:bench"}

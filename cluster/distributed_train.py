@@ -1,6 +1,6 @@
 """The driver of a multi-worker training run.
 
-`DistributedRun` offers the same calls as `model.train.Trainer` (step, train_step, evaluate,
+`DistributedRun` offers the same calls as `model.training.trainer.Trainer` (step, train_step, evaluate,
 save_checkpoint, save_model, tokenizer), so `ringpipe train` drives both the same way. Behind them:
 local worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank, and a driver-side
 Trainer that owns the tokenizer, the token file and the checkpoint format. Checkpoints hold the full
@@ -15,8 +15,11 @@ import time
 import numpy as np
 
 from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import TOKEN_FILE, NonFiniteError, Trainer, TrainConfig, find_checkpoint
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
+from model.training.step import NonFiniteError
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_json
 
@@ -39,7 +42,7 @@ class DistributedRun:
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
-                write_json(os.path.join(out, "schedule.json"),
+                write_json(os.path.join(out, SCHEDULE_FILE),
                            {"schedule": layout.schedule, "pp": layout.pp, "microbatches": config.microbatches,
                             "virtual_stages": layout.virtual_stages, "dp": layout.dp, "tp": layout.tp})
                 self.cluster.start_trace()

@@ -66,3 +66,14 @@ class OutputDirectory(click.Path):
         except FileWriteError as exc:
             _fail(param, ctx, str(exc))
         return path
+
+
+def bad_flag(flag: str, message: str) -> click.ClickException:
+    """A flag that conflicts with the run or another flag, found after parsing: one "Error: Invalid
+    value for FLAG: ..." line (ClickException, not BadParameter: no usage block)."""
+    return click.ClickException(f"Invalid value for {flag}: {message}")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -7,13 +7,13 @@ import webbrowser
 
 import click
 
-from cluster.cli import main
 from cluster.options import OutputFile
+from model.training.run_dir import TRACE_EXPORT_FILE, TRACE_VIEW_FILE
 from runtime.files import FileWriteError, check_writable_file
 from tools.trace_io import TraceError, bulk_allocation, load_trace
 
 
-@main.group(short_help="Summarise, view or export a run's trace.")
+@click.group(short_help="Summarise, view or export a run's trace.")
 def trace():
     """Inspect the traces of a run directory (record them with `ringpipe train --trace`, or
     cluster.start_trace()/stop_trace(DIR) from Python)."""
@@ -45,7 +45,7 @@ def export(run_dir, output):
     """Chrome Trace Event JSON for https://ui.perfetto.dev or chrome://tracing."""
     from tools.trace_export import write_chrome_trace
 
-    output = output or _default_output(run_dir, "trace.json")
+    output = output or _default_output(run_dir, TRACE_EXPORT_FILE)
     with bulk_allocation():
         loaded = _load(run_dir)
         count = write_chrome_trace(loaded, output)
@@ -62,7 +62,7 @@ def view(run_dir, output, open_browser):
     """One self-contained HTML page: pipeline swimlanes, summary table, loss curve (works offline)."""
     from tools.trace_view import write_view
 
-    output = output or _default_output(run_dir, "trace.html")
+    output = output or _default_output(run_dir, TRACE_VIEW_FILE)
     with bulk_allocation():
         loaded = _load(run_dir, counters=False)
         write_view(loaded, output)

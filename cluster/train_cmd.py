@@ -1,38 +1,34 @@
-"""`ringpipe train` and `ringpipe generate`: flags, progress on stderr, metrics.jsonl, errors.
+"""`ringpipe train`: flags, the training loop's driving, metrics.jsonl, errors.
 
-The loop itself lives in `model.train.Trainer`; this module only drives it and talks to the user.
+The loop itself lives in `model.training.trainer.Trainer` (one process) or `cluster.distributed_train.
+DistributedRun` (workers); this module only drives it. What the user sees while it runs is
+cluster/progress.py.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
 import sys
-import time
 import warnings
 
 import click
 
-from cluster.cli import main
-from cluster.options import FiniteFloat, OutputDirectory
-from model.gpt import GPT
-from model.tokenizer import TOKENIZER_FILES, load_tokenizer
-from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINER_STATE_FILE, NonFiniteError,
-                         Trainer, TrainConfig, find_checkpoint, saved_config, saved_step)
-from model.parallel.trainer import Layout
+from cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
+from cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from model.training.parallel_trainer import Layout
+from model.training.config import ON_NONFINITE, TrainConfig
+from model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, saved_config, saved_step
+from model.training.step import OVERFLOW_WARNINGS, NonFiniteError
+from model.training.trainer import Trainer
 from runtime import ClusterStopped, RemoteError, WorkerLost
-from runtime.backend import array_module, to_host
+from runtime.backend import to_host
 from runtime.files import AppendLog, FileWriteError, write_text
 from tools.trace_io import read_metrics
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
 RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite")
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.ClickException:
@@ -50,60 +46,6 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     return click.ClickException(line + hint)
 
 
-def _bad_flag(flag: str, message: str) -> click.ClickException:
-    # ClickException, not BadParameter: one "Error: ..." line without the usage block.
-    return click.ClickException(f"Invalid value for {flag}: {message}")
-
-
-class Progress:
-    """Step, loss, tokens/s and ETA on stderr: one redrawn line on a TTY, plain lines otherwise
-    (the session's first step, every 1/20 of the run, evaluations and the last step).
-
-    Rate and ETA come from the last `window` steps, not counting the session's first step (it
-    pays for warm-up: page faults, first allocations, the workers' first messages), so neither
-    is skewed by it; until a second step has finished the ETA reads "-:--"."""
-
-    def __init__(self, first_step: int, total_steps: int, stream, window: int = 20):
-        self.first_step, self.total_steps, self.stream = first_step, total_steps, stream
-        self.tty = stream.isatty()
-        self.last = time.perf_counter()
-        self.durations = collections.deque(maxlen=window)
-        self.line_open = False  # a redrawn TTY line without its newline yet
-        self.plain_every = max(1, (total_steps - first_step) // 20)
-
-    def update(self, metrics: dict) -> None:
-        step = metrics["step"]  # 1-based: the number of optimizer steps done
-        done = step - self.first_step
-        now = time.perf_counter()
-        if done > 1:
-            self.durations.append(now - self.last)
-        self.last = now
-        if self.durations:
-            per_step = sum(self.durations) / len(self.durations)
-            eta = int(per_step * (self.total_steps - step))
-            rate = f"{metrics['tokens'] / per_step:,.0f} tok/s ETA {eta // 60}:{eta % 60:02d}"
-        else:
-            rate = "- tok/s ETA -:--"
-        line = f"step {step}/{self.total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} {rate}"
-        if "val_loss" in metrics:
-            line += f" val_loss {metrics['val_loss']:.4f}"
-        if self.tty:
-            self.stream.write("\r\033[K" + line)
-            self.line_open = True
-            if "val_loss" in metrics or step == self.total_steps:
-                self.end_line()
-        elif "val_loss" in metrics or done % self.plain_every == 0 or step == self.total_steps or done == 1:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def end_line(self) -> None:
-        """Finish a redrawn line, so that what is printed next starts on a line of its own."""
-        if self.line_open:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.line_open = False
-
-
 def _config_from_flags(ctx: click.Context, flags: dict):
     """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -117,7 +59,7 @@ def _config_from_flags(ctx: click.Context, flags: dict):
         if name in RESUME_OVERRIDABLE:
             setattr(config, name, value)
         elif value != getattr(config, name):
-            raise _bad_flag("--" + name.replace("_", "-"),
+            raise bad_flag("--" + name.replace("_", "-"),
                             f"{value!r} differs from the checkpoint's {getattr(config, name)!r};"
                             " it cannot change on --resume")
     return config
@@ -126,7 +68,7 @@ def _config_from_flags(ctx: click.Context, flags: dict):
 def _metrics_file(out: str, first_step: int):
     """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped.
     Its "step" is the 1-based step number the progress line shows (after that many updates)."""
-    path = os.path.join(out, "metrics.jsonl")
+    path = os.path.join(out, METRICS_FILE)
     kept = []
     if first_step > 0 and os.path.exists(path):
         # Rows are renumbered from 1 when the file predates 1-based step numbers.
@@ -138,7 +80,7 @@ def _metrics_file(out: str, first_step: int):
 D = TrainConfig()  # flag defaults are the config's defaults
 
 
-@main.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte"]), default=D.tokenizer, show_default=True)
 @click.option("--n-layer", type=click.IntRange(min=1), default=D.n_layer, show_default=True)
@@ -202,7 +144,7 @@ def train(ctx, **flags):
     out = flags["out"]
     warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
-        raise _bad_flag("--overwrite", "cannot be combined with --resume")
+        raise bad_flag("--overwrite", "cannot be combined with --resume")
     if not flags["resume"]:
         try:
             find_checkpoint(out)
@@ -210,41 +152,42 @@ def train(ctx, **flags):
             pass
         else:
             if not flags["overwrite"]:
-                raise _bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to continue it, "
+                raise bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to continue it, "
                                 "--overwrite to replace it, or choose another directory")
-            _remove_run(out)
+            remove_run(out)
     try:
         split = [int(part) for part in flags["split"].split(",")] if flags["split"] else None
     except ValueError:
-        raise _bad_flag("--split", f"{flags['split']!r} is not a comma-separated list of block counts") from None
+        raise bad_flag("--split", f"{flags['split']!r} is not a comma-separated list of block counts") from None
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
     distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
     # Flags that would do nothing in this layout are refused, not silently dropped.
     if flags["sequence_parallel"] and layout.tp == 1:
-        raise _bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
+        raise bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
                         "activations tensor parallelism would otherwise replicate)")
     if flags["zero"] and layout.dp == 1:
-        raise _bad_flag("--zero", f"{flags['zero']} needs --dp 2 or more (ZeRO-1 shards the optimizer "
+        raise bad_flag("--zero", f"{flags['zero']} needs --dp 2 or more (ZeRO-1 shards the optimizer "
                         "state over data-parallel ranks)")
     if flags["nproc"] != layout.world_size:
-        raise _bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
+        raise bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
                         f"pp {layout.pp} = {layout.world_size} ranks")
     try:
         config = _config_from_flags(ctx, flags)
+        config.validate()  # before the first status line: a setting that cannot work is the only output
         if flags["resume"] and _already_complete(ctx, config, out):
             return
         config.validate()  # before the first status line: a bad config or layout is the only output
         if distributed:
             layout.validate(config)
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     state = {"trainer": None, "progress": None}
     try:
         _run(flags, config, layout, distributed, out, state)
     except KeyboardInterrupt:
-        _report_interrupt(out, config, state)
+        report_interrupt(out, config, state)
         raise click.exceptions.Exit(130) from None
 
 
@@ -252,7 +195,7 @@ def _run(flags, config, layout, distributed, out, state):
     """Start the trainer (saying what takes time), train, report the trace, print the sample."""
     _prepare_kernels()
     try:
-        say = _status
+        say = status
         say(("loading the checkpoint in " + out + " and tokenizing " if flags["resume"] else "tokenizing ")
             + (config.data or "the Python standard library source"))
         if distributed:
@@ -267,7 +210,7 @@ def _run(flags, config, layout, distributed, out, state):
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
         raise _worker_failure(exc, out, resumable=False) from None
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(_one_line(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
     state["trainer"] = trainer
     finished = False
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
@@ -279,43 +222,28 @@ def _run(flags, config, layout, distributed, out, state):
         finally:
             if distributed:
                 if finished and flags["trace"]:
-                    _status(f"collecting the traces of {layout.world_size} workers")
+                    status(f"collecting the traces of {layout.world_size} workers")
                 trace_files = trainer.close()
                 if trace_files and finished:
-                    _report_trace(out)
+                    report_trace(out)
         if flags["sample"]:
-            _status(f"generating a {flags['sample']}-token sample")
+            status(f"generating a {flags['sample']}-token sample")
             tokenizer = trainer.tokenizer
             prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
             ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
             click.echo(tokenizer.decode(to_host(ids)[0]))
     except (NonFiniteError, FileWriteError) as exc:
-        raise click.ClickException(f"{exc}; {_checkpoint_status(out)}") from None
+        raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:
         raise _worker_failure(exc, out) from None
 
 
-def _checkpoint_status(out: str) -> str:
-    try:
-        checkpoint = find_checkpoint(out)
-        with open(os.path.join(checkpoint, TRAINER_STATE_FILE)) as f:
-            step = json.load(f)["step"]
-    except (ValueError, OSError, KeyError):
-        return "no checkpoint was written yet"
-    return f"the checkpoint of step {step} in {checkpoint} is intact (continue with --resume --out {out})"
-
-
-def _status(message: str) -> None:
-    """One line on stderr saying what the next silent stretch is doing."""
-    click.echo(message + " ...", err=True)
-
-
 def _prepare_kernels() -> None:
     """Compile the C kernels here, saying so, before the workers start (they then load the build)."""
-    from model import kernels
+    from model.nn import kernels
 
     if kernels.enabled and not kernels.is_built():
-        _status("compiling the C kernels (once per machine and source version)")
+        status("compiling the C kernels (once per machine and source version)")
     kernels.library()
 
 
@@ -327,49 +255,12 @@ def _already_complete(ctx, config, out) -> bool:
         return False
     explicit = ctx.get_parameter_source("steps") == click.core.ParameterSource.COMMANDLINE
     if done > config.steps and explicit:
-        raise _bad_flag("--steps", f"{config.steps} is below the {done} steps the run in {out} has "
+        raise bad_flag("--steps", f"{config.steps} is below the {done} steps the run in {out} has "
                                    f"completed; pass a larger --steps to train further")
     click.echo(f"the run in {out} is already complete at step {done} of {config.steps}; nothing to do. "
                f"To train further, pass --steps M with M > {done}, e.g. "
                f"ringpipe train --resume --out {out} --steps {2 * done}", err=True)
     return True
-
-
-def _report_interrupt(out, config, state) -> None:
-    """After Ctrl-C: where the run stopped and whether (and from which step) it can resume."""
-    if state["progress"] is not None:
-        state["progress"].end_line()
-    trainer = state["trainer"]
-    where = "while starting" if trainer is None else f"after step {trainer.step} of {config.steps}"
-    try:
-        saved = saved_step(out)
-    except ValueError:
-        saved = None
-    if saved is None:
-        click.echo(f"interrupted {where}; no checkpoint was written, so there is nothing to resume "
-                   f"(checkpoints are written every {config.checkpoint_every} steps and at the end)"
-                   if config.checkpoint_every else
-                   f"interrupted {where}; no checkpoint was written, so there is nothing to resume "
-                   f"(with --checkpoint-every 0 it is written only at the end)", err=True)
-    elif saved >= config.steps:  # stopped while the trace report or the sample was being made
-        click.echo(f"interrupted after the run completed: its model and checkpoint are in {out}", err=True)
-    else:
-        click.echo(f"interrupted {where}; the last checkpoint is at step {saved}: continue it with "
-                   f"ringpipe train --resume --out {out}", err=True)
-
-
-def _remove_run(out: str) -> None:
-    """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
-    import glob
-    import shutil
-
-    for pattern in ("checkpoint", "checkpoint.old", "checkpoint.tmp-*", "model.tmp-*"):
-        for path in glob.glob(os.path.join(out, pattern)):
-            shutil.rmtree(path, ignore_errors=True)
-    for pattern in ("metrics.jsonl", "tokens.bin", "model.safetensors", "config.json", *TOKENIZER_FILES,
-                    "trace-rank*.json", "clocks.json", "schedule.json", "trace.html"):
-        for path in glob.glob(os.path.join(out, pattern)):
-            os.remove(path)
 
 
 def _encodable(tokenizer, text) -> bool:
@@ -378,27 +269,6 @@ def _encodable(tokenizer, text) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _report_trace(out):
-    """The trace summary and the path of the viewer page, when the trace tools are present."""
-    try:
-        from tools.trace_summary import format_summary, summarize
-        from tools.trace_io import bulk_allocation, load_trace, rank_files
-        from tools.trace_view import write_view
-    except ImportError:
-        click.echo(f"traces written to {out}", err=True)
-        return
-    megabytes = sum(os.path.getsize(path) for path in rank_files(out).values()) / 1e6
-    _status(f"summarising the trace ({megabytes:.0f} MB from {len(rank_files(out))} ranks)")
-    with bulk_allocation():
-        trace = load_trace(out, counters=False)
-        summary = summarize(trace)
-        click.echo(format_summary(summary), err=True)
-        page = os.path.join(out, "trace.html")
-        _status(f"writing the trace viewer ({len(trace.events):,} events)")
-        write_view(trace, page, summary)
-    click.echo(f"trace viewer: {page}", err=True)
 
 
 def _train_loop(trainer, config, out, state):
@@ -423,35 +293,3 @@ def _train_loop(trainer, config, out, state):
     click.echo(f"saved model and checkpoint to {out}", err=True)
 
 
-@main.command(short_help="Continue a prompt with a trained model.")
-@click.option("--checkpoint", "directory", required=True, type=click.Path(),
-              help="A run directory (--out of train) or a model directory.")
-@click.option("--prompt", default="\n", show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
-@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
-              show_default=True)
-@click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device):
-    """Continue --prompt with a trained model and print the text."""
-    if not os.path.isdir(directory):
-        raise _bad_flag("--checkpoint", f"directory {directory!r} does not exist")
-    if not os.path.exists(os.path.join(directory, "config.json")) and \
-            os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
-        directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
-    try:
-        tokenizer = load_tokenizer(directory)
-        gpt = GPT.from_pretrained(directory, device=device)
-    except Exception as exc:  # any reader error means the same thing to the user
-        raise click.ClickException(f"cannot load model from {directory}: {_one_line(exc)}") from None
-    if not prompt:
-        raise _bad_flag("--prompt", "must not be empty")
-    try:
-        ids = tokenizer.encode(prompt)
-    except ValueError as exc:
-        raise _bad_flag("--prompt", _one_line(exc)) from None
-    xp = array_module(device)
-    out = gpt.generate(xp.asarray(ids)[None, :], max_new_tokens, temperature=temperature,
-                       top_k=top_k, seed=seed)
-    click.echo(tokenizer.decode(to_host(out)[0]))

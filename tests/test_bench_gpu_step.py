@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from cluster.cli import main
-from model.gpt import GPTConfig, param_shapes
+from model.gpt2.config import GPTConfig, param_shapes
 from tools.bench_gpu_step import GPT2_124M, flops_per_token, peak_tflops
 
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",

@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from model.gpt import GPTConfig, init_params
+from model.gpt2.config import GPTConfig, init_params
 from model.parallel.data_parallel import GradientBuckets, plan_buckets
-from model.gpt2_parallel_plan import GPT2ParallelPlan
+from model.gpt2.parallel_plan import GPT2ParallelPlan
 from model.parallel.stage import Stage
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 5

@@ -7,8 +7,8 @@ import tokenizers
 from click.testing import CliRunner
 
 from cluster.cli import main
-from model.gpt import GPT
-from model.tokenizer import load_tokenizer
+from model.gpt2.model import GPT
+from model.data.tokenizer import load_tokenizer
 
 
 

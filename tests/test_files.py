@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from cluster.cli import main
 from cluster.options import OutputDirectory, OutputFile
-from model.gpt import GPT
+from model.gpt2.model import GPT
 from runtime.files import (AppendLog, CorruptFileError, FileWriteError, load_tensors, remove_dead_temporaries,
                            save_tensors, write_bytes)
 from tests.test_trace_tools import RANK0, RANK1, write_trace

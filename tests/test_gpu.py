@@ -8,10 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.gpt import GPT, GPTConfig
+from model.gpt2.config import GPTConfig
+from model.gpt2.model import GPT
 from model.parallel.tensor_parallel import assemble_full_params
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 cupy = pytest.importorskip("cupy")

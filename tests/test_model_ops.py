@@ -1,12 +1,12 @@
 """Every op's backward agrees with central finite differences of its forward (float64).
 
-Each test runs twice: through the C kernels (model/kernels.py, where they build on this machine)
+Each test runs twice: through the C kernels (model/nn/kernels.py, where they build on this machine)
 and through the NumPy reference code.
 """
 import numpy as np
 import pytest
 
-from model import kernels, ops
+from model.nn import kernels, ops
 
 
 @pytest.fixture(autouse=True, params=["c", "numpy"])

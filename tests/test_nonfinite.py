@@ -9,8 +9,8 @@ from click.testing import CliRunner
 
 from cluster.cli import main
 from cluster.options import FiniteFloat
-from model.gpt import GPT
-from model.train import TrainConfig
+from model.gpt2.model import GPT
+from model.training.config import TrainConfig
 from runtime.files import load_tensors
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
@@ -31,7 +31,8 @@ def one_error_line(result) -> str:
 
 
 def all_commands(group, prefix=()):
-    for name, command in group.commands.items():
+    for name in group.list_commands(None):  # loads the lazily registered commands too
+        command = group.get_command(None, name)
         if isinstance(command, click.Group):
             yield from all_commands(command, prefix + (name,))
         else:

@@ -4,8 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 3

@@ -13,16 +13,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from model import ops
-from model.data import TokenDataset
-from model.optim import AdamW, clip_scale, lr_at
+from model.nn import ops
+from model.data.dataset import TokenDataset
+from model.nn.optim import AdamW, clip_scale, lr_at
 from model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 from model.parallel.stage import Stage
 from model.parallel.tensor_parallel.layers import (vocab_parallel_cross_entropy_backward,
                                                    vocab_parallel_cross_entropy_forward,
                                                    vocab_parallel_embedding_backward, vocab_parallel_embedding_forward)
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 3

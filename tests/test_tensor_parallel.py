@@ -4,17 +4,19 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model import ops
-from model.gpt import GPT, GPTConfig, init_params
-from model.optim import clip_scale
+from model.nn import ops
+from model.gpt2.config import GPTConfig, init_params
+from model.gpt2.model import GPT
+from model.nn.optim import clip_scale
 from model.parallel.tensor_parallel import tensor_parallel_communications as regions
-from model.gpt2_parallel_plan import GPT2ParallelPlan
+from model.gpt2.parallel_plan import GPT2ParallelPlan
 from model.parallel.stage import Stage
 from model.parallel.tensor_parallel.layers import vocab_parallel_cross_entropy_forward
 from model.parallel.tensor_parallel.sharding import (assemble_full_optimizer_state, assemble_full_params, shard,
                                                      shard_table)
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 TOLERANCE = dict(rtol=1e-7, atol=1e-9)
@@ -436,7 +438,7 @@ def tp_logits(comm, config, params, idx, sequence_parallel):
 
 def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4(local_cluster, references,
                                                                                  tmp_path):
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.gpt2.checkpoint import load_checkpoint, save_checkpoint
     reference = references(0.1)
     config = reference["config"]
     layout = Layout(tp=2, sequence_parallel=True)

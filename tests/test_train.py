@@ -7,9 +7,11 @@ import tokenizers
 from click.testing import CliRunner
 
 from cluster.cli import main
-from model.gpt import GPT
-from model.tokenizer import load_tokenizer
-from model.train import Trainer, TrainConfig, find_checkpoint, saved_config
+from model.gpt2.model import GPT
+from model.data.tokenizer import load_tokenizer
+from model.training.config import TrainConfig
+from model.training.run_dir import find_checkpoint, saved_config
+from model.training.trainer import Trainer
 from runtime.files import FileWriteError
 from tests.conftest import TEXT
 
@@ -274,7 +276,7 @@ def test_generate_rejects_a_prompt_outside_the_vocabulary(trained):
 def test_progress_writes_plain_lines_when_not_a_terminal():
     import io
 
-    from cluster.train_cmd import Progress
+    from cluster.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(first_step=0, total_steps=40, stream=stream)
@@ -324,12 +326,12 @@ class FakeClock:
 def test_eta_is_a_moving_average_that_leaves_out_the_warm_up_step(monkeypatch):
     import io
 
-    from cluster import train_cmd
+    from cluster import progress as progress_module
 
     clock = FakeClock()
-    monkeypatch.setattr(train_cmd.time, "perf_counter", clock)
+    monkeypatch.setattr(progress_module.time, "perf_counter", clock)
     stream = io.StringIO()
-    progress = train_cmd.Progress(first_step=0, total_steps=100, stream=stream)
+    progress = progress_module.Progress(first_step=0, total_steps=100, stream=stream)
     progress.plain_every = 1
     clock.now = 60.0  # step 1 pays for warm-up: a minute
     progress.update({"step": 1, "loss": 1.0, "lr": 1e-3, "tokens": 1000})
@@ -344,7 +346,7 @@ def test_eta_is_a_moving_average_that_leaves_out_the_warm_up_step(monkeypatch):
 def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
     import io
 
-    from cluster.train_cmd import Progress
+    from cluster.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -360,8 +362,8 @@ def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
 
 
 def test_ctrl_c_after_the_run_completed_says_nothing_is_lost(trained, capsys):
-    from cluster.train_cmd import _report_interrupt
+    from cluster.progress import report_interrupt
 
     config = saved_config(trained)  # 2 steps, both done and checkpointed
-    _report_interrupt(str(trained), config, {"trainer": None, "progress": None})
+    report_interrupt(str(trained), config, {"trainer": None, "progress": None})
     assert capsys.readouterr().err.strip() == f"interrupted after the run completed: its model and checkpoint are in {trained}"

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import cluster.distributed_train as distributed_train
-import model.train
+import model.training.trainer
 from cluster.cli import main
 from runtime import Cluster
 
@@ -129,14 +129,14 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     if where == "setup":
         monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
     elif where == "evaluation":
-        monkeypatch.setattr(model.train.Trainer, "evaluate", _killing_first(model.train.Trainer.evaluate))
+        monkeypatch.setattr(model.training.trainer.Trainer, "evaluate", _killing_first(model.training.trainer.Trainer.evaluate))
     elif where == "pulling weights for a checkpoint":
         # The second checkpoint's pull: the weights are in, the optimizer moments are asked next.
         monkeypatch.setattr(distributed_train, "assemble_full_params",
                             _killing_first(distributed_train.assemble_full_params, on_call=2))
     elif where == "writing a checkpoint":
-        monkeypatch.setattr(model.train.Trainer, "save_checkpoint",
-                            _killing_after(model.train.Trainer.save_checkpoint))
+        monkeypatch.setattr(model.training.trainer.Trainer, "save_checkpoint",
+                            _killing_after(model.training.trainer.Trainer.save_checkpoint))
     else:
         monkeypatch.setattr(_RecordingCluster, "stop_trace", _killing_first(Cluster.stop_trace))
         extra = ["--trace"]

@@ -19,8 +19,10 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.run_dir import TOKEN_FILE
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_text
 
@@ -44,7 +46,7 @@ def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, b
                            batch_size=batch_per_rank, microbatches=microbatches, steps=10 ** 6, warmup=10,
                            dtype="float32")
         driver = Trainer.create(base, os.path.join(tmp, "run"))  # tokenizes once: tokens.bin and the vocabulary
-        token_file = os.path.join(tmp, "run", "tokens.bin")
+        token_file = os.path.join(tmp, "run", TOKEN_FILE)
 
         def start(dp: int, copies: int = 1) -> list:
             config = dataclasses.replace(base, batch_size=batch_per_rank * dp)

@@ -5,7 +5,7 @@
     ringpipe bench gpu-step --device cpu --n-layer 1 ...    (a tiny shape: the CPU smoke test)
 
 Both run the same step on the same synthetic batches: forward, backward, AdamW (decay on 2-D
-weights) — ringpipe through `model.train.Trainer.train_step` itself, so float32 and fp16-mixed
+weights) — ringpipe through `model.training.trainer.Trainer.train_step` itself, so float32 and fp16-mixed
 (master weights, loss scaling) are exactly what `ringpipe train` runs; PyTorch in eager mode
 (`attn_implementation="eager"`), with `torch.autocast(float16)` and a GradScaler for mixed
 precision. TF32 is off for both unless `--tf32` (CuPy: CUPY_TF32=1, read when CuPy starts; torch:
@@ -62,8 +62,10 @@ def _median_step_seconds(step, steps: int, warmup: int, synchronize) -> tuple[fl
 
 
 def ringpipe_run(shape: dict, dtype: str, device: str, steps: int, warmup: int) -> dict:
-    from model.gpt import GPT, init_params
-    from model.train import Trainer, TrainConfig, _master_weights, _optimizer
+    from model.gpt2.config import init_params
+    from model.gpt2.model import GPT
+    from model.training.config import TrainConfig
+    from model.training.trainer import Trainer, _master_weights, _optimizer
 
     config = TrainConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
                          block_size=shape["block_size"], batch_size=shape["batch_size"], steps=steps + warmup,

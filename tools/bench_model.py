@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from model import kernels
-from model.gpt import GPT, GPTConfig
-from model.optim import AdamW
+from model.nn import kernels
+from model.gpt2.config import GPTConfig
+from model.gpt2.model import GPT
+from model.nn.optim import AdamW
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1
 MEMORY_BLOCK_SIZE = 256
@@ -51,7 +52,7 @@ def time_interleaved(steps: dict, batches, warmup: int, round_steps: int = 5) ->
 
 
 class ThreadedAdamW:
-    """model.optim.AdamW with the parameters dealt into `threads` groups of about equal size,
+    """model.nn.optim.AdamW with the parameters dealt into `threads` groups of about equal size,
     updated at once on threads (NumPy releases the GIL inside each elementwise pass), as
     torch's AdamW spreads its elementwise work over its intra-op threads."""
 

@@ -51,8 +51,10 @@ import time
 
 from model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers
 from model.parallel.pipeline_parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
-from model.parallel.trainer import Layout, ParallelTrainer
-from model.train import TOKEN_FILE, Trainer, TrainConfig
+from model.training.parallel_trainer import Layout, ParallelTrainer
+from model.training.config import TrainConfig
+from model.training.run_dir import TOKEN_FILE
+from model.training.trainer import Trainer
 from runtime import Cluster
 from runtime.files import write_text
 from tools.bench_data_parallel import CORPUS
@@ -98,7 +100,7 @@ def run(schedules=SCHEDULES, microbatches=(4, 8), pp: int = 2, virtual_stages: i
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     if split is not None and "split" not in {f.name for f in dataclasses.fields(Layout)}:
-        raise ValueError("--split: model.parallel.trainer.Layout has no 'split' field, so ParallelTrainer always "
+        raise ValueError("--split: model.training.parallel_trainer.Layout has no 'split' field, so ParallelTrainer always "
                          "splits layers evenly (it calls split_layers without an explicit split)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Quality of a full training run: val loss at the last step, ringpipe against PyTorch.
 
-For each seed and train-batch sampler, `model.train.Trainer` runs the recipe (TrainConfig's
+For each seed and train-batch sampler, `model.training.trainer.Trainer` runs the recipe (TrainConfig's
 defaults: the tinyshakespeare recipe of the model issue). When torch and transformers import,
 transformers' GPT2LMHeadModel then starts from the same initial weights and trains on the same
 batches with torch.optim.AdamW, the same learning-rate schedule, weight-decay groups and clipping.
@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 
-from model.ops import cross_entropy_forward
-from model.optim import decays, lr_at
-from model.train import Trainer, TrainConfig
+from model.nn.ops import cross_entropy_forward
+from model.nn.optim import decays, lr_at
+from model.training.config import TrainConfig
+from model.training.trainer import Trainer
 
 
 def val_windows(trainer: Trainer):

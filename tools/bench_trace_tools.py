@@ -5,7 +5,7 @@ Each tool runs as a fresh process, imports included, the way a user types it:
   view     `ringpipe trace view RUN_DIR -o ...`
   export   `ringpipe trace export RUN_DIR -o ...`
   report   what `ringpipe train --trace` does after "saved model" once the traces are collected:
-           the summary and the viewer page (`cluster.train_cmd._report_trace`).
+           the summary and the viewer page (`cluster.progress.report_trace`).
 The run's trace files are copied into a temporary directory first, so the run is left as it was.
 Each tool runs `repeats` times; the best wall time is the result (CPU time, user + system, is given
 too: on a shared machine the wall time includes waiting for a core). Targets (issue 13, the
@@ -24,16 +24,18 @@ import sys
 import tempfile
 import time
 
+from model.training.run_dir import METRICS_FILE, TRACE_EXPORT_FILE, TRACE_RANK_GLOB, TRACE_FILES as RUN_TRACE_FILES
+
 TARGETS_S = {"summary": 3.0, "view": 5.0}
-TRACE_FILES = ("trace-rank*.json", "clocks.json", "schedule.json", "metrics.jsonl")
+TRACE_FILES = (*RUN_TRACE_FILES, METRICS_FILE)
 
 
 def _commands(run_dir: str, scratch: str) -> dict:
     cli = [sys.executable, "-m", "cluster", "trace"]
-    report = f"from cluster.train_cmd import _report_trace; _report_trace({run_dir!r})"
+    report = f"from cluster.progress import report_trace; report_trace({run_dir!r})"
     return {"summary": cli + ["summary", run_dir],
             "view": cli + ["view", run_dir, "-o", os.path.join(scratch, "view.html")],
-            "export": cli + ["export", run_dir, "-o", os.path.join(scratch, "trace.json")],
+            "export": cli + ["export", run_dir, "-o", os.path.join(scratch, TRACE_EXPORT_FILE)],
             "report": [sys.executable, "-c", report]}
 
 
@@ -73,7 +75,7 @@ def run(run_dir: str, repeats: int = 3) -> dict:
             tools.append({"name": name, "wall_s": round(min(w for w, _ in times), 3),
                           "cpu_s": round(min(c for _, c in times), 3),
                           "walls_s": [round(w, 3) for w, _ in times], "target_s": TARGETS_S.get(name)})
-    size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(run_dir, "trace-rank*.json")))
+    size = sum(os.path.getsize(p) for p in glob.glob(os.path.join(run_dir, TRACE_RANK_GLOB)))
     return {"run_dir": os.path.abspath(run_dir), "trace_mb": round(size / 1e6, 1), "ranks": len(trace.ranks),
             "events": len(trace.events), "spans": sum(1 for e in trace.events if e.phase == "X"),
             "steps": len({e.args.get("step") for e in trace.events if e.args.get("step") is not None}),

@@ -28,7 +28,7 @@ fi
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, numpy, cupy, zmq; print(sys.version.split()[0], 'numpy', numpy.__version__,
 'cupy', cupy.__version__, 'pyzmq', zmq.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())"
-    python3 -c "from model import kernels; print('C kernels:', kernels.status())"
+    python3 -c "from model.nn import kernels; print('C kernels:', kernels.status())"
 } 2>&1 | tee "$OUT/environment.txt"
 
 # The local_cluster fixture comes from the installed package's pytest plugin; load it by hand

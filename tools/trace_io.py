@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.training.run_dir import CLOCKS_FILE, METRICS_FILE, SCHEDULE_FILE, TRACE_RANK_GLOB
+
 COMM_THREAD = "comm"
 COMPUTE_THREAD = "compute"
 # Operations whose spans pair a sender with a receiver (the same `flow` id on both sides).
@@ -132,7 +134,7 @@ def rank_files(directory: str) -> dict:
     if not os.path.isdir(directory):
         raise TraceError(f"{directory}: no such directory")
     files = {}
-    for path in glob.glob(os.path.join(directory, "trace-rank*.json")):
+    for path in glob.glob(os.path.join(directory, TRACE_RANK_GLOB)):
         match = re.fullmatch(r"trace-rank(\d+)\.json", os.path.basename(path))
         if match:
             files[int(match.group(1))] = path
@@ -210,7 +212,7 @@ def peer_rank(args: dict):
 def read_metrics(directory: str) -> list:
     """metrics.jsonl rows (dicts); a torn last line (run still writing) is skipped. "step" is the
     1-based step number; files from before that numbering (a row with step 0) are renumbered."""
-    path = os.path.join(directory, "metrics.jsonl")
+    path = os.path.join(directory, METRICS_FILE)
     rows = []
     if os.path.exists(path):
         with open(path) as f:
@@ -235,7 +237,7 @@ def load_trace(directory: str, counters: bool = True) -> Trace:
 
 def _load_trace(directory: str, counters: bool) -> Trace:
     files = rank_files(directory)
-    clocks_path = os.path.join(directory, "clocks.json")
+    clocks_path = os.path.join(directory, CLOCKS_FILE)
     clocks = _read_json(clocks_path) if os.path.exists(clocks_path) else None
     per_rank, pids, offsets, firsts = [], {}, {}, {}
     malformed = "malformed event (expected [phase, name, category, thread, start_ns, duration_ns, args])"
@@ -280,7 +282,7 @@ def _load_trace(directory: str, counters: bool) -> Trace:
         raw.extend(map(Event, columns[0], itertools.repeat(rank), columns[1], columns[2], columns[3],
                        (start - base).tolist(), duration.tolist(), args))
     raw.sort(key=lambda e: (e.start_ns, -e.duration_ns))
-    schedule_path = os.path.join(directory, "schedule.json")
+    schedule_path = os.path.join(directory, SCHEDULE_FILE)
     schedule = _read_json(schedule_path) if os.path.exists(schedule_path) else None
     if not isinstance(schedule, dict):
         schedule = None

@@ -1,6 +1,6 @@
 """The parallel plan: what a model family tells model/parallel, which names no weight of any family.
 
-A family (GPT-2: model/gpt2_parallel_plan.py) describes itself to the parallel machinery by an
+A family (GPT-2: model/gpt2/parallel_plan.py) describes itself to the parallel machinery by an
 object with these members; the mesh, the one `Stage` class, data parallelism and the trainer ask
 it, and nothing else, about names, shards, ties and the forward/backward of a stage.
 

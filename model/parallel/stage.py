@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.activation_memory import ActivationMemory
+from model.nn.activation_memory import ActivationMemory
 from model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
 from model.parallel.tensor_parallel.sharding import shard, shard_table
 from model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,

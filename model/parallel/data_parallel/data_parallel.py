@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.optim import adamw_update, decays
+from model.nn.optim import adamw_update, decays
 from model.parallel.data_parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
 from runtime.backend import to_host
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import ops
+from model.nn import ops
 from runtime.backend import module_of
 
 

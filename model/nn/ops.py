@@ -7,7 +7,7 @@ serves NumPy and CuPy: the array module is always taken from the inputs (`module
 Shapes: B batch, T time, C channels, H heads, V vocabulary. Linear weights use GPT-2's Conv1D
 layout (in × out, y = x @ W + b).
 
-float16 (mixed precision, see model/mixed_precision.py): activations, weights and gradients are
+float16 (mixed precision, see model/nn/mixed_precision.py): activations, weights and gradients are
 float16, but what loses too much in 11 bits runs in float32, as Megatron-LM and apex do: LayerNorm
 statistics, attention scores and softmax, the cross-entropy (its probabilities and dlogits stay
 float32; callers round dlogits to float16), the embedding's gradient sums, and every matmul's
@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from model import kernels
+from model.nn import kernels
 from runtime.backend import module_of
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)

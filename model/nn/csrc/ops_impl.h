@@ -1,7 +1,7 @@
 /* Kernels over element type T (float or double); included by kernels.c once per type, which
  * defines T, SUFFIX (f32 / f64), ITYPE (the integer of T's width), EXP8 (e^x on 8-lane
  * vectors) and SQRT. Every array is C-contiguous; shapes are passed as int64. Forward and
- * backward of each op sit side by side, as in model/ops.py. */
+ * backward of each op sit side by side, as in model/nn/ops.py. */
 #define CAT_(a, b) a##_##b
 #define CAT(a, b) CAT_(a, b)
 #define NAME(op) CAT(op, SUFFIX)
@@ -441,7 +441,7 @@ ALWAYS_INLINE T NAME(adamw_element)(T param, T g, T *m, T *v, T keep, T b1, T b2
 
 /* One AdamW step over n elements, in place on param, m, v. step_size = lr / (1 - beta1^t) *
  * sqrt(1 - beta2^t) and eps_scaled = eps * sqrt(1 - beta2^t): the bias corrections folded into
- * scalars exactly as model/optim.py's adamw_update does. Weight decay: `rates` per element (a
+ * scalars exactly as model/nn/optim.py's adamw_update does. Weight decay: `rates` per element (a
  * ZeRO-1 shard mixes decaying and non-decaying parameters), or where rates is NULL one `rate`. */
 void NAME(adamw_update)(T *param, const T *grad, T *m, T *v, const T *rates, int64_t n, double lr,
                         double rate, double beta1, double beta2, double step_size, double eps_scaled) {

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from model import kernels
+from model.nn import kernels
 from runtime.backend import module_of, to_host
 
 

@@ -18,18 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.data import TokenDataset
-from model.gpt import GPTConfig
-from model.gpt2_parallel_plan import GPT2ParallelPlan
-from model.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
-                                   weights_dtype)
-from model.optim import AdamW, clip_scale, lr_at
+from model.data.dataset import TokenDataset
+from model.gpt2.config import GPTConfig
+from model.gpt2.parallel_plan import GPT2ParallelPlan
+from model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
+                                      weights_dtype)
+from model.nn.optim import AdamW, clip_scale, lr_at
 from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from model.parallel.mesh import Mesh, parallel_axes
 from model.parallel.pipeline_parallel.executor import run_pipeline_step
 from model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
 from model.parallel.stage import Stage
-from model.train import OVERFLOW_WARNINGS, TrainConfig, dropout_seed
+from model.training.config import TrainConfig
+from model.training.step import OVERFLOW_WARNINGS, dropout_seed
 
 
 @dataclass
@@ -297,8 +298,8 @@ class ParallelTrainer:
         import json
         import os
 
-        from model.checkpoint import load_checkpoint
-        from model.train import OPTIMIZER_FILE, TRAINER_STATE_FILE
+        from model.gpt2.checkpoint import load_checkpoint
+        from model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from runtime.files import load_tensors
 
         _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))

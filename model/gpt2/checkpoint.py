@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from model.gpt2.config import DTYPES, param_shapes
+from model.gpt2.hf_config import gpt_config_from_hf, refuse_unsupported
 from runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 CONFIG_FILE = "config.json"
@@ -23,7 +25,7 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # The weights file records the model's dimensions (safetensors metadata), so a config.json edited
 # or mismatched afterwards is refused rather than silently reinterpreting the weights.
 RECORD_KEY = "ringpipe.model"
-# The model options recorded beside the weights (model.gpt.ARCHITECTURE_FIELDS) and their
+# The model options recorded beside the weights (model.gpt2.config.ARCHITECTURE_FIELDS) and their
 # config.json names.
 HF_NAMES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "block_size": "n_positions",
             "vocab_size": "vocab_size", "n_inner": "n_inner", "layer_norm_epsilon": "layer_norm_epsilon",
@@ -140,9 +142,6 @@ def _ringpipe_names(tensors: dict, path) -> dict:
 
 def load_checkpoint(directory, dtype=None, device=None):
     """-> (GPTConfig, params as host arrays). dtype defaults to the stored dtype."""
-    from model.gpt import DTYPES, param_shapes
-    from model.gpt2_hf_config import gpt_config_from_hf, refuse_unsupported
-
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")

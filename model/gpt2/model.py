@@ -3,129 +3,30 @@
 Stages are the units later parallel schedules split: the embedding stage, block i, and the
 head+loss stage. Each has `*_forward -> (output, cache)` and `*_backward(cache, dout) ->
 (dinput, grads)`; a block can also run its backward as input-gradient now, weight-gradient later.
-The block is model/block.py, shared with the tensor-parallel stage; sampling is
-model/generation.py. Every cache is registered with `ActivationMemory`, so the bytes held between
-forward and backward are measured, not guessed.
+The block is model/gpt2/block.py, shared with the tensor-parallel stage; sampling is
+model/gpt2/generation.py; the config and the parameters' names and shapes are model/gpt2/config.py.
+Every cache is registered with `ActivationMemory`, so the bytes held between forward and backward
+are measured, not guessed.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from model import generation, ops
-from model.activation_memory import ActivationMemory
-from model.mixed_precision import overflow_expected
-from model.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
-                         dropout_generator_seed)
-from model.optim import FlatArrays, flat_order
-from runtime.backend import DEVICES, array_module, to_host
-
-DTYPES = ("float32", "float64", "float16")  # float16: the model of a mixed-precision run
-# The GPTConfig fields that decide what function the weights compute; the others (dropout, dtype,
-# device, recompute) say how a run computes it.
-ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_inner",
-                       "layer_norm_epsilon", "scale_attn_weights",
-                       "scale_attn_by_inverse_layer_idx")
-
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    dtype: str = "float32"
-    device: str = "cpu"
-    recompute: bool = False  # blocks cache only their input and recompute the rest in backward
-    # GPT-2 variants transformers' GPT2Config can describe (model/gpt2_hf_config.py maps them):
-    n_inner: int | None = None  # MLP width; None is GPT-2's 4 * n_embd
-    layer_norm_epsilon: float = 1e-5
-    scale_attn_weights: bool = True  # attention scores divided by sqrt(head size)
-    scale_attn_by_inverse_layer_idx: bool = False  # ... and by (layer index + 1)
-
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by "
-                             f"n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"GPTConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"GPTConfig.device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("recompute", "scale_attn_weights", "scale_attn_by_inverse_layer_idx"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.n_inner is not None and (isinstance(self.n_inner, bool)
-                                         or not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ValueError(f"GPTConfig.n_inner must be a positive int or None, got "
-                             f"{self.n_inner!r}")
-        eps = self.layer_norm_epsilon
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
-            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a positive finite number, "
-                             f"got {eps!r}")
-
-    @property
-    def mlp_width(self) -> int:
-        """Columns of mlp.c_fc: n_inner, or 4 * n_embd when that is None."""
-        return 4 * self.n_embd if self.n_inner is None else self.n_inner
-
-    def attention_scale(self, layer: int) -> float:
-        """The factor on q.k scores in block `layer` (0-based), as GPT2Attention computes it."""
-        scale = 1.0 / math.sqrt(self.n_embd // self.n_head) if self.scale_attn_weights else 1.0
-        return scale / (layer + 1) if self.scale_attn_by_inverse_layer_idx else scale
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def param_shapes(config: GPTConfig) -> dict:
-    """GPT-2 public parameter names -> shapes, in a fixed order (the order init draws them)."""
-    C, V, F = config.n_embd, config.vocab_size, config.mlp_width
-    shapes = {"wte.weight": (V, C), "wpe.weight": (config.block_size, C)}
-    for i in range(config.n_layer):
-        h = f"h.{i}."
-        shapes.update({
-            h + "ln_1.weight": (C,), h + "ln_1.bias": (C,),
-            h + "attn.c_attn.weight": (C, 3 * C), h + "attn.c_attn.bias": (3 * C,),
-            h + "attn.c_proj.weight": (C, C), h + "attn.c_proj.bias": (C,),
-            h + "ln_2.weight": (C,), h + "ln_2.bias": (C,),
-            h + "mlp.c_fc.weight": (C, F), h + "mlp.c_fc.bias": (F,),
-            h + "mlp.c_proj.weight": (F, C), h + "mlp.c_proj.bias": (C,),
-        })
-    shapes.update({"ln_f.weight": (C,), "ln_f.bias": (C,)})
-    return shapes
-
-
-def init_params(config: GPTConfig, seed: int = 0) -> dict:
-    """GPT-2 init as float64 NumPy arrays: N(0, 0.02) weights, residual projections scaled by
-    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros. Independent of dtype and device."""
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_shapes(config).items():
-        if name.endswith(".bias"):
-            params[name] = np.zeros(shape)
-        elif ".ln_" in name or name.startswith("ln_f"):
-            params[name] = np.ones(shape)
-        else:
-            std = 0.02
-            if name.endswith("c_proj.weight"):
-                std /= math.sqrt(2 * config.n_layer)
-            params[name] = rng.normal(0.0, std, size=shape)
-    return params
-
+from model.gpt2 import generation
+from model.gpt2.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
+                              dropout_generator_seed)
+from model.gpt2.checkpoint import load_checkpoint, save_checkpoint
+from model.gpt2.config import GPTConfig, init_params
+from model.nn import ops
+from model.nn.activation_memory import ActivationMemory
+from model.nn.mixed_precision import overflow_expected
+from model.nn.optim import FlatArrays, flat_order
+from runtime.backend import array_module, to_host
 
 _heap_tuned = False
 
@@ -349,7 +250,7 @@ class GPT(TransformerBlocks):
     # ------------------------------------------------------------------ generation (KV cache)
 
     def prefill(self, idx):
-        """idx int (B, T) -> (logits (B, T, V), kv cache); see model/generation.py."""
+        """idx int (B, T) -> (logits (B, T, V), kv cache); see model/gpt2/generation.py."""
         return generation.prefill(self, idx)
 
     def decode_step(self, kv, tokens):
@@ -358,21 +259,19 @@ class GPT(TransformerBlocks):
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """Samples max_new_tokens after idx int (B, T) -> (B, T + max_new_tokens); temperature 0
-        picks the most likely token. See model/generation.py."""
+        picks the most likely token. See model/gpt2/generation.py."""
         return generation.generate(self, idx, max_new_tokens, temperature, top_k, seed)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_pretrained(self, directory, tokenizer=None):
         """Writes model.safetensors + config.json (Hugging Face GPT-2 format), atomically."""
-        from model.checkpoint import save_checkpoint
         save_checkpoint(directory, {k: to_host(v) for k, v in self.params.items()},
                         self.config, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device=None):
         """Loads a checkpoint written by ringpipe or by transformers' GPT2LMHeadModel."""
-        from model.checkpoint import load_checkpoint
         config, params = load_checkpoint(directory, dtype=dtype, device=device)
         return cls(config, params=params)
 

@@ -1,7 +1,7 @@
 """Sampling from a dense GPT with a KV cache: `prefill` a prompt, then `decode_step` a token at a
 time.
 
-The GPT methods of the same names call these; `gpt` is a `model.gpt.GPT`.
+The GPT methods of the same names call these; `gpt` is a `model.gpt2.model.GPT`.
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from model import ops
+from model.nn import ops
 from runtime.backend import to_host
 
 

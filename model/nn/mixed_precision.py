@@ -1,6 +1,6 @@
 """Mixed-precision training: a float16 model, float32 master weights, dynamic loss scaling.
 
-    --dtype fp16-mixed    forward and backward in float16 (statistics in float32, see model/ops.py);
+    --dtype fp16-mixed    forward and backward in float16 (statistics in float32, see model/nn/ops.py);
                           AdamW updates float32 master weights, which are rounded into the model
     --dtype bf16-mixed    refused: neither NumPy nor the CuPy releases ringpipe supports have a
                           bfloat16 array type (`check_supported` says so in one line)
@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from model.optim import AdamW
+from model.nn.optim import AdamW
 
 MIXED_DTYPES = {"fp16-mixed": "float16", "bf16-mixed": "bfloat16"}
 MASTER_DTYPE = "float32"

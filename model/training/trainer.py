@@ -1,7 +1,8 @@
 """The single-process training loop as a `Trainer`: data, model, AdamW, checkpoints; no printing.
 
 A run's directory holds `tokens.bin` (the tokenized corpus), `checkpoint/` (the latest resumable
-state) and, at the end, the final model (`model.safetensors`, `config.json`, `tokenizer.json`).
+state) and, at the end, the final model (`model.safetensors`, `config.json`, `tokenizer.json`);
+model/training/run_dir.py names every file.
 
 Randomness is a pure function of (seed, step): batches come from `TokenDataset.get_batch` and the
 dropout seed of each micro-batch from `dropout_seed`, so the checkpointed "RNG state" is just the
@@ -10,108 +11,27 @@ seed and the step, and a resumed run repeats an uninterrupted one bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
 
 import numpy as np
 
-from model.checkpoint import write_checkpoint_files
-from model.data import SAMPLERS, TokenDataset, load_corpus, write_token_file
-from model.gpt import ARCHITECTURE_FIELDS, GPT, GPTConfig, init_params
-from model.ops import cross_entropy_forward
-from model.mixed_precision import (LossScaledAdamW, LossScaler, check_supported, is_mixed,
-                                   model_dtype, weights_dtype)
-from model.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
-from model.tokenizer import load_tokenizer, make_tokenizer
+from model.data.dataset import TokenDataset, load_corpus, write_token_file
+from model.data.tokenizer import load_tokenizer, make_tokenizer
+from model.gpt2.checkpoint import write_checkpoint_files
+from model.gpt2.config import ARCHITECTURE_FIELDS, init_params
+from model.gpt2.model import GPT
+from model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
+from model.nn.ops import cross_entropy_forward
+from model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
+from model.training.config import TrainConfig
+from model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
+                                    find_checkpoint, read_trainer_state)
+from model.training.step import NonFiniteError, dropout_seed
 from runtime.backend import array_module, to_host
 from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
                            staged_directory, write_json)
-
-CHECKPOINT_DIR = "checkpoint"
-TRAINER_STATE_FILE = "trainer.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-TOKEN_FILE = "tokens.bin"
-ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
-
-
-# NumPy's warnings when a step overflows: the non-finite check reports that step in one line instead.
-OVERFLOW_WARNINGS = r"(overflow|invalid value|divide by zero) encountered"
-
-
-class NonFiniteError(ValueError):
-    """Numbers that must be finite are not, at 0-based `step` (shown 1-based, as on the console)."""
-
-    def __init__(self, step: int, message: str):
-        self.step = step
-        super().__init__(f"step {step + 1}: {message}")
-
-    @classmethod
-    def of_step(cls, step: int, loss: float, grad_norm: float) -> "NonFiniteError":
-        return cls(step, f"loss {loss} / gradient norm {grad_norm} is not finite; stopped before "
-                         "applying it (lower --lr, or pass --on-nonfinite skip to skip such steps)")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run; saved in each checkpoint. `batch_size` is the global batch
-    in sequences, split into `microbatches` equal parts for gradient accumulation."""
-    data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
-    tokenizer: str = "char"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    batch_size: int = 12
-    microbatches: int = 1
-    steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    dropout: float = 0.0
-    dtype: str = "float32"  # or "fp16-mixed" (see model/mixed_precision.py)
-    loss_scale_growth_interval: int = 2000  # mixed precision: good steps before the scale doubles
-    seed: int = 0
-    val_fraction: float = 0.1
-    sampler: str = "epoch"  # train batches: "epoch" (shuffled epochs) or "random" (random offsets)
-    eval_every: int = 250
-    eval_iters: int = 50  # val batches per evaluation; 20 left a noise of ~0.01 in the loss
-    checkpoint_every: int = 500
-    device: str = "cpu"
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the step
-
-    def validate(self) -> None:
-        """ValueError naming the first setting that cannot work."""
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "microbatches",
-                     "steps", "eval_iters", "loss_scale_growth_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size % self.microbatches:
-            raise ValueError(f"batch size {self.batch_size} is not divisible by "
-                             f"microbatches {self.microbatches}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
-        if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
-        check_supported(self.dtype)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{field.name} must be a finite number, got {value}")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
-                             f"got {self.on_nonfinite!r}")
-
-    def gpt_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         block_size=self.block_size, vocab_size=vocab_size, dropout=self.dropout,
-                         dtype=model_dtype(self.dtype), device=self.device)
 
 
 def threads_for(config: TrainConfig) -> int:
@@ -123,11 +43,6 @@ def threads_for(config: TrainConfig) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def dropout_seed(seed: int, step: int, microbatch: int) -> int:
-    """The dropout seed of one micro-batch: a function of (seed, step, microbatch) only."""
-    return int(np.random.default_rng([seed, step, 2, microbatch]).integers(2**31))
 
 
 def _tokenize_corpus(config: TrainConfig, tokenizer=None):
@@ -210,7 +125,7 @@ class Trainer:
         config.validate()
         remove_dead_temporaries(run_dir)
         checkpoint = find_checkpoint(run_dir)
-        state = _read_trainer_state(checkpoint)
+        state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         if tokenizer.type != config.tokenizer:
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
@@ -244,7 +159,7 @@ class Trainer:
         update is not applied); with "stop" that raises NonFiniteError, also before the update.
         A mixed-precision run adds "loss_scale" (the scale this step used) and "skipped" (also on
         an overflow of the scaled backward: no update, grad_norm None, the scale halved; that is
-        never an error), see model/mixed_precision.py.
+        never an error), see model/nn/mixed_precision.py.
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
@@ -358,36 +273,3 @@ def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
     path = os.path.join(run_dir, TOKEN_FILE)
     write_token_file(ids, path)
     return TokenDataset.from_file(path, config.val_fraction)
-
-
-def find_checkpoint(run_dir: str) -> str:
-    """The checkpoint directory of a run (the previous one if a swap was interrupted)."""
-    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-            return path
-    raise ValueError(f"no checkpoint in {run_dir} (expected {run_dir}/{CHECKPOINT_DIR}/"
-                     f"{TRAINER_STATE_FILE})")
-
-
-def _read_trainer_state(checkpoint: str) -> dict:
-    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
-    try:
-        with open(path) as f:
-            state = json.load(f)
-        # Checkpoints written before the epoch sampler existed drew random windows; keep doing so.
-        state["config"] = TrainConfig(**{"sampler": "random", **state["config"]})
-        state["step"] = int(state["step"])
-        return state
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"corrupt checkpoint file {path}: {exc}") from None
-
-
-def saved_config(run_dir: str) -> TrainConfig:
-    """The TrainConfig stored in the run's checkpoint."""
-    return _read_trainer_state(find_checkpoint(run_dir))["config"]
-
-
-def saved_step(run_dir: str) -> int:
-    """Steps completed by the run's checkpoint (ValueError if there is none)."""
-    return _read_trainer_state(find_checkpoint(run_dir))["step"]

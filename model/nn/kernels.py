@@ -1,6 +1,6 @@
-"""Fused C kernels for the element-wise ops of a training step on the CPU (model/csrc/).
+"""Fused C kernels for the element-wise ops of a training step on the CPU (model/nn/csrc/).
 
-`model.ops` calls these for C-contiguous float32/float64 NumPy arrays when the library is
+`model.nn.ops` calls these for C-contiguous float32/float64 NumPy arrays when the library is
 available, and its own NumPy code otherwise (CuPy arrays, no C compiler, RINGPIPE_KERNELS=numpy).
 The NumPy code is the reference: tests check both paths against each other and both against
 finite differences.

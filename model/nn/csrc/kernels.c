@@ -2,9 +2,9 @@
  *
  * NumPy spends several passes over memory (and as many Python calls) on each of LayerNorm, GELU,
  * the attention softmax, cross-entropy and AdamW; here each is one pass per row or element, and a
- * call from ctypes releases the GIL for all of it. model/ops.py keeps the NumPy versions: they are
+ * call from ctypes releases the GIL for all of it. model/nn/ops.py keeps the NumPy versions: they are
  * the reference these are tested against and the code path for CuPy and for machines without a C
- * compiler. model/kernels.py compiles this file on first use.
+ * compiler. model/nn/kernels.py compiles this file on first use.
  *
  * ops_impl.h holds the kernels once, written over a type T; it is included here for float and
  * double. Long loops are plain loops with `omp simd` (compiled with -fopenmp-simd, no OpenMP

@@ -13,6 +13,8 @@ has (hub files carry e.g. `task_specific_params`) are ignored.
 """
 from __future__ import annotations
 
+from model.gpt2.config import GPTConfig
+
 # GPT2Config key -> GPTConfig field.
 MODEL_KEYS = {
     "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "n_positions": "block_size",
@@ -27,7 +29,7 @@ MODEL_KEYS = {
 ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
            "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
 
-# Activations that are GPT-2's tanh-approximated GELU, the one model/ops.py implements.
+# Activations that are GPT-2's tanh-approximated GELU, the one model/nn/ops.py implements.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_python_tanh")
 
 # Keys that change the math in ways ringpipe does not implement -> (the values it accepts, why).
@@ -84,8 +86,6 @@ def gpt_config_from_hf(hf: dict, path: str, **ringpipe_fields):
     ringpipe would not compute as transformers does, or a missing shape key.
 
     `ringpipe_fields` are GPTConfig fields no GPT2Config key holds (dtype, device, recompute)."""
-    from model.gpt import GPTConfig
-
     refuse_unsupported(hf, path)
     hf = {**{key: hf[alias] for alias, key in ALIASES.items() if alias in hf}, **hf}
     rates = {key: hf[key] for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop") if key in hf}

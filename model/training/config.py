@@ -1,0 +1,77 @@
+"""`TrainConfig`: everything that defines a training run, saved in each checkpoint."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from model.data.dataset import SAMPLERS
+from model.gpt2.config import GPTConfig
+from model.nn.mixed_precision import check_supported, model_dtype
+
+ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
+# The model's options a run chooses (the `--n-layer`... flags): TrainConfig fields passed to the
+# model's GPTConfig under the same names, in this one list. The model's other fields come from
+# elsewhere: vocab_size from the tokenizer, dtype from the run's precision (`dtype` here names the
+# recipe, e.g. "fp16-mixed", not an array dtype), the rest are GPT-2's defaults.
+MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "device")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; saved in each checkpoint. `batch_size` is the global batch
+    in sequences, split into `microbatches` equal parts for gradient accumulation."""
+    data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
+    tokenizer: str = "char"
+    n_layer: int = 4  # n_layer ... block_size, dropout, device: the model's (MODEL_OPTIONS)
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    batch_size: int = 12
+    microbatches: int = 1
+    steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dropout: float = 0.0
+    dtype: str = "float32"  # or "fp16-mixed" (see model/nn/mixed_precision.py)
+    loss_scale_growth_interval: int = 2000  # mixed precision: good steps before the scale doubles
+    seed: int = 0
+    val_fraction: float = 0.1
+    sampler: str = "epoch"  # train batches: "epoch" (shuffled epochs) or "random" (random offsets)
+    eval_every: int = 250
+    eval_iters: int = 50  # val batches per evaluation; 20 left a noise of ~0.01 in the loss
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the step
+
+    def validate(self) -> None:
+        """ValueError naming the first setting that cannot work."""
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "microbatches",
+                     "steps", "eval_iters", "loss_scale_growth_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"batch size {self.batch_size} is not divisible by "
+                             f"microbatches {self.microbatches}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}")
+        if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
+        check_supported(self.dtype)
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{field.name} must be a finite number, got {value}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
+                             f"got {self.on_nonfinite!r}")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        """The model this run trains: MODEL_OPTIONS from here, `vocab_size` from the tokenizer."""
+        return GPTConfig(**{name: getattr(self, name) for name in MODEL_OPTIONS},
+                         vocab_size=vocab_size, dtype=model_dtype(self.dtype))

@@ -1,0 +1,89 @@
+"""A run directory: the name of every file a training run writes, and reading its checkpoint back.
+
+    RUN/tokens.bin                  the tokenized corpus (TOKEN_FILE)
+    RUN/metrics.jsonl               one JSON object per step (METRICS_FILE)
+    RUN/checkpoint/                 the latest resumable state (CHECKPOINT_DIR; `.old` while swapping):
+        model.safetensors, config.json, tokenizer files, optimizer.safetensors, trainer.json
+    RUN/model.safetensors, RUN/config.json, RUN/tokenizer files   the final model
+    RUN/trace-rank{r}.json, clocks.json, schedule.json   a traced run (`ringpipe train --trace`)
+    RUN/trace.html, RUN/trace.json  what `ringpipe trace view|export` write by default
+
+The model files are named by the model's checkpoint format (model/gpt2/checkpoint.py) and the
+tokenizer's (model/data/tokenizer.py); the trace files by runtime.Cluster.stop_trace. They are
+repeated or imported here so that this is the one list to read.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from model.data.tokenizer import TOKENIZER_FILES
+from model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+if TYPE_CHECKING:
+    from model.training.config import TrainConfig
+
+CHECKPOINT_DIR = "checkpoint"
+PREVIOUS_CHECKPOINT_DIR = CHECKPOINT_DIR + ".old"  # kept while a new checkpoint is swapped in
+TRAINER_STATE_FILE = "trainer.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+TOKEN_FILE = "tokens.bin"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILES = (WEIGHTS_FILE, CONFIG_FILE, *TOKENIZER_FILES)
+# Written by runtime.Cluster.stop_trace (runtime/ names them itself: it imports nothing of model/).
+TRACE_RANK_GLOB = "trace-rank*.json"
+CLOCKS_FILE = "clocks.json"
+SCHEDULE_FILE = "schedule.json"  # written by the driver of a traced run
+TRACE_VIEW_FILE = "trace.html"
+TRACE_EXPORT_FILE = "trace.json"
+TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
+
+
+def find_checkpoint(run_dir: str) -> str:
+    """The checkpoint directory of a run (the previous one if a swap was interrupted)."""
+    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
+            return path
+    raise ValueError(f"no checkpoint in {run_dir} (expected {run_dir}/{CHECKPOINT_DIR}/"
+                     f"{TRAINER_STATE_FILE})")
+
+
+def read_trainer_state(checkpoint: str) -> dict:
+    """{"step": steps completed, "config": TrainConfig} of a checkpoint directory; ValueError naming
+    the file if it is missing or corrupt."""
+    from model.training.config import TrainConfig  # here: the trace tools read the names above alone
+
+    path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        # Checkpoints written before the epoch sampler existed drew random windows; keep doing so.
+        state["config"] = TrainConfig(**{"sampler": "random", **state["config"]})
+        state["step"] = int(state["step"])
+        return state
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"corrupt checkpoint file {path}: {exc}") from None
+
+
+def saved_config(run_dir: str) -> TrainConfig:
+    """The TrainConfig stored in the run's checkpoint."""
+    return read_trainer_state(find_checkpoint(run_dir))["config"]
+
+
+def saved_step(run_dir: str) -> int:
+    """Steps completed by the run's checkpoint (ValueError if there is none)."""
+    return read_trainer_state(find_checkpoint(run_dir))["step"]
+
+
+def remove_run(out: str) -> None:
+    """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
+    for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*"):
+        for path in glob.glob(os.path.join(out, pattern)):
+            shutil.rmtree(path, ignore_errors=True)
+    for pattern in (METRICS_FILE, TOKEN_FILE, *MODEL_FILES, *TRACE_FILES, TRACE_VIEW_FILE):
+        for path in glob.glob(os.path.join(out, pattern)):
+            os.remove(path)
