@@ -21,7 +21,7 @@ from model.train import (CHECKPOINT_DIR, ON_NONFINITE, OVERFLOW_WARNINGS, TRAINE
                          Trainer, TrainConfig, find_checkpoint, saved_config)
 from model.parallel.trainer import Layout
 from runtime import ClusterStopped, RemoteError, WorkerLost
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 from runtime.files import AppendLog, FileWriteError, write_text
 
 

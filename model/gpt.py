@@ -24,7 +24,7 @@ from model.mixed_precision import overflow_expected
 from model.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
                          dropout_generator_seed)
 from model.optim import FlatArrays, flat_order
-from runtime.backend import DEVICES, array_module, to_host
+from runtime.array_module import DEVICES, array_module, to_host
 
 DTYPES = ("float32", "float64", "float16")  # float16: the model of a mixed-precision run
 # The GPTConfig fields that decide what function the weights compute; the others (dropout, dtype,

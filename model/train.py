@@ -25,7 +25,7 @@ from model.mixed_precision import (LossScaledAdamW, LossScaler, check_supported,
                                    model_dtype, weights_dtype)
 from model.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from model.tokenizer import load_tokenizer, make_tokenizer
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
                            staged_directory, write_json)
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from model.optim import adamw_update, decays
 from model.parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
-from runtime.backend import to_host
+from runtime.array_module import to_host
 
 TIED = "wte.weight"
 # Small enough that a baby GPT gets several buckets (overlap), large enough that per-collective

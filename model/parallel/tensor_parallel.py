@@ -26,7 +26,7 @@ from model.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_genera
 from model.gpt import GPTConfig, param_shapes
 from model.parallel.stage import _accumulate, stage_param_names
 from model.parallel.tensor_parallel_communications import input_region, output_region, sequence_slice
-from runtime.backend import array_module, module_of, to_host
+from runtime.array_module import array_module, module_of, to_host
 
 # Block parameter → (axis split across tp, parts): c_attn's columns are [q | k | v], each split by heads.
 _BLOCK_SHARDS = {"attn.c_attn.weight": (1, 3), "attn.c_attn.bias": (0, 3), "attn.c_proj.weight": (0, 1),
