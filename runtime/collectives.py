@@ -43,6 +43,25 @@ class CollectiveContext:
         message = yield Recv((self.epoch, self.call, "coll", self.group.gid, self.seq, src, step), src)
         return message
 
+    def exchange(self, step: int, arrays=(), meta=None, signed: bool = False, take=None):
+        """The direct exchange, one message round: send to every other member (`arrays`, or
+        `arrays(peer)` when each peer gets its own; inline, the sizes are small), then receive one
+        message from each, in rank order. With `signed` the messages carry this call's signature
+        and each one received is checked; `take(peer, message)` then sees it at once."""
+        if signed:
+            meta = dict(meta or (), sig=self.signature)
+        per_peer = callable(arrays)
+        for peer in range(self.n):
+            if peer != self.me:
+                yield from self.send(peer, step, arrays(peer) if per_peer else arrays, meta, allow_shm=False)
+        for peer in range(self.n):
+            if peer != self.me:
+                message = yield from self.recv(peer, step)
+                if signed:
+                    self.check(message, peer)
+                if take is not None:
+                    take(peer, message)
+
     def check(self, message, peer: int):
         theirs = (message.meta or {}).get("sig")
         if theirs != self.signature:
@@ -171,16 +190,12 @@ def all_reduce(ctx: CollectiveContext, work: np.ndarray, op: str):
 
 
 def direct_all_reduce(ctx, work, reduce):
-    meta = {"sig": ctx.signature}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, 0, [work], meta, allow_shm=False)
     parts = {ctx.me: work.copy()}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
-            parts[peer] = ctx.array(message, peer, 0, work)
+
+    def take(peer, message):
+        parts[peer] = ctx.array(message, peer, 0, work)
+
+    yield from ctx.exchange(0, [work], signed=True, take=take)
     # Every rank sums in rank order, so every rank gets bitwise the same result.
     work[...] = parts[0]
     for peer in range(1, ctx.n):
@@ -250,30 +265,18 @@ def shm_all_reduce(ctx, work, reduce):
 
 def exchange_blocks(ctx, step, offset, block, with_signature):
     """Tell every peer where this rank's block is; returns every peer's block (by index)."""
-    meta = {"o": offset}
-    if with_signature:
-        meta["sig"] = ctx.signature
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, step, (), meta)
     blocks = {ctx.me: block}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, step)
-            if with_signature:
-                ctx.check(message, peer)
-            blocks[peer] = ctx.peer_block(peer, (message.meta or {}).get("o", -1), block)
+
+    def take(peer, message):
+        blocks[peer] = ctx.peer_block(peer, (message.meta or {}).get("o", -1), block)
+
+    yield from ctx.exchange(step, meta={"o": offset}, signed=with_signature, take=take)
     return blocks
 
 
 def notify_all(ctx, step):
     """A round of empty messages: returns once every peer has reached `step`."""
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, step)
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.recv(peer, step)
+    yield from ctx.exchange(step)
 
 
 # ---- all_gather ------------------------------------------------------------------------------------
@@ -311,14 +314,10 @@ def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
             if step < n - 2:
                 yield from ctx.send(right, step + 1, [out[source]])
     else:
-        for peer in range(ctx.n):
-            if peer != ctx.me:
-                yield from ctx.send(peer, 0, [x], {"sig": ctx.signature}, allow_shm=False)
-        for peer in range(ctx.n):
-            if peer != ctx.me:
-                message = yield from ctx.recv(peer, 0)
-                ctx.check(message, peer)
-                out[peer] = ctx.array(message, peer, 0, x)
+        def take(peer, message):
+            out[peer] = ctx.array(message, peer, 0, x)
+
+        yield from ctx.exchange(0, [x], signed=True, take=take)
     return out
 
 
@@ -368,15 +367,12 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
             result = ctx.array(message, left, 0, acc[me]).copy()
             ctx.release(message)
         else:
-            for peer in range(n):
-                if peer != me:
-                    yield from ctx.send(peer, 0, [work[peer]], {"sig": ctx.signature}, allow_shm=False)
             parts = {me: work[me]}
-            for peer in range(n):
-                if peer != me:
-                    message = yield from ctx.recv(peer, 0)
-                    ctx.check(message, peer)
-                    parts[peer] = ctx.array(message, peer, 0, work[me])
+
+            def take(peer, message):
+                parts[peer] = ctx.array(message, peer, 0, work[me])
+
+            yield from ctx.exchange(0, lambda peer: [work[peer]], signed=True, take=take)
             result = parts[0].copy()
             for peer in range(1, n):
                 reduce(result, parts[peer], out=result)
@@ -398,16 +394,12 @@ def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
         return work
     if choose_algorithm(ctx, work.nbytes) == "shm":
         return (yield from broadcast_shm(ctx, work, root))
-    payload = [work] if me == root else ()
-    for peer in range(n):
-        if peer != me:
-            yield from ctx.send(peer, 0, payload, {"sig": ctx.signature}, allow_shm=False)
-    for peer in range(n):
-        if peer != me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
-            if peer == root:
-                work[...] = ctx.array(message, root, 0, work)
+
+    def take(peer, message):
+        if peer == root:
+            work[...] = ctx.array(message, root, 0, work)
+
+    yield from ctx.exchange(0, [work] if me == root else (), signed=True, take=take)
     return work
 
 
@@ -444,13 +436,7 @@ def broadcast_shm(ctx: CollectiveContext, work: np.ndarray, root: int):
 def barrier(ctx: CollectiveContext):
     if ctx.n == 1:
         return None
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, 0, (), {"sig": ctx.signature})
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
+    yield from ctx.exchange(0, signed=True)
     return None
 
 
