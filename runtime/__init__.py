@@ -6,7 +6,7 @@ from runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, 
                            WorkerUnresponsive)
 from runtime.cluster import Cluster
 from runtime.communicator import CommConfig, Communicator
-from runtime.engine import Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle
+from runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle
 from runtime.launch import Launcher, LocalLauncher
 
 __all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
+from runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
 from runtime.transfer import send_arrays
 
 REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}
@@ -87,7 +87,7 @@ class CollectiveContext:
 
     def count_shared(self, nbytes: int):
         """Payload that peers read from this rank's arena counts as sent by this rank."""
-        self.engine.bytes_sent[self.group.gid] += int(nbytes)
+        self.engine.count_sent(self.group.gid, nbytes)
 
     def peer_block(self, peer: int, offset: int, like: np.ndarray) -> np.ndarray:
         src = self.group.ranks[peer]

@@ -20,7 +20,8 @@ import numpy as np
 
 from runtime import array_module, collectives
 from runtime.collectives import CollectiveContext
-from runtime.engine import Aborted, Engine, Handle, Recv
+from runtime.engine import Engine
+from runtime.operations import Aborted, Handle, Recv
 from runtime.trace import now_ns
 from runtime.transfer import send_arrays, send_now
 

@@ -204,7 +204,7 @@ class Worker:
 
     # ---- calls ---------------------------------------------------------------------------------------
     def serve(self):
-        from runtime.engine import Aborted
+        from runtime.operations import Aborted
 
         while True:
             call = self.calls.get()
