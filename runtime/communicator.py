@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime import array_module, collectives
-from runtime.collectives import CollectiveContext
+from runtime.collective_context import CollectiveContext
 from runtime.engine import Engine
 from runtime.operations import Aborted, Handle, Recv
 from runtime.trace import now_ns
