@@ -52,6 +52,8 @@ def working_dtype(dtype: np.dtype) -> np.dtype:
 
 
 class Communicator:
+    """Implements `runtime.comm_interface.CommunicatorInterface` over the engine (ZeroMQ, shared memory)."""
+
     def __init__(self, engine: Engine, group: Group, config: CommConfig, _sequence=None):
         self.engine, self.group, self.config = engine, group, config
         # Collectives are numbered per group in call order; communicators made by `using` share it.
@@ -67,6 +69,12 @@ class Communicator:
     rank = property(lambda self: self.group.index)
     size = property(lambda self: len(self.group.ranks))
     ranks = property(lambda self: self.group.ranks)
+    timeout = property(lambda self: self.config.timeout)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this process has sent so far, over all its communicators (a running total)."""
+        return self.engine.total_bytes_sent()
 
     @property
     def tracer(self):
