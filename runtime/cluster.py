@@ -36,7 +36,7 @@ from runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, 
                            WorkerUnresponsive, reference)
 from runtime.cluster_trace import TraceControl
 from runtime.communicator import CommConfig
-from runtime.launch import Launcher, LocalLauncher
+from runtime.launch import Launcher, LocalLauncher, stop_workers
 from runtime.liveness import LivenessMonitor
 from runtime.shm import arena_path, shm_available
 from runtime.wakeup import WakePipe
@@ -99,7 +99,7 @@ class Cluster(TraceControl):
         port = self._router.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{bind_host}:{port}"
         self.worker_addresses: list[dict] = []
-        self._finalizer = weakref.finalize(self, _stop_workers, self.launcher, self.job_id)
+        self._finalizer = weakref.finalize(self, stop_workers, self.launcher, self.job_id)
         atexit.register(self._finalizer)
         try:
             self._start_workers(bind_host, start_timeout, arena_bytes, env)
@@ -375,7 +375,7 @@ class Cluster(TraceControl):
 
     def _terminate(self, grace: float = 0.0):
         self._closed = True
-        _stop_workers(self.launcher, self.job_id, grace)
+        stop_workers(self.launcher, self.job_id, grace)
 
     def __enter__(self):
         return self
@@ -392,13 +392,6 @@ class Cluster(TraceControl):
     def pids(self) -> list[int | None]:
         """Each rank's worker process id (on its host), ordered by rank."""
         return [self.launcher.pid(rank) for rank in range(self.world_size)]
-
-
-def _stop_workers(launcher: Launcher, job_id: str, grace: float = 0.0):
-    """Stop every worker (after `grace` seconds to end on their own) and clean up their hosts; also
-    the finalizer of a cluster never closed (it holds the launcher, not the cluster)."""
-    launcher.kill_all(grace)
-    launcher.clean_up(job_id)
 
 
 __all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",

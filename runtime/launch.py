@@ -107,6 +107,13 @@ class LocalLauncher:
         return "" if pid is None else local_process_note(pid)
 
 
+def stop_workers(launcher: Launcher, job_id: str, grace: float = 0.0):
+    """Stop every worker of `launcher` (after `grace` seconds to end on their own) and clean up their
+    hosts. Also a cluster's finalizer, should it never be closed: it holds the launcher, not the cluster."""
+    launcher.kill_all(grace)
+    launcher.clean_up(job_id)
+
+
 def stop_processes(processes: list[subprocess.Popen], grace: float = 0.0):
     """Wait up to `grace` seconds for `processes` to end, then SIGTERM and SIGKILL what is left."""
     deadline = time.monotonic() + grace
