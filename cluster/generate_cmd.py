@@ -9,7 +9,7 @@ from cluster.options import FiniteFloat, bad_flag, one_line
 from model.data.tokenizer import load_tokenizer
 from model.gpt2.model import GPT
 from model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 
 
 @click.command(short_help="Continue a prompt with a trained model.")

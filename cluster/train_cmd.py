@@ -22,7 +22,7 @@ from model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, sa
 from model.training.step import OVERFLOW_WARNINGS, NonFiniteError
 from model.training.trainer import Trainer
 from runtime import ClusterStopped, RemoteError, WorkerLost
-from runtime.backend import to_host
+from runtime.array_module import to_host
 from runtime.files import AppendLog, FileWriteError, write_text
 from tools.trace_io import read_metrics
 

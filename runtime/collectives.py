@@ -10,142 +10,17 @@ Three families, chosen by size and placement the same way on every rank (as NCCL
   overlaps reducing the next.
 Every algorithm's first message to the right-hand neighbour carries the caller's signature
 (operation, shape, dtype, reduction, root); any disagreement is detected by some rank, which
-aborts the collective on every member (see engine.Engine._broadcast_abort).
+aborts the collective on every member (see messages.MessageDispatch._broadcast_abort).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.engine import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock, WaitSent
-from runtime.transfer import send_arrays
+from runtime.collective_context import (CollectiveContext, choose_algorithm, exchange_blocks, guarded, notify_all,
+                                        shm_round_elements, split_bounds)
+from runtime.operations import WaitSent
 
 REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}
-
-
-class CollectiveContext:
-    """What an algorithm needs: its group, its message keys and its signature."""
-
-    def __init__(self, engine, group, seq: int, epoch: int, call: int, name: str, signature: dict, config):
-        self.engine, self.group, self.seq, self.epoch, self.call = engine, group, seq, epoch, call
-        self.name, self.signature, self.config = name, signature, config
-        self.n, self.me = len(group.ranks), group.index
-        self.owned_blocks: set[int] = set()  # arena blocks taken and not yet given back
-
-    def send(self, peer: int, step: int, arrays=(), meta=None, allow_shm=True):
-        header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step, "n": self.call}
-        if meta is not None:
-            header["m"] = meta
-        yield from send_arrays(self.engine, self.group.ranks[peer], header, arrays, self.group.gid,
-                               allow_shm and self.config.shm)
-
-    def recv(self, peer: int, step: int):
-        src = self.group.ranks[peer]
-        message = yield Recv((self.epoch, self.call, "coll", self.group.gid, self.seq, src, step), src)
-        return message
-
-    def check(self, message, peer: int):
-        theirs = (message.meta or {}).get("sig")
-        if theirs != self.signature:
-            raise CollectiveMismatch(
-                f"{self.name} on group {self.group.gid}: rank {self.me} called it with {describe(self.signature)}"
-                f" but rank {peer} with {describe(theirs)}")
-
-    def array(self, message, peer: int, index: int, like: np.ndarray) -> np.ndarray:
-        """Array `index` of a message (inline or in the peer's arena), checked against `like`."""
-        if message.shm is not None:
-            arrays = [view for _, view in message.shm]
-        else:
-            arrays = message.inline
-        if index >= len(arrays) or arrays[index].shape != like.shape or arrays[index].dtype != like.dtype:
-            raise CollectiveMismatch(f"{self.name} on group {self.group.gid}: rank {peer} sent a payload that "
-                                     f"does not match rank {self.me}'s {like.dtype}{list(like.shape)}")
-        return arrays[index]
-
-    def release(self, message):
-        if message.shm:
-            for offset, _ in message.shm:
-                self.engine.send(message.src, {"k": "free", "o": offset})
-
-    def count_shared(self, nbytes: int):
-        """Payload that peers read from this rank's arena counts as sent by this rank."""
-        self.engine.bytes_sent[self.group.gid] += int(nbytes)
-
-    def peer_block(self, peer: int, offset: int, like: np.ndarray) -> np.ndarray:
-        src = self.group.ranks[peer]
-        try:
-            raw = self.engine.peer_arenas[src].view(offset, like.nbytes)
-        except (KeyError, ValueError) as exc:
-            raise CommError(f"{self.name}: bad shared-memory block from rank {peer}: {exc}") from None
-        return raw.view(like.dtype).reshape(like.shape)
-
-    def own_block(self, like: np.ndarray):
-        offset = yield WaitBlock(like.nbytes)
-        self.owned_blocks.add(offset)
-        return offset, self.engine.arena.view(offset, like.nbytes).view(like.dtype).reshape(like.shape)
-
-    def give_back_block(self, offset: int):
-        """Return a block once every peer is done with it (on the next engine turn: returning it may
-        resume another operation, which must not run inside this one)."""
-        self.owned_blocks.discard(offset)
-        self.engine.call_soon(lambda: self.engine.release_block(offset))
-
-    def drop_owned_blocks(self):
-        """After a failure: blocks still owned go back at once, so that a caller who catches the
-        error does not leak arena space. Every member fails the collective together (the
-        signatures reach every rank, and an abort reaches every member), so no peer still needs
-        them. Operations waiting for space are resumed on the next engine turn."""
-        for offset in self.owned_blocks:
-            self.engine.arena.free(offset)
-        if self.owned_blocks:
-            self.owned_blocks.clear()
-            self.engine.call_soon(self.engine.grant_blocks)
-
-
-def guarded(ctx: CollectiveContext, algorithm):
-    """Run a collective's generator; if it fails or is closed, drop the arena blocks it holds.
-
-    Except when it is cancelled (a member's call ended without waiting for it): a peer may still
-    be reading this rank's blocks then, so they stay taken until the fence resets the arena."""
-    try:
-        return (yield from algorithm)
-    except (Cancelled, Aborted):
-        ctx.owned_blocks.clear()
-        raise
-    finally:
-        ctx.drop_owned_blocks()
-
-
-def describe(signature) -> str:
-    if not isinstance(signature, dict):
-        return repr(signature)
-    return ", ".join(f"{k}={v}" for k, v in signature.items())
-
-
-def split_bounds(length: int, parts: int) -> list[int]:
-    """Boundaries of `parts` near-equal pieces of range(length)."""
-    return [length * i // parts for i in range(parts + 1)]
-
-
-def shm_round_elements(ctx: CollectiveContext, itemsize: int) -> int:
-    """Elements of `itemsize` bytes that one shared-memory round moves: the configured round size,
-    but at most a quarter of the arena, so that a buffer larger than the arena goes in rounds and
-    collectives of several groups fit beside each other. Every rank's arena has the same size, so
-    every rank splits the same way."""
-    round_bytes = min(ctx.config.round_bytes, ctx.engine.arena.size // 4)
-    return max(1, round_bytes // max(itemsize, 1))
-
-
-def choose_algorithm(ctx: CollectiveContext, nbytes: int) -> str:
-    forced = ctx.config.algorithm
-    if forced != "auto":
-        if forced == "shm" and not ctx.group.shm:
-            return "ring"
-        return forced
-    if nbytes <= ctx.config.direct_max_bytes:
-        return "direct"
-    if ctx.group.shm:
-        return "shm"
-    return "ring"
 
 
 # ---- all_reduce ----------------------------------------------------------------------------------
@@ -171,16 +46,12 @@ def all_reduce(ctx: CollectiveContext, work: np.ndarray, op: str):
 
 
 def direct_all_reduce(ctx, work, reduce):
-    meta = {"sig": ctx.signature}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, 0, [work], meta, allow_shm=False)
     parts = {ctx.me: work.copy()}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
-            parts[peer] = ctx.array(message, peer, 0, work)
+
+    def take(peer, message):
+        parts[peer] = ctx.array(message, peer, 0, work)
+
+    yield from ctx.exchange(0, [work], signed=True, take=take)
     # Every rank sums in rank order, so every rank gets bitwise the same result.
     work[...] = parts[0]
     for peer in range(1, ctx.n):
@@ -248,34 +119,6 @@ def shm_all_reduce(ctx, work, reduce):
         ctx.count_shared(2 * (n - 1) * (piece.nbytes // n))
 
 
-def exchange_blocks(ctx, step, offset, block, with_signature):
-    """Tell every peer where this rank's block is; returns every peer's block (by index)."""
-    meta = {"o": offset}
-    if with_signature:
-        meta["sig"] = ctx.signature
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, step, (), meta)
-    blocks = {ctx.me: block}
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, step)
-            if with_signature:
-                ctx.check(message, peer)
-            blocks[peer] = ctx.peer_block(peer, (message.meta or {}).get("o", -1), block)
-    return blocks
-
-
-def notify_all(ctx, step):
-    """A round of empty messages: returns once every peer has reached `step`."""
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, step)
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.recv(peer, step)
-
-
 # ---- all_gather ------------------------------------------------------------------------------------
 def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
     """out[i] = rank i's x (out has a leading axis of size n)."""
@@ -311,14 +154,10 @@ def all_gather(ctx: CollectiveContext, x: np.ndarray, out: np.ndarray):
             if step < n - 2:
                 yield from ctx.send(right, step + 1, [out[source]])
     else:
-        for peer in range(ctx.n):
-            if peer != ctx.me:
-                yield from ctx.send(peer, 0, [x], {"sig": ctx.signature}, allow_shm=False)
-        for peer in range(ctx.n):
-            if peer != ctx.me:
-                message = yield from ctx.recv(peer, 0)
-                ctx.check(message, peer)
-                out[peer] = ctx.array(message, peer, 0, x)
+        def take(peer, message):
+            out[peer] = ctx.array(message, peer, 0, x)
+
+        yield from ctx.exchange(0, [x], signed=True, take=take)
     return out
 
 
@@ -368,15 +207,12 @@ def reduce_scatter(ctx: CollectiveContext, work: np.ndarray, op: str):
             result = ctx.array(message, left, 0, acc[me]).copy()
             ctx.release(message)
         else:
-            for peer in range(n):
-                if peer != me:
-                    yield from ctx.send(peer, 0, [work[peer]], {"sig": ctx.signature}, allow_shm=False)
             parts = {me: work[me]}
-            for peer in range(n):
-                if peer != me:
-                    message = yield from ctx.recv(peer, 0)
-                    ctx.check(message, peer)
-                    parts[peer] = ctx.array(message, peer, 0, work[me])
+
+            def take(peer, message):
+                parts[peer] = ctx.array(message, peer, 0, work[me])
+
+            yield from ctx.exchange(0, lambda peer: [work[peer]], signed=True, take=take)
             result = parts[0].copy()
             for peer in range(1, n):
                 reduce(result, parts[peer], out=result)
@@ -398,16 +234,12 @@ def broadcast(ctx: CollectiveContext, work: np.ndarray, root: int):
         return work
     if choose_algorithm(ctx, work.nbytes) == "shm":
         return (yield from broadcast_shm(ctx, work, root))
-    payload = [work] if me == root else ()
-    for peer in range(n):
-        if peer != me:
-            yield from ctx.send(peer, 0, payload, {"sig": ctx.signature}, allow_shm=False)
-    for peer in range(n):
-        if peer != me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
-            if peer == root:
-                work[...] = ctx.array(message, root, 0, work)
+
+    def take(peer, message):
+        if peer == root:
+            work[...] = ctx.array(message, root, 0, work)
+
+    yield from ctx.exchange(0, [work] if me == root else (), signed=True, take=take)
     return work
 
 
@@ -444,13 +276,7 @@ def broadcast_shm(ctx: CollectiveContext, work: np.ndarray, root: int):
 def barrier(ctx: CollectiveContext):
     if ctx.n == 1:
         return None
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            yield from ctx.send(peer, 0, (), {"sig": ctx.signature})
-    for peer in range(ctx.n):
-        if peer != ctx.me:
-            message = yield from ctx.recv(peer, 0)
-            ctx.check(message, peer)
+    yield from ctx.exchange(0, signed=True)
     return None
 
 

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import backend, collectives
-from runtime.collectives import CollectiveContext
-from runtime.engine import Aborted, Engine, Handle, Recv
+from runtime import array_module, collectives
+from runtime.collective_context import CollectiveContext
+from runtime.engine import Engine
+from runtime.operations import Aborted, Handle, Recv
 from runtime.trace import now_ns
 from runtime.transfer import send_arrays, send_now
 
@@ -51,6 +52,8 @@ def working_dtype(dtype: np.dtype) -> np.dtype:
 
 
 class Communicator:
+    """Implements `runtime.comm_interface.CommunicatorInterface` over the engine (ZeroMQ, shared memory)."""
+
     def __init__(self, engine: Engine, group: Group, config: CommConfig, _sequence=None):
         self.engine, self.group, self.config = engine, group, config
         # Collectives are numbered per group in call order; communicators made by `using` share it.
@@ -66,6 +69,12 @@ class Communicator:
     rank = property(lambda self: self.group.index)
     size = property(lambda self: len(self.group.ranks))
     ranks = property(lambda self: self.group.ranks)
+    timeout = property(lambda self: self.config.timeout)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes this process has sent so far, over all its communicators (a running total)."""
+        return self.engine.total_bytes_sent()
 
     @property
     def tracer(self):
@@ -103,7 +112,7 @@ class Communicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
         dst_global = self._peer(dst, "send")
-        host = np.asarray(backend.to_host(x))
+        host = np.asarray(array_module.to_host(x))
         if host.dtype.kind not in "biufc":
             raise TypeError(f"send: dtype {host.dtype} is not numeric")
         call = self.engine.call
@@ -148,7 +157,7 @@ class Communicator:
         ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
         gid, engine = self.group.gid, self.engine
-        host_out = None if out is None or backend.is_device_array(out) else out
+        host_out = None if out is None or array_module.is_device_array(out) else out
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
         call = engine.call
         name = f"recv from rank {src} tag {tag} on group {gid}"
@@ -158,8 +167,8 @@ class Communicator:
                             expect, name)
 
         def finish(array):
-            if out is not None and backend.is_device_array(out):
-                out[...] = backend.module_of(out).asarray(array)
+            if out is not None and array_module.is_device_array(out):
+                out[...] = array_module.module_of(out).asarray(array)
                 return out
             return array
 
@@ -211,11 +220,11 @@ class Communicator:
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
         self._check_op("all_reduce", op)
-        host = np.asarray(backend.to_host(x))
+        host = np.asarray(array_module.to_host(x))
         if op == "avg" and host.dtype.kind not in "fc":
             raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {host.dtype}")
         dtype = working_dtype(host.dtype)
-        in_place = (not backend.is_device_array(x) and isinstance(x, np.ndarray) and x.flags.c_contiguous
+        in_place = (not array_module.is_device_array(x) and isinstance(x, np.ndarray) and x.flags.c_contiguous
                     and x.flags.writeable and x.dtype == dtype)
         work = x.reshape(-1) if in_place else host.astype(dtype, copy=True).reshape(-1)
         signature = {"op": "all_reduce", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}
@@ -230,7 +239,7 @@ class Communicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
-        host = np.ascontiguousarray(backend.to_host(x))
+        host = np.ascontiguousarray(array_module.to_host(x))
         piece_shape = host.shape if host.ndim else (1,)
         out = np.empty((self.size, *piece_shape), host.dtype)
         piece = host.reshape(piece_shape)
@@ -238,7 +247,7 @@ class Communicator:
 
         def finish(result):
             gathered = result.reshape(self.size * piece_shape[0], *piece_shape[1:])
-            return backend.module_of(x).asarray(gathered) if backend.is_device_array(x) else gathered
+            return array_module.module_of(x).asarray(gathered) if array_module.is_device_array(x) else gathered
 
         return self._collective("all_gather", signature, lambda ctx: collectives.all_gather(ctx, piece, out),
                                 finish, async_op, timeout, out.nbytes)
@@ -246,7 +255,7 @@ class Communicator:
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
         self._check_op("reduce_scatter", op)
-        host = np.asarray(backend.to_host(x))
+        host = np.asarray(array_module.to_host(x))
         if host.ndim == 0 or host.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: x.shape[0] must be divisible by the group size {self.size}, "
                              f"got shape {host.shape} on rank {self.rank}")
@@ -259,7 +268,7 @@ class Communicator:
 
         def finish(result):
             result = result.reshape(rows, *host.shape[1:]).astype(host.dtype, copy=False)
-            return backend.module_of(x).asarray(result) if backend.is_device_array(x) else result
+            return array_module.module_of(x).asarray(result) if array_module.is_device_array(x) else result
 
         return self._collective("reduce_scatter", signature, lambda ctx: collectives.reduce_scatter(ctx, work, op),
                                 finish, async_op, timeout, host.nbytes)
@@ -267,7 +276,7 @@ class Communicator:
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
         self._peer(src, "broadcast")
-        host = np.asarray(backend.to_host(x))
+        host = np.asarray(array_module.to_host(x))
         in_place = isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable
         work = x.reshape(-1) if in_place else host.copy().reshape(-1)
         signature = {"op": "broadcast", "shape": list(host.shape), "dtype": host.dtype.str, "root": int(src)}
@@ -303,8 +312,8 @@ class _Sequence:
 
 
 def _write_back(x, result: np.ndarray):
-    if backend.is_device_array(x):
-        x[...] = backend.module_of(x).asarray(result.astype(x.dtype, copy=False))
+    if array_module.is_device_array(x):
+        x[...] = array_module.module_of(x).asarray(result.astype(x.dtype, copy=False))
     else:
         np.copyto(x, result, casting="unsafe")
 

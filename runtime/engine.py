@@ -10,7 +10,6 @@ operation with an error naming the operation, group, rank and the peer it waited
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
 import threading
@@ -19,113 +18,20 @@ from collections import defaultdict, deque
 
 import zmq
 
-from runtime import wire
+from runtime.arena_blocks import ArenaBookkeeping
+from runtime.messages import ZERO_COPY_BYTES, MessageDispatch
+from runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
+                                Recv, WaitBlock, WaitSent)
 from runtime.trace import Tracer, now_ns
 from runtime.wakeup import WakePipe
 
 log = logging.getLogger("ringpipe.runtime")
 
-# Payloads at least this large move without a copy into ZeroMQ (tracked) or through shared memory.
-ZERO_COPY_BYTES = 64 << 10
 
-
-class CommError(RuntimeError):
-    """A communication operation failed (timeout, mismatch, abort)."""
-
-
-class CommTimeout(CommError, TimeoutError):
-    pass
-
-
-class CollectiveMismatch(CommError):
-    pass
-
-
-class Aborted(CommError):
-    pass
-
-
-class Cancelled(CommError):
-    """The operation was still running when the call that started it ended (its handle was never
-    waited on there); it was stopped on every member, since a peer's next call must not match it."""
-
-
-class Handle:
-    """The result of an asynchronous operation: `wait()` returns it or raises its error."""
-
-    __slots__ = ("_event", "_result", "_error", "name", "_transform")
-
-    def __init__(self, name: str, transform=None):
-        self._event = threading.Event()
-        self._result = None
-        self._error = None
-        self._transform = transform
-        self.name = name
-
-    def is_done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None):
-        if not self._event.wait(timeout):
-            raise CommTimeout(f"{self.name}: not finished after waiting {timeout}s")
-        if self._error is not None:
-            raise self._error
-        if self._transform is not None:
-            self._result, self._transform = self._transform(self._result), None
-        return self._result
-
-    def _set(self, result=None, error=None):
-        self._result, self._error = result, error
-        self._event.set()
-
-
-class Message:
-    """One received data-plane message: inline arrays (read-only views of ZeroMQ frames) or
-    references to blocks of the sender's shared-memory arena."""
-
-    __slots__ = ("src", "meta", "inline", "shm")
-
-    def __init__(self, src, meta, inline, shm):
-        self.src, self.meta, self.inline, self.shm = src, meta, inline, shm
-
-
-# What an operation's generator can yield.
-class Recv:
-    __slots__ = ("key", "peer")
-
-    def __init__(self, key, peer):
-        self.key, self.peer = key, peer
-
-
-class WaitSent:
-    __slots__ = ("tracker", "peer")
-
-    def __init__(self, tracker, peer):
-        self.tracker, self.peer = tracker, peer
-
-
-class WaitBlock:
-    __slots__ = ("nbytes",)
-
-    def __init__(self, nbytes):
-        self.nbytes = nbytes
-
-
-class Operation:
-    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch", "call",
-                 "trace", "start_ns", "blocked_ns", "wait_ns")
-
-    def __init__(self, name, generator, handle, timeout, abort_key, epoch, call, trace):
-        self.name, self.generator, self.handle = name, generator, handle
-        self.timeout, self.deadline = timeout, time.monotonic() + timeout
-        self.abort_key, self.epoch, self.call = abort_key, epoch, call
-        self.waiting = None
-        # Tracing: (span name, args) or None; wait_ns sums the time blocked on a peer's message.
-        self.trace, self.start_ns, self.blocked_ns, self.wait_ns = trace, 0, 0, 0
-
-
-class Engine:
-    """Owns the data-plane sockets of one worker and runs its communication operations."""
+class Engine(MessageDispatch, ArenaBookkeeping):
+    """Owns the data-plane sockets of one worker and runs its communication operations: this file
+    schedules operations (submit, advance, park, resume, cancel, deadlines); messages in and out
+    are in runtime/messages.py, the shared-memory arena's blocks in runtime/arena_blocks.py."""
 
     def __init__(self, rank: int, context: zmq.Context, keys, bind_host: str, timeout: float):
         self.rank = rank
@@ -183,23 +89,6 @@ class Engine:
         self._next_beat = 0.0
         self.timed_out_on: set[int] = set()
 
-    # ---- setup ---------------------------------------------------------------------------
-    def connect_peers(self, address_book: list[dict], host_id: str):
-        for entry in address_book:
-            peer = entry["rank"]
-            self.identity_to_rank[b"r%d" % peer] = peer
-            if entry["host"] == host_id:
-                self.same_host.add(peer)
-            if peer == self.rank:
-                continue
-            sock = self.context.socket(zmq.DEALER)
-            sock.setsockopt(zmq.ROUTING_ID, b"r%d" % self.rank)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.LINGER, 0)
-            self.keys.make_client(sock)
-            sock.connect(entry["data"])
-            self.peers[peer] = sock
-
     def start(self):
         self._thread = threading.Thread(target=self._loop, name=f"ringpipe-engine-{self.rank}", daemon=True)
         self._thread.start()
@@ -232,6 +121,16 @@ class Engine:
         self._wake()
         return handle
 
+    def count_sent(self, group: str, nbytes: int):
+        """Count `nbytes` of payload as sent by this rank on `group` (from any thread)."""
+        with self.send_lock:
+            self.bytes_sent[group] += int(nbytes)
+
+    def total_bytes_sent(self) -> int:
+        """Payload bytes this rank has sent so far, over every group."""
+        with self.send_lock:
+            return sum(self.bytes_sent.values())
+
     def begin_call(self, call_id: int):
         """Worker thread, before running call `call_id`: messages of earlier calls are stale from now."""
         self.call = call_id
@@ -263,32 +162,6 @@ class Engine:
 
     def _wake(self):
         self._wakeup.wake()
-
-    # ---- used by operations (engine thread) -------------------------------------------------
-    def send(self, dst: int, header: dict, arrays=(), group=None, track: bool = True):
-        """Send header + inline arrays to `dst`. Large payloads go without a copy and the ZeroMQ
-        tracker is returned (the arrays may be reused once it is done); with track=False ZeroMQ
-        copies them. Safe from any thread except for dst == this rank (engine thread only)."""
-        header["e"] = self.epoch
-        frames = wire.encode([header, list(arrays)])
-        nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames[1:])
-        if dst == self.rank:
-            if group is not None:
-                self.bytes_sent[group] += nbytes
-            self._deliver_local(frames)
-            return None
-        zero_copy = track and nbytes >= ZERO_COPY_BYTES
-        with self.send_lock:  # the sockets are shared with user threads sending point-to-point
-            if group is not None:
-                self.bytes_sent[group] += nbytes
-            if zero_copy:
-                return self.peers[dst].send_multipart(frames, copy=False, track=True)
-            self.peers[dst].send_multipart(frames)
-            return None
-
-    def _deliver_local(self, frames):
-        # Decoded from copies: the sender may reuse its arrays as soon as send() returns.
-        self._dispatch(self.rank, wire.decode([bytes(frames[0])] + [bytes(f) for f in frames[1:]]))
 
     # ---- the loop -----------------------------------------------------------------------------
     def _loop(self):
@@ -469,12 +342,6 @@ class Engine:
         for key in [k for k in self.aborted if k[1] < call_id]:
             del self.aborted[key]
 
-    def _free_unread(self, message):
-        """A message dropped unread still gives the sender's arena blocks back."""
-        if message.shm:
-            for offset, _ in message.shm:
-                self.send(message.src, {"k": "free", "o": offset})
-
     def _check_sent(self):
         if not self.sent_waits:
             return
@@ -483,28 +350,6 @@ class Engine:
             self.sent_waits = [(t, o) for t, o in self.sent_waits if not t.done]
             for _, op in ready:
                 self._resume(op, None)
-
-    def _beat(self):
-        now = time.monotonic()
-        if self.heartbeat is None or self.control is None or now < self._next_beat:
-            return
-        self._next_beat = now + self.heartbeat_interval
-        try:  # never block here: a driver that stopped reading must not wedge this thread
-            self.control.send_multipart(wire.encode(self.heartbeat()), zmq.NOBLOCK)
-        except zmq.Again:
-            pass
-
-    def describe_waits(self, limit: int = 4) -> list[str]:
-        """What operations in flight wait for, longest first (engine thread), e.g.
-        'all_reduce group w waiting 3.2s for a message from rank 2'."""
-        now = time.monotonic()
-        out = []
-        for op in sorted(self.operations, key=lambda o: o.deadline - o.timeout)[:limit]:
-            peer = getattr(op.waiting, "peer", None)
-            what = {Recv: "a message from", WaitSent: "a send to"}.get(type(op.waiting), "")
-            target = f"{what} rank {peer}" if peer is not None else "shared memory"
-            out.append(f"{op.name} waiting {now - (op.deadline - op.timeout):.1f}s for {target}")
-        return out
 
     def _check_deadlines(self):
         now = time.monotonic()
@@ -516,126 +361,6 @@ class Engine:
             detail = f"waiting for {what} rank {peer}" if peer is not None else "waiting for shared memory"
             self._fail(op, CommTimeout(f"{op.name} on rank {self.rank} timed out after "
                                        f"{op.timeout:g}s {detail}"))
-
-    def release_block(self, offset: int):
-        """Return a block of this worker's arena and hand free space to operations waiting."""
-        self.arena.free(offset)
-        self.grant_blocks()
-
-    def grant_blocks(self):
-        """Resume operations waiting for arena space, in order, while it lasts."""
-        while self.block_waits:
-            op, nbytes = self.block_waits[0]
-            block = self.arena.alloc(nbytes)
-            if block is None:
-                return
-            self.block_waits.popleft()
-            self._resume(op, block)
-
-    # ---- incoming data ----------------------------------------------------------------------
-    def _receive_data(self):
-        for _ in range(1000):  # bounded so submissions and deadlines are looked at regularly
-            try:
-                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            src = self.identity_to_rank.get(frames[0].bytes)
-            try:
-                if src is None:
-                    raise wire.WireError(f"unknown sender identity {frames[0].bytes[:16]!r}")
-                self._dispatch(src, wire.decode([frames[1].bytes] + [f.buffer for f in frames[2:]]))
-            except wire.WireError as exc:
-                self._reject(src, exc)
-
-    def _reject(self, src, reason):
-        self.rejected_messages += 1
-        log.error("rank %d: rejected a malformed message from %s: %s", self.rank,
-                  f"rank {src}" if src is not None else "an unknown sender", reason)
-
-    def _dispatch(self, src, value):
-        """Validate a decoded message completely, then route it (stale epochs are dropped)."""
-        if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], dict)
-                and isinstance(value[1], list)):
-            raise wire.WireError("message is not [header, arrays]")
-        header, inline = value
-        kind, epoch = header.get("k"), header.get("e")
-        if not isinstance(epoch, int):
-            raise wire.WireError("message has no epoch")
-        if kind == "free":
-            offset = header.get("o")
-            if not isinstance(offset, int) or self.arena is None:
-                raise wire.WireError("bad shared-memory free message")
-            if epoch == self.epoch:
-                self.release_block(offset)
-            return
-        if kind not in ("p2p", "coll", "abort"):
-            raise wire.WireError(f"unknown message kind {kind!r}")
-        group, channel, step, call = header.get("g"), header.get("c"), header.get("s", 0), header.get("n")
-        if not (isinstance(group, str) and isinstance(channel, int) and isinstance(step, int)
-                and isinstance(call, int)):
-            raise wire.WireError("bad message key")
-        shm = header.get("shm")
-        if shm is not None:
-            shm = self._validate_shm(src, shm)
-        message = Message(src, header.get("m"), inline, shm)
-        if epoch < self.epoch:
-            return  # left over from an aborted call (the arena it points into was reset)
-        if call < self.call:  # left over from an earlier call: nobody here will receive it
-            self._free_unread(message)
-            return
-        if kind == "abort":
-            self._on_abort(epoch, call, group, channel, str(header.get("r", "")), header.get("x") == "cancel")
-            return
-        key = (epoch, call, kind, group, channel, src, step)
-        waiters = self.waiting.get(key)
-        if waiters:
-            op = waiters.popleft()
-            if not waiters:
-                del self.waiting[key]
-            self._resume(op, message)
-        else:
-            self.inbox[key].append(message)
-
-    def _validate_shm(self, src, refs):
-        arena = self.peer_arenas.get(src)
-        if arena is None or not isinstance(refs, list):
-            raise wire.WireError(f"shared-memory reference from rank {src}, which has no mapped arena")
-        out = []
-        for ref in refs:
-            if not (isinstance(ref, list) and len(ref) == 3 and isinstance(ref[0], int)):
-                raise wire.WireError("bad shared-memory reference")
-            offset, dtype_str, shape = ref
-            _, dtype, shape = wire._array_spec(wire.msgpack.packb([0, dtype_str, shape]))
-            nbytes = math.prod(shape) * dtype.itemsize
-            try:
-                view = arena.view(offset, nbytes)
-            except ValueError as exc:
-                raise wire.WireError(str(exc)) from None
-            out.append((offset, view.view(dtype).reshape(shape)))
-        return out
-
-    # ---- aborts -------------------------------------------------------------------------------
-    def _broadcast_abort(self, op, error):
-        """Tell every member of the group that this collective cannot go on (a mismatch seen here,
-        or this rank's call ended without waiting for it)."""
-        group, seq, members = op.abort_key
-        cancelled = isinstance(error, Cancelled)
-        self.aborted[(op.epoch, op.call, group, seq)] = (Aborted if cancelled else CollectiveMismatch, str(error))
-        header = {"k": "abort", "g": group, "c": seq, "n": op.call, "r": str(error)}
-        if cancelled:
-            header["x"] = "cancel"
-        for peer in members:
-            if peer != self.rank:
-                self.send(peer, dict(header))
-
-    def _on_abort(self, epoch, call, group, seq, reason, cancelled):
-        kind = Aborted if cancelled else CollectiveMismatch
-        self.aborted[(epoch, call, group, seq)] = (kind, reason)
-        for op in list(self.operations):
-            if (op.abort_key is not None and op.epoch == epoch and op.call == call
-                    and op.abort_key[:2] == (group, seq)):
-                # A cancelled peer may still be reading this rank's blocks: keep them until the fence.
-                (self._cancel if cancelled else self._fail)(op, kind(reason))
 
     def reset(self, epoch: int, reason: str, call_id: int | None = None):
         """Fail every operation in flight and start a new epoch (after a failed call, `call_id`)."""
@@ -652,20 +377,7 @@ class Engine:
         if self.arena is not None:
             self.arena.reset()
 
-    # ---- control plane (owned here so the user's thread may be busy computing) ---------------
-    def _receive_control(self):
-        while True:
-            try:
-                frames = self.control.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                value = wire.decode([frames[0].bytes] + [f.buffer for f in frames[1:]])
-            except wire.WireError as exc:
-                self._reject("driver", exc)
-                continue
-            self.on_control(value)
 
-    def send_control(self, value):
-        frames = wire.encode(value)
-        self.control.send_multipart(frames)
+# The errors and Handle live in runtime/operations.py; importable from here too, as before.
+__all__ = ["Engine", "Handle", "CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled",
+           "ZERO_COPY_BYTES"]

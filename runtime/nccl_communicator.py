@@ -8,8 +8,8 @@ The control communicator carries what NCCL needs outside the GPU: rank 0 draws t
 and broadcasts it (NCCL's own bootstrap then connects the ranks), and point-to-point messages send
 their shape and dtype ahead over it, since an NCCL receive must know its size and has no tags.
 
-Calls mirror `runtime.communicator.Communicator` as far as the model code uses it: `rank`, `size`,
-`ranks`, `tracer`, `config`, `new_group`, `all_reduce` / `reduce_scatter` (sum, avg, max, min),
+It implements `runtime.comm_interface.CommunicatorInterface`, as `runtime.communicator.Communicator`
+does: `rank`, `size`, `ranks`, `timeout`, `tracer`, `bytes_sent`, `config`, `new_group`, `all_reduce` / `reduce_scatter` (sum, avg, max, min),
 `all_gather` (along axis 0), `broadcast`, `barrier`, `isend` / `irecv` / `send` / `recv`, each
 collective with `async_op=True` and `timeout`. Operations run on the caller's current CUDA stream, in
 call order, like the kernels around them; a handle is done when the stream has passed the operation.
@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from runtime.engine import CommTimeout
+from runtime.operations import CommTimeout
 
 UNIQUE_ID_BYTES = 128
 # numpy dtype name -> NCCL datatype constant name
@@ -158,8 +158,9 @@ class NcclCommunicator:
                                "(cupy.cuda.nccl.available is False)")
         self.control, self.nccl = control, nccl
         self.arrays = arrays if arrays is not None else CudaArrays()
-        self.timeout = timeout if timeout is not None else control.config.timeout
+        self._timeout = timeout if timeout is not None else control.timeout
         self._sent, self._received = {}, {}  # peer -> p2p messages so far (NCCL matches them in order)
+        self._nccl_bytes = 0  # payload handed to NCCL to send (collectives: what a ring sends per rank)
         self._aborted = None
         unique_id = exchange_unique_id(control, nccl)
         control.barrier()  # the blocking init below then starts only with every rank present
@@ -170,6 +171,18 @@ class NcclCommunicator:
     ranks = property(lambda self: self.control.ranks)
     config = property(lambda self: self.control.config)
     tracer = property(lambda self: self.control.tracer)
+    timeout = property(lambda self: self._timeout)  # seconds an operation may wait (default the control's)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes this process has sent over the control plane (all its ZeroMQ communicators), plus
+        the payload this communicator handed NCCL: point-to-point messages whole, collectives as
+        NCCL's ring algorithm sends them per rank (all_reduce 2(n-1)/n of the buffer, all_gather,
+        reduce_scatter and broadcast (n-1)/n of the whole), since NCCL itself does not report it."""
+        return self.control.bytes_sent + int(self._nccl_bytes)
+
+    def _count_ring(self, nbytes: int, factor: float):
+        self._nccl_bytes += factor * (self.size - 1) / self.size * nbytes
 
     def __repr__(self):
         return f"NcclCommunicator(rank={self.rank}, size={self.size}, group={self.control.group.gid!r})"
@@ -224,6 +237,7 @@ class NcclCommunicator:
             raise TypeError(f"{self._name('all_reduce')}: op 'avg' needs a floating dtype, got {x.dtype}")
         pointer = self.arrays.pointer(x)
         self._comm.allReduce(pointer, pointer, x.size, dtype, code, self.arrays.stream())
+        self._count_ring(x.nbytes, 2)
         if divide:
             x *= 1.0 / self.size
         return self._handle("all_reduce", x, async_op, timeout)
@@ -240,6 +254,7 @@ class NcclCommunicator:
         out = self.arrays.empty((x.shape[0] // self.size, *x.shape[1:]), x.dtype)
         self._comm.reduceScatter(self.arrays.pointer(x), self.arrays.pointer(out), out.size, dtype, code,
                                  self.arrays.stream())
+        self._count_ring(x.nbytes, 1)
         if divide:
             out *= 1.0 / self.size
         return self._handle("reduce_scatter", out, async_op, timeout)
@@ -251,6 +266,7 @@ class NcclCommunicator:
         out = self.arrays.empty((self.size * piece[0], *piece[1:]), x.dtype)
         self._comm.allGather(self.arrays.pointer(x), self.arrays.pointer(out), x.size, dtype,
                              self.arrays.stream())
+        self._count_ring(out.nbytes, 1)
         return self._handle("all_gather", out, async_op, timeout)
 
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
@@ -259,6 +275,7 @@ class NcclCommunicator:
         self._peer(src, "broadcast")
         pointer = self.arrays.pointer(x)
         self._comm.broadcast(pointer, pointer, x.size, dtype, int(src), self.arrays.stream())
+        self._count_ring(x.nbytes, 1)
         return self._handle("broadcast", x, async_op, timeout)
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
@@ -284,6 +301,7 @@ class NcclCommunicator:
         header = np.array([sequence, dtype, x.ndim, *x.shape], np.int64)
         self.control.send(header, dst, tag=tag, timeout=timeout)
         self._comm.send(self.arrays.pointer(x), x.size, dtype, dst, self.arrays.stream())
+        self._nccl_bytes += x.nbytes
         return NcclHandle(self, self._name(f"send to rank {dst} tag {tag}"), self.arrays.event(), None,
                           timeout=timeout if timeout is not None else self.timeout)
 

@@ -2,7 +2,8 @@
 the sender's shared-memory arena when the peer is on the same host and the payload is large."""
 from __future__ import annotations
 
-from runtime.engine import ZERO_COPY_BYTES, WaitSent
+from runtime.messages import ZERO_COPY_BYTES
+from runtime.operations import WaitSent
 
 
 def send_arrays(engine, dst: int, header: dict, arrays, group_id: str, allow_shm: bool):
@@ -20,20 +21,10 @@ def send_now(engine, dst: int, header: dict, arrays, group_id: str, allow_shm: b
     nbytes = sum(a.nbytes for a in arrays)
     if (allow_shm and arrays and nbytes >= ZERO_COPY_BYTES and dst != engine.rank
             and dst in engine.shm_peers):
-        refs = []
-        for array in arrays:
-            offset = engine.arena.alloc(array.nbytes)
-            if offset is None:  # arena full right now: fall back to ZeroMQ rather than wait
-                for ref in refs:
-                    engine.arena.free(ref[0])
-                refs = None
-                break
-            engine.arena.view(offset, array.nbytes).view(array.dtype).reshape(array.shape)[...] = array
-            refs.append([offset, array.dtype.str, list(array.shape)])
-        if refs is not None:
+        refs = engine.place_in_arena(arrays)
+        if refs is not None:  # else the arena is full right now: ZeroMQ rather than wait
             header["shm"] = refs
             engine.send(dst, header, (), None)
-            with engine.send_lock:
-                engine.bytes_sent[group_id] += nbytes
+            engine.count_sent(group_id, nbytes)
             return None
     return engine.send(dst, header, arrays, group_id, track=track)

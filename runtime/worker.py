@@ -1,7 +1,7 @@
 """A worker process: registers with the driver, connects to its peers, then runs what it is sent.
 
-Started by `runtime.cluster.Cluster` as `python -m runtime.worker` with a msgpack bootstrap record
-on stdin (rank, addresses, the job's keys). The main thread executes calls (SPMD functions and
+Started by the cluster's launcher (see runtime/launch.py) as `python -m runtime.worker` with a msgpack
+bootstrap record on stdin (rank, addresses, the job's keys). The main thread executes calls (SPMD functions and
 actor methods) one at a time; the engine thread owns every socket, so the control plane (aborts,
 stop, heartbeats, stack requests) keeps working while user code computes.
 """
@@ -204,7 +204,7 @@ class Worker:
 
     # ---- calls ---------------------------------------------------------------------------------------
     def serve(self):
-        from runtime.engine import Aborted
+        from runtime.operations import Aborted
 
         while True:
             call = self.calls.get()

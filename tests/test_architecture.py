@@ -20,9 +20,6 @@ LONG_FILES = {
     # The table of op forward/backward pairs (llm.c style): read top to bottom as one list, and
     # every model family and the tensor-parallel stage call it as `ops.<op>_forward/_backward`.
     "model/nn/ops.py",
-    # Being split along their seams (launcher, engine loop, direct-exchange loop) by the runtime
-    # part of the same restructuring, in another branch.
-    "runtime/cluster.py", "runtime/engine.py", "runtime/collectives.py",
 }
 
 

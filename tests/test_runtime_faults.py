@@ -177,7 +177,7 @@ def die_mid_collective(comm, how):
 @pytest.mark.parametrize("how", ["kill", "exit"])
 def test_a_dying_worker_is_reported_within_two_seconds_and_all_workers_stop(how):
     cluster = Cluster(4)
-    pids = [p.pid for p in cluster.processes]
+    pids = cluster.pids
     try:
         start = time.monotonic()
         with pytest.raises(WorkerDied) as info:
@@ -221,7 +221,7 @@ def _alive(pid):
 
 def test_close_leaves_no_process_and_no_shared_memory_file():
     cluster = Cluster(3)
-    pids = [p.pid for p in cluster.processes]
+    pids = cluster.pids
     assert cluster.run(sum_of_ranks) == [3.0] * 3
     # The arenas were unlinked as soon as every peer had mapped them.
     assert glob.glob(f"/dev/shm/ringpipe-{cluster.job_id}-*") == []
@@ -245,7 +245,7 @@ def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
             # ignored, and Python keeps it so; Ctrl-C reaches a driver run from a terminal.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             with Cluster(2) as cluster:
-                print(" ".join(str(p.pid) for p in cluster.processes), flush=True)
+                print(" ".join(str(pid) for pid in cluster.pids), flush=True)
                 # Should the driver hang on its way out, say where (every thread's stack), and go.
                 faulthandler.dump_traceback_later(30, exit=True)
                 cluster.run(sleep_long)
@@ -271,7 +271,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
         from runtime import Cluster
         cluster = Cluster(2)
-        print(" ".join(str(p.pid) for p in cluster.processes), flush=True)
+        print(" ".join(str(pid) for pid in cluster.pids), flush=True)
         time.sleep(60)
     """))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)

@@ -116,7 +116,7 @@ DRIVER = textwrap.dedent("""
 
     with Cluster(2) as cluster:
         print(json.dumps({{"addresses": [cluster.address] + [a["data"] for a in cluster.worker_addresses],
-                          "pids": [os.getpid()] + [p.pid for p in cluster.processes],
+                          "pids": [os.getpid()] + cluster.pids,
                           "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}}), flush=True)
         sys.stdin.readline()  # the stranger's connections are open now
         results = cluster.run(sum_of_ranks, timeout=60)

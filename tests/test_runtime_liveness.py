@@ -35,7 +35,7 @@ def all_reduce_forever(comm):
 @pytest.mark.timeout(60)
 def test_a_stopped_worker_is_reported_within_ten_seconds_naming_rank_pid_and_call():
     cluster = Cluster(3, timeout=120)  # the communication timeout alone would take two minutes
-    pids = [p.pid for p in cluster.processes]
+    pids = cluster.pids
     try:
         future = cluster.submit(all_reduce_forever)
         time.sleep(0.5)
@@ -57,7 +57,7 @@ def test_a_stopped_worker_is_reported_within_ten_seconds_naming_rank_pid_and_cal
 @pytest.mark.timeout(60)
 def test_a_worker_stopped_between_calls_stops_the_cluster_and_the_next_call_says_why():
     cluster = Cluster(1, heartbeat_interval=0.5, heartbeat_timeout=3.0)
-    pids = [p.pid for p in cluster.processes]
+    pids = cluster.pids
     try:
         os.kill(pids[0], signal.SIGSTOP)
         deadline = time.monotonic() + 10.0
@@ -92,7 +92,7 @@ class Sleeper:
 def test_a_rank_sleeping_while_the_others_all_reduce_is_reported_with_its_stack(kind):
     timeout = 1.0
     cluster = Cluster(2, timeout=timeout)
-    pids = [p.pid for p in cluster.processes]
+    pids = cluster.pids
     try:
         if kind == "run":
             future = cluster.submit(sleep_in_user_code)

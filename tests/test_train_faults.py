@@ -93,7 +93,7 @@ class _RecordingCluster(Cluster):
 
 def _kill_a_worker_and_wait_until_noticed():
     cluster = _RecordingCluster.last
-    os.kill(cluster.processes[1].pid, signal.SIGKILL)
+    os.kill(cluster.pids[1], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while cluster.failure is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -147,12 +147,12 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     result = CliRunner().invoke(main, flags, catch_exceptions=False)  # a traceback fails the test
     assert result.exit_code != 0
     error = result.output.strip().splitlines()[-1]
-    pid = _RecordingCluster.last.processes[1].pid
+    pid = _RecordingCluster.last.pids[1]
     assert error.startswith(f"Error: worker rank 1 (pid {pid}) was killed by signal SIGKILL"), result.output
     assert "cluster is stopped" not in error and "Traceback" not in result.output
     if where == "setup":
         assert error.endswith("no checkpoint was saved yet, so start the run again"), error
     else:
         assert error.endswith(f"continue from the last checkpoint with --resume --out {out}"), error
-    left = [p.pid for p in _RecordingCluster.last.processes if _alive(p.pid)]
+    left = [pid for pid in _RecordingCluster.last.pids if _alive(pid)]
     assert not left, f"workers {left} still running"

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from model.nn import ops
-from runtime.backend import to_host
+from runtime.array_module import to_host
 
 
 def prefill(gpt, idx):

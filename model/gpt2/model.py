@@ -26,7 +26,7 @@ from model.nn import ops
 from model.nn.activation_memory import ActivationMemory
 from model.nn.mixed_precision import overflow_expected
 from model.nn.optim import FlatArrays, flat_order
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 
 _heap_tuned = False
 

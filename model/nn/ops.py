@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from model.nn import kernels
-from runtime.backend import module_of
+from runtime.array_module import module_of
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715

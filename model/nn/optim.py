@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from model.nn import kernels
-from runtime.backend import module_of, to_host
+from runtime.array_module import module_of, to_host
 
 
 def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,

@@ -31,7 +31,7 @@ from model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
 from model.parallel.tensor_parallel.sharding import shard, shard_table
 from model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,
                                                                            sequence_slice)
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 
 
 class Stage:

@@ -200,7 +200,7 @@ class ParallelTrainer:
                 "nonfinite": nonfinite, "rank": self.mesh.rank,
                 "peak_in_flight": {str(s): n for s, n in result.peak_in_flight.items()},
                 "seconds": time.perf_counter() - start,
-                "bytes_sent": int(sum(self.mesh.world.engine.bytes_sent.values())),
+                "bytes_sent": int(self.mesh.world.bytes_sent),
                 "data_parallel": dict(self.gradients.timings)}
 
     def _synchronized_grads(self) -> dict:

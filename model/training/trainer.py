@@ -29,7 +29,7 @@ from model.training.config import TrainConfig
 from model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
 from model.training.step import NonFiniteError, dropout_seed
-from runtime.backend import array_module, to_host
+from runtime.array_module import array_module, to_host
 from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
                            staged_directory, write_json)
 

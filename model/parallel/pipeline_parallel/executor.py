@@ -47,7 +47,7 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
     # before its RECV action is then already in place, with no round trip to the engine thread.
     # Posted receives may wait through much of the step, so they get a longer deadline than one
     # blocking call: still an error, not a hang, if a peer never sends.
-    patience = pp_comm.config.timeout * 10
+    patience = pp_comm.timeout * 10
     posted = {action: pp_comm.irecv(action.peer, tag=message_tag(action, num_microbatches), timeout=patience)
               for action in actions if action.kind in (Kind.RECV_ACTIVATION, Kind.RECV_GRAD)}
     for index, action in enumerate(actions):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from model.nn import ops
-from runtime.backend import module_of
+from runtime.array_module import module_of
 
 
 # ---- vocab-parallel op pairs ----------------------------------------------------------------------------

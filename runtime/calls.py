@@ -1,0 +1,160 @@
+"""What a call on the cluster gives back: `CallFuture`, `ActorGroup`, and the errors a call raises
+(`RemoteError` for a worker that raised; `WorkerLost` and its kinds for a worker that can no longer
+take part).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+class RemoteError(RuntimeError):
+    """A call raised on a worker; carries the rank and the remote traceback."""
+
+    def __init__(self, rank: int, exc_type: str, message: str, remote_traceback: str, call: str):
+        self.rank, self.exc_type, self.remote_traceback, self.call = rank, exc_type, remote_traceback, call
+        super().__init__(f"rank {rank} raised {message} in {call}\n"
+                         f"--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}")
+
+
+class WorkerLost(RuntimeError):
+    """A worker can no longer take part (died, silent or stuck): every worker has been stopped.
+
+    `rank`, `pid` and `call` (the call it was running, or None) name it where known."""
+
+    def __init__(self, message: str, rank: int | None = None, pid: int | None = None, call: str | None = None):
+        self.rank, self.pid, self.call = rank, pid, call
+        super().__init__(message)
+
+
+class WorkerDied(WorkerLost):
+    """A worker process ended while the cluster was running."""
+
+    def __init__(self, rank: int, pid: int, returncode: int, remote_traceback: str, call: str | None):
+        self.returncode = returncode
+        how = (f"was killed by signal {signal.Signals(-returncode).name}" if returncode < 0
+               else f"exited with code {returncode}")
+        during = f" while running {call}" if call else ""
+        tb = (f"\n--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}" if remote_traceback
+              else " (no traceback: the process ended without raising)")
+        super().__init__(f"worker rank {rank} (pid {pid}) {how}{during}; all workers stopped.{tb}", rank, pid, call)
+
+
+class WorkerUnresponsive(WorkerLost, TimeoutError):
+    """A worker sent nothing (not even a heartbeat) for too long: stopped, wedged, or its host gone."""
+
+
+class WorkerStuck(WorkerLost):
+    """A live worker made no progress in a call that the other ranks gave up on; `stack` is where
+    its compute thread was."""
+
+    def __init__(self, message: str, rank: int, pid: int, call: str | None, stack: str):
+        self.stack = stack
+        super().__init__(message, rank, pid, call)
+
+
+class ClusterStopped(WorkerLost):
+    """A call on a cluster that a lost worker stopped earlier; `cause` is that first failure."""
+
+    def __init__(self, cause: Exception):
+        self.cause = cause
+        super().__init__(f"cluster is stopped: {str(cause).splitlines()[0]}", getattr(cause, "rank", None),
+                         getattr(cause, "pid", None), getattr(cause, "call", None))
+
+
+def reference(target) -> dict:
+    """How a worker finds `target`: module + qualified name (module-level functions/classes only)."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
+    if module is None or "<" in qualname:
+        raise TypeError(f"{target!r} must be a module-level function or class so workers can import it")
+    main = None
+    if module == "__main__":
+        main = getattr(sys.modules["__main__"], "__file__", None)
+        main = os.path.abspath(main) if main else None
+    return {"module": module, "qualname": qualname, "main": main}
+
+
+class CallFuture:
+    """Results of one call on several ranks; `result()` returns them ordered by rank."""
+
+    def __init__(self, cluster: "Cluster", call_id: int, ranks: list[int], name: str, single: bool = False):
+        self.cluster, self.call_id, self.ranks, self.name, self.single = cluster, call_id, ranks, name, single
+        self.values: dict[int, object] = {}
+        self.errors: dict[int, dict] = {}
+        self.died: Exception | None = None
+        self._done = threading.Event()
+        # Set by the driver thread when the call first fails: the time, and the peers that ranks
+        # timed out waiting for (peer -> one rank that waited), to tell a stuck rank from a slow one.
+        self.failed_at: float | None = None
+        self.blamed: dict[int, int] = {}
+
+    def _set(self, rank, ok, value):
+        if ok:
+            self.values[rank] = value
+        else:
+            self.errors[rank] = value
+        if len(self.values) + len(self.errors) == len(self.ranks):
+            self._done.set()
+
+    def _fail(self, error: Exception):
+        self.died = error
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done.wait(0.05):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: no result after {timeout}s")
+            thread = getattr(self.cluster, "_thread", None)
+            if thread is not None and not thread.is_alive() and not self._done.is_set():
+                # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
+                raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
+        if self.died is not None:
+            raise self.died
+        if self.errors:
+            # The root cause is a rank that failed on its own, not one aborted because of it.
+            causes = {r: e for r, e in self.errors.items() if not e.get("aborted")} or self.errors
+            rank = min(causes)
+            err = causes[rank]
+            raise RemoteError(rank, err.get("type", "Error"), err.get("error", ""), err.get("traceback", ""), self.name)
+        values = [self.values[r] for r in self.ranks]
+        return values[0] if self.single else values
+
+
+class ActorGroup:
+    """Handle on one actor instance per rank; `group.method(*args)` returns a CallFuture."""
+
+    def __init__(self, cluster: "Cluster", actor_id: int, ranks: list[int], name: str):
+        self._cluster, self._actor_id, self._ranks, self._name = cluster, actor_id, ranks, name
+
+    def __getattr__(self, method: str):
+        if method.startswith("_"):
+            raise AttributeError(method)
+
+        def call(*args, **kwargs) -> CallFuture:
+            future = self._cluster._call("method", None, args, kwargs, self._ranks, actor=self._actor_id,
+                                         method=method, name=f"{self._name}.{method}")
+            future.single = self._single
+            return future
+
+        return call
+
+    _single = False
+
+    def __getitem__(self, rank: int) -> "ActorGroup":
+        """The instance on one rank: its calls' results are single values, not lists."""
+        if rank not in self._ranks:
+            raise IndexError(f"actor {self._name} has no instance on rank {rank}")
+        single = ActorGroup(self._cluster, self._actor_id, [rank], self._name)
+        single._single = True
+        return single
+
+
+__all__ = ["RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck", "ClusterStopped",
+           "CallFuture", "ActorGroup", "reference"]

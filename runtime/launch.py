@@ -1,0 +1,157 @@
+"""How worker processes are started, watched and stopped: the `Launcher` seam, and `LocalLauncher`.
+
+`Cluster` hands a launcher one bootstrap record per rank and never touches a process itself: it asks
+the launcher for exit codes, pids and hosts (for its error messages), and to stop everything. Other
+ways to start workers (ssh, Slurm, mpirun) implement the same protocol beside `LocalLauncher`; the
+worker side is always `python -m runtime.worker` reading its msgpack record on stdin.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Protocol, runtime_checkable
+
+import msgpack
+
+from runtime.shm import SHM_DIR
+
+BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@runtime_checkable
+class Launcher(Protocol):
+    """Starts one worker per bootstrap record and answers for them by rank (0..N-1)."""
+
+    def start(self, boots: list[dict], env: dict | None = None) -> None:
+        """Start worker `rank` with `boots[rank]` (msgpack on its stdin), `env` added to its
+        environment; returns at once (the driver waits for the workers to register)."""
+
+    def poll(self, rank: int) -> int | None:
+        """The worker's exit code (negative: killed by that signal), or None while it runs (or
+        before it was started)."""
+
+    def send_signal(self, rank: int, signum: int) -> None:
+        """Deliver `signum` to the worker (nothing if it has already ended)."""
+
+    def kill_all(self, grace: float = 0.0) -> None:
+        """Wait up to `grace` seconds for every worker to end, then SIGTERM, then SIGKILL what is
+        left; returns once they ended (or a second after each signal). Idempotent."""
+
+    def clean_up(self, job_id: str) -> None:
+        """Remove what workers of `job_id` may leave on their hosts (shared-memory files)."""
+
+    def pid(self, rank: int) -> int | None:
+        """The worker's process id on its host (None before it started)."""
+
+    def host(self, rank: int) -> str:
+        """The name of the host the worker runs on, for messages."""
+
+    def process_note(self, rank: int) -> str:
+        """A short note on the worker's process state worth a message (" (its process is
+        stopped, ...)"), or "" when there is nothing to say or no way to tell."""
+
+
+class LocalLauncher:
+    """Workers as child processes of the driver, on this host (`subprocess.Popen`)."""
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, boots: list[dict], env: dict | None = None) -> None:
+        environment = dict(os.environ)
+        environment.update(env or {})
+        # `python -m runtime.worker` must find this very package, installed or not.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        environment["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [environment.get("PYTHONPATH")])])
+        for boot in boots:
+            worker_env = dict(environment)
+            for var in BLAS_THREAD_VARIABLES:
+                worker_env[var] = str(boot["threads"])
+            # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers.
+            proc = subprocess.Popen([sys.executable, "-m", "runtime.worker"], stdin=subprocess.PIPE, env=worker_env,
+                                    start_new_session=True)
+            proc.stdin.write(msgpack.packb(boot, use_bin_type=True))
+            proc.stdin.close()
+            self.processes.append(proc)
+
+    def poll(self, rank: int) -> int | None:
+        return self.processes[rank].poll() if rank < len(self.processes) else None
+
+    def send_signal(self, rank: int, signum: int) -> None:
+        proc = self.processes[rank] if rank < len(self.processes) else None
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def kill_all(self, grace: float = 0.0) -> None:
+        stop_processes(self.processes, grace)
+
+    def clean_up(self, job_id: str) -> None:
+        remove_shm_files(job_id)
+
+    def pid(self, rank: int) -> int | None:
+        return self.processes[rank].pid if rank < len(self.processes) else None
+
+    def host(self, rank: int) -> str:
+        return socket.gethostname()
+
+    def process_note(self, rank: int) -> str:
+        pid = self.pid(rank)
+        return "" if pid is None else local_process_note(pid)
+
+
+def stop_workers(launcher: Launcher, job_id: str, grace: float = 0.0):
+    """Stop every worker of `launcher` (after `grace` seconds to end on their own) and clean up their
+    hosts. Also a cluster's finalizer, should it never be closed: it holds the launcher, not the cluster."""
+    launcher.kill_all(grace)
+    launcher.clean_up(job_id)
+
+
+def stop_processes(processes: list[subprocess.Popen], grace: float = 0.0):
+    """Wait up to `grace` seconds for `processes` to end, then SIGTERM and SIGKILL what is left."""
+    deadline = time.monotonic() + grace
+    for proc in processes:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in processes if p.poll() is None]
+        for proc in alive:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+        for proc in alive:
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def remove_shm_files(job_id: str):
+    """Unlink this host's shared-memory files of `job_id` (workers unlink their own once every peer
+    has mapped them; this catches those of workers that died before)."""
+    for path in glob.glob(os.path.join(SHM_DIR, f"ringpipe-{job_id}-*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def local_process_note(pid: int) -> str:
+    """ " (its process is stopped ...)" if /proc says so (a local, SIGSTOPped worker); else nothing."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+    return " (its process is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
+
+
+__all__ = ["Launcher", "LocalLauncher"]

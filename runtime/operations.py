@@ -1,0 +1,107 @@
+"""What the engine runs and hands back: the errors of communication, the `Handle` a user thread
+waits on, a received `Message`, what an operation's generator may yield (`Recv`, `WaitSent`,
+`WaitBlock`) and the engine's record of one `Operation`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class CommError(RuntimeError):
+    """A communication operation failed (timeout, mismatch, abort)."""
+
+
+class CommTimeout(CommError, TimeoutError):
+    pass
+
+
+class CollectiveMismatch(CommError):
+    pass
+
+
+class Aborted(CommError):
+    pass
+
+
+class Cancelled(CommError):
+    """The operation was still running when the call that started it ended (its handle was never
+    waited on there); it was stopped on every member, since a peer's next call must not match it."""
+
+
+class Handle:
+    """The result of an asynchronous operation: `wait()` returns it or raises its error."""
+
+    __slots__ = ("_event", "_result", "_error", "name", "_transform")
+
+    def __init__(self, name: str, transform=None):
+        self._event = threading.Event()
+        self._result = None
+        self._error = None
+        self._transform = transform
+        self.name = name
+
+    def is_done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None):
+        if not self._event.wait(timeout):
+            raise CommTimeout(f"{self.name}: not finished after waiting {timeout}s")
+        if self._error is not None:
+            raise self._error
+        if self._transform is not None:
+            self._result, self._transform = self._transform(self._result), None
+        return self._result
+
+    def _set(self, result=None, error=None):
+        self._result, self._error = result, error
+        self._event.set()
+
+
+class Message:
+    """One received data-plane message: inline arrays (read-only views of ZeroMQ frames) or
+    references to blocks of the sender's shared-memory arena."""
+
+    __slots__ = ("src", "meta", "inline", "shm")
+
+    def __init__(self, src, meta, inline, shm):
+        self.src, self.meta, self.inline, self.shm = src, meta, inline, shm
+
+
+# What an operation's generator can yield.
+class Recv:
+    __slots__ = ("key", "peer")
+
+    def __init__(self, key, peer):
+        self.key, self.peer = key, peer
+
+
+class WaitSent:
+    __slots__ = ("tracker", "peer")
+
+    def __init__(self, tracker, peer):
+        self.tracker, self.peer = tracker, peer
+
+
+class WaitBlock:
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+
+class Operation:
+    __slots__ = ("name", "generator", "handle", "deadline", "timeout", "waiting", "abort_key", "epoch", "call",
+                 "trace", "start_ns", "blocked_ns", "wait_ns")
+
+    def __init__(self, name, generator, handle, timeout, abort_key, epoch, call, trace):
+        self.name, self.generator, self.handle = name, generator, handle
+        self.timeout, self.deadline = timeout, time.monotonic() + timeout
+        self.abort_key, self.epoch, self.call = abort_key, epoch, call
+        self.waiting = None
+        # Tracing: (span name, args) or None; wait_ns sums the time blocked on a peer's message.
+        self.trace, self.start_ns, self.blocked_ns, self.wait_ns = trace, 0, 0, 0
+
+
+__all__ = ["CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled", "Handle", "Message", "Recv",
+           "WaitSent", "WaitBlock", "Operation"]
