@@ -1,8 +1,8 @@
-"""`python -m cluster ...` is the `ringpipe` command, for machines where it is not installed."""
+"""`python -m ringpipe.cluster ...` is the `ringpipe` command, for machines where it is not installed."""
 
 
 def run():
-    from cluster.cli import main
+    from ringpipe.cluster.cli import main
 
     main(prog_name="ringpipe")
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from cluster.options import FiniteFloat, OutputFile, bad_flag
-from runtime import RemoteError, WorkerLost
-from runtime.files import write_json
+from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.runtime import RemoteError, WorkerLost
+from ringpipe.runtime.files import write_json
 
 # A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
 _ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost)
@@ -52,7 +52,7 @@ def _run_and_report(run, format_result, json_path):
 def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, steps, threads,
                 dtype, no_compare, json_path):
     """Training-step tokens/s of the dense GPT vs transformers' GPT2LMHeadModel on CPU."""
-    from tools.bench_model import format_table, run
+    from ringpipe.tools.bench_model import format_table, run
 
     _run_and_report(lambda: run(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                 batch_size=batch_size, vocab_size=vocab_size, steps=steps,
@@ -73,7 +73,7 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
 @click.option("--json", "json_path", type=OutputFile(), help="Write the rows as JSON here.")
 def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
     """nccl-tests style table of collective time, algbw and busbw (results checked)."""
-    from tools.bench_collectives import main as run_bench, parse_sizes
+    from ringpipe.tools.bench_collectives import main as run_bench, parse_sizes
 
     try:
         size_list = parse_sizes(sizes)
@@ -107,7 +107,7 @@ def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_
                         bucket_kb, zero, steps, rounds, no_independent, json_path):
     """Weak scaling of data parallelism (dp=1 vs --dp, one BLAS thread per worker), how much of the
     gradient all-reduce overlapped backward, and --dp unconnected dp=1 runs as the machine's limit."""
-    from tools.bench_data_parallel import format_table, run
+    from ringpipe.tools.bench_data_parallel import format_table, run
 
     bucket_bytes = int(bucket_mb * (1 << 20))
     if bucket_kb is not None:  # the flag's old name and unit, still accepted
@@ -148,7 +148,7 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
                    microbatch_size, split, warmup, steps, rounds, json_path, verbose):
     """Measured pipeline bubble per schedule and micro-batch count, from the runtime's trace spans, next
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
-    from tools.bench_pipeline import format_table, run
+    from ringpipe.tools.bench_pipeline import format_table, run
 
     _run_and_report(lambda: run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
                                 microbatches=[int(m) for m in microbatches.split(",") if m.strip()],
@@ -173,7 +173,7 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare, json_path):
     """Val loss after a full run of the training recipe, ringpipe vs GPT2LMHeadModel on the same batches."""
-    from tools.bench_quality import format_table, run
+    from ringpipe.tools.bench_quality import format_table, run
 
     try:
         seed_list = [int(s) for s in seeds.split(",")]
@@ -204,7 +204,7 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
 def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_size, batch_size, steps, warmup,
                    tf32, peak_tflops, no_compare, json_path):
     """Training-step tokens/s and MFU of a GPT-2 124M-shaped model vs GPT2LMHeadModel in PyTorch eager."""
-    from tools.bench_gpu_step import format_table, run
+    from ringpipe.tools.bench_gpu_step import format_table, run
 
     _run_and_report(lambda: run(tuple(dtypes.split(",")), device, steps, warmup, tf32, not no_compare, peak_tflops,
                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -219,7 +219,7 @@ def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_si
 def bench_trace_tools(run_dir, repeats, json_path):
     """Wall and CPU time of `ringpipe trace summary|view|export RUN_DIR` (fresh processes) and of the
     report `train --trace` prints after "saved model", on a copy of the run's traces."""
-    from tools.bench_trace_tools import format_table, run
+    from ringpipe.tools.bench_trace_tools import format_table, run
 
     def run_or_fail():
         try:

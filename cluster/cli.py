@@ -9,7 +9,7 @@ import importlib
 
 import click
 
-from runtime.files import FileWriteError
+from ringpipe.runtime.files import FileWriteError
 
 
 class Commands(click.Group):
@@ -35,7 +35,7 @@ class Commands(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
-        from runtime import RemoteError
+        from ringpipe.runtime import RemoteError
 
         try:
             return super().invoke(ctx)
@@ -56,5 +56,5 @@ def main():
     """ringpipe: distributed GPT training built from primitives."""
 
 
-main.lazy = {"train": "cluster.train_cmd:train", "generate": "cluster.generate_cmd:generate",
-             "trace": "cluster.trace_cmd:trace", "bench": "cluster.bench_commands:bench"}
+main.lazy = {"train": "ringpipe.cluster.train_cmd:train", "generate": "ringpipe.cluster.generate_cmd:generate",
+             "trace": "ringpipe.cluster.trace_cmd:trace", "bench": "ringpipe.cluster.bench_commands:bench"}

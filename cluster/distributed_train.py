@@ -14,14 +14,14 @@ import time
 
 import numpy as np
 
-from model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
-from model.training.step import NonFiniteError
-from model.training.trainer import Trainer
-from runtime import Cluster
-from runtime.files import write_json
+from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
+from ringpipe.model.training.step import NonFiniteError
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime import Cluster
+from ringpipe.runtime.files import write_json
 
 
 class DistributedRun:

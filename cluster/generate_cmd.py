@@ -5,11 +5,11 @@ import os
 
 import click
 
-from cluster.options import FiniteFloat, bad_flag, one_line
-from model.data.tokenizer import load_tokenizer
-from model.gpt2.model import GPT
-from model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
-from runtime.array_module import array_module, to_host
+from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
+from ringpipe.model.data.tokenizer import load_tokenizer
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
+from ringpipe.runtime.array_module import array_module, to_host
 
 
 @click.command(short_help="Continue a prompt with a trained model.")

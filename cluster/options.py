@@ -8,7 +8,7 @@ import math
 
 import click
 
-from runtime.files import FileWriteError, check_writable_directory, check_writable_file
+from ringpipe.runtime.files import FileWriteError, check_writable_directory, check_writable_file
 
 
 class FlagError(click.BadParameter):

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from model.training.run_dir import TRACE_VIEW_FILE, TRAINER_STATE_FILE, find_checkpoint, saved_step
+from ringpipe.model.training.run_dir import TRACE_VIEW_FILE, TRAINER_STATE_FILE, find_checkpoint, saved_step
 
 
 class Progress:
@@ -102,9 +102,9 @@ def report_interrupt(out, config, state) -> None:
 def report_trace(out):
     """The trace summary and the path of the viewer page, when the trace tools are present."""
     try:
-        from tools.trace_summary import format_summary, summarize
-        from tools.trace_io import bulk_allocation, load_trace, rank_files
-        from tools.trace_view import write_view
+        from ringpipe.tools.trace_summary import format_summary, summarize
+        from ringpipe.tools.trace_io import bulk_allocation, load_trace, rank_files
+        from ringpipe.tools.trace_view import write_view
     except ImportError:
         click.echo(f"traces written to {out}", err=True)
         return

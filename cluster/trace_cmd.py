@@ -7,10 +7,10 @@ import webbrowser
 
 import click
 
-from cluster.options import OutputFile
-from model.training.run_dir import TRACE_EXPORT_FILE, TRACE_VIEW_FILE
-from runtime.files import FileWriteError, check_writable_file
-from tools.trace_io import TraceError, bulk_allocation, load_trace
+from ringpipe.cluster.options import OutputFile
+from ringpipe.model.training.run_dir import TRACE_EXPORT_FILE, TRACE_VIEW_FILE
+from ringpipe.runtime.files import FileWriteError, check_writable_file
+from ringpipe.tools.trace_io import TraceError, bulk_allocation, load_trace
 
 
 @click.group(short_help="Summarise, view or export a run's trace.")
@@ -43,7 +43,7 @@ def _default_output(run_dir: str, name: str) -> str:
               help="Output file (default RUN_DIR/trace.json).")
 def export(run_dir, output):
     """Chrome Trace Event JSON for https://ui.perfetto.dev or chrome://tracing."""
-    from tools.trace_export import write_chrome_trace
+    from ringpipe.tools.trace_export import write_chrome_trace
 
     output = output or _default_output(run_dir, TRACE_EXPORT_FILE)
     with bulk_allocation():
@@ -60,7 +60,7 @@ def export(run_dir, output):
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
 def view(run_dir, output, open_browser):
     """One self-contained HTML page: pipeline swimlanes, summary table, loss curve (works offline)."""
-    from tools.trace_view import write_view
+    from ringpipe.tools.trace_view import write_view
 
     output = output or _default_output(run_dir, TRACE_VIEW_FILE)
     with bulk_allocation():
@@ -79,7 +79,7 @@ def view(run_dir, output, open_browser):
 @click.option("--all-steps", is_flag=True, help="One line per step (default: the 8 slowest).")
 def summary(run_dir, as_json, all_steps):
     """Per-rank compute / communication / exposed communication / idle time, bubble, slowest rank."""
-    from tools.trace_summary import format_summary, summarize
+    from ringpipe.tools.trace_summary import format_summary, summarize
 
     with bulk_allocation():
         result = summarize(_load(run_dir, counters=False))

@@ -14,17 +14,17 @@ import warnings
 
 import click
 
-from cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
-from cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
-from model.training.parallel_trainer import Layout
-from model.training.config import ON_NONFINITE, TrainConfig
-from model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, saved_config, saved_step
-from model.training.step import OVERFLOW_WARNINGS, NonFiniteError
-from model.training.trainer import Trainer
-from runtime import ClusterStopped, RemoteError, WorkerLost
-from runtime.array_module import to_host
-from runtime.files import AppendLog, FileWriteError, write_text
-from tools.trace_io import read_metrics
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
+from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from ringpipe.model.training.parallel_trainer import Layout
+from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
+from ringpipe.model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, saved_config, saved_step
+from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime import ClusterStopped, RemoteError, WorkerLost
+from ringpipe.runtime.array_module import to_host
+from ringpipe.runtime.files import AppendLog, FileWriteError, write_text
+from ringpipe.tools.trace_io import read_metrics
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
@@ -199,7 +199,7 @@ def _run(flags, config, layout, distributed, out, state):
         say(("loading the checkpoint in " + out + " and tokenizing " if flags["resume"] else "tokenizing ")
             + (config.data or "the Python standard library source"))
         if distributed:
-            from cluster.distributed_train import DistributedRun
+            from ringpipe.cluster.distributed_train import DistributedRun
 
             trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
                                      bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
@@ -240,7 +240,7 @@ def _run(flags, config, layout, distributed, out, state):
 
 def _prepare_kernels() -> None:
     """Compile the C kernels here, saying so, before the workers start (they then load the build)."""
-    from model.nn import kernels
+    from ringpipe.model.nn import kernels
 
     if kernels.enabled and not kernels.is_built():
         status("compiling the C kernels (once per machine and source version)")

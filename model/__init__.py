@@ -16,9 +16,9 @@ __all__ = ["GPT", "GPTConfig"]
 
 def __getattr__(name):
     if name == "GPT":
-        from model.gpt2.model import GPT
+        from ringpipe.model.gpt2.model import GPT
         return GPT
     if name == "GPTConfig":
-        from model.gpt2.config import GPTConfig
+        from ringpipe.model.gpt2.config import GPTConfig
         return GPTConfig
     raise AttributeError(f"module 'model' has no attribute {name!r}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from runtime import wire
+from ringpipe.runtime import wire
 
 
 class ArenaBookkeeping:

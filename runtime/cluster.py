@@ -30,16 +30,16 @@ from dataclasses import asdict
 
 import zmq
 
-from runtime import wire
-from runtime.auth import JobKeys, raise_descriptor_limit
-from runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
+from ringpipe.runtime import wire
+from ringpipe.runtime.auth import JobKeys, raise_descriptor_limit
+from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
                            WorkerUnresponsive, reference)
-from runtime.cluster_trace import TraceControl
-from runtime.communicator import CommConfig
-from runtime.launch import Launcher, LocalLauncher, stop_workers
-from runtime.liveness import LivenessMonitor
-from runtime.shm import arena_path, shm_available
-from runtime.wakeup import WakePipe
+from ringpipe.runtime.cluster_trace import TraceControl
+from ringpipe.runtime.communicator import CommConfig
+from ringpipe.runtime.launch import Launcher, LocalLauncher, stop_workers
+from ringpipe.runtime.liveness import LivenessMonitor
+from ringpipe.runtime.shm import arena_path, shm_available
+from ringpipe.runtime.wakeup import WakePipe
 
 DEFAULT_ARENA_BYTES = 1 << 30  # sparse: only the pages a worker touches use memory
 

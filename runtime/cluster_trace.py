@@ -8,8 +8,8 @@ import os
 import threading
 import time
 
-from runtime.calls import ClusterStopped
-from runtime.files import write_json
+from ringpipe.runtime.calls import ClusterStopped
+from ringpipe.runtime.files import write_json
 
 
 class TraceControl:

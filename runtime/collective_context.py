@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock
-from runtime.transfer import send_arrays
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock
+from ringpipe.runtime.transfer import send_arrays
 
 
 class CollectiveContext:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.collective_context import (CollectiveContext, choose_algorithm, exchange_blocks, guarded, notify_all,
+from ringpipe.runtime.collective_context import (CollectiveContext, choose_algorithm, exchange_blocks, guarded, notify_all,
                                         shm_round_elements, split_bounds)
-from runtime.operations import WaitSent
+from ringpipe.runtime.operations import WaitSent
 
 REDUCTIONS = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}
 

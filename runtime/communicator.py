@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import array_module, collectives
-from runtime.collective_context import CollectiveContext
-from runtime.engine import Engine
-from runtime.operations import Aborted, Handle, Recv
-from runtime.trace import now_ns
-from runtime.transfer import send_arrays, send_now
+from ringpipe.runtime import array_module, collectives
+from ringpipe.runtime.collective_context import CollectiveContext
+from ringpipe.runtime.engine import Engine
+from ringpipe.runtime.operations import Aborted, Handle, Recv
+from ringpipe.runtime.trace import now_ns
+from ringpipe.runtime.transfer import send_arrays, send_now
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from collections import defaultdict, deque
 
 import zmq
 
-from runtime.arena_blocks import ArenaBookkeeping
-from runtime.messages import ZERO_COPY_BYTES, MessageDispatch
-from runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
+from ringpipe.runtime.arena_blocks import ArenaBookkeeping
+from ringpipe.runtime.messages import ZERO_COPY_BYTES, MessageDispatch
+from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
                                 Recv, WaitBlock, WaitSent)
-from runtime.trace import Tracer, now_ns
-from runtime.wakeup import WakePipe
+from ringpipe.runtime.trace import Tracer, now_ns
+from ringpipe.runtime.wakeup import WakePipe
 
 log = logging.getLogger("ringpipe.runtime")
 

@@ -3,7 +3,7 @@
 `Cluster` hands a launcher one bootstrap record per rank and never touches a process itself: it asks
 the launcher for exit codes, pids and hosts (for its error messages), and to stop everything. Other
 ways to start workers (ssh, Slurm, mpirun) implement the same protocol beside `LocalLauncher`; the
-worker side is always `python -m runtime.worker` reading its msgpack record on stdin.
+worker side is always `python -m ringpipe.runtime.worker` reading its msgpack record on stdin.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import msgpack
 
-from runtime.shm import SHM_DIR
+from ringpipe.runtime.shm import SHM_DIR
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -65,15 +65,19 @@ class LocalLauncher:
     def start(self, boots: list[dict], env: dict | None = None) -> None:
         environment = dict(os.environ)
         environment.update(env or {})
-        # `python -m runtime.worker` must find this very package, installed or not.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        environment["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [environment.get("PYTHONPATH")])])
+        # `python -m ringpipe.runtime.worker` must find this very package. Installed (a wheel or
+        # editable) the interpreter finds it; imported from a folder named ringpipe on sys.path
+        # (tools/gpu_check.sh without an install), that folder's parent must reach the workers.
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.basename(package) == "ringpipe":
+            environment["PYTHONPATH"] = os.pathsep.join([os.path.dirname(package),
+                                                         *filter(None, [environment.get("PYTHONPATH")])])
         for boot in boots:
             worker_env = dict(environment)
             for var in BLAS_THREAD_VARIABLES:
                 worker_env[var] = str(boot["threads"])
             # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers.
-            proc = subprocess.Popen([sys.executable, "-m", "runtime.worker"], stdin=subprocess.PIPE, env=worker_env,
+            proc = subprocess.Popen([sys.executable, "-m", "ringpipe.runtime.worker"], stdin=subprocess.PIPE, env=worker_env,
                                     start_new_session=True)
             proc.stdin.write(msgpack.packb(boot, use_bin_type=True))
             proc.stdin.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from runtime.calls import WorkerStuck, WorkerUnresponsive
+from ringpipe.runtime.calls import WorkerStuck, WorkerUnresponsive
 
 STACK_ANSWER_S = 2.0  # how long a rank asked for its stack has to answer before it is reported without
 

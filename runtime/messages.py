@@ -9,8 +9,8 @@ import time
 
 import zmq
 
-from runtime import wire
-from runtime.operations import Aborted, Cancelled, CollectiveMismatch, Message, Recv, WaitSent
+from ringpipe.runtime import wire
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, Message, Recv, WaitSent
 
 log = logging.getLogger("ringpipe.runtime")
 

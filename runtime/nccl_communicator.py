@@ -36,7 +36,7 @@ import time
 
 import numpy as np
 
-from runtime.operations import CommTimeout
+from ringpipe.runtime.operations import CommTimeout
 
 UNIQUE_ID_BYTES = 128
 # numpy dtype name -> NCCL datatype constant name

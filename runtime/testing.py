@@ -1,7 +1,7 @@
 """Localhost multi-process testing: run a function on N local workers and assert on the results.
 
 Public API:
-    from runtime.testing import run_local
+    from ringpipe.runtime.testing import run_local
     results = run_local(fn, world_size=4, *args)       # one-off cluster, closed afterwards
 
 As a pytest plugin (registered through the `pytest11` entry point when ringpipe is installed):
@@ -15,7 +15,7 @@ cluster whose worker died is replaced transparently.
 """
 from __future__ import annotations
 
-from runtime.cluster import Cluster
+from ringpipe.runtime.cluster import Cluster
 
 
 def run_local(fn, world_size: int, *args, timeout: float | None = 120.0, cluster_options: dict | None = None,

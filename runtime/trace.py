@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import time
 
-from runtime.files import make_directory, write_json
+from ringpipe.runtime.files import make_directory, write_json
 
 now_ns = time.monotonic_ns
 

@@ -2,8 +2,8 @@
 the sender's shared-memory arena when the peer is on the same host and the payload is large."""
 from __future__ import annotations
 
-from runtime.messages import ZERO_COPY_BYTES
-from runtime.operations import WaitSent
+from ringpipe.runtime.messages import ZERO_COPY_BYTES
+from ringpipe.runtime.operations import WaitSent
 
 
 def send_arrays(engine, dst: int, header: dict, arrays, group_id: str, allow_shm: bool):

@@ -1,6 +1,6 @@
 """A worker process: registers with the driver, connects to its peers, then runs what it is sent.
 
-Started by the cluster's launcher (see runtime/launch.py) as `python -m runtime.worker` with a msgpack
+Started by the cluster's launcher (see runtime/launch.py) as `python -m ringpipe.runtime.worker` with a msgpack
 bootstrap record on stdin (rank, addresses, the job's keys). The main thread executes calls (SPMD functions and
 actor methods) one at a time; the engine thread owns every socket, so the control plane (aborts,
 stop, heartbeats, stack requests) keeps working while user code computes.
@@ -20,7 +20,7 @@ import traceback
 
 import msgpack
 
-from runtime.trace import now_ns
+from ringpipe.runtime.trace import now_ns
 
 
 def limit_blas_threads(threads: int):
@@ -72,10 +72,10 @@ class Worker:
     def __init__(self, boot: dict):
         import zmq
 
-        from runtime.auth import JobKeys
-        from runtime.communicator import CommConfig, Communicator, Group
-        from runtime.engine import Engine
-        from runtime.shm import Arena, PeerArena, arena_path
+        from ringpipe.runtime.auth import JobKeys
+        from ringpipe.runtime.communicator import CommConfig, Communicator, Group
+        from ringpipe.runtime.engine import Engine
+        from ringpipe.runtime.shm import Arena, PeerArena, arena_path
 
         self.rank, self.world_size = boot["rank"], boot["world_size"]
         self.config = CommConfig(**boot["comm"])
@@ -127,12 +127,12 @@ class Worker:
 
     # ---- control plane ---------------------------------------------------------------------------
     def _send(self, value):
-        from runtime import wire
+        from ringpipe.runtime import wire
 
         self.control.send_multipart(wire.encode(value))
 
     def _expect(self, kind: str, timeout: float) -> dict:
-        from runtime import wire
+        from ringpipe.runtime import wire
 
         if not self.control.poll(timeout * 1000):
             raise TimeoutError(f"rank {self.rank}: no '{kind}' from the driver within {timeout}s")
@@ -181,7 +181,7 @@ class Worker:
         return "".join(traceback.format_list(frames))
 
     def _reply(self, value):
-        from runtime import wire
+        from ringpipe.runtime import wire
 
         # Operations this call started and left running are cancelled before the driver hears back.
         self.engine.end_call(value["id"], f"call {value['id']} ({self._call_name})")
@@ -204,7 +204,7 @@ class Worker:
 
     # ---- calls ---------------------------------------------------------------------------------------
     def serve(self):
-        from runtime.operations import Aborted
+        from ringpipe.runtime.operations import Aborted
 
         while True:
             call = self.calls.get()
@@ -254,7 +254,7 @@ class Worker:
 
 
 def main():
-    from runtime.auth import raise_descriptor_limit
+    from ringpipe.runtime.auth import raise_descriptor_limit
 
     raise_descriptor_limit()  # before any socket: strangers' connections must not starve this process
     boot = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)

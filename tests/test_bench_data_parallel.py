@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
+from ringpipe.cluster.cli import main
 
 TINY = ["bench", "data-parallel", "--dp", "2", "--n-layer", "1", "--n-head", "1", "--n-embd", "8",
         "--block-size", "8", "--batch-per-rank", "2", "--steps", "1", "--rounds", "1", "--no-independent"]

@@ -5,9 +5,9 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
-from model.gpt2.config import GPTConfig, param_shapes
-from tools.bench_gpu_step import GPT2_124M, flops_per_token, peak_tflops
+from ringpipe.cluster.cli import main
+from ringpipe.model.gpt2.config import GPTConfig, param_shapes
+from ringpipe.tools.bench_gpu_step import GPT2_124M, flops_per_token, peak_tflops
 
 TINY = ["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
         "--vocab-size", "50", "--batch-size", "2", "--steps", "1", "--warmup", "1"]

@@ -3,8 +3,8 @@ import json
 
 from click.testing import CliRunner
 
-from cluster.cli import main
-from tools.bench_pipeline import format_table
+from ringpipe.cluster.cli import main
+from ringpipe.tools.bench_pipeline import format_table
 
 ROW_KEYS = {"schedule", "pp", "microbatches", "virtual_stages", "window_s", "bubble_fraction", "bubble_ratio",
             "stages", "theory", "simulated_with_measured_costs", "replayed_fraction", "measured_over_theory",

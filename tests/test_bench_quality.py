@@ -4,7 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
+from ringpipe.cluster.cli import main
 
 ROW_KEYS = {"implementation", "sampler", "seed", "val_loss", "val_loss_whole_split",
             "train_loss_last_100", "wall_s"}

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
 IDX = np.random.default_rng(0).integers(0, 11, (2, 8))

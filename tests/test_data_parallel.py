@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 
-from model.gpt2.config import GPTConfig, init_params
-from model.parallel.data_parallel import GradientBuckets, plan_buckets
-from model.gpt2.parallel_plan import GPT2ParallelPlan
-from model.parallel.stage import Stage
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.gpt2.config import GPTConfig, init_params
+from ringpipe.model.parallel.data_parallel import GradientBuckets, plan_buckets
+from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+from ringpipe.model.parallel.stage import Stage
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 5

@@ -6,9 +6,9 @@ import pytest
 import tokenizers
 from click.testing import CliRunner
 
-from cluster.cli import main
-from model.gpt2.model import GPT
-from model.data.tokenizer import load_tokenizer
+from ringpipe.cluster.cli import main
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.data.tokenizer import load_tokenizer
 
 
 

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
-from cluster.cli import main
-from cluster.options import OutputDirectory, OutputFile
-from model.gpt2.model import GPT
-from runtime.files import (AppendLog, CorruptFileError, FileWriteError, load_tensors, remove_dead_temporaries,
+from ringpipe.cluster.cli import main
+from ringpipe.cluster.options import OutputDirectory, OutputFile
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.runtime.files import (AppendLog, CorruptFileError, FileWriteError, load_tensors, remove_dead_temporaries,
                            save_tensors, write_bytes)
 from tests.test_trace_tools import RANK0, RANK1, write_trace
 
@@ -154,7 +154,7 @@ def test_every_output_flag_of_every_command_is_checked_up_front():
 # ---- temporaries of killed writers --------------------------------------------------------------------
 KILLED_WRITER = """
 import os, signal, sys
-from runtime.files import staged_directory
+from ringpipe.runtime.files import staged_directory
 with staged_directory(sys.argv[1]) as stage:
     with open(os.path.join(stage, "model.safetensors"), "wb") as f:
         f.write(b"half a checkpoint")
@@ -262,7 +262,7 @@ def test_tensors_round_trip_through_the_reference_reader_with_their_checksums(tm
 
 
 def test_temporary_names_carry_the_writer(tmp_path):
-    from runtime.files import temporary_name
+    from ringpipe.runtime.files import temporary_name
 
     name = os.path.basename(temporary_name(str(tmp_path / "x.json")))
     assert name.startswith("x.json.tmp-") and f"-{os.getpid()}-" in name
@@ -271,7 +271,7 @@ def test_temporary_names_carry_the_writer(tmp_path):
 def kill_during_a_checkpoint_write(args, out) -> bool:
     """Start `ringpipe train ARGS`; SIGKILL it while a checkpoint after the first is half written
     (the weights staged, trainer.json not yet). True if a staged checkpoint was left behind."""
-    driver = subprocess.Popen([sys.executable, "-m", "cluster", "train", *args], cwd=ROOT,
+    driver = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "train", *args], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while driver.poll() is None:
@@ -306,7 +306,7 @@ def test_sigkill_of_the_driver_during_a_checkpoint_write_leaves_nothing_after_re
 
 @pytest.mark.timeout(60)
 def test_a_workers_trace_that_does_not_fit_is_a_file_write_error_naming_the_file(small_disk):
-    from runtime import Cluster, RemoteError
+    from ringpipe.runtime import Cluster, RemoteError
 
     with Cluster(2) as cluster:
         cluster.start_trace()
@@ -320,8 +320,8 @@ def test_a_workers_trace_that_does_not_fit_is_a_file_write_error_naming_the_file
 
 
 def test_a_file_write_error_from_a_worker_is_one_line_in_any_command():
-    from cluster.cli import _Group
-    from runtime import RemoteError
+    from ringpipe.cluster.cli import _Group
+    from ringpipe.runtime import RemoteError
 
     @click.group(cls=_Group)
     def group():

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=8, block_size=6, vocab_size=7)
 

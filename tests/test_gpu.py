@@ -8,12 +8,12 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
-from model.parallel.tensor_parallel import assemble_full_params
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.parallel.tensor_parallel import assemble_full_params
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 cupy = pytest.importorskip("cupy")
@@ -108,7 +108,7 @@ def test_fp16_mixed_loss_curve_on_the_gpu_equals_float32_within_2e_2_at_each_of_
 # ---- NCCL -------------------------------------------------------------------------------------------------
 def nccl_collectives(control):
     """Every collective of the NCCL communicator on this rank's GPU (device = rank)."""
-    from runtime.nccl_communicator import NcclCommunicator
+    from ringpipe.runtime.nccl_communicator import NcclCommunicator
 
     cupy.cuda.Device(control.rank).use()
     comm = NcclCommunicator(control)
@@ -177,7 +177,7 @@ def test_nccl_communicator_with_two_ranks_on_two_gpus(local_cluster):
 
 # ---- the step benchmark, on the GPU with a small shape (the 124M run is tools/gpu_check.sh's) -----------
 def test_bench_gpu_step_runs_on_the_gpu_with_a_small_shape():
-    from tools.bench_gpu_step import run
+    from ringpipe.tools.bench_gpu_step import run
 
     result = run(device="gpu", steps=2, warmup=1, compare=False, n_layer=2, n_head=2, n_embd=64, block_size=64,
                  vocab_size=100, batch_size=2)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tokenizers
 
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
-from model.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
 
 CORPUS = ("To be, or not to be: that is the question.\n\tWhether 'tis nobler\r\n"
           "naïve café — Ünïcödé ✓ 漢字 😀 e\u0301 \u200b  three   spaces\n\n")

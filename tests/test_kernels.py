@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.nn import kernels, ops
-from model.nn.optim import adamw_update
+from ringpipe.model.nn import kernels, ops
+from ringpipe.model.nn.optim import adamw_update
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +185,7 @@ def test_non_contiguous_or_mixed_inputs_take_the_numpy_path():
 def _status_in_fresh_process(tmp_path, **env):
     environment = {**os.environ, "RINGPIPE_CACHE": str(tmp_path), **env}
     result = subprocess.run(
-        [sys.executable, "-c", "from model.nn import kernels; print(kernels.status())"],
+        [sys.executable, "-c", "from ringpipe.model.nn import kernels; print(kernels.status())"],
         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()

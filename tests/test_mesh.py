@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from model.parallel.mesh import Mesh, coordinates, format_groups, mesh_groups, parallel_axes
+from ringpipe.model.parallel.mesh import Mesh, coordinates, format_groups, mesh_groups, parallel_axes
 
 
 def groups_of(world, dp, tp, pp):

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
-from cluster.cli import main
-from model.nn.mixed_precision import LossScaler
-from model.parallel.tensor_parallel import assemble_full_params
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.run_dir import saved_config
-from model.training.trainer import Trainer
+from ringpipe.cluster.cli import main
+from ringpipe.model.nn.mixed_precision import LossScaler
+from ringpipe.model.parallel.tensor_parallel import assemble_full_params
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import saved_config
+from ringpipe.model.training.trainer import Trainer
 
 STEPS = 50
 
@@ -238,7 +238,7 @@ def test_a_distributed_mixed_run_checkpoints_float32_weights_and_the_scaler_and_
 
 # ---- the float16 ops: statistics in float32 --------------------------------------------------------------
 def test_float16_layernorm_attention_and_cross_entropy_are_float32_results_rounded_once():
-    from model.nn import ops
+    from ringpipe.model.nn import ops
 
     rng = np.random.default_rng(0)
     x = (1000 + rng.normal(size=(2, 8, 16))).astype(np.float16)  # float16 alone loses the variance here
@@ -260,8 +260,8 @@ def test_float16_layernorm_attention_and_cross_entropy_are_float32_results_round
 
 
 def test_float16_model_gradients_match_float64_to_float16_precision():
-    from model.gpt2.config import GPTConfig
-    from model.gpt2.model import GPT
+    from ringpipe.model.gpt2.config import GPTConfig
+    from ringpipe.model.gpt2.model import GPT
 
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, dtype="float64")
     idx = np.random.default_rng(1).integers(0, 50, (4, 16))

@@ -6,7 +6,7 @@ and through the NumPy reference code.
 import numpy as np
 import pytest
 
-from model.nn import kernels, ops
+from ringpipe.model.nn import kernels, ops
 
 
 @pytest.fixture(autouse=True, params=["c", "numpy"])

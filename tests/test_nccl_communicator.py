@@ -14,8 +14,8 @@ import ctypes
 import numpy as np
 import pytest
 
-from runtime.engine import CommTimeout
-from runtime.nccl_communicator import DATATYPES, REDUCTIONS, UNIQUE_ID_BYTES, NcclCommunicator, datatype, reduction
+from ringpipe.runtime.engine import CommTimeout
+from ringpipe.runtime.nccl_communicator import DATATYPES, REDUCTIONS, UNIQUE_ID_BYTES, NcclCommunicator, datatype, reduction
 
 AVG = 4
 DATA_TAG = 1 << 30  # the stand-in's own messages; NCCL's would not travel over the control plane

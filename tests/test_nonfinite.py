@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
-from cluster.options import FiniteFloat
-from model.gpt2.model import GPT
-from model.training.config import TrainConfig
-from runtime.files import load_tensors
+from ringpipe.cluster.cli import main
+from ringpipe.cluster.options import FiniteFloat
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.runtime.files import load_tensors
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--eval-every", "0"]

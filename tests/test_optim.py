@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from model.nn.optim import AdamW, FlatArrays, adamw_update, clip_grad_norm, flat_order, lr_at
+from ringpipe.model.nn.optim import AdamW, FlatArrays, adamw_update, clip_grad_norm, flat_order, lr_at
 
 
 def reference_adamw(p, g, m, v, t, lr, b1, b2, eps, wd):

@@ -4,9 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 3
@@ -85,7 +85,7 @@ def test_an_explicit_layer_split_trains_the_same_model(local_cluster, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
 def test_full_mesh_dp2_tp2_pp2_equals_single_process(local_cluster, tmp_path, schedule):
-    from model.parallel.tensor_parallel import assemble_full_params
+    from ringpipe.model.parallel.tensor_parallel import assemble_full_params
 
     config = config_for(tmp_path, n_head=2)
     reference, expected = reference_params(config, str(tmp_path / "reference"))

@@ -13,17 +13,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from model.nn import ops
-from model.data.dataset import TokenDataset
-from model.nn.optim import AdamW, clip_scale, lr_at
-from model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
-from model.parallel.stage import Stage
-from model.parallel.tensor_parallel.layers import (vocab_parallel_cross_entropy_backward,
+from ringpipe.model.nn import ops
+from ringpipe.model.data.dataset import TokenDataset
+from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
+from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
+from ringpipe.model.parallel.stage import Stage
+from ringpipe.model.parallel.tensor_parallel.layers import (vocab_parallel_cross_entropy_backward,
                                                    vocab_parallel_cross_entropy_forward,
                                                    vocab_parallel_embedding_backward, vocab_parallel_embedding_forward)
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 STEPS = 3
@@ -187,7 +187,7 @@ def toy_reference(tmp_path_factory):
                          ids=lambda layout: "-".join(f"{k}={v}" for k, v in layout.items()))
 def test_a_second_model_family_trains_through_model_parallel_as_in_one_process(local_cluster, toy_reference,
                                                                              layout):
-    from model.parallel.tensor_parallel import assemble_full_params
+    from ringpipe.model.parallel.tensor_parallel import assemble_full_params
 
     config, token_file, vocab, expected = toy_reference
     layout = Layout(**layout)

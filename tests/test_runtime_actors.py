@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from runtime import RemoteError
-from runtime.testing import run_local
+from ringpipe.runtime import RemoteError
+from ringpipe.runtime.testing import run_local
 
 
 class Accumulator:

@@ -6,9 +6,9 @@ import re
 import numpy as np
 import pytest
 
-from runtime import Communicator, CommunicatorInterface
-from runtime.comm_interface import CommHandle
-from runtime.nccl_communicator import NcclCommunicator
+from ringpipe.runtime import Communicator, CommunicatorInterface
+from ringpipe.runtime.comm_interface import CommHandle
+from ringpipe.runtime.nccl_communicator import NcclCommunicator
 from tests.test_nccl_communicator import nccl_over
 
 MEMBERS = [name for name in dir(CommunicatorInterface) if not name.startswith("_")]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zmq
 
-from runtime import Cluster, RemoteError, WorkerDied
-from runtime.auth import JobKeys
-from runtime.communicator import CommConfig
+from ringpipe.runtime import Cluster, RemoteError, WorkerDied
+from ringpipe.runtime.auth import JobKeys
+from ringpipe.runtime.communicator import CommConfig
 
 
 def mismatched_shapes(comm, algorithm):
@@ -235,7 +235,7 @@ def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import faulthandler, signal, sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from runtime import Cluster
+        from ringpipe.runtime import Cluster
 
         def sleep_long(comm):
             time.sleep(60)
@@ -269,7 +269,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
-        from runtime import Cluster
+        from ringpipe.runtime import Cluster
         cluster = Cluster(2)
         print(" ".join(str(pid) for pid in cluster.pids), flush=True)
         time.sleep(60)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.auth import HANDSHAKE_DEADLINE_MS
+from ringpipe.runtime.auth import HANDSHAKE_DEADLINE_MS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ DRIVER = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     soft, hard = int(sys.argv[1]), int(sys.argv[2])
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))  # as `ulimit -n` leaves it
-    from runtime import Cluster
+    from ringpipe.runtime import Cluster
     from tests.test_runtime_flood import sum_of_ranks
 
     with Cluster(2) as cluster:

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import runtime.cluster
-from runtime import Cluster, Launcher, LocalLauncher
+from ringpipe.runtime import cluster as runtime_cluster
+from ringpipe.runtime import Cluster, Launcher, LocalLauncher
 
 
 class RecordingLauncher(LocalLauncher):
@@ -49,7 +49,7 @@ def test_a_cluster_starts_and_stops_its_workers_through_the_launcher_it_is_given
 
 
 def test_the_cluster_module_starts_or_signals_no_process_itself():
-    tree = ast.parse(inspect.getsource(runtime.cluster))
+    tree = ast.parse(inspect.getsource(runtime_cluster))
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"subprocess", "signal", "glob"}

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime import Cluster, ClusterStopped, WorkerStuck, WorkerUnresponsive
+from ringpipe.runtime import Cluster, ClusterStopped, WorkerStuck, WorkerUnresponsive
 
 
 def _alive(pid):

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from runtime.trace import Tracer
+from ringpipe.runtime.trace import Tracer
 
 
 def traced_work(comm):

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.parallel.pipeline_parallel.schedules import Action, Kind, build_schedule, message_tag, split_layers
-from model.parallel.pipeline_parallel.simulator import ScheduleError, format_timeline, simulate, theoretical_bubble
+from ringpipe.model.parallel.pipeline_parallel.schedules import Action, Kind, build_schedule, message_tag, split_layers
+from ringpipe.model.parallel.pipeline_parallel.simulator import ScheduleError, format_timeline, simulate, theoretical_bubble
 
 RANKS, MICROBATCHES, VIRTUAL = range(1, 6), range(1, 13), range(1, 4)
 SPLIT_COSTS = {Kind.FORWARD: 1, Kind.BACKWARD_INPUT: 1, Kind.BACKWARD_WEIGHT: 1, Kind.BACKWARD: 2}

@@ -4,19 +4,19 @@ import dataclasses
 import numpy as np
 import pytest
 
-from model.nn import ops
-from model.gpt2.config import GPTConfig, init_params
-from model.gpt2.model import GPT
-from model.nn.optim import clip_scale
-from model.parallel.tensor_parallel import tensor_parallel_communications as regions
-from model.gpt2.parallel_plan import GPT2ParallelPlan
-from model.parallel.stage import Stage
-from model.parallel.tensor_parallel.layers import vocab_parallel_cross_entropy_forward
-from model.parallel.tensor_parallel.sharding import (assemble_full_optimizer_state, assemble_full_params, shard,
+from ringpipe.model.nn import ops
+from ringpipe.model.gpt2.config import GPTConfig, init_params
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.nn.optim import clip_scale
+from ringpipe.model.parallel.tensor_parallel import tensor_parallel_communications as regions
+from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+from ringpipe.model.parallel.stage import Stage
+from ringpipe.model.parallel.tensor_parallel.layers import vocab_parallel_cross_entropy_forward
+from ringpipe.model.parallel.tensor_parallel.sharding import (assemble_full_optimizer_state, assemble_full_params, shard,
                                                      shard_table)
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 from tests.conftest import TEXT
 
 TOLERANCE = dict(rtol=1e-7, atol=1e-9)
@@ -438,7 +438,7 @@ def tp_logits(comm, config, params, idx, sequence_parallel):
 
 def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4(local_cluster, references,
                                                                                  tmp_path):
-    from model.gpt2.checkpoint import load_checkpoint, save_checkpoint
+    from ringpipe.model.gpt2.checkpoint import load_checkpoint, save_checkpoint
     reference = references(0.1)
     config = reference["config"]
     layout = Layout(tp=2, sequence_parallel=True)
@@ -460,7 +460,7 @@ def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4
 
 # ---- bad input ------------------------------------------------------------------------------------------
 def test_bad_tensor_parallel_layouts_are_refused_before_any_worker_starts(references):
-    from model.parallel.mesh import mesh_groups, parallel_axes
+    from ringpipe.model.parallel.mesh import mesh_groups, parallel_axes
     config = references(0.1)["config"]
     with pytest.raises(ValueError, match="n_head 4 is not divisible by tp 3"):
         Layout(tp=3).validate(config)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from model.data.dataset import TokenDataset, corpus_files, load_corpus, write_token_file
-from model.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
+from ringpipe.model.data.dataset import TokenDataset, corpus_files, load_corpus, write_token_file
+from ringpipe.model.data.tokenizer import ByteTokenizer, CharTokenizer, load_tokenizer, make_tokenizer
 
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n" * 20
 

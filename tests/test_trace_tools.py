@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.cli import main
-from tools.trace_export import assign_lanes, to_chrome_trace
-from tools.trace_io import Event, clock_correction, load_trace
-from tools.trace_summary import clip, intersect, schedule_bubble, subtract, summarize, union
-from tools.trace_view import FORMAT_SCRIPT, render_html, view_data
+from ringpipe.cluster.cli import main
+from ringpipe.tools.trace_export import assign_lanes, to_chrome_trace
+from ringpipe.tools.trace_io import Event, clock_correction, load_trace
+from ringpipe.tools.trace_summary import clip, intersect, schedule_bubble, subtract, summarize, union
+from ringpipe.tools.trace_view import FORMAT_SCRIPT, render_html, view_data
 
 US = 1000  # ns per microsecond
 
@@ -350,7 +350,7 @@ def test_metrics_written_with_1_based_steps_are_read_as_they_are(tmp_path):
 def test_view_open_without_a_browser_says_so_with_the_path(synthetic):
     env = {**os.environ, "BROWSER": shutil.which("false"), "PATH": "/nonexistent"}  # no other browser found
     env.pop("DISPLAY", None), env.pop("WAYLAND_DISPLAY", None)
-    result = subprocess.run([sys.executable, "-m", "cluster", "trace", "view", synthetic, "--open"], env=env,
+    result = subprocess.run([sys.executable, "-m", "ringpipe.cluster", "trace", "view", synthetic, "--open"], env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from cluster.cli import main
+from ringpipe.cluster.cli import main
 from tests.test_trace_tools import RANK0, RANK1, write_trace
 
 CHROMIUM = next((path for path in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if path), None)

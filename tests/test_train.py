@@ -6,13 +6,13 @@ import pytest
 import tokenizers
 from click.testing import CliRunner
 
-from cluster.cli import main
-from model.gpt2.model import GPT
-from model.data.tokenizer import load_tokenizer
-from model.training.config import TrainConfig
-from model.training.run_dir import find_checkpoint, saved_config
-from model.training.trainer import Trainer
-from runtime.files import FileWriteError
+from ringpipe.cluster.cli import main
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.data.tokenizer import load_tokenizer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import find_checkpoint, saved_config
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime.files import FileWriteError
 from tests.conftest import TEXT
 
 
@@ -276,7 +276,7 @@ def test_generate_rejects_a_prompt_outside_the_vocabulary(trained):
 def test_progress_writes_plain_lines_when_not_a_terminal():
     import io
 
-    from cluster.progress import Progress
+    from ringpipe.cluster.progress import Progress
 
     stream = io.StringIO()
     progress = Progress(first_step=0, total_steps=40, stream=stream)
@@ -326,7 +326,7 @@ class FakeClock:
 def test_eta_is_a_moving_average_that_leaves_out_the_warm_up_step(monkeypatch):
     import io
 
-    from cluster import progress as progress_module
+    from ringpipe.cluster import progress as progress_module
 
     clock = FakeClock()
     monkeypatch.setattr(progress_module.time, "perf_counter", clock)
@@ -346,7 +346,7 @@ def test_eta_is_a_moving_average_that_leaves_out_the_warm_up_step(monkeypatch):
 def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
     import io
 
-    from cluster.progress import Progress
+    from ringpipe.cluster.progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -362,7 +362,7 @@ def test_a_progress_line_on_a_terminal_is_ended_before_other_output():
 
 
 def test_ctrl_c_after_the_run_completed_says_nothing_is_lost(trained, capsys):
-    from cluster.progress import report_interrupt
+    from ringpipe.cluster.progress import report_interrupt
 
     config = saved_config(trained)  # 2 steps, both done and checkpointed
     report_interrupt(str(trained), config, {"trainer": None, "progress": None})

@@ -2,9 +2,9 @@
 import dataclasses
 import json
 
-from model.gpt2.config import GPTConfig
-from model.training.config import MODEL_OPTIONS, TrainConfig
-from model.training.run_dir import saved_config, saved_step
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.training.config import MODEL_OPTIONS, TrainConfig
+from ringpipe.model.training.run_dir import saved_config, saved_step
 
 # TrainConfig.dtype is the run's precision recipe ("fp16-mixed"), not the model's array dtype.
 SAME_NAME_OTHER_MEANING = {"dtype"}

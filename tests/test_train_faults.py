@@ -9,10 +9,10 @@ import time
 import pytest
 from click.testing import CliRunner
 
-import cluster.distributed_train as distributed_train
-import model.training.trainer
-from cluster.cli import main
-from runtime import Cluster
+import ringpipe.cluster.distributed_train as distributed_train
+from ringpipe.model.training import trainer as training_trainer
+from ringpipe.cluster.cli import main
+from ringpipe.runtime import Cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
@@ -52,7 +52,7 @@ def _metric_lines(out):
 @pytest.mark.timeout(120)
 def test_a_stopped_worker_ends_ringpipe_train_within_seconds_with_one_line(corpus, tmp_path):
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "cluster", "train", "--data", corpus, *SMALL, "--steps", "100000",
+    cmd = [sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *SMALL, "--steps", "100000",
            "--checkpoint-every", "3", "--eval-every", "0", "--nproc", "4", "--tp", "2", "--pp", "2", "--out", out]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = []
@@ -129,14 +129,14 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     if where == "setup":
         monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
     elif where == "evaluation":
-        monkeypatch.setattr(model.training.trainer.Trainer, "evaluate", _killing_first(model.training.trainer.Trainer.evaluate))
+        monkeypatch.setattr(training_trainer.Trainer, "evaluate", _killing_first(training_trainer.Trainer.evaluate))
     elif where == "pulling weights for a checkpoint":
         # The second checkpoint's pull: the weights are in, the optimizer moments are asked next.
         monkeypatch.setattr(distributed_train, "assemble_full_params",
                             _killing_first(distributed_train.assemble_full_params, on_call=2))
     elif where == "writing a checkpoint":
-        monkeypatch.setattr(model.training.trainer.Trainer, "save_checkpoint",
-                            _killing_after(model.training.trainer.Trainer.save_checkpoint))
+        monkeypatch.setattr(training_trainer.Trainer, "save_checkpoint",
+                            _killing_after(training_trainer.Trainer.save_checkpoint))
     else:
         monkeypatch.setattr(_RecordingCluster, "stop_trace", _killing_first(Cluster.stop_trace))
         extra = ["--trace"]

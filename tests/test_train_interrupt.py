@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Python keeps it so; Ctrl-C reaches a command run from a terminal. "ready" once it would.
 DRIVER = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
           "print('ready', flush=True); sys.argv[0] = 'ringpipe'; "
-          "from cluster.__main__ import run; run()")
+          "from ringpipe.cluster.__main__ import run; run()")
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--warmup", "1", "--eval-every", "0", "--eval-iters", "1", "--steps", "100000"]
 
@@ -105,7 +105,7 @@ def test_ctrl_c_of_a_multi_worker_run_exits_130_and_stops_every_worker(corpus, t
 def test_a_run_says_what_it_is_doing_before_its_first_step(corpus, tmp_path):
     env = dict(os.environ, RINGPIPE_CACHE=str(tmp_path / "cache"), RINGPIPE_KERNELS="c")  # none built yet
     args = ["train", "--data", corpus, *TINY, "--steps", 2, "--nproc", 2, "--dp", 2, "--out", tmp_path / "run"]
-    result = subprocess.run([sys.executable, "-m", "cluster", *[str(a) for a in args]],
+    result = subprocess.run([sys.executable, "-m", "ringpipe.cluster", *[str(a) for a in args]],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()

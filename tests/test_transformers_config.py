@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
-from model.gpt2.hf_config import ALIASES, MODEL_KEYS, NO_EFFECT_KEYS, REFUSED_KEYS, TANH_GELU
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.gpt2.hf_config import ALIASES, MODEL_KEYS, NO_EFFECT_KEYS, REFUSED_KEYS, TANH_GELU
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from runtime.files import check_writable_file, write_json
+from ringpipe.runtime.files import check_writable_file, write_json
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "sendrecv")
 DTYPE = "float32"
@@ -124,7 +124,7 @@ def ringpipe_worker(comm, op_names, sizes):
 
 
 def run_ringpipe(world_size, op_names, sizes, algorithm="auto") -> list[dict]:
-    from runtime import Cluster
+    from ringpipe.runtime import Cluster
 
     with Cluster(world_size, threads_per_worker=1, algorithm=algorithm) as cluster:
         per_rank = cluster.run(ringpipe_worker, list(op_names), list(sizes))
@@ -182,7 +182,7 @@ def run_gloo(world_size, op_names, sizes, timeout=900) -> list[dict] | None:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "rows")
-        code = ("import sys, json; from tools.bench_collectives import gloo_worker; "
+        code = ("import sys, json; from ringpipe.tools.bench_collectives import gloo_worker; "
                 "gloo_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), "
                 "json.loads(sys.argv[5]), sys.argv[6])")
         env = dict(os.environ, OMP_NUM_THREADS="1")

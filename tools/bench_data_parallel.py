@@ -19,12 +19,12 @@ import tempfile
 import time
 from contextlib import ExitStack
 
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.run_dir import TOKEN_FILE
-from model.training.trainer import Trainer
-from runtime import Cluster
-from runtime.files import write_text
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import TOKEN_FILE
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime import Cluster
+from ringpipe.runtime.files import write_text
 
 CORPUS = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home; the wolf waited {i % 5} days.\n"
                  for i in range(4000))

@@ -62,10 +62,10 @@ def _median_step_seconds(step, steps: int, warmup: int, synchronize) -> tuple[fl
 
 
 def ringpipe_run(shape: dict, dtype: str, device: str, steps: int, warmup: int) -> dict:
-    from model.gpt2.config import init_params
-    from model.gpt2.model import GPT
-    from model.training.config import TrainConfig
-    from model.training.trainer import Trainer, _master_weights, _optimizer
+    from ringpipe.model.gpt2.config import init_params
+    from ringpipe.model.gpt2.model import GPT
+    from ringpipe.model.training.config import TrainConfig
+    from ringpipe.model.training.trainer import Trainer, _master_weights, _optimizer
 
     config = TrainConfig(n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["n_embd"],
                          block_size=shape["block_size"], batch_size=shape["batch_size"], steps=steps + warmup,

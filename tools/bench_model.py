@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from model.nn import kernels
-from model.gpt2.config import GPTConfig
-from model.gpt2.model import GPT
-from model.nn.optim import AdamW
+from ringpipe.model.nn import kernels
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.nn.optim import AdamW
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.95), 1e-8, 0.1
 MEMORY_BLOCK_SIZE = 256

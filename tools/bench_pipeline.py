@@ -49,17 +49,17 @@ import statistics
 import tempfile
 import time
 
-from model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers
-from model.parallel.pipeline_parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
-from model.training.parallel_trainer import Layout, ParallelTrainer
-from model.training.config import TrainConfig
-from model.training.run_dir import TOKEN_FILE
-from model.training.trainer import Trainer
-from runtime import Cluster
-from runtime.files import write_text
-from tools.bench_data_parallel import CORPUS
-from tools.trace_io import COMPUTE_THREAD, load_trace
-from tools.trace_summary import intersect, rank_intervals, subtract, total, union
+from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers
+from ringpipe.model.parallel.pipeline_parallel.simulator import UNIT_COSTS, simulate, theoretical_bubble
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import TOKEN_FILE
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime import Cluster
+from ringpipe.runtime.files import write_text
+from ringpipe.tools.bench_data_parallel import CORPUS
+from ringpipe.tools.trace_io import COMPUTE_THREAD, load_trace
+from ringpipe.tools.trace_summary import intersect, rank_intervals, subtract, total, union
 
 SCHEDULES = ("1f1b", "zb-h1", "gpipe", "interleaved")
 SPAN_OF_KIND = {Kind.FORWARD: "forward", Kind.BACKWARD: "backward", Kind.BACKWARD_INPUT: "backward_input",

@@ -16,10 +16,10 @@ import time
 
 import numpy as np
 
-from model.nn.ops import cross_entropy_forward
-from model.nn.optim import decays, lr_at
-from model.training.config import TrainConfig
-from model.training.trainer import Trainer
+from ringpipe.model.nn.ops import cross_entropy_forward
+from ringpipe.model.nn.optim import decays, lr_at
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.trainer import Trainer
 
 
 def val_windows(trainer: Trainer):

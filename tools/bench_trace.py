@@ -8,7 +8,7 @@ On a shared machine that is noisy, so the modelled overhead (events per step x e
 is reported too. The hook micro-benchmark times each Tracer call in a tight loop in this
 process (enabled vs disabled).
 
-    python -m tools.bench_trace [--steps 20] [--rounds 15] [--size 192] [--json]
+    python -m ringpipe.tools.bench_trace [--steps 20] [--rounds 15] [--size 192] [--json]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def traced_steps(comm, steps: int, size: int, matmuls: int):
 
 def hook_costs(iterations: int = 20000) -> dict:
     """Microseconds per call of each Tracer hook, disabled and enabled."""
-    from runtime.trace import Tracer, now_ns
+    from ringpipe.runtime.trace import Tracer, now_ns
 
     tracer = Tracer(0)
     costs = {}
@@ -77,7 +77,7 @@ def hook_costs(iterations: int = 20000) -> dict:
 
 
 def run(steps: int = 20, rounds: int = 15, size: int = 192, matmuls: int = 4) -> dict:
-    from runtime.cluster import Cluster
+    from ringpipe.runtime.cluster import Cluster
 
     off, on, kinds = [], [], {}
     with Cluster(2) as cluster, tempfile.TemporaryDirectory() as directory:

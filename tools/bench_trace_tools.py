@@ -24,15 +24,15 @@ import sys
 import tempfile
 import time
 
-from model.training.run_dir import METRICS_FILE, TRACE_EXPORT_FILE, TRACE_RANK_GLOB, TRACE_FILES as RUN_TRACE_FILES
+from ringpipe.model.training.run_dir import METRICS_FILE, TRACE_EXPORT_FILE, TRACE_RANK_GLOB, TRACE_FILES as RUN_TRACE_FILES
 
 TARGETS_S = {"summary": 3.0, "view": 5.0}
 TRACE_FILES = (*RUN_TRACE_FILES, METRICS_FILE)
 
 
 def _commands(run_dir: str, scratch: str) -> dict:
-    cli = [sys.executable, "-m", "cluster", "trace"]
-    report = f"from cluster.progress import report_trace; report_trace({run_dir!r})"
+    cli = [sys.executable, "-m", "ringpipe.cluster", "trace"]
+    report = f"from ringpipe.cluster.progress import report_trace; report_trace({run_dir!r})"
     return {"summary": cli + ["summary", run_dir],
             "view": cli + ["view", run_dir, "-o", os.path.join(scratch, "view.html")],
             "export": cli + ["export", run_dir, "-o", os.path.join(scratch, TRACE_EXPORT_FILE)],
@@ -54,7 +54,7 @@ def _timed(command: list, cwd: str) -> tuple:
 def run(run_dir: str, repeats: int = 3) -> dict:
     """{"run_dir", "trace_mb", "spans", "events", "load_average", "tools": [{"name", "wall_s", "cpu_s",
     "walls_s", "target_s"}]}; ValueError if `run_dir` holds no trace."""
-    from tools.trace_io import TraceError, load_trace
+    from ringpipe.tools.trace_io import TraceError, load_trace
 
     if repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {repeats}")

@@ -16,24 +16,27 @@ OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
+# ringpipe's folders import as `ringpipe.runtime`, `ringpipe.model`, ...: without installing
+# (that machine has no package registry), a folder named ringpipe pointing at this checkout does it.
+mkdir -p /tmp/ringpipe_path && ln -sfn "$PWD" /tmp/ringpipe_path/ringpipe
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="/tmp/site:/tmp/ringpipe_path${PYTHONPATH:+:$PYTHONPATH}"
 else
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    export PYTHONPATH="/tmp/ringpipe_path${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import sys, numpy, cupy, zmq; print(sys.version.split()[0], 'numpy', numpy.__version__,
 'cupy', cupy.__version__, 'pyzmq', zmq.__version__, 'devices', cupy.cuda.runtime.getDeviceCount())"
-    python3 -c "from model.nn import kernels; print('C kernels:', kernels.status())"
+    python3 -c "from ringpipe.model.nn import kernels; print('C kernels:', kernels.status())"
 } 2>&1 | tee "$OUT/environment.txt"
 
 # The local_cluster fixture comes from the installed package's pytest plugin; load it by hand
 # where ringpipe is not installed.
-plugin=(-p runtime.testing)
+plugin=(-p ringpipe.runtime.testing)
 if python3 -c "import importlib.metadata as m, sys; sys.exit(not any(e.name == 'ringpipe' for e in m.entry_points(group='pytest11')))"; then
     plugin=()
 fi
@@ -48,7 +51,7 @@ timeout 110 python3 -m pytest -q -rs "${plugin[@]}" tests/test_gpu.py \
 gpu_status=${PIPESTATUS[0]}
 
 # 2. A short real run on the GPU (~40 s): 2 workers, tp 2, mixed precision, on the default corpus, then a sample.
-timeout 70 python3 -m cluster train --device gpu --dtype fp16-mixed --nproc 2 --tp 2 --n-layer 4 --n-head 4 \
+timeout 70 python3 -m ringpipe.cluster train --device gpu --dtype fp16-mixed --nproc 2 --tp 2 --n-layer 4 --n-head 4 \
     --n-embd 128 --block-size 64 --batch-size 16 --steps 30 --eval-every 15 --eval-iters 2 \
     --sample 100 --overwrite --out /tmp/gpu_run 2>&1 | tr '\r' '\n' | tail -25 | tee "$OUT/train.log"
 train_status=${PIPESTATUS[0]}
@@ -56,7 +59,7 @@ train_status=${PIPESTATUS[0]}
 # 3. GPT-2 124M shape, batch 8 x 1024: train-step tokens/s and MFU, float32 and fp16-mixed, ringpipe vs
 #    GPT2LMHeadModel in PyTorch eager when torch (with CUDA) is installed (the column says why otherwise).
 #    Target: ringpipe >= 0.8x PyTorch eager in both; a measurement, not a pass/fail check.
-timeout 140 python3 -m cluster bench gpu-step --json "$OUT/bench_gpu_step.json" 2>&1 | tee "$OUT/bench_gpu_step.log"
+timeout 140 python3 -m ringpipe.cluster bench gpu-step --json "$OUT/bench_gpu_step.json" 2>&1 | tee "$OUT/bench_gpu_step.log"
 bench_status=${PIPESTATUS[0]}
 
 echo "status: gpu tests $gpu_status, mixed-precision tp2 run $train_status, step benchmark $bench_status" \

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 
-from runtime.files import write_text
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace, peer_rank
+from ringpipe.runtime.files import write_text
+from ringpipe.tools.trace_io import COMM_THREAD, COMPUTE_THREAD, POINT_TO_POINT, Trace, peer_rank
 
 THREAD_ORDER = (COMPUTE_THREAD, COMM_THREAD)
 

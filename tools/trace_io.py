@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.training.run_dir import CLOCKS_FILE, METRICS_FILE, SCHEDULE_FILE, TRACE_RANK_GLOB
+from ringpipe.model.training.run_dir import CLOCKS_FILE, METRICS_FILE, SCHEDULE_FILE, TRACE_RANK_GLOB
 
 COMM_THREAD = "comm"
 COMPUTE_THREAD = "compute"

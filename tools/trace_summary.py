@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace
+from ringpipe.tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace
 
 DEFINITIONS = {
     "compute": "union of compute-thread spans",
@@ -175,7 +175,7 @@ def schedule_bubble(schedule: dict | None) -> float | None:
     None without one (or for a schedule it does not know)."""
     if not schedule:
         return None
-    from model.parallel.pipeline_parallel.simulator import theoretical_bubble
+    from ringpipe.model.parallel.pipeline_parallel.simulator import theoretical_bubble
 
     name = str(schedule.get("schedule", "")).lower()
     p, m = int(schedule.get("pp", 1)), int(schedule.get("microbatches", 1))

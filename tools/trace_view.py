@@ -16,10 +16,10 @@ from __future__ import annotations
 import html
 import json
 
-from runtime.files import write_text
-from tools.trace_export import assign_lanes
-from tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace, peer_rank
-from tools.trace_summary import step_windows, summarize
+from ringpipe.runtime.files import write_text
+from ringpipe.tools.trace_export import assign_lanes
+from ringpipe.tools.trace_io import COMM_THREAD, COMPUTE_THREAD, Trace, peer_rank
+from ringpipe.tools.trace_summary import step_windows, summarize
 
 SUMMARY_COLUMNS = (("compute_pct", "compute %"), ("comm_pct", "comm %"), ("exposed_comm_pct", "exposed comm %"),
                    ("idle_pct", "idle %"), ("overlap_pct", "overlap %"), ("bubble_pct", "bubble %"),

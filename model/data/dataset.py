@@ -12,7 +12,7 @@ import sysconfig
 
 import numpy as np
 
-from runtime.files import write_bytes
+from ringpipe.runtime.files import write_bytes
 
 DEFAULT_CORPUS_CHARS = 2_000_000
 SPLITS = ("train", "val")

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from runtime.files import make_directory, write_text
+from ringpipe.runtime.files import make_directory, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"

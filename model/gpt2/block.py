@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.nn import ops
+from ringpipe.model.nn import ops
 
 # Dropout sites. A mask is drawn from (dropout_seed, layer, site), so a recompute draws it again
 # and a tensor-parallel rank can draw the dense model's mask and keep its slice. The embedding is

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from model.gpt2.config import DTYPES, param_shapes
-from model.gpt2.hf_config import gpt_config_from_hf, refuse_unsupported
-from runtime.files import load_tensors, save_tensors, staged_directory, write_json
+from ringpipe.model.gpt2.config import DTYPES, param_shapes
+from ringpipe.model.gpt2.hf_config import gpt_config_from_hf, refuse_unsupported
+from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from runtime.array_module import DEVICES
+from ringpipe.runtime.array_module import DEVICES
 
 DTYPES = ("float32", "float64", "float16")  # float16: the model of a mixed-precision run
 # The GPTConfig fields that decide what function the weights compute; the others (dropout, dtype,

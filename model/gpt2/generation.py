@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-from model.nn import ops
-from runtime.array_module import to_host
+from ringpipe.model.nn import ops
+from ringpipe.runtime.array_module import to_host
 
 
 def prefill(gpt, idx):

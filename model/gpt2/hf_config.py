@@ -13,7 +13,7 @@ has (hub files carry e.g. `task_specific_params`) are ignored.
 """
 from __future__ import annotations
 
-from model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.config import GPTConfig
 
 # GPT2Config key -> GPTConfig field.
 MODEL_KEYS = {

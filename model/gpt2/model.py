@@ -17,16 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from model.gpt2 import generation
-from model.gpt2.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
+from ringpipe.model.gpt2 import generation
+from ringpipe.model.gpt2.block import (ATTN_PROBS, EMBEDDING, IdentityRegion, TransformerBlocks,
                               dropout_generator_seed)
-from model.gpt2.checkpoint import load_checkpoint, save_checkpoint
-from model.gpt2.config import GPTConfig, init_params
-from model.nn import ops
-from model.nn.activation_memory import ActivationMemory
-from model.nn.mixed_precision import overflow_expected
-from model.nn.optim import FlatArrays, flat_order
-from runtime.array_module import array_module, to_host
+from ringpipe.model.gpt2.checkpoint import load_checkpoint, save_checkpoint
+from ringpipe.model.gpt2.config import GPTConfig, init_params
+from ringpipe.model.nn import ops
+from ringpipe.model.nn.activation_memory import ActivationMemory
+from ringpipe.model.nn.mixed_precision import overflow_expected
+from ringpipe.model.nn.optim import FlatArrays, flat_order
+from ringpipe.runtime.array_module import array_module, to_host
 
 _heap_tuned = False
 

@@ -19,12 +19,12 @@ exactly what model/gpt.py computes.
 """
 from __future__ import annotations
 
-from model.nn import ops
-from model.gpt2.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
-from model.gpt2.config import GPTConfig, init_params
-from model.gpt2.model import _keep_large_arrays_on_the_heap
-from model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
-from model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
+from ringpipe.model.nn import ops
+from ringpipe.model.gpt2.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
+from ringpipe.model.gpt2.config import GPTConfig, init_params
+from ringpipe.model.gpt2.model import _keep_large_arrays_on_the_heap
+from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
+from ringpipe.model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
                                                    vocab_parallel_cross_entropy_forward,
                                                    vocab_parallel_embedding_backward,
                                                    vocab_parallel_embedding_forward)

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from model.nn.optim import AdamW
+from ringpipe.model.nn.optim import AdamW
 
 MIXED_DTYPES = {"fp16-mixed": "float16", "bf16-mixed": "bfloat16"}
 MASTER_DTYPE = "float32"

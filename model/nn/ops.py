@@ -19,8 +19,8 @@ import math
 
 import numpy as np
 
-from model.nn import kernels
-from runtime.array_module import module_of
+from ringpipe.model.nn import kernels
+from ringpipe.runtime.array_module import module_of
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
 GELU_CUBIC = 0.044715

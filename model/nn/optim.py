@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from model.nn import kernels
-from runtime.array_module import module_of, to_host
+from ringpipe.model.nn import kernels
+from ringpipe.runtime.array_module import module_of, to_host
 
 
 def adamw_update(param, grad, m, v, step: int, lr: float, beta1: float = 0.9,

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from model.parallel.tensor_parallel.sharding import (REPLICATED, Sharding, column_parallel,  # noqa: F401
+from ringpipe.model.parallel.tensor_parallel.sharding import (REPLICATED, Sharding, column_parallel,  # noqa: F401
                                                      row_parallel, vocab_parallel)
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.nn.activation_memory import ActivationMemory
-from model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
-from model.parallel.tensor_parallel.sharding import shard, shard_table
-from model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,
+from ringpipe.model.nn.activation_memory import ActivationMemory
+from ringpipe.model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
+from ringpipe.model.parallel.tensor_parallel.sharding import shard, shard_table
+from ringpipe.model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,
                                                                            sequence_slice)
-from runtime.array_module import array_module, to_host
+from ringpipe.runtime.array_module import array_module, to_host
 
 
 class Stage:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from model.data.dataset import SAMPLERS
-from model.gpt2.config import GPTConfig
-from model.nn.mixed_precision import check_supported, model_dtype
+from ringpipe.model.data.dataset import SAMPLERS
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.nn.mixed_precision import check_supported, model_dtype
 
 ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
 # The model's options a run chooses (the `--n-layer`... flags): TrainConfig fields passed to the

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.data.dataset import TokenDataset
-from model.gpt2.config import GPTConfig
-from model.gpt2.parallel_plan import GPT2ParallelPlan
-from model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
+from ringpipe.model.data.dataset import TokenDataset
+from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
-from model.nn.optim import AdamW, clip_scale, lr_at
-from model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
-from model.parallel.mesh import Mesh, parallel_axes
-from model.parallel.pipeline_parallel.executor import run_pipeline_step
-from model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
-from model.parallel.stage import Stage
-from model.training.config import TrainConfig
-from model.training.step import OVERFLOW_WARNINGS, dropout_seed
+from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
+from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
+from ringpipe.model.parallel.mesh import Mesh, parallel_axes
+from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
+from ringpipe.model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
+from ringpipe.model.parallel.stage import Stage
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
 
 
 @dataclass
@@ -298,9 +298,9 @@ class ParallelTrainer:
         import json
         import os
 
-        from model.gpt2.checkpoint import load_checkpoint
-        from model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
-        from runtime.files import load_tensors
+        from ringpipe.model.gpt2.checkpoint import load_checkpoint
+        from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
+        from ringpipe.runtime.files import load_tensors
 
         _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
         optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))

@@ -20,11 +20,11 @@ import os
 import shutil
 from typing import TYPE_CHECKING
 
-from model.data.tokenizer import TOKENIZER_FILES
-from model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ringpipe.model.data.tokenizer import TOKENIZER_FILES
+from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 
 if TYPE_CHECKING:
-    from model.training.config import TrainConfig
+    from ringpipe.model.training.config import TrainConfig
 
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_CHECKPOINT_DIR = CHECKPOINT_DIR + ".old"  # kept while a new checkpoint is swapped in
@@ -55,7 +55,7 @@ def find_checkpoint(run_dir: str) -> str:
 def read_trainer_state(checkpoint: str) -> dict:
     """{"step": steps completed, "config": TrainConfig} of a checkpoint directory; ValueError naming
     the file if it is missing or corrupt."""
-    from model.training.config import TrainConfig  # here: the trace tools read the names above alone
+    from ringpipe.model.training.config import TrainConfig  # here: the trace tools read the names above alone
 
     path = os.path.join(checkpoint, TRAINER_STATE_FILE)
     try:

@@ -17,20 +17,20 @@ import time
 
 import numpy as np
 
-from model.data.dataset import TokenDataset, load_corpus, write_token_file
-from model.data.tokenizer import load_tokenizer, make_tokenizer
-from model.gpt2.checkpoint import write_checkpoint_files
-from model.gpt2.config import ARCHITECTURE_FIELDS, init_params
-from model.gpt2.model import GPT
-from model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
-from model.nn.ops import cross_entropy_forward
-from model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
-from model.training.config import TrainConfig
-from model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
+from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
+from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer
+from ringpipe.model.gpt2.checkpoint import write_checkpoint_files
+from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, init_params
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
+from ringpipe.model.nn.ops import cross_entropy_forward
+from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
-from model.training.step import NonFiniteError, dropout_seed
-from runtime.array_module import array_module, to_host
-from runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
+from ringpipe.model.training.step import NonFiniteError, dropout_seed
+from ringpipe.runtime.array_module import array_module, to_host
+from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
                            staged_directory, write_json)
 
 

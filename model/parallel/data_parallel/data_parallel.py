@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.nn.optim import adamw_update, decays
-from model.parallel.data_parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
-from runtime.array_module import to_host
+from ringpipe.model.nn.optim import adamw_update, decays
+from ringpipe.model.parallel.data_parallel.data_parallel_communications import gather_shard, gather_shards, reduce_gradients, shard_bounds
+from ringpipe.runtime.array_module import to_host
 
 # Small enough that a baby GPT gets several buckets (overlap), large enough that per-collective
 # overhead (~100 µs on the local runtime) stays small next to the bytes moved.

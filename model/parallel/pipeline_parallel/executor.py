@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.parallel.pipeline_parallel.schedules import Kind, message_tag
+from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, message_tag
 
 
 @dataclass

@@ -22,7 +22,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from model.parallel.pipeline_parallel.schedules import COMPUTE, RECEIVES, SENDS, SCHEDULES, Action, Kind, stage_rank
+from ringpipe.model.parallel.pipeline_parallel.schedules import COMPUTE, RECEIVES, SENDS, SCHEDULES, Action, Kind, stage_rank
 
 # Unit costs: the split backward's B and W together cost the full backward.
 UNIT_COSTS = {Kind.FORWARD: 1.0, Kind.BACKWARD: 2.0, Kind.BACKWARD_INPUT: 1.0, Kind.BACKWARD_WEIGHT: 1.0,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.nn import ops
-from runtime.array_module import module_of
+from ringpipe.model.nn import ops
+from ringpipe.runtime.array_module import module_of
 
 
 # ---- vocab-parallel op pairs ----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from runtime.array_module import module_of
+from ringpipe.runtime.array_module import module_of
 
 
 class Region(NamedTuple):
