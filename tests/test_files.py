@@ -320,10 +320,10 @@ def test_a_workers_trace_that_does_not_fit_is_a_file_write_error_naming_the_file
 
 
 def test_a_file_write_error_from_a_worker_is_one_line_in_any_command():
-    from ringpipe.cluster.cli import _Group
+    from ringpipe.cluster.cli import Commands
     from ringpipe.runtime import RemoteError
 
-    @click.group(cls=_Group)
+    @click.group(cls=Commands)
     def group():
         pass
 
