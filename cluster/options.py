@@ -37,35 +37,35 @@ class FiniteFloat(click.FloatRange):
             _fail(param, ctx, exc.message)
 
 
-class OutputFile(click.Path):
-    """A file the command will write: its directory must exist and be writable, checked before the
-    work starts (so a long benchmark cannot end by losing its results)."""
+class _WritablePath(click.Path):
+    """A path the command will write, checked with `check` before the work starts (so a long
+    benchmark cannot end by losing its results)."""
+
+    check = staticmethod(check_writable_file)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        try:
+            self.check(path)
+        except FileWriteError as exc:
+            _fail(param, ctx, str(exc))
+        return path
+
+
+class OutputFile(_WritablePath):
+    """A file the command will write: its directory must exist and be writable."""
 
     def __init__(self):
         super().__init__(dir_okay=False)
 
-    def convert(self, value, param, ctx):
-        path = super().convert(value, param, ctx)
-        try:
-            check_writable_file(path)
-        except FileWriteError as exc:
-            _fail(param, ctx, str(exc))
-        return path
 
+class OutputDirectory(_WritablePath):
+    """A directory the command will create or write into."""
 
-class OutputDirectory(click.Path):
-    """A directory the command will create or write into, checked before the work starts."""
+    check = staticmethod(check_writable_directory)
 
     def __init__(self):
         super().__init__(file_okay=False)
-
-    def convert(self, value, param, ctx):
-        path = super().convert(value, param, ctx)
-        try:
-            check_writable_directory(path)
-        except FileWriteError as exc:
-            _fail(param, ctx, str(exc))
-        return path
 
 
 def bad_flag(flag: str, message: str) -> click.ClickException:

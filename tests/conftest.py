@@ -18,3 +18,30 @@ def corpus(tmp_path) -> str:
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
     return str(path)
+
+
+def run_cli(*args):
+    """The `ringpipe` command in this process (click's runner); arguments may be paths or numbers."""
+    from click.testing import CliRunner
+
+    from ringpipe.cluster.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    """The one "Error: ..." line of a failed command, asserting there is no other error, traceback
+    or usage block."""
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code != 0 and len(errors) == 1, result.output
+    assert "Traceback" not in result.output and "Usage:" not in result.output, result.output
+    return errors[0]
+
+
+def process_alive(pid) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

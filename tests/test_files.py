@@ -19,22 +19,12 @@ from ringpipe.cluster.options import OutputDirectory, OutputFile
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.runtime.files import (AppendLog, CorruptFileError, FileWriteError, load_tensors, remove_dead_temporaries,
                            save_tensors, write_bytes)
+from tests.conftest import one_error_line, run_cli
 from tests.test_trace_tools import RANK0, RANK1, write_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--eval-every", "0", "--warmup", "1"]
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert result.exit_code != 0 and len(errors) == 1, result.output
-    assert "Traceback" not in result.output and "Usage:" not in result.output, result.output
-    return errors[0]
 
 
 def temporaries(directory) -> list[str]:

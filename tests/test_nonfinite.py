@@ -5,29 +5,18 @@ import json
 import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from ringpipe.cluster.cli import main
 from ringpipe.cluster.options import FiniteFloat
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.runtime.files import load_tensors
+from tests.conftest import one_error_line, run_cli
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "16", "--batch-size", "4",
         "--eval-iters", "1", "--eval-every", "0"]
 # An absurd learning rate: step 1 is finite, then the weights overflow float32 and the loss is nan.
 EXPLODING = ["--lr", "1e30", "--min-lr", "1e30", "--warmup", "0"]
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
-    assert result.exit_code != 0 and len(errors) == 1, result.output
-    assert "Traceback" not in result.output and "Usage:" not in result.output, result.output
-    return errors[0]
 
 
 def all_commands(group, prefix=()):

@@ -8,21 +8,14 @@ import numpy as np
 import pytest
 
 from ringpipe.runtime import Cluster, ClusterStopped, WorkerStuck, WorkerUnresponsive
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from tests.conftest import process_alive
 
 
 def _assert_nothing_left(cluster, pids):
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not any(_alive(pid) for pid in pids), "a worker is still running"
+    assert not any(process_alive(pid) for pid in pids), "a worker is still running"
     assert glob.glob(f"/dev/shm/ringpipe-{cluster.job_id}-*") == []
 
 

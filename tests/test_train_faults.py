@@ -13,18 +13,11 @@ import ringpipe.cluster.distributed_train as distributed_train
 from ringpipe.model.training import trainer as training_trainer
 from ringpipe.cluster.cli import main
 from ringpipe.runtime import Cluster
+from tests.conftest import process_alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
          "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1"]
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _children(pid):
@@ -70,7 +63,7 @@ def test_a_stopped_worker_ends_ringpipe_train_within_seconds_with_one_line(corpu
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-        leftovers = [pid for pid in workers if _alive(pid)]
+        leftovers = [pid for pid in workers if process_alive(pid)]
         for pid in leftovers:  # a stopped worker cannot even notice that its driver is gone
             os.kill(pid, signal.SIGKILL)
     assert not leftovers, f"workers {leftovers} were still running"
@@ -154,5 +147,5 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
         assert error.endswith("no checkpoint was saved yet, so start the run again"), error
     else:
         assert error.endswith(f"continue from the last checkpoint with --resume --out {out}"), error
-    left = [pid for pid in _RecordingCluster.last.pids if _alive(pid)]
+    left = [pid for pid in _RecordingCluster.last.pids if process_alive(pid)]
     assert not left, f"workers {left} still running"
