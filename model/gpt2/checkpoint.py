@@ -110,7 +110,7 @@ def _read_weights(path) -> tuple[dict, dict]:
 def _check_record(hf: dict, metadata: dict, config_path: str, weights_path: str) -> None:
     """config.json must agree with ringpipe's own record: its "ringpipe" section and the dimensions
     stored beside the weights (both absent in checkpoints written by transformers)."""
-    records = [(f"its own \"ringpipe\" section", hf.get("ringpipe") or {})]
+    records = [("its own \"ringpipe\" section", hf.get("ringpipe") or {})]
     if RECORD_KEY in metadata:
         try:
             records.append((f"the record in {weights_path}", json.loads(metadata[RECORD_KEY])))

@@ -5,7 +5,6 @@ The GPT methods of the same names call these; `gpt` is a `model.gpt2.model.GPT`.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
