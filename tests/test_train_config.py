@@ -2,6 +2,8 @@
 import dataclasses
 import json
 
+import pytest
+
 from ringpipe.model.gpt2.config import GPTConfig, GPTOptions
 from ringpipe.model.training.config import MODEL_OPTIONS, TrainConfig, small_gpt
 from ringpipe.model.training.run_dir import saved_config, saved_step
@@ -57,3 +59,8 @@ def test_a_trainer_json_written_before_the_epoch_sampler_loads(tmp_path):
     assert config.sampler == "random" and config.dtype == "float32"  # what that version did
     assert config.gpt_config(vocab_size=30).n_embd == 16
     assert saved_step(str(tmp_path)) == 40
+
+
+def test_an_unknown_setting_is_named():
+    with pytest.raises(TypeError, match="'n_layers'"):
+        TrainConfig(n_layers=2)

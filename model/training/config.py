@@ -30,7 +30,7 @@ class TrainConfig:
     trainer.json of earlier versions name them: TrainConfig(n_layer=2) is
     TrainConfig(model=replace(small_gpt(), n_layer=2)); a flat option overrides `model`'s. `model`
     may be a dict (as `dataclasses.asdict` and trainer.json hold it); options it lacks are
-    small_gpt()'s."""
+    small_gpt()'s. An unknown setting is a TypeError naming it."""
     data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
     tokenizer: str = "char"
     model: GPTOptions = dataclasses.field(default_factory=small_gpt)
