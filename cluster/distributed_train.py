@@ -57,7 +57,7 @@ class DistributedRun:
         elapsed = time.perf_counter() - start
         self.step = step + 1
         losses = [m["loss"] for m in per_rank if m["loss"] is not None]
-        tokens = self.config.batch_size * self.config.block_size
+        tokens = self.config.batch_size * self.config.model.block_size
         metrics = {"step": step, "loss": float(np.mean(losses)), "lr": per_rank[0]["lr"],
                    "grad_norm": per_rank[0]["grad_norm"], "tokens": tokens, "tokens_per_s": tokens / elapsed,
                    "bytes_sent": sum(m["bytes_sent"] for m in per_rank)}

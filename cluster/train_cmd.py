@@ -6,7 +6,6 @@ cluster/progress.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -48,21 +47,21 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
 
 def _config_from_flags(ctx: click.Context, flags: dict):
     """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    chosen = {name: value for name, value in flags.items() if name in fields}
+    names = D.flat()  # the model's options and the run's, as the flags name them
+    chosen = {name: value for name, value in flags.items() if name in names}
     if not flags["resume"]:
         return TrainConfig(**chosen)
-    config = saved_config(flags["out"])
+    saved = saved_config(flags["out"]).flat()
     for name, value in chosen.items():
         if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
             continue
         if name in RESUME_OVERRIDABLE:
-            setattr(config, name, value)
-        elif value != getattr(config, name):
+            saved[name] = value
+        elif value != saved[name]:
             raise bad_flag("--" + name.replace("_", "-"),
-                            f"{value!r} differs from the checkpoint's {getattr(config, name)!r};"
+                            f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
-    return config
+    return TrainConfig(**saved)
 
 
 def _metrics_file(out: str, first_step: int):
@@ -83,10 +82,10 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--tokenizer", type=click.Choice(["char", "byte"]), default=D.tokenizer, show_default=True)
-@click.option("--n-layer", type=click.IntRange(min=1), default=D.n_layer, show_default=True)
-@click.option("--n-head", type=click.IntRange(min=1), default=D.n_head, show_default=True)
-@click.option("--n-embd", type=click.IntRange(min=1), default=D.n_embd, show_default=True)
-@click.option("--block-size", type=click.IntRange(min=1), default=D.block_size, show_default=True)
+@click.option("--n-layer", type=click.IntRange(min=1), default=D.model.n_layer, show_default=True)
+@click.option("--n-head", type=click.IntRange(min=1), default=D.model.n_head, show_default=True)
+@click.option("--n-embd", type=click.IntRange(min=1), default=D.model.n_embd, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=D.model.block_size, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=D.batch_size, show_default=True,
               help="Global batch, in sequences.")
 @click.option("--microbatches", type=click.IntRange(min=1), default=D.microbatches, show_default=True,
@@ -99,7 +98,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--beta2", type=FiniteFloat(0, 1, max_open=True), default=D.beta2, show_default=True)
 @click.option("--grad-clip", type=FiniteFloat(min=0), default=D.grad_clip, show_default=True,
               help="Max global gradient norm; 0 disables clipping.")
-@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.dropout, show_default=True)
+@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.model.dropout, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,

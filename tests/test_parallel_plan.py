@@ -157,11 +157,11 @@ def single_process_training(config: TrainConfig, token_file: str, vocab_size: in
     """The toy model trained in this process: the whole model on one stage without tensor parallelism,
     each step's global batch at once, the global gradient norm clipped, AdamW."""
     plan = ResidualMLPPlan(config.gpt_config(vocab_size))
-    model = Stage(plan, plan.init_params(config.seed), range(config.n_layer), True, True)
+    model = Stage(plan, plan.init_params(config.seed), range(config.model.n_layer), True, True)
     optimizer = AdamW(model.params, (config.beta1, config.beta2), config.eps, config.weight_decay)
     dataset = TokenDataset.from_file(token_file, config.val_fraction)
     for step in range(STEPS):
-        x, y = dataset.get_batch("train", step, config.batch_size, config.block_size, config.seed, config.sampler)
+        x, y = dataset.get_batch("train", step, config.batch_size, config.model.block_size, config.seed, config.sampler)
         model.zero_grads()
         _, caches = model.forward(x, y)
         model.backward_weight(model.backward_input(caches, 1.0)[1])

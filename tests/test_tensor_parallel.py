@@ -399,7 +399,7 @@ def analytic_bytes_per_step(config, tp, sequence_parallel):
     """Bytes one rank sends per step of a tp-only layout, with the runtime's direct algorithm (every
     rank sends its buffer, or for gathers/scatters the piece each peer needs, to each peer once)."""
     rows = config.batch_size // config.microbatches
-    tokens, C, L, f64 = rows * config.block_size, config.n_embd, config.n_layer, 8
+    tokens, C, L, f64 = rows * config.model.block_size, config.model.n_embd, config.model.n_layer, 8
     activation = tokens * C * f64
     # Regions per micro-batch, forward + backward: embedding 1, two per layer each way, head 1.
     regions_count = 2 + 4 * L
@@ -411,7 +411,7 @@ def analytic_bytes_per_step(config, tp, sequence_parallel):
     per_micro += (tp - 1) * (tokens + 2 * tokens) * f64  # cross-entropy: max, then (sum exp, target logit)
     step = config.microbatches * per_micro + (tp - 1) * f64  # the gradient norm's sum of squares
     if sequence_parallel:  # LayerNorm and wpe gradients summed over tp
-        step += (tp - 1) * (L * 4 * C + 2 * C + config.block_size * C) * f64
+        step += (tp - 1) * (L * 4 * C + 2 * C + config.model.block_size * C) * f64
     return step
 
 

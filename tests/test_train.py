@@ -261,6 +261,35 @@ def test_a_checkpoint_from_before_the_sampler_setting_resumes_with_random_window
     assert saved_config(trained).sampler == "random"  # what that run drew its batches with
 
 
+def test_a_checkpoint_holds_the_model_options_under_model(trained):
+    config = json.loads((trained / "checkpoint" / "trainer.json").read_text())["config"]
+    assert (config["model"]["n_layer"], config["model"]["n_embd"]) == (1, 16)
+    assert "n_layer" not in config and config["dtype"] == "float32"  # the run's precision recipe
+    assert saved_config(trained) == TrainConfig(**config)
+
+
+def flatten_model_options(run):
+    """Rewrite the run's trainer.json as versions before `TrainConfig.model` wrote it: flat."""
+    state_file = run / "checkpoint" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state["config"] = {**state["config"].pop("model"), **state["config"]}
+    state_file.write_text(json.dumps(state))
+
+
+def test_a_checkpoint_with_flat_model_options_resumes(trained):
+    flatten_model_options(trained)
+    assert saved_config(trained).model.n_embd == 16
+    result = run_cli("train", "--resume", "--out", trained, "--steps", 3)
+    assert result.exit_code == 0, result.output
+    config = json.loads((trained / "checkpoint" / "trainer.json").read_text())["config"]
+    assert (config["model"]["n_layer"], config["model"]["n_embd"], config["steps"]) == (1, 16, 3)
+
+
+def test_resume_of_a_flat_checkpoint_rejects_a_changed_model_shape(trained):
+    flatten_model_options(trained)
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--n-embd", 32), "--n-embd")
+
+
 def test_corrupt_checkpoint_gives_a_one_line_error(trained):
     weights = trained / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

@@ -25,7 +25,7 @@ from ringpipe.model.training.trainer import Trainer
 def val_windows(trainer: Trainer):
     """(x, y) of every back-to-back block_size window of the val split, as int64 arrays."""
     val = trainer.dataset.splits["val"]
-    block = trainer.config.block_size
+    block = trainer.config.model.block_size
     count = (len(val) - 1) // block
     x = np.asarray(val[:count * block], dtype=np.int64).reshape(count, block)
     y = np.asarray(val[1:count * block + 1], dtype=np.int64).reshape(count, block)
@@ -47,7 +47,7 @@ def chunks(x, y, rows: int = 64):
 
 def val_batches(trainer: Trainer):
     c = trainer.config
-    return [trainer.dataset.get_batch("val", i, c.batch_size, c.block_size, c.seed, c.sampler)
+    return [trainer.dataset.get_batch("val", i, c.batch_size, c.model.block_size, c.seed, c.sampler)
             for i in range(c.eval_iters)]
 
 
@@ -84,7 +84,7 @@ def train_pytorch(trainer: Trainer, initial: dict, threads: int):
     c, g = trainer.config, trainer.gpt.config
     hf_config = transformers.GPT2Config(
         n_layer=g.n_layer, n_head=g.n_head, n_embd=g.n_embd, n_positions=g.block_size,
-        vocab_size=g.vocab_size, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout,
+        vocab_size=g.vocab_size, resid_pdrop=c.model.dropout, embd_pdrop=c.model.dropout, attn_pdrop=c.model.dropout,
         layer_norm_epsilon=1e-5, activation_function="gelu_new", bos_token_id=None, eos_token_id=None)
     torch.manual_seed(c.seed)
     model = transformers.GPT2LMHeadModel(hf_config).to(getattr(torch, c.dtype))
@@ -107,7 +107,7 @@ def train_pytorch(trainer: Trainer, initial: dict, threads: int):
     losses = []
     start = time.perf_counter()
     for step in range(c.steps):
-        x, y = trainer.dataset.get_batch("train", step, c.batch_size, c.block_size, c.seed, c.sampler)
+        x, y = trainer.dataset.get_batch("train", step, c.batch_size, c.model.block_size, c.seed, c.sampler)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, c.lr, c.min_lr, c.warmup, c.steps)
         loss = loss_of(x, y)
@@ -154,7 +154,7 @@ def run(data=None, seeds=(0,), samplers=("epoch",), steps=None, eval_iters=200, 
     means = {key: {name: statistics.mean(r[name] for r in group)
                    for name in ("val_loss", "val_loss_whole_split", "wall_s")}
              for key, group in means.items()}
-    recipe = dataclasses.asdict(base)
+    recipe = base.flat()
     recipe.pop("seed"), recipe.pop("sampler")
     return {"recipe": recipe, "threads": threads, "rows": rows, "means": means}
 

@@ -21,21 +21,29 @@ ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"
 
 
 @dataclass
-class GPTConfig:
+class GPTOptions:
+    """What a run chooses about its GPT: the shape and how the blocks compute. `GPTConfig` adds the
+    three fields decided elsewhere: vocab_size (the tokenizer's), dtype and device (the run's, for
+    all of its arrays). A training run holds these as `TrainConfig.model`."""
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     block_size: int = 1024
-    vocab_size: int = 50257
     dropout: float = 0.0
-    dtype: str = "float32"
-    device: str = "cpu"
     recompute: bool = False  # blocks cache only their input and recompute the rest in backward
     # GPT-2 variants transformers' GPT2Config can describe (model/gpt2_hf_config.py maps them):
     n_inner: int | None = None  # MLP width; None is GPT-2's 4 * n_embd
     layer_norm_epsilon: float = 1e-5
     scale_attn_weights: bool = True  # attention scores divided by sqrt(head size)
     scale_attn_by_inverse_layer_idx: bool = False  # ... and by (layer index + 1)
+
+
+@dataclass
+class GPTConfig(GPTOptions):
+    """The model: its options plus vocab_size, the array dtype and the device; validated here."""
+    vocab_size: int = 50257
+    dtype: str = "float32"
+    device: str = "cpu"
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):

@@ -5,27 +5,35 @@ import dataclasses
 import math
 
 from ringpipe.model.data.dataset import SAMPLERS
-from ringpipe.model.gpt2.config import GPTConfig
+from ringpipe.model.gpt2.config import GPTConfig, GPTOptions
 from ringpipe.model.nn.mixed_precision import check_supported, model_dtype
 
 ON_NONFINITE = ("stop", "skip")  # what a step with a non-finite loss or gradient norm does
-# The model's options a run chooses (the `--n-layer`... flags): TrainConfig fields passed to the
-# model's GPTConfig under the same names, in this one list. The model's other fields come from
-# elsewhere: vocab_size from the tokenizer, dtype from the run's precision (`dtype` here names the
-# recipe, e.g. "fp16-mixed", not an array dtype), the rest are GPT-2's defaults.
-MODEL_OPTIONS = ("n_layer", "n_head", "n_embd", "block_size", "dropout", "device")
+# The model's options a run chooses (the `--n-layer`... flags): the fields of `TrainConfig.model`.
+# The model's other fields come from elsewhere: vocab_size from the tokenizer, dtype from the run's
+# precision (`TrainConfig.dtype` names the recipe, e.g. "fp16-mixed", not an array dtype), device
+# from the run's (its optimizer and data live there too).
+MODEL_OPTIONS = tuple(field.name for field in dataclasses.fields(GPTOptions))
 
 
-@dataclasses.dataclass
+def small_gpt() -> GPTOptions:
+    """A run's default model: GPT-2's options at a size that trains in minutes on a CPU."""
+    return GPTOptions(n_layer=4, n_head=4, n_embd=128, block_size=64)
+
+
+@dataclasses.dataclass(init=False)
 class TrainConfig:
     """Everything that defines a run; saved in each checkpoint. `batch_size` is the global batch
-    in sequences, split into `microbatches` equal parts for gradient accumulation."""
+    in sequences, split into `microbatches` equal parts for gradient accumulation.
+
+    `model` holds the GPT's options. The constructor also takes them flat, as the flags and the
+    trainer.json of earlier versions name them: TrainConfig(n_layer=2) is
+    TrainConfig(model=replace(small_gpt(), n_layer=2)); a flat option overrides `model`'s. `model`
+    may be a dict (as `dataclasses.asdict` and trainer.json hold it); options it lacks are
+    small_gpt()'s. An unknown setting is a TypeError naming it."""
     data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
     tokenizer: str = "char"
-    n_layer: int = 4  # n_layer ... block_size, dropout, device: the model's (MODEL_OPTIONS)
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
+    model: GPTOptions = dataclasses.field(default_factory=small_gpt)
     batch_size: int = 12
     microbatches: int = 1
     steps: int = 2000
@@ -37,7 +45,6 @@ class TrainConfig:
     beta2: float = 0.99
     eps: float = 1e-8
     grad_clip: float = 1.0
-    dropout: float = 0.0
     dtype: str = "float32"  # or "fp16-mixed" (see model/nn/mixed_precision.py)
     loss_scale_growth_interval: int = 2000  # mixed precision: good steps before the scale doubles
     seed: int = 0
@@ -49,12 +56,29 @@ class TrainConfig:
     device: str = "cpu"
     on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: "stop" the run, or "skip" the step
 
+    def __init__(self, model: GPTOptions | dict | None = None, **settings):
+        options = {name: settings.pop(name) for name in MODEL_OPTIONS if name in settings}
+        if not isinstance(model, GPTOptions):
+            model = dataclasses.replace(small_gpt(), **(model or {}))
+        self.model = dataclasses.replace(model, **options)
+        for field in dataclasses.fields(self):
+            if field.name != "model":
+                setattr(self, field.name, settings.pop(field.name, field.default))
+        if settings:
+            raise TypeError(f"TrainConfig got an unexpected setting {next(iter(settings))!r}")
+
+    def flat(self) -> dict:
+        """Every setting by its flag's name: the model's options beside the run's."""
+        settings = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        return {**dataclasses.asdict(settings.pop("model")), **settings}
+
     def validate(self) -> None:
         """ValueError naming the first setting that cannot work."""
+        settings = self.flat()
         for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "microbatches",
                      "steps", "eval_iters", "loss_scale_growth_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if settings[name] < 1:
+                raise ValueError(f"{name} must be at least 1, got {settings[name]}")
         if self.batch_size % self.microbatches:
             raise ValueError(f"batch size {self.batch_size} is not divisible by "
                              f"microbatches {self.microbatches}")
@@ -63,15 +87,15 @@ class TrainConfig:
         if self.warmup < 0 or self.eval_every < 0 or self.checkpoint_every < 0:
             raise ValueError("warmup, eval_every and checkpoint_every must not be negative")
         check_supported(self.dtype)
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+        for name, value in settings.items():
             if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{field.name} must be a finite number, got {value}")
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
                              f"got {self.on_nonfinite!r}")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
-        """The model this run trains: MODEL_OPTIONS from here, `vocab_size` from the tokenizer."""
-        return GPTConfig(**{name: getattr(self, name) for name in MODEL_OPTIONS},
-                         vocab_size=vocab_size, dtype=model_dtype(self.dtype))
+        """The model this run trains: `model`'s options, `vocab_size` from the tokenizer, the array
+        dtype of the run's precision and the run's device."""
+        return GPTConfig(**dataclasses.asdict(self.model), vocab_size=vocab_size,
+                         dtype=model_dtype(self.dtype), device=self.device)

@@ -57,9 +57,9 @@ class Layout:
         if config.batch_size % rows:
             raise ValueError(f"global batch {config.batch_size} is not divisible by dp × microbatches = "
                              f"{self.dp} × {config.microbatches}")
-        if config.n_head % self.tp:
-            raise ValueError(f"n_head {config.n_head} is not divisible by tp {self.tp}")
-        split_layers(config.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
+        if config.model.n_head % self.tp:
+            raise ValueError(f"n_head {config.model.n_head} is not divisible by tp {self.tp}")
+        split_layers(config.model.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
@@ -131,7 +131,7 @@ class ParallelTrainer:
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
         config, layout = self.config, self.layout
-        x, y = self.dataset.get_batch(split, step, config.batch_size, config.block_size, config.seed,
+        x, y = self.dataset.get_batch(split, step, config.batch_size, config.model.block_size, config.seed,
                                       config.sampler)
         rows = config.batch_size // layout.dp
         mine = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
@@ -150,7 +150,7 @@ class ParallelTrainer:
         loss_scale = self.optimizer.scaler.scale if mixed else 1.0
         first_micro = self.mesh.dp_rank * config.microbatches
         seeds = ([dropout_seed(config.seed, step, first_micro + k) for k in range(config.microbatches)]
-                 if config.dropout > 0 else None)
+                 if config.model.dropout > 0 else None)
         with overflow_expected(self.gpt_config.dtype):
             result = run_pipeline_step(self.schedule, self.stages, self.mesh.pp, config.microbatches,
                                        self.num_stages, inputs, targets, dloss=loss_scale / config.microbatches,

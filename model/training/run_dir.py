@@ -62,6 +62,7 @@ def read_trainer_state(checkpoint: str) -> dict:
         with open(path) as f:
             state = json.load(f)
         # Checkpoints written before the epoch sampler existed drew random windows; keep doing so.
+        # TrainConfig also takes the flat model options of checkpoints from before `TrainConfig.model`.
         state["config"] = TrainConfig(**{"sampler": "random", **state["config"]})
         state["step"] = int(state["step"])
         return state

@@ -37,7 +37,7 @@ from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_te
 def threads_for(config: TrainConfig) -> int:
     """Batch shards run on this many threads: all the cores this process may use. Not with dropout,
     whose masks are drawn per shard: the run would differ from the same model split over workers."""
-    if config.dropout > 0:
+    if config.model.dropout > 0:
         return 1
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -56,7 +56,7 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
             ids = tokenizer.encode(text)
         except ValueError as exc:
             raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
-    TokenDataset(ids, config.val_fraction).check_block_size(config.block_size)
+    TokenDataset(ids, config.val_fraction).check_block_size(config.model.block_size)
     return tokenizer, ids
 
 
@@ -163,7 +163,7 @@ class Trainer:
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
-        x, y = self.dataset.get_batch("train", step, config.batch_size, config.block_size,
+        x, y = self.dataset.get_batch("train", step, config.batch_size, config.model.block_size,
                                       config.seed, config.sampler)
         rows = config.batch_size // config.microbatches
         mixed = self.master is not None
@@ -171,7 +171,7 @@ class Trainer:
         total_loss, grads = 0.0, self._master_grads  # mixed: float16 grads add into float32 ones
         for micro in range(config.microbatches):
             rows_of = slice(micro * rows, (micro + 1) * rows)
-            seed = dropout_seed(config.seed, step, micro) if config.dropout > 0 else None
+            seed = dropout_seed(config.seed, step, micro) if config.model.dropout > 0 else None
             loss, micro_grads = self.gpt.loss_and_grads(xp.asarray(x[rows_of]),
                                                         xp.asarray(y[rows_of]), dropout_seed=seed,
                                                         dloss=loss_scale)
@@ -209,7 +209,7 @@ class Trainer:
                 self.gpt.params.flat[...] = self.master.params.flat  # rounded to float16
         self.step = step + 1
         elapsed = time.perf_counter() - start
-        tokens = config.batch_size * config.block_size
+        tokens = config.batch_size * config.model.block_size
         metrics = {"step": step, "loss": total_loss / config.microbatches, "lr": lr,
                    "grad_norm": None if overflow else norm, "tokens": tokens,
                    "tokens_per_s": tokens / elapsed}
@@ -225,7 +225,7 @@ class Trainer:
         rows = config.batch_size // config.microbatches
         losses = []
         for i in range(config.eval_iters):
-            x, y = self.dataset.get_batch("val", i, config.batch_size, config.block_size,
+            x, y = self.dataset.get_batch("val", i, config.batch_size, config.model.block_size,
                                           config.seed, config.sampler)
             for start in range(0, config.batch_size, rows):
                 logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
