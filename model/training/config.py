@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 from ringpipe.model.data.dataset import SAMPLERS
+from ringpipe.model.data.hf_tokenizer import check_bpe_vocab_size
 from ringpipe.model.gpt2.config import GPTConfig
 from ringpipe.model.nn.mixed_precision import check_supported, model_dtype
 
@@ -21,7 +22,9 @@ class TrainConfig:
     """Everything that defines a run; saved in each checkpoint. `batch_size` is the global batch
     in sequences, split into `microbatches` equal parts for gradient accumulation."""
     data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # "char", "byte", "bpe" or a Hugging Face tokenizer directory
+    bpe_vocab_size: int | None = None  # `--vocab-size`: the size a "bpe" tokenizer is trained to
+    # (the model's vocab_size comes from the tokenizer: a small corpus can leave a BPE smaller)
     n_layer: int = 4  # n_layer ... block_size, dropout, device: the model's (MODEL_OPTIONS)
     n_head: int = 4
     n_embd: int = 128
@@ -67,6 +70,13 @@ class TrainConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{field.name} must be a finite number, got {value}")
+        if (self.tokenizer == "bpe") != (self.bpe_vocab_size is not None):
+            raise ValueError("tokenizer 'bpe' needs a vocabulary size (--vocab-size)"
+                             if self.tokenizer == "bpe" else
+                             f"a BPE vocabulary size (--vocab-size {self.bpe_vocab_size}) applies "
+                             f"to tokenizer 'bpe' only, not {self.tokenizer!r}")
+        if self.bpe_vocab_size is not None:
+            check_bpe_vocab_size(self.bpe_vocab_size)
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
                              f"got {self.on_nonfinite!r}")
