@@ -160,3 +160,16 @@ def test_distances_beyond_max_distance_share_the_last_bucket():
 def test_max_distance_within_the_exact_buckets_is_refused_by_name():
     with pytest.raises(ValueError, match="max_distance 16 must exceed the 16 exact buckets"):
         ao.relative_position_bucket(np.arange(5), True, 64, 16)
+
+
+def test_float16_attention_computes_in_float32_and_rounds_once():
+    B, Tq, Tk, C, H = 2, 3, 5, 8, 2
+    qkv, q, enc, w = randn(B, Tq, 3 * C), randn(B, Tq, C), randn(B, Tk, C), randn(C, 2 * C) / 4
+    mask, bias = padding_mask(B, Tk, [5, 2]), randn(1, H, Tq, Tq)
+    cases = [(lambda a: ao.self_attention_forward(a[0], H, mask[:, :Tq], a[1], True), (qkv, bias)),
+             (lambda a: ao.cross_attention_forward(a[0], a[1], a[2], None, H, mask), (q, enc, w))]
+    for forward, inputs in cases:
+        reference, _ = forward([x.astype(np.float16).astype(np.float32) for x in inputs])
+        half, cache = forward([x.astype(np.float16) for x in inputs])
+        assert half.dtype == np.float16
+        np.testing.assert_array_equal(half, reference.astype(np.float16))

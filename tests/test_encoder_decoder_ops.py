@@ -137,3 +137,13 @@ def test_masked_loss_is_the_mean_over_chosen_positions_only():
     assert loss == pytest.approx(-(log_probs[0, 1, 3] + log_probs[0, 3, 1]) / 2, rel=1e-13)
     dlogits = edo.masked_lm_loss_backward(cache)
     assert not dlogits[0, 0].any() and not dlogits[0, 2].any()
+
+
+def test_float16_rms_norm_computes_in_float32_and_rounds_once():
+    x, w, upstream = (randn(3, 16) * 30).astype(np.float16), randn(16).astype(np.float16), randn(3, 16)
+    reference, _ = edo.rms_norm_forward(x.astype(np.float32), w.astype(np.float32))
+    half, cache16 = edo.rms_norm_forward(x, w)
+    assert half.dtype == np.float16 and cache16[0].dtype == np.float32
+    np.testing.assert_array_equal(half, reference.astype(np.float16))
+    dx, dw = edo.rms_norm_backward(upstream.astype(np.float16), cache16, w)
+    assert dx.dtype == dw.dtype == np.float16
