@@ -6,7 +6,7 @@ import json
 import pytest
 import tokenizers
 
-from ringpipe.model.data.hf_tokenizer import END_OF_TEXT, train_bpe
+from ringpipe.model.data.hf_tokenizer import END_OF_TEXT, train_bpe, with_special_tokens
 from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer
 from ringpipe.model.gpt2.model import GPT
 from tests.conftest import TEXT
@@ -172,3 +172,51 @@ def test_tokenizer_flag_errors_are_one_line(corpus, tmp_path, flags, message):
                      "--out", tmp_path / "run")
     assert result.exit_code != 0
     assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+# ------------------------------------------------------------------ special tokens
+
+BERT_ROLES = {"mask_token": "[MASK]", "pad_token": "[PAD]", "sep_token": "[SEP]",
+              "cls_token": "[CLS]"}
+SENTINELS = [f"<extra_id_{i}>" for i in range(3)]
+
+
+def base_tokenizer(kind):
+    return train_bpe(TEXT, 300) if kind == "bpe" else make_tokenizer(kind, TEXT + "[]")
+
+
+@pytest.mark.parametrize("kind", ["char", "byte", "bpe"])
+def test_special_tokens_join_every_tokenizer_after_its_vocabulary(kind):
+    base = base_tokenizer(kind)
+    extended = with_special_tokens(base, BERT_ROLES, SENTINELS)
+    n = base.vocab_size
+    assert extended.vocab_size == n + 7
+    assert [extended.token_id(t) for t in [*BERT_ROLES.values(), *SENTINELS]] == \
+        list(range(n, n + 7))
+    text = TEXT[:200]
+    assert extended.encode(text).tolist() == base.encode(text).tolist()  # every old id stays
+    ids = extended.encode("3 little[MASK] pigs<extra_id_1>").tolist()
+    assert ids == [*base.encode("3 little").tolist(), n, *base.encode(" pigs").tolist(), n + 5]
+    assert extended.decode(ids) == "3 little[MASK] pigs<extra_id_1>"
+
+
+def test_a_special_token_the_vocabulary_already_has_keeps_its_id():
+    base = train_bpe(TEXT, 300)
+    extended = with_special_tokens(base, {"eos_token": END_OF_TEXT, "pad_token": "[PAD]"})
+    assert extended.token_id(END_OF_TEXT) == 0 and extended.token_id("[PAD]") == 300
+    assert with_special_tokens(extended, {"pad_token": "[PAD]"}).vocab_size == 301
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_special_tokens_load_in_transformers_with_their_roles_and_ids(tmp_path, kind):
+    transformers = pytest.importorskip("transformers", reason="comparing needs transformers")
+    extended = with_special_tokens(base_tokenizer(kind), BERT_ROLES, SENTINELS)
+    extended.save(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert len(theirs) == extended.vocab_size
+    assert theirs.mask_token_id == extended.token_id("[MASK]")
+    assert theirs.pad_token == "[PAD]" and theirs.sep_token == "[SEP]"
+    text = "[CLS] 3 little pigs [MASK] came<extra_id_2> home.[SEP]"
+    assert theirs(text)["input_ids"] == extended.encode(text).tolist()
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.encode(text).tolist() == extended.encode(text).tolist()

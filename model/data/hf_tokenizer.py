@@ -96,6 +96,13 @@ class HuggingFaceTokenizer(Tokenizer):
     def hf_tokenizer(self):
         return self.tokenizer
 
+    def token_id(self, token: str) -> int:
+        """The id of a whole token (e.g. a special token's text); ValueError if it has none."""
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
     def files(self) -> dict:
         return {TOKENIZER_FILE: self.tokenizer.to_str(pretty=True), **self.config_files}
 
@@ -158,3 +165,27 @@ def load_hf_directory(directory: str) -> HuggingFaceTokenizer:
     config_files.setdefault(TOKENIZER_CONFIG_FILE, json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}))
     return HuggingFaceTokenizer(tokenizer, config_files)
+
+
+def with_special_tokens(tokenizer: Tokenizer, roles: dict, additional=()) -> HuggingFaceTokenizer:
+    """`tokenizer` (any kind) with the special tokens a model family needs in its vocabulary.
+
+    roles: transformers' name -> token text, e.g. {"mask_token": "[MASK]", "pad_token": "[PAD]",
+    "sep_token": "[SEP]"}; additional: further special tokens in order (T5's sentinels). A token
+    the vocabulary lacks gets the next free id, in the order given; every existing id stays. The
+    tokens are matched whole in text and never split; tokenizer_config.json names their roles, so
+    transformers' `mask_token_id` and the like give the same ids.
+    """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    inner = HFTokenizer.from_str(tokenizer.hf_tokenizer().to_str())  # a copy to add to
+    tokens = list(dict.fromkeys([*roles.values(), *additional]))
+    inner.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    files = tokenizer.files()
+    config = {**json.loads(files[TOKENIZER_CONFIG_FILE]), **roles}
+    if additional:
+        earlier = config.get("additional_special_tokens") or []
+        config["additional_special_tokens"] = list(dict.fromkeys([*earlier, *additional]))
+    return HuggingFaceTokenizer(inner, {TOKENIZER_CONFIG_FILE: json.dumps(config, indent=2),
+                                        SPECIAL_TOKENS_FILE: files[SPECIAL_TOKENS_FILE]})
