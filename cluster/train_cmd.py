@@ -15,6 +15,7 @@ import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from ringpipe.model.data.tokenizer import KINDS
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
 from ringpipe.model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, saved_config, saved_step
@@ -58,7 +59,8 @@ def _config_from_flags(ctx: click.Context, flags: dict):
         if name in RESUME_OVERRIDABLE:
             saved[name] = value
         elif value != saved[name]:
-            raise bad_flag("--" + name.replace("_", "-"),
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+            raise bad_flag(flag,
                             f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
     return TrainConfig(**saved)
@@ -81,7 +83,11 @@ D = TrainConfig()  # flag defaults are the config's defaults
 
 @click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
-@click.option("--tokenizer", type=click.Choice(["char", "byte"]), default=D.tokenizer, show_default=True)
+@click.option("--tokenizer", default=D.tokenizer, show_default=True,
+              help="char, byte, bpe (a byte-level BPE trained on --data; needs --vocab-size) or "
+                   "the path of a Hugging Face tokenizer directory.")
+@click.option("--vocab-size", "bpe_vocab_size", type=click.IntRange(min=1), default=None,
+              help="--tokenizer bpe: the vocabulary size to train (at most; 257 to 65536).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=D.model.n_layer, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=D.model.n_head, show_default=True)
 @click.option("--n-embd", type=click.IntRange(min=1), default=D.model.n_embd, show_default=True)
@@ -172,6 +178,9 @@ def train(ctx, **flags):
     if flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
                         f"pp {layout.pp} = {layout.world_size} ranks")
+    if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
+        raise bad_flag("--tokenizer", f"{flags['tokenizer']!r} is neither {', '.join(KINDS)} nor a "
+                       "Hugging Face tokenizer directory")
     try:
         config = _config_from_flags(ctx, flags)
         config.validate()  # before the first status line: a setting that cannot work is the only output

@@ -87,11 +87,13 @@ def test_run_directories_in_ringpipes_earlier_format_still_load(tmp_path, kind):
         assert loaded.encode("é").tolist() == [0xC3, 0xA9]
 
 
-def test_a_hugging_face_tokenizer_ringpipe_cannot_express_is_refused_by_name(tmp_path):
+def test_a_hugging_face_tokenizer_other_than_char_or_byte_is_held_by_tokenizers(tmp_path):
+    # Anything else (a trained BPE, a tokenizer directory) keeps the ids `tokenizers` gives it:
+    # tests/test_bpe_and_hf_tokenizers.py.
     other = tokenizers.Tokenizer(tokenizers.models.WordLevel({"to": 0, "be": 1}, unk_token="to"))
     other.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match="tokenizer.json.*WordLevel.*not ringpipe's"):
-        load_tokenizer(str(tmp_path))
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.type == "hf" and loaded.encode("be").tolist() == [1]
 
 
 # ------------------------------------------------------------------ transformers

@@ -10,7 +10,8 @@
           model with the 256 bytes and no merges, so the id of a byte is its value.
 ringpipe encodes with its own vectorised code and reads the files back without `tokenizers`.
 Run directories of earlier versions hold ringpipe's own `tokenizer.json`, {"type": "char",
-"chars": "..."} or {"type": "byte"}; they still load.
+"chars": "..."} or {"type": "byte"}; they still load. Any other Hugging Face tokenizer (a trained
+BPE, a tokenizer directory) is held by `tokenizers` itself: model/data/hf_tokenizer.py.
 """
 from __future__ import annotations
 
@@ -19,39 +20,9 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime.files import make_directory, write_text
-
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_FILE)
-
-# What transformers needs beside tokenizer.json: the class to build (not GPT2TokenizerFast, which
-# config.json's model_type would pick), and no clean-up of spaces around punctuation in decode.
-TRANSFORMERS_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast",
-                       "clean_up_tokenization_spaces": False}
-
-
-class Tokenizer:
-    """What every tokenizer shares: `save(dir)` writes its Hugging Face tokenizer files."""
-
-    type = ""
-
-    def hf_tokenizer(self):
-        """This tokenizer as a `tokenizers.Tokenizer` (same ids, same decoding)."""
-        raise NotImplementedError
-
-    def files(self) -> dict:
-        """File name -> text of each file `save` writes."""
-        return {TOKENIZER_FILE: self.hf_tokenizer().to_str(pretty=True),
-                TOKENIZER_CONFIG_FILE: json.dumps(TRANSFORMERS_CONFIG, indent=2),
-                SPECIAL_TOKENS_FILE: "{}"}
-
-    def save(self, directory: str) -> None:
-        """Each file written beside its target and renamed over it (runtime.files)."""
-        make_directory(directory)
-        for name, text in self.files().items():
-            write_text(os.path.join(directory, name), text)
+from ringpipe.model.data.hf_tokenizer import (  # noqa: F401  (the file names: importers find them here)
+    SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, TOKENIZER_FILES, TRANSFORMERS_CONFIG,
+    Tokenizer, load_hf_directory, train_bpe)
 
 
 def gpt2_byte_alphabet() -> list:
@@ -141,13 +112,31 @@ class ByteTokenizer(Tokenizer):
         return tokenizer
 
 
-def make_tokenizer(kind: str, text: str):
-    """A tokenizer of `kind` ("char" or "byte"); a char vocabulary is the characters of `text`."""
+KINDS = ("char", "byte", "bpe")  # beside these, `--tokenizer` takes a Hugging Face tokenizer DIR
+
+
+def make_tokenizer(kind: str, text: str, vocab_size: int | None = None):
+    """The tokenizer `--tokenizer kind` names: "char" (the characters of `text`), "byte", "bpe"
+    (a byte-level BPE of `vocab_size` tokens trained on `text`, see model/data/hf_tokenizer.py), or
+    the path of a Hugging Face tokenizer directory."""
     if kind == "char":
         return CharTokenizer.from_text(text)
     if kind == "byte":
         return ByteTokenizer()
-    raise ValueError(f"unknown tokenizer {kind!r}; expected 'char' or 'byte'")
+    if kind == "bpe":
+        if vocab_size is None:
+            raise ValueError("tokenizer 'bpe' needs a vocabulary size (--vocab-size)")
+        return train_bpe(text, vocab_size)
+    if os.path.isdir(kind):
+        return load_tokenizer(kind)
+    raise ValueError(f"unknown tokenizer {kind!r}; expected 'char', 'byte', 'bpe' or a Hugging Face "
+                     "tokenizer directory")
+
+
+def tokenizer_type(kind: str) -> str | None:
+    """The `type` of the tokenizer `make_tokenizer(kind, ...)` gives: "char", "byte", "hf" for
+    "bpe" (held by the `tokenizers` library), None for a directory (whatever it holds)."""
+    return {"char": "char", "byte": "byte", "bpe": "hf"}.get(kind)
 
 
 def tokenizer_from_json(spec: dict):
@@ -184,7 +173,9 @@ def _from_hf_json(spec: dict):
 
 
 def load_tokenizer(directory: str):
-    """The tokenizer saved in `directory/tokenizer.json` (ValueError naming the file if bad)."""
+    """The tokenizer saved in `directory/tokenizer.json` (ValueError naming the file if bad): a char
+    or byte tokenizer where the file describes one (ringpipe's own code encodes), else the Hugging
+    Face tokenizer it holds (model/data/hf_tokenizer.py)."""
     path = os.path.join(directory, TOKENIZER_FILE)
     try:
         with open(path, encoding="utf-8") as f:
@@ -195,4 +186,6 @@ def load_tokenizer(directory: str):
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"corrupt tokenizer file {path}: {exc}") from None
     except ValueError as exc:
-        raise ValueError(f"tokenizer file {path}: {exc}") from None
+        if not (isinstance(spec, dict) and isinstance(spec.get("model"), dict)):
+            raise ValueError(f"tokenizer file {path}: {exc}") from None
+    return load_hf_directory(directory)

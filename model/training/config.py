@@ -5,6 +5,7 @@ import dataclasses
 import math
 
 from ringpipe.model.data.dataset import SAMPLERS
+from ringpipe.model.data.hf_tokenizer import check_bpe_vocab_size
 from ringpipe.model.gpt2.config import GPTConfig, GPTOptions
 from ringpipe.model.nn.mixed_precision import check_supported, model_dtype
 
@@ -32,7 +33,9 @@ class TrainConfig:
     may be a dict (as `dataclasses.asdict` and trainer.json hold it); options it lacks are
     small_gpt()'s. An unknown setting is a TypeError naming it."""
     data: str | None = None  # FILE, DIR or GLOB; None = the standard-library corpus
-    tokenizer: str = "char"
+    tokenizer: str = "char"  # "char", "byte", "bpe" or a Hugging Face tokenizer directory
+    bpe_vocab_size: int | None = None  # `--vocab-size`: the size a "bpe" tokenizer is trained to
+    # (the model's vocab_size comes from the tokenizer: a small corpus can leave a BPE smaller)
     model: GPTOptions = dataclasses.field(default_factory=small_gpt)
     batch_size: int = 12
     microbatches: int = 1
@@ -90,6 +93,13 @@ class TrainConfig:
         for name, value in settings.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
+        if (self.tokenizer == "bpe") != (self.bpe_vocab_size is not None):
+            raise ValueError("tokenizer 'bpe' needs a vocabulary size (--vocab-size)"
+                             if self.tokenizer == "bpe" else
+                             f"a BPE vocabulary size (--vocab-size {self.bpe_vocab_size}) applies "
+                             f"to tokenizer 'bpe' only, not {self.tokenizer!r}")
+        if self.bpe_vocab_size is not None:
+            check_bpe_vocab_size(self.bpe_vocab_size)
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
                              f"got {self.on_nonfinite!r}")

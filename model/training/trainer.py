@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
-from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer
+from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
 from ringpipe.model.gpt2.checkpoint import write_checkpoint_files
 from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, init_params
 from ringpipe.model.gpt2.model import GPT
@@ -49,7 +49,7 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
     """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it."""
     text = load_corpus(config.data)
     if tokenizer is None:
-        tokenizer = make_tokenizer(config.tokenizer, text)
+        tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
         ids = tokenizer.encode(text)
     else:
         try:
@@ -127,7 +127,7 @@ class Trainer:
         checkpoint = find_checkpoint(run_dir)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-        if tokenizer.type != config.tokenizer:
+        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
