@@ -73,17 +73,19 @@ _ROUNDS_HELP = "Interleaved rounds (ringpipe, peer, ringpipe, peer, ...); every 
               help="Byte sizes: a range (every 4th power of two) like 1K-64M, or a list like 1K,1M.")
 @click.option("--compare", default="none", show_default=True, help=_COMPARE_HELP)
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 1000), help=_ROUNDS_HELP)
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Timed calls per op, size and round [default: 200 at small sizes, fewer from 1 MiB, at least 5].")
 @click.option("--algorithm", type=click.Choice(["auto", "direct", "ring", "shm"]), default="auto",
               show_default=True, help="Force one collective algorithm.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write the rows, every round listed, as JSON here.")
-def bench_collectives(world_size, ops, sizes, compare, rounds, algorithm, json_path):
+def bench_collectives(world_size, ops, sizes, compare, rounds, iters, algorithm, json_path):
     """nccl-tests style table of collective time, algbw and busbw (results checked)."""
     from ringpipe.tools.bench_collectives import main as run_bench, parse_compare, parse_sizes
 
     try:
         size_list = parse_sizes(sizes)
         op_list = [o.strip() for o in ops.split(",") if o.strip()]
-        run_bench(world_size, op_list, size_list, parse_compare(compare), json_path, algorithm, rounds,
+        run_bench(world_size, op_list, size_list, parse_compare(compare), json_path, algorithm, rounds, iters,
                   echo=click.echo, progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
         raise click.ClickException(_first_line(exc)) from None

@@ -54,9 +54,10 @@ def iterations(size: int) -> int:
 
 
 # ---- one library-neutral measurement loop (runs on every rank) --------------------------------------
-def measure(ops, op_names, sizes) -> list[dict]:
+def measure(ops, op_names, sizes, iters=None) -> list[dict]:
     """One round on one rank (`ops`: a bench_libraries.Ops): per op and size, a checked call, then
-    `iterations(size)` timed calls after a barrier; rows with this rank's mean time in seconds."""
+    `iters` (default `iterations(size)`) timed calls after a barrier; rows with this rank's mean
+    time in seconds."""
     n, rank = ops.size, ops.rank
     rows = []
     for op in op_names:
@@ -67,13 +68,13 @@ def measure(ops, op_names, sizes) -> list[dict]:
             run, check = _prepare(ops, op, count, n, rank)
             wrong = check(run())
             run_timed, _ = _prepare(ops, op, count, n, rank, timed=True)
-            iters = iterations(size)
+            calls = iters or iterations(size)
             run_timed()
             ops.barrier()
             start = time.perf_counter()
-            for _ in range(iters):
+            for _ in range(calls):
                 run_timed()
-            elapsed = (time.perf_counter() - start) / iters
+            elapsed = (time.perf_counter() - start) / calls
             rows.append({"op": op, "size_bytes": count * 4, "count": count, "dtype": DTYPE, "time": elapsed,
                          "wrong": int(wrong)})
     return rows
@@ -120,7 +121,8 @@ def with_bandwidth(row: dict, world_size: int) -> dict:
     return dict(row, algbw=algbw, busbw=algbw * bus_factor(row["op"], world_size))
 
 
-def run(world_size=4, ops=OPS, sizes=(1 << 10,), compare=(), rounds=5, algorithm="auto", progress=None) -> dict:
+def run(world_size=4, ops=OPS, sizes=(1 << 10,), compare=(), rounds=5, algorithm="auto", iters=None,
+        progress=None) -> dict:
     """ringpipe and the `compare` libraries (bench_libraries.PEERS), each once per round, interleaved.
 
     Returns {"world_size", "rounds", "libraries", "unavailable": {library: why}, "rows": [...]}, one
@@ -131,7 +133,9 @@ def run(world_size=4, ops=OPS, sizes=(1 << 10,), compare=(), rounds=5, algorithm
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     libraries = ["ringpipe", *compare]
-    args = {"op_names": ops, "sizes": list(sizes)}
+    if iters is not None and iters < 1:
+        raise ValueError(f"--iters must be at least 1, got {iters}")
+    args = {"op_names": ops, "sizes": list(sizes), "iters": iters}
     runners = {library: (lambda library=library: merge_ranks(
         bench_libraries.run(library, world_size, "ringpipe.tools.bench_collectives:measure", args, algorithm)))
         for library in libraries}
@@ -183,12 +187,12 @@ def parse_compare(text: str) -> list[str]:
 
 
 def main(world_size=4, ops=OPS, sizes="1K-64M", compare=(), json_path=None, algorithm="auto", rounds=5,
-         echo=print, progress=None) -> dict:
+         iters=None, echo=print, progress=None) -> dict:
     size_list = parse_sizes(sizes) if isinstance(sizes, str) else list(sizes)
     compare = parse_compare(compare) if isinstance(compare, str) else list(compare or ())
     if json_path:
         check_writable_file(json_path)  # before the run, whose results would be lost at the end
-    result = run(world_size, ops, size_list, compare, rounds, algorithm, progress)
+    result = run(world_size, ops, size_list, compare, rounds, algorithm, iters, progress)
     echo(format_table(result))
     if json_path:
         write_json(json_path, result, indent=1)

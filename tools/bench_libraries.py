@@ -65,15 +65,17 @@ def _measure_function(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def run(library: str, world_size: int, measure: str, args: dict, algorithm: str = "auto") -> list:
+def run(library: str, world_size: int, measure: str, args: dict, algorithm: str = "auto",
+        timeout: float = PEER_TIMEOUT) -> list:
     """`measure(ops, **args)` on `world_size` fresh ranks of `library`; the results by rank.
-    `algorithm` forces ringpipe's collective algorithm (the peers choose their own)."""
+    `algorithm` forces ringpipe's collective algorithm (the peers choose their own); a peer that
+    has not finished after `timeout` seconds is stopped (LibraryUnavailable)."""
     if library == "ringpipe":
         return run_ringpipe(world_size, measure, args, algorithm)
     if library == "gloo":
-        return run_gloo(world_size, measure, args)
+        return run_gloo(world_size, measure, args, timeout)
     if library == "mpi":
-        return run_mpi(world_size, measure, args)
+        return run_mpi(world_size, measure, args, timeout)
     raise ValueError(f"unknown library {library!r}; choose from {', '.join(LIBRARIES)}")
 
 
@@ -159,7 +161,7 @@ def gloo_rank(rank: str, world_size: str, port: str, measure: str, args: str, ou
     dist.destroy_process_group()
 
 
-def run_gloo(world_size, measure, args) -> list:
+def run_gloo(world_size, measure, args, timeout=PEER_TIMEOUT) -> list:
     if importlib.util.find_spec("torch") is None:
         raise LibraryUnavailable(f"torch is not installed for {sys.executable} (pip install torch)")
     import torch.distributed as dist
@@ -174,7 +176,7 @@ def run_gloo(world_size, measure, args) -> list:
         out_path = os.path.join(tmp, "result")
         commands = [[sys.executable, "-c", code, str(rank), str(world_size), str(port), measure, json.dumps(args),
                      out_path] for rank in range(world_size)]
-        _run_processes("gloo", commands, tmp)
+        run_processes("gloo", commands, tmp, timeout)
         return _read_results(out_path, world_size)
 
 
@@ -234,7 +236,7 @@ def mpi_rank(measure: str, args: str, out_path: str):
     write_json(f"{out_path}.{comm.Get_rank()}", _measure_function(measure)(mpi_ops(comm), **json.loads(args)))
 
 
-def run_mpi(world_size, measure, args) -> list:
+def run_mpi(world_size, measure, args, timeout=PEER_TIMEOUT) -> list:
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         raise LibraryUnavailable("mpirun is not on PATH (Debian: apt-get install openmpi-bin libopenmpi-dev)")
@@ -246,12 +248,12 @@ def run_mpi(world_size, measure, args) -> list:
         # --oversubscribe: more ranks than cores is the point of the 4-rank runs on 2 cores.
         command = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", str(world_size),
                    sys.executable, "-c", code, measure, json.dumps(args), out_path]
-        _run_processes("mpi", [command], tmp)
+        run_processes("mpi", [command], tmp, timeout)
         return _read_results(out_path, world_size)
 
 
 # ---- processes of the peer libraries ----------------------------------------------------------------
-def _run_processes(library: str, commands: list[list[str]], log_dir: str, timeout: float = PEER_TIMEOUT):
+def run_processes(library: str, commands: list[list[str]], log_dir: str, timeout: float = PEER_TIMEOUT):
     """Run `commands` at once, each in its own process group, output to log files; LibraryUnavailable
     (with the first failing process's last line of output) unless all exit 0 within `timeout`."""
     env = reaching_this_package(dict(os.environ, **{var: "1" for var in BLAS_THREAD_VARIABLES}))
