@@ -114,3 +114,13 @@ def _cmdline(pid: str) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_peer_rank_stops_the_others_and_is_named_in_one_line(tmp_path):
+    marker = f"wait-{uuid.uuid4().hex}"
+    fail = [sys.executable, "-c", "raise ValueError('rank 0 cannot start')"]
+    wait = [sys.executable, "-c", f"import time; time.sleep(600)  # {marker}"]
+    with pytest.raises(LibraryUnavailable, match=r"^gloo failed \(exit code 1\): ValueError: rank 0 cannot start$"):
+        run_processes("gloo", [wait, fail], str(tmp_path), timeout=300)
+    assert [pid for pid in os.listdir("/proc") if pid.isdigit() and marker in _cmdline(pid)] == []

@@ -254,8 +254,10 @@ def run_mpi(world_size, measure, args, timeout=PEER_TIMEOUT) -> list:
 
 # ---- processes of the peer libraries ----------------------------------------------------------------
 def run_processes(library: str, commands: list[list[str]], log_dir: str, timeout: float = PEER_TIMEOUT):
-    """Run `commands` at once, each in its own process group, output to log files; LibraryUnavailable
-    (with the first failing process's last line of output) unless all exit 0 within `timeout`."""
+    """Run `commands` at once, each in a session of its own, output to log files. Returns when all
+    exited 0; raises LibraryUnavailable when one fails (naming its last line of output) or when
+    `timeout` seconds pass, and then stops the others (a rank left waiting for a dead peer would
+    wait forever)."""
     env = reaching_this_package(dict(os.environ, **{var: "1" for var in BLAS_THREAD_VARIABLES}))
     logs = [os.path.join(log_dir, f"log.{i}") for i in range(len(commands))]
     procs = []
@@ -265,18 +267,19 @@ def run_processes(library: str, commands: list[list[str]], log_dir: str, timeout
                 procs.append(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                               env=env, start_new_session=True))
         deadline = time.monotonic() + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise LibraryUnavailable(f"{library} did not finish within {timeout:g} s; stopped it") from None
+        while True:
+            for proc, log in zip(procs, logs):
+                if proc.poll():
+                    raise LibraryUnavailable(f"{library} failed (exit code {proc.returncode}): {_last_line(log)}")
+            if all(proc.returncode == 0 for proc in procs):
+                return
+            if time.monotonic() > deadline:
+                raise LibraryUnavailable(f"{library} did not finish within {timeout:g} s; stopped it")
+            time.sleep(0.1)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 _stop(proc)
-    for proc, log in zip(procs, logs):
-        if proc.returncode:
-            raise LibraryUnavailable(f"{library} failed (exit code {proc.returncode}): {_last_line(log)}")
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10.0):
@@ -300,7 +303,7 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0):
 
 def _session_members(session: int) -> list[int]:
     members = []
-    for entry in os.listdir("/proc"):
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
