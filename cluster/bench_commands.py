@@ -60,26 +60,53 @@ def bench_model(n_layer, n_head, n_embd, block_size, batch_size, vocab_size, ste
                     format_table, json_path)
 
 
+_COMPARE_HELP = ("Also run these libraries in the same run, interleaved round by round: none, gloo "
+                 "(torch.distributed, needs torch), mpi (OpenMPI through mpi4py, needs mpirun), or gloo,mpi.")
+_ROUNDS_HELP = "Interleaved rounds (ringpipe, peer, ringpipe, peer, ...); every figure is their median."
+
+
 @bench.command("collectives", short_help="Collective time, algbw, busbw per size.")
 @click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
 @click.option("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast,sendrecv", show_default=True,
               help="Comma-separated operations.")
 @click.option("--sizes", default="1K-64M", show_default=True,
               help="Byte sizes: a range (every 4th power of two) like 1K-64M, or a list like 1K,1M.")
-@click.option("--compare", type=click.Choice(["none", "gloo"]), default="none", show_default=True,
-              help="Also run torch.distributed's gloo backend on the same sizes (needs torch).")
+@click.option("--compare", default="none", show_default=True, help=_COMPARE_HELP)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 1000), help=_ROUNDS_HELP)
+@click.option("--iters", type=click.IntRange(min=1), default=None,
+              help="Timed calls per op, size and round [default: 200 at small sizes, fewer from 1 MiB, at least 5].")
 @click.option("--algorithm", type=click.Choice(["auto", "direct", "ring", "shm"]), default="auto",
               show_default=True, help="Force one collective algorithm.")
-@click.option("--json", "json_path", type=OutputFile(), help="Write the rows as JSON here.")
-def bench_collectives(world_size, ops, sizes, compare, algorithm, json_path):
+@click.option("--json", "json_path", type=OutputFile(), help="Write the rows, every round listed, as JSON here.")
+def bench_collectives(world_size, ops, sizes, compare, rounds, iters, algorithm, json_path):
     """nccl-tests style table of collective time, algbw and busbw (results checked)."""
-    from ringpipe.tools.bench_collectives import main as run_bench, parse_sizes
+    from ringpipe.tools.bench_collectives import main as run_bench, parse_compare, parse_sizes
 
     try:
         size_list = parse_sizes(sizes)
         op_list = [o.strip() for o in ops.split(",") if o.strip()]
-        run_bench(world_size, op_list, size_list, compare if compare != "none" else None, json_path, algorithm,
-                  echo=click.echo)
+        run_bench(world_size, op_list, size_list, parse_compare(compare), json_path, algorithm, rounds, iters,
+                  echo=click.echo, progress=lambda line: click.echo(line, err=True))
+    except _ONE_LINE_ERRORS as exc:
+        raise click.ClickException(_first_line(exc)) from None
+
+
+@bench.command("p2p", short_help="Point-to-point one-way latency (ping-pong) per size.")
+@click.option("--sizes", default="1K-4M", show_default=True,
+              help="Byte sizes: a range (every 4th power of two) like 1K-4M, or a list like 1K,1M.")
+@click.option("--pingpongs", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Timed round trips per size and round (fewer above 64 KiB, at least 10).")
+@click.option("--compare", default="none", show_default=True, help=_COMPARE_HELP)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 1000), help=_ROUNDS_HELP)
+@click.option("--json", "json_path", type=OutputFile(), help="Write the rows, every round listed, as JSON here.")
+def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
+    """One-way latency between two ranks on this host: half the median round trip of the ping-pongs."""
+    from ringpipe.tools.bench_collectives import parse_compare, parse_sizes
+    from ringpipe.tools.bench_p2p import main as run_bench
+
+    try:
+        run_bench(parse_sizes(sizes), pingpongs, parse_compare(compare), rounds, json_path, echo=click.echo,
+                  progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
         raise click.ClickException(_first_line(exc)) from None
 

@@ -23,6 +23,19 @@ from ringpipe.runtime.shm import SHM_DIR
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def reaching_this_package(environment: dict) -> dict:
+    """`environment` (changed in place and returned) such that a child `python -m ringpipe...` finds
+    this very package."""
+    # Installed (a wheel or editable) the interpreter finds it; imported from a folder named
+    # ringpipe on sys.path (tools/gpu_check.sh without an install), that folder's parent must reach
+    # the child.
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.basename(package) == "ringpipe":
+        environment["PYTHONPATH"] = os.pathsep.join([os.path.dirname(package),
+                                                     *filter(None, [environment.get("PYTHONPATH")])])
+    return environment
+
+
 @runtime_checkable
 class Launcher(Protocol):
     """Starts one worker per bootstrap record and answers for them by rank (0..N-1)."""
@@ -63,15 +76,7 @@ class LocalLauncher:
         self.processes: list[subprocess.Popen] = []
 
     def start(self, boots: list[dict], env: dict | None = None) -> None:
-        environment = dict(os.environ)
-        environment.update(env or {})
-        # `python -m ringpipe.runtime.worker` must find this very package. Installed (a wheel or
-        # editable) the interpreter finds it; imported from a folder named ringpipe on sys.path
-        # (tools/gpu_check.sh without an install), that folder's parent must reach the workers.
-        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if os.path.basename(package) == "ringpipe":
-            environment["PYTHONPATH"] = os.pathsep.join([os.path.dirname(package),
-                                                         *filter(None, [environment.get("PYTHONPATH")])])
+        environment = reaching_this_package(dict(os.environ, **(env or {})))
         for boot in boots:
             worker_env = dict(environment)
             for var in BLAS_THREAD_VARIABLES:

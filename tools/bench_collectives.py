@@ -1,24 +1,23 @@
-"""Collective benchmark in the style of nccl-tests, with torch.distributed's gloo side by side.
+"""Collective benchmark in the style of nccl-tests, with torch.distributed's gloo and OpenMPI (mpi4py)
+side by side in the same run.
 
-Each (op, size) is first run once on rank-dependent data and checked element by element (#wrong),
-then timed: `iters` back-to-back calls after a barrier, time = the slowest rank's mean. Bus
+In every round each library runs in fresh processes; each (op, size) is first run once on
+rank-dependent data and checked element by element (#wrong), then timed: `iterations(size)`
+back-to-back calls after a barrier, the round's time = the slowest rank's mean. Each reported time
+is the median of the rounds, interleaved ringpipe, peer, ringpipe, peer, ... (bench_rounds). Bus
 bandwidth uses the nccl-tests factors: all_reduce 2(n-1)/n; all_gather and reduce_scatter (n-1)/n
 with size = total bytes; broadcast and sendrecv 1.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
 
 from ringpipe.runtime.files import check_writable_file, write_json
+from ringpipe.tools import bench_libraries
+from ringpipe.tools.bench_rounds import interleaved_rounds, median_of_rounds
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "sendrecv")
 DTYPE = "float32"
@@ -54,17 +53,11 @@ def iterations(size: int) -> int:
     return int(min(200, max(5, (256 << 20) // max(size, 1) // 16)))
 
 
-# ---- one implementation-neutral measurement loop -----------------------------------------------
-class Ops:
-    """The five operations for one library; `array` makes its buffer type."""
-
-    def __init__(self, rank, size, all_reduce, all_gather, reduce_scatter, broadcast, sendrecv, barrier, array):
-        self.rank, self.size = rank, size
-        self.all_reduce, self.all_gather, self.reduce_scatter = all_reduce, all_gather, reduce_scatter
-        self.broadcast, self.sendrecv, self.barrier, self.array = broadcast, sendrecv, barrier, array
-
-
-def measure(ops: Ops, op_names, sizes) -> list[dict]:
+# ---- one library-neutral measurement loop (runs on every rank) --------------------------------------
+def measure(ops, op_names, sizes, iters=None) -> list[dict]:
+    """One round on one rank (`ops`: a bench_libraries.Ops): per op and size, a checked call, then
+    `iters` (default `iterations(size)`) timed calls after a barrier; rows with this rank's mean
+    time in seconds."""
     n, rank = ops.size, ops.rank
     rows = []
     for op in op_names:
@@ -75,19 +68,19 @@ def measure(ops: Ops, op_names, sizes) -> list[dict]:
             run, check = _prepare(ops, op, count, n, rank)
             wrong = check(run())
             run_timed, _ = _prepare(ops, op, count, n, rank, timed=True)
-            iters = iterations(size)
+            calls = iters or iterations(size)
             run_timed()
             ops.barrier()
             start = time.perf_counter()
-            for _ in range(iters):
+            for _ in range(calls):
                 run_timed()
-            elapsed = (time.perf_counter() - start) / iters
+            elapsed = (time.perf_counter() - start) / calls
             rows.append({"op": op, "size_bytes": count * 4, "count": count, "dtype": DTYPE, "time": elapsed,
                          "wrong": int(wrong)})
     return rows
 
 
-def _prepare(ops: Ops, op, count, n, rank, timed=False):
+def _prepare(ops, op, count, n, rank, timed=False):
     """(run, check) for one op: run() performs it once; check(result) counts wrong elements."""
     fill = 0.0 if timed else float(rank + 1)
     if op == "all_reduce":
@@ -111,148 +104,96 @@ def _prepare(ops: Ops, op, count, n, rank, timed=False):
     raise ValueError(f"unknown op {op!r}")
 
 
-# ---- ringpipe ---------------------------------------------------------------------------------------
-def ringpipe_worker(comm, op_names, sizes):
-    def sendrecv(x, out):
-        handle = comm.irecv((comm.rank - 1) % comm.size, out=out)
-        comm.send(x, (comm.rank + 1) % comm.size)
-        return handle.wait()
-
-    ops = Ops(comm.rank, comm.size, comm.all_reduce, comm.all_gather, comm.reduce_scatter,
-              lambda x: comm.broadcast(x, 0), sendrecv, comm.barrier, lambda a: a)
-    return measure(ops, op_names, sizes)
-
-
-def run_ringpipe(world_size, op_names, sizes, algorithm="auto") -> list[dict]:
-    from ringpipe.runtime import Cluster
-
-    with Cluster(world_size, threads_per_worker=1, algorithm=algorithm) as cluster:
-        per_rank = cluster.run(ringpipe_worker, list(op_names), list(sizes))
-    return _merge(per_rank, world_size, "ringpipe")
-
-
-# ---- gloo (torch.distributed) ----------------------------------------------------------------------
-def gloo_worker(rank, world_size, port, op_names, sizes, out_path):
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-
-    def all_gather(x):
-        out = torch.empty(x.numel() * world_size, dtype=x.dtype)
-        dist.all_gather_into_tensor(out, x)
-        return out
-
-    def reduce_scatter(x):
-        out = torch.empty(x.numel() // world_size, dtype=x.dtype)
-        dist.reduce_scatter_tensor(out, x)
-        return out
-
-    def sendrecv(x, out):
-        ops = [dist.P2POp(dist.isend, x, (rank + 1) % world_size), dist.P2POp(dist.irecv, out, (rank - 1) % world_size)]
-        for request in dist.batch_isend_irecv(ops):
-            request.wait()
-        return out
-
-    def all_reduce(x):
-        dist.all_reduce(x)
-        return x
-
-    def broadcast(x):
-        dist.broadcast(x, 0)
-        return x
-
-    ops = Ops(rank, world_size, all_reduce, all_gather, reduce_scatter, broadcast, sendrecv, dist.barrier,
-              lambda a: torch.from_numpy(a))
-    rows = measure(ops, op_names, sizes)
-    write_json(f"{out_path}.{rank}", rows)
-    dist.destroy_process_group()
-
-
-def run_gloo(world_size, op_names, sizes, timeout=900) -> list[dict] | None:
-    try:
-        import torch.distributed as dist
-    except ImportError:
-        return None
-    if not dist.is_available() or not dist.is_gloo_available():
-        return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        out_path = os.path.join(tmp, "rows")
-        code = ("import sys, json; from ringpipe.tools.bench_collectives import gloo_worker; "
-                "gloo_worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4]), "
-                "json.loads(sys.argv[5]), sys.argv[6])")
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
-        procs = [subprocess.Popen([sys.executable, "-c", code, str(r), str(world_size), str(port),
-                                   json.dumps(list(op_names)), json.dumps(list(sizes)), out_path], env=env)
-                 for r in range(world_size)]
-        try:
-            for proc in procs:
-                proc.wait(timeout=timeout)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"gloo benchmark failed (exit codes {[p.returncode for p in procs]})")
-        per_rank = []
-        for rank in range(world_size):
-            with open(f"{out_path}.{rank}") as f:
-                per_rank.append(json.load(f))
-    return _merge(per_rank, world_size, "gloo")
-
-
-def _merge(per_rank, world_size, impl) -> list[dict]:
+def merge_ranks(per_rank: list[list[dict]]) -> list[dict]:
+    """One round's rows from every rank's: the slowest rank's time (in µs), #wrong summed."""
     rows = []
     for parts in zip(*per_rank):
         first = parts[0]
-        seconds = max(p["time"] for p in parts)
-        algbw = first["size_bytes"] / seconds / 1e9
         rows.append({"op": first["op"], "size_bytes": first["size_bytes"], "count": first["count"],
-                     "dtype": first["dtype"], "time_us": seconds * 1e6, "algbw": algbw,
-                     "busbw": algbw * bus_factor(first["op"], world_size),
-                     "wrong": sum(p["wrong"] for p in parts), "impl": impl})
+                     "dtype": first["dtype"], "time_us": max(p["time"] for p in parts) * 1e6,
+                     "wrong": sum(p["wrong"] for p in parts)})
     return rows
 
 
-def format_table(rows: list[dict], gloo: list[dict] | None, world_size: int) -> str:
-    head = f"{'op':>15} {'size(B)':>11} {'count':>10} {'dtype':>8} {'time(us)':>11} {'algbw':>8} {'busbw':>8} {'#wrong':>7}"
-    if gloo:
-        head += f" {'gloo(us)':>11} {'gloo bus':>9} {'speedup':>8}"
-    lines = [f"# ringpipe collectives, {world_size} ranks, bandwidth in GB/s", head]
-    by_key = {(g["op"], g["size_bytes"]): g for g in gloo or []}
-    for row in rows:
-        line = (f"{row['op']:>15} {row['size_bytes']:>11} {row['count']:>10} {row['dtype']:>8} "
-                f"{row['time_us']:>11.1f} {row['algbw']:>8.3f} {row['busbw']:>8.3f} {row['wrong']:>7}")
-        other = by_key.get((row["op"], row["size_bytes"]))
-        if other:
-            line += f" {other['time_us']:>11.1f} {other['busbw']:>9.3f} {other['time_us'] / row['time_us']:>7.2f}x"
-        lines.append(line)
-    return "\n".join(lines)
+def with_bandwidth(row: dict, world_size: int) -> dict:
+    """`row` with algbw and busbw (GB/s) from its time_us."""
+    algbw = row["size_bytes"] / (row["time_us"] * 1e-6) / 1e9
+    return dict(row, algbw=algbw, busbw=algbw * bus_factor(row["op"], world_size))
 
 
-def main(world_size=4, ops=OPS, sizes="1K-64M", compare=None, json_path=None, algorithm="auto", echo=print):
+def run(world_size=4, ops=OPS, sizes=(1 << 10,), compare=(), rounds=5, algorithm="auto", iters=None,
+        progress=None) -> dict:
+    """ringpipe and the `compare` libraries (bench_libraries.PEERS), each once per round, interleaved.
+
+    Returns {"world_size", "rounds", "libraries", "unavailable": {library: why}, "rows": [...]}, one
+    row per library, op and size: the median of the rounds (time_us, algbw, busbw in GB/s), #wrong
+    summed over them, and "rounds" with every round's time_us and #wrong."""
     ops = list(ops)
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+    libraries = ["ringpipe", *compare]
+    if iters is not None and iters < 1:
+        raise ValueError(f"--iters must be at least 1, got {iters}")
+    args = {"op_names": ops, "sizes": list(sizes), "iters": iters}
+    runners = {library: (lambda library=library: merge_ranks(
+        bench_libraries.run(library, world_size, "ringpipe.tools.bench_collectives:measure", args, algorithm)))
+        for library in libraries}
+    results, unavailable = interleaved_rounds(runners, rounds, progress)
+    rows = [dict(with_bandwidth(row, world_size), impl=library)
+            for library, per_round in results.items()
+            for row in median_of_rounds(per_round, ("op", "size_bytes"))]
+    return {"benchmark": "collectives", "world_size": world_size, "rounds": rounds, "libraries": libraries,
+            "unavailable": unavailable, "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    """nccl-tests columns for ringpipe (medians), then each peer's time, busbw, #wrong and speedup."""
+    n, rounds = result["world_size"], result["rounds"]
+    peers = [p for p in result["libraries"][1:] if p not in result["unavailable"]]
+    by_key = {(r["impl"], r["op"], r["size_bytes"]): r for r in result["rows"]}
+    lines = [f"# ringpipe collectives, {n} ranks, bandwidth in GB/s; each figure the median of {rounds} "
+             f"interleaved round{'s' if rounds != 1 else ''}"]
+    if peers:
+        lines.append("# vs X: X's time / ringpipe's (above 1: ringpipe is faster)")
+    lines += [f"# {library}: not run: {why}" for library, why in result["unavailable"].items()]
+    head = f"{'op':>15} {'size(B)':>11} {'count':>10} {'dtype':>8} {'time(us)':>11} {'algbw':>8} {'busbw':>8} {'#wrong':>7}"
+    for peer in peers:
+        head += f" {peer + '(us)':>11} {peer + ' bus':>9} {peer + ' #wrong':>11} {'vs ' + peer:>8}"
+    lines.append(head)
+    for row in (r for r in result["rows"] if r["impl"] == "ringpipe"):
+        line = (f"{row['op']:>15} {row['size_bytes']:>11} {row['count']:>10} {row['dtype']:>8} "
+                f"{row['time_us']:>11.1f} {row['algbw']:>8.3f} {row['busbw']:>8.3f} {row['wrong']:>7}")
+        for peer in peers:
+            other = by_key[peer, row["op"], row["size_bytes"]]
+            line += (f" {other['time_us']:>11.1f} {other['busbw']:>9.3f} {other['wrong']:>11}"
+                     f" {speedup(other['time_us'], row['time_us']):>8}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def speedup(peer_us: float, ringpipe_us: float) -> str:
+    """The peer's time over ringpipe's, to three significant digits ("0.0123x", "2.51x")."""
+    return f"{peer_us / ringpipe_us:.3g}x"
+
+
+def parse_compare(text: str) -> list[str]:
+    """'none', or a comma list of peer libraries ('gloo,mpi')."""
+    names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
+    for name in names:
+        if name not in bench_libraries.PEERS:
+            raise ValueError(f"--compare: unknown library {name!r}; choose from none, {', '.join(bench_libraries.PEERS)}")
+    return list(dict.fromkeys(names))
+
+
+def main(world_size=4, ops=OPS, sizes="1K-64M", compare=(), json_path=None, algorithm="auto", rounds=5,
+         iters=None, echo=print, progress=None) -> dict:
     size_list = parse_sizes(sizes) if isinstance(sizes, str) else list(sizes)
+    compare = parse_compare(compare) if isinstance(compare, str) else list(compare or ())
     if json_path:
         check_writable_file(json_path)  # before the run, whose results would be lost at the end
-    rows = run_ringpipe(world_size, ops, size_list, algorithm)
-    gloo = None
-    if compare == "gloo":
-        gloo = run_gloo(world_size, ops, size_list)
-        if gloo is None:
-            echo("# --compare gloo: torch.distributed with gloo is not installed; skipped")
-    echo(format_table(rows, gloo, world_size))
+    result = run(world_size, ops, size_list, compare, rounds, algorithm, iters, progress)
+    echo(format_table(result))
     if json_path:
-        keys = ("op", "size_bytes", "time_us", "algbw", "busbw", "wrong", "impl")
-        write_json(json_path, [{k: row[k] for k in keys} for row in rows + (gloo or [])], indent=1)
-    return rows, gloo
+        write_json(json_path, result, indent=1)
+    return result
