@@ -12,6 +12,19 @@ import pytest  # noqa: E402
 TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
 
 
+@pytest.fixture(params=["c", "numpy"])
+def kernel_path(request):
+    """Runs the test through the C kernels and through NumPy (model/nn/kernels.py); "c" skips with
+    the reason where the kernels cannot be built."""
+    from ringpipe.model.nn import kernels
+
+    if request.param == "c" and kernels.library() is None:
+        pytest.skip(kernels.status())
+    previous = kernels.use_kernels(request.param == "c")
+    yield request.param
+    kernels.use_kernels(previous)
+
+
 @pytest.fixture
 def corpus(tmp_path) -> str:
     """Path of a file holding TEXT."""

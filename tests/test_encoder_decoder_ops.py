@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 
 from ringpipe.model.nn import encoder_decoder_ops as edo
-from ringpipe.model.nn import kernels
 from tests.test_model_ops import assert_grad, randn
 
 RNG = np.random.default_rng(99)
-
-
-@pytest.fixture(params=["c", "numpy"])
-def kernel_path(request):
-    """The ops built on LayerNorm run through the C kernels and through NumPy."""
-    if request.param == "c" and kernels.library() is None:
-        pytest.skip(kernels.status())
-    previous = kernels.use_kernels(request.param == "c")
-    yield request.param
-    kernels.use_kernels(previous)
 
 
 def test_rms_norm_backward_matches_finite_differences():

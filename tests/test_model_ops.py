@@ -6,16 +6,11 @@ and through the NumPy reference code.
 import numpy as np
 import pytest
 
-from ringpipe.model.nn import kernels, ops
+from ringpipe.model.nn import ops
 
 
-@pytest.fixture(autouse=True, params=["c", "numpy"])
-def kernel_path(request):
-    if request.param == "c" and kernels.library() is None:
-        pytest.skip(kernels.status())
-    previous = kernels.use_kernels(request.param == "c")
-    yield request.param
-    kernels.use_kernels(previous)
+# Every op's check runs through the C kernels and through NumPy (conftest's kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 RNG = np.random.default_rng(1234)
 
