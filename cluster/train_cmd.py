@@ -18,7 +18,8 @@ from ringpipe.cluster.progress import Progress, checkpoint_status, report_interr
 from ringpipe.model.data.tokenizer import KINDS
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
-from ringpipe.model.training.run_dir import METRICS_FILE, find_checkpoint, remove_run, saved_config, saved_step
+from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
+                                             saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
 from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import ClusterStopped, RemoteError, WorkerLost
@@ -175,9 +176,15 @@ def train(ctx, **flags):
     if flags["zero"] and layout.dp == 1:
         raise bad_flag("--zero", f"{flags['zero']} needs --dp 2 or more (ZeRO-1 shards the optimizer "
                         "state over data-parallel ranks)")
+    if layout.pp == 1:
+        given = ctx.get_parameter_source("schedule") == click.core.ParameterSource.COMMANDLINE
+        for flag, used in (("--schedule", given), ("--virtual-stages", flags["virtual_stages"] != 1),
+                           ("--split", flags["split"] is not None)):
+            if used:
+                raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
     if flags["nproc"] != layout.world_size:
-        raise bad_flag("--nproc", f"{flags['nproc']} workers cannot hold dp {layout.dp} × tp {layout.tp} × "
-                        f"pp {layout.pp} = {layout.world_size} ranks")
+        raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
+                        f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
         raise bad_flag("--tokenizer", f"{flags['tokenizer']!r} is neither {', '.join(KINDS)} nor a "
                        "Hugging Face tokenizer directory")
@@ -201,6 +208,8 @@ def train(ctx, **flags):
 
 def _run(flags, config, layout, distributed, out, state):
     """Start the trainer (saying what takes time), train, report the trace, print the sample."""
+    if flags["trace"]:
+        remove_traces(out)  # an earlier run's ranks must not mix into this run's trace
     _prepare_kernels()
     try:
         say = status

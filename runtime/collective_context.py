@@ -50,11 +50,15 @@ class CollectiveContext:
                 if take is not None:
                     take(peer, message)
 
+    def _where(self) -> str:
+        # A collective's full name already says its group ("all_reduce #3 on group w (rank 0 of 2)").
+        return self.name if " on group " in self.name else f"{self.name} on group {self.group.gid}"
+
     def check(self, message, peer: int):
         theirs = (message.meta or {}).get("sig")
         if theirs != self.signature:
             raise CollectiveMismatch(
-                f"{self.name} on group {self.group.gid}: rank {self.me} called it with {describe(self.signature)}"
+                f"{self._where()}: rank {self.me} called it with {describe(self.signature)}"
                 f" but rank {peer} with {describe(theirs)}")
 
     def array(self, message, peer: int, index: int, like: np.ndarray) -> np.ndarray:
@@ -64,7 +68,7 @@ class CollectiveContext:
         else:
             arrays = message.inline
         if index >= len(arrays) or arrays[index].shape != like.shape or arrays[index].dtype != like.dtype:
-            raise CollectiveMismatch(f"{self.name} on group {self.group.gid}: rank {peer} sent a payload that "
+            raise CollectiveMismatch(f"{self._where()}: rank {peer} sent a payload that "
                                      f"does not match rank {self.me}'s {like.dtype}{list(like.shape)}")
         return arrays[index]
 

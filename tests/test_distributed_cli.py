@@ -60,6 +60,9 @@ def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, t
     (["--nproc", "1", "--sequence-parallel"], "--sequence-parallel"),
     (["--nproc", "2", "--tp", "2", "--zero", "1"], "--zero"),
     (["--nproc", "1", "--zero", "1"], "--zero"),
+    (["--nproc", "2", "--dp", "2", "--schedule", "zb-h1"], "--schedule"),
+    (["--nproc", "1", "--virtual-stages", "2"], "--virtual-stages"),
+    (["--nproc", "2", "--tp", "2", "--split", "1,1"], "--split"),
 ])
 def test_bad_layouts_fail_in_one_line_before_any_worker_starts(corpus, tmp_path, args, message):
     out = tmp_path / "run"
@@ -97,3 +100,15 @@ def test_overwrite_replaces_an_earlier_run_and_refuses_resume(corpus, tmp_path):
         assert [line.count('"step"') for line in f] == [1, 1]
     result = train(["--overwrite", "--resume"], corpus, out, 3)
     assert result.exit_code != 0 and "--overwrite" in result.output
+
+
+@pytest.mark.timeout(120)
+def test_a_traced_resume_at_fewer_ranks_leaves_only_its_own_traces(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    assert train(["--nproc", "2", "--pp", "2", "--trace"], corpus, out, 2).exit_code == 0
+    assert sorted(f for f in os.listdir(out) if f.startswith("trace-rank")) == ["trace-rank0.json",
+                                                                              "trace-rank1.json"]
+    result = train(["--resume", "--trace"], corpus, out, 3)
+    assert result.exit_code == 0, result.output
+    # rank 1 of the two-stage run is gone: it would be summarised beside the new run's rank 0
+    assert sorted(f for f in os.listdir(out) if f.startswith("trace-rank")) == ["trace-rank0.json"]

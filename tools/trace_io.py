@@ -124,7 +124,7 @@ def _read_json(path: str):
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as exc:
-        raise TraceError(f"{path}: corrupt JSON ({exc.msg} at line {exc.lineno})") from None
+        raise TraceError(f"{path}: corrupt JSON ({exc.msg.removesuffix(' at')} at line {exc.lineno})") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot read ({exc.strerror})") from None
 

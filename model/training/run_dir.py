@@ -80,6 +80,15 @@ def saved_step(run_dir: str) -> int:
     return read_trainer_state(find_checkpoint(run_dir))["step"]
 
 
+def remove_traces(out: str) -> None:
+    """Delete an earlier run's traces from `out` (before a traced run writes its own: a resumed run
+    at another layout writes fewer ranks, and the earlier run's other ranks must not stay beside
+    them)."""
+    for pattern in (*TRACE_FILES, TRACE_VIEW_FILE):
+        for path in glob.glob(os.path.join(out, pattern)):
+            os.remove(path)
+
+
 def remove_run(out: str) -> None:
     """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
     for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*"):
