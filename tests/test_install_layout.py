@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -73,9 +74,12 @@ def test_a_run_from_a_directory_with_its_own_model_py_works_with_the_editable_in
 
 @pytest.mark.timeout(300)
 def test_a_run_from_a_directory_with_its_own_model_py_works_with_a_wheel(foreign_directory, tmp_path):
-    wheels = tmp_path / "wheels"
+    wheels, source = tmp_path / "wheels", tmp_path / "source"
+    # Built from a copy: setuptools leaves its build/ folder in the tree it builds.
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info",
+                                                                  "__pycache__", ".pytest_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), ROOT], capture_output=True, text=True, timeout=240)
+                            "-w", str(wheels), str(source)], capture_output=True, text=True, timeout=240)
     if build.returncode != 0:
         pytest.skip(f"cannot build a wheel here (setuptools with bdist_wheel is needed): {build.stderr[-300:]}")
     venv = tmp_path / "venv"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ringpipe.model.nn import kernels, ops
+from ringpipe.model.nn import causal_attention, kernels, ops
 from ringpipe.model.nn.optim import adamw_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,12 +85,12 @@ def test_causal_attention_forward_and_backward(dtype, T, H, hs):              # 
     qkv, dy = rand(rng, (2, T, 3 * H * hs), dtype, 2.0), rand(rng, (2, T, H * hs), dtype)
 
     def run():
-        y, cache = ops.attention_forward(qkv, H)
+        y, cache = causal_attention.attention_forward(qkv, H)
         # the probabilities as one (B, H, T, T) array, however many query blocks made them
         probs = np.zeros((2, H, T, T), dtype)
         for (start, end), block in zip(cache[1], cache[2]):
             probs[:, :, start:end, :end] = block if block.ndim == 4 else kernels.unpack_causal(block, T)
-        return (y, probs, ops.attention_backward(dy, cache, H))
+        return (y, probs, causal_attention.attention_backward(dy, cache, H))
 
     assert_close(*both_paths(run), dtype)
 
@@ -99,13 +99,13 @@ def test_packed_attention_probabilities_take_half_the_memory_and_unpack_for_nump
     rng = np.random.default_rng(6)
     T = 40
     qkv, dy = rand(rng, (2, T, 3 * 64), np.float64), rand(rng, (2, T, 64), np.float64)
-    y, cache = ops.attention_forward(qkv, 2)
+    y, cache = causal_attention.attention_forward(qkv, 2)
     packed = cache[2][0]
     assert packed.shape == (2, 2, int(kernels.causal_rows(T)[-1])) and packed.size < 0.62 * 2 * 2 * T * T
-    expected = ops.attention_backward(dy, cache, 2)
+    expected = causal_attention.attention_backward(dy, cache, 2)
     previous = kernels.use_kernels(False)  # a backward on the NumPy path unpacks the forward's cache
     try:
-        np.testing.assert_allclose(ops.attention_backward(dy, cache, 2), expected, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(causal_attention.attention_backward(dy, cache, 2), expected, rtol=1e-12, atol=1e-14)
     finally:
         kernels.use_kernels(previous)
 
@@ -129,7 +129,7 @@ def test_nan_propagates_as_on_the_numpy_path(dtype):
     """A diverged step must show up as NaN, not be squashed by the kernels' clamps."""
     x = np.ones((1, 8, 3 * 64), dtype)  # 2 heads of 32
     x[0, 5, 64 + 32 + 8] = np.nan  # the key at position 5 of head 1
-    y, _ = ops.attention_forward(x, 2)
+    y, _ = causal_attention.attention_forward(x, 2)
     assert np.isnan(y[0, 5:, 32:]).all()
     assert not np.isnan(y[0, :5]).any() and not np.isnan(y[0, :, :32]).any()
     g, _ = ops.gelu_forward(np.array([0.5, np.nan, -3.0], dtype))

@@ -238,7 +238,7 @@ def test_a_distributed_mixed_run_checkpoints_float32_weights_and_the_scaler_and_
 
 # ---- the float16 ops: statistics in float32 --------------------------------------------------------------
 def test_float16_layernorm_attention_and_cross_entropy_are_float32_results_rounded_once():
-    from ringpipe.model.nn import ops
+    from ringpipe.model.nn import causal_attention, ops
 
     rng = np.random.default_rng(0)
     x = (1000 + rng.normal(size=(2, 8, 16))).astype(np.float16)  # float16 alone loses the variance here
@@ -248,9 +248,9 @@ def test_float16_layernorm_attention_and_cross_entropy_are_float32_results_round
     assert out.dtype == np.float16 and np.array_equal(out, expected.astype(np.float16))
 
     qkv = rng.normal(size=(2, 8, 48)).astype(np.float16)
-    y, _ = ops.attention_forward(qkv, 2)
+    y, _ = causal_attention.attention_forward(qkv, 2)
     assert y.dtype == np.float16
-    assert np.array_equal(y, ops.attention_forward(qkv.astype(np.float32), 2)[0].astype(np.float16))
+    assert np.array_equal(y, causal_attention.attention_forward(qkv.astype(np.float32), 2)[0].astype(np.float16))
 
     logits = (rng.normal(size=(2, 8, 50)) * 8).astype(np.float16)
     targets = rng.integers(0, 50, (2, 8))

@@ -6,7 +6,7 @@ and through the NumPy reference code.
 import numpy as np
 import pytest
 
-from ringpipe.model.nn import ops
+from ringpipe.model.nn import causal_attention, ops
 
 
 # Every op's check runs through the C kernels and through NumPy (conftest's kernel_path).
@@ -89,10 +89,10 @@ def test_attention_backward_matches_finite_differences(T, dropout_p):
 
     def forward():
         rng = np.random.default_rng(7)  # the same dropout mask on every call
-        return ops.attention_forward(qkv, H, dropout_p, rng)
+        return causal_attention.attention_forward(qkv, H, dropout_p, rng)
 
     _, cache = forward()
-    dqkv = ops.attention_backward(upstream, cache, H)
+    dqkv = causal_attention.attention_backward(upstream, cache, H)
     assert_grad(dqkv, lambda: np.sum(forward()[0] * upstream), qkv)
 
 
@@ -100,7 +100,7 @@ def test_attention_backward_matches_finite_differences(T, dropout_p):
 def test_attention_is_causal_and_matches_reference(T):
     B, C, H = 2, 8, 2
     qkv = randn(B, T, 3 * C)
-    y, _ = ops.attention_forward(qkv, H)
+    y, _ = causal_attention.attention_forward(qkv, H)
     q, k, v = (a.reshape(B, T, H, C // H).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
     scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // H)
     scores[..., np.triu(np.ones((T, T), bool), 1)] = -np.inf
@@ -112,16 +112,16 @@ def test_attention_is_causal_and_matches_reference(T):
 
 def test_softmax_backward_matches_finite_differences():
     x, upstream = randn(3, 7), randn(3, 7)
-    probs = ops.softmax_forward(x.copy())
-    dx = ops.softmax_backward(upstream.copy(), probs)
-    assert_grad(dx, lambda: np.sum(ops.softmax_forward(x.copy()) * upstream), x)
+    probs = causal_attention.softmax_forward(x.copy())
+    dx = causal_attention.softmax_backward(upstream.copy(), probs)
+    assert_grad(dx, lambda: np.sum(causal_attention.softmax_forward(x.copy()) * upstream), x)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_softmax_of_a_row_far_below_the_others_is_exact(dtype):
     # softmax_forward shifts the whole array by one max; this row would underflow under it.
     x = np.array([[0.0, 1.0, 2.0], [-500.0, -499.0, -498.0]], dtype=dtype)
-    probs = ops.softmax_forward(x.copy())
+    probs = causal_attention.softmax_forward(x.copy())
     expected = np.exp([0.0, 1.0, 2.0]) / np.exp([0.0, 1.0, 2.0]).sum()
     np.testing.assert_allclose(probs, [expected, expected], rtol=1e-6)
     assert probs.dtype == dtype

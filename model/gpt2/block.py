@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ringpipe.model.nn import ops
+from ringpipe.model.nn import causal_attention, ops
 
 # Dropout sites. A mask is drawn from (dropout_seed, layer, site), so a recompute draws it again
 # and a tensor-parallel rank can draw the dense model's mask and keep its slice. The embedding is
@@ -87,7 +87,7 @@ class TransformerBlocks:
         """x -> x + dropout(c_proj(attn(c_attn(ln_1(x))))), cache of every op."""
         qkv, ln_1, c_attn = self._entry_forward(i, x, "ln_1", "attn.c_attn")
         rng = self._attention_dropout_rng(dropout_seed, i, qkv.shape[0], qkv.shape[1])
-        y, attn = ops.attention_forward(qkv, self.local_heads,
+        y, attn = causal_attention.attention_forward(qkv, self.local_heads,
                                         self.config.dropout if rng else 0.0, rng,
                                         self.config.attention_scale(i))
         out, c_proj, keep_mask = self._exit_forward(i, x, y, "attn.c_proj", dropout_seed,
@@ -111,7 +111,7 @@ class TransformerBlocks:
 
     def _attention_half_backward_input(self, i, cache, dout, deferred):
         dy = self._exit_backward_input(i, cache, dout, "attn.c_proj", "attn.dropout", deferred)
-        dqkv = ops.attention_backward(dy, cache["attn"], self.local_heads,
+        dqkv = causal_attention.attention_backward(dy, cache["attn"], self.local_heads,
                                       self.config.attention_scale(i))
         return self._entry_backward_input(i, cache, dqkv, dout, "ln_1", "attn.c_attn", deferred)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ringpipe.model.nn import ops
+from ringpipe.model.nn import causal_attention, ops
 from ringpipe.runtime.array_module import to_host
 
 
@@ -46,13 +46,13 @@ def _forward_with_kv(gpt, idx, kv):
         a, _ = ops.layernorm_forward(x, p[h + "ln_1.weight"], p[h + "ln_1.bias"],
                                      gpt.config.layer_norm_epsilon)
         qkv, _ = ops.linear_forward(a, p[h + "attn.c_attn.weight"], p[h + "attn.c_attn.bias"])
-        q, k, v = ops.split_heads(qkv, H)
+        q, k, v = causal_attention.split_heads(qkv, H)
         keys[:, :, start:start + T] = k
         values[:, :, start:start + T] = v
         scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)
         scores *= gpt.config.attention_scale(i)
         scores += bias
-        y = ops.softmax_forward(scores) @ values[:, :, :start + T]
+        y = causal_attention.softmax_forward(scores) @ values[:, :, :start + T]
         y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
         y, _ = ops.linear_forward(y, p[h + "attn.c_proj.weight"], p[h + "attn.c_proj.bias"])
         x, _ = gpt._mlp_half(i, x + y, None)  # the MLP needs no cache of earlier positions

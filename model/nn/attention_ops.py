@@ -1,6 +1,6 @@
 """Attention for encoders and encoder-decoders, as forward/backward pairs (llm.c style).
 
-Beside GPT-2's causal self-attention (model/nn/ops.py) these are the attentions BERT and T5 need:
+Beside GPT-2's causal self-attention (model/nn/causal_attention.py) these are the attentions BERT and T5 need:
 - self-attention over every position (optionally causal: T5's decoder), keys hidden by a padding
   mask, scores optionally shifted by a position bias (T5);
 - cross-attention: queries from the decoder, keys and values projected from the encoder output;
@@ -11,7 +11,7 @@ Beside GPT-2's causal self-attention (model/nn/ops.py) these are the attentions 
 
 Each `*_forward` returns `(out, cache)`, the cache naming what the backward needs. The array module
 comes from the inputs (NumPy or CuPy). float16 inputs are computed in float32 (scores, softmax and
-the weighted sum, as ops.attention_forward does) and rounded once.
+the weighted sum, as causal_attention.attention_forward does) and rounded once.
 
 Shapes: B batch, Tq query positions, Tk key positions, C channels, H heads, hs = C / H.
 """
@@ -21,10 +21,9 @@ import math
 
 import numpy as np
 
-from ringpipe.model.nn.ops import (
-    _causal_bias, dropout_backward, dropout_forward, embedding_backward, is_low_precision,
-    linear_backward_input, linear_backward_weight, linear_forward, softmax_backward,
-    softmax_forward, split_heads)
+from ringpipe.model.nn.causal_attention import _causal_bias, softmax_backward, softmax_forward, split_heads
+from ringpipe.model.nn.ops import (dropout_backward, dropout_forward, embedding_backward, is_low_precision,
+                                   linear_backward_input, linear_backward_weight, linear_forward)
 from ringpipe.runtime.array_module import module_of
 
 # T5's defaults (relative_attention_num_buckets, relative_attention_max_distance).
@@ -114,7 +113,7 @@ def self_attention_forward(qkv, n_head, key_mask=None, position_bias=None, causa
                            scale=None, dropout_p=0.0, rng=None):
     """Multi-head self-attention over all positions (BERT, T5's encoder; T5's decoder with causal).
 
-    qkv (B, T, 3C) fused as for ops.attention_forward; key_mask (B, T) nonzero for real tokens, or
+    qkv (B, T, 3C) fused as for causal_attention.attention_forward; key_mask (B, T) nonzero for real tokens, or
     None; position_bias broadcastable to (B, H, T, T) added to the scores (T5), or None; scale
     multiplies q.k (None: 1/sqrt(hs); T5 uses 1.0). -> y (B, T, C);
     cache: (qkv, position_bias's shape or None, probs (B, H, T, T), dropout keep-mask or None).
