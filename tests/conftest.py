@@ -58,3 +58,10 @@ def process_alive(pid) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def arena_blocks_in_use(comm) -> int:
+    """Run on every rank: how many shared-memory arena blocks this rank still holds, once every
+    rank has reached this point (a barrier lets the engine finish what earlier calls left)."""
+    comm.barrier()
+    return len(comm.engine.arena._used)

@@ -106,12 +106,9 @@ def test_fp16_mixed_loss_curve_on_the_gpu_equals_float32_within_2e_2_at_each_of_
 
 
 # ---- NCCL -------------------------------------------------------------------------------------------------
-def nccl_collectives(control):
-    """Every collective of the NCCL communicator on this rank's GPU (device = rank)."""
-    from ringpipe.runtime.nccl_communicator import NcclCommunicator
-
-    cupy.cuda.Device(control.rank).use()
-    comm = NcclCommunicator(control)
+def _every_collective(comm) -> dict:
+    """Each collective once on CuPy arrays (the same calls for the NCCL and the runtime's communicator);
+    _check_nccl_results knows the answers."""
     n, r = comm.size, comm.rank
     x = cupy.arange(6, dtype=cupy.float32) + r
     out = {"sum": comm.all_reduce(x.copy()), "avg": comm.all_reduce(x.copy(), op="avg"),
@@ -121,6 +118,17 @@ def nccl_collectives(control):
            "all_gather": comm.all_gather(cupy.full((1, 3), r, cupy.int64)),
            "broadcast": comm.broadcast(cupy.full(4, r, cupy.float32), src=n - 1)}
     comm.barrier()
+    return out
+
+
+def nccl_collectives(control):
+    """Every collective of the NCCL communicator on this rank's GPU (device = rank)."""
+    from ringpipe.runtime.nccl_communicator import NcclCommunicator
+
+    cupy.cuda.Device(control.rank).use()
+    comm = NcclCommunicator(control)
+    n, r = comm.size, comm.rank
+    out = _every_collective(comm)
     if n > 1:
         if r == 0:
             comm.send(cupy.arange(6, dtype=cupy.float16).reshape(2, 3), 1, tag=3)
@@ -188,15 +196,8 @@ def test_bench_gpu_step_runs_on_the_gpu_with_a_small_shape():
 
 # ---- the runtime's own collectives on CuPy arrays (staged through host memory), 2-4 ranks on one GPU --------
 def runtime_ops_on_cupy(comm):
-    n, r = comm.size, comm.rank
-    x = cupy.arange(6, dtype=cupy.float32) + r
-    out = {"sum": comm.all_reduce(x.copy()), "avg": comm.all_reduce(x.copy(), op="avg"),
-           "max": comm.all_reduce(x.copy(), op="max", async_op=True).wait(),
-           "half": comm.all_reduce(cupy.ones(5, cupy.float16)),
-           "reduce_scatter": comm.reduce_scatter(cupy.arange(4 * n, dtype=cupy.float64).reshape(2 * n, 2)),
-           "all_gather": comm.all_gather(cupy.full((1, 3), r, cupy.int64)),
-           "broadcast": comm.broadcast(cupy.full(4, r, cupy.float32), src=n - 1)}
-    comm.barrier()
+    r = comm.rank
+    out = _every_collective(comm)
     if r == 0:
         comm.send(cupy.arange(6, dtype=cupy.float16).reshape(2, 3), 1, tag=3)
     elif r == 1:

@@ -3,6 +3,8 @@ waited for, a message nobody received) never matches anything in the next call."
 import numpy as np
 import pytest
 
+from tests.conftest import arena_blocks_in_use
+
 COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "broadcast", "barrier"]
 
 
@@ -135,11 +137,6 @@ def test_a_message_nobody_received_in_one_call_is_not_received_in_the_next(local
     assert actors.exchange(5).result(timeout=30) == [None, [7.0, 9.0], None]
     # The large message's shared-memory block went back to rank 2 although nobody read it.
     assert cluster.run(arena_blocks_in_use) == [0, 0, 0]
-
-
-def arena_blocks_in_use(comm):
-    comm.barrier()
-    return len(comm.engine.arena._used)
 
 
 @pytest.mark.timeout(60)

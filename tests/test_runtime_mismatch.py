@@ -2,6 +2,8 @@
 output buffers are never cast into."""
 import numpy as np
 import pytest
+
+from tests.conftest import arena_blocks_in_use
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,13 +111,8 @@ def test_receiving_into_a_matching_buffer_fills_it(local_cluster):
     assert values == np.linspace(-1.9, 1e10, 4).tolist()
 
 
-def blocks_in_use(comm):
-    comm.barrier()
-    return len(comm.engine.arena._used)
-
-
 @pytest.mark.timeout(60)
 def test_a_refused_receive_gives_the_senders_shared_memory_back(local_cluster):
     cluster = local_cluster(2)
     cluster.run(receive_into, "int32", (100_000,), True, 100_000, timeout=30)
-    assert cluster.run(blocks_in_use) == [0, 0]
+    assert cluster.run(arena_blocks_in_use) == [0, 0]

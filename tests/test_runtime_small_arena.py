@@ -3,6 +3,8 @@ operation that uses the arena."""
 import numpy as np
 import pytest
 
+from tests.conftest import arena_blocks_in_use
+
 ARENA = 4 << 20
 MiB = 1 << 20
 
@@ -39,12 +41,7 @@ def big_collective(comm, kind, nbytes, dtype):
 def test_collectives_larger_than_the_arena_deliver(local_cluster, kind, nbytes, dtype):
     cluster = local_cluster(3, arena_bytes=ARENA)
     assert cluster.run(big_collective, kind, nbytes, dtype, timeout=90) == [True] * 3
-    assert cluster.run(blocks_in_use) == [0, 0, 0]
-
-
-def blocks_in_use(comm):
-    comm.barrier()
-    return len(comm.engine.arena._used)
+    assert cluster.run(arena_blocks_in_use) == [0, 0, 0]
 
 
 def big_send(comm, nbytes):
@@ -60,4 +57,4 @@ def big_send(comm, nbytes):
 def test_a_send_larger_than_the_arena_delivers(local_cluster):
     cluster = local_cluster(3, arena_bytes=ARENA)
     assert cluster.run(big_send, 12 * MiB, timeout=90) == [True, True, None]
-    assert cluster.run(blocks_in_use) == [0, 0, 0]
+    assert cluster.run(arena_blocks_in_use) == [0, 0, 0]
