@@ -7,6 +7,7 @@ cluster/progress.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -74,9 +75,17 @@ def _metrics_file(out: str, first_step: int):
     kept = []
     if first_step > 0 and os.path.exists(path):
         # Rows are renumbered from 1 when the file predates 1-based step numbers.
-        kept = [json.dumps(row) + "\n" for row in read_metrics(out) if row.get("step", 0) <= first_step]
+        kept = [_json_line(row) for row in read_metrics(out) if row.get("step", 0) <= first_step]
     write_text(path, "".join(kept))
     return AppendLog(path)
+
+
+def _json_line(row: dict) -> str:
+    """One metrics.jsonl line. A non-finite value (a skipped step's loss) is written as null: bare
+    NaN/Infinity are not JSON, and strict readers (jq, JavaScript) reject the whole file."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
@@ -299,7 +308,7 @@ def _train_loop(trainer, config, out, state):
             last = step + 1 == config.steps
             if last or (config.eval_every and (step + 1) % config.eval_every == 0):
                 metrics.update(trainer.evaluate())
-            metrics_log.write(json.dumps(metrics) + "\n")
+            metrics_log.write(_json_line(metrics))
             metrics_log.flush()
             progress.update(metrics)
             if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
