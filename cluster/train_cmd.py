@@ -17,6 +17,7 @@ import click
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.model.data.tokenizer import KINDS
+from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
@@ -92,6 +93,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 
 
 @click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
+              help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--tokenizer", default=D.tokenizer, show_default=True,
               help="char, byte, bpe (a byte-level BPE trained on --data; needs --vocab-size) or "
@@ -199,6 +202,8 @@ def train(ctx, **flags):
                        "Hugging Face tokenizer directory")
     try:
         config = _config_from_flags(ctx, flags)
+        if flags["sample"] and not hasattr(family(config.family).model, "generate"):
+            raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
         if flags["resume"] and _already_complete(ctx, config, out):
             return
