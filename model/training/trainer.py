@@ -93,7 +93,7 @@ class Trainer:
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
         self.family = family(config.family)
-        self.objective = self.family.objective(config, special_ids(tokenizer, self.family))
+        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
@@ -142,7 +142,8 @@ class Trainer:
         check_checkpoint_family(checkpoint, model_family.name)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
+        # (A family with special tokens saves them in a Hugging Face tokenizer, whatever it was made from.)
+        if not model_family.special_tokens and tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
