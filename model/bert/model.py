@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ringpipe.model.bert.checkpoint import load_checkpoint, save_checkpoint
-from ringpipe.model.bert.config import BertConfig, init_params
+from ringpipe.model.bert.config import BertConfig, init_params, param_shapes
 from ringpipe.model.bert.layers import IGNORE_INDEX, BertPieces
 from ringpipe.model.nn.activation_memory import ActivationMemory
 from ringpipe.model.nn.mixed_precision import overflow_expected
@@ -32,8 +32,11 @@ class Bert:
         self.config = config
         self.xp = array_module(config.device)
         self.dtype = np.dtype(config.dtype)
-        host = {name: np.asarray(to_host(p)) for name, p in
-                (init_params(config, seed) if params is None else params).items()}
+        given = init_params(config, seed) if params is None else params
+        # In config.py's order whatever the source (a checkpoint lists them otherwise), so that
+        # sums over the parameters (the gradient norm) run in one order and a resumed run is bitwise
+        # the uninterrupted one.
+        host = {name: np.asarray(to_host(given[name])) for name in param_shapes(config)}
         self.params = FlatArrays(self.xp.empty(sum(p.size for p in host.values()), self.dtype),
                                  {name: p.shape for name, p in host.items()}, flat_order(host))
         for name, p in host.items():

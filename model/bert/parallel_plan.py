@@ -7,20 +7,23 @@ under tensor parallelism, the tied word embeddings, and a stage's pieces (model/
     word embeddings         vocab-parallel rows (vocabulary padded to a multiple of tp); the MLM
                             decoder is tied to them, its bias is vocab-parallel too, and the
                             masked-LM cross-entropy runs on the sharded logits
-    LayerNorms, position and token-type embeddings, the MLM transform, row-parallel biases
+    LayerNorms, position and token-type embeddings, the MLM transform
                             replicated (sequence-partial gradients under sequence parallelism)
+    row-parallel biases     replicated; their gradient comes from the gathered dout, so it is whole
 """
 from __future__ import annotations
 
 from ringpipe.model.bert.config import (EMBEDDING_PARAMS, LAYER_PARAMS, MLM_HEAD_PARAMS, WORD_EMBEDDINGS, BertConfig,
                                         init_params, layer_prefix)
 from ringpipe.model.bert.layers import BertPieces
-from ringpipe.model.parallel.plan import Sharding, column_parallel, row_parallel, vocab_parallel
+from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 
 SEQUENCE_PARTIAL = Sharding(sequence_partial=True)
 _SHARDINGS = {"attention.qkv.weight": column_parallel(1, parts=3), "attention.qkv.bias": column_parallel(0, parts=3),
               "attention.output.dense.weight": row_parallel(0), "intermediate.dense.weight": column_parallel(1),
               "intermediate.dense.bias": column_parallel(0), "output.dense.weight": row_parallel(0),
+              # Added to sequence shards, but their gradient is taken from the whole gathered dout.
+              "attention.output.dense.bias": REPLICATED, "output.dense.bias": REPLICATED,
               WORD_EMBEDDINGS: vocab_parallel(0), "cls.predictions.bias": vocab_parallel(0)}
 
 
