@@ -12,7 +12,8 @@ and the CLI ask `family(name)` for everything family-specific and name no family
                                  run's must equal its checkpoint's)
     model                        the dense model: model(config, seed=, params=, threads=) with
                                  .config, .params, .xp, .loss_and_grads(inputs, targets,
-                                 dropout_seed=, dloss=), .forward(inputs) -> logits,
+                                 dropout_seed=, dloss=), .loss(inputs, targets) (inference, the
+                                 training loss's definition), .forward(inputs) -> logits,
                                  .save_pretrained(dir, tokenizer=), .from_pretrained(dir, dtype=,
                                  device=)
     init_params(config, seed)    {name: float64 host array}, the same whatever the layout

@@ -101,15 +101,20 @@ def test_different_dropout_rates_are_refused_by_name(tmp_path):
         Bert.from_pretrained(tmp_path)
 
 
-def test_the_whole_model_gradient_is_the_loss_gradient_in_float64():
-    config = BertConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=13, dtype="float64")
+@pytest.mark.parametrize("next_sentence", [False, True], ids=["mlm", "mlm+nsp"])
+def test_the_whole_model_gradient_is_the_loss_gradient_in_float64(next_sentence):
+    config = BertConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=13, dtype="float64",
+                        next_sentence=next_sentence)
     model = Bert(config, seed=1)
     rng = np.random.default_rng(3)
     for p in model.params.values():
         p += rng.normal(0, 0.2, p.shape)
     idx = rng.integers(0, 13, (2, 6))
     targets = np.full((2, 6), -100)
-    targets[0, 1], targets[1, 4], targets[1, 0] = 3, 7, 2
+    targets[0, 1], targets[1, 4], targets[1, 2] = 3, 7, 2
+    if next_sentence:  # sentence pairs: token types, and the next-sentence labels at [:, 0]
+        idx = np.stack([idx, (np.arange(6) >= [[2], [4]]).astype(np.int64)], axis=1)
+        targets[:, 0] = [0, 1]
     _, grads = model.loss_and_grads(idx, targets)
     assert sorted(grads) == sorted(param_shapes(config))
     for name, param in model.params.items():
@@ -123,6 +128,40 @@ def test_the_whole_model_gradient_is_the_loss_gradient_in_float64():
             flat[k] = old
             scale = max(np.abs(analytic).max(), 1e-12)
             assert abs((plus - minus) / 2e-6 - analytic[k]) <= 1e-6 * scale, (name, k)
+
+
+def transformers_pretraining_bert():
+    torch.manual_seed(0)
+    model = transformers.BertForPreTraining(transformers.BertConfig(**SHAPE)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_a_bert_for_pretraining_loads_with_the_same_logits_and_loss_both_ways(tmp_path):
+    theirs = transformers_pretraining_bert()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = Bert.from_pretrained(tmp_path / "theirs", dtype="float64")
+    assert ours.config.next_sentence
+    types = (np.arange(10) >= [[4], [7]]).astype(np.int64)
+    labels = np.full((2, 10), -100)
+    labels[0, 3], labels[1, 8] = 5, 2
+    with torch.no_grad():
+        out = theirs(torch.from_numpy(IDX), token_type_ids=torch.from_numpy(types), labels=torch.from_numpy(labels),
+                     next_sentence_label=torch.tensor([0, 1]))
+    pairs, targets = np.stack([IDX, types], axis=1), labels.copy()
+    targets[:, 0] = [0, 1]
+    assert relative_error(ours.forward(pairs), out.prediction_logits.numpy()) <= 1e-10
+    assert relative_error(ours.next_sentence_logits(pairs), out.seq_relationship_logits.numpy()) <= 1e-10
+    assert ours.loss(pairs, targets) == pytest.approx(out.loss.item(), rel=1e-12)
+    ours.save_pretrained(tmp_path / "ours")
+    again, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "ours", output_loading_info=True,
+                                                                  dtype=torch.float64)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        logits = again.eval()(torch.from_numpy(IDX), token_type_ids=torch.from_numpy(types)).prediction_logits
+    assert relative_error(ours.forward(pairs), logits.numpy()) <= 1e-10
 
 
 def test_a_sequence_longer_than_the_position_table_is_one_line():

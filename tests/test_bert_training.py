@@ -17,14 +17,15 @@ TINY = ["--n-layer", 1, "--n-head", 2, "--n-embd", 16, "--block-size", 16, "--ba
 STEPS = 3
 
 
-@pytest.mark.parametrize("tokenizer", [["--tokenizer", "byte"], ["--tokenizer", "bpe", "--vocab-size", 300]],
-                         ids=["byte", "bpe"])
-def test_train_model_bert_end_to_end_then_fill_mask(corpus, tmp_path, tokenizer):
+@pytest.mark.parametrize("flags", [["--tokenizer", "byte"], ["--tokenizer", "bpe", "--vocab-size", 300],
+                                   ["--tokenizer", "byte", "--next-sentence"]], ids=["byte", "bpe", "byte-nsp"])
+def test_train_model_bert_end_to_end_then_fill_mask(corpus, tmp_path, flags):
     out = tmp_path / "run"
-    result = run_cli("train", "--model", "bert", "--data", corpus, "--out", out, "--steps", 2, *TINY, *tokenizer)
+    result = run_cli("train", "--model", "bert", "--data", corpus, "--out", out, "--steps", 2, *TINY, *flags)
     assert result.exit_code == 0, result.output
     assert json.loads((out / "checkpoint" / "trainer.json").read_text())["config"]["family"] == "bert"
-    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    architecture = "BertForPreTraining" if "--next-sentence" in flags else "BertForMaskedLM"
+    assert json.loads((out / "config.json").read_text())["architectures"] == [architecture]
     result = run_cli("fill-mask", "--checkpoint", out, "--top-k", 3, "1 [MASK] pigs")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
@@ -92,24 +93,26 @@ def test_sampling_text_from_bert_is_refused_in_one_line(corpus, tmp_path):
                                       "a bert model does not")
 
 
-@pytest.fixture(scope="module")
-def bert_reference(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("bert")
-    config = bert_config(tmp_path)
+def train_reference(tmp_path, **overrides):
+    config = bert_config(tmp_path, **overrides)
     trainer = Trainer.create(config, str(tmp_path / "run"))
     for step in range(STEPS):
         trainer.train_step(step)
     return config, str(tmp_path / "run" / "tokens.bin"), trainer.tokenizer, trainer.params_on_host()
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("layout", [dict(dp=2, zero=1), dict(tp=2), dict(dp=2, tp=2, sequence_parallel=True),
-                                    dict(pp=2, schedule="gpipe"), dict(pp=2, schedule="1f1b"),
-                                    dict(pp=2, schedule="interleaved", virtual_stages=2),
-                                    dict(pp=2, schedule="zb-h1")],
-                         ids=lambda layout: "-".join(f"{k}={v}" for k, v in layout.items()))
-def test_every_parallel_layout_trains_bert_as_one_process(local_cluster, bert_reference, layout):
-    config, token_file, tokenizer, expected = bert_reference
+@pytest.fixture(scope="module")
+def bert_reference(tmp_path_factory):
+    return train_reference(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.fixture(scope="module")
+def next_sentence_reference(tmp_path_factory):
+    return train_reference(tmp_path_factory.mktemp("bert-nsp"), next_sentence=True)
+
+
+def assert_layout_trains_as_one_process(local_cluster, reference, layout):
+    config, token_file, tokenizer, expected = reference
     layout = Layout(**layout)
     layout.validate(config)
     trainers = local_cluster(layout.world_size).spawn(
@@ -121,3 +124,28 @@ def test_every_parallel_layout_trains_bert_as_one_process(local_cluster, bert_re
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-7, atol=1e-9, err_msg=name)
+
+
+def layout_id(layout: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in layout.items())
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", [dict(dp=2, zero=1), dict(tp=2), dict(dp=2, tp=2, sequence_parallel=True),
+                                    dict(pp=2, schedule="gpipe"), dict(pp=2, schedule="1f1b"),
+                                    dict(pp=2, schedule="interleaved", virtual_stages=2),
+                                    dict(pp=2, schedule="zb-h1")], ids=layout_id)
+def test_every_parallel_layout_trains_bert_as_one_process(local_cluster, bert_reference, layout):
+    assert_layout_trains_as_one_process(local_cluster, bert_reference, layout)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", [dict(dp=2, tp=2, sequence_parallel=True), dict(pp=2, schedule="1f1b")],
+                         ids=layout_id)
+def test_the_next_sentence_head_trains_in_parallel_as_in_one_process(local_cluster, next_sentence_reference, layout):
+    assert_layout_trains_as_one_process(local_cluster, next_sentence_reference, layout)
+
+
+def test_next_sentence_is_refused_for_gpt2_in_one_line(corpus, tmp_path):
+    result = run_cli("train", "--next-sentence", "--data", corpus, "--out", tmp_path / "run", *TINY)
+    assert one_error_line(result) == "Error: Invalid value for --next-sentence: is not an option of --model gpt2"

@@ -5,7 +5,8 @@ import pytest
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.data.hf_tokenizer import with_special_tokens
-from ringpipe.model.data.masking import IGNORE_INDEX, SPECIAL_TOKENS, MaskedLM, chosen_per_row, mask_tokens
+from ringpipe.model.data.masking import (IGNORE_INDEX, SPECIAL_TOKENS, MaskedLM, chosen_per_row, mask_tokens,
+                                         sentence_pairs)
 from ringpipe.model.data.tokenizer import make_tokenizer
 from ringpipe.model.training.config import TrainConfig
 from tests.conftest import TEXT
@@ -67,6 +68,30 @@ def test_the_objective_needs_room_for_a_token_and_the_special_tokens():
         MaskedLM(TrainConfig(family="bert", block_size=2), VOCAB, ids)
     with pytest.raises(ValueError, match="lacks the special token.*mask_token"):
         MaskedLM(TrainConfig(family="bert", block_size=8), VOCAB, {"cls_token": CLS, "sep_token": SEP, "pad_token": PAD})
+
+
+def test_sentence_pairs_are_cls_a_sep_b_sep_with_half_of_b_from_elsewhere():
+    tokens = np.random.default_rng(4).integers(0, 96, 5000)
+    starts = np.random.default_rng(5).integers(0, 5000 - 30, 2000)
+    window = tokens[starts[:, None] + np.arange(30)]
+    pairs, targets = sentence_pairs(window, tokens, CLS, SEP, MASK, ORDINARY, np.random.default_rng(6))
+    inputs, types = pairs[:, 0], pairs[:, 1]
+    assert inputs.shape == types.shape == targets.shape == (2000, 33)
+    assert (inputs[:, 0] == CLS).all() and (inputs[:, -1] == SEP).all()
+    assert ((inputs == SEP).sum(1) >= 2).all()
+    cut = (types == 0).sum(1) - 2  # A's length: type 0 covers [CLS] A [SEP]
+    assert (cut >= 1).all() and (cut <= 29).all()  # B has at least one token
+    assert (inputs[np.arange(2000), cut + 1] == SEP).all()
+    assert ((types[:, 1:] >= types[:, :-1]).all() and (types[:, -1] == 1).all())
+    label = targets[:, 0]
+    assert set(np.unique(label)) == {0, 1} and label.mean() == pytest.approx(0.5, abs=0.05)
+    content = targets[:, 1:].copy()  # masked-LM targets: chosen_per_row(30) per row, never [CLS] or [SEP]
+    assert ((content != IGNORE_INDEX).sum(1) == chosen_per_row(30)).all()
+    assert (targets[inputs == SEP] == IGNORE_INDEX).all()
+    original = np.where(targets != IGNORE_INDEX, targets, inputs)
+    for row in np.flatnonzero(label == 0)[:50]:  # B continues A: the window itself
+        b = original[row, cut[row] + 2:-1]
+        np.testing.assert_array_equal(np.concatenate([original[row, 1:cut[row] + 1], b]), window[row])
 
 
 @pytest.mark.parametrize("kind", ["char", "byte", "bpe"])

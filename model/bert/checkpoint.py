@@ -1,10 +1,11 @@
-"""BERT checkpoints in Hugging Face's BertForMaskedLM format: `model.safetensors` + `config.json`.
+"""BERT checkpoints in Hugging Face's format: `model.safetensors` + `config.json`, of a
+BertForMaskedLM, or of a BertForPreTraining when the model has the next-sentence head.
 
 Written with transformers' keys (`bert.encoder.layer.0.attention.self.query.weight`, linear weights
-(out, in), the decoder tied to the word embeddings and not stored), so
-`BertForMaskedLM.from_pretrained(dir)` opens it with no missing or unexpected key. Read back from
-those keys, with or without a stored decoder (it must equal what it is tied to); the pooler and
-next-sentence head of a BertForPreTraining file are not part of the MLM model and are skipped.
+(out, in), the decoder tied to the word embeddings and not stored), so `from_pretrained(dir)` of
+that class opens it with no missing or unexpected key. Read back from those keys, with or without a
+stored decoder (it must equal what it is tied to); a file with `cls.seq_relationship` gives a model
+with the next-sentence head, and a pooler without that head (no part of the MLM logits) is skipped.
 Writes are atomic (runtime.files), each tensor's checksum checked on load.
 """
 from __future__ import annotations
@@ -24,10 +25,10 @@ PREFIX = "bert."
 QKV = ("query", "key", "value")
 # Linear weights: ringpipe (in, out) is transformers' (out, in) transposed.
 _TRANSPOSED = ("attention.output.dense.weight", "intermediate.dense.weight", "output.dense.weight",
-               "cls.predictions.transform.dense.weight")
-# Stored by some transformers versions or model classes, and no part of BertForMaskedLM's logits.
-_SKIPPED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "bert.pooler.",
-            "cls.seq_relationship.")
+               "cls.predictions.transform.dense.weight", "pooler.dense.weight", "cls.seq_relationship.weight")
+# Buffers stored by some transformers versions: no parameters.
+_SKIPPED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+NEXT_SENTENCE_KEY = "cls.seq_relationship.weight"
 
 
 def to_hf(params: dict) -> dict:
@@ -51,8 +52,9 @@ def from_hf(tensors: dict, path: str) -> dict:
     decoder = {key: tensors.pop(key) for key in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
                if key in tensors}
     params, pieces = {}, {}
+    skipped = _SKIPPED if NEXT_SENTENCE_KEY in tensors else (*_SKIPPED, "bert.pooler.")
     for key, array in tensors.items():
-        if key.startswith(_SKIPPED):
+        if key.startswith(skipped):
             continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         if ".attention.self." in name:
@@ -108,7 +110,7 @@ def load_checkpoint(directory, dtype=None, device=None):
     params = from_hf(tensors, weights_path)
     stored = str(params[WORD_EMBEDDINGS].dtype) if WORD_EMBEDDINGS in params else "float32"
     config = bert_config_from_hf(hf, config_path, dtype=dtype or (stored if stored in DTYPES else "float32"),
-                                 device=device or "cpu")
+                                 device=device or "cpu", next_sentence=NEXT_SENTENCE_KEY in params)
     expected = param_shapes(config)
     missing, unknown = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
     if missing or unknown:

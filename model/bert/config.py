@@ -21,7 +21,7 @@ from ringpipe.runtime.array_module import DEVICES
 DTYPES = ("float32", "float64", "float16")
 # The BertConfig fields that decide what function the weights compute.
 ARCHITECTURE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_inner",
-                       "layer_norm_epsilon", "type_vocab_size")
+                       "layer_norm_epsilon", "type_vocab_size", "next_sentence")
 INIT_STD = 0.02  # transformers' initializer_range
 
 
@@ -36,6 +36,7 @@ class BertOptions:
     n_inner: int | None = None  # intermediate_size; None is 4 * n_embd
     layer_norm_epsilon: float = 1e-12
     type_vocab_size: int = 2
+    next_sentence: bool = False  # the next-sentence head (BertForPreTraining) and sentence-pair rows
 
 
 @dataclass
@@ -60,6 +61,8 @@ class BertConfig(BertOptions):
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ValueError(f"BertConfig.layer_norm_epsilon must be a positive finite number, got {eps!r}")
+        if not isinstance(self.next_sentence, bool):
+            raise ValueError(f"BertConfig.next_sentence must be a bool, got {self.next_sentence!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"BertConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
@@ -84,10 +87,17 @@ LAYER_PARAMS = ("attention.qkv.weight", "attention.qkv.bias", "attention.output.
 MLM_HEAD_PARAMS = ("cls.predictions.transform.dense.weight", "cls.predictions.transform.dense.bias",
                    "cls.predictions.transform.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias",
                    "cls.predictions.bias")
+NSP_HEAD_PARAMS = ("pooler.dense.weight", "pooler.dense.bias", "cls.seq_relationship.weight",
+                   "cls.seq_relationship.bias")
 
 
 def layer_prefix(i: int) -> str:
     return f"encoder.layer.{i}."
+
+
+def head_params(config: BertConfig) -> tuple:
+    """The MLM head's parameters, and the next-sentence head's when the config has it."""
+    return MLM_HEAD_PARAMS + (NSP_HEAD_PARAMS if config.next_sentence else ())
 
 
 def param_shapes(config: BertConfig) -> dict:
@@ -99,6 +109,8 @@ def param_shapes(config: BertConfig) -> dict:
     for i in range(config.n_layer):
         shapes.update({layer_prefix(i) + name: shape for name, shape in layer.items()})
     shapes.update(zip(MLM_HEAD_PARAMS, [(C, C), (C,), (C,), (C,), (V,)]))
+    if config.next_sentence:
+        shapes.update(zip(NSP_HEAD_PARAMS, [(C, C), (C,), (C, 2), (2,)]))
     return shapes
 
 

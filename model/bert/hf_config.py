@@ -55,7 +55,8 @@ def refuse_unsupported(hf: dict, path: str) -> None:
 
 def bert_config_from_hf(hf: dict, path: str, **ringpipe_fields) -> BertConfig:
     """config.json's dict -> BertConfig; ValueError naming `path` and the key for a refused value
-    or a missing shape key. `ringpipe_fields`: dtype, device."""
+    or a missing shape key. `ringpipe_fields`: dtype, device, next_sentence (whether the weights
+    have the next-sentence head)."""
     refuse_unsupported(hf, path)
     missing = [key for key in ("num_hidden_layers", "num_attention_heads", "hidden_size",
                                "max_position_embeddings", "vocab_size") if key not in hf]
@@ -74,7 +75,7 @@ def bert_config_from_hf(hf: dict, path: str, **ringpipe_fields) -> BertConfig:
 def hf_config(config: BertConfig) -> dict:
     """The config.json transformers' BertConfig reads, plus ringpipe's own config."""
     return {
-        "model_type": "bert", "architectures": ["BertForMaskedLM"],
+        "model_type": "bert", "architectures": ["BertForPreTraining" if config.next_sentence else "BertForMaskedLM"],
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
         "intermediate_size": config.mlp_width, "hidden_act": "gelu",

@@ -1,10 +1,13 @@
 """BERT's embedding, post-LN encoder layers and masked-LM head as op pairs, written once for the dense
 model (model/bert/model.py) and for a parallel stage (model/bert/parallel_plan.py).
 
-    embedding   LayerNorm(word[ids] + position[0..T) + token_type[0]) → dropout
+    embedding   LayerNorm(word[ids] + position[0..T) + token_type[types]) → dropout
     layer i     h = LayerNorm(x + dropout(out(attn(qkv(x)))))             attention, post-LN
                 y = LayerNorm(h + dropout(out2(gelu_erf(inter(h)))))      MLP, post-LN
     MLM head    logits = LayerNorm(gelu_erf(x W + b)) · word_embeddingsᵀ + bias   (tied decoder)
+    NSP head    (optional) logits2 = tanh(x[:, 0] W_pool + b_pool) W_nsp + b_nsp on the [CLS] row;
+                its label rides in targets[:, 0] ([CLS] is never a masked-LM target), and the loss
+                is the masked-LM mean plus the next-sentence mean, as BertForPreTraining's
 
 A sublayer is input region → column-parallel linear (qkv by heads, intermediate) → local op →
 row-parallel linear → output region → + bias → dropout → + residual → LayerNorm, the regions being
@@ -26,6 +29,7 @@ from ringpipe.model.bert.config import WORD_EMBEDDINGS, BertConfig, layer_prefix
 from ringpipe.model.gpt2.block import dropout_generator_seed
 from ringpipe.model.nn import attention_ops, ops
 from ringpipe.model.nn import encoder_decoder_ops as edo
+from ringpipe.model.parallel.tensor_parallel.tensor_parallel_communications import all_gather_sequence
 from ringpipe.model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
                                                             vocab_parallel_cross_entropy_forward,
                                                             vocab_parallel_embedding_backward,
@@ -66,8 +70,10 @@ class BertPieces:
 
     # ---- embedding ---------------------------------------------------------------------------------
     def embedding_forward(self, idx, dropout_seed=None):
-        """idx int (B, T) -> x (B, T, C) (B, T/tp, C with sequence parallelism); ValueError when T
-        exceeds the position table."""
+        """idx int (B, T) token ids (all of type 0), or (B, 2, T) token ids and token types (sentence
+        pairs) -> x (B, T, C) (B, T/tp, C with sequence parallelism); ValueError when T exceeds
+        the position table."""
+        idx, types = (idx[:, 0], idx[:, 1]) if idx.ndim == 3 else (idx, None)
         p, T = self.params, idx.shape[1]
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than BERT's position table "
@@ -79,11 +85,16 @@ class BertPieces:
             tok, lookup = ops.embedding_forward(p[WORD_EMBEDDINGS], idx)
         positions = self.stage.positions(T)
         summed = tok + p[E + "position_embeddings.weight"][positions]
-        summed += p[E + "token_type_embeddings.weight"][0]  # one segment: every token is of type 0
+        if types is None:
+            summed += p[E + "token_type_embeddings.weight"][0]  # one segment: every token is of type 0
+        else:
+            types = types[:, positions]
+            summed += p[E + "token_type_embeddings.weight"][types]
         x, norm = ops.layernorm_forward(summed, p[E + "LayerNorm.weight"], p[E + "LayerNorm.bias"],
                                         self.config.layer_norm_epsilon)
         x, keep_mask = self._dropout(x, dropout_seed, -1, EMBEDDING)
-        return x, self.memory.hold({"lookup": lookup, "norm": norm, "dropout": keep_mask, "length": T})
+        return x, self.memory.hold({"lookup": lookup, "types": types, "norm": norm, "dropout": keep_mask,
+                                    "length": T})
 
     def embedding_backward(self, cache, dx) -> dict:
         self.memory.release(cache)
@@ -92,8 +103,11 @@ class BertPieces:
         dsummed, dln_w, dln_b = ops.layernorm_backward(dx, cache["norm"], p[E + "LayerNorm.weight"])
         dposition = self.xp.zeros_like(p[E + "position_embeddings.weight"])
         dposition[self.stage.positions(cache["length"])] = dsummed.sum(0)
-        dtype = self.xp.zeros_like(p[E + "token_type_embeddings.weight"])
-        dtype[0] = dsummed.sum((0, 1))
+        if cache["types"] is None:
+            dtype = self.xp.zeros_like(p[E + "token_type_embeddings.weight"])
+            dtype[0] = dsummed.sum((0, 1))
+        else:
+            dtype = ops.embedding_backward(dsummed, cache["types"], self.config.type_vocab_size)
         if self.stage.tensor_parallel:
             dword = vocab_parallel_embedding_backward(self.output_region.backward(dsummed, self.tp),
                                                       cache["lookup"], self.vocab_rows)
@@ -190,17 +204,66 @@ class BertPieces:
         return logits, transform, a
 
     def head_forward(self, x, targets):
-        """x (B, T, C), targets int (B, T) (-100 where no loss) -> (mean loss over the chosen
-        positions, cache)."""
+        """x (B, T, C), targets int (B, T) (-100 where no loss; with the next-sentence head, the
+        label at [:, 0]) -> (mean loss over the chosen positions (+ the next-sentence loss), cache)."""
+        next_sentence = None
+        if self.config.next_sentence:
+            nsp_loss, next_sentence = self._next_sentence_forward(x, targets[:, 0])
+            targets = targets.copy()
+            targets[:, 0] = IGNORE_INDEX
         logits, transform, a = self._logits(x)
         if self.stage.tensor_parallel:
             loss, ce = vocab_parallel_cross_entropy_forward(logits, targets, self.vocab_start, self.config.vocab_size,
                                                             self.tp, IGNORE_INDEX)
         else:
             loss, ce = ops.cross_entropy_forward(logits, targets, IGNORE_INDEX, overwrite_logits=True)
-        return loss, self.memory.hold({"transform": transform, "decoder_input": a, "cross_entropy": ce})
+        if next_sentence is not None:
+            loss += nsp_loss
+        return loss, self.memory.hold({"transform": transform, "decoder_input": a, "cross_entropy": ce,
+                                       "next_sentence": next_sentence})
 
     def head_backward(self, cache, dloss):
+        dx, grads = self._mlm_head_backward(cache, dloss)
+        if cache["next_sentence"] is not None:
+            dfirst, nsp_grads = self._next_sentence_backward(cache["next_sentence"], dloss)
+            grads.update(nsp_grads)
+            if not self.stage.sequence_parallel or self.stage.tp_rank == 0:  # the rank holding position 0
+                dx[:, 0] += dfirst
+        return dx, grads
+
+    # ---- next-sentence head: replicated, on the [CLS] row (gathered from tp rank 0's shard) ---------
+    def _first_row(self, x):
+        return all_gather_sequence(x, self.tp)[:, 0] if self.stage.sequence_parallel else x[:, 0]
+
+    def _next_sentence_logits(self, x):
+        p = self.params
+        first = self._first_row(x)
+        pooled = self.xp.tanh(ops.linear_forward(first, p["pooler.dense.weight"], p["pooler.dense.bias"])[0])
+        logits, _ = ops.linear_forward(pooled, p["cls.seq_relationship.weight"], p["cls.seq_relationship.bias"])
+        return logits, first, pooled
+
+    def _next_sentence_forward(self, x, labels):
+        """-> (mean cross-entropy of the (B, 2) logits against labels int (B,), cache)."""
+        logits, first, pooled = self._next_sentence_logits(x)
+        loss, ce = ops.cross_entropy_forward(logits[:, None, :], labels[:, None])
+        return loss, {"first": first, "pooled": pooled, "cross_entropy": ce}
+
+    def _next_sentence_backward(self, cache, dloss):
+        """-> (d of the [CLS] row (B, C), grads of the next-sentence head)."""
+        p, pooled = self.params, cache["pooled"]
+        dlogits = ops.cross_entropy_backward(cache["cross_entropy"], dloss)[:, 0].astype(pooled.dtype, copy=False)
+        dw_nsp, db_nsp = ops.linear_backward_weight(dlogits, pooled)
+        dh = ops.linear_backward_input(dlogits, p["cls.seq_relationship.weight"]) * (1 - pooled * pooled)
+        dw_pool, db_pool = ops.linear_backward_weight(dh, cache["first"])
+        return ops.linear_backward_input(dh, p["pooler.dense.weight"]), {
+            "pooler.dense.weight": dw_pool, "pooler.dense.bias": db_pool,
+            "cls.seq_relationship.weight": dw_nsp, "cls.seq_relationship.bias": db_nsp}
+
+    def next_sentence_logits(self, x):
+        """x (B, T, C) -> the next-sentence logits (B, 2) (0: B follows A, 1: B is random)."""
+        return self._next_sentence_logits(x)[0]
+
+    def _mlm_head_backward(self, cache, dloss):
         self.memory.release(cache)
         p, a = self.params, cache["decoder_input"]
         backward = vocab_parallel_cross_entropy_backward if self.stage.tensor_parallel else ops.cross_entropy_backward

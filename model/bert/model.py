@@ -58,9 +58,32 @@ class Bert:
             self.memory.release(cache)
         return self.pieces.head_logits(x)
 
+    def loss(self, idx, targets) -> float:
+        """Inference loss, no dropout: the training loss of (idx, targets) (see loss_and_grads)."""
+        x, cache = self.pieces.embedding_forward(idx)
+        self.memory.release(cache)
+        for i in range(self.config.n_layer):
+            x, cache = self.pieces.block_forward(i, x)
+            self.memory.release(cache)
+        loss, cache = self.pieces.head_forward(x, targets)
+        self.memory.release(cache)
+        return loss
+
+    def next_sentence_logits(self, idx):
+        """idx int (B, 2, T) token ids and token types -> next-sentence logits (B, 2) (0: the second
+        segment follows the first, 1: it is random); the config must have the head."""
+        x, cache = self.pieces.embedding_forward(idx)
+        self.memory.release(cache)
+        for i in range(self.config.n_layer):
+            x, cache = self.pieces.block_forward(i, x)
+            self.memory.release(cache)
+        return self.pieces.next_sentence_logits(x)
+
     def loss_and_grads(self, idx, targets, dropout_seed=None, dloss=1.0):
-        """One forward+backward: idx, targets int (B, T) (targets -100 where no loss) -> (mean
-        loss over the chosen positions, grads like params); the grads are of `dloss` × that loss."""
+        """One forward+backward: idx int (B, T) (or (B, 2, T) with token types), targets int (B, T)
+        (-100 where no loss; with the next-sentence head, its label at [:, 0]) -> (mean loss over the
+        chosen positions, plus the next-sentence loss, and grads like params); the grads are of
+        `dloss` × that loss."""
         if self.config.dropout and dropout_seed is None:
             dropout_seed = int(self._dropout_seeds.integers(2**63))
         self.memory.reset()

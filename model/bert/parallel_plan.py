@@ -10,11 +10,12 @@ under tensor parallelism, the tied word embeddings, and a stage's pieces (model/
     LayerNorms, position and token-type embeddings, the MLM transform
                             replicated (sequence-partial gradients under sequence parallelism)
     row-parallel biases     replicated; their gradient comes from the gathered dout, so it is whole
+    next-sentence head      replicated, computed whole on every rank from the [CLS] row
 """
 from __future__ import annotations
 
-from ringpipe.model.bert.config import (EMBEDDING_PARAMS, LAYER_PARAMS, MLM_HEAD_PARAMS, WORD_EMBEDDINGS, BertConfig,
-                                        init_params, layer_prefix)
+from ringpipe.model.bert.config import (EMBEDDING_PARAMS, LAYER_PARAMS, NSP_HEAD_PARAMS, WORD_EMBEDDINGS, BertConfig,
+                                        head_params, init_params, layer_prefix)
 from ringpipe.model.bert.layers import BertPieces
 from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 
@@ -46,9 +47,11 @@ class BertParallelPlan:
         return [layer_prefix(i) + name for name in LAYER_PARAMS]
 
     def head_params(self) -> list[str]:
-        return [WORD_EMBEDDINGS, *MLM_HEAD_PARAMS]
+        return [WORD_EMBEDDINGS, *head_params(self.config)]
 
     def sharding(self, name: str) -> Sharding:
+        if name in NSP_HEAD_PARAMS:
+            return REPLICATED
         part = name.split(".", 3)[3] if name.startswith("encoder.layer.") else name
         return _SHARDINGS.get(part, SEQUENCE_PARTIAL)
 
