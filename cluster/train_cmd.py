@@ -92,7 +92,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
 
-@click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.command(short_help="Train a model (GPT-2, BERT); writes model, checkpoint, metrics.")
 @click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
               help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
@@ -160,7 +160,8 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
               help="At the end, print a sample of this many generated tokens.")
 @click.pass_context
 def train(ctx, **flags):
-    """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
+    """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
+    metrics.jsonl to --out."""
     out = flags["out"]
     warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
