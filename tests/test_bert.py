@@ -103,7 +103,7 @@ def test_different_dropout_rates_are_refused_by_name(tmp_path):
 
 @pytest.mark.parametrize("next_sentence", [False, True], ids=["mlm", "mlm+nsp"])
 def test_the_whole_model_gradient_is_the_loss_gradient_in_float64(next_sentence):
-    config = BertConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=13, dtype="float64",
+    config = BertConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=13, dtype="float64",
                         next_sentence=next_sentence)
     model = Bert(config, seed=1)
     rng = np.random.default_rng(3)
@@ -119,7 +119,7 @@ def test_the_whole_model_gradient_is_the_loss_gradient_in_float64(next_sentence)
     assert sorted(grads) == sorted(param_shapes(config))
     for name, param in model.params.items():
         flat, analytic = param.reshape(-1), grads[name].reshape(-1)
-        for k in rng.choice(flat.size, min(3, flat.size), replace=False):
+        for k in rng.choice(flat.size, 2, replace=False):
             old = flat[k]
             flat[k] = old + 1e-6
             plus, _ = model.loss_and_grads(idx, targets)
