@@ -67,7 +67,8 @@ def test_the_objective_needs_room_for_a_token_and_the_special_tokens():
     with pytest.raises(ValueError, match="block_size 2 leaves no room"):
         MaskedLM(TrainConfig(family="bert", block_size=2), VOCAB, ids)
     with pytest.raises(ValueError, match="lacks the special token.*mask_token"):
-        MaskedLM(TrainConfig(family="bert", block_size=8), VOCAB, {"cls_token": CLS, "sep_token": SEP, "pad_token": PAD})
+        MaskedLM(TrainConfig(family="bert", block_size=8), VOCAB,
+                 {"cls_token": CLS, "sep_token": SEP, "pad_token": PAD})
 
 
 def test_sentence_pairs_are_cls_a_sep_b_sep_with_half_of_b_from_elsewhere():

@@ -118,5 +118,6 @@ def load_checkpoint(directory, dtype=None, device=None):
                          f"(missing {missing[:3]}, unexpected {unknown[:3]})")
     for name, shape in expected.items():
         if tuple(params[name].shape) != shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(params[name].shape)}, config.json implies {shape}")
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(params[name].shape)}, "
+                             f"config.json implies {shape}")
     return config, params

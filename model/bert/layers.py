@@ -196,7 +196,8 @@ class BertPieces:
     def _logits(self, x):
         """-> (local logits (B, T, V/tp), caches of the transform and of the decoder's input)."""
         p = self.params
-        t, transform = edo.mlm_transform_forward(x, p[HEAD + "transform.dense.weight"], p[HEAD + "transform.dense.bias"],
+        t, transform = edo.mlm_transform_forward(x, p[HEAD + "transform.dense.weight"],
+                                                 p[HEAD + "transform.dense.bias"],
                                                  p[HEAD + "transform.LayerNorm.weight"],
                                                  p[HEAD + "transform.LayerNorm.bias"], self.config.layer_norm_epsilon)
         a = self.input_region.forward(t, self.tp)
@@ -270,7 +271,8 @@ class BertPieces:
         dlogits = backward(cache["cross_entropy"], dloss).astype(a.dtype, copy=False)
         da, dword, dbias = edo.tied_decoder_backward(dlogits, a, p[WORD_EMBEDDINGS])
         dt = self.input_region.backward(da, self.tp)
-        dx, dw, db, dln_w, dln_b = edo.mlm_transform_backward(dt, cache["transform"], p[HEAD + "transform.dense.weight"],
+        dx, dw, db, dln_w, dln_b = edo.mlm_transform_backward(dt, cache["transform"],
+                                                             p[HEAD + "transform.dense.weight"],
                                                              p[HEAD + "transform.LayerNorm.weight"])
         return dx, {WORD_EMBEDDINGS: dword, HEAD + "bias": dbias, HEAD + "transform.dense.weight": dw,
                     HEAD + "transform.dense.bias": db, HEAD + "transform.LayerNorm.weight": dln_w,
