@@ -82,6 +82,30 @@ def test_every_implemented_attribute_gives_transformers_logits(tmp_path, key):
                           transformers_logits(model, idx)) <= 1e-10
 
 
+NO_EFFECT_TRIALS = {
+    "initializer_range": 0.5, "pad_token_id": 3, "bos_token_id": 1, "eos_token_id": 2, "classifier_dropout": 0.3,
+    "chunk_size_feed_forward": 2, "use_cache": False, "output_attentions": True, "output_hidden_states": True,
+    "return_dict": False, "is_encoder_decoder": True, "id2label": {0: "A", 1: "B", 2: "C"}, "label2id": {"A": 0},
+    "problem_type": "regression", "architectures": ["BertForMaskedLM"], "_name_or_path": "somewhere",
+    "transformers_version": "0.0.1", "dtype": "float64", "torch_dtype": "float64",
+}
+
+
+def test_every_attribute_said_to_have_no_effect_is_tried():
+    assert set(NO_EFFECT_TRIALS) == NO_EFFECT_KEYS
+
+
+@pytest.mark.parametrize("key", sorted(NO_EFFECT_TRIALS))
+def test_an_attribute_with_no_effect_on_the_logits_loads_and_gives_transformers_logits(tmp_path, key):
+    # transformers returns attention weights from its eager attention only.
+    extra = {"attn_implementation": "eager"} if key == "output_attentions" else {}
+    model = transformers_bert(**{key: NO_EFFECT_TRIALS[key]}, **extra)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(IDX))[0].numpy()
+    assert relative_error(Bert.from_pretrained(tmp_path, dtype="float64").forward(IDX), theirs) <= 1e-10
+
+
 @pytest.mark.parametrize("key, value", [("hidden_act", "relu"), ("tie_word_embeddings", False), ("is_decoder", True),
                                         ("add_cross_attention", True), ("model_type", "roberta"),
                                         ("position_embedding_type", "relative_key")])
