@@ -19,7 +19,7 @@ from ringpipe.cluster.progress import Progress, checkpoint_status, report_interr
 from ringpipe.model.data.tokenizer import KINDS
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
-from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
+from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
@@ -49,21 +49,29 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     return click.ClickException(line + hint)
 
 
+def _flag_of(ctx: click.Context, name: str) -> str:
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+
 def _config_from_flags(ctx: click.Context, flags: dict):
     """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
-    names = D.flat()  # the model's options and the run's, as the flags name them
+    saved = saved_config(flags["out"]).flat() if flags["resume"] else None
+    model = saved["family"] if saved else flags["family"]
+    names = TrainConfig(family=model).flat()  # the family's options and the run's, as the flags name them
+    for name in flags:
+        if name in OPTIONS_OF_ANY_FAMILY and name not in names and \
+                ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise bad_flag(_flag_of(ctx, name), f"is not an option of --model {model}")
     chosen = {name: value for name, value in flags.items() if name in names}
     if not flags["resume"]:
         return TrainConfig(**chosen)
-    saved = saved_config(flags["out"]).flat()
     for name, value in chosen.items():
         if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
             continue
         if name in RESUME_OVERRIDABLE:
             saved[name] = value
         elif value != saved[name]:
-            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
-            raise bad_flag(flag,
+            raise bad_flag(_flag_of(ctx, name),
                             f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
     return TrainConfig(**saved)
@@ -90,9 +98,10 @@ def _json_line(row: dict) -> str:
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
+OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
 
-@click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.command(short_help="Train a model (GPT-2, BERT); writes model, checkpoint, metrics.")
 @click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
               help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
@@ -118,6 +127,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--grad-clip", type=FiniteFloat(min=0), default=D.grad_clip, show_default=True,
               help="Max global gradient norm; 0 disables clipping.")
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.model.dropout, show_default=True)
+@click.option("--next-sentence", is_flag=True,
+              help="--model bert: sentence-pair rows and the next-sentence head too (BertForPreTraining).")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
@@ -158,7 +169,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
               help="At the end, print a sample of this many generated tokens.")
 @click.pass_context
 def train(ctx, **flags):
-    """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
+    """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
+    metrics.jsonl to --out."""
     out = flags["out"]
     warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:

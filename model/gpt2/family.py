@@ -16,7 +16,7 @@ def small_gpt() -> GPTOptions:
 class NextToken:
     """The causal language-model objective: each position predicts the token after it."""
 
-    def __init__(self, config, special_ids: dict | None = None):
+    def __init__(self, config, vocab_size: int = 0, special_ids: dict | None = None):
         self.config = config
 
     def batch(self, dataset, split: str, index: int):

@@ -81,7 +81,7 @@ class ParallelTrainer:
         self.family = family(self.config.family)
         self.gpt_config = self.config.model_config(vocab_size)
         self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
-        self.objective = self.family.objective(self.config, special_ids or {})
+        self.objective = self.family.objective(self.config, vocab_size, special_ids or {})
         self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
                          ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)

@@ -22,7 +22,6 @@ from ringpipe.model.data.hf_tokenizer import with_special_tokens
 from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
 from ringpipe.model.families import check_checkpoint_family, family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
-from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
@@ -93,7 +92,7 @@ class Trainer:
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
         self.family = family(config.family)
-        self.objective = self.family.objective(config, special_ids(tokenizer, self.family))
+        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
@@ -142,7 +141,8 @@ class Trainer:
         check_checkpoint_family(checkpoint, model_family.name)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
+        # (A family with special tokens saves them in a Hugging Face tokenizer, whatever it was made from.)
+        if not model_family.special_tokens and tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
@@ -241,10 +241,7 @@ class Trainer:
         for i in range(config.eval_iters):
             x, y = self.objective.batch(self.dataset, "val", i)
             for start in range(0, config.batch_size, rows):
-                logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
-                loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),
-                                                self.family.ignore_index, overwrite_logits=True)
-                losses.append(loss)
+                losses.append(self.gpt.loss(xp.asarray(x[start:start + rows]), xp.asarray(y[start:start + rows])))
         return {"val_loss": float(np.mean(losses))}
 
     def save_checkpoint(self) -> str:
