@@ -88,6 +88,15 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.heartbeat_interval = 1.0
         self._next_beat = 0.0
         self.timed_out_on: set[int] = set()
+        # Same-host group channels (runtime/shm_channel.py), run by the calling threads: per group
+        # id the channel (None: not opened yet or not usable) and this rank's region offset;
+        # what a channel waiting in the calling thread waits for, (operation, since, peer), for the
+        # heartbeat; and who to wake when an abort arrives.
+        self.channels: dict = {}
+        self.rings = None  # same-host point-to-point rings (runtime/shm_p2p.py), when the arena has room
+        self.channel_regions: dict[str, int] = {}
+        self.direct_wait: tuple | None = None
+        self.abort_listeners: list = []
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name=f"ringpipe-engine-{self.rank}", daemon=True)
@@ -376,6 +385,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.block_waits.clear()
         if self.arena is not None:
             self.arena.reset()
+        for wake in list(self.abort_listeners):
+            wake()
 
 
 # The errors and Handle live in runtime/operations.py; importable from here too, as before.
