@@ -18,6 +18,7 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -174,6 +175,9 @@ class GroupChannel:
 
     def _wait(self, peer: int, target: int):
         word, sleepers, waiter = self.words[peer], self.sleepers[peer], self.waiter
+        value = ctypes.c_uint64.from_address(word).value
+        if value >= target:  # already there: no call into the waiter
+            return self._check_epoch(value, peer)
         # Adaptive spin: a wait answered while spinning lets the next spin longer; one that had
         # to sleep halves it (the peer is likely descheduled or computing).
         value = waiter.wait_at_least(word, sleepers, target, 0.0, self.spin_ns, self.yields)

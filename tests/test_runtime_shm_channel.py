@@ -246,3 +246,41 @@ def test_ranks_waiting_on_the_channel_wake_when_a_peer_dies():
         with pytest.raises(WorkerDied):
             cluster.run(fail_while_peers_wait, "exit", timeout=30)
         assert time.monotonic() - start < 20.0
+
+
+# ---- point-to-point over the pair rings ------------------------------------------------------------
+RING_ARENA = 8 << 20  # rings of 16 KiB slots; messages above 2 MiB go in parts
+
+
+def p2p_messages(comm, cases):
+    """Rank 0 sends every case (strided ones too), then 100 small messages at once (more than a ring
+    holds: the sender waits for the receiver); rank 1 receives them, some into `out`."""
+    if comm.rank == 0:
+        for index, (dtype, count) in enumerate(cases):
+            base = (np.arange(2 * count) % 11).astype(dtype)
+            comm.send(base[::2], 1, tag=index)
+        for i in range(100):
+            comm.send(np.array([i]), 1, tag=1000)
+        return comm.engine.rings is not None
+    if comm.rank == 1:
+        got = []
+        for index, (dtype, count) in enumerate(cases):
+            if index % 2:
+                out = np.empty(count, dtype)
+                assert comm.recv(0, tag=index, out=out) is out
+                got.append(out)
+            else:
+                got.append(comm.recv(0, tag=index))
+        return got, [int(comm.recv(0, tag=1000)[0]) for _ in range(100)]
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_point_to_point_over_the_rings_delivers_every_dtype_size_and_layout_in_order(local_cluster):
+    cases = [(dtype, count) for dtype in DTYPES for count in (0, 3)] + [
+        ("float32", 4_000), ("float64", 2_100), ("uint8", 700_000), ("float64", 700_000)]  # a slot, 1, 3 parts
+    ok, (got, ordered), _ = local_cluster(3, arena_bytes=RING_ARENA).run(p2p_messages, cases, timeout=60)
+    assert ok and ordered == list(range(100))
+    for (dtype, count), values in zip(cases, got):
+        expected = (np.arange(2 * count) % 11).astype(dtype)[::2]
+        assert values.dtype == expected.dtype and np.array_equal(values, expected), (dtype, count)
