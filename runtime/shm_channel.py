@@ -35,7 +35,7 @@ HEADER_BYTES = 4096
 SIGNATURE_AT, SIGNATURE_BYTES = 64, 1024  # per parity: id (length, crc32), position (call, #), msgpack bytes
 EPOCH_SHIFT = 40
 SLICE_S = 0.1  # longest sleep between looks at aborts and deadlines (an abort also wakes sleepers)
-MIN_SPIN_NS, MAX_SPIN_NS = 2_000, 100_000  # a peer on another core answers within microseconds
+MIN_SPIN_NS, MAX_SPIN_NS = 20_000, 200_000  # a peer on another core answers within microseconds
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:

@@ -17,6 +17,7 @@ messages of earlier calls or epochs (giving their blocks back).
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 from collections import defaultdict
@@ -34,6 +35,7 @@ SLOTS = 64
 META_BYTES = 512  # a slot's key, dtype, shape; the inline payload follows
 MIN_SLOT_BYTES = 4096
 SLICE_S = 0.1
+SPIN_NS = 50_000  # then sleep: a peer that has not answered by now is computing or descheduled
 
 
 def ring_layout(arena_size: int, world_size: int) -> int:
@@ -55,6 +57,8 @@ class PairRings:
         self.slot_bytes = (ring_bytes - HEADER_BYTES) // SLOTS
         self.waiter = make_waiter(mode)
         self.world_size = world_size
+        # More ranks than cores: yield the core between looks while spinning.
+        self.yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.tickets = defaultdict(int)  # (src, key) -> receives posted
@@ -211,7 +215,7 @@ class PairRings:
         value = _load(word)
         if value >= target:
             return
-        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, 20_000, False)
+        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, SPIN_NS, self.yields)
         while value < target:
             left = deadline - time.monotonic()
             if self.engine.aborted_call is not None:
