@@ -105,9 +105,10 @@ class GroupChannel:
             finally:
                 if trace_args is not None:
                     args = dict(trace_args, wait_us=self.wait_ns / 1000.0)
+                    span = args.pop("op")
                     if error is not None:
                         args["error"] = type(error).__name__
-                    engine.tracer.complete(trace_args["op"], "comm", "comm", start, now_ns(), args)
+                    engine.tracer.complete(span, "comm", "comm", start, now_ns(), args)
 
     def next_round(self) -> int:
         """The buffer parity of the next round (the same on every member)."""

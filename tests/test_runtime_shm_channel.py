@@ -284,3 +284,23 @@ def test_point_to_point_over_the_rings_delivers_every_dtype_size_and_layout_in_o
     for (dtype, count), values in zip(cases, got):
         expected = (np.arange(2 * count) % 11).astype(dtype)[::2]
         assert values.dtype == expected.dtype and np.array_equal(values, expected), (dtype, count)
+
+
+def traced_both_ways(comm):
+    comm.barrier()  # opens the channel
+    comm.all_reduce(np.ones(100))  # over the channel
+    comm.all_reduce(np.ones(100), async_op=True).wait()  # over the engine
+
+
+@pytest.mark.timeout(60)
+def test_a_channel_collective_is_traced_with_the_engines_span_and_arguments(local_cluster, tmp_path):
+    import json
+
+    cluster = local_cluster(2)
+    cluster.start_trace()
+    cluster.run(traced_both_ways)
+    paths = cluster.stop_trace(str(tmp_path))
+    events = json.load(open(sorted(paths)[0]))["events"]
+    channel, engine = [e[6] for e in events if e[0] == "X" and e[1] == "all_reduce"][-2:]
+    assert set(channel) == set(engine) and channel["bytes"] == engine["bytes"] == 800
+    assert channel["seq"] + 1 == engine["seq"] and channel["wait_us"] >= 0
