@@ -202,10 +202,11 @@ class Communicator:
     def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0, direct=None):
         """Run a collective: `algorithm(ctx)` on the engine thread, or, when the call waits for it
         and the group shares a host, `direct(channel)` on this thread (runtime/shm_channel.py)."""
-        if direct is not None and not async_op and self.size > 1:
-            channel = self._channel(name, timeout)
+        if direct is not None and self.size > 1:
+            # Asynchronous ones only once the channel is open: opening it waits for every member.
+            channel = self.engine.channels.get(self.group.gid) if async_op else self._channel(name, timeout)
             if channel is not None:
-                return self._run_direct(channel, name, signature, direct, finish, timeout, nbytes)
+                return self._run_direct(channel, name, signature, direct, finish, timeout, nbytes, async_op)
         if self.size == 1:
             # Nothing to exchange: run the algorithm here, without a round trip to the engine thread.
             ctx = CollectiveContext(self.engine, self.group, -1, self.engine.epoch, self.engine.call, name, signature,
@@ -248,15 +249,20 @@ class Communicator:
             channels[self.group.gid] = open_channel(self.engine, self.group, self.config, exchange)
         return channels[self.group.gid]
 
-    def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes):
+    def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
         seq = self._sequence.next((self.engine.epoch, self.engine.call))
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
         trace = None
         if self.engine.tracer.enabled:
             trace = {"op": name, "bytes": int(nbytes), "group": self.group.gid, "seq": seq,
                      "ranks": list(self.group.ranks), "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{self.engine.call}"}
-        result = channel.run(full_name, signature, direct, self.timeout if timeout is None else timeout, trace,
-                             (self.engine.epoch, self.engine.call, self.group.gid, seq))
+        key = (self.engine.epoch, self.engine.call, self.group.gid, seq)
+        patience = self.timeout if timeout is None else timeout
+        if async_op or channel.busy():  # on the channel's thread, after the operations queued there
+            handle = channel.submit(Handle(full_name, finish),
+                                    lambda: channel.run(full_name, signature, direct, patience, trace, key), key)
+            return handle if async_op else handle.wait()
+        result = channel.run(full_name, signature, direct, patience, trace, key)
         return finish(result) if finish is not None else result
 
     @staticmethod

@@ -97,6 +97,7 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.channel_regions: dict[str, int] = {}
         self.direct_wait: tuple | None = None
         self.abort_listeners: list = []
+        self.cancel_listeners: list = []  # f(call_id, what): a call ended with these operations running
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name=f"ringpipe-engine-{self.rank}", daemon=True)
@@ -334,6 +335,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self._finish(op, error=error)
 
     def _cancel_call(self, call_id: int, what: str):
+        for cancel in list(self.cancel_listeners):
+            cancel(call_id, what)
         left = [op for op in self.operations if op.call <= call_id]
         for op in left:
             self._cancel(op, Cancelled(f"{op.name} was cancelled on rank {self.rank}: {what} ended before it "

@@ -23,11 +23,13 @@ import os
 import threading
 import time
 import zlib
+from collections import deque
+from types import SimpleNamespace
 
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -72,9 +74,73 @@ class GroupChannel:
         self._ids = [[region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16].view(np.uint64) for p in (0, 1)]
                      for region in self.regions]
         self._written = [None, None]
+        # Asynchronous collectives run in order on this channel's own thread (a "stream").
+        self._queue: deque = deque()
+        self._queue_ready = threading.Condition()
+        self._thread = None
+        self._running = False
+        self._cancelled_through = -1  # operations of calls up to this one are cancelled
+        self.call = None  # the call of the operation running now
         engine.abort_listeners.append(self._wake_sleeper)
+        engine.cancel_listeners.append(self._cancel_call)
 
     # ---- one operation ------------------------------------------------------------------------------
+    # ---- asynchronous operations ----------------------------------------------------------------
+    def busy(self) -> bool:
+        """True while asynchronous operations are queued or running: later ones must queue too."""
+        return self._running or bool(self._queue)
+
+    def submit(self, handle, work, abort_key: tuple):
+        """Run `work()` on this channel's thread after what is queued; its result or error goes to
+        `handle`. The handle counts as the current call's (an unwaited one is cancelled at its end)."""
+        self.engine._call_handles.append(handle)
+        with self._queue_ready:
+            self._queue.append((handle, work, abort_key))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, daemon=True,
+                                                name=f"ringpipe-channel-{self.group.gid}")
+                self._thread.start()
+            self._queue_ready.notify()
+        return handle
+
+    def _serve(self):
+        while True:
+            with self._queue_ready:
+                while not self._queue:
+                    self._queue_ready.wait()
+                handle, work, abort_key = self._queue.popleft()
+                self._running = True
+            try:
+                if abort_key[1] <= self._cancelled_through:
+                    raise self._cancelled(handle.name)
+                result = work()
+            except BaseException as exc:  # noqa: BLE001 - the handle's error
+                handle._set(error=exc)
+            else:
+                handle._set(result)
+            finally:
+                self._running = False
+
+    def _cancelled(self, name: str):
+        return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
+                         f"wait() for asynchronous operations before a call returns")
+
+    def _cancel_call(self, call_id: int, what: str):
+        """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
+        running here are cancelled, on every member (the engine's abort note reaches them)."""
+        with self._queue_ready:
+            pending = [key for _, _, key in self._queue if key[1] <= call_id]
+            running = self._running and self.call is not None and self.call <= call_id
+        if not (pending or running):
+            return
+        self._cancelled_through = max(self._cancelled_through, call_id)
+        self.engine.needs_fence = True
+        keys = pending + ([self.abort_key] if running else [])
+        for epoch, call, gid, seq in keys:
+            note = SimpleNamespace(abort_key=(gid, seq, self.group.ranks), epoch=epoch, call=call)
+            self.engine._broadcast_abort(note, self._cancelled(f"{what}'s collective #{seq} on group {gid}"))
+        self._wake_sleeper()
+
     def run(self, name: str, signature: dict, body, timeout: float, trace_args: dict | None, abort_key: tuple):
         """Run `body(self)` as the collective `name`; returns its result. `abort_key` = (epoch,
         call, group, #) is where the engine notes that a member gave this collective up. Failures
@@ -92,6 +158,7 @@ class GroupChannel:
             # Where in the program every member should be: a member left out of step by an
             # earlier failure shows up here as a mismatch, never as a stale buffer read.
             self.abort_key, self.position = abort_key, (abort_key[1] << 32) | abort_key[3]
+            self.call = abort_key[1]
             self.signature_dict = signature
             self.wait_ns = 0
             start = now_ns() if trace_args is not None else 0
@@ -197,6 +264,8 @@ class GroupChannel:
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
                     raise Aborted(self.engine.aborted_call or f"{self.name}: aborted on rank {self.engine.rank}")
+                if self.call <= self._cancelled_through:
+                    raise self._cancelled(self.name)
                 given_up = self.engine.aborted.get(self.abort_key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
@@ -219,10 +288,6 @@ class GroupChannel:
         word = self._sleeping_on
         if word is not None:
             self.waiter.wake(word)
-
-    def close(self):
-        if self._wake_sleeper in self.engine.abort_listeners:
-            self.engine.abort_listeners.remove(self._wake_sleeper)
 
 
 def _describe(signature) -> str:

@@ -304,3 +304,52 @@ def test_a_channel_collective_is_traced_with_the_engines_span_and_arguments(loca
     channel, engine = [e[6] for e in events if e[0] == "X" and e[1] == "all_reduce"][-2:]
     assert set(channel) == set(engine) and channel["bytes"] == engine["bytes"] == 800
     assert channel["seq"] + 1 == engine["seq"] and channel["wait_us"] >= 0
+
+
+# ---- asynchronous collectives on the channel's thread ------------------------------------------------
+def async_in_order(comm):
+    comm.barrier()  # opens the channel: asynchronous collectives use it from then on
+    arrays = [np.full(size, comm.rank + 1.0) for size in (10, 100_000, 3, 300_000)]
+    handles = [comm.all_reduce(x, async_op=True) for x in arrays]
+    gathered = comm.all_gather(np.array([comm.rank]), async_op=True)
+    blocking = comm.all_reduce(np.ones(4))  # queues behind them
+    results = [h.wait() for h in reversed(handles)]
+    stream = comm.engine.channels[comm.group.gid]._thread is not None
+    return [float(r[0]) for r in results] + [float(r[-1]) for r in results], gathered.wait().tolist(), \
+        blocking.tolist(), stream
+
+
+@pytest.mark.timeout(60)
+def test_asynchronous_collectives_run_in_order_on_the_channel_thread(local_cluster):
+    for values, gathered, blocking, stream in local_cluster(2).run(async_in_order):
+        assert values == [3.0] * 8 and gathered == [0, 1] and blocking == [2.0] * 4 and stream
+
+
+class LeavesAsync:
+    def __init__(self, comm):
+        self.comm, self.handle = comm, None
+
+    def leave(self):
+        self.comm.barrier()
+        if self.comm.rank == 0:
+            self.handle = self.comm.all_reduce(np.ones(4), async_op=True)  # rank 1 never joins it
+
+    def sum_and_left_handle(self):
+        x = np.full(4, self.comm.rank + 1.0)
+        self.comm.all_reduce(x)
+        left = None
+        if self.handle is not None:
+            try:
+                self.handle.wait(timeout=10)
+            except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+                left = f"{type(exc).__name__}: {exc}"
+        return x.tolist(), left
+
+
+@pytest.mark.timeout(60)
+def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_next_call_works(local_cluster):
+    actors = local_cluster(2).spawn(LeavesAsync)
+    actors.leave().result(timeout=30)
+    (first, left), (second, nothing) = actors.sum_and_left_handle().result(timeout=30)
+    assert first == second == [3.0] * 4 and nothing is None
+    assert left.startswith("Cancelled: all_reduce #1 on group w") and "wait()" in left
