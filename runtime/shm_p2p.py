@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 
 from ringpipe.runtime.operations import Aborted, Cancelled, CommTimeout
+from ringpipe.runtime.shm_channel import MAX_SPIN_NS, MIN_SPIN_NS
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -35,7 +36,6 @@ SLOTS = 64
 META_BYTES = 512  # a slot's key, dtype, shape; the inline payload follows
 MIN_SLOT_BYTES = 4096
 SLICE_S = 0.1
-SPIN_NS = 50_000  # then sleep: a peer that has not answered by now is computing or descheduled
 
 
 def ring_layout(arena_size: int, world_size: int) -> int:
@@ -57,6 +57,7 @@ class PairRings:
         self.slot_bytes = (ring_bytes - HEADER_BYTES) // SLOTS
         self.waiter = make_waiter(mode)
         self.world_size = world_size
+        self.spin_ns = MAX_SPIN_NS // 4
         # More ranks than cores: yield the core between looks while spinning.
         self.yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
         self.lock = threading.Lock()
@@ -215,7 +216,9 @@ class PairRings:
         value = _load(word)
         if value >= target:
             return
-        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, SPIN_NS, self.yields)
+        # Adaptive spin, as the group channels' (shm_channel.py): longer after waits it answered.
+        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, self.spin_ns, self.yields)
+        self.spin_ns = min(2 * self.spin_ns, MAX_SPIN_NS) if value >= target else max(self.spin_ns // 2, MIN_SPIN_NS)
         while value < target:
             left = deadline - time.monotonic()
             if self.engine.aborted_call is not None:
