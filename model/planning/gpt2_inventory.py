@@ -31,7 +31,9 @@ class GPT2Inventory:
             else attention_kernel
 
     def param_shapes(self) -> dict:
-        return param_shapes(self.config)
+        if not hasattr(self, "_shapes"):
+            self._shapes = param_shapes(self.config)
+        return self._shapes
 
     # ---- activations ------------------------------------------------------------------------------
     def _layernorm(self, name, rows, storage):

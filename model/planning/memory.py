@@ -12,6 +12,8 @@ what the weight gradients need until backward-weight.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,15 +77,26 @@ class RankMemory:
 def local_elements(inventory, tp: int, names) -> int:
     """Elements of `names` one tensor-parallel rank holds (axes padded to a multiple of tp, as
     model/parallel/tensor_parallel/sharding.py pads them)."""
-    shapes, total = inventory.param_shapes(), 0
-    for name in names:
-        shape = list(shapes[name])
+    return sum(_local_size(inventory, tp, name) for name in names)
+
+
+def _local_size(inventory, tp, name) -> int:
+    cache = inventory.__dict__.setdefault("_local_sizes", {})
+    key = (tp, name)
+    if key not in cache:
+        shape = list(inventory.param_shapes()[name])
         sharding = inventory.plan.sharding(name) if tp > 1 else None
         if sharding is not None and sharding.axis is not None:
             unit = tp * sharding.parts
             shape[sharding.axis] = -(-shape[sharding.axis] // unit) * unit // tp
-        total += int(np.prod(shape))
-    return total
+        cache[key] = math.prod(shape)
+    return cache[key]
+
+
+@functools.lru_cache(maxsize=4096)
+def schedule_of(name: str, pp: int, microbatches: int, virtual_stages: int):
+    """build_schedule, remembered: the planner asks for the same few schedules many times."""
+    return build_schedule(name, pp, microbatches, virtual_stages)
 
 
 def stage_ranges(inventory, candidate: Candidate) -> list[range]:
@@ -99,7 +112,7 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
     B, T = batch_size // (c.dp * c.microbatches), config.block_size
     ranges = stage_ranges(inventory, c)
     num_stages = len(ranges)
-    schedule = build_schedule(c.schedule, c.pp, c.microbatches, c.virtual_stages)
+    schedule = schedule_of(c.schedule, c.pp, c.microbatches, c.virtual_stages)
     result = []
     for rank in range(c.pp):
         mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
@@ -152,31 +165,29 @@ def _walk(actions, stage_bytes) -> tuple[int, dict]:
     """Peak live activation bytes of a rank (all its stages together) and of each stage alone."""
     live = {s: 0 for s in stage_bytes}
     peaks = dict(live)
-    peak = 0
-
-    def bump(s, nbytes):
-        nonlocal peak
-        live[s] += nbytes
-        peaks[s] = max(peaks[s], live[s])
-        peak = max(peak, sum(live.values()))
-
+    peak = total = 0
     for action in actions:
         s = action.stage
         if action.kind == Kind.FORWARD:
-            for nbytes in stage_bytes[s][0]:
-                bump(s, nbytes)
+            events = [("hold", nbytes) for nbytes in stage_bytes[s][0]]
         elif action.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
-            for event, nbytes in stage_bytes[s][1]:
-                if event == "release":
-                    live[s] -= nbytes
-                else:
-                    bump(s, nbytes)
-                    if event == "transient":
-                        live[s] -= nbytes
-            if action.kind == Kind.BACKWARD:
-                live[s] -= stage_bytes[s][2]
+            events = stage_bytes[s][1] + ([("release", stage_bytes[s][2])] if action.kind == Kind.BACKWARD else [])
         elif action.kind == Kind.BACKWARD_WEIGHT:
-            live[s] -= stage_bytes[s][2]
+            events = [("release", stage_bytes[s][2])]
+        else:
+            continue
+        for event, nbytes in events:
+            if event == "release":
+                live[s] -= nbytes
+                total -= nbytes
+                continue
+            live[s] += nbytes
+            total += nbytes
+            peaks[s] = max(peaks[s], live[s])
+            peak = max(peak, total)
+            if event == "transient":
+                live[s] -= nbytes
+                total -= nbytes
     return peak, peaks
 
 
