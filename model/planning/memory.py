@@ -43,6 +43,8 @@ class Candidate:
 
     def label(self) -> str:
         parts = [f"dp{self.dp} tp{self.tp} pp{self.pp}"]
+        if not self.microbatches:  # refused on its sizes alone
+            return parts[0]
         if self.pp > 1:
             parts.append(self.schedule + (f"×{self.virtual_stages}" if self.virtual_stages > 1 else ""))
         parts.append(f"mb{self.microbatches}")

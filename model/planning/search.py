@@ -50,7 +50,7 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
     because a size does not divide."""
     config = inventory.config
     for dp, tp, pp in factorizations(nproc):
-        sizes = Candidate(dp, tp, pp)
+        sizes = Candidate(dp, tp, pp, microbatches=0)  # refused on its sizes alone
         if batch_size % dp:
             yield sizes, f"{DOES_NOT_DIVIDE}: global batch {batch_size} is not divisible by dp {dp}"
             continue
@@ -62,10 +62,11 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
             yield sizes, f"{DOES_NOT_DIVIDE}: {exc}"
             continue
         # pp = 1: one micro-batch (more only trade time for memory; recompute is that knob here);
-        # pp > 1: pp, 2·pp, 4·pp, ... micro-batches (fewer leave stages idle), and the most there can be
+        # pp > 1: pp, 2·pp or 4·pp micro-batches (fewer leave stages idle; beyond 4·pp the bubble
+        # is under a fifth and each micro-batch only gets thinner)
         rows = batch_size // dp
-        microbatches = [1] if pp == 1 else sorted(
-            {m for m in [pp * 2 ** k for k in range(12)] + [rows] if pp <= m <= max_microbatches and rows % m == 0})
+        microbatches = [1] if pp == 1 else [m for m in (pp, 2 * pp, 4 * pp) if m <= min(rows, max_microbatches)
+                                            and rows % m == 0]
         schedules = [("1f1b", 1)] if pp == 1 else [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1)] + [
             ("interleaved", v) for v in (2, 4) if config.n_layer >= pp * v]
         for schedule, v in schedules:
