@@ -71,3 +71,16 @@ def test_the_predicted_bubble_is_the_simulators_for_costs_without_communication(
     # stages are unequal (the head, the embedding), so the bubble is at least the balanced one
     assert timing.bubble_fraction >= theoretical_bubble("1f1b", 4, 8) - 1e-9
     assert timing.bubble_fraction < theoretical_bubble("1f1b", 4, 8) + 0.1
+
+
+@pytest.mark.timeout(120)
+def test_train_prints_the_prediction_then_measured_values_and_how_to_calibrate(tmp_path, monkeypatch, corpus):
+    monkeypatch.setenv("RINGPIPE_MACHINE", str(tmp_path / "machine.json"))  # no machine file: uncalibrated
+    result = run_cli("train", "--data", corpus, "--tokenizer", "char", "--n-layer", 2, "--n-head", 2, "--n-embd", 32,
+                     "--block-size", 16, "--batch-size", 4, "--steps", 2, "--eval-iters", 1, "--nproc", 2, "--dp", 2,
+                     "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    plan_lines = [line for line in result.output.splitlines() if line.startswith("plan: ")]
+    assert plan_lines[0].startswith("plan: dp2 tp1 pp1 mb1 — most-loaded rank pp0: ")
+    assert "run `ringpipe plan --calibrate`" in plan_lines[1]
+    assert "ms measured" in plan_lines[2] and "no prediction (uncalibrated)" in plan_lines[2]

@@ -153,10 +153,11 @@ def shipped_machines() -> list[str]:
 
 
 def default_machine_path() -> str:
-    """Where `ringpipe plan --calibrate` stores this machine's file (RINGPIPE_CACHE or ~/.cache/ringpipe)."""
+    """Where `ringpipe plan --calibrate` stores this machine's file and `plan`/`train` look for it:
+    $RINGPIPE_MACHINE, else machine.json in ringpipe's cache (RINGPIPE_CACHE or ~/.cache/ringpipe)."""
     from ringpipe.model.nn.kernels import cache_dir
 
-    return str(cache_dir() / "machine.json")
+    return os.environ.get("RINGPIPE_MACHINE") or str(cache_dir() / "machine.json")
 
 
 def this_machine() -> Machine:
