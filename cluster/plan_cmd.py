@@ -17,7 +17,8 @@ def format_memory(memory) -> str:
     """The most-loaded rank's split, in GiB."""
     return (f"pp{memory.pp_rank}: {gib(memory.total)} = W {gib(memory.weights)} G {gib(memory.gradients)} "
             f"O {gib(memory.optimizer)} A {gib(memory.activations)} C {gib(memory.communication)} "
-            f"ws {gib(memory.workspace)}")
+            f"ws {gib(memory.workspace)}" + (f"; cpu process peak {gib(memory.peak)} (building the trainer)"
+                                              if memory.host_peak > memory.total else ""))
 
 
 def format_plan(report, top: int, machine, calibrated: bool) -> str:

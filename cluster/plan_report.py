@@ -60,9 +60,9 @@ def after_step(prediction: dict | None, metrics: dict, trainer, steps_done: int,
         click.echo(f"plan: step {seconds * 1e3:.1f} ms measured (median of {len(measured)}), {predicted}", err=True)
     peaks = worker_peak_rss(trainer)
     if peaks:
-        worst = max(m.total for m in prediction["memory"])
+        worst = max(m.peak for m in prediction["memory"])
         click.echo(f"plan: worker peak RSS {max(peaks) / (1 << 30):.3f} GiB measured (VmHWM, with the "
-                   f"interpreter), {worst / (1 << 30):.3f} GiB predicted for the model's state", err=True)
+                   f"interpreter and libraries), {worst / (1 << 30):.3f} GiB predicted without them", err=True)
 
 
 def worker_peak_rss(trainer) -> list[int]:

@@ -63,17 +63,26 @@ class RankMemory:
     activations: int = 0  # peak of the caches held between forward and backward
     communication: int = 0  # gradient buckets in flight, pipeline messages
     workspace: int = 0  # the largest temporaries of one piece's backward
+    # a CPU rank's high-water mark as its process holds it (see `host_peak`)
+    host_peak: int = 0
     stage_peaks: dict = field(default_factory=dict)  # stage -> its own activation peak
 
     @property
     def total(self) -> int:
+        """Bytes held while training."""
         return (self.weights + self.gradients + self.optimizer + self.activations + self.communication
                 + self.workspace)
+
+    @property
+    def peak(self) -> int:
+        """The rank's high-water mark on a CPU: training, or building the trainer when that holds more."""
+        return max(self.total, self.host_peak)
 
     def as_dict(self) -> dict:
         return {"pp_rank": self.pp_rank, "weights": self.weights, "gradients": self.gradients,
                 "optimizer": self.optimizer, "activations": self.activations,
-                "communication": self.communication, "workspace": self.workspace, "total": self.total}
+                "communication": self.communication, "workspace": self.workspace, "total": self.total,
+                "host_peak": self.host_peak, "peak": self.peak}
 
 
 def local_elements(inventory, tp: int, names) -> int:
@@ -115,6 +124,7 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
     ranges = stage_ranges(inventory, c)
     num_stages = len(ranges)
     schedule = schedule_of(c.schedule, c.pp, c.microbatches, c.virtual_stages)
+    model_elements = sum(math.prod(shape) for shape in inventory.param_shapes().values())
     result = []
     for rank in range(c.pp):
         mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
@@ -132,8 +142,22 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         memory.activations, memory.stage_peaks = _walk(schedule[rank], stage_bytes)
         memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
+        memory.host_peak = host_peak(memory, model_elements, elements, dtype, c.zero)
         result.append(memory)
     return result
+
+
+def host_peak(memory: RankMemory, model_elements: int, elements: int, dtype, zero: int) -> int:
+    """A CPU rank's high-water mark. Building the trainer, every rank draws the whole model's
+    float64 initial values (so the model is the same whatever the layout) and copies its share into
+    the flat parameter and gradient buffers (and float32 masters when mixed). The model's arrays
+    (each under the 32 MiB that model/gpt2/model.py keeps on the heap) stay resident once freed,
+    and training's optimizer moments and activations reuse that heap; ZeRO-1 also builds a flat
+    buffer of decay rates for a moment."""
+    flat = memory.weights + memory.gradients
+    initial = 8 * model_elements + elements * dtype.itemsize  # float64 draws + the stage's copies
+    training = memory.optimizer + memory.activations + memory.workspace + memory.communication
+    return flat + max(initial, training) + (elements * dtype.itemsize if zero else 0)
 
 
 def _stage_bytes(inventory, c: Candidate, B, T, layers, first, last, storage):

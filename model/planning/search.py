@@ -104,9 +104,11 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
             report.refused.append((candidate, reason))
             continue
         memory = layout_memory(inventory, candidate, batch_size)
-        worst = max(memory, key=lambda m: m.total)
-        if worst.total > limit:
-            report.refused.append((candidate, f"{DOES_NOT_FIT}: pp rank {worst.pp_rank} needs {worst.total} bytes "
+        # a GPU holds what training needs; a CPU rank's process also the trainer's building
+        need = (lambda m: m.peak) if machine.kind == "cpu" else (lambda m: m.total)
+        worst = max(memory, key=need)
+        if need(worst) > limit:
+            report.refused.append((candidate, f"{DOES_NOT_FIT}: pp rank {worst.pp_rank} needs {need(worst)} bytes "
                                               f"> {int(limit)} per rank"))
             continue
         report.ranked.append((candidate, memory, predict_step(inventory, candidate, batch_size, machine, ranks_per_host)))
