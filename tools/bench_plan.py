@@ -97,8 +97,9 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
         results = []
         for candidate in layouts:
             predicted_memory = layout_memory(inventory, candidate, BATCH)
-            timing = predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size)
-            load = os.getloadavg()[0]
+            load = os.getloadavg()[0]  # the other work on the cores, just before the run
+            timing = predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size,
+                                  background_load=load)
             per_pp, median, seconds = measure(config, candidate, os.path.join(tmp, "run", TOKEN_FILE), vocab_size,
                                               warmup, steps)
             ranks = []

@@ -32,6 +32,18 @@ def _median_seconds(fn, repeats=REPEATS) -> float:
     return statistics.median(times)
 
 
+def _timed(setup, fn, repeats=3) -> float:
+    """Median seconds of fn(setup()) over `repeats` runs after one warm-up; setup is not timed."""
+    times = []
+    for k in range(repeats + 1):
+        argument = setup()
+        start = time.perf_counter()
+        fn(argument)
+        if k:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def _fit(small: float, large: float) -> list:
     """[latency s, seconds per byte] through the two measured sizes."""
     per_byte = max((large - small) / (SIZES[1] - SIZES[0]), 0.0)
@@ -100,30 +112,21 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
         for B in sorted(set(rows)):
             idx = rng.integers(0, config.vocab_size, (B, T))
             x = rng.standard_normal((B, T, C)).astype(model.dtype)
-            block = {}
-            block["forward"] = _median_seconds(lambda: model.memory.release(model.block_forward(0, x)[1]), 3)
-            out, cache = model.block_forward(0, x)
-            held = {}
-
-            def backward_input():
-                _, fresh = model.block_forward(0, x)
-                held["d"] = model.block_backward_input(0, fresh, out)[1]
-
-            both = _median_seconds(backward_input, 3)
-            block["backward_input"] = max(both - block["forward"], 0.0)
-            block["backward_weight"] = _median_seconds(
-                lambda: model.block_backward_weight(model.block_backward_input(0, model.block_forward(0, x)[1], out)[1]),
-                3) - both
-            block["backward_weight"] = max(block["backward_weight"], 0.0)
-            head = {}
-            head["forward"] = _median_seconds(lambda: model.memory.release(model.head_forward(x, idx)[1]), 3)
-            with_backward = _median_seconds(lambda: model.head_backward(model.head_forward(x, idx)[1]), 3)
-            head["backward_input"], head["backward_weight"] = max(with_backward - head["forward"], 0.0), 0.0
-            embedding = {"forward": _median_seconds(lambda: model.memory.release(model.embedding_forward(idx)[1]), 3)}
-            both = _median_seconds(lambda: model.embedding_backward(model.embedding_forward(idx)[1], x), 3)
-            embedding["backward_input"], embedding["backward_weight"] = max(both - embedding["forward"], 0.0), 0.0
+            dout = rng.standard_normal((B, T, C)).astype(model.dtype)
+            # each part timed alone, its inputs made fresh (untimed) before every repeat
+            block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
+                     "backward_input": _timed(lambda: model.block_forward(0, x)[1],
+                                              lambda cache: model.block_backward_input(0, cache, dout)),
+                     "backward_weight": _timed(lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
+                                               model.block_backward_weight)}
+            head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
+                    "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
+                    "backward_weight": 0.0}
+            embedding = {"forward": _timed(lambda: idx, lambda i: model.memory.release(model.embedding_forward(i)[1])),
+                         "backward_input": _timed(lambda: model.embedding_forward(idx)[1],
+                                                  lambda cache: model.embedding_backward(cache, x)),
+                         "backward_weight": 0.0}
             pieces.update({f"block|{B}": block, f"head|{B}": head, f"embedding|{B}": embedding})
-            del out, cache
         params = {"w": np.zeros(1 << 20, model.dtype)}
         grads = {"w": np.ones(1 << 20, model.dtype)}
         optimizer = AdamW(params, weight_decay=0.1)

@@ -120,11 +120,18 @@ class Machine:
         spec (peak × efficiency, memory bandwidth: each element read and written)."""
         return flops / (self.peak_flops * self.efficiency) + 2 * elements * itemsize / self.memory_bandwidth
 
-    def oversubscription(self, ranks_per_host: int) -> float:
-        """How much slower each rank computes when the host's ranks outnumber its cores (cpu)."""
+    def oversubscription(self, ranks_per_host: int, background_load: float | None = None) -> float:
+        """How much slower each rank computes than calibration measured (cpu): the host's cores are
+        shared by its ranks and by whatever else runs (`background_load`: runnable processes besides
+        the ranks, e.g. the load average before the run; None: as during calibration)."""
         if self.kind != "cpu" or not self.cores:
             return 1.0
-        return max(1.0, ranks_per_host / self.cores)
+        calibrated = (self.calibration or {}).get("load_average")
+        then = max(0.0, calibrated - 1.0) if calibrated is not None else 0.0  # besides the calibrating process
+        now = then if background_load is None else background_load
+        share_then = min(1.0, self.cores / (then + 1.0))
+        share_now = min(1.0, self.cores / (now + ranks_per_host))
+        return share_then / share_now
 
 
 def load_machine(path: str) -> Machine:
