@@ -84,3 +84,34 @@ def test_train_prints_the_prediction_then_measured_values_and_how_to_calibrate(t
     assert plan_lines[0].startswith("plan: dp2 tp1 pp1 mb1 — most-loaded rank pp0: ")
     assert "run `ringpipe plan --calibrate`" in plan_lines[1]
     assert "ms measured" in plan_lines[2] and "no prediction (uncalibrated)" in plan_lines[2]
+
+
+def test_a_calibrated_machine_predicts_from_its_measured_pieces():
+    inventory = GPT2Inventory(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    from ringpipe.model.planning.step_time import _architecture
+
+    pieces = {"block|4": {"forward": 1.0, "backward_input": 2.0, "backward_weight": 0.5},
+              "head|4": {"forward": 0.25, "backward_input": 0.5, "backward_weight": 0.0},
+              "embedding|4": {"forward": 0.125, "backward_input": 0.125, "backward_weight": 0.0}}
+    machine = load_machine("h100-8x-node")
+    machine.calibration = {"compute": {"model": _architecture(inventory), "pieces": pieces,
+                                       "optimizer_seconds_per_element": 0.0}}
+    timing = predict_step(inventory, Candidate(), 4, machine)
+    assert timing.seconds == pytest.approx(3 * 3.5 + 0.75 + 0.25)
+
+
+def test_a_shared_cpu_host_slows_compute_by_the_share_of_cores_the_ranks_get():
+    machine = load_machine("h100-8x-node")
+    machine.kind, machine.cores, machine.calibration = "cpu", 2, {"load_average": 1.0}
+    assert machine.oversubscription(1, background_load=0.0) == 1.0
+    assert machine.oversubscription(4, background_load=0.0) == 2.0
+    assert machine.oversubscription(2, background_load=6.0) == 4.0  # 2 cores among 8 runnable processes
+
+
+def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
+    from ringpipe.tools.plan_calibration import calibrate_compute
+
+    compute = calibrate_compute(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32), [1, 2])
+    assert set(compute["pieces"]) == {f"{piece}|{rows}" for piece in ("block", "head", "embedding") for rows in (1, 2)}
+    assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
+    assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
