@@ -33,7 +33,7 @@ from ringpipe.runtime.files import write_json, write_text
 from ringpipe.tools.bench_data_parallel import CORPUS
 
 MODEL = dict(n_layer=4, n_head=12, n_embd=768, block_size=32)  # ~28 M parameters: ≥ 200 MB of state per rank
-BATCH = 8
+BATCH = 4
 LAYOUTS = [Candidate(), Candidate(dp=2), Candidate(dp=2, zero=1), Candidate(tp=2), Candidate(tp=2, sequence_parallel=True),
            Candidate(pp=2, microbatches=4), Candidate(pp=2, schedule="gpipe", microbatches=4),
            Candidate(pp=2, schedule="interleaved", virtual_stages=2, microbatches=4),

@@ -140,24 +140,25 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         stage_bytes = {s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0, s == num_stages - 1, storage)
                        for s in mine}
         memory.activations, memory.stage_peaks = _walk(schedule[rank], stage_bytes)
-        memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes)
+        memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes, elements)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
-        memory.host_peak = host_peak(memory, model_elements, elements, dtype, c.zero)
+        memory.host_peak = host_peak(memory, model_elements, elements, dtype, c.zero, c.tp)
         result.append(memory)
     return result
 
 
-def host_peak(memory: RankMemory, model_elements: int, elements: int, dtype, zero: int) -> int:
-    """A CPU rank's high-water mark. Building the trainer, every rank draws the whole model's
-    float64 initial values (so the model is the same whatever the layout) and copies its share into
-    the flat parameter and gradient buffers (and float32 masters when mixed). The model's arrays
-    (each under the 32 MiB that model/gpt2/model.py keeps on the heap) stay resident once freed,
-    and training's optimizer moments and activations reuse that heap; ZeRO-1 also builds a flat
-    buffer of decay rates for a moment."""
-    flat = memory.weights + memory.gradients
-    initial = 8 * model_elements + elements * dtype.itemsize  # float64 draws + the stage's copies
-    training = memory.optimizer + memory.activations + memory.workspace + memory.communication
-    return flat + max(initial, training) + (elements * dtype.itemsize if zero else 0)
+def host_peak(memory: RankMemory, model_elements: int, elements: int, dtype, zero: int, tp: int) -> int:
+    """A CPU rank's high-water mark, which building the trainer sets when the model is large: every
+    rank draws the whole model's float64 initial values (so the model is the same whatever the
+    layout) while it makes its stage's parameters and gradients (zero-filled, so resident) and the
+    flat parameter buffer; the flat gradients are touched only once those copies are freed.
+    Tensor-parallel shards are cut through float64 temporaries, which leave about one more copy of
+    the rank's share behind in the heap (measured; glibc's mmap threshold rises as they are freed)."""
+    itemsize = dtype.itemsize
+    building = 8 * model_elements + 3 * elements * itemsize + (elements * itemsize if tp > 1 else 0)
+    if itemsize < 4:
+        building += 2 * elements * 4  # float32 master weights and gradients
+    return building
 
 
 def _stage_bytes(inventory, c: Candidate, B, T, layers, first, last, storage):
@@ -217,10 +218,14 @@ def _walk(actions, stage_bytes) -> tuple[int, dict]:
     return peak, peaks
 
 
-def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes) -> int:
+def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> int:
     """Gradient buckets being reduced (a send and a receive chunk of one bucket) and the pipeline's
-    messages waiting for their action (an activation and a gradient)."""
+    messages waiting for their action (an activation and a gradient). ZeRO-1 all-gathers every
+    bucket's parameters at once through the shared-memory arena (pages of the whole flat buffer are
+    touched) and keeps the reduce-scattered gradient shards and the updated parameter shards."""
     total = 2 * bucket_bytes if c.dp > 1 else 0
+    if c.zero and c.dp > 1:
+        total += int(elements * dtype.itemsize * (1 + 2 / c.dp))
     if c.pp > 1:
         positions = T // c.tp if c.sequence_parallel and c.tp > 1 else T
         total += 2 * B * positions * config.n_embd * dtype.itemsize
