@@ -219,13 +219,18 @@ def _walk(actions, stage_bytes) -> tuple[int, dict]:
 
 
 def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> int:
-    """Gradient buckets being reduced (a send and a receive chunk of one bucket) and the pipeline's
-    messages waiting for their action (an activation and a gradient). ZeRO-1 all-gathers every
-    bucket's parameters at once through the shared-memory arena (pages of the whole flat buffer are
-    touched) and keeps the reduce-scattered gradient shards and the updated parameter shards."""
-    total = 2 * bucket_bytes if c.dp > 1 else 0
-    if c.zero and c.dp > 1:
-        total += int(elements * dtype.itemsize * (1 + 2 / c.dp))
+    """Buffers of communication. The same-host collectives move every gradient bucket through the
+    shared-memory arena, each bucket in blocks of its own while it is in flight (and the backward
+    launches them all within the last micro-batch): the rank's own blocks hold its whole flat
+    gradient, and it reads its peers' blocks of the part it reduces; the reduced part comes back in
+    a buffer of its own. ZeRO-1 then all-gathers the updated parameter shards the same way.
+    The pipeline keeps the messages waiting for their action (an activation and a gradient)."""
+    total = 0
+    if c.dp > 1:
+        gradients = elements * dtype.itemsize
+        total += int(gradients * (1 + (c.dp - 1) / c.dp + 1 / c.dp))
+        if c.zero:  # its own shard's blocks and the peers' shards read: the whole flat buffer again
+            total += gradients
     if c.pp > 1:
         positions = T // c.tp if c.sequence_parallel and c.tp > 1 else T
         total += 2 * B * positions * config.n_embd * dtype.itemsize
