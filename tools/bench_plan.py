@@ -80,7 +80,7 @@ def measure(config: TrainConfig, candidate: Candidate, token_file: str, vocab_si
 
 
 def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress=print) -> dict:
-    from ringpipe.tools.plan_calibration import calibrate
+    from ringpipe.tools.plan_calibration import calibrate, probe_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
@@ -98,8 +98,9 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
         for candidate in layouts:
             predicted_memory = layout_memory(inventory, candidate, BATCH)
             load = os.getloadavg()[0]  # the other work on the cores, just before the run
+            probe_ratio = probe_seconds() / machine.calibration["probe_seconds"]
             timing = predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size,
-                                  background_load=load)
+                                  background_load=load, probe_ratio=probe_ratio)
             per_pp, median, seconds = measure(config, candidate, os.path.join(tmp, "run", TOKEN_FILE), vocab_size,
                                               warmup, steps)
             ranks = []
@@ -110,12 +111,13 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
                               "error": round(memory.peak / measured - 1, 4), "split": memory.as_dict()})
             row = {"layout": candidate.label(), "ranks": ranks, "predicted_seconds": timing.seconds,
                    "measured_seconds": median, "step_seconds": seconds,
-                   "time_error": round(timing.seconds / median - 1, 4), "load_average": load}
+                   "time_error": round(timing.seconds / median - 1, 4), "load_average": load,
+                   "probe_ratio": round(probe_ratio, 3)}
             results.append(row)
             progress(f"{row['layout']:<36} memory " + ", ".join(
                 f"pp{r['pp_rank']} {r['predicted_bytes'] / 1e6:.0f}/{r['measured_bytes'] / 1e6:.0f} MB ({r['error']:+.1%})"
                 for r in ranks) + f"; step {timing.seconds * 1e3:.0f}/{median * 1e3:.0f} ms ({row['time_error']:+.1%}); "
-                f"load {load:.1f}")
+                f"load {load:.1f}, probe ×{probe_ratio:.2f}")
     fastest = sorted(results, key=lambda r: r["measured_seconds"])[:2]
     best = min(results, key=lambda r: r["predicted_seconds"])
     memory_errors = [abs(r["error"]) for row in results for r in row["ranks"] if r["state_bytes"] >= 200e6]

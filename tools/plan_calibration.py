@@ -44,6 +44,24 @@ def _timed(setup, fn, repeats=3) -> float:
     return statistics.median(times)
 
 
+def probe_seconds() -> float:
+    """A fixed single-threaded workload (matmuls and elementwise passes of a 256 × 768 activation):
+    its time now against its time at calibration says how much of a core a process gets now."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 768)).astype(np.float32)
+    w = rng.standard_normal((768, 768)).astype(np.float32)
+
+    def work():
+        y = x
+        for _ in range(8):
+            y = np.tanh(y @ w * 0.03)
+
+    with threadpool_limits(1):
+        return _median_seconds(work, repeats=7)
+
+
 def _fit(small: float, large: float) -> list:
     """[latency s, seconds per byte] through the two measured sizes."""
     per_byte = max((large - small) / (SIZES[1] - SIZES[0]), 0.0)
@@ -156,4 +174,4 @@ def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print
                    links={"same_host": {"latency": send[0], "bandwidth": 1.0 / max(send[1], 1e-12)}}, cores=cores,
                    calibration={"compute": compute, "communication": communication,
                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "load_average": os.getloadavg()[0]})
+                                "load_average": os.getloadavg()[0], "probe_seconds": probe_seconds()})

@@ -120,18 +120,22 @@ class Machine:
         spec (peak × efficiency, memory bandwidth: each element read and written)."""
         return flops / (self.peak_flops * self.efficiency) + 2 * elements * itemsize / self.memory_bandwidth
 
-    def oversubscription(self, ranks_per_host: int, background_load: float | None = None) -> float:
-        """How much slower each rank computes than calibration measured (cpu): the host's cores are
-        shared by its ranks and by whatever else runs (`background_load`: runnable processes besides
-        the ranks, e.g. the load average before the run; None: as during calibration)."""
+    def oversubscription(self, ranks_per_host: int, background_load: float | None = None,
+                         probe_ratio: float = 1.0) -> float:
+        """How much slower each rank computes than calibration measured one process (cpu). The
+        host's cores are shared by its ranks and whatever else runs: `background_load` runnable
+        processes besides the ranks (None: as during calibration, from its load average), and
+        `probe_ratio` (a fixed probe's time now over its time at calibration) says how much slower a
+        lone process is now than then."""
         if self.kind != "cpu" or not self.cores:
             return 1.0
-        calibrated = (self.calibration or {}).get("load_average")
-        then = max(0.0, calibrated - 1.0) if calibrated is not None else 0.0  # besides the calibrating process
-        now = then if background_load is None else background_load
-        share_then = min(1.0, self.cores / (then + 1.0))
-        share_now = min(1.0, self.cores / (now + ranks_per_host))
-        return share_then / share_now
+        if background_load is None:
+            background_load = max(0.0, (self.calibration or {}).get("load_average", 1.0) - 1.0)
+
+        def contention(processes):  # a process's slowdown against a lone process on an idle host
+            return max(1.0, (background_load + processes) / self.cores)
+
+        return probe_ratio * contention(ranks_per_host) / contention(1)
 
 
 def load_machine(path: str) -> Machine:

@@ -80,7 +80,8 @@ def _architecture(inventory) -> dict:
 
 
 def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
-                 ranks_per_host: int | None = None, background_load: float | None = None) -> StepTiming:
+                 ranks_per_host: int | None = None, background_load: float | None = None,
+                 probe_ratio: float = 1.0) -> StepTiming:
     """`ranks_per_host`: how many of the layout's ranks share a host (default: as many as fit);
     `background_load`: other work on a cpu host's cores (see `Machine.oversubscription`)."""
     config, c = inventory.config, candidate
@@ -88,7 +89,7 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     dtype = np.dtype(config.dtype)
     B, T, C = batch_size // (c.dp * c.microbatches), config.block_size, config.n_embd
     sp = c.sequence_parallel and c.tp > 1
-    slow = machine.oversubscription(ranks_per_host, background_load)
+    slow = machine.oversubscription(ranks_per_host, background_load, probe_ratio)
     tp_across, dp_across, pp_across = (crosses_hosts(c.tp, ranks_per_host), crosses_hosts(c.tp * c.dp, ranks_per_host),
                                        crosses_hosts(c.world_size, ranks_per_host))
     activation = B * T * C * dtype.itemsize
