@@ -15,6 +15,7 @@ import warnings
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
+from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.model.data.tokenizer import KINDS
 from ringpipe.model.families import FAMILIES, family
@@ -255,6 +256,7 @@ def _run(flags, config, layout, distributed, out, state):
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(one_line(exc)) from None
     state["trainer"] = trainer
+    state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished = False
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
     # evaluates, writes a checkpoint or traces on its own. Each gives the same one-line error.
@@ -328,6 +330,7 @@ def _train_loop(trainer, config, out, state):
             metrics_log.write(_json_line(metrics))
             metrics_log.flush()
             progress.update(metrics)
+            after_step(state.get("prediction"), metrics, trainer, step + 1 - first_step, last, progress)
             if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 trainer.save_checkpoint()
     progress.end_line()
