@@ -127,6 +127,7 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
         say(f"starting agents on {len(used)} hosts")
         agents = rendezvous.gather(world_size, 0, timeout, check=lambda: _ssh_alive(processes),
                                    expected_hosts={names[h] for h in used})
+        agents.sort(key=lambda agent: names.index(agent.host))  # GROUP_RANK in the hostfile's order
         by_name = {agent.host: index for index, agent in enumerate(agents)}
         launcher = SshLauncher(rendezvous, agents, [by_name[names[h]] for h in order])
     except BaseException:
