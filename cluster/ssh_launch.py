@@ -81,16 +81,6 @@ def check_hosts(hosts: list[str], out: str) -> None:
         raise RendezvousError(failed[0] + (f" (and {len(failed) - 1} more hosts failed)" if len(failed) > 1 else ""))
 
 
-class SshLauncher(RendezvousLauncher):
-    """Agents started over ssh; their ssh processes are waited for (then ended) on close."""
-
-    ssh_processes: list = []
-
-    def close(self):
-        super().close()
-        stop_processes(self.ssh_processes, grace=5.0)
-
-
 def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say) -> dict:
     """Check the hostfile's hosts, start an agent on each that gets ranks, wait for them to join;
     the Cluster options."""
@@ -129,12 +119,12 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
                                    expected_hosts={names[h] for h in used})
         agents.sort(key=lambda agent: names.index(agent.host))  # GROUP_RANK in the hostfile's order
         by_name = {agent.host: index for index, agent in enumerate(agents)}
-        launcher = SshLauncher(rendezvous, agents, [by_name[names[h]] for h in order])
+        launcher = RendezvousLauncher(rendezvous, agents, [by_name[names[h]] for h in order])
     except BaseException:
         rendezvous.close()
         stop_processes([p for _, p in processes])
         raise
-    launcher.ssh_processes = [p for _, p in processes]
+    launcher.starters = [p for _, p in processes]
     return {"launcher": launcher, "bind_host": driver_address}
 
 

@@ -37,8 +37,9 @@ def describe_placement(hosts: list[int], names: list[str], tp: int = 1) -> list[
     """One line per host that runs workers: its name, its ranks, and the tensor-parallel groups
     that span hosts (none when the slots allowed)."""
     lines = []
-    for index in sorted(set(hosts), key=hosts.index):  # hosts in the order of their first rank
-        lines.append(f"  {names[index]}: ranks {_ranges([r for r, host in enumerate(hosts) if host == index])}")
+    named = [names[host] for host in hosts]  # mpirun and srun may start several agents on one host
+    for name in sorted(set(named), key=named.index):  # hosts in the order of their first rank
+        lines.append(f"  {name}: ranks {_ranges([r for r, host in enumerate(named) if host == name])}")
     split = [g for g in range(len(hosts) // tp) if len(set(hosts[g * tp:(g + 1) * tp])) > 1]
     if tp > 1:
         lines.append(f"  tensor-parallel groups of {tp}: " + ("all inside one host" if not split else

@@ -28,7 +28,7 @@ import msgpack
 import zmq
 
 from ringpipe.runtime.auth import JobKeys
-from ringpipe.runtime.launch import LocalLauncher
+from ringpipe.runtime.launch import LocalLauncher, stop_processes
 
 PING_INTERVAL_S = 1.0
 AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
@@ -181,6 +181,7 @@ class RendezvousLauncher:
                  local: LocalLauncher | None = None, local_address: str = "127.0.0.1"):
         self.rendezvous, self.agents, self.hosts, self.local = rendezvous, agents, hosts, local
         self.local_address = local_address
+        self.starters: list = []  # processes that started the agents (ssh, srun): waited for on close
         self.local_ranks = [rank for rank, host in enumerate(hosts) if host == len(agents)]
         for index, agent in enumerate(agents):
             agent.ranks_here = [rank for rank, host in enumerate(hosts) if host == index]
@@ -290,6 +291,7 @@ class RendezvousLauncher:
         for agent in self.agents:
             self.rendezvous.send(agent, {"t": "stop", "grace": 0.0, "bye": True})
         self.rendezvous.close()
+        stop_processes(self.starters, grace=5.0)  # they end with their agents
 
 
 __all__ = ["Rendezvous", "RendezvousLauncher", "RendezvousError", "Agent", "outward_address", "resolve_host"]
