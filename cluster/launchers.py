@@ -212,6 +212,10 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
         from ringpipe.cluster.ssh_launch import hostfile_launcher
 
         options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say)
+    elif name == "slurm" and rank_from_environment() is None:
+        from ringpipe.cluster.slurm_launch import allocation_launcher
+
+        options = allocation_launcher(layout.world_size, timeout, say)
     elif name in ("mpi", "slurm"):
         options = spmd_driver(name, flags["rdzv_endpoint"], layout.world_size, layout.tp, flags["key_file"],
                               timeout, say)
