@@ -16,7 +16,7 @@ import click
 from ringpipe.cluster.launchers import DEFAULT_KEY_FILE, host_from_environment, job_keys, rank_from_environment
 from ringpipe.cluster.options import one_line
 from ringpipe.runtime.auth import KeyFileError, keys_from_secret
-from ringpipe.runtime.rendezvous import RendezvousError
+from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
 
 
 @click.command(short_help="Join a training run's rendezvous and run this host's workers.")
@@ -30,7 +30,10 @@ from ringpipe.runtime.rendezvous import RendezvousError
                                               "under srun, else this host's address towards the driver).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the driver's answer.")
-def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout):
+@click.option("--driver-silence", type=click.FloatRange(min=0, min_open=True), default=AGENT_SILENCE_S,
+              show_default=True, help="Seconds without a word from the driver after which it is taken for "
+                                      "dead and this host's workers are stopped.")
+def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout, driver_silence):
     """Join the rendezvous at HOST:PORT; exits 0 once every worker of this host ended with 0."""
     from ringpipe.runtime.rendezvous_agent import join_and_run
 
@@ -42,7 +45,7 @@ def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout)
     try:
         keys = keys_from_secret(sys.stdin.buffer.readline()) if key_stdin else job_keys(key_file, create=False)
         code = join_and_run(rdzv_endpoint, keys, nproc_per_node or 1, host=host_id, ranks=ranks, timeout=timeout,
-                            say=lambda message: click.echo(f"ringpipe worker: {message}", err=True))
+                            silence=driver_silence, say=lambda message: click.echo(f"ringpipe worker: {message}", err=True))
     except (KeyFileError, RendezvousError) as exc:
         raise click.ClickException(one_line(exc)) from None
     raise click.exceptions.Exit(code)

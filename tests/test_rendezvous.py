@@ -117,3 +117,37 @@ def test_a_run_joined_by_a_worker_on_another_host_trains_as_one_process_does(cor
     alone = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
     assert alone.exit_code == 0, alone.output
     assert losses(tmp_path / "joined") == pytest.approx(losses(tmp_path / "alone"), rel=1e-12)
+
+
+def _children(pid: int) -> list[int]:
+    done = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    return [int(line) for line in done.stdout.split()]
+
+
+@pytest.mark.timeout(120)
+def test_a_driver_that_dies_leaves_no_worker_running_on_the_joined_host(corpus, tmp_path, key_file):
+    from tests.conftest import process_alive
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", endpoint,
+                              "--nproc-per-node", "2", "--key-file", key_file, "--driver-silence", "2"],
+                             stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *TRAIN,
+                               "--steps", "100000", "--out", str(tmp_path / "run"), "--dp", "2",
+                               "--rdzv-endpoint", endpoint, "--nproc-per-node", "0", "--key-file", key_file],
+                              stderr=subprocess.DEVNULL)
+    try:
+        metrics = tmp_path / "run" / "metrics.jsonl"
+        deadline = time.monotonic() + 90
+        while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(agent.pid)
+        assert len(workers) == 2 and driver.poll() is None
+        driver.kill()  # no goodbye: the agent hears nothing more
+        assert agent.wait(timeout=30) != 0
+        assert not any(process_alive(pid) for pid in workers)
+    finally:
+        for process in (driver, agent):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
