@@ -7,11 +7,12 @@ its own address and, optionally, its own sshd (Debian's openssh-server, key auth
         hosts.veth_bytes(0)      # bytes through host 0's link (both directions), from its counters
 
 Addresses come from 198.18.0.0/15 (set aside for benchmarks, RFC 2544), one /24 per creating
-process, so two runs at once do not collide; traffic goes only to those addresses. Needs root
+process and instance, so two at once do not collide; traffic goes only to those addresses. Needs root
 (CAP_NET_ADMIN); everything made is removed on exit, whatever happened.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import tempfile
 import time
 
 SSHD = "/usr/sbin/sshd"
+_made = itertools.count()
 
 
 class NamespaceError(RuntimeError):
@@ -39,8 +41,11 @@ class NamespaceHosts:
 
     def __init__(self, count: int, sshd: bool = False, rate: str | None = None):
         self.count, self.with_sshd, self.rate = count, sshd, rate
-        tag = os.getpid() % 100000
-        self.subnet = f"198.18.{os.getpid() % 250 + 1}"
+        # Unique per process and per instance: interface names (at most 15 characters) and a /24.
+        made = next(_made)
+        tag = f"{os.getpid() % 100000}{chr(ord('a') + made % 26)}"
+        network = (os.getpid() * 8 + made) % 500
+        self.subnet = f"198.{18 + network // 250}.{network % 250 + 1}"
         self.bridge = f"rpb{tag}"
         self.namespaces = [f"rpn{tag}h{i}" for i in range(count)]
         self.veths = [f"rpv{tag}h{i}" for i in range(count)]
