@@ -16,6 +16,8 @@ import os
 import socket
 import time
 
+import click
+
 from ringpipe.runtime.auth import KeyFileError, create_key_file, read_key_file
 from ringpipe.runtime.launch import LocalLauncher
 from ringpipe.runtime.placement import describe_placement, place_ranks
@@ -64,8 +66,6 @@ def job_keys(key_file: str | None, create: bool, timeout: float = 0.0):
 
 def print_placement(launcher: RendezvousLauncher, tp: int):
     """Which host runs which ranks, on stderr before training starts."""
-    import click
-
     click.echo("placement:\n" + "\n".join(describe_placement(launcher.hosts, launcher.host_names(), tp)), err=True)
 
 
@@ -151,6 +151,33 @@ def spmd_driver(launcher_name: str, endpoint: str | None, world_size: int, tp: i
                          local_ranks=[0], local_host=host_from_environment())
 
 
+def multihost_options(command):
+    """`ringpipe train`'s flags for runs across hosts."""
+    from ringpipe.cluster.options import FiniteFloat
+
+    options = [
+        click.option("--launcher", type=click.Choice(["local", "ssh", "join", "mpi", "slurm"]), default=None,
+                     help="How workers start [default: ssh with --hostfile, join with --rdzv-endpoint, else "
+                          "local]; mpi and slurm: run this command under mpirun or srun (or, slurm, inside an "
+                          "allocation)."),
+        click.option("--hostfile", type=click.Path(dir_okay=False), default=None,
+                     help="Hosts to run on over ssh: lines 'HOST slots=K' ('#' comments)."),
+        click.option("--nnodes", type=click.IntRange(min=1), default=None,
+                     help="Hosts joining the rendezvous (with this one)."),
+        click.option("--nproc-per-node", type=click.IntRange(min=0), default=None,
+                     help="Workers on this host when others join (--rdzv-endpoint)."),
+        click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                     help="Listen here for `ringpipe worker --rdzv-endpoint HOST:PORT` from the other hosts."),
+        click.option("--key-file", default=None,
+                     help="The rendezvous key (0600; made if missing) [default: ~/.ringpipe/rendezvous.key]."),
+        click.option("--rdzv-timeout", type=FiniteFloat(min=0, min_open=True), default=300.0, show_default=True,
+                     help="Seconds to wait for the other hosts to join."),
+    ]
+    for option in reversed(options):  # click lists them in this order
+        command = option(command)
+    return command
+
+
 def launcher_of(flags: dict) -> str:
     """The launcher the flags ask for: --launcher, else ssh with --hostfile, join with
     --rdzv-endpoint, else local."""
@@ -161,8 +188,6 @@ def launcher_of(flags: dict) -> str:
 
 def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
     """Refuse flags that cannot start `world_size` workers with the chosen launcher (one line)."""
-    import click
-
     from ringpipe.cluster.options import bad_flag
 
     name = flags["launcher"]
@@ -190,8 +215,6 @@ def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
 def spmd_agent(flags: dict) -> int | None:
     """Under mpirun or srun (--launcher mpi, slurm), every rank but 0 is an agent for its one
     worker: its exit code; None where this process drives (rank 0, or no such launcher)."""
-    import click
-
     if flags["launcher"] not in ("mpi", "slurm"):
         return None
     try:

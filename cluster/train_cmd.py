@@ -14,6 +14,8 @@ import warnings
 
 import click
 
+from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
+                                        spmd_agent)
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.model.data.tokenizer import KINDS
@@ -153,28 +155,13 @@ D = TrainConfig()  # flag defaults are the config's defaults
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
 @click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Data-parallel gradient bucket size in MiB.")
-@click.option("--launcher", type=click.Choice(["local", "ssh", "join", "mpi", "slurm"]), default=None,
-              help="How workers start [default: ssh with --hostfile, join with --rdzv-endpoint, else local]; "
-                   "mpi and slurm: run this command under mpirun or srun (or, slurm, inside an allocation).")
-@click.option("--hostfile", type=click.Path(dir_okay=False), default=None,
-              help="Hosts to run on over ssh: lines 'HOST slots=K' ('#' comments).")
-@click.option("--nnodes", type=click.IntRange(min=1), default=None, help="Hosts joining the rendezvous (with this one).")
-@click.option("--nproc-per-node", type=click.IntRange(min=0), default=None,
-              help="Workers on this host when others join (--rdzv-endpoint).")
-@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-              help="Listen here for `ringpipe worker --rdzv-endpoint HOST:PORT` from the other hosts.")
-@click.option("--key-file", default=None, help="The rendezvous key (0600; made if missing) "
-                                               "[default: ~/.ringpipe/rendezvous.key].")
-@click.option("--rdzv-timeout", type=FiniteFloat(min=0, min_open=True), default=300.0, show_default=True,
-              help="Seconds to wait for the other hosts to join.")
+@multihost_options
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
 @click.pass_context
 def train(ctx, **flags):
     """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
-    from ringpipe.cluster.launchers import launcher_of, spmd_agent
-
     out = flags["out"]
     flags["launcher"] = launcher_of(flags)
     code = spmd_agent(flags)  # under mpirun or srun every rank but 0 only runs its worker
@@ -215,8 +202,6 @@ def train(ctx, **flags):
             if used:
                 raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
     if flags["launcher"] != "local":
-        from ringpipe.cluster.launchers import check_multihost_flags
-
         check_multihost_flags(ctx, flags, layout.world_size)
     elif flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
@@ -255,8 +240,6 @@ def _run(flags, config, layout, distributed, out, state):
             + (config.data or "the Python standard library source"))
         if distributed:
             from ringpipe.cluster.distributed_train import DistributedRun
-
-            from ringpipe.cluster.launchers import cluster_options
 
             options = cluster_options(flags, layout, out, say)
             try:

@@ -51,16 +51,16 @@ def losses(out) -> list:
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path):
+@pytest.mark.parametrize("layout", [["--dp", "2", "--tp", "2"], ["--tp", "2", "--pp", "2"]])
+def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path, layout):
     hosts = ssh_to
     path = hostfile(tmp_path, [f"{hosts.addresses[0]} slots=2", f"{hosts.addresses[1]} slots=2"])
     before = [hosts.veth_bytes(i) for i in range(2)]
-    spread = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "spread", "--dp", "2", "--tp", "2",
-                     "--hostfile", path)
+    spread = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "spread", *layout, "--hostfile", path)
     assert spread.exit_code == 0, spread.output
     crossed = [hosts.veth_bytes(i) - b for i, b in enumerate(before)]
-    # Data-parallel gradients (~10 KiB a step) and the driver's control traffic crossed both links;
-    # the tensor-parallel groups stayed inside their host.
+    # Data-parallel gradients or pipeline activations, and the driver's control traffic, crossed
+    # both links; the tensor-parallel groups stayed inside their host.
     assert min(crossed) > 50_000, crossed
     assert f"{hosts.addresses[0]}: ranks 0-1" in spread.output and "all inside one host" in spread.output
     alone = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
