@@ -67,10 +67,13 @@ def check_hosts(hosts: list[str], out: str) -> None:
     """Check every host at once (ssh, ringpipe, version, the run directory); RendezvousError naming
     the first host that failed."""
     token = secrets.token_hex(8)
-    os.makedirs(out, exist_ok=True)
     probe_path = os.path.join(os.path.abspath(out), PROBE_PREFIX + token)
-    with open(probe_path, "w") as f:
-        f.write(token)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with open(probe_path, "w") as f:
+            f.write(token)
+    except OSError as exc:
+        raise RendezvousError(f"cannot write the probe file {probe_path}: {exc.strerror}") from None
     try:
         with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
             problems = list(pool.map(lambda host: check_host(host, probe_path, token), hosts))
