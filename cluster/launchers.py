@@ -38,9 +38,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 def rank_from_environment(environ=os.environ) -> tuple[int, int, int, str] | None:
     """(rank, world size, local rank, launcher) set by mpirun (OpenMPI's OMPI_COMM_WORLD_*, MPICH's
     PMI_*) or srun (SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID); None outside them."""
-    for rank, size, local, name in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "mpi"),
-                                    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "mpi"),
-                                    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "slurm")):
+    for rank, size, local, name in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "mpi"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "mpi"),
+            ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "slurm")):
         if rank in environ and size in environ:
             return int(environ[rank]), int(environ[size]), int(environ.get(local, 0)), name
     return None
@@ -109,7 +110,8 @@ def _hosts_of_ranks(agents, world_size: int, tp: int, local_slots: int, local_ra
     return [len(agents) if host == 0 else host - 1 for host in order]
 
 
-def mpi_or_slurm_agent(launcher_name: str, endpoint: str | None, key_file: str | None, timeout: float, say) -> int | None:
+def mpi_or_slurm_agent(launcher_name: str, endpoint: str | None, key_file: str | None, timeout: float,
+                       say) -> int | None:
     """Under mpirun or srun, every rank but 0 becomes an agent for its one worker: its exit code.
     None on rank 0 (it drives) and outside those launchers."""
     from ringpipe.runtime.rendezvous_agent import join_and_run

@@ -45,7 +45,8 @@ def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout,
     try:
         keys = keys_from_secret(sys.stdin.buffer.readline()) if key_stdin else job_keys(key_file, create=False)
         code = join_and_run(rdzv_endpoint, keys, nproc_per_node or 1, host=host_id, ranks=ranks, timeout=timeout,
-                            silence=driver_silence, say=lambda message: click.echo(f"ringpipe worker: {message}", err=True))
+                            silence=driver_silence,
+                            say=lambda message: click.echo(f"ringpipe worker: {message}", err=True))
     except (KeyFileError, RendezvousError) as exc:
         raise click.ClickException(one_line(exc)) from None
     raise click.exceptions.Exit(code)

@@ -129,8 +129,8 @@ def test_a_process_on_another_host_without_the_job_secret_is_refused_and_changes
     with Cluster(2, **options) as cluster:
         assert [entry["host"] for entry in cluster.worker_addresses] == hosts.addresses[:2]
         targets = [cluster.address, *(entry["data"] for entry in cluster.worker_addresses)]
-        stranger = hosts.run_in(2, [sys.executable, "-c", STRANGER, cluster.keys.public.decode(), *targets], capture_output=True, text=True,
-                                timeout=60)
+        stranger = hosts.run_in(2, [sys.executable, "-c", STRANGER, cluster.keys.public.decode(), *targets],
+                                capture_output=True, text=True, timeout=60)
         # Even knowing the job's public key, each connection (it crossed the links) fails CURVE's
         # client authentication: nothing it sends is read, nothing reaches it.
         assert stranger.stdout.split("\n")[:3] == ["refused nothing"] * 3, (stranger.stdout, stranger.stderr)

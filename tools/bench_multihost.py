@@ -125,8 +125,8 @@ def run(host_counts=(2, 3), rates=("1gbit", "200mbit"), size: int = 64 << 20, it
         busbw = 2 * (count - 1) / count * size / seconds
         hidden = statistics.median(dp["overlap"] for _, dp in got if dp.get("overlap") is not None)
         rows.append({"hosts": count, "rate": rate, "all_reduce_s": seconds, "busbw_bytes_s": busbw,
-                     "of_rate": busbw * 8 / RATES_BITS[rate], "step_s": statistics.median(dp["step_s"] for _, dp in got),
-                     "hidden": hidden, "overlapped_s": statistics.median(dp["overlapped_s"] for _, dp in got),
+                     "of_rate": busbw * 8 / RATES_BITS[rate],
+                     "step_s": statistics.median(dp["step_s"] for _, dp in got), "hidden": hidden, "overlapped_s": statistics.median(dp["overlapped_s"] for _, dp in got),
                      "exposed_s": statistics.median(dp["exposed_s"] for _, dp in got)})
     return {"size": size, "iterations": iterations, "rounds": rounds, "steps": steps,
             "gradient_bytes": int(sum(p.size for p in driver.gpt.params.values())) * 4, "rows": rows,
@@ -140,7 +140,7 @@ def format_table(result: dict) -> str:
              f"{'hosts':>5} {'link':>8} {'all_reduce s':>13} {'busbw MB/s':>11} {'of link':>8} {'step ms':>8} "
              f"{'overlapped ms':>14} {'exposed ms':>11} {'hidden':>7}"]
     for row in result["rows"]:
-        lines.append(f"{row['hosts']:>5} {row['rate']:>8} {row['all_reduce_s']:>13.3f} {row['busbw_bytes_s'] / 1e6:>11.1f} "
-                     f"{row['of_rate']:>8.0%} {row['step_s'] * 1e3:>8.1f} {row['overlapped_s'] * 1e3:>14.1f} "
+        lines.append(f"{row['hosts']:>5} {row['rate']:>8} {row['all_reduce_s']:>13.3f} "
+                     f"{row['busbw_bytes_s'] / 1e6:>11.1f} {row['of_rate']:>8.0%} {row['step_s'] * 1e3:>8.1f} {row['overlapped_s'] * 1e3:>14.1f} "
                      f"{row['exposed_s'] * 1e3:>11.1f} {row['hidden']:>7.0%}")
     return "\n".join(lines)
