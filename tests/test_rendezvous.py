@@ -92,6 +92,13 @@ def test_slots_that_do_not_make_dp_tp_pp_are_refused_before_anything_starts(corp
     assert flag in line
 
 
+@pytest.mark.parametrize("flags,flag", [(["--launcher", "ssh"], "--launcher"), (["--launcher", "join"], "--launcher"),
+                                        (["--launcher", "join", "--hostfile", "hosts"], "--hostfile")])
+def test_a_launcher_without_what_it_needs_is_refused_naming_the_flag(corpus, tmp_path, flags, flag):
+    line = one_error_line(run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "run", "--dp", "2", *flags))
+    assert line.startswith(f"Error: Invalid value for {flag}")
+
+
 def test_a_driver_whose_hosts_do_not_come_fails_after_its_timeout_naming_the_endpoint(corpus, tmp_path, key_file):
     endpoint = f"127.0.0.1:{free_port()}"
     line = one_error_line(run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "run", "--dp", "2",
