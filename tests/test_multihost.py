@@ -128,6 +128,10 @@ def test_a_process_on_another_host_without_the_job_secret_is_refused_and_changes
     options = hostfile_launcher(path, 2, 1, str(tmp_path / "run"), 60.0, lambda message: None)
     with Cluster(2, **options) as cluster:
         assert [entry["host"] for entry in cluster.worker_addresses] == hosts.addresses[:2]
+        # Each socket listens on its own host's address on the link, none on every interface.
+        assert cluster.address.startswith(f"tcp://{hosts.gateway}:")
+        assert [entry["data"].rsplit(":", 1)[0] for entry in cluster.worker_addresses] == \
+            [f"tcp://{address}" for address in hosts.addresses[:2]]
         targets = [cluster.address, *(entry["data"] for entry in cluster.worker_addresses)]
         stranger = hosts.run_in(2, [sys.executable, "-c", STRANGER, cluster.keys.public.decode(), *targets],
                                 capture_output=True, text=True, timeout=60)
