@@ -71,9 +71,10 @@ def print_placement(launcher: RendezvousLauncher, tp: int):
 
 
 def join_launcher(endpoint: str, world_size: int, tp: int, nproc_per_node: int, key_file: str | None,
-                  timeout: float, say, local_ranks: list | None = None, local_host: str | None = None) -> dict:
+                  timeout: float, say, local_ranks: list | None = None, local_host: str | None = None,
+                  nnodes: int | None = None) -> dict:
     """Listen at `endpoint`, run `nproc_per_node` workers here (or exactly `local_ranks`), wait for
-    agents to bring the rest; the Cluster options."""
+    agents to bring the rest (with `nnodes`, each exactly `nproc_per_node`); the Cluster options."""
     host, port = parse_endpoint(endpoint)
     address = resolve_host(host, "rendezvous host")
     keys = job_keys(key_file, create=True)
@@ -82,7 +83,8 @@ def join_launcher(endpoint: str, world_size: int, tp: int, nproc_per_node: int, 
         here = len(local_ranks) if local_ranks is not None else nproc_per_node
         say(f"waiting at {rendezvous.endpoint} for {world_size - here} more workers to join "
             f"(ringpipe worker --rdzv-endpoint {host}:{port})")
-        agents = rendezvous.gather(world_size, here, timeout, say=say)
+        agents = rendezvous.gather(world_size, here, timeout, say=say,
+                                   slots_each=nproc_per_node if nnodes is not None else None)
         hosts = _hosts_of_ranks(agents, world_size, tp, here, local_ranks)
         launcher = RendezvousLauncher(rendezvous, agents, hosts, LocalLauncher(host_name=local_host or address),
                                       address)
@@ -232,7 +234,7 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     name, timeout = flags["launcher"], flags["rdzv_timeout"]
     if name == "join":
         options = join_launcher(flags["rdzv_endpoint"], layout.world_size, layout.tp, flags["nproc_per_node"],
-                                flags["key_file"], timeout, say)
+                                flags["key_file"], timeout, say, nnodes=flags["nnodes"])
     elif name == "ssh":
         from ringpipe.cluster.ssh_launch import hostfile_launcher
 

@@ -115,11 +115,13 @@ class Rendezvous:
         return (identity, message) if isinstance(message, dict) else None
 
     def gather(self, world_size: int, local_slots: int, timeout: float, check=lambda: None,
-               expected_hosts: set | None = None, say=lambda message: None) -> list[Agent]:
+               expected_hosts: set | None = None, slots_each: int | None = None,
+               say=lambda message: None) -> list[Agent]:
         """Wait until the agents' slots and `local_slots` (the driver's own) add up to
-        `world_size`; agents beyond that are refused. `check()` runs while waiting and may raise
-        (an ssh command that failed). Agents must give distinct fixed ranks covering what the
-        driver does not run, or none at all."""
+        `world_size`; agents beyond that are refused, and so are agents not offering `slots_each`
+        workers when it is given (torchrun's --nnodes × --nproc-per-node). `check()` runs while
+        waiting and may raise (an ssh command that failed). Agents must give distinct fixed ranks
+        covering what the driver does not run, or none at all."""
         agents: list[Agent] = []
         deadline, last_ping = time.monotonic() + timeout, 0.0
         while local_slots + sum(a.slots for a in agents) < world_size:
@@ -140,6 +142,9 @@ class Rendezvous:
             agent = Agent(identity, str(join.get("host")), str(join.get("address")), int(join.get("slots", 0)),
                           join.get("ranks"), int(join.get("pid", 0)))
             problem = self._refusal(agent, join, agents, expected_hosts)
+            if not problem and slots_each is not None and agent.slots != slots_each:
+                problem = (f"it offers {agent.slots} workers; the driver at {self.endpoint} expects "
+                           f"--nproc-per-node {slots_each} on every host")
             if problem:
                 self.send(agent, {"t": "refuse", "reason": problem})
                 continue

@@ -56,6 +56,25 @@ def test_a_worker_that_cannot_reach_the_endpoint_fails_within_its_timeout_naming
     assert endpoint in line and time.monotonic() - start < 30
 
 
+def test_with_nnodes_an_agent_offering_another_nproc_per_node_is_refused(key_file):
+    from ringpipe.runtime.auth import read_key_file
+
+    rendezvous = Rendezvous("127.0.0.1", 0, read_key_file(key_file))
+    joining = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "worker", "--rdzv-endpoint",
+                                rendezvous.endpoint, "--nproc-per-node", "1", "--key-file", key_file],
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        with pytest.raises(RendezvousError, match="1 of 3 workers"):
+            rendezvous.gather(3, 1, timeout=3.0, slots_each=2)
+        assert joining.wait(timeout=30) != 0
+        assert "--nproc-per-node 2" in joining.stderr.read()
+    finally:
+        rendezvous.close()
+        if joining.poll() is None:
+            joining.kill()
+        joining.wait()
+
+
 def test_a_process_without_the_key_cannot_join():
     rendezvous = Rendezvous("127.0.0.1", 0, JobKeys.generate())
     try:
