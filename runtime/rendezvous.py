@@ -253,7 +253,9 @@ class RendezvousLauncher:
         return self.host_names()[self.hosts[rank]]
 
     def process_note(self, rank: int) -> str:
-        return self.local.process_note(self.local_ranks.index(rank)) if rank in self.local_ranks else ""
+        if rank in self.local_ranks:
+            return self.local.process_note(self.local_ranks.index(rank))
+        return f" (on host {self.host(rank)})"  # a silent remote worker: which machine to look at
 
     # ---- the rendezvous thread ---------------------------------------------------------------------
     def _serve(self):
