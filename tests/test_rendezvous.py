@@ -180,3 +180,14 @@ def test_a_driver_that_dies_leaves_no_worker_running_on_the_joined_host(corpus, 
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+def test_messages_about_a_remote_worker_name_its_host():
+    from ringpipe.runtime.rendezvous import Agent, RendezvousLauncher
+
+    rendezvous = Rendezvous("127.0.0.1", 0, JobKeys.generate())
+    launcher = RendezvousLauncher(rendezvous, [Agent(b"a1", "node07", "10.0.0.7", 1)], hosts=[0])
+    try:
+        assert launcher.host(0) == "node07" and launcher.process_note(0) == " (on host node07)"
+    finally:
+        launcher.close()
