@@ -27,15 +27,17 @@ from ringpipe.runtime.files import write_json
 
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
-                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None):
-        """`say(message)` is told what each slow stretch of starting up is doing."""
+                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None,
+                 cluster_options: dict | None = None):
+        """`say(message)` is told what each slow stretch of starting up is doing; `cluster_options`
+        go to the `Cluster` (a launcher for other hosts and the address to bind, cluster/launchers.py)."""
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
         self.local = (Trainer.resume if resume else Trainer.create)(config, out)
         self.tokenizer = self.local.tokenizer
         self.step = self.local.step
         say(f"starting {layout.world_size} workers")
-        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
+        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout, **(cluster_options or {}))
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),

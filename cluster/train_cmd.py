@@ -14,6 +14,8 @@ import warnings
 
 import click
 
+from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
+                                        spmd_agent)
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
@@ -165,6 +167,7 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
 @click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Data-parallel gradient bucket size in MiB.")
+@multihost_options
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
@@ -173,6 +176,10 @@ def train(ctx, **flags):
     """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
     metrics.jsonl to --out."""
     out = flags["out"]
+    flags["launcher"] = launcher_of(flags)
+    code = spmd_agent(flags)  # under mpirun or srun every rank but 0 only runs its worker
+    if code is not None:
+        raise click.exceptions.Exit(code)
     warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
         raise bad_flag("--overwrite", "cannot be combined with --resume")
@@ -193,7 +200,7 @@ def train(ctx, **flags):
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
-    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
+    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local"
     # Flags that would do nothing in this layout are refused, not silently dropped.
     if flags["sequence_parallel"] and layout.tp == 1:
         raise bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
@@ -207,7 +214,9 @@ def train(ctx, **flags):
                            ("--split", flags["split"] is not None)):
             if used:
                 raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
-    if flags["nproc"] != layout.world_size:
+    if flags["launcher"] != "local":
+        check_multihost_flags(ctx, flags, layout.world_size)
+    elif flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
@@ -245,8 +254,15 @@ def _run(flags, config, layout, distributed, out, state):
         if distributed:
             from ringpipe.cluster.distributed_train import DistributedRun
 
-            trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
-                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
+            options = cluster_options(flags, layout, out, say)
+            try:
+                trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
+                                         bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
+                                         cluster_options=options)
+            except BaseException:
+                if options.get("launcher") is not None:
+                    options["launcher"].close()  # the other hosts' agents end too
+                raise
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
