@@ -1,0 +1,53 @@
+"""T5 in ringpipe: the whole model's float64 gradient against finite differences, config refusals."""
+import numpy as np
+import pytest
+
+from ringpipe.model.t5.config import T5Config
+from ringpipe.model.t5.model import T5, shift_right
+
+TINY = dict(vocab_size=23, d_model=8, d_kv=3, d_ff=10, num_layers=2, num_decoder_layers=2,
+            num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=12,
+            dtype="float64")
+
+
+@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
+def test_the_whole_t5_gradient_matches_finite_differences_in_float64(feed_forward_proj):
+    model = T5(T5Config(**TINY, feed_forward_proj=feed_forward_proj), seed=1)
+    rng = np.random.default_rng(0)
+    ids, labels = rng.integers(0, 23, (2, 7)), rng.integers(0, 23, (2, 5))
+    labels[0, 4] = -100
+    mask = np.ones((2, 7))
+    mask[1, 5:] = 0
+    _, grads = model.loss_and_grads(ids, labels, mask)
+    step = 1e-6
+    for name, param in model.params.items():  # two entries of every parameter
+        for index in [tuple(rng.integers(0, n) for n in param.shape) for _ in range(2)]:
+            saved = param[index]
+            param[index] = saved + step
+            plus, _ = model.loss_and_grads(ids, labels, mask)
+            param[index] = saved - step
+            minus, _ = model.loss_and_grads(ids, labels, mask)
+            param[index] = saved
+            # the loss (~3) is exact to ~1e-16, so the central difference is to ~1e-9
+            assert abs((plus - minus) / (2 * step) - grads[name][index]) < 2e-8, (name, index)
+
+
+def test_teacher_forcing_shifts_labels_right_after_the_start_token():
+    labels = np.array([[5, 6, 7], [8, -100, -100]])
+    assert shift_right(labels, 0, 0).tolist() == [[0, 5, 6], [0, 8, 0]]
+
+
+def test_the_decoder_reads_the_encoder_output_through_cross_attention():
+    model = T5(T5Config(**TINY), seed=2)
+    ids, decoder_ids = np.array([[3, 4, 5, 6]]), np.array([[0, 7, 8]])
+    changed = ids.copy()
+    changed[0, 0] = 9
+    assert not np.allclose(model.forward(ids, decoder_ids), model.forward(changed, decoder_ids))
+    prefix = model.forward(ids, decoder_ids[:, :2])  # causal: later decoder tokens do not matter
+    np.testing.assert_allclose(model.forward(ids, decoder_ids)[:, :2], prefix, rtol=1e-12)
+
+
+def test_a_token_outside_the_vocabulary_is_refused_by_value():
+    model = T5(T5Config(**TINY))
+    with pytest.raises(IndexError, match="outside the vocabulary of 23"):
+        model.forward(np.array([[1, 23]]), np.array([[0]]))
