@@ -51,3 +51,24 @@ def test_a_token_outside_the_vocabulary_is_refused_by_value():
     model = T5(T5Config(**TINY))
     with pytest.raises(IndexError, match="outside the vocabulary of 23"):
         model.forward(np.array([[1, 23]]), np.array([[0]]))
+
+
+def test_greedy_decoding_with_kv_caches_equals_rerunning_the_whole_decoder():
+    model = T5(T5Config(**{**TINY, "num_decoder_layers": 3}, eos_token_id=None), seed=4)
+    ids = np.random.default_rng(1).integers(0, 23, (2, 9))
+    mask = np.ones((2, 9))
+    mask[0, 6:] = 0
+    out = model.generate(ids, 14, attention_mask=mask)
+    reference = np.zeros((2, 1), dtype=np.int64)
+    for _ in range(14):  # no cache: the whole decoder over every token so far
+        logits = model.forward(ids, reference, mask)[:, -1]
+        reference = np.concatenate([reference, logits.argmax(-1)[:, None]], axis=1)
+    assert out.tolist() == reference.tolist()
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    model = T5(T5Config(**TINY), seed=4)
+    ids = np.array([[3, 4, 5]])
+    first = int(model.forward(ids, np.zeros((1, 1), dtype=np.int64))[0, -1].argmax())
+    model.config.eos_token_id = first
+    assert model.generate(ids, 10).tolist() == [[0, first]]

@@ -18,6 +18,7 @@ import numpy as np
 
 from ringpipe.model.gpt2.block import IdentityRegion
 from ringpipe.model.nn.activation_memory import ActivationMemory
+from ringpipe.model.t5 import generation
 from ringpipe.model.t5.checkpoint import load_checkpoint, save_checkpoint
 from ringpipe.model.t5.config import T5Config, init_params
 from ringpipe.model.t5.layers import T5Layers
@@ -141,3 +142,11 @@ class T5(T5Layers):
         """Loads a checkpoint written by ringpipe or by transformers' T5ForConditionalGeneration."""
         config, params = load_checkpoint(directory, dtype=dtype, device=device)
         return cls(config, params=params)
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, temperature=0.0,
+                 top_k=None, seed=None):
+        """Decoder tokens (B, 1 + n), from the start token; see model/t5/generation.py."""
+        return generation.generate(self, input_ids, max_new_tokens, attention_mask, temperature,
+                                   top_k, seed)
