@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ringpipe.model.families import special_ids
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.config import TrainConfig
@@ -38,7 +39,8 @@ class DistributedRun:
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
-                                               self.tokenizer.vocab_size, bucket_bytes)
+                                               self.tokenizer.vocab_size, bucket_bytes,
+                                               special_ids=special_ids(self.tokenizer, self.local.family))
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
