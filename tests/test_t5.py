@@ -18,15 +18,15 @@ def test_the_whole_t5_gradient_matches_finite_differences_in_float64(feed_forwar
     labels[0, 4] = -100
     mask = np.ones((2, 7))
     mask[1, 5:] = 0
-    _, grads = model.loss_and_grads(ids, labels, mask)
+    _, grads = model.seq2seq_loss_and_grads(ids, labels, mask)
     step = 1e-6
     for name, param in model.params.items():  # two entries of every parameter
         for index in [tuple(rng.integers(0, n) for n in param.shape) for _ in range(2)]:
             saved = param[index]
             param[index] = saved + step
-            plus, _ = model.loss_and_grads(ids, labels, mask)
+            plus, _ = model.seq2seq_loss_and_grads(ids, labels, mask)
             param[index] = saved - step
-            minus, _ = model.loss_and_grads(ids, labels, mask)
+            minus, _ = model.seq2seq_loss_and_grads(ids, labels, mask)
             param[index] = saved
             # the loss (~3) is exact to ~1e-16, so the central difference is to ~1e-9
             assert abs((plus - minus) / (2 * step) - grads[name][index]) < 2e-8, (name, index)
@@ -42,15 +42,15 @@ def test_the_decoder_reads_the_encoder_output_through_cross_attention():
     ids, decoder_ids = np.array([[3, 4, 5, 6]]), np.array([[0, 7, 8]])
     changed = ids.copy()
     changed[0, 0] = 9
-    assert not np.allclose(model.forward(ids, decoder_ids), model.forward(changed, decoder_ids))
-    prefix = model.forward(ids, decoder_ids[:, :2])  # causal: later decoder tokens do not matter
-    np.testing.assert_allclose(model.forward(ids, decoder_ids)[:, :2], prefix, rtol=1e-12)
+    assert not np.allclose(model.decoder_logits(ids, decoder_ids), model.decoder_logits(changed, decoder_ids))
+    prefix = model.decoder_logits(ids, decoder_ids[:, :2])  # causal: later decoder tokens do not matter
+    np.testing.assert_allclose(model.decoder_logits(ids, decoder_ids)[:, :2], prefix, rtol=1e-12)
 
 
 def test_a_token_outside_the_vocabulary_is_refused_by_value():
     model = T5(T5Config(**TINY))
     with pytest.raises(IndexError, match="outside the vocabulary of 23"):
-        model.forward(np.array([[1, 23]]), np.array([[0]]))
+        model.decoder_logits(np.array([[1, 23]]), np.array([[0]]))
 
 
 def test_greedy_decoding_with_kv_caches_equals_rerunning_the_whole_decoder():
@@ -61,7 +61,7 @@ def test_greedy_decoding_with_kv_caches_equals_rerunning_the_whole_decoder():
     out = model.generate(ids, 14, attention_mask=mask)
     reference = np.zeros((2, 1), dtype=np.int64)
     for _ in range(14):  # no cache: the whole decoder over every token so far
-        logits = model.forward(ids, reference, mask)[:, -1]
+        logits = model.decoder_logits(ids, reference, mask)[:, -1]
         reference = np.concatenate([reference, logits.argmax(-1)[:, None]], axis=1)
     assert out.tolist() == reference.tolist()
 
@@ -69,6 +69,6 @@ def test_greedy_decoding_with_kv_caches_equals_rerunning_the_whole_decoder():
 def test_generation_stops_at_eos_and_pads_finished_rows():
     model = T5(T5Config(**TINY), seed=4)
     ids = np.array([[3, 4, 5]])
-    first = int(model.forward(ids, np.zeros((1, 1), dtype=np.int64))[0, -1].argmax())
+    first = int(model.decoder_logits(ids, np.zeros((1, 1), dtype=np.int64))[0, -1].argmax())
     model.config.eos_token_id = first
     assert model.generate(ids, 10).tolist() == [[0, first]]

@@ -60,7 +60,7 @@ def hf_logits(model):
 
 
 def ours_logits(model):
-    return model.forward(INPUT_IDS, shift_right(LABELS, 0, 0), MASK)
+    return model.decoder_logits(INPUT_IDS, shift_right(LABELS, 0, 0), MASK)
 
 
 def relative_error(a, b):
@@ -106,7 +106,7 @@ def test_the_whole_backward_equals_torch_autograd_of_transformers(tmp_path, exac
     ours = T5.from_pretrained(tmp_path, dtype="float64")
     labels = LABELS.copy()
     labels[0, -2:] = -100
-    loss, grads = ours.loss_and_grads(INPUT_IDS, labels, MASK)
+    loss, grads = ours.seq2seq_loss_and_grads(INPUT_IDS, labels, MASK)
     out = theirs(input_ids=torch.tensor(INPUT_IDS), attention_mask=torch.tensor(MASK),
                  labels=torch.tensor(labels))
     out.loss.backward()
@@ -179,7 +179,7 @@ def test_a_t5config_attribute_gives_transformers_logits_or_is_refused(tmp_path, 
         out = theirs(input_ids=torch.tensor(ids), attention_mask=torch.tensor(MASK),
                      decoder_input_ids=torch.tensor(shift_right(labels, 0, 0)), use_cache=False)
     logits = (out[0] if isinstance(out, tuple) else out.logits).numpy()
-    assert relative_error(ours.forward(ids, shift_right(labels, 0, 0), MASK), logits) < 1e-10
+    assert relative_error(ours.decoder_logits(ids, shift_right(labels, 0, 0), MASK), logits) < 1e-10
 
 
 def test_an_unsupported_feed_forward_proj_is_refused_by_name(tmp_path):

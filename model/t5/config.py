@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ringpipe.model.data.span_corruption import corrupted_lengths
 from ringpipe.runtime.array_module import DEVICES
 
 DTYPES = ("float32", "float64")
@@ -44,6 +45,9 @@ class T5Config:
     pad_token_id: int = PAD_ID
     decoder_start_token_id: int = PAD_ID
     eos_token_id: int | None = 1
+    # ringpipe's, not transformers': a training window's tokens before span corruption, which fixes
+    # the encoder and decoder lengths of a packed batch (`encoder_length`). T5 has no position table.
+    block_size: int = 512
     dtype: str = "float32"
     device: str = "cpu"
 
@@ -52,7 +56,7 @@ class T5Config:
             self.num_decoder_layers = self.num_layers
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
                      "num_heads", "relative_attention_num_buckets",
-                     "relative_attention_max_distance"):
+                     "relative_attention_max_distance", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"T5Config.{name} must be a positive int, got {value!r}")
@@ -89,6 +93,12 @@ class T5Config:
     def ff_columns(self) -> int:
         """Columns of ff.wi: d_ff, or [gate | up] = 2 d_ff when gated."""
         return 2 * self.d_ff if self.gated else self.d_ff
+
+    @property
+    def encoder_length(self) -> int:
+        """Encoder tokens of a training window of block_size tokens after span corruption: packed
+        inputs (model/t5/family.py) are [encoder ids | decoder ids] split here."""
+        return corrupted_lengths(self.block_size)[0]
 
     def to_dict(self) -> dict:
         return asdict(self)

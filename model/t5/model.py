@@ -39,7 +39,10 @@ def shift_right(labels, start_token_id: int, pad_token_id: int):
 class T5(T5Layers):
     """The dense T5. `params` is a flat dict with ringpipe's T5 names (see `param_shapes`)."""
 
-    def __init__(self, config: T5Config, seed: int = 0, params: dict | None = None):
+    is_encoder_decoder = True  # `ringpipe generate` gives the prompt to the encoder
+
+    def __init__(self, config: T5Config, seed: int = 0, params: dict | None = None,
+                 threads: int = 1):
         self.config = config
         self.xp = array_module(config.device)
         self.dtype = np.dtype(config.dtype)
@@ -103,7 +106,7 @@ class T5(T5Layers):
 
     # ------------------------------------------------------------------ whole model
 
-    def forward(self, input_ids, decoder_input_ids, attention_mask=None):
+    def decoder_logits(self, input_ids, decoder_input_ids, attention_mask=None):
         """Logits (B, Td, vocab_size) of the decoder inputs given the encoder inputs."""
         encoder_out, cache = self.encode(input_ids, attention_mask)
         self._release(cache)
@@ -111,7 +114,7 @@ class T5(T5Layers):
         self._release(cache)
         return self.head_logits(y)
 
-    def loss_and_grads(self, input_ids, labels, attention_mask=None, dloss=1.0):
+    def seq2seq_loss_and_grads(self, input_ids, labels, attention_mask=None, dloss=1.0):
         """One forward+backward with teacher forcing: the decoder reads `labels` shifted right.
 
         input_ids, labels int (B, Te), (B, Td) -> (mean cross-entropy over labels != -100,
@@ -125,6 +128,31 @@ class T5(T5Layers):
         dencoder_out = self.decode_backward(decoder_cache, dy, grads)
         self.encode_backward(encoder_cache, dencoder_out, grads)
         return loss, {name: grads[name] for name in self.params}
+
+    # ---- the trainers' interface (model/families.py): packed [encoder ids | decoder ids] -------
+
+    def _unpack(self, packed):
+        split = self.config.encoder_length
+        if packed.shape[1] <= split:
+            raise ValueError(f"packed T5 inputs of {packed.shape[1]} tokens hold no decoder tokens "
+                             f"after the {split} encoder tokens of block_size "
+                             f"{self.config.block_size}")
+        return packed[:, :split], packed[:, split:]
+
+    def forward(self, packed):
+        """packed int (B, Te + Td) = [encoder ids | decoder input ids] (Te = config.encoder_length)
+        -> logits (B, Td, vocab_size)."""
+        return self.decoder_logits(*self._unpack(packed))
+
+    def loss_and_grads(self, packed, labels, dropout_seed=None, dloss=1.0):
+        """packed as for `forward`, labels int (B, Td) -> (loss, grads), as seq2seq_loss_and_grads."""
+        if dropout_seed is not None:
+            raise ValueError("ringpipe's T5 trains without dropout (--dropout 0)")
+        input_ids, decoder_input_ids = self._unpack(packed)
+        if decoder_input_ids.shape != labels.shape:
+            raise ValueError(f"packed decoder inputs {tuple(decoder_input_ids.shape)} do not match "
+                             f"labels {tuple(labels.shape)}")
+        return self.seq2seq_loss_and_grads(input_ids, labels, None, dloss)
 
     def _release(self, cache):
         for layer in cache["layers"]:

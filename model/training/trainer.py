@@ -50,8 +50,10 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
     text = load_corpus(config.data)
     if tokenizer is None:
         tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-        if family(config.family).special_tokens:
-            tokenizer = with_special_tokens(tokenizer, family(config.family).special_tokens)
+        model_family = family(config.family)
+        if model_family.special_tokens or model_family.additional_tokens:
+            tokenizer = with_special_tokens(tokenizer, model_family.special_tokens,
+                                            model_family.additional_tokens)
         ids = tokenizer.encode(text)
     else:
         try:
@@ -142,7 +144,8 @@ class Trainer:
         check_checkpoint_family(checkpoint, model_family.name)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
+        # (A family with special tokens saves them in a Hugging Face tokenizer, whatever it was made from.)
+        if not model_family.special_tokens and tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
