@@ -6,6 +6,7 @@ import pytest
 
 from ringpipe.model.families import family, special_ids
 from ringpipe.model.parallel.tensor_parallel import assemble_full_params
+from ringpipe.model.t5.family import encoder_decoder_split
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.trainer import Trainer
@@ -30,12 +31,16 @@ def t5_reference(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("dp,tp,pp,zero", [(2, 1, 1, 1), (1, 2, 1, 0), (1, 2, 2, 0), (2, 1, 2, 0)])
-def test_t5_parallel_training_equals_single_process(local_cluster, t5_reference, dp, tp, pp, zero):
+@pytest.mark.parametrize("dp,tp,pp,zero,schedule,v", [
+    (2, 1, 1, 1, "1f1b", 1), (1, 2, 1, 0, "1f1b", 1),
+    (1, 2, 2, 0, "1f1b", 1), (2, 1, 2, 0, "1f1b", 1),  # an encoder stage, then a decoder stage
+    (1, 1, 4, 0, "zb-h1", 1), (1, 1, 2, 0, "interleaved", 2),  # each stack on two stages
+])
+def test_t5_parallel_training_equals_single_process(local_cluster, t5_reference, dp, tp, pp, zero,
+                                                    schedule, v):
     config, reference, expected, tmp_path = t5_reference
-    layers = config.model.pipeline_layers
-    layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, schedule="1f1b",
-                    split=[config.model.n_layer, layers - config.model.n_layer] if pp > 1 else None)
+    split = encoder_decoder_split(config.model, pp * v, pp * v // 2) if pp > 1 else None
+    layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero, schedule=schedule, virtual_stages=v, split=split)
     layout.validate(config)
     trainers = local_cluster(layout.world_size).spawn(
         ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
@@ -47,3 +52,13 @@ def test_t5_parallel_training_equals_single_process(local_cluster, t5_reference,
     assert sorted(got) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-11, err_msg=name)
+
+
+def test_encoder_stages_put_the_encoder_first_and_must_leave_the_decoder_a_stage():
+    from ringpipe.model.t5.family import T5Options
+    options = T5Options(n_layer=3, n_decoder_layer=2)
+    assert encoder_decoder_split(options, 4, 2) == [2, 1, 1, 1]
+    with pytest.raises(ValueError, match="--encoder-stages 4 leaves the decoder no stage of the 4"):
+        encoder_decoder_split(options, 4, 4)
+    with pytest.raises(ValueError, match="3 decoder stages but the decoder has 2 layers"):
+        encoder_decoder_split(options, 4, 1)

@@ -46,3 +46,26 @@ def test_a_gpt2_run_is_not_resumed_as_t5(tmp_path):
                    "--out", out).exit_code == 0
     result = run_cli("train", *T5_FLAGS, "--data", data, "--steps", 2, "--out", out, "--resume")
     assert result.exit_code != 0 and "gpt2" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(180)
+def test_t5_trains_on_an_encoder_stage_and_a_decoder_stage(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    result = run_cli("train", *T5_FLAGS, "--data", data, "--steps", 2, "--out", tmp_path / "pp",
+                     "--pp", 2, "--nproc", 2, "--encoder-stages", 1)
+    assert result.exit_code == 0, result.output
+    assert len(losses(tmp_path / "pp")) == 2
+
+
+def test_encoder_stages_that_leave_the_decoder_no_stage_are_one_line_errors(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT)
+    result = run_cli("train", *T5_FLAGS, "--data", data, "--out", tmp_path / "x", "--pp", 2,
+                     "--nproc", 2, "--encoder-stages", 2)
+    assert result.exit_code != 0
+    assert result.output.strip() == ("Error: Invalid value for --encoder-stages: leaves the decoder "
+                                     "no stage of the 2 pipeline stages")
+    result = run_cli("train", "--data", data, "--out", tmp_path / "y", "--pp", 2, "--nproc", 2,
+                     "--encoder-stages", 1)
+    assert "applies to an encoder-decoder (--model t5), not gpt2" in result.output

@@ -18,6 +18,7 @@ import numpy as np
 
 from ringpipe.model.data.span_corruption import T5_ROLES, SpanCorruption, sentinel_tokens
 from ringpipe.model.families import Family
+from ringpipe.model.parallel.pipeline_parallel.schedules import split_layers
 from ringpipe.model.t5.checkpoint import load_checkpoint, write_checkpoint_files
 from ringpipe.model.t5.config import ARCHITECTURE_FIELDS, T5Config, init_params
 from ringpipe.model.t5.layers import IGNORE_INDEX
@@ -49,6 +50,23 @@ class T5Options:
     def pipeline_layers(self) -> int:
         """Layers the pipeline stages divide: the encoder's, then the decoder's."""
         return self.n_layer + (self.n_layer if self.n_decoder_layer is None else self.n_decoder_layer)
+
+
+def encoder_decoder_split(options: T5Options, num_stages: int, encoder_stages: int) -> list[int]:
+    """Layers per pipeline stage with the encoder's on the first `encoder_stages` stages and the
+    decoder's on the rest, each balanced (`--encoder-stages`); ValueError naming what cannot be."""
+    decoder_layers = options.pipeline_layers - options.n_layer
+    decoder_stages = num_stages - encoder_stages
+    if decoder_stages < 1:
+        raise ValueError(f"--encoder-stages {encoder_stages} leaves the decoder no stage of the "
+                         f"{num_stages} pipeline stages")
+    for stack, stages, layers in (("encoder", encoder_stages, options.n_layer),
+                                  ("decoder", decoder_stages, decoder_layers)):
+        if stages > layers:
+            raise ValueError(f"--encoder-stages {encoder_stages} gives {stages} {stack} stages but "
+                             f"the {stack} has {layers} layers (at least one per stage)")
+    return [len(r) for r in split_layers(options.n_layer, encoder_stages)] + \
+        [len(r) for r in split_layers(decoder_layers, decoder_stages)]
 
 
 def small_t5() -> T5Options:

@@ -159,14 +159,16 @@ class T5Layers:
         return dy, grads, dbias, dencoder_out
 
     # ---- position bias -----------------------------------------------------------------------
-    def position_bias_forward(self, stack, query_length, key_length, query_offset=0):
-        """stack "encoder" (bidirectional) or "decoder" -> (bias (1, H, Tq, Tk), buckets)."""
+    def position_bias_forward(self, stack, query_length, key_length, query_offset=0, table=None):
+        """stack "encoder" (bidirectional) or "decoder" -> (bias (1, H, Tq, Tk), buckets), from
+        `table` or else the stack's parameter."""
         config = self.config
         buckets = relative_position_buckets(query_length, key_length, stack == "encoder",
                                             config.relative_attention_num_buckets,
                                             config.relative_attention_max_distance, query_offset,
                                             self.xp)
-        table = self.params[f"{stack}.relative_attention_bias.weight"]
+        if table is None:
+            table = self.params[f"{stack}.relative_attention_bias.weight"]
         return relative_position_bias_forward(table, buckets)[0], buckets
 
     def position_bias_backward(self, stack, buckets, dbias) -> dict:

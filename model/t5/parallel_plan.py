@@ -18,15 +18,21 @@ layers read them as the encoder output and change the last Td. So every decoder 
 encoder output as its second activation, and the gradient it sends back carries the encoder
 output's gradient, summed over every decoder layer that read it, in those Te positions.
 
-A stack's relative position bias table sits with its first layer, and every layer of the stack
-computes the bias from it, so a stack's layers must all be on one stage (`--encoder-stages 1` and
-one decoder stage: pp 2); a split that divides a stack is refused by name.
+The two relative position bias tables (transformers keeps each in its stack's first layer, and
+every layer of the stack adds the bias computed from it) are held by the first stage and travel
+with the activation: a few extra rows after the Te + Td positions hold this rank's heads' columns
+of both tables, flattened, in batch row 0. Every layer, on whatever stage, computes its bias from
+them and adds the table's gradient to those rows of the gradient it sends back, so the first stage
+receives each table's gradient summed over every layer of its stack. Any split of the layers over
+stages therefore works, a stack spread over several stages included.
 """
 from __future__ import annotations
 
 from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 from ringpipe.model.t5.config import T5Config, decoder_layer_shapes, encoder_layer_shapes, init_params
 from ringpipe.model.t5.layers import T5Layers
+
+TABLES = ("encoder.relative_attention_bias.weight", "decoder.relative_attention_bias.weight")
 
 
 class T5ParallelPlan:
@@ -43,19 +49,14 @@ class T5ParallelPlan:
         return init_params(self.config, seed)
 
     def embedding_params(self) -> list[str]:
-        return ["shared.weight"]
+        return ["shared.weight", *TABLES]
 
     def block_params(self, i: int) -> list[str]:
         config, encoder_layers = self.config, self.config.num_layers
         if i < encoder_layers:
             names = list(encoder_layer_shapes(config, i))
-            if i == 0:
-                names.append("encoder.relative_attention_bias.weight")
-            if i == encoder_layers - 1:
-                names.append("encoder.final_norm.weight")
-            return names
-        names = list(decoder_layer_shapes(config, i - encoder_layers))
-        return names + (["decoder.relative_attention_bias.weight"] if i == encoder_layers else [])
+            return names + (["encoder.final_norm.weight"] if i == encoder_layers - 1 else [])
+        return list(decoder_layer_shapes(config, i - encoder_layers))
 
     def head_params(self) -> list[str]:
         return ["shared.weight", "decoder.final_norm.weight"]
@@ -83,15 +84,7 @@ class T5ParallelPlan:
             raise ValueError(f"tensor parallel: d_ff {config.d_ff} is not divisible by tp {size} (rank {rank})")
 
     def stage_pieces(self, stage) -> "T5StagePieces":
-        config, layers = self.config, stage.layers
-        for stack, first, count in (("encoder", 0, config.num_layers),
-                                    ("decoder", config.num_layers, config.num_decoder_layers)):
-            held = [i for i in layers if first <= i < first + count]
-            if held and len(held) != count:
-                raise ValueError(f"t5 pipeline: a stage holds {len(held)} of the {count} {stack} layers; "
-                                 f"each stack must be on one stage (its relative position bias is shared "
-                                 f"by all its layers): use --encoder-stages 1 with --pp 2")
-        return T5StagePieces(config, stage)
+        return T5StagePieces(self.config, stage)
 
 
 class _Deferred:
@@ -114,53 +107,89 @@ class T5StagePieces(T5Layers):
         self.vocab_start = stage.tp_rank * self.vocab_rows
         self.encoder_length = config.encoder_length
 
+        self.table_shape = (config.relative_attention_num_buckets, self.local_heads)
+        self.table_rows = -(-2 * self.table_shape[0] * self.table_shape[1] // config.d_model)
+
+    # ---- the packed activation: encoder positions, decoder positions, the tables' rows ----------
     def _split(self, x):
-        return x[:, :self.encoder_length], x[:, self.encoder_length:]
+        """x (B, Te + Td + table rows, C) -> encoder (B, Te, C), decoder (B, Td, C), and
+        {stack: its table (num_buckets, local heads)} read from batch row 0 of the extra rows."""
+        Te, rows = self.encoder_length, self.table_rows
+        size = self.table_shape[0] * self.table_shape[1]
+        flat = x[0, x.shape[1] - rows:].reshape(-1)
+        tables = {"encoder": flat[:size].reshape(self.table_shape),
+                  "decoder": flat[size:2 * size].reshape(self.table_shape)}
+        return x[:, :Te], x[:, Te:x.shape[1] - rows], tables
 
-    def _join(self, encoder, decoder):
-        return self.xp.concatenate([encoder, decoder], axis=1)
+    def _join(self, encoder, decoder, tables, batch_rows=None):
+        """The inverse of _split. With batch_rows=False the tables' rows are in batch row 0 only (a
+        gradient); otherwise every batch row carries them (an activation; only row 0 is read)."""
+        B, _, C = encoder.shape
+        flat = self.xp.zeros(self.table_rows * C, encoder.dtype)
+        size = self.table_shape[0] * self.table_shape[1]
+        flat[:size], flat[size:2 * size] = tables["encoder"].reshape(-1), tables["decoder"].reshape(-1)
+        rows = self.xp.zeros((B, self.table_rows, C), encoder.dtype)
+        if batch_rows is False:
+            rows[0] = flat.reshape(self.table_rows, C)
+        else:
+            rows[...] = flat.reshape(self.table_rows, C)
+        return self.xp.concatenate([encoder, decoder, rows], axis=1)
 
-    # ---- embedding: both halves of the packed ids, one vocab-parallel lookup ------------------
+    def _bias(self, stack, tables, length):
+        """The stack's position bias (1, local heads, T, T) from its travelling table."""
+        return self.position_bias_forward(stack, length, length, table=tables[stack])
+
+    def _zero_tables(self, dtype):
+        return {stack: self.xp.zeros(self.table_shape, dtype) for stack in ("encoder", "decoder")}
+
+    # ---- embedding: both halves of the packed ids, one vocab-parallel lookup; the tables join -----
     def embedding_forward(self, idx, dropout_seed):
         x, lookup = self.embed_forward(idx)
-        return x, self.memory.hold({"lookup": lookup})
+        Te = self.encoder_length
+        tables = {stack: self.params[f"{stack}.relative_attention_bias.weight"]
+                  for stack in ("encoder", "decoder")}
+        return self._join(x[:, :Te], x[:, Te:], tables), self.memory.hold({"lookup": lookup})
 
     def embedding_backward(self, cache, dx) -> dict:
         self.memory.release(cache)
-        return {"shared.weight": self.embed_backward(cache["lookup"], dx)}
+        dencoder, ddecoder, dtables = self._split(dx)
+        dids = self.xp.concatenate([dencoder, ddecoder], axis=1)
+        return {"shared.weight": self.embed_backward(cache["lookup"], dids),
+                **{f"{stack}.relative_attention_bias.weight": dtables[stack].copy()
+                   for stack in ("encoder", "decoder")}}
 
     # ---- layers ---------------------------------------------------------------------------------
     def block_forward(self, i, x, dropout_seed):
-        encoder, decoder = self._split(x)
+        encoder, decoder, tables = self._split(x)
         if i < self.config.num_layers:
-            T = encoder.shape[1]
-            bias, buckets = self.position_bias_forward("encoder", T, T)
+            bias, buckets = self._bias("encoder", tables, encoder.shape[1])
             encoder, cache = self.encoder_layer_forward(i, encoder, None, bias)
             norm = None
             if i == self.config.num_layers - 1:  # the encoder's output
                 encoder, norm = self.final_norm_forward("encoder", encoder)
-            return self._join(encoder, decoder), {"layer": cache, "buckets": buckets, "norm": norm}
-        T = decoder.shape[1]
-        bias, buckets = self.position_bias_forward("decoder", T, T)
+            return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets, "norm": norm}
+        bias, buckets = self._bias("decoder", tables, decoder.shape[1])
         decoder, cache = self.decoder_layer_forward(i - self.config.num_layers, decoder, encoder, None, bias)
-        return self._join(encoder, decoder), {"layer": cache, "buckets": buckets}
+        return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets}
 
     def block_backward_input(self, i, cache, dout):
-        dencoder, ddecoder = self._split(dout)
+        dencoder, ddecoder, dtables = self._split(dout)
+        dtables = {stack: table.copy() for stack, table in dtables.items()}
         if i < self.config.num_layers:
-            grads = {}
+            stack, grads = "encoder", {}
             if cache["norm"] is not None:
                 dencoder, grads = self.final_norm_backward("encoder", cache["norm"], dencoder)
             dencoder, layer_grads, dbias = self.encoder_layer_backward(i, cache["layer"], dencoder)
             grads.update(layer_grads)
-            grads.update(self.position_bias_backward("encoder", cache["buckets"], dbias))
-            return self._join(dencoder, ddecoder), _Deferred(i, grads)
-        ddecoder, grads, dbias, share = self.decoder_layer_backward(i - self.config.num_layers,
-                                                                    cache["layer"], ddecoder)
-        grads.update(self.position_bias_backward("decoder", cache["buckets"], dbias))
-        # this layer's share of the encoder output's gradient, summed over tp, joins the others'
-        dencoder = dencoder + self.input_region.backward(share, self.tp)
-        return self._join(dencoder, ddecoder), _Deferred(i, grads)
+        else:
+            stack = "decoder"
+            ddecoder, grads, dbias, share = self.decoder_layer_backward(i - self.config.num_layers,
+                                                                        cache["layer"], ddecoder)
+            # this layer's share of the encoder output's gradient, summed over tp, joins the others'
+            dencoder = dencoder + self.input_region.backward(share, self.tp)
+        name = f"{stack}.relative_attention_bias.weight"
+        dtables[stack] += self.position_bias_backward(stack, cache["buckets"], dbias)[name]
+        return self._join(dencoder, ddecoder, dtables, batch_rows=False), _Deferred(i, grads)
 
     def block_backward_weight(self, deferred) -> dict:
         return deferred.grads
@@ -172,7 +201,8 @@ class T5StagePieces(T5Layers):
     def head_backward(self, cache, dloss):
         ddecoder, grads = T5Layers.head_backward(self, cache, dloss)
         B, _, C = ddecoder.shape
-        return self._join(self.xp.zeros((B, self.encoder_length, C), ddecoder.dtype), ddecoder), grads
+        zeros = self.xp.zeros((B, self.encoder_length, C), ddecoder.dtype)
+        return self._join(zeros, ddecoder, self._zero_tables(ddecoder.dtype), batch_rows=False), grads
 
     def head_logits(self, x):
         return T5Layers.head_logits(self, self._split(x)[1])
