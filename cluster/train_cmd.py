@@ -281,7 +281,8 @@ def _run(flags, config, layout, distributed, out, state):
             tokenizer = trainer.tokenizer
             prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
             ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-            click.echo(tokenizer.decode(to_host(ids)[0]))
+            # an encoder-decoder's output is the decoder's, after its start token
+            click.echo(tokenizer.decode(to_host(ids)[0, 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0:]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:

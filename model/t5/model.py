@@ -22,14 +22,13 @@ from ringpipe.model.t5 import generation
 from ringpipe.model.t5.checkpoint import load_checkpoint, save_checkpoint
 from ringpipe.model.t5.config import T5Config, init_params
 from ringpipe.model.t5.layers import T5Layers
-from ringpipe.runtime.array_module import array_module, to_host
+from ringpipe.runtime.array_module import array_module, module_of, to_host
 
 
 def shift_right(labels, start_token_id: int, pad_token_id: int):
     """Teacher forcing: the decoder reads the labels shifted one step right, starting with
     `start_token_id`; ignored labels (-100) read as padding. labels int (B, T) -> (B, T)."""
-    xp = array_module("cpu") if isinstance(labels, np.ndarray) else array_module("cuda")
-    shifted = xp.empty_like(labels)
+    shifted = module_of(labels).empty_like(labels)
     shifted[:, 0] = start_token_id
     shifted[:, 1:] = labels[:, :-1]
     shifted[shifted == -100] = pad_token_id
@@ -43,6 +42,7 @@ class T5(T5Layers):
 
     def __init__(self, config: T5Config, seed: int = 0, params: dict | None = None,
                  threads: int = 1):
+        """`threads`: the trainers' argument; T5 runs a batch on one thread (GPT-2 shards it)."""
         self.config = config
         self.xp = array_module(config.device)
         self.dtype = np.dtype(config.dtype)
