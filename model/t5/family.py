@@ -102,7 +102,8 @@ class SpanCorruptionObjective:
         self.config = config
         ids = [special_ids.get(role) for role in SPECIAL_TOKENS]
         ids += [special_ids.get(text) for text in ADDITIONAL_TOKENS]
-        if None in ids or ids != list(range(ids[0], ids[0] + len(ids))):
+        end = tokenizer_facts[0] if len(tokenizer_facts) > 1 else None  # the vocabulary size, if given
+        if None in ids or ids != list(range(ids[0], ids[0] + len(ids))) or end not in (None, ids[-1] + 1):
             raise ValueError("the tokenizer's T5 special tokens (<pad>, </s>, <extra_id_0..99>) are "
                              "not consecutive at the end of its vocabulary, where ringpipe's T5 "
                              "expects them")

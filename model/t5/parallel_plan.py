@@ -21,7 +21,7 @@ output's gradient, summed over every decoder layer that read it, in those Te pos
 The two relative position bias tables (transformers keeps each in its stack's first layer, and
 every layer of the stack adds the bias computed from it) are held by the first stage and travel
 with the activation: a few extra rows after the Te + Td positions hold this rank's heads' columns
-of both tables, flattened, in batch row 0. Every layer, on whatever stage, computes its bias from
+of both tables, flattened, in batch row 0 (zeros in the others). Every layer, on whatever stage, computes its bias from
 them and adds the table's gradient to those rows of the gradient it sends back, so the first stage
 receives each table's gradient summed over every layer of its stack. Any split of the layers over
 stages therefore works, a stack spread over several stages included.
@@ -121,18 +121,13 @@ class T5StagePieces(T5Layers):
                   "decoder": flat[size:2 * size].reshape(self.table_shape)}
         return x[:, :Te], x[:, Te:x.shape[1] - rows], tables
 
-    def _join(self, encoder, decoder, tables, batch_rows=None):
-        """The inverse of _split. With batch_rows=False the tables' rows are in batch row 0 only (a
-        gradient); otherwise every batch row carries them (an activation; only row 0 is read)."""
+    def _join(self, encoder, decoder, tables):
+        """The inverse of _split: the tables' rows hold them in batch row 0, zeros elsewhere."""
         B, _, C = encoder.shape
-        flat = self.xp.zeros(self.table_rows * C, encoder.dtype)
+        rows = self.xp.zeros((B, self.table_rows, C), encoder.dtype)
+        flat = rows[0].reshape(-1)
         size = self.table_shape[0] * self.table_shape[1]
         flat[:size], flat[size:2 * size] = tables["encoder"].reshape(-1), tables["decoder"].reshape(-1)
-        rows = self.xp.zeros((B, self.table_rows, C), encoder.dtype)
-        if batch_rows is False:
-            rows[0] = flat.reshape(self.table_rows, C)
-        else:
-            rows[...] = flat.reshape(self.table_rows, C)
         return self.xp.concatenate([encoder, decoder, rows], axis=1)
 
     def _bias(self, stack, tables, length):
@@ -189,7 +184,7 @@ class T5StagePieces(T5Layers):
             dencoder = dencoder + self.input_region.backward(share, self.tp)
         name = f"{stack}.relative_attention_bias.weight"
         dtables[stack] += self.position_bias_backward(stack, cache["buckets"], dbias)[name]
-        return self._join(dencoder, ddecoder, dtables, batch_rows=False), _Deferred(i, grads)
+        return self._join(dencoder, ddecoder, dtables), _Deferred(i, grads)
 
     def block_backward_weight(self, deferred) -> dict:
         return deferred.grads
@@ -202,7 +197,7 @@ class T5StagePieces(T5Layers):
         ddecoder, grads = T5Layers.head_backward(self, cache, dloss)
         B, _, C = ddecoder.shape
         zeros = self.xp.zeros((B, self.encoder_length, C), ddecoder.dtype)
-        return self._join(zeros, ddecoder, self._zero_tables(ddecoder.dtype), batch_rows=False), grads
+        return self._join(zeros, ddecoder, self._zero_tables(ddecoder.dtype)), grads
 
     def head_logits(self, x):
         return T5Layers.head_logits(self, self._split(x)[1])
