@@ -23,6 +23,7 @@ from ringpipe.model.t5.checkpoint import load_checkpoint, write_checkpoint_files
 from ringpipe.model.t5.config import ARCHITECTURE_FIELDS, T5Config, init_params
 from ringpipe.model.t5.layers import IGNORE_INDEX
 from ringpipe.model.t5.model import T5, shift_right
+from ringpipe.model.t5.parallel_plan import T5ParallelPlan
 
 SENTINELS = 100  # T5's extra_ids
 SPECIAL_TOKENS = dict(T5_ROLES)  # pad_token, eos_token
@@ -118,14 +119,9 @@ class SpanCorruptionObjective:
                               axis=1), targets
 
 
-def t5_parallel_plan(config: T5Config):
-    from ringpipe.model.t5.parallel_plan import T5ParallelPlan
-    return T5ParallelPlan(config)
-
-
 FAMILY = Family(name="t5", options=T5Options, default_options=small_t5, config=t5_config,
                 architecture_fields=ARCHITECTURE_FIELDS, model=T5, init_params=init_params,
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
-                parallel_plan=t5_parallel_plan, objective=SpanCorruptionObjective,
+                parallel_plan=T5ParallelPlan, objective=SpanCorruptionObjective,
                 ignore_index=IGNORE_INDEX, special_tokens=SPECIAL_TOKENS,
                 additional_tokens=ADDITIONAL_TOKENS)
