@@ -10,26 +10,39 @@ TINY = dict(vocab_size=23, d_model=8, d_kv=3, d_ff=10, num_layers=2, num_decoder
             dtype="float64")
 
 
-@pytest.mark.parametrize("feed_forward_proj", ["relu", "gated-gelu"])
-def test_the_whole_t5_gradient_matches_finite_differences_in_float64(feed_forward_proj):
-    model = T5(T5Config(**TINY, feed_forward_proj=feed_forward_proj), seed=1)
+@pytest.mark.parametrize("feed_forward_proj,dropout_seed", [("relu", None), ("gated-gelu", 5)])
+def test_the_whole_t5_gradient_matches_finite_differences_in_float64(feed_forward_proj, dropout_seed):
+    model = T5(T5Config(**TINY, feed_forward_proj=feed_forward_proj, dropout_rate=0.2), seed=1)
     rng = np.random.default_rng(0)
     ids, labels = rng.integers(0, 23, (2, 7)), rng.integers(0, 23, (2, 5))
     labels[0, 4] = -100
     mask = np.ones((2, 7))
     mask[1, 5:] = 0
-    _, grads = model.seq2seq_loss_and_grads(ids, labels, mask)
+
+    def loss_and_grads():  # with a seed, the same dropout masks every time
+        return model.seq2seq_loss_and_grads(ids, labels, mask, dropout_seed=dropout_seed)
+
+    _, grads = loss_and_grads()
     step = 1e-6
     for name, param in model.params.items():  # two entries of every parameter
         for index in [tuple(rng.integers(0, n) for n in param.shape) for _ in range(2)]:
             saved = param[index]
             param[index] = saved + step
-            plus, _ = model.seq2seq_loss_and_grads(ids, labels, mask)
+            plus, _ = loss_and_grads()
             param[index] = saved - step
-            minus, _ = model.seq2seq_loss_and_grads(ids, labels, mask)
+            minus, _ = loss_and_grads()
             param[index] = saved
             # the loss (~3) is exact to ~1e-16, so the central difference is to ~1e-9
             assert abs((plus - minus) / (2 * step) - grads[name][index]) < 2e-8, (name, index)
+
+
+def test_dropout_masks_are_a_function_of_the_seed_and_off_without_one():
+    model = T5(T5Config(**TINY, dropout_rate=0.3), seed=1)
+    ids, labels = np.array([[3, 4, 5, 6, 7]]), np.array([[8, 9, 10]])
+    clean = model.seq2seq_loss_and_grads(ids, labels)[0]
+    dropped = model.seq2seq_loss_and_grads(ids, labels, dropout_seed=1)[0]
+    assert dropped != clean and dropped == model.seq2seq_loss_and_grads(ids, labels, dropout_seed=1)[0]
+    assert model.seq2seq_loss_and_grads(ids, labels, dropout_seed=2)[0] != dropped
 
 
 def test_teacher_forcing_shifts_labels_right_after_the_start_token():

@@ -40,6 +40,7 @@ class T5Config:
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
     layer_norm_epsilon: float = 1e-6
+    dropout_rate: float = 0.0  # at every site transformers' T5 drops (model/t5/layers.py)
     feed_forward_proj: str = "relu"
     scale_decoder_outputs: bool = True
     pad_token_id: int = PAD_ID
@@ -72,6 +73,9 @@ class T5Config:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ValueError(f"T5Config.layer_norm_epsilon must be a positive finite number, "
                              f"got {eps!r}")
+        if isinstance(self.dropout_rate, bool) or not isinstance(self.dropout_rate, (int, float)) \
+                or not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"T5Config.dropout_rate must be in [0, 1), got {self.dropout_rate!r}")
         if not isinstance(self.scale_decoder_outputs, bool):
             raise ValueError(f"T5Config.scale_decoder_outputs must be a bool, got "
                              f"{self.scale_decoder_outputs!r}")

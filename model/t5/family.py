@@ -39,7 +39,7 @@ class T5Options:
     n_head: int = 8
     n_embd: int = 512
     block_size: int = 512
-    dropout: float = 0.0  # must be 0: ringpipe's T5 trains without dropout
+    dropout: float = 0.0  # T5Config.dropout_rate
     n_inner: int | None = None
     n_decoder_layer: int | None = None
     d_kv: int | None = None
@@ -79,8 +79,6 @@ def t5_config(n_layer, n_head, n_embd, block_size, dropout, n_inner, n_decoder_l
               feed_forward_proj, relative_attention_num_buckets, relative_attention_max_distance,
               vocab_size, dtype="float32", device="cpu") -> T5Config:
     """A run's T5Config from its options; ValueError naming the option that cannot work."""
-    if dropout:
-        raise ValueError(f"--dropout {dropout}: ringpipe's T5 trains without dropout (use 0)")
     if d_kv is None and n_embd % n_head:
         raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
     pad = vocab_size - SENTINELS - 2  # where with_special_tokens appends them (module docstring)
@@ -89,7 +87,7 @@ def t5_config(n_layer, n_head, n_embd, block_size, dropout, n_inner, n_decoder_l
                     num_decoder_layers=n_decoder_layer, num_heads=n_head,
                     relative_attention_num_buckets=relative_attention_num_buckets,
                     relative_attention_max_distance=relative_attention_max_distance,
-                    feed_forward_proj=feed_forward_proj, pad_token_id=max(pad, 0),
+                    dropout_rate=dropout, feed_forward_proj=feed_forward_proj, pad_token_id=max(pad, 0),
                     decoder_start_token_id=max(pad, 0), eos_token_id=max(pad + 1, 0),
                     block_size=block_size, dtype=dtype, device=device)
 

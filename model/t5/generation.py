@@ -71,7 +71,7 @@ def decode_step(t5, state, tokens):
         x = x + ops.linear_forward(y, p[h + "cross.o.weight"])[0]
         x, _ = t5.feed_forward_sublayer(h, x)
     state["length"] = t + 1
-    return t5.head_logits(x)[:, -1]
+    return t5.head_logits(t5.final_norm_forward("decoder", x)[0])[:, -1]
 
 
 def generate(t5, input_ids, max_new_tokens: int, attention_mask=None, temperature=0.0,

@@ -17,7 +17,7 @@ from ringpipe.model.t5.config import T5Config
 
 MODEL_KEYS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
               "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance",
-              "layer_norm_epsilon", "feed_forward_proj", "scale_decoder_outputs", "pad_token_id",
+              "layer_norm_epsilon", "dropout_rate", "feed_forward_proj", "scale_decoder_outputs", "pad_token_id",
               "decoder_start_token_id", "eos_token_id")
 
 ALIASES = {"hidden_size": "d_model", "num_attention_heads": "num_heads",
@@ -37,9 +37,7 @@ REFUSED_KEYS = {
 }
 
 NO_EFFECT_KEYS = frozenset({
-    # Training-time dropout: logits at inference do not depend on it (ringpipe trains T5 at the
-    # run's --dropout, which must be 0 for t5).
-    "dropout_rate", "classifier_dropout",
+    "classifier_dropout",  # T5ForSequenceClassification's head; not in T5ForConditionalGeneration
     "initializer_factor",  # initialisation only; a checkpoint brings its weights
     "use_cache", "output_attentions", "output_hidden_states", "return_dict",
     "chunk_size_feed_forward",  # T5's feed-forward runs unchunked whatever it says
@@ -96,7 +94,7 @@ def hf_config(config: T5Config) -> dict:
         "model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
         **{key: getattr(config, key) for key in MODEL_KEYS},
         "dense_act_fn": activation, "is_gated_act": gated,
-        "dropout_rate": 0.0, "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "initializer_factor": 1.0, "is_encoder_decoder": True,
         "is_decoder": False, "use_cache": True, "tie_word_embeddings": True,
         "dtype": config.dtype, "ringpipe": config.to_dict(),
     }

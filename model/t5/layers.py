@@ -18,6 +18,7 @@ the table's backward. Under tensor parallelism a rank holds its heads' columns o
 """
 from __future__ import annotations
 
+from ringpipe.model.gpt2.block import dropout_generator_seed
 from ringpipe.model.nn import ops
 from ringpipe.model.nn.attention_ops import (cross_attention_backward, cross_attention_forward,
                                              relative_position_bias_backward,
@@ -27,12 +28,26 @@ from ringpipe.model.nn.attention_ops import (cross_attention_backward, cross_att
 from ringpipe.model.nn.encoder_decoder_ops import (gated_gelu_backward, gated_gelu_forward,
                                                    relu_backward, relu_forward, rms_norm_backward,
                                                    rms_norm_forward)
-from ringpipe.model.parallel.tensor_parallel.layers import (vocab_parallel_cross_entropy_backward,
+from ringpipe.model.parallel.tensor_parallel.layers import (SliceOfFullDraw,
+                                                            vocab_parallel_cross_entropy_backward,
                                                             vocab_parallel_cross_entropy_forward,
                                                             vocab_parallel_embedding_backward,
                                                             vocab_parallel_embedding_forward)
 
 IGNORE_INDEX = -100  # labels the loss skips (transformers' convention)
+
+# Dropout sites, where transformers' T5 drops: a mask is drawn from (dropout_seed, layer, site), so
+# every layout draws the same. Layers: the encoder's i, the decoder's DECODER_LAYERS + i; the
+# embedding and final-norm sites are the stack's STACK_LAYER.
+EMBEDDING, ATTENTION_PROBS, ATTENTION_OUT, CROSS_PROBS, CROSS_OUT, FF_HIDDEN, FF_OUT, FINAL = range(8)
+DECODER_LAYERS = 1 << 16
+STACK_LAYER = {"encoder": -1, "decoder": DECODER_LAYERS - 1}
+
+
+def _layer_id(name: str) -> int:
+    """'encoder.3.…' -> 3, 'decoder.3.…' -> DECODER_LAYERS + 3."""
+    stack, index = name.split(".")[:2]
+    return int(index) + (DECODER_LAYERS if stack == "decoder" else 0)
 
 
 class T5Layers:
@@ -47,7 +62,33 @@ class T5Layers:
                             the regions around the column- and row-parallel linears and their
                             communicator (identities and None in the dense model)
         tensor_parallel     whether the vocabulary is split (vocab_start, vocab_rows then given)
+        head_slice, ff_columns
+                            this rank's heads of num_heads and columns of d_ff (slices)
     """
+
+    # ---- dropout: masks drawn from (dropout_seed, layer, site) for the full tensor ------------
+    def _rng(self, dropout_seed, layer, site, full_shape=None, index=None):
+        """The generator of one mask, or None without dropout. Under tensor parallelism a rank's
+        share of a split tensor (`index` into `full_shape`) is sliced from the full draw, so the
+        masks, and training, are the dense model's whatever the layout."""
+        if not self.config.dropout_rate or dropout_seed is None:
+            return None
+        rng = self.xp.random.default_rng(dropout_generator_seed(dropout_seed, layer, site))
+        return SliceOfFullDraw(rng, full_shape, index) if self.tensor_parallel and index else rng
+
+    def _rate(self, rng):
+        return self.config.dropout_rate if rng is not None else 0.0
+
+    def _dropout(self, x, dropout_seed, layer, site):
+        """Dropout of a tensor every rank holds whole -> (out, keep mask or None)."""
+        rng = self._rng(dropout_seed, layer, site)
+        return ops.dropout_forward(x, self._rate(rng), rng)
+
+    def _probs_rng(self, dropout_seed, layer, site, batch_queries_keys):
+        """The attention probabilities' generator: this rank's heads of (B, H, Tq, Tk)."""
+        B, Tq, Tk = batch_queries_keys
+        return self._rng(dropout_seed, layer, site, (B, self.config.num_heads, Tq, Tk),
+                         (slice(None), self.head_slice))
 
     # ---- one sublayer's entry and exit -------------------------------------------------------
     def _entry(self, x, norm, column):
@@ -64,23 +105,27 @@ class T5Layers:
         dx += dout_sublayer  # residual
         return dx
 
-    def _exit(self, x, y, row):
-        """Row-parallel linear → output region → + x."""
+    def _exit(self, x, y, row, dropout_seed, site):
+        """Row-parallel linear → output region → dropout → + x: -> (out, dropout mask)."""
         out = self.output_region.forward(ops.linear_forward(y, self.params[row])[0], self.tp)
+        out, keep_mask = self._dropout(out, dropout_seed, _layer_id(row), site)
         out += x
-        return out
+        return out, keep_mask
 
     def _exit_backward(self, cache, dout, row, grads):
-        dy = self.output_region.backward(dout, self.tp)
+        dy = self.output_region.backward(ops.dropout_backward(dout, cache["out_mask"]), self.tp)
         grads[row] = ops.linear_backward_weight(dy, cache["y"], has_bias=False)[0]
         return ops.linear_backward_input(dy, self.params[row])
 
     # ---- self-attention (encoder: bidirectional; decoder: causal) ----------------------------
-    def self_attention_sublayer(self, h, x, key_mask, position_bias, causal):
+    def self_attention_sublayer(self, h, x, key_mask, position_bias, causal, dropout_seed=None):
         qkv, norm, a = self._entry(x, h + "attn_norm.weight", h + "attn.qkv.weight")
+        B, T = qkv.shape[:2]
+        rng = self._probs_rng(dropout_seed, _layer_id(h), ATTENTION_PROBS, (B, T, T))
         y, attn = self_attention_forward(qkv, self.local_heads, key_mask, position_bias, causal,
-                                         scale=1.0)
-        return self._exit(x, y, h + "attn.o.weight"), {"norm": norm, "a": a, "attn": attn, "y": y}
+                                         scale=1.0, dropout_p=self._rate(rng), rng=rng)
+        out, out_mask = self._exit(x, y, h + "attn.o.weight", dropout_seed, ATTENTION_OUT)
+        return out, {"norm": norm, "a": a, "attn": attn, "y": y, "out_mask": out_mask}
 
     def self_attention_sublayer_backward(self, h, cache, dout, grads):
         """-> (dx, the gradient of the position bias this layer added)."""
@@ -90,13 +135,16 @@ class T5Layers:
                                     h + "attn.qkv.weight", grads), dbias
 
     # ---- cross-attention ---------------------------------------------------------------------
-    def cross_attention_sublayer(self, h, x, encoder_out, encoder_mask):
+    def cross_attention_sublayer(self, h, x, encoder_out, encoder_mask, dropout_seed=None):
         q, norm, a = self._entry(x, h + "cross_norm.weight", h + "cross.q.weight")
         encoder_out = self.input_region.forward(encoder_out, self.tp)
+        rng = self._probs_rng(dropout_seed, _layer_id(h), CROSS_PROBS,
+                              (q.shape[0], q.shape[1], encoder_out.shape[1]))
         y, cross = cross_attention_forward(q, encoder_out, self.params[h + "cross.kv.weight"], None,
-                                           self.local_heads, encoder_mask, scale=1.0)
-        return self._exit(x, y, h + "cross.o.weight"), {"norm": norm, "a": a, "cross": cross,
-                                                        "y": y}
+                                           self.local_heads, encoder_mask, scale=1.0,
+                                           dropout_p=self._rate(rng), rng=rng)
+        out, out_mask = self._exit(x, y, h + "cross.o.weight", dropout_seed, CROSS_OUT)
+        return out, {"norm": norm, "a": a, "cross": cross, "y": y, "out_mask": out_mask}
 
     def cross_attention_sublayer_backward(self, h, cache, dout, grads):
         """-> (dx, this layer's share of the encoder output's gradient, before the input region)."""
@@ -108,17 +156,24 @@ class T5Layers:
                                     grads), dencoder_out
 
     # ---- feed-forward ------------------------------------------------------------------------
-    def feed_forward_sublayer(self, h, x):
+    def feed_forward_sublayer(self, h, x, dropout_seed=None):
         f, norm, a = self._entry(x, h + "ff_norm.weight", h + "ff.wi.weight")
         if self.config.gated:
             width = f.shape[-1] // 2  # [gate | up], each split by tensor parallelism
             y, act = gated_gelu_forward(f[..., :width], f[..., width:])
         else:
             y, act = relu_forward(f)
-        return self._exit(x, y, h + "ff.wo.weight"), {"norm": norm, "a": a, "act": act, "y": y}
+        # dropout on the hidden activation: this rank's columns of the full (B, T, d_ff) mask
+        rng = self._rng(dropout_seed, _layer_id(h), FF_HIDDEN, (*y.shape[:2], self.config.d_ff),
+                        (slice(None), slice(None), self.ff_columns))
+        y, hidden_mask = ops.dropout_forward(y, self._rate(rng), rng)
+        out, out_mask = self._exit(x, y, h + "ff.wo.weight", dropout_seed, FF_OUT)
+        return out, {"norm": norm, "a": a, "act": act, "y": y, "hidden_mask": hidden_mask,
+                     "out_mask": out_mask}
 
     def feed_forward_sublayer_backward(self, h, cache, dout, grads):
-        dy = self._exit_backward(cache, dout, h + "ff.wo.weight", grads)
+        dy = ops.dropout_backward(self._exit_backward(cache, dout, h + "ff.wo.weight", grads),
+                                  cache["hidden_mask"])
         if self.config.gated:
             df = self.xp.concatenate(gated_gelu_backward(dy, cache["act"]), axis=-1)
         else:
@@ -126,11 +181,11 @@ class T5Layers:
         return self._entry_backward(cache, df, dout, h + "ff_norm.weight", h + "ff.wi.weight", grads)
 
     # ---- layers ------------------------------------------------------------------------------
-    def encoder_layer_forward(self, i, x, key_mask, position_bias):
+    def encoder_layer_forward(self, i, x, key_mask, position_bias, dropout_seed=None):
         """x (B, T, C) -> (B, T, C), cache."""
         h = f"encoder.{i}."
-        x, attn = self.self_attention_sublayer(h, x, key_mask, position_bias, causal=False)
-        x, ff = self.feed_forward_sublayer(h, x)
+        x, attn = self.self_attention_sublayer(h, x, key_mask, position_bias, False, dropout_seed)
+        x, ff = self.feed_forward_sublayer(h, x, dropout_seed)
         return x, self.memory.hold({"attn": attn, "ff": ff})
 
     def encoder_layer_backward(self, i, cache, dout):
@@ -141,12 +196,13 @@ class T5Layers:
         dx, dbias = self.self_attention_sublayer_backward(h, cache["attn"], dx, grads)
         return dx, grads, dbias
 
-    def decoder_layer_forward(self, i, y, encoder_out, encoder_mask, position_bias):
+    def decoder_layer_forward(self, i, y, encoder_out, encoder_mask, position_bias,
+                              dropout_seed=None):
         """y (B, Td, C), encoder_out (B, Te, C) -> (B, Td, C), cache."""
         h = f"decoder.{i}."
-        y, attn = self.self_attention_sublayer(h, y, None, position_bias, causal=True)
-        y, cross = self.cross_attention_sublayer(h, y, encoder_out, encoder_mask)
-        y, ff = self.feed_forward_sublayer(h, y)
+        y, attn = self.self_attention_sublayer(h, y, None, position_bias, True, dropout_seed)
+        y, cross = self.cross_attention_sublayer(h, y, encoder_out, encoder_mask, dropout_seed)
+        y, ff = self.feed_forward_sublayer(h, y, dropout_seed)
         return y, self.memory.hold({"attn": attn, "cross": cross, "ff": ff})
 
     def decoder_layer_backward(self, i, cache, dout):
@@ -187,6 +243,10 @@ class T5Layers:
             raise IndexError(f"token id outside the vocabulary of {self.config.vocab_size}")
         return ops.embedding_forward(self.params["shared.weight"], ids)
 
+    def embed_dropout(self, stack, x, dropout_seed):
+        """Dropout of a stack's embedded input (transformers' T5 drops it) -> (x, keep mask)."""
+        return self._dropout(x, dropout_seed, STACK_LAYER[stack], EMBEDDING)
+
     def embed_backward(self, lookup, dx):
         """-> the shared embedding's gradient (this rank's rows)."""
         if self.tensor_parallel:
@@ -195,25 +255,30 @@ class T5Layers:
         return ops.embedding_backward(dx, lookup, self.config.vocab_size)
 
     # ---- final norms and the LM head ---------------------------------------------------------
-    def final_norm_forward(self, stack, x):
-        return rms_norm_forward(x, self.params[f"{stack}.final_norm.weight"],
-                                self.config.layer_norm_epsilon)
+    def final_norm_forward(self, stack, x, dropout_seed=None):
+        """The stack's final norm, then dropout -> (out, cache)."""
+        out, norm = rms_norm_forward(x, self.params[f"{stack}.final_norm.weight"],
+                                     self.config.layer_norm_epsilon)
+        out, keep_mask = self._dropout(out, dropout_seed, STACK_LAYER[stack], FINAL)
+        return out, (norm, keep_mask)
 
     def final_norm_backward(self, stack, cache, dx):
         """-> (dx, {the norm's name: its gradient})."""
         name = f"{stack}.final_norm.weight"
-        dx, dweight = rms_norm_backward(dx, cache, self.params[name])
+        norm, keep_mask = cache
+        dx, dweight = rms_norm_backward(ops.dropout_backward(dx, keep_mask), norm, self.params[name])
         return dx, {name: dweight}
 
-    def _head_input(self, x):
-        a, norm = self.final_norm_forward("decoder", x)
+    def _head_input(self, h):
+        """The decoder's output (after its final norm) × d_model^-0.5 when scaled, into the region."""
         if self.config.scale_decoder_outputs:
-            a = a * self.config.d_model ** -0.5
-        return self.input_region.forward(a, self.tp), norm
+            h = h * self.config.d_model ** -0.5
+        return self.input_region.forward(h, self.tp)
 
-    def head_forward(self, x, labels):
-        """x (B, T, C), labels int (B, T) (IGNORE_INDEX skipped) -> (mean loss float, cache)."""
-        a, norm = self._head_input(x)
+    def head_forward(self, h, labels):
+        """h (B, T, C) the decoder's output, labels int (B, T) (IGNORE_INDEX skipped) ->
+        (mean loss float, cache)."""
+        a = self._head_input(h)
         logits = ops.linear_forward(a, self.params["shared.weight"].T)[0]  # (B, T, V or V/tp)
         if self.tensor_parallel:
             loss, ce = vocab_parallel_cross_entropy_forward(logits, labels, self.vocab_start,
@@ -222,26 +287,25 @@ class T5Layers:
         else:
             loss, ce = ops.cross_entropy_forward(logits, labels, IGNORE_INDEX,
                                                  overwrite_logits=True)
-        return loss, self.memory.hold({"norm": norm, "a": a, "ce": ce})
+        return loss, self.memory.hold({"a": a, "ce": ce})
 
     def head_backward(self, cache, dloss=1.0):
-        """-> (dx (B, T, C), {shared.weight (the LM head's share), decoder.final_norm.weight})."""
+        """-> (dh (B, T, C), {shared.weight: the LM head's share})."""
         self.memory.release(cache)
         backward = (vocab_parallel_cross_entropy_backward if self.tensor_parallel
                     else ops.cross_entropy_backward)
         a, shared = cache["a"], self.params["shared.weight"]
         dlogits = backward(cache["ce"], dloss).astype(a.dtype, copy=False)
         dshared = ops.matmul(dlogits.reshape(-1, dlogits.shape[-1]).T, a.reshape(-1, a.shape[-1]))
-        da = self.input_region.backward(ops.linear_backward_input(dlogits, shared.T), self.tp)
+        dh = self.input_region.backward(ops.linear_backward_input(dlogits, shared.T), self.tp)
         if self.config.scale_decoder_outputs:
-            da *= self.config.d_model ** -0.5
-        dx, grads = self.final_norm_backward("decoder", cache["norm"], da)
-        grads["shared.weight"] = dshared
-        return dx, grads
+            dh *= self.config.d_model ** -0.5
+        return dh, {"shared.weight": dshared}
 
-    def head_logits(self, x):
-        """x (B, T, C) -> logits (B, T, vocab_size), gathered over tensor-parallel ranks."""
-        a, _ = self._head_input(x)
+    def head_logits(self, h):
+        """h (B, T, C) the decoder's output -> logits (B, T, vocab_size), gathered over
+        tensor-parallel ranks."""
+        a = self._head_input(h)
         local = ops.linear_forward(a, self.params["shared.weight"].T)[0]
         if not self.tensor_parallel:
             return local

@@ -5,6 +5,7 @@ The layers are model/t5/layers.py's op pairs; this file strings them into the wh
     encoder:  shared[input_ids] → layers (bidirectional self-attention, FF) → final norm
     decoder:  shared[decoder_input_ids] → layers (causal self-attention, cross-attention over
               the encoder output, FF) → final norm → × d_model^-0.5 (scale_decoder_outputs)
+    dropout:  where transformers' T5 drops (config.dropout_rate; model/t5/layers.py)
               → logits against the shared embedding → cross-entropy (labels -100 skipped)
 
 Backward runs the decoder first; the encoder output's gradient is the sum of every decoder
@@ -17,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ringpipe.model.gpt2.block import IdentityRegion
+from ringpipe.model.nn import ops
 from ringpipe.model.nn.activation_memory import ActivationMemory
 from ringpipe.model.t5 import generation
 from ringpipe.model.t5.checkpoint import load_checkpoint, save_checkpoint
@@ -53,20 +55,23 @@ class T5(T5Layers):
         self.local_heads = config.num_heads
         self.input_region = self.output_region = IdentityRegion
         self.tp, self.tensor_parallel = None, False
+        self.head_slice = self.ff_columns = slice(None)  # every head and column here
 
     # ------------------------------------------------------------------ the two stacks
 
-    def encode(self, input_ids, attention_mask=None):
+    def encode(self, input_ids, attention_mask=None, dropout_seed=None):
         """input_ids int (B, Te), attention_mask (B, Te) nonzero for real tokens or None ->
         (encoder output (B, Te, C), cache)."""
         x, lookup = self.embed_forward(input_ids)
+        x, embedding_mask = self.embed_dropout("encoder", x, dropout_seed)
         bias, buckets = self.position_bias_forward("encoder", x.shape[1], x.shape[1])
         layers = []
         for i in range(self.config.num_layers):
-            x, cache = self.encoder_layer_forward(i, x, attention_mask, bias)
+            x, cache = self.encoder_layer_forward(i, x, attention_mask, bias, dropout_seed)
             layers.append(cache)
-        out, norm = self.final_norm_forward("encoder", x)
-        return out, {"lookup": lookup, "buckets": buckets, "layers": layers, "norm": norm}
+        out, norm = self.final_norm_forward("encoder", x, dropout_seed)
+        return out, {"lookup": lookup, "embedding_mask": embedding_mask, "buckets": buckets,
+                     "layers": layers, "norm": norm}
 
     def encode_backward(self, cache, dout, grads):
         """Adds the encoder's gradients (the shared embedding's to what is there) to grads."""
@@ -78,22 +83,29 @@ class T5(T5Layers):
             grads.update(layer_grads)
             dbias = dbias + layer_dbias
         grads.update(self.position_bias_backward("encoder", cache["buckets"], dbias))
+        dx = ops.dropout_backward(dx, cache["embedding_mask"])
         grads["shared.weight"] += self.embed_backward(cache["lookup"], dx)
 
-    def decode(self, decoder_input_ids, encoder_out, attention_mask=None):
+    def decode(self, decoder_input_ids, encoder_out, attention_mask=None, dropout_seed=None):
         """decoder_input_ids int (B, Td), encoder_out (B, Te, C) -> (hidden (B, Td, C), cache);
         attention_mask: the encoder's padding mask."""
         y, lookup = self.embed_forward(decoder_input_ids)
+        y, embedding_mask = self.embed_dropout("decoder", y, dropout_seed)
         T = y.shape[1]
         bias, buckets = self.position_bias_forward("decoder", T, T)
         layers = []
         for i in range(self.config.num_decoder_layers):
-            y, cache = self.decoder_layer_forward(i, y, encoder_out, attention_mask, bias)
+            y, cache = self.decoder_layer_forward(i, y, encoder_out, attention_mask, bias,
+                                                  dropout_seed)
             layers.append(cache)
-        return y, {"lookup": lookup, "buckets": buckets, "layers": layers}
+        out, norm = self.final_norm_forward("decoder", y, dropout_seed)
+        return out, {"lookup": lookup, "embedding_mask": embedding_mask, "buckets": buckets,
+                     "layers": layers, "norm": norm}
 
     def decode_backward(self, cache, dy, grads):
         """-> the encoder output's gradient, summed over the decoder layers; grads filled in."""
+        dy, norm_grads = self.final_norm_backward("decoder", cache["norm"], dy)
+        grads.update(norm_grads)
         dbias, dencoder_out = 0, 0
         for i in reversed(range(self.config.num_decoder_layers)):
             dy, layer_grads, layer_dbias, share = self.decoder_layer_backward(
@@ -101,6 +113,7 @@ class T5(T5Layers):
             grads.update(layer_grads)
             dbias, dencoder_out = dbias + layer_dbias, dencoder_out + share
         grads.update(self.position_bias_backward("decoder", cache["buckets"], dbias))
+        dy = ops.dropout_backward(dy, cache["embedding_mask"])
         grads["shared.weight"] += self.embed_backward(cache["lookup"], dy)
         return self.input_region.backward(dencoder_out, self.tp)
 
@@ -114,15 +127,17 @@ class T5(T5Layers):
         self._release(cache)
         return self.head_logits(y)
 
-    def seq2seq_loss_and_grads(self, input_ids, labels, attention_mask=None, dloss=1.0):
+    def seq2seq_loss_and_grads(self, input_ids, labels, attention_mask=None, dloss=1.0,
+                               dropout_seed=None):
         """One forward+backward with teacher forcing: the decoder reads `labels` shifted right.
 
         input_ids, labels int (B, Te), (B, Td) -> (mean cross-entropy over labels != -100,
-        gradients of dloss × that loss, like params)."""
+        gradients of dloss × that loss, like params). dropout_seed: the micro-batch's masks (None:
+        no dropout)."""
         decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id,
                                         self.config.pad_token_id)
-        encoder_out, encoder_cache = self.encode(input_ids, attention_mask)
-        y, decoder_cache = self.decode(decoder_input_ids, encoder_out, attention_mask)
+        encoder_out, encoder_cache = self.encode(input_ids, attention_mask, dropout_seed)
+        y, decoder_cache = self.decode(decoder_input_ids, encoder_out, attention_mask, dropout_seed)
         loss, head_cache = self.head_forward(y, labels)
         dy, grads = self.head_backward(head_cache, dloss)
         dencoder_out = self.decode_backward(decoder_cache, dy, grads)
@@ -146,13 +161,11 @@ class T5(T5Layers):
 
     def loss_and_grads(self, packed, labels, dropout_seed=None, dloss=1.0):
         """packed as for `forward`, labels int (B, Td) -> (loss, grads), as seq2seq_loss_and_grads."""
-        if dropout_seed is not None:
-            raise ValueError("ringpipe's T5 trains without dropout (--dropout 0)")
         input_ids, decoder_input_ids = self._unpack(packed)
         if decoder_input_ids.shape != labels.shape:
             raise ValueError(f"packed decoder inputs {tuple(decoder_input_ids.shape)} do not match "
                              f"labels {tuple(labels.shape)}")
-        return self.seq2seq_loss_and_grads(input_ids, labels, None, dloss)
+        return self.seq2seq_loss_and_grads(input_ids, labels, None, dloss, dropout_seed)
 
     def _release(self, cache):
         for layer in cache["layers"]:

@@ -28,6 +28,7 @@ stages therefore works, a stack spread over several stages included.
 """
 from __future__ import annotations
 
+from ringpipe.model.nn import ops
 from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 from ringpipe.model.t5.config import T5Config, decoder_layer_shapes, encoder_layer_shapes, init_params
 from ringpipe.model.t5.layers import T5Layers
@@ -56,10 +57,11 @@ class T5ParallelPlan:
         if i < encoder_layers:
             names = list(encoder_layer_shapes(config, i))
             return names + (["encoder.final_norm.weight"] if i == encoder_layers - 1 else [])
-        return list(decoder_layer_shapes(config, i - encoder_layers))
+        names = list(decoder_layer_shapes(config, i - encoder_layers))
+        return names + (["decoder.final_norm.weight"] if i == self.num_layers - 1 else [])
 
     def head_params(self) -> list[str]:
-        return ["shared.weight", "decoder.final_norm.weight"]
+        return ["shared.weight"]
 
     def sharding(self, name: str) -> Sharding:
         if name == "shared.weight":
@@ -103,9 +105,13 @@ class T5StagePieces(T5Layers):
         self.input_region, self.output_region = stage.input_region, stage.output_region
         self.tensor_parallel = stage.tensor_parallel
         self.local_heads = config.num_heads // stage.tp_size
+        self.head_slice = slice(stage.tp_rank * self.local_heads, (stage.tp_rank + 1) * self.local_heads)
+        columns = config.d_ff // stage.tp_size
+        self.ff_columns = slice(stage.tp_rank * columns, (stage.tp_rank + 1) * columns)
         self.vocab_rows = -(-config.vocab_size // stage.tp_size)
         self.vocab_start = stage.tp_rank * self.vocab_rows
         self.encoder_length = config.encoder_length
+        self.plan_layers = config.num_layers + config.num_decoder_layers
 
         self.table_shape = (config.relative_attention_num_buckets, self.local_heads)
         self.table_rows = -(-2 * self.table_shape[0] * self.table_shape[1] // config.d_model)
@@ -141,14 +147,19 @@ class T5StagePieces(T5Layers):
     def embedding_forward(self, idx, dropout_seed):
         x, lookup = self.embed_forward(idx)
         Te = self.encoder_length
+        encoder, encoder_mask = self.embed_dropout("encoder", x[:, :Te], dropout_seed)
+        decoder, decoder_mask = self.embed_dropout("decoder", x[:, Te:], dropout_seed)
         tables = {stack: self.params[f"{stack}.relative_attention_bias.weight"]
                   for stack in ("encoder", "decoder")}
-        return self._join(x[:, :Te], x[:, Te:], tables), self.memory.hold({"lookup": lookup})
+        return self._join(encoder, decoder, tables), self.memory.hold(
+            {"lookup": lookup, "masks": (encoder_mask, decoder_mask)})
 
     def embedding_backward(self, cache, dx) -> dict:
         self.memory.release(cache)
         dencoder, ddecoder, dtables = self._split(dx)
-        dids = self.xp.concatenate([dencoder, ddecoder], axis=1)
+        encoder_mask, decoder_mask = cache["masks"]
+        dids = self.xp.concatenate([ops.dropout_backward(dencoder, encoder_mask),
+                                    ops.dropout_backward(ddecoder, decoder_mask)], axis=1)
         return {"shared.weight": self.embed_backward(cache["lookup"], dids),
                 **{f"{stack}.relative_attention_bias.weight": dtables[stack].copy()
                    for stack in ("encoder", "decoder")}}
@@ -158,14 +169,18 @@ class T5StagePieces(T5Layers):
         encoder, decoder, tables = self._split(x)
         if i < self.config.num_layers:
             bias, buckets = self._bias("encoder", tables, encoder.shape[1])
-            encoder, cache = self.encoder_layer_forward(i, encoder, None, bias)
+            encoder, cache = self.encoder_layer_forward(i, encoder, None, bias, dropout_seed)
             norm = None
             if i == self.config.num_layers - 1:  # the encoder's output
-                encoder, norm = self.final_norm_forward("encoder", encoder)
+                encoder, norm = self.final_norm_forward("encoder", encoder, dropout_seed)
             return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets, "norm": norm}
         bias, buckets = self._bias("decoder", tables, decoder.shape[1])
-        decoder, cache = self.decoder_layer_forward(i - self.config.num_layers, decoder, encoder, None, bias)
-        return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets}
+        decoder, cache = self.decoder_layer_forward(i - self.config.num_layers, decoder, encoder, None, bias,
+                                                    dropout_seed)
+        norm = None
+        if i == self.plan_layers - 1:  # the decoder's output
+            decoder, norm = self.final_norm_forward("decoder", decoder, dropout_seed)
+        return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets, "norm": norm}
 
     def block_backward_input(self, i, cache, dout):
         dencoder, ddecoder, dtables = self._split(dout)
@@ -177,9 +192,12 @@ class T5StagePieces(T5Layers):
             dencoder, layer_grads, dbias = self.encoder_layer_backward(i, cache["layer"], dencoder)
             grads.update(layer_grads)
         else:
-            stack = "decoder"
-            ddecoder, grads, dbias, share = self.decoder_layer_backward(i - self.config.num_layers,
+            stack, grads = "decoder", {}
+            if cache["norm"] is not None:
+                ddecoder, grads = self.final_norm_backward("decoder", cache["norm"], ddecoder)
+            ddecoder, layer_grads, dbias, share = self.decoder_layer_backward(i - self.config.num_layers,
                                                                         cache["layer"], ddecoder)
+            grads.update(layer_grads)
             # this layer's share of the encoder output's gradient, summed over tp, joins the others'
             dencoder = dencoder + self.input_region.backward(share, self.tp)
         name = f"{stack}.relative_attention_bias.weight"
