@@ -5,12 +5,13 @@ Every sublayer is pre-norm and residual, with no biases and unscaled attention s
     entry:  RMS norm → input region → column-parallel linear
             local op: self-attention (position bias, padding mask, causal in the decoder),
                       cross-attention over the encoder output, or ReLU / gated-GELU
-    exit:   row-parallel linear → output region → + sublayer input
+    exit:   row-parallel linear → output region → dropout → + sublayer input
 
 The regions are identities in the dense model and tensor parallelism's copy/reduce regions in a
 stage (model/parallel/tensor_parallel/tensor_parallel_communications.py), as for GPT-2's block.
 Cross-attention's backward returns this layer's share of the encoder output's gradient before the
-input region: the caller sums the shares of every decoder layer and crosses the region once.
+input region: the caller sums the shares of every decoder layer and crosses the region (the sum
+over tensor-parallel ranks), once or per layer.
 
 The relative position bias is computed once per stack from its table (transformers keeps the table
 in block 0) and shared by every layer of the stack; each layer's gradient of it is summed before
