@@ -207,9 +207,9 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, exact_layer_no
     ours = T5(config, seed=5)
     ours.save_pretrained(tmp_path)
     theirs = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float64)
+    # use_cache=False: transformers 5.24's cache fails when the decoder has more layers than the encoder
     with torch.no_grad():
         expected = theirs.eval().generate(torch.tensor(INPUT_IDS), attention_mask=torch.tensor(MASK),
                                           max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                                          num_beams=1, use_cache=False).numpy()  # (its cache
-    # fails when the decoder has more layers than the encoder, in transformers 5.24)
+                                          num_beams=1, use_cache=False).numpy()
     assert ours.generate(INPUT_IDS, 12, attention_mask=MASK).tolist() == expected.tolist()
