@@ -162,6 +162,9 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
 @click.option("--split", default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
+@click.option("--encoder-stages", type=click.IntRange(min=1), default=None,
+              help="--model t5: pipeline stages for the encoder's layers, the decoder's on the rest "
+                   "(default: all layers balanced over the stages).")
 @click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
@@ -227,6 +230,8 @@ def train(ctx, **flags):
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
+        if flags["encoder_stages"] is not None:
+            layout.split = _encoder_decoder_split(flags, config, layout)
         if flags["resume"] and _already_complete(ctx, config, out):
             return
         config.validate()  # before the first status line: a bad config or layout is the only output
@@ -240,6 +245,20 @@ def train(ctx, **flags):
     except KeyboardInterrupt:
         report_interrupt(out, config, state)
         raise click.exceptions.Exit(130) from None
+
+
+def _encoder_decoder_split(flags, config, layout) -> list[int]:
+    """--encoder-stages as the layers per pipeline stage (an encoder-decoder's only)."""
+    stages = flags["encoder_stages"]
+    if not hasattr(config.model, "pipeline_layers"):
+        raise bad_flag("--encoder-stages", f"applies to an encoder-decoder (--model t5), not {config.family}")
+    if layout.pp == 1 or flags["split"] is not None:
+        raise bad_flag("--encoder-stages", "needs --pp 2 or more and no --split (it makes the split)")
+    from ringpipe.model.t5.family import encoder_decoder_split
+    try:
+        return encoder_decoder_split(config.model, layout.pp * layout.virtual_stages, stages)
+    except ValueError as exc:
+        raise bad_flag("--encoder-stages", str(exc).replace(f"--encoder-stages {stages} ", "")) from None
 
 
 def _run(flags, config, layout, distributed, out, state):
@@ -292,7 +311,8 @@ def _run(flags, config, layout, distributed, out, state):
             tokenizer = trainer.tokenizer
             prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
             ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-            click.echo(tokenizer.decode(to_host(ids)[0]))
+            # an encoder-decoder's output is the decoder's, after its start token
+            click.echo(tokenizer.decode(to_host(ids)[0, 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0:]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:

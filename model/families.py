@@ -29,6 +29,7 @@ and the CLI ask `family(name)` for everything family-specific and name no family
     ignore_index                 the target value that carries no loss
     special_tokens               {transformers role: token text} added to any tokenizer
                                  (model/data/hf_tokenizer.py's with_special_tokens); {} for none
+    additional_tokens            further special tokens added after them, in order (T5's sentinels)
 
 A checkpoint records its family as config.json's `model_type` (`checkpoint_family`).
 """
@@ -44,6 +45,8 @@ from typing import Any, Callable
 FAMILIES = {
     "gpt2": "ringpipe.model.gpt2.family",
     "bert": "ringpipe.model.bert.family",
+
+    "t5": "ringpipe.model.t5.family",
 }
 DEFAULT_FAMILY = "gpt2"
 CONFIG_FILE = "config.json"  # Hugging Face's name; every family's checkpoint has one
@@ -65,6 +68,7 @@ class Family:
     objective: Callable[[Any, int, dict], Any]
     ignore_index: int = -1
     special_tokens: dict = field(default_factory=dict)
+    additional_tokens: tuple = ()
 
 
 def family(name: str) -> Family:
@@ -75,8 +79,10 @@ def family(name: str) -> Family:
 
 
 def special_ids(tokenizer, model_family: Family) -> dict:
-    """{role: id} of the family's special tokens in `tokenizer` (which must hold them)."""
-    return {role: tokenizer.token_id(text) for role, text in model_family.special_tokens.items()}
+    """{role: id} of the family's special tokens and {text: id} of its additional tokens in
+    `tokenizer` (which must hold them)."""
+    return {**{role: tokenizer.token_id(text) for role, text in model_family.special_tokens.items()},
+            **{text: tokenizer.token_id(text) for text in model_family.additional_tokens}}
 
 
 def checkpoint_family(directory: str) -> str | None:

@@ -58,7 +58,9 @@ class Layout:
                              f"{self.dp} × {config.microbatches}")
         if config.model.n_head % self.tp:
             raise ValueError(f"n_head {config.model.n_head} is not divisible by tp {self.tp}")
-        split_layers(config.model.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
+        # too few layers, bad split (an encoder-decoder's stages divide both stacks' layers)
+        split_layers(getattr(config.model, "pipeline_layers", config.model.n_layer), self.pp * self.virtual_stages,
+                     self.split)
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")

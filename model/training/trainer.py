@@ -49,8 +49,10 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
     text = load_corpus(config.data)
     if tokenizer is None:
         tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-        if family(config.family).special_tokens:
-            tokenizer = with_special_tokens(tokenizer, family(config.family).special_tokens)
+        model_family = family(config.family)
+        if model_family.special_tokens or model_family.additional_tokens:
+            tokenizer = with_special_tokens(tokenizer, model_family.special_tokens,
+                                            model_family.additional_tokens)
         ids = tokenizer.encode(text)
     else:
         try:
