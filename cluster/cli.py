@@ -57,4 +57,5 @@ def main():
 
 
 main.lazy = {"train": "ringpipe.cluster.train_cmd:train", "generate": "ringpipe.cluster.generate_cmd:generate",
-             "trace": "ringpipe.cluster.trace_cmd:trace", "bench": "ringpipe.cluster.bench_commands:bench"}
+             "trace": "ringpipe.cluster.trace_cmd:trace", "bench": "ringpipe.cluster.bench_commands:bench",
+             "export": "ringpipe.cluster.export_cmd:export"}

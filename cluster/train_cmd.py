@@ -119,6 +119,9 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=D.checkpoint_every,
               show_default=True, help="Checkpoint every N steps (and after the last).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Multi-worker runs: how many sharded checkpoints stay in --out/checkpoints (older ones "
+                   "are deleted once a newer one is complete).")
 @click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
               help="A step whose loss or gradient norm is nan/inf: stop the run (before applying it), "
                    "or skip its update and go on.")
@@ -182,6 +185,9 @@ def train(ctx, **flags):
                            ("--split", flags["split"] is not None)):
             if used:
                 raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
+    if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
+        raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
+                       "one checkpoint")
     if flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
@@ -219,7 +225,8 @@ def _run(flags, config, layout, distributed, out, state):
             from ringpipe.cluster.distributed_train import DistributedRun
 
             trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
-                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
+                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
+                                     keep_checkpoints=flags["keep_checkpoints"])
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:

@@ -322,6 +322,7 @@ def _raw_bytes(array):
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
                        "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
                        "uint8": "U8", "bool": "BOOL"}
+SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES  # for writers that build a safetensors header themselves
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:

@@ -26,6 +26,7 @@ from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mi
 from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.sharded_checkpoint import is_sharded, load_consolidated
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
@@ -132,9 +133,14 @@ class Trainer:
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
         try:
-            saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
-                                        device=config.device)
-            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
+            if is_sharded(checkpoint):  # written by a multi-worker run
+                saved_config, params, optimizer_state = load_consolidated(checkpoint)
+                saved = GPT(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
+                                                device=config.device), params=params)
+            else:
+                saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                            device=config.device)
+                optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.

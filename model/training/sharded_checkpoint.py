@@ -1,0 +1,293 @@
+"""Sharded checkpoints: every rank writes only what it owns; the driver commits; any layout loads.
+
+    RUN/checkpoints/step-00000040/rank-00003.safetensors   a rank's pieces (atomic write, CRC-32 each)
+    RUN/checkpoints/step-00000040/config.json, tokenizer   written by the driver
+    RUN/checkpoints/step-00000040/checkpoint.json          the metadata, renamed into place last
+
+Saving (`save_sharded_checkpoint`, driver side, with `ParallelTrainer.save_checkpoint_pieces` on
+every rank): each rank writes its tensor-parallel slices of the parameters of its pipeline stages
+and their Adam moments. What data-parallel replicas hold alike is written once, spread over them
+(the i-th tensor by the (i mod dp)-th replica; parameters that tensor parallelism replicates too,
+spread over dp × tp); a tied parameter by the stage that embeds. With ZeRO-1 every rank writes its
+shard of the moments as it holds it, cut into boxes of the global tensors. Each rank reports its
+pieces once they are fsynced; the driver checks they cover every tensor and renames the metadata
+into place (checkpoint_metadata.py). Until then `find_checkpoint` does not see the directory, and
+the next run's start removes it. The step, the seed and the config are the whole RNG and sampler
+state (model/training/trainer.py), so a resume repeats an uninterrupted run bit for bit.
+
+Loading (`load_rank`): a rank reads from each piece only the box it needs (a memory map), after
+verifying the CRC-32 of the pieces it touches; `load_consolidated` assembles the full model for
+the single-process Trainer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+
+import numpy as np
+
+from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, PREFIX, hf_config
+from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, GPTConfig, param_shapes
+from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commit, is_sharded,
+                                                         new_checkpoint_directory, prune, read_metadata,
+                                                         tensor_name)
+from ringpipe.model.training.checkpoint_pieces import (box_slices, flat_range_boxes, intersect, local_shape,
+                                                       local_to_global, shard_boxes, volume)
+from ringpipe.model.training.run_dir import step_directory
+from ringpipe.model.training.step import NonFiniteError
+from ringpipe.runtime.array_module import to_host
+from ringpipe.runtime.files import CHECKSUMS_KEY, CorruptFileError, save_tensors, write_json
+
+PIECE_FILE = "rank-{rank:05d}.safetensors"
+READ_CHUNK_BYTES = 32 << 20  # checksums are computed over pieces read in chunks of this size at most
+
+
+# ---- what a rank owns -------------------------------------------------------------------------------
+def _piece(trainer, name: str, role: str, entry: dict, global_box, array) -> dict:
+    tensor = tensor_name(trainer.plan.hf_name(name), role)
+    offsets, lengths = global_box
+    return {"tensor": tensor, "param": name, "role": role, "shape": list(entry["full_shape"]),
+            "dtype": array.dtype.name, "offsets": list(offsets), "lengths": list(lengths),
+            "key": f"{tensor}@{','.join(map(str, offsets))}", "array": np.ascontiguousarray(array)}
+
+
+def _writes(trainer, index: int, replicated: bool) -> bool:
+    """Whether this rank writes the `index`-th of its tensors that data-parallel replicas (and, when
+    `replicated`, tensor-parallel peers) hold alike: one of them does, in turn."""
+    mesh = trainer.mesh
+    if replicated:
+        return index % (mesh.dp_size * mesh.tp_size) == mesh.dp_rank * mesh.tp_size + mesh.tp_rank
+    return index % mesh.dp_size == mesh.dp_rank
+
+
+def owned_pieces(trainer) -> list[dict]:
+    """The pieces this rank of a `ParallelTrainer` writes: {"tensor", "param", "role", "shape",
+    "dtype", "offsets", "lengths", "key", "array"}."""
+    table, weights = trainer.shard_table(), trainer.local_params()
+    tied, embeds = set(trainer.plan.tied_params), 0 in trainer.stages
+    names = [name for name in sorted(weights) if embeds or name not in tied]
+    zero = bool(trainer.layout.zero)
+    pieces = []
+    for index, name in enumerate(names):
+        entry = table[name]
+        if not _writes(trainer, index, entry["axis"] is None):
+            continue
+        arrays = {"weight": weights[name]}
+        if not zero:
+            arrays.update(exp_avg=to_host(trainer.optimizer.m[name]), exp_avg_sq=to_host(trainer.optimizer.v[name]))
+        pairs = shard_boxes(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_rank"], entry["tp_size"])
+        for role, array in arrays.items():
+            pieces += [_piece(trainer, name, role, entry, global_box, array[box_slices(*local)])
+                       for local, global_box in pairs]
+    if zero:
+        pieces += _zero_moment_pieces(trainer, table, names)
+    return pieces
+
+
+def _zero_moment_pieces(trainer, table: dict, names: list) -> list[dict]:
+    """ZeRO-1: this rank's 1/dp of every bucket of Adam moments, as boxes of the global tensors. A
+    parameter that tensor parallelism replicates has the same moments on every tp peer: one of them
+    writes it."""
+    gradients, optimizer, mesh = trainer.gradients, trainer.optimizer, trainer.mesh
+    index = {name: i for i, name in enumerate(names)}
+    pieces = []
+    for b, bucket in enumerate(gradients.buckets):
+        shard = optimizer.shards[b]
+        for name in bucket.names:
+            entry = table[name]
+            if name not in index or (entry["axis"] is None and index[name] % mesh.tp_size != mesh.tp_rank):
+                continue
+            begin = gradients.offsets[name]
+            size = volume(gradients.shapes[name])
+            lo, hi = max(begin, shard.start), min(begin + size, shard.stop)
+            if lo >= hi:
+                continue
+            pairs = shard_boxes(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_rank"],
+                                entry["tp_size"])
+            for role, moments in (("exp_avg", optimizer.m[b]), ("exp_avg_sq", optimizer.v[b])):
+                values = to_host(moments[lo - shard.start:hi - shard.start])
+                position = 0
+                for box in flat_range_boxes(gradients.shapes[name], lo - begin, hi - begin):
+                    block = values[position:position + volume(box[1])].reshape(box[1])
+                    position += volume(box[1])
+                    for local, global_box in local_to_global(box, pairs):
+                        relative = box_slices([o - b0 for o, b0 in zip(local[0], box[0])], local[1])
+                        pieces.append(_piece(trainer, name, role, entry, global_box, block[relative]))
+    return pieces
+
+
+def optimizer_scalars(optimizer) -> dict:
+    """What every rank's optimizer holds alike: the step count (and a mixed run's loss scaler)."""
+    scalars = {"step": int(optimizer.step_count)}
+    if hasattr(optimizer, "scaler"):
+        scalars.update({key: value.item() for key, value in optimizer.scaler.state_dict().items()})
+    return scalars
+
+
+def save_rank(trainer, checkpoint: str) -> dict:
+    """Write this rank's pieces into `checkpoint` (one safetensors file, fsynced) and report them:
+    {"rank", "pieces": [... "file", "byte_offset", "nbytes", "crc32"], "optimizer", "nonfinite"}.
+    Weights that are not finite are not written: "nonfinite" names one, for the driver to refuse."""
+    for name, weight in trainer.local_params().items():
+        if not np.isfinite(weight).all():
+            return {"rank": trainer.mesh.rank, "pieces": [], "optimizer": {}, "nonfinite": name}
+    pieces = owned_pieces(trainer)
+    report = {"rank": trainer.mesh.rank, "pieces": [], "optimizer": optimizer_scalars(trainer.optimizer),
+              "nonfinite": None}
+    if not pieces:
+        return report
+    file = PIECE_FILE.format(rank=trainer.mesh.rank)
+    path = os.path.join(checkpoint, file)
+    save_tensors(path, {piece["key"]: piece.pop("array") for piece in pieces})
+    with open(path, "rb") as f:  # where each piece landed, as the file itself says
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    checksums = json.loads(header["__metadata__"][CHECKSUMS_KEY])
+    for piece in pieces:
+        begin, end = header[piece["key"]]["data_offsets"]
+        report["pieces"].append({**piece, "file": file, "byte_offset": 8 + length + begin, "nbytes": end - begin,
+                                 "crc32": checksums[piece["key"]]})
+    return report
+
+
+# ---- reading ----------------------------------------------------------------------------------------
+def verify_piece(path: str, name: str, piece: dict) -> None:
+    """CorruptFileError naming the tensor and the file unless the piece's bytes match its CRC-32
+    (read in chunks of at most READ_CHUNK_BYTES)."""
+    crc, remaining = 0, piece["nbytes"]
+    try:
+        with open(path, "rb") as f:
+            f.seek(piece["byte_offset"])
+            while remaining:
+                chunk = f.read(min(remaining, READ_CHUNK_BYTES))
+                if not chunk:
+                    raise CorruptFileError(path, f"tensor {name}: piece {piece['key']!r} is cut short")
+                crc, remaining = zlib.crc32(chunk, crc), remaining - len(chunk)
+    except OSError as exc:
+        raise ValueError(f"tensor {name}: piece file {path} cannot be read ({exc.strerror or exc})") from None
+    if f"crc32:{crc & 0xFFFFFFFF:08x}" != piece["crc32"]:
+        raise CorruptFileError(path, f"tensor {name}: piece {piece['key']!r} does not match its checksum "
+                                     f"{piece['crc32']} (the file is damaged)")
+
+
+def read_box(checkpoint: str, name: str, entry: dict, box, out, verified: set) -> None:
+    """Fill `out` (shaped like the box) with the box (offsets, lengths) of tensor `name`, reading
+    only those bytes of the pieces it overlaps; each piece's checksum is verified on first use."""
+    dtype = np.dtype(entry["dtype"])
+    for piece in entry["pieces"]:
+        piece_box = (tuple(piece["offsets"]), tuple(piece["lengths"]))
+        common = intersect(box, piece_box)
+        if common is None:
+            continue
+        path = os.path.join(checkpoint, piece["file"])
+        if (path, piece["key"]) not in verified:
+            verify_piece(path, name, piece)
+            verified.add((path, piece["key"]))
+        stored = np.memmap(path, dtype=dtype, mode="r", offset=piece["byte_offset"], shape=piece_box[1])
+        source = box_slices([c - p for c, p in zip(common[0], piece_box[0])], common[1])
+        target = box_slices([c - b for c, b in zip(common[0], box[0])], common[1])
+        out[target] = stored[source]
+        del stored
+
+
+def _entry(checkpoint: str, tensors: dict, name: str, shape) -> dict:
+    if name not in tensors:
+        raise ValueError(f"tensor {name} is missing from checkpoint {checkpoint}")
+    if tuple(tensors[name]["shape"]) != tuple(shape):
+        raise ValueError(f"tensor {name} has shape {tensors[name]['shape']} in checkpoint {checkpoint}, "
+                         f"the run expects {list(shape)}")
+    return tensors[name]
+
+
+def _optimizer_state(metadata: dict) -> dict:
+    state = {"step": np.array(metadata["optimizer"]["step"], dtype=np.int64)}
+    for key, value in metadata["optimizer"].items():
+        if key != "step":
+            state[key] = np.array(value, dtype=np.float64 if isinstance(value, float) else np.int64)
+    return state
+
+
+def load_rank(trainer, checkpoint: str) -> int:
+    """Take this rank's part of a sharded checkpoint into a `ParallelTrainer` (weights, Adam
+    moments, optimizer scalars); returns the checkpoint's step."""
+    metadata = read_metadata(checkpoint)
+    tensors, table, verified = metadata["tensors"], trainer.shard_table(), set()
+    state = _optimizer_state(metadata)
+    for name, param in trainer.params.items():
+        entry = table[name]
+        pairs = shard_boxes(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_rank"], entry["tp_size"])
+        shape = local_shape(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_size"])
+        local = {}
+        for role in ("weight", "exp_avg", "exp_avg_sq"):
+            tensor = tensor_name(trainer.plan.hf_name(name), role)
+            stored = _entry(checkpoint, tensors, tensor, entry["full_shape"])
+            local[role] = np.zeros(shape, np.dtype(stored["dtype"]))  # vocabulary padding stays zero
+            for box, global_box in pairs:
+                read_box(checkpoint, tensor, stored, global_box, local[role][box_slices(*box)], verified)
+        xp = trainer.gradients.xp
+        param[...] = xp.asarray(local["weight"].astype(param.dtype))
+        if trainer.master is not None:
+            trainer.master[name][...] = xp.asarray(local["weight"])
+        state[f"m.{name}"], state[f"v.{name}"] = local["exp_avg"], local["exp_avg_sq"]
+    trainer.optimizer.load_state_dict(state)
+    trainer._refresh_tied_copies()
+    return int(metadata["step"])
+
+
+def load_consolidated(checkpoint: str) -> tuple[GPTConfig, dict, dict]:
+    """(GPTConfig of the stored weights, {name: full weight}, AdamW state with full moments) of a
+    sharded checkpoint, for the single-process Trainer."""
+    metadata = read_metadata(checkpoint)
+    check_checkpoint(checkpoint, metadata)
+    params, state, verified = {}, _optimizer_state(metadata), set()
+    for name, entry in metadata["tensors"].items():
+        shape = tuple(entry["shape"])
+        full = np.empty(shape, np.dtype(entry["dtype"]))
+        read_box(checkpoint, name, entry, ((0,) * len(shape), shape), full, verified)
+        if entry["role"] == "weight":
+            params[entry["param"]] = full
+        else:
+            state[{"exp_avg": "m.", "exp_avg_sq": "v."}[entry["role"]] + entry["param"]] = full
+    return GPTConfig(**metadata["model"]), params, state
+
+
+# ---- the driver's part --------------------------------------------------------------------------------
+def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, model: GPTConfig, layout: dict,
+                            tokenizer=None, keep: int | None = None) -> str:
+    """Have every rank of `trainers` (a ParallelTrainer ActorGroup) write its pieces into
+    RUN/checkpoints/step-N, then commit it; afterwards delete all but the newest `keep`. Returns
+    the directory. Weights that are not finite are a NonFiniteError and nothing is committed; a
+    worker lost midway leaves an unfinished directory that the next run's start removes."""
+    checkpoint = new_checkpoint_directory(step_directory(run_dir, step))
+    reports = trainers.save_checkpoint_pieces(checkpoint).result()
+    try:
+        bad = next((report for report in reports if report["nonfinite"]), None)
+        if bad is not None:
+            raise NonFiniteError(step - 1, f"parameter {bad['nonfinite']} is not finite after the update; "
+                                           f"not writing the checkpoint (lower --lr)")
+        write_json(os.path.join(checkpoint, CONFIG_FILE), hf_config(model), indent=2)
+        if tokenizer is not None:
+            tokenizer.save(checkpoint)
+        commit(checkpoint, reports, step=step, config=config, model=model.to_dict(), layout=layout,
+               optimizer=reports[0]["optimizer"])
+    except BaseException:
+        shutil.rmtree(checkpoint, ignore_errors=True)  # every rank is done with it: nothing half-visible stays
+        raise
+    if keep is not None:
+        prune(run_dir, keep)
+    return checkpoint
+
+
+def check_resumable(checkpoint: str, run_model: GPTConfig) -> None:
+    """ValueError (one line, naming the tensor and the file) unless a sharded checkpoint holds every
+    weight and Adam moment of `run_model` with its shape, in pieces that exist, have their sizes and
+    cover each tensor; checksums are verified by the ranks as they read. A consolidated checkpoint
+    is checked as it is read."""
+    if not is_sharded(checkpoint):
+        return
+    shapes = {tensor_name(PREFIX + name, role): shape for name, shape in param_shapes(run_model).items()
+              for role in ("weight", "exp_avg", "exp_avg_sq")}
+    model = {key: getattr(run_model, key) for key in ARCHITECTURE_FIELDS}
+    check_checkpoint(checkpoint, read_metadata(checkpoint), shapes, model)
