@@ -178,3 +178,27 @@ def test_keep_checkpoints_deletes_older_ones_only_after_a_newer_one_is_committed
     save(trainers, run, 3, config, Layout(), tokenizer, keep=2)
     assert [step for step, _ in sharded_checkpoints(str(run))] == [2, 3]
     assert find_checkpoint(str(run)).endswith("step-00000003")
+
+
+# ---- consolidated checkpoints (single-process runs, and every run before sharding) -----------------------
+def test_a_consolidated_checkpoint_with_a_flat_trainer_json_still_loads_into_any_layout(local_cluster, tmp_path):
+    import json
+
+    from ringpipe.model.training.run_dir import read_trainer_state
+
+    config = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    single = Trainer.create(config, str(run))
+    for step in range(2):
+        single.train_step(step)
+    checkpoint = single.save_checkpoint()
+    state_file = os.path.join(checkpoint, "trainer.json")
+    with open(state_file, "w") as f:  # as early versions wrote it: the model's options beside the run's
+        json.dump({"step": 2, "config": config.flat()}, f)
+    assert read_trainer_state(checkpoint)["config"] == config
+    layout = Layout(tp=2, pp=2)
+    trainers = spawn(local_cluster(4), config, layout, str(run), single.tokenizer.vocab_size)
+    assert set(trainers.load_state(checkpoint).result()) == {2}
+    params, optimizer = full_state(trainers)
+    for name, value in {**single.params_on_host(), **single.optimizer.state_dict()}.items():
+        np.testing.assert_array_equal((params | optimizer)[name], value, err_msg=name)

@@ -118,13 +118,14 @@ def check_checkpoint(checkpoint: str, metadata: dict, expected_shapes: dict | No
     path = os.path.join(checkpoint, COMMIT_FILE)
     for key, value in (model or {}).items():
         if metadata["model"].get(key) != value:
-            raise ValueError(f"checkpoint {path} has {key} {metadata['model'].get(key)!r}, the run expects {value!r}")
+            raise ValueError(f"checkpoint {path} has {key} {metadata['model'].get(key)!r}, the run expects "
+                             f"{value!r}")
     tensors = metadata["tensors"]
     for name, shape in (expected_shapes or {}).items():
         if name not in tensors:
             raise ValueError(f"tensor {name} is missing from checkpoint {path}")
         if tuple(tensors[name]["shape"]) != tuple(shape):
-            raise ValueError(f"tensor {name} has shape {tensors[name]['shape']} in {path}, the run expects "
+            raise ValueError(f"tensor {name} has shape {tensors[name]['shape']} in {path}, the model expects "
                              f"{list(shape)}")
     headers = {}
     for name, entry in tensors.items():

@@ -74,9 +74,9 @@ def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTE
     """model.safetensors, config.json and the tokenizer files of a sharded checkpoint, into `out`
     (created if needed; files there are replaced one by one, atomically)."""
     metadata = read_metadata(checkpoint)
-    check_checkpoint(checkpoint, metadata)
     config = GPTConfig(**metadata["model"])
     tensors = {PREFIX + name: tensor_name(PREFIX + name, "weight") for name in param_shapes(config)}
+    check_checkpoint(checkpoint, metadata, {tensors[PREFIX + name]: shape for name, shape in param_shapes(config).items()})
     record = json.dumps({key: getattr(config, key) for key in RECORDED}, separators=(",", ":"))
     with staged_directory(out, merge=True) as stage:
         stream_tensors(os.path.join(stage, WEIGHTS_FILE), checkpoint, tensors,

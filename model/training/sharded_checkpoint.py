@@ -41,7 +41,7 @@ from ringpipe.runtime.array_module import to_host
 from ringpipe.runtime.files import CHECKSUMS_KEY, CorruptFileError, save_tensors, write_json
 
 PIECE_FILE = "rank-{rank:05d}.safetensors"
-READ_CHUNK_BYTES = 32 << 20  # checksums are computed over pieces read in chunks of this size at most
+READ_CHUNK_BYTES = 1 << 20  # checksums are computed over pieces read in chunks of this size
 
 
 # ---- what a rank owns -------------------------------------------------------------------------------
@@ -133,23 +133,29 @@ def save_rank(trainer, checkpoint: str) -> dict:
     for name, weight in trainer.local_params().items():
         if not np.isfinite(weight).all():
             return {"rank": trainer.mesh.rank, "pieces": [], "optimizer": {}, "nonfinite": name}
-    pieces = owned_pieces(trainer)
-    report = {"rank": trainer.mesh.rank, "pieces": [], "optimizer": optimizer_scalars(trainer.optimizer),
-              "nonfinite": None}
+    return {"rank": trainer.mesh.rank, "pieces": write_pieces(checkpoint, trainer.mesh.rank, owned_pieces(trainer)),
+            "optimizer": optimizer_scalars(trainer.optimizer), "nonfinite": None}
+
+
+def write_pieces(checkpoint: str, rank: int, pieces: list[dict]) -> list[dict]:
+    """Write `pieces` (as `owned_pieces` makes them) into rank `rank`'s file of `checkpoint`,
+    atomically and fsynced; returns them without their arrays, with "file", "byte_offset",
+    "nbytes" and "crc32" (as the written file says)."""
     if not pieces:
-        return report
-    file = PIECE_FILE.format(rank=trainer.mesh.rank)
+        return []
+    file = PIECE_FILE.format(rank=rank)
     path = os.path.join(checkpoint, file)
-    save_tensors(path, {piece["key"]: piece.pop("array") for piece in pieces})
-    with open(path, "rb") as f:  # where each piece landed, as the file itself says
+    save_tensors(path, {piece["key"]: piece["array"] for piece in pieces})
+    with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
     checksums = json.loads(header["__metadata__"][CHECKSUMS_KEY])
+    reported = []
     for piece in pieces:
         begin, end = header[piece["key"]]["data_offsets"]
-        report["pieces"].append({**piece, "file": file, "byte_offset": 8 + length + begin, "nbytes": end - begin,
-                                 "crc32": checksums[piece["key"]]})
-    return report
+        reported.append({**{k: v for k, v in piece.items() if k != "array"}, "file": file,
+                         "byte_offset": 8 + length + begin, "nbytes": end - begin, "crc32": checksums[piece["key"]]})
+    return reported
 
 
 # ---- reading ----------------------------------------------------------------------------------------
@@ -157,14 +163,15 @@ def verify_piece(path: str, name: str, piece: dict) -> None:
     """CorruptFileError naming the tensor and the file unless the piece's bytes match its CRC-32
     (read in chunks of at most READ_CHUNK_BYTES)."""
     crc, remaining = 0, piece["nbytes"]
+    buffer = memoryview(bytearray(min(remaining, READ_CHUNK_BYTES)))  # one buffer, reused
     try:
         with open(path, "rb") as f:
             f.seek(piece["byte_offset"])
             while remaining:
-                chunk = f.read(min(remaining, READ_CHUNK_BYTES))
-                if not chunk:
+                got = f.readinto(buffer[:min(remaining, len(buffer))])
+                if not got:
                     raise CorruptFileError(path, f"tensor {name}: piece {piece['key']!r} is cut short")
-                crc, remaining = zlib.crc32(chunk, crc), remaining - len(chunk)
+                crc, remaining = zlib.crc32(buffer[:got], crc), remaining - got
     except OSError as exc:
         raise ValueError(f"tensor {name}: piece file {path} cannot be read ({exc.strerror or exc})") from None
     if f"crc32:{crc & 0xFFFFFFFF:08x}" != piece["crc32"]:

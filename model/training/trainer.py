@@ -26,7 +26,7 @@ from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mi
 from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.sharded_checkpoint import is_sharded, load_consolidated
+from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
@@ -132,6 +132,7 @@ class Trainer:
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
+        check_resumable(checkpoint, config.gpt_config(tokenizer.vocab_size))  # a sharded one, before reading it
         try:
             if is_sharded(checkpoint):  # written by a multi-worker run
                 saved_config, params, optimizer_state = load_consolidated(checkpoint)
