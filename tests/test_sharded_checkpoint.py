@@ -202,3 +202,34 @@ def test_a_consolidated_checkpoint_with_a_flat_trainer_json_still_loads_into_any
     params, optimizer = full_state(trainers)
     for name, value in {**single.params_on_host(), **single.optimizer.state_dict()}.items():
         np.testing.assert_array_equal((params | optimizer)[name], value, err_msg=name)
+
+
+# ---- through `ringpipe train` -----------------------------------------------------------------------------
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
+        "--eval-iters", "1", "--dtype", "float64"]
+
+
+@pytest.mark.timeout(120)
+def test_ringpipe_train_keeps_the_newest_checkpoints_and_ends_with_the_model_streamed_from_the_last(corpus, tmp_path):
+    from ringpipe.model.gpt2.model import GPT
+    from ringpipe.model.training.sharded_checkpoint import load_consolidated
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    result = run_cli("train", "--data", corpus, *TINY, "--steps", 3, "--checkpoint-every", 1, "--keep-checkpoints", 2,
+                     "--nproc", 2, "--pp", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert [step for step, _ in sharded_checkpoints(str(out))] == [2, 3]
+    _, params, _ = load_consolidated(find_checkpoint(str(out)))
+    model = GPT.from_pretrained(out).params
+    for name, value in params.items():
+        np.testing.assert_array_equal(model[name], value, err_msg=name)
+
+
+def test_keep_checkpoints_is_refused_where_a_single_process_keeps_one(corpus, tmp_path):
+    from tests.conftest import one_error_line, run_cli
+
+    out = tmp_path / "run"
+    line = one_error_line(run_cli("train", "--data", corpus, *TINY, "--steps", 1, "--keep-checkpoints", 2,
+                                  "--out", out))
+    assert "--keep-checkpoints" in line and not out.exists()
