@@ -101,7 +101,7 @@ def test_replicas_write_each_piece_once_spread_over_the_data_parallel_ranks(save
 
 # ---- where pieces lie ---------------------------------------------------------------------------------
 def test_a_flat_range_cut_into_boxes_holds_exactly_its_elements_in_order():
-    for shape in [(5, 7), (3, 4, 5), (11,)]:
+    for shape in [(5, 7), (2, 3, 4), (11,)]:
         a = np.arange(np.prod(shape)).reshape(shape)
         for start in range(a.size):
             for stop in range(start + 1, a.size + 1):

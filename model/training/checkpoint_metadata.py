@@ -24,7 +24,7 @@ import numpy as np
 
 from ringpipe.model.training.checkpoint_pieces import intersect, volume
 from ringpipe.model.training.run_dir import COMMIT_FILE, sharded_checkpoints
-from ringpipe.runtime.files import SAFETENSORS_DTYPES, write_json
+from ringpipe.runtime.files import SAFETENSORS_DTYPES, make_directory, write_json
 
 FORMAT = "ringpipe.sharded-checkpoint"
 VERSION = 1
@@ -156,7 +156,7 @@ def new_checkpoint_directory(path: str) -> str:
     if os.path.isfile(os.path.join(path, COMMIT_FILE)):
         os.remove(os.path.join(path, COMMIT_FILE))
     shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
+    make_directory(path)
     return path
 
 

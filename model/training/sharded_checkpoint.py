@@ -37,6 +37,7 @@ from ringpipe.model.training.checkpoint_pieces import (box_slices, flat_range_bo
                                                        local_to_global, shard_boxes, volume)
 from ringpipe.model.training.run_dir import step_directory
 from ringpipe.model.training.step import NonFiniteError
+from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.array_module import to_host
 from ringpipe.runtime.files import CHECKSUMS_KEY, CorruptFileError, save_tensors, write_json
 
@@ -268,7 +269,11 @@ def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, 
     the directory. Weights that are not finite are a NonFiniteError and nothing is committed; a
     worker lost midway leaves an unfinished directory that the next run's start removes."""
     checkpoint = new_checkpoint_directory(step_directory(run_dir, step))
-    reports = trainers.save_checkpoint_pieces(checkpoint).result()
+    try:
+        reports = trainers.save_checkpoint_pieces(checkpoint).result()
+    except RemoteError:  # a rank could not write (a full disk): the workers live, the save is abandoned
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        raise
     try:
         bad = next((report for report in reports if report["nonfinite"]), None)
         if bad is not None:

@@ -25,6 +25,7 @@ from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
 from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
+from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
@@ -109,6 +110,7 @@ class Trainer:
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         tokenizer, ids = _tokenize_corpus(config)
         gpt_config = config.gpt_config(tokenizer.vocab_size)
         gpt = GPT(gpt_config, seed=config.seed, threads=threads_for(config))
@@ -125,6 +127,7 @@ class Trainer:
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         checkpoint = find_checkpoint(run_dir)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
