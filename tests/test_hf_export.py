@@ -58,7 +58,7 @@ def test_the_export_is_the_single_process_model_file_byte_for_byte_and_transform
 def test_export_streams_a_tensor_larger_than_its_chunk_without_holding_it(tmp_path):
     from ringpipe.model.training.sharded_checkpoint import write_pieces
 
-    rows, columns = 4096, 4096  # float32: 64 MiB, twice the 32 MiB chunk
+    rows, columns = 4096, 4096  # float32: 64 MiB, twice the 32 MiB the issue allows a chunk
     checkpoint = tmp_path / "checkpoint"
     checkpoint.mkdir()
     reports = []
@@ -85,3 +85,18 @@ def test_export_streams_a_tensor_larger_than_its_chunk_without_holding_it(tmp_pa
         rows_seen = f.get_slice("big")[4000:4002]
     assert rows_seen.shape == (2, columns)
     assert rows_seen[0, 0] == 4000 and rows_seen[0, columns // 2] == 4000 and rows_seen[1, -1] == 2
+
+
+def test_ringpipe_export_of_a_consolidated_checkpoint_writes_what_the_trainer_writes(tmp_path):
+    from tests.conftest import one_error_line
+    from tests.test_sharded_checkpoint import tiny_config
+
+    run = tmp_path / "run"
+    trainer = Trainer.create(tiny_config(tmp_path), str(run))
+    trainer.train_step(0)
+    trainer.save_checkpoint()
+    trainer.save_model()
+    assert run_cli("export", run, "--out", tmp_path / "exported").exit_code == 0
+    for name in MODEL_FILES:
+        assert read(tmp_path / "exported" / name) == read(run / name), name
+    assert "no checkpoint in" in one_error_line(run_cli("export", tmp_path / "nothing"))

@@ -2,8 +2,8 @@
 built from a sharded checkpoint by streaming: no process ever holds a whole tensor.
 
 The safetensors header is written from the checkpoint's metadata (names, dtypes, shapes), then each
-tensor's bytes follow in row-major order, gathered from the tensor-parallel pieces in chunks of at
-most EXPORT_CHUNK_BYTES; the CRC-32 of each tensor is computed on the way and written into the
+tensor's bytes follow in row-major order, gathered from the tensor-parallel pieces in chunks of
+EXPORT_CHUNK_BYTES (16 MiB); the CRC-32 of each tensor is computed on the way and written into the
 header last (its text has a fixed length). The file is the one the single-process Trainer writes
 for the same weights (model/gpt2/checkpoint.py), byte for byte.
 """
@@ -16,15 +16,17 @@ import zlib
 import numpy as np
 
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, PREFIX, RECORD_KEY, RECORDED, WEIGHTS_FILE, hf_config
+from ringpipe.model.gpt2.checkpoint import (CONFIG_FILE, PREFIX, RECORD_KEY, RECORDED, WEIGHTS_FILE, hf_config,
+                                            load_checkpoint, save_checkpoint)
 from ringpipe.model.gpt2.config import GPTConfig, param_shapes
-from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.training.checkpoint_metadata import check_checkpoint, is_sharded, read_metadata, tensor_name
 from ringpipe.model.training.checkpoint_pieces import flat_range_boxes
 from ringpipe.model.training.sharded_checkpoint import read_box
 from ringpipe.runtime.files import CHECKSUMS_KEY, SAFETENSORS_DTYPES, atomic_write, staged_directory, write_json
 
-EXPORT_CHUNK_BYTES = 32 << 20
+# At most 32 MiB of a tensor at a time; 16 because the pieces' mapped pages count in the resident
+# set beside the chunk's buffer while it is filled (2 × 16 MiB at the peak).
+EXPORT_CHUNK_BYTES = 16 << 20
 _NO_CHECKSUM = "crc32:00000000"  # a placeholder as long as any checksum
 
 
@@ -90,5 +92,7 @@ def export_checkpoint(checkpoint: str, out: str) -> None:
     (model/training/trainer.py) is small enough to have been written whole, and is loaded whole."""
     if is_sharded(checkpoint):
         export_model(checkpoint, out)
-    else:
-        GPT.from_pretrained(checkpoint).save_pretrained(out, tokenizer=load_tokenizer(checkpoint))
+        return
+    config, params = load_checkpoint(checkpoint)
+    # in the model's order, as the Trainer writes them (the reader returns them sorted by name)
+    save_checkpoint(out, {name: params[name] for name in param_shapes(config)}, config, load_tokenizer(checkpoint))
