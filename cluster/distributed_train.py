@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ringpipe.model.families import family, special_ids
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.config import TrainConfig
@@ -44,13 +45,14 @@ class DistributedRun:
         self.tokenizer = self.local.tokenizer
         self.step = self.local.step
         if resume:  # every piece there, of the right size, for this model: before any worker starts
-            check_resumable(find_checkpoint(out), config.gpt_config(self.tokenizer.vocab_size))
+            check_resumable(find_checkpoint(out), config.model_config(self.tokenizer.vocab_size), family(config.family))
         say(f"starting {layout.world_size} workers")
         self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
-                                               self.tokenizer.vocab_size, bucket_bytes)
+                                               self.tokenizer.vocab_size, bucket_bytes,
+                                               special_ids=special_ids(self.tokenizer, self.local.family))
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
@@ -104,7 +106,7 @@ class DistributedRun:
     def save_checkpoint(self) -> str:
         """Each rank writes its pieces into RUN/checkpoints/step-N; committed by the driver, which
         holds no weights for it. Returns the directory."""
-        model = dataclasses.replace(self.config.gpt_config(self.tokenizer.vocab_size),
+        model = dataclasses.replace(self.config.model_config(self.tokenizer.vocab_size),
                                     dtype=weights_dtype(self.config.dtype))
         path = save_sharded_checkpoint(self.trainers, self.out, self.step, config=dataclasses.asdict(self.config),
                                        model=model, layout=dataclasses.asdict(self.layout), tokenizer=self.tokenizer,

@@ -7,6 +7,7 @@ cluster/progress.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ import click
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.model.data.tokenizer import KINDS
+from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
@@ -74,15 +76,25 @@ def _metrics_file(out: str, first_step: int):
     kept = []
     if first_step > 0 and os.path.exists(path):
         # Rows are renumbered from 1 when the file predates 1-based step numbers.
-        kept = [json.dumps(row) + "\n" for row in read_metrics(out) if row.get("step", 0) <= first_step]
+        kept = [_json_line(row) for row in read_metrics(out) if row.get("step", 0) <= first_step]
     write_text(path, "".join(kept))
     return AppendLog(path)
+
+
+def _json_line(row: dict) -> str:
+    """One metrics.jsonl line. A non-finite value (a skipped step's loss) is written as null: bare
+    NaN/Infinity are not JSON, and strict readers (jq, JavaScript) reject the whole file."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
 
 
 @click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
+              help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
 @click.option("--tokenizer", default=D.tokenizer, show_default=True,
               help="char, byte, bpe (a byte-level BPE trained on --data; needs --vocab-size) or "
@@ -196,6 +208,8 @@ def train(ctx, **flags):
                        "Hugging Face tokenizer directory")
     try:
         config = _config_from_flags(ctx, flags)
+        if flags["sample"] and not hasattr(family(config.family).model, "generate"):
+            raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
         if flags["resume"] and _already_complete(ctx, config, out):
             return
@@ -306,7 +320,7 @@ def _train_loop(trainer, config, out, state):
             last = step + 1 == config.steps
             if last or (config.eval_every and (step + 1) % config.eval_every == 0):
                 metrics.update(trainer.evaluate())
-            metrics_log.write(json.dumps(metrics) + "\n")
+            metrics_log.write(_json_line(metrics))
             metrics_log.flush()
             progress.update(metrics)
             if not last and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:

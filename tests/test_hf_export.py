@@ -34,7 +34,7 @@ def test_the_export_is_the_single_process_model_file_byte_for_byte_and_transform
     trainers.train_step(0).result()
     checkpoint = save(trainers, run, 1, config, layout, tokenizer)
     params, _ = full_state(trainers)
-    gpt = GPT(config.gpt_config(tokenizer.vocab_size), params=params)
+    gpt = GPT(config.model_config(tokenizer.vocab_size), params=params)
     gpt.save_pretrained(tmp_path / "whole", tokenizer=tokenizer)  # what one process holding it all writes
     # chunks of 200 bytes: every tensor crosses chunk and tensor-parallel piece boundaries
     export_model(checkpoint, str(tmp_path / "streamed"), chunk_bytes=200)

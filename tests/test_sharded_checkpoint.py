@@ -46,7 +46,7 @@ def full_state(trainers) -> tuple[dict, dict]:
 
 def save(trainers, run, step, config, layout, tokenizer, keep=3):
     return save_sharded_checkpoint(trainers, str(run), step, config=dataclasses.asdict(config),
-                                   model=config.gpt_config(tokenizer.vocab_size), layout=dataclasses.asdict(layout),
+                                   model=config.model_config(tokenizer.vocab_size), layout=dataclasses.asdict(layout),
                                    tokenizer=tokenizer, keep=keep)
 
 

@@ -110,23 +110,24 @@ def check_tensor(checkpoint: str, name: str, entry: dict, headers: dict | None =
                          f"(shape {list(shape)}; see {os.path.join(checkpoint, COMMIT_FILE)})")
 
 
-def check_checkpoint(checkpoint: str, metadata: dict, expected_shapes: dict | None = None,
-                     model: dict | None = None) -> None:
+def check_checkpoint(checkpoint: str, metadata: dict, expected: dict | list = (), model: dict | None = None,
+                     whose: str = "the run") -> None:
     """Everything but the checksums (which the readers verify): the model record against `model`
-    (the run's GPTConfig as a dict, architecture fields only), every tensor of `expected_shapes`
-    ({global name: shape}) present with that shape, and each tensor's pieces (`check_tensor`)."""
+    (architecture fields of `whose` model config), every tensor of `expected` present (a list of
+    global names, or {global name: shape} to check shapes too), and each tensor's pieces
+    (`check_tensor`)."""
     path = os.path.join(checkpoint, COMMIT_FILE)
     for key, value in (model or {}).items():
         if metadata["model"].get(key) != value:
-            raise ValueError(f"checkpoint {path} has {key} {metadata['model'].get(key)!r}, the run expects "
+            raise ValueError(f"checkpoint {path} has {key} {metadata['model'].get(key)!r}, {whose} expects "
                              f"{value!r}")
     tensors = metadata["tensors"]
-    for name, shape in (expected_shapes or {}).items():
+    for name in expected:
         if name not in tensors:
             raise ValueError(f"tensor {name} is missing from checkpoint {path}")
-        if tuple(tensors[name]["shape"]) != tuple(shape):
+        if isinstance(expected, dict) and tuple(tensors[name]["shape"]) != tuple(expected[name]):
             raise ValueError(f"tensor {name} has shape {tensors[name]['shape']} in {path}, the model expects "
-                             f"{list(shape)}")
+                             f"{list(expected[name])}")
     headers = {}
     for name, entry in tensors.items():
         check_tensor(checkpoint, name, entry, headers)

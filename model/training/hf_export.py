@@ -16,14 +16,16 @@ import zlib
 import numpy as np
 
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.gpt2.checkpoint import (CONFIG_FILE, PREFIX, RECORD_KEY, RECORDED, WEIGHTS_FILE, hf_config,
-                                            load_checkpoint, save_checkpoint)
-from ringpipe.model.gpt2.config import GPTConfig, param_shapes
+from ringpipe.model.families import CONFIG_FILE, family
 from ringpipe.model.training.checkpoint_metadata import check_checkpoint, is_sharded, read_metadata, tensor_name
 from ringpipe.model.training.checkpoint_pieces import flat_range_boxes
-from ringpipe.model.training.sharded_checkpoint import read_box
+from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import read_trainer_state
+from ringpipe.model.training.sharded_checkpoint import (family_of, hf_name, load_consolidated, parameter_names,
+                                                        read_box)
 from ringpipe.runtime.files import CHECKSUMS_KEY, SAFETENSORS_DTYPES, atomic_write, staged_directory, write_json
 
+WEIGHTS_FILE = "model.safetensors"  # Hugging Face's name, whatever the family
 # At most 32 MiB of a tensor at a time; 16 because the pieces' mapped pages count in the resident
 # set beside the chunk's buffer while it is filled (2 × 16 MiB at the peak).
 EXPORT_CHUNK_BYTES = 16 << 20
@@ -74,17 +76,30 @@ def stream_tensors(path: str, checkpoint: str, tensors: dict, metadata: dict | N
 
 def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTES) -> None:
     """model.safetensors, config.json and the tokenizer files of a sharded checkpoint, into `out`
-    (created if needed; files there are replaced one by one, atomically)."""
+    (created if needed; files there are replaced one by one, atomically). Streamed when the model
+    family describes its files (`hf_config`, `weights_metadata`); otherwise loaded whole and written
+    by the family."""
     metadata = read_metadata(checkpoint)
-    config = GPTConfig(**metadata["model"])
-    tensors = {PREFIX + name: tensor_name(PREFIX + name, "weight") for name in param_shapes(config)}
-    check_checkpoint(checkpoint, metadata, {tensors[PREFIX + name]: shape for name, shape in param_shapes(config).items()})
-    record = json.dumps({key: getattr(config, key) for key in RECORDED}, separators=(",", ":"))
+    model_family = family_of(metadata)
+    config = model_family.config(**metadata["model"])
+    # The model record must be the run's: its architecture fields decide what the weights mean.
+    run = TrainConfig(**metadata["config"]).model_config(config.vocab_size)
+    check_checkpoint(checkpoint, metadata, model={key: getattr(run, key) for key in model_family.architecture_fields},
+                     whose="its run's config")
+    plan = model_family.parallel_plan(config)
+    weights = {hf_name(plan, name): tensor_name(hf_name(plan, name), "weight") for name in parameter_names(plan)}
+    check_checkpoint(checkpoint, metadata, list(weights.values()))
+    tokenizer = load_tokenizer(checkpoint)
     with staged_directory(out, merge=True) as stage:
-        stream_tensors(os.path.join(stage, WEIGHTS_FILE), checkpoint, tensors,
-                       {"format": "pt", RECORD_KEY: record}, chunk_bytes)
-        write_json(os.path.join(stage, CONFIG_FILE), hf_config(config), indent=2)
-        load_tokenizer(checkpoint).save(stage)
+        if model_family.hf_config is None or model_family.weights_metadata is None:
+            _, params, _ = load_consolidated(checkpoint)
+            model_family.write_checkpoint_files(stage, {name: params[name] for name in parameter_names(plan)},
+                                                config, tokenizer)
+            return
+        stream_tensors(os.path.join(stage, WEIGHTS_FILE), checkpoint, weights, model_family.weights_metadata(config),
+                       chunk_bytes)
+        write_json(os.path.join(stage, CONFIG_FILE), model_family.hf_config(config), indent=2)
+        tokenizer.save(stage)
 
 
 def export_checkpoint(checkpoint: str, out: str) -> None:
@@ -93,6 +108,10 @@ def export_checkpoint(checkpoint: str, out: str) -> None:
     if is_sharded(checkpoint):
         export_model(checkpoint, out)
         return
-    config, params = load_checkpoint(checkpoint)
+    model_family = family(read_trainer_state(checkpoint)["config"].family)
+    config, params = model_family.load_checkpoint(checkpoint)
+    plan = model_family.parallel_plan(config)
     # in the model's order, as the Trainer writes them (the reader returns them sorted by name)
-    save_checkpoint(out, {name: params[name] for name in param_shapes(config)}, config, load_tokenizer(checkpoint))
+    with staged_directory(out, merge=True) as stage:
+        model_family.write_checkpoint_files(stage, {name: params[name] for name in parameter_names(plan)}, config,
+                                            load_tokenizer(checkpoint))

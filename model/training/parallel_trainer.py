@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
-from ringpipe.model.gpt2.config import GPTConfig
-from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+from ringpipe.model.families import family
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -70,15 +69,19 @@ class Layout:
 
 class ParallelTrainer:
     def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, plan: str | None = None):
-        """`plan`: "module:callable" making the model family's parallel plan from the GPTConfig the
-        TrainConfig describes (model/parallel/plan.py); GPT-2's by default."""
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, plan: str | None = None, special_ids: dict | None = None):
+        """`plan`: "module:callable" making a parallel plan from the model config the TrainConfig
+        describes (model/parallel/plan.py); by default the run's family's (model/families.py).
+        `special_ids`: {role: id} of the family's special tokens in the run's tokenizer (its
+        objective may need them: BERT's mask token)."""
         self.config = TrainConfig(**config)
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.tracer = comm.tracer
-        self.gpt_config: GPTConfig = self.config.gpt_config(vocab_size)
-        self.plan = (GPT2ParallelPlan if plan is None else _resolve(plan))(self.gpt_config)
+        self.family = family(self.config.family)
+        self.gpt_config = self.config.model_config(vocab_size)
+        self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
+        self.objective = self.family.objective(self.config, special_ids or {})
         self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
                          ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
@@ -131,8 +134,7 @@ class ParallelTrainer:
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
         config, layout = self.config, self.layout
-        x, y = self.dataset.get_batch(split, step, config.batch_size, config.model.block_size, config.seed,
-                                      config.sampler)
+        x, y = self.objective.batch(self.dataset, split, step)
         rows = config.batch_size // layout.dp
         mine = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
         x, y = x[mine], y[mine]
@@ -281,7 +283,7 @@ class ParallelTrainer:
     def coordinates(self) -> dict:
         return dict(self.mesh.indices)
 
-    # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
+    # ---- checkpoints (the family's full names, so a run can resume with any layout) ------------------
     def optimizer_state(self) -> dict:
         """AdamW state of what this rank holds, keyed like `AdamW.state_dict()` ("step", "m.NAME", "v.NAME").
         With ZeRO-1 the moments are all-gathered over dp, so every rank must be asked (collective)."""
@@ -310,11 +312,10 @@ class ParallelTrainer:
 
         if is_sharded(checkpoint_dir):
             return load_rank(self, checkpoint_dir)
-        from ringpipe.model.gpt2.checkpoint import load_checkpoint
         from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from ringpipe.runtime.files import load_tensors
 
-        _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
+        _, full = self.family.load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
         optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
         # "step", and a mixed run's loss-scaler entries: whole on every rank
         state = {key: value for key, value in optimizer_full.items() if not key.startswith(("m.", "v."))}

@@ -21,6 +21,7 @@ the single-process Trainer.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,8 +29,8 @@ import zlib
 
 import numpy as np
 
-from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, PREFIX, hf_config
-from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, GPTConfig, param_shapes
+from ringpipe.model.families import CONFIG_FILE, DEFAULT_FAMILY, Family, family
+from ringpipe.model.parallel.plan import stage_param_names
 from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commit, is_sharded,
                                                          new_checkpoint_directory, prune, read_metadata,
                                                          tensor_name)
@@ -46,8 +47,22 @@ READ_CHUNK_BYTES = 1 << 20  # checksums are computed over pieces read in chunks 
 
 
 # ---- what a rank owns -------------------------------------------------------------------------------
+def hf_name(plan, name: str) -> str:
+    """A parameter's global name: its Hugging Face name where the family's plan gives one."""
+    return plan.hf_name(name) if hasattr(plan, "hf_name") else name
+
+
+def parameter_names(plan) -> list[str]:
+    """Every parameter of the model a plan describes, in the model's order."""
+    return stage_param_names(plan, range(plan.num_layers), True, True)
+
+
+def family_of(metadata: dict) -> Family:
+    return family(metadata["config"].get("family", DEFAULT_FAMILY))
+
+
 def _piece(trainer, name: str, role: str, entry: dict, global_box, array) -> dict:
-    tensor = tensor_name(trainer.plan.hf_name(name), role)
+    tensor = tensor_name(hf_name(trainer.plan, name), role)
     offsets, lengths = global_box
     return {"tensor": tensor, "param": name, "role": role, "shape": list(entry["full_shape"]),
             "dtype": array.dtype.name, "offsets": list(offsets), "lengths": list(lengths),
@@ -229,7 +244,7 @@ def load_rank(trainer, checkpoint: str) -> int:
         shape = local_shape(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_size"])
         local = {}
         for role in ("weight", "exp_avg", "exp_avg_sq"):
-            tensor = tensor_name(trainer.plan.hf_name(name), role)
+            tensor = tensor_name(hf_name(trainer.plan, name), role)
             stored = _entry(checkpoint, tensors, tensor, entry["full_shape"])
             local[role] = np.zeros(shape, np.dtype(stored["dtype"]))  # vocabulary padding stays zero
             for box, global_box in pairs:
@@ -244,9 +259,9 @@ def load_rank(trainer, checkpoint: str) -> int:
     return int(metadata["step"])
 
 
-def load_consolidated(checkpoint: str) -> tuple[GPTConfig, dict, dict]:
-    """(GPTConfig of the stored weights, {name: full weight}, AdamW state with full moments) of a
-    sharded checkpoint, for the single-process Trainer."""
+def load_consolidated(checkpoint: str) -> tuple:
+    """(model config of the stored weights, {name: full weight}, AdamW state with full moments) of a
+    sharded checkpoint, for the single-process Trainer (and an export that cannot stream)."""
     metadata = read_metadata(checkpoint)
     check_checkpoint(checkpoint, metadata)
     params, state, verified = {}, _optimizer_state(metadata), set()
@@ -258,16 +273,18 @@ def load_consolidated(checkpoint: str) -> tuple[GPTConfig, dict, dict]:
             params[entry["param"]] = full
         else:
             state[{"exp_avg": "m.", "exp_avg_sq": "v."}[entry["role"]] + entry["param"]] = full
-    return GPTConfig(**metadata["model"]), params, state
+    return family_of(metadata).config(**metadata["model"]), params, state
 
 
 # ---- the driver's part --------------------------------------------------------------------------------
-def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, model: GPTConfig, layout: dict,
+def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, model, layout: dict,
                             tokenizer=None, keep: int | None = None) -> str:
     """Have every rank of `trainers` (a ParallelTrainer ActorGroup) write its pieces into
     RUN/checkpoints/step-N, then commit it; afterwards delete all but the newest `keep`. Returns
-    the directory. Weights that are not finite are a NonFiniteError and nothing is committed; a
-    worker lost midway leaves an unfinished directory that the next run's start removes."""
+    the directory. `config`: the TrainConfig as a dict; `model`: the family's config of the stored
+    weights. Weights that are not finite are a NonFiniteError and nothing is committed; a worker
+    lost midway leaves an unfinished directory that the next run's start removes."""
+    model_family = family(config.get("family", DEFAULT_FAMILY))
     checkpoint = new_checkpoint_directory(step_directory(run_dir, step))
     try:
         reports = trainers.save_checkpoint_pieces(checkpoint).result()
@@ -279,10 +296,11 @@ def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, 
         if bad is not None:
             raise NonFiniteError(step - 1, f"parameter {bad['nonfinite']} is not finite after the update; "
                                            f"not writing the checkpoint (lower --lr)")
-        write_json(os.path.join(checkpoint, CONFIG_FILE), hf_config(model), indent=2)
+        if model_family.hf_config is not None:  # what `checkpoint_family` and people read
+            write_json(os.path.join(checkpoint, CONFIG_FILE), model_family.hf_config(model), indent=2)
         if tokenizer is not None:
             tokenizer.save(checkpoint)
-        commit(checkpoint, reports, step=step, config=config, model=model.to_dict(), layout=layout,
+        commit(checkpoint, reports, step=step, config=config, model=dataclasses.asdict(model), layout=layout,
                optimizer=reports[0]["optimizer"])
     except BaseException:
         shutil.rmtree(checkpoint, ignore_errors=True)  # every rank is done with it: nothing half-visible stays
@@ -292,14 +310,16 @@ def save_sharded_checkpoint(trainers, run_dir: str, step: int, *, config: dict, 
     return checkpoint
 
 
-def check_resumable(checkpoint: str, run_model: GPTConfig) -> None:
-    """ValueError (one line, naming the tensor and the file) unless a sharded checkpoint holds every
-    weight and Adam moment of `run_model` with its shape, in pieces that exist, have their sizes and
-    cover each tensor; checksums are verified by the ranks as they read. A consolidated checkpoint
-    is checked as it is read."""
+def check_resumable(checkpoint: str, run_model, model_family: Family) -> None:
+    """ValueError (one line, naming the tensor and the file) unless a sharded checkpoint is of the
+    run's model (`run_model`, a config of `model_family`: its architecture fields) and holds every
+    weight and Adam moment in pieces that exist, have their sizes and cover each tensor. Checksums
+    (and each tensor's shape) are verified by the ranks as they read. A consolidated checkpoint is
+    checked as it is read."""
     if not is_sharded(checkpoint):
         return
-    shapes = {tensor_name(PREFIX + name, role): shape for name, shape in param_shapes(run_model).items()
-              for role in ("weight", "exp_avg", "exp_avg_sq")}
-    model = {key: getattr(run_model, key) for key in ARCHITECTURE_FIELDS}
-    check_checkpoint(checkpoint, read_metadata(checkpoint), shapes, model)
+    plan = model_family.parallel_plan(run_model)
+    names = [tensor_name(hf_name(plan, name), role) for name in parameter_names(plan)
+             for role in ("weight", "exp_avg", "exp_avg_sq")]
+    model = {key: getattr(run_model, key) for key in model_family.architecture_fields}
+    check_checkpoint(checkpoint, read_metadata(checkpoint), names, model)

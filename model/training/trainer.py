@@ -18,10 +18,9 @@ import time
 import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
+from ringpipe.model.data.hf_tokenizer import with_special_tokens
 from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
-from ringpipe.model.gpt2.checkpoint import write_checkpoint_files
-from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, init_params
-from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.families import check_checkpoint_family, family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
 from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
@@ -48,10 +47,13 @@ def threads_for(config: TrainConfig) -> int:
 
 
 def _tokenize_corpus(config: TrainConfig, tokenizer=None):
-    """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it."""
+    """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it. A new
+    tokenizer gets the special tokens the model family needs (BERT's mask, ...)."""
     text = load_corpus(config.data)
     if tokenizer is None:
         tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
+        if family(config.family).special_tokens:
+            tokenizer = with_special_tokens(tokenizer, family(config.family).special_tokens)
         ids = tokenizer.encode(text)
     else:
         try:
@@ -63,11 +65,12 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
 
 
 def _master_weights(config: TrainConfig, gpt_config, params):
-    """A mixed run's float32 master weights, as a GPT that only holds them (it saves them in the
+    """A mixed run's float32 master weights, as a model that only holds them (it saves them in the
     checkpoint format); None for other runs."""
     if not is_mixed(config.dtype):
         return None
-    return GPT(dataclasses.replace(gpt_config, dtype=weights_dtype(config.dtype)), params=params)
+    return family(config.family).model(dataclasses.replace(gpt_config, dtype=weights_dtype(config.dtype)),
+                                       params=params)
 
 
 def _optimizer(config: TrainConfig, params):
@@ -80,8 +83,10 @@ def _optimizer(config: TrainConfig, params):
 class Trainer:
     """Model, optimizer and data of one run; `train_step` and `evaluate` return metrics dicts.
 
-    In a mixed-precision run `gpt` computes in float16 and `master` (a float32 GPT that never runs)
-    holds the weights AdamW updates and checkpoints save; `weights` is whichever holds them."""
+    The model is of the run's family (`config.family`, model/families.py); `gpt` is its name from
+    when GPT-2 was the only one. In a mixed-precision run `gpt` computes in float16 and `master` (a
+    float32 copy that never runs) holds the weights AdamW updates and checkpoints save; `weights`
+    is whichever holds them."""
 
     def __init__(self, config: TrainConfig, run_dir: str, gpt, optimizer, tokenizer, dataset,
                  step: int = 0, master=None):
@@ -89,14 +94,21 @@ class Trainer:
         self.gpt, self.optimizer, self.tokenizer, self.dataset = gpt, optimizer, tokenizer, dataset
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
+        self.family = family(config.family)
+        self.objective = self.family.objective(config, special_ids(tokenizer, self.family))
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
             master.params.order)
 
     @property
-    def weights(self) -> GPT:
-        """The GPT holding the run's weights: the float32 master copy when mixed, else the model."""
+    def model(self):
+        """The run's model (of its family)."""
+        return self.gpt
+
+    @property
+    def weights(self):
+        """The model holding the run's weights: the float32 master copy when mixed, else the model."""
         return self.gpt if self.master is None else self.master
 
     def load_weights(self, params: dict) -> None:
@@ -112,10 +124,11 @@ class Trainer:
         remove_dead_temporaries(run_dir)
         remove_unfinished(run_dir)  # a multi-worker save cut short
         tokenizer, ids = _tokenize_corpus(config)
-        gpt_config = config.gpt_config(tokenizer.vocab_size)
-        gpt = GPT(gpt_config, seed=config.seed, threads=threads_for(config))
+        model_family = family(config.family)
+        gpt_config = config.model_config(tokenizer.vocab_size)
+        gpt = model_family.model(gpt_config, seed=config.seed, threads=threads_for(config))
         # Master weights from the same float64 draw as a float32 run's, not from the float16 model.
-        master = (_master_weights(config, gpt_config, init_params(gpt_config, config.seed))
+        master = (_master_weights(config, gpt_config, model_family.init_params(gpt_config, config.seed))
                   if is_mixed(config.dtype) else None)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
         return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir),
@@ -129,32 +142,34 @@ class Trainer:
         remove_dead_temporaries(run_dir)
         remove_unfinished(run_dir)  # a multi-worker save cut short
         checkpoint = find_checkpoint(run_dir)
+        model_family = family(config.family)
+        check_checkpoint_family(checkpoint, model_family.name)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
         if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
-        check_resumable(checkpoint, config.gpt_config(tokenizer.vocab_size))  # a sharded one, before reading it
+        check_resumable(checkpoint, config.model_config(tokenizer.vocab_size), model_family)  # before reading it
         try:
             if is_sharded(checkpoint):  # written by a multi-worker run
                 saved_config, params, optimizer_state = load_consolidated(checkpoint)
-                saved = GPT(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
-                                                device=config.device), params=params)
+                saved = model_family.model(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
+                                                               device=config.device), params=params)
             else:
-                saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
-                                            device=config.device)
+                saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                                           device=config.device)
                 optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
-        gpt_config = config.gpt_config(tokenizer.vocab_size)
-        for name in ARCHITECTURE_FIELDS:
+        gpt_config = config.model_config(tokenizer.vocab_size)
+        for name in model_family.architecture_fields:
             if getattr(saved.config, name) != getattr(gpt_config, name):
                 raise ValueError(f"checkpoint {checkpoint} has {name} "
                                  f"{getattr(saved.config, name)}, the run expects "
                                  f"{getattr(gpt_config, name)}")
-        gpt = GPT(gpt_config, params=saved.params, threads=threads_for(config))
+        gpt = model_family.model(gpt_config, params=saved.params, threads=threads_for(config))
         master = _master_weights(config, gpt_config, saved.params)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
         optimizer.load_state_dict(optimizer_state)
@@ -173,8 +188,7 @@ class Trainer:
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
-        x, y = self.dataset.get_batch("train", step, config.batch_size, config.model.block_size,
-                                      config.seed, config.sampler)
+        x, y = self.objective.batch(self.dataset, "train", step)
         rows = config.batch_size // config.microbatches
         mixed = self.master is not None
         loss_scale = self.optimizer.scaler.scale if mixed else 1.0
@@ -235,12 +249,11 @@ class Trainer:
         rows = config.batch_size // config.microbatches
         losses = []
         for i in range(config.eval_iters):
-            x, y = self.dataset.get_batch("val", i, config.batch_size, config.model.block_size,
-                                          config.seed, config.sampler)
+            x, y = self.objective.batch(self.dataset, "val", i)
             for start in range(0, config.batch_size, rows):
                 logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
                 loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),
-                                                overwrite_logits=True)
+                                                self.family.ignore_index, overwrite_logits=True)
                 losses.append(loss)
         return {"val_loss": float(np.mean(losses))}
 
@@ -255,7 +268,8 @@ class Trainer:
         self._check_finite("checkpoint")
         final = os.path.join(self.run_dir, CHECKPOINT_DIR)
         with staged_directory(final) as stage:
-            write_checkpoint_files(stage, self.params_on_host(), self.weights.config, self.tokenizer)
+            self.family.write_checkpoint_files(stage, self.params_on_host(), self.weights.config,
+                                               self.tokenizer)
             save_tensors(os.path.join(stage, OPTIMIZER_FILE), self.optimizer.state_dict())
             write_json(os.path.join(stage, TRAINER_STATE_FILE),
                        {"step": self.step, "config": dataclasses.asdict(self.config)}, indent=1)
