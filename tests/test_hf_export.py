@@ -1,6 +1,5 @@
 """The Hugging Face export of a sharded checkpoint: streamed in bounded chunks, the single-process
 model file byte for byte, opened by transformers with the same logits; `ringpipe export`."""
-import os
 import tracemalloc
 
 import numpy as np
