@@ -233,3 +233,19 @@ def test_keep_checkpoints_is_refused_where_a_single_process_keeps_one(corpus, tm
     line = one_error_line(run_cli("train", "--data", corpus, *TINY, "--steps", 1, "--keep-checkpoints", 2,
                                   "--out", out))
     assert "--keep-checkpoints" in line and not out.exists()
+
+
+def test_the_checkpoint_with_more_steps_is_the_one_a_run_resumes_from(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    for step, path in ((2, run / "checkpoints" / "step-00000002"), (3, run / "checkpoints" / "step-00000003")):
+        path.mkdir(parents=True)
+        (path / "checkpoint.json").write_text(json.dumps({"step": step}))
+    (run / "checkpoints" / "step-00000009").mkdir()  # unfinished: no commit file
+    consolidated = run / "checkpoint"
+    consolidated.mkdir()
+    (consolidated / "trainer.json").write_text(json.dumps({"step": 2, "config": {}}))
+    assert find_checkpoint(str(run)).endswith("step-00000003")
+    (consolidated / "trainer.json").write_text(json.dumps({"step": 4, "config": {}}))  # a later single-process run
+    assert find_checkpoint(str(run)) == str(consolidated)

@@ -78,22 +78,17 @@ def find_checkpoint(run_dir: str) -> str:
     """The run's latest checkpoint: the newest committed sharded one, or the consolidated one
     (the previous one if a swap was interrupted), whichever has more steps."""
     sharded = sharded_checkpoints(run_dir)
-    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-            if sharded:
-                try:
-                    if read_trainer_state(path)["step"] > sharded[-1][0]:
-                        return path
-                except ValueError:
-                    pass
-            break
-    else:
-        path = None
-    if sharded:
-        return sharded[-1][1]
-    if path is not None:
-        return path
+    consolidated = next((path for path in (os.path.join(run_dir, CHECKPOINT_DIR),
+                                           os.path.join(run_dir, PREVIOUS_CHECKPOINT_DIR))
+                         if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE))), None)
+    if sharded and consolidated is not None:
+        try:
+            newer = read_trainer_state(consolidated)["step"] > sharded[-1][0]
+        except ValueError:  # unreadable: the sharded one is the checkpoint to use
+            newer = False
+        return consolidated if newer else sharded[-1][1]
+    if sharded or consolidated is not None:
+        return sharded[-1][1] if sharded else consolidated
     raise ValueError(f"no checkpoint in {run_dir} (expected {run_dir}/{CHECKPOINT_DIR}/"
                      f"{TRAINER_STATE_FILE} or {run_dir}/{SHARDED_CHECKPOINTS_DIR}/step-N/{COMMIT_FILE})")
 
