@@ -66,7 +66,7 @@ def _piece(trainer, name: str, role: str, entry: dict, global_box, array) -> dic
     offsets, lengths = global_box
     return {"tensor": tensor, "param": name, "role": role, "shape": list(entry["full_shape"]),
             "dtype": array.dtype.name, "offsets": list(offsets), "lengths": list(lengths),
-            "key": f"{tensor}@{','.join(map(str, offsets))}", "array": np.ascontiguousarray(array)}
+            "key": f"{tensor}@{','.join(map(str, offsets))}", "array": array}  # a view: copied when written
 
 
 def _writes(trainer, index: int, replicated: bool) -> bool:
