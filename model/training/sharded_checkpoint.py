@@ -232,31 +232,69 @@ def _optimizer_state(metadata: dict) -> dict:
     return state
 
 
+class _RankReader:
+    """Reads boxes of this rank's shard of a parameter's weight or moment from a sharded checkpoint."""
+
+    def __init__(self, trainer, checkpoint: str, tensors: dict):
+        self.trainer, self.checkpoint, self.tensors, self.verified = trainer, checkpoint, tensors, set()
+        self.table = trainer.shard_table()
+
+    def read(self, name: str, role: str, box=None, dtype=None):
+        """The box (offsets, lengths; default: all) of this rank's shard of parameter `name`'s `role`
+        tensor, as a host array (zero where the shard is vocabulary padding)."""
+        entry = self.table[name]
+        tensor = tensor_name(hf_name(self.trainer.plan, name), role)
+        stored = _entry(self.checkpoint, self.tensors, tensor, entry["full_shape"])
+        if box is None:
+            shape = local_shape(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_size"])
+            box = ((0,) * len(shape), shape)
+        out = np.zeros(box[1], dtype or np.dtype(stored["dtype"]))
+        pairs = shard_boxes(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_rank"], entry["tp_size"])
+        for local, global_box in local_to_global(box, pairs):
+            relative = box_slices([o - b for o, b in zip(local[0], box[0])], local[1])
+            read_box(self.checkpoint, tensor, stored, global_box, out[relative], self.verified)
+        return out
+
+
 def load_rank(trainer, checkpoint: str) -> int:
     """Take this rank's part of a sharded checkpoint into a `ParallelTrainer` (weights, Adam
-    moments, optimizer scalars); returns the checkpoint's step."""
+    moments, optimizer scalars), reading only what it holds: its tensor-parallel shards, and with
+    ZeRO-1 only its 1/dp of the moments. Returns the checkpoint's step."""
     metadata = read_metadata(checkpoint)
-    tensors, table, verified = metadata["tensors"], trainer.shard_table(), set()
-    state = _optimizer_state(metadata)
+    reader, xp, optimizer = _RankReader(trainer, checkpoint, metadata["tensors"]), trainer.gradients.xp, trainer.optimizer
     for name, param in trainer.params.items():
-        entry = table[name]
-        pairs = shard_boxes(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_rank"], entry["tp_size"])
-        shape = local_shape(entry["full_shape"], entry["axis"], entry["parts"], entry["tp_size"])
-        local = {}
-        for role in ("weight", "exp_avg", "exp_avg_sq"):
-            tensor = tensor_name(hf_name(trainer.plan, name), role)
-            stored = _entry(checkpoint, tensors, tensor, entry["full_shape"])
-            local[role] = np.zeros(shape, np.dtype(stored["dtype"]))  # vocabulary padding stays zero
-            for box, global_box in pairs:
-                read_box(checkpoint, tensor, stored, global_box, local[role][box_slices(*box)], verified)
-        xp = trainer.gradients.xp
-        param[...] = xp.asarray(local["weight"].astype(param.dtype))
+        weight = reader.read(name, "weight")
+        param[...] = xp.asarray(weight.astype(param.dtype))
         if trainer.master is not None:
-            trainer.master[name][...] = xp.asarray(local["weight"])
-        state[f"m.{name}"], state[f"v.{name}"] = local["exp_avg"], local["exp_avg_sq"]
-    trainer.optimizer.load_state_dict(state)
+            trainer.master[name][...] = xp.asarray(weight)
+    if trainer.layout.zero:
+        _load_zero_moments(trainer, reader)
+    else:
+        for name in trainer.params:
+            optimizer.m[name][...] = xp.asarray(reader.read(name, "exp_avg", dtype=optimizer.m[name].dtype))
+            optimizer.v[name][...] = xp.asarray(reader.read(name, "exp_avg_sq", dtype=optimizer.v[name].dtype))
+    optimizer.step_count = int(metadata["optimizer"]["step"])
+    if hasattr(optimizer, "scaler"):  # a mixed run's loss scale (ValueError if the checkpoint has none)
+        optimizer.scaler.load_state_dict(_optimizer_state(metadata))
     trainer._refresh_tied_copies()
     return int(metadata["step"])
+
+
+def _load_zero_moments(trainer, reader: _RankReader) -> None:
+    """ZeRO-1: fill this rank's 1/dp of every bucket of Adam moments, box by box (the inverse of
+    `_zero_moment_pieces`)."""
+    gradients, optimizer = trainer.gradients, trainer.optimizer
+    for b, bucket in enumerate(gradients.buckets):
+        shard = optimizer.shards[b]
+        for name in bucket.names:
+            begin = gradients.offsets[name]
+            lo, hi = max(begin, shard.start), min(begin + volume(gradients.shapes[name]), shard.stop)
+            if lo >= hi:
+                continue
+            for role, moments in (("exp_avg", optimizer.m[b]), ("exp_avg_sq", optimizer.v[b])):
+                values = [reader.read(name, role, box, moments.dtype).ravel()
+                          for box in flat_range_boxes(gradients.shapes[name], lo - begin, hi - begin)]
+                moments[lo - shard.start:hi - shard.start] = gradients.xp.asarray(np.concatenate(values))
 
 
 def load_consolidated(checkpoint: str) -> tuple:
