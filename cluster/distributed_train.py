@@ -17,10 +17,10 @@ import time
 import numpy as np
 
 from ringpipe.model.families import family, special_ids
+from ringpipe.model.nn.mixed_precision import weights_dtype
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.nn.mixed_precision import weights_dtype
 from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint

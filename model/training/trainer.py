@@ -26,9 +26,9 @@ from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
+from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
 from ringpipe.runtime.array_module import array_module, to_host
 from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
