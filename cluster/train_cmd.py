@@ -145,6 +145,9 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
 @click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=D.checkpoint_every,
               show_default=True, help="Checkpoint every N steps (and after the last).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Multi-worker runs: how many sharded checkpoints stay in --out/checkpoints (older ones "
+                   "are deleted once a newer one is complete).")
 @click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
               help="A step whose loss or gradient norm is nan/inf: stop the run (before applying it), "
                    "or skip its update and go on.")
@@ -217,6 +220,9 @@ def train(ctx, **flags):
                            ("--split", flags["split"] is not None)):
             if used:
                 raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
+    if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
+        raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
+                       "one checkpoint")
     if flags["launcher"] != "local":
         check_multihost_flags(ctx, flags, layout.world_size)
     elif flags["nproc"] != layout.world_size:
@@ -277,7 +283,7 @@ def _run(flags, config, layout, distributed, out, state):
             try:
                 trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
                                          bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
-                                         cluster_options=options)
+                                         cluster_options=options, keep_checkpoints=flags["keep_checkpoints"])
             except BaseException:
                 if options.get("launcher") is not None:
                     options["launcher"].close()  # the other hosts' agents end too

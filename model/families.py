@@ -26,6 +26,10 @@ and the CLI ask `family(name)` for everything family-specific and name no family
                                  batch of `index`, a function of (seed, index, split) only, so
                                  every layout and a resumed run see the same batches; vocab_size
                                  and special_ids ({role: id}) are the run's tokenizer's
+    hf_config(config)            optional: the config.json of its Hugging Face format
+    weights_metadata(config)     optional: the safetensors metadata of its model.safetensors; with
+                                 hf_config, lets the export stream the weights from a sharded
+                                 checkpoint (model/training/hf_export.py) instead of loading them
     ignore_index                 the target value that carries no loss
     special_tokens               {transformers role: token text} added to any tokenizer
                                  (model/data/hf_tokenizer.py's with_special_tokens); {} for none
@@ -45,7 +49,6 @@ from typing import Any, Callable
 FAMILIES = {
     "gpt2": "ringpipe.model.gpt2.family",
     "bert": "ringpipe.model.bert.family",
-
     "t5": "ringpipe.model.t5.family",
 }
 DEFAULT_FAMILY = "gpt2"
@@ -69,6 +72,8 @@ class Family:
     ignore_index: int = -1
     special_tokens: dict = field(default_factory=dict)
     additional_tokens: tuple = ()
+    hf_config: Callable[[Any], dict] | None = None
+    weights_metadata: Callable[[Any], dict] | None = None
 
 
 def family(name: str) -> Family:

@@ -297,11 +297,23 @@ class ParallelTrainer:
             return self.optimizer.moment_bytes
         return int(sum(m.nbytes for m in self.optimizer.m.values()) + sum(v.nbytes for v in self.optimizer.v.values()))
 
+    def save_checkpoint_pieces(self, checkpoint_dir: str) -> dict:
+        """Write the pieces of a sharded checkpoint this rank owns; returns their report for the driver
+        (model/training/sharded_checkpoint.py). Every rank must be asked."""
+        from ringpipe.model.training.sharded_checkpoint import save_rank
+
+        return save_rank(self, checkpoint_dir)
+
     def load_state(self, checkpoint_dir: str) -> int:
-        """Take this rank's part of a full checkpoint (weights and AdamW moments); returns its step."""
+        """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded
+        checkpoint is read slice by slice, a consolidated one (model/training/trainer.py) whole."""
         import json
         import os
 
+        from ringpipe.model.training.sharded_checkpoint import is_sharded, load_rank
+
+        if is_sharded(checkpoint_dir):
+            return load_rank(self, checkpoint_dir)
         from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from ringpipe.runtime.files import load_tensors
 

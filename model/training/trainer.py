@@ -23,9 +23,11 @@ from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokeni
 from ringpipe.model.families import check_checkpoint_family, family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
+from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
+from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
 from ringpipe.runtime.array_module import array_module, to_host
 from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
@@ -121,6 +123,7 @@ class Trainer:
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         tokenizer, ids = _tokenize_corpus(config)
         model_family = family(config.family)
         gpt_config = config.model_config(tokenizer.vocab_size)
@@ -138,6 +141,7 @@ class Trainer:
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         checkpoint = find_checkpoint(run_dir)
         model_family = family(config.family)
         check_checkpoint_family(checkpoint, model_family.name)
@@ -148,10 +152,16 @@ class Trainer:
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
+        check_resumable(checkpoint, config.model_config(tokenizer.vocab_size), model_family)  # before reading it
         try:
-            saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
-                                                       device=config.device)
-            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
+            if is_sharded(checkpoint):  # written by a multi-worker run
+                saved_config, params, optimizer_state = load_consolidated(checkpoint)
+                saved = model_family.model(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
+                                                               device=config.device), params=params)
+            else:
+                saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                                           device=config.device)
+                optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
