@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat
+from ringpipe.cluster.options import FiniteFloat, OutputFile
 
 GIB = 1 << 30
 
@@ -46,7 +46,7 @@ def format_refusals(report) -> str:
     return "\n".join(f"  refused {c.label() if hasattr(c, 'label') else c}: {reason}" for c, reason in report.refused)
 
 
-@click.command()
+@click.command(short_help="Predict memory and step time of every layout; rank them.")
 @click.option("--model", "family", default="gpt2", show_default=True, help="Model family (gpt2).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
@@ -63,10 +63,10 @@ def format_refusals(report) -> str:
               help="Machine JSON file (or a shipped name: a100-8x-node, h100-8x-node); default: this host.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--show-refused", is_flag=True, help="List every refused layout and why.")
-@click.option("--json", "json_path", default=None, help="Also write the ranked layouts as JSON to FILE.")
+@click.option("--json", "json_path", type=OutputFile(), default=None, help="Also write the ranked layouts as JSON to FILE.")
 @click.option("--calibrate", is_flag=True, help="Time this machine for this model (up to --nproc workers) and "
                                                 "store the machine file (--out, default the ringpipe cache).")
-@click.option("--out", "machine_out", default=None, help="Where --calibrate writes the machine file.")
+@click.option("--out", "machine_out", type=OutputFile(), default=None, help="Where --calibrate writes the machine file.")
 def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
          machine_file, top, show_refused, json_path, calibrate, machine_out):
     """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""

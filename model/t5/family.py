@@ -122,4 +122,4 @@ FAMILY = Family(name="t5", options=T5Options, default_options=small_t5, config=t
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
                 parallel_plan=T5ParallelPlan, objective=SpanCorruptionObjective,
                 ignore_index=IGNORE_INDEX, special_tokens=SPECIAL_TOKENS,
-                additional_tokens=ADDITIONAL_TOKENS)
+                additional_tokens=ADDITIONAL_TOKENS, config_type=T5Config)

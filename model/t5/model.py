@@ -167,6 +167,18 @@ class T5(T5Layers):
                              f"labels {tuple(labels.shape)}")
         return self.seq2seq_loss_and_grads(input_ids, labels, None, dloss, dropout_seed)
 
+    def loss(self, packed, labels) -> float:
+        """Inference loss, no dropout: the mean cross-entropy of `forward(packed)` against labels
+        (IGNORE_INDEX skipped); what `Trainer.evaluate` asks every family for."""
+        input_ids, decoder_input_ids = self._unpack(packed)
+        encoder_out, cache = self.encode(input_ids)
+        self._release(cache)
+        y, cache = self.decode(decoder_input_ids, encoder_out)
+        self._release(cache)
+        loss, cache = self.head_forward(y, labels)
+        self.memory.release(cache)
+        return loss
+
     def _release(self, cache):
         for layer in cache["layers"]:
             self.memory.release(layer)
