@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
-from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer, mean_validation_loss
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
 from ringpipe.model.training.step import NonFiniteError
@@ -86,8 +86,8 @@ class DistributedRun:
         self._pulled_at = (self.step, with_optimizer)
 
     def evaluate(self) -> dict:
-        self._pull_state(with_optimizer=False)
-        return self.local.evaluate()
+        """{"val_loss"}, computed by the workers under the run's layout (no weights move)."""
+        return mean_validation_loss(self.trainers.evaluate().result())
 
     def save_checkpoint(self) -> str:
         self._pull_state(with_optimizer=True)

@@ -122,7 +122,8 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     if where == "setup":
         monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
     elif where == "evaluation":
-        monkeypatch.setattr(training_trainer.Trainer, "evaluate", _killing_first(training_trainer.Trainer.evaluate))
+        monkeypatch.setattr(distributed_train, "mean_validation_loss",
+                            _killing_first(distributed_train.mean_validation_loss))
     elif where == "pulling weights for a checkpoint":
         # The second checkpoint's pull: the weights are in, the optimizer moments are asked next.
         monkeypatch.setattr(distributed_train, "assemble_full_params",

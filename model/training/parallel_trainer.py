@@ -27,9 +27,11 @@ from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from ringpipe.model.parallel.mesh import Mesh, parallel_axes
 from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
-from ringpipe.model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
+from ringpipe.model.parallel.pipeline_parallel.schedules import (build_forward_schedule, build_schedule, split_layers,
+                                                                 stage_rank)
 from ringpipe.model.parallel.stage import Stage
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
 
 
@@ -267,12 +269,35 @@ class ParallelTrainer:
                     param[...] = self.params[name]
 
     # ---- evaluation and state ----------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """This rank's part of the validation loss, as `Trainer.evaluate` computes it: the same
+        `eval_iters` val batches, split over dp, pushed forward through the pipeline (no activations
+        kept) in the training micro-batches. Returns {"rank", "dp_rank", "losses"}: the mean loss of
+        each micro-batch on the ranks that hold the last stage at tp rank 0 (in (batch, micro-batch)
+        order), None elsewhere; `mean_validation_loss` turns all ranks' answers into "val_loss"."""
+        config, p, v = self.config, self.layout.pp, self.layout.virtual_stages
+        actions = build_forward_schedule(p, config.microbatches, v)[self.mesh.pp_rank]
+        reports = self.num_stages - 1 in self.stages and self.mesh.tp_rank == 0
+        losses = []
+        with overflow_expected(self.gpt_config.dtype):
+            for i in range(config.eval_iters):
+                inputs, targets = self._microbatches("val", i)
+                result = run_pipeline_step(actions, self.stages, self.mesh.pp, config.microbatches, self.num_stages,
+                                           inputs, targets, tracer=self.tracer, step=i, forward_only=True)
+                losses += [float(result.losses[k]) for k in sorted(result.losses)]
+        return {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "losses": losses if reports else None}
+
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
         (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
         puts them back together."""
         weights = self.params if self.master is None else self.master
         return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in weights.items()}
+
+    def memory_report(self) -> dict:
+        """Bytes of weights / gradients / optimizer state / activations this rank holds, and its
+        peak and current RSS (see model/training/memory_report.py)."""
+        return memory_report(self)
 
     def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
@@ -323,6 +348,14 @@ class ParallelTrainer:
             if name in stage.params:
                 return stage.take_shard(name, full_array)
         return full_array
+
+
+def mean_validation_loss(per_rank: list[dict]) -> dict:
+    """{"val_loss"} from every rank's `ParallelTrainer.evaluate` answer: the mean over all micro-batches
+    of every dp rank (equal-sized, so the mean of the whole batches, as `Trainer.evaluate`'s)."""
+    losses = [loss for answer in sorted(per_rank, key=lambda a: a["dp_rank"]) if answer["losses"] is not None
+              for loss in answer["losses"]]
+    return {"val_loss": float(np.mean(losses))}
 
 
 def _resolve(reference: str):

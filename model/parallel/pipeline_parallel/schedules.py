@@ -250,3 +250,16 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_sta
             order = _zero_bubble_h1(p, m, rank)
         schedule.append(_with_communication(order, rank, p, p * v))
     return schedule
+
+
+def build_forward_schedule(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[list[Action]]:
+    """Per pipeline rank, the actions of one forward-only pass (evaluation): FORWARD with its
+    receive and send, no backward and no OPTIMIZER_STEP. Every micro-batch goes through a rank's
+    first chunk, then all through its next one (as GPipe's forward half), so a rank never waits on
+    a micro-batch it could have started; nothing is kept for a backward that never comes."""
+    p, m, v = num_ranks, num_microbatches, virtual_stages
+    for label, value in (("num_ranks", p), ("num_microbatches", m), ("virtual_stages", v)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"forward schedule: {label} must be an integer ≥ 1, got {value!r}")
+    return [_with_communication([(Kind.FORWARD, mb, chunk * p + rank) for chunk in range(v) for mb in range(m)],
+                                rank, p, p * v)[:-1] for rank in range(p)]
