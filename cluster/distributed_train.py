@@ -1,44 +1,61 @@
-"""The driver of a multi-worker training run.
+"""The driver of a multi-worker training run: a coordinator that holds no weights.
 
-`DistributedRun` offers the same calls as `model.training.trainer.Trainer` (step, train_step, evaluate,
-save_checkpoint, save_model, tokenizer), so `ringpipe train` drives both the same way. Behind them:
-local worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank, and a driver-side
-Trainer that owns the tokenizer, the token file and the checkpoint format. Checkpoints hold the full
-GPT-2 weights and AdamW moments under their GPT-2 names, so a run can resume with any layout.
+`DistributedRun` offers the calls `ringpipe train` drives a single-process `Trainer` with (step,
+train_step, evaluate, save_checkpoint, save_model, tokenizer), plus `sample`. Behind them: local
+worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank building its own shards,
+and a `RunSetup` (tokenizer, token file, step; no model). Evaluation runs on the workers under the
+run's layout; the end-of-training sample runs `ringpipe generate` on the saved model in a child
+process (until generation is distributed). Checkpoints and the final model still hold the full
+GPT-2 weights and AdamW moments under their GPT-2 names (so a run can resume with any layout): to
+write them, the arrays pass through the driver, only while they are written.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
 
+from ringpipe.model.gpt2.checkpoint import save_checkpoint as save_model_files
+from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
-from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer, mean_validation_loss
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
+from ringpipe.model.training.layout_report import describe_layout
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer, mean_validation_loss
+from ringpipe.model.training.run_dir import SCHEDULE_FILE, find_checkpoint
+from ringpipe.model.training.run_setup import RunSetup
 from ringpipe.model.training.step import NonFiniteError
-from ringpipe.model.training.trainer import Trainer
+from ringpipe.model.training.trainer import write_run_checkpoint
 from ringpipe.runtime import Cluster
 from ringpipe.runtime.files import write_json
 
 
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
-                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None):
-        """`say(message)` is told what each slow stretch of starting up is doing."""
+                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None,
+                 setup: RunSetup | None = None, workers_started=lambda cluster: None, report=lambda line: None):
+        """`say(message)` is told what each slow stretch of starting up is doing. `setup`: the run's
+        tokenizer, token file and step when made elsewhere (default: RunSetup.create/resume);
+        `workers_started(cluster)` is called once the worker processes run, before they build their
+        shards (`ringpipe bench memory` puts them under a memory limit there). `report(line)` is told
+        the layout report (the pipeline split, bytes per stage and rank) before the workers start."""
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
-        self.local = (Trainer.resume if resume else Trainer.create)(config, out)
-        self.tokenizer = self.local.tokenizer
-        self.step = self.local.step
+        self.setup = setup or (RunSetup.resume if resume else RunSetup.create)(config, out)
+        self.tokenizer = self.setup.tokenizer
+        self.step = self.setup.step
+        plan = GPT2ParallelPlan(config.gpt_config(self.setup.vocab_size))  # shapes only: no weight is made
+        report(describe_layout(plan, layout, config.dtype))
         say(f"starting {layout.world_size} workers")
         self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
         try:
+            workers_started(self.cluster)
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
-                                               dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
-                                               self.tokenizer.vocab_size, bucket_bytes)
+                                               dataclasses.asdict(layout), self.setup.token_file,
+                                               self.setup.vocab_size, bucket_bytes)
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
@@ -49,7 +66,6 @@ class DistributedRun:
         except BaseException:
             self.cluster.close()
             raise
-        self._pulled_at = None
 
     def train_step(self, step: int) -> dict:
         start = time.perf_counter()
@@ -73,34 +89,51 @@ class DistributedRun:
             metrics["skipped"] = True
         return metrics
 
-    def _pull_state(self, with_optimizer: bool):
-        """Bring the workers' weights (and optimizer moments) into the driver-side Trainer."""
-        if self._pulled_at in ((self.step, with_optimizer), (self.step, True)):
-            return  # already here (the optimizer moments pulled for a checkpoint do no harm)
+    def _pull_state(self, with_optimizer: bool) -> tuple[dict, dict | None]:
+        """The workers' full weights (and AdamW moments) by GPT-2 name, for writing them out; nothing
+        the driver keeps. NonFiniteError if a weight is nan/inf: it must not be saved."""
         tables = self.trainers.shard_table().result()
-        self.local.load_weights(assemble_full_params(self.trainers.local_params().result(), tables))
-        if with_optimizer:
-            state = assemble_full_optimizer_state(self.trainers.optimizer_state().result(), tables)
-            self.local.optimizer.load_state_dict(state)
-        self.local.step = self.step
-        self._pulled_at = (self.step, with_optimizer)
+        params = assemble_full_params(self.trainers.local_params().result(), tables)
+        for name, param in params.items():
+            if not np.isfinite(param).all():
+                raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
+                                                    f"not writing the {'checkpoint' if with_optimizer else 'model'} "
+                                                    "(lower --lr)")
+        if not with_optimizer:
+            return params, None
+        return params, assemble_full_optimizer_state(self.trainers.optimizer_state().result(), tables)
 
     def evaluate(self) -> dict:
         """{"val_loss"}, computed by the workers under the run's layout (no weights move)."""
         return mean_validation_loss(self.trainers.evaluate().result())
 
     def save_checkpoint(self) -> str:
-        self._pull_state(with_optimizer=True)
-        return self.local.save_checkpoint()
+        params, optimizer_state = self._pull_state(with_optimizer=True)
+        return write_run_checkpoint(self.out, params, lambda: optimizer_state, self.setup.model_config, self.tokenizer,
+                                    self.step, self.config)
 
     def save_model(self) -> None:
-        self._pull_state(with_optimizer=False)
-        self.local.save_model()
+        # TODO(i16ckpt): the streaming export from the sharded checkpoint replaces this pull.
+        params, _ = self._pull_state(with_optimizer=False)
+        save_model_files(self.out, params, self.setup.model_config, tokenizer=self.tokenizer)
 
-    @property
-    def gpt(self):
-        self._pull_state(with_optimizer=False)
-        return self.local.gpt
+    def sample(self, max_new_tokens: int) -> str:
+        """Text generated from the saved model (`save_model` first) by `ringpipe generate` in a child
+        process, as a single-process run samples its own: prompt "\n" (or token 0), the run's seed.
+        RuntimeError with the child's last line if it fails."""
+        prompt = "\n" if _encodable(self.tokenizer, "\n") else self.tokenizer.decode([0])
+        command = [sys.executable, "-m", "ringpipe.cluster", "generate", "--checkpoint", self.out, "--prompt", prompt,
+                   "--max-new-tokens", str(max_new_tokens), "--seed", str(self.config.seed),
+                   "--device", self.config.device]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+            raise RuntimeError(f"sampling from {self.out} with ringpipe generate failed: {lines[-1]}")
+        return done.stdout.rstrip("\n")
+
+    def memory_report(self) -> list[dict]:
+        """Every rank's `ParallelTrainer.memory_report`, by rank."""
+        return self.trainers.memory_report().result()
 
     def close(self) -> list[str]:
         """Stop the workers; with tracing on, first write the traces into the run directory."""
@@ -111,3 +144,11 @@ class DistributedRun:
         finally:
             self.cluster.close()
         return paths
+
+
+def _encodable(tokenizer, text) -> bool:
+    try:
+        tokenizer.encode(text)
+        return True
+    except ValueError:
+        return False

@@ -219,7 +219,8 @@ def _run(flags, config, layout, distributed, out, state):
             from ringpipe.cluster.distributed_train import DistributedRun
 
             trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
-                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
+                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
+                                     report=lambda line: click.echo(line, err=True))
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
@@ -245,10 +246,16 @@ def _run(flags, config, layout, distributed, out, state):
                     report_trace(out)
         if flags["sample"]:
             status(f"generating a {flags['sample']}-token sample")
-            tokenizer = trainer.tokenizer
-            prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
-            ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-            click.echo(tokenizer.decode(to_host(ids)[0]))
+            if distributed:  # the driver holds no model: `ringpipe generate` samples the saved one
+                try:
+                    click.echo(trainer.sample(flags["sample"]))
+                except RuntimeError as exc:
+                    raise click.ClickException(one_line(exc)) from None
+            else:
+                tokenizer = trainer.tokenizer
+                prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
+                ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
+                click.echo(tokenizer.decode(to_host(ids)[0]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:

@@ -10,7 +10,6 @@ import pytest
 from click.testing import CliRunner
 
 import ringpipe.cluster.distributed_train as distributed_train
-from ringpipe.model.training import trainer as training_trainer
 from ringpipe.cluster.cli import main
 from ringpipe.runtime import Cluster
 from tests.conftest import process_alive
@@ -129,8 +128,8 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
         monkeypatch.setattr(distributed_train, "assemble_full_params",
                             _killing_first(distributed_train.assemble_full_params, on_call=2))
     elif where == "writing a checkpoint":
-        monkeypatch.setattr(training_trainer.Trainer, "save_checkpoint",
-                            _killing_after(training_trainer.Trainer.save_checkpoint))
+        monkeypatch.setattr(distributed_train, "write_run_checkpoint",
+                            _killing_after(distributed_train.write_run_checkpoint))
     else:
         monkeypatch.setattr(_RecordingCluster, "stop_trace", _killing_first(Cluster.stop_trace))
         extra = ["--trace"]

@@ -169,3 +169,11 @@ def load_checkpoint(directory, dtype=None, device=None):
             raise ValueError(f"{weights_path}: {name} has shape {tuple(params[name].shape)}, "
                              f"config.json implies {shape}")
     return config, params
+
+
+def load_config(directory):
+    """The GPTConfig of a checkpoint's config.json, without reading its weights (for a process that
+    must not hold them: the driver of a parallel run)."""
+    config_path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    hf = _read_config(config_path)
+    return gpt_config_from_hf(hf, config_path, dtype="float32", device="cpu")

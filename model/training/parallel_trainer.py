@@ -26,6 +26,7 @@ from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from ringpipe.model.parallel.mesh import Mesh, parallel_axes
+from ringpipe.model.parallel.plan import stage_sizes
 from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
 from ringpipe.model.parallel.pipeline_parallel.schedules import (build_forward_schedule, build_schedule, split_layers,
                                                                  stage_rank)
@@ -44,7 +45,7 @@ class Layout:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     zero: int = 0
-    split: list | None = None  # blocks per pipeline stage (p × v entries); None = balanced
+    split: list | None = None  # blocks per pipeline stage (p × v entries); None = parameter bytes balanced
 
     @property
     def world_size(self) -> int:
@@ -87,7 +88,7 @@ class ParallelTrainer:
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
-        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split)
+        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split, **stage_sizes(self.plan))
         full = self.plan.init_params(self.config.seed)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}

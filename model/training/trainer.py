@@ -243,13 +243,8 @@ class Trainer:
         not finite are refused (ValueError) so they never replace a good checkpoint.
         """
         self._check_finite("checkpoint")
-        final = os.path.join(self.run_dir, CHECKPOINT_DIR)
-        with staged_directory(final) as stage:
-            write_checkpoint_files(stage, self.params_on_host(), self.weights.config, self.tokenizer)
-            save_tensors(os.path.join(stage, OPTIMIZER_FILE), self.optimizer.state_dict())
-            write_json(os.path.join(stage, TRAINER_STATE_FILE),
-                       {"step": self.step, "config": dataclasses.asdict(self.config)}, indent=1)
-        return final
+        return write_run_checkpoint(self.run_dir, self.params_on_host(), self.optimizer.state_dict,
+                                    self.weights.config, self.tokenizer, self.step, self.config)
 
     def save_model(self) -> None:
         """Write the final model (weights, config.json, tokenizer.json) into `run_dir`; each
@@ -266,6 +261,20 @@ class Trainer:
             if not bool(self.xp.isfinite(param).all()):
                 raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
                                                     f"not writing the {what} (lower --lr)")
+
+
+def write_run_checkpoint(run_dir: str, params: dict, optimizer_state, model_config, tokenizer, step: int,
+                         config: TrainConfig) -> str:
+    """`run_dir/checkpoint` from host arrays by name (see `Trainer.save_checkpoint`); returns its path.
+    `optimizer_state()` returns the AdamW state dict; it is called inside the staged write, so that
+    its failure, too, leaves the previous checkpoint."""
+    final = os.path.join(run_dir, CHECKPOINT_DIR)
+    with staged_directory(final) as stage:
+        write_checkpoint_files(stage, params, model_config, tokenizer)
+        save_tensors(os.path.join(stage, OPTIMIZER_FILE), optimizer_state())
+        write_json(os.path.join(stage, TRAINER_STATE_FILE), {"step": step, "config": dataclasses.asdict(config)},
+                   indent=1)
+    return final
 
 
 def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
