@@ -41,3 +41,11 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def traced_bytes() -> tuple[int, int] | None:
+    """(current, peak) bytes tracemalloc sees in this process (NumPy's array buffers included), or
+    None when it is not tracing."""
+    import tracemalloc
+
+    return tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else None

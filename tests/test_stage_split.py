@@ -61,5 +61,6 @@ def test_an_explicit_split_is_kept():
 def test_the_layout_report_states_the_split_and_bytes_per_stage_and_rank():
     line = describe_layout(GPT2_MEDIUM, Layout(tp=2, pp=4), "float32")
     assert "blocks per stage 4,8,8,4 (balanced by parameter bytes)" in line
-    assert "parameters per stage 0.38, 0.38, 0.38, 0.38 GiB (float32), per rank 0.19, 0.19, 0.19, 0.19 GiB" in line
+    assert ("parameters per stage 389.52, 384.41, 384.41, 388.53 MiB (float32), "
+            "per rank 194.76, 192.20, 192.20, 194.26 MiB") in line
     assert "one process would need 5.28 GiB" in line

@@ -103,19 +103,24 @@ def param_shapes(config: GPTConfig) -> dict:
     return shapes
 
 
-def init_params(config: GPTConfig, seed: int = 0) -> dict:
-    """GPT-2 init as float64 NumPy arrays: N(0, 0.02) weights, residual projections scaled by
-    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros. Independent of dtype and device."""
+def init_params(config: GPTConfig, seed: int = 0, names=None, dtype=np.float64) -> dict:
+    """GPT-2 init as NumPy arrays: N(0, 0.02) weights, residual projections scaled by
+    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros; drawn in float64, independent of the
+    model's dtype and device. `names`: keep only these (every weight is still drawn, in order, so
+    the values are the same; one at a time, so the memory is theirs and one tensor's), cast to `dtype`."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(".bias"):
-            params[name] = np.zeros(shape)
+            value = np.zeros(shape)
         elif ".ln_" in name or name.startswith("ln_f"):
-            params[name] = np.ones(shape)
+            value = np.ones(shape)
         else:
             std = 0.02
             if name.endswith("c_proj.weight"):
                 std /= math.sqrt(2 * config.n_layer)
-            params[name] = rng.normal(0.0, std, size=shape)
+            value = rng.normal(0.0, std, size=shape)
+        if names is None or name in names:
+            params[name] = value.astype(dtype, copy=False)
+        del value
     return params

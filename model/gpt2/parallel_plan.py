@@ -51,6 +51,9 @@ class GPT2ParallelPlan:
     def init_params(self, seed: int) -> dict:
         return init_params(self.config, seed)
 
+    def init_params_of(self, seed: int, names, dtype) -> dict:
+        return init_params(self.config, seed, names, dtype)
+
     def param_shapes(self) -> dict:
         return param_shapes(self.config)
 

@@ -7,6 +7,9 @@ it, and nothing else, about names, shards, ties and the forward/backward of a st
     plan.dtype, plan.device              how the weights are held ("float64", "cpu", ...)
     plan.num_layers                      the blocks pipeline stages divide between them
     plan.init_params(seed)               {name: full float64 host array}, the same whatever the layout
+    plan.init_params_of(seed, names, dtype)  (optional) the same values for `names` only, cast to
+                                         `dtype`, without holding the rest: a rank then never holds
+                                         the whole model, even while it starts
     plan.param_shapes()                  (optional) {name: full shape}, without making any array: the
                                          default pipeline split then balances parameter bytes
     plan.embedding_params()              names the first pipeline stage holds besides its blocks

@@ -47,8 +47,11 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
     how = "as --split" if layout.split else ("balanced by parameter bytes" if stage_sizes(plan) else "balanced by count")
     total = sum(math.prod(shape) for shape in plan.param_shapes().values())
 
-    def gib(values):
-        return ", ".join(f"{value / 2**30:.2f}" for value in values) + " GiB"
+    def gib(values):  # in the unit of the largest value
+        values = list(values)
+        unit, scale = next((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+                           if max(values) >= s or s == 1)
+        return ", ".join(f"{value / scale:.2f}" for value in values) + " " + unit
 
     return (f"layout: dp {layout.dp} × tp {tp} × pp {p}" + (f" × {v} virtual stages" if v > 1 else "")
             + f" ({layout.schedule}), {layout.world_size} workers; blocks per stage "

@@ -26,7 +26,7 @@ from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from ringpipe.model.parallel.mesh import Mesh, parallel_axes
-from ringpipe.model.parallel.plan import stage_sizes
+from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
 from ringpipe.model.parallel.pipeline_parallel.schedules import (build_forward_schedule, build_schedule, split_layers,
                                                                  stage_rank)
@@ -89,7 +89,7 @@ class ParallelTrainer:
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
         layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split, **stage_sizes(self.plan))
-        full = self.plan.init_params(self.config.seed)
+        full = self._initial_params(layer_ranges)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
@@ -127,6 +127,18 @@ class ParallelTrainer:
             optimizer = ShardedAdamW if self.layout.zero else AdamW
             self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
                                        self.config.weight_decay)
+
+    def _initial_params(self, layer_ranges: list[range]) -> dict:
+        """The full initial values of the parameters this rank's stages hold (all of the model if the
+        plan cannot draw a part). A float32 run's are cast while drawn, which shards identically;
+        float64 otherwise (a mixed run rounds its float16 model and float32 master from them)."""
+        if not hasattr(self.plan, "init_params_of"):
+            return self.plan.init_params(self.config.seed)
+        last = self.num_stages - 1
+        names = {name for s, layers in enumerate(layer_ranges) if stage_rank(s, self.layout.pp) == self.mesh.pp_rank
+                 for name in stage_param_names(self.plan, layers, s == 0, s == last)}
+        dtype = np.float32 if self.config.dtype == "float32" else np.float64
+        return self.plan.init_params_of(self.config.seed, names, dtype)
 
     def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
         return Stage(self.plan, full, layers, first, last, self.mesh.tp, self.layout.sequence_parallel)
