@@ -10,7 +10,6 @@ from tests.test_parallel_equivalence import config_for
 LAYOUTS = [  # (dp, tp, pp, schedule, virtual stages, sequence parallel)
     (2, 1, 1, "1f1b", 1, False),
     (1, 2, 1, "1f1b", 1, True),
-    (1, 1, 2, "1f1b", 1, False),
     (1, 1, 2, "interleaved", 2, False),
     (2, 2, 2, "1f1b", 1, False),
 ]

@@ -111,16 +111,28 @@ def init_params(config: GPTConfig, seed: int = 0, names=None, dtype=np.float64) 
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
+        keep = names is None or name in names
         if name.endswith(".bias"):
-            value = np.zeros(shape)
+            value = np.zeros(shape, dtype) if keep else None
         elif ".ln_" in name or name.startswith("ln_f"):
-            value = np.ones(shape)
+            value = np.ones(shape, dtype) if keep else None
         else:
             std = 0.02
             if name.endswith("c_proj.weight"):
                 std /= math.sqrt(2 * config.n_layer)
-            value = rng.normal(0.0, std, size=shape)
-        if names is None or name in names:
-            params[name] = value.astype(dtype, copy=False)
-        del value
+            value = _normal(rng, std, shape, dtype, keep)
+        if keep:
+            params[name] = value
     return params
+
+
+def _normal(rng, std: float, shape, dtype, keep: bool, chunk: int = 1 << 22):
+    """rng.normal(0, std, shape) cast to dtype (None when not kept: the draw only advances rng),
+    drawn in float64 chunks: the same values in the same order, without a float64 copy of a large
+    tensor (the embedding of a 50k vocabulary is 0.4 GB in float64)."""
+    out = np.empty(math.prod(shape), dtype) if keep else None
+    for start in range(0, math.prod(shape), chunk):
+        values = rng.normal(0.0, std, size=min(chunk, math.prod(shape) - start))
+        if keep:
+            out[start:start + values.size] = values
+    return out.reshape(shape) if keep else None
