@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from ringpipe.cluster.distributed_train import DistributedRun
+from ringpipe.model.data.tokenizer import load_tokenizer
+from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.layout_report import stage_parameter_elements
+from ringpipe.model.training.layout_report import describe_layout, stage_parameter_elements
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.run_setup import RunSetup
 from tests.conftest import TEXT
@@ -85,11 +87,10 @@ def parameter_arrays_alive(shapes) -> list:
 @pytest.mark.timeout(180)
 def test_the_driver_holds_no_parameter_array_while_training_evaluating_and_sampling(tmp_path):
     config = small_config(tmp_path, n_layer=8)  # 25 MiB of weights: the driver's own ~0.5 MiB is far below 5 %
-    out = str(tmp_path / "run")
-    plan_shapes = {}
+    out, reported = str(tmp_path / "run"), []
     tracemalloc.start()
     try:
-        run = DistributedRun(config, Layout(tp=2, pp=2), out)
+        run = DistributedRun(config, Layout(pp=2), out, report=reported.append)
         try:
             plan_shapes = GPT2ParallelPlan(config.gpt_config(run.setup.vocab_size)).param_shapes()
             for step in range(2):
@@ -100,7 +101,7 @@ def test_the_driver_holds_no_parameter_array_while_training_evaluating_and_sampl
             tracemalloc.stop()
             run.save_model()  # TODO(i16ckpt): still pulls the weights; the export from the shards will not
             tracemalloc.start()
-            assert run.sample(8)
+            sample = run.sample(8)
             _, sampling_peak = tracemalloc.get_traced_memory()
         finally:
             run.close()
@@ -110,3 +111,10 @@ def test_the_driver_holds_no_parameter_array_while_training_evaluating_and_sampl
     assert alive == []
     # Starting the workers, tokenizing, metrics and messages: far below one copy of the weights.
     assert training_peak < 0.05 * weights and sampling_peak < 0.05 * weights, (training_peak, sampling_peak, weights)
+    # The sample is the saved model's, as a single-process run samples its own (prompt "\n", the run's seed).
+    gpt, tokenizer = GPT.from_pretrained(out), load_tokenizer(out)
+    ids = gpt.generate(gpt.xp.asarray(tokenizer.encode("\n"))[None, :], 8, seed=config.seed)
+    assert sample == tokenizer.decode(ids[0]).rstrip("\n")
+    assert reported == [describe_layout(GPT2ParallelPlan(config.gpt_config(run.setup.vocab_size)), Layout(pp=2),
+                                        "float32")]
+    assert "blocks per stage 4,4 (balanced by parameter bytes)" in reported[0]
