@@ -1,13 +1,14 @@
 """The driver of a multi-worker training run: a coordinator that holds no weights.
 
 `DistributedRun` offers the calls `ringpipe train` drives a single-process `Trainer` with (step,
-train_step, evaluate, save_checkpoint, save_model, tokenizer), plus `sample`. Behind them: local
-worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank building its own shards,
-and a `RunSetup` (tokenizer, token file, step; no model). Evaluation runs on the workers under the
-run's layout; the end-of-training sample runs `ringpipe generate` on the saved model in a child
-process (until generation is distributed). Checkpoints and the final model still hold the full
-GPT-2 weights and AdamW moments under their GPT-2 names (so a run can resume with any layout): to
-write them, the arrays pass through the driver, only while they are written.
+train_step, evaluate, save_checkpoint, save_model, tokenizer), plus `sample`. Behind them: worker
+processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank building its own shards, and a
+`RunSetup` (tokenizer, token file, step; no model). Evaluation runs on the workers under the run's
+layout. Checkpoints are sharded: each rank writes the pieces it owns and the driver commits them
+(model/training/sharded_checkpoint.py); tensors are stored under their Hugging Face names with their
+global shapes, so a run can resume with any layout. The final model is exported from the last
+checkpoint by streaming (model/training/hf_export.py), and the end-of-training sample is generated
+from it by `ringpipe generate` in a child process (until generation is distributed).
 """
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ import time
 
 import numpy as np
 
-from ringpipe.model.gpt2.checkpoint import save_checkpoint as save_model_files
-from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
-from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
+from ringpipe.model.families import family
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.evaluation import mean_validation_loss
+from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.layout_report import describe_layout
-from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer, mean_validation_loss
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.run_dir import SCHEDULE_FILE, find_checkpoint
 from ringpipe.model.training.run_setup import RunSetup
+from ringpipe.model.training.sharded_checkpoint import save_sharded_checkpoint
 from ringpipe.model.training.step import NonFiniteError
-from ringpipe.model.training.trainer import write_run_checkpoint
 from ringpipe.runtime import Cluster
 from ringpipe.runtime.files import write_json
 
@@ -36,26 +37,33 @@ from ringpipe.runtime.files import write_json
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
                  timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None,
-                 setup: RunSetup | None = None, workers_started=lambda cluster: None, report=lambda line: None):
-        """`say(message)` is told what each slow stretch of starting up is doing. `setup`: the run's
-        tokenizer, token file and step when made elsewhere (default: RunSetup.create/resume);
+                 cluster_options: dict | None = None, keep_checkpoints: int = 3, setup: RunSetup | None = None,
+                 workers_started=lambda cluster: None, report=lambda line: None):
+        """`say(message)` is told what each slow stretch of starting up is doing; `cluster_options`
+        go to the `Cluster` (a launcher for other hosts and the address to bind, cluster/launchers.py);
+        `keep_checkpoints`: how many committed checkpoints stay (older ones go once a newer one is
+        committed). `setup`: the run's tokenizer, token file and step when made elsewhere (default:
+        RunSetup.create/resume, which also check a checkpoint's pieces before any worker starts);
         `workers_started(cluster)` is called once the worker processes run, before they build their
-        shards (`ringpipe bench memory` puts them under a memory limit there). `report(line)` is told
+        shards (`ringpipe bench memory` puts them under a memory limit there); `report(line)` is told
         the layout report (the pipeline split, bytes per stage and rank) before the workers start."""
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
+        self.keep_checkpoints, self._saved = keep_checkpoints, (None, None)  # (step, path) of the last save
         self.setup = setup or (RunSetup.resume if resume else RunSetup.create)(config, out)
-        self.tokenizer = self.setup.tokenizer
-        self.step = self.setup.step
-        plan = GPT2ParallelPlan(config.gpt_config(self.setup.vocab_size))  # shapes only: no weight is made
+        if self.setup.ids is not None:
+            self.setup.write_token_file()
+        self.tokenizer, self.step = self.setup.tokenizer, self.setup.step
+        plan = family(config.family).parallel_plan(config.model_config(self.setup.vocab_size))  # makes no weight
         report(describe_layout(plan, layout, config.dtype))
         say(f"starting {layout.world_size} workers")
-        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
+        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout, **(cluster_options or {}))
         try:
             workers_started(self.cluster)
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), self.setup.token_file,
-                                               self.setup.vocab_size, bucket_bytes)
+                                               self.setup.vocab_size, bucket_bytes,
+                                               special_ids=self.setup.special_ids)
             if resume:
                 self.trainers.load_state(os.path.abspath(find_checkpoint(out))).result()
             if trace:
@@ -89,33 +97,24 @@ class DistributedRun:
             metrics["skipped"] = True
         return metrics
 
-    def _pull_state(self, with_optimizer: bool) -> tuple[dict, dict | None]:
-        """The workers' full weights (and AdamW moments) by GPT-2 name, for writing them out; nothing
-        the driver keeps. NonFiniteError if a weight is nan/inf: it must not be saved."""
-        tables = self.trainers.shard_table().result()
-        params = assemble_full_params(self.trainers.local_params().result(), tables)
-        for name, param in params.items():
-            if not np.isfinite(param).all():
-                raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
-                                                    f"not writing the {'checkpoint' if with_optimizer else 'model'} "
-                                                    "(lower --lr)")
-        if not with_optimizer:
-            return params, None
-        return params, assemble_full_optimizer_state(self.trainers.optimizer_state().result(), tables)
-
     def evaluate(self) -> dict:
         """{"val_loss"}, computed by the workers under the run's layout (no weights move)."""
         return mean_validation_loss(self.trainers.evaluate().result())
 
     def save_checkpoint(self) -> str:
-        params, optimizer_state = self._pull_state(with_optimizer=True)
-        return write_run_checkpoint(self.out, params, lambda: optimizer_state, self.setup.model_config, self.tokenizer,
-                                    self.step, self.config)
+        """Each rank writes its pieces into RUN/checkpoints/step-N; committed by the driver, which
+        holds no weights for it. Returns the directory."""
+        path = save_sharded_checkpoint(self.trainers, self.out, self.step, config=dataclasses.asdict(self.config),
+                                       model=self.setup.model_config, layout=dataclasses.asdict(self.layout),
+                                       tokenizer=self.tokenizer, keep=self.keep_checkpoints)
+        self._saved = (self.step, path)
+        return path
 
     def save_model(self) -> None:
-        # TODO(i16ckpt): the streaming export from the sharded checkpoint replaces this pull.
-        params, _ = self._pull_state(with_optimizer=False)
-        save_model_files(self.out, params, self.setup.model_config, tokenizer=self.tokenizer)
+        """The Hugging Face model files in the run directory, streamed from this step's checkpoint
+        (saved first unless it was just saved)."""
+        step, path = self._saved
+        export_checkpoint(path if step == self.step else self.save_checkpoint(), self.out)
 
     def sample(self, max_new_tokens: int) -> str:
         """Text generated from the saved model (`save_model` first) by `ringpipe generate` in a child

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer, mean_validation_loss
+from ringpipe.model.training.evaluation import mean_validation_loss
+from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.trainer import Trainer
 from tests.test_parallel_equivalence import config_for
 

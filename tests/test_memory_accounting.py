@@ -46,6 +46,7 @@ def state_bytes(report: dict) -> int:
 def test_each_rank_holds_only_its_shards(local_cluster, tmp_path, layout):
     config = small_config(tmp_path)
     setup = RunSetup.create(config, str(tmp_path / "run"))
+    setup.write_token_file()
     cluster = local_cluster(layout.world_size)
     cluster.run(start_tracing)  # before the rank builds anything
     try:
@@ -57,7 +58,7 @@ def test_each_rank_holds_only_its_shards(local_cluster, tmp_path, layout):
         reports = trainers.memory_report().result()
     finally:
         cluster.run(stop_tracing)  # the workers serve other tests next
-    plan = GPT2ParallelPlan(config.gpt_config(setup.vocab_size))
+    plan = GPT2ParallelPlan(config.model_config(setup.vocab_size))
     model_weights = 4 * sum(int(np.prod(shape)) for shape in plan.param_shapes().values())
     _, stage_elements = stage_parameter_elements(plan, layout)
     replica = [r for r in reports if r["coordinates"]["dp"] == 0]
@@ -85,36 +86,47 @@ def parameter_arrays_alive(shapes) -> list:
 
 
 @pytest.mark.timeout(180)
-def test_the_driver_holds_no_parameter_array_while_training_evaluating_and_sampling(tmp_path):
+def test_the_driver_holds_no_parameter_array_while_training_evaluating_checkpointing_exporting_and_sampling(
+        tmp_path):
     config = small_config(tmp_path, n_layer=8)  # 25 MiB of weights: the driver's own ~0.5 MiB is far below 5 %
-    out, reported = str(tmp_path / "run"), []
+    out, reported, peaks = str(tmp_path / "run"), [], {}
+
+    def phase(name):  # the driver's traced peak since the previous phase
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+
     tracemalloc.start()
     try:
         run = DistributedRun(config, Layout(pp=2), out, report=reported.append)
         try:
-            plan_shapes = GPT2ParallelPlan(config.gpt_config(run.setup.vocab_size)).param_shapes()
+            plan_shapes = GPT2ParallelPlan(config.model_config(run.setup.vocab_size)).param_shapes()
             for step in range(2):
                 run.train_step(step)
             assert "val_loss" in run.evaluate()
+            phase("training and evaluating")
+            run.save_checkpoint()
+            phase("checkpointing")
+            run.save_model()  # streamed from the checkpoint's pieces
+            phase("exporting")
             alive = parameter_arrays_alive(plan_shapes)
-            _, training_peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            run.save_model()  # TODO(i16ckpt): still pulls the weights; the export from the shards will not
-            tracemalloc.start()
             sample = run.sample(8)
-            _, sampling_peak = tracemalloc.get_traced_memory()
+            phase("sampling")
         finally:
             run.close()
     finally:
         tracemalloc.stop()
     weights = 4 * sum(int(np.prod(shape)) for shape in plan_shapes.values())
+    largest = 4 * max(int(np.prod(shape)) for shape in plan_shapes.values())
     assert alive == []
-    # Starting the workers, tokenizing, metrics and messages: far below one copy of the weights.
-    assert training_peak < 0.05 * weights and sampling_peak < 0.05 * weights, (training_peak, sampling_peak, weights)
+    # Starting the workers, tokenizing, metrics, messages, the checkpoint's metadata (~1 MiB for these
+    # 100 tensors): a small part of the weights, whatever the model's width; the export holds one chunk
+    # of one tensor (at most 32 MiB; here the largest tensor, 1 MiB) and its converted copies.
+    for name, peak in peaks.items():
+        assert peak < 0.1 * weights + (4 * largest if name == "exporting" else 0), (name, peaks, weights)
     # The sample is the saved model's, as a single-process run samples its own (prompt "\n", the run's seed).
     gpt, tokenizer = GPT.from_pretrained(out), load_tokenizer(out)
     ids = gpt.generate(gpt.xp.asarray(tokenizer.encode("\n"))[None, :], 8, seed=config.seed)
     assert sample == tokenizer.decode(ids[0]).rstrip("\n")
-    assert reported == [describe_layout(GPT2ParallelPlan(config.gpt_config(run.setup.vocab_size)), Layout(pp=2),
+    assert reported == [describe_layout(GPT2ParallelPlan(config.model_config(run.setup.vocab_size)), Layout(pp=2),
                                         "float32")]
     assert "blocks per stage 4,4 (balanced by parameter bytes)" in reported[0]

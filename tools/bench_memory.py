@@ -71,7 +71,7 @@ def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, bloc
     config.validate()
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero)
     layout.validate(config)
-    model = config.gpt_config(vocab_size)
+    model = config.model_config(vocab_size)
     need = single_process_bytes(model)
     if worker_limit_bytes >= need["total"]:
         raise ValueError(f"--worker-memory {worker_limit_bytes / GiB:.2f} GiB is not below what one process needs "

@@ -40,9 +40,14 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
     """One paragraph: the mesh, the split, bytes per stage and per rank (a tp shard of the stages it
     holds, counting the LayerNorms and biases every tp rank replicates as shared, so a little low),
     and what one process would need."""
+    p, v, tp = layout.pp, layout.virtual_stages, layout.tp
+    mesh = (f"layout: dp {layout.dp} × tp {tp} × pp {p}" + (f" × {v} virtual stages" if v > 1 else "")
+            + f" ({layout.schedule}), {layout.world_size} workers; blocks per stage ")
+    if not hasattr(plan, "param_shapes"):  # a family that does not say its shapes: split by count
+        ranges = split_layers(plan.num_layers, p * v, layout.split)
+        return mesh + ",".join(str(len(r)) for r in ranges) + (" (as --split)" if layout.split else " (balanced by count)")
     ranges, elements = stage_parameter_elements(plan, layout)
     weight, state = state_bytes_per_element(train_dtype, layout.dp if layout.zero else 1)
-    p, v, tp = layout.pp, layout.virtual_stages, layout.tp
     per_rank = [sum(elements[s] for s in range(p * v) if stage_rank(s, p) == r) / tp for r in range(p)]
     how = "as --split" if layout.split else ("balanced by parameter bytes" if stage_sizes(plan) else "balanced by count")
     total = sum(math.prod(shape) for shape in plan.param_shapes().values())
@@ -53,9 +58,7 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
                            if max(values) >= s or s == 1)
         return ", ".join(f"{value / scale:.2f}" for value in values) + " " + unit
 
-    return (f"layout: dp {layout.dp} × tp {tp} × pp {p}" + (f" × {v} virtual stages" if v > 1 else "")
-            + f" ({layout.schedule}), {layout.world_size} workers; blocks per stage "
-            + ",".join(str(len(r)) for r in ranges) + f" ({how}); parameters per stage "
+    return (mesh + ",".join(str(len(r)) for r in ranges) + f" ({how}); parameters per stage "
             + gib(e * weight for e in elements) + f" ({train_dtype}), per rank {gib(e * weight for e in per_rank)}; "
             + f"weights + gradients + AdamW per rank {gib(e * state for e in per_rank)}"
             + (f" (moments ÷ dp {layout.dp}, ZeRO-1)" if layout.zero else "")

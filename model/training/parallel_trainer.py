@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
-from ringpipe.model.gpt2.config import GPTConfig
-from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+from ringpipe.model.families import family
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -28,10 +27,10 @@ from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, Gradient
 from ringpipe.model.parallel.mesh import Mesh, parallel_axes
 from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
-from ringpipe.model.parallel.pipeline_parallel.schedules import (build_forward_schedule, build_schedule, split_layers,
-                                                                 stage_rank)
+from ringpipe.model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
 from ringpipe.model.parallel.stage import Stage
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.evaluation import evaluate_rank
 from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
 
@@ -62,7 +61,9 @@ class Layout:
                              f"{self.dp} × {config.microbatches}")
         if config.model.n_head % self.tp:
             raise ValueError(f"n_head {config.model.n_head} is not divisible by tp {self.tp}")
-        split_layers(config.model.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
+        # too few layers, bad split (an encoder-decoder's stages divide both stacks' layers)
+        split_layers(getattr(config.model, "pipeline_layers", config.model.n_layer), self.pp * self.virtual_stages,
+                     self.split)
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
@@ -73,15 +74,19 @@ class Layout:
 
 class ParallelTrainer:
     def __init__(self, comm, config: dict, layout: dict, token_file: str, vocab_size: int,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, plan: str | None = None):
-        """`plan`: "module:callable" making the model family's parallel plan from the GPTConfig the
-        TrainConfig describes (model/parallel/plan.py); GPT-2's by default."""
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, plan: str | None = None, special_ids: dict | None = None):
+        """`plan`: "module:callable" making a parallel plan from the model config the TrainConfig
+        describes (model/parallel/plan.py); by default the run's family's (model/families.py).
+        `special_ids`: {role: id} of the family's special tokens in the run's tokenizer (its
+        objective may need them: BERT's mask token)."""
         self.config = TrainConfig(**config)
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.tracer = comm.tracer
-        self.gpt_config: GPTConfig = self.config.gpt_config(vocab_size)
-        self.plan = (GPT2ParallelPlan if plan is None else _resolve(plan))(self.gpt_config)
+        self.family = family(self.config.family)
+        self.gpt_config = self.config.model_config(vocab_size)
+        self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
+        self.objective = self.family.objective(self.config, vocab_size, special_ids or {})
         self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
                          ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
@@ -146,8 +151,7 @@ class ParallelTrainer:
     # ---- one step --------------------------------------------------------------------------------
     def _microbatches(self, split: str, step: int):
         config, layout = self.config, self.layout
-        x, y = self.dataset.get_batch(split, step, config.batch_size, config.model.block_size, config.seed,
-                                      config.sampler)
+        x, y = self.objective.batch(self.dataset, split, step)
         rows = config.batch_size // layout.dp
         mine = slice(self.mesh.dp_rank * rows, (self.mesh.dp_rank + 1) * rows)
         x, y = x[mine], y[mine]
@@ -283,22 +287,8 @@ class ParallelTrainer:
 
     # ---- evaluation and state ----------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """This rank's part of the validation loss, as `Trainer.evaluate` computes it: the same
-        `eval_iters` val batches, split over dp, pushed forward through the pipeline (no activations
-        kept) in the training micro-batches. Returns {"rank", "dp_rank", "losses"}: the mean loss of
-        each micro-batch on the ranks that hold the last stage at tp rank 0 (in (batch, micro-batch)
-        order), None elsewhere; `mean_validation_loss` turns all ranks' answers into "val_loss"."""
-        config, p, v = self.config, self.layout.pp, self.layout.virtual_stages
-        actions = build_forward_schedule(p, config.microbatches, v)[self.mesh.pp_rank]
-        reports = self.num_stages - 1 in self.stages and self.mesh.tp_rank == 0
-        losses = []
-        with overflow_expected(self.gpt_config.dtype):
-            for i in range(config.eval_iters):
-                inputs, targets = self._microbatches("val", i)
-                result = run_pipeline_step(actions, self.stages, self.mesh.pp, config.microbatches, self.num_stages,
-                                           inputs, targets, tracer=self.tracer, step=i, forward_only=True)
-                losses += [float(result.losses[k]) for k in sorted(result.losses)]
-        return {"rank": self.mesh.rank, "dp_rank": self.mesh.dp_rank, "losses": losses if reports else None}
+        """This rank's part of the validation loss (model/training/evaluation.py)."""
+        return evaluate_rank(self)
 
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
@@ -319,7 +309,7 @@ class ParallelTrainer:
     def coordinates(self) -> dict:
         return dict(self.mesh.indices)
 
-    # ---- checkpoints (full GPT-2 names, so a run can resume with any layout) ------------------------
+    # ---- checkpoints (the family's full names, so a run can resume with any layout) ------------------
     def optimizer_state(self) -> dict:
         """AdamW state of what this rank holds, keyed like `AdamW.state_dict()` ("step", "m.NAME", "v.NAME").
         With ZeRO-1 the moments are all-gathered over dp, so every rank must be asked (collective)."""
@@ -331,16 +321,31 @@ class ParallelTrainer:
             return self.optimizer.moment_bytes
         return int(sum(m.nbytes for m in self.optimizer.m.values()) + sum(v.nbytes for v in self.optimizer.v.values()))
 
+    def save_checkpoint_pieces(self, checkpoint_dir: str) -> dict:
+        """Write the pieces of a sharded checkpoint this rank owns; returns their report for the driver
+        (model/training/sharded_checkpoint.py). Every rank must be asked."""
+        from ringpipe.model.training.sharded_checkpoint import save_rank
+
+        return save_rank(self, checkpoint_dir)
+
     def load_state(self, checkpoint_dir: str) -> int:
-        """Take this rank's part of a full checkpoint (weights and AdamW moments); returns its step."""
+        """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded
+        checkpoint is read slice by slice, a consolidated one (model/training/trainer.py) whole."""
         import json
         import os
 
-        from ringpipe.model.gpt2.checkpoint import load_checkpoint
+        from ringpipe.model.training.sharded_checkpoint import is_sharded, load_rank
+
+        if is_sharded(checkpoint_dir):
+            return load_rank(self, checkpoint_dir)
         from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from ringpipe.runtime.files import load_tensors
 
-        _, full = load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
+        saved, full = self.family.load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
+        for field in self.family.architecture_fields:  # (the driver holds no weights to check them against)
+            if getattr(saved, field) != getattr(self.gpt_config, field):
+                raise ValueError(f"checkpoint {checkpoint_dir} has {field} {getattr(saved, field)}, the run expects "
+                                 f"{getattr(self.gpt_config, field)}")
         optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
         # "step", and a mixed run's loss-scaler entries: whole on every rank
         state = {key: value for key, value in optimizer_full.items() if not key.startswith(("m.", "v."))}
@@ -361,14 +366,6 @@ class ParallelTrainer:
             if name in stage.params:
                 return stage.take_shard(name, full_array)
         return full_array
-
-
-def mean_validation_loss(per_rank: list[dict]) -> dict:
-    """{"val_loss"} from every rank's `ParallelTrainer.evaluate` answer: the mean over all micro-batches
-    of every dp rank (equal-sized, so the mean of the whole batches, as `Trainer.evaluate`'s)."""
-    losses = [loss for answer in sorted(per_rank, key=lambda a: a["dp_rank"]) if answer["losses"] is not None
-              for loss in answer["losses"]]
-    return {"val_loss": float(np.mean(losses))}
 
 
 def _resolve(reference: str):

@@ -17,21 +17,16 @@ import time
 
 import numpy as np
 
-from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
-from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
-from ringpipe.model.gpt2.checkpoint import write_checkpoint_files
-from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, init_params
-from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.families import family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
-from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
-                                    find_checkpoint, read_trainer_state)
+from ringpipe.model.training.run_dir import CHECKPOINT_DIR, OPTIMIZER_FILE, TRAINER_STATE_FILE, find_checkpoint
+from ringpipe.model.training.run_setup import RunSetup
+from ringpipe.model.training.sharded_checkpoint import is_sharded, load_consolidated
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
 from ringpipe.runtime.array_module import array_module, to_host
-from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
-                           staged_directory, write_json)
+from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 
 def threads_for(config: TrainConfig) -> int:
@@ -45,27 +40,13 @@ def threads_for(config: TrainConfig) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _tokenize_corpus(config: TrainConfig, tokenizer=None):
-    """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it."""
-    text = load_corpus(config.data)
-    if tokenizer is None:
-        tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-        ids = tokenizer.encode(text)
-    else:
-        try:
-            ids = tokenizer.encode(text)
-        except ValueError as exc:
-            raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
-    TokenDataset(ids, config.val_fraction).check_block_size(config.model.block_size)
-    return tokenizer, ids
-
-
 def _master_weights(config: TrainConfig, gpt_config, params):
-    """A mixed run's float32 master weights, as a GPT that only holds them (it saves them in the
+    """A mixed run's float32 master weights, as a model that only holds them (it saves them in the
     checkpoint format); None for other runs."""
     if not is_mixed(config.dtype):
         return None
-    return GPT(dataclasses.replace(gpt_config, dtype=weights_dtype(config.dtype)), params=params)
+    return family(config.family).model(dataclasses.replace(gpt_config, dtype=weights_dtype(config.dtype)),
+                                       params=params)
 
 
 def _optimizer(config: TrainConfig, params):
@@ -78,8 +59,10 @@ def _optimizer(config: TrainConfig, params):
 class Trainer:
     """Model, optimizer and data of one run; `train_step` and `evaluate` return metrics dicts.
 
-    In a mixed-precision run `gpt` computes in float16 and `master` (a float32 GPT that never runs)
-    holds the weights AdamW updates and checkpoints save; `weights` is whichever holds them."""
+    The model is of the run's family (`config.family`, model/families.py); `gpt` is its name from
+    when GPT-2 was the only one. In a mixed-precision run `gpt` computes in float16 and `master` (a
+    float32 copy that never runs) holds the weights AdamW updates and checkpoints save; `weights`
+    is whichever holds them."""
 
     def __init__(self, config: TrainConfig, run_dir: str, gpt, optimizer, tokenizer, dataset,
                  step: int = 0, master=None):
@@ -87,14 +70,21 @@ class Trainer:
         self.gpt, self.optimizer, self.tokenizer, self.dataset = gpt, optimizer, tokenizer, dataset
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
+        self.family = family(config.family)
+        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
             master.params.order)
 
     @property
-    def weights(self) -> GPT:
-        """The GPT holding the run's weights: the float32 master copy when mixed, else the model."""
+    def model(self):
+        """The run's model (of its family)."""
+        return self.gpt
+
+    @property
+    def weights(self):
+        """The model holding the run's weights: the float32 master copy when mixed, else the model."""
         return self.gpt if self.master is None else self.master
 
     def load_weights(self, params: dict) -> None:
@@ -106,50 +96,46 @@ class Trainer:
     @classmethod
     def create(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """A fresh run: everything is validated before anything is written to `run_dir`."""
-        config.validate()
-        remove_dead_temporaries(run_dir)
-        tokenizer, ids = _tokenize_corpus(config)
-        gpt_config = config.gpt_config(tokenizer.vocab_size)
-        gpt = GPT(gpt_config, seed=config.seed, threads=threads_for(config))
+        setup = RunSetup.create(config, run_dir)
+        model_family = family(config.family)
+        gpt_config = config.model_config(setup.vocab_size)
+        gpt = model_family.model(gpt_config, seed=config.seed, threads=threads_for(config))
         # Master weights from the same float64 draw as a float32 run's, not from the float16 model.
-        master = (_master_weights(config, gpt_config, init_params(gpt_config, config.seed))
+        master = (_master_weights(config, gpt_config, model_family.init_params(gpt_config, config.seed))
                   if is_mixed(config.dtype) else None)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
-        return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir),
-                   master=master)
+        return cls(config, run_dir, gpt, optimizer, setup.tokenizer, setup.write_token_file(), master=master)
 
     @classmethod
     def resume(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """Continue the run saved in `run_dir/checkpoint` under `config` (usually the saved one,
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
-        config.validate()
-        remove_dead_temporaries(run_dir)
-        checkpoint = find_checkpoint(run_dir)
-        state = read_trainer_state(checkpoint)
-        tokenizer = load_tokenizer(checkpoint)
-        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
-            raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
-                             f"{tokenizer.type!r} in {checkpoint}")
-        _, ids = _tokenize_corpus(config, tokenizer)
+        setup = RunSetup.resume(config, run_dir)  # everything but the weights, checked
+        checkpoint, model_family, tokenizer = find_checkpoint(run_dir), family(config.family), setup.tokenizer
         try:
-            saved = GPT.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
-                                        device=config.device)
-            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
+            if is_sharded(checkpoint):  # written by a multi-worker run
+                saved_config, params, optimizer_state = load_consolidated(checkpoint)
+                saved = model_family.model(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
+                                                               device=config.device), params=params)
+            else:
+                saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                                           device=config.device)
+                optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
-        gpt_config = config.gpt_config(tokenizer.vocab_size)
-        for name in ARCHITECTURE_FIELDS:
+        gpt_config = config.model_config(tokenizer.vocab_size)
+        for name in model_family.architecture_fields:
             if getattr(saved.config, name) != getattr(gpt_config, name):
                 raise ValueError(f"checkpoint {checkpoint} has {name} "
                                  f"{getattr(saved.config, name)}, the run expects "
                                  f"{getattr(gpt_config, name)}")
-        gpt = GPT(gpt_config, params=saved.params, threads=threads_for(config))
+        gpt = model_family.model(gpt_config, params=saved.params, threads=threads_for(config))
         master = _master_weights(config, gpt_config, saved.params)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
         optimizer.load_state_dict(optimizer_state)
-        return cls(config, run_dir, gpt, optimizer, tokenizer,
-                   _token_dataset(config, ids, run_dir), step=state["step"], master=master)
+        return cls(config, run_dir, gpt, optimizer, tokenizer, setup.write_token_file(), step=setup.step,
+                   master=master)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`, accumulated over micro-batches.
@@ -163,8 +149,7 @@ class Trainer:
         """
         config, xp = self.config, self.xp
         start = time.perf_counter()
-        x, y = self.dataset.get_batch("train", step, config.batch_size, config.model.block_size,
-                                      config.seed, config.sampler)
+        x, y = self.objective.batch(self.dataset, "train", step)
         rows = config.batch_size // config.microbatches
         mixed = self.master is not None
         loss_scale = self.optimizer.scaler.scale if mixed else 1.0
@@ -225,13 +210,9 @@ class Trainer:
         rows = config.batch_size // config.microbatches
         losses = []
         for i in range(config.eval_iters):
-            x, y = self.dataset.get_batch("val", i, config.batch_size, config.model.block_size,
-                                          config.seed, config.sampler)
+            x, y = self.objective.batch(self.dataset, "val", i)
             for start in range(0, config.batch_size, rows):
-                logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
-                loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),
-                                                overwrite_logits=True)
-                losses.append(loss)
+                losses.append(self.gpt.loss(xp.asarray(x[start:start + rows]), xp.asarray(y[start:start + rows])))
         return {"val_loss": float(np.mean(losses))}
 
     def save_checkpoint(self) -> str:
@@ -243,8 +224,14 @@ class Trainer:
         not finite are refused (ValueError) so they never replace a good checkpoint.
         """
         self._check_finite("checkpoint")
-        return write_run_checkpoint(self.run_dir, self.params_on_host(), self.optimizer.state_dict,
-                                    self.weights.config, self.tokenizer, self.step, self.config)
+        final = os.path.join(self.run_dir, CHECKPOINT_DIR)
+        with staged_directory(final) as stage:
+            self.family.write_checkpoint_files(stage, self.params_on_host(), self.weights.config,
+                                               self.tokenizer)
+            save_tensors(os.path.join(stage, OPTIMIZER_FILE), self.optimizer.state_dict())
+            write_json(os.path.join(stage, TRAINER_STATE_FILE),
+                       {"step": self.step, "config": dataclasses.asdict(self.config)}, indent=1)
+        return final
 
     def save_model(self) -> None:
         """Write the final model (weights, config.json, tokenizer.json) into `run_dir`; each
@@ -261,24 +248,3 @@ class Trainer:
             if not bool(self.xp.isfinite(param).all()):
                 raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
                                                     f"not writing the {what} (lower --lr)")
-
-
-def write_run_checkpoint(run_dir: str, params: dict, optimizer_state, model_config, tokenizer, step: int,
-                         config: TrainConfig) -> str:
-    """`run_dir/checkpoint` from host arrays by name (see `Trainer.save_checkpoint`); returns its path.
-    `optimizer_state()` returns the AdamW state dict; it is called inside the staged write, so that
-    its failure, too, leaves the previous checkpoint."""
-    final = os.path.join(run_dir, CHECKPOINT_DIR)
-    with staged_directory(final) as stage:
-        write_checkpoint_files(stage, params, model_config, tokenizer)
-        save_tensors(os.path.join(stage, OPTIMIZER_FILE), optimizer_state())
-        write_json(os.path.join(stage, TRAINER_STATE_FILE), {"step": step, "config": dataclasses.asdict(config)},
-                   indent=1)
-    return final
-
-
-def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
-    make_directory(run_dir)
-    path = os.path.join(run_dir, TOKEN_FILE)
-    write_token_file(ids, path)
-    return TokenDataset.from_file(path, config.val_fraction)
