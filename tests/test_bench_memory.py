@@ -1,5 +1,5 @@
-"""`ringpipe bench memory`: a model bigger than one worker's memory limit trains; a worker the limit's
-OOM killer ends is one line."""
+"""`ringpipe bench memory`: a model bigger than one worker's memory limit trains, checkpoints, exports
+and resumes; a worker the limit's OOM killer ends is one line."""
 import json
 
 import numpy as np
@@ -41,9 +41,12 @@ def test_the_model_trains_with_every_worker_below_the_single_process_need(tmp_pa
     targets = report["targets"]
     assert targets["ranks_within_10_percent_of_share"] and targets["every_rank_below_single_process_need"], \
         result.output
+    assert targets["checkpoint_export_and_resume_within_the_limits"], result.output
+    assert len(report["run"]["losses"]) == 2  # one step, then one more after resuming from the checkpoint
     # The driver's 5 % is of a large model's weights (see the README's run); here they are 16 MiB, and
-    # its growth over its idle baseline (starting workers, messages) is about 2 MiB whatever the model.
-    assert report["driver"]["growth"] < 5 * (1 << 20), result.output
+    # its growth over its idle baseline (messages, the export's chunk, the resume's tokenizing) is
+    # about 10 MiB whatever the model: at most one 32 MiB export chunk.
+    assert report["driver"]["growth"] < 32 * (1 << 20), result.output
     assert report["single_process"]["total"] > report["worker_limit_bytes"]
     for rank in report["ranks"]:
         assert rank["cgroup_peak"] <= report["worker_limit_bytes"]

@@ -5,8 +5,10 @@
     print(format_table(result))
 
 The run is the real one (`start_run` is cluster/distributed_train.py's DistributedRun, passed in by the
-command: tools/ does not import cluster/), on a token file of uniform random ids (the data does not
-matter to memory; a 50k vocabulary needs no tokenizer trained). Each worker is moved, before it builds
+command: tools/ does not import cluster/): it trains, evaluates, checkpoints, exports the model, then
+resumes from the checkpoint in new workers and trains one step more. The data are uniform random
+characters of a `vocab_size`-letter alphabet, so the `char` tokenizer has that vocabulary and saves
+with the checkpoint (the data do not matter to memory). Each worker is moved, before it builds
 anything, into a memory cgroup of its own (runtime/memory_cgroup.py) limited below what one process
 would need for float32 weights + gradients + AdamW moments. Reported per rank and for the driver:
 peak RSS (VmHWM), the bytes of weights / gradients / optimizer state / activations, and the cgroup's
@@ -15,17 +17,16 @@ killer ends is one line naming the rank and the limit.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
 
 import numpy as np
 
-from ringpipe.model.data.dataset import write_token_file
 from ringpipe.model.gpt2.config import GPTConfig, param_shapes
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout
-from ringpipe.model.training.run_dir import TOKEN_FILE
 from ringpipe.model.training.run_setup import RunSetup
 from ringpipe.runtime import WorkerLost
 from ringpipe.runtime.memory_cgroup import MemoryCgroup
@@ -54,20 +55,27 @@ def oom_explanation(groups: dict, pids: dict) -> str | None:
                f"; so were ranks {', '.join(map(str, killed[1:]))}" if len(killed) > 2 else ""))
 
 
-def _token_file(out: str, vocab_size: int, tokens: int, seed: int) -> str:
+def _corpus(out: str, vocab_size: int, characters: int, seed: int) -> str:
+    """A text of uniform random characters from an alphabet of `vocab_size` (each at least once), so
+    that the `char` tokenizer has exactly that vocabulary and saves with the checkpoint."""
+    alphabet = np.array([chr(c) for c in range(0x100, 0x100 + vocab_size + 0x800) if not 0xD800 <= c < 0xE000][
+        :vocab_size])
+    text = "".join(alphabet) + "".join(alphabet[np.random.default_rng(seed).integers(0, vocab_size, size=characters)])
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, TOKEN_FILE)
-    write_token_file(np.random.default_rng(seed).integers(0, vocab_size, size=tokens), path)
+    path = os.path.join(out, "corpus.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
     return path
 
 
 def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, block_size=256, batch_size=2,
         microbatches=2, steps=3, dp=1, tp=2, pp=2, zero=0, worker_limit_bytes=3 * GiB, out="bench-memory",
         timeout=900.0, say=lambda line: None) -> dict:
-    """Train `steps` steps and evaluate once under the limits; returns the result dict (see format_table)."""
+    """Train `steps` steps, evaluate, checkpoint, export, then resume from the checkpoint (new workers)
+    and train one step more, every worker under the limit; returns the result dict (see format_table)."""
     config = TrainConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, block_size=block_size, batch_size=batch_size,
                          microbatches=microbatches, steps=steps, eval_iters=1, eval_every=0, checkpoint_every=0,
-                         warmup=0, dtype="float32", val_fraction=0.1)
+                         warmup=0, dtype="float32", val_fraction=0.1, tokenizer="char")
     config.validate()
     layout = Layout(dp=dp, tp=tp, pp=pp, zero=zero)
     layout.validate(config)
@@ -78,10 +86,11 @@ def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, bloc
                          f"({need['total'] / GiB:.2f} GiB of float32 weights, gradients and AdamW moments): "
                          "the bench would prove nothing")
     # enough windows for every step's batch and the evaluation, whatever the sampler does
-    tokens = max(20 * (block_size + 1) * batch_size * (steps + 2), 100 * (block_size + 1))
-    _token_file(out, vocab_size, tokens, config.seed)
-    setup = RunSetup(config, out, tokenizer=None, vocab_size=vocab_size)
-    # The driver's idle baseline: Python, NumPy, ringpipe imported and the token file written.
+    characters = max(20 * (block_size + 1) * batch_size * (steps + 3), 100 * (block_size + 1))
+    config = dataclasses.replace(config, data=_corpus(out, vocab_size, characters, config.seed))
+    setup = RunSetup.create(config, out)
+    setup.write_token_file()
+    # The driver's idle baseline: Python, NumPy, ringpipe imported, the corpus tokenized and written.
     baseline = rss_bytes()
     reset = reset_peak_rss()
     baseline = baseline if reset else peak_rss_bytes()
@@ -93,22 +102,40 @@ def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, bloc
             groups[rank].add(pid)
             pids[rank] = pid
 
-    losses, started = [], time.perf_counter()
+    losses, started, timings = [], time.perf_counter(), {}
+
+    def lap(name):
+        timings[name] = time.perf_counter() - started
+        say(f"{name} ({timings[name]:.0f} s since start)")
+
     try:
         say(f"starting {layout.world_size} workers, each limited to {worker_limit_bytes / GiB:.2f} GiB")
         distributed = start_run(config, layout, out, setup=setup, workers_started=limit_workers, timeout=timeout,
                                 report=say)
         try:
             for step in range(steps):
-                metrics = distributed.train_step(step)
-                losses.append(metrics["loss"])
-                say(f"step {step + 1}/{steps} loss {metrics['loss']:.4f} "
-                    f"({time.perf_counter() - started:.0f} s since start)")
+                losses.append(distributed.train_step(step)["loss"])
+                lap(f"step {step + 1}/{steps} loss {losses[-1]:.4f}")
             val_loss = distributed.evaluate()["val_loss"]
             reports = distributed.memory_report()
+            distributed.save_checkpoint()
+            lap("checkpoint saved")
+            distributed.save_model()
+            lap("model exported")
             cgroup_peaks = {rank: group.peak_bytes for rank, group in groups.items()}
         finally:
             distributed.close()
+        _remove(groups.values())
+        # Resume in new workers, under new limits: read the shards, train one step more.
+        more = dataclasses.replace(config, steps=steps + 1)
+        resumed = start_run(more, layout, out, resume=True, workers_started=limit_workers, timeout=timeout)
+        try:
+            losses.append(resumed.train_step(steps)["loss"])
+            lap(f"resumed, step {steps + 1} loss {losses[-1]:.4f}")
+            resumed_reports = resumed.memory_report()
+            resumed_peaks = {rank: group.peak_bytes for rank, group in groups.items()}
+        finally:
+            resumed.close()
     except WorkerLost:
         explanation = oom_explanation(groups, pids)
         if explanation is None:
@@ -119,8 +146,15 @@ def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, bloc
     driver_peak = peak_rss_bytes()
     for report in reports:
         report["cgroup_peak"] = cgroup_peaks.get(report["rank"])
-    return _result(config, layout, model, need, reports, worker_limit_bytes, baseline, driver_peak, losses, val_loss,
-                   time.perf_counter() - started, reset, groups)
+    for report in resumed_reports:
+        report["cgroup_peak"] = resumed_peaks.get(report["rank"])
+    result = _result(config, layout, model, need, reports, worker_limit_bytes, baseline, driver_peak, losses, val_loss,
+                     time.perf_counter() - started, reset, groups)
+    result["resumed_ranks"] = resumed_reports
+    result["run"]["timings"] = timings
+    result["targets"]["checkpoint_export_and_resume_within_the_limits"] = all(
+        r["cgroup_peak"] is None or r["cgroup_peak"] <= worker_limit_bytes for r in resumed_reports)
+    return result
 
 
 def _remove(groups) -> None:
@@ -185,6 +219,13 @@ def format_table(result: dict) -> str:
     lines.append(f"{'1 proc':>6} {'':>10} {need['weights'] / mib:>9.0f} {need['gradients'] / mib:>9.0f} "
                  f"{need['optimizer'] / mib:>9.0f} {'?':>9} {need['total'] / mib:>9.0f}+ {'-':>9}   computed; "
                  "activations not included")
+    if "resumed_ranks" in result:
+        timings = result["run"]["timings"]
+        peaks = ", ".join("-" if r["cgroup_peak"] is None else f"{r['cgroup_peak'] / mib:.0f}"
+                          for r in result["resumed_ranks"])
+        lines.append(f"checkpoint saved by the ranks at {timings['checkpoint saved']:.0f} s, model exported by "
+                     f"streaming at {timings['model exported']:.0f} s; resumed in new workers (cgroup peaks {peaks} "
+                     f"MiB) and trained step {run_['steps'] + 1}, loss {run_['losses'][-1]:.3f}")
     lines.append("")
     for name, met in result["targets"].items():
         lines.append(f"{'met' if met else 'MISSED':>6}  {name.replace('_', ' ')}")
