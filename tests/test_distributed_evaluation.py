@@ -3,9 +3,11 @@ import dataclasses
 
 import pytest
 
+from ringpipe.model.families import family, special_ids
 from ringpipe.model.training.evaluation import mean_validation_loss
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.trainer import Trainer
+from tests.test_bert_training import bert_config
 from tests.test_parallel_equivalence import config_for
 
 LAYOUTS = [  # (dp, tp, pp, schedule, virtual stages, sequence parallel)
@@ -50,3 +52,16 @@ def test_evaluation_keeps_no_activations_and_leaves_training_unchanged(local_clu
     for evaluation, training in zip(after_evaluation, after_training):
         # one piece's cache at a time, against all pieces (two blocks and more) of the micro-batches in flight
         assert 0 < 2 * evaluation["activations_peak"] < training["activations_peak"], (evaluation, training)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", [dict(dp=2), dict(pp=2)], ids=["dp2", "pp2"])
+def test_bert_validation_loss_under_a_layout_equals_single_process(local_cluster, tmp_path, layout):
+    config = bert_config(tmp_path, eval_iters=2)  # another family: the masked-token loss of its objective
+    reference = Trainer.create(config, str(tmp_path / "run"))
+    layout = Layout(**layout)
+    trainers = local_cluster(layout.world_size).spawn(
+        ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout), str(tmp_path / "run" / "tokens.bin"),
+        reference.tokenizer.vocab_size, special_ids=special_ids(reference.tokenizer, family("bert")))
+    got = mean_validation_loss(trainers.evaluate().result())["val_loss"]
+    assert got == pytest.approx(reference.evaluate()["val_loss"], rel=0, abs=1e-10)
