@@ -44,8 +44,11 @@ MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
-    """Bytes of one data buffer: 1 MiB (large buffers go in rounds), less in a small arena."""
-    return max(4096, min(1 << 20, round_bytes, arena_size // 16) // 64 * 64)
+    """Bytes of one data buffer: 8 MiB (larger buffers go in rounds), less in a small arena. Every
+    round costs a wait for every member, and with more ranks than cores each wait may be a trip
+    through the scheduler: few large rounds beat many small ones. The pages are touched only as
+    far as buffers fill them (the arena is a sparse file)."""
+    return max(4096, min(8 << 20, round_bytes, arena_size // 16) // 64 * 64)
 
 
 def region_bytes(buffer_bytes: int) -> int:
