@@ -162,6 +162,10 @@ class PairRings:
             return False
         meta, data = self._read_part(src, ring, deadline, name, timeout)
         epoch, call, group, tag, dtype, shape, index, parts, _ = meta
+        if index != 0:  # a part whose message's start an aborted receive took: dropped
+            self._done_with_part(src, ring, meta)
+            return True
+        first = meta
         stale = epoch < engine.epoch or call < engine.call  # of an aborted or an earlier call: dropped
         key = (call, group, tag)
         number = self.arrived[(src, key)]
@@ -183,6 +187,11 @@ class PairRings:
             if index + 1 == parts:
                 break
             meta, data = self._read_part(src, ring, deadline, name, timeout)
+            if meta[:4] != first[:4] or meta[6] != index + 1:
+                # The sender gave this message up (an abort) and the slot starts another one:
+                # drop the part-message and leave the slot for the next read.
+                stale = True
+                break
             index = meta[6]
         if not stale:
             self.arrived[(src, key)] += 1
