@@ -381,7 +381,7 @@ def test_a_ring_drops_a_message_its_sender_gave_up_part_way_and_delivers_the_nex
                          "send", 5.0)
         rank1.send(0, key, np.array([42.0, 43.0]), "send", 5.0)
         ticket = rank0.post(1, key)
-        got = rank0.take(1, key, ticket, time.monotonic() + 5, "recv", 5.0)
+        got, _, _ = rank0.take(1, key, ticket, time.monotonic() + 5, "recv", 5.0)
         assert got.tolist() == [42.0, 43.0]
     finally:
         for arena in arenas:
