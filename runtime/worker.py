@@ -86,7 +86,9 @@ class Worker:
         self.engine = Engine(self.rank, self.context, self.keys, boot["bind_host"], self.config.timeout)
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.actors: dict = {}
-        self.host = host_id()
+        # The launcher names the host (a hostfile entry, a Slurm node): network namespaces on one
+        # machine share its hostname and boot id, yet are separate hosts to the network.
+        self.host = boot.get("host") or host_id()
         # The call the main thread is running: (driver's call id, name, monotonic start) or None.
         self.current: tuple | None = None
         self.main_thread = threading.get_ident()

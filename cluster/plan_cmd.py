@@ -1,0 +1,124 @@
+"""`ringpipe plan`: every layout of a model on N ranks, with its memory per rank and step time,
+ranked, before anything runs; `--calibrate` times this machine for it (model/planning, tools/plan_calibration.py)."""
+from __future__ import annotations
+
+import click
+
+from ringpipe.cluster.options import FiniteFloat
+
+GIB = 1 << 30
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f}" if nbytes >= GIB / 100 else f"{nbytes / GIB:.4f}"
+
+
+def format_memory(memory) -> str:
+    """The most-loaded rank's split, in GiB."""
+    return (f"pp{memory.pp_rank}: {gib(memory.total)} = W {gib(memory.weights)} G {gib(memory.gradients)} "
+            f"O {gib(memory.optimizer)} A {gib(memory.activations)} C {gib(memory.communication)} "
+            f"ws {gib(memory.workspace)}" + (f"; cpu process peak {gib(memory.peak)} (building the trainer)"
+                                              if memory.host_peak > memory.total else ""))
+
+
+def format_plan(report, top: int, machine, calibrated: bool) -> str:
+    from ringpipe.model.planning.search import why_best
+
+    lines = [f"machine: {machine.name}; memory limit per rank {gib(report.memory_limit)} GiB",
+             f"{'#':>3}  {'layout':<40} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}  "
+             "most-loaded rank, GiB (weights gradients optimizer activations comm workspace)"]
+    for k, (candidate, memory, timing) in enumerate(report.ranked[:top], start=1):
+        worst = max(memory, key=lambda m: m.total)
+        lines.append(f"{k:>3}  {candidate.label():<40} {timing.seconds:>9.4g} {timing.tokens_per_second:>10.4g} "
+                     f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  {format_memory(worst)}")
+    if report.ranked:
+        lines.append(why_best(report))
+    counts = report.refusal_counts()
+    refused = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+    lines.append(f"{len(report.ranked)} layouts fit; {len(report.refused)} refused" + (f" ({refused})" if refused else ""))
+    if not calibrated:
+        lines.append("step times are nominal: this machine is not calibrated (run `ringpipe plan --calibrate` "
+                     "with the same model flags), or pass --machine FILE")
+    return "\n".join(lines)
+
+
+def format_refusals(report) -> str:
+    return "\n".join(f"  refused {c.label() if hasattr(c, 'label') else c}: {reason}" for c, reason in report.refused)
+
+
+@click.command()
+@click.option("--model", "family", default="gpt2", show_default=True, help="Model family (gpt2).")
+@click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
+@click.option("--n-embd", type=click.IntRange(min=1), default=768, show_default=True)
+@click.option("--n-inner", type=click.IntRange(min=1), default=None, help="MLP width (default 4 × n-embd).")
+@click.option("--vocab", type=click.IntRange(min=1), default=50257, show_default=True)
+@click.option("--block-size", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (sequences).")
+@click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed"]), default="float32", show_default=True)
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Ranks to plan for.")
+@click.option("--hosts", type=click.IntRange(min=1), default=1, show_default=True, help="Hosts the ranks spread over.")
+@click.option("--machine", "machine_file", default=None,
+              help="Machine JSON file (or a shipped name: a100-8x-node, h100-8x-node); default: this host.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--show-refused", is_flag=True, help="List every refused layout and why.")
+@click.option("--json", "json_path", default=None, help="Also write the ranked layouts as JSON to FILE.")
+@click.option("--calibrate", is_flag=True, help="Time this machine for this model (up to --nproc workers) and "
+                                                "store the machine file (--out, default the ringpipe cache).")
+@click.option("--out", "machine_out", default=None, help="Where --calibrate writes the machine file.")
+def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
+         machine_file, top, show_refused, json_path, calibrate, machine_out):
+    """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""
+    from ringpipe.model.gpt2.config import GPTConfig
+    from ringpipe.model.nn.mixed_precision import model_dtype
+    from ringpipe.model.planning.family import inventory_for
+    from ringpipe.model.planning.machine import default_machine_path, load_machine, this_machine
+    from ringpipe.model.planning.search import plan_layouts
+    from ringpipe.runtime.files import write_json
+
+    try:
+        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, vocab_size=vocab,
+                           block_size=block_size, dropout=dropout, dtype=model_dtype(dtype))
+        inventory = inventory_for(family, config)
+        if calibrate:
+            from ringpipe.tools.plan_calibration import calibrate as run_calibration
+
+            from ringpipe.model.planning.search import candidates
+
+            ranks = nproc or 2
+            # the micro-batch row counts the layouts of --nproc ranks would run
+            rows = sorted({batch_size // (c.dp * c.microbatches) for c, reason in
+                           candidates(inventory, ranks, batch_size) if reason is None})
+            machine = run_calibration(inventory, rows, list(range(2, ranks + 1)), progress=click.echo)
+            path = machine_out or default_machine_path()
+            write_json(path, machine.to_dict())
+            click.echo(f"wrote {path}")
+            return
+        if nproc is None:
+            raise click.UsageError("--nproc is required (the number of ranks to plan for)")
+        machine = load_machine(machine_file) if machine_file else this_machine()
+        machine.hosts = hosts
+        report = plan_layouts(inventory, nproc, batch_size, machine, hosts)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    calibrated = machine_file is not None or bool(machine.calibration)
+    if not report.ranked:
+        need = report.smallest_need()
+        message = f"no layout of this model fits {nproc} ranks of {machine.name}"
+        if need is not None:
+            message += (f": the smallest per-rank memory it would need is {gib(need[0])} GiB ({need[1].label()}), "
+                        f"the limit is {gib(report.memory_limit)} GiB")
+        else:
+            message += ": " + "; ".join(sorted({reason for _, reason in report.refused}))
+        if show_refused:
+            click.echo(format_refusals(report))
+        raise click.ClickException(message)
+    click.echo(format_plan(report, top, machine, calibrated))
+    if show_refused and report.refused:
+        click.echo(format_refusals(report))
+    if json_path:
+        write_json(json_path, {"machine": machine.name, "layouts": [
+            {"layout": c.__dict__, "label": c.label(), "memory": [m.as_dict() for m in memory],
+             "timing": timing.as_dict()} for c, memory, timing in report.ranked[:top]],
+            "refused": [{"layout": getattr(c, "__dict__", str(c)), "reason": reason} for c, reason in report.refused]})

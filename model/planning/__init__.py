@@ -1,0 +1,1 @@
+"""The planner: memory and step time of a layout predicted before it runs (`ringpipe plan`)."""

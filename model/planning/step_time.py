@@ -1,0 +1,175 @@
+"""Step time of a layout on a machine: compute from the calibration (or the spec), communication per
+placement, overlap as the executor does it, and the pipeline bubble from the schedule simulator fed
+with those costs.
+
+    timing = predict_step(inventory, candidate, batch_size, machine)
+    timing.seconds, timing.tokens_per_second, timing.mfu, timing.parts
+
+Placement: the mesh puts tp innermost, then dp, then pp (model/parallel/mesh.py), on consecutive
+ranks of consecutive hosts, so a group crosses hosts when its span of ranks does.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, stage_rank
+from ringpipe.model.parallel.pipeline_parallel.simulator import simulate
+from ringpipe.model.planning.memory import Candidate, local_elements, schedule_of, stage_ranges
+from ringpipe.model.parallel.plan import stage_param_names
+
+
+@dataclass
+class StepTiming:
+    seconds: float
+    tokens_per_second: float
+    mfu: float
+    model_flops: float  # per step, forward + backward, no recompute
+    parts: dict = field(default_factory=dict)  # name -> seconds on the critical path
+    bubble_fraction: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"seconds": self.seconds, "tokens_per_second": self.tokens_per_second, "mfu": self.mfu,
+                "bubble_fraction": self.bubble_fraction, "parts": dict(self.parts)}
+
+
+def crosses_hosts(span: int, ranks_per_host: int) -> bool:
+    """Whether a group spanning `span` consecutive ranks leaves its host."""
+    return span > ranks_per_host
+
+
+def piece_seconds(inventory, machine, piece: str, B: int, T: int, tp: int) -> dict:
+    """{"forward", "backward_input", "backward_weight"} seconds of one piece ("block", "head",
+    "embedding") for a micro-batch of B rows on one tp rank: measured by calibration when it timed
+    this model at B rows, else modelled (backward = 2 × forward, split evenly between B and W)."""
+    dtype = np.dtype(inventory.config.dtype)
+    flops = {"block": inventory.block_flops(B, T, tp), "head": inventory.head_flops(B, T, tp),
+             "embedding": 0.0}[piece]
+    elements = {"block": inventory.block_elements(B, T, tp),
+                "head": B * T * (2 * inventory.config.n_embd + 3 * -(-inventory.config.vocab_size // tp)),
+                "embedding": 3 * B * T * inventory.config.n_embd}[piece]
+    measured = _measured_piece(inventory, machine, piece, B)
+    if measured is not None:
+        dense_flops = {"block": inventory.block_flops(B, T), "head": inventory.head_flops(B, T),
+                       "embedding": 0.0}[piece]
+        dense_elements = {"block": inventory.block_elements(B, T),
+                          "head": B * T * (2 * inventory.config.n_embd + 3 * inventory.config.vocab_size),
+                          "embedding": elements}[piece]
+        # a tp rank's share: the modelled cost of its shard over the modelled cost of the whole
+        share = (machine.compute_seconds(flops, elements, dtype.itemsize) /
+                 max(machine.compute_seconds(dense_flops, dense_elements, dtype.itemsize), 1e-30))
+        return {kind: seconds * share for kind, seconds in measured.items()}
+    forward = machine.compute_seconds(flops, elements, dtype.itemsize)
+    return {"forward": forward, "backward_input": forward, "backward_weight": forward}
+
+
+def _measured_piece(inventory, machine, piece, B):
+    compute = (machine.calibration or {}).get("compute")
+    if not compute or compute.get("model") != _architecture(inventory):
+        return None
+    return compute.get("pieces", {}).get(f"{piece}|{B}")
+
+
+def _architecture(inventory) -> dict:
+    c = inventory.config
+    return {"family": inventory.family, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+            "block_size": c.block_size, "vocab_size": c.vocab_size, "mlp_width": c.mlp_width,
+            "dtype": c.dtype, "dropout": c.dropout}
+
+
+def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
+                 ranks_per_host: int | None = None, background_load: float | None = None,
+                 probe_ratio: float = 1.0) -> StepTiming:
+    """`ranks_per_host`: how many of the layout's ranks share a host (default: as many as fit);
+    `background_load`: other work on a cpu host's cores (see `Machine.oversubscription`)."""
+    config, c = inventory.config, candidate
+    ranks_per_host = ranks_per_host or min(c.world_size, machine.devices_per_host)
+    dtype = np.dtype(config.dtype)
+    B, T, C = batch_size // (c.dp * c.microbatches), config.block_size, config.n_embd
+    sp = c.sequence_parallel and c.tp > 1
+    slow = machine.oversubscription(ranks_per_host, background_load, probe_ratio)
+    tp_across, dp_across, pp_across = (crosses_hosts(c.tp, ranks_per_host), crosses_hosts(c.tp * c.dp, ranks_per_host),
+                                       crosses_hosts(c.world_size, ranks_per_host))
+    activation = B * T * C * dtype.itemsize
+    # tensor-parallel regions: per block two each way (sp: an all-gather and a reduce-scatter each)
+    if sp:
+        region = (machine.collective("all_gather", activation, c.tp, tp_across)
+                  + machine.collective("reduce_scatter", activation, c.tp, tp_across))
+    else:
+        region = machine.collective("all_reduce", activation, c.tp, tp_across)
+    block_comm = 2 * region
+    pieces = {name: {k: v * slow for k, v in piece_seconds(inventory, machine, name, B, T, c.tp).items()}
+              for name in ("block", "head", "embedding")}
+    ranges = stage_ranges(inventory, c)
+    num_stages = len(ranges)
+
+    def stage_costs(s):
+        layers = len(ranges[s])
+        block = pieces["block"]
+        forward = layers * (block["forward"] + block_comm)
+        backward_input = layers * (block["backward_input"] + block_comm
+                                   + ((block["forward"] + block_comm) if c.recompute else 0.0))
+        backward_weight = layers * block["backward_weight"]
+        if s == 0:
+            forward += pieces["embedding"]["forward"] + (region if c.tp > 1 else 0.0)
+            backward_input += pieces["embedding"]["backward_input"] + pieces["embedding"]["backward_weight"]
+        if s == num_stages - 1:
+            head_comm = 2 * machine.collective("all_reduce", B * T * 8, c.tp, tp_across) + (region if c.tp > 1 else 0)
+            forward += pieces["head"]["forward"] + head_comm
+            backward_input += pieces["head"]["backward_input"] + pieces["head"]["backward_weight"]
+        return {Kind.FORWARD: forward, Kind.BACKWARD_INPUT: backward_input, Kind.BACKWARD_WEIGHT: backward_weight,
+                Kind.BACKWARD: backward_input + backward_weight}
+
+    costs = {s: stage_costs(s) for s in range(num_stages)}
+    message = B * (T // c.tp if sp else T) * C * dtype.itemsize
+    latency = machine.point_to_point(message, pp_across) if c.pp > 1 else 0.0
+    key = tuple(tuple(sorted(costs[s].items())) for s in range(num_stages))
+    sim = _simulated((c.schedule, c.pp, c.microbatches, c.virtual_stages), key, latency)
+    parts = {"pipeline (compute, tp, bubble)": sim.makespan}
+
+    # data-parallel gradients: buckets start during the last micro-batch's backward; a GPU's
+    # copy engines overlap them with it, a CPU rank's cores are busy computing, so they add up.
+    worst_grads, worst_elements = 0.0, 0
+    for rank in range(c.pp):
+        mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
+        names = {n for s in mine for n in stage_param_names(inventory.plan, ranges[s], s == 0, s == num_stages - 1)}
+        elements = local_elements(inventory, c.tp, names)
+        nbytes = elements * dtype.itemsize
+        if c.zero:
+            reduce = machine.collective("reduce_scatter", nbytes, c.dp, dp_across)
+            gather = machine.collective("all_gather", nbytes, c.dp, dp_across)
+        else:
+            reduce, gather = machine.collective("all_reduce", nbytes, c.dp, dp_across), 0.0
+        overlap = sum(costs[s][Kind.BACKWARD] for s in mine) if machine.kind == "gpu" else 0.0
+        exposed = max(0.0, reduce - overlap) + gather
+        if exposed >= worst_grads:
+            worst_grads, worst_elements = exposed, max(worst_elements, elements)
+    parts["data-parallel gradients"] = worst_grads
+    if c.pp > 1:  # the tied embedding's gradient, summed over the first and last stage
+        parts["tied embedding"] = machine.collective("all_reduce", config.vocab_size * C * dtype.itemsize / c.tp, 2,
+                                                     pp_across)
+    parts["optimizer"] = _optimizer_seconds(machine, worst_elements // (c.dp if c.zero else 1), dtype) * slow
+    seconds = sum(parts.values())
+    tokens = batch_size * T
+    model_flops = 3 * (config.n_layer * inventory.block_flops(batch_size, T) + inventory.head_flops(batch_size, T))
+    return StepTiming(seconds, tokens / seconds, model_flops / (seconds * c.world_size * machine.peak_flops),
+                      model_flops, parts, sim.bubble_fraction)
+
+
+@functools.lru_cache(maxsize=4096)
+def _simulated(schedule_key, stage_costs, latency):
+    """The simulator's run of a schedule with per-stage costs (layouts differing only in ZeRO or in
+    what happens after the pipeline share it)."""
+    costs = [dict(entries) for entries in stage_costs]
+    return simulate(schedule_of(*schedule_key), lambda rank, action: costs[action.stage].get(action.kind, 0.0)
+                    if action.stage is not None else 0.0, latency)
+
+
+def _optimizer_seconds(machine, elements, dtype) -> float:
+    measured = (machine.calibration or {}).get("compute", {}).get("optimizer_seconds_per_element")
+    if measured:
+        return elements * measured
+    # AdamW reads parameter, gradient and two moments and writes three of them back
+    return 7 * elements * dtype.itemsize / machine.memory_bandwidth

@@ -1,0 +1,177 @@
+"""`ringpipe plan --calibrate`: time this machine for the planner and store a machine file.
+
+Compute: the model's own op pairs at the shapes a plan needs — a GPT-2 block's forward,
+backward-input and backward-weight, the head and the embedding, for every micro-batch row count
+asked — with one BLAS thread, as a distributed worker runs them (runtime/cluster.py gives each worker
+its share of the cores; ringpipe's training workers take one); the matmul rate, the elementwise
+rate and AdamW's seconds per element. Communication: all-reduce, all-gather, reduce-scatter over
+groups of 2..N local workers and a point-to-point send, each fitted as latency + seconds per byte
+from two sizes.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from ringpipe.model.planning.machine import Machine, _host_memory
+
+SIZES = (1 << 16, 1 << 22)  # bytes: the latency and the bandwidth end of the fit
+REPEATS = 5
+
+
+def _median_seconds(fn, repeats=REPEATS) -> float:
+    fn()  # warm-up (page faults, kernel build, caches)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _timed(setup, fn, repeats=3) -> float:
+    """Median seconds of fn(setup()) over `repeats` runs after one warm-up; setup is not timed."""
+    times = []
+    for k in range(repeats + 1):
+        argument = setup()
+        start = time.perf_counter()
+        fn(argument)
+        if k:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe_seconds() -> float:
+    """A fixed single-threaded workload (matmuls and elementwise passes of a 256 × 768 activation):
+    its time now against its time at calibration says how much of a core a process gets now."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 768)).astype(np.float32)
+    w = rng.standard_normal((768, 768)).astype(np.float32)
+
+    def work():
+        y = x
+        for _ in range(8):
+            y = np.tanh(y @ w * 0.03)
+
+    with threadpool_limits(1):
+        return _median_seconds(work, repeats=7)
+
+
+def _fit(small: float, large: float) -> list:
+    """[latency s, seconds per byte] through the two measured sizes."""
+    per_byte = max((large - small) / (SIZES[1] - SIZES[0]), 0.0)
+    return [max(small - per_byte * SIZES[0], 0.0), per_byte]
+
+
+def time_collectives(comm) -> dict:
+    """Run on every rank of a local cluster: {op: [latency, s/byte]} for this group size."""
+    result = {}
+    for op in ("all_reduce", "all_gather", "reduce_scatter"):
+        times = []
+        for nbytes in SIZES:
+            x = np.ones(nbytes // 4, np.float32)
+            call = {"all_reduce": lambda: comm.all_reduce(x), "all_gather": lambda: comm.all_gather(x),
+                    "reduce_scatter": lambda: comm.reduce_scatter(x)}[op]
+            comm.barrier()
+            times.append(_median_seconds(call))
+        result[op] = _fit(*times)
+    if comm.size >= 2 and comm.rank < 2:
+        times = []
+        for nbytes in SIZES:
+            x = np.ones(nbytes // 4, np.float32)
+            peer = 1 - comm.rank
+
+            def ping_pong():
+                if comm.rank == 0:
+                    comm.send(x, peer)
+                    comm.recv(peer)
+                else:
+                    comm.recv(peer)
+                    comm.send(x, peer)
+
+            times.append(_median_seconds(ping_pong) / 2)
+        result["send"] = _fit(*times)
+    else:
+        comm.barrier()
+    return result
+
+
+def calibrate_communication(group_sizes) -> dict:
+    from ringpipe.runtime.testing import run_local
+
+    table = {}
+    for k in sorted(set(group_sizes)):
+        if k < 2:
+            continue
+        per_rank = run_local(time_collectives, k)
+        for op in per_rank[0]:
+            fits = [r[op] for r in per_rank if op in r]
+            table.setdefault(op, {})[str(k)] = [max(f[0] for f in fits), max(f[1] for f in fits)]
+    return table
+
+
+def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
+    """Seconds of each piece of a dense GPT-2 of `config` per micro-batch of each row count."""
+    from threadpoolctl import threadpool_limits
+
+    from ringpipe.model.gpt2.model import GPT
+    from ringpipe.model.nn.optim import AdamW
+
+    pieces = {}
+    with threadpool_limits(1):
+        model = GPT(config, seed=seed)
+        T, C = config.block_size, config.n_embd
+        rng = np.random.default_rng(seed)
+        for B in sorted(set(rows)):
+            idx = rng.integers(0, config.vocab_size, (B, T))
+            x = rng.standard_normal((B, T, C)).astype(model.dtype)
+            dout = rng.standard_normal((B, T, C)).astype(model.dtype)
+            # each part timed alone, its inputs made fresh (untimed) before every repeat
+            block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
+                     "backward_input": _timed(lambda: model.block_forward(0, x)[1],
+                                              lambda cache: model.block_backward_input(0, cache, dout)),
+                     "backward_weight": _timed(lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
+                                               model.block_backward_weight)}
+            head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
+                    "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
+                    "backward_weight": 0.0}
+            embedding = {"forward": _timed(lambda: idx, lambda i: model.memory.release(model.embedding_forward(i)[1])),
+                         "backward_input": _timed(lambda: model.embedding_forward(idx)[1],
+                                                  lambda cache: model.embedding_backward(cache, x)),
+                         "backward_weight": 0.0}
+            pieces.update({f"block|{B}": block, f"head|{B}": head, f"embedding|{B}": embedding})
+        params = {"w": np.zeros(1 << 20, model.dtype)}
+        grads = {"w": np.ones(1 << 20, model.dtype)}
+        optimizer = AdamW(params, weight_decay=0.1)
+        per_element = _median_seconds(lambda: optimizer.update(params, grads, 1e-3)) / (1 << 20)
+        a = rng.standard_normal((1024, 1024)).astype(model.dtype)
+        b = rng.standard_normal((1024, 1024)).astype(model.dtype)
+        matmul = 2 * 1024 ** 3 / _median_seconds(lambda: a @ b)
+        elementwise = 2 * a.size * a.itemsize / _median_seconds(lambda: np.multiply(a, b, out=a))
+    return {"pieces": pieces, "optimizer_seconds_per_element": per_element, "matmul_flops": matmul,
+            "elementwise_bytes_per_second": elementwise}
+
+
+def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print) -> Machine:
+    """This host as a calibrated `Machine` for `inventory`'s model."""
+    from ringpipe.model.planning.step_time import _architecture
+
+    cores = os.cpu_count() or 1
+    progress(f"timing the model's pieces at micro-batch rows {sorted(set(rows))} ...")
+    compute = calibrate_compute(inventory.config, rows)
+    compute["model"] = _architecture(inventory)
+    progress(f"timing collectives over {sorted(set(g for g in group_sizes if g > 1))} local workers ...")
+    communication = calibrate_communication(group_sizes)
+    send = communication.get("send", {}).get("2", [1e-4, 1e-9])
+    return Machine(name=f"this host ({cores} cores, calibrated)", kind="cpu", devices_per_host=cores,
+                   peak_flops=compute["matmul_flops"], memory_bytes=_host_memory(), efficiency=1.0,
+                   memory_bandwidth=compute["elementwise_bytes_per_second"],
+                   links={"same_host": {"latency": send[0], "bandwidth": 1.0 / max(send[1], 1e-12)}}, cores=cores,
+                   calibration={"compute": compute, "communication": communication,
+                                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                "load_average": os.getloadavg()[0], "probe_seconds": probe_seconds()})
