@@ -159,6 +159,17 @@ class T5(T5Layers):
         -> logits (B, Td, vocab_size)."""
         return self.decoder_logits(*self._unpack(packed))
 
+    def loss(self, packed, labels) -> float:
+        """Inference loss, no dropout: the training loss of (packed, labels) (see loss_and_grads)."""
+        input_ids, decoder_input_ids = self._unpack(packed)
+        encoder_out, cache = self.encode(input_ids)
+        self._release(cache)
+        y, cache = self.decode(decoder_input_ids, encoder_out)
+        self._release(cache)
+        loss, cache = self.head_forward(y, labels)
+        self.memory.release(cache)
+        return loss
+
     def loss_and_grads(self, packed, labels, dropout_seed=None, dloss=1.0):
         """packed as for `forward`, labels int (B, Td) -> (loss, grads), as seq2seq_loss_and_grads."""
         input_ids, decoder_input_ids = self._unpack(packed)
