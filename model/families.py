@@ -34,8 +34,6 @@ and the CLI ask `family(name)` for everything family-specific and name no family
     special_tokens               {transformers role: token text} added to any tokenizer
                                  (model/data/hf_tokenizer.py's with_special_tokens); {} for none
     additional_tokens            further special tokens added after them, in order (T5's sentinels)
-    config_type                  the class `config` returns, where `config` is a function of the
-                                 options rather than that class (T5); `stored_config` needs it
 
 A checkpoint records its family as config.json's `model_type` (`checkpoint_family`).
 """
@@ -74,7 +72,6 @@ class Family:
     ignore_index: int = -1
     special_tokens: dict = field(default_factory=dict)
     additional_tokens: tuple = ()
-    config_type: type | None = None
     hf_config: Callable[[Any], dict] | None = None
     weights_metadata: Callable[[Any], dict] | None = None
 
@@ -84,11 +81,6 @@ def family(name: str) -> Family:
     if name not in FAMILIES:
         raise ValueError(f"unknown model family {name!r} (--model); expected one of {', '.join(FAMILIES)}")
     return importlib.import_module(FAMILIES[name]).FAMILY
-
-
-def stored_config(model_family: Family, fields: dict):
-    """The model config whose `dataclasses.asdict` is `fields` (as a sharded checkpoint stores it)."""
-    return (model_family.config_type or model_family.config)(**fields)
 
 
 def special_ids(tokenizer, model_family: Family) -> dict:

@@ -16,7 +16,7 @@ import zlib
 import numpy as np
 
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.families import CONFIG_FILE, family, stored_config
+from ringpipe.model.families import CONFIG_FILE, family
 from ringpipe.model.training.checkpoint_metadata import check_checkpoint, is_sharded, read_metadata, tensor_name
 from ringpipe.model.training.checkpoint_pieces import flat_range_boxes
 from ringpipe.model.training.config import TrainConfig
@@ -82,7 +82,7 @@ def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTE
     by the family."""
     metadata = read_metadata(checkpoint)
     model_family = family_of(metadata)
-    config = stored_config(model_family, metadata["model"])
+    config = model_family.config(**metadata["model"])
     # The model record must be the run's: its architecture fields decide what the weights mean.
     run = TrainConfig(**metadata["config"]).model_config(config.vocab_size)
     check_checkpoint(checkpoint, metadata, model={key: getattr(run, key) for key in model_family.architecture_fields},

@@ -29,7 +29,7 @@ import zlib
 
 import numpy as np
 
-from ringpipe.model.families import CONFIG_FILE, DEFAULT_FAMILY, Family, family, stored_config
+from ringpipe.model.families import CONFIG_FILE, DEFAULT_FAMILY, Family, family
 from ringpipe.model.parallel.plan import stage_param_names
 from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commit, is_sharded,
                                                          new_checkpoint_directory, prune, read_metadata,
@@ -311,7 +311,7 @@ def load_consolidated(checkpoint: str) -> tuple:
             params[entry["param"]] = full
         else:
             state[{"exp_avg": "m.", "exp_avg_sq": "v."}[entry["role"]] + entry["param"]] = full
-    return stored_config(family_of(metadata), metadata["model"]), params, state
+    return family_of(metadata).config(**metadata["model"]), params, state
 
 
 # ---- the driver's part --------------------------------------------------------------------------------
