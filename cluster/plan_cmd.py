@@ -47,7 +47,8 @@ def format_refusals(report) -> str:
 
 
 @click.command()
-@click.option("--model", "family", default="gpt2", show_default=True, help="Model family (gpt2).")
+@click.option("--model", "family", type=click.Choice(["gpt2"]), default="gpt2", show_default=True,
+              help="Model family (those the planner has an inventory for: model/planning/family.py).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-embd", type=click.IntRange(min=1), default=768, show_default=True)

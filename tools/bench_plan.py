@@ -49,7 +49,7 @@ def peak_rss(comm) -> int:
 
 def idle_rss(comm) -> int:
     """VmHWM once the modules a trainer needs are imported and the kernels loaded, before any model."""
-    import ringpipe.model.training.parallel_trainer  # noqa: F401
+    import ringpipe.model.training.parallel_trainer  # noqa: F401 (imported: part of the idle baseline)
     from ringpipe.model.nn import kernels
 
     kernels.library()

@@ -24,15 +24,14 @@ class PlanReport:
     ranked: list = field(default_factory=list)
     refused: list = field(default_factory=list)
     memory_limit: float = 0.0  # bytes one rank may hold
+    needs: list = field(default_factory=list)  # (bytes the most-loaded rank needs, candidate) of each too big
 
     def refusal_counts(self) -> Counter:
         return Counter(reason.split(":")[0] for _, reason in self.refused)
 
     def smallest_need(self):
         """(bytes, candidate) of the refused-for-memory layout that needs the least per rank."""
-        needs = [(int(reason.rsplit("needs ", 1)[1].split()[0]), c) for c, reason in self.refused
-                 if reason.startswith(DOES_NOT_FIT)]
-        return min(needs, key=lambda item: item[0]) if needs else None
+        return min(self.needs, key=lambda item: item[0]) if self.needs else None
 
 
 def factorizations(nproc: int) -> list[tuple[int, int, int]]:
@@ -108,6 +107,7 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
         need = (lambda m: m.peak) if machine.kind == "cpu" else (lambda m: m.total)
         worst = max(memory, key=need)
         if need(worst) > limit:
+            report.needs.append((need(worst), candidate))
             report.refused.append((candidate, f"{DOES_NOT_FIT}: pp rank {worst.pp_rank} needs {need(worst)} bytes "
                                               f"> {int(limit)} per rank"))
             continue
