@@ -66,7 +66,7 @@ def format_refusals(report) -> str:
 @click.option("--show-refused", is_flag=True, help="List every refused layout and why.")
 @click.option("--json", "json_path", default=None, help="Also write the ranked layouts as JSON to FILE.")
 @click.option("--calibrate", is_flag=True, help="Time this machine for this model (up to --nproc workers) and "
-                                                "store the machine file (--out, default the ringpipe cache).")
+                                                "store the machine file (--out, default $RINGPIPE_MACHINE or the ringpipe cache).")
 @click.option("--out", "machine_out", default=None, help="Where --calibrate writes the machine file.")
 def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
          machine_file, top, show_refused, json_path, calibrate, machine_out):
@@ -91,7 +91,7 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
             # the micro-batch row counts the layouts of --nproc ranks would run
             rows = sorted({batch_size // (c.dp * c.microbatches) for c, reason in
                            candidates(inventory, ranks, batch_size) if reason is None})
-            machine = run_calibration(inventory, rows, list(range(2, ranks + 1)), progress=click.echo)
+            machine = run_calibration(inventory, rows, [k for k in range(2, ranks + 1) if ranks % k == 0], progress=click.echo)
             path = machine_out or default_machine_path()
             write_json(path, machine.to_dict())
             click.echo(f"wrote {path}")
