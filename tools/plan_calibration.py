@@ -135,8 +135,9 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
             block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
                      "backward_input": _timed(lambda: model.block_forward(0, x)[1],
                                               lambda cache: model.block_backward_input(0, cache, dout)),
-                     "backward_weight": _timed(lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
-                                               model.block_backward_weight)}
+                     "backward_weight": _timed(
+                         lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
+                         model.block_backward_weight)}
             head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
                     "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
                     "backward_weight": 0.0}

@@ -111,7 +111,8 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
             report.refused.append((candidate, f"{DOES_NOT_FIT}: pp rank {worst.pp_rank} needs {need(worst)} bytes "
                                               f"> {int(limit)} per rank"))
             continue
-        report.ranked.append((candidate, memory, predict_step(inventory, candidate, batch_size, machine, ranks_per_host)))
+        timing = predict_step(inventory, candidate, batch_size, machine, ranks_per_host)
+        report.ranked.append((candidate, memory, timing))
     report.ranked.sort(key=lambda item: (item[2].seconds, max(m.total for m in item[1])))
     return report
 
