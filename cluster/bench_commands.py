@@ -255,3 +255,34 @@ def bench_trace_tools(run_dir, repeats, json_path):
             raise click.ClickException(str(exc)) from None
 
     _run_and_report(run_or_fail, format_table, json_path)
+
+
+@bench.command("multihost", short_help="all_reduce busbw and dp overlap across shaped namespace hosts.")
+@click.option("--hosts", default="2,3", show_default=True, help="Host counts (one rank per host).")
+@click.option("--rates", default="1gbit,200mbit", show_default=True, help="tc tbf link rates (both directions).")
+@click.option("--size-mb", type=click.IntRange(min=1), default=64, show_default=True, help="all_reduce size, MiB.")
+@click.option("--iterations", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved; medians.")
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="dp steps per round.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
+def bench_multihost(hosts, rates, size_mb, iterations, rounds, steps, json_path):
+    """Across network-namespace hosts (needs root) with links shaped by tc tbf: all_reduce bus
+    bandwidth against the link rate, and how much of the dp step's all-reduce backward hid."""
+    from ringpipe.tools.bench_multihost import RATES_BITS, format_table, run
+    from ringpipe.tools.namespace_hosts import NamespaceError
+
+    counts = [int(part) for part in hosts.split(",") if part.strip().isdigit()]
+    chosen = [part.strip() for part in rates.split(",") if part.strip()]
+    if not counts or min(counts) < 2:
+        raise bad_flag("--hosts", f"{hosts!r} is not a comma list of host counts of 2 or more")
+    if not chosen or set(chosen) - set(RATES_BITS):
+        raise bad_flag("--rates", f"{rates!r}: choose from {', '.join(RATES_BITS)}")
+
+    def measure():
+        try:
+            return run(host_counts=counts, rates=chosen, size=size_mb << 20, iterations=iterations, rounds=rounds,
+                       steps=steps)
+        except NamespaceError as exc:
+            raise ValueError(f"cannot make namespace hosts here: {exc}") from None
+
+    _run_and_report(measure, format_table, json_path)

@@ -58,4 +58,7 @@ def main():
 
 main.lazy = {"train": "ringpipe.cluster.train_cmd:train", "generate": "ringpipe.cluster.generate_cmd:generate",
              "trace": "ringpipe.cluster.trace_cmd:trace", "bench": "ringpipe.cluster.bench_commands:bench",
-             "plan": "ringpipe.cluster.plan_cmd:plan"}
+             "fill-mask": "ringpipe.cluster.fill_mask_cmd:fill_mask",
+             "plan": "ringpipe.cluster.plan_cmd:plan",
+             "worker": "ringpipe.cluster.worker_cmd:worker",
+             "export": "ringpipe.cluster.export_cmd:export"}

@@ -3,8 +3,10 @@
 `DistributedRun` offers the same calls as `model.training.trainer.Trainer` (step, train_step, evaluate,
 save_checkpoint, save_model, tokenizer), so `ringpipe train` drives both the same way. Behind them:
 local worker processes (`runtime.Cluster`), one `ParallelTrainer` actor per rank, and a driver-side
-Trainer that owns the tokenizer, the token file and the checkpoint format. Checkpoints hold the full
-GPT-2 weights and AdamW moments under their GPT-2 names, so a run can resume with any layout.
+Trainer that owns the tokenizer and the token file. Checkpoints are sharded: each rank writes the
+pieces it owns and the driver commits them (model/training/sharded_checkpoint.py); tensors are stored
+under their Hugging Face names with their global shapes, so a run can resume with any layout. The
+final model is exported from the last checkpoint by streaming (model/training/hf_export.py).
 """
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ import time
 
 import numpy as np
 
-from ringpipe.model.families import special_ids
+from ringpipe.model.families import family, special_ids
+from ringpipe.model.nn.mixed_precision import weights_dtype
 from ringpipe.model.parallel.tensor_parallel import assemble_full_optimizer_state, assemble_full_params
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.checkpoint_metadata import remove_unfinished
+from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.run_dir import SCHEDULE_FILE, TOKEN_FILE, find_checkpoint
+from ringpipe.model.training.sharded_checkpoint import check_resumable, save_sharded_checkpoint
 from ringpipe.model.training.step import NonFiniteError
 from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import Cluster
@@ -27,15 +33,23 @@ from ringpipe.runtime.files import write_json
 
 class DistributedRun:
     def __init__(self, config: TrainConfig, layout: Layout, out: str, resume: bool = False, trace: bool = False,
-                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None):
-        """`say(message)` is told what each slow stretch of starting up is doing."""
+                 timeout: float = 120.0, bucket_bytes: int = 1 << 20, say=lambda message: None,
+                 cluster_options: dict | None = None, keep_checkpoints: int = 3):
+        """`say(message)` is told what each slow stretch of starting up is doing; `cluster_options`
+        go to the `Cluster` (a launcher for other hosts and the address to bind, cluster/launchers.py);
+        `keep_checkpoints`: how many committed checkpoints stay (older ones go once a newer one is
+        committed)."""
         layout.validate(config)  # before anything starts or is written
         self.config, self.layout, self.out, self.trace = config, layout, out, trace
+        self.keep_checkpoints, self._saved = keep_checkpoints, (None, None)  # (step, path) of the last save
+        remove_unfinished(out)  # what a crashed save left: never visible, now gone
         self.local = (Trainer.resume if resume else Trainer.create)(config, out)
         self.tokenizer = self.local.tokenizer
         self.step = self.local.step
+        if resume:  # every piece there, of the right size, for this model: before any worker starts
+            check_resumable(find_checkpoint(out), config.model_config(self.tokenizer.vocab_size), family(config.family))
         say(f"starting {layout.world_size} workers")
-        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout)
+        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout, **(cluster_options or {}))
         try:
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),
                                                dataclasses.asdict(layout), os.path.join(out, TOKEN_FILE),
@@ -92,12 +106,21 @@ class DistributedRun:
         return self.local.evaluate()
 
     def save_checkpoint(self) -> str:
-        self._pull_state(with_optimizer=True)
-        return self.local.save_checkpoint()
+        """Each rank writes its pieces into RUN/checkpoints/step-N; committed by the driver, which
+        holds no weights for it. Returns the directory."""
+        model = dataclasses.replace(self.config.model_config(self.tokenizer.vocab_size),
+                                    dtype=weights_dtype(self.config.dtype))
+        path = save_sharded_checkpoint(self.trainers, self.out, self.step, config=dataclasses.asdict(self.config),
+                                       model=model, layout=dataclasses.asdict(self.layout), tokenizer=self.tokenizer,
+                                       keep=self.keep_checkpoints)
+        self._saved = (self.step, path)
+        return path
 
     def save_model(self) -> None:
-        self._pull_state(with_optimizer=False)
-        self.local.save_model()
+        """The Hugging Face model files in the run directory, streamed from this step's checkpoint
+        (saved first unless it was just saved)."""
+        step, path = self._saved
+        export_checkpoint(path if step == self.step else self.save_checkpoint(), self.out)
 
     @property
     def gpt(self):

@@ -7,7 +7,7 @@ import click
 
 from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.families import DEFAULT_FAMILY, checkpoint_family, family
 from ringpipe.model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
 from ringpipe.runtime.array_module import array_module, to_host
 
@@ -31,7 +31,8 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
         directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
     try:
         tokenizer = load_tokenizer(directory)
-        gpt = GPT.from_pretrained(directory, device=device)
+        gpt = family(checkpoint_family(directory) or DEFAULT_FAMILY).model.from_pretrained(
+            directory, device=device)
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
     if not prompt:
@@ -41,6 +42,13 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
     except ValueError as exc:
         raise bad_flag("--prompt", one_line(exc)) from None
     xp = array_module(device)
+    if getattr(gpt, "is_encoder_decoder", False):  # T5: the prompt is the encoder's input
+        eos = gpt.config.eos_token_id
+        out = to_host(gpt.generate(xp.asarray(list(ids) + ([] if eos is None else [eos]))[None, :],
+                                   max_new_tokens, temperature=temperature, top_k=top_k,
+                                   seed=seed))[0, 1:].tolist()  # after the start token
+        click.echo(tokenizer.decode(out[:out.index(eos)] if eos in out else out))
+        return
     out = gpt.generate(xp.asarray(ids)[None, :], max_new_tokens, temperature=temperature,
                        top_k=top_k, seed=seed)
     click.echo(tokenizer.decode(to_host(out)[0]))

@@ -3,13 +3,12 @@ before slow stretches, the state of the checkpoint after an error or Ctrl-C, the
 from __future__ import annotations
 
 import collections
-import json
 import os
 import time
 
 import click
 
-from ringpipe.model.training.run_dir import TRACE_VIEW_FILE, TRAINER_STATE_FILE, find_checkpoint, saved_step
+from ringpipe.model.training.run_dir import TRACE_VIEW_FILE, find_checkpoint, read_trainer_state, saved_step
 
 
 class Progress:
@@ -64,8 +63,7 @@ class Progress:
 def checkpoint_status(out: str) -> str:
     try:
         checkpoint = find_checkpoint(out)
-        with open(os.path.join(checkpoint, TRAINER_STATE_FILE)) as f:
-            step = json.load(f)["step"]
+        step = read_trainer_state(checkpoint)["step"]  # consolidated or sharded
     except (ValueError, OSError, KeyError):
         return "no checkpoint was written yet"
     return f"the checkpoint of step {step} in {checkpoint} is intact (continue with --resume --out {out})"

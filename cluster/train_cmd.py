@@ -14,13 +14,15 @@ import warnings
 
 import click
 
+from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
+                                        spmd_agent)
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.model.data.tokenizer import KINDS
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
-from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
+from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
@@ -50,21 +52,29 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     return click.ClickException(line + hint)
 
 
+def _flag_of(ctx: click.Context, name: str) -> str:
+    return next(p.opts[0] for p in ctx.command.params if p.name == name)
+
+
 def _config_from_flags(ctx: click.Context, flags: dict):
     """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
-    names = D.flat()  # the model's options and the run's, as the flags name them
+    saved = saved_config(flags["out"]).flat() if flags["resume"] else None
+    model = saved["family"] if saved else flags["family"]
+    names = TrainConfig(family=model).flat()  # the family's options and the run's, as the flags name them
+    for name in flags:
+        if name in OPTIONS_OF_ANY_FAMILY and name not in names and \
+                ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise bad_flag(_flag_of(ctx, name), f"is not an option of --model {model}")
     chosen = {name: value for name, value in flags.items() if name in names}
     if not flags["resume"]:
         return TrainConfig(**chosen)
-    saved = saved_config(flags["out"]).flat()
     for name, value in chosen.items():
         if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
             continue
         if name in RESUME_OVERRIDABLE:
             saved[name] = value
         elif value != saved[name]:
-            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
-            raise bad_flag(flag,
+            raise bad_flag(_flag_of(ctx, name),
                             f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
     return TrainConfig(**saved)
@@ -91,9 +101,10 @@ def _json_line(row: dict) -> str:
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
+OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
 
-@click.command(short_help="Train a GPT; writes model, checkpoint, metrics.")
+@click.command(short_help="Train a model (GPT-2, BERT); writes model, checkpoint, metrics.")
 @click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
               help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
@@ -119,6 +130,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--grad-clip", type=FiniteFloat(min=0), default=D.grad_clip, show_default=True,
               help="Max global gradient norm; 0 disables clipping.")
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.model.dropout, show_default=True)
+@click.option("--next-sentence", is_flag=True,
+              help="--model bert: sentence-pair rows and the next-sentence head too (BertForPreTraining).")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
@@ -132,6 +145,9 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--eval-iters", type=click.IntRange(min=1), default=D.eval_iters, show_default=True)
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=D.checkpoint_every,
               show_default=True, help="Checkpoint every N steps (and after the last).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Multi-worker runs: how many sharded checkpoints stay in --out/checkpoints (older ones "
+                   "are deleted once a newer one is complete).")
 @click.option("--on-nonfinite", type=click.Choice(ON_NONFINITE), default=D.on_nonfinite, show_default=True,
               help="A step whose loss or gradient norm is nan/inf: stop the run (before applying it), "
                    "or skip its update and go on.")
@@ -149,18 +165,27 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
 @click.option("--split", default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
+@click.option("--encoder-stages", type=click.IntRange(min=1), default=None,
+              help="--model t5: pipeline stages for the encoder's layers, the decoder's on the rest "
+                   "(default: all layers balanced over the stages).")
 @click.option("--sequence-parallel", is_flag=True, help="Shard LayerNorm/dropout regions along the sequence.")
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True,
               help="1: shard AdamW state over data-parallel ranks (ZeRO-1).")
 @click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Data-parallel gradient bucket size in MiB.")
+@multihost_options
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
 @click.pass_context
 def train(ctx, **flags):
-    """Train a GPT on a text corpus; writes the model, a checkpoint and metrics.jsonl to --out."""
+    """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
+    metrics.jsonl to --out."""
     out = flags["out"]
+    flags["launcher"] = launcher_of(flags)
+    code = spmd_agent(flags)  # under mpirun or srun every rank but 0 only runs its worker
+    if code is not None:
+        raise click.exceptions.Exit(code)
     warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)
     if flags["overwrite"] and flags["resume"]:
         raise bad_flag("--overwrite", "cannot be combined with --resume")
@@ -181,7 +206,7 @@ def train(ctx, **flags):
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
-    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"]
+    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local"
     # Flags that would do nothing in this layout are refused, not silently dropped.
     if flags["sequence_parallel"] and layout.tp == 1:
         raise bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
@@ -195,7 +220,12 @@ def train(ctx, **flags):
                            ("--split", flags["split"] is not None)):
             if used:
                 raise bad_flag(flag, "needs --pp 2 or more (it places blocks on pipeline stages)")
-    if flags["nproc"] != layout.world_size:
+    if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
+        raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
+                       "one checkpoint")
+    if flags["launcher"] != "local":
+        check_multihost_flags(ctx, flags, layout.world_size)
+    elif flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
@@ -206,6 +236,8 @@ def train(ctx, **flags):
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
+        if flags["encoder_stages"] is not None:
+            layout.split = _encoder_decoder_split(flags, config, layout)
         if flags["resume"] and _already_complete(ctx, config, out):
             return
         config.validate()  # before the first status line: a bad config or layout is the only output
@@ -221,6 +253,20 @@ def train(ctx, **flags):
         raise click.exceptions.Exit(130) from None
 
 
+def _encoder_decoder_split(flags, config, layout) -> list[int]:
+    """--encoder-stages as the layers per pipeline stage (an encoder-decoder's only)."""
+    stages = flags["encoder_stages"]
+    if not hasattr(config.model, "pipeline_layers"):
+        raise bad_flag("--encoder-stages", f"applies to an encoder-decoder (--model t5), not {config.family}")
+    if layout.pp == 1 or flags["split"] is not None:
+        raise bad_flag("--encoder-stages", "needs --pp 2 or more and no --split (it makes the split)")
+    from ringpipe.model.t5.family import encoder_decoder_split
+    try:
+        return encoder_decoder_split(config.model, layout.pp * layout.virtual_stages, stages)
+    except ValueError as exc:
+        raise bad_flag("--encoder-stages", str(exc).replace(f"--encoder-stages {stages} ", "")) from None
+
+
 def _run(flags, config, layout, distributed, out, state):
     """Start the trainer (saying what takes time), train, report the trace, print the sample."""
     if flags["trace"]:
@@ -233,8 +279,15 @@ def _run(flags, config, layout, distributed, out, state):
         if distributed:
             from ringpipe.cluster.distributed_train import DistributedRun
 
-            trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
-                                     bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say)
+            options = cluster_options(flags, layout, out, say)
+            try:
+                trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
+                                         bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
+                                         cluster_options=options, keep_checkpoints=flags["keep_checkpoints"])
+            except BaseException:
+                if options.get("launcher") is not None:
+                    options["launcher"].close()  # the other hosts' agents end too
+                raise
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
@@ -264,7 +317,8 @@ def _run(flags, config, layout, distributed, out, state):
             tokenizer = trainer.tokenizer
             prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
             ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-            click.echo(tokenizer.decode(to_host(ids)[0]))
+            # an encoder-decoder's output is the decoder's, after its start token
+            click.echo(tokenizer.decode(to_host(ids)[0, 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0:]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:

@@ -12,7 +12,8 @@ and the CLI ask `family(name)` for everything family-specific and name no family
                                  run's must equal its checkpoint's)
     model                        the dense model: model(config, seed=, params=, threads=) with
                                  .config, .params, .xp, .loss_and_grads(inputs, targets,
-                                 dropout_seed=, dloss=), .forward(inputs) -> logits,
+                                 dropout_seed=, dloss=), .loss(inputs, targets) (inference, the
+                                 training loss's definition), .forward(inputs) -> logits,
                                  .save_pretrained(dir, tokenizer=), .from_pretrained(dir, dtype=,
                                  device=)
     init_params(config, seed)    {name: float64 host array}, the same whatever the layout
@@ -20,13 +21,19 @@ and the CLI ask `family(name)` for everything family-specific and name no family
                                  (staging) directory; load_checkpoint(dir, dtype=, device=) ->
                                  (config, params) reads it back
     parallel_plan(config)        its model/parallel/plan.py ParallelPlan
-    objective(train_config, special_ids)  how token windows become (inputs, targets): an object
-                                 whose .batch(dataset, split, index) gives the GLOBAL batch of
-                                 `index`, a function of (seed, index, split) only, so every layout
-                                 and a resumed run see the same batches
+    objective(train_config, vocab_size, special_ids)  how token windows become (inputs, targets):
+                                 an object whose .batch(dataset, split, index) gives the GLOBAL
+                                 batch of `index`, a function of (seed, index, split) only, so
+                                 every layout and a resumed run see the same batches; vocab_size
+                                 and special_ids ({role: id}) are the run's tokenizer's
+    hf_config(config)            optional: the config.json of its Hugging Face format
+    weights_metadata(config)     optional: the safetensors metadata of its model.safetensors; with
+                                 hf_config, lets the export stream the weights from a sharded
+                                 checkpoint (model/training/hf_export.py) instead of loading them
     ignore_index                 the target value that carries no loss
     special_tokens               {transformers role: token text} added to any tokenizer
                                  (model/data/hf_tokenizer.py's with_special_tokens); {} for none
+    additional_tokens            further special tokens added after them, in order (T5's sentinels)
 
 A checkpoint records its family as config.json's `model_type` (`checkpoint_family`).
 """
@@ -41,6 +48,8 @@ from typing import Any, Callable
 # --model NAME -> the module whose FAMILY describes it.
 FAMILIES = {
     "gpt2": "ringpipe.model.gpt2.family",
+    "bert": "ringpipe.model.bert.family",
+    "t5": "ringpipe.model.t5.family",
 }
 DEFAULT_FAMILY = "gpt2"
 CONFIG_FILE = "config.json"  # Hugging Face's name; every family's checkpoint has one
@@ -59,9 +68,12 @@ class Family:
     write_checkpoint_files: Callable[..., None]
     load_checkpoint: Callable[..., tuple]
     parallel_plan: Callable[[Any], Any]
-    objective: Callable[[Any, dict], Any]
+    objective: Callable[[Any, int, dict], Any]
     ignore_index: int = -1
     special_tokens: dict = field(default_factory=dict)
+    additional_tokens: tuple = ()
+    hf_config: Callable[[Any], dict] | None = None
+    weights_metadata: Callable[[Any], dict] | None = None
 
 
 def family(name: str) -> Family:
@@ -72,8 +84,10 @@ def family(name: str) -> Family:
 
 
 def special_ids(tokenizer, model_family: Family) -> dict:
-    """{role: id} of the family's special tokens in `tokenizer` (which must hold them)."""
-    return {role: tokenizer.token_id(text) for role, text in model_family.special_tokens.items()}
+    """{role: id} of the family's special tokens and {text: id} of its additional tokens in
+    `tokenizer` (which must hold them)."""
+    return {**{role: tokenizer.token_id(text) for role, text in model_family.special_tokens.items()},
+            **{text: tokenizer.token_id(text) for text in model_family.additional_tokens}}
 
 
 def checkpoint_family(directory: str) -> str | None:

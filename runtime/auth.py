@@ -86,3 +86,53 @@ def _quiet_logger():
     logger = logging.getLogger("ringpipe.auth")
     logger.setLevel(logging.WARNING)
     return logger
+
+
+class KeyFileError(ValueError):
+    """A rendezvous key file that is missing, unreadable, malformed or readable by other users."""
+
+
+def keys_from_secret(secret: bytes) -> JobKeys:
+    """The key pair of a CURVE secret key (Z85, 40 characters): the public key follows from it."""
+    secret = bytes(secret).strip()
+    try:
+        return JobKeys(zmq.curve_public(secret), secret)
+    except (zmq.ZMQError, ValueError) as exc:
+        raise KeyFileError(f"not a CURVE secret key (40 Z85 characters): {exc}") from None
+
+
+def read_key_file(path: str) -> JobKeys:
+    """The key pair in `path`, which must be readable by its owner only (mode 0600): whoever can
+    read it can join the job."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyFileError(f"key file {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+                               f"run: chmod 600 {path}")
+        with open(path, "rb") as f:
+            secret = f.read()
+    except OSError as exc:
+        raise KeyFileError(f"key file {path}: {exc.strerror}") from None
+    try:
+        return keys_from_secret(secret)
+    except KeyFileError as exc:
+        raise KeyFileError(f"key file {path}: {exc}") from None
+
+
+def create_key_file(path: str) -> JobKeys:
+    """The key pair in `path`; a fresh one written there first (mode 0600, its folder 0700) if the
+    file does not exist."""
+    import os
+
+    if not os.path.exists(path):
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as f:
+            f.write(JobKeys.generate().secret + b"\n")
+        os.replace(temporary, path)
+    return read_key_file(path)

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ringpipe.runtime import array_module, collectives
+from ringpipe.runtime import array_module, collectives, shm_collectives
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.operations import Aborted, Handle, Recv
+from ringpipe.runtime.shm_channel import exchange_entries, open_channel
+from ringpipe.runtime.shm_p2p import RingReceive
 from ringpipe.runtime.trace import now_ns
-from ringpipe.runtime.transfer import send_arrays, send_now
+from ringpipe.runtime.transfer import receive, send_arrays, send_now
 
 
 @dataclass(frozen=True)
@@ -128,23 +130,33 @@ class Communicator:
             flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag), call))
             trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
                               "flow": flow})
+        rings = self.engine.rings
+        if allow_shm and rings is not None and rings.usable(dst_global):
+            # A peer on this host: into the ring to it, from this thread (runtime/shm_p2p.py).
+            key, patience = (call, self.group.gid, int(tag)), self.timeout if timeout is None else timeout
+            return self._send_directly(name, trace, lambda: rings.send(dst_global, key, host, name, patience))
         if dst_global in self.engine.same_host and dst_global != self.engine.rank:
-            # A peer on this host: send from this thread, sparing a hand-off to the engine thread
-            # (which may wait for the GIL while this thread computes). Per destination the path
-            # is always the same, so messages keep their order.
-            return self._send_directly(name, dst_global, header, host, allow_shm, trace)
+            # Send from this thread, sparing a hand-off to the engine thread (which may wait for
+            # the GIL while this thread computes). Per destination the path is always the same,
+            # so messages keep their order.
+            return self._send_directly(name, trace, lambda: send_now(self.engine, dst_global, dict(header), [host],
+                                                                      self.group.gid, allow_shm, track=False))
         return self.engine.submit(name, make, timeout=timeout, trace=trace, call=call)
 
-    def _send_directly(self, name, dst_global, header, host, allow_shm, trace) -> Handle:
+    def _send_directly(self, name, trace, move) -> Handle:
         handle = Handle(name)
         if self.engine.aborted_call is not None:
             handle._set(error=Aborted(self.engine.aborted_call))
             return handle
         start = now_ns()
-        send_now(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm, track=False)
+        try:
+            move()
+        except Exception as exc:  # noqa: BLE001 - the handle's error
+            handle._set(error=exc)
+        else:
+            handle._set(None)
         if trace is not None:
             self.engine.tracer.complete(trace[0], "comm", "comm", start, now_ns(), dict(trace[1], wait_us=0.0))
-        handle._set(None)
         return handle
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
@@ -163,7 +175,7 @@ class Communicator:
         name = f"recv from rank {src} tag {tag} on group {gid}"
 
         def make(epoch, call):
-            return _receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
+            return receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
                             expect, name)
 
         def finish(array):
@@ -177,13 +189,24 @@ class Communicator:
             flow = engine.tracer.next_flow((gid, src_global, engine.rank, int(tag), call))
             nbytes = out.nbytes if out is not None else None
             trace = ("recv", {"bytes": nbytes, "peer": int(src), "group": gid, "tag": int(tag), "flow": flow})
+        if self.config.shm and engine.rings is not None and engine.rings.usable(src_global):
+            return RingReceive(engine.rings, src_global, (call, gid, int(tag)), name,
+                               self.timeout if timeout is None else timeout, host_out, expect, finish,
+                               trace[1] if trace else None)
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
         return self.irecv(src, tag, out, timeout).wait()
 
     # ---- collectives ------------------------------------------------------------------------------
-    def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0):
+    def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0, direct=None):
+        """Run a collective: `algorithm(ctx)` on the engine thread, or, when the call waits for it
+        and the group shares a host, `direct(channel)` on this thread (runtime/shm_channel.py)."""
+        if direct is not None and self.size > 1:
+            # Asynchronous ones only once the channel is open: opening it waits for every member.
+            channel = self.engine.channels.get(self.group.gid) if async_op else self._channel(name, timeout)
+            if channel is not None:
+                return self._run_direct(channel, name, signature, direct, finish, timeout, nbytes, async_op)
         if self.size == 1:
             # Nothing to exchange: run the algorithm here, without a round trip to the engine thread.
             ctx = CollectiveContext(self.engine, self.group, -1, self.engine.epoch, self.engine.call, name, signature,
@@ -212,6 +235,36 @@ class Communicator:
                                     timeout=timeout, transform=finish, trace=trace, call=call)
         return handle if async_op else handle.wait()
 
+    def _channel(self, name, timeout):
+        """The group's same-host channel, opened on first use (one message round over the engine,
+        at the same point on every member: their first waited-for collective), or None."""
+        if not (self.group.shm and self.config.algorithm in ("auto", "shm") and self.engine.arena is not None):
+            return None
+        channels = self.engine.channels
+        if self.group.gid not in channels:
+            def exchange(entry):
+                return self._collective(f"{name} (opening the same-host channel)", {"op": "open channel"},
+                                        lambda ctx: exchange_entries(ctx, entry), None, False, timeout)
+
+            channels[self.group.gid] = open_channel(self.engine, self.group, self.config, exchange)
+        return channels[self.group.gid]
+
+    def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
+        seq = self._sequence.next((self.engine.epoch, self.engine.call))
+        full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
+        trace = None
+        if self.engine.tracer.enabled:
+            trace = {"op": name, "bytes": int(nbytes), "group": self.group.gid, "seq": seq,
+                     "ranks": list(self.group.ranks), "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{self.engine.call}"}
+        key = (self.engine.epoch, self.engine.call, self.group.gid, seq)
+        patience = self.timeout if timeout is None else timeout
+        if async_op or channel.busy():  # on the channel's thread, after the operations queued there
+            handle = channel.submit(Handle(full_name, finish),
+                                    lambda: channel.run(full_name, signature, direct, patience, trace, key), key)
+            return handle if async_op else handle.wait()
+        result = channel.run(full_name, signature, direct, patience, trace, key)
+        return finish(result) if finish is not None else result
+
     @staticmethod
     def _check_op(name, op):
         if op not in collectives.REDUCTIONS:
@@ -234,8 +287,14 @@ class Communicator:
                 _write_back(x, result.reshape(host.shape))
             return x
 
+        def direct(channel):
+            shm_collectives.all_reduce(channel, work, collectives.REDUCTIONS[op])
+            if op == "avg":
+                np.divide(work, channel.n, out=work)
+            return work
+
         return self._collective("all_reduce", signature, lambda ctx: collectives.all_reduce(ctx, work, op),
-                                finish, async_op, timeout, host.nbytes)
+                                finish, async_op, timeout, host.nbytes, direct)
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
@@ -250,7 +309,8 @@ class Communicator:
             return array_module.module_of(x).asarray(gathered) if array_module.is_device_array(x) else gathered
 
         return self._collective("all_gather", signature, lambda ctx: collectives.all_gather(ctx, piece, out),
-                                finish, async_op, timeout, out.nbytes)
+                                finish, async_op, timeout, out.nbytes,
+                                lambda channel: shm_collectives.all_gather(channel, piece, out))
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
@@ -270,8 +330,14 @@ class Communicator:
             result = result.reshape(rows, *host.shape[1:]).astype(host.dtype, copy=False)
             return array_module.module_of(x).asarray(result) if array_module.is_device_array(x) else result
 
+        def direct(channel):
+            result = shm_collectives.reduce_scatter(channel, work, collectives.REDUCTIONS[op])
+            if op == "avg":
+                result /= channel.n
+            return result
+
         return self._collective("reduce_scatter", signature, lambda ctx: collectives.reduce_scatter(ctx, work, op),
-                                finish, async_op, timeout, host.nbytes)
+                                finish, async_op, timeout, host.nbytes, direct)
 
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
@@ -287,10 +353,12 @@ class Communicator:
             return x
 
         return self._collective("broadcast", signature, lambda ctx: collectives.broadcast(ctx, work, int(src)),
-                                finish, async_op, timeout, host.nbytes)
+                                finish, async_op, timeout, host.nbytes,
+                                lambda channel: shm_collectives.broadcast(channel, work, int(src)))
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
-        return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout)
+        return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout,
+                                direct=shm_collectives.barrier)
 
 
 class _Sequence:
@@ -316,32 +384,3 @@ def _write_back(x, result: np.ndarray):
         x[...] = array_module.module_of(x).asarray(result.astype(x.dtype, copy=False))
     else:
         np.copyto(x, result, casting="unsafe")
-
-
-def _receive(engine, key, src, out, expect, name):
-    """Receive one array; into host array `out` if given. `expect` = (shape, dtype) of the caller's
-    output buffer (host or device), which the message must match exactly."""
-    message = yield Recv(key, src)
-    if message.shm is not None:
-        arrays = [view for _, view in message.shm]
-    else:
-        arrays = message.inline
-    try:
-        if len(arrays) != 1:
-            raise ValueError(f"{name}: expected one array, got {len(arrays)}")
-        array = arrays[0]
-        if expect is not None:
-            shape, dtype = expect
-            if shape != array.shape:
-                raise ValueError(f"{name} on rank {engine.rank}: out has shape {shape}, message has {array.shape}")
-            if dtype != array.dtype:
-                raise ValueError(f"{name} on rank {engine.rank}: out has dtype {dtype}, message has {array.dtype} "
-                                 f"(no casting: receive into a {array.dtype} buffer, or without out=)")
-        if out is not None:
-            np.copyto(out, array)
-            return out
-        return np.array(array, copy=True)
-    finally:
-        if message.shm:
-            for offset, _ in message.shm:
-                engine.send(message.src, {"k": "free", "o": offset})

@@ -88,6 +88,16 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.heartbeat_interval = 1.0
         self._next_beat = 0.0
         self.timed_out_on: set[int] = set()
+        # Same-host group channels (runtime/shm_channel.py), run by the calling threads: per group
+        # id the channel (None: not opened yet or not usable) and this rank's region offset;
+        # what a channel waiting in the calling thread waits for, (operation, since, peer), for the
+        # heartbeat; and who to wake when an abort arrives.
+        self.channels: dict = {}
+        self.rings = None  # same-host point-to-point rings (runtime/shm_p2p.py), when the arena has room
+        self.channel_regions: dict[str, int] = {}
+        self.direct_wait: tuple | None = None
+        self.abort_listeners: list = []
+        self.cancel_listeners: list = []  # f(call_id, what): a call ended with these operations running
 
     def start(self):
         self._thread = threading.Thread(target=self._loop, name=f"ringpipe-engine-{self.rank}", daemon=True)
@@ -325,6 +335,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self._finish(op, error=error)
 
     def _cancel_call(self, call_id: int, what: str):
+        for cancel in list(self.cancel_listeners):
+            cancel(call_id, what)
         left = [op for op in self.operations if op.call <= call_id]
         for op in left:
             self._cancel(op, Cancelled(f"{op.name} was cancelled on rank {self.rank}: {what} ended before it "
@@ -376,6 +388,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.block_waits.clear()
         if self.arena is not None:
             self.arena.reset()
+        for wake in list(self.abort_listeners):
+            wake()
 
 
 # The errors and Handle live in runtime/operations.py; importable from here too, as before.

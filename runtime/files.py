@@ -322,23 +322,23 @@ def _raw_bytes(array):
 _SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
                        "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
                        "uint8": "U8", "bool": "BOOL"}
+SAFETENSORS_DTYPES = _SAFETENSORS_DTYPES  # for writers that build a safetensors header themselves
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
     """Write {name: array} as a safetensors file, atomically, with a checksum per tensor in the
-    metadata. Streamed tensor by tensor: no second copy of the data is built in memory."""
+    metadata. Streamed tensor by tensor: no second copy of the data is built in memory (an array
+    that is not C-contiguous little-endian, e.g. a strided view, is copied one at a time, twice)."""
     import numpy as np
 
     arrays = {}
     for name, array in tensors.items():
-        array = np.require(array, requirements="C")  # not ascontiguousarray: it turns 0-d into 1-d
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
+        array = np.asarray(array)
         if array.dtype.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot store")
         arrays[name] = array
     metadata = {**(metadata or {}), CHECKSUMS_KEY: json.dumps(
-        {name: tensor_checksum(a) for name, a in arrays.items()}, separators=(",", ":"))}
+        {name: tensor_checksum(_stored_form(a)) for name, a in arrays.items()}, separators=(",", ":"))}
     header, offset = {"__metadata__": metadata}, 0
     for name, array in arrays.items():
         header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
@@ -350,7 +350,15 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for array in arrays.values():
-            f.write(_raw_bytes(array))
+            f.write(_raw_bytes(_stored_form(array)))
+
+
+def _stored_form(array):
+    """The array as safetensors stores it: C order, little-endian (a copy only where it is not)."""
+    import numpy as np
+
+    array = np.require(array, requirements="C")  # not ascontiguousarray: it turns 0-d into 1-d
+    return array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
 
 
 def load_tensors(path, verify: bool = True) -> tuple[dict, dict]:

@@ -23,6 +23,18 @@ from ringpipe.runtime.shm import SHM_DIR
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def conventional_env(boot: dict, local_rank: int, local_world_size: int, group_rank: int = 0) -> dict:
+    """The variables torchrun gives its workers, so code written for it finds what it expects:
+    RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK (the host's index), MASTER_ADDR and
+    MASTER_PORT (the driver's control address), TORCHELASTIC_RESTART_COUNT (how often the job was
+    restarted; ringpipe restarts by --resume, so its launchers start at 0)."""
+    address, _, port = boot["driver"].removeprefix("tcp://").rpartition(":")
+    return {"RANK": str(boot["rank"]), "LOCAL_RANK": str(local_rank), "WORLD_SIZE": str(boot["world_size"]),
+            "LOCAL_WORLD_SIZE": str(local_world_size), "GROUP_RANK": str(group_rank),
+            "MASTER_ADDR": address.strip("[]"), "MASTER_PORT": port,
+            "TORCHELASTIC_RESTART_COUNT": str(boot.get("restart_count", 0))}
+
+
 def reaching_this_package(environment: dict) -> dict:
     """`environment` (changed in place and returned) such that a child `python -m ringpipe...` finds
     this very package."""
@@ -70,15 +82,19 @@ class Launcher(Protocol):
 
 
 class LocalLauncher:
-    """Workers as child processes of the driver, on this host (`subprocess.Popen`)."""
+    """Workers as child processes of the driver, on this host (`subprocess.Popen`). Every worker
+    gets `host_name` as its host identity (same-host peers share memory) unless its boot record
+    already names one."""
 
-    def __init__(self):
+    def __init__(self, host_name: str | None = None, group_rank: int = 0):
         self.processes: list[subprocess.Popen] = []
+        self.host_name, self.group_rank = host_name or socket.gethostname(), group_rank
 
     def start(self, boots: list[dict], env: dict | None = None) -> None:
         environment = reaching_this_package(dict(os.environ, **(env or {})))
-        for boot in boots:
-            worker_env = dict(environment)
+        for local_rank, boot in enumerate(boots):
+            boot = dict(boot, host=boot.get("host") or self.host_name)
+            worker_env = dict(environment, **conventional_env(boot, local_rank, len(boots), self.group_rank))
             for var in BLAS_THREAD_VARIABLES:
                 worker_env[var] = str(boot["threads"])
             # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers.
@@ -109,7 +125,7 @@ class LocalLauncher:
         return self.processes[rank].pid if rank < len(self.processes) else None
 
     def host(self, rank: int) -> str:
-        return socket.gethostname()
+        return self.host_name
 
     def process_note(self, rank: int) -> str:
         pid = self.pid(rank)

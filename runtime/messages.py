@@ -11,6 +11,7 @@ import zmq
 
 from ringpipe.runtime import wire
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, Message, Recv, WaitSent
+from ringpipe.runtime.shm import same_host
 
 log = logging.getLogger("ringpipe.runtime")
 
@@ -26,7 +27,7 @@ class MessageDispatch:
         for entry in address_book:
             peer = entry["rank"]
             self.identity_to_rank[b"r%d" % peer] = peer
-            if entry["host"] == host_id:
+            if same_host(entry, host_id):
                 self.same_host.add(peer)
             if peer == self.rank:
                 continue
@@ -148,6 +149,8 @@ class MessageDispatch:
                     and op.abort_key[:2] == (group, seq)):
                 # A cancelled peer may still be reading this rank's blocks: keep them until the fence.
                 (self._cancel if cancelled else self._fail)(op, kind(reason))
+        for wake in list(self.abort_listeners):  # a collective waiting in a calling thread looks again
+            wake()
 
     def _receive_control(self):
         while True:
@@ -186,6 +189,9 @@ class MessageDispatch:
             what = {Recv: "a message from", WaitSent: "a send to"}.get(type(op.waiting), "")
             target = f"{what} rank {peer}" if peer is not None else "shared memory"
             out.append(f"{op.name} waiting {now - (op.deadline - op.timeout):.1f}s for {target}")
+        direct = self.direct_wait  # a same-host channel waiting in the calling thread
+        if direct is not None:
+            out.append(f"{direct[0]} waiting {time.monotonic() - direct[1]:.1f}s for rank {direct[2]}")
         return out
 
 

@@ -21,6 +21,13 @@ def arena_path(job_id: str, rank: int) -> str:
     return os.path.join(SHM_DIR, f"ringpipe-{job_id}-{rank}")
 
 
+def same_host(entry: dict, host: str) -> bool:
+    """The one place that decides whether the peer of address-book `entry` is on this host, and so
+    reached through shared memory rather than ZeroMQ: its "host" identity equals `host` (this
+    worker's). An entry without one (a launcher that does not say) counts as this host."""
+    return entry.get("host", host) == host
+
+
 def shm_available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
@@ -40,6 +47,7 @@ class Arena:
         self.buffer = np.frombuffer(self._map, dtype=np.uint8)
         self._free = [(0, size)]  # sorted (offset, length) holes
         self._used: dict[int, int] = {}
+        self._pinned: dict[int, int] = {}  # blocks that survive reset(): same-host channels (shm_channel.py)
         self._lock = threading.Lock()  # the engine thread and user threads sending directly
 
     def alloc(self, nbytes: int) -> int | None:
@@ -59,12 +67,21 @@ class Arena:
                 return offset
         return None
 
+    def pin(self, nbytes: int) -> int | None:
+        """Like alloc, but the block stays taken through reset() (for good: it is never freed)."""
+        length = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            offset = self._alloc(length)
+            if offset is not None:
+                self._pinned[offset] = self._used.pop(offset)
+            return offset
+
     def free(self, offset: int) -> bool:
         with self._lock:
             return self._free_block(offset)
 
     def _free_block(self, offset: int) -> bool:
-        length = self._used.pop(offset, None)
+        length = self._used.pop(offset, None)  # None for a pinned block too: it stays
         if length is None:
             return False
         holes = self._free
@@ -84,6 +101,15 @@ class Arena:
         with self._lock:
             self._free = [(0, self.size)]
             self._used.clear()
+            for offset in sorted(self._pinned):
+                self._take(offset, self._pinned[offset])
+
+    def _take(self, offset: int, length: int):
+        for i, (start, hole) in enumerate(self._free):
+            if start <= offset and offset + length <= start + hole:
+                pieces = [(start, offset - start), (offset + length, start + hole - offset - length)]
+                self._free[i : i + 1] = [piece for piece in pieces if piece[1] > 0]
+                return
 
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         return self.buffer[offset : offset + nbytes]

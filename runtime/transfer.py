@@ -2,8 +2,10 @@
 the sender's shared-memory arena when the peer is on the same host and the payload is large."""
 from __future__ import annotations
 
+import numpy as np
+
 from ringpipe.runtime.messages import ZERO_COPY_BYTES
-from ringpipe.runtime.operations import WaitSent
+from ringpipe.runtime.operations import Recv, WaitSent
 
 
 def send_arrays(engine, dst: int, header: dict, arrays, group_id: str, allow_shm: bool):
@@ -28,3 +30,32 @@ def send_now(engine, dst: int, header: dict, arrays, group_id: str, allow_shm: b
             engine.count_sent(group_id, nbytes)
             return None
     return engine.send(dst, header, arrays, group_id, track=track)
+
+
+def receive(engine, key, src, out, expect, name):
+    """Receive one array; into host array `out` if given. `expect` = (shape, dtype) of the caller's
+    output buffer (host or device), which the message must match exactly."""
+    message = yield Recv(key, src)
+    if message.shm is not None:
+        arrays = [view for _, view in message.shm]
+    else:
+        arrays = message.inline
+    try:
+        if len(arrays) != 1:
+            raise ValueError(f"{name}: expected one array, got {len(arrays)}")
+        array = arrays[0]
+        if expect is not None:
+            shape, dtype = expect
+            if shape != array.shape:
+                raise ValueError(f"{name} on rank {engine.rank}: out has shape {shape}, message has {array.shape}")
+            if dtype != array.dtype:
+                raise ValueError(f"{name} on rank {engine.rank}: out has dtype {dtype}, message has {array.dtype} "
+                                 f"(no casting: receive into a {array.dtype} buffer, or without out=)")
+        if out is not None:
+            np.copyto(out, array)
+            return out
+        return np.array(array, copy=True)
+    finally:
+        if message.shm:
+            for offset, _ in message.shm:
+                engine.send(message.src, {"k": "free", "o": offset})

@@ -75,7 +75,8 @@ class Worker:
         from ringpipe.runtime.auth import JobKeys
         from ringpipe.runtime.communicator import CommConfig, Communicator, Group
         from ringpipe.runtime.engine import Engine
-        from ringpipe.runtime.shm import Arena, PeerArena, arena_path
+        from ringpipe.runtime.shm import Arena, PeerArena, arena_path, same_host
+        from ringpipe.runtime.shm_p2p import PairRings
 
         self.rank, self.world_size = boot["rank"], boot["world_size"]
         self.config = CommConfig(**boot["comm"])
@@ -85,7 +86,9 @@ class Worker:
         self.engine = Engine(self.rank, self.context, self.keys, boot["bind_host"], self.config.timeout)
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.actors: dict = {}
-        self.host = host_id()
+        # The launcher names the host (a hostfile entry, a Slurm node): network namespaces on one
+        # machine share its hostname and boot id, yet are separate hosts to the network.
+        self.host = boot.get("host") or host_id()
         # The call the main thread is running: (driver's call id, name, monotonic start) or None.
         self.current: tuple | None = None
         self.main_thread = threading.get_ident()
@@ -94,6 +97,8 @@ class Worker:
         if self.config.shm:
             arena = Arena(arena_path(boot["job_id"], self.rank), boot["arena_bytes"])
             self.engine.arena = arena
+            ring_bytes = PairRings.pin(arena, self.world_size)  # first, so every rank's rings sit at offset 0
+            self.engine.rings = PairRings(self.engine, self.world_size, ring_bytes) if ring_bytes else None
         control = self.context.socket(zmq.DEALER)
         control.setsockopt(zmq.ROUTING_ID, b"w%d" % self.rank)
         control.setsockopt(zmq.LINGER, 2000)
@@ -106,7 +111,7 @@ class Worker:
         self.engine.connect_peers(book, self.host)
         if arena is not None:
             for entry in book:
-                if entry["rank"] != self.rank and entry["host"] == self.host and entry["arena"]:
+                if entry["rank"] != self.rank and same_host(entry, self.host) and entry.get("arena"):
                     self.engine.peer_arenas[entry["rank"]] = PeerArena(entry["arena"], boot["arena_bytes"])
                     self.engine.shm_peers.add(entry["rank"])
         self._send({"t": "ready"})
@@ -115,7 +120,7 @@ class Worker:
             arena.unlink()  # every peer has it mapped now; nothing remains in /dev/shm
         self._send({"t": "unlinked"})
 
-        everyone_here = all(e["host"] == self.host for e in book)
+        everyone_here = all(same_host(e, self.host) for e in book)
         world = Group("w", tuple(range(self.world_size)), self.rank,
                       bool(arena) and everyone_here and self.config.shm)
         self.world = Communicator(self.engine, world, self.config)

@@ -16,7 +16,8 @@ from ringpipe.model.nn.mixed_precision import LossScaler
 from ringpipe.model.parallel.tensor_parallel import assemble_full_params
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.run_dir import saved_config
+from ringpipe.model.training.checkpoint_metadata import read_metadata
+from ringpipe.model.training.run_dir import find_checkpoint, saved_config
 from ringpipe.model.training.trainer import Trainer
 
 STEPS = 50
@@ -224,11 +225,11 @@ def test_a_distributed_mixed_run_checkpoints_float32_weights_and_the_scaler_and_
               "--loss-scale-growth-interval", "2", "--out", out]
     result = CliRunner().invoke(main, [*common, "--steps", "3", "--sample", "5"])
     assert result.exit_code == 0, result.output
-    checkpoint = os.path.join(out, "checkpoint")
-    assert {str(w.dtype) for w in load_file(os.path.join(checkpoint, "model.safetensors")).values()} == {"float32"}
-    optimizer = load_file(os.path.join(checkpoint, "optimizer.safetensors"))
-    assert float(optimizer["loss_scale"]) == 2.0 ** 17  # doubled after two good steps
-    assert int(optimizer["loss_scale_good_steps"]) == 1
+    metadata = read_metadata(find_checkpoint(out))  # sharded: written by the workers
+    assert {t["dtype"] for t in metadata["tensors"].values()} == {"float32"}
+    assert {str(w.dtype) for w in load_file(os.path.join(out, "model.safetensors")).values()} == {"float32"}
+    assert metadata["optimizer"]["loss_scale"] == 2.0 ** 17  # doubled after two good steps
+    assert metadata["optimizer"]["loss_scale_good_steps"] == 1
     result = CliRunner().invoke(main, [*common, "--steps", "4", "--resume"])
     assert result.exit_code == 0, result.output
     with open(os.path.join(out, "metrics.jsonl")) as f:

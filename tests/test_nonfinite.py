@@ -10,6 +10,8 @@ from ringpipe.cluster.cli import main
 from ringpipe.cluster.options import FiniteFloat
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.run_dir import find_checkpoint, saved_step
+from ringpipe.model.training.sharded_checkpoint import is_sharded, load_consolidated
 from ringpipe.runtime.files import load_tensors
 from tests.conftest import one_error_line, run_cli
 
@@ -55,12 +57,21 @@ def test_a_config_with_a_non_finite_setting_is_invalid():
 
 
 def checkpoint_step(out) -> int:
-    return json.loads((out / "checkpoint" / "trainer.json").read_text())["step"]
+    return saved_step(str(out))
+
+
+def checkpoint_arrays(out) -> tuple[dict, dict]:
+    """(weights, optimizer state) of the run's checkpoint, consolidated or sharded (multi-worker)."""
+    checkpoint = find_checkpoint(str(out))
+    if is_sharded(checkpoint):
+        _, tensors, optimizer = load_consolidated(checkpoint)
+        return tensors, optimizer
+    return load_tensors(out / "checkpoint" / "model.safetensors")[0], load_tensors(
+        out / "checkpoint" / "optimizer.safetensors")[0]
 
 
 def assert_finite_checkpoint(out):
-    tensors, _ = load_tensors(out / "checkpoint" / "model.safetensors")
-    optimizer, _ = load_tensors(out / "checkpoint" / "optimizer.safetensors")
+    tensors, optimizer = checkpoint_arrays(out)
     for name, array in {**tensors, **optimizer}.items():
         assert np.isfinite(array).all(), name
 
@@ -96,7 +107,7 @@ def test_on_nonfinite_skip_leaves_the_weights_of_skipped_steps_unchanged(tmp_pat
     assert metrics[1]["loss"] is None  # a skipped step's non-finite loss is JSON null, not a bare NaN
     assert checkpoint_step(out) == 3
     assert_finite_checkpoint(out)
-    optimizer, _ = load_tensors(out / "checkpoint" / "optimizer.safetensors")
+    _, optimizer = checkpoint_arrays(out)
     assert int(optimizer["step"]) == 1  # only the first step was applied, on every rank alike
     assert np.isfinite(GPT.from_pretrained(out).params["wte.weight"]).all()
 

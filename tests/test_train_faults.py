@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import ringpipe.cluster.distributed_train as distributed_train
+from ringpipe.model.training import sharded_checkpoint
 from ringpipe.model.training import trainer as training_trainer
 from ringpipe.cluster.cli import main
 from ringpipe.runtime import Cluster
@@ -113,7 +114,7 @@ def _killing_after(function):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("where", ["setup", "evaluation", "pulling weights for a checkpoint",
+@pytest.mark.parametrize("where", ["setup", "evaluation", "committing a checkpoint",
                                    "writing a checkpoint", "writing traces"])
 def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_the_resume_hint(
         corpus, tmp_path, monkeypatch, where):
@@ -123,13 +124,12 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
         monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
     elif where == "evaluation":
         monkeypatch.setattr(training_trainer.Trainer, "evaluate", _killing_first(training_trainer.Trainer.evaluate))
-    elif where == "pulling weights for a checkpoint":
-        # The second checkpoint's pull: the weights are in, the optimizer moments are asked next.
-        monkeypatch.setattr(distributed_train, "assemble_full_params",
-                            _killing_first(distributed_train.assemble_full_params, on_call=2))
+    elif where == "committing a checkpoint":
+        # The second checkpoint: every rank has written its pieces, the driver commits them.
+        monkeypatch.setattr(sharded_checkpoint, "commit", _killing_first(sharded_checkpoint.commit, on_call=2))
     elif where == "writing a checkpoint":
-        monkeypatch.setattr(training_trainer.Trainer, "save_checkpoint",
-                            _killing_after(training_trainer.Trainer.save_checkpoint))
+        monkeypatch.setattr(distributed_train, "save_sharded_checkpoint",
+                            _killing_after(distributed_train.save_sharded_checkpoint))
     else:
         monkeypatch.setattr(_RecordingCluster, "stop_trace", _killing_first(Cluster.stop_trace))
         extra = ["--trace"]

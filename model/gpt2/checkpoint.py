@@ -64,6 +64,13 @@ def hf_config(config) -> dict:
     }
 
 
+def weights_metadata(config) -> dict:
+    """The safetensors metadata of model.safetensors (besides the checksums): the format transformers
+    expects, and the model's dimensions (RECORD_KEY)."""
+    return {"format": "pt", RECORD_KEY: json.dumps({key: getattr(config, key) for key in RECORDED},
+                                                   separators=(",", ":"))}
+
+
 def save_checkpoint(directory, params: dict, config, tokenizer=None) -> None:
     """Writes params (GPT-2 names -> host arrays, saved in their own dtype) and config.
 
@@ -79,9 +86,7 @@ def write_checkpoint_files(directory, params: dict, config, tokenizer=None) -> N
     """model.safetensors (with per-tensor checksums and the model's shape record in its metadata),
     config.json and the tokenizer, into an existing (staging) directory."""
     tensors = {PREFIX + name: array for name, array in params.items()}
-    record = json.dumps({key: getattr(config, key) for key in RECORDED}, separators=(",", ":"))
-    save_tensors(os.path.join(directory, WEIGHTS_FILE), tensors,
-                 metadata={"format": "pt", RECORD_KEY: record})
+    save_tensors(os.path.join(directory, WEIGHTS_FILE), tensors, metadata=weights_metadata(config))
     write_json(os.path.join(directory, CONFIG_FILE), hf_config(config), indent=2)
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ringpipe.model.families import Family
-from ringpipe.model.gpt2.checkpoint import load_checkpoint, write_checkpoint_files
+from ringpipe.model.gpt2.checkpoint import hf_config, load_checkpoint, weights_metadata, write_checkpoint_files
 from ringpipe.model.gpt2.config import ARCHITECTURE_FIELDS, GPTConfig, GPTOptions, init_params
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
@@ -16,7 +16,7 @@ def small_gpt() -> GPTOptions:
 class NextToken:
     """The causal language-model objective: each position predicts the token after it."""
 
-    def __init__(self, config, special_ids: dict | None = None):
+    def __init__(self, config, vocab_size: int = 0, special_ids: dict | None = None):
         self.config = config
 
     def batch(self, dataset, split: str, index: int):
@@ -28,4 +28,5 @@ class NextToken:
 FAMILY = Family(name="gpt2", options=GPTOptions, default_options=small_gpt, config=GPTConfig,
                 architecture_fields=ARCHITECTURE_FIELDS, model=GPT, init_params=init_params,
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
-                parallel_plan=GPT2ParallelPlan, objective=NextToken, ignore_index=-1)
+                parallel_plan=GPT2ParallelPlan, objective=NextToken, ignore_index=-1, hf_config=hf_config,
+                weights_metadata=weights_metadata)

@@ -158,6 +158,10 @@ class GPT(TransformerBlocks):
             self.memory.release(cache)
         return self.head_logits(x)
 
+    def loss(self, idx, targets, ignore_index=-1) -> float:
+        """Inference loss, no dropout: the mean cross-entropy of idx's logits against targets."""
+        return ops.cross_entropy_forward(self.forward(idx), targets, ignore_index, overwrite_logits=True)[0]
+
     def loss_and_grads(self, idx, targets, ignore_index=-1, dropout_seed=None, dloss=1.0):
         """One forward+backward. idx, targets int (B, T) -> (loss float, grads like params).
 

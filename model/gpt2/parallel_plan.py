@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from ringpipe.model.nn import ops
 from ringpipe.model.gpt2.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
+from ringpipe.model.gpt2.checkpoint import PREFIX
 from ringpipe.model.gpt2.config import GPTConfig, init_params
 from ringpipe.model.gpt2.model import _keep_large_arrays_on_the_heap
 from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
@@ -59,6 +60,10 @@ class GPT2ParallelPlan:
 
     def head_params(self) -> list[str]:
         return ["wte.weight", "ln_f.weight", "ln_f.bias"]
+
+    def hf_name(self, name: str) -> str:
+        """The parameter's Hugging Face name, under which checkpoints store it."""
+        return PREFIX + name
 
     def sharding(self, name: str) -> Sharding:
         if name == "wte.weight":

@@ -58,7 +58,9 @@ class Layout:
                              f"{self.dp} × {config.microbatches}")
         if config.model.n_head % self.tp:
             raise ValueError(f"n_head {config.model.n_head} is not divisible by tp {self.tp}")
-        split_layers(config.model.n_layer, self.pp * self.virtual_stages, self.split)  # too few layers, bad split
+        # too few layers, bad split (an encoder-decoder's stages divide both stacks' layers)
+        split_layers(getattr(config.model, "pipeline_layers", config.model.n_layer), self.pp * self.virtual_stages,
+                     self.split)
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
@@ -81,7 +83,7 @@ class ParallelTrainer:
         self.family = family(self.config.family)
         self.gpt_config = self.config.model_config(vocab_size)
         self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
-        self.objective = self.family.objective(self.config, special_ids or {})
+        self.objective = self.family.objective(self.config, vocab_size, special_ids or {})
         self.mesh = Mesh(comm, parallel_axes(self.layout.dp, self.layout.tp, self.layout.pp),
                          ties=bool(self.plan.tied_params))
         self.dataset = TokenDataset.from_file(token_file, self.config.val_fraction)
@@ -295,11 +297,23 @@ class ParallelTrainer:
             return self.optimizer.moment_bytes
         return int(sum(m.nbytes for m in self.optimizer.m.values()) + sum(v.nbytes for v in self.optimizer.v.values()))
 
+    def save_checkpoint_pieces(self, checkpoint_dir: str) -> dict:
+        """Write the pieces of a sharded checkpoint this rank owns; returns their report for the driver
+        (model/training/sharded_checkpoint.py). Every rank must be asked."""
+        from ringpipe.model.training.sharded_checkpoint import save_rank
+
+        return save_rank(self, checkpoint_dir)
+
     def load_state(self, checkpoint_dir: str) -> int:
-        """Take this rank's part of a full checkpoint (weights and AdamW moments); returns its step."""
+        """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded
+        checkpoint is read slice by slice, a consolidated one (model/training/trainer.py) whole."""
         import json
         import os
 
+        from ringpipe.model.training.sharded_checkpoint import is_sharded, load_rank
+
+        if is_sharded(checkpoint_dir):
+            return load_rank(self, checkpoint_dir)
         from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from ringpipe.runtime.files import load_tensors
 

@@ -2,8 +2,14 @@
 
     RUN/tokens.bin                  the tokenized corpus (TOKEN_FILE)
     RUN/metrics.jsonl               one JSON object per step (METRICS_FILE)
-    RUN/checkpoint/                 the latest resumable state (CHECKPOINT_DIR; `.old` while swapping):
-        model.safetensors, config.json, tokenizer files, optimizer.safetensors, trainer.json
+    RUN/checkpoint/                 a single-process run's resumable state, consolidated (CHECKPOINT_DIR;
+                                    `.old` while swapping): model.safetensors, config.json, tokenizer
+                                    files, optimizer.safetensors, trainer.json
+    RUN/checkpoints/step-00000040/  a multi-worker run's sharded checkpoint (model/training/
+                                    sharded_checkpoint.py): rank-00003.safetensors (the pieces each rank
+                                    owns), config.json, tokenizer files, and checkpoint.json (COMMIT_FILE:
+                                    every piece's place, written last; without it the directory is an
+                                    unfinished save and is ignored)
     RUN/model.safetensors, RUN/config.json, RUN/tokenizer files   the final model
     RUN/trace-rank{r}.json, clocks.json, schedule.json   a traced run (`ringpipe train --trace`)
     RUN/trace.html, RUN/trace.json  what `ringpipe trace view|export` write by default
@@ -17,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from typing import TYPE_CHECKING
 
@@ -29,6 +36,9 @@ if TYPE_CHECKING:
 CHECKPOINT_DIR = "checkpoint"
 PREVIOUS_CHECKPOINT_DIR = CHECKPOINT_DIR + ".old"  # kept while a new checkpoint is swapped in
 TRAINER_STATE_FILE = "trainer.json"
+SHARDED_CHECKPOINTS_DIR = "checkpoints"
+COMMIT_FILE = "checkpoint.json"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
 OPTIMIZER_FILE = "optimizer.safetensors"
 TOKEN_FILE = "tokens.bin"
 METRICS_FILE = "metrics.jsonl"
@@ -42,14 +52,45 @@ TRACE_EXPORT_FILE = "trace.json"
 TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
 
 
+def step_directory(run_dir: str, step: int) -> str:
+    """Where the sharded checkpoint after `step` steps lives."""
+    return os.path.join(run_dir, SHARDED_CHECKPOINTS_DIR, f"step-{step:08d}")
+
+
+def sharded_checkpoints(run_dir: str, committed: bool = True) -> list[tuple[int, str]]:
+    """[(step, path)] of the run's sharded checkpoint directories, oldest first: the committed ones
+    (their COMMIT_FILE written), or with `committed=False` the unfinished ones."""
+    parent = os.path.join(run_dir, SHARDED_CHECKPOINTS_DIR)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = _STEP_DIR.match(name)
+        path = os.path.join(parent, name)
+        if match and os.path.isdir(path) and os.path.isfile(os.path.join(path, COMMIT_FILE)) == committed:
+            found.append((int(match[1]), path))
+    return sorted(found)
+
+
 def find_checkpoint(run_dir: str) -> str:
-    """The checkpoint directory of a run (the previous one if a swap was interrupted)."""
-    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE)):
-            return path
+    """The run's latest checkpoint: the newest committed sharded one, or the consolidated one
+    (the previous one if a swap was interrupted), whichever has more steps."""
+    sharded = sharded_checkpoints(run_dir)
+    consolidated = next((path for path in (os.path.join(run_dir, CHECKPOINT_DIR),
+                                           os.path.join(run_dir, PREVIOUS_CHECKPOINT_DIR))
+                         if os.path.isfile(os.path.join(path, TRAINER_STATE_FILE))), None)
+    if sharded and consolidated is not None:
+        try:
+            newer = read_trainer_state(consolidated)["step"] > sharded[-1][0]
+        except ValueError:  # unreadable: the sharded one is the checkpoint to use
+            newer = False
+        return consolidated if newer else sharded[-1][1]
+    if sharded or consolidated is not None:
+        return sharded[-1][1] if sharded else consolidated
     raise ValueError(f"no checkpoint in {run_dir} (expected {run_dir}/{CHECKPOINT_DIR}/"
-                     f"{TRAINER_STATE_FILE})")
+                     f"{TRAINER_STATE_FILE} or {run_dir}/{SHARDED_CHECKPOINTS_DIR}/step-N/{COMMIT_FILE})")
 
 
 def read_trainer_state(checkpoint: str) -> dict:
@@ -58,6 +99,8 @@ def read_trainer_state(checkpoint: str) -> dict:
     from ringpipe.model.training.config import TrainConfig  # here: the trace tools read the names above alone
 
     path = os.path.join(checkpoint, TRAINER_STATE_FILE)
+    if os.path.isfile(os.path.join(checkpoint, COMMIT_FILE)):  # a sharded checkpoint records the same
+        path = os.path.join(checkpoint, COMMIT_FILE)
     try:
         with open(path) as f:
             state = json.load(f)
@@ -91,7 +134,8 @@ def remove_traces(out: str) -> None:
 
 def remove_run(out: str) -> None:
     """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
-    for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*"):
+    for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*",
+                    SHARDED_CHECKPOINTS_DIR):
         for path in glob.glob(os.path.join(out, pattern)):
             shutil.rmtree(path, ignore_errors=True)
     for pattern in (METRICS_FILE, TOKEN_FILE, *MODEL_FILES, *TRACE_FILES, TRACE_VIEW_FILE):

@@ -22,11 +22,12 @@ from ringpipe.model.data.hf_tokenizer import with_special_tokens
 from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
 from ringpipe.model.families import check_checkpoint_family, family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
-from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
+from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
                                     find_checkpoint, read_trainer_state)
+from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
 from ringpipe.runtime.array_module import array_module, to_host
 from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
@@ -50,8 +51,10 @@ def _tokenize_corpus(config: TrainConfig, tokenizer=None):
     text = load_corpus(config.data)
     if tokenizer is None:
         tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-        if family(config.family).special_tokens:
-            tokenizer = with_special_tokens(tokenizer, family(config.family).special_tokens)
+        model_family = family(config.family)
+        if model_family.special_tokens or model_family.additional_tokens:
+            tokenizer = with_special_tokens(tokenizer, model_family.special_tokens,
+                                            model_family.additional_tokens)
         ids = tokenizer.encode(text)
     else:
         try:
@@ -93,7 +96,7 @@ class Trainer:
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
         self.family = family(config.family)
-        self.objective = self.family.objective(config, special_ids(tokenizer, self.family))
+        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
@@ -120,6 +123,7 @@ class Trainer:
         """A fresh run: everything is validated before anything is written to `run_dir`."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         tokenizer, ids = _tokenize_corpus(config)
         model_family = family(config.family)
         gpt_config = config.model_config(tokenizer.vocab_size)
@@ -137,19 +141,27 @@ class Trainer:
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
         config.validate()
         remove_dead_temporaries(run_dir)
+        remove_unfinished(run_dir)  # a multi-worker save cut short
         checkpoint = find_checkpoint(run_dir)
         model_family = family(config.family)
         check_checkpoint_family(checkpoint, model_family.name)
         state = read_trainer_state(checkpoint)
         tokenizer = load_tokenizer(checkpoint)
-        if tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
+        # (A family with special tokens saves them in a Hugging Face tokenizer, whatever it was made from.)
+        if not model_family.special_tokens and tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = _tokenize_corpus(config, tokenizer)
+        check_resumable(checkpoint, config.model_config(tokenizer.vocab_size), model_family)  # before reading it
         try:
-            saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
-                                                       device=config.device)
-            optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
+            if is_sharded(checkpoint):  # written by a multi-worker run
+                saved_config, params, optimizer_state = load_consolidated(checkpoint)
+                saved = model_family.model(dataclasses.replace(saved_config, dtype=weights_dtype(config.dtype),
+                                                               device=config.device), params=params)
+            else:
+                saved = model_family.model.from_pretrained(checkpoint, dtype=weights_dtype(config.dtype),
+                                                           device=config.device)
+                optimizer_state, _ = load_tensors(os.path.join(checkpoint, OPTIMIZER_FILE))
         except Exception as exc:  # any reader error means the same thing to the user
             raise ValueError(f"corrupt checkpoint {checkpoint}: {exc}") from None
         # The run's config is the authority (e.g. dropout); the saved shapes must agree with it.
@@ -241,10 +253,7 @@ class Trainer:
         for i in range(config.eval_iters):
             x, y = self.objective.batch(self.dataset, "val", i)
             for start in range(0, config.batch_size, rows):
-                logits = self.gpt.forward(xp.asarray(x[start:start + rows]))
-                loss, _ = cross_entropy_forward(logits, xp.asarray(y[start:start + rows]),
-                                                self.family.ignore_index, overwrite_logits=True)
-                losses.append(loss)
+                losses.append(self.gpt.loss(xp.asarray(x[start:start + rows]), xp.asarray(y[start:start + rows])))
         return {"val_loss": float(np.mean(losses))}
 
     def save_checkpoint(self) -> str:

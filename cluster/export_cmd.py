@@ -1,0 +1,28 @@
+"""`ringpipe export RUN_DIR [--out DIR]`: a run's model in Hugging Face format, from its checkpoint.
+
+A sharded checkpoint (multi-worker runs) is streamed into `model.safetensors` a chunk at a time
+(model/training/hf_export.py), so exporting never needs the memory of the model.
+"""
+from __future__ import annotations
+
+import click
+
+from ringpipe.cluster.options import one_line
+from ringpipe.model.training.hf_export import export_checkpoint
+from ringpipe.model.training.run_dir import find_checkpoint
+
+
+@click.command(short_help="Write a run's model (Hugging Face files) from its checkpoint.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, help="Directory for model.safetensors, config.json and the tokenizer "
+                                          "[default: RUN_DIR].")
+def export(run_dir, out):
+    """Write model.safetensors, config.json and the tokenizer files of the latest checkpoint in
+    RUN_DIR, streamed from its shards; transformers' GPT2LMHeadModel.from_pretrained opens them."""
+    out = out or run_dir
+    try:
+        checkpoint = find_checkpoint(run_dir)
+        export_checkpoint(checkpoint, out)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(one_line(exc)) from None
+    click.echo(f"exported {checkpoint} to {out}", err=True)

@@ -1,0 +1,1 @@
+"""BERT: a bidirectional encoder trained as a masked language model (see model/families.py)."""

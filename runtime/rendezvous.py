@@ -1,0 +1,304 @@
+"""The driver's end of a run across hosts: agents join a rendezvous, then start and watch workers.
+
+On every other host an agent (`ringpipe worker --rdzv-endpoint HOST:PORT`, started by hand, over
+ssh, by srun or by mpirun; runtime/rendezvous_agent.py) connects to the driver's `Rendezvous`, a
+ROUTER socket speaking CURVE: only a process holding the rendezvous key gets in. It says which
+host it is, the address its workers can bind to, and how many workers it runs (or, under mpirun
+and srun, which ranks). Once the slots add up to the world size, the driver places the ranks
+(runtime/placement.py) and `RendezvousLauncher` sends each agent its workers' bootstrap records;
+the agent starts them as its own children and reports their pids and exit codes. From then on the
+launcher answers the `Launcher` protocol for them, beside a `LocalLauncher` for the driver's own
+host. Agents stop their workers when told, or when the driver has been silent for
+`AGENT_SILENCE_S`: a driver that dies leaves nothing running on any host.
+
+Messages (msgpack maps, one frame). Agent -> driver: join {host, address, slots, ranks, version,
+pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env, group_rank},
+signal {rank, signum}, stop {grace}, ping.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+
+from ringpipe.runtime.auth import JobKeys
+from ringpipe.runtime.launch import LocalLauncher, stop_processes
+
+PING_INTERVAL_S = 1.0
+AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
+
+
+class RendezvousError(RuntimeError):
+    """The rendezvous could not form: one line naming the address, host or count that was wrong."""
+
+
+def package_version() -> str:
+    """ringpipe's installed version ("unknown" when run from a source tree without an install)."""
+    try:
+        from importlib.metadata import version
+
+        return version("ringpipe")
+    except Exception:  # noqa: BLE001 - PackageNotFoundError, or broken metadata
+        return "unknown"
+
+
+def resolve_host(host: str, what: str = "host") -> str:
+    """The IPv4 address of `host`; RendezvousError naming it if it does not resolve."""
+    try:
+        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (socket.gaierror, UnicodeError, IndexError) as exc:
+        raise RendezvousError(f"cannot resolve {what} {host!r}: {getattr(exc, 'strerror', exc)}") from None
+
+
+def outward_address(peer: str) -> str:
+    """This machine's address on the route to `peer` (an IPv4 address): the one its sockets should
+    bind to so that `peer` can reach them. No packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((peer, 9))
+        return probe.getsockname()[0]
+
+
+@dataclass
+class Agent:
+    """A joined agent: the ZeroMQ identity it speaks from, and what it said in its join."""
+    identity: bytes
+    host: str
+    address: str
+    slots: int
+    ranks: list | None = None
+    pid: int = 0
+    ranks_here: list = field(default_factory=list)  # global ranks it runs, in its local order
+
+
+class Rendezvous:
+    """A ROUTER at `address:port` (port 0: any free one) that only holders of `keys` can reach."""
+
+    def __init__(self, address: str, port: int, keys: JobKeys):
+        self.keys = keys
+        self.context = zmq.Context()
+        self.auth = keys.start_authenticator(self.context)
+        self.router = self.context.socket(zmq.ROUTER)
+        keys.make_server(self.router)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        try:
+            if port:
+                self.router.bind(f"tcp://{address}:{port}")
+            else:
+                port = self.router.bind_to_random_port(f"tcp://{address}")
+        except zmq.ZMQError as exc:
+            self.close()
+            reason = "the port is in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
+            raise RendezvousError(f"cannot listen for the rendezvous at {address}:{port}: {reason}") from None
+        self.address, self.port = address, port
+        self.endpoint = f"{address}:{port}"
+
+    def send(self, agent: Agent, message: dict):
+        try:
+            self.router.send_multipart([agent.identity, msgpack.packb(message, use_bin_type=True)])
+        except zmq.ZMQError:  # that agent is gone; its workers' silence is reported by the cluster
+            pass
+
+    def receive(self, timeout_ms: int) -> tuple[bytes, dict] | None:
+        if not self.router.poll(timeout_ms):
+            return None
+        identity, *frames = self.router.recv_multipart()
+        try:
+            message = msgpack.unpackb(frames[0], raw=False) if frames else None
+        except (ValueError, msgpack.ExtraData):
+            message = None
+        return (identity, message) if isinstance(message, dict) else None
+
+    def gather(self, world_size: int, local_slots: int, timeout: float, check=lambda: None,
+               expected_hosts: set | None = None, slots_each: int | None = None,
+               say=lambda message: None) -> list[Agent]:
+        """Wait until the agents' slots and `local_slots` (the driver's own) add up to
+        `world_size`; agents beyond that are refused, and so are agents not offering `slots_each`
+        workers when it is given (torchrun's --nnodes × --nproc-per-node). `check()` runs while
+        waiting and may raise (an ssh command that failed). Agents must give distinct fixed ranks
+        covering what the driver does not run, or none at all."""
+        agents: list[Agent] = []
+        deadline, last_ping = time.monotonic() + timeout, 0.0
+        while local_slots + sum(a.slots for a in agents) < world_size:
+            check()
+            if time.monotonic() > deadline:
+                joined = ", ".join(f"{a.host} ({a.slots})" for a in agents) or "none"
+                raise RendezvousError(f"only {local_slots + sum(a.slots for a in agents)} of {world_size} workers "
+                                      f"joined the rendezvous at {self.endpoint} within {timeout:g}s "
+                                      f"(joined hosts: {joined})")
+            if time.monotonic() - last_ping > PING_INTERVAL_S:  # joined agents wait for the others
+                last_ping = time.monotonic()
+                for agent in agents:
+                    self.send(agent, {"t": "ping"})
+            got = self.receive(100)
+            if got is None or got[1].get("t") != "join":
+                continue
+            identity, join = got
+            agent = Agent(identity, str(join.get("host")), str(join.get("address")), int(join.get("slots", 0)),
+                          join.get("ranks"), int(join.get("pid", 0)))
+            problem = self._refusal(agent, join, agents, expected_hosts)
+            if not problem and slots_each is not None and agent.slots != slots_each:
+                problem = (f"it offers {agent.slots} workers; the driver at {self.endpoint} expects "
+                           f"--nproc-per-node {slots_each} on every host")
+            if problem:
+                self.send(agent, {"t": "refuse", "reason": problem})
+                continue
+            agents.append(agent)
+            self.send(agent, {"t": "welcome"})
+            say(f"{agent.host} joined with {agent.slots} worker{'s' * (agent.slots != 1)} "
+                f"({local_slots + sum(a.slots for a in agents)} of {world_size})")
+        return agents
+
+    def _refusal(self, agent, join, agents, expected_hosts) -> str:
+        if join.get("version") != package_version():
+            return (f"this host runs ringpipe {join.get('version')}, the driver at {self.endpoint} runs "
+                    f"{package_version()}")
+        if expected_hosts is not None and (agent.host not in expected_hosts or
+                                           agent.host in {a.host for a in agents}):
+            return f"the driver at {self.endpoint} expects no (more) agent for host {agent.host}"
+        if agent.slots < 1:
+            return f"an agent must run at least one worker, got {agent.slots}"
+        taken = {r for a in agents for r in a.ranks or []}
+        if agent.ranks is not None and (taken & set(agent.ranks)):
+            return f"ranks {sorted(taken & set(agent.ranks))} have joined already"
+        return ""
+
+    def close(self):
+        try:
+            self.auth.stop()
+        except Exception:  # noqa: BLE001
+            pass
+        self.context.destroy(linger=200)
+
+
+class RendezvousLauncher:
+    """Workers on the joined agents' hosts (and `local`, the driver's own, if given), by rank.
+
+    `hosts[rank]` is the index of the rank's host: 0..len(agents)-1 an agent, len(agents) the
+    driver's host (its `LocalLauncher`)."""
+
+    def __init__(self, rendezvous: Rendezvous, agents: list[Agent], hosts: list[int],
+                 local: LocalLauncher | None = None, local_address: str = "127.0.0.1"):
+        self.rendezvous, self.agents, self.hosts, self.local = rendezvous, agents, hosts, local
+        self.local_address = local_address
+        self.starters: list = []  # processes that started the agents (ssh, srun): waited for on close
+        self.local_ranks = [rank for rank, host in enumerate(hosts) if host == len(agents)]
+        for index, agent in enumerate(agents):
+            agent.ranks_here = [rank for rank, host in enumerate(hosts) if host == index]
+        self.codes: dict[int, int | None] = {}
+        self.pids: dict[int, int] = {}
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopped = threading.Event()
+        self.closed = False
+        # From now on the agents hear from the driver every second, while it prepares the run too.
+        self.thread = threading.Thread(target=self._serve, name="ringpipe-rendezvous", daemon=True)
+        self.thread.start()
+
+    def host_names(self) -> list[str]:
+        """Each host's name, indexed like `hosts` (agents first, then the driver's own)."""
+        return [agent.host for agent in self.agents] + [self.local.host_name if self.local else "driver"]
+
+    # ---- the Launcher protocol ---------------------------------------------------------------------
+    def start(self, boots: list[dict], env: dict | None = None) -> None:
+        for group_rank, agent in enumerate(self.agents):
+            records = [dict(boots[r], bind_host=agent.address, host=agent.host) for r in agent.ranks_here]
+            self.outbox.put((agent, {"t": "start", "boots": records, "env": dict(env or {}),
+                                     "group_rank": group_rank + (self.local is not None)}))
+        if self.local is not None and self.local_ranks:
+            self.local.start([dict(boots[r], bind_host=self.local_address) for r in self.local_ranks], env)
+
+    def poll(self, rank: int) -> int | None:
+        if rank in self.local_ranks:
+            return self.local.poll(self.local_ranks.index(rank))
+        return self.codes.get(rank)
+
+    def send_signal(self, rank: int, signum: int) -> None:
+        if rank in self.local_ranks:
+            self.local.send_signal(self.local_ranks.index(rank), signum)
+        else:
+            self.outbox.put((self.agents[self.hosts[rank]], {"t": "signal", "rank": rank, "signum": int(signum)}))
+
+    def kill_all(self, grace: float = 0.0) -> None:
+        if self.closed:
+            return
+        for agent in self.agents:
+            self.outbox.put((agent, {"t": "stop", "grace": grace}))
+        if self.local is not None:
+            self.local.kill_all(grace)
+        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report.
+        deadline = time.monotonic() + grace + 5.0
+        remote = [rank for rank in range(len(self.hosts)) if rank not in self.local_ranks]
+        while self.thread.is_alive() and time.monotonic() < deadline and \
+                any(self.codes.get(rank) is None for rank in remote):
+            time.sleep(0.02)
+
+    def clean_up(self, job_id: str) -> None:
+        """The driver host's shared-memory files; agents remove theirs when they stop. Closes the
+        rendezvous: the agents then exit."""
+        if self.local is not None:
+            self.local.clean_up(job_id)
+        self.close()
+
+    def pid(self, rank: int) -> int | None:
+        if rank in self.local_ranks:
+            return self.local.pid(self.local_ranks.index(rank))
+        return self.pids.get(rank)
+
+    def host(self, rank: int) -> str:
+        return self.host_names()[self.hosts[rank]]
+
+    def process_note(self, rank: int) -> str:
+        if rank in self.local_ranks:
+            return self.local.process_note(self.local_ranks.index(rank))
+        return f" (on host {self.host(rank)})"  # a silent remote worker: which machine to look at
+
+    # ---- the rendezvous thread ---------------------------------------------------------------------
+    def _serve(self):
+        last_ping = 0.0
+        while not self.stopped.is_set():
+            while True:
+                try:
+                    agent, message = self.outbox.get_nowait()
+                except queue.Empty:
+                    break
+                self.rendezvous.send(agent, message)
+            if time.monotonic() - last_ping > PING_INTERVAL_S:
+                last_ping = time.monotonic()
+                for agent in self.agents:
+                    self.rendezvous.send(agent, {"t": "ping"})
+            got = self.rendezvous.receive(20)
+            if got is None:
+                continue
+            identity, message = got
+            agent = next((a for a in self.agents if a.identity == identity), None)
+            if agent is None:
+                if message.get("t") == "join":  # a latecomer: the world is complete
+                    self.rendezvous.send(Agent(identity, "", "", 0), {"t": "refuse", "reason": "the job has started"})
+                continue
+            if message.get("t") == "status":
+                for rank, pid in (message.get("pids") or {}).items():
+                    if int(rank) in agent.ranks_here:
+                        self.pids[int(rank)] = pid
+                for rank, code in (message.get("codes") or {}).items():
+                    if int(rank) in agent.ranks_here and code is not None:
+                        self.codes[int(rank)] = int(code)
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.stopped.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
+        for agent in self.agents:
+            self.rendezvous.send(agent, {"t": "stop", "grace": 0.0, "bye": True})
+        self.rendezvous.close()
+        stop_processes(self.starters, grace=5.0)  # they end with their agents
+
+
+__all__ = ["Rendezvous", "RendezvousLauncher", "RendezvousError", "Agent", "outward_address", "resolve_host"]

@@ -1,0 +1,339 @@
+"""Same-host group channels: the collectives of a group whose members share a host move their data
+through shared memory and signal each other through counters there, from the calling thread, with
+no ZeroMQ message and no hop through the engine thread (runtime/shm_collectives.py has the
+algorithms; this file the region, the counters and the waiting).
+
+Each member pins one region of its own arena per group (runtime/shm.py; it survives the arena's
+reset after an abort) and the members learn each other's offsets once, in one message round over
+the engine when the group first uses its channel. A region holds:
+- a 64-bit counter (`publish` raises it by one; waiters sleep on its low 32 bits with a futex) and
+  a count of sleepers, so a publisher wakes only when someone sleeps (runtime/shm_wait.py);
+- per buffer parity, the signature of the collective (operation, shape, dtype, reduction, root);
+- two data buffers of `buffer_bytes`, used alternately by consecutive rounds. A rank writes its
+  buffer of round r only after every member reached round r-1, which each did only after it had
+  read everything of round r-2: so nobody overwrites what a peer still reads, without any
+  "done reading" signal.
+Counters hold (abort epoch << 40) + count, so after an abort every member starts again from the new
+epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import time
+import zlib
+from collections import deque
+from types import SimpleNamespace
+
+import msgpack
+import numpy as np
+
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.shm_wait import waiter as make_waiter
+from ringpipe.runtime.trace import now_ns
+
+HEADER_BYTES = 4096
+SIGNATURE_AT, SIGNATURE_BYTES = 64, 1024  # per parity: id (length, crc32), position (call, #), msgpack bytes
+EPOCH_SHIFT = 40
+SLICE_S = 0.1  # longest sleep between looks at aborts and deadlines (an abort also wakes sleepers)
+# A peer on another core answers within microseconds; on a loaded machine spinning only delays the
+# peer (measured here at load 14: a futex ping-pong took 11 µs one way without spinning, 63 µs with
+# a 50 µs spin), so the spin shrinks to MIN when waits keep outlasting it.
+MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
+
+
+def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
+    """Bytes of one data buffer: 1 MiB (large buffers go in rounds), less in a small arena."""
+    return max(4096, min(1 << 20, round_bytes, arena_size // 16) // 64 * 64)
+
+
+def region_bytes(buffer_bytes: int) -> int:
+    return HEADER_BYTES + 2 * buffer_bytes
+
+
+class GroupChannel:
+    """One group's channel on one rank. `regions[i]` = (uint8 mapping of member i's arena, offset
+    of its region there), in group order. Operations run one at a time (a lock)."""
+
+    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None):
+        self.engine, self.group = engine, group
+        self.n, self.me = len(group.ranks), group.index
+        self.buffer_bytes = buffer_bytes
+        self.waiter = make_waiter(mode)
+        size = region_bytes(buffer_bytes)
+        self.regions = [mapping[offset : offset + size] for mapping, offset in regions]
+        self.words = [int(region.ctypes.data) for region in self.regions]
+        self.sleepers = [word + 8 for word in self.words]
+        self.buffers = [[region[HEADER_BYTES + p * buffer_bytes : HEADER_BYTES + (p + 1) * buffer_bytes]
+                         for p in (0, 1)] for region in self.regions]
+        self.lock = threading.Lock()
+        self.epoch, self.count, self.rounds = None, 0, 0
+        # Spin only while the members have a core each; beyond that, yield the core between looks.
+        self.yields = self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
+        self.spin_ns = MAX_SPIN_NS // 4
+        self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
+        self._sleeping_on = None
+        self._ids = [[region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16].view(np.uint64) for p in (0, 1)]
+                     for region in self.regions]
+        self._written = [None, None]
+        # Asynchronous collectives run in order on this channel's own thread (a "stream").
+        self._queue: deque = deque()
+        self._queue_ready = threading.Condition()
+        self._thread = None
+        self._running = False
+        self._cancelled_through = -1  # operations of calls up to this one are cancelled
+        self.call = None  # the call of the operation running now
+        engine.abort_listeners.append(self._wake_sleeper)
+        engine.cancel_listeners.append(self._cancel_call)
+
+    # ---- one operation ------------------------------------------------------------------------------
+    # ---- asynchronous operations ----------------------------------------------------------------
+    def busy(self) -> bool:
+        """True while asynchronous operations are queued or running: later ones must queue too."""
+        return self._running or bool(self._queue)
+
+    def submit(self, handle, work, abort_key: tuple):
+        """Run `work()` on this channel's thread after what is queued; its result or error goes to
+        `handle`. The handle counts as the current call's (an unwaited one is cancelled at its end)."""
+        self.engine._call_handles.append(handle)
+        with self._queue_ready:
+            self._queue.append((handle, work, abort_key))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, daemon=True,
+                                                name=f"ringpipe-channel-{self.group.gid}")
+                self._thread.start()
+            self._queue_ready.notify()
+        return handle
+
+    def _serve(self):
+        while True:
+            with self._queue_ready:
+                while not self._queue:
+                    self._queue_ready.wait()
+                handle, work, abort_key = self._queue.popleft()
+                self._running = True
+            try:
+                if abort_key[1] <= self._cancelled_through:
+                    raise self._cancelled(handle.name)
+                result = work()
+            except BaseException as exc:  # noqa: BLE001 - the handle's error
+                handle._set(error=exc)
+            else:
+                handle._set(result)
+            finally:
+                self._running = False
+
+    def _cancelled(self, name: str):
+        return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
+                         f"wait() for asynchronous operations before a call returns")
+
+    def _cancel_call(self, call_id: int, what: str):
+        """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
+        running here are cancelled, on every member (the engine's abort note reaches them)."""
+        with self._queue_ready:
+            pending = [key for _, _, key in self._queue if key[1] <= call_id]
+            running = self._running and self.call is not None and self.call <= call_id
+        if not (pending or running):
+            return
+        self._cancelled_through = max(self._cancelled_through, call_id)
+        self.engine.needs_fence = True
+        keys = pending + ([self.abort_key] if running else [])
+        for epoch, call, gid, seq in keys:
+            note = SimpleNamespace(abort_key=(gid, seq, self.group.ranks), epoch=epoch, call=call)
+            self.engine._broadcast_abort(note, self._cancelled(f"{what}'s collective #{seq} on group {gid}"))
+        self._wake_sleeper()
+
+    def run(self, name: str, signature: dict, body, timeout: float, trace_args: dict | None, abort_key: tuple):
+        """Run `body(self)` as the collective `name`; returns its result. `abort_key` = (epoch,
+        call, group, #) is where the engine notes that a member gave this collective up. Failures
+        set the engine's fence flag (peers may be out of step) as the engine's own operations do."""
+        with self.lock:
+            engine = self.engine
+            if engine.aborted_call is not None:
+                raise Aborted(engine.aborted_call)
+            if self.epoch != engine.epoch:
+                self.epoch, self.count, self.rounds = engine.epoch, 0, 0
+            self.name, self.timeout = name, timeout
+            self.deadline = time.monotonic() + timeout
+            self.signature = msgpack.packb(signature)
+            self.signature_id = (len(self.signature) << 32) | zlib.crc32(self.signature)
+            # Where in the program every member should be: a member left out of step by an
+            # earlier failure shows up here as a mismatch, never as a stale buffer read.
+            self.abort_key, self.position = abort_key, (abort_key[1] << 32) | abort_key[3]
+            self.call = abort_key[1]
+            self.signature_dict = signature
+            self.wait_ns = 0
+            start = now_ns() if trace_args is not None else 0
+            error = None
+            try:
+                return body(self)
+            except BaseException as exc:
+                error = exc
+                engine.needs_fence = True
+                raise
+            finally:
+                if trace_args is not None:
+                    args = dict(trace_args, wait_us=self.wait_ns / 1000.0)
+                    span = args.pop("op")
+                    if error is not None:
+                        args["error"] = type(error).__name__
+                    engine.tracer.complete(span, "comm", "comm", start, now_ns(), args)
+
+    def next_round(self) -> int:
+        """The buffer parity of the next round (the same on every member)."""
+        parity = self.rounds & 1
+        self.rounds += 1
+        return parity
+
+    def buffer(self, member: int, parity: int, dtype, count: int) -> np.ndarray:
+        """`count` elements of `dtype` at the start of member's buffer `parity`."""
+        return self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
+
+    def elements_per_round(self, itemsize: int) -> int:
+        return max(1, self.buffer_bytes // max(itemsize, 1))
+
+    # ---- signatures -----------------------------------------------------------------------------
+    def write_signature(self, parity: int):
+        """Put this collective's signature where peers check it: an id (length, crc32), then the
+        msgpack bytes for the error message (written only when they change)."""
+        if self._written[parity] != self.signature_id:
+            at = SIGNATURE_AT + parity * SIGNATURE_BYTES
+            data = self.signature[: SIGNATURE_BYTES - 16]
+            self.regions[self.me][at + 16 : at + 16 + len(data)] = np.frombuffer(data, np.uint8)
+            self._written[parity] = self.signature_id
+        ids = self._ids[self.me][parity]
+        ids[0], ids[1] = self.signature_id, self.position
+
+    def check_signatures(self, parity: int):
+        """After every member published the round: raise CollectiveMismatch naming the first
+        member whose signature differs from this rank's (every member checks every other, so all
+        raise together)."""
+        for peer in range(self.n):
+            if peer == self.me:
+                continue
+            ids = self._ids[peer][parity]
+            if ids[0] != self.signature_id:
+                at = SIGNATURE_AT + parity * SIGNATURE_BYTES
+                raise CollectiveMismatch(f"{self.name}: rank {self.me} called it with "
+                                         f"{_describe(self.signature_dict)} but rank {peer} with "
+                                         f"{_describe(self._peer_signature(peer, at))}")
+            if ids[1] != self.position:
+                theirs = int(ids[1])
+                raise CollectiveMismatch(f"{self.name}: rank {peer} is at collective #{theirs & 0xFFFFFFFF} of call "
+                                         f"{theirs >> 32} instead (out of step after an earlier failure)")
+
+    def _peer_signature(self, peer: int, at: int):
+        region = self.regions[peer]
+        length = int(self._ids[peer][(at - SIGNATURE_AT) // SIGNATURE_BYTES][0]) >> 32
+        try:
+            return msgpack.unpackb(region[at + 16 : at + 16 + min(length, SIGNATURE_BYTES - 16)].tobytes())
+        except Exception:  # noqa: BLE001 - truncated (huge shapes) or a different operation's
+            return "a different signature"
+
+    # ---- counters ------------------------------------------------------------------------------
+    def publish(self):
+        """This rank reached the next step: raise its counter and wake its sleepers."""
+        self.count += 1
+        self.waiter.publish(self.words[self.me], self.sleepers[self.me], (self.epoch << EPOCH_SHIFT) | self.count)
+
+    def wait_all(self):
+        """Until every member has published as often as this rank (in this epoch)."""
+        target = (self.epoch << EPOCH_SHIFT) | self.count
+        for peer in range(self.n):
+            if peer != self.me:
+                self._wait(peer, target)
+
+    def _wait(self, peer: int, target: int):
+        word, sleepers, waiter = self.words[peer], self.sleepers[peer], self.waiter
+        value = ctypes.c_uint64.from_address(word).value
+        if value >= target:  # already there: no call into the waiter
+            return self._check_epoch(value, peer)
+        # Adaptive spin: a wait answered while spinning lets the next spin longer; one that had
+        # to sleep halves it (the peer is likely descheduled or computing).
+        value = waiter.wait_at_least(word, sleepers, target, 0.0, self.spin_ns, self.yields)
+        if value >= target:
+            self.spin_ns = min(self.spin_ns * 2, MAX_SPIN_NS)
+            return self._check_epoch(value, peer)
+        self.spin_ns = max(self.spin_ns // 2, MIN_SPIN_NS)
+        started = now_ns()
+        self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
+        self._sleeping_on = word
+        try:
+            while True:
+                left = self.deadline - time.monotonic()
+                value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, self.yields)
+                if value >= target:
+                    return self._check_epoch(value, peer)
+                if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
+                    raise Aborted(self.engine.aborted_call or f"{self.name}: aborted on rank {self.engine.rank}")
+                if self.call <= self._cancelled_through:
+                    raise self._cancelled(self.name)
+                given_up = self.engine.aborted.get(self.abort_key)
+                if given_up is not None:  # a member's call ended without it, or it saw a mismatch
+                    raise given_up[0](given_up[1])
+                if time.monotonic() >= self.deadline:
+                    self.engine.timed_out_on.add(self.group.ranks[peer])
+                    raise CommTimeout(f"{self.name} on rank {self.engine.rank} timed out after {self.timeout:g}s "
+                                      f"waiting for a message from rank {self.group.ranks[peer]}")
+        finally:
+            self._sleeping_on = None
+            self.engine.direct_wait = None
+            self.wait_ns += now_ns() - started
+
+    def _check_epoch(self, value: int, peer: int):
+        if value >> EPOCH_SHIFT != self.epoch:
+            # The peer already started over after an abort this rank has not seen yet.
+            raise Aborted(f"{self.name}: rank {peer} was aborted (it is at a later epoch)")
+
+    def _wake_sleeper(self):
+        """Engine thread, on an abort: wake this rank's compute thread if it sleeps on a peer."""
+        word = self._sleeping_on
+        if word is not None:
+            self.waiter.wake(word)
+
+
+def _describe(signature) -> str:
+    if not isinstance(signature, dict):
+        return repr(signature) if not isinstance(signature, str) else signature
+    return ", ".join(f"{k}={v}" for k, v in signature.items())
+
+
+def exchange_entries(ctx, entry):
+    """Engine algorithm (runtime/collectives.py style): every member's `entry`, in group order."""
+    entries = {ctx.me: entry}
+
+    def take(peer, message):
+        entries[peer] = (message.meta or {}).get("o")
+
+    yield from ctx.exchange(0, meta={"o": entry}, signed=True, take=take)
+    return [entries[member] for member in range(ctx.n)]
+
+
+def open_channel(engine, group, config, exchange, mode: str | None = None):
+    """This rank's channel of `group`, or None when some member has no room in its arena (every
+    member then gets None, and the group keeps to the engine's algorithms). `exchange(entry)`
+    returns every member's entry, in group order (one message round over the engine)."""
+    arena = engine.arena
+    buffer_bytes = buffer_bytes_for(arena.size, config.round_bytes)
+    offset = engine.channel_regions.get(group.gid)
+    if offset is None:
+        offset = arena.pin(region_bytes(buffer_bytes))
+        if offset is None:
+            offset = -1
+        else:  # the block may hold an earlier payload: counters and signatures start from zero
+            arena.view(offset, HEADER_BYTES)[...] = 0
+        engine.channel_regions[group.gid] = offset
+    entries = exchange([int(offset), int(buffer_bytes)])
+    if any(not isinstance(e, list) or len(e) != 2 or e[0] < 0 or e[1] != buffer_bytes for e in entries):
+        return None
+    regions = []
+    for member, (peer_offset, _) in zip(group.ranks, entries):
+        mapping = arena.buffer if member == engine.rank else engine.peer_arenas[member].buffer
+        if peer_offset + region_bytes(buffer_bytes) > mapping.size:
+            return None
+        regions.append((mapping, peer_offset))
+    return GroupChannel(engine, group, regions, buffer_bytes, mode)
+
+
+__all__ = ["GroupChannel", "open_channel", "exchange_entries", "buffer_bytes_for", "region_bytes"]

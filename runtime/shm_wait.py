@@ -1,0 +1,197 @@
+"""Waiting for a counter in shared memory to reach a value, without burning a core meanwhile.
+
+Same-host ranks signal each other through 64-bit counters in their arenas (runtime/shm_channel.py).
+A waiter spins for a short, adaptive while (a peer on another core usually answers within
+microseconds), then sleeps in the kernel on a futex on the counter until a publisher wakes it or
+a timeout slice ends, so four ranks on two cores do not take time from the rank they wait for.
+
+Three ways to do it, the first that works here (or the one `RINGPIPE_SHM_WAIT` names):
+- "c": a small C helper (runtime/csrc/shm_wait.c), compiled on first use with the machine's C
+  compiler and cached under `$RINGPIPE_CACHE` (default ~/.cache/ringpipe); it spins and sleeps
+  without the GIL, and wakes only when someone sleeps.
+- "syscall": the same futex through ctypes' `syscall()`, from Python (every publish wakes).
+- "poll": looking at the counter with growing sleeps (no futex: any POSIX system).
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "shm_wait.c"
+FLAGS = ["-O2", "-fPIC", "-shared"]
+MODES = ("c", "syscall", "poll")
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238}
+
+_lock = threading.Lock()
+_waiters: dict = {}
+_errors: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RINGPIPE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ringpipe"
+
+
+def _build_library() -> ctypes.CDLL:
+    """Compile into a temporary file and rename (workers starting together each may compile; the
+    rename makes that harmless), then load."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    target = _cache_dir() / f"shm_wait-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            raise RuntimeError("no C compiler found (set CC)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                                    timeout=120)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+                raise RuntimeError(f"{compiler} failed: {last}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    u64, i64, p = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
+    lib.rp_wait_at_least.argtypes, lib.rp_wait_at_least.restype = [p, p, u64, i64, ctypes.c_int, i64], u64
+    lib.rp_publish.argtypes, lib.rp_publish.restype = [p, p, u64], None
+    lib.rp_wake.argtypes, lib.rp_wake.restype = [p], None
+    return lib
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _load(addr: int) -> int:
+    return ctypes.c_uint64.from_address(addr).value
+
+
+class CWaiter:
+    """Spins and sleeps in the compiled helper (the GIL is released meanwhile)."""
+
+    mode = "c"
+
+    def __init__(self):
+        self._lib = _build_library()
+
+    def wait_at_least(self, word: int, sleepers: int, target: int, timeout_s: float, spin_ns: int, yields: bool) -> int:
+        """The counter at `word` once >= target; else its value after spinning for `spin_ns`
+        (yielding the core between looks when `yields`) and one sleep of at most `timeout_s`,
+        which a publish or a `wake` ends early. Callers loop."""
+        return self._lib.rp_wait_at_least(word, sleepers, target, spin_ns, int(yields), int(timeout_s * 1e9))
+
+    def publish(self, word: int, sleepers: int, value: int):
+        self._lib.rp_publish(word, sleepers, value)
+
+    def wake(self, word: int):
+        self._lib.rp_wake(word)
+
+
+class SyscallWaiter:
+    """The futex from Python through libc's `syscall()`; publishing always wakes (no atomic
+    sleeper count from Python)."""
+
+    mode = "syscall"
+
+    def __init__(self):
+        number = _SYS_FUTEX.get(platform.machine())
+        libc_name = ctypes.util.find_library("c")
+        if number is None or platform.system() != "Linux" or libc_name is None:
+            raise RuntimeError(f"no futex system call known on {platform.system()} {platform.machine()}")
+        self._libc = ctypes.CDLL(libc_name, use_errno=True)
+        self._syscall = self._libc.syscall
+        self._number = number
+
+    def wait_at_least(self, word: int, sleepers: int, target: int, timeout_s: float, spin_ns: int, yields: bool) -> int:
+        spin_end = time.perf_counter_ns() + min(spin_ns, 20_000)  # looks from Python are slow: spin little
+        while True:
+            value = _load(word)
+            if value >= target or time.perf_counter_ns() >= spin_end:
+                break
+        if value >= target or timeout_s <= 0:
+            return value
+        ts = _Timespec(int(timeout_s), int((timeout_s % 1) * 1e9))  # one sleep, as the C helper's
+        self._syscall(ctypes.c_long(self._number), ctypes.c_void_p(word), ctypes.c_int(_FUTEX_WAIT),
+                      ctypes.c_uint32(value & 0xFFFFFFFF), ctypes.byref(ts), None, ctypes.c_int(0))
+        return _load(word)
+
+    def publish(self, word: int, sleepers: int, value: int):
+        ctypes.c_uint64.from_address(word).value = value
+        self.wake(word)
+
+    def wake(self, word: int):
+        self._syscall(ctypes.c_long(self._number), ctypes.c_void_p(word), ctypes.c_int(_FUTEX_WAKE),
+                      ctypes.c_int(2**31 - 1), None, None, ctypes.c_int(0))
+
+
+class PollWaiter:
+    """No futex: looks at the counter with sleeps that grow from 20 µs to 1 ms."""
+
+    mode = "poll"
+
+    def wait_at_least(self, word: int, sleepers: int, target: int, timeout_s: float, spin_ns: int, yields: bool) -> int:
+        deadline = time.monotonic() + timeout_s
+        pause = 20e-6
+        while True:
+            value = _load(word)
+            left = deadline - time.monotonic()
+            if value >= target or left <= 0:
+                return value
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 1e-3)
+
+    def publish(self, word: int, sleepers: int, value: int):
+        ctypes.c_uint64.from_address(word).value = value
+
+    def wake(self, word: int):
+        pass
+
+
+def waiter(mode: str | None = None):
+    """The waiter for `mode` ("c", "syscall", "poll"), or by default the first of them that works
+    here, starting at `$RINGPIPE_SHM_WAIT` (default "c"). Raises RuntimeError naming the mode when
+    an explicitly requested one cannot work."""
+    wanted = mode or os.environ.get("RINGPIPE_SHM_WAIT", "c").lower()
+    if wanted not in MODES:
+        raise ValueError(f"RINGPIPE_SHM_WAIT={wanted!r}: expected one of {', '.join(MODES)}")
+    with _lock:
+        for candidate in MODES[MODES.index(wanted):]:
+            if candidate not in _waiters and candidate not in _errors:
+                try:
+                    _waiters[candidate] = {"c": CWaiter, "syscall": SyscallWaiter, "poll": PollWaiter}[candidate]()
+                except Exception as exc:  # noqa: BLE001 - any failure: the next way, with the reason kept
+                    _errors[candidate] = f"{candidate}: {exc}".replace("\n", " ")
+            if candidate in _waiters:
+                return _waiters[candidate]
+            if mode is not None:
+                raise RuntimeError(f"shared-memory wait mode {mode!r} is unavailable here: {_errors[candidate]}")
+    raise RuntimeError("no shared-memory wait mode works here")  # unreachable: poll always works
+
+
+def unavailable_reason(mode: str) -> str | None:
+    """Why `mode` cannot be used here (None when it can)."""
+    try:
+        waiter(mode)
+    except RuntimeError:
+        return _errors.get(mode, "unavailable")
+    return None
+
+
+__all__ = ["waiter", "unavailable_reason", "MODES", "CWaiter", "SyscallWaiter", "PollWaiter"]

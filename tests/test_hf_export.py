@@ -1,0 +1,101 @@
+"""The Hugging Face export of a sharded checkpoint: streamed in bounded chunks, the single-process
+model file byte for byte, opened by transformers with the same logits; `ringpipe export`."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.training.checkpoint_metadata import commit
+from ringpipe.model.training.hf_export import export_model, stream_tensors
+from ringpipe.model.training.parallel_trainer import Layout
+from ringpipe.model.training.trainer import Trainer
+from ringpipe.runtime.files import load_tensors
+from tests.conftest import run_cli
+from tests.test_sharded_checkpoint import full_state, save, spawn, tiny_config
+
+MODEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.timeout(120)
+def test_the_export_is_the_single_process_model_file_byte_for_byte_and_transformers_gives_its_logits(
+        tmp_path, local_cluster):
+    config = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    tokenizer = Trainer.create(config, str(run)).tokenizer
+    layout = Layout(tp=2, pp=2)
+    trainers = spawn(local_cluster(4), config, layout, str(run), tokenizer.vocab_size)
+    trainers.train_step(0).result()
+    checkpoint = save(trainers, run, 1, config, layout, tokenizer)
+    params, _ = full_state(trainers)
+    gpt = GPT(config.model_config(tokenizer.vocab_size), params=params)
+    gpt.save_pretrained(tmp_path / "whole", tokenizer=tokenizer)  # what one process holding it all writes
+    # chunks of 200 bytes: every tensor crosses chunk and tensor-parallel piece boundaries
+    export_model(checkpoint, str(tmp_path / "streamed"), chunk_bytes=200)
+    assert run_cli("export", run, "--out", tmp_path / "cli").exit_code == 0
+    for name in MODEL_FILES:
+        assert read(tmp_path / "streamed" / name) == read(tmp_path / "whole" / name), name
+        assert read(tmp_path / "cli" / name) == read(tmp_path / "whole" / name), name
+    load_tensors(tmp_path / "streamed" / "model.safetensors")  # its checksums verify
+
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    model = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "streamed").eval()
+    idx = np.arange(16).reshape(2, 8) % tokenizer.vocab_size
+    with torch.no_grad():
+        logits = model(torch.from_numpy(idx)).logits.numpy()
+    np.testing.assert_allclose(logits, gpt.forward(idx), rtol=1e-10, atol=1e-10)
+
+
+def test_export_streams_a_tensor_larger_than_its_chunk_without_holding_it(tmp_path):
+    from ringpipe.model.training.sharded_checkpoint import write_pieces
+
+    rows, columns = 4096, 4096  # float32: 64 MiB, twice the 32 MiB the issue allows a chunk; ours are 1 MiB
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    reports = []
+    for rank in range(2):  # two column halves, as tensor parallelism would store them
+        half = np.full((rows, columns // 2), rank + 1, np.float32)
+        half[:, 0] = np.arange(rows)
+        piece = {"tensor": "big", "param": "big", "role": "weight", "shape": [rows, columns], "dtype": "float32",
+                 "offsets": [0, rank * columns // 2], "lengths": [rows, columns // 2], "key": f"big@{rank}",
+                 "array": half}
+        reports.append({"pieces": write_pieces(str(checkpoint), rank, [piece])})
+        del half, piece
+    commit(str(checkpoint), reports, step=1, config={}, model={}, layout={}, optimizer={"step": 1})
+    out = str(tmp_path / "big.safetensors")
+    tracemalloc.start()
+    try:
+        stream_tensors(out, str(checkpoint), {"big": "big"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB while exporting a 64 MiB tensor"
+    from safetensors import safe_open
+
+    with safe_open(out, framework="numpy") as f:
+        rows_seen = f.get_slice("big")[4000:4002]
+    assert rows_seen.shape == (2, columns)
+    assert rows_seen[0, 0] == 4000 and rows_seen[0, columns // 2] == 4000 and rows_seen[1, -1] == 2
+
+
+def test_ringpipe_export_of_a_consolidated_checkpoint_writes_what_the_trainer_writes(tmp_path):
+    from tests.conftest import one_error_line
+    from tests.test_sharded_checkpoint import tiny_config
+
+    run = tmp_path / "run"
+    trainer = Trainer.create(tiny_config(tmp_path), str(run))
+    trainer.train_step(0)
+    trainer.save_checkpoint()
+    trainer.save_model()
+    assert run_cli("export", run, "--out", tmp_path / "exported").exit_code == 0
+    for name in MODEL_FILES:
+        assert read(tmp_path / "exported" / name) == read(run / name), name
+    assert "no checkpoint in" in one_error_line(run_cli("export", tmp_path / "nothing"))

@@ -1,0 +1,72 @@
+"""Under a real OpenMPI `mpirun` (marker multihost; about 15 s): ranks come from OMPI_COMM_WORLD_*,
+rank 0 drives (`ringpipe train --launcher mpi`), or every rank joins a driver (`ringpipe worker`)."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from ringpipe.runtime.auth import create_key_file
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180),
+              pytest.mark.skipif(shutil.which("mpirun") is None,
+                                 reason="no mpirun (Debian's openmpi-bin; .ci/install_mpi.sh)")]
+
+TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
+         "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
+         "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1"]
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-x", "PYTHONPATH"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def losses(out) -> list:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+@pytest.fixture
+def key_file(tmp_path) -> str:
+    path = str(tmp_path / "keys" / "rendezvous.key")
+    create_key_file(path)
+    return path
+
+
+@pytest.fixture
+def alone(corpus, tmp_path) -> list:
+    result = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
+    assert result.exit_code == 0, result.output
+    return losses(tmp_path / "alone")
+
+
+def test_under_mpirun_rank_0_drives_and_the_run_equals_one_process(corpus, tmp_path, key_file, alone):
+    done = subprocess.run([*MPIRUN, "-np", "2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
+                           *TRAIN, "--out", str(tmp_path / "mpi"), "--dp", "2", "--launcher", "mpi",
+                           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--key-file", key_file],
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+    assert losses(tmp_path / "mpi") == pytest.approx(alone, rel=1e-12)
+
+
+def test_mpirun_workers_join_a_driver_with_their_mpi_ranks(corpus, tmp_path, key_file, alone):
+    endpoint = f"127.0.0.1:{free_port()}"
+    workers = subprocess.Popen([*MPIRUN, "-np", "2", sys.executable, "-m", "ringpipe.cluster", "worker",
+                                "--rdzv-endpoint", endpoint, "--key-file", key_file], stderr=subprocess.PIPE)
+    try:
+        result = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "joined", "--dp", "2",
+                         "--rdzv-endpoint", endpoint, "--nproc-per-node", "0", "--key-file", key_file)
+        assert result.exit_code == 0, result.output
+        assert workers.wait(timeout=30) == 0
+    finally:
+        if workers.poll() is None:
+            workers.kill()
+        workers.wait()
+    assert losses(tmp_path / "joined") == pytest.approx(alone, rel=1e-12)

@@ -1,0 +1,117 @@
+"""A damaged sharded checkpoint: one line naming the tensor and the file, a non-zero exit, before any
+training, and nothing overwritten, through `ringpipe train --resume` and `ringpipe export`."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from ringpipe.model.training.run_dir import find_checkpoint
+from tests.conftest import one_error_line, run_cli
+
+TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "4",
+        "--eval-iters", "1", "--dtype", "float64"]
+ATTENTION = "transformer.h.0.attn.c_attn.weight"
+
+
+def edit_metadata(checkpoint, change):
+    path = os.path.join(checkpoint, "checkpoint.json")
+    with open(path) as f:
+        metadata = json.load(f)
+    change(metadata)
+    with open(path, "w") as f:
+        json.dump(metadata, f)
+
+
+def remove_piece_file(checkpoint):
+    os.remove(os.path.join(checkpoint, "rank-00001.safetensors"))
+    return "rank-00001.safetensors", "tensor "
+
+
+def uncovered_shape(checkpoint):
+    edit_metadata(checkpoint, lambda m: m["tensors"][ATTENTION]["pieces"].pop())
+    return "checkpoint.json", ATTENTION
+
+
+def short_piece(checkpoint):
+    path = os.path.join(checkpoint, "rank-00000.safetensors")
+    os.truncate(path, os.path.getsize(path) - 8)
+    return "rank-00000.safetensors", "wrong size"
+
+
+def wrong_dtype(checkpoint):
+    edit_metadata(checkpoint, lambda m: m["tensors"][ATTENTION].update(dtype="float32"))
+    return "rank-0000", ATTENTION
+
+
+def wrong_checksum(checkpoint):
+    with open(os.path.join(checkpoint, "checkpoint.json")) as f:
+        piece = json.load(f)["tensors"][ATTENTION]["pieces"][-1]  # a weight: the export reads it too
+    with open(os.path.join(checkpoint, piece["file"]), "r+b") as f:
+        f.seek(piece["byte_offset"])
+        first = f.read(1)
+        f.seek(piece["byte_offset"])
+        f.write(bytes([first[0] ^ 0xFF]))
+    return piece["file"], "checksum"
+
+
+def other_model(checkpoint):
+    edit_metadata(checkpoint, lambda m: m["model"].update(n_embd=32))
+    return "checkpoint.json", "32"  # the run's n_embd is 16; the export finds shapes that do not fit 32
+
+
+DAMAGES = [remove_piece_file, uncovered_shape, short_piece, wrong_dtype, wrong_checksum, other_model]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained one step on two tensor-parallel workers: one sharded checkpoint."""
+    directory = tmp_path_factory.mktemp("trained")
+    corpus = directory / "corpus.txt"
+    from tests.conftest import TEXT
+
+    corpus.write_text(TEXT)
+    out = directory / "run"
+    result = run_cli("train", "--data", corpus, *TINY, "--steps", 1, "--nproc", 2, "--tp", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    return corpus, out
+
+
+def damaged_copy(trained, tmp_path, damage):
+    corpus, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    expected = damage(find_checkpoint(str(run)))
+    return corpus, run, expected
+
+
+def fingerprint(directory) -> dict:
+    return {os.path.relpath(os.path.join(root, name), directory):
+            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
+def test_resuming_from_a_damaged_checkpoint_names_the_tensor_and_the_file_and_changes_nothing(
+        trained, tmp_path, damage):
+    corpus, run, (file, what) = damaged_copy(trained, tmp_path, damage)
+    before = fingerprint(run)
+    line = one_error_line(run_cli("train", "--data", corpus, "--resume", "--steps", 3, "--nproc", 2, "--tp", 2,
+                                  "--out", run))
+    assert file in line and what in line, line
+    assert fingerprint(run) == before
+
+
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
+def test_exporting_a_damaged_checkpoint_names_the_tensor_and_the_file_and_overwrites_nothing(
+        trained, tmp_path, damage):
+    _, run, (file, what) = damaged_copy(trained, tmp_path, damage)
+    target = tmp_path / "exported"
+    target.mkdir()
+    (target / "model.safetensors").write_bytes(b"an earlier export")
+    line = one_error_line(run_cli("export", run, "--out", target))
+    assert file in line and what in line, line
+    assert os.listdir(target) == ["model.safetensors"]
+    assert (target / "model.safetensors").read_bytes() == b"an earlier export"
