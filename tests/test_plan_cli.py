@@ -116,3 +116,13 @@ def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
     assert set(compute["pieces"]) == {f"{piece}|{rows}" for piece in ("block", "head", "embedding") for rows in (1, 2)}
     assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
     assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
+
+
+def test_the_planners_flops_are_narayanan_et_als_with_the_recomputed_forward():
+    from ringpipe.tools.bench_plan_published import SEQUENCE, VOCAB, paper_flops
+
+    B, layers, hidden = 3072, 128, 25600
+    inventory = GPT2Inventory(GPTConfig(n_layer=layers, n_head=160, n_embd=hidden, block_size=SEQUENCE,
+                                        vocab_size=VOCAB, dtype="float16"), attention_kernel=False)
+    planner = 4 * layers * inventory.block_flops(B, SEQUENCE) + 3 * inventory.head_flops(B, SEQUENCE)
+    assert planner == pytest.approx(paper_flops(B, layers, hidden), rel=1e-12)
