@@ -13,12 +13,12 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}" if nbytes >= GIB / 100 else f"{nbytes / GIB:.4f}"
 
 
-def format_memory(memory) -> str:
+def format_memory(memory, cpu: bool = True) -> str:
     """The most-loaded rank's split, in GiB."""
     return (f"pp{memory.pp_rank}: {gib(memory.total)} = W {gib(memory.weights)} G {gib(memory.gradients)} "
             f"O {gib(memory.optimizer)} A {gib(memory.activations)} C {gib(memory.communication)} "
             f"ws {gib(memory.workspace)}" + (f"; cpu process peak {gib(memory.peak)} (building the trainer)"
-                                              if memory.host_peak > memory.total else ""))
+                                              if cpu and memory.host_peak > memory.total else ""))
 
 
 def format_plan(report, top: int, machine, calibrated: bool) -> str:
@@ -30,7 +30,8 @@ def format_plan(report, top: int, machine, calibrated: bool) -> str:
     for k, (candidate, memory, timing) in enumerate(report.ranked[:top], start=1):
         worst = max(memory, key=lambda m: m.total)
         lines.append(f"{k:>3}  {candidate.label():<40} {timing.seconds:>9.4g} {timing.tokens_per_second:>10.4g} "
-                     f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  {format_memory(worst)}")
+                     f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  "
+                     f"{format_memory(worst, machine.kind == 'cpu')}")
     if report.ranked:
         lines.append(why_best(report))
     counts = report.refusal_counts()

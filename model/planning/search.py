@@ -102,7 +102,7 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
         if reason is not None:
             report.refused.append((candidate, reason))
             continue
-        memory = layout_memory(inventory, candidate, batch_size)
+        memory = layout_memory(inventory, candidate, batch_size, shared_memory_arena=machine.kind == "cpu")
         # a GPU holds what training needs; a CPU rank's process also the trainer's building
         need = (lambda m: m.peak) if machine.kind == "cpu" else (lambda m: m.total)
         worst = max(memory, key=need)
