@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag
 from ringpipe.runtime import RemoteError, WorkerLost
 from ringpipe.runtime.files import write_json
 
@@ -303,7 +303,7 @@ def bench_multihost(hosts, rates, size_mb, iterations, rounds, steps, json_path)
 @click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True, help="1: ZeRO-1 (needs --dp 2+).")
 @click.option("--worker-memory", type=FiniteFloat(min=0, min_open=True), default=3.0, show_default=True,
               help="GiB each worker's memory cgroup allows; must be below what one process needs.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", type=OutputDirectory(), default=None,
               help="Run directory for the token file (default: a temporary one, removed after).")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, microbatches, steps, dp, tp, pp, zero,
