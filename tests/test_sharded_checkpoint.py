@@ -249,3 +249,31 @@ def test_the_checkpoint_with_more_steps_is_the_one_a_run_resumes_from(tmp_path):
     assert find_checkpoint(str(run)).endswith("step-00000003")
     (consolidated / "trainer.json").write_text(json.dumps({"step": 4, "config": {}}))  # a later single-process run
     assert find_checkpoint(str(run)) == str(consolidated)
+
+
+@pytest.mark.timeout(120)
+def test_a_family_without_hugging_face_names_checkpoints_under_its_own_and_exports_whole(local_cluster, tmp_path):
+    from ringpipe.model.families import family, special_ids
+    from ringpipe.model.training.hf_export import export_checkpoint
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    config = TrainConfig(family="bert", data=str(corpus), tokenizer="byte", n_layer=1, n_head=2, n_embd=16,
+                         block_size=12, batch_size=4, microbatches=1, steps=2, eval_iters=1, dtype="float64")
+    run = tmp_path / "run"
+    tokenizer = Trainer.create(config, str(run)).tokenizer
+    bert = family("bert")
+    layout = Layout(tp=2)
+    trainers = local_cluster(2).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      str(run / "tokens.bin"), tokenizer.vocab_size,
+                                      special_ids=special_ids(tokenizer, bert))
+    trainers.train_step(0).result()
+    checkpoint = save(trainers, run, 1, config, layout, tokenizer)
+    params, _ = full_state(trainers)
+    weights = {name for name, t in read_metadata(checkpoint)["tensors"].items() if t["role"] == "weight"}
+    assert weights == set(params)  # its plan gives no Hugging Face names: ringpipe's own
+    export_checkpoint(checkpoint, str(tmp_path / "exported"))
+    model_config, loaded = bert.load_checkpoint(str(tmp_path / "exported"))
+    assert model_config.n_layer == 1 and sorted(loaded) == sorted(params)
+    for name, value in params.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)

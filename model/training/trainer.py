@@ -71,7 +71,9 @@ class Trainer:
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
         self.family = family(config.family)
-        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
+        # No tokenizer: a benchmark's run on generated ids, which uses no special token.
+        self.objective = self.family.objective(config, gpt.config.vocab_size,
+                                               special_ids(tokenizer, self.family) if tokenizer else {})
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
