@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the multi-host tests (pytest -m multihost: network-namespace hosts with their own
 # sshd, a single-machine Slurm, OpenMPI's mpirun) need: Debian's openssh-server, slurm-wlm and
-# munge (python-hostlist comes with the package's dependencies). Never fails the build: without
+# munge. Never fails the build: without
 # them those tests skip and say why. The tests start and stop their own daemons, on their own
 # addresses and ports.
 cd "$(dirname "$0")/.." || exit 0

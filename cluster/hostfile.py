@@ -40,10 +40,37 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
 
 def expand_nodelist(nodelist: str) -> list[str]:
     """Slurm's compressed node list as host names: `node[01-04,07],gpu1` -> node01 ... node04,
-    node07, gpu1 (zero padding kept). Uses python-hostlist, Slurm's own syntax."""
-    import hostlist
+    node07, gpu1; zero padding kept, several bracket groups multiply (`r[1-2]n[1-2]` -> r1n1, r1n2,
+    r2n1, r2n2), as `scontrol show hostnames` prints them. HostfileError naming a malformed list.
+    Our own parser: the package for it (python-hostlist) is GPL, and scontrol needs a Slurm config."""
+    items, depth, current = [], 0, ""
+    for char in nodelist:  # split at the commas outside brackets
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise HostfileError(f"bad Slurm node list {nodelist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    if depth or not all(items):
+        raise HostfileError(f"bad Slurm node list {nodelist!r}: unbalanced brackets or an empty name")
+    names = []
+    for item in items:
+        parts = re.split(r"\[([^\]]*)\]", item)  # text, ranges, text, ranges, ..., text
+        expanded = [parts[0]]
+        for ranges, text in zip(parts[1::2], parts[2::2]):
+            numbers = [number for span in ranges.split(",") for number in _span(span, nodelist)]
+            expanded = [f"{head}{number}{text}" for head in expanded for number in numbers]
+        names += expanded
+    return names
 
-    try:
-        return hostlist.expand_hostlist(nodelist)
-    except hostlist.BadHostlist as exc:
-        raise HostfileError(f"bad Slurm node list {nodelist!r}: {exc}") from None
+
+def _span(span: str, nodelist: str) -> list[str]:
+    """`01-04` -> 01, 02, 03, 04 (the first number's width kept); `7` -> 7."""
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", span)
+    if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+        raise HostfileError(f"bad Slurm node list {nodelist!r}: {span!r} is not a number or a rising range")
+    first, last = match[1], match[2] if match[2] is not None else match[1]
+    return [str(number).zfill(len(first)) for number in range(int(first), int(last) + 1)]

@@ -46,6 +46,14 @@ def test_a_bad_hostfile_line_is_named(text):
 
 def test_slurm_node_lists_expand_with_their_padding():
     assert expand_nodelist("node[01-04,07],gpu1") == ["node01", "node02", "node03", "node04", "node07", "gpu1"]
+    assert expand_nodelist("r[1-2]n[08-10]") == ["r1n08", "r1n09", "r1n10", "r2n08", "r2n09", "r2n10"]
+    assert expand_nodelist("a,b[9-11]-ib") == ["a", "b9-ib", "b10-ib", "b11-ib"]
+
+
+@pytest.mark.parametrize("nodelist", ["node[01-", "node]1", "node[3-1]", "node[a]", "a,,b", ""])
+def test_a_malformed_slurm_node_list_is_named(nodelist):
+    with pytest.raises(HostfileError, match="bad Slurm node list"):
+        expand_nodelist(nodelist)
 
 
 @pytest.mark.parametrize("environ,expected", [
