@@ -20,7 +20,7 @@ import numpy as np
 
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES
 from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers, stage_rank
-from ringpipe.model.parallel.plan import stage_param_names
+from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.planning.activations import RINGPIPE_STORAGE, Storage, total_bytes
 
 
@@ -111,7 +111,9 @@ def schedule_of(name: str, pp: int, microbatches: int, virtual_stages: int):
 
 
 def stage_ranges(inventory, candidate: Candidate) -> list[range]:
-    return split_layers(inventory.plan.num_layers, candidate.pp * candidate.virtual_stages)
+    """The blocks of each pipeline stage, as the trainer splits them by default (parameter bytes balanced)."""
+    return split_layers(inventory.plan.num_layers, candidate.pp * candidate.virtual_stages, None,
+                        **stage_sizes(inventory.plan))
 
 
 def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Storage = RINGPIPE_STORAGE,
