@@ -20,7 +20,7 @@ import numpy as np
 
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES
 from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers, stage_rank
-from ringpipe.model.parallel.plan import stage_param_names
+from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.planning.activations import RINGPIPE_STORAGE, Storage, total_bytes
 
 
@@ -111,7 +111,9 @@ def schedule_of(name: str, pp: int, microbatches: int, virtual_stages: int):
 
 
 def stage_ranges(inventory, candidate: Candidate) -> list[range]:
-    return split_layers(inventory.plan.num_layers, candidate.pp * candidate.virtual_stages)
+    """The blocks of each pipeline stage, as the trainer splits them by default (parameter bytes balanced)."""
+    return split_layers(inventory.plan.num_layers, candidate.pp * candidate.virtual_stages, None,
+                        **stage_sizes(inventory.plan))
 
 
 def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Storage = RINGPIPE_STORAGE,
@@ -126,7 +128,6 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
     ranges = stage_ranges(inventory, c)
     num_stages = len(ranges)
     schedule = schedule_of(c.schedule, c.pp, c.microbatches, c.virtual_stages)
-    model_elements = sum(math.prod(shape) for shape in inventory.param_shapes().values())
     result = []
     for rank in range(c.pp):
         mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
@@ -145,20 +146,21 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes,
                                                     elements if shared_memory_arena else 0)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
-        memory.host_peak = host_peak(memory, model_elements, elements, dtype, c.zero, c.tp)
+        memory.host_peak = host_peak(memory, local_elements(inventory, 1, names), elements, dtype, c.zero, c.tp)
         result.append(memory)
     return result
 
 
-def host_peak(memory: RankMemory, model_elements: int, elements: int, dtype, zero: int, tp: int) -> int:
-    """A CPU rank's high-water mark, which building the trainer sets when the model is large: every
-    rank draws the whole model's float64 initial values (so the model is the same whatever the
-    layout) while it makes its stage's parameters and gradients (zero-filled, so resident) and the
-    flat parameter buffer; the flat gradients are touched only once those copies are freed.
-    Tensor-parallel shards are cut through float64 temporaries, which leave about one more copy of
-    the rank's share behind in the heap (measured; glibc's mmap threshold rises as they are freed)."""
+def host_peak(memory: RankMemory, rank_model_elements: int, elements: int, dtype, zero: int, tp: int) -> int:
+    """A CPU rank's high-water mark, which building the trainer sets when the model is large: the
+    rank draws the whole (unsharded) initial values of its pipeline stages' parameters (float32 for a
+    float32 run, float64 otherwise) while it makes its stage's parameters and gradients
+    (zero-filled, so resident) and the flat parameter buffer; the flat gradients are touched only
+    once those copies are freed. Tensor-parallel shards are cut through temporaries, which leave
+    about one more copy of the rank's share behind in the heap (measured)."""
     itemsize = dtype.itemsize
-    building = 8 * model_elements + 3 * elements * itemsize + (elements * itemsize if tp > 1 else 0)
+    drawn = 4 if dtype == np.float32 else 8
+    building = drawn * rank_model_elements + 3 * elements * itemsize + (elements * itemsize if tp > 1 else 0)
     if itemsize < 4:
         building += 2 * elements * 4  # float32 master weights and gradients
     return building
