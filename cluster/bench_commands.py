@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag
 from ringpipe.runtime import RemoteError, WorkerLost
 from ringpipe.runtime.files import write_json
 
@@ -286,3 +286,49 @@ def bench_multihost(hosts, rates, size_mb, iterations, rounds, steps, json_path)
             raise ValueError(f"cannot make namespace hosts here: {exc}") from None
 
     _run_and_report(measure, format_table, json_path)
+
+
+@bench.command("memory", short_help="Train a model too big for one worker, under cgroup limits.")
+@click.option("--n-layer", default=24, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--vocab-size", default=50257, show_default=True, type=click.IntRange(2, 65535))
+@click.option("--block-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(min=1), help="Global, in sequences.")
+@click.option("--microbatches", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--dp", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--tp", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--pp", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--zero", type=click.IntRange(0, 1), default=0, show_default=True, help="1: ZeRO-1 (needs --dp 2+).")
+@click.option("--worker-memory", type=FiniteFloat(min=0, min_open=True), default=3.0, show_default=True,
+              help="GiB each worker's memory cgroup allows; must be below what one process needs.")
+@click.option("--out", type=OutputDirectory(), default=None,
+              help="Run directory for the token file (default: a temporary one, removed after).")
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
+def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, microbatches, steps, dp, tp, pp, zero,
+                 worker_memory, out, json_path):
+    """Train a few steps of a model whose float32 weights, gradients and AdamW moments do not fit the memory
+    one worker is given (a cgroup per worker), and report per rank and for the driver the peak RSS and
+    the bytes of weights / gradients / optimizer state / activations held."""
+    import shutil
+    import tempfile
+
+    from ringpipe.cluster.distributed_train import DistributedRun
+    from ringpipe.runtime.memory_cgroup import unavailable
+    from ringpipe.tools.bench_memory import format_table, run
+
+    reason = unavailable()
+    if reason:
+        raise click.ClickException(reason)
+    directory = out or tempfile.mkdtemp(prefix="ringpipe-bench-memory-")
+    try:
+        _run_and_report(lambda: run(DistributedRun, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                    vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
+                                    microbatches=microbatches, steps=steps, dp=dp, tp=tp, pp=pp, zero=zero,
+                                    worker_limit_bytes=int(worker_memory * (1 << 30)), out=directory,
+                                    say=lambda line: click.echo(line, err=True)),
+                        format_table, json_path)
+    finally:
+        if out is None:
+            shutil.rmtree(directory, ignore_errors=True)

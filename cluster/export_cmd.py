@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import one_line
+from ringpipe.cluster.options import OutputDirectory, one_line
 from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.run_dir import find_checkpoint
 
 
 @click.command(short_help="Write a run's model (Hugging Face files) from its checkpoint.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--out", default=None, help="Directory for model.safetensors, config.json and the tokenizer "
+@click.option("--out", type=OutputDirectory(), default=None, help="Directory for model.safetensors, config.json and the tokenizer "
                                           "[default: RUN_DIR].")
 def export(run_dir, out):
     """Write model.safetensors, config.json and the tokenizer files of the latest checkpoint in

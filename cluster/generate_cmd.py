@@ -35,6 +35,9 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
             directory, device=device)
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+    if not hasattr(gpt, "generate"):  # an encoder (BERT) predicts masked tokens instead
+        raise bad_flag("--checkpoint", f"{directory} holds a {checkpoint_family(directory)} model, which does not "
+                                       "generate text (ringpipe fill-mask predicts its masked tokens)")
     if not prompt:
         raise bad_flag("--prompt", "must not be empty")
     try:

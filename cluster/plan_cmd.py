@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat
+from ringpipe.cluster.options import FiniteFloat, OutputFile
 
 GIB = 1 << 30
 
@@ -13,12 +13,12 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / GIB:.2f}" if nbytes >= GIB / 100 else f"{nbytes / GIB:.4f}"
 
 
-def format_memory(memory) -> str:
+def format_memory(memory, cpu: bool = True) -> str:
     """The most-loaded rank's split, in GiB."""
     return (f"pp{memory.pp_rank}: {gib(memory.total)} = W {gib(memory.weights)} G {gib(memory.gradients)} "
             f"O {gib(memory.optimizer)} A {gib(memory.activations)} C {gib(memory.communication)} "
             f"ws {gib(memory.workspace)}" + (f"; cpu process peak {gib(memory.peak)} (building the trainer)"
-                                              if memory.host_peak > memory.total else ""))
+                                              if cpu and memory.host_peak > memory.total else ""))
 
 
 def format_plan(report, top: int, machine, calibrated: bool) -> str:
@@ -30,12 +30,14 @@ def format_plan(report, top: int, machine, calibrated: bool) -> str:
     for k, (candidate, memory, timing) in enumerate(report.ranked[:top], start=1):
         worst = max(memory, key=lambda m: m.total)
         lines.append(f"{k:>3}  {candidate.label():<40} {timing.seconds:>9.4g} {timing.tokens_per_second:>10.4g} "
-                     f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  {format_memory(worst)}")
+                     f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  "
+                     f"{format_memory(worst, machine.kind == 'cpu')}")
     if report.ranked:
         lines.append(why_best(report))
     counts = report.refusal_counts()
     refused = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-    lines.append(f"{len(report.ranked)} layouts fit; {len(report.refused)} refused" + (f" ({refused})" if refused else ""))
+    lines.append(f"{len(report.ranked)} layouts fit; {len(report.refused)} refused"
+                 + (f" ({refused})" if refused else ""))
     if not calibrated:
         lines.append("step times are nominal: this machine is not calibrated (run `ringpipe plan --calibrate` "
                      "with the same model flags), or pass --machine FILE")
@@ -46,15 +48,17 @@ def format_refusals(report) -> str:
     return "\n".join(f"  refused {c.label() if hasattr(c, 'label') else c}: {reason}" for c, reason in report.refused)
 
 
-@click.command()
-@click.option("--model", "family", default="gpt2", show_default=True, help="Model family (gpt2).")
+@click.command(short_help="Predict memory and step time of every layout; rank them.")
+@click.option("--model", "family", type=click.Choice(["gpt2"]), default="gpt2", show_default=True,
+              help="Model family (those the planner has an inventory for: model/planning/family.py).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-embd", type=click.IntRange(min=1), default=768, show_default=True)
 @click.option("--n-inner", type=click.IntRange(min=1), default=None, help="MLP width (default 4 × n-embd).")
 @click.option("--vocab", type=click.IntRange(min=1), default=50257, show_default=True)
 @click.option("--block-size", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Global batch (sequences).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Global batch (sequences).")
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed"]), default="float32", show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Ranks to plan for.")
@@ -63,10 +67,11 @@ def format_refusals(report) -> str:
               help="Machine JSON file (or a shipped name: a100-8x-node, h100-8x-node); default: this host.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--show-refused", is_flag=True, help="List every refused layout and why.")
-@click.option("--json", "json_path", default=None, help="Also write the ranked layouts as JSON to FILE.")
-@click.option("--calibrate", is_flag=True, help="Time this machine for this model (up to --nproc workers) and "
-                                                "store the machine file (--out, default the ringpipe cache).")
-@click.option("--out", "machine_out", default=None, help="Where --calibrate writes the machine file.")
+@click.option("--json", "json_path", type=OutputFile(), default=None, help="Also write the ranked layouts as JSON to FILE.")
+@click.option("--calibrate", is_flag=True,
+              help="Time this machine for this model (up to --nproc workers) and store the machine file "
+                   "(--out, default $RINGPIPE_MACHINE or the ringpipe cache).")
+@click.option("--out", "machine_out", type=OutputFile(), default=None, help="Where --calibrate writes the machine file.")
 def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
          machine_file, top, show_refused, json_path, calibrate, machine_out):
     """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""
@@ -90,7 +95,8 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
             # the micro-batch row counts the layouts of --nproc ranks would run
             rows = sorted({batch_size // (c.dp * c.microbatches) for c, reason in
                            candidates(inventory, ranks, batch_size) if reason is None})
-            machine = run_calibration(inventory, rows, list(range(2, ranks + 1)), progress=click.echo)
+            groups = [k for k in range(2, ranks + 1) if ranks % k == 0]
+            machine = run_calibration(inventory, rows, groups, progress=click.echo)
             path = machine_out or default_machine_path()
             write_json(path, machine.to_dict())
             click.echo(f"wrote {path}")

@@ -19,11 +19,12 @@ def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = No
     from ringpipe.model.planning.step_time import predict_step
 
     try:
-        inventory = inventory_for(getattr(config, "family", "gpt2"), config.gpt_config(vocab_size))
+        inventory = inventory_for(config.family, config.model_config(vocab_size))
     except ValueError:
         return None
     candidate = Candidate(layout.dp, layout.tp, layout.pp, layout.schedule, layout.virtual_stages,
-                          config.microbatches, layout.zero, layout.sequence_parallel, config.model.recompute)
+                          config.microbatches, layout.zero, layout.sequence_parallel,
+                          getattr(config.model, "recompute", False))
     if layout.split is not None:  # the planner splits balanced; an explicit split is not planned
         return None
     memory = layout_memory(inventory, candidate, config.batch_size)

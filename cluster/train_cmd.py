@@ -283,7 +283,8 @@ def _run(flags, config, layout, distributed, out, state):
             try:
                 trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
                                          bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
-                                         cluster_options=options, keep_checkpoints=flags["keep_checkpoints"])
+                                         cluster_options=options, keep_checkpoints=flags["keep_checkpoints"],
+                                         report=lambda line: click.echo(line, err=True))
             except BaseException:
                 if options.get("launcher") is not None:
                     options["launcher"].close()  # the other hosts' agents end too
@@ -314,11 +315,18 @@ def _run(flags, config, layout, distributed, out, state):
                     report_trace(out)
         if flags["sample"]:
             status(f"generating a {flags['sample']}-token sample")
-            tokenizer = trainer.tokenizer
-            prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
-            ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
-            # an encoder-decoder's output is the decoder's, after its start token
-            click.echo(tokenizer.decode(to_host(ids)[0, 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0:]))
+            if distributed:  # the driver holds no model: `ringpipe generate` samples the exported one
+                try:
+                    click.echo(trainer.sample(flags["sample"]))
+                except RuntimeError as exc:
+                    raise click.ClickException(one_line(exc)) from None
+            else:
+                tokenizer = trainer.tokenizer
+                prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
+                ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
+                # an encoder-decoder's output is the decoder's, after its start token
+                start = 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0
+                click.echo(tokenizer.decode(to_host(ids)[0, start:]))
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:

@@ -14,7 +14,7 @@ import sys
 import click
 
 from ringpipe.cluster.launchers import DEFAULT_KEY_FILE, host_from_environment, job_keys, rank_from_environment
-from ringpipe.cluster.options import one_line
+from ringpipe.cluster.options import FiniteFloat, one_line
 from ringpipe.runtime.auth import KeyFileError, keys_from_secret
 from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
 
@@ -28,9 +28,9 @@ from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
 @click.option("--key-stdin", is_flag=True, hidden=True, help="Read the key from stdin (ssh and srun launchers).")
 @click.option("--host-id", default=None, help="This host's name in the run (default: the launcher's node name "
                                               "under srun, else this host's address towards the driver).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+@click.option("--timeout", type=FiniteFloat(min=0, min_open=True), default=60.0, show_default=True,
               help="Seconds to wait for the driver's answer.")
-@click.option("--driver-silence", type=click.FloatRange(min=0, min_open=True), default=AGENT_SILENCE_S,
+@click.option("--driver-silence", type=FiniteFloat(min=0, min_open=True), default=AGENT_SILENCE_S,
               show_default=True, help="Seconds without a word from the driver after which it is taken for "
                                       "dead and this host's workers are stopped.")
 def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout, driver_silence):

@@ -146,6 +146,8 @@ class Cluster(TraceControl):
             if value.get("t") == "fatal":
                 self._fatal[rank] = value.get("traceback", "")
                 continue
+            if value.get("t") == "beat":  # a rank done with start-up beats while the others catch up
+                continue
             if value.get("t") != kind:
                 raise RuntimeError(f"worker rank {rank} sent {value.get('t')!r} while starting, expected {kind!r}")
             got[rank] = value

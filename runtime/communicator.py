@@ -254,8 +254,8 @@ class Communicator:
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
         trace = None
         if self.engine.tracer.enabled:
-            trace = {"op": name, "bytes": int(nbytes), "group": self.group.gid, "seq": seq,
-                     "ranks": list(self.group.ranks), "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{self.engine.call}"}
+            trace = {"op": name, "bytes": int(nbytes), "group": self.group.gid, "seq": seq, "ranks": list(self.group.ranks),
+                     "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{self.engine.call}"}
         key = (self.engine.epoch, self.engine.call, self.group.gid, seq)
         patience = self.timeout if timeout is None else timeout
         if async_op or channel.busy():  # on the channel's thread, after the operations queued there

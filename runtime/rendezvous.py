@@ -12,7 +12,7 @@ host. Agents stop their workers when told, or when the driver has been silent fo
 `AGENT_SILENCE_S`: a driver that dies leaves nothing running on any host.
 
 Messages (msgpack maps, one frame). Agent -> driver: join {host, address, slots, ranks, version,
-pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env, group_rank},
+pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
 signal {rank, signum}, stop {grace}, ping.
 """
 from __future__ import annotations
@@ -205,12 +205,20 @@ class RendezvousLauncher:
 
     # ---- the Launcher protocol ---------------------------------------------------------------------
     def start(self, boots: list[dict], env: dict | None = None) -> None:
-        for group_rank, agent in enumerate(self.agents):
+        boots = [dict(boot, **self.place_on_host(boot["rank"])) for boot in boots]
+        for agent in self.agents:
             records = [dict(boots[r], bind_host=agent.address, host=agent.host) for r in agent.ranks_here]
-            self.outbox.put((agent, {"t": "start", "boots": records, "env": dict(env or {}),
-                                     "group_rank": group_rank + (self.local is not None)}))
+            self.outbox.put((agent, {"t": "start", "boots": records, "env": dict(env or {})}))
         if self.local is not None and self.local_ranks:
             self.local.start([dict(boots[r], bind_host=self.local_address) for r in self.local_ranks], env)
+
+    def place_on_host(self, rank: int) -> dict:
+        """torchrun's view of `rank` by host name, whichever agents run it (mpirun and srun start
+        one per rank): its index among its host's ranks, their count, and the host's index."""
+        names = [self.host(r) for r in range(len(self.hosts))]
+        here = [r for r, name in enumerate(names) if name == names[rank]]
+        return {"local_rank": here.index(rank), "local_world_size": len(here),
+                "group_rank": sorted(set(names), key=names.index).index(names[rank])}
 
     def poll(self, rank: int) -> int | None:
         if rank in self.local_ranks:

@@ -83,7 +83,7 @@ def _serve(dealer, send, endpoint, host, silence):
             kind = message.get("t")
             if kind == "start" and launcher is None:
                 ours = [boot["rank"] for boot in message["boots"]]
-                launcher = _AgentLauncher(host, int(message.get("group_rank", 0)))
+                launcher = _AgentLauncher(host)
                 launcher.start([_here(boot) for boot in message["boots"]], message.get("env") or {})
             elif kind == "signal" and launcher is not None and message.get("rank") in ours:
                 launcher.send_signal(ours.index(message["rank"]), int(message["signum"]))

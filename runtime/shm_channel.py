@@ -44,8 +44,11 @@ MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
-    """Bytes of one data buffer: 1 MiB (large buffers go in rounds), less in a small arena."""
-    return max(4096, min(1 << 20, round_bytes, arena_size // 16) // 64 * 64)
+    """Bytes of one data buffer: 8 MiB (larger buffers go in rounds), less in a small arena. Every
+    round costs a wait for every member, and with more ranks than cores each wait may be a trip
+    through the scheduler: few large rounds beat many small ones. The pages are touched only as
+    far as buffers fill them (the arena is a sparse file)."""
+    return max(4096, min(8 << 20, round_bytes, arena_size // 16) // 64 * 64)
 
 
 def region_bytes(buffer_bytes: int) -> int:
@@ -81,7 +84,7 @@ class GroupChannel:
         self._queue: deque = deque()
         self._queue_ready = threading.Condition()
         self._thread = None
-        self._running = False
+        self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
         self.call = None  # the call of the operation running now
         engine.abort_listeners.append(self._wake_sleeper)
@@ -91,7 +94,7 @@ class GroupChannel:
     # ---- asynchronous operations ----------------------------------------------------------------
     def busy(self) -> bool:
         """True while asynchronous operations are queued or running: later ones must queue too."""
-        return self._running or bool(self._queue)
+        return self._running is not None or bool(self._queue)
 
     def submit(self, handle, work, abort_key: tuple):
         """Run `work()` on this channel's thread after what is queued; its result or error goes to
@@ -112,7 +115,7 @@ class GroupChannel:
                 while not self._queue:
                     self._queue_ready.wait()
                 handle, work, abort_key = self._queue.popleft()
-                self._running = True
+                self._running = abort_key
             try:
                 if abort_key[1] <= self._cancelled_through:
                     raise self._cancelled(handle.name)
@@ -122,7 +125,7 @@ class GroupChannel:
             else:
                 handle._set(result)
             finally:
-                self._running = False
+                self._running = None
 
     def _cancelled(self, name: str):
         return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
@@ -133,12 +136,12 @@ class GroupChannel:
         running here are cancelled, on every member (the engine's abort note reaches them)."""
         with self._queue_ready:
             pending = [key for _, _, key in self._queue if key[1] <= call_id]
-            running = self._running and self.call is not None and self.call <= call_id
+            running = self._running if self._running is not None and self._running[1] <= call_id else None
         if not (pending or running):
             return
         self._cancelled_through = max(self._cancelled_through, call_id)
         self.engine.needs_fence = True
-        keys = pending + ([self.abort_key] if running else [])
+        keys = pending + ([running] if running else [])
         for epoch, call, gid, seq in keys:
             note = SimpleNamespace(abort_key=(gid, seq, self.group.ranks), epoch=epoch, call=call)
             self.engine._broadcast_abort(note, self._cancelled(f"{what}'s collective #{seq} on group {gid}"))
@@ -148,10 +151,18 @@ class GroupChannel:
         """Run `body(self)` as the collective `name`; returns its result. `abort_key` = (epoch,
         call, group, #) is where the engine notes that a member gave this collective up. Failures
         set the engine's fence flag (peers may be out of step) as the engine's own operations do."""
-        with self.lock:
+        # Bounded: an earlier operation still holding the channel (its peers gone) must not
+        # hang this one past its own timeout.
+        if not self.lock.acquire(timeout=timeout):
+            raise CommTimeout(f"{name} on rank {self.engine.rank} timed out after {timeout:g}s waiting for an "
+                              f"earlier operation on group {self.group.gid} to finish")
+        try:
             engine = self.engine
             if engine.aborted_call is not None:
                 raise Aborted(engine.aborted_call)
+            given_up = engine.aborted.get(abort_key)
+            if given_up is not None:  # a member already gave this collective up (cancelled, mismatched)
+                raise given_up[0](given_up[1])
             if self.epoch != engine.epoch:
                 self.epoch, self.count, self.rounds = engine.epoch, 0, 0
             self.name, self.timeout = name, timeout
@@ -179,6 +190,8 @@ class GroupChannel:
                     if error is not None:
                         args["error"] = type(error).__name__
                     engine.tracer.complete(span, "comm", "comm", start, now_ns(), args)
+        finally:
+            self.lock.release()
 
     def next_round(self) -> int:
         """The buffer parity of the next round (the same on every member)."""
@@ -250,13 +263,15 @@ class GroupChannel:
         if value >= target:  # already there: no call into the waiter
             return self._check_epoch(value, peer)
         # Adaptive spin: a wait answered while spinning lets the next spin longer; one that had
-        # to sleep halves it (the peer is likely descheduled or computing).
+        # to sleep halves it (the peer is likely descheduled or computing). Spinning counts as
+        # waiting on the peer in the trace, as sleeping does.
+        started = now_ns()
         value = waiter.wait_at_least(word, sleepers, target, 0.0, self.spin_ns, self.yields)
         if value >= target:
             self.spin_ns = min(self.spin_ns * 2, MAX_SPIN_NS)
+            self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
         self.spin_ns = max(self.spin_ns // 2, MIN_SPIN_NS)
-        started = now_ns()
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
         self._sleeping_on = word
         try:

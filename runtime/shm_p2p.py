@@ -115,7 +115,7 @@ class PairRings:
             meta.append(-1)
         else:
             meta.append(self._place(piece, deadline, name, timeout, dst))
-        packed = msgpack.packb(meta)
+        packed = msgpack.packb([*meta, now_ns()])  # when it arrived, for the receiver's trace
         if len(packed) > META_BYTES - 4:
             raise ValueError(f"{name}: a {len(meta[5])}-dimensional shape is too long to send")
         slot[:4] = np.frombuffer(len(packed).to_bytes(4, "little"), np.uint8)
@@ -144,9 +144,9 @@ class PairRings:
 
     def take(self, src: int, key: tuple, ticket: int, deadline: float, name: str, timeout: float, block=True,
              out=None):
-        """The message with `ticket` for `key` from `src` (written straight into `out` when it is a
-        C-contiguous array of the message's shape and dtype); None when `block` is False and it has
-        not arrived."""
+        """(array, when it arrived in ns, ns its copy took) of the message with `ticket` for `key`
+        from `src` (written straight into `out` when it is a C-contiguous array of the message's
+        shape and dtype); None when `block` is False and it has not arrived."""
         with self.lock:
             while (src, key, ticket) not in self.kept:
                 if not self._read_one(src, block, deadline, name, timeout, (key, ticket, out)):
@@ -161,7 +161,12 @@ class PairRings:
         if not block and self._counter(ring, HEAD) <= self._counter(ring, TAIL):
             return False
         meta, data = self._read_part(src, ring, deadline, name, timeout)
-        epoch, call, group, tag, dtype, shape, index, parts, _ = meta
+        epoch, call, group, tag, dtype, shape, index, parts = meta[:8]
+        reading = now_ns()
+        if index != 0:  # a part whose message's start an aborted receive took: dropped
+            self._done_with_part(src, ring, meta)
+            return True
+        first = meta
         stale = epoch < engine.epoch or call < engine.call  # of an aborted or an earlier call: dropped
         key = (call, group, tag)
         number = self.arrived[(src, key)]
@@ -183,10 +188,17 @@ class PairRings:
             if index + 1 == parts:
                 break
             meta, data = self._read_part(src, ring, deadline, name, timeout)
+            if meta[:4] != first[:4] or meta[6] != index + 1:
+                # The sender gave this message up (an abort) and the slot starts another one:
+                # drop the part-message and leave the slot for the next read.
+                stale = True
+                break
             index = meta[6]
         if not stale:
             self.arrived[(src, key)] += 1
-            self.kept[(src, key, number)] = array
+            # The trace shows a receive as the engine's: blocked until the message arrived, then
+            # done after the time the copy took (whenever the caller looks at it).
+            self.kept[(src, key, number)] = (array, meta[9], now_ns() - reading)
         return True
 
     def _read_part(self, src, ring, deadline, name, timeout):
@@ -248,7 +260,7 @@ class RingReceive:
             found = self.rings.take(self.src, self.key, self.ticket, self.deadline, self.name, self.timeout,
                                     block=False, out=self.out)
             if found is not None:
-                self._complete(found)
+                self._complete(*found)
         return self._done
 
     def wait(self, timeout: float | None = None):
@@ -259,19 +271,18 @@ class RingReceive:
                                      f"finished; wait() for asynchronous operations before a call returns"))
             else:
                 deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
-                waited = now_ns()
                 try:
-                    array = self.rings.take(self.src, self.key, self.ticket, deadline, self.name, self.timeout,
+                    found = self.rings.take(self.src, self.key, self.ticket, deadline, self.name, self.timeout,
                                             out=self.out)
                 except Exception as exc:  # noqa: BLE001 - the handle's error
-                    self._fail(exc, now_ns() - waited)
+                    self._fail(exc)
                 else:
-                    self._complete(array, now_ns() - waited)
+                    self._complete(*found)
         if self._error is not None:
             raise self._error
         return self._result
 
-    def _complete(self, array, waited_ns=0):
+    def _complete(self, array, arrived_ns, read_ns):
         try:
             if self.expect is not None:
                 shape, dtype = self.expect
@@ -287,22 +298,23 @@ class RingReceive:
                     np.copyto(self.out, array)
                 array = self.out
             self._done, self._result = True, self.finish(array)
-            self._record(array.nbytes, waited_ns, None)
+            self._record(array.nbytes, arrived_ns, read_ns, None)
         except Exception as exc:  # noqa: BLE001
-            self._fail(exc, waited_ns)
+            self._fail(exc, arrived_ns, read_ns)
 
-    def _fail(self, error, waited_ns=0):
+    def _fail(self, error, arrived_ns=None, read_ns=0):
         self._done, self._error = True, error
-        self._record(None, waited_ns, error)
+        self._record(None, arrived_ns, read_ns, error)
 
-    def _record(self, nbytes, waited_ns, error):
+    def _record(self, nbytes, arrived_ns, read_ns, error):
         if self.trace is not None:
-            args = dict(self.trace, wait_us=waited_ns / 1000.0)
+            arrived = max(self.start, arrived_ns if arrived_ns is not None else now_ns())
+            args = dict(self.trace, wait_us=(arrived - self.start) / 1000.0)
             if nbytes is not None and args.get("bytes") is None:
                 args["bytes"] = int(nbytes)
             if error is not None:
                 args["error"] = type(error).__name__
-            self.rings.engine.tracer.complete("recv", "comm", "comm", self.start, now_ns(), args)
+            self.rings.engine.tracer.complete("recv", "comm", "comm", self.start, arrived + read_ns, args)
 
 
 __all__ = ["PairRings", "RingReceive", "ring_layout"]

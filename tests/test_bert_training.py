@@ -87,6 +87,14 @@ def test_fill_mask_refuses_a_gpt2_model_in_one_line(gpt2_run):
                                       "fill-mask needs a bert model")
 
 
+def test_generate_refuses_a_bert_model_in_one_line(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("train", "--model", "bert", "--data", corpus, "--out", out, "--steps", 1, *TINY).exit_code == 0
+    assert one_error_line(run_cli("generate", "--checkpoint", out)) == (
+        f"Error: Invalid value for --checkpoint: {out} holds a bert model, which does not generate text "
+        "(ringpipe fill-mask predicts its masked tokens)")
+
+
 def test_sampling_text_from_bert_is_refused_in_one_line(corpus, tmp_path):
     result = run_cli("train", "--model", "bert", "--data", corpus, "--out", tmp_path / "run", "--sample", 5, *TINY)
     assert one_error_line(result) == ("Error: Invalid value for --sample: needs a model that generates text; "

@@ -26,6 +26,7 @@ def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout
     out = str(tmp_path / "run")
     result = train([*layout, "--sample", "20"], corpus, out, 3)
     assert result.exit_code == 0, result.output
+    assert "blocks per stage" in result.stderr  # the layout report, before the workers start
     gpt = GPT.from_pretrained(out)
     assert gpt.config.n_layer == 2
     assert os.path.exists(os.path.join(out, "metrics.jsonl"))

@@ -1,4 +1,4 @@
-"""Under a real OpenMPI `mpirun` (marker multihost; about 15 s): ranks come from OMPI_COMM_WORLD_*,
+"""Under a real OpenMPI `mpirun` (marker multihost; about 20 s): ranks come from OMPI_COMM_WORLD_*,
 rank 0 drives (`ringpipe train --launcher mpi`), or every rank joins a driver (`ringpipe worker`)."""
 import json
 import os
@@ -56,17 +56,25 @@ def test_under_mpirun_rank_0_drives_and_the_run_equals_one_process(corpus, tmp_p
     assert losses(tmp_path / "mpi") == pytest.approx(alone, rel=1e-12)
 
 
-def test_mpirun_workers_join_a_driver_with_their_mpi_ranks(corpus, tmp_path, key_file, alone):
+def _place(comm):
+    return {name: os.environ[name] for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+
+
+def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_view(tmp_path, key_file):
+    from ringpipe.cluster.launchers import join_launcher
+    from ringpipe.runtime import Cluster
+
     endpoint = f"127.0.0.1:{free_port()}"
     workers = subprocess.Popen([*MPIRUN, "-np", "2", sys.executable, "-m", "ringpipe.cluster", "worker",
                                 "--rdzv-endpoint", endpoint, "--key-file", key_file], stderr=subprocess.PIPE)
     try:
-        result = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "joined", "--dp", "2",
-                         "--rdzv-endpoint", endpoint, "--nproc-per-node", "0", "--key-file", key_file)
-        assert result.exit_code == 0, result.output
+        options = join_launcher(endpoint, 2, 1, 0, key_file, 60.0, lambda message: None)
+        with Cluster(2, **options) as cluster:
+            # One agent per MPI rank, yet each worker sees its host's two ranks, as torchrun's would.
+            assert cluster.run(_place) == [{"RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
+                                            "GROUP_RANK": "0"} for r in range(2)]
         assert workers.wait(timeout=30) == 0
     finally:
         if workers.poll() is None:
             workers.kill()
         workers.wait()
-    assert losses(tmp_path / "joined") == pytest.approx(alone, rel=1e-12)

@@ -88,13 +88,13 @@ def test_train_prints_the_prediction_then_measured_values_and_how_to_calibrate(t
 
 def test_a_calibrated_machine_predicts_from_its_measured_pieces():
     inventory = GPT2Inventory(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    from ringpipe.model.planning.step_time import _architecture
+    from ringpipe.model.planning.step_time import architecture_key
 
     pieces = {"block|4": {"forward": 1.0, "backward_input": 2.0, "backward_weight": 0.5},
               "head|4": {"forward": 0.25, "backward_input": 0.5, "backward_weight": 0.0},
               "embedding|4": {"forward": 0.125, "backward_input": 0.125, "backward_weight": 0.0}}
     machine = load_machine("h100-8x-node")
-    machine.calibration = {"compute": {"model": _architecture(inventory), "pieces": pieces,
+    machine.calibration = {"compute": {"model": architecture_key(inventory), "pieces": pieces,
                                        "optimizer_seconds_per_element": 0.0}}
     timing = predict_step(inventory, Candidate(), 4, machine)
     assert timing.seconds == pytest.approx(3 * 3.5 + 0.75 + 0.25)
@@ -116,3 +116,13 @@ def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
     assert set(compute["pieces"]) == {f"{piece}|{rows}" for piece in ("block", "head", "embedding") for rows in (1, 2)}
     assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
     assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
+
+
+def test_the_planners_flops_are_narayanan_et_als_with_the_recomputed_forward():
+    from ringpipe.tools.bench_plan_published import SEQUENCE, VOCAB, paper_flops
+
+    B, layers, hidden = 3072, 128, 25600
+    inventory = GPT2Inventory(GPTConfig(n_layer=layers, n_head=160, n_embd=hidden, block_size=SEQUENCE,
+                                        vocab_size=VOCAB, dtype="float16"), attention_kernel=False)
+    planner = 4 * layers * inventory.block_flops(B, SEQUENCE) + 3 * inventory.head_flops(B, SEQUENCE)
+    assert planner == pytest.approx(paper_flops(B, layers, hidden), rel=1e-12)

@@ -353,3 +353,36 @@ def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_ne
     (first, left), (second, nothing) = actors.sum_and_left_handle().result(timeout=30)
     assert first == second == [3.0] * 4 and nothing is None
     assert left.startswith("Cancelled: all_reduce #1 on group w") and "wait()" in left
+
+
+def two_ranks_of_rings(tmp_path):
+    """Rank 0's and rank 1's PairRings in this process, over two real arenas (no cluster)."""
+    import types
+
+    from ringpipe.runtime.shm_p2p import PairRings
+
+    arenas = [Arena(str(tmp_path / f"arena{r}"), RING_ARENA) for r in (0, 1)]
+    engines = [types.SimpleNamespace(rank=r, arena=arenas[r], epoch=0, call=1, aborted_call=None, shm_peers={1 - r},
+                                     peer_arenas={1 - r: arenas[1 - r]}, timed_out_on=set(), needs_fence=False,
+                                     count_sent=lambda group, nbytes: None) for r in (0, 1)]
+    rings = []
+    for engine in engines:
+        ring_bytes = PairRings.pin(engine.arena, 2)
+        rings.append(PairRings(engine, 2, ring_bytes))
+    return arenas, rings
+
+
+def test_a_ring_drops_a_message_its_sender_gave_up_part_way_and_delivers_the_next(tmp_path):
+    arenas, (rank0, rank1) = two_ranks_of_rings(tmp_path)
+    try:
+        key = (1, "w", 7)
+        # Part 0 of 3 of a message whose sender was then aborted, then a whole message.
+        rank1._send_part(0, [0, *key, "<f8", [6], 0, 3], np.arange(2.0).view(np.uint8), True, time.monotonic() + 5,
+                         "send", 5.0)
+        rank1.send(0, key, np.array([42.0, 43.0]), "send", 5.0)
+        ticket = rank0.post(1, key)
+        got, _, _ = rank0.take(1, key, ticket, time.monotonic() + 5, "recv", 5.0)
+        assert got.tolist() == [42.0, 43.0]
+    finally:
+        for arena in arenas:
+            arena.close()

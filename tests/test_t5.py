@@ -85,3 +85,12 @@ def test_generation_stops_at_eos_and_pads_finished_rows():
     first = int(model.decoder_logits(ids, np.zeros((1, 1), dtype=np.int64))[0, -1].argmax())
     model.config.eos_token_id = first
     assert model.generate(ids, 10).tolist() == [[0, first]]
+
+
+def test_every_cached_activation_is_counted_and_released():
+    model = T5(T5Config(**TINY), seed=1)
+    ids, labels = np.array([[3, 4, 5, 6]]), np.array([[7, 8]])
+    model.seq2seq_loss_and_grads(ids, labels)
+    model.decoder_logits(ids, labels)
+    model.generate(ids, 3)
+    assert model.memory.peak_bytes > 0 and model.memory.live_bytes == 0

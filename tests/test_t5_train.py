@@ -49,13 +49,20 @@ def test_a_gpt2_run_is_not_resumed_as_t5(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_t5_trains_on_an_encoder_stage_and_a_decoder_stage(tmp_path):
+def test_t5_trains_on_an_encoder_stage_and_a_decoder_stage_and_resumes(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT)
     result = run_cli("train", *T5_FLAGS, "--data", data, "--steps", 2, "--out", tmp_path / "pp",
                      "--pp", 2, "--nproc", 2, "--encoder-stages", 1)
     assert result.exit_code == 0, result.output
     assert len(losses(tmp_path / "pp")) == 2
+    result = run_cli("train", "--model", "gpt2", "--data", data, "--steps", 3, "--out", tmp_path / "pp",
+                     "--pp", 2, "--nproc", 2, "--resume")  # its sharded checkpoint names its family
+    assert result.exit_code != 0 and "checkpoint's 't5'" in result.output, result.output
+    result = run_cli("train", "--data", data, "--steps", 3, "--out", tmp_path / "pp", "--pp", 2, "--nproc", 2,
+                     "--encoder-stages", 1, "--resume")
+    assert result.exit_code == 0, result.output
+    assert len(losses(tmp_path / "pp")) == 3
 
 
 def test_encoder_stages_that_leave_the_decoder_no_stage_are_one_line_errors(tmp_path):

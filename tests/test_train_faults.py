@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 import ringpipe.cluster.distributed_train as distributed_train
 from ringpipe.model.training import sharded_checkpoint
-from ringpipe.model.training import trainer as training_trainer
 from ringpipe.cluster.cli import main
 from ringpipe.runtime import Cluster
 from tests.conftest import process_alive
@@ -123,7 +122,8 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     if where == "setup":
         monkeypatch.setattr(_RecordingCluster, "spawn", _killing_first(Cluster.spawn))
     elif where == "evaluation":
-        monkeypatch.setattr(training_trainer.Trainer, "evaluate", _killing_first(training_trainer.Trainer.evaluate))
+        monkeypatch.setattr(distributed_train, "mean_validation_loss",
+                            _killing_first(distributed_train.mean_validation_loss))
     elif where == "committing a checkpoint":
         # The second checkpoint: every rank has written its pieces, the driver commits them.
         monkeypatch.setattr(sharded_checkpoint, "commit", _killing_first(sharded_checkpoint.commit, on_call=2))

@@ -34,7 +34,8 @@ from ringpipe.tools.bench_data_parallel import CORPUS
 
 MODEL = dict(n_layer=4, n_head=12, n_embd=768, block_size=32)  # ~28 M parameters: ≥ 200 MB of state per rank
 BATCH = 4
-LAYOUTS = [Candidate(), Candidate(dp=2), Candidate(dp=2, zero=1), Candidate(tp=2), Candidate(tp=2, sequence_parallel=True),
+LAYOUTS = [Candidate(), Candidate(dp=2), Candidate(dp=2, zero=1), Candidate(tp=2),
+           Candidate(tp=2, sequence_parallel=True),
            Candidate(pp=2, microbatches=4), Candidate(pp=2, schedule="gpipe", microbatches=4),
            Candidate(pp=2, schedule="interleaved", virtual_stages=2, microbatches=4),
            Candidate(pp=2, schedule="zb-h1", microbatches=4), Candidate(recompute=True),
@@ -49,7 +50,7 @@ def peak_rss(comm) -> int:
 
 def idle_rss(comm) -> int:
     """VmHWM once the modules a trainer needs are imported and the kernels loaded, before any model."""
-    import ringpipe.model.training.parallel_trainer  # noqa: F401
+    import ringpipe.model.training.parallel_trainer  # noqa: F401 (imported: part of the idle baseline)
     from ringpipe.model.nn import kernels
 
     kernels.library()
@@ -106,7 +107,8 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
             ranks = []
             for memory in predicted_memory:
                 measured = per_pp[memory.pp_rank]
-                ranks.append({"pp_rank": memory.pp_rank, "state_bytes": memory.weights + memory.gradients + memory.optimizer,
+                state = memory.weights + memory.gradients + memory.optimizer
+                ranks.append({"pp_rank": memory.pp_rank, "state_bytes": state,
                               "predicted_bytes": memory.peak, "measured_bytes": measured,
                               "error": round(memory.peak / measured - 1, 4), "split": memory.as_dict()})
             row = {"layout": candidate.label(), "ranks": ranks, "predicted_seconds": timing.seconds,
@@ -114,10 +116,10 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
                    "time_error": round(timing.seconds / median - 1, 4), "load_average": load,
                    "probe_ratio": round(probe_ratio, 3)}
             results.append(row)
-            progress(f"{row['layout']:<36} memory " + ", ".join(
-                f"pp{r['pp_rank']} {r['predicted_bytes'] / 1e6:.0f}/{r['measured_bytes'] / 1e6:.0f} MB ({r['error']:+.1%})"
-                for r in ranks) + f"; step {timing.seconds * 1e3:.0f}/{median * 1e3:.0f} ms ({row['time_error']:+.1%}); "
-                f"load {load:.1f}, probe ×{probe_ratio:.2f}")
+            memory_text = ", ".join(f"pp{r['pp_rank']} {r['predicted_bytes'] / 1e6:.0f}/"
+                                    f"{r['measured_bytes'] / 1e6:.0f} MB ({r['error']:+.1%})" for r in ranks)
+            progress(f"{row['layout']:<36} memory {memory_text}; step {timing.seconds * 1e3:.0f}/{median * 1e3:.0f} ms "
+                     f"({row['time_error']:+.1%}); load {load:.1f}, probe ×{probe_ratio:.2f}")
     fastest = sorted(results, key=lambda r: r["measured_seconds"])[:2]
     best = min(results, key=lambda r: r["predicted_seconds"])
     memory_errors = [abs(r["error"]) for row in results for r in row["ranks"] if r["state_bytes"] >= 200e6]

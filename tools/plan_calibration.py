@@ -135,8 +135,9 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
             block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
                      "backward_input": _timed(lambda: model.block_forward(0, x)[1],
                                               lambda cache: model.block_backward_input(0, cache, dout)),
-                     "backward_weight": _timed(lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
-                                               model.block_backward_weight)}
+                     "backward_weight": _timed(
+                         lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
+                         model.block_backward_weight)}
             head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
                     "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
                     "backward_weight": 0.0}
@@ -159,12 +160,12 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
 
 def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print) -> Machine:
     """This host as a calibrated `Machine` for `inventory`'s model."""
-    from ringpipe.model.planning.step_time import _architecture
+    from ringpipe.model.planning.step_time import architecture_key
 
     cores = os.cpu_count() or 1
     progress(f"timing the model's pieces at micro-batch rows {sorted(set(rows))} ...")
     compute = calibrate_compute(inventory.config, rows)
-    compute["model"] = _architecture(inventory)
+    compute["model"] = architecture_key(inventory)
     progress(f"timing collectives over {sorted(set(g for g in group_sizes if g > 1))} local workers ...")
     communication = calibrate_communication(group_sizes)
     send = communication.get("send", {}).get("2", [1e-4, 1e-9])

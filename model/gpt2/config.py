@@ -103,19 +103,36 @@ def param_shapes(config: GPTConfig) -> dict:
     return shapes
 
 
-def init_params(config: GPTConfig, seed: int = 0) -> dict:
-    """GPT-2 init as float64 NumPy arrays: N(0, 0.02) weights, residual projections scaled by
-    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros. Independent of dtype and device."""
+def init_params(config: GPTConfig, seed: int = 0, names=None, dtype=np.float64) -> dict:
+    """GPT-2 init as NumPy arrays: N(0, 0.02) weights, residual projections scaled by
+    1/sqrt(2 n_layer), zero biases, LayerNorm ones/zeros; drawn in float64, independent of the
+    model's dtype and device. `names`: keep only these (every weight is still drawn, in order, so
+    the values are the same; one at a time, so the memory is theirs and one tensor's), cast to `dtype`."""
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(config).items():
+        keep = names is None or name in names
         if name.endswith(".bias"):
-            params[name] = np.zeros(shape)
+            value = np.zeros(shape, dtype) if keep else None
         elif ".ln_" in name or name.startswith("ln_f"):
-            params[name] = np.ones(shape)
+            value = np.ones(shape, dtype) if keep else None
         else:
             std = 0.02
             if name.endswith("c_proj.weight"):
                 std /= math.sqrt(2 * config.n_layer)
-            params[name] = rng.normal(0.0, std, size=shape)
+            value = _normal(rng, std, shape, dtype, keep)
+        if keep:
+            params[name] = value
     return params
+
+
+def _normal(rng, std: float, shape, dtype, keep: bool, chunk: int = 1 << 22):
+    """rng.normal(0, std, shape) cast to dtype (None when not kept: the draw only advances rng),
+    drawn in float64 chunks: the same values in the same order, without a float64 copy of a large
+    tensor (the embedding of a 50k vocabulary is 0.4 GB in float64)."""
+    out = np.empty(math.prod(shape), dtype) if keep else None
+    for start in range(0, math.prod(shape), chunk):
+        values = rng.normal(0.0, std, size=min(chunk, math.prod(shape) - start))
+        if keep:
+            out[start:start + values.size] = values
+    return out.reshape(shape) if keep else None

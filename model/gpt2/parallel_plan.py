@@ -22,7 +22,7 @@ from __future__ import annotations
 from ringpipe.model.nn import ops
 from ringpipe.model.gpt2.block import ATTN_PROBS, EMBEDDING, TransformerBlocks, dropout_generator_seed
 from ringpipe.model.gpt2.checkpoint import PREFIX
-from ringpipe.model.gpt2.config import GPTConfig, init_params
+from ringpipe.model.gpt2.config import GPTConfig, init_params, param_shapes
 from ringpipe.model.gpt2.model import _keep_large_arrays_on_the_heap
 from ringpipe.model.parallel.plan import REPLICATED, Sharding, column_parallel, row_parallel, vocab_parallel
 from ringpipe.model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
@@ -51,6 +51,12 @@ class GPT2ParallelPlan:
 
     def init_params(self, seed: int) -> dict:
         return init_params(self.config, seed)
+
+    def init_params_of(self, seed: int, names, dtype) -> dict:
+        return init_params(self.config, seed, names, dtype)
+
+    def param_shapes(self) -> dict:
+        return param_shapes(self.config)
 
     def embedding_params(self) -> list[str]:
         return ["wte.weight", "wpe.weight"]

@@ -7,6 +7,11 @@ it, and nothing else, about names, shards, ties and the forward/backward of a st
     plan.dtype, plan.device              how the weights are held ("float64", "cpu", ...)
     plan.num_layers                      the blocks pipeline stages divide between them
     plan.init_params(seed)               {name: full float64 host array}, the same whatever the layout
+    plan.init_params_of(seed, names, dtype)  (optional) the same values for `names` only, cast to
+                                         `dtype`, without holding the rest: a rank then never holds
+                                         the whole model, even while it starts
+    plan.param_shapes()                  (optional) {name: full shape}, without making any array: the
+                                         default pipeline split then balances parameter bytes
     plan.embedding_params()              names the first pipeline stage holds besides its blocks
     plan.block_params(i)                 names of block i
     plan.head_params()                   names the last pipeline stage holds besides its blocks
@@ -36,6 +41,7 @@ and `stage.positions(length)`; gradients are returned as {name: array} and the s
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from ringpipe.model.parallel.tensor_parallel.sharding import (REPLICATED, Sharding, column_parallel,  # noqa: F401
@@ -78,3 +84,19 @@ def stage_param_names(plan: ParallelPlan, layers: range, first: bool, last: bool
     if last:
         names += [name for name in plan.head_params() if name not in names]
     return names
+
+
+def stage_sizes(plan: ParallelPlan) -> dict:
+    """`split_layers`' size arguments for `plan`, so that the default pipeline split balances parameters
+    (the embedding and the head included), not block counts: {"layer_sizes": elements per block,
+    "first_size": of the embedding, "last_size": of the head}. {} for a plan without
+    `param_shapes()` ({name: full shape}): its blocks are then balanced by count."""
+    if not hasattr(plan, "param_shapes"):
+        return {}
+    shapes = plan.param_shapes()
+
+    def elements(names):
+        return sum(math.prod(shapes[name]) for name in names)
+
+    return {"layer_sizes": [elements(plan.block_params(i)) for i in range(plan.num_layers)],
+            "first_size": elements(plan.embedding_params()), "last_size": elements(plan.head_params())}

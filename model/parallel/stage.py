@@ -151,6 +151,23 @@ class Stage:
             return loss, caches
         return x, caches
 
+    def forward_only(self, inputs, targets=None):
+        """`forward` for evaluation: the same output (the last stage's mean loss, else hidden
+        states), each piece's cache dropped as soon as the next piece has its input, so a forward-only
+        pass holds one piece's activations at a time and none after it (no dropout)."""
+        x = inputs
+        if self.first:
+            x, cache = self.pieces.embedding_forward(inputs, None)
+            self.memory.release(cache)
+        for i in self.layers:
+            x, cache = self.pieces.block_forward(i, x, None)
+            self.memory.release(cache)
+        if self.last:
+            loss, cache = self.pieces.head_forward(x, targets)
+            self.memory.release(cache)
+            return loss
+        return x
+
     def backward_input(self, caches, doutput, last: bool = False):
         deferred, dx = [], doutput
         while caches:

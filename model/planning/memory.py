@@ -115,8 +115,10 @@ def stage_ranges(inventory, candidate: Candidate) -> list[range]:
 
 
 def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Storage = RINGPIPE_STORAGE,
-                  bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[RankMemory]:
-    """One `RankMemory` per pipeline rank of `candidate` for a global batch of `batch_size` rows."""
+                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, shared_memory_arena: bool = True) -> list[RankMemory]:
+    """One `RankMemory` per pipeline rank of `candidate` for a global batch of `batch_size` rows.
+    `shared_memory_arena`: collectives run through the same-host runtime's arena (CPU workers), not
+    in place on a GPU."""
     config, c = inventory.config, candidate
     dtype = np.dtype(config.dtype)
     mixed = dtype.itemsize < 4  # float16 weights with float32 master weights and gradients
@@ -140,7 +142,8 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         stage_bytes = {s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0, s == num_stages - 1, storage)
                        for s in mine}
         memory.activations, memory.stage_peaks = _walk(schedule[rank], stage_bytes)
-        memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes, elements)
+        memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes,
+                                                    elements if shared_memory_arena else 0)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
         memory.host_peak = host_peak(memory, model_elements, elements, dtype, c.zero, c.tp)
         result.append(memory)
@@ -224,9 +227,10 @@ def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elemen
     launches them all within the last micro-batch): the rank's own blocks hold its whole flat
     gradient, and it reads its peers' blocks of the part it reduces; the reduced part comes back in
     a buffer of its own. ZeRO-1 then all-gathers the updated parameter shards the same way.
-    The pipeline keeps the messages waiting for their action (an activation and a gradient)."""
-    total = 0
-    if c.dp > 1:
+    The pipeline keeps the messages waiting for their action (an activation and a gradient).
+    `elements` 0: collectives in place (GPUs)."""
+    total = 2 * bucket_bytes if c.dp > 1 and not elements else 0  # in place: a bucket each way
+    if c.dp > 1 and elements:
         gradients = elements * dtype.itemsize
         total += int(gradients * (1 + (c.dp - 1) / c.dp + 1 / c.dp))
         if c.zero:  # its own shard's blocks and the peers' shards read: the whole flat buffer again

@@ -24,15 +24,14 @@ class PlanReport:
     ranked: list = field(default_factory=list)
     refused: list = field(default_factory=list)
     memory_limit: float = 0.0  # bytes one rank may hold
+    needs: list = field(default_factory=list)  # (bytes the most-loaded rank needs, candidate) of each too big
 
     def refusal_counts(self) -> Counter:
         return Counter(reason.split(":")[0] for _, reason in self.refused)
 
     def smallest_need(self):
         """(bytes, candidate) of the refused-for-memory layout that needs the least per rank."""
-        needs = [(int(reason.rsplit("needs ", 1)[1].split()[0]), c) for c, reason in self.refused
-                 if reason.startswith(DOES_NOT_FIT)]
-        return min(needs, key=lambda item: item[0]) if needs else None
+        return min(self.needs, key=lambda item: item[0]) if self.needs else None
 
 
 def factorizations(nproc: int) -> list[tuple[int, int, int]]:
@@ -103,15 +102,17 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
         if reason is not None:
             report.refused.append((candidate, reason))
             continue
-        memory = layout_memory(inventory, candidate, batch_size)
+        memory = layout_memory(inventory, candidate, batch_size, shared_memory_arena=machine.kind == "cpu")
         # a GPU holds what training needs; a CPU rank's process also the trainer's building
         need = (lambda m: m.peak) if machine.kind == "cpu" else (lambda m: m.total)
         worst = max(memory, key=need)
         if need(worst) > limit:
+            report.needs.append((need(worst), candidate))
             report.refused.append((candidate, f"{DOES_NOT_FIT}: pp rank {worst.pp_rank} needs {need(worst)} bytes "
                                               f"> {int(limit)} per rank"))
             continue
-        report.ranked.append((candidate, memory, predict_step(inventory, candidate, batch_size, machine, ranks_per_host)))
+        timing = predict_step(inventory, candidate, batch_size, machine, ranks_per_host)
+        report.ranked.append((candidate, memory, timing))
     report.ranked.sort(key=lambda item: (item[2].seconds, max(m.total for m in item[1])))
     return report
 

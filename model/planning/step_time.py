@@ -67,12 +67,13 @@ def piece_seconds(inventory, machine, piece: str, B: int, T: int, tp: int) -> di
 
 def _measured_piece(inventory, machine, piece, B):
     compute = (machine.calibration or {}).get("compute")
-    if not compute or compute.get("model") != _architecture(inventory):
+    if not compute or compute.get("model") != architecture_key(inventory):
         return None
     return compute.get("pieces", {}).get(f"{piece}|{B}")
 
 
-def _architecture(inventory) -> dict:
+def architecture_key(inventory) -> dict:
+    """What a calibration's piece timings depend on: the model's family, shape, dtype and dropout."""
     c = inventory.config
     return {"family": inventory.family, "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
             "block_size": c.block_size, "vocab_size": c.vocab_size, "mlp_width": c.mlp_width,

@@ -21,6 +21,7 @@ from ringpipe.model.families import Family
 from ringpipe.model.parallel.pipeline_parallel.schedules import split_layers
 from ringpipe.model.t5.checkpoint import load_checkpoint, write_checkpoint_files
 from ringpipe.model.t5.config import ARCHITECTURE_FIELDS, T5Config, init_params
+from ringpipe.model.t5.hf_config import hf_config
 from ringpipe.model.t5.layers import IGNORE_INDEX
 from ringpipe.model.t5.model import T5, shift_right
 from ringpipe.model.t5.parallel_plan import T5ParallelPlan
@@ -75,10 +76,18 @@ def small_t5() -> T5Options:
     return T5Options(n_layer=2, n_head=4, n_embd=128, block_size=64)
 
 
-def t5_config(n_layer, n_head, n_embd, block_size, dropout, n_inner, n_decoder_layer, d_kv,
-              feed_forward_proj, relative_attention_num_buckets, relative_attention_max_distance,
-              vocab_size, dtype="float32", device="cpu") -> T5Config:
-    """A run's T5Config from its options; ValueError naming the option that cannot work."""
+def t5_config(**fields) -> T5Config:
+    """The family's config: from a run's options (T5Options' fields, vocab_size, dtype, device), or
+    from a T5Config's own fields (a checkpoint's record of its model)."""
+    if "d_model" in fields:
+        return T5Config(**fields)
+    return _config_of_options(**fields)
+
+
+def _config_of_options(n_layer, n_head, n_embd, block_size, dropout, n_inner, n_decoder_layer, d_kv,
+                       feed_forward_proj, relative_attention_num_buckets,
+                       relative_attention_max_distance, vocab_size, dtype="float32",
+                       device="cpu") -> T5Config:
     if d_kv is None and n_embd % n_head:
         raise ValueError(f"n_embd {n_embd} is not divisible by n_head {n_head}")
     pad = vocab_size - SENTINELS - 2  # where with_special_tokens appends them (module docstring)
@@ -122,4 +131,4 @@ FAMILY = Family(name="t5", options=T5Options, default_options=small_t5, config=t
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
                 parallel_plan=T5ParallelPlan, objective=SpanCorruptionObjective,
                 ignore_index=IGNORE_INDEX, special_tokens=SPECIAL_TOKENS,
-                additional_tokens=ADDITIONAL_TOKENS)
+                additional_tokens=ADDITIONAL_TOKENS, hf_config=hf_config)

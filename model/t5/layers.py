@@ -54,7 +54,8 @@ def _layer_id(name: str) -> int:
 class T5Layers:
     """Embedding, encoder and decoder layers, position biases and the LM head of a T5.
 
-    Mixed into a class that provides
+    Layer caches are returned unheld: the caller holds them in its ActivationMemory (`memory`, which
+    the head uses) as it keeps them. Mixed into a class that provides
         config              T5Config
         params              ringpipe T5 names (model/t5/config.py) -> arrays (this rank's shards)
         xp                  the array module
@@ -187,11 +188,10 @@ class T5Layers:
         h = f"encoder.{i}."
         x, attn = self.self_attention_sublayer(h, x, key_mask, position_bias, False, dropout_seed)
         x, ff = self.feed_forward_sublayer(h, x, dropout_seed)
-        return x, self.memory.hold({"attn": attn, "ff": ff})
+        return x, {"attn": attn, "ff": ff}
 
     def encoder_layer_backward(self, i, cache, dout):
         """-> (dx, grads of the layer, dposition_bias)."""
-        self.memory.release(cache)
         h, grads = f"encoder.{i}.", {}
         dx = self.feed_forward_sublayer_backward(h, cache["ff"], dout, grads)
         dx, dbias = self.self_attention_sublayer_backward(h, cache["attn"], dx, grads)
@@ -204,11 +204,10 @@ class T5Layers:
         y, attn = self.self_attention_sublayer(h, y, None, position_bias, True, dropout_seed)
         y, cross = self.cross_attention_sublayer(h, y, encoder_out, encoder_mask, dropout_seed)
         y, ff = self.feed_forward_sublayer(h, y, dropout_seed)
-        return y, self.memory.hold({"attn": attn, "cross": cross, "ff": ff})
+        return y, {"attn": attn, "cross": cross, "ff": ff}
 
     def decoder_layer_backward(self, i, cache, dout):
         """-> (dy, grads of the layer, dposition_bias, this layer's share of dencoder_out)."""
-        self.memory.release(cache)
         h, grads = f"decoder.{i}.", {}
         dy = self.feed_forward_sublayer_backward(h, cache["ff"], dout, grads)
         dy, dencoder_out = self.cross_attention_sublayer_backward(h, cache["cross"], dy, grads)

@@ -68,7 +68,7 @@ class T5(T5Layers):
         layers = []
         for i in range(self.config.num_layers):
             x, cache = self.encoder_layer_forward(i, x, attention_mask, bias, dropout_seed)
-            layers.append(cache)
+            layers.append(self.memory.hold(cache))
         out, norm = self.final_norm_forward("encoder", x, dropout_seed)
         return out, {"lookup": lookup, "embedding_mask": embedding_mask, "buckets": buckets,
                      "layers": layers, "norm": norm}
@@ -79,7 +79,9 @@ class T5(T5Layers):
         grads.update(norm_grads)
         dbias = 0
         for i in reversed(range(self.config.num_layers)):
-            dx, layer_grads, layer_dbias = self.encoder_layer_backward(i, cache["layers"].pop(), dx)
+            layer = cache["layers"].pop()
+            self.memory.release(layer)
+            dx, layer_grads, layer_dbias = self.encoder_layer_backward(i, layer, dx)
             grads.update(layer_grads)
             dbias = dbias + layer_dbias
         grads.update(self.position_bias_backward("encoder", cache["buckets"], dbias))
@@ -97,7 +99,7 @@ class T5(T5Layers):
         for i in range(self.config.num_decoder_layers):
             y, cache = self.decoder_layer_forward(i, y, encoder_out, attention_mask, bias,
                                                   dropout_seed)
-            layers.append(cache)
+            layers.append(self.memory.hold(cache))
         out, norm = self.final_norm_forward("decoder", y, dropout_seed)
         return out, {"lookup": lookup, "embedding_mask": embedding_mask, "buckets": buckets,
                      "layers": layers, "norm": norm}
@@ -108,8 +110,9 @@ class T5(T5Layers):
         grads.update(norm_grads)
         dbias, dencoder_out = 0, 0
         for i in reversed(range(self.config.num_decoder_layers)):
-            dy, layer_grads, layer_dbias, share = self.decoder_layer_backward(
-                i, cache["layers"].pop(), dy)
+            layer = cache["layers"].pop()
+            self.memory.release(layer)
+            dy, layer_grads, layer_dbias, share = self.decoder_layer_backward(i, layer, dy)
             grads.update(layer_grads)
             dbias, dencoder_out = dbias + layer_dbias, dencoder_out + share
         grads.update(self.position_bias_backward("decoder", cache["buckets"], dbias))
@@ -158,6 +161,17 @@ class T5(T5Layers):
         """packed int (B, Te + Td) = [encoder ids | decoder input ids] (Te = config.encoder_length)
         -> logits (B, Td, vocab_size)."""
         return self.decoder_logits(*self._unpack(packed))
+
+    def loss(self, packed, labels) -> float:
+        """Inference loss, no dropout: the training loss of (packed, labels) (see loss_and_grads)."""
+        input_ids, decoder_input_ids = self._unpack(packed)
+        encoder_out, cache = self.encode(input_ids)
+        self._release(cache)
+        y, cache = self.decode(decoder_input_ids, encoder_out)
+        self._release(cache)
+        loss, cache = self.head_forward(y, labels)
+        self.memory.release(cache)
+        return loss
 
     def loss_and_grads(self, packed, labels, dropout_seed=None, dloss=1.0):
         """packed as for `forward`, labels int (B, Td) -> (loss, grads), as seq2seq_loss_and_grads."""

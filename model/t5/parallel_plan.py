@@ -173,16 +173,19 @@ class T5StagePieces(T5Layers):
             norm = None
             if i == self.config.num_layers - 1:  # the encoder's output
                 encoder, norm = self.final_norm_forward("encoder", encoder, dropout_seed)
-            return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets, "norm": norm}
+            return self._join(encoder, decoder, tables), self.memory.hold(
+                {"layer": cache, "buckets": buckets, "norm": norm})
         bias, buckets = self._bias("decoder", tables, decoder.shape[1])
         decoder, cache = self.decoder_layer_forward(i - self.config.num_layers, decoder, encoder, None, bias,
                                                     dropout_seed)
         norm = None
         if i == self.plan_layers - 1:  # the decoder's output
             decoder, norm = self.final_norm_forward("decoder", decoder, dropout_seed)
-        return self._join(encoder, decoder, tables), {"layer": cache, "buckets": buckets, "norm": norm}
+        return self._join(encoder, decoder, tables), self.memory.hold(
+            {"layer": cache, "buckets": buckets, "norm": norm})
 
     def block_backward_input(self, i, cache, dout):
+        self.memory.release(cache)
         dencoder, ddecoder, dtables = self._split(dout)
         dtables = {stack: table.copy() for stack, table in dtables.items()}
         if i < self.config.num_layers:

@@ -25,10 +25,13 @@ from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
 from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES, GradientBuckets, ShardedAdamW
 from ringpipe.model.parallel.mesh import Mesh, parallel_axes
+from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.parallel.pipeline_parallel.executor import run_pipeline_step
 from ringpipe.model.parallel.pipeline_parallel.schedules import build_schedule, split_layers, stage_rank
 from ringpipe.model.parallel.stage import Stage
 from ringpipe.model.training.config import TrainConfig
+from ringpipe.model.training.evaluation import evaluate_rank
+from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
 
 
@@ -41,7 +44,7 @@ class Layout:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     zero: int = 0
-    split: list | None = None  # blocks per pipeline stage (p × v entries); None = balanced
+    split: list | None = None  # blocks per pipeline stage (p × v entries); None = parameter bytes balanced
 
     @property
     def world_size(self) -> int:
@@ -90,8 +93,8 @@ class ParallelTrainer:
         p, v = self.layout.pp, self.layout.virtual_stages
         self.num_stages = p * v
         self.schedule = build_schedule(self.layout.schedule, p, self.config.microbatches, v)[self.mesh.pp_rank]
-        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split)
-        full = self.plan.init_params(self.config.seed)
+        layer_ranges = split_layers(self.plan.num_layers, self.num_stages, self.layout.split, **stage_sizes(self.plan))
+        full = self._initial_params(layer_ranges)
         self.stages = {s: self._make_stage(full, layer_ranges[s], s == 0, s == self.num_stages - 1)
                        for s in range(self.num_stages) if stage_rank(s, p) == self.mesh.pp_rank}
         # Flat parameter/gradient buffers (stage entries become views), reduced in buckets over dp.
@@ -129,6 +132,18 @@ class ParallelTrainer:
             optimizer = ShardedAdamW if self.layout.zero else AdamW
             self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
                                        self.config.weight_decay)
+
+    def _initial_params(self, layer_ranges: list[range]) -> dict:
+        """The full initial values of the parameters this rank's stages hold (all of the model if the
+        plan cannot draw a part). A float32 run's are cast while drawn, which shards identically;
+        float64 otherwise (a mixed run rounds its float16 model and float32 master from them)."""
+        if not hasattr(self.plan, "init_params_of"):
+            return self.plan.init_params(self.config.seed)
+        last = self.num_stages - 1
+        names = {name for s, layers in enumerate(layer_ranges) if stage_rank(s, self.layout.pp) == self.mesh.pp_rank
+                 for name in stage_param_names(self.plan, layers, s == 0, s == last)}
+        dtype = np.float32 if self.config.dtype == "float32" else np.float64
+        return self.plan.init_params_of(self.config.seed, names, dtype)
 
     def _make_stage(self, full: dict, layers: range, first: bool, last: bool):
         return Stage(self.plan, full, layers, first, last, self.mesh.tp, self.layout.sequence_parallel)
@@ -271,12 +286,21 @@ class ParallelTrainer:
                     param[...] = self.params[name]
 
     # ---- evaluation and state ----------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """This rank's part of the validation loss (model/training/evaluation.py)."""
+        return evaluate_rank(self)
+
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
         (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
         puts them back together."""
         weights = self.params if self.master is None else self.master
         return {name: np.asarray(p.get() if hasattr(p, "get") else p) for name, p in weights.items()}
+
+    def memory_report(self) -> dict:
+        """Bytes of weights / gradients / optimizer state / activations this rank holds, and its
+        peak and current RSS (see model/training/memory_report.py)."""
+        return memory_report(self)
 
     def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of what `local_params` returns."""
@@ -317,7 +341,11 @@ class ParallelTrainer:
         from ringpipe.model.training.run_dir import OPTIMIZER_FILE, TRAINER_STATE_FILE
         from ringpipe.runtime.files import load_tensors
 
-        _, full = self.family.load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
+        saved, full = self.family.load_checkpoint(checkpoint_dir, dtype=weights_dtype(self.config.dtype))
+        for field in self.family.architecture_fields:  # (the driver holds no weights to check them against)
+            if getattr(saved, field) != getattr(self.gpt_config, field):
+                raise ValueError(f"checkpoint {checkpoint_dir} has {field} {getattr(saved, field)}, the run expects "
+                                 f"{getattr(self.gpt_config, field)}")
         optimizer_full, _ = load_tensors(os.path.join(checkpoint_dir, OPTIMIZER_FILE))
         # "step", and a mixed run's loss-scaler entries: whole on every rank
         state = {key: value for key, value in optimizer_full.items() if not key.startswith(("m.", "v."))}

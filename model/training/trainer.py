@@ -17,21 +17,16 @@ import time
 
 import numpy as np
 
-from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
-from ringpipe.model.data.hf_tokenizer import with_special_tokens
-from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
-from ringpipe.model.families import check_checkpoint_family, family, special_ids
+from ringpipe.model.families import family, special_ids
 from ringpipe.model.nn.mixed_precision import LossScaledAdamW, LossScaler, is_mixed, weights_dtype
 from ringpipe.model.nn.optim import AdamW, FlatArrays, clip_scale, grad_norm, lr_at
-from ringpipe.model.training.checkpoint_metadata import remove_unfinished
 from ringpipe.model.training.config import TrainConfig
-from ringpipe.model.training.run_dir import (CHECKPOINT_DIR, OPTIMIZER_FILE, TOKEN_FILE, TRAINER_STATE_FILE,
-                                    find_checkpoint, read_trainer_state)
-from ringpipe.model.training.sharded_checkpoint import check_resumable, is_sharded, load_consolidated
+from ringpipe.model.training.run_dir import CHECKPOINT_DIR, OPTIMIZER_FILE, TRAINER_STATE_FILE, find_checkpoint
+from ringpipe.model.training.run_setup import RunSetup
+from ringpipe.model.training.sharded_checkpoint import is_sharded, load_consolidated
 from ringpipe.model.training.step import NonFiniteError, dropout_seed
 from ringpipe.runtime.array_module import array_module, to_host
-from ringpipe.runtime.files import (load_tensors, make_directory, remove_dead_temporaries, save_tensors,
-                           staged_directory, write_json)
+from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 
 def threads_for(config: TrainConfig) -> int:
@@ -43,26 +38,6 @@ def threads_for(config: TrainConfig) -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def _tokenize_corpus(config: TrainConfig, tokenizer=None):
-    """(tokenizer, ids) for the corpus; a given tokenizer (from a checkpoint) must cover it. A new
-    tokenizer gets the special tokens the model family needs (BERT's mask, ...)."""
-    text = load_corpus(config.data)
-    if tokenizer is None:
-        tokenizer = make_tokenizer(config.tokenizer, text, config.bpe_vocab_size)
-        model_family = family(config.family)
-        if model_family.special_tokens or model_family.additional_tokens:
-            tokenizer = with_special_tokens(tokenizer, model_family.special_tokens,
-                                            model_family.additional_tokens)
-        ids = tokenizer.encode(text)
-    else:
-        try:
-            ids = tokenizer.encode(text)
-        except ValueError as exc:
-            raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
-    TokenDataset(ids, config.val_fraction).check_block_size(config.model.block_size)
-    return tokenizer, ids
 
 
 def _master_weights(config: TrainConfig, gpt_config, params):
@@ -96,7 +71,9 @@ class Trainer:
         self.step = step  # steps completed = the next step to run
         self.xp = array_module(config.device)
         self.family = family(config.family)
-        self.objective = self.family.objective(config, tokenizer.vocab_size, special_ids(tokenizer, self.family))
+        # No tokenizer: a benchmark's run on generated ids, which uses no special token.
+        self.objective = self.family.objective(config, gpt.config.vocab_size,
+                                               special_ids(tokenizer, self.family) if tokenizer else {})
         self.master = master
         self._master_grads = None if master is None else FlatArrays(
             self.xp.zeros_like(master.params.flat), {n: p.shape for n, p in master.params.items()},
@@ -121,38 +98,22 @@ class Trainer:
     @classmethod
     def create(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """A fresh run: everything is validated before anything is written to `run_dir`."""
-        config.validate()
-        remove_dead_temporaries(run_dir)
-        remove_unfinished(run_dir)  # a multi-worker save cut short
-        tokenizer, ids = _tokenize_corpus(config)
+        setup = RunSetup.create(config, run_dir)
         model_family = family(config.family)
-        gpt_config = config.model_config(tokenizer.vocab_size)
+        gpt_config = config.model_config(setup.vocab_size)
         gpt = model_family.model(gpt_config, seed=config.seed, threads=threads_for(config))
         # Master weights from the same float64 draw as a float32 run's, not from the float16 model.
         master = (_master_weights(config, gpt_config, model_family.init_params(gpt_config, config.seed))
                   if is_mixed(config.dtype) else None)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
-        return cls(config, run_dir, gpt, optimizer, tokenizer, _token_dataset(config, ids, run_dir),
-                   master=master)
+        return cls(config, run_dir, gpt, optimizer, setup.tokenizer, setup.write_token_file(), master=master)
 
     @classmethod
     def resume(cls, config: TrainConfig, run_dir: str) -> "Trainer":
         """Continue the run saved in `run_dir/checkpoint` under `config` (usually the saved one,
         see `saved_config`); ValueError if the checkpoint is missing, corrupt or mismatched."""
-        config.validate()
-        remove_dead_temporaries(run_dir)
-        remove_unfinished(run_dir)  # a multi-worker save cut short
-        checkpoint = find_checkpoint(run_dir)
-        model_family = family(config.family)
-        check_checkpoint_family(checkpoint, model_family.name)
-        state = read_trainer_state(checkpoint)
-        tokenizer = load_tokenizer(checkpoint)
-        # (A family with special tokens saves them in a Hugging Face tokenizer, whatever it was made from.)
-        if not model_family.special_tokens and tokenizer_type(config.tokenizer) not in (None, tokenizer.type):
-            raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
-                             f"{tokenizer.type!r} in {checkpoint}")
-        _, ids = _tokenize_corpus(config, tokenizer)
-        check_resumable(checkpoint, config.model_config(tokenizer.vocab_size), model_family)  # before reading it
+        setup = RunSetup.resume(config, run_dir)  # everything but the weights, checked
+        checkpoint, model_family, tokenizer = find_checkpoint(run_dir), family(config.family), setup.tokenizer
         try:
             if is_sharded(checkpoint):  # written by a multi-worker run
                 saved_config, params, optimizer_state = load_consolidated(checkpoint)
@@ -175,8 +136,8 @@ class Trainer:
         master = _master_weights(config, gpt_config, saved.params)
         optimizer = _optimizer(config, (gpt if master is None else master).params)
         optimizer.load_state_dict(optimizer_state)
-        return cls(config, run_dir, gpt, optimizer, tokenizer,
-                   _token_dataset(config, ids, run_dir), step=state["step"], master=master)
+        return cls(config, run_dir, gpt, optimizer, tokenizer, setup.write_token_file(), step=setup.step,
+                   master=master)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step on the global batch of `step`, accumulated over micro-batches.
@@ -289,10 +250,3 @@ class Trainer:
             if not bool(self.xp.isfinite(param).all()):
                 raise NonFiniteError(self.step - 1, f"parameter {name} is not finite after the update; "
                                                     f"not writing the {what} (lower --lr)")
-
-
-def _token_dataset(config: TrainConfig, ids, run_dir: str) -> TokenDataset:
-    make_directory(run_dir)
-    path = os.path.join(run_dir, TOKEN_FILE)
-    write_token_file(ids, path)
-    return TokenDataset.from_file(path, config.val_fraction)

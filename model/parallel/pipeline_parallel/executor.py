@@ -23,12 +23,15 @@ class PipelineStepResult:
 
 
 def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num_stages: int, inputs=None,
-                      targets=None, dloss: float = 1.0, dropout_seeds=None, tracer=None, step: int = 0):
+                      targets=None, dloss: float = 1.0, dropout_seeds=None, tracer=None, step: int = 0,
+                      forward_only: bool = False):
     """Run one rank's `actions`.
 
     stages: stage index -> stage object (see stage.py) for the stages on this rank.
     inputs / targets: microbatch -> token ids, needed on the ranks holding the first / last stage.
     dloss: d(total loss)/d(microbatch loss), e.g. 1/(microbatches × data-parallel size).
+    forward_only: evaluation (`build_forward_schedule`'s actions): no activations are kept, the
+    last stage's losses are the result.
     """
     result = PipelineStepResult()
     outputs, caches, deferred, received, input_grads = {}, {}, {}, {}, {}
@@ -61,11 +64,14 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
                 x = outputs.pop((mb, s - 1))  # the previous stage is on this rank
             seed = dropout_seeds[mb] if dropout_seeds is not None else None
             with span("forward", action):
-                out, cache = stages[s].forward(x, targets[mb] if s == last else None, seed)
-            caches[(mb, s)] = cache
-            in_flight[s] += 1
-            _count_activations(tracer, stages)
-            result.peak_in_flight[s] = max(result.peak_in_flight[s], in_flight[s])
+                if forward_only:
+                    out = stages[s].forward_only(x, targets[mb] if s == last else None)
+                else:
+                    out, caches[(mb, s)] = stages[s].forward(x, targets[mb] if s == last else None, seed)
+            if not forward_only:
+                in_flight[s] += 1
+                _count_activations(tracer, stages)
+                result.peak_in_flight[s] = max(result.peak_in_flight[s], in_flight[s])
             if s == last:
                 result.losses[mb] = out
             else:

@@ -118,28 +118,74 @@ def stage_rank(stage: int, num_ranks: int) -> int:
     return stage % num_ranks
 
 
-def split_layers(n_layer: int, num_stages: int, explicit=None) -> list[range]:
+def split_layers(n_layer: int, num_stages: int, explicit=None, layer_sizes=None, first_size: int = 0,
+                 last_size: int = 0) -> list[range]:
     """Transformer blocks per stage as ranges of block indices, covering 0..n_layer−1 in order.
 
-    Balanced by default: every stage gets n_layer // num_stages blocks and the first
-    n_layer % num_stages stages one more (the last stage also carries the LM head and loss).
-    `explicit` is a list of block counts, one per stage, each ≥ 1, summing to n_layer.
+    `explicit` is a list of block counts, one per stage, each ≥ 1, summing to n_layer. Otherwise,
+    with `layer_sizes` (one integer per block, e.g. its parameter bytes): balanced by size, the
+    contiguous split whose largest stage — its blocks, plus `first_size` on the first stage (the
+    embedding) and `last_size` on the last (the head) — is smallest; among those the most even
+    (least sum of squared stage sizes), then the one with more blocks early. Without sizes: balanced by count, every stage gets
+    n_layer // num_stages blocks and the first n_layer % num_stages stages one more.
     """
     if num_stages < 1:
         raise ValueError(f"split_layers: num_stages must be ≥ 1, got {num_stages}")
     if n_layer < num_stages:
         raise ValueError(f"split_layers: {n_layer} layers cannot fill {num_stages} stages "
                          f"(every stage needs at least one layer)")
-    if explicit is None:
-        base, extra = divmod(n_layer, num_stages)
-        counts = [base + (stage < extra) for stage in range(num_stages)]
-    else:
+    if explicit is not None:
         counts = [int(c) for c in explicit]
         if len(counts) != num_stages or sum(counts) != n_layer or min(counts) < 1:
             raise ValueError(f"split_layers: explicit split {list(explicit)} must have {num_stages} entries, "
                              f"each ≥ 1, summing to n_layer={n_layer}")
+    elif layer_sizes is not None:
+        if len(layer_sizes) != n_layer:
+            raise ValueError(f"split_layers: {len(layer_sizes)} layer sizes for {n_layer} layers")
+        counts = _balanced_by_size([int(size) for size in layer_sizes], num_stages, int(first_size), int(last_size))
+    else:
+        base, extra = divmod(n_layer, num_stages)
+        counts = [base + (stage < extra) for stage in range(num_stages)]
     starts = [sum(counts[:i]) for i in range(num_stages)]
     return [range(start, start + count) for start, count in zip(starts, counts)]
+
+
+def _balanced_by_size(sizes: list[int], num_stages: int, first: int, last: int) -> list[int]:
+    """Block counts minimising the largest stage size (see `split_layers`); exact on integers."""
+    n, S = len(sizes), num_stages
+    prefix = [0]
+    for size in sizes:
+        prefix.append(prefix[-1] + size)
+
+    def cost(stage, i, j):  # stage `stage` holding blocks i..j−1
+        return prefix[j] - prefix[i] + (first if stage == 0 else 0) + (last if stage == S - 1 else 0)
+
+    def ends(stage, i):  # where a stage starting at block i may end, leaving a block for each later stage
+        return range(i + 1, n - (S - 1 - stage) + 1)
+
+    # best[stage][i]: the smallest largest-stage size of blocks i.. on stages stage..S−1
+    best = [[None] * (n + 1) for _ in range(S + 1)]
+    best[S][n] = 0
+    for stage in range(S - 1, -1, -1):
+        for i in range(stage, n - (S - 1 - stage)):
+            best[stage][i] = min(max(cost(stage, i, j), best[stage + 1][j]) for j in ends(stage, i)
+                                 if best[stage + 1][j] is not None)
+    # Among the splits reaching that size, the most even one (least sum of squared stage sizes).
+    target = best[0][0]
+    even = [[None] * (n + 1) for _ in range(S + 1)]
+    even[S][n] = 0
+    for stage in range(S - 1, -1, -1):
+        for i in range(stage, n - (S - 1 - stage)):
+            options = [cost(stage, i, j) ** 2 + even[stage + 1][j] for j in ends(stage, i)
+                       if even[stage + 1][j] is not None and cost(stage, i, j) <= target]
+            even[stage][i] = min(options, default=None)
+    counts, i = [], 0
+    for stage in range(S):
+        j = max(j for j in ends(stage, i) if even[stage + 1][j] is not None and cost(stage, i, j) <= target
+                and cost(stage, i, j) ** 2 + even[stage + 1][j] == even[stage][i])
+        counts.append(j - i)
+        i = j
+    return counts
 
 
 # ---- compute orders: (kind, microbatch, stage) per rank, no communication yet --------------------
@@ -250,3 +296,16 @@ def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_sta
             order = _zero_bubble_h1(p, m, rank)
         schedule.append(_with_communication(order, rank, p, p * v))
     return schedule
+
+
+def build_forward_schedule(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> list[list[Action]]:
+    """Per pipeline rank, the actions of one forward-only pass (evaluation): FORWARD with its
+    receive and send, no backward and no OPTIMIZER_STEP. Every micro-batch goes through a rank's
+    first chunk, then all through its next one (as GPipe's forward half), so a rank never waits on
+    a micro-batch it could have started; nothing is kept for a backward that never comes."""
+    p, m, v = num_ranks, num_microbatches, virtual_stages
+    for label, value in (("num_ranks", p), ("num_microbatches", m), ("virtual_stages", v)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"forward schedule: {label} must be an integer ≥ 1, got {value!r}")
+    return [_with_communication([(Kind.FORWARD, mb, chunk * p + rank) for chunk in range(v) for mb in range(m)],
+                                rank, p, p * v)[:-1] for rank in range(p)]

@@ -1,0 +1,140 @@
+"""A memory limit for one process, as the kernel enforces it: a memory cgroup of its own.
+
+    limit = MemoryCgroup.create("ringpipe-bench-rank0", limit_bytes)   # under this process's cgroup
+    limit.add(pid)               # the process and what it starts from now on
+    limit.oom_kills              # processes the kernel's OOM killer ended in it
+    limit.peak_bytes             # the most it was charged (v1 max_usage_in_bytes, v2 memory.peak)
+    limit.remove()               # once its processes have exited
+
+cgroup v2 (`memory.max`, swap off by `memory.swap.max`) or v1 with the memory controller
+(`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` where swap is accounted). Memory a
+process already holds when it is added stays charged to its old cgroup (v2 always; v1 unless the
+kernel allows `memory.move_charge_at_immigrate`), so add processes before they allocate. Never RLIMIT_AS,
+which counts address space mapped (arenas, BLAS reservations) rather than memory in use.
+`unavailable()` says why a limit cannot be made here (not Linux, no controller, no permission).
+"""
+from __future__ import annotations
+
+import os
+
+
+def _own_cgroup() -> tuple[str, int]:
+    """(directory of this process's memory cgroup, version 1 or 2)."""
+    with open("/proc/self/cgroup") as f:
+        entries = [line.rstrip("\n").split(":", 2) for line in f]
+    v1 = [path for _, controllers, path in entries if "memory" in controllers.split(",")]
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            separator = fields.index("-")
+            kind, options = fields[separator + 1], fields[-1].split(",")
+            root, mount_point = fields[3], fields[4]
+            if kind == "cgroup" and "memory" in options:
+                mounts[1] = (root, mount_point)
+            elif kind == "cgroup2":
+                mounts.setdefault(2, (root, mount_point))
+    if v1 and 1 in mounts:
+        path, version = v1[0], 1
+    elif 2 in mounts:
+        path, version = next(p for h, _, p in entries if h == "0"), 2
+    else:
+        raise OSError("no memory cgroup controller is mounted (/proc/self/mountinfo)")
+    root, mount_point = mounts[version]
+    relative = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
+    return os.path.normpath(os.path.join(mount_point, relative)), version
+
+
+class MemoryCgroup:
+    def __init__(self, path: str, version: int, limit_bytes: int):
+        self.path, self.version, self.limit_bytes = path, version, limit_bytes
+        # Whether memory a process holds when `add`ed is charged here (v1 where the kernel allows);
+        # otherwise only what it allocates afterwards.
+        self.moves_charges = False
+
+    @classmethod
+    def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup":
+        """A new cgroup `name` under this process's own, limited to `limit_bytes` (memory + swap);
+        OSError naming the file if the kernel refuses."""
+        parent, version = _own_cgroup()
+        path = os.path.join(parent, name)
+        if version == 2:
+            with open(os.path.join(parent, "cgroup.subtree_control")) as f:
+                enabled = f.read().split()
+            if "memory" not in enabled:  # let children of `parent` have memory limits
+                _write(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+        os.makedirs(path, exist_ok=True)
+        group = cls(path, version, int(limit_bytes))
+        try:
+            if version == 2:
+                group._write("memory.max", str(group.limit_bytes))
+                if os.path.exists(os.path.join(path, "memory.swap.max")):
+                    group._write("memory.swap.max", "0")
+            else:
+                group._write("memory.limit_in_bytes", str(group.limit_bytes))
+                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+                    group._write("memory.memsw.limit_in_bytes", str(group.limit_bytes))
+                try:
+                    group._write("memory.move_charge_at_immigrate", "3")
+                    group.moves_charges = True
+                except OSError:  # not every kernel allows it: only what the process allocates later counts
+                    pass
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    def _write(self, name: str, value: str) -> None:
+        _write(os.path.join(self.path, name), value)
+
+    def _read(self, name: str) -> str:
+        with open(os.path.join(self.path, name)) as f:
+            return f.read()
+
+    def add(self, pid: int) -> None:
+        """Move process `pid` (and its future children) into this cgroup."""
+        self._write("cgroup.procs", str(pid))
+
+    @property
+    def oom_kills(self) -> int:
+        """How many processes the kernel's out-of-memory killer ended in this cgroup."""
+        text = self._read("memory.events" if self.version == 2 else "memory.oom_control")
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
+        return 0
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """The most memory charged to this cgroup (None where the kernel does not keep it)."""
+        name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
+        try:
+            return int(self._read(name))
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        """Delete the cgroup (its processes must have exited); quietly, if it is already gone."""
+        try:
+            os.rmdir(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def _write(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise OSError(f"cannot write {value!r} to {path}: {exc.strerror or exc}") from None
+
+
+def unavailable() -> str | None:
+    """Why a MemoryCgroup cannot be made here, or None when it can."""
+    try:
+        probe = MemoryCgroup.create(f"ringpipe-probe-{os.getpid()}", 1 << 30)
+    except (OSError, ValueError, StopIteration) as exc:
+        return f"no memory cgroup can be made here: {exc}"
+    probe.remove()
+    return None
