@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from ringpipe.model.data.tokenizer import encodable
 from ringpipe.model.families import family
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.evaluation import mean_validation_loss
@@ -120,7 +121,7 @@ class DistributedRun:
         """Text generated from the saved model (`save_model` first) by `ringpipe generate` in a child
         process, as a single-process run samples its own: prompt "\n" (or token 0), the run's seed.
         RuntimeError with the child's last line if it fails."""
-        prompt = "\n" if _encodable(self.tokenizer, "\n") else self.tokenizer.decode([0])
+        prompt = "\n" if encodable(self.tokenizer, "\n") else self.tokenizer.decode([0])
         command = [sys.executable, "-m", "ringpipe.cluster", "generate", "--checkpoint", self.out, "--prompt", prompt,
                    "--max-new-tokens", str(max_new_tokens), "--seed", str(self.config.seed),
                    "--device", self.config.device]
@@ -144,10 +145,3 @@ class DistributedRun:
             self.cluster.close()
         return paths
 
-
-def _encodable(tokenizer, text) -> bool:
-    try:
-        tokenizer.encode(text)
-        return True
-    except ValueError:
-        return False

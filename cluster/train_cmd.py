@@ -19,7 +19,7 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
-from ringpipe.model.data.tokenizer import KINDS
+from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
@@ -322,7 +322,7 @@ def _run(flags, config, layout, distributed, out, state):
                     raise click.ClickException(one_line(exc)) from None
             else:
                 tokenizer = trainer.tokenizer
-                prompt = tokenizer.encode("\n") if _encodable(tokenizer, "\n") else [0]
+                prompt = tokenizer.encode("\n") if encodable(tokenizer, "\n") else [0]
                 ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
                 # an encoder-decoder's output is the decoder's, after its start token
                 start = 1 if getattr(trainer.gpt, "is_encoder_decoder", False) else 0
@@ -357,13 +357,6 @@ def _already_complete(ctx, config, out) -> bool:
                f"ringpipe train --resume --out {out} --steps {2 * done}", err=True)
     return True
 
-
-def _encodable(tokenizer, text) -> bool:
-    try:
-        tokenizer.encode(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _train_loop(trainer, config, out, state):

@@ -10,13 +10,13 @@ Writes are atomic (runtime.files), each tensor's checksum checked on load.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from ringpipe.model.bert.config import DTYPES, WORD_EMBEDDINGS, BertConfig, param_shapes
 from ringpipe.model.bert.hf_config import bert_config_from_hf, hf_config, refuse_unsupported
+from ringpipe.model.gpt2.checkpoint import read_config_json
 from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 CONFIG_FILE = "config.json"
@@ -98,13 +98,7 @@ def load_checkpoint(directory, dtype=None, device=None):
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        with open(config_path) as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    hf = read_config_json(config_path)
     refuse_unsupported(hf, config_path)
     tensors, _ = load_tensors(weights_path)
     params = from_hf(tensors, weights_path)

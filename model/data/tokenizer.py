@@ -115,6 +115,15 @@ class ByteTokenizer(Tokenizer):
 KINDS = ("char", "byte", "bpe")  # beside these, `--tokenizer` takes a Hugging Face tokenizer DIR
 
 
+def encodable(tokenizer, text: str) -> bool:
+    """Whether `tokenizer` can encode `text` (a char tokenizer knows only its corpus' characters)."""
+    try:
+        tokenizer.encode(text)
+        return True
+    except ValueError:
+        return False
+
+
 def make_tokenizer(kind: str, text: str, vocab_size: int | None = None):
     """The tokenizer `--tokenizer kind` names: "char" (the characters of `text`), "byte", "bpe"
     (a byte-level BPE of `vocab_size` tokens trained on `text`, see model/data/hf_tokenizer.py), or

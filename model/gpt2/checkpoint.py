@@ -92,7 +92,8 @@ def write_checkpoint_files(directory, params: dict, config, tokenizer=None) -> N
         tokenizer.save(directory)
 
 
-def _read_config(path) -> dict:
+def read_config_json(path) -> dict:
+    """A checkpoint's config.json as a dict; FileNotFoundError or a ValueError naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint config not found: {path}")
     try:
@@ -152,7 +153,7 @@ def load_checkpoint(directory, dtype=None, device=None):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
-    hf = _read_config(config_path)
+    hf = read_config_json(config_path)
     refuse_unsupported(hf, config_path)
     tensors, metadata = _read_weights(weights_path)
     _check_record(hf, metadata, config_path, weights_path)

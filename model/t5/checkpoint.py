@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE, _read_config
+from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config_json
 from ringpipe.model.t5.config import DTYPES, T5Config, param_shapes
 from ringpipe.model.t5.hf_config import hf_config, t5_config_from_hf
 from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
@@ -121,7 +121,7 @@ def load_checkpoint(directory, dtype=None, device=None) -> tuple[T5Config, dict]
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
-    hf = _read_config(config_path)
+    hf = read_config_json(config_path)
     if hf.get("model_type", "t5") != "t5":
         raise ValueError(f"{config_path}: model_type {hf['model_type']!r} is not a T5 checkpoint")
     config = t5_config_from_hf(hf, config_path, dtype="float64", device=device or "cpu")
