@@ -113,3 +113,16 @@ def test_a_traced_resume_at_fewer_ranks_leaves_only_its_own_traces(corpus, tmp_p
     assert result.exit_code == 0, result.output
     # rank 1 of the two-stage run is gone: it would be summarised beside the new run's rank 0
     assert sorted(f for f in os.listdir(out) if f.startswith("trace-rank")) == ["trace-rank0.json"]
+
+
+@pytest.mark.timeout(120)
+def test_a_traced_pipeline_runs_evaluation_outside_its_step_windows(corpus, tmp_path):
+    from ringpipe.tools.trace_io import load_trace
+    from ringpipe.tools.trace_summary import summarize
+
+    out = str(tmp_path / "run")
+    result = train(["--nproc", "2", "--pp", "2", "--trace", "--eval-every", "1", "--eval-iters", "3"], corpus, out, 2)
+    assert result.exit_code == 0, result.output
+    summary = summarize(load_trace(out))
+    # the distributed evaluation's batches 0..2 are not steps 1..3: only the two training steps are
+    assert [step["step"] for step in summary["steps"]] == [1, 2]

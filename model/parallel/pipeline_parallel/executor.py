@@ -44,7 +44,10 @@ def run_pipeline_step(actions, stages: dict, pp_comm, num_microbatches: int, num
     def span(name, action):
         if tracer is None or not tracer.enabled:
             return _NULL
-        return tracer.span(name, microbatch=action.microbatch, stage=action.stage, step=step)
+        # An evaluation's spans name its batch, not a training step: the trace summary measures steps
+        # (and their bubble) from the spans that carry "step".
+        where = {"eval_batch": step} if forward_only else {"step": step}
+        return tracer.span(name, microbatch=action.microbatch, stage=action.stage, **where)
 
     # Every receive is posted up front (tags are unique within a step): a message that arrives
     # before its RECV action is then already in place, with no round trip to the engine thread.
