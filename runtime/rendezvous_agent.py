@@ -37,13 +37,20 @@ def join_and_run(endpoint: str, keys: JobKeys, slots: int, *, host: str | None =
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(8))
     dealer.setsockopt(zmq.LINGER, 1000)
+    # A DEALER with no connection yet holds a send until one exists: to an unreachable (filtered,
+    # down) endpoint that is forever, so every send gets the timeout too.
+    dealer.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
     keys.make_client(dealer)
     dealer.connect(f"tcp://{resolve_host(name, 'rendezvous host')}:{port}")
     launcher = None
     try:
         send = lambda message: dealer.send(msgpack.packb(message, use_bin_type=True))  # noqa: E731
-        send({"t": "join", "host": host or address, "address": address, "slots": slots, "ranks": ranks,
-              "version": package_version(), "pid": os.getpid()})
+        try:
+            send({"t": "join", "host": host or address, "address": address, "slots": slots, "ranks": ranks,
+                  "version": package_version(), "pid": os.getpid()})
+        except zmq.Again:
+            raise RendezvousError(f"cannot reach the rendezvous at {endpoint} within {timeout:g}s (nothing "
+                                  "listens there, or it is unreachable)") from None
         reply = _receive(dealer, timeout)
         if reply is None:
             raise RendezvousError(f"no answer from the rendezvous at {endpoint} within {timeout:g}s (nothing "

@@ -56,6 +56,16 @@ def test_a_worker_that_cannot_reach_the_endpoint_fails_within_its_timeout_naming
     assert endpoint in line and time.monotonic() - start < 30
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_whose_endpoint_never_answers_a_connection_fails_within_its_timeout(key_file):
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): never routed, so the connection never forms (a filtered or
+    # down host), unlike a refused port; the join must not wait for it forever.
+    endpoint = "192.0.2.1:29500"
+    start = time.monotonic()
+    line = one_error_line(run_cli("worker", "--rdzv-endpoint", endpoint, "--key-file", key_file, "--timeout", "2"))
+    assert endpoint in line and time.monotonic() - start < 30
+
+
 def test_with_nnodes_an_agent_offering_another_nproc_per_node_is_refused(key_file):
     from ringpipe.runtime.auth import read_key_file
 
