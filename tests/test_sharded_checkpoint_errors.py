@@ -37,7 +37,7 @@ def uncovered_shape(checkpoint):
 def short_piece(checkpoint):
     path = os.path.join(checkpoint, "rank-00000.safetensors")
     os.truncate(path, os.path.getsize(path) - 8)
-    return "rank-00000.safetensors", "wrong size"
+    return "rank-00000.safetensors", "is truncated"
 
 
 def wrong_dtype(checkpoint):
@@ -61,7 +61,19 @@ def other_model(checkpoint):
     return "checkpoint.json", "32"  # the run's n_embd is 16; the export finds shapes that do not fit 32
 
 
-DAMAGES = [remove_piece_file, uncovered_shape, short_piece, wrong_dtype, wrong_checksum, other_model]
+def emptied_piece_file(checkpoint):
+    open(os.path.join(checkpoint, "rank-00001.safetensors"), "wb").close()
+    return "rank-00001.safetensors", "truncated: 0 bytes"
+
+
+def header_cut_off(checkpoint):
+    path = os.path.join(checkpoint, "rank-00000.safetensors")
+    os.truncate(path, 20)
+    return "rank-00000.safetensors", "truncated: 20 bytes"
+
+
+DAMAGES = [remove_piece_file, uncovered_shape, short_piece, wrong_dtype, wrong_checksum, other_model,
+           emptied_piece_file, header_cut_off]
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,15 @@ def _file_header(path: str, cache: dict) -> dict:
     if path not in cache:
         try:
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 length = int.from_bytes(f.read(8), "little")
-                cache[path] = (json.loads(f.read(length)), 8 + length, os.fstat(f.fileno()).st_size)
+                if size < 8 or 8 + length > size:
+                    raise ValueError(f"truncated: {size} bytes, the header alone needs "
+                                     f"{8 + length if size >= 8 else 8}")
+                header = json.loads(f.read(length))
+                if not isinstance(header, dict):
+                    raise ValueError("its header is not a JSON object")
+                cache[path] = (header, 8 + length, size)
         except (OSError, ValueError) as exc:
             raise ValueError(f"checkpoint piece file {path} cannot be read ({exc})") from None
     return cache[path]
@@ -96,10 +103,15 @@ def check_tensor(checkpoint: str, name: str, entry: dict, headers: dict | None =
             raise ValueError(f"tensor {name}: piece {piece['key']!r} in {path} is {stored.get('dtype')} "
                              f"{stored.get('shape')}, the metadata says {expected['dtype']} {expected['shape']}")
         begin, end = stored["data_offsets"]
-        if (piece["nbytes"] != nbytes or end - begin != nbytes or piece["byte_offset"] != data_start + begin
-                or data_start + end > size):
+        if data_start + end > size:  # each fault its own words: a cut file is not a wrong size
+            raise ValueError(f"tensor {name}: {path} is truncated: piece {piece['key']!r} ends at byte "
+                             f"{data_start + end}, the file has {size} bytes")
+        if piece["nbytes"] != nbytes or end - begin != nbytes:
             raise ValueError(f"tensor {name}: piece {piece['key']!r} in {path} has the wrong size "
-                             f"({end - begin} bytes stored, {nbytes} expected; file {size} bytes)")
+                             f"({end - begin} bytes stored, {nbytes} expected)")
+        if piece["byte_offset"] != data_start + begin:
+            raise ValueError(f"tensor {name}: piece {piece['key']!r} in {path} starts at byte "
+                             f"{data_start + begin}, the metadata says {piece['byte_offset']}")
         for other in boxes:
             if intersect(box, other) is not None:
                 raise ValueError(f"tensor {name}: piece {piece['key']!r} in {path} overlaps another piece")
