@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputFile
+from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
 
 GIB = 1 << 30
 
@@ -103,6 +103,8 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
             return
         if nproc is None:
             raise click.UsageError("--nproc is required (the number of ranks to plan for)")
+        if nproc % hosts:  # launchers put the same number of ranks on every host
+            raise bad_flag("--hosts", f"{hosts} hosts cannot share --nproc {nproc} ranks evenly")
         machine = load_machine(machine_file) if machine_file else this_machine()
         machine.hosts = hosts
         report = plan_layouts(inventory, nproc, batch_size, machine, hosts)

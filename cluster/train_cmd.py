@@ -104,7 +104,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
 
-@click.command(short_help="Train a model (GPT-2, BERT); writes model, checkpoint, metrics.")
+@click.command(short_help="Train a model (GPT-2, BERT, T5); writes model, checkpoint, metrics.")
 @click.option("--model", "family", type=click.Choice(list(FAMILIES)), default=D.family, show_default=True,
               help="The model family to train (model/families.py).")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")

@@ -63,6 +63,12 @@ def test_too_many_ranks_per_gpu_host_is_one_line():
     assert "16 ranks on a host of 8 devices" in line
 
 
+@pytest.mark.parametrize("hosts", [3, 8])
+def test_hosts_that_cannot_share_the_ranks_evenly_are_one_line(hosts):
+    line = one_error_line(run_cli("plan", *SMALL, "--nproc", 4, "--hosts", hosts))
+    assert "--hosts" in line and f"{hosts} hosts cannot share --nproc 4 ranks evenly" in line
+
+
 def test_the_predicted_bubble_is_the_simulators_for_costs_without_communication():
     inventory = GPT2Inventory(GPTConfig(n_layer=8, n_head=8, n_embd=512, block_size=512, vocab_size=512))
     machine = load_machine("h100-8x-node")
