@@ -16,7 +16,7 @@ import numpy as np
 
 from ringpipe.model.bert.config import DTYPES, WORD_EMBEDDINGS, BertConfig, param_shapes
 from ringpipe.model.bert.hf_config import bert_config_from_hf, hf_config, refuse_unsupported
-from ringpipe.model.gpt2.checkpoint import read_config_json
+from ringpipe.model.gpt2.checkpoint import check_param_shapes, read_config_json
 from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
 CONFIG_FILE = "config.json"
@@ -105,13 +105,5 @@ def load_checkpoint(directory, dtype=None, device=None):
     stored = str(params[WORD_EMBEDDINGS].dtype) if WORD_EMBEDDINGS in params else "float32"
     config = bert_config_from_hf(hf, config_path, dtype=dtype or (stored if stored in DTYPES else "float32"),
                                  device=device or "cpu", next_sentence=NEXT_SENTENCE_KEY in params)
-    expected = param_shapes(config)
-    missing, unknown = sorted(set(expected) - set(params)), sorted(set(params) - set(expected))
-    if missing or unknown:
-        raise ValueError(f"{weights_path}: parameters do not match config.json "
-                         f"(missing {missing[:3]}, unexpected {unknown[:3]})")
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != shape:
-            raise ValueError(f"{weights_path}: {name} has shape {tuple(params[name].shape)}, "
-                             f"config.json implies {shape}")
+    check_param_shapes(params, param_shapes(config), weights_path)
     return config, params

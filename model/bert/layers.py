@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from ringpipe.model.bert.config import WORD_EMBEDDINGS, BertConfig, layer_prefix
-from ringpipe.model.gpt2.block import dropout_generator_seed
+from ringpipe.model.bert.config import WORD_EMBEDDINGS, layer_prefix
+from ringpipe.model.gpt2.parallel_plan import StageBinding
 from ringpipe.model.nn import attention_ops, ops
 from ringpipe.model.nn import encoder_decoder_ops as edo
 from ringpipe.model.parallel.tensor_parallel.tensor_parallel_communications import all_gather_sequence
-from ringpipe.model.parallel.tensor_parallel.layers import (SliceOfFullDraw, vocab_parallel_cross_entropy_backward,
+from ringpipe.model.parallel.tensor_parallel.layers import (vocab_parallel_cross_entropy_backward,
                                                             vocab_parallel_cross_entropy_forward,
                                                             vocab_parallel_embedding_backward,
                                                             vocab_parallel_embedding_forward)
@@ -42,31 +42,8 @@ E = "embeddings."
 HEAD = "cls.predictions."
 
 
-class BertPieces:
+class BertPieces(StageBinding):
     """BERT's embedding, layers and MLM head on one host (a Stage, or the dense model)."""
-
-    def __init__(self, config: BertConfig, stage):
-        self.config, self.stage = config, stage
-        self.params, self.memory, self.tp, self.xp = stage.params, stage.memory, stage.tp, stage.xp
-        self.input_region, self.output_region = stage.input_region, stage.output_region
-        self.local_heads = config.n_head // stage.tp_size
-        self.heads = slice(stage.tp_rank * self.local_heads, (stage.tp_rank + 1) * self.local_heads)
-        self.vocab_rows = -(-config.vocab_size // stage.tp_size)  # per rank, the vocabulary padded to tp
-        self.vocab_start = stage.tp_rank * self.vocab_rows
-
-    # ---- dropout: slices of the full tensor's masks -------------------------------------------------
-    def _rng(self, dropout_seed, layer, site, full_shape, index):
-        if not self.config.dropout or dropout_seed is None:
-            return None
-        rng = self.xp.random.default_rng(dropout_generator_seed(dropout_seed, layer, site))
-        return SliceOfFullDraw(rng, full_shape, index) if self.stage.tensor_parallel else rng
-
-    def _dropout(self, x, dropout_seed, layer, site):
-        """Dropout of a (B, T, C) activation, or of its sequence shard (B, T/tp, C)."""
-        B, T, C = x.shape
-        full_t = T * self.stage.tp_size if self.stage.sequence_parallel else T
-        rng = self._rng(dropout_seed, layer, site, (B, full_t, C), (slice(None), self.stage.positions(full_t)))
-        return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
 
     # ---- embedding ---------------------------------------------------------------------------------
     def embedding_forward(self, idx, dropout_seed=None):

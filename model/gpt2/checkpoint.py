@@ -164,7 +164,13 @@ def load_checkpoint(directory, dtype=None, device=None):
                                 dtype=dtype or (stored if stored in DTYPES else "float32"),
                                 device=device or "cpu",
                                 recompute=bool(ours.get("recompute", False)))
-    expected = param_shapes(config)
+    check_param_shapes(params, param_shapes(config), weights_path)
+    return config, params
+
+
+def check_param_shapes(params: dict, expected: dict, weights_path: str) -> None:
+    """ValueError naming the weights file unless `params` has exactly the names of `expected`
+    ({name: shape}, what config.json implies), each with its shape."""
     missing = sorted(set(expected) - set(params))
     unknown = sorted(set(params) - set(expected))
     if missing or unknown:
@@ -174,4 +180,3 @@ def load_checkpoint(directory, dtype=None, device=None):
         if tuple(params[name].shape) != shape:
             raise ValueError(f"{weights_path}: {name} has shape {tuple(params[name].shape)}, "
                              f"config.json implies {shape}")
-    return config, params

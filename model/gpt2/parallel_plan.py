@@ -95,11 +95,12 @@ class GPT2ParallelPlan:
         return GPT2StagePieces(self.config, stage)
 
 
-class GPT2StagePieces(TransformerBlocks):
-    """GPT-2's embedding, blocks and head for one `Stage`: its parameters (this rank's shards), memory,
-    regions and tensor-parallel communicator."""
+class StageBinding:
+    """What a family's pieces take from their `Stage` (parameters, memory, regions, this rank's heads
+    and vocabulary rows), and dropout masks drawn as this rank's slices of the dense model's, so every
+    layout drops the same elements. GPT-2's and BERT's pieces share it."""
 
-    def __init__(self, config: GPTConfig, stage):
+    def __init__(self, config, stage):
         self.config, self.stage = config, stage
         self.params, self.memory, self.tp, self.xp = stage.params, stage.memory, stage.tp, stage.xp
         self.input_region, self.output_region = stage.input_region, stage.output_region
@@ -107,10 +108,7 @@ class GPT2StagePieces(TransformerBlocks):
         self.heads = slice(stage.tp_rank * self.local_heads, (stage.tp_rank + 1) * self.local_heads)
         self.vocab_rows = -(-config.vocab_size // stage.tp_size)  # per rank, after padding to a multiple of tp
         self.vocab_start = stage.tp_rank * self.vocab_rows
-        # Recomputing attention twice would repeat its collectives.
-        self.recompute_one_half_at_a_time = not stage.tensor_parallel
 
-    # ---- dropout: slices of the dense model's masks ---------------------------------------------------
     def _rng(self, dropout_seed, layer, site, full_shape, index):
         if not self.config.dropout or dropout_seed is None:
             return None
@@ -123,6 +121,16 @@ class GPT2StagePieces(TransformerBlocks):
         full_t = T * self.stage.tp_size if self.stage.sequence_parallel else T
         rng = self._rng(dropout_seed, layer, site, (B, full_t, C), (slice(None), self.stage.positions(full_t)))
         return ops.dropout_forward(x, self.config.dropout if rng else 0.0, rng)
+
+
+class GPT2StagePieces(StageBinding, TransformerBlocks):
+    """GPT-2's embedding, blocks and head for one `Stage`: its parameters (this rank's shards), memory,
+    regions and tensor-parallel communicator."""
+
+    def __init__(self, config: GPTConfig, stage):
+        super().__init__(config, stage)
+        # Recomputing attention twice would repeat its collectives.
+        self.recompute_one_half_at_a_time = not stage.tensor_parallel
 
     def _attention_dropout_rng(self, dropout_seed, layer, batch, length):
         """This rank's heads of the (B, n_head, T, T) attention-probability mask."""
