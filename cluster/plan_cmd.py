@@ -68,7 +68,7 @@ def format_refusals(report) -> str:
 
 
 @click.command(short_help="Predict memory and step time of every layout; rank them.")
-@click.option("--model", "family", type=click.Choice(["gpt2"]), default="gpt2", show_default=True,
+@click.option("--model", "family", type=click.Choice(["gpt2", "bert"]), default="gpt2", show_default=True,
               help="Model family (those the planner has an inventory for: model/planning/family.py).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
@@ -94,7 +94,7 @@ def format_refusals(report) -> str:
 def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
          machine_file, top, show_refused, json_path, calibrate, machine_out):
     """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""
-    from ringpipe.model.gpt2.config import GPTConfig
+    from ringpipe.model.families import family as family_of
     from ringpipe.model.nn.mixed_precision import model_dtype
     from ringpipe.model.planning.family import inventory_for
     from ringpipe.model.planning.machine import default_machine_path, load_machine, this_machine
@@ -102,8 +102,9 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
     from ringpipe.runtime.files import write_json
 
     try:
-        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, vocab_size=vocab,
-                           block_size=block_size, dropout=dropout, dtype=model_dtype(dtype))
+        config = family_of(family).config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
+                                          vocab_size=vocab, block_size=block_size, dropout=dropout,
+                                          dtype=model_dtype(dtype))
         inventory = inventory_for(family, config)
         if calibrate:
             from ringpipe.tools.plan_calibration import calibrate as run_calibration

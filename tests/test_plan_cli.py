@@ -142,3 +142,11 @@ def test_sizes_read_in_the_unit_that_suits_them():
     result = run_cli("plan", *SMALL, "--nproc", 2, "--top", 1)
     row = next(line for line in result.output.splitlines() if line.strip().startswith("1 "))
     assert " MiB = W " in row and "GiB" not in row
+
+
+def test_plan_model_bert_ranks_bert_layouts_without_recompute(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_cli("plan", "--model", "bert", *SMALL, "--nproc", 2, "--top", 50, "--json", out)
+    assert result.exit_code == 0, result.output
+    layouts = json.loads(out.read_text())["layouts"]
+    assert layouts and not any(entry["layout"]["recompute"] for entry in layouts)

@@ -82,7 +82,7 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
                                    f"{DOES_NOT_DIVIDE}: sequence parallel: block_size {config.block_size} "
                                    f"is not divisible by tp {tp}")
                             continue
-                        for recompute in (False, True):
+                        for recompute in (False, True) if getattr(inventory, "recompute", True) else (False,):
                             yield Candidate(dp, tp, pp, schedule, v, m, zero, sp, recompute), None
 
 
