@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.model.planning.family import FAMILIES as INVENTORIES
 
 UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
 
@@ -68,7 +69,7 @@ def format_refusals(report) -> str:
 
 
 @click.command(short_help="Predict memory and step time of every layout; rank them.")
-@click.option("--model", "family", type=click.Choice(["gpt2", "bert"]), default="gpt2", show_default=True,
+@click.option("--model", "family", type=click.Choice(list(INVENTORIES)), default="gpt2", show_default=True,
               help="Model family (those the planner has an inventory for: model/planning/family.py).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
