@@ -104,29 +104,32 @@ def _resident(comm, field="VmRSS") -> int:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("dp,pp,zero", [(1, 2, 0), (2, 1, 1)])
-def test_a_cpu_rank_peaks_where_the_planner_says(tmp_path, dp, pp, zero):
+@pytest.mark.parametrize("family,dp,pp,zero,options", [
+    ("gpt2", 2, 1, 1, {}),  # draws its own stages (float32): four copies of its share while building
+    ("bert", 1, 2, 0, {"tokenizer": "byte"}),  # draws the whole model (float64) and keeps it: three
+])
+def test_a_cpu_rank_peaks_where_the_planner_says(tmp_path, family, dp, pp, zero, options):
     """Resident bytes (VmHWM over the idle worker's VmRSS) of fresh workers, for ranks holding ≥ 200 MB of
-    state as the issue asks (a few MB of interpreter allocations are not modelled), after building the trainer
-    and two steps: building holds the drawn values and four copies of the rank's share, training
-    reuses that heap, and the gradients' shared-memory blocks come on top."""
+    state as the issue asks (a few MB of interpreter allocations are not modelled), after building the
+    trainer and two steps (model/planning/memory.py's host_peak and RankMemory.peak say what they hold)."""
     from ringpipe.runtime import Cluster
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    config = TrainConfig(data=str(corpus), n_layer=2, n_head=8, n_embd=1024, block_size=32, batch_size=4,
-                         microbatches=2, steps=2, eval_iters=1, dtype="float32")
+    config = TrainConfig(data=str(corpus), family=family, n_layer=2, n_head=8, n_embd=1024, block_size=32,
+                         batch_size=4, microbatches=2, steps=2, eval_iters=1, dtype="float32", **options)
     reference = Trainer.create(config, str(tmp_path / "run"))
     layout = Layout(dp=dp, pp=pp, zero=zero)
     with Cluster(layout.world_size, threads_per_worker=1) as cluster:  # fresh heaps: nothing freed to reuse
         idle = cluster.run(_resident)
         trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
-                                 str(tmp_path / "run" / "tokens.bin"), reference.tokenizer.vocab_size)
+                                 str(tmp_path / "run" / "tokens.bin"), reference.tokenizer.vocab_size,
+                                 special_ids=special_ids(reference.tokenizer, family_of(family)))
         for step in range(2):
             trainers.train_step(step).result()
         coordinates = trainers.coordinates().result()
         peaks = cluster.run(_resident, "VmHWM")
-    inventory = GPT2Inventory(config.gpt_config(reference.tokenizer.vocab_size))
+    inventory = inventory_for(family, config.model_config(reference.tokenizer.vocab_size))
     predicted = layout_memory(inventory, Candidate(dp, 1, pp, microbatches=2, zero=zero), config.batch_size)
     for coords, before, peak in zip(coordinates, idle, peaks):
         assert predicted[coords["pp"]].peak == pytest.approx(peak - before, rel=0.1), coords

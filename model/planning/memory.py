@@ -189,22 +189,29 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         memory.communication, memory.shared_memory = _communication_bytes(
             c, B, T, config, dtype, bucket_bytes, elements if shared_memory_arena else 0)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
-        memory.host_peak = host_peak(memory, dense, elements, dtype, c.zero, c.tp)
+        memory.host_peak = host_peak(inventory, dense, elements, dtype)
         result.append(memory)
     return result
 
 
-def host_peak(memory: RankMemory, rank_model_elements: int, elements: int, dtype, zero: int, tp: int) -> int:
-    """A CPU rank's high-water mark while it builds its trainer (model/training/parallel_trainer.py):
-    it draws the whole (unsharded) initial values of its pipeline stages' parameters (float32 for a
-    float32 run, float64 otherwise), cuts its stages' parameters from them and makes their
-    gradients (zero-filled, so resident), then the flat parameter buffer (filled) and the flat
-    gradient buffer (zeroed by the buckets' first begin_step while all of the above still live):
-    the drawn values and four copies of the rank's share at once. A mixed run adds its float32
-    master weights and gradients before the drawn values go."""
+def host_peak(inventory, rank_model_elements: int, elements: int, dtype) -> int:
+    """A CPU rank's high-water mark while it builds its trainer (model/training/parallel_trainer.py).
+
+    It draws the initial values: where the plan can draw a part (`init_params_of`), the whole
+    (unsharded) parameters of its own stages, in float32 for a float32 run (float64 otherwise), each
+    through a float64 temporary that is freed; else the whole model in float64. It cuts its stages'
+    parameters from them and makes their zero gradients, then fills the flat parameter buffer and
+    zeroes the flat gradient buffer (the buckets' first begin_step) while all of these still live.
+    Zero gradients are resident when the allocator hands out freed memory (which it must clear: the
+    drawing's temporaries), not when the pages come fresh from the kernel (the whole model drawn
+    and kept): four copies of the rank's share then, else three. A mixed run adds its float32 master
+    weights and gradients before the drawn values go. Measured: tests/test_planner_memory.py."""
     itemsize = dtype.itemsize
-    drawn = 4 if dtype == np.float32 else 8
-    building = drawn * rank_model_elements + 4 * elements * itemsize
+    if hasattr(inventory.plan, "init_params_of"):
+        building = rank_model_elements * (4 if dtype == np.float32 else 8) + 4 * elements * itemsize
+    else:
+        model = _cached(inventory, "model elements", lambda: local_elements(inventory, 1, inventory.param_shapes()))
+        building = 8 * model + 3 * elements * itemsize
     if itemsize < 4:
         building += 2 * elements * 4  # float32 master weights and gradients
     return building
