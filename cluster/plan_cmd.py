@@ -2,6 +2,8 @@
 ranked, before anything runs; `--calibrate` times this machine for it (model/planning, tools/plan_calibration.py)."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
@@ -103,9 +105,10 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
     from ringpipe.runtime.files import write_json
 
     try:
-        config = family_of(family).config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
-                                          vocab_size=vocab, block_size=block_size, dropout=dropout,
-                                          dtype=model_dtype(dtype))
+        # the family's default options (T5's feed-forward, position buckets...) with the flags' sizes
+        options = dataclasses.replace(family_of(family).default_options(), n_layer=n_layer, n_head=n_head,
+                                      n_embd=n_embd, n_inner=n_inner, block_size=block_size, dropout=dropout)
+        config = family_of(family).config(**dataclasses.asdict(options), vocab_size=vocab, dtype=model_dtype(dtype))
         inventory = inventory_for(family, config)
         if calibrate:
             from ringpipe.tools.plan_calibration import calibrate as run_calibration

@@ -150,3 +150,10 @@ def test_plan_model_bert_ranks_bert_layouts_without_recompute(tmp_path):
     assert result.exit_code == 0, result.output
     layouts = json.loads(out.read_text())["layouts"]
     assert layouts and not any(entry["layout"]["recompute"] for entry in layouts)
+
+
+def test_plan_model_t5_ranks_t5_layouts_and_refuses_sequence_parallel():
+    result = run_cli("plan", "--model", "t5", *SMALL, "--nproc", 2, "--top", 3, "--show-refused")
+    assert result.exit_code == 0, result.output
+    assert " wins: " in result.output
+    assert "sequence parallel: not implemented for t5" in result.output

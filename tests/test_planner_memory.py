@@ -95,6 +95,22 @@ def test_the_bert_inventory_equals_what_ranks_hold(local_cluster, tmp_path, cand
     assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, family="bert",
                                                 tokenizer="byte", next_sentence=next_sentence)
 
+T5_CASES = [  # (Candidate, dropout, feed-forward)
+    (Candidate(dp=2, zero=1, microbatches=2), 0.1, "relu"),
+    (Candidate(tp=2, microbatches=2), 0.0, "gated-gelu"),
+    (Candidate(pp=2, microbatches=4), 0.1, "gated-gelu"),
+    (Candidate(pp=2, schedule="zb-h1", microbatches=4), 0.0, "relu"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("candidate,dropout,feed_forward", T5_CASES,
+                         ids=[f"{c.label()}-dropout{d}-{f}" for c, d, f in T5_CASES])
+def test_the_t5_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, feed_forward):
+    assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, family="t5",
+                                                tokenizer="byte", feed_forward_proj=feed_forward)
+
+
 def _resident(comm, field="VmRSS") -> int:
     """This worker's resident bytes once the trainer's modules are imported (run first: the baseline)."""
     import ringpipe.model.training.parallel_trainer  # noqa: F401 (the idle worker has them)

@@ -34,7 +34,7 @@ class BertInventory(GPT2Inventory):
         return B * T // tp if sequence_parallel and tp > 1 else B * T
 
     def block_tensors(self, B: int, T: int, tp: int = 1, sequence_parallel: bool = False,
-                      storage: Storage = RINGPIPE_STORAGE) -> list[Tensor]:
+                      storage: Storage = RINGPIPE_STORAGE, layer: int = 0) -> list[Tensor]:
         """What BertPieces.block_forward holds for one micro-batch of B rows."""
         C, F, H = self.config.n_embd, self.config.mlp_width, self.config.n_head
         rows = self._rows(B, T, tp, sequence_parallel)

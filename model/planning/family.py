@@ -6,8 +6,10 @@ the same members and one line in FAMILIES):
     config                          its config (n_layer, n_embd, block_size, vocab_size, dtype, dropout, mlp_width)
     plan                            its parallel plan (model/parallel/plan.py): names, shardings, ties
     param_shapes()                  {name: full shape}
-    embedding_tensors(B, T, tp, sp) / block_tensors(B, T, tp, sp, storage) / head_tensors(...)
-                                    the `Tensor`s each piece caches for its backward
+    embedding_tensors(B, T, tp, sp) / block_tensors(B, T, tp, sp, storage, layer) / head_tensors(...)
+                                    the `Tensor`s each piece caches for its backward (`layer`: the
+                                    plan's block index, for families whose blocks differ:
+                                    uniform_layers False)
     recompute_tensors(B, T, tp, sp), recompute_halves(tensors, tp), deferred_tensors(B, T, tp)
     block_flops(B, T, tp), head_flops(B, T, tp), block_elements(B, T, tp)
     recompute                       False where the family has no recompute (the planner offers none)
@@ -18,7 +20,8 @@ import importlib
 
 # --model NAME -> "module:class" of its inventory, imported when asked for
 FAMILIES = {"gpt2": "ringpipe.model.planning.gpt2_inventory:GPT2Inventory",
-            "bert": "ringpipe.model.planning.bert_inventory:BertInventory"}
+            "bert": "ringpipe.model.planning.bert_inventory:BertInventory",
+            "t5": "ringpipe.model.planning.t5_inventory:T5Inventory"}
 
 
 def inventory_for(family: str, config):

@@ -54,7 +54,7 @@ class GPT2Inventory:
         return B * heads * sum((end - start) * end for start, end in _query_blocks(T))
 
     def block_tensors(self, B: int, T: int, tp: int = 1, sequence_parallel: bool = False,
-                      storage: Storage = RINGPIPE_STORAGE) -> list[Tensor]:
+                      storage: Storage = RINGPIPE_STORAGE, layer: int = 0) -> list[Tensor]:
         """What block_forward caches (no recompute) for one micro-batch of B rows."""
         C, F, H = self.config.n_embd, self.config.mlp_width, self.config.n_head
         rows = B * T // tp if sequence_parallel and tp > 1 else B * T

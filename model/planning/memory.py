@@ -179,8 +179,8 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
             memory.gradients += elements * 4
         # AdamW: m and v; ZeRO-1 keeps them and a per-element decay rate for its 1/dp shard only.
         memory.optimizer = (3 * -(-stateful // c.dp) if c.zero else 2 * stateful) * master
-        stage_bytes = {s: _cached(inventory, ("stage bytes", B, T, c.tp, sp, c.recompute, len(ranges[s]), s == 0,
-                                              s == num_stages - 1, storage),
+        stage_bytes = {s: _cached(inventory, ("stage bytes", B, T, c.tp, sp, c.recompute, _layers_key(inventory, ranges[s]),
+                                              s == 0, s == num_stages - 1, storage),
                                   lambda s=s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0,
                                                            s == num_stages - 1, storage))
                        for s in mine}
@@ -192,6 +192,12 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         memory.host_peak = host_peak(inventory, dense, elements, dtype)
         result.append(memory)
     return result
+
+
+def _layers_key(inventory, layers: range):
+    """What a stage's activations depend on of its blocks: their count where every block is alike,
+    else which they are (T5: encoder or decoder layers)."""
+    return len(layers) if getattr(inventory, "uniform_layers", True) else (layers.start, layers.stop)
 
 
 def host_peak(inventory, rank_model_elements: int, elements: int, dtype) -> int:
@@ -225,19 +231,21 @@ def _stage_bytes(inventory, c: Candidate, B, T, layers, first, last, storage):
     holds, backward = [], []
     if first:
         holds.append(total_bytes(inventory.embedding_tensors(B, T, c.tp, sp), storage, dtype))
-    block = inventory.block_tensors(B, T, c.tp, sp, storage)
-    full = total_bytes(block, storage, dtype)
-    kept = total_bytes(inventory.recompute_tensors(B, T, c.tp, sp), storage, dtype) if c.recompute else full
     pending = total_bytes(inventory.deferred_tensors(B, T, c.tp), storage, dtype)
-    holds += [kept] * len(layers)
+    kept, rebuilt = [], []
+    for i in layers:
+        block = inventory.block_tensors(B, T, c.tp, sp, storage, layer=i)
+        kept.append(total_bytes(inventory.recompute_tensors(B, T, c.tp, sp), storage, dtype) if c.recompute
+                    else total_bytes(block, storage, dtype))
+        rebuilt.append([total_bytes(half, storage, dtype) for half in inventory.recompute_halves(block, c.tp)]
+                       if c.recompute else [])
+    holds += kept
     if last:
         holds.append(total_bytes(inventory.head_tensors(B, T, c.tp, sp, storage), storage, dtype))
         backward.append(("release", holds[-1]))
-    for _ in layers:
-        backward.append(("release", kept))
-        if c.recompute:
-            backward += [("transient", total_bytes(half, storage, dtype))
-                         for half in inventory.recompute_halves(block, c.tp)]
+    for layer_kept, halves in zip(reversed(kept), reversed(rebuilt)):
+        backward.append(("release", layer_kept))
+        backward += [("transient", nbytes) for nbytes in halves]
         backward.append(("hold", pending))
     if first:
         backward.append(("release", holds[0]))

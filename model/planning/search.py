@@ -77,11 +77,12 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
                     continue
                 for zero in ((0, 1) if dp > 1 and not mixed else (0,)):
                     for sp in ((False, True) if tp > 1 else (False,)):
-                        if sp and config.block_size % tp:
-                            yield (Candidate(dp, tp, pp, schedule, v, m, zero, sp),
-                                   f"{DOES_NOT_DIVIDE}: sequence parallel: block_size {config.block_size} "
-                                   f"is not divisible by tp {tp}")
-                            continue
+                        if sp:
+                            try:  # the family's own rule (GPT-2: block_size divisible by tp; T5: none)
+                                inventory.plan.check_tensor_parallel(tp, 0, True)
+                            except ValueError as exc:
+                                yield Candidate(dp, tp, pp, schedule, v, m, zero, sp), f"{DOES_NOT_DIVIDE}: {exc}"
+                                continue
                         for recompute in (False, True) if getattr(inventory, "recompute", True) else (False,):
                             yield Candidate(dp, tp, pp, schedule, v, m, zero, sp, recompute), None
 
