@@ -138,8 +138,11 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
         if mixed:
             memory.weights += elements * 4
             memory.gradients += elements * 4
-        # AdamW: m and v; ZeRO-1 keeps them and a per-element decay rate for its 1/dp shard only.
-        memory.optimizer = (3 * -(-elements // c.dp) if c.zero else 2 * elements) * master
+        # AdamW: m and v; ZeRO-1 keeps them and a per-element decay rate for its 1/dp shard only. Only
+        # the first stage keeps them for a tied weight (model/parallel/data_parallel).
+        tied_here = names & set(inventory.plan.tied_params) if 0 not in mine else set()
+        updated = elements - local_elements(inventory, c.tp, tied_here)
+        memory.optimizer = (3 * -(-updated // c.dp) if c.zero else 2 * updated) * master
         stage_bytes = {s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0, s == num_stages - 1, storage)
                        for s in mine}
         memory.activations, memory.stage_peaks = _walk(schedule[rank], stage_bytes)

@@ -23,9 +23,9 @@ def memory_report(trainer) -> dict:
         grads += trainer._master_grads_flat.nbytes
     optimizer = trainer.optimizer_state_bytes()
     if trainer.layout.zero:  # this rank's 1/dp of the flat buffers, twice more:
-        shard_bytes = sum(s.stop - s.start for s in trainer.optimizer.shards) * gradients.flat_grads.itemsize
-        grads += shard_bytes  # the averaged gradient shards the reduce-scatter returns (kept until the next step)
-        optimizer += shard_bytes  # AdamW's per-element weight-decay rates beside its moments
+        # the averaged gradient shards the reduce-scatter returns (kept until the next step)
+        grads += sum(s.stop - s.start for s in trainer.optimizer.shards) * gradients.flat_grads.itemsize
+        optimizer += sum(rates.nbytes for rates in trainer.optimizer.decay)  # AdamW's per-element weight decay
     stages = trainer.stages.values()
     return {"rank": trainer.mesh.rank, "coordinates": dict(trainer.mesh.indices), "weights": int(weights),
             "gradients": int(grads), "optimizer": int(optimizer),
