@@ -23,6 +23,7 @@ from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
@@ -244,7 +245,7 @@ def train(ctx, **flags):
         if distributed:
             layout.validate(config)
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(one_line(exc) + (fallback_hint(out) if flags["resume"] else "")) from None
     state = {"trainer": None, "progress": None}
     try:
         _run(flags, config, layout, distributed, out, state)
@@ -294,9 +295,10 @@ def _run(flags, config, layout, distributed, out, state):
     except WorkerLost as exc:
         raise _worker_failure(exc, out) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
-        raise _worker_failure(exc, out, resumable=False) from None
+        raise click.ClickException(_worker_failure(exc, out, resumable=False).message
+                                   + (fallback_hint(out) if flags["resume"] else "")) from None  # a damaged checkpoint
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(one_line(exc) + (fallback_hint(out) if flags["resume"] else "")) from None
     state["trainer"] = trainer
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished = False
