@@ -24,8 +24,8 @@ def _first_line(exc: Exception) -> str:
 
 
 def _run_and_report(run, format_result, json_path):
-    """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, and write
-    its result as JSON when asked."""
+    """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, write its
+    result as JSON when asked, and return it."""
     try:
         result = run()
     except _ONE_LINE_ERRORS as exc:
@@ -33,6 +33,7 @@ def _run_and_report(run, format_result, json_path):
     click.echo(format_result(result))
     if json_path:
         write_json(json_path, result, indent=1)
+    return result
 
 
 @bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
@@ -323,12 +324,15 @@ def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, mi
         raise click.ClickException(reason)
     directory = out or tempfile.mkdtemp(prefix="ringpipe-bench-memory-")
     try:
-        _run_and_report(lambda: run(DistributedRun, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                    vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
-                                    microbatches=microbatches, steps=steps, dp=dp, tp=tp, pp=pp, zero=zero,
-                                    worker_limit_bytes=int(worker_memory * (1 << 30)), out=directory,
-                                    say=lambda line: click.echo(line, err=True)),
-                        format_table, json_path)
+        result = _run_and_report(lambda: run(DistributedRun, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                             vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
+                                             microbatches=microbatches, steps=steps, dp=dp, tp=tp, pp=pp, zero=zero,
+                                             worker_limit_bytes=int(worker_memory * (1 << 30)), out=directory,
+                                             say=lambda line: click.echo(line, err=True)),
+                                 format_table, json_path)
+        missed = [name.replace("_", " ") for name, met in result["targets"].items() if not met]
+        if missed:
+            raise click.ClickException(f"bench memory: {len(missed)} target(s) MISSED: {'; '.join(missed)}")
     finally:
         if out is None:
             shutil.rmtree(directory, ignore_errors=True)
