@@ -4,8 +4,9 @@
                                "activations_peak", "peak_rss", "rss", "traced"}   (bytes)
 
 weights / gradients: this rank's flat parameter and gradient buffers (its tp shards of its pipeline
-stages; a mixed run adds the float32 master copies); optimizer: AdamW moments (ZeRO-1: this rank's
-1/dp, and the weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
+stages; a mixed run adds the float32 master copies); optimizer: AdamW moments of what this rank
+updates (none for a tied weight on the last pipeline stage; ZeRO-1: this rank's 1/dp, and the
+weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
 `ActivationMemory`). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
 temporaries: the accounting above must stay below them, and near them for a large model. traced:
 tracemalloc's (current, peak) when the worker traces (tests), else None.
