@@ -25,5 +25,5 @@ def export(run_dir, out):
         checkpoint = find_checkpoint(run_dir)
         export_checkpoint(checkpoint, out)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(one_line(exc) + fallback_hint(run_dir, "export it")) from None
+        raise click.ClickException(one_line(exc) + fallback_hint(run_dir, one_line(exc), "export it")) from None
     click.echo(f"exported {checkpoint} to {out}", err=True)

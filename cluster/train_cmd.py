@@ -53,6 +53,11 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     return click.ClickException(line + hint)
 
 
+def _with_fallback(line: str, flags: dict) -> str:
+    """A failed resume's error line, and which older checkpoint is intact if it says the latest is damaged."""
+    return line + (fallback_hint(flags["out"], line) if flags["resume"] else "")
+
+
 def _flag_of(ctx: click.Context, name: str) -> str:
     return next(p.opts[0] for p in ctx.command.params if p.name == name)
 
@@ -245,7 +250,7 @@ def train(ctx, **flags):
         if distributed:
             layout.validate(config)
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc) + (fallback_hint(out) if flags["resume"] else "")) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state = {"trainer": None, "progress": None}
     try:
         _run(flags, config, layout, distributed, out, state)
@@ -295,10 +300,9 @@ def _run(flags, config, layout, distributed, out, state):
     except WorkerLost as exc:
         raise _worker_failure(exc, out) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
-        raise click.ClickException(_worker_failure(exc, out, resumable=False).message
-                                   + (fallback_hint(out) if flags["resume"] else "")) from None  # a damaged checkpoint
+        raise click.ClickException(_with_fallback(_worker_failure(exc, out, resumable=False).message, flags)) from None
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc) + (fallback_hint(out) if flags["resume"] else "")) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished = False

@@ -138,9 +138,10 @@ def test_exporting_a_damaged_checkpoint_names_the_tensor_and_the_file_and_overwr
     assert (target / "model.safetensors").read_bytes() == b"an earlier export"
 
 
-def test_a_failure_beside_an_intact_latest_checkpoint_names_no_other_checkpoint(trained):
+def test_an_error_beside_an_intact_latest_checkpoint_names_no_other_checkpoint(trained):
     _, out = trained
-    assert fallback_hint(str(out)) == ""
+    latest = find_checkpoint(str(out))
+    assert fallback_hint(str(out), f"tensor x of {latest}/rank-00000.safetensors: a failure elsewhere") == ""
 
 
 def test_following_the_hint_resumes_from_the_older_checkpoint(trained, tmp_path):

@@ -2,8 +2,8 @@
 
     verify_checkpoint(checkpoint)     ValueError (one line, naming the tensor and the file) unless every
                                       piece is there, covers its tensor and matches its CRC-32
-    fallback_hint(run_dir, action)    "" when the latest checkpoint verifies (a failure had another
-                                      cause), else the clause naming the newest older intact one
+    fallback_hint(run_dir, error)     the clause naming the newest older intact checkpoint, when
+                                      `error` names the latest one and it does not verify; else ""
 
 An error that a damaged checkpoint causes — at resume (the driver's checks or a rank's read), or
 at export — ends with `fallback_hint`, so the user learns in the same line which checkpoint still
@@ -45,16 +45,17 @@ def _intact(checkpoint: str) -> bool:
     return True
 
 
-def fallback_hint(run_dir: str, action: str = "resume from it") -> str:
-    """"; RUN/checkpoints/step-N (step N) is intact: move LATEST aside (mv LATEST LATEST.damaged) to
-    `action`" when the run's latest sharded checkpoint is damaged and an older one verifies; "; no
-    older intact checkpoint ..." when none does; "" when the latest is intact or not sharded."""
+def fallback_hint(run_dir: str, error: str, action: str = "resume from it") -> str:
+    """What to add to the message `error`: "; the newest older checkpoint, OLDER (step N), is intact:
+    move the damaged one aside (mv LATEST LATEST.damaged) to `action`" when `error` names the run's
+    latest sharded checkpoint and that one is damaged while an older one verifies; "; no older intact
+    checkpoint ..." when none does; "" otherwise (an error about something else costs no reading)."""
     try:
         latest = find_checkpoint(run_dir)
     except ValueError:
         return ""
     committed = sharded_checkpoints(run_dir)
-    if not committed or committed[-1][1] != latest or _intact(latest):
+    if not committed or committed[-1][1] != latest or os.path.basename(latest) not in error or _intact(latest):
         return ""
     for step, older in reversed(committed[:-1]):
         if _intact(older):
