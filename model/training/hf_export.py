@@ -4,8 +4,11 @@ built from a sharded checkpoint by streaming: no process ever holds a whole tens
 The safetensors header is written from the checkpoint's metadata (names, dtypes, shapes), then each
 tensor's bytes follow in row-major order, gathered from the tensor-parallel pieces in chunks of
 EXPORT_CHUNK_BYTES (1 MiB); the CRC-32 of each tensor is computed on the way and written into the
-header last (its text has a fixed length). The file is the one the single-process Trainer writes
-for the same weights (model/gpt2/checkpoint.py), byte for byte.
+header last (its text has a fixed length). A family whose Hugging Face tensors are not its
+parameters as they are (BERT's and T5's fused q|k|v, weights stored transposed) says where each lies
+(`Family.hf_tensors`: a column range of a parameter, maybe transposed); such a tensor is read a block
+of whole columns at a time and transposed on the way. The file is the one the single-process
+Trainer writes for the same weights (the family's checkpoint.py), byte for byte.
 """
 from __future__ import annotations
 
