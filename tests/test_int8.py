@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from tests.conftest import TEXT, one_error_line, run_cli
+from ringpipe.model.data.dataset import write_token_file
 from ringpipe.model.data.tokenizer import make_tokenizer
 from ringpipe.model.gpt2.config import GPTConfig
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.quantization.gpt2_int8 import Int8GPT, linear_weight_names
 from ringpipe.model.quantization.int8 import QMAX, Int8Weight, quantize_int8
 from ringpipe.model.quantization.outliers import outlier_features
-from ringpipe.model.quantization.quantize import quantize_run
+from ringpipe.model.quantization.quantize import TOKEN_FILE, quantize_run
 from ringpipe.runtime.files import load_tensors, save_tensors
 
 
@@ -87,6 +88,7 @@ def run(tmp_path_factory):
     tokenizer = make_tokenizer("char", TEXT)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size)
     GPT(config, seed=0).save_pretrained(directory / "run", tokenizer=tokenizer)
+    write_token_file(tokenizer.encode(TEXT), str(directory / "run" / TOKEN_FILE))
     summary = quantize_run(str(directory / "run"), str(directory / "run-int8"))
     return directory, tokenizer, summary
 
@@ -173,3 +175,26 @@ def test_an_int8_file_that_does_not_fit_its_config_names_the_tensor(run, tmp_pat
     save_tensors(directory / "model.safetensors", tensors, metadata)
     with pytest.raises(ValueError, match=message):
         Int8GPT.from_pretrained(directory)
+
+
+def test_outliers_found_on_the_runs_tokens_are_stored_and_computed_in_float(run, tmp_path):
+    directory, tokenizer, _ = run
+    summary = quantize_run(str(directory / "run"), str(tmp_path / "q"), outlier_threshold=1.0, calibration_batches=2)
+    int8 = Int8GPT.from_pretrained(tmp_path / "q")
+    rows = {name: w.outlier_rows.tolist() for name, w in int8.params.items() if isinstance(w, Int8Weight)}
+    assert summary["outlier_rows"] == sum(map(len, rows.values())) > 0
+    float_model = GPT.from_pretrained(directory / "run")
+    for name, kept in rows.items():
+        np.testing.assert_array_equal(int8.params[name].dequantize()[kept], float_model.params[name][kept])
+
+
+def test_bench_int8_scores_float32_and_both_int8_scalings_on_the_same_val_windows(run):
+    from ringpipe.tools.bench_int8 import format_table, run as bench
+
+    result = bench(str(run[0] / "run"), max_windows=3, new_tokens=2, rounds=1, echo=lambda line: None)
+    names = [v["name"] for v in result["variants"]]
+    assert names == ["float32", "int8 per-channel", "int8 per-tensor"] and result["tokens"] == 3 * 32
+    assert result["variants"][0]["ppl_change"] == 0
+    assert all(v["weight_bytes"] < result["variants"][0]["weight_bytes"] for v in result["variants"][1:])
+    assert "int8 per-tensor" in format_table(result) and set(result["generation"]["tokens_per_s"]) == \
+        {"float32", "int8 per-channel"}
