@@ -212,7 +212,7 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
                     format_table, json_path)
 
 
-@bench.command("int8", short_help="int8 weights vs float32: bytes, val perplexity, generation speed.")
+@bench.command("int8", short_help="int8 weights vs float32: bytes, perplexity, speed.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--outlier-threshold", type=FiniteFloat(min=0, min_open=True), default=None,
               help="Also score per-channel int8 with LLM.int8() outlier rows (e.g. 6) kept in float.")
