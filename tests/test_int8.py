@@ -198,3 +198,36 @@ def test_bench_int8_scores_float32_and_both_int8_scalings_on_the_same_val_window
     assert all(v["weight_bytes"] < result["variants"][0]["weight_bytes"] for v in result["variants"][1:])
     assert "int8 per-tensor" in format_table(result) and set(result["generation"]["tokens_per_s"]) == \
         {"float32", "int8 per-channel"}
+
+
+def int8_logits_under_tensor_parallelism(comm, directory, idx):
+    """A rank's view of the int8 model at tp = comm.size: the dense model's tensor-parallel stage
+    pieces, its linear weights this rank's shards of the Int8Weights -> the gathered logits."""
+    from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
+    from ringpipe.model.parallel.stage import Stage
+    from ringpipe.model.parallel.tensor_parallel.sharding import shard
+    from ringpipe.model.quantization.gpt2_int8 import load_int8_gpt
+
+    config, params, _ = load_int8_gpt(directory)
+    plan = GPT2ParallelPlan(config)
+    floats = {name: np.zeros(p.shape, np.float32) if isinstance(p, Int8Weight) else p for name, p in params.items()}
+    stage = Stage(plan, floats, range(config.n_layer), True, True, comm)
+    for name, weight in params.items():
+        if isinstance(weight, Int8Weight):
+            stage.params[name] = shard(weight, stage.shardings[name], stage.tp_rank, stage.tp_size)
+            assert stage.params[name].shape[stage.shardings[name].axis] * comm.size == weight.shape[
+                stage.shardings[name].axis]
+    pieces = plan.stage_pieces(stage)
+    x, _ = pieces.embedding_forward(idx, None)
+    for i in range(config.n_layer):
+        x, _ = pieces.block_forward(i, x)
+    return pieces.head_logits(x)
+
+
+@pytest.mark.timeout(120)
+def test_int8_weights_sharded_over_tensor_parallel_ranks_give_the_single_process_logits(run, local_cluster):
+    directory, tokenizer, _ = run
+    idx = np.array([tokenizer.encode("3 little pigs")])
+    expected = Int8GPT.from_pretrained(directory / "run-int8").forward(idx)
+    for logits in local_cluster(2).run(int8_logits_under_tensor_parallelism, str(directory / "run-int8"), idx):
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
