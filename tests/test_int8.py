@@ -205,18 +205,17 @@ def int8_logits_under_tensor_parallelism(comm, directory, idx):
     pieces, its linear weights this rank's shards of the Int8Weights -> the gathered logits."""
     from ringpipe.model.gpt2.parallel_plan import GPT2ParallelPlan
     from ringpipe.model.parallel.stage import Stage
-    from ringpipe.model.parallel.tensor_parallel.sharding import shard
-    from ringpipe.model.quantization.gpt2_int8 import load_int8_gpt
+    from ringpipe.model.quantization.gpt2_int8 import int8_rank_weights, load_int8_gpt
 
     config, params, _ = load_int8_gpt(directory)
     plan = GPT2ParallelPlan(config)
     floats = {name: np.zeros(p.shape, np.float32) if isinstance(p, Int8Weight) else p for name, p in params.items()}
     stage = Stage(plan, floats, range(config.n_layer), True, True, comm)
-    for name, weight in params.items():
+    for name, weight in int8_rank_weights(directory, stage.shard_table()).items():
         if isinstance(weight, Int8Weight):
-            stage.params[name] = shard(weight, stage.shardings[name], stage.tp_rank, stage.tp_size)
-            assert stage.params[name].shape[stage.shardings[name].axis] * comm.size == weight.shape[
+            assert weight.shape[stage.shardings[name].axis] * comm.size == params[name].shape[
                 stage.shardings[name].axis]
+            stage.params[name] = weight
     pieces = plan.stage_pieces(stage)
     x, _ = pieces.embedding_forward(idx, None)
     for i in range(config.n_layer):

@@ -28,6 +28,7 @@ from ringpipe.model.gpt2.checkpoint import PREFIX, WEIGHTS_FILE, check_param_sha
 from ringpipe.model.gpt2.config import param_shapes
 from ringpipe.model.gpt2.hf_config import gpt_config_from_hf
 from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.parallel.tensor_parallel.sharding import Sharding, shard
 from ringpipe.model.quantization.int8 import GRANULARITIES, Int8Weight
 from ringpipe.model.quantization.int8_format import CONFIG_FILE, QUANT_METHOD, QUANTIZATION_KEY
 from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
@@ -134,6 +135,17 @@ def load_int8_gpt(directory, dtype=None, device=None):
             raise ValueError(f"{weights_path}: {name} is {value.dtype}, expected a float tensor "
                              f"(only {QUANTIZATION_KEY}.quantized weights are int8)")
     return config, params, quantization
+
+
+def int8_rank_weights(directory, table: dict) -> dict:
+    """{name: this rank's shard} of an int8 model directory for every entry of a stage's
+    `shard_table()`: Int8Weight shards (values, scales and outliers cut alike) for the quantized
+    weights, float arrays for the rest. The file is read whole: at int8 it is a quarter of the float
+    model's."""
+    _, params, _ = load_int8_gpt(directory)
+    return {name: shard(params[name], Sharding("replicated" if entry["axis"] is None else "column", entry["axis"],
+                                               entry["parts"]), entry["tp_rank"], entry["tp_size"])
+            for name, entry in table.items()}
 
 
 def _int8_weight(tensors: dict, name: str, shape: tuple, path: str, granularity) -> Int8Weight:
