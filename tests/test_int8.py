@@ -194,7 +194,9 @@ def test_bench_int8_scores_float32_and_both_int8_scalings_on_the_same_val_window
     result = bench(str(run[0] / "run"), max_windows=3, new_tokens=2, rounds=1, echo=lambda line: None)
     names = [v["name"] for v in result["variants"]]
     assert names == ["float32", "int8 per-channel", "int8 per-tensor"] and result["tokens"] == 3 * 32
-    assert result["variants"][0]["ppl_change"] == 0
+    float32, channel, tensor = result["variants"]
+    assert float32["ppl_change"] == float32["kl_from_float32"] == float32["weight_error"] == 0
+    assert 0 < channel["weight_error"] < tensor["weight_error"] and channel["kl_from_float32"] > 0
     assert all(v["weight_bytes"] < result["variants"][0]["weight_bytes"] for v in result["variants"][1:])
     assert "int8 per-tensor" in format_table(result) and set(result["generation"]["tokens_per_s"]) == \
         {"float32", "int8 per-channel"}

@@ -6,7 +6,9 @@ The run's float32 model and, quantized in memory from it (model/quantization/int
 absmax scale per output channel, int8 with one scale per tensor (what per-channel must beat) and,
 with --outlier-threshold, per-channel with LLM.int8()'s outlier rows in float. Every variant is
 scored on the same windows: every back-to-back block_size window of the run's val split (or the
-first --max-windows), perplexity = exp(token-mean cross-entropy). Generation: greedy decoding with
+first --max-windows), perplexity = exp(token-mean cross-entropy), and the KL divergence of each
+variant's next-token distribution from float32's (paired, so it ranks variants whose perplexities
+differ by less than the val sample's noise), and the relative error of the quantized weights. Generation: greedy decoding with
 the KV cache from a val-split prompt, float32 and int8 interleaved round by round (the machine is
 shared: medians of the rounds, never one timing).
 """
@@ -21,7 +23,6 @@ import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.gpt2.model import GPT
-from ringpipe.model.nn.ops import cross_entropy_forward
 from ringpipe.model.quantization.gpt2_int8 import Int8GPT, linear_weight_names
 from ringpipe.model.quantization.int8 import quantize_int8
 from ringpipe.model.quantization.outliers import outlier_features
@@ -48,13 +49,45 @@ def val_windows(run_dir: str, block_size: int, max_windows: int | None):
     return x, y
 
 
-def perplexity(model, x, y, rows: int = 16) -> float:
-    """exp of the token-mean cross-entropy of model's logits over (x, y), `rows` windows at a time."""
-    total = 0.0
-    for i in range(0, len(x), rows):
-        logits = model.forward(x[i:i + rows])
-        total += cross_entropy_forward(logits, y[i:i + rows], overwrite_logits=True)[0] * x[i:i + rows].size
-    return math.exp(total / x.size)
+def _log_softmax(logits):
+    """(..., V) -> log-probabilities in float64."""
+    logits = logits.astype(np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+
+def score(models: dict, x, y, rows: int = 16, echo=print) -> dict:
+    """{name: {"val_loss", "perplexity", "kl_from_float32"}} over (x, y), `rows` windows at a time, each
+    batch through every model in turn. kl_from_float32: the token-mean KL divergence of the model's
+    next-token distribution from the first model's (float32), in nats — paired on the same tokens, it
+    separates the variants where their perplexities differ by less than the noise of a val sample."""
+    nll = dict.fromkeys(models, 0.0)
+    kl = dict.fromkeys(models, 0.0)
+    for start in range(0, len(x), rows):
+        if start // rows % 10 == 0:
+            echo(f"scoring windows {start}..{min(start + 10 * rows, len(x))} of {len(x)} ...")
+        inputs, targets = x[start:start + rows], y[start:start + rows]
+        reference = None
+        for name, model in models.items():
+            logp = _log_softmax(model.forward(inputs))
+            nll[name] -= np.take_along_axis(logp, targets[..., None], -1).sum()
+            if reference is None:
+                reference = logp
+            kl[name] += (np.exp(reference) * (reference - logp)).sum()
+    return {name: {"val_loss": nll[name] / x.size, "perplexity": math.exp(nll[name] / x.size),
+                   "kl_from_float32": kl[name] / x.size} for name in models}
+
+
+def weight_error(params: dict, model, names) -> float:
+    """sqrt(sum of squared errors / sum of squares) over the linear weights `names` of `model` against the
+    float `params`: the relative Frobenius error of the quantized weights (0 for the float model)."""
+    error = total = 0.0
+    for name in names:
+        weight = model.params[name]
+        approx = weight.dequantize() if hasattr(weight, "dequantize") else np.asarray(weight)
+        error += float(((approx.astype(np.float64) - params[name]) ** 2).sum())
+        total += float((params[name].astype(np.float64) ** 2).sum())
+    return math.sqrt(error / total)
 
 
 def generation_speed(models: dict, prompt, new_tokens: int, rounds: int) -> dict:
@@ -74,7 +107,8 @@ def generation_speed(models: dict, prompt, new_tokens: int, rounds: int) -> dict
 def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int | None = None,
         prompt_tokens: int = 16, new_tokens: int = 48, rounds: int = 3, echo=print) -> dict:
     """The comparison (see the module docstring) -> {"run", "model", "windows", "tokens", "variants":
-    [{"name", "weight_bytes", "val_loss", "perplexity", "ppl_change", "outlier_rows"}], "generation":
+    [{"name", "weight_bytes", "linear_weight_bytes", "val_loss", "perplexity", "ppl_change", "kl_from_float32",
+    "weight_error", "outlier_rows"}], "generation":
     {"float32", "int8 per-channel"} tokens/s}."""
     source = model_directory(run_dir)
     check_int8_family(source)
@@ -93,16 +127,16 @@ def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int |
     for name, (granularity, rows) in schemes.items():
         models[name] = Int8GPT(config, {**params, **{n: quantize_int8(params[n], granularity, rows.get(n))
                                                      for n in names}})
+    echo(f"scoring {', '.join(models)} on {x.size} val tokens ...")
+    scores = score(models, x, y, echo=echo)
     variants = []
     for name, model in models.items():
-        echo(f"scoring {name} on {x.size} val tokens ...")
-        ppl = perplexity(model, x, y)
-        variants.append({"name": name, "perplexity": ppl, "val_loss": math.log(ppl),
+        variants.append({"name": name, **scores[name],
+                         "ppl_change": scores[name]["perplexity"] / scores["float32"]["perplexity"] - 1,
+                         "weight_error": weight_error(params, model, names),
                          "weight_bytes": int(sum(p.nbytes for p in model.params.values())),
                          "linear_weight_bytes": int(sum(model.params[n].nbytes for n in names)),
                          "outlier_rows": int(sum(len(r) for r in schemes.get(name, (None, {}))[1].values()))})
-    for variant in variants:
-        variant["ppl_change"] = variant["perplexity"] / variants[0]["perplexity"] - 1
     echo(f"timing greedy generation of {new_tokens} tokens, {rounds} rounds ...")
     speed = generation_speed({"float32": float_model, "int8 per-channel": models["int8 per-channel"]},
                              x[:1, :prompt_tokens], new_tokens, rounds)
@@ -117,10 +151,12 @@ def format_table(result: dict) -> str:
     model = result["model"]
     lines = [f"{result['run']}: GPT-2 {model['n_layer']} layers x {model['n_embd']} wide, vocabulary "
              f"{model['vocab_size']}; {result['tokens']} val tokens ({result['windows']} windows)",
-             f"{'weights':<36}{'MiB':>8}{'linear MiB':>12}{'val loss':>10}{'perplexity':>12}{'change':>9}"]
+             f"{'weights':<34}{'MiB':>7}{'linear MiB':>11}{'perplexity':>11}{'change':>9}{'KL nats':>10}"
+             f"{'W error':>9}"]
     for v in result["variants"]:
-        lines.append(f"{v['name']:<36}{v['weight_bytes'] / 2**20:>8.2f}{v['linear_weight_bytes'] / 2**20:>12.2f}"
-                     f"{v['val_loss']:>10.4f}{v['perplexity']:>12.3f}{v['ppl_change']:>+9.3%}")
+        lines.append(f"{v['name']:<34}{v['weight_bytes'] / 2**20:>7.2f}{v['linear_weight_bytes'] / 2**20:>11.2f}"
+                     f"{v['perplexity']:>11.3f}{v['ppl_change']:>+9.3%}{v['kl_from_float32']:>10.2e}"
+                     f"{v['weight_error']:>9.2e}")
     g = result["generation"]
     speed = g["tokens_per_s"]
     lines.append(f"greedy generation, {g['new_tokens']} tokens after {g['prompt_tokens']} (median of "
