@@ -91,17 +91,20 @@ def weight_error(params: dict, model, names) -> float:
 
 
 def generation_speed(models: dict, prompt, new_tokens: int, rounds: int) -> dict:
-    """{name: median tokens/s} of greedy generation of `new_tokens` after `prompt` (1, T), the models
-    taking turns within each round."""
+    """{name: {"tokens_per_s", "tokens_per_cpu_s"}}: medians over `rounds` of greedy generation of
+    `new_tokens` after `prompt` (1, T), the models taking turns within each round. Per CPU second (this
+    process's, all threads) too: on a shared machine the wall time counts the other users' turns."""
     times = {name: [] for name in models}
     for model in models.values():  # untimed: first-call allocations and BLAS start-up
         model.generate(prompt, 2, temperature=0)
     for _ in range(rounds):
         for name, model in models.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             model.generate(prompt, new_tokens, temperature=0)
-            times[name].append(time.perf_counter() - start)
-    return {name: new_tokens / statistics.median(seconds) for name, seconds in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: {"tokens_per_s": new_tokens / statistics.median(t[0] for t in timings),
+                   "tokens_per_cpu_s": new_tokens / statistics.median(t[1] for t in timings)}
+            for name, timings in times.items()}
 
 
 def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int | None = None,
@@ -109,7 +112,7 @@ def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int |
     """The comparison (see the module docstring) -> {"run", "model", "windows", "tokens", "variants":
     [{"name", "weight_bytes", "linear_weight_bytes", "val_loss", "perplexity", "ppl_change", "kl_from_float32",
     "weight_error", "outlier_rows"}], "generation":
-    {"float32", "int8 per-channel"} tokens/s}."""
+    {"tokens_per_s": {"float32", "int8 per-channel"}: {"tokens_per_s", "tokens_per_cpu_s"}}}."""
     source = model_directory(run_dir)
     check_int8_family(source)
     float_model = GPT.from_pretrained(source, dtype="float32")
@@ -159,8 +162,10 @@ def format_table(result: dict) -> str:
                      f"{v['weight_error']:>9.2e}")
     g = result["generation"]
     speed = g["tokens_per_s"]
-    lines.append(f"greedy generation, {g['new_tokens']} tokens after {g['prompt_tokens']} (median of "
-                 f"{g['rounds']} interleaved rounds): float32 {speed['float32']:.1f} tokens/s, int8 "
-                 f"{speed['int8 per-channel']:.1f} tokens/s ({speed['int8 per-channel'] / speed['float32']:.2f}x; "
-                 "NumPy has no int8 matmul: the int8 block is widened to float per product)")
+    lines.append(f"greedy generation, {g['new_tokens']} tokens after {g['prompt_tokens']} (medians of {g['rounds']} "
+                 "interleaved rounds), tokens/s of wall | of CPU time:")
+    for name, rate in speed.items():
+        lines.append(f"  {name:<18}{rate['tokens_per_s']:>8.1f} | {rate['tokens_per_cpu_s']:>8.1f}"
+                     f"   ({rate['tokens_per_cpu_s'] / speed['float32']['tokens_per_cpu_s']:.2f}x float32's CPU rate)")
+    lines.append("  (NumPy has no int8 matmul: the int8 block is widened to float for each product)")
     return "\n".join(lines)
