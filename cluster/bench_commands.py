@@ -213,6 +213,23 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
                     format_table, json_path)
 
 
+@bench.command("int8", short_help="int8 weights vs float32: bytes, perplexity, speed.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--outlier-threshold", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Also score per-channel int8 with LLM.int8() outlier rows (e.g. 6) kept in float.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score at most this many val windows.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
+def bench_int8(run_dir, outlier_threshold, max_windows, new_tokens, rounds, json_path):
+    """A trained run's float32 model against int8 per output channel and per tensor, on every window of
+    its val split: weight bytes, perplexity change, greedy generation tokens/s."""
+    from ringpipe.tools.bench_int8 import format_table, run
+
+    _run_and_report(lambda: run(run_dir, outlier_threshold, max_windows, new_tokens=new_tokens, rounds=rounds,
+                                echo=lambda line: click.echo(line, err=True)), format_table, json_path)
+
+
 @bench.command("gpu-step", short_help="GPU train step tokens/s and MFU vs PyTorch.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="cpu: a smoke test of the same code (use a tiny shape).")
