@@ -8,6 +8,8 @@ import click
 from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
 from ringpipe.model.data.tokenizer import load_tokenizer
 from ringpipe.model.families import DEFAULT_FAMILY, checkpoint_family, family
+from ringpipe.model.quantization.gpt2_int8 import Int8GPT
+from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
 from ringpipe.runtime.array_module import array_module, to_host
 
@@ -31,8 +33,9 @@ def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device
         directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
     try:
         tokenizer = load_tokenizer(directory)
-        gpt = family(checkpoint_family(directory) or DEFAULT_FAMILY).model.from_pretrained(
-            directory, device=device)
+        model = Int8GPT if quantization_config(directory) else \
+            family(checkpoint_family(directory) or DEFAULT_FAMILY).model  # an int8 model: ringpipe quantize
+        gpt = model.from_pretrained(directory, device=device)
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
     if not hasattr(gpt, "generate"):  # an encoder (BERT) predicts masked tokens instead

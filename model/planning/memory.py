@@ -150,10 +150,12 @@ def rank_parameters(inventory, candidate: Candidate, rank: int) -> tuple[int, in
 
 
 def optimizer_state_names(inventory, names: set, stages: list[int], last_stage: int) -> set:
-    """The parameters of a rank's stages it keeps AdamW state for: all of them today (a tied
-    parameter on the first and the last stage has state on both); the one place to change when
-    the tied copy's state moves to one stage."""
-    return names
+    """The parameters of a rank's stages it keeps AdamW state for: a tied parameter (on the first
+    and the last stage) has state on the first stage only, which updates it and sends the new value
+    to the other copy (model/parallel/data_parallel)."""
+    if 0 in stages:
+        return names
+    return names - set(inventory.plan.tied_params)
 
 
 def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Storage = RINGPIPE_STORAGE,
