@@ -104,6 +104,10 @@ def test_a_calibrated_machine_predicts_from_its_measured_pieces():
                                        "optimizer_seconds_per_element": 0.0}}
     timing = predict_step(inventory, Candidate(), 4, machine)
     assert timing.seconds == pytest.approx(3 * 3.5 + 0.75 + 0.25)
+    # recompute: one more forward where the calibration did not time it, else the measured rebuild
+    assert predict_step(inventory, Candidate(recompute=True), 4, machine).seconds == pytest.approx(3 * 4.5 + 1.0)
+    pieces["block|4"]["backward_input_recompute"] = 3.75
+    assert predict_step(inventory, Candidate(recompute=True), 4, machine).seconds == pytest.approx(3 * 5.25 + 1.0)
 
 
 def test_a_shared_cpu_host_slows_compute_by_the_share_of_cores_the_ranks_get():
@@ -121,6 +125,7 @@ def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
     compute = calibrate_compute(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32), [1, 2])
     assert set(compute["pieces"]) == {f"{piece}|{rows}" for piece in ("block", "head", "embedding") for rows in (1, 2)}
     assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
+    assert compute["pieces"]["block|2"]["backward_input_recompute"] > 0
     assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
 
 

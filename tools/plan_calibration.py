@@ -1,7 +1,7 @@
 """`ringpipe plan --calibrate`: time this machine for the planner and store a machine file.
 
 Compute: the model's own op pairs at the shapes a plan needs — a GPT-2 block's forward,
-backward-input and backward-weight, the head and the embedding, for every micro-batch row count
+backward-input (also with recompute) and backward-weight, the head and the embedding, for every micro-batch row count
 asked — with one BLAS thread, as a distributed worker runs them (runtime/cluster.py gives each worker
 its share of the cores; ringpipe's training workers take one); the matmul rate, the elementwise
 rate and AdamW's seconds per element. Communication: all-reduce, all-gather, reduce-scatter over
@@ -10,6 +10,7 @@ from two sizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -125,6 +126,7 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
     pieces = {}
     with threadpool_limits(1):
         model = GPT(config, seed=seed)
+        recomputing = GPT(dataclasses.replace(config, recompute=True), params=model.params)
         T, C = config.block_size, config.n_embd
         rng = np.random.default_rng(seed)
         for B in sorted(set(rows)):
@@ -138,6 +140,9 @@ def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
                      "backward_weight": _timed(
                          lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
                          model.block_backward_weight)}
+            # with recompute the backward rebuilds the caches its own way (dense: the attention half twice)
+            block["backward_input_recompute"] = _timed(
+                lambda: recomputing.block_forward(0, x)[1], lambda cache: recomputing.block_backward_input(0, cache, dout))
             head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
                     "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
                     "backward_weight": 0.0}

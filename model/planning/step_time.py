@@ -108,8 +108,11 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
         layers = len(ranges[s])
         block = pieces["block"]
         forward = layers * (block["forward"] + block_comm)
-        backward_input = layers * (block["backward_input"] + block_comm
-                                   + ((block["forward"] + block_comm) if c.recompute else 0.0))
+        if c.recompute and "backward_input_recompute" in block:  # calibrated: the rebuild as the block does it
+            backward_input = layers * (block["backward_input_recompute"] + 2 * block_comm)
+        else:  # modelled: one more forward of the block
+            backward_input = layers * (block["backward_input"] + block_comm
+                                       + ((block["forward"] + block_comm) if c.recompute else 0.0))
         backward_weight = layers * block["backward_weight"]
         if s == 0:
             forward += pieces["embedding"]["forward"] + (region if c.tp > 1 else 0.0)
