@@ -108,7 +108,9 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
         layers = len(ranges[s])
         block = pieces["block"]
         forward = layers * (block["forward"] + block_comm)
-        if c.recompute and "backward_input_recompute" in block:  # calibrated: the rebuild as the block does it
+        if c.recompute and c.tp == 1 and "backward_input_recompute" in block:
+            # calibrated: the rebuild as the block does it (one half at a time; a tp stage rebuilds
+            # both halves at once, one forward: below)
             backward_input = layers * (block["backward_input_recompute"] + 2 * block_comm)
         else:  # modelled: one more forward of the block
             backward_input = layers * (block["backward_input"] + block_comm
