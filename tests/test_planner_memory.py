@@ -8,7 +8,6 @@ import pytest
 from ringpipe.model.families import family as family_of
 from ringpipe.model.families import special_ids
 from ringpipe.model.planning.family import inventory_for
-from ringpipe.model.planning.gpt2_inventory import GPT2Inventory
 from ringpipe.model.planning.memory import Candidate, layout_memory
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
