@@ -130,7 +130,7 @@ class DistributedRun:
         self._stop_trace()
         prompt = list(self.tokenizer.encode("\n")) if encodable(self.tokenizer, "\n") else [0]
         answer = merge_generations(self.trainers.generate([prompt], max_new_tokens, seed=self.config.seed).result())
-        return self.tokenizer.decode(prompt + answer["tokens"][0])
+        return self.tokenizer.decode(prompt + answer["tokens"][0]).rstrip("\n")  # printed with a newline
 
     def _sample_in_child_process(self, max_new_tokens: int) -> str:
         """RuntimeError with the child's last line if it fails."""

@@ -105,7 +105,7 @@ def _print(tokenizer, ids: list, generated: dict) -> None:
 
 def _generate_across_workers(directory, prompts, max_new_tokens, temperature, top_k, seed, device, layout,
                              microbatches) -> None:
-    from ringpipe.cluster.distributed_generate import DistributedGenerator, check_generation_layout
+    from ringpipe.model.inference.distributed_generator import DistributedGenerator, check_generation_layout
     from ringpipe.runtime import RemoteError, WorkerLost
 
     try:

@@ -64,15 +64,13 @@ def generate_on_rank(stages: list[GenerationStage], pp_comm, num_stages: int, re
     lengths = [len(request.prompts[i]) for i in order]
     groups = [[order[p] for p in group] for group in prompt_microbatches(lengths, request.microbatches)]
     run = _Run(stages, pp_comm, num_stages, request, groups, time.time() if started is None else started)
-    try:
-        for step in range(request.max_new_tokens):
-            run.post_receives(step)
-            run.post_receives(step + 1)  # a step ahead: they arrive while this step's work runs
-            for mb in range(len(groups)):
-                for stage in stages:
-                    run.task(step, mb, stage)
-    finally:
-        run.finish_sends()
+    for step in range(request.max_new_tokens):
+        run.post_receives(step)
+        run.post_receives(step + 1)  # a step ahead: they arrive while this step's work runs
+        for mb in range(len(groups)):
+            for stage in stages:
+                run.task(step, mb, stage)
+    run.finish_sends()  # (after a failure the runtime's abort drops what is in flight)
     return run.result() if any(stage.last for stage in stages) else None
 
 
@@ -133,6 +131,8 @@ class _Run:
         if self.rank_of(stage) == self.my_rank:
             self.handed[(step, mb, stage)] = value
         else:
+            if len(self.sends) > 64:  # let go of the arrays of sends that are done
+                self.sends = [handle for handle in self.sends if not handle.is_done()]
             self.sends.append(self.pp.isend(value, self.rank_of(stage), tag=self.tag(step, mb, stage)))
 
     def task(self, step: int, mb: int, stage: GenerationStage):

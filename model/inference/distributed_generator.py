@@ -1,5 +1,6 @@
-"""The driver of `ringpipe generate --nproc N`: worker processes, one `ParallelGenerator` actor per rank
-(model/inference/parallel_generator.py), each holding its part of the model; the driver holds none."""
+"""The driver side of generation across workers (`ringpipe generate --nproc N`, `ringpipe bench generate`):
+worker processes, one `ParallelGenerator` actor per rank (parallel_generator.py), each holding its part
+of the model; the driver holds none."""
 from __future__ import annotations
 
 import time
@@ -47,6 +48,10 @@ class DistributedGenerator:
         return merge_generations(self.generators.generate(
             [list(map(int, p)) for p in prompts], max_new_tokens, temperature, top_k, seed, microbatches,
             time.time()).result())
+
+    def weight_bytes(self) -> list:
+        """Bytes of weights each rank holds, by rank."""
+        return self.generators.weight_bytes().result()
 
     def close(self) -> None:
         self.cluster.close()
