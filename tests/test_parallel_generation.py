@@ -92,12 +92,13 @@ def test_each_rank_holds_only_its_shards(local_cluster, model_dir):
 
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, local_cluster_pool):
-    """A tp-2 ParallelTrainer after one step, and the sharded checkpoint it wrote."""
+    """A ParallelTrainer after one step, two pipeline stages on each of its two ranks (interleaved), and the
+    sharded checkpoint it wrote."""
     tmp = tmp_path_factory.mktemp("sharded")
-    config = config_for(tmp, n_layer=2, n_head=2)
+    config = config_for(tmp, n_layer=4, n_head=2)
     run = str(tmp / "run")
     setup = Trainer.create(config, run)
-    layout = Layout(tp=2)
+    layout = Layout(pp=2, schedule="interleaved", virtual_stages=2)
     trainers = local_cluster_pool.get(2).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
                                                str(tmp / "run" / "tokens.bin"), setup.tokenizer.vocab_size)
     trainers.train_step(0).result()
@@ -115,7 +116,7 @@ def dense_from(checkpoint_run):
 @pytest.mark.timeout(120)
 def test_ranks_read_their_shards_of_a_sharded_checkpoint_saved_under_another_layout(local_cluster, sharded_run):
     _, run = sharded_run
-    generators = local_cluster(2).spawn(ParallelGenerator, weights_source(run), {"pp": 2})
+    generators = local_cluster(2).spawn(ParallelGenerator, weights_source(run), {"tp": 2})
     got = merge_generations(generators.generate(PROMPTS, NEW, seed=5, **TOP_K).result())["tokens"]
     expected = dense_from(run).generate(np.array(PROMPTS), NEW, seed=5, **TOP_K)[:, 3:].tolist()
     assert [got[i] for i in range(len(PROMPTS))] == expected
@@ -123,7 +124,7 @@ def test_ranks_read_their_shards_of_a_sharded_checkpoint_saved_under_another_lay
 
 @pytest.mark.timeout(120)
 def test_a_trainer_generates_with_its_own_stages(sharded_run):
-    trainers, run = sharded_run  # the end-of-training --sample of a multi-worker run
+    trainers, run = sharded_run  # the end-of-training --sample of a multi-worker run (here 4 stages on 2 ranks)
     got = merge_generations(trainers.generate(PROMPTS[:1], NEW, seed=5).result())["tokens"][0]
     assert got == dense_from(run).generate(np.array(PROMPTS[:1]), NEW, seed=5)[0, 3:].tolist()
 
