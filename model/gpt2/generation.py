@@ -35,10 +35,10 @@ def generate(gpt, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
     the last block_size tokens, and the KV cache is rebuilt for that window.
     """
     rng = np.random.default_rng(seed)
-    block_size = gpt.config.block_size
+    block_size, layers = gpt.config.block_size, range(gpt.config.n_layer)
     tokens = to_host(idx).astype(np.int64)
-    logits, kv = prefill(gpt, gpt.xp.asarray(tokens[:, -block_size:]))
-    logits = logits[:, -1]
+    kv = new_kv_cache(gpt, tokens.shape[0], layers)
+    logits = forward_cached(gpt, gpt.xp.asarray(tokens[:, -block_size:]), kv, layers)  # the last position's
     for step in range(max_new_tokens):
         next_tokens = sample_batch(to_host(logits).astype(np.float64), temperature, top_k, rng)
         tokens = np.concatenate([tokens, next_tokens[:, None]], axis=1)
@@ -46,6 +46,7 @@ def generate(gpt, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
             break
         if kv["length"] < block_size:
             logits = decode_step(gpt, kv, gpt.xp.asarray(next_tokens))
-        else:
-            logits = prefill(gpt, gpt.xp.asarray(tokens[:, -block_size:]))[0][:, -1]
+        else:  # the window again, into an emptied cache
+            kv["length"] = 0
+            logits = forward_cached(gpt, gpt.xp.asarray(tokens[:, -block_size:]), kv, layers)
     return gpt.xp.asarray(tokens) if gpt.xp is not np else tokens
