@@ -7,7 +7,7 @@ import pytest
 from ringpipe.model.gpt2.config import GPTConfig
 from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.inference.parallel_generator import ParallelGenerator
-from ringpipe.model.inference.pipelined_generation import generate_in_one_process, merge_generations
+from ringpipe.model.inference.pipelined_generation import generate_in_one_process, merge_generations, rank_tasks
 from ringpipe.model.inference.sampling import StepUniforms, prompt_microbatches
 from ringpipe.model.inference.weights import weights_source
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
@@ -160,3 +160,30 @@ def test_a_family_without_cached_generation_is_refused_by_name(tmp_path):
         str(tmp_path))
     line = one_error_line(run_cli("generate", "--checkpoint", tmp_path, "--nproc", "2", "--pp", "2"))
     assert "supports gpt2" in line and "t5 model" in line
+
+
+def busy_fraction(pp: int, microbatches: int, steps: int = 12) -> float:
+    """Each rank's tasks (rank_tasks, one stage per rank) run with unit cost, each as soon as its input
+    exists: the fraction of the last stage's time from its first task to its last that it is busy."""
+    done = {}  # (step, micro-batch, stage) -> finish time
+    free = [0] * pp
+    queues = [rank_tasks([rank], microbatches, steps) for rank in range(pp)]
+    while any(queues):
+        for rank in range(pp):
+            if not queues[rank]:
+                continue
+            step, mb, stage = queues[rank][0]
+            source = (step, mb, stage - 1) if stage else (step - 1, mb, pp - 1) if step else None
+            if source is not None and source not in done:
+                continue
+            queues[rank].pop(0)
+            start = max(free[rank], done.get(source, 0))
+            done[(step, mb, stage)] = free[rank] = start + 1
+    last = [time for (step, mb, stage), time in done.items() if stage == pp - 1]
+    return len(last) / (max(last) - min(last) + 1)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_with_as_many_prompt_groups_as_stages_no_stage_waits_by_design(pp):
+    assert busy_fraction(pp, microbatches=pp) == 1.0
+    assert busy_fraction(pp, microbatches=1) == pytest.approx(1 / pp, rel=0.2)  # one group: a stage at a time

@@ -11,6 +11,8 @@ Data-parallel replicas each generate a contiguous share of the prompts.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ringpipe.model.families import family
 from ringpipe.model.inference.pipelined_generation import generate_on_mesh
 from ringpipe.model.inference.weights import model_config, read_rank_weights
@@ -35,7 +37,10 @@ class ParallelGenerator:
         self.stage.grads = {}  # inference: no gradients
         for name, weight in read_rank_weights(source, self).items():
             param = self.stage.params[name]
-            param[...] = self.stage.xp.asarray(weight.astype(param.dtype, copy=False))
+            if isinstance(weight, np.ndarray):
+                param[...] = self.stage.xp.asarray(weight.astype(param.dtype, copy=False))
+            else:  # a weight in another format the linears take as it is (an int8 weight): the pieces see it
+                self.stage.params[name] = weight
 
     def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of this rank's parameters."""

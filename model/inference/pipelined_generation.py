@@ -64,14 +64,21 @@ def generate_on_rank(stages: list[GenerationStage], pp_comm, num_stages: int, re
     lengths = [len(request.prompts[i]) for i in order]
     groups = [[order[p] for p in group] for group in prompt_microbatches(lengths, request.microbatches)]
     run = _Run(stages, pp_comm, num_stages, request, groups, time.time() if started is None else started)
-    for step in range(request.max_new_tokens):
-        run.post_receives(step)
-        run.post_receives(step + 1)  # a step ahead: they arrive while this step's work runs
-        for mb in range(len(groups)):
-            for stage in stages:
-                run.task(step, mb, stage)
+    by_index = {stage.index: stage for stage in stages}
+    for step, mb, index in rank_tasks(sorted(by_index), len(groups), request.max_new_tokens):
+        if mb == 0 and index == min(by_index):
+            run.post_receives(step)
+            run.post_receives(step + 1)  # a step ahead: they arrive while this step's work runs
+        run.task(step, mb, by_index[index])
     run.finish_sends()  # (after a failure the runtime's abort drops what is in flight)
     return run.result() if any(stage.last for stage in stages) else None
+
+
+def rank_tasks(stages: list[int], microbatches: int, steps: int) -> list[tuple]:
+    """The (step, micro-batch, stage) tasks of a rank holding `stages`, in the order it does them: step
+    by step, micro-batch by micro-batch, its stages in chain order (a topological order of the tasks'
+    dependencies on every rank, so the ranks cannot wait on one another in a cycle)."""
+    return [(step, mb, stage) for step in range(steps) for mb in range(microbatches) for stage in stages]
 
 
 class _Run:
