@@ -152,14 +152,16 @@ def test_a_layout_that_cannot_split_the_model_is_one_line_before_workers_start(m
     assert message in one_error_line(run_cli("generate", "--checkpoint", model_dir, *flags))
 
 
-def test_a_family_without_cached_generation_is_refused_by_name(tmp_path):
+@pytest.mark.parametrize("name,message", [("t5", "supports gpt2 models; {path} holds a t5 model"),
+                                          ("bert", "{path} holds a bert model, which does not generate text")])
+def test_a_family_that_cannot_generate_across_workers_is_refused_by_name(tmp_path, name, message):
     from ringpipe.model.families import family
 
-    t5 = family("t5")
-    t5.model(t5.config(**dataclasses.asdict(t5.default_options()), vocab_size=40), seed=0).save_pretrained(
-        str(tmp_path))
+    model_family = family(name)
+    config = model_family.config(**dataclasses.asdict(model_family.default_options()), vocab_size=40)
+    model_family.model(config, seed=0).save_pretrained(str(tmp_path))
     line = one_error_line(run_cli("generate", "--checkpoint", tmp_path, "--nproc", "2", "--pp", "2"))
-    assert "supports gpt2" in line and "t5 model" in line
+    assert message.format(path=tmp_path) in line
 
 
 def busy_fraction(pp: int, microbatches: int, steps: int = 12) -> float:

@@ -62,6 +62,8 @@ def weights_source(directory: str, device: str = "cpu") -> dict:
         name = metadata["config"].get("family", DEFAULT_FAMILY)
     else:
         name = checkpoint_family(path) or DEFAULT_FAMILY
+    if not hasattr(family(name).model, "generate"):
+        raise ValueError(f"{path} holds a {name} model, which does not generate text")
     if name not in GENERATES_ACROSS_WORKERS:
         raise ValueError(f"generation across workers supports {', '.join(GENERATES_ACROSS_WORKERS)} models; "
                          f"{path} holds a {name} model (generate it in one process: leave out --nproc)")
