@@ -20,6 +20,7 @@ import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.families import family
+from ringpipe.model.inference.pipelined_generation import generate_on_mesh
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -294,6 +295,13 @@ class ParallelTrainer:
     def evaluate(self) -> dict:
         """This rank's part of the validation loss (model/training/evaluation.py)."""
         return evaluate_rank(self)
+
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, started: float | None = None):
+        """Continue `prompts` (token id lists) with the model as trained so far, under the run's layout
+        (model/inference/pipelined_generation.py's `generate_on_mesh`). Every rank must be asked."""
+        return generate_on_mesh(self.stages, self.mesh, self.num_stages, prompts, max_new_tokens, temperature,
+                                top_k, seed, started=started)
 
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards

@@ -256,6 +256,14 @@ class _RankReader:
         return out
 
 
+def read_weights(holder, checkpoint: str) -> dict:
+    """{name: this rank's shard (host array)} of the weight of every parameter in `holder.shard_table()`
+    (`holder`: anything with that and the family's `plan`, as a ParallelTrainer or an inference
+    generator), reading only the pieces' bytes it needs; no optimizer state."""
+    reader = _RankReader(holder, checkpoint, read_metadata(checkpoint)["tensors"])
+    return {name: reader.read(name, "weight") for name in holder.shard_table()}
+
+
 def load_rank(trainer, checkpoint: str) -> int:
     """Take this rank's part of a sharded checkpoint into a `ParallelTrainer` (weights, Adam
     moments, optimizer scalars), reading only what it holds: its tensor-parallel shards, and with
