@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -37,10 +38,6 @@ HEADER_BYTES = 4096
 SIGNATURE_AT, SIGNATURE_BYTES = 64, 1024  # per parity: id (length, crc32), position (call, #), msgpack bytes
 EPOCH_SHIFT = 40
 SLICE_S = 0.1  # longest sleep between looks at aborts and deadlines (an abort also wakes sleepers)
-# A peer on another core answers within microseconds; on a loaded machine spinning only delays the
-# peer (measured here at load 14: a futex ping-pong took 11 µs one way without spinning, 63 µs with
-# a 50 µs spin), so the spin shrinks to MIN when waits keep outlasting it.
-MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
@@ -73,8 +70,7 @@ class GroupChannel:
         self.lock = threading.Lock()
         self.epoch, self.count, self.rounds = None, 0, 0
         # Spin only while the members have a core each; beyond that, yield the core between looks.
-        self.yields = self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
-        self.spin_ns = MAX_SPIN_NS // 4
+        self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
         self._ids = [[region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16].view(np.uint64) for p in (0, 1)]
@@ -262,22 +258,21 @@ class GroupChannel:
         value = ctypes.c_uint64.from_address(word).value
         if value >= target:  # already there: no call into the waiter
             return self._check_epoch(value, peer)
-        # Adaptive spin: a wait answered while spinning lets the next spin longer; one that had
-        # to sleep halves it (the peer is likely descheduled or computing). Spinning counts as
-        # waiting on the peer in the trace, as sleeping does.
+        # Adaptive spin (shm_wait.Spin). Spinning counts as waiting on the peer in the trace, as
+        # sleeping does.
         started = now_ns()
-        value = waiter.wait_at_least(word, sleepers, target, 0.0, self.spin_ns, self.yields)
+        spin = self.spin
+        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.ns(), spin.yields)
+        spin.answered(value >= target)
         if value >= target:
-            self.spin_ns = min(self.spin_ns * 2, MAX_SPIN_NS)
             self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
-        self.spin_ns = max(self.spin_ns // 2, MIN_SPIN_NS)
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
         self._sleeping_on = word
         try:
             while True:
                 left = self.deadline - time.monotonic()
-                value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, self.yields)
+                value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, False)
                 if value >= target:
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
