@@ -18,7 +18,6 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -73,8 +72,12 @@ class GroupChannel:
         self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
-        self._ids = [[region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16].view(np.uint64) for p in (0, 1)]
+        # Counters and signature ids as 64-bit words (plain loads and stores of Python ints; an
+        # aligned 8-byte access is atomic): cheaper per look than ctypes or NumPy scalars.
+        self.counters = [memoryview(region[:8]).cast("Q") for region in self.regions]
+        self._ids = [[memoryview(region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16]).cast("Q") for p in (0, 1)]
                      for region in self.regions]
+        self._views: dict = {}  # (member, parity, dtype, count) -> that buffer's view
         self._written = [None, None]
         # Asynchronous collectives run in order on this channel's own thread (a "stream").
         self._queue: deque = deque()
@@ -196,8 +199,15 @@ class GroupChannel:
         return parity
 
     def buffer(self, member: int, parity: int, dtype, count: int) -> np.ndarray:
-        """`count` elements of `dtype` at the start of member's buffer `parity`."""
-        return self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
+        """`count` elements of `dtype` at the start of member's buffer `parity` (the views of the
+        shapes a program keeps using are made once)."""
+        key = (member, parity, dtype, count)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= 1024:
+                self._views.clear()
+            view = self._views[key] = self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
+        return view
 
     def elements_per_round(self, itemsize: int) -> int:
         return max(1, self.buffer_bytes // max(itemsize, 1))
@@ -255,7 +265,7 @@ class GroupChannel:
 
     def _wait(self, peer: int, target: int):
         word, sleepers, waiter = self.words[peer], self.sleepers[peer], self.waiter
-        value = ctypes.c_uint64.from_address(word).value
+        value = self.counters[peer][0]
         if value >= target:  # already there: no call into the waiter
             return self._check_epoch(value, peer)
         # Adaptive spin (shm_wait.Spin). Spinning counts as waiting on the peer in the trace, as

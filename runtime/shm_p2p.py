@@ -41,6 +41,14 @@ MIN_SLOT_BYTES = 4096
 # of the next, large enough that the per-part bookkeeping (~20 µs) is small next to a copy.
 PART_BYTES = 1 << 20
 SLICE_S = 0.1
+_DTYPES: dict = {}  # a message's dtype string -> np.dtype (parsed once)
+
+
+def _dtype(text: str) -> np.dtype:
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = _DTYPES[text] = np.dtype(text)
+    return dtype
 
 
 def ring_layout(arena_size: int, world_size: int) -> int:
@@ -229,10 +237,10 @@ class PairRings:
         if stale:
             array = None
         elif (out is not None and out.flags.c_contiguous and out.flags.writeable and list(out.shape) == shape
-              and out.dtype == np.dtype(dtype)):
+              and out.dtype == _dtype(dtype)):
             array = out
         else:
-            array = np.empty(shape, np.dtype(dtype))
+            array = np.empty(shape, _dtype(dtype))
         flat = None if stale else array.reshape(-1).view(np.uint8)
         at = 0
         while True:
@@ -265,7 +273,7 @@ class PairRings:
         view = ring.views[tail % SLOTS]
         length = int.from_bytes(view[:4], "little")
         meta = msgpack.unpackb(view[4 : 4 + length])
-        dtype, shape, index, parts, block = np.dtype(meta[4]), meta[5], meta[6], meta[7], meta[8]
+        dtype, shape, index, parts, block = _dtype(meta[4]), meta[5], meta[6], meta[7], meta[8]
         total = dtype.itemsize
         for extent in shape:
             total *= extent
