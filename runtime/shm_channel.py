@@ -69,7 +69,8 @@ class GroupChannel:
         self.lock = threading.Lock()
         self.epoch, self.count, self.rounds = None, 0, 0
         # Spin only while the members have a core each; beyond that, yield the core between looks.
-        self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True)
+        self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True,
+                         len(engine.shm_peers) + 1)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
         # Counters and signature ids as 64-bit words (plain loads and stores of Python ints; an

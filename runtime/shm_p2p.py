@@ -85,7 +85,7 @@ class PairRings:
         self.world_size = world_size
         # More ranks than cores: yield the core between looks while spinning.
         yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
-        self.spin = Spin(yields)
+        self.spin = Spin(yields, len(engine.shm_peers) + 1)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.reclaim_lock = threading.Lock()

@@ -13,10 +13,11 @@ Three ways to do it, the first that works here (or the one `RINGPIPE_SHM_WAIT` n
 - "poll": looking at the counter with growing sleeps (no futex: any POSIX system).
 
 How long to spin (`Spin`) adapts to the waits and to the machine: spinning pays only while a core
-is spare, i.e. the peer is running elsewhere; when every core has a runnable task, a spinning
-waiter takes the core from its peer or from another job and only delays the answer (measured at
-load 8-15 on 2 cores: a futex ping-pong took 13-16 µs one way without spinning, 35 µs with a
-20 µs spin, 127 µs with a 100 µs spin), so then it sleeps at once.
+is spare, i.e. the peer is running elsewhere, or while the runnable tasks are this job's own ranks
+(more ranks than cores: a waiter yields its core to a peer rank between looks). When other jobs
+keep every core busy, a spinning waiter takes the core from its peer or from them and only delays
+the answer (measured at load 8-15 on 2 cores: a futex ping-pong took 13-16 µs one way without
+spinning, 35 µs with a 20 µs spin, 127 µs with a 100 µs spin), so then it sleeps at once.
 """
 from __future__ import annotations
 
@@ -180,25 +181,28 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def spare_core(path: str = LOADAVG) -> bool:
+def spare_core(own_tasks: int = 1, path: str = LOADAVG) -> bool:
     """True when the tasks that can run right now (the caller included) fit on this process's cores,
-    from the kernel's count in /proc/loadavg ("running/total", 4th field); True where there is none."""
+    or are no more than `own_tasks` (this job's ranks on this host, which hand the cores to each
+    other), from the kernel's count in /proc/loadavg ("running/total", 4th field); True where there
+    is no such count."""
     try:
         with open(path, "rb") as file:
             running = int(file.read().split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return True
-    return running <= cores()
+    return running <= max(cores(), own_tasks)
 
 
 class Spin:
     """How long one waiter spins before it sleeps (ns): doubled after a wait its spin answered,
     halved after one that had to sleep (the peer is computing or descheduled), within MIN..MAX,
     and 0 while no core is spare (`spare_core`, looked at every SPARE_CHECK_NS). `yields`: yield
-    the core between looks (more ranks than cores)."""
+    the core between looks (more ranks than cores: a yield hands the core to a peer rank, cheaper
+    than a futex wake); `own_tasks`: this job's ranks on this host."""
 
-    def __init__(self, yields: bool):
-        self.yields = yields
+    def __init__(self, yields: bool, own_tasks: int = 1):
+        self.yields, self.own_tasks = yields, own_tasks
         self._ns = MAX_SPIN_NS // 4
         self._checked = -SPARE_CHECK_NS
         self._spare = True
@@ -206,7 +210,7 @@ class Spin:
     def ns(self) -> int:
         now = time.monotonic_ns()
         if now - self._checked >= SPARE_CHECK_NS:
-            self._spare, self._checked = spare_core(), now
+            self._spare, self._checked = spare_core(self.own_tasks), now
         return self._ns if self._spare else 0
 
     def answered(self, in_time: bool):

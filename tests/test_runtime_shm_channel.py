@@ -67,24 +67,25 @@ def test_a_sleeping_waiter_wakes_on_a_wake_without_a_change(wait_mode):
     mapping.close()
 
 
-def test_a_core_is_spare_while_the_runnable_tasks_fit_on_this_process_cores(tmp_path):
+def test_a_core_is_spare_while_the_runnable_tasks_fit_on_this_process_cores_or_are_the_jobs_own(tmp_path):
     from ringpipe.runtime.shm_wait import cores, spare_core
 
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.50 0.40 0.30 {cores()}/300 4242\n")
-    assert spare_core(str(loadavg))
+    assert spare_core(1, str(loadavg))
     loadavg.write_text(f"9.50 9.40 9.30 {cores() + 1}/300 4242\n")
-    assert not spare_core(str(loadavg))
-    assert spare_core(str(tmp_path / "missing"))  # no such count (not Linux): spin as before
+    assert not spare_core(1, str(loadavg))
+    assert spare_core(cores() + 1, str(loadavg))  # all of them may be this job's own ranks, handing over cores
+    assert spare_core(1, str(tmp_path / "missing"))  # no such count (not Linux): spin as before
 
 
 def test_a_waiter_does_not_spin_while_no_core_is_spare_and_adapts_its_spin_otherwise(monkeypatch):
     from ringpipe.runtime import shm_wait
 
     spin = shm_wait.Spin(yields=False)
-    monkeypatch.setattr(shm_wait, "spare_core", lambda: False)
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: False)
     assert spin.ns() == 0
-    monkeypatch.setattr(shm_wait, "spare_core", lambda: True)
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: True)
     spin._checked -= shm_wait.SPARE_CHECK_NS  # as if the last look were that long ago
     first = spin.ns()
     spin.answered(False)
