@@ -64,4 +64,6 @@ def arena_blocks_in_use(comm) -> int:
     """Run on every rank: how many shared-memory arena blocks this rank still holds, once every
     rank has reached this point (a barrier lets the engine finish what earlier calls left)."""
     comm.barrier()
+    if comm.engine.rings is not None:  # ring blocks come back lazily, when the sender next looks
+        comm.engine.rings.reclaim()
     return len(comm.engine.arena._used)
