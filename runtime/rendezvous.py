@@ -81,7 +81,8 @@ def resolve_host(host: str, what: str = "host") -> str:
         found = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise RendezvousError(f"cannot resolve {what} {host!r}: {getattr(exc, 'strerror', exc)}") from None
-    found.sort(key=lambda entry: entry[0] != socket.AF_INET)  # IPv4 first, as before IPv6 was taken
+    # IPv4 first: a name with both kinds of address resolves as it did before IPv6 was supported.
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
     if not found:
         raise RendezvousError(f"cannot resolve {what} {host!r}: no address")
     return found[0][4][0]
