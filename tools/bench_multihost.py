@@ -49,11 +49,12 @@ from ringpipe.tools.namespace_hosts import NamespaceHosts
 RATES_BITS = {"1gbit": 1e9, "200mbit": 200e6}
 
 
-def all_reduce_seconds(comm, size: int, iterations: int) -> tuple[float, float]:
+def all_reduce_seconds(comm, size: int, iterations: int, warm: bool = True) -> tuple[float, float]:
     """This rank's mean (seconds, CPU seconds of this process) per all_reduce of `size` bytes of
-    float32."""
+    float32, after one untimed (`warm`: connections, buffers; once per setup is enough)."""
     x = np.ones(size // 4, np.float32)
-    comm.all_reduce(x)  # warm: connections, buffers
+    if warm:
+        comm.all_reduce(x)
     comm.barrier()
     start, cpu = time.perf_counter(), time.process_time()
     for _ in range(iterations):
@@ -135,10 +136,11 @@ def run(host_counts=(2, 3), rates=("1gbit", "200mbit"), size: int = 64 << 20, it
                                                            dataclasses.asdict(Layout(dp=count)), token_file,
                                                            driver.tokenizer.vocab_size, bucket_bytes)
                     dp_steps(shaped.trainers, range(2))  # warm-up steps
+                    shaped.cluster.run(all_reduce_seconds, size, 1)  # and a warm-up all_reduce
             next_step = 2
             for _ in range(rounds):  # interleaved: outside load hits every setup alike
                 for count, rate, shaped in setups:
-                    timed = shaped.cluster.run(all_reduce_seconds, size, iterations)
+                    timed = shaped.cluster.run(all_reduce_seconds, size, iterations, False)
                     seconds, cpu = max(s for s, _ in timed), sum(c for _, c in timed)
                     dp = dp_steps(shaped.trainers, range(next_step, next_step + steps))
                     samples.setdefault((count, rate), []).append((seconds, cpu, dp))
