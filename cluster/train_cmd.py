@@ -230,7 +230,7 @@ def train(ctx, **flags):
         raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
                        "one checkpoint")
     if flags["launcher"] != "local":
-        check_multihost_flags(ctx, flags, layout.world_size)
+        check_multihost_flags(ctx, flags, layout.world_size, layout.tp)
     elif flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")

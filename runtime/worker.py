@@ -72,6 +72,7 @@ class Worker:
     def __init__(self, boot: dict):
         import zmq
 
+        from ringpipe.runtime.addresses import dual_stack
         from ringpipe.runtime.auth import JobKeys
         from ringpipe.runtime.communicator import CommConfig, Communicator, Group
         from ringpipe.runtime.engine import Engine
@@ -81,7 +82,7 @@ class Worker:
         self.rank, self.world_size = boot["rank"], boot["world_size"]
         self.config = CommConfig(**boot["comm"])
         self.keys = JobKeys.from_dict(boot["keys"])
-        self.context = zmq.Context()
+        self.context = dual_stack(zmq.Context())
         self.auth = self.keys.start_authenticator(self.context)
         self.engine = Engine(self.rank, self.context, self.keys, boot["bind_host"], self.config.timeout)
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
