@@ -2,6 +2,7 @@
 non-zero exit and no process left, wherever the driver is at that moment."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +74,13 @@ def test_a_stopped_worker_ends_ringpipe_train_within_seconds_with_one_line(corpu
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("Error: worker rank ") and f"(pid {workers[2]})" in error, stderr
     assert "heartbeat" in error and f"--resume --out {out}" in error
+    # Before the error line, the report: that rank first, then what the driver did to the others.
+    report = stderr[stderr.index("Root cause (first failure)"):]
+    root, consequences = report.split("Consequences on the other ranks:")
+    assert f"host {socket.gethostname()}, pid {workers[2]}): sent no heartbeat for" in root
+    assert "its process is stopped" in root and os.path.join(out, "logs", "rank-") in root
+    assert consequences.count("stopped by the driver") == 3, report
+    assert sorted(os.listdir(os.path.join(out, "logs"))) == [f"rank-{rank}.log" for rank in range(4)]
 
 
 # ---- a worker killed while the driver does its own part of the work --------------------------------
@@ -141,7 +149,8 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     assert result.exit_code != 0
     error = result.output.strip().splitlines()[-1]
     pid = _RecordingCluster.last.pids[1]
-    assert error.startswith(f"Error: worker rank 1 (pid {pid}) was killed by signal SIGKILL"), result.output
+    assert error.startswith(f"Error: worker rank 1 (pid {pid}) on host {socket.gethostname()} was killed by signal "
+                            "SIGKILL"), result.output
     assert "cluster is stopped" not in error and "Traceback" not in result.output
     if where == "setup":
         assert error.endswith("no checkpoint was saved yet, so start the run again"), error
