@@ -32,6 +32,7 @@ from ringpipe.runtime.launch import LocalLauncher, stop_processes
 
 PING_INTERVAL_S = 1.0
 AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
+AGENT_LOST_S = 3.0  # an agent (it reports twice a second) silent this long: its host or link is down
 
 
 class RendezvousError(RuntimeError):
@@ -74,6 +75,11 @@ class Agent:
     ranks: list | None = None
     pid: int = 0
     ranks_here: list = field(default_factory=list)  # global ranks it runs, in its local order
+    last_heard: float = field(default_factory=time.monotonic)
+
+    def lost(self) -> bool:
+        """Whether nothing came from this agent for AGENT_LOST_S: its host or link is down."""
+        return time.monotonic() - self.last_heard > AGENT_LOST_S
 
 
 class Rendezvous:
@@ -238,11 +244,12 @@ class RendezvousLauncher:
             self.outbox.put((agent, {"t": "stop", "grace": grace}))
         if self.local is not None:
             self.local.kill_all(grace)
-        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report.
+        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report; an
+        # agent gone silent (its host or link is down) cannot, and is not waited for.
         deadline = time.monotonic() + grace + 5.0
         remote = [rank for rank in range(len(self.hosts)) if rank not in self.local_ranks]
         while self.thread.is_alive() and time.monotonic() < deadline and \
-                any(self.codes.get(rank) is None for rank in remote):
+                any(self.codes.get(rank) is None and not self.agents[self.hosts[rank]].lost() for rank in remote):
             time.sleep(0.02)
 
     def clean_up(self, job_id: str) -> None:
@@ -263,7 +270,11 @@ class RendezvousLauncher:
     def process_note(self, rank: int) -> str:
         if rank in self.local_ranks:
             return self.local.process_note(self.local_ranks.index(rank))
-        return f" (on host {self.host(rank)})"  # a silent remote worker: which machine to look at
+        agent = self.agents[self.hosts[rank]]
+        if agent.lost():
+            return (f" (its host's agent is silent too, for {time.monotonic() - agent.last_heard:.1f}s: the host "
+                    "or its link is down)")
+        return ""
 
     # ---- the rendezvous thread ---------------------------------------------------------------------
     def _serve(self):
@@ -284,6 +295,8 @@ class RendezvousLauncher:
                 continue
             identity, message = got
             agent = next((a for a in self.agents if a.identity == identity), None)
+            if agent is not None:
+                agent.last_heard = time.monotonic()
             if agent is None:
                 if message.get("t") == "join":  # a latecomer: the world is complete
                     self.rendezvous.send(Agent(identity, "", "", 0), {"t": "refuse", "reason": "the job has started"})
@@ -306,6 +319,12 @@ class RendezvousLauncher:
         for agent in self.agents:
             self.rendezvous.send(agent, {"t": "stop", "grace": 0.0, "bye": True})
         self.rendezvous.close()
+        for starter in self.starters:  # an agent that missed the goodbye sees its stdin end
+            if getattr(starter, "stdin", None) is not None and not starter.stdin.closed:
+                try:
+                    starter.stdin.close()
+                except OSError:
+                    pass
         stop_processes(self.starters, grace=5.0)  # they end with their agents
 
 
