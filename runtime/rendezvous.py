@@ -325,7 +325,8 @@ class RendezvousLauncher:
                     starter.stdin.close()
                 except OSError:
                     pass
-        stop_processes(self.starters, grace=5.0)  # they end with their agents
+        # They end with their agents; one that lost its agent (host or link down) would only hang.
+        stop_processes(self.starters, grace=0.0 if any(agent.lost() for agent in self.agents) else 5.0)
 
 
 __all__ = ["Rendezvous", "RendezvousLauncher", "RendezvousError", "Agent", "outward_address", "resolve_host"]
