@@ -3,14 +3,16 @@ inside salloc starts its workers with srun; under `srun ringpipe train --launche
 drives. Ranks come from SLURM_PROCID, hosts from SLURMD_NODENAME; the runs equal one process."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from ringpipe.runtime.auth import create_key_file
-from tests.conftest import one_error_line, run_cli
+from tests.conftest import one_error_line, processes_tagged, run_cli
 from tests.local_slurm import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
@@ -70,3 +72,33 @@ def test_launcher_slurm_outside_an_allocation_is_one_line(corpus, tmp_path, monk
     line = one_error_line(run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "run", "--dp", "2",
                                   "--launcher", "slurm"))
     assert "not inside a Slurm allocation" in line
+
+
+def test_a_cancelled_job_leaves_no_ringpipe_process(slurm, corpus, tmp_path):
+    """scancel of a running `ringpipe train --launcher slurm` inside salloc: the driver, the agents
+    srun started and their workers all end."""
+    tag = f"slurm-{os.getpid()}-{time.monotonic_ns()}"
+    out = tmp_path / "run"
+    salloc = subprocess.Popen(["salloc", "--ntasks=2", sys.executable, "-m", "ringpipe.cluster", "train", "--data",
+                               corpus, *TRAIN, "--steps", "100000", "--out", str(out), "--dp", "2", "--launcher",
+                               "slurm"], env=dict(slurm.environment, RINGPIPE_TEST_TAG=tag),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert salloc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        assert len(processes_tagged(tag)) >= 5  # salloc, the driver, srun, two agents and their workers
+        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm.environment, capture_output=True, text=True)
+        assert len(jobs.stdout.split()) == 1, jobs.stdout
+        subprocess.run(["scancel", jobs.stdout.split()[0]], env=slurm.environment, check=True)
+        deadline = time.monotonic() + 20
+        while processes_tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_tagged(tag) == []
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+        salloc.wait()
+        for pid in processes_tagged(tag):
+            os.kill(pid, signal.SIGKILL)
