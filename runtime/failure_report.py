@@ -69,24 +69,22 @@ class FailureReport:
         return "\n".join(lines)
 
 
+def signal_name(signum: int) -> str:
+    """"SIGKILL" for 9; "signal 99" for a number Python does not name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def exit_text(code: int) -> str:
     """"3", or "-9 (SIGKILL)" for a process killed by a signal."""
-    if code < 0:
-        try:
-            return f"{code} ({signal.Signals(-code).name})"
-        except ValueError:
-            return str(code)
-    return str(code)
+    return f"{code} ({signal_name(-code)})" if code < 0 else str(code)
 
 
 def how_it_ended(code: int) -> str:
-    """A process's exit code in words: "killed by signal SIGKILL", "exited with code 3"."""
-    if code < 0:
-        try:
-            return f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with code {code}"
+    """A process's exit code in words: "was killed by signal SIGKILL", "exited with code 3"."""
+    return f"was killed by signal {signal_name(-code)}" if code < 0 else f"exited with code {code}"
 
 
 def _tail(text: str) -> str:
@@ -130,7 +128,8 @@ def report_lost_worker(lost, launcher, world_size: int, ended_before: dict, trac
         elif after is None:
             what = "not confirmed stopped" + (launcher.process_note(other) or " (no word from its host)")
         else:
-            what = f"stopped by the driver ({exit_text(after)})"
+            what = (f"stopped by the driver with {signal_name(-after)}" if after < 0
+                    else f"stopped by the driver (it exited with code {after})")
         if first_line:
             what += f"; its call had failed: {first_line}"
         consequences.append(outcome(other, launcher, log_paths, what, exit_code=before if before is not None
