@@ -172,6 +172,8 @@ def stop_processes(processes: list[subprocess.Popen], grace: float = 0.0):
         alive = [p for p in processes if p.poll() is None]
         for proc in alive:
             _signal_group(proc, sig)
+            if sig == signal.SIGTERM:  # a stopped (SIGSTOP) process acts on it only once continued
+                _signal_group(proc, signal.SIGCONT)
         for proc in alive:
             try:
                 proc.wait(timeout=1.0)
