@@ -12,7 +12,7 @@ host. Agents stop their workers when told, or when the driver has been silent fo
 `AGENT_SILENCE_S`: a driver that dies leaves nothing running on any host.
 
 Messages (msgpack maps, one frame). Agent -> driver: join {host, address, slots, ranks, version,
-pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
+pid}, status {codes, pids, notes}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
 signal {rank, signum}, stop {grace}, ping.
 """
 from __future__ import annotations
@@ -198,6 +198,7 @@ class RendezvousLauncher:
             agent.ranks_here = [rank for rank, host in enumerate(hosts) if host == index]
         self.codes: dict[int, int | None] = {}
         self.pids: dict[int, int] = {}
+        self.notes: dict[int, str] = {}  # what the agent said of the process's state
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped = threading.Event()
         self.closed = False
@@ -274,7 +275,7 @@ class RendezvousLauncher:
         if agent.lost():
             return (f" (its host's agent is silent too, for {time.monotonic() - agent.last_heard:.1f}s: the host "
                     "or its link is down)")
-        return ""
+        return self.notes.get(rank, "")
 
     # ---- the rendezvous thread ---------------------------------------------------------------------
     def _serve(self):
@@ -305,6 +306,9 @@ class RendezvousLauncher:
                 for rank, pid in (message.get("pids") or {}).items():
                     if int(rank) in agent.ranks_here:
                         self.pids[int(rank)] = pid
+                for rank, note in (message.get("notes") or {}).items():
+                    if int(rank) in agent.ranks_here:
+                        self.notes[int(rank)] = str(note or "")
                 for rank, code in (message.get("codes") or {}).items():
                     if int(rank) in agent.ranks_here and code is not None:
                         self.codes[int(rank)] = int(code)

@@ -121,8 +121,10 @@ def _serve(dealer, send, endpoint, host, silence, driver_gone):
 
 
 def _status(launcher, ours) -> dict:
+    """Each worker's exit code, pid and process note (" (its process is stopped ...)")."""
     return {"t": "status", "codes": {str(r): launcher.poll(i) for i, r in enumerate(ours)},
-            "pids": {str(r): launcher.pid(i) for i, r in enumerate(ours)}}
+            "pids": {str(r): launcher.pid(i) for i, r in enumerate(ours)},
+            "notes": {str(r): launcher.process_note(i) for i, r in enumerate(ours)}}
 
 
 def _here(boot: dict) -> dict:

@@ -77,15 +77,7 @@ def test_each_rank_logs_its_output_to_its_own_file_and_its_stderr_to_the_console
 
 
 @pytest.mark.timeout(60)
-def test_stderr_lines_reach_the_console_marked_with_rank_and_host(tmp_path, capfd):
-    with Cluster(2, log_dir=str(tmp_path / "logs")) as cluster:
-        with pytest.raises(WorkerDied):
-            cluster.run(say_then_fail, "kill")
-    assert f"[rank 1 host {HOST}] rank 1 is about to fail" in capfd.readouterr().err
-
-
-@pytest.mark.timeout(60)
-def test_a_killed_worker_is_reported_first_then_the_ranks_the_driver_stopped(tmp_path):
+def test_a_killed_worker_is_reported_first_then_the_ranks_the_driver_stopped(tmp_path, capfd):
     logs = str(tmp_path / "logs")
     cluster = Cluster(3, log_dir=logs)
     pids = cluster.pids
@@ -106,6 +98,8 @@ def test_a_killed_worker_is_reported_first_then_the_ranks_the_driver_stopped(tmp
     finally:
         cluster.close()
     assert not any(process_alive(pid) for pid in pids)
+    # What it wrote to stderr before it died reached the console, marked with its rank and host.
+    assert f"[rank 1 host {HOST}] rank 1 is about to fail" in capfd.readouterr().err
 
 
 def start_a_grandchild(comm):
@@ -148,3 +142,39 @@ def test_a_stopped_worker_dies_with_its_killed_driver(tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert pids and not left, f"workers {left} outlived their driver"
+
+
+def reduce_for_a_while(comm, seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        comm.all_reduce(np.ones(8))
+
+
+@pytest.mark.timeout(90)
+def test_a_stopped_worker_on_a_joined_host_is_reported_as_stopped_by_its_agent(tmp_path):
+    from ringpipe.cluster.launchers import join_launcher
+    from ringpipe.runtime import WorkerUnresponsive
+    from ringpipe.runtime.auth import create_key_file
+
+    key_file = str(tmp_path / "rendezvous.key")
+    create_key_file(key_file)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+    agent = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", endpoint,
+                              "--nproc-per-node", "2", "--key-file", key_file, "--host-id", "joined"])
+    try:
+        options = join_launcher(endpoint, 2, 1, 0, key_file, 60.0, lambda message: None)
+        with Cluster(2, heartbeat_timeout=4.0, **options) as cluster:
+            future = cluster.submit(reduce_for_a_while, 60)
+            time.sleep(0.5)
+            os.kill(cluster.pids[1], signal.SIGSTOP)
+            with pytest.raises(WorkerUnresponsive) as info:
+                future.result(timeout=60)
+        assert info.value.report.root.host == "joined"
+        assert info.value.report.root.what.endswith("(its process is stopped, e.g. by SIGSTOP)")
+        assert agent.wait(timeout=30) != 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
