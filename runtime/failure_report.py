@@ -45,21 +45,28 @@ class RankOutcome:
 
 @dataclass
 class FailureReport:
-    """The first failure of a job and its consequences on the other ranks, in rank order."""
+    """The first failure of a job and its consequences on the other ranks, in rank order;
+    `stopped`: every worker was stopped (a lost worker), or only the call was aborted (a worker raised)."""
     root: RankOutcome
     consequences: list[RankOutcome]
+    stopped: bool = True
 
     def text(self) -> str:
         """The multi-line summary for the console."""
         root = self.root
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(root.time)) + f".{int(root.time * 1000) % 1000:03d} UTC"
-        lines = ["=" * 72, "ringpipe: the job failed; every worker is stopped",
+        heading = ("the job failed; every worker is stopped" if self.stopped
+                   else "a call failed on a worker; the other ranks' part of it was aborted")
+        lines = ["=" * 72, f"ringpipe: {heading}",
                  f"Root cause (first failure) at {stamp}:", f"  {root.headline()}"]
         if root.exit_code is not None:
             lines.append(f"  exit code: {exit_text(root.exit_code)}")
         tail = _tail(root.traceback)
-        lines += ["  traceback (last lines):"] + _indent(tail) if tail else \
-                 [f"  traceback: none (the process {'ended' if root.exit_code is not None else 'is'} without raising)"]
+        if tail:
+            lines += ["  traceback (last lines):"] + _indent(tail)
+        else:
+            lines.append("  traceback: none (" + ("the process ended without raising)" if root.exit_code is not None
+                                                  else "it has not raised)"))
         if root.log_path:
             lines += [f"  log {root.log_path} (last lines):"] + (_indent(_tail(root.log)) or ["    (empty)"])
         if self.consequences:
@@ -149,7 +156,7 @@ def report_remote_error(errors: dict, root_rank: int, call: str, launcher, log_p
     consequences = [record(rank, value, ("aborted: " if value.get("aborted") else "failed: ")
                            + " ".join(str(value.get("error", "")).split())[:200])
                     for rank, value in sorted(errors.items()) if rank != root_rank]
-    return FailureReport(root, consequences)
+    return FailureReport(root, consequences, stopped=False)
 
 
 __all__ = ["RankOutcome", "FailureReport", "report_lost_worker", "report_remote_error", "how_it_ended", "exit_text"]

@@ -55,6 +55,7 @@ def test_a_raising_worker_is_reported_first_with_its_traceback_then_the_aborted_
     text = report.text()
     assert text.index("Root cause") < text.index("rank 1 (host") < text.index("Consequences") < text.index("rank 0 (")
     assert '| ValueError: a bad value on rank 1' in text and "Traceback" not in text
+    assert "the other ranks' part of it was aborted" in text and not report.stopped  # the cluster goes on
 
 
 @pytest.mark.timeout(60)
@@ -91,7 +92,7 @@ def test_a_killed_worker_is_reported_first_then_the_ranks_the_driver_stopped(tmp
         assert "rank 1 says hello on stdout" in report.root.log and abs(report.root.time - time.time()) < 60
         assert [(c.rank, c.pid) for c in report.consequences] == [(0, pids[0]), (2, pids[2])]
         assert all(c.what.startswith("stopped by the driver") for c in report.consequences), report.text()
-        assert "exit code: -9 (SIGKILL)" in report.text()
+        assert "exit code: -9 (SIGKILL)" in report.text() and "every worker is stopped" in report.text()
         with pytest.raises(RuntimeError) as again:  # a later call carries the same report
             cluster.run(say_then_fail, "kill")
         assert again.value.report is report
