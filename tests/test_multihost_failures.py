@@ -67,6 +67,9 @@ def test_a_host_whose_link_goes_down_stops_the_job_with_a_report_naming_it(ssh_t
     assert report.root.what.endswith("the host or its link is down)"), report.text()
     assert [(c.rank, c.host) for c in report.consequences] == [(0, hosts.addresses[0])]
     assert report.consequences[0].what.startswith("stopped by the driver"), report.text()
+    # Its log was written on its host, into the run directory every host sees.
+    assert report.root.log_path == str(tmp_path / "run" / "logs" / "rank-1.log")
+    assert report.root.log.startswith(f"--- ringpipe worker rank 1 on host {hosts.addresses[1]}, started ")
     # Host 1 heard nothing more from the driver: its agent stops its worker once the link is back
     # (the ssh session ended) or after its silence bound, whichever comes first.
     assert wait_until_empty(hosts, [0, 1], 30) == []
