@@ -74,9 +74,11 @@ def test_launcher_slurm_outside_an_allocation_is_one_line(corpus, tmp_path, monk
     assert "not inside a Slurm allocation" in line
 
 
-def test_a_cancelled_job_leaves_no_ringpipe_process(slurm, corpus, tmp_path):
-    """scancel of a running `ringpipe train --launcher slurm` inside salloc: the driver, the agents
-    srun started and their workers all end."""
+@pytest.mark.parametrize("how", ["scancel", "driver killed"])
+def test_a_cancelled_job_or_a_killed_driver_leaves_no_ringpipe_process(slurm, corpus, tmp_path, how):
+    """scancel of a running `ringpipe train --launcher slurm` inside salloc, or SIGKILL of that
+    driver: the driver, the agents srun started and their workers all end (the agents see srun's
+    input, which the driver held open, end)."""
     tag = f"slurm-{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "run"
     salloc = subprocess.Popen(["salloc", "--ntasks=2", sys.executable, "-m", "ringpipe.cluster", "train", "--data",
@@ -89,10 +91,15 @@ def test_a_cancelled_job_leaves_no_ringpipe_process(slurm, corpus, tmp_path):
             assert salloc.poll() is None and time.monotonic() < deadline, "training never started"
             time.sleep(0.1)
         assert len(processes_tagged(tag)) >= 5  # salloc, the driver, srun, two agents and their workers
-        jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm.environment, capture_output=True, text=True)
-        assert len(jobs.stdout.split()) == 1, jobs.stdout
-        subprocess.run(["scancel", jobs.stdout.split()[0]], env=slurm.environment, check=True)
-        deadline = time.monotonic() + 20
+        if how == "scancel":
+            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm.environment, capture_output=True, text=True)
+            assert len(jobs.stdout.split()) == 1, jobs.stdout
+            subprocess.run(["scancel", jobs.stdout.split()[0]], env=slurm.environment, check=True)
+        else:
+            driver = [pid for pid in processes_tagged(tag) if _parent(pid) == salloc.pid]
+            assert len(driver) == 1, driver
+            os.kill(driver[0], signal.SIGKILL)
+        deadline = time.monotonic() + (20 if how == "scancel" else 10)
         while processes_tagged(tag) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert processes_tagged(tag) == []
@@ -102,3 +109,8 @@ def test_a_cancelled_job_leaves_no_ringpipe_process(slurm, corpus, tmp_path):
         salloc.wait()
         for pid in processes_tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
