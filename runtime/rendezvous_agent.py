@@ -87,8 +87,9 @@ def _serve(dealer, send, endpoint, host, silence, driver_gone):
     launcher, ours, heard, reported, last_report = None, [], time.monotonic(), None, 0.0
     while True:
         if driver_gone.is_set():
-            sys.stderr.write(f"ringpipe agent: the connection to the driver at {endpoint} ended; stopping this "
-                             "host's workers\n")
+            if launcher is not None and any(launcher.poll(i) is None for i in range(len(ours))):
+                sys.stderr.write(f"ringpipe agent: the connection to the driver at {endpoint} ended; stopping "
+                                 "this host's workers\n")
             return launcher, ours
         message = _receive(dealer, 0.05)
         now = time.monotonic()
