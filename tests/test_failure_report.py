@@ -110,7 +110,7 @@ def start_a_grandchild(comm):
 
 @pytest.mark.timeout(60)
 def test_what_a_worker_started_ends_with_the_cluster():
-    with Cluster(2) as cluster:
+    with Cluster(1) as cluster:
         grandchildren = cluster.run(start_a_grandchild)
         assert all(process_alive(pid) for pid in grandchildren)
     deadline = time.monotonic() + 5
@@ -127,8 +127,8 @@ def test_a_stopped_worker_dies_with_its_killed_driver(tmp_path):
         import os, signal, sys, time
         sys.path.insert(0, {ROOT!r})
         from ringpipe.runtime import Cluster
-        cluster = Cluster(2)
-        os.kill(cluster.pids[1], signal.SIGSTOP)
+        cluster = Cluster(1)
+        os.kill(cluster.pids[0], signal.SIGSTOP)
         print(" ".join(str(pid) for pid in cluster.pids), flush=True)
         time.sleep(60)
     """))
@@ -163,13 +163,13 @@ def test_a_stopped_worker_on_a_joined_host_is_reported_as_stopped_by_its_agent(t
         s.bind(("127.0.0.1", 0))
         endpoint = f"127.0.0.1:{s.getsockname()[1]}"
     agent = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", endpoint,
-                              "--nproc-per-node", "2", "--key-file", key_file, "--host-id", "joined"])
+                              "--nproc-per-node", "1", "--key-file", key_file, "--host-id", "joined"])
     try:
-        options = join_launcher(endpoint, 2, 1, 0, key_file, 60.0, lambda message: None)
-        with Cluster(2, heartbeat_timeout=4.0, **options) as cluster:
+        options = join_launcher(endpoint, 1, 1, 0, key_file, 60.0, lambda message: None)
+        with Cluster(1, heartbeat_timeout=4.0, **options) as cluster:
             future = cluster.submit(reduce_for_a_while, 60)
             time.sleep(0.5)
-            os.kill(cluster.pids[1], signal.SIGSTOP)
+            os.kill(cluster.pids[0], signal.SIGSTOP)
             with pytest.raises(WorkerUnresponsive) as info:
                 future.result(timeout=60)
         assert info.value.report.root.host == "joined"
