@@ -100,7 +100,11 @@ def test_a_killed_worker_is_reported_first_then_the_ranks_the_driver_stopped(tmp
         cluster.close()
     assert not any(process_alive(pid) for pid in pids)
     # What it wrote to stderr before it died reached the console, marked with its rank and host.
-    assert f"[rank 1 host {HOST}] rank 1 is about to fail" in capfd.readouterr().err
+    console, deadline = "", time.monotonic() + 10  # a thread copies it
+    while "about to fail" not in console and time.monotonic() < deadline:
+        console += capfd.readouterr().err
+        time.sleep(0.05)
+    assert f"[rank 1 host {HOST}] rank 1 is about to fail" in console
 
 
 def start_a_grandchild(comm):
