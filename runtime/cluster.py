@@ -13,6 +13,9 @@ compute thread is doing: a worker silent for `heartbeat_timeout` seconds (stoppe
 gone) raises `WorkerUnresponsive`; a live worker that makes no progress in a call the others gave up
 on (they timed out waiting for it, or the call failed elsewhere) raises `WorkerStuck` with its Python
 stack. Either way every worker is stopped. `close()` leaves no process and no shared-memory file behind.
+Every failure a call raises carries a `report`: the first failure, then what became of the other
+ranks (runtime/failure_report.py). With `log_dir`, each rank's output goes to its own log file
+(runtime/rank_logs.py).
 """
 from __future__ import annotations
 
