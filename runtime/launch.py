@@ -110,7 +110,8 @@ class LocalLauncher:
             worker_env = dict(environment, **conventional_env(boot, local_rank, len(boots), self.group_rank))
             for var in BLAS_THREAD_VARIABLES:
                 worker_env[var] = str(boot["threads"])
-            log = open_rank_log(boot["log_path"], boot["rank"], boot["host"]) if boot.get("log_path") else None
+            log = (open_rank_log(boot["log_path"], boot["rank"], boot["host"], int(boot.get("restart_count", 0)))
+                   if boot.get("log_path") else None)
             if log is not None:
                 worker_env["PYTHONUNBUFFERED"] = "1"  # a killed worker's last prints are in its log
             # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers;

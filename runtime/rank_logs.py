@@ -18,9 +18,10 @@ def rank_log_path(log_dir: str, rank: int) -> str:
     return os.path.join(log_dir, f"rank-{rank}.log")
 
 
-def open_rank_log(path: str, rank: int, host: str):
+def open_rank_log(path: str, rank: int, host: str, restart: int = 0):
     """`path` opened for appending (a restarted rank's log goes on), with a line saying who starts
-    now; None, after one line on stderr, if it cannot be written here."""
+    now (and after how many restarts of the job); None, after one line on stderr, if it cannot be
+    written here."""
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         log = open(path, "ab", buffering=0)
@@ -29,7 +30,8 @@ def open_rank_log(path: str, rank: int, host: str):
                          f"({exc.strerror}); its output goes to this console only\n")
         return None
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    log.write(f"--- ringpipe worker rank {rank} on host {host}, started {stamp} ---\n".encode())
+    again = f" (restart {restart})" if restart else ""
+    log.write(f"--- ringpipe worker rank {rank} on host {host}, started {stamp}{again} ---\n".encode())
     return log
 
 
