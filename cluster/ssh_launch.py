@@ -105,11 +105,13 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
             slots = order.count(h)
             command = remote_python(["-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", rendezvous.endpoint,
                                      "--nproc-per-node", str(slots), "--host-id", names[h], "--key-stdin",
-                                     "--timeout", str(timeout)])
+                                     "--exit-with-stdin", "--timeout", str(timeout)])
             process = subprocess.Popen([*ssh_command(names[h]), command], stdin=subprocess.PIPE,
                                        stderr=subprocess.PIPE, start_new_session=True)
+            # stdin stays open: when this driver ends, however it ends, the remote agent sees its
+            # end and stops that host's workers (--exit-with-stdin).
             process.stdin.write(keys.secret + b"\n")
-            process.stdin.close()
+            process.stdin.flush()
             process.last_line = "no message"
             process.forwarder = threading.Thread(target=_forward, args=(names[h], process), daemon=True)
             process.forwarder.start()
@@ -130,12 +132,13 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
 
 def _forward(host, process):
     """Pass what the host's agent and workers write to stderr on to ours, each line marked with
-    the host; remember the last line for an error message."""
+    the host (a worker's lines are marked with its rank and host already); remember the last line
+    for an error message."""
     for raw in process.stderr:
         line = raw.decode(errors="replace").rstrip()
         if line:
             process.last_line = line
-            sys.stderr.write(f"[{host}] {line}\n")
+            sys.stderr.write(f"{line}\n" if line.startswith("[rank ") else f"[{host}] {line}\n")
 
 
 def _ssh_alive(processes):

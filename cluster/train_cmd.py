@@ -38,10 +38,17 @@ from ringpipe.tools.trace_io import read_metrics
 RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite")
 
 
-def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.ClickException:
+def _worker_failure(exc: Exception, out: str, resumable: bool = True, summary: bool = True,
+                    progress: Progress | None = None) -> click.ClickException:
     """One line for a worker that failed, died, went silent or got stuck, wherever the driver was
     (starting, training, evaluating, pulling weights for a checkpoint, writing traces): the cause's
-    first line and, when a checkpoint exists, how to continue from it."""
+    first line and, when a checkpoint exists, how to continue from it. With `summary`, the failure
+    report (runtime/failure_report.py: the first failure, then the other ranks) goes before it."""
+    report = getattr(exc, "report", None)
+    if summary and report is not None:
+        if progress is not None:
+            progress.end_line()
+        click.echo(report.text(), err=True)
     cause = exc.cause if isinstance(exc, ClusterStopped) else exc
     line = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
     try:
@@ -300,7 +307,8 @@ def _run(flags, config, layout, distributed, out, state):
     except WorkerLost as exc:
         raise _worker_failure(exc, out) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
-        raise click.ClickException(_with_fallback(_worker_failure(exc, out, resumable=False).message, flags)) from None
+        raise click.ClickException(_with_fallback(
+            _worker_failure(exc, out, resumable=False, summary=False).message, flags)) from None
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
@@ -339,7 +347,7 @@ def _run(flags, config, layout, distributed, out, state):
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:
-        raise _worker_failure(exc, out) from None
+        raise _worker_failure(exc, out, progress=state.get("progress")) from None
 
 
 def _prepare_kernels() -> None:
