@@ -19,6 +19,7 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from ringpipe.cluster.restarts import check_restart_flags, restart_options, restartable, run_with_restarts
 from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
@@ -153,6 +154,9 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
                    "or skip its update and go on.")
 @click.option("--out", type=OutputDirectory(), default="out", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After a worker fails, stop every worker and start them again (on the hosts still "
+                   "reachable), resuming from the last checkpoint; at most N times. Needs --checkpoint-every.")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds an earlier run (it is replaced).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -206,7 +210,8 @@ def train(ctx, **flags):
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
-    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local"
+    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local" \
+        or flags["max_restarts"] > 0  # a restart starts worker processes again
     # Flags that would do nothing in this layout are refused, not silently dropped.
     if flags["sequence_parallel"] and layout.tp == 1:
         raise bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
@@ -236,6 +241,7 @@ def train(ctx, **flags):
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
+        check_restart_flags(flags, config, layout.world_size)
         if flags["encoder_stages"] is not None:
             layout.split = _encoder_decoder_split(flags, config, layout)
         if flags["resume"] and _already_complete(ctx, config, out):
@@ -247,7 +253,8 @@ def train(ctx, **flags):
         raise click.ClickException(one_line(exc)) from None
     state = {"trainer": None, "progress": None}
     try:
-        _run(flags, config, layout, distributed, out, state)
+        run_with_restarts(lambda restart: _run(flags, config, layout, distributed, out, state, restart),
+                          flags, layout, out, state)
     except KeyboardInterrupt:
         report_interrupt(out, config, state)
         raise click.exceptions.Exit(130) from None
@@ -267,8 +274,9 @@ def _encoder_decoder_split(flags, config, layout) -> list[int]:
         raise bad_flag("--encoder-stages", str(exc).replace(f"--encoder-stages {stages} ", "")) from None
 
 
-def _run(flags, config, layout, distributed, out, state):
-    """Start the trainer (saying what takes time), train, report the trace, print the sample."""
+def _run(flags, config, layout, distributed, out, state, restart=0):
+    """Start the trainer (saying what takes time), train, report the trace, print the sample.
+    `restart`: how often the job was restarted before (cluster/restarts.py)."""
     if flags["trace"]:
         remove_traces(out)  # an earlier run's ranks must not mix into this run's trace
     _prepare_kernels()
@@ -279,7 +287,7 @@ def _run(flags, config, layout, distributed, out, state):
         if distributed:
             from ringpipe.cluster.distributed_train import DistributedRun
 
-            options = cluster_options(flags, layout, out, say)
+            options = dict(cluster_options(flags, layout, out, say), **restart_options(restart))
             try:
                 trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
                                          bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
@@ -292,7 +300,7 @@ def _run(flags, config, layout, distributed, out, state):
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
-        raise _worker_failure(exc, out) from None
+        raise restartable(exc, _worker_failure(exc, out)) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
         raise _worker_failure(exc, out, resumable=False) from None
     except (ValueError, RuntimeError) as exc:
@@ -330,7 +338,7 @@ def _run(flags, config, layout, distributed, out, state):
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:
-        raise _worker_failure(exc, out) from None
+        raise restartable(exc, _worker_failure(exc, out)) from None
 
 
 def _prepare_kernels() -> None:
@@ -367,6 +375,8 @@ def _train_loop(trainer, config, out, state):
         for step in range(first_step, config.steps):
             metrics = trainer.train_step(step)
             metrics["step"] = step + 1  # step numbers count from 1, as the progress line shows
+            if state.get("restart"):  # a restarted run's rows say so; its first also why and whence
+                metrics.update(restart=state["restart"], **state.pop("restart_row", {}))
             last = step + 1 == config.steps
             if last or (config.eval_every and (step + 1) % config.eval_every == 0):
                 metrics.update(trainer.evaluate())

@@ -52,18 +52,18 @@ class Cluster(TraceControl):
                  threads_per_worker: int | None = None, bind_host: str = "127.0.0.1",
                  start_timeout: float = 60.0, arena_bytes: int = DEFAULT_ARENA_BYTES, env: dict | None = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 8.0, stuck_grace: float = 3.0,
-                 launcher: Launcher | None = None, **comm_options):
+                 launcher: Launcher | None = None, restart_count: int = 0, **comm_options):
         """`timeout`: seconds a communication operation may wait for a peer. A worker that sends
         nothing for `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every
         `heartbeat_interval`); a worker still inside a call `stuck_grace` seconds after the others
         timed out waiting for it (or `timeout + stuck_grace` after the call failed elsewhere) is
-        reported as stuck, with its stack. `launcher` starts and stops the worker processes
-        (default: `LocalLauncher`, child processes on this host); `env` is added to their environment."""
+        reported as stuck, with its stack. `launcher` starts and stops the worker processes (default:
+        `LocalLauncher`: children here); `env` adds to their environment, `restart_count` is TORCHELASTIC_RESTART_COUNT."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         if algorithm not in ("auto", "direct", "ring", "shm"):
             raise ValueError(f"algorithm must be auto, direct, ring or shm, got {algorithm!r}")
-        self.world_size = world_size
+        self.world_size, self.restart_count = world_size, restart_count
         self.job_id = secrets.token_hex(6)
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)
@@ -114,7 +114,7 @@ class Cluster(TraceControl):
         boots = [{"rank": rank, "world_size": self.world_size, "job_id": self.job_id, "driver": self.address,
                   "keys": self.keys.to_dict(), "bind_host": bind_host, "comm": asdict(self.comm_config),
                   "sys_path": list(sys.path), "cwd": os.getcwd(), "threads": self.threads_per_worker,
-                  "start_timeout": start_timeout, "arena_bytes": arena_bytes,
+                  "start_timeout": start_timeout, "arena_bytes": arena_bytes, "restart_count": self.restart_count,
                   "heartbeat_interval": self.heartbeat_interval} for rank in range(self.world_size)]
         self.launcher.start(boots, extra_env)
         registered = self._gather("register", start_timeout)
