@@ -17,7 +17,7 @@ from tests.conftest import TEXT, one_error_line, process_alive, run_cli
 
 RUN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
        "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1", "--dtype", "float64",
-       "--eval-every", "0", "--steps", "6", "--checkpoint-every", "2"]
+       "--eval-every", "0", "--steps", "6", "--checkpoint-every", "2", "--dropout", "0.1"]
 TWO_WORKERS = ["--nproc", "2", "--dp", "2"]
 ONE_WORKER = ["--nproc", "1"]  # with --max-restarts still a worker process (a restart starts it again)
 

@@ -21,7 +21,7 @@ from tests.test_multihost import TRAIN, hostfile, hosts, ssh_to  # noqa: F401 (f
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = [*TRAIN, "--steps", "6", "--checkpoint-every", "2", "--dp", "2"]
+RUN = [*TRAIN, "--steps", "6", "--checkpoint-every", "2", "--dropout", "0.1", "--dp", "2"]
 
 
 def _marked(marker: str) -> list[int]:
