@@ -11,7 +11,8 @@ import sys
 import click
 import pytest
 
-from ringpipe.cluster.restarts import resume_point
+from ringpipe.cluster.restarts import RestartableFailure, resume_point, run_with_restarts
+from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
 from tests.conftest import TEXT, one_error_line, process_alive, run_cli
 
@@ -135,6 +136,18 @@ def test_a_damaged_latest_checkpoint_stops_the_restart_naming_the_older_whole_on
     message = raised.value.message
     assert message.startswith(f"not restarting: the latest checkpoint {latest} is damaged")
     assert "checksum" in message and f"the older {out / 'checkpoints' / 'step-00000004'} is whole" in message
+
+
+def test_after_max_restarts_failed_attempts_the_last_failure_is_the_error(tmp_path):
+    attempts = []
+
+    def attempt(restart):
+        attempts.append(restart)
+        raise RestartableFailure(f"failure {restart}", RuntimeError(f"worker rank 0 failed in attempt {restart}"))
+    flags = {"max_restarts": 2, "launcher": "local", "resume": False}
+    with pytest.raises(RestartableFailure, match="failure 2"):
+        run_with_restarts(attempt, flags, Layout(), str(tmp_path), {})
+    assert attempts == [0, 1, 2]
 
 
 def test_max_restarts_without_checkpoints_is_one_line_before_anything_starts(data, tmp_path):
