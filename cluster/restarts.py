@@ -43,16 +43,22 @@ def restartable(cause: Exception, error: click.ClickException) -> RestartableFai
     return RestartableFailure(error.message, cause)
 
 
-def check_restart_flags(flags: dict, config, world_size: int) -> None:
+def check_restart_flags(flags: dict, config, world_size: int, distributed: bool) -> None:
     """One line, before anything starts, for --max-restarts that cannot work, or a RINGPIPE_FAULT
-    that is malformed or names a rank the run does not have."""
+    that is malformed or could never fire in this run."""
     try:
         fault = fault_from_environment()
     except ValueError as exc:
         raise click.ClickException(one_line(exc)) from None
-    if fault is not None and fault.rank >= world_size:
-        raise click.ClickException(f"{FAULT_VARIABLE}: rank {fault.rank} is not among the run's ranks "
-                                   f"0..{world_size - 1}")
+    problem = ""
+    if fault is not None and not distributed:
+        problem = "the run has no worker processes (give --nproc 2 or more, or --max-restarts)"
+    elif fault is not None and fault.rank >= world_size:
+        problem = f"rank {fault.rank} is not among the run's ranks 0..{world_size - 1}"
+    elif fault is not None and fault.step > config.steps:
+        problem = f"step {fault.step} is beyond --steps {config.steps}"
+    if problem:
+        raise click.ClickException(f"{FAULT_VARIABLE}={os.environ[FAULT_VARIABLE]!r} would never fire: {problem}")
     if not flags["max_restarts"]:
         return
     if not config.checkpoint_every:

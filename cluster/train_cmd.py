@@ -241,7 +241,7 @@ def train(ctx, **flags):
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
-        check_restart_flags(flags, config, layout.world_size)
+        check_restart_flags(flags, config, layout.world_size, distributed)
         if flags["encoder_stages"] is not None:
             layout.split = _encoder_decoder_split(flags, config, layout)
         if flags["resume"] and _already_complete(ctx, config, out):

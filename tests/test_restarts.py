@@ -166,11 +166,19 @@ def test_max_restarts_under_a_launcher_the_driver_cannot_restart_is_one_line(dat
 @pytest.mark.parametrize("value, complaint", [("rank=1,step=0,kind=kill", "step 1 or more"),
                                               ("rank=1,kind=kill", "step missing"),
                                               ("rank=1,step=2,kind=explode", "kind 'explode'"),
-                                              ("rank=7,step=2,kind=kill", "rank 7 is not among the run's ranks 0..1")])
-def test_a_malformed_fault_is_one_line_naming_the_variable(data, tmp_path, monkeypatch, value, complaint):
+                                              ("rank=7,step=2,kind=kill", "rank 7 is not among the run's ranks 0..1"),
+                                              ("rank=0,step=7,kind=kill", "step 7 is beyond --steps 6")])
+def test_a_malformed_or_never_firing_fault_is_one_line_naming_the_variable(data, tmp_path, monkeypatch, value,
+                                                                           complaint):
     monkeypatch.setenv("RINGPIPE_FAULT", value)
     line = one_error_line(run_cli("train", "--data", data, *RUN, *TWO_WORKERS, "--out", tmp_path / "run"))
     assert "RINGPIPE_FAULT" in line and complaint in line
+
+
+def test_a_fault_in_a_run_without_worker_processes_is_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("RINGPIPE_FAULT", "rank=0,step=2,kind=kill")
+    line = one_error_line(run_cli("train", "--data", data, *RUN, "--out", tmp_path / "run"))
+    assert "RINGPIPE_FAULT" in line and "no worker processes" in line
 
 
 def test_the_injector_fires_on_its_rank_at_its_step_and_only_in_the_first_run():
