@@ -94,8 +94,11 @@ def run_with_restarts(attempt, flags: dict, layout, out: str, state: dict):
             restart += 1
             cause = failure.cause.cause if isinstance(failure.cause, ClusterStopped) else failure.cause
             what = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
-            step, checkpoint = resume_point(out)
-            hosts = remaining_hosts(flags, layout, out) if flags["launcher"] == "ssh" else ""
+            try:
+                step, checkpoint = resume_point(out)
+                hosts = remaining_hosts(flags, layout, out) if flags["launcher"] == "ssh" else ""
+            except click.ClickException as refused:  # the failure, then why it cannot be restarted
+                raise click.ClickException(f"{what}; {refused.message}") from None
             click.echo(f"restart {restart} of {flags['max_restarts']} (--max-restarts) after: {what}; starting "
                        f"every worker again{hosts}, resuming from "
                        + (f"step {step} (checkpoint {checkpoint})" if checkpoint else

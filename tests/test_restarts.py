@@ -12,7 +12,7 @@ import sys
 import click
 import pytest
 
-from ringpipe.cluster.restarts import RestartableFailure, resume_point, run_with_restarts
+from ringpipe.cluster.restarts import RestartableFailure, run_with_restarts
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
 from tests.conftest import TEXT, one_error_line, process_alive, run_cli
@@ -128,18 +128,24 @@ def test_a_rank_killed_during_a_checkpoint_save_restarts_from_the_previous_check
 
 
 @pytest.mark.timeout(120)
-def test_a_damaged_latest_checkpoint_stops_the_restart_naming_the_older_whole_one(uninterrupted, tmp_path):
+def test_a_damaged_latest_checkpoint_is_one_line_naming_the_older_whole_one_and_nothing_restarts(
+        uninterrupted, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(uninterrupted(ONE_WORKER), out)
     latest = out / "checkpoints" / "step-00000006"
-    piece = latest / "rank-00000.safetensors"
-    with open(piece, "r+b") as f:
+    with open(latest / "rank-00000.safetensors", "r+b") as f:
         f.seek(-8, os.SEEK_END)
         f.write(b"\xff" * 8)  # a flipped tail: the piece no longer matches its checksum
+    attempts = []
+
+    def attempt(restart):
+        attempts.append(restart)
+        raise RestartableFailure("worker rank 0 died", RuntimeError("worker rank 0 died"))
     with pytest.raises(click.ClickException) as raised:
-        resume_point(str(out))
+        run_with_restarts(attempt, {"max_restarts": 1, "launcher": "local", "resume": True}, Layout(), str(out), {})
     message = raised.value.message
-    assert message.startswith(f"not restarting: the latest checkpoint {latest} is damaged")
+    assert attempts == [0]
+    assert message.startswith(f"worker rank 0 died; not restarting: the latest checkpoint {latest} is damaged")
     assert "checksum" in message and f"the older {out / 'checkpoints' / 'step-00000004'} is whole" in message
 
 

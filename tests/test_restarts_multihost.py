@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from ringpipe.cluster.restarts import remaining_hosts
+from ringpipe.cluster.restarts import RestartableFailure, run_with_restarts
 from ringpipe.model.training.parallel_trainer import Layout
 from tests.conftest import run_cli
 from tests.test_multihost import TRAIN, hostfile, hosts, ssh_to  # noqa: F401 (fixtures: hosts, ssh_to)
@@ -87,9 +87,16 @@ def test_hosts_left_that_cannot_hold_the_layout_stop_the_restart_with_one_line_n
         ssh_to, tmp_path):
     hosts = ssh_to  # the gateway runs no sshd: to ssh it is a host that went away
     path = hostfile(tmp_path, [f"{hosts.addresses[2]} slots=1", f"{hosts.gateway} slots=1"])
+    attempts = []
+
+    def attempt(restart):
+        attempts.append(restart)
+        raise RestartableFailure("worker rank 1 went silent", RuntimeError("worker rank 1 went silent"))
+    flags = {"max_restarts": 1, "launcher": "ssh", "hostfile": path, "resume": False}
     with pytest.raises(click.ClickException) as raised:
-        remaining_hosts({"hostfile": path}, Layout(dp=2), str(tmp_path))
+        run_with_restarts(attempt, flags, Layout(dp=2), str(tmp_path), {})
     message = raised.value.message
-    assert message.startswith(f"not restarting: the hosts left ({hosts.addresses[2]} slots=1) cannot hold "
-                              "dp × tp × pp = 2 workers")
+    assert attempts == [0]  # nothing restarted
+    assert message.startswith(f"worker rank 1 went silent; not restarting: the hosts left ({hosts.addresses[2]} "
+                              "slots=1) cannot hold dp × tp × pp = 2 workers")
     assert f"host {hosts.gateway}: not reachable over ssh" in message and "\n" not in message
