@@ -1,13 +1,11 @@
-"""`ringpipe train`: flags, the training loop's driving, metrics.jsonl, errors.
+"""`ringpipe train`: flags, the training loop's driving, errors.
 
 The loop itself lives in `model.training.trainer.Trainer` (one process) or `cluster.distributed_train.
 DistributedRun` (workers); this module only drives it. What the user sees while it runs is
-cluster/progress.py.
+cluster/progress.py, the metrics.jsonl it writes cluster/metrics_log.py, restarts cluster/restarts.py.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import warnings
@@ -16,6 +14,7 @@ import click
 
 from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
                                         spmd_agent)
+from ringpipe.cluster.metrics_log import json_line, open_metrics
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
@@ -24,14 +23,13 @@ from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
-from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
+from ringpipe.model.training.run_dir import (find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
 from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import ClusterStopped, RemoteError, WorkerLost
 from ringpipe.runtime.array_module import to_host
-from ringpipe.runtime.files import AppendLog, FileWriteError, write_text
-from ringpipe.tools.trace_io import read_metrics
+from ringpipe.runtime.files import FileWriteError
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
@@ -79,26 +77,6 @@ def _config_from_flags(ctx: click.Context, flags: dict):
                             f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
     return TrainConfig(**saved)
-
-
-def _metrics_file(out: str, first_step: int):
-    """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped.
-    Its "step" is the 1-based step number the progress line shows (after that many updates)."""
-    path = os.path.join(out, METRICS_FILE)
-    kept = []
-    if first_step > 0 and os.path.exists(path):
-        # Rows are renumbered from 1 when the file predates 1-based step numbers.
-        kept = [_json_line(row) for row in read_metrics(out) if row.get("step", 0) <= first_step]
-    write_text(path, "".join(kept))
-    return AppendLog(path)
-
-
-def _json_line(row: dict) -> str:
-    """One metrics.jsonl line. A non-finite value (a skipped step's loss) is written as null: bare
-    NaN/Infinity are not JSON, and strict readers (jq, JavaScript) reject the whole file."""
-    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-             for key, value in row.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
@@ -371,7 +349,7 @@ def _train_loop(trainer, config, out, state):
     """Steps, periodic evaluation and checkpoints, metrics.jsonl and progress; the final model."""
     first_step = trainer.step
     progress = state["progress"] = Progress(first_step, config.steps, sys.stderr)
-    with _metrics_file(out, first_step) as metrics_log:
+    with open_metrics(out, first_step) as metrics_log:
         for step in range(first_step, config.steps):
             metrics = trainer.train_step(step)
             metrics["step"] = step + 1  # step numbers count from 1, as the progress line shows
@@ -380,7 +358,7 @@ def _train_loop(trainer, config, out, state):
             last = step + 1 == config.steps
             if last or (config.eval_every and (step + 1) % config.eval_every == 0):
                 metrics.update(trainer.evaluate())
-            metrics_log.write(_json_line(metrics))
+            metrics_log.write(json_line(metrics))
             metrics_log.flush()
             progress.update(metrics)
             after_step(state.get("prediction"), metrics, trainer, step + 1 - first_step, last, progress)
