@@ -273,7 +273,8 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     elif name == "ssh":
         from ringpipe.cluster.ssh_launch import hostfile_launcher
 
-        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say)
+        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say,
+                                    skip=flags.get("hosts_gone", ()))
     elif name == "slurm" and rank_from_environment() is None:
         from ringpipe.cluster.slurm_launch import allocation_launcher
 

@@ -65,6 +65,13 @@ def check_host(host: str, probe_path: str, token: str) -> str:
 def check_hosts(hosts: list[str], out: str) -> None:
     """Check every host at once (ssh, ringpipe, version, the run directory); RendezvousError naming
     the first host that failed."""
+    failed = [problem for problem in host_problems(hosts, out) if problem]
+    if failed:
+        raise RendezvousError(failed[0] + (f" (and {len(failed) - 1} more hosts failed)" if len(failed) > 1 else ""))
+
+
+def host_problems(hosts: list[str], out: str) -> list[str]:
+    """`check_host` of every host at once, in their order ("" for a host fit to run workers)."""
     token = secrets.token_hex(8)
     probe_path = os.path.join(os.path.abspath(out), PROBE_PREFIX + token)
     try:
@@ -75,19 +82,16 @@ def check_hosts(hosts: list[str], out: str) -> None:
         raise RendezvousError(f"cannot write the probe file {probe_path}: {exc.strerror}") from None
     try:
         with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-            problems = list(pool.map(lambda host: check_host(host, probe_path, token), hosts))
+            return list(pool.map(lambda host: check_host(host, probe_path, token), hosts))
     finally:
         os.unlink(probe_path)
-    failed = [problem for problem in problems if problem]
-    if failed:
-        raise RendezvousError(failed[0] + (f" (and {len(failed) - 1} more hosts failed)" if len(failed) > 1 else ""))
 
 
-def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say) -> dict:
-    """Check the hostfile's hosts, start an agent on each that gets ranks, wait for them to join;
-    the Cluster options."""
+def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say, skip=()) -> dict:
+    """Check the hostfile's hosts (but those in `skip`: gone, for a restart), start an agent on each
+    that gets ranks, wait for them to join; the Cluster options."""
     try:
-        entries, order = hostfile_slots(path, world_size, tp)
+        entries, order = hostfile_slots(path, world_size, tp, skip)
     except HostfileError as exc:
         raise RendezvousError(f"--hostfile {exc}") from None
     names = [name for name, _ in entries]

@@ -56,20 +56,22 @@ class Cluster(StartUp, TraceControl):
                  threads_per_worker: int | None = None, bind_host: str = "127.0.0.1",
                  start_timeout: float = 60.0, arena_bytes: int = DEFAULT_ARENA_BYTES, env: dict | None = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 8.0, stuck_grace: float = 3.0,
-                 launcher: Launcher | None = None, log_dir: str | None = None, **comm_options):
+                 launcher: Launcher | None = None, log_dir: str | None = None,
+                 restart_count: int = 0, **comm_options):
         """`timeout`: seconds a communication operation may wait for a peer. A worker that sends
         nothing for `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every
         `heartbeat_interval`); a worker still inside a call `stuck_grace` seconds after the others
         timed out waiting for it (or `timeout + stuck_grace` after the call failed elsewhere) is
         reported as stuck, with its stack. `launcher` starts and stops the worker processes
         (default: `LocalLauncher`, child processes on this host); `env` is added to their environment.
+        `restart_count`: the job's restarts so far (TORCHELASTIC_RESTART_COUNT).
         `log_dir`: each rank's stdout and stderr go to `log_dir`/rank-R.log (runtime/rank_logs.py).
         Every failure a call raises carries a `report` (runtime/failure_report.py)."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         if algorithm not in ("auto", "direct", "ring", "shm"):
             raise ValueError(f"algorithm must be auto, direct, ring or shm, got {algorithm!r}")
-        self.world_size = world_size
+        self.world_size, self.restart_count = world_size, restart_count
         self.job_id = secrets.token_hex(6)
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)

@@ -20,7 +20,7 @@ class StartUp:
         boots = [{"rank": rank, "world_size": self.world_size, "job_id": self.job_id, "driver": self.address,
                   "keys": self.keys.to_dict(), "bind_host": bind_host, "comm": asdict(self.comm_config),
                   "sys_path": list(sys.path), "cwd": os.getcwd(), "threads": self.threads_per_worker,
-                  "start_timeout": start_timeout, "arena_bytes": arena_bytes,
+                  "start_timeout": start_timeout, "arena_bytes": arena_bytes, "restart_count": self.restart_count,
                   "heartbeat_interval": self.heartbeat_interval, "log_path": self.log_paths[rank]}
                  for rank in range(self.world_size)]
         try:

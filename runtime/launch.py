@@ -30,7 +30,7 @@ def conventional_env(boot: dict, local_rank: int, local_world_size: int, group_r
     """The variables torchrun gives its workers, so code written for it finds what it expects:
     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK (the host's index), MASTER_ADDR and
     MASTER_PORT (the driver's control address), TORCHELASTIC_RESTART_COUNT (how often the job was
-    restarted; ringpipe restarts by --resume, so its launchers start at 0). A boot record's own
+    restarted: `ringpipe train --max-restarts`, the Cluster's `restart_count`). A boot record's own
     "local_rank", "local_world_size" and "group_rank" (set by a launcher that sees every host) win
     over the arguments (this launcher's view)."""
     local_rank = boot.get("local_rank", local_rank)

@@ -17,7 +17,6 @@ signal {rank, signum}, stop {grace}, ping.
 """
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
