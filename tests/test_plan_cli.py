@@ -162,3 +162,15 @@ def test_plan_model_t5_ranks_t5_layouts_and_refuses_sequence_parallel():
     assert result.exit_code == 0, result.output
     assert " wins: " in result.output
     assert "sequence parallel: not implemented for t5" in result.output
+
+
+def test_calibrating_for_another_family_measures_the_rates_its_steps_are_modelled_from():
+    import dataclasses
+
+    from ringpipe.model.planning.family import inventory_for
+    from ringpipe.model.t5.family import small_t5, t5_config
+    from ringpipe.tools.plan_calibration import calibrate_compute
+
+    inventory = inventory_for("t5", t5_config(**dataclasses.asdict(small_t5()), vocab_size=300))
+    compute = calibrate_compute(inventory.config, [1], pieces=inventory.family == "gpt2")
+    assert compute["pieces"] == {} and compute["matmul_flops"] > 0 and compute["elementwise_bytes_per_second"] > 0

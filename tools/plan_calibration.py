@@ -116,50 +116,64 @@ def calibrate_communication(group_sizes) -> dict:
     return table
 
 
-def calibrate_compute(config, rows: list[int], seed: int = 0) -> dict:
-    """Seconds of each piece of a dense GPT-2 of `config` per micro-batch of each row count."""
-    from threadpoolctl import threadpool_limits
-
+def _piece_seconds(config, rows, seed) -> dict:
+    """{"block|B": {forward, backward_input, backward_weight, backward_input_recompute}, "head|B",
+    "embedding|B"} of a dense GPT-2 of `config` (one BLAS thread: the caller's limit)."""
     from ringpipe.model.gpt2.model import GPT
-    from ringpipe.model.nn.optim import AdamW
 
     pieces = {}
+    model = GPT(config, seed=seed)
+    recomputing = GPT(dataclasses.replace(config, recompute=True), params=model.params)
+    T, C = config.block_size, config.n_embd
+    rng = np.random.default_rng(seed)
+    for B in sorted(set(rows)):
+        idx = rng.integers(0, config.vocab_size, (B, T))
+        x = rng.standard_normal((B, T, C)).astype(model.dtype)
+        dout = rng.standard_normal((B, T, C)).astype(model.dtype)
+        # each part timed alone, its inputs made fresh (untimed) before every repeat
+        block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
+                 "backward_input": _timed(lambda: model.block_forward(0, x)[1],
+                                          lambda cache: model.block_backward_input(0, cache, dout)),
+                 "backward_weight": _timed(
+                     lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
+                     model.block_backward_weight)}
+        # with recompute the backward rebuilds the caches its own way (dense: the attention half twice)
+        block["backward_input_recompute"] = _timed(
+            lambda: recomputing.block_forward(0, x)[1], lambda cache: recomputing.block_backward_input(0, cache, dout))
+        head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
+                "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
+                "backward_weight": 0.0}
+        embedding = {"forward": _timed(lambda: idx, lambda i: model.memory.release(model.embedding_forward(i)[1])),
+                     "backward_input": _timed(lambda: model.embedding_forward(idx)[1],
+                                              lambda cache: model.embedding_backward(cache, x)),
+                     "backward_weight": 0.0}
+        pieces.update({f"block|{B}": block, f"head|{B}": head, f"embedding|{B}": embedding})
+    return pieces
+
+
+def calibrate_compute(config, rows: list[int], seed: int = 0, pieces: bool = True) -> dict:
+    """Seconds of each piece of a dense GPT-2 of `config` per micro-batch of each row count (none with
+    `pieces` False: another family's steps are then modelled from the rates measured here), AdamW's
+    seconds per element, the matmul and elementwise rates."""
+    from threadpoolctl import threadpool_limits
+
+    from ringpipe.model.nn.optim import AdamW
+
+    timed = {}
+    dtype = np.dtype(config.dtype)
     with threadpool_limits(1):
-        model = GPT(config, seed=seed)
-        recomputing = GPT(dataclasses.replace(config, recompute=True), params=model.params)
-        T, C = config.block_size, config.n_embd
+        if pieces:
+            timed = _piece_seconds(config, rows, seed)
         rng = np.random.default_rng(seed)
-        for B in sorted(set(rows)):
-            idx = rng.integers(0, config.vocab_size, (B, T))
-            x = rng.standard_normal((B, T, C)).astype(model.dtype)
-            dout = rng.standard_normal((B, T, C)).astype(model.dtype)
-            # each part timed alone, its inputs made fresh (untimed) before every repeat
-            block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
-                     "backward_input": _timed(lambda: model.block_forward(0, x)[1],
-                                              lambda cache: model.block_backward_input(0, cache, dout)),
-                     "backward_weight": _timed(
-                         lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
-                         model.block_backward_weight)}
-            # with recompute the backward rebuilds the caches its own way (dense: the attention half twice)
-            block["backward_input_recompute"] = _timed(
-                lambda: recomputing.block_forward(0, x)[1], lambda cache: recomputing.block_backward_input(0, cache, dout))
-            head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
-                    "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
-                    "backward_weight": 0.0}
-            embedding = {"forward": _timed(lambda: idx, lambda i: model.memory.release(model.embedding_forward(i)[1])),
-                         "backward_input": _timed(lambda: model.embedding_forward(idx)[1],
-                                                  lambda cache: model.embedding_backward(cache, x)),
-                         "backward_weight": 0.0}
-            pieces.update({f"block|{B}": block, f"head|{B}": head, f"embedding|{B}": embedding})
-        params = {"w": np.zeros(1 << 20, model.dtype)}
-        grads = {"w": np.ones(1 << 20, model.dtype)}
+        params = {"w": np.zeros(1 << 20, dtype)}
+        grads = {"w": np.ones(1 << 20, dtype)}
         optimizer = AdamW(params, weight_decay=0.1)
         per_element = _median_seconds(lambda: optimizer.update(params, grads, 1e-3)) / (1 << 20)
-        a = rng.standard_normal((1024, 1024)).astype(model.dtype)
-        b = rng.standard_normal((1024, 1024)).astype(model.dtype)
+        a = rng.standard_normal((1024, 1024)).astype(dtype)
+        b = rng.standard_normal((1024, 1024)).astype(dtype)
         matmul = 2 * 1024 ** 3 / _median_seconds(lambda: a @ b)
         elementwise = 2 * a.size * a.itemsize / _median_seconds(lambda: np.multiply(a, b, out=a))
-    return {"pieces": pieces, "optimizer_seconds_per_element": per_element, "matmul_flops": matmul,
+    return {"pieces": timed, "optimizer_seconds_per_element": per_element, "matmul_flops": matmul,
             "elementwise_bytes_per_second": elementwise}
 
 
@@ -169,7 +183,8 @@ def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print
 
     cores = os.cpu_count() or 1
     progress(f"timing the model's pieces at micro-batch rows {sorted(set(rows))} ...")
-    compute = calibrate_compute(inventory.config, rows)
+    # the pieces are timed on GPT-2's dense model; another family is modelled from the rates
+    compute = calibrate_compute(inventory.config, rows, pieces=inventory.family == "gpt2")
     compute["model"] = architecture_key(inventory)
     progress(f"timing collectives over {sorted(set(g for g in group_sizes if g > 1))} local workers ...")
     communication = calibrate_communication(group_sizes)
