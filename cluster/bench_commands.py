@@ -279,9 +279,9 @@ def bench_trace_tools(run_dir, repeats, json_path):
 @click.option("--hosts", default="2,3", show_default=True, help="Host counts (one rank per host).")
 @click.option("--rates", default="1gbit,200mbit", show_default=True, help="tc tbf link rates (both directions).")
 @click.option("--size-mb", type=click.IntRange(min=1), default=64, show_default=True, help="all_reduce size, MiB.")
-@click.option("--iterations", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved; medians.")
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="dp steps per round.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="dp steps per round.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_multihost(hosts, rates, size_mb, iterations, rounds, steps, json_path):
     """Across network-namespace hosts (needs root) with links shaped by tc tbf: all_reduce bus
@@ -353,3 +353,35 @@ def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, mi
     finally:
         if out is None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@bench.command("generate", short_help="Generation tokens/s and time to first token per layout.")
+@click.option("--layouts", default=",".join(("1", "tp2", "pp2", "dp2", "tp4", "pp4", "tp2xpp2")), show_default=True,
+              help="Comma-separated layouts: 1, or dpN/tpN/ppN joined by x.")
+@click.option("--n-layer", default=8, show_default=True)
+@click.option("--n-head", default=8, show_default=True)
+@click.option("--n-embd", default=256, show_default=True)
+@click.option("--block-size", default=128, show_default=True)
+@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--prompts", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--prompt-length", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="Each layout once per round, taking turns; the median round is reported.")
+@click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="BLAS threads of each worker.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write one object per layout.")
+def bench_generate(layouts, n_layer, n_head, n_embd, block_size, vocab_size, prompts, prompt_length, new_tokens,
+                   rounds, threads_per_worker, json_path):
+    """Tokens/s and time to first token of `ringpipe generate` split over workers, on a model that fits one
+    process, against one worker: what splitting costs."""
+    from ringpipe.tools.bench_generate import format_table, run
+
+    if prompt_length + new_tokens > block_size:
+        raise bad_flag("--new-tokens", f"prompt {prompt_length} + {new_tokens} new tokens exceed --block-size "
+                                       f"{block_size}")
+    _run_and_report(lambda: run([name.strip() for name in layouts.split(",") if name.strip()], n_layer=n_layer,
+                                n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
+                                prompts=prompts, prompt_length=prompt_length, new_tokens=new_tokens, rounds=rounds,
+                                threads_per_worker=threads_per_worker, echo=lambda line: click.echo(line, err=True)),
+                    format_table, json_path)

@@ -39,6 +39,10 @@ and `stage.positions(length)`; gradients are returned as {name: array} and the s
     head_forward(x, targets) -> (loss float, cache)          the micro-batch's mean loss
     head_backward(cache, dloss) -> (dx, grads)
     head_logits(x) -> logits (B, T, vocab)                   inference only (gathered over tp)
+
+Pieces that can generate with a KV cache (model/inference/kv_cache.py; GPT-2's) also have
+    embedding_at(idx, start) -> x                            positions start .. start + T, no dropout
+    block_forward_cached(i, x, (keys, values), start) -> x   this rank's heads' keys and values cached
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.families import family
+from ringpipe.model.inference.pipelined_generation import generate_on_mesh
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -33,6 +34,7 @@ from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.evaluation import evaluate_rank
 from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
+from ringpipe.runtime.fault_injection import FaultInjector
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ParallelTrainer:
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.tracer = comm.tracer
+        self.faults = FaultInjector(comm.rank)  # RINGPIPE_FAULT: a testing aid (runtime/fault_injection.py)
         self.family = family(self.config.family)
         self.gpt_config = self.config.model_config(vocab_size)
         self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
@@ -166,6 +169,7 @@ class ParallelTrainer:
 
     def train_step(self, step: int) -> dict:
         config, layout = self.config, self.layout
+        self.faults.before_step(step)
         start = time.perf_counter()
         inputs, targets = self._microbatches("train", step)
         self.gradients.begin_step()  # zeroes every stage's gradients (views into one flat buffer)
@@ -295,6 +299,13 @@ class ParallelTrainer:
         """This rank's part of the validation loss (model/training/evaluation.py)."""
         return evaluate_rank(self)
 
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, started: float | None = None):
+        """Continue `prompts` (token id lists) with the model as trained so far, under the run's layout
+        (model/inference/pipelined_generation.py's `generate_on_mesh`). Every rank must be asked."""
+        return generate_on_mesh(self.stages, self.mesh, self.num_stages, prompts, max_new_tokens, temperature,
+                                top_k, seed, started=started)
+
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
         (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
@@ -331,7 +342,9 @@ class ParallelTrainer:
         (model/training/sharded_checkpoint.py). Every rank must be asked."""
         from ringpipe.model.training.sharded_checkpoint import save_rank
 
-        return save_rank(self, checkpoint_dir)
+        report = save_rank(self, checkpoint_dir)
+        self.faults.after_writing_checkpoint()
+        return report
 
     def load_state(self, checkpoint_dir: str) -> int:
         """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded

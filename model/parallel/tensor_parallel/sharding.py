@@ -69,6 +69,14 @@ def shard(full, sharding: Sharding, rank: int, size: int):
     return np.concatenate([np.split(group, size, axis=axis)[rank] for group in groups], axis=axis)
 
 
+def shard_shape(full_shape, sharding: Sharding, size: int) -> tuple:
+    """The shape of a rank's `shard` of an array of `full_shape` (padding included), without one."""
+    shape = list(full_shape)
+    if sharding.axis is not None:
+        shape[sharding.axis] = -(-shape[sharding.axis] // (size * sharding.parts)) * sharding.parts
+    return tuple(shape)
+
+
 def shard_table(shardings: dict, full_shapes: dict, rank: int, size: int) -> dict:
     """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}}: enough to reassemble the full
     parameters from every rank's shards (`assemble_full_params`)."""
