@@ -74,8 +74,14 @@ def header_cut_off(checkpoint):
     return "rank-00000.safetensors", "truncated: 20 bytes"
 
 
+def garbled_metadata(checkpoint):
+    with open(os.path.join(checkpoint, "checkpoint.json"), "w") as f:
+        f.write('{"format": ')
+    return "checkpoint.json", "corrupt checkpoint file"
+
+
 DAMAGES = [remove_piece_file, uncovered_shape, short_piece, wrong_dtype, wrong_checksum, other_model,
-           emptied_piece_file, header_cut_off]
+           emptied_piece_file, header_cut_off, garbled_metadata]
 
 
 @pytest.fixture(scope="module")
