@@ -114,6 +114,26 @@ def test_generating_from_int8_equals_generating_from_the_dequantized_float_model
                                       dequantized.generate(prompt, 24, **options))
 
 
+def test_an_int8_model_saved_again_reads_back_the_same_int8_weights(run, tmp_path):
+    directory, tokenizer, _ = run
+    int8 = Int8GPT.from_pretrained(directory / "run-int8")
+    int8.save_pretrained(tmp_path / "again", tokenizer=tokenizer)
+    again = Int8GPT.from_pretrained(tmp_path / "again")
+    for name, weight in int8.params.items():
+        if isinstance(weight, Int8Weight):
+            np.testing.assert_array_equal(again.params[name].values, weight.values)
+            np.testing.assert_array_equal(again.params[name].scale, weight.scale)
+        else:
+            np.testing.assert_array_equal(again.params[name], weight)
+
+
+def test_an_int8_model_refuses_to_compute_gradients(run):
+    int8 = Int8GPT.from_pretrained(run[0] / "run-int8")
+    inputs = np.zeros((1, 4), np.int64)
+    with pytest.raises(TypeError, match="inference only"):
+        int8.loss_and_grads(inputs, inputs)
+
+
 def test_quantize_and_generate_through_the_cli(run, tmp_path):
     directory, _, _ = run
     result = run_cli("quantize", directory / "run", "--int8", "--per-tensor", "--out", tmp_path / "q")
@@ -149,6 +169,12 @@ def test_a_family_whose_layers_quantize_differently_is_refused_by_name(tmp_path)
     Bert(BertConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11)).save_pretrained(tmp_path / "bert")
     line = one_error_line(run_cli("quantize", tmp_path / "bert", "--int8"))
     assert "holds a bert model, whose layers quantize differently" in line and "gpt2" in line
+
+
+def test_a_run_with_sharded_checkpoints_only_is_told_to_export_first(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+    line = one_error_line(run_cli("quantize", tmp_path / "run", "--int8"))
+    assert "sharded checkpoints only" in line and f"ringpipe export {tmp_path / 'run'}" in line
 
 
 def _copy(run, tmp_path):

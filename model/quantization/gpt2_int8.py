@@ -13,8 +13,9 @@ On disk (a model directory, like a float one):
                         W_outlier_values (float32)
     tokenizer files     copied from the source
 
-A float reader (transformers, `GPT.from_pretrained`, `train --resume`) refuses the directory by its
-quantization_config; `load_int8_gpt` checks every tensor against the config before building the model.
+ringpipe's float readers (`GPT.from_pretrained`, `train --resume`, `export`) refuse the directory by its
+quantization_config (transformers warns that it does not know the method and would read the int8
+values as floats); `load_int8_gpt` checks every tensor against the config before building the model.
 """
 from __future__ import annotations
 

@@ -19,7 +19,8 @@ from ringpipe.model.quantization.int8_format import CONFIG_FILE, quantization_co
 from ringpipe.model.quantization.int8 import quantize_int8
 from ringpipe.model.quantization.outliers import outlier_features
 
-CHECKPOINT_DIR = "checkpoint"  # model/training/run_dir.py's name; training is a layer this does not need
+CHECKPOINT_DIR, SHARDED_DIR = "checkpoint", "checkpoints"  # model/training/run_dir.py's names (not imported:
+# training is a layer this does not need)
 TOKEN_FILE = "tokens.bin"
 INT8_FAMILIES = {"gpt2": (linear_weight_names, Int8GPT)}  # family -> (its linear weights, its int8 model)
 CALIBRATION_BATCH = (8, 64)  # sequences, tokens (at most block_size) per calibration batch
@@ -55,6 +56,9 @@ def quantize_run(run_dir: str, out: str, granularity: str = "channel", outlier_t
     (RUN/tokens.bin, `calibration_batches` random windows) reach it, as LLM.int8() does; None: none.
     ValueError naming the directory for an int8 source or an unsupported family."""
     source = model_directory(run_dir)
+    if not os.path.exists(os.path.join(source, CONFIG_FILE)) and os.path.isdir(os.path.join(run_dir, SHARDED_DIR)):
+        raise ValueError(f"{run_dir} holds sharded checkpoints only (a multi-worker run stopped before its end); "
+                         f"`ringpipe export {run_dir}` writes its model, which quantize then reads")
     if quantization_config(source) is not None:
         raise ValueError(f"{source} is already an int8 model (ringpipe quantize); quantize the float run")
     name = check_int8_family(source)
