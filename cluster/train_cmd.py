@@ -23,6 +23,7 @@ from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
@@ -50,6 +51,11 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     else:
         hint = f"; continue from the last checkpoint with --resume --out {out}" if resumable else ""
     return click.ClickException(line + hint)
+
+
+def _with_fallback(line: str, flags: dict) -> str:
+    """A failed resume's error line, and which older checkpoint is intact if it says the latest is damaged."""
+    return line + (fallback_hint(flags["out"], line) if flags["resume"] else "")
 
 
 def _flag_of(ctx: click.Context, name: str) -> str:
@@ -244,7 +250,7 @@ def train(ctx, **flags):
         if distributed:
             layout.validate(config)
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state = {"trainer": None, "progress": None}
     try:
         _run(flags, config, layout, distributed, out, state)
@@ -294,9 +300,9 @@ def _run(flags, config, layout, distributed, out, state):
     except WorkerLost as exc:
         raise _worker_failure(exc, out) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
-        raise _worker_failure(exc, out, resumable=False) from None
+        raise click.ClickException(_with_fallback(_worker_failure(exc, out, resumable=False).message, flags)) from None
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished, sample = False, None

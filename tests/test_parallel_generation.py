@@ -189,3 +189,22 @@ def busy_fraction(pp: int, microbatches: int, steps: int = 12) -> float:
 def test_with_as_many_prompt_groups_as_stages_no_stage_waits_by_design(pp):
     assert busy_fraction(pp, microbatches=pp) == 1.0
     assert busy_fraction(pp, microbatches=1) == pytest.approx(1 / pp, rel=0.2)  # one group: a stage at a time
+
+
+@pytest.mark.timeout(120)
+def test_an_int8_model_generates_under_tensor_parallelism_as_in_one_process(tmp_path):
+    from ringpipe.model.data.dataset import write_token_file
+    from ringpipe.model.data.tokenizer import make_tokenizer
+    from ringpipe.model.quantization.quantize import TOKEN_FILE, quantize_run
+    from tests.conftest import TEXT
+
+    tokenizer = make_tokenizer("char", TEXT)
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size)
+    GPT(config, seed=0).save_pretrained(tmp_path / "run", tokenizer=tokenizer)
+    write_token_file(tokenizer.encode(TEXT), str(tmp_path / "run" / TOKEN_FILE))
+    quantize_run(str(tmp_path / "run"), str(tmp_path / "int8"))
+    flags = ["generate", "--checkpoint", tmp_path / "int8", "--prompt", "3 little", "--max-new-tokens", "8",
+             "--top-k", "1"]
+    alone, split = run_cli(*flags), run_cli(*flags, "--nproc", "2", "--tp", "2")
+    assert alone.exit_code == 0 and split.exit_code == 0, (alone.output, split.output)
+    assert split.output == alone.output

@@ -125,13 +125,17 @@ class ParallelTrainer:
             self._tp_partial_pieces = self.gradients.shard_ranges(partial)
             self._norm_skip = (self.gradients.shard_ranges(replicated)
                                if self.layout.tp > 1 and self.mesh.tp_rank != 0 else [])
+        # What this rank's AdamW updates: a tied weight only on the first stage (model/parallel/data_parallel).
+        tied = set(self.plan.tied_params)
+        self.updated = {name: p for name, p in (self.params if self.master is None else self.master).items()
+                        if self.gradients.owns_tied or name not in tied}
         betas = (self.config.beta1, self.config.beta2)
         if self.master is not None:
-            self.optimizer = LossScaledAdamW(self.master, betas, self.config.eps, self.config.weight_decay,
+            self.optimizer = LossScaledAdamW(self.updated, betas, self.config.eps, self.config.weight_decay,
                                              LossScaler(growth_interval=self.config.loss_scale_growth_interval))
         else:
             optimizer = ShardedAdamW if self.layout.zero else AdamW
-            self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
+            self.optimizer = optimizer(self.gradients if self.layout.zero else self.updated, betas, self.config.eps,
                                        self.config.weight_decay)
 
     def _initial_params(self, layer_ranges: list[range]) -> dict:
@@ -209,7 +213,8 @@ class ParallelTrainer:
                     if scale != 1.0:
                         for g in grads.values():
                             g *= scale
-                    self.optimizer.update(self.master if mixed else self.params, grads, lr)
+                    self.optimizer.update(self.updated, grads, lr)
+                    self.gradients.share_tied(self._master_flat if mixed else self.gradients.flat_params)
                     if mixed:
                         self.gradients.flat_params[...] = self._master_flat  # rounded to float16
                     self._refresh_tied_copies()
