@@ -192,9 +192,10 @@ def test_with_as_many_prompt_groups_as_stages_no_stage_waits_by_design(pp):
 
 
 @pytest.mark.timeout(120)
-def test_an_int8_model_generates_under_tensor_parallelism_as_in_one_process(tmp_path):
+def test_an_int8_model_generates_under_tensor_parallelism_as_in_one_process(local_cluster, tmp_path):
     from ringpipe.model.data.dataset import write_token_file
     from ringpipe.model.data.tokenizer import make_tokenizer
+    from ringpipe.model.quantization.gpt2_int8 import Int8GPT
     from ringpipe.model.quantization.quantize import TOKEN_FILE, quantize_run
     from tests.conftest import TEXT
 
@@ -203,8 +204,8 @@ def test_an_int8_model_generates_under_tensor_parallelism_as_in_one_process(tmp_
     GPT(config, seed=0).save_pretrained(tmp_path / "run", tokenizer=tokenizer)
     write_token_file(tokenizer.encode(TEXT), str(tmp_path / "run" / TOKEN_FILE))
     quantize_run(str(tmp_path / "run"), str(tmp_path / "int8"))
-    flags = ["generate", "--checkpoint", tmp_path / "int8", "--prompt", "3 little", "--max-new-tokens", "8",
-             "--top-k", "1"]
-    alone, split = run_cli(*flags), run_cli(*flags, "--nproc", "2", "--tp", "2")
-    assert alone.exit_code == 0 and split.exit_code == 0, (alone.output, split.output)
-    assert split.output == alone.output
+    source = weights_source(str(tmp_path / "int8"))
+    generators = local_cluster(2).spawn(ParallelGenerator, source, {"tp": 2})
+    got = merge_generations(generators.generate(PROMPTS, 8, seed=5, **TOP_K).result())["tokens"]
+    expected = Int8GPT.from_pretrained(tmp_path / "int8").generate(np.array(PROMPTS), 8, seed=5, **TOP_K)
+    assert source["kind"] == "int8" and [got[i] for i in range(len(PROMPTS))] == expected[:, 3:].tolist()
