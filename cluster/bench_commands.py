@@ -279,9 +279,9 @@ def bench_trace_tools(run_dir, repeats, json_path):
 @click.option("--hosts", default="2,3", show_default=True, help="Host counts (one rank per host).")
 @click.option("--rates", default="1gbit,200mbit", show_default=True, help="tc tbf link rates (both directions).")
 @click.option("--size-mb", type=click.IntRange(min=1), default=64, show_default=True, help="all_reduce size, MiB.")
-@click.option("--iterations", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--iterations", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Interleaved; medians.")
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="dp steps per round.")
+@click.option("--steps", type=click.IntRange(min=1), default=3, show_default=True, help="dp steps per round.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_multihost(hosts, rates, size_mb, iterations, rounds, steps, json_path):
     """Across network-namespace hosts (needs root) with links shaped by tc tbf: all_reduce bus

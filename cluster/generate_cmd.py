@@ -55,7 +55,7 @@ def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, devic
     try:
         path = locate_weights(directory)  # in a run stopped before its end, its newest checkpoint
         tokenizer = load_tokenizer(path)
-        gpt = load_whole_model(path, device)  # an int8 model (ringpipe quantize) too
+        gpt = load_whole_model(path, device)
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
     directory = path

@@ -13,26 +13,23 @@ or file, with nothing left running.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 
 import click
 
+from ringpipe.cluster.hostfile import HostfileError, hostfile_slots
+from ringpipe.runtime.addresses import bracketed
 from ringpipe.runtime.auth import KeyFileError, create_key_file, read_key_file
-from ringpipe.runtime.launch import LocalLauncher
+from ringpipe.runtime.launch import LocalLauncher, die_with_parent
 from ringpipe.runtime.placement import describe_placement, place_ranks
-from ringpipe.runtime.rendezvous import Rendezvous, RendezvousError, RendezvousLauncher, resolve_host
+from ringpipe.runtime.rendezvous import (DEFAULT_PORT, Rendezvous, RendezvousError, RendezvousLauncher, parse_endpoint,
+                                         resolve_host)
 
 DEFAULT_KEY_FILE = os.path.join("~", ".ringpipe", "rendezvous.key")
-DEFAULT_PORT = 29500  # torchrun's
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """("HOST", PORT) of "HOST:PORT" (PORT defaults to 29500, as torchrun's does)."""
-    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, ":", str(DEFAULT_PORT))
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RendezvousError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")
-    return host, int(port)
 
 
 def rank_from_environment(environ=os.environ) -> tuple[int, int, int, str] | None:
@@ -50,6 +47,31 @@ def rank_from_environment(environ=os.environ) -> tuple[int, int, int, str] | Non
 def host_from_environment(environ=os.environ) -> str:
     """This host's name as the launcher knows it: Slurm's node name, else the hostname."""
     return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def die_with_launcher() -> None:
+    """This process (an agent or the driver of rank 0) was started by a launcher (mpirun, srun, ssh):
+    when that launcher ends (killed mpirun, cancelled job step, lost ssh session), SIGTERM ends this
+    process, which first stops its workers (they die with it in any case: runtime/launch.py)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    die_with_parent(os.getppid(), signal.SIGTERM)
+
+
+def stdin_watch() -> threading.Event:
+    """An event set once stdin ends: the launcher's connection to the driver (ssh, srun's input that
+    the driver holds open) is gone."""
+    gone = threading.Event()
+
+    def watch():
+        while sys.stdin.buffer.read(4096):
+            pass
+        gone.set()
+
+    threading.Thread(target=watch, name="ringpipe-stdin-watch", daemon=True).start()
+    return gone
 
 
 def job_keys(key_file: str | None, create: bool, timeout: float = 0.0):
@@ -82,7 +104,7 @@ def join_launcher(endpoint: str, world_size: int, tp: int, nproc_per_node: int, 
     try:
         here = len(local_ranks) if local_ranks is not None else nproc_per_node
         say(f"waiting at {rendezvous.endpoint} for {world_size - here} more workers to join "
-            f"(ringpipe worker --rdzv-endpoint {host}:{port})")
+            f"(ringpipe worker --rdzv-endpoint {bracketed(host)}:{port})")
         agents = rendezvous.gather(world_size, here, timeout, say=say,
                                    slots_each=nproc_per_node if nnodes is not None else None)
         hosts = _hosts_of_ranks(agents, world_size, tp, here, local_ranks)
@@ -132,7 +154,7 @@ def spmd_endpoint(launcher_name: str, endpoint: str | None, environ=os.environ) 
     if endpoint:
         return endpoint
     if environ.get("MASTER_ADDR"):
-        return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', DEFAULT_PORT)}"
+        return f"{bracketed(environ['MASTER_ADDR'])}:{environ.get('MASTER_PORT', DEFAULT_PORT)}"
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
     if launcher_name == "slurm" and nodelist:
         from ringpipe.cluster.hostfile import expand_nodelist
@@ -190,7 +212,7 @@ def launcher_of(flags: dict) -> str:
     return "ssh" if flags.get("hostfile") else "join" if flags.get("rdzv_endpoint") else "local"
 
 
-def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
+def check_multihost_flags(ctx, flags: dict, world_size: int, tp: int = 1) -> None:
     """Refuse flags that cannot start `world_size` workers with the chosen launcher (one line)."""
     from ringpipe.cluster.options import bad_flag
 
@@ -202,6 +224,17 @@ def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
         raise bad_flag("--launcher", "ssh needs --hostfile FILE")
     if flags["hostfile"] and name != "ssh":
         raise bad_flag("--hostfile", f"starts workers over ssh; it cannot be combined with --launcher {name}")
+    # Read before anything is tokenized or started: a bad file or endpoint is then the only output.
+    if name == "ssh":
+        try:
+            hostfile_slots(flags["hostfile"], world_size, tp)
+        except HostfileError as exc:
+            raise bad_flag("--hostfile", str(exc)) from None
+    if flags["rdzv_endpoint"]:
+        try:
+            parse_endpoint(flags["rdzv_endpoint"])
+        except RendezvousError as exc:
+            raise bad_flag("--rdzv-endpoint", str(exc)) from None
     if name == "join":
         if not flags["rdzv_endpoint"]:
             raise bad_flag("--launcher", "join needs --rdzv-endpoint HOST:PORT")
@@ -221,6 +254,8 @@ def spmd_agent(flags: dict) -> int | None:
     worker: its exit code; None where this process drives (rank 0, or no such launcher)."""
     if flags["launcher"] not in ("mpi", "slurm"):
         return None
+    if rank_from_environment() is not None:
+        die_with_launcher()
     try:
         return mpi_or_slurm_agent(flags["launcher"], flags["rdzv_endpoint"], flags["key_file"],
                                   flags["rdzv_timeout"], say=lambda message: None)
@@ -238,7 +273,8 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     elif name == "ssh":
         from ringpipe.cluster.ssh_launch import hostfile_launcher
 
-        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say)
+        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say,
+                                    skip=flags.get("hosts_gone", ()))
     elif name == "slurm" and rank_from_environment() is None:
         from ringpipe.cluster.slurm_launch import allocation_launcher
 
@@ -252,5 +288,5 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     return options
 
 
-__all__ = ["join_launcher", "spmd_driver", "mpi_or_slurm_agent", "rank_from_environment", "parse_endpoint",
+__all__ = ["join_launcher", "spmd_driver", "mpi_or_slurm_agent", "rank_from_environment",
            "KeyFileError", "RendezvousError"]

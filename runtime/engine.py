@@ -18,6 +18,7 @@ from collections import defaultdict, deque
 
 import zmq
 
+from ringpipe.runtime.addresses import tcp_address
 from ringpipe.runtime.arena_blocks import ArenaBookkeeping
 from ringpipe.runtime.messages import ZERO_COPY_BYTES, MessageDispatch
 from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
@@ -41,8 +42,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.router = context.socket(zmq.ROUTER)
         keys.make_server(self.router)
         self.router.setsockopt(zmq.RCVHWM, 0)
-        port = self.router.bind_to_random_port(f"tcp://{bind_host}")
-        self.address = f"tcp://{bind_host}:{port}"
+        port = self.router.bind_to_random_port(tcp_address(bind_host))
+        self.address = tcp_address(bind_host, port)
         self.peers: dict[int, zmq.Socket] = {}
         self.send_lock = threading.Lock()
         self.identity_to_rank: dict[bytes, int] = {}
@@ -191,6 +192,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                 if self.control is not None and self.control in events:
                     self._receive_control()
                 self._check_sent()
+                if self.block_waits:  # room may come from ring blocks whose receivers read them
+                    self.grant_blocks()
                 self._check_deadlines()
                 self._beat()
                 if os.getppid() != self._parent_pid:
@@ -200,7 +203,7 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                 log.exception("rank %d: error in communication engine loop", self.rank)
 
     def _poll_timeout_ms(self) -> int:
-        if self.sent_waits:
+        if self.sent_waits or self.block_waits:
             return 1
         timeout = 100.0
         if self.operations:
@@ -262,7 +265,7 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                     continue
                 self.sent_waits.append((request.tracker, op))
             elif isinstance(request, WaitBlock):
-                offset = self.arena.alloc(request.nbytes)
+                offset = self.alloc_block(request.nbytes)
                 if offset is not None:
                     value = offset
                     continue

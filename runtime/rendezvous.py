@@ -12,12 +12,11 @@ host. Agents stop their workers when told, or when the driver has been silent fo
 `AGENT_SILENCE_S`: a driver that dies leaves nothing running on any host.
 
 Messages (msgpack maps, one frame). Agent -> driver: join {host, address, slots, ranks, version,
-pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
+pid}, status {codes, pids, notes}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
 signal {rank, signum}, stop {grace}, ping.
 """
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
@@ -27,11 +26,14 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
+from ringpipe.runtime.addresses import bracketed, dual_stack, tcp_address
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.launch import LocalLauncher, stop_processes
 
 PING_INTERVAL_S = 1.0
+DEFAULT_PORT = 29500  # torchrun's
 AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
+AGENT_LOST_S = 3.0  # an agent (it reports twice a second) silent this long: its host or link is down
 
 
 class RendezvousError(RuntimeError):
@@ -48,18 +50,49 @@ def package_version() -> str:
         return "unknown"
 
 
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """("HOST", PORT) of "HOST:PORT", "HOST", "[IPV6]:PORT" or "[IPV6]" (PORT defaults to 29500, as
+    torchrun's does); RendezvousError naming the endpoint if it is none of these or PORT is not in
+    1..65535. An IPv6 address needs its brackets: in "::1:29500" the port cannot be told apart."""
+    def refuse(why: str):
+        return RendezvousError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT ({why})")
+
+    if endpoint.startswith("["):
+        host, closing, rest = endpoint[1:].partition("]")
+        if not closing or (rest and not rest.startswith(":")):
+            raise refuse("an IPv6 address goes in brackets: [ADDRESS]:PORT")
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    elif endpoint.count(":") > 1:
+        raise refuse("an IPv6 address goes in brackets: [ADDRESS]:PORT")
+    else:
+        host, colon, port = endpoint.partition(":")
+        port = port if colon else str(DEFAULT_PORT)
+    if not host:
+        raise refuse("no host")
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise refuse(f"port {port!r} is not a number in 1..65535")
+    return host, int(port)
+
+
 def resolve_host(host: str, what: str = "host") -> str:
-    """The IPv4 address of `host`; RendezvousError naming it if it does not resolve."""
+    """The address of `host`: IPv4 if it has one, else IPv6; RendezvousError naming it if it does
+    not resolve."""
     try:
-        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
-    except (socket.gaierror, UnicodeError, IndexError) as exc:
+        found = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
         raise RendezvousError(f"cannot resolve {what} {host!r}: {getattr(exc, 'strerror', exc)}") from None
+    # IPv4 first: a name with both kinds of address resolves as it did before IPv6 was supported.
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    if not found:
+        raise RendezvousError(f"cannot resolve {what} {host!r}: no address")
+    return found[0][4][0]
 
 
 def outward_address(peer: str) -> str:
-    """This machine's address on the route to `peer` (an IPv4 address): the one its sockets should
-    bind to so that `peer` can reach them. No packet is sent."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    """This machine's address on the route to `peer` (an IPv4 or IPv6 address): the one its
+    sockets should bind to so that `peer` can reach them. No packet is sent."""
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((peer, 9))
         return probe.getsockname()[0]
 
@@ -74,6 +107,11 @@ class Agent:
     ranks: list | None = None
     pid: int = 0
     ranks_here: list = field(default_factory=list)  # global ranks it runs, in its local order
+    last_heard: float = field(default_factory=time.monotonic)
+
+    def lost(self) -> bool:
+        """Whether nothing came from this agent for AGENT_LOST_S: its host or link is down."""
+        return time.monotonic() - self.last_heard > AGENT_LOST_S
 
 
 class Rendezvous:
@@ -81,22 +119,22 @@ class Rendezvous:
 
     def __init__(self, address: str, port: int, keys: JobKeys):
         self.keys = keys
-        self.context = zmq.Context()
+        self.context = dual_stack(zmq.Context())
         self.auth = keys.start_authenticator(self.context)
         self.router = self.context.socket(zmq.ROUTER)
         keys.make_server(self.router)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             if port:
-                self.router.bind(f"tcp://{address}:{port}")
+                self.router.bind(tcp_address(address, port))
             else:
-                port = self.router.bind_to_random_port(f"tcp://{address}")
+                port = self.router.bind_to_random_port(tcp_address(address))
         except zmq.ZMQError as exc:
             self.close()
             reason = "the port is in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
-            raise RendezvousError(f"cannot listen for the rendezvous at {address}:{port}: {reason}") from None
+            raise RendezvousError(f"cannot listen for the rendezvous at {bracketed(address)}:{port}: {reason}") from None
         self.address, self.port = address, port
-        self.endpoint = f"{address}:{port}"
+        self.endpoint = f"{bracketed(address)}:{port}"
 
     def send(self, agent: Agent, message: dict):
         try:
@@ -127,10 +165,12 @@ class Rendezvous:
         while local_slots + sum(a.slots for a in agents) < world_size:
             check()
             if time.monotonic() > deadline:
+                # Count only what other hosts brought: the driver's own workers never had to join.
                 joined = ", ".join(f"{a.host} ({a.slots})" for a in agents) or "none"
-                raise RendezvousError(f"only {local_slots + sum(a.slots for a in agents)} of {world_size} workers "
-                                      f"joined the rendezvous at {self.endpoint} within {timeout:g}s "
-                                      f"(joined hosts: {joined})")
+                here = f"; the driver's host runs {local_slots} more" if local_slots else ""
+                raise RendezvousError(f"only {sum(a.slots for a in agents)} of {world_size - local_slots} workers "
+                                      f"from other hosts joined the rendezvous at {self.endpoint} within "
+                                      f"{timeout:g}s (joined hosts: {joined}{here})")
             if time.monotonic() - last_ping > PING_INTERVAL_S:  # joined agents wait for the others
                 last_ping = time.monotonic()
                 for agent in agents:
@@ -192,6 +232,7 @@ class RendezvousLauncher:
             agent.ranks_here = [rank for rank, host in enumerate(hosts) if host == index]
         self.codes: dict[int, int | None] = {}
         self.pids: dict[int, int] = {}
+        self.notes: dict[int, str] = {}  # what the agent said of the process's state
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped = threading.Event()
         self.closed = False
@@ -238,11 +279,12 @@ class RendezvousLauncher:
             self.outbox.put((agent, {"t": "stop", "grace": grace}))
         if self.local is not None:
             self.local.kill_all(grace)
-        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report.
+        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report; an
+        # agent gone silent (its host or link is down) cannot, and is not waited for.
         deadline = time.monotonic() + grace + 5.0
         remote = [rank for rank in range(len(self.hosts)) if rank not in self.local_ranks]
         while self.thread.is_alive() and time.monotonic() < deadline and \
-                any(self.codes.get(rank) is None for rank in remote):
+                any(self.codes.get(rank) is None and not self.agents[self.hosts[rank]].lost() for rank in remote):
             time.sleep(0.02)
 
     def clean_up(self, job_id: str) -> None:
@@ -263,7 +305,11 @@ class RendezvousLauncher:
     def process_note(self, rank: int) -> str:
         if rank in self.local_ranks:
             return self.local.process_note(self.local_ranks.index(rank))
-        return f" (on host {self.host(rank)})"  # a silent remote worker: which machine to look at
+        agent = self.agents[self.hosts[rank]]
+        if agent.lost():
+            return (f" (its host's agent is silent too, for {time.monotonic() - agent.last_heard:.1f}s: the host "
+                    "or its link is down)")
+        return self.notes.get(rank, "")
 
     # ---- the rendezvous thread ---------------------------------------------------------------------
     def _serve(self):
@@ -284,6 +330,8 @@ class RendezvousLauncher:
                 continue
             identity, message = got
             agent = next((a for a in self.agents if a.identity == identity), None)
+            if agent is not None:
+                agent.last_heard = time.monotonic()
             if agent is None:
                 if message.get("t") == "join":  # a latecomer: the world is complete
                     self.rendezvous.send(Agent(identity, "", "", 0), {"t": "refuse", "reason": "the job has started"})
@@ -292,6 +340,9 @@ class RendezvousLauncher:
                 for rank, pid in (message.get("pids") or {}).items():
                     if int(rank) in agent.ranks_here:
                         self.pids[int(rank)] = pid
+                for rank, note in (message.get("notes") or {}).items():
+                    if int(rank) in agent.ranks_here:
+                        self.notes[int(rank)] = str(note or "")
                 for rank, code in (message.get("codes") or {}).items():
                     if int(rank) in agent.ranks_here and code is not None:
                         self.codes[int(rank)] = int(code)
@@ -306,7 +357,14 @@ class RendezvousLauncher:
         for agent in self.agents:
             self.rendezvous.send(agent, {"t": "stop", "grace": 0.0, "bye": True})
         self.rendezvous.close()
-        stop_processes(self.starters, grace=5.0)  # they end with their agents
+        for starter in self.starters:  # an agent that missed the goodbye sees its stdin end
+            if getattr(starter, "stdin", None) is not None and not starter.stdin.closed:
+                try:
+                    starter.stdin.close()
+                except OSError:
+                    pass
+        # They end with their agents; one that lost its agent (host or link down) would only hang.
+        stop_processes(self.starters, grace=0.0 if any(agent.lost() for agent in self.agents) else 5.0)
 
 
 __all__ = ["Rendezvous", "RendezvousLauncher", "RendezvousError", "Agent", "outward_address", "resolve_host"]

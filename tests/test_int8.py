@@ -123,6 +123,14 @@ def test_quantize_and_generate_through_the_cli(run, tmp_path):
     assert result.exit_code == 0 and result.output.startswith("3 little"), result.output
 
 
+def test_generate_across_tensor_parallel_workers_from_int8_prints_what_one_process_prints(run):
+    directory, _, _ = run
+    flags = ("generate", "--checkpoint", directory / "run-int8", "--prompt", "3 little", "--max-new-tokens", 8)
+    alone, split = run_cli(*flags), run_cli(*flags, "--nproc", "2", "--tp", "2")
+    assert alone.exit_code == 0 and split.exit_code == 0, (alone.output, split.output)
+    assert split.output == alone.output
+
+
 def test_an_int8_directory_given_to_train_resume_is_one_error_line(run):
     directory, _, _ = run
     line = one_error_line(run_cli("train", "--out", directory / "run-int8", "--resume"))

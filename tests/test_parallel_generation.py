@@ -190,22 +190,3 @@ def test_with_as_many_prompt_groups_as_stages_no_stage_waits_by_design(pp):
     assert busy_fraction(pp, microbatches=pp) == 1.0
     assert busy_fraction(pp, microbatches=1) == pytest.approx(1 / pp, rel=0.2)  # one group: a stage at a time
 
-
-@pytest.mark.timeout(120)
-def test_an_int8_model_generates_under_tensor_parallelism_as_in_one_process(local_cluster, tmp_path):
-    from ringpipe.model.data.dataset import write_token_file
-    from ringpipe.model.data.tokenizer import make_tokenizer
-    from ringpipe.model.quantization.gpt2_int8 import Int8GPT
-    from ringpipe.model.quantization.quantize import TOKEN_FILE, quantize_run
-    from tests.conftest import TEXT
-
-    tokenizer = make_tokenizer("char", TEXT)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size)
-    GPT(config, seed=0).save_pretrained(tmp_path / "run", tokenizer=tokenizer)
-    write_token_file(tokenizer.encode(TEXT), str(tmp_path / "run" / TOKEN_FILE))
-    quantize_run(str(tmp_path / "run"), str(tmp_path / "int8"))
-    source = weights_source(str(tmp_path / "int8"))
-    generators = local_cluster(2).spawn(ParallelGenerator, source, {"tp": 2})
-    got = merge_generations(generators.generate(PROMPTS, 8, seed=5, **TOP_K).result())["tokens"]
-    expected = Int8GPT.from_pretrained(tmp_path / "int8").generate(np.array(PROMPTS), 8, seed=5, **TOP_K)
-    assert source["kind"] == "int8" and [got[i] for i in range(len(PROMPTS))] == expected[:, 3:].tolist()

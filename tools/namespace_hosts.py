@@ -5,6 +5,10 @@ its own address and, optionally, its own sshd (Debian's openssh-server, key auth
         hosts.addresses          # ["198.18.N.1", "198.18.N.2"]; the bridge (this namespace) is .254
         hosts.ssh_environment    # {"RINGPIPE_SSH": "ssh -i KEY ..."} for `ringpipe train --hostfile`
         hosts.veth_bytes(0)      # bytes through host 0's link (both directions), from its counters
+        hosts.take_away(0)       # link down, then SIGKILL every process in host 0's namespace
+
+`mounts={1: [(source, target)]}` bind-mounts `source` over `target` for what runs through host 1's
+sshd only (a mount namespace of its own): a host whose files differ, on one machine.
 
 Addresses come from 198.18.0.0/15 (set aside for benchmarks, RFC 2544), one /24 per creating
 process and instance, so two at once do not collide; traffic goes only to those addresses. Needs root
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -39,8 +45,8 @@ class NamespaceHosts:
     """`count` namespace hosts; see the module docstring. `rate` ("1gbit", "200mbit"): shape both
     directions of every host's link with `tc tbf`."""
 
-    def __init__(self, count: int, sshd: bool = False, rate: str | None = None):
-        self.count, self.with_sshd, self.rate = count, sshd, rate
+    def __init__(self, count: int, sshd: bool = False, rate: str | None = None, mounts: dict | None = None):
+        self.count, self.with_sshd, self.rate, self.mounts = count, sshd, rate, mounts or {}
         # Unique per process and per instance: interface names (at most 15 characters) and a /24.
         made = next(_made)
         tag = f"{os.getpid() % 100000}{chr(ord('a') + made % 26)}"
@@ -108,16 +114,21 @@ class NamespaceHosts:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True,
                            capture_output=True)
         shutil.copy(client_key + ".pub", os.path.join(self.directory, "authorized_keys"))
-        for namespace, address in zip(self.namespaces, self.addresses):
+        for host, (namespace, address) in enumerate(zip(self.namespaces, self.addresses)):
             config = os.path.join(self.directory, f"sshd_{address}.conf")
             with open(config, "w") as f:
                 f.write(f"ListenAddress {address}\nPort 22\nHostKey {host_key}\n"
                         f"AuthorizedKeysFile {self.directory}/authorized_keys\nPidFile none\n"
                         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                         "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n")
-            self.sshd_processes.append(subprocess.Popen(["ip", "netns", "exec", namespace, SSHD, "-D", "-e", "-f",
-                                                         config], stdout=subprocess.DEVNULL,
-                                                        stderr=subprocess.DEVNULL))
+            command = [SSHD, "-D", "-e", "-f", config]
+            if self.mounts.get(host):
+                binds = "".join(f"mount --bind {shlex.quote(source)} {shlex.quote(target)} && "
+                                for source, target in self.mounts[host])
+                command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           binds + "exec " + shlex.join(command)]
+            self.sshd_processes.append(subprocess.Popen(["ip", "netns", "exec", namespace, *command],
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.ssh_environment = {"RINGPIPE_SSH": f"ssh -F /dev/null -i {client_key} -o StrictHostKeyChecking=no "
                                                 f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
         deadline = time.monotonic() + 10
@@ -144,6 +155,23 @@ class NamespaceHosts:
     def run_in(self, host: int, command: list[str], **options) -> subprocess.CompletedProcess:
         """Run `command` inside host `host`'s namespace."""
         return subprocess.run(["ip", "netns", "exec", self.namespaces[host], *command], **options)
+
+    def take_away(self, host: int) -> list[int]:
+        """Host `host` goes away as a machine does: its link goes down, then every process in its
+        namespace (sshd, agents, workers) is SIGKILLed. Returns the killed pids."""
+        _ip("link", "set", self.veths[host], "down")
+        pids = self.pids(host)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def pids(self, host: int) -> list[int]:
+        """The processes running in host `host`'s namespace."""
+        listed = subprocess.run(["ip", "netns", "pids", self.namespaces[host]], capture_output=True, text=True)
+        return [int(pid) for pid in listed.stdout.split()]
 
     def close(self):
         for process in self.sshd_processes:

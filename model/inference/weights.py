@@ -8,8 +8,6 @@
     a model directory       config.json + model.safetensors (a run's final model, a single-process
                             run's checkpoint, a transformers GPT-2); each rank reads the tensors of its
                             pipeline stages (each verified against its checksum) and keeps its shards
-    an int8 model directory `ringpipe quantize`'s; each rank keeps its shards of the int8 weights (the
-                            file, a quarter of the float model's, is read whole: gpt2_int8.py)
 
 `read_rank_weights(source, holder)` (worker side) returns {name: this rank's shard} for every entry
 of `holder.shard_table()`.
@@ -24,8 +22,8 @@ import numpy as np
 
 from ringpipe.model.families import CONFIG_FILE, DEFAULT_FAMILY, checkpoint_family, family
 from ringpipe.model.parallel.tensor_parallel.sharding import Sharding, shard
-from ringpipe.model.quantization.gpt2_int8 import Int8GPT, int8_rank_weights
-from ringpipe.model.quantization.int8_format import QUANTIZATION_KEY, quantization_config
+from ringpipe.model.quantization.gpt2_int8 import Int8GPT, int8_gpt_config, int8_rank_weights
+from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.training.checkpoint_metadata import check_checkpoint, is_sharded, read_metadata
 from ringpipe.model.training.run_dir import WEIGHTS_FILE, find_checkpoint
 from ringpipe.model.training.sharded_checkpoint import family_of, load_consolidated, read_weights
@@ -33,7 +31,7 @@ from ringpipe.runtime.files import CHECKSUMS_KEY, CorruptFileError, tensor_check
 
 # Families whose stage pieces have the cached forward (model/inference/kv_cache.py).
 GENERATES_ACROSS_WORKERS = ("gpt2",)
-SHARDED, MODEL, INT8 = "sharded", "model", "int8"
+SHARDED, MODEL = "sharded", "model"
 
 
 def locate_weights(directory: str) -> str:
@@ -48,11 +46,11 @@ def locate_weights(directory: str) -> str:
 def load_whole_model(directory: str, device: str = "cpu"):
     """The dense model of the weights `directory` names (`locate_weights`), in one process."""
     path = locate_weights(directory)
+    if quantization_config(path):  # an int8 model directory (ringpipe quantize)
+        return Int8GPT.from_pretrained(path, device=device)
     if is_sharded(path):
         config, params, _ = load_consolidated(path)
         return family_of(read_metadata(path)).model(dataclasses.replace(config, device=device), params=params)
-    if quantization_config(path):  # an int8 model (ringpipe quantize)
-        return Int8GPT.from_pretrained(path, device=device)
     return family(checkpoint_family(path) or DEFAULT_FAMILY).model.from_pretrained(path, device=device)
 
 
@@ -73,10 +71,14 @@ def weights_source(directory: str, device: str = "cpu") -> dict:
     if name not in GENERATES_ACROSS_WORKERS:
         raise ValueError(f"generation across workers supports {', '.join(GENERATES_ACROSS_WORKERS)} models; "
                          f"{path} holds a {name} model (generate it in one process: leave out --nproc)")
-    model = dict(metadata["model"]) if sharded else _gpt2_config(path)
+    int8 = not sharded and quantization_config(path) is not None
+    if sharded:
+        model = dict(metadata["model"])
+    else:
+        model = dataclasses.asdict(int8_gpt_config(path)[0]) if int8 else _gpt2_config(path)
     model["device"] = device
-    kind = SHARDED if sharded else INT8 if quantization_config(path) else MODEL
-    return {"kind": kind, "path": path, "family": name, "model": model}
+    return {"kind": SHARDED if sharded else MODEL, "path": path, "family": name, "model": model,
+            "int8": int8}
 
 
 def _gpt2_config(path: str) -> dict:
@@ -88,10 +90,8 @@ def _gpt2_config(path: str) -> dict:
     header = _safetensors_header(os.path.join(path, WEIGHTS_FILE))
     stored = {"F64": "float64", "F32": "float32", "F16": "float16"}.get(
         header.get(PREFIX + "wte.weight", header.get("wte.weight", {})).get("dtype"), "float32")
-    hf = read_config_json(os.path.join(path, CONFIG_FILE))
-    if hf.pop(QUANTIZATION_KEY, None) is not None:
-        stored = "float32"  # an int8 model's products, as Int8GPT computes them
-    config = gpt_config_from_hf(hf, os.path.join(path, CONFIG_FILE), dtype=stored if stored in DTYPES else "float32")
+    config = gpt_config_from_hf(read_config_json(os.path.join(path, CONFIG_FILE)), os.path.join(path, CONFIG_FILE),
+                                dtype=stored if stored in DTYPES else "float32")
     return dataclasses.asdict(config)
 
 
@@ -115,7 +115,7 @@ def read_rank_weights(source: dict, holder) -> dict:
     also has the family's `plan` (its Hugging Face names)."""
     if source["kind"] == SHARDED:
         return read_weights(holder, source["path"])
-    if source["kind"] == INT8:  # Int8Weight shards for the linears (model/quantization/gpt2_int8.py)
+    if source.get("int8"):  # int8 linears (Int8Weight shards cut like float ones), float for the rest
         return int8_rank_weights(source["path"], holder.shard_table())
     from safetensors import safe_open
 

@@ -97,6 +97,21 @@ def save_int8_gpt(directory, config, params: dict, quantization: dict, tokenizer
             tokenizer.save(stage)
 
 
+def int8_gpt_config(directory, dtype=None, device=None):
+    """-> (GPTConfig, quantization_config) of an int8 model directory, from its config.json alone;
+    ValueError naming the file if it is not one `ringpipe quantize` wrote."""
+    config_path = os.path.join(os.fspath(directory), CONFIG_FILE)
+    hf = read_config_json(config_path)
+    quantization = hf.pop(QUANTIZATION_KEY, None)
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+        raise ValueError(f"{config_path}: no {QUANTIZATION_KEY} with quant_method {QUANT_METHOD!r}; "
+                         "not an int8 model written by `ringpipe quantize`")
+    config = gpt_config_from_hf(hf, config_path, dtype=dtype or "float32", device=device or "cpu")
+    if config.dtype not in ("float32", "float64"):
+        raise ValueError(f"int8 models compute in float32 or float64, not {config.dtype}")
+    return config, quantization
+
+
 def load_int8_gpt(directory, dtype=None, device=None):
     """-> (GPTConfig, params with Int8Weight for the quantized weights, quantization_config).
 
@@ -106,14 +121,7 @@ def load_int8_gpt(directory, dtype=None, device=None):
     (runtime/files.py) for a damaged file."""
     directory = os.fspath(directory)
     config_path, weights_path = os.path.join(directory, CONFIG_FILE), os.path.join(directory, WEIGHTS_FILE)
-    hf = read_config_json(config_path)
-    quantization = hf.pop(QUANTIZATION_KEY, None)
-    if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
-        raise ValueError(f"{config_path}: no {QUANTIZATION_KEY} with quant_method {QUANT_METHOD!r}; "
-                         "not an int8 model written by `ringpipe quantize`")
-    config = gpt_config_from_hf(hf, config_path, dtype=dtype or "float32", device=device or "cpu")
-    if config.dtype not in ("float32", "float64"):
-        raise ValueError(f"int8 models compute in float32 or float64, not {config.dtype}")
+    config, quantization = int8_gpt_config(directory, dtype, device)
     tensors, metadata = load_tensors(weights_path)
     if QUANTIZATION_RECORD in metadata and json.loads(metadata[QUANTIZATION_RECORD]) != quantization:
         raise ValueError(f"{config_path}: {QUANTIZATION_KEY} contradicts the record in {weights_path}")
