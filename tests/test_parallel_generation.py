@@ -189,4 +189,3 @@ def busy_fraction(pp: int, microbatches: int, steps: int = 12) -> float:
 def test_with_as_many_prompt_groups_as_stages_no_stage_waits_by_design(pp):
     assert busy_fraction(pp, microbatches=pp) == 1.0
     assert busy_fraction(pp, microbatches=1) == pytest.approx(1 / pp, rel=0.2)  # one group: a stage at a time
-
