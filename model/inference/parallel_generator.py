@@ -39,8 +39,8 @@ class ParallelGenerator:
             param = self.stage.params[name]
             if isinstance(weight, np.ndarray):
                 param[...] = self.stage.xp.asarray(weight.astype(param.dtype, copy=False))
-            else:  # a weight in another format the linears take as it is (an int8 weight): the pieces see it
-                self.stage.params[name] = weight
+            else:  # an int8 weight, which the linears take as it is: the pieces see it in the dict
+                self.stage.params[name] = weight.to(self.stage.xp, param.dtype)
 
     def shard_table(self) -> dict:
         """{name: {"axis", "parts", "tp_rank", "tp_size", "full_shape"}} of this rank's parameters."""
