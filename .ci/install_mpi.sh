@@ -38,8 +38,18 @@ if command -v mpirun >/dev/null 2>&1; then
         echo "install_mpi: could not create .venv; the MPI comparisons will skip"
     fi
 fi
+# MPICH's launcher (Hydra), for the test of MPICH's PMI_* variables: PyPI's mpich wheel under
+# /opt/mpich, never on PATH (its mpirun would shadow OpenMPI's). Needs only libc.
+if [ ! -x /opt/mpich/bin/mpiexec.hydra ] && [ -x .venv/bin/python ] && mkdir -p /opt/mpich 2>/dev/null; then
+    if ! .venv/bin/python -m pip install -q --prefix /opt/mpich --no-deps --no-warn-script-location mpich \
+            >"$log" 2>&1; then
+        echo "install_mpi: pip could not install mpich into /opt/mpich (last lines below); its test will skip"
+        tail -n 5 "$log"
+    fi
+fi
 rm -f "$log"
 echo "install_mpi: $( (mpirun --version 2>/dev/null || echo 'no mpirun') | head -n 1)"
+echo "install_mpi: MPICH's mpiexec.hydra $([ -x /opt/mpich/bin/mpiexec.hydra ] && echo present || echo missing)"
 if [ -x .venv/bin/python ]; then
     .venv/bin/python - <<'PY' || true
 try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from ringpipe.runtime.placement import PlacementError, place_ranks
+
 _ENTRY = re.compile(r"^(?P<host>[^\s=#]+)(?:\s+slots\s*=\s*(?P<slots>\d+))?\s*$")
 
 
@@ -36,6 +38,17 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     except OSError as exc:
         raise HostfileError(f"cannot read hostfile {path}: {exc.strerror}") from None
     return parse_hostfile(text, path)
+
+
+def hostfile_slots(path: str, world_size: int, tp: int) -> tuple[list, list[int]]:
+    """The hostfile's entries [(host, slots)] and each rank's entry index (tensor-parallel groups
+    inside a host when they can be); HostfileError naming the file if it cannot hold the run."""
+    entries = read_hostfile(path)
+    try:
+        return entries, place_ranks([slots for _, slots in entries], world_size, tp)
+    except PlacementError:
+        raise HostfileError(f"{path}: {sum(s for _, s in entries)} slots on {len(entries)} hosts, "
+                            f"too few for dp × tp × pp = {world_size} workers") from None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

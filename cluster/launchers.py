@@ -18,21 +18,15 @@ import time
 
 import click
 
+from ringpipe.cluster.hostfile import HostfileError, hostfile_slots
+from ringpipe.runtime.addresses import bracketed
 from ringpipe.runtime.auth import KeyFileError, create_key_file, read_key_file
 from ringpipe.runtime.launch import LocalLauncher
 from ringpipe.runtime.placement import describe_placement, place_ranks
-from ringpipe.runtime.rendezvous import Rendezvous, RendezvousError, RendezvousLauncher, resolve_host
+from ringpipe.runtime.rendezvous import (DEFAULT_PORT, Rendezvous, RendezvousError, RendezvousLauncher, parse_endpoint,
+                                         resolve_host)
 
 DEFAULT_KEY_FILE = os.path.join("~", ".ringpipe", "rendezvous.key")
-DEFAULT_PORT = 29500  # torchrun's
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """("HOST", PORT) of "HOST:PORT" (PORT defaults to 29500, as torchrun's does)."""
-    host, _, port = endpoint.rpartition(":") if ":" in endpoint else (endpoint, ":", str(DEFAULT_PORT))
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise RendezvousError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")
-    return host, int(port)
 
 
 def rank_from_environment(environ=os.environ) -> tuple[int, int, int, str] | None:
@@ -82,7 +76,7 @@ def join_launcher(endpoint: str, world_size: int, tp: int, nproc_per_node: int, 
     try:
         here = len(local_ranks) if local_ranks is not None else nproc_per_node
         say(f"waiting at {rendezvous.endpoint} for {world_size - here} more workers to join "
-            f"(ringpipe worker --rdzv-endpoint {host}:{port})")
+            f"(ringpipe worker --rdzv-endpoint {bracketed(host)}:{port})")
         agents = rendezvous.gather(world_size, here, timeout, say=say,
                                    slots_each=nproc_per_node if nnodes is not None else None)
         hosts = _hosts_of_ranks(agents, world_size, tp, here, local_ranks)
@@ -132,7 +126,7 @@ def spmd_endpoint(launcher_name: str, endpoint: str | None, environ=os.environ) 
     if endpoint:
         return endpoint
     if environ.get("MASTER_ADDR"):
-        return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', DEFAULT_PORT)}"
+        return f"{bracketed(environ['MASTER_ADDR'])}:{environ.get('MASTER_PORT', DEFAULT_PORT)}"
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
     if launcher_name == "slurm" and nodelist:
         from ringpipe.cluster.hostfile import expand_nodelist
@@ -190,7 +184,7 @@ def launcher_of(flags: dict) -> str:
     return "ssh" if flags.get("hostfile") else "join" if flags.get("rdzv_endpoint") else "local"
 
 
-def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
+def check_multihost_flags(ctx, flags: dict, world_size: int, tp: int = 1) -> None:
     """Refuse flags that cannot start `world_size` workers with the chosen launcher (one line)."""
     from ringpipe.cluster.options import bad_flag
 
@@ -202,6 +196,17 @@ def check_multihost_flags(ctx, flags: dict, world_size: int) -> None:
         raise bad_flag("--launcher", "ssh needs --hostfile FILE")
     if flags["hostfile"] and name != "ssh":
         raise bad_flag("--hostfile", f"starts workers over ssh; it cannot be combined with --launcher {name}")
+    # Read before anything is tokenized or started: a bad file or endpoint is then the only output.
+    if name == "ssh":
+        try:
+            hostfile_slots(flags["hostfile"], world_size, tp)
+        except HostfileError as exc:
+            raise bad_flag("--hostfile", str(exc)) from None
+    if flags["rdzv_endpoint"]:
+        try:
+            parse_endpoint(flags["rdzv_endpoint"])
+        except RendezvousError as exc:
+            raise bad_flag("--rdzv-endpoint", str(exc)) from None
     if name == "join":
         if not flags["rdzv_endpoint"]:
             raise bad_flag("--launcher", "join needs --rdzv-endpoint HOST:PORT")
@@ -252,5 +257,5 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     return options
 
 
-__all__ = ["join_launcher", "spmd_driver", "mpi_or_slurm_agent", "rank_from_environment", "parse_endpoint",
+__all__ = ["join_launcher", "spmd_driver", "mpi_or_slurm_agent", "rank_from_environment",
            "KeyFileError", "RendezvousError"]

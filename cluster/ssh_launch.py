@@ -15,10 +15,9 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from ringpipe.cluster.hostfile import read_hostfile
+from ringpipe.cluster.hostfile import HostfileError, hostfile_slots
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.launch import reaching_this_package, stop_processes
-from ringpipe.runtime.placement import PlacementError, place_ranks
 from ringpipe.runtime.rendezvous import (Rendezvous, RendezvousError, RendezvousLauncher, outward_address,
                                          package_version, resolve_host)
 
@@ -87,13 +86,11 @@ def check_hosts(hosts: list[str], out: str) -> None:
 def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say) -> dict:
     """Check the hostfile's hosts, start an agent on each that gets ranks, wait for them to join;
     the Cluster options."""
-    entries = read_hostfile(path)
-    names = [name for name, _ in entries]
     try:
-        order = place_ranks([slots for _, slots in entries], world_size, tp)
-    except PlacementError:
-        raise RendezvousError(f"--hostfile {path}: {sum(s for _, s in entries)} slots on {len(entries)} hosts, "
-                              f"too few for dp × tp × pp = {world_size} workers") from None
+        entries, order = hostfile_slots(path, world_size, tp)
+    except HostfileError as exc:
+        raise RendezvousError(f"--hostfile {exc}") from None
+    names = [name for name, _ in entries]
     used = sorted(set(order))
     addresses = [resolve_host(names[h], "host") for h in used]
     say(f"checking {len(used)} hosts over ssh: {', '.join(names[h] for h in used)}")

@@ -30,7 +30,7 @@ from dataclasses import asdict
 
 import zmq
 
-from ringpipe.runtime import wire
+from ringpipe.runtime import addresses, wire
 from ringpipe.runtime.auth import JobKeys, raise_descriptor_limit
 from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
                            WorkerUnresponsive, reference)
@@ -91,13 +91,13 @@ class Cluster(TraceControl):
                                          self.comm_config.timeout, self._ask_stack)
         self._lock = threading.Lock()
         self.keys = JobKeys.generate()
-        self._context = zmq.Context()
+        self._context = addresses.dual_stack(zmq.Context())
         self._auth = self.keys.start_authenticator(self._context)
         self._router = self._context.socket(zmq.ROUTER)
         self.keys.make_server(self._router)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        port = self._router.bind_to_random_port(f"tcp://{bind_host}")
-        self.address = f"tcp://{bind_host}:{port}"
+        port = self._router.bind_to_random_port(addresses.tcp_address(bind_host))
+        self.address = addresses.tcp_address(bind_host, port)
         self.worker_addresses: list[dict] = []
         self._finalizer = weakref.finalize(self, stop_workers, self.launcher, self.job_id)
         atexit.register(self._finalizer)

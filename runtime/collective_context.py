@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, Recv, WaitBlock
-from ringpipe.runtime.transfer import send_arrays
+from ringpipe.runtime.transfer import send_arrays, send_now
 
 
 class CollectiveContext:
@@ -25,6 +25,15 @@ class CollectiveContext:
             header["m"] = meta
         yield from send_arrays(self.engine, self.group.ranks[peer], header, arrays, self.group.gid,
                                allow_shm and self.config.shm)
+
+    def post(self, peer: int, step: int, arrays=(), meta=None):
+        """Send without waiting. Returns the ZeroMQ tracker of a zero-copy send, whose arrays must
+        not change until it is done (`yield WaitSent(tracker, ...)`), or None if nothing reads them."""
+        header = {"k": "coll", "g": self.group.gid, "c": self.seq, "s": step, "n": self.call}
+        if meta is not None:
+            header["m"] = meta
+        return send_now(self.engine, self.group.ranks[peer], header, arrays, self.group.gid, self.config.shm,
+                        track=True)
 
     def recv(self, peer: int, step: int):
         src = self.group.ranks[peer]

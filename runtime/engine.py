@@ -18,6 +18,7 @@ from collections import defaultdict, deque
 
 import zmq
 
+from ringpipe.runtime.addresses import tcp_address
 from ringpipe.runtime.arena_blocks import ArenaBookkeeping
 from ringpipe.runtime.messages import ZERO_COPY_BYTES, MessageDispatch
 from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
@@ -41,8 +42,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.router = context.socket(zmq.ROUTER)
         keys.make_server(self.router)
         self.router.setsockopt(zmq.RCVHWM, 0)
-        port = self.router.bind_to_random_port(f"tcp://{bind_host}")
-        self.address = f"tcp://{bind_host}:{port}"
+        port = self.router.bind_to_random_port(tcp_address(bind_host))
+        self.address = tcp_address(bind_host, port)
         self.peers: dict[int, zmq.Socket] = {}
         self.send_lock = threading.Lock()
         self.identity_to_rank: dict[bytes, int] = {}

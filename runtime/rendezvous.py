@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
+from ringpipe.runtime.addresses import bracketed, dual_stack, tcp_address
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.launch import LocalLauncher, stop_processes
 
 PING_INTERVAL_S = 1.0
+DEFAULT_PORT = 29500  # torchrun's
 AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
 
 
@@ -48,18 +50,49 @@ def package_version() -> str:
         return "unknown"
 
 
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """("HOST", PORT) of "HOST:PORT", "HOST", "[IPV6]:PORT" or "[IPV6]" (PORT defaults to 29500, as
+    torchrun's does); RendezvousError naming the endpoint if it is none of these or PORT is not in
+    1..65535. An IPv6 address needs its brackets: in "::1:29500" the port cannot be told apart."""
+    def refuse(why: str):
+        return RendezvousError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT ({why})")
+
+    if endpoint.startswith("["):
+        host, closing, rest = endpoint[1:].partition("]")
+        if not closing or (rest and not rest.startswith(":")):
+            raise refuse("an IPv6 address goes in brackets: [ADDRESS]:PORT")
+        port = rest[1:] if rest else str(DEFAULT_PORT)
+    elif endpoint.count(":") > 1:
+        raise refuse("an IPv6 address goes in brackets: [ADDRESS]:PORT")
+    else:
+        host, colon, port = endpoint.partition(":")
+        port = port if colon else str(DEFAULT_PORT)
+    if not host:
+        raise refuse("no host")
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        raise refuse(f"port {port!r} is not a number in 1..65535")
+    return host, int(port)
+
+
 def resolve_host(host: str, what: str = "host") -> str:
-    """The IPv4 address of `host`; RendezvousError naming it if it does not resolve."""
+    """The address of `host`: IPv4 if it has one, else IPv6; RendezvousError naming it if it does
+    not resolve."""
     try:
-        return socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
-    except (socket.gaierror, UnicodeError, IndexError) as exc:
+        found = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
         raise RendezvousError(f"cannot resolve {what} {host!r}: {getattr(exc, 'strerror', exc)}") from None
+    # IPv4 first: a name with both kinds of address resolves as it did before IPv6 was supported.
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    if not found:
+        raise RendezvousError(f"cannot resolve {what} {host!r}: no address")
+    return found[0][4][0]
 
 
 def outward_address(peer: str) -> str:
-    """This machine's address on the route to `peer` (an IPv4 address): the one its sockets should
-    bind to so that `peer` can reach them. No packet is sent."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+    """This machine's address on the route to `peer` (an IPv4 or IPv6 address): the one its
+    sockets should bind to so that `peer` can reach them. No packet is sent."""
+    family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((peer, 9))
         return probe.getsockname()[0]
 
@@ -81,22 +114,22 @@ class Rendezvous:
 
     def __init__(self, address: str, port: int, keys: JobKeys):
         self.keys = keys
-        self.context = zmq.Context()
+        self.context = dual_stack(zmq.Context())
         self.auth = keys.start_authenticator(self.context)
         self.router = self.context.socket(zmq.ROUTER)
         keys.make_server(self.router)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             if port:
-                self.router.bind(f"tcp://{address}:{port}")
+                self.router.bind(tcp_address(address, port))
             else:
-                port = self.router.bind_to_random_port(f"tcp://{address}")
+                port = self.router.bind_to_random_port(tcp_address(address))
         except zmq.ZMQError as exc:
             self.close()
             reason = "the port is in use" if exc.errno == zmq.EADDRINUSE else exc.strerror
-            raise RendezvousError(f"cannot listen for the rendezvous at {address}:{port}: {reason}") from None
+            raise RendezvousError(f"cannot listen for the rendezvous at {bracketed(address)}:{port}: {reason}") from None
         self.address, self.port = address, port
-        self.endpoint = f"{address}:{port}"
+        self.endpoint = f"{bracketed(address)}:{port}"
 
     def send(self, agent: Agent, message: dict):
         try:
@@ -127,10 +160,12 @@ class Rendezvous:
         while local_slots + sum(a.slots for a in agents) < world_size:
             check()
             if time.monotonic() > deadline:
+                # Count only what other hosts brought: the driver's own workers never had to join.
                 joined = ", ".join(f"{a.host} ({a.slots})" for a in agents) or "none"
-                raise RendezvousError(f"only {local_slots + sum(a.slots for a in agents)} of {world_size} workers "
-                                      f"joined the rendezvous at {self.endpoint} within {timeout:g}s "
-                                      f"(joined hosts: {joined})")
+                here = f"; the driver's host runs {local_slots} more" if local_slots else ""
+                raise RendezvousError(f"only {sum(a.slots for a in agents)} of {world_size - local_slots} workers "
+                                      f"from other hosts joined the rendezvous at {self.endpoint} within "
+                                      f"{timeout:g}s (joined hosts: {joined}{here})")
             if time.monotonic() - last_ping > PING_INTERVAL_S:  # joined agents wait for the others
                 last_ping = time.monotonic()
                 for agent in agents:

@@ -14,10 +14,11 @@ import time
 import msgpack
 import zmq
 
+from ringpipe.runtime.addresses import dual_stack, tcp_address
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.launch import LocalLauncher
 from ringpipe.runtime.rendezvous import (AGENT_SILENCE_S, RendezvousError, outward_address, package_version,
-                                         resolve_host)
+                                         parse_endpoint, resolve_host)
 
 STATUS_INTERVAL_S = 0.5
 
@@ -29,11 +30,10 @@ def join_and_run(endpoint: str, keys: JobKeys, slots: int, *, host: str | None =
     one ended with 0 (else 1). `host` names this host (default: its address towards the driver).
     A driver silent for `silence` seconds is taken for dead: the workers are stopped.
     RendezvousError if the driver does not answer within `timeout` seconds or refuses."""
-    name, _, port = endpoint.rpartition(":")
-    if not name or not port.isdigit():
-        raise RendezvousError(f"rendezvous endpoint {endpoint!r} is not HOST:PORT")
-    address = outward_address(resolve_host(name, "rendezvous host"))
-    context = zmq.Context()
+    name, port = parse_endpoint(endpoint)
+    driver = resolve_host(name, "rendezvous host")
+    address = outward_address(driver)
+    context = dual_stack(zmq.Context())
     dealer = context.socket(zmq.DEALER)
     dealer.setsockopt(zmq.ROUTING_ID, b"a" + secrets.token_bytes(8))
     dealer.setsockopt(zmq.LINGER, 1000)
@@ -41,7 +41,7 @@ def join_and_run(endpoint: str, keys: JobKeys, slots: int, *, host: str | None =
     # down) endpoint that is forever, so every send gets the timeout too.
     dealer.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
     keys.make_client(dealer)
-    dealer.connect(f"tcp://{resolve_host(name, 'rendezvous host')}:{port}")
+    dealer.connect(tcp_address(driver, port))
     launcher = None
     try:
         send = lambda message: dealer.send(msgpack.packb(message, use_bin_type=True))  # noqa: E731

@@ -72,6 +72,7 @@ class Worker:
     def __init__(self, boot: dict):
         import zmq
 
+        from ringpipe.runtime.addresses import dual_stack
         from ringpipe.runtime.auth import JobKeys
         from ringpipe.runtime.communicator import CommConfig, Communicator, Group
         from ringpipe.runtime.engine import Engine
@@ -81,7 +82,7 @@ class Worker:
         self.rank, self.world_size = boot["rank"], boot["world_size"]
         self.config = CommConfig(**boot["comm"])
         self.keys = JobKeys.from_dict(boot["keys"])
-        self.context = zmq.Context()
+        self.context = dual_stack(zmq.Context())
         self.auth = self.keys.start_authenticator(self.context)
         self.engine = Engine(self.rank, self.context, self.keys, boot["bind_host"], self.config.timeout)
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -91,6 +92,7 @@ class Worker:
         self.host = boot.get("host") or host_id()
         # The call the main thread is running: (driver's call id, name, monotonic start) or None.
         self.current: tuple | None = None
+        self._later_abort: tuple | None = None  # (call id, reason): an abort of a call still queued
         self.main_thread = threading.get_ident()
 
         arena = None
@@ -215,11 +217,7 @@ class Worker:
             call = self.calls.get()
             if call is None:
                 return 0
-            # A new call: earlier aborts are behind us, unless the abort is this call's own (it
-            # failed on another rank before this one took it off the queue).
-            with self.engine.abort_lock:
-                if self.engine.aborted_call_id != call["id"]:
-                    self.engine.aborted_call = None
+            self._take_abort(call["id"])
             self._call_name = (call.get("target") or {}).get("qualname") or call.get("method") or call["kind"]
             self.engine.timed_out_on.clear()
             self.current = (call["id"], str(call.get("name") or call["kind"]), time.monotonic())
@@ -236,6 +234,23 @@ class Worker:
                 self._reply({"t": "result", "id": call["id"], "ok": False, "type": type(exc).__name__,
                              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
                              "aborted": isinstance(exc, Aborted)})
+
+    def _take_abort(self, call_id: int):
+        """Before call `call_id` runs: earlier aborts are behind us, unless the abort is this call's
+        own (it failed on another rank before this one took it off the queue). An abort naming a
+        later call, one still queued behind this call, waits for that call: it must neither fail
+        this call's communication nor be forgotten by the time that call starts."""
+        engine = self.engine
+        with engine.abort_lock:
+            named = engine.aborted_call_id
+            if named is not None and named > call_id and engine.aborted_call is not None:
+                self._later_abort = (named, engine.aborted_call)
+            if self._later_abort is not None and self._later_abort[0] <= call_id:
+                if self._later_abort[0] == call_id:
+                    engine.aborted_call_id, engine.aborted_call = self._later_abort
+                self._later_abort = None
+            if engine.aborted_call_id != call_id:
+                engine.aborted_call = None
 
     def _execute(self, call: dict):
         kind = call["kind"]

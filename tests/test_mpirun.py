@@ -1,5 +1,6 @@
-"""Under a real OpenMPI `mpirun` (marker multihost; about 20 s): ranks come from OMPI_COMM_WORLD_*,
-rank 0 drives (`ringpipe train --launcher mpi`), or every rank joins a driver (`ringpipe worker`)."""
+"""Under a real OpenMPI `mpirun` (marker multihost; about 30 s): ranks come from OMPI_COMM_WORLD_*,
+rank 0 drives (`ringpipe train --launcher mpi`), or every rank joins a driver (`ringpipe worker`).
+Under MPICH's `mpiexec` (Hydra; PyPI's mpich in /opt/mpich, .ci/install_mpi.sh) from PMI_RANK/PMI_SIZE."""
 import json
 import os
 import shutil
@@ -12,9 +13,12 @@ import pytest
 from ringpipe.runtime.auth import create_key_file
 from tests.conftest import run_cli
 
-pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180),
-              pytest.mark.skipif(shutil.which("mpirun") is None,
-                                 reason="no mpirun (Debian's openmpi-bin; .ci/install_mpi.sh)")]
+pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
+needs_openmpi = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                   reason="no mpirun (Debian's openmpi-bin; .ci/install_mpi.sh)")
+# MPICH's launcher beside OpenMPI's: not on PATH, where it would take the name mpirun.
+HYDRA = next((path for path in (shutil.which("mpiexec.hydra"), "/opt/mpich/bin/mpiexec.hydra")
+              if path and os.access(path, os.X_OK)), None)
 
 TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
          "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
@@ -47,6 +51,7 @@ def alone(corpus, tmp_path) -> list:
     return losses(tmp_path / "alone")
 
 
+@needs_openmpi
 def test_under_mpirun_rank_0_drives_and_the_run_equals_one_process(corpus, tmp_path, key_file, alone):
     done = subprocess.run([*MPIRUN, "-np", "2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
                            *TRAIN, "--out", str(tmp_path / "mpi"), "--dp", "2", "--launcher", "mpi",
@@ -60,6 +65,7 @@ def _place(comm):
     return {name: os.environ[name] for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
 
 
+@needs_openmpi
 def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_view(tmp_path, key_file):
     from ringpipe.cluster.launchers import join_launcher
     from ringpipe.runtime import Cluster
@@ -78,3 +84,13 @@ def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_v
         if workers.poll() is None:
             workers.kill()
         workers.wait()
+
+
+@pytest.mark.skipif(HYDRA is None, reason="no MPICH mpiexec.hydra (PyPI's mpich into /opt/mpich; .ci/install_mpi.sh)")
+def test_under_mpichs_mpiexec_ranks_come_from_pmi_and_the_run_equals_one_process(corpus, tmp_path, key_file, alone):
+    done = subprocess.run([HYDRA, "-n", "2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
+                           *TRAIN, "--out", str(tmp_path / "mpich"), "--dp", "2", "--launcher", "mpi",
+                           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--key-file", key_file],
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+    assert losses(tmp_path / "mpich") == pytest.approx(alone, rel=1e-12)

@@ -88,6 +88,73 @@ def test_a_run_directory_a_host_cannot_see_is_named_with_the_host(ssh_to, tmp_pa
     assert problem.startswith(f"host {ssh_to.addresses[1]}: the run directory") and "not visible" in problem
 
 
+def _package_folders() -> set:
+    """Every folder `import ringpipe` can come from here: this test's, and an installed one."""
+    import ringpipe.runtime
+
+    folders = {os.path.realpath(os.path.dirname(os.path.dirname(ringpipe.runtime.__file__)))}
+    where = "import os, ringpipe.runtime as r; print(os.path.realpath(os.path.dirname(os.path.dirname(r.__file__))))"
+    done = subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, cwd="/",
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    return folders | ({done.stdout.strip()} if done.returncode == 0 else set())
+
+
+def _other_version_metadata(tmp_path) -> tuple[str, str]:
+    """(a copy of ringpipe's installed METADATA claiming another version, the file it stands for)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        files = distribution("ringpipe").files or []
+    except PackageNotFoundError:
+        files = []
+    found = [f for f in files if f.name == "METADATA" and f.parent.name.endswith(".dist-info")]
+    if not found:
+        pytest.skip("ringpipe is not installed here (no METADATA holds its version)")
+    original = str(found[0].locate())
+    text = open(original).read()
+    version = next(line for line in text.splitlines() if line.startswith("Version: "))
+    changed = tmp_path / "METADATA"
+    changed.write_text(text.replace(version, "Version: 999.0", 1))
+    return str(changed), original
+
+
+@pytest.fixture(scope="module")
+def odd_hosts(tmp_path_factory):
+    """Host 0 without ringpipe (its runtime folder is empty there), host 1 with ringpipe 999.0."""
+    from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
+
+    tmp_path = tmp_path_factory.mktemp("odd-hosts")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    hidden = [(str(empty), os.path.join(folder, "runtime")) for folder in _package_folders()]
+    try:
+        with NamespaceHosts(2, sshd=True, mounts={0: hidden, 1: [_other_version_metadata(tmp_path)]}) as made:
+            yield made
+    except NamespaceError as exc:
+        pytest.skip(f"no namespace hosts here: {exc}")
+
+
+@pytest.fixture
+def probe(tmp_path) -> tuple[str, str]:
+    path = tmp_path / "probe"
+    path.write_text("token")
+    return str(path), "token"
+
+
+def test_a_host_where_ringpipe_is_not_importable_is_named(odd_hosts, monkeypatch, probe):
+    monkeypatch.setenv("RINGPIPE_SSH", odd_hosts.ssh_environment["RINGPIPE_SSH"])
+    problem = check_host(odd_hosts.addresses[0], *probe)
+    assert problem.startswith(f"host {odd_hosts.addresses[0]}: ringpipe is not importable"), problem
+
+
+def test_a_host_running_another_ringpipe_version_is_named_with_both_versions(odd_hosts, monkeypatch, probe):
+    from ringpipe.runtime.rendezvous import package_version
+
+    monkeypatch.setenv("RINGPIPE_SSH", odd_hosts.ssh_environment["RINGPIPE_SSH"])
+    problem = check_host(odd_hosts.addresses[1], *probe)
+    assert problem == f"host {odd_hosts.addresses[1]}: runs ringpipe 999.0, this driver {package_version()}"
+
+
 STRANGER = textwrap.dedent("""
     import sys, time, zmq
     from zmq.utils.monitor import recv_monitor_message

@@ -4,6 +4,7 @@ import pytest
 from ringpipe.cluster.hostfile import HostfileError, expand_nodelist, parse_hostfile
 from ringpipe.cluster.launchers import rank_from_environment, spmd_endpoint
 from ringpipe.runtime.placement import PlacementError, describe_placement, place_ranks
+from tests.conftest import one_error_line, run_cli
 
 
 def test_tensor_parallel_groups_stay_inside_a_host_when_the_slots_allow():
@@ -42,6 +43,24 @@ def test_a_hostfile_has_hosts_slots_and_comments():
 def test_a_bad_hostfile_line_is_named(text):
     with pytest.raises(HostfileError, match="hosts.txt"):
         parse_hostfile(text, "hosts.txt")
+
+
+@pytest.mark.parametrize("text,named", [("node1 slots=2\nnode2 cpus=2\n", ":2: 'node2 cpus=2'"),
+                                        ("node1 slots=1\n", "1 slots on 1 hosts, too few for dp × tp × pp = 2")])
+def test_a_hostfile_that_cannot_hold_the_run_is_the_only_output_before_anything_is_tokenized(corpus, tmp_path,
+                                                                                            text, named):
+    hosts = tmp_path / "hosts"
+    hosts.write_text(text)
+    result = run_cli("train", "--data", corpus, "--out", tmp_path / "run", "--dp", "2", "--hostfile", hosts)
+    assert named in one_error_line(result) and "--hostfile" in one_error_line(result)
+    assert "tokenizing" not in result.output and not (tmp_path / "run").exists()
+
+
+def test_a_malformed_rendezvous_endpoint_is_the_only_output(corpus, tmp_path):
+    result = run_cli("train", "--data", corpus, "--out", tmp_path / "run", "--dp", "2",
+                     "--rdzv-endpoint", "[::1]:99999")
+    assert "--rdzv-endpoint" in one_error_line(result) and "1..65535" in one_error_line(result)
+    assert "tokenizing" not in result.output
 
 
 def test_slurm_node_lists_expand_with_their_padding():

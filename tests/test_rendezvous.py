@@ -12,7 +12,7 @@ import time
 import pytest
 
 from ringpipe.runtime.auth import JobKeys, create_key_file
-from ringpipe.runtime.rendezvous import Rendezvous, RendezvousError
+from ringpipe.runtime.rendezvous import Rendezvous, RendezvousError, parse_endpoint
 from ringpipe.runtime.rendezvous_agent import join_and_run
 from tests.conftest import one_error_line, run_cli
 
@@ -137,7 +137,49 @@ def test_a_driver_whose_hosts_do_not_come_fails_after_its_timeout_naming_the_end
     line = one_error_line(run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "run", "--dp", "2",
                                   "--rdzv-endpoint", endpoint, "--nnodes", "2", "--key-file", key_file,
                                   "--rdzv-timeout", "1"))
-    assert endpoint in line and "1 of 2 workers" in line
+    # The driver's own worker never had to join: none of the one expected from elsewhere came.
+    assert endpoint in line and "only 0 of 1 workers from other hosts joined" in line
+
+
+@pytest.mark.parametrize("endpoint,expected", [("node07:1234", ("node07", 1234)), ("node07", ("node07", 29500)),
+                                               ("[::1]:29501", ("::1", 29501)), ("[fe80::1]", ("fe80::1", 29500)),
+                                               ("10.0.0.7:65535", ("10.0.0.7", 65535))])
+def test_an_endpoint_is_host_and_port_with_ipv6_addresses_in_brackets(endpoint, expected):
+    assert parse_endpoint(endpoint) == expected
+
+
+@pytest.mark.parametrize("endpoint,why", [("node07:0", "1..65535"), ("node07:65536", "1..65535"),
+                                          ("node07:http", "1..65535"), ("node07:", "1..65535"), (":29500", "no host"),
+                                          ("::1:29500", "brackets"), ("[::1", "brackets"), ("[::1]29500", "brackets")])
+def test_a_malformed_endpoint_is_refused_naming_it_and_what_is_wrong(endpoint, why):
+    with pytest.raises(RendezvousError, match=why) as error:
+        parse_endpoint(endpoint)
+    assert repr(endpoint) in str(error.value)
+
+
+def test_a_worker_given_a_port_out_of_range_fails_naming_the_endpoint(key_file):
+    line = one_error_line(run_cli("worker", "--rdzv-endpoint", "127.0.0.1:70000", "--key-file", key_file))
+    assert "'127.0.0.1:70000'" in line and "1..65535" in line
+
+
+@pytest.mark.timeout(120)
+def test_a_run_joined_over_ipv6_at_a_bracketed_endpoint_trains(corpus, tmp_path, key_file):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    endpoint = f"[::1]:{free_port()}"
+    agent = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", endpoint,
+                              "--key-file", key_file], stderr=subprocess.PIPE)
+    try:
+        joined = run_cli("train", "--data", corpus, *TRAIN, "--steps", "1", "--out", tmp_path / "run", "--dp", "2",
+                         "--rdzv-endpoint", endpoint, "--nnodes", "2", "--nproc-per-node", "1", "--key-file", key_file)
+        assert joined.exit_code == 0, joined.output
+        assert agent.wait(timeout=30) == 0, agent.stderr.read().decode()
+    finally:
+        agent.kill()
+        agent.wait()
+    assert f"waiting at {endpoint}" in joined.output and len(losses(tmp_path / "run")) == 1
 
 
 @pytest.mark.timeout(120)

@@ -1,8 +1,9 @@
-"""Under a real single-machine Slurm (marker multihost; about 30 s): `ringpipe train --launcher slurm`
-inside salloc starts its workers with srun; under `srun ringpipe train --launcher slurm` rank 0
+"""Under a real single-machine Slurm (marker multihost; about 40 s): `ringpipe train --launcher slurm`
+inside salloc or an sbatch script starts its workers with srun; under `srun ringpipe train --launcher slurm` rank 0
 drives. Ranks come from SLURM_PROCID, hosts from SLURMD_NODENAME; the runs equal one process."""
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -48,6 +49,19 @@ def test_inside_an_allocation_train_starts_its_workers_with_srun(slurm, corpus, 
     assert done.returncode == 0, done.stderr
     assert f"{socket.gethostname()}: ranks 0-1" in done.stderr  # the placement names Slurm's node
     assert losses(tmp_path / "allocated") == pytest.approx(alone, rel=1e-12)
+
+
+def test_a_batch_script_trains_with_its_workers_started_by_srun(slurm, corpus, tmp_path, alone):
+    command = [sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *TRAIN, "--out",
+               str(tmp_path / "batch"), "--dp", "2", "--launcher", "slurm"]
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(str(part)) for part in command) + "\n")
+    log = tmp_path / "job.log"
+    done = subprocess.run(["sbatch", "--wait", "--ntasks=2", f"--output={log}", str(script)], env=slurm.environment,
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, (done.stderr, log.read_text() if log.exists() else "no log")
+    assert f"{socket.gethostname()}: ranks 0-1" in log.read_text()
+    assert losses(tmp_path / "batch") == pytest.approx(alone, rel=1e-12)
 
 
 def test_under_srun_rank_0_drives_and_the_others_run_their_worker(slurm, corpus, tmp_path, alone):

@@ -6,6 +6,9 @@ its own address and, optionally, its own sshd (Debian's openssh-server, key auth
         hosts.ssh_environment    # {"RINGPIPE_SSH": "ssh -i KEY ..."} for `ringpipe train --hostfile`
         hosts.veth_bytes(0)      # bytes through host 0's link (both directions), from its counters
 
+`mounts={1: [(source, target)]}` bind-mounts `source` over `target` for what runs through host 1's
+sshd only (a mount namespace of its own): a host whose files differ, on one machine.
+
 Addresses come from 198.18.0.0/15 (set aside for benchmarks, RFC 2544), one /24 per creating
 process and instance, so two at once do not collide; traffic goes only to those addresses. Needs root
 (CAP_NET_ADMIN); everything made is removed on exit, whatever happened.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -39,8 +43,8 @@ class NamespaceHosts:
     """`count` namespace hosts; see the module docstring. `rate` ("1gbit", "200mbit"): shape both
     directions of every host's link with `tc tbf`."""
 
-    def __init__(self, count: int, sshd: bool = False, rate: str | None = None):
-        self.count, self.with_sshd, self.rate = count, sshd, rate
+    def __init__(self, count: int, sshd: bool = False, rate: str | None = None, mounts: dict | None = None):
+        self.count, self.with_sshd, self.rate, self.mounts = count, sshd, rate, mounts or {}
         # Unique per process and per instance: interface names (at most 15 characters) and a /24.
         made = next(_made)
         tag = f"{os.getpid() % 100000}{chr(ord('a') + made % 26)}"
@@ -108,16 +112,21 @@ class NamespaceHosts:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", path], check=True,
                            capture_output=True)
         shutil.copy(client_key + ".pub", os.path.join(self.directory, "authorized_keys"))
-        for namespace, address in zip(self.namespaces, self.addresses):
+        for host, (namespace, address) in enumerate(zip(self.namespaces, self.addresses)):
             config = os.path.join(self.directory, f"sshd_{address}.conf")
             with open(config, "w") as f:
                 f.write(f"ListenAddress {address}\nPort 22\nHostKey {host_key}\n"
                         f"AuthorizedKeysFile {self.directory}/authorized_keys\nPidFile none\n"
                         "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
                         "PermitRootLogin prohibit-password\nUsePAM no\nStrictModes no\n")
-            self.sshd_processes.append(subprocess.Popen(["ip", "netns", "exec", namespace, SSHD, "-D", "-e", "-f",
-                                                         config], stdout=subprocess.DEVNULL,
-                                                        stderr=subprocess.DEVNULL))
+            command = [SSHD, "-D", "-e", "-f", config]
+            if self.mounts.get(host):
+                binds = "".join(f"mount --bind {shlex.quote(source)} {shlex.quote(target)} && "
+                                for source, target in self.mounts[host])
+                command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           binds + "exec " + shlex.join(command)]
+            self.sshd_processes.append(subprocess.Popen(["ip", "netns", "exec", namespace, *command],
+                                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.ssh_environment = {"RINGPIPE_SSH": f"ssh -F /dev/null -i {client_key} -o StrictHostKeyChecking=no "
                                                 f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
         deadline = time.monotonic() + 10

@@ -20,6 +20,7 @@ import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.families import family
+from ringpipe.model.inference.pipelined_generation import generate_on_mesh
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -124,13 +125,17 @@ class ParallelTrainer:
             self._tp_partial_pieces = self.gradients.shard_ranges(partial)
             self._norm_skip = (self.gradients.shard_ranges(replicated)
                                if self.layout.tp > 1 and self.mesh.tp_rank != 0 else [])
+        # What this rank's AdamW updates: a tied weight only on the first stage (model/parallel/data_parallel).
+        tied = set(self.plan.tied_params)
+        self.updated = {name: p for name, p in (self.params if self.master is None else self.master).items()
+                        if self.gradients.owns_tied or name not in tied}
         betas = (self.config.beta1, self.config.beta2)
         if self.master is not None:
-            self.optimizer = LossScaledAdamW(self.master, betas, self.config.eps, self.config.weight_decay,
+            self.optimizer = LossScaledAdamW(self.updated, betas, self.config.eps, self.config.weight_decay,
                                              LossScaler(growth_interval=self.config.loss_scale_growth_interval))
         else:
             optimizer = ShardedAdamW if self.layout.zero else AdamW
-            self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
+            self.optimizer = optimizer(self.gradients if self.layout.zero else self.updated, betas, self.config.eps,
                                        self.config.weight_decay)
 
     def _initial_params(self, layer_ranges: list[range]) -> dict:
@@ -208,7 +213,8 @@ class ParallelTrainer:
                     if scale != 1.0:
                         for g in grads.values():
                             g *= scale
-                    self.optimizer.update(self.master if mixed else self.params, grads, lr)
+                    self.optimizer.update(self.updated, grads, lr)
+                    self.gradients.share_tied(self._master_flat if mixed else self.gradients.flat_params)
                     if mixed:
                         self.gradients.flat_params[...] = self._master_flat  # rounded to float16
                     self._refresh_tied_copies()
@@ -289,6 +295,13 @@ class ParallelTrainer:
     def evaluate(self) -> dict:
         """This rank's part of the validation loss (model/training/evaluation.py)."""
         return evaluate_rank(self)
+
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, started: float | None = None):
+        """Continue `prompts` (token id lists) with the model as trained so far, under the run's layout
+        (model/inference/pipelined_generation.py's `generate_on_mesh`). Every rank must be asked."""
+        return generate_on_mesh(self.stages, self.mesh, self.num_stages, prompts, max_new_tokens, temperature,
+                                top_k, seed, started=started)
 
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from ringpipe.model.data.tokenizer import TOKENIZER_FILES
 from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ringpipe.model.quantization.int8_format import quantization_config
 
 if TYPE_CHECKING:
     from ringpipe.model.training.config import TrainConfig
@@ -77,6 +78,10 @@ def sharded_checkpoints(run_dir: str, committed: bool = True) -> list[tuple[int,
 def find_checkpoint(run_dir: str) -> str:
     """The run's latest checkpoint: the newest committed sharded one, or the consolidated one
     (the previous one if a swap was interrupted), whichever has more steps."""
+    quantized = quantization_config(run_dir)
+    if quantized is not None:
+        raise ValueError(f"{run_dir} holds an int8 model written by ringpipe quantize, not a training run: int8 "
+                         f"weights cannot be trained; resume the float run it came from ({quantized.get('source')})")
     sharded = sharded_checkpoints(run_dir)
     consolidated = next((path for path in (os.path.join(run_dir, CHECKPOINT_DIR),
                                            os.path.join(run_dir, PREVIOUS_CHECKPOINT_DIR))

@@ -256,6 +256,14 @@ class _RankReader:
         return out
 
 
+def read_weights(holder, checkpoint: str) -> dict:
+    """{name: this rank's shard (host array)} of the weight of every parameter in `holder.shard_table()`
+    (`holder`: anything with that and the family's `plan`, as a ParallelTrainer or an inference
+    generator), reading only the pieces' bytes it needs; no optimizer state."""
+    reader = _RankReader(holder, checkpoint, read_metadata(checkpoint)["tensors"])
+    return {name: reader.read(name, "weight") for name in holder.shard_table()}
+
+
 def load_rank(trainer, checkpoint: str) -> int:
     """Take this rank's part of a sharded checkpoint into a `ParallelTrainer` (weights, Adam
     moments, optimizer scalars), reading only what it holds: its tensor-parallel shards, and with
@@ -270,7 +278,7 @@ def load_rank(trainer, checkpoint: str) -> int:
     if trainer.layout.zero:
         _load_zero_moments(trainer, reader)
     else:
-        for name in trainer.params:
+        for name in optimizer.m:  # (none for a tied weight on the last stage: the first stage updates it)
             optimizer.m[name][...] = xp.asarray(reader.read(name, "exp_avg", dtype=optimizer.m[name].dtype))
             optimizer.v[name][...] = xp.asarray(reader.read(name, "exp_avg_sq", dtype=optimizer.v[name].dtype))
     optimizer.step_count = int(metadata["optimizer"]["step"])
@@ -286,7 +294,7 @@ def _load_zero_moments(trainer, reader: _RankReader) -> None:
     gradients, optimizer = trainer.gradients, trainer.optimizer
     for b, bucket in enumerate(gradients.buckets):
         shard = optimizer.shards[b]
-        for name in bucket.names:
+        for name in bucket.names if gradients.updates(b) else ():
             begin = gradients.offsets[name]
             lo, hi = max(begin, shard.start), min(begin + volume(gradients.shapes[name]), shard.stop)
             if lo >= hi:
