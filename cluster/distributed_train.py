@@ -29,7 +29,7 @@ from ringpipe.model.training.evaluation import mean_validation_loss
 from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.layout_report import describe_layout
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
-from ringpipe.model.training.run_dir import SCHEDULE_FILE, find_checkpoint
+from ringpipe.model.training.run_dir import LOGS_DIR, SCHEDULE_FILE, find_checkpoint
 from ringpipe.model.training.run_setup import RunSetup
 from ringpipe.model.training.sharded_checkpoint import save_sharded_checkpoint
 from ringpipe.model.training.step import NonFiniteError
@@ -61,7 +61,8 @@ class DistributedRun:
         plan = family(config.family).parallel_plan(config.model_config(self.setup.vocab_size))  # makes no weight
         report(describe_layout(plan, layout, config.dtype))
         say(f"starting {layout.world_size} workers")
-        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout, **(cluster_options or {}))
+        self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout,
+                               log_dir=os.path.join(os.path.abspath(out), LOGS_DIR), **(cluster_options or {}))
         try:
             workers_started(self.cluster)
             self.trainers = self.cluster.spawn(ParallelTrainer, dataclasses.asdict(config),

@@ -21,7 +21,7 @@ import numpy as np
 from ringpipe.runtime import array_module, collectives, shm_collectives
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
-from ringpipe.runtime.operations import Aborted, Finished, Handle, Recv
+from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_channel import exchange_entries, open_channel
 from ringpipe.runtime.shm_p2p import RingReceive
 from ringpipe.runtime.trace import now_ns

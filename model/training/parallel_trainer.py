@@ -34,6 +34,7 @@ from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.evaluation import evaluate_rank
 from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
+from ringpipe.runtime.fault_injection import FaultInjector
 
 
 @dataclass
@@ -84,6 +85,7 @@ class ParallelTrainer:
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.tracer = comm.tracer
+        self.faults = FaultInjector(comm.rank)  # RINGPIPE_FAULT: a testing aid (runtime/fault_injection.py)
         self.family = family(self.config.family)
         self.gpt_config = self.config.model_config(vocab_size)
         self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
@@ -167,6 +169,7 @@ class ParallelTrainer:
 
     def train_step(self, step: int) -> dict:
         config, layout = self.config, self.layout
+        self.faults.before_step(step)
         start = time.perf_counter()
         inputs, targets = self._microbatches("train", step)
         self.gradients.begin_step()  # zeroes every stage's gradients (views into one flat buffer)
@@ -339,7 +342,9 @@ class ParallelTrainer:
         (model/training/sharded_checkpoint.py). Every rank must be asked."""
         from ringpipe.model.training.sharded_checkpoint import save_rank
 
-        return save_rank(self, checkpoint_dir)
+        report = save_rank(self, checkpoint_dir)
+        self.faults.after_writing_checkpoint()
+        return report
 
     def load_state(self, checkpoint_dir: str) -> int:
         """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded

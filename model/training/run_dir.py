@@ -51,6 +51,7 @@ SCHEDULE_FILE = "schedule.json"  # written by the driver of a traced run
 TRACE_VIEW_FILE = "trace.html"
 TRACE_EXPORT_FILE = "trace.json"
 TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
+LOGS_DIR = "logs"  # rank-R.log of each worker of a multi-worker run (runtime/rank_logs.py)
 
 
 def step_directory(run_dir: str, step: int) -> str:
@@ -140,7 +141,7 @@ def remove_traces(out: str) -> None:
 def remove_run(out: str) -> None:
     """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
     for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*",
-                    SHARDED_CHECKPOINTS_DIR):
+                    SHARDED_CHECKPOINTS_DIR, LOGS_DIR):
         for path in glob.glob(os.path.join(out, pattern)):
             shutil.rmtree(path, ignore_errors=True)
     for pattern in (METRICS_FILE, TOKEN_FILE, *MODEL_FILES, *TRACE_FILES, TRACE_VIEW_FILE):
