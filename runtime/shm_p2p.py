@@ -125,7 +125,7 @@ class PairRings:
         deadline = time.monotonic() + timeout
         nbytes = array.nbytes
         flat = (array if array.flags.c_contiguous else np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
-        ring = self._ring(engine.rank, dst)
+        ring = self._out.get(dst) or self._ring(engine.rank, dst)
         meta = [engine.epoch, *key, array.dtype.str, list(array.shape), 0, 1]
         with self.send_lock:  # the parts of one message stay together
             if nbytes <= self.inline_bytes:
@@ -220,11 +220,11 @@ class PairRings:
         """Read the next message from `src`'s ring (all its parts) and keep it for its receive;
         False when `block` is False and there is none."""
         engine = self.engine
-        ring = self._ring(src, engine.rank)
+        ring = self._in.get(src) or self._ring(src, engine.rank)
         if not block and ring.words[HEAD // 8] <= ring.words[TAIL // 8]:
             return False
         meta, data = self._read_part(src, ring, deadline, name, timeout)
-        epoch, call, group, tag, dtype, shape, index, parts = meta[:8]
+        epoch, call, group, tag, dtype, shape, index, parts, _, _ = meta
         reading = now_ns()
         if index != 0:  # a part whose message's start an aborted receive took: dropped
             self._done_with_part(ring)
@@ -233,7 +233,7 @@ class PairRings:
         stale = epoch < engine.epoch or call < engine.call  # of an aborted or an earlier call: dropped
         key = (call, group, tag)
         number = self.arrived[(src, key)]
-        out = wanted[2] if (key, number) == wanted[:2] else None
+        out = wanted[2] if wanted[1] == number and wanted[0] == key else None
         if stale:
             array = None
         elif (out is not None and out.flags.c_contiguous and out.flags.writeable and list(out.shape) == shape
@@ -273,12 +273,13 @@ class PairRings:
         view = ring.views[tail % SLOTS]
         length = int.from_bytes(view[:4], "little")
         meta = msgpack.unpackb(view[4 : 4 + length])
-        dtype, shape, index, parts, block = _dtype(meta[4]), meta[5], meta[6], meta[7], meta[8]
-        total = dtype.itemsize
+        shape, index, parts, block = meta[5], meta[6], meta[7], meta[8]
+        nbytes = _dtype(meta[4]).itemsize
         for extent in shape:
-            total *= extent
-        part_bytes = -(-total // parts) if parts > 1 else total
-        nbytes = max(0, min(part_bytes, total - index * part_bytes))
+            nbytes *= extent
+        if parts > 1:  # equal parts, the last one shorter
+            part_bytes = -(-nbytes // parts)
+            nbytes = max(0, min(part_bytes, nbytes - index * part_bytes))
         if block < 0:
             return meta, ring.slots[tail % SLOTS][META_BYTES : META_BYTES + nbytes]
         return meta, self.engine.peer_arenas[src].view(block, nbytes)

@@ -6,6 +6,7 @@ import time
 import types
 
 import numpy as np
+import pytest
 
 from ringpipe.runtime.shm import Arena
 from ringpipe.runtime.shm_p2p import PART_BYTES, PairRings
@@ -100,3 +101,24 @@ def test_blocks_taken_before_an_arena_reset_are_not_freed_again(tmp_path):
     finally:
         for arena in arenas:
             arena.close()
+
+
+def held_blocks_then_engine_collective(comm):
+    """Rank 0 sends 2.5 MiB over the ring before rank 1 reads any of it: three blocks of its 4 MiB
+    arena (a quarter holds the rings) stay taken until rank 0 looks again. Then a collective on the
+    engine's shared-memory algorithm needs more room than is left."""
+    if comm.rank == 0:
+        comm.send(np.ones((5 << 20) // 16), 1)
+    else:
+        time.sleep(0.3)
+        comm.recv(0)
+    group = comm.new_group([0, 1]).using(algorithm="shm")  # no channel yet: an async op runs on the engine
+    x = np.full((3 << 20) // 16, float(comm.rank + 1))
+    group.all_reduce(x, async_op=True, timeout=15).wait()
+    return bool(np.all(x == 3.0))
+
+
+@pytest.mark.timeout(120)
+def test_the_engine_takes_back_ring_blocks_already_read_when_its_arena_is_full(local_cluster):
+    cluster = local_cluster(2, arena_bytes=4 << 20)
+    assert cluster.run(held_blocks_then_engine_collective, timeout=60) == [True, True]
