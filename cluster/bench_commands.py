@@ -24,8 +24,8 @@ def _first_line(exc: Exception) -> str:
 
 
 def _run_and_report(run, format_result, json_path):
-    """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, and write
-    its result as JSON when asked."""
+    """Run a benchmark (`run()`; a ValueError is the one-line CLI error), print its table, write its
+    result as JSON when asked, and return it."""
     try:
         result = run()
     except _ONE_LINE_ERRORS as exc:
@@ -33,6 +33,7 @@ def _run_and_report(run, format_result, json_path):
     click.echo(format_result(result))
     if json_path:
         write_json(json_path, result, indent=1)
+    return result
 
 
 @bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
@@ -212,6 +213,23 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
                     format_table, json_path)
 
 
+@bench.command("int8", short_help="int8 weights vs float32: bytes, perplexity, speed.")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--outlier-threshold", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="Also score per-channel int8 with LLM.int8() outlier rows (e.g. 6) kept in float.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score at most this many val windows.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=48, show_default=True)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
+def bench_int8(run_dir, outlier_threshold, max_windows, new_tokens, rounds, json_path):
+    """A trained run's float32 model against int8 per output channel and per tensor, on every window of
+    its val split: weight bytes, perplexity change, greedy generation tokens/s."""
+    from ringpipe.tools.bench_int8 import format_table, run
+
+    _run_and_report(lambda: run(run_dir, outlier_threshold, max_windows, new_tokens=new_tokens, rounds=rounds,
+                                echo=lambda line: click.echo(line, err=True)), format_table, json_path)
+
+
 @bench.command("gpu-step", short_help="GPU train step tokens/s and MFU vs PyTorch.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="cpu: a smoke test of the same code (use a tiny shape).")
@@ -323,12 +341,47 @@ def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, mi
         raise click.ClickException(reason)
     directory = out or tempfile.mkdtemp(prefix="ringpipe-bench-memory-")
     try:
-        _run_and_report(lambda: run(DistributedRun, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                                    vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
-                                    microbatches=microbatches, steps=steps, dp=dp, tp=tp, pp=pp, zero=zero,
-                                    worker_limit_bytes=int(worker_memory * (1 << 30)), out=directory,
-                                    say=lambda line: click.echo(line, err=True)),
-                        format_table, json_path)
+        result = _run_and_report(lambda: run(DistributedRun, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                             vocab_size=vocab_size, block_size=block_size, batch_size=batch_size,
+                                             microbatches=microbatches, steps=steps, dp=dp, tp=tp, pp=pp, zero=zero,
+                                             worker_limit_bytes=int(worker_memory * (1 << 30)), out=directory,
+                                             say=lambda line: click.echo(line, err=True)),
+                                 format_table, json_path)
+        missed = [name.replace("_", " ") for name, met in result["targets"].items() if not met]
+        if missed:
+            raise click.ClickException(f"bench memory: {len(missed)} target(s) MISSED: {'; '.join(missed)}")
     finally:
         if out is None:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+@bench.command("generate", short_help="Generation tokens/s and time to first token per layout.")
+@click.option("--layouts", default=",".join(("1", "tp2", "pp2", "dp2", "tp4", "pp4", "tp2xpp2")), show_default=True,
+              help="Comma-separated layouts: 1, or dpN/tpN/ppN joined by x.")
+@click.option("--n-layer", default=8, show_default=True)
+@click.option("--n-head", default=8, show_default=True)
+@click.option("--n-embd", default=256, show_default=True)
+@click.option("--block-size", default=128, show_default=True)
+@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--prompts", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--prompt-length", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
+              help="Each layout once per round, taking turns; the median round is reported.")
+@click.option("--threads-per-worker", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="BLAS threads of each worker.")
+@click.option("--json", "json_path", type=OutputFile(), help="Write one object per layout.")
+def bench_generate(layouts, n_layer, n_head, n_embd, block_size, vocab_size, prompts, prompt_length, new_tokens,
+                   rounds, threads_per_worker, json_path):
+    """Tokens/s and time to first token of `ringpipe generate` split over workers, on a model that fits one
+    process, against one worker: what splitting costs."""
+    from ringpipe.tools.bench_generate import format_table, run
+
+    if prompt_length + new_tokens > block_size:
+        raise bad_flag("--new-tokens", f"prompt {prompt_length} + {new_tokens} new tokens exceed --block-size "
+                                       f"{block_size}")
+    _run_and_report(lambda: run([name.strip() for name in layouts.split(",") if name.strip()], n_layer=n_layer,
+                                n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
+                                prompts=prompts, prompt_length=prompt_length, new_tokens=new_tokens, rounds=rounds,
+                                threads_per_worker=threads_per_worker, echo=lambda line: click.echo(line, err=True)),
+                    format_table, json_path)

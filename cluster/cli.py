@@ -61,4 +61,5 @@ main.lazy = {"train": "ringpipe.cluster.train_cmd:train", "generate": "ringpipe.
              "fill-mask": "ringpipe.cluster.fill_mask_cmd:fill_mask",
              "plan": "ringpipe.cluster.plan_cmd:plan",
              "worker": "ringpipe.cluster.worker_cmd:worker",
-             "export": "ringpipe.cluster.export_cmd:export"}
+             "export": "ringpipe.cluster.export_cmd:export",
+             "quantize": "ringpipe.cluster.quantize_cmd:quantize"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from ringpipe.cluster.options import OutputDirectory, one_line
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.run_dir import find_checkpoint
 
@@ -24,5 +25,5 @@ def export(run_dir, out):
         checkpoint = find_checkpoint(run_dir)
         export_checkpoint(checkpoint, out)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(one_line(exc) + fallback_hint(run_dir, one_line(exc), "export it")) from None
     click.echo(f"exported {checkpoint} to {out}", err=True)

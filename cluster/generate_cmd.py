@@ -1,4 +1,5 @@
-"""`ringpipe generate`: continue a prompt with a trained model (a run directory or a model directory)."""
+"""`ringpipe generate`: continue prompts with a trained model (a run directory or a model directory),
+in this process or split over worker processes (--nproc, --tp, --pp)."""
 from __future__ import annotations
 
 import os
@@ -7,51 +8,123 @@ import click
 
 from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.families import DEFAULT_FAMILY, checkpoint_family, family
-from ringpipe.model.training.run_dir import CHECKPOINT_DIR, CONFIG_FILE
+from ringpipe.model.families import checkpoint_family
+from ringpipe.model.inference.kv_cache import supports_cached_generation
+from ringpipe.model.inference.pipelined_generation import generate_in_one_process
+from ringpipe.model.inference.weights import load_whole_model, locate_weights, weights_source
 from ringpipe.runtime.array_module import array_module, to_host
+
+SEPARATOR = "---"  # between the continuations of several prompts
 
 
 @click.command(short_help="Continue a prompt with a trained model.")
 @click.option("--checkpoint", "directory", required=True, type=click.Path(),
-              help="A run directory (--out of train) or a model directory.")
-@click.option("--prompt", default="\n", show_default=True)
+              help="A run directory (--out of train), a sharded checkpoint or a model directory.")
+@click.option("--prompt", "prompts", multiple=True, default=["\n"], show_default=True,
+              help="Text to continue; repeat for several prompts (printed in order, separated by a "
+                   f"{SEPARATOR} line).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
 @click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
-def generate(directory, prompt, max_new_tokens, temperature, top_k, seed, device):
-    """Continue --prompt with a trained model and print the text."""
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Worker processes holding the model between them; dp × tp × pp (GPT-2 models).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Tensor-parallel size: attention heads (and their KV cache) split over this many workers.")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pipeline stages: the blocks split over this many workers.")
+@click.option("--dp", type=click.IntRange(min=1), default=None,
+              help="Replicas, each generating a share of the prompts [default: nproc / (tp × pp)].")
+@click.option("--microbatches", type=click.IntRange(min=1), default=None,
+              help="Groups of a replica's prompts in flight through the stages [default: pp].")
+def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, device, nproc, tp, pp, dp, microbatches):
+    """Continue each --prompt with a trained model and print the texts."""
     if not os.path.isdir(directory):
         raise bad_flag("--checkpoint", f"directory {directory!r} does not exist")
-    if not os.path.exists(os.path.join(directory, CONFIG_FILE)) and \
-            os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
-        directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
+    if any(not prompt for prompt in prompts):
+        raise bad_flag("--prompt", "must not be empty")
+    dp = _data_parallel(nproc, tp, pp, dp)
+    if nproc > 1 or microbatches is not None:
+        if nproc == 1:
+            raise bad_flag("--microbatches", "needs --nproc 2 or more (they flow through pipeline stages)")
+        _generate_across_workers(directory, prompts, max_new_tokens, temperature, top_k, seed, device,
+                                 (dp, tp, pp), microbatches)
+        return
     try:
-        tokenizer = load_tokenizer(directory)
-        gpt = family(checkpoint_family(directory) or DEFAULT_FAMILY).model.from_pretrained(
-            directory, device=device)
+        path = locate_weights(directory)  # in a run stopped before its end, its newest checkpoint
+        tokenizer = load_tokenizer(path)
+        gpt = load_whole_model(path, device)
     except Exception as exc:  # any reader error means the same thing to the user
         raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+    directory = path
     if not hasattr(gpt, "generate"):  # an encoder (BERT) predicts masked tokens instead
         raise bad_flag("--checkpoint", f"{directory} holds a {checkpoint_family(directory)} model, which does not "
                                        "generate text (ringpipe fill-mask predicts its masked tokens)")
-    if not prompt:
-        raise bad_flag("--prompt", "must not be empty")
-    try:
-        ids = tokenizer.encode(prompt)
-    except ValueError as exc:
-        raise bad_flag("--prompt", one_line(exc)) from None
-    xp = array_module(device)
+    ids = _encode(tokenizer, prompts)
     if getattr(gpt, "is_encoder_decoder", False):  # T5: the prompt is the encoder's input
+        if len(ids) > 1:
+            raise bad_flag("--prompt", f"{directory} holds a {checkpoint_family(directory)} model; give one --prompt")
+        xp = array_module(device)
         eos = gpt.config.eos_token_id
-        out = to_host(gpt.generate(xp.asarray(list(ids) + ([] if eos is None else [eos]))[None, :],
+        out = to_host(gpt.generate(xp.asarray(list(ids[0]) + ([] if eos is None else [eos]))[None, :],
                                    max_new_tokens, temperature=temperature, top_k=top_k,
                                    seed=seed))[0, 1:].tolist()  # after the start token
         click.echo(tokenizer.decode(out[:out.index(eos)] if eos in out else out))
         return
-    out = gpt.generate(xp.asarray(ids)[None, :], max_new_tokens, temperature=temperature,
-                       top_k=top_k, seed=seed)
-    click.echo(tokenizer.decode(to_host(out)[0]))
+    if not supports_cached_generation(gpt):
+        raise bad_flag("--checkpoint", f"{directory} holds a model that cannot generate with a KV cache")
+    result = generate_in_one_process(gpt, ids, max_new_tokens, temperature, top_k, seed)
+    _print(tokenizer, ids, result["tokens"])
+
+
+def _data_parallel(nproc: int, tp: int, pp: int, dp: int | None) -> int:
+    if dp is None:
+        if nproc % (tp * pp):
+            raise bad_flag("--nproc", f"{nproc} is not a multiple of tp {tp} × pp {pp}")
+        return nproc // (tp * pp)
+    if dp * tp * pp != nproc:
+        raise bad_flag("--nproc", f"{nproc} must equal dp {dp} × tp {tp} × pp {pp} = {dp * tp * pp}")
+    return dp
+
+
+def _encode(tokenizer, prompts) -> list:
+    try:
+        return [tokenizer.encode(prompt) for prompt in prompts]
+    except ValueError as exc:
+        raise bad_flag("--prompt", one_line(exc)) from None
+
+
+def _print(tokenizer, ids: list, generated: dict) -> None:
+    for i, prompt in enumerate(ids):
+        if i:
+            click.echo(SEPARATOR)
+        click.echo(tokenizer.decode(list(prompt) + list(generated[i])))
+
+
+def _generate_across_workers(directory, prompts, max_new_tokens, temperature, top_k, seed, device, layout,
+                             microbatches) -> None:
+    from ringpipe.model.inference.distributed_generator import DistributedGenerator, check_generation_layout
+    from ringpipe.runtime import RemoteError, WorkerLost
+
+    try:
+        source = weights_source(directory, device)
+    except Exception as exc:  # any reader error means the same thing to the user
+        raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+    try:
+        check_generation_layout(source, *layout)
+    except ValueError as exc:
+        raise click.ClickException(one_line(exc)) from None
+    try:
+        tokenizer = load_tokenizer(source["path"])
+    except Exception as exc:
+        raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+    ids = _encode(tokenizer, prompts)
+    try:
+        with DistributedGenerator(source, *layout) as generator:
+            result = generator.generate(ids, max_new_tokens, temperature, top_k, seed, microbatches)
+    except (RemoteError, WorkerLost) as exc:
+        raise click.ClickException(f"generating from {source['path']} on {layout[0] * layout[1] * layout[2]} "
+                                   f"workers failed: {one_line(exc)}") from None
+    _print(tokenizer, ids, result["tokens"])

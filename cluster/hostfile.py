@@ -40,15 +40,17 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return parse_hostfile(text, path)
 
 
-def hostfile_slots(path: str, world_size: int, tp: int) -> tuple[list, list[int]]:
-    """The hostfile's entries [(host, slots)] and each rank's entry index (tensor-parallel groups
-    inside a host when they can be); HostfileError naming the file if it cannot hold the run."""
-    entries = read_hostfile(path)
+def hostfile_slots(path: str, world_size: int, tp: int, skip=()) -> tuple[list, list[int]]:
+    """The hostfile's entries [(host, slots)] but the hosts in `skip` (gone, for a restart), and each
+    rank's entry index (tensor-parallel groups inside a host when they can be); HostfileError naming
+    the file if they cannot hold the run."""
+    entries = [entry for entry in read_hostfile(path) if entry[0] not in skip]
     try:
         return entries, place_ranks([slots for _, slots in entries], world_size, tp)
     except PlacementError:
         raise HostfileError(f"{path}: {sum(s for _, s in entries)} slots on {len(entries)} hosts, "
-                            f"too few for dp × tp × pp = {world_size} workers") from None
+                            f"too few for dp × tp × pp = {world_size} workers"
+                            + (f" without {', '.join(sorted(skip))}" if skip else "")) from None
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

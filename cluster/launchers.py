@@ -13,7 +13,10 @@ or file, with nothing left running.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
+import threading
 import time
 
 import click
@@ -21,7 +24,7 @@ import click
 from ringpipe.cluster.hostfile import HostfileError, hostfile_slots
 from ringpipe.runtime.addresses import bracketed
 from ringpipe.runtime.auth import KeyFileError, create_key_file, read_key_file
-from ringpipe.runtime.launch import LocalLauncher
+from ringpipe.runtime.launch import LocalLauncher, die_with_parent
 from ringpipe.runtime.placement import describe_placement, place_ranks
 from ringpipe.runtime.rendezvous import (DEFAULT_PORT, Rendezvous, RendezvousError, RendezvousLauncher, parse_endpoint,
                                          resolve_host)
@@ -44,6 +47,31 @@ def rank_from_environment(environ=os.environ) -> tuple[int, int, int, str] | Non
 def host_from_environment(environ=os.environ) -> str:
     """This host's name as the launcher knows it: Slurm's node name, else the hostname."""
     return environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def die_with_launcher() -> None:
+    """This process (an agent or the driver of rank 0) was started by a launcher (mpirun, srun, ssh):
+    when that launcher ends (killed mpirun, cancelled job step, lost ssh session), SIGTERM ends this
+    process, which first stops its workers (they die with it in any case: runtime/launch.py)."""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    die_with_parent(os.getppid(), signal.SIGTERM)
+
+
+def stdin_watch() -> threading.Event:
+    """An event set once stdin ends: the launcher's connection to the driver (ssh, srun's input that
+    the driver holds open) is gone."""
+    gone = threading.Event()
+
+    def watch():
+        while sys.stdin.buffer.read(4096):
+            pass
+        gone.set()
+
+    threading.Thread(target=watch, name="ringpipe-stdin-watch", daemon=True).start()
+    return gone
 
 
 def job_keys(key_file: str | None, create: bool, timeout: float = 0.0):
@@ -226,6 +254,8 @@ def spmd_agent(flags: dict) -> int | None:
     worker: its exit code; None where this process drives (rank 0, or no such launcher)."""
     if flags["launcher"] not in ("mpi", "slurm"):
         return None
+    if rank_from_environment() is not None:
+        die_with_launcher()
     try:
         return mpi_or_slurm_agent(flags["launcher"], flags["rdzv_endpoint"], flags["key_file"],
                                   flags["rdzv_timeout"], say=lambda message: None)
@@ -243,7 +273,8 @@ def cluster_options(flags: dict, layout, out: str, say) -> dict:
     elif name == "ssh":
         from ringpipe.cluster.ssh_launch import hostfile_launcher
 
-        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say)
+        options = hostfile_launcher(flags["hostfile"], layout.world_size, layout.tp, out, timeout, say,
+                                    skip=flags.get("hosts_gone", ()))
     elif name == "slurm" and rank_from_environment() is None:
         from ringpipe.cluster.slurm_launch import allocation_launcher
 

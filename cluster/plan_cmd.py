@@ -5,28 +5,48 @@ from __future__ import annotations
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.model.planning.family import FAMILIES as INVENTORIES
 
-GIB = 1 << 30
+UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
 
 
-def gib(nbytes: float) -> str:
-    return f"{nbytes / GIB:.2f}" if nbytes >= GIB / 100 else f"{nbytes / GIB:.4f}"
+def unit_of(nbytes: float) -> tuple[str, int]:
+    """The binary unit a size reads best in: the largest that leaves at least 1."""
+    return next((name, scale) for name, scale in UNITS if nbytes >= scale or scale == 1)
+
+
+def in_unit(nbytes: float, unit: tuple[str, int]) -> str:
+    """`nbytes` in `unit`, three significant figures (at least the units digit)."""
+    value = nbytes / unit[1]
+    return f"{value:.{max(0, 3 - len(str(int(value))))}f}" if value and unit[1] > 1 else str(round(value))
+
+
+def size(nbytes: float) -> str:
+    """`nbytes` in the unit it reads best in: '512 KiB', '37.5 MiB', '14.8 GiB'."""
+    unit = unit_of(nbytes)
+    return f"{in_unit(nbytes, unit)} {unit[0]}"
 
 
 def format_memory(memory, cpu: bool = True) -> str:
-    """The most-loaded rank's split, in GiB."""
-    return (f"pp{memory.pp_rank}: {gib(memory.total)} = W {gib(memory.weights)} G {gib(memory.gradients)} "
-            f"O {gib(memory.optimizer)} A {gib(memory.activations)} C {gib(memory.communication)} "
-            f"ws {gib(memory.workspace)}" + (f"; cpu process peak {gib(memory.peak)} (building the trainer)"
-                                              if cpu and memory.host_peak > memory.total else ""))
+    """The most-loaded rank's split, every part in the unit of its total."""
+    unit = unit_of(memory.total)
+
+    def part(nbytes):
+        return in_unit(nbytes, unit)
+
+    return (f"pp{memory.pp_rank}: {part(memory.total)} {unit[0]} = W {part(memory.weights)} G {part(memory.gradients)} "
+            f"O {part(memory.optimizer)} A {part(memory.activations)} C {part(memory.communication)} "
+            f"ws {part(memory.workspace)}" + (f"; cpu process peak {size(memory.peak)}"
+                                              + (" (building the trainer)" if memory.host_peak > memory.total - memory.shared_memory else "")
+                                              if cpu and memory.peak > memory.total else ""))
 
 
 def format_plan(report, top: int, machine, calibrated: bool) -> str:
     from ringpipe.model.planning.search import why_best
 
-    lines = [f"machine: {machine.name}; memory limit per rank {gib(report.memory_limit)} GiB",
+    lines = [f"machine: {machine.name}; memory limit per rank {size(report.memory_limit)}",
              f"{'#':>3}  {'layout':<40} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}  "
-             "most-loaded rank, GiB (weights gradients optimizer activations comm workspace)"]
+             "most-loaded rank (weights gradients optimizer activations comm workspace)"]
     for k, (candidate, memory, timing) in enumerate(report.ranked[:top], start=1):
         worst = max(memory, key=lambda m: m.total)
         lines.append(f"{k:>3}  {candidate.label():<40} {timing.seconds:>9.4g} {timing.tokens_per_second:>10.4g} "
@@ -49,7 +69,7 @@ def format_refusals(report) -> str:
 
 
 @click.command(short_help="Predict memory and step time of every layout; rank them.")
-@click.option("--model", "family", type=click.Choice(["gpt2"]), default="gpt2", show_default=True,
+@click.option("--model", "family", type=click.Choice(list(INVENTORIES)), default="gpt2", show_default=True,
               help="Model family (those the planner has an inventory for: model/planning/family.py).")
 @click.option("--n-layer", type=click.IntRange(min=1), default=12, show_default=True)
 @click.option("--n-head", type=click.IntRange(min=1), default=12, show_default=True)
@@ -75,7 +95,7 @@ def format_refusals(report) -> str:
 def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size, dropout, dtype, nproc, hosts,
          machine_file, top, show_refused, json_path, calibrate, machine_out):
     """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""
-    from ringpipe.model.gpt2.config import GPTConfig
+    from ringpipe.model.families import family as family_of
     from ringpipe.model.nn.mixed_precision import model_dtype
     from ringpipe.model.planning.family import inventory_for
     from ringpipe.model.planning.machine import default_machine_path, load_machine, this_machine
@@ -83,8 +103,9 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
     from ringpipe.runtime.files import write_json
 
     try:
-        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner, vocab_size=vocab,
-                           block_size=block_size, dropout=dropout, dtype=model_dtype(dtype))
+        config = family_of(family).config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_inner=n_inner,
+                                          vocab_size=vocab, block_size=block_size, dropout=dropout,
+                                          dtype=model_dtype(dtype))
         inventory = inventory_for(family, config)
         if calibrate:
             from ringpipe.tools.plan_calibration import calibrate as run_calibration
@@ -115,8 +136,8 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
         need = report.smallest_need()
         message = f"no layout of this model fits {nproc} ranks of {machine.name}"
         if need is not None:
-            message += (f": the smallest per-rank memory it would need is {gib(need[0])} GiB ({need[1].label()}), "
-                        f"the limit is {gib(report.memory_limit)} GiB")
+            message += (f": the smallest per-rank memory it would need is {size(need[0])} ({need[1].label()}), "
+                        f"the limit is {size(report.memory_limit)}")
         else:
             message += ": " + "; ".join(sorted({reason for _, reason in report.refused}))
         if show_refused:

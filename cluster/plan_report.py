@@ -30,7 +30,7 @@ def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = No
     memory = layout_memory(inventory, candidate, config.batch_size)
     worst = max(memory, key=lambda m: m.total)
     machine = this_machine()
-    click.echo(f"plan: {candidate.label()} — most-loaded rank {format_memory(worst)} GiB", err=True)
+    click.echo(f"plan: {candidate.label()} — most-loaded rank {format_memory(worst)}", err=True)
     timing = None
     if machine.calibration and machine.calibration.get("compute", {}).get("model", {}).get("n_embd") is not None:
         timing = predict_step(inventory, candidate, config.batch_size, machine, ranks_per_host)
@@ -61,9 +61,11 @@ def after_step(prediction: dict | None, metrics: dict, trainer, steps_done: int,
         click.echo(f"plan: step {seconds * 1e3:.1f} ms measured (median of {len(measured)}), {predicted}", err=True)
     peaks = worker_peak_rss(trainer)
     if peaks:
+        from ringpipe.cluster.plan_cmd import size
+
         worst = max(m.peak for m in prediction["memory"])
-        click.echo(f"plan: worker peak RSS {max(peaks) / (1 << 30):.3f} GiB measured (VmHWM, with the "
-                   f"interpreter and libraries), {worst / (1 << 30):.3f} GiB predicted without them", err=True)
+        click.echo(f"plan: worker peak RSS {size(max(peaks))} measured (VmHWM, with the interpreter and "
+                   f"libraries), {size(worst)} predicted without them", err=True)
 
 
 def worker_peak_rss(trainer) -> list[int]:

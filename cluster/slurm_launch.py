@@ -31,12 +31,12 @@ def allocation_launcher(world_size: int, timeout: float, say, environ=os.environ
     try:
         command = ["srun", f"--ntasks={world_size}", "--kill-on-bad-exit=1", "--input=all", sys.executable, "-m",
                    "ringpipe.cluster", "worker", "--rdzv-endpoint", rendezvous.endpoint, "--key-stdin",
-                   "--timeout", str(timeout)]
+                   "--exit-with-stdin", "--timeout", str(timeout)]
         say(f"starting {world_size} workers with srun on {nodelist}")
         srun = subprocess.Popen(command, stdin=subprocess.PIPE, env=reaching_this_package(dict(environ)),
                                 start_new_session=True)
-        srun.stdin.write(keys.secret + b"\n")
-        srun.stdin.close()
+        srun.stdin.write(keys.secret + b"\n")  # open until the end: the tasks stop when it closes
+        srun.stdin.flush()
 
         def srun_alive():
             if srun.poll() is not None:

@@ -65,6 +65,13 @@ def check_host(host: str, probe_path: str, token: str) -> str:
 def check_hosts(hosts: list[str], out: str) -> None:
     """Check every host at once (ssh, ringpipe, version, the run directory); RendezvousError naming
     the first host that failed."""
+    failed = [problem for problem in host_problems(hosts, out) if problem]
+    if failed:
+        raise RendezvousError(failed[0] + (f" (and {len(failed) - 1} more hosts failed)" if len(failed) > 1 else ""))
+
+
+def host_problems(hosts: list[str], out: str) -> list[str]:
+    """`check_host` of every host at once, in their order ("" for a host fit to run workers)."""
     token = secrets.token_hex(8)
     probe_path = os.path.join(os.path.abspath(out), PROBE_PREFIX + token)
     try:
@@ -75,19 +82,16 @@ def check_hosts(hosts: list[str], out: str) -> None:
         raise RendezvousError(f"cannot write the probe file {probe_path}: {exc.strerror}") from None
     try:
         with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
-            problems = list(pool.map(lambda host: check_host(host, probe_path, token), hosts))
+            return list(pool.map(lambda host: check_host(host, probe_path, token), hosts))
     finally:
         os.unlink(probe_path)
-    failed = [problem for problem in problems if problem]
-    if failed:
-        raise RendezvousError(failed[0] + (f" (and {len(failed) - 1} more hosts failed)" if len(failed) > 1 else ""))
 
 
-def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say) -> dict:
-    """Check the hostfile's hosts, start an agent on each that gets ranks, wait for them to join;
-    the Cluster options."""
+def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: float, say, skip=()) -> dict:
+    """Check the hostfile's hosts (but those in `skip`: gone, for a restart), start an agent on each
+    that gets ranks, wait for them to join; the Cluster options."""
     try:
-        entries, order = hostfile_slots(path, world_size, tp)
+        entries, order = hostfile_slots(path, world_size, tp, skip)
     except HostfileError as exc:
         raise RendezvousError(f"--hostfile {exc}") from None
     names = [name for name, _ in entries]
@@ -105,11 +109,13 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
             slots = order.count(h)
             command = remote_python(["-m", "ringpipe.cluster", "worker", "--rdzv-endpoint", rendezvous.endpoint,
                                      "--nproc-per-node", str(slots), "--host-id", names[h], "--key-stdin",
-                                     "--timeout", str(timeout)])
+                                     "--exit-with-stdin", "--timeout", str(timeout)])
             process = subprocess.Popen([*ssh_command(names[h]), command], stdin=subprocess.PIPE,
                                        stderr=subprocess.PIPE, start_new_session=True)
+            # stdin stays open: when this driver ends, however it ends, the remote agent sees its
+            # end and stops that host's workers (--exit-with-stdin).
             process.stdin.write(keys.secret + b"\n")
-            process.stdin.close()
+            process.stdin.flush()
             process.last_line = "no message"
             process.forwarder = threading.Thread(target=_forward, args=(names[h], process), daemon=True)
             process.forwarder.start()
@@ -130,12 +136,13 @@ def hostfile_launcher(path: str, world_size: int, tp: int, out: str, timeout: fl
 
 def _forward(host, process):
     """Pass what the host's agent and workers write to stderr on to ours, each line marked with
-    the host; remember the last line for an error message."""
+    the host (a worker's lines are marked with its rank and host already); remember the last line
+    for an error message."""
     for raw in process.stderr:
         line = raw.decode(errors="replace").rstrip()
         if line:
             process.last_line = line
-            sys.stderr.write(f"[{host}] {line}\n")
+            sys.stderr.write(f"{line}\n" if line.startswith("[rank ") else f"[{host}] {line}\n")
 
 
 def _ssh_alive(processes):

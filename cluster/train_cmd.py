@@ -1,13 +1,11 @@
-"""`ringpipe train`: flags, the training loop's driving, metrics.jsonl, errors.
+"""`ringpipe train`: flags, the training loop's driving, errors.
 
 The loop itself lives in `model.training.trainer.Trainer` (one process) or `cluster.distributed_train.
 DistributedRun` (workers); this module only drives it. What the user sees while it runs is
-cluster/progress.py.
+cluster/progress.py, the metrics.jsonl it writes cluster/metrics_log.py, restarts cluster/restarts.py.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
 import warnings
@@ -16,31 +14,40 @@ import click
 
 from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
                                         spmd_agent)
+from ringpipe.cluster.metrics_log import json_line, open_metrics
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from ringpipe.cluster.restarts import check_restart_flags, restart_options, restartable, run_with_restarts
 from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
-from ringpipe.model.training.run_dir import (METRICS_FILE, find_checkpoint, remove_run, remove_traces, saved_config,
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
+from ringpipe.model.training.run_dir import (find_checkpoint, remove_run, remove_traces, saved_config,
                                              saved_step)
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
 from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import ClusterStopped, RemoteError, WorkerLost
 from ringpipe.runtime.array_module import to_host
-from ringpipe.runtime.files import AppendLog, FileWriteError, write_text
-from ringpipe.tools.trace_io import read_metrics
+from ringpipe.runtime.files import FileWriteError
 
 
 # Flags that may change when a run is resumed; every other flag must match the checkpoint.
 RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite")
 
 
-def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.ClickException:
+def _worker_failure(exc: Exception, out: str, resumable: bool = True, summary: bool = True,
+                    progress: Progress | None = None) -> click.ClickException:
     """One line for a worker that failed, died, went silent or got stuck, wherever the driver was
     (starting, training, evaluating, pulling weights for a checkpoint, writing traces): the cause's
-    first line and, when a checkpoint exists, how to continue from it."""
+    first line and, when a checkpoint exists, how to continue from it. With `summary`, the failure
+    report (runtime/failure_report.py: the first failure, then the other ranks) goes before it."""
+    report = getattr(exc, "report", None)
+    if summary and report is not None:
+        if progress is not None:
+            progress.end_line()
+        click.echo(report.text(), err=True)
     cause = exc.cause if isinstance(exc, ClusterStopped) else exc
     line = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
     try:
@@ -50,6 +57,11 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True) -> click.C
     else:
         hint = f"; continue from the last checkpoint with --resume --out {out}" if resumable else ""
     return click.ClickException(line + hint)
+
+
+def _with_fallback(line: str, flags: dict) -> str:
+    """A failed resume's error line, and which older checkpoint is intact if it says the latest is damaged."""
+    return line + (fallback_hint(flags["out"], line) if flags["resume"] else "")
 
 
 def _flag_of(ctx: click.Context, name: str) -> str:
@@ -78,26 +90,6 @@ def _config_from_flags(ctx: click.Context, flags: dict):
                             f"{value!r} differs from the checkpoint's {saved[name]!r};"
                             " it cannot change on --resume")
     return TrainConfig(**saved)
-
-
-def _metrics_file(out: str, first_step: int):
-    """metrics.jsonl opened for appending; on resume, lines of steps not kept are dropped.
-    Its "step" is the 1-based step number the progress line shows (after that many updates)."""
-    path = os.path.join(out, METRICS_FILE)
-    kept = []
-    if first_step > 0 and os.path.exists(path):
-        # Rows are renumbered from 1 when the file predates 1-based step numbers.
-        kept = [_json_line(row) for row in read_metrics(out) if row.get("step", 0) <= first_step]
-    write_text(path, "".join(kept))
-    return AppendLog(path)
-
-
-def _json_line(row: dict) -> str:
-    """One metrics.jsonl line. A non-finite value (a skipped step's loss) is written as null: bare
-    NaN/Infinity are not JSON, and strict readers (jq, JavaScript) reject the whole file."""
-    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-             for key, value in row.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 D = TrainConfig()  # flag defaults are the config's defaults
@@ -153,6 +145,9 @@ OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_option
                    "or skip its update and go on.")
 @click.option("--out", type=OutputDirectory(), default="out", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run checkpointed in --out.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After a worker fails, stop every worker and start them again (on the hosts still "
+                   "reachable), resuming from the last checkpoint; at most N times. Needs --checkpoint-every.")
 @click.option("--overwrite", is_flag=True, help="Start afresh even if --out holds an earlier run (it is replaced).")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=D.device, show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -206,7 +201,8 @@ def train(ctx, **flags):
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
-    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local"
+    distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local" \
+        or flags["max_restarts"] > 0  # a restart starts worker processes again
     # Flags that would do nothing in this layout are refused, not silently dropped.
     if flags["sequence_parallel"] and layout.tp == 1:
         raise bad_flag("--sequence-parallel", "needs --tp 2 or more (it shards along the sequence the "
@@ -236,6 +232,7 @@ def train(ctx, **flags):
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
         config.validate()  # before the first status line: a setting that cannot work is the only output
+        check_restart_flags(flags, config, layout.world_size, distributed)
         if flags["encoder_stages"] is not None:
             layout.split = _encoder_decoder_split(flags, config, layout)
         if flags["resume"] and _already_complete(ctx, config, out):
@@ -244,10 +241,11 @@ def train(ctx, **flags):
         if distributed:
             layout.validate(config)
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state = {"trainer": None, "progress": None}
     try:
-        _run(flags, config, layout, distributed, out, state)
+        run_with_restarts(lambda restart: _run(flags, config, layout, distributed, out, state, restart),
+                          flags, layout, out, state)
     except KeyboardInterrupt:
         report_interrupt(out, config, state)
         raise click.exceptions.Exit(130) from None
@@ -267,8 +265,9 @@ def _encoder_decoder_split(flags, config, layout) -> list[int]:
         raise bad_flag("--encoder-stages", str(exc).replace(f"--encoder-stages {stages} ", "")) from None
 
 
-def _run(flags, config, layout, distributed, out, state):
-    """Start the trainer (saying what takes time), train, report the trace, print the sample."""
+def _run(flags, config, layout, distributed, out, state, restart=0):
+    """Start the trainer (saying what takes time), train, report the trace, print the sample.
+    `restart`: how often the job was restarted before (cluster/restarts.py)."""
     if flags["trace"]:
         remove_traces(out)  # an earlier run's ranks must not mix into this run's trace
     _prepare_kernels()
@@ -279,7 +278,7 @@ def _run(flags, config, layout, distributed, out, state):
         if distributed:
             from ringpipe.cluster.distributed_train import DistributedRun
 
-            options = cluster_options(flags, layout, out, say)
+            options = dict(cluster_options(flags, layout, out, say), **restart_options(restart))
             try:
                 trainer = DistributedRun(config, layout, out, resume=flags["resume"], trace=flags["trace"],
                                          bucket_bytes=int(flags["bucket_mb"] * (1 << 20)), say=say,
@@ -292,20 +291,27 @@ def _run(flags, config, layout, distributed, out, state):
         else:
             trainer = (Trainer.resume if flags["resume"] else Trainer.create)(config, out)
     except WorkerLost as exc:
-        raise _worker_failure(exc, out) from None
+        raise restartable(exc, _worker_failure(exc, out)) from None
     except RemoteError as exc:  # a worker rejected the run while starting: resuming would not help
-        raise _worker_failure(exc, out, resumable=False) from None
+        raise click.ClickException(_with_fallback(
+            _worker_failure(exc, out, resumable=False, summary=False).message, flags)) from None
     except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
-    finished = False
+    finished, sample = False, None
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
     # evaluates, writes a checkpoint or traces on its own. Each gives the same one-line error.
     try:
         try:
             _train_loop(trainer, config, out, state)
             finished = True
+            if flags["sample"] and distributed:  # generated by the workers, before they stop
+                status(f"generating a {flags['sample']}-token sample")
+                try:
+                    sample = trainer.sample(flags["sample"])
+                except RuntimeError as exc:
+                    raise click.ClickException(one_line(exc)) from None
         finally:
             if distributed:
                 if finished and flags["trace"]:
@@ -314,13 +320,10 @@ def _run(flags, config, layout, distributed, out, state):
                 if trace_files and finished:
                     report_trace(out)
         if flags["sample"]:
-            status(f"generating a {flags['sample']}-token sample")
-            if distributed:  # the driver holds no model: `ringpipe generate` samples the exported one
-                try:
-                    click.echo(trainer.sample(flags["sample"]))
-                except RuntimeError as exc:
-                    raise click.ClickException(one_line(exc)) from None
+            if distributed:
+                click.echo(sample)
             else:
+                status(f"generating a {flags['sample']}-token sample")
                 tokenizer = trainer.tokenizer
                 prompt = tokenizer.encode("\n") if encodable(tokenizer, "\n") else [0]
                 ids = trainer.gpt.generate(trainer.gpt.xp.asarray(prompt)[None, :], flags["sample"], seed=config.seed)
@@ -330,7 +333,7 @@ def _run(flags, config, layout, distributed, out, state):
     except (NonFiniteError, FileWriteError) as exc:
         raise click.ClickException(f"{exc}; {checkpoint_status(out)}") from None
     except (RemoteError, WorkerLost) as exc:
-        raise _worker_failure(exc, out) from None
+        raise restartable(exc, _worker_failure(exc, out, progress=state.get("progress"))) from None
 
 
 def _prepare_kernels() -> None:
@@ -363,14 +366,16 @@ def _train_loop(trainer, config, out, state):
     """Steps, periodic evaluation and checkpoints, metrics.jsonl and progress; the final model."""
     first_step = trainer.step
     progress = state["progress"] = Progress(first_step, config.steps, sys.stderr)
-    with _metrics_file(out, first_step) as metrics_log:
+    with open_metrics(out, first_step) as metrics_log:
         for step in range(first_step, config.steps):
             metrics = trainer.train_step(step)
             metrics["step"] = step + 1  # step numbers count from 1, as the progress line shows
+            if state.get("restart"):  # a restarted run's rows say so; its first also why and whence
+                metrics.update(restart=state["restart"], **state.pop("restart_row", {}))
             last = step + 1 == config.steps
             if last or (config.eval_every and (step + 1) % config.eval_every == 0):
                 metrics.update(trainer.evaluate())
-            metrics_log.write(_json_line(metrics))
+            metrics_log.write(json_line(metrics))
             metrics_log.flush()
             progress.update(metrics)
             after_step(state.get("prediction"), metrics, trainer, step + 1 - first_step, last, progress)

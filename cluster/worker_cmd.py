@@ -13,7 +13,8 @@ import sys
 
 import click
 
-from ringpipe.cluster.launchers import DEFAULT_KEY_FILE, host_from_environment, job_keys, rank_from_environment
+from ringpipe.cluster.launchers import (DEFAULT_KEY_FILE, die_with_launcher, host_from_environment, job_keys,
+                                        rank_from_environment, stdin_watch)
 from ringpipe.cluster.options import FiniteFloat, one_line
 from ringpipe.runtime.auth import KeyFileError, keys_from_secret
 from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
@@ -26,6 +27,9 @@ from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
               help="Workers on this host (default: 1, or the one rank mpirun/srun gave this process).")
 @click.option("--key-file", default=None, help=f"The rendezvous key, mode 0600 [default: {DEFAULT_KEY_FILE}].")
 @click.option("--key-stdin", is_flag=True, hidden=True, help="Read the key from stdin (ssh and srun launchers).")
+@click.option("--exit-with-stdin", is_flag=True, hidden=True,
+              help="Stop this host's workers and exit when stdin ends (the ssh connection or srun's input, which "
+                   "the driver holds open, ended).")
 @click.option("--host-id", default=None, help="This host's name in the run (default: the launcher's node name "
                                               "under srun, else this host's address towards the driver).")
 @click.option("--timeout", type=FiniteFloat(min=0, min_open=True), default=60.0, show_default=True,
@@ -33,11 +37,13 @@ from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
 @click.option("--driver-silence", type=FiniteFloat(min=0, min_open=True), default=AGENT_SILENCE_S,
               show_default=True, help="Seconds without a word from the driver after which it is taken for "
                                       "dead and this host's workers are stopped.")
-def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout, driver_silence):
+def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, exit_with_stdin, host_id, timeout, driver_silence):
     """Join the rendezvous at HOST:PORT; exits 0 once every worker of this host ended with 0."""
     from ringpipe.runtime.rendezvous_agent import join_and_run
 
     place = rank_from_environment()
+    if place is not None or exit_with_stdin:  # started by a launcher (mpirun, srun, ssh): end with it
+        die_with_launcher()
     ranks = None
     if place is not None and nproc_per_node is None:
         ranks = [place[0]]
@@ -45,7 +51,7 @@ def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, host_id, timeout,
     try:
         keys = keys_from_secret(sys.stdin.buffer.readline()) if key_stdin else job_keys(key_file, create=False)
         code = join_and_run(rdzv_endpoint, keys, nproc_per_node or 1, host=host_id, ranks=ranks, timeout=timeout,
-                            silence=driver_silence,
+                            silence=driver_silence, driver_gone=stdin_watch() if exit_with_stdin else None,
                             say=lambda message: click.echo(f"ringpipe worker: {message}", err=True))
     except (KeyFileError, RendezvousError) as exc:
         raise click.ClickException(one_line(exc)) from None

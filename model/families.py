@@ -30,6 +30,11 @@ and the CLI ask `family(name)` for everything family-specific and name no family
     weights_metadata(config)     optional: the safetensors metadata of its model.safetensors; with
                                  hf_config, lets the export stream the weights from a sharded
                                  checkpoint (model/training/hf_export.py) instead of loading them
+    hf_tensors(config)           optional: where each tensor of model.safetensors lies in the
+                                 parameters, in the file's order: [(Hugging Face key, parameter
+                                 name, columns: a slice of its last axis or None, transposed)]
+                                 (`hf_part` takes one out); without it, each parameter as it is
+                                 under its plan's hf_name
     ignore_index                 the target value that carries no loss
     special_tokens               {transformers role: token text} added to any tokenizer
                                  (model/data/hf_tokenizer.py's with_special_tokens); {} for none
@@ -74,6 +79,18 @@ class Family:
     additional_tokens: tuple = ()
     hf_config: Callable[[Any], dict] | None = None
     weights_metadata: Callable[[Any], dict] | None = None
+    hf_tensors: Callable[[Any], list] | None = None
+
+
+def hf_part(array, columns: slice | None, transposed: bool):
+    """One Hugging Face tensor of a parameter (`Family.hf_tensors`): its `columns` (last axis), maybe
+    transposed, C-contiguous (a view when nothing moves)."""
+    import numpy as np
+
+    part = array if columns is None else array[..., columns]
+    if transposed:
+        return np.ascontiguousarray(part.T)
+    return part if columns is None else np.ascontiguousarray(part)
 
 
 def family(name: str) -> Family:

@@ -1,6 +1,7 @@
 """The engine's shared-memory bookkeeping: blocks of this rank's arena taken by operations and
-given back (by its own operations, or by peers' "free" messages), operations waiting for space, and
-the checks on references into a peer's arena. Part of `Engine` (see engine.py).
+given back (by its own operations, by peers' "free" messages, or by receivers passing the ring
+slots that name them: runtime/shm_p2p.py), operations waiting for space, and the checks on
+references into a peer's arena. Part of `Engine` (see engine.py).
 """
 from __future__ import annotations
 
@@ -10,8 +11,16 @@ from ringpipe.runtime import wire
 
 
 class ArenaBookkeeping:
-    """Mixed into `Engine`; uses its `arena`, `peer_arenas`, `shm_peers`, `block_waits`, `send`
-    and `_resume`."""
+    """Mixed into `Engine`; uses its `arena`, `peer_arenas`, `shm_peers`, `block_waits`, `rings`,
+    `send` and `_resume`."""
+
+    def alloc_block(self, nbytes: int) -> int | None:
+        """A block of this rank's arena, or None while it is full. The pair rings give their blocks
+        back lazily (at their next send), so when the arena is full they are asked first."""
+        offset = self.arena.alloc(nbytes)
+        if offset is None and self.rings is not None and self.rings.reclaim():
+            offset = self.arena.alloc(nbytes)
+        return offset
 
     def place_in_arena(self, arrays) -> list | None:
         """Copy `arrays` into fresh blocks of this rank's arena, from any thread; returns their
@@ -19,7 +28,7 @@ class ArenaBookkeeping:
         when the arena has no room for all of them right now (nothing is kept then)."""
         refs = []
         for array in arrays:
-            offset = self.arena.alloc(array.nbytes)
+            offset = self.alloc_block(array.nbytes)
             if offset is None:
                 for ref in refs:
                     self.arena.free(ref[0])
@@ -37,7 +46,7 @@ class ArenaBookkeeping:
         """Resume operations waiting for arena space, in order, while it lasts."""
         while self.block_waits:
             op, nbytes = self.block_waits[0]
-            block = self.arena.alloc(nbytes)
+            block = self.alloc_block(nbytes)
             if block is None:
                 return
             self.block_waits.popleft()

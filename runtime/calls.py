@@ -5,14 +5,19 @@ take part).
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
 
+from ringpipe.runtime.failure_report import how_it_ended
+
 
 class RemoteError(RuntimeError):
-    """A call raised on a worker; carries the rank and the remote traceback."""
+    """A call raised on a worker; carries the rank and the remote traceback. `report` (a
+    runtime.failure_report.FailureReport, set by the cluster) is that rank first, then what the
+    others' part of the call ended with."""
+
+    report = None
 
     def __init__(self, rank: int, exc_type: str, message: str, remote_traceback: str, call: str):
         self.rank, self.exc_type, self.remote_traceback, self.call = rank, exc_type, remote_traceback, call
@@ -23,24 +28,35 @@ class RemoteError(RuntimeError):
 class WorkerLost(RuntimeError):
     """A worker can no longer take part (died, silent or stuck): every worker has been stopped.
 
-    `rank`, `pid` and `call` (the call it was running, or None) name it where known."""
+    `rank`, `pid`, `host` and `call` (the call it was running, or None) name it where known;
+    `reason` says what happened in a few words; `report` (a runtime.failure_report.FailureReport,
+    set once every worker was stopped) is the root cause and its consequences on the other ranks."""
 
-    def __init__(self, message: str, rank: int | None = None, pid: int | None = None, call: str | None = None):
-        self.rank, self.pid, self.call = rank, pid, call
+    report = None
+
+    def __init__(self, message: str, rank: int | None = None, pid: int | None = None, call: str | None = None,
+                 host: str | None = None, reason: str = ""):
+        self.rank, self.pid, self.call, self.host, self.reason = rank, pid, call, host, reason
         super().__init__(message)
+
+
+def where(pid: int | None, host: str | None) -> str:
+    """"(pid 123) on host h1" for messages naming a worker."""
+    return f"(pid {pid})" + (f" on host {host}" if host else "")
 
 
 class WorkerDied(WorkerLost):
     """A worker process ended while the cluster was running."""
 
-    def __init__(self, rank: int, pid: int, returncode: int, remote_traceback: str, call: str | None):
+    def __init__(self, rank: int, pid: int, returncode: int, remote_traceback: str, call: str | None,
+                 host: str | None = None):
         self.returncode = returncode
-        how = (f"was killed by signal {signal.Signals(-returncode).name}" if returncode < 0
-               else f"exited with code {returncode}")
+        how = how_it_ended(returncode)
         during = f" while running {call}" if call else ""
         tb = (f"\n--- remote traceback (rank {rank}) ---\n{remote_traceback.rstrip()}" if remote_traceback
               else " (no traceback: the process ended without raising)")
-        super().__init__(f"worker rank {rank} (pid {pid}) {how}{during}; all workers stopped.{tb}", rank, pid, call)
+        super().__init__(f"worker rank {rank} {where(pid, host)} {how}{during}; all workers stopped.{tb}", rank, pid,
+                         call, host, reason=how)
 
 
 class WorkerUnresponsive(WorkerLost, TimeoutError):
@@ -51,9 +67,10 @@ class WorkerStuck(WorkerLost):
     """A live worker made no progress in a call that the other ranks gave up on; `stack` is where
     its compute thread was."""
 
-    def __init__(self, message: str, rank: int, pid: int, call: str | None, stack: str):
+    def __init__(self, message: str, rank: int, pid: int, call: str | None, stack: str, host: str | None = None,
+                 reason: str = ""):
         self.stack = stack
-        super().__init__(message, rank, pid, call)
+        super().__init__(message, rank, pid, call, host, reason)
 
 
 class ClusterStopped(WorkerLost):
@@ -62,7 +79,13 @@ class ClusterStopped(WorkerLost):
     def __init__(self, cause: Exception):
         self.cause = cause
         super().__init__(f"cluster is stopped: {str(cause).splitlines()[0]}", getattr(cause, "rank", None),
-                         getattr(cause, "pid", None), getattr(cause, "call", None))
+                         getattr(cause, "pid", None), getattr(cause, "call", None), getattr(cause, "host", None),
+                         getattr(cause, "reason", ""))
+
+    @property
+    def report(self):
+        """The first failure's report (built once every worker was stopped)."""
+        return getattr(self.cause, "report", None)
 
 
 def reference(target) -> dict:
@@ -122,7 +145,10 @@ class CallFuture:
             causes = {r: e for r, e in self.errors.items() if not e.get("aborted")} or self.errors
             rank = min(causes)
             err = causes[rank]
-            raise RemoteError(rank, err.get("type", "Error"), err.get("error", ""), err.get("traceback", ""), self.name)
+            error = RemoteError(rank, err.get("type", "Error"), err.get("error", ""), err.get("traceback", ""),
+                                self.name)
+            error.report = self.cluster.report_call_failure(self.errors, rank, self.name)
+            raise error
         values = [self.values[r] for r in self.ranks]
         return values[0] if self.single else values
 
@@ -156,5 +182,5 @@ class ActorGroup:
         return single
 
 
-__all__ = ["RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck", "ClusterStopped",
+__all__ = ["where", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck", "ClusterStopped",
            "CallFuture", "ActorGroup", "reference"]

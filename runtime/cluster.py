@@ -13,6 +13,9 @@ compute thread is doing: a worker silent for `heartbeat_timeout` seconds (stoppe
 gone) raises `WorkerUnresponsive`; a live worker that makes no progress in a call the others gave up
 on (they timed out waiting for it, or the call failed elsewhere) raises `WorkerStuck` with its Python
 stack. Either way every worker is stopped. `close()` leaves no process and no shared-memory file behind.
+Every failure a call raises carries a `report`: the first failure, then what became of the other
+ranks (runtime/failure_report.py). With `log_dir`, each rank's output goes to its own log file
+(runtime/rank_logs.py).
 """
 from __future__ import annotations
 
@@ -22,11 +25,9 @@ import logging
 import os
 import queue
 import secrets
-import sys
 import threading
 import time
 import weakref
-from dataclasses import asdict
 
 import zmq
 
@@ -34,7 +35,10 @@ from ringpipe.runtime import addresses, wire
 from ringpipe.runtime.auth import JobKeys, raise_descriptor_limit
 from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
                            WorkerUnresponsive, reference)
+from ringpipe.runtime.cluster_startup import StartUp
 from ringpipe.runtime.cluster_trace import TraceControl
+from ringpipe.runtime.failure_report import report_lost_worker, report_remote_error
+from ringpipe.runtime.rank_logs import rank_log_path
 from ringpipe.runtime.communicator import CommConfig
 from ringpipe.runtime.launch import Launcher, LocalLauncher, stop_workers
 from ringpipe.runtime.liveness import LivenessMonitor
@@ -44,7 +48,7 @@ from ringpipe.runtime.wakeup import WakePipe
 DEFAULT_ARENA_BYTES = 1 << 30  # sparse: only the pages a worker touches use memory
 
 
-class Cluster(TraceControl):
+class Cluster(StartUp, TraceControl):
     """N worker processes (started by a `Launcher`; local ones by default) plus the driver's
     control plane. Use as a context manager."""
 
@@ -52,18 +56,22 @@ class Cluster(TraceControl):
                  threads_per_worker: int | None = None, bind_host: str = "127.0.0.1",
                  start_timeout: float = 60.0, arena_bytes: int = DEFAULT_ARENA_BYTES, env: dict | None = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 8.0, stuck_grace: float = 3.0,
-                 launcher: Launcher | None = None, **comm_options):
+                 launcher: Launcher | None = None, log_dir: str | None = None,
+                 restart_count: int = 0, **comm_options):
         """`timeout`: seconds a communication operation may wait for a peer. A worker that sends
         nothing for `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every
         `heartbeat_interval`); a worker still inside a call `stuck_grace` seconds after the others
         timed out waiting for it (or `timeout + stuck_grace` after the call failed elsewhere) is
         reported as stuck, with its stack. `launcher` starts and stops the worker processes
-        (default: `LocalLauncher`, child processes on this host); `env` is added to their environment."""
+        (default: `LocalLauncher`, child processes on this host); `env` is added to their environment.
+        `restart_count`: the job's restarts so far (TORCHELASTIC_RESTART_COUNT).
+        `log_dir`: each rank's stdout and stderr go to `log_dir`/rank-R.log (runtime/rank_logs.py).
+        Every failure a call raises carries a `report` (runtime/failure_report.py)."""
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
         if algorithm not in ("auto", "direct", "ring", "shm"):
             raise ValueError(f"algorithm must be auto, direct, ring or shm, got {algorithm!r}")
-        self.world_size = world_size
+        self.world_size, self.restart_count = world_size, restart_count
         self.job_id = secrets.token_hex(6)
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)
@@ -86,6 +94,7 @@ class Cluster(TraceControl):
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = WakePipe()
         self._clock_replies: dict[int, int] = {}
+        self.log_paths = [rank_log_path(log_dir, r) if log_dir else None for r in range(world_size)]
         self.launcher = launcher if launcher is not None else LocalLauncher()
         self._liveness = LivenessMonitor(world_size, self.launcher, heartbeat_timeout, stuck_grace,
                                          self.comm_config.timeout, self._ask_stack)
@@ -109,50 +118,6 @@ class Cluster(TraceControl):
         self._thread = threading.Thread(target=self._serve, name="ringpipe-driver", daemon=True)
         self._thread.start()
 
-    # ---- start-up ----------------------------------------------------------------------------------
-    def _start_workers(self, bind_host, start_timeout, arena_bytes, extra_env):
-        boots = [{"rank": rank, "world_size": self.world_size, "job_id": self.job_id, "driver": self.address,
-                  "keys": self.keys.to_dict(), "bind_host": bind_host, "comm": asdict(self.comm_config),
-                  "sys_path": list(sys.path), "cwd": os.getcwd(), "threads": self.threads_per_worker,
-                  "start_timeout": start_timeout, "arena_bytes": arena_bytes,
-                  "heartbeat_interval": self.heartbeat_interval} for rank in range(self.world_size)]
-        self.launcher.start(boots, extra_env)
-        registered = self._gather("register", start_timeout)
-        self.worker_addresses = [registered[r] for r in range(self.world_size)]
-        book = [{"rank": r, "data": e["data"], "host": e["host"], "arena": e["arena"]}
-                for r, e in enumerate(self.worker_addresses)]
-        self._broadcast({"t": "book", "peers": book})
-        self._gather("ready", start_timeout)
-        self._broadcast({"t": "unlink"})
-        self._gather("unlinked", start_timeout)
-        self._liveness.start()
-
-    def _gather(self, kind: str, timeout: float) -> dict[int, dict]:
-        got: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout
-        while len(got) < self.world_size:
-            self._check_processes(starting=True)
-            if time.monotonic() > deadline:
-                missing = sorted(set(range(self.world_size)) - set(got))
-                pids = [self.launcher.pid(r) for r in missing]
-                raise WorkerUnresponsive(f"worker ranks {missing} (pids {pids}) did not send '{kind}' within "
-                                         f"{timeout}s of start-up", missing[0], pids[0], "start-up")
-            if not self._router.poll(50):
-                continue
-            frames = self._router.recv_multipart()
-            rank, value = self._parse(frames)
-            if rank is None:
-                continue
-            if value.get("t") == "fatal":
-                self._fatal[rank] = value.get("traceback", "")
-                continue
-            if value.get("t") == "beat":  # a rank done with start-up beats while the others catch up
-                continue
-            if value.get("t") != kind:
-                raise RuntimeError(f"worker rank {rank} sent {value.get('t')!r} while starting, expected {kind!r}")
-            got[rank] = value
-        return got
-
     def _parse(self, frames):
         identity = frames[0]
         try:
@@ -164,8 +129,6 @@ class Cluster(TraceControl):
                 raise wire.WireError("control message is not a map")
             return rank, value
         except (wire.WireError, ValueError) as exc:
-            import logging
-
             logging.getLogger("ringpipe.runtime").error("driver: rejected a control message: %s", exc)
             return None, None
 
@@ -253,7 +216,7 @@ class Cluster(TraceControl):
             if value.get("ok"):
                 future._set(rank, True, value.get("value"))
             else:
-                self._fatal[rank] = value.get("traceback", "")
+                self._fatal[rank], value["seen"] = value.get("traceback", ""), time.time()
                 if future.failed_at is None:
                     future.failed_at = time.monotonic()
                 for peer in value.get("waited_for") or []:
@@ -281,7 +244,7 @@ class Cluster(TraceControl):
             code = self.launcher.poll(rank)
             if code is not None and not self._closed:
                 raise WorkerDied(rank, self.launcher.pid(rank), code, self._fatal.get(rank, ""),
-                                 self._running.get(rank) or ("start-up" if starting else None))
+                                 self._running.get(rank) or ("start-up" if starting else None), self.launcher.host(rank))
 
     def _check_liveness(self):
         with self._lock:
@@ -295,13 +258,22 @@ class Cluster(TraceControl):
             pass
 
     def _die(self, died: WorkerLost):
-        self._failure = died
+        when, self._failure = time.time(), died
+        ended_before = {rank: self.launcher.poll(rank) for rank in range(self.world_size)}
         with self._lock:
             pending = list(self._pending.values())
             self._pending.clear()
         self._terminate()
+        died.report = report_lost_worker(
+            died, self.launcher, self.world_size, ended_before, self._fatal,
+            lambda rank: self._liveness.doing(rank, self._running), self.log_paths,
+            {rank: error for future in pending for rank, error in future.errors.items()}, when)
         for future in pending:
             future._fail(died)
+
+    def report_call_failure(self, errors: dict, rank: int, call: str):
+        """The FailureReport of a call that raised on `rank` (`errors`: every rank's error reply)."""
+        return report_remote_error(errors, rank, call, self.launcher, self.log_paths)
 
     # ---- calls -------------------------------------------------------------------------------------
     def _call(self, kind, target, args, kwargs, ranks, actor=None, method=None, name=None) -> CallFuture:

@@ -21,7 +21,7 @@ import numpy as np
 from ringpipe.runtime import array_module, collectives, shm_collectives
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
-from ringpipe.runtime.operations import Aborted, Handle, Recv
+from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_channel import exchange_entries, open_channel
 from ringpipe.runtime.shm_p2p import RingReceive
 from ringpipe.runtime.trace import now_ns
@@ -114,50 +114,49 @@ class Communicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
         dst_global = self._peer(dst, "send")
-        host = np.asarray(array_module.to_host(x))
+        host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         if host.dtype.kind not in "biufc":
             raise TypeError(f"send: dtype {host.dtype} is not numeric")
-        call = self.engine.call
-        header = {"k": "p2p", "g": self.group.gid, "c": int(tag), "s": 0, "n": call}
+        engine = self.engine
+        call = engine.call
         name = f"send to rank {dst} tag {tag} on group {self.group.gid}"
         allow_shm = self.config.shm
-
-        def make(epoch, call):
-            return send_arrays(self.engine, dst_global, dict(header), [host], self.group.gid, allow_shm)
-
         trace = None
-        if self.engine.tracer.enabled:
-            flow = self.engine.tracer.next_flow((self.group.gid, self.engine.rank, dst_global, int(tag), call))
+        if engine.tracer.enabled:
+            flow = engine.tracer.next_flow((self.group.gid, engine.rank, dst_global, int(tag), call))
             trace = ("send", {"bytes": host.nbytes, "peer": int(dst), "group": self.group.gid, "tag": int(tag),
                               "flow": flow})
-        rings = self.engine.rings
+        rings = engine.rings
         if allow_shm and rings is not None and rings.usable(dst_global):
             # A peer on this host: into the ring to it, from this thread (runtime/shm_p2p.py).
             key, patience = (call, self.group.gid, int(tag)), self.timeout if timeout is None else timeout
             return self._send_directly(name, trace, lambda: rings.send(dst_global, key, host, name, patience))
-        if dst_global in self.engine.same_host and dst_global != self.engine.rank:
+        header = {"k": "p2p", "g": self.group.gid, "c": int(tag), "s": 0, "n": call}
+        if dst_global in engine.same_host and dst_global != engine.rank:
             # Send from this thread, sparing a hand-off to the engine thread (which may wait for
             # the GIL while this thread computes). Per destination the path is always the same,
             # so messages keep their order.
-            return self._send_directly(name, trace, lambda: send_now(self.engine, dst_global, dict(header), [host],
+            return self._send_directly(name, trace, lambda: send_now(engine, dst_global, dict(header), [host],
                                                                       self.group.gid, allow_shm, track=False))
-        return self.engine.submit(name, make, timeout=timeout, trace=trace, call=call)
+
+        def make(epoch, call):
+            return send_arrays(engine, dst_global, dict(header), [host], self.group.gid, allow_shm)
+
+        return engine.submit(name, make, timeout=timeout, trace=trace, call=call)
 
     def _send_directly(self, name, trace, move) -> Handle:
-        handle = Handle(name)
+        """Run `move()` (the whole send) on this thread; a handle that is already done."""
         if self.engine.aborted_call is not None:
-            handle._set(error=Aborted(self.engine.aborted_call))
-            return handle
-        start = now_ns()
+            return Finished(name, error=Aborted(self.engine.aborted_call))
+        start = now_ns() if trace is not None else 0
+        error = None
         try:
             move()
         except Exception as exc:  # noqa: BLE001 - the handle's error
-            handle._set(error=exc)
-        else:
-            handle._set(None)
+            error = exc
         if trace is not None:
             self.engine.tracer.complete(trace[0], "comm", "comm", start, now_ns(), dict(trace[1], wait_us=0.0))
-        return handle
+        return Finished(name, error=error)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         self.isend(x, dst, tag, timeout).wait()
@@ -273,12 +272,12 @@ class Communicator:
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
         self._check_op("all_reduce", op)
-        host = np.asarray(array_module.to_host(x))
+        host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         if op == "avg" and host.dtype.kind not in "fc":
             raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {host.dtype}")
         dtype = working_dtype(host.dtype)
-        in_place = (not array_module.is_device_array(x) and isinstance(x, np.ndarray) and x.flags.c_contiguous
-                    and x.flags.writeable and x.dtype == dtype)
+        in_place = (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.dtype == dtype
+                    and not array_module.is_device_array(x))
         work = x.reshape(-1) if in_place else host.astype(dtype, copy=True).reshape(-1)
         signature = {"op": "all_reduce", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}
 

@@ -192,6 +192,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                 if self.control is not None and self.control in events:
                     self._receive_control()
                 self._check_sent()
+                if self.block_waits:  # room may come from ring blocks whose receivers read them
+                    self.grant_blocks()
                 self._check_deadlines()
                 self._beat()
                 if os.getppid() != self._parent_pid:
@@ -201,7 +203,7 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                 log.exception("rank %d: error in communication engine loop", self.rank)
 
     def _poll_timeout_ms(self) -> int:
-        if self.sent_waits:
+        if self.sent_waits or self.block_waits:
             return 1
         timeout = 100.0
         if self.operations:
@@ -263,7 +265,7 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                     continue
                 self.sent_waits.append((request.tracker, op))
             elif isinstance(request, WaitBlock):
-                offset = self.arena.alloc(request.nbytes)
+                offset = self.alloc_block(request.nbytes)
                 if offset is not None:
                     value = offset
                     continue

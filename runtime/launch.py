@@ -7,6 +7,7 @@ worker side is always `python -m ringpipe.runtime.worker` reading its msgpack re
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import signal
@@ -18,16 +19,18 @@ from typing import Protocol, runtime_checkable
 
 import msgpack
 
+from ringpipe.runtime.rank_logs import open_rank_log, tee_stderr
 from ringpipe.runtime.shm import SHM_DIR
 
 BLAS_THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def conventional_env(boot: dict, local_rank: int, local_world_size: int, group_rank: int = 0) -> dict:
     """The variables torchrun gives its workers, so code written for it finds what it expects:
     RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK (the host's index), MASTER_ADDR and
     MASTER_PORT (the driver's control address), TORCHELASTIC_RESTART_COUNT (how often the job was
-    restarted; ringpipe restarts by --resume, so its launchers start at 0). A boot record's own
+    restarted: `ringpipe train --max-restarts`, the Cluster's `restart_count`). A boot record's own
     "local_rank", "local_world_size" and "group_rank" (set by a launcher that sees every host) win
     over the arguments (this launcher's view)."""
     local_rank = boot.get("local_rank", local_rank)
@@ -89,22 +92,36 @@ class Launcher(Protocol):
 class LocalLauncher:
     """Workers as child processes of the driver, on this host (`subprocess.Popen`). Every worker
     gets `host_name` as its host identity (same-host peers share memory) unless its boot record
-    already names one."""
+    already names one. A boot record with a "log_path" sends the worker's stdout and stderr to that
+    file, and its stderr lines also to `echo` (default: this process's stderr) marked with its rank
+    and host (runtime/rank_logs.py).
 
-    def __init__(self, host_name: str | None = None, group_rank: int = 0):
+    Each worker leads a process group of its own and dies with this process (see `die_with_parent`;
+    Linux ties that to the thread that started it, so start workers from a thread that outlives them)."""
+
+    def __init__(self, host_name: str | None = None, group_rank: int = 0, echo=None):
         self.processes: list[subprocess.Popen] = []
-        self.host_name, self.group_rank = host_name or socket.gethostname(), group_rank
+        self.host_name, self.group_rank, self.echo = host_name or socket.gethostname(), group_rank, echo
 
     def start(self, boots: list[dict], env: dict | None = None) -> None:
         environment = reaching_this_package(dict(os.environ, **(env or {})))
         for local_rank, boot in enumerate(boots):
-            boot = dict(boot, host=boot.get("host") or self.host_name)
+            boot = dict(boot, host=boot.get("host") or self.host_name, launcher_pid=os.getpid())
             worker_env = dict(environment, **conventional_env(boot, local_rank, len(boots), self.group_rank))
             for var in BLAS_THREAD_VARIABLES:
                 worker_env[var] = str(boot["threads"])
-            # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers.
-            proc = subprocess.Popen([sys.executable, "-m", "ringpipe.runtime.worker"], stdin=subprocess.PIPE, env=worker_env,
-                                    start_new_session=True)
+            log = (open_rank_log(boot["log_path"], boot["rank"], boot["host"], int(boot.get("restart_count", 0)))
+                   if boot.get("log_path") else None)
+            if log is not None:
+                worker_env["PYTHONUNBUFFERED"] = "1"  # a killed worker's last prints are in its log
+            # A new session: Ctrl-C in the terminal reaches the driver only, which then stops workers;
+            # and the worker's own children share its process group, which `stop_processes` ends.
+            proc = subprocess.Popen([sys.executable, "-m", "ringpipe.runtime.worker"], stdin=subprocess.PIPE,
+                                    env=worker_env, start_new_session=True, stdout=log,
+                                    stderr=subprocess.PIPE if log is not None else None)
+            proc.leads_group = True
+            if log is not None:  # the worker has its own descriptor now; the copying thread owns this one
+                tee_stderr(proc.stderr, log, f"[rank {boot['rank']} host {boot['host']}] ", self.echo)
             proc.stdin.write(msgpack.packb(boot, use_bin_type=True))
             proc.stdin.close()
             self.processes.append(proc)
@@ -145,7 +162,9 @@ def stop_workers(launcher: Launcher, job_id: str, grace: float = 0.0):
 
 
 def stop_processes(processes: list[subprocess.Popen], grace: float = 0.0):
-    """Wait up to `grace` seconds for `processes` to end, then SIGTERM and SIGKILL what is left."""
+    """Wait up to `grace` seconds for `processes` to end, then SIGTERM and SIGKILL what is left.
+    A process that leads a process group (`leads_group`) is signalled with its whole group, so
+    that what it started itself ends too, even after it ended."""
     deadline = time.monotonic() + grace
     for proc in processes:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -153,15 +172,50 @@ def stop_processes(processes: list[subprocess.Popen], grace: float = 0.0):
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [p for p in processes if p.poll() is None]
         for proc in alive:
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+            _signal_group(proc, sig)
+            if sig == signal.SIGTERM:  # a stopped (SIGSTOP) process acts on it only once continued
+                _signal_group(proc, signal.SIGCONT)
         for proc in alive:
             try:
                 proc.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
+    for proc in processes:  # what a group's leader left running when it ended
+        if proc.returncode is not None and getattr(proc, "leads_group", False):
+            _signal_group(proc, signal.SIGKILL)
+            proc.leads_group = False  # once: later, that group id may be another's
+
+
+def _signal_group(proc: subprocess.Popen, sig: int):
+    """`sig` to `proc`'s process group if it leads one (`leads_group`, set by whoever started it
+    with start_new_session), else to `proc` alone."""
+    try:
+        if getattr(proc, "leads_group", False):
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def die_with_parent(parent_pid: int | None, signum: int = signal.SIGKILL) -> bool:
+    """Have Linux send `signum` to this process when its parent ends (prctl PR_SET_PDEATHSIG), so
+    that a killed driver or agent leaves no worker behind; ends this process at once if the parent
+    (`parent_pid`, when known) ended before the request. False where this cannot be asked (not Linux).
+
+    Linux sends the signal when the *thread* that started this process ends: a launcher must start
+    workers from a thread that lives as long as they do (its main thread)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), signum)
+    return True
 
 
 def remove_shm_files(job_id: str):
@@ -184,4 +238,4 @@ def local_process_note(pid: int) -> str:
     return " (its process is stopped, e.g. by SIGSTOP)" if state in ("T", "t") else ""
 
 
-__all__ = ["Launcher", "LocalLauncher"]
+__all__ = ["Launcher", "LocalLauncher", "stop_processes", "die_with_parent"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from ringpipe.runtime.calls import WorkerStuck, WorkerUnresponsive
+from ringpipe.runtime.calls import WorkerStuck, WorkerUnresponsive, where
 
 STACK_ANSWER_S = 2.0  # how long a rank asked for its stack has to answer before it is reported without
 
@@ -61,11 +61,11 @@ class LivenessMonitor:
         for rank, heard in self.last_heard.items():
             silent = now - heard
             if silent > self.heartbeat_timeout and self.launcher.poll(rank) is None:
-                pid = self.launcher.pid(rank)
+                pid, host, note = self.launcher.pid(rank), self.launcher.host(rank), self.launcher.process_note(rank)
                 raise WorkerUnresponsive(
-                    f"worker rank {rank} (pid {pid}) sent no heartbeat for {silent:.1f}s"
-                    f"{self.launcher.process_note(rank)}; it was last heard {self.doing(rank, running)}; "
-                    "all workers stopped", rank, pid, running.get(rank))
+                    f"worker rank {rank} {where(pid, host)} sent no heartbeat for {silent:.1f}s{note}; it was "
+                    f"last heard {self.doing(rank, running)}; all workers stopped", rank, pid, running.get(rank),
+                    host, reason=f"sent no heartbeat for {silent:.1f}s{note}")
         self._check_stuck(now, running, failed)
 
     def _check_stuck(self, now: float, running: dict[int, str], failed: list):
@@ -88,7 +88,7 @@ class LivenessMonitor:
                     continue
                 if rank not in self.stacks and now - asked < STACK_ANSWER_S:
                     continue
-                pid = self.launcher.pid(rank)
+                pid, host = self.launcher.pid(rank), self.launcher.host(rank)
                 stack = self.stacks.get(rank) or (f"(no stack: rank {rank} did not answer"
                                                   f"{self.launcher.process_note(rank)})")
                 cause = future.errors[waited_by if waited_by is not None else min(future.errors)]
@@ -96,10 +96,11 @@ class LivenessMonitor:
                        else f"the call failed on rank {min(future.errors)}")
                 error = " ".join(str(cause.get("error", "")).split())[:300]
                 raise WorkerStuck(
-                    f"worker rank {rank} (pid {pid}) made no progress in {future.name}: {why} "
+                    f"worker rank {rank} {where(pid, host)} made no progress in {future.name}: {why} "
                     f"({error}) and it had not returned {now - future.failed_at:.1f}s later; it is "
                     f"{self.doing(rank, running)}; all workers stopped.\n--- stack of rank {rank} (pid {pid}) ---\n"
-                    f"{stack.rstrip()}", rank, pid, future.name, stack)
+                    f"{stack.rstrip()}", rank, pid, future.name, stack, host,
+                    reason=f"made no progress for {now - future.failed_at:.1f}s after {why}")
 
     def doing(self, rank: int, running: dict[int, str]) -> str:
         """What the rank was doing as far as the driver knows: its call, and what its last heartbeat said."""

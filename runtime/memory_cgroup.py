@@ -4,7 +4,13 @@
     limit.add(pid)               # the process and what it starts from now on
     limit.oom_kills              # processes the kernel's OOM killer ended in it
     limit.peak_bytes             # the most it was charged (v1 max_usage_in_bytes, v2 memory.peak)
+    limit.usage()                # charged now, by kind: resident (anon + shmem + kernel) and page cache
+    sampler = UsageSampler({0: limit}).start() ... sampler.stop()   # peaks of usage(), polled
     limit.remove()               # once its processes have exited
+
+A cgroup's charge includes the page cache of the files its processes write (a checkpoint), which
+the kernel reclaims when the limit is reached, so its peak says little about what the processes
+needed. The kernel keeps no peak of the resident part alone: `UsageSampler` polls memory.stat.
 
 cgroup v2 (`memory.max`, swap off by `memory.swap.max`) or v1 with the memory controller
 (`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` where swap is accounted). Memory a
@@ -16,6 +22,10 @@ which counts address space mapped (arenas, BLAS reservations) rather than memory
 from __future__ import annotations
 
 import os
+import threading
+
+# cgroup v2 memory.stat entries of kernel memory, before Linux 5.18 summed them as "kernel"
+KERNEL_V2 = ("kernel_stack", "pagetables", "percpu", "sock", "slab", "vmalloc")
 
 
 def _own_cgroup() -> tuple[str, int]:
@@ -114,12 +124,71 @@ class MemoryCgroup:
         except (OSError, ValueError):
             return None
 
+    def usage(self) -> dict:
+        """Bytes charged now: {"anon", "shmem", "kernel", "resident": their sum, which the kernel cannot
+        reclaim without swap, and "file": page cache of files, which it can}."""
+        stat = {}
+        for line in self._read("memory.stat").splitlines():
+            key, _, value = line.partition(" ")
+            stat[key] = int(value)
+        if self.version == 2:
+            anon, shmem, cached = stat.get("anon", 0), stat.get("shmem", 0), stat.get("file", 0)
+            kernel = stat.get("kernel", sum(stat.get(key, 0) for key in KERNEL_V2))  # "kernel" since Linux 5.18
+        else:  # v1: "rss" is anonymous memory (transparent huge pages included), "cache" includes shmem
+            anon, shmem, cached = stat.get("rss", 0), stat.get("shmem", 0), stat.get("cache", 0)
+            try:
+                kernel = int(self._read("memory.kmem.usage_in_bytes"))
+            except (OSError, ValueError):
+                kernel = 0
+        return {"anon": anon, "shmem": shmem, "kernel": kernel, "resident": anon + shmem + kernel,
+                "file": max(cached - shmem, 0)}
+
     def remove(self) -> None:
         """Delete the cgroup (its processes must have exited); quietly, if it is already gone."""
         try:
             os.rmdir(self.path)
         except FileNotFoundError:
             pass
+
+
+class UsageSampler:
+    """Polls `usage()` of the cgroups in `groups` ({key: MemoryCgroup}, read at each poll, so groups
+    may come and go) every `interval` seconds on a thread; `peaks` is {key: {"resident": the most
+    resident bytes seen, "file": the most page cache seen, "samples": polls}}. A spike shorter than
+    the interval can be missed: the resident peak is a lower bound, the cgroup's charge peak an upper one."""
+
+    def __init__(self, groups: dict, interval: float = 0.01):
+        self.groups, self.interval, self.peaks = groups, interval, {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="cgroup-usage-sampler", daemon=True)
+
+    def start(self) -> "UsageSampler":
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stopping.is_set():
+            self.sample()
+            self._stopping.wait(self.interval)
+
+    def sample(self) -> None:
+        for key, group in list(self.groups.items()):
+            try:
+                usage = group.usage()
+            except (OSError, ValueError):  # removed meanwhile
+                continue
+            peak = self.peaks.setdefault(key, {"resident": 0, "file": 0, "samples": 0})
+            peak["resident"] = max(peak["resident"], usage["resident"])
+            peak["file"] = max(peak["file"], usage["file"])
+            peak["samples"] += 1
+
+    def stop(self) -> dict:
+        """Stop polling (after one last sample); returns `peaks`."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self.sample()
+        return self.peaks
 
 
 def _write(path: str, value: str) -> None:

@@ -58,6 +58,24 @@ class Handle:
         self._event.set()
 
 
+class Finished(Handle):
+    """The handle of an operation that finished before it was returned (a send into a ring): no
+    event to make or wait on."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, result=None, error=None):
+        self.name, self._result, self._error, self._transform, self._event = name, result, error, None, None
+
+    def is_done(self) -> bool:
+        return True
+
+    def wait(self, timeout: float | None = None):
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
 class Message:
     """One received data-plane message: inline arrays (read-only views of ZeroMQ frames) or
     references to blocks of the sender's shared-memory arena."""
@@ -103,5 +121,5 @@ class Operation:
         self.trace, self.start_ns, self.blocked_ns, self.wait_ns = trace, 0, 0, 0
 
 
-__all__ = ["CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled", "Handle", "Message", "Recv",
-           "WaitSent", "WaitBlock", "Operation"]
+__all__ = ["CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled", "Handle", "Finished", "Message",
+           "Recv", "WaitSent", "WaitBlock", "Operation"]

@@ -12,12 +12,11 @@ host. Agents stop their workers when told, or when the driver has been silent fo
 `AGENT_SILENCE_S`: a driver that dies leaves nothing running on any host.
 
 Messages (msgpack maps, one frame). Agent -> driver: join {host, address, slots, ranks, version,
-pid}, status {codes, pids}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
+pid}, status {codes, pids, notes}. Driver -> agent: welcome, refuse {reason}, start {boots, env},
 signal {rank, signum}, stop {grace}, ping.
 """
 from __future__ import annotations
 
-import os
 import queue
 import socket
 import threading
@@ -34,6 +33,7 @@ from ringpipe.runtime.launch import LocalLauncher, stop_processes
 PING_INTERVAL_S = 1.0
 DEFAULT_PORT = 29500  # torchrun's
 AGENT_SILENCE_S = 15.0  # an agent whose driver is silent this long stops its workers and exits
+AGENT_LOST_S = 3.0  # an agent (it reports twice a second) silent this long: its host or link is down
 
 
 class RendezvousError(RuntimeError):
@@ -107,6 +107,11 @@ class Agent:
     ranks: list | None = None
     pid: int = 0
     ranks_here: list = field(default_factory=list)  # global ranks it runs, in its local order
+    last_heard: float = field(default_factory=time.monotonic)
+
+    def lost(self) -> bool:
+        """Whether nothing came from this agent for AGENT_LOST_S: its host or link is down."""
+        return time.monotonic() - self.last_heard > AGENT_LOST_S
 
 
 class Rendezvous:
@@ -227,6 +232,7 @@ class RendezvousLauncher:
             agent.ranks_here = [rank for rank, host in enumerate(hosts) if host == index]
         self.codes: dict[int, int | None] = {}
         self.pids: dict[int, int] = {}
+        self.notes: dict[int, str] = {}  # what the agent said of the process's state
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.stopped = threading.Event()
         self.closed = False
@@ -273,11 +279,12 @@ class RendezvousLauncher:
             self.outbox.put((agent, {"t": "stop", "grace": grace}))
         if self.local is not None:
             self.local.kill_all(grace)
-        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report.
+        # The agents stop their workers the same way (grace, SIGTERM, SIGKILL) and report; an
+        # agent gone silent (its host or link is down) cannot, and is not waited for.
         deadline = time.monotonic() + grace + 5.0
         remote = [rank for rank in range(len(self.hosts)) if rank not in self.local_ranks]
         while self.thread.is_alive() and time.monotonic() < deadline and \
-                any(self.codes.get(rank) is None for rank in remote):
+                any(self.codes.get(rank) is None and not self.agents[self.hosts[rank]].lost() for rank in remote):
             time.sleep(0.02)
 
     def clean_up(self, job_id: str) -> None:
@@ -298,7 +305,11 @@ class RendezvousLauncher:
     def process_note(self, rank: int) -> str:
         if rank in self.local_ranks:
             return self.local.process_note(self.local_ranks.index(rank))
-        return f" (on host {self.host(rank)})"  # a silent remote worker: which machine to look at
+        agent = self.agents[self.hosts[rank]]
+        if agent.lost():
+            return (f" (its host's agent is silent too, for {time.monotonic() - agent.last_heard:.1f}s: the host "
+                    "or its link is down)")
+        return self.notes.get(rank, "")
 
     # ---- the rendezvous thread ---------------------------------------------------------------------
     def _serve(self):
@@ -319,6 +330,8 @@ class RendezvousLauncher:
                 continue
             identity, message = got
             agent = next((a for a in self.agents if a.identity == identity), None)
+            if agent is not None:
+                agent.last_heard = time.monotonic()
             if agent is None:
                 if message.get("t") == "join":  # a latecomer: the world is complete
                     self.rendezvous.send(Agent(identity, "", "", 0), {"t": "refuse", "reason": "the job has started"})
@@ -327,6 +340,9 @@ class RendezvousLauncher:
                 for rank, pid in (message.get("pids") or {}).items():
                     if int(rank) in agent.ranks_here:
                         self.pids[int(rank)] = pid
+                for rank, note in (message.get("notes") or {}).items():
+                    if int(rank) in agent.ranks_here:
+                        self.notes[int(rank)] = str(note or "")
                 for rank, code in (message.get("codes") or {}).items():
                     if int(rank) in agent.ranks_here and code is not None:
                         self.codes[int(rank)] = int(code)
@@ -341,7 +357,14 @@ class RendezvousLauncher:
         for agent in self.agents:
             self.rendezvous.send(agent, {"t": "stop", "grace": 0.0, "bye": True})
         self.rendezvous.close()
-        stop_processes(self.starters, grace=5.0)  # they end with their agents
+        for starter in self.starters:  # an agent that missed the goodbye sees its stdin end
+            if getattr(starter, "stdin", None) is not None and not starter.stdin.closed:
+                try:
+                    starter.stdin.close()
+                except OSError:
+                    pass
+        # They end with their agents; one that lost its agent (host or link down) would only hang.
+        stop_processes(self.starters, grace=0.0 if any(agent.lost() for agent in self.agents) else 5.0)
 
 
 __all__ = ["Rendezvous", "RendezvousLauncher", "RendezvousError", "Agent", "outward_address", "resolve_host"]

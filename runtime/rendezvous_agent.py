@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 import time
 
 import msgpack
@@ -24,11 +25,13 @@ STATUS_INTERVAL_S = 0.5
 
 
 def join_and_run(endpoint: str, keys: JobKeys, slots: int, *, host: str | None = None, ranks: list | None = None,
-                 timeout: float = 60.0, silence: float = AGENT_SILENCE_S, say=lambda message: None) -> int:
+                 timeout: float = 60.0, silence: float = AGENT_SILENCE_S, say=lambda message: None,
+                 driver_gone: threading.Event | None = None) -> int:
     """Join the rendezvous at `endpoint` ("HOST:PORT") holding `keys`, run the `slots` workers the
     driver sends (global `ranks` if the launcher fixed them: mpirun, srun), and return 0 if every
     one ended with 0 (else 1). `host` names this host (default: its address towards the driver).
-    A driver silent for `silence` seconds is taken for dead: the workers are stopped.
+    A driver silent for `silence` seconds is taken for dead, and so is one whose launcher sets
+    `driver_gone` (the ssh connection or srun's input ended): the workers are stopped.
     RendezvousError if the driver does not answer within `timeout` seconds or refuses."""
     name, port = parse_endpoint(endpoint)
     driver = resolve_host(name, "rendezvous host")
@@ -58,7 +61,7 @@ def join_and_run(endpoint: str, keys: JobKeys, slots: int, *, host: str | None =
         if reply.get("t") == "refuse":
             raise RendezvousError(f"the rendezvous at {endpoint} refused this agent: {reply.get('reason')}")
         say(f"joined the rendezvous at {endpoint} as host {host or address}; waiting for the job to start")
-        launcher, ours = _serve(dealer, send, endpoint, host or address, silence)
+        launcher, ours = _serve(dealer, send, endpoint, host or address, silence, driver_gone or threading.Event())
         codes = [launcher.poll(index) for index in range(len(ours))] if launcher else [1]
         return 0 if codes and all(code == 0 for code in codes) else 1
     finally:
@@ -79,10 +82,15 @@ def _receive(dealer, timeout: float) -> dict | None:
     return message if isinstance(message, dict) else None
 
 
-def _serve(dealer, send, endpoint, host, silence):
-    """Until the driver says stop (or falls silent): start the workers, relay signals, report."""
+def _serve(dealer, send, endpoint, host, silence, driver_gone):
+    """Until the driver says stop (or falls silent, or is gone): start the workers, relay signals, report."""
     launcher, ours, heard, reported, last_report = None, [], time.monotonic(), None, 0.0
     while True:
+        if driver_gone.is_set():
+            if launcher is not None and any(launcher.poll(i) is None for i in range(len(ours))):
+                sys.stderr.write(f"ringpipe agent: the connection to the driver at {endpoint} ended; stopping "
+                                 "this host's workers\n")
+            return launcher, ours
         message = _receive(dealer, 0.05)
         now = time.monotonic()
         if message is not None:
@@ -114,8 +122,10 @@ def _serve(dealer, send, endpoint, host, silence):
 
 
 def _status(launcher, ours) -> dict:
+    """Each worker's exit code, pid and process note (" (its process is stopped ...)")."""
     return {"t": "status", "codes": {str(r): launcher.poll(i) for i, r in enumerate(ours)},
-            "pids": {str(r): launcher.pid(i) for i, r in enumerate(ours)}}
+            "pids": {str(r): launcher.pid(i) for i, r in enumerate(ours)},
+            "notes": {str(r): launcher.process_note(i) for i, r in enumerate(ours)}}
 
 
 def _here(boot: dict) -> dict:

@@ -1,7 +1,9 @@
 """Shared-memory arenas: each worker owns one file in /dev/shm that same-host peers map.
 
 A sender copies a payload into a block of its own arena and tells the receiver (offset, bytes)
-over ZeroMQ; the receiver reads the block straight from its mapping and sends a "free" back.
+over ZeroMQ, and the receiver reads the block straight from its mapping and sends a "free" back;
+or, between ranks that use the pair rings (runtime/shm_p2p.py), the ring's slot names the block
+and the receiver passing the slot gives it back.
 The file is unlinked as soon as every peer has mapped it, so nothing is left behind even when a
 process is killed; the mappings stay valid after the unlink.
 """
@@ -49,6 +51,7 @@ class Arena:
         self._used: dict[int, int] = {}
         self._pinned: dict[int, int] = {}  # blocks that survive reset(): same-host channels (shm_channel.py)
         self._lock = threading.Lock()  # the engine thread and user threads sending directly
+        self.generation = 0  # raised by reset(): blocks taken before it are free already
 
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a block of at least `nbytes`, or None when the arena is full right now."""
@@ -99,6 +102,7 @@ class Arena:
 
     def reset(self):
         with self._lock:
+            self.generation += 1
             self._free = [(0, self.size)]
             self._used.clear()
             for offset in sorted(self._pinned):

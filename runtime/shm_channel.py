@@ -18,7 +18,6 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ import msgpack
 import numpy as np
 
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -37,10 +37,6 @@ HEADER_BYTES = 4096
 SIGNATURE_AT, SIGNATURE_BYTES = 64, 1024  # per parity: id (length, crc32), position (call, #), msgpack bytes
 EPOCH_SHIFT = 40
 SLICE_S = 0.1  # longest sleep between looks at aborts and deadlines (an abort also wakes sleepers)
-# A peer on another core answers within microseconds; on a loaded machine spinning only delays the
-# peer (measured here at load 14: a futex ping-pong took 11 µs one way without spinning, 63 µs with
-# a 50 µs spin), so the spin shrinks to MIN when waits keep outlasting it.
-MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
@@ -73,12 +69,16 @@ class GroupChannel:
         self.lock = threading.Lock()
         self.epoch, self.count, self.rounds = None, 0, 0
         # Spin only while the members have a core each; beyond that, yield the core between looks.
-        self.yields = self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
-        self.spin_ns = MAX_SPIN_NS // 4
+        self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True,
+                         len(engine.shm_peers) + 1)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
-        self._ids = [[region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16].view(np.uint64) for p in (0, 1)]
+        # Counters and signature ids as 64-bit words (plain loads and stores of Python ints; an
+        # aligned 8-byte access is atomic): cheaper per look than ctypes or NumPy scalars.
+        self.counters = [memoryview(region[:8]).cast("Q") for region in self.regions]
+        self._ids = [[memoryview(region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16]).cast("Q") for p in (0, 1)]
                      for region in self.regions]
+        self._views: dict = {}  # (member, parity, dtype, count) -> that buffer's view
         self._written = [None, None]
         # Asynchronous collectives run in order on this channel's own thread (a "stream").
         self._queue: deque = deque()
@@ -200,8 +200,15 @@ class GroupChannel:
         return parity
 
     def buffer(self, member: int, parity: int, dtype, count: int) -> np.ndarray:
-        """`count` elements of `dtype` at the start of member's buffer `parity`."""
-        return self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
+        """`count` elements of `dtype` at the start of member's buffer `parity` (the views of the
+        shapes a program keeps using are made once)."""
+        key = (member, parity, dtype, count)
+        view = self._views.get(key)
+        if view is None:
+            if len(self._views) >= 1024:
+                self._views.clear()
+            view = self._views[key] = self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
+        return view
 
     def elements_per_round(self, itemsize: int) -> int:
         return max(1, self.buffer_bytes // max(itemsize, 1))
@@ -259,25 +266,24 @@ class GroupChannel:
 
     def _wait(self, peer: int, target: int):
         word, sleepers, waiter = self.words[peer], self.sleepers[peer], self.waiter
-        value = ctypes.c_uint64.from_address(word).value
+        value = self.counters[peer][0]
         if value >= target:  # already there: no call into the waiter
             return self._check_epoch(value, peer)
-        # Adaptive spin: a wait answered while spinning lets the next spin longer; one that had
-        # to sleep halves it (the peer is likely descheduled or computing). Spinning counts as
-        # waiting on the peer in the trace, as sleeping does.
+        # Adaptive spin (shm_wait.Spin). Spinning counts as waiting on the peer in the trace, as
+        # sleeping does.
         started = now_ns()
-        value = waiter.wait_at_least(word, sleepers, target, 0.0, self.spin_ns, self.yields)
+        spin = self.spin
+        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.ns(), spin.yields)
+        spin.answered(value >= target)
         if value >= target:
-            self.spin_ns = min(self.spin_ns * 2, MAX_SPIN_NS)
             self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
-        self.spin_ns = max(self.spin_ns // 2, MIN_SPIN_NS)
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
         self._sleeping_on = word
         try:
             while True:
                 left = self.deadline - time.monotonic()
-                value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, self.yields)
+                value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, False)
                 if value >= target:
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:

@@ -48,8 +48,10 @@ def all_reduce(channel, work: np.ndarray, reduce) -> np.ndarray:
             channel.buffer(me, parity, work.dtype, work.size)[...] = work
 
         parity = _first_round(channel, write)
-        work[...] = channel.buffer(0, parity, work.dtype, work.size)
-        for peer in range(1, n):
+        # ((b0 + b1) + b2) + ...: the first reduction writes `work`, no copy of b0 before it.
+        reduce(channel.buffer(0, parity, work.dtype, work.size), channel.buffer(1, parity, work.dtype, work.size),
+               out=work)
+        for peer in range(2, n):
             reduce(work, channel.buffer(peer, parity, work.dtype, work.size), out=work)
         channel.engine.count_sent(channel.group.gid, (n - 1) * work.nbytes)
         return work

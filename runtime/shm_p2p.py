@@ -6,27 +6,29 @@ ring that rank s writes for rank d sits at d * ring_bytes in s's arena on every 
 A ring's header holds `head` (messages written, raised by the sender) and `tail` (messages taken,
 raised by the receiver), each with a sleeper count for the futex (runtime/shm_wait.py); then
 SLOTS slots. A slot holds the message's key (epoch, call, group, tag), dtype and shape, and the
-payload inline when it fits, else the offset of a block of the sender's arena that the receiver
-gives back with a "free" message (as before). A send never waits for its receiver except when the
-ring is full (SLOTS messages not yet taken), or the arena has no room for a large payload.
+payload inline when it fits. A larger payload goes in parts of at most PART_BYTES, each in a
+block of the sender's arena: the receiver copies part k out while the sender copies part k+1 in
+(the two copies run on two cores at once), and gives the block back by raising `tail` past its
+slot; the sender frees the blocks whose slots its receiver has passed (no "free" message). A send
+never waits for its receiver except when the ring is full (SLOTS parts not yet taken), or the
+arena has no room for a part.
 
 A receive (`irecv`) takes a ticket for its key; `wait()` reads the ring in order until the
 message with that ticket is there, keeping messages of other keys for their receives, and drops
-messages of earlier calls or epochs (giving their blocks back).
+messages of earlier calls or epochs.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 import msgpack
 import numpy as np
 
 from ringpipe.runtime.operations import Aborted, Cancelled, CommTimeout
-from ringpipe.runtime.shm_channel import MAX_SPIN_NS, MIN_SPIN_NS
+from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -35,7 +37,18 @@ HEAD, TAIL = 0, 64  # counters (u64) and, 8 bytes further, their sleeper counts 
 SLOTS = 64
 META_BYTES = 512  # a slot's key, dtype, shape; the inline payload follows
 MIN_SLOT_BYTES = 4096
+# Parts of a large message: small enough that the receiver's copy of one overlaps the sender's copy
+# of the next, large enough that the per-part bookkeeping (~20 µs) is small next to a copy.
+PART_BYTES = 1 << 20
 SLICE_S = 0.1
+_DTYPES: dict = {}  # a message's dtype string -> np.dtype (parsed once)
+
+
+def _dtype(text: str) -> np.dtype:
+    dtype = _DTYPES.get(text)
+    if dtype is None:
+        dtype = _DTYPES[text] = np.dtype(text)
+    return dtype
 
 
 def ring_layout(arena_size: int, world_size: int) -> int:
@@ -45,8 +58,19 @@ def ring_layout(arena_size: int, world_size: int) -> int:
     return 0 if slot < MIN_SLOT_BYTES else HEADER_BYTES + SLOTS * slot
 
 
-def _load(address: int) -> int:
-    return ctypes.c_uint64.from_address(address).value
+class _Ring:
+    """One ring as mapped here: the addresses of its counters, the counters as 64-bit words (plain
+    loads: an aligned 8-byte load is atomic), and its slots."""
+
+    __slots__ = ("head", "tail", "words", "slots", "views", "blocks")
+
+    def __init__(self, mapping: np.ndarray, slot_bytes: int):
+        base = int(mapping.ctypes.data)
+        self.head, self.tail = base + HEAD, base + TAIL
+        self.words = memoryview(mapping[:HEADER_BYTES]).cast("Q")
+        self.slots = [mapping[HEADER_BYTES + i * slot_bytes : HEADER_BYTES + (i + 1) * slot_bytes] for i in range(SLOTS)]
+        self.views = [memoryview(slot) for slot in self.slots]
+        self.blocks: deque = deque()  # sender side: (slot number, arena block, arena generation)
 
 
 class PairRings:
@@ -55,16 +79,21 @@ class PairRings:
     def __init__(self, engine, world_size: int, ring_bytes: int, mode: str | None = None):
         self.engine, self.ring_bytes = engine, ring_bytes
         self.slot_bytes = (ring_bytes - HEADER_BYTES) // SLOTS
+        self.inline_bytes = self.slot_bytes - META_BYTES
+        self.part_bytes = max(1, min(PART_BYTES, engine.arena.size // 4))
         self.waiter = make_waiter(mode)
         self.world_size = world_size
-        self.spin_ns = MAX_SPIN_NS // 4
         # More ranks than cores: yield the core between looks while spinning.
-        self.yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
+        yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
+        self.spin = Spin(yields, len(engine.shm_peers) + 1)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
+        self.reclaim_lock = threading.Lock()
         self.tickets = defaultdict(int)  # (src, key) -> receives posted
         self.arrived = defaultdict(int)  # (src, key) -> messages read
         self.kept: dict = {}  # (src, key, index) -> (array, meta)
+        self._out: dict[int, _Ring] = {}
+        self._in: dict[int, _Ring] = {}
 
     @staticmethod
     def pin(arena, world_size: int) -> int:
@@ -77,63 +106,97 @@ class PairRings:
     def usable(self, peer: int) -> bool:
         return peer != self.engine.rank and peer in self.engine.shm_peers
 
-    def _ring(self, writer: int, reader: int) -> np.ndarray:
-        mapping = self.engine.arena.buffer if writer == self.engine.rank else self.engine.peer_arenas[writer].buffer
-        return mapping[reader * self.ring_bytes : (reader + 1) * self.ring_bytes]
-
-    @staticmethod
-    def _counter(ring: np.ndarray, at: int) -> int:
-        return int(ring[at : at + 8].view(np.uint64)[0])
+    def _ring(self, writer: int, reader: int) -> _Ring:
+        mine = writer == self.engine.rank
+        rings, peer = (self._out, reader) if mine else (self._in, writer)
+        ring = rings.get(peer)
+        if ring is None:
+            mapping = self.engine.arena.buffer if mine else self.engine.peer_arenas[writer].buffer
+            ring = rings[peer] = _Ring(mapping[reader * self.ring_bytes : (reader + 1) * self.ring_bytes],
+                                       self.slot_bytes)
+        return ring
 
     # ---- sending --------------------------------------------------------------------------------
     def send(self, dst: int, key: tuple, array: np.ndarray, name: str, timeout: float):
-        """Put one message in the ring to `dst` (global rank): in one slot, or as parts in arena
-        blocks of at most a quarter of the arena each. Raises CommTimeout naming `dst` when the ring
-        stays full or the arena without room until `timeout`."""
+        """Put one message in the ring to `dst` (global rank): in one slot, or in parts of at most
+        PART_BYTES in arena blocks. Raises CommTimeout naming `dst` when the ring stays full or the
+        arena without room until `timeout`."""
         engine = self.engine
         deadline = time.monotonic() + timeout
-        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        inline = array.nbytes <= self.slot_bytes - META_BYTES
-        parts = 1 if inline else -(-array.nbytes // (engine.arena.size // 4))
-        part_bytes = max(1, -(-array.nbytes // parts))  # equal parts: the receiver finds them the same way
+        nbytes = array.nbytes
+        flat = (array if array.flags.c_contiguous else np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
+        ring = self._ring(engine.rank, dst)
+        meta = [engine.epoch, *key, array.dtype.str, list(array.shape), 0, 1]
         with self.send_lock:  # the parts of one message stay together
-            for index in range(parts):
-                piece = flat[index * part_bytes : (index + 1) * part_bytes]
-                self._send_part(dst, [engine.epoch, *key, array.dtype.str, list(array.shape), index, parts], piece,
-                                inline, deadline, name, timeout)
-        engine.count_sent(key[1], array.nbytes)
+            if nbytes <= self.inline_bytes:
+                self._send_part(ring, dst, meta, flat, True, deadline, name, timeout)
+            else:
+                parts = -(-nbytes // self.part_bytes)
+                part_bytes = -(-nbytes // parts)  # equal parts: the receiver finds them the same way
+                meta[7] = parts
+                for index in range(parts):
+                    meta[6] = index
+                    self._send_part(ring, dst, meta, flat[index * part_bytes : (index + 1) * part_bytes], False,
+                                    deadline, name, timeout)
+        engine.count_sent(key[1], nbytes)
 
-    def _send_part(self, dst, meta, piece, inline, deadline, name, timeout):
-        ring = self._ring(self.engine.rank, dst)
-        base = int(ring.ctypes.data)
-        head = self._counter(ring, HEAD)
-        self._wait(base + TAIL, head - SLOTS + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
-                   f"{timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
-        slot = ring[HEADER_BYTES + (head % SLOTS) * self.slot_bytes :][: self.slot_bytes]
+    def _send_part(self, ring: _Ring, dst, meta, piece, inline, deadline, name, timeout):
+        head = ring.words[HEAD // 8]
+        if head - ring.words[TAIL // 8] >= SLOTS:
+            self._wait(ring.tail, head - SLOTS + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
+                       f"{timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
+        slot = ring.slots[head % SLOTS]
         if inline:
             slot[META_BYTES : META_BYTES + piece.size] = piece
-            meta.append(-1)
+            block = -1
         else:
-            meta.append(self._place(piece, deadline, name, timeout, dst))
-        packed = msgpack.packb([*meta, now_ns()])  # when it arrived, for the receiver's trace
+            block = self._place(ring, head, piece, deadline, name, timeout, dst)
+        packed = msgpack.packb([*meta, block, now_ns()])  # when it arrived, for the receiver's trace
         if len(packed) > META_BYTES - 4:
             raise ValueError(f"{name}: a {len(meta[5])}-dimensional shape is too long to send")
-        slot[:4] = np.frombuffer(len(packed).to_bytes(4, "little"), np.uint8)
-        slot[4 : 4 + len(packed)] = np.frombuffer(packed, np.uint8)
-        self.waiter.publish(base + HEAD, base + HEAD + 8, head + 1)
+        view = ring.views[head % SLOTS]
+        view[:4] = len(packed).to_bytes(4, "little")
+        view[4 : 4 + len(packed)] = packed
+        self.waiter.publish(ring.head, ring.head + 8, head + 1)
 
-    def _place(self, array, deadline, name, timeout, dst) -> int:
-        """A block of this rank's arena holding `array`, waiting (bounded) while the arena is full."""
-        pause = 20e-6
+    def _place(self, ring: _Ring, head: int, piece, deadline, name, timeout, dst) -> int:
+        """A block of this rank's arena holding `piece`, for the slot `head`; while the arena has no
+        room, waits (bounded) for the receiver to pass more slots."""
+        arena = self.engine.arena
         while True:
-            refs = self.engine.place_in_arena([array])
-            if refs is not None:
-                return refs[0][0]
-            if time.monotonic() > deadline:
+            self.reclaim()
+            generation = arena.generation  # before alloc: a block from before a reset is never freed
+            block = arena.alloc(piece.size)
+            if block is not None:
+                arena.view(block, piece.size)[...] = piece
+                ring.blocks.append((head, block, generation))
+                return block
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise CommTimeout(f"{name} on rank {self.engine.rank} timed out after {timeout:g}s waiting for "
                                   f"rank {dst} to give shared memory back")
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+            # Any receiver passing a slot may free room; this one's does soonest (its blocks are
+            # the oldest), others' within the slice.
+            tail = ring.words[TAIL // 8]
+            self.waiter.wait_at_least(ring.tail, ring.tail + 8, tail + 1, min(1e-3, left), 0, False)
+
+    def reclaim(self) -> bool:
+        """Free the blocks of parts their receivers have passed (`tail` beyond the slot), from any
+        thread: the sender's next part, or the engine when its arena is full. True when any was."""
+        engine, freed = self.engine, False
+        arena = engine.arena
+        with self.reclaim_lock:
+            for ring in list(self._out.values()):  # a sender may add a ring meanwhile
+                blocks = ring.blocks
+                if blocks and blocks[0][0] < ring.words[TAIL // 8]:
+                    tail = ring.words[TAIL // 8]
+                    while blocks and blocks[0][0] < tail:
+                        _, block, generation = blocks.popleft()
+                        if generation == arena.generation:  # an abort's reset freed the older ones
+                            freed = arena.free(block) or freed
+        if freed and getattr(engine, "block_waits", None):
+            engine.call_soon(engine.grant_blocks)  # the engine's own operations waiting for room
+        return freed
 
     # ---- receiving --------------------------------------------------------------------------------
     def post(self, src: int, key: tuple) -> int:
@@ -158,13 +221,13 @@ class PairRings:
         False when `block` is False and there is none."""
         engine = self.engine
         ring = self._ring(src, engine.rank)
-        if not block and self._counter(ring, HEAD) <= self._counter(ring, TAIL):
+        if not block and ring.words[HEAD // 8] <= ring.words[TAIL // 8]:
             return False
         meta, data = self._read_part(src, ring, deadline, name, timeout)
         epoch, call, group, tag, dtype, shape, index, parts = meta[:8]
         reading = now_ns()
         if index != 0:  # a part whose message's start an aborted receive took: dropped
-            self._done_with_part(src, ring, meta)
+            self._done_with_part(ring)
             return True
         first = meta
         stale = epoch < engine.epoch or call < engine.call  # of an aborted or an earlier call: dropped
@@ -174,17 +237,17 @@ class PairRings:
         if stale:
             array = None
         elif (out is not None and out.flags.c_contiguous and out.flags.writeable and list(out.shape) == shape
-              and out.dtype == np.dtype(dtype)):
+              and out.dtype == _dtype(dtype)):
             array = out
         else:
-            array = np.empty(shape, np.dtype(dtype))
+            array = np.empty(shape, _dtype(dtype))
         flat = None if stale else array.reshape(-1).view(np.uint8)
         at = 0
         while True:
             if flat is not None:
                 flat[at : at + data.size] = data
             at += data.size
-            self._done_with_part(src, ring, meta)
+            self._done_with_part(ring)
             if index + 1 == parts:
                 break
             meta, data = self._read_part(src, ring, deadline, name, timeout)
@@ -201,36 +264,34 @@ class PairRings:
             self.kept[(src, key, number)] = (array, meta[9], now_ns() - reading)
         return True
 
-    def _read_part(self, src, ring, deadline, name, timeout):
+    def _read_part(self, src, ring: _Ring, deadline, name, timeout):
         """The next slot's meta and a view of its payload (in the slot or in the sender's arena)."""
-        base, tail = int(ring.ctypes.data), self._counter(ring, TAIL)
-        self._wait(base + HEAD, tail + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
-                   f"{timeout:g}s waiting for a message from rank {src}", src)
-        slot = ring[HEADER_BYTES + (tail % SLOTS) * self.slot_bytes :][: self.slot_bytes]
-        length = int.from_bytes(slot[:4].tobytes(), "little")
-        meta = msgpack.unpackb(slot[4 : 4 + length].tobytes())
-        dtype, shape, index, parts, block_offset = np.dtype(meta[4]), meta[5], meta[6], meta[7], meta[8]
-        total = int(np.prod(shape)) * dtype.itemsize
+        tail = ring.words[TAIL // 8]
+        if ring.words[HEAD // 8] <= tail:
+            self._wait(ring.head, tail + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
+                       f"{timeout:g}s waiting for a message from rank {src}", src)
+        view = ring.views[tail % SLOTS]
+        length = int.from_bytes(view[:4], "little")
+        meta = msgpack.unpackb(view[4 : 4 + length])
+        dtype, shape, index, parts, block = _dtype(meta[4]), meta[5], meta[6], meta[7], meta[8]
+        total = dtype.itemsize
+        for extent in shape:
+            total *= extent
         part_bytes = -(-total // parts) if parts > 1 else total
         nbytes = max(0, min(part_bytes, total - index * part_bytes))
-        if block_offset < 0:
-            return meta, slot[META_BYTES : META_BYTES + nbytes]
-        return meta, self.engine.peer_arenas[src].view(block_offset, nbytes)
+        if block < 0:
+            return meta, ring.slots[tail % SLOTS][META_BYTES : META_BYTES + nbytes]
+        return meta, self.engine.peer_arenas[src].view(block, nbytes)
 
-    def _done_with_part(self, src, ring, meta):
-        """The slot (and the arena block, if any) may be used again by the sender."""
-        base, tail = int(ring.ctypes.data), self._counter(ring, TAIL)
-        self.waiter.publish(base + TAIL, base + TAIL + 8, tail + 1)
-        if meta[8] >= 0:
-            self.engine.send(src, {"k": "free", "o": int(meta[8])})
+    def _done_with_part(self, ring: _Ring):
+        """The slot, and the arena block it names, may be used again by the sender."""
+        self.waiter.publish(ring.tail, ring.tail + 8, ring.words[TAIL // 8] + 1)
 
     def _wait(self, word: int, target: int, deadline: float, timeout_message: str, peer: int):
-        value = _load(word)
-        if value >= target:
-            return
-        # Adaptive spin, as the group channels' (shm_channel.py): longer after waits it answered.
-        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, self.spin_ns, self.yields)
-        self.spin_ns = min(2 * self.spin_ns, MAX_SPIN_NS) if value >= target else max(self.spin_ns // 2, MIN_SPIN_NS)
+        # Spin while a core is spare (adaptive, as the group channels'), then sleep in slices.
+        spin = self.spin
+        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, spin.ns(), spin.yields)
+        spin.answered(value >= target)
         while value < target:
             left = deadline - time.monotonic()
             if self.engine.aborted_call is not None:

@@ -92,7 +92,9 @@ class Worker:
         self.host = boot.get("host") or host_id()
         # The call the main thread is running: (driver's call id, name, monotonic start) or None.
         self.current: tuple | None = None
+        self._later_abort: tuple | None = None  # (call id, reason): an abort of a call still queued
         self.main_thread = threading.get_ident()
+        self.log_to_file = bool(boot.get("log_path"))
 
         arena = None
         if self.config.shm:
@@ -216,11 +218,7 @@ class Worker:
             call = self.calls.get()
             if call is None:
                 return 0
-            # A new call: earlier aborts are behind us, unless the abort is this call's own (it
-            # failed on another rank before this one took it off the queue).
-            with self.engine.abort_lock:
-                if self.engine.aborted_call_id != call["id"]:
-                    self.engine.aborted_call = None
+            self._take_abort(call["id"])
             self._call_name = (call.get("target") or {}).get("qualname") or call.get("method") or call["kind"]
             self.engine.timed_out_on.clear()
             self.current = (call["id"], str(call.get("name") or call["kind"]), time.monotonic())
@@ -234,9 +232,39 @@ class Worker:
                              "aborted": False})
                 return exc.code if isinstance(exc.code, int) else 1
             except BaseException as exc:  # noqa: BLE001 - everything goes back to the driver
+                if not isinstance(exc, Aborted):
+                    self._log_failure(call, exc)
                 self._reply({"t": "result", "id": call["id"], "ok": False, "type": type(exc).__name__,
                              "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(),
                              "aborted": isinstance(exc, Aborted)})
+
+    def _log_failure(self, call: dict, exc: BaseException):
+        """With a log file (stdout goes there only): the traceback into the log, one line to stderr
+        (the console shows it marked with this rank and host)."""
+        if not self.log_to_file:
+            return
+        sys.stdout.write(traceback.format_exc())
+        sys.stdout.flush()
+        first = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        logging.getLogger("ringpipe.runtime").error("%s raised %s (the full trace is in this rank's log)",
+                                                    call.get("name") or call["kind"], first)
+
+    def _take_abort(self, call_id: int):
+        """Before call `call_id` runs: earlier aborts are behind us, unless the abort is this call's
+        own (it failed on another rank before this one took it off the queue). An abort naming a
+        later call, one still queued behind this call, waits for that call: it must neither fail
+        this call's communication nor be forgotten by the time that call starts."""
+        engine = self.engine
+        with engine.abort_lock:
+            named = engine.aborted_call_id
+            if named is not None and named > call_id and engine.aborted_call is not None:
+                self._later_abort = (named, engine.aborted_call)
+            if self._later_abort is not None and self._later_abort[0] <= call_id:
+                if self._later_abort[0] == call_id:
+                    engine.aborted_call_id, engine.aborted_call = self._later_abort
+                self._later_abort = None
+            if engine.aborted_call_id != call_id:
+                engine.aborted_call = None
 
     def _execute(self, call: dict):
         kind = call["kind"]
@@ -261,16 +289,22 @@ class Worker:
 
 def main():
     from ringpipe.runtime.auth import raise_descriptor_limit
+    from ringpipe.runtime.launch import die_with_parent
 
     raise_descriptor_limit()  # before any socket: strangers' connections must not starve this process
     boot = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
+    # Dies with its launcher (the driver, or an agent on another host), even if stopped (SIGSTOP)
+    # or too busy to notice: no orphan keeps its memory after a job was killed or cancelled.
+    die_with_parent(boot.get("launcher_pid"))
     sys.path[:] = boot["sys_path"]
     os.chdir(boot["cwd"])
     limit_blas_threads(boot["threads"])
     # The engine thread must get the GIL quickly when a message arrives while the main thread
     # computes; the default 5 ms switch interval would delay every collective by up to that much.
     sys.setswitchinterval(float(os.environ.get("RINGPIPE_SWITCH_INTERVAL", "0.0005")))
-    logging.basicConfig(level=logging.WARNING, format=f"[ringpipe rank {boot['rank']}] %(levelname)s %(message)s")
+    # With a log file, the launcher marks every stderr line with the rank and host already.
+    prefix = "" if boot.get("log_path") else f"[ringpipe rank {boot['rank']}] "
+    logging.basicConfig(level=logging.WARNING, format=f"{prefix}%(levelname)s %(message)s")
     worker = Worker(boot)
     code = worker.serve()
     worker.shutdown()

@@ -60,8 +60,25 @@ def process_alive(pid) -> bool:
         return False
 
 
+def processes_tagged(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds RINGPIPE_TEST_TAG=`tag` (a test sets it on
+    what it starts; launchers pass the environment on to agents and workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                tagged = f"RINGPIPE_TEST_TAG={tag}".encode() in f.read().split(b"\0")
+        except OSError:  # not a process, gone, or a zombie's
+            continue
+        if tagged and entry.isdigit() and process_alive(int(entry)):
+            found.append(int(entry))
+    return sorted(found)
+
+
 def arena_blocks_in_use(comm) -> int:
     """Run on every rank: how many shared-memory arena blocks this rank still holds, once every
     rank has reached this point (a barrier lets the engine finish what earlier calls left)."""
     comm.barrier()
+    if comm.engine.rings is not None:  # ring blocks come back lazily, when the sender next looks
+        comm.engine.rings.reclaim()
     return len(comm.engine.arena._used)

@@ -93,7 +93,14 @@ def test_an_unknown_library_to_compare_is_a_one_line_error():
     result = run_cli("bench", "collectives", "--compare", "nccl2")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == ["Error: --compare: unknown library 'nccl2'; choose from none, "
-                                                  "gloo, mpi"]
+                                                  "gloo, mpi, ringpipe@PATH"]
+
+
+def test_a_checkout_to_compare_with_must_hold_ringpipe(tmp_path):
+    result = run_cli("bench", "collectives", "--compare", f"ringpipe@{tmp_path}")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [f"Error: ringpipe@{tmp_path}: not a ringpipe checkout (no "
+                                                  f"runtime/__init__.py there)"]
 
 
 @needs_mpi
@@ -124,3 +131,14 @@ def test_a_failing_peer_rank_stops_the_others_and_is_named_in_one_line(tmp_path)
     with pytest.raises(LibraryUnavailable, match=r"^gloo failed \(exit code 1\): ValueError: rank 0 cannot start$"):
         run_processes("gloo", [wait, fail], str(tmp_path), timeout=300)
     assert [pid for pid in os.listdir("/proc") if pid.isdigit() and marker in _cmdline(pid)] == []
+
+
+@pytest.mark.timeout(120)
+def test_another_checkout_runs_as_a_peer_in_fresh_processes():
+    import ringpipe.runtime
+    from ringpipe.tools.bench_libraries import run_ringpipe_at
+
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(ringpipe.runtime.__file__)))
+    ranks = run_ringpipe_at(checkout, 2, "ringpipe.tools.bench_p2p:measure", {"sizes": [64], "pingpongs": 3})
+    assert [row["wrong"] for rank in ranks for row in rank] == [0, 0]
+    assert ranks[0][0]["round_trip_us"] > 0 and ranks[1][0]["round_trip_us"] is None

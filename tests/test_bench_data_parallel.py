@@ -18,7 +18,11 @@ def test_the_bucket_flag_takes_mib_and_the_old_kib_flag_still_works(tmp_path, fl
     out = tmp_path / "dp.json"
     result = CliRunner().invoke(main, [*TINY, *flags, "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["bucket_bytes"] == bucket_bytes
+    result_json = json.loads(out.read_text())
+    assert result_json["bucket_bytes"] == bucket_bytes
+    for row in result_json["rows"]:  # every round kept, with each round's own efficiency (issue #15's protocol)
+        assert len(row["round_step_s"]) == len(row["round_efficiency"]) == 1
+        assert row["efficiency_median"] == row["round_efficiency"][0]
     assert ("--bucket-kb is deprecated; use --bucket-mb 0.0625" in result.output) == ("--bucket-kb" in flags)
 
 

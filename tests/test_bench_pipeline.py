@@ -1,5 +1,6 @@
 """`ringpipe bench pipeline`: one traced step of a tiny two-stage model gives well-formed rows."""
 import json
+import statistics
 
 from click.testing import CliRunner
 
@@ -9,7 +10,7 @@ from ringpipe.tools.bench_pipeline import format_table
 ROW_KEYS = {"schedule", "pp", "microbatches", "virtual_stages", "window_s", "bubble_fraction", "bubble_ratio",
             "stages", "theory", "simulated_with_measured_costs", "replayed_fraction", "measured_over_theory",
             "action_costs", "p2p_latency_s", "imbalance", "per_step", "model", "definitions", "load_average",
-            "core_gflops"}
+            "core_gflops", "bubble_over_no_comm_replay", "bubble_over_no_comm_replay_median"}
 STAGE_KEYS = {"rank", "compute_s", "exposed_comm_s", "bubble_s", "blocked_s", "overhead_s", "bubble_fraction",
               "optimizer_s", "actions"}
 
@@ -38,13 +39,21 @@ def test_bench_pipeline_writes_one_row_per_schedule_and_microbatch_count_with_bu
         for fraction in (row["bubble_fraction"], row["theory"]["fraction"], row["replayed_fraction"],
                          row["simulated_with_measured_costs"]["fraction"]):
             assert 0.0 <= fraction <= 1.0
+        # the bubble against a replay of the same step with its own compute times and no communication
+        for step in row["per_step"]:
+            bubble = sum(r["bubble_s"] for r in step["ranks"])
+            assert step["replayed_no_comm_bubble_s"] > 0
+            assert abs(step["bubble_over_no_comm_replay"] - bubble / step["replayed_no_comm_bubble_s"]) < 1e-9
+        assert row["bubble_over_no_comm_replay_median"] == statistics.median(
+            r["bubble_over_no_comm_replay"] for r in row["rounds"])  # the median of rounds, not the best
     assert abs(rows[0]["theory"]["fraction"] - 1 / 3) < 1e-12  # (p-1)/(m+p-1) with p = m = 2
 
     # stdout is the README's table: setup, header, one row per setup, targets; rounds went to stderr
     table = result.stdout.splitlines()
-    assert len(table) <= 10, result.stdout
+    assert len(table) <= 11, result.stdout
     header = next(i for i, line in enumerate(table) if line.startswith("schedule"))
     assert "measured bubble" in table[header] and "each round" in table[header]
+    assert "bubble / no-comm replay" in table[header]
     assert [line.split()[:2] for line in table[header + 1:header + 3]] == [["1f1b", "2"], ["zb-h1", "2"]]
     assert "round 1/2" in result.stderr and "round 1/2" not in result.stdout
     # the per-rank details are in --json, and on the terminal with --verbose

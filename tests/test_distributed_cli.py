@@ -29,6 +29,10 @@ def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout
     assert "blocks per stage" in result.stderr  # the layout report, before the workers start
     gpt = GPT.from_pretrained(out)
     assert gpt.config.n_layer == 2
+    # the workers' sample is what one process generates from the exported model
+    tokenizer = load_tokenizer(out)
+    prompt = tokenizer.encode("\n")
+    assert tokenizer.decode(gpt.generate(np.asarray(prompt)[None, :], 20, seed=0)[0]) in result.output
     assert os.path.exists(os.path.join(out, "metrics.jsonl"))
     text = open(corpus, encoding="utf-8").read()[:200]
     hf_tokenizer = tokenizers.Tokenizer.from_file(os.path.join(out, "tokenizer.json"))

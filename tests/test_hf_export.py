@@ -1,5 +1,5 @@
 """The Hugging Face export of a sharded checkpoint: streamed in bounded chunks, the single-process
-model file byte for byte, opened by transformers with the same logits; `ringpipe export`."""
+model file byte for byte (GPT-2, BERT, T5), opened by transformers with the same logits; `ringpipe export`."""
 import tracemalloc
 
 import numpy as np
@@ -54,6 +54,44 @@ def test_the_export_is_the_single_process_model_file_byte_for_byte_and_transform
     np.testing.assert_allclose(logits, gpt.forward(idx), rtol=1e-10, atol=1e-10)
 
 
+FAMILY_RUNS = {  # family: TrainConfig settings (float64, so every transposed and split tensor has 8-byte items)
+    "bert": dict(family="bert", tokenizer="byte", n_layer=2, n_head=2, n_embd=16, block_size=12, next_sentence=True),
+    "t5": dict(family="t5", n_layer=2, n_head=2, n_embd=8, block_size=20, feed_forward_proj="gated-gelu", n_inner=12),
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(FAMILY_RUNS))
+def test_bert_and_t5_exports_are_their_single_process_model_files_byte_for_byte(tmp_path, local_cluster, name):
+    """Their fused q|k|v (and T5's gated wi_0|wi_1, cross k|v) leave as transposed column ranges of the
+    stored shards, streamed a chunk at a time."""
+    import dataclasses
+
+    from ringpipe.model.families import family, special_ids
+    from ringpipe.model.t5.family import encoder_decoder_split
+    from ringpipe.model.training.config import TrainConfig
+    from ringpipe.model.training.parallel_trainer import ParallelTrainer
+    from tests.conftest import TEXT
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    config = TrainConfig(data=str(tmp_path / "corpus.txt"), batch_size=4, microbatches=2, steps=1, eval_iters=1,
+                         dtype="float64", **FAMILY_RUNS[name])
+    model_family, run = family(name), tmp_path / "run"
+    tokenizer = Trainer.create(config, str(run)).tokenizer
+    layout = Layout(tp=2, pp=2, split=encoder_decoder_split(config.model, 2, 1) if name == "t5" else None)
+    trainers = local_cluster(4).spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                      str(run / "tokens.bin"), tokenizer.vocab_size,
+                                      special_ids=special_ids(tokenizer, model_family))
+    trainers.train_step(0).result()
+    checkpoint = save(trainers, run, 1, config, layout, tokenizer)
+    params, _ = full_state(trainers)
+    model = model_family.model(config.model_config(tokenizer.vocab_size), params=params)
+    model.save_pretrained(tmp_path / "whole", tokenizer=tokenizer)  # what one process holding it all writes
+    export_model(checkpoint, str(tmp_path / "streamed"), chunk_bytes=1000)
+    for file in MODEL_FILES:
+        assert read(tmp_path / "streamed" / file) == read(tmp_path / "whole" / file), file
+
+
 def test_export_streams_a_tensor_larger_than_its_chunk_without_holding_it(tmp_path):
     from ringpipe.model.training.sharded_checkpoint import write_pieces
 
@@ -73,17 +111,22 @@ def test_export_streams_a_tensor_larger_than_its_chunk_without_holding_it(tmp_pa
     out = str(tmp_path / "big.safetensors")
     tracemalloc.start()
     try:
-        stream_tensors(out, str(checkpoint), {"big": "big"})
+        # the whole tensor, and (as BERT's and T5's fused weights leave) columns 1..2048, transposed
+        stream_tensors(out, str(checkpoint), {"big": "big", "part": ("big", slice(1, columns // 2 + 1), True)})
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB while exporting a 64 MiB tensor"
+    assert peak < 4 << 20, f"peak {peak / 2**20:.1f} MiB while exporting a 64 MiB tensor and 32 MiB of its columns"
     from safetensors import safe_open
 
     with safe_open(out, framework="numpy") as f:
         rows_seen = f.get_slice("big")[4000:4002]
+        part = f.get_slice("part")
+        assert part.get_shape() == [columns // 2, rows]
+        part_rows = part[columns // 2 - 2:]  # columns 2047 and 2048 of "big": the end of one piece, the next's first
     assert rows_seen.shape == (2, columns)
     assert rows_seen[0, 0] == 4000 and rows_seen[0, columns // 2] == 4000 and rows_seen[1, -1] == 2
+    assert (part_rows[0] == 1).all() and (part_rows[1] == np.arange(rows)).all()
 
 
 def test_ringpipe_export_of_a_consolidated_checkpoint_writes_what_the_trainer_writes(tmp_path):

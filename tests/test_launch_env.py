@@ -15,14 +15,14 @@ def _environment(comm):
 
 
 @pytest.mark.timeout(60)
-def test_local_workers_get_torchruns_environment_naming_the_driver():
-    with Cluster(2) as cluster:
+def test_local_workers_get_torchruns_environment_naming_the_driver_and_the_restart_count():
+    with Cluster(2, restart_count=1) as cluster:  # the second start of a job (--max-restarts)
         seen = cluster.run(_environment)
     address, port = cluster.address.removeprefix("tcp://").rsplit(":", 1)
     for rank, env in enumerate(seen):
         assert env == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
                        "GROUP_RANK": "0", "MASTER_ADDR": address, "MASTER_PORT": port,
-                       "TORCHELASTIC_RESTART_COUNT": "0"}
+                       "TORCHELASTIC_RESTART_COUNT": "1"}
     assert address == "127.0.0.1"  # a run on one host binds to loopback only
 
 

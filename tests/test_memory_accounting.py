@@ -132,4 +132,4 @@ def test_the_driver_holds_no_parameter_array_while_training_evaluating_checkpoin
     assert sample == tokenizer.decode(ids[0]).rstrip("\n")
     assert reported == [describe_layout(GPT2ParallelPlan(config.model_config(run.setup.vocab_size)), Layout(pp=2),
                                         "float32")]
-    assert "blocks per stage 4,4 (balanced by parameter bytes)" in reported[0]
+    assert "(balanced by weight and AdamW bytes)" in reported[0]

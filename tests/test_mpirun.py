@@ -4,9 +4,11 @@ Under MPICH's `mpiexec` (Hydra; PyPI's mpich in /opt/mpich, .ci/install_mpi.sh) 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -94,3 +96,38 @@ def test_under_mpichs_mpiexec_ranks_come_from_pmi_and_the_run_equals_one_process
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
     assert losses(tmp_path / "mpich") == pytest.approx(alone, rel=1e-12)
+
+
+def test_a_killed_mpirun_leaves_no_ringpipe_process(corpus, tmp_path, key_file):
+    """mpirun SIGKILLed mid-run cannot stop its ranks: they end with it (parent-death signal), and
+    their workers with them."""
+    from tests.conftest import processes_tagged
+
+    tag = f"mpirun-{os.getpid()}-{time.monotonic_ns()}"
+    out = tmp_path / "run"
+    train = [sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *TRAIN, "--steps", "100000",
+             "--out", str(out), "--dp", "2", "--launcher", "mpi", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+             "--key-file", key_file]
+    # The ranks write nowhere near mpirun: no broken pipe tells them it is gone, only its death.
+    mpirun = subprocess.Popen([*MPIRUN, "-x", "RINGPIPE_TEST_TAG", "-np", "2", "sh", "-c",
+                               'exec "$@" >/dev/null 2>&1', "rank", *train], env=dict(os.environ, RINGPIPE_TEST_TAG=tag),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert mpirun.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        ours = [pid for pid in processes_tagged(tag) if pid != mpirun.pid]
+        assert len(ours) >= 4, ours  # two ranks (the driver and an agent), a worker each
+        mpirun.kill()
+        mpirun.wait()
+        deadline = time.monotonic() + 10
+        while processes_tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_tagged(tag) == []
+    finally:
+        if mpirun.poll() is None:
+            mpirun.kill()
+            mpirun.wait()
+        for pid in processes_tagged(tag):
+            os.kill(pid, signal.SIGKILL)

@@ -132,3 +132,21 @@ def test_the_planners_flops_are_narayanan_et_als_with_the_recomputed_forward():
                                         vocab_size=VOCAB, dtype="float16"), attention_kernel=False)
     planner = 4 * layers * inventory.block_flops(B, SEQUENCE) + 3 * inventory.head_flops(B, SEQUENCE)
     assert planner == pytest.approx(paper_flops(B, layers, hidden), rel=1e-12)
+
+
+def test_sizes_read_in_the_unit_that_suits_them():
+    from ringpipe.cluster.plan_cmd import size
+
+    assert [size(n) for n in (512, 3 << 10, 37.5 * 2**20, 999 * 2**20, 14.84 * 2**30)] == \
+        ["512 B", "3.00 KiB", "37.5 MiB", "999 MiB", "14.8 GiB"]
+    result = run_cli("plan", *SMALL, "--nproc", 2, "--top", 1)
+    row = next(line for line in result.output.splitlines() if line.strip().startswith("1 "))
+    assert " MiB = W " in row and "GiB" not in row
+
+
+def test_plan_model_bert_ranks_bert_layouts_without_recompute(tmp_path):
+    out = tmp_path / "plan.json"
+    result = run_cli("plan", "--model", "bert", *SMALL, "--nproc", 2, "--top", 50, "--json", out)
+    assert result.exit_code == 0, result.output
+    layouts = json.loads(out.read_text())["layouts"]
+    assert layouts and not any(entry["layout"]["recompute"] for entry in layouts)

@@ -5,6 +5,9 @@ import dataclasses
 
 import pytest
 
+from ringpipe.model.families import family as family_of
+from ringpipe.model.families import special_ids
+from ringpipe.model.planning.family import inventory_for
 from ringpipe.model.planning.gpt2_inventory import GPT2Inventory
 from ringpipe.model.planning.memory import Candidate, layout_memory
 from ringpipe.model.training.config import TrainConfig
@@ -38,26 +41,26 @@ CASES = [  # (dp, tp, pp, schedule, virtual stages, microbatches, zero, sequence
 ]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("dp,tp,pp,schedule,v,m,zero,sp,recompute,dropout", CASES)
-def test_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, dp, tp, pp, schedule, v, m, zero, sp,
-                                             recompute, dropout):
+def assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, family="gpt2",
+                                               **options):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    config = TrainConfig(data=str(corpus), n_layer=4, n_head=4, n_embd=64, block_size=64, batch_size=8,
-                         microbatches=m, steps=2, eval_iters=1, dtype="float32", dropout=dropout,
-                         recompute=recompute)
+    config = TrainConfig(data=str(corpus), family=family, n_layer=4, n_head=4, n_embd=64, block_size=64,
+                         batch_size=8, microbatches=candidate.microbatches, steps=2, eval_iters=1, dtype="float32",
+                         dropout=dropout, **options)
     reference = Trainer.create(config, str(tmp_path / "run"))
-    layout = Layout(dp=dp, tp=tp, pp=pp, schedule=schedule, virtual_stages=v, zero=zero, sequence_parallel=sp)
+    c = candidate
+    layout = Layout(dp=c.dp, tp=c.tp, pp=c.pp, schedule=c.schedule, virtual_stages=c.virtual_stages, zero=c.zero,
+                    sequence_parallel=c.sequence_parallel)
     layout.validate(config)
     trainers = local_cluster(layout.world_size).spawn(
         MeasuredTrainer, dataclasses.asdict(config), dataclasses.asdict(layout), str(tmp_path / "run" / "tokens.bin"),
-        reference.tokenizer.vocab_size)
+        reference.tokenizer.vocab_size, special_ids=special_ids(reference.tokenizer, family_of(family)))
     trainers.train_step(0).result()
     measured = trainers.held_bytes().result()
 
-    inventory = GPT2Inventory(config.gpt_config(reference.tokenizer.vocab_size))
-    predicted = layout_memory(inventory, Candidate(dp, tp, pp, schedule, v, m, zero, sp, recompute), config.batch_size)
+    inventory = inventory_for(family, config.model_config(reference.tokenizer.vocab_size))
+    predicted = layout_memory(inventory, candidate, config.batch_size)
     for rank in measured:
         memory = predicted[rank["pp_rank"]]
         for part in ("weights", "gradients", "optimizer"):
@@ -65,3 +68,68 @@ def test_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, dp, tp, p
         for stage, peak in rank["stage_peaks"].items():
             # the token ids' window (a few KB) is the only difference ActivationMemory sees
             assert memory.stage_peaks[stage] == pytest.approx(peak, rel=0.01), f"stage {stage}"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dp,tp,pp,schedule,v,m,zero,sp,recompute,dropout", CASES)
+def test_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, dp, tp, pp, schedule, v, m, zero, sp,
+                                             recompute, dropout):
+    assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path,
+                                                Candidate(dp, tp, pp, schedule, v, m, zero, sp, recompute), dropout,
+                                                recompute=recompute)
+
+
+BERT_CASES = [  # (Candidate, dropout, next_sentence)
+    (Candidate(dp=2, zero=1, microbatches=2), 0.0, False),
+    (Candidate(tp=2, sequence_parallel=True, microbatches=2), 0.1, False),
+    (Candidate(tp=2, microbatches=2), 0.0, True),
+    (Candidate(pp=2, microbatches=4), 0.1, False),
+    (Candidate(pp=2, schedule="interleaved", virtual_stages=2, microbatches=4), 0.0, True),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("candidate,dropout,next_sentence", BERT_CASES,
+                         ids=[f"{c.label()}-dropout{d}-nsp{n}" for c, d, n in BERT_CASES])
+def test_the_bert_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, next_sentence):
+    assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candidate, dropout, family="bert",
+                                                tokenizer="byte", next_sentence=next_sentence)
+
+def _resident(comm, field="VmRSS") -> int:
+    """This worker's resident bytes once the trainer's modules are imported (run first: the baseline)."""
+    import ringpipe.model.training.parallel_trainer  # noqa: F401 (the idle worker has them)
+    from ringpipe.runtime.process_memory import _status_bytes
+
+    return _status_bytes(field)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("family,dp,pp,zero,options", [
+    ("gpt2", 2, 1, 1, {}),  # draws its own stages (float32): four copies of its share while building
+    ("bert", 1, 2, 0, {"tokenizer": "byte"}),  # draws the whole model (float64) and keeps it: three
+])
+def test_a_cpu_rank_peaks_where_the_planner_says(tmp_path, family, dp, pp, zero, options):
+    """Resident bytes (VmHWM over the idle worker's VmRSS) of fresh workers, for ranks holding ≥ 200 MB of
+    state as the issue asks (a few MB of interpreter allocations are not modelled), after building the
+    trainer and two steps (model/planning/memory.py's host_peak and RankMemory.peak say what they hold)."""
+    from ringpipe.runtime import Cluster
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    config = TrainConfig(data=str(corpus), family=family, n_layer=2, n_head=8, n_embd=1024, block_size=32,
+                         batch_size=4, microbatches=2, steps=2, eval_iters=1, dtype="float32", **options)
+    reference = Trainer.create(config, str(tmp_path / "run"))
+    layout = Layout(dp=dp, pp=pp, zero=zero)
+    with Cluster(layout.world_size, threads_per_worker=1) as cluster:  # fresh heaps: nothing freed to reuse
+        idle = cluster.run(_resident)
+        trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
+                                 str(tmp_path / "run" / "tokens.bin"), reference.tokenizer.vocab_size,
+                                 special_ids=special_ids(reference.tokenizer, family_of(family)))
+        for step in range(2):
+            trainers.train_step(step).result()
+        coordinates = trainers.coordinates().result()
+        peaks = cluster.run(_resident, "VmHWM")
+    inventory = inventory_for(family, config.model_config(reference.tokenizer.vocab_size))
+    predicted = layout_memory(inventory, Candidate(dp, 1, pp, microbatches=2, zero=zero), config.batch_size)
+    for coords, before, peak in zip(coordinates, idle, peaks):
+        assert predicted[coords["pp"]].peak == pytest.approx(peak - before, rel=0.1), coords

@@ -234,12 +234,15 @@ def test_a_driver_that_dies_leaves_no_worker_running_on_the_joined_host(corpus, 
             process.wait()
 
 
-def test_messages_about_a_remote_worker_name_its_host():
-    from ringpipe.runtime.rendezvous import Agent, RendezvousLauncher
+def test_messages_about_a_remote_worker_name_its_host_and_say_when_its_agent_fell_silent_too():
+    from ringpipe.runtime.rendezvous import AGENT_LOST_S, Agent, RendezvousLauncher
 
     rendezvous = Rendezvous("127.0.0.1", 0, JobKeys.generate())
-    launcher = RendezvousLauncher(rendezvous, [Agent(b"a1", "node07", "10.0.0.7", 1)], hosts=[0])
+    agent = Agent(b"a1", "node07", "10.0.0.7", 1)
+    launcher = RendezvousLauncher(rendezvous, [agent], hosts=[0])
     try:
-        assert launcher.host(0) == "node07" and launcher.process_note(0) == " (on host node07)"
+        assert launcher.host(0) == "node07" and launcher.process_note(0) == ""
+        agent.last_heard -= AGENT_LOST_S + 1  # its status reports stopped coming
+        assert launcher.process_note(0).endswith("the host or its link is down)")
     finally:
         launcher.close()

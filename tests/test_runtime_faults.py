@@ -164,6 +164,21 @@ def test_a_call_that_fails_before_a_busy_rank_starts_it_still_aborts_that_rank(l
     assert cluster.run(sum_of_ranks) == [3.0, 3.0, 3.0]
 
 
+def test_an_abort_naming_a_queued_call_fails_that_call_not_the_one_before_it(local_cluster):
+    """Rank 0 has two calls queued (a rank-0-only call, then the call that fails on rank 1) when
+    the abort arrives: the first runs undisturbed and the failed call still fails on rank 0, at
+    once, instead of waiting in its collective for peers that already gave up."""
+    cluster = local_cluster(3)
+    first = cluster.submit(busy, 1.0, ranks=[0])
+    queued = cluster.submit(busy, 0.2, ranks=[0])
+    start = time.monotonic()
+    with pytest.raises(RemoteError) as info:
+        cluster.run(raise_on_rank, 1, 0.0, timeout=20)
+    assert info.value.rank == 1 and time.monotonic() - start < 6.0
+    assert first.result(timeout=5) == [0] and queued.result(timeout=5) == [0]
+    assert cluster.run(sum_of_ranks) == [3.0, 3.0, 3.0]
+
+
 def die_mid_collective(comm, how):
     if comm.rank == 2:
         time.sleep(0.2)

@@ -2,6 +2,7 @@
 import glob
 import os
 import signal
+import socket
 import time
 
 import numpy as np
@@ -98,7 +99,7 @@ def test_a_rank_sleeping_while_the_others_all_reduce_is_reported_with_its_stack(
         error = info.value
         assert error.rank == 1 and error.pid == pids[1]
         first_line = str(error).splitlines()[0]
-        assert f"worker rank 1 (pid {pids[1]}) made no progress in" in first_line
+        assert f"worker rank 1 (pid {pids[1]}) on host {socket.gethostname()} made no progress in" in first_line
         assert ("sleep_in_user_code" if kind == "run" else "Sleeper.step") in first_line
         assert "timed out waiting for it" in first_line
         # The stack of rank 1's compute thread, from the user's function down to the sleep.

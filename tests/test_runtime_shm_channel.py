@@ -67,6 +67,34 @@ def test_a_sleeping_waiter_wakes_on_a_wake_without_a_change(wait_mode):
     mapping.close()
 
 
+def test_a_core_is_spare_while_the_runnable_tasks_fit_on_this_process_cores_or_are_the_jobs_own(tmp_path):
+    from ringpipe.runtime.shm_wait import cores, spare_core
+
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.50 0.40 0.30 {cores()}/300 4242\n")
+    assert spare_core(1, str(loadavg))
+    loadavg.write_text(f"9.50 9.40 9.30 {cores() + 1}/300 4242\n")
+    assert not spare_core(1, str(loadavg))
+    assert spare_core(cores() + 1, str(loadavg))  # all of them may be this job's own ranks, handing over cores
+    assert spare_core(1, str(tmp_path / "missing"))  # no such count (not Linux): spin as before
+
+
+def test_a_waiter_does_not_spin_while_no_core_is_spare_and_adapts_its_spin_otherwise(monkeypatch):
+    from ringpipe.runtime import shm_wait
+
+    spin = shm_wait.Spin(yields=False)
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: False)
+    assert spin.ns() == 0
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: True)
+    spin._checked -= shm_wait.SPARE_CHECK_NS  # as if the last look were that long ago
+    first = spin.ns()
+    spin.answered(False)
+    assert 0 < spin.ns() < first  # a wait that had to sleep: spin less
+    for _ in range(20):
+        spin.answered(True)
+    assert spin.ns() == shm_wait.MAX_SPIN_NS
+
+
 # ---- placement and arena ------------------------------------------------------------------------
 def test_a_peer_is_on_this_host_when_its_host_record_matches_or_is_missing():
     assert same_host({"host": "a/1"}, "a/1")
@@ -353,36 +381,3 @@ def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_ne
     (first, left), (second, nothing) = actors.sum_and_left_handle().result(timeout=30)
     assert first == second == [3.0] * 4 and nothing is None
     assert left.startswith("Cancelled: all_reduce #1 on group w") and "wait()" in left
-
-
-def two_ranks_of_rings(tmp_path):
-    """Rank 0's and rank 1's PairRings in this process, over two real arenas (no cluster)."""
-    import types
-
-    from ringpipe.runtime.shm_p2p import PairRings
-
-    arenas = [Arena(str(tmp_path / f"arena{r}"), RING_ARENA) for r in (0, 1)]
-    engines = [types.SimpleNamespace(rank=r, arena=arenas[r], epoch=0, call=1, aborted_call=None, shm_peers={1 - r},
-                                     peer_arenas={1 - r: arenas[1 - r]}, timed_out_on=set(), needs_fence=False,
-                                     count_sent=lambda group, nbytes: None) for r in (0, 1)]
-    rings = []
-    for engine in engines:
-        ring_bytes = PairRings.pin(engine.arena, 2)
-        rings.append(PairRings(engine, 2, ring_bytes))
-    return arenas, rings
-
-
-def test_a_ring_drops_a_message_its_sender_gave_up_part_way_and_delivers_the_next(tmp_path):
-    arenas, (rank0, rank1) = two_ranks_of_rings(tmp_path)
-    try:
-        key = (1, "w", 7)
-        # Part 0 of 3 of a message whose sender was then aborted, then a whole message.
-        rank1._send_part(0, [0, *key, "<f8", [6], 0, 3], np.arange(2.0).view(np.uint8), True, time.monotonic() + 5,
-                         "send", 5.0)
-        rank1.send(0, key, np.array([42.0, 43.0]), "send", 5.0)
-        ticket = rank0.post(1, key)
-        got, _, _ = rank0.take(1, key, ticket, time.monotonic() + 5, "recv", 5.0)
-        assert got.tolist() == [42.0, 43.0]
-    finally:
-        for arena in arenas:
-            arena.close()

@@ -1,5 +1,6 @@
-"""A damaged sharded checkpoint: one line naming the tensor and the file, a non-zero exit, before any
-training, and nothing overwritten, through `ringpipe train --resume` and `ringpipe export`."""
+"""A damaged sharded checkpoint: one line naming the tensor and the file, and the newest older intact
+checkpoint with how to use it, a non-zero exit, before any training, and nothing overwritten, through
+`ringpipe train --resume` and `ringpipe export`."""
 import hashlib
 import json
 import os
@@ -7,6 +8,7 @@ import shutil
 
 import pytest
 
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.run_dir import find_checkpoint
 from tests.conftest import one_error_line, run_cli
 
@@ -78,14 +80,15 @@ DAMAGES = [remove_piece_file, uncovered_shape, short_piece, wrong_dtype, wrong_c
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A run trained one step on two tensor-parallel workers: one sharded checkpoint."""
+    """A run trained two steps on two tensor-parallel workers: sharded checkpoints after each."""
     directory = tmp_path_factory.mktemp("trained")
     corpus = directory / "corpus.txt"
     from tests.conftest import TEXT
 
     corpus.write_text(TEXT)
     out = directory / "run"
-    result = run_cli("train", "--data", corpus, *TINY, "--steps", 1, "--nproc", 2, "--tp", 2, "--out", out)
+    result = run_cli("train", "--data", corpus, *TINY, "--steps", 2, "--checkpoint-every", 1, "--nproc", 2,
+                     "--tp", 2, "--out", out)
     assert result.exit_code == 0, result.output
     return corpus, out
 
@@ -113,6 +116,10 @@ def test_resuming_from_a_damaged_checkpoint_names_the_tensor_and_the_file_and_ch
     line = one_error_line(run_cli("train", "--data", corpus, "--resume", "--steps", 3, "--nproc", 2, "--tp", 2,
                                   "--out", run))
     assert file in line and what in line, line
+    older = run / "checkpoints" / "step-00000001"
+    latest = run / "checkpoints" / "step-00000002"
+    assert line.endswith(f"the newest older checkpoint, {older} (step 1), is intact: move the damaged one aside "
+                         f"(mv {latest} {latest}.damaged) to resume from it"), line
     assert fingerprint(run) == before
 
 
@@ -125,5 +132,22 @@ def test_exporting_a_damaged_checkpoint_names_the_tensor_and_the_file_and_overwr
     (target / "model.safetensors").write_bytes(b"an earlier export")
     line = one_error_line(run_cli("export", run, "--out", target))
     assert file in line and what in line, line
+    assert line.endswith(f"(step 1), is intact: move the damaged one aside (mv {run}/checkpoints/step-00000002 "
+                         f"{run}/checkpoints/step-00000002.damaged) to export it"), line
     assert os.listdir(target) == ["model.safetensors"]
     assert (target / "model.safetensors").read_bytes() == b"an earlier export"
+
+
+def test_an_error_beside_an_intact_latest_checkpoint_names_no_other_checkpoint(trained):
+    _, out = trained
+    latest = find_checkpoint(str(out))
+    assert fallback_hint(str(out), f"tensor x of {latest}/rank-00000.safetensors: a failure elsewhere") == ""
+
+
+def test_following_the_hint_resumes_from_the_older_checkpoint(trained, tmp_path):
+    corpus, run, _ = damaged_copy(trained, tmp_path, wrong_checksum)
+    latest = run / "checkpoints" / "step-00000002"
+    os.rename(latest, f"{latest}.damaged")
+    result = run_cli("train", "--data", corpus, "--resume", "--steps", 3, "--nproc", 2, "--tp", 2, "--out", run)
+    assert result.exit_code == 0, result.output
+    assert find_checkpoint(str(run)).endswith("step-00000003")

@@ -4,14 +4,16 @@ drives. Ranks come from SLURM_PROCID, hosts from SLURMD_NODENAME; the runs equal
 import json
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from ringpipe.runtime.auth import create_key_file
-from tests.conftest import one_error_line, run_cli
+from tests.conftest import one_error_line, processes_tagged, run_cli
 from tests.local_slurm import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
@@ -84,3 +86,45 @@ def test_launcher_slurm_outside_an_allocation_is_one_line(corpus, tmp_path, monk
     line = one_error_line(run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "run", "--dp", "2",
                                   "--launcher", "slurm"))
     assert "not inside a Slurm allocation" in line
+
+
+@pytest.mark.parametrize("how", ["scancel", "driver killed"])
+def test_a_cancelled_job_or_a_killed_driver_leaves_no_ringpipe_process(slurm, corpus, tmp_path, how):
+    """scancel of a running `ringpipe train --launcher slurm` inside salloc, or SIGKILL of that
+    driver: the driver, the agents srun started and their workers all end (the agents see srun's
+    input, which the driver held open, end)."""
+    tag = f"slurm-{os.getpid()}-{time.monotonic_ns()}"
+    out = tmp_path / "run"
+    salloc = subprocess.Popen(["salloc", "--ntasks=2", sys.executable, "-m", "ringpipe.cluster", "train", "--data",
+                               corpus, *TRAIN, "--steps", "100000", "--out", str(out), "--dp", "2", "--launcher",
+                               "slurm"], env=dict(slurm.environment, RINGPIPE_TEST_TAG=tag),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+            assert salloc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.1)
+        assert len(processes_tagged(tag)) >= 5  # salloc, the driver, srun, two agents and their workers
+        if how == "scancel":
+            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm.environment, capture_output=True, text=True)
+            assert len(jobs.stdout.split()) == 1, jobs.stdout
+            subprocess.run(["scancel", jobs.stdout.split()[0]], env=slurm.environment, check=True)
+        else:
+            driver = [pid for pid in processes_tagged(tag) if _parent(pid) == salloc.pid]
+            assert len(driver) == 1, driver
+            os.kill(driver[0], signal.SIGKILL)
+        deadline = time.monotonic() + (20 if how == "scancel" else 10)
+        while processes_tagged(tag) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_tagged(tag) == []
+    finally:
+        if salloc.poll() is None:
+            salloc.kill()
+        salloc.wait()
+        for pid in processes_tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

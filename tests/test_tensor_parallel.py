@@ -24,13 +24,15 @@ STEPS = 5
 
 
 class RecordingTrainer(ParallelTrainer):
-    """Keeps the synchronized, unclipped gradients of the first step (keyed like local_params)."""
+    """Keeps the synchronized, unclipped gradients of the first step (keyed like local_params; a tied
+    weight's only where it is summed: on the first stage)."""
 
     first_grads = None
 
     def _global_grad_norm(self, grads, *args, **kwargs):
         if self.first_grads is None:
-            self.first_grads = {name: np.array(g) for name, g in grads.items()}
+            self.first_grads = {name: np.array(g) for name, g in grads.items()
+                                if self.gradients.owns_tied or name not in self.plan.tied_params}
         return super()._global_grad_norm(grads, *args, **kwargs)
 
     def recorded_grads(self):

@@ -2,6 +2,7 @@
 non-zero exit and no process left, wherever the driver is at that moment."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -73,6 +74,13 @@ def test_a_stopped_worker_ends_ringpipe_train_within_seconds_with_one_line(corpu
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("Error: worker rank ") and f"(pid {workers[2]})" in error, stderr
     assert "heartbeat" in error and f"--resume --out {out}" in error
+    # Before the error line, the report: that rank first, then what the driver did to the others.
+    report = stderr[stderr.index("Root cause (first failure)"):]
+    root, consequences = report.split("Consequences on the other ranks:")
+    assert f"host {socket.gethostname()}, pid {workers[2]}): sent no heartbeat for" in root
+    assert "its process is stopped" in root and os.path.join(out, "logs", "rank-") in root
+    assert consequences.count("stopped by the driver") == 3, report
+    assert sorted(os.listdir(os.path.join(out, "logs"))) == [f"rank-{rank}.log" for rank in range(4)]
 
 
 # ---- a worker killed while the driver does its own part of the work --------------------------------
@@ -141,11 +149,46 @@ def test_a_worker_killed_during_driver_side_work_ends_train_with_one_line_and_th
     assert result.exit_code != 0
     error = result.output.strip().splitlines()[-1]
     pid = _RecordingCluster.last.pids[1]
-    assert error.startswith(f"Error: worker rank 1 (pid {pid}) was killed by signal SIGKILL"), result.output
+    assert error.startswith(f"Error: worker rank 1 (pid {pid}) on host {socket.gethostname()} was killed by signal "
+                            "SIGKILL"), result.output
     assert "cluster is stopped" not in error and "Traceback" not in result.output
+    root = result.output[result.output.index("Root cause (first failure)"):result.output.index("Consequences")]
+    assert f"rank 1 (host {socket.gethostname()}, pid {pid}): was killed by signal SIGKILL" in root, result.output
     if where == "setup":
         assert error.endswith("no checkpoint was saved yet, so start the run again"), error
     else:
         assert error.endswith(f"continue from the last checkpoint with --resume --out {out}"), error
     left = [pid for pid in _RecordingCluster.last.pids if process_alive(pid)]
     assert not left, f"workers {left} still running"
+
+
+def raise_on_rank_1(comm):
+    if comm.rank == 1:
+        raise ValueError("a value no step can take, on rank 1")
+    comm.barrier()
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_raises_mid_training_ends_train_with_the_report_then_one_line(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(distributed_train, "Cluster", _RecordingCluster)
+    train_step = distributed_train.DistributedRun.train_step
+
+    def raising_at_step_2(run, step):
+        if step == 2:  # a real worker raises, inside the real run
+            run.cluster.run(raise_on_rank_1)
+        return train_step(run, step)
+
+    monkeypatch.setattr(distributed_train.DistributedRun, "train_step", raising_at_step_2)
+    out = str(tmp_path / "run")
+    result = CliRunner().invoke(main, ["train", "--data", corpus, *SMALL, "--steps", "4", "--eval-every", "0",
+                                       "--nproc", "2", "--dp", "2", "--out", out], catch_exceptions=False)
+    assert result.exit_code != 0
+    pids = _RecordingCluster.last.pids
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: rank 1 raised ValueError: a value no step can take, on rank 1 in raise_on_rank_1")
+    root = result.output[result.output.index("Root cause (first failure)"):result.output.index("Consequences")]
+    assert f"rank 1 (host {socket.gethostname()}, pid {pids[1]}): raised ValueError: a value no step" in root
+    assert "| ValueError: a value no step can take, on rank 1" in root and "Traceback" not in result.output
+    with open(os.path.join(out, "logs", "rank-1.log")) as f:
+        assert "raise ValueError(\"a value no step can take, on rank 1\")" in f.read()
+    assert not [pid for pid in pids if process_alive(pid)]

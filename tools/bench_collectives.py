@@ -178,11 +178,14 @@ def speedup(peer_us: float, ringpipe_us: float) -> str:
 
 
 def parse_compare(text: str) -> list[str]:
-    """'none', or a comma list of peer libraries ('gloo,mpi')."""
+    """'none', or a comma list of peer libraries ('gloo,mpi'), or ringpipe@PATH: another checkout."""
     names = [t.strip() for t in text.split(",") if t.strip() and t.strip() != "none"]
-    for name in names:
-        if name not in bench_libraries.PEERS:
-            raise ValueError(f"--compare: unknown library {name!r}; choose from none, {', '.join(bench_libraries.PEERS)}")
+    for index, name in enumerate(names):
+        if name.startswith(bench_libraries.CHECKOUT):  # another checkout of ringpipe: A/B in one run
+            names[index] = bench_libraries.CHECKOUT + bench_libraries.check_checkout(name[len(bench_libraries.CHECKOUT):])
+        elif name not in bench_libraries.PEERS:
+            raise ValueError(f"--compare: unknown library {name!r}; choose from none, {', '.join(bench_libraries.PEERS)}, "
+                             f"{bench_libraries.CHECKOUT}PATH")
     return list(dict.fromkeys(names))
 
 

@@ -64,16 +64,23 @@ def run(dp_sizes=(1, 2), n_layer: int = 4, n_head: int = 4, n_embd: int = 128, b
         setups = [(f"dp={dp}", dp, start(dp)) for dp in dp_sizes]
         if independent:
             setups.append((f"{dp_sizes[-1]}× dp=1", dp_sizes[-1], start(1, copies=dp_sizes[-1])))
-        best, next_step = {}, warmup
+        best, every, next_step = {}, {}, warmup
         for _ in range(rounds):  # alternate, so a burst of outside load hits every setup alike
             for label, dp, runs in setups:
                 row = {"setup": label, "dp": dp, **_time_steps(runs, range(next_step, next_step + steps))}
+                every.setdefault(label, []).append(row["step_s"])
                 if label not in best or row["step_s"] < best[label]["step_s"]:
                     best[label] = row
             next_step += steps
     rows = [best[label] for label, _, _ in setups]
+    first = setups[0][0]
     for row in rows:
         row["efficiency"] = rows[0]["step_s"] / row["step_s"]
+        # Issue #15's protocol: every round kept, and the efficiency of each round's own pair (the
+        # setups ran back to back) with their median.
+        row["round_step_s"] = every[row["setup"]]
+        row["round_efficiency"] = [a / b for a, b in zip(every[first], every[row["setup"]])]
+        row["efficiency_median"] = statistics.median(row["round_efficiency"])
     params = sum(p.size for p in driver.gpt.params.values())
     return {"model": {"n_layer": n_layer, "n_head": n_head, "n_embd": n_embd, "block_size": block_size,
                       "params": int(params), "gradient_bytes": int(params) * 4},

@@ -6,6 +6,8 @@ library's processes can import it. `run(library, world_size, measure, args)` sta
 for that library, runs `measure` on every rank and returns the results ordered by rank. A peer
 library that is not installed here, or whose processes fail or hang, raises LibraryUnavailable,
 whose message is one line saying why; ringpipe's own errors propagate as they are.
+"ringpipe@PATH" is ringpipe from another checkout (e.g. the commit a change started from), run in
+a fresh process as a peer is, for A/B rounds in one sitting.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from ringpipe.runtime.launch import BLAS_THREAD_VARIABLES, reaching_this_package
 
 LIBRARIES = ("ringpipe", "gloo", "mpi")
 PEERS = ("gloo", "mpi")
+CHECKOUT = "ringpipe@"  # "ringpipe@PATH": another checkout of ringpipe
 PEER_TIMEOUT = 900.0  # seconds for one run of a peer library, a deadline (not a speed target)
 
 
@@ -76,7 +79,9 @@ def run(library: str, world_size: int, measure: str, args: dict, algorithm: str 
         return run_gloo(world_size, measure, args, timeout)
     if library == "mpi":
         return run_mpi(world_size, measure, args, timeout)
-    raise ValueError(f"unknown library {library!r}; choose from {', '.join(LIBRARIES)}")
+    if library.startswith(CHECKOUT):
+        return run_ringpipe_at(library[len(CHECKOUT):], world_size, measure, args, algorithm, timeout)
+    raise ValueError(f"unknown library {library!r}; choose from {', '.join(LIBRARIES)} or {CHECKOUT}PATH")
 
 
 # ---- ringpipe ---------------------------------------------------------------------------------------
@@ -102,6 +107,40 @@ def run_ringpipe(world_size, measure, args, algorithm="auto") -> list:
 
     with Cluster(world_size, threads_per_worker=1, algorithm=algorithm) as cluster:
         return cluster.run(_ringpipe_rank, measure, args)
+
+
+def check_checkout(path: str) -> str:
+    """`path` as an absolute folder holding a ringpipe checkout; ValueError naming it otherwise."""
+    if not os.path.isfile(os.path.join(path, "runtime", "__init__.py")):
+        raise ValueError(f"{CHECKOUT}{path}: not a ringpipe checkout (no runtime/__init__.py there)")
+    return os.path.abspath(path)
+
+
+def run_ringpipe_at(path: str, world_size, measure, args, algorithm="auto", timeout=PEER_TIMEOUT) -> list:
+    """`run_ringpipe` of the checkout at `path`, in a fresh process that imports only that one (a
+    folder with a `ringpipe` link to it first on its PYTHONPATH)."""
+    path = check_checkout(path)
+    code = ("import json, sys; from ringpipe.tools.bench_libraries import run_ringpipe; "
+            "from ringpipe.runtime.files import write_json; "
+            "write_json(sys.argv[5], run_ringpipe(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]))")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(path, os.path.join(tmp, "ringpipe"))
+        out_path = os.path.join(tmp, "result.json")
+        env = dict(os.environ, PYTHONPATH=tmp, **{var: "1" for var in BLAS_THREAD_VARIABLES})
+        with open(os.path.join(tmp, "log"), "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", code, str(world_size), measure, json.dumps(args), algorithm,
+                                     out_path], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                _stop(proc)
+                raise LibraryUnavailable(f"{CHECKOUT}{path} did not finish within {timeout:g} s; stopped it") from None
+        if proc.returncode:
+            raise LibraryUnavailable(f"{CHECKOUT}{path} failed (exit code {proc.returncode}): "
+                                     f"{_last_line(os.path.join(tmp, 'log'))}")
+        with open(out_path) as f:
+            return json.load(f)
 
 
 # ---- gloo (torch.distributed) ----------------------------------------------------------------------

@@ -5,6 +5,7 @@ its own address and, optionally, its own sshd (Debian's openssh-server, key auth
         hosts.addresses          # ["198.18.N.1", "198.18.N.2"]; the bridge (this namespace) is .254
         hosts.ssh_environment    # {"RINGPIPE_SSH": "ssh -i KEY ..."} for `ringpipe train --hostfile`
         hosts.veth_bytes(0)      # bytes through host 0's link (both directions), from its counters
+        hosts.take_away(0)       # link down, then SIGKILL every process in host 0's namespace
 
 `mounts={1: [(source, target)]}` bind-mounts `source` over `target` for what runs through host 1's
 sshd only (a mount namespace of its own): a host whose files differ, on one machine.
@@ -19,6 +20,7 @@ import itertools
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -153,6 +155,23 @@ class NamespaceHosts:
     def run_in(self, host: int, command: list[str], **options) -> subprocess.CompletedProcess:
         """Run `command` inside host `host`'s namespace."""
         return subprocess.run(["ip", "netns", "exec", self.namespaces[host], *command], **options)
+
+    def take_away(self, host: int) -> list[int]:
+        """Host `host` goes away as a machine does: its link goes down, then every process in its
+        namespace (sshd, agents, workers) is SIGKILLed. Returns the killed pids."""
+        _ip("link", "set", self.veths[host], "down")
+        pids = self.pids(host)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def pids(self, host: int) -> list[int]:
+        """The processes running in host `host`'s namespace."""
+        listed = subprocess.run(["ip", "netns", "pids", self.namespaces[host]], capture_output=True, text=True)
+        return [int(pid) for pid in listed.stdout.split()]
 
     def close(self):
         for process in self.sshd_processes:

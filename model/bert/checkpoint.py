@@ -16,6 +16,7 @@ import numpy as np
 
 from ringpipe.model.bert.config import DTYPES, WORD_EMBEDDINGS, BertConfig, param_shapes
 from ringpipe.model.bert.hf_config import bert_config_from_hf, hf_config, refuse_unsupported
+from ringpipe.model.families import hf_part
 from ringpipe.model.gpt2.checkpoint import check_param_shapes, read_config_json
 from ringpipe.runtime.files import load_tensors, save_tensors, staged_directory, write_json
 
@@ -31,20 +32,29 @@ _SKIPPED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
 NEXT_SENTENCE_KEY = "cls.seq_relationship.weight"
 
 
+def hf_layout(shapes: dict) -> list[tuple]:
+    """Where each transformers tensor lies in ringpipe's parameters of `shapes` ({name: shape}, in
+    order): [(key, name, columns or None, transposed)] (model/families.py's `hf_tensors`)."""
+    layout = []
+    for name, shape in shapes.items():
+        if ".attention.qkv." in name:  # fused (in, 3C) and (3C,): query | key | value
+            stem, kind = name.replace(".attention.qkv.", ".attention.self."), name.rsplit(".", 1)[1]
+            width = shape[-1] // 3
+            layout += [(PREFIX + stem.replace(".self." + kind, f".self.{part}.{kind}"), name,
+                        slice(j * width, (j + 1) * width), kind == "weight") for j, part in enumerate(QKV)]
+        else:
+            layout.append((name if name.startswith("cls.") else PREFIX + name, name, None, name.endswith(_TRANSPOSED)))
+    return layout
+
+
+def hf_tensors(config: BertConfig) -> list[tuple]:
+    return hf_layout(param_shapes(config))
+
+
 def to_hf(params: dict) -> dict:
     """ringpipe names and layouts -> transformers' keys and layouts (host arrays)."""
-    tensors = {}
-    for name, array in params.items():
-        if ".attention.qkv." in name:
-            stem = name.replace(".attention.qkv.", ".attention.self.")
-            kind = name.rsplit(".", 1)[1]
-            for part, piece in zip(QKV, np.split(array, 3, axis=-1)):
-                key = PREFIX + stem.replace(".self." + kind, f".self.{part}.{kind}")
-                tensors[key] = np.ascontiguousarray(piece.T if kind == "weight" else piece)
-            continue
-        value = np.ascontiguousarray(array.T) if name.endswith(_TRANSPOSED) else array
-        tensors[name if name.startswith("cls.") else PREFIX + name] = value
-    return tensors
+    return {key: hf_part(np.asarray(params[name]), columns, transposed)
+            for key, name, columns, transposed in hf_layout({name: np.shape(p) for name, p in params.items()})}
 
 
 def from_hf(tensors: dict, path: str) -> dict:
@@ -75,10 +85,15 @@ def from_hf(tensors: dict, path: str) -> dict:
     return params
 
 
+def weights_metadata(config) -> dict:
+    """The safetensors metadata of model.safetensors (besides the checksums): the format transformers expects."""
+    return {"format": "pt"}
+
+
 def write_checkpoint_files(directory, params: dict, config: BertConfig, tokenizer=None) -> None:
     """model.safetensors (transformers' keys, per-tensor checksums), config.json and the
     tokenizer, into an existing (staging) directory."""
-    save_tensors(os.path.join(directory, WEIGHTS_FILE), to_hf(params), metadata={"format": "pt"})
+    save_tensors(os.path.join(directory, WEIGHTS_FILE), to_hf(params), metadata=weights_metadata(config))
     write_json(os.path.join(directory, CONFIG_FILE), hf_config(config), indent=2)
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -1,8 +1,9 @@
 """BERT as a model family (model/families.py): a bidirectional encoder, masked-LM objective."""
 from __future__ import annotations
 
-from ringpipe.model.bert.checkpoint import load_checkpoint, write_checkpoint_files
+from ringpipe.model.bert.checkpoint import hf_tensors, load_checkpoint, weights_metadata, write_checkpoint_files
 from ringpipe.model.bert.config import ARCHITECTURE_FIELDS, BertConfig, BertOptions, init_params
+from ringpipe.model.bert.hf_config import hf_config
 from ringpipe.model.bert.model import Bert
 from ringpipe.model.bert.parallel_plan import BertParallelPlan
 from ringpipe.model.data.masking import IGNORE_INDEX, SPECIAL_TOKENS, MaskedLM
@@ -18,4 +19,5 @@ FAMILY = Family(name="bert", options=BertOptions, default_options=small_bert, co
                 architecture_fields=ARCHITECTURE_FIELDS, model=Bert, init_params=init_params,
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
                 parallel_plan=BertParallelPlan, objective=MaskedLM, ignore_index=IGNORE_INDEX,
-                special_tokens=SPECIAL_TOKENS)
+                special_tokens=SPECIAL_TOKENS, hf_config=hf_config, weights_metadata=weights_metadata,
+                hf_tensors=hf_tensors)

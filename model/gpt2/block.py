@@ -69,6 +69,7 @@ class TransformerBlocks:
         config          GPTConfig (dropout, recompute)
         params          GPT-2 parameter names -> arrays (this rank's shards)
         memory          ActivationMemory, holding every cache
+        xp              the array module (NumPy or CuPy)
         local_heads     attention heads computed here (n_head / tensor-parallel size)
         input_region, output_region, tp
                         the regions around the column- and row-parallel linears,
@@ -209,6 +210,27 @@ class TransformerBlocks:
         while pending:
             deferred.add(*pending.pop())
         return deferred.grads
+
+    def block_forward_cached(self, i, x, kv, start):
+        """Inference: block i over positions start .. start + T of x (B, T, C) -> (B, T, C).
+
+        kv = (keys, values), each (B, local_heads, block_size, head size): this rank's heads of the
+        earlier positions, to which the new positions' keys and values are written (the cache is split
+        by heads like c_attn's columns). No dropout and no activations kept."""
+        keys, values = kv
+        B, T, _ = x.shape
+        qkv, _, _ = self._entry_forward(i, x, "ln_1", "attn.c_attn")
+        q, k, v = causal_attention.split_heads(qkv, self.local_heads)
+        keys[:, :, start:start + T] = k
+        values[:, :, start:start + T] = v
+        scores = q @ keys[:, :, :start + T].swapaxes(-1, -2)
+        scores *= self.config.attention_scale(i)
+        # Query t (absolute start + t) may see keys 0 .. start + t.
+        scores += self.xp.triu(self.xp.full((T, start + T), -self.xp.inf, dtype=scores.dtype), k=start + 1)
+        y = causal_attention.softmax_forward(scores) @ values[:, :, :start + T]
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        x, _, _ = self._exit_forward(i, x, y, "attn.c_proj", None, ATTN_RESIDUAL)
+        return self._mlp_half(i, x, None)[0]
 
     def block_backward(self, i, cache, dout):
         """Fused backward of block i: dout (B, T, C) -> (dx, grads of the block's parameters)."""

@@ -67,6 +67,11 @@ NO_EFFECT_KEYS = frozenset({
 def refuse_unsupported(hf: dict, path: str) -> None:
     """ValueError naming `path` and the key if config.json asks for what ringpipe does not compute;
     called before the weights are read, so the config's reason is the one reported."""
+    if hf.get("quantization_config") is not None:  # Hugging Face's key for quantized weights
+        quantization = hf["quantization_config"]
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise ValueError(f"{path}: a quantized model ({method}), not float weights; only `ringpipe generate` "
+                         "reads ringpipe's int8 models — training and export need the float run it came from")
     for alias, key in ALIASES.items():
         if alias in hf and key in hf and hf[alias] != hf[key]:
             raise ValueError(f"{path}: {alias}={hf[alias]!r} contradicts {key}={hf[key]!r}")

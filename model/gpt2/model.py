@@ -106,6 +106,10 @@ class GPT(TransformerBlocks):
         x, keep_mask = self._dropout(x, dropout_seed, -1, EMBEDDING)
         return x, self.memory.hold({"idx": idx, "dropout": keep_mask})
 
+    def embedding_at(self, idx, start):
+        """Inference: idx int (B, T) at positions start .. start + T -> x (B, T, C), no dropout."""
+        return self.params["wte.weight"][idx] + self.params["wpe.weight"][start:start + idx.shape[1]]
+
     def embedding_backward(self, cache, dx):
         """dx (B, T, C) -> (None, {wte.weight, wpe.weight} grads)."""
         self.memory.release(cache)

@@ -163,6 +163,16 @@ class GPT2StagePieces(StageBinding, TransformerBlocks):
             dwte = ops.embedding_backward(dx, cache["lookup"], self.config.vocab_size)
         return {"wte.weight": dwte, "wpe.weight": dwpe}
 
+    def embedding_at(self, idx, start):
+        """Inference: idx int (B, T) at positions start .. start + T -> x (B, T, C), whole on every
+        tensor-parallel rank (no sequence parallelism), no dropout."""
+        if self.stage.tensor_parallel:
+            tok, _ = vocab_parallel_embedding_forward(self.params["wte.weight"], idx, self.vocab_start)
+            tok = self.output_region.forward(tok, self.tp)
+        else:
+            tok = self.params["wte.weight"][idx]
+        return tok + self.params["wpe.weight"][start:start + idx.shape[1]]
+
     # ---- LM head tied to the vocab-parallel wte, vocab-parallel cross-entropy -------------------------
     def head_forward(self, x, targets):
         p = self.params

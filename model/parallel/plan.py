@@ -17,8 +17,9 @@ it, and nothing else, about names, shards, ties and the forward/backward of a st
     plan.head_params()                   names the last pipeline stage holds besides its blocks
     plan.hf_name(name)                   the name's Hugging Face name (sharded checkpoints store it so)
     plan.tied_params                     names held by both the first and the last stage (a tied
-                                         embedding/LM head): their gradients are summed over the mesh's
-                                         tie group, and counted once in the gradient norm
+                                         embedding/LM head): the first stage sums their gradients over
+                                         the mesh's tie group, counts them in the gradient norm, keeps
+                                         their AdamW moments and sends the updated weights to the last
     plan.sharding(name)                  a `Sharding`: replicated, column-, row- or vocab-parallel
                                          (axis, fused parts, sequence-partial gradient)
     plan.check_tensor_parallel(size, rank, sequence_parallel)
@@ -38,6 +39,10 @@ and `stage.positions(length)`; gradients are returned as {name: array} and the s
     head_forward(x, targets) -> (loss float, cache)          the micro-batch's mean loss
     head_backward(cache, dloss) -> (dx, grads)
     head_logits(x) -> logits (B, T, vocab)                   inference only (gathered over tp)
+
+Pieces that can generate with a KV cache (model/inference/kv_cache.py; GPT-2's) also have
+    embedding_at(idx, start) -> x                            positions start .. start + T, no dropout
+    block_forward_cached(i, x, (keys, values), start) -> x   this rank's heads' keys and values cached
 """
 from __future__ import annotations
 
@@ -87,16 +92,20 @@ def stage_param_names(plan: ParallelPlan, layers: range, first: bool, last: bool
 
 
 def stage_sizes(plan: ParallelPlan) -> dict:
-    """`split_layers`' size arguments for `plan`, so that the default pipeline split balances parameters
-    (the embedding and the head included), not block counts: {"layer_sizes": elements per block,
-    "first_size": of the embedding, "last_size": of the head}. {} for a plan without
+    """`split_layers`' size arguments for `plan`, so that the default pipeline split balances what
+    stages keep per parameter — its weight and AdamW's two moments, the embedding and the head
+    included — not block counts: {"layer_sizes": per block, "first_size": of the embedding,
+    "last_size": of the head}, in elements × 3, where a tied parameter counts once on the last stage
+    (its moments live on the first stage; model/parallel/data_parallel). {} for a plan without
     `param_shapes()` ({name: full shape}): its blocks are then balanced by count."""
     if not hasattr(plan, "param_shapes"):
         return {}
-    shapes = plan.param_shapes()
+    shapes, tied = plan.param_shapes(), set(plan.tied_params)
 
     def elements(names):
         return sum(math.prod(shapes[name]) for name in names)
 
-    return {"layer_sizes": [elements(plan.block_params(i)) for i in range(plan.num_layers)],
-            "first_size": elements(plan.embedding_params()), "last_size": elements(plan.head_params())}
+    head = plan.head_params()
+    return {"layer_sizes": [3 * elements(plan.block_params(i)) for i in range(plan.num_layers)],
+            "first_size": 3 * elements(plan.embedding_params()),
+            "last_size": 3 * elements([n for n in head if n not in tied]) + elements([n for n in head if n in tied])}

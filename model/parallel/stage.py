@@ -28,7 +28,7 @@ import numpy as np
 
 from ringpipe.model.nn.activation_memory import ActivationMemory
 from ringpipe.model.parallel.plan import REPLICATED, ParallelPlan, stage_param_names
-from ringpipe.model.parallel.tensor_parallel.sharding import shard, shard_table
+from ringpipe.model.parallel.tensor_parallel.sharding import shard, shard_shape, shard_table
 from ringpipe.model.parallel.tensor_parallel.tensor_parallel_communications import (IDENTITY, input_region, output_region,
                                                                            sequence_slice)
 from ringpipe.runtime.array_module import array_module, to_host
@@ -37,7 +37,9 @@ from ringpipe.runtime.array_module import array_module, to_host
 class Stage:
     """Layers `layers` (and embedding/head when first/last) of the model `plan` describes, this rank's
     shards of their parameters, and accumulated gradients. `tp_comm`: the tensor-parallel communicator
-    (mesh.tp); None or a group of one for a stage without tensor parallelism.
+    (mesh.tp); None or a group of one for a stage without tensor parallelism. `full_params`: {name: full
+    array}, or {name: full shape tuple} for parameters that start as zeros of this rank's shard shapes,
+    to be filled by the caller (inference reads only its shards of a checkpoint into them).
 
     shard_axes        name -> axis the parameter is split along across tp (None: replicated)
     replicated_names  parameters whose gradients are the same on every tp rank (after finalize_grads)
@@ -60,10 +62,13 @@ class Stage:
         # Nothing is split without tensor parallelism.
         self.shardings = {name: plan.sharding(name) if self.tensor_parallel else REPLICATED for name in names}
         self.shard_axes = {name: s.axis for name, s in self.shardings.items()}
-        self.full_shapes = {name: tuple(full_params[name].shape) for name in names}
+        self.full_shapes = {name: full_params[name] if isinstance(full_params[name], tuple)
+                            else tuple(full_params[name].shape) for name in names}
         self.xp = array_module(plan.device)
         dtype = np.dtype(plan.dtype)
-        self.params = {name: self.xp.asarray(np.array(self.take_shard(name, full_params[name]), dtype=dtype))
+        self.params = {name: self.xp.zeros(shard_shape(full_params[name], self.shardings[name], size), dtype)
+                       if isinstance(full_params[name], tuple) else
+                       self.xp.asarray(np.array(self.take_shard(name, full_params[name]), dtype=dtype))
                        for name in names}
         self.grads = {name: self.xp.zeros_like(p) for name, p in self.params.items()}
         self.replicated_names = [name for name, axis in self.shard_axes.items() if axis is None]

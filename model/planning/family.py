@@ -1,5 +1,6 @@
 """The model families the planner knows, each through one small interface (GPT-2's is
-model/planning/gpt2_inventory.py; BERT and T5 plug in with a class of the same members):
+model/planning/gpt2_inventory.py, BERT's bert_inventory.py; another family plugs in with a class of
+the same members and one line in FAMILIES):
 
     family                          the --model name
     config                          its config (n_layer, n_embd, block_size, vocab_size, dtype, dropout, mlp_width)
@@ -9,12 +10,15 @@ model/planning/gpt2_inventory.py; BERT and T5 plug in with a class of the same m
                                     the `Tensor`s each piece caches for its backward
     recompute_tensors(B, T, tp, sp), recompute_halves(tensors, tp), deferred_tensors(B, T, tp)
     block_flops(B, T, tp), head_flops(B, T, tp), block_elements(B, T, tp)
+    recompute                       False where the family has no recompute (the planner offers none)
 """
 from __future__ import annotations
 
-from ringpipe.model.planning.gpt2_inventory import GPT2Inventory
+import importlib
 
-FAMILIES = {"gpt2": GPT2Inventory}
+# --model NAME -> "module:class" of its inventory, imported when asked for
+FAMILIES = {"gpt2": "ringpipe.model.planning.gpt2_inventory:GPT2Inventory",
+            "bert": "ringpipe.model.planning.bert_inventory:BertInventory"}
 
 
 def inventory_for(family: str, config):
@@ -22,4 +26,5 @@ def inventory_for(family: str, config):
     if family not in FAMILIES:
         raise ValueError(f"the planner has no inventory for model family {family!r}; it knows "
                          f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[family](config)
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)(config)

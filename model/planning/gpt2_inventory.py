@@ -21,6 +21,7 @@ class GPT2Inventory:
     """The planner's view of a GPT-2 of `config` (see model/planning/family.py for the members)."""
 
     family = "gpt2"
+    recompute = True  # block.py rebuilds a block's caches from its input
 
     def __init__(self, config: GPTConfig, attention_kernel: bool | None = None):
         self.config = config

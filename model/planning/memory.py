@@ -62,6 +62,7 @@ class RankMemory:
     optimizer: int = 0
     activations: int = 0  # peak of the caches held between forward and backward
     communication: int = 0  # gradient buckets in flight, pipeline messages
+    shared_memory: int = 0  # the part of `communication` in the same-host shared-memory arena
     workspace: int = 0  # the largest temporaries of one piece's backward
     # a CPU rank's high-water mark as its process holds it (see `host_peak`)
     host_peak: int = 0
@@ -75,14 +76,26 @@ class RankMemory:
 
     @property
     def peak(self) -> int:
-        """The rank's high-water mark on a CPU: training, or building the trainer when that holds more."""
-        return max(self.total, self.host_peak)
+        """The rank's high-water mark on a CPU. The process's heap keeps what building the trainer
+        freed (large arrays live on the heap: model/gpt2/parallel_plan.py) and training reuses it,
+        so the heap peaks at the larger of the two; the shared-memory arena's pages are not heap
+        and come on top."""
+        return max(self.total - self.shared_memory, self.host_peak) + self.shared_memory
 
     def as_dict(self) -> dict:
         return {"pp_rank": self.pp_rank, "weights": self.weights, "gradients": self.gradients,
                 "optimizer": self.optimizer, "activations": self.activations,
-                "communication": self.communication, "workspace": self.workspace, "total": self.total,
+                "communication": self.communication, "shared_memory": self.shared_memory,
+                "workspace": self.workspace, "total": self.total,
                 "host_peak": self.host_peak, "peak": self.peak}
+
+
+def _cached(inventory, key, make):
+    """`make()`, remembered on `inventory`: the planner asks the same questions of many layouts."""
+    cache = inventory.__dict__.setdefault("_planner_cache", {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
 
 
 def local_elements(inventory, tp: int, names) -> int:
@@ -112,8 +125,37 @@ def schedule_of(name: str, pp: int, microbatches: int, virtual_stages: int):
 
 def stage_ranges(inventory, candidate: Candidate) -> list[range]:
     """The blocks of each pipeline stage, as the trainer splits them by default (parameter bytes balanced)."""
-    return split_layers(inventory.plan.num_layers, candidate.pp * candidate.virtual_stages, None,
-                        **stage_sizes(inventory.plan))
+    num_stages = candidate.pp * candidate.virtual_stages
+    return _cached(inventory, ("ranges", num_stages), lambda: split_layers(
+        inventory.plan.num_layers, num_stages, None, **_cached(inventory, "sizes", lambda: stage_sizes(inventory.plan))))
+
+
+def rank_stages(inventory, candidate: Candidate, rank: int) -> list[int]:
+    """The stages pipeline rank `rank` runs."""
+    return [s for s in range(candidate.pp * candidate.virtual_stages) if stage_rank(s, candidate.pp) == rank]
+
+
+def rank_parameters(inventory, candidate: Candidate, rank: int) -> tuple[int, int, int]:
+    """(elements this tensor-parallel rank of pipeline rank `rank` holds, of them those it keeps
+    optimizer state for, elements of the same stages unsharded)."""
+    def count():
+        ranges = stage_ranges(inventory, candidate)
+        last = len(ranges) - 1
+        mine = rank_stages(inventory, candidate, rank)
+        names = {n for s in mine for n in stage_param_names(inventory.plan, ranges[s], s == 0, s == last)}
+        stateful = optimizer_state_names(inventory, names, mine, last)
+        return (local_elements(inventory, candidate.tp, names), local_elements(inventory, candidate.tp, stateful),
+                local_elements(inventory, 1, names))
+    return _cached(inventory, ("parameters", candidate.pp, candidate.virtual_stages, rank, candidate.tp), count)
+
+
+def optimizer_state_names(inventory, names: set, stages: list[int], last_stage: int) -> set:
+    """The parameters of a rank's stages it keeps AdamW state for: a tied parameter (on the first
+    and the last stage) has state on the first stage only, which updates it and sends the new value
+    to the other copy (model/parallel/data_parallel)."""
+    if 0 in stages:
+        return names
+    return names - set(inventory.plan.tied_params)
 
 
 def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Storage = RINGPIPE_STORAGE,
@@ -127,40 +169,51 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
     B, T = batch_size // (c.dp * c.microbatches), config.block_size
     ranges = stage_ranges(inventory, c)
     num_stages = len(ranges)
-    schedule = schedule_of(c.schedule, c.pp, c.microbatches, c.virtual_stages)
+    sp = c.sequence_parallel and c.tp > 1
     result = []
     for rank in range(c.pp):
-        mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
-        names = {n for s in mine for n in stage_param_names(inventory.plan, ranges[s], s == 0, s == num_stages - 1)}
-        elements = local_elements(inventory, c.tp, names)
+        mine = rank_stages(inventory, c, rank)
+        elements, stateful, dense = rank_parameters(inventory, c, rank)
         memory = RankMemory(rank, weights=elements * dtype.itemsize, gradients=elements * dtype.itemsize)
         master = 4 if mixed else dtype.itemsize
         if mixed:
             memory.weights += elements * 4
             memory.gradients += elements * 4
         # AdamW: m and v; ZeRO-1 keeps them and a per-element decay rate for its 1/dp shard only.
-        memory.optimizer = (3 * -(-elements // c.dp) if c.zero else 2 * elements) * master
-        stage_bytes = {s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0, s == num_stages - 1, storage)
+        memory.optimizer = (3 * -(-stateful // c.dp) if c.zero else 2 * stateful) * master
+        stage_bytes = {s: _cached(inventory, ("stage bytes", B, T, c.tp, sp, c.recompute, len(ranges[s]), s == 0,
+                                              s == num_stages - 1, storage),
+                                  lambda s=s: _stage_bytes(inventory, c, B, T, ranges[s], s == 0,
+                                                           s == num_stages - 1, storage))
                        for s in mine}
-        memory.activations, memory.stage_peaks = _walk(schedule[rank], stage_bytes)
-        memory.communication = _communication_bytes(c, B, T, config, dtype, bucket_bytes,
-                                                    elements if shared_memory_arena else 0)
+        memory.activations, memory.stage_peaks = _walked(c.schedule, c.pp, c.microbatches, c.virtual_stages, rank,
+                                                         tuple(sorted(stage_bytes.items())))
+        memory.communication, memory.shared_memory = _communication_bytes(
+            c, B, T, config, dtype, bucket_bytes, elements if shared_memory_arena else 0)
         memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
-        memory.host_peak = host_peak(memory, local_elements(inventory, 1, names), elements, dtype, c.zero, c.tp)
+        memory.host_peak = host_peak(inventory, dense, elements, dtype)
         result.append(memory)
     return result
 
 
-def host_peak(memory: RankMemory, rank_model_elements: int, elements: int, dtype, zero: int, tp: int) -> int:
-    """A CPU rank's high-water mark, which building the trainer sets when the model is large: the
-    rank draws the whole (unsharded) initial values of its pipeline stages' parameters (float32 for a
-    float32 run, float64 otherwise) while it makes its stage's parameters and gradients
-    (zero-filled, so resident) and the flat parameter buffer; the flat gradients are touched only
-    once those copies are freed. Tensor-parallel shards are cut through temporaries, which leave
-    about one more copy of the rank's share behind in the heap (measured)."""
+def host_peak(inventory, rank_model_elements: int, elements: int, dtype) -> int:
+    """A CPU rank's high-water mark while it builds its trainer (model/training/parallel_trainer.py).
+
+    It draws the initial values: where the plan can draw a part (`init_params_of`), the whole
+    (unsharded) parameters of its own stages, in float32 for a float32 run (float64 otherwise), each
+    through a float64 temporary that is freed; else the whole model in float64. It cuts its stages'
+    parameters from them and makes their zero gradients, then fills the flat parameter buffer and
+    zeroes the flat gradient buffer (the buckets' first begin_step) while all of these still live.
+    Zero gradients are resident when the allocator hands out freed memory (which it must clear: the
+    drawing's temporaries), not when the pages come fresh from the kernel (the whole model drawn
+    and kept): four copies of the rank's share then, else three. A mixed run adds its float32 master
+    weights and gradients before the drawn values go. Measured: tests/test_planner_memory.py."""
     itemsize = dtype.itemsize
-    drawn = 4 if dtype == np.float32 else 8
-    building = drawn * rank_model_elements + 3 * elements * itemsize + (elements * itemsize if tp > 1 else 0)
+    if hasattr(inventory.plan, "init_params_of"):
+        building = rank_model_elements * (4 if dtype == np.float32 else 8) + 4 * elements * itemsize
+    else:
+        model = _cached(inventory, "model elements", lambda: local_elements(inventory, 1, inventory.param_shapes()))
+        building = 8 * model + 3 * elements * itemsize
     if itemsize < 4:
         building += 2 * elements * 4  # float32 master weights and gradients
     return building
@@ -190,57 +243,79 @@ def _stage_bytes(inventory, c: Candidate, B, T, layers, first, last, storage):
         backward.append(("hold", pending))
     if first:
         backward.append(("release", holds[0]))
-    return holds, backward, pending * len(layers)
+    return tuple(holds), tuple(backward), pending * len(layers)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _walked(schedule: str, pp: int, microbatches: int, virtual_stages: int, rank: int, stage_bytes: tuple):
+    """`_walk` of rank `rank`'s actions, remembered (layouts differing in dp, ZeRO or the machine share it)."""
+    peak, peaks = _walk(schedule_of(schedule, pp, microbatches, virtual_stages)[rank], dict(stage_bytes))
+    return peak, peaks
 
 
 def _walk(actions, stage_bytes) -> tuple[int, dict]:
     """Peak live activation bytes of a rank (all its stages together) and of each stage alone."""
+    steps = {s: _action_steps(*entry) for s, entry in stage_bytes.items()}
     live = {s: 0 for s in stage_bytes}
     peaks = dict(live)
     peak = total = 0
     for action in actions:
-        s = action.stage
-        if action.kind == Kind.FORWARD:
-            events = [("hold", nbytes) for nbytes in stage_bytes[s][0]]
-        elif action.kind in (Kind.BACKWARD, Kind.BACKWARD_INPUT):
-            events = stage_bytes[s][1] + ([("release", stage_bytes[s][2])] if action.kind == Kind.BACKWARD else [])
-        elif action.kind == Kind.BACKWARD_WEIGHT:
-            events = [("release", stage_bytes[s][2])]
-        else:
+        step = steps[action.stage].get(action.kind) if action.stage in steps else None
+        if step is None:
             continue
-        for event, nbytes in events:
-            if event == "release":
-                live[s] -= nbytes
-                total -= nbytes
-                continue
-            live[s] += nbytes
-            total += nbytes
-            peaks[s] = max(peaks[s], live[s])
-            peak = max(peak, total)
-            if event == "transient":
-                live[s] -= nbytes
-                total -= nbytes
+        rise, net = step
+        s = action.stage
+        peaks[s] = max(peaks[s], live[s] + rise)
+        peak = max(peak, total + rise)
+        live[s] += net
+        total += net
     return peak, peaks
 
 
-def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> int:
-    """Buffers of communication. The same-host collectives move every gradient bucket through the
-    shared-memory arena, each bucket in blocks of its own while it is in flight (and the backward
-    launches them all within the last micro-batch): the rank's own blocks hold its whole flat
-    gradient, and it reads its peers' blocks of the part it reduces; the reduced part comes back in
-    a buffer of its own. ZeRO-1 then all-gathers the updated parameter shards the same way.
-    The pipeline keeps the messages waiting for their action (an activation and a gradient).
-    `elements` 0: collectives in place (GPUs)."""
-    total = 2 * bucket_bytes if c.dp > 1 and not elements else 0  # in place: a bucket each way
+def _action_steps(holds, backward, pending) -> dict:
+    """Per action kind of a stage: (the highest its live bytes rise within the action, the change
+    when it ends), from the action's hold/release/transient events in order."""
+    def step(events):
+        rise = net = 0
+        for event, nbytes in events:
+            if event == "release":
+                net -= nbytes
+                continue
+            rise = max(rise, net + nbytes)
+            net += nbytes if event == "hold" else 0
+        return rise, net
+
+    return {Kind.FORWARD: step([("hold", nbytes) for nbytes in holds]),
+            Kind.BACKWARD_INPUT: step(backward), Kind.BACKWARD: step(backward + (("release", pending),)),
+            Kind.BACKWARD_WEIGHT: step([("release", pending)])}
+
+
+def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> tuple[int, int]:
+    """(bytes of communication buffers, of them in the same-host shared-memory arena).
+
+    Same host (`elements` > 0, CPU workers): a gradient bucket's all-reduce copies the bucket whole
+    into a block of the rank's own arena while it is in flight (runtime/collectives.py's
+    shm_all_reduce), and the backward launches every bucket within the last micro-batch, so the
+    rank's own blocks hold up to its whole flat gradient; ZeRO-1's all-gather adds its shard of the
+    parameters in the same way, and its heap holds the gathered buckets (model/parallel/data_parallel's
+    ShardedAdamW.update starts them all before waiting) and the reduced shards. The slices a rank reads from its peers' blocks are not counted:
+    measured on this machine (dp2, 4 × 768 GPT-2), earlier buckets have finished by the time the
+    last ones are read, and the arena's resident pages stay at or under the flat gradient.
+    Arena pages are not heap: `RankMemory.peak` adds them on top of the heap's peak.
+    In place (`elements` 0, GPUs): a bucket each way.
+    The pipeline keeps the messages waiting for their action (an activation and a gradient)."""
+    heap = shared = 0
+    if c.dp > 1 and not elements:
+        heap += 2 * bucket_bytes
     if c.dp > 1 and elements:
         gradients = elements * dtype.itemsize
-        total += int(gradients * (1 + (c.dp - 1) / c.dp + 1 / c.dp))
-        if c.zero:  # its own shard's blocks and the peers' shards read: the whole flat buffer again
-            total += gradients
+        shared += gradients + (-(-gradients // c.dp) if c.zero else 0)
+        if c.zero:  # heap: every bucket's all-gathered parameters in flight at once, the reduced
+            heap += gradients + 2 * -(-gradients // c.dp)  # gradient shards and their concatenation
     if c.pp > 1:
         positions = T // c.tp if c.sequence_parallel and c.tp > 1 else T
-        total += 2 * B * positions * config.n_embd * dtype.itemsize
-    return total
+        heap += 2 * B * positions * config.n_embd * dtype.itemsize
+    return heap + shared, shared
 
 
 def _workspace_bytes(inventory, c: Candidate, B, T, dtype, last: bool) -> int:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ringpipe.model.parallel.pipeline_parallel.schedules import build_schedule, split_layers
-from ringpipe.model.planning.memory import Candidate, layout_memory
+from ringpipe.model.parallel.pipeline_parallel.schedules import split_layers
+from ringpipe.model.planning.memory import Candidate, layout_memory, schedule_of
 from ringpipe.model.planning.step_time import predict_step
 
 DOES_NOT_DIVIDE, DOES_NOT_FIT = "does not divide", "does not fit"
@@ -71,7 +71,7 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
         for schedule, v in schedules:
             for m in microbatches:
                 try:
-                    build_schedule(schedule, pp, m, v)
+                    schedule_of(schedule, pp, m, v)
                 except ValueError as exc:
                     yield Candidate(dp, tp, pp, schedule, v, m), f"{DOES_NOT_DIVIDE}: {exc}"
                     continue
@@ -82,7 +82,7 @@ def candidates(inventory, nproc: int, batch_size: int, max_microbatches: int = 6
                                    f"{DOES_NOT_DIVIDE}: sequence parallel: block_size {config.block_size} "
                                    f"is not divisible by tp {tp}")
                             continue
-                        for recompute in (False, True):
+                        for recompute in (False, True) if getattr(inventory, "recompute", True) else (False,):
                             yield Candidate(dp, tp, pp, schedule, v, m, zero, sp, recompute), None
 
 

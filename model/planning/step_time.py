@@ -10,15 +10,13 @@ ranks of consecutive hosts, so a group crosses hosts when its span of ranks does
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, stage_rank
-from ringpipe.model.parallel.pipeline_parallel.simulator import simulate
-from ringpipe.model.planning.memory import Candidate, local_elements, schedule_of, stage_ranges
-from ringpipe.model.parallel.plan import stage_param_names
+from ringpipe.model.parallel.pipeline_parallel.schedules import Kind
+from ringpipe.model.planning.memory import Candidate, rank_parameters, rank_stages, stage_ranges
+from ringpipe.model.planning.pipeline_timing import pipeline_time
 
 
 @dataclass
@@ -126,17 +124,16 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     costs = {s: stage_costs(s) for s in range(num_stages)}
     message = B * (T // c.tp if sp else T) * C * dtype.itemsize
     latency = machine.point_to_point(message, pp_across) if c.pp > 1 else 0.0
-    key = tuple(tuple(sorted(costs[s].items())) for s in range(num_stages))
-    sim = _simulated((c.schedule, c.pp, c.microbatches, c.virtual_stages), key, latency)
-    parts = {"pipeline (compute, tp, bubble)": sim.makespan}
+    makespan, bubble = pipeline_time((c.schedule, c.pp, c.microbatches, c.virtual_stages),
+                                     tuple((s, tuple(sorted(costs[s].items()))) for s in range(num_stages)), latency)
+    parts = {"pipeline (compute, tp, bubble)": makespan}
 
     # data-parallel gradients: buckets start during the last micro-batch's backward; a GPU's
     # copy engines overlap them with it, a CPU rank's cores are busy computing, so they add up.
     worst_grads, worst_elements = 0.0, 0
     for rank in range(c.pp):
-        mine = [s for s in range(num_stages) if stage_rank(s, c.pp) == rank]
-        names = {n for s in mine for n in stage_param_names(inventory.plan, ranges[s], s == 0, s == num_stages - 1)}
-        elements = local_elements(inventory, c.tp, names)
+        mine = rank_stages(inventory, c, rank)
+        elements = rank_parameters(inventory, c, rank)[0]
         nbytes = elements * dtype.itemsize
         if c.zero:
             reduce = machine.collective("reduce_scatter", nbytes, c.dp, dp_across)
@@ -156,16 +153,7 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     tokens = batch_size * T
     model_flops = 3 * (config.n_layer * inventory.block_flops(batch_size, T) + inventory.head_flops(batch_size, T))
     return StepTiming(seconds, tokens / seconds, model_flops / (seconds * c.world_size * machine.peak_flops),
-                      model_flops, parts, sim.bubble_fraction)
-
-
-@functools.lru_cache(maxsize=4096)
-def _simulated(schedule_key, stage_costs, latency):
-    """The simulator's run of a schedule with per-stage costs (layouts differing only in ZeRO or in
-    what happens after the pipeline share it)."""
-    costs = [dict(entries) for entries in stage_costs]
-    return simulate(schedule_of(*schedule_key), lambda rank, action: costs[action.stage].get(action.kind, 0.0)
-                    if action.stage is not None else 0.0, latency)
+                      model_flops, parts, bubble)
 
 
 def _optimizer_seconds(machine, elements, dtype) -> float:

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from ringpipe.model.families import hf_part
 from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE, read_config_json
 from ringpipe.model.t5.config import DTYPES, T5Config, param_shapes
 from ringpipe.model.t5.hf_config import hf_config, t5_config_from_hf
@@ -59,14 +60,16 @@ def key_map(config: T5Config) -> dict:
     return keys
 
 
+def hf_tensors(config: T5Config) -> list[tuple]:
+    """`key_map` as model/families.py's `hf_tensors`: [(key, name, columns or None, transposed)]."""
+    return [(key, name, columns, columns is not None) for name, parts in key_map(config).items()
+            for key, columns in parts]
+
+
 def to_transformers(params: dict, config: T5Config) -> dict:
     """ringpipe names -> transformers' keys and layouts (host arrays)."""
-    tensors = {}
-    for name, parts in key_map(config).items():
-        for key, columns in parts:
-            array = np.asarray(params[name])
-            tensors[key] = array if columns is None else np.ascontiguousarray(array[:, columns].T)
-    return tensors
+    return {key: hf_part(np.asarray(params[name]), columns, transposed)
+            for key, name, columns, transposed in hf_tensors(config)}
 
 
 def from_transformers(tensors: dict, config: T5Config, path: str) -> dict:
@@ -106,9 +109,14 @@ def save_checkpoint(directory, params: dict, config: T5Config, tokenizer=None) -
         write_checkpoint_files(stage, params, config, tokenizer)
 
 
+def weights_metadata(config) -> dict:
+    """The safetensors metadata of model.safetensors (besides the checksums): the format transformers expects."""
+    return {"format": "pt"}
+
+
 def write_checkpoint_files(directory, params: dict, config: T5Config, tokenizer=None) -> None:
     save_tensors(os.path.join(directory, WEIGHTS_FILE), to_transformers(params, config),
-                 metadata={"format": "pt"})
+                 metadata=weights_metadata(config))
     write_json(os.path.join(directory, CONFIG_FILE), hf_config(config), indent=2)
     if tokenizer is not None:
         tokenizer.save(directory)

@@ -19,7 +19,7 @@ import numpy as np
 from ringpipe.model.data.span_corruption import T5_ROLES, SpanCorruption, sentinel_tokens
 from ringpipe.model.families import Family
 from ringpipe.model.parallel.pipeline_parallel.schedules import split_layers
-from ringpipe.model.t5.checkpoint import load_checkpoint, write_checkpoint_files
+from ringpipe.model.t5.checkpoint import hf_tensors, load_checkpoint, weights_metadata, write_checkpoint_files
 from ringpipe.model.t5.config import ARCHITECTURE_FIELDS, T5Config, init_params
 from ringpipe.model.t5.hf_config import hf_config
 from ringpipe.model.t5.layers import IGNORE_INDEX
@@ -131,4 +131,5 @@ FAMILY = Family(name="t5", options=T5Options, default_options=small_t5, config=t
                 write_checkpoint_files=write_checkpoint_files, load_checkpoint=load_checkpoint,
                 parallel_plan=T5ParallelPlan, objective=SpanCorruptionObjective,
                 ignore_index=IGNORE_INDEX, special_tokens=SPECIAL_TOKENS,
-                additional_tokens=ADDITIONAL_TOKENS, hf_config=hf_config)
+                additional_tokens=ADDITIONAL_TOKENS, hf_config=hf_config, weights_metadata=weights_metadata,
+                hf_tensors=hf_tensors)

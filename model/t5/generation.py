@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ringpipe.model.gpt2.generation import _sample
+from ringpipe.model.inference.sampling import sample_batch
 from ringpipe.model.nn import ops
 from ringpipe.model.nn.attention_ops import padding_bias
 from ringpipe.model.nn.causal_attention import softmax_forward, split_heads
@@ -87,7 +87,7 @@ def generate(t5, input_ids, max_new_tokens: int, attention_mask=None, temperatur
     done = np.zeros(B, dtype=bool)
     for _ in range(max_new_tokens):
         logits = to_host(decode_step(t5, state, xp.asarray(tokens[:, -1]))).astype(np.float64)
-        chosen = _sample(logits, temperature, top_k, rng)
+        chosen = sample_batch(logits, temperature, top_k, rng)
         chosen[done] = config.pad_token_id
         tokens = np.concatenate([tokens, chosen[:, None]], axis=1)
         if config.eos_token_id is not None:

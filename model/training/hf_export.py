@@ -4,8 +4,11 @@ built from a sharded checkpoint by streaming: no process ever holds a whole tens
 The safetensors header is written from the checkpoint's metadata (names, dtypes, shapes), then each
 tensor's bytes follow in row-major order, gathered from the tensor-parallel pieces in chunks of
 EXPORT_CHUNK_BYTES (1 MiB); the CRC-32 of each tensor is computed on the way and written into the
-header last (its text has a fixed length). The file is the one the single-process Trainer writes
-for the same weights (model/gpt2/checkpoint.py), byte for byte.
+header last (its text has a fixed length). A family whose Hugging Face tensors are not its
+parameters as they are (BERT's and T5's fused q|k|v, weights stored transposed) says where each lies
+(`Family.hf_tensors`: a column range of a parameter, maybe transposed); such a tensor is read a block
+of whole columns at a time and transposed on the way. The file is the one the single-process
+Trainer writes for the same weights (the family's checkpoint.py), byte for byte.
 """
 from __future__ import annotations
 
@@ -44,30 +47,74 @@ def _header(names: list, entries: list, metadata: dict, checksums: dict) -> byte
     return encoded + b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
 
 
+def _view(entry: dict, columns: slice | None, transposed: bool) -> dict:
+    """The entry (shape, dtype) of a stored tensor's `columns` (last axis), maybe transposed."""
+    shape = list(entry["shape"])
+    if columns is not None:
+        shape[-1] = len(range(shape[-1])[columns])
+    return {"shape": shape[::-1] if transposed else shape, "dtype": entry["dtype"]}
+
+
+def _blocks(checkpoint: str, source: str, entry: dict, columns: slice | None, transposed: bool, chunk_bytes: int,
+            verified: set):
+    """The tensor (`source`'s `columns`, maybe transposed) in row-major order, as blocks of at most
+    about `chunk_bytes` (one row or column at least)."""
+    shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
+    per_chunk = max(1, chunk_bytes // dtype.itemsize)
+    if columns is None and not transposed:
+        total = int(np.prod(shape, dtype=np.int64))
+        for start in range(0, total, per_chunk):
+            for box in flat_range_boxes(shape, start, min(start + per_chunk, total)):
+                yield _read(checkpoint, source, entry, box, verified)
+        return
+    width = range(shape[-1])[columns or slice(None)]
+    if len(shape) == 1:  # a range of a vector
+        for start in range(0, len(width), per_chunk):
+            stop = min(start + per_chunk, len(width))
+            yield _read(checkpoint, source, entry, ((width.start + start,), (stop - start,)), verified)
+        return
+    rows = shape[0]
+    if transposed:  # the output's rows are the stored tensor's columns: a block of whole columns at a time
+        step = max(1, per_chunk // rows)
+        for start in range(0, len(width), step):
+            count = min(step, len(width) - start)
+            yield _read(checkpoint, source, entry, ((0, width.start + start), (rows, count)), verified).T
+    else:
+        step = max(1, per_chunk // len(width))
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            yield _read(checkpoint, source, entry, ((start, width.start), (count, len(width))), verified)
+
+
+def _read(checkpoint: str, source: str, entry: dict, box, verified: set):
+    block = np.empty(box[1], np.dtype(entry["dtype"]))
+    read_box(checkpoint, source, entry, box, block, verified)
+    return block
+
+
 def stream_tensors(path: str, checkpoint: str, tensors: dict, metadata: dict | None = None,
                    chunk_bytes: int = EXPORT_CHUNK_BYTES) -> None:
     """Write a safetensors file at `path` (atomically) holding {output name: global tensor name of
-    the sharded checkpoint}, in that order, with a CRC-32 per tensor in its metadata as
-    runtime.files.save_tensors writes them. Reads at most `chunk_bytes` of a tensor at a time."""
+    the sharded checkpoint, or (global name, columns: a slice of its last axis or None, transposed)},
+    in that order, with a CRC-32 per tensor in its metadata as runtime.files.save_tensors writes
+    them. Reads at most about `chunk_bytes` of a tensor at a time (a whole row or column at least)."""
     entries = read_metadata(checkpoint)["tensors"]
-    names, chosen = list(tensors), [entries[tensors[name]] for name in tensors]
+    views = {name: (view, None, False) if isinstance(view, str) else tuple(view) for name, view in tensors.items()}
+    names = list(views)
+    chosen = [_view(entries[source], columns, transposed) for source, columns, transposed in views.values()]
     metadata = dict(metadata or {})
     placeholder = _header(names, chosen, metadata, {name: _NO_CHECKSUM for name in names})
     checksums, verified = {}, set()
     with atomic_write(path) as f:
         f.write(len(placeholder).to_bytes(8, "little"))
         f.write(placeholder)
-        for name, entry in zip(names, chosen):
-            shape, dtype = tuple(entry["shape"]), np.dtype(entry["dtype"])
-            per_chunk, total, crc = max(1, chunk_bytes // dtype.itemsize), int(np.prod(shape, dtype=np.int64)), 0
-            for start in range(0, total, per_chunk):
-                for box in flat_range_boxes(shape, start, min(start + per_chunk, total)):
-                    block = np.empty(box[1], dtype)
-                    read_box(checkpoint, tensors[name], entry, box, block, verified)
-                    data = block.reshape(-1).view(np.uint8)
-                    crc = zlib.crc32(data, crc)
-                    f.write(data)
-                    del block, data
+        for name, (source, columns, transposed) in views.items():
+            crc = 0
+            for block in _blocks(checkpoint, source, entries[source], columns, transposed, chunk_bytes, verified):
+                data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+                crc = zlib.crc32(data, crc)
+                f.write(data)
+                del block, data
             checksums[name] = f"crc32:{crc & 0xFFFFFFFF:08x}"
         header = _header(names, chosen, metadata, checksums)
         assert len(header) == len(placeholder)  # fixed-length checksums: the data does not move
@@ -88,8 +135,11 @@ def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTE
     check_checkpoint(checkpoint, metadata, model={key: getattr(run, key) for key in model_family.architecture_fields},
                      whose="its run's config")
     plan = model_family.parallel_plan(config)
-    weights = {hf_name(plan, name): tensor_name(hf_name(plan, name), "weight") for name in parameter_names(plan)}
-    check_checkpoint(checkpoint, metadata, list(weights.values()))
+    layout = (model_family.hf_tensors(config) if model_family.hf_tensors is not None else
+              [(hf_name(plan, name), name, None, False) for name in parameter_names(plan)])
+    weights = {key: (tensor_name(hf_name(plan, name), "weight"), columns, transposed)
+               for key, name, columns, transposed in layout}
+    check_checkpoint(checkpoint, metadata, sorted({source for source, _, _ in weights.values()}))
     tokenizer = load_tokenizer(checkpoint)
     with staged_directory(out, merge=True) as stage:
         if model_family.hf_config is None or model_family.weights_metadata is None:

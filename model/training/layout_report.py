@@ -1,9 +1,8 @@
 """The layout report a parallel run prints before it starts: the mesh, the pipeline split and the
 bytes each stage and rank carries, e.g.
 
-    layout: dp 1 × tp 2 × pp 2 (1f1b), 4 workers; blocks per stage 12,12 (balanced by parameter
-    bytes); parameters per stage 0.76, 0.75 GiB (float32), per rank 0.38, 0.38 GiB; weights +
-    gradients + AdamW per rank 1.51, 1.51 GiB; one process would need 5.28 GiB
+    layout: dp 1 × tp 2 × pp 2 (1f1b), 4 workers; blocks per stage 11,13 (balanced by weight and
+    AdamW bytes); parameters per stage ...
 """
 from __future__ import annotations
 
@@ -49,7 +48,11 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
     ranges, elements = stage_parameter_elements(plan, layout)
     weight, state = state_bytes_per_element(train_dtype, layout.dp if layout.zero else 1)
     per_rank = [sum(elements[s] for s in range(p * v) if stage_rank(s, p) == r) / tp for r in range(p)]
-    how = "as --split" if layout.split else ("balanced by parameter bytes" if stage_sizes(plan) else "balanced by count")
+    # the last rank keeps no AdamW moments for a tied weight (the first stage updates it)
+    tied = sum(math.prod(plan.param_shapes()[name]) for name in plan.tied_params) / tp if p > 1 else 0
+    state_per_rank = [e * state - (tied * (state - 2 * weight) if r == p - 1 else 0) for r, e in enumerate(per_rank)]
+    how = "as --split" if layout.split else ("balanced by weight and AdamW bytes" if stage_sizes(plan) else
+                                             "balanced by count")
     total = sum(math.prod(shape) for shape in plan.param_shapes().values())
 
     def gib(values):  # in the unit of the largest value
@@ -60,6 +63,6 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
 
     return (mesh + ",".join(str(len(r)) for r in ranges) + f" ({how}); parameters per stage "
             + gib(e * weight for e in elements) + f" ({train_dtype}), per rank {gib(e * weight for e in per_rank)}; "
-            + f"weights + gradients + AdamW per rank {gib(e * state for e in per_rank)}"
+            + f"weights + gradients + AdamW per rank {gib(state_per_rank)}"
             + (f" (moments ÷ dp {layout.dp}, ZeRO-1)" if layout.zero else "")
             + f"; one process would need {gib([total * state_bytes_per_element(train_dtype)[1]])}")

@@ -4,8 +4,9 @@
                                "activations_peak", "peak_rss", "rss", "traced"}   (bytes)
 
 weights / gradients: this rank's flat parameter and gradient buffers (its tp shards of its pipeline
-stages; a mixed run adds the float32 master copies); optimizer: AdamW moments (ZeRO-1: this rank's
-1/dp, and the weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
+stages; a mixed run adds the float32 master copies); optimizer: AdamW moments of what this rank
+updates (none for a tied weight on the last pipeline stage; ZeRO-1: this rank's 1/dp, and the
+weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
 `ActivationMemory`). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
 temporaries: the accounting above must stay below them, and near them for a large model. traced:
 tracemalloc's (current, peak) when the worker traces (tests), else None.
@@ -23,9 +24,9 @@ def memory_report(trainer) -> dict:
         grads += trainer._master_grads_flat.nbytes
     optimizer = trainer.optimizer_state_bytes()
     if trainer.layout.zero:  # this rank's 1/dp of the flat buffers, twice more:
-        shard_bytes = sum(s.stop - s.start for s in trainer.optimizer.shards) * gradients.flat_grads.itemsize
-        grads += shard_bytes  # the averaged gradient shards the reduce-scatter returns (kept until the next step)
-        optimizer += shard_bytes  # AdamW's per-element weight-decay rates beside its moments
+        # the averaged gradient shards the reduce-scatter returns (kept until the next step)
+        grads += sum(s.stop - s.start for s in trainer.optimizer.shards) * gradients.flat_grads.itemsize
+        optimizer += sum(rates.nbytes for rates in trainer.optimizer.decay)  # AdamW's per-element weight decay
     stages = trainer.stages.values()
     return {"rank": trainer.mesh.rank, "coordinates": dict(trainer.mesh.indices), "weights": int(weights),
             "gradients": int(grads), "optimizer": int(optimizer),

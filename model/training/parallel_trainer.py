@@ -20,6 +20,7 @@ import numpy as np
 
 from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.families import family
+from ringpipe.model.inference.pipelined_generation import generate_on_mesh
 from ringpipe.model.nn.mixed_precision import (LossScaledAdamW, LossScaler, has_overflow, is_mixed, overflow_expected,
                                       weights_dtype)
 from ringpipe.model.nn.optim import AdamW, clip_scale, lr_at
@@ -33,6 +34,7 @@ from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.evaluation import evaluate_rank
 from ringpipe.model.training.memory_report import memory_report
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, dropout_seed
+from ringpipe.runtime.fault_injection import FaultInjector
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ParallelTrainer:
         warnings.filterwarnings("ignore", OVERFLOW_WARNINGS, RuntimeWarning)  # this worker process only
         self.layout = Layout(**layout)
         self.tracer = comm.tracer
+        self.faults = FaultInjector(comm.rank)  # RINGPIPE_FAULT: a testing aid (runtime/fault_injection.py)
         self.family = family(self.config.family)
         self.gpt_config = self.config.model_config(vocab_size)
         self.plan = (self.family.parallel_plan if plan is None else _resolve(plan))(self.gpt_config)
@@ -124,13 +127,17 @@ class ParallelTrainer:
             self._tp_partial_pieces = self.gradients.shard_ranges(partial)
             self._norm_skip = (self.gradients.shard_ranges(replicated)
                                if self.layout.tp > 1 and self.mesh.tp_rank != 0 else [])
+        # What this rank's AdamW updates: a tied weight only on the first stage (model/parallel/data_parallel).
+        tied = set(self.plan.tied_params)
+        self.updated = {name: p for name, p in (self.params if self.master is None else self.master).items()
+                        if self.gradients.owns_tied or name not in tied}
         betas = (self.config.beta1, self.config.beta2)
         if self.master is not None:
-            self.optimizer = LossScaledAdamW(self.master, betas, self.config.eps, self.config.weight_decay,
+            self.optimizer = LossScaledAdamW(self.updated, betas, self.config.eps, self.config.weight_decay,
                                              LossScaler(growth_interval=self.config.loss_scale_growth_interval))
         else:
             optimizer = ShardedAdamW if self.layout.zero else AdamW
-            self.optimizer = optimizer(self.gradients if self.layout.zero else self.params, betas, self.config.eps,
+            self.optimizer = optimizer(self.gradients if self.layout.zero else self.updated, betas, self.config.eps,
                                        self.config.weight_decay)
 
     def _initial_params(self, layer_ranges: list[range]) -> dict:
@@ -162,6 +169,7 @@ class ParallelTrainer:
 
     def train_step(self, step: int) -> dict:
         config, layout = self.config, self.layout
+        self.faults.before_step(step)
         start = time.perf_counter()
         inputs, targets = self._microbatches("train", step)
         self.gradients.begin_step()  # zeroes every stage's gradients (views into one flat buffer)
@@ -208,7 +216,8 @@ class ParallelTrainer:
                     if scale != 1.0:
                         for g in grads.values():
                             g *= scale
-                    self.optimizer.update(self.master if mixed else self.params, grads, lr)
+                    self.optimizer.update(self.updated, grads, lr)
+                    self.gradients.share_tied(self._master_flat if mixed else self.gradients.flat_params)
                     if mixed:
                         self.gradients.flat_params[...] = self._master_flat  # rounded to float16
                     self._refresh_tied_copies()
@@ -290,6 +299,13 @@ class ParallelTrainer:
         """This rank's part of the validation loss (model/training/evaluation.py)."""
         return evaluate_rank(self)
 
+    def generate(self, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, started: float | None = None):
+        """Continue `prompts` (token id lists) with the model as trained so far, under the run's layout
+        (model/inference/pipelined_generation.py's `generate_on_mesh`). Every rank must be asked."""
+        return generate_on_mesh(self.stages, self.mesh, self.num_stages, prompts, max_new_tokens, temperature,
+                                top_k, seed, started=started)
+
     def local_params(self) -> dict:
         """This rank's parameters on the host (float32 master weights when mixed): tensor-parallel shards
         (see `shard_table`), full arrays when tp = 1. `model.parallel.tensor_parallel.assemble_full_params`
@@ -326,7 +342,9 @@ class ParallelTrainer:
         (model/training/sharded_checkpoint.py). Every rank must be asked."""
         from ringpipe.model.training.sharded_checkpoint import save_rank
 
-        return save_rank(self, checkpoint_dir)
+        report = save_rank(self, checkpoint_dir)
+        self.faults.after_writing_checkpoint()
+        return report
 
     def load_state(self, checkpoint_dir: str) -> int:
         """Take this rank's part of a checkpoint (weights and AdamW moments); returns its step. A sharded

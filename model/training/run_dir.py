@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from ringpipe.model.data.tokenizer import TOKENIZER_FILES
 from ringpipe.model.gpt2.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from ringpipe.model.quantization.int8_format import quantization_config
 
 if TYPE_CHECKING:
     from ringpipe.model.training.config import TrainConfig
@@ -50,6 +51,7 @@ SCHEDULE_FILE = "schedule.json"  # written by the driver of a traced run
 TRACE_VIEW_FILE = "trace.html"
 TRACE_EXPORT_FILE = "trace.json"
 TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
+LOGS_DIR = "logs"  # rank-R.log of each worker of a multi-worker run (runtime/rank_logs.py)
 
 
 def step_directory(run_dir: str, step: int) -> str:
@@ -77,6 +79,10 @@ def sharded_checkpoints(run_dir: str, committed: bool = True) -> list[tuple[int,
 def find_checkpoint(run_dir: str) -> str:
     """The run's latest checkpoint: the newest committed sharded one, or the consolidated one
     (the previous one if a swap was interrupted), whichever has more steps."""
+    quantized = quantization_config(run_dir)
+    if quantized is not None:
+        raise ValueError(f"{run_dir} holds an int8 model written by ringpipe quantize, not a training run: int8 "
+                         f"weights cannot be trained; resume the float run it came from ({quantized.get('source')})")
     sharded = sharded_checkpoints(run_dir)
     consolidated = next((path for path in (os.path.join(run_dir, CHECKPOINT_DIR),
                                            os.path.join(run_dir, PREVIOUS_CHECKPOINT_DIR))
@@ -135,7 +141,7 @@ def remove_traces(out: str) -> None:
 def remove_run(out: str) -> None:
     """Delete what an earlier run wrote into `out` (only ringpipe's own files)."""
     for pattern in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, CHECKPOINT_DIR + ".tmp-*", "model.tmp-*",
-                    SHARDED_CHECKPOINTS_DIR):
+                    SHARDED_CHECKPOINTS_DIR, LOGS_DIR):
         for path in glob.glob(os.path.join(out, pattern)):
             shutil.rmtree(path, ignore_errors=True)
     for pattern in (METRICS_FILE, TOKEN_FILE, *MODEL_FILES, *TRACE_FILES, TRACE_VIEW_FILE):

@@ -36,7 +36,7 @@ from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commi
                                                          tensor_name)
 from ringpipe.model.training.checkpoint_pieces import (box_slices, flat_range_boxes, intersect, local_shape,
                                                        local_to_global, shard_boxes, volume)
-from ringpipe.model.training.run_dir import step_directory
+from ringpipe.model.training.run_dir import read_trainer_state, step_directory
 from ringpipe.model.training.step import NonFiniteError
 from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.array_module import to_host
@@ -256,6 +256,14 @@ class _RankReader:
         return out
 
 
+def read_weights(holder, checkpoint: str) -> dict:
+    """{name: this rank's shard (host array)} of the weight of every parameter in `holder.shard_table()`
+    (`holder`: anything with that and the family's `plan`, as a ParallelTrainer or an inference
+    generator), reading only the pieces' bytes it needs; no optimizer state."""
+    reader = _RankReader(holder, checkpoint, read_metadata(checkpoint)["tensors"])
+    return {name: reader.read(name, "weight") for name in holder.shard_table()}
+
+
 def load_rank(trainer, checkpoint: str) -> int:
     """Take this rank's part of a sharded checkpoint into a `ParallelTrainer` (weights, Adam
     moments, optimizer scalars), reading only what it holds: its tensor-parallel shards, and with
@@ -270,7 +278,7 @@ def load_rank(trainer, checkpoint: str) -> int:
     if trainer.layout.zero:
         _load_zero_moments(trainer, reader)
     else:
-        for name in trainer.params:
+        for name in optimizer.m:  # (none for a tied weight on the last stage: the first stage updates it)
             optimizer.m[name][...] = xp.asarray(reader.read(name, "exp_avg", dtype=optimizer.m[name].dtype))
             optimizer.v[name][...] = xp.asarray(reader.read(name, "exp_avg_sq", dtype=optimizer.v[name].dtype))
     optimizer.step_count = int(metadata["optimizer"]["step"])
@@ -286,7 +294,7 @@ def _load_zero_moments(trainer, reader: _RankReader) -> None:
     gradients, optimizer = trainer.gradients, trainer.optimizer
     for b, bucket in enumerate(gradients.buckets):
         shard = optimizer.shards[b]
-        for name in bucket.names:
+        for name in bucket.names if gradients.updates(b) else ():
             begin = gradients.offsets[name]
             lo, hi = max(begin, shard.start), min(begin + volume(gradients.shapes[name]), shard.stop)
             if lo >= hi:
@@ -361,3 +369,18 @@ def check_resumable(checkpoint: str, run_model, model_family: Family) -> None:
              for role in ("weight", "exp_avg", "exp_avg_sq")]
     model = {key: getattr(run_model, key) for key in model_family.architecture_fields}
     check_checkpoint(checkpoint, read_metadata(checkpoint), names, model)
+
+
+def verify_checkpoint(checkpoint: str) -> None:
+    """ValueError (one line, naming the file) unless a committed sharded checkpoint is whole: its
+    metadata readable, every piece there with its size, the pieces covering each tensor, and every
+    piece matching its CRC-32 (all bytes are read, a chunk at a time; nothing is held). For a
+    consolidated checkpoint: its trainer state is readable (its tensors are checked as they load)."""
+    if not is_sharded(checkpoint):
+        read_trainer_state(checkpoint)
+        return
+    metadata = read_metadata(checkpoint)
+    check_checkpoint(checkpoint, metadata)
+    for name, entry in metadata["tensors"].items():
+        for piece in entry["pieces"]:
+            verify_piece(os.path.join(checkpoint, piece["file"]), name, piece)

@@ -13,9 +13,11 @@ become final in backward (last layer first):
     updates only that shard, then all-gathers the parameters.)
 
 Micro-batches before the last accumulate locally and do not communicate (as DDP's no_sync).
-A tied parameter (the plan's `tied_params`, e.g. GPT-2's wte) always has a bucket of its own: with
-pp > 1 its gradient is also summed over the tie group (first and last stage), after the data-parallel
-average.
+A tied parameter (the plan's `tied_params`, e.g. GPT-2's wte) always has a bucket of its own. With
+pp > 1 the first and the last stage both hold it, but only the first (its owner) keeps its optimizer
+state: after the data-parallel average the last stage sends its gradient contribution to the first
+(`finish`), the owner updates the weight, and `share_tied` sends it back. The last stage so holds the
+weight and its gradient, never its Adam moments (15 % of a rank's state at GPT-2 medium, tp 2 × pp 2).
 """
 from __future__ import annotations
 
@@ -86,7 +88,8 @@ class GradientBuckets:
     stages: stage index -> stage on this rank (its params/grads entries are replaced by views, its
     `on_grads_final` set); dp_comm: the data-parallel communicator; tie_comm: first + last pipeline
     stage (the mesh's tie group; None without pipeline parallelism), over which the gradients of the
-    stages' `plan.tied_params` are summed; shard: ZeRO-1 (reduce-scatter, padded buckets).
+    stages' `plan.tied_params` are summed on the first stage; shard: ZeRO-1 (reduce-scatter, padded buckets).
+    `updates(b)`: whether this rank's optimizer updates bucket b (not a tied bucket on the last stage).
     """
 
     def __init__(self, stages: dict, dp_comm, tie_comm=None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
@@ -118,9 +121,9 @@ class GradientBuckets:
                 stage.params[name], stage.grads[name] = self.params[name], self.grads[name]
                 self.reports_needed[self.bucket_of[name]] += 1
             stage.on_grads_final = self.mark_final
-        # A tied parameter counts in the global norm once: on the rank holding the first stage.
+        # A tied parameter is updated, and counts in the global norm, once: on the rank holding the first stage.
         self.tied_buckets = {self.bucket_of[name] for name in tied if name in self.bucket_of}
-        self.counts_tied = any(getattr(stage, "first", False) for stage in stages.values())
+        self.owns_tied = tie_comm is None or any(getattr(stage, "first", False) for stage in stages.values())
         self.timings = {}
         self.begin_step()
 
@@ -168,11 +171,34 @@ class GradientBuckets:
             # all-reduce averages `flat_grads` in place; reduce-scatter returns this rank's shard
             shards[b] = self.flat_grads[span] if handle is None else handle.wait()
             if b in self.tied_buckets and self.tie_comm is not None:
-                self.tie_comm.all_reduce(shards[b])  # the first and the last stage's contributions
+                self._sum_tied_on_owner(shards[b])
         done = time.perf_counter()
         self.timings = {"buckets": len(self.buckets), "overlapped_s": backward_end - self.first_launch,
                         "exposed_s": done - backward_end, "reduce_s": done - self.first_launch}
         return shards if self.shard else self.grads
+
+    def updates(self, b: int) -> bool:
+        return self.owns_tied or b not in self.tied_buckets
+
+    def _sum_tied_on_owner(self, grad):
+        # The tie group is [first stage, last stage]: group rank 0 owns. a + b is commutative, so the
+        # owner's sum has the bits an all-reduce would give.
+        if self.owns_tied:
+            grad += self.tie_comm.recv(1)
+        else:
+            self.tie_comm.send(grad, 0)
+
+    def share_tied(self, flat) -> None:
+        """The owner's updated tied weights into the last stage's copy; `flat` is laid out like these
+        buckets (the weights, or a mixed run's float32 master weights). Both stages call it."""
+        for b in sorted(self.tied_buckets):
+            self.share_tied_bucket(b, flat, self.buckets[b].span)
+
+    def share_tied_bucket(self, b: int, flat, span: slice | None = None) -> None:
+        """`share_tied` for bucket b's `span` of `flat` (default: this rank's 1/dp of it, as ZeRO-1
+        updates it before the all-gather over dp)."""
+        if self.tie_comm is not None:
+            self.tie_comm.broadcast(flat[self.shard_of(b) if span is None else span], src=0)
 
     def shard_sum_of_squares(self, shards: list, skip=()) -> float:
         """Σ g² over this rank's shards (tied parameters only where they are counted), leaving out the
@@ -182,7 +208,7 @@ class GradientBuckets:
             skipped.setdefault(b, []).append((start, stop))
         total = 0.0
         for b, shard in enumerate(shards):
-            if b in self.tied_buckets and not self.counts_tied:
+            if not self.updates(b):
                 continue
             host, position = to_host(shard), 0
             for start, stop in sorted(skipped.get(b, [])) + [(len(host), len(host))]:
@@ -212,11 +238,13 @@ class GradientBuckets:
 
 
 class ShardedAdamW:
-    """ZeRO-1 AdamW: moments only for this rank's 1/dp shard of every bucket.
+    """ZeRO-1 AdamW: moments only for this rank's 1/dp shard of every bucket it updates (a tied
+    bucket on the last stage gets its shard from the first stage instead, see `GradientBuckets`).
 
     `update(shards, lr, grad_scale)` applies AdamW to the shard, then all-gathers the parameters.
     `state_dict()` / `load_state_dict()` use the full per-parameter format of `AdamW` (gathered over
-    dp, so every rank must call them), so a checkpoint resumes with any dp size or layout.
+    dp, so every rank must call them) for the parameters this rank updates, so a checkpoint resumes
+    with any dp size or layout.
     """
 
     def __init__(self, gradients: GradientBuckets, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -224,13 +252,16 @@ class ShardedAdamW:
         self.gradients, self.beta1, self.beta2, self.eps = gradients, betas[0], betas[1], eps
         self.xp, flat = gradients.xp, gradients.flat_params
         self.shards = [gradients.shard_of(b) for b in range(len(gradients.buckets))]
-        self.m = [self.xp.zeros(s.stop - s.start, flat.dtype) for s in self.shards]
+        # No moments (nor rates) for a bucket another stage updates: empty arrays keep the indices.
+        kept = [s.stop - s.start if gradients.updates(b) else 0 for b, s in enumerate(self.shards)]
+        self.m = [self.xp.zeros(n, flat.dtype) for n in kept]
         self.v = [self.xp.zeros_like(m) for m in self.m]
         rates = self.xp.zeros_like(flat)
         for name, p in gradients.params.items():
             if decays(p):
                 gradients.view(rates, name)[...] = weight_decay
-        self.decay = [rates[s].copy() for s in self.shards]  # per-element rates: 0 on biases and gains
+        # per-element rates: 0 on biases and gains
+        self.decay = [rates[s].copy() if n else rates[:0].copy() for s, n in zip(self.shards, kept)]
         self.step_count = 0
 
     @property
@@ -242,11 +273,14 @@ class ShardedAdamW:
         self.step_count += 1
         flat, gathering = self.gradients.flat_params, []
         for b, shard in enumerate(self.shards):
-            grad = grad_shards[b]  # this step's own array (or a view of the flat gradients): scaled in place
-            if grad_scale != 1.0:
-                grad *= grad_scale
-            adamw_update(flat[shard], grad, self.m[b], self.v[b], self.step_count, lr, self.beta1,
-                         self.beta2, self.eps, self.decay[b])
+            if self.gradients.updates(b):
+                grad = grad_shards[b]  # this step's own array (or a view of the flat gradients): scaled in place
+                if grad_scale != 1.0:
+                    grad *= grad_scale
+                adamw_update(flat[shard], grad, self.m[b], self.v[b], self.step_count, lr, self.beta1,
+                             self.beta2, self.eps, self.decay[b])
+            if b in self.gradients.tied_buckets:  # the owner's shard of the tied weights to the last stage
+                self.gradients.share_tied_bucket(b, flat)
             if self.gradients.dp_size > 1:  # gather this bucket while the next one is updated
                 gathering.append(gather_shard(self.gradients.dp_comm, flat[shard]))
         for bucket, handle in zip(self.gradients.buckets, gathering):
@@ -257,14 +291,18 @@ class ShardedAdamW:
             return moments
         return gather_shards(self.gradients.dp_comm, moments)
 
+    def _updated_names(self) -> list[str]:
+        return [name for name in self.gradients.params if self.gradients.updates(self.gradients.bucket_of[name])]
+
     def state_dict(self) -> dict:
-        """Host arrays "step", "m.NAME", "v.NAME" for every parameter of this rank (collective over dp)."""
+        """Host arrays "step", "m.NAME", "v.NAME" for every parameter this rank updates (collective over dp)."""
         state = {"step": np.array(self.step_count, dtype=np.int64)}
         for moment, shards in (("m", self.m), ("v", self.v)):
             flat = self.xp.zeros_like(self.gradients.flat_params)
-            for bucket, full in zip(self.gradients.buckets, self._gathered(shards)):
-                flat[bucket.span] = full
-            for name in self.gradients.params:
+            for b, full in enumerate(self._gathered(shards)):
+                if self.gradients.updates(b):
+                    flat[self.gradients.buckets[b].span] = full
+            for name in self._updated_names():
                 state[f"{moment}.{name}"] = to_host(self.gradients.view(flat, name)).copy()
         return state
 
@@ -272,8 +310,8 @@ class ShardedAdamW:
         """Take this rank's shard of full per-parameter moments (ValueError on missing or misshapen)."""
         for moment, shards in (("m", self.m), ("v", self.v)):
             flat = self.xp.zeros_like(self.gradients.flat_params)
-            for name, param in self.gradients.params.items():
-                key = f"{moment}.{name}"
+            for name in self._updated_names():
+                param, key = self.gradients.params[name], f"{moment}.{name}"
                 if key not in state:
                     raise ValueError(f"ZeRO-1 (dp rank {self.gradients.dp_rank}): optimizer state lacks {key!r}")
                 if tuple(state[key].shape) != tuple(param.shape):

@@ -45,11 +45,20 @@ def vocab_parallel(axis: int = 0) -> Sharding:
     return Sharding("vocab", axis)
 
 
+def shard_indices(length: int, parts: int, rank: int, size: int):
+    """The indices along the split axis that `shard` gives `rank` (an axis without padding)."""
+    if length % (size * parts):
+        raise ValueError(f"shard_indices: length {length} is not a multiple of tp {size} x {parts} parts")
+    return np.arange(length).reshape(parts, size, -1)[:, rank].reshape(-1)
+
+
 def shard(full, sharding: Sharding, rank: int, size: int):
     """This rank's slice of a full parameter-shaped array; the axis is zero-padded to a multiple of size."""
     axis, parts = sharding.axis, sharding.parts
     if axis is None:
         return full
+    if hasattr(full, "select"):  # a quantized weight (model/quantization/int8.py) cuts itself
+        return full.select(axis, shard_indices(full.shape[axis], parts, rank, size))
     length = full.shape[axis]
     padded = -(-length // (size * parts)) * size * parts
     if padded != length:
@@ -58,6 +67,14 @@ def shard(full, sharding: Sharding, rank: int, size: int):
         full = np.pad(full, widths)
     groups = np.split(full, parts, axis=axis)
     return np.concatenate([np.split(group, size, axis=axis)[rank] for group in groups], axis=axis)
+
+
+def shard_shape(full_shape, sharding: Sharding, size: int) -> tuple:
+    """The shape of a rank's `shard` of an array of `full_shape` (padding included), without one."""
+    shape = list(full_shape)
+    if sharding.axis is not None:
+        shape[sharding.axis] = -(-shape[sharding.axis] // (size * sharding.parts)) * sharding.parts
+    return tuple(shape)
 
 
 def shard_table(shardings: dict, full_shapes: dict, rank: int, size: int) -> dict:

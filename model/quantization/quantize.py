@@ -1,0 +1,86 @@
+"""`ringpipe quantize`'s work: a trained run's float model -> an int8 model directory.
+
+    summary = quantize_run("out", "out-int8", granularity="channel", outlier_threshold=6.0)
+
+Reads the run's model (RUN/ or, for a run stopped early, RUN/checkpoint/), quantizes each linear
+weight (model/quantization/int8.py), keeps embeddings, LayerNorms and biases in float, and writes
+the directory `Int8GPT.from_pretrained` reads (model/quantization/gpt2_int8.py).
+"""
+from __future__ import annotations
+
+import os
+
+from ringpipe.model.data.dataset import TokenDataset
+from ringpipe.model.data.tokenizer import load_tokenizer
+from ringpipe.model.families import DEFAULT_FAMILY, checkpoint_family, family
+from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.quantization.gpt2_int8 import Int8GPT, linear_weight_names, save_int8_gpt
+from ringpipe.model.quantization.int8_format import CONFIG_FILE, quantization_config
+from ringpipe.model.quantization.int8 import quantize_int8
+from ringpipe.model.quantization.outliers import outlier_features
+
+CHECKPOINT_DIR = "checkpoint"  # model/training/run_dir.py's name; training is a layer this does not need
+TOKEN_FILE = "tokens.bin"
+INT8_FAMILIES = {"gpt2": (linear_weight_names, Int8GPT)}  # family -> (its linear weights, its int8 model)
+CALIBRATION_BATCH = (8, 64)  # sequences, tokens (at most block_size) per calibration batch
+
+
+def model_directory(run_dir: str) -> str:
+    """The model files of a run directory: its final model, or its checkpoint if it stopped early;
+    a model directory is its own."""
+    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)) and \
+            os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
+        return os.path.join(run_dir, CHECKPOINT_DIR)
+    return run_dir
+
+
+def check_int8_family(directory: str) -> str:
+    """The model family of `directory` if int8 quantization knows its layers; else ValueError
+    saying which family and which layers int8 covers."""
+    name = checkpoint_family(directory) or DEFAULT_FAMILY
+    if name not in INT8_FAMILIES:
+        raise ValueError(f"{directory} holds a {name} model, whose layers quantize differently: int8 covers "
+                         f"{', '.join(INT8_FAMILIES)} only (GPT-2's Conv1D linears attn.c_attn, attn.c_proj, "
+                         f"mlp.c_fc, mlp.c_proj, one scale per output channel); {name}'s are not mapped")
+    return name
+
+
+def quantize_run(run_dir: str, out: str, granularity: str = "channel", outlier_threshold: float | None = None,
+                 calibration_batches: int = 8) -> dict:
+    """Writes the int8 model of `run_dir` to `out`; -> {"source", "out", "float_bytes", "int8_bytes",
+    "quantized", "outlier_rows"} (bytes of every weight as stored, the quantized weights' count, the
+    outlier rows kept in float over all of them).
+
+    outlier_threshold: keep in float the input features where the run's own training tokens
+    (RUN/tokens.bin, `calibration_batches` random windows) reach it, as LLM.int8() does; None: none.
+    ValueError naming the directory for an int8 source or an unsupported family."""
+    source = model_directory(run_dir)
+    if quantization_config(source) is not None:
+        raise ValueError(f"{source} is already an int8 model (ringpipe quantize); quantize the float run")
+    name = check_int8_family(source)
+    linear_names, _ = INT8_FAMILIES[name]
+    config, params = family(name).load_checkpoint(source)
+    tokenizer = load_tokenizer(source)
+    names = linear_names(config)
+    outliers = {}
+    if outlier_threshold is not None:
+        batches = calibration_inputs(run_dir, config.block_size, calibration_batches)
+        outliers = outlier_features(GPT(config, params=params), batches, names, outlier_threshold)
+    quantized = {**params, **{n: quantize_int8(params[n], granularity, outliers.get(n)) for n in names}}
+    save_int8_gpt(out, config, quantized, {"granularity": granularity, "outlier_threshold": outlier_threshold,
+                                           "source": os.path.abspath(source)}, tokenizer)
+    return {"source": source, "out": out, "float_bytes": int(sum(p.nbytes for p in params.values())),
+            "int8_bytes": int(sum(p.nbytes for p in quantized.values())), "quantized": len(names),
+            "outlier_rows": int(sum(len(rows) for rows in outliers.values()))}
+
+
+def calibration_inputs(run_dir: str, block_size: int, count: int) -> list:
+    """`count` batches of token ids (B, T) from the run's training split (RUN/tokens.bin), at random
+    windows with a fixed seed; ValueError if the run has no token file."""
+    path = os.path.join(run_dir, TOKEN_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"outlier calibration reads the run's training tokens, and {path} does not exist")
+    dataset = TokenDataset.from_file(path)
+    batch, length = CALIBRATION_BATCH[0], min(CALIBRATION_BATCH[1], block_size)
+    return [dataset.get_batch("train", i, batch, length, seed=0, sampler="random")[0] for i in range(count)]
+
