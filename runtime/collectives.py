@@ -72,8 +72,8 @@ def ring_all_reduce(ctx, work, reduce):
 
     # Sends are not waited for one by one: a chunk's zero-copy send is waited for only before the
     # all-gather overwrites that chunk, and all of them before returning. (Waiting after every
-    # send stalled the pipeline and kept the engine polling; across 3 CURVE hosts it cost ~25 %
-    # of the collective's CPU: 2.2 -> 1.6 cpu-s for 64 MiB, tools/bench_multihost.py.)
+    # send stalled the pipeline and kept the engine polling; across 3 CURVE hosts it cost 15-30 %
+    # of the collective's CPU: 1.9-2.2 -> 1.55-1.63 cpu-s for 64 MiB, tools/bench_multihost.py.)
     in_flight = {}  # chunk start -> ZeroMQ tracker of the send still reading work[start:...]
 
     def send(step, index, lo, hi, meta=None):
