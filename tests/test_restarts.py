@@ -146,7 +146,8 @@ def test_a_damaged_latest_checkpoint_is_one_line_naming_the_older_whole_one_and_
     message = raised.value.message
     assert attempts == [0]
     assert message.startswith(f"worker rank 0 died; not restarting: the latest checkpoint {latest} is damaged")
-    assert "checksum" in message and f"the older {out / 'checkpoints' / 'step-00000004'} is whole" in message
+    assert "checksum" in message and \
+        f"the newest older checkpoint, {out / 'checkpoints' / 'step-00000004'} (step 4), is intact" in message
 
 
 def test_after_max_restarts_failed_attempts_the_last_failure_is_the_error(tmp_path):
