@@ -25,7 +25,7 @@ from ringpipe.cluster.options import bad_flag, one_line
 from ringpipe.model.training.checkpoint_integrity import fallback_hint, verify_checkpoint
 from ringpipe.model.training.checkpoint_metadata import is_sharded
 from ringpipe.model.training.run_dir import find_checkpoint, read_trainer_state
-from ringpipe.runtime.calls import ClusterStopped
+from ringpipe.runtime.calls import ClusterStopped, RemoteError
 from ringpipe.runtime.fault_injection import FAULT_VARIABLE, fault_from_environment
 
 RESTARTING_LAUNCHERS = ("local", "ssh")  # those whose workers the driver starts, and can start again
@@ -40,7 +40,14 @@ class RestartableFailure(click.ClickException):
         self.cause = cause
 
 
-def restartable(cause: Exception, error: click.ClickException) -> RestartableFailure:
+# What a rank may raise that a restart would only meet again: its disk is full or not writable.
+NOT_RESTARTED = ("FileWriteError", "NonFiniteError")
+
+
+def restartable(cause: Exception, error: click.ClickException) -> click.ClickException:
+    """`error` as a RestartableFailure, unless `cause` is a rank's error in NOT_RESTARTED."""
+    if isinstance(cause, RemoteError) and cause.exc_type in NOT_RESTARTED:
+        return error
     return RestartableFailure(error.message, cause)
 
 

@@ -12,8 +12,9 @@ import sys
 import click
 import pytest
 
-from ringpipe.cluster.restarts import RestartableFailure, run_with_restarts
+from ringpipe.cluster.restarts import RestartableFailure, restartable, run_with_restarts
 from ringpipe.model.training.parallel_trainer import Layout
+from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
 from tests.conftest import TEXT, one_error_line, process_alive, run_cli
 
@@ -160,6 +161,14 @@ def test_after_max_restarts_failed_attempts_the_last_failure_is_the_error(tmp_pa
     with pytest.raises(RestartableFailure, match="failure 2"):
         run_with_restarts(attempt, flags, Layout(), str(tmp_path), {})
     assert attempts == [0, 1, 2]
+
+
+def test_a_rank_that_cannot_write_its_checkpoint_is_not_restarted():
+    full = RemoteError(1, "FileWriteError", "cannot write run/checkpoints/step-00000004/rank-00001.safetensors: "
+                                            "No space left on device", "", "ParallelTrainer.save_checkpoint_pieces")
+    died = RemoteError(1, "InjectedFault", "injected fault", "", "ParallelTrainer.train_step")
+    assert not isinstance(restartable(full, click.ClickException("no space")), RestartableFailure)
+    assert isinstance(restartable(died, click.ClickException("raised")), RestartableFailure)
 
 
 def test_max_restarts_without_checkpoints_is_one_line_before_anything_starts(data, tmp_path):
