@@ -5,6 +5,7 @@ final weights equal an uninterrupted run's to the bit. Faults come from RINGPIPE
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from ringpipe.cluster.restarts import RestartableFailure, restartable, run_with_
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
-from tests.conftest import TEXT, one_error_line, process_alive, run_cli
+from tests.conftest import TEXT, one_error_line, processes_tagged, run_cli
 
 RUN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
        "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1", "--dtype", "float64",
@@ -62,28 +63,13 @@ def _metrics(out) -> list:
         return [json.loads(line) for line in f]
 
 
-def _workers() -> list[int]:
-    """Worker processes started by this test process that have not exited."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == os.getpid() and b"ringpipe.runtime.worker" in command and process_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 def _faulty_run(data, out, workers, fault, monkeypatch):
+    tag = secrets.token_hex(8)  # every worker of either attempt inherits it
+    monkeypatch.setenv("RINGPIPE_TEST_TAG", tag)
     monkeypatch.setenv("RINGPIPE_FAULT", fault)
-    before = set(_workers())  # the suite's pooled clusters (tests/conftest.py) keep theirs running
     result = run_cli("train", "--data", data, *RUN, *workers, "--out", out, "--max-restarts", "1")
     assert result.exit_code == 0, result.output
-    assert not set(_workers()) - before  # nothing of either attempt is left running
+    assert not processes_tagged(tag)  # nothing of either attempt is left running
     return result
 
 
