@@ -2,7 +2,8 @@
 resume from the latest committed checkpoint, as torchrun's elastic agent restarts a job.
 
     attempt 0        a worker dies, stops answering, gets stuck or raises in a step: every worker is
-                     stopped (the cluster does that) and the failure is one line on the console
+                     stopped (the cluster does that); the console shows the failure report, then
+                     one line: which restart, after what, on which hosts, from which step
     before a restart the latest committed checkpoint must be whole (every piece, every checksum);
                      with --hostfile the hosts are checked again over ssh, those failing are left
                      out, and the others' slots must still hold dp × tp × pp workers. Otherwise one
@@ -40,7 +41,8 @@ class RestartableFailure(click.ClickException):
         self.cause = cause
 
 
-# What a rank may raise that a restart would only meet again: its disk is full or not writable.
+# What a rank may raise that a restart would only meet again: its disk is full or not writable,
+# its values are not finite.
 NOT_RESTARTED = ("FileWriteError", "NonFiniteError")
 
 
