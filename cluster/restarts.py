@@ -2,7 +2,8 @@
 resume from the latest committed checkpoint, as torchrun's elastic agent restarts a job.
 
     attempt 0        a worker dies, stops answering, gets stuck or raises in a step: every worker is
-                     stopped (the cluster does that) and the failure is one line on the console
+                     stopped (the cluster does that); the console shows the failure report, then
+                     one line: which restart, after what, on which hosts, from which step
     before a restart the latest committed checkpoint must be whole (every piece, every checksum);
                      with --hostfile the hosts are checked again over ssh, those failing are left
                      out, and the others' slots must still hold dp × tp × pp workers. Otherwise one
@@ -22,9 +23,10 @@ import os
 import click
 
 from ringpipe.cluster.options import bad_flag, one_line
-from ringpipe.model.training.run_dir import find_checkpoint, read_trainer_state, sharded_checkpoints
-from ringpipe.model.training.sharded_checkpoint import verify_checkpoint
-from ringpipe.runtime.calls import ClusterStopped
+from ringpipe.model.training.checkpoint_integrity import fallback_hint, verify_checkpoint
+from ringpipe.model.training.checkpoint_metadata import is_sharded
+from ringpipe.model.training.run_dir import find_checkpoint, read_trainer_state
+from ringpipe.runtime.calls import ClusterStopped, RemoteError
 from ringpipe.runtime.fault_injection import FAULT_VARIABLE, fault_from_environment
 
 RESTARTING_LAUNCHERS = ("local", "ssh")  # those whose workers the driver starts, and can start again
@@ -39,7 +41,15 @@ class RestartableFailure(click.ClickException):
         self.cause = cause
 
 
-def restartable(cause: Exception, error: click.ClickException) -> RestartableFailure:
+# What a rank may raise that a restart would only meet again: its disk is full or not writable,
+# its values are not finite.
+NOT_RESTARTED = ("FileWriteError", "NonFiniteError")
+
+
+def restartable(cause: Exception, error: click.ClickException) -> click.ClickException:
+    """`error` as a RestartableFailure, unless `cause` is a rank's error in NOT_RESTARTED."""
+    if isinstance(cause, RemoteError) and cause.exc_type in NOT_RESTARTED:
+        return error
     return RestartableFailure(error.message, cause)
 
 
@@ -109,29 +119,20 @@ def run_with_restarts(attempt, flags: dict, layout, out: str, state: dict):
 
 def resume_point(out: str) -> tuple[int, str | None]:
     """(step, path) of the checkpoint a restart resumes from, (0, None) if none was committed;
-    ClickException (one line, naming any older checkpoint that is whole) if it is damaged."""
+    ClickException (one line, naming the newest older checkpoint that is whole) if it is damaged:
+    every piece of a sharded one is read against its checksum first."""
     try:
         latest = find_checkpoint(out)
     except ValueError:
         return 0, None
     try:
-        verify_checkpoint(latest)
-    except (ValueError, OSError) as exc:
-        older = next((path for _, path in reversed(sharded_checkpoints(out)) if path != latest and _whole(path)),
-                     None)
-        hint = (f"the older {older} is whole: move {latest} aside and continue with --resume --out {out}"
-                if older else "no older checkpoint is whole")
-        raise click.ClickException(f"not restarting: the latest checkpoint {latest} is damaged "
-                                   f"({one_line(exc)}); {hint}") from None
-    return read_trainer_state(latest)["step"], latest
-
-
-def _whole(checkpoint: str) -> bool:
-    try:
-        verify_checkpoint(checkpoint)
-    except (ValueError, OSError):
-        return False
-    return True
+        if is_sharded(latest):  # a consolidated one's tensors are checked as they load
+            verify_checkpoint(latest)
+        return read_trainer_state(latest)["step"], latest
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # CorruptFileError is a ValueError
+        error = f"the latest checkpoint {latest} is damaged ({one_line(exc)})"
+        raise click.ClickException(f"not restarting: {error}"
+                                   + fallback_hint(out, error, f"continue with --resume --out {out}")) from None
 
 
 def remaining_hosts(flags: dict, layout, out: str) -> str:

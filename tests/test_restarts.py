@@ -5,6 +5,7 @@ final weights equal an uninterrupted run's to the bit. Faults come from RINGPIPE
 import json
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -12,10 +13,11 @@ import sys
 import click
 import pytest
 
-from ringpipe.cluster.restarts import RestartableFailure, run_with_restarts
+from ringpipe.cluster.restarts import RestartableFailure, restartable, run_with_restarts
 from ringpipe.model.training.parallel_trainer import Layout
+from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
-from tests.conftest import TEXT, one_error_line, process_alive, run_cli
+from tests.conftest import TEXT, one_error_line, processes_tagged, run_cli
 
 RUN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
        "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1", "--dtype", "float64",
@@ -61,28 +63,13 @@ def _metrics(out) -> list:
         return [json.loads(line) for line in f]
 
 
-def _workers() -> list[int]:
-    """Worker processes started by this test process that have not exited."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                command = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == os.getpid() and b"ringpipe.runtime.worker" in command and process_alive(int(entry)):
-            found.append(int(entry))
-    return found
-
-
 def _faulty_run(data, out, workers, fault, monkeypatch):
+    tag = secrets.token_hex(8)  # every worker of either attempt inherits it
+    monkeypatch.setenv("RINGPIPE_TEST_TAG", tag)
     monkeypatch.setenv("RINGPIPE_FAULT", fault)
-    before = set(_workers())  # the suite's pooled clusters (tests/conftest.py) keep theirs running
     result = run_cli("train", "--data", data, *RUN, *workers, "--out", out, "--max-restarts", "1")
     assert result.exit_code == 0, result.output
-    assert not set(_workers()) - before  # nothing of either attempt is left running
+    assert not processes_tagged(tag)  # nothing of either attempt is left running
     return result
 
 
@@ -147,7 +134,8 @@ def test_a_damaged_latest_checkpoint_is_one_line_naming_the_older_whole_one_and_
     message = raised.value.message
     assert attempts == [0]
     assert message.startswith(f"worker rank 0 died; not restarting: the latest checkpoint {latest} is damaged")
-    assert "checksum" in message and f"the older {out / 'checkpoints' / 'step-00000004'} is whole" in message
+    assert "checksum" in message and \
+        f"the newest older checkpoint, {out / 'checkpoints' / 'step-00000004'} (step 4), is intact" in message
 
 
 def test_after_max_restarts_failed_attempts_the_last_failure_is_the_error(tmp_path):
@@ -160,6 +148,14 @@ def test_after_max_restarts_failed_attempts_the_last_failure_is_the_error(tmp_pa
     with pytest.raises(RestartableFailure, match="failure 2"):
         run_with_restarts(attempt, flags, Layout(), str(tmp_path), {})
     assert attempts == [0, 1, 2]
+
+
+def test_a_rank_that_cannot_write_its_checkpoint_is_not_restarted():
+    full = RemoteError(1, "FileWriteError", "cannot write run/checkpoints/step-00000004/rank-00001.safetensors: "
+                                            "No space left on device", "", "ParallelTrainer.save_checkpoint_pieces")
+    died = RemoteError(1, "InjectedFault", "injected fault", "", "ParallelTrainer.train_step")
+    assert not isinstance(restartable(full, click.ClickException("no space")), RestartableFailure)
+    assert isinstance(restartable(died, click.ClickException("raised")), RestartableFailure)
 
 
 def test_max_restarts_without_checkpoints_is_one_line_before_anything_starts(data, tmp_path):

@@ -36,7 +36,7 @@ from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commi
                                                          tensor_name)
 from ringpipe.model.training.checkpoint_pieces import (box_slices, flat_range_boxes, intersect, local_shape,
                                                        local_to_global, shard_boxes, volume)
-from ringpipe.model.training.run_dir import read_trainer_state, step_directory
+from ringpipe.model.training.run_dir import step_directory
 from ringpipe.model.training.step import NonFiniteError
 from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.array_module import to_host
@@ -370,17 +370,3 @@ def check_resumable(checkpoint: str, run_model, model_family: Family) -> None:
     model = {key: getattr(run_model, key) for key in model_family.architecture_fields}
     check_checkpoint(checkpoint, read_metadata(checkpoint), names, model)
 
-
-def verify_checkpoint(checkpoint: str) -> None:
-    """ValueError (one line, naming the file) unless a committed sharded checkpoint is whole: its
-    metadata readable, every piece there with its size, the pieces covering each tensor, and every
-    piece matching its CRC-32 (all bytes are read, a chunk at a time; nothing is held). For a
-    consolidated checkpoint: its trainer state is readable (its tensors are checked as they load)."""
-    if not is_sharded(checkpoint):
-        read_trainer_state(checkpoint)
-        return
-    metadata = read_metadata(checkpoint)
-    check_checkpoint(checkpoint, metadata)
-    for name, entry in metadata["tensors"].items():
-        for piece in entry["pieces"]:
-            verify_piece(os.path.join(checkpoint, piece["file"]), name, piece)
