@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from ringpipe.cluster.options import OutputDirectory, one_line
+from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.hf_export import export_checkpoint
 from ringpipe.model.training.run_dir import find_checkpoint
@@ -21,6 +22,11 @@ def export(run_dir, out):
     """Write model.safetensors, config.json and the tokenizer files of the latest checkpoint in
     RUN_DIR, streamed from its shards; transformers' GPT2LMHeadModel.from_pretrained opens them."""
     out = out or run_dir
+    quantized = quantization_config(run_dir)
+    if quantized is not None:  # already a model directory, and its int8 weights are not export's float ones
+        raise click.ClickException(f"{run_dir} holds an int8 model written by ringpipe quantize: int8 directories "
+                                   f"cannot be exported (they are already a model directory that ringpipe "
+                                   f"generate reads); export the float run ({quantized.get('source')})")
     try:
         checkpoint = find_checkpoint(run_dir)
         export_checkpoint(checkpoint, out)

@@ -157,6 +157,13 @@ def test_an_int8_directory_given_to_train_resume_is_one_error_line(run):
     assert "int8 model" in line and "resume the float run" in line and str(directory / "run") in line
 
 
+def test_an_int8_directory_given_to_export_is_one_error_line_saying_it_cannot_be_exported(run):
+    directory, _, _ = run
+    line = one_error_line(run_cli("export", directory / "run-int8", "--out", directory / "exported"))
+    assert "int8 directories cannot be exported" in line and "trained" not in line and "resume" not in line
+    assert f"export the float run ({directory / 'run'})" in line
+
+
 def test_a_float_reader_refuses_an_int8_directory(run):
     with pytest.raises(ValueError, match="a quantized model \\(ringpipe_int8\\)"):
         GPT.from_pretrained(run[0] / "run-int8")
