@@ -151,6 +151,19 @@ def test_generate_across_tensor_parallel_workers_from_int8_prints_what_one_proce
     assert split.output == alone.output
 
 
+@pytest.mark.parametrize("layout", [("--tp", "2"), ("--pp", "2"), ("--dp", "2")], ids=["tp2", "pp2", "dp2"])
+def test_an_int8_file_whose_config_lost_its_quantization_is_refused_across_workers_as_in_one_process(
+        run, tmp_path, layout):
+    directory = _copy(run, tmp_path)
+    config = json.loads((directory / "config.json").read_text())
+    del config["quantization_config"]
+    (directory / "config.json").write_text(json.dumps(config))
+    flags = ("generate", "--checkpoint", directory, "--max-new-tokens", 2)
+    alone, split = one_error_line(run_cli(*flags)), one_error_line(run_cli(*flags, "--nproc", "2", *layout))
+    for line in (alone, split):
+        assert "parameters do not match config.json" in line and "weight_scale" in line, line
+
+
 def test_an_int8_directory_given_to_train_resume_is_one_error_line(run):
     directory, _, _ = run
     line = one_error_line(run_cli("train", "--out", directory / "run-int8", "--resume"))

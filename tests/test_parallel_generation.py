@@ -90,6 +90,19 @@ def test_each_rank_holds_only_its_shards(local_cluster, model_dir):
     assert max(held) < 0.45 * whole, (held, whole)  # a quarter of the blocks, half the embedding
 
 
+@pytest.mark.timeout(120)
+def test_each_rank_checks_the_model_file_against_the_config_as_it_reads(local_cluster, model_dir, tmp_path):
+    from ringpipe.runtime import RemoteError
+    from ringpipe.runtime.files import load_tensors, save_tensors
+
+    source = weights_source(model_dir)  # checked by the driver; the file then changes under it
+    tensors, metadata = load_tensors(f"{model_dir}/model.safetensors")
+    save_tensors(tmp_path / "model.safetensors", {**tensors, "transformer.h.0.attn.c_attn.weight_scale":
+                                                  np.ones(48, np.float32)}, metadata)
+    with pytest.raises(RemoteError, match="unexpected \\['h.0.attn.c_attn.weight_scale'\\]"):
+        local_cluster(2).spawn(ParallelGenerator, {**source, "path": str(tmp_path)}, {"pp": 2})
+
+
 @pytest.fixture(scope="module")
 def sharded_run(tmp_path_factory, local_cluster_pool):
     """A ParallelTrainer after one step, two pipeline stages on each of its two ranks (interleaved), and the

@@ -77,8 +77,34 @@ def weights_source(directory: str, device: str = "cpu") -> dict:
     else:
         model = dataclasses.asdict(int8_gpt_config(path)[0]) if int8 else _gpt2_config(path)
     model["device"] = device
-    return {"kind": SHARDED if sharded else MODEL, "path": path, "family": name, "model": model,
-            "int8": int8}
+    source = {"kind": SHARDED if sharded else MODEL, "path": path, "family": name, "model": model, "int8": int8}
+    if not sharded and not int8:  # before any worker starts: the ranks check it again as they read
+        check_model_tensors(os.path.join(path, WEIGHTS_FILE),
+                            family(name).parallel_plan(model_config(source)).param_shapes())
+    return source
+
+
+def check_model_tensors(weights_path: str, shapes: dict) -> None:
+    """ValueError naming the file unless its tensors (from its header; nothing else is read) are exactly
+    the float parameters `shapes` ({name: shape}, what config.json implies) — as the single-process reader
+    (model/gpt2/checkpoint.py) demands: an int8 file whose config.json lost its quantization_config has
+    unexpected `..._scale` tensors and int8 weights."""
+    from types import SimpleNamespace
+
+    from ringpipe.model.gpt2.checkpoint import IGNORED_SUFFIXES, PREFIX, check_param_shapes
+
+    header = _safetensors_header(weights_path)
+    header.pop("__metadata__", None)
+    tensors = {(key[len(PREFIX):] if key.startswith(PREFIX) else key): entry for key, entry in header.items()
+               if not key.endswith(IGNORED_SUFFIXES) and key != "lm_head.weight"}
+    if "lm_head.weight" in header and "wte.weight" not in tensors:
+        tensors["wte.weight"] = header["lm_head.weight"]  # transformers' tied head
+    check_param_shapes({name: SimpleNamespace(shape=tuple(entry.get("shape", ())))
+                        for name, entry in tensors.items()}, shapes, weights_path)
+    for name, entry in tensors.items():
+        if entry.get("dtype") not in ("F16", "F32", "F64"):
+            raise ValueError(f"{weights_path}: {name} is {entry.get('dtype')}, expected a float tensor "
+                             "(F16, F32 or F64)")
 
 
 def _gpt2_config(path: str) -> dict:
@@ -120,6 +146,7 @@ def read_rank_weights(source: dict, holder) -> dict:
     from safetensors import safe_open
 
     path = os.path.join(source["path"], WEIGHTS_FILE)
+    check_model_tensors(path, holder.plan.param_shapes())
     table = holder.shard_table()
     weights = {}
     with safe_open(path, framework="numpy") as f:
