@@ -12,6 +12,8 @@ from ringpipe.model.families import checkpoint_family
 from ringpipe.model.inference.kv_cache import supports_cached_generation
 from ringpipe.model.inference.pipelined_generation import generate_in_one_process
 from ringpipe.model.inference.weights import load_whole_model, locate_weights, weights_source
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
+from ringpipe.model.training.run_dir import SHARDED_CHECKPOINTS_DIR
 from ringpipe.runtime.array_module import array_module, to_host
 
 SEPARATOR = "---"  # between the continuations of several prompts
@@ -57,7 +59,7 @@ def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, devic
         tokenizer = load_tokenizer(path)
         gpt = load_whole_model(path, device)
     except Exception as exc:  # any reader error means the same thing to the user
-        raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+        raise _cannot_load(directory, one_line(exc)) from None
     directory = path
     if not hasattr(gpt, "generate"):  # an encoder (BERT) predicts masked tokens instead
         raise bad_flag("--checkpoint", f"{directory} holds a {checkpoint_family(directory)} model, which does not "
@@ -111,7 +113,7 @@ def _generate_across_workers(directory, prompts, max_new_tokens, temperature, to
     try:
         source = weights_source(directory, device)
     except Exception as exc:  # any reader error means the same thing to the user
-        raise click.ClickException(f"cannot load model from {directory}: {one_line(exc)}") from None
+        raise _cannot_load(directory, one_line(exc)) from None
     try:
         check_generation_layout(source, *layout)
     except ValueError as exc:
@@ -124,7 +126,20 @@ def _generate_across_workers(directory, prompts, max_new_tokens, temperature, to
     try:
         with DistributedGenerator(source, *layout) as generator:
             result = generator.generate(ids, max_new_tokens, temperature, top_k, seed, microbatches)
-    except (RemoteError, WorkerLost) as exc:
+    except (RemoteError, WorkerLost) as exc:  # the cause's first line; its remote traceback is in the rank's log
+        cause = str(exc).splitlines()[0].rstrip(". ") if str(exc) else type(exc).__name__
         raise click.ClickException(f"generating from {source['path']} on {layout[0] * layout[1] * layout[2]} "
-                                   f"workers failed: {one_line(exc)}") from None
+                                   f"workers failed: {cause}{_fallback(source['path'], cause)}") from None
     _print(tokenizer, ids, result["tokens"])
+
+
+def _cannot_load(directory: str, cause: str) -> click.ClickException:
+    return click.ClickException(f"cannot load model from {directory}: {cause}{_fallback(directory, cause)}")
+
+
+def _fallback(directory: str, cause: str) -> str:
+    """Which older checkpoint of the run is intact, when `cause` says its latest (`directory` names the run or
+    that checkpoint) is damaged; "" otherwise (model/training/checkpoint_integrity.py)."""
+    parent = os.path.dirname(os.path.normpath(directory))
+    run_dir = os.path.dirname(parent) if os.path.basename(parent) == SHARDED_CHECKPOINTS_DIR else directory
+    return fallback_hint(run_dir, cause, "generate from it")

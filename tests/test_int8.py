@@ -212,6 +212,28 @@ def test_a_truncated_int8_file_is_one_error_line(run, tmp_path):
     assert "cannot load model" in line and "model.safetensors" in line
 
 
+def _truncate(directory):
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return "model.safetensors"
+
+
+def _edit_config(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_layer": 4}))
+    return "config.json"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", [_truncate, _edit_config], ids=["truncated", "edited-config"])
+def test_a_damaged_int8_directory_across_workers_is_one_line_without_the_remote_traceback(run, tmp_path, damage):
+    directory = _copy(run, tmp_path)
+    file = damage(directory)
+    line = one_error_line(run_cli("generate", "--checkpoint", directory, "--max-new-tokens", 2, "--nproc", 2,
+                                  "--pp", 2))
+    assert file in line and "remote traceback" not in line and 'File "' not in line, line
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t.update({"transformer.h.1.mlp.c_fc.weight_scale": np.ones(3, np.float32)}),
      "h.1.mlp.c_fc.weight scale is float32 \\(3,\\)"),

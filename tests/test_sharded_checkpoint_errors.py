@@ -159,3 +159,19 @@ def test_following_the_hint_resumes_from_the_older_checkpoint(trained, tmp_path)
     result = run_cli("train", "--data", corpus, "--resume", "--steps", 3, "--nproc", 2, "--tp", 2, "--out", run)
     assert result.exit_code == 0, result.output
     assert find_checkpoint(str(run)).endswith("step-00000003")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("damage", [wrong_checksum, short_piece], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("named", ["run", "checkpoint"])
+def test_generating_across_workers_from_a_damaged_checkpoint_is_one_line_naming_the_intact_older_one(
+        trained, tmp_path, damage, named):
+    _, run, (file, what) = damaged_copy(trained, tmp_path, damage)
+    for name in ("config.json", "model.safetensors"):  # a run stopped before its final model: generate reads
+        (run / name).unlink(missing_ok=True)          # its newest checkpoint
+    latest = run / "checkpoints" / "step-00000002"
+    line = one_error_line(run_cli("generate", "--checkpoint", run if named == "run" else latest,
+                                  "--max-new-tokens", 2, "--nproc", 2, "--pp", 2))
+    assert file in line and what in line and "remote traceback" not in line and 'File "' not in line, line
+    assert line.endswith(f"the newest older checkpoint, {run / 'checkpoints' / 'step-00000001'} (step 1), is "
+                         f"intact: move the damaged one aside (mv {latest} {latest}.damaged) to generate from it")
