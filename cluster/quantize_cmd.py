@@ -9,6 +9,7 @@ from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one
 from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.quantization.outliers import LLM_INT8_THRESHOLD
 from ringpipe.model.quantization.quantize import quantize_run
+from ringpipe.model.training.checkpoint_integrity import fallback_hint
 
 
 @click.command(short_help="Write a run's model with int8 weights, for ringpipe generate.")
@@ -25,7 +26,8 @@ from ringpipe.model.quantization.quantize import quantize_run
 @click.option("--calibration-batches", type=click.IntRange(min=1), default=8, show_default=True,
               help="--outlier-threshold: batches of 8 training windows to find the outliers on.")
 def quantize(run_dir, int8, out, per_tensor, outlier_threshold, calibration_batches):
-    """Quantize the model of RUN_DIR (a run's --out, or a model directory): each linear layer's weight
+    """Quantize the model of RUN_DIR (a run's --out, its newest checkpoint if it stopped early, or a
+    model directory): each linear layer's weight
     as int8 with a float scale per output channel; embeddings, LayerNorms and biases stay float."""
     if not int8:
         raise bad_flag("--int8", "is required (int8 is the format ringpipe quantize writes)")
@@ -41,7 +43,8 @@ def quantize(run_dir, int8, out, per_tensor, outlier_threshold, calibration_batc
         summary = quantize_run(run_dir, out, "tensor" if per_tensor else "channel", outlier_threshold,
                                calibration_batches)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(f"cannot quantize {run_dir}: {one_line(exc)}") from None
+        raise click.ClickException(f"cannot quantize {run_dir}: {one_line(exc)}"
+                                   + fallback_hint(run_dir, one_line(exc), "quantize it")) from None
     outliers = f", {summary['outlier_rows']} outlier input rows kept in float" if outlier_threshold else ""
     click.echo(f"quantized {summary['quantized']} linear weights of {summary['source']} to int8 "
                f"({'per tensor' if per_tensor else 'per output channel'}{outliers}): weights "

@@ -191,10 +191,10 @@ def test_a_family_whose_layers_quantize_differently_is_refused_by_name(tmp_path)
     assert "holds a bert model, whose layers quantize differently" in line and "gpt2" in line
 
 
-def test_a_run_with_sharded_checkpoints_only_is_told_to_export_first(tmp_path):
-    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)
+def test_a_run_without_a_model_or_a_committed_checkpoint_is_one_line_saying_what_quantize_looks_for(tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step-00000002").mkdir(parents=True)  # never committed
     line = one_error_line(run_cli("quantize", tmp_path / "run", "--int8"))
-    assert "sharded checkpoints only" in line and f"ringpipe export {tmp_path / 'run'}" in line
+    assert f"no checkpoint in {tmp_path / 'run'}" in line and "checkpoints/step-N" in line
 
 
 def _copy(run, tmp_path):

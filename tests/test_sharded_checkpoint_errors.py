@@ -175,3 +175,24 @@ def test_generating_across_workers_from_a_damaged_checkpoint_is_one_line_naming_
     assert file in line and what in line and "remote traceback" not in line and 'File "' not in line, line
     assert line.endswith(f"the newest older checkpoint, {run / 'checkpoints' / 'step-00000001'} (step 1), is "
                          f"intact: move the damaged one aside (mv {latest} {latest}.damaged) to generate from it")
+
+
+def test_quantize_reads_the_newest_checkpoint_of_a_run_stopped_before_its_final_model(trained, tmp_path):
+    _, out = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    for name in ("config.json", "model.safetensors"):
+        (run / name).unlink(missing_ok=True)
+    result = run_cli("quantize", run, "--int8")
+    assert result.exit_code == 0 and f"of {run / 'checkpoints' / 'step-00000002'} to int8" in result.output, \
+        result.output
+    result = run_cli("generate", "--checkpoint", f"{run}-int8", "--max-new-tokens", 3)
+    assert result.exit_code == 0, result.output
+
+
+def test_quantizing_a_damaged_latest_checkpoint_names_the_intact_older_one(trained, tmp_path):
+    _, run, (file, what) = damaged_copy(trained, tmp_path, wrong_checksum)
+    for name in ("config.json", "model.safetensors"):
+        (run / name).unlink(missing_ok=True)
+    line = one_error_line(run_cli("quantize", run, "--int8"))
+    assert file in line and what in line and line.endswith("to quantize it"), line

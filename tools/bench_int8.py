@@ -14,6 +14,7 @@ shared: medians of the rounds, never one timing).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -26,7 +27,8 @@ from ringpipe.model.gpt2.model import GPT
 from ringpipe.model.quantization.gpt2_int8 import Int8GPT, linear_weight_names
 from ringpipe.model.quantization.int8 import quantize_int8
 from ringpipe.model.quantization.outliers import outlier_features
-from ringpipe.model.quantization.quantize import calibration_inputs, check_int8_family, model_directory
+from ringpipe.model.quantization.quantize import (calibration_inputs, check_int8_family, load_float_model,
+                                                  model_directory)
 from ringpipe.model.training.run_dir import TOKEN_FILE, saved_config
 
 
@@ -113,9 +115,11 @@ def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int |
     [{"name", "weight_bytes", "linear_weight_bytes", "val_loss", "perplexity", "ppl_change", "kl_from_float32",
     "weight_error", "outlier_rows"}], "generation":
     {"tokens_per_s": {"float32", "int8 per-channel"}: {"tokens_per_s", "tokens_per_cpu_s"}}}."""
-    source = model_directory(run_dir)
-    check_int8_family(source)
-    float_model = GPT.from_pretrained(source, dtype="float32")
+    source = model_directory(run_dir)  # a run stopped early: its newest checkpoint, a sharded one included
+    name, config, params = load_float_model(source)
+    check_int8_family(source, name)
+    float_model = GPT(dataclasses.replace(config, dtype="float32"),
+                      params={n: np.asarray(p, np.float32) for n, p in params.items()})
     config, params = float_model.config, {name: np.array(p) for name, p in float_model.params.items()}
     names = linear_weight_names(config)
     x, y = val_windows(run_dir, config.block_size, max_windows)

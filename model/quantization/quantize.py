@@ -2,7 +2,8 @@
 
     summary = quantize_run("out", "out-int8", granularity="channel", outlier_threshold=6.0)
 
-Reads the run's model (RUN/ or, for a run stopped early, RUN/checkpoint/), quantizes each linear
+Reads the run's model (RUN/ or, for a run stopped early, its newest checkpoint: RUN/checkpoint/ or
+RUN/checkpoints/step-N/), quantizes each linear
 weight (model/quantization/int8.py), keeps embeddings, LayerNorms and biases in float, and writes
 the directory `Int8GPT.from_pretrained` reads (model/quantization/gpt2_int8.py).
 """
@@ -14,31 +15,39 @@ from ringpipe.model.data.dataset import TokenDataset
 from ringpipe.model.data.tokenizer import load_tokenizer
 from ringpipe.model.families import DEFAULT_FAMILY, checkpoint_family, family
 from ringpipe.model.gpt2.model import GPT
+from ringpipe.model.inference.weights import locate_weights
 from ringpipe.model.quantization.gpt2_int8 import Int8GPT, linear_weight_names, save_int8_gpt
-from ringpipe.model.quantization.int8_format import CONFIG_FILE, quantization_config
+from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.quantization.int8 import quantize_int8
 from ringpipe.model.quantization.outliers import outlier_features
+from ringpipe.model.training.checkpoint_metadata import is_sharded, read_metadata
+from ringpipe.model.training.sharded_checkpoint import load_consolidated
 
-CHECKPOINT_DIR, SHARDED_DIR = "checkpoint", "checkpoints"  # model/training/run_dir.py's names (not imported:
-# training is a layer this does not need)
 TOKEN_FILE = "tokens.bin"
 INT8_FAMILIES = {"gpt2": (linear_weight_names, Int8GPT)}  # family -> (its linear weights, its int8 model)
 CALIBRATION_BATCH = (8, 64)  # sequences, tokens (at most block_size) per calibration batch
 
 
 def model_directory(run_dir: str) -> str:
-    """The model files of a run directory: its final model, or its checkpoint if it stopped early;
-    a model directory is its own."""
-    if not os.path.exists(os.path.join(run_dir, CONFIG_FILE)) and \
-            os.path.isdir(os.path.join(run_dir, CHECKPOINT_DIR)):
-        return os.path.join(run_dir, CHECKPOINT_DIR)
-    return run_dir
+    """The model files of a run directory: its final model, or if it stopped before it its newest
+    committed checkpoint (a sharded one included), as `ringpipe generate` finds them; a model directory
+    or a sharded checkpoint is its own. ValueError in one line if there are none."""
+    return locate_weights(run_dir)
 
 
-def check_int8_family(directory: str) -> str:
-    """The model family of `directory` if int8 quantization knows its layers; else ValueError
-    saying which family and which layers int8 covers."""
-    name = checkpoint_family(directory) or DEFAULT_FAMILY
+def load_float_model(source: str) -> tuple:
+    """-> (family name, config, params as host arrays) of a model directory or a sharded checkpoint."""
+    if is_sharded(source):
+        config, params, _ = load_consolidated(source)
+        return read_metadata(source)["config"].get("family", DEFAULT_FAMILY), config, params
+    name = check_int8_family(source)
+    return (name, *family(name).load_checkpoint(source))
+
+
+def check_int8_family(directory: str, name: str | None = None) -> str:
+    """The model family of `directory` (`name` if given) if int8 quantization knows its layers; else
+    ValueError saying which family and which layers int8 covers."""
+    name = name or checkpoint_family(directory) or DEFAULT_FAMILY
     if name not in INT8_FAMILIES:
         raise ValueError(f"{directory} holds a {name} model, whose layers quantize differently: int8 covers "
                          f"{', '.join(INT8_FAMILIES)} only (GPT-2's Conv1D linears attn.c_attn, attn.c_proj, "
@@ -56,14 +65,11 @@ def quantize_run(run_dir: str, out: str, granularity: str = "channel", outlier_t
     (RUN/tokens.bin, `calibration_batches` random windows) reach it, as LLM.int8() does; None: none.
     ValueError naming the directory for an int8 source or an unsupported family."""
     source = model_directory(run_dir)
-    if not os.path.exists(os.path.join(source, CONFIG_FILE)) and os.path.isdir(os.path.join(run_dir, SHARDED_DIR)):
-        raise ValueError(f"{run_dir} holds sharded checkpoints only (a multi-worker run stopped before its end); "
-                         f"`ringpipe export {run_dir}` writes its model, which quantize then reads")
     if quantization_config(source) is not None:
         raise ValueError(f"{source} is already an int8 model (ringpipe quantize); quantize the float run")
-    name = check_int8_family(source)
+    name, config, params = load_float_model(source)
+    check_int8_family(source, name)
     linear_names, _ = INT8_FAMILIES[name]
-    config, params = family(name).load_checkpoint(source)
     tokenizer = load_tokenizer(source)
     names = linear_names(config)
     outliers = {}
