@@ -27,8 +27,8 @@ from ringpipe.model.training.checkpoint_integrity import fallback_hint
               help="--outlier-threshold: batches of 8 training windows to find the outliers on.")
 def quantize(run_dir, int8, out, per_tensor, outlier_threshold, calibration_batches):
     """Quantize the model of RUN_DIR (a run's --out, its newest checkpoint if it stopped early, or a
-    model directory): each linear layer's weight
-    as int8 with a float scale per output channel; embeddings, LayerNorms and biases stay float."""
+    model directory): each linear layer's weight as int8 with a float scale per output channel;
+    embeddings, LayerNorms and biases stay float."""
     if not int8:
         raise bad_flag("--int8", "is required (int8 is the format ringpipe quantize writes)")
     if not os.path.isdir(run_dir):
