@@ -4,7 +4,8 @@
 
 Reads the run's model (RUN/ or, for a run stopped early, its newest checkpoint: RUN/checkpoint/ or
 RUN/checkpoints/step-N/), quantizes each linear weight (model/quantization/int8.py), keeps
-embeddings, LayerNorms and biases in float, and writes the directory `Int8GPT.from_pretrained` reads (model/quantization/gpt2_int8.py).
+embeddings, LayerNorms and biases in float, and writes the directory `Int8GPT.from_pretrained`
+reads (model/quantization/gpt2_int8.py).
 """
 from __future__ import annotations
 
