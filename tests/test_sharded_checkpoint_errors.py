@@ -196,3 +196,13 @@ def test_quantizing_a_damaged_latest_checkpoint_names_the_intact_older_one(train
         (run / name).unlink(missing_ok=True)
     line = one_error_line(run_cli("quantize", run, "--int8"))
     assert file in line and what in line and line.endswith("to quantize it"), line
+
+
+def test_generating_in_one_process_from_a_damaged_checkpoint_names_the_intact_older_one(trained, tmp_path):
+    _, run, (file, what) = damaged_copy(trained, tmp_path, wrong_checksum)
+    for name in ("config.json", "model.safetensors"):
+        (run / name).unlink(missing_ok=True)
+    line = one_error_line(run_cli("generate", "--checkpoint", run, "--max-new-tokens", 2))
+    assert file in line and what in line and line.endswith("(step 1), is intact: move the damaged one aside "
+                                                           f"(mv {run}/checkpoints/step-00000002 {run}/checkpoints/"
+                                                           "step-00000002.damaged) to generate from it"), line
