@@ -162,8 +162,8 @@ def test_following_the_hint_resumes_from_the_older_checkpoint(trained, tmp_path)
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("damage", [wrong_checksum, short_piece], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("named", ["run", "checkpoint"])
+@pytest.mark.parametrize("damage, named", [(wrong_checksum, "checkpoint"), (short_piece, "run")],
+                         ids=["wrong_checksum-checkpoint", "short_piece-run"])
 def test_generating_across_workers_from_a_damaged_checkpoint_is_one_line_naming_the_intact_older_one(
         trained, tmp_path, damage, named):
     _, run, (file, what) = damaged_copy(trained, tmp_path, damage)
