@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import OutputDirectory, one_line
+from ringpipe.cluster.options import OutputDirectory, bad_flag, one_line
 from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.hf_export import export_checkpoint
-from ringpipe.model.training.run_dir import find_checkpoint
+from ringpipe.model.training.run_dir import check_export_target, find_checkpoint
 
 
 @click.command(short_help="Write a run's model (Hugging Face files) from its checkpoint.")
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--out", type=OutputDirectory(), default=None, help="Directory for model.safetensors, config.json and the tokenizer "
-                                          "[default: RUN_DIR].")
+                                          "[default: RUN_DIR]: new, empty, or an earlier export (other files: refused).")
 def export(run_dir, out):
     """Write model.safetensors, config.json and the tokenizer files of the latest checkpoint in
     RUN_DIR, streamed from its shards; transformers' GPT2LMHeadModel.from_pretrained opens them."""
@@ -27,6 +27,10 @@ def export(run_dir, out):
         raise click.ClickException(f"{run_dir} holds an int8 model written by ringpipe quantize: int8 directories "
                                    f"cannot be exported (they are already a model directory that ringpipe "
                                    f"generate reads); export the float run ({quantized.get('source')})")
+    try:
+        check_export_target(run_dir, out)
+    except ValueError as exc:
+        raise bad_flag("--out", str(exc)) from None
     try:
         checkpoint = find_checkpoint(run_dir)
         export_checkpoint(checkpoint, out)

@@ -29,29 +29,82 @@ def size(nbytes: float) -> str:
     return f"{in_unit(nbytes, unit)} {unit[0]}"
 
 
+def three_figures(value: float) -> str:
+    """`value` to three significant figures in fixed notation, at least the units digit: 94.02 ->
+    '94.0', 1234.5 -> '1234', 0.0871 -> '0.0871'."""
+    if value < 0.9995:
+        return f"{value:.3g}" if value >= 1e-3 else f"{value:.6f}".rstrip("0").rstrip(".")
+    return f"{value:.{max(0, 3 - len(str(int(value))))}f}"
+
+
+def duration(seconds: float) -> str:
+    """Seconds in the unit that reads best: '1.23 s', '87.1 ms', '10.4 µs', '0 s'."""
+    if seconds <= 0:
+        return "0 s"
+    # 0.9996 s reads '1.00 s', not '1000 ms': a unit is taken from where its three figures round to 1
+    unit, scale = next(((u, k) for u, k in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)) if seconds >= 0.9995 * k),
+                       ("ns", 1e-9))
+    return f"{three_figures(seconds / scale)} {unit}"
+
+
+def rate(per_second: float) -> str:
+    """A count per second, k/M/G for thousands, millions, billions: '512', '94.0k', '2.06M'."""
+    suffix, scale = next(((u, k) for u, k in (("G", 1e9), ("M", 1e6), ("k", 1e3)) if per_second >= 0.9995 * k),
+                         ("", 1.0))
+    return f"{three_figures(per_second / scale)}{suffix}"
+
+
 def format_memory(memory, cpu: bool = True) -> str:
-    """The most-loaded rank's split, every part in the unit of its total."""
-    unit = unit_of(memory.total)
-
-    def part(nbytes):
-        return in_unit(nbytes, unit)
-
-    return (f"pp{memory.pp_rank}: {part(memory.total)} {unit[0]} = W {part(memory.weights)} G {part(memory.gradients)} "
-            f"O {part(memory.optimizer)} A {part(memory.activations)} C {part(memory.communication)} "
-            f"ws {part(memory.workspace)}" + (f"; cpu process peak {size(memory.peak)}"
+    """The most-loaded rank's split (weights, gradients, optimizer, activations, communication,
+    workspace), each part with its own unit."""
+    return (f"pp{memory.pp_rank}: {size(memory.total)} = W {size(memory.weights)} G {size(memory.gradients)} "
+            f"O {size(memory.optimizer)} A {size(memory.activations)} C {size(memory.communication)} "
+            f"ws {size(memory.workspace)}" + (f"; cpu process peak {size(memory.peak)}"
                                               + (" (building the trainer)" if memory.host_peak > memory.total - memory.shared_memory else "")
                                               if cpu and memory.peak > memory.total else ""))
 
 
-def format_plan(report, top: int, machine, calibrated: bool) -> str:
-    from ringpipe.model.planning.search import why_best
+TIE = 0.01  # step times within 1 % of each other: the model is not that exact, something else decides
 
+
+def why_best(report) -> str:
+    """One line: why the first layout is ahead of the runner-up — the part of the step it saves
+    most in when it is faster, else (speeds within TIE) what decides between them: memory."""
+    if not report.ranked:
+        return ""
+    best = report.ranked[0]
+    if len(report.ranked) == 1:
+        return f"{best[0].label()} is the only layout that fits"
+    other = report.ranked[1]
+    ratio = other[2].seconds / best[2].seconds
+    if ratio < 1 + TIE:
+        ours, theirs = (max(m.total for m in layout[1]) for layout in (best, other))
+        line = (f"{best[0].label()} wins: as fast as the runner-up {other[0].label()} ({duration(best[2].seconds)} "
+                f"vs {duration(other[2].seconds)} per step, within {TIE:.0%})")
+        if ours < theirs * (1 - TIE):
+            return line + f"; what decides is memory: {size(ours)} vs {size(theirs)} on the most-loaded rank"
+        if ours > theirs * (1 + TIE):
+            return line + (f"; it is ahead by only {ratio - 1:.1%} — the runner-up needs less memory "
+                           f"({size(theirs)} vs {size(ours)} on the most-loaded rank), the better pick where memory is short")
+        return line + f"; the same memory too ({size(ours)} on the most-loaded rank): either will do"
+    parts = set(best[2].parts) | set(other[2].parts)
+    part = max(parts, key=lambda p: other[2].parts.get(p, 0.0) - best[2].parts.get(p, 0.0))
+    gain = other[2].parts.get(part, 0.0) - best[2].parts.get(part, 0.0)
+    line = f"{best[0].label()} wins: {ratio:.2f}× the runner-up's speed ({other[0].label()})"
+    if gain > 0:  # the parts' differences add up to the (positive) difference of the steps
+        line += f"; the largest saving is {part} ({duration(gain)})"
+    if best[2].bubble_fraction < other[2].bubble_fraction - 0.01:
+        line += f", bubble {best[2].bubble_fraction:.0%} vs {other[2].bubble_fraction:.0%}"
+    return line
+
+
+def format_plan(report, top: int, machine, calibrated: bool) -> str:
     lines = [f"machine: {machine.name}; memory limit per rank {size(report.memory_limit)}",
-             f"{'#':>3}  {'layout':<40} {'step s':>9} {'tokens/s':>10} {'MFU':>6} {'bubble':>6}  "
+             f"{'#':>3}  {'layout':<40} {'step':>9} {'tokens/s':>9} {'MFU':>6} {'bubble':>6}  "
              "most-loaded rank (weights gradients optimizer activations comm workspace)"]
     for k, (candidate, memory, timing) in enumerate(report.ranked[:top], start=1):
         worst = max(memory, key=lambda m: m.total)
-        lines.append(f"{k:>3}  {candidate.label():<40} {timing.seconds:>9.4g} {timing.tokens_per_second:>10.4g} "
+        lines.append(f"{k:>3}  {candidate.label():<40} {duration(timing.seconds):>9} {rate(timing.tokens_per_second):>9} "
                      f"{timing.mfu:>6.1%} {timing.bubble_fraction:>6.1%}  "
                      f"{format_memory(worst, machine.kind == 'cpu')}")
     if report.ranked:

@@ -12,7 +12,7 @@ MEASURE_AFTER = 5  # steps: the first ones warm caches and build buffers
 def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = None) -> dict | None:
     """The planner's prediction for this run ({"memory": [RankMemory], "timing": StepTiming or None,
     "machine": Machine}), printed to stderr; None when the planner does not know this model."""
-    from ringpipe.cluster.plan_cmd import format_memory
+    from ringpipe.cluster.plan_cmd import duration, format_memory, rate
     from ringpipe.model.planning.family import inventory_for
     from ringpipe.model.planning.machine import this_machine
     from ringpipe.model.planning.memory import Candidate, layout_memory
@@ -34,7 +34,7 @@ def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = No
     timing = None
     if machine.calibration and machine.calibration.get("compute", {}).get("model", {}).get("n_embd") is not None:
         timing = predict_step(inventory, candidate, config.batch_size, machine, ranks_per_host)
-        click.echo(f"plan: step {timing.seconds * 1e3:.1f} ms predicted, {timing.tokens_per_second:.4g} tokens/s, "
+        click.echo(f"plan: step {duration(timing.seconds)} predicted, {rate(timing.tokens_per_second)} tokens/s, "
                    f"bubble {timing.bubble_fraction:.0%} ({machine.name})", err=True)
     else:
         click.echo("plan: no step time — this machine is not calibrated; run `ringpipe plan --calibrate` "

@@ -18,6 +18,7 @@ from ringpipe.cluster.metrics_log import json_line, open_metrics
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
+from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
 from ringpipe.cluster.restarts import check_restart_flags, restart_options, restartable, run_with_restarts
 from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
@@ -193,6 +194,7 @@ def train(ctx, **flags):
             if not flags["overwrite"]:
                 raise bad_flag("--out", f"{out} already holds a checkpoint; pass --resume to continue it, "
                                 "--overwrite to replace it, or choose another directory")
+            hold_run_dir(ctx, out)  # before deleting: the run it replaces may still be training
             remove_run(out)
     try:
         split = [int(part) for part in flags["split"].split(",")] if flags["split"] else None
@@ -243,12 +245,14 @@ def train(ctx, **flags):
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state = {"trainer": None, "progress": None}
+    hold_run_dir(ctx, out)
+    terminate_like_interrupt(ctx)
     try:
         run_with_restarts(lambda restart: _run(flags, config, layout, distributed, out, state, restart),
                           flags, layout, out, state)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         report_interrupt(out, config, state)
-        raise click.exceptions.Exit(130) from None
+        raise click.exceptions.Exit(exit_status(exc)) from None
 
 
 def _encoder_decoder_split(flags, config, layout) -> list[int]:
@@ -271,6 +275,7 @@ def _run(flags, config, layout, distributed, out, state, restart=0):
     if flags["trace"]:
         remove_traces(out)  # an earlier run's ranks must not mix into this run's trace
     _prepare_kernels()
+    report_unfinished(out)
     try:
         say = status
         say(("loading the checkpoint in " + out + " and tokenizing " if flags["resume"] else "tokenizing ")

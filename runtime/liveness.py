@@ -105,9 +105,13 @@ class LivenessMonitor:
     def doing(self, rank: int, running: dict[int, str]) -> str:
         """What the rank was doing as far as the driver knows: its call, and what its last heartbeat said."""
         beat = self.beats.get(rank) or {}
+        queued = running.get(rank)
         if not beat.get("name"):
-            queued = running.get(rank)
             return f"between calls, with {queued} sent to it" if queued else "idle (between calls)"
+        if queued and beat["name"] != queued:
+            # The heartbeat is from an earlier call (beats come every second; a rank can die in
+            # between): the call the driver sent is the better guess, and its beat's detail is stale.
+            return f"running {queued} (sent to it after its last heartbeat, which was in {beat['name']})"
         doing = f"running {beat['name']}"
         if isinstance(beat.get("seconds"), (int, float)):
             doing += f" for {beat['seconds']:.1f}s"

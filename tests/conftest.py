@@ -1,4 +1,5 @@
 import os
+import time
 
 # Tests spawn small worker groups on a 2-core machine: keep BLAS single-threaded in the driver too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -73,6 +74,14 @@ def processes_tagged(tag: str) -> list[int]:
         if tagged and entry.isdigit() and process_alive(int(entry)):
             found.append(int(entry))
     return sorted(found)
+
+
+def tagged_processes_left(tag: str, seconds: float) -> list[int]:
+    """`processes_tagged(tag)` once they are all gone or `seconds` have passed, whichever is first."""
+    deadline = time.monotonic() + seconds
+    while processes_tagged(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return processes_tagged(tag)
 
 
 def arena_blocks_in_use(comm) -> int:

@@ -142,3 +142,28 @@ def test_ringpipe_export_of_a_consolidated_checkpoint_writes_what_the_trainer_wr
     for name in MODEL_FILES:
         assert read(tmp_path / "exported" / name) == read(run / name), name
     assert "no checkpoint in" in one_error_line(run_cli("export", tmp_path / "nothing"))
+
+
+def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_changes_nothing(tmp_path):
+    from tests.conftest import one_error_line
+    from tests.test_sharded_checkpoint import tiny_config
+
+    runs = {}
+    for name in ("run", "other"):
+        trainer = Trainer.create(tiny_config(tmp_path), str(tmp_path / name))
+        trainer.train_step(0)
+        trainer.save_checkpoint()
+        runs[name] = tmp_path / name
+    trainer.save_model()  # "other" has a final model of its own
+    before = {name: read(runs["other"] / name) for name in MODEL_FILES}
+    line = one_error_line(run_cli("export", runs["run"], "--out", runs["other"]))
+    assert line.startswith("Error: Invalid value for --out") and "holds other files (checkpoint" in line, line
+    assert {name: read(runs["other"] / name) for name in MODEL_FILES} == before
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    (unrelated / "todo.txt").write_text("mine")
+    assert "holds other files (todo.txt)" in one_error_line(run_cli("export", runs["run"], "--out", unrelated))
+    assert sorted(p.name for p in unrelated.iterdir()) == ["todo.txt"]
+    # allowed: RUN_DIR itself, a new directory, and that earlier export again
+    for out in (runs["run"], tmp_path / "exported", tmp_path / "exported"):
+        assert run_cli("export", runs["run"], "--out", out).exit_code == 0, out

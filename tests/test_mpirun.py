@@ -101,7 +101,7 @@ def test_under_mpichs_mpiexec_ranks_come_from_pmi_and_the_run_equals_one_process
 def test_a_killed_mpirun_leaves_no_ringpipe_process(corpus, tmp_path, key_file):
     """mpirun SIGKILLed mid-run cannot stop its ranks: they end with it (parent-death signal), and
     their workers with them."""
-    from tests.conftest import processes_tagged
+    from tests.conftest import processes_tagged, tagged_processes_left
 
     tag = f"mpirun-{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "run"
@@ -121,10 +121,7 @@ def test_a_killed_mpirun_leaves_no_ringpipe_process(corpus, tmp_path, key_file):
         assert len(ours) >= 4, ours  # two ranks (the driver and an agent), a worker each
         mpirun.kill()
         mpirun.wait()
-        deadline = time.monotonic() + 10
-        while processes_tagged(tag) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_tagged(tag) == []
+        assert tagged_processes_left(tag, 10) == []
     finally:
         if mpirun.poll() is None:
             mpirun.kill()

@@ -12,7 +12,7 @@ import pytest
 
 from ringpipe.cluster.ssh_launch import hostfile_launcher
 from ringpipe.runtime import Cluster, WorkerUnresponsive
-from tests.conftest import process_alive, processes_tagged
+from tests.conftest import process_alive, tagged_processes_left
 from tests.test_multihost import TRAIN, hostfile, hosts, ssh_to  # noqa: F401 - the namespace hosts fixture
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
@@ -95,10 +95,7 @@ def test_a_killed_driver_leaves_nothing_running_on_the_ssh_hosts(ssh_to, corpus,
         driver.wait()
         # Well within the agents' 15 s silence bound: they saw their input end.
         assert wait_until_empty(hosts, [0, 1], 10) == []
-        deadline = time.monotonic() + 5  # and the ssh clients here end with them
-        while processes_tagged(tag) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_tagged(tag) == []
+        assert tagged_processes_left(tag, 5) == []  # and the ssh clients here end with them
     finally:
         if driver.poll() is None:
             driver.kill()

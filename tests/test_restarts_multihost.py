@@ -1,8 +1,9 @@
 """`ringpipe train --hostfile ... --max-restarts 1` on network-namespace hosts (the fixtures of
 tests/test_multihost.py): a host that goes away (its link down, every process in it SIGKILLed) is
 left out of the restart, which goes on on the hosts that remain when they hold the layout, and says
-in one line why not when they do not. Marker `multihost`; about a minute, 11 s of it CPU."""
+in one line why not when they do not; a worker killed on a host restarts on the same hosts, bit-identical. Marker `multihost`; about a minute, 11 s of it CPU."""
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -68,6 +69,29 @@ def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_hos
     assert alone.exit_code == 0, alone.output
     restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
     assert max(float(np.abs(restarted[name] - uninterrupted[name]).max()) for name in uninterrupted) <= 1e-10
+
+
+def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_identical(ssh_to, corpus, tmp_path):
+    machines = ssh_to
+    path = hostfile(tmp_path, [f"{machines.addresses[0]} slots=1", f"{machines.addresses[1]} slots=1"])
+    out, tag, step = tmp_path / "run", secrets.token_hex(8), random.randint(1, 6)
+    environment = dict(os.environ, **machines.ssh_environment, RINGPIPE_FAULT=f"rank=1,step={step},kind=kill",
+                       RINGPIPE_TEST_TAG=tag)
+    done = subprocess.run([sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *RUN, "--out", str(out),
+                           "--hostfile", path, "--max-restarts", "1"], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr
+    restart = next(line for line in done.stderr.splitlines() if line.startswith("restart 1 of 1"))
+    assert "worker rank 1" in restart and f"resuming from step {(step - 1) // 2 * 2}" in restart, restart
+    sshd = {process.pid for process in machines.sshd_processes}
+    assert _wait_for(lambda: all(set(machines.pids(h)) <= sshd for h in (0, 1)), 15)
+    assert _wait_for(lambda: not processes_tagged(tag), 15), processes_tagged(tag)
+    # Two ranks sum their gradients in the same order over TCP as through shared memory.
+    alone = run_cli("train", "--data", corpus, *RUN, "--nproc", "2", "--out", tmp_path / "alone")
+    assert alone.exit_code == 0, alone.output
+    restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
+    for name in uninterrupted:
+        np.testing.assert_array_equal(restarted[name], uninterrupted[name], err_msg=name)
 
 
 def test_hosts_left_that_cannot_hold_the_layout_stop_the_restart_with_one_line_naming_the_lost_host(

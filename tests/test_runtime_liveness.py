@@ -153,3 +153,18 @@ def test_a_rank_that_computes_on_after_another_failed_is_given_the_communication
 def test_heartbeat_settings_are_checked():
     with pytest.raises(ValueError, match="heartbeat_interval"):
         Cluster(2, heartbeat_interval=5.0, heartbeat_timeout=2.0)
+
+
+def test_what_a_rank_was_doing_is_the_call_sent_to_it_when_its_last_heartbeat_is_from_an_earlier_call():
+    """A rank that dies within a second of starting a call never beat in it: its last heartbeat
+    names the call before (a reviewer saw 'running ParallelTrainer() for 0.0s' for a rank training)."""
+    from ringpipe.runtime.liveness import LivenessMonitor
+
+    monitor = LivenessMonitor(2, launcher=None, heartbeat_timeout=8.0, stuck_grace=3.0, comm_timeout=60.0,
+                              ask_stack=lambda rank: None)
+    monitor.heard(1, {"t": "beat", "call": 3, "name": "ParallelTrainer()", "seconds": 0.0, "waiting": []})
+    doing = monitor.doing(1, {1: "ParallelTrainer.train_step"})
+    assert doing.startswith("running ParallelTrainer.train_step") and "ParallelTrainer() for" not in doing
+    monitor.heard(1, {"t": "beat", "call": 4, "name": "ParallelTrainer.train_step", "seconds": 2.5, "waiting": []})
+    assert monitor.doing(1, {1: "ParallelTrainer.train_step"}).startswith("running ParallelTrainer.train_step for 2.5s")
+    assert monitor.doing(1, {}).startswith("running ParallelTrainer.train_step for 2.5s")

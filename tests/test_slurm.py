@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ringpipe.runtime.auth import create_key_file
-from tests.conftest import one_error_line, processes_tagged, run_cli
+from tests.conftest import one_error_line, processes_tagged, run_cli, tagged_processes_left
 from tests.local_slurm import LocalSlurm, SlurmUnavailable
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
@@ -113,10 +113,7 @@ def test_a_cancelled_job_or_a_killed_driver_leaves_no_ringpipe_process(slurm, co
             driver = [pid for pid in processes_tagged(tag) if _parent(pid) == salloc.pid]
             assert len(driver) == 1, driver
             os.kill(driver[0], signal.SIGKILL)
-        deadline = time.monotonic() + (20 if how == "scancel" else 10)
-        while processes_tagged(tag) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert processes_tagged(tag) == []
+        assert tagged_processes_left(tag, 20 if how == "scancel" else 10) == []
     finally:
         if salloc.poll() is None:
             salloc.kill()

@@ -113,3 +113,15 @@ def test_a_run_says_what_it_is_doing_before_its_first_step(corpus, tmp_path):
     status = [line for line in lines[:first_step] if line.endswith(" ...")]
     assert [line.split()[0] for line in status] == ["compiling", "tokenizing", "starting"], lines
     assert "corpus.txt" in status[1] and "2 workers" in status[2]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_after_a_checkpoint_exits_143_naming_its_step_and_how_to_resume(corpus, tmp_path):
+    out = tmp_path / "run"
+    proc = start("train", "--data", corpus, *TINY, "--checkpoint-every", 2, "--out", out)
+    wait_for(lambda: (out / "checkpoint").is_dir(), proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert "the last checkpoint is at step" in last and f"--resume --out {out}" in last, last

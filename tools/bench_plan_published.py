@@ -4,8 +4,9 @@ Table 1: GPT models on Selene's A100s, V = 51,200, s = 2048, mixed precision, ac
 recomputation).
 
 The machine is model/planning/machines/a100-8x-node.json, spec-sheet values only; ONE efficiency
-constant (the fraction of peak the matmuls reach) is fitted on one row, and every other row is
-predicted with it. Each row's time comes from the planner's step model with the row's (t, p, d,
+constant (the fraction of peak the matmuls reach) is fitted here on one row, ignoring the file's, and
+every other row is predicted with it; the file's "efficiency" is the value this fit gives (0.655),
+so `ringpipe plan --machine a100-8x-node` uses it. Each row's time comes from the planner's step model with the row's (t, p, d,
 global batch); throughput per GPU uses the paper's FLOP count (its Eq. 3, which counts the
 recomputed forward): F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)).
 
@@ -65,7 +66,7 @@ def run(progress=print) -> dict:
     machine = load_machine("a100-8x-node")
     machine.efficiency = fit_efficiency(TABLE[FIT_ROW], machine)
     progress(f"efficiency fitted on the {TABLE[FIT_ROW][0]}B row: {machine.efficiency:.3f} of the A100's "
-             f"{machine.peak_flops / 1e12:.0f} TFLOP/s")
+             f"{machine.peak('float16') / 1e12:.0f} TFLOP/s (fp16 tensor cores)")
     rows = []
     for k, row in enumerate(TABLE):
         predicted = predicted_tflops(row, machine)

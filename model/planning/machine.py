@@ -3,7 +3,9 @@ calibration measured on it. Stored as JSON (`ringpipe plan --calibrate` writes o
 model/planning/machines/ ships spec-sheet files for clusters one may not have).
 
     {"name": "...", "kind": "gpu" | "cpu", "devices_per_host": 8, "hosts": 1,
-     "peak_flops": 989e12,            per device, the dtype training uses (dense)
+     "peak_flops": 989e12,            per device, FLOP/s of every dtype (cpu, calibrated files), or
+     "peak_flops_by_dtype": {"float64": 67e12, "float32": 67e12, "tf32": 495e12,
+                             "float16": 989e12, "bfloat16": 989e12},   per device, dense, by dtype
      "memory_bytes": 80e9,            per device
      "efficiency": 0.5,               fraction of peak the model's matmuls reach (spec files)
      "memory_bandwidth": 3.35e12,     bytes/s per device, for the elementwise passes
@@ -22,6 +24,8 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 MACHINES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "machines")
 LINKS = ("same_host", "across_hosts")
@@ -42,11 +46,13 @@ class Machine:
     kind: str = "cpu"
     devices_per_host: int = 1
     hosts: int = 1
-    peak_flops: float = 1e11
+    peak_flops: float | None = None  # one peak for every dtype; or peak_flops_by_dtype
     memory_bytes: float = 8e9
     efficiency: float = 1.0
     memory_bandwidth: float = 1e10
     links: dict = field(default_factory=dict)  # name -> Link
+    # a GPU's peak differs by 16x between dtypes: a run is timed at its own dtype's entry
+    peak_flops_by_dtype: dict | None = None  # dtype name -> FLOP/s per device
     cores: int | None = None
     calibration: dict | None = None  # see model/planning/calibration.py
 
@@ -57,8 +63,12 @@ class Machine:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"machine {self.name!r}: {name} must be a positive integer, got "
                                  f"{getattr(self, name)!r}")
-        for name in ("peak_flops", "memory_bytes", "efficiency", "memory_bandwidth"):
-            value = getattr(self, name)
+        if self.peak_flops is None and not self.peak_flops_by_dtype:
+            raise ValueError(f"machine {self.name!r}: peak_flops (or peak_flops_by_dtype) is missing")
+        numbers = [(name, getattr(self, name)) for name in ("peak_flops", "memory_bytes", "efficiency",
+                                                             "memory_bandwidth") if getattr(self, name) is not None]
+        numbers += [(f"peak_flops_by_dtype.{dtype}", value) for dtype, value in (self.peak_flops_by_dtype or {}).items()]
+        for name, value in numbers:
             if not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"machine {self.name!r}: {name} must be a positive number, got {value!r}")
         links = {}
@@ -115,10 +125,21 @@ class Machine:
         return None
 
     # ---- compute ----------------------------------------------------------------------------------
-    def compute_seconds(self, flops: float, elements: float = 0.0, itemsize: int = 4) -> float:
-        """Seconds for `flops` of matmuls and elementwise passes over `elements` values, from the
-        spec (peak × efficiency, memory bandwidth: each element read and written)."""
-        return flops / (self.peak_flops * self.efficiency) + 2 * elements * itemsize / self.memory_bandwidth
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s per device of matmuls in `dtype` ("float64", "float32", "float16", ...);
+        ValueError naming the machine when its file has peaks by dtype but not this one."""
+        if not self.peak_flops_by_dtype:
+            return self.peak_flops
+        if dtype not in self.peak_flops_by_dtype:
+            raise ValueError(f"machine {self.name!r}: no peak_flops_by_dtype entry for {dtype} "
+                             f"(has {', '.join(sorted(self.peak_flops_by_dtype))})")
+        return float(self.peak_flops_by_dtype[dtype])
+
+    def compute_seconds(self, flops: float, elements: float = 0.0, dtype: str = "float32") -> float:
+        """Seconds for `flops` of matmuls in `dtype` and elementwise passes over `elements` values,
+        from the spec (the dtype's peak × efficiency, memory bandwidth: each element read and written)."""
+        itemsize = np.dtype(dtype).itemsize
+        return flops / (self.peak(dtype) * self.efficiency) + 2 * elements * itemsize / self.memory_bandwidth
 
     def oversubscription(self, ranks_per_host: int, background_load: float | None = None,
                          probe_ratio: float = 1.0) -> float:

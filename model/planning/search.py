@@ -116,21 +116,3 @@ def plan_layouts(inventory, nproc: int, batch_size: int, machine, hosts: int = 1
         report.ranked.append((candidate, memory, timing))
     report.ranked.sort(key=lambda item: (item[2].seconds, max(m.total for m in item[1])))
     return report
-
-
-def why_best(report: PlanReport) -> str:
-    """One line: by how much the best beats the runner-up, and in which part of the step."""
-    if not report.ranked:
-        return ""
-    best = report.ranked[0]
-    if len(report.ranked) == 1:
-        return f"{best[0].label()} is the only layout that fits"
-    other = report.ranked[1]
-    parts = set(best[2].parts) | set(other[2].parts)
-    part = max(parts, key=lambda p: other[2].parts.get(p, 0.0) - best[2].parts.get(p, 0.0))
-    gain = other[2].parts.get(part, 0.0) - best[2].parts.get(part, 0.0)
-    line = (f"{best[0].label()} wins: {other[2].seconds / best[2].seconds:.2f}× the runner-up's speed "
-            f"({other[0].label()}); the largest saving is {part} ({gain * 1e3:.1f} ms)")
-    if best[2].bubble_fraction < other[2].bubble_fraction - 0.01:
-        line += f", bubble {best[2].bubble_fraction:.0%} vs {other[2].bubble_fraction:.0%}"
-    return line

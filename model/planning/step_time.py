@@ -42,7 +42,7 @@ def piece_seconds(inventory, machine, piece: str, B: int, T: int, tp: int) -> di
     """{"forward", "backward_input", "backward_weight"} seconds of one piece ("block", "head",
     "embedding") for a micro-batch of B rows on one tp rank: measured by calibration when it timed
     this model at B rows, else modelled (backward = 2 × forward, split evenly between B and W)."""
-    dtype = np.dtype(inventory.config.dtype)
+    config_dtype = inventory.config.dtype
     flops = {"block": inventory.block_flops(B, T, tp), "head": inventory.head_flops(B, T, tp),
              "embedding": 0.0}[piece]
     elements = {"block": inventory.block_elements(B, T, tp),
@@ -56,10 +56,10 @@ def piece_seconds(inventory, machine, piece: str, B: int, T: int, tp: int) -> di
                           "head": B * T * (2 * inventory.config.n_embd + 3 * inventory.config.vocab_size),
                           "embedding": elements}[piece]
         # a tp rank's share: the modelled cost of its shard over the modelled cost of the whole
-        share = (machine.compute_seconds(flops, elements, dtype.itemsize) /
-                 max(machine.compute_seconds(dense_flops, dense_elements, dtype.itemsize), 1e-30))
+        share = (machine.compute_seconds(flops, elements, config_dtype) /
+                 max(machine.compute_seconds(dense_flops, dense_elements, config_dtype), 1e-30))
         return {kind: seconds * share for kind, seconds in measured.items()}
-    forward = machine.compute_seconds(flops, elements, dtype.itemsize)
+    forward = machine.compute_seconds(flops, elements, config_dtype)
     return {"forward": forward, "backward_input": forward, "backward_weight": forward}
 
 
@@ -157,7 +157,7 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     seconds = sum(parts.values())
     tokens = batch_size * T
     model_flops = 3 * (config.n_layer * inventory.block_flops(batch_size, T) + inventory.head_flops(batch_size, T))
-    return StepTiming(seconds, tokens / seconds, model_flops / (seconds * c.world_size * machine.peak_flops),
+    return StepTiming(seconds, tokens / seconds, model_flops / (seconds * c.world_size * machine.peak(config.dtype)),
                       model_flops, parts, bubble)
 
 

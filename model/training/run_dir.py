@@ -13,6 +13,8 @@
     RUN/model.safetensors, RUN/config.json, RUN/tokenizer files   the final model
     RUN/trace-rank{r}.json, clocks.json, schedule.json   a traced run (`ringpipe train --trace`)
     RUN/trace.html, RUN/trace.json  what `ringpipe trace view|export` write by default
+    RUN/.lock                       flock'ed by the driver of the run training into RUN (LOCK_FILE;
+                                    holds "pid P on HOST"); the kernel frees it when that process ends
 
 The model files are named by the model's checkpoint format (model/gpt2/checkpoint.py) and the
 tokenizer's (model/data/tokenizer.py); the trace files by runtime.Cluster.stop_trace. They are
@@ -20,11 +22,14 @@ repeated or imported here so that this is the one list to read.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import json
 import os
 import re
 import shutil
+import socket
 from typing import TYPE_CHECKING
 
 from ringpipe.model.data.tokenizer import TOKENIZER_FILES
@@ -51,6 +56,7 @@ SCHEDULE_FILE = "schedule.json"  # written by the driver of a traced run
 TRACE_VIEW_FILE = "trace.html"
 TRACE_EXPORT_FILE = "trace.json"
 TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
+LOCK_FILE = ".lock"
 LOGS_DIR = "logs"  # rank-R.log of each worker of a multi-worker run (runtime/rank_logs.py)
 
 
@@ -147,3 +153,40 @@ def remove_run(out: str) -> None:
     for pattern in (METRICS_FILE, TOKEN_FILE, *MODEL_FILES, *TRACE_FILES, TRACE_VIEW_FILE):
         for path in glob.glob(os.path.join(out, pattern)):
             os.remove(path)
+
+
+def lock_run_dir(run_dir: str) -> int:
+    """An exclusive flock on RUN/.lock (the directory made if need be), for the life of a training
+    run: returns its file descriptor, to os.close when the run ends (the kernel releases it if the
+    process dies, so a killed run leaves no stale lock). ValueError naming the holder if another
+    process holds it."""
+    from ringpipe.runtime.files import make_directory
+
+    make_directory(run_dir)
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "holder unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise ValueError(f"{run_dir} is in use by another training run ({holder}; {path}); wait for it "
+                         "to end or choose another directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def check_export_target(run_dir: str, out: str) -> None:
+    """ValueError unless `ringpipe export RUN --out OUT` may write its model files into `out`: RUN
+    itself, a new or empty directory, or one holding only model files (an earlier export). Another
+    run's directory, or one with files of its own, is refused before anything is written."""
+    if not os.path.isdir(out) or os.path.realpath(out) == os.path.realpath(run_dir):
+        return
+    other = sorted(set(os.listdir(out)) - set(MODEL_FILES))
+    if other:
+        raise ValueError(f"{out} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "
+                         "export writes model.safetensors, config.json and the tokenizer there, so give a new "
+                         "directory, RUN_DIR itself or an earlier export's")
