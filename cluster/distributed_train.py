@@ -60,7 +60,7 @@ class DistributedRun:
         self.tokenizer, self.step = self.setup.tokenizer, self.setup.step
         plan = family(config.family).parallel_plan(config.model_config(self.setup.vocab_size))  # makes no weight
         report(describe_layout(plan, layout, config.dtype))
-        say(f"starting {layout.world_size} workers")
+        say(f"starting {layout.world_size} worker{'s' if layout.world_size > 1 else ''}")
         self.cluster = Cluster(layout.world_size, threads_per_worker=1, timeout=timeout,
                                log_dir=os.path.join(os.path.abspath(out), LOGS_DIR), **(cluster_options or {}))
         try:

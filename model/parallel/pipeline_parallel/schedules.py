@@ -130,18 +130,18 @@ def split_layers(n_layer: int, num_stages: int, explicit=None, layer_sizes=None,
     n_layer // num_stages blocks and the first n_layer % num_stages stages one more.
     """
     if num_stages < 1:
-        raise ValueError(f"split_layers: num_stages must be ≥ 1, got {num_stages}")
+        raise ValueError(f"pipeline split: num_stages must be ≥ 1, got {num_stages}")
     if n_layer < num_stages:
-        raise ValueError(f"split_layers: {n_layer} layers cannot fill {num_stages} stages "
+        raise ValueError(f"pipeline split: {n_layer} layers cannot fill {num_stages} stages "
                          f"(every stage needs at least one layer)")
     if explicit is not None:
         counts = [int(c) for c in explicit]
         if len(counts) != num_stages or sum(counts) != n_layer or min(counts) < 1:
-            raise ValueError(f"split_layers: explicit split {list(explicit)} must have {num_stages} entries, "
+            raise ValueError(f"pipeline split: explicit split {list(explicit)} must have {num_stages} entries, "
                              f"each ≥ 1, summing to n_layer={n_layer}")
     elif layer_sizes is not None:
         if len(layer_sizes) != n_layer:
-            raise ValueError(f"split_layers: {len(layer_sizes)} layer sizes for {n_layer} layers")
+            raise ValueError(f"pipeline split: {len(layer_sizes)} layer sizes for {n_layer} layers")
         counts = _balanced_by_size([int(size) for size in layer_sizes], num_stages, int(first_size), int(last_size))
     else:
         base, extra = divmod(n_layer, num_stages)
