@@ -32,6 +32,29 @@ def _wait_for(predicate, seconds: float) -> bool:
     return predicate()
 
 
+def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_identical(ssh_to, corpus, tmp_path):
+    machines = ssh_to  # hosts 1 and 2: the test below takes host 0 away for good
+    path = hostfile(tmp_path, [f"{machines.addresses[1]} slots=1", f"{machines.addresses[2]} slots=1"])
+    out, tag, step = tmp_path / "run", secrets.token_hex(8), random.randint(1, 6)
+    environment = dict(os.environ, **machines.ssh_environment, RINGPIPE_FAULT=f"rank=1,step={step},kind=kill",
+                       RINGPIPE_TEST_TAG=tag)
+    done = subprocess.run([sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *RUN, "--out", str(out),
+                           "--hostfile", path, "--max-restarts", "1"], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr
+    restart = next(line for line in done.stderr.splitlines() if line.startswith("restart 1 of 1"))
+    assert "worker rank 1" in restart and f"resuming from step {(step - 1) // 2 * 2}" in restart, restart
+    sshd = {process.pid for process in machines.sshd_processes}
+    assert _wait_for(lambda: all(set(machines.pids(h)) <= sshd for h in (1, 2)), 15)
+    assert _wait_for(lambda: not processes_tagged(tag), 15), processes_tagged(tag)
+    # Two ranks sum their gradients in the same order over TCP as through shared memory.
+    alone = run_cli("train", "--data", corpus, *RUN, "--nproc", "2", "--out", tmp_path / "alone")
+    assert alone.exit_code == 0, alone.output
+    restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
+    for name in uninterrupted:
+        np.testing.assert_array_equal(restarted[name], uninterrupted[name], err_msg=name)
+
+
 def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_host_to_1e_10(
         ssh_to, corpus, tmp_path):
     machines = ssh_to
@@ -69,29 +92,6 @@ def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_hos
     assert alone.exit_code == 0, alone.output
     restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
     assert max(float(np.abs(restarted[name] - uninterrupted[name]).max()) for name in uninterrupted) <= 1e-10
-
-
-def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_identical(ssh_to, corpus, tmp_path):
-    machines = ssh_to
-    path = hostfile(tmp_path, [f"{machines.addresses[0]} slots=1", f"{machines.addresses[1]} slots=1"])
-    out, tag, step = tmp_path / "run", secrets.token_hex(8), random.randint(1, 6)
-    environment = dict(os.environ, **machines.ssh_environment, RINGPIPE_FAULT=f"rank=1,step={step},kind=kill",
-                       RINGPIPE_TEST_TAG=tag)
-    done = subprocess.run([sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *RUN, "--out", str(out),
-                           "--hostfile", path, "--max-restarts", "1"], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=200)
-    assert done.returncode == 0, done.stderr
-    restart = next(line for line in done.stderr.splitlines() if line.startswith("restart 1 of 1"))
-    assert "worker rank 1" in restart and f"resuming from step {(step - 1) // 2 * 2}" in restart, restart
-    sshd = {process.pid for process in machines.sshd_processes}
-    assert _wait_for(lambda: all(set(machines.pids(h)) <= sshd for h in (0, 1)), 15)
-    assert _wait_for(lambda: not processes_tagged(tag), 15), processes_tagged(tag)
-    # Two ranks sum their gradients in the same order over TCP as through shared memory.
-    alone = run_cli("train", "--data", corpus, *RUN, "--nproc", "2", "--out", tmp_path / "alone")
-    assert alone.exit_code == 0, alone.output
-    restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
-    for name in uninterrupted:
-        np.testing.assert_array_equal(restarted[name], uninterrupted[name], err_msg=name)
 
 
 def test_hosts_left_that_cannot_hold_the_layout_stop_the_restart_with_one_line_naming_the_lost_host(
