@@ -76,6 +76,14 @@ def processes_tagged(tag: str) -> list[int]:
     return sorted(found)
 
 
+def processes_left(pids, seconds: float) -> list[int]:
+    """The `pids` still running once none is or `seconds` have passed, whichever is first."""
+    deadline = time.monotonic() + seconds
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if process_alive(pid)]
+
+
 def tagged_processes_left(tag: str, seconds: float) -> list[int]:
     """`processes_tagged(tag)` once they are all gone or `seconds` have passed, whichever is first."""
     deadline = time.monotonic() + seconds

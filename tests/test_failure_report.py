@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ringpipe.runtime import Cluster, RemoteError, WorkerDied
-from tests.conftest import process_alive
+from tests.conftest import process_alive, processes_left
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = socket.gethostname()
@@ -117,10 +117,7 @@ def test_what_a_worker_started_ends_with_the_cluster():
     with Cluster(1) as cluster:
         grandchildren = cluster.run(start_a_grandchild)
         assert all(process_alive(pid) for pid in grandchildren)
-    deadline = time.monotonic() + 5
-    while any(process_alive(pid) for pid in grandchildren) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(process_alive(pid) for pid in grandchildren)
+    assert processes_left(grandchildren, 5) == []
 
 
 @pytest.mark.timeout(60)
@@ -140,10 +137,7 @@ def test_a_stopped_worker_dies_with_its_killed_driver(tmp_path):
     pids = [int(p) for p in driver.stdout.readline().split()]
     driver.kill()
     driver.wait()
-    deadline = time.monotonic() + 5
-    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    left = [pid for pid in pids if process_alive(pid)]
+    left = processes_left(pids, 5)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert pids and not left, f"workers {left} outlived their driver"

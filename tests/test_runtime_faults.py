@@ -15,6 +15,7 @@ import zmq
 from ringpipe.runtime import Cluster, RemoteError, WorkerDied
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.communicator import CommConfig
+from tests.conftest import process_alive, processes_left
 
 
 def mismatched_shapes(comm, algorithm):
@@ -202,7 +203,7 @@ def test_a_dying_worker_is_reported_within_two_seconds_and_all_workers_stop(how)
         assert ("SIGKILL" if how == "kill" else "exited with code 3") in str(info.value)
         assert "die_mid_collective" in str(info.value)
         for pid in pids:
-            assert not _alive(pid), f"worker {pid} still running"
+            assert not process_alive(pid), f"worker {pid} still running"
         with pytest.raises(RuntimeError, match="cluster is stopped"):
             cluster.run(sum_of_ranks)
     finally:
@@ -222,16 +223,6 @@ def test_sys_exit_in_a_worker_reports_its_traceback():
         assert "rank 1" in str(info.value) and "exit_in_function" in str(info.value)
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not running
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def test_close_leaves_no_process_and_no_shared_memory_file():
@@ -241,7 +232,7 @@ def test_close_leaves_no_process_and_no_shared_memory_file():
     # The arenas were unlinked as soon as every peer had mapped them.
     assert glob.glob(f"/dev/shm/ringpipe-{cluster.job_id}-*") == []
     cluster.close()
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
     cluster.close()  # idempotent
 
 
@@ -273,10 +264,7 @@ def test_ctrl_c_in_the_driver_stops_every_worker(tmp_path):
     _, stderr = proc.communicate(timeout=45)  # reads stderr as it comes: a full pipe cannot block the driver
     assert "KeyboardInterrupt" in stderr and "Timeout (0:00:30)!" not in stderr, stderr
     assert proc.returncode != 0
-    deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(pid) for pid in pids)
+    assert processes_left(pids, 5) == []
 
 
 def test_workers_exit_when_the_driver_is_killed(tmp_path):
@@ -293,10 +281,7 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     pids = [int(p) for p in proc.stdout.readline().split()]
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(pid) for pid in pids)
+    assert processes_left(pids, 5) == []
 
 
 # ---- hostile input on the data plane ---------------------------------------------------------------
