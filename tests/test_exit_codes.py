@@ -28,6 +28,8 @@ def _cases(tmp_path):
                                                                 "--n-head", "3", *out], 2, "n_embd"),
         "train: a layout that does not fit the model": (["train", "--data", corpus, "--n-layer", "1", "--nproc", "2",
                                                          "--pp", "2", *out], 2, "stage"),
+        "train: an endpoint that is not HOST:PORT": (["train", "--launcher", "mpi", "--rdzv-endpoint", "::1:29500",
+                                                      *out], 2, "--rdzv-endpoint"),
         "train: --data that names no file": (["train", "--data", tmp_path / "none*.txt", *out], 2, "no files matched"),
         "train: --resume of a directory without a checkpoint": (["train", "--resume", "--out", empty_dir], 2,
                                                                  "no checkpoint in"),
@@ -52,7 +54,8 @@ def _cases(tmp_path):
 
 CASES = ["train: a flag value click refuses", "train: flags that conflict", "train: a layout that does not fit --nproc",
          "train: micro-batches that do not divide the batch", "train: a model whose heads do not divide its width",
-         "train: a layout that does not fit the model", "train: --data that names no file",
+         "train: a layout that does not fit the model", "train: an endpoint that is not HOST:PORT",
+         "train: --data that names no file",
          "train: --resume of a directory without a checkpoint", "generate: --checkpoint without a model",
          "fill-mask: --checkpoint without a model", "export: RUN_DIR without a checkpoint",
          "quantize: a missing required flag", "quantize: RUN_DIR without a model", "plan: ranks the hosts cannot share",
