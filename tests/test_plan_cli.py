@@ -127,6 +127,8 @@ def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
     assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
     assert compute["pieces"]["block|2"]["backward_input_recompute"] > 0
     assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
+    assert set(compute["gradient_pass_seconds"]) == {"zero", "accumulate"}
+    assert all(seconds > 0 for seconds in compute["gradient_pass_seconds"].values())
 
 
 def test_the_planners_flops_are_narayanan_et_als_with_the_recomputed_forward():

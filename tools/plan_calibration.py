@@ -4,13 +4,20 @@ Compute: the model's own op pairs at the shapes a plan needs — a GPT-2 block's
 backward-input (also with recompute) and backward-weight, the head and the embedding, for every micro-batch row count
 asked — with one BLAS thread, as a distributed worker runs them (runtime/cluster.py gives each worker
 its share of the cores; ringpipe's training workers take one); the matmul rate, the elementwise
-rate and AdamW's seconds per element. Communication: all-reduce, all-gather, reduce-scatter over
-groups of 2..N local workers and a point-to-point send, each fitted as latency + seconds per byte
-from two sizes.
+rate, and the seconds per parameter of the passes a step makes over whole gradients and weights
+(zeroing, each micro-batch's accumulation, the norm, clipping and AdamW). Communication:
+all-reduce, all-gather, reduce-scatter over groups of 2..N local workers and a point-to-point
+send, each fitted as latency + seconds per byte from two sizes.
+
+Per-byte rates are measured on arrays several times the last-level cache: a rank's gradients,
+optimizer state and gradient buckets are that large, and a rate timed on data the cache holds
+(a few MiB) would be the cache's, not memory's (measured here: a 4 MiB all-reduce fit priced a
+dp-2 step's 113 MB of gradients at half what it took).
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import statistics
 import time
@@ -19,8 +26,44 @@ import numpy as np
 
 from ringpipe.model.planning.machine import Machine, _host_memory
 
-SIZES = (1 << 16, 1 << 22)  # bytes: the latency and the bandwidth end of the fit
 REPEATS = 5
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache of this host (sysfs), 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        if text.rstrip("KMG").isdigit():
+            sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=32 << 20)
+
+
+def beyond_cache_bytes() -> int:
+    """An array size whose per-byte cost is memory's: 4 × the last-level cache, within 16..256 MiB."""
+    return min(max(4 * last_level_cache_bytes(), 16 << 20), 256 << 20)
+
+
+SIZES = (1 << 16, beyond_cache_bytes())  # bytes: the latency and the bandwidth end of the fit
+
+
+def background_load(samples: int = 20, interval: float = 0.02, path: str = "/proc/loadavg") -> float:
+    """Runnable tasks on this host now, besides the caller: the kernel's count of running tasks (the
+    fourth field of /proc/loadavg, "running/total", which counts the reader itself), averaged over
+    `samples` readings `interval` seconds apart. Not the load average: it lags by a minute, so just
+    after a cluster's workers end it still counts them as if they competed for the cores."""
+    counts = []
+    for k in range(samples):
+        with open(path) as f:
+            counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        if k + 1 < samples:
+            time.sleep(interval)
+    return max(0.0, statistics.fmean(counts))
 
 
 def _median_seconds(fn, repeats=REPEATS) -> float:
@@ -151,30 +194,51 @@ def _piece_seconds(config, rows, seed) -> dict:
     return pieces
 
 
+def step_pass_seconds(dtype, elements: int | None = None) -> dict:
+    """Seconds per element of the passes a training step makes over a rank's whole gradients and
+    weights (model/training/parallel_trainer.py), on arrays of `elements` (default: beyond the
+    cache): "zero" (the flat gradient, once per step), "accumulate" (`grad += g`, once per piece per
+    micro-batch: model/parallel/stage.py), "optimizer" (the gradient norm, clipping, AdamW)."""
+    from ringpipe.model.nn.optim import AdamW
+
+    dtype = np.dtype(dtype)
+    n = elements or beyond_cache_bytes() // dtype.itemsize
+    params, grads = {"w": np.zeros(n, dtype)}, {"w": np.full(n, 1e-3, dtype)}
+    contribution = np.full(n, 1e-3, dtype)
+    optimizer = AdamW(params, weight_decay=0.1)
+
+    def optimizer_pass():
+        norm = float(np.sqrt(np.vdot(grads["w"], grads["w"])))
+        grads["w"] *= 1.0 / max(norm, 1.0)
+        optimizer.update(params, grads, 1e-3)
+
+    passes = {"zero": lambda: grads["w"].fill(0), "accumulate": lambda: np.add(grads["w"], contribution, out=grads["w"]),
+              "optimizer": optimizer_pass}
+    return {name: _median_seconds(fn) / n for name, fn in passes.items()}
+
+
 def calibrate_compute(config, rows: list[int], seed: int = 0, pieces: bool = True) -> dict:
     """Seconds of each piece of a dense GPT-2 of `config` per micro-batch of each row count (none with
-    `pieces` False: another family's steps are then modelled from the rates measured here), AdamW's
-    seconds per element, the matmul and elementwise rates."""
+    `pieces` False: another family's steps are then modelled from the rates measured here), the
+    step's per-element passes (`step_pass_seconds`: "optimizer_seconds_per_element" and
+    "gradient_pass_seconds" {zero, accumulate}), the matmul and elementwise rates."""
     from threadpoolctl import threadpool_limits
-
-    from ringpipe.model.nn.optim import AdamW
 
     timed = {}
     dtype = np.dtype(config.dtype)
     with threadpool_limits(1):
         if pieces:
             timed = _piece_seconds(config, rows, seed)
+        passes = step_pass_seconds(dtype)
         rng = np.random.default_rng(seed)
-        params = {"w": np.zeros(1 << 20, dtype)}
-        grads = {"w": np.ones(1 << 20, dtype)}
-        optimizer = AdamW(params, weight_decay=0.1)
-        per_element = _median_seconds(lambda: optimizer.update(params, grads, 1e-3)) / (1 << 20)
         a = rng.standard_normal((1024, 1024)).astype(dtype)
         b = rng.standard_normal((1024, 1024)).astype(dtype)
         matmul = 2 * 1024 ** 3 / _median_seconds(lambda: a @ b)
-        elementwise = 2 * a.size * a.itemsize / _median_seconds(lambda: np.multiply(a, b, out=a))
-    return {"pieces": timed, "optimizer_seconds_per_element": per_element, "matmul_flops": matmul,
-            "elementwise_bytes_per_second": elementwise}
+        big = np.ones(beyond_cache_bytes() // dtype.itemsize, dtype)
+        elementwise = 2 * big.nbytes / _median_seconds(lambda: np.multiply(big, 0.5, out=big))
+    return {"pieces": timed, "optimizer_seconds_per_element": passes["optimizer"],
+            "gradient_pass_seconds": {"zero": passes["zero"], "accumulate": passes["accumulate"]},
+            "matmul_flops": matmul, "elementwise_bytes_per_second": elementwise}
 
 
 def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print) -> Machine:
@@ -195,4 +259,5 @@ def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print
                    links={"same_host": {"latency": send[0], "bandwidth": 1.0 / max(send[1], 1e-12)}}, cores=cores,
                    calibration={"compute": compute, "communication": communication,
                                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                "load_average": os.getloadavg()[0], "probe_seconds": probe_seconds()})
+                                "load_average": os.getloadavg()[0], "background_load": background_load(),
+                                "probe_seconds": probe_seconds()})

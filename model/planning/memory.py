@@ -304,11 +304,17 @@ def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elemen
     Same host (`elements` > 0, CPU workers): a gradient bucket's all-reduce copies the bucket whole
     into a block of the rank's own arena while it is in flight (runtime/collectives.py's
     shm_all_reduce), and the backward launches every bucket within the last micro-batch, so the
-    rank's own blocks hold up to its whole flat gradient; ZeRO-1's all-gather adds its shard of the
-    parameters in the same way, and its heap holds the gathered buckets (model/parallel/data_parallel's
-    ShardedAdamW.update starts them all before waiting) and the reduced shards. The slices a rank reads from its peers' blocks are not counted:
-    measured on this machine (dp2, 4 × 768 GPT-2), earlier buckets have finished by the time the
-    last ones are read, and the arena's resident pages stay at or under the flat gradient.
+    rank's own blocks hold up to its whole flat gradient. Arena pages a process reads are resident
+    in it too: each rank reduces its 1/dp slice of every peer's block and then copies each peer's
+    reduced slice out of that peer's block, 2/dp of each of dp - 1 peers' arenas. Freed blocks are
+    reused first-fit, so an arena's touched pages are the most bucket bytes ever in flight at once:
+    all of them once the ranks drift far enough apart (a quiet 2-core machine after a few steps:
+    measured 2 × the gradient on each dp-2 rank; under load fewer are in flight at once and the
+    high-water mark ratchets up over the steps), which is the peak this counts.
+    ZeRO-1's reduce-scatter reads only its own row (1/dp) of each peer's block, and its all-gather's
+    blocks reuse the reduce-scatter's pages (measured: own arena up to the gradient, the peer's
+    pages read up to half of it, at dp 2); its heap holds the gathered buckets (model/parallel/data_parallel's
+    ShardedAdamW.update starts them all before waiting) and the reduced shards.
     Arena pages are not heap: `RankMemory.peak` adds them on top of the heap's peak.
     In place (`elements` 0, GPUs): a bucket each way.
     The pipeline keeps the messages waiting for their action (an activation and a gradient)."""
@@ -317,7 +323,8 @@ def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elemen
         heap += 2 * bucket_bytes
     if c.dp > 1 and elements:
         gradients = elements * dtype.itemsize
-        shared += gradients + (-(-gradients // c.dp) if c.zero else 0)
+        peers_read = (1 if c.zero else 2) * (c.dp - 1) * gradients // c.dp
+        shared += gradients + peers_read
         if c.zero:  # heap: every bucket's all-gathered parameters in flight at once, the reduced
             heap += gradients + 2 * -(-gradients // c.dp)  # gradient shards and their concatenation
     if c.pp > 1:
