@@ -1,8 +1,9 @@
 """`ringpipe plan --calibrate`: time this machine for the planner and store a machine file.
 
-Compute: the model's own op pairs at the shapes a plan needs — a GPT-2 block's forward,
-backward-input (also with recompute) and backward-weight, the head and the embedding, for every micro-batch row count
-asked — with one BLAS thread, as a distributed worker runs them (runtime/cluster.py gives each worker
+Compute: the model's own pieces at the shapes a plan needs, through its family's parallel plan
+(GPT-2, BERT, T5 alike) — a block's forward, backward-input (also with recompute, where the family
+has it) and backward-weight, the head and the embedding, for every micro-batch row count asked —
+with one BLAS thread, as a distributed worker runs them (runtime/cluster.py gives each worker
 its share of the cores; ringpipe's training workers take one); the matmul rate, the elementwise
 rate, and the seconds per parameter of the passes a step makes over whole gradients and weights
 (zeroing, each micro-batch's accumulation, the norm, clipping and AdamW). Communication:
@@ -159,39 +160,60 @@ def calibrate_communication(group_sizes) -> dict:
     return table
 
 
-def _piece_seconds(config, rows, seed) -> dict:
-    """{"block|B": {forward, backward_input, backward_weight, backward_input_recompute}, "head|B",
-    "embedding|B"} of a dense GPT-2 of `config` (one BLAS thread: the caller's limit)."""
-    from ringpipe.model.gpt2.model import GPT
+def _piece_seconds(inventory, rows, seed) -> dict:
+    """{"block|B": {forward, backward_input, backward_weight[, backward_input_recompute]}, "head|B",
+    "embedding|B"} of `inventory`'s model, timed through its parallel plan's stage pieces (the code
+    a training rank runs: model/parallel/stage.py) on one stage holding the whole model, dense.
+    A block is the mean of the plan's blocks where they differ (T5's encoder and decoder layers)."""
+    from ringpipe.model.parallel.stage import Stage
 
-    pieces = {}
-    model = GPT(config, seed=seed)
-    recomputing = GPT(dataclasses.replace(config, recompute=True), params=model.params)
-    T, C = config.block_size, config.n_embd
+    plan = inventory.plan
+    params = plan.init_params(seed)
+    stage = Stage(plan, params, range(plan.num_layers), True, True)
+    recomputing = (Stage(type(plan)(dataclasses.replace(plan.config, recompute=True)), params,
+                         range(plan.num_layers), True, True) if inventory.recompute else None)
+    del params
+    pieces, release = stage.pieces, stage.memory.release
+    blocks = range(plan.num_layers) if not getattr(inventory, "uniform_layers", True) else range(1)
     rng = np.random.default_rng(seed)
+    timed = {}
     for B in sorted(set(rows)):
-        idx = rng.integers(0, config.vocab_size, (B, T))
-        x = rng.standard_normal((B, T, C)).astype(model.dtype)
-        dout = rng.standard_normal((B, T, C)).astype(model.dtype)
-        # each part timed alone, its inputs made fresh (untimed) before every repeat
-        block = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.block_forward(0, x)[1])),
-                 "backward_input": _timed(lambda: model.block_forward(0, x)[1],
-                                          lambda cache: model.block_backward_input(0, cache, dout)),
-                 "backward_weight": _timed(
-                     lambda: model.block_backward_input(0, model.block_forward(0, x)[1], dout)[1],
-                     model.block_backward_weight)}
-        # with recompute the backward rebuilds the caches its own way (dense: the attention half twice)
-        block["backward_input_recompute"] = _timed(
-            lambda: recomputing.block_forward(0, x)[1], lambda cache: recomputing.block_backward_input(0, cache, dout))
-        head = {"forward": _timed(lambda: x, lambda x: model.memory.release(model.head_forward(x, idx)[1])),
-                "backward_input": _timed(lambda: model.head_forward(x, idx)[1], model.head_backward),
-                "backward_weight": 0.0}
-        embedding = {"forward": _timed(lambda: idx, lambda i: model.memory.release(model.embedding_forward(i)[1])),
-                     "backward_input": _timed(lambda: model.embedding_forward(idx)[1],
-                                              lambda cache: model.embedding_backward(cache, x)),
-                     "backward_weight": 0.0}
-        pieces.update({f"block|{B}": block, f"head|{B}": head, f"embedding|{B}": embedding})
-    return pieces
+        idx, targets = inventory.sample_batch(B, rng)
+        x, cache = pieces.embedding_forward(idx, None)
+        release(cache)
+        inputs = []  # each timed block's input, as the blocks before it make it
+        for i in blocks:
+            inputs.append(x)
+            x, cache = pieces.block_forward(i, x, None)
+            release(cache)
+        dout = rng.standard_normal(x.shape).astype(x.dtype)
+
+        def block_times(i, x):
+            def deferred():
+                return pieces.block_backward_input(i, pieces.block_forward(i, x, None)[1], dout)[1]
+            times = {"forward": _timed(lambda: x, lambda x: release(pieces.block_forward(i, x, None)[1])),
+                     "backward_input": _timed(lambda: pieces.block_forward(i, x, None)[1],
+                                              lambda cache: pieces.block_backward_input(i, cache, dout)),
+                     "backward_weight": _timed(deferred, pieces.block_backward_weight)}
+            if recomputing is not None:  # the backward rebuilds the caches its own way
+                rebuild = recomputing.pieces
+                times["backward_input_recompute"] = _timed(lambda: rebuild.block_forward(i, x, None)[1],
+                                                           lambda cache: rebuild.block_backward_input(i, cache, dout))
+            return times
+
+        per_block = [block_times(i, inputs[k]) for k, i in enumerate(blocks)]
+        timed[f"block|{B}"] = {kind: statistics.fmean(t[kind] for t in per_block) for kind in per_block[0]}
+        timed[f"head|{B}"] = {
+            "forward": _timed(lambda: x, lambda x: release(pieces.head_forward(x, targets)[1])),
+            "backward_input": _timed(lambda: pieces.head_forward(x, targets)[1],
+                                     lambda cache: pieces.head_backward(cache, 1.0)),
+            "backward_weight": 0.0}
+        timed[f"embedding|{B}"] = {
+            "forward": _timed(lambda: idx, lambda i: release(pieces.embedding_forward(i, None)[1])),
+            "backward_input": _timed(lambda: pieces.embedding_forward(idx, None)[1],
+                                     lambda cache: pieces.embedding_backward(cache, inputs[0])),
+            "backward_weight": 0.0}
+    return timed
 
 
 def step_pass_seconds(dtype, elements: int | None = None) -> dict:
@@ -217,18 +239,16 @@ def step_pass_seconds(dtype, elements: int | None = None) -> dict:
     return {name: _median_seconds(fn) / n for name, fn in passes.items()}
 
 
-def calibrate_compute(config, rows: list[int], seed: int = 0, pieces: bool = True) -> dict:
-    """Seconds of each piece of a dense GPT-2 of `config` per micro-batch of each row count (none with
-    `pieces` False: another family's steps are then modelled from the rates measured here), the
-    step's per-element passes (`step_pass_seconds`: "optimizer_seconds_per_element" and
-    "gradient_pass_seconds" {zero, accumulate}), the matmul and elementwise rates."""
+def calibrate_compute(inventory, rows: list[int], seed: int = 0) -> dict:
+    """Seconds of each piece of `inventory`'s model per micro-batch of each row count
+    (`_piece_seconds`), the step's per-element passes (`step_pass_seconds`:
+    "optimizer_seconds_per_element" and "gradient_pass_seconds" {zero, accumulate}), the matmul and
+    elementwise rates."""
     from threadpoolctl import threadpool_limits
 
-    timed = {}
-    dtype = np.dtype(config.dtype)
+    dtype = np.dtype(inventory.config.dtype)
     with threadpool_limits(1):
-        if pieces:
-            timed = _piece_seconds(config, rows, seed)
+        timed = _piece_seconds(inventory, rows, seed)
         passes = step_pass_seconds(dtype)
         rng = np.random.default_rng(seed)
         a = rng.standard_normal((1024, 1024)).astype(dtype)
@@ -247,8 +267,7 @@ def calibrate(inventory, rows: list[int], group_sizes: list[int], progress=print
 
     cores = os.cpu_count() or 1
     progress(f"timing the model's pieces at micro-batch rows {sorted(set(rows))} ...")
-    # the pieces are timed on GPT-2's dense model; another family is modelled from the rates
-    compute = calibrate_compute(inventory.config, rows, pieces=inventory.family == "gpt2")
+    compute = calibrate_compute(inventory, rows)
     compute["model"] = architecture_key(inventory)
     progress(f"timing collectives over {sorted(set(g for g in group_sizes if g > 1))} local workers ...")
     communication = calibrate_communication(group_sizes)
