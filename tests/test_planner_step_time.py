@@ -8,8 +8,8 @@ import pytest
 from ringpipe.model.gpt2.config import GPTConfig
 from ringpipe.model.planning.gpt2_inventory import GPT2Inventory
 from ringpipe.model.planning.machine import load_machine
-from ringpipe.model.planning.memory import Candidate, stage_ranges
-from ringpipe.model.planning.step_time import architecture_key, predict_step, stage_elements
+from ringpipe.model.planning.memory import Candidate, stage_elements, stage_ranges
+from ringpipe.model.planning.step_time import architecture_key, predict_step
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
 from ringpipe.model.training.trainer import Trainer

@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ringpipe.model.parallel.pipeline_parallel.schedules import Kind
-from ringpipe.model.parallel.plan import stage_param_names
-from ringpipe.model.planning.memory import (Candidate, _cached, local_elements, rank_parameters, rank_stages,
-                                            stage_ranges)
+from ringpipe.model.planning.memory import Candidate, rank_parameters, rank_stages, stage_elements, stage_ranges
 from ringpipe.model.planning.pipeline_timing import pipeline_time
 
 
@@ -175,16 +173,6 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     model_flops = 3 * (config.n_layer * inventory.block_flops(batch_size, T) + inventory.head_flops(batch_size, T))
     return StepTiming(seconds, tokens / seconds, model_flops / (seconds * c.world_size * machine.peak(config.dtype)),
                       model_flops, parts, bubble)
-
-
-def stage_elements(inventory, tp: int, layers: range, first: bool, last: bool) -> tuple[int, int]:
-    """(elements of a stage's blocks, of its embedding and head) on one tensor-parallel rank."""
-    def count():
-        names = stage_param_names(inventory.plan, layers, first, last)
-        block_names = {name for i in layers for name in inventory.plan.block_params(i)}
-        blocks = local_elements(inventory, tp, [name for name in names if name in block_names])
-        return blocks, local_elements(inventory, tp, names) - blocks
-    return _cached(inventory, ("stage elements", tp, layers.start, layers.stop, first, last), count)
 
 
 def gradient_pass_seconds(machine, dtype) -> dict:
