@@ -99,23 +99,11 @@ def _package_folders() -> set:
     return folders | ({done.stdout.strip()} if done.returncode == 0 else set())
 
 
-def _other_version_metadata(tmp_path) -> tuple[str, str]:
-    """(a copy of ringpipe's installed METADATA claiming another version, the file it stands for)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        files = distribution("ringpipe").files or []
-    except PackageNotFoundError:
-        files = []
-    found = [f for f in files if f.name == "METADATA" and f.parent.name.endswith(".dist-info")]
-    if not found:
-        pytest.skip("ringpipe is not installed here (no METADATA holds its version)")
-    original = str(found[0].locate())
-    text = open(original).read()
-    version = next(line for line in text.splitlines() if line.startswith("Version: "))
-    changed = tmp_path / "METADATA"
-    changed.write_text(text.replace(version, "Version: 999.0", 1))
-    return str(changed), original
+def _other_version(tmp_path) -> str:
+    """A runtime/version.py that says 999.0."""
+    changed = tmp_path / "version.py"
+    changed.write_text('__version__ = "999.0"\n')
+    return str(changed)
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +114,12 @@ def odd_hosts(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("odd-hosts")
     empty = tmp_path / "empty"
     empty.mkdir()
-    hidden = [(str(empty), os.path.join(folder, "runtime")) for folder in _package_folders()]
+    folders, other = _package_folders(), _other_version(tmp_path)
+    hidden = [(str(empty), os.path.join(folder, "runtime")) for folder in folders]
+    changed = [(other, path) for path in (os.path.join(folder, "runtime", "version.py") for folder in folders)
+               if os.path.exists(path)]  # a bind mount needs its target; an older install may lack it
     try:
-        with NamespaceHosts(2, sshd=True, mounts={0: hidden, 1: [_other_version_metadata(tmp_path)]}) as made:
+        with NamespaceHosts(2, sshd=True, mounts={0: hidden, 1: changed}) as made:
             yield made
     except NamespaceError as exc:
         pytest.skip(f"no namespace hosts here: {exc}")
