@@ -3,7 +3,6 @@ with its own address and its own sshd (key authentication only). Marker `multiho
 
 The workers of different hosts talk over the veth links (their counters prove it), with CURVE;
 a process without the job's key, on another host, gets nothing from them."""
-import json
 import os
 import subprocess
 import sys
@@ -15,44 +14,13 @@ import pytest
 from ringpipe.cluster.ssh_launch import check_host, hostfile_launcher
 from ringpipe.runtime import Cluster
 from tests.conftest import one_error_line, run_cli
+from tests.multihost_fixtures import TRAIN, hostfile, losses
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
 
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
-         "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
-         "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1"]
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
-
-    try:
-        with NamespaceHosts(3, sshd=True) as made:
-            yield made
-    except NamespaceError as exc:
-        pytest.skip(f"no namespace hosts here: {exc}")
-
-
-@pytest.fixture
-def ssh_to(hosts, monkeypatch):
-    monkeypatch.setenv("RINGPIPE_SSH", hosts.ssh_environment["RINGPIPE_SSH"])
-    return hosts
-
-
-def hostfile(tmp_path, lines) -> str:
-    path = tmp_path / "hosts"
-    path.write_text("# namespace hosts\n" + "\n".join(lines) + "\n")
-    return str(path)
-
-
-def losses(out) -> list:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 @pytest.mark.parametrize("layout", [["--dp", "2", "--tp", "2"], ["--tp", "2", "--pp", "2"]])
-def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path, layout):
+def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path, layout,
+                                                                               one_process_losses):
     hosts = ssh_to
     path = hostfile(tmp_path, [f"{hosts.addresses[0]} slots=2", f"{hosts.addresses[1]} slots=2"])
     before = [hosts.veth_bytes(i) for i in range(2)]
@@ -63,9 +31,7 @@ def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links
     # both links; the tensor-parallel groups stayed inside their host.
     assert min(crossed) > 50_000, crossed
     assert f"{hosts.addresses[0]}: ranks 0-1" in spread.output and "all inside one host" in spread.output
-    alone = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
-    assert alone.exit_code == 0, alone.output
-    assert losses(tmp_path / "spread") == pytest.approx(losses(tmp_path / "alone"), rel=1e-12)
+    assert losses(tmp_path / "spread") == pytest.approx(one_process_losses, rel=1e-12)
 
 
 def test_a_host_ssh_cannot_reach_is_one_line_naming_it_and_nothing_starts(ssh_to, corpus, tmp_path):
