@@ -102,4 +102,4 @@ def arena_blocks_in_use(comm) -> int:
 
 
 # Made once per session for every multi-host test file (namespace hosts, a reference run).
-from tests.multihost_fixtures import hosts, one_process_losses, ssh_to  # noqa: E402,F401
+from tests.multihost_fixtures import namespace_hosts, one_process_losses, ssh_to  # noqa: E402,F401

@@ -23,7 +23,7 @@ def hostfile(tmp_path, lines) -> str:
 
 
 @pytest.fixture(scope="session")
-def hosts():
+def namespace_hosts():
     """Three namespace hosts with sshd. A test that breaks one puts it back (or makes its own)."""
     from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
 
@@ -35,10 +35,10 @@ def hosts():
 
 
 @pytest.fixture
-def ssh_to(hosts, monkeypatch):
-    """`hosts`, with this test's ssh reaching them (RINGPIPE_SSH)."""
-    monkeypatch.setenv("RINGPIPE_SSH", hosts.ssh_environment["RINGPIPE_SSH"])
-    return hosts
+def ssh_to(namespace_hosts, monkeypatch):
+    """`namespace_hosts`, with this test's ssh reaching them (RINGPIPE_SSH)."""
+    monkeypatch.setenv("RINGPIPE_SSH", namespace_hosts.ssh_environment["RINGPIPE_SSH"])
+    return namespace_hosts
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
-"""`ringpipe train --hostfile ... --max-restarts 1` on network-namespace hosts (tests/multihost_fixtures.py): a host that goes away (its link down, every process in it SIGKILLed) is
-left out of the restart, which goes on on the hosts that remain when they hold the layout, and says
-in one line why not when they do not; a worker killed on a host restarts on the same hosts, bit-identical. Marker `multihost`; about a minute, 11 s of it CPU."""
+"""`ringpipe train --hostfile ... --max-restarts 1` on network-namespace hosts
+(tests/multihost_fixtures.py): a host that goes away (its link down, every process in it SIGKILLed)
+is left out of the restart, which goes on on the hosts that remain when they hold the layout, and
+says in one line why not when they do not; a worker killed on a host restarts on the same hosts,
+bit-identical. Marker `multihost`; about a minute, 11 s of it CPU."""
 import os
 import random
 import secrets
