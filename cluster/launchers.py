@@ -66,7 +66,12 @@ def stdin_watch() -> threading.Event:
     gone = threading.Event()
 
     def watch():
-        while sys.stdin.buffer.read(4096):
+        # The file descriptor, not sys.stdin: a daemon thread blocked inside sys.stdin's buffered
+        # reader holds its lock, and the interpreter aborts at exit when it cannot take it.
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        except OSError:  # no stdin at all: as good as ended
             pass
         gone.set()
 
