@@ -287,10 +287,7 @@ class Communicator:
             return x
 
         def direct(channel):
-            shm_collectives.all_reduce(channel, work, collectives.REDUCTIONS[op])
-            if op == "avg":
-                np.divide(work, channel.n, out=work)
-            return work
+            return shm_collectives.all_reduce(channel, work, collectives.REDUCTIONS[op], channel.n if op == "avg" else 0)
 
         return self._collective("all_reduce", signature, lambda ctx: collectives.all_reduce(ctx, work, op),
                                 finish, async_op, timeout, host.nbytes, direct)

@@ -257,9 +257,9 @@ class GroupChannel:
         self.count += 1
         self.waiter.publish(self.words[self.me], self.sleepers[self.me], (self.epoch << EPOCH_SHIFT) | self.count)
 
-    def wait_all(self):
-        """Until every member has published as often as this rank (in this epoch)."""
-        target = (self.epoch << EPOCH_SHIFT) | self.count
+    def wait_all(self, behind: int = 0):
+        """Until every member has published as often as this rank (in this epoch), less `behind`."""
+        target = (self.epoch << EPOCH_SHIFT) | (self.count - behind)
         for peer in range(self.n):
             if peer != self.me:
                 self._wait(peer, target)

@@ -4,20 +4,28 @@ A round = each member writes into its own buffer, publishes, waits until every m
 then reads what it needs from the others' buffers. The first round of every collective also
 carries the signature, checked by every member against every other. Payload counts as sent by
 the member whose buffer peers read, as the engine's algorithms count it.
-- all_reduce, small (<= SMALL_BYTES): one round; each member reduces every buffer in rank order
-  (bitwise the same result everywhere, as the direct algorithm);
-- all_reduce, large: per buffer-sized round, a reduce-scatter (each member reduces its slice of
-  every buffer into its own buffer, all in parallel) and, after a second publish, an all-gather of
-  the reduced slices;
+- all_reduce, one round (<= SMALL_BYTES, or PAIR_ONE_ROUND_BYTES between two members, who read
+  each other's whole buffer either way): each member sums every buffer in rank order (bitwise the
+  same result everywhere, as the direct algorithm);
+- all_reduce, larger: per buffer-sized round, pipelined chunks of a reduce-scatter straight from the
+  peers' buffers into this rank's buffer and the caller's array, then an all-gather of the sums
+  (see _reduce_round); sums in one pass through runtime/reduce_kernels.py;
 - all_gather, reduce_scatter, broadcast: one round per buffer-sized piece; barrier: one empty round.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ringpipe.runtime.collective_context import split_bounds
+from ringpipe.runtime.reduce_kernels import reduce_into
 
 SMALL_BYTES = 64 << 10
+# Two members read each other's whole buffer either way, so up to here the one-round reduce (one
+# wait, every rank summing everything) beats reduce-scatter + all-gather (two waits, half the sum).
+PAIR_ONE_ROUND_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
 def _first_round(channel, write) -> int:
@@ -40,42 +48,91 @@ def _round(channel, write) -> int:
     return parity
 
 
-def all_reduce(channel, work: np.ndarray, reduce) -> np.ndarray:
-    """Reduce the 1-D array `work` over the group, in place."""
+def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarray:
+    """Reduce the 1-D array `work` over the group, in place, then divide it by `divisor` when that
+    is non-zero (an average)."""
     n, me = channel.n, channel.me
-    if work.nbytes <= min(SMALL_BYTES, channel.buffer_bytes):
+    one_round = PAIR_ONE_ROUND_BYTES if n == 2 else SMALL_BYTES
+    if work.nbytes <= min(one_round, channel.buffer_bytes):
         def write(parity):
             channel.buffer(me, parity, work.dtype, work.size)[...] = work
 
         parity = _first_round(channel, write)
-        # ((b0 + b1) + b2) + ...: the first reduction writes `work`, no copy of b0 before it.
-        reduce(channel.buffer(0, parity, work.dtype, work.size), channel.buffer(1, parity, work.dtype, work.size),
-               out=work)
-        for peer in range(2, n):
-            reduce(work, channel.buffer(peer, parity, work.dtype, work.size), out=work)
+        # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
+        # when it is one of the first two (reduce_into reads those before writing `out`).
+        inputs = [work if peer == me < 2 else channel.buffer(peer, parity, work.dtype, work.size) for peer in range(n)]
+        reduce_into(reduce, inputs, work, divisor=divisor)
         channel.engine.count_sent(channel.group.gid, (n - 1) * work.nbytes)
         return work
     per_round = channel.elements_per_round(work.itemsize)
     for start in range(0, work.size, per_round):
-        piece = work[start : start + per_round]
+        _reduce_round(channel, work[start : start + per_round], reduce, divisor, start == 0)
+    return work
 
-        def write(parity, piece=piece):
-            channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        parity = (_first_round if start == 0 else _round)(channel, write)
-        bounds = split_bounds(piece.size, n)
-        buffers = [channel.buffer(peer, parity, piece.dtype, piece.size) for peer in range(n)]
-        mine = buffers[me][bounds[me] : bounds[me + 1]]
+def chunk_elements(channel, itemsize: int) -> int:
+    """Elements of one pipelined chunk of a large all_reduce: CHUNK_BYTES while every member can
+    have a core of its own; a whole buffer when ranks outnumber the host's cores (every extra wait
+    may then be a trip through the scheduler, dearer than what the pipeline saves). Every member
+    must choose the same: the host's core count, not this process's affinity, decides."""
+    if channel.n > (os.cpu_count() or 1):
+        return channel.elements_per_round(itemsize)
+    return max(channel.n, CHUNK_BYTES // max(itemsize, 1))
+
+
+def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool):
+    """One buffer-sized round of a large all_reduce, in chunks that each go through three steps
+    (as a shared-memory MPI transport does, without a copy into a temporary):
+    1. copy in: this rank copies the parts of the chunk that its peers reduce into its buffer
+       (its own part stays in `piece`), publishes;
+    2. reduce: once every peer published its copy, this rank sums its own part of the chunk, in rank
+       order, from `piece` and the peers' buffers, into its buffer and into `piece` in one pass
+       (runtime/reduce_kernels.py), publishes;
+    3. copy out: once every peer published its sum, it copies the peers' sums into `piece`.
+    The copy in of chunk i + 1 goes between the sum of chunk i and the wait for the peers' sums, so
+    a rank that is ahead has work to do instead of waiting; a chunk stays in the caches between the
+    copy in, the peers' reads and the copy out. Every member publishes the same sequence, so "peer
+    published k times" means the same step everywhere. Nothing in a buffer is overwritten while a
+    peer may read it: the part a rank sums is written only in step 2, and it is read only after."""
+    n, me = channel.n, channel.me
+    dtype, size = piece.dtype, piece.size
+    parity = channel.next_round()
+    buffers = [channel.buffer(peer, parity, dtype, size) for peer in range(n)]
+    mine = buffers[me]
+    chunk = chunk_elements(channel, piece.itemsize)
+    spans = []
+    for lo in range(0, size, chunk):
+        hi = min(lo + chunk, size)
+        spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
+
+    def copy_in(bounds):
+        if bounds[me] > bounds[0]:
+            mine[bounds[0] : bounds[me]] = piece[bounds[0] : bounds[me]]
+        if bounds[n] > bounds[me + 1]:
+            mine[bounds[me + 1] : bounds[n]] = piece[bounds[me + 1] : bounds[n]]
+
+    copy_in(spans[0])
+    if first:
+        channel.write_signature(parity)
+    channel.publish()
+    for index, bounds in enumerate(spans):
+        channel.wait_all()
+        if first and index == 0:
+            channel.check_signatures(parity)
+        own = slice(bounds[me], bounds[me + 1])
+        reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
+                    piece[own], divisor)
+        channel.publish()
+        if index + 1 < len(spans):
+            copy_in(spans[index + 1])
+            channel.publish()
+            channel.wait_all(behind=1)
+        else:
+            channel.wait_all()
         for peer in range(n):
             if peer != me:
-                reduce(mine, buffers[peer][bounds[me] : bounds[me + 1]], out=mine)
-        # Nobody reads this rank's own slice before this second publish: reducing into it is safe.
-        channel.publish()
-        channel.wait_all()
-        for peer in range(n):
-            piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
-        channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (piece.nbytes // n))
-    return work
+                piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
+    channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (size // n))
 
 
 def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
