@@ -181,7 +181,12 @@ def reduce_scatter(channel, work: np.ndarray, reduce) -> np.ndarray:
 
 
 def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
-    """Root's 1-D `work` into every member's `work`, in place."""
+    """Root's 1-D `work` into every member's `work`, in place.
+
+    After the first round (every member checks every signature) a member waits only for the root:
+    only the root's buffer is read, and the root still waits for every member before it writes a
+    buffer again, so no member waits for another's copy (with more ranks than cores, such waits
+    left cores idle at the end of every round)."""
     me = channel.me
     per_round = channel.elements_per_round(work.itemsize)
     for start in range(0, max(work.size, 1), per_round):
@@ -191,7 +196,12 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
             if me == root:
                 channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        parity = (_first_round if start == 0 else _round)(channel, write)
+        if start == 0 or me == root:
+            parity = (_first_round if start == 0 else _round)(channel, write)
+        else:
+            parity = channel.next_round()
+            channel.publish()
+            channel.wait_for(root)
         if me != root:
             piece[...] = channel.buffer(root, parity, piece.dtype, piece.size)
         else:
