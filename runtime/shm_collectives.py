@@ -4,9 +4,8 @@ A round = each member writes into its own buffer, publishes, waits until every m
 then reads what it needs from the others' buffers. The first round of every collective also
 carries the signature, checked by every member against every other. Payload counts as sent by
 the member whose buffer peers read, as the engine's algorithms count it.
-- all_reduce, one round (<= SMALL_BYTES, or PAIR_ONE_ROUND_BYTES between two members, who read
-  each other's whole buffer either way): each member sums every buffer in rank order (bitwise the
-  same result everywhere, as the direct algorithm);
+- all_reduce, one round (small, see ONE_ROUND_BYTES): each member sums every buffer in rank order
+  (bitwise the same result everywhere, as the direct algorithm);
 - all_reduce, larger: per buffer-sized round, pipelined chunks of a reduce-scatter straight from the
   peers' buffers into this rank's buffer and the caller's array, then an all-gather of the sums
   (see _reduce_round); sums in one pass through runtime/reduce_kernels.py;
@@ -21,10 +20,11 @@ import numpy as np
 from ringpipe.runtime.collective_context import split_bounds
 from ringpipe.runtime.reduce_kernels import reduce_into
 
-SMALL_BYTES = 64 << 10
-# Two members read each other's whole buffer either way, so up to here the one-round reduce (one
-# wait, every rank summing everything) beats reduce-scatter + all-gather (two waits, half the sum).
-PAIR_ONE_ROUND_BYTES = 1 << 20
+SMALL_BYTES = 64 << 10  # one round at any group size up to here
+# Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
+# the one-round reduce (one wait, every rank summing everything) beats reduce-scatter + all-gather
+# (two waits, 1/n of the sum each): measured at 2 and 4 ranks on 2 cores, 256 KiB and 1 MiB.
+ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 3 << 20
 CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
@@ -52,7 +52,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
     """Reduce the 1-D array `work` over the group, in place, then divide it by `divisor` when that
     is non-zero (an average)."""
     n, me = channel.n, channel.me
-    one_round = PAIR_ONE_ROUND_BYTES if n == 2 else SMALL_BYTES
+    one_round = max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
     if work.nbytes <= min(one_round, channel.buffer_bytes):
         def write(parity):
             channel.buffer(me, parity, work.dtype, work.size)[...] = work
@@ -155,8 +155,10 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def reduce_scatter(channel, work: np.ndarray, reduce) -> np.ndarray:
-    """`work` has shape (n, m): returns this rank's reduced row (m,), summed in rank order."""
+def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarray:
+    """`work` has shape (n, m): returns this rank's reduced row (m,), summed in rank order, then
+    divided by `divisor` when that is non-zero (an average). A rank's own row is read from `work`,
+    never copied into its buffer."""
     n, me = channel.n, channel.me
     columns = work.shape[1]
     result = np.empty(columns, work.dtype)
@@ -166,17 +168,15 @@ def reduce_scatter(channel, work: np.ndarray, reduce) -> np.ndarray:
         width = part.shape[1]
 
         def write(parity, part=part, width=width):
-            channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)[...] = part
+            block = channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)
+            block[:me] = part[:me]
+            block[me + 1 :] = part[me + 1 :]
 
         parity = (_first_round if start == 0 else _round)(channel, write)
-        mine = result[start : start + width]
-        for peer in range(n):
-            row = channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
-            if peer == 0:
-                mine[...] = row
-            else:
-                reduce(mine, row, out=mine)
-        channel.engine.count_sent(channel.group.gid, (n - 1) * mine.nbytes)
+        rows = [part[me] if peer == me else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
+                for peer in range(n)]
+        reduce_into(reduce, rows, result[start : start + width], divisor=divisor)
+        channel.engine.count_sent(channel.group.gid, (n - 1) * width * work.itemsize)
     return result
 
 

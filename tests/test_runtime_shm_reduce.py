@@ -72,10 +72,12 @@ CASES = [("float32", 50_001, "sum"), ("float64", 20_000, "avg"), ("int64", 9_999
 
 
 def pipelined_all_reduces(comm, mode, chunk_bytes):
-    """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the pair's one-round
-    reduce off, so that every case takes the pipelined path; (input, result, publishes) per case."""
-    saved = shm_collectives.CHUNK_BYTES, shm_collectives.PAIR_ONE_ROUND_BYTES
-    shm_collectives.CHUNK_BYTES, shm_collectives.PAIR_ONE_ROUND_BYTES = chunk_bytes, 0
+    """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the one-round reduce
+    off, so that every case takes the pipelined path; (input, result, publishes) per case."""
+    names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
+    saved = [getattr(shm_collectives, name) for name in names]
+    for name, value in zip(names, (chunk_bytes, 0, 0)):
+        setattr(shm_collectives, name, value)
     os.environ["RINGPIPE_REDUCE"] = mode
     try:
         comm.barrier()
@@ -89,7 +91,8 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
             out.append((before, x, channel.count - published))
         return out
     finally:
-        shm_collectives.CHUNK_BYTES, shm_collectives.PAIR_ONE_ROUND_BYTES = saved
+        for name, value in zip(names, saved):
+            setattr(shm_collectives, name, value)
         del os.environ["RINGPIPE_REDUCE"]
 
 
@@ -113,3 +116,28 @@ def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(loca
             assert same_bits(results[rank][index][1], want), (dtype, op, rank)
             # two publishes per chunk: its copy in and its sum
             assert results[rank][index][2] == 2 * chunks, (dtype, op, rank)
+
+
+def reduce_scatters(comm, mode):
+    """An average and a max over the channel, rank-dependent data over several buffers; (input, result) each."""
+    os.environ["RINGPIPE_REDUCE"] = mode
+    try:
+        comm.barrier()
+        out = []
+        for index, op in enumerate(("avg", "max")):
+            x = (np.random.default_rng(10 * index + comm.rank).standard_normal(comm.size * 20_001) * 100).astype(np.float32)
+            out.append((x, comm.reduce_scatter(x, op=op)))
+        return out
+    finally:
+        del os.environ["RINGPIPE_REDUCE"]
+
+
+@pytest.mark.timeout(120)
+def test_a_reduce_scatter_reads_its_own_row_in_place_and_averages_in_the_same_pass(local_cluster, reduce_mode):
+    results = local_cluster(3, arena_bytes=SMALL_ARENA).run(reduce_scatters, reduce_mode)
+    for index, op in enumerate(("avg", "max")):
+        rows = [np.split(results[rank][index][0], 3) for rank in range(3)]
+        for rank in range(3):
+            mine = [rows[peer][rank] for peer in range(3)]
+            want = rank_order_sum(mine, 3) if op == "avg" else np.maximum.reduce(mine)
+            assert same_bits(results[rank][index][1], want.astype(np.float32)), (op, rank)
