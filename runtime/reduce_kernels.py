@@ -1,11 +1,12 @@
-"""The reduction step of the same-host collectives: `reduce_into(reduce, inputs, out, copy, divisor)`.
+"""The reduction step of the same-host collectives: `reduce_into(reduce, inputs, out, copy, divisor)`,
+and `c_sum(dtype)` for callers that know their arrays' addresses.
 
 Sums of float32/float64 go through a small C kernel (runtime/csrc/reduce_sum.c, built on first use,
 runtime/c_library.py): one pass over every input, writing the result to `out` and, when asked, to
 `copy` as well, and dividing for an average, instead of NumPy's pass per input, a pass for the
 division and a pass for the copy. Everything else, and every machine without a C compiler, uses
 NumPy, with bitwise the same results (the kernel adds in the same order). `RINGPIPE_REDUCE=numpy`
-forces NumPy (the fallback stays tested).
+(read at import; `set_mode` in tests) forces NumPy, so the fallback stays tested.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ringpipe.runtime import c_library
 _lock = threading.Lock()
 _kernels: dict = {}  # "lib" -> {dtype: C function} or None when it cannot be built
 _error: list = []  # why the C kernel is unavailable, once known
+_settings = {"numpy": os.environ.get("RINGPIPE_REDUCE", "c").lower() == "numpy"}
 
 
 def _c_kernels() -> dict | None:
@@ -43,16 +45,38 @@ def _c_kernels() -> dict | None:
         return _kernels["lib"]
 
 
+def set_mode(mode: str) -> None:
+    """"c" (the kernel where it builds) or "numpy" (always NumPy), for this process."""
+    if mode not in ("c", "numpy"):
+        raise ValueError(f"reduce mode {mode!r}: expected 'c' or 'numpy'")
+    _settings["numpy"] = mode == "numpy"
+
+
 def mode() -> str:
     """"c" when sums use the C kernel here, else "numpy"."""
-    if os.environ.get("RINGPIPE_REDUCE", "c").lower() == "numpy":
-        return "numpy"
-    return "c" if _c_kernels() is not None else "numpy"
+    return "numpy" if _settings["numpy"] or _c_kernels() is None else "c"
 
 
 def unavailable_reason() -> str | None:
     """Why the C kernel cannot be used here (None when it can)."""
     return None if _c_kernels() is not None else (_error[0] if _error else "unavailable")
+
+
+def c_sum(dtype, reduce=np.add):
+    """For a sum of `dtype`: `sum(addresses, count, divisor, out, copy)`, the C kernel taking the
+    inputs' addresses (ints: asking NumPy for them costs microseconds each) and writing what
+    `reduce_into` writes (`copy` 0 for none); None where `reduce_into` must do it."""
+    if reduce is not np.add or _settings["numpy"]:
+        return None
+    kernels = _c_kernels()
+    kernel = kernels.get(np.dtype(dtype)) if kernels is not None else None
+    if kernel is None:
+        return None
+
+    def run(addresses, count: int, divisor: int, out: int, copy: int = 0):
+        kernel((ctypes.c_void_p * len(addresses))(*addresses), len(addresses), count, divisor, out, copy or None)
+
+    return run
 
 
 def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None = None, divisor: int = 0):
@@ -62,13 +86,10 @@ def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None =
     All arrays are 1-D of one dtype and length, at least two inputs. `out` may be inputs[0] or
     inputs[1] (not a later input: it holds the partial sum before those are added); `copy` may be
     any input (it is written last)."""
-    kernel = None
-    if reduce is np.add and os.environ.get("RINGPIPE_REDUCE", "c").lower() != "numpy":
-        kernels = _c_kernels()
-        kernel = kernels.get(out.dtype) if kernels is not None else None
+    kernel = c_sum(out.dtype, reduce)
     if kernel is not None and all(a.flags.c_contiguous for a in inputs):
-        pointers = (ctypes.c_void_p * len(inputs))(*[a.ctypes.data for a in inputs])
-        kernel(pointers, len(inputs), out.size, divisor, out.ctypes.data, None if copy is None else copy.ctypes.data)
+        kernel([a.ctypes.data for a in inputs], out.size, divisor, out.ctypes.data,
+               0 if copy is None else copy.ctypes.data)
         return out
     reduce(inputs[0], inputs[1], out=out)
     for other in inputs[2:]:
@@ -80,4 +101,4 @@ def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None =
     return out
 
 
-__all__ = ["reduce_into", "mode", "unavailable_reason"]
+__all__ = ["reduce_into", "c_sum", "mode", "set_mode", "unavailable_reason"]

@@ -211,6 +211,10 @@ class GroupChannel:
             view = self._views[key] = self.buffers[member][parity][: count * np.dtype(dtype).itemsize].view(dtype)
         return view
 
+    def buffer_address(self, member: int, parity: int) -> int:
+        """Where member's buffer `parity` starts in this process (for C kernels)."""
+        return self.words[member] + HEADER_BYTES + parity * self.buffer_bytes
+
     def elements_per_round(self, itemsize: int) -> int:
         return max(1, self.buffer_bytes // max(itemsize, 1))
 

@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from ringpipe.runtime.collective_context import split_bounds
-from ringpipe.runtime.reduce_kernels import reduce_into
+from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
@@ -59,9 +59,16 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
 
         parity = _first_round(channel, write)
         # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
-        # when it is one of the first two (reduce_into reads those before writing `out`).
-        inputs = [work if peer == me < 2 else channel.buffer(peer, parity, work.dtype, work.size) for peer in range(n)]
-        reduce_into(reduce, inputs, work, divisor=divisor)
+        # when it is one of the first two (the sum reads those before writing `out`).
+        c = c_sum(work.dtype, reduce)
+        if c is not None:
+            at = work.ctypes.data
+            c([at if peer == me < 2 else channel.buffer_address(peer, parity) for peer in range(n)], work.size,
+              divisor, at)
+        else:
+            inputs = [work if peer == me < 2 else channel.buffer(peer, parity, work.dtype, work.size)
+                      for peer in range(n)]
+            reduce_into(reduce, inputs, work, divisor=divisor)
         channel.engine.count_sent(channel.group.gid, (n - 1) * work.nbytes)
         return work
     per_round = channel.elements_per_round(work.itemsize)
@@ -111,6 +118,10 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         if bounds[n] > bounds[me + 1]:
             mine[bounds[me + 1] : bounds[n]] = piece[bounds[me + 1] : bounds[n]]
 
+    c = c_sum(dtype, reduce)
+    if c is not None:  # addresses by arithmetic: asking NumPy for each slice's costs microseconds
+        itemsize, piece_at = piece.itemsize, piece.ctypes.data
+        buffer_at = [channel.buffer_address(peer, parity) for peer in range(n)]
     copy_in(spans[0])
     if first:
         channel.write_signature(parity)
@@ -120,8 +131,13 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         if first and index == 0:
             channel.check_signatures(parity)
         own = slice(bounds[me], bounds[me + 1])
-        reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
-                    piece[own], divisor)
+        if c is not None:
+            skip = bounds[me] * itemsize
+            inputs = [piece_at + skip if peer == me else buffer_at[peer] + skip for peer in range(n)]
+            c(inputs, bounds[me + 1] - bounds[me], divisor, buffer_at[me] + skip, piece_at + skip)
+        else:
+            reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
+                        piece[own], divisor)
         channel.publish()
         if index + 1 < len(spans):
             copy_in(spans[index + 1])

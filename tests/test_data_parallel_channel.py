@@ -23,7 +23,8 @@ def average_every_bucket(comm):
         gradients._launch(b)
     grads = gradients.finish()
     values = sorted({float(v) for g in grads.values() for v in np.unique(g)})
-    return channel is not None, (channel.count - published) if channel is not None else 0, values, len(gradients.buckets)
+    publishes = channel.count - published if channel is not None else 0
+    return channel is not None, publishes, values, len(gradients.buckets)
 
 
 @pytest.mark.timeout(60)

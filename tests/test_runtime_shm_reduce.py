@@ -14,12 +14,13 @@ SMALL_ARENA = 1 << 20  # channel buffers of 64 KiB: the cases below go in severa
 
 
 @pytest.fixture(params=MODES)
-def reduce_mode(request, monkeypatch):
+def reduce_mode(request):
     if request.param == "c" and reduce_kernels.unavailable_reason():
         pytest.skip(f"no C kernel here: {reduce_kernels.unavailable_reason()}")
-    monkeypatch.setenv("RINGPIPE_REDUCE", request.param)
+    reduce_kernels.set_mode(request.param)
     assert reduce_kernels.mode() == request.param
-    return request.param
+    yield request.param
+    reduce_kernels.set_mode("c")
 
 
 def rank_order_sum(inputs, divisor=0):
@@ -78,7 +79,7 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     saved = [getattr(shm_collectives, name) for name in names]
     for name, value in zip(names, (chunk_bytes, 0, 0)):
         setattr(shm_collectives, name, value)
-    os.environ["RINGPIPE_REDUCE"] = mode
+    reduce_kernels.set_mode(mode)
     try:
         comm.barrier()
         channel = comm.engine.channels[comm.group.gid]
@@ -93,7 +94,7 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     finally:
         for name, value in zip(names, saved):
             setattr(shm_collectives, name, value)
-        del os.environ["RINGPIPE_REDUCE"]
+        reduce_kernels.set_mode("c")
 
 
 @pytest.mark.timeout(120)
@@ -120,16 +121,17 @@ def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(loca
 
 def reduce_scatters(comm, mode):
     """An average and a max over the channel, rank-dependent data over several buffers; (input, result) each."""
-    os.environ["RINGPIPE_REDUCE"] = mode
+    reduce_kernels.set_mode(mode)
     try:
         comm.barrier()
         out = []
         for index, op in enumerate(("avg", "max")):
-            x = (np.random.default_rng(10 * index + comm.rank).standard_normal(comm.size * 20_001) * 100).astype(np.float32)
+            rng = np.random.default_rng(10 * index + comm.rank)
+            x = (rng.standard_normal(comm.size * 20_001) * 100).astype(np.float32)
             out.append((x, comm.reduce_scatter(x, op=op)))
         return out
     finally:
-        del os.environ["RINGPIPE_REDUCE"]
+        reduce_kernels.set_mode("c")
 
 
 @pytest.mark.timeout(120)
