@@ -178,6 +178,9 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
     n, me = channel.n, channel.me
     columns = work.shape[1]
     result = np.empty(columns, work.dtype)
+    c = c_sum(work.dtype, reduce) if work.flags.c_contiguous else None
+    if c is not None:
+        itemsize, work_at, result_at = work.itemsize, work.ctypes.data, result.ctypes.data
     per_round = max(1, channel.buffer_bytes // max(n * work.itemsize, 1))
     for start in range(0, max(columns, 1), per_round):
         part = work[:, start : start + per_round]
@@ -189,9 +192,15 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
             block[me + 1 :] = part[me + 1 :]
 
         parity = (_first_round if start == 0 else _round)(channel, write)
-        rows = [part[me] if peer == me else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
-                for peer in range(n)]
-        reduce_into(reduce, rows, result[start : start + width], divisor=divisor)
+        if c is not None:  # addresses by arithmetic, as in _reduce_round
+            skip = me * width * itemsize
+            rows = [work_at + (me * columns + start) * itemsize if peer == me
+                    else channel.buffer_address(peer, parity) + skip for peer in range(n)]
+            c(rows, width, divisor, result_at + start * itemsize)
+        else:
+            rows = [part[me] if peer == me else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
+                    for peer in range(n)]
+            reduce_into(reduce, rows, result[start : start + width], divisor=divisor)
         channel.engine.count_sent(channel.group.gid, (n - 1) * width * work.itemsize)
     return result
 
