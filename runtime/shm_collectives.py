@@ -198,8 +198,8 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
                     else channel.buffer_address(peer, parity) + skip for peer in range(n)]
             c(rows, width, divisor, result_at + start * itemsize)
         else:
-            rows = [part[me] if peer == me else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
-                    for peer in range(n)]
+            rows = [part[me] if peer == me
+                    else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me] for peer in range(n)]
             reduce_into(reduce, rows, result[start : start + width], divisor=divisor)
         channel.engine.count_sent(channel.group.gid, (n - 1) * width * work.itemsize)
     return result
