@@ -287,10 +287,7 @@ class Communicator:
             return x
 
         def direct(channel):
-            shm_collectives.all_reduce(channel, work, collectives.REDUCTIONS[op])
-            if op == "avg":
-                np.divide(work, channel.n, out=work)
-            return work
+            return shm_collectives.all_reduce(channel, work, collectives.REDUCTIONS[op], channel.n if op == "avg" else 0)
 
         return self._collective("all_reduce", signature, lambda ctx: collectives.all_reduce(ctx, work, op),
                                 finish, async_op, timeout, host.nbytes, direct)
@@ -330,10 +327,8 @@ class Communicator:
             return array_module.module_of(x).asarray(result) if array_module.is_device_array(x) else result
 
         def direct(channel):
-            result = shm_collectives.reduce_scatter(channel, work, collectives.REDUCTIONS[op])
-            if op == "avg":
-                result /= channel.n
-            return result
+            return shm_collectives.reduce_scatter(channel, work, collectives.REDUCTIONS[op],
+                                                  channel.n if op == "avg" else 0)
 
         return self._collective("reduce_scatter", signature, lambda ctx: collectives.reduce_scatter(ctx, work, op),
                                 finish, async_op, timeout, host.nbytes, direct)
