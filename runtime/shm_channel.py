@@ -278,8 +278,8 @@ class GroupChannel:
         started = now_ns()
         spin = self.spin
         value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.ns(), spin.yields)
-        spin.answered(value >= target)
         if value >= target:
+            spin.answered(True)
             self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
@@ -289,6 +289,7 @@ class GroupChannel:
                 left = self.deadline - time.monotonic()
                 value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, False)
                 if value >= target:
+                    spin.answered(False, now_ns() - started)
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
                     raise Aborted(self.engine.aborted_call or f"{self.name}: aborted on rank {self.engine.rank}")

@@ -291,8 +291,12 @@ class PairRings:
     def _wait(self, word: int, target: int, deadline: float, timeout_message: str, peer: int):
         # Spin while a core is spare (adaptive, as the group channels'), then sleep in slices.
         spin = self.spin
-        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, spin.ns(), spin.yields)
-        spin.answered(value >= target)
+        spun = spin.ns()
+        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, spun, spin.yields)
+        if value >= target:
+            spin.answered(True)
+            return
+        started = now_ns()
         while value < target:
             left = deadline - time.monotonic()
             if self.engine.aborted_call is not None:
@@ -302,6 +306,7 @@ class PairRings:
                 self.engine.needs_fence = True
                 raise CommTimeout(timeout_message)
             value = self.waiter.wait_at_least(word, word + 8, target, min(SLICE_S, left), 0, False)
+        spin.answered(False, spun + now_ns() - started)  # what a longer spin would have had to cover
 
 
 class RingReceive:

@@ -149,9 +149,11 @@ class SmallRounds:
                                 signature_id, position, spin.ns(), self.yields, 0, kind, dtype_code, op_code,
                                 0 if x is None else x.size, 0)
                 status = self.lib.rp_small_round(self.address)
-                spin.answered(status != PENDING)
                 if status == PENDING:
                     status = self._sleep(comm, name, seq, key, deadline, patience)
+                    spin.answered(False, self.words[C_WAITED_NS])
+                else:
+                    spin.answered(True)
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).

@@ -216,9 +216,18 @@ class Spin:
             self._spare, self._checked = spare_core(self.own_tasks), now
         return self._ns if self._spare else 0
 
-    def answered(self, in_time: bool):
-        """The last wait ended within the spin (`in_time`) or had to sleep."""
-        self._ns = min(self._ns * 2, MAX_SPIN_NS) if in_time else max(self._ns // 2, MIN_SPIN_NS)
+    def answered(self, in_time: bool, waited_ns: int | None = None):
+        """The last wait ended within the spin (`in_time`) or had to sleep, after `waited_ns` in
+        all (spin, sleep and wake-up) when known. A wait that slept but ended within MAX would have
+        been caught by a longer spin (a ping-pong whose turn is a little longer than the spin;
+        waking a sleeper costs tens of µs on a virtual machine): spin 1.5× that long next time.
+        A longer one (the peer computes): halve it."""
+        if in_time:
+            self._ns = min(self._ns * 2, MAX_SPIN_NS)
+        elif waited_ns is not None and waited_ns <= MAX_SPIN_NS:
+            self._ns = min(max(self._ns, waited_ns + waited_ns // 2), MAX_SPIN_NS)
+        else:
+            self._ns = max(self._ns // 2, MIN_SPIN_NS)
 
 
 def waiter(mode: str | None = None):

@@ -153,3 +153,17 @@ def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local
             python = cluster.run(sums_of_every_dtype)
     assert all(used for _, used in fast) and not any(used for _, used in python)
     assert [sums for sums, _ in fast] == [sums for sums, _ in python]
+
+
+def test_a_wait_that_slept_but_ended_within_the_longest_spin_lengthens_the_spin_to_cover_it(monkeypatch):
+    from ringpipe.runtime import shm_wait
+
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: True)
+    spin = shm_wait.Spin(yields=False)
+    for _ in range(20):
+        spin.answered(False)  # long waits (the peer computes): the spin shrinks to its least
+    assert spin.ns() == shm_wait.MIN_SPIN_NS
+    spin.answered(False, 30_000)  # a ping-pong turn of 30 µs: a 45 µs spin would have caught it
+    assert spin.ns() == 45_000
+    spin.answered(False, 10 * shm_wait.MAX_SPIN_NS)  # longer than any spin: shrink again
+    assert spin.ns() == 22_500
