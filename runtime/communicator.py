@@ -23,7 +23,7 @@ from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_channel import exchange_entries, open_channel
-from ringpipe.runtime.shm_p2p import RingReceive
+from ringpipe.runtime.shm_p2p_receive import RingReceive
 from ringpipe.runtime.trace import now_ns
 from ringpipe.runtime.transfer import receive, send_arrays, send_now
 

@@ -22,7 +22,7 @@ import zlib
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CommTimeout
+from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
 from ringpipe.runtime.shm_collectives import SMALL_BYTES
 from ringpipe.runtime.trace import now_ns
