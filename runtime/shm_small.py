@@ -122,6 +122,7 @@ class SmallRounds:
             seq = comm._sequence.next((epoch, call))
             tracing = engine.tracer.enabled
             start = now_ns() if tracing else 0
+            self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
             error = None
             try:
                 if engine.aborted_call is not None:
