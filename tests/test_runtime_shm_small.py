@@ -143,16 +143,49 @@ def sums_of_every_dtype(comm):
     return sums, comm.engine.channels[comm.group.gid].small is not None
 
 
-@pytest.mark.timeout(90)
-def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local_cluster):
+@pytest.fixture(scope="module")
+def python_rounds():
+    """Two ranks whose small collectives keep to the Python rounds (RINGPIPE_SHM_SMALL=0)."""
     from ringpipe.runtime import Cluster
 
+    with Cluster(2, env={"RINGPIPE_SHM_SMALL": "0"}) as cluster:
+        yield cluster
+
+
+@pytest.mark.timeout(90)
+def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local_cluster, python_rounds):
     with np.errstate(over="ignore", invalid="ignore"):
         fast = local_cluster(2).run(sums_of_every_dtype)
-        with Cluster(2, env={"RINGPIPE_SHM_SMALL": "0"}) as cluster:
-            python = cluster.run(sums_of_every_dtype)
+        python = python_rounds.run(sums_of_every_dtype)
     assert all(used for _, used in fast) and not any(used for _, used in python)
     assert [sums for sums, _ in fast] == [sums for sums, _ in python]
+
+
+def alone(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        try:
+            comm.all_reduce(np.ones(3), timeout=0.5)
+        except TimeoutError as exc:
+            return str(exc)
+    return None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_a_small_round_times_out_naming_operation_group_rank_and_peer_on_either_path(local_cluster, python_rounds,
+                                                                                      path):
+    cluster = local_cluster(2) if path == "c" else python_rounds
+    message = cluster.run(alone, timeout=30)[1]
+    assert message.startswith("all_reduce #1 on group w (rank 1 of 2) on rank 1 timed out after 0.5s"), message
+    assert message.endswith("waiting for a message from rank 0"), message
+
+
+@pytest.mark.timeout(60)
+def test_the_python_rounds_name_both_signatures_on_a_small_mismatch(python_rounds):
+    for rank, (message, after) in enumerate(python_rounds.run(small_mismatch)):
+        assert "op=all_reduce" in message and "op=broadcast" in message and f"rank {rank} called it" in message
+        assert after == [2, 2]
 
 
 def test_a_wait_that_slept_but_ended_within_the_longest_spin_lengthens_the_spin_to_cover_it(monkeypatch):
