@@ -132,3 +132,7 @@ def arena_blocks_in_use(comm) -> int:
     if comm.engine.rings is not None:  # ring blocks come back lazily, when the sender next looks
         comm.engine.rings.reclaim()
     return len(comm.engine.arena._used)
+
+
+# Made once per session for every multi-host test file (namespace hosts, a reference run).
+from tests.multihost_fixtures import namespace_hosts, one_process_losses, ssh_to  # noqa: E402,F401

@@ -1,6 +1,7 @@
 """int8 weights (model/quantization/): absmax scales and their error, the int8 product, outlier
 features, the int8 model directory, `ringpipe quantize`, and generation from it."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -143,6 +144,18 @@ def test_quantize_and_generate_through_the_cli(run, tmp_path):
     assert result.exit_code == 0 and result.output.startswith("3 little"), result.output
 
 
+def test_quantize_refuses_an_out_holding_another_runs_int8_model_and_changes_nothing(run, tmp_path):
+    directory, _, _ = run
+    other = tmp_path / "other"
+    shutil.copytree(directory / "run", other)
+    before = {p.name: p.read_bytes() for p in (directory / "run-int8").iterdir()}
+    result = run_cli("quantize", other, "--int8", "--out", directory / "run-int8")
+    line = one_error_line(result)
+    assert result.exit_code == 2 and line.startswith("Error: Invalid value for --out"), result.output
+    assert f"holds the int8 model of another run ({directory / 'run'})" in line, line
+    assert {p.name: p.read_bytes() for p in (directory / "run-int8").iterdir()} == before
+
+
 def test_generate_across_tensor_parallel_workers_from_int8_prints_what_one_process_prints(run):
     directory, _, _ = run
     flags = ("generate", "--checkpoint", directory / "run-int8", "--prompt", "3 little", "--max-new-tokens", 8)
@@ -276,6 +289,12 @@ def test_bench_int8_scores_float32_and_both_int8_scalings_on_the_same_val_window
     assert all(v["weight_bytes"] < result["variants"][0]["weight_bytes"] for v in result["variants"][1:])
     assert "int8 per-tensor" in format_table(result) and set(result["generation"]["tokens_per_s"]) == \
         {"float32", "int8 per-channel"}
+    for v in result["variants"]:  # the interval is around the measured change (zero wide for float32)
+        low, high = v["ppl_change_ci95"]
+        assert low <= v["ppl_change"] + 1e-12 and v["ppl_change"] <= high + 1e-12
+    assert [t["met"] for t in result["targets"]][2] == (channel["kl_from_float32"] < tensor["kl_from_float32"])
+    assert "per-channel closer to float32 than per-tensor" in format_table(result)
+    json.dumps(result)  # --json writes it
 
 
 def int8_logits_under_tensor_parallelism(comm, directory, idx):
