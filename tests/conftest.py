@@ -46,6 +46,27 @@ def corpus(tmp_path) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def train_run_from_an_empty_kernel_cache(tmp_path_factory):
+    """`ringpipe train` of 2 steps on 2 workers in a fresh process whose RINGPIPE_CACHE holds no C
+    kernels yet -> (its subprocess.CompletedProcess, that cache folder). The build is the slow part:
+    test_train_interrupt reads the run's status lines, test_kernels what the build left in the cache."""
+    import subprocess
+
+    directory = tmp_path_factory.mktemp("empty_kernel_cache")
+    (directory / "corpus.txt").write_text(TEXT)
+    cache = directory / "cache"
+    args = ["train", "--data", directory / "corpus.txt", "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
+            "--block-size", 16, "--batch-size", 4, "--warmup", 1, "--eval-every", 0, "--eval-iters", 1,
+            "--steps", 2, "--nproc", 2, "--dp", 2, "--out", directory / "run"]
+    result = subprocess.run([sys.executable, "-m", "ringpipe.cluster", *[str(a) for a in args]],
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            env=dict(os.environ, RINGPIPE_CACHE=str(cache), RINGPIPE_KERNELS="c"),
+                            capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr
+    return result, cache
+
+
 def run_cli(*args):
     """The `ringpipe` command in this process (click's runner); arguments may be paths or numbers."""
     from click.testing import CliRunner

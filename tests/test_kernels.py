@@ -191,12 +191,13 @@ def _status_in_fresh_process(tmp_path, **env):
     return result.stdout.strip()
 
 
-def test_built_once_into_the_cache_and_loaded_from_there(tmp_path):
-    assert _status_in_fresh_process(tmp_path) == "c"
-    built = list(tmp_path.glob("kernels-*.so"))
-    assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+@pytest.mark.timeout(120)
+def test_built_once_into_the_cache_and_loaded_from_there(train_run_from_an_empty_kernel_cache):
+    _, cache = train_run_from_an_empty_kernel_cache  # a driver and 2 workers started with it empty
+    built = list(cache.glob("kernels-*.so"))
+    assert len(built) == 1 and not list(cache.glob("*.tmp"))
     stamp = built[0].stat().st_mtime_ns
-    assert _status_in_fresh_process(tmp_path) == "c"
+    assert _status_in_fresh_process(cache) == "c"
     assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
 
 

@@ -85,7 +85,7 @@ class Sleeper:
 @pytest.mark.parametrize("kind", ["run", "actor method"])
 def test_a_rank_sleeping_while_the_others_all_reduce_is_reported_with_its_stack(kind):
     timeout = 1.0
-    cluster = Cluster(2, timeout=timeout)
+    cluster = Cluster(2, timeout=timeout, stuck_grace=1.0)  # reported stuck 1 s after rank 0 timed out
     pids = cluster.pids
     try:
         if kind == "run":

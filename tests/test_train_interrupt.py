@@ -102,12 +102,8 @@ def test_ctrl_c_of_a_multi_worker_run_exits_130_and_stops_every_worker(corpus, t
 
 # ---- what a run says during the stretches that print no step -------------------------------------
 @pytest.mark.timeout(120)
-def test_a_run_says_what_it_is_doing_before_its_first_step(corpus, tmp_path):
-    env = dict(os.environ, RINGPIPE_CACHE=str(tmp_path / "cache"), RINGPIPE_KERNELS="c")  # none built yet
-    args = ["train", "--data", corpus, *TINY, "--steps", 2, "--nproc", 2, "--dp", 2, "--out", tmp_path / "run"]
-    result = subprocess.run([sys.executable, "-m", "ringpipe.cluster", *[str(a) for a in args]],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
-    assert result.returncode == 0, result.stderr
+def test_a_run_says_what_it_is_doing_before_its_first_step(train_run_from_an_empty_kernel_cache):
+    result, _ = train_run_from_an_empty_kernel_cache  # 2 workers, no C kernels built yet
     lines = result.stderr.splitlines()
     first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
     status = [line for line in lines[:first_step] if line.endswith(" ...")]
