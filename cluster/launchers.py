@@ -261,6 +261,13 @@ def spmd_agent(flags: dict) -> int | None:
         return None
     if rank_from_environment() is not None:
         die_with_launcher()
+    if flags["rdzv_endpoint"]:
+        from ringpipe.cluster.options import bad_flag
+
+        try:
+            parse_endpoint(flags["rdzv_endpoint"])
+        except RendezvousError as exc:  # a flag's value: a usage error on every rank, as on rank 0
+            raise bad_flag("--rdzv-endpoint", str(exc)) from None
     try:
         return mpi_or_slurm_agent(flags["launcher"], flags["rdzv_endpoint"], flags["key_file"],
                                   flags["rdzv_timeout"], say=lambda message: None)

@@ -4,20 +4,28 @@ A round = each member writes into its own buffer, publishes, waits until every m
 then reads what it needs from the others' buffers. The first round of every collective also
 carries the signature, checked by every member against every other. Payload counts as sent by
 the member whose buffer peers read, as the engine's algorithms count it.
-- all_reduce, small (<= SMALL_BYTES): one round; each member reduces every buffer in rank order
+- all_reduce, one round (small, see ONE_ROUND_BYTES): each member sums every buffer in rank order
   (bitwise the same result everywhere, as the direct algorithm);
-- all_reduce, large: per buffer-sized round, a reduce-scatter (each member reduces its slice of
-  every buffer into its own buffer, all in parallel) and, after a second publish, an all-gather of
-  the reduced slices;
+- all_reduce, larger: per buffer-sized round, pipelined chunks of a reduce-scatter straight from the
+  peers' buffers into this rank's buffer and the caller's array, then an all-gather of the sums
+  (see _reduce_round); sums in one pass through runtime/reduce_kernels.py;
 - all_gather, reduce_scatter, broadcast: one round per buffer-sized piece; barrier: one empty round.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ringpipe.runtime.collective_context import split_bounds
+from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
-SMALL_BYTES = 64 << 10
+SMALL_BYTES = 64 << 10  # one round at any group size up to here
+# Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
+# the one-round reduce (one wait, every rank summing everything) beats reduce-scatter + all-gather
+# (two waits, 1/n of the sum each): measured at 2 and 4 ranks on 2 cores, 256 KiB and 1 MiB.
+ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 3 << 20
+CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
 def _first_round(channel, write) -> int:
@@ -40,42 +48,107 @@ def _round(channel, write) -> int:
     return parity
 
 
-def all_reduce(channel, work: np.ndarray, reduce) -> np.ndarray:
-    """Reduce the 1-D array `work` over the group, in place."""
+def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarray:
+    """Reduce the 1-D array `work` over the group, in place, then divide it by `divisor` when that
+    is non-zero (an average)."""
     n, me = channel.n, channel.me
-    if work.nbytes <= min(SMALL_BYTES, channel.buffer_bytes):
+    one_round = max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
+    if work.nbytes <= min(one_round, channel.buffer_bytes):
         def write(parity):
             channel.buffer(me, parity, work.dtype, work.size)[...] = work
 
         parity = _first_round(channel, write)
-        # ((b0 + b1) + b2) + ...: the first reduction writes `work`, no copy of b0 before it.
-        reduce(channel.buffer(0, parity, work.dtype, work.size), channel.buffer(1, parity, work.dtype, work.size),
-               out=work)
-        for peer in range(2, n):
-            reduce(work, channel.buffer(peer, parity, work.dtype, work.size), out=work)
+        # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
+        # when it is one of the first two (the sum reads those before writing `out`).
+        c = c_sum(work.dtype, reduce)
+        if c is not None:
+            at = work.ctypes.data
+            c([at if peer == me < 2 else channel.buffer_address(peer, parity) for peer in range(n)], work.size,
+              divisor, at)
+        else:
+            inputs = [work if peer == me < 2 else channel.buffer(peer, parity, work.dtype, work.size)
+                      for peer in range(n)]
+            reduce_into(reduce, inputs, work, divisor=divisor)
         channel.engine.count_sent(channel.group.gid, (n - 1) * work.nbytes)
         return work
     per_round = channel.elements_per_round(work.itemsize)
     for start in range(0, work.size, per_round):
-        piece = work[start : start + per_round]
+        _reduce_round(channel, work[start : start + per_round], reduce, divisor, start == 0)
+    return work
 
-        def write(parity, piece=piece):
-            channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        parity = (_first_round if start == 0 else _round)(channel, write)
-        bounds = split_bounds(piece.size, n)
-        buffers = [channel.buffer(peer, parity, piece.dtype, piece.size) for peer in range(n)]
-        mine = buffers[me][bounds[me] : bounds[me + 1]]
+def chunk_elements(channel, itemsize: int) -> int:
+    """Elements of one pipelined chunk of a large all_reduce: CHUNK_BYTES while every member can
+    have a core of its own; a whole buffer when ranks outnumber the host's cores (every extra wait
+    may then be a trip through the scheduler, dearer than what the pipeline saves). Every member
+    must choose the same: the host's core count, not this process's affinity, decides."""
+    if channel.n > (os.cpu_count() or 1):
+        return channel.elements_per_round(itemsize)
+    return max(channel.n, CHUNK_BYTES // max(itemsize, 1))
+
+
+def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool):
+    """One buffer-sized round of a large all_reduce, in chunks that each go through three steps
+    (as a shared-memory MPI transport does, without a copy into a temporary):
+    1. copy in: this rank copies the parts of the chunk that its peers reduce into its buffer
+       (its own part stays in `piece`), publishes;
+    2. reduce: once every peer published its copy, this rank sums its own part of the chunk, in rank
+       order, from `piece` and the peers' buffers, into its buffer and into `piece` in one pass
+       (runtime/reduce_kernels.py), publishes;
+    3. copy out: once every peer published its sum, it copies the peers' sums into `piece`.
+    The copy in of chunk i + 1 goes between the sum of chunk i and the wait for the peers' sums, so
+    a rank that is ahead has work to do instead of waiting; a chunk stays in the caches between the
+    copy in, the peers' reads and the copy out. Every member publishes the same sequence, so "peer
+    published k times" means the same step everywhere. Nothing in a buffer is overwritten while a
+    peer may read it: the part a rank sums is written only in step 2, and it is read only after."""
+    n, me = channel.n, channel.me
+    dtype, size = piece.dtype, piece.size
+    parity = channel.next_round()
+    buffers = [channel.buffer(peer, parity, dtype, size) for peer in range(n)]
+    mine = buffers[me]
+    chunk = chunk_elements(channel, piece.itemsize)
+    spans = []
+    for lo in range(0, size, chunk):
+        hi = min(lo + chunk, size)
+        spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
+
+    def copy_in(bounds):
+        if bounds[me] > bounds[0]:
+            mine[bounds[0] : bounds[me]] = piece[bounds[0] : bounds[me]]
+        if bounds[n] > bounds[me + 1]:
+            mine[bounds[me + 1] : bounds[n]] = piece[bounds[me + 1] : bounds[n]]
+
+    c = c_sum(dtype, reduce)
+    if c is not None:  # addresses by arithmetic: asking NumPy for each slice's costs microseconds
+        itemsize, piece_at = piece.itemsize, piece.ctypes.data
+        buffer_at = [channel.buffer_address(peer, parity) for peer in range(n)]
+    copy_in(spans[0])
+    if first:
+        channel.write_signature(parity)
+    channel.publish()
+    for index, bounds in enumerate(spans):
+        channel.wait_all()
+        if first and index == 0:
+            channel.check_signatures(parity)
+        own = slice(bounds[me], bounds[me + 1])
+        if c is not None:
+            skip = bounds[me] * itemsize
+            inputs = [piece_at + skip if peer == me else buffer_at[peer] + skip for peer in range(n)]
+            c(inputs, bounds[me + 1] - bounds[me], divisor, buffer_at[me] + skip, piece_at + skip)
+        else:
+            reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
+                        piece[own], divisor)
+        channel.publish()
+        if index + 1 < len(spans):
+            copy_in(spans[index + 1])
+            channel.publish()
+            channel.wait_all(behind=1)
+        else:
+            channel.wait_all()
         for peer in range(n):
             if peer != me:
-                reduce(mine, buffers[peer][bounds[me] : bounds[me + 1]], out=mine)
-        # Nobody reads this rank's own slice before this second publish: reducing into it is safe.
-        channel.publish()
-        channel.wait_all()
-        for peer in range(n):
-            piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
-        channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (piece.nbytes // n))
-    return work
+                piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
+    channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (size // n))
 
 
 def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -98,33 +171,47 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def reduce_scatter(channel, work: np.ndarray, reduce) -> np.ndarray:
-    """`work` has shape (n, m): returns this rank's reduced row (m,), summed in rank order."""
+def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarray:
+    """`work` has shape (n, m): returns this rank's reduced row (m,), summed in rank order, then
+    divided by `divisor` when that is non-zero (an average). A rank's own row is read from `work`,
+    never copied into its buffer."""
     n, me = channel.n, channel.me
     columns = work.shape[1]
     result = np.empty(columns, work.dtype)
+    c = c_sum(work.dtype, reduce) if work.flags.c_contiguous else None
+    if c is not None:
+        itemsize, work_at, result_at = work.itemsize, work.ctypes.data, result.ctypes.data
     per_round = max(1, channel.buffer_bytes // max(n * work.itemsize, 1))
     for start in range(0, max(columns, 1), per_round):
         part = work[:, start : start + per_round]
         width = part.shape[1]
 
         def write(parity, part=part, width=width):
-            channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)[...] = part
+            block = channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)
+            block[:me] = part[:me]
+            block[me + 1 :] = part[me + 1 :]
 
         parity = (_first_round if start == 0 else _round)(channel, write)
-        mine = result[start : start + width]
-        for peer in range(n):
-            row = channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me]
-            if peer == 0:
-                mine[...] = row
-            else:
-                reduce(mine, row, out=mine)
-        channel.engine.count_sent(channel.group.gid, (n - 1) * mine.nbytes)
+        if c is not None:  # addresses by arithmetic, as in _reduce_round
+            skip = me * width * itemsize
+            rows = [work_at + (me * columns + start) * itemsize if peer == me
+                    else channel.buffer_address(peer, parity) + skip for peer in range(n)]
+            c(rows, width, divisor, result_at + start * itemsize)
+        else:
+            rows = [part[me] if peer == me
+                    else channel.buffer(peer, parity, part.dtype, n * width).reshape(n, width)[me] for peer in range(n)]
+            reduce_into(reduce, rows, result[start : start + width], divisor=divisor)
+        channel.engine.count_sent(channel.group.gid, (n - 1) * width * work.itemsize)
     return result
 
 
 def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
-    """Root's 1-D `work` into every member's `work`, in place."""
+    """Root's 1-D `work` into every member's `work`, in place.
+
+    After the first round (every member checks every signature) a member waits only for the root:
+    only the root's buffer is read, and the root still waits for every member before it writes a
+    buffer again, so no member waits for another's copy (with more ranks than cores, such waits
+    left cores idle at the end of every round)."""
     me = channel.me
     per_round = channel.elements_per_round(work.itemsize)
     for start in range(0, max(work.size, 1), per_round):
@@ -134,7 +221,12 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
             if me == root:
                 channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        parity = (_first_round if start == 0 else _round)(channel, write)
+        if start == 0 or me == root:
+            parity = (_first_round if start == 0 else _round)(channel, write)
+        else:
+            parity = channel.next_round()
+            channel.publish()
+            channel.wait_for(root)
         if me != root:
             piece[...] = channel.buffer(root, parity, piece.dtype, piece.size)
         else:

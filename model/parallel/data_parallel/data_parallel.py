@@ -125,6 +125,12 @@ class GradientBuckets:
         self.tied_buckets = {self.bucket_of[name] for name in tied if name in self.bucket_of}
         self.owns_tied = tie_comm is None or any(getattr(stage, "first", False) for stage in stages.values())
         self.timings = {}
+        if self.dp_size > 1:
+            # Every replica is here: a barrier, the first collective the caller waits for, opens the
+            # group's same-host channel (runtime/shm_channel.py). The bucket averages are
+            # asynchronous, and those use the channel only once it is open; without it every one
+            # went through the engine thread and ZeroMQ messages.
+            dp_comm.barrier()
         self.begin_step()
 
     def view(self, flat, name: str):

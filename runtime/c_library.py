@@ -1,0 +1,55 @@
+"""Small C helpers of the runtime, compiled on first use with the machine's C compiler and cached
+under `$RINGPIPE_CACHE` (default ~/.cache/ringpipe), keyed by a hash of the source and flags.
+
+Workers starting together may each compile: each writes a temporary file and renames it into
+place, so that is harmless. Callers keep a pure-Python fallback for machines without a compiler.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCES = Path(__file__).with_name("csrc")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RINGPIPE_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ringpipe"
+
+
+def build(name: str, flags=("-O2", "-fPIC", "-shared")) -> ctypes.CDLL:
+    """runtime/csrc/`name`.c as a loaded library (ctypes releases the GIL during its calls).
+    Raises RuntimeError naming the compiler and its last error line when it cannot be built."""
+    source = SOURCES / f"{name}.c"
+    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + platform.machine().encode())
+    target = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
+    if not target.exists():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            raise RuntimeError("no C compiler found (set CC)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True,
+                                    timeout=120)
+            if result.returncode != 0:
+                last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+                raise RuntimeError(f"{compiler} failed on {source.name}: {last}")
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.CDLL(str(target))
+
+
+__all__ = ["build", "cache_dir"]

@@ -1,0 +1,145 @@
+"""The sums of same-host collectives (runtime/reduce_kernels.py with csrc/reduce_sum.c, and its NumPy
+fallback) and the large all_reduce over a group channel, pipelined in chunks
+(runtime/shm_collectives.py): NumPy's results, bit for bit, in both modes."""
+import os
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime import reduce_kernels, shm_collectives
+from ringpipe.runtime.reduce_kernels import reduce_into
+
+MODES = ["c", "numpy"]
+SMALL_ARENA = 1 << 20  # channel buffers of 64 KiB: the cases below go in several rounds
+
+
+@pytest.fixture(params=MODES)
+def reduce_mode(request):
+    if request.param == "c" and reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C kernel here: {reduce_kernels.unavailable_reason()}")
+    reduce_kernels.set_mode(request.param)
+    assert reduce_kernels.mode() == request.param
+    yield request.param
+    reduce_kernels.set_mode("c")
+
+
+def rank_order_sum(inputs, divisor=0):
+    total = inputs[0] + inputs[1]
+    for x in inputs[2:]:
+        total = total + x
+    return total / divisor if divisor else total
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_sum_adds_in_rank_order_with_numpys_bits_and_divides_for_an_average(reduce_mode, dtype):
+    rng = np.random.default_rng(0)
+    for count in (2, 3, 4):
+        for divisor in (0, count):
+            inputs = [(rng.standard_normal(5003) * 10.0 ** rng.integers(-4, 5, 5003)).astype(dtype)
+                      for _ in range(count)]
+            out, copy = np.empty(5003, dtype), np.empty(5003, dtype)
+            reduce_into(np.add, inputs, out, copy, divisor)
+            want = rank_order_sum(inputs, divisor)
+            assert same_bits(out, want) and same_bits(copy, want), (count, divisor)
+
+
+def test_a_sum_may_write_over_its_first_two_inputs_and_copy_over_any(reduce_mode):
+    rng = np.random.default_rng(1)
+    for into in (0, 1):
+        inputs = [rng.standard_normal(3001).astype(np.float32) for _ in range(4)]
+        want = rank_order_sum(inputs)
+        copy_over = inputs[3].copy()
+        reduce_into(np.add, inputs[:3] + [copy_over], inputs[into], copy_over)
+        assert same_bits(inputs[into], want) and same_bits(copy_over, want), into
+
+
+def test_other_reductions_and_dtypes_give_numpys_results(reduce_mode):
+    a, b = np.array([1.0, np.nan, -2.0], np.float32), np.array([3.0, 0.0, np.nan], np.float32)
+    out = np.empty(3, np.float32)
+    reduce_into(np.maximum, [a, b], out)
+    assert same_bits(out, np.maximum(a, b))
+    ints = [np.arange(7, dtype=np.int64) * k for k in (1, 2, 3)]
+    out = np.empty(7, np.int64)
+    reduce_into(np.add, ints, out)
+    assert same_bits(out, ints[0] + ints[1] + ints[2])
+
+
+# ---- the pipelined all_reduce over the channel ---------------------------------------------------
+CASES = [("float32", 50_001, "sum"), ("float64", 20_000, "avg"), ("int64", 9_999, "sum"), ("float32", 30_000, "max")]
+
+
+def pipelined_all_reduces(comm, mode, chunk_bytes):
+    """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the one-round reduce
+    off, so that every case takes the pipelined path; (input, result, publishes) per case."""
+    names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
+    saved = [getattr(shm_collectives, name) for name in names]
+    for name, value in zip(names, (chunk_bytes, 0, 0)):
+        setattr(shm_collectives, name, value)
+    reduce_kernels.set_mode(mode)
+    try:
+        comm.barrier()
+        channel = comm.engine.channels[comm.group.gid]
+        out = []
+        for index, (dtype, count, op) in enumerate(CASES):
+            rng = np.random.default_rng(10 * index + comm.rank)
+            x = (rng.standard_normal(count) * 100).astype(dtype)
+            before, published = x.copy(), channel.count
+            comm.all_reduce(x, op=op)
+            out.append((before, x, channel.count - published))
+        return out
+    finally:
+        for name, value in zip(names, saved):
+            setattr(shm_collectives, name, value)
+        reduce_kernels.set_mode("c")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(local_cluster, reduce_mode, world_size):
+    chunk_bytes = 16 << 10  # several chunks per 64 KiB buffer, several buffers per case
+    results = local_cluster(world_size, arena_bytes=SMALL_ARENA).run(pipelined_all_reduces, reduce_mode, chunk_bytes)
+    for index, (dtype, count, op) in enumerate(CASES):
+        inputs = [results[rank][index][0] for rank in range(world_size)]
+        if op == "max":
+            want = np.maximum.reduce(inputs)
+        else:
+            want = rank_order_sum(inputs, world_size if op == "avg" else 0).astype(dtype)
+        itemsize = np.dtype(dtype).itemsize
+        per_buffer = (64 << 10) // itemsize
+        chunked = world_size <= (os.cpu_count() or 1)
+        per_chunk = max(world_size, chunk_bytes // itemsize) if chunked else per_buffer
+        chunks = sum(-(-min(per_buffer, count - start) // per_chunk) for start in range(0, count, per_buffer))
+        for rank in range(world_size):
+            assert same_bits(results[rank][index][1], want), (dtype, op, rank)
+            # two publishes per chunk: its copy in and its sum
+            assert results[rank][index][2] == 2 * chunks, (dtype, op, rank)
+
+
+def reduce_scatters(comm, mode):
+    """An average and a max over the channel, rank-dependent data over several buffers; (input, result) each."""
+    reduce_kernels.set_mode(mode)
+    try:
+        comm.barrier()
+        out = []
+        for index, op in enumerate(("avg", "max")):
+            rng = np.random.default_rng(10 * index + comm.rank)
+            x = (rng.standard_normal(comm.size * 20_001) * 100).astype(np.float32)
+            out.append((x, comm.reduce_scatter(x, op=op)))
+        return out
+    finally:
+        reduce_kernels.set_mode("c")
+
+
+@pytest.mark.timeout(120)
+def test_a_reduce_scatter_reads_its_own_row_in_place_and_averages_in_the_same_pass(local_cluster, reduce_mode):
+    results = local_cluster(3, arena_bytes=SMALL_ARENA).run(reduce_scatters, reduce_mode)
+    for index, op in enumerate(("avg", "max")):
+        rows = [np.split(results[rank][index][0], 3) for rank in range(3)]
+        for rank in range(3):
+            mine = [rows[peer][rank] for peer in range(3)]
+            want = rank_order_sum(mine, 3) if op == "avg" else np.maximum.reduce(mine)
+            assert same_bits(results[rank][index][1], want.astype(np.float32)), (op, rank)
