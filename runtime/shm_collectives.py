@@ -17,7 +17,6 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime.collective_context import split_bounds
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
