@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag, usage_error
 from ringpipe.runtime import RemoteError, WorkerLost
 from ringpipe.runtime.files import write_json
 
@@ -16,11 +16,12 @@ def bench():
     """Benchmarks (nccl-tests style tables, --json output)."""
 
 
-def _first_line(exc: Exception) -> str:
-    """A flag's ValueError as it is; a worker's error without its remote traceback."""
-    if isinstance(exc, ValueError) or not str(exc):
-        return str(exc) or type(exc).__name__
-    return str(exc).splitlines()[0]
+def _first_line(exc: Exception) -> click.ClickException:
+    """A flag's ValueError as it is, a usage error (exit 2); a worker's error without its remote
+    traceback (exit 1)."""
+    if isinstance(exc, ValueError):
+        return usage_error(str(exc) or type(exc).__name__)
+    return click.ClickException(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def _run_and_report(run, format_result, json_path):
@@ -29,7 +30,7 @@ def _run_and_report(run, format_result, json_path):
     try:
         result = run()
     except _ONE_LINE_ERRORS as exc:
-        raise click.ClickException(_first_line(exc)) from None
+        raise _first_line(exc) from None
     click.echo(format_result(result))
     if json_path:
         write_json(json_path, result, indent=1)
@@ -89,7 +90,7 @@ def bench_collectives(world_size, ops, sizes, compare, rounds, iters, algorithm,
         run_bench(world_size, op_list, size_list, parse_compare(compare), json_path, algorithm, rounds, iters,
                   echo=click.echo, progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
-        raise click.ClickException(_first_line(exc)) from None
+        raise _first_line(exc) from None
 
 
 @bench.command("p2p", short_help="Point-to-point one-way latency (ping-pong) per size.")
@@ -109,7 +110,7 @@ def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
         run_bench(parse_sizes(sizes), pingpongs, parse_compare(compare), rounds, json_path, echo=click.echo,
                   progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
-        raise click.ClickException(_first_line(exc)) from None
+        raise _first_line(exc) from None
 
 
 @bench.command("data-parallel", short_help="Weak scaling and overlap of data parallelism.")

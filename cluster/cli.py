@@ -10,6 +10,7 @@ import importlib
 import click
 
 from ringpipe.runtime.files import FileWriteError
+from ringpipe.runtime.version import __version__
 
 
 class Commands(click.Group):
@@ -51,7 +52,7 @@ class Commands(click.Group):
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="ringpipe")
+@click.version_option(version=__version__, package_name="ringpipe")
 def main():
     """ringpipe: distributed GPT training built from primitives."""
 

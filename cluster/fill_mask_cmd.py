@@ -25,8 +25,10 @@ def fill_mask(directory, top_k, device, text):
     The text is encoded as `[CLS] TEXT [SEP]`, as the model was trained."""
     if not os.path.isdir(directory):
         raise bad_flag("--checkpoint", f"directory {directory!r} does not exist")
-    if not os.path.exists(os.path.join(directory, CONFIG_FILE)) and \
-            os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
+    if not os.path.exists(os.path.join(directory, CONFIG_FILE)):
+        if not os.path.isdir(os.path.join(directory, CHECKPOINT_DIR)):
+            raise bad_flag("--checkpoint", f"{directory} holds no model ({CONFIG_FILE}) and no checkpoint "
+                                           f"({CHECKPOINT_DIR}/)")
         directory = os.path.join(directory, CHECKPOINT_DIR)  # a run stopped before its end
     held = checkpoint_family(directory)
     if held not in (None, FAMILY):
@@ -45,7 +47,7 @@ def fill_mask(directory, top_k, device, text):
             raise ValueError(f"no mask token {mask} to fill")
         predictions = model.fill_mask(ids, special["mask_token"], top_k)
     except ValueError as exc:
-        raise click.ClickException(f"Invalid value for TEXT: {one_line(exc)}") from None
+        raise bad_flag("TEXT", one_line(exc)) from None
     for number, candidates in enumerate(predictions, start=1):
         click.echo(f"{mask} {number}:")
         for token, probability in candidates:

@@ -6,12 +6,12 @@ import os
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
+from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line, usage_error
 from ringpipe.model.data.tokenizer import load_tokenizer
-from ringpipe.model.families import checkpoint_family
+from ringpipe.model.families import FAMILIES, checkpoint_family, family
 from ringpipe.model.inference.kv_cache import supports_cached_generation
 from ringpipe.model.inference.pipelined_generation import generate_in_one_process
-from ringpipe.model.inference.weights import load_whole_model, locate_weights, weights_source
+from ringpipe.model.inference.weights import GENERATES_ACROSS_WORKERS, load_whole_model, locate_weights, weights_source
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.run_dir import SHARDED_CHECKPOINTS_DIR
 from ringpipe.runtime.array_module import array_module, to_host
@@ -47,6 +47,17 @@ def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, devic
         raise bad_flag("--checkpoint", f"directory {directory!r} does not exist")
     if any(not prompt for prompt in prompts):
         raise bad_flag("--prompt", "must not be empty")
+    try:
+        located = locate_weights(directory)
+    except ValueError as exc:  # no model and no checkpoint there: the flag is wrong (a damaged one is found below)
+        raise bad_flag("--checkpoint", one_line(exc)) from None
+    held = checkpoint_family(located)
+    if held in FAMILIES and not hasattr(family(held).model, "generate"):  # an encoder (BERT) predicts masked tokens
+        raise bad_flag("--checkpoint", f"{located} holds a {held} model, which does not generate text "
+                                       "(ringpipe fill-mask predicts its masked tokens)")
+    if nproc > 1 and held in FAMILIES and held not in GENERATES_ACROSS_WORKERS:
+        raise bad_flag("--nproc", f"generation across workers supports {', '.join(GENERATES_ACROSS_WORKERS)} "
+                                  f"models; {located} holds a {held} model (leave out --nproc)")
     dp = _data_parallel(nproc, tp, pp, dp)
     if nproc > 1 or microbatches is not None:
         if nproc == 1:
@@ -116,8 +127,8 @@ def _generate_across_workers(directory, prompts, max_new_tokens, temperature, to
         raise _cannot_load(directory, one_line(exc)) from None
     try:
         check_generation_layout(source, *layout)
-    except ValueError as exc:
-        raise click.ClickException(one_line(exc)) from None
+    except ValueError as exc:  # the layout flags do not fit the model
+        raise usage_error(one_line(exc)) from None
     try:
         tokenizer = load_tokenizer(source["path"])
     except Exception as exc:

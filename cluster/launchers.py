@@ -66,7 +66,12 @@ def stdin_watch() -> threading.Event:
     gone = threading.Event()
 
     def watch():
-        while sys.stdin.buffer.read(4096):
+        # The file descriptor, not sys.stdin: a daemon thread blocked inside sys.stdin's buffered
+        # reader holds its lock, and the interpreter aborts at exit when it cannot take it.
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        except OSError:  # no stdin at all: as good as ended
             pass
         gone.set()
 
@@ -256,6 +261,13 @@ def spmd_agent(flags: dict) -> int | None:
         return None
     if rank_from_environment() is not None:
         die_with_launcher()
+    if flags["rdzv_endpoint"]:
+        from ringpipe.cluster.options import bad_flag
+
+        try:
+            parse_endpoint(flags["rdzv_endpoint"])
+        except RendezvousError as exc:  # a flag's value: a usage error on every rank, as on rank 0
+            raise bad_flag("--rdzv-endpoint", str(exc)) from None
     try:
         return mpi_or_slurm_agent(flags["launcher"], flags["rdzv_endpoint"], flags["key_file"],
                                   flags["rdzv_timeout"], say=lambda message: None)

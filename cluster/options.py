@@ -68,10 +68,28 @@ class OutputDirectory(_WritablePath):
         super().__init__(file_okay=False)
 
 
-def bad_flag(flag: str, message: str) -> click.ClickException:
+class CommandLineError(click.UsageError):
+    """A usage error found after parsing: one "Error: ..." line (no usage block) and exit status 2,
+    as click's own flag errors and argparse-based launchers (torchrun) give. Every ringpipe command
+    keeps the two apart: 2 when the command line cannot work whatever the files hold (a bad flag
+    value, flags that conflict, a layout that does not fit the model, a path of the wrong kind, an
+    --out that must not be touched, a flag --resume cannot change); 1 when the work failed (data or
+    a checkpoint that is unusable, a worker that died, a file that could not be written)."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file, err=True)
+
+
+def bad_flag(flag: str, message: str) -> CommandLineError:
     """A flag that conflicts with the run or another flag, found after parsing: one "Error: Invalid
-    value for FLAG: ..." line (ClickException, not BadParameter: no usage block)."""
-    return click.ClickException(f"Invalid value for {flag}: {message}")
+    value for FLAG: ..." line, exit status 2."""
+    return CommandLineError(f"Invalid value for {flag}: {message}")
+
+
+def usage_error(message: str) -> CommandLineError:
+    """A usage error that names no single flag (a layout, a setting the flags combine into): one
+    "Error: ..." line, exit status 2."""
+    return CommandLineError(message)
 
 
 def one_line(exc: BaseException) -> str:

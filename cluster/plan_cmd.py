@@ -6,7 +6,7 @@ import dataclasses
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag
+from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag, usage_error
 from ringpipe.model.planning.family import FAMILIES as INVENTORIES
 
 UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
@@ -185,8 +185,8 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
         machine = load_machine(machine_file) if machine_file else this_machine()
         machine.hosts = hosts
         report = plan_layouts(inventory, nproc, batch_size, machine, hosts)
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+    except ValueError as exc:  # a model, machine file or rank count the flags name that cannot work
+        raise usage_error(str(exc)) from None
     calibrated = machine_file is not None or bool(machine.calibration)
     if not report.ranked:
         need = report.smallest_need()

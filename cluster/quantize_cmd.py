@@ -6,10 +6,10 @@ import os
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
-from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.quantization.outliers import LLM_INT8_THRESHOLD
-from ringpipe.model.quantization.quantize import quantize_run
+from ringpipe.model.quantization.quantize import quantizable_source, quantize_run
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
+from ringpipe.model.training.run_dir import check_quantize_target
 
 
 @click.command(short_help="Write a run's model with int8 weights, for ringpipe generate.")
@@ -33,12 +33,17 @@ def quantize(run_dir, int8, out, per_tensor, outlier_threshold, calibration_batc
         raise bad_flag("--int8", "is required (int8 is the format ringpipe quantize writes)")
     if not os.path.isdir(run_dir):
         raise bad_flag("RUN_DIR", f"directory {run_dir!r} does not exist")
+    try:
+        quantizable_source(run_dir)
+    except ValueError as exc:  # RUN_DIR holds no model int8 can quantize: the argument is wrong
+        raise bad_flag("RUN_DIR", one_line(exc)) from None
     out = out or os.path.normpath(run_dir) + "-int8"
     if os.path.realpath(out) == os.path.realpath(run_dir):
         raise bad_flag("--out", f"{out} is RUN_DIR itself; the int8 model goes beside the float one")
-    if os.path.isdir(out) and os.listdir(out) and quantization_config(out) is None:
-        raise bad_flag("--out", f"{out} holds other files; quantize replaces it whole, so give a new "
-                                "directory or an earlier int8 output")
+    try:
+        check_quantize_target(run_dir, out)
+    except ValueError as exc:
+        raise bad_flag("--out", str(exc)) from None
     try:
         summary = quantize_run(run_dir, out, "tensor" if per_tensor else "channel", outlier_threshold,
                                calibration_batches)

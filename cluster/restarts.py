@@ -22,7 +22,7 @@ import os
 
 import click
 
-from ringpipe.cluster.options import bad_flag, one_line
+from ringpipe.cluster.options import bad_flag, one_line, usage_error
 from ringpipe.model.training.checkpoint_integrity import fallback_hint, verify_checkpoint
 from ringpipe.model.training.checkpoint_metadata import is_sharded
 from ringpipe.model.training.run_dir import find_checkpoint, read_trainer_state
@@ -59,7 +59,7 @@ def check_restart_flags(flags: dict, config, world_size: int, distributed: bool)
     try:
         fault = fault_from_environment()
     except ValueError as exc:
-        raise click.ClickException(one_line(exc)) from None
+        raise usage_error(one_line(exc)) from None
     problem = ""
     if fault is not None and not distributed:
         problem = "the run has no worker processes (give --nproc 2 or more, or --max-restarts)"
@@ -68,7 +68,7 @@ def check_restart_flags(flags: dict, config, world_size: int, distributed: bool)
     elif fault is not None and fault.step > config.steps:
         problem = f"step {fault.step} is beyond --steps {config.steps}"
     if problem:
-        raise click.ClickException(f"{FAULT_VARIABLE}={os.environ[FAULT_VARIABLE]!r} would never fire: {problem}")
+        raise usage_error(f"{FAULT_VARIABLE}={os.environ[FAULT_VARIABLE]!r} would never fire: {problem}")
     if not flags["max_restarts"]:
         return
     if not config.checkpoint_every:

@@ -7,10 +7,10 @@ import webbrowser
 
 import click
 
-from ringpipe.cluster.options import OutputFile
+from ringpipe.cluster.options import OutputFile, usage_error
 from ringpipe.model.training.run_dir import TRACE_EXPORT_FILE, TRACE_VIEW_FILE
 from ringpipe.runtime.files import FileWriteError, check_writable_file
-from ringpipe.tools.trace_io import TraceError, bulk_allocation, load_trace
+from ringpipe.tools.trace_io import TraceError, TraceNotFound, bulk_allocation, load_trace
 
 
 @click.group(short_help="Summarise, view or export a run's trace.")
@@ -22,6 +22,8 @@ def trace():
 def _load(run_dir: str, counters: bool = True):
     try:
         return load_trace(run_dir, counters=counters)
+    except TraceNotFound as exc:  # RUN_DIR names no trace: a usage error (exit 2); a damaged one exits 1
+        raise usage_error(str(exc)) from None
     except TraceError as exc:
         raise click.ClickException(str(exc)) from None
 

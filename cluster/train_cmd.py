@@ -2,7 +2,8 @@
 
 The loop itself lives in `model.training.trainer.Trainer` (one process) or `cluster.distributed_train.
 DistributedRun` (workers); this module only drives it. What the user sees while it runs is
-cluster/progress.py, the metrics.jsonl it writes cluster/metrics_log.py, restarts cluster/restarts.py.
+cluster/progress.py, the metrics.jsonl it writes cluster/metrics_log.py, restarts cluster/restarts.py; the
+run's config from the flags (and what --resume may change) cluster/train_flags.py.
 """
 from __future__ import annotations
 
@@ -15,27 +16,24 @@ import click
 from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
                                         spmd_agent)
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line, usage_error
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
 from ringpipe.cluster.restarts import check_restart_flags, restart_options, restartable, run_with_restarts
+from ringpipe.cluster.train_flags import already_complete, config_from_flags
+from ringpipe.model.data.dataset import corpus_files
 from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
 from ringpipe.model.training.parallel_trainer import Layout
-from ringpipe.model.training.config import ON_NONFINITE, TrainConfig, model_options
+from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
-from ringpipe.model.training.run_dir import (find_checkpoint, remove_run, remove_traces, saved_config,
-                                             saved_step)
+from ringpipe.model.training.run_dir import find_checkpoint, remove_run, remove_traces
 from ringpipe.model.training.step import OVERFLOW_WARNINGS, NonFiniteError
 from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import ClusterStopped, RemoteError, WorkerLost
 from ringpipe.runtime.array_module import to_host
 from ringpipe.runtime.files import FileWriteError
-
-
-# Flags that may change when a run is resumed; every other flag must match the checkpoint.
-RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite")
 
 
 def _worker_failure(exc: Exception, out: str, resumable: bool = True, summary: bool = True,
@@ -65,36 +63,7 @@ def _with_fallback(line: str, flags: dict) -> str:
     return line + (fallback_hint(flags["out"], line) if flags["resume"] else "")
 
 
-def _flag_of(ctx: click.Context, name: str) -> str:
-    return next(p.opts[0] for p in ctx.command.params if p.name == name)
-
-
-def _config_from_flags(ctx: click.Context, flags: dict):
-    """The run's TrainConfig: from the flags, or from the checkpoint (with allowed overrides)."""
-    saved = saved_config(flags["out"]).flat() if flags["resume"] else None
-    model = saved["family"] if saved else flags["family"]
-    names = TrainConfig(family=model).flat()  # the family's options and the run's, as the flags name them
-    for name in flags:
-        if name in OPTIONS_OF_ANY_FAMILY and name not in names and \
-                ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-            raise bad_flag(_flag_of(ctx, name), f"is not an option of --model {model}")
-    chosen = {name: value for name, value in flags.items() if name in names}
-    if not flags["resume"]:
-        return TrainConfig(**chosen)
-    for name, value in chosen.items():
-        if ctx.get_parameter_source(name) != click.core.ParameterSource.COMMANDLINE:
-            continue
-        if name in RESUME_OVERRIDABLE:
-            saved[name] = value
-        elif value != saved[name]:
-            raise bad_flag(_flag_of(ctx, name),
-                            f"{value!r} differs from the checkpoint's {saved[name]!r};"
-                            " it cannot change on --resume")
-    return TrainConfig(**saved)
-
-
 D = TrainConfig()  # flag defaults are the config's defaults
-OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
 
 @click.command(short_help="Train a model (GPT-2, BERT, T5); writes model, checkpoint, metrics.")
@@ -229,21 +198,29 @@ def train(ctx, **flags):
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
         raise bad_flag("--tokenizer", f"{flags['tokenizer']!r} is neither {', '.join(KINDS)} nor a "
                        "Hugging Face tokenizer directory")
+    if flags["resume"]:
+        try:
+            find_checkpoint(out)
+        except ValueError as exc:  # nothing to resume there: the flag is wrong (a damaged one is found below)
+            raise bad_flag("--out", one_line(exc)) from None
     try:
-        config = _config_from_flags(ctx, flags)
+        config = config_from_flags(ctx, flags)
+    except (ValueError, RuntimeError) as exc:  # the checkpoint's record could not be read
+        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
+    try:  # before the first status line: a setting or layout that cannot work is the only output
         if flags["sample"] and not hasattr(family(config.family).model, "generate"):
             raise bad_flag("--sample", f"needs a model that generates text; a {config.family} model does not")
-        config.validate()  # before the first status line: a setting that cannot work is the only output
+        config.validate()
+        corpus_files(config.data)  # --data names files (what they hold is read later)
         check_restart_flags(flags, config, layout.world_size, distributed)
         if flags["encoder_stages"] is not None:
             layout.split = _encoder_decoder_split(flags, config, layout)
-        if flags["resume"] and _already_complete(ctx, config, out):
-            return
-        config.validate()  # before the first status line: a bad config or layout is the only output
         if distributed:
             layout.validate(config)
-    except (ValueError, RuntimeError) as exc:
-        raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
+    except ValueError as exc:  # what the flags ask for cannot work: a usage error (exit 2)
+        raise usage_error(one_line(exc)) from None
+    if flags["resume"] and already_complete(ctx, config, out):  # (its record was read above)
+        return
     state = {"trainer": None, "progress": None}
     hold_run_dir(ctx, out)
     terminate_like_interrupt(ctx)
@@ -348,23 +325,6 @@ def _prepare_kernels() -> None:
     if kernels.enabled and not kernels.is_built():
         status("compiling the C kernels (once per machine and source version)")
     kernels.library()
-
-
-def _already_complete(ctx, config, out) -> bool:
-    """On --resume of a run whose checkpoint has reached --steps: say so (True), or refuse an
-    explicit --steps below it; nothing is trained or re-saved."""
-    done = saved_step(out)
-    if done < config.steps:
-        return False
-    explicit = ctx.get_parameter_source("steps") == click.core.ParameterSource.COMMANDLINE
-    if done > config.steps and explicit:
-        raise bad_flag("--steps", f"{config.steps} is below the {done} steps the run in {out} has "
-                                   f"completed; pass a larger --steps to train further")
-    click.echo(f"the run in {out} is already complete at step {done} of {config.steps}; nothing to do. "
-               f"To train further, pass --steps M with M > {done}, e.g. "
-               f"ringpipe train --resume --out {out} --steps {2 * done}", err=True)
-    return True
-
 
 
 def _train_loop(trainer, config, out, state):

@@ -15,9 +15,9 @@ import click
 
 from ringpipe.cluster.launchers import (DEFAULT_KEY_FILE, die_with_launcher, host_from_environment, job_keys,
                                         rank_from_environment, stdin_watch)
-from ringpipe.cluster.options import FiniteFloat, one_line
+from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line
 from ringpipe.runtime.auth import KeyFileError, keys_from_secret
-from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError
+from ringpipe.runtime.rendezvous import AGENT_SILENCE_S, RendezvousError, parse_endpoint
 
 
 @click.command(short_help="Join a training run's rendezvous and run this host's workers.")
@@ -41,6 +41,10 @@ def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, exit_with_stdin, 
     """Join the rendezvous at HOST:PORT; exits 0 once every worker of this host ended with 0."""
     from ringpipe.runtime.rendezvous_agent import join_and_run
 
+    try:
+        parse_endpoint(rdzv_endpoint)
+    except RendezvousError as exc:
+        raise bad_flag("--rdzv-endpoint", str(exc)) from None
     place = rank_from_environment()
     if place is not None or exit_with_stdin:  # started by a launcher (mpirun, srun, ssh): end with it
         die_with_launcher()

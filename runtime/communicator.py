@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ringpipe.runtime import array_module, collectives, shm_collectives
+from ringpipe.runtime import array_module, collectives, shm_collectives, shm_small
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_channel import exchange_entries, open_channel
-from ringpipe.runtime.shm_p2p import RingReceive
+from ringpipe.runtime.shm_p2p_receive import RingReceive
 from ringpipe.runtime.trace import now_ns
 from ringpipe.runtime.transfer import receive, send_arrays, send_now
 
@@ -245,8 +245,15 @@ class Communicator:
                 return self._collective(f"{name} (opening the same-host channel)", {"op": "open channel"},
                                         lambda ctx: exchange_entries(ctx, entry), None, False, timeout)
 
-            channels[self.group.gid] = open_channel(self.engine, self.group, self.config, exchange)
+            channels[self.group.gid] = shm_small.attach(open_channel(self.engine, self.group, self.config, exchange))
         return channels[self.group.gid]
+
+    def _small(self, operation: str, *args) -> bool:
+        """Run `operation` (waited for) on the group's latency path for small collectives
+        (runtime/shm_small.py); False when that does not take it (no channel open yet, busy, too large)."""
+        channel = self.engine.channels.get(self.group.gid)
+        ok = channel is not None and channel.small is not None and self.config.algorithm in ("auto", "shm")
+        return ok and self.group.shm and getattr(channel.small, operation)(self, *args)
 
     def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
         seq = self._sequence.next((self.engine.epoch, self.engine.call))
@@ -271,6 +278,8 @@ class Communicator:
 
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
+        if not async_op and type(x) is np.ndarray and self._small("all_reduce", x, op, timeout):
+            return x
         self._check_op("all_reduce", op)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         if op == "avg" and host.dtype.kind not in "fc":
@@ -336,6 +345,8 @@ class Communicator:
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
         self._peer(src, "broadcast")
+        if not async_op and type(x) is np.ndarray and self._small("broadcast", x, int(src), timeout):
+            return x
         host = np.asarray(array_module.to_host(x))
         in_place = isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable
         work = x.reshape(-1) if in_place else host.copy().reshape(-1)
@@ -351,6 +362,8 @@ class Communicator:
                                 lambda channel: shm_collectives.broadcast(channel, work, int(src)))
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
+        if not async_op and self._small("barrier", timeout):
+            return None
         return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout,
                                 direct=shm_collectives.barrier)
 

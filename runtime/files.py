@@ -337,20 +337,28 @@ def save_tensors(path, tensors: dict, metadata: dict | None = None) -> None:
         if array.dtype.name not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {name} has dtype {array.dtype}, which safetensors cannot store")
         arrays[name] = array
-    metadata = {**(metadata or {}), CHECKSUMS_KEY: json.dumps(
-        {name: tensor_checksum(_stored_form(a)) for name, a in arrays.items()}, separators=(",", ":"))}
-    header, offset = {"__metadata__": metadata}, 0
-    for name, array in arrays.items():
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    checksums = {name: tensor_checksum(_stored_form(a)) for name, a in arrays.items()}
+    encoded = safetensors_header([(n, a.dtype.name, a.shape, a.nbytes) for n, a in arrays.items()], metadata or {}, checksums)
     with atomic_write(path) as f:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for array in arrays.values():
             f.write(_raw_bytes(_stored_form(array)))
+
+
+def safetensors_header(entries: list, metadata: dict, checksums: dict) -> bytes:
+    """The header of a safetensors file holding `entries` [(name, NumPy dtype name, shape, nbytes)]
+    back to back, `metadata` and `checksums` ({name: "crc32:..."}), space-padded to 8 bytes. Every
+    writer's, with metadata keys and checksum names sorted: two paths writing the same model (a
+    run's end, an export of its checkpoint) give one file, however their dicts were built."""
+    stored = {**metadata, CHECKSUMS_KEY: json.dumps(checksums, separators=(",", ":"), sort_keys=True)}
+    header, offset = {"__metadata__": dict(sorted(stored.items()))}, 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": [int(n) for n in shape],
+                        "data_offsets": [offset, offset + int(nbytes)]}
+        offset += int(nbytes)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return encoded + b" " * (-len(encoded) % 8)
 
 
 def _stored_form(array):

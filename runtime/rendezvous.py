@@ -29,6 +29,7 @@ import zmq
 from ringpipe.runtime.addresses import bracketed, dual_stack, tcp_address
 from ringpipe.runtime.auth import JobKeys
 from ringpipe.runtime.launch import LocalLauncher, stop_processes
+from ringpipe.runtime.version import __version__
 
 PING_INTERVAL_S = 1.0
 DEFAULT_PORT = 29500  # torchrun's
@@ -41,13 +42,9 @@ class RendezvousError(RuntimeError):
 
 
 def package_version() -> str:
-    """ringpipe's installed version ("unknown" when run from a source tree without an install)."""
-    try:
-        from importlib.metadata import version
-
-        return version("ringpipe")
-    except Exception:  # noqa: BLE001 - PackageNotFoundError, or broken metadata
-        return "unknown"
+    """The version of the ringpipe this process imported (runtime/version.py), never that of
+    whatever installed metadata happens to come first on the path."""
+    return __version__
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:

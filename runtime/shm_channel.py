@@ -88,6 +88,7 @@ class GroupChannel:
         self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
         self.call = None  # the call of the operation running now
+        self.small = None  # the one-call C rounds of small collectives (runtime/shm_small.attach)
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 
@@ -223,12 +224,15 @@ class GroupChannel:
         """Put this collective's signature where peers check it: an id (length, crc32), then the
         msgpack bytes for the error message (written only when they change)."""
         if self._written[parity] != self.signature_id:
-            at = SIGNATURE_AT + parity * SIGNATURE_BYTES
-            data = self.signature[: SIGNATURE_BYTES - 16]
-            self.regions[self.me][at + 16 : at + 16 + len(data)] = np.frombuffer(data, np.uint8)
-            self._written[parity] = self.signature_id
+            self.write_signature_bytes(parity, self.signature, self.signature_id)
         ids = self._ids[self.me][parity]
         ids[0], ids[1] = self.signature_id, self.position
+
+    def write_signature_bytes(self, parity: int, packed: bytes, signature_id: int):
+        at = SIGNATURE_AT + parity * SIGNATURE_BYTES
+        data = packed[: SIGNATURE_BYTES - 16]
+        self.regions[self.me][at + 16 : at + 16 + len(data)] = np.frombuffer(data, np.uint8)
+        self._written[parity] = signature_id
 
     def check_signatures(self, parity: int):
         """After every member published the round: raise CollectiveMismatch naming the first
@@ -283,8 +287,8 @@ class GroupChannel:
         started = now_ns()
         spin = self.spin
         value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.ns(), spin.yields)
-        spin.answered(value >= target)
         if value >= target:
+            spin.answered(True)
             self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
@@ -294,6 +298,7 @@ class GroupChannel:
                 left = self.deadline - time.monotonic()
                 value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, False)
                 if value >= target:
+                    spin.answered(False, now_ns() - started)
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
                     raise Aborted(self.engine.aborted_call or f"{self.name}: aborted on rank {self.engine.rank}")
@@ -318,8 +323,8 @@ class GroupChannel:
 
     def _wake_sleeper(self):
         """Engine thread, on an abort: wake this rank's compute thread if it sleeps on a peer."""
-        word = self._sleeping_on
-        if word is not None:
+        word = self._sleeping_on or (self.small.sleeping_on() if self.small is not None else 0)
+        if word:
             self.waiter.wake(word)
 
 

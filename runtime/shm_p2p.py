@@ -20,6 +20,7 @@ messages of earlier calls or epochs.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections import defaultdict, deque
@@ -27,7 +28,7 @@ from collections import defaultdict, deque
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CommTimeout
+from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
@@ -36,6 +37,12 @@ HEADER_BYTES = 4096
 HEAD, TAIL = 0, 64  # counters (u64) and, 8 bytes further, their sleeper counts (u32)
 SLOTS = 64
 META_BYTES = 512  # a slot's key, dtype, shape; the inline payload follows
+# A slot's fixed fields: epoch, call, tag, arena block (-1: inline), part index, parts, when it was
+# written (ns, for the receiver's trace), length of the description that follows at DESCRIPTION_AT:
+# msgpack [group, dtype, shape], the same bytes for every message of one kind, so both sides
+# cache it (no msgpack per message).
+SLOT_HEADER = struct.Struct("<qqqqiiqq")
+DESCRIPTION_AT = 64
 MIN_SLOT_BYTES = 4096
 # Parts of a large message: small enough that the receiver's copy of one overlaps the sender's copy
 # of the next, large enough that the per-part bookkeeping (~20 µs) is small next to a copy.
@@ -49,6 +56,11 @@ def _dtype(text: str) -> np.dtype:
     if dtype is None:
         dtype = _DTYPES[text] = np.dtype(text)
     return dtype
+
+
+def _writable(array: np.ndarray) -> bool:
+    flags = array.flags
+    return flags.c_contiguous and flags.writeable
 
 
 def ring_layout(arena_size: int, world_size: int) -> int:
@@ -94,6 +106,8 @@ class PairRings:
         self.kept: dict = {}  # (src, key, index) -> (array, meta)
         self._out: dict[int, _Ring] = {}
         self._in: dict[int, _Ring] = {}
+        self._descriptions: dict = {}  # sender: (group, dtype, shape) -> description bytes
+        self._described: dict = {}  # receiver: description bytes -> (group, dtype, shape, nbytes)
 
     @staticmethod
     def pin(arena, world_size: int) -> int:
@@ -126,37 +140,47 @@ class PairRings:
         nbytes = array.nbytes
         flat = (array if array.flags.c_contiguous else np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
         ring = self._out.get(dst) or self._ring(engine.rank, dst)
-        meta = [engine.epoch, *key, array.dtype.str, list(array.shape), 0, 1]
+        description = self._descriptions.get((key[1], array.dtype, array.shape))
+        if description is None:
+            description = self._describe(key[1], array, name)
+        meta = [engine.epoch, key[0], key[2], description, 0, 1]
         with self.send_lock:  # the parts of one message stay together
             if nbytes <= self.inline_bytes:
                 self._send_part(ring, dst, meta, flat, True, deadline, name, timeout)
             else:
                 parts = -(-nbytes // self.part_bytes)
                 part_bytes = -(-nbytes // parts)  # equal parts: the receiver finds them the same way
-                meta[7] = parts
+                meta[5] = parts
                 for index in range(parts):
-                    meta[6] = index
+                    meta[4] = index
                     self._send_part(ring, dst, meta, flat[index * part_bytes : (index + 1) * part_bytes], False,
                                     deadline, name, timeout)
         engine.count_sent(key[1], nbytes)
 
+    def _describe(self, group: str, array: np.ndarray, name: str) -> bytes:
+        description = msgpack.packb([group, array.dtype.str, list(array.shape)])
+        if len(description) > META_BYTES - DESCRIPTION_AT:
+            raise ValueError(f"{name}: a {array.ndim}-dimensional shape is too long to send")
+        if len(self._descriptions) >= 1024:
+            self._descriptions.clear()
+        self._descriptions[(group, array.dtype, array.shape)] = description
+        return description
+
     def _send_part(self, ring: _Ring, dst, meta, piece, inline, deadline, name, timeout):
         head = ring.words[HEAD // 8]
         if head - ring.words[TAIL // 8] >= SLOTS:
-            self._wait(ring.tail, head - SLOTS + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
-                       f"{timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
+            self._wait(ring.tail, head - SLOTS + 1, deadline, lambda: f"{name} on rank {self.engine.rank} timed out "
+                       f"after {timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
         slot = ring.slots[head % SLOTS]
         if inline:
             slot[META_BYTES : META_BYTES + piece.size] = piece
             block = -1
         else:
             block = self._place(ring, head, piece, deadline, name, timeout, dst)
-        packed = msgpack.packb([*meta, block, now_ns()])  # when it arrived, for the receiver's trace
-        if len(packed) > META_BYTES - 4:
-            raise ValueError(f"{name}: a {len(meta[5])}-dimensional shape is too long to send")
+        epoch, call, tag, description, index, parts = meta
         view = ring.views[head % SLOTS]
-        view[:4] = len(packed).to_bytes(4, "little")
-        view[4 : 4 + len(packed)] = packed
+        SLOT_HEADER.pack_into(view, 0, epoch, call, tag, block, index, parts, now_ns(), len(description))
+        view[DESCRIPTION_AT : DESCRIPTION_AT + len(description)] = description
         self.waiter.publish(ring.head, ring.head + 8, head + 1)
 
     def _place(self, ring: _Ring, head: int, piece, deadline, name, timeout, dst) -> int:
@@ -236,11 +260,10 @@ class PairRings:
         out = wanted[2] if wanted[1] == number and wanted[0] == key else None
         if stale:
             array = None
-        elif (out is not None and out.flags.c_contiguous and out.flags.writeable and list(out.shape) == shape
-              and out.dtype == _dtype(dtype)):
+        elif out is not None and out.shape == shape and out.dtype == dtype and _writable(out):
             array = out
         else:
-            array = np.empty(shape, _dtype(dtype))
+            array = np.empty(shape, dtype)
         flat = None if stale else array.reshape(-1).view(np.uint8)
         at = 0
         while True:
@@ -268,15 +291,16 @@ class PairRings:
         """The next slot's meta and a view of its payload (in the slot or in the sender's arena)."""
         tail = ring.words[TAIL // 8]
         if ring.words[HEAD // 8] <= tail:
-            self._wait(ring.head, tail + 1, deadline, f"{name} on rank {self.engine.rank} timed out after "
+            self._wait(ring.head, tail + 1, deadline, lambda: f"{name} on rank {self.engine.rank} timed out after "
                        f"{timeout:g}s waiting for a message from rank {src}", src)
         view = ring.views[tail % SLOTS]
-        length = int.from_bytes(view[:4], "little")
-        meta = msgpack.unpackb(view[4 : 4 + length])
-        shape, index, parts, block = meta[5], meta[6], meta[7], meta[8]
-        nbytes = _dtype(meta[4]).itemsize
-        for extent in shape:
-            nbytes *= extent
+        epoch, call, tag, block, index, parts, written, length = SLOT_HEADER.unpack_from(view)
+        description = bytes(view[DESCRIPTION_AT : DESCRIPTION_AT + length])
+        described = self._described.get(description)
+        if described is None:
+            described = self._learn(description)
+        group, dtype, shape, nbytes = described
+        meta = (epoch, call, group, tag, dtype, shape, index, parts, block, written)
         if parts > 1:  # equal parts, the last one shorter
             part_bytes = -(-nbytes // parts)
             nbytes = max(0, min(part_bytes, nbytes - index * part_bytes))
@@ -284,15 +308,30 @@ class PairRings:
             return meta, ring.slots[tail % SLOTS][META_BYTES : META_BYTES + nbytes]
         return meta, self.engine.peer_arenas[src].view(block, nbytes)
 
+    def _learn(self, description: bytes) -> tuple:
+        group, dtype, shape = msgpack.unpackb(description)
+        nbytes = _dtype(dtype).itemsize
+        for extent in shape:
+            nbytes *= extent
+        if len(self._described) >= 1024:
+            self._described.clear()
+        described = self._described[description] = (group, _dtype(dtype), tuple(shape), nbytes)
+        return described
+
     def _done_with_part(self, ring: _Ring):
         """The slot, and the arena block it names, may be used again by the sender."""
         self.waiter.publish(ring.tail, ring.tail + 8, ring.words[TAIL // 8] + 1)
 
-    def _wait(self, word: int, target: int, deadline: float, timeout_message: str, peer: int):
+    def _wait(self, word: int, target: int, deadline: float, timeout_message, peer: int):
+        """Until the counter at `word` reaches `target`; CommTimeout(timeout_message()) at `deadline`."""
         # Spin while a core is spare (adaptive, as the group channels'), then sleep in slices.
         spin = self.spin
-        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, spin.ns(), spin.yields)
-        spin.answered(value >= target)
+        spun = spin.ns()
+        value = self.waiter.wait_at_least(word, word + 8, target, 0.0, spun, spin.yields)
+        if value >= target:
+            spin.answered(True)
+            return
+        started = now_ns()
         while value < target:
             left = deadline - time.monotonic()
             if self.engine.aborted_call is not None:
@@ -300,83 +339,9 @@ class PairRings:
             if left <= 0:
                 self.engine.timed_out_on.add(peer)
                 self.engine.needs_fence = True
-                raise CommTimeout(timeout_message)
+                raise CommTimeout(timeout_message())
             value = self.waiter.wait_at_least(word, word + 8, target, min(SLICE_S, left), 0, False)
+        spin.answered(False, spun + now_ns() - started)  # what a longer spin would have had to cover
 
 
-class RingReceive:
-    """The handle of a receive over a ring: `wait()` reads the ring in the calling thread."""
-
-    def __init__(self, rings: PairRings, src: int, key: tuple, name: str, timeout: float, out, expect, finish,
-                 trace):
-        self.rings, self.src, self.key, self.name, self.timeout = rings, src, key, name, timeout
-        self.ticket = rings.post(src, key)
-        self.call = rings.engine.call
-        self.deadline = time.monotonic() + timeout
-        self.out, self.expect, self.finish, self.trace = out, expect, finish, trace
-        self.start = now_ns()
-        self._done, self._result, self._error = False, None, None
-
-    def is_done(self) -> bool:
-        if not self._done and self.call == self.rings.engine.call:
-            found = self.rings.take(self.src, self.key, self.ticket, self.deadline, self.name, self.timeout,
-                                    block=False, out=self.out)
-            if found is not None:
-                self._complete(*found)
-        return self._done
-
-    def wait(self, timeout: float | None = None):
-        if not self._done:
-            engine = self.rings.engine
-            if self.call != engine.call:
-                self._fail(Cancelled(f"{self.name} was cancelled on rank {engine.rank}: its call ended before it "
-                                     f"finished; wait() for asynchronous operations before a call returns"))
-            else:
-                deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
-                try:
-                    found = self.rings.take(self.src, self.key, self.ticket, deadline, self.name, self.timeout,
-                                            out=self.out)
-                except Exception as exc:  # noqa: BLE001 - the handle's error
-                    self._fail(exc)
-                else:
-                    self._complete(*found)
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def _complete(self, array, arrived_ns, read_ns):
-        try:
-            if self.expect is not None:
-                shape, dtype = self.expect
-                if shape != array.shape:
-                    raise ValueError(f"{self.name} on rank {self.rings.engine.rank}: out has shape {shape}, "
-                                     f"message has {array.shape}")
-                if dtype != array.dtype:
-                    raise ValueError(f"{self.name} on rank {self.rings.engine.rank}: out has dtype {dtype}, message "
-                                     f"has {array.dtype} (no casting: receive into a {array.dtype} buffer, or "
-                                     f"without out=)")
-            if self.out is not None:
-                if array is not self.out:
-                    np.copyto(self.out, array)
-                array = self.out
-            self._done, self._result = True, self.finish(array)
-            self._record(array.nbytes, arrived_ns, read_ns, None)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, arrived_ns, read_ns)
-
-    def _fail(self, error, arrived_ns=None, read_ns=0):
-        self._done, self._error = True, error
-        self._record(None, arrived_ns, read_ns, error)
-
-    def _record(self, nbytes, arrived_ns, read_ns, error):
-        if self.trace is not None:
-            arrived = max(self.start, arrived_ns if arrived_ns is not None else now_ns())
-            args = dict(self.trace, wait_us=(arrived - self.start) / 1000.0)
-            if nbytes is not None and args.get("bytes") is None:
-                args["bytes"] = int(nbytes)
-            if error is not None:
-                args["error"] = type(error).__name__
-            self.rings.engine.tracer.complete("recv", "comm", "comm", self.start, arrived + read_ns, args)
-
-
-__all__ = ["PairRings", "RingReceive", "ring_layout"]
+__all__ = ["PairRings", "ring_layout"]

@@ -6,7 +6,7 @@ microseconds), then sleeps in the kernel on a futex on the counter until a publi
 a timeout slice ends, so four ranks on two cores do not take time from the rank they wait for.
 
 Three ways to do it, the first that works here (or the one `RINGPIPE_SHM_WAIT` names):
-- "c": a small C helper (runtime/csrc/shm_wait.c), compiled on first use with the machine's C
+- "c": a small C helper (runtime/csrc/shm_wait.c, with shm_small.c's one-call rounds), compiled on first use with the machine's C
   compiler and cached under `$RINGPIPE_CACHE` (default ~/.cache/ringpipe); it spins and sleeps
   without the GIL, and wakes only when someone sleeps.
 - "syscall": the same futex through ctypes' `syscall()`, from Python (every publish wakes).
@@ -33,8 +33,9 @@ import threading
 import time
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "shm_wait.c"
-FLAGS = ["-O2", "-fPIC", "-shared"]
+# The waits, and one round of a small collective built on them (runtime/shm_small.py).
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("shm_wait.c", "shm_small.c")]
+FLAGS = ["-O2", "-fPIC", "-shared", "-ffp-contract=off"]  # no fused multiply-adds: the bits match NumPy's
 MODES = ("c", "syscall", "poll")
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238}
@@ -61,7 +62,8 @@ def _cache_dir() -> Path:
 def _build_library() -> ctypes.CDLL:
     """Compile into a temporary file and rename (workers starting together each may compile; the
     rename makes that harmless), then load."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + platform.machine().encode())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode()
+                            + platform.machine().encode())
     target = _cache_dir() / f"shm_wait-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -71,7 +73,7 @@ def _build_library() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            result = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
                                     timeout=120)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
@@ -85,6 +87,7 @@ def _build_library() -> ctypes.CDLL:
     lib.rp_wait_at_least.argtypes, lib.rp_wait_at_least.restype = [p, p, u64, i64, ctypes.c_int, i64], u64
     lib.rp_publish.argtypes, lib.rp_publish.restype = [p, p, u64], None
     lib.rp_wake.argtypes, lib.rp_wake.restype = [p], None
+    lib.rp_small_round.argtypes, lib.rp_small_round.restype = [p], ctypes.c_int
     return lib
 
 
@@ -213,9 +216,18 @@ class Spin:
             self._spare, self._checked = spare_core(self.own_tasks), now
         return self._ns if self._spare else 0
 
-    def answered(self, in_time: bool):
-        """The last wait ended within the spin (`in_time`) or had to sleep."""
-        self._ns = min(self._ns * 2, MAX_SPIN_NS) if in_time else max(self._ns // 2, MIN_SPIN_NS)
+    def answered(self, in_time: bool, waited_ns: int | None = None):
+        """The last wait ended within the spin (`in_time`) or had to sleep, after `waited_ns` in
+        all (spin, sleep and wake-up) when known. A wait that slept but ended within MAX would have
+        been caught by a longer spin (a ping-pong whose turn is a little longer than the spin;
+        waking a sleeper costs tens of µs on a virtual machine): spin 1.5× that long next time.
+        A longer one (the peer computes): halve it."""
+        if in_time:
+            self._ns = min(self._ns * 2, MAX_SPIN_NS)
+        elif waited_ns is not None and waited_ns <= MAX_SPIN_NS:
+            self._ns = min(max(self._ns, waited_ns + waited_ns // 2), MAX_SPIN_NS)
+        else:
+            self._ns = max(self._ns // 2, MIN_SPIN_NS)
 
 
 def waiter(mode: str | None = None):

@@ -1,4 +1,5 @@
 import os
+import sys
 import time
 
 # Tests spawn small worker groups on a 2-core machine: keep BLAS single-threaded in the driver too.
@@ -11,6 +12,17 @@ import pytest  # noqa: E402
 
 # A small corpus every training test can share: 52 distinct characters, ~12 k of text.
 TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for i in range(300))
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """`bench quality` and `bench model` call torch.set_num_threads, which lasts for the process: put
+    it back after each test, or every later torch test in the session runs more OpenMP threads
+    than the 2 shared cores can serve."""
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(params=["c", "numpy"])
@@ -99,3 +111,7 @@ def arena_blocks_in_use(comm) -> int:
     if comm.engine.rings is not None:  # ring blocks come back lazily, when the sender next looks
         comm.engine.rings.reclaim()
     return len(comm.engine.arena._used)
+
+
+# Made once per session for every multi-host test file (namespace hosts, a reference run).
+from tests.multihost_fixtures import namespace_hosts, one_process_losses, ssh_to  # noqa: E402,F401

@@ -251,6 +251,15 @@ def test_tensors_round_trip_through_the_reference_reader_with_their_checksums(tm
         load_tensors(tmp_path / "t.safetensors")
 
 
+def test_a_safetensors_file_does_not_depend_on_the_order_its_metadata_was_built_in(tmp_path):
+    tensors = {"b": np.arange(3.0), "a": np.ones((2, 2), np.float32)}
+    save_tensors(tmp_path / "one.safetensors", tensors, metadata={"format": "pt", "ringpipe.family": "gpt2"})
+    save_tensors(tmp_path / "two.safetensors", tensors, metadata={"ringpipe.family": "gpt2", "format": "pt"})
+    one, two = (tmp_path / "one.safetensors").read_bytes(), (tmp_path / "two.safetensors").read_bytes()
+    assert one == two
+    assert load_tensors(tmp_path / "one.safetensors")[1]["format"] == "pt"
+
+
 def test_temporary_names_carry_the_writer(tmp_path):
     from ringpipe.runtime.files import temporary_name
 

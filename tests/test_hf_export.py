@@ -144,6 +144,27 @@ def test_ringpipe_export_of_a_consolidated_checkpoint_writes_what_the_trainer_wr
     assert "no checkpoint in" in one_error_line(run_cli("export", tmp_path / "nothing"))
 
 
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_ringpipe_export_of_a_consolidated_checkpoint_is_the_runs_own_model_byte_for_byte(tmp_path, name):
+    # gpt2's case is the test above; T5's config.json once lost the run's block_size on the way
+    from ringpipe.model.training.config import TrainConfig
+    from tests.conftest import TEXT
+
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    config = TrainConfig(data=str(tmp_path / "corpus.txt"), batch_size=2, steps=1, eval_iters=1, dtype="float64",
+                         **FAMILY_RUNS[name])
+    run = tmp_path / "run"
+    trainer = Trainer.create(config, str(run))
+    trainer.train_step(0)
+    trainer.save_checkpoint()
+    trainer.save_model()
+    assert run_cli("export", run, "--out", tmp_path / "exported").exit_code == 0
+    files = sorted(p.name for p in (tmp_path / "exported").iterdir() if p.name != "ringpipe-export.json")
+    assert "model.safetensors" in files and "config.json" in files
+    for file in files:
+        assert read(tmp_path / "exported" / file) == read(run / file), file
+
+
 def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_changes_nothing(tmp_path):
     from tests.conftest import one_error_line
     from tests.test_sharded_checkpoint import tiny_config
@@ -167,3 +188,25 @@ def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_c
     # allowed: RUN_DIR itself, a new directory, and that earlier export again
     for out in (runs["run"], tmp_path / "exported", tmp_path / "exported"):
         assert run_cli("export", runs["run"], "--out", out).exit_code == 0, out
+
+
+def test_ringpipe_export_refuses_an_out_holding_another_runs_export_and_changes_nothing(tmp_path):
+    from tests.conftest import one_error_line
+    from tests.test_sharded_checkpoint import tiny_config
+
+    runs = {}
+    for name in ("run", "other"):
+        trainer = Trainer.create(tiny_config(tmp_path), str(tmp_path / name))
+        trainer.train_step(0)
+        trainer.save_checkpoint()
+        runs[name] = tmp_path / name
+    exported = tmp_path / "exported"
+    assert run_cli("export", runs["other"], "--out", exported).exit_code == 0
+    before = {p.name: p.read_bytes() for p in exported.iterdir()}
+    result = run_cli("export", runs["run"], "--out", exported)
+    line = one_error_line(result)
+    assert result.exit_code == 2 and line.startswith("Error: Invalid value for --out"), result.output
+    assert f"holds the export of another run ({runs['other']})" in line, line
+    assert {p.name: p.read_bytes() for p in exported.iterdir()} == before
+    (exported / "ringpipe-export.json").unlink()  # model files whose run nobody can tell
+    assert "model files without ringpipe-export.json" in one_error_line(run_cli("export", runs["run"], "--out", exported))

@@ -1,6 +1,7 @@
 """int8 weights (model/quantization/): absmax scales and their error, the int8 product, outlier
 features, the int8 model directory, `ringpipe quantize`, and generation from it."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -141,6 +142,18 @@ def test_quantize_and_generate_through_the_cli(run, tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["granularity"] == "tensor"
     result = run_cli("generate", "--checkpoint", tmp_path / "q", "--prompt", "3 little", "--max-new-tokens", 5)
     assert result.exit_code == 0 and result.output.startswith("3 little"), result.output
+
+
+def test_quantize_refuses_an_out_holding_another_runs_int8_model_and_changes_nothing(run, tmp_path):
+    directory, _, _ = run
+    other = tmp_path / "other"
+    shutil.copytree(directory / "run", other)
+    before = {p.name: p.read_bytes() for p in (directory / "run-int8").iterdir()}
+    result = run_cli("quantize", other, "--int8", "--out", directory / "run-int8")
+    line = one_error_line(result)
+    assert result.exit_code == 2 and line.startswith("Error: Invalid value for --out"), result.output
+    assert f"holds the int8 model of another run ({directory / 'run'})" in line, line
+    assert {p.name: p.read_bytes() for p in (directory / "run-int8").iterdir()} == before
 
 
 def test_generate_across_tensor_parallel_workers_from_int8_prints_what_one_process_prints(run):

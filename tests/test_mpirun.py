@@ -1,7 +1,6 @@
 """Under a real OpenMPI `mpirun` (marker multihost; about 30 s): ranks come from OMPI_COMM_WORLD_*,
 rank 0 drives (`ringpipe train --launcher mpi`), or every rank joins a driver (`ringpipe worker`).
 Under MPICH's `mpiexec` (Hydra; PyPI's mpich in /opt/mpich, .ci/install_mpi.sh) from PMI_RANK/PMI_SIZE."""
-import json
 import os
 import shutil
 import signal
@@ -13,7 +12,7 @@ import time
 import pytest
 
 from ringpipe.runtime.auth import create_key_file
-from tests.conftest import run_cli
+from tests.multihost_fixtures import TRAIN, losses
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
 needs_openmpi = pytest.mark.skipif(shutil.which("mpirun") is None,
@@ -22,9 +21,6 @@ needs_openmpi = pytest.mark.skipif(shutil.which("mpirun") is None,
 HYDRA = next((path for path in (shutil.which("mpiexec.hydra"), "/opt/mpich/bin/mpiexec.hydra")
               if path and os.access(path, os.X_OK)), None)
 
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
-         "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
-         "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1"]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-x", "PYTHONPATH"]
 
 
@@ -34,11 +30,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def losses(out) -> list:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 @pytest.fixture
 def key_file(tmp_path) -> str:
     path = str(tmp_path / "keys" / "rendezvous.key")
@@ -46,21 +37,14 @@ def key_file(tmp_path) -> str:
     return path
 
 
-@pytest.fixture
-def alone(corpus, tmp_path) -> list:
-    result = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
-    assert result.exit_code == 0, result.output
-    return losses(tmp_path / "alone")
-
-
 @needs_openmpi
-def test_under_mpirun_rank_0_drives_and_the_run_equals_one_process(corpus, tmp_path, key_file, alone):
+def test_under_mpirun_rank_0_drives_and_the_run_equals_one_process(corpus, tmp_path, key_file, one_process_losses):
     done = subprocess.run([*MPIRUN, "-np", "2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
                            *TRAIN, "--out", str(tmp_path / "mpi"), "--dp", "2", "--launcher", "mpi",
                            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--key-file", key_file],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    assert losses(tmp_path / "mpi") == pytest.approx(alone, rel=1e-12)
+    assert losses(tmp_path / "mpi") == pytest.approx(one_process_losses, rel=1e-12)
 
 
 def _place(comm):
@@ -89,13 +73,13 @@ def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_v
 
 
 @pytest.mark.skipif(HYDRA is None, reason="no MPICH mpiexec.hydra (PyPI's mpich into /opt/mpich; .ci/install_mpi.sh)")
-def test_under_mpichs_mpiexec_ranks_come_from_pmi_and_the_run_equals_one_process(corpus, tmp_path, key_file, alone):
+def test_under_mpichs_mpiexec_ranks_come_from_pmi_and_the_run_equals_one_process(corpus, tmp_path, key_file, one_process_losses):
     done = subprocess.run([HYDRA, "-n", "2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
                            *TRAIN, "--out", str(tmp_path / "mpich"), "--dp", "2", "--launcher", "mpi",
                            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--key-file", key_file],
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    assert losses(tmp_path / "mpich") == pytest.approx(alone, rel=1e-12)
+    assert losses(tmp_path / "mpich") == pytest.approx(one_process_losses, rel=1e-12)
 
 
 def test_a_killed_mpirun_leaves_no_ringpipe_process(corpus, tmp_path, key_file):

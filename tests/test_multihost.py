@@ -3,7 +3,6 @@ with its own address and its own sshd (key authentication only). Marker `multiho
 
 The workers of different hosts talk over the veth links (their counters prove it), with CURVE;
 a process without the job's key, on another host, gets nothing from them."""
-import json
 import os
 import subprocess
 import sys
@@ -15,44 +14,13 @@ import pytest
 from ringpipe.cluster.ssh_launch import check_host, hostfile_launcher
 from ringpipe.runtime import Cluster
 from tests.conftest import one_error_line, run_cli
+from tests.multihost_fixtures import TRAIN, hostfile, losses
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
 
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
-         "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
-         "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1"]
-
-
-@pytest.fixture(scope="module")
-def hosts():
-    from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
-
-    try:
-        with NamespaceHosts(3, sshd=True) as made:
-            yield made
-    except NamespaceError as exc:
-        pytest.skip(f"no namespace hosts here: {exc}")
-
-
-@pytest.fixture
-def ssh_to(hosts, monkeypatch):
-    monkeypatch.setenv("RINGPIPE_SSH", hosts.ssh_environment["RINGPIPE_SSH"])
-    return hosts
-
-
-def hostfile(tmp_path, lines) -> str:
-    path = tmp_path / "hosts"
-    path.write_text("# namespace hosts\n" + "\n".join(lines) + "\n")
-    return str(path)
-
-
-def losses(out) -> list:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
 @pytest.mark.parametrize("layout", [["--dp", "2", "--tp", "2"], ["--tp", "2", "--pp", "2"]])
-def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path, layout):
+def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links(ssh_to, corpus, tmp_path, layout,
+                                                                               one_process_losses):
     hosts = ssh_to
     path = hostfile(tmp_path, [f"{hosts.addresses[0]} slots=2", f"{hosts.addresses[1]} slots=2"])
     before = [hosts.veth_bytes(i) for i in range(2)]
@@ -63,9 +31,7 @@ def test_training_over_a_hostfile_equals_one_process_and_crosses_the_hosts_links
     # both links; the tensor-parallel groups stayed inside their host.
     assert min(crossed) > 50_000, crossed
     assert f"{hosts.addresses[0]}: ranks 0-1" in spread.output and "all inside one host" in spread.output
-    alone = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
-    assert alone.exit_code == 0, alone.output
-    assert losses(tmp_path / "spread") == pytest.approx(losses(tmp_path / "alone"), rel=1e-12)
+    assert losses(tmp_path / "spread") == pytest.approx(one_process_losses, rel=1e-12)
 
 
 def test_a_host_ssh_cannot_reach_is_one_line_naming_it_and_nothing_starts(ssh_to, corpus, tmp_path):
@@ -99,23 +65,11 @@ def _package_folders() -> set:
     return folders | ({done.stdout.strip()} if done.returncode == 0 else set())
 
 
-def _other_version_metadata(tmp_path) -> tuple[str, str]:
-    """(a copy of ringpipe's installed METADATA claiming another version, the file it stands for)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        files = distribution("ringpipe").files or []
-    except PackageNotFoundError:
-        files = []
-    found = [f for f in files if f.name == "METADATA" and f.parent.name.endswith(".dist-info")]
-    if not found:
-        pytest.skip("ringpipe is not installed here (no METADATA holds its version)")
-    original = str(found[0].locate())
-    text = open(original).read()
-    version = next(line for line in text.splitlines() if line.startswith("Version: "))
-    changed = tmp_path / "METADATA"
-    changed.write_text(text.replace(version, "Version: 999.0", 1))
-    return str(changed), original
+def _other_version(tmp_path) -> str:
+    """A runtime/version.py that says 999.0."""
+    changed = tmp_path / "version.py"
+    changed.write_text('__version__ = "999.0"\n')
+    return str(changed)
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +80,12 @@ def odd_hosts(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("odd-hosts")
     empty = tmp_path / "empty"
     empty.mkdir()
-    hidden = [(str(empty), os.path.join(folder, "runtime")) for folder in _package_folders()]
+    folders, other = _package_folders(), _other_version(tmp_path)
+    hidden = [(str(empty), os.path.join(folder, "runtime")) for folder in folders]
+    changed = [(other, path) for path in (os.path.join(folder, "runtime", "version.py") for folder in folders)
+               if os.path.exists(path)]  # a bind mount needs its target; an older install may lack it
     try:
-        with NamespaceHosts(2, sshd=True, mounts={0: hidden, 1: [_other_version_metadata(tmp_path)]}) as made:
+        with NamespaceHosts(2, sshd=True, mounts={0: hidden, 1: changed}) as made:
             yield made
     except NamespaceError as exc:
         pytest.skip(f"no namespace hosts here: {exc}")

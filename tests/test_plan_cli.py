@@ -122,11 +122,14 @@ def test_a_shared_cpu_host_slows_compute_by_the_share_of_cores_the_ranks_get():
 def test_calibration_times_each_piece_of_the_model_at_the_rows_asked():
     from ringpipe.tools.plan_calibration import calibrate_compute
 
-    compute = calibrate_compute(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32), [1, 2])
+    inventory = GPT2Inventory(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
+    compute = calibrate_compute(inventory, [1, 2])
     assert set(compute["pieces"]) == {f"{piece}|{rows}" for piece in ("block", "head", "embedding") for rows in (1, 2)}
     assert all(seconds >= 0 for piece in compute["pieces"].values() for seconds in piece.values())
     assert compute["pieces"]["block|2"]["backward_input_recompute"] > 0
     assert compute["matmul_flops"] > 0 and compute["optimizer_seconds_per_element"] > 0
+    assert set(compute["gradient_pass_seconds"]) == {"zero", "accumulate"}
+    assert all(seconds > 0 for seconds in compute["gradient_pass_seconds"].values())
 
 
 def test_the_planners_flops_are_narayanan_et_als_with_the_recomputed_forward():
@@ -164,13 +167,25 @@ def test_plan_model_t5_ranks_t5_layouts_and_refuses_sequence_parallel():
     assert "sequence parallel: not implemented for t5" in result.output
 
 
-def test_calibrating_for_another_family_measures_the_rates_its_steps_are_modelled_from():
+@pytest.mark.parametrize("name", ["bert", "t5"])
+def test_calibration_times_every_familys_pieces_and_the_planner_predicts_from_them(name):
     import dataclasses
 
+    from ringpipe.model.families import family
     from ringpipe.model.planning.family import inventory_for
-    from ringpipe.model.t5.family import small_t5, t5_config
+    from ringpipe.model.planning.step_time import architecture_key
     from ringpipe.tools.plan_calibration import calibrate_compute
 
-    inventory = inventory_for("t5", t5_config(**dataclasses.asdict(small_t5()), vocab_size=300))
-    compute = calibrate_compute(inventory.config, [1], pieces=inventory.family == "gpt2")
-    assert compute["pieces"] == {} and compute["matmul_flops"] > 0 and compute["elementwise_bytes_per_second"] > 0
+    model = family(name)
+    inventory = inventory_for(name, model.config(**dataclasses.asdict(model.default_options()), vocab_size=300))
+    compute = calibrate_compute(inventory, [1])
+    pieces = compute["pieces"]
+    assert set(pieces) == {"block|1", "head|1", "embedding|1"}
+    assert pieces["block|1"]["forward"] > 0 and pieces["block|1"]["backward_input"] > 0
+    assert pieces["head|1"]["forward"] > 0 and pieces["embedding|1"]["backward_input"] > 0
+    machine = load_machine("h100-8x-node")
+    machine.calibration = {"compute": {**compute, "model": architecture_key(inventory), "optimizer_seconds_per_element": 1e-30,
+                                       "gradient_pass_seconds": {"zero": 0.0, "accumulate": 0.0}}}
+    expected = (inventory.plan.num_layers * sum(pieces["block|1"][k] for k in ("forward", "backward_input", "backward_weight"))
+                + sum(pieces[p]["forward"] + pieces[p]["backward_input"] for p in ("head|1", "embedding|1")))
+    assert predict_step(inventory, Candidate(), 1, machine).seconds == pytest.approx(expected, rel=1e-6)

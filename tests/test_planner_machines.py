@@ -37,7 +37,7 @@ def test_a_float64_plan_on_a100s_stays_under_the_fp64_peak():
     row = next(line for line in result.output.splitlines() if line.strip().startswith("1 "))
     mfu = float(next(word for word in row.split() if word.endswith("%")).rstrip("%")) / 100
     # matmuls dominate: MFU near the efficiency, of 19.5 TFLOP/s (of the fp16 peak 312 it was ~13 %)
-    assert 0.3 < mfu <= 0.655
+    assert 0.3 < mfu <= 0.68
 
 
 def test_a_machine_file_without_the_runs_dtype_is_one_line_naming_machine_and_dtype(tmp_path):

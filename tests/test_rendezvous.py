@@ -246,3 +246,18 @@ def test_messages_about_a_remote_worker_name_its_host_and_say_when_its_agent_fel
         assert launcher.process_note(0).endswith("the host or its link is down)")
     finally:
         launcher.close()
+
+
+def test_an_agent_watching_its_still_open_stdin_exits_without_an_interpreter_abort():
+    # srun and ssh agents watch stdin from a daemon thread; the process must still end cleanly.
+    code = "import time\nfrom ringpipe.cluster.launchers import stdin_watch\nstdin_watch()\ntime.sleep(0.2)\n"
+    process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 0, stderr
+        assert "Fatal Python error" not in stderr
+    finally:
+        process.stdin.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -1,7 +1,8 @@
-"""`ringpipe train --hostfile ... --max-restarts 1` on network-namespace hosts (the fixtures of
-tests/test_multihost.py): a host that goes away (its link down, every process in it SIGKILLed) is
-left out of the restart, which goes on on the hosts that remain when they hold the layout, and says
-in one line why not when they do not; a worker killed on a host restarts on the same hosts, bit-identical. Marker `multihost`; about a minute, 11 s of it CPU."""
+"""`ringpipe train --hostfile ... --max-restarts 1` on network-namespace hosts
+(tests/multihost_fixtures.py): a host that goes away (its link down, every process in it SIGKILLed)
+is left out of the restart, which goes on on the hosts that remain when they hold the layout, and
+says in one line why not when they do not; a worker killed on a host restarts on the same hosts,
+bit-identical. Marker `multihost`; about a minute, 11 s of it CPU."""
 import os
 import random
 import secrets
@@ -17,12 +18,37 @@ from safetensors.numpy import load_file
 from ringpipe.cluster.restarts import RestartableFailure, run_with_restarts
 from ringpipe.model.training.parallel_trainer import Layout
 from tests.conftest import processes_tagged, run_cli
-from tests.test_multihost import TRAIN, hostfile, hosts, ssh_to  # noqa: F401 (fixtures: hosts, ssh_to)
+from tests.multihost_fixtures import TRAIN, hostfile
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(240)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = [*TRAIN, "--steps", "6", "--checkpoint-every", "2", "--dropout", "0.1", "--dp", "2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The weights after RUN with two local workers and no failure."""
+    from tests.conftest import TEXT
+
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    (folder / "corpus.txt").write_text(TEXT)
+    alone = run_cli("train", "--data", folder / "corpus.txt", *RUN, "--nproc", "2", "--out", folder / "run")
+    assert alone.exit_code == 0, alone.output
+    return load_file(folder / "run" / "model.safetensors")
+
+
+@pytest.fixture
+def hosts_to_lose(monkeypatch):
+    """Two namespace hosts of this test's own: it takes one away for good."""
+    from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
+
+    try:
+        with NamespaceHosts(2, sshd=True) as made:
+            monkeypatch.setenv("RINGPIPE_SSH", made.ssh_environment["RINGPIPE_SSH"])
+            yield made
+    except NamespaceError as exc:
+        pytest.skip(f"no namespace hosts here: {exc}")
 
 
 def _wait_for(predicate, seconds: float) -> bool:
@@ -32,8 +58,9 @@ def _wait_for(predicate, seconds: float) -> bool:
     return predicate()
 
 
-def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_identical(ssh_to, corpus, tmp_path):
-    machines = ssh_to  # hosts 1 and 2: the test below takes host 0 away for good
+def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_identical(ssh_to, corpus, tmp_path,
+                                                                                      uninterrupted):
+    machines = ssh_to
     path = hostfile(tmp_path, [f"{machines.addresses[1]} slots=1", f"{machines.addresses[2]} slots=1"])
     out, tag, step = tmp_path / "run", secrets.token_hex(8), random.randint(1, 6)
     environment = dict(os.environ, **machines.ssh_environment, RINGPIPE_FAULT=f"rank=1,step={step},kind=kill",
@@ -48,16 +75,14 @@ def test_a_worker_killed_on_a_host_restarts_on_the_same_hosts_and_ends_bit_ident
     assert _wait_for(lambda: all(set(machines.pids(h)) <= sshd for h in (1, 2)), 15)
     assert _wait_for(lambda: not processes_tagged(tag), 15), processes_tagged(tag)
     # Two ranks sum their gradients in the same order over TCP as through shared memory.
-    alone = run_cli("train", "--data", corpus, *RUN, "--nproc", "2", "--out", tmp_path / "alone")
-    assert alone.exit_code == 0, alone.output
-    restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
+    restarted = load_file(out / "model.safetensors")
     for name in uninterrupted:
         np.testing.assert_array_equal(restarted[name], uninterrupted[name], err_msg=name)
 
 
 def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_host_to_1e_10(
-        ssh_to, corpus, tmp_path):
-    machines = ssh_to
+        hosts_to_lose, corpus, tmp_path, uninterrupted):
+    machines = hosts_to_lose
     # Rank 0 on host 0, rank 1 on host 1; host 1 alone has the slots for both.
     path = hostfile(tmp_path, [f"{machines.addresses[0]} slots=1", f"{machines.addresses[1]} slots=2"])
     out = tmp_path / "run"
@@ -88,9 +113,7 @@ def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_hos
     sshd = {process.pid for process in machines.sshd_processes}
     assert _wait_for(lambda: set(machines.pids(1)) <= sshd, 15), machines.pids(1)
     assert _wait_for(lambda: not processes_tagged(tag), 15), processes_tagged(tag)
-    alone = run_cli("train", "--data", corpus, *RUN, "--nproc", "2", "--out", tmp_path / "alone")
-    assert alone.exit_code == 0, alone.output
-    restarted, uninterrupted = load_file(out / "model.safetensors"), load_file(tmp_path / "alone" / "model.safetensors")
+    restarted = load_file(out / "model.safetensors")
     assert max(float(np.abs(restarted[name] - uninterrupted[name]).max()) for name in uninterrupted) <= 1e-10
 
 

@@ -42,7 +42,8 @@ def test_a_ring_drops_a_message_its_sender_gave_up_part_way_and_delivers_the_nex
     try:
         key = (1, "w", 7)
         # Part 0 of 3 of a message whose sender was then aborted, then a whole message.
-        rank1._send_part(rank1._ring(1, 0), 0, [0, *key, "<f8", [6], 0, 3], np.arange(2.0).view(np.uint8), True,
+        whole = rank1._describe("w", np.zeros(6), "send")  # what a message of 6 float64 says of itself
+        rank1._send_part(rank1._ring(1, 0), 0, [0, 1, 7, whole, 0, 3], np.arange(2.0).view(np.uint8), True,
                          time.monotonic() + 5, "send", 5.0)
         rank1.send(0, key, np.array([42.0, 43.0]), "send", 5.0)
         assert receive(rank0, 1, key).tolist() == [42.0, 43.0]

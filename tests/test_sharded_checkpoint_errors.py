@@ -138,11 +138,12 @@ def test_exporting_a_damaged_checkpoint_names_the_tensor_and_the_file_and_overwr
     target = tmp_path / "exported"
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"an earlier export")
+    (target / "ringpipe-export.json").write_text(json.dumps({"run": str(run)}))  # of this run
     line = one_error_line(run_cli("export", run, "--out", target))
     assert file in line and what in line, line
     assert line.endswith(f"(step 1), is intact: move the damaged one aside (mv {run}/checkpoints/step-00000002 "
                          f"{run}/checkpoints/step-00000002.damaged) to export it"), line
-    assert os.listdir(target) == ["model.safetensors"]
+    assert sorted(os.listdir(target)) == ["model.safetensors", "ringpipe-export.json"]
     assert (target / "model.safetensors").read_bytes() == b"an earlier export"
 
 

@@ -1,7 +1,6 @@
 """Under a real single-machine Slurm (marker multihost; about 40 s): `ringpipe train --launcher slurm`
 inside salloc or an sbatch script starts its workers with srun; under `srun ringpipe train --launcher slurm` rank 0
 drives. Ranks come from SLURM_PROCID, hosts from SLURMD_NODENAME; the runs equal one process."""
-import json
 import os
 import shlex
 import signal
@@ -15,12 +14,9 @@ import pytest
 from ringpipe.runtime.auth import create_key_file
 from tests.conftest import one_error_line, processes_tagged, run_cli, tagged_processes_left
 from tests.local_slurm import LocalSlurm, SlurmUnavailable
+from tests.multihost_fixtures import TRAIN, losses
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
-
-TRAIN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
-         "--microbatches", "2", "--steps", "2", "--lr", "1e-2", "--min-lr", "1e-2", "--warmup", "0",
-         "--dtype", "float64", "--eval-every", "0", "--eval-iters", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +28,16 @@ def slurm():
         pytest.skip(f"no Slurm here: {exc}")
 
 
-def losses(out) -> list:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
-@pytest.fixture
-def alone(corpus, tmp_path) -> list:
-    result = run_cli("train", "--data", corpus, *TRAIN, "--out", tmp_path / "alone")
-    assert result.exit_code == 0, result.output
-    return losses(tmp_path / "alone")
-
-
-def test_inside_an_allocation_train_starts_its_workers_with_srun(slurm, corpus, tmp_path, alone):
+def test_inside_an_allocation_train_starts_its_workers_with_srun(slurm, corpus, tmp_path, one_process_losses):
     done = subprocess.run(["salloc", "--ntasks=2", sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus,
                            *TRAIN, "--out", str(tmp_path / "allocated"), "--dp", "2", "--launcher", "slurm"],
                           env=slurm.environment, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
     assert f"{socket.gethostname()}: ranks 0-1" in done.stderr  # the placement names Slurm's node
-    assert losses(tmp_path / "allocated") == pytest.approx(alone, rel=1e-12)
+    assert losses(tmp_path / "allocated") == pytest.approx(one_process_losses, rel=1e-12)
 
 
-def test_a_batch_script_trains_with_its_workers_started_by_srun(slurm, corpus, tmp_path, alone):
+def test_a_batch_script_trains_with_its_workers_started_by_srun(slurm, corpus, tmp_path, one_process_losses):
     command = [sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *TRAIN, "--out",
                str(tmp_path / "batch"), "--dp", "2", "--launcher", "slurm"]
     script = tmp_path / "job.sh"
@@ -63,10 +47,10 @@ def test_a_batch_script_trains_with_its_workers_started_by_srun(slurm, corpus, t
                           capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, (done.stderr, log.read_text() if log.exists() else "no log")
     assert f"{socket.gethostname()}: ranks 0-1" in log.read_text()
-    assert losses(tmp_path / "batch") == pytest.approx(alone, rel=1e-12)
+    assert losses(tmp_path / "batch") == pytest.approx(one_process_losses, rel=1e-12)
 
 
-def test_under_srun_rank_0_drives_and_the_others_run_their_worker(slurm, corpus, tmp_path, alone):
+def test_under_srun_rank_0_drives_and_the_others_run_their_worker(slurm, corpus, tmp_path, one_process_losses):
     key_file = str(tmp_path / "keys" / "rendezvous.key")
     create_key_file(key_file)
     with socket.socket() as s:
@@ -77,7 +61,7 @@ def test_under_srun_rank_0_drives_and_the_others_run_their_worker(slurm, corpus,
                            "--rdzv-endpoint", endpoint, "--key-file", key_file],
                           env=slurm.environment, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr
-    assert losses(tmp_path / "stepped") == pytest.approx(alone, rel=1e-12)
+    assert losses(tmp_path / "stepped") == pytest.approx(one_process_losses, rel=1e-12)
 
 
 def test_launcher_slurm_outside_an_allocation_is_one_line(corpus, tmp_path, monkeypatch):

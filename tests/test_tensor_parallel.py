@@ -20,7 +20,7 @@ TOLERANCE = dict(rtol=1e-7, atol=1e-9)
 
 
 # ---- end-to-end: parallel training equals single-process training --------------------------------------------
-STEPS = 5
+STEPS = 3
 
 
 class RecordingTrainer(ParallelTrainer):
@@ -70,8 +70,7 @@ def single_process_run(tmp, dropout):
 
 
 E2E = [  # dp, tp, pp, schedule, sequence parallel
-    (1, 2, 1, "1f1b", False),
-    (1, 4, 1, "1f1b", False),
+    (1, 2, 1, "1f1b", False),  # tp 4 without sequence parallelism runs this path on more ranks
     (1, 2, 1, "1f1b", True),
     (1, 4, 1, "1f1b", True),
     (1, 2, 2, "1f1b", False),

@@ -81,7 +81,7 @@ def measure(config: TrainConfig, candidate: Candidate, token_file: str, vocab_si
 
 
 def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress=print) -> dict:
-    from ringpipe.tools.plan_calibration import calibrate, probe_seconds
+    from ringpipe.tools.plan_calibration import background_load, calibrate, probe_seconds
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "corpus.txt")
@@ -98,7 +98,9 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
         results = []
         for candidate in layouts:
             predicted_memory = layout_memory(inventory, candidate, BATCH)
-            load = os.getloadavg()[0]  # the other work on the cores, just before the run
+            # the other work on the cores just before the run (not the load average: it still counts
+            # the previous layout's workers for a minute after they end)
+            load = background_load()
             probe_ratio = probe_seconds() / machine.calibration["probe_seconds"]
             timing = predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size,
                                   background_load=load, probe_ratio=probe_ratio)
@@ -113,13 +115,14 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
                               "error": round(memory.peak / measured - 1, 4), "split": memory.as_dict()})
             row = {"layout": candidate.label(), "ranks": ranks, "predicted_seconds": timing.seconds,
                    "measured_seconds": median, "step_seconds": seconds,
-                   "time_error": round(timing.seconds / median - 1, 4), "load_average": load,
+                   "time_error": round(timing.seconds / median - 1, 4), "background_load": round(load, 2),
+                   "load_average": os.getloadavg()[0],
                    "probe_ratio": round(probe_ratio, 3)}
             results.append(row)
             memory_text = ", ".join(f"pp{r['pp_rank']} {r['predicted_bytes'] / 1e6:.0f}/"
                                     f"{r['measured_bytes'] / 1e6:.0f} MB ({r['error']:+.1%})" for r in ranks)
             progress(f"{row['layout']:<36} memory {memory_text}; step {timing.seconds * 1e3:.0f}/{median * 1e3:.0f} ms "
-                     f"({row['time_error']:+.1%}); load {load:.1f}, probe ×{probe_ratio:.2f}")
+                     f"({row['time_error']:+.1%}); other runnable {load:.1f}, probe ×{probe_ratio:.2f}")
     fastest = sorted(results, key=lambda r: r["measured_seconds"])[:2]
     best = min(results, key=lambda r: r["predicted_seconds"])
     memory_errors = [abs(r["error"]) for row in results for r in row["ranks"] if r["state_bytes"] >= 200e6]

@@ -5,7 +5,7 @@ recomputation).
 
 The machine is model/planning/machines/a100-8x-node.json, spec-sheet values only; ONE efficiency
 constant (the fraction of peak the matmuls reach) is fitted here on one row, ignoring the file's, and
-every other row is predicted with it; the file's "efficiency" is the value this fit gives (0.655),
+every other row is predicted with it; the file's "efficiency" is the value this fit gives (0.68),
 so `ringpipe plan --machine a100-8x-node` uses it. Each row's time comes from the planner's step model with the row's (t, p, d,
 global batch); throughput per GPU uses the paper's FLOP count (its Eq. 3, which counts the
 recomputed forward): F = 96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h)).

@@ -129,8 +129,10 @@ class NamespaceHosts:
                            binds + "exec " + shlex.join(command)]
             self.sshd_processes.append(subprocess.Popen(["ip", "netns", "exec", namespace, *command],
                                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        # ssh takes the first value of an option: 5 s to connect on one bridge is generous even on a
+        # loaded machine, and a host taken away is given up on that much sooner than the default 10 s.
         self.ssh_environment = {"RINGPIPE_SSH": f"ssh -F /dev/null -i {client_key} -o StrictHostKeyChecking=no "
-                                                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"}
+                                                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=5"}
         deadline = time.monotonic() + 10
         for address, process in zip(self.addresses, self.sshd_processes):
             while True:

@@ -43,6 +43,10 @@ class TraceError(Exception):
     """The directory is not a readable trace (missing, empty, or corrupt); the message says which file."""
 
 
+class TraceNotFound(TraceError):
+    """No trace where the command line says: the directory does not exist or holds no rank's trace."""
+
+
 @dataclass(slots=True)
 class Event:
     """One event on the common time base. phase "X" span, "C" counter, "i" instant."""
@@ -132,14 +136,14 @@ def _read_json(path: str):
 def rank_files(directory: str) -> dict:
     """rank -> path of trace-rank{r}.json in `directory` (raises TraceError if there are none)."""
     if not os.path.isdir(directory):
-        raise TraceError(f"{directory}: no such directory")
+        raise TraceNotFound(f"{directory}: no such directory")
     files = {}
     for path in glob.glob(os.path.join(directory, TRACE_RANK_GLOB)):
         match = re.fullmatch(r"trace-rank(\d+)\.json", os.path.basename(path))
         if match:
             files[int(match.group(1))] = path
     if not files:
-        raise TraceError(f"{directory}: no trace-rank*.json files; record a run's trace with "
+        raise TraceNotFound(f"{directory}: no trace-rank*.json files; record a run's trace with "
                          f"`ringpipe train --trace --out {directory} ...` (or cluster.start_trace()/stop_trace(DIR))")
     return dict(sorted(files.items()))
 

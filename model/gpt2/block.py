@@ -205,11 +205,24 @@ class TransformerBlocks:
 
     def block_backward_weight(self, deferred):
         """Runs the deferred linear weight gradients -> grads of every parameter of the block."""
+        for _ in self.block_backward_weight_parts(deferred):
+            pass
+        return deferred.grads
+
+    def block_backward_weight_parts(self, deferred):
+        """`block_backward_weight` a linear at a time: yields {name: gradient} of what
+        backward_input already knew, then of each linear as soon as it is computed, the largest
+        first. A data-parallel bucket so starts on a block's gradients while the rest are computed,
+        and what is left for after backward is the block's smallest linear, not the whole block."""
         self.memory.release(deferred.pending)
         pending, deferred.pending, deferred.defer = deferred.pending, [], False
+        yield dict(deferred.grads)
+        pending.sort(key=lambda entry: entry[1].shape[-1] * entry[2].shape[-1])  # weight size: in × out
         while pending:
+            prefix = pending[-1][0]
             deferred.add(*pending.pop())
-        return deferred.grads
+            name = f"h.{deferred.layer}.{prefix}"
+            yield {key: deferred.grads[key] for key in (name + ".weight", name + ".bias") if key in deferred.grads}
 
     def block_forward_cached(self, i, x, kv, start):
         """Inference: block i over positions start .. start + T of x (B, T, C) -> (B, T, C).

@@ -40,6 +40,9 @@ and `stage.positions(length)`; gradients are returned as {name: array} and the s
     head_backward(cache, dloss) -> (dx, grads)
     head_logits(x) -> logits (B, T, vocab)                   inference only (gathered over tp)
 
+Pieces may also have `block_backward_weight_parts(deferred)`: the same gradients as dicts, a
+linear at a time, so the stage reports each as soon as it is final (data-parallel buckets start then).
+
 Pieces that can generate with a KV cache (model/inference/kv_cache.py; GPT-2's) also have
     embedding_at(idx, start) -> x                            positions start .. start + T, no dropout
     block_forward_cached(i, x, (keys, values), start) -> x   this rank's heads' keys and values cached

@@ -191,9 +191,22 @@ class Stage:
         return dx, deferred
 
     def backward_weight(self, deferred, last: bool = False):
+        in_parts = getattr(self.pieces, "block_backward_weight_parts", None)
         for block_deferred in deferred:
-            self._accumulate(self.pieces.block_backward_weight(block_deferred))
-            self._report_final(self.plan.block_params(block_deferred.layer), last)
+            if not (last and in_parts and self.on_grads_final):
+                self._accumulate(self.pieces.block_backward_weight(block_deferred))
+                self._report_final(self.plan.block_params(block_deferred.layer), last)
+                continue
+            # The step's last weight backward: report each linear's gradients as they are final.
+            left = list(self.plan.block_params(block_deferred.layer))
+            for grads in in_parts(block_deferred):
+                self._accumulate(grads)
+                final = [name for name in grads if name in left]
+                left = [name for name in left if name not in grads]
+                if final:
+                    self._report_final(final, last)
+            if left:
+                self._report_final(left, last)
 
     def logits(self, idx):
         """Inference on a stage holding the whole model: idx int (B, T) -> full logits (B, T, vocab),

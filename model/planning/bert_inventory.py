@@ -9,8 +9,11 @@ decoder. It has no recompute.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from ringpipe.model.bert.config import param_shapes
 from ringpipe.model.bert.parallel_plan import BertParallelPlan
+from ringpipe.model.data.masking import IGNORE_INDEX
 from ringpipe.model.planning.activations import RINGPIPE_STORAGE, Storage, Tensor
 from ringpipe.model.planning.gpt2_inventory import GPT2Inventory
 
@@ -29,6 +32,17 @@ class BertInventory(GPT2Inventory):
         if not hasattr(self, "_shapes"):
             self._shapes = param_shapes(self.config)
         return self._shapes
+
+    def sample_batch(self, B: int, rng):
+        """Masked-LM rows: 15 % of positions carry a target (-100 elsewhere); with the next-sentence
+        head, ids and token types (B, 2, T) and the label at targets[:, 0]."""
+        T, V = self.config.block_size, self.config.vocab_size
+        ids = rng.integers(0, V, (B, T))
+        targets = np.where(rng.random((B, T)) < 0.15, rng.integers(0, V, (B, T)), IGNORE_INDEX)
+        if self.config.next_sentence:
+            ids = np.stack([ids, (np.arange(T) >= T // 2) * np.ones((B, 1), int)], axis=1)
+            targets[:, 0] = rng.integers(0, 2, B)
+        return ids, targets
 
     def _rows(self, B, T, tp, sequence_parallel):
         return B * T // tp if sequence_parallel and tp > 1 else B * T

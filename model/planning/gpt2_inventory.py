@@ -36,6 +36,12 @@ class GPT2Inventory:
             self._shapes = param_shapes(self.config)
         return self._shapes
 
+    def sample_batch(self, B: int, rng):
+        """(inputs, targets) of a micro-batch of B rows as the first and last stage take them (random
+        ids: calibration times the pieces on them, tools/plan_calibration.py)."""
+        T, V = self.config.block_size, self.config.vocab_size
+        return rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+
     # ---- activations ------------------------------------------------------------------------------
     def _layernorm(self, name, rows, storage):
         C = self.config.n_embd

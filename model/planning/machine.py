@@ -145,13 +145,16 @@ class Machine:
                          probe_ratio: float = 1.0) -> float:
         """How much slower each rank computes than calibration measured one process (cpu). The
         host's cores are shared by its ranks and whatever else runs: `background_load` runnable
-        processes besides the ranks (None: as during calibration, from its load average), and
+        processes besides the ranks (None: as during calibration: its count of runnable tasks, or
+        for an older file its load average less the calibrating process), and
         `probe_ratio` (a fixed probe's time now over its time at calibration) says how much slower a
         lone process is now than then."""
         if self.kind != "cpu" or not self.cores:
             return 1.0
         if background_load is None:
-            background_load = max(0.0, (self.calibration or {}).get("load_average", 1.0) - 1.0)
+            calibration = self.calibration or {}
+            background_load = calibration.get("background_load",
+                                              max(0.0, calibration.get("load_average", 1.0) - 1.0))
 
         def contention(processes):  # a process's slowdown against a lone process on an idle host
             return max(1.0, (background_load + processes) / self.cores)

@@ -63,6 +63,7 @@ class RankMemory:
     activations: int = 0  # peak of the caches held between forward and backward
     communication: int = 0  # gradient buckets in flight, pipeline messages
     shared_memory: int = 0  # the part of `communication` in the same-host shared-memory arena
+    step_only: int = 0  # the part of `communication` held only during the optimizer step (ZeRO-1's gathers)
     workspace: int = 0  # the largest temporaries of one piece's backward
     # a CPU rank's high-water mark as its process holds it (see `host_peak`)
     host_peak: int = 0
@@ -70,9 +71,12 @@ class RankMemory:
 
     @property
     def total(self) -> int:
-        """Bytes held while training."""
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.communication
-                + self.workspace)
+        """Bytes held while training, at the larger of its two phases: the forward and backward
+        (activations, workspace, the communication buffers they use) and the optimizer step (what
+        only it holds); the arena's pages stay through both."""
+        backward = self.activations + self.workspace + self.communication - self.shared_memory - self.step_only
+        return (self.weights + self.gradients + self.optimizer + self.shared_memory
+                + max(backward, self.step_only))
 
     @property
     def peak(self) -> int:
@@ -85,7 +89,7 @@ class RankMemory:
     def as_dict(self) -> dict:
         return {"pp_rank": self.pp_rank, "weights": self.weights, "gradients": self.gradients,
                 "optimizer": self.optimizer, "activations": self.activations,
-                "communication": self.communication, "shared_memory": self.shared_memory,
+                "communication": self.communication, "shared_memory": self.shared_memory, "step_only": self.step_only,
                 "workspace": self.workspace, "total": self.total,
                 "host_peak": self.host_peak, "peak": self.peak}
 
@@ -188,12 +192,24 @@ def layout_memory(inventory, candidate: Candidate, batch_size: int, storage: Sto
                        for s in mine}
         memory.activations, memory.stage_peaks = _walked(c.schedule, c.pp, c.microbatches, c.virtual_stages, rank,
                                                          tuple(sorted(stage_bytes.items())))
-        memory.communication, memory.shared_memory = _communication_bytes(
+        memory.communication, memory.shared_memory, memory.step_only = _communication_bytes(
             c, B, T, config, dtype, bucket_bytes, elements if shared_memory_arena else 0)
-        memory.workspace = _workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine))
+        block_gradients = max(stage_elements(inventory, c.tp, ranges[s], s == 0, s == num_stages - 1)[0] for s in mine)
+        memory.workspace = max(_workspace_bytes(inventory, c, B, T, dtype, any(s == num_stages - 1 for s in mine)),
+                               block_gradients * dtype.itemsize)
         memory.host_peak = host_peak(inventory, dense, elements, dtype)
         result.append(memory)
     return result
+
+
+def stage_elements(inventory, tp: int, layers: range, first: bool, last: bool) -> tuple[int, int]:
+    """(elements of a stage's blocks, of its embedding and head) on one tensor-parallel rank."""
+    def count():
+        names = stage_param_names(inventory.plan, layers, first, last)
+        block_names = {name for i in layers for name in inventory.plan.block_params(i)}
+        blocks = local_elements(inventory, tp, [name for name in names if name in block_names])
+        return blocks, local_elements(inventory, tp, names) - blocks
+    return _cached(inventory, ("stage elements", tp, layers.start, layers.stop, first, last), count)
 
 
 def _layers_key(inventory, layers: range):
@@ -298,37 +314,53 @@ def _action_steps(holds, backward, pending) -> dict:
             Kind.BACKWARD_WEIGHT: step([("release", pending)])}
 
 
-def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> tuple[int, int]:
-    """(bytes of communication buffers, of them in the same-host shared-memory arena).
+def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elements) -> tuple[int, int, int]:
+    """(bytes of communication buffers, of them in the same-host shared-memory arena, of them held
+    only during the optimizer step).
 
     Same host (`elements` > 0, CPU workers): a gradient bucket's all-reduce copies the bucket whole
     into a block of the rank's own arena while it is in flight (runtime/collectives.py's
     shm_all_reduce), and the backward launches every bucket within the last micro-batch, so the
-    rank's own blocks hold up to its whole flat gradient; ZeRO-1's all-gather adds its shard of the
-    parameters in the same way, and its heap holds the gathered buckets (model/parallel/data_parallel's
-    ShardedAdamW.update starts them all before waiting) and the reduced shards. The slices a rank reads from its peers' blocks are not counted:
-    measured on this machine (dp2, 4 × 768 GPT-2), earlier buckets have finished by the time the
-    last ones are read, and the arena's resident pages stay at or under the flat gradient.
+    rank's own blocks hold up to its whole flat gradient. Arena pages a process reads are resident
+    in it too: each rank reduces its 1/dp slice of every peer's block and then copies each peer's
+    reduced slice out of that peer's block, 2/dp of each of dp - 1 peers' arenas. Freed blocks are
+    reused first-fit, so an arena's touched pages are the most bucket bytes ever in flight at once:
+    all of them once the ranks drift far enough apart (a quiet 2-core machine after a few steps:
+    measured 2 × the gradient on each dp-2 rank; under load fewer are in flight at once and the
+    high-water mark ratchets up over the steps), which is the peak this counts.
+    ZeRO-1's reduce-scatter reads only its own row (1/dp) of each peer's block, and its all-gather's
+    blocks reuse the reduce-scatter's pages (measured: own arena up to the gradient, the peer's
+    pages read up to half of it, at dp 2); its heap holds the gathered buckets (model/parallel/data_parallel's
+    ShardedAdamW.update starts them all before waiting) and the reduced shards, during the optimizer
+    step only, when the activations and the backward's temporaries are gone (measured dp2 4 × 768:
+    counting both at once over-predicted the rank by 19 %).
     Arena pages are not heap: `RankMemory.peak` adds them on top of the heap's peak.
     In place (`elements` 0, GPUs): a bucket each way.
     The pipeline keeps the messages waiting for their action (an activation and a gradient)."""
-    heap = shared = 0
+    heap = shared = step_only = 0
     if c.dp > 1 and not elements:
         heap += 2 * bucket_bytes
     if c.dp > 1 and elements:
         gradients = elements * dtype.itemsize
-        shared += gradients + (-(-gradients // c.dp) if c.zero else 0)
+        peers_read = (1 if c.zero else 2) * (c.dp - 1) * gradients // c.dp
+        shared += gradients + peers_read
         if c.zero:  # heap: every bucket's all-gathered parameters in flight at once, the reduced
-            heap += gradients + 2 * -(-gradients // c.dp)  # gradient shards and their concatenation
+            step_only = gradients + 2 * -(-gradients // c.dp)  # gradient shards and their concatenation
+            heap += step_only
     if c.pp > 1:
         positions = T // c.tp if c.sequence_parallel and c.tp > 1 else T
         heap += 2 * B * positions * config.n_embd * dtype.itemsize
-    return heap + shared, shared
+    return heap + shared, shared, step_only
 
 
 def _workspace_bytes(inventory, c: Candidate, B, T, dtype, last: bool) -> int:
     """The largest temporaries of a backward: the GeLU backward's two (B, T, F/t) passes and the
-    attention's dqkv in a block; the LM head's weight gradient and input gradient on the last stage."""
+    attention's dqkv in a block; the LM head's weight gradient and input gradient on the last stage.
+    (`layout_memory` weighs them against the weight gradients of a stage's blocks: each block's come
+    in a fresh dict, and the stage keeps them all until its backward-weight of the micro-batch ends,
+    through the next forward where the backward is fused (the executor's `weight_work`): one more
+    copy of the stage's block parameters on top of the activations, measured as a rank's "first-step
+    heap growth" over its build peak: +32 MB on a 4 × 768 dp1 rank, +15 MB on a pp2 stage.)"""
     config = inventory.config
     block = B * T * (2 * config.mlp_width + 3 * config.n_embd) // c.tp
     head = (-(-config.vocab_size // c.tp) * config.n_embd + 2 * B * T * config.n_embd) if last else 0

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ringpipe.model.parallel.pipeline_parallel.schedules import Kind
-from ringpipe.model.planning.memory import Candidate, rank_parameters, rank_stages, stage_ranges
+from ringpipe.model.planning.memory import Candidate, rank_parameters, rank_stages, stage_elements, stage_ranges
 from ringpipe.model.planning.pipeline_timing import pipeline_time
 
 
@@ -126,7 +126,18 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
         return {Kind.FORWARD: forward, Kind.BACKWARD_INPUT: backward_input, Kind.BACKWARD_WEIGHT: backward_weight,
                 Kind.BACKWARD: backward_input + backward_weight}
 
-    costs = {s: stage_costs(s) for s in range(num_stages)}
+    # each piece's gradients are added into the stage's (model/parallel/stage.py), once per
+    # micro-batch: the blocks' during backward-weight, the embedding's and head's during backward-input
+    accumulate = gradient_pass_seconds(machine, dtype)["accumulate"] * slow
+
+    def with_accumulation(s, stage):
+        blocks, ends = stage_elements(inventory, c.tp, ranges[s], s == 0, s == num_stages - 1)
+        stage[Kind.BACKWARD_INPUT] += ends * accumulate
+        stage[Kind.BACKWARD_WEIGHT] += blocks * accumulate
+        stage[Kind.BACKWARD] = stage[Kind.BACKWARD_INPUT] + stage[Kind.BACKWARD_WEIGHT]
+        return stage
+
+    costs = {s: with_accumulation(s, stage_costs(s)) for s in range(num_stages)}
     message = B * (T // c.tp if sp else T) * C * dtype.itemsize
     latency = machine.point_to_point(message, pp_across) if c.pp > 1 else 0.0
     makespan, bubble = pipeline_time((c.schedule, c.pp, c.microbatches, c.virtual_stages),
@@ -153,7 +164,10 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
     if c.pp > 1:  # the tied embedding's gradient, summed over the first and last stage
         parts["tied embedding"] = machine.collective("all_reduce", config.vocab_size * C * dtype.itemsize / c.tp, 2,
                                                      pp_across)
-    parts["optimizer"] = _optimizer_seconds(machine, worst_elements // (c.dp if c.zero else 1), dtype) * slow
+    # the step's passes over the rank's whole gradient and what it updates: zeroing, then the
+    # norm, clipping and AdamW (on its 1/dp shard with ZeRO-1)
+    parts["optimizer"] = (worst_elements * gradient_pass_seconds(machine, dtype)["zero"]
+                          + _optimizer_seconds(machine, worst_elements // (c.dp if c.zero else 1), dtype)) * slow
     seconds = sum(parts.values())
     tokens = batch_size * T
     model_flops = 3 * (config.n_layer * inventory.block_flops(batch_size, T) + inventory.head_flops(batch_size, T))
@@ -161,9 +175,20 @@ def predict_step(inventory, candidate: Candidate, batch_size: int, machine,
                       model_flops, parts, bubble)
 
 
+def gradient_pass_seconds(machine, dtype) -> dict:
+    """Seconds per element of zeroing a gradient ("zero") and of adding a contribution into it
+    ("accumulate"): measured by calibration, else from the memory bandwidth (one write; two reads
+    and a write)."""
+    measured = (machine.calibration or {}).get("compute", {}).get("gradient_pass_seconds")
+    if measured:
+        return measured
+    return {"zero": dtype.itemsize / machine.memory_bandwidth, "accumulate": 3 * dtype.itemsize / machine.memory_bandwidth}
+
+
 def _optimizer_seconds(machine, elements, dtype) -> float:
     measured = (machine.calibration or {}).get("compute", {}).get("optimizer_seconds_per_element")
     if measured:
         return elements * measured
-    # AdamW reads parameter, gradient and two moments and writes three of them back
-    return 7 * elements * dtype.itemsize / machine.memory_bandwidth
+    # the norm reads the gradient, clipping reads and writes it, AdamW reads parameter, gradient and
+    # two moments and writes three of them back
+    return 10 * elements * dtype.itemsize / machine.memory_bandwidth

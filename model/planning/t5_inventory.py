@@ -52,6 +52,11 @@ class T5Inventory:
         table = self.t5.relative_attention_num_buckets * (self.t5.num_heads // tp)
         return self.encoder_length + self.decoder_length + -(-2 * table // self.t5.d_model)
 
+    def sample_batch(self, B: int, rng):
+        """(packed [encoder ids | decoder input ids] (B, Te + Td), targets (B, Td)): random ids."""
+        V, Te, Td = self.t5.vocab_size, self.encoder_length, self.decoder_length
+        return rng.integers(0, V, (B, Te + Td)), rng.integers(0, V, (B, Td))
+
     def param_shapes(self) -> dict:
         if not hasattr(self, "_shapes"):
             self._shapes = param_shapes(self.t5)

@@ -55,6 +55,22 @@ def check_int8_family(directory: str, name: str | None = None) -> str:
     return name
 
 
+def quantizable_source(run_dir: str) -> str:
+    """The model directory of `run_dir` (`model_directory`) if int8 can quantize it; ValueError in one
+    line if there is none, if it is already int8, or if int8 does not map its family's layers. Reads no
+    weight, so `ringpipe quantize` asks it before any work (a sharded checkpoint whose record cannot be
+    read is left to `quantize_run`, which says what is damaged)."""
+    source = model_directory(run_dir)
+    if quantization_config(source) is not None:
+        raise ValueError(f"{source} is already an int8 model (ringpipe quantize); quantize the float run")
+    try:
+        name = read_metadata(source)["config"].get("family", DEFAULT_FAMILY) if is_sharded(source) else None
+    except ValueError:
+        return source
+    check_int8_family(source, name)
+    return source
+
+
 def quantize_run(run_dir: str, out: str, granularity: str = "channel", outlier_threshold: float | None = None,
                  calibration_batches: int = 8) -> dict:
     """Writes the int8 model of `run_dir` to `out`; -> {"source", "out", "float_bytes", "int8_bytes",
@@ -64,9 +80,7 @@ def quantize_run(run_dir: str, out: str, granularity: str = "channel", outlier_t
     outlier_threshold: keep in float the input features where the run's own training tokens
     (RUN/tokens.bin, `calibration_batches` random windows) reach it, as LLM.int8() does; None: none.
     ValueError naming the directory for an int8 source or an unsupported family."""
-    source = model_directory(run_dir)
-    if quantization_config(source) is not None:
-        raise ValueError(f"{source} is already an int8 model (ringpipe quantize); quantize the float run")
+    source = quantizable_source(run_dir)
     name, config, params = load_float_model(source)
     check_int8_family(source, name)
     linear_names, _ = INT8_FAMILIES[name]

@@ -78,6 +78,9 @@ def t5_config_from_hf(hf: dict, path: str, **ringpipe_fields) -> T5Config:
     for key in ("pad_token_id", "decoder_start_token_id"):
         if fields.get(key) is None:
             fields.pop(key, None)
+    ours = hf.get("ringpipe")
+    if isinstance(ours, dict) and "block_size" in ours:  # the run's window: no key of transformers' holds it
+        fields["block_size"] = ours["block_size"]
     missing = [key for key in ("vocab_size", "d_model", "num_layers", "num_heads") if key not in hf]
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r}")

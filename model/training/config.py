@@ -114,6 +114,10 @@ class TrainConfig:
         if self.on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"on_nonfinite must be one of {', '.join(ON_NONFINITE)}, "
                              f"got {self.on_nonfinite!r}")
+        # The model's own rules (n_embd divisible by n_head, ...), before any data is read: any
+        # vocabulary will do here, the tokenizer's is only known then.
+        family(self.family).config(**dataclasses.asdict(self.model), vocab_size=1 << 16,
+                                   dtype=model_dtype(self.dtype), device="cpu")
 
     def model_config(self, vocab_size: int):
         """The model this run trains (its family's config): `model`'s options, `vocab_size` from

@@ -12,7 +12,6 @@ Trainer writes for the same weights (the family's checkpoint.py), byte for byte.
 """
 from __future__ import annotations
 
-import json
 import os
 import zlib
 
@@ -26,7 +25,7 @@ from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.run_dir import read_trainer_state
 from ringpipe.model.training.sharded_checkpoint import (family_of, hf_name, load_consolidated, parameter_names,
                                                         read_box)
-from ringpipe.runtime.files import CHECKSUMS_KEY, SAFETENSORS_DTYPES, atomic_write, staged_directory, write_json
+from ringpipe.runtime.files import atomic_write, safetensors_header, staged_directory, write_json
 
 WEIGHTS_FILE = "model.safetensors"  # Hugging Face's name, whatever the family
 # A tensor is gathered 1 MiB at a time (32 MiB would be allowed): as fast here (a 256 MiB tensor in
@@ -37,14 +36,9 @@ _NO_CHECKSUM = "crc32:00000000"  # a placeholder as long as any checksum
 
 
 def _header(names: list, entries: list, metadata: dict, checksums: dict) -> bytes:
-    header, offset = {"__metadata__": {**metadata, CHECKSUMS_KEY: json.dumps(checksums, separators=(",", ":"))}}, 0
-    for name, entry in zip(names, entries):
-        nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[entry["dtype"]], "shape": list(entry["shape"]),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    return encoded + b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    return safetensors_header([(name, entry["dtype"], entry["shape"],
+                                int(np.prod(entry["shape"], dtype=np.int64)) * np.dtype(entry["dtype"]).itemsize)
+                               for name, entry in zip(names, entries)], metadata, checksums)
 
 
 def _view(entry: dict, columns: slice | None, transposed: bool) -> dict:
@@ -122,11 +116,11 @@ def stream_tensors(path: str, checkpoint: str, tensors: dict, metadata: dict | N
         f.write(header)
 
 
-def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTES) -> None:
+def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTES, records: dict | None = None) -> None:
     """model.safetensors, config.json and the tokenizer files of a sharded checkpoint, into `out`
     (created if needed; files there are replaced one by one, atomically). Streamed when the model
     family describes its files (`hf_config`, `weights_metadata`); otherwise loaded whole and written
-    by the family."""
+    by the family. `records`: {file name: JSON object} written beside them, in the same swap."""
     metadata = read_metadata(checkpoint)
     model_family = family_of(metadata)
     config = model_family.config(**metadata["model"])
@@ -142,6 +136,7 @@ def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTE
     check_checkpoint(checkpoint, metadata, sorted({source for source, _, _ in weights.values()}))
     tokenizer = load_tokenizer(checkpoint)
     with staged_directory(out, merge=True) as stage:
+        _write_records(stage, records)
         if model_family.hf_config is None or model_family.weights_metadata is None:
             _, params, _ = load_consolidated(checkpoint)
             model_family.write_checkpoint_files(stage, {name: params[name] for name in parameter_names(plan)},
@@ -153,16 +148,23 @@ def export_model(checkpoint: str, out: str, chunk_bytes: int = EXPORT_CHUNK_BYTE
         tokenizer.save(stage)
 
 
-def export_checkpoint(checkpoint: str, out: str) -> None:
+def export_checkpoint(checkpoint: str, out: str, records: dict | None = None) -> None:
     """The Hugging Face files of any checkpoint: streamed from a sharded one; a consolidated one
-    (model/training/trainer.py) is small enough to have been written whole, and is loaded whole."""
+    (model/training/trainer.py) is small enough to have been written whole, and is loaded whole.
+    `records`: {file name: JSON object} written beside them, in the same swap (an export's origin)."""
     if is_sharded(checkpoint):
-        export_model(checkpoint, out)
+        export_model(checkpoint, out, records=records)
         return
     model_family = family(read_trainer_state(checkpoint)["config"].family)
     config, params = model_family.load_checkpoint(checkpoint)
     plan = model_family.parallel_plan(config)
     # in the model's order, as the Trainer writes them (the reader returns them sorted by name)
     with staged_directory(out, merge=True) as stage:
+        _write_records(stage, records)
         model_family.write_checkpoint_files(stage, {name: params[name] for name in parameter_names(plan)}, config,
                                             load_tokenizer(checkpoint))
+
+
+def _write_records(stage: str, records: dict | None) -> None:
+    for name, record in (records or {}).items():
+        write_json(os.path.join(stage, name), record, indent=1)

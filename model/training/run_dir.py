@@ -13,6 +13,8 @@
     RUN/model.safetensors, RUN/config.json, RUN/tokenizer files   the final model
     RUN/trace-rank{r}.json, clocks.json, schedule.json   a traced run (`ringpipe train --trace`)
     RUN/trace.html, RUN/trace.json  what `ringpipe trace view|export` write by default
+    OUT/ringpipe-export.json        beside the model files `ringpipe export RUN --out OUT` writes: the
+                                    run they came from (EXPORT_RECORD_FILE)
     RUN/.lock                       flock'ed by the driver of the run training into RUN (LOCK_FILE;
                                     holds "pid P on HOST"); the kernel frees it when that process ends
 
@@ -57,6 +59,7 @@ TRACE_VIEW_FILE = "trace.html"
 TRACE_EXPORT_FILE = "trace.json"
 TRACE_FILES = (TRACE_RANK_GLOB, CLOCKS_FILE, SCHEDULE_FILE)
 LOCK_FILE = ".lock"
+EXPORT_RECORD_FILE = "ringpipe-export.json"  # in an export's --out (not RUN_DIR): {"run": RUN_DIR}
 LOGS_DIR = "logs"  # rank-R.log of each worker of a multi-worker run (runtime/rank_logs.py)
 
 
@@ -181,12 +184,50 @@ def lock_run_dir(run_dir: str) -> int:
 
 def check_export_target(run_dir: str, out: str) -> None:
     """ValueError unless `ringpipe export RUN --out OUT` may write its model files into `out`: RUN
-    itself, a new or empty directory, or one holding only model files (an earlier export). Another
-    run's directory, or one with files of its own, is refused before anything is written."""
+    itself, a new or empty directory, or an earlier export of RUN (its EXPORT_RECORD_FILE names RUN).
+    Another run's directory or export, model files of unknown origin, or files of its own are refused
+    before anything is written."""
     if not os.path.isdir(out) or os.path.realpath(out) == os.path.realpath(run_dir):
         return
-    other = sorted(set(os.listdir(out)) - set(MODEL_FILES))
+    held = set(os.listdir(out))
+    other = sorted(held - set(MODEL_FILES) - {EXPORT_RECORD_FILE})
     if other:
         raise ValueError(f"{out} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "
                          "export writes model.safetensors, config.json and the tokenizer there, so give a new "
                          "directory, RUN_DIR itself or an earlier export's")
+    try:
+        with open(os.path.join(out, EXPORT_RECORD_FILE)) as f:
+            source = json.load(f).get("run")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    if held and not _of_run(source, run_dir):
+        whose = f"the export of another run ({source})" if source else f"model files without {EXPORT_RECORD_FILE}"
+        raise ValueError(f"{out} holds {whose}; export replaces only an earlier export of {run_dir}, so give a "
+                         "new directory or RUN_DIR itself")
+
+
+def export_record(run_dir: str) -> dict:
+    """What an export writes into its --out as EXPORT_RECORD_FILE: the run it came from."""
+    return {"run": os.path.realpath(run_dir)}
+
+
+def check_quantize_target(run_dir: str, out: str) -> None:
+    """ValueError unless `ringpipe quantize RUN --out OUT` may replace `out` whole: a new or empty
+    directory, or an earlier int8 model of RUN (its quantization_config's source lies in RUN)."""
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    quantized = quantization_config(out)
+    if quantized is None:
+        raise ValueError(f"{out} holds other files; quantize replaces it whole, so give a new directory or an "
+                         "earlier int8 output")
+    if not _of_run(quantized.get("source"), run_dir):
+        raise ValueError(f"{out} holds the int8 model of another run ({quantized.get('source')}); quantize "
+                         f"replaces only an earlier int8 model of {run_dir}, so give a new directory")
+
+
+def _of_run(source, run_dir: str) -> bool:
+    """Whether `source`, a path an output recorded as where it came from, is `run_dir` or lies inside it."""
+    if not isinstance(source, str):
+        return False
+    source, run_dir = os.path.realpath(source), os.path.realpath(run_dir)
+    return source == run_dir or source.startswith(run_dir + os.sep)

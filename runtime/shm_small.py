@@ -1,0 +1,258 @@
+"""The latency path of a same-host group channel: a small all_reduce, broadcast or barrier that the
+caller waits for is one call into C (runtime/csrc/shm_small.c) between two NumPy copies.
+
+The round is the channel's own (runtime/shm_channel.py: same buffers, counters, signatures and
+epochs), so a member on this path and one on the Python path (another wait mode, a larger size,
+an asynchronous call) still meet, check each other's signature and sum in the same order. What
+Python costs per operation is kept to the bookkeeping every operation needs: its number in the
+group, the abort checks, the signature (cached per shape), the copies in and out, the trace span.
+Error messages are built only when there is an error.
+
+Used where the "c" wait mode works (the compiled helper); elsewhere, and for dtypes or sizes the
+helper does not take (complex, bool, float16 is reduced as float32 by the caller, > SMALL_BYTES),
+the Python path runs.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+
+import msgpack
+import numpy as np
+
+from ringpipe.runtime.operations import Aborted, CommTimeout
+from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
+from ringpipe.runtime.shm_collectives import SMALL_BYTES
+from ringpipe.runtime.trace import now_ns
+
+# The control block's words (csrc/shm_small.c's enum).
+C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
+C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH = 8, 13, 14, 15, 16, 17
+C_MEMBERS, C_PER_MEMBER = 24, 6
+# C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
+# dtype, op, count, phase.
+_CALL = struct.Struct("<12q")
+DONE, PENDING, LATER_EPOCH, MISMATCH = 0, 1, 2, 3
+KIND_BARRIER, KIND_REDUCE = 0, 1
+DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
+                                                             "<u4", "<u8"])}
+OPS = {"sum": 0, "avg": 0, "max": 1, "min": 2}
+
+
+class SmallRounds:
+    """One channel's latency path. `lib`: the compiled helper (shm_wait.CWaiter's library)."""
+
+    def __init__(self, channel, lib):
+        self.channel, self.lib = channel, lib
+        self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
+        n = channel.n
+        self.ctl = np.zeros(C_MEMBERS + C_PER_MEMBER * n, np.int64)
+        self.words = memoryview(self.ctl)
+        self.address = int(self.ctl.ctypes.data)
+        self.scratch = np.empty(self.max_bytes // 8 + 1, np.uint64)
+        self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
+        for member in range(n):
+            base, at = channel.words[member], C_MEMBERS + C_PER_MEMBER * member
+            self.ctl[at : at + C_PER_MEMBER] = [
+                base, channel.sleepers[member],
+                base + SIGNATURE_AT, base + SIGNATURE_AT + SIGNATURE_BYTES,
+                base + HEADER_BYTES, base + HEADER_BYTES + channel.buffer_bytes]
+        self.yields = int(channel.spin.yields)
+        self._views: dict = {}  # (dtype, shape, member) -> that member's buffers, parity 0 and 1, and the scratch
+        self._signatures: dict = {}  # (op, shape, dtype, reduction or root) -> (dict, msgpack bytes, id)
+
+    def sleeping_on(self) -> int:
+        """The counter address the C call sleeps on now (0: none), for an abort's wake."""
+        return int(self.words[C_SLEEPING_ON])
+
+    # ---- operations: True when done here, False when the caller must take the Python path -------------
+    def all_reduce(self, comm, x: np.ndarray, op: str, timeout) -> bool:
+        dtype = x.dtype
+        code, op_code = DTYPES.get(dtype), OPS.get(op)
+        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+            return False
+        flags = x.flags
+        if not (flags.c_contiguous and flags.writeable):
+            return False
+        views = self._views.get((dtype, x.shape, -1)) or self._make_views(dtype, x.shape, -1)
+        signature = self._signatures.get(("all_reduce", x.shape, dtype, op)) or self._signature(
+            ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
+                                                 "reduce": op})
+        if not self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, views, x.nbytes, timeout):
+            return False
+        x[...] = views[2]
+        if op == "avg":
+            np.divide(x, self.channel.n, out=x)
+        return True
+
+    def broadcast(self, comm, x: np.ndarray, root: int, timeout) -> bool:
+        flags = x.flags
+        if x.nbytes > self.max_bytes or not (flags.c_contiguous and flags.writeable) or x.dtype.hasobject:
+            return False
+        dtype = x.dtype
+        views = self._views.get((dtype, x.shape, root)) or self._make_views(dtype, x.shape, root)
+        signature = self._signatures.get(("broadcast", x.shape, dtype, root)) or self._signature(
+            ("broadcast", x.shape, dtype, root), {"op": "broadcast", "shape": list(x.shape), "dtype": dtype.str,
+                                                  "root": root})
+        if self.channel.me == root:  # its payload goes in its own buffer; the others copy it out
+            return self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, x, views, x.nbytes, timeout, True)
+        if not self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, None, None, x.nbytes, timeout):
+            return False
+        x[...] = views[(self.channel.rounds - 1) & 1]  # the parity of the round just run
+        return True
+
+    def barrier(self, comm, timeout) -> bool:
+        signature = self._signatures.get("barrier") or self._signature("barrier", {"op": "barrier"})
+        return self._run(comm, "barrier", signature, KIND_BARRIER, 0, 0, None, None, 0, timeout)
+
+    # ---- one round ------------------------------------------------------------------------------------
+    def _run(self, comm, name, signature, kind, dtype_code, op_code, x, views, nbytes, timeout, sends=False) -> bool:
+        """The round of collective `name` (`nbytes`: its size, for the trace) with `x` as this rank's
+        payload (None: none; copied into `views`, its buffers by parity); `sends`: peers read this
+        rank's payload (a broadcast's root). False when the channel is busy (asynchronous
+        operations queued, or another thread in it)."""
+        channel = self.channel
+        if channel._running is not None or channel._queue or not channel.lock.acquire(False):
+            return False
+        try:
+            engine = channel.engine
+            epoch, call = engine.epoch, engine.call
+            seq = comm._sequence.next((epoch, call))
+            tracing = engine.tracer.enabled
+            start = now_ns() if tracing else 0
+            self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
+            error = None
+            try:
+                if engine.aborted_call is not None:
+                    raise Aborted(engine.aborted_call)
+                key = (epoch, call, channel.group.gid, seq)
+                if engine.aborted:
+                    given_up = engine.aborted.get(key)
+                    if given_up is not None:  # a member already gave this collective up
+                        raise given_up[0](given_up[1])
+                if channel.epoch != epoch:
+                    channel.epoch, channel.count, channel.rounds = epoch, 0, 0
+                patience = comm.config.timeout if timeout is None else timeout
+                deadline = time.monotonic() + patience
+                parity = channel.rounds & 1
+                channel.rounds += 1
+                channel.count += 1
+                if x is not None:
+                    views[parity][...] = x
+                described, packed, signature_id = signature
+                if channel._written[parity] != signature_id:
+                    channel.write_signature_bytes(parity, packed, signature_id)
+                position = (call << 32) | seq
+                spin = channel.spin
+                _CALL.pack_into(self.words, C_PARITY * 8, parity, (epoch << EPOCH_SHIFT) | channel.count,
+                                signature_id, position, spin.ns(), self.yields, 0, kind, dtype_code, op_code,
+                                0 if x is None else x.size, 0)
+                status = self.lib.rp_small_round(self.address)
+                if status == PENDING:
+                    status = self._sleep(comm, name, seq, key, deadline, patience)
+                    spin.answered(False, self.words[C_WAITED_NS])
+                else:
+                    spin.answered(True)
+                if status != DONE:
+                    self._fail(comm, name, seq, status, parity, described, signature_id, position)
+                # Payload counts as sent by the member whose buffer peers read (as the Python path).
+                if kind == KIND_REDUCE or sends:
+                    engine.count_sent(channel.group.gid, (channel.n - 1) * nbytes)
+                return True
+            except BaseException as exc:
+                error = exc
+                engine.needs_fence = True
+                raise
+            finally:
+                if tracing:
+                    gid = channel.group.gid
+                    args = {"bytes": int(nbytes), "group": gid, "seq": seq,
+                            "ranks": list(channel.group.ranks), "flow": f"{gid}#{seq}@{epoch}.{call}",
+                            "wait_us": self.words[C_WAITED_NS] / 1000.0}
+                    if error is not None:
+                        args["error"] = type(error).__name__
+                    engine.tracer.complete(name, "comm", "comm", start, now_ns(), args)
+        finally:
+            channel.lock.release()
+
+    def _sleep(self, comm, name, seq, key, deadline, patience) -> int:
+        """The round's wait once the spin did not end it: sleeps of at most SLICE_S in C, looking at
+        aborts, cancellation, given-up collectives and the deadline between them (as the Python
+        path's GroupChannel._wait)."""
+        channel, words = self.channel, self.words
+        engine, ranks = channel.engine, channel.group.ranks
+        full_name = _full_name(comm, name, seq)
+        engine.direct_wait = (full_name, time.monotonic(), ranks[words[C_PEER]])
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                words[C_TIMEOUT_NS] = int(max(0.0, min(SLICE_S, left)) * 1e9)
+                words[C_SPIN_NS] = 0  # no spin after the first call
+                status = self.lib.rp_small_round(self.address)
+                if status != PENDING:
+                    return status
+                if engine.aborted_call is not None or engine.epoch != channel.epoch:
+                    raise Aborted(engine.aborted_call or f"{full_name}: aborted on rank {engine.rank}")
+                if key[1] <= channel._cancelled_through:
+                    raise channel._cancelled(full_name)
+                given_up = engine.aborted.get(key)
+                if given_up is not None:  # a member's call ended without it, or it saw a mismatch
+                    raise given_up[0](given_up[1])
+                if time.monotonic() >= deadline:
+                    peer = ranks[words[C_PEER]]
+                    engine.timed_out_on.add(peer)
+                    raise CommTimeout(f"{full_name} on rank {engine.rank} timed out after {patience:g}s "
+                                      f"waiting for a message from rank {peer}")
+        finally:
+            engine.direct_wait = None
+
+    def _fail(self, comm, name, seq, status, parity, described, signature_id, position):
+        channel, peer = self.channel, int(self.words[C_PEER])
+        full_name = _full_name(comm, name, seq)
+        if status == LATER_EPOCH:
+            raise Aborted(f"{full_name}: rank {peer} was aborted (it is at a later epoch)")
+        # The channel's own check names the member and both signatures.
+        channel.name, channel.signature_dict = full_name, described
+        channel.signature_id, channel.position = signature_id, position
+        channel.check_signatures(parity)
+        raise RuntimeError(f"{full_name}: the shared-memory round failed with status {status}")  # unreachable
+
+    def _make_views(self, dtype, shape, member):
+        """(buffer of parity 0, of parity 1, scratch) shaped like the payload, of this rank
+        (member -1) or of `member`."""
+        channel = self.channel
+        count = int(np.prod(shape, dtype=np.int64))
+        owner = channel.me if member < 0 else member
+        views = tuple(channel.buffers[owner][parity][: count * dtype.itemsize].view(dtype).reshape(shape)
+                      for parity in (0, 1)) + (self.scratch.view(np.uint8)[: count * dtype.itemsize].view(dtype)
+                                               .reshape(shape),)
+        if len(self._views) >= 256:
+            self._views.clear()
+        self._views[(dtype, shape, member)] = views
+        return views
+
+    def _signature(self, key, described: dict):
+        packed = msgpack.packb(described)
+        entry = (described, packed, (len(packed) << 32) | zlib.crc32(packed))
+        if len(self._signatures) >= 256:
+            self._signatures.clear()
+        self._signatures[key] = entry
+        return entry
+
+
+def _full_name(comm, name: str, seq: int) -> str:
+    return f"{name} #{seq} on group {comm.group.gid} (rank {comm.rank} of {comm.size})"
+
+
+def attach(channel):
+    """Give `channel` (None: none) its latency path where the C helper works (wait mode "c") and
+    `RINGPIPE_SHM_SMALL` is not "0" (which keeps every round in Python, e.g. to compare); returns it."""
+    lib = getattr(channel, "waiter", None) and getattr(channel.waiter, "_lib", None)
+    if lib is not None and os.environ.get("RINGPIPE_SHM_SMALL", "1") != "0":
+        channel.small = SmallRounds(channel, lib)
+    return channel
+
+
+__all__ = ["SmallRounds", "attach", "DTYPES", "OPS"]
