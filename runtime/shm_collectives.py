@@ -207,20 +207,23 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
 def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
     """Root's 1-D `work` into every member's `work`, in place.
 
-    After the first round (every member checks every signature) a member waits only for the root:
-    only the root's buffer is read, and the root still waits for every member before it writes a
-    buffer again, so no member waits for another's copy (with more ranks than cores, such waits
-    left cores idle at the end of every round)."""
+    Between the first round (every member checks every signature) and the last, a member waits
+    only for the root: only the root's buffer is read, and the root still waits for every member
+    before it writes a buffer again, so no member waits for another's copy (with more ranks than
+    cores, such waits left cores idle at the end of every round). The last round waits for every
+    member again: a member that left early could start the next collective two rounds ahead of a
+    slower one, and overwrite the signature that one still checks."""
     me = channel.me
     per_round = channel.elements_per_round(work.itemsize)
-    for start in range(0, max(work.size, 1), per_round):
+    starts = range(0, max(work.size, 1), per_round)
+    for start in starts:
         piece = work[start : start + per_round]
 
         def write(parity, piece=piece):
             if me == root:
                 channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        if start == 0 or me == root:
+        if start in (starts[0], starts[-1]) or me == root:
             parity = (_first_round if start == 0 else _round)(channel, write)
         else:
             parity = channel.next_round()
