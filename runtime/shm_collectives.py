@@ -22,8 +22,9 @@ from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
 # the one-round reduce (one wait, every rank summing everything) beats reduce-scatter + all-gather
-# (two waits, 1/n of the sum each): measured at 2 and 4 ranks on 2 cores, 256 KiB and 1 MiB.
-ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 3 << 20
+# (two waits, 1/n of the sum each). Measured on 2 cores: 2 ranks, 256 KiB and 1 MiB; 4 ranks,
+# 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
+ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
