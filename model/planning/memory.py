@@ -22,6 +22,7 @@ from ringpipe.model.parallel.data_parallel import DEFAULT_BUCKET_BYTES
 from ringpipe.model.parallel.pipeline_parallel.schedules import Kind, build_schedule, split_layers, stage_rank
 from ringpipe.model.parallel.plan import stage_param_names, stage_sizes
 from ringpipe.model.planning.activations import RINGPIPE_STORAGE, Storage, total_bytes
+from ringpipe.runtime.shm_channel import BUFFER_BYTES as CHANNEL_BUFFER_BYTES
 
 
 @dataclass(frozen=True)
@@ -318,19 +319,13 @@ def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elemen
     """(bytes of communication buffers, of them in the same-host shared-memory arena, of them held
     only during the optimizer step).
 
-    Same host (`elements` > 0, CPU workers): a gradient bucket's all-reduce copies the bucket whole
-    into a block of the rank's own arena while it is in flight (runtime/collectives.py's
-    shm_all_reduce), and the backward launches every bucket within the last micro-batch, so the
-    rank's own blocks hold up to its whole flat gradient. Arena pages a process reads are resident
-    in it too: each rank reduces its 1/dp slice of every peer's block and then copies each peer's
-    reduced slice out of that peer's block, 2/dp of each of dp - 1 peers' arenas. Freed blocks are
-    reused first-fit, so an arena's touched pages are the most bucket bytes ever in flight at once:
-    all of them once the ranks drift far enough apart (a quiet 2-core machine after a few steps:
-    measured 2 × the gradient on each dp-2 rank; under load fewer are in flight at once and the
-    high-water mark ratchets up over the steps), which is the peak this counts.
-    ZeRO-1's reduce-scatter reads only its own row (1/dp) of each peer's block, and its all-gather's
-    blocks reuse the reduce-scatter's pages (measured: own arena up to the gradient, the peer's
-    pages read up to half of it, at dp 2); its heap holds the gathered buckets (model/parallel/data_parallel's
+    Same host (`elements` > 0, CPU workers): the gradient buckets' averages (ZeRO-1: their
+    reduce-scatters and all-gathers) run one at a time on the data-parallel group's channel
+    (runtime/shm_channel.py), whose two alternating buffers in the rank's own arena are filled up
+    to the largest collective, a buffer (16 MiB) at most, and a rank reads up to as much of each
+    peer's: dp × 2 × min(16 MiB, gradient) in all (measured on a ZeRO-1 dp-2 rank whose largest
+    parameters are 16 MiB; before the buckets used the channel, their arena blocks held up to twice
+    the gradient). ZeRO-1: its heap holds the gathered buckets (model/parallel/data_parallel's
     ShardedAdamW.update starts them all before waiting) and the reduced shards, during the optimizer
     step only, when the activations and the backward's temporaries are gone (measured dp2 4 × 768:
     counting both at once over-predicted the rank by 19 %).
@@ -342,8 +337,9 @@ def _communication_bytes(c: Candidate, B, T, config, dtype, bucket_bytes, elemen
         heap += 2 * bucket_bytes
     if c.dp > 1 and elements:
         gradients = elements * dtype.itemsize
-        peers_read = (1 if c.zero else 2) * (c.dp - 1) * gradients // c.dp
-        shared += gradients + peers_read
+        # Two alternating buffers of the group's channel, filled up to the largest collective (a
+        # bucket, a large parameter's alone) but at most a buffer each; each peer's read up to the same.
+        shared += c.dp * 2 * min(CHANNEL_BUFFER_BYTES, gradients)
         if c.zero:  # heap: every bucket's all-gathered parameters in flight at once, the reduced
             step_only = gradients + 2 * -(-gradients // c.dp)  # gradient shards and their concatenation
             heap += step_only
