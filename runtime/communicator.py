@@ -168,17 +168,13 @@ class Communicator:
         ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
         gid, engine = self.group.gid, self.engine
-        host_out = None if out is None or array_module.is_device_array(out) else out
+        host_out = out if out is None or type(out) is np.ndarray or not array_module.is_device_array(out) else None
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
         call = engine.call
         name = f"recv from rank {src} tag {tag} on group {gid}"
 
-        def make(epoch, call):
-            return receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
-                            expect, name)
-
         def finish(array):
-            if out is not None and array_module.is_device_array(out):
+            if out is not None and type(out) is not np.ndarray and array_module.is_device_array(out):
                 out[...] = array_module.module_of(out).asarray(array)
                 return out
             return array
@@ -192,6 +188,10 @@ class Communicator:
             return RingReceive(engine.rings, src_global, (call, gid, int(tag)), name,
                                self.timeout if timeout is None else timeout, host_out, expect, finish,
                                trace[1] if trace else None)
+
+        def make(epoch, call):
+            return receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
+                            expect, name)
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
