@@ -17,8 +17,8 @@ TEXT = "".join(f"{i} little pigs went to market, {i * 7 % 13} came home.\n" for 
 @pytest.fixture(autouse=True)
 def torch_threads_restored():
     """`bench quality` and `bench model` call torch.set_num_threads, which lasts for the process: put
-    it back after each test, or every later torch test runs its OpenMP threads spinning against the
-X
+    it back after each test, or every later torch test in the session runs more OpenMP threads
+    than the 2 shared cores can serve."""
     yield
     torch = sys.modules.get("torch")
     if torch is not None and torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):

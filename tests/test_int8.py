@@ -289,6 +289,12 @@ def test_bench_int8_scores_float32_and_both_int8_scalings_on_the_same_val_window
     assert all(v["weight_bytes"] < result["variants"][0]["weight_bytes"] for v in result["variants"][1:])
     assert "int8 per-tensor" in format_table(result) and set(result["generation"]["tokens_per_s"]) == \
         {"float32", "int8 per-channel"}
+    for v in result["variants"]:  # the interval is around the measured change (zero wide for float32)
+        low, high = v["ppl_change_ci95"]
+        assert low <= v["ppl_change"] + 1e-12 and v["ppl_change"] <= high + 1e-12
+    assert [t["met"] for t in result["targets"]][2] == (channel["kl_from_float32"] < tensor["kl_from_float32"])
+    assert "per-channel closer to float32 than per-tensor" in format_table(result)
+    json.dumps(result)  # --json writes it
 
 
 def int8_logits_under_tensor_parallelism(comm, directory, idx):

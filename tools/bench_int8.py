@@ -59,11 +59,14 @@ def _log_softmax(logits):
 
 
 def score(models: dict, x, y, rows: int = 16, echo=print) -> dict:
-    """{name: {"val_loss", "perplexity", "kl_from_float32"}} over (x, y), `rows` windows at a time, each
-    batch through every model in turn. kl_from_float32: the token-mean KL divergence of the model's
-    next-token distribution from the first model's (float32), in nats — paired on the same tokens, it
-    separates the variants where their perplexities differ by less than the noise of a val sample."""
-    nll = dict.fromkeys(models, 0.0)
+    """{name: {"val_loss", "perplexity", "kl_from_float32", "ppl_change_ci95"}} over (x, y), `rows`
+    windows at a time, each batch through every model in turn. kl_from_float32: the token-mean KL
+    divergence of the model's next-token distribution from the first model's (float32), in nats —
+    paired on the same tokens, it separates the variants where their perplexities differ by less than
+    the noise of a val sample. ppl_change_ci95: a 95 % interval of the perplexity change against
+    float32, exp(mean ± 1.96 standard errors) - 1 of the per-window paired differences of mean
+    cross-entropy (windows are back-to-back, so they are treated as independent samples)."""
+    window_nll = {name: np.zeros(len(x)) for name in models}
     kl = dict.fromkeys(models, 0.0)
     for start in range(0, len(x), rows):
         if start // rows % 10 == 0:
@@ -72,12 +75,37 @@ def score(models: dict, x, y, rows: int = 16, echo=print) -> dict:
         reference = None
         for name, model in models.items():
             logp = _log_softmax(model.forward(inputs))
-            nll[name] -= np.take_along_axis(logp, targets[..., None], -1).sum()
+            window_nll[name][start:start + rows] = -np.take_along_axis(logp, targets[..., None], -1)[..., 0].mean(-1)
             if reference is None:
                 reference = logp
             kl[name] += (np.exp(reference) * (reference - logp)).sum()
-    return {name: {"val_loss": nll[name] / x.size, "perplexity": math.exp(nll[name] / x.size),
-                   "kl_from_float32": kl[name] / x.size} for name in models}
+    base = next(iter(models))
+    result = {}
+    for name in models:
+        diff = window_nll[name] - window_nll[base]
+        half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+        val_loss = float(window_nll[name].mean())
+        result[name] = {"val_loss": val_loss, "perplexity": math.exp(val_loss), "kl_from_float32": kl[name] / x.size,
+                        "ppl_change_ci95": [math.expm1(diff.mean() - half), math.expm1(diff.mean() + half)]}
+    return result
+
+
+def targets(result: dict) -> list:
+    """Issue #20's checks on a `run` result: [{"target", "measured", "met"}]. Per-channel must beat
+    per-tensor in closeness to float32, measured by the paired KL divergence (a perplexity change of
+    either can land on either side of zero by chance; its 95 % interval is printed beside it)."""
+    by_name = {v["name"]: v for v in result["variants"]}
+    fp, channel, tensor = by_name["float32"], by_name["int8 per-channel"], by_name["int8 per-tensor"]
+    shrink = fp["linear_weight_bytes"] / channel["linear_weight_bytes"]
+    return [
+        {"target": "linear weights about 4x smaller (int8 per channel)", "measured": f"{shrink:.2f}x",
+         "met": bool(shrink >= 3.9)},
+        {"target": "per-channel perplexity change within 1 % of float32",
+         "measured": f"{channel['ppl_change']:+.3%}", "met": bool(abs(channel["ppl_change"]) <= 0.01)},
+        {"target": "per-channel closer to float32 than per-tensor (KL nats/token)",
+         "measured": f"{channel['kl_from_float32']:.2e} vs {tensor['kl_from_float32']:.2e}",
+         "met": bool(channel["kl_from_float32"] < tensor["kl_from_float32"])},
+    ]
 
 
 def weight_error(params: dict, model, names) -> float:
@@ -112,9 +140,9 @@ def generation_speed(models: dict, prompt, new_tokens: int, rounds: int) -> dict
 def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int | None = None,
         prompt_tokens: int = 16, new_tokens: int = 48, rounds: int = 3, echo=print) -> dict:
     """The comparison (see the module docstring) -> {"run", "model", "windows", "tokens", "variants":
-    [{"name", "weight_bytes", "linear_weight_bytes", "val_loss", "perplexity", "ppl_change", "kl_from_float32",
-    "weight_error", "outlier_rows"}], "generation":
-    {"tokens_per_s": {"float32", "int8 per-channel"}: {"tokens_per_s", "tokens_per_cpu_s"}}}."""
+    [{"name", "weight_bytes", "linear_weight_bytes", "val_loss", "perplexity", "ppl_change", "ppl_change_ci95",
+    "kl_from_float32", "weight_error", "outlier_rows"}], "generation":
+    {"tokens_per_s": {"float32", "int8 per-channel"}: {"tokens_per_s", "tokens_per_cpu_s"}}, "targets"}."""
     source = model_directory(run_dir)  # a run stopped early: its newest checkpoint, a sharded one included
     name, config, params = load_float_model(source)
     check_int8_family(source, name)
@@ -147,22 +175,25 @@ def run(run_dir: str, outlier_threshold: float | None = None, max_windows: int |
     echo(f"timing greedy generation of {new_tokens} tokens, {rounds} rounds ...")
     speed = generation_speed({"float32": float_model, "int8 per-channel": models["int8 per-channel"]},
                              x[:1, :prompt_tokens], new_tokens, rounds)
-    return {"run": os.path.abspath(run_dir), "model": {k: getattr(config, k) for k in
+    result = {"run": os.path.abspath(run_dir), "model": {k: getattr(config, k) for k in
                                                        ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")},
             "windows": int(len(x)), "tokens": int(x.size), "variants": variants,
             "generation": {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds,
                            "tokens_per_s": speed}}
+    result["targets"] = targets(result)
+    return result
 
 
 def format_table(result: dict) -> str:
     model = result["model"]
     lines = [f"{result['run']}: GPT-2 {model['n_layer']} layers x {model['n_embd']} wide, vocabulary "
              f"{model['vocab_size']}; {result['tokens']} val tokens ({result['windows']} windows)",
-             f"{'weights':<34}{'MiB':>7}{'linear MiB':>11}{'perplexity':>11}{'change':>9}{'KL nats':>10}"
-             f"{'W error':>9}"]
+             f"{'weights':<34}{'MiB':>7}{'linear MiB':>11}{'perplexity':>11}{'change':>9}{'95% interval':>21}"
+             f"{'KL nats':>10}{'W error':>9}"]
     for v in result["variants"]:
         lines.append(f"{v['name']:<34}{v['weight_bytes'] / 2**20:>7.2f}{v['linear_weight_bytes'] / 2**20:>11.2f}"
-                     f"{v['perplexity']:>11.3f}{v['ppl_change']:>+9.3%}{v['kl_from_float32']:>10.2e}"
+                     f"{v['perplexity']:>11.3f}{v['ppl_change']:>+9.3%}"
+                     f"{'[%+.3f%%, %+.3f%%]' % tuple(100 * c for c in v['ppl_change_ci95']):>21}{v['kl_from_float32']:>10.2e}"
                      f"{v['weight_error']:>9.2e}")
     g = result["generation"]
     speed = g["tokens_per_s"]
@@ -172,4 +203,6 @@ def format_table(result: dict) -> str:
         lines.append(f"  {name:<18}{rate['tokens_per_s']:>8.1f} | {rate['tokens_per_cpu_s']:>8.1f}"
                      f"   ({rate['tokens_per_cpu_s'] / speed['float32']['tokens_per_cpu_s']:.2f}x float32's CPU rate)")
     lines.append("  (NumPy has no int8 matmul: the int8 block is widened to float for each product)")
+    for t in result.get("targets", []):
+        lines.append(f"{'met' if t['met'] else 'NOT MET':>8}  {t['target']}: {t['measured']}")
     return "\n".join(lines)
