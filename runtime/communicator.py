@@ -330,6 +330,9 @@ class Communicator:
         if op == "avg" and host.dtype.kind not in "fc":
             raise TypeError(f"reduce_scatter: op 'avg' needs a floating dtype, got {host.dtype}")
         rows = host.shape[0] // self.size
+        small = None if async_op or type(x) is not np.ndarray else self._small("reduce_scatter", x, op, timeout)
+        if isinstance(small, np.ndarray):
+            return small
         # Read-only below (algorithms copy what they modify), so no copy when already contiguous.
         work = np.ascontiguousarray(host, dtype=working_dtype(host.dtype)).reshape(self.size, -1)
         signature = {"op": "reduce_scatter", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}

@@ -103,6 +103,29 @@ def test_a_small_all_gather_stacks_every_members_array_on_either_path(local_clus
         assert fast and results == want
 
 
+def scatters(comm):
+    comm.barrier()
+    results = []
+    for dtype, op in ((np.float32, "sum"), (np.int32, "max"), (np.float64, "avg"), (np.uint8, "min")):
+        x = (np.arange(12).reshape(6, 2) * (comm.rank + 1) % 7).astype(dtype)
+        results.append(comm.reduce_scatter(x, op=op).tolist())
+        mixed = x.view(Tagged) if comm.rank == 1 else x  # rank 1 on the Python round, the others on C
+        results.append(comm.reduce_scatter(mixed, op=op).tolist())
+    return results, comm.engine.channels[comm.group.gid].small is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_small_reduce_scatter_gives_each_member_its_rows_on_either_path(local_cluster):
+    per_rank = local_cluster(3).run(scatters)
+    cases = ((np.float32, "sum"), (np.int32, "max"), (np.float64, "avg"), (np.uint8, "min"))
+    for rank, (results, fast) in enumerate(per_rank):
+        assert fast
+        for index, (dtype, op) in enumerate(cases):
+            inputs = [(np.arange(12).reshape(6, 2) * (r + 1) % 7).astype(dtype) for r in range(3)]
+            want = in_rank_order(inputs, op).astype(dtype)[2 * rank : 2 * rank + 2].tolist()
+            assert results[2 * index] == want and results[2 * index + 1] == want, (dtype, op, rank)
+
+
 def small_mismatch(comm):
     comm.barrier()
     try:
