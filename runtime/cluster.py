@@ -119,7 +119,7 @@ class Cluster(StartUp, TraceControl):
         self._thread.start()
 
     def _parse(self, frames):
-        identity = frames[0]
+        identity, rank = frames[0], None
         try:
             rank = int(identity[1:]) if identity[:1] == b"w" else None
             if rank is None or not 0 <= rank < self.world_size:
@@ -130,7 +130,19 @@ class Cluster(StartUp, TraceControl):
             return rank, value
         except (wire.WireError, ValueError) as exc:
             logging.getLogger("ringpipe.runtime").error("driver: rejected a control message: %s", exc)
+            self._fail_rejected_result(rank, frames, exc)
             return None, None
+
+    def _fail_rejected_result(self, rank, frames, exc):
+        """A rejected result still names its call: fail that call on that rank instead of waiting
+        for a reply that will never come."""
+        if rank is None or not 0 <= rank < self.world_size or len(frames) < 2:
+            return
+        kind, call_id = wire.peek_call(bytes(frames[1]))
+        if kind != "result" or not isinstance(call_id, int):
+            return
+        self._on_message(rank, {"t": "result", "id": call_id, "ok": False, "type": "WireError", "aborted": False,
+                                "error": f"WireError: the driver rejected the result: {exc}", "traceback": ""})
 
     def _send_to(self, rank: int, value):
         self._router.send_multipart([b"w%d" % rank, *wire.encode(value)])

@@ -62,6 +62,10 @@ def encode(value) -> list:
         raise TypeError(f"value of type {type(obj).__name__} cannot be sent (msgpack values and NumPy arrays only)")
 
     header = msgpack.packb(value, default=default, use_bin_type=True, strict_types=False)
+    if len(header) > MAX_HEADER_BYTES:
+        # The receiver would reject it (decode_header): refuse here, where the sender can report it.
+        raise WireError(f"header of {len(header)} bytes exceeds the control-message limit of {MAX_HEADER_BYTES} "
+                        "bytes (send large data as NumPy arrays, which travel outside the header)")
     return [header, *buffers]
 
 
@@ -105,6 +109,27 @@ def decode_header(header: bytes) -> tuple[object, list]:
     except Exception as exc:
         raise WireError(f"header is not valid msgpack: {exc}") from None
     return value, specs
+
+
+def peek_call(header: bytes) -> tuple[object, object]:
+    """The ("t", "id") entries of a top-level map header without building its other values, so a
+    message rejected by `decode_header` (too large, a bad record) can still fail the call it names.
+    Returns (None, None) when they cannot be read."""
+    kind = call_id = None
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(header), 1), strict_map_key=False)
+        unpacker.feed(header)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "t":
+                kind = unpacker.unpack()
+            elif key == "id":
+                call_id = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # noqa: BLE001 - a best-effort look at a message already known to be bad
+        pass
+    return kind, call_id
 
 
 class ArraySlot:

@@ -199,9 +199,11 @@ class Worker:
 
         try:
             frames = wire.encode(value)
-        except TypeError as exc:
-            frames = wire.encode({"t": "result", "id": value["id"], "ok": False, "type": "TypeError",
-                                  "error": f"result could not be sent: {exc}", "traceback": "", "aborted": False})
+        except Exception as exc:  # noqa: BLE001 - unencodable or too large: the call must still fail
+            frames = wire.encode({"t": "result", "id": value["id"], "ok": False, "type": type(exc).__name__,
+                                  "error": f"{type(exc).__name__}: the result could not be sent: {exc}",
+                                  "traceback": "", "aborted": False,
+                                  "fence": value["fence"], "waited_for": value["waited_for"]})
         self.engine.call_soon(lambda: self.control.send_multipart(frames))
 
     def shutdown(self):
