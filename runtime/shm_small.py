@@ -74,9 +74,9 @@ class SmallRounds:
         code, op_code = DTYPES.get(dtype), OPS.get(op)
         if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
             return False
-        flags = x.flags
-        if not (flags.c_contiguous and flags.writeable):
-            return False
+        # No test of x's layout or writability: those are this rank's own, and a path chosen on them
+        # could reduce differently (signed zeros) from a peer's. The round copies x into its
+        # contiguous buffer and back (a read-only x then raises as on the Python path).
         views = self._views.get((dtype, x.shape, -1)) or self._make_views(dtype, x.shape, -1)
         signature = self._signatures.get(("all_reduce", x.shape, dtype, op)) or self._signature(
             ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
@@ -90,8 +90,7 @@ class SmallRounds:
         return True
 
     def broadcast(self, comm, x: np.ndarray, root: int, timeout) -> bool:
-        flags = x.flags
-        if x.nbytes > self.max_bytes or not (flags.c_contiguous and flags.writeable) or x.dtype.hasobject:
+        if x.nbytes > self.max_bytes or x.dtype.hasobject:  # (layout and writability: as all_reduce)
             return False
         dtype = x.dtype
         views = self._views.get((dtype, x.shape, root)) or self._make_views(dtype, x.shape, root)
