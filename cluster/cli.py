@@ -5,10 +5,12 @@ way: cli.py -> train_cmd.py, generate_cmd.py, trace_cmd.py, bench_commands.py ->
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import click
 
+from ringpipe.cluster.options import CommandLineError
 from ringpipe.runtime.files import FileWriteError
 from ringpipe.runtime.version import __version__
 
@@ -18,7 +20,8 @@ class Commands(click.Group):
     and PyTorch's launchers report it, and a line of its own instead of click's "Aborted!"; commands
     with more to say (`train`: can it resume?) catch KeyboardInterrupt themselves. A file that
     cannot be written, here or on a worker, is one error line naming the path and the cause,
-    whichever command was writing it.
+    whichever command was writing it. Every usage error, click's own (a value out of range, an
+    unknown option or choice) included, is one "Error: ..." line and exit status 2.
 
     `lazy` maps command names to "module:attribute" of the click command; the module is imported
     when the command is used or listed, so `ringpipe trace summary` does not load the model code
@@ -35,11 +38,16 @@ class Commands(click.Group):
             self.add_command(getattr(importlib.import_module(module), attribute), name)
         return super().get_command(ctx, name)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        with _one_line_usage_errors():  # the group's own options: `ringpipe --bogus`
+            return super().make_context(info_name, args, parent, **extra)
+
     def invoke(self, ctx):
         from ringpipe.runtime import RemoteError
 
         try:
-            return super().invoke(ctx)
+            with _one_line_usage_errors():  # every subcommand's (and sub-group's) parsing and checks
+                return super().invoke(ctx)
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             raise click.exceptions.Exit(130) from None
@@ -49,6 +57,18 @@ class Commands(click.Group):
             if exc.exc_type != FileWriteError.__name__:
                 raise
             raise click.ClickException(str(exc).splitlines()[0]) from None
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors():
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:  # a bare group: its help is the answer
+        raise
+    except click.UsageError as exc:
+        if isinstance(exc, CommandLineError):
+            raise
+        raise CommandLineError(exc.format_message(), ctx=exc.ctx) from None
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag, usage_error
+from ringpipe.model.nn.mixed_precision import DTYPES
 from ringpipe.model.planning.family import FAMILIES as INVENTORIES
 
 UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
@@ -135,7 +136,7 @@ def format_refusals(report) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Global batch (sequences).")
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Ranks to plan for.")
 @click.option("--hosts", type=click.IntRange(min=1), default=1, show_default=True, help="Hosts the ranks spread over.")
 @click.option("--machine", "machine_file", default=None,
@@ -151,13 +152,14 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
          machine_file, top, show_refused, json_path, calibrate, machine_out):
     """Predict memory per rank and step time of every layout of a model on --nproc ranks, and rank them."""
     from ringpipe.model.families import family as family_of
-    from ringpipe.model.nn.mixed_precision import model_dtype
+    from ringpipe.model.nn.mixed_precision import check_supported, model_dtype
     from ringpipe.model.planning.family import inventory_for
     from ringpipe.model.planning.machine import default_machine_path, load_machine, this_machine
     from ringpipe.model.planning.search import plan_layouts
     from ringpipe.runtime.files import write_json
 
     try:
+        check_supported(dtype)  # as train refuses it
         # the family's default options (T5's feed-forward, position buckets...) with the flags' sizes
         options = dataclasses.replace(family_of(family).default_options(), n_layer=n_layer, n_head=n_head,
                                       n_embd=n_embd, n_inner=n_inner, block_size=block_size, dropout=dropout)

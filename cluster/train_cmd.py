@@ -25,6 +25,7 @@ from ringpipe.cluster.train_flags import already_complete, config_from_flags
 from ringpipe.model.data.dataset import corpus_files
 from ringpipe.model.data.tokenizer import KINDS, encodable
 from ringpipe.model.families import FAMILIES, family
+from ringpipe.model.nn.mixed_precision import DTYPES
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.config import ON_NONFINITE, TrainConfig
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
@@ -94,7 +95,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--dropout", type=FiniteFloat(0, 1, max_open=True), default=D.model.dropout, show_default=True)
 @click.option("--next-sentence", is_flag=True,
               help="--model bert: sentence-pair rows and the next-sentence head too (BertForPreTraining).")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "fp16-mixed", "bf16-mixed"]), default=D.dtype,
+@click.option("--dtype", type=click.Choice(DTYPES), default=D.dtype,
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
               show_default=True, help="Mixed precision: good steps in a row before the loss scale doubles.")

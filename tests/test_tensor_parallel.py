@@ -248,7 +248,7 @@ def test_a_checkpoint_written_with_tp_2_gives_the_same_logits_with_tp_1_and_tp_4
 def test_bad_tensor_parallel_layouts_are_refused_before_any_worker_starts(references):
     from ringpipe.model.parallel.mesh import mesh_groups, parallel_axes
     config = references(0.1)["config"]
-    with pytest.raises(ValueError, match="n_head 4 is not divisible by tp 3"):
+    with pytest.raises(ValueError, match="--n-head 4 is not divisible by --tp 3"):
         Layout(tp=3).validate(config)
     with pytest.raises(ValueError, match="does not match the world size 3"):
         mesh_groups(3, parallel_axes(dp=1, tp=2, pp=1))

@@ -29,6 +29,7 @@ import numpy as np
 from ringpipe.model.nn.optim import AdamW
 
 MIXED_DTYPES = {"fp16-mixed": "float16", "bf16-mixed": "bfloat16"}
+DTYPES = ("float32", "float64", *MIXED_DTYPES)  # every --dtype a command offers (train, plan)
 MASTER_DTYPE = "float32"
 INITIAL_LOSS_SCALE = 2.0 ** 16
 GROWTH_INTERVAL = 2000

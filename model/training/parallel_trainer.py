@@ -62,10 +62,14 @@ class Layout:
             raise ValueError(f"global batch {config.batch_size} is not divisible by dp × microbatches = "
                              f"{self.dp} × {config.microbatches}")
         if config.model.n_head % self.tp:
-            raise ValueError(f"n_head {config.model.n_head} is not divisible by tp {self.tp}")
+            raise ValueError(f"--n-head {config.model.n_head} is not divisible by --tp {self.tp}")
         # too few layers, bad split (an encoder-decoder's stages divide both stacks' layers)
-        split_layers(getattr(config.model, "pipeline_layers", config.model.n_layer), self.pp * self.virtual_stages,
-                     self.split)
+        layers, stages = getattr(config.model, "pipeline_layers", config.model.n_layer), self.pp * self.virtual_stages
+        if layers < stages:
+            virtual = f" × --virtual-stages {self.virtual_stages} = {stages}" if self.virtual_stages > 1 else ""
+            raise ValueError(f"{layers} layers cannot fill --pp {self.pp}{virtual} pipeline stages "
+                             "(every stage needs at least one layer)")
+        split_layers(layers, stages, self.split)
         build_schedule(self.schedule, self.pp, config.microbatches, self.virtual_stages)  # raises on bad rules
         if self.zero not in (0, 1):
             raise ValueError(f"--zero must be 0 or 1, got {self.zero}")
