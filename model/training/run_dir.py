@@ -231,3 +231,30 @@ def _of_run(source, run_dir: str) -> bool:
         return False
     source, run_dir = os.path.realpath(source), os.path.realpath(run_dir)
     return source == run_dir or source.startswith(run_dir + os.sep)
+
+
+def _is_run_directory(path: str) -> bool:
+    """Whether `path` holds what only training writes (its metrics, corpus tokens or checkpoints)."""
+    return (any(os.path.isfile(os.path.join(path, name)) for name in (METRICS_FILE, TOKEN_FILE))
+            or any(os.path.isdir(os.path.join(path, name)) for name in (CHECKPOINT_DIR, SHARDED_CHECKPOINTS_DIR)))
+
+
+def check_outside_runs(run_dir: str, out: str) -> None:
+    """ValueError unless `out`, where `ringpipe export|quantize RUN --out OUT` writes a model, stays
+    out of every run's own files: not another run directory or anything inside one, and not RUN's
+    checkpoint/, checkpoint.old/ or checkpoints/ (a later resume, export or quantize would read the
+    files written there as the run's). RUN itself and its other subdirectories are allowed."""
+    target, own = os.path.realpath(out), os.path.realpath(run_dir)
+    for name in (CHECKPOINT_DIR, PREVIOUS_CHECKPOINT_DIR, SHARDED_CHECKPOINTS_DIR):
+        reserved = os.path.join(own, name)
+        if target == reserved or target.startswith(reserved + os.sep):
+            where = f"{run_dir}'s {name}/" if target == reserved else f"inside {run_dir}'s {name}/"
+            raise ValueError(f"{out} is {where}, which only training writes; give a directory outside it")
+    path = target
+    while True:  # the nearest run directory that `out` is or lies in (existing ancestors only)
+        if path != own and _is_run_directory(path):
+            where = f"another run's directory ({path})" if path == target else f"inside another run's directory {path}"
+            raise ValueError(f"{out} is {where}; give a directory outside it")
+        if path == own or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
