@@ -26,7 +26,8 @@ def _tree(root):
                   for d, _, files in os.walk(root) for f in files)
 
 
-COMMANDS = {"export": ["export", "{run}", "--out", "{out}"], "quantize": ["quantize", "{run}", "--int8", "--out", "{out}"]}
+COMMANDS = {"export": ["export", "{run}", "--out", "{out}"],
+            "quantize": ["quantize", "{run}", "--int8", "--out", "{out}"]}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
