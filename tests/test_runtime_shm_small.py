@@ -20,7 +20,8 @@ def rank_input(dtype, rank):
     if info is not None:
         return np.array([info.max - rank, info.min + rank, rank, 3 - rank * 2 if info.min < 0 else rank * 7],
                         dtype)
-    return np.array([np.nan if rank == 1 else 1.5, -0.0, 1e30 * (rank + 1), 0.1 * rank], dtype)
+    zero, other = (0.0, -0.0) if rank == 0 else (-0.0, 0.0)  # max/min of +0 and -0: NumPy's pick
+    return np.array([np.nan if rank == 1 else 1.5, -0.0, 1e30 * (rank + 1), 0.1 * rank, zero, other], dtype)
 
 
 def in_rank_order(inputs, op):

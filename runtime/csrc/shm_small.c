@@ -38,7 +38,8 @@ static int64_t now_ns(void) {
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
 
 /* Integer sums wrap (as NumPy's); unsigned arithmetic makes that defined behaviour in C. Float
-   max / min propagate NaN as np.maximum / np.minimum do. */
+   max / min propagate NaN as np.maximum / np.minimum do, and on a tie take the second operand as
+   they do, so max(+0, -0) is -0 on either path and ranks on different paths agree bitwise. */
 #define LOOP(T, EXPR)                                                                              \
     {                                                                                              \
         T *o = (T *)out;                                                                           \
@@ -59,8 +60,8 @@ static int64_t now_ns(void) {
 #define FLOAT(T)                                                                                   \
     switch (op) {                                                                                  \
     case OP_SUM: LOOP(T, x + y)                                                                    \
-    case OP_MAX: LOOP(T, (x >= y || x != x) ? x : y)                                               \
-    case OP_MIN: LOOP(T, (x <= y || x != x) ? x : y)                                               \
+    case OP_MAX: LOOP(T, (x > y || x != x) ? x : y)                                                \
+    case OP_MIN: LOOP(T, (x < y || x != x) ? x : y)                                                \
     }                                                                                              \
     return -1;
 
