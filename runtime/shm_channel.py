@@ -124,6 +124,12 @@ class GroupChannel:
                     raise self._cancelled(handle.name)
                 result = work()
             except BaseException as exc:  # noqa: BLE001 - the handle's error
+                if abort_key[1] <= self._cancelled_through and not isinstance(exc, Cancelled):
+                    # Its call ended first: whichever abort woke it (the cancel note or the fence
+                    # that follows), the cause is the cancellation.
+                    cancelled = self._cancelled(handle.name)
+                    cancelled.__cause__ = exc
+                    exc = cancelled
                 handle._set(error=exc)
             else:
                 handle._set(result)

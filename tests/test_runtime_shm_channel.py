@@ -3,6 +3,7 @@ caller waits for move through shared memory from the calling thread, with the en
 errors, timeouts and aborts."""
 import mmap
 import threading
+import re
 import time
 
 import numpy as np
@@ -380,4 +381,5 @@ def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_ne
     actors.leave().result(timeout=30)
     (first, left), (second, nothing) = actors.sum_and_left_handle().result(timeout=30)
     assert first == second == [3.0] * 4 and nothing is None
-    assert left.startswith("Cancelled: all_reduce #1 on group w") and "wait()" in left
+    # The collective's number depends on whether an earlier test of this module opened the channel.
+    assert re.match(r"Cancelled: all_reduce #\d+ on group w", left) and "wait()" in left
