@@ -168,17 +168,13 @@ class Communicator:
         ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
         gid, engine = self.group.gid, self.engine
-        host_out = None if out is None or array_module.is_device_array(out) else out
+        host_out = out if out is None or type(out) is np.ndarray or not array_module.is_device_array(out) else None
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
         call = engine.call
         name = f"recv from rank {src} tag {tag} on group {gid}"
 
-        def make(epoch, call):
-            return receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
-                            expect, name)
-
         def finish(array):
-            if out is not None and array_module.is_device_array(out):
+            if out is not None and type(out) is not np.ndarray and array_module.is_device_array(out):
                 out[...] = array_module.module_of(out).asarray(array)
                 return out
             return array
@@ -192,6 +188,10 @@ class Communicator:
             return RingReceive(engine.rings, src_global, (call, gid, int(tag)), name,
                                self.timeout if timeout is None else timeout, host_out, expect, finish,
                                trace[1] if trace else None)
+
+        def make(epoch, call):
+            return receive(engine, (epoch, call, "p2p", gid, int(tag), src_global, 0), src_global, host_out,
+                            expect, name)
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
@@ -303,6 +303,9 @@ class Communicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
+        gathered = None if async_op or type(x) is not np.ndarray else self._small("all_gather", x, timeout)
+        if isinstance(gathered, np.ndarray):
+            return gathered
         host = np.ascontiguousarray(array_module.to_host(x))
         piece_shape = host.shape if host.ndim else (1,)
         out = np.empty((self.size, *piece_shape), host.dtype)
@@ -327,6 +330,9 @@ class Communicator:
         if op == "avg" and host.dtype.kind not in "fc":
             raise TypeError(f"reduce_scatter: op 'avg' needs a floating dtype, got {host.dtype}")
         rows = host.shape[0] // self.size
+        small = None if async_op or type(x) is not np.ndarray else self._small("reduce_scatter", x, op, timeout)
+        if isinstance(small, np.ndarray):
+            return small
         # Read-only below (algorithms copy what they modify), so no copy when already contiguous.
         work = np.ascontiguousarray(host, dtype=working_dtype(host.dtype)).reshape(self.size, -1)
         signature = {"op": "reduce_scatter", "shape": list(host.shape), "dtype": host.dtype.str, "reduce": op}

@@ -37,6 +37,7 @@ HEADER_BYTES = 4096
 SIGNATURE_AT, SIGNATURE_BYTES = 64, 1024  # per parity: id (length, crc32), position (call, #), msgpack bytes
 EPOCH_SHIFT = 40
 SLICE_S = 0.1  # longest sleep between looks at aborts and deadlines (an abort also wakes sleepers)
+BUFFER_BYTES = 16 << 20  # one data buffer at most (buffer_bytes_for)
 
 
 def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
@@ -45,7 +46,7 @@ def buffer_bytes_for(arena_size: int, round_bytes: int) -> int:
     through the scheduler: few large rounds beat many small ones (4 ranks on 2 cores, 64 MiB
     all_reduce: 8 MiB buffers took ~10 % more CPU than 32 MiB ones). The pages are touched only as
     far as buffers fill them (the arena is a sparse file)."""
-    return max(4096, min(16 << 20, round_bytes, arena_size // 16) // 64 * 64)
+    return max(4096, min(BUFFER_BYTES, round_bytes, arena_size // 16) // 64 * 64)
 
 
 def region_bytes(buffer_bytes: int) -> int:
@@ -371,4 +372,4 @@ def open_channel(engine, group, config, exchange, mode: str | None = None):
     return GroupChannel(engine, group, regions, buffer_bytes, mode)
 
 
-__all__ = ["GroupChannel", "open_channel", "exchange_entries", "buffer_bytes_for", "region_bytes"]
+__all__ = ["GroupChannel", "open_channel", "exchange_entries", "buffer_bytes_for", "region_bytes", "BUFFER_BYTES"]

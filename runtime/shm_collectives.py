@@ -17,14 +17,14 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime.collective_context import split_bounds
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
 # the one-round reduce (one wait, every rank summing everything) beats reduce-scatter + all-gather
-# (two waits, 1/n of the sum each): measured at 2 and 4 ranks on 2 cores, 256 KiB and 1 MiB.
-ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 3 << 20
+# (two waits, 1/n of the sum each). Measured on 2 cores: 2 ranks, 256 KiB and 1 MiB; 4 ranks,
+# 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
+ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
@@ -208,20 +208,23 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
 def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
     """Root's 1-D `work` into every member's `work`, in place.
 
-    After the first round (every member checks every signature) a member waits only for the root:
-    only the root's buffer is read, and the root still waits for every member before it writes a
-    buffer again, so no member waits for another's copy (with more ranks than cores, such waits
-    left cores idle at the end of every round)."""
+    Between the first round (every member checks every signature) and the last, a member waits
+    only for the root: only the root's buffer is read, and the root still waits for every member
+    before it writes a buffer again, so no member waits for another's copy (with more ranks than
+    cores, such waits left cores idle at the end of every round). The last round waits for every
+    member again: a member that left early could start the next collective two rounds ahead of a
+    slower one, and overwrite the signature that one still checks."""
     me = channel.me
     per_round = channel.elements_per_round(work.itemsize)
-    for start in range(0, max(work.size, 1), per_round):
+    starts = range(0, max(work.size, 1), per_round)
+    for start in starts:
         piece = work[start : start + per_round]
 
         def write(parity, piece=piece):
             if me == root:
                 channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
 
-        if start == 0 or me == root:
+        if start in (starts[0], starts[-1]) or me == root:
             parity = (_first_round if start == 0 else _round)(channel, write)
         else:
             parity = channel.next_round()

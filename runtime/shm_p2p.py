@@ -224,9 +224,10 @@ class PairRings:
 
     # ---- receiving --------------------------------------------------------------------------------
     def post(self, src: int, key: tuple) -> int:
+        arrival = (src, key)
         with self.lock:
-            ticket = self.tickets[(src, key)]
-            self.tickets[(src, key)] += 1
+            ticket = self.tickets[arrival]
+            self.tickets[arrival] = ticket + 1
             return ticket
 
     def take(self, src: int, key: tuple, ticket: int, deadline: float, name: str, timeout: float, block=True,
@@ -234,15 +235,21 @@ class PairRings:
         """(array, when it arrived in ns, ns its copy took) of the message with `ticket` for `key`
         from `src` (written straight into `out` when it is a C-contiguous array of the message's
         shape and dtype); None when `block` is False and it has not arrived."""
+        wanted = (src, key, ticket)
         with self.lock:
-            while (src, key, ticket) not in self.kept:
-                if not self._read_one(src, block, deadline, name, timeout, (key, ticket, out)):
+            found = self.kept.pop(wanted, None)
+            while found is None:
+                found = self._read_one(src, block, deadline, name, timeout, (key, ticket, out))
+                if found is False:
                     return None
-            return self.kept.pop((src, key, ticket))
+                if found is True:
+                    found = self.kept.pop(wanted, None)
+            return found
 
-    def _read_one(self, src, block, deadline, name, timeout, wanted) -> bool:
-        """Read the next message from `src`'s ring (all its parts) and keep it for its receive;
-        False when `block` is False and there is none."""
+    def _read_one(self, src, block, deadline, name, timeout, wanted):
+        """Read the next message from `src`'s ring (all its parts): the wanted one's entry (see
+        `take`), or True once another was kept for its receive (or dropped); False when `block`
+        is False and there is none."""
         engine = self.engine
         ring = self._in.get(src) or self._ring(src, engine.rank)
         if not block and ring.words[HEAD // 8] <= ring.words[TAIL // 8]:
@@ -256,8 +263,10 @@ class PairRings:
         first = meta
         stale = epoch < engine.epoch or call < engine.call  # of an aborted or an earlier call: dropped
         key = (call, group, tag)
-        number = self.arrived[(src, key)]
-        out = wanted[2] if wanted[1] == number and wanted[0] == key else None
+        arrival = (src, key)
+        number = self.arrived[arrival]
+        mine = wanted[1] == number and wanted[0] == key
+        out = wanted[2] if mine else None
         if stale:
             array = None
         elif out is not None and out.shape == shape and out.dtype == dtype and _writable(out):
@@ -280,11 +289,15 @@ class PairRings:
                 stale = True
                 break
             index = meta[6]
-        if not stale:
-            self.arrived[(src, key)] += 1
-            # The trace shows a receive as the engine's: blocked until the message arrived, then
-            # done after the time the copy took (whenever the caller looks at it).
-            self.kept[(src, key, number)] = (array, meta[9], now_ns() - reading)
+        if stale:
+            return True
+        self.arrived[arrival] = number + 1
+        # The trace shows a receive as the engine's: blocked until the message arrived, then done
+        # after the time the copy took (whenever the caller looks at it).
+        entry = (array, meta[9], now_ns() - reading)
+        if mine:
+            return entry
+        self.kept[(src, key, number)] = entry
         return True
 
     def _read_part(self, src, ring: _Ring, deadline, name, timeout):

@@ -1,5 +1,6 @@
-"""The latency path of a same-host group channel: a small all_reduce, broadcast or barrier that the
-caller waits for is one call into C (runtime/csrc/shm_small.c) between two NumPy copies.
+"""The latency path of a same-host group channel: a small all_reduce, reduce_scatter, all_gather,
+broadcast or barrier that the caller waits for is one call into C (runtime/csrc/shm_small.c)
+between two NumPy copies.
 
 The round is the channel's own (runtime/shm_channel.py: same buffers, counters, signatures and
 epochs), so a member on this path and one on the Python path (another wait mode, a larger size,
@@ -29,7 +30,7 @@ from ringpipe.runtime.trace import now_ns
 
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
-C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH = 8, 13, 14, 15, 16, 17
+C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET = 8, 13, 14, 15, 16, 17, 18
 C_MEMBERS, C_PER_MEMBER = 24, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -80,7 +81,8 @@ class SmallRounds:
         signature = self._signatures.get(("all_reduce", x.shape, dtype, op)) or self._signature(
             ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
                                                  "reduce": op})
-        if not self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, views, x.nbytes, timeout):
+        if not self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, views, x.nbytes, timeout,
+                         (self.channel.n - 1) * x.nbytes):
             return False
         x[...] = views[2]
         if op == "avg":
@@ -97,22 +99,66 @@ class SmallRounds:
             ("broadcast", x.shape, dtype, root), {"op": "broadcast", "shape": list(x.shape), "dtype": dtype.str,
                                                   "root": root})
         if self.channel.me == root:  # its payload goes in its own buffer; the others copy it out
-            return self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, x, views, x.nbytes, timeout, True)
+            return self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, x, views, x.nbytes, timeout,
+                             (self.channel.n - 1) * x.nbytes)
         if not self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, None, None, x.nbytes, timeout):
             return False
         x[...] = views[(self.channel.rounds - 1) & 1]  # the parity of the round just run
         return True
+
+    def all_gather(self, comm, x: np.ndarray, timeout):
+        """Every member's `x` stacked along axis 0 (0-d ones as (1,)), as Communicator.all_gather
+        returns it; None when the Python path must take it."""
+        dtype, shape, n = x.dtype, x.shape, self.channel.n
+        if x.nbytes > self.max_bytes or dtype.hasobject:
+            return None
+        piece_shape = shape if shape else (1,)  # as the Python path's np.ascontiguousarray makes it
+        signature = self._signatures.get(("all_gather", shape, dtype, None)) or self._signature(
+            ("all_gather", shape, dtype, None), {"op": "all_gather", "shape": list(piece_shape), "dtype": dtype.str})
+        own = self._views.get((dtype, shape, -1)) or self._make_views(dtype, shape, -1)
+        if not self._run(comm, "all_gather", signature, KIND_BARRIER, 0, 0, x, own, n * x.nbytes, timeout,
+                         (n - 1) * x.nbytes):
+            return None
+        parity = (self.channel.rounds - 1) & 1
+        out = np.empty((n, *piece_shape), dtype)
+        for member in range(n):
+            views = own if member == self.channel.me else (self._views.get((dtype, shape, member))
+                                                          or self._make_views(dtype, shape, member))
+            out[member] = views[parity].reshape(piece_shape)
+        return out.reshape(n * piece_shape[0], *piece_shape[1:])
+
+    def reduce_scatter(self, comm, x: np.ndarray, op: str, timeout):
+        """This rank's row block of the reduction (as Communicator.reduce_scatter returns it, x
+        already checked there); None when the Python path must take it."""
+        dtype, shape, n = x.dtype, x.shape, self.channel.n
+        code, op_code = DTYPES.get(dtype), OPS.get(op)
+        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+            return None
+        signature = self._signatures.get(("reduce_scatter", shape, dtype, op)) or self._signature(
+            ("reduce_scatter", shape, dtype, op), {"op": "reduce_scatter", "shape": list(shape), "dtype": dtype.str,
+                                                   "reduce": op})
+        own = self._views.get((dtype, shape, -1)) or self._make_views(dtype, shape, -1)
+        count = x.size // n
+        if not self._run(comm, "reduce_scatter", signature, KIND_REDUCE, code, op_code, x, own, x.nbytes, timeout,
+                         (n - 1) * count * x.itemsize, count, self.channel.me * count * x.itemsize):
+            return None
+        result = self.scratch.view(np.uint8)[: count * x.itemsize].view(dtype).copy()
+        if op == "avg":
+            result /= n
+        return result.reshape(shape[0] // n, *shape[1:])
 
     def barrier(self, comm, timeout) -> bool:
         signature = self._signatures.get("barrier") or self._signature("barrier", {"op": "barrier"})
         return self._run(comm, "barrier", signature, KIND_BARRIER, 0, 0, None, None, 0, timeout)
 
     # ---- one round ------------------------------------------------------------------------------------
-    def _run(self, comm, name, signature, kind, dtype_code, op_code, x, views, nbytes, timeout, sends=False) -> bool:
+    def _run(self, comm, name, signature, kind, dtype_code, op_code, x, views, nbytes, timeout, sent=0, count=None,
+             offset=0) -> bool:
         """The round of collective `name` (`nbytes`: its size, for the trace) with `x` as this rank's
-        payload (None: none; copied into `views`, its buffers by parity); `sends`: peers read this
-        rank's payload (a broadcast's root). False when the channel is busy (asynchronous
-        operations queued, or another thread in it)."""
+        payload (None: none; copied into `views`, its buffers by parity); `sent`: payload bytes
+        that count as sent by this rank (what its peers read); a reduction takes `count` elements
+        (default all of x) from byte `offset` of every buffer. False when the channel is busy
+        (asynchronous operations queued, or another thread in it)."""
         channel = self.channel
         if channel._running is not None or channel._queue or not channel.lock.acquire(False):
             return False
@@ -148,7 +194,8 @@ class SmallRounds:
                 spin = channel.spin
                 _CALL.pack_into(self.words, C_PARITY * 8, parity, (epoch << EPOCH_SHIFT) | channel.count,
                                 signature_id, position, spin.ns(), self.yields, 0, kind, dtype_code, op_code,
-                                0 if x is None else x.size, 0)
+                                (0 if x is None else x.size) if count is None else count, 0)
+                self.words[C_OFFSET] = offset
                 status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
                     status = self._sleep(comm, name, seq, key, deadline, patience)
@@ -158,8 +205,8 @@ class SmallRounds:
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).
-                if kind == KIND_REDUCE or sends:
-                    engine.count_sent(channel.group.gid, (channel.n - 1) * nbytes)
+                if sent:
+                    engine.count_sent(channel.group.gid, sent)
                 return True
             except BaseException as exc:
                 error = exc

@@ -77,6 +77,55 @@ def test_ranks_on_the_latency_path_and_on_the_python_path_meet_in_one_round(loca
         assert total == (2 * base + 1).tolist() and largest == (base + 1).tolist()
 
 
+class Tagged(np.ndarray):
+    """An ndarray subclass: the latency path takes exact ndarrays only, so a rank holding one runs
+    the Python round."""
+
+
+def gathers(comm):
+    comm.barrier()
+    results = []
+    for shape, dtype in (((), np.int64), ((3,), np.float32), ((2, 3), np.int16), ((0,), np.float64)):
+        x = np.full(shape, comm.rank + 1, dtype)
+        results.append(comm.all_gather(x).tolist())
+        mixed = x.view(Tagged) if comm.rank == 1 else x  # rank 1 on the Python round, the others on C
+        results.append(comm.all_gather(mixed).tolist())
+    return results, comm.engine.channels[comm.group.gid].small is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_small_all_gather_stacks_every_members_array_on_either_path(local_cluster):
+    want = []
+    for shape, dtype in (((), np.int64), ((3,), np.float32), ((2, 3), np.int16), ((0,), np.float64)):
+        stacked = np.concatenate([np.full(shape, rank + 1, dtype).reshape(shape or (1,)) for rank in range(3)])
+        want += [stacked.tolist()] * 2
+    for results, fast in local_cluster(3).run(gathers):
+        assert fast and results == want
+
+
+def scatters(comm):
+    comm.barrier()
+    results = []
+    for dtype, op in ((np.float32, "sum"), (np.int32, "max"), (np.float64, "avg"), (np.uint8, "min")):
+        x = (np.arange(12).reshape(6, 2) * (comm.rank + 1) % 7).astype(dtype)
+        results.append(comm.reduce_scatter(x, op=op).tolist())
+        mixed = x.view(Tagged) if comm.rank == 1 else x  # rank 1 on the Python round, the others on C
+        results.append(comm.reduce_scatter(mixed, op=op).tolist())
+    return results, comm.engine.channels[comm.group.gid].small is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_small_reduce_scatter_gives_each_member_its_rows_on_either_path(local_cluster):
+    per_rank = local_cluster(3).run(scatters)
+    cases = ((np.float32, "sum"), (np.int32, "max"), (np.float64, "avg"), (np.uint8, "min"))
+    for rank, (results, fast) in enumerate(per_rank):
+        assert fast
+        for index, (dtype, op) in enumerate(cases):
+            inputs = [(np.arange(12).reshape(6, 2) * (r + 1) % 7).astype(dtype) for r in range(3)]
+            want = in_rank_order(inputs, op).astype(dtype)[2 * rank : 2 * rank + 2].tolist()
+            assert results[2 * index] == want and results[2 * index + 1] == want, (dtype, op, rank)
+
+
 def small_mismatch(comm):
     comm.barrier()
     try:
@@ -125,6 +174,7 @@ def traced_small(comm):
     try:
         comm.all_reduce(np.ones(4, np.float32))
         comm.barrier()
+        comm.all_gather(np.ones(2, np.float64))
         events = [e for e in comm.tracer.events if e[2] == "comm"]
     finally:
         comm.tracer.enabled = False
@@ -134,7 +184,7 @@ def traced_small(comm):
 @pytest.mark.timeout(60)
 def test_a_small_collective_records_its_trace_span(local_cluster):
     for spans in local_cluster(2).run(traced_small):
-        assert spans == [["all_reduce", 16, True, 1], ["barrier", 0, True, 2]]
+        assert spans == [["all_reduce", 16, True, 1], ["barrier", 0, True, 2], ["all_gather", 32, True, 3]]
 
 
 def sums_of_every_dtype(comm):

@@ -48,6 +48,12 @@ def peak_rss(comm) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
+def cpu_seconds(comm) -> float:
+    """This worker's CPU time so far (user + system, every thread)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def idle_rss(comm) -> int:
     """VmHWM once the modules a trainer needs are imported and the kernels loaded, before any model."""
     import ringpipe.model.training.parallel_trainer  # noqa: F401 (imported: part of the idle baseline)
@@ -69,15 +75,23 @@ def measure(config: TrainConfig, candidate: Candidate, token_file: str, vocab_si
         coordinates = trainers.coordinates().result()
         seconds = []
         for step in range(warmup + steps):
+            if step == warmup:
+                cpu_before = cluster.run(cpu_seconds)
             start = time.perf_counter()
             trainers.train_step(step).result()
             if step >= warmup:
                 seconds.append(time.perf_counter() - start)
+        cpu = [(after - before) / steps for before, after in zip(cpu_before, cluster.run(cpu_seconds))]
         peaks = cluster.run(peak_rss)
     per_pp = {}
     for coords, peak, idle in zip(coordinates, peaks, baseline):
         per_pp[coords["pp"]] = max(per_pp.get(coords["pp"], 0), peak - idle)
-    return per_pp, statistics.median(seconds), seconds
+    return per_pp, statistics.median(seconds), seconds, max(cpu)
+
+
+def busy_seconds(timing) -> float:
+    """A rank's predicted computing per step: the step less the pipeline bubble's idle share."""
+    return timing.seconds - timing.parts.get("pipeline (compute, tp, bubble)", 0.0) * timing.bubble_fraction
 
 
 def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress=print) -> dict:
@@ -104,8 +118,8 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
             probe_ratio = probe_seconds() / machine.calibration["probe_seconds"]
             timing = predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size,
                                   background_load=load, probe_ratio=probe_ratio)
-            per_pp, median, seconds = measure(config, candidate, os.path.join(tmp, "run", TOKEN_FILE), vocab_size,
-                                              warmup, steps)
+            per_pp, median, seconds, cpu = measure(config, candidate, os.path.join(tmp, "run", TOKEN_FILE), vocab_size,
+                                                   warmup, steps)
             ranks = []
             for memory in predicted_memory:
                 measured = per_pp[memory.pp_rank]
@@ -115,6 +129,12 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
                               "error": round(memory.peak / measured - 1, 4), "split": memory.as_dict()})
             row = {"layout": candidate.label(), "ranks": ranks, "predicted_seconds": timing.seconds,
                    "measured_seconds": median, "step_seconds": seconds,
+                   # the busiest rank's CPU seconds per step, which other work on the cores does not
+                   # stretch, against the prediction for cores of its own (no other work, the probe
+                   # as at calibration) less the bubble's idle share
+                   "cpu_seconds_per_step": cpu, "predicted_busy_seconds": busy_seconds(
+                       predict_step(inventory, candidate, BATCH, machine, ranks_per_host=candidate.world_size,
+                                    background_load=0.0)),
                    "time_error": round(timing.seconds / median - 1, 4), "background_load": round(load, 2),
                    "load_average": os.getloadavg()[0],
                    "probe_ratio": round(probe_ratio, 3)}
@@ -122,7 +142,7 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
             memory_text = ", ".join(f"pp{r['pp_rank']} {r['predicted_bytes'] / 1e6:.0f}/"
                                     f"{r['measured_bytes'] / 1e6:.0f} MB ({r['error']:+.1%})" for r in ranks)
             progress(f"{row['layout']:<36} memory {memory_text}; step {timing.seconds * 1e3:.0f}/{median * 1e3:.0f} ms "
-                     f"({row['time_error']:+.1%}); other runnable {load:.1f}, probe ×{probe_ratio:.2f}")
+                     f"({row['time_error']:+.1%}), busy {row['predicted_busy_seconds'] * 1e3:.0f}/{cpu * 1e3:.0f} ms CPU; other runnable {load:.1f}, probe ×{probe_ratio:.2f}")
     fastest = sorted(results, key=lambda r: r["measured_seconds"])[:2]
     best = min(results, key=lambda r: r["predicted_seconds"])
     memory_errors = [abs(r["error"]) for row in results for r in row["ranks"] if r["state_bytes"] >= 200e6]

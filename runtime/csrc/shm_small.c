@@ -20,7 +20,7 @@ void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
-    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH,
+    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET,
     C_MEMBERS = 24, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
@@ -138,15 +138,16 @@ int rp_small_round(int64_t *ctl) {
         if (ids[0] != (uint64_t)ctl[C_SIGNATURE] || ids[1] != (uint64_t)ctl[C_POSITION]) return MISMATCH;
     }
     if (ctl[C_KIND] == KIND_REDUCE) {
-        /* ((b0 op b1) op b2) op ...: as shm_collectives.all_reduce, so the bits match. */
+        /* ((b0 op b1) op b2) op ...: as shm_collectives' all_reduce and reduce_scatter, so the bits
+           match; each buffer read from byte C_OFFSET on (a reduce-scatter's row of this rank). */
         void *out = (void *)ctl[C_SCRATCH];
-        int64_t count = ctl[C_COUNT];
+        int64_t count = ctl[C_COUNT], offset = ctl[C_OFFSET];
         int dtype = (int)ctl[C_DTYPE], op = (int)ctl[C_OP];
-        const void *first = (const void *)MEMBER(ctl, 0, 4 + parity);
         if (n == 1) return DONE; /* never: one-rank groups do not open channels */
-        reduce(out, first, (const void *)MEMBER(ctl, 1, 4 + parity), count, dtype, op);
+        reduce(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
+               (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
         for (int64_t peer = 2; peer < n; peer++)
-            reduce(out, out, (const void *)MEMBER(ctl, peer, 4 + parity), count, dtype, op);
+            reduce(out, out, (const char *)MEMBER(ctl, peer, 4 + parity) + offset, count, dtype, op);
     }
     return DONE;
 }
