@@ -20,6 +20,18 @@ def train(args, corpus, out, steps):
     return CliRunner().invoke(main, flags, catch_exceptions=False)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The weights of 4 uninterrupted steps in one process: what a run resumed under another layout
+    must end with."""
+    directory = tmp_path_factory.mktemp("straight")
+    from tests.conftest import TEXT
+
+    (directory / "corpus.txt").write_text(TEXT)
+    assert train([], str(directory / "corpus.txt"), str(directory / "run"), 4).exit_code == 0
+    return GPT.from_pretrained(str(directory / "run")).params
+
+
 @pytest.mark.parametrize("layout", [["--nproc", "2", "--pp", "2"], ["--nproc", "2", "--tp", "2"],
                                     ["--nproc", "4", "--dp", "2", "--tp", "2", "--sequence-parallel"]])
 def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout):
@@ -39,14 +51,12 @@ def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout
     assert hf_tokenizer.encode(text).ids == load_tokenizer(out).encode(text).tolist()
 
 
-def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path):
-    straight = str(tmp_path / "straight")
-    assert train([], corpus, straight, 4).exit_code == 0
+def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path, straight):
     moved = str(tmp_path / "moved")
     assert train(["--nproc", "2", "--tp", "2"], corpus, moved, 2).exit_code == 0
     result = train(["--resume"], corpus, moved, 4)
     assert result.exit_code == 0, result.output
-    a, b = GPT.from_pretrained(straight).params, GPT.from_pretrained(moved).params
+    a, b = straight, GPT.from_pretrained(moved).params
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-7, atol=1e-9, err_msg=name)
 
@@ -83,14 +93,12 @@ def test_bad_layouts_fail_in_one_line_before_any_worker_starts(corpus, tmp_path,
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_resume_with_another_layout_continues_exactly(corpus, tmp_path):
-    straight = str(tmp_path / "straight")
-    assert train(["--nproc", "2", "--dp", "2"], corpus, straight, 4).exit_code == 0
-    moved = str(tmp_path / "moved")
+def test_resume_with_another_layout_continues_exactly(corpus, tmp_path, straight):
+    moved = str(tmp_path / "moved")  # pp 2, then dp 2: the weights of 4 steps in one process
     assert train(["--nproc", "2", "--pp", "2"], corpus, moved, 2).exit_code == 0
     result = train(["--resume", "--nproc", "2", "--dp", "2"], corpus, moved, 4)
     assert result.exit_code == 0, result.output
-    a, b = GPT.from_pretrained(straight).params, GPT.from_pretrained(moved).params
+    a, b = straight, GPT.from_pretrained(moved).params
     for name in a:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-7, atol=1e-9, err_msg=name)
 
