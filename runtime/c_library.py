@@ -26,11 +26,13 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "ringpipe"
 
 
-def build(name: str, flags=("-O2", "-fPIC", "-shared")) -> ctypes.CDLL:
-    """runtime/csrc/`name`.c as a loaded library (ctypes releases the GIL during its calls).
-    Raises RuntimeError naming the compiler and its last error line when it cannot be built."""
-    source = SOURCES / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + platform.machine().encode())
+def build(name: str, flags=("-O2", "-fPIC", "-shared"), sources=None) -> ctypes.CDLL:
+    """runtime/csrc/`name`.c (or the csrc files `sources`, compiled into one library named `name`)
+    as a loaded library (ctypes releases the GIL during its calls). Raises RuntimeError naming the
+    compiler and its last error line when it cannot be built."""
+    paths = [SOURCES / source for source in (sources or [f"{name}.c"])]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in paths) + " ".join(flags).encode()
+                            + platform.machine().encode())
     target = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
@@ -40,11 +42,11 @@ def build(name: str, flags=("-O2", "-fPIC", "-shared")) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True,
+            result = subprocess.run([compiler, *flags, "-o", tmp, *map(str, paths)], capture_output=True, text=True,
                                     timeout=120)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-                raise RuntimeError(f"{compiler} failed on {source.name}: {last}")
+                raise RuntimeError(f"{compiler} failed on {', '.join(path.name for path in paths)}: {last}")
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
+
+from ringpipe.runtime import c_library
 
 # The waits, and one round of a small collective built on them (runtime/shm_small.py).
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("shm_wait.c", "shm_small.c")]
+SOURCES = ("shm_wait.c", "shm_small.c")  # in runtime/csrc/
 FLAGS = ["-O2", "-fPIC", "-shared", "-ffp-contract=off"]  # no fused multiply-adds: the bits match NumPy's
 MODES = ("c", "syscall", "poll")
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
@@ -51,38 +48,9 @@ _waiters: dict = {}
 _errors: dict = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("RINGPIPE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ringpipe"
-
-
 def _build_library() -> ctypes.CDLL:
-    """Compile into a temporary file and rename (workers starting together each may compile; the
-    rename makes that harmless), then load."""
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode()
-                            + platform.machine().encode())
-    target = _cache_dir() / f"shm_wait-{digest.hexdigest()[:16]}.so"
-    if not target.exists():
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        if compiler is None:
-            raise RuntimeError("no C compiler found (set CC)")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            result = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES)], capture_output=True, text=True,
-                                    timeout=120)
-            if result.returncode != 0:
-                last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
-                raise RuntimeError(f"{compiler} failed: {last}")
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    """The waiting and small-round helpers, compiled into one library (runtime/c_library.py)."""
+    lib = c_library.build("shm_wait", FLAGS, SOURCES)
     u64, i64, p = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
     lib.rp_wait_at_least.argtypes, lib.rp_wait_at_least.restype = [p, p, u64, i64, ctypes.c_int, i64], u64
     lib.rp_publish.argtypes, lib.rp_publish.restype = [p, p, u64], None

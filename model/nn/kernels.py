@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ringpipe.runtime.c_library import cache_dir  # one cache for every C build
+
 SOURCE_DIR = Path(__file__).with_name("csrc")
 SOURCES = ("kernels.c", "ops_impl.h")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
@@ -58,14 +60,6 @@ def status() -> str:
     if library() is None:
         return f"numpy ({_error})"
     return "c"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("RINGPIPE_CACHE")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "ringpipe"
 
 
 def _cpu_signature() -> str:
