@@ -165,8 +165,8 @@ def test_ringpipe_export_of_a_consolidated_checkpoint_is_the_runs_own_model_byte
         assert read(tmp_path / "exported" / file) == read(run / file), file
 
 
-def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_changes_nothing(tmp_path):
-    from tests.conftest import one_error_line
+def two_checkpointed_runs(tmp_path):
+    """{"run", "other"}: two tiny runs with a checkpoint each, and the trainer of "other"."""
     from tests.test_sharded_checkpoint import tiny_config
 
     runs = {}
@@ -175,6 +175,13 @@ def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_c
         trainer.train_step(0)
         trainer.save_checkpoint()
         runs[name] = tmp_path / name
+    return runs, trainer
+
+
+def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_changes_nothing(tmp_path):
+    from tests.conftest import one_error_line
+
+    runs, trainer = two_checkpointed_runs(tmp_path)
     trainer.save_model()  # "other" has a final model of its own
     before = {name: read(runs["other"] / name) for name in MODEL_FILES}
     line = one_error_line(run_cli("export", runs["run"], "--out", runs["other"]))
@@ -192,14 +199,8 @@ def test_ringpipe_export_refuses_an_out_holding_another_run_or_other_files_and_c
 
 def test_ringpipe_export_refuses_an_out_holding_another_runs_export_and_changes_nothing(tmp_path):
     from tests.conftest import one_error_line
-    from tests.test_sharded_checkpoint import tiny_config
 
-    runs = {}
-    for name in ("run", "other"):
-        trainer = Trainer.create(tiny_config(tmp_path), str(tmp_path / name))
-        trainer.train_step(0)
-        trainer.save_checkpoint()
-        runs[name] = tmp_path / name
+    runs, _ = two_checkpointed_runs(tmp_path)
     exported = tmp_path / "exported"
     assert run_cli("export", runs["other"], "--out", exported).exit_code == 0
     before = {p.name: p.read_bytes() for p in exported.iterdir()}

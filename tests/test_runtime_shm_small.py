@@ -8,6 +8,7 @@ import pytest
 from ringpipe.runtime import RemoteError
 from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm_wait import unavailable_reason
+from tests.test_runtime_shm_channel import alone_after_open  # rank 1 waits alone on the open channel
 
 pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
 
@@ -212,22 +213,12 @@ def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local
     assert [sums for sums, _ in fast] == [sums for sums, _ in python]
 
 
-def alone(comm):
-    comm.barrier()
-    if comm.rank == 1:
-        try:
-            comm.all_reduce(np.ones(3), timeout=0.5)
-        except TimeoutError as exc:
-            return str(exc)
-    return None
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("path", ["c", "python"])
 def test_a_small_round_times_out_naming_operation_group_rank_and_peer_on_either_path(local_cluster, python_rounds,
                                                                                       path):
     cluster = local_cluster(2) if path == "c" else python_rounds
-    message = cluster.run(alone, timeout=30)[1]
+    message = cluster.run(alone_after_open, timeout=30)[1]
     assert message.startswith("all_reduce #1 on group w (rank 1 of 2) on rank 1 timed out after 0.5s"), message
     assert message.endswith("waiting for a message from rank 0"), message
 
