@@ -6,9 +6,10 @@ import click
 from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag, usage_error
 from ringpipe.runtime import RemoteError, WorkerLost
 from ringpipe.runtime.files import write_json
+from ringpipe.runtime.memory_cgroup import WorkerKilled
 
 # A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
-_ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost)
+_ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost, WorkerKilled)
 
 
 @click.group(short_help="Benchmarks: tables on the terminal, --json for the details.")

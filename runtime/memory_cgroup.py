@@ -24,6 +24,11 @@ from __future__ import annotations
 import os
 import threading
 
+
+class WorkerKilled(RuntimeError):
+    """A worker's cgroup killed it (out of memory): the run failed, its flags were fine (exit 1)."""
+
+
 # cgroup v2 memory.stat entries of kernel memory, before Linux 5.18 summed them as "kernel"
 KERNEL_V2 = ("kernel_stack", "pagetables", "percpu", "sock", "slab", "vmalloc")
 

@@ -32,7 +32,7 @@ from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.model.training.run_setup import RunSetup
 from ringpipe.runtime import WorkerLost
-from ringpipe.runtime.memory_cgroup import MemoryCgroup, UsageSampler
+from ringpipe.runtime.memory_cgroup import MemoryCgroup, UsageSampler, WorkerKilled
 from ringpipe.runtime.process_memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 GiB = 1 << 30
@@ -147,7 +147,7 @@ def run(start_run, *, n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, bloc
         explanation = oom_explanation(groups, pids)
         if explanation is None:
             raise
-        raise ValueError(explanation) from None
+        raise WorkerKilled(explanation) from None
     finally:
         sampler.stop()
         _remove(groups.values())
