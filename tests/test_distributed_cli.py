@@ -63,7 +63,7 @@ def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, t
 
 @pytest.mark.parametrize("args,message", [
     (["--nproc", "3", "--dp", "2"], "--nproc"),
-    (["--nproc", "2", "--tp", "2", "--n-head", "3"], "n_head"),
+    (["--nproc", "2", "--tp", "2", "--n-head", "3"], "--n-head 3"),
     (["--nproc", "4", "--pp", "4", "--n-layer", "2"], "layer"),
     (["--nproc", "2", "--dp", "2", "--batch-size", "5"], "divisible"),
     (["--nproc", "2", "--pp", "2", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3"],
