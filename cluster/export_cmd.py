@@ -13,7 +13,7 @@ from ringpipe.cluster.options import OutputDirectory, bad_flag, one_line, usage_
 from ringpipe.model.quantization.int8_format import quantization_config
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
 from ringpipe.model.training.hf_export import export_checkpoint
-from ringpipe.model.training.run_dir import (EXPORT_RECORD_FILE, check_export_target, check_outside_runs, export_record,
+from ringpipe.model.training.run_dir import (EXPORT_RECORD_FILE, check_export_target, export_record,
                                              find_checkpoint)
 
 
@@ -32,7 +32,6 @@ def export(run_dir, out):
                           f"cannot be exported (they are already a model directory that ringpipe "
                           f"generate reads); export the float run ({quantized.get('source')})")
     try:
-        check_outside_runs(run_dir, out)
         check_export_target(run_dir, out)
     except ValueError as exc:
         raise bad_flag("--out", str(exc)) from None

@@ -9,7 +9,7 @@ from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one
 from ringpipe.model.quantization.outliers import LLM_INT8_THRESHOLD
 from ringpipe.model.quantization.quantize import quantizable_source, quantize_run
 from ringpipe.model.training.checkpoint_integrity import fallback_hint
-from ringpipe.model.training.run_dir import check_outside_runs, check_quantize_target
+from ringpipe.model.training.run_dir import check_quantize_target
 
 
 @click.command(short_help="Write a run's model with int8 weights, for ringpipe generate.")
@@ -41,7 +41,6 @@ def quantize(run_dir, int8, out, per_tensor, outlier_threshold, calibration_batc
     if os.path.realpath(out) == os.path.realpath(run_dir):
         raise bad_flag("--out", f"{out} is RUN_DIR itself; the int8 model goes beside the float one")
     try:
-        check_outside_runs(run_dir, out)
         check_quantize_target(run_dir, out)
     except ValueError as exc:
         raise bad_flag("--out", str(exc)) from None

@@ -186,7 +186,8 @@ def check_export_target(run_dir: str, out: str) -> None:
     """ValueError unless `ringpipe export RUN --out OUT` may write its model files into `out`: RUN
     itself, a new or empty directory, or an earlier export of RUN (its EXPORT_RECORD_FILE names RUN).
     Another run's directory or export, model files of unknown origin, or files of its own are refused
-    before anything is written."""
+    before anything is written, and so is a directory in any run's own files (`check_outside_runs`)."""
+    check_outside_runs(run_dir, out)
     if not os.path.isdir(out) or os.path.realpath(out) == os.path.realpath(run_dir):
         return
     held = set(os.listdir(out))
@@ -213,7 +214,9 @@ def export_record(run_dir: str) -> dict:
 
 def check_quantize_target(run_dir: str, out: str) -> None:
     """ValueError unless `ringpipe quantize RUN --out OUT` may replace `out` whole: a new or empty
-    directory, or an earlier int8 model of RUN (its quantization_config's source lies in RUN)."""
+    directory, or an earlier int8 model of RUN (its quantization_config's source lies in RUN), outside
+    every run's own files (`check_outside_runs`)."""
+    check_outside_runs(run_dir, out)
     if not os.path.isdir(out) or not os.listdir(out):
         return
     quantized = quantization_config(out)
