@@ -20,6 +20,7 @@ import zmq
 
 from ringpipe.runtime.addresses import tcp_address
 from ringpipe.runtime.arena_blocks import ArenaBookkeeping
+from ringpipe.runtime.channel_regions import ChannelRegions
 from ringpipe.runtime.messages import ZERO_COPY_BYTES, MessageDispatch
 from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
                                 Recv, WaitBlock, WaitSent)
@@ -89,13 +90,12 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.heartbeat_interval = 1.0
         self._next_beat = 0.0
         self.timed_out_on: set[int] = set()
-        # Same-host group channels (runtime/shm_channel.py), run by the calling threads: per group
-        # id the channel (None: not opened yet or not usable) and this rank's region offset;
-        # what a channel waiting in the calling thread waits for, (operation, since, peer), for the
-        # heartbeat; and who to wake when an abort arrives.
+        # Same-host group channels (runtime/shm_channel.py), run by the calling threads: per group id
+        # the channel (None: not usable) and their regions; what a channel waiting in the calling
+        # thread waits for, (operation, since, peer), for the heartbeat; who to wake on an abort.
         self.channels: dict = {}
         self.rings = None  # same-host point-to-point rings (runtime/shm_p2p.py), when the arena has room
-        self.channel_regions: dict[str, int] = {}
+        self.regions = ChannelRegions(self)
         self.direct_wait: tuple | None = None
         self.abort_listeners: list = []
         self.cancel_listeners: list = []  # f(call_id, what): a call ended with these operations running

@@ -100,6 +100,11 @@ class MessageDispatch:
             if epoch == self.epoch:
                 self.release_block(offset)
             return
+        if kind == "closed":  # a member closed a same-host group (runtime/channel_regions.py), in any epoch
+            if not isinstance(header.get("g"), str):
+                raise wire.WireError("bad group-closed message")
+            self.regions.on_closed(src, header["g"])
+            return
         if kind not in ("p2p", "coll", "abort"):
             raise wire.WireError(f"unknown message kind {kind!r}")
         group, channel, step, call = header.get("g"), header.get("c"), header.get("s", 0), header.get("n")

@@ -29,6 +29,11 @@ class Cancelled(CommError):
     waited on there); it was stopped on every member, since a peer's next call must not match it."""
 
 
+class GroupDestroyed(CommError):
+    """The group was destroyed (`Communicator.destroy()`, or its communicators were garbage) on this
+    rank, or on a member this operation needs."""
+
+
 class Handle:
     """The result of an asynchronous operation: `wait()` returns it or raises its error."""
 

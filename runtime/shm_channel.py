@@ -4,7 +4,7 @@ no ZeroMQ message and no hop through the engine thread (runtime/shm_collectives.
 algorithms; this file the region, the counters and the waiting).
 
 Each member pins one region of its own arena per group (runtime/shm.py; it survives the arena's
-reset after an abort) and the members learn each other's offsets once, in one message round over
+reset after an abort, and goes back once the group is gone on every member: runtime/channel_regions.py) and the members learn each other's offsets once, in one message round over
 the engine when the group first uses its channel. A region holds:
 - a 64-bit counter (`publish` raises it by one; waiters sleep on its low 32 bits with a futex) and
   a count of sleepers, so a publisher wakes only when someone sleeps (runtime/shm_wait.py);
@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout, GroupDestroyed
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
@@ -55,10 +55,11 @@ def region_bytes(buffer_bytes: int) -> int:
 
 class GroupChannel:
     """One group's channel on one rank. `regions[i]` = (uint8 mapping of member i's arena, offset
-    of its region there), in group order. Operations run one at a time (a lock)."""
+    of its region there), in group order; `gone`: the members (global ranks) that closed the group,
+    as their notes come (runtime/channel_regions.py). Operations run one at a time (a lock)."""
 
-    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None):
-        self.engine, self.group = engine, group
+    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None, gone=frozenset()):
+        self.engine, self.group, self.gone = engine, group, gone
         self.n, self.me = len(group.ranks), group.index
         self.buffer_bytes = buffer_bytes
         self.waiter = make_waiter(mode)
@@ -112,12 +113,26 @@ class GroupChannel:
             self._queue_ready.notify()
         return handle
 
+    def close(self, then):
+        """The group is gone on this rank: `then()` runs once the operations queued here ended (on
+        this channel's thread, which then stops; at once when it has none). Nothing runs after."""
+        self.engine.abort_listeners.remove(self._wake_sleeper)
+        self.engine.cancel_listeners.remove(self._cancel_call)
+        with self._queue_ready:
+            if self._thread is not None:
+                self._queue.append((None, then, None))
+                self._queue_ready.notify()
+                return
+        then()
+
     def _serve(self):
         while True:
             with self._queue_ready:
                 while not self._queue:
                     self._queue_ready.wait()
                 handle, work, abort_key = self._queue.popleft()
+                if handle is None:  # closed (close())
+                    return work()
                 self._running = abort_key
             try:
                 if abort_key[1] <= self._cancelled_through:
@@ -139,6 +154,10 @@ class GroupChannel:
     def _cancelled(self, name: str):
         return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
                          f"wait() for asynchronous operations before a call returns")
+
+    def destroyed(self, name: str, peer: int):
+        return GroupDestroyed(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {self.group.gid} "
+                              f"and will not take part")
 
     def _cancel_call(self, call_id: int, what: str):
         """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
@@ -314,6 +333,8 @@ class GroupChannel:
                 given_up = self.engine.aborted.get(self.abort_key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
+                if self.group.ranks[peer] in self.gone and self.counters[peer][0] < target:  # (published before?)
+                    raise self.destroyed(self.name, self.group.ranks[peer])
                 if time.monotonic() >= self.deadline:
                     self.engine.timed_out_on.add(self.group.ranks[peer])
                     raise CommTimeout(f"{self.name} on rank {self.engine.rank} timed out after {self.timeout:g}s "
@@ -341,41 +362,4 @@ def _describe(signature) -> str:
     return ", ".join(f"{k}={v}" for k, v in signature.items())
 
 
-def exchange_entries(ctx, entry):
-    """Engine algorithm (runtime/collectives.py style): every member's `entry`, in group order."""
-    entries = {ctx.me: entry}
-
-    def take(peer, message):
-        entries[peer] = (message.meta or {}).get("o")
-
-    yield from ctx.exchange(0, meta={"o": entry}, signed=True, take=take)
-    return [entries[member] for member in range(ctx.n)]
-
-
-def open_channel(engine, group, config, exchange, mode: str | None = None):
-    """This rank's channel of `group`, or None when some member has no room in its arena (every
-    member then gets None, and the group keeps to the engine's algorithms). `exchange(entry)`
-    returns every member's entry, in group order (one message round over the engine)."""
-    arena = engine.arena
-    buffer_bytes = buffer_bytes_for(arena.size, config.round_bytes)
-    offset = engine.channel_regions.get(group.gid)
-    if offset is None:
-        offset = arena.pin(region_bytes(buffer_bytes))
-        if offset is None:
-            offset = -1
-        else:  # the block may hold an earlier payload: counters and signatures start from zero
-            arena.view(offset, HEADER_BYTES)[...] = 0
-        engine.channel_regions[group.gid] = offset
-    entries = exchange([int(offset), int(buffer_bytes)])
-    if any(not isinstance(e, list) or len(e) != 2 or e[0] < 0 or e[1] != buffer_bytes for e in entries):
-        return None
-    regions = []
-    for member, (peer_offset, _) in zip(group.ranks, entries):
-        mapping = arena.buffer if member == engine.rank else engine.peer_arenas[member].buffer
-        if peer_offset + region_bytes(buffer_bytes) > mapping.size:
-            return None
-        regions.append((mapping, peer_offset))
-    return GroupChannel(engine, group, regions, buffer_bytes, mode)
-
-
-__all__ = ["GroupChannel", "open_channel", "exchange_entries", "buffer_bytes_for", "region_bytes", "BUFFER_BYTES"]
+__all__ = ["GroupChannel", "buffer_bytes_for", "region_bytes", "BUFFER_BYTES"]

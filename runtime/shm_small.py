@@ -246,6 +246,12 @@ class SmallRounds:
                 given_up = engine.aborted.get(key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
+                if ranks[words[C_PEER]] in channel.gone:  # it destroyed the group: one last look at what it published
+                    words[C_TIMEOUT_NS] = 0
+                    status = self.lib.rp_small_round(self.address)
+                    if status != PENDING:
+                        return status
+                    raise channel.destroyed(full_name, ranks[words[C_PEER]])
                 if time.monotonic() >= deadline:
                     peer = ranks[words[C_PEER]]
                     engine.timed_out_on.add(peer)

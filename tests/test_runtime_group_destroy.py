@@ -1,0 +1,195 @@
+"""A group's life (runtime/group_state.py, runtime/channel_regions.py): a destroyed group, or one
+whose communicators are all garbage, gives its same-host channel's arena region back once the group
+is gone on every member; until then a member keeps its region (peers may still read it), and a
+collective that waits on a member that destroyed the group fails at once with GroupDestroyed."""
+import logging
+import time
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime import GroupDestroyed
+from ringpipe.runtime.shm import Arena
+from ringpipe.runtime.shm_collectives import SMALL_BYTES
+
+SMALL_ARENA = 1 << 20  # room for a handful of channels (each region is an eighth of the arena)
+
+
+def _wait_until(done, seconds: float = 20.0) -> bool:
+    """Whether `done()` became true within `seconds` (the peers' "closed" notes come over the engine,
+    maybe after the call that closed the group on every member returned)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return done()
+
+
+def _quiet(comm):
+    """Every rank, once the groups earlier tests dropped on this pooled cluster are given back."""
+    comm.barrier()
+    _wait_until(lambda: not comm.engine.regions.closed_here)
+    comm.barrier()
+
+
+# ---- the arena ------------------------------------------------------------------------------------
+def test_an_unpinned_block_goes_back_to_the_arena(tmp_path):
+    arena = Arena(str(tmp_path / "arena"), 1 << 16)
+    try:
+        pinned = arena.pin(4096)
+        assert arena.largest_free() == (1 << 16) - 4096
+        assert arena.unpin(pinned) and not arena.unpin(pinned)
+        assert arena.largest_free() == 1 << 16 and arena.pin(4096) == pinned
+    finally:
+        arena.close()
+
+
+# ---- many groups on one cluster ---------------------------------------------------------------------
+def make_and_drop_groups(comm, count):
+    _quiet(comm)  # (which opens the world group's own channel: it stays)
+    arena = comm.engine.arena
+    pinned = set(arena._pinned)
+    opened = 0
+    for i in range(count):
+        group = comm.new_group([0, 1])
+        group.all_reduce(np.ones(4))  # opens its channel
+        opened += comm.engine.channels.get(group.group.gid) is not None
+        if i % 2:
+            group.destroy()
+        del group  # the others go as garbage
+    comm.barrier()
+    _wait_until(lambda: set(arena._pinned) <= pinned)
+    return opened, len(set(arena._pinned) - pinned)
+
+
+@pytest.mark.timeout(120)
+def test_a_hundred_groups_made_and_dropped_on_one_cluster_each_get_a_channel_and_give_it_back(local_cluster):
+    # 1 GiB arenas hold ~31 channel regions: without giving them back the 32nd group had none
+    for opened, left_pinned in local_cluster(2).run(make_and_drop_groups, 100):
+        assert opened == 100 and left_pinned == 0
+
+
+def region_of_a_group_then_of_the_next(comm):
+    _quiet(comm)
+    regions = comm.engine.regions
+    first = comm.new_group([0, 1])
+    first.barrier()
+    offset = regions.offsets[first.group.gid]
+    first.destroy()
+    comm.barrier()
+    _wait_until(lambda: first.group.gid not in regions.offsets)
+    second = comm.new_group([0, 1])
+    second.barrier()
+    return offset, regions.offsets[second.group.gid]
+
+
+@pytest.mark.timeout(60)
+def test_a_destroyed_groups_region_is_taken_by_the_next_group(local_cluster):
+    for first, second in local_cluster(2).run(region_of_a_group_then_of_the_next):
+        assert first == second
+
+
+def destroy_on_rank_0_only_then_on_rank_1(comm):
+    regions = comm.engine.regions
+    group = comm.new_group([0, 1])
+    group.barrier()
+    gid = group.group.gid
+    if comm.rank == 0:
+        group.destroy()
+    comm.barrier()
+    time.sleep(0.2)  # time for rank 0's note; rank 1 still holds the group
+    held = gid in regions.offsets
+    comm.barrier()
+    if comm.rank == 1:
+        group.destroy()
+    comm.barrier()
+    return held, not _wait_until(lambda: gid not in regions.offsets)
+
+
+@pytest.mark.timeout(60)
+def test_a_member_keeps_its_region_until_every_member_destroyed_the_group(local_cluster):
+    (held_0, left_0), (held_1, left_1) = local_cluster(2).run(destroy_on_rank_0_only_then_on_rank_1)
+    assert held_0 and held_1  # rank 1 may still read rank 0's region: rank 0 keeps it
+    assert not left_0 and not left_1
+
+
+# ---- using a destroyed group ------------------------------------------------------------------------
+def collective_after_the_peer_destroyed(comm, elements):
+    group = comm.new_group([0, 1])
+    group.barrier()  # opens the channel
+    if comm.rank == 0:
+        group.destroy()
+        comm.barrier()
+        return None
+    comm.barrier()
+    try:
+        group.all_reduce(np.ones(elements, np.float32), timeout=60)
+    except GroupDestroyed as exc:
+        return str(exc)
+    finally:
+        group.destroy()
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("elements", [4, 2 * SMALL_BYTES], ids=["latency-path", "python-path"])
+def test_a_collective_waiting_on_a_member_that_destroyed_the_group_fails_naming_it(local_cluster, elements):
+    message = local_cluster(2).run(collective_after_the_peer_destroyed, elements)[1]
+    assert "all_reduce" in message and "rank 0 destroyed group w/0,1#" in message, message
+
+
+def every_use_of_a_destroyed_group(comm):
+    group = comm.new_group([0, 1])
+    other = group.using(algorithm="ring")
+    group.destroy()
+    group.destroy()  # a second time: nothing
+    errors = []
+    for use in (lambda: group.all_reduce(np.ones(3)), lambda: other.barrier(), lambda: group.send(np.ones(2), 1),
+                lambda: group.irecv(1), lambda: group.new_group([0])):
+        try:
+            use()
+        except GroupDestroyed as exc:
+            errors.append(str(exc))
+    try:
+        comm.destroy()
+    except ValueError as exc:
+        errors.append(str(exc))
+    return errors
+
+
+@pytest.mark.timeout(60)
+def test_every_operation_on_a_destroyed_group_raises_and_the_world_group_cannot_be_destroyed(local_cluster):
+    for rank, errors in enumerate(local_cluster(2).run(every_use_of_a_destroyed_group)):
+        assert len(errors) == 6, errors
+        assert all(f"was destroyed on rank {rank}" in e for e in errors[:5]), errors
+        assert errors[5] == f"destroy: rank {rank} cannot destroy the world group"
+
+
+# ---- a full arena -----------------------------------------------------------------------------------
+def groups_until_no_room(comm):
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ringpipe.runtime")
+    logger.addHandler(handler)
+    kept = []
+    try:
+        while len(kept) < 16:
+            group = comm.new_group([0, 1])
+            group.barrier()
+            kept.append(group)
+            if comm.engine.channels[group.group.gid] is None:
+                break
+    finally:
+        logger.removeHandler(handler)
+        for group in kept:
+            group.destroy()
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    return comm.engine.channels.get(kept[-1].group.gid, "closed"), warnings
+
+
+@pytest.mark.timeout(60)
+def test_a_group_without_room_for_its_channel_says_so_in_one_warning(local_cluster):
+    for last, warnings in local_cluster(2, arena_bytes=SMALL_ARENA).run(groups_until_no_room):
+        assert last in (None, "closed")
+        assert len(warnings) == 1 and "no room for group w/0,1#" in warnings[0], warnings
+        assert "engine's slower path" in warnings[0] and "destroy()" in warnings[0]
