@@ -85,9 +85,12 @@ class ChannelRegions:
         for op in list(engine.operations):
             waiting = op.waiting
             if isinstance(waiting, Recv) and waiting.peer == peer and waiting.key[3] == gid:
-                engine._fail(op, GroupDestroyed(f"{op.name} on rank {engine.rank}: rank {peer} destroyed group "
-                                                f"{gid} before sending what this operation waits for"))
+                engine._fail(op, self.gone(op.name, peer, gid))
         self._release(gid)
+
+    def gone(self, name: str, peer: int, gid: str) -> GroupDestroyed:
+        return GroupDestroyed(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {gid} before "
+                              f"sending what this operation waits for")
 
     def _release(self, gid: str):
         members = self.closed_here.get(gid)

@@ -133,6 +133,16 @@ class MessageDispatch:
         else:
             self.inbox[key].append(message)
 
+    def _park_receive(self, op, request) -> bool:
+        """Let `op` wait for the message `request` names; False (op failed) when its sender closed
+        the group already: what it sent before its note is all that will come."""
+        gid = request.key[3]
+        if request.peer in self.regions.closed_by.get(gid, ()):
+            self._fail(op, self.regions.gone(op.name, request.peer, gid))
+            return False
+        self.waiting[request.key].append(op)
+        return True
+
     def _broadcast_abort(self, op, error):
         """Tell every member of the group that this collective cannot go on (a mismatch seen here,
         or this rank's call ended without waiting for it)."""

@@ -137,6 +137,30 @@ def test_a_collective_waiting_on_a_member_that_destroyed_the_group_fails_naming_
     assert "all_reduce" in message and "rank 0 destroyed group w/0,1#" in message, message
 
 
+def engine_collective_after_the_peer_destroyed(comm, how):
+    group = comm.new_group([0, 1])  # its channel never opens on rank 0
+    if comm.rank == 0:
+        group.destroy()
+        return None
+    try:
+        if how == "opening":
+            group.barrier(timeout=60)  # the channel's opening: a message round over the engine
+        else:
+            group.all_reduce(np.ones(3), async_op=True, timeout=60).wait()  # no channel yet: the engine's
+    except GroupDestroyed as exc:
+        return str(exc)
+    finally:
+        group.destroy()
+    return "no error"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["opening", "asynchronous"])
+def test_an_engine_collective_waiting_on_a_member_that_destroyed_the_group_fails_naming_it(local_cluster, how):
+    message = local_cluster(2).run(engine_collective_after_the_peer_destroyed, how)[1]
+    assert "rank 0 destroyed" in message and "w/0,1#" in message, message
+
+
 def every_use_of_a_destroyed_group(comm):
     group = comm.new_group([0, 1])
     other = group.using(algorithm="ring")
@@ -174,7 +198,7 @@ def groups_until_no_room(comm):
     kept = []
     try:
         while len(kept) < 16:
-            group = comm.new_group([0, 1])
+            group = comm.new_group(range(comm.size))
             group.barrier()
             kept.append(group)
             if comm.engine.channels[group.group.gid] is None:
@@ -189,7 +213,7 @@ def groups_until_no_room(comm):
 
 @pytest.mark.timeout(60)
 def test_a_group_without_room_for_its_channel_says_so_in_one_warning(local_cluster):
-    for last, warnings in local_cluster(2, arena_bytes=SMALL_ARENA).run(groups_until_no_room):
+    for last, warnings in local_cluster(3, arena_bytes=SMALL_ARENA).run(groups_until_no_room):
         assert last in (None, "closed")
-        assert len(warnings) == 1 and "no room for group w/0,1#" in warnings[0], warnings
+        assert len(warnings) == 1 and "no room for group w/0,1,2#" in warnings[0], warnings
         assert "engine's slower path" in warnings[0] and "destroy()" in warnings[0]
