@@ -8,10 +8,10 @@ from ringpipe.runtime.cluster import Cluster
 from ringpipe.runtime.comm_interface import CommHandle, CommunicatorInterface
 from ringpipe.runtime.communicator import CommConfig, Communicator
 from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, GroupDestroyed,
-                                         Handle)
+                                         GroupDestroyedByPeer, Handle)
 from ringpipe.runtime.launch import Launcher, LocalLauncher
 
 __all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",
            "ClusterStopped", "CallFuture", "ActorGroup", "Communicator", "CommConfig", "CommunicatorInterface",
            "CommHandle", "Handle", "CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled",
-           "GroupDestroyed", "Launcher", "LocalLauncher"]
+           "GroupDestroyed", "GroupDestroyedByPeer", "Launcher", "LocalLauncher"]

@@ -9,14 +9,14 @@ the group has closed on every member: each member, once its last operation on th
 sends every peer a note ("closed") over the engine, and the region goes back when the group closed
 here and every peer's note is in, in whatever order. A peer that keeps the group keeps this rank's
 region pinned (it may still use it). A collective waiting on a member that closed the group fails
-at once (GroupDestroyed) instead of at its timeout.
+at once (GroupDestroyedByPeer) instead of at its timeout.
 """
 from __future__ import annotations
 
 import logging
 import threading
 
-from ringpipe.runtime.operations import GroupDestroyed, Recv
+from ringpipe.runtime.operations import GroupDestroyedByPeer, Recv
 from ringpipe.runtime.shm_channel import HEADER_BYTES, GroupChannel, buffer_bytes_for, region_bytes
 
 log = logging.getLogger("ringpipe.runtime")
@@ -88,8 +88,8 @@ class ChannelRegions:
                 engine._fail(op, self.gone(op.name, peer, gid))
         self._release(gid)
 
-    def gone(self, name: str, peer: int, gid: str) -> GroupDestroyed:
-        return GroupDestroyed(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {gid} before "
+    def gone(self, name: str, peer: int, gid: str) -> GroupDestroyedByPeer:
+        return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {gid} before "
                               f"sending what this operation waits for")
 
     def _release(self, gid: str):
@@ -137,7 +137,7 @@ def open_channel(engine, group, config, exchange, mode: str | None = None):
     `exchange(entry)` returns every member's entry, in group order (one message round over the engine)."""
     gone = engine.regions.closed_by.get(group.gid)
     if gone:  # opening needs every member, and that one is done with the group
-        raise GroupDestroyed(f"opening group {group.gid}'s same-host channel on rank {engine.rank}: rank "
+        raise GroupDestroyedByPeer(f"opening group {group.gid}'s same-host channel on rank {engine.rank}: rank "
                              f"{min(gone)} destroyed the group before")
     arena = engine.arena
     buffer_bytes = buffer_bytes_for(arena.size, config.round_bytes)

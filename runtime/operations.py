@@ -30,8 +30,13 @@ class Cancelled(CommError):
 
 
 class GroupDestroyed(CommError):
-    """The group was destroyed (`Communicator.destroy()`, or its communicators were garbage) on this
-    rank, or on a member this operation needs."""
+    """The group was destroyed on this rank (`Communicator.destroy()`): it takes no operation."""
+
+
+class GroupDestroyedByPeer(GroupDestroyed, Aborted):
+    """A member this operation needs destroyed the group, or dropped it (maybe as its call failed):
+    it will not take part. A consequence of that member, as an abort is (the driver reports a
+    member's own failure before it)."""
 
 
 class Handle:

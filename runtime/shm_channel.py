@@ -4,8 +4,9 @@ no ZeroMQ message and no hop through the engine thread (runtime/shm_collectives.
 algorithms; this file the region, the counters and the waiting).
 
 Each member pins one region of its own arena per group (runtime/shm.py; it survives the arena's
-reset after an abort, and goes back once the group is gone on every member: runtime/channel_regions.py) and the members learn each other's offsets once, in one message round over
-the engine when the group first uses its channel. A region holds:
+reset after an abort, and goes back once the group is gone on every member: channel_regions.py)
+and the members learn each other's offsets once, in one message round over the engine when the
+group first uses its channel. A region holds:
 - a 64-bit counter (`publish` raises it by one; waiters sleep on its low 32 bits with a futex) and
   a count of sleepers, so a publisher wakes only when someone sleeps (runtime/shm_wait.py);
 - per buffer parity, the signature of the collective (operation, shape, dtype, reduction, root);
@@ -28,7 +29,7 @@ from types import SimpleNamespace
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout, GroupDestroyed
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
@@ -156,7 +157,7 @@ class GroupChannel:
                          f"wait() for asynchronous operations before a call returns")
 
     def destroyed(self, name: str, peer: int):
-        return GroupDestroyed(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {self.group.gid} "
+        return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {self.group.gid} "
                               f"and will not take part")
 
     def _cancel_call(self, call_id: int, what: str):
@@ -208,7 +209,7 @@ class GroupChannel:
             try:
                 return body(self)
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
                 raise
             finally:
@@ -216,7 +217,7 @@ class GroupChannel:
                     args = dict(trace_args, wait_us=self.wait_ns / 1000.0)
                     span = args.pop("op")
                     if error is not None:
-                        args["error"] = type(error).__name__
+                        args["error"] = error.__name__
                     engine.tracer.complete(span, "comm", "comm", start, now_ns(), args)
         finally:
             self.lock.release()

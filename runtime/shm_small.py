@@ -208,7 +208,7 @@ class SmallRounds:
                     engine.count_sent(channel.group.gid, sent)
                 return True
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
                 raise
             finally:
@@ -218,7 +218,7 @@ class SmallRounds:
                             "ranks": list(channel.group.ranks), "flow": f"{gid}#{seq}@{epoch}.{call}",
                             "wait_us": self.words[C_WAITED_NS] / 1000.0}
                     if error is not None:
-                        args["error"] = type(error).__name__
+                        args["error"] = error.__name__
                     engine.tracer.complete(name, "comm", "comm", start, now_ns(), args)
         finally:
             channel.lock.release()

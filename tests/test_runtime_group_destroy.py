@@ -3,12 +3,13 @@ whose communicators are all garbage, gives its same-host channel's arena region 
 is gone on every member; until then a member keeps its region (peers may still read it), and a
 collective that waits on a member that destroyed the group fails at once with GroupDestroyed."""
 import logging
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from ringpipe.runtime import GroupDestroyed
+from ringpipe.runtime import GroupDestroyed, RemoteError
 from ringpipe.runtime.shm import Arena
 from ringpipe.runtime.shm_collectives import SMALL_BYTES
 
@@ -44,28 +45,58 @@ def test_an_unpinned_block_goes_back_to_the_arena(tmp_path):
 
 
 # ---- many groups on one cluster ---------------------------------------------------------------------
+def _channel_threads() -> int:
+    return sum(t.name.startswith("ringpipe-channel-") for t in threading.enumerate())
+
+
 def make_and_drop_groups(comm, count):
     _quiet(comm)  # (which opens the world group's own channel: it stays)
-    arena = comm.engine.arena
-    pinned = set(arena._pinned)
+    engine, arena = comm.engine, comm.engine.arena
+    pinned, listeners, threads = set(arena._pinned), len(engine.abort_listeners), _channel_threads()
     opened = 0
     for i in range(count):
         group = comm.new_group([0, 1])
         group.all_reduce(np.ones(4))  # opens its channel
-        opened += comm.engine.channels.get(group.group.gid) is not None
+        opened += engine.channels.get(group.group.gid) is not None
+        if i % 3 == 0:
+            group.all_reduce(np.ones(4), async_op=True).wait()  # on the channel's own thread
         if i % 2:
             group.destroy()
         del group  # the others go as garbage
     comm.barrier()
-    _wait_until(lambda: set(arena._pinned) <= pinned)
-    return opened, len(set(arena._pinned) - pinned)
+    _wait_until(lambda: set(arena._pinned) <= pinned and _channel_threads() <= threads)
+    return (opened, len(set(arena._pinned) - pinned), len(engine.abort_listeners) - listeners,
+            _channel_threads() - threads)
 
 
 @pytest.mark.timeout(120)
 def test_a_hundred_groups_made_and_dropped_on_one_cluster_each_get_a_channel_and_give_it_back(local_cluster):
     # 1 GiB arenas hold ~31 channel regions: without giving them back the 32nd group had none
-    for opened, left_pinned in local_cluster(2).run(make_and_drop_groups, 100):
-        assert opened == 100 and left_pinned == 0
+    for opened, left_pinned, left_listeners, left_threads in local_cluster(2).run(make_and_drop_groups, 100):
+        assert opened == 100 and left_pinned == 0 and left_listeners == 0 and left_threads == 0
+
+
+def group_then_raise(comm):
+    group = comm.new_group([0, 1])
+    group.barrier()
+    if comm.rank == 1:
+        raise ValueError("on purpose, with the group open")
+    group.all_reduce(np.ones(4), timeout=60)  # only the abort ends it
+
+
+def regions_left(comm):
+    _quiet(comm)
+    regions = comm.engine.regions
+    _wait_until(lambda: set(regions.offsets) <= {"w"})
+    return sorted(regions.offsets)
+
+
+@pytest.mark.timeout(120)
+def test_the_groups_of_an_aborted_call_are_given_back(local_cluster):
+    cluster = local_cluster(2)
+    with pytest.raises(RemoteError, match="on purpose"):
+        cluster.run(group_then_raise)
+    assert cluster.run(regions_left) == [["w"], ["w"]]
 
 
 def region_of_a_group_then_of_the_next(comm):
