@@ -104,7 +104,10 @@ class GroupChannel:
     def submit(self, handle, work, abort_key: tuple):
         """Run `work()` on this channel's thread after what is queued; its result or error goes to
         `handle`. The handle counts as the current call's (an unwaited one is cancelled at its end)."""
-        self.engine._call_handles.append(handle)
+        handles = self.engine._call_handles
+        if len(handles) >= 256:  # as Engine.submit: only the unfinished ones matter at the call's end
+            handles[:] = [h for h in handles if not h.is_done()]
+        handles.append(handle)
         with self._queue_ready:
             self._queue.append((handle, work, abort_key))
             if self._thread is None:

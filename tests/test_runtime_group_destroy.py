@@ -143,6 +143,19 @@ def test_a_member_keeps_its_region_until_every_member_destroyed_the_group(local_
     assert not left_0 and not left_1
 
 
+def many_asynchronous_collectives(comm, count):
+    comm.barrier()  # the channel open: the asynchronous ones run on its thread
+    for _ in range(count):
+        comm.all_gather(np.ones(1000), async_op=True).wait()
+    return len(comm.engine._call_handles)
+
+
+@pytest.mark.timeout(60)
+def test_a_call_keeps_no_record_of_its_finished_asynchronous_collectives(local_cluster):
+    # each handle holds its result: a long call of many used to keep them all
+    assert max(local_cluster(2).run(many_asynchronous_collectives, 600)) <= 256
+
+
 # ---- using a destroyed group ------------------------------------------------------------------------
 def collective_after_the_peer_destroyed(comm, elements):
     group = comm.new_group([0, 1])
