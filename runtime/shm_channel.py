@@ -160,8 +160,8 @@ class GroupChannel:
                          f"wait() for asynchronous operations before a call returns")
 
     def destroyed(self, name: str, peer: int):
-        return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group {self.group.gid} "
-                              f"and will not take part")
+        return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group "
+                                    f"{self.group.gid} and will not take part")
 
     def _cancel_call(self, call_id: int, what: str):
         """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
