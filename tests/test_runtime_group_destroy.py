@@ -235,6 +235,21 @@ def test_every_operation_on_a_destroyed_group_raises_and_the_world_group_cannot_
         assert errors[5] == f"destroy: rank {rank} cannot destroy the world group"
 
 
+def nccl_groups_destroyed(comm):
+    from tests.test_nccl_communicator import nccl_over
+
+    whole, _ = nccl_over(comm)
+    pair = whole.new_group([0, 1])
+    pair.destroy()
+    whole.destroy()
+    return pair.control._sequence.destroyed is not None, whole.control._sequence.destroyed is None
+
+
+@pytest.mark.timeout(60)
+def test_an_nccl_group_takes_the_control_group_it_made_along_but_not_one_handed_in(local_cluster):
+    assert local_cluster(2).run(nccl_groups_destroyed) == [[True, True], [True, True]]
+
+
 # ---- a full arena -----------------------------------------------------------------------------------
 def groups_until_no_room(comm):
     records = []
