@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 import msgpack
 import numpy as np
 
+from ringpipe.runtime import shm_p2p_fast
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
@@ -108,6 +109,7 @@ class PairRings:
         self._in: dict[int, _Ring] = {}
         self._descriptions: dict = {}  # sender: (group, dtype, shape) -> description bytes
         self._described: dict = {}  # receiver: description bytes -> (group, dtype, shape, nbytes)
+        self.fast = shm_p2p_fast.attach(self)  # one call into C for the common case, or None
 
     @staticmethod
     def pin(arena, world_size: int) -> int:
