@@ -1,13 +1,14 @@
 """The common case of same-host point-to-point in one call into C each way: a blocking `send` of a
 message that fits in one ring slot, and a blocking `recv` of the message that comes next in the
-ring (runtime/csrc/shm_p2p.c, a CPython extension built on first use).
+ring, in its slot or in one block of the sender's arena (up to PART_BYTES)
+(runtime/csrc/shm_p2p.c, a CPython extension built on first use).
 
 The ring, its slots and its rules are the pair ring's (runtime/shm_p2p.py); this path only skips
 the Python layers of the common case. Everything else takes the Python path, which reads and
 writes the same ring: tracing on, a full ring, an array that is not C-contiguous or does not fit
-in a slot, the first message of a kind (the Python path describes and checks it), a receive with
+in a slot (sending) or comes in parts (receiving), the first message of a kind (the Python path describes and checks it), a receive with
 receives of its key already posted or messages of its key already kept, a next message of another
-key (kept for its receive), of an earlier call or epoch (dropped), or in parts. A receive waits in
+key (kept for its receive), of an earlier call or epoch (dropped). A receive waits in
 C (adaptive spin, then futex sleeps of at most SLICE_S without the GIL), looking at aborts and its
 deadline between sleeps, and raises the Python path's Aborted and CommTimeout.
 
@@ -128,7 +129,7 @@ class FastPairs:
                 return None
             spin = rings.spin
             found = self.lib.recv(source[0], self.slot_bytes, epoch, call, tag, description, out, spin.ns(),
-                                  spin.yields, int(min(SLICE_S, patience) * 1e9))
+                                  spin.yields, int(min(SLICE_S, patience) * 1e9), source[2], source[3])
             if found == PENDING:
                 found = self._wait(comm, source, tag, description, out, time.monotonic() + patience, patience)
             if found == OTHER:
@@ -137,7 +138,8 @@ class FastPairs:
                 slept, description = found
                 described = rings._described.get(description) or rings._learn(description)
                 out = np.empty(described[2], described[1])
-                found = self.lib.recv(source[0], self.slot_bytes, epoch, call, tag, description, out, 0, 0, 0)
+                found = self.lib.recv(source[0], self.slot_bytes, epoch, call, tag, description, out, 0, 0, 0,
+                                      source[2], source[3])
                 found = slept if found == 0 else OTHER
             if found == OTHER:
                 return None
@@ -160,20 +162,24 @@ class FastPairs:
                                   f"{comm.group.gid} on rank {engine.rank} timed out after {patience:g}s waiting "
                                   f"for a message from rank {source[1]}")
             found = self.lib.recv(source[0], self.slot_bytes, engine.epoch, engine.call, tag, description, out, 0,
-                                  0, int(min(SLICE_S, left) * 1e9))
+                                  0, int(min(SLICE_S, left) * 1e9), source[2], source[3])
             if found != PENDING:
                 return found
 
     def _ring(self, comm, peer, sending: bool):
-        """(address, global rank) of the ring to (or from) group index `peer`; None when it is not a
-        same-host peer with a ring (or not a valid index: the Python path raises)."""
+        """(ring address, global rank) of the ring to group index `peer`, or from it (ring address,
+        global rank, address and bytes of its arena mapped here); None when it is not a same-host
+        peer with a ring (or not a valid index: the Python path raises)."""
         if type(peer) is not int or not 0 <= peer < comm.size:
             return None
         rank = comm.group.ranks[peer]
         if not self.rings.usable(rank):
             return None
-        ring = self.rings._ring(self.engine.rank, rank) if sending else self.rings._ring(rank, self.engine.rank)
-        entry = (ring.head, rank)
+        if sending:
+            entry = (self.rings._ring(self.engine.rank, rank).head, rank)
+        else:  # and where the sender's arena (its blocks of larger messages) is mapped here
+            arena = self.engine.peer_arenas[rank]
+            entry = (self.rings._ring(rank, self.engine.rank).head, rank, int(arena.buffer.ctypes.data), arena.size)
         (self._out if sending else self._in)[(comm.group.gid, peer)] = entry
         return entry
 

@@ -77,15 +77,19 @@ def sendrecv(comm, x, dst: int, src: int, tag: int = 0, out=None, timeout: float
     `wait`); between same-host ranks of a ringpipe Communicator a message of MIN_BYTES or more is
     read from `x` by the receiver (see the module docstring), so do not change `x` from another
     thread meanwhile. Errors as `send` and `recv` (CommTimeout naming rank and peer, Aborted)."""
-    handle = comm.irecv(src, tag, out, timeout)  # posted first: a receive of `src`'s sendrecv is ready
     engine = getattr(comm, "engine", None)
     rings = getattr(engine, "rings", None)
-    dst_global = comm.group.ranks[dst] if rings is not None and 0 <= dst < comm.size else None
+    if rings is None:  # another communicator (its sends may wait for their receive): receive first
+        handle = comm.irecv(src, tag, out, timeout)
+        comm.send(x, dst, tag, timeout)
+        return handle.wait()
+    dst_global = comm.group.ranks[dst] if 0 <= dst < comm.size else None
     if (dst_global is None or type(x) is not np.ndarray or not comm.config.shm or not rings.usable(dst_global)
             or not rings.single_copy.on or dst_global in rings.single_copy.refused or x.nbytes < MIN_BYTES
             or x.dtype.kind not in "biufc" or engine.aborted_call is not None or engine.tracer.enabled):
-        comm.send(x, dst, tag, timeout)
-        return handle.wait()
+        comm.send(x, dst, tag, timeout)  # eager: it never waits for its receiver
+        return comm.recv(src, tag, out, timeout)  # (the one-call path where it applies)
+    handle = comm.irecv(src, tag, out, timeout)  # posted first: a receive of `src`'s sendrecv is ready
     flat = np.ascontiguousarray(x)
     patience = comm.timeout if timeout is None else timeout
     name = f"sendrecv to rank {dst} tag {tag} on group {comm.group.gid}"

@@ -61,8 +61,9 @@ def test_every_kind_of_message_arrives_bit_for_bit_on_either_path(pair):
     after = cluster.run(path_counts)
     if path == "python":
         assert after == [None, None]
-    else:  # the fast path took the later messages of every kind that fits a slot
-        assert after[0][0] - before[0][0] >= 16 and after[1][1] - before[1][1] >= 16
+    else:  # sent: the later messages of every contiguous kind that fits a slot (unless the ring
+        # was full); received: every message, in its slot or in one arena block, from the first on
+        assert after[0][0] - before[0][0] >= 8 and after[1][1] - before[1][1] == 3 * len(payloads())
 
 
 def interleaved_tags(comm):
@@ -126,9 +127,10 @@ def test_a_receive_that_times_out_names_operation_rank_and_peer(pair):
 def fail_while_the_peer_waits(comm, path):
     if comm.rank == 0:
         comm.send(np.zeros(4, np.float32), 1, tag=6)
+        time.sleep(0.3)  # (the peer is most likely waiting by now; either way it must see Aborted)
         raise ValueError("rank 0 gives up")
-    comm.recv(0, tag=6, out=np.empty(4, np.float32))
     try:
+        comm.recv(0, tag=6, out=np.empty(4, np.float32))
         comm.recv(0, tag=6, out=np.empty(4, np.float32), timeout=30)
     except Exception as exc:  # noqa: BLE001 - what the waiter saw, for the test to read
         with open(path, "w") as f:

@@ -81,21 +81,22 @@ static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyBool_FromLong(sent);
 }
 
-/* recv(ring, slot_bytes, epoch, call, tag, description: bytes, out, spin_ns, yields, timeout_ns)
-   -> int: waits (spin, then at most one futex sleep of timeout_ns, without the GIL) for the next
-   message; when it is a one-slot message of this epoch, call, tag and description (group, dtype,
-   shape), copies its payload into `out` (C-contiguous, writable, of that size) and gives the
-   slot back. Returns the ns it slept first (0: the spin caught it), OTHER (the slot is left for
+/* recv(ring, slot_bytes, epoch, call, tag, description: bytes, out, spin_ns, yields, timeout_ns,
+   arena, arena_bytes) -> int: waits (spin, then at most one futex sleep of timeout_ns, without the
+   GIL) for the next message; when it is a one-part message of this epoch, call, tag and
+   description (group, dtype, shape), copies its payload (in the slot, or in a block of the
+   sender's arena, mapped here at `arena`) into `out` (C-contiguous, writable, of that size) and
+   gives the slot back (the sender frees the block once it sees that). Returns the ns it slept first (0: the spin caught it), OTHER (the slot is left for
    the Python path) or PENDING (nothing yet: the caller looks at aborts and deadlines).
    With `out` None, `description` is a prefix (the group's) and a match is only looked at: the
    answer is (ns slept, the message's description) and the slot stays, for a second call with an
    `out` of the message's shape and dtype. */
 static PyObject *p2p_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long v[5], w[3];
-    if (nargs != 10 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || take_ints(args + 7, 3, w) < 0) {
+    long long v[5], w[5];
+    if (nargs != 12 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || take_ints(args + 7, 5, w) < 0) {
         if (!PyErr_Occurred())
             PyErr_SetString(PyExc_TypeError, "recv(ring, slot_bytes, epoch, call, tag, description, out, spin_ns, "
-                                             "yields, timeout_ns)");
+                                             "yields, timeout_ns, arena, arena_bytes)");
         return NULL;
     }
     char *ring = (char *)(intptr_t)v[0];
@@ -127,15 +128,17 @@ static PyObject *p2p_recv(PyObject *self, PyObject *const *args, Py_ssize_t narg
         const char *slot = ring + HEADER_BYTES + (int64_t)(at % SLOTS) * slot_bytes;
         struct slot_header header;
         memcpy(&header, slot, sizeof header);
-        int plain = header.epoch == v[2] && header.call == v[3] && header.tag == v[4] && header.block == -1 &&
+        int plain = header.epoch == v[2] && header.call == v[3] && header.tag == v[4] && header.block >= -1 &&
                     header.index == 0 && header.parts == 1 && header.length <= META_BYTES - DESCRIPTION_AT;
+        const char *payload = header.block == -1 ? slot + META_BYTES : (const char *)(intptr_t)w[3] + header.block;
+        int64_t room = header.block == -1 ? slot_bytes - META_BYTES : w[4] - header.block;
         result = slept > 0 ? slept : 0;
         if (plain && peek && header.length >= length && memcmp(slot + DESCRIPTION_AT, description, (size_t)length) == 0) {
             found = slot + DESCRIPTION_AT;
             found_length = header.length;
-        } else if (plain && !peek && header.length == length && view.len <= slot_bytes - META_BYTES &&
+        } else if (plain && !peek && header.length == length && view.len <= room &&
                    memcmp(slot + DESCRIPTION_AT, description, (size_t)length) == 0) {
-            memcpy(view.buf, slot + META_BYTES, (size_t)view.len);
+            memcpy(view.buf, payload, (size_t)view.len);
             rp_publish(tail, (uint32_t *)(ring + TAIL + SLEEPERS), at + 1);
         } else {
             result = OTHER;
