@@ -1,12 +1,14 @@
 """Same-host point-to-point's fast path (runtime/shm_p2p_fast.py, one call into C per blocking send
 and receive) against the Python path it stands in for: the same bits, the same key matching, the
 same errors; and `RINGPIPE_SHM_P2P_C=0` forcing the Python path."""
+import os
 import time
 
 import numpy as np
 import pytest
 
 from ringpipe.runtime import Cluster
+from ringpipe.runtime.calls import WorkerDied
 from ringpipe.runtime.shm_p2p_fast import extension
 
 @pytest.fixture(scope="module", params=["c", "python"])
@@ -148,3 +150,26 @@ def test_a_waiting_receive_wakes_with_one_line_aborted_when_its_peer_fails(pair,
         time.sleep(0.1)
     seen = path.read_text()
     assert seen.startswith("Aborted: ") and "\n" not in seen and "rank 0" in seen
+
+
+def die_while_the_peer_waits(comm):
+    if comm.rank == 0:
+        comm.send(np.zeros(4, np.float32), 1, tag=8)
+        time.sleep(0.3)
+        os._exit(3)
+    comm.recv(0, tag=8, out=np.empty(4, np.float32))
+    comm.recv(0, tag=8, out=np.empty(4, np.float32), timeout=30)  # rank 0 dies meanwhile
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_that_dies_while_a_receive_waits_is_reported_at_once_naming_it(tmp_path):
+    if extension() is None:
+        pytest.skip("the shm_p2p C extension cannot be built here (no compiler or no Python headers)")
+    cluster = Cluster(2, threads_per_worker=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerDied, match="worker rank 0 .* exited with code 3") as info:
+            cluster.run(die_while_the_peer_waits, timeout=60)
+        assert time.monotonic() - start < 20 and "\n" not in str(info.value).strip()  # not the receive's 30 s
+    finally:
+        cluster.close()
