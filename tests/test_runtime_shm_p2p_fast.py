@@ -173,3 +173,34 @@ def test_a_peer_that_dies_while_a_receive_waits_is_reported_at_once_naming_it(tm
         assert time.monotonic() - start < 20 and "\n" not in str(info.value).strip()  # not the receive's 30 s
     finally:
         cluster.close()
+
+
+def two_threads_receive_two_tags(comm):
+    """Rank 0 interleaves tags 1 and 2; on rank 1 a thread per tag receives its own in order."""
+    import threading
+
+    count = 200
+    if comm.rank == 0:
+        for i in range(count):
+            comm.send(np.full(3, i, np.int64), 1, tag=1)
+            comm.send(np.full(3, -i, np.int64), 1, tag=2)
+        return None
+    got = {1: [], 2: []}
+
+    def receive(tag):
+        out = np.empty(3, np.int64)
+        for _ in range(count):
+            got[tag].append(int(comm.recv(0, tag=tag, out=out)[0]))
+
+    threads = [threading.Thread(target=receive, args=(tag,)) for tag in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return got
+
+
+@pytest.mark.timeout(120)
+def test_threads_receiving_different_tags_each_get_their_own_messages_in_order(pair):
+    got = cluster_run(pair, two_threads_receive_two_tags)[1]
+    assert got == {1: list(range(200)), 2: [-i for i in range(200)]}
