@@ -80,7 +80,7 @@ class FastPairs:
         self.rings, self.lib, self.engine = rings, lib, rings.engine
         self.slot_bytes = rings.slot_bytes
         self._out: dict = {}  # (group id, peer index) -> (address of the ring to it, its global rank)
-        self._in: dict = {}  # (group id, peer index) -> (address of the ring from it, its global rank)
+        self._in: dict = {}  # (group id, peer index) -> (ring from it, its global rank, its arena, bytes)
         self._expected: dict = {}  # (group id, dtype, shape) -> the description a message of it has
         self._prefixes: dict = {}  # group id -> the start of every description of that group
         self.sent = self.received = 0  # messages that took this path (a test's evidence)
@@ -121,6 +121,7 @@ class FastPairs:
         epoch, call = engine.epoch, engine.call
         arrival = (source[1], (call, gid, tag))
         patience = comm.config.timeout if timeout is None else timeout
+        deadline = time.monotonic() + patience
         with rings.lock:
             # Receives of this key already posted, or its messages already read ahead: their order
             # is the Python path's. Otherwise the next message of the key is this receive's, and
@@ -131,7 +132,7 @@ class FastPairs:
             found = self.lib.recv(source[0], self.slot_bytes, epoch, call, tag, description, out, spin.ns(),
                                   spin.yields, int(min(SLICE_S, patience) * 1e9), source[2], source[3])
             if found == PENDING:
-                found = self._wait(comm, source, tag, description, out, time.monotonic() + patience, patience)
+                found = self._wait(comm, source, tag, description, out, deadline, patience)
             if found == OTHER:
                 return None
             if out is None:  # the message is there; its description says what to receive it in
