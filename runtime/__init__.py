@@ -9,9 +9,8 @@ from ringpipe.runtime.comm_interface import CommHandle, CommunicatorInterface
 from ringpipe.runtime.communicator import CommConfig, Communicator
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle
 from ringpipe.runtime.launch import Launcher, LocalLauncher
-from ringpipe.runtime.shm_p2p_single_copy import sendrecv
 
 __all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",
            "ClusterStopped", "CallFuture", "ActorGroup", "Communicator", "CommConfig", "CommunicatorInterface",
            "CommHandle", "Handle", "CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled",
-           "Launcher", "LocalLauncher", "sendrecv"]
+           "Launcher", "LocalLauncher"]

@@ -7,8 +7,8 @@ Per case (2-rank all_reduce, 2-rank ping-pong, 4-rank all_reduce), fresh ranks t
 operations one by one: the median wall time per operation (rank 0's; half a round trip for the
 ping-pong) and the mean over ranks of their thread CPU time per operation (per send + receive for
 the ping-pong). Each figure is the median of `--rounds` interleaved rounds (tools/bench_rounds.py):
-this tree, then `ringpipe@DIR` (`--baseline`), then this tree with `RINGPIPE_SHM_SMALL=0` and
-`RINGPIPE_SHM_P2P_C=0` (the Python rounds and point-to-point, `--python-rounds`).
+this tree, then `ringpipe@DIR` (`--baseline`), then this tree with `RINGPIPE_SHM_SMALL=0` (the
+Python rounds, `--python-rounds`).
 """
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ def run(rounds: int = 3, count: int = 2000, baseline: str | None = None, python_
             raise ValueError(f"--baseline {baseline}: not a ringpipe checkout (no runtime/__init__.py there)")
         variants["baseline"] = (os.path.abspath(baseline), {})
     if python_rounds:
+        # (and point-to-point on its Python path too: the fast path's baseline in the same tree)
         variants["python rounds"] = (str(HERE.parent.parent), {"RINGPIPE_SHM_SMALL": "0", "RINGPIPE_SHM_P2P_C": "0"})
     rows = []
     for case, world_size in CASES:
@@ -117,8 +118,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ops", type=int, default=2000, help="operations timed per case and round")
     parser.add_argument("--baseline", help="a checkout of the commit to compare with")
-    parser.add_argument("--python-rounds", action="store_true",
-                        help="also this tree with RINGPIPE_SHM_SMALL=0 and RINGPIPE_SHM_P2P_C=0")
+    parser.add_argument("--python-rounds", action="store_true", help="also this tree with RINGPIPE_SHM_SMALL=0")
     args = parser.parse_args(argv)
     print(format_table(run(args.rounds, args.ops, args.baseline, args.python_rounds)))
 
