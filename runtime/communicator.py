@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ringpipe.runtime import array_module, collectives, shm_collectives, shm_small
+from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p_fast, shm_small
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.channel_regions import exchange_entries, open_channel
@@ -171,7 +171,7 @@ class Communicator:
         return Finished(name, error=error)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
-        self.isend(x, dst, tag, timeout).wait()
+        shm_p2p_fast.send(self, x, dst, tag) or self.isend(x, dst, tag, timeout).wait()  # fast: one call into C
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
         """Start receiving an array from `src`; `wait()` returns it (written into `out` if given).
@@ -207,7 +207,8 @@ class Communicator:
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
-        return self.irecv(src, tag, out, timeout).wait()
+        found = shm_p2p_fast.recv(self, src, tag, out, timeout)  # the common case in one call into C, or None
+        return found if found is not None else self.irecv(src, tag, out, timeout).wait()
 
     # ---- collectives ------------------------------------------------------------------------------
     def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0, direct=None):

@@ -30,7 +30,7 @@ from ringpipe.runtime.trace import now_ns
 
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
-C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET = 8, 13, 14, 15, 16, 17, 18
+C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
 C_MEMBERS, C_PER_MEMBER = 24, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -192,15 +192,16 @@ class SmallRounds:
                 position = (call << 32) | seq
                 spin = channel.spin
                 _CALL.pack_into(self.words, C_PARITY * 8, parity, (epoch << EPOCH_SHIFT) | channel.count,
-                                signature_id, position, spin.ns(), self.yields, 0, kind, dtype_code, op_code,
+                                signature_id, position, spin.ns(), self.yields, int(min(SLICE_S, patience) * 1e9),
+                                kind, dtype_code, op_code,
                                 (0 if x is None else x.size) if count is None else count, 0)
                 self.words[C_OFFSET] = offset
+                # One call for the round unless it waits longer than a slice (then looks at aborts and
+                # deadlines between slices): its spin, then sleeps on each member not there yet.
                 status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
                     status = self._sleep(comm, name, seq, key, deadline, patience)
-                    spin.answered(False, self.words[C_WAITED_NS])
-                else:
-                    spin.answered(True)
+                spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).

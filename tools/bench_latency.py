@@ -84,7 +84,8 @@ def run(rounds: int = 3, count: int = 2000, baseline: str | None = None, python_
             raise ValueError(f"--baseline {baseline}: not a ringpipe checkout (no runtime/__init__.py there)")
         variants["baseline"] = (os.path.abspath(baseline), {})
     if python_rounds:
-        variants["python rounds"] = (str(HERE.parent.parent), {"RINGPIPE_SHM_SMALL": "0"})
+        # (and point-to-point on its Python path too: the fast path's baseline in the same tree)
+        variants["python rounds"] = (str(HERE.parent.parent), {"RINGPIPE_SHM_SMALL": "0", "RINGPIPE_SHM_P2P_C": "0"})
     rows = []
     for case, world_size in CASES:
         measured = {name: [] for name in variants}
