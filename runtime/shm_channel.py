@@ -90,6 +90,7 @@ class GroupChannel:
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
         self.call = None  # the call of the operation running now
         self.small = None  # the one-call C rounds of small collectives (runtime/shm_small.attach)
+        self.single_copy = None  # runtime/shm_cma.py's state once probed (False: the group cannot)
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 

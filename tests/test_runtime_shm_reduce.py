@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ringpipe.runtime import reduce_kernels, shm_collectives
+from ringpipe.runtime import reduce_kernels, shm_cma, shm_collectives
 from ringpipe.runtime.reduce_kernels import reduce_into
 
 MODES = ["c", "numpy"]
@@ -74,11 +74,13 @@ CASES = [("float32", 50_001, "sum"), ("float64", 20_000, "avg"), ("int64", 9_999
 
 def pipelined_all_reduces(comm, mode, chunk_bytes):
     """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the one-round reduce
-    off, so that every case takes the pipelined path; (input, result, publishes) per case."""
+    off and the single-copy path too (runtime/shm_cma.py), so that every case takes the pipelined
+    path; (input, result, publishes) per case."""
     names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
-    saved = [getattr(shm_collectives, name) for name in names]
+    saved = [getattr(shm_collectives, name) for name in names] + [shm_cma.MIN_BYTES]
     for name, value in zip(names, (chunk_bytes, 0, 0)):
         setattr(shm_collectives, name, value)
+    shm_cma.MIN_BYTES = 1 << 62
     reduce_kernels.set_mode(mode)
     try:
         comm.barrier()
@@ -94,6 +96,7 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     finally:
         for name, value in zip(names, saved):
             setattr(shm_collectives, name, value)
+        shm_cma.MIN_BYTES = saved[-1]
         reduce_kernels.set_mode("c")
 
 

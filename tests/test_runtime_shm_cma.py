@@ -1,0 +1,107 @@
+"""Single-copy collectives between same-host processes (runtime/cma.py, runtime/shm_cma.py): peers
+read each other's arrays with one cross-memory copy, with bitwise the arena path's results; a group
+where any member cannot (or will not) read that way keeps to the arena path."""
+import ctypes
+import errno
+import os
+import time
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime import cma, shm_cma
+
+pytestmark = pytest.mark.skipif(not cma.available(), reason="no process_vm_readv in this libc")
+
+ARENA = 2 << 20  # channel buffers of 128 KiB: the larger cases below go in several rounds
+# (kind, dtype, elements per rank, layout, reduction): odd sizes, every dtype the path takes, strided
+# inputs (the communicator copies them; the single-copy path reads the copy's address).
+CASES = [("all_reduce", "float32", 100_003, "contiguous", "sum"), ("all_reduce", "float64", 70_001, "strided", "avg"),
+         ("all_reduce", "int64", 33_333, "contiguous", "sum"), ("all_reduce", "float32", 50_001, "contiguous", "max"),
+         ("all_reduce", "float16", 40_001, "contiguous", "sum"),
+         ("reduce_scatter", "float32", 30_001, "contiguous", "sum"), ("reduce_scatter", "int32", 20_001, "strided", "min"),
+         ("reduce_scatter", "float64", 12_345, "contiguous", "avg"),
+         ("all_gather", "float32", 25_001, "strided", None), ("all_gather", "uint8", 70_001, "contiguous", None),
+         ("broadcast", "float64", 90_001, "contiguous", None), ("broadcast", "int16", 50_001, "strided", None)]
+
+
+def run_cases(comm, group):
+    out = []
+    for index, (kind, dtype, count, layout, op) in enumerate(CASES):
+        rng = np.random.default_rng(100 * index + comm.rank)
+        size = count * group.size if kind == "reduce_scatter" else count
+        base = (rng.standard_normal(2 * size) * 100).astype(dtype)
+        x = base[::2] if layout == "strided" else base[:size].copy()
+        if kind == "all_reduce":
+            result = group.all_reduce(x, op=op)
+        elif kind == "reduce_scatter":
+            result = group.reduce_scatter(x, op=op)
+        elif kind == "all_gather":
+            result = group.all_gather(x)
+        else:
+            result = group.broadcast(x, src=group.size - 1)
+        out.append(np.array(result, copy=True))
+    return out
+
+
+def single_copy_and_arena(comm, off_rank):
+    """Every case on a group that reads single-copy and on one where rank `off_rank` votes no at the
+    probe (so every member keeps to the arena path); (results, results, how each group went)."""
+    fast, slow = comm.new_group(range(comm.size)), comm.new_group(range(comm.size))
+    fast.barrier()
+    slow.barrier()
+    fast_results = run_cases(comm, fast)
+    if comm.rank == off_rank:
+        shm_cma.set_mode("off")
+    try:
+        slow_results = run_cases(comm, slow)
+    finally:
+        shm_cma.set_mode("on")
+    states = [comm.engine.channels[group.group.gid].single_copy for group in (fast, slow)]
+    return fast_results, slow_results, [state if state is False else type(state).__name__ for state in states]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_every_single_copy_collective_matches_the_arena_path_bitwise(local_cluster, world_size):
+    results = local_cluster(world_size, arena_bytes=ARENA).run(single_copy_and_arena, world_size - 1)
+    for rank, (fast, slow, states) in enumerate(results):
+        assert states == ["SingleCopy", False], rank  # one member's no is every member's
+        for case, got, want in zip(CASES, fast, slow):
+            assert got.dtype == want.dtype and got.shape == want.shape, (case, rank)
+            assert got.tobytes() == want.tobytes(), (case, rank)
+    for index, (kind, dtype, count, layout, op) in enumerate(CASES):  # and the arena path is right
+        if kind == "all_reduce" and op == "sum" and dtype != "float16":
+            inputs = []
+            for rank in range(world_size):
+                base = (np.random.default_rng(100 * index + rank).standard_normal(2 * count) * 100).astype(dtype)
+                inputs.append(base[::2] if layout == "strided" else base[:count])
+            total = inputs[0] + inputs[1]
+            for x in inputs[2:]:
+                total = total + x
+            assert results[0][1][index].tobytes() == total.tobytes(), (kind, dtype)
+
+
+# ---- the cross-memory read -----------------------------------------------------------------------
+def test_a_read_copies_another_processs_array_and_names_the_pid_once_it_has_exited():
+    array = np.arange(300_001, dtype=np.float64)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the peer: keeps its copy of `array` (copy-on-write) until killed
+        os.write(ready_w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        os.read(ready_r, 1)
+        out = np.empty_like(array)
+        array[:] = -1  # only this process's copy changes
+        cma.read(pid, array.ctypes.data, array.nbytes, out.ctypes.data)
+        assert np.array_equal(out, np.arange(300_001, dtype=np.float64))
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+        os.close(ready_w)
+    with pytest.raises(OSError) as raised:
+        cma.read(pid, array.ctypes.data, 8, ctypes.addressof(ctypes.c_uint64()))
+    assert raised.value.errno == errno.ESRCH and f"pid {pid}" in str(raised.value)
