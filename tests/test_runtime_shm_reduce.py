@@ -146,3 +146,23 @@ def test_a_reduce_scatter_reads_its_own_row_in_place_and_averages_in_the_same_pa
             mine = [rows[peer][rank] for peer in range(3)]
             want = rank_order_sum(mine, 3) if op == "avg" else np.maximum.reduce(mine)
             assert same_bits(results[rank][index][1], want.astype(np.float32)), (op, rank)
+
+
+def test_a_c_helper_is_rebuilt_when_a_header_it_may_include_changes(tmp_path, monkeypatch):
+    """csrc/reduce_loops.h holds the loops of reduce_sum.c and shm_small.c: the build cache's key
+    covers the headers, so an edited loop never runs as the stale library."""
+    from ringpipe.runtime import c_library
+
+    if reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C compiler here: {reduce_kernels.unavailable_reason()}")
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for path in c_library.SOURCES.glob("*"):
+        (sources / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(c_library, "SOURCES", sources)
+    monkeypatch.setenv("RINGPIPE_CACHE", str(tmp_path / "cache"))
+    c_library.build("reduce_sum")
+    header = sources / "reduce_loops.h"
+    header.write_text(header.read_text() + "\n/* edited */\n")
+    c_library.build("reduce_sum")
+    assert len(list((tmp_path / "cache").glob("reduce_sum-*.so"))) == 2
