@@ -40,8 +40,17 @@ from ringpipe.runtime import cma
 from ringpipe.runtime.operations import CommError
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
-MIN_BYTES = 64 << 10  # larger collectives take this path (smaller ones are latency-bound: runtime/shm_small.py)
-READ_CHUNK_BYTES = 64 << 10  # per peer: (n - 1) chunks, the sum and its outputs stay in a core's L2
+# Where this path is taken: once a rank reads more than this many bytes of its peers' arrays (None:
+# never). A cross-memory read costs ~10 us per call and ~0.7 us per 4 KiB page here (process_vm_readv
+# in this VM: 3.5 GB/s in 64 KiB reads, 5 GB/s in 1 MiB ones, against ~23 GB/s for a memcpy in
+# cache and ~6 GB/s out of it), so it pays only where it saves a copy of data that no longer fits
+# in the caches. Measured on 2 cores, CPU of a call summed over ranks, single-copy / arena:
+# all_reduce 2 ranks 4 MiB 1.00, 16 MiB 0.86, 64 MiB 0.80; 4 ranks 1 MiB 1.01, 4 MiB 0.86, 64 MiB
+# 0.74; broadcast 2 ranks 1 MiB ~1.0, 4 MiB 0.66; 4 ranks 1 MiB 1.35, 4 MiB 0.81, 64 MiB 0.66;
+# all_gather 4 ranks 4 MiB 1.14, 64 MiB 1.04 and reduce_scatter 1.21, 1.05: they save one copy of
+# n (the copy into the shared buffer) and pay more than that back, so they keep to the arena path.
+MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": None, "reduce_scatter": None}
+READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the chunks stay in L2 / L3
 # This module's words in a channel region's header (after both parities' signatures, which end at
 # 2112): pid, probe word's address, nonce, verdict, then per parity the array's address and bytes.
 REGION_AT, PID, PROBE, NONCE, VERDICT, ARRAY = 3584, 0, 1, 2, 3, 4
@@ -57,9 +66,18 @@ def set_mode(mode: str) -> None:
     _settings["on"] = mode == "on"
 
 
-def usable(channel) -> bool:
-    """False once the channel's probe said no; True before it (the probe runs in `begin`)."""
-    return getattr(channel, "single_copy", None) is not False
+def chosen(channel, op: str, nbytes: int) -> bool:
+    """Whether collective `op` on `nbytes` (all_reduce, broadcast: the array; all_gather: one
+    member's piece; reduce_scatter: the (n, m) input) takes this path on `channel`: alike on every
+    member (sizes match, or the first round's signature check fails). False once the channel's
+    probe said no; True before it (the probe runs in `begin`)."""
+    least = MIN_READ_BYTES[op]
+    if least is None or getattr(channel, "single_copy", None) is False:
+        return False
+    n = channel.n
+    read = {"all_reduce": nbytes * (n - 1) // n, "broadcast": nbytes, "all_gather": nbytes * (n - 1),
+            "reduce_scatter": nbytes * (n - 1) // n}[op]
+    return read > least
 
 
 class SingleCopy:
@@ -71,7 +89,8 @@ class SingleCopy:
         self.nonce = secrets.randbits(63) | 1
         self.probe_word = ctypes.c_uint64(self.nonce)  # private memory: only a cross-memory read sees it
         self.pids = [0] * channel.n
-        self.scratch = np.empty(max(channel.n - 1, 1) * READ_CHUNK_BYTES, np.uint8)
+        self.chunk_bytes = READ_CHUNK_BYTES
+        self.scratch = np.empty(max(channel.n - 1, 1) * self.chunk_bytes, np.uint8)
         self.scratch_at = int(self.scratch.ctypes.data)
 
     def verdict(self, channel) -> int:
@@ -157,7 +176,7 @@ def _reduce_part(channel, published: int, row_at: int, own: np.ndarray, lo: int,
     (the collective's first), chunk by chunk."""
     n, me, state = channel.n, channel.me, channel.single_copy
     dtype, itemsize = own.dtype, own.itemsize
-    chunk = max(1, READ_CHUNK_BYTES // itemsize)
+    chunk = max(1, state.chunk_bytes // itemsize)
     kernel = c_sum(dtype, reduce)
     remote = [_address(channel, peer, published) + row_at for peer in range(n)]
     own_at, out_at, copy_at = own.ctypes.data, out.ctypes.data, 0 if copy is None else copy.ctypes.data
@@ -169,7 +188,7 @@ def _reduce_part(channel, published: int, row_at: int, own: np.ndarray, lo: int,
             if peer == me:
                 slots.append(own_at + start * itemsize)
             else:
-                slot = state.scratch_at + (peer - (peer > me)) * READ_CHUNK_BYTES
+                slot = state.scratch_at + (peer - (peer > me)) * state.chunk_bytes
                 _read(channel, peer, remote[peer] + start * itemsize, nbytes, slot)
                 slots.append(slot)
         if kernel is not None:  # addresses by arithmetic, as in shm_collectives._reduce_round
@@ -256,4 +275,4 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray | None:
     return work
 
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "usable", "set_mode", "MIN_BYTES"]
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "set_mode", "MIN_READ_BYTES"]

@@ -10,8 +10,8 @@ the member whose buffer peers read, as the engine's algorithms count it.
   peers' buffers into this rank's buffer and the caller's array, then an all-gather of the sums
   (see _reduce_round); sums in one pass through runtime/reduce_kernels.py;
 - all_gather, reduce_scatter, broadcast: one round per buffer-sized piece; barrier: one empty round.
-Above shm_cma.MIN_BYTES every collective but the barrier reads its peers' arrays single-copy
-(runtime/shm_cma.py) where the group's probe allows; these arena paths remain where it does not.
+Large collectives read their peers' arrays single-copy instead (runtime/shm_cma.py: where the
+group's probe allows, and at the sizes and operations where that measured faster here).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
     """Reduce the 1-D array `work` over the group, in place, then divide it by `divisor` when that
     is non-zero (an average)."""
     n, me = channel.n, channel.me
-    if work.nbytes > shm_cma.MIN_BYTES and shm_cma.usable(channel):
+    if shm_cma.chosen(channel, "all_reduce", work.nbytes):
         done = _contiguous(work, lambda target: shm_cma.all_reduce(channel, target, reduce, divisor))
         if done is not None:
             return work
@@ -162,7 +162,7 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[i] = member i's x (out has a leading axis of size n)."""
     n, me = channel.n, channel.me
     flat, pieces = x.reshape(-1), out.reshape(n, -1)
-    if flat.nbytes > shm_cma.MIN_BYTES and shm_cma.usable(channel):
+    if shm_cma.chosen(channel, "all_gather", flat.nbytes):
         done = _contiguous(pieces, lambda target: shm_cma.all_gather(channel, np.ascontiguousarray(flat), target))
         if done is not None:
             return out
@@ -187,7 +187,7 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
     divided by `divisor` when that is non-zero (an average). A rank's own row is read from `work`,
     never copied into its buffer."""
     n, me = channel.n, channel.me
-    if work.nbytes > shm_cma.MIN_BYTES and shm_cma.usable(channel):
+    if shm_cma.chosen(channel, "reduce_scatter", work.nbytes):
         done = shm_cma.reduce_scatter(channel, np.ascontiguousarray(work), reduce, divisor)
         if done is not None:
             return done
@@ -230,7 +230,7 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
     member again: a member that left early could start the next collective two rounds ahead of a
     slower one, and overwrite the signature that one still checks."""
     me = channel.me
-    if work.nbytes > shm_cma.MIN_BYTES and shm_cma.usable(channel):
+    if shm_cma.chosen(channel, "broadcast", work.nbytes):
         if _contiguous(work, lambda target: shm_cma.broadcast(channel, target, root)) is not None:
             return work
     per_round = channel.elements_per_round(work.itemsize)

@@ -77,10 +77,10 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     off and the single-copy path too (runtime/shm_cma.py), so that every case takes the pipelined
     path; (input, result, publishes) per case."""
     names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
-    saved = [getattr(shm_collectives, name) for name in names] + [shm_cma.MIN_BYTES]
+    saved = [getattr(shm_collectives, name) for name in names] + [dict(shm_cma.MIN_READ_BYTES)]
     for name, value in zip(names, (chunk_bytes, 0, 0)):
         setattr(shm_collectives, name, value)
-    shm_cma.MIN_BYTES = 1 << 62
+    shm_cma.MIN_READ_BYTES.update(all_reduce=None)
     reduce_kernels.set_mode(mode)
     try:
         comm.barrier()
@@ -96,7 +96,7 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     finally:
         for name, value in zip(names, saved):
             setattr(shm_collectives, name, value)
-        shm_cma.MIN_BYTES = saved[-1]
+        shm_cma.MIN_READ_BYTES.update(saved[-1])
         reduce_kernels.set_mode("c")
 
 
