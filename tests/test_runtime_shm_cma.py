@@ -163,3 +163,58 @@ def test_a_peer_that_dies_mid_collective_gives_each_reader_a_one_line_error_nami
         note = (tmp_path / f"rank{rank}").read_text()
         assert "\n" not in note and f"(rank {rank} of 3)" in note, note
         assert "reading rank 1's array" in note and "it has exited" in note, note
+
+
+def _drop_ptrace_capability():
+    """Take CAP_SYS_PTRACE out of this process's capability sets (capset(2)), as an unprivileged
+    user has none; False where that cannot be done."""
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header, data = Header(0x20080522, 0), (Data * 2)()  # _LINUX_CAPABILITY_VERSION_3
+    if libc.capget(ctypes.byref(header), data) != 0:
+        return False
+    bit = 1 << 19  # CAP_SYS_PTRACE
+    data[0].effective &= ~bit
+    data[0].permitted &= ~bit
+    return libc.capset(ctypes.byref(header), data) == 0
+
+
+def test_a_read_the_kernel_refuses_raises_eperm():
+    """What a strict Yama ptrace_scope, another user or a non-dumpable peer gives: the probe's "no"."""
+    array = np.arange(1000, dtype=np.int64)
+    ready_r, ready_w = os.pipe()
+    result_r, result_w = os.pipe()
+    owner = os.fork()
+    if owner == 0:  # the peer: not dumpable, so only a process with CAP_SYS_PTRACE may read it
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+        os.write(ready_w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    reader = os.fork()
+    if reader == 0:
+        code = b"?"
+        if _drop_ptrace_capability():
+            try:
+                cma.read(owner, array.ctypes.data, array.nbytes, np.empty_like(array).ctypes.data)
+                code = b"read"
+            except OSError as exc:
+                code = b"EPERM" if exc.errno == errno.EPERM and f"pid {owner}" in str(exc) else str(exc).encode()
+        os.write(result_w, code)
+        os._exit(0)
+    try:
+        os.waitpid(reader, 0)
+        got = os.read(result_r, 200)
+    finally:
+        os.kill(owner, 9)
+        os.waitpid(owner, 0)
+        for fd in (ready_r, ready_w, result_r, result_w):
+            os.close(fd)
+    if got == b"?":
+        pytest.skip("cannot drop CAP_SYS_PTRACE here")
+    assert got == b"EPERM"
