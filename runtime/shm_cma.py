@@ -49,11 +49,14 @@ from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 # 0.74; broadcast 2 ranks 1 MiB ~1.0, 4 MiB 0.66; 4 ranks 1 MiB 1.35, 4 MiB 0.81, 64 MiB 0.66;
 # all_gather 4 ranks 4 MiB 1.14, 64 MiB 1.04 and reduce_scatter 1.21, 1.05: they save one copy of
 # n (the copy into the shared buffer) and pay more than that back, so they keep to the arena path.
-MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": None, "reduce_scatter": None}
+# A broadcast of 4 MiB at 4 ranks measured 0.79x main's speed in `bench collectives` (three readers
+# pinning the root's pages at once), so broadcasts take this path from above 4 MiB.
+MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 4 << 20, "all_gather": None, "reduce_scatter": None}
 READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the chunks stay in L2 / L3
 # This module's words in a channel region's header (after both parities' signatures, which end at
-# 2112): pid, probe word's address, nonce, verdict, then per parity the array's address and bytes.
-REGION_AT, PID, PROBE, NONCE, VERDICT, ARRAY = 3584, 0, 1, 2, 3, 4
+# 2112): pid, probe word's address, nonce, verdict, whether this collective probes, then per parity
+# the array's address and bytes.
+REGION_AT, PID, PROBE, NONCE, VERDICT, PROBING, ARRAY = 3584, 0, 1, 2, 3, 4, 5
 YES, NO = 1, 2
 _settings = {"on": os.environ.get("RINGPIPE_CMA", "1") != "0"}
 
@@ -84,7 +87,8 @@ class SingleCopy:
     """A channel's single-copy state: every member's header words, pids, a reader and a scratch."""
 
     def __init__(self, channel):
-        self.words = [memoryview(region[REGION_AT : REGION_AT + 64]).cast("Q") for region in channel.regions]
+        self.words = [memoryview(region[REGION_AT : REGION_AT + 8 * (ARRAY + 4)]).cast("Q")
+                      for region in channel.regions]
         self.reader = cma.Reader()
         self.nonce = secrets.randbits(63) | 1
         self.probe_word = ctypes.c_uint64(self.nonce)  # private memory: only a cross-memory read sees it
@@ -126,10 +130,15 @@ def begin(channel, array: np.ndarray) -> int | None:
     if probing:
         mine[PID], mine[PROBE], mine[NONCE], mine[VERDICT] = os.getpid(), ctypes.addressof(state.probe_word), \
             state.nonce, 0
+    mine[PROBING] = probing
     channel.write_signature(parity)
     channel.publish()
     channel.wait_all()
     channel.check_signatures(parity)
+    for peer in range(n):  # (only an abort in the middle of a probe could leave members disagreeing)
+        if state.words[peer][PROBING] != probing:
+            raise CommError(f"{channel.name}: rank {channel.group.ranks[peer]} is out of step with rank "
+                            f"{channel.engine.rank} on the single-copy probe (after an earlier failure)")
     if probing:
         # Every member reads its peers' words before it publishes its verdict, and each keeps its
         # own word until every verdict is in: no read of a word that is gone.
