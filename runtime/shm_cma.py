@@ -10,7 +10,9 @@ OpenMPI's shared-memory transport does for large messages.
   part from that peer's buffer. Bitwise the sums of the arena paths: the same order, the same kernel.
 - reduce_scatter: this rank's row of every peer's array, summed as all_reduce's part;
 - all_gather: every peer's array into its row of the output; broadcast: the root's array.
-One round each; the first round (`begin`) carries the signature, checked by every member.
+One round each; the first round (`begin`) carries the signature, checked by every member. Which
+operations and sizes take this path: MIN_READ_BYTES (on this machine, large all_reduce and
+broadcast only; `chosen` decides, alike on every member).
 
 No member returns, and so frees or changes its array, while a peer may still read it:
 - all_reduce: a member reads a peer's array only before publishing its sums; the peer changes those
