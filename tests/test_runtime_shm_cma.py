@@ -22,7 +22,8 @@ CASES = [("all_reduce", "float32", 70_003, "contiguous", "sum"), ("all_reduce", 
          ("reduce_scatter", "float32", 20_001, "contiguous", "sum"), ("reduce_scatter", "int32", 10_001, "strided", "min"),
          ("reduce_scatter", "float64", 12_345, "contiguous", "avg"),
          ("all_gather", "float32", 15_001, "strided", None), ("all_gather", "uint8", 30_001, "contiguous", None),
-         ("broadcast", "float64", 40_001, "contiguous", None), ("broadcast", "int16", 30_001, "strided", None)]
+         ("broadcast", "float64", 40_001, "contiguous", None), ("broadcast", "int16", 30_001, "strided", None),
+         ("all_reduce async", "float32", 50_001, "contiguous", "sum")]  # on the channel's thread
 
 
 def run_cases(comm, group):
@@ -34,6 +35,8 @@ def run_cases(comm, group):
         x = base[::2] if layout == "strided" else base[:size].copy()
         if kind == "all_reduce":
             result = group.all_reduce(x, op=op)
+        elif kind == "all_reduce async":
+            result = group.all_reduce(x, op=op, async_op=True).wait()
         elif kind == "reduce_scatter":
             result = group.reduce_scatter(x, op=op)
         elif kind == "all_gather":
