@@ -42,18 +42,17 @@ from ringpipe.runtime import cma
 from ringpipe.runtime.operations import CommError
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
-# Where this path is taken: once a rank reads more than this many bytes of its peers' arrays (None:
-# never). A cross-memory read costs ~10 us per call and ~0.7 us per 4 KiB page here (process_vm_readv
+# Where this path is taken: once a rank reads more than this many bytes of its peers' arrays (a
+# broadcast: per reader of the root's, see `chosen`; None: never). A cross-memory read costs ~10 us per call and ~0.7 us per 4 KiB page here (process_vm_readv
 # in this VM: 3.5 GB/s in 64 KiB reads, 5 GB/s in 1 MiB ones, against ~23 GB/s for a memcpy in
 # cache and ~6 GB/s out of it), so it pays only where it saves a copy of data that no longer fits
 # in the caches. Measured on 2 cores, CPU of a call summed over ranks, single-copy / arena:
-# all_reduce 2 ranks 4 MiB 1.00, 16 MiB 0.86, 64 MiB 0.80; 4 ranks 1 MiB 1.01, 4 MiB 0.86, 64 MiB
-# 0.74; broadcast 2 ranks 1 MiB ~1.0, 4 MiB 0.66; 4 ranks 1 MiB 1.35, 4 MiB 0.81, 64 MiB 0.66;
-# all_gather 4 ranks 4 MiB 1.14, 64 MiB 1.04 and reduce_scatter 1.21, 1.05: they save one copy of
-# n (the copy into the shared buffer) and pay more than that back, so they keep to the arena path.
-# A broadcast of 4 MiB at 4 ranks measured 0.79x main's speed in `bench collectives` (three readers
-# pinning the root's pages at once), so broadcasts take this path from above 4 MiB.
-MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 4 << 20, "all_gather": None, "reduce_scatter": None}
+# all_reduce 2 ranks 2 MiB 1.08, 4 MiB 0.87-1.00, 8 MiB 0.86, 64 MiB 0.80; 4 ranks 1 MiB 1.01,
+# 2 MiB 0.96, 4 MiB 0.86-0.89, 64 MiB 0.74; broadcast 2 ranks 1 MiB ~1.0, 2 MiB 0.80, 4 MiB 0.59;
+# 4 ranks 2 MiB 1.05, 4 MiB 0.81 (0.79x main's speed in `bench collectives`), 8 MiB 0.88, 64 MiB
+# 0.66; all_gather 4 ranks 4 MiB 1.14, 64 MiB 1.04 and reduce_scatter 1.21, 1.05: they save one
+# copy of n (the copy into the shared buffer) and pay more than that back: the arena path.
+MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": None, "reduce_scatter": None}
 READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the chunks stay in L2 / L3
 # This module's words in a channel region's header (after both parities' signatures, which end at
 # 2112): pid, probe word's address, nonce, verdict, whether this collective probes, then per parity
@@ -80,7 +79,9 @@ def chosen(channel, op: str, nbytes: int) -> bool:
     if least is None or getattr(channel, "single_copy", None) is False:
         return False
     n = channel.n
-    read = {"all_reduce": nbytes * (n - 1) // n, "broadcast": nbytes, "all_gather": nbytes * (n - 1),
+    # A broadcast's arena path copies the root's array once into a buffer that n - 1 members then
+    # read from the shared caches: the more readers, the longer that one copy keeps up.
+    read = {"all_reduce": nbytes * (n - 1) // n, "broadcast": nbytes // (n - 1), "all_gather": nbytes * (n - 1),
             "reduce_scatter": nbytes * (n - 1) // n}[op]
     return read > least
 

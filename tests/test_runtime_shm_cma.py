@@ -223,3 +223,17 @@ def test_a_read_the_kernel_refuses_raises_eperm():
     if got == b"?":
         pytest.skip("cannot drop CAP_SYS_PTRACE here")
     assert got == b"EPERM"
+
+
+def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_said_no():
+    from types import SimpleNamespace
+
+    def chosen(n, op, nbytes, state=None):
+        return shm_cma.chosen(SimpleNamespace(n=n, single_copy=state), op, nbytes)
+
+    least = shm_cma.MIN_READ_BYTES["all_reduce"]
+    assert chosen(4, "all_reduce", 2 * least) and not chosen(2, "all_reduce", 2 * least)  # reads 3/4 vs 1/2
+    assert chosen(2, "broadcast", 2 * least) and not chosen(4, "broadcast", 2 * least)  # per reader of the root's
+    assert not chosen(4, "all_reduce", 1 << 30, state=False)
+    for op, path in shm_cma.MIN_READ_BYTES.items():
+        assert chosen(3, op, 1 << 30) == (path is not None), op
