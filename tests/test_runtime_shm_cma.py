@@ -47,46 +47,80 @@ def run_cases(comm, group):
     return out
 
 
-def single_copy_and_arena(comm, off_rank):
-    """Every case on a group that reads single-copy (every operation at every size, for the test)
-    and on one where rank `off_rank` votes no at the probe (so every member keeps to the arena
-    path); (results, results, how each group went)."""
-    fast, slow = comm.new_group(range(comm.size)), comm.new_group(range(comm.size))
-    fast.barrier()
-    slow.barrier()
+def with_thresholds(value, run):
+    """`run()` with every operation's MIN_READ_BYTES at `value` (0: single-copy at every size; None:
+    never), alike on every member."""
     saved = dict(shm_cma.MIN_READ_BYTES)
-    shm_cma.MIN_READ_BYTES.update(dict.fromkeys(saved, 0))
+    shm_cma.MIN_READ_BYTES.update(dict.fromkeys(saved, value))
     try:
-        fast_results = run_cases(comm, fast)
-        if comm.rank == off_rank:
-            shm_cma.set_mode("off")
-        slow_results = run_cases(comm, slow)
+        return run()
     finally:
-        shm_cma.set_mode("on")
         shm_cma.MIN_READ_BYTES.update(saved)
-    states = [comm.engine.channels[group.group.gid].single_copy for group in (fast, slow)]
-    return fast_results, slow_results, [state if state is False else type(state).__name__ for state in states]
+
+
+def single_copy_and_arena(comm):
+    """Every case on groups of 2, 3 and 4 ranks (one cluster), once single-copy and once on the
+    arena path of the same channel; {n: (results, results, the channel's single-copy state)}."""
+    groups = {2: comm.new_group([0, 1]), 3: comm.new_group([0, 1, 2]), 4: comm}
+    out = {}
+    for n, group in groups.items():
+        if group is None:
+            continue
+        group.barrier()
+        fast = with_thresholds(0, lambda: run_cases(comm, group))
+        slow = with_thresholds(None, lambda: run_cases(comm, group))
+        out[n] = (fast, slow, type(comm.engine.channels[group.group.gid].single_copy).__name__)
+    return out
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("world_size", [2, 3, 4])
-def test_every_single_copy_collective_matches_the_arena_path_bitwise(local_cluster, world_size):
-    results = local_cluster(world_size, arena_bytes=ARENA).run(single_copy_and_arena, world_size - 1)
-    for rank, (fast, slow, states) in enumerate(results):
-        assert states == ["SingleCopy", False], rank  # one member's no is every member's
-        for case, got, want in zip(CASES, fast, slow):
-            assert got.dtype == want.dtype and got.shape == want.shape, (case, rank)
-            assert got.tobytes() == want.tobytes(), (case, rank)
+def test_every_single_copy_collective_matches_the_arena_path_bitwise_at_2_3_and_4_ranks(local_cluster):
+    results = local_cluster(4, arena_bytes=ARENA).run(single_copy_and_arena)
+    for n in (2, 3, 4):
+        for rank in range(n):
+            fast, slow, state = results[rank][n]
+            assert state == "SingleCopy", (n, rank)
+            for case, got, want in zip(CASES, fast, slow):
+                assert got.dtype == want.dtype and got.shape == want.shape, (n, case, rank)
+                assert got.tobytes() == want.tobytes(), (n, case, rank)
     for index, (kind, dtype, count, layout, op) in enumerate(CASES):  # and the arena path is right
         if kind == "all_reduce" and op == "sum" and dtype != "float16":
             inputs = []
-            for rank in range(world_size):
+            for rank in range(4):
                 base = (np.random.default_rng(100 * index + rank).standard_normal(2 * count) * 100).astype(dtype)
                 inputs.append(base[::2] if layout == "strided" else base[:count])
             total = inputs[0] + inputs[1]
             for x in inputs[2:]:
                 total = total + x
-            assert results[0][1][index].tobytes() == total.tobytes(), (kind, dtype)
+            assert results[0][4][1][index].tobytes() == total.tobytes(), (kind, dtype)
+
+
+def one_member_votes_no(comm):
+    """A 3-rank group whose rank 2 will not read single-copy (as under a strict ptrace_scope): an
+    all_reduce and a broadcast that would take the path, and the channel's state after."""
+    group = comm.new_group([0, 1, 2])
+    if group is None:
+        return None
+    group.barrier()
+    if comm.rank == 2:
+        shm_cma.set_mode("off")
+    try:
+        x = np.arange(50_001, dtype=np.float32) * (comm.rank + 1)
+        y = np.arange(30_001, dtype=np.float64) * (comm.rank + 1)
+        with_thresholds(0, lambda: (group.all_reduce(x), group.broadcast(y, src=0)))
+    finally:
+        shm_cma.set_mode("on")
+    return x, y, comm.engine.channels[group.group.gid].single_copy
+
+
+@pytest.mark.timeout(120)
+def test_one_members_no_at_the_probe_keeps_every_member_on_the_arena_path(local_cluster):
+    results = local_cluster(4, arena_bytes=ARENA).run(one_member_votes_no)
+    for rank in range(3):
+        x, y, state = results[rank]
+        assert state is False, rank
+        assert np.array_equal(x, np.arange(50_001, dtype=np.float32) * 6)
+        assert np.array_equal(y, np.arange(30_001, dtype=np.float64))
 
 
 # ---- the cross-memory read -----------------------------------------------------------------------
