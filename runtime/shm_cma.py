@@ -50,9 +50,11 @@ from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 # all_reduce 2 ranks 2 MiB 1.08, 4 MiB 0.87-1.00, 8 MiB 0.86, 64 MiB 0.80; 4 ranks 1 MiB 1.01,
 # 2 MiB 0.96, 4 MiB 0.86-0.89, 64 MiB 0.74; broadcast 2 ranks 1 MiB ~1.0, 2 MiB 0.80, 4 MiB 0.59;
 # 4 ranks 2 MiB 1.05, 4 MiB 0.81 (0.79x main's speed in `bench collectives`), 8 MiB 0.88, 64 MiB
-# 0.66; all_gather 4 ranks 4 MiB 1.14, 64 MiB 1.04 and reduce_scatter 1.21, 1.05: they save one
-# copy of n (the copy into the shared buffer) and pay more than that back: the arena path.
-MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": None, "reduce_scatter": None}
+# 0.66. all_gather saves one copy of n (the copy into the shared buffer) and pays ~1.3x a memcpy
+# per byte read: 2 ranks (total) 4 MiB 0.81, 16 MiB 0.69, 64 MiB 0.76; 4 ranks 4 MiB 1.14, 64 MiB
+# 1.04: at most MAX_RANKS. reduce_scatter: 2 ranks 4 MiB 1.16, 64 MiB 0.91; 4 ranks 1.21, 1.05.
+MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": 1 << 20, "reduce_scatter": None}
+MAX_RANKS = {"all_gather": 2}
 READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the chunks stay in L2 / L3
 # This module's words in a channel region's header (after both parities' signatures, which end at
 # 2112): pid, probe word's address, nonce, verdict, whether this collective probes, then per parity
@@ -75,10 +77,9 @@ def chosen(channel, op: str, nbytes: int) -> bool:
     member's piece; reduce_scatter: the (n, m) input) takes this path on `channel`: alike on every
     member (sizes match, or the first round's signature check fails). False once the channel's
     probe said no; True before it (the probe runs in `begin`)."""
-    least = MIN_READ_BYTES[op]
-    if least is None or getattr(channel, "single_copy", None) is False:
+    least, n = MIN_READ_BYTES[op], channel.n
+    if least is None or n > MAX_RANKS.get(op, n) or getattr(channel, "single_copy", None) is False:
         return False
-    n = channel.n
     # A broadcast's arena path copies the root's array once into a buffer that n - 1 members then
     # read from the shared caches: the more readers, the longer that one copy keeps up.
     read = {"all_reduce": nbytes * (n - 1) // n, "broadcast": nbytes // (n - 1), "all_gather": nbytes * (n - 1),
@@ -287,4 +288,5 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray | None:
     return work
 
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "set_mode", "MIN_READ_BYTES"]
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "set_mode", "MIN_READ_BYTES",
+           "MAX_RANKS"]

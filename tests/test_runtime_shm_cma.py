@@ -48,14 +48,16 @@ def run_cases(comm, group):
 
 
 def with_thresholds(value, run):
-    """`run()` with every operation's MIN_READ_BYTES at `value` (0: single-copy at every size; None:
-    never), alike on every member."""
-    saved = dict(shm_cma.MIN_READ_BYTES)
+    """`run()` with every operation's MIN_READ_BYTES at `value` (0: single-copy at every size and
+    group size; None: never), alike on every member."""
+    saved, most = dict(shm_cma.MIN_READ_BYTES), dict(shm_cma.MAX_RANKS)
     shm_cma.MIN_READ_BYTES.update(dict.fromkeys(saved, value))
+    shm_cma.MAX_RANKS.clear()
     try:
         return run()
     finally:
         shm_cma.MIN_READ_BYTES.update(saved)
+        shm_cma.MAX_RANKS.update(most)
 
 
 def single_copy_and_arena(comm):
@@ -269,5 +271,6 @@ def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_
     assert chosen(4, "all_reduce", 2 * least) and not chosen(2, "all_reduce", 2 * least)  # reads 3/4 vs 1/2
     assert chosen(2, "broadcast", 2 * least) and not chosen(4, "broadcast", 2 * least)  # per reader of the root's
     assert not chosen(4, "all_reduce", 1 << 30, state=False)
+    assert chosen(2, "all_gather", 1 << 30) and not chosen(4, "all_gather", 1 << 30)  # saves 1 copy of n
     for op, path in shm_cma.MIN_READ_BYTES.items():
-        assert chosen(3, op, 1 << 30) == (path is not None), op
+        assert chosen(2, op, 1 << 30) == (path is not None), op
