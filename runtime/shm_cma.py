@@ -72,6 +72,11 @@ def set_mode(mode: str) -> None:
     _settings["on"] = mode == "on"
 
 
+def mode() -> str:
+    """"on" or "off": what this process votes at a channel's probe."""
+    return "on" if _settings["on"] else "off"
+
+
 def chosen(channel, op: str, nbytes: int) -> bool:
     """Whether collective `op` on `nbytes` (all_reduce, broadcast: the array; all_gather: one
     member's piece; reduce_scatter: the (n, m) input) takes this path on `channel`: alike on every
@@ -288,5 +293,5 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray | None:
     return work
 
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "set_mode", "MIN_READ_BYTES",
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "mode", "set_mode", "MIN_READ_BYTES",
            "MAX_RANKS"]

@@ -274,3 +274,14 @@ def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_
     assert chosen(2, "all_gather", 1 << 30) and not chosen(4, "all_gather", 1 << 30)  # saves 1 copy of n
     for op, path in shm_cma.MIN_READ_BYTES.items():
         assert chosen(2, op, 1 << 30) == (path is not None), op
+
+
+def test_ringpipe_cma_0_makes_a_process_vote_no_from_its_start():
+    import subprocess
+    import sys
+
+    script = "from ringpipe.runtime import shm_cma; print(shm_cma.mode())"
+    for value, want in (("0", "off"), ("1", "on")):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "RINGPIPE_CMA": value})
+        assert done.stdout.strip() == want, (value, done.stderr[-500:])
