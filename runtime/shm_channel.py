@@ -10,6 +10,7 @@ group first uses its channel. A region holds:
 - a 64-bit counter (`publish` raises it by one; waiters sleep on its low 32 bits with a futex) and
   a count of sleepers, so a publisher wakes only when someone sleeps (runtime/shm_wait.py);
 - per buffer parity, the signature of the collective (operation, shape, dtype, reduction, root);
+- the single-copy path's words (runtime/shm_cma.py: where each member's array lies, its probe);
 - two data buffers of `buffer_bytes`, used alternately by consecutive rounds. A rank writes its
   buffer of round r only after every member reached round r-1, which each did only after it had
   read everything of round r-2: so nobody overwrites what a peer still reads, without any
@@ -92,6 +93,7 @@ class GroupChannel:
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
         self.call = None  # the call of the operation running now
         self.small = None  # the one-call C rounds of small collectives (runtime/shm_small.attach)
+        self.single_copy = None  # runtime/shm_cma.py's state once probed (False: the group cannot)
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 
