@@ -6,11 +6,12 @@ ring, in its slot or in one block of the sender's arena (up to PART_BYTES)
 The ring, its slots and its rules are the pair ring's (runtime/shm_p2p.py); this path only skips
 the Python layers of the common case. Everything else takes the Python path, which reads and
 writes the same ring: tracing on, a full ring, an array that is not C-contiguous or does not fit
-in a slot (sending) or comes in parts (receiving), the first message of a kind (the Python path describes and checks it), a receive with
-receives of its key already posted or messages of its key already kept, a next message of another
-key (kept for its receive), of an earlier call or epoch (dropped). A receive waits in
-C (adaptive spin, then futex sleeps of at most SLICE_S without the GIL), looking at aborts and its
-deadline between sleeps, and raises the Python path's Aborted and CommTimeout.
+in a slot (sending) or comes in parts (receiving), the first message of a kind (the Python path
+describes and checks it), a receive with receives of its key already posted or messages of its
+key already kept, a next message of another key (kept for its receive), of an earlier call or
+epoch (dropped). A receive waits in C (adaptive spin, then futex sleeps of at most SLICE_S
+without the GIL), looking at aborts and its deadline between sleeps, and raises the Python
+path's Aborted and CommTimeout.
 
 `RINGPIPE_SHM_P2P_C=0` keeps every message on the Python path (to compare, or to test it); the
 path is also off where the "c" wait mode or the extension cannot be built (no C compiler, no
