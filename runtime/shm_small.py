@@ -209,7 +209,7 @@ class SmallRounds:
                     engine.count_sent(channel.group.gid, sent)
                 return True
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
                 raise
             finally:
@@ -219,7 +219,7 @@ class SmallRounds:
                             "ranks": list(channel.group.ranks), "flow": f"{gid}#{seq}@{epoch}.{call}",
                             "wait_us": self.words[C_WAITED_NS] / 1000.0}
                     if error is not None:
-                        args["error"] = type(error).__name__
+                        args["error"] = error.__name__
                     engine.tracer.complete(name, "comm", "comm", start, now_ns(), args)
         finally:
             channel.lock.release()
@@ -247,6 +247,12 @@ class SmallRounds:
                 given_up = engine.aborted.get(key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
+                if ranks[words[C_PEER]] in channel.gone:  # it destroyed the group: one last look at what it published
+                    words[C_TIMEOUT_NS] = 0
+                    status = self.lib.rp_small_round(self.address)
+                    if status != PENDING:
+                        return status
+                    raise channel.destroyed(full_name, ranks[words[C_PEER]])
                 if time.monotonic() >= deadline:
                     peer = ranks[words[C_PEER]]
                     engine.timed_out_on.add(peer)

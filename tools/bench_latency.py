@@ -12,7 +12,6 @@ Python rounds, `--python-rounds`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -114,10 +113,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return _child(argv[1], int(argv[2]), int(argv[3]))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ops", type=int, default=2000, help="operations timed per case and round")
-    parser.add_argument("--baseline", help="a checkout of the commit to compare with")
+    from ringpipe.tools.bench_libraries import check_checkout  # (a child may run in a baseline's tree)
+    from ringpipe.tools.script_args import ScriptParser, at_least, checked
+
+    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--ops", type=at_least(1), default=2000, help="operations timed per case and round")
+    parser.add_argument("--baseline", type=checked(check_checkout),
+                        help="a checkout of the commit to compare with")
     parser.add_argument("--python-rounds", action="store_true", help="also this tree with RINGPIPE_SHM_SMALL=0")
     args = parser.parse_args(argv)
     print(format_table(run(args.rounds, args.ops, args.baseline, args.python_rounds)))

@@ -14,6 +14,8 @@ ctl[C_SLEEPING_ON]). */
 #include <string.h>
 #include <time.h>
 
+#include "reduce_loops.h" /* rp_reduce_pair: the loops shared with reduce_sum.c */
+
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
 void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
@@ -26,7 +28,6 @@ enum {
 };
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
 enum { KIND_BARRIER = 0, KIND_REDUCE = 1 };
-enum { OP_SUM = 0, OP_MAX = 1, OP_MIN = 2 };
 enum { EPOCH_SHIFT = 40 };
 
 static int64_t now_ns(void) {
@@ -36,51 +37,6 @@ static int64_t now_ns(void) {
 }
 
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
-
-/* Integer sums wrap (as NumPy's); unsigned arithmetic makes that defined behaviour in C. Float
-   max / min propagate NaN as np.maximum / np.minimum do, and on a tie take the second operand as
-   they do, so max(+0, -0) is -0 on either path and ranks on different paths agree bitwise. */
-#define LOOP(T, EXPR)                                                                              \
-    {                                                                                              \
-        T *o = (T *)out;                                                                           \
-        const T *p = (const T *)a, *q = (const T *)b;                                              \
-        for (int64_t i = 0; i < count; i++) {                                                      \
-            T x = p[i], y = q[i];                                                                  \
-            o[i] = (EXPR);                                                                         \
-        }                                                                                          \
-    }                                                                                              \
-    return 0;
-#define INTEGER(T, U)                                                                              \
-    switch (op) {                                                                                  \
-    case OP_SUM: LOOP(T, (T)((U)x + (U)y))                                                         \
-    case OP_MAX: LOOP(T, x >= y ? x : y)                                                           \
-    case OP_MIN: LOOP(T, x <= y ? x : y)                                                           \
-    }                                                                                              \
-    return -1;
-#define FLOAT(T)                                                                                   \
-    switch (op) {                                                                                  \
-    case OP_SUM: LOOP(T, x + y)                                                                    \
-    case OP_MAX: LOOP(T, (x > y || x != x) ? x : y)                                                \
-    case OP_MIN: LOOP(T, (x < y || x != x) ? x : y)                                                \
-    }                                                                                              \
-    return -1;
-
-/* out = a (op) b, elementwise; dtype codes as shm_small.DTYPES. -1: not supported. */
-static int reduce(void *out, const void *a, const void *b, int64_t count, int dtype, int op) {
-    switch (dtype) {
-    case 0: FLOAT(float)
-    case 1: FLOAT(double)
-    case 2: INTEGER(int8_t, uint8_t)
-    case 3: INTEGER(int16_t, uint16_t)
-    case 4: INTEGER(int32_t, uint32_t)
-    case 5: INTEGER(int64_t, uint64_t)
-    case 6: INTEGER(uint8_t, uint8_t)
-    case 7: INTEGER(uint16_t, uint16_t)
-    case 8: INTEGER(uint32_t, uint32_t)
-    case 9: INTEGER(uint64_t, uint64_t)
-    }
-    return -1;
-}
 
 /* Wait until every member's counter reaches ctl[C_TARGET]: spin for ctl[C_SPIN_NS] in all, then
    sleep on each member not there in turn, for ctl[C_TIMEOUT_NS] in all (one return to Python per
@@ -151,10 +107,10 @@ int rp_small_round(int64_t *ctl) {
         int64_t count = ctl[C_COUNT], offset = ctl[C_OFFSET];
         int dtype = (int)ctl[C_DTYPE], op = (int)ctl[C_OP];
         if (n == 1) return DONE; /* never: one-rank groups do not open channels */
-        reduce(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
-               (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
+        rp_reduce_pair(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
+                       (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
         for (int64_t peer = 2; peer < n; peer++)
-            reduce(out, out, (const char *)MEMBER(ctl, peer, 4 + parity) + offset, count, dtype, op);
+            rp_reduce_pair(out, out, (const char *)MEMBER(ctl, peer, 4 + parity) + offset, count, dtype, op);
     }
     return DONE;
 }
