@@ -1,5 +1,6 @@
 """`ringpipe train` across local workers: layouts, bad layouts, resuming with another layout."""
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -32,11 +33,31 @@ def straight(tmp_path_factory):
     return GPT.from_pretrained(str(directory / "run")).params
 
 
-@pytest.mark.parametrize("layout", [["--nproc", "2", "--pp", "2"], ["--nproc", "2", "--tp", "2"],
+PIPELINE, TENSOR = ["--nproc", "2", "--pp", "2"], ["--nproc", "2", "--tp", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """two_step_run(layout) -> (run directory, CliRunner result) of 2 steps under `layout` ending with
+    a 20-token sample, made once per layout: the layout test reads it, the resume tests resume a copy."""
+    from tests.conftest import TEXT
+
+    made = {}
+
+    def run(layout: list):
+        if tuple(layout) not in made:
+            directory = tmp_path_factory.mktemp("two-steps")
+            (directory / "corpus.txt").write_text(TEXT)
+            out = str(directory / "run")
+            made[tuple(layout)] = out, train([*layout, "--sample", "20"], str(directory / "corpus.txt"), out, 2)
+        return made[tuple(layout)]
+    return run
+
+
+@pytest.mark.parametrize("layout", [PIPELINE, TENSOR,
                                     ["--nproc", "4", "--dp", "2", "--tp", "2", "--sequence-parallel"]])
-def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout):
-    out = str(tmp_path / "run")
-    result = train([*layout, "--sample", "20"], corpus, out, 3)
+def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, two_step_run, layout):
+    out, result = two_step_run(layout)
     assert result.exit_code == 0, result.output
     assert "blocks per stage" in result.stderr  # the layout report, before the workers start
     gpt = GPT.from_pretrained(out)
@@ -51,9 +72,11 @@ def test_parallel_runs_write_a_model_gpt2_tooling_opens(corpus, tmp_path, layout
     assert hf_tokenizer.encode(text).ids == load_tokenizer(out).encode(text).tolist()
 
 
-def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path, straight):
+def test_tensor_parallel_checkpoint_resumes_without_tensor_parallelism(corpus, tmp_path, straight, two_step_run):
     moved = str(tmp_path / "moved")
-    assert train(["--nproc", "2", "--tp", "2"], corpus, moved, 2).exit_code == 0
+    out, first = two_step_run(TENSOR)
+    assert first.exit_code == 0, first.output
+    shutil.copytree(out, moved)
     result = train(["--resume"], corpus, moved, 4)
     assert result.exit_code == 0, result.output
     a, b = straight, GPT.from_pretrained(moved).params
@@ -93,9 +116,11 @@ def test_bad_layouts_fail_in_one_line_before_any_worker_starts(corpus, tmp_path,
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_resume_with_another_layout_continues_exactly(corpus, tmp_path, straight):
+def test_resume_with_another_layout_continues_exactly(corpus, tmp_path, straight, two_step_run):
     moved = str(tmp_path / "moved")  # pp 2, then dp 2: the weights of 4 steps in one process
-    assert train(["--nproc", "2", "--pp", "2"], corpus, moved, 2).exit_code == 0
+    out, first = two_step_run(PIPELINE)
+    assert first.exit_code == 0, first.output
+    shutil.copytree(out, moved)
     result = train(["--resume", "--nproc", "2", "--dp", "2"], corpus, moved, 4)
     assert result.exit_code == 0, result.output
     a, b = straight, GPT.from_pretrained(moved).params

@@ -7,6 +7,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 
 import click
 import numpy as np
@@ -91,7 +92,7 @@ def test_bench_json_that_does_not_fit_fails_in_one_line(small_disk):
     fill(small_disk, 0)
     target = small_disk / "bench.json"
     result = run_cli("bench", "collectives", "--world-size", 1, "--ops", "all_reduce", "--sizes", "1K",
-                     "--json", target)
+                     "--rounds", 1, "--iters", 1, "--json", target)  # the least bench that writes its JSON
     assert f"cannot write {target}: No space left on device" in one_error_line(result)
     assert not target.exists() and temporaries(small_disk) == []
 
@@ -280,6 +281,7 @@ def kill_during_a_checkpoint_write(args, out) -> bool:
                         and not (stage / "trainer.json").exists():
                     driver.send_signal(signal.SIGKILL)
                     break
+            time.sleep(0.002)  # a write of ~20 MB lasts far longer; a busy poll took a core from the driver
     finally:
         driver.kill()
         driver.wait()

@@ -18,6 +18,7 @@ from ringpipe.model.training.parallel_trainer import Layout
 from ringpipe.runtime.calls import RemoteError
 from ringpipe.runtime.fault_injection import Fault, FaultInjector
 from tests.conftest import TEXT, one_error_line, processes_tagged, run_cli
+from tests.short_heartbeat import use_short_heartbeat
 
 RUN = ["--n-layer", "2", "--n-head", "2", "--n-embd", "16", "--block-size", "8", "--batch-size", "8",
        "--microbatches", "2", "--lr", "1e-2", "--warmup", "0", "--eval-iters", "1", "--dtype", "float64",
@@ -96,6 +97,7 @@ def test_a_worker_killed_at_a_random_step_is_restarted_and_the_final_weights_equ
 def test_a_stopped_worker_is_noticed_by_its_silence_and_the_restarted_run_ends_bit_identical(
         data, uninterrupted, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    use_short_heartbeat(monkeypatch)  # 3 s of silence, not the default 8 s
     result = _faulty_run(data, out, ONE_WORKER, "rank=0,step=3,kind=stop", monkeypatch)
     restart = next(line for line in result.output.splitlines() if line.startswith("restart 1 of 1"))
     assert "worker rank 0" in restart and "heartbeat" in restart and "resuming from step 2" in restart, restart

@@ -91,7 +91,8 @@ def test_a_host_taken_away_is_left_out_and_the_run_restarts_on_the_remaining_hos
     # that the host is taken away at a known point; what the driver sees is the host going silent.
     environment = dict(os.environ, **machines.ssh_environment, RINGPIPE_FAULT="rank=0,step=5,kind=stop",
                        RINGPIPE_TEST_TAG=tag)
-    driver = subprocess.Popen([sys.executable, "-m", "ringpipe.cluster", "train", "--data", corpus, *RUN,
+    # tests.short_heartbeat: the ringpipe command with a 3 s heartbeat bound, which the driver waits out.
+    driver = subprocess.Popen([sys.executable, "-m", "tests.short_heartbeat", "train", "--data", corpus, *RUN,
                                "--out", str(out), "--hostfile", path, "--max-restarts", "1"], cwd=ROOT,
                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,7 @@ void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
-    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET,
+    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT,
     C_MEMBERS = 24, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
@@ -39,15 +39,17 @@ static int64_t now_ns(void) {
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
 
 /* Wait until every member's counter reaches ctl[C_TARGET]: spin for ctl[C_SPIN_NS] in all, then
-   sleep at most once, for ctl[C_TIMEOUT_NS], on the first member not there. Returns the first
-   member still behind (-1: none). */
+   sleep on each member not there in turn, for ctl[C_TIMEOUT_NS] in all (one return to Python per
+   slice, not per member: at 4 ranks a round's waiters would otherwise come back up to 3 times).
+   A wake without the member there (an abort's, or the slice's end) returns at once. Returns the
+   first member still behind (-1: none). */
 static int64_t wait_members(int64_t *ctl) {
     int64_t n = ctl[C_N], me = ctl[C_ME];
     uint64_t target = (uint64_t)ctl[C_TARGET];
     int64_t spin_ns = ctl[C_SPIN_NS], timeout_ns = ctl[C_TIMEOUT_NS];
     int yield = (int)ctl[C_YIELD];
     int64_t spin_end = spin_ns > 0 ? now_ns() + spin_ns : 0;
-    int slept = 0;
+    int64_t sleep_end = 0;
     for (int64_t peer = 0; peer < n; peer++) {
         if (peer == me) continue;
         uint64_t *word = (uint64_t *)MEMBER(ctl, peer, 0);
@@ -55,10 +57,13 @@ static int64_t wait_members(int64_t *ctl) {
         if (__atomic_load_n(word, __ATOMIC_ACQUIRE) >= target) continue;
         int64_t left = spin_end ? spin_end - now_ns() : 0;
         if (left > 0 && rp_wait_at_least(word, sleepers, target, left, yield, 0) >= target) continue;
-        if (slept || timeout_ns <= 0) return peer;
-        slept = 1;
+        if (timeout_ns <= 0) return peer;
+        if (!sleep_end) sleep_end = now_ns() + timeout_ns;
+        left = sleep_end - now_ns();
+        if (left <= 0) return peer;
+        ctl[C_SLEPT] = 1;
         __atomic_store_n(&ctl[C_SLEEPING_ON], (int64_t)(intptr_t)word, __ATOMIC_SEQ_CST);
-        uint64_t value = rp_wait_at_least(word, sleepers, target, 0, 0, timeout_ns);
+        uint64_t value = rp_wait_at_least(word, sleepers, target, 0, 0, left);
         __atomic_store_n(&ctl[C_SLEEPING_ON], 0, __ATOMIC_SEQ_CST);
         if (value < target) return peer;
     }
@@ -79,6 +84,7 @@ int rp_small_round(int64_t *ctl) {
         rp_publish((uint64_t *)MEMBER(ctl, me, 0), (uint32_t *)MEMBER(ctl, me, 1), target);
         ctl[C_PHASE] = 1;
         ctl[C_WAITED_NS] = 0;
+        ctl[C_SLEPT] = 0;
     }
     int64_t behind = wait_members(ctl);
     ctl[C_WAITED_NS] += now_ns() - started;
