@@ -95,3 +95,9 @@ def usage_error(message: str) -> CommandLineError:
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (its type's name when it has none)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a MemoryError, raised here or on a worker (a RemoteError naming its type;
+    NumPy raises its subclass _ArrayMemoryError)."""
+    return isinstance(exc, MemoryError) or getattr(exc, "exc_type", "").endswith("MemoryError")

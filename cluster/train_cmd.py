@@ -7,6 +7,7 @@ run's config from the flags (and what --resume may change) cluster/train_flags.p
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -15,8 +16,9 @@ import click
 
 from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
                                         spmd_agent)
+from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line, usage_error
+from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line, out_of_memory, usage_error
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
@@ -50,6 +52,8 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True, summary: b
         click.echo(report.text(), err=True)
     cause = exc.cause if isinstance(exc, ClusterStopped) else exc
     line = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
+    if out_of_memory(cause):  # the same run would run out again: neither advice applies
+        resumable = False
     try:
         find_checkpoint(out)
     except ValueError:
@@ -143,6 +147,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
+@click.option("--no-memory-check", is_flag=True,
+              help="Train even if the planned memory exceeds what this host has available (e.g. with swap).")
 @click.pass_context
 def train(ctx, **flags):
     """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
@@ -222,6 +228,8 @@ def train(ctx, **flags):
         raise usage_error(one_line(exc)) from None
     if flags["resume"] and already_complete(ctx, config, out):  # (its record was read above)
         return
+    if not flags["no_memory_check"] and flags["launcher"] == "local":  # other hosts' memory is not known here
+        check_fits(config, layout, layout.world_size if distributed else 1, _sizing_flags(config))
     state = {"trainer": None, "progress": None}
     hold_run_dir(ctx, out)
     terminate_like_interrupt(ctx)
@@ -231,6 +239,14 @@ def train(ctx, **flags):
     except KeyboardInterrupt as exc:
         report_interrupt(out, config, state)
         raise click.exceptions.Exit(exit_status(exc)) from None
+
+
+def _sizing_flags(config) -> str:
+    """The flags that size a run's memory, with their values: '--n-layer 4 ... --batch-size 12'."""
+    model = dataclasses.asdict(config.model)
+    names = [name for name in ("n_layer", "n_head", "n_embd", "n_inner", "block_size") if model.get(name)]
+    return " ".join([f"--{name.replace('_', '-')} {model[name]}" for name in names]
+                    + [f"--batch-size {config.batch_size}"])
 
 
 def _encoder_decoder_split(flags, config, layout) -> list[int]:
