@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line, usage_error
+from ringpipe.cluster.options import SEED, FiniteFloat, bad_flag, one_line, usage_error
 from ringpipe.model.data.tokenizer import load_tokenizer
 from ringpipe.model.families import FAMILIES, checkpoint_family, family
 from ringpipe.model.inference.kv_cache import supports_cached_generation
@@ -29,7 +29,7 @@ SEPARATOR = "---"  # between the continuations of several prompts
 @click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes holding the model between them; dp × tp × pp (GPT-2 models).")

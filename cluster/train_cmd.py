@@ -18,7 +18,7 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
                                         spmd_agent)
 from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line, out_of_memory, usage_error
+from ringpipe.cluster.options import SEED, FiniteFloat, OutputDirectory, bad_flag, one_line, out_of_memory, usage_error
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
@@ -103,7 +103,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
               show_default=True, help="Mixed precision: good steps in a row before the loss scale doubles.")
-@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--seed", type=SEED, default=D.seed, show_default=True)
 @click.option("--sampler", type=click.Choice(["epoch", "random"]), default=D.sampler, show_default=True,
               help="Train batches: shuffled epochs of back-to-back windows, or windows at random "
                    "offsets drawn with replacement.")
