@@ -297,6 +297,8 @@ def _run(flags, config, layout, distributed, out, state, restart=0):
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
+    for note in click.get_current_context().meta.pop("resume_notes", ()):  # once, not again on a restart
+        click.echo(note, err=True)
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished, sample = False, None
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it
