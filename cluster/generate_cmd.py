@@ -26,8 +26,9 @@ SEPARATOR = "---"  # between the continuations of several prompts
               help="Text to continue; repeat for several prompts (printed in order, separated by a "
                    f"{SEPARATOR} line).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
-@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
-              show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
+              help="Softmax temperature of sampling; 0 decodes greedily (the most likely token each step, "
+                   "--seed then does nothing).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
