@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ringpipe.cluster.options import SEED, FiniteFloat, bad_flag, one_line, usage_error
+from ringpipe.cluster.options import SEED, FiniteFloat, bad_flag, check_device, one_line, usage_error
 from ringpipe.model.data.tokenizer import load_tokenizer
 from ringpipe.model.families import FAMILIES, checkpoint_family, family
 from ringpipe.model.inference.kv_cache import supports_cached_generation
@@ -48,6 +48,7 @@ def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, devic
         raise bad_flag("--checkpoint", f"directory {directory!r} does not exist")
     if any(not prompt for prompt in prompts):
         raise bad_flag("--prompt", "must not be empty")
+    check_device(device)
     try:
         located = locate_weights(directory)
     except ValueError as exc:  # no model and no checkpoint there: the flag is wrong (a damaged one is found below)

@@ -165,3 +165,13 @@ class ByteSizes(click.ParamType):
         if not sizes or min(sizes) < 1:
             _fail(param, ctx, f"{value!r}: sizes must be at least 1 byte (e.g. 1K-64M or 1K,1M).")
         return sizes
+
+
+def check_device(device: str) -> None:
+    """--device gpu where CuPy is not installed: a usage error before any data is read. (Whether a GPU
+    is there is found when the model is built: asking CUDA here would initialise it in the driver.)"""
+    import importlib.util
+
+    if device == "gpu" and importlib.util.find_spec("cupy") is None:
+        raise bad_flag("--device", "gpu needs CuPy, which is not installed: pip install 'ringpipe[gpu]' (CUDA 13; "
+                                   "'ringpipe[gpu-cuda12]' for a CUDA 12 driver), or use --device cpu")

@@ -18,7 +18,8 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
                                         spmd_agent)
 from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import SEED, FiniteFloat, OutputDirectory, bad_flag, one_line, out_of_memory, usage_error
+from ringpipe.cluster.options import (SEED, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line, out_of_memory,
+                                      usage_error)
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
@@ -197,6 +198,8 @@ def train(ctx, **flags):
     if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
         raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
                        "one checkpoint")
+    if flags["launcher"] == "local":  # (other hosts' workers hold the arrays there; the driver needs no CuPy)
+        check_device(flags["device"])
     if flags["launcher"] != "local":
         check_multihost_flags(ctx, flags, layout.world_size, layout.tp)
     elif flags["nproc"] != layout.world_size:

@@ -51,3 +51,26 @@ def test_a_machine_file_without_its_fields_is_one_line_naming_file_and_field(tmp
 def test_plan_without_a_fitting_layout_is_one_short_line():
     line = one_error_line(run_cli("plan", "--nproc", 100000))
     assert len(line) < 500 and "more reasons (--show-refused" in line, line
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--launcher", "mpi", "--dp", "2"], "run this command under mpirun"),
+    (["--launcher", "slurm", "--dp", "2"], "not inside a Slurm allocation"),
+    (["--hostfile", "{hostfile}", "--dp", "2"], "cannot resolve host 'nosuchhost.invalid'"),
+    (["--device", "gpu"], "gpu needs CuPy"),
+], ids=["mpi", "slurm", "hostfile", "gpu"])
+def test_a_launcher_or_device_this_host_cannot_give_is_refused_before_tokenizing(tmp_path, monkeypatch, flags,
+                                                                                 named):
+    import importlib.util
+    import os
+
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "PMI_"))]:
+        monkeypatch.delenv(name)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cupy" else real(name, *a))
+    (tmp_path / "hosts").write_text("nosuchhost.invalid slots=2\n")
+    (tmp_path / "c.txt").write_text("some text\n" * 50)
+    flags = [flag.format(hostfile=tmp_path / "hosts") for flag in flags]
+    result = run_cli("train", "--data", tmp_path / "c.txt", "--out", tmp_path / "run", *flags)
+    line = one_error_line(result)
+    assert result.exit_code == 2 and named in line and "tokenizing" not in result.output, result.output
