@@ -74,3 +74,16 @@ def test_a_launcher_or_device_this_host_cannot_give_is_refused_before_tokenizing
     result = run_cli("train", "--data", tmp_path / "c.txt", "--out", tmp_path / "run", *flags)
     line = one_error_line(result)
     assert result.exit_code == 2 and named in line and "tokenizing" not in result.output, result.output
+
+
+@pytest.mark.parametrize("pp,named", [(1, False), (2, True)])
+def test_the_layout_line_names_a_schedule_only_for_pipeline_stages(pp, named):
+    from ringpipe.model.families import family
+    from ringpipe.model.training.config import TrainConfig
+    from ringpipe.model.training.layout_report import describe_layout
+    from ringpipe.model.training.parallel_trainer import Layout
+
+    config = TrainConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    plan = family(config.family).parallel_plan(config.model_config(32))
+    line = describe_layout(plan, Layout(dp=2 // pp, pp=pp), "float32").splitlines()[0]
+    assert ("(1f1b)" in line) == named, line
