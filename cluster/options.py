@@ -141,6 +141,8 @@ class CommaList(click.ParamType):
             if not part:
                 _fail(param, ctx, f"{value!r} has an empty item.")
             try:
+                if isinstance(self.item, click.IntRange):  # "not a valid integer", not "... integer range"
+                    part = click.INT.convert(part, param, ctx)
                 items.append(self.item.convert(part, param, ctx))
             except click.BadParameter as exc:
                 _fail(param, ctx, exc.message if len(parts) == 1 else f"{part!r} in {value!r}: {exc.message}")

@@ -18,7 +18,7 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
                                         spmd_agent)
 from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import (SEED, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line, out_of_memory,
+from ringpipe.cluster.options import (SEED, CommaList, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line, out_of_memory,
                                       usage_error)
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
@@ -135,7 +135,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="Pipeline schedule.")
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
-@click.option("--split", default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
+@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
 @click.option("--encoder-stages", type=click.IntRange(min=1), default=None,
               help="--model t5: pipeline stages for the encoder's layers, the decoder's on the rest "
                    "(default: all layers balanced over the stages).")
@@ -173,10 +173,7 @@ def train(ctx, **flags):
                                 "--overwrite to replace it, or choose another directory")
             hold_run_dir(ctx, out)  # before deleting: the run it replaces may still be training
             remove_run(out)
-    try:
-        split = [int(part) for part in flags["split"].split(",")] if flags["split"] else None
-    except ValueError:
-        raise bad_flag("--split", f"{flags['split']!r} is not a comma-separated list of block counts") from None
+    split = flags["split"]
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
                     zero=flags["zero"], split=split)
