@@ -68,3 +68,10 @@ def test_a_worker_out_of_memory_does_not_advise_starting_the_run_again(tmp_path)
     exc = RemoteError(0, "_ArrayMemoryError", "_ArrayMemoryError: Unable to allocate", "tb", "spawn")
     message = _worker_failure(exc, str(tmp_path), summary=False).message
     assert "Unable to allocate" in message and "again" not in message and "--resume" not in message
+
+
+def test_a_worker_out_of_memory_is_not_restarted():
+    from ringpipe.cluster.restarts import RestartableFailure, restartable
+
+    exc = RemoteError(0, "_ArrayMemoryError", "_ArrayMemoryError: Unable to allocate", "tb", "train_step")
+    assert not isinstance(restartable(exc, click.ClickException("out of memory")), RestartableFailure)
