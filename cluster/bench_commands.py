@@ -50,7 +50,8 @@ def _run_and_report(run, format_result, json_path):
 @click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=12, show_default=True, type=click.IntRange(min=1))
 @click.option("--vocab-size", default=65, show_default=True, type=click.IntRange(min=1))
-@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1), help="Timed steps (after 3 warmup).")
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps (after 3 warmup).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
@@ -75,7 +76,8 @@ _ROUNDS_HELP = "Interleaved rounds (ringpipe, peer, ringpipe, peer, ...); every 
 
 @bench.command("collectives", short_help="Collective time, algbw, busbw per size.")
 @click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
-@click.option("--ops", type=CommaList(click.Choice(_COLLECTIVE_OPS)), default=",".join(_COLLECTIVE_OPS), show_default=True,
+@click.option("--ops", type=CommaList(click.Choice(_COLLECTIVE_OPS)), default=",".join(_COLLECTIVE_OPS),
+              show_default=True,
               help="Comma-separated operations.")
 @click.option("--sizes", type=ByteSizes(), default="1K-64M", show_default=True,
               help="Byte sizes: a range (every 4th power of two) like 1K-64M, or a list like 1K,1M.")
@@ -124,15 +126,18 @@ def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
 @click.option("--n-head", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--n-embd", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-per-rank", default=12, show_default=True, type=click.IntRange(min=1), help="Sequences per dp rank and step.")
+@click.option("--batch-per-rank", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per dp rank and step.")
 @click.option("--microbatches", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Gradient bucket size cap in MiB, as train's --bucket-mb (fractions allowed, e.g. 0.25).")
 @click.option("--bucket-kb", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated: the bucket cap in KiB; use --bucket-mb.")
 @click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
-@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Timed steps per round (after 3 warmup).")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1), help="Alternating rounds; each dp size keeps its best.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps per round (after 3 warmup).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Alternating rounds; each dp size keeps its best.")
 @click.option("--no-independent", is_flag=True, help="Skip the row of --dp unconnected dp=1 runs at once.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 @click.pass_context
@@ -159,9 +164,9 @@ def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_
 
 @bench.command("pipeline", short_help="Pipeline bubble per schedule, measured vs theory.")
 @click.option("--schedules", type=CommaList(click.Choice(_SCHEDULES)), default="1f1b,zb-h1,gpipe,interleaved",
-              show_default=True,
-              help="Comma-separated pipeline schedules.")
-@click.option("--microbatches", type=CommaList(click.IntRange(min=1)), default="4,8", show_default=True, help="Comma-separated micro-batch counts m.")
+              show_default=True, help="Comma-separated pipeline schedules.")
+@click.option("--microbatches", type=CommaList(click.IntRange(min=1)), default="4,8", show_default=True,
+              help="Comma-separated micro-batch counts m.")
 @click.option("--pp", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Pipeline stages = workers (keep it ≤ the number of cores).")
 @click.option("--virtual-stages", default=2, show_default=True, type=click.IntRange(1, 16),
@@ -170,10 +175,13 @@ def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_
 @click.option("--n-head", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--n-embd", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--microbatch-size", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences per micro-batch.")
-@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None, help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
+@click.option("--microbatch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per micro-batch.")
+@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None,
+              help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untraced steps first.")
-@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1), help="Traced steps (the median is reported).")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Traced steps (the median is reported).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
               help="Each setup once per round, taking turns; the best round is reported.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write one object per (schedule, m).")
@@ -195,7 +203,8 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
 
 @bench.command("quality", short_help="Val loss of the recipe: ringpipe vs transformers.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
-@click.option("--seeds", type=CommaList(SEED), default="0", show_default=True, help="Comma-separated seeds; one run each.")
+@click.option("--seeds", type=CommaList(SEED), default="0", show_default=True,
+              help="Comma-separated seeds; one run each.")
 @click.option("--samplers", type=CommaList(click.Choice(_SAMPLERS)), default="epoch", show_default=True,
               help="Comma-separated train samplers to run (epoch, random).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the recipe's 2000.")
@@ -241,10 +250,12 @@ def bench_int8(run_dir, outlier_threshold, max_windows, new_tokens, rounds, json
 @click.option("--block-size", default=1024, show_default=True, type=click.IntRange(min=1))
 @click.option("--vocab-size", default=50257, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Timed steps (median), after --warmup.")
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps (median), after --warmup.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--tf32", is_flag=True, help="TF32 matmuls for float32 (needs CUPY_TF32=1 in the environment).")
-@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None, help="The dtype's dense peak, for an unlisted GPU.")
+@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="The dtype's dense peak, for an unlisted GPU.")
 @click.option("--no-compare", is_flag=True, help="Skip PyTorch eager.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_size, batch_size, steps, warmup,

@@ -25,7 +25,8 @@ def available_bytes() -> int | None:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory.limit_in_bytes", "memory.usage_in_bytes")):
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory.limit_in_bytes", "memory.usage_in_bytes")):
         for group in _cgroup_dirs():
             try:
                 with open(os.path.join(group, limit_file)) as f:

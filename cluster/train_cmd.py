@@ -18,8 +18,8 @@ from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, 
                                         spmd_agent)
 from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import (SEED, CommaList, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line, out_of_memory,
-                                      usage_error)
+from ringpipe.cluster.options import (SEED, CommaList, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line,
+                                      out_of_memory, usage_error)
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
@@ -135,7 +135,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="Pipeline schedule.")
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
-@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
+@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None,
+              help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
 @click.option("--encoder-stages", type=click.IntRange(min=1), default=None,
               help="--model t5: pipeline stages for the encoder's layers, the decoder's on the rest "
                    "(default: all layers balanced over the stages).")
@@ -173,10 +174,9 @@ def train(ctx, **flags):
                                 "--overwrite to replace it, or choose another directory")
             hold_run_dir(ctx, out)  # before deleting: the run it replaces may still be training
             remove_run(out)
-    split = flags["split"]
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
-                    zero=flags["zero"], split=split)
+                    zero=flags["zero"], split=flags["split"])
     distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local" \
         or flags["max_restarts"] > 0  # a restart starts worker processes again
     # Flags that would do nothing in this layout are refused, not silently dropped.
@@ -195,11 +195,11 @@ def train(ctx, **flags):
     if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
         raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
                        "one checkpoint")
-    if flags["launcher"] == "local":  # (other hosts' workers hold the arrays there; the driver needs no CuPy)
-        check_device(flags["device"])
-    if flags["launcher"] != "local":
+    if flags["launcher"] != "local":  # (the other hosts' workers need CuPy for --device gpu, not this driver)
         check_multihost_flags(ctx, flags, layout.world_size, layout.tp)
-    elif flags["nproc"] != layout.world_size:
+    else:
+        check_device(flags["device"])
+    if flags["launcher"] == "local" and flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):

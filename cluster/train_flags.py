@@ -21,7 +21,7 @@ from ringpipe.model.training.run_dir import saved_config, saved_step
 # indices; `config_from_flags` says so when it happens.
 # Not --data: a resumed run re-tokenizes its corpus into tokens.bin and its sampler's place in the
 # epoch indexes that corpus's windows, so another corpus would silently train on other text. The run
-# stores --data as an absolute path, so `--resume --out RUN` works from any directory.
+# stores --data as an absolute path, so a resume finds the corpus from any directory.
 RESUME_OVERRIDABLE = ("steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite",
                       "microbatches")
 OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
