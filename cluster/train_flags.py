@@ -19,10 +19,10 @@ from ringpipe.model.training.run_dir import saved_config, saved_step
 # from the ones an uninterrupted run would draw (the same distribution, other bits). We keep that
 # rather than draw masks per sequence, which would tie every dropout site of every family to row
 # indices; `config_from_flags` says so when it happens.
-# Not --data: a resumed run re-tokenizes its corpus into tokens.bin and its sampler's place in the
-# epoch indexes that corpus's windows, so another corpus would silently train on other text. The run
-# stores --data as an absolute path, so a resume finds the corpus from any directory.
-RESUME_OVERRIDABLE = ("steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite",
+# --data may name the run's corpus where it is now (a moved or copied file): the run stores it as an
+# absolute path, so a resume finds it from any directory, and a resume refuses a corpus whose tokens
+# differ from the run's token file (model/training/run_setup.py), as it refuses the flags below.
+RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite",
                       "microbatches")
 OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
 
@@ -38,8 +38,6 @@ def config_from_flags(ctx: click.Context, flags: dict) -> TrainConfig:
     saved = saved_config(flags["out"]).flat() if flags["resume"] else None
     if flags["data"] is not None:
         flags = dict(flags, data=os.path.abspath(flags["data"]))
-        if saved and saved["data"] is not None and os.path.abspath(saved["data"]) == flags["data"]:
-            saved["data"] = flags["data"]  # an earlier version's path, relative to where the run started
     model = saved["family"] if saved else flags["family"]
     names = TrainConfig(family=model).flat()  # the family's options and the run's, as the flags name them
     for name in flags:

@@ -222,10 +222,10 @@ def test_resume_rejects_another_tokenizer(trained):
                           "--tokenizer")
 
 
-def test_resume_rejects_data_outside_the_char_vocabulary(trained, corpus):
-    with open(corpus, "w") as f:  # the run's corpus, edited since (another --data is refused as a flag)
-        f.write("ZZZ QQQ XXX\n" * 200)
-    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--data", corpus, "--steps", 4),
+def test_resume_rejects_data_outside_the_char_vocabulary(trained, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("ZZZ QQQ XXX\n" * 200)
+    assert_one_line_error(run_cli("train", "--resume", "--out", trained, "--data", other, "--steps", 4),
                           "tokenizer")
 
 
