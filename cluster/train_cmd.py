@@ -229,6 +229,7 @@ def train(ctx, **flags):
     if flags["resume"] and already_complete(ctx, config, out):  # (its record was read above)
         return
     if not flags["no_memory_check"] and flags["launcher"] == "local":  # other hosts' memory is not known here
+        _prepare_kernels()  # the planner asks which attention kernel runs: a build is said, not silent
         check_fits(config, layout, layout.world_size if distributed else 1, _sizing_flags(config))
     state = {"trainer": None, "progress": None}
     hold_run_dir(ctx, out)
