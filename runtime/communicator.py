@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p_fast, shm_small
+from ringpipe.runtime.arguments import check_array, check_reduction, check_timeout
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.channel_regions import exchange_entries, open_channel
@@ -126,9 +127,8 @@ class Communicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
         dst_global = self._peer(dst, "send")
+        self._check("send", x, timeout=timeout)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
-        if host.dtype.kind not in "biufc":
-            raise TypeError(f"send: dtype {host.dtype} is not numeric")
         engine = self.engine
         call = engine.call
         name = f"send to rank {dst} tag {tag} on group {self.group.gid}"
@@ -171,6 +171,7 @@ class Communicator:
         return Finished(name, error=error)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
+        check_array("send", self.rank, x)  # (before the fast path too: isend checks the rest)
         shm_p2p_fast.send(self, x, dst, tag) or self.isend(x, dst, tag, timeout).wait()  # fast: one call into C
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
@@ -179,6 +180,8 @@ class Communicator:
         `out` must have the message's shape and dtype (nothing is cast): otherwise `wait()` raises
         ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
+        out is None or check_array("recv", self.rank, out, "out", in_place=True)
+        check_timeout("recv", self.rank, timeout)
         gid, engine = self.group.gid, self.engine
         host_out = out if out is None or type(out) is np.ndarray or not array_module.is_device_array(out) else None
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
@@ -207,6 +210,7 @@ class Communicator:
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
+        out is None or check_array("recv", self.rank, out, "out", in_place=True)
         found = shm_p2p_fast.recv(self, src, tag, out, timeout)  # the common case in one call into C, or None
         return found if found is not None else self.irecv(src, tag, out, timeout).wait()
 
@@ -285,19 +289,19 @@ class Communicator:
         result = channel.run(full_name, signature, direct, patience, trace, key)
         return finish(result) if finish is not None else result
 
-    @staticmethod
-    def _check_op(name, op):
-        if op not in collectives.REDUCTIONS:
-            raise ValueError(f"{name}: unknown reduction op {op!r}; expected one of {sorted(collectives.REDUCTIONS)}")
+    def _check(self, what, x, in_place=False, op=None, timeout=None):
+        """Raise for a bad argument before the operation takes its number (runtime/arguments.py)."""
+        check_array(what, self.rank, x, in_place=in_place)
+        if op is not None:
+            check_reduction(what, self.rank, op, x)
+        check_timeout(what, self.rank, timeout)
 
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
+        self._check("all_reduce", x, True, op, timeout)
         if not async_op and type(x) is np.ndarray and self._small("all_reduce", x, op, timeout):
             return x
-        self._check_op("all_reduce", op)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
-        if op == "avg" and host.dtype.kind not in "fc":
-            raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {host.dtype}")
         dtype = working_dtype(host.dtype)
         in_place = (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.dtype == dtype
                     and not array_module.is_device_array(x))
@@ -317,6 +321,7 @@ class Communicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
+        self._check("all_gather", x, timeout=timeout)
         gathered = None if async_op or type(x) is not np.ndarray else self._small("all_gather", x, timeout)
         if isinstance(gathered, np.ndarray):
             return gathered
@@ -336,13 +341,11 @@ class Communicator:
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
-        self._check_op("reduce_scatter", op)
+        self._check("reduce_scatter", x, op=op, timeout=timeout)
         host = np.asarray(array_module.to_host(x))
         if host.ndim == 0 or host.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: x.shape[0] must be divisible by the group size {self.size}, "
                              f"got shape {host.shape} on rank {self.rank}")
-        if op == "avg" and host.dtype.kind not in "fc":
-            raise TypeError(f"reduce_scatter: op 'avg' needs a floating dtype, got {host.dtype}")
         rows = host.shape[0] // self.size
         small = None if async_op or type(x) is not np.ndarray else self._small("reduce_scatter", x, op, timeout)
         if isinstance(small, np.ndarray):
@@ -365,6 +368,7 @@ class Communicator:
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
         self._peer(src, "broadcast")
+        self._check("broadcast", x, True, timeout=timeout)
         if not async_op and type(x) is np.ndarray and self._small("broadcast", x, int(src), timeout):
             return x
         host = np.asarray(array_module.to_host(x))
@@ -382,6 +386,7 @@ class Communicator:
                                 lambda channel: shm_collectives.broadcast(channel, work, int(src)))
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
+        check_timeout("barrier", self.rank, timeout)
         if not async_op and self._small("barrier", timeout):
             return None
         return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout,
