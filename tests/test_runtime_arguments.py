@@ -67,3 +67,20 @@ def test_one_rank_with_a_bad_argument_fails_the_call_naming_it_and_the_next_call
     with pytest.raises(RemoteError, match=r"rank 1.*all_reduce: rank 1's x is read-only"):
         cluster.run(rank_1_passes_a_read_only_array)
     assert cluster.run(one_sum) == [[2.0] * 4] * 2
+
+
+def wait_for_a_message_never_sent(comm, patience):
+    if comm.rank == 1:
+        return None
+    handle = comm.irecv(1)
+    try:
+        handle.wait(timeout=patience)
+    except Exception as exc:  # noqa: BLE001 - its message is the result
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_a_handle_waited_for_with_its_own_timeout_names_that_timeout(local_cluster):
+    error, _ = local_cluster(2).run(wait_for_a_message_never_sent, 0.5)  # the communicator waits 60 s
+    assert "0.5s" in error and "60s" not in error
