@@ -88,6 +88,11 @@ class ClusterStopped(WorkerLost):
         return getattr(self.cause, "report", None)
 
 
+# In a worker, the path of the driver's script while it is imported (as __mp_main__) to find a
+# function of it; None otherwise. A Cluster started then is the script's unguarded entry point.
+importing_main: str | None = None
+
+
 def reference(target) -> dict:
     """How a worker finds `target`: module + qualified name (module-level functions/classes only)."""
     module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")

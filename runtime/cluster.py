@@ -31,7 +31,7 @@ import weakref
 
 import zmq
 
-from ringpipe.runtime import addresses, wire
+from ringpipe.runtime import addresses, calls, wire
 from ringpipe.runtime.auth import JobKeys, raise_descriptor_limit
 from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
                            WorkerUnresponsive, reference)
@@ -70,6 +70,10 @@ class Cluster(StartUp, TraceControl):
         Every failure a call raises carries a `report` (runtime/failure_report.py). Every option is
         checked before a worker starts (runtime/cluster_options.py): a ValueError names the first
         one out of range (e.g. `timeout` must be above 0, `arena_bytes` at least 1 MiB)."""
+        if calls.importing_main is not None:  # a worker re-running the script: it would start workers too
+            raise RuntimeError(f"Cluster started while a worker imports the driver's script {calls.importing_main} "
+                               "to find its function: guard the script's entry point with "
+                               "`if __name__ == \"__main__\":` (workers import the script, as multiprocessing's do)")
         check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worker, bind_host, start_timeout,
                               arena_bytes, env, heartbeat_interval, heartbeat_timeout, stuck_grace, log_dir,
                               restart_count, comm_options)

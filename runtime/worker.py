@@ -57,10 +57,19 @@ def resolve(reference: dict):
             path = reference.get("main")
             if not path:
                 raise ImportError("the driver's __main__ has no file; define functions in an importable module")
+            from ringpipe.runtime import calls
+
             spec = importlib.util.spec_from_file_location("__mp_main__", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules["__mp_main__"] = module
-            spec.loader.exec_module(module)
+            calls.importing_main = path  # a Cluster started meanwhile is the script's unguarded entry point
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules["__mp_main__"]
+                raise
+            finally:
+                calls.importing_main = None
     else:
         module = importlib.import_module(module_name)
     target = module
