@@ -22,7 +22,7 @@ from ringpipe.runtime.arguments import check_array, check_reduction, check_timeo
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.channel_regions import exchange_entries, open_channel
-from ringpipe.runtime.group_state import GroupState
+from ringpipe.runtime.group_state import GroupState, announce_group, waited
 from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_p2p_receive import RingReceive
 from ringpipe.runtime.trace import now_ns
@@ -101,8 +101,7 @@ class Communicator:
     def new_group(self, ranks) -> "Communicator | None":
         """A communicator over `ranks` (indices in this communicator); None on ranks outside it.
 
-        Every member must call it (non-members may too); its id is derived from the members, so
-        members agree without communicating."""
+        Every member must call it, with the same `ranks` (non-members may too; runtime/group_state.py)."""
         self._sequence.check_alive("new_group")
         ranks = [int(r) for r in ranks]
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
@@ -112,6 +111,7 @@ class Communicator:
         self._subgroups[members] += 1
         if self.rank not in ranks:
             return None
+        announce_group(self.engine, self.group, members)  # for a timeout to say if members disagree
         gid = f"{self.group.gid}/{','.join(map(str, members))}#{occurrence}"
         shm = self.group.shm or all(m in self.engine.shm_peers or m == self.engine.rank for m in members)
         shm = shm and self.config.shm and self.engine.arena is not None
@@ -250,7 +250,7 @@ class Communicator:
                             "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{call}"})
         handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
                                     timeout=timeout, transform=finish, trace=trace, call=call)
-        return handle if async_op else handle.wait()
+        return handle if async_op else waited(self, handle)
 
     def _channel(self, name, timeout):
         """The group's same-host channel, opened on first use (one message round over the engine,
