@@ -136,13 +136,19 @@ class CallFuture:
 
     def result(self, timeout: float | None = None):
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.wait(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no result after {timeout}s")
-            thread = getattr(self.cluster, "_thread", None)
-            if thread is not None and not thread.is_alive() and not self._done.is_set():
-                # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
-                raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
+        try:
+            while not self._done.wait(0.05):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: no result after {timeout}s")
+                thread = getattr(self.cluster, "_thread", None)
+                if thread is not None and not thread.is_alive() and not self._done.is_set():
+                    # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
+                    raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
+        except KeyboardInterrupt:
+            # Ctrl-C: the caller gives up on the call, so the workers do too (the next call would
+            # otherwise wait behind it).
+            self.cluster.interrupt(self)
+            raise
         if self.died is not None:
             raise self.died
         if self.errors:

@@ -318,6 +318,15 @@ class Cluster(StartUp, TraceControl):
             self._post(rank, message)
         return future
 
+    def interrupt(self, future: CallFuture):
+        """Give up on call `future` (Ctrl-C in the driver): its communication is aborted and its
+        ranks' code gets KeyboardInterrupt (runtime/worker.py), so the next call starts at once."""
+        if future.done() or self._closed:
+            return
+        reason = f"call {future.name} was interrupted in the driver (KeyboardInterrupt)"
+        self._post(None, lambda: (self._abort(reason, future.call_id),
+                                  self._broadcast({"t": "interrupt", "call": future.call_id}, future.ranks)))
+
     def submit(self, fn, *args, ranks=None, **kwargs) -> CallFuture:
         """Start `fn(comm, *args, **kwargs)` on every rank (or `ranks`); returns a CallFuture."""
         return self._call("run", reference(fn), args, kwargs, ranks, name=getattr(fn, "__qualname__", "fn"))
