@@ -105,6 +105,12 @@ def reference(target) -> dict:
     return {"module": module, "qualname": qualname, "main": main}
 
 
+def check_wait_timeout(name: str, timeout) -> None:
+    """Raise ValueError unless `timeout` (waiting for call `name`) is None or positive seconds."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"{name}: timeout must be a positive number of seconds (or None), got {timeout!r}")
+
+
 class CallFuture:
     """Results of one call on several ranks; `result()` returns them ordered by rank."""
 
@@ -135,6 +141,7 @@ class CallFuture:
         return self._done.is_set()
 
     def result(self, timeout: float | None = None):
+        check_wait_timeout(self.name, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not self._done.wait(0.05):

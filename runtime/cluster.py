@@ -333,6 +333,7 @@ class Cluster(StartUp, TraceControl):
 
     def run(self, fn, *args, ranks=None, timeout: float | None = None, **kwargs) -> list:
         """Run `fn(comm, *args, **kwargs)` on every rank (SPMD); returns the results ordered by rank."""
+        calls.check_wait_timeout(getattr(fn, "__qualname__", "fn"), timeout)  # before the call starts
         return self.submit(fn, *args, ranks=ranks, **kwargs).result(timeout)
 
     def spawn(self, cls, *args, ranks=None, **kwargs) -> ActorGroup:

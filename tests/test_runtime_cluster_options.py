@@ -33,3 +33,14 @@ def test_a_cluster_option_out_of_range_raises_one_line_naming_it_before_any_work
 def test_world_size_must_be_a_positive_integer(world_size):
     with pytest.raises(ValueError, match=f"Cluster option world_size={world_size!r}.*integer at least 1"):
         Cluster(world_size)
+
+
+def rank(comm):
+    return comm.rank
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [0, -1])
+def test_a_call_waited_for_with_a_timeout_not_above_zero_raises_naming_it(local_cluster, timeout):
+    with pytest.raises(ValueError, match=f"timeout must be a positive number of seconds .*got {timeout}"):
+        local_cluster(2).run(rank, timeout=timeout)
