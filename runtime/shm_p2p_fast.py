@@ -1,16 +1,17 @@
 """The common case of same-host point-to-point in one call into C each way: a blocking `send` of a
-message that fits in one ring slot, and a blocking `recv` of the message that comes next in the
-ring, in its slot or in one block of the sender's arena (up to PART_BYTES)
+message in one ring slot or in one block of the sender's arena (up to PART_BYTES, the block taken
+in Python), and a blocking `recv` of the message that comes next in the ring, from either
 (runtime/csrc/shm_p2p.c, a CPython extension built on first use).
 
 The ring, its slots and its rules are the pair ring's (runtime/shm_p2p.py); this path only skips
 the Python layers of the common case. Everything else takes the Python path, which reads and
-writes the same ring: tracing on, a full ring, an array that is not C-contiguous or does not fit
-in a slot (sending) or comes in parts (receiving), the first message of a kind (the Python path describes and checks it), a receive with
-receives of its key already posted or messages of its key already kept, a next message of another
-key (kept for its receive), of an earlier call or epoch (dropped). A receive waits in
-C (adaptive spin, then futex sleeps of at most SLICE_S without the GIL), looking at aborts and its
-deadline between sleeps, and raises the Python path's Aborted and CommTimeout.
+writes the same ring: tracing on, a full ring or arena, an array that is not C-contiguous or
+larger than one part, the first message of a kind (the Python path
+describes and checks it), a receive with receives of its key already posted or messages of its
+key already kept, a next message of another key (kept for its receive), of an earlier call or
+epoch (dropped). A receive waits in C (adaptive spin, then futex sleeps of at most SLICE_S
+without the GIL), looking at aborts and its deadline between sleeps, and raises the Python
+path's Aborted and CommTimeout.
 
 `RINGPIPE_SHM_P2P_C=0` keeps every message on the Python path (to compare, or to test it); the
 path is also off where the "c" wait mode or the extension cannot be built (no C compiler, no
@@ -34,6 +35,7 @@ from ringpipe.runtime.shm_channel import SLICE_S
 MODULE = "_ringpipe_shm_p2p"
 SOURCES = ("shm_p2p.c", "shm_wait.c")
 OTHER, PENDING = -1, -2  # csrc/shm_p2p.c's answers besides "got it"
+SLOTS = 64  # shm_p2p.SLOTS (that module imports this one)
 _extension: list = []  # [module or None], built once per process
 
 
@@ -84,6 +86,7 @@ class FastPairs:
         self._expected: dict = {}  # (group id, dtype, shape) -> the description a message of it has
         self._prefixes: dict = {}  # group id -> the start of every description of that group
         self.sent = self.received = 0  # messages that took this path (a test's evidence)
+        self._arena_address = None  # where this rank's arena is mapped (its blocks of larger messages)
 
     def send(self, comm, x, dst, tag) -> bool:
         """True once `x` is in the ring to `dst` (group index); False when the Python path must send it."""
@@ -95,12 +98,40 @@ class FastPairs:
         description = rings._descriptions.get((gid, x.dtype, x.shape))  # none: the first of its kind
         if target is None or description is None or type(tag) is not int:
             return False
-        with rings.send_lock:
-            sent = self.lib.send(target[0], self.slot_bytes, engine.epoch, engine.call, tag, description, x)
+        if x.nbytes > rings.inline_bytes:
+            sent = x.nbytes <= rings.part_bytes and self._send_in_block(target, tag, description, x)
+        else:
+            with rings.send_lock:
+                sent = self.lib.send(target[0], self.slot_bytes, engine.epoch, engine.call, tag, description, x, -1, 0)
         if sent:
             engine.count_sent(gid, x.nbytes)
             self.sent += 1
         return sent
+
+    def _send_in_block(self, target, tag, description, x) -> bool:
+        """`x` (one part's worth) in a block of this rank's arena, named by the next slot: as the
+        Python path's `_place`, which frees the block once the receiver passed the slot."""
+        engine, rings = self.engine, self.rings
+        arena, ring = engine.arena, rings._out[target[1]]
+        if not x.flags.c_contiguous:
+            return False
+        with rings.send_lock:
+            head = ring.words[0]
+            if head - ring.words[8] >= SLOTS:  # head (word 0) and tail (word 8): a full ring waits in Python
+                return False
+            rings.reclaim()
+            generation = arena.generation  # before alloc: a block from before a reset is never freed
+            block = arena.alloc(x.nbytes)
+            if block is None:
+                return False
+            if self._arena_address is None:
+                self._arena_address = int(arena.buffer.ctypes.data)
+            if not self.lib.send(target[0], self.slot_bytes, engine.epoch, engine.call, tag, description, x, block,
+                                 self._arena_address + block):
+                arena.free(block)
+                return False
+            ring.blocks.append((head, block, generation))
+        return True
 
     def recv(self, comm, src, tag, out, timeout):
         """The message from `src` (group index) with `tag`, in `out` when given; None when the

@@ -27,9 +27,11 @@ import numpy as np
 from ringpipe.runtime import cma
 
 REMOTE = -2  # a slot's block number: the payload is in the sender's memory
-# Smaller messages take the plain path: below this, the probe loop's Python costs more than the
-# second copy (measured at 64 KiB on 4 ranks: 0.67 ms CPU with one copy, 0.55 with two).
-MIN_BYTES = 256 << 10
+# Messages in one part of the plain path (shm_p2p.PART_BYTES, 1 MiB) take it: its receive is one
+# call into C (runtime/shm_p2p_fast.py), which beat a single-copy read there (CPU per sendrecv,
+# 4 ranks, load 14: 220 against 404 µs at 256 KiB, 563 against 683 at 1 MiB); from 2 MiB the read
+# costs less (1,177 against 1,523 µs; 10.4 against 17.8 ms at 32 MiB).
+MIN_BYTES = (1 << 20) + 1
 DESCRIPTOR = struct.Struct("<qqqqQ")  # pid, address, bytes, probe word's address, its value
 
 
@@ -85,8 +87,9 @@ def sendrecv(comm, x, dst: int, src: int, tag: int = 0, out=None, timeout: float
         return handle.wait()
     dst_global = comm.group.ranks[dst] if 0 <= dst < comm.size else None
     if (dst_global is None or type(x) is not np.ndarray or not comm.config.shm or not rings.usable(dst_global)
-            or not rings.single_copy.on or dst_global in rings.single_copy.refused or x.nbytes < MIN_BYTES
-            or x.dtype.kind not in "biufc" or engine.aborted_call is not None or engine.tracer.enabled):
+            or not rings.single_copy.on or dst_global in rings.single_copy.refused
+            or x.nbytes < max(MIN_BYTES, rings.part_bytes + 1) or x.dtype.kind not in "biufc"
+            or engine.aborted_call is not None or engine.tracer.enabled):
         comm.send(x, dst, tag, timeout)  # eager: it never waits for its receiver
         return comm.recv(src, tag, out, timeout)  # (the one-call path where it applies)
     handle = comm.irecv(src, tag, out, timeout)  # posted first: a receive of `src`'s sendrecv is ready

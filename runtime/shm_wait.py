@@ -172,9 +172,10 @@ def spare_core(own_tasks: int = 1, path: str = LOADAVG) -> bool:
 class Spin:
     """How long one waiter spins before it sleeps (ns): doubled after a wait its spin answered,
     halved after one that had to sleep (the peer is computing or descheduled), within MIN..MAX
-    (MAX_OVERSUBSCRIBED when `yields`), and 0 while no core is spare (`spare_core`, looked at every SPARE_CHECK_NS). `yields`: yield
-    the core between looks (more ranks than cores: a yield hands the core to a peer rank, cheaper
-    than a futex wake); `own_tasks`: this job's ranks on this host."""
+    (MAX_OVERSUBSCRIBED when `yields`), and 0 while no core is spare (`spare_core`, looked at
+    every SPARE_CHECK_NS). `yields`: yield the core between looks (more ranks than cores: a yield
+    hands the core to a peer rank, cheaper than a futex wake); `own_tasks`: this job's ranks on
+    this host."""
 
     def __init__(self, yields: bool, own_tasks: int = 1):
         self.yields, self.own_tasks = yields, own_tasks

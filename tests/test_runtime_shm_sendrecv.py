@@ -70,7 +70,8 @@ def two_of_three_exchange(comm):
     if pair is None:
         return None
     x = payload(comm.rank, np.float32)
-    return sendrecv(pair, x, 1 - pair.rank, 1 - pair.rank, tag=9).tobytes() == payload(1 - comm.rank, np.float32).tobytes()
+    got = sendrecv(pair, x, 1 - pair.rank, 1 - pair.rank, tag=9)
+    return got.tobytes() == payload(1 - comm.rank, np.float32).tobytes()
 
 
 @pytest.mark.timeout(120)

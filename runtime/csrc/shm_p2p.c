@@ -47,13 +47,17 @@ static int take_ints(PyObject *const *args, Py_ssize_t count, long long *out) {
     return 0;
 }
 
-/* send(ring, slot_bytes, epoch, call, tag, description: bytes, array) -> bool: the message is in
-   the ring and published (the reader woken if it sleeps); False (nothing written) when the ring
-   is full, the array is not C-contiguous or does not fit in a slot: the caller's Python path. */
+/* send(ring, slot_bytes, epoch, call, tag, description: bytes, array, block, block_address) ->
+   bool: the message is in the ring and published (the reader woken if it sleeps), its payload in
+   the slot (block -1) or in the arena block `block` the caller took for it (mapped here at
+   block_address); False (nothing written) when the ring is full, the array is not C-contiguous
+   or does not fit in the slot: the caller's Python path. */
 static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long v[5];
-    if (nargs != 7 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5])) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "send(ring, slot_bytes, epoch, call, tag, description, array)");
+    long long v[5], b[2];
+    if (nargs != 9 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || take_ints(args + 7, 2, b) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "send(ring, slot_bytes, epoch, call, tag, description, array, block, "
+                                             "block_address)");
         return NULL;
     }
     char *ring = (char *)(intptr_t)v[0];
@@ -67,11 +71,11 @@ static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int sent = 0;
     uint64_t *head = (uint64_t *)(ring + HEAD), *tail = (uint64_t *)(ring + TAIL);
     uint64_t at = __atomic_load_n(head, __ATOMIC_RELAXED);  /* only this sender (under its lock) raises it */
-    if (view.len <= slot_bytes - META_BYTES && length <= META_BYTES - DESCRIPTION_AT &&
+    if ((b[0] >= 0 || view.len <= slot_bytes - META_BYTES) && length <= META_BYTES - DESCRIPTION_AT &&
         at - __atomic_load_n(tail, __ATOMIC_ACQUIRE) < SLOTS) {
         char *slot = ring + HEADER_BYTES + (int64_t)(at % SLOTS) * slot_bytes;
-        struct slot_header header = {v[2], v[3], v[4], -1, 0, 1, now_ns(), length};
-        memcpy(slot + META_BYTES, view.buf, (size_t)view.len);
+        struct slot_header header = {v[2], v[3], v[4], b[0] >= 0 ? b[0] : -1, 0, 1, now_ns(), length};
+        memcpy(b[0] >= 0 ? (char *)(intptr_t)b[1] : slot + META_BYTES, view.buf, (size_t)view.len);
         memcpy(slot, &header, sizeof header);
         memcpy(slot + DESCRIPTION_AT, PyBytes_AS_STRING(args[5]), (size_t)length);
         rp_publish(head, (uint32_t *)(ring + HEAD + SLEEPERS), at + 1);  /* after the stores above */
