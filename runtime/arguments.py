@@ -14,9 +14,25 @@ import math
 import numpy as np
 
 from ringpipe.runtime.array_module import is_device_array
+from ringpipe.runtime.collectives import REDUCTIONS
 
 NUMERIC_KINDS = "biufc"  # bool, signed and unsigned integers, floats, complex
-REDUCTION_OPS = ("avg", "max", "min", "sum")
+REDUCTION_OPS = tuple(sorted(REDUCTIONS))
+
+
+def check_operation(what: str, rank: int, x, in_place: bool = False, op=None, timeout=None) -> None:
+    """All of `what`'s checks (check_array, check_reduction when `op` is given, check_timeout); the
+    common case (a numeric NumPy array, writable if written into) costs one call: this runs before
+    every collective, small ones included."""
+    if timeout is None and type(x) is np.ndarray:
+        kind = x.dtype.kind
+        if (kind in NUMERIC_KINDS and (op is None or (op in REDUCTIONS and (op != "avg" or kind in "fc")))
+                and (not in_place or x.flags.writeable)):
+            return
+    check_array(what, rank, x, in_place=in_place)
+    if op is not None:
+        check_reduction(what, rank, op, x)
+    check_timeout(what, rank, timeout)
 
 
 def check_array(what: str, rank: int, x, name: str = "x", in_place: bool = False) -> None:
@@ -66,4 +82,4 @@ def check_timeout(what: str, rank: int, timeout) -> None:
         raise ValueError(f"{what}: rank {rank}'s timeout must be a positive number of seconds, got {timeout!r}")
 
 
-__all__ = ["check_array", "check_reduction", "check_timeout", "NUMERIC_KINDS", "REDUCTION_OPS"]
+__all__ = ["check_operation", "check_array", "check_reduction", "check_timeout", "NUMERIC_KINDS", "REDUCTION_OPS"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p_fast, shm_small
-from ringpipe.runtime.arguments import check_array, check_reduction, check_timeout
+from ringpipe.runtime.arguments import check_array, check_operation, check_timeout
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.channel_regions import exchange_entries, open_channel
@@ -127,7 +127,7 @@ class Communicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
         dst_global = self._peer(dst, "send")
-        self._check("send", x, timeout=timeout)
+        check_operation("send", self.rank, x, timeout=timeout)  # (bad arguments raise before anything starts)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         engine = self.engine
         call = engine.call
@@ -289,16 +289,9 @@ class Communicator:
         result = channel.run(full_name, signature, direct, patience, trace, key)
         return finish(result) if finish is not None else result
 
-    def _check(self, what, x, in_place=False, op=None, timeout=None):
-        """Raise for a bad argument before the operation takes its number (runtime/arguments.py)."""
-        check_array(what, self.rank, x, in_place=in_place)
-        if op is not None:
-            check_reduction(what, self.rank, op, x)
-        check_timeout(what, self.rank, timeout)
-
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
-        self._check("all_reduce", x, True, op, timeout)
+        check_operation("all_reduce", self.rank, x, True, op, timeout)
         if not async_op and type(x) is np.ndarray and self._small("all_reduce", x, op, timeout):
             return x
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
@@ -321,7 +314,7 @@ class Communicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
-        self._check("all_gather", x, timeout=timeout)
+        check_operation("all_gather", self.rank, x, timeout=timeout)
         gathered = None if async_op or type(x) is not np.ndarray else self._small("all_gather", x, timeout)
         if isinstance(gathered, np.ndarray):
             return gathered
@@ -341,7 +334,7 @@ class Communicator:
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
-        self._check("reduce_scatter", x, op=op, timeout=timeout)
+        check_operation("reduce_scatter", self.rank, x, op=op, timeout=timeout)
         host = np.asarray(array_module.to_host(x))
         if host.ndim == 0 or host.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: x.shape[0] must be divisible by the group size {self.size}, "
@@ -368,7 +361,7 @@ class Communicator:
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
         self._peer(src, "broadcast")
-        self._check("broadcast", x, True, timeout=timeout)
+        check_operation("broadcast", self.rank, x, True, timeout=timeout)
         if not async_op and type(x) is np.ndarray and self._small("broadcast", x, int(src), timeout):
             return x
         host = np.asarray(array_module.to_host(x))
