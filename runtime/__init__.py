@@ -7,10 +7,11 @@ from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, Remo
 from ringpipe.runtime.cluster import Cluster
 from ringpipe.runtime.comm_interface import CommHandle, CommunicatorInterface
 from ringpipe.runtime.communicator import CommConfig, Communicator
-from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle
+from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, GroupDestroyed,
+                                         GroupDestroyedByPeer, Handle)
 from ringpipe.runtime.launch import Launcher, LocalLauncher
 
 __all__ = ["Cluster", "RemoteError", "WorkerLost", "WorkerDied", "WorkerUnresponsive", "WorkerStuck",
            "ClusterStopped", "CallFuture", "ActorGroup", "Communicator", "CommConfig", "CommunicatorInterface",
            "CommHandle", "Handle", "CommError", "CommTimeout", "CollectiveMismatch", "Aborted", "Cancelled",
-           "Launcher", "LocalLauncher"]
+           "GroupDestroyed", "GroupDestroyedByPeer", "Launcher", "LocalLauncher"]

@@ -31,7 +31,8 @@ def build(name: str, flags=("-O2", "-fPIC", "-shared"), sources=None) -> ctypes.
     as a loaded library (ctypes releases the GIL during its calls). Raises RuntimeError naming the
     compiler and its last error line when it cannot be built."""
     paths = [SOURCES / source for source in (sources or [f"{name}.c"])]
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in paths) + " ".join(flags).encode()
+    headers = sorted(SOURCES.glob("*.h"))  # what the sources may include: a change rebuilds them too
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in paths + headers) + " ".join(flags).encode()
                             + platform.machine().encode())
     target = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not target.exists():

@@ -56,6 +56,9 @@ class CommunicatorInterface(Protocol):
     def new_group(self, ranks) -> "CommunicatorInterface | None":
         """A communicator over `ranks` (indices in this one); None on ranks outside it. Every member calls it."""
 
+    def destroy(self) -> None:
+        """Give the group's resources back once done with it (every member calls it; not the world group)."""
+
     # ---- point-to-point -------------------------------------------------------------------------
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> CommHandle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""

@@ -12,17 +12,17 @@ member (`wait()` on its handle raises `Cancelled`), and a message nobody receive
 """
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
-from ringpipe.runtime import array_module, collectives, shm_collectives, shm_small
+from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p_fast, shm_small
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
+from ringpipe.runtime.channel_regions import exchange_entries, open_channel
+from ringpipe.runtime.group_state import GroupState
 from ringpipe.runtime.operations import Aborted, Finished, Handle
-from ringpipe.runtime.shm_channel import exchange_entries, open_channel
 from ringpipe.runtime.shm_p2p_receive import RingReceive
 from ringpipe.runtime.trace import now_ns
 from ringpipe.runtime.transfer import receive, send_arrays, send_now
@@ -58,8 +58,9 @@ class Communicator:
 
     def __init__(self, engine: Engine, group: Group, config: CommConfig, _sequence=None):
         self.engine, self.group, self.config = engine, group, config
-        # Collectives are numbered per group in call order; communicators made by `using` share it.
-        self._sequence = _sequence or _Sequence()
+        # Shared by the communicators `using` makes: collectives are numbered per group in call
+        # order, and the group is destroyed once (runtime/group_state.py).
+        self._sequence = _sequence or GroupState(engine, group)
         self._subgroups = Counter()
 
     def using(self, **changes) -> "Communicator":
@@ -87,11 +88,21 @@ class Communicator:
         return f"Communicator(group={self.group.gid!r}, rank={self.rank}, size={self.size})"
 
     # ---- groups --------------------------------------------------------------------------------
+    def destroy(self):
+        """Give the group back: its same-host channel's shared memory and thread, once the group is
+        gone on every member (each should call this when done with it; dropping every communicator of
+        the group does the same, when garbage collection gets to them). Afterwards this communicator
+        and those `using` made raise GroupDestroyed. The world group cannot be destroyed."""
+        if self.group.gid == "w":
+            raise ValueError(f"destroy: rank {self.engine.rank} cannot destroy the world group")
+        self._sequence.destroy(f"destroyed on rank {self.engine.rank}", self.engine.channels.get(self.group.gid))
+
     def new_group(self, ranks) -> "Communicator | None":
         """A communicator over `ranks` (indices in this communicator); None on ranks outside it.
 
         Every member must call it (non-members may too); its id is derived from the members, so
         members agree without communicating."""
+        self._sequence.check_alive("new_group")
         ranks = [int(r) for r in ranks]
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
             raise ValueError(f"new_group: ranks {ranks} must be distinct members of 0..{self.size - 1}")
@@ -107,6 +118,7 @@ class Communicator:
 
     # ---- point-to-point -----------------------------------------------------------------------------
     def _peer(self, peer: int, what: str) -> int:
+        self._sequence.check_alive(what)
         if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
             raise ValueError(f"{what}: peer {peer!r} is not a rank of group {self.group.gid} (size {self.size})")
         return self.group.ranks[int(peer)]
@@ -159,7 +171,7 @@ class Communicator:
         return Finished(name, error=error)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
-        self.isend(x, dst, tag, timeout).wait()
+        shm_p2p_fast.send(self, x, dst, tag) or self.isend(x, dst, tag, timeout).wait()  # fast: one call into C
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
         """Start receiving an array from `src`; `wait()` returns it (written into `out` if given).
@@ -195,12 +207,14 @@ class Communicator:
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
-        return self.irecv(src, tag, out, timeout).wait()
+        found = shm_p2p_fast.recv(self, src, tag, out, timeout)  # the common case in one call into C, or None
+        return found if found is not None else self.irecv(src, tag, out, timeout).wait()
 
     # ---- collectives ------------------------------------------------------------------------------
     def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0, direct=None):
         """Run a collective: `algorithm(ctx)` on the engine thread, or, when the call waits for it
         and the group shares a host, `direct(channel)` on this thread (runtime/shm_channel.py)."""
+        self._sequence.check_alive(name)
         if direct is not None and self.size > 1:
             # Asynchronous ones only once the channel is open: opening it waits for every member.
             channel = self.engine.channels.get(self.group.gid) if async_op else self._channel(name, timeout)
@@ -372,24 +386,6 @@ class Communicator:
             return None
         return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout,
                                 direct=shm_collectives.barrier)
-
-
-class _Sequence:
-    """Collective numbers of one group; they restart at 0 in every call and every epoch (after an
-    abort), so a collective one rank left unfinished in a call does not shift the next call's."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._epoch = (0, 0)
-        self._value = 0
-
-    def next(self, epoch: tuple) -> int:
-        """`epoch` = (abort epoch, call id)."""
-        with self._lock:
-            if epoch != self._epoch:
-                self._epoch, self._value = epoch, 0
-            self._value += 1
-            return self._value - 1
 
 
 def _write_back(x, result: np.ndarray):

@@ -20,6 +20,7 @@ import zmq
 
 from ringpipe.runtime.addresses import tcp_address
 from ringpipe.runtime.arena_blocks import ArenaBookkeeping
+from ringpipe.runtime.channel_regions import ChannelRegions
 from ringpipe.runtime.messages import ZERO_COPY_BYTES, MessageDispatch
 from ringpipe.runtime.operations import (Aborted, Cancelled, CollectiveMismatch, CommError, CommTimeout, Handle, Operation,
                                 Recv, WaitBlock, WaitSent)
@@ -89,13 +90,11 @@ class Engine(MessageDispatch, ArenaBookkeeping):
         self.heartbeat_interval = 1.0
         self._next_beat = 0.0
         self.timed_out_on: set[int] = set()
-        # Same-host group channels (runtime/shm_channel.py), run by the calling threads: per group
-        # id the channel (None: not opened yet or not usable) and this rank's region offset;
-        # what a channel waiting in the calling thread waits for, (operation, since, peer), for the
-        # heartbeat; and who to wake when an abort arrives.
+        # Same-host group channels (runtime/shm_channel.py), per group id (None: not usable), and their
+        # regions; what one waits for in a calling thread, (operation, since, peer); who wakes on aborts.
         self.channels: dict = {}
         self.rings = None  # same-host point-to-point rings (runtime/shm_p2p.py), when the arena has room
-        self.channel_regions: dict[str, int] = {}
+        self.regions = ChannelRegions(self)
         self.direct_wait: tuple | None = None
         self.abort_listeners: list = []
         self.cancel_listeners: list = []  # f(call_id, what): a call ended with these operations running
@@ -258,7 +257,8 @@ class Engine(MessageDispatch, ArenaBookkeeping):
                     if not pending:
                         del self.inbox[request.key]
                     continue
-                self.waiting[request.key].append(op)
+                if not self._park_receive(op, request):  # its sender closed the group: op failed
+                    return
             elif isinstance(request, WaitSent):
                 if request.tracker is None or request.tracker.done:
                     value = None

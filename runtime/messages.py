@@ -100,6 +100,11 @@ class MessageDispatch:
             if epoch == self.epoch:
                 self.release_block(offset)
             return
+        if kind == "closed":  # a member closed a same-host group (runtime/channel_regions.py), in any epoch
+            if not isinstance(header.get("g"), str):
+                raise wire.WireError("bad group-closed message")
+            self.regions.on_closed(src, header["g"])
+            return
         if kind not in ("p2p", "coll", "abort"):
             raise wire.WireError(f"unknown message kind {kind!r}")
         group, channel, step, call = header.get("g"), header.get("c"), header.get("s", 0), header.get("n")
@@ -127,6 +132,16 @@ class MessageDispatch:
             self._resume(op, message)
         else:
             self.inbox[key].append(message)
+
+    def _park_receive(self, op, request) -> bool:
+        """Let `op` wait for the message `request` names; False (op failed) when its sender closed
+        the group already: what it sent before its note is all that will come."""
+        gid = request.key[3]
+        if request.peer in self.regions.closed_by.get(gid, ()):
+            self._fail(op, self.regions.gone(op.name, request.peer, gid))
+            return False
+        self.waiting[request.key].append(op)
+        return True
 
     def _broadcast_abort(self, op, error):
         """Tell every member of the group that this collective cannot go on (a mismatch seen here,

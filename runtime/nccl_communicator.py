@@ -162,6 +162,7 @@ class NcclCommunicator:
         self._sent, self._received = {}, {}  # peer -> p2p messages so far (NCCL matches them in order)
         self._nccl_bytes = 0  # payload handed to NCCL to send (collectives: what a ring sends per rank)
         self._aborted = None
+        self._owns_control = False  # a control group new_group made for it goes with it (destroy)
         unique_id = exchange_unique_id(control, nccl)
         control.barrier()  # the blocking init below then starts only with every rank present
         self._comm = nccl.NcclCommunicator(control.size, unique_id, control.rank)
@@ -193,7 +194,9 @@ class NcclCommunicator:
         control = self.control.new_group(ranks)
         if control is None:
             return None
-        return NcclCommunicator(control, self.nccl, self.arrays, self.timeout)
+        comm = NcclCommunicator(control, self.nccl, self.arrays, self.timeout)
+        comm._owns_control = True
+        return comm
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _name(self, op: str) -> str:
@@ -341,9 +344,12 @@ class NcclCommunicator:
         return self.irecv(src, tag, out, timeout).wait()
 
     def destroy(self):
-        """Free the NCCL communicator (not needed after an abort)."""
+        """Free the NCCL communicator (not needed after an abort), and the control group new_group
+        made for it (not one the caller handed in)."""
         if self._aborted is None:
             self._comm.destroy()
+        if self._owns_control:
+            self.control.destroy()
 
 
 def _numpy_dtype(nccl, code: int) -> np.dtype:

@@ -29,6 +29,16 @@ class Cancelled(CommError):
     waited on there); it was stopped on every member, since a peer's next call must not match it."""
 
 
+class GroupDestroyed(CommError):
+    """The group was destroyed on this rank (`Communicator.destroy()`): it takes no operation."""
+
+
+class GroupDestroyedByPeer(GroupDestroyed, Aborted):
+    """A member this operation needs destroyed the group, or dropped it (maybe as its call failed):
+    it will not take part. A consequence of that member, as an abort is (the driver reports a
+    member's own failure before it)."""
+
+
 class Handle:
     """The result of an asynchronous operation: `wait()` returns it or raises its error."""
 

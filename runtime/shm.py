@@ -71,13 +71,27 @@ class Arena:
         return None
 
     def pin(self, nbytes: int) -> int | None:
-        """Like alloc, but the block stays taken through reset() (for good: it is never freed)."""
+        """Like alloc, but the block stays taken through reset() until unpin() gives it back."""
         length = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
         with self._lock:
             offset = self._alloc(length)
             if offset is not None:
                 self._pinned[offset] = self._used.pop(offset)
             return offset
+
+    def unpin(self, offset: int) -> bool:
+        """Give back a block pin() took (False when `offset` is not one)."""
+        with self._lock:
+            length = self._pinned.pop(offset, None)
+            if length is None:
+                return False
+            self._used[offset] = length
+            return self._free_block(offset)
+
+    def largest_free(self) -> int:
+        """Bytes of the largest block alloc() or pin() could take right now."""
+        with self._lock:
+            return max((hole for _, hole in self._free), default=0)
 
     def free(self, offset: int) -> bool:
         with self._lock:

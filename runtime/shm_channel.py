@@ -4,11 +4,13 @@ no ZeroMQ message and no hop through the engine thread (runtime/shm_collectives.
 algorithms; this file the region, the counters and the waiting).
 
 Each member pins one region of its own arena per group (runtime/shm.py; it survives the arena's
-reset after an abort) and the members learn each other's offsets once, in one message round over
-the engine when the group first uses its channel. A region holds:
+reset after an abort, and goes back once the group is gone on every member: channel_regions.py)
+and the members learn each other's offsets once, in one message round over the engine when the
+group first uses its channel. A region holds:
 - a 64-bit counter (`publish` raises it by one; waiters sleep on its low 32 bits with a futex) and
   a count of sleepers, so a publisher wakes only when someone sleeps (runtime/shm_wait.py);
 - per buffer parity, the signature of the collective (operation, shape, dtype, reduction, root);
+- the single-copy path's words (runtime/shm_cma.py: where each member's array lies, its probe);
 - two data buffers of `buffer_bytes`, used alternately by consecutive rounds. A rank writes its
   buffer of round r only after every member reached round r-1, which each did only after it had
   read everything of round r-2: so nobody overwrites what a peer still reads, without any
@@ -28,7 +30,7 @@ from types import SimpleNamespace
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout
+from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
@@ -55,10 +57,11 @@ def region_bytes(buffer_bytes: int) -> int:
 
 class GroupChannel:
     """One group's channel on one rank. `regions[i]` = (uint8 mapping of member i's arena, offset
-    of its region there), in group order. Operations run one at a time (a lock)."""
+    of its region there), in group order; `gone`: the members (global ranks) that closed the group,
+    as their notes come (runtime/channel_regions.py). Operations run one at a time (a lock)."""
 
-    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None):
-        self.engine, self.group = engine, group
+    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None, gone=frozenset()):
+        self.engine, self.group, self.gone = engine, group, gone
         self.n, self.me = len(group.ranks), group.index
         self.buffer_bytes = buffer_bytes
         self.waiter = make_waiter(mode)
@@ -90,6 +93,7 @@ class GroupChannel:
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
         self.call = None  # the call of the operation running now
         self.small = None  # the one-call C rounds of small collectives (runtime/shm_small.attach)
+        self.single_copy = None  # runtime/shm_cma.py's state once probed (False: the group cannot)
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 
@@ -102,7 +106,10 @@ class GroupChannel:
     def submit(self, handle, work, abort_key: tuple):
         """Run `work()` on this channel's thread after what is queued; its result or error goes to
         `handle`. The handle counts as the current call's (an unwaited one is cancelled at its end)."""
-        self.engine._call_handles.append(handle)
+        handles = self.engine._call_handles
+        if len(handles) >= 256:  # as Engine.submit: only the unfinished ones matter at the call's end
+            handles[:] = [h for h in handles if not h.is_done()]
+        handles.append(handle)
         with self._queue_ready:
             self._queue.append((handle, work, abort_key))
             if self._thread is None:
@@ -112,12 +119,26 @@ class GroupChannel:
             self._queue_ready.notify()
         return handle
 
+    def close(self, then):
+        """The group is gone on this rank: `then()` runs once the operations queued here ended (on
+        this channel's thread, which then stops; at once when it has none). Nothing runs after."""
+        self.engine.abort_listeners.remove(self._wake_sleeper)
+        self.engine.cancel_listeners.remove(self._cancel_call)
+        with self._queue_ready:
+            if self._thread is not None:
+                self._queue.append((None, then, None))
+                self._queue_ready.notify()
+                return
+        then()
+
     def _serve(self):
         while True:
             with self._queue_ready:
                 while not self._queue:
                     self._queue_ready.wait()
                 handle, work, abort_key = self._queue.popleft()
+                if handle is None:  # closed (close())
+                    return work()
                 self._running = abort_key
             try:
                 if abort_key[1] <= self._cancelled_through:
@@ -139,6 +160,10 @@ class GroupChannel:
     def _cancelled(self, name: str):
         return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
                          f"wait() for asynchronous operations before a call returns")
+
+    def destroyed(self, name: str, peer: int):
+        return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group "
+                                    f"{self.group.gid} and will not take part")
 
     def _cancel_call(self, call_id: int, what: str):
         """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
@@ -189,7 +214,7 @@ class GroupChannel:
             try:
                 return body(self)
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
                 raise
             finally:
@@ -197,7 +222,7 @@ class GroupChannel:
                     args = dict(trace_args, wait_us=self.wait_ns / 1000.0)
                     span = args.pop("op")
                     if error is not None:
-                        args["error"] = type(error).__name__
+                        args["error"] = error.__name__
                     engine.tracer.complete(span, "comm", "comm", start, now_ns(), args)
         finally:
             self.lock.release()
@@ -314,6 +339,8 @@ class GroupChannel:
                 given_up = self.engine.aborted.get(self.abort_key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
+                if self.group.ranks[peer] in self.gone and self.counters[peer][0] < target:  # (published before?)
+                    raise self.destroyed(self.name, self.group.ranks[peer])
                 if time.monotonic() >= self.deadline:
                     self.engine.timed_out_on.add(self.group.ranks[peer])
                     raise CommTimeout(f"{self.name} on rank {self.engine.rank} timed out after {self.timeout:g}s "
@@ -341,41 +368,4 @@ def _describe(signature) -> str:
     return ", ".join(f"{k}={v}" for k, v in signature.items())
 
 
-def exchange_entries(ctx, entry):
-    """Engine algorithm (runtime/collectives.py style): every member's `entry`, in group order."""
-    entries = {ctx.me: entry}
-
-    def take(peer, message):
-        entries[peer] = (message.meta or {}).get("o")
-
-    yield from ctx.exchange(0, meta={"o": entry}, signed=True, take=take)
-    return [entries[member] for member in range(ctx.n)]
-
-
-def open_channel(engine, group, config, exchange, mode: str | None = None):
-    """This rank's channel of `group`, or None when some member has no room in its arena (every
-    member then gets None, and the group keeps to the engine's algorithms). `exchange(entry)`
-    returns every member's entry, in group order (one message round over the engine)."""
-    arena = engine.arena
-    buffer_bytes = buffer_bytes_for(arena.size, config.round_bytes)
-    offset = engine.channel_regions.get(group.gid)
-    if offset is None:
-        offset = arena.pin(region_bytes(buffer_bytes))
-        if offset is None:
-            offset = -1
-        else:  # the block may hold an earlier payload: counters and signatures start from zero
-            arena.view(offset, HEADER_BYTES)[...] = 0
-        engine.channel_regions[group.gid] = offset
-    entries = exchange([int(offset), int(buffer_bytes)])
-    if any(not isinstance(e, list) or len(e) != 2 or e[0] < 0 or e[1] != buffer_bytes for e in entries):
-        return None
-    regions = []
-    for member, (peer_offset, _) in zip(group.ranks, entries):
-        mapping = arena.buffer if member == engine.rank else engine.peer_arenas[member].buffer
-        if peer_offset + region_bytes(buffer_bytes) > mapping.size:
-            return None
-        regions.append((mapping, peer_offset))
-    return GroupChannel(engine, group, regions, buffer_bytes, mode)
-
-
-__all__ = ["GroupChannel", "open_channel", "exchange_entries", "buffer_bytes_for", "region_bytes", "BUFFER_BYTES"]
+__all__ = ["GroupChannel", "buffer_bytes_for", "region_bytes", "BUFFER_BYTES"]

@@ -10,6 +10,8 @@ the member whose buffer peers read, as the engine's algorithms count it.
   peers' buffers into this rank's buffer and the caller's array, then an all-gather of the sums
   (see _reduce_round); sums in one pass through runtime/reduce_kernels.py;
 - all_gather, reduce_scatter, broadcast: one round per buffer-sized piece; barrier: one empty round.
+Large collectives read their peers' arrays single-copy instead (runtime/shm_cma.py: where the
+group's probe allows, and at the sizes and operations where that measured faster here).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 
 import numpy as np
 
+from ringpipe.runtime import shm_cma
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
@@ -52,6 +55,10 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
     """Reduce the 1-D array `work` over the group, in place, then divide it by `divisor` when that
     is non-zero (an average)."""
     n, me = channel.n, channel.me
+    if shm_cma.chosen(channel, "all_reduce", work.nbytes):
+        done = _contiguous(work, lambda target: shm_cma.all_reduce(channel, target, reduce, divisor))
+        if done is not None:
+            return work
     one_round = max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
     if work.nbytes <= min(one_round, channel.buffer_bytes):
         def write(parity):
@@ -155,6 +162,10 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out[i] = member i's x (out has a leading axis of size n)."""
     n, me = channel.n, channel.me
     flat, pieces = x.reshape(-1), out.reshape(n, -1)
+    if shm_cma.chosen(channel, "all_gather", flat.nbytes):
+        done = _contiguous(pieces, lambda target: shm_cma.all_gather(channel, np.ascontiguousarray(flat), target))
+        if done is not None:
+            return out
     pieces[me] = flat
     per_round = channel.elements_per_round(x.itemsize)
     for start in range(0, max(flat.size, 1), per_round):
@@ -176,6 +187,10 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
     divided by `divisor` when that is non-zero (an average). A rank's own row is read from `work`,
     never copied into its buffer."""
     n, me = channel.n, channel.me
+    if shm_cma.chosen(channel, "reduce_scatter", work.nbytes):
+        done = shm_cma.reduce_scatter(channel, np.ascontiguousarray(work), reduce, divisor)
+        if done is not None:
+            return done
     columns = work.shape[1]
     result = np.empty(columns, work.dtype)
     c = c_sum(work.dtype, reduce) if work.flags.c_contiguous else None
@@ -215,6 +230,9 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
     member again: a member that left early could start the next collective two rounds ahead of a
     slower one, and overwrite the signature that one still checks."""
     me = channel.me
+    if shm_cma.chosen(channel, "broadcast", work.nbytes):
+        if _contiguous(work, lambda target: shm_cma.broadcast(channel, target, root)) is not None:
+            return work
     per_round = channel.elements_per_round(work.itemsize)
     starts = range(0, max(work.size, 1), per_round)
     for start in starts:
@@ -235,6 +253,19 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
         else:
             channel.engine.count_sent(channel.group.gid, (channel.n - 1) * piece.nbytes)
     return work
+
+
+def _contiguous(array: np.ndarray, run):
+    """`run(target)` on `array` itself when C-contiguous, else on a contiguous copy written back
+    after (the single-copy path reads peers' arrays by address; whether to take it must not depend
+    on this rank's layout, so every layout takes it). Returns what `run` returns."""
+    if array.flags.c_contiguous:
+        return run(array)
+    target = np.ascontiguousarray(array)
+    done = run(target)
+    if done is not None:
+        array[...] = target
+    return done
 
 
 def barrier(channel) -> None:

@@ -28,6 +28,7 @@ from collections import defaultdict, deque
 import msgpack
 import numpy as np
 
+from ringpipe.runtime import shm_p2p_fast, shm_p2p_single_copy
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
@@ -37,12 +38,15 @@ HEADER_BYTES = 4096
 HEAD, TAIL = 0, 64  # counters (u64) and, 8 bytes further, their sleeper counts (u32)
 SLOTS = 64
 META_BYTES = 512  # a slot's key, dtype, shape; the inline payload follows
-# A slot's fixed fields: epoch, call, tag, arena block (-1: inline), part index, parts, when it was
+# A slot's fixed fields: epoch, call, tag, arena block (-1: inline, REMOTE: in the sender's memory,
+# runtime/shm_p2p_single_copy.py), part index, parts, when it was
 # written (ns, for the receiver's trace), length of the description that follows at DESCRIPTION_AT:
 # msgpack [group, dtype, shape], the same bytes for every message of one kind, so both sides
 # cache it (no msgpack per message).
 SLOT_HEADER = struct.Struct("<qqqqiiqq")
 DESCRIPTION_AT = 64
+REFUSED_AT = 56  # a REMOTE slot's receiver sets this byte: it could not read, the sender sends a copy
+REMOTE = shm_p2p_single_copy.REMOTE
 MIN_SLOT_BYTES = 4096
 # Parts of a large message: small enough that the receiver's copy of one overlaps the sender's copy
 # of the next, large enough that the per-part bookkeeping (~20 µs) is small next to a copy.
@@ -108,6 +112,8 @@ class PairRings:
         self._in: dict[int, _Ring] = {}
         self._descriptions: dict = {}  # sender: (group, dtype, shape) -> description bytes
         self._described: dict = {}  # receiver: description bytes -> (group, dtype, shape, nbytes)
+        self.fast = shm_p2p_fast.attach(self)  # one call into C for the common case, or None
+        self.single_copy = shm_p2p_single_copy.SingleCopy()  # sendrecv's reads of the sender's array
 
     @staticmethod
     def pin(arena, world_size: int) -> int:
@@ -146,14 +152,14 @@ class PairRings:
         meta = [engine.epoch, key[0], key[2], description, 0, 1]
         with self.send_lock:  # the parts of one message stay together
             if nbytes <= self.inline_bytes:
-                self._send_part(ring, dst, meta, flat, True, deadline, name, timeout)
+                self._send_part(ring, dst, meta, flat, -1, deadline, name, timeout)
             else:
                 parts = -(-nbytes // self.part_bytes)
                 part_bytes = -(-nbytes // parts)  # equal parts: the receiver finds them the same way
                 meta[5] = parts
                 for index in range(parts):
                     meta[4] = index
-                    self._send_part(ring, dst, meta, flat[index * part_bytes : (index + 1) * part_bytes], False,
+                    self._send_part(ring, dst, meta, flat[index * part_bytes : (index + 1) * part_bytes], None,
                                     deadline, name, timeout)
         engine.count_sent(key[1], nbytes)
 
@@ -166,15 +172,41 @@ class PairRings:
         self._descriptions[(group, array.dtype, array.shape)] = description
         return description
 
+    def send_remote(self, dst: int, key: tuple, array: np.ndarray, name: str, timeout: float) -> int:
+        """Put in the ring to `dst` where `array` (C-contiguous) lies in this process instead of its
+        bytes (runtime/shm_p2p_single_copy.py); the slot's number, for `remote_taken`."""
+        ring = self._out.get(dst) or self._ring(self.engine.rank, dst)
+        description = self._descriptions.get((key[1], array.dtype, array.shape)) or self._describe(key[1], array, name)
+        with self.send_lock:
+            self._send_part(ring, dst, [self.engine.epoch, key[0], key[2], description, 0, 1],
+                            self.single_copy.describe(array), REMOTE, time.monotonic() + timeout, name, timeout)
+            return ring.words[HEAD // 8] - 1
+
+    def remote_taken(self, dst: int, slot: int, deadline: float, name: str, timeout: float):
+        """Waits until `dst` has passed `slot` (read the array, refused it, or dropped the message)."""
+        ring = self._out[dst]
+        self._wait(ring.tail, slot + 1, deadline, lambda: f"{name} on rank {self.engine.rank} timed out after "
+                   f"{timeout:g}s waiting for rank {dst} to read its message", dst)
+
+    def remote_passed(self, dst: int, slot: int) -> bool:
+        return self._out[dst].words[TAIL // 8] > slot
+
+    def remote_read(self, dst: int, slot: int) -> bool:
+        """Whether `dst`, having passed `slot`, read it (False: it refused, see send_remote)."""
+        return self._out[dst].slots[slot % SLOTS][REFUSED_AT] == 0
+
+    def ring_from(self, src: int) -> _Ring:
+        return self._in.get(src) or self._ring(src, self.engine.rank)
+
     def _send_part(self, ring: _Ring, dst, meta, piece, inline, deadline, name, timeout):
         head = ring.words[HEAD // 8]
         if head - ring.words[TAIL // 8] >= SLOTS:
             self._wait(ring.tail, head - SLOTS + 1, deadline, lambda: f"{name} on rank {self.engine.rank} timed out "
                        f"after {timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
         slot = ring.slots[head % SLOTS]
-        if inline:
+        if inline is not None:  # -1: the payload, REMOTE: where it lies
             slot[META_BYTES : META_BYTES + piece.size] = piece
-            block = -1
+            slot[REFUSED_AT], block = 0, inline
         else:
             block = self._place(ring, head, piece, deadline, name, timeout, dst)
         epoch, call, tag, description, index, parts = meta
@@ -276,7 +308,11 @@ class PairRings:
         flat = None if stale else array.reshape(-1).view(np.uint8)
         at = 0
         while True:
-            if flat is not None:
+            if flat is not None and meta[8] == REMOTE:
+                if not self.single_copy.read(src, data, flat):
+                    ring.slots[ring.words[TAIL // 8] % SLOTS][REFUSED_AT] = 1  # the sender sends a copy next
+                    stale = True
+            elif flat is not None:
                 flat[at : at + data.size] = data
             at += data.size
             self._done_with_part(ring)
@@ -318,7 +354,8 @@ class PairRings:
             part_bytes = -(-nbytes // parts)
             nbytes = max(0, min(part_bytes, nbytes - index * part_bytes))
         if block < 0:
-            return meta, ring.slots[tail % SLOTS][META_BYTES : META_BYTES + nbytes]
+            size = nbytes if block == -1 else shm_p2p_single_copy.DESCRIPTOR.size
+            return meta, ring.slots[tail % SLOTS][META_BYTES : META_BYTES + size]
         return meta, self.engine.peer_arenas[src].view(block, nbytes)
 
     def _learn(self, description: bytes) -> tuple:

@@ -30,7 +30,7 @@ from ringpipe.runtime.trace import now_ns
 
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
-C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET = 8, 13, 14, 15, 16, 17, 18
+C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
 C_MEMBERS, C_PER_MEMBER = 24, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -192,15 +192,16 @@ class SmallRounds:
                 position = (call << 32) | seq
                 spin = channel.spin
                 _CALL.pack_into(self.words, C_PARITY * 8, parity, (epoch << EPOCH_SHIFT) | channel.count,
-                                signature_id, position, spin.ns(), self.yields, 0, kind, dtype_code, op_code,
+                                signature_id, position, spin.ns(), self.yields, int(min(SLICE_S, patience) * 1e9),
+                                kind, dtype_code, op_code,
                                 (0 if x is None else x.size) if count is None else count, 0)
                 self.words[C_OFFSET] = offset
+                # One call for the round unless it waits longer than a slice (then looks at aborts and
+                # deadlines between slices): its spin, then sleeps on each member not there yet.
                 status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
                     status = self._sleep(comm, name, seq, key, deadline, patience)
-                    spin.answered(False, self.words[C_WAITED_NS])
-                else:
-                    spin.answered(True)
+                spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).
@@ -208,7 +209,7 @@ class SmallRounds:
                     engine.count_sent(channel.group.gid, sent)
                 return True
             except BaseException as exc:
-                error = exc
+                error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
                 raise
             finally:
@@ -218,7 +219,7 @@ class SmallRounds:
                             "ranks": list(channel.group.ranks), "flow": f"{gid}#{seq}@{epoch}.{call}",
                             "wait_us": self.words[C_WAITED_NS] / 1000.0}
                     if error is not None:
-                        args["error"] = type(error).__name__
+                        args["error"] = error.__name__
                     engine.tracer.complete(name, "comm", "comm", start, now_ns(), args)
         finally:
             channel.lock.release()
@@ -246,6 +247,12 @@ class SmallRounds:
                 given_up = engine.aborted.get(key)
                 if given_up is not None:  # a member's call ended without it, or it saw a mismatch
                     raise given_up[0](given_up[1])
+                if ranks[words[C_PEER]] in channel.gone:  # it destroyed the group: one last look at what it published
+                    words[C_TIMEOUT_NS] = 0
+                    status = self.lib.rp_small_round(self.address)
+                    if status != PENDING:
+                        return status
+                    raise channel.destroyed(full_name, ranks[words[C_PEER]])
                 if time.monotonic() >= deadline:
                     peer = ranks[words[C_PEER]]
                     engine.timed_out_on.add(peer)

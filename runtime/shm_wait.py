@@ -40,6 +40,10 @@ _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390
 # A peer on another core answers within microseconds: spin at least MIN while a core is spare, at
 # most MAX (beyond that a sleep and a wake cost less than the spin).
 MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
+# With more of this job's ranks than cores, a spinning waiter holds a core a peer needs to reach
+# the point it waits for (sched_yield hands the core over only to a task queued on the same core):
+# spin at most this long, then sleep, which frees the core outright.
+MAX_OVERSUBSCRIBED_SPIN_NS = 20_000
 SPARE_CHECK_NS = 20_000_000  # how often a waiter looks at the machine's runnable tasks
 LOADAVG = "/proc/loadavg"
 
@@ -167,14 +171,15 @@ def spare_core(own_tasks: int = 1, path: str = LOADAVG) -> bool:
 
 class Spin:
     """How long one waiter spins before it sleeps (ns): doubled after a wait its spin answered,
-    halved after one that had to sleep (the peer is computing or descheduled), within MIN..MAX,
-    and 0 while no core is spare (`spare_core`, looked at every SPARE_CHECK_NS). `yields`: yield
+    halved after one that had to sleep (the peer is computing or descheduled), within MIN..MAX
+    (MAX_OVERSUBSCRIBED when `yields`), and 0 while no core is spare (`spare_core`, looked at every SPARE_CHECK_NS). `yields`: yield
     the core between looks (more ranks than cores: a yield hands the core to a peer rank, cheaper
     than a futex wake); `own_tasks`: this job's ranks on this host."""
 
     def __init__(self, yields: bool, own_tasks: int = 1):
         self.yields, self.own_tasks = yields, own_tasks
-        self._ns = MAX_SPIN_NS // 4
+        self.max_ns = MAX_OVERSUBSCRIBED_SPIN_NS if yields else MAX_SPIN_NS
+        self._ns = self.max_ns // 4
         self._checked = -SPARE_CHECK_NS
         self._spare = True
 
@@ -186,14 +191,15 @@ class Spin:
 
     def answered(self, in_time: bool, waited_ns: int | None = None):
         """The last wait ended within the spin (`in_time`) or had to sleep, after `waited_ns` in
-        all (spin, sleep and wake-up) when known. A wait that slept but ended within MAX would have
+        all (spin, sleep and wake-up) when known. A wait that slept but ended within the most it
+        may spin would have
         been caught by a longer spin (a ping-pong whose turn is a little longer than the spin;
         waking a sleeper costs tens of µs on a virtual machine): spin 1.5× that long next time.
         A longer one (the peer computes): halve it."""
         if in_time:
-            self._ns = min(self._ns * 2, MAX_SPIN_NS)
-        elif waited_ns is not None and waited_ns <= MAX_SPIN_NS:
-            self._ns = min(max(self._ns, waited_ns + waited_ns // 2), MAX_SPIN_NS)
+            self._ns = min(self._ns * 2, self.max_ns)
+        elif waited_ns is not None and waited_ns <= self.max_ns:
+            self._ns = min(max(self._ns, waited_ns + waited_ns // 2), self.max_ns)
         else:
             self._ns = max(self._ns // 2, MIN_SPIN_NS)
 

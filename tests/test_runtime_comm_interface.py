@@ -16,7 +16,7 @@ METHODS = [name for name in MEMBERS if inspect.isfunction(getattr(CommunicatorIn
 
 
 def test_the_interface_has_the_members_the_model_code_needs():
-    assert set(MEMBERS) == {"rank", "size", "ranks", "timeout", "tracer", "bytes_sent", "new_group", "isend",
+    assert set(MEMBERS) == {"rank", "size", "ranks", "timeout", "tracer", "bytes_sent", "new_group", "destroy", "isend",
                             "irecv", "send", "recv", "all_reduce", "all_gather", "reduce_scatter", "broadcast",
                             "barrier"}
 

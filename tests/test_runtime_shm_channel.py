@@ -14,11 +14,6 @@ from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm import Arena, same_host
 from ringpipe.runtime.shm_wait import MODES, unavailable_reason, waiter
 
-# A cluster of this module's own (its own key in the session's pool): the pooled 2-worker cluster has
-# opened a channel for every group earlier tests made, and a channel's arena region is never given
-# back, so after ~31 groups a new one finds no room and keeps to the engine's path.
-OWN_ARENA = {"arena_bytes": 1 << 30}
-
 SMALL_ARENA = 1 << 20  # channel buffers of 64 KiB: the larger cases below go in several rounds
 DTYPES = ["int8", "uint8", "int16", "int32", "int64", "uint64", "float16", "float32", "float64", "complex64",
           "bool"]
@@ -220,7 +215,7 @@ def mismatched_after_open(comm):
 
 @pytest.mark.timeout(60)
 def test_a_mismatch_on_the_channel_names_both_signatures_on_every_rank(local_cluster):
-    messages = local_cluster(2, **OWN_ARENA).run(mismatched_after_open)
+    messages = local_cluster(2).run(mismatched_after_open)
     for rank, message in enumerate(messages):
         assert message is not None and "op=all_reduce" in message and "op=all_gather" in message, message
         assert f"rank {rank} called it" in message
@@ -238,7 +233,7 @@ def alone_after_open(comm):
 
 @pytest.mark.timeout(60)
 def test_a_channel_wait_times_out_naming_operation_group_rank_and_peer(local_cluster):
-    message = local_cluster(2, **OWN_ARENA).run(alone_after_open, timeout=30)[1]
+    message = local_cluster(2).run(alone_after_open, timeout=30)[1]
     assert "all_reduce" in message and "group w" in message and "rank 1" in message
     assert "waiting for a message from rank 0" in message
 
@@ -330,7 +325,7 @@ def traced_both_ways(comm):
 def test_a_channel_collective_is_traced_with_the_engines_span_and_arguments(local_cluster, tmp_path):
     import json
 
-    cluster = local_cluster(2, **OWN_ARENA)
+    cluster = local_cluster(2)
     cluster.start_trace()
     cluster.run(traced_both_ways)
     paths = cluster.stop_trace(str(tmp_path))
@@ -355,7 +350,7 @@ def async_in_order(comm):
 
 @pytest.mark.timeout(60)
 def test_asynchronous_collectives_run_in_order_on_the_channel_thread(local_cluster):
-    for values, gathered, blocking, stream in local_cluster(2, **OWN_ARENA).run(async_in_order):
+    for values, gathered, blocking, stream in local_cluster(2).run(async_in_order):
         assert values == [3.0] * 8 and gathered == [0, 1] and blocking == [2.0] * 4 and stream
 
 
@@ -382,7 +377,7 @@ class LeavesAsync:
 
 @pytest.mark.timeout(60)
 def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_next_call_works(local_cluster):
-    actors = local_cluster(2, **OWN_ARENA).spawn(LeavesAsync)
+    actors = local_cluster(2).spawn(LeavesAsync)
     actors.leave().result(timeout=30)
     (first, left), (second, nothing) = actors.sum_and_left_handle().result(timeout=30)
     assert first == second == [3.0] * 4 and nothing is None

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from ringpipe.runtime import reduce_kernels, shm_collectives
+from ringpipe.runtime import reduce_kernels, shm_cma, shm_collectives
 from ringpipe.runtime.reduce_kernels import reduce_into
 
 MODES = ["c", "numpy"]
@@ -74,11 +74,13 @@ CASES = [("float32", 50_001, "sum"), ("float64", 20_000, "avg"), ("int64", 9_999
 
 def pipelined_all_reduces(comm, mode, chunk_bytes):
     """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the one-round reduce
-    off, so that every case takes the pipelined path; (input, result, publishes) per case."""
+    off and the single-copy path too (runtime/shm_cma.py), so that every case takes the pipelined
+    path; (input, result, publishes) per case."""
     names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
-    saved = [getattr(shm_collectives, name) for name in names]
+    saved = [getattr(shm_collectives, name) for name in names] + [dict(shm_cma.MIN_READ_BYTES)]
     for name, value in zip(names, (chunk_bytes, 0, 0)):
         setattr(shm_collectives, name, value)
+    shm_cma.MIN_READ_BYTES.update(all_reduce=None)
     reduce_kernels.set_mode(mode)
     try:
         comm.barrier()
@@ -94,6 +96,7 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
     finally:
         for name, value in zip(names, saved):
             setattr(shm_collectives, name, value)
+        shm_cma.MIN_READ_BYTES.update(saved[-1])
         reduce_kernels.set_mode("c")
 
 
@@ -143,3 +146,23 @@ def test_a_reduce_scatter_reads_its_own_row_in_place_and_averages_in_the_same_pa
             mine = [rows[peer][rank] for peer in range(3)]
             want = rank_order_sum(mine, 3) if op == "avg" else np.maximum.reduce(mine)
             assert same_bits(results[rank][index][1], want.astype(np.float32)), (op, rank)
+
+
+def test_a_c_helper_is_rebuilt_when_a_header_it_may_include_changes(tmp_path, monkeypatch):
+    """csrc/reduce_loops.h holds the loops of reduce_sum.c and shm_small.c: the build cache's key
+    covers the headers, so an edited loop never runs as the stale library."""
+    from ringpipe.runtime import c_library
+
+    if reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C compiler here: {reduce_kernels.unavailable_reason()}")
+    sources = tmp_path / "csrc"
+    sources.mkdir()
+    for path in c_library.SOURCES.glob("*"):
+        (sources / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(c_library, "SOURCES", sources)
+    monkeypatch.setenv("RINGPIPE_CACHE", str(tmp_path / "cache"))
+    c_library.build("reduce_sum")
+    header = sources / "reduce_loops.h"
+    header.write_text(header.read_text() + "\n/* edited */\n")
+    c_library.build("reduce_sum")
+    assert len(list((tmp_path / "cache").glob("reduce_sum-*.so"))) == 2

@@ -11,11 +11,6 @@ from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm_wait import unavailable_reason
 from tests.test_runtime_shm_channel import alone_after_open  # rank 1 waits alone on the open channel
 
-# A cluster of this module's own (its own key in the session's pool): the pooled 2-worker cluster has
-# opened a channel for every group earlier tests made, and a channel's arena region is never given
-# back, so after ~31 groups a new one finds no room and keeps to the engine's path.
-OWN_ARENA = {"arena_bytes": 1 << 30}
-
 pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
 
 DTYPES = ["float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
@@ -80,7 +75,7 @@ def mixed_paths(comm):
 @pytest.mark.timeout(60)
 def test_ranks_on_the_latency_path_and_on_the_python_path_meet_in_one_round(local_cluster):
     base = np.arange(6, dtype=np.float64)
-    for out, total, largest, fast in local_cluster(2, **OWN_ARENA).run(mixed_paths):
+    for out, total, largest, fast in local_cluster(2).run(mixed_paths):
         assert fast and out == (base + 1).tolist()
         assert total == (2 * base + 1).tolist() and largest == (base + 1).tolist()
 
@@ -149,7 +144,7 @@ def small_mismatch(comm):
 
 @pytest.mark.timeout(60)
 def test_a_small_mismatch_names_both_signatures_on_every_rank_and_the_channel_goes_on(local_cluster):
-    for rank, (message, after) in enumerate(local_cluster(2, **OWN_ARENA).run(small_mismatch)):
+    for rank, (message, after) in enumerate(local_cluster(2).run(small_mismatch)):
         assert "op=all_reduce" in message and "op=broadcast" in message and f"rank {rank} called it" in message
         assert after == [2, 2]
 
@@ -191,7 +186,7 @@ def traced_small(comm):
 
 @pytest.mark.timeout(60)
 def test_a_small_collective_records_its_trace_span(local_cluster):
-    for spans in local_cluster(2, **OWN_ARENA).run(traced_small):
+    for spans in local_cluster(2).run(traced_small):
         assert spans == [["all_reduce", 16, True, 1], ["barrier", 0, True, 2], ["all_gather", 32, True, 3]]
 
 
@@ -213,7 +208,7 @@ def python_rounds():
 @pytest.mark.timeout(90)
 def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local_cluster, python_rounds):
     with np.errstate(over="ignore", invalid="ignore"):
-        fast = local_cluster(2, **OWN_ARENA).run(sums_of_every_dtype)
+        fast = local_cluster(2).run(sums_of_every_dtype)
         python = python_rounds.run(sums_of_every_dtype)
     assert all(used for _, used in fast) and not any(used for _, used in python)
     assert [sums for sums, _ in fast] == [sums for sums, _ in python]
@@ -223,7 +218,7 @@ def test_the_python_rounds_give_the_same_bits_when_the_latency_path_is_off(local
 @pytest.mark.parametrize("path", ["c", "python"])
 def test_a_small_round_times_out_naming_operation_group_rank_and_peer_on_either_path(local_cluster, python_rounds,
                                                                                       path):
-    cluster = local_cluster(2, **OWN_ARENA) if path == "c" else python_rounds
+    cluster = local_cluster(2) if path == "c" else python_rounds
     message = cluster.run(alone_after_open, timeout=30)[1]
     # The collective's number depends on the tests run before on the module's cluster.
     assert re.match(r"all_reduce #\d+ on group w \(rank 1 of 2\) on rank 1 timed out after 0.5s", message), message

@@ -22,15 +22,15 @@ as Markdown, for the README.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
-from ringpipe.runtime.files import check_writable_file, write_json, write_text
+from ringpipe.runtime.files import write_json, write_text
 from ringpipe.tools import bench_collectives, bench_data_parallel, bench_p2p, bench_pipeline
 from ringpipe.tools.bench_collectives import parse_sizes
 from ringpipe.tools.bench_issue15_report import format_markdown, targets
 from ringpipe.tools.bench_libraries import CHECKOUT, check_checkout
+from ringpipe.tools.script_args import ScriptParser, at_least, checked, comma_list, size_list, writable_file
 
 SECTIONS = ("collectives2", "p2p", "collectives4", "pipeline", "data_parallel")
 SIZES = "1K,64K,256K,1M,4M,64M"
@@ -68,19 +68,19 @@ def run(rounds: int = 5, baseline: str | None = None, sizes: str = SIZES, pingpo
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, help="write every round and the targets here")
-    parser.add_argument("--markdown", help="also write the README's tables here")
-    parser.add_argument("--baseline", help="a checkout of the commit to compare with (no-regression target)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sizes", default=SIZES, help="collective sizes, e.g. 1K,64K,256K,1M,4M,64M")
-    parser.add_argument("--pingpongs", type=int, default=1000)
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="a comma list of " + ", ".join(SECTIONS))
+    parser = ScriptParser(description=__doc__.splitlines()[0])
+    # The files are checked before the run, whose results would be lost at the end.
+    parser.add_argument("--json", required=True, type=writable_file, help="write every round and the targets here")
+    parser.add_argument("--markdown", type=writable_file, help="also write the README's tables here")
+    parser.add_argument("--baseline", type=checked(check_checkout),
+                        help="a checkout of the commit to compare with (no-regression target)")
+    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument("--sizes", type=size_list, default=SIZES, help="collective sizes, e.g. 1K,64K,256K,1M,4M,64M")
+    parser.add_argument("--pingpongs", type=at_least(1), default=1000)
+    parser.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
+                        help="a comma list of " + ", ".join(SECTIONS))
     args = parser.parse_args(argv)
-    for path in filter(None, [args.json, args.markdown]):
-        check_writable_file(path)  # before the run, whose results would be lost at the end
-    result = run(args.rounds, args.baseline, args.sizes, args.pingpongs,
-                 [s.strip() for s in args.sections.split(",") if s.strip()])
+    result = run(args.rounds, args.baseline, args.sizes, args.pingpongs, args.sections)
     write_json(args.json, result, indent=1)
     text = format_markdown(result)
     if args.markdown:

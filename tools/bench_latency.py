@@ -12,7 +12,6 @@ Python rounds, `--python-rounds`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -85,7 +84,8 @@ def run(rounds: int = 3, count: int = 2000, baseline: str | None = None, python_
             raise ValueError(f"--baseline {baseline}: not a ringpipe checkout (no runtime/__init__.py there)")
         variants["baseline"] = (os.path.abspath(baseline), {})
     if python_rounds:
-        variants["python rounds"] = (str(HERE.parent.parent), {"RINGPIPE_SHM_SMALL": "0"})
+        # (and point-to-point on its Python path too: the fast path's baseline in the same tree)
+        variants["python rounds"] = (str(HERE.parent.parent), {"RINGPIPE_SHM_SMALL": "0", "RINGPIPE_SHM_P2P_C": "0"})
     rows = []
     for case, world_size in CASES:
         measured = {name: [] for name in variants}
@@ -113,10 +113,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return _child(argv[1], int(argv[2]), int(argv[3]))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ops", type=int, default=2000, help="operations timed per case and round")
-    parser.add_argument("--baseline", help="a checkout of the commit to compare with")
+    from ringpipe.tools.bench_libraries import check_checkout  # (a child may run in a baseline's tree)
+    from ringpipe.tools.script_args import ScriptParser, at_least, checked
+
+    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=at_least(1), default=3)
+    parser.add_argument("--ops", type=at_least(1), default=2000, help="operations timed per case and round")
+    parser.add_argument("--baseline", type=checked(check_checkout),
+                        help="a checkout of the commit to compare with")
     parser.add_argument("--python-rounds", action="store_true", help="also this tree with RINGPIPE_SHM_SMALL=0")
     args = parser.parse_args(argv)
     print(format_table(run(args.rounds, args.ops, args.baseline, args.python_rounds)))

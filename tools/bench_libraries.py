@@ -89,9 +89,9 @@ def ringpipe_ops(comm) -> Ops:
     n, rank = comm.size, comm.rank
 
     def sendrecv(x, out):
-        handle = comm.irecv((rank - 1) % n, out=out)
-        comm.send(x, (rank + 1) % n)
-        return handle.wait()
+        from ringpipe.runtime.shm_p2p_single_copy import sendrecv
+
+        return sendrecv(comm, x, (rank + 1) % n, (rank - 1) % n, out=out)
 
     return Ops(rank, n, all_reduce=comm.all_reduce, all_gather=comm.all_gather, reduce_scatter=comm.reduce_scatter,
                broadcast=lambda x: comm.broadcast(x, 0), sendrecv=sendrecv, send=comm.send,

@@ -14,7 +14,6 @@ rank (the larger of the initialisation and training peaks) and its step time.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -31,6 +30,7 @@ from ringpipe.model.training.trainer import Trainer
 from ringpipe.runtime import Cluster
 from ringpipe.runtime.files import write_json, write_text
 from ringpipe.tools.bench_data_parallel import CORPUS
+from ringpipe.tools.script_args import ScriptParser, at_least, writable_file
 
 MODEL = dict(n_layer=4, n_head=12, n_embd=768, block_size=32)  # ~28 M parameters: ≥ 200 MB of state per rank
 BATCH = 4
@@ -155,11 +155,11 @@ def run_this_machine(warmup=2, steps=10, layouts=LAYOUTS, machine=None, progress
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ScriptParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("this-machine", "published", "both"), default="both")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--steps", type=at_least(1), default=10)
+    parser.add_argument("--warmup", type=at_least(0), default=2)
+    parser.add_argument("--json", dest="json_path", type=writable_file, default=None)
     args = parser.parse_args(argv)
     result = {}
     if args.part in ("published", "both"):

@@ -12,13 +12,14 @@ process (enabled vs disabled).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 import time
 
 import numpy as np
+
+from ringpipe.tools.script_args import ScriptParser, at_least
 
 
 def traced_steps(comm, steps: int, size: int, matmuls: int):
@@ -123,11 +124,11 @@ def format_result(r: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--matmuls", type=int, default=4)
+    parser = ScriptParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=at_least(1), default=20)
+    parser.add_argument("--rounds", type=at_least(1), default=15)
+    parser.add_argument("--size", type=at_least(1), default=192)
+    parser.add_argument("--matmuls", type=at_least(1), default=4)
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
     args = parser.parse_args(argv)
     result = run(args.steps, args.rounds, args.size, args.matmuls)

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ringpipe.model.nn import kernels
+from ringpipe.model.nn import gemm_blocking, kernels
 from ringpipe.runtime.array_module import module_of
 
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -40,10 +40,14 @@ def matmul(a, b):
 
     GPU tensor cores accumulate float16 products in float32; NumPy's own float16 loop does too but
     has no BLAS (~20x slower), so on NumPy the operands are widened. CuPy arrays go to cuBLAS as
-    they are.
+    they are. NumPy float32 products go through `gemm_blocking.matmul32` (it works around a slow
+    OpenBLAS path for small outputs with a long inner dimension).
     """
-    if a.dtype in LOW_PRECISION and type(a) is np.ndarray:
-        return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
+    if type(a) is np.ndarray:
+        if a.dtype in LOW_PRECISION:
+            return gemm_blocking.matmul32(a.astype(np.float32), b.astype(np.float32)).astype(a.dtype)
+        if a.dtype == np.float32:
+            return gemm_blocking.matmul32(a, b)
     return a @ b
 
 

@@ -2,17 +2,19 @@
 of NumPy's pass per input plus a copy, with the GIL released (ctypes).
 
 out[i] = ((in[0][i] + in[1][i]) + in[2][i]) + ...: the same order, and so the same bits, as NumPy's
-np.add applied input by input (no -ffast-math: the compiler may not reassociate). With a non-zero
-`divisor`, out[i] is then divided by it (an average, as np.divide would). With `copy`, the result
-goes there too (a collective's shared buffer and the caller's array in one pass). `out` may be
-in[0] or in[1] (it holds partial sums before in[2] onwards are added), `copy` any input (it is
+np.add applied input by input (the loops of reduce_loops.h, shared with shm_small.c). With a
+non-zero `divisor`, out[i] is then divided by it (an average, as np.divide would). With `copy`, the
+result goes there too (a collective's shared buffer and the caller's array in one pass). `out` may
+be in[0] or in[1] (it holds partial sums before in[2] onwards are added), `copy` any input (it is
 written last); element i is read before it is written there, hence ivdep. Elements go in blocks
 that stay in the L1 cache while every input is added. */
 #include <stdint.h>
 
+#include "reduce_loops.h"
+
 #define BLOCK 2048
 
-#define DEFINE_SUM(NAME, T)                                                                         \
+#define DEFINE_SUM(NAME, T, ADD)                                                                    \
     void NAME(const T *const *in, int count_inputs, int64_t n, T divisor, T *out, T *copy) {       \
         for (int64_t lo = 0; lo < n; lo += BLOCK) {                                                \
             int64_t m = n - lo < BLOCK ? n - lo : BLOCK;                                           \
@@ -26,11 +28,8 @@ that stay in the L1 cache while every input is added. */
                 }                                                                                  \
                 continue;                                                                          \
             }                                                                                      \
-            _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) o[j] = a[j] + b[j];               \
-            for (int k = 2; k < count_inputs; k++) {                                               \
-                const T *c = in[k] + lo;                                                           \
-                _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) o[j] += c[j];                 \
-            }                                                                                      \
+            ADD(o, a, b, m);                                                                       \
+            for (int k = 2; k < count_inputs; k++) ADD(o, o, in[k] + lo, m);                       \
             if (divisor != 0) {                                                                    \
                 _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) o[j] /= divisor;              \
             }                                                                                      \
@@ -40,5 +39,5 @@ that stay in the L1 cache while every input is added. */
         }                                                                                          \
     }
 
-DEFINE_SUM(rp_sum_f32, float)
-DEFINE_SUM(rp_sum_f64, double)
+DEFINE_SUM(rp_sum_f32, float, rp_add_f32)
+DEFINE_SUM(rp_sum_f64, double, rp_add_f64)

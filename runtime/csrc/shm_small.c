@@ -14,19 +14,20 @@ ctl[C_SLEEPING_ON]). */
 #include <string.h>
 #include <time.h>
 
+#include "reduce_loops.h" /* rp_reduce_pair: the loops shared with reduce_sum.c */
+
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
 void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
-    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET,
+    C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT,
     C_MEMBERS = 24, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
 enum { KIND_BARRIER = 0, KIND_REDUCE = 1 };
-enum { OP_SUM = 0, OP_MAX = 1, OP_MIN = 2 };
 enum { EPOCH_SHIFT = 40 };
 
 static int64_t now_ns(void) {
@@ -37,61 +38,18 @@ static int64_t now_ns(void) {
 
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
 
-/* Integer sums wrap (as NumPy's); unsigned arithmetic makes that defined behaviour in C. Float
-   max / min propagate NaN as np.maximum / np.minimum do, and on a tie take the second operand as
-   they do, so max(+0, -0) is -0 on either path and ranks on different paths agree bitwise. */
-#define LOOP(T, EXPR)                                                                              \
-    {                                                                                              \
-        T *o = (T *)out;                                                                           \
-        const T *p = (const T *)a, *q = (const T *)b;                                              \
-        for (int64_t i = 0; i < count; i++) {                                                      \
-            T x = p[i], y = q[i];                                                                  \
-            o[i] = (EXPR);                                                                         \
-        }                                                                                          \
-    }                                                                                              \
-    return 0;
-#define INTEGER(T, U)                                                                              \
-    switch (op) {                                                                                  \
-    case OP_SUM: LOOP(T, (T)((U)x + (U)y))                                                         \
-    case OP_MAX: LOOP(T, x >= y ? x : y)                                                           \
-    case OP_MIN: LOOP(T, x <= y ? x : y)                                                           \
-    }                                                                                              \
-    return -1;
-#define FLOAT(T)                                                                                   \
-    switch (op) {                                                                                  \
-    case OP_SUM: LOOP(T, x + y)                                                                    \
-    case OP_MAX: LOOP(T, (x > y || x != x) ? x : y)                                                \
-    case OP_MIN: LOOP(T, (x < y || x != x) ? x : y)                                                \
-    }                                                                                              \
-    return -1;
-
-/* out = a (op) b, elementwise; dtype codes as shm_small.DTYPES. -1: not supported. */
-static int reduce(void *out, const void *a, const void *b, int64_t count, int dtype, int op) {
-    switch (dtype) {
-    case 0: FLOAT(float)
-    case 1: FLOAT(double)
-    case 2: INTEGER(int8_t, uint8_t)
-    case 3: INTEGER(int16_t, uint16_t)
-    case 4: INTEGER(int32_t, uint32_t)
-    case 5: INTEGER(int64_t, uint64_t)
-    case 6: INTEGER(uint8_t, uint8_t)
-    case 7: INTEGER(uint16_t, uint16_t)
-    case 8: INTEGER(uint32_t, uint32_t)
-    case 9: INTEGER(uint64_t, uint64_t)
-    }
-    return -1;
-}
-
 /* Wait until every member's counter reaches ctl[C_TARGET]: spin for ctl[C_SPIN_NS] in all, then
-   sleep at most once, for ctl[C_TIMEOUT_NS], on the first member not there. Returns the first
-   member still behind (-1: none). */
+   sleep on each member not there in turn, for ctl[C_TIMEOUT_NS] in all (one return to Python per
+   slice, not per member: at 4 ranks a round's waiters would otherwise come back up to 3 times).
+   A wake without the member there (an abort's, or the slice's end) returns at once. Returns the
+   first member still behind (-1: none). */
 static int64_t wait_members(int64_t *ctl) {
     int64_t n = ctl[C_N], me = ctl[C_ME];
     uint64_t target = (uint64_t)ctl[C_TARGET];
     int64_t spin_ns = ctl[C_SPIN_NS], timeout_ns = ctl[C_TIMEOUT_NS];
     int yield = (int)ctl[C_YIELD];
     int64_t spin_end = spin_ns > 0 ? now_ns() + spin_ns : 0;
-    int slept = 0;
+    int64_t sleep_end = 0;
     for (int64_t peer = 0; peer < n; peer++) {
         if (peer == me) continue;
         uint64_t *word = (uint64_t *)MEMBER(ctl, peer, 0);
@@ -99,10 +57,13 @@ static int64_t wait_members(int64_t *ctl) {
         if (__atomic_load_n(word, __ATOMIC_ACQUIRE) >= target) continue;
         int64_t left = spin_end ? spin_end - now_ns() : 0;
         if (left > 0 && rp_wait_at_least(word, sleepers, target, left, yield, 0) >= target) continue;
-        if (slept || timeout_ns <= 0) return peer;
-        slept = 1;
+        if (timeout_ns <= 0) return peer;
+        if (!sleep_end) sleep_end = now_ns() + timeout_ns;
+        left = sleep_end - now_ns();
+        if (left <= 0) return peer;
+        ctl[C_SLEPT] = 1;
         __atomic_store_n(&ctl[C_SLEEPING_ON], (int64_t)(intptr_t)word, __ATOMIC_SEQ_CST);
-        uint64_t value = rp_wait_at_least(word, sleepers, target, 0, 0, timeout_ns);
+        uint64_t value = rp_wait_at_least(word, sleepers, target, 0, 0, left);
         __atomic_store_n(&ctl[C_SLEEPING_ON], 0, __ATOMIC_SEQ_CST);
         if (value < target) return peer;
     }
@@ -123,6 +84,7 @@ int rp_small_round(int64_t *ctl) {
         rp_publish((uint64_t *)MEMBER(ctl, me, 0), (uint32_t *)MEMBER(ctl, me, 1), target);
         ctl[C_PHASE] = 1;
         ctl[C_WAITED_NS] = 0;
+        ctl[C_SLEPT] = 0;
     }
     int64_t behind = wait_members(ctl);
     ctl[C_WAITED_NS] += now_ns() - started;
@@ -145,10 +107,10 @@ int rp_small_round(int64_t *ctl) {
         int64_t count = ctl[C_COUNT], offset = ctl[C_OFFSET];
         int dtype = (int)ctl[C_DTYPE], op = (int)ctl[C_OP];
         if (n == 1) return DONE; /* never: one-rank groups do not open channels */
-        reduce(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
-               (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
+        rp_reduce_pair(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
+                       (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
         for (int64_t peer = 2; peer < n; peer++)
-            reduce(out, out, (const char *)MEMBER(ctl, peer, 4 + parity) + offset, count, dtype, op);
+            rp_reduce_pair(out, out, (const char *)MEMBER(ctl, peer, 4 + parity) + offset, count, dtype, op);
     }
     return DONE;
 }
