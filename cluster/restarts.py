@@ -74,7 +74,13 @@ def check_restart_flags(flags: dict, config, world_size: int, distributed: bool)
     if not config.checkpoint_every:
         raise bad_flag("--max-restarts", "needs checkpoints to resume from: give --checkpoint-every N "
                                          "(with 0 the only checkpoint is written at the end)")
-    if flags["launcher"] not in RESTARTING_LAUNCHERS:
+    check_restart_launcher(flags)
+
+
+def check_restart_launcher(flags: dict) -> None:
+    """--max-restarts under a launcher whose agents end with the job: one line, before the launcher's
+    own checks of its environment (the flags cannot work together wherever they run)."""
+    if flags["max_restarts"] and flags["launcher"] not in RESTARTING_LAUNCHERS:
         raise bad_flag("--max-restarts", f"restarts workers the driver starts itself (--nproc, --hostfile); "
                                          f"under --launcher {flags['launcher']} the agents end with the "
                                          "job: restart it with your launcher and --resume")

@@ -23,7 +23,8 @@ from ringpipe.cluster.options import (SEED, CommaList, FiniteFloat, OutputDirect
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
-from ringpipe.cluster.restarts import check_restart_flags, restart_options, restartable, run_with_restarts
+from ringpipe.cluster.restarts import (check_restart_flags, check_restart_launcher, restart_options, restartable,
+                                       run_with_restarts)
 from ringpipe.cluster.train_flags import already_complete, config_from_flags
 from ringpipe.model.data.dataset import corpus_files
 from ringpipe.model.data.tokenizer import KINDS, encodable
@@ -195,6 +196,7 @@ def train(ctx, **flags):
     if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
         raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
                        "one checkpoint")
+    check_restart_launcher(flags)
     if flags["launcher"] != "local":  # (the other hosts' workers need CuPy for --device gpu, not this driver)
         check_multihost_flags(ctx, flags, layout.world_size, layout.tp)
     else:

@@ -31,6 +31,7 @@ class ChannelRegions:
         self.closed_by: dict[str, set] = {}  # group -> global ranks whose "closed" note came
         self.closed_here: dict[str, tuple] = {}  # group -> members; closed here, waiting for peers' notes
         self._lock = threading.Lock()  # calling threads pin, the engine thread gives back
+        self.opened = 0  # regions pinned so far (the worker collects garbage after a call that pinned one)
 
     def pin(self, gid: str, nbytes: int) -> int:
         """Offset of this rank's region of group `gid`, counters and signatures zeroed; -1 (and a
@@ -50,6 +51,7 @@ class ChannelRegions:
                     return -1
                 arena.view(offset, HEADER_BYTES)[...] = 0  # the block may hold an earlier payload
                 self.offsets[gid] = offset
+                self.opened += 1
         return offset
 
     def unpin(self, gid: str):

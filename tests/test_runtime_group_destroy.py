@@ -2,6 +2,7 @@
 whose communicators are all garbage, gives its same-host channel's arena region back once the group
 is gone on every member; until then a member keeps its region (peers may still read it), and a
 collective that waits on a member that destroyed the group fails at once with GroupDestroyed."""
+import gc
 import logging
 import threading
 import time
@@ -77,6 +78,31 @@ def test_a_hundred_groups_made_and_dropped_on_one_cluster_each_get_a_channel_and
     # 1 GiB arenas hold ~31 channel regions: without giving them back the 32nd group had none
     for opened, left_pinned, left_listeners, left_threads in local_cluster(2).run(make_and_drop_groups, 100):
         assert opened == 100 and left_pinned == 0 and left_listeners == 0 and left_threads == 0
+
+
+def group_in_a_cycle(comm):
+    """A group that only a reference cycle holds once the call returns (as a mesh or a trainer's
+    objects often do), with automatic collection off, so that only the end of the call frees it."""
+    gc.disable()
+    group = comm.new_group([0, 1])
+    group.all_reduce(np.ones(4), timeout=60)  # opens its channel: a region in each member's arena
+    cycle = [group]
+    cycle.append(cycle)
+    return comm.engine.regions.offsets.get(group.group.gid) is not None
+
+
+def enable_automatic_collection(comm):
+    gc.enable()
+
+
+@pytest.mark.timeout(120)
+def test_groups_a_call_leaves_in_reference_cycles_are_given_back_when_it_ends(local_cluster):
+    cluster = local_cluster(2)
+    try:
+        got_a_channel = [all(cluster.run(group_in_a_cycle)) for _ in range(40)]  # 31 regions fill the arena
+    finally:
+        cluster.run(enable_automatic_collection)
+    assert all(got_a_channel), got_a_channel.index(False)
 
 
 def group_then_raise(comm):
