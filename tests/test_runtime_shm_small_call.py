@@ -1,0 +1,124 @@
+"""The latency path's one-call round (runtime/csrc/shm_small_call.c): the arrays go in and out through
+the buffer protocol, with the same bits as NumPy copies around the ctypes call, and the same
+waits, errors and fallbacks."""
+import time
+import types
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime.shm_wait import unavailable_reason
+from tests.test_runtime_shm_small import DTYPES, rank_input
+
+pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
+
+
+def odd_input(dtype, rank, shape):
+    values = (np.arange(int(np.prod(shape))).reshape(shape) * (rank + 3)) % 11 - 4 * (rank % 2)
+    return np.asarray(values).astype(dtype)
+
+
+def every_collective(comm):
+    """Every small collective, odd sizes, every dtype and op the path reduces: (bytes per case)."""
+    results = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for dtype in DTYPES:
+            for op in ("sum", "max", "min") + (("avg",) if dtype.startswith("float") else ()):
+                results.append(comm.all_reduce(rank_input(dtype, comm.rank), op=op).tobytes())
+                rows = odd_input(dtype, comm.rank, (comm.size, 5))  # 5 elements per member
+                results.append(comm.reduce_scatter(rows, op=op).tobytes())
+        for shape in ((), (1,), (7,), (3, 5)):
+            results.append(comm.all_reduce(odd_input(np.float32, comm.rank, shape)).tobytes())
+            results.append(comm.all_gather(odd_input(np.int16, comm.rank, shape)).tobytes())
+            for root in range(comm.size):
+                x = odd_input(np.uint8, comm.rank, shape)
+                comm.broadcast(x, root)
+                results.append(x.tobytes())
+        comm.barrier()
+    return results
+
+
+def both_ways(comm):
+    comm.barrier()  # opens the channel: what follows may take the latency path
+    small = comm.engine.channels[comm.group.gid].small
+    calls = small.ext.round
+    counted = []
+    small.ext = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    try:
+        through_extension = every_collective(comm)
+    finally:
+        extension, small.ext = small.ext, None
+    try:
+        with_numpy_copies = every_collective(comm)
+    finally:
+        small.ext = extension
+    return through_extension, with_numpy_copies, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_the_one_call_round_gives_the_bits_of_numpy_copies_for_every_collective_dtype_op_and_odd_size(
+        local_cluster):
+    per_rank = local_cluster(3).run(both_ways)
+    for through_extension, with_numpy_copies, calls in per_rank:
+        assert calls >= len(through_extension)  # every case went through the extension
+        assert through_extension == with_numpy_copies
+    assert per_rank[0][0][-1] == per_rank[1][0][-1] == per_rank[2][0][-1]
+
+
+def late_peer(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        time.sleep(0.35)  # rank 0 waits in several slices, then takes the result after them
+    total, gathered = comm.all_reduce(np.full(7, comm.rank + 1.0)), comm.all_gather(np.array([comm.rank], np.int32))
+    return total.tolist(), gathered.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_came_after_sleeps_is_copied_out_all_the_same(local_cluster):
+    for total, gathered in local_cluster(2).run(late_peer):
+        assert total == [3.0] * 7 and gathered == [0, 1]
+
+
+def read_only_then_sum(comm):
+    comm.barrier()
+    x = np.ones(5)
+    if comm.rank == 0:
+        x.setflags(write=False)
+    error = None
+    try:
+        comm.all_reduce(x)
+    except ValueError as exc:
+        error = str(exc)
+    after = comm.all_reduce(np.full(3, comm.rank + 1.0))
+    strided = comm.all_reduce(np.arange(10.0)[::2] * (comm.rank + 1))
+    return error, after.tolist(), strided.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_arrays_the_extension_does_not_take_run_the_same_round_with_numpy_copies(local_cluster):
+    (error0, after0, strided0), (error1, after1, strided1) = local_cluster(2).run(read_only_then_sum)
+    assert error0 is not None and "read-only" in error0 and error1 is None  # as on the Python path
+    assert after0 == after1 == [3.0] * 3
+    assert strided0 == strided1 == (np.arange(10.0)[::2] * 3).tolist()
+
+
+def dies_in_a_small_round(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        time.sleep(0.3)
+        import os
+        os._exit(3)
+    comm.all_reduce(np.ones(5), timeout=60)  # only the death of rank 1 can end this in time
+    return comm.rank
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_waiting_in_a_small_round_learns_at_once_that_its_peer_died():
+    from ringpipe.runtime import Cluster, WorkerDied
+
+    with Cluster(2) as cluster:
+        start = time.monotonic()
+        with pytest.raises(WorkerDied) as raised:
+            cluster.run(dies_in_a_small_round, timeout=30)
+        assert time.monotonic() - start < 20.0
+    assert "rank 1" in str(raised.value).splitlines()[0]
