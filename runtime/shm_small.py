@@ -26,10 +26,10 @@ import zlib
 import msgpack
 import numpy as np
 
-from ringpipe.runtime import c_library
+from ringpipe.runtime import c_library, shm_cma
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
-from ringpipe.runtime.shm_collectives import SMALL_BYTES
+from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
 # The control block's words (csrc/shm_small.c's enum).
@@ -71,12 +71,14 @@ class SmallRounds:
 
     def __init__(self, channel, lib):
         self.channel, self.lib = channel, lib
-        self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
         n = channel.n
+        self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
+        # An all_reduce up to here is one round on the Python path too (shm_collectives.all_reduce).
+        self.reduce_bytes = min(one_round_bytes(n), channel.buffer_bytes)
         self.ctl = np.zeros(C_MEMBERS + C_PER_MEMBER * n, np.int64)
         self.words = memoryview(self.ctl)
         self.address = int(self.ctl.ctypes.data)
-        self.scratch = np.empty(self.max_bytes // 8 + 1, np.uint64)
+        self.scratch = np.empty(self.reduce_bytes // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         for member in range(n):
             base, at = channel.words[member], C_MEMBERS + C_PER_MEMBER * member
@@ -97,7 +99,10 @@ class SmallRounds:
     def all_reduce(self, comm, x: np.ndarray, op: str, timeout) -> bool:
         dtype = x.dtype
         code, op_code = DTYPES.get(dtype), OPS.get(op)
-        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+        if code is None or op_code is None or (op == "avg" and code > 1):
+            return False
+        if x.nbytes > self.max_bytes and (x.nbytes > self.reduce_bytes
+                                          or shm_cma.chosen(self.channel, "all_reduce", x.nbytes)):
             return False
         # No test of x's layout or writability: those are this rank's own, and a path chosen on them
         # could reduce differently (signed zeros) from a peer's. The round copies x into its

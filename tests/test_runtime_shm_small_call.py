@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ringpipe.runtime.shm_wait import unavailable_reason
-from tests.test_runtime_shm_small import DTYPES, rank_input
+from tests.test_runtime_shm_small import DTYPES, Tagged, in_rank_order, rank_input
 
 pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
 
@@ -63,6 +63,45 @@ def test_the_one_call_round_gives_the_bits_of_numpy_copies_for_every_collective_
         assert calls >= len(through_extension)  # every case went through the extension
         assert through_extension == with_numpy_copies
     assert per_rank[0][0][-1] == per_rank[1][0][-1] == per_rank[2][0][-1]
+
+
+MID_CASES = (("float32", "sum"), ("float64", "avg"), ("int32", "max"), ("float32", "min"))
+MID_COUNT = 40_001  # 156 KiB and more: above the small size, within the one-round reduce of 3 ranks
+
+
+def mid_input(dtype, rank):
+    values = np.random.default_rng(rank).standard_normal(MID_COUNT) * 1e3
+    return values.astype(dtype)
+
+
+def mid_sums(comm):
+    """Each mid-size case through the extension, with NumPy copies around the ctypes call, and
+    with rank 1 on the Python round (an ndarray subclass): (bytes per case, extension calls)."""
+    comm.barrier()
+    small = comm.engine.channels[comm.group.gid].small
+    calls, counted = small.ext.round, []
+    results = []
+    for dtype, op in MID_CASES:
+        extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+        for way in ("extension", "numpy copies", "mixed"):
+            x = mid_input(dtype, comm.rank)
+            saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
+            try:
+                comm.all_reduce(x.view(Tagged) if way == "mixed" and comm.rank == 1 else x, op=op)
+            finally:
+                small.ext = saved
+            results.append(x.tobytes())
+    return results, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_a_mid_size_all_reduce_takes_the_one_call_round_with_the_python_rounds_bits(local_cluster):
+    per_rank = local_cluster(3).run(mid_sums)
+    for rank, (results, calls) in enumerate(per_rank):
+        assert calls == len(MID_CASES) * (2 if rank != 1 else 1)  # (rank 1's mixed case: the Python round)
+        for index, (dtype, op) in enumerate(MID_CASES):
+            want = in_rank_order([mid_input(dtype, r) for r in range(3)], op).astype(dtype).tobytes()
+            assert results[3 * index : 3 * index + 3] == [want] * 3, (dtype, op, rank)
 
 
 def late_peer(comm):

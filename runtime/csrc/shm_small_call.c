@@ -15,9 +15,10 @@ in Python and runs the same round. */
 int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
-enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_TIMEOUT_NS = 8, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
+enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
        C_OFFSET = 18, C_MEMBERS = 24, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
+enum { KIND_REDUCE = 1 };
 /* Where `out` is copied from once the round is done: the scratch area (a reduction's result),
    every member's buffer in rank order (an all-gather), or one member's buffer (>= 0: a broadcast). */
 enum { FROM_SCRATCH = -1, FROM_EVERY_MEMBER = -2 };
@@ -63,8 +64,10 @@ static int take_buffers(PyObject *payload, PyObject *out, Py_buffer *in_view, Py
    kind, dtype, op, count, offset) -> status: ctl is the control block's address, the ints after
    `source` go into its words C_PARITY .. C_COUNT and C_OFFSET (C_PHASE = 0); `payload` (None:
    none) is copied into this rank's buffer of `parity` first; once the round is DONE, `out` (None:
-   none) gets the result from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member). Returns
-   shm_small.c's status (PENDING: the caller waits on, then calls `take`) or NOT_TAKEN. */
+   none) gets the result from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member); a reduction
+   whose result goes to `out` is summed straight into it (no pass through the scratch: at mid
+   sizes that copy is a third of the work). Returns shm_small.c's status (PENDING: the caller
+   waits on, then calls `take`, and the reduction goes through the scratch) or NOT_TAKEN. */
 static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long v[13], ctl_address, source;
     if (nargs != 16 || take_ints(args, 1, &ctl_address) < 0 || take_ints(args + 3, 1, &source) < 0 ||
@@ -86,9 +89,13 @@ static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyBuffer_Release(&in_view);
     }
     int status;
+    int64_t scratch = ctl[C_SCRATCH];
+    int direct = args[2] != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
     Py_BEGIN_ALLOW_THREADS
+    if (direct) ctl[C_SCRATCH] = (int64_t)(intptr_t)out_view.buf;
     status = rp_small_round(ctl);
-    if (status == DONE && args[2] != Py_None) copy_out(ctl, out_view.buf, out_view.len, source);
+    ctl[C_SCRATCH] = scratch;
+    if (status == DONE && args[2] != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source);
     Py_END_ALLOW_THREADS
     if (args[2] != Py_None) PyBuffer_Release(&out_view);
     return PyLong_FromLong(status);
