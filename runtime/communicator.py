@@ -171,6 +171,7 @@ class Communicator:
         return Finished(name, error=error)
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
+        self._sequence.check_alive("send")  # (before the fast path, which knows no group's life)
         shm_p2p_fast.send(self, x, dst, tag) or self.isend(x, dst, tag, timeout).wait()  # fast: one call into C
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
@@ -207,6 +208,7 @@ class Communicator:
         return engine.submit(name, make, timeout=timeout, transform=finish, trace=trace, call=call)
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
+        self._sequence.check_alive("recv")
         found = shm_p2p_fast.recv(self, src, tag, out, timeout)  # the common case in one call into C, or None
         return found if found is not None else self.irecv(src, tag, out, timeout).wait()
 

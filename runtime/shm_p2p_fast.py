@@ -212,7 +212,10 @@ class FastPairs:
         else:  # and where the sender's arena (its blocks of larger messages) is mapped here
             arena = self.engine.peer_arenas[rank]
             entry = (self.rings._ring(rank, self.engine.rank).head, rank, int(arena.buffer.ctypes.data), arena.size)
-        (self._out if sending else self._in)[(comm.group.gid, peer)] = entry
+        table = self._out if sending else self._in
+        if len(table) >= 1024:  # a cache, as the others: the entries of groups gone go with the rest
+            table.clear()
+        table[(comm.group.gid, peer)] = entry
         return entry
 
     def _expect(self, gid, out):
@@ -223,6 +226,8 @@ class FastPairs:
         return description
 
     def _prefix(self, gid):
+        if len(self._prefixes) >= 1024:
+            self._prefixes.clear()
         prefix = self._prefixes[gid] = msgpack.packb([gid, "", []])[: -2]  # [gid, ...: without the last two
         return prefix
 
