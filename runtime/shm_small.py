@@ -7,12 +7,13 @@ The round is the channel's own (runtime/shm_channel.py: same buffers, counters, 
 epochs), so a member on this path and one on the Python path (another wait mode, a larger size,
 an asynchronous call) still meet, check each other's signature and sum in the same order. What
 Python costs per operation is kept to the bookkeeping every operation needs: its number in the
-group, the abort checks, the signature (cached per shape), the copies in and out, the trace span.
+group, the abort checks, the signature (cached per shape), the trace span.
 Error messages are built only when there is an error.
 
 Used where the "c" wait mode works (the compiled helper); elsewhere, and for dtypes or sizes the
-helper does not take (complex, bool, float16 is reduced as float32 by the caller, > SMALL_BYTES),
-the Python path runs. Where the extension cannot be built (no Python headers), or for an array it
+helper does not take (complex, bool, float16 is reduced as float32 by the caller, > SMALL_BYTES;
+for all_reduce, larger than the one-round reduce, shm_collectives.one_round_bytes), the Python
+path runs. Where the extension cannot be built (no Python headers), or for an array it
 does not take (not C-contiguous, a read-only result), NumPy copies in and out around a ctypes call
 run the same round (`RINGPIPE_SHM_SMALL_EXT=0` forces that, to compare or to test it).
 """
@@ -101,9 +102,9 @@ class SmallRounds:
         code, op_code = DTYPES.get(dtype), OPS.get(op)
         if code is None or op_code is None or (op == "avg" and code > 1):
             return False
-        if x.nbytes > self.max_bytes and (x.nbytes > self.reduce_bytes
+        if x.nbytes > self.max_bytes and (x.nbytes > min(self.reduce_bytes, one_round_bytes(self.channel.n))
                                           or shm_cma.chosen(self.channel, "all_reduce", x.nbytes)):
-            return False
+            return False  # (the sizes looked up again: as the Python path does, which a test may change)
         # No test of x's layout or writability: those are this rank's own, and a path chosen on them
         # could reduce differently (signed zeros) from a peer's. The round copies x into its
         # contiguous buffer and back (a read-only x then raises as on the Python path).

@@ -161,3 +161,12 @@ def test_a_rank_waiting_in_a_small_round_learns_at_once_that_its_peer_died():
             cluster.run(dies_in_a_small_round, timeout=30)
         assert time.monotonic() - start < 20.0
     assert "rank 1" in str(raised.value).splitlines()[0]
+
+
+def test_the_extension_is_off_when_asked_so_and_built_otherwise(monkeypatch):
+    from ringpipe.runtime import shm_small
+
+    monkeypatch.setenv("RINGPIPE_SHM_SMALL_EXT", "0")
+    assert shm_small.extension() is None
+    monkeypatch.setenv("RINGPIPE_SHM_SMALL_EXT", "1")
+    assert hasattr(shm_small.extension(), "round")  # (where the C helper builds, so do Python's headers here)
