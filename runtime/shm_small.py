@@ -50,6 +50,7 @@ NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 # What _run did: the round did not run (the Python path must), the result is in `out`, the caller
 # copies it from the buffers (the extension did not take the arrays).
 NOT_RUN, FILLED, UNFILLED = 0, 1, 2
+MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
 MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c")
 _extension: list = []  # [module or None], built once per process
 
@@ -76,10 +77,13 @@ class SmallRounds:
         self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
         # An all_reduce up to here is one round on the Python path too (shm_collectives.all_reduce).
         self.reduce_bytes = min(one_round_bytes(n), channel.buffer_bytes)
+        # Other collectives up to here are one round there too while they fit one buffer (and are
+        # not single-copy); a reduce_scatter's result (1/n of it) fits the scratch.
+        self.mid_bytes = min(MID_BYTES, channel.buffer_bytes)
         self.ctl = np.zeros(C_MEMBERS + C_PER_MEMBER * n, np.int64)
         self.words = memoryview(self.ctl)
         self.address = int(self.ctl.ctypes.data)
-        self.scratch = np.empty(self.reduce_bytes // 8 + 1, np.uint64)
+        self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         for member in range(n):
             base, at = channel.words[member], C_MEMBERS + C_PER_MEMBER * member
@@ -122,7 +126,7 @@ class SmallRounds:
         return True
 
     def broadcast(self, comm, x: np.ndarray, root: int, timeout) -> bool:
-        if x.nbytes > self.max_bytes or x.dtype.hasobject:  # (layout and writability: as all_reduce)
+        if x.dtype.hasobject or self._too_large("broadcast", x.nbytes):  # (layout, writability: as all_reduce)
             return False
         dtype = x.dtype
         signature = self._signatures.get(("broadcast", x.shape, dtype, root)) or self._signature(
@@ -141,7 +145,7 @@ class SmallRounds:
         """Every member's `x` stacked along axis 0 (0-d ones as (1,)), as Communicator.all_gather
         returns it; None when the Python path must take it."""
         dtype, shape, n = x.dtype, x.shape, self.channel.n
-        if x.nbytes > self.max_bytes or dtype.hasobject:
+        if dtype.hasobject or self._too_large("all_gather", x.nbytes):
             return None
         piece_shape = shape if shape else (1,)  # as the Python path's np.ascontiguousarray makes it
         signature = self._signatures.get(("all_gather", shape, dtype, None)) or self._signature(
@@ -163,7 +167,9 @@ class SmallRounds:
         already checked there); None when the Python path must take it."""
         dtype, shape, n = x.dtype, x.shape, self.channel.n
         code, op_code = DTYPES.get(dtype), OPS.get(op)
-        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+        if code is None or op_code is None or (op == "avg" and code > 1):
+            return None
+        if self._too_large("reduce_scatter", x.nbytes):
             return None
         signature = self._signatures.get(("reduce_scatter", shape, dtype, op)) or self._signature(
             ("reduce_scatter", shape, dtype, op), {"op": "reduce_scatter", "shape": list(shape), "dtype": dtype.str,
@@ -313,6 +319,11 @@ class SmallRounds:
         channel.signature_id, channel.position = signature_id, position
         channel.check_signatures(parity)
         raise RuntimeError(f"{full_name}: the shared-memory round failed with status {status}")  # unreachable
+
+    def _too_large(self, op: str, nbytes: int) -> bool:
+        """Whether all_gather, broadcast or reduce_scatter `op` of `nbytes` (as shm_cma.chosen
+        counts them) is not one round of the Python path (one buffer's worth, not single-copy)."""
+        return nbytes > self.max_bytes and (nbytes > self.mid_bytes or shm_cma.chosen(self.channel, op, nbytes))
 
     def _own_views(self, x):
         return self._views.get((x.dtype, x.shape, -1)) or self._make_views(x.dtype, x.shape, -1)

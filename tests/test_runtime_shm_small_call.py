@@ -104,6 +104,41 @@ def test_a_mid_size_all_reduce_takes_the_one_call_round_with_the_python_rounds_b
             assert results[3 * index : 3 * index + 3] == [want] * 3, (dtype, op, rank)
 
 
+def mid_others(comm):
+    """A mid-size broadcast, all_gather and reduce_scatter three ways, as mid_sums."""
+    comm.barrier()
+    small = comm.engine.channels[comm.group.gid].small
+    calls, counted = small.ext.round, []
+    extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    results = []
+    for way in ("extension", "numpy copies", "mixed"):
+        saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
+        tag = (lambda x: x.view(Tagged)) if way == "mixed" and comm.rank == 1 else (lambda x: x)
+        try:
+            x = mid_input(np.float64, comm.rank).repeat(2)[:80_001]  # 625 KiB
+            comm.broadcast(tag(x), 2)
+            gathered = comm.all_gather(tag(mid_input(np.float32, comm.rank)))
+            rows = comm.reduce_scatter(tag(mid_input(np.float32, comm.rank).repeat(3)[:90_003].reshape(3, -1)))
+        finally:
+            small.ext = saved
+        results.append((x.tobytes(), np.asarray(gathered).tobytes(), np.asarray(rows).tobytes()))
+    return results, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_a_mid_size_broadcast_all_gather_and_reduce_scatter_take_the_one_call_round_with_the_same_bits(
+        local_cluster):
+    per_rank = local_cluster(3).run(mid_others)
+    inputs = [mid_input(np.float32, r).repeat(3)[:90_003].reshape(3, -1) for r in range(3)]
+    for rank, (results, calls) in enumerate(per_rank):
+        assert calls == (6 if rank != 1 else 3)  # (rank 1's mixed cases: the Python rounds)
+        assert results[0] == results[1] == results[2], rank
+        broadcast, gathered, rows = results[0]
+        assert broadcast == mid_input(np.float64, 2).repeat(2)[:80_001].tobytes()
+        assert gathered == np.concatenate([mid_input(np.float32, r) for r in range(3)]).tobytes()
+        assert rows == in_rank_order(inputs, "sum")[rank].tobytes()
+
+
 def late_peer(comm):
     comm.barrier()
     if comm.rank == 1:
