@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, OutputFile, bad_flag, usage_error
+from ringpipe.cluster.options import (SEED, ByteSizes, CommaList, FiniteFloat, OutputDirectory, OutputFile, bad_flag,
+                                      usage_error)
+from ringpipe.model.data.dataset import SAMPLERS as _SAMPLERS
+from ringpipe.model.nn.mixed_precision import DTYPES
+from ringpipe.model.parallel.pipeline_parallel.schedules import SCHEDULES as _SCHEDULES
 from ringpipe.runtime import RemoteError, WorkerLost
 from ringpipe.runtime.files import write_json
 from ringpipe.runtime.memory_cgroup import WorkerKilled
+from ringpipe.tools.bench_collectives import OPS as _COLLECTIVE_OPS
 
 # A worker that fails, dies, stops or hangs ends a benchmark with its one-line error, as a bad flag does.
 _ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost, WorkerKilled)
@@ -39,14 +44,15 @@ def _run_and_report(run, format_result, json_path):
 
 
 @bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
-@click.option("--n-layer", default=4, show_default=True)
-@click.option("--n-head", default=4, show_default=True)
-@click.option("--n-embd", default=128, show_default=True)
-@click.option("--block-size", default=64, show_default=True)
-@click.option("--batch-size", default=12, show_default=True)
-@click.option("--vocab-size", default=65, show_default=True)
-@click.option("--steps", default=30, show_default=True, help="Timed steps (after 3 warmup).")
-@click.option("--threads", default=2, show_default=True,
+@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=12, show_default=True, type=click.IntRange(min=1))
+@click.option("--vocab-size", default=65, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps (after 3 warmup).")
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
               show_default=True)
@@ -70,9 +76,10 @@ _ROUNDS_HELP = "Interleaved rounds (ringpipe, peer, ringpipe, peer, ...); every 
 
 @bench.command("collectives", short_help="Collective time, algbw, busbw per size.")
 @click.option("--world-size", default=4, show_default=True, type=click.IntRange(1, 64), help="Local workers.")
-@click.option("--ops", default="all_reduce,all_gather,reduce_scatter,broadcast,sendrecv", show_default=True,
+@click.option("--ops", type=CommaList(click.Choice(_COLLECTIVE_OPS)), default=",".join(_COLLECTIVE_OPS),
+              show_default=True,
               help="Comma-separated operations.")
-@click.option("--sizes", default="1K-64M", show_default=True,
+@click.option("--sizes", type=ByteSizes(), default="1K-64M", show_default=True,
               help="Byte sizes: a range (every 4th power of two) like 1K-64M, or a list like 1K,1M.")
 @click.option("--compare", default="none", show_default=True, help=_COMPARE_HELP)
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1, 1000), help=_ROUNDS_HELP)
@@ -83,19 +90,17 @@ _ROUNDS_HELP = "Interleaved rounds (ringpipe, peer, ringpipe, peer, ...); every 
 @click.option("--json", "json_path", type=OutputFile(), help="Write the rows, every round listed, as JSON here.")
 def bench_collectives(world_size, ops, sizes, compare, rounds, iters, algorithm, json_path):
     """nccl-tests style table of collective time, algbw and busbw (results checked)."""
-    from ringpipe.tools.bench_collectives import main as run_bench, parse_compare, parse_sizes
+    from ringpipe.tools.bench_collectives import main as run_bench, parse_compare
 
     try:
-        size_list = parse_sizes(sizes)
-        op_list = [o.strip() for o in ops.split(",") if o.strip()]
-        run_bench(world_size, op_list, size_list, parse_compare(compare), json_path, algorithm, rounds, iters,
+        run_bench(world_size, ops, sizes, parse_compare(compare), json_path, algorithm, rounds, iters,
                   echo=click.echo, progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
         raise _first_line(exc) from None
 
 
 @bench.command("p2p", short_help="Point-to-point one-way latency (ping-pong) per size.")
-@click.option("--sizes", default="1K-4M", show_default=True,
+@click.option("--sizes", type=ByteSizes(), default="1K-4M", show_default=True,
               help="Byte sizes: a range (every 4th power of two) like 1K-4M, or a list like 1K,1M.")
 @click.option("--pingpongs", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Timed round trips per size and round (fewer above 64 KiB, at least 10).")
@@ -104,11 +109,11 @@ def bench_collectives(world_size, ops, sizes, compare, rounds, iters, algorithm,
 @click.option("--json", "json_path", type=OutputFile(), help="Write the rows, every round listed, as JSON here.")
 def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
     """One-way latency between two ranks on this host: half the median round trip of the ping-pongs."""
-    from ringpipe.tools.bench_collectives import parse_compare, parse_sizes
+    from ringpipe.tools.bench_collectives import parse_compare
     from ringpipe.tools.bench_p2p import main as run_bench
 
     try:
-        run_bench(parse_sizes(sizes), pingpongs, parse_compare(compare), rounds, json_path, echo=click.echo,
+        run_bench(sizes, pingpongs, parse_compare(compare), rounds, json_path, echo=click.echo,
                   progress=lambda line: click.echo(line, err=True))
     except _ONE_LINE_ERRORS as exc:
         raise _first_line(exc) from None
@@ -117,19 +122,22 @@ def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
 @bench.command("data-parallel", short_help="Weak scaling and overlap of data parallelism.")
 @click.option("--dp", "dp_max", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Largest dp size; timed against dp=1 with the same per-rank batch.")
-@click.option("--n-layer", default=4, show_default=True)
-@click.option("--n-head", default=4, show_default=True)
-@click.option("--n-embd", default=128, show_default=True)
-@click.option("--block-size", default=64, show_default=True)
-@click.option("--batch-per-rank", default=12, show_default=True, help="Sequences per dp rank and step.")
-@click.option("--microbatches", default=1, show_default=True)
+@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-per-rank", default=12, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per dp rank and step.")
+@click.option("--microbatches", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--bucket-mb", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True,
               help="Gradient bucket size cap in MiB, as train's --bucket-mb (fractions allowed, e.g. 0.25).")
 @click.option("--bucket-kb", type=click.IntRange(min=1), default=None, hidden=True,
               help="Deprecated: the bucket cap in KiB; use --bucket-mb.")
 @click.option("--zero", type=click.Choice(["0", "1"]), default="0", show_default=True, help="1: ZeRO-1.")
-@click.option("--steps", default=20, show_default=True, help="Timed steps per round (after 3 warmup).")
-@click.option("--rounds", default=3, show_default=True, help="Alternating rounds; each dp size keeps its best.")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps per round (after 3 warmup).")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Alternating rounds; each dp size keeps its best.")
 @click.option("--no-independent", is_flag=True, help="Skip the row of --dp unconnected dp=1 runs at once.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 @click.pass_context
@@ -155,21 +163,25 @@ def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_
 
 
 @bench.command("pipeline", short_help="Pipeline bubble per schedule, measured vs theory.")
-@click.option("--schedules", default="1f1b,zb-h1,gpipe,interleaved", show_default=True,
-              help="Comma-separated pipeline schedules.")
-@click.option("--microbatches", default="4,8", show_default=True, help="Comma-separated micro-batch counts m.")
+@click.option("--schedules", type=CommaList(click.Choice(_SCHEDULES)), default="1f1b,zb-h1,gpipe,interleaved",
+              show_default=True, help="Comma-separated pipeline schedules.")
+@click.option("--microbatches", type=CommaList(click.IntRange(min=1)), default="4,8", show_default=True,
+              help="Comma-separated micro-batch counts m.")
 @click.option("--pp", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Pipeline stages = workers (keep it ≤ the number of cores).")
 @click.option("--virtual-stages", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Chunks per rank for 'interleaved' (the other schedules use 1).")
-@click.option("--n-layer", default=4, show_default=True)
-@click.option("--n-head", default=8, show_default=True)
-@click.option("--n-embd", default=256, show_default=True)
-@click.option("--block-size", default=128, show_default=True)
-@click.option("--microbatch-size", default=4, show_default=True, help="Sequences per micro-batch.")
-@click.option("--split", default=None, help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
-@click.option("--warmup", default=2, show_default=True, help="Untraced steps first.")
-@click.option("--steps", default=5, show_default=True, help="Traced steps (the median is reported).")
+@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--microbatch-size", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Sequences per micro-batch.")
+@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None,
+              help="Explicit layers per stage, e.g. 3,1 (needs Layout support).")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0), help="Untraced steps first.")
+@click.option("--steps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Traced steps (the median is reported).")
 @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, 100),
               help="Each setup once per round, taking turns; the best round is reported.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write one object per (schedule, m).")
@@ -180,24 +192,24 @@ def bench_pipeline(schedules, microbatches, pp, virtual_stages, n_layer, n_head,
     to the theoretical bubble (one BLAS thread per worker). Blocked-on-peer time counts as bubble."""
     from ringpipe.tools.bench_pipeline import format_table, run
 
-    _run_and_report(lambda: run(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
-                                microbatches=[int(m) for m in microbatches.split(",") if m.strip()],
+    _run_and_report(lambda: run(schedules=schedules, microbatches=microbatches,
                                 pp=pp, virtual_stages=virtual_stages, n_layer=n_layer, n_head=n_head,
                                 n_embd=n_embd, block_size=block_size, microbatch_size=microbatch_size,
                                 warmup=warmup, steps=steps,
-                                split=[int(c) for c in split.split(",")] if split else None,
+                                split=split,
                                 echo=lambda line: click.echo(line, err=True), rounds=rounds),
                     lambda rows: format_table(rows, verbose), json_path)
 
 
 @bench.command("quality", short_help="Val loss of the recipe: ringpipe vs transformers.")
 @click.option("--data", default=None, help="Text FILE, DIR or GLOB (default: Python stdlib source).")
-@click.option("--seeds", default="0", show_default=True, help="Comma-separated seeds; one run each.")
-@click.option("--samplers", default="epoch", show_default=True,
+@click.option("--seeds", type=CommaList(SEED), default="0", show_default=True,
+              help="Comma-separated seeds; one run each.")
+@click.option("--samplers", type=CommaList(click.Choice(_SAMPLERS)), default="epoch", show_default=True,
               help="Comma-separated train samplers to run (epoch, random).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the recipe's 2000.")
 @click.option("--eval-iters", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--threads", default=2, show_default=True,
+@click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
               help="ringpipe: batch shards on threads; PyTorch: torch.set_num_threads.")
 @click.option("--no-compare", is_flag=True, help="Skip the PyTorch/transformers runs.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
@@ -205,12 +217,7 @@ def bench_quality(data, seeds, samplers, steps, eval_iters, threads, no_compare,
     """Val loss after a full run of the training recipe, ringpipe vs GPT2LMHeadModel on the same batches."""
     from ringpipe.tools.bench_quality import format_table, run
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
-                                 param_hint="--seeds") from None
-    _run_and_report(lambda: run(data=data, seeds=seed_list, samplers=samplers.split(","), steps=steps,
+    _run_and_report(lambda: run(data=data, seeds=seeds, samplers=samplers, steps=steps,
                                 eval_iters=eval_iters, threads=threads, compare=not no_compare),
                     format_table, json_path)
 
@@ -235,17 +242,20 @@ def bench_int8(run_dir, outlier_threshold, max_windows, new_tokens, rounds, json
 @bench.command("gpu-step", short_help="GPU train step tokens/s and MFU vs PyTorch.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="cpu: a smoke test of the same code (use a tiny shape).")
-@click.option("--dtypes", default="float32,fp16-mixed", show_default=True, help="Comma-separated.")
-@click.option("--n-layer", default=12, show_default=True)
-@click.option("--n-head", default=12, show_default=True)
-@click.option("--n-embd", default=768, show_default=True)
-@click.option("--block-size", default=1024, show_default=True)
-@click.option("--vocab-size", default=50257, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--steps", default=10, show_default=True, help="Timed steps (median), after --warmup.")
-@click.option("--warmup", default=3, show_default=True)
+@click.option("--dtypes", type=CommaList(click.Choice(DTYPES)), default="float32,fp16-mixed", show_default=True,
+              help="Comma-separated.")
+@click.option("--n-layer", default=12, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=12, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=768, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--vocab-size", default=50257, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed steps (median), after --warmup.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--tf32", is_flag=True, help="TF32 matmuls for float32 (needs CUPY_TF32=1 in the environment).")
-@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None, help="The dtype's dense peak, for an unlisted GPU.")
+@click.option("--peak-tflops", type=FiniteFloat(min=0, min_open=True), default=None,
+              help="The dtype's dense peak, for an unlisted GPU.")
 @click.option("--no-compare", is_flag=True, help="Skip PyTorch eager.")
 @click.option("--json", "json_path", type=OutputFile(), help="Write results here.")
 def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_size, batch_size, steps, warmup,
@@ -253,7 +263,7 @@ def bench_gpu_step(device, dtypes, n_layer, n_head, n_embd, block_size, vocab_si
     """Training-step tokens/s and MFU of a GPT-2 124M-shaped model vs GPT2LMHeadModel in PyTorch eager."""
     from ringpipe.tools.bench_gpu_step import format_table, run
 
-    _run_and_report(lambda: run(tuple(dtypes.split(",")), device, steps, warmup, tf32, not no_compare, peak_tflops,
+    _run_and_report(lambda: run(tuple(dtypes), device, steps, warmup, tf32, not no_compare, peak_tflops,
                                 n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
                                 vocab_size=vocab_size, batch_size=batch_size),
                     format_table, json_path)
@@ -360,11 +370,11 @@ def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, mi
 @bench.command("generate", short_help="Generation tokens/s and time to first token per layout.")
 @click.option("--layouts", default=",".join(("1", "tp2", "pp2", "dp2", "tp4", "pp4", "tp2xpp2")), show_default=True,
               help="Comma-separated layouts: 1, or dpN/tpN/ppN joined by x.")
-@click.option("--n-layer", default=8, show_default=True)
-@click.option("--n-head", default=8, show_default=True)
-@click.option("--n-embd", default=256, show_default=True)
-@click.option("--block-size", default=128, show_default=True)
-@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--n-layer", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-head", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--n-embd", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--vocab-size", default=8192, show_default=True, type=click.IntRange(min=1))
 @click.option("--prompts", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--prompt-length", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1))

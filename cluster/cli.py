@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from ringpipe.cluster.options import CommandLineError
+from ringpipe.cluster.options import CommandLineError, one_line, out_of_memory
 from ringpipe.runtime.files import FileWriteError
 from ringpipe.runtime.version import __version__
 
@@ -53,7 +53,11 @@ class Commands(click.Group):
             raise click.exceptions.Exit(130) from None
         except FileWriteError as exc:
             raise click.ClickException(str(exc)) from None
+        except MemoryError as exc:  # past the commands' memory checks (or with --no-memory-check)
+            raise click.ClickException(f"out of memory: {one_line(exc)}") from None
         except RemoteError as exc:
+            if out_of_memory(exc):
+                raise click.ClickException(f"out of memory on rank {exc.rank}: {str(exc).splitlines()[0]}") from None
             if exc.exc_type != FileWriteError.__name__:
                 raise
             raise click.ClickException(str(exc).splitlines()[0]) from None

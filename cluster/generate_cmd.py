@@ -6,7 +6,7 @@ import os
 
 import click
 
-from ringpipe.cluster.options import FiniteFloat, bad_flag, one_line, usage_error
+from ringpipe.cluster.options import SEED, FiniteFloat, bad_flag, check_device, one_line, usage_error
 from ringpipe.model.data.tokenizer import load_tokenizer
 from ringpipe.model.families import FAMILIES, checkpoint_family, family
 from ringpipe.model.inference.kv_cache import supports_cached_generation
@@ -26,10 +26,11 @@ SEPARATOR = "---"  # between the continuations of several prompts
               help="Text to continue; repeat for several prompts (printed in order, separated by a "
                    f"{SEPARATOR} line).")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=200, show_default=True)
-@click.option("--temperature", type=FiniteFloat(min=0, min_open=True), default=1.0,
-              show_default=True)
+@click.option("--temperature", type=FiniteFloat(min=0), default=1.0, show_default=True,
+              help="Softmax temperature of sampling; 0 decodes greedily (the most likely token each step, "
+                   "--seed then does nothing).")
 @click.option("--top-k", type=click.IntRange(min=1), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes holding the model between them; dp × tp × pp (GPT-2 models).")
@@ -47,6 +48,7 @@ def generate(directory, prompts, max_new_tokens, temperature, top_k, seed, devic
         raise bad_flag("--checkpoint", f"directory {directory!r} does not exist")
     if any(not prompt for prompt in prompts):
         raise bad_flag("--prompt", "must not be empty")
+    check_device(device)
     try:
         located = locate_weights(directory)
     except ValueError as exc:  # no model and no checkpoint there: the flag is wrong (a damaged one is found below)

@@ -232,9 +232,21 @@ def check_multihost_flags(ctx, flags: dict, world_size: int, tp: int = 1) -> Non
     # Read before anything is tokenized or started: a bad file or endpoint is then the only output.
     if name == "ssh":
         try:
-            hostfile_slots(flags["hostfile"], world_size, tp)
+            entries, order = hostfile_slots(flags["hostfile"], world_size, tp)
+            for host in sorted({entries[h][0] for h in order}):
+                resolve_host(host, "host")
         except HostfileError as exc:
             raise bad_flag("--hostfile", str(exc)) from None
+        except RendezvousError as exc:
+            raise bad_flag("--hostfile", f"{flags['hostfile']}: {exc}") from None
+    if name in ("mpi", "slurm") and (name != "slurm" or not os.environ.get("SLURM_JOB_ID")):
+        place = rank_from_environment()  # (srun inside an allocation starts its tasks itself)
+        if place is None or place[3] != name:
+            raise bad_flag("--launcher", "mpi: no MPI rank in the environment; run this command under mpirun"
+                           if name == "mpi" else "slurm: not inside a Slurm allocation (no SLURM_JOB_ID); run it "
+                           "under salloc, sbatch or srun")
+        if place[1] != world_size:
+            raise bad_flag("--launcher", f"{name}: {place[1]} processes, but dp × tp × pp = {world_size}")
     if flags["rdzv_endpoint"]:
         try:
             parse_endpoint(flags["rdzv_endpoint"])

@@ -5,6 +5,7 @@ Their errors are one `Error: Invalid value for '--flag': ...` line, without clic
 from __future__ import annotations
 
 import math
+import re
 
 import click
 
@@ -88,10 +89,91 @@ def bad_flag(flag: str, message: str) -> CommandLineError:
 
 def usage_error(message: str) -> CommandLineError:
     """A usage error that names no single flag (a layout, a setting the flags combine into): one
-    "Error: ..." line, exit status 2."""
-    return CommandLineError(message)
+    "Error: ..." line, exit status 2. The model configs' field names in it read as the flags that set
+    them (`in_flag_words`)."""
+    return CommandLineError(in_flag_words(message))
+
+
+_CONFIG_FIELD = re.compile(r"\b[A-Z]\w*Config\.(\w+)(?:=(\S+))?|\b(n_\w+|block_size|vocab_size)=(\S+)")
+
+
+def in_flag_words(message: str) -> str:
+    """A model config's error as the user typed it: 'GPTConfig.n_embd=128 is not divisible by n_head=3'
+    -> '--n-embd 128 is not divisible by --n-head 3' (the flags are the fields' names with dashes)."""
+    def flag(match):
+        name, value = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+        return "--" + name.replace("_", "-") + (f" {value}" if value else "")
+    return _CONFIG_FIELD.sub(flag, message)
 
 
 def one_line(exc: BaseException) -> str:
     """An exception's message on one line (its type's name when it has none)."""
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is a MemoryError, raised here or on a worker (a RemoteError naming its type;
+    NumPy raises its subclass _ArrayMemoryError)."""
+    return isinstance(exc, MemoryError) or getattr(exc, "exc_type", "").endswith("MemoryError")
+
+
+# Seeds feed numpy.random.default_rng, which takes non-negative integers only.
+SEED = click.IntRange(min=0)
+
+
+class CommaList(click.ParamType):
+    """A comma-separated list, each item converted (and checked) by `item` (a click type): '4,8' ->
+    [4, 8]. An empty list or a bad item is one line naming the flag, the item and the whole value."""
+
+    name = "list"
+
+    def __init__(self, item: click.ParamType):
+        self.item = item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        parts = [part.strip() for part in str(value).split(",")]
+        if not any(parts):
+            _fail(param, ctx, f"{value!r} is empty; give a comma-separated list.")
+        items = []
+        for part in parts:
+            if not part:
+                _fail(param, ctx, f"{value!r} has an empty item.")
+            try:
+                if isinstance(self.item, click.IntRange):  # "not a valid integer", not "... integer range"
+                    part = click.INT.convert(part, param, ctx)
+                items.append(self.item.convert(part, param, ctx))
+            except click.BadParameter as exc:
+                _fail(param, ctx, exc.message if len(parts) == 1 else f"{part!r} in {value!r}: {exc.message}")
+        return items
+
+
+class ByteSizes(click.ParamType):
+    """Byte sizes: a range '1K-64M' (every 4th power of two) or a list '1K,1M'; each at least 1 byte."""
+
+    name = "sizes"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        from ringpipe.tools.bench_collectives import parse_sizes
+
+        try:
+            sizes = parse_sizes(value)
+        except ValueError as exc:
+            _fail(param, ctx, f"{value!r} is not a range of byte sizes like 1K-64M or a list like 1K,1M "
+                              f"({one_line(exc)}).")
+        if not sizes or min(sizes) < 1:
+            _fail(param, ctx, f"{value!r}: sizes must be at least 1 byte (e.g. 1K-64M or 1K,1M).")
+        return sizes
+
+
+def check_device(device: str) -> None:
+    """--device gpu where CuPy is not installed: a usage error before any data is read. (Whether a GPU
+    is there is found when the model is built: asking CUDA here would initialise it in the driver.)"""
+    import importlib.util
+
+    if device == "gpu" and importlib.util.find_spec("cupy") is None:
+        raise bad_flag("--device", "gpu needs CuPy, which is not installed: pip install 'ringpipe[gpu]' (CUDA 13; "
+                                   "'ringpipe[gpu-cuda12]' for a CUDA 12 driver), or use --device cpu")

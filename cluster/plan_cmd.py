@@ -10,6 +10,7 @@ from ringpipe.cluster.options import FiniteFloat, OutputFile, bad_flag, usage_er
 from ringpipe.model.nn.mixed_precision import DTYPES
 from ringpipe.model.planning.family import FAMILIES as INVENTORIES
 
+REASONS_SHOWN = 3  # of the reasons no layout fits, in the one-line error
 UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10), ("B", 1))
 
 
@@ -197,7 +198,10 @@ def plan(family, n_layer, n_head, n_embd, n_inner, vocab, block_size, batch_size
             message += (f": the smallest per-rank memory it would need is {size(need[0])} ({need[1].label()}), "
                         f"the limit is {size(report.memory_limit)}")
         else:
-            message += ": " + "; ".join(sorted({reason for _, reason in report.refused}))
+            reasons = sorted({reason for _, reason in report.refused})
+            message += ": " + "; ".join(reasons[:REASONS_SHOWN]) + (
+                f"; and {len(reasons) - REASONS_SHOWN} more reasons (--show-refused lists every layout and why)"
+                if len(reasons) > REASONS_SHOWN else "")
         if show_refused:
             click.echo(format_refusals(report))
         raise click.ClickException(message)

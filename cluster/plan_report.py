@@ -13,21 +13,13 @@ def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = No
     """The planner's prediction for this run ({"memory": [RankMemory], "timing": StepTiming or None,
     "machine": Machine}), printed to stderr; None when the planner does not know this model."""
     from ringpipe.cluster.plan_cmd import duration, format_memory, rate
-    from ringpipe.model.planning.family import inventory_for
     from ringpipe.model.planning.machine import this_machine
-    from ringpipe.model.planning.memory import Candidate, layout_memory
     from ringpipe.model.planning.step_time import predict_step
 
-    try:
-        inventory = inventory_for(config.family, config.model_config(vocab_size))
-    except ValueError:
+    planned = planned_memory(config, layout, vocab_size)
+    if planned is None:
         return None
-    candidate = Candidate(layout.dp, layout.tp, layout.pp, layout.schedule, layout.virtual_stages,
-                          config.microbatches, layout.zero, layout.sequence_parallel,
-                          getattr(config.model, "recompute", False))
-    if layout.split is not None:  # the planner splits balanced; an explicit split is not planned
-        return None
-    memory = layout_memory(inventory, candidate, config.batch_size)
+    inventory, memory, candidate = planned
     worst = max(memory, key=lambda m: m.total)
     machine = this_machine()
     click.echo(f"plan: {candidate.label()} — most-loaded rank {format_memory(worst)}", err=True)
@@ -40,6 +32,24 @@ def predict_run(config, layout, vocab_size: int, ranks_per_host: int | None = No
         click.echo("plan: no step time — this machine is not calibrated; run `ringpipe plan --calibrate` "
                    "with this run's model flags and --nproc", err=True)
     return {"memory": memory, "timing": timing, "machine": machine, "seconds": []}
+
+
+def planned_memory(config, layout, vocab_size: int):
+    """(inventory, [RankMemory] per pipeline rank, Candidate) of this run as the planner sees it; None
+    when the planner does not know the model or the layout (an explicit split: it splits balanced)."""
+    from ringpipe.model.planning.family import inventory_for
+    from ringpipe.model.planning.memory import Candidate, layout_memory
+
+    if layout.split is not None:
+        return None
+    try:
+        inventory = inventory_for(config.family, config.model_config(vocab_size))
+    except ValueError:
+        return None
+    candidate = Candidate(layout.dp, layout.tp, layout.pp, layout.schedule, layout.virtual_stages,
+                          config.microbatches, layout.zero, layout.sequence_parallel,
+                          getattr(config.model, "recompute", False))
+    return inventory, layout_memory(inventory, candidate, config.batch_size), candidate
 
 
 def after_step(prediction: dict | None, metrics: dict, trainer, steps_done: int, last: bool, progress=None) -> None:

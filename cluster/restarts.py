@@ -42,8 +42,8 @@ class RestartableFailure(click.ClickException):
 
 
 # What a rank may raise that a restart would only meet again: its disk is full or not writable,
-# its values are not finite.
-NOT_RESTARTED = ("FileWriteError", "NonFiniteError")
+# its values are not finite, it ran out of memory (NumPy raises _ArrayMemoryError).
+NOT_RESTARTED = ("FileWriteError", "NonFiniteError", "MemoryError", "_ArrayMemoryError")
 
 
 def restartable(cause: Exception, error: click.ClickException) -> click.ClickException:

@@ -7,6 +7,7 @@ run's config from the flags (and what --resume may change) cluster/train_flags.p
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -15,8 +16,10 @@ import click
 
 from ringpipe.cluster.launchers import (check_multihost_flags, cluster_options, launcher_of, multihost_options,
                                         spmd_agent)
+from ringpipe.cluster.memory_check import check_fits
 from ringpipe.cluster.metrics_log import json_line, open_metrics
-from ringpipe.cluster.options import FiniteFloat, OutputDirectory, bad_flag, one_line, usage_error
+from ringpipe.cluster.options import (SEED, CommaList, FiniteFloat, OutputDirectory, bad_flag, check_device, one_line,
+                                      out_of_memory, usage_error)
 from ringpipe.cluster.plan_report import after_step, predict_run
 from ringpipe.cluster.progress import Progress, checkpoint_status, report_interrupt, report_trace, status
 from ringpipe.cluster.run_guard import exit_status, hold_run_dir, report_unfinished, terminate_like_interrupt
@@ -50,6 +53,8 @@ def _worker_failure(exc: Exception, out: str, resumable: bool = True, summary: b
         click.echo(report.text(), err=True)
     cause = exc.cause if isinstance(exc, ClusterStopped) else exc
     line = str(cause).splitlines()[0].rstrip(". ") if str(cause) else type(cause).__name__
+    if out_of_memory(cause):  # the same run would run out again: neither advice applies
+        resumable = False
     try:
         find_checkpoint(out)
     except ValueError:
@@ -99,7 +104,7 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="fp16-mixed: float16 compute, float32 master weights, dynamic loss scaling.")
 @click.option("--loss-scale-growth-interval", type=click.IntRange(min=1), default=D.loss_scale_growth_interval,
               show_default=True, help="Mixed precision: good steps in a row before the loss scale doubles.")
-@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--seed", type=SEED, default=D.seed, show_default=True)
 @click.option("--sampler", type=click.Choice(["epoch", "random"]), default=D.sampler, show_default=True,
               help="Train batches: shuffled epochs of back-to-back windows, or windows at random "
                    "offsets drawn with replacement.")
@@ -130,7 +135,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
               show_default=True, help="Pipeline schedule.")
 @click.option("--virtual-stages", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model chunks per pipeline rank (interleaved schedule).")
-@click.option("--split", default=None, help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
+@click.option("--split", type=CommaList(click.IntRange(min=1)), default=None,
+              help="Blocks per pipeline stage, e.g. 3,1 (default: balanced).")
 @click.option("--encoder-stages", type=click.IntRange(min=1), default=None,
               help="--model t5: pipeline stages for the encoder's layers, the decoder's on the rest "
                    "(default: all layers balanced over the stages).")
@@ -143,6 +149,8 @@ D = TrainConfig()  # flag defaults are the config's defaults
 @click.option("--trace", is_flag=True, help="Record every rank's spans into --out (see `ringpipe trace`).")
 @click.option("--sample", type=click.IntRange(min=0), default=0, show_default=True,
               help="At the end, print a sample of this many generated tokens.")
+@click.option("--no-memory-check", is_flag=True,
+              help="Train even if the planned memory exceeds what this host has available (e.g. with swap).")
 @click.pass_context
 def train(ctx, **flags):
     """Train a model of the --model family on a text corpus; writes the model, a checkpoint and
@@ -166,13 +174,9 @@ def train(ctx, **flags):
                                 "--overwrite to replace it, or choose another directory")
             hold_run_dir(ctx, out)  # before deleting: the run it replaces may still be training
             remove_run(out)
-    try:
-        split = [int(part) for part in flags["split"].split(",")] if flags["split"] else None
-    except ValueError:
-        raise bad_flag("--split", f"{flags['split']!r} is not a comma-separated list of block counts") from None
     layout = Layout(dp=flags["dp"], tp=flags["tp"], pp=flags["pp"], schedule=flags["schedule"],
                     virtual_stages=flags["virtual_stages"], sequence_parallel=flags["sequence_parallel"],
-                    zero=flags["zero"], split=split)
+                    zero=flags["zero"], split=flags["split"])
     distributed = flags["nproc"] > 1 or layout.world_size > 1 or flags["trace"] or flags["launcher"] != "local" \
         or flags["max_restarts"] > 0  # a restart starts worker processes again
     # Flags that would do nothing in this layout are refused, not silently dropped.
@@ -191,9 +195,11 @@ def train(ctx, **flags):
     if not distributed and ctx.get_parameter_source("keep_checkpoints") == click.core.ParameterSource.COMMANDLINE:
         raise bad_flag("--keep-checkpoints", "needs a multi-worker run (--nproc 2 or more); a single process keeps "
                        "one checkpoint")
-    if flags["launcher"] != "local":
+    if flags["launcher"] != "local":  # (the other hosts' workers need CuPy for --device gpu, not this driver)
         check_multihost_flags(ctx, flags, layout.world_size, layout.tp)
-    elif flags["nproc"] != layout.world_size:
+    else:
+        check_device(flags["device"])
+    if flags["launcher"] == "local" and flags["nproc"] != layout.world_size:
         raise bad_flag("--nproc", f"{flags['nproc']} must equal dp {layout.dp} × tp {layout.tp} × pp {layout.pp} "
                         f"= {layout.world_size} (give --dp, --tp or --pp to lay out {flags['nproc']} workers)")
     if not flags["resume"] and flags["tokenizer"] not in KINDS and not os.path.isdir(flags["tokenizer"]):
@@ -222,6 +228,9 @@ def train(ctx, **flags):
         raise usage_error(one_line(exc)) from None
     if flags["resume"] and already_complete(ctx, config, out):  # (its record was read above)
         return
+    if not flags["no_memory_check"] and flags["launcher"] == "local":  # other hosts' memory is not known here
+        _prepare_kernels()  # the planner asks which attention kernel runs: a build is said, not silent
+        check_fits(config, layout, layout.world_size if distributed else 1, _sizing_flags(config))
     state = {"trainer": None, "progress": None}
     hold_run_dir(ctx, out)
     terminate_like_interrupt(ctx)
@@ -231,6 +240,14 @@ def train(ctx, **flags):
     except KeyboardInterrupt as exc:
         report_interrupt(out, config, state)
         raise click.exceptions.Exit(exit_status(exc)) from None
+
+
+def _sizing_flags(config) -> str:
+    """The flags that size a run's memory, with their values: '--n-layer 4 ... --batch-size 12'."""
+    model = dataclasses.asdict(config.model)
+    names = [name for name in ("n_layer", "n_head", "n_embd", "n_inner", "block_size") if model.get(name)]
+    return " ".join([f"--{name.replace('_', '-')} {model[name]}" for name in names]
+                    + [f"--batch-size {config.batch_size}"])
 
 
 def _encoder_decoder_split(flags, config, layout) -> list[int]:
@@ -281,6 +298,8 @@ def _run(flags, config, layout, distributed, out, state, restart=0):
     except (ValueError, RuntimeError) as exc:
         raise click.ClickException(_with_fallback(one_line(exc), flags)) from None
     state["trainer"] = trainer
+    for note in click.get_current_context().meta.pop("resume_notes", ()):  # once, not again on a restart
+        click.echo(note, err=True)
     state["prediction"] = predict_run(config, layout, trainer.tokenizer.vocab_size)
     finished, sample = False, None
     # From here on a worker may fail wherever the driver is: in a call, between calls, or while it

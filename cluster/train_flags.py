@@ -2,6 +2,8 @@
 with the flags that may change (RESUME_OVERRIDABLE); and a resumed run that is already complete."""
 from __future__ import annotations
 
+import os
+
 import click
 
 from ringpipe.cluster.options import bad_flag
@@ -17,6 +19,9 @@ from ringpipe.model.training.run_dir import saved_config, saved_step
 # from the ones an uninterrupted run would draw (the same distribution, other bits). We keep that
 # rather than draw masks per sequence, which would tie every dropout site of every family to row
 # indices; `config_from_flags` says so when it happens.
+# --data may name the run's corpus where it is now (a moved or copied file): the run stores it as an
+# absolute path, so a resume finds it from any directory, and a resume refuses a corpus whose tokens
+# differ from the run's token file (model/training/run_setup.py), as it refuses the flags below.
 RESUME_OVERRIDABLE = ("data", "steps", "eval_every", "eval_iters", "checkpoint_every", "device", "on_nonfinite",
                       "microbatches")
 OPTIONS_OF_ANY_FAMILY = {option for model in FAMILIES for option in model_options(model)}
@@ -31,6 +36,8 @@ def config_from_flags(ctx: click.Context, flags: dict) -> TrainConfig:
     flag of another family, or one --resume cannot change, is a usage error naming it; a checkpoint
     whose record cannot be read a ValueError."""
     saved = saved_config(flags["out"]).flat() if flags["resume"] else None
+    if flags["data"] is not None:
+        flags = dict(flags, data=os.path.abspath(flags["data"]))
     model = saved["family"] if saved else flags["family"]
     names = TrainConfig(family=model).flat()  # the family's options and the run's, as the flags name them
     for name in flags:
@@ -46,6 +53,8 @@ def config_from_flags(ctx: click.Context, flags: dict) -> TrainConfig:
         if name == "microbatches" and value != saved[name] and saved.get("dropout", 0) > 0:
             click.echo(f"note: --microbatches {value} (the run had {saved[name]}): dropout masks from here on "
                        "differ from the ones an uninterrupted run would draw", err=True)
+        if name == "steps" and value != saved[name] and value > saved_step(flags["out"]):
+            ctx.meta["resume_notes"] = [schedule_note(saved, value, saved_step(flags["out"]))]
         if name in RESUME_OVERRIDABLE:
             saved[name] = value
         elif value != saved[name]:
@@ -53,6 +62,18 @@ def config_from_flags(ctx: click.Context, flags: dict) -> TrainConfig:
                            f"{value!r} differs from the checkpoint's {saved[name]!r};"
                            " it cannot change on --resume")
     return TrainConfig(**saved)
+
+
+def schedule_note(saved: dict, steps: int, done: int) -> str:
+    """A line saying that a new --steps recomputes the learning-rate schedule (its cosine decays to
+    --min-lr at the new last step), and what the next step's rate is against the old schedule's. As
+    Megatron-LM does with --override-opt_param-scheduler: a longer run is what a user extending one asks
+    for (`train` prints it once the run has loaded, so a run refused on its data says nothing else)."""
+    from ringpipe.model.nn.optim import lr_at
+
+    rates = [lr_at(done, saved["lr"], saved["min_lr"], saved["warmup"], total) for total in (steps, saved["steps"])]
+    return (f"note: --steps {steps} (the run had {saved['steps']}): the learning-rate schedule is recomputed "
+            f"for {steps} steps; step {done + 1} trains at lr {rates[0]:.3g} ({rates[1]:.3g} on the old schedule)")
 
 
 def already_complete(ctx: click.Context, config: TrainConfig, out: str) -> bool:

@@ -88,6 +88,11 @@ class ClusterStopped(WorkerLost):
         return getattr(self.cause, "report", None)
 
 
+# In a worker, the path of the driver's script while it is imported (as __mp_main__) to find a
+# function of it; None otherwise. A Cluster started then is the script's unguarded entry point.
+importing_main: str | None = None
+
+
 def reference(target) -> dict:
     """How a worker finds `target`: module + qualified name (module-level functions/classes only)."""
     module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", "")
@@ -98,6 +103,12 @@ def reference(target) -> dict:
         main = getattr(sys.modules["__main__"], "__file__", None)
         main = os.path.abspath(main) if main else None
     return {"module": module, "qualname": qualname, "main": main}
+
+
+def check_wait_timeout(name: str, timeout) -> None:
+    """Raise ValueError unless `timeout` (waiting for call `name`) is None or positive seconds."""
+    if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+        raise ValueError(f"{name}: timeout must be a positive number of seconds (or None), got {timeout!r}")
 
 
 class CallFuture:
@@ -130,14 +141,21 @@ class CallFuture:
         return self._done.is_set()
 
     def result(self, timeout: float | None = None):
+        check_wait_timeout(self.name, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._done.wait(0.05):
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no result after {timeout}s")
-            thread = getattr(self.cluster, "_thread", None)
-            if thread is not None and not thread.is_alive() and not self._done.is_set():
-                # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
-                raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
+        try:
+            while not self._done.wait(0.05):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name}: no result after {timeout}s")
+                thread = getattr(self.cluster, "_thread", None)
+                if thread is not None and not thread.is_alive() and not self._done.is_set():
+                    # Nobody is left to deliver the result (the driver thread ended or the cluster closed).
+                    raise ClusterStopped(self.cluster._failure or RuntimeError("the cluster was closed"))
+        except KeyboardInterrupt:
+            # Ctrl-C: the caller gives up on the call, so the workers do too (the next call would
+            # otherwise wait behind it).
+            self.cluster.interrupt(self)
+            raise
         if self.died is not None:
             raise self.died
         if self.errors:

@@ -31,10 +31,11 @@ import weakref
 
 import zmq
 
-from ringpipe.runtime import addresses, wire
+from ringpipe.runtime import addresses, calls, wire
 from ringpipe.runtime.auth import JobKeys, raise_descriptor_limit
 from ringpipe.runtime.calls import (ActorGroup, CallFuture, ClusterStopped, RemoteError, WorkerDied, WorkerLost, WorkerStuck,
                            WorkerUnresponsive, reference)
+from ringpipe.runtime.cluster_options import check_cluster_options
 from ringpipe.runtime.cluster_startup import StartUp
 from ringpipe.runtime.cluster_trace import TraceControl
 from ringpipe.runtime.failure_report import report_lost_worker, report_remote_error
@@ -66,19 +67,21 @@ class Cluster(StartUp, TraceControl):
         (default: `LocalLauncher`, child processes on this host); `env` is added to their environment.
         `restart_count`: the job's restarts so far (TORCHELASTIC_RESTART_COUNT).
         `log_dir`: each rank's stdout and stderr go to `log_dir`/rank-R.log (runtime/rank_logs.py).
-        Every failure a call raises carries a `report` (runtime/failure_report.py)."""
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
-        if algorithm not in ("auto", "direct", "ring", "shm"):
-            raise ValueError(f"algorithm must be auto, direct, ring or shm, got {algorithm!r}")
+        Every failure a call raises carries a `report` (runtime/failure_report.py). Every option is
+        checked before a worker starts (runtime/cluster_options.py): a ValueError names the first
+        one out of range (e.g. `timeout` must be above 0, `arena_bytes` at least 1 MiB)."""
+        if calls.importing_main is not None:  # a worker re-running the script: it would start workers too
+            raise RuntimeError(f"Cluster started while a worker imports the driver's script {calls.importing_main} "
+                               "to find its function: guard the script's entry point with "
+                               "`if __name__ == \"__main__\":` (workers import the script, as multiprocessing's do)")
+        check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worker, bind_host, start_timeout,
+                              arena_bytes, env, heartbeat_interval, heartbeat_timeout, stuck_grace, log_dir,
+                              restart_count, comm_options)
         self.world_size, self.restart_count = world_size, restart_count
         self.job_id = secrets.token_hex(6)
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)
         self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // world_size)
-        if not 0 < heartbeat_interval < heartbeat_timeout:
-            raise ValueError(f"heartbeat_interval {heartbeat_interval!r} must be positive and below "
-                             f"heartbeat_timeout {heartbeat_timeout!r}")
         self.heartbeat_interval, self.heartbeat_timeout, self.stuck_grace = \
             heartbeat_interval, heartbeat_timeout, stuck_grace
         raise_descriptor_limit()
@@ -315,12 +318,22 @@ class Cluster(StartUp, TraceControl):
             self._post(rank, message)
         return future
 
+    def interrupt(self, future: CallFuture):
+        """Give up on call `future` (Ctrl-C in the driver): its communication is aborted and its
+        ranks' code gets KeyboardInterrupt (runtime/worker.py), so the next call starts at once."""
+        if future.done() or self._closed:
+            return
+        reason = f"call {future.name} was interrupted in the driver (KeyboardInterrupt)"
+        self._post(None, lambda: (self._abort(reason, future.call_id),
+                                  self._broadcast({"t": "interrupt", "call": future.call_id}, future.ranks)))
+
     def submit(self, fn, *args, ranks=None, **kwargs) -> CallFuture:
         """Start `fn(comm, *args, **kwargs)` on every rank (or `ranks`); returns a CallFuture."""
         return self._call("run", reference(fn), args, kwargs, ranks, name=getattr(fn, "__qualname__", "fn"))
 
     def run(self, fn, *args, ranks=None, timeout: float | None = None, **kwargs) -> list:
         """Run `fn(comm, *args, **kwargs)` on every rank (SPMD); returns the results ordered by rank."""
+        calls.check_wait_timeout(getattr(fn, "__qualname__", "fn"), timeout)  # before the call starts
         return self.submit(fn, *args, ranks=ranks, **kwargs).result(timeout)
 
     def spawn(self, cls, *args, ranks=None, **kwargs) -> ActorGroup:

@@ -27,7 +27,10 @@ class CommunicatorInterface(Protocol):
     """A group of ranks: point-to-point messages and collectives. Every member calls a collective,
     in the same order with the same shape, dtype, reduction and root; a disagreement or a peer
     silent past `timeout` raises a `runtime.CommError` naming the operation, rank and peer.
-    `timeout` arguments are seconds (default: the communicator's `timeout`)."""
+    `timeout` arguments are seconds (default: the communicator's `timeout`). A bad argument (not an
+    array where the result is written into it, read-only there, a non-numeric dtype, an unknown
+    op, a timeout not above 0) raises TypeError or ValueError on its rank before the operation
+    starts, so the group's later operations stay in step (runtime/arguments.py)."""
 
     @property
     def rank(self) -> int:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p_fast, shm_small
+from ringpipe.runtime.arguments import check_array, check_operation, check_timeout
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
 from ringpipe.runtime.channel_regions import exchange_entries, open_channel
-from ringpipe.runtime.group_state import GroupState
+from ringpipe.runtime.group_state import GroupState, announce_group, waited
 from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_p2p_receive import RingReceive
 from ringpipe.runtime.trace import now_ns
@@ -100,8 +101,7 @@ class Communicator:
     def new_group(self, ranks) -> "Communicator | None":
         """A communicator over `ranks` (indices in this communicator); None on ranks outside it.
 
-        Every member must call it (non-members may too); its id is derived from the members, so
-        members agree without communicating."""
+        Every member must call it, with the same `ranks` (non-members may too; runtime/group_state.py)."""
         self._sequence.check_alive("new_group")
         ranks = [int(r) for r in ranks]
         if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
@@ -111,6 +111,7 @@ class Communicator:
         self._subgroups[members] += 1
         if self.rank not in ranks:
             return None
+        announce_group(self.engine, self.group, members)  # for a timeout to say if members disagree
         gid = f"{self.group.gid}/{','.join(map(str, members))}#{occurrence}"
         shm = self.group.shm or all(m in self.engine.shm_peers or m == self.engine.rank for m in members)
         shm = shm and self.config.shm and self.engine.arena is not None
@@ -126,9 +127,8 @@ class Communicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> Handle:
         """Start sending array `x` to `dst`; do not modify `x` until the handle is done."""
         dst_global = self._peer(dst, "send")
+        check_operation("send", self.rank, x, timeout=timeout)  # (bad arguments raise before anything starts)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
-        if host.dtype.kind not in "biufc":
-            raise TypeError(f"send: dtype {host.dtype} is not numeric")
         engine = self.engine
         call = engine.call
         name = f"send to rank {dst} tag {tag} on group {self.group.gid}"
@@ -172,6 +172,7 @@ class Communicator:
 
     def send(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> None:
         self._sequence.check_alive("send")  # (before the fast path, which knows no group's life)
+        check_array("send", self.rank, x)  # (before the fast path too: isend checks the rest)
         shm_p2p_fast.send(self, x, dst, tag) or self.isend(x, dst, tag, timeout).wait()  # fast: one call into C
 
     def irecv(self, src: int, tag: int = 0, out=None, timeout: float | None = None) -> Handle:
@@ -180,6 +181,8 @@ class Communicator:
         `out` must have the message's shape and dtype (nothing is cast): otherwise `wait()` raises
         ValueError naming both, and the sender is not held up (its data was delivered)."""
         src_global = self._peer(src, "recv")
+        out is None or check_array("recv", self.rank, out, "out", in_place=True)
+        check_timeout("recv", self.rank, timeout)
         gid, engine = self.group.gid, self.engine
         host_out = out if out is None or type(out) is np.ndarray or not array_module.is_device_array(out) else None
         expect = None if out is None else (tuple(out.shape), np.dtype(out.dtype))
@@ -209,6 +212,7 @@ class Communicator:
 
     def recv(self, src: int, tag: int = 0, out=None, timeout: float | None = None):
         self._sequence.check_alive("recv")
+        out is None or check_array("recv", self.rank, out, "out", in_place=True)
         found = shm_p2p_fast.recv(self, src, tag, out, timeout)  # the common case in one call into C, or None
         return found if found is not None else self.irecv(src, tag, out, timeout).wait()
 
@@ -248,7 +252,7 @@ class Communicator:
                             "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{call}"})
         handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
                                     timeout=timeout, transform=finish, trace=trace, call=call)
-        return handle if async_op else handle.wait()
+        return handle if async_op else waited(self, handle)
 
     def _channel(self, name, timeout):
         """The group's same-host channel, opened on first use (one message round over the engine,
@@ -287,19 +291,12 @@ class Communicator:
         result = channel.run(full_name, signature, direct, patience, trace, key)
         return finish(result) if finish is not None else result
 
-    @staticmethod
-    def _check_op(name, op):
-        if op not in collectives.REDUCTIONS:
-            raise ValueError(f"{name}: unknown reduction op {op!r}; expected one of {sorted(collectives.REDUCTIONS)}")
-
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
+        check_operation("all_reduce", self.rank, x, True, op, timeout)
         if not async_op and type(x) is np.ndarray and self._small("all_reduce", x, op, timeout):
             return x
-        self._check_op("all_reduce", op)
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
-        if op == "avg" and host.dtype.kind not in "fc":
-            raise TypeError(f"all_reduce: op 'avg' needs a floating dtype, got {host.dtype}")
         dtype = working_dtype(host.dtype)
         in_place = (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.dtype == dtype
                     and not array_module.is_device_array(x))
@@ -319,6 +316,7 @@ class Communicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Concatenation along axis 0 of every rank's `x` (same shape everywhere); 0-d inputs stack."""
+        check_operation("all_gather", self.rank, x, timeout=timeout)
         gathered = None if async_op or type(x) is not np.ndarray else self._small("all_gather", x, timeout)
         if isinstance(gathered, np.ndarray):
             return gathered
@@ -338,13 +336,11 @@ class Communicator:
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group."""
-        self._check_op("reduce_scatter", op)
+        check_operation("reduce_scatter", self.rank, x, op=op, timeout=timeout)
         host = np.asarray(array_module.to_host(x))
         if host.ndim == 0 or host.shape[0] % self.size:
             raise ValueError(f"reduce_scatter: x.shape[0] must be divisible by the group size {self.size}, "
                              f"got shape {host.shape} on rank {self.rank}")
-        if op == "avg" and host.dtype.kind not in "fc":
-            raise TypeError(f"reduce_scatter: op 'avg' needs a floating dtype, got {host.dtype}")
         rows = host.shape[0] // self.size
         small = None if async_op or type(x) is not np.ndarray else self._small("reduce_scatter", x, op, timeout)
         if isinstance(small, np.ndarray):
@@ -367,6 +363,7 @@ class Communicator:
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Copy rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
         self._peer(src, "broadcast")
+        check_operation("broadcast", self.rank, x, True, timeout=timeout)
         if not async_op and type(x) is np.ndarray and self._small("broadcast", x, int(src), timeout):
             return x
         host = np.asarray(array_module.to_host(x))
@@ -384,6 +381,7 @@ class Communicator:
                                 lambda channel: shm_collectives.broadcast(channel, work, int(src)))
 
     def barrier(self, async_op: bool = False, timeout: float | None = None):
+        check_timeout("barrier", self.rank, timeout)
         if not async_op and self._small("barrier", timeout):
             return None
         return self._collective("barrier", {"op": "barrier"}, collectives.barrier, None, async_op, timeout,

@@ -1,6 +1,12 @@
 """What the communicators of one group share (`Communicator.using` makes more of them): the
 numbers of its collectives, and its life. A group is destroyed once on each rank, by `destroy()` or
 when its last communicator is garbage; its same-host channel then goes (runtime/channel_regions.py).
+
+Members of a new group must agree on its members, and nothing checks it as the group is made (its
+id is derived from the members without communicating, and non-members need not call new_group): a
+member whose list differs just never answers. So each member of a new group tells every rank of
+the parent group which members it chose (a one-way "made" note over the engine), and a waited-for
+collective of the group that times out names the lists of the members it waited for when they differ.
 """
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import threading
 import weakref
 
 from ringpipe.runtime.channel_regions import close_group
-from ringpipe.runtime.operations import GroupDestroyed
+from ringpipe.runtime.operations import CommTimeout, GroupDestroyed
+
+MADE_KEPT = 64  # the last groups made per (rank, parent group) kept for the check
 
 
 class GroupState:
@@ -46,4 +54,44 @@ class GroupState:
             self._finalizer()
 
 
-__all__ = ["GroupState"]
+def announce_group(engine, parent, members: tuple):
+    """Tell every rank of group `parent` (but this one) that this rank made a group of `members`."""
+    for peer in parent.ranks:
+        if peer != engine.rank:
+            engine.send(peer, {"k": "made", "g": parent.gid, "m": list(members)})
+
+
+def on_made(engine, src: int, header: dict):
+    """The engine thread's part: keep rank `src`'s note that it made a group of group `header["g"]`."""
+    members = header.get("m")
+    if isinstance(header.get("g"), str) and isinstance(members, list) and all(isinstance(m, int) for m in members):
+        made = engine.__dict__.setdefault("groups_made", {}).setdefault((src, header["g"]), [])
+        made.append(tuple(members))
+        del made[:-MADE_KEPT]
+
+
+def disagreement(engine, group) -> str | None:
+    """Why group `group` may never complete: a member whose new_group of the same parent group chose
+    other members (from their "made" notes), or None when every member's notes agree."""
+    parent, _, _ = group.gid.rpartition("/")
+    made = engine.__dict__.get("groups_made", {})
+    for peer in group.ranks:
+        lists = made.get((peer, parent))
+        if peer != engine.rank and lists and tuple(group.ranks) not in lists:
+            return (f"the members disagree: rank {engine.rank} made this group with new_group over world ranks "
+                    f"{list(group.ranks)} of group {parent}, rank {peer} over {list(lists[-1])}")
+    return None
+
+
+def waited(communicator, handle):
+    """`handle.wait()`; a timeout of a group whose members disagree (see disagreement) says so."""
+    try:
+        return handle.wait()
+    except CommTimeout as exc:
+        why = disagreement(communicator.engine, communicator.group) if "/" in communicator.group.gid else None
+        if why is None:
+            raise
+        raise CommTimeout(f"{exc}; {why}") from None
+
+
+__all__ = ["GroupState", "announce_group", "on_made", "disagreement", "waited"]

@@ -10,6 +10,7 @@ import time
 import zmq
 
 from ringpipe.runtime import wire
+from ringpipe.runtime.group_state import on_made
 from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, Message, Recv, WaitSent
 from ringpipe.runtime.shm import same_host
 
@@ -104,6 +105,9 @@ class MessageDispatch:
             if not isinstance(header.get("g"), str):
                 raise wire.WireError("bad group-closed message")
             self.regions.on_closed(src, header["g"])
+            return
+        if kind == "made":  # a rank made a group (runtime/group_state.py), in any epoch
+            on_made(self, src, header)
             return
         if kind not in ("p2p", "coll", "abort"):
             raise wire.WireError(f"unknown message kind {kind!r}")

@@ -39,9 +39,11 @@ class RingReceive:
                 self._fail(Cancelled(f"{self.name} was cancelled on rank {engine.rank}: its call ended before it "
                                      f"finished; wait() for asynchronous operations before a call returns"))
             else:
-                deadline = self.deadline if timeout is None else min(self.deadline, time.monotonic() + timeout)
+                deadline, patience = self.deadline, self.timeout
+                if timeout is not None and time.monotonic() + timeout < deadline:  # the error names the one that ran out
+                    deadline, patience = time.monotonic() + timeout, timeout
                 try:
-                    found = self.rings.take(self.src, self.key, self.ticket, deadline, self.name, self.timeout,
+                    found = self.rings.take(self.src, self.key, self.ticket, deadline, self.name, patience,
                                             out=self.out)
                 except Exception as exc:  # noqa: BLE001 - the handle's error
                     self._fail(exc)

@@ -2,7 +2,8 @@
 
 Public API:
     from ringpipe.runtime.testing import run_local
-    results = run_local(fn, world_size=4, *args)       # one-off cluster, closed afterwards
+    results = run_local(fn, 4, *args)                  # one-off cluster, closed afterwards
+    (world_size is positional: `run_local(fn, world_size=4, *args)` would pass args as world_size)
 
 As a pytest plugin (registered through the `pytest11` entry point when ringpipe is installed):
     def test_sum(local_cluster):

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -57,10 +58,19 @@ def resolve(reference: dict):
             path = reference.get("main")
             if not path:
                 raise ImportError("the driver's __main__ has no file; define functions in an importable module")
+            from ringpipe.runtime import calls
+
             spec = importlib.util.spec_from_file_location("__mp_main__", path)
             module = importlib.util.module_from_spec(spec)
             sys.modules["__mp_main__"] = module
-            spec.loader.exec_module(module)
+            calls.importing_main = path  # a Cluster started meanwhile is the script's unguarded entry point
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules["__mp_main__"]
+                raise
+            finally:
+                calls.importing_main = None
     else:
         module = importlib.import_module(module_name)
     target = module
@@ -95,6 +105,8 @@ class Worker:
         self.current: tuple | None = None
         self._later_abort: tuple | None = None  # (call id, reason): an abort of a call still queued
         self.main_thread = threading.get_ident()
+        self.running_call = None  # the id of the call whose code runs now (what an interrupt may stop)
+        self.interrupted_call = None  # the call the driver interrupted last
         self.log_to_file = bool(boot.get("log_path"))
 
         arena = None
@@ -161,6 +173,10 @@ class Worker:
                               call if isinstance(call, int) else None)
         elif kind == "stop":
             self.calls.put(None)
+        elif kind == "interrupt":
+            self.interrupted_call = value.get("call")
+            if self.running_call is not None and self.running_call == self.interrupted_call:
+                signal.pthread_kill(self.main_thread, signal.SIGINT)  # wakes a sleep; see on_interrupt
         elif kind == "clock":
             self.engine.send_control({"t": "clock", "time": now_ns()})
         elif kind == "trace":
@@ -228,7 +244,12 @@ class Worker:
             self.engine.begin_call(call["id"])
             failed = True
             try:
-                value = self._execute(call)
+                self.running_call = call["id"]
+                try:
+                    self.on_interrupt()  # interrupted while still queued here: do not start it
+                    value = self._execute(call)
+                finally:
+                    self.running_call = None
                 failed = False
                 self._reply({"t": "result", "id": call["id"], "ok": True, "value": value})
             except SystemExit as exc:
@@ -246,6 +267,12 @@ class Worker:
                 # What a failed call held often sits in reference cycles (a frame of the traceback
                 # holding the error): free it now, so the communicator groups it made go at once.
                 gc.collect()
+
+    def on_interrupt(self, *signal_args):
+        """Raise KeyboardInterrupt in the call's code if the driver interrupted the call running
+        now (the SIGINT handler; a stray SIGINT, or one after the call ended, does nothing)."""
+        if self.running_call is not None and self.running_call == self.interrupted_call:
+            raise KeyboardInterrupt(f"rank {self.rank}: call {self._call_name} was interrupted in the driver")
 
     def _log_failure(self, call: dict, exc: BaseException):
         """With a log file (stdout goes there only): the traceback into the log, one line to stderr
@@ -315,6 +342,7 @@ def main():
     prefix = "" if boot.get("log_path") else f"[ringpipe rank {boot['rank']}] "
     logging.basicConfig(level=logging.WARNING, format=f"{prefix}%(levelname)s %(message)s")
     worker = Worker(boot)
+    signal.signal(signal.SIGINT, worker.on_interrupt)  # only the driver's interrupt of a call stops it
     code = worker.serve()
     worker.shutdown()
     os._exit(code)

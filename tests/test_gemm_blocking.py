@@ -77,3 +77,14 @@ def test_the_probe_measures_once_per_process(monkeypatch):
 
 def test_the_real_probe_returns_a_decision():
     assert gemm_blocking._probe() in (True, False)
+
+
+def test_an_operand_that_is_not_an_array_multiplies_itself(split):
+    split(True)
+
+    class Weight:  # as the int8 weights: `x @ w` calls w.__rmatmul__(x)
+        __array_ufunc__ = None
+        def __rmatmul__(self, x):
+            return ("rmatmul", x.shape)
+
+    assert ops.matmul(np.ones((4, 256), np.float32), Weight()) == ("rmatmul", (4, 256))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ringpipe.cluster.cli import main
 from ringpipe.tools.trace_export import assign_lanes, to_chrome_trace
 from ringpipe.tools.trace_io import Event, clock_correction, load_trace
-from ringpipe.tools.trace_summary import clip, intersect, schedule_bubble, subtract, summarize, union
+from ringpipe.tools.trace_summary import clip, format_summary, intersect, schedule_bubble, subtract, summarize, union
 from ringpipe.tools.trace_view import FORMAT_SCRIPT, render_html, view_data
 
 US = 1000  # ns per microsecond
@@ -371,3 +371,11 @@ def test_bench_trace_tools_times_each_tool_on_a_copy_of_the_run(synthetic, tmp_p
     assert all(row["wall_s"] > 0 and row["cpu_s"] > 0 for row in rows)
     assert {row["name"]: row["target_s"] for row in rows if row["target_s"]} == {"summary": 3.0, "view": 5.0}
     assert sorted(os.listdir(synthetic)) == before  # the run itself is left as it was
+
+
+def test_summary_of_a_trace_with_a_rank_file_deleted_names_the_missing_rank(synthetic):
+    os.remove(os.path.join(synthetic, "trace-rank1.json"))
+    summary = summarize(load_trace(synthetic))
+    assert summary["missing_ranks"] == [1] and [r["rank"] for r in summary["ranks"]] == [0]
+    assert ("warning: no trace file for rank 1 (trace-rankN.json): this summarises 1 of 2 ranks"
+            in format_summary(summary).splitlines())

@@ -162,7 +162,7 @@ def _bad_cases(tmp_path, corpus):
                                         "block size 2000"),
         "no files matched": (["train", "--data", tmp_path / "*.nothing"], "no files matched"),
         "n_embd not divisible by n_head": (["train", "--data", corpus, "--n-embd", 10,
-                                            "--n-head", 3], "n_embd"),
+                                            "--n-head", 3], "--n-embd 10"),
         "microbatches not dividing batch": (["train", "--data", corpus, "--microbatches", 5],
                                             "microbatches"),
         "unknown dtype": (["train", "--data", corpus, "--dtype", "float16"], "--dtype"),

@@ -84,6 +84,7 @@ class Trace:
     metrics: list = field(default_factory=list)
     schedule: dict | None = None
     causality: CausalityReport = field(default_factory=CausalityReport)
+    missing_ranks: list = field(default_factory=list)  # ranks of the run (clocks.json's world_size) with no file
 
     def spans(self, rank: int | None = None, thread: str | None = None) -> list:
         """The "X" events, in start order, of one rank and/or thread (None: all)."""
@@ -293,4 +294,12 @@ def _load_trace(directory: str, counters: bool) -> Trace:
     return Trace(directory=os.path.abspath(directory), ranks=list(files), events=raw, pids=pids,
                  clock_source="clocks.json (interpolated)" if clocks else "none (raw rank clocks)",
                  offsets_ns=offsets, base_ns=base, metrics=read_metrics(directory), schedule=schedule,
-                 causality=check_causality(raw))
+                 causality=check_causality(raw), missing_ranks=_missing_ranks(clocks, files))
+
+
+def _missing_ranks(clocks, files: dict) -> list:
+    """The ranks of the run without a trace file: below clocks.json's world size (without it, below
+    the highest rank that has one)."""
+    world = clocks.get("world_size") if isinstance(clocks, dict) else None
+    world = world if isinstance(world, int) and world > 0 else max(files, default=-1) + 1
+    return sorted(set(range(world)) - set(files))

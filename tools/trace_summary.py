@@ -333,6 +333,7 @@ def summarize(trace: Trace) -> dict:
     return {
         "directory": trace.directory,
         "world_size": len(trace.ranks),
+        "missing_ranks": list(trace.missing_ranks),
         "wall_ms": _ms(total(window)),
         "clock": trace.clock_source,
         "ranks": ranks,
@@ -357,6 +358,11 @@ def format_summary(summary: dict, max_steps: int | None = 8) -> str:
               f"{'overlap%':>9} {'bubble%':>8}")
     lines = [f"trace {summary['directory']}  ({summary['world_size']} ranks, {summary['wall_ms']:.3f} ms, "
              f"clock: {summary['clock']})", header]
+    missing = summary.get("missing_ranks")
+    if missing:
+        lines.insert(1, f"warning: no trace file for rank{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(map(str, missing))} (trace-rankN.json): this summarises "
+                        f"{summary['world_size']} of {summary['world_size'] + len(missing)} ranks")
     for r in summary["ranks"]:
         flag = "  <- slowest" if r["slowest"] else ""
         lines.append(f"{r['rank']:>4} {r['wall_ms']:>10.3f} {r['compute_pct']:>9.2f} {r['comm_pct']:>7.2f} "

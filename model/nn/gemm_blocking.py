@@ -66,8 +66,9 @@ def splitting() -> bool:
 
 
 def matmul32(a, b):
-    """a (M, K) @ b (K, N) for float32 NumPy arrays; other ranks and shapes are a plain `a @ b`."""
-    if (a.ndim == 2 and b.ndim == 2 and a.shape[1] > BLOCK_K and a.shape[0] * b.shape[1] <= SMALL_OUTPUT
+    """a (M, K) @ b (K, N) for float32 NumPy arrays; other ranks, shapes and operand types (an int8
+    weight that multiplies itself, `__rmatmul__`) are a plain `a @ b`."""
+    if (type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2 and a.shape[1] > BLOCK_K and a.shape[0] * b.shape[1] <= SMALL_OUTPUT
             and splitting()):
         return blocked(a, b)
     return a @ b

@@ -20,6 +20,7 @@ uses its measured (latency, seconds per byte) per operation and group size inste
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -177,6 +178,12 @@ def load_machine(path: str) -> Machine:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"machine file {path}: unknown field(s) {', '.join(unknown)}")
+    if not isinstance(data, dict):
+        raise ValueError(f"machine file {path}: not a JSON object of machine fields")
+    missing = [name for name, f in Machine.__dataclass_fields__.items() if name not in data and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"machine file {path}: missing field(s) {', '.join(missing)}")
     try:
         return Machine(**data)
     except (TypeError, KeyError, ValueError) as exc:

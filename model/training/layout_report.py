@@ -41,7 +41,8 @@ def describe_layout(plan, layout, train_dtype: str) -> str:
     and what one process would need."""
     p, v, tp = layout.pp, layout.virtual_stages, layout.tp
     mesh = (f"layout: dp {layout.dp} × tp {tp} × pp {p}" + (f" × {v} virtual stages" if v > 1 else "")
-            + f" ({layout.schedule}), {layout.world_size} workers; blocks per stage ")
+            + (f" ({layout.schedule})" if p > 1 else "")  # no stages, no schedule to name
+            + f", {layout.world_size} workers; blocks per stage ")
     if not hasattr(plan, "param_shapes"):  # a family that does not say its shapes: split by count
         ranges = split_layers(plan.num_layers, p * v, layout.split)
         return mesh + ",".join(str(len(r)) for r in ranges) + (" (as --split)" if layout.split else " (balanced by count)")

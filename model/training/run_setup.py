@@ -16,7 +16,9 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from ringpipe.model.data.dataset import TokenDataset, load_corpus, write_token_file
+import numpy as np
+
+from ringpipe.model.data.dataset import TOKEN_DTYPE, TokenDataset, load_corpus, write_token_file
 from ringpipe.model.data.hf_tokenizer import with_special_tokens
 from ringpipe.model.data.tokenizer import load_tokenizer, make_tokenizer, tokenizer_type
 from ringpipe.model.families import check_checkpoint_family, family, special_ids
@@ -46,6 +48,20 @@ def tokenize_corpus(config: TrainConfig, tokenizer=None):
             raise ValueError(f"the data does not fit the checkpoint's tokenizer: {exc}") from None
     TokenDataset(ids, config.val_fraction).check_block_size(config.model.block_size)
     return tokenizer, ids
+
+
+def check_same_corpus(ids, run_dir: str, data: str | None) -> None:
+    """ValueError when the run's token file holds other tokens than `ids`: its --data names another
+    corpus, or the corpus was edited. Resuming would train on other text than the run's (and overwrite
+    the token file); the same text anywhere else (a moved or copied file) resumes."""
+    path = os.path.join(run_dir, TOKEN_FILE)
+    if not os.path.exists(path):  # a run from before token files were kept in it
+        return
+    saved = np.fromfile(path, dtype=TOKEN_DTYPE)
+    if saved.shape != (len(ids),) or not np.array_equal(saved, np.asarray(ids)):
+        raise ValueError(f"--data {data or '(the Python standard library)'} holds other text than the corpus the "
+                         f"run in {run_dir} trained on ({len(ids)} tokens vs {saved.size} in its {TOKEN_FILE}); "
+                         "resume with that corpus, or start a new run")
 
 
 @dataclass
@@ -102,6 +118,7 @@ class RunSetup:
             raise ValueError(f"tokenizer {config.tokenizer!r} differs from the checkpoint's "
                              f"{tokenizer.type!r} in {checkpoint}")
         _, ids = tokenize_corpus(config, tokenizer)
+        check_same_corpus(ids, run_dir, config.data)
         check_resumable(checkpoint, config.model_config(tokenizer.vocab_size), model_family)  # before reading it
         return cls(config, run_dir, tokenizer, tokenizer.vocab_size, step=state["step"],
                    special_ids=special_ids(tokenizer, model_family), ids=ids)

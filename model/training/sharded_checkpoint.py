@@ -7,8 +7,8 @@
 Saving (`save_sharded_checkpoint`, driver side, with `ParallelTrainer.save_checkpoint_pieces` on
 every rank): each rank writes its tensor-parallel slices of the parameters of its pipeline stages
 and their Adam moments. What data-parallel replicas hold alike is written once, spread over them
-(the i-th tensor by the (i mod dp)-th replica; parameters that tensor parallelism replicates too,
-spread over dp × tp); a tied parameter by the stage that embeds. With ZeRO-1 every rank writes its
+balanced by bytes (checkpoint_writers.py; parameters that tensor parallelism replicates too, over
+dp × tp); a tied parameter by the stage that embeds. With ZeRO-1 every rank writes its
 shard of the moments as it holds it, cut into boxes of the global tensors. Each rank reports its
 pieces once they are fsynced; the driver checks they cover every tensor and renames the metadata
 into place (checkpoint_metadata.py). Until then `find_checkpoint` does not see the directory, and
@@ -36,6 +36,7 @@ from ringpipe.model.training.checkpoint_metadata import (check_checkpoint, commi
                                                          tensor_name)
 from ringpipe.model.training.checkpoint_pieces import (box_slices, flat_range_boxes, intersect, local_shape,
                                                        local_to_global, shard_boxes, volume)
+from ringpipe.model.training.checkpoint_writers import WriterPlan, plan_writers, writes
 from ringpipe.model.training.run_dir import step_directory
 from ringpipe.model.training.step import NonFiniteError
 from ringpipe.runtime.calls import RemoteError
@@ -69,13 +70,13 @@ def _piece(trainer, name: str, role: str, entry: dict, global_box, array) -> dic
             "key": f"{tensor}@{','.join(map(str, offsets))}", "array": array}  # a view: copied when written
 
 
-def _writes(trainer, index: int, replicated: bool) -> bool:
-    """Whether this rank writes the `index`-th of its tensors that data-parallel replicas (and, when
-    `replicated`, tensor-parallel peers) hold alike: one of them does, in turn."""
+def writer_plan(trainer, table: dict, weights: dict, names: list) -> WriterPlan:
+    """Who writes each of `names` among the replicas that hold it alike, balanced by bytes
+    (model/training/checkpoint_writers.py); the same plan on every rank of the stage's dp × tp block."""
     mesh = trainer.mesh
-    if replicated:
-        return index % (mesh.dp_size * mesh.tp_size) == mesh.dp_rank * mesh.tp_size + mesh.tp_rank
-    return index % mesh.dp_size == mesh.dp_rank
+    tensors = [(name, volume(table[name]["full_shape"]) * weights[name].dtype.itemsize, table[name]["axis"] is None)
+               for name in names]
+    return plan_writers(tensors, mesh.dp_size, mesh.tp_size, bool(trainer.layout.zero))
 
 
 def owned_pieces(trainer) -> list[dict]:
@@ -85,10 +86,11 @@ def owned_pieces(trainer) -> list[dict]:
     tied, embeds = set(trainer.plan.tied_params), 0 in trainer.stages
     names = [name for name in sorted(weights) if embeds or name not in tied]
     zero = bool(trainer.layout.zero)
+    plan, mesh = writer_plan(trainer, table, weights, names), trainer.mesh
     pieces = []
-    for index, name in enumerate(names):
+    for name in names:
         entry = table[name]
-        if not _writes(trainer, index, entry["axis"] is None):
+        if not writes(plan, name, mesh.dp_rank, mesh.tp_rank):
             continue
         arrays = {"weight": weights[name]}
         if not zero:
@@ -98,22 +100,22 @@ def owned_pieces(trainer) -> list[dict]:
             pieces += [_piece(trainer, name, role, entry, global_box, array[box_slices(*local)])
                        for local, global_box in pairs]
     if zero:
-        pieces += _zero_moment_pieces(trainer, table, names)
+        pieces += _zero_moment_pieces(trainer, table, names, plan)
     return pieces
 
 
-def _zero_moment_pieces(trainer, table: dict, names: list) -> list[dict]:
+def _zero_moment_pieces(trainer, table: dict, names: list, plan: WriterPlan) -> list[dict]:
     """ZeRO-1: this rank's 1/dp of every bucket of Adam moments, as boxes of the global tensors. A
-    parameter that tensor parallelism replicates has the same moments on every tp peer: one of them
-    writes it."""
+    parameter that tensor parallelism replicates has the same moments on every tp peer: the one
+    the plan names writes it."""
     gradients, optimizer, mesh = trainer.gradients, trainer.optimizer, trainer.mesh
-    index = {name: i for i, name in enumerate(names)}
+    index = set(names)
     pieces = []
     for b, bucket in enumerate(gradients.buckets):
         shard = optimizer.shards[b]
         for name in bucket.names:
             entry = table[name]
-            if name not in index or (entry["axis"] is None and index[name] % mesh.tp_size != mesh.tp_rank):
+            if name not in index or (entry["axis"] is None and plan.moments[name] != mesh.tp_rank):
                 continue
             begin = gradients.offsets[name]
             size = volume(gradients.shapes[name])
