@@ -55,4 +55,21 @@ def build(name: str, flags=("-O2", "-fPIC", "-shared"), sources=None) -> ctypes.
     return ctypes.CDLL(str(target))
 
 
-__all__ = ["build", "cache_dir"]
+def extension(module: str, name: str, sources):
+    """The csrc files `sources` built (as `build` does, into `name`) and loaded as the CPython
+    extension module `module` (its PyInit_`module`): for calls that take arrays through the buffer
+    protocol, where a ctypes call with array addresses costs ~15 µs. Raises RuntimeError as `build`
+    does, ImportError when it cannot be loaded."""
+    import importlib.machinery
+    import importlib.util
+    import sysconfig
+
+    flags = ["-O2", "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}"]
+    path = build(name, flags, sources)._name
+    loader = importlib.machinery.ExtensionFileLoader(module, path)
+    loaded = importlib.util.module_from_spec(importlib.util.spec_from_loader(module, loader))
+    loader.exec_module(loaded)
+    return loaded
+
+
+__all__ = ["build", "cache_dir", "extension"]

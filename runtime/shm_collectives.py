@@ -31,6 +31,13 @@ ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 CHUNK_BYTES = 4 << 20  # pipelined chunks of a large all_reduce (see chunk_elements)
 
 
+def one_round_bytes(n: int) -> int:
+    """The largest all_reduce (bytes) of a group of `n` that takes the one-round reduce (before the
+    buffer's size and the single-copy path's choice): the Python round and the C one
+    (runtime/shm_small.py) both choose by it, so members on either meet in the same round."""
+    return max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
+
+
 def _first_round(channel, write) -> int:
     """Start a round: `write(parity)` fills this rank's buffer; the signature goes along when this
     is the collective's first round. Returns the parity once every member has published."""
@@ -59,8 +66,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
         done = _contiguous(work, lambda target: shm_cma.all_reduce(channel, target, reduce, divisor))
         if done is not None:
             return work
-    one_round = max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
-    if work.nbytes <= min(one_round, channel.buffer_bytes):
+    if work.nbytes <= min(one_round_bytes(n), channel.buffer_bytes):
         def write(parity):
             channel.buffer(me, parity, work.dtype, work.size)[...] = work
 

@@ -1,17 +1,21 @@
 """The latency path of a same-host group channel: a small all_reduce, reduce_scatter, all_gather,
-broadcast or barrier that the caller waits for is one call into C (runtime/csrc/shm_small.c)
-between two NumPy copies.
+broadcast or barrier that the caller waits for is one call into C (runtime/csrc/shm_small.c), the
+copies in and out included (csrc/shm_small_call.c, a CPython extension taking the arrays through the
+buffer protocol, built on first use).
 
 The round is the channel's own (runtime/shm_channel.py: same buffers, counters, signatures and
 epochs), so a member on this path and one on the Python path (another wait mode, a larger size,
 an asynchronous call) still meet, check each other's signature and sum in the same order. What
 Python costs per operation is kept to the bookkeeping every operation needs: its number in the
-group, the abort checks, the signature (cached per shape), the copies in and out, the trace span.
+group, the abort checks, the signature (cached per shape), the trace span.
 Error messages are built only when there is an error.
 
 Used where the "c" wait mode works (the compiled helper); elsewhere, and for dtypes or sizes the
-helper does not take (complex, bool, float16 is reduced as float32 by the caller, > SMALL_BYTES),
-the Python path runs.
+helper does not take (complex, bool, float16 is reduced as float32 by the caller, > SMALL_BYTES;
+for all_reduce, larger than the one-round reduce, shm_collectives.one_round_bytes), the Python
+path runs. Where the extension cannot be built (no Python headers), or for an array it
+does not take (not C-contiguous, a read-only result), NumPy copies in and out around a ctypes call
+run the same round (`RINGPIPE_SHM_SMALL_EXT=0` forces that, to compare or to test it).
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ import zlib
 import msgpack
 import numpy as np
 
+from ringpipe.runtime import c_library, shm_cma
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
-from ringpipe.runtime.shm_collectives import SMALL_BYTES
+from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
 # The control block's words (csrc/shm_small.c's enum).
@@ -40,6 +45,27 @@ KIND_BARRIER, KIND_REDUCE = 0, 1
 DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
                                                              "<u4", "<u8"])}
 OPS = {"sum": 0, "avg": 0, "max": 1, "min": 2}
+# csrc/shm_small_call.c: its answer for arrays it does not take; where a result is copied from.
+NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
+# What _run did: the round did not run (the Python path must), the result is in `out`, the caller
+# copies it from the buffers (the extension did not take the arrays).
+NOT_RUN, FILLED, UNFILLED = 0, 1, 2
+MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
+MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c")
+_extension: list = []  # [module or None], built once per process
+
+
+def extension():
+    """The compiled extension (csrc/shm_small_call.c), or None where it cannot be built or
+    `RINGPIPE_SHM_SMALL_EXT` is "0"."""
+    if os.environ.get("RINGPIPE_SHM_SMALL_EXT", "1") == "0":
+        return None
+    if not _extension:
+        try:
+            _extension.append(c_library.extension(MODULE, "shm_small_call", SOURCES))
+        except Exception:  # noqa: BLE001 - no compiler, no headers: NumPy copies around the ctypes call
+            _extension.append(None)
+    return _extension[0]
 
 
 class SmallRounds:
@@ -47,12 +73,17 @@ class SmallRounds:
 
     def __init__(self, channel, lib):
         self.channel, self.lib = channel, lib
-        self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
         n = channel.n
+        self.max_bytes = min(SMALL_BYTES, channel.buffer_bytes)
+        # An all_reduce up to here is one round on the Python path too (shm_collectives.all_reduce).
+        self.reduce_bytes = min(one_round_bytes(n), channel.buffer_bytes)
+        # Other collectives up to here are one round there too while they fit one buffer (and are
+        # not single-copy); a reduce_scatter's result (1/n of it) fits the scratch.
+        self.mid_bytes = min(MID_BYTES, channel.buffer_bytes)
         self.ctl = np.zeros(C_MEMBERS + C_PER_MEMBER * n, np.int64)
         self.words = memoryview(self.ctl)
         self.address = int(self.ctl.ctypes.data)
-        self.scratch = np.empty(self.max_bytes // 8 + 1, np.uint64)
+        self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         for member in range(n):
             base, at = channel.words[member], C_MEMBERS + C_PER_MEMBER * member
@@ -61,6 +92,7 @@ class SmallRounds:
                 base + SIGNATURE_AT, base + SIGNATURE_AT + SIGNATURE_BYTES,
                 base + HEADER_BYTES, base + HEADER_BYTES + channel.buffer_bytes]
         self.yields = int(channel.spin.yields)
+        self.ext = extension()
         self._views: dict = {}  # (dtype, shape, member) -> that member's buffers, parity 0 and 1, and the scratch
         self._signatures: dict = {}  # (op, shape, dtype, reduction or root) -> (dict, msgpack bytes, id)
 
@@ -72,57 +104,61 @@ class SmallRounds:
     def all_reduce(self, comm, x: np.ndarray, op: str, timeout) -> bool:
         dtype = x.dtype
         code, op_code = DTYPES.get(dtype), OPS.get(op)
-        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+        if code is None or op_code is None or (op == "avg" and code > 1):
             return False
+        if x.nbytes > self.max_bytes and (x.nbytes > min(self.reduce_bytes, one_round_bytes(self.channel.n))
+                                          or shm_cma.chosen(self.channel, "all_reduce", x.nbytes)):
+            return False  # (the sizes looked up again: as the Python path does, which a test may change)
         # No test of x's layout or writability: those are this rank's own, and a path chosen on them
         # could reduce differently (signed zeros) from a peer's. The round copies x into its
         # contiguous buffer and back (a read-only x then raises as on the Python path).
-        views = self._views.get((dtype, x.shape, -1)) or self._make_views(dtype, x.shape, -1)
         signature = self._signatures.get(("all_reduce", x.shape, dtype, op)) or self._signature(
             ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
                                                  "reduce": op})
-        if not self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, views, x.nbytes, timeout,
-                         (self.channel.n - 1) * x.nbytes):
+        done = self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, x, FROM_SCRATCH, x.nbytes,
+                         timeout, (self.channel.n - 1) * x.nbytes)
+        if done == NOT_RUN:
             return False
-        x[...] = views[2]
+        if done == UNFILLED:
+            x[...] = self._own_views(x)[2]
         if op == "avg":
             np.divide(x, self.channel.n, out=x)
         return True
 
     def broadcast(self, comm, x: np.ndarray, root: int, timeout) -> bool:
-        if x.nbytes > self.max_bytes or x.dtype.hasobject:  # (layout and writability: as all_reduce)
+        if x.dtype.hasobject or self._too_large("broadcast", x.nbytes):  # (layout, writability: as all_reduce)
             return False
         dtype = x.dtype
-        views = self._views.get((dtype, x.shape, root)) or self._make_views(dtype, x.shape, root)
         signature = self._signatures.get(("broadcast", x.shape, dtype, root)) or self._signature(
             ("broadcast", x.shape, dtype, root), {"op": "broadcast", "shape": list(x.shape), "dtype": dtype.str,
                                                   "root": root})
         if self.channel.me == root:  # its payload goes in its own buffer; the others copy it out
-            return self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, x, views, x.nbytes, timeout,
-                             (self.channel.n - 1) * x.nbytes)
-        if not self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, None, None, x.nbytes, timeout):
-            return False
-        x[...] = views[(self.channel.rounds - 1) & 1]  # the parity of the round just run
-        return True
+            return self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, x, None, root, x.nbytes, timeout,
+                             (self.channel.n - 1) * x.nbytes) != NOT_RUN
+        done = self._run(comm, "broadcast", signature, KIND_BARRIER, 0, 0, None, x, root, x.nbytes, timeout)
+        if done == UNFILLED:
+            views = self._views.get((dtype, x.shape, root)) or self._make_views(dtype, x.shape, root)
+            x[...] = views[(self.channel.rounds - 1) & 1]  # the parity of the round just run
+        return done != NOT_RUN
 
     def all_gather(self, comm, x: np.ndarray, timeout):
         """Every member's `x` stacked along axis 0 (0-d ones as (1,)), as Communicator.all_gather
         returns it; None when the Python path must take it."""
         dtype, shape, n = x.dtype, x.shape, self.channel.n
-        if x.nbytes > self.max_bytes or dtype.hasobject:
+        if dtype.hasobject or self._too_large("all_gather", x.nbytes):
             return None
         piece_shape = shape if shape else (1,)  # as the Python path's np.ascontiguousarray makes it
         signature = self._signatures.get(("all_gather", shape, dtype, None)) or self._signature(
             ("all_gather", shape, dtype, None), {"op": "all_gather", "shape": list(piece_shape), "dtype": dtype.str})
-        own = self._views.get((dtype, shape, -1)) or self._make_views(dtype, shape, -1)
-        if not self._run(comm, "all_gather", signature, KIND_BARRIER, 0, 0, x, own, n * x.nbytes, timeout,
-                         (n - 1) * x.nbytes):
+        out = np.empty((n, *piece_shape), dtype)
+        done = self._run(comm, "all_gather", signature, KIND_BARRIER, 0, 0, x, out, FROM_EVERY_MEMBER, n * x.nbytes,
+                         timeout, (n - 1) * x.nbytes)
+        if done == NOT_RUN:
             return None
         parity = (self.channel.rounds - 1) & 1
-        out = np.empty((n, *piece_shape), dtype)
-        for member in range(n):
-            views = own if member == self.channel.me else (self._views.get((dtype, shape, member))
-                                                          or self._make_views(dtype, shape, member))
+        for member in range(n if done == UNFILLED else 0):
+            views = self._own_views(x) if member == self.channel.me else (self._views.get((dtype, shape, member))
+                                                                         or self._make_views(dtype, shape, member))
             out[member] = views[parity].reshape(piece_shape)
         return out.reshape(n * piece_shape[0], *piece_shape[1:])
 
@@ -131,36 +167,42 @@ class SmallRounds:
         already checked there); None when the Python path must take it."""
         dtype, shape, n = x.dtype, x.shape, self.channel.n
         code, op_code = DTYPES.get(dtype), OPS.get(op)
-        if code is None or op_code is None or x.nbytes > self.max_bytes or (op == "avg" and code > 1):
+        if code is None or op_code is None or (op == "avg" and code > 1):
+            return None
+        if self._too_large("reduce_scatter", x.nbytes):
             return None
         signature = self._signatures.get(("reduce_scatter", shape, dtype, op)) or self._signature(
             ("reduce_scatter", shape, dtype, op), {"op": "reduce_scatter", "shape": list(shape), "dtype": dtype.str,
                                                    "reduce": op})
-        own = self._views.get((dtype, shape, -1)) or self._make_views(dtype, shape, -1)
         count = x.size // n
-        if not self._run(comm, "reduce_scatter", signature, KIND_REDUCE, code, op_code, x, own, x.nbytes, timeout,
-                         (n - 1) * count * x.itemsize, count, self.channel.me * count * x.itemsize):
+        result = np.empty(count, dtype)
+        done = self._run(comm, "reduce_scatter", signature, KIND_REDUCE, code, op_code, x, result, FROM_SCRATCH,
+                         x.nbytes, timeout, (n - 1) * count * x.itemsize, count, self.channel.me * count * x.itemsize)
+        if done == NOT_RUN:
             return None
-        result = self.scratch.view(np.uint8)[: count * x.itemsize].view(dtype).copy()
+        if done == UNFILLED:
+            result[...] = self.scratch.view(np.uint8)[: count * x.itemsize].view(dtype)
         if op == "avg":
             result /= n
         return result.reshape(shape[0] // n, *shape[1:])
 
     def barrier(self, comm, timeout) -> bool:
         signature = self._signatures.get("barrier") or self._signature("barrier", {"op": "barrier"})
-        return self._run(comm, "barrier", signature, KIND_BARRIER, 0, 0, None, None, 0, timeout)
+        return self._run(comm, "barrier", signature, KIND_BARRIER, 0, 0, None, None, 0, 0, timeout) != NOT_RUN
 
     # ---- one round ------------------------------------------------------------------------------------
-    def _run(self, comm, name, signature, kind, dtype_code, op_code, x, views, nbytes, timeout, sent=0, count=None,
-             offset=0) -> bool:
+    def _run(self, comm, name, signature, kind, dtype_code, op_code, x, out, source, nbytes, timeout, sent=0,
+             count=None, offset=0) -> int:
         """The round of collective `name` (`nbytes`: its size, for the trace) with `x` as this rank's
-        payload (None: none; copied into `views`, its buffers by parity); `sent`: payload bytes
-        that count as sent by this rank (what its peers read); a reduction takes `count` elements
-        (default all of x) from byte `offset` of every buffer. False when the channel is busy
-        (asynchronous operations queued, or another thread in it)."""
+        payload (None: none; copied into its buffer of the round's parity) and the result copied
+        into `out` (None: none) from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member's
+        buffer); `sent`: payload bytes that count as sent by this rank (what its peers read); a
+        reduction takes `count` elements (default all of x) from byte `offset` of every buffer.
+        NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
+        it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
         channel = self.channel
         if channel._running is not None or channel._queue or not channel.lock.acquire(False):
-            return False
+            return NOT_RUN
         try:
             engine = channel.engine
             epoch, call = engine.epoch, engine.call
@@ -184,30 +226,36 @@ class SmallRounds:
                 parity = channel.rounds & 1
                 channel.rounds += 1
                 channel.count += 1
-                if x is not None:
-                    views[parity][...] = x
                 described, packed, signature_id = signature
                 if channel._written[parity] != signature_id:
                     channel.write_signature_bytes(parity, packed, signature_id)
                 position = (call << 32) | seq
                 spin = channel.spin
-                _CALL.pack_into(self.words, C_PARITY * 8, parity, (epoch << EPOCH_SHIFT) | channel.count,
-                                signature_id, position, spin.ns(), self.yields, int(min(SLICE_S, patience) * 1e9),
-                                kind, dtype_code, op_code,
-                                (0 if x is None else x.size) if count is None else count, 0)
-                self.words[C_OFFSET] = offset
+                arguments = (parity, (epoch << EPOCH_SHIFT) | channel.count, signature_id, position, spin.ns(),
+                             self.yields, int(min(SLICE_S, patience) * 1e9), kind, dtype_code, op_code,
+                             (0 if x is None else x.size) if count is None else count)
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
-                status = self.lib.rp_small_round(self.address)
+                status = NOT_TAKEN if self.ext is None else self.ext.round(self.address, x, out, source, *arguments,
+                                                                            offset)
+                filled = status != NOT_TAKEN and out is not None
+                if status == NOT_TAKEN:  # NumPy copies around the ctypes call
+                    if x is not None:
+                        self._own_views(x)[parity][...] = x
+                    _CALL.pack_into(self.words, C_PARITY * 8, *arguments, 0)
+                    self.words[C_OFFSET] = offset
+                    status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
                     status = self._sleep(comm, name, seq, key, deadline, patience)
+                    if status == DONE and filled:
+                        self.ext.take(self.address, out, source)
                 spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).
                 if sent:
                     engine.count_sent(channel.group.gid, sent)
-                return True
+                return FILLED if filled else UNFILLED
             except BaseException as exc:
                 error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
@@ -271,6 +319,14 @@ class SmallRounds:
         channel.signature_id, channel.position = signature_id, position
         channel.check_signatures(parity)
         raise RuntimeError(f"{full_name}: the shared-memory round failed with status {status}")  # unreachable
+
+    def _too_large(self, op: str, nbytes: int) -> bool:
+        """Whether all_gather, broadcast or reduce_scatter `op` of `nbytes` (as shm_cma.chosen
+        counts them) is not one round of the Python path (one buffer's worth, not single-copy)."""
+        return nbytes > self.max_bytes and (nbytes > self.mid_bytes or shm_cma.chosen(self.channel, op, nbytes))
+
+    def _own_views(self, x):
+        return self._views.get((x.dtype, x.shape, -1)) or self._make_views(x.dtype, x.shape, -1)
 
     def _make_views(self, dtype, shape, member):
         """(buffer of parity 0, of parity 1, scratch) shaped like the payload, of this rank

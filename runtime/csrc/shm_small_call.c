@@ -1,0 +1,127 @@
+/* The latency path's round as one CPython call (runtime/shm_small.py): the payload copied into this
+rank's buffer, the round of shm_small.c without the GIL, and the result copied out, with the arrays
+taken through the buffer protocol.
+
+A ctypes call with array addresses cost ~15 µs here (`ndarray.ctypes.data` alone ~11 µs, see
+csrc/shm_p2p.c), and the two NumPy copies around it a few µs more; this call does all of it for
+well under a microsecond of argument handling. An array this call cannot take (not C-contiguous,
+or a read-only `out`) makes it answer NOT_TAKEN before anything is written: the caller then copies
+in Python and runs the same round. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+int rp_small_round(int64_t *ctl);
+
+/* shm_small.c's control block words used here (its enum). */
+enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
+       C_OFFSET = 18, C_MEMBERS = 24, C_PER_MEMBER = 6 };
+enum { DONE = 0, NOT_TAKEN = -1 };
+enum { KIND_REDUCE = 1 };
+/* Where `out` is copied from once the round is done: the scratch area (a reduction's result),
+   every member's buffer in rank order (an all-gather), or one member's buffer (>= 0: a broadcast). */
+enum { FROM_SCRATCH = -1, FROM_EVERY_MEMBER = -2 };
+
+#define BUFFER(ctl, member, parity) ((char *)(intptr_t)(ctl)[C_MEMBERS + (member) * C_PER_MEMBER + 4 + (parity)])
+
+static void copy_out(const int64_t *ctl, char *out, Py_ssize_t length, int64_t source) {
+    int64_t parity = ctl[C_PARITY];
+    if (source == FROM_SCRATCH) {
+        memcpy(out, (const char *)(intptr_t)ctl[C_SCRATCH], (size_t)length);
+    } else if (source == FROM_EVERY_MEMBER) {
+        int64_t n = ctl[C_N];
+        size_t piece = (size_t)(length / n);
+        for (int64_t member = 0; member < n; member++) memcpy(out + member * piece, BUFFER(ctl, member, parity), piece);
+    } else {
+        memcpy(out, BUFFER(ctl, source, parity), (size_t)length);
+    }
+}
+
+static int take_ints(PyObject *const *args, Py_ssize_t count, long long *out) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred()) return -1;
+    }
+    return 0;
+}
+
+/* Both buffers or neither (NOT_TAKEN: nothing acquired, the error cleared). */
+static int take_buffers(PyObject *payload, PyObject *out, Py_buffer *in_view, Py_buffer *out_view) {
+    if (payload != Py_None && PyObject_GetBuffer(payload, in_view, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return NOT_TAKEN;
+    }
+    if (out != Py_None && PyObject_GetBuffer(out, out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        if (payload != Py_None) PyBuffer_Release(in_view);
+        return NOT_TAKEN;
+    }
+    return 0;
+}
+
+/* round(ctl, payload, out, source, parity, target, signature, position, spin_ns, yield, timeout_ns,
+   kind, dtype, op, count, offset) -> status: ctl is the control block's address, the ints after
+   `source` go into its words C_PARITY .. C_COUNT and C_OFFSET (C_PHASE = 0); `payload` (None:
+   none) is copied into this rank's buffer of `parity` first; once the round is DONE, `out` (None:
+   none) gets the result from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member); a reduction
+   whose result goes to `out` is summed straight into it (no pass through the scratch: at mid
+   sizes that copy is a third of the work). Returns shm_small.c's status (PENDING: the caller
+   waits on, then calls `take`, and the reduction goes through the scratch) or NOT_TAKEN. */
+static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[13], ctl_address, source;
+    if (nargs != 16 || take_ints(args, 1, &ctl_address) < 0 || take_ints(args + 3, 1, &source) < 0 ||
+        take_ints(args + 4, 12, v) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "round(ctl, payload, out, source, parity, target, signature, position, "
+                                             "spin_ns, yield, timeout_ns, kind, dtype, op, count, offset)");
+        return NULL;
+    }
+    int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
+    Py_buffer in_view, out_view;
+    if (take_buffers(args[1], args[2], &in_view, &out_view) < 0) return PyLong_FromLong(NOT_TAKEN);
+    for (int i = 0; i < 11; i++) ctl[C_PARITY + i] = v[i];
+    ctl[C_PHASE] = 0;
+    ctl[C_OFFSET] = v[11];
+    ctl[C_WAITED_NS] = 0;
+    if (args[1] != Py_None) {
+        memcpy(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len);
+        PyBuffer_Release(&in_view);
+    }
+    int status;
+    int64_t scratch = ctl[C_SCRATCH];
+    int direct = args[2] != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
+    Py_BEGIN_ALLOW_THREADS
+    if (direct) ctl[C_SCRATCH] = (int64_t)(intptr_t)out_view.buf;
+    status = rp_small_round(ctl);
+    ctl[C_SCRATCH] = scratch;
+    if (status == DONE && args[2] != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source);
+    Py_END_ALLOW_THREADS
+    if (args[2] != Py_None) PyBuffer_Release(&out_view);
+    return PyLong_FromLong(status);
+}
+
+/* take(ctl, out, source) -> bool: a done round's result into `out` (as `round` does), after the
+   caller waited for it in slices; False (nothing copied) when `out` cannot be taken. */
+static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long ctl_address, source;
+    if (nargs != 3 || take_ints(args, 1, &ctl_address) < 0 || take_ints(args + 2, 1, &source) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take(ctl, out, source)");
+        return NULL;
+    }
+    Py_buffer in_view, out_view;
+    if (take_buffers(Py_None, args[1], &in_view, &out_view) < 0) Py_RETURN_FALSE;
+    copy_out((const int64_t *)(intptr_t)ctl_address, out_view.buf, out_view.len, source);
+    PyBuffer_Release(&out_view);
+    Py_RETURN_TRUE;
+}
+
+static PyMethodDef methods[] = {
+    {"round", (PyCFunction)(void (*)(void))small_round, METH_FASTCALL, "One small round, copies included."},
+    {"take", (PyCFunction)(void (*)(void))small_take, METH_FASTCALL, "A done round's result into an array."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringpipe_shm_small", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__ringpipe_shm_small(void) { return PyModule_Create(&module); }

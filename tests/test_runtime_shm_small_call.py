@@ -1,0 +1,205 @@
+"""The latency path's one-call round (runtime/csrc/shm_small_call.c): the arrays go in and out through
+the buffer protocol, with the same bits as NumPy copies around the ctypes call, and the same
+waits, errors and fallbacks."""
+import time
+import types
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime.shm_wait import unavailable_reason
+from tests.test_runtime_shm_small import DTYPES, Tagged, in_rank_order, rank_input
+
+pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
+
+
+def odd_input(dtype, rank, shape):
+    values = (np.arange(int(np.prod(shape))).reshape(shape) * (rank + 3)) % 11 - 4 * (rank % 2)
+    return np.asarray(values).astype(dtype)
+
+
+def every_collective(comm):
+    """Every small collective, odd sizes, every dtype and op the path reduces: (bytes per case)."""
+    results = []
+    with np.errstate(over="ignore", invalid="ignore"):
+        for dtype in DTYPES:
+            for op in ("sum", "max", "min") + (("avg",) if dtype.startswith("float") else ()):
+                results.append(comm.all_reduce(rank_input(dtype, comm.rank), op=op).tobytes())
+                rows = odd_input(dtype, comm.rank, (comm.size, 5))  # 5 elements per member
+                results.append(comm.reduce_scatter(rows, op=op).tobytes())
+        for shape in ((), (1,), (7,), (3, 5)):
+            results.append(comm.all_reduce(odd_input(np.float32, comm.rank, shape)).tobytes())
+            results.append(comm.all_gather(odd_input(np.int16, comm.rank, shape)).tobytes())
+            for root in range(comm.size):
+                x = odd_input(np.uint8, comm.rank, shape)
+                comm.broadcast(x, root)
+                results.append(x.tobytes())
+        comm.barrier()
+    return results
+
+
+def both_ways(comm):
+    comm.barrier()  # opens the channel: what follows may take the latency path
+    small = comm.engine.channels[comm.group.gid].small
+    calls = small.ext.round
+    counted = []
+    small.ext = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    try:
+        through_extension = every_collective(comm)
+    finally:
+        extension, small.ext = small.ext, None
+    try:
+        with_numpy_copies = every_collective(comm)
+    finally:
+        small.ext = extension
+    return through_extension, with_numpy_copies, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_the_one_call_round_gives_the_bits_of_numpy_copies_for_every_collective_dtype_op_and_odd_size(
+        local_cluster):
+    per_rank = local_cluster(3).run(both_ways)
+    for through_extension, with_numpy_copies, calls in per_rank:
+        assert calls >= len(through_extension)  # every case went through the extension
+        assert through_extension == with_numpy_copies
+    assert per_rank[0][0][-1] == per_rank[1][0][-1] == per_rank[2][0][-1]
+
+
+MID_CASES = (("float32", "sum"), ("float64", "avg"), ("int32", "max"), ("float32", "min"))
+MID_COUNT = 40_001  # 156 KiB and more: above the small size, within the one-round reduce of 3 ranks
+
+
+def mid_input(dtype, rank):
+    values = np.random.default_rng(rank).standard_normal(MID_COUNT) * 1e3
+    return values.astype(dtype)
+
+
+def mid_sums(comm):
+    """Each mid-size case through the extension, with NumPy copies around the ctypes call, and
+    with rank 1 on the Python round (an ndarray subclass): (bytes per case, extension calls)."""
+    comm.barrier()
+    small = comm.engine.channels[comm.group.gid].small
+    calls, counted = small.ext.round, []
+    results = []
+    for dtype, op in MID_CASES:
+        extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+        for way in ("extension", "numpy copies", "mixed"):
+            x = mid_input(dtype, comm.rank)
+            saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
+            try:
+                comm.all_reduce(x.view(Tagged) if way == "mixed" and comm.rank == 1 else x, op=op)
+            finally:
+                small.ext = saved
+            results.append(x.tobytes())
+    return results, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_a_mid_size_all_reduce_takes_the_one_call_round_with_the_python_rounds_bits(local_cluster):
+    per_rank = local_cluster(3).run(mid_sums)
+    for rank, (results, calls) in enumerate(per_rank):
+        assert calls == len(MID_CASES) * (2 if rank != 1 else 1)  # (rank 1's mixed case: the Python round)
+        for index, (dtype, op) in enumerate(MID_CASES):
+            want = in_rank_order([mid_input(dtype, r) for r in range(3)], op).astype(dtype).tobytes()
+            assert results[3 * index : 3 * index + 3] == [want] * 3, (dtype, op, rank)
+
+
+def mid_others(comm):
+    """A mid-size broadcast, all_gather and reduce_scatter three ways, as mid_sums."""
+    comm.barrier()
+    small = comm.engine.channels[comm.group.gid].small
+    calls, counted = small.ext.round, []
+    extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    results = []
+    for way in ("extension", "numpy copies", "mixed"):
+        saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
+        tag = (lambda x: x.view(Tagged)) if way == "mixed" and comm.rank == 1 else (lambda x: x)
+        try:
+            x = mid_input(np.float64, comm.rank).repeat(2)[:80_001]  # 625 KiB
+            comm.broadcast(tag(x), 2)
+            gathered = comm.all_gather(tag(mid_input(np.float32, comm.rank)))
+            rows = comm.reduce_scatter(tag(mid_input(np.float32, comm.rank).repeat(3)[:90_003].reshape(3, -1)))
+        finally:
+            small.ext = saved
+        results.append((x.tobytes(), np.asarray(gathered).tobytes(), np.asarray(rows).tobytes()))
+    return results, len(counted)
+
+
+@pytest.mark.timeout(90)
+def test_a_mid_size_broadcast_all_gather_and_reduce_scatter_take_the_one_call_round_with_the_same_bits(
+        local_cluster):
+    per_rank = local_cluster(3).run(mid_others)
+    inputs = [mid_input(np.float32, r).repeat(3)[:90_003].reshape(3, -1) for r in range(3)]
+    for rank, (results, calls) in enumerate(per_rank):
+        assert calls == (6 if rank != 1 else 3)  # (rank 1's mixed cases: the Python rounds)
+        assert results[0] == results[1] == results[2], rank
+        broadcast, gathered, rows = results[0]
+        assert broadcast == mid_input(np.float64, 2).repeat(2)[:80_001].tobytes()
+        assert gathered == np.concatenate([mid_input(np.float32, r) for r in range(3)]).tobytes()
+        assert rows == in_rank_order(inputs, "sum")[rank].tobytes()
+
+
+def late_peer(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        time.sleep(0.35)  # rank 0 waits in several slices, then takes the result after them
+    total, gathered = comm.all_reduce(np.full(7, comm.rank + 1.0)), comm.all_gather(np.array([comm.rank], np.int32))
+    return total.tolist(), gathered.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_came_after_sleeps_is_copied_out_all_the_same(local_cluster):
+    for total, gathered in local_cluster(2).run(late_peer):
+        assert total == [3.0] * 7 and gathered == [0, 1]
+
+
+def strided_sums(comm):
+    comm.barrier()
+    small = comm.engine.channels[comm.group.gid].small
+    calls, counted = small.ext.round, []
+    small.ext = types.SimpleNamespace(round=lambda *args: counted.append(calls(*args)) or counted[-1],
+                                      take=small.ext.take)
+    try:
+        strided = comm.all_reduce((np.arange(10.0) * (comm.rank + 1))[::2])  # not C-contiguous
+        after = comm.all_reduce(np.full(3, comm.rank + 1.0))
+    finally:
+        small.ext = calls.__self__
+    return strided.tolist(), after.tolist(), counted
+
+
+@pytest.mark.timeout(60)
+def test_arrays_the_extension_does_not_take_run_the_same_round_with_numpy_copies(local_cluster):
+    for strided, after, answers in local_cluster(2).run(strided_sums):
+        assert strided == (np.arange(10.0)[::2] * 3).tolist() and after == [3.0] * 3
+        assert answers == [-1, 0]  # NOT_TAKEN (then NumPy copies around the ctypes call), then DONE
+
+
+def dies_in_a_small_round(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        time.sleep(0.3)
+        import os
+        os._exit(3)
+    comm.all_reduce(np.ones(5), timeout=60)  # only the death of rank 1 can end this in time
+    return comm.rank
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_waiting_in_a_small_round_learns_at_once_that_its_peer_died():
+    from ringpipe.runtime import Cluster, WorkerDied
+
+    with Cluster(2) as cluster:
+        start = time.monotonic()
+        with pytest.raises(WorkerDied) as raised:
+            cluster.run(dies_in_a_small_round, timeout=30)
+        assert time.monotonic() - start < 20.0
+    assert "rank 1" in str(raised.value).splitlines()[0]
+
+
+def test_the_extension_is_off_when_asked_so_and_built_otherwise(monkeypatch):
+    from ringpipe.runtime import shm_small
+
+    monkeypatch.setenv("RINGPIPE_SHM_SMALL_EXT", "0")
+    assert shm_small.extension() is None
+    monkeypatch.setenv("RINGPIPE_SHM_SMALL_EXT", "1")
+    assert hasattr(shm_small.extension(), "round")  # (where the C helper builds, so do Python's headers here)
