@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 
 from ringpipe.runtime.failure_report import how_it_ended
 
@@ -171,11 +172,30 @@ class CallFuture:
         return values[0] if self.single else values
 
 
+class _ActorLifetime:
+    """Queues (actor, ranks) on `dropped` when garbage-collected."""
+
+    def __init__(self, dropped, actor_id: int, ranks: list[int]):
+        weakref.finalize(self, dropped.append, (actor_id, list(ranks)))
+
+
+def drop_unreferenced_actors(cluster, kind: str):
+    """Before a call: drop the actors whose last handle went (sent as calls, in order)."""
+    while cluster._dropped_actors and kind != "drop" and cluster._failure is None and not cluster._closed:
+        actor, ranks = cluster._dropped_actors.popleft()
+        cluster._call("drop", None, (), {}, ranks, actor=actor, name="drop")
+
+
 class ActorGroup:
     """Handle on one actor instance per rank; `group.method(*args)` returns a CallFuture."""
 
-    def __init__(self, cluster: "Cluster", actor_id: int, ranks: list[int], name: str):
+    def __init__(self, cluster: "Cluster", actor_id: int, ranks: list[int], name: str, lifetime=None):
         self._cluster, self._actor_id, self._ranks, self._name = cluster, actor_id, ranks, name
+        # Once no handle refers to the actor (this one and those __getitem__ made share `lifetime`),
+        # its instances are dropped on their workers with the cluster's next call, as Ray's actors
+        # go with their last handle: what they hold (groups and their arena regions, arrays) goes
+        # too. Not sent from the finalizer itself: it may run anywhere, even inside Cluster._call.
+        self._lifetime = lifetime or _ActorLifetime(cluster._dropped_actors, actor_id, ranks)
 
     def __getattr__(self, method: str):
         if method.startswith("_"):
@@ -195,7 +215,7 @@ class ActorGroup:
         """The instance on one rank: its calls' results are single values, not lists."""
         if rank not in self._ranks:
             raise IndexError(f"actor {self._name} has no instance on rank {rank}")
-        single = ActorGroup(self._cluster, self._actor_id, [rank], self._name)
+        single = ActorGroup(self._cluster, self._actor_id, [rank], self._name, self._lifetime)
         single._single = True
         return single
 

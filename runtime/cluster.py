@@ -20,6 +20,7 @@ ranks (runtime/failure_report.py). With `log_dir`, each rank's output goes to it
 from __future__ import annotations
 
 import atexit
+import collections
 import itertools
 import logging
 import os
@@ -89,6 +90,7 @@ class Cluster(StartUp, TraceControl):
         self._released = False  # close() has run: no process, socket or thread of ours is left
         self._failure: Exception | None = None
         self._ids = itertools.count()
+        self._dropped_actors = collections.deque()  # (actor, ranks) no handle refers to (calls.ActorGroup)
         self._pending: dict[int, CallFuture] = {}
         self._running: dict[int, str] = {}  # rank -> name of the call it is running
         self._fatal: dict[int, str] = {}
@@ -292,6 +294,7 @@ class Cluster(StartUp, TraceControl):
 
     # ---- calls -------------------------------------------------------------------------------------
     def _call(self, kind, target, args, kwargs, ranks, actor=None, method=None, name=None) -> CallFuture:
+        calls.drop_unreferenced_actors(self, kind)
         if self._failure is not None:
             raise ClusterStopped(self._failure)
         if self._closed:

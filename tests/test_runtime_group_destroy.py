@@ -314,3 +314,33 @@ def test_a_group_without_room_for_its_channel_says_so_in_one_warning(local_clust
         assert last in (None, "closed")
         assert len(warnings) == 1 and "no room for group w/0,1,2#" in warnings[0], warnings
         assert "engine's slower path" in warnings[0] and "destroy()" in warnings[0]
+
+
+class GroupHolder:
+    """An actor holding a group whose channel opened (as a ParallelTrainer holds its mesh)."""
+
+    def __init__(self, comm):
+        self.group = comm.new_group([0, 1])
+        self.group.all_reduce(np.ones(4), timeout=60)
+
+    def gid(self):
+        return self.group.group.gid
+
+
+def holds_region(comm, gid, wait: bool):
+    _quiet(comm)
+    if wait:
+        _wait_until(lambda: gid not in comm.engine.regions.offsets)
+    return gid in comm.engine.regions.offsets
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_no_handle_refers_to_is_dropped_with_the_next_call_and_gives_its_groups_back(local_cluster):
+    cluster = local_cluster(2)
+    holder = cluster.spawn(GroupHolder)
+    gid = holder.gid().result()[0]
+    one_rank = holder[0]
+    del holder
+    assert cluster.run(holds_region, gid, False) == [True, True]  # `one_rank` still refers to the actor
+    del one_rank
+    assert cluster.run(holds_region, gid, True) == [False, False]  # dropped before this call ran
