@@ -75,8 +75,13 @@ def test_the_probe_measures_once_per_process(monkeypatch):
     assert calls == [1]
 
 
-def test_the_real_probe_returns_a_decision():
-    assert gemm_blocking._probe() in (True, False)
+def test_the_probe_blocks_only_when_the_blocked_product_is_the_faster(monkeypatch):
+    import time
+
+    monkeypatch.setattr(gemm_blocking, "blocked", lambda a, b: None)  # free: far under 0.7× the product
+    assert gemm_blocking._probe() is True
+    monkeypatch.setattr(gemm_blocking, "blocked", lambda a, b: time.sleep(0.01))  # slower than the product
+    assert gemm_blocking._probe() is False
 
 
 def test_an_operand_that_is_not_an_array_multiplies_itself(split):
