@@ -28,7 +28,7 @@ def _c_kernels() -> dict | None:
     with _lock:
         if "lib" not in _kernels:
             try:
-                lib = c_library.build("reduce_sum", ("-O3", "-fPIC", "-shared"))
+                lib = c_library.build("reduce_sum")
             except Exception as exc:  # noqa: BLE001 - no compiler, a failed build: NumPy then
                 _error.append(str(exc).replace("\n", " "))
                 _kernels["lib"] = None

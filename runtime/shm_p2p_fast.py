@@ -19,10 +19,7 @@ Python headers).
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
-import sysconfig
 import time
 
 import msgpack
@@ -44,12 +41,7 @@ def extension():
     Python path runs, and its tests cover that)."""
     if not _extension:
         try:
-            flags = ["-O2", "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}"]
-            path = c_library.build("shm_p2p", flags, SOURCES)._name
-            loader = importlib.machinery.ExtensionFileLoader(MODULE, path)
-            module = importlib.util.module_from_spec(importlib.util.spec_from_loader(MODULE, loader))
-            loader.exec_module(module)
-            _extension.append(module)
+            _extension.append(c_library.extension(MODULE, "shm_p2p", SOURCES))
         except Exception:  # noqa: BLE001 - no compiler, no headers: the Python path
             _extension.append(None)
     return _extension[0]

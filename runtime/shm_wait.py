@@ -32,7 +32,6 @@ from ringpipe.runtime import c_library
 
 # The waits, and one round of a small collective built on them (runtime/shm_small.py).
 SOURCES = ("shm_wait.c", "shm_small.c")  # in runtime/csrc/
-FLAGS = ["-O2", "-fPIC", "-shared", "-ffp-contract=off"]  # no fused multiply-adds: the bits match NumPy's
 MODES = ("c", "syscall", "poll")
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238}
@@ -54,7 +53,7 @@ _errors: dict = {}
 
 def _build_library() -> ctypes.CDLL:
     """The waiting and small-round helpers, compiled into one library (runtime/c_library.py)."""
-    lib = c_library.build("shm_wait", FLAGS, SOURCES)
+    lib = c_library.build("shm_wait", sources=SOURCES)
     u64, i64, p = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
     lib.rp_wait_at_least.argtypes, lib.rp_wait_at_least.restype = [p, p, u64, i64, ctypes.c_int, i64], u64
     lib.rp_publish.argtypes, lib.rp_publish.restype = [p, p, u64], None

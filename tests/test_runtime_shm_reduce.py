@@ -2,6 +2,7 @@
 fallback) and the large all_reduce over a group channel, pipelined in chunks
 (runtime/shm_collectives.py): NumPy's results, bit for bit, in both modes."""
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,3 +167,29 @@ def test_a_c_helper_is_rebuilt_when_a_header_it_may_include_changes(tmp_path, mo
     header.write_text(header.read_text() + "\n/* edited */\n")
     c_library.build("reduce_sum")
     assert len(list((tmp_path / "cache").glob("reduce_sum-*.so"))) == 2
+
+
+def test_every_c_helper_with_reduction_loops_is_built_with_them_vectorized():
+    """gcc's -O2 vectorizes only loops whose trip count it knows: the reduction loops of
+    csrc/reduce_loops.h then ran one element at a time (a 2-rank 64 KiB all_reduce round took 21 µs
+    in C where ~9 µs does it). Every helper is built with c_library.FLAGS, and with them gcc reports
+    the loops of each source that includes the header as vectorized."""
+    import re
+    import shutil
+    import subprocess
+
+    from ringpipe.runtime import c_library
+
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed: its vectorizer report is what this test reads")
+    tree = Path(c_library.__file__).resolve().parent
+    for module in tree.glob("*.py"):  # no helper passes flags of its own
+        assert not re.search(r'"-O[0-3s]"', module.read_text().replace('FLAGS = ("-O3"', "")), module.name
+    for source in sorted(c_library.SOURCES.glob("*.c")):
+        if "reduce_loops.h" not in source.read_text():
+            continue
+        report = subprocess.run([gcc, *c_library.FLAGS, "-c", "-o", "/dev/null", "-fopt-info-vec-optimized",
+                                 str(source)], capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stderr
+        assert "reduce_loops.h" in report.stderr and "loop vectorized" in report.stderr, source.name
