@@ -233,18 +233,21 @@ class SmallRounds:
                     channel.write_signature_bytes(parity, packed, signature_id)
                 position = (call << 32) | seq
                 spin = channel.spin
-                arguments = (parity, (epoch << EPOCH_SHIFT) | channel.count, signature_id, position, spin.ns(),
-                             self.yields, SLICE_NS if patience >= SLICE_S else int(patience * 1e9), kind, dtype_code,
-                             op_code, (0 if x is None else x.size) if count is None else count)
+                target, spin_ns = (epoch << EPOCH_SHIFT) | channel.count, spin.ns()
+                slice_ns = SLICE_NS if patience >= SLICE_S else int(patience * 1e9)
+                if count is None:
+                    count = 0 if x is None else x.size
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
-                status = NOT_TAKEN if self.ext is None else self.ext.round(self.address, x, out, source, *arguments,
-                                                                            offset)
+                status = NOT_TAKEN if self.ext is None else self.ext.round(
+                    self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,
+                    slice_ns, kind, dtype_code, op_code, count, offset)
                 filled = status != NOT_TAKEN and out is not None
                 if status == NOT_TAKEN:  # NumPy copies around the ctypes call
                     if x is not None:
                         self._own_views(x)[parity][...] = x
-                    _CALL.pack_into(self.words, C_PARITY * 8, *arguments, 0)
+                    _CALL.pack_into(self.words, C_PARITY * 8, parity, target, signature_id, position, spin_ns,
+                                    self.yields, slice_ns, kind, dtype_code, op_code, count, 0)
                     self.words[C_OFFSET] = offset
                     status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
@@ -253,7 +256,9 @@ class SmallRounds:
                     status = self._sleep(comm, name, seq, (epoch, call, channel.group.gid, seq), deadline, patience)
                     if status == DONE and filled:
                         self.ext.take(self.address, out, source)
-                spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
+                slept = self.words[C_SLEPT]
+                if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
+                    spin.answered(not slept, self.words[C_WAITED_NS])
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).
