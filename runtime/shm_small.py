@@ -33,6 +33,7 @@ from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT
 from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
+SLICE_NS = int(SLICE_S * 1e9)  # the longest sleep in C between looks at aborts and the deadline
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
@@ -208,21 +209,22 @@ class SmallRounds:
             epoch, call = engine.epoch, engine.call
             seq = comm._sequence.next((epoch, call))
             tracing = engine.tracer.enabled
-            start = now_ns() if tracing else 0
-            self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
+            if tracing:
+                start = now_ns()
+                self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
             error = None
             try:
+                # What runs before every small collective is kept to what it needs: the abort key and
+                # the deadline are made only where they are used (a given-up collective, a sleep).
                 if engine.aborted_call is not None:
                     raise Aborted(engine.aborted_call)
-                key = (epoch, call, channel.group.gid, seq)
                 if engine.aborted:
-                    given_up = engine.aborted.get(key)
+                    given_up = engine.aborted.get((epoch, call, channel.group.gid, seq))
                     if given_up is not None:  # a member already gave this collective up
                         raise given_up[0](given_up[1])
                 if channel.epoch != epoch:
                     channel.epoch, channel.count, channel.rounds = epoch, 0, 0
                 patience = comm.config.timeout if timeout is None else timeout
-                deadline = time.monotonic() + patience
                 parity = channel.rounds & 1
                 channel.rounds += 1
                 channel.count += 1
@@ -232,8 +234,8 @@ class SmallRounds:
                 position = (call << 32) | seq
                 spin = channel.spin
                 arguments = (parity, (epoch << EPOCH_SHIFT) | channel.count, signature_id, position, spin.ns(),
-                             self.yields, int(min(SLICE_S, patience) * 1e9), kind, dtype_code, op_code,
-                             (0 if x is None else x.size) if count is None else count)
+                             self.yields, SLICE_NS if patience >= SLICE_S else int(patience * 1e9), kind, dtype_code,
+                             op_code, (0 if x is None else x.size) if count is None else count)
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
                 status = NOT_TAKEN if self.ext is None else self.ext.round(self.address, x, out, source, *arguments,
@@ -246,7 +248,9 @@ class SmallRounds:
                     self.words[C_OFFSET] = offset
                     status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
-                    status = self._sleep(comm, name, seq, key, deadline, patience)
+                    # The deadline counts from the round's start: the wait so far is in C_WAITED_NS.
+                    deadline = time.monotonic() - self.words[C_WAITED_NS] / 1e9 + patience
+                    status = self._sleep(comm, name, seq, (epoch, call, channel.group.gid, seq), deadline, patience)
                     if status == DONE and filled:
                         self.ext.take(self.address, out, source)
                 spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
