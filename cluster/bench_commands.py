@@ -17,6 +17,18 @@ from ringpipe.tools.bench_collectives import OPS as _COLLECTIVE_OPS
 _ONE_LINE_ERRORS = (ValueError, RemoteError, WorkerLost, WorkerKilled)
 
 
+def _shape_options(**defaults):
+    """The model-shape flags of a benchmark, one `--n-layer`-style flag per keyword (`n_layer=4`:
+    its default), each a positive integer with its default shown, in the keywords' order in
+    `--help`."""
+    def add(command):
+        for name, default in reversed(defaults.items()):  # click lists the last option added first
+            command = click.option(f"--{name.replace('_', '-')}", default=default, show_default=True,
+                                   type=click.IntRange(min=1))(command)
+        return command
+    return add
+
+
 @click.group(short_help="Benchmarks: tables on the terminal, --json for the details.")
 def bench():
     """Benchmarks (nccl-tests style tables, --json output)."""
@@ -44,12 +56,7 @@ def _run_and_report(run, format_result, json_path):
 
 
 @bench.command("model", short_help="Training tokens/s: ringpipe vs transformers.")
-@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-head", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-embd", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=12, show_default=True, type=click.IntRange(min=1))
-@click.option("--vocab-size", default=65, show_default=True, type=click.IntRange(min=1))
+@_shape_options(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65)
 @click.option("--steps", default=30, show_default=True, type=click.IntRange(min=1),
               help="Timed steps (after 3 warmup).")
 @click.option("--threads", default=2, show_default=True, type=click.IntRange(min=1),
@@ -122,10 +129,7 @@ def bench_p2p(sizes, pingpongs, compare, rounds, json_path):
 @bench.command("data-parallel", short_help="Weak scaling and overlap of data parallelism.")
 @click.option("--dp", "dp_max", default=2, show_default=True, type=click.IntRange(2, 64),
               help="Largest dp size; timed against dp=1 with the same per-rank batch.")
-@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-head", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-embd", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=64, show_default=True, type=click.IntRange(min=1))
+@_shape_options(n_layer=4, n_head=4, n_embd=128, block_size=64)
 @click.option("--batch-per-rank", default=12, show_default=True, type=click.IntRange(min=1),
               help="Sequences per dp rank and step.")
 @click.option("--microbatches", default=1, show_default=True, type=click.IntRange(min=1))
@@ -171,10 +175,7 @@ def bench_data_parallel(ctx, dp_max, n_layer, n_head, n_embd, block_size, batch_
               help="Pipeline stages = workers (keep it ≤ the number of cores).")
 @click.option("--virtual-stages", default=2, show_default=True, type=click.IntRange(1, 16),
               help="Chunks per rank for 'interleaved' (the other schedules use 1).")
-@click.option("--n-layer", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-head", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-embd", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1))
+@_shape_options(n_layer=4, n_head=8, n_embd=256, block_size=128)
 @click.option("--microbatch-size", default=4, show_default=True, type=click.IntRange(min=1),
               help="Sequences per micro-batch.")
 @click.option("--split", type=CommaList(click.IntRange(min=1)), default=None,
@@ -244,12 +245,7 @@ def bench_int8(run_dir, outlier_threshold, max_windows, new_tokens, rounds, json
               help="cpu: a smoke test of the same code (use a tiny shape).")
 @click.option("--dtypes", type=CommaList(click.Choice(DTYPES)), default="float32,fp16-mixed", show_default=True,
               help="Comma-separated.")
-@click.option("--n-layer", default=12, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-head", default=12, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-embd", default=768, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=1024, show_default=True, type=click.IntRange(min=1))
-@click.option("--vocab-size", default=50257, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@_shape_options(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, batch_size=8)
 @click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed steps (median), after --warmup.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
@@ -370,11 +366,7 @@ def bench_memory(n_layer, n_embd, n_head, vocab_size, block_size, batch_size, mi
 @bench.command("generate", short_help="Generation tokens/s and time to first token per layout.")
 @click.option("--layouts", default=",".join(("1", "tp2", "pp2", "dp2", "tp4", "pp4", "tp2xpp2")), show_default=True,
               help="Comma-separated layouts: 1, or dpN/tpN/ppN joined by x.")
-@click.option("--n-layer", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-head", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--n-embd", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--block-size", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--vocab-size", default=8192, show_default=True, type=click.IntRange(min=1))
+@_shape_options(n_layer=8, n_head=8, n_embd=256, block_size=128, vocab_size=8192)
 @click.option("--prompts", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--prompt-length", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(1))

@@ -3,14 +3,23 @@ the path OpenMPI's shared-memory transport takes for large messages). One system
 from a peer's private array straight into this process's memory, with no shared staging buffer.
 
 The kernel allows it only where this process may ptrace the peer (same user and a permissive Yama
-`ptrace_scope`, or CAP_SYS_PTRACE) and no seccomp filter forbids the call: callers probe once and
-keep another path where it fails (runtime/shm_cma.py). ctypes releases the GIL during the call.
+`ptrace_scope`, or CAP_SYS_PTRACE) and no seccomp filter forbids the call. ctypes releases the GIL
+during the call.
+
+The probe, one for every single-copy path (the collectives of runtime/shm_cma.py, `sendrecv` of
+runtime/shm_p2p_single_copy.py): each process holds a private word with a random nonce
+(`probe_word`), and publishes its pid, the word's address and the nonce to its peers; a peer may
+read it single-copy when `can_read` gives the nonce back from that address. Not only the errno: a
+pid from another PID namespace may name an unrelated process here. A process takes part only where
+`wanted()`: its libc has the call, and neither `RINGPIPE_CMA=0` (from its start) nor `set_mode("off")`
+turned it off. Where a probe says no, the caller keeps its copying path.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
 import os
+import secrets
 
 
 class _IoVec(ctypes.Structure):
@@ -68,4 +77,57 @@ def read(pid: int, remote_address: int, nbytes: int, out_address: int) -> None:
     Reader().read(pid, remote_address, nbytes, out_address)
 
 
-__all__ = ["Reader", "read", "available"]
+_settings = {"on": os.environ.get("RINGPIPE_CMA", "1") != "0"}
+# This process's probe word, alive as long as the process (no peer ever reads a word that is gone);
+# a forked child draws its own nonce, so that the word names one process.
+_probe = ctypes.c_uint64(0)
+
+
+def _draw_nonce() -> None:
+    _probe.value = secrets.randbits(63) | 1
+
+
+_draw_nonce()
+os.register_at_fork(after_in_child=_draw_nonce)
+
+
+def set_mode(mode: str) -> None:
+    """"on" (where the probes allow) or "off" (this process's probes say no from now on: the
+    collectives of a group that probes next, and `sendrecv` state made after), for this process;
+    `RINGPIPE_CMA=0` sets "off" for a worker from its start. Raises ValueError for another mode."""
+    if mode not in ("on", "off"):
+        raise ValueError(f"single-copy mode {mode!r}: expected 'on' or 'off'")
+    _settings["on"] = mode == "on"
+
+
+def mode() -> str:
+    """"on" or "off": what `set_mode` or `RINGPIPE_CMA` last said for this process."""
+    return "on" if _settings["on"] else "off"
+
+
+def wanted() -> bool:
+    """Whether this process reads its peers single-copy at all: this libc has process_vm_readv and
+    the mode is "on" (whether a peer allows it, only `can_read` tells)."""
+    return _settings["on"] and _readv is not None
+
+
+def probe_word() -> tuple[int, int]:
+    """(address, nonce) of this process's probe word: what a peer passes to `can_read`, with this
+    process's pid."""
+    return ctypes.addressof(_probe), _probe.value
+
+
+def can_read(reader: Reader, pid: int, address: int, nonce: int) -> bool:
+    """The probe: True when `reader` reads `nonce` back from the probe word at `address` in process
+    `pid` (as `probe_word` there gave them); False when the kernel refuses the read (EPERM: a strict
+    Yama ptrace_scope, seccomp, another user, a non-dumpable peer; ESRCH: no such process; ...) or
+    the word holds another value (`pid` names another process)."""
+    word = ctypes.c_uint64(0)
+    try:
+        reader.read(pid, address, 8, ctypes.addressof(word))
+    except OSError:
+        return False
+    return word.value == nonce
+
+
+__all__ = ["Reader", "read", "available", "wanted", "mode", "set_mode", "probe_word", "can_read"]

@@ -63,6 +63,9 @@ class Communicator:
         # order, and the group is destroyed once (runtime/group_state.py).
         self._sequence = _sequence or GroupState(engine, group)
         self._subgroups = Counter()
+        # Whether waited-for collectives may take the group's latency path (runtime/shm_small.py),
+        # once its channel is open: decided once, since group and config are frozen.
+        self._small_ok = group.shm and config.algorithm in ("auto", "shm")
 
     def using(self, **changes) -> "Communicator":
         """The same group with other knobs (e.g. `algorithm="ring"`); every rank must do the same."""
@@ -271,9 +274,8 @@ class Communicator:
     def _small(self, operation: str, *args) -> bool:
         """Run `operation` (waited for) on the group's latency path for small collectives
         (runtime/shm_small.py); False when that does not take it (no channel open yet, busy, too large)."""
-        channel = self.engine.channels.get(self.group.gid)
-        ok = channel is not None and channel.small is not None and self.config.algorithm in ("auto", "shm")
-        return ok and self.group.shm and getattr(channel.small, operation)(self, *args)
+        channel = self._small_ok and self.engine.channels.get(self.group.gid)
+        return bool(channel) and channel.small is not None and getattr(channel.small, operation)(self, *args)
 
     def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
         seq = self._sequence.next((self.engine.epoch, self.engine.call))
@@ -294,8 +296,10 @@ class Communicator:
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
         check_operation("all_reduce", self.rank, x, True, op, timeout)
-        if not async_op and type(x) is np.ndarray and self._small("all_reduce", x, op, timeout):
-            return x
+        if not async_op and type(x) is np.ndarray and self._small_ok:  # (_small, inlined: it is the hot path)
+            channel = self.engine.channels.get(self.group.gid)
+            if channel is not None and channel.small is not None and channel.small.all_reduce(self, x, op, timeout):
+                return x
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         dtype = working_dtype(host.dtype)
         in_place = (isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable and x.dtype == dtype

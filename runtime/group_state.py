@@ -10,6 +10,7 @@ collective of the group that times out names the lists of the members it waited 
 """
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 
@@ -22,8 +23,11 @@ MADE_KEPT = 64  # the last groups made per (rank, parent group) kept for the che
 class GroupState:
     def __init__(self, engine, group):
         self._lock = threading.Lock()
-        self._epoch = (0, 0)
-        self._value = 0
+        # (epoch, the numbers left in it): one attribute, read once, so a thread that starts a new
+        # epoch never hands another thread a number of the wrong one; next() on an
+        # itertools.count is atomic under the GIL, so the common case takes no lock (it runs
+        # before every collective, small ones included).
+        self._numbers = ((0, 0), itertools.count())
         self.gid, self.destroyed = group.gid, None  # destroyed: how, once destroyed on this rank
         # Run by destroy() or when this state is garbage; it holds the engine and the group only.
         self._finalizer = weakref.finalize(self, close_group, engine, group)
@@ -33,11 +37,13 @@ class GroupState:
         """The next collective's number: they restart at 0 in every call and every epoch (after an
         abort), so a collective one rank left unfinished in a call does not shift the next call's.
         `epoch` = (abort epoch, call id)."""
-        with self._lock:
-            if epoch != self._epoch:
-                self._epoch, self._value = epoch, 0
-            self._value += 1
-            return self._value - 1
+        numbers = self._numbers
+        if numbers[0] != epoch:
+            with self._lock:
+                numbers = self._numbers
+                if numbers[0] != epoch:
+                    numbers = self._numbers = (epoch, itertools.count())
+        return next(numbers[1])
 
     def check_alive(self, what: str):
         """Raise GroupDestroyed for operation `what` once the group is destroyed on this rank."""

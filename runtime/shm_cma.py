@@ -22,19 +22,17 @@ No member returns, and so frees or changes its array, while a peer may still rea
   reading"), and a member whose array peers read (every member; in a broadcast, the root) waits
   for every member's "done" before it returns.
 
-Probe: the first time a channel would take this path, every member also publishes its pid, the
-address of a private word holding a random nonce, and the nonce; each reads every peer's word and
-publishes its verdict, yes when every read gave the peer's nonce and this process wants the path
-(`RINGPIPE_CMA` is not "0", `set_mode("off")` not called): the group takes this path only when
-every verdict is yes, decided alike on every member; else the arena path for the channel's life. A
-nonce, not only the errno: a pid from another PID namespace may name an unrelated process here.
+Probe (runtime/cma.py's, as `sendrecv`'s): the first time a channel would take this path, every
+member also publishes its pid and its probe word's address and nonce (`cma.probe_word`); each
+probes every peer (`cma.can_read`) and publishes its verdict, yes when every probe said yes and
+this process reads single-copy at all (`cma.wanted()`: not `RINGPIPE_CMA=0` nor
+`cma.set_mode("off")`): the group takes this path only when every verdict is yes, decided alike on
+every member; else the arena path for the channel's life.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import secrets
 
 import numpy as np
 
@@ -61,20 +59,6 @@ READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the
 # the array's address and bytes.
 REGION_AT, PID, PROBE, NONCE, VERDICT, PROBING, ARRAY = 3584, 0, 1, 2, 3, 4, 5
 YES, NO = 1, 2
-_settings = {"on": os.environ.get("RINGPIPE_CMA", "1") != "0"}
-
-
-def set_mode(mode: str) -> None:
-    """"on" (where the group's probe allows) or "off" (this process votes no at the next probe),
-    for this process; `RINGPIPE_CMA=0` sets "off" for a worker from its start."""
-    if mode not in ("on", "off"):
-        raise ValueError(f"single-copy mode {mode!r}: expected 'on' or 'off'")
-    _settings["on"] = mode == "on"
-
-
-def mode() -> str:
-    """"on" or "off": what this process votes at a channel's probe."""
-    return "on" if _settings["on"] else "off"
 
 
 def chosen(channel, op: str, nbytes: int) -> bool:
@@ -99,28 +83,17 @@ class SingleCopy:
         self.words = [memoryview(region[REGION_AT : REGION_AT + 8 * (ARRAY + 4)]).cast("Q")
                       for region in channel.regions]
         self.reader = cma.Reader()
-        self.nonce = secrets.randbits(63) | 1
-        self.probe_word = ctypes.c_uint64(self.nonce)  # private memory: only a cross-memory read sees it
         self.pids = [0] * channel.n
         self.chunk_bytes = READ_CHUNK_BYTES
         self.scratch = np.empty(max(channel.n - 1, 1) * self.chunk_bytes, np.uint8)
         self.scratch_at = int(self.scratch.ctypes.data)
 
     def verdict(self, channel) -> int:
-        if not (_settings["on"] and cma.available()):
-            return NO
-        probe = ctypes.c_uint64(0)
-        for peer in range(channel.n):
-            if peer == channel.me:
-                continue
-            words = self.words[peer]
-            try:
-                self.reader.read(int(words[PID]), int(words[PROBE]), 8, ctypes.addressof(probe))
-            except OSError:  # EPERM (ptrace_scope, seccomp, another user), ENOSYS, ...
-                return NO
-            if probe.value != words[NONCE]:
-                return NO
-        return YES
+        """YES when this process reads single-copy and every peer's probe word reads back right."""
+        peers = [self.words[peer] for peer in range(channel.n) if peer != channel.me]
+        readable = cma.wanted() and all(cma.can_read(self.reader, int(words[PID]), int(words[PROBE]), int(words[NONCE]))
+                                        for words in peers)
+        return YES if readable else NO
 
 
 def begin(channel, array: np.ndarray) -> int | None:
@@ -137,8 +110,8 @@ def begin(channel, array: np.ndarray) -> int | None:
     mine = state.words[me]
     mine[ARRAY + 2 * parity], mine[ARRAY + 2 * parity + 1] = array.ctypes.data, array.nbytes
     if probing:
-        mine[PID], mine[PROBE], mine[NONCE], mine[VERDICT] = os.getpid(), ctypes.addressof(state.probe_word), \
-            state.nonce, 0
+        mine[PROBE], mine[NONCE] = cma.probe_word()
+        mine[PID], mine[VERDICT] = os.getpid(), 0
     mine[PROBING] = probing
     channel.write_signature(parity)
     channel.publish()
@@ -149,8 +122,8 @@ def begin(channel, array: np.ndarray) -> int | None:
             raise CommError(f"{channel.name}: rank {channel.group.ranks[peer]} is out of step with rank "
                             f"{channel.engine.rank} on the single-copy probe (after an earlier failure)")
     if probing:
-        # Every member reads its peers' words before it publishes its verdict, and each keeps its
-        # own word until every verdict is in: no read of a word that is gone.
+        # Every member probes its peers before it publishes its verdict (each probe word lives as
+        # long as its process).
         mine[VERDICT] = state.verdict(channel)
         channel.publish()
         channel.wait_all()
@@ -293,5 +266,5 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray | None:
     return work
 
 
-__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "mode", "set_mode", "MIN_READ_BYTES",
+__all__ = ["all_reduce", "reduce_scatter", "all_gather", "broadcast", "begin", "chosen", "MIN_READ_BYTES",
            "MAX_RANKS"]

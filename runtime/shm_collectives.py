@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import shm_cma
+from ringpipe.runtime import shm_cma, shm_reduce_chunks
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
@@ -113,7 +113,11 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     a rank that is ahead has work to do instead of waiting; a chunk stays in the caches between the
     copy in, the peers' reads and the copy out. Every member publishes the same sequence, so "peer
     published k times" means the same step everywhere. Nothing in a buffer is overwritten while a
-    peer may read it: the part a rank sums is written only in step 2, and it is read only after."""
+    peer may read it: the part a rank sums is written only in step 2, and it is read only after.
+    Where it can, the whole loop runs in C (runtime/shm_reduce_chunks.py), step for step the same."""
+    if shm_reduce_chunks.reduce_round(channel, piece, reduce, divisor, first, chunk_elements(channel, piece.itemsize)):
+        channel.engine.count_sent(channel.group.gid, 2 * (channel.n - 1) * (piece.size // channel.n))
+        return
     n, me = channel.n, channel.me
     dtype, size = piece.dtype, piece.size
     parity = channel.next_round()

@@ -8,17 +8,16 @@ both sides are present until it returns, and the sender returns only once its re
 the message's ring slot. A plain send stays eager (it never waits for its receiver).
 
 The slot of such a message holds, instead of the payload, where it lies: (pid, address, bytes,
-address of this process's probe word, the word's random value). Before the first read from a
-sender, the receiver reads that word and compares it with the value (a pid from another PID
-namespace may name an unrelated process here). Where a read fails (not allowed: EPERM under a
-strict Yama ptrace_scope or a seccomp filter; or the probe differs) or `RINGPIPE_CMA=0`, the
-receiver marks the slot refused and passes it; the sender then sends a copy the plain way, and
-sends copies to that receiver from then on.
+and the address and nonce of the sender's probe word, runtime/cma.py). Before the first read from
+a sender, the receiver probes it (`cma.can_read`). Where the probe or a read fails (not allowed:
+EPERM under a strict Yama ptrace_scope or a seccomp filter; a pid of another PID namespace) or this
+process does not read single-copy (`cma.wanted()`: `RINGPIPE_CMA=0`), the receiver marks the slot
+refused and passes it; the sender then sends a copy the plain way, and sends copies to that
+receiver from then on.
 """
 from __future__ import annotations
 
 import os
-import secrets
 import struct
 import time
 
@@ -32,17 +31,15 @@ REMOTE = -2  # a slot's block number: the payload is in the sender's memory
 # 4 ranks, load 14: 220 against 404 µs at 256 KiB, 563 against 683 at 1 MiB); from 2 MiB the read
 # costs less (1,177 against 1,523 µs; 10.4 against 17.8 ms at 32 MiB).
 MIN_BYTES = (1 << 20) + 1
-DESCRIPTOR = struct.Struct("<qqqqQ")  # pid, address, bytes, probe word's address, its value
+DESCRIPTOR = struct.Struct("<qqqqQ")  # pid, address, bytes, probe word's address, its nonce
 
 
 class SingleCopy:
-    """One rank's side of single-copy messages: its probe word, and the peers it reads from or
-    sends copies to. `on` False (`RINGPIPE_CMA=0`): it neither sends nor reads them."""
+    """One rank's side of single-copy messages: the peers it reads from or sends copies to. `on`
+    False (`cma.wanted()` was False when it was made): it neither sends nor reads them."""
 
     def __init__(self):
-        self.on = cma.available() and os.environ.get("RINGPIPE_CMA", "1") != "0"
-        self.probe = np.array([secrets.randbits(64)], np.uint64)
-        self._probe_address = int(self.probe.ctypes.data)
+        self.on = cma.wanted()
         self._reader = cma.Reader()
         self.verified: set = set()  # senders whose probe read back right
         self.refused: set = set()  # receivers that could not read: they get copies
@@ -50,8 +47,7 @@ class SingleCopy:
     def describe(self, array: np.ndarray) -> np.ndarray:
         """The slot payload naming where `array` (C-contiguous) lies, as bytes."""
         piece = np.empty(DESCRIPTOR.size, np.uint8)
-        DESCRIPTOR.pack_into(piece, 0, os.getpid(), int(array.ctypes.data), array.nbytes, self._probe_address,
-                             int(self.probe[0]))
+        DESCRIPTOR.pack_into(piece, 0, os.getpid(), int(array.ctypes.data), array.nbytes, *cma.probe_word())
         return piece
 
     def read(self, src: int, descriptor, flat: np.ndarray) -> bool:
@@ -60,13 +56,11 @@ class SingleCopy:
         pid, address, nbytes, probe_address, probe = DESCRIPTOR.unpack(bytes(descriptor))
         if not self.on or nbytes != flat.nbytes:
             return False
+        if src not in self.verified:
+            if not cma.can_read(self._reader, pid, probe_address, probe):
+                return False
+            self.verified.add(src)
         try:
-            if src not in self.verified:
-                word = np.zeros(1, np.uint64)
-                self._reader.read(pid, probe_address, 8, int(word.ctypes.data))
-                if int(word[0]) != probe:
-                    return False
-                self.verified.add(src)
             self._reader.read(pid, address, nbytes, int(flat.ctypes.data))
         except OSError:
             return False

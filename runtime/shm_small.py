@@ -33,6 +33,7 @@ from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT
 from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
+SLICE_NS = int(SLICE_S * 1e9)  # the longest sleep in C between looks at aborts and the deadline
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
@@ -201,28 +202,29 @@ class SmallRounds:
         NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
         it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
         channel = self.channel
-        if channel._running is not None or channel._queue or not channel.lock.acquire(False):
+        if channel._queue or channel._running is not None or not channel.lock.acquire(False):  # (as busy())
             return NOT_RUN
         try:
             engine = channel.engine
             epoch, call = engine.epoch, engine.call
             seq = comm._sequence.next((epoch, call))
             tracing = engine.tracer.enabled
-            start = now_ns() if tracing else 0
-            self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
+            if tracing:
+                start = now_ns()
+                self.words[C_WAITED_NS] = 0  # (an error before the round shows no wait)
             error = None
             try:
+                # What runs before every small collective is kept to what it needs: the abort key and
+                # the deadline are made only where they are used (a given-up collective, a sleep).
                 if engine.aborted_call is not None:
                     raise Aborted(engine.aborted_call)
-                key = (epoch, call, channel.group.gid, seq)
                 if engine.aborted:
-                    given_up = engine.aborted.get(key)
+                    given_up = engine.aborted.get((epoch, call, channel.group.gid, seq))
                     if given_up is not None:  # a member already gave this collective up
                         raise given_up[0](given_up[1])
                 if channel.epoch != epoch:
                     channel.epoch, channel.count, channel.rounds = epoch, 0, 0
                 patience = comm.config.timeout if timeout is None else timeout
-                deadline = time.monotonic() + patience
                 parity = channel.rounds & 1
                 channel.rounds += 1
                 channel.count += 1
@@ -231,25 +233,32 @@ class SmallRounds:
                     channel.write_signature_bytes(parity, packed, signature_id)
                 position = (call << 32) | seq
                 spin = channel.spin
-                arguments = (parity, (epoch << EPOCH_SHIFT) | channel.count, signature_id, position, spin.ns(),
-                             self.yields, int(min(SLICE_S, patience) * 1e9), kind, dtype_code, op_code,
-                             (0 if x is None else x.size) if count is None else count)
+                target, spin_ns = (epoch << EPOCH_SHIFT) | channel.count, spin.ns()
+                slice_ns = SLICE_NS if patience >= SLICE_S else int(patience * 1e9)
+                if count is None:
+                    count = 0 if x is None else x.size
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
-                status = NOT_TAKEN if self.ext is None else self.ext.round(self.address, x, out, source, *arguments,
-                                                                            offset)
+                status = NOT_TAKEN if self.ext is None else self.ext.round(
+                    self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,
+                    slice_ns, kind, dtype_code, op_code, count, offset)
                 filled = status != NOT_TAKEN and out is not None
                 if status == NOT_TAKEN:  # NumPy copies around the ctypes call
                     if x is not None:
                         self._own_views(x)[parity][...] = x
-                    _CALL.pack_into(self.words, C_PARITY * 8, *arguments, 0)
+                    _CALL.pack_into(self.words, C_PARITY * 8, parity, target, signature_id, position, spin_ns,
+                                    self.yields, slice_ns, kind, dtype_code, op_code, count, 0)
                     self.words[C_OFFSET] = offset
                     status = self.lib.rp_small_round(self.address)
                 if status == PENDING:
-                    status = self._sleep(comm, name, seq, key, deadline, patience)
+                    # The deadline counts from the round's start: the wait so far is in C_WAITED_NS.
+                    deadline = time.monotonic() - self.words[C_WAITED_NS] / 1e9 + patience
+                    status = self._sleep(comm, name, seq, (epoch, call, channel.group.gid, seq), deadline, patience)
                     if status == DONE and filled:
                         self.ext.take(self.address, out, source)
-                spin.answered(not self.words[C_SLEPT], self.words[C_WAITED_NS])
+                slept = self.words[C_SLEPT]
+                if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
+                    spin.answered(not slept, self.words[C_WAITED_NS])
                 if status != DONE:
                     self._fail(comm, name, seq, status, parity, described, signature_id, position)
                 # Payload counts as sent by the member whose buffer peers read (as the Python path).

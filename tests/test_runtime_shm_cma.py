@@ -1,15 +1,18 @@
 """Single-copy collectives between same-host processes (runtime/cma.py, runtime/shm_cma.py): peers
 read each other's arrays with one cross-memory copy, with bitwise the arena path's results; a group
-where any member cannot (or will not) read that way keeps to the arena path."""
+where any member cannot (or will not) read that way keeps to the arena path. And cma.py's one probe,
+which these collectives and `sendrecv` (runtime/shm_p2p_single_copy.py) both ask."""
+import ast
 import ctypes
 import errno
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ringpipe.runtime import cma, shm_cma
+from ringpipe.runtime import cma, shm_cma, shm_p2p_single_copy
 
 pytestmark = pytest.mark.skipif(not cma.available(), reason="no process_vm_readv in this libc")
 
@@ -105,13 +108,13 @@ def one_member_votes_no(comm):
         return None
     group.barrier()
     if comm.rank == 2:
-        shm_cma.set_mode("off")
+        cma.set_mode("off")
     try:
         x = np.arange(50_001, dtype=np.float32) * (comm.rank + 1)
         y = np.arange(30_001, dtype=np.float64) * (comm.rank + 1)
         with_thresholds(0, lambda: (group.all_reduce(x), group.broadcast(y, src=0)))
     finally:
-        shm_cma.set_mode("on")
+        cma.set_mode("on")
     return x, y, comm.engine.channels[group.group.gid].single_copy
 
 
@@ -251,45 +254,64 @@ def _drop_ptrace_capability():
     return libc.capset(ctypes.byref(header), data) == 0
 
 
-def test_a_read_the_kernel_refuses_raises_eperm():
-    """What a strict Yama ptrace_scope, another user or a non-dumpable peer gives: the probe's "no"."""
-    array = np.arange(1000, dtype=np.int64)
+def _probe_answers(pid: int, address: int, nonce: int) -> tuple:
+    """What each single-copy path answers about process `pid`'s probe word: (errno of a plain read
+    of it, 0 when it read; cma.can_read; a collective's verdict on a 2-member channel whose peer
+    published it; whether a `sendrecv` receiver reads a message that names it)."""
+    try:
+        cma.read(pid, address, 8, ctypes.addressof(ctypes.c_uint64()))
+        code = 0
+    except OSError as exc:
+        code = exc.errno if f"pid {pid}" in str(exc) else str(exc)
+    channel = SimpleNamespace(n=2, me=0, regions=[bytearray(4096), bytearray(4096)])
+    state = shm_cma.SingleCopy(channel)
+    state.words[1][shm_cma.PID], state.words[1][shm_cma.PROBE], state.words[1][shm_cma.NONCE] = pid, address, nonce
+    receiver = shm_p2p_single_copy.SingleCopy()
+    message = shm_p2p_single_copy.DESCRIPTOR.pack(pid, address, 8, address, nonce)  # the word as the payload
+    return (code, cma.can_read(cma.Reader(), pid, address, nonce), state.verdict(channel),
+            receiver.read(1, message, np.empty(8, np.uint8)))
+
+
+def test_the_kernels_eperm_makes_every_single_copy_path_say_no_where_reading_itself_says_yes():
+    """What a strict Yama ptrace_scope, another user or a non-dumpable peer gives (EPERM): the one
+    probe says no, so a group's collectives vote no and a `sendrecv` receiver refuses (its sender
+    then sends a copy); the same calls on a word this process may read say yes."""
     ready_r, ready_w = os.pipe()
     result_r, result_w = os.pipe()
     owner = os.fork()
     if owner == 0:  # the peer: not dumpable, so only a process with CAP_SYS_PTRACE may read it
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
-        os.write(ready_w, b"x")
+        os.write(ready_w, repr(cma.probe_word()).encode())
         time.sleep(60)
         os._exit(0)
-    os.read(ready_r, 1)
+    address, nonce = ast.literal_eval(os.read(ready_r, 100).decode())
     reader = os.fork()
     if reader == 0:
-        code = b"?"
+        answers = "?"
         if _drop_ptrace_capability():
-            try:
-                cma.read(owner, array.ctypes.data, array.nbytes, np.empty_like(array).ctypes.data)
-                code = b"read"
-            except OSError as exc:
-                code = b"EPERM" if exc.errno == errno.EPERM and f"pid {owner}" in str(exc) else str(exc).encode()
-        os.write(result_w, code)
+            own_address, own_nonce = cma.probe_word()
+            answers = repr([_probe_answers(owner, address, nonce), _probe_answers(os.getpid(), own_address, own_nonce),
+                            cma.can_read(cma.Reader(), os.getpid(), own_address, own_nonce + 2)])
+        os.write(result_w, answers.encode())
         os._exit(0)
     try:
         os.waitpid(reader, 0)
-        got = os.read(result_r, 200)
+        got = os.read(result_r, 1000).decode()
     finally:
         os.kill(owner, 9)
         os.waitpid(owner, 0)
         for fd in (ready_r, ready_w, result_r, result_w):
             os.close(fd)
-    if got == b"?":
+    if got == "?":
         pytest.skip("cannot drop CAP_SYS_PTRACE here")
-    assert got == b"EPERM"
+    refused, allowed, other_nonce = ast.literal_eval(got)
+    assert refused == (errno.EPERM, False, shm_cma.NO, False)
+    assert allowed == (0, True, shm_cma.YES, True)
+    assert other_nonce is False  # a word that holds another value: another process than the one published
+    assert nonce != cma.probe_word()[1]  # a forked child draws its own nonce
 
 
 def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_said_no():
-    from types import SimpleNamespace
-
     def chosen(n, op, nbytes, state=None):
         return shm_cma.chosen(SimpleNamespace(n=n, single_copy=state), op, nbytes)
 
@@ -302,12 +324,24 @@ def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_
         assert chosen(2, op, 1 << 30) == (path is not None), op
 
 
-def test_ringpipe_cma_0_makes_a_process_vote_no_from_its_start():
+def test_ringpipe_cma_0_turns_every_single_copy_path_off_from_a_processs_start():
     import subprocess
     import sys
 
-    script = "from ringpipe.runtime import shm_cma; print(shm_cma.mode())"
-    for value, want in (("0", "off"), ("1", "on")):
+    script = ("from ringpipe.runtime import cma, shm_p2p_single_copy; "
+              "print(cma.mode(), cma.wanted(), shm_p2p_single_copy.SingleCopy().on)")
+    for value, want in (("0", "off False False"), ("1", "on True True")):
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                               env={**os.environ, "RINGPIPE_CMA": value})
         assert done.stdout.strip() == want, (value, done.stderr[-500:])
+
+
+def test_set_mode_off_makes_this_process_say_no_and_other_modes_are_refused():
+    try:
+        cma.set_mode("off")
+        assert (cma.mode(), cma.wanted(), shm_p2p_single_copy.SingleCopy().on) == ("off", False, False)
+    finally:
+        cma.set_mode("on")
+    assert cma.wanted()
+    with pytest.raises(ValueError, match="'maybe'"):
+        cma.set_mode("maybe")

@@ -1,13 +1,14 @@
 """The sums of same-host collectives (runtime/reduce_kernels.py with csrc/reduce_sum.c, and its NumPy
 fallback) and the large all_reduce over a group channel, pipelined in chunks
-(runtime/shm_collectives.py): NumPy's results, bit for bit, in both modes."""
+(runtime/shm_collectives.py; its chunk loop in C, runtime/shm_reduce_chunks.py, or in Python):
+NumPy's results, bit for bit, in every mode."""
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ringpipe.runtime import reduce_kernels, shm_cma, shm_collectives
+from ringpipe.runtime import reduce_kernels, shm_cma, shm_collectives, shm_reduce_chunks
 from ringpipe.runtime.reduce_kernels import reduce_into
 
 MODES = ["c", "numpy"]
@@ -73,16 +74,21 @@ def test_other_reductions_and_dtypes_give_numpys_results(reduce_mode):
 CASES = [("float32", 50_001, "sum"), ("float64", 20_000, "avg"), ("int64", 9_999, "sum"), ("float32", 30_000, "max")]
 
 
-def pipelined_all_reduces(comm, mode, chunk_bytes):
+def pipelined_all_reduces(comm, mode, chunk_bytes, python_loop_ranks=()):
     """Each case on rank-dependent random data, with chunks of `chunk_bytes` and the one-round reduce
     off and the single-copy path too (runtime/shm_cma.py), so that every case takes the pipelined
-    path; (input, result, publishes) per case."""
+    path; the ranks in `python_loop_ranks` run its Python loop, the others the C one where it takes
+    the case (runtime/shm_reduce_chunks.py); (input, result, publishes) per case."""
     names = ("CHUNK_BYTES", "SMALL_BYTES", "ONE_ROUND_BYTES")
     saved = [getattr(shm_collectives, name) for name in names] + [dict(shm_cma.MIN_READ_BYTES)]
     for name, value in zip(names, (chunk_bytes, 0, 0)):
         setattr(shm_collectives, name, value)
     shm_cma.MIN_READ_BYTES.update(all_reduce=None)
     reduce_kernels.set_mode(mode)
+    os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if comm.rank in python_loop_ranks else "1"
+    in_c = []
+    real = shm_reduce_chunks.reduce_round
+    shm_reduce_chunks.reduce_round = lambda *args: in_c.append(real(*args)) or in_c[-1]
     try:
         comm.barrier()
         channel = comm.engine.channels[comm.group.gid]
@@ -91,21 +97,34 @@ def pipelined_all_reduces(comm, mode, chunk_bytes):
             rng = np.random.default_rng(10 * index + comm.rank)
             x = (rng.standard_normal(count) * 100).astype(dtype)
             before, published = x.copy(), channel.count
+            del in_c[:]
             comm.all_reduce(x, op=op)
-            out.append((before, x, channel.count - published))
+            out.append((before, x, channel.count - published, all(in_c) and len(in_c) > 0))
         return out
     finally:
+        shm_reduce_chunks.reduce_round = real
         for name, value in zip(names, saved):
             setattr(shm_collectives, name, value)
         shm_cma.MIN_READ_BYTES.update(saved[-1])
         reduce_kernels.set_mode("c")
+        os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+
+
+# The chunk loop in C on every rank, in Python on every rank (with C or NumPy sums), and in C on
+# rank 0 only: members in either loop meet, with the same bits.
+LOOPS = {"c": ("c", ()), "python": ("c", (0, 1, 2)), "numpy": ("numpy", ()), "mixed": ("c", (1, 2))}
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(local_cluster, reduce_mode, world_size):
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(local_cluster, loop, world_size):
+    mode, python_loop_ranks = LOOPS[loop]
+    if mode == "c" and reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C kernel here: {reduce_kernels.unavailable_reason()}")
     chunk_bytes = 16 << 10  # several chunks per 64 KiB buffer, several buffers per case
-    results = local_cluster(world_size, arena_bytes=SMALL_ARENA).run(pipelined_all_reduces, reduce_mode, chunk_bytes)
+    results = local_cluster(world_size, arena_bytes=SMALL_ARENA).run(pipelined_all_reduces, mode, chunk_bytes,
+                                                                      python_loop_ranks)
     for index, (dtype, count, op) in enumerate(CASES):
         inputs = [results[rank][index][0] for rank in range(world_size)]
         if op == "max":
@@ -121,6 +140,7 @@ def test_a_large_all_reduce_in_pipelined_chunks_matches_numpy_on_every_rank(loca
             assert same_bits(results[rank][index][1], want), (dtype, op, rank)
             # two publishes per chunk: its copy in and its sum
             assert results[rank][index][2] == 2 * chunks, (dtype, op, rank)
+            assert results[rank][index][3] == (mode == "c" and rank not in python_loop_ranks), (dtype, op, rank)
 
 
 def reduce_scatters(comm, mode):
@@ -193,3 +213,34 @@ def test_every_c_helper_with_reduction_loops_is_built_with_them_vectorized():
                                  str(source)], capture_output=True, text=True, timeout=120)
         assert report.returncode == 0, report.stderr
         assert "reduce_loops.h" in report.stderr and "loop vectorized" in report.stderr, source.name
+
+
+def large_mismatch_and_timeout(comm):
+    """A 2 MiB all_reduce (the chunk loop: above the one-round size) whose shapes differ between the
+    ranks, then one that only rank 1 calls; the two errors' messages."""
+    from ringpipe.runtime.operations import CollectiveMismatch
+
+    messages = []
+    comm.barrier()
+    try:
+        comm.all_reduce(np.ones((1 << 19) + 4 * comm.rank, np.float32))
+    except CollectiveMismatch as exc:
+        messages.append(str(exc))
+    comm.barrier()
+    if comm.rank == 1:
+        try:
+            comm.all_reduce(np.ones(1 << 19, np.float32), timeout=0.5)
+        except TimeoutError as exc:
+            messages.append(str(exc))
+    return messages
+
+
+@pytest.mark.timeout(60)
+def test_the_chunk_loop_in_c_checks_signatures_and_times_out_naming_the_peer(local_cluster):
+    if reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C kernel here: {reduce_kernels.unavailable_reason()}")
+    first, second = local_cluster(2).run(large_mismatch_and_timeout, timeout=30)
+    for rank, messages in enumerate((first, second)):
+        assert f"rank {rank} called it with op=all_reduce, shape=[{(1 << 19) + 4 * rank}]" in messages[0]
+        assert f"rank {1 - rank} with op=all_reduce, shape=[{(1 << 19) + 4 * (1 - rank)}]" in messages[0]
+    assert len(first) == 1 and "timed out after 0.5s waiting for a message from rank 0" in second[1]

@@ -1,11 +1,12 @@
 """`sendrecv` (runtime/shm_p2p_single_copy.py): between same-host ranks a large message is read by
 its receiver straight from the sender's array (one copy), with the bits of the plain path; a
-receiver that cannot read makes its sender send a copy; `RINGPIPE_CMA=0` keeps the plain path."""
+receiver that cannot read makes its sender send a copy. (The probe itself, a real EPERM and
+`RINGPIPE_CMA=0` included: tests/test_runtime_shm_cma.py.)"""
 import numpy as np
 import pytest
 
 from ringpipe.runtime import Cluster, cma
-from ringpipe.runtime.shm_p2p_single_copy import MIN_BYTES, SingleCopy, sendrecv
+from ringpipe.runtime.shm_p2p_single_copy import MIN_BYTES, sendrecv
 
 pytestmark = pytest.mark.skipif(not cma.available(), reason="this libc has no process_vm_readv")
 
@@ -93,7 +94,3 @@ def test_a_sendrecv_nobody_answers_times_out_naming_rank_and_peer(three):
     message = three.run(sendrecv_nobody_answers, timeout=60)[0]
     assert "on rank 0 timed out after 0.5s" in message and ("rank 1" in message or "rank 2" in message), message
 
-
-def test_the_environment_turns_single_copy_off(monkeypatch):
-    monkeypatch.setenv("RINGPIPE_CMA", "0")
-    assert SingleCopy().on is False

@@ -18,6 +18,8 @@ description at DESCRIPTION_AT and the payload at META_BYTES. */
 #include <string.h>
 #include <time.h>
 
+#include "py_extension.h"
+
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
 void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
@@ -39,14 +41,6 @@ static int64_t now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static int take_ints(PyObject *const *args, Py_ssize_t count, long long *out) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        out[i] = PyLong_AsLongLong(args[i]);
-        if (out[i] == -1 && PyErr_Occurred()) return -1;
-    }
-    return 0;
-}
-
 /* send(ring, slot_bytes, epoch, call, tag, description: bytes, array, block, block_address) ->
    bool: the message is in the ring and published (the reader woken if it sleeps), its payload in
    the slot (block -1) or in the arena block `block` the caller took for it (mapped here at
@@ -54,20 +48,13 @@ static int take_ints(PyObject *const *args, Py_ssize_t count, long long *out) {
    or does not fit in the slot: the caller's Python path. */
 static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long v[5], b[2];
-    if (nargs != 9 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || take_ints(args + 7, 2, b) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "send(ring, slot_bytes, epoch, call, tag, description, array, block, "
-                                             "block_address)");
-        return NULL;
-    }
+    if (nargs != 9 || rp_take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || rp_take_ints(args + 7, 2, b) < 0)
+        return rp_bad_arguments("send(ring, slot_bytes, epoch, call, tag, description, array, block, block_address)");
     char *ring = (char *)(intptr_t)v[0];
     int64_t slot_bytes = v[1];
     Py_ssize_t length = PyBytes_GET_SIZE(args[5]);
     Py_buffer view;
-    if (PyObject_GetBuffer(args[6], &view, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        Py_RETURN_FALSE;
-    }
+    if (rp_take_buffer(args[6], 0, &view) < 0) Py_RETURN_FALSE;
     int sent = 0;
     uint64_t *head = (uint64_t *)(ring + HEAD), *tail = (uint64_t *)(ring + TAIL);
     uint64_t at = __atomic_load_n(head, __ATOMIC_RELAXED);  /* only this sender (under its lock) raises it */
@@ -97,20 +84,14 @@ static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t narg
    `out` of the message's shape and dtype. */
 static PyObject *p2p_recv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long v[5], w[5];
-    if (nargs != 12 || take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || take_ints(args + 7, 5, w) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "recv(ring, slot_bytes, epoch, call, tag, description, out, spin_ns, "
-                                             "yields, timeout_ns, arena, arena_bytes)");
-        return NULL;
-    }
+    if (nargs != 12 || rp_take_ints(args, 5, v) < 0 || !PyBytes_Check(args[5]) || rp_take_ints(args + 7, 5, w) < 0)
+        return rp_bad_arguments("recv(ring, slot_bytes, epoch, call, tag, description, out, spin_ns, yields, "
+                                "timeout_ns, arena, arena_bytes)");
     char *ring = (char *)(intptr_t)v[0];
     int64_t slot_bytes = v[1];
-    Py_buffer view = {0};
+    Py_buffer view;
     int peek = args[6] == Py_None;
-    if (!peek && PyObject_GetBuffer(args[6], &view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyErr_Clear();
-        return PyLong_FromLong(OTHER);
-    }
+    if (rp_take_optional_buffer(args[6], 1, &view) < 0) return PyLong_FromLong(OTHER);
     const char *found = NULL;
     int64_t found_length = 0;
     const char *description = PyBytes_AS_STRING(args[5]);
@@ -157,11 +138,9 @@ static PyObject *p2p_recv(PyObject *self, PyObject *const *args, Py_ssize_t narg
 }
 
 static PyMethodDef methods[] = {
-    {"send", (PyCFunction)(void (*)(void))p2p_send, METH_FASTCALL, "Write a one-slot message into a pair ring."},
-    {"recv", (PyCFunction)(void (*)(void))p2p_recv, METH_FASTCALL, "Take the next message of a pair ring if wanted."},
+    RP_FASTCALL("send", p2p_send, "Write a one-slot message into a pair ring."),
+    RP_FASTCALL("recv", p2p_recv, "Take the next message of a pair ring if wanted."),
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringpipe_shm_p2p", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__ringpipe_shm_p2p(void) { return PyModule_Create(&module); }
+RP_MODULE(_ringpipe_shm_p2p, methods)

@@ -12,6 +12,8 @@ in Python and runs the same round. */
 #include <stdint.h>
 #include <string.h>
 
+#include "py_extension.h"
+
 int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
@@ -38,23 +40,11 @@ static void copy_out(const int64_t *ctl, char *out, Py_ssize_t length, int64_t s
     }
 }
 
-static int take_ints(PyObject *const *args, Py_ssize_t count, long long *out) {
-    for (Py_ssize_t i = 0; i < count; i++) {
-        out[i] = PyLong_AsLongLong(args[i]);
-        if (out[i] == -1 && PyErr_Occurred()) return -1;
-    }
-    return 0;
-}
-
-/* Both buffers or neither (NOT_TAKEN: nothing acquired, the error cleared). */
+/* Both buffers or neither (NOT_TAKEN: nothing acquired, the error cleared); None: no buffer. */
 static int take_buffers(PyObject *payload, PyObject *out, Py_buffer *in_view, Py_buffer *out_view) {
-    if (payload != Py_None && PyObject_GetBuffer(payload, in_view, PyBUF_C_CONTIGUOUS) < 0) {
-        PyErr_Clear();
-        return NOT_TAKEN;
-    }
-    if (out != Py_None && PyObject_GetBuffer(out, out_view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
-        PyErr_Clear();
-        if (payload != Py_None) PyBuffer_Release(in_view);
+    if (rp_take_optional_buffer(payload, 0, in_view) < 0) return NOT_TAKEN;
+    if (rp_take_optional_buffer(out, 1, out_view) < 0) {
+        PyBuffer_Release(in_view);
         return NOT_TAKEN;
     }
     return 0;
@@ -70,13 +60,10 @@ static int take_buffers(PyObject *payload, PyObject *out, Py_buffer *in_view, Py
    waits on, then calls `take`, and the reduction goes through the scratch) or NOT_TAKEN. */
 static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long v[13], ctl_address, source;
-    if (nargs != 16 || take_ints(args, 1, &ctl_address) < 0 || take_ints(args + 3, 1, &source) < 0 ||
-        take_ints(args + 4, 12, v) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "round(ctl, payload, out, source, parity, target, signature, position, "
-                                             "spin_ns, yield, timeout_ns, kind, dtype, op, count, offset)");
-        return NULL;
-    }
+    if (nargs != 16 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 3, 1, &source) < 0 ||
+        rp_take_ints(args + 4, 12, v) < 0)
+        return rp_bad_arguments("round(ctl, payload, out, source, parity, target, signature, position, spin_ns, "
+                                "yield, timeout_ns, kind, dtype, op, count, offset)");
     int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
     Py_buffer in_view, out_view;
     if (take_buffers(args[1], args[2], &in_view, &out_view) < 0) return PyLong_FromLong(NOT_TAKEN);
@@ -105,10 +92,8 @@ static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t n
    caller waited for it in slices; False (nothing copied) when `out` cannot be taken. */
 static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long ctl_address, source;
-    if (nargs != 3 || take_ints(args, 1, &ctl_address) < 0 || take_ints(args + 2, 1, &source) < 0) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "take(ctl, out, source)");
-        return NULL;
-    }
+    if (nargs != 3 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 1, &source) < 0)
+        return rp_bad_arguments("take(ctl, out, source)");
     Py_buffer in_view, out_view;
     if (take_buffers(Py_None, args[1], &in_view, &out_view) < 0) Py_RETURN_FALSE;
     copy_out((const int64_t *)(intptr_t)ctl_address, out_view.buf, out_view.len, source);
@@ -117,11 +102,9 @@ static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 static PyMethodDef methods[] = {
-    {"round", (PyCFunction)(void (*)(void))small_round, METH_FASTCALL, "One small round, copies included."},
-    {"take", (PyCFunction)(void (*)(void))small_take, METH_FASTCALL, "A done round's result into an array."},
+    RP_FASTCALL("round", small_round, "One small round, copies included."),
+    RP_FASTCALL("take", small_take, "A done round's result into an array."),
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringpipe_shm_small", NULL, -1, methods};
-
-PyMODINIT_FUNC PyInit__ringpipe_shm_small(void) { return PyModule_Create(&module); }
+RP_MODULE(_ringpipe_shm_small, methods)

@@ -1,0 +1,86 @@
+"""The chunk loop of a large same-host all_reduce round in C (runtime/csrc/shm_reduce_chunks.c).
+
+shm_collectives._reduce_round pipelines a buffer-sized round in chunks: copy in, reduce this rank's
+part, copy out the peers' sums, with the next chunk's copy in between. In Python each step costs
+tens of µs of interpreter and wait bookkeeping, which is why its chunks were 4 MiB: too large for
+the pipeline to keep a chunk in the caches between the steps. Here the whole loop is one call (the
+waits spin in C), so chunks can be small (CHUNK_BYTES in shm_collectives). The steps, the publishes
+and the order of the sums are the Python loop's, so members in either loop meet and get the same
+bits; the Python loop runs where this one does not (no C helper, a dtype or reduction it does not
+take, NumPy sums asked for, `RINGPIPE_SHM_CHUNKS=0`).
+
+A wait that the spin does not end returns to Python, which waits as every channel wait does
+(GroupChannel._wait: futex sleeps in slices, aborts, deadline, epoch, a member that destroyed the
+group), then resumes the loop.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ringpipe.runtime import reduce_kernels
+from ringpipe.runtime.shm_channel import EPOCH_SHIFT
+
+# The state's words (csrc/shm_reduce_chunks.c's enum).
+R_N, R_ME, R_PIECE, R_SIZE, R_ITEMSIZE, R_DTYPE, R_OP, R_DIVISOR, R_CHUNK, R_EPOCH, R_COUNT, R_STEP = range(12)
+R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS = range(12, 19)
+R_MEMBERS, R_PER_MEMBER = 24, 3
+DONE, WAIT, SIGNATURES, UNSUPPORTED = 0, 1, 2, 3
+MAX_MEMBERS = 64  # the C loop's inputs array
+# The dtypes and reductions the loop takes (reduce_loops.h's codes, as runtime/shm_small.py's).
+DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
+                                                             "<u4", "<u8"])}
+OPS = {np.add: 0, np.maximum: 1, np.minimum: 2}
+
+
+def _library(channel):
+    """The compiled helper (the channel's "c" waiter's library), or None: also where sums are to be
+    NumPy's (reduce_kernels' "numpy" mode, which keeps the Python loop's fallback tested)."""
+    if os.environ.get("RINGPIPE_SHM_CHUNKS", "1") == "0" or reduce_kernels.mode() != "c":
+        return None
+    lib = getattr(channel.waiter, "_lib", None)
+    return lib if lib is not None and hasattr(lib, "rp_reduce_chunks") else None
+
+
+def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, chunk: int) -> bool:
+    """Run one round of shm_collectives._reduce_round on `piece` (contiguous, 1-D) in C, in chunks of
+    `chunk` elements; False (nothing done) where the C loop does not take it."""
+    dtype_code, op_code = DTYPES.get(piece.dtype), OPS.get(reduce)
+    lib = _library(channel)
+    n, me = channel.n, channel.me
+    if lib is None or dtype_code is None or op_code is None or not piece.flags.c_contiguous or n > MAX_MEMBERS:
+        return False
+    if divisor and op_code != 0:  # (an average is a sum)
+        return False
+    state = getattr(channel, "_chunk_state", None)
+    if state is None:
+        state = channel._chunk_state = np.zeros(R_MEMBERS + R_PER_MEMBER * n, np.int64)
+    parity = channel.next_round()
+    state[:R_WAITED_NS + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
+                               max(chunk, n), channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
+                               channel.spin.ns(), int(channel.spin.yields), int(first), 0]
+    for member in range(n):
+        at = R_MEMBERS + R_PER_MEMBER * member
+        state[at : at + R_PER_MEMBER] = [channel.words[member], channel.sleepers[member],
+                                         channel.buffer_address(member, parity)]
+    if first:
+        channel.write_signature(parity)
+    address = state.ctypes.data
+    try:
+        while True:
+            status = lib.rp_reduce_chunks(address)
+            channel.count = int(state[R_COUNT])  # the publishes it made, for the channel's next round
+            if status == DONE:
+                return True
+            if status == WAIT:
+                channel._wait(int(state[R_PEER]), int(state[R_TARGET]))
+            elif status == SIGNATURES:
+                channel.check_signatures(parity)
+            else:
+                raise RuntimeError(f"shm_reduce_chunks: status {status} at step {int(state[R_STEP])}")
+    finally:
+        channel.wait_ns += int(state[R_WAITED_NS])  # its spins (the channel's own waits count theirs)
+
+
+__all__ = ["reduce_round"]
