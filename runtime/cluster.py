@@ -149,12 +149,16 @@ class Cluster(StartUp, TraceControl):
         self._on_message(rank, {"t": "result", "id": call_id, "ok": False, "type": "WireError", "aborted": False,
                                 "error": f"WireError: the driver rejected the result: {exc}", "traceback": ""})
 
-    def _send_to(self, rank: int, value):
-        self._router.send_multipart([b"w%d" % rank, *wire.encode(value)])
+    def _send_to(self, rank: int, value, gone_ok: bool = False):
+        try:
+            self._router.send_multipart([b"w%d" % rank, *wire.encode(value)])
+        except zmq.ZMQError as exc:  # gone_ok: a worker that is gone (EHOSTUNREACH) is _check_processes' to report
+            if not gone_ok or exc.errno != zmq.EHOSTUNREACH:
+                raise
 
     def _broadcast(self, value, ranks=None):
         for rank in range(self.world_size) if ranks is None else ranks:
-            self._send_to(rank, value)
+            self._send_to(rank, value, gone_ok=True)  # an abort may find the rank that failed already exited
 
     # ---- the driver thread -----------------------------------------------------------------------
     def _serve(self):
@@ -174,11 +178,7 @@ class Cluster(StartUp, TraceControl):
                     if callable(value):
                         value()
                         continue
-                    try:
-                        self._send_to(rank, value)
-                    except zmq.ZMQError as exc:  # that worker is gone; _check_processes reports it
-                        if exc.errno != zmq.EHOSTUNREACH:
-                            raise
+                    self._send_to(rank, value, gone_ok=True)
                 drained = self._receive_all() if self._router in events else True
                 self._check_processes()
                 if drained:  # judge silence only once every message that arrived has been read

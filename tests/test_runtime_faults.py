@@ -226,6 +226,30 @@ def test_sys_exit_in_a_worker_reports_its_traceback():
         assert "rank 1" in str(info.value) and "exit_in_function" in str(info.value)
 
 
+@pytest.mark.timeout(60)
+def test_an_abort_that_finds_a_rank_already_gone_leaves_the_report_to_that_ranks_death():
+    """A rank that fails a call and exits at once (sys.exit above) may be gone before the driver
+    sends every rank the abort: that send must not end the driver with 'control socket failed'
+    (the suite under two test processes hit it). Here the driver thread itself kills rank 1, waits
+    for the disconnect to reach its socket, then aborts."""
+    cluster = Cluster(2)
+    pid = cluster.pids[1]
+    try:
+        def kill_then_abort():
+            os.kill(pid, signal.SIGKILL)
+            processes_left([pid], 10)
+            time.sleep(1.0)  # the socket's I/O thread drops the peer: a send to it is now EHOSTUNREACH
+            cluster._abort("rank 1 failed", 0)
+
+        cluster._post(None, kill_then_abort)
+        deadline = time.monotonic() + 30
+        while cluster.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(cluster.failure, WorkerDied) and "rank 1" in str(cluster.failure), cluster.failure
+    finally:
+        cluster.close()
+
+
 
 
 def test_close_leaves_no_process_and_no_shared_memory_file():
