@@ -43,12 +43,15 @@ def ssh_to(namespace_hosts, monkeypatch):
 
 @pytest.fixture(scope="session")
 def one_process_losses(tmp_path_factory) -> list:
-    """The losses of `ringpipe train` with TRAIN in one process, on conftest's TEXT."""
-    from tests.conftest import TEXT, run_cli  # here: conftest imports this module
+    """The losses of `ringpipe train` with TRAIN in one process, on conftest's TEXT (made once for
+    every test process of the run)."""
+    from tests.conftest import TEXT, once_per_run, run_cli  # here: conftest imports this module
 
-    folder = tmp_path_factory.mktemp("one-process")
-    corpus = folder / "corpus.txt"
-    corpus.write_text(TEXT)
-    result = run_cli("train", "--data", corpus, *TRAIN, "--out", folder / "run")
-    assert result.exit_code == 0, result.output
-    return losses(folder / "run")
+    def train(folder):
+        corpus = folder / "corpus.txt"
+        corpus.write_text(TEXT)
+        result = run_cli("train", "--data", corpus, *TRAIN, "--out", folder / "run")
+        assert result.exit_code == 0, result.output
+        return losses(folder / "run")
+
+    return once_per_run(tmp_path_factory, "one-process", train)[0]
