@@ -116,7 +116,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     peer may read it: the part a rank sums is written only in step 2, and it is read only after.
     Where it can, the whole loop runs in C (runtime/shm_reduce_chunks.py), step for step the same."""
     if shm_reduce_chunks.reduce_round(channel, piece, reduce, divisor, first, chunk_elements(channel, piece.itemsize)):
-        channel.engine.count_sent(channel.group.gid, 2 * (channel.n - 1) * (piece.size // channel.n))
+        channel.engine.count_sent(channel.group.gid, 2 * (channel.n - 1) * (piece.nbytes // channel.n))
         return
     n, me = channel.n, channel.me
     dtype, size = piece.dtype, piece.size
@@ -165,7 +165,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         for peer in range(n):
             if peer != me:
                 piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
-    channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (size // n))
+    channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (piece.nbytes // n))  # bytes, as the ring's
 
 
 def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:

@@ -244,3 +244,32 @@ def test_the_chunk_loop_in_c_checks_signatures_and_times_out_naming_the_peer(loc
         assert f"rank {rank} called it with op=all_reduce, shape=[{(1 << 19) + 4 * rank}]" in messages[0]
         assert f"rank {1 - rank} with op=all_reduce, shape=[{(1 << 19) + 4 * (1 - rank)}]" in messages[0]
     assert len(first) == 1 and "timed out after 0.5s waiting for a message from rank 0" in second[1]
+
+
+def bytes_sent_per_path(comm):
+    """A 768 KiB all_reduce (above the channel's 64 KiB buffer: the pipelined path) through the C
+    chunk loop, the Python one, the single-copy path where this group can take it, and the engine's
+    ring; the payload bytes each counted as sent by this rank."""
+    x = np.ones(3 << 16, np.float32)
+    saved = dict(shm_cma.MIN_READ_BYTES)
+    counted = {}
+    try:
+        comm.barrier()
+        for path in ("c", "python", "single copy", "ring"):
+            os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if path == "python" else "1"
+            shm_cma.MIN_READ_BYTES.update(all_reduce=1 if path == "single copy" else None)
+            before = comm.bytes_sent
+            (comm.using(algorithm="ring") if path == "ring" else comm).all_reduce(x)
+            counted[path] = comm.bytes_sent - before
+        return counted
+    finally:
+        shm_cma.MIN_READ_BYTES.update(saved)
+        os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+
+
+@pytest.mark.timeout(60)
+def test_a_large_same_host_all_reduce_counts_the_bytes_the_ring_counts_on_every_path(local_cluster):
+    """Each rank sends 2 (n - 1) / n of the array's bytes, as the ring does: bytes, not elements."""
+    for counted in local_cluster(2, arena_bytes=SMALL_ARENA).run(bytes_sent_per_path):
+        assert counted["ring"] == 2 * (3 << 16) * 4 // 2, counted
+        assert counted["c"] == counted["python"] == counted["single copy"] == counted["ring"], counted
