@@ -21,6 +21,7 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 import zlib
@@ -85,9 +86,13 @@ class GroupChannel:
                      for region in self.regions]
         self._views: dict = {}  # (member, parity, dtype, count) -> that buffer's view
         self._written = [None, None]
-        # Asynchronous collectives run in order on this channel's own thread (a "stream").
+        # Asynchronous collectives run in order on this channel's own thread (a "stream"): queued
+        # under _queue_lock (the engine thread looks at them to cancel), one token each in _tokens
+        # for the thread to wake on (a SimpleQueue waits in C; a Condition's wait costs ~20 µs of
+        # Python per operation).
         self._queue: deque = deque()
-        self._queue_ready = threading.Condition()
+        self._queue_lock = threading.Lock()
+        self._tokens = queue.SimpleQueue()
         self._thread = None
         self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
@@ -101,7 +106,9 @@ class GroupChannel:
     # ---- asynchronous operations ----------------------------------------------------------------
     def busy(self) -> bool:
         """True while asynchronous operations are queued or running: later ones must queue too."""
-        return self._running is not None or bool(self._queue)
+        # The queue first: _serve marks an operation running before it takes it off the queue, so
+        # one of the two shows it at every moment (read the other way round, a look could miss it).
+        return bool(self._queue) or self._running is not None
 
     def submit(self, handle, work, abort_key: tuple):
         """Run `work()` on this channel's thread after what is queued; its result or error goes to
@@ -110,13 +117,13 @@ class GroupChannel:
         if len(handles) >= 256:  # as Engine.submit: only the unfinished ones matter at the call's end
             handles[:] = [h for h in handles if not h.is_done()]
         handles.append(handle)
-        with self._queue_ready:
+        with self._queue_lock:
             self._queue.append((handle, work, abort_key))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, daemon=True,
                                                 name=f"ringpipe-channel-{self.group.gid}")
                 self._thread.start()
-            self._queue_ready.notify()
+        self._tokens.put(None)
         return handle
 
     def close(self, then):
@@ -124,22 +131,21 @@ class GroupChannel:
         this channel's thread, which then stops; at once when it has none). Nothing runs after."""
         self.engine.abort_listeners.remove(self._wake_sleeper)
         self.engine.cancel_listeners.remove(self._cancel_call)
-        with self._queue_ready:
+        with self._queue_lock:
             if self._thread is not None:
                 self._queue.append((None, then, None))
-                self._queue_ready.notify()
+                self._tokens.put(None)
                 return
         then()
 
     def _serve(self):
         while True:
-            with self._queue_ready:
-                while not self._queue:
-                    self._queue_ready.wait()
+            self._tokens.get()
+            with self._queue_lock:
+                self._running = self._queue[0][2]  # before it leaves the queue (see busy())
                 handle, work, abort_key = self._queue.popleft()
-                if handle is None:  # closed (close())
-                    return work()
-                self._running = abort_key
+            if handle is None:  # closed (close()): its key, so _running, is None
+                return work()
             try:
                 if abort_key[1] <= self._cancelled_through:
                     raise self._cancelled(handle.name)
@@ -168,7 +174,7 @@ class GroupChannel:
     def _cancel_call(self, call_id: int, what: str):
         """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
         running here are cancelled, on every member (the engine's abort note reaches them)."""
-        with self._queue_ready:
+        with self._queue_lock:
             pending = [key for _, _, key in self._queue if key[1] <= call_id]
             running = self._running if self._running is not None and self._running[1] <= call_id else None
         if not (pending or running):

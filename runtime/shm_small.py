@@ -202,7 +202,7 @@ class SmallRounds:
         NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
         it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
         channel = self.channel
-        if channel._running is not None or channel._queue or not channel.lock.acquire(False):
+        if channel._queue or channel._running is not None or not channel.lock.acquire(False):  # (as busy())
             return NOT_RUN
         try:
             engine = channel.engine

@@ -383,3 +383,52 @@ def test_an_asynchronous_channel_collective_left_running_is_cancelled_and_the_ne
     assert first == second == [3.0] * 4 and nothing is None
     # The collective's number depends on whether an earlier test of this module opened the channel.
     assert re.match(r"Cancelled: all_reduce #\d+ on group w", left) and "wait()" in left
+
+
+def marked_running_as_it_leaves_the_queue(comm):
+    """Asynchronous all_reduces on the channel's thread, with its queue watched: whether each was
+    marked running when it left the queue (busy() reads the queue, then the mark)."""
+    from collections import deque
+
+    comm.barrier()  # the channel is open
+    channel = comm.engine.channels[comm.group.gid]
+    seen = []
+
+    class Watched(deque):
+        def popleft(self):
+            seen.append(channel._running is not None)
+            return super().popleft()
+
+    channel._queue = Watched(channel._queue)
+    for _ in range(3):
+        comm.all_reduce(np.ones(4), async_op=True).wait()
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_an_asynchronous_operation_is_marked_running_before_it_leaves_the_queue(local_cluster):
+    """Otherwise a waited-for collective on the calling thread could find the channel idle in
+    between and run before the asynchronous one queued ahead of it (peers would mismatch)."""
+    assert local_cluster(2).run(marked_running_as_it_leaves_the_queue) == [[True] * 3] * 2
+
+
+def test_a_handle_waits_times_out_and_hands_its_result_or_error_to_every_waiter():
+    from ringpipe.runtime.operations import CommTimeout, Handle
+
+    handle = Handle("op #0", transform=lambda result: result * 2)
+    assert not handle.is_done()
+    with pytest.raises(CommTimeout, match="op #0: not finished after waiting 0.01s"):
+        handle.wait(0.01)
+    got = []
+    waiters = [threading.Thread(target=lambda: got.append(handle.wait(10))) for _ in range(3)]
+    for thread in waiters:
+        thread.start()
+    handle._set(21)
+    for thread in waiters:
+        thread.join(10)
+    assert got == [42, 42, 42] and handle.is_done() and handle.wait(0) == 42
+    failed = Handle("op #1")
+    failed._set(error=ValueError("bad"))
+    failed._set(error=KeyError("later"))  # set twice (an abort racing the end): the last one stands
+    with pytest.raises(KeyError):
+        failed.wait()
