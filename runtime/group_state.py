@@ -58,9 +58,9 @@ class GroupState:
             if channel is not None:
                 if channel.lock.acquire(timeout=10.0):
                     channel.lock.release()
-                # Its latency path does not look at the group's life (a check per small collective),
-                # and the channel leaves engine.channels only once the engine thread closes it: off
-                # now, so the next collective takes the checked path and raises GroupDestroyed.
+                # Its latency path does not look at the group's life (that would cost a check per
+                # small collective), and the channel leaves engine.channels only once the engine
+                # thread closes it: off now, so the next collective takes the checked path and raises.
                 channel.small = None
             self._finalizer()
 
