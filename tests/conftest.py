@@ -54,25 +54,43 @@ def corpus(tmp_path) -> str:
     return str(path)
 
 
+def shared_folder(tmp_path_factory):
+    """A folder every test process of this run sees (pytest-xdist gives each its own base folder
+    under a common one; without it, the run's base folder)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def train_run_from_an_empty_kernel_cache(tmp_path_factory):
     """`ringpipe train` of 2 steps on 2 workers in a fresh process whose RINGPIPE_CACHE holds no C
     kernels yet -> (its subprocess.CompletedProcess, that cache folder). The build is the slow part:
-    test_train_interrupt reads the run's status lines, test_kernels what the build left in the cache."""
+    test_train_interrupt reads the run's status lines, test_kernels what the build left in the cache.
+    Run once for all test processes: the first to ask runs it under a lock, the others read its result."""
+    import fcntl
+    import json
+    import shutil
     import subprocess
 
-    directory = tmp_path_factory.mktemp("empty_kernel_cache")
-    (directory / "corpus.txt").write_text(TEXT)
-    cache = directory / "cache"
-    args = ["train", "--data", directory / "corpus.txt", "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
-            "--block-size", 16, "--batch-size", 4, "--warmup", 1, "--eval-every", 0, "--eval-iters", 1,
-            "--steps", 2, "--nproc", 2, "--dp", 2, "--out", directory / "run"]
-    result = subprocess.run([sys.executable, "-m", "ringpipe.cluster", *[str(a) for a in args]],
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            env=dict(os.environ, RINGPIPE_CACHE=str(cache), RINGPIPE_KERNELS="c"),
-                            capture_output=True, text=True, timeout=110)
-    assert result.returncode == 0, result.stderr
-    return result, cache
+    directory = shared_folder(tmp_path_factory) / "empty_kernel_cache"
+    with open(f"{directory}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        saved = directory / "result.json"
+        if not saved.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed first try left: empty again
+            directory.mkdir()
+            (directory / "corpus.txt").write_text(TEXT)
+            args = ["train", "--data", directory / "corpus.txt", "--n-layer", 1, "--n-head", 2, "--n-embd", 16,
+                    "--block-size", 16, "--batch-size", 4, "--warmup", 1, "--eval-every", 0, "--eval-iters", 1,
+                    "--steps", 2, "--nproc", 2, "--dp", 2, "--out", directory / "run"]
+            command = [sys.executable, "-m", "ringpipe.cluster", *[str(a) for a in args]]
+            result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    env=dict(os.environ, RINGPIPE_CACHE=str(directory / "cache"), RINGPIPE_KERNELS="c"),
+                                    capture_output=True, text=True, timeout=110)
+            assert result.returncode == 0, result.stderr
+            saved.write_text(json.dumps([command, result.returncode, result.stdout, result.stderr]))
+        result = subprocess.CompletedProcess(*json.loads(saved.read_text()))
+    return result, directory / "cache"
 
 
 def run_cli(*args):

@@ -98,6 +98,21 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubsc
         self._daemon("slurmd", "-D", "-N", node)
         self._wait_for(self._node_idle, "slurmd to register with slurmctld")
 
+    def wait_for_job(self, job_id: str, timeout: float) -> str:
+        """The final `JobState=... ExitCode=...` of batch job `job_id`, polled every 0.1 s:
+        `sbatch --wait` polls every 2 s, which was most of a short job's time. Raises
+        TimeoutError naming the job and its last state after `timeout` seconds."""
+        deadline, state = time.monotonic() + timeout, "no record"
+        while time.monotonic() < deadline:
+            shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=self.environment,
+                                   capture_output=True, text=True).stdout.split()
+            fields = dict(field.split("=", 1) for field in shown if "=" in field)
+            state = f"JobState={fields.get('JobState')} ExitCode={fields.get('ExitCode')}"
+            if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                return state
+            time.sleep(0.1)
+        raise TimeoutError(f"Slurm job {job_id} still {state} after {timeout} s")
+
     def _daemon(self, name, *args):
         self.processes.append(subprocess.Popen([DAEMONS[name], *args], env=self.environment,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -125,10 +140,13 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubsc
 
     def close(self):
         for process in reversed(self.processes):
-            process.terminate()
+            if process.args[0] == DAEMONS["slurmd"]:
+                process.kill()  # it can take 9 s to end after jobs ran; its state is thrown away
+            else:
+                process.terminate()
         for process in self.processes:
             try:
-                process.wait(timeout=2)  # slurmd can take 9 s to end after jobs ran; its state is thrown away
+                process.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

@@ -5,13 +5,11 @@ import dataclasses
 
 import pytest
 
-from ringpipe.model.families import family as family_of
-from ringpipe.model.families import special_ids
 from ringpipe.model.planning.family import inventory_for
 from ringpipe.model.planning.memory import Candidate, layout_memory
 from ringpipe.model.training.config import TrainConfig
 from ringpipe.model.training.parallel_trainer import Layout, ParallelTrainer
-from ringpipe.model.training.trainer import Trainer
+from ringpipe.model.training.run_setup import RunSetup
 from tests.conftest import TEXT
 
 
@@ -26,6 +24,14 @@ class MeasuredTrainer(ParallelTrainer):
                 "gradients": self.gradients.flat_grads.nbytes + (extra[1].nbytes if extra else 0),
                 "optimizer": self.optimizer_state_bytes() + decay,
                 "stage_peaks": {s: stage.memory.peak_bytes for s, stage in self.stages.items()}}
+
+
+def prepared(config: TrainConfig, run_dir) -> RunSetup:
+    """The run's tokenizer and RUN/tokens.bin, as the multi-worker driver makes them: no model in
+    this process (a Trainer here drew the whole model first, 1.2 s of CPU at 1024 wide)."""
+    setup = RunSetup.create(config, str(run_dir))
+    setup.write_token_file()
+    return setup
 
 
 CASES = [  # (dp, tp, pp, schedule, virtual stages, microbatches, zero, sequence parallel, recompute, dropout)
@@ -47,18 +53,18 @@ def assert_the_inventory_equals_what_ranks_hold(local_cluster, tmp_path, candida
     config = TrainConfig(data=str(corpus), family=family, n_layer=4, n_head=4, n_embd=64, block_size=64,
                          batch_size=8, microbatches=candidate.microbatches, steps=2, eval_iters=1, dtype="float32",
                          dropout=dropout, **options)
-    reference = Trainer.create(config, str(tmp_path / "run"))
+    setup = prepared(config, tmp_path / "run")
     c = candidate
     layout = Layout(dp=c.dp, tp=c.tp, pp=c.pp, schedule=c.schedule, virtual_stages=c.virtual_stages, zero=c.zero,
                     sequence_parallel=c.sequence_parallel)
     layout.validate(config)
     trainers = local_cluster(layout.world_size).spawn(
         MeasuredTrainer, dataclasses.asdict(config), dataclasses.asdict(layout), str(tmp_path / "run" / "tokens.bin"),
-        reference.tokenizer.vocab_size, special_ids=special_ids(reference.tokenizer, family_of(family)))
+        setup.vocab_size, special_ids=setup.special_ids)
     trainers.train_step(0).result()
     measured = trainers.held_bytes().result()
 
-    inventory = inventory_for(family, config.model_config(reference.tokenizer.vocab_size))
+    inventory = inventory_for(family, config.model_config(setup.vocab_size))
     predicted = layout_memory(inventory, candidate, config.batch_size)
     for rank in measured:
         memory = predicted[rank["pp_rank"]]
@@ -143,18 +149,17 @@ def test_a_cpu_rank_peaks_where_the_planner_says(tmp_path, family, dp, pp, zero,
     corpus.write_text(TEXT)
     config = TrainConfig(data=str(corpus), family=family, n_layer=2, n_head=8, n_embd=1024, block_size=32,
                          batch_size=4, microbatches=2, steps=2, eval_iters=1, dtype="float32", **options)
-    reference = Trainer.create(config, str(tmp_path / "run"))
+    setup = prepared(config, tmp_path / "run")
     layout = Layout(dp=dp, pp=pp, zero=zero)
     with Cluster(layout.world_size, threads_per_worker=1, **BYTES_NOT_HUGE_PAGES) as cluster:  # fresh heaps
         idle = cluster.run(_resident)
         trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(layout),
-                                 str(tmp_path / "run" / "tokens.bin"), reference.tokenizer.vocab_size,
-                                 special_ids=special_ids(reference.tokenizer, family_of(family)))
+                                 setup.token_file, setup.vocab_size, special_ids=setup.special_ids)
         for step in range(2):
             trainers.train_step(step).result()
         coordinates = trainers.coordinates().result()
         peaks = cluster.run(_resident, "VmHWM")
-    inventory = inventory_for(family, config.model_config(reference.tokenizer.vocab_size))
+    inventory = inventory_for(family, config.model_config(setup.vocab_size))
     predicted = layout_memory(inventory, Candidate(dp, 1, pp, microbatches=2, zero=zero), config.batch_size)
     for coords, before, peak in zip(coordinates, idle, peaks):
         assert predicted[coords["pp"]].peak == pytest.approx(peak - before, rel=0.1), coords
@@ -172,16 +177,16 @@ def test_training_peaks_above_the_build_by_the_weight_gradients_a_stage_keeps_th
     corpus.write_text(TEXT)
     config = TrainConfig(data=str(corpus), n_layer=6, n_head=8, n_embd=512, block_size=32, batch_size=4,
                          steps=2, eval_iters=1, dtype="float32")
-    reference = Trainer.create(config, str(tmp_path / "run"))
+    setup = prepared(config, tmp_path / "run")
     with Cluster(1, threads_per_worker=1, **BYTES_NOT_HUGE_PAGES) as cluster:  # a fresh heap
         idle = cluster.run(_resident)[0]
         trainers = cluster.spawn(ParallelTrainer, dataclasses.asdict(config), dataclasses.asdict(Layout()),
-                                 str(tmp_path / "run" / "tokens.bin"), reference.tokenizer.vocab_size)
+                                 str(tmp_path / "run" / "tokens.bin"), setup.vocab_size)
         built = cluster.run(_resident, "VmHWM")[0]
         for step in range(2):
             trainers.train_step(step).result()
         peak = cluster.run(_resident, "VmHWM")[0]
-    inventory = inventory_for("gpt2", config.model_config(reference.tokenizer.vocab_size))
+    inventory = inventory_for("gpt2", config.model_config(setup.vocab_size))
     predicted = layout_memory(inventory, Candidate(), config.batch_size)[0]
     assert predicted.host_peak == pytest.approx(built - idle, rel=0.1)
     assert predicted.total > predicted.host_peak  # training, not the build, sets this rank's peak

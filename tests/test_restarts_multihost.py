@@ -40,12 +40,16 @@ def uninterrupted(tmp_path_factory) -> dict:
 
 @pytest.fixture
 def hosts_to_lose(monkeypatch):
-    """Two namespace hosts of this test's own: it takes one away for good."""
+    """Two namespace hosts of this test's own: it takes one away for good. The restart's ssh to
+    the lost host waits out ConnectTimeout: 3 s here (ssh takes an option's first value) rather
+    than the hosts' 5, still far above a connection on the bridge."""
     from ringpipe.tools.namespace_hosts import NamespaceError, NamespaceHosts
 
     try:
         with NamespaceHosts(2, sshd=True) as made:
-            monkeypatch.setenv("RINGPIPE_SSH", made.ssh_environment["RINGPIPE_SSH"])
+            ssh = made.ssh_environment["RINGPIPE_SSH"].replace("ssh ", "ssh -o ConnectTimeout=3 ", 1)
+            made.ssh_environment = dict(made.ssh_environment, RINGPIPE_SSH=ssh)  # the test passes it on
+            monkeypatch.setenv("RINGPIPE_SSH", ssh)
             yield made
     except NamespaceError as exc:
         pytest.skip(f"no namespace hosts here: {exc}")

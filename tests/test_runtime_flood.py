@@ -30,36 +30,37 @@ def _listening_addresses(cluster_info):
 
 def _open_idle_connections(addresses, count, timeout=10.0, batch=50, total_timeout=20.0):
     """`count` raw TCP connections to each address that never send a byte (no ZMTP handshake);
-    returns those established. Opened `batch` at a time, each batch connected (or given up after
-    `timeout`) before the next, so the server's accept queue does not overflow; a server that
-    stops accepting (out of descriptors) ends the flood after `total_timeout`."""
+    returns those established. Opened `batch` per address at a time, each round connected (or
+    given up after `timeout`) before the next, so no server's accept queue overflows; the
+    addresses (separate processes) accept their rounds side by side. A server that stops accepting
+    (out of descriptors) ends the flood after `total_timeout`."""
     connected = []
     give_up = time.monotonic() + total_timeout
     selector = selectors.DefaultSelector()  # epoll: descriptors above 1024 are fine
-    for host, port in addresses:
-        for first in range(0, count, batch):
-            if time.monotonic() > give_up:
-                break
-            waiting = set()
+    for first in range(0, count, batch):
+        if time.monotonic() > give_up:
+            break
+        waiting = set()
+        for host, port in addresses:
             for _ in range(min(batch, count - first)):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 sock.setblocking(False)
                 sock.connect_ex((host, port))
                 selector.register(sock, selectors.EVENT_WRITE)
                 waiting.add(sock)
-            deadline = time.monotonic() + timeout
-            while waiting and time.monotonic() < deadline:
-                for key, _ in selector.select(0.2):
-                    sock = key.fileobj
-                    selector.unregister(sock)
-                    waiting.discard(sock)
-                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                        connected.append(sock)
-                    else:
-                        sock.close()
-            for sock in waiting:
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for key, _ in selector.select(0.2):
+                sock = key.fileobj
                 selector.unregister(sock)
-                sock.close()
+                waiting.discard(sock)
+                if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    connected.append(sock)
+                else:
+                    sock.close()
+        for sock in waiting:
+            selector.unregister(sock)
+            sock.close()
     selector.close()
     return connected
 

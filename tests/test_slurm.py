@@ -17,6 +17,7 @@ from tests.local_slurm import LocalSlurm, SlurmUnavailable
 from tests.multihost_fixtures import TRAIN, losses
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(180)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,11 @@ def test_a_batch_script_trains_with_its_workers_started_by_srun(slurm, corpus, t
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/sh\nexec " + " ".join(shlex.quote(str(part)) for part in command) + "\n")
     log = tmp_path / "job.log"
-    done = subprocess.run(["sbatch", "--wait", "--ntasks=2", f"--output={log}", str(script)], env=slurm.environment,
-                          capture_output=True, text=True, timeout=150)
-    assert done.returncode == 0, (done.stderr, log.read_text() if log.exists() else "no log")
+    submitted = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--output={log}", str(script)],
+                               env=slurm.environment, capture_output=True, text=True, timeout=30)
+    assert submitted.returncode == 0, submitted.stderr
+    state = slurm.wait_for_job(submitted.stdout.strip().split(";")[0], timeout=150)
+    assert state == "JobState=COMPLETED ExitCode=0:0", (state, log.read_text() if log.exists() else "no log")
     assert f"{socket.gethostname()}: ranks 0-1" in log.read_text()
     assert losses(tmp_path / "batch") == pytest.approx(one_process_losses, rel=1e-12)
 
@@ -76,12 +79,13 @@ def test_launcher_slurm_outside_an_allocation_is_one_line(corpus, tmp_path, monk
 def test_a_cancelled_job_or_a_killed_driver_leaves_no_ringpipe_process(slurm, corpus, tmp_path, how):
     """scancel of a running `ringpipe train --launcher slurm` inside salloc, or SIGKILL of that
     driver: the driver, the agents srun started and their workers all end (the agents see srun's
-    input, which the driver held open, end)."""
+    input, which the driver held open, end; after scancel the driver hears its workers go silent:
+    tests.short_heartbeat is the ringpipe command with a 3 s heartbeat bound, not the default 8 s)."""
     tag = f"slurm-{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "run"
-    salloc = subprocess.Popen(["salloc", "--ntasks=2", sys.executable, "-m", "ringpipe.cluster", "train", "--data",
+    salloc = subprocess.Popen(["salloc", "--ntasks=2", sys.executable, "-m", "tests.short_heartbeat", "train", "--data",
                                corpus, *TRAIN, "--steps", "100000", "--out", str(out), "--dp", "2", "--launcher",
-                               "slurm"], env=dict(slurm.environment, RINGPIPE_TEST_TAG=tag),
+                               "slurm"], env=dict(slurm.environment, RINGPIPE_TEST_TAG=tag), cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

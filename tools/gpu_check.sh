@@ -34,6 +34,7 @@ fi
     python3 -c "from ringpipe.model.nn import kernels; print('C kernels:', kernels.status())"
 } 2>&1 | tee "$OUT/environment.txt"
 
+# `-o addopts=""`: pyproject's addopts asks for pytest-xdist's two processes, which that machine lacks.
 # The local_cluster fixture comes from the installed package's pytest plugin; load it by hand
 # where ringpipe is not installed.
 plugin=(-p ringpipe.runtime.testing)
@@ -46,7 +47,7 @@ fi
 #    tolerance on CuPy, the runtime's collectives on CuPy arrays with 2-4 ranks, the NCCL communicator
 #    with a one-rank group (multi-rank NCCL needs a GPU per rank: skipped, with that reason), and the
 #    step benchmark on a small shape.
-timeout 110 python3 -m pytest -q -rs "${plugin[@]}" tests/test_gpu.py \
+timeout 110 python3 -m pytest -o addopts="" -q -rs "${plugin[@]}" tests/test_gpu.py \
     "tests/test_runtime_collectives.py::test_cupy_arrays_stay_on_the_device" 2>&1 | tee "$OUT/gpu_tests.log"
 gpu_status=${PIPESTATUS[0]}
 
