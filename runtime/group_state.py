@@ -55,8 +55,13 @@ class GroupState:
         (its same-host channel, if open) runs in another thread, if any."""
         if self.destroyed is None:
             self.destroyed = how
-            if channel is not None and channel.lock.acquire(timeout=10.0):
-                channel.lock.release()
+            if channel is not None:
+                if channel.lock.acquire(timeout=10.0):
+                    channel.lock.release()
+                # Its latency path does not look at the group's life (that would cost a check per
+                # small collective), and the channel leaves engine.channels only once the engine
+                # thread closes it: off now, so the next collective takes the checked path and raises.
+                channel.small = None
             self._finalizer()
 
 

@@ -217,7 +217,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
         for peer in range(n):
             if peer != me:
                 work[bounds[peer] : bounds[peer + 1]] = channel.buffer(peer, parity, dtype, bounds[peer + 1] - bounds[peer])
-        channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * ((end - start) // n))
+        channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * ((end - start) * work.itemsize // n))
     return work
 
 

@@ -167,3 +167,38 @@ def one_rank_leaves_early(comm):
 def test_a_peer_waiting_for_a_collective_another_rank_left_behind_fails_at_once(local_cluster):
     _, (kind, message, elapsed) = local_cluster(2).run(one_rank_leaves_early, timeout=30)
     assert kind == "Aborted" and "cancelled on rank 0" in message and elapsed < 5.0
+
+
+
+
+def test_two_threads_starting_an_epoch_at_once_number_its_collectives_from_0_without_a_repeat():
+    """GroupState.next (runtime/group_state.py) takes no lock within an epoch (abort epoch, call):
+    two threads that both find the last epoch's numbers still there start the new one once."""
+    import threading
+    from types import SimpleNamespace
+
+    from ringpipe.runtime.group_state import GroupState
+
+    state = GroupState(SimpleNamespace(call_soon=lambda fn: None), SimpleNamespace(gid="g", shm=False))
+    both, looked = threading.Barrier(2, timeout=10), threading.local()
+
+    class Epoch:
+        """An epoch whose first comparison in each thread waits for the other thread's: both see
+        the old epoch's numbers before either starts this one."""
+
+        def __ne__(self, other):
+            if other is self:
+                return False
+            if not getattr(looked, "once", False):
+                looked.once = True
+                both.wait()
+            return True
+
+    epoch, taken = Epoch(), []
+    threads = [threading.Thread(target=lambda: taken.append(state.next(epoch))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    looked.once = True
+    assert sorted(taken) == [0, 1] and state.next(epoch) == 2 and state.next((0, 2)) == 0

@@ -270,6 +270,36 @@ def test_every_operation_on_a_destroyed_group_raises_and_the_world_group_cannot_
         assert errors[6] == f"destroy: rank {rank} cannot destroy the world group"
 
 
+def small_collectives_right_after_destroy(comm):
+    """A group whose channel took small collectives (the latency path, runtime/shm_small.py), destroyed
+    while the engine thread, which closes the channel, is still busy; then every small collective."""
+    group = comm.new_group([0, 1])
+    group.all_reduce(np.ones(3))  # opens the channel; the next ones take its latency path
+    group.barrier()
+    busy = threading.Event()
+    comm.engine.call_soon(lambda: busy.wait(10))  # the channel's close queues behind this
+    try:
+        group.destroy()
+        errors = []
+        for use in (lambda: group.all_reduce(np.ones(3)), lambda: group.barrier(),
+                    lambda: group.all_gather(np.ones(3)), lambda: group.broadcast(np.ones(3), 0),
+                    lambda: group.reduce_scatter(np.ones(4))):
+            try:
+                use()
+                errors.append("ran")
+            except GroupDestroyed as exc:
+                errors.append(str(exc))
+        return errors
+    finally:
+        busy.set()
+
+
+@pytest.mark.timeout(60)
+def test_a_small_collective_on_a_destroyed_group_raises_before_its_channel_is_closed(local_cluster):
+    for rank, errors in enumerate(local_cluster(2).run(small_collectives_right_after_destroy)):
+        assert len(errors) == 5 and all(f"was destroyed on rank {rank}" in e for e in errors), errors
+
+
 def nccl_groups_destroyed(comm):
     from tests.test_nccl_communicator import nccl_over
 

@@ -4,6 +4,7 @@ fallback) and the large all_reduce over a group channel, pipelined in chunks
 NumPy's results, bit for bit, in every mode."""
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -244,3 +245,117 @@ def test_the_chunk_loop_in_c_checks_signatures_and_times_out_naming_the_peer(loc
         assert f"rank {rank} called it with op=all_reduce, shape=[{(1 << 19) + 4 * rank}]" in messages[0]
         assert f"rank {1 - rank} with op=all_reduce, shape=[{(1 << 19) + 4 * (1 - rank)}]" in messages[0]
     assert len(first) == 1 and "timed out after 0.5s waiting for a message from rank 0" in second[1]
+
+
+def bytes_sent_per_path(comm):
+    """A 768 KiB all_reduce (above the channel's 64 KiB buffer: the pipelined path) through the C
+    chunk loop, the Python one, the single-copy path where this group can take it, and the engine's
+    ring; the payload bytes each counted as sent by this rank."""
+    x = np.ones(3 << 16, np.float32)
+    saved = dict(shm_cma.MIN_READ_BYTES)
+    counted = {}
+    try:
+        comm.barrier()
+        for path in ("c", "python", "single copy", "ring"):
+            os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if path == "python" else "1"
+            shm_cma.MIN_READ_BYTES.update(all_reduce=1 if path == "single copy" else None)
+            before = comm.bytes_sent
+            (comm.using(algorithm="ring") if path == "ring" else comm).all_reduce(x)
+            counted[path] = comm.bytes_sent - before
+        return counted
+    finally:
+        shm_cma.MIN_READ_BYTES.update(saved)
+        os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+
+
+@pytest.mark.timeout(60)
+def test_a_large_same_host_all_reduce_counts_the_bytes_the_ring_counts_on_every_path(local_cluster):
+    """Each rank sends 2 (n - 1) / n of the array's bytes, as the ring does: bytes, not elements."""
+    for counted in local_cluster(2, arena_bytes=SMALL_ARENA).run(bytes_sent_per_path):
+        assert counted["ring"] == 2 * (3 << 16) * 4 // 2, counted
+        assert counted["c"] == counted["python"] == counted["single copy"] == counted["ring"], counted
+
+
+class LockstepMember:
+    """One member of a 2-member group channel in this process, for the C chunk loop
+    (runtime/shm_reduce_chunks.py): no spin, so every wait the loop cannot pass returns to Python,
+    where this member hands the turn to the other and waits for it back. The two members take
+    turns, each running until it waits on the other, so the loop resumes after every such wait."""
+
+    def __init__(self, me, regions, buffer_bytes, turn):
+        from ringpipe.runtime import shm_wait
+
+        self.n, self.me, self.turn, self.buffer_bytes = 2, me, turn, buffer_bytes
+        self.waiter, self.spin = shm_wait.waiter("c"), SimpleNamespace(ns=lambda: 0, yields=False)
+        self.words = [int(region.ctypes.data) for region in regions]
+        self.sleepers = [word + 8 for word in self.words]
+        self.counters = [region[:8].view(np.uint64) for region in regions]
+        self.epoch, self.count, self.rounds, self.wait_ns, self.waited_at, self.checked = 0, 0, 0, 0, [], 0
+
+    def next_round(self):
+        self.rounds += 1
+        return (self.rounds - 1) & 1
+
+    def buffer_address(self, member, parity):
+        return self.words[member] + 64 + parity * self.buffer_bytes
+
+    def write_signature(self, parity):
+        pass
+
+    def check_signatures(self, parity):
+        self.checked += 1
+
+    def _wait(self, peer, target):
+        state = self._chunk_state
+        self.waited_at.append((int(state[shm_reduce_chunks.R_INDEX]), int(state[shm_reduce_chunks.R_STEP]),
+                               self.count - target))
+        with self.turn:
+            self.turn.holder = peer
+            self.turn.notify_all()
+            assert self.turn.wait_for(lambda: self.turn.holder == self.me or self.turn.holder is None, timeout=10)
+        assert self.counters[peer][0] >= target, (self.me, peer, target)
+
+
+def test_the_c_chunk_loop_resumes_after_each_wait_with_the_python_loops_targets_and_numpys_bits():
+    """Each wait is the Python loop's (shm_collectives._reduce_round): for the peers' copies of a chunk,
+    as many publishes as this member's (step 1); for their sums, one fewer (behind=1: the next
+    chunk's copy was published since), none fewer after the last chunk (step 3). The signatures
+    are checked once, after the first wait."""
+    if reduce_kernels.unavailable_reason():
+        pytest.skip(f"no C kernel here: {reduce_kernels.unavailable_reason()}")
+    from ringpipe.runtime.shm_wait import unavailable_reason
+
+    if unavailable_reason("c"):
+        pytest.skip(f"no C wait helper here: {unavailable_reason('c')}")
+    import threading
+
+    count, chunk, buffer_bytes = 1001, 97, 4096 * 4  # 11 chunks, the last one short
+    regions = [np.zeros(64 + 2 * buffer_bytes, np.uint8) for _ in range(2)]
+    turn = threading.Condition()
+    turn.holder = 0
+    members = [LockstepMember(me, regions, buffer_bytes, turn) for me in range(2)]
+    inputs = [np.random.default_rng(me).standard_normal(count).astype(np.float32) for me in range(2)]
+    pieces, done = [x.copy() for x in inputs], []
+
+    def run(member):
+        with turn:
+            turn.wait_for(lambda: turn.holder == member.me)
+        done.append(shm_reduce_chunks.reduce_round(member, pieces[member.me], np.add, 0, True, chunk))
+        with turn:  # the other member finishes alone
+            turn.holder = None
+            turn.notify_all()
+
+    threads = [threading.Thread(target=run, args=(member,)) for member in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert done == [True, True]
+    for me, member in enumerate(members):
+        assert same_bits(pieces[me], inputs[0] + inputs[1]), me
+        assert member.count == 2 * 11, me  # two publishes per chunk: its copy in and its sum
+        assert member.checked == 1, me
+    waits = sorted(members[0].waited_at + members[1].waited_at)
+    assert {index for index, _, _ in waits} == set(range(11)), waits  # a wait in every chunk
+    for index, step, behind in waits:
+        assert (step, behind) == ((1, 0) if step == 1 else (3, 0 if index == 10 else 1)), waits
