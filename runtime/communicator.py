@@ -275,7 +275,8 @@ class Communicator:
         """Run `operation` (waited for) on the group's latency path for small collectives
         (runtime/shm_small.py); False when that does not take it (no channel open yet, busy, too large)."""
         channel = self._small_ok and self.engine.channels.get(self.group.gid)
-        return bool(channel) and channel.small is not None and getattr(channel.small, operation)(self, *args)
+        small = channel.small if channel else None  # (read once: destroy() may turn it off meanwhile)
+        return small is not None and getattr(small, operation)(self, *args)
 
     def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
         seq = self._sequence.next((self.engine.epoch, self.engine.call))
@@ -298,7 +299,8 @@ class Communicator:
         check_operation("all_reduce", self.rank, x, True, op, timeout)
         if not async_op and type(x) is np.ndarray and self._small_ok:  # (_small, inlined: it is the hot path)
             channel = self.engine.channels.get(self.group.gid)
-            if channel is not None and channel.small is not None and channel.small.all_reduce(self, x, op, timeout):
+            small = channel.small if channel is not None else None  # (read once, as in _small)
+            if small is not None and small.all_reduce(self, x, op, timeout):
                 return x
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
         dtype = working_dtype(host.dtype)

@@ -46,23 +46,28 @@ class Handle:
     it again, in C. threading.Event's Condition does the same in Python, and cost ~20 µs of CPU more
     per operation handed to another thread here (a channel's or the engine's)."""
 
-    __slots__ = ("_pending", "_result", "_error", "name", "_transform")
+    __slots__ = ("_pending", "_done", "_result", "_error", "name", "_transform")
 
     def __init__(self, name: str, transform=None):
         self._pending = threading.Lock()
         self._pending.acquire()
+        self._done = False  # (not the lock's state: a waiter holds it for a moment)
         self._result = None
         self._error = None
         self._transform = transform
         self.name = name
 
     def is_done(self) -> bool:
-        return not self._pending.locked()
+        return self._done
 
     def wait(self, timeout: float | None = None):
-        if not self._pending.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            raise CommTimeout(f"{self.name}: not finished after waiting {timeout}s")
-        self._pending.release()  # (for other waiters, and for is_done)
+        if not self._done:
+            if not self._pending.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+                raise CommTimeout(f"{self.name}: not finished after waiting {timeout}s")
+            try:
+                self._pending.release()  # (for other waiters)
+            except RuntimeError:  # a second _set released it meanwhile
+                pass
         if self._error is not None:
             raise self._error
         if self._transform is not None:
@@ -71,6 +76,7 @@ class Handle:
 
     def _set(self, result=None, error=None):
         self._result, self._error = result, error
+        self._done = True
         try:
             self._pending.release()
         except RuntimeError:  # set twice (an abort racing the end): as Event.set, the last one stands
@@ -85,6 +91,7 @@ class Finished(Handle):
 
     def __init__(self, name: str, result=None, error=None):
         self.name, self._result, self._error, self._transform, self._pending = name, result, error, None, None
+        self._done = True
 
     def is_done(self) -> bool:
         return True

@@ -29,11 +29,13 @@ SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
 ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 # Pipelined chunks of a large all_reduce (see chunk_elements): small enough that a chunk stays in the
-# caches between its copy in, the peers' reads and its copy out. 4 MiB while the loop was Python
-# (each step cost tens of µs there); with the loop in C (shm_reduce_chunks), 2 ranks, 4 MiB
-# all_reduce, medians of 5 interleaved rounds on an idle 2-core machine: 256 KiB chunks 2,157 µs,
-# 1 MiB 2,235, 4 MiB 2,514 (16 MiB: all within 4 %).
-CHUNK_BYTES = 256 << 10
+# caches between its copy in, the peers' reads and its copy out, few enough that a loaded machine
+# (no spin: every wait a trip through the scheduler) does not pay for many waits. 4 MiB while the
+# loop was Python (each step cost tens of µs there). With the loop in C (shm_reduce_chunks), 2 ranks,
+# 4 MiB all_reduce, medians of 5 interleaved rounds on an idle 2-core machine: 256 KiB chunks
+# 2,157 µs, 1 MiB 2,235, 4 MiB 2,514 (16 MiB: all within 4 %); at load ~6, 16 MiB took 41 ms in
+# 256 KiB chunks against 27 ms in 4 MiB ones.
+CHUNK_BYTES = 1 << 20
 
 
 def one_round_bytes(n: int) -> int:

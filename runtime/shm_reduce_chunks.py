@@ -51,14 +51,14 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
     n, me = channel.n, channel.me
     if lib is None or dtype_code is None or op_code is None or not piece.flags.c_contiguous or n > MAX_MEMBERS:
         return False
-    if divisor and op_code != 0:  # (an average is a sum)
+    if divisor and (op_code != 0 or dtype_code > 1):  # an average: a sum of floats (the C loop divides those)
         return False
     state = getattr(channel, "_chunk_state", None)
     if state is None:
         state = channel._chunk_state = np.zeros(R_MEMBERS + R_PER_MEMBER * n, np.int64)
     parity = channel.next_round()
     state[:R_WAITED_NS + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
-                               max(chunk, n), channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
+                               chunk, channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
                                channel.spin.ns(), int(channel.spin.yields), int(first), 0]
     for member in range(n):
         at = R_MEMBERS + R_PER_MEMBER * member

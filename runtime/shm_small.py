@@ -52,7 +52,7 @@ NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 # copies it from the buffers (the extension did not take the arrays).
 NOT_RUN, FILLED, UNFILLED = 0, 1, 2
 MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
-MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c")
+MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c", "reduce_sum.c")
 _extension: list = []  # [module or None], built once per process
 
 

@@ -80,6 +80,38 @@ def test_ranks_on_the_latency_path_and_on_the_python_path_meet_in_one_round(loca
         assert total == (2 * base + 1).tolist() and largest == (base + 1).tolist()
 
 
+def signed_nans(negative, payload: int) -> np.ndarray:
+    """67 float32 NaNs (a vector loop's body and its tail) with `payload`, negative at `negative`."""
+    x = np.full(67, np.nan, np.float32)
+    bits = x.view(np.uint32)
+    bits += payload
+    bits[negative] |= 1 << 31
+    return x
+
+
+def nan_sums(comm):
+    """Sums of NaNs of both signs and other payloads on each rank: both on the latency path, then
+    rank 1 on the Python round (a non-contiguous array), then asynchronous on rank 0 only (the
+    channel thread's Python round); what each rank got, in bytes."""
+    x = signed_nans(slice(comm.rank, None, 2), 5 + 4 * comm.rank)
+    comm.barrier()
+    got = [comm.all_reduce(x.copy()).tobytes()]
+    mixed = np.repeat(x, 2)[::2] if comm.rank == 1 else x.copy()
+    got.append(np.ascontiguousarray(comm.all_reduce(mixed)).tobytes())
+    y = x.copy()
+    got.append((comm.all_reduce(y, async_op=True).wait() if comm.rank == 0 else comm.all_reduce(y)).tobytes())
+    return got
+
+
+@pytest.mark.timeout(60)
+def test_ranks_on_different_paths_agree_bitwise_on_a_sum_of_nans_of_both_signs(local_cluster):
+    """The compiler may order x + y's operands differently in two copies of a loop, and the CPU's add
+    keeps its first operand's NaN: a float sum is one piece of code (reduce_sum.c) on every path."""
+    first, second = local_cluster(2).run(nan_sums)
+    assert first == second
+    assert all(np.isnan(np.frombuffer(b, np.float32)).all() for b in first)
+
+
 class Tagged(np.ndarray):
     """An ndarray subclass: the latency path takes exact ndarrays only, so a rank holding one runs
     the Python round."""

@@ -57,8 +57,8 @@ static void publish(int64_t *s) {
     rp_publish((uint64_t *)MEMBER(s, me, 0), (uint32_t *)MEMBER(s, me, 1), (uint64_t)(s[R_EPOCH] | s[R_COUNT]));
 }
 
-/* Every member at R_TARGET (spinning at most R_SPIN_NS in all); else R_PEER is the first that is not
-   (or is at another epoch: the caller's wait raises for that) and this returns 0. */
+/* Every member at R_TARGET (spinning at most R_SPIN_NS in all, over the members); else R_PEER is the
+   first that is not (or is at another epoch: the caller's wait raises for that) and this returns 0. */
 static int arrived(int64_t *s) {
     uint64_t target = (uint64_t)s[R_TARGET];
     int64_t spin = s[R_SPIN_NS];
@@ -69,7 +69,9 @@ static int arrived(int64_t *s) {
         if (value < target && spin > 0) { /* the spin counts as waiting on the peer in the trace, as sleeps do */
             int64_t started = now_ns();
             value = rp_wait_at_least(word, (uint32_t *)MEMBER(s, peer, 1), target, spin, (int)s[R_YIELD], 0);
-            s[R_WAITED_NS] += now_ns() - started;
+            int64_t spun = now_ns() - started;
+            s[R_WAITED_NS] += spun;
+            spin -= spun;
         }
         if (value < target || value >> EPOCH_SHIFT != target >> EPOCH_SHIFT) {
             s[R_PEER] = peer;

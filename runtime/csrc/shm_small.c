@@ -19,6 +19,8 @@ ctl[C_SLEEPING_ON]). */
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
 void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
+void rp_sum_f32(const float *const *in, int count_inputs, int64_t n, float divisor, float *out, float *copy);
+void rp_sum_f64(const double *const *in, int count_inputs, int64_t n, double divisor, double *out, double *copy);
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
@@ -28,7 +30,7 @@ enum {
 };
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
 enum { KIND_BARRIER = 0, KIND_REDUCE = 1 };
-enum { EPOCH_SHIFT = 40 };
+enum { EPOCH_SHIFT = 40, MAX_SUM_INPUTS = 64 };
 
 static int64_t now_ns(void) {
     struct timespec ts;
@@ -107,6 +109,16 @@ int rp_small_round(int64_t *ctl) {
         int64_t count = ctl[C_COUNT], offset = ctl[C_OFFSET];
         int dtype = (int)ctl[C_DTYPE], op = (int)ctl[C_OP];
         if (n == 1) return DONE; /* never: one-rank groups do not open channels */
+        if (op == RP_OP_SUM && dtype <= 1 && n <= MAX_SUM_INPUTS) {
+            /* Float sums in reduce_sum.c's code, which the Python round calls too: the compiler may
+               order x + y's operands differently in two copies of a loop, and where two ranks add
+               NaNs of different signs or payloads, ranks on different paths then got different bits. */
+            const void *inputs[MAX_SUM_INPUTS];
+            for (int64_t peer = 0; peer < n; peer++) inputs[peer] = (const char *)MEMBER(ctl, peer, 4 + parity) + offset;
+            if (dtype == 0) rp_sum_f32((const float *const *)inputs, (int)n, count, 0.0f, (float *)out, 0);
+            else rp_sum_f64((const double *const *)inputs, (int)n, count, 0.0, (double *)out, 0);
+            return DONE;
+        }
         rp_reduce_pair(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,
                        (const char *)MEMBER(ctl, 1, 4 + parity) + offset, count, dtype, op);
         for (int64_t peer = 2; peer < n; peer++)
