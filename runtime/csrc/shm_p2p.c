@@ -19,6 +19,7 @@ description at DESCRIPTION_AT and the payload at META_BYTES. */
 #include <time.h>
 
 #include "py_extension.h"
+#include "monotonic_clock.h"
 
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
@@ -34,12 +35,6 @@ struct slot_header {
     int32_t index, parts;
     int64_t written, length;
 };
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 /* send(ring, slot_bytes, epoch, call, tag, description: bytes, array, block, block_address) ->
    bool: the message is in the ring and published (the reader woken if it sleeps), its payload in

@@ -22,6 +22,7 @@ The state is an array of 64-bit words (the layout below, mirrored in shm_reduce_
 #include <time.h>
 
 #include "reduce_loops.h"
+#include "monotonic_clock.h"
 
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
@@ -38,12 +39,6 @@ enum {
 enum { DONE = 0, WAIT = 1, SIGNATURES = 2, UNSUPPORTED = 3 };
 enum { STEP_START, STEP_WAIT_COPIES, STEP_REDUCE, STEP_WAIT_SUMS, STEP_DONE };
 enum { EPOCH_SHIFT = 40, MAX_MEMBERS = 64 };
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 #define MEMBER(s, i, field) ((s)[R_MEMBERS + (i) * R_PER_MEMBER + (field)])
 #define BUFFER(s, i) ((char *)(intptr_t)MEMBER(s, i, 2))

@@ -15,6 +15,7 @@ ctl[C_SLEEPING_ON]). */
 #include <time.h>
 
 #include "reduce_loops.h" /* rp_reduce_pair: the loops shared with reduce_sum.c */
+#include "monotonic_clock.h"
 
 uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
                           int64_t timeout_ns);
@@ -31,12 +32,6 @@ enum {
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
 enum { KIND_BARRIER = 0, KIND_REDUCE = 1 };
 enum { EPOCH_SHIFT = 40, MAX_SUM_INPUTS = 64 };
-
-static int64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
 
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
 
