@@ -298,8 +298,7 @@ class Communicator:
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
         check_operation("all_reduce", self.rank, x, True, op, timeout)
         if not async_op and type(x) is np.ndarray and self._small_ok:  # (_small, inlined: it is the hot path)
-            channel = self.engine.channels.get(self.group.gid)
-            small = channel.small if channel is not None else None  # (read once, as in _small)
+            small = getattr(self.engine.channels.get(self.group.gid), "small", None)  # (read once, as in _small)
             if small is not None and small.all_reduce(self, x, op, timeout):
                 return x
         host = x if type(x) is np.ndarray else np.asarray(array_module.to_host(x))
