@@ -18,6 +18,12 @@ import numpy as np
 
 from ringpipe.runtime import c_library
 
+# The dtype and reduction codes of csrc/reduce_loops.h, for every C helper that reduces (the
+# latency path, runtime/shm_small.py, and the chunk loop, runtime/shm_reduce_chunks.py).
+C_DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
+                                                               "<u4", "<u8"])}
+C_OPS = {np.add: 0, np.maximum: 1, np.minimum: 2}
+
 _lock = threading.Lock()
 _kernels: dict = {}  # "lib" -> {dtype: C function} or None when it cannot be built
 _error: list = []  # why the C kernel is unavailable, once known
@@ -101,4 +107,4 @@ def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None =
     return out
 
 
-__all__ = ["reduce_into", "c_sum", "mode", "set_mode", "unavailable_reason"]
+__all__ = ["reduce_into", "c_sum", "mode", "set_mode", "unavailable_reason", "C_DTYPES", "C_OPS"]

@@ -28,10 +28,6 @@ R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS = range(12, 
 R_MEMBERS, R_PER_MEMBER = 24, 3
 DONE, WAIT, SIGNATURES, UNSUPPORTED = 0, 1, 2, 3
 MAX_MEMBERS = 64  # the C loop's inputs array
-# The dtypes and reductions the loop takes (reduce_loops.h's codes, as runtime/shm_small.py's).
-DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
-                                                             "<u4", "<u8"])}
-OPS = {np.add: 0, np.maximum: 1, np.minimum: 2}
 
 
 def _library(channel):
@@ -46,7 +42,7 @@ def _library(channel):
 def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, chunk: int) -> bool:
     """Run one round of shm_collectives._reduce_round on `piece` (contiguous, 1-D) in C, in chunks of
     `chunk` elements; False (nothing done) where the C loop does not take it."""
-    dtype_code, op_code = DTYPES.get(piece.dtype), OPS.get(reduce)
+    dtype_code, op_code = reduce_kernels.C_DTYPES.get(piece.dtype), reduce_kernels.C_OPS.get(reduce)
     lib = _library(channel)
     n, me = channel.n, channel.me
     if lib is None or dtype_code is None or op_code is None or not piece.flags.c_contiguous or n > MAX_MEMBERS:

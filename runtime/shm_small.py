@@ -28,8 +28,10 @@ import msgpack
 import numpy as np
 
 from ringpipe.runtime import c_library, shm_cma
+from ringpipe.runtime.collectives import REDUCTIONS
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
+from ringpipe.runtime.reduce_kernels import C_DTYPES, C_OPS
 from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
@@ -43,9 +45,8 @@ C_MEMBERS, C_PER_MEMBER = 24, 6
 _CALL = struct.Struct("<12q")
 DONE, PENDING, LATER_EPOCH, MISMATCH = 0, 1, 2, 3
 KIND_BARRIER, KIND_REDUCE = 0, 1
-DTYPES = {np.dtype(name): code for code, name in enumerate(["<f4", "<f8", "i1", "<i2", "<i4", "<i8", "u1", "<u2",
-                                                             "<u4", "<u8"])}
-OPS = {"sum": 0, "avg": 0, "max": 1, "min": 2}
+DTYPES = C_DTYPES
+OPS = {name: C_OPS[REDUCTIONS[name]] for name in REDUCTIONS}  # by name: "avg" is a sum, divided after
 # csrc/shm_small_call.c: its answer for arrays it does not take; where a result is copied from.
 NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 # What _run did: the round did not run (the Python path must), the result is in `out`, the caller

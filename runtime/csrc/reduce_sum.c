@@ -11,6 +11,7 @@ that stay in the L1 cache while every input is added. */
 #include <stdint.h>
 
 #include "reduce_loops.h"
+#include "reduce_sum.h"
 
 #define BLOCK 2048
 

@@ -20,10 +20,7 @@ description at DESCRIPTION_AT and the payload at META_BYTES. */
 
 #include "py_extension.h"
 #include "monotonic_clock.h"
-
-uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
-                          int64_t timeout_ns);
-void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
+#include "shm_wait.h"
 
 enum { HEAD = 0, TAIL = 64, SLEEPERS = 8, HEADER_BYTES = 4096, SLOTS = 64, DESCRIPTION_AT = 64, META_BYTES = 512 };
 /* recv's answers besides "got it": the next message is not this receive's (or no plain one-slot

@@ -23,12 +23,8 @@ The state is an array of 64-bit words (the layout below, mirrored in shm_reduce_
 
 #include "reduce_loops.h"
 #include "monotonic_clock.h"
-
-uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
-                          int64_t timeout_ns);
-void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
-void rp_sum_f32(const float *const *in, int count_inputs, int64_t n, float divisor, float *out, float *copy);
-void rp_sum_f64(const double *const *in, int count_inputs, int64_t n, double divisor, double *out, double *copy);
+#include "shm_wait.h"
+#include "reduce_sum.h"
 
 enum {
     R_N, R_ME, R_PIECE, R_SIZE, R_ITEMSIZE, R_DTYPE, R_OP, R_DIVISOR, R_CHUNK, R_EPOCH, R_COUNT, R_STEP,

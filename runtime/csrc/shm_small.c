@@ -16,12 +16,8 @@ ctl[C_SLEEPING_ON]). */
 
 #include "reduce_loops.h" /* rp_reduce_pair: the loops shared with reduce_sum.c */
 #include "monotonic_clock.h"
-
-uint64_t rp_wait_at_least(uint64_t *word, uint32_t *sleepers, uint64_t target, int64_t spin_ns, int yield,
-                          int64_t timeout_ns);
-void rp_publish(uint64_t *word, uint32_t *sleepers, uint64_t value);
-void rp_sum_f32(const float *const *in, int count_inputs, int64_t n, float divisor, float *out, float *copy);
-void rp_sum_f64(const double *const *in, int count_inputs, int64_t n, double divisor, double *out, double *copy);
+#include "shm_wait.h"
+#include "reduce_sum.h"
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,

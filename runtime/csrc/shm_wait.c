@@ -14,6 +14,7 @@ caller can look at aborts and deadlines between waits. */
 #include <unistd.h>
 
 #include "monotonic_clock.h"
+#include "shm_wait.h"
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
