@@ -44,7 +44,7 @@ def _c_kernels() -> dict | None:
                                              (np.dtype(np.float64), "f64", ctypes.c_double)):
                     function = getattr(lib, f"rp_sum_{suffix}")
                     function.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctype, ctypes.c_void_p,
-                                         ctypes.c_void_p]
+                                         ctypes.c_void_p, ctypes.c_int]
                     function.restype = None
                     table[dtype] = function
                 _kernels["lib"] = table
@@ -69,9 +69,10 @@ def unavailable_reason() -> str | None:
 
 
 def c_sum(dtype, reduce=np.add):
-    """For a sum of `dtype`: `sum(addresses, count, divisor, out, copy)`, the C kernel taking the
-    inputs' addresses (ints: asking NumPy for them costs microseconds each) and writing what
-    `reduce_into` writes (`copy` 0 for none); None where `reduce_into` must do it."""
+    """For a sum of `dtype`: `sum(addresses, count, divisor, out, copy, stream)`, the C kernel taking
+    the inputs' addresses (ints: asking NumPy for them costs microseconds each) and writing what
+    `reduce_into` writes (`copy` 0 for none; `stream`: `out` is a shared buffer that peers read next,
+    written with streaming stores, runtime/stream_store.py); None where `reduce_into` must do it."""
     if reduce is not np.add or _settings["numpy"]:
         return None
     kernels = _c_kernels()
@@ -79,23 +80,26 @@ def c_sum(dtype, reduce=np.add):
     if kernel is None:
         return None
 
-    def run(addresses, count: int, divisor: int, out: int, copy: int = 0):
-        kernel((ctypes.c_void_p * len(addresses))(*addresses), len(addresses), count, divisor, out, copy or None)
+    def run(addresses, count: int, divisor: int, out: int, copy: int = 0, stream: bool = False):
+        kernel((ctypes.c_void_p * len(addresses))(*addresses), len(addresses), count, divisor, out, copy or None,
+               int(stream))
 
     return run
 
 
-def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None = None, divisor: int = 0):
+def reduce_into(reduce, inputs: list, out: np.ndarray, copy: np.ndarray | None = None, divisor: int = 0,
+                stream: bool = False):
     """out = ((inputs[0] ⊕ inputs[1]) ⊕ inputs[2]) ⊕ ... for the ufunc `reduce` (np.add, np.maximum,
     np.minimum), then divided by `divisor` when it is non-zero; also written to `copy` when given.
 
     All arrays are 1-D of one dtype and length, at least two inputs. `out` may be inputs[0] or
     inputs[1] (not a later input: it holds the partial sum before those are added); `copy` may be
-    any input (it is written last)."""
+    any input (it is written last). `stream`: `out` is a shared buffer peers read next (see c_sum;
+    NumPy's path stores plainly)."""
     kernel = c_sum(out.dtype, reduce)
     if kernel is not None and all(a.flags.c_contiguous for a in inputs):
         kernel([a.ctypes.data for a in inputs], out.size, divisor, out.ctypes.data,
-               0 if copy is None else copy.ctypes.data)
+               0 if copy is None else copy.ctypes.data, stream)
         return out
     reduce(inputs[0], inputs[1], out=out)
     for other in inputs[2:]:

@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import cma
+from ringpipe.runtime import cma, stream_store
 from ringpipe.runtime.operations import CommError
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
@@ -171,6 +171,7 @@ def _reduce_part(channel, published: int, row_at: int, own: np.ndarray, lo: int,
     kernel = c_sum(dtype, reduce)
     remote = [_address(channel, peer, published) + row_at for peer in range(n)]
     own_at, out_at, copy_at = own.ctypes.data, out.ctypes.data, 0 if copy is None else copy.ctypes.data
+    stream_min = stream_store.stream_min_bytes(n) if copy is not None else 0  # (with a copy, `out` is a buffer)
     for start in range(lo, hi, chunk):
         count = min(chunk, hi - start)
         nbytes, skip = count * itemsize, (start - lo) * itemsize
@@ -183,7 +184,7 @@ def _reduce_part(channel, published: int, row_at: int, own: np.ndarray, lo: int,
                 _read(channel, peer, remote[peer] + start * itemsize, nbytes, slot)
                 slots.append(slot)
         if kernel is not None:  # addresses by arithmetic, as in shm_collectives._reduce_round
-            kernel(slots, count, divisor, out_at + skip, copy_at + skip if copy_at else 0)
+            kernel(slots, count, divisor, out_at + skip, copy_at + skip if copy_at else 0, 0 < stream_min <= nbytes)
         else:
             views = [own[start : start + count] if peer == me else
                      _scratch_view(state, slots[peer] - state.scratch_at, dtype, count) for peer in range(n)]

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import shm_cma, shm_reduce_chunks
+from ringpipe.runtime import shm_cma, shm_reduce_chunks, stream_store
 from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 
 SMALL_BYTES = 64 << 10  # one round at any group size up to here
@@ -28,6 +28,11 @@ SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # (two waits, 1/n of the sum each). Measured on 2 cores: 2 ranks, 256 KiB and 1 MiB; 4 ranks,
 # 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
 ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
+# While every member has a core of its own (HOST_CORES: the host's count, alike on every member, not
+# this process's affinity), and the copies peers read stream to memory (runtime/stream_store.py), the
+# reduce-scatter + all-gather round wins from here up. (MEASUREMENT TO COME)
+ONE_ROUND_CORES_BYTES = 64 << 10
+HOST_CORES = os.cpu_count() or 1
 # Pipelined chunks of a large all_reduce (see chunk_elements): small enough that a chunk stays in the
 # caches between its copy in, the peers' reads and its copy out, few enough that a loaded machine
 # (no spin: every wait a trip through the scheduler) does not pay for many waits. 4 MiB while the
@@ -42,6 +47,8 @@ def one_round_bytes(n: int) -> int:
     """The largest all_reduce (bytes) of a group of `n` that takes the one-round reduce (before the
     buffer's size and the single-copy path's choice): the Python round and the C one
     (runtime/shm_small.py) both choose by it, so members on either meet in the same round."""
+    if n <= HOST_CORES:
+        return ONE_ROUND_CORES_BYTES
     return max(SMALL_BYTES, min(ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES // max(n - 1, 1)))
 
 
@@ -75,7 +82,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
             return work
     if work.nbytes <= min(one_round_bytes(n), channel.buffer_bytes):
         def write(parity):
-            channel.buffer(me, parity, work.dtype, work.size)[...] = work
+            stream_store.copy(channel.buffer(me, parity, work.dtype, work.size), work, stream_store.stream_min_bytes(n))
 
         parity = _first_round(channel, write)
         # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
@@ -102,7 +109,7 @@ def chunk_elements(channel, itemsize: int) -> int:
     have a core of its own; a whole buffer when ranks outnumber the host's cores (every extra wait
     may then be a trip through the scheduler, dearer than what the pipeline saves). Every member
     must choose the same: the host's core count, not this process's affinity, decides."""
-    if channel.n > (os.cpu_count() or 1):
+    if channel.n > HOST_CORES:
         return channel.elements_per_round(itemsize)
     return max(channel.n, CHUNK_BYTES // max(itemsize, 1))
 
@@ -136,11 +143,13 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         hi = min(lo + chunk, size)
         spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
 
+    stream_min = stream_store.stream_min_bytes(n)
+
     def copy_in(bounds):
         if bounds[me] > bounds[0]:
-            mine[bounds[0] : bounds[me]] = piece[bounds[0] : bounds[me]]
+            stream_store.copy(mine[bounds[0] : bounds[me]], piece[bounds[0] : bounds[me]], stream_min)
         if bounds[n] > bounds[me + 1]:
-            mine[bounds[me + 1] : bounds[n]] = piece[bounds[me + 1] : bounds[n]]
+            stream_store.copy(mine[bounds[me + 1] : bounds[n]], piece[bounds[me + 1] : bounds[n]], stream_min)
 
     c = c_sum(dtype, reduce)
     if c is not None:  # addresses by arithmetic: asking NumPy for each slice's costs microseconds
@@ -158,7 +167,8 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         if c is not None:
             skip = bounds[me] * itemsize
             inputs = [piece_at + skip if peer == me else buffer_at[peer] + skip for peer in range(n)]
-            c(inputs, bounds[me + 1] - bounds[me], divisor, buffer_at[me] + skip, piece_at + skip)
+            count = bounds[me + 1] - bounds[me]
+            c(inputs, count, divisor, buffer_at[me] + skip, piece_at + skip, 0 < stream_min <= count * itemsize)
         else:
             reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
                         piece[own], divisor)
@@ -189,7 +199,8 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         piece = flat[start : start + per_round]
 
         def write(parity, piece=piece):
-            channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
+            stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
+                              stream_store.stream_min_bytes(n))
 
         parity = (_first_round if start == 0 else _round)(channel, write)
         for peer in range(n):
@@ -220,8 +231,9 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
 
         def write(parity, part=part, width=width):
             block = channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)
-            block[:me] = part[:me]
-            block[me + 1 :] = part[me + 1 :]
+            stream_min = stream_store.stream_min_bytes(n)
+            stream_store.copy(block[:me], part[:me], stream_min)
+            stream_store.copy(block[me + 1 :], part[me + 1 :], stream_min)
 
         parity = (_first_round if start == 0 else _round)(channel, write)
         if c is not None:  # addresses by arithmetic, as in _reduce_round
@@ -257,7 +269,8 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
 
         def write(parity, piece=piece):
             if me == root:
-                channel.buffer(me, parity, piece.dtype, piece.size)[...] = piece
+                stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
+                                  stream_store.stream_min_bytes(channel.n))
 
         if start in (starts[0], starts[-1]) or me == root:
             parity = (_first_round if start == 0 else _round)(channel, write)

@@ -19,12 +19,12 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import reduce_kernels
+from ringpipe.runtime import reduce_kernels, stream_store
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT
 
 # The state's words (csrc/shm_reduce_chunks.c's enum).
 R_N, R_ME, R_PIECE, R_SIZE, R_ITEMSIZE, R_DTYPE, R_OP, R_DIVISOR, R_CHUNK, R_EPOCH, R_COUNT, R_STEP = range(12)
-R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS = range(12, 19)
+R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS, R_STREAM_MIN = range(12, 20)
 R_MEMBERS, R_PER_MEMBER = 24, 3
 DONE, WAIT, SIGNATURES, UNSUPPORTED = 0, 1, 2, 3
 MAX_MEMBERS = 64  # the C loop's inputs array
@@ -53,9 +53,10 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
     if state is None:
         state = channel._chunk_state = np.zeros(R_MEMBERS + R_PER_MEMBER * n, np.int64)
     parity = channel.next_round()
-    state[:R_WAITED_NS + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
-                               chunk, channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
-                               channel.spin.ns(), int(channel.spin.yields), int(first), 0]
+    state[:R_STREAM_MIN + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
+                                chunk, channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
+                                channel.spin.ns(), int(channel.spin.yields), int(first), 0,
+                                stream_store.stream_min_bytes(n)]
     for member in range(n):
         at = R_MEMBERS + R_PER_MEMBER * member
         state[at : at + R_PER_MEMBER] = [channel.words[member], channel.sleepers[member],

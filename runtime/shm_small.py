@@ -27,24 +27,25 @@ import zlib
 import msgpack
 import numpy as np
 
-from ringpipe.runtime import c_library, shm_cma
+from ringpipe.runtime import c_library, shm_cma, shm_reduce_chunks, stream_store
 from ringpipe.runtime.collectives import REDUCTIONS
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
 from ringpipe.runtime.reduce_kernels import C_DTYPES, C_OPS
-from ringpipe.runtime.shm_collectives import SMALL_BYTES, one_round_bytes
+from ringpipe.runtime.shm_collectives import SMALL_BYTES, chunk_elements, one_round_bytes
 from ringpipe.runtime.trace import now_ns
 
 SLICE_NS = int(SLICE_S * 1e9)  # the longest sleep in C between looks at aborts and the deadline
 # The control block's words (csrc/shm_small.c's enum).
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
+C_KIND, C_STREAM_MIN, C_CHUNKS = 9, 20, 21
 C_MEMBERS, C_PER_MEMBER = 24, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
 _CALL = struct.Struct("<12q")
 DONE, PENDING, LATER_EPOCH, MISMATCH = 0, 1, 2, 3
-KIND_BARRIER, KIND_REDUCE = 0, 1
+KIND_BARRIER, KIND_REDUCE, KIND_HALVES = 0, 1, 2
 DTYPES = C_DTYPES
 OPS = {name: C_OPS[REDUCTIONS[name]] for name in REDUCTIONS}  # by name: "avg" is a sum, divided after
 # csrc/shm_small_call.c: its answer for arrays it does not take; where a result is copied from.
@@ -53,7 +54,8 @@ NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 # copies it from the buffers (the extension did not take the arrays).
 NOT_RUN, FILLED, UNFILLED = 0, 1, 2
 MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
-MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c", "reduce_sum.c")
+MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c", "reduce_sum.c",
+                                          "shm_reduce_chunks.c")
 _extension: list = []  # [module or None], built once per process
 
 
@@ -87,6 +89,10 @@ class SmallRounds:
         self.address = int(self.ctl.ctypes.data)
         self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
+        self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(n)  # (the extension's copy in)
+        # KIND_HALVES rounds run the chunk loop (runtime/shm_reduce_chunks.py) on this state.
+        self.chunks = np.zeros(shm_reduce_chunks.R_MEMBERS + shm_reduce_chunks.R_PER_MEMBER * n, np.int64)
+        self.ctl[C_CHUNKS] = int(self.chunks.ctypes.data)
         for member in range(n):
             base, at = channel.words[member], C_MEMBERS + C_PER_MEMBER * member
             self.ctl[at : at + C_PER_MEMBER] = [
@@ -104,27 +110,37 @@ class SmallRounds:
 
     # ---- operations: True when done here, False when the caller must take the Python path -------------
     def all_reduce(self, comm, x: np.ndarray, op: str, timeout) -> bool:
-        dtype = x.dtype
+        dtype, channel = x.dtype, self.channel
         code, op_code = DTYPES.get(dtype), OPS.get(op)
         if code is None or op_code is None or (op == "avg" and code > 1):
             return False
-        if x.nbytes > self.max_bytes and (x.nbytes > min(self.reduce_bytes, one_round_bytes(self.channel.n))
-                                          or shm_cma.chosen(self.channel, "all_reduce", x.nbytes)):
-            return False  # (the sizes looked up again: as the Python path does, which a test may change)
-        # No test of x's layout or writability: those are this rank's own, and a path chosen on them
-        # could reduce differently (signed zeros) from a peer's. The round copies x into its
-        # contiguous buffer and back (a read-only x then raises as on the Python path).
         signature = self._signatures.get(("all_reduce", x.shape, dtype, op)) or self._signature(
             ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
                                                  "reduce": op})
+        # (the sizes looked up again: as the Python path does, which a test may change)
+        if x.nbytes > min(self.reduce_bytes, one_round_bytes(channel.n)) or shm_cma.chosen(channel, "all_reduce",
+                                                                                             x.nbytes):
+            # Larger than the one-round reduce: the Python path's reduce-scatter + all-gather round
+            # (shm_collectives._reduce_round) where that is one chunk of one round, in place. A layout
+            # the call cannot take goes there: the same round, so the choice may differ between members.
+            n = channel.n
+            if (self.ext is None or not x.flags.c_contiguous or not x.flags.writeable or n > shm_reduce_chunks.MAX_MEMBERS
+                    or x.size > min(channel.elements_per_round(x.itemsize), chunk_elements(channel, x.itemsize))
+                    or shm_cma.chosen(channel, "all_reduce", x.nbytes)):
+                return False
+            return self._run(comm, "all_reduce", signature, KIND_HALVES, code, op_code, x, None,
+                             n if op == "avg" else 0, x.nbytes, timeout, 2 * (n - 1) * (x.nbytes // n)) != NOT_RUN
+        # No test of x's layout or writability: those are this rank's own, and a path chosen on them
+        # could reduce differently (signed zeros) from a peer's. The round copies x into its
+        # contiguous buffer and back (a read-only x then raises as on the Python path).
         done = self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, x, FROM_SCRATCH, x.nbytes,
-                         timeout, (self.channel.n - 1) * x.nbytes)
+                         timeout, (channel.n - 1) * x.nbytes)
         if done == NOT_RUN:
             return False
         if done == UNFILLED:
             x[...] = self._own_views(x)[2]
         if op == "avg":
-            np.divide(x, self.channel.n, out=x)
+            np.divide(x, channel.n, out=x)
         return True
 
     def broadcast(self, comm, x: np.ndarray, root: int, timeout) -> bool:
@@ -240,11 +256,15 @@ class SmallRounds:
                     count = 0 if x is None else x.size
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
-                status = NOT_TAKEN if self.ext is None else self.ext.round(
-                    self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,
-                    slice_ns, kind, dtype_code, op_code, count, offset)
+                if kind == KIND_HALVES:  # (`source` is the divisor; x the array, reduced in place)
+                    status = self.ext.halves(self.address, x, parity, target, signature_id, position, spin_ns,
+                                             self.yields, slice_ns, dtype_code, op_code, count, source)
+                else:
+                    status = NOT_TAKEN if self.ext is None else self.ext.round(
+                        self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,
+                        slice_ns, kind, dtype_code, op_code, count, offset)
                 filled = status != NOT_TAKEN and out is not None
-                if status == NOT_TAKEN:  # NumPy copies around the ctypes call
+                if status == NOT_TAKEN and kind != KIND_HALVES:  # NumPy copies around the ctypes call
                     if x is not None:
                         self._own_views(x)[parity][...] = x
                     _CALL.pack_into(self.words, C_PARITY * 8, parity, target, signature_id, position, spin_ns,
@@ -257,6 +277,8 @@ class SmallRounds:
                     status = self._sleep(comm, name, seq, (epoch, call, channel.group.gid, seq), deadline, patience)
                     if status == DONE and filled:
                         self.ext.take(self.address, out, source)
+                if kind == KIND_HALVES:  # the publishes it made (two when done; a mismatch stops after one)
+                    channel.count = int(self.chunks[shm_reduce_chunks.R_COUNT])
                 slept = self.words[C_SLEPT]
                 if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
                     spin.answered(not slept, self.words[C_WAITED_NS])

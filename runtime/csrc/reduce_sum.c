@@ -7,21 +7,27 @@ non-zero `divisor`, out[i] is then divided by it (an average, as np.divide would
 result goes there too (a collective's shared buffer and the caller's array in one pass). `out` may
 be in[0] or in[1] (it holds partial sums before in[2] onwards are added), `copy` any input (it is
 written last); element i is read before it is written there, hence ivdep. Elements go in blocks
-that stay in the L1 cache while every input is added. */
+that stay in the L1 cache while every input is added. With `stream_out`, `out` (a shared buffer that
+peers read next) gets streaming stores (stream_store.h): each block is summed in a staging block,
+then streamed, so `out` may still alias in[0] or in[1] (a block is written after it is read). */
 #include <stdint.h>
+#include <string.h>
 
 #include "reduce_loops.h"
 #include "reduce_sum.h"
+#include "stream_store.h"
 
 #define BLOCK 2048
 
 #define DEFINE_SUM(NAME, T, ADD)                                                                    \
-    void NAME(const T *const *in, int count_inputs, int64_t n, T divisor, T *out, T *copy) {       \
+    void NAME(const T *const *in, int count_inputs, int64_t n, T divisor, T *out, T *copy, int stream_out) {   \
+        T staged[BLOCK] __attribute__((aligned(64)));                                              \
         for (int64_t lo = 0; lo < n; lo += BLOCK) {                                                \
             int64_t m = n - lo < BLOCK ? n - lo : BLOCK;                                           \
             const T *a = in[0] + lo, *b = in[1] + lo;                                              \
-            T *o = out + lo, *d = copy ? copy + lo : 0;                                            \
-            if (d && count_inputs == 2 && divisor == 0) { /* the common case in one pass */       \
+            /* streamed: the block is summed in `staged` (in L1) and then streamed to out */       \
+            T *o = stream_out ? staged : out + lo, *d = copy ? copy + lo : 0;                      \
+            if (d && count_inputs == 2 && divisor == 0 && !stream_out) { /* the common case, one pass */ \
                 _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) {                             \
                     T s = a[j] + b[j];                                                             \
                     o[j] = s;                                                                      \
@@ -34,10 +40,12 @@ that stay in the L1 cache while every input is added. */
             if (divisor != 0) {                                                                    \
                 _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) o[j] /= divisor;              \
             }                                                                                      \
+            if (stream_out) rp_stream_copy_unfenced(out + lo, o, (size_t)m * sizeof(T));           \
             if (d) {                                                                               \
                 _Pragma("GCC ivdep") for (int64_t j = 0; j < m; j++) d[j] = o[j];                  \
             }                                                                                      \
         }                                                                                          \
+        if (stream_out) rp_stream_fence();                                                         \
     }
 
 DEFINE_SUM(rp_sum_f32, float, rp_add_f32)

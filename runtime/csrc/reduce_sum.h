@@ -6,7 +6,9 @@ bits (NaN payloads included). */
 
 #include <stdint.h>
 
-void rp_sum_f32(const float *const *in, int count_inputs, int64_t n, float divisor, float *out, float *copy);
-void rp_sum_f64(const double *const *in, int count_inputs, int64_t n, double divisor, double *out, double *copy);
+void rp_sum_f32(const float *const *in, int count_inputs, int64_t n, float divisor, float *out, float *copy,
+                int stream_out);
+void rp_sum_f64(const double *const *in, int count_inputs, int64_t n, double divisor, double *out, double *copy,
+                int stream_out);
 
 #endif

@@ -25,14 +25,9 @@ The state is an array of 64-bit words (the layout below, mirrored in shm_reduce_
 #include "monotonic_clock.h"
 #include "shm_wait.h"
 #include "reduce_sum.h"
+#include "stream_store.h"
+#include "shm_reduce_chunks.h"
 
-enum {
-    R_N, R_ME, R_PIECE, R_SIZE, R_ITEMSIZE, R_DTYPE, R_OP, R_DIVISOR, R_CHUNK, R_EPOCH, R_COUNT, R_STEP,
-    R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS,
-    R_MEMBERS = 24, /* then per member: counter, sleepers, buffer (addresses, this round's parity) */
-    R_PER_MEMBER = 3,
-};
-enum { DONE = 0, WAIT = 1, SIGNATURES = 2, UNSUPPORTED = 3 };
 enum { STEP_START, STEP_WAIT_COPIES, STEP_REDUCE, STEP_WAIT_SUMS, STEP_DONE };
 enum { EPOCH_SHIFT = 40, MAX_MEMBERS = 64 };
 
@@ -78,8 +73,11 @@ static void copy_in(int64_t *s, int64_t lo, int64_t hi) {
     char *mine = BUFFER(s, me);
     int64_t first = bound(lo, hi, 0, n), own_lo = bound(lo, hi, me, n), own_hi = bound(lo, hi, me + 1, n);
     int64_t last = bound(lo, hi, n, n);
-    if (own_lo > first) memcpy(mine + first * size, piece + first * size, (size_t)((own_lo - first) * size));
-    if (last > own_hi) memcpy(mine + own_hi * size, piece + own_hi * size, (size_t)((last - own_hi) * size));
+    int64_t stream = s[R_STREAM_MIN];
+    if (own_lo > first)
+        rp_copy_for_peers(mine + first * size, piece + first * size, (size_t)((own_lo - first) * size), stream);
+    if (last > own_hi)
+        rp_copy_for_peers(mine + own_hi * size, piece + own_hi * size, (size_t)((last - own_hi) * size), stream);
 }
 
 /* This rank's part of the chunk, in rank order, into its buffer and the caller's array. */
@@ -91,11 +89,13 @@ static void reduce_own(int64_t *s, int64_t lo, int64_t hi) {
     const void *inputs[MAX_MEMBERS];
     for (int64_t peer = 0; peer < n; peer++) inputs[peer] = peer == me ? piece : BUFFER(s, peer) + a * size;
     int dtype = (int)s[R_DTYPE], op = (int)s[R_OP];
+    int stream = s[R_STREAM_MIN] > 0 && count * size >= s[R_STREAM_MIN];
     if (op == RP_OP_SUM && dtype == 0) {
-        rp_sum_f32((const float *const *)inputs, (int)n, count, (float)s[R_DIVISOR], (float *)mine, (float *)piece);
+        rp_sum_f32((const float *const *)inputs, (int)n, count, (float)s[R_DIVISOR], (float *)mine, (float *)piece,
+                   stream);
     } else if (op == RP_OP_SUM && dtype == 1) {
         rp_sum_f64((const double *const *)inputs, (int)n, count, (double)s[R_DIVISOR], (double *)mine,
-                   (double *)piece);
+                   (double *)piece, stream);
     } else { /* ((in0 op in1) op in2) ...: as reduce_into; no divisor (averages are floats) */
         rp_reduce_pair(mine, inputs[0], inputs[1], count, dtype, op);
         for (int64_t peer = 2; peer < n; peer++) rp_reduce_pair(mine, mine, inputs[peer], count, dtype, op);
@@ -113,10 +113,9 @@ static void copy_out(int64_t *s, int64_t lo, int64_t hi) {
     }
 }
 
-/* Runs (or resumes) the round; returns DONE, WAIT (R_PEER not at R_TARGET yet), SIGNATURES (check
-   them, then call again) or UNSUPPORTED (a group too large for the inputs array: nothing done). */
+/* (shm_reduce_chunks.h) */
 int rp_reduce_chunks(int64_t *s) {
-    if (s[R_N] > MAX_MEMBERS) return UNSUPPORTED;
+    if (s[R_N] > MAX_MEMBERS) return CHUNKS_UNSUPPORTED;
     int64_t chunk = s[R_CHUNK], size = s[R_SIZE];
     for (;;) {
         int64_t lo = s[R_INDEX] * chunk, hi = lo + chunk < size ? lo + chunk : size;
@@ -128,9 +127,9 @@ int rp_reduce_chunks(int64_t *s) {
             s[R_STEP] = STEP_WAIT_COPIES;
             break;
         case STEP_WAIT_COPIES:
-            if (!arrived(s)) return WAIT;
+            if (!arrived(s)) return CHUNKS_WAIT;
             s[R_STEP] = STEP_REDUCE;
-            if (s[R_FIRST] && s[R_INDEX] == 0) return SIGNATURES;
+            if (s[R_FIRST] && s[R_INDEX] == 0) return CHUNKS_SIGNATURES;
             break;
         case STEP_REDUCE:
             reduce_own(s, lo, hi);
@@ -146,18 +145,18 @@ int rp_reduce_chunks(int64_t *s) {
             s[R_STEP] = STEP_WAIT_SUMS;
             break;
         case STEP_WAIT_SUMS:
-            if (!arrived(s)) return WAIT;
+            if (!arrived(s)) return CHUNKS_WAIT;
             copy_out(s, lo, hi);
             if (hi >= size) {
                 s[R_STEP] = STEP_DONE;
-                return DONE;
+                return CHUNKS_DONE;
             }
             s[R_INDEX] += 1;
             s[R_TARGET] = s[R_EPOCH] | s[R_COUNT];
             s[R_STEP] = STEP_WAIT_COPIES;
             break;
         default:
-            return DONE;
+            return CHUNKS_DONE;
         }
     }
 }

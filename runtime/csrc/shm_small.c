@@ -18,18 +18,22 @@ ctl[C_SLEEPING_ON]). */
 #include "monotonic_clock.h"
 #include "shm_wait.h"
 #include "reduce_sum.h"
+#include "shm_reduce_chunks.h"
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
     C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT,
+    C_STREAM_MIN, /* copies into this rank's buffer stream from here (bytes; 0: never): stream_store.h */
+    C_CHUNKS, C_PIECE, C_DIVISOR, /* KIND_HALVES: the chunk loop's state, the caller's array, a divisor */
     C_MEMBERS = 24, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
-enum { KIND_BARRIER = 0, KIND_REDUCE = 1 };
+enum { KIND_BARRIER = 0, KIND_REDUCE = 1, KIND_HALVES = 2 };
 enum { EPOCH_SHIFT = 40, MAX_SUM_INPUTS = 64 };
 
 #define MEMBER(ctl, i, field) ((ctl)[C_MEMBERS + (i) * C_PER_MEMBER + (field)])
+#define MEMBER_STATE(s, i, field) ((s)[R_MEMBERS + (i) * R_PER_MEMBER + (field)])
 
 /* Wait until every member's counter reaches ctl[C_TARGET]: spin for ctl[C_SPIN_NS] in all, then
    sleep on each member not there in turn, for ctl[C_TIMEOUT_NS] in all (one return to Python per
@@ -63,10 +67,91 @@ static int64_t wait_members(int64_t *ctl) {
     return -1;
 }
 
+/* Every peer at this round's epoch with this round's signature id and position (else LATER_EPOCH or
+   MISMATCH, ctl[C_PEER] that member); once every member published. */
+static int check_members(int64_t *ctl) {
+    int64_t n = ctl[C_N], me = ctl[C_ME], parity = ctl[C_PARITY];
+    uint64_t target = (uint64_t)ctl[C_TARGET];
+    for (int64_t peer = 0; peer < n; peer++) {
+        if (peer == me) continue;
+        ctl[C_PEER] = peer;
+        uint64_t value = __atomic_load_n((uint64_t *)MEMBER(ctl, peer, 0), __ATOMIC_ACQUIRE);
+        if (value >> EPOCH_SHIFT != target >> EPOCH_SHIFT) return LATER_EPOCH;
+        const uint64_t *ids = (const uint64_t *)MEMBER(ctl, peer, 2 + parity);
+        if (ids[0] != (uint64_t)ctl[C_SIGNATURE] || ids[1] != (uint64_t)ctl[C_POSITION]) return MISMATCH;
+    }
+    return DONE;
+}
+
+static const int64_t ITEMSIZE[] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8}; /* by dtype code (reduce_loops.h) */
+
+/* KIND_HALVES: an all-reduce of ctl[C_COUNT] elements at ctl[C_PIECE], in place, as the chunk loop's
+   one-chunk round (shm_reduce_chunks.c: copy in the peers' parts, sum this rank's part, copy out the
+   peers' sums; two publishes), so that a member on the Python path (shm_collectives._reduce_round)
+   meets it. The chunk loop's waits spin only; past the spin this sleeps on the member it waits for,
+   ctl[C_TIMEOUT_NS] in all per call, then returns PENDING like wait_members. */
+static int halves_round(int64_t *ctl) {
+    int64_t *s = (int64_t *)(intptr_t)ctl[C_CHUNKS];
+    int64_t n = ctl[C_N], parity = ctl[C_PARITY];
+    if (ctl[C_PHASE] == 0) {
+        uint64_t target = (uint64_t)ctl[C_TARGET];
+        uint64_t *ids = (uint64_t *)MEMBER(ctl, ctl[C_ME], 2 + parity);
+        ids[0] = (uint64_t)ctl[C_SIGNATURE];
+        ids[1] = (uint64_t)ctl[C_POSITION];
+        int64_t count = ctl[C_COUNT];
+        s[R_N] = n, s[R_ME] = ctl[C_ME], s[R_PIECE] = ctl[C_PIECE], s[R_SIZE] = count;
+        s[R_ITEMSIZE] = ITEMSIZE[ctl[C_DTYPE]], s[R_DTYPE] = ctl[C_DTYPE], s[R_OP] = ctl[C_OP];
+        s[R_DIVISOR] = ctl[C_DIVISOR], s[R_CHUNK] = count > 0 ? count : 1;
+        /* ctl[C_TARGET] is the first publish's value; the chunk loop counts from the one before */
+        s[R_EPOCH] = (int64_t)(target >> EPOCH_SHIFT << EPOCH_SHIFT);
+        s[R_COUNT] = (int64_t)(target & ((1ULL << EPOCH_SHIFT) - 1)) - 1;
+        s[R_STEP] = 0, s[R_INDEX] = 0, s[R_YIELD] = ctl[C_YIELD], s[R_FIRST] = 1, s[R_STREAM_MIN] = ctl[C_STREAM_MIN];
+        for (int64_t member = 0; member < n; member++) {
+            MEMBER_STATE(s, member, 0) = MEMBER(ctl, member, 0);
+            MEMBER_STATE(s, member, 1) = MEMBER(ctl, member, 1);
+            MEMBER_STATE(s, member, 2) = MEMBER(ctl, member, 4 + parity);
+        }
+        ctl[C_PHASE] = 1;
+        ctl[C_WAITED_NS] = 0;
+        ctl[C_SLEPT] = 0;
+    }
+    s[R_SPIN_NS] = ctl[C_SPIN_NS]; /* (0 once the caller sleeps in slices) */
+    int64_t timeout_ns = ctl[C_TIMEOUT_NS], sleep_end = 0;
+    for (;;) {
+        s[R_WAITED_NS] = 0;
+        int status = rp_reduce_chunks(s);
+        ctl[C_WAITED_NS] += s[R_WAITED_NS];
+        if (status == CHUNKS_DONE) break;
+        if (status == CHUNKS_SIGNATURES) {
+            int checked = check_members(ctl);
+            if (checked != DONE) return checked;
+            continue;
+        }
+        if (status != CHUNKS_WAIT) return MISMATCH; /* (never: n is at most MAX_SUM_INPUTS) */
+        int64_t peer = s[R_PEER];
+        uint64_t want = (uint64_t)s[R_TARGET];
+        uint64_t *word = (uint64_t *)MEMBER(ctl, peer, 0);
+        uint64_t value = __atomic_load_n(word, __ATOMIC_ACQUIRE);
+        ctl[C_PEER] = peer;
+        if (value >> EPOCH_SHIFT != want >> EPOCH_SHIFT && value >= want) return LATER_EPOCH;
+        if (!sleep_end) sleep_end = now_ns() + timeout_ns;
+        int64_t left = sleep_end - now_ns();
+        if (timeout_ns <= 0 || left <= 0) return PENDING;
+        int64_t slept_from = now_ns();
+        ctl[C_SLEPT] = 1;
+        __atomic_store_n(&ctl[C_SLEEPING_ON], (int64_t)(intptr_t)word, __ATOMIC_SEQ_CST);
+        rp_wait_at_least(word, (uint32_t *)MEMBER(ctl, peer, 1), want, 0, 0, left);
+        __atomic_store_n(&ctl[C_SLEEPING_ON], 0, __ATOMIC_SEQ_CST);
+        ctl[C_WAITED_NS] += now_ns() - slept_from;
+    }
+    return DONE;
+}
+
 /* One round (see the top). Returns DONE, PENDING (ctl[C_PEER] has not published yet: the caller
    looks at aborts and deadlines, then calls again, which resumes the wait), LATER_EPOCH or
    MISMATCH (ctl[C_PEER] is that member; the caller builds the error). */
 int rp_small_round(int64_t *ctl) {
+    if (ctl[C_KIND] == KIND_HALVES) return halves_round(ctl);
     int64_t n = ctl[C_N], me = ctl[C_ME], parity = ctl[C_PARITY];
     uint64_t target = (uint64_t)ctl[C_TARGET];
     int64_t started = now_ns();
@@ -85,14 +170,8 @@ int rp_small_round(int64_t *ctl) {
         ctl[C_PEER] = behind;
         return PENDING;
     }
-    for (int64_t peer = 0; peer < n; peer++) {
-        if (peer == me) continue;
-        ctl[C_PEER] = peer;
-        uint64_t value = __atomic_load_n((uint64_t *)MEMBER(ctl, peer, 0), __ATOMIC_ACQUIRE);
-        if (value >> EPOCH_SHIFT != target >> EPOCH_SHIFT) return LATER_EPOCH;
-        const uint64_t *ids = (const uint64_t *)MEMBER(ctl, peer, 2 + parity);
-        if (ids[0] != (uint64_t)ctl[C_SIGNATURE] || ids[1] != (uint64_t)ctl[C_POSITION]) return MISMATCH;
-    }
+    int checked = check_members(ctl);
+    if (checked != DONE) return checked;
     if (ctl[C_KIND] == KIND_REDUCE) {
         /* ((b0 op b1) op b2) op ...: as shm_collectives' all_reduce and reduce_scatter, so the bits
            match; each buffer read from byte C_OFFSET on (a reduce-scatter's row of this rank). */
@@ -106,8 +185,8 @@ int rp_small_round(int64_t *ctl) {
                NaNs of different signs or payloads, ranks on different paths then got different bits. */
             const void *inputs[MAX_SUM_INPUTS];
             for (int64_t peer = 0; peer < n; peer++) inputs[peer] = (const char *)MEMBER(ctl, peer, 4 + parity) + offset;
-            if (dtype == 0) rp_sum_f32((const float *const *)inputs, (int)n, count, 0.0f, (float *)out, 0);
-            else rp_sum_f64((const double *const *)inputs, (int)n, count, 0.0, (double *)out, 0);
+            if (dtype == 0) rp_sum_f32((const float *const *)inputs, (int)n, count, 0.0f, (float *)out, 0, 0);
+            else rp_sum_f64((const double *const *)inputs, (int)n, count, 0.0, (double *)out, 0, 0);
             return DONE;
         }
         rp_reduce_pair(out, (const char *)MEMBER(ctl, 0, 4 + parity) + offset,

@@ -13,14 +13,15 @@ in Python and runs the same round. */
 #include <string.h>
 
 #include "py_extension.h"
+#include "stream_store.h"
 
 int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
-enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
-       C_OFFSET = 18, C_MEMBERS = 24, C_PER_MEMBER = 6 };
+enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_COUNT = 12, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
+       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_MEMBERS = 24, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
-enum { KIND_REDUCE = 1 };
+enum { KIND_REDUCE = 1, KIND_HALVES = 2 };
 /* Where `out` is copied from once the round is done: the scratch area (a reduction's result),
    every member's buffer in rank order (an all-gather), or one member's buffer (>= 0: a broadcast). */
 enum { FROM_SCRATCH = -1, FROM_EVERY_MEMBER = -2 };
@@ -72,7 +73,8 @@ static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t n
     ctl[C_OFFSET] = v[11];
     ctl[C_WAITED_NS] = 0;
     if (args[1] != Py_None) {
-        memcpy(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len);
+        /* (streamed from the caller's threshold: the peers read it from another core, see stream_store.h) */
+        rp_copy_for_peers(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len, ctl[C_STREAM_MIN]);
         PyBuffer_Release(&in_view);
     }
     int status;
@@ -101,7 +103,37 @@ static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_TRUE;
 }
 
+/* halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, dtype, op, count,
+   divisor) -> status: the all-reduce of `x` (writable, C-contiguous, `count` elements) in place as
+   shm_small.c's KIND_HALVES round (reduce-scatter + all-gather through the buffers, no copy of the
+   whole array in or out); the ints go into words C_PARITY .. C_COUNT and C_DIVISOR. Returns
+   shm_small.c's status (PENDING: the caller waits on with rp_small_round, which resumes the round
+   on `x`: the caller keeps it alive) or NOT_TAKEN (nothing done: `x` cannot be taken). */
+static PyObject *small_halves(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[12], ctl_address;
+    if (nargs != 13 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 11, v) < 0)
+        return rp_bad_arguments("halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, "
+                                "dtype, op, count, divisor)");
+    int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
+    Py_buffer view;
+    if (rp_take_buffer(args[1], 1, &view) < 0) return PyLong_FromLong(NOT_TAKEN);
+    for (int i = 0; i < 7; i++) ctl[C_PARITY + i] = v[i];
+    ctl[C_KIND] = KIND_HALVES;
+    ctl[C_KIND + 1] = v[7], ctl[C_KIND + 2] = v[8], ctl[C_COUNT] = v[9];
+    ctl[C_DIVISOR] = v[10];
+    ctl[C_PIECE] = (int64_t)(intptr_t)view.buf;
+    ctl[C_PHASE] = 0;
+    ctl[C_WAITED_NS] = 0;
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = rp_small_round(ctl);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromLong(status);
+}
+
 static PyMethodDef methods[] = {
+    RP_FASTCALL("halves", small_halves, "An all-reduce in place as a reduce-scatter + all-gather round."),
     RP_FASTCALL("round", small_round, "One small round, copies included."),
     RP_FASTCALL("take", small_take, "A done round's result into an array."),
     {NULL, NULL, 0, NULL},

@@ -1,0 +1,196 @@
+"""The latency path's reduce-scatter + all-gather round (runtime/shm_small.py's KIND_HALVES: csrc/shm_small.c
+runs the chunk loop of csrc/shm_reduce_chunks.c on one chunk) and the streaming stores into the channel
+buffers (runtime/stream_store.py, csrc/stream_store.h): NumPy's rank-order bits on every path, members
+on different paths meet in the same round, errors name the operation, rank and peer."""
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+from ringpipe.runtime import RemoteError, reduce_kernels, shm_collectives, shm_small, stream_store
+from ringpipe.runtime.operations import CollectiveMismatch
+from ringpipe.runtime.shm_wait import unavailable_reason
+
+needs_c = pytest.mark.skipif(reduce_kernels.unavailable_reason() is not None or unavailable_reason("c") is not None,
+                             reason="no C helper here")
+# The round is taken while every member has a core of its own: a 2-rank group on a host with 2 cores.
+needs_cores = pytest.mark.skipif(shm_collectives.HOST_CORES < 2, reason="one core: 2 ranks take the one-round reduce")
+# Above the one-round reduce (64 KiB), within one chunk (1 MiB): odd counts leave a vector loop's tail.
+CASES = [("float32", (1 << 15) + 3, "sum"), ("float64", 20001, "avg"), ("float32", 70001, "max"),
+         ("int32", (1 << 16) + 1, "sum"), ("uint8", 200003, "min"), ("float64", 65537, "sum")]
+
+
+def rank_input(dtype, count, rank, case):
+    rng = np.random.default_rng(100 * case + rank)
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, count, dtype=dtype, endpoint=True)  # integer sums wrap
+    x = (rng.standard_normal(count) * 10.0 ** rng.integers(-3, 4, count)).astype(dtype)
+    x[:: 97] = -0.0  # signed zeros: which one a sum keeps shows the order
+    return x
+
+
+def in_rank_order(inputs, op):
+    reduce = {"sum": np.add, "avg": np.add, "max": np.maximum, "min": np.minimum}[op]
+    with np.errstate(over="ignore"):
+        total = reduce(inputs[0], inputs[1])
+        return total / 2 if op == "avg" else total
+
+
+# ---- streaming stores ---------------------------------------------------------------------------------
+def test_a_streamed_copy_equals_numpys_at_every_alignment_and_length():
+    source = np.random.default_rng(0).integers(0, 255, 70000, dtype=np.uint8)
+    for length in (0, 1, 15, 16, 17, 63, 64, 65, 200, 4103, 65599):
+        for shift in (0, 1, 8, 15, 16, 17):
+            target = np.zeros(length + 64, np.uint8)
+            stream_store.copy(target[shift : shift + length], source[3 : 3 + length], 1)
+            assert (target[shift : shift + length] == source[3 : 3 + length]).all(), (length, shift)
+            assert not target[:shift].any() and not target[shift + length :].any(), (length, shift)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_sum_streamed_to_its_output_keeps_the_bits_and_may_write_over_its_first_two_inputs(dtype):
+    rng = np.random.default_rng(1)
+    kernel = reduce_kernels.c_sum(np.dtype(dtype))
+    for count in (2, 3, 4):
+        for divisor in (0, count):
+            for into in (None, 0, 1):
+                inputs = [rng.standard_normal(5003).astype(dtype) for _ in range(count)]
+                want = inputs[0] + inputs[1]
+                for x in inputs[2:]:
+                    want = want + x
+                want = want / divisor if divisor else want
+                out = np.empty(5003, dtype) if into is None else inputs[into]
+                copy = np.empty(5003, dtype)
+                kernel([a.ctypes.data for a in inputs], 5003, divisor, out.ctypes.data, copy.ctypes.data, True)
+                assert out.tobytes() == want.tobytes() and copy.tobytes() == want.tobytes(), (count, divisor, into)
+
+
+def test_the_stream_threshold_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
+    for text, want in (("off", 0), ("0", 0), ("12345", 12345)):
+        monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
+        stream_store.stream_min_bytes.cache_clear()
+        assert stream_store.stream_min_bytes(2) == want
+    for text in ("lots", "-4"):
+        monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
+        stream_store.stream_min_bytes.cache_clear()
+        with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_MIN"):
+            stream_store.stream_min_bytes(2)
+    monkeypatch.delenv("RINGPIPE_SHM_STREAM_MIN")
+    stream_store.stream_min_bytes.cache_clear()
+    cores = len(os.sched_getaffinity(0))
+    assert stream_store.stream_min_bytes(cores) == stream_store.DEFAULT_MIN_BYTES
+    assert stream_store.stream_min_bytes(cores + 1) == 0  # a peer may run on this core next
+
+
+# ---- the round ----------------------------------------------------------------------------------------
+def halves_on_every_path(comm):
+    """Every case on the latency path's round on both ranks; then with rank 1 on the Python path (a
+    non-contiguous array: shm_collectives._reduce_round with the C chunk loop), then in its Python
+    loop (RINGPIPE_SHM_CHUNKS=0), then asynchronous on rank 0 (the channel thread's Python path).
+    Per case and path: the result's bytes, the publishes and whether rank 0's call took the round."""
+    comm.barrier()
+    channel = comm.engine.channels[comm.group.gid]
+    out = []
+    for path in ("both", "strided", "python loop", "async"):
+        os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if path == "python loop" and comm.rank == 1 else "1"
+        for case, (dtype, count, op) in enumerate(CASES):
+            x = rank_input(dtype, count, comm.rank, case)
+            if path == "strided" and comm.rank == 1:
+                x = np.repeat(x, 2)[::2]
+            channel.small.ctl[shm_small.C_KIND] = -1
+            published = channel.count
+            with np.errstate(over="ignore"):
+                if path == "async" and comm.rank == 0:
+                    result = comm.all_reduce(x, op=op, async_op=True).wait()
+                else:
+                    result = comm.all_reduce(x, op=op)
+            took = int(channel.small.ctl[shm_small.C_KIND]) == shm_small.KIND_HALVES
+            out.append((path, case, np.ascontiguousarray(result).tobytes(), channel.count - published, took))
+    os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+    return out
+
+
+@needs_c
+@needs_cores
+@pytest.mark.timeout(90)
+def test_the_round_gives_numpys_rank_order_bits_and_meets_members_on_every_python_path(local_cluster):
+    first, second = local_cluster(2).run(halves_on_every_path)
+    assert len(first) == len(second) == 4 * len(CASES)
+    for (path, case, got, published, took), (_, _, other, other_published, _) in zip(first, second):
+        dtype, count, op = CASES[case]
+        want = in_rank_order([rank_input(dtype, count, rank, case) for rank in (0, 1)], op).astype(dtype)
+        assert got == other == want.tobytes(), (path, case)
+        assert published == other_published == 2, (path, case)  # one chunk: copy in, sums
+        assert took == (path != "async"), (path, case)
+
+
+def halves_mismatch_bytes_and_timeout(comm):
+    """A mismatch (sizes differ by rank), one between the round and the one-round reduce, then the bytes one round counts as sent and a sum (the
+    channel goes on), then a round that only rank 1 calls (last: a timed-out collective leaves the
+    group to the call's end, where the runtime fences it)."""
+    comm.barrier()
+    found = {}
+    try:
+        comm.all_reduce(np.ones(40000 + 8 * comm.rank, np.float32))
+    except CollectiveMismatch as exc:
+        found["mismatch"] = str(exc)
+    try:  # rank 0 in the round (two publishes when done), rank 1 in the one-round reduce (one)
+        comm.all_reduce(np.ones(40000 if comm.rank == 0 else 1000, np.float32))
+    except CollectiveMismatch as exc:
+        found["paths"] = str(exc)
+    comm.barrier()
+    before = comm.bytes_sent
+    comm.all_reduce(np.ones(40000, np.float32))
+    found["sent"] = comm.bytes_sent - before
+    found["after"] = float(comm.all_reduce(np.full(40000, comm.rank + 1.0, np.float32)).min())
+    comm.barrier()
+    if comm.rank == 1:
+        try:
+            comm.all_reduce(np.ones(40000, np.float32), timeout=0.5)
+        except TimeoutError as exc:
+            found["timeout"] = str(exc)
+    return found
+
+
+@needs_c
+@needs_cores
+@pytest.mark.timeout(60)
+def test_the_round_names_a_mismatch_counts_its_bytes_and_times_out_naming_the_peer(local_cluster):
+    first, second = local_cluster(2).run(halves_mismatch_bytes_and_timeout, timeout=30)
+    for rank, found in enumerate((first, second)):
+        assert f"rank {rank} called it with op=all_reduce, shape=[{40000 + 8 * rank}]" in found["mismatch"]
+        assert f"rank {1 - rank} with op=all_reduce, shape=[{40000 + 8 * (1 - rank)}]" in found["mismatch"]
+        assert "shape=[40000]" in found["paths"] and "shape=[1000]" in found["paths"]
+        assert found["sent"] == 2 * (2 - 1) * (40000 * 4 // 2)  # 2 (n - 1) / n of the bytes, as the ring's
+        assert found["after"] == 3.0
+    assert "timeout" not in first
+    assert re.match(r"all_reduce #\d+ on group w \(rank 1 of 2\) on rank 1 timed out after 0.5s", second["timeout"])
+    assert second["timeout"].endswith("waiting for a message from rank 0"), second["timeout"]
+
+
+def fail_during_halves(comm):
+    comm.barrier()
+    if comm.rank == 1:
+        time.sleep(0.3)
+        raise ValueError("bad input on purpose")
+    comm.all_reduce(np.ones(40000, np.float32), timeout=60)  # only an abort ends this in time
+
+
+def halves_sum(comm):
+    return float(comm.all_reduce(np.ones(40000, np.float32)).max())
+
+
+@needs_c
+@needs_cores
+@pytest.mark.timeout(60)
+def test_a_rank_waiting_in_the_round_wakes_when_its_peer_raises(local_cluster):
+    cluster = local_cluster(2)
+    start = time.monotonic()
+    with pytest.raises(RemoteError, match="bad input on purpose"):
+        cluster.run(fail_during_halves, timeout=30)
+    assert time.monotonic() - start < 20.0  # far below the collective's 60 s timeout
+    assert cluster.run(halves_sum) == [2.0, 2.0]
