@@ -71,9 +71,9 @@ def chosen(channel, op: str, nbytes: int) -> bool:
         return False
     # A broadcast's arena path copies the root's array once into a buffer that n - 1 members then
     # read from the shared caches: the more readers, the longer that one copy keeps up.
-    read = {"all_reduce": nbytes * (n - 1) // n, "broadcast": nbytes // (n - 1), "all_gather": nbytes * (n - 1),
-            "reduce_scatter": nbytes * (n - 1) // n}[op]
-    return read > least
+    if op == "broadcast":
+        return nbytes // (n - 1) > least
+    return (nbytes * (n - 1) if op == "all_gather" else nbytes * (n - 1) // n) > least  # (all_reduce, reduce_scatter)
 
 
 class SingleCopy:

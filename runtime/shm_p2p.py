@@ -28,7 +28,7 @@ from collections import defaultdict, deque
 import msgpack
 import numpy as np
 
-from ringpipe.runtime import shm_p2p_fast, shm_p2p_single_copy
+from ringpipe.runtime import shm_p2p_fast, shm_p2p_single_copy, stream_store
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
@@ -205,7 +205,8 @@ class PairRings:
                        f"after {timeout:g}s waiting for rank {dst} to take its earlier messages", dst)
         slot = ring.slots[head % SLOTS]
         if inline is not None:  # -1: the payload, REMOTE: where it lies
-            slot[META_BYTES : META_BYTES + piece.size] = piece
+            stream_store.copy(slot[META_BYTES : META_BYTES + piece.size], piece,
+                              stream_store.stream_min_bytes(self.world_size))
             slot[REFUSED_AT], block = 0, inline
         else:
             block = self._place(ring, head, piece, deadline, name, timeout, dst)
@@ -224,7 +225,8 @@ class PairRings:
             generation = arena.generation  # before alloc: a block from before a reset is never freed
             block = arena.alloc(piece.size)
             if block is not None:
-                arena.view(block, piece.size)[...] = piece
+                stream_store.copy(arena.view(block, piece.size), piece,
+                                  stream_store.stream_min_bytes(self.world_size))
                 ring.blocks.append((head, block, generation))
                 return block
             left = deadline - time.monotonic()

@@ -25,7 +25,7 @@ import time
 import msgpack
 import numpy as np
 
-from ringpipe.runtime import c_library
+from ringpipe.runtime import c_library, stream_store
 from ringpipe.runtime.operations import Aborted, CommTimeout
 from ringpipe.runtime.shm_channel import SLICE_S
 
@@ -79,6 +79,7 @@ class FastPairs:
         self._prefixes: dict = {}  # group id -> the start of every description of that group
         self.sent = self.received = 0  # messages that took this path (a test's evidence)
         self._arena_address = None  # where this rank's arena is mapped (its blocks of larger messages)
+        lib.set_stream_min(stream_store.stream_min_bytes(rings.world_size))  # (the host's ranks)
 
     def send(self, comm, x, dst, tag) -> bool:
         """True once `x` is in the ring to `dst` (group index); False when the Python path must send it."""

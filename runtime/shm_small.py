@@ -118,8 +118,8 @@ class SmallRounds:
             ("all_reduce", x.shape, dtype, op), {"op": "all_reduce", "shape": list(x.shape), "dtype": dtype.str,
                                                  "reduce": op})
         # (the sizes looked up again: as the Python path does, which a test may change)
-        if x.nbytes > min(self.reduce_bytes, one_round_bytes(channel.n)) or shm_cma.chosen(channel, "all_reduce",
-                                                                                             x.nbytes):
+        if x.nbytes > min(self.reduce_bytes, one_round_bytes(channel.n)) or (
+                x.nbytes > self.max_bytes and shm_cma.chosen(channel, "all_reduce", x.nbytes)):
             # Larger than the one-round reduce: the Python path's reduce-scatter + all-gather round
             # (shm_collectives._reduce_round) where that is one chunk of one round, in place. A layout
             # the call cannot take goes there: the same round, so the choice may differ between members.
