@@ -136,3 +136,61 @@ def test_a_group_whose_asynchronous_first_collective_was_cancelled_opens_at_its_
     for asynchronous_rank in (1, 0, None):
         for values, opened in actors.use(asynchronous_rank).result(timeout=30):
             assert values == [3.0] * 5 and opened
+
+
+class AbortedWhileOpening:
+    """Rank 0 makes a kept group's first collective asynchronously; rank 1's call fails meanwhile."""
+
+    def __init__(self, comm):
+        self.comm, self.group, self.seen = comm, comm.new_group([0, 1]), None
+
+    def fail_while_opening(self):
+        if self.comm.rank == 1:
+            raise ValueError("rank 1 gives up")
+        try:
+            self.group.all_reduce(np.ones(4), async_op=True, timeout=20).wait()
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            self.seen = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def seen_and_sum(self):
+        x = np.full(5, self.comm.rank + 1.0)
+        self.group.all_reduce(x)
+        return self.seen, x.tolist()
+
+
+@pytest.mark.timeout(60)
+def test_an_abort_while_an_asynchronous_first_collective_opens_raises_on_its_handle(local_cluster):
+    from ringpipe.runtime import RemoteError
+
+    actors = local_cluster(2).spawn(AbortedWhileOpening)
+    with pytest.raises(RemoteError, match="rank 1 gives up"):
+        actors.fail_while_opening().result(timeout=30)
+    (seen, values), (nothing, same) = actors.seen_and_sum().result(timeout=30)
+    assert seen.startswith("Aborted: ") and "\n" not in seen and "rank 1" in seen, seen
+    assert nothing is None and values == same == [3.0] * 5  # (and the group opens at its next collective)
+
+
+def no_room_then_async_first(comm):
+    """Groups that each take a channel until the arenas have no room left, then a group whose first
+    collective is asynchronous on rank 0 only: it keeps to the engine's algorithms, in order."""
+    kept = []
+    while len(kept) < 16 and (not kept or comm.engine.channels[kept[-1].group.gid] is not None):
+        kept.append(comm.new_group([0, 1]))
+        kept[-1].barrier()
+    group = comm.new_group([0, 1])
+    x = np.arange(6, dtype=np.float32) + comm.rank
+    handle = group.all_reduce(x, async_op=comm.rank == 0)
+    handle.wait() if comm.rank == 0 else None
+    later = group.all_gather(np.array([comm.rank]), async_op=comm.rank == 0)
+    later = later.wait() if comm.rank == 0 else later
+    channel = comm.engine.channels.get(group.group.gid, "absent")
+    for each in kept + [group]:
+        each.destroy()
+    return x.tolist(), later.tolist(), channel is None or channel.regions is None
+
+
+@pytest.mark.timeout(60)
+def test_an_asynchronous_first_collective_of_a_group_without_room_for_a_channel_takes_the_engine(local_cluster):
+    for values, gathered, no_channel in local_cluster(2, arena_bytes=1 << 20).run(no_room_then_async_first):
+        assert values == [1.0, 3.0, 5.0, 7.0, 9.0, 11.0] and gathered == [0, 1] and no_channel
