@@ -111,6 +111,20 @@ def test_an_asynchronous_first_collective_whose_peer_never_comes_times_out_namin
     assert cluster.run(async_then_point_to_point, True) == [[[3.0] * 6, [2.0]]] * 2  # the cluster goes on
 
 
+def mix_without_a_channel(comm):
+    group = comm.new_group(range(comm.size))
+    x = np.full(4, comm.rank + 1.0)
+    done = group.all_reduce(x, async_op=comm.rank == 0)
+    done.wait() if comm.rank == 0 else None
+    return x.tolist(), group.group.gid in comm.engine.channels
+
+
+@pytest.mark.timeout(60)
+def test_a_group_without_shared_memory_runs_a_mixed_first_collective_on_the_engine(local_cluster):
+    # (as a group spanning hosts does: no member opens a channel, asynchronous or not)
+    assert local_cluster(3, shm=False).run(mix_without_a_channel) == [[[6.0] * 4, False]] * 3
+
+
 class KeepsGroup:
     """A group kept across calls: its first collective, asynchronous on rank 0, is left unwaited
     (cancelled as the call ends, before or after the opening exchange went round)."""
