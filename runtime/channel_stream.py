@@ -91,7 +91,7 @@ class ChannelStream:
                 self._running = None
                 # Held by nothing here while waiting for the next: what a work holds (a
                 # communicator) must become garbage when the program drops it (its group closes so).
-                handle = work = result = None
+                handle = work = result = cancelled = None
 
     def _cancelled(self, name: str):
         return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
