@@ -262,8 +262,9 @@ class Communicator:
         """The group's same-host channel (opened at its first collective: channel_regions.py), or None."""
         if not (self.group.shm and self.config.algorithm in ("auto", "shm") and self.engine.arena is not None):
             return None
-        return group_channel(self.engine, self.group, self.config, self._collective, shm_small.attach, name, timeout,
-                             async_op)
+        channel = self.engine.channels.get(self.group.gid)  # (open: the common case, without a call)
+        return channel if channel is not None and channel.regions is not None else group_channel(
+            self.engine, self.group, self.config, self._collective, shm_small.attach, name, timeout, async_op)
 
     def _small(self, operation: str, *args) -> bool:
         """Run `operation` (waited for) on the group's latency path for small collectives
