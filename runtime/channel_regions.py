@@ -1,5 +1,5 @@
 """The life of a same-host group's channel (runtime/shm_channel.py) and of the region it pins in
-each member's arena: opened the first time the group runs a waited collective, closed when the
+each member's arena: opened at the group's first collective (asynchronous or not), closed when the
 group goes on a member (`Communicator.destroy()`, or its last communicator is garbage), and each
 region given back once no member can touch it again.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ringpipe.runtime.operations import GroupDestroyedByPeer, Recv
+from ringpipe.runtime.operations import CommError, GroupDestroyedByPeer, Recv
 from ringpipe.runtime.shm_channel import HEADER_BYTES, GroupChannel, buffer_bytes_for, region_bytes
 
 log = logging.getLogger("ringpipe.runtime")
@@ -133,10 +133,44 @@ def exchange_entries(ctx, entry):
     return [entries[member] for member in range(ctx.n)]
 
 
-def open_channel(engine, group, config, exchange, mode: str | None = None):
+def group_channel(engine, group, config, collective, attach, name: str, timeout, later: bool):
+    """The channel of `group` for collective `name` about to run (None: the group keeps to the
+    engine's algorithms), opened first at the group's first collective, whether that waits or not:
+    every member's entry goes round in one exchange over the engine, at the same number on every
+    member (`collective(name, signature, algorithm, finish, async_op, timeout)` runs it: the
+    communicator's engine path). A collective that waits waits for the exchange here; an
+    asynchronous one (`later`) must not wait for the peers (its program may first do what a peer
+    needs before that arrives), so its channel finishes opening when the first operation queued on
+    it runs (GroupChannel.connect). `attach(channel)` gives an open channel its latency path
+    (runtime/shm_small.attach)."""
+    channels = engine.channels
+    channel = channels.get(group.gid, False)
+    if channel is not False and (channel is None or channel.regions is not None or channel.busy()):
+        return channel  # (an opening still underway: the operation queues behind the one opening it)
+    if channel is not False:  # begun asynchronously and no operation finished it (cancelled, failed)
+        try:
+            if channel.connect():
+                return channel
+            channels[group.gid] = None  # a member had no room
+        except CommError:  # (the collective that began it raised this): open again
+            del channels[group.gid]
+        channel.close(lambda: None)
+        if group.gid in channels:
+            return None
+
+    def exchange(entry, later):
+        return collective(f"{name} (opening the same-host channel)", {"op": "open channel"},
+                          lambda ctx: exchange_entries(ctx, entry), None, later, timeout)
+
+    channels[group.gid] = channel = open_channel(engine, group, config, exchange, attach, later)
+    return channel
+
+
+def open_channel(engine, group, config, exchange, attach, later: bool, mode: str | None = None):
     """This rank's channel of `group`, or None when some member has no room in its arena (every
-    member then gets None, gives its region back, and the group keeps to the engine's algorithms).
-    `exchange(entry)` returns every member's entry, in group order (one message round over the engine)."""
+    member then gets None, gives its region back, and the group keeps to the engine's algorithms);
+    with `later`, a channel still opening (see group_channel). `exchange(entry, later)` returns
+    every member's entry, in group order, or with `later` a Handle of them."""
     gone = engine.regions.closed_by.get(group.gid)
     if gone:  # opening needs every member, and that one is done with the group
         raise GroupDestroyedByPeer(f"opening group {group.gid}'s same-host channel on rank {engine.rank}: rank "
@@ -144,16 +178,33 @@ def open_channel(engine, group, config, exchange, mode: str | None = None):
     arena = engine.arena
     buffer_bytes = buffer_bytes_for(arena.size, config.round_bytes)
     offset = engine.regions.pin(group.gid, region_bytes(buffer_bytes))
-    entries = exchange([int(offset), int(buffer_bytes)])
+    entries = exchange([int(offset), int(buffer_bytes)], later)
+    if later:
+        def opening():
+            regions = _regions(engine, group, buffer_bytes, entries.wait())
+            if regions is not None:
+                channel.map(regions)
+                attach(channel)
+
+        channel = GroupChannel(engine, group, None, buffer_bytes, mode, engine.regions.peers_gone(group.gid), opening)
+        return channel
+    regions = _regions(engine, group, buffer_bytes, entries)
+    return regions and attach(GroupChannel(engine, group, regions, buffer_bytes, mode,
+                                 engine.regions.peers_gone(group.gid)))
+
+
+def _regions(engine, group, buffer_bytes: int, entries: list):
+    """(mapping, offset) of every member's region from their entries; None, and this rank's region
+    back, when one had no room."""
     regions = []
     for member, entry in zip(group.ranks, entries):
-        mapping = arena.buffer if member == engine.rank else engine.peer_arenas[member].buffer
+        mapping = engine.arena.buffer if member == engine.rank else engine.peer_arenas[member].buffer
         if (not isinstance(entry, list) or len(entry) != 2 or entry[0] < 0 or entry[1] != buffer_bytes
                 or entry[0] + region_bytes(buffer_bytes) > mapping.size):
             engine.regions.unpin(group.gid)
             return None
         regions.append((mapping, entry[0]))
-    return GroupChannel(engine, group, regions, buffer_bytes, mode, engine.regions.peers_gone(group.gid))
+    return regions
 
 
-__all__ = ["ChannelRegions", "close_group", "open_channel", "exchange_entries"]
+__all__ = ["ChannelRegions", "close_group", "group_channel", "open_channel", "exchange_entries"]

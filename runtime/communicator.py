@@ -21,7 +21,7 @@ from ringpipe.runtime import array_module, collectives, shm_collectives, shm_p2p
 from ringpipe.runtime.arguments import check_array, check_operation, check_timeout
 from ringpipe.runtime.collective_context import CollectiveContext
 from ringpipe.runtime.engine import Engine
-from ringpipe.runtime.channel_regions import exchange_entries, open_channel
+from ringpipe.runtime.channel_regions import group_channel
 from ringpipe.runtime.group_state import GroupState, announce_group, waited
 from ringpipe.runtime.operations import Aborted, Finished, Handle
 from ringpipe.runtime.shm_p2p_receive import RingReceive
@@ -221,14 +221,13 @@ class Communicator:
 
     # ---- collectives ------------------------------------------------------------------------------
     def _collective(self, name, signature, algorithm, finish, async_op, timeout, nbytes=0, direct=None):
-        """Run a collective: `algorithm(ctx)` on the engine thread, or, when the call waits for it
-        and the group shares a host, `direct(channel)` on this thread (runtime/shm_channel.py)."""
+        """Run a collective: `algorithm(ctx)` on the engine thread, or `direct(channel)` on the group's
+        same-host channel (runtime/shm_channel.py; on its stream when asynchronous)."""
         self._sequence.check_alive(name)
         if direct is not None and self.size > 1:
-            # Asynchronous ones only once the channel is open: opening it waits for every member.
-            channel = self.engine.channels.get(self.group.gid) if async_op else self._channel(name, timeout)
+            channel = self._channel(name, timeout, async_op)
             if channel is not None:
-                return self._run_direct(channel, name, signature, direct, finish, timeout, nbytes, async_op)
+                return self._run_direct(channel, name, signature, direct, finish, timeout, nbytes, async_op, algorithm)
         if self.size == 1:
             # Nothing to exchange: run the algorithm here, without a round trip to the engine thread.
             ctx = CollectiveContext(self.engine, self.group, -1, self.engine.epoch, self.engine.call, name, signature,
@@ -241,8 +240,11 @@ class Communicator:
             else:
                 raise RuntimeError(f"{name}: a one-rank collective tried to communicate")
             return handle if async_op else handle.wait()
-        call = self.engine.call
-        seq = self._sequence.next((self.engine.epoch, call))
+        seq, call = self._sequence.next((self.engine.epoch, self.engine.call)), self.engine.call
+        handle = self._on_engine(name, seq, call, signature, algorithm, finish, timeout, nbytes)
+        return handle if async_op else waited(self, handle)
+
+    def _on_engine(self, name, seq, call, signature, algorithm, finish, timeout, nbytes) -> Handle:
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
 
         def make(epoch, call):
@@ -253,23 +255,16 @@ class Communicator:
         if self.engine.tracer.enabled:
             trace = (name, {"bytes": int(nbytes), "group": self.group.gid, "seq": seq, "ranks": list(self.group.ranks),
                             "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{call}"})
-        handle = self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
-                                    timeout=timeout, transform=finish, trace=trace, call=call)
-        return handle if async_op else waited(self, handle)
+        return self.engine.submit(full_name, make, abort_key=(self.group.gid, seq, self.group.ranks),
+                                  timeout=timeout, transform=finish, trace=trace, call=call)
 
-    def _channel(self, name, timeout):
-        """The group's same-host channel, opened on first use (one message round over the engine,
-        at the same point on every member: their first waited-for collective), or None."""
+    def _channel(self, name, timeout, async_op=False):
+        """The group's same-host channel (opened at its first collective: channel_regions.py), or None."""
         if not (self.group.shm and self.config.algorithm in ("auto", "shm") and self.engine.arena is not None):
             return None
-        channels = self.engine.channels
-        if self.group.gid not in channels:
-            def exchange(entry):
-                return self._collective(f"{name} (opening the same-host channel)", {"op": "open channel"},
-                                        lambda ctx: exchange_entries(ctx, entry), None, False, timeout)
-
-            channels[self.group.gid] = shm_small.attach(open_channel(self.engine, self.group, self.config, exchange))
-        return channels[self.group.gid]
+        channel = self.engine.channels.get(self.group.gid)  # (open: the common case, without a call)
+        return channel if channel is not None and channel.regions is not None else group_channel(
+            self.engine, self.group, self.config, self._collective, shm_small.attach, name, timeout, async_op)
 
     def _small(self, operation: str, *args) -> bool:
         """Run `operation` (waited for) on the group's latency path for small collectives
@@ -278,7 +273,7 @@ class Communicator:
         small = channel.small if channel else None  # (read once: destroy() may turn it off meanwhile)
         return small is not None and getattr(small, operation)(self, *args)
 
-    def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op):
+    def _run_direct(self, channel, name, signature, direct, finish, timeout, nbytes, async_op, algorithm):
         seq = self._sequence.next((self.engine.epoch, self.engine.call))
         full_name = f"{name} #{seq} on group {self.group.gid} (rank {self.rank} of {self.size})"
         trace = None
@@ -287,11 +282,15 @@ class Communicator:
                      "flow": f"{self.group.gid}#{seq}@{self.engine.epoch}.{self.engine.call}"}
         key = (self.engine.epoch, self.engine.call, self.group.gid, seq)
         patience = self.timeout if timeout is None else timeout
+
+        def run():  # (where a member had no room for the channel it was opening: the engine's way)
+            return channel.run(full_name, signature, direct, patience, trace, key, lambda: self._on_engine(
+                name, seq, key[1], signature, algorithm, None, timeout, nbytes).wait())
+
         if async_op or channel.busy():  # on the channel's thread, after the operations queued there
-            handle = channel.submit(Handle(full_name, finish),
-                                    lambda: channel.run(full_name, signature, direct, patience, trace, key), key)
+            handle = channel.submit(Handle(full_name, finish), run, key)
             return handle if async_op else handle.wait()
-        result = channel.run(full_name, signature, direct, patience, trace, key)
+        result = run()
         return finish(result) if finish is not None else result
 
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):

@@ -21,17 +21,15 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import time
 import zlib
-from collections import deque
-from types import SimpleNamespace
 
 import msgpack
 import numpy as np
 
-from ringpipe.runtime.operations import Aborted, Cancelled, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
+from ringpipe.runtime.channel_stream import ChannelStream
+from ringpipe.runtime.operations import Aborted, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
 from ringpipe.runtime.shm_wait import Spin
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
@@ -56,22 +54,21 @@ def region_bytes(buffer_bytes: int) -> int:
     return HEADER_BYTES + 2 * buffer_bytes
 
 
-class GroupChannel:
+class GroupChannel(ChannelStream):
     """One group's channel on one rank. `regions[i]` = (uint8 mapping of member i's arena, offset
-    of its region there), in group order; `gone`: the members (global ranks) that closed the group,
-    as their notes come (runtime/channel_regions.py). Operations run one at a time (a lock)."""
+    of its region there), in group order, or None while opening (connect()); `gone`: the members
+    (global ranks) that closed the group, as their notes come (runtime/channel_regions.py).
+    Operations run one at a time (a lock); asynchronous ones on its stream (channel_stream.py)."""
 
-    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None, gone=frozenset()):
+    def __init__(self, engine, group, regions, buffer_bytes: int, mode: str | None = None, gone=frozenset(),
+                 opening=None):
         self.engine, self.group, self.gone = engine, group, gone
         self.n, self.me = len(group.ranks), group.index
         self.buffer_bytes = buffer_bytes
         self.waiter = make_waiter(mode)
-        size = region_bytes(buffer_bytes)
-        self.regions = [mapping[offset : offset + size] for mapping, offset in regions]
-        self.words = [int(region.ctypes.data) for region in self.regions]
-        self.sleepers = [word + 8 for word in self.words]
-        self.buffers = [[region[HEADER_BYTES + p * buffer_bytes : HEADER_BYTES + (p + 1) * buffer_bytes]
-                         for p in (0, 1)] for region in self.regions]
+        # regions None: still opening (an asynchronous collective began it and did not wait for
+        # the peers): `opening()` finishes it, as connect() says.
+        self.regions, self._opening, self.open_error = None, opening, None
         self.lock = threading.Lock()
         self.epoch, self.count, self.rounds = None, 0, 0
         # Spin only while the members have a core each; beyond that, yield the core between looks.
@@ -79,120 +76,63 @@ class GroupChannel:
                          len(engine.shm_peers) + 1)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
-        # Counters and signature ids as 64-bit words (plain loads and stores of Python ints; an
-        # aligned 8-byte access is atomic): cheaper per look than ctypes or NumPy scalars.
-        self.counters = [memoryview(region[:8]).cast("Q") for region in self.regions]
-        self._ids = [[memoryview(region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16]).cast("Q") for p in (0, 1)]
-                     for region in self.regions]
+        if regions is not None:
+            self.map(regions)
         self._views: dict = {}  # (member, parity, dtype, count) -> that buffer's view
         self._written = [None, None]
-        # Asynchronous collectives run in order on this channel's own thread (a "stream"): queued
-        # under _queue_lock (the engine thread looks at them to cancel), one token each in _tokens
-        # for the thread to wake on (a SimpleQueue waits in C; a Condition's wait costs ~20 µs of
-        # Python per operation).
-        self._queue: deque = deque()
-        self._queue_lock = threading.Lock()
-        self._tokens = queue.SimpleQueue()
-        self._thread = None
-        self._running = None  # abort key of the operation this thread runs now
-        self._cancelled_through = -1  # operations of calls up to this one are cancelled
+        self.start_stream()
         self.call = None  # the call of the operation running now
         self.small = None  # the one-call C rounds of small collectives (runtime/shm_small.attach)
         self.single_copy = None  # runtime/shm_cma.py's state once probed (False: the group cannot)
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 
-    # ---- one operation ------------------------------------------------------------------------------
-    # ---- asynchronous operations ----------------------------------------------------------------
-    def busy(self) -> bool:
-        """True while asynchronous operations are queued or running: later ones must queue too."""
-        # The queue first: _serve marks an operation running before it takes it off the queue, so
-        # one of the two shows it at every moment (read the other way round, a look could miss it).
-        return bool(self._queue) or self._running is not None
+    def map(self, regions):
+        """Use `regions` ((uint8 mapping, offset) per member, in group order): the channel is open."""
+        size, buffer_bytes = region_bytes(self.buffer_bytes), self.buffer_bytes
+        mapped = [mapping[offset : offset + size] for mapping, offset in regions]
+        self.words = [int(region.ctypes.data) for region in mapped]
+        self.sleepers = [word + 8 for word in self.words]
+        self.buffers = [[region[HEADER_BYTES + p * buffer_bytes : HEADER_BYTES + (p + 1) * buffer_bytes]
+                         for p in (0, 1)] for region in mapped]
+        # Counters and signature ids as 64-bit words (plain loads and stores of Python ints; an
+        # aligned 8-byte access is atomic): cheaper per look than ctypes or NumPy scalars.
+        self.counters = [memoryview(region[:8]).cast("Q") for region in mapped]
+        self._ids = [[memoryview(region[SIGNATURE_AT + p * SIGNATURE_BYTES :][:16]).cast("Q") for p in (0, 1)]
+                     for region in mapped]
+        self.regions = mapped  # (last: regions set means open, for threads that look)
 
-    def submit(self, handle, work, abort_key: tuple):
-        """Run `work()` on this channel's thread after what is queued; its result or error goes to
-        `handle`. The handle counts as the current call's (an unwaited one is cancelled at its end)."""
-        handles = self.engine._call_handles
-        if len(handles) >= 256:  # as Engine.submit: only the unfinished ones matter at the call's end
-            handles[:] = [h for h in handles if not h.is_done()]
-        handles.append(handle)
-        with self._queue_lock:
-            self._queue.append((handle, work, abort_key))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, daemon=True,
-                                                name=f"ringpipe-channel-{self.group.gid}")
-                self._thread.start()
-        self._tokens.put(None)
-        return handle
-
-    def close(self, then):
-        """The group is gone on this rank: `then()` runs once the operations queued here ended (on
-        this channel's thread, which then stops; at once when it has none). Nothing runs after."""
-        self.engine.abort_listeners.remove(self._wake_sleeper)
-        self.engine.cancel_listeners.remove(self._cancel_call)
-        with self._queue_lock:
-            if self._thread is not None:
-                self._queue.append((None, then, None))
-                self._tokens.put(None)
-                return
-        then()
-
-    def _serve(self):
-        while True:
-            self._tokens.get()
-            with self._queue_lock:
-                self._running = self._queue[0][2]  # before it leaves the queue (see busy())
-                handle, work, abort_key = self._queue.popleft()
-            if handle is None:  # closed (close()): its key, so _running, is None
-                return work()
-            try:
-                if abort_key[1] <= self._cancelled_through:
-                    raise self._cancelled(handle.name)
-                result = work()
-            except BaseException as exc:  # noqa: BLE001 - the handle's error
-                if abort_key[1] <= self._cancelled_through and not isinstance(exc, Cancelled):
-                    # Its call ended first: whichever abort woke it (the cancel note or the fence
-                    # that follows), the cause is the cancellation.
-                    cancelled = self._cancelled(handle.name)
-                    cancelled.__cause__ = exc
-                    exc = cancelled
-                handle._set(error=exc)
-            else:
-                handle._set(result)
-            finally:
-                self._running = None
-
-    def _cancelled(self, name: str):
-        return Cancelled(f"{name} was cancelled on rank {self.engine.rank}: its call ended before it finished; "
-                         f"wait() for asynchronous operations before a call returns")
+    def connect(self) -> bool:
+        """Finish an opening that an asynchronous collective began (it did not wait for the peers):
+        True once open; False when some member had no room (the group keeps to the engine's
+        algorithms); raises how the opening failed, every time. The first operation that runs
+        here calls it, on whatever thread, after the operations queued before it."""
+        with self.lock:  # (held only by operations, which run once it is open)
+            if self.regions is None and self.open_error is None and self._opening is not None:
+                try:
+                    self._opening()  # maps the regions if every member had room; waits to its deadline
+                except BaseException as exc:  # noqa: BLE001 - remembered: later operations raise it too
+                    self.open_error = exc
+                self._opening = None
+        if self.open_error is not None:
+            raise self.open_error
+        return self.regions is not None
 
     def destroyed(self, name: str, peer: int):
         return GroupDestroyedByPeer(f"{name} on rank {self.engine.rank}: rank {peer} destroyed group "
                                     f"{self.group.gid} and will not take part")
 
-    def _cancel_call(self, call_id: int, what: str):
-        """Engine thread, when call `call_id` ended: its asynchronous operations still queued or
-        running here are cancelled, on every member (the engine's abort note reaches them)."""
-        with self._queue_lock:
-            pending = [key for _, _, key in self._queue if key[1] <= call_id]
-            running = self._running if self._running is not None and self._running[1] <= call_id else None
-        if not (pending or running):
-            return
-        self._cancelled_through = max(self._cancelled_through, call_id)
-        self.engine.needs_fence = True
-        keys = pending + ([running] if running else [])
-        for epoch, call, gid, seq in keys:
-            note = SimpleNamespace(abort_key=(gid, seq, self.group.ranks), epoch=epoch, call=call)
-            self.engine._broadcast_abort(note, self._cancelled(f"{what}'s collective #{seq} on group {gid}"))
-        self._wake_sleeper()
-
-    def run(self, name: str, signature: dict, body, timeout: float, trace_args: dict | None, abort_key: tuple):
+    def run(self, name: str, signature: dict, body, timeout: float, trace_args: dict | None, abort_key: tuple,
+            fallback=None):
         """Run `body(self)` as the collective `name`; returns its result. `abort_key` = (epoch,
         call, group, #) is where the engine notes that a member gave this collective up. Failures
-        set the engine's fence flag (peers may be out of step) as the engine's own operations do."""
+        set the engine's fence flag (peers may be out of step) as the engine's own operations do.
+        While the channel is opening, it first finishes that (connect()); where that finds no
+        room, `fallback()` (the engine's algorithm, at the same number) runs instead."""
         # Bounded: an earlier operation still holding the channel (its peers gone) must not
         # hang this one past its own timeout.
+        if self.regions is None and not self.connect():
+            return fallback()
         if not self.lock.acquire(timeout=timeout):
             raise CommTimeout(f"{name} on rank {self.engine.rank} timed out after {timeout:g}s waiting for an "
                               f"earlier operation on group {self.group.gid} to finish")
