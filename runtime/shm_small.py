@@ -40,7 +40,7 @@ SLICE_NS = int(SLICE_S * 1e9)  # the longest sleep in C between looks at aborts 
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
 C_KIND, C_STREAM_MIN, C_CHUNKS = 9, 20, 21
-C_MEMBERS, C_PER_MEMBER = 24, 6
+C_MEMBERS, C_PER_MEMBER = 32, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
 _CALL = struct.Struct("<12q")
@@ -121,15 +121,15 @@ class SmallRounds:
         if x.nbytes > min(self.reduce_bytes, one_round_bytes(channel.n)) or (
                 x.nbytes > self.max_bytes and shm_cma.chosen(channel, "all_reduce", x.nbytes)):
             # Larger than the one-round reduce: the Python path's reduce-scatter + all-gather round
-            # (shm_collectives._reduce_round) where that is one chunk of one round, in place. A layout
+            # (shm_collectives._reduce_round, in chunks) where that is one round, in place. A layout
             # the call cannot take goes there: the same round, so the choice may differ between members.
             n = channel.n
             if (self.ext is None or not x.flags.c_contiguous or not x.flags.writeable or n > shm_reduce_chunks.MAX_MEMBERS
-                    or x.size > min(channel.elements_per_round(x.itemsize), chunk_elements(channel, x.itemsize))
-                    or shm_cma.chosen(channel, "all_reduce", x.nbytes)):
+                    or x.size > channel.elements_per_round(x.itemsize) or shm_cma.chosen(channel, "all_reduce", x.nbytes)):
                 return False
-            return self._run(comm, "all_reduce", signature, KIND_HALVES, code, op_code, x, None,
-                             n if op == "avg" else 0, x.nbytes, timeout, 2 * (n - 1) * (x.nbytes // n)) != NOT_RUN
+            return self._run(comm, "all_reduce", signature, KIND_HALVES, code, op_code, x, None, n if op == "avg" else 0,
+                             x.nbytes, timeout, 2 * (n - 1) * (x.nbytes // n), None,
+                             chunk_elements(channel, x.itemsize)) != NOT_RUN
         # No test of x's layout or writability: those are this rank's own, and a path chosen on them
         # could reduce differently (signed zeros) from a peer's. The round copies x into its
         # contiguous buffer and back (a read-only x then raises as on the Python path).
@@ -215,7 +215,8 @@ class SmallRounds:
         payload (None: none; copied into its buffer of the round's parity) and the result copied
         into `out` (None: none) from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member's
         buffer); `sent`: payload bytes that count as sent by this rank (what its peers read); a
-        reduction takes `count` elements (default all of x) from byte `offset` of every buffer.
+        reduction takes `count` elements (default all of x) from byte `offset` of every buffer
+        (KIND_HALVES: x is reduced in place, `source` is the divisor, `offset` a chunk's elements).
         NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
         it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
         channel = self.channel
@@ -256,9 +257,9 @@ class SmallRounds:
                     count = 0 if x is None else x.size
                 # One call for the round unless it waits longer than a slice (then looks at aborts and
                 # deadlines between slices): its spin, then sleeps on each member not there yet.
-                if kind == KIND_HALVES:  # (`source` is the divisor; x the array, reduced in place)
+                if kind == KIND_HALVES:  # (`source` is the divisor, `offset` a chunk's elements; x reduced in place)
                     status = self.ext.halves(self.address, x, parity, target, signature_id, position, spin_ns,
-                                             self.yields, slice_ns, dtype_code, op_code, count, source)
+                                             self.yields, slice_ns, dtype_code, op_code, count, source, offset)
                 else:
                     status = NOT_TAKEN if self.ext is None else self.ext.round(
                         self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,

@@ -17,9 +17,15 @@ needs_c = pytest.mark.skipif(reduce_kernels.unavailable_reason() is not None or 
                              reason="no C helper here")
 # The round is taken while every member has a core of its own: a 2-rank group on a host with 2 cores.
 needs_cores = pytest.mark.skipif(shm_collectives.HOST_CORES < 2, reason="one core: 2 ranks take the one-round reduce")
-# Above the one-round reduce (64 KiB), within one chunk (1 MiB): odd counts leave a vector loop's tail.
+# Above the one-round reduce (64 KiB), in one chunk (1 MiB) or several (the last: 3 chunks); odd counts
+# leave a vector loop's tail.
 CASES = [("float32", (1 << 15) + 3, "sum"), ("float64", 20001, "avg"), ("float32", 70001, "max"),
-         ("int32", (1 << 16) + 1, "sum"), ("uint8", 200003, "min"), ("float64", 65537, "sum")]
+         ("int32", (1 << 16) + 1, "sum"), ("uint8", 200003, "min"), ("float64", 300001, "sum")]
+
+
+def chunks(dtype, count):
+    per_chunk = shm_collectives.CHUNK_BYTES // np.dtype(dtype).itemsize
+    return -(-count // per_chunk)
 
 
 def rank_input(dtype, count, rank, case):
@@ -124,7 +130,7 @@ def test_the_round_gives_numpys_rank_order_bits_and_meets_members_on_every_pytho
         dtype, count, op = CASES[case]
         want = in_rank_order([rank_input(dtype, count, rank, case) for rank in (0, 1)], op).astype(dtype)
         assert got == other == want.tobytes(), (path, case)
-        assert published == other_published == 2, (path, case)  # one chunk: copy in, sums
+        assert published == other_published == 2 * chunks(dtype, count), (path, case)  # per chunk: copy in, sums
         assert took == (path != "async"), (path, case)
 
 

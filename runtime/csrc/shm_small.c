@@ -24,8 +24,9 @@ enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
     C_DTYPE, C_OP, C_COUNT, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT,
     C_STREAM_MIN, /* copies into this rank's buffer stream from here (bytes; 0: never): stream_store.h */
-    C_CHUNKS, C_PIECE, C_DIVISOR, /* KIND_HALVES: the chunk loop's state, the caller's array, a divisor */
-    C_MEMBERS = 24, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
+    C_CHUNKS, C_PIECE, C_DIVISOR, C_CHUNK, /* KIND_HALVES: the chunk loop's state, the caller's array, a
+                                               divisor, the elements of a chunk */
+    C_MEMBERS = 32, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
 enum { DONE = 0, PENDING = 1, LATER_EPOCH = 2, MISMATCH = 3 };
@@ -86,8 +87,8 @@ static int check_members(int64_t *ctl) {
 static const int64_t ITEMSIZE[] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8}; /* by dtype code (reduce_loops.h) */
 
 /* KIND_HALVES: an all-reduce of ctl[C_COUNT] elements at ctl[C_PIECE], in place, as the chunk loop's
-   one-chunk round (shm_reduce_chunks.c: copy in the peers' parts, sum this rank's part, copy out the
-   peers' sums; two publishes), so that a member on the Python path (shm_collectives._reduce_round)
+   round in chunks of ctl[C_CHUNK] elements (shm_reduce_chunks.c: per chunk, copy in the peers' parts,
+   sum this rank's part, copy out the peers' sums; two publishes a chunk), so that a member on the Python path (shm_collectives._reduce_round)
    meets it. The chunk loop's waits spin only; past the spin this sleeps on the member it waits for,
    ctl[C_TIMEOUT_NS] in all per call, then returns PENDING like wait_members. */
 static int halves_round(int64_t *ctl) {
@@ -101,7 +102,7 @@ static int halves_round(int64_t *ctl) {
         int64_t count = ctl[C_COUNT];
         s[R_N] = n, s[R_ME] = ctl[C_ME], s[R_PIECE] = ctl[C_PIECE], s[R_SIZE] = count;
         s[R_ITEMSIZE] = ITEMSIZE[ctl[C_DTYPE]], s[R_DTYPE] = ctl[C_DTYPE], s[R_OP] = ctl[C_OP];
-        s[R_DIVISOR] = ctl[C_DIVISOR], s[R_CHUNK] = count > 0 ? count : 1;
+        s[R_DIVISOR] = ctl[C_DIVISOR], s[R_CHUNK] = ctl[C_CHUNK] > 0 ? ctl[C_CHUNK] : 1;
         /* ctl[C_TARGET] is the first publish's value; the chunk loop counts from the one before */
         s[R_EPOCH] = (int64_t)(target >> EPOCH_SHIFT << EPOCH_SHIFT);
         s[R_COUNT] = (int64_t)(target & ((1ULL << EPOCH_SHIFT) - 1)) - 1;

@@ -19,7 +19,7 @@ int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
 enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_COUNT = 12, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
-       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_MEMBERS = 24, C_PER_MEMBER = 6 };
+       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_MEMBERS = 32, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
 enum { KIND_REDUCE = 1, KIND_HALVES = 2 };
 /* Where `out` is copied from once the round is done: the scratch area (a reduction's result),
@@ -104,23 +104,24 @@ static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 /* halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, dtype, op, count,
-   divisor) -> status: the all-reduce of `x` (writable, C-contiguous, `count` elements) in place as
-   shm_small.c's KIND_HALVES round (reduce-scatter + all-gather through the buffers, no copy of the
-   whole array in or out); the ints go into words C_PARITY .. C_COUNT and C_DIVISOR. Returns
+   divisor, chunk) -> status: the all-reduce of `x` (writable, C-contiguous, `count` elements) in place
+   as shm_small.c's KIND_HALVES round (reduce-scatter + all-gather through the buffers in chunks of
+   `chunk` elements, no copy of the whole array in or out); the ints go into words C_PARITY .. C_COUNT,
+   C_DIVISOR and C_CHUNK. Returns
    shm_small.c's status (PENDING: the caller waits on with rp_small_round, which resumes the round
    on `x`: the caller keeps it alive) or NOT_TAKEN (nothing done: `x` cannot be taken). */
 static PyObject *small_halves(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     long long v[12], ctl_address;
-    if (nargs != 13 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 11, v) < 0)
+    if (nargs != 14 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 12, v) < 0)
         return rp_bad_arguments("halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, "
-                                "dtype, op, count, divisor)");
+                                "dtype, op, count, divisor, chunk)");
     int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
     Py_buffer view;
     if (rp_take_buffer(args[1], 1, &view) < 0) return PyLong_FromLong(NOT_TAKEN);
     for (int i = 0; i < 7; i++) ctl[C_PARITY + i] = v[i];
     ctl[C_KIND] = KIND_HALVES;
     ctl[C_KIND + 1] = v[7], ctl[C_KIND + 2] = v[8], ctl[C_COUNT] = v[9];
-    ctl[C_DIVISOR] = v[10];
+    ctl[C_DIVISOR] = v[10], ctl[C_CHUNK] = v[11];
     ctl[C_PIECE] = (int64_t)(intptr_t)view.buf;
     ctl[C_PHASE] = 0;
     ctl[C_WAITED_NS] = 0;
