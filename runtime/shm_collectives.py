@@ -29,9 +29,12 @@ SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
 ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 # While every member has a core of its own (HOST_CORES: the host's count, alike on every member, not
-# this process's affinity), and the copies peers read stream to memory (runtime/stream_store.py), the
-# reduce-scatter + all-gather round wins from here up. (MEASUREMENT TO COME)
-ONE_ROUND_CORES_BYTES = 64 << 10
+# this process's affinity) and the copies peers read stream to memory (runtime/stream_store.py), the
+# one-round reduce pays for every rank reading every peer's whole buffer from another core: above 32 KiB
+# reduce-scatter + all-gather wins. 2 ranks, `bench collectives` medians of 7 interleaved rounds
+# (one-round threshold 16 / 32 / 64 / 128 KiB): 32 KiB 28.5 / 23.5 / 35.1 / 38.6 us, 64 KiB 34.1 /
+# 32.8 / 47.3 / 45.8, 128 KiB 44.1 / 42.7 / 45.7 / 49.5, 256 KiB 63.2 / 65.2 / 66.5 / 70.5.
+ONE_ROUND_CORES_BYTES = 32 << 10
 HOST_CORES = os.cpu_count() or 1
 # Pipelined chunks of a large all_reduce (see chunk_elements): small enough that a chunk stays in the
 # caches between its copy in, the peers' reads and its copy out, few enough that a loaded machine
