@@ -44,6 +44,11 @@ MIN_SPIN_NS, MAX_SPIN_NS = 1_000, 100_000
 # spin at most this long, then sleep, which frees the core outright.
 MAX_OVERSUBSCRIBED_SPIN_NS = 20_000
 SPARE_CHECK_NS = 20_000_000  # how often a waiter looks at the machine's runnable tasks
+# ... and how soon again after a look found no core spare: one more task runnable for a moment (a
+# thread waking, a kernel worker) turned the spin off for a whole SPARE_CHECK_NS, and a 2-rank 1 KiB
+# all_reduce then took ~23 us instead of ~11 for every operation of those 20 ms (runs of
+# `bench collectives` split into the two, at random, per size).
+SPARE_RECHECK_NS = 1_000_000
 LOADAVG = "/proc/loadavg"
 
 _lock = threading.Lock()
@@ -173,7 +178,7 @@ class Spin:
     """How long one waiter spins before it sleeps (ns): doubled after a wait its spin answered,
     halved after one that had to sleep (the peer is computing or descheduled), within MIN..MAX
     (MAX_OVERSUBSCRIBED when `yields`), and 0 while no core is spare (`spare_core`, looked at
-    every SPARE_CHECK_NS). `yields`: yield the core between looks (more ranks than cores: a yield
+    every SPARE_CHECK_NS, and every SPARE_RECHECK_NS while none is). `yields`: yield the core between looks (more ranks than cores: a yield
     hands the core to a peer rank, cheaper than a futex wake); `own_tasks`: this job's ranks on
     this host."""
 
@@ -186,7 +191,7 @@ class Spin:
 
     def ns(self) -> int:
         now = time.monotonic_ns()
-        if now - self._checked >= SPARE_CHECK_NS:
+        if now - self._checked >= (SPARE_CHECK_NS if self._spare else SPARE_RECHECK_NS):
             self._spare, self._checked = spare_core(self.own_tasks), now
         return self._ns if self._spare else 0
 

@@ -28,3 +28,24 @@ def test_with_a_core_per_rank_a_waiter_may_spin_up_to_the_full_limit(monkeypatch
     spin = spinning_spin(monkeypatch, yields=False)
     spin.answered(False, 60_000)  # a ping-pong turn of 60 µs: a longer spin catches the next one
     assert spin.ns() == 90_000
+
+
+def test_a_waiter_that_found_no_core_spare_looks_again_soon_and_spins_once_one_is(monkeypatch):
+    """One more runnable task for a moment must not keep the spin off for a whole SPARE_CHECK_NS."""
+    clock = [10 ** 12]
+    monkeypatch.setattr(shm_wait.time, "monotonic_ns", lambda: clock[0])
+    spare = [True]
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: spare[0])
+    spin = shm_wait.Spin(yields=False, own_tasks=2)
+    assert spin.ns() > 0
+    spare[0] = False
+    clock[0] += shm_wait.SPARE_CHECK_NS
+    assert spin.ns() == 0  # no core spare: sleep at once
+    spare[0] = True
+    clock[0] += shm_wait.SPARE_RECHECK_NS - 1
+    assert spin.ns() == 0
+    clock[0] += 1
+    assert spin.ns() > 0  # looked again after SPARE_RECHECK_NS, not SPARE_CHECK_NS
+    spare[0] = False
+    clock[0] += shm_wait.SPARE_RECHECK_NS
+    assert spin.ns() > 0  # while spinning, the next look is SPARE_CHECK_NS away
