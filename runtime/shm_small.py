@@ -27,9 +27,9 @@ import zlib
 import msgpack
 import numpy as np
 
-from ringpipe.runtime import c_library, shm_cma, shm_reduce_chunks, stream_store
+from ringpipe.runtime import c_library, shm_cma, shm_reduce_chunks, shm_small_waits, shm_wait, stream_store
 from ringpipe.runtime.collectives import REDUCTIONS
-from ringpipe.runtime.operations import Aborted, CommTimeout
+from ringpipe.runtime.operations import Aborted
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT, HEADER_BYTES, SIGNATURE_AT, SIGNATURE_BYTES, SLICE_S
 from ringpipe.runtime.reduce_kernels import C_DTYPES, C_OPS
 from ringpipe.runtime.shm_collectives import SMALL_BYTES, chunk_elements, one_round_bytes
@@ -40,6 +40,7 @@ SLICE_NS = int(SLICE_S * 1e9)  # the longest sleep in C between looks at aborts 
 C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
 C_KIND, C_STREAM_MIN, C_CHUNKS = 9, 20, 21
+C_SLICE_NS, C_SPARE_CHECK_NS, C_SPARE_RECHECK_NS = 25, 26, 27  # read by csrc/shm_small_run.c
 C_MEMBERS, C_PER_MEMBER = 32, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -52,10 +53,10 @@ OPS = {name: C_OPS[REDUCTIONS[name]] for name in REDUCTIONS}  # by name: "avg" i
 NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 # What _run did: the round did not run (the Python path must), the result is in `out`, the caller
 # copies it from the buffers (the extension did not take the arrays).
-NOT_RUN, FILLED, UNFILLED = 0, 1, 2
+NOT_RUN, FILLED, UNFILLED, NOT_HANDLED = 0, 1, 2, -3
 MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
-MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small.c", "shm_wait.c", "reduce_sum.c",
-                                          "shm_reduce_chunks.c")
+MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small_run.c", "shm_small.c", "shm_wait.c",
+                                          "reduce_sum.c", "shm_reduce_chunks.c")
 _extension: list = []  # [module or None], built once per process
 
 
@@ -90,6 +91,8 @@ class SmallRounds:
         self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(n)  # (the extension's copy in)
+        self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
+        self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS
         # KIND_HALVES rounds run the chunk loop (runtime/shm_reduce_chunks.py) on this state.
         self.chunks = np.zeros(shm_reduce_chunks.R_MEMBERS + shm_reduce_chunks.R_PER_MEMBER * n, np.int64)
         self.ctl[C_CHUNKS] = int(self.chunks.ctypes.data)
@@ -219,6 +222,11 @@ class SmallRounds:
         (KIND_HALVES: x is reduced in place, `source` is the divisor, `offset` a chunk's elements).
         NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
         it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
+        if self.ext is not None:  # the common case in one call (csrc/shm_small_run.c), else as below
+            done = self.ext.run(self, comm, name, signature, kind, dtype_code, op_code, x, out, source, nbytes, timeout,
+                                sent, count, offset)
+            if done != NOT_HANDLED:
+                return done
         channel = self.channel
         if channel._queue or channel._running is not None or not channel.lock.acquire(False):  # (as busy())
             return NOT_RUN
@@ -264,31 +272,9 @@ class SmallRounds:
                     status = NOT_TAKEN if self.ext is None else self.ext.round(
                         self.address, x, out, source, parity, target, signature_id, position, spin_ns, self.yields,
                         slice_ns, kind, dtype_code, op_code, count, offset)
-                filled = status != NOT_TAKEN and out is not None
-                if status == NOT_TAKEN and kind != KIND_HALVES:  # NumPy copies around the ctypes call
-                    if x is not None:
-                        self._own_views(x)[parity][...] = x
-                    _CALL.pack_into(self.words, C_PARITY * 8, parity, target, signature_id, position, spin_ns,
-                                    self.yields, slice_ns, kind, dtype_code, op_code, count, 0)
-                    self.words[C_OFFSET] = offset
-                    status = self.lib.rp_small_round(self.address)
-                if status == PENDING:
-                    # The deadline counts from the round's start: the wait so far is in C_WAITED_NS.
-                    deadline = time.monotonic() - self.words[C_WAITED_NS] / 1e9 + patience
-                    status = self._sleep(comm, name, seq, (epoch, call, channel.group.gid, seq), deadline, patience)
-                    if status == DONE and filled:
-                        self.ext.take(self.address, out, source)
-                if kind == KIND_HALVES:  # the publishes it made (two when done; a mismatch stops after one)
-                    channel.count = int(self.chunks[shm_reduce_chunks.R_COUNT])
-                slept = self.words[C_SLEPT]
-                if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
-                    spin.answered(not slept, self.words[C_WAITED_NS])
-                if status != DONE:
-                    self._fail(comm, name, seq, status, parity, described, signature_id, position)
-                # Payload counts as sent by the member whose buffer peers read (as the Python path).
-                if sent:
-                    engine.count_sent(channel.group.gid, sent)
-                return FILLED if filled else UNFILLED
+                return self._after_round(comm, name, seq, status, parity, target, signature, position, spin_ns,
+                                         slice_ns, patience, kind, dtype_code, op_code, x, out, source, count, offset,
+                                         sent, epoch, call)
             except BaseException as exc:
                 error = type(exc)  # (not exc: its traceback holds this frame, which would hold it)
                 engine.needs_fence = True
@@ -305,53 +291,39 @@ class SmallRounds:
         finally:
             channel.lock.release()
 
-    def _sleep(self, comm, name, seq, key, deadline, patience) -> int:
-        """The round's wait once the spin did not end it: sleeps of at most SLICE_S in C, looking at
-        aborts, cancellation, given-up collectives and the deadline between them (as the Python
-        path's GroupChannel._wait)."""
-        channel, words = self.channel, self.words
-        engine, ranks = channel.engine, channel.group.ranks
-        full_name = _full_name(comm, name, seq)
-        engine.direct_wait = (full_name, time.monotonic(), ranks[words[C_PEER]])
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                words[C_TIMEOUT_NS] = int(max(0.0, min(SLICE_S, left)) * 1e9)
-                words[C_SPIN_NS] = 0  # no spin after the first call
-                status = self.lib.rp_small_round(self.address)
-                if status != PENDING:
-                    return status
-                if engine.aborted_call is not None or engine.epoch != channel.epoch:
-                    raise Aborted(engine.aborted_call or f"{full_name}: aborted on rank {engine.rank}")
-                if key[1] <= channel._cancelled_through:
-                    raise channel._cancelled(full_name)
-                given_up = engine.aborted.get(key)
-                if given_up is not None:  # a member's call ended without it, or it saw a mismatch
-                    raise given_up[0](given_up[1])
-                if ranks[words[C_PEER]] in channel.gone:  # it destroyed the group: one last look at what it published
-                    words[C_TIMEOUT_NS] = 0
-                    status = self.lib.rp_small_round(self.address)
-                    if status != PENDING:
-                        return status
-                    raise channel.destroyed(full_name, ranks[words[C_PEER]])
-                if time.monotonic() >= deadline:
-                    peer = ranks[words[C_PEER]]
-                    engine.timed_out_on.add(peer)
-                    raise CommTimeout(f"{full_name} on rank {engine.rank} timed out after {patience:g}s "
-                                      f"waiting for a message from rank {peer}")
-        finally:
-            engine.direct_wait = None
-
-    def _fail(self, comm, name, seq, status, parity, described, signature_id, position):
-        channel, peer = self.channel, int(self.words[C_PEER])
-        full_name = _full_name(comm, name, seq)
-        if status == LATER_EPOCH:
-            raise Aborted(f"{full_name}: rank {peer} was aborted (it is at a later epoch)")
-        # The channel's own check names the member and both signatures.
-        channel.name, channel.signature_dict = full_name, described
-        channel.signature_id, channel.position = signature_id, position
-        channel.check_signatures(parity)
-        raise RuntimeError(f"{full_name}: the shared-memory round failed with status {status}")  # unreachable
+    def _after_round(self, comm, name, seq, status, parity, target, signature, position, spin_ns, slice_ns, patience,
+                     kind, dtype_code, op_code, x, out, source, count, offset, sent, epoch, call) -> int:
+        """The rest of _run (and of csrc/shm_small_run.c's run) once the round's call returned
+        `status`, under the channel's lock: a round the extension did not take, a wait past the spin,
+        the publishes, the spin, an error, the bytes sent."""
+        channel, engine = self.channel, self.channel.engine
+        described, _, signature_id = signature
+        filled = status != NOT_TAKEN and out is not None
+        if status == NOT_TAKEN and kind != KIND_HALVES:  # NumPy copies around the ctypes call
+            if x is not None:
+                self._own_views(x)[parity][...] = x
+            _CALL.pack_into(self.words, C_PARITY * 8, parity, target, signature_id, position, spin_ns, self.yields,
+                            slice_ns, kind, dtype_code, op_code, count, 0)
+            self.words[C_OFFSET] = offset
+            status = self.lib.rp_small_round(self.address)
+        if status == PENDING:
+            # The deadline counts from the round's start: the wait so far is in C_WAITED_NS.
+            deadline = time.monotonic() - self.words[C_WAITED_NS] / 1e9 + patience
+            status = shm_small_waits.sleep(self, comm, name, seq, (epoch, call, channel.group.gid, seq), deadline,
+                                           patience)
+            if status == DONE and filled:
+                self.ext.take(self.address, out, source)
+        if kind == KIND_HALVES:  # the publishes it made (two a chunk when done; a mismatch stops after one)
+            channel.count = int(self.chunks[shm_reduce_chunks.R_COUNT])
+        slept, spin = self.words[C_SLEPT], channel.spin
+        if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
+            spin.answered(not slept, self.words[C_WAITED_NS])
+        if status != DONE:
+            shm_small_waits.fail(self, comm, name, seq, status, parity, described, signature_id, position)
+        # Payload counts as sent by the member whose buffer peers read (as the Python path).
+        if sent:
+            engine.count_sent(channel.group.gid, sent)
+        return FILLED if filled else UNFILLED
 
     def _too_large(self, op: str, nbytes: int) -> bool:
         """Whether all_gather, broadcast or reduce_scatter `op` of `nbytes` (as shm_cma.chosen
@@ -382,10 +354,6 @@ class SmallRounds:
             self._signatures.clear()
         self._signatures[key] = entry
         return entry
-
-
-def _full_name(comm, name: str, seq: int) -> str:
-    return f"{name} #{seq} on group {comm.group.gid} (rank {comm.rank} of {comm.size})"
 
 
 def attach(channel):

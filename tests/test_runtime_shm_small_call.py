@@ -7,10 +7,18 @@ import types
 import numpy as np
 import pytest
 
+from ringpipe.runtime import shm_small
 from ringpipe.runtime.shm_wait import unavailable_reason
 from tests.test_runtime_shm_small import DTYPES, Tagged, in_rank_order, rank_input
 
 pytestmark = pytest.mark.skipif(unavailable_reason("c") is not None, reason=f"no C helper: {unavailable_reason('c')}")
+
+
+def counting(small, calls, counted):
+    """The extension with its `round` counted, and its `run` (csrc/shm_small_run.c, which calls the
+    round from C) declining every case, so that each round goes through the counted `round`."""
+    return types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take,
+                                 halves=small.ext.halves, run=lambda *args: shm_small.NOT_HANDLED)
 
 
 def odd_input(dtype, rank, shape):
@@ -43,7 +51,7 @@ def both_ways(comm):
     small = comm.engine.channels[comm.group.gid].small
     calls = small.ext.round
     counted = []
-    small.ext = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    small.ext = counting(small, calls, counted)
     try:
         through_extension = every_collective(comm)
     finally:
@@ -82,7 +90,7 @@ def mid_sums(comm):
     calls, counted = small.ext.round, []
     results = []
     for dtype, op in MID_CASES:
-        extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+        extension = counting(small, calls, counted)
         for way in ("extension", "numpy copies", "mixed"):
             x = mid_input(dtype, comm.rank)
             saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
@@ -109,7 +117,7 @@ def mid_others(comm):
     comm.barrier()
     small = comm.engine.channels[comm.group.gid].small
     calls, counted = small.ext.round, []
-    extension = types.SimpleNamespace(round=lambda *args: counted.append(1) or calls(*args), take=small.ext.take)
+    extension = counting(small, calls, counted)
     results = []
     for way in ("extension", "numpy copies", "mixed"):
         saved, small.ext = small.ext, (None if way == "numpy copies" else extension)
@@ -158,7 +166,7 @@ def strided_sums(comm):
     small = comm.engine.channels[comm.group.gid].small
     calls, counted = small.ext.round, []
     small.ext = types.SimpleNamespace(round=lambda *args: counted.append(calls(*args)) or counted[-1],
-                                      take=small.ext.take)
+                                      take=small.ext.take, run=lambda *args: shm_small.NOT_HANDLED)
     try:
         strided = comm.all_reduce((np.arange(10.0) * (comm.rank + 1))[::2])  # not C-contiguous
         after = comm.all_reduce(np.full(3, comm.rank + 1.0))
@@ -203,3 +211,42 @@ def test_the_extension_is_off_when_asked_so_and_built_otherwise(monkeypatch):
     assert shm_small.extension() is None
     monkeypatch.setenv("RINGPIPE_SHM_SMALL_EXT", "1")
     assert hasattr(shm_small.extension(), "round")  # (where the C helper builds, so do Python's headers here)
+
+
+def bookkeeping_either_way(comm):
+    """The same collectives with the bookkeeping in C (csrc/shm_small_run.c) and in Python (its `run`
+    declining): per way, what each left behind (rounds, publishes, bytes sent, the group's next
+    number), their results and what `run` answered."""
+    comm.barrier()
+    channel = comm.engine.channels[comm.group.gid]
+    small, numbers = channel.small, comm._sequence
+    real, answers = small.ext, []
+    recording = types.SimpleNamespace(round=real.round, take=real.take, halves=real.halves,
+                                      run=lambda *args: answers.append(real.run(*args)) or answers[-1])
+    declining = types.SimpleNamespace(round=real.round, take=real.take, halves=real.halves,
+                                      run=lambda *args: shm_small.NOT_HANDLED)
+    out = {}
+    for way, ext in (("c", recording), ("python", declining)):
+        before = (channel.rounds, channel.count, comm.bytes_sent, repr(numbers._numbers[1]))
+        channel.spin._checked = time.monotonic_ns()  # (a stale look at the machine goes to Python: Spin.ns looks)
+        small.ext = ext
+        try:
+            results = [comm.all_reduce(np.full(256, comm.rank + 1.0, np.float32)).tolist(),
+                       comm.all_reduce(np.full(50000, comm.rank + 1.0)).sum(),  # the reduce-scatter round
+                       comm.broadcast(np.full(8, comm.rank + 1, np.int32), 1).tolist(),
+                       comm.all_gather(np.full(3, comm.rank, np.int16)).tolist()]
+            comm.barrier()
+        finally:
+            small.ext = real
+        after = (channel.rounds, channel.count, comm.bytes_sent, repr(numbers._numbers[1]))
+        out[way] = (results, [a - b for a, b in zip(after[:3], before[:3])], before[3], after[3])
+    return out, answers
+
+
+@pytest.mark.timeout(60)
+def test_the_bookkeeping_in_c_leaves_what_the_python_bookkeeping_leaves(local_cluster):
+    for out, answers in local_cluster(2).run(bookkeeping_either_way):
+        assert out["c"][0] == out["python"][0]
+        assert out["c"][1] == out["python"][1]  # rounds, publishes and bytes sent, alike
+        assert out["c"][3] == out["python"][2]  # the group's numbers go on from where C left them
+        assert answers and shm_small.NOT_HANDLED not in answers  # C took every one of them

@@ -59,35 +59,39 @@ static int take_buffers(PyObject *payload, PyObject *out, Py_buffer *in_view, Py
    whose result goes to `out` is summed straight into it (no pass through the scratch: at mid
    sizes that copy is a third of the work). Returns shm_small.c's status (PENDING: the caller
    waits on, then calls `take`, and the reduction goes through the scratch) or NOT_TAKEN. */
-static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long v[13], ctl_address, source;
-    if (nargs != 16 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 3, 1, &source) < 0 ||
-        rp_take_ints(args + 4, 12, v) < 0)
-        return rp_bad_arguments("round(ctl, payload, out, source, parity, target, signature, position, spin_ns, "
-                                "yield, timeout_ns, kind, dtype, op, count, offset)");
-    int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
+/* The body of `round` on C values (v: the ints after `source`), for it and for shm_small_run.c. */
+int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long source, const long long *v) {
     Py_buffer in_view, out_view;
-    if (take_buffers(args[1], args[2], &in_view, &out_view) < 0) return PyLong_FromLong(NOT_TAKEN);
+    if (take_buffers(payload, out, &in_view, &out_view) < 0) return NOT_TAKEN;
     for (int i = 0; i < 11; i++) ctl[C_PARITY + i] = v[i];
     ctl[C_PHASE] = 0;
     ctl[C_OFFSET] = v[11];
     ctl[C_WAITED_NS] = 0;
-    if (args[1] != Py_None) {
+    if (payload != Py_None) {
         /* (streamed from the caller's threshold: the peers read it from another core, see stream_store.h) */
         rp_copy_for_peers(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len, ctl[C_STREAM_MIN]);
         PyBuffer_Release(&in_view);
     }
     int status;
     int64_t scratch = ctl[C_SCRATCH];
-    int direct = args[2] != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
+    int direct = out != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
     Py_BEGIN_ALLOW_THREADS
     if (direct) ctl[C_SCRATCH] = (int64_t)(intptr_t)out_view.buf;
     status = rp_small_round(ctl);
     ctl[C_SCRATCH] = scratch;
-    if (status == DONE && args[2] != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source);
+    if (status == DONE && out != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source);
     Py_END_ALLOW_THREADS
-    if (args[2] != Py_None) PyBuffer_Release(&out_view);
-    return PyLong_FromLong(status);
+    if (out != Py_None) PyBuffer_Release(&out_view);
+    return status;
+}
+
+static PyObject *small_round(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[12], ctl_address, source;
+    if (nargs != 16 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 3, 1, &source) < 0 ||
+        rp_take_ints(args + 4, 12, v) < 0)
+        return rp_bad_arguments("round(ctl, payload, out, source, parity, target, signature, position, spin_ns, "
+                                "yield, timeout_ns, kind, dtype, op, count, offset)");
+    return PyLong_FromLong(rp_call_round((int64_t *)(intptr_t)ctl_address, args[1], args[2], source, v));
 }
 
 /* take(ctl, out, source) -> bool: a done round's result into `out` (as `round` does), after the
@@ -110,14 +114,10 @@ static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t na
    C_DIVISOR and C_CHUNK. Returns
    shm_small.c's status (PENDING: the caller waits on with rp_small_round, which resumes the round
    on `x`: the caller keeps it alive) or NOT_TAKEN (nothing done: `x` cannot be taken). */
-static PyObject *small_halves(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long v[12], ctl_address;
-    if (nargs != 14 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 12, v) < 0)
-        return rp_bad_arguments("halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, "
-                                "dtype, op, count, divisor, chunk)");
-    int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
+/* The body of `halves` on C values (v: the ints after `x`), for it and for shm_small_run.c. */
+int rp_call_halves(int64_t *ctl, PyObject *x, const long long *v) {
     Py_buffer view;
-    if (rp_take_buffer(args[1], 1, &view) < 0) return PyLong_FromLong(NOT_TAKEN);
+    if (rp_take_buffer(x, 1, &view) < 0) return NOT_TAKEN;
     for (int i = 0; i < 7; i++) ctl[C_PARITY + i] = v[i];
     ctl[C_KIND] = KIND_HALVES;
     ctl[C_KIND + 1] = v[7], ctl[C_KIND + 2] = v[8], ctl[C_COUNT] = v[9];
@@ -130,10 +130,21 @@ static PyObject *small_halves(PyObject *self, PyObject *const *args, Py_ssize_t 
     status = rp_small_round(ctl);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
-    return PyLong_FromLong(status);
+    return status;
 }
 
+static PyObject *small_halves(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long v[12], ctl_address;
+    if (nargs != 14 || rp_take_ints(args, 1, &ctl_address) < 0 || rp_take_ints(args + 2, 12, v) < 0)
+        return rp_bad_arguments("halves(ctl, x, parity, target, signature, position, spin_ns, yield, timeout_ns, "
+                                "dtype, op, count, divisor, chunk)");
+    return PyLong_FromLong(rp_call_halves((int64_t *)(intptr_t)ctl_address, args[1], v));
+}
+
+PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* shm_small_run.c */
+
 static PyMethodDef methods[] = {
+    RP_FASTCALL("run", rp_small_run, "A waited-for collective's bookkeeping and round (SmallRounds._run's case)."),
     RP_FASTCALL("halves", small_halves, "An all-reduce in place as a reduce-scatter + all-gather round."),
     RP_FASTCALL("round", small_round, "One small round, copies included."),
     RP_FASTCALL("take", small_take, "A done round's result into an array."),
