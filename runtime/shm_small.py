@@ -93,6 +93,9 @@ class SmallRounds:
         self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(n)  # (the extension's copy in)
         self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
         self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS
+        engine = channel.engine  # what csrc/shm_small_run.c reads of them, for the channel's life
+        self.fixed = (channel, engine, channel.lock, channel.spin, engine.tracer, channel._written, channel.group.gid,
+                      engine.send_lock, engine.bytes_sent, self.address, int(channel.spin.yields))
         # KIND_HALVES rounds run the chunk loop (runtime/shm_reduce_chunks.py) on this state.
         self.chunks = np.zeros(shm_reduce_chunks.R_MEMBERS + shm_reduce_chunks.R_PER_MEMBER * n, np.int64)
         self.ctl[C_CHUNKS] = int(self.chunks.ctypes.data)

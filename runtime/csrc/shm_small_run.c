@@ -32,13 +32,13 @@ enum {
     N_CHANNEL, N_ENGINE, N_EPOCH, N_CALL, N_TRACER, N_ENABLED, N_ABORTED_CALL, N_ABORTED, N_ROUNDS, N_COUNT,
     N_WRITTEN, N_SPIN, N_NS, N_SPARE, N_CHECKED, N_MAX_NS, N_QUEUE, N_RUNNING, N_LOCK, N_ACQUIRE, N_RELEASE,
     N_SEQUENCE, N_NEXT, N_CONFIG, N_TIMEOUT, N_ANSWERED, N_COUNT_SENT, N_GROUP, N_GID, N_ADDRESS, N_YIELDS,
-    N_AFTER_ROUND, N_NEEDS_FENCE, N_SIZE, N_NUMBERS, N_SEND_LOCK, N_BYTES_SENT, N_COUNT_NAMES
+    N_AFTER_ROUND, N_NEEDS_FENCE, N_SIZE, N_NUMBERS, N_SEND_LOCK, N_BYTES_SENT, N_FIXED, N_COUNT_NAMES
 };
 static const char *const NAME_TEXT[] = {
     "channel", "engine", "epoch", "call", "tracer", "enabled", "aborted_call", "aborted", "rounds", "count",
     "_written", "spin", "_ns", "_spare", "_checked", "max_ns", "_queue", "_running", "lock", "acquire", "release",
     "_sequence", "next", "config", "timeout", "answered", "count_sent", "group", "gid", "address", "yields",
-    "_after_round", "needs_fence", "size", "_numbers", "send_lock", "bytes_sent"};
+    "_after_round", "needs_fence", "size", "_numbers", "send_lock", "bytes_sent", "fixed"};
 
 static int intern_names(void) {
     if (names[0]) return 0;
@@ -96,8 +96,25 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     int locked = 0, numbered = 0;
     long long handled = NOT_HANDLED;
 
-    if (!(channel = PyObject_GetAttr(small, names[N_CHANNEL])) || !(engine = PyObject_GetAttr(channel, names[N_ENGINE])))
+    /* What stays the same for the channel's life, in one tuple (SmallRounds.fixed): the channel, its
+       engine, lock, spin, the engine's tracer, the channel's list of written signatures, the group's
+       id, the engine's send lock and byte counts, the control block's address, whether to yield. */
+    PyObject *fixed = PyObject_GetAttr(small, names[N_FIXED]);
+    if (!fixed) goto fail;
+    if (!PyTuple_Check(fixed) || PyTuple_GET_SIZE(fixed) != 11) {
+        Py_DECREF(fixed);
+        PyErr_SetString(PyExc_TypeError, "SmallRounds.fixed: expected an 11-tuple");
         goto fail;
+    }
+    channel = PyTuple_GET_ITEM(fixed, 0), engine = PyTuple_GET_ITEM(fixed, 1), lock = PyTuple_GET_ITEM(fixed, 2);
+    spin = PyTuple_GET_ITEM(fixed, 3), written = PyTuple_GET_ITEM(fixed, 5);
+    PyObject *tracer = PyTuple_GET_ITEM(fixed, 4), *gid = PyTuple_GET_ITEM(fixed, 6);
+    PyObject *send_lock = PyTuple_GET_ITEM(fixed, 7), *totals = PyTuple_GET_ITEM(fixed, 8);
+    long long ctl_address = PyLong_AsLongLong(PyTuple_GET_ITEM(fixed, 9));
+    long long yields = PyLong_AsLongLong(PyTuple_GET_ITEM(fixed, 10));
+    Py_INCREF(channel), Py_INCREF(engine), Py_INCREF(lock), Py_INCREF(spin), Py_INCREF(written);
+    Py_DECREF(fixed); /* (the SmallRounds holds the tuple, and so its items, for as long as this runs) */
+    if (PyErr_Occurred() || !PyList_Check(written) || PyList_GET_SIZE(written) != 2) goto fail_or_not_handled;
     /* Busy (asynchronous operations queued or running, another thread in the channel): NOT_RUN, as _run. */
     int busy = attr_true(channel, N_QUEUE);
     if (busy < 0) goto fail;
@@ -111,7 +128,6 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         handled = NOT_RUN;
         goto done;
     }
-    if (!(lock = PyObject_GetAttr(channel, names[N_LOCK]))) goto fail;
     PyObject *got = PyObject_CallMethodObjArgs(lock, names[N_ACQUIRE], Py_False, NULL);
     if (!got) goto fail;
     locked = got == Py_True;
@@ -121,10 +137,7 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         goto done;
     }
     /* Nothing to look at (else NOT_HANDLED, nothing changed): no trace, no abort, the same epoch. */
-    PyObject *tracer = PyObject_GetAttr(engine, names[N_TRACER]);
-    if (!tracer) goto fail;
     int tracing = attr_true(tracer, N_ENABLED);
-    Py_DECREF(tracer);
     if (tracing != 0) goto not_handled_or_fail;
     PyObject *aborted_call = PyObject_GetAttr(engine, names[N_ABORTED_CALL]);
     if (!aborted_call) goto fail;
@@ -142,12 +155,9 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     long long rounds = attr_int(channel, N_ROUNDS), count = attr_int(channel, N_COUNT);
     if (PyErr_Occurred()) goto fail;
     long long parity = rounds & 1;
-    if (!(written = PyObject_GetAttr(channel, names[N_WRITTEN])) || !PyList_Check(written)) goto fail_or_not_handled;
     /* The spin's look at the machine still fresh (else Spin.ns looks again). */
-    if (!(spin = PyObject_GetAttr(channel, names[N_SPIN]))) goto fail;
     int spare = attr_true(spin, N_SPARE);
     long long checked = attr_int(spin, N_CHECKED), spin_ns = attr_int(spin, N_NS), max_ns = attr_int(spin, N_MAX_NS);
-    long long ctl_address = attr_int(small, N_ADDRESS), yields = attr_int(small, N_YIELDS);
     if (spare < 0 || PyErr_Occurred()) goto fail;
     int64_t *ctl = (int64_t *)(intptr_t)ctl_address;
     if (monotonic_ns() - checked >= (spare ? ctl[C_SPARE_CHECK_NS] : ctl[C_SPARE_RECHECK_NS])) goto not_handled;
@@ -235,15 +245,8 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         Py_DECREF(result);
     }
     if (sent) {
-        PyObject *group = PyObject_GetAttr(channel, names[N_GROUP]);
-        if (!group) goto fail;
-        PyObject *gid = PyObject_GetAttr(group, names[N_GID]);
-        Py_DECREF(group);
-        if (!gid) goto fail;
         /* engine.count_sent's work, under its lock: bytes_sent[gid] += sent */
-        PyObject *send_lock = PyObject_GetAttr(engine, names[N_SEND_LOCK]);
-        PyObject *totals = send_lock ? PyObject_GetAttr(engine, names[N_BYTES_SENT]) : NULL;
-        PyObject *held = totals ? PyObject_CallMethodObjArgs(send_lock, names[N_ACQUIRE], NULL) : NULL;
+        PyObject *held = PyObject_CallMethodObjArgs(send_lock, names[N_ACQUIRE], NULL);
         int counted = -1;
         if (held) {
             PyObject *before = PyObject_GetItem(totals, gid); /* (a defaultdict: 0 for a new group) */
@@ -261,9 +264,6 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
             else if (!released) counted = -1;
         }
         Py_XDECREF(held);
-        Py_XDECREF(totals);
-        Py_XDECREF(send_lock);
-        Py_DECREF(gid);
         if (counted < 0) goto fail;
     }
     handled = out != Py_None ? FILLED : UNFILLED;
