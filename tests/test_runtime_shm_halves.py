@@ -12,6 +12,7 @@ import pytest
 from ringpipe.runtime import RemoteError, reduce_kernels, shm_collectives, shm_small, stream_store
 from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm_wait import unavailable_reason
+from tests.test_runtime_shm_small import fail_during_waits
 
 needs_c = pytest.mark.skipif(reduce_kernels.unavailable_reason() is not None or unavailable_reason("c") is not None,
                              reason="no C helper here")
@@ -178,14 +179,6 @@ def test_the_round_names_a_mismatch_counts_its_bytes_and_times_out_naming_the_pe
     assert second["timeout"].endswith("waiting for a message from rank 0"), second["timeout"]
 
 
-def fail_during_halves(comm):
-    comm.barrier()
-    if comm.rank == 1:
-        time.sleep(0.3)
-        raise ValueError("bad input on purpose")
-    comm.all_reduce(np.ones(40000, np.float32), timeout=60)  # only an abort ends this in time
-
-
 def halves_sum(comm):
     return float(comm.all_reduce(np.ones(40000, np.float32)).max())
 
@@ -197,6 +190,6 @@ def test_a_rank_waiting_in_the_round_wakes_when_its_peer_raises(local_cluster):
     cluster = local_cluster(2)
     start = time.monotonic()
     with pytest.raises(RemoteError, match="bad input on purpose"):
-        cluster.run(fail_during_halves, timeout=30)
+        cluster.run(fail_during_waits, 40000, timeout=30)
     assert time.monotonic() - start < 20.0  # far below the collective's 60 s timeout
     assert cluster.run(halves_sum) == [2.0, 2.0]

@@ -181,12 +181,14 @@ def test_a_small_mismatch_names_both_signatures_on_every_rank_and_the_channel_go
         assert after == [2, 2]
 
 
-def fail_during_small_waits(comm):
+def fail_during_waits(comm, count=8):
+    """Rank 1 raises while the others wait in an all_reduce of `count` float32 (the small round; 40,000
+    at 2 ranks: the reduce-scatter round, tests/test_runtime_shm_halves.py)."""
     comm.barrier()
     if comm.rank == 1:
         time.sleep(0.3)
-        raise ValueError("bad small input on purpose")
-    comm.all_reduce(np.ones(8, np.float32), timeout=60)  # only an abort ends this in time
+        raise ValueError("bad input on purpose")
+    comm.all_reduce(np.ones(count, np.float32), timeout=60)  # only an abort ends this in time
 
 
 def small_sums(comm):
@@ -197,8 +199,8 @@ def small_sums(comm):
 def test_ranks_sleeping_in_a_small_round_wake_when_a_peer_raises(local_cluster):
     cluster = local_cluster(3)
     start = time.monotonic()
-    with pytest.raises(RemoteError, match="bad small input on purpose"):
-        cluster.run(fail_during_small_waits, timeout=30)
+    with pytest.raises(RemoteError, match="bad input on purpose"):
+        cluster.run(fail_during_waits, timeout=30)
     assert time.monotonic() - start < 20.0  # far below the collective's 60 s timeout
     assert cluster.run(small_sums) == [[3, 3, 3]] * 3
 
