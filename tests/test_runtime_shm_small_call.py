@@ -1,6 +1,7 @@
 """The latency path's one-call round (runtime/csrc/shm_small_call.c): the arrays go in and out through
 the buffer protocol, with the same bits as NumPy copies around the ctypes call, and the same
 waits, errors and fallbacks."""
+import sys
 import time
 import types
 
@@ -251,3 +252,97 @@ def test_the_bookkeeping_in_c_leaves_what_the_python_bookkeeping_leaves(local_cl
         assert out["c"][1] == out["python"][1]  # rounds, publishes and bytes sent, alike
         assert out["c"][3] == out["python"][2]  # the group's numbers go on from where C left them
         assert answers and shm_small.NOT_HANDLED not in answers  # C took every one of them
+
+
+def test_run_answers_a_signature_that_is_not_its_triple_with_a_type_error():
+    # (an error set on every NULL return: else CPython raises SystemError about the extension)
+    with pytest.raises(TypeError, match="signature"):
+        shm_small.extension().run(None, None, "all_reduce", (1, 2), 1, 0, 0, None, None, -1, 0, None, 0, None, 0)
+
+
+def run_paths(comm):
+    """csrc/shm_small_run.c's `run` called directly on each of its ends: what each left behind (the
+    channel's rounds and publishes, the group's next number, the lock, the fence, the bytes sent)
+    and the reference counts of the objects it touches, over many calls."""
+    comm.barrier()
+    channel, engine, numbers = comm.engine.channels[comm.group.gid], comm.engine, comm._sequence
+    small = channel.small
+    x = np.ones(64, np.float32)
+    signature = small._signature(("all_reduce", x.shape, x.dtype, "sum"),
+                                 {"op": "all_reduce", "shape": [64], "dtype": "<f4", "reduce": "sum"})
+
+    def run(timeout=None, fresh=True):
+        if fresh:  # (a stale look at the machine is Python's, by design)
+            channel.spin._checked, channel.spin._spare = time.monotonic_ns(), True
+        return small.ext.run(small, comm, "all_reduce", signature, shm_small.KIND_REDUCE, 0, 0, x, x,
+                             shm_small.FROM_SCRATCH, x.nbytes, timeout, x.nbytes, None, 0)
+
+    def state():
+        return (channel.rounds, channel.count, repr(numbers._numbers[1]), channel.lock.locked(), engine.needs_fence,
+                comm.bytes_sent)
+
+    def declined():
+        answers = []
+        engine.tracer.enabled = True  # tracing: Python takes the span
+        answers.append(run())
+        engine.tracer.enabled = False
+        channel.spin._checked = -1 << 62  # a stale look at the machine: Spin.ns looks again
+        answers.append(run(fresh=False))
+        engine.aborted_call = "an abort"
+        answers.append(run())
+        engine.aborted_call = None
+        channel.epoch, epoch = -1, channel.epoch  # (the first round of an epoch resets the channel's counts)
+        answers.append(run())
+        channel.epoch = epoch
+        return answers
+
+    def busy():
+        with channel.lock:
+            return run()
+
+    def fails_before_its_number():
+        try:
+            run(timeout="soon")
+        except TypeError:
+            return "TypeError"
+
+    def fails_after_its_number():
+        channel._written[:] = [None, None]
+        channel.write_signature_bytes = lambda *args: 1 / 0
+        try:
+            run()
+        except ZeroDivisionError:
+            return "ZeroDivisionError"
+        finally:
+            del channel.write_signature_bytes
+
+    out = {}
+    for name, end in (("declined", declined), ("busy", busy), ("before", fails_before_its_number),
+                      ("after", fails_after_its_number), ("done", run)):
+        engine.needs_fence = False
+        before = state()
+        out[name] = (end(), before, state())
+    engine.needs_fence = False
+    watched = (channel, engine, channel.lock, channel.spin, channel._written, engine.tracer, engine.send_lock,
+               engine.bytes_sent, small.fixed, signature, x, comm, small, numbers)
+    counts = [sys.getrefcount(o) for o in watched]
+    for end in (declined, busy, fails_before_its_number, fails_after_its_number, run) * 300:
+        end()
+    engine.needs_fence = False
+    return out, [sys.getrefcount(o) for o in watched] == counts
+
+
+@pytest.mark.timeout(60)
+def test_each_end_of_the_c_bookkeeping_leaves_what_python_would_and_holds_no_reference(local_cluster):
+    for out, references_alike in local_cluster(2).run(run_paths):
+        answers, before, after = out["declined"]
+        assert answers == [shm_small.NOT_HANDLED] * 4 and after == before  # nothing taken, lock free
+        assert out["busy"][0] == shm_small.NOT_RUN and out["busy"][2] == out["busy"][1]
+        assert out["before"][0] == "TypeError" and out["before"][2] == out["before"][1]  # no number, no fence
+        raised, before, after = out["after"]
+        assert raised == "ZeroDivisionError" and list(after[3:]) == [False, True, before[5]]  # lock free, fence
+        assert list(after[:2]) == [before[0] + 1, before[1] + 1] and after[2] != before[2]  # numbered, counted
+        answer, before, after = out["done"]
+        assert answer == shm_small.FILLED and list(after[:2]) == [before[0] + 1, before[1] + 1]
+        assert list(after[3:]) == [False, False, before[5] + 64 * 4]
+        assert references_alike

@@ -90,7 +90,11 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     long long kind = PyLong_AsLongLong(args[4]), dtype = PyLong_AsLongLong(args[5]), op = PyLong_AsLongLong(args[6]);
     long long source = PyLong_AsLongLong(args[9]), sent = PyLong_AsLongLong(args[12]);
     long long offset = PyLong_AsLongLong(args[14]);
-    if (PyErr_Occurred() || !PyTuple_Check(signature) || PyTuple_GET_SIZE(signature) != 3) return NULL;
+    if (PyErr_Occurred()) return NULL;
+    if (!PyTuple_Check(signature) || PyTuple_GET_SIZE(signature) != 3) {
+        PyErr_SetString(PyExc_TypeError, "run: signature must be the triple (described, packed, id)");
+        return NULL;
+    }
     PyObject *answer = NULL, *channel = NULL, *engine = NULL, *lock = NULL, *spin = NULL, *written = NULL;
     PyObject *epoch_object = NULL, *channel_epoch = NULL, *seq_object = NULL, *key = NULL;
     int locked = 0, numbered = 0;
