@@ -1,9 +1,12 @@
 """The latency path's one-call round (runtime/csrc/shm_small_call.c): the arrays go in and out through
 the buffer protocol, with the same bits as NumPy copies around the ctypes call, and the same
 waits, errors and fallbacks."""
+import gc
 import sys
+import threading
 import time
 import types
+import weakref
 
 import numpy as np
 import pytest
@@ -325,11 +328,13 @@ def run_paths(comm):
     engine.needs_fence = False
     watched = (channel, engine, channel.lock, channel.spin, channel._written, engine.tracer, engine.send_lock,
                engine.bytes_sent, small.fixed, signature, x, comm, small, numbers)
+    gc.collect()  # (garbage of earlier calls, collected during the loop, would hold some of them)
     counts = [sys.getrefcount(o) for o in watched]
     for end in (declined, busy, fails_before_its_number, fails_after_its_number, run) * 300:
         end()
     engine.needs_fence = False
-    return out, [sys.getrefcount(o) for o in watched] == counts
+    gc.collect()
+    return out, [sys.getrefcount(o) - count for o, count in zip(watched, counts)]
 
 
 @pytest.mark.timeout(60)
@@ -345,4 +350,42 @@ def test_each_end_of_the_c_bookkeeping_leaves_what_python_would_and_holds_no_ref
         answer, before, after = out["done"]
         assert answer == shm_small.FILLED and list(after[:2]) == [before[0] + 1, before[1] + 1]
         assert list(after[3:]) == [False, False, before[5] + 64 * 4]
-        assert references_alike
+        assert references_alike == [0] * 14
+
+
+class Totals(dict):
+    """A byte count that a weak reference can watch."""
+
+
+def fixed_replaced_in_a_call(comm):
+    """SmallRounds.fixed replaced (and the old tuple dropped) while `run` is in Python code it calls:
+    whether what it read from the old tuple was still alive there."""
+    comm.barrier()
+    channel = comm.engine.channels[comm.group.gid]
+    small, real = channel.small, channel.small.fixed
+    small.fixed = real[:7] + (threading.Lock(), Totals()) + real[9:]
+    watched, alive = weakref.ref(small.fixed[8]), []
+
+    def replaced(*args):
+        small.fixed = real
+        gc.collect()
+        alive.append(watched() is not None)
+        raise ZeroDivisionError  # (on every member: no round runs)
+
+    channel._written[:] = [None, None]
+    channel.write_signature_bytes = replaced
+    channel.spin._checked, channel.spin._spare = time.monotonic_ns(), True
+    try:
+        small.ext.run(small, comm, "barrier", small._signature("barrier", {"op": "barrier"}), shm_small.KIND_BARRIER,
+                      0, 0, None, None, 0, 0, None, 0, None, 0)
+    except ZeroDivisionError:
+        pass
+    finally:
+        del channel.write_signature_bytes
+        comm.engine.needs_fence = False
+    return alive
+
+
+@pytest.mark.timeout(60)
+def test_run_holds_what_it_read_of_the_channel_for_the_whole_call(local_cluster):
+    assert local_cluster(2).run(fixed_replaced_in_a_call) == [[True], [True]]

@@ -95,18 +95,17 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         PyErr_SetString(PyExc_TypeError, "run: signature must be the triple (described, packed, id)");
         return NULL;
     }
-    PyObject *answer = NULL, *channel = NULL, *engine = NULL, *lock = NULL, *spin = NULL, *written = NULL;
+    PyObject *answer = NULL, *fixed = NULL, *channel = NULL, *engine = NULL, *lock = NULL, *spin = NULL, *written = NULL;
     PyObject *epoch_object = NULL, *channel_epoch = NULL, *seq_object = NULL, *key = NULL;
     int locked = 0, numbered = 0;
     long long handled = NOT_HANDLED;
 
     /* What stays the same for the channel's life, in one tuple (SmallRounds.fixed): the channel, its
        engine, lock, spin, the engine's tracer, the channel's list of written signatures, the group's
-       id, the engine's send lock and byte counts, the control block's address, whether to yield. */
-    PyObject *fixed = PyObject_GetAttr(small, names[N_FIXED]);
-    if (!fixed) goto fail;
+       id, the engine's send lock and byte counts, the control block's address, whether to yield. Held
+       to the end (its items are borrowed): the Python code this calls may drop SmallRounds.fixed. */
+    if (!(fixed = PyObject_GetAttr(small, names[N_FIXED]))) goto fail;
     if (!PyTuple_Check(fixed) || PyTuple_GET_SIZE(fixed) != 11) {
-        Py_DECREF(fixed);
         PyErr_SetString(PyExc_TypeError, "SmallRounds.fixed: expected an 11-tuple");
         goto fail;
     }
@@ -116,8 +115,6 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     PyObject *send_lock = PyTuple_GET_ITEM(fixed, 7), *totals = PyTuple_GET_ITEM(fixed, 8);
     long long ctl_address = PyLong_AsLongLong(PyTuple_GET_ITEM(fixed, 9));
     long long yields = PyLong_AsLongLong(PyTuple_GET_ITEM(fixed, 10));
-    Py_INCREF(channel), Py_INCREF(engine), Py_INCREF(lock), Py_INCREF(spin), Py_INCREF(written);
-    Py_DECREF(fixed); /* (the SmallRounds holds the tuple, and so its items, for as long as this runs) */
     if (PyErr_Occurred() || !PyList_Check(written) || PyList_GET_SIZE(written) != 2) goto fail_or_not_handled;
     /* Busy (asynchronous operations queued or running, another thread in the channel): NOT_RUN, as _run. */
     int busy = attr_true(channel, N_QUEUE);
@@ -299,11 +296,7 @@ release:
         else if (!result) Py_CLEAR(answer); /* (the release's own error stands) */
     }
 done:
-    Py_XDECREF(channel);
-    Py_XDECREF(engine);
-    Py_XDECREF(lock);
-    Py_XDECREF(spin);
-    Py_XDECREF(written);
+    Py_XDECREF(fixed);
     Py_XDECREF(epoch_object);
     Py_XDECREF(channel_epoch);
     Py_XDECREF(seq_object);
