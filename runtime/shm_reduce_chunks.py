@@ -39,6 +39,14 @@ def _library(channel):
     return lib if lib is not None and hasattr(lib, "rp_reduce_chunks") else None
 
 
+def runs_in_c(channel) -> bool:
+    """Whether this process runs the chunk loop in C on `channel` (its helper there, no NumPy sums asked
+    for, not RINGPIPE_SHM_CHUNKS=0, at most MAX_MEMBERS): the latency path's round that runs this loop
+    (runtime/shm_small.py's KIND_HALVES) is taken only then too, so that those knobs keep the Python
+    loop on every all_reduce."""
+    return channel.n <= MAX_MEMBERS and _library(channel) is not None
+
+
 def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, chunk: int) -> bool:
     """Run one round of shm_collectives._reduce_round on `piece` (contiguous, 1-D) in C, in chunks of
     `chunk` elements; False (nothing done) where the C loop does not take it."""
@@ -80,4 +88,4 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
         channel.wait_ns += int(state[R_WAITED_NS])  # its spins (the channel's own waits count theirs)
 
 
-__all__ = ["reduce_round"]
+__all__ = ["reduce_round", "runs_in_c"]

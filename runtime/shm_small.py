@@ -130,7 +130,7 @@ class SmallRounds:
             # (shm_collectives._reduce_round, in chunks) where that is one round, in place. A layout
             # the call cannot take goes there: the same round, so the choice may differ between members.
             n = channel.n
-            if (self.ext is None or not x.flags.c_contiguous or not x.flags.writeable or n > shm_reduce_chunks.MAX_MEMBERS
+            if (self.ext is None or not x.flags.c_contiguous or not x.flags.writeable or not shm_reduce_chunks.runs_in_c(channel)
                     or x.size > channel.elements_per_round(x.itemsize) or shm_cma.chosen(channel, "all_reduce", x.nbytes)):
                 return False
             return self._run(comm, "all_reduce", signature, KIND_HALVES, code, op_code, x, None, n if op == "avg" else 0,

@@ -4,12 +4,14 @@ buffers (runtime/stream_store.py, csrc/stream_store.h): NumPy's rank-order bits 
 on different paths meet in the same round, errors name the operation, rank and peer."""
 import os
 import re
+import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from ringpipe.runtime import RemoteError, reduce_kernels, shm_collectives, shm_small, stream_store
+from ringpipe.runtime import RemoteError, reduce_kernels, shm_channel, shm_collectives, shm_small, shm_wait, stream_store
 from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm_wait import unavailable_reason
 from tests.test_runtime_shm_small import fail_during_waits
@@ -94,30 +96,38 @@ def test_the_stream_threshold_comes_from_the_environment_and_a_bad_value_is_name
 
 
 # ---- the round ----------------------------------------------------------------------------------------
+PATHS = ("both", "strided", "python loop", "numpy sums", "async")
+
+
 def halves_on_every_path(comm):
     """Every case on the latency path's round on both ranks; then with rank 1 on the Python path (a
     non-contiguous array: shm_collectives._reduce_round with the C chunk loop), then in its Python
-    loop (RINGPIPE_SHM_CHUNKS=0), then asynchronous on rank 0 (the channel thread's Python path).
-    Per case and path: the result's bytes, the publishes and whether rank 0's call took the round."""
+    loop (RINGPIPE_SHM_CHUNKS=0), then in it with NumPy's sums (reduce_kernels' "numpy" mode), then
+    asynchronous on rank 0 (the channel thread's Python path).
+    Per case and path: the result's bytes, the publishes and whether this rank's call took the round."""
     comm.barrier()
     channel = comm.engine.channels[comm.group.gid]
     out = []
-    for path in ("both", "strided", "python loop", "async"):
-        os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if path == "python loop" and comm.rank == 1 else "1"
-        for case, (dtype, count, op) in enumerate(CASES):
-            x = rank_input(dtype, count, comm.rank, case)
-            if path == "strided" and comm.rank == 1:
-                x = np.repeat(x, 2)[::2]
-            channel.small.ctl[shm_small.C_KIND] = -1
-            published = channel.count
-            with np.errstate(over="ignore"):
-                if path == "async" and comm.rank == 0:
-                    result = comm.all_reduce(x, op=op, async_op=True).wait()
-                else:
-                    result = comm.all_reduce(x, op=op)
-            took = int(channel.small.ctl[shm_small.C_KIND]) == shm_small.KIND_HALVES
-            out.append((path, case, np.ascontiguousarray(result).tobytes(), channel.count - published, took))
-    os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+    try:
+        for path in PATHS:
+            os.environ["RINGPIPE_SHM_CHUNKS"] = "0" if path == "python loop" and comm.rank == 1 else "1"
+            reduce_kernels.set_mode("numpy" if path == "numpy sums" and comm.rank == 1 else "c")
+            for case, (dtype, count, op) in enumerate(CASES):
+                x = rank_input(dtype, count, comm.rank, case)
+                if path == "strided" and comm.rank == 1:
+                    x = np.repeat(x, 2)[::2]
+                channel.small.ctl[shm_small.C_KIND] = -1
+                published = channel.count
+                with np.errstate(over="ignore"):
+                    if path == "async" and comm.rank == 0:
+                        result = comm.all_reduce(x, op=op, async_op=True).wait()
+                    else:
+                        result = comm.all_reduce(x, op=op)
+                took = int(channel.small.ctl[shm_small.C_KIND]) == shm_small.KIND_HALVES
+                out.append((path, case, np.ascontiguousarray(result).tobytes(), channel.count - published, took))
+    finally:  # (the cluster is shared with other tests)
+        os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
+        reduce_kernels.set_mode("c")
     return out
 
 
@@ -126,8 +136,10 @@ def halves_on_every_path(comm):
 @pytest.mark.timeout(90)
 def test_the_round_gives_numpys_rank_order_bits_and_meets_members_on_every_python_path(local_cluster):
     first, second = local_cluster(2).run(halves_on_every_path)
-    assert len(first) == len(second) == 4 * len(CASES)
-    for (path, case, got, published, took), (_, _, other, other_published, _) in zip(first, second):
+    assert len(first) == len(second) == len(PATHS) * len(CASES)
+    for (path, case, got, published, took), (_, _, other, other_published, other_took) in zip(first, second):
+        # The round is the chunk loop in C: where that is off (RINGPIPE_SHM_CHUNKS=0, NumPy's sums), the Python loop runs.
+        assert other_took == (path in ("both", "async")), (path, case)
         dtype, count, op = CASES[case]
         want = in_rank_order([rank_input(dtype, count, rank, case) for rank in (0, 1)], op).astype(dtype)
         assert got == other == want.tobytes(), (path, case)
@@ -193,3 +205,41 @@ def test_a_rank_waiting_in_the_round_wakes_when_its_peer_raises(local_cluster):
         cluster.run(fail_during_waits, 40000, timeout=30)
     assert time.monotonic() - start < 20.0  # far below the collective's 60 s timeout
     assert cluster.run(halves_sum) == [2.0, 2.0]
+
+
+@needs_c
+@pytest.mark.timeout(60)
+def test_a_wake_without_the_awaited_member_returns_the_rounds_call_for_its_caller_to_look():
+    """An abort or a destroyed group wakes the sleeper (GroupChannel._wake_sleeper) without the member
+    it waits for: the round's C call returns PENDING then, as the one-round wait does, instead of
+    sleeping on to the end of its slice (a real channel layout in this process; member 1 never comes)."""
+    lib, buffer_bytes = shm_wait.waiter("c")._lib, 1 << 16
+    regions = [np.zeros(shm_channel.region_bytes(buffer_bytes), np.uint8) for _ in range(2)]
+    words = [int(region.ctypes.data) for region in regions]
+    engine = SimpleNamespace(tracer=None, send_lock=threading.Lock(), bytes_sent={})
+    channel = SimpleNamespace(n=2, me=0, buffer_bytes=buffer_bytes, words=words, sleepers=[w + 8 for w in words],
+                              spin=shm_wait.Spin(False), engine=engine, lock=threading.Lock(), _written=[None, None],
+                              group=SimpleNamespace(gid=0))
+    small = shm_small.SmallRounds(channel, lib)
+    if small.ext is None:
+        pytest.skip("no extension here")
+    x, found = np.ones(10000, np.float32), {}
+    target = (1 << shm_channel.EPOCH_SHIFT) | 1
+
+    def round_alone():  # (parity 0, signature 7, position 0, no spin, a 20 s slice; float32 sum in one chunk)
+        found["status"] = small.ext.halves(small.address, x, 0, target, 7, 0, 0, 0, 20 * 10**9, 0, 0, x.size, 0,
+                                           x.size)
+
+    thread = threading.Thread(target=round_alone)
+    thread.start()
+    deadline = time.monotonic() + 10.0
+    while thread.is_alive() and time.monotonic() < deadline:
+        if small.sleeping_on():
+            lib.rp_wake(small.sleeping_on())  # (again until it returns: a wake before its sleep is lost)
+        time.sleep(0.01)
+    returned = not thread.is_alive()
+    if not returned:  # let it end: member 1 "publishes" with another signature (a mismatch)
+        lib.rp_publish(words[1], words[1] + 8, target + 1)
+    thread.join(30)
+    assert returned, "the round slept on after a wake without member 1"
+    assert found["status"] == shm_small.PENDING and int(small.ctl[shm_small.C_PEER]) == 1

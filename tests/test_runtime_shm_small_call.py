@@ -67,6 +67,17 @@ def both_ways(comm):
     return through_extension, with_numpy_copies, len(counted)
 
 
+def fresh_look(spin):
+    """A look at the machine with a core spare that stays fresh for the test (a current one goes
+    stale past shm_wait.SPARE_CHECK_NS, which a loaded machine can take between two lines: then the
+    C call leaves the round to Python on one rank only); stale_look ends it."""
+    spin._checked, spin._spare = time.monotonic_ns() + 10**12, True
+
+
+def stale_look(spin):
+    spin._checked = -1 << 62  # (the next wait looks at the machine again)
+
+
 @pytest.mark.timeout(90)
 def test_the_one_call_round_gives_the_bits_of_numpy_copies_for_every_collective_dtype_op_and_odd_size(
         local_cluster):
@@ -233,7 +244,7 @@ def bookkeeping_either_way(comm):
     for way, ext in (("c", recording), ("python", declining)):
         before = (channel.rounds, channel.count, comm.bytes_sent, repr(numbers._numbers[1]))
         # A stale look at the machine goes to Python (Spin.ns looks again): a fresh one, a core spare.
-        channel.spin._checked, channel.spin._spare = time.monotonic_ns(), True
+        fresh_look(channel.spin)
         small.ext = ext
         try:
             results = [comm.all_reduce(np.full(256, comm.rank + 1.0, np.float32)).tolist(),
@@ -243,6 +254,7 @@ def bookkeeping_either_way(comm):
             comm.barrier()
         finally:
             small.ext = real
+            stale_look(channel.spin)
         after = (channel.rounds, channel.count, comm.bytes_sent, repr(numbers._numbers[1]))
         out[way] = (results, [a - b for a, b in zip(after[:3], before[:3])], before[3], after[3])
     return out, answers
@@ -276,7 +288,7 @@ def run_paths(comm):
 
     def run(timeout=None, fresh=True):
         if fresh:  # (a stale look at the machine is Python's, by design)
-            channel.spin._checked, channel.spin._spare = time.monotonic_ns(), True
+            fresh_look(channel.spin)
         return small.ext.run(small, comm, "all_reduce", signature, shm_small.KIND_REDUCE, 0, 0, x, x,
                              shm_small.FROM_SCRATCH, x.nbytes, timeout, x.nbytes, None, 0)
 
@@ -289,7 +301,7 @@ def run_paths(comm):
         engine.tracer.enabled = True  # tracing: Python takes the span
         answers.append(run())
         engine.tracer.enabled = False
-        channel.spin._checked = -1 << 62  # a stale look at the machine: Spin.ns looks again
+        stale_look(channel.spin)  # a stale look at the machine: Spin.ns looks again
         answers.append(run(fresh=False))
         engine.aborted_call = "an abort"
         answers.append(run())
@@ -319,22 +331,36 @@ def run_paths(comm):
         finally:
             del channel.write_signature_bytes
 
+    def unpublished():
+        # A failure after its number ends a real call, and the driver fences before the next one; this
+        # one goes on, so it takes the round that was counted but never published back (else the next
+        # round would reuse the buffers of the last one while a slower peer may still read them).
+        channel.rounds -= 1
+        channel.count -= 1
+
     out = {}
     for name, end in (("declined", declined), ("busy", busy), ("before", fails_before_its_number),
                       ("after", fails_after_its_number), ("done", run)):
         engine.needs_fence = False
         before = state()
         out[name] = (end(), before, state())
+        if name == "after":
+            unpublished()
     engine.needs_fence = False
     watched = (channel, engine, channel.lock, channel.spin, channel._written, engine.tracer, engine.send_lock,
                engine.bytes_sent, small.fixed, signature, x, comm, small, numbers)
     gc.collect()  # (garbage of earlier calls, collected during the loop, would hold some of them)
     counts = [sys.getrefcount(o) for o in watched]
-    for end in (declined, busy, fails_before_its_number, fails_after_its_number, run) * 300:
-        end()
+    for _ in range(300):
+        for end in (declined, busy, fails_before_its_number, fails_after_its_number):
+            end()
+        unpublished()
+        run()
     engine.needs_fence = False
     gc.collect()
-    return out, [sys.getrefcount(o) - count for o, count in zip(watched, counts)]
+    stale_look(channel.spin)
+    after = [sys.getrefcount(o) for o in watched]  # (zip's reused tuple would hold one more of each)
+    return out, [now - count for now, count in zip(after, counts)]
 
 
 @pytest.mark.timeout(60)
@@ -350,7 +376,9 @@ def test_each_end_of_the_c_bookkeeping_leaves_what_python_would_and_holds_no_ref
         answer, before, after = out["done"]
         assert answer == shm_small.FILLED and list(after[:2]) == [before[0] + 1, before[1] + 1]
         assert list(after[3:]) == [False, False, before[5] + 64 * 4]
-        assert references_alike == [0] * 14
+        # (a reference held or dropped per call would be 300 or more; the worker's other threads hold
+        # the engine and its objects for moments, one or two)
+        assert all(abs(change) <= 2 for change in references_alike), references_alike
 
 
 class Totals(dict):
@@ -374,7 +402,7 @@ def fixed_replaced_in_a_call(comm):
 
     channel._written[:] = [None, None]
     channel.write_signature_bytes = replaced
-    channel.spin._checked, channel.spin._spare = time.monotonic_ns(), True
+    fresh_look(channel.spin)
     try:
         small.ext.run(small, comm, "barrier", small._signature("barrier", {"op": "barrier"}), shm_small.KIND_BARRIER,
                       0, 0, None, None, 0, 0, None, 0, None, 0)
@@ -383,6 +411,7 @@ def fixed_replaced_in_a_call(comm):
     finally:
         del channel.write_signature_bytes
         comm.engine.needs_fence = False
+        stale_look(channel.spin)
     return alive
 
 

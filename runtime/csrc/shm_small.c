@@ -90,7 +90,8 @@ static const int64_t ITEMSIZE[] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8}; /* by dtype co
    round in chunks of ctl[C_CHUNK] elements (shm_reduce_chunks.c: per chunk, copy in the peers' parts,
    sum this rank's part, copy out the peers' sums; two publishes a chunk), so that a member on the Python path (shm_collectives._reduce_round)
    meets it. The chunk loop's waits spin only; past the spin this sleeps on the member it waits for,
-   ctl[C_TIMEOUT_NS] in all per call, then returns PENDING like wait_members. */
+   ctl[C_TIMEOUT_NS] in all per call, then returns PENDING like wait_members (at once after a wake
+   without that member). */
 static int halves_round(int64_t *ctl) {
     int64_t *s = (int64_t *)(intptr_t)ctl[C_CHUNKS];
     int64_t n = ctl[C_N], parity = ctl[C_PARITY];
@@ -141,9 +142,13 @@ static int halves_round(int64_t *ctl) {
         int64_t slept_from = now_ns();
         ctl[C_SLEPT] = 1;
         __atomic_store_n(&ctl[C_SLEEPING_ON], (int64_t)(intptr_t)word, __ATOMIC_SEQ_CST);
-        rp_wait_at_least(word, (uint32_t *)MEMBER(ctl, peer, 1), want, 0, 0, left);
+        uint64_t reached = rp_wait_at_least(word, (uint32_t *)MEMBER(ctl, peer, 1), want, 0, 0, left);
         __atomic_store_n(&ctl[C_SLEEPING_ON], 0, __ATOMIC_SEQ_CST);
         ctl[C_WAITED_NS] += now_ns() - slept_from;
+        /* A wake without the member there (an abort's or a destroyed group's: GroupChannel._wake_sleeper)
+           returns at once for the caller to look, as wait_members does; sleeping on, the caller saw an
+           abort only at the slice's end. */
+        if (reached < want) return PENDING;
     }
     return DONE;
 }
