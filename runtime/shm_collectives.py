@@ -85,7 +85,8 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
             return work
     if work.nbytes <= min(one_round_bytes(n), channel.buffer_bytes):
         def write(parity):
-            stream_store.copy(channel.buffer(me, parity, work.dtype, work.size), work, stream_store.stream_min_bytes(n))
+            stream_store.copy(channel.buffer(me, parity, work.dtype, work.size), work,
+                              stream_store.stream_min_bytes(n, work.nbytes))
 
         parity = _first_round(channel, write)
         # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
@@ -146,7 +147,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         hi = min(lo + chunk, size)
         spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
 
-    stream_min = stream_store.stream_min_bytes(n)
+    stream_min = stream_store.stream_min_bytes(n, piece.nbytes)
 
     def copy_in(bounds):
         if bounds[me] > bounds[0]:

@@ -81,18 +81,47 @@ def test_a_sum_streamed_to_its_output_keeps_the_bits_and_may_write_over_its_firs
 def test_the_stream_threshold_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
     for text, want in (("off", 0), ("0", 0), ("12345", 12345)):
         monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
-        stream_store.stream_min_bytes.cache_clear()
+        stream_store._min_bytes.cache_clear()
         assert stream_store.stream_min_bytes(2) == want
     for text in ("lots", "-4"):
         monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
-        stream_store.stream_min_bytes.cache_clear()
+        stream_store._min_bytes.cache_clear()
         with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_MIN"):
             stream_store.stream_min_bytes(2)
     monkeypatch.delenv("RINGPIPE_SHM_STREAM_MIN")
-    stream_store.stream_min_bytes.cache_clear()
+    stream_store._min_bytes.cache_clear()
     cores = len(os.sched_getaffinity(0))
     assert stream_store.stream_min_bytes(cores) == stream_store.DEFAULT_MIN_BYTES
     assert stream_store.stream_min_bytes(cores + 1) == 0  # a peer may run on this core next
+
+
+def test_an_all_reduce_above_the_reduce_limit_streams_nothing_and_the_limit_comes_from_the_environment(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    for text, limit in (("off", 1 << 62), ("0", 0), ("65536", 65536)):
+        monkeypatch.setenv("RINGPIPE_SHM_STREAM_REDUCE_MAX", text)
+        stream_store.reduce_max_bytes.cache_clear()
+        assert stream_store.reduce_max_bytes() == limit
+        assert stream_store.stream_min_bytes(cores, 65536) == (stream_store.DEFAULT_MIN_BYTES if limit >= 65536 else 0)
+        assert stream_store.stream_min_bytes(cores, 65537) == (stream_store.DEFAULT_MIN_BYTES if limit > 65536 else 0)
+        assert stream_store.stream_min_bytes(cores) == stream_store.DEFAULT_MIN_BYTES  # (not a reduction)
+    for text in ("big", "-1"):
+        monkeypatch.setenv("RINGPIPE_SHM_STREAM_REDUCE_MAX", text)
+        stream_store.reduce_max_bytes.cache_clear()
+        with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_REDUCE_MAX"):
+            stream_store.reduce_max_bytes()
+    monkeypatch.delenv("RINGPIPE_SHM_STREAM_REDUCE_MAX")
+    stream_store.reduce_max_bytes.cache_clear()
+    private = stream_store.private_cache_bytes(min(os.sched_getaffinity(0)))
+    assert stream_store.reduce_max_bytes() == (private // 4 if private else stream_store.FALLBACK_REDUCE_MAX_BYTES)
+
+
+def test_the_private_cache_is_read_from_sysfs_and_a_shared_or_missing_one_is_none():
+    real = stream_store.private_cache_bytes(0)
+    if os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index2"):
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE") if "SC_LEVEL2_CACHE_SIZE" in os.sysconf_names else 0
+        shared = open("/sys/devices/system/cpu/cpu0/cache/index2/shared_cpu_list").read().strip() != "0"
+        assert real == (None if shared else size or real)
+    assert stream_store.private_cache_bytes(10**6) is None  # no such CPU
 
 
 # ---- the round ----------------------------------------------------------------------------------------
