@@ -87,6 +87,14 @@ class GroupChannel(ChannelStream):
         engine.abort_listeners.append(self._wake_sleeper)
         engine.cancel_listeners.append(self._cancel_call)
 
+    def private_bytes(self) -> int:
+        """Bytes of this process's own memory the channel keeps (not its shared arena region): the
+        small rounds' scratch and control words, the chunk loop's state, the single-copy scratch."""
+        held = [getattr(self.small, "scratch", None), getattr(self.small, "ctl", None),
+                getattr(self.small, "chunks", None), getattr(self, "_chunk_state", None),
+                getattr(self.single_copy, "scratch", None)]
+        return int(sum(array.nbytes for array in held if array is not None))
+
     def map(self, regions):
         """Use `regions` ((uint8 mapping, offset) per member, in group order): the channel is open."""
         size, buffer_bytes = region_bytes(self.buffer_bytes), self.buffer_bytes

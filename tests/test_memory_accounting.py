@@ -38,7 +38,7 @@ def stop_tracing(comm):
 
 
 def state_bytes(report: dict) -> int:
-    return report["weights"] + report["gradients"] + report["optimizer"] + report["activations"]
+    return report["weights"] + report["gradients"] + report["optimizer"] + report["activations"] + report["communication"]
 
 
 @pytest.mark.timeout(120)
@@ -72,6 +72,7 @@ def test_each_rank_holds_only_its_shards(local_cluster, tmp_path, layout):
         mean = sum(r["weights"] + r["optimizer"] for r in replica) / len(replica)
         assert abs(report["weights"] + report["optimizer"] - mean) <= 0.1 * mean, (report, mean)
         # the accounting is what the process really holds (NumPy buffers as tracemalloc sees them) ...
+        assert report["communication"] > 0  # (its groups' same-host channels: scratch for the small rounds)
         current, peak = report["traced"]
         assert state_bytes(report) <= current <= 1.1 * state_bytes(report) + 3 * MiB, report  # + imports, buffers
         # ... and no moment (starting included) held much more: never the whole model, nor a stage unsharded
@@ -82,7 +83,8 @@ def parameter_arrays_alive(shapes) -> list:
     """NumPy arrays the garbage collector can reach in this process with a parameter's shape."""
     wanted = {tuple(shape) for shape in shapes.values() if len(shape) == 2}
     return [type(o).__name__ + str(o.shape) for o in gc.get_objects()
-            if isinstance(o, np.ndarray) and tuple(o.shape) in wanted]
+            if issubclass(type(o), np.ndarray) and tuple(o.shape) in wanted]  # (isinstance asks o.__class__:
+    # a deprecated module attribute of torch's warns then)
 
 
 @pytest.mark.timeout(180)

@@ -1,13 +1,14 @@
 """What one rank of a parallel run holds, by kind, next to what the kernel says it holds.
 
     memory_report(trainer) -> {"rank", "weights", "gradients", "optimizer", "activations",
-                               "activations_peak", "peak_rss", "rss", "traced"}   (bytes)
+                               "activations_peak", "communication", "peak_rss", "rss", "traced"}   (bytes)
 
 weights / gradients: this rank's flat parameter and gradient buffers (its tp shards of its pipeline
 stages; a mixed run adds the float32 master copies); optimizer: AdamW moments of what this rank
 updates (none for a tied weight on the last pipeline stage; ZeRO-1: this rank's 1/dp, and the
 weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
-`ActivationMemory`). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
+`ActivationMemory`); communication: the private buffers of this process's same-host group channels
+(their scratch and state, up to ~1 MiB a group; the shared arena is not counted). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
 temporaries: the accounting above must stay below them, and near them for a large model. traced:
 tracemalloc's (current, peak) when the worker traces (tests), else None.
 """
@@ -32,4 +33,6 @@ def memory_report(trainer) -> dict:
             "gradients": int(grads), "optimizer": int(optimizer),
             "activations": int(sum(s.memory.live_bytes for s in stages)),
             "activations_peak": int(sum(s.memory.peak_bytes for s in stages)),
+            "communication": sum(channel.private_bytes() for channel in list(trainer.mesh.world.engine.channels.values())
+                                 if hasattr(channel, "private_bytes")),
             "peak_rss": peak_rss_bytes(), "rss": rss_bytes(), "traced": traced_bytes()}
