@@ -13,6 +13,7 @@ import threading
 from collections import deque
 from types import SimpleNamespace
 
+from ringpipe.runtime import thread_priority
 from ringpipe.runtime.operations import Cancelled
 
 
@@ -30,6 +31,9 @@ class ChannelStream:
         self._thread = None
         self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
+        # (read here, so that a bad RINGPIPE_COMM_THREAD_NICE fails the collective that opens the channel)
+        self._nice = thread_priority.comm_thread_nice()
+        self.priority_raised = None  # whether the thread got self._nice (once it started)
 
     def busy(self) -> bool:
         """True while asynchronous operations are queued or running: later ones must queue too."""
@@ -66,6 +70,8 @@ class ChannelStream:
         then()
 
     def _serve(self):
+        # Above the compute threads, so that a launched collective starts at once (runtime/thread_priority.py).
+        self.priority_raised = thread_priority.apply(self._nice)
         while True:
             self._tokens.get()
             with self._queue_lock:

@@ -3,6 +3,7 @@
     peak_rss_bytes()   VmHWM: the most resident memory since start (or since reset_peak_rss())
     rss_bytes()        VmRSS: resident now
     reset_peak_rss()   start VmHWM again from the current RSS (False where the kernel does not allow it)
+    transport_bytes(comm)  private buffers of the same-host group channels of comm's process
 
 These are the numbers a memory limit (a cgroup's) acts on, so a rank's own accounting of its arrays
 is checked against them rather than trusted.
@@ -49,3 +50,11 @@ def traced_bytes() -> tuple[int, int] | None:
     import tracemalloc
 
     return tracemalloc.get_traced_memory() if tracemalloc.is_tracing() else None
+
+
+def transport_bytes(comm) -> int:
+    """Bytes of this process's own memory that the same-host channels of `comm`'s engine keep for
+    all its groups (scratch and state, runtime/shm_channel.py's GroupChannel.private_bytes; the shared
+    arena is not counted); 0 for a communicator without them."""
+    channels = getattr(getattr(comm, "engine", None), "channels", {})
+    return sum(channel.private_bytes() for channel in list(channels.values()) if hasattr(channel, "private_bytes"))

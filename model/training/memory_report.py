@@ -14,7 +14,7 @@ tracemalloc's (current, peak) when the worker traces (tests), else None.
 """
 from __future__ import annotations
 
-from ringpipe.runtime.process_memory import peak_rss_bytes, rss_bytes, traced_bytes
+from ringpipe.runtime.process_memory import peak_rss_bytes, rss_bytes, traced_bytes, transport_bytes
 
 
 def memory_report(trainer) -> dict:
@@ -33,6 +33,5 @@ def memory_report(trainer) -> dict:
             "gradients": int(grads), "optimizer": int(optimizer),
             "activations": int(sum(s.memory.live_bytes for s in stages)),
             "activations_peak": int(sum(s.memory.peak_bytes for s in stages)),
-            "communication": sum(channel.private_bytes() for channel in list(trainer.mesh.world.engine.channels.values())
-                                 if hasattr(channel, "private_bytes")),
+            "communication": transport_bytes(trainer.mesh.world),
             "peak_rss": peak_rss_bytes(), "rss": rss_bytes(), "traced": traced_bytes()}

@@ -1,0 +1,58 @@
+"""The priority of the threads that run asynchronous collectives (a group channel's stream,
+runtime/channel_stream.py), so that a rank's compute does not delay its own communication.
+
+Why: data parallelism launches each gradient bucket's all_reduce on the channel's thread while
+backward goes on in the main thread. With one rank per core, that thread wakes on a core already
+busy with compute, and the scheduler (Linux's EEVDF) let it wait for its turn: up to 1.5 ms between
+a bucket's launch and its all_reduce starting was traced (2 ranks, 2 cores), while the peer,
+already in the collective, waited for it. At nice -10 the thread runs at once: `ringpipe bench
+data-parallel` (dp = 2) waited 0.35-0.64 ms after backward instead of 0.7-2.4 ms, seven
+interleaved pairs, weak-scaling efficiency median 93 % against 91.5 %.
+
+`comm_thread_nice()`: RINGPIPE_COMM_THREAD_NICE (an integer from -20 to 19, or "off": leave the
+thread as it starts), DEFAULT_NICE when unset; a ValueError names the variable otherwise.
+`apply(nice)`: set it for the calling thread (Linux's setpriority on a thread id changes that thread
+only). A nice below the process's own needs CAP_SYS_NICE or RLIMIT_NICE (root in a container has
+it); without it the thread keeps the process's priority, and `apply` says so by returning False.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+DEFAULT_NICE = -10
+
+
+@functools.lru_cache(maxsize=None)
+def comm_thread_nice() -> int | None:
+    """The nice value for communication threads (None: leave them). Raises ValueError naming
+    RINGPIPE_COMM_THREAD_NICE for anything but an integer in -20..19 or "off"."""
+    text = os.environ.get("RINGPIPE_COMM_THREAD_NICE", "").strip().lower()
+    if not text:
+        return DEFAULT_NICE
+    if text == "off":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -20 <= value <= 19:
+        raise ValueError(f"RINGPIPE_COMM_THREAD_NICE={text!r}: expected an integer from -20 to 19 or 'off'")
+    return value
+
+
+def apply(nice: int | None) -> bool:
+    """Give the calling thread `nice` (None: nothing); False where that is not permitted or not Linux."""
+    if nice is None:
+        return True
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError:  # EPERM / EACCES: no CAP_SYS_NICE and RLIMIT_NICE does not reach it
+        return False
+    return True
+
+
+__all__ = ["comm_thread_nice", "apply", "DEFAULT_NICE"]
