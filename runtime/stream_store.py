@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import c_library
+from ringpipe.runtime import c_library, env_setting
 
 # Measured with the channel's own rounds (2 ranks, 2 cores): streaming wins from 4 KiB (one-round
 # all_reduce 4 KiB 2.3 -> 1.9 us, 16 KiB 8 -> 5 us); at 1 KiB the fence costs what it saves.
@@ -42,18 +42,8 @@ FALLBACK_REDUCE_MAX_BYTES = 256 << 10
 def _setting() -> int | None:
     """RINGPIPE_SHM_STREAM_MIN as bytes (0: never), or None when unset. Raises ValueError naming the
     variable for anything else."""
-    text = os.environ.get("RINGPIPE_SHM_STREAM_MIN", "").strip().lower()
-    if not text:
-        return None
-    if text == "off":
-        return 0
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"RINGPIPE_SHM_STREAM_MIN={text!r}: expected a byte count or 'off'") from None
-    if value < 0:
-        raise ValueError(f"RINGPIPE_SHM_STREAM_MIN={value}: expected a byte count >= 0 or 'off'")
-    return value
+    value = env_setting.int_setting("RINGPIPE_SHM_STREAM_MIN", low=0)
+    return 0 if value == env_setting.OFF else value
 
 
 def stream_min_bytes(n: int, reduce_bytes: int | None = None) -> int:
@@ -90,16 +80,10 @@ def reduce_max_bytes() -> int:
     (bytes; "off": no limit), else a quarter of the core's private cache (the operation, this rank's
     buffer and the peers' parts it reads stay in it), else FALLBACK_REDUCE_MAX_BYTES. Raises
     ValueError naming the variable for anything else."""
-    text = os.environ.get("RINGPIPE_SHM_STREAM_REDUCE_MAX", "").strip().lower()
-    if text == "off":
+    value = env_setting.int_setting("RINGPIPE_SHM_STREAM_REDUCE_MAX", low=0)
+    if value == env_setting.OFF:
         return 1 << 62
-    if text:
-        try:
-            value = int(text)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise ValueError(f"RINGPIPE_SHM_STREAM_REDUCE_MAX={text!r}: expected a byte count >= 0 or 'off'")
+    if value is not None:
         return value
     private = private_cache_bytes(min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
     return private // 4 if private else FALLBACK_REDUCE_MAX_BYTES

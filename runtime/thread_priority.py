@@ -21,6 +21,8 @@ import functools
 import os
 import threading
 
+from ringpipe.runtime import env_setting
+
 DEFAULT_NICE = -10
 
 
@@ -28,18 +30,10 @@ DEFAULT_NICE = -10
 def comm_thread_nice() -> int | None:
     """The nice value for communication threads (None: leave them). Raises ValueError naming
     RINGPIPE_COMM_THREAD_NICE for anything but an integer in -20..19 or "off"."""
-    text = os.environ.get("RINGPIPE_COMM_THREAD_NICE", "").strip().lower()
-    if not text:
-        return DEFAULT_NICE
-    if text == "off":
+    value = env_setting.int_setting("RINGPIPE_COMM_THREAD_NICE", low=-20, high=19)
+    if value == env_setting.OFF:
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or not -20 <= value <= 19:
-        raise ValueError(f"RINGPIPE_COMM_THREAD_NICE={text!r}: expected an integer from -20 to 19 or 'off'")
-    return value
+    return DEFAULT_NICE if value is None else value
 
 
 def apply(nice: int | None) -> bool:

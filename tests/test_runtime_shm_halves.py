@@ -14,6 +14,7 @@ import pytest
 from ringpipe.runtime import RemoteError, reduce_kernels, shm_channel, shm_collectives, shm_small, shm_wait, stream_store
 from ringpipe.runtime.operations import CollectiveMismatch
 from ringpipe.runtime.shm_wait import unavailable_reason
+from tests.test_runtime_env_setting import check_setting
 from tests.test_runtime_shm_small import fail_during_waits
 
 needs_c = pytest.mark.skipif(reduce_kernels.unavailable_reason() is not None or unavailable_reason("c") is not None,
@@ -79,17 +80,8 @@ def test_a_sum_streamed_to_its_output_keeps_the_bits_and_may_write_over_its_firs
 
 
 def test_the_stream_threshold_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
-    for text, want in (("off", 0), ("0", 0), ("12345", 12345)):
-        monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
-        stream_store._min_bytes.cache_clear()
-        assert stream_store.stream_min_bytes(2) == want
-    for text in ("lots", "-4"):
-        monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", text)
-        stream_store._min_bytes.cache_clear()
-        with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_MIN"):
-            stream_store.stream_min_bytes(2)
-    monkeypatch.delenv("RINGPIPE_SHM_STREAM_MIN")
-    stream_store._min_bytes.cache_clear()
+    check_setting(monkeypatch, "RINGPIPE_SHM_STREAM_MIN", lambda: stream_store.stream_min_bytes(2),
+                  stream_store._min_bytes.cache_clear, [("off", 0), ("0", 0), ("12345", 12345)], ["lots", "-4"])
     cores = len(os.sched_getaffinity(0))
     assert stream_store.stream_min_bytes(cores) == stream_store.DEFAULT_MIN_BYTES
     assert stream_store.stream_min_bytes(cores + 1) == 0  # a peer may run on this core next
@@ -97,20 +89,15 @@ def test_the_stream_threshold_comes_from_the_environment_and_a_bad_value_is_name
 
 def test_an_all_reduce_above_the_reduce_limit_streams_nothing_and_the_limit_comes_from_the_environment(monkeypatch):
     cores = len(os.sched_getaffinity(0))
-    for text, limit in (("off", 1 << 62), ("0", 0), ("65536", 65536)):
-        monkeypatch.setenv("RINGPIPE_SHM_STREAM_REDUCE_MAX", text)
-        stream_store.reduce_max_bytes.cache_clear()
-        assert stream_store.reduce_max_bytes() == limit
-        assert stream_store.stream_min_bytes(cores, 65536) == (stream_store.DEFAULT_MIN_BYTES if limit >= 65536 else 0)
-        assert stream_store.stream_min_bytes(cores, 65537) == (stream_store.DEFAULT_MIN_BYTES if limit > 65536 else 0)
-        assert stream_store.stream_min_bytes(cores) == stream_store.DEFAULT_MIN_BYTES  # (not a reduction)
-    for text in ("big", "-1"):
-        monkeypatch.setenv("RINGPIPE_SHM_STREAM_REDUCE_MAX", text)
-        stream_store.reduce_max_bytes.cache_clear()
-        with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_REDUCE_MAX"):
-            stream_store.reduce_max_bytes()
-    monkeypatch.delenv("RINGPIPE_SHM_STREAM_REDUCE_MAX")
-    stream_store.reduce_max_bytes.cache_clear()
+
+    def read():  # the limit, and what a reduction of 64 KiB and of one byte more streams from
+        return (stream_store.reduce_max_bytes(), stream_store.stream_min_bytes(cores, 65536),
+                stream_store.stream_min_bytes(cores, 65537), stream_store.stream_min_bytes(cores))
+
+    least = stream_store.DEFAULT_MIN_BYTES
+    check_setting(monkeypatch, "RINGPIPE_SHM_STREAM_REDUCE_MAX", read, stream_store.reduce_max_bytes.cache_clear,
+                  [("off", (1 << 62, least, least, least)), ("0", (0, 0, 0, least)),
+                   ("65536", (65536, least, 0, least))], ["big", "-1"])
     private = stream_store.private_cache_bytes(min(os.sched_getaffinity(0)))
     assert stream_store.reduce_max_bytes() == (private // 4 if private else stream_store.FALLBACK_REDUCE_MAX_BYTES)
 

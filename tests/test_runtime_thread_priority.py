@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 
 from ringpipe.runtime import Cluster, RemoteError, thread_priority
+from tests.test_runtime_env_setting import check_setting
 
 
 def test_the_nice_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
-    for text, want in (("", thread_priority.DEFAULT_NICE), ("off", None), ("5", 5), ("-20", -20), ("19", 19)):
-        monkeypatch.setenv("RINGPIPE_COMM_THREAD_NICE", text)
-        thread_priority.comm_thread_nice.cache_clear()
-        assert thread_priority.comm_thread_nice() == want
-    for text in ("high", "-21", "20", "1.5"):
-        monkeypatch.setenv("RINGPIPE_COMM_THREAD_NICE", text)
-        thread_priority.comm_thread_nice.cache_clear()
-        with pytest.raises(ValueError, match="RINGPIPE_COMM_THREAD_NICE"):
-            thread_priority.comm_thread_nice()
-    monkeypatch.delenv("RINGPIPE_COMM_THREAD_NICE")
-    thread_priority.comm_thread_nice.cache_clear()
+    check_setting(monkeypatch, "RINGPIPE_COMM_THREAD_NICE", thread_priority.comm_thread_nice,
+                  thread_priority.comm_thread_nice.cache_clear,
+                  [(None, thread_priority.DEFAULT_NICE), ("off", None), ("5", 5), ("-20", -20), ("19", 19)],
+                  ["high", "-21", "20", "1.5"])
 
 
 def priorities(comm):

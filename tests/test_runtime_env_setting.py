@@ -1,0 +1,36 @@
+"""runtime/env_setting.py: integer settings from the environment, "off", and a bad value named."""
+import pytest
+
+from ringpipe.runtime import env_setting
+
+
+def check_setting(monkeypatch, name: str, read, clear, cases, bad):
+    """For each (text, want) in `cases`, with `name` set to text (None: unset), `read()` gives want
+    (`clear()` first: the readers cache); each text of `bad` raises a ValueError naming `name`."""
+    for text, want in cases:
+        if text is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, text)
+        clear()
+        assert read() == want, (name, text)
+    for text in bad:
+        monkeypatch.setenv(name, text)
+        clear()
+        with pytest.raises(ValueError, match=f"{name}='{text.lower()}'"):
+            read()
+    monkeypatch.delenv(name)
+    clear()
+
+
+def test_an_integer_setting_is_read_within_its_bounds_off_and_unset_and_anything_else_is_named(monkeypatch):
+    def read():
+        return env_setting.int_setting("RINGPIPE_TEST_SETTING", low=-3, high=7)
+
+    check_setting(monkeypatch, "RINGPIPE_TEST_SETTING", read, lambda: None,
+                  [(None, None), ("", None), ("  ", None), ("off", "off"), ("OFF", "off"), ("-3", -3), (" 7 ", 7)],
+                  ["8", "-4", "1.5", "many", "0x5"])
+    monkeypatch.setenv("RINGPIPE_TEST_SETTING", "-1")
+    with pytest.raises(ValueError, match=r"expected an integer >= 0 or 'off'"):
+        env_setting.int_setting("RINGPIPE_TEST_SETTING", low=0)
+    assert env_setting.int_setting("RINGPIPE_TEST_SETTING") == -1
