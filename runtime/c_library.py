@@ -15,6 +15,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ringpipe.runtime import thread_priority
+
 SOURCES = Path(__file__).with_name("csrc")
 
 
@@ -50,8 +52,11 @@ def build(name: str, flags=FLAGS, sources=None) -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
         os.close(fd)
         try:
-            result = subprocess.run([compiler, *flags, "-o", tmp, *map(str, paths)], capture_output=True, text=True,
-                                    timeout=120)
+            # At the process's priority: the caller may be a channel's thread, whose raised nice a
+            # child process inherits (runtime/thread_priority.py).
+            with thread_priority.as_process():
+                result = subprocess.run([compiler, *flags, "-o", tmp, *map(str, paths)], capture_output=True,
+                                        text=True, timeout=120)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
                 raise RuntimeError(f"{compiler} failed on {', '.join(path.name for path in paths)}: {last}")

@@ -14,9 +14,13 @@ thread as it starts), DEFAULT_NICE when unset; a ValueError names the variable o
 `apply(nice)`: set it for the calling thread (Linux's setpriority on a thread id changes that thread
 only). A nice below the process's own needs CAP_SYS_NICE or RLIMIT_NICE (root in a container has
 it); without it the thread keeps the process's priority, and `apply` says so by returning False.
+`as_process()`: the calling thread back at the process's priority for a while, for what it starts
+(a child process, a thread inherits the nice of the thread that starts it): runtime/c_library.py's
+compiler, run from the channel's thread when that is where a C helper is first used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -49,4 +53,29 @@ def apply(nice: int | None) -> bool:
     return True
 
 
-__all__ = ["comm_thread_nice", "apply", "DEFAULT_NICE"]
+@contextlib.contextmanager
+def as_process():
+    """The calling thread at the process's own nice (its main thread's) inside the block, its own
+    again after: what it starts meanwhile does not inherit a nice `apply` gave it. Nothing where
+    the thread has the process's nice already, or where that cannot be set."""
+    changed = None
+    if hasattr(os, "getpriority") and hasattr(threading, "get_native_id"):
+        try:
+            me = threading.get_native_id()
+            own, process = os.getpriority(os.PRIO_PROCESS, me), os.getpriority(os.PRIO_PROCESS, os.getpid())
+            if own != process:
+                os.setpriority(os.PRIO_PROCESS, me, process)
+                changed = (me, own)
+        except OSError:  # (not permitted, or not Linux's per-thread nice)
+            changed = None
+    try:
+        yield
+    finally:
+        if changed is not None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, *changed)
+            except OSError:  # (as apply: the thread keeps the process's priority)
+                pass
+
+
+__all__ = ["comm_thread_nice", "apply", "as_process", "DEFAULT_NICE"]

@@ -46,3 +46,44 @@ def test_off_leaves_the_thread_as_it_started_and_a_bad_value_fails_the_collectiv
     with Cluster(2, env={"RINGPIPE_COMM_THREAD_NICE": "urgent"}, timeout=10) as cluster:
         with pytest.raises(RemoteError, match="RINGPIPE_COMM_THREAD_NICE='urgent'"):
             cluster.run(priorities, timeout=30)
+
+
+def _can_raise_priority() -> bool:
+    """Whether a thread of this process may take thread_priority.DEFAULT_NICE (CAP_SYS_NICE or
+    RLIMIT_NICE: a container's root often has neither)."""
+    import threading
+
+    got = []
+    thread = threading.Thread(target=lambda: got.append(thread_priority.apply(thread_priority.DEFAULT_NICE)))
+    thread.start()
+    thread.join()
+    return got[0]
+
+
+def test_a_compiler_started_from_the_channel_thread_runs_at_the_process_priority(tmp_path, monkeypatch):
+    """The channel's thread builds the C helpers it first uses (an asynchronous collective opening a
+    group's channel): the compiler, a child of that thread, must not inherit its raised priority."""
+    import threading
+
+    from ringpipe.runtime import c_library
+
+    if not _can_raise_priority():
+        pytest.skip("no permission to raise a thread's priority here")
+    record = tmp_path / "nice"
+    wrapper = tmp_path / "cc.sh"
+    wrapper.write_text(f"#!/bin/sh\nawk '{{print $19}}' /proc/$$/stat > {record}\nexec cc \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("RINGPIPE_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def build():
+        thread_priority.apply(thread_priority.DEFAULT_NICE)
+        c_library.build("stream_store", sources=["stream_store.c"])
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert int(record.read_text()) == os.getpriority(os.PRIO_PROCESS, os.getpid())
+    assert seen == [thread_priority.DEFAULT_NICE]  # (the thread itself keeps its priority)
