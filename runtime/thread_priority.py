@@ -12,8 +12,9 @@ interleaved pairs, weak-scaling efficiency median 93 % against 91.5 %.
 `comm_thread_nice()`: RINGPIPE_COMM_THREAD_NICE (an integer from -20 to 19, or "off": leave the
 thread as it starts), DEFAULT_NICE when unset; a ValueError names the variable otherwise.
 `apply(nice)`: set it for the calling thread (Linux's setpriority on a thread id changes that thread
-only). A nice below the process's own needs CAP_SYS_NICE or RLIMIT_NICE (root in a container has
-it); without it the thread keeps the process's priority, and `apply` says so by returning False.
+only). A nice below the thread's own needs CAP_SYS_NICE or RLIMIT_NICE (a container's root lacks
+CAP_SYS_NICE unless it was granted: Docker's default set has not); without it the thread keeps the
+process's priority, and `apply` says so by returning False.
 `as_process()`: the calling thread back at the process's priority for a while, for what it starts
 (a child process, a thread inherits the nice of the thread that starts it): runtime/c_library.py's
 compiler, run from the channel's thread when that is where a C helper is first used.
