@@ -37,13 +37,16 @@ from ringpipe.runtime import c_library, env_setting
 DEFAULT_MIN_BYTES = 4 << 10
 # Where the core's private (level 2) cache cannot be read: the limit measured with a 1 MiB one.
 FALLBACK_REDUCE_MAX_BYTES = 256 << 10
+# More bytes than any buffer: "no limit", and what a larger setting becomes (the C helpers take the
+# thresholds as 64-bit words).
+NO_LIMIT = 1 << 62
 
 
 def _setting() -> int | None:
     """RINGPIPE_SHM_STREAM_MIN as bytes (0: never), or None when unset. Raises ValueError naming the
     variable for anything else."""
     value = env_setting.int_setting("RINGPIPE_SHM_STREAM_MIN", low=0)
-    return 0 if value == env_setting.OFF else value
+    return 0 if value == env_setting.OFF else value if value is None else min(value, NO_LIMIT)
 
 
 def stream_min_bytes(n: int, reduce_bytes: int | None = None) -> int:
@@ -82,9 +85,9 @@ def reduce_max_bytes() -> int:
     ValueError naming the variable for anything else."""
     value = env_setting.int_setting("RINGPIPE_SHM_STREAM_REDUCE_MAX", low=0)
     if value == env_setting.OFF:
-        return 1 << 62
+        return NO_LIMIT
     if value is not None:
-        return value
+        return min(value, NO_LIMIT)
     private = private_cache_bytes(min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
     return private // 4 if private else FALLBACK_REDUCE_MAX_BYTES
 
@@ -124,4 +127,4 @@ def copy(dst: np.ndarray, src: np.ndarray, stream_min: int) -> None:
 
 
 __all__ = ["stream_min_bytes", "reduce_max_bytes", "private_cache_bytes", "copy", "DEFAULT_MIN_BYTES",
-           "FALLBACK_REDUCE_MAX_BYTES"]
+           "FALLBACK_REDUCE_MAX_BYTES", "NO_LIMIT"]

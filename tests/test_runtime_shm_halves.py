@@ -102,6 +102,24 @@ def test_an_all_reduce_above_the_reduce_limit_streams_nothing_and_the_limit_come
     assert stream_store.reduce_max_bytes() == (private // 4 if private else stream_store.FALLBACK_REDUCE_MAX_BYTES)
 
 
+def test_a_byte_count_beyond_64_bits_means_no_limit_and_fits_the_control_words(monkeypatch):
+    """The C helpers take the thresholds as 64-bit words (SmallRounds.ctl, the chunk loop's state): a
+    byte count past that range is "more than any buffer", not an OverflowError at the channel's opening
+    that names no variable."""
+    huge = str(10**20)
+    monkeypatch.setenv("RINGPIPE_SHM_STREAM_REDUCE_MAX", huge)
+    monkeypatch.setenv("RINGPIPE_SHM_STREAM_MIN", huge)
+    stream_store.reduce_max_bytes.cache_clear(), stream_store._min_bytes.cache_clear()
+    try:
+        words = np.zeros(3, np.int64)
+        words[:] = [stream_store.reduce_max_bytes(), stream_store.stream_min_bytes(2),
+                    stream_store.stream_min_bytes(2, 1 << 40)]
+        assert words[0] >= 1 << 62 and words[1] >= 1 << 62 and words[2] >= 1 << 62
+    finally:
+        monkeypatch.delenv("RINGPIPE_SHM_STREAM_REDUCE_MAX"), monkeypatch.delenv("RINGPIPE_SHM_STREAM_MIN")
+        stream_store.reduce_max_bytes.cache_clear(), stream_store._min_bytes.cache_clear()
+
+
 def test_the_private_cache_is_read_from_sysfs_and_a_shared_or_missing_one_is_none():
     real = stream_store.private_cache_bytes(0)
     if os.path.isdir("/sys/devices/system/cpu/cpu0/cache/index2"):
