@@ -71,7 +71,10 @@ class ChannelStream:
 
     def _serve(self):
         # Above the compute threads, so that a launched collective starts at once (runtime/thread_priority.py).
-        self.priority_raised = thread_priority.apply(self._nice)
+        try:  # (nothing may end this thread before its loop: the queued operations would never finish)
+            self.priority_raised = thread_priority.apply(self._nice)
+        except Exception:  # noqa: BLE001 - the thread keeps the process's priority
+            self.priority_raised = False
         while True:
             self._tokens.get()
             with self._queue_lock:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 
 from ringpipe.runtime import env_setting
@@ -42,14 +43,18 @@ def comm_thread_nice() -> int | None:
 
 
 def apply(nice: int | None) -> bool:
-    """Give the calling thread `nice` (None: nothing); False where that is not permitted or not Linux."""
+    """Give the calling thread `nice` (None: nothing); False where that is not permitted or not Linux.
+    Never raises: it runs first on the channel's thread, and a thread dead there would leave every
+    asynchronous collective of the group waiting."""
     if nice is None:
         return True
-    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    # Linux only: elsewhere PRIO_PROCESS takes a process id (a thread id may name another process,
+    # or not fit a C int: macOS's).
+    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
         return False
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError:  # EPERM / EACCES: no CAP_SYS_NICE and RLIMIT_NICE does not reach it
+    except (OSError, OverflowError, ValueError):  # EPERM / EACCES: no CAP_SYS_NICE, RLIMIT_NICE does not reach it
         return False
     return True
 
@@ -60,14 +65,14 @@ def as_process():
     again after: what it starts meanwhile does not inherit a nice `apply` gave it. Nothing where
     the thread has the process's nice already, or where that cannot be set."""
     changed = None
-    if hasattr(os, "getpriority") and hasattr(threading, "get_native_id"):
+    if sys.platform.startswith("linux") and hasattr(os, "getpriority") and hasattr(threading, "get_native_id"):
         try:
             me = threading.get_native_id()
             own, process = os.getpriority(os.PRIO_PROCESS, me), os.getpriority(os.PRIO_PROCESS, os.getpid())
             if own != process:
                 os.setpriority(os.PRIO_PROCESS, me, process)
                 changed = (me, own)
-        except OSError:  # (not permitted, or not Linux's per-thread nice)
+        except (OSError, OverflowError, ValueError):  # (not permitted)
             changed = None
     try:
         yield

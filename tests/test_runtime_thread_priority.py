@@ -20,7 +20,7 @@ def priorities(comm):
     """(nice of the channel's thread, whether it was raised, nice of this main thread) after an
     asynchronous all_reduce ran there."""
     group = comm.new_group([0, 1])
-    out = group.all_reduce(np.ones(1000), async_op=True).wait()
+    out = group.all_reduce(np.ones(1000), async_op=True).wait(timeout=20)  # (a dead channel thread: no hang)
     assert out[0] == 2.0
     channel = comm.engine.channels[group.group.gid]
     thread = channel._thread
@@ -38,12 +38,13 @@ def test_the_channel_thread_runs_at_the_nice_asked_for_and_the_compute_thread_ke
             assert not _can_raise_priority() and nice == 0  # thread keeps the process's priority
 
 
-def priorities_not_permitted(comm):
-    """priorities(comm) where raising a thread's priority is refused (EACCES, as without CAP_SYS_NICE)."""
+def priorities_not_permitted(comm, error="permission"):
+    """priorities(comm) where raising a thread's priority fails with `error` (EACCES, as without
+    CAP_SYS_NICE; an OverflowError: a thread id beyond a C int, as macOS's may be)."""
     real = os.setpriority
 
     def refuse(which, who, nice):
-        raise PermissionError(13, "Permission denied")
+        raise PermissionError(13, "Permission denied") if error == "permission" else OverflowError("too large")
 
     os.setpriority = refuse
     try:
@@ -56,6 +57,24 @@ def priorities_not_permitted(comm):
 def test_a_thread_refused_the_priority_keeps_the_process_s_and_runs_the_collectives(local_cluster):
     for nice, raised, main in local_cluster(2).run(priorities_not_permitted):
         assert (nice, raised, main) == (0, False, 0)
+
+
+@pytest.mark.timeout(60)
+def test_any_failure_to_raise_the_priority_leaves_the_channel_thread_running_its_collectives(local_cluster):
+    for nice, raised, main in local_cluster(2).run(priorities_not_permitted, "overflow"):
+        assert (nice, raised, main) == (0, False, 0)
+
+
+def test_apply_calls_setpriority_on_a_thread_id_only_on_linux(monkeypatch):
+    """Elsewhere PRIO_PROCESS takes a process id, and a thread id there may name another process."""
+    import sys
+
+    calls = []
+    monkeypatch.setattr(os, "setpriority", lambda *args: calls.append(args), raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert thread_priority.apply(-10) is False and calls == []
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert thread_priority.apply(-10) is True and len(calls) == 1
 
 
 @pytest.mark.timeout(60)
