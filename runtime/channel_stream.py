@@ -31,8 +31,10 @@ class ChannelStream:
         self._thread = None
         self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
-        # (read here, so that a bad RINGPIPE_COMM_THREAD_NICE fails the collective that opens the channel)
-        self._nice = thread_priority.comm_thread_nice()
+        # Raised only while the members have a core each (the spin does not yield): where ranks
+        # outnumber cores, a peer waited for may need this core more than this thread does.
+        nice = thread_priority.comm_thread_nice()
+        self._nice = None if getattr(getattr(self, "spin", None), "yields", False) else nice
         self.priority_raised = None  # whether the thread got self._nice (once it started)
 
     def busy(self) -> bool:

@@ -7,6 +7,9 @@ checked here: one ValueError naming the option, its value and the allowed range.
 from __future__ import annotations
 
 import math
+import os
+
+from ringpipe.runtime import env_setting
 
 MIN_ARENA_BYTES = 1 << 20  # the pair rings take a quarter; the rest holds channels and blocks
 ALGORITHMS = ("auto", "direct", "ring", "shm")
@@ -46,6 +49,7 @@ def check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worke
     if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
                                                                 for k, v in env.items())):
         raise ValueError(f"Cluster option env={env!r} is out of range: expected a dict of strings to strings (or None)")
+    env_setting.check({**os.environ, **(env or {})})  # the workers' tuning variables (runtime/env_setting.py)
     if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
         raise ValueError(f"Cluster option log_dir={log_dir!r} is out of range: expected a path (or None)")
     _number("restart_count", restart_count, 0, integer=True)

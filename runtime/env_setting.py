@@ -8,10 +8,28 @@ import os
 OFF = "off"
 
 
-def int_setting(name: str, low: int | None = None, high: int | None = None) -> int | str | None:
-    """os.environ[name] as an int within [low, high] (either end None: open), OFF for "off" (any case),
-    None when unset or blank. Raises ValueError naming the variable for anything else."""
-    text = os.environ.get(name, "").strip().lower()
+# The integer settings read through here and their bounds: `check` looks at all of them at once.
+SETTINGS = {"RINGPIPE_SHM_STREAM_MIN": (0, None), "RINGPIPE_SHM_STREAM_REDUCE_MAX": (0, None),
+            "RINGPIPE_COMM_THREAD_NICE": (-20, 19)}
+
+
+def setting(name: str, environ=None) -> int | str | None:
+    """int_setting of a variable of SETTINGS, within its bounds."""
+    return int_setting(name, *SETTINGS[name], environ=environ)
+
+
+def check(environ=None) -> None:
+    """Raise the ValueError of the first variable of SETTINGS that `environ` (default os.environ)
+    holds a bad value for: the driver checks its workers' environment before starting them, and
+    a worker its own at start (a launcher on another host)."""
+    for name in SETTINGS:
+        setting(name, environ)
+
+
+def int_setting(name: str, low: int | None = None, high: int | None = None, environ=None) -> int | str | None:
+    """environ[name] (default os.environ) as an int within [low, high] (either end None: open), OFF for
+    "off" (any case), None when unset or blank. Raises ValueError naming the variable for anything else."""
+    text = (os.environ if environ is None else environ).get(name, "").strip().lower()
     if not text:
         return None
     if text == OFF:
@@ -31,4 +49,4 @@ def int_setting(name: str, low: int | None = None, high: int | None = None) -> i
     return value
 
 
-__all__ = ["int_setting", "OFF"]
+__all__ = ["int_setting", "setting", "check", "SETTINGS", "OFF"]

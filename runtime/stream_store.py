@@ -45,7 +45,7 @@ NO_LIMIT = 1 << 62
 def _setting() -> int | None:
     """RINGPIPE_SHM_STREAM_MIN as bytes (0: never), or None when unset. Raises ValueError naming the
     variable for anything else."""
-    value = env_setting.int_setting("RINGPIPE_SHM_STREAM_MIN", low=0)
+    value = env_setting.setting("RINGPIPE_SHM_STREAM_MIN")
     return 0 if value == env_setting.OFF else value if value is None else min(value, NO_LIMIT)
 
 
@@ -83,7 +83,7 @@ def reduce_max_bytes() -> int:
     (bytes; "off": no limit), else a quarter of the core's private cache (the operation, this rank's
     buffer and the peers' parts it reads stay in it), else FALLBACK_REDUCE_MAX_BYTES. Raises
     ValueError naming the variable for anything else."""
-    value = env_setting.int_setting("RINGPIPE_SHM_STREAM_REDUCE_MAX", low=0)
+    value = env_setting.setting("RINGPIPE_SHM_STREAM_REDUCE_MAX")
     if value == env_setting.OFF:
         return NO_LIMIT
     if value is not None:

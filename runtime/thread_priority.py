@@ -10,7 +10,9 @@ data-parallel` (dp = 2) waited 0.35-0.64 ms after backward instead of 0.7-2.4 ms
 interleaved pairs, weak-scaling efficiency median 93 % against 91.5 %.
 
 `comm_thread_nice()`: RINGPIPE_COMM_THREAD_NICE (an integer from -20 to 19, or "off": leave the
-thread as it starts), DEFAULT_NICE when unset; a ValueError names the variable otherwise.
+thread as it starts), else DEFAULT_RAISE below the process's own nice; a ValueError names the variable
+otherwise. Only while the group's members have a core each (runtime/channel_stream.py): where ranks
+outnumber cores, a peer may need this core more than this thread does.
 `apply(nice)`: set it for the calling thread (Linux's setpriority on a thread id changes that thread
 only). A nice below the thread's own needs CAP_SYS_NICE or RLIMIT_NICE (a container's root lacks
 CAP_SYS_NICE unless it was granted: Docker's default set has not); without it the thread keeps the
@@ -29,17 +31,27 @@ import threading
 
 from ringpipe.runtime import env_setting
 
-DEFAULT_NICE = -10
+DEFAULT_RAISE = 10  # by default: this much below the process's own nice (-10 for a process at 0)
+
+
+def process_nice() -> int:
+    """The process's nice: its main thread's (on Linux getpriority of a thread id is that thread's)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, os.getpid()) if hasattr(os, "getpriority") else 0
+    except OSError:
+        return 0
 
 
 @functools.lru_cache(maxsize=None)
 def comm_thread_nice() -> int | None:
-    """The nice value for communication threads (None: leave them). Raises ValueError naming
-    RINGPIPE_COMM_THREAD_NICE for anything but an integer in -20..19 or "off"."""
-    value = env_setting.int_setting("RINGPIPE_COMM_THREAD_NICE", low=-20, high=19)
+    """The nice value for communication threads (None: leave them): RINGPIPE_COMM_THREAD_NICE, else
+    DEFAULT_RAISE below the process's nice (at least -20), so a job started niced stays below the
+    rest of the machine. Raises ValueError naming the variable for anything but an integer in -20..19
+    or "off"."""
+    value = env_setting.setting("RINGPIPE_COMM_THREAD_NICE")
     if value == env_setting.OFF:
         return None
-    return DEFAULT_NICE if value is None else value
+    return max(-20, process_nice() - DEFAULT_RAISE) if value is None else value
 
 
 def apply(nice: int | None) -> bool:
@@ -84,4 +96,4 @@ def as_process():
                 pass
 
 
-__all__ = ["comm_thread_nice", "apply", "as_process", "DEFAULT_NICE"]
+__all__ = ["comm_thread_nice", "process_nice", "apply", "as_process", "DEFAULT_RAISE"]

@@ -341,6 +341,11 @@ def main():
     # The engine thread must get the GIL quickly when a message arrives while the main thread
     # computes; the default 5 ms switch interval would delay every collective by up to that much.
     sys.setswitchinterval(float(os.environ.get("RINGPIPE_SWITCH_INTERVAL", "0.0005")))
+    # The integer tuning variables, read once here: a bad value stops the worker at its start with the
+    # variable's name, not a group's channel halfway open (its region pinned, its peers waiting).
+    from ringpipe.runtime import env_setting
+
+    env_setting.check()
     # With a log file, the launcher marks every stderr line with the rank and host already.
     prefix = "" if boot.get("log_path") else f"[ringpipe rank {boot['rank']}] "
     logging.basicConfig(level=logging.WARNING, format=f"{prefix}%(levelname)s %(message)s")

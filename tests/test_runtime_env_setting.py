@@ -34,3 +34,22 @@ def test_an_integer_setting_is_read_within_its_bounds_off_and_unset_and_anything
     with pytest.raises(ValueError, match=r"expected an integer >= 0 or 'off'"):
         env_setting.int_setting("RINGPIPE_TEST_SETTING", low=0)
     assert env_setting.int_setting("RINGPIPE_TEST_SETTING") == -1
+
+
+def test_check_names_the_first_bad_variable_of_an_environment_and_passes_a_good_one():
+    env_setting.check({"RINGPIPE_SHM_STREAM_MIN": "off", "RINGPIPE_COMM_THREAD_NICE": "-5", "OTHER": "x"})
+    with pytest.raises(ValueError, match="RINGPIPE_SHM_STREAM_REDUCE_MAX='lots'"):
+        env_setting.check({"RINGPIPE_SHM_STREAM_REDUCE_MAX": "lots"})
+
+
+@pytest.mark.timeout(60)
+def test_a_command_given_a_bad_setting_says_so_in_one_line_and_exits_non_zero():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RINGPIPE_SHM_STREAM_MIN": "lots"}
+    done = subprocess.run([sys.executable, "-m", "ringpipe.cluster", "bench", "collectives", "--world-size", "2",
+                           "--sizes", "1K", "--rounds", "1"], env=env, capture_output=True, text=True, timeout=50)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "Error: RINGPIPE_SHM_STREAM_MIN='lots': expected an integer >= 0 or 'off'"

@@ -5,14 +5,16 @@ import os
 import numpy as np
 import pytest
 
-from ringpipe.runtime import Cluster, RemoteError, thread_priority
+from ringpipe.runtime import Cluster, thread_priority
 from tests.test_runtime_env_setting import check_setting
+
+DEFAULT_NICE = thread_priority.process_nice() - thread_priority.DEFAULT_RAISE  # (the tests run at nice 0..9)
 
 
 def test_the_nice_comes_from_the_environment_and_a_bad_value_is_named(monkeypatch):
     check_setting(monkeypatch, "RINGPIPE_COMM_THREAD_NICE", thread_priority.comm_thread_nice,
                   thread_priority.comm_thread_nice.cache_clear,
-                  [(None, thread_priority.DEFAULT_NICE), ("off", None), ("5", 5), ("-20", -20), ("19", 19)],
+                  [(None, DEFAULT_NICE), ("off", None), ("5", 5), ("-20", -20), ("19", 19)],
                   ["high", "-21", "20", "1.5"])
 
 
@@ -33,7 +35,7 @@ def test_the_channel_thread_runs_at_the_nice_asked_for_and_the_compute_thread_ke
     for nice, raised, main in local_cluster(2).run(priorities):
         assert main == 0
         if raised:
-            assert nice == thread_priority.DEFAULT_NICE
+            assert nice == DEFAULT_NICE
         else:  # not permitted here (no CAP_SYS_NICE: a container's root often lacks it too): the
             assert not _can_raise_priority() and nice == 0  # thread keeps the process's priority
 
@@ -78,22 +80,37 @@ def test_apply_calls_setpriority_on_a_thread_id_only_on_linux(monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_off_leaves_the_thread_as_it_started_and_a_bad_value_fails_the_collective_that_opens_the_channel():
+def test_off_leaves_the_thread_as_it_started_and_a_bad_value_stops_the_cluster_before_a_worker_starts():
     with Cluster(2, env={"RINGPIPE_COMM_THREAD_NICE": "off"}) as cluster:
         for nice, raised, main in cluster.run(priorities):
             assert (nice, raised, main) == (0, True, 0)
-    with Cluster(2, env={"RINGPIPE_COMM_THREAD_NICE": "urgent"}, timeout=10) as cluster:
-        with pytest.raises(RemoteError, match="RINGPIPE_COMM_THREAD_NICE='urgent'"):
-            cluster.run(priorities, timeout=30)
+    with pytest.raises(ValueError, match="RINGPIPE_COMM_THREAD_NICE='urgent': expected an integer from -20 to 19"):
+        Cluster(2, env={"RINGPIPE_COMM_THREAD_NICE": "urgent"})
+
+
+def everyones_priorities(comm):
+    """priorities(comm) on a group of every rank."""
+    group = comm.new_group(list(range(comm.size)))
+    group.all_reduce(np.ones(1000), async_op=True).wait(timeout=20)
+    thread = comm.engine.channels[group.group.gid]._thread
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+@pytest.mark.timeout(60)
+def test_with_more_ranks_than_cores_the_thread_keeps_the_process_s_priority(local_cluster):
+    ranks = len(os.sched_getaffinity(0)) + 1  # (a peer may need this core more than this thread does)
+    if ranks > 8:
+        pytest.skip(f"{ranks} ranks: too many processes for a test")
+    assert local_cluster(ranks).run(everyones_priorities) == [0] * ranks
 
 
 def _can_raise_priority() -> bool:
-    """Whether a thread of this process may take thread_priority.DEFAULT_NICE (CAP_SYS_NICE or
+    """Whether a thread of this process may take DEFAULT_NICE (CAP_SYS_NICE or
     RLIMIT_NICE: a container's root often has neither)."""
     import threading
 
     got = []
-    thread = threading.Thread(target=lambda: got.append(thread_priority.apply(thread_priority.DEFAULT_NICE)))
+    thread = threading.Thread(target=lambda: got.append(thread_priority.apply(DEFAULT_NICE)))
     thread.start()
     thread.join()
     return got[0]
@@ -117,7 +134,7 @@ def test_a_compiler_started_from_the_channel_thread_runs_at_the_process_priority
     seen = []
 
     def build():
-        thread_priority.apply(thread_priority.DEFAULT_NICE)
+        thread_priority.apply(DEFAULT_NICE)
         c_library.build("stream_store", sources=["stream_store.c"])
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
@@ -125,4 +142,4 @@ def test_a_compiler_started_from_the_channel_thread_runs_at_the_process_priority
     thread.start()
     thread.join()
     assert int(record.read_text()) == os.getpriority(os.PRIO_PROCESS, os.getpid())
-    assert seen == [thread_priority.DEFAULT_NICE]  # (the thread itself keeps its priority)
+    assert seen == [DEFAULT_NICE]  # (the thread itself keeps its priority)
