@@ -2,22 +2,23 @@
 has the why and the measurements): from which size a copy that peers read next goes to memory
 instead of staying modified in this core's cache.
 
-`stream_min_bytes(n)`: the threshold for a group of `n` members on this host, alike for every
-channel of this process: RINGPIPE_SHM_STREAM_MIN (bytes, read once per group size; "0" or "off": never stream)
-or DEFAULT_MIN_BYTES while the members can have a core each. With more members than cores, a peer
+`stream_min_bytes(n, reduce_bytes=None)`: the threshold for a group of `n` members on this host, alike
+for every channel of this process: RINGPIPE_SHM_STREAM_MIN (bytes; "0" or "off": never stream) or
+DEFAULT_MIN_BYTES while the members can have a core each; 0 for a reduction above `reduce_max_bytes()`. With more members than cores, a peer
 often runs on this same core next, where a plain store leaves the data in the cache it reads from:
 no streaming there unless RINGPIPE_SHM_STREAM_MIN asks for it. A store changes no value, so members
 with different thresholds still agree bitwise; only speed depends on it.
 
-An all_reduce larger than `reduce_max_bytes()` streams nothing: its rounds write and read every
+A reduction larger than `reduce_max_bytes()` (an all_reduce's buffer rounds, a reduce_scatter's
+one-call round up to 1 MiB; not the single-copy path) streams nothing: its rounds write and read every
 byte of the operation within microseconds on both sides, and once that no longer fits in a core's
 private cache the lines a plain store leaves go to the shared cache, where the peer reads them next;
 streamed, they go to memory and come back from there. Measured (2 ranks, AMD EPYC, 1 MiB L2 per core,
 32 MiB shared L3; `ringpipe bench collectives --world-size 2 --ops all_reduce`, streamed against not,
 three interleaved pairs): 64 KiB 14 against 22 µs, 256 KiB 31 against 44, but 384 KiB 65 against 45,
 1 MiB 123 against 70, 4 MiB 480 against 360 and 64 MiB 13.8 against 12.2 ms. Broadcast, all_gather
-and sendrecv stream at every size (there streaming won at every size measured, 64 KiB to 4 MiB, by
-1.2-7x: their reader takes each line once from the writer's cache otherwise).
+and sendrecv stream at every size (broadcast and sendrecv were 2.5-7x faster streamed from 64 KiB to
+1 MiB: their reader takes each line once from the writer's cache otherwise).
 
 `copy(dst, src)`: the Python paths' copy into a buffer (runtime/shm_collectives.py), streamed from
 the threshold through the C helper where it builds, else NumPy's copy.
@@ -42,11 +43,13 @@ FALLBACK_REDUCE_MAX_BYTES = 256 << 10
 NO_LIMIT = 1 << 62
 
 
-def _setting() -> int | None:
-    """RINGPIPE_SHM_STREAM_MIN as bytes (0: never), or None when unset. Raises ValueError naming the
-    variable for anything else."""
-    value = env_setting.setting("RINGPIPE_SHM_STREAM_MIN")
-    return 0 if value == env_setting.OFF else value if value is None else min(value, NO_LIMIT)
+def _bytes_setting(name: str, off: int) -> int | None:
+    """Variable `name` as bytes (at most NO_LIMIT), `off` for "off", None when unset. Raises ValueError
+    naming it for anything else."""
+    value = env_setting.setting(name)
+    if value == env_setting.OFF:
+        return off
+    return None if value is None else min(value, NO_LIMIT)
 
 
 def stream_min_bytes(n: int, reduce_bytes: int | None = None) -> int:
@@ -62,14 +65,18 @@ def stream_min_bytes(n: int, reduce_bytes: int | None = None) -> int:
 def private_cache_bytes(cpu: int = 0) -> int | None:
     """The size of CPU `cpu`'s level-2 cache when no other CPU shares it (Linux sysfs), else None."""
     root = f"/sys/devices/system/cpu/cpu{cpu}/cache"
+
+    def read(index: str, name: str) -> str:
+        with open(os.path.join(root, index, name)) as f:
+            return f.read().strip()
+
     try:
         for index in sorted(os.listdir(root)):
-            folder = os.path.join(root, index)
-            if not index.startswith("index") or open(os.path.join(folder, "level")).read().strip() != "2":
+            if not index.startswith("index") or read(index, "level") != "2":
                 continue
-            if open(os.path.join(folder, "shared_cpu_list")).read().strip() != str(cpu):
+            if read(index, "shared_cpu_list") != str(cpu):
                 return None  # (shared by several CPUs: not a core's own)
-            text = open(os.path.join(folder, "size")).read().strip().upper()
+            text = read(index, "size").upper()
             scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
             return int(text.rstrip("KM")) * scale
     except (OSError, ValueError):
@@ -83,18 +90,16 @@ def reduce_max_bytes() -> int:
     (bytes; "off": no limit), else a quarter of the core's private cache (the operation, this rank's
     buffer and the peers' parts it reads stay in it), else FALLBACK_REDUCE_MAX_BYTES. Raises
     ValueError naming the variable for anything else."""
-    value = env_setting.setting("RINGPIPE_SHM_STREAM_REDUCE_MAX")
-    if value == env_setting.OFF:
-        return NO_LIMIT
+    value = _bytes_setting("RINGPIPE_SHM_STREAM_REDUCE_MAX", off=NO_LIMIT)
     if value is not None:
-        return min(value, NO_LIMIT)
+        return value
     private = private_cache_bytes(min(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0)
     return private // 4 if private else FALLBACK_REDUCE_MAX_BYTES
 
 
 @functools.lru_cache(maxsize=None)
 def _min_bytes(n: int) -> int:
-    setting = _setting()
+    setting = _bytes_setting("RINGPIPE_SHM_STREAM_MIN", off=0)
     if setting is not None:
         return setting
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -34,6 +34,12 @@ from ringpipe.runtime import env_setting
 DEFAULT_RAISE = 10  # by default: this much below the process's own nice (-10 for a process at 0)
 
 
+def _threads_settable() -> bool:
+    """Whether a thread's own priority can be set here: Linux only (elsewhere PRIO_PROCESS takes a
+    process id; a thread id may name another process, or not fit a C int: macOS's)."""
+    return sys.platform.startswith("linux") and hasattr(os, "setpriority") and hasattr(threading, "get_native_id")
+
+
 def process_nice() -> int:
     """The process's nice: its main thread's (on Linux getpriority of a thread id is that thread's)."""
     try:
@@ -60,9 +66,7 @@ def apply(nice: int | None) -> bool:
     asynchronous collective of the group waiting."""
     if nice is None:
         return True
-    # Linux only: elsewhere PRIO_PROCESS takes a process id (a thread id may name another process,
-    # or not fit a C int: macOS's).
-    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+    if not _threads_settable():
         return False
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -77,10 +81,10 @@ def as_process():
     again after: what it starts meanwhile does not inherit a nice `apply` gave it. Nothing where
     the thread has the process's nice already, or where that cannot be set."""
     changed = None
-    if sys.platform.startswith("linux") and hasattr(os, "getpriority") and hasattr(threading, "get_native_id"):
+    if _threads_settable():
         try:
             me = threading.get_native_id()
-            own, process = os.getpriority(os.PRIO_PROCESS, me), os.getpriority(os.PRIO_PROCESS, os.getpid())
+            own, process = os.getpriority(os.PRIO_PROCESS, me), process_nice()
             if own != process:
                 os.setpriority(os.PRIO_PROCESS, me, process)
                 changed = (me, own)
