@@ -31,10 +31,11 @@ class ChannelStream:
         self._thread = None
         self._running = None  # abort key of the operation this thread runs now
         self._cancelled_through = -1  # operations of calls up to this one are cancelled
-        # Raised only while the members have a core each (the spin does not yield): where ranks
-        # outnumber cores, a peer waited for may need this core more than this thread does.
+        # Raised only while this job's ranks on the host have a core each (not the group's members:
+        # ranks of other groups share the cores too): where they outnumber cores, a peer waited for
+        # may need this core more than this thread does.
         nice = thread_priority.comm_thread_nice()
-        self._nice = None if getattr(getattr(self, "spin", None), "yields", False) else nice
+        self._nice = nice if thread_priority.ranks_fit_cores(len(self.engine.shm_peers) + 1) else None
         self.priority_raised = None  # whether the thread got self._nice (once it started)
 
     def busy(self) -> bool:
@@ -75,6 +76,8 @@ class ChannelStream:
         # Above the compute threads, so that a launched collective starts at once (runtime/thread_priority.py).
         try:  # (nothing may end this thread before its loop: the queued operations would never finish)
             self.priority_raised = thread_priority.apply(self._nice)
+            if not self.priority_raised:
+                thread_priority.say_refused(self._nice)
         except Exception:  # noqa: BLE001 - the thread keeps the process's priority
             self.priority_raised = False
         while True:

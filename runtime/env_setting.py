@@ -4,6 +4,7 @@ ValueError that names the variable and what it takes."""
 from __future__ import annotations
 
 import os
+import re
 
 OFF = "off"
 
@@ -29,16 +30,18 @@ def check(environ=None) -> None:
 def int_setting(name: str, low: int | None = None, high: int | None = None, environ=None) -> int | str | None:
     """environ[name] (default os.environ) as an int within [low, high] (either end None: open), OFF for
     "off" (any case), None when unset or blank. Raises ValueError naming the variable for anything else."""
-    text = (os.environ if environ is None else environ).get(name, "").strip().lower()
-    if not text:
+    given = (os.environ if environ is None else environ).get(name, "").strip()
+    if not given:
         return None
-    if text == OFF:
+    if given.lower() == OFF:
         return OFF
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
+    value = None
+    if re.fullmatch(r"-?[0-9]+", given):  # (ASCII digits only: int() would take "1_000", "+5", "５")
+        sign, digits = (-1 if given.startswith("-") else 1), given.lstrip("-").lstrip("0") or "0"
+        # (past 40 digits, beyond any bound here: int() refuses past 4300)
+        value = sign * (int(digits) if len(digits) <= 40 else 10**40)
     if value is None or (low is not None and value < low) or (high is not None and value > high):
+        text = given if len(given) <= 40 else given[:40] + "..."
         if low is not None and high is not None:
             expected = f"an integer from {low} to {high}"
         elif low is not None:

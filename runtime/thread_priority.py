@@ -11,8 +11,9 @@ interleaved pairs, weak-scaling efficiency median 93 % against 91.5 %.
 
 `comm_thread_nice()`: RINGPIPE_COMM_THREAD_NICE (an integer from -20 to 19, or "off": leave the
 thread as it starts), else DEFAULT_RAISE below the process's own nice; a ValueError names the variable
-otherwise. Only while the group's members have a core each (runtime/channel_stream.py): where ranks
-outnumber cores, a peer may need this core more than this thread does.
+otherwise. Only while this job's ranks on the host have a core each (runtime/channel_stream.py):
+where they outnumber cores, a peer may need this core more than this thread does. An explicit value
+that may not be set is said once (`say_refused`).
 `apply(nice)`: set it for the calling thread (Linux's setpriority on a thread id changes that thread
 only). A nice below the thread's own needs CAP_SYS_NICE or RLIMIT_NICE (a container's root lacks
 CAP_SYS_NICE unless it was granted: Docker's default set has not); without it the thread keeps the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import sys
 import threading
@@ -40,6 +42,26 @@ def _threads_settable() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "setpriority") and hasattr(threading, "get_native_id")
 
 
+def ranks_fit_cores(ranks: int) -> bool:
+    """Whether `ranks` processes (this job's on this host) can have a core each of this process's affinity."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return ranks <= cores
+
+
+_said: list = []
+
+
+def say_refused(nice: int | None) -> None:
+    """Warn once per process that a nice RINGPIPE_COMM_THREAD_NICE asked for could not be set (the
+    default's refusal is expected without CAP_SYS_NICE, and stays quiet)."""
+    if nice is None or _said or env_setting.setting("RINGPIPE_COMM_THREAD_NICE") is None:
+        return
+    _said.append(nice)
+    logging.getLogger("ringpipe").warning(
+        "RINGPIPE_COMM_THREAD_NICE=%d: not permitted here (it needs CAP_SYS_NICE or RLIMIT_NICE); the "
+        "channel threads keep the process's priority", nice)
+
+
 def process_nice() -> int:
     """The process's nice: its main thread's (on Linux getpriority of a thread id is that thread's)."""
     try:
@@ -51,8 +73,8 @@ def process_nice() -> int:
 @functools.lru_cache(maxsize=None)
 def comm_thread_nice() -> int | None:
     """The nice value for communication threads (None: leave them): RINGPIPE_COMM_THREAD_NICE, else
-    DEFAULT_RAISE below the process's nice (at least -20), so a job started niced stays below the
-    rest of the machine. Raises ValueError naming the variable for anything but an integer in -20..19
+    DEFAULT_RAISE below the process's nice (at least -20): relative, so a job started at nice 19 runs
+    them at 9, not above the rest of the machine (one started at nice 0..9 does run them above it). Raises ValueError naming the variable for anything but an integer in -20..19
     or "off"."""
     value = env_setting.setting("RINGPIPE_COMM_THREAD_NICE")
     if value == env_setting.OFF:
@@ -100,4 +122,5 @@ def as_process():
                 pass
 
 
-__all__ = ["comm_thread_nice", "process_nice", "apply", "as_process", "DEFAULT_RAISE"]
+__all__ = ["comm_thread_nice", "process_nice", "ranks_fit_cores", "say_refused", "apply", "as_process",
+           "DEFAULT_RAISE"]

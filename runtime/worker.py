@@ -345,7 +345,11 @@ def main():
     # variable's name, not a group's channel halfway open (its region pinned, its peers waiting).
     from ringpipe.runtime import env_setting
 
-    env_setting.check()
+    try:
+        env_setting.check()
+    except ValueError as exc:
+        print(f"ringpipe worker rank {boot['rank']}: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     # With a log file, the launcher marks every stderr line with the rank and host already.
     prefix = "" if boot.get("log_path") else f"[ringpipe rank {boot['rank']}] "
     logging.basicConfig(level=logging.WARNING, format=f"{prefix}%(levelname)s %(message)s")

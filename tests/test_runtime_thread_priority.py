@@ -89,11 +89,17 @@ def test_off_leaves_the_thread_as_it_started_and_a_bad_value_stops_the_cluster_b
 
 
 def everyones_priorities(comm):
-    """priorities(comm) on a group of every rank."""
-    group = comm.new_group(list(range(comm.size)))
-    group.all_reduce(np.ones(1000), async_op=True).wait(timeout=20)
-    thread = comm.engine.channels[group.group.gid]._thread
-    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+    """The nice of the channel threads of a group of every rank and of a group of ranks 0 and 1 (None
+    on the ranks outside it), after an asynchronous all_reduce on each."""
+    nices = []
+    for ranks in (list(range(comm.size)), [0, 1]):
+        group = comm.new_group(ranks)
+        if group is None:
+            nices.append(None)
+            continue
+        group.all_reduce(np.ones(1000), async_op=True).wait(timeout=20)
+        nices.append(os.getpriority(os.PRIO_PROCESS, comm.engine.channels[group.group.gid]._thread.native_id))
+    return nices
 
 
 @pytest.mark.timeout(60)
@@ -101,7 +107,41 @@ def test_with_more_ranks_than_cores_the_thread_keeps_the_process_s_priority(loca
     ranks = len(os.sched_getaffinity(0)) + 1  # (a peer may need this core more than this thread does)
     if ranks > 8:
         pytest.skip(f"{ranks} ranks: too many processes for a test")
-    assert local_cluster(ranks).run(everyones_priorities) == [0] * ranks
+    # (a group of two fits the cores, but the host's other ranks share them: its thread stays too)
+    assert local_cluster(ranks).run(everyones_priorities) == [[0, 0], [0, 0]] + [[0, None]] * (ranks - 2)
+
+
+def refused_explicit_nice(comm):
+    """The warnings a rank logs when RINGPIPE_COMM_THREAD_NICE=-5 may not be set (setpriority refused)."""
+    import logging
+
+    os.environ["RINGPIPE_COMM_THREAD_NICE"] = "-5"
+    thread_priority.comm_thread_nice.cache_clear()
+    thread_priority._said.clear()
+    seen, real = [], os.setpriority
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("ringpipe").addHandler(handler)
+
+    def refuse(which, who, nice):
+        raise PermissionError(13, "Permission denied")
+
+    os.setpriority = refuse
+    try:
+        for _ in range(2):  # (said once per process)
+            priorities(comm)
+    finally:
+        os.setpriority = real
+        logging.getLogger("ringpipe").removeHandler(handler)
+        del os.environ["RINGPIPE_COMM_THREAD_NICE"]
+        thread_priority.comm_thread_nice.cache_clear()
+    return [message for message in seen if "RINGPIPE_COMM_THREAD_NICE" in message]
+
+
+@pytest.mark.timeout(60)
+def test_an_explicit_nice_that_may_not_be_set_is_said_once(local_cluster):
+    for said in local_cluster(2).run(refused_explicit_nice):
+        assert len(said) == 1 and "RINGPIPE_COMM_THREAD_NICE=-5: not permitted here" in said[0]
 
 
 def _can_raise_priority() -> bool:

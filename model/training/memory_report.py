@@ -8,7 +8,8 @@ stages; a mixed run adds the float32 master copies); optimizer: AdamW moments of
 updates (none for a tied weight on the last pipeline stage; ZeRO-1: this rank's 1/dp, and the
 weight-decay rates of that shard); activations: bytes cached for backward now, and their peak since the rank started (the stages'
 `ActivationMemory`); communication: the private buffers of this process's same-host group channels
-(their scratch and state, up to ~1 MiB a group; the shared arena is not counted). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
+(their scratch and state, up to ~1 MiB a group, as allocated: the scratch becomes resident as large
+collectives use it; the shared arena is not counted). peak_rss / rss: the process's VmHWM / VmRSS, which include Python, NumPy and
 temporaries: the accounting above must stay below them, and near them for a large model. traced:
 tracemalloc's (current, peak) when the worker traces (tests), else None.
 """
