@@ -71,6 +71,9 @@ class GroupChannel(ChannelStream):
         self.regions, self._opening, self.open_error = None, opening, None
         self.lock = threading.Lock()
         self.epoch, self.count, self.rounds = None, 0, 0
+        # This job's ranks on this host: what streaming and the thread's priority go by (ranks of
+        # other groups share the cores too).
+        self.host_ranks = len(engine.shm_peers) + 1
         # Spin only while the members have a core each; beyond that, yield the core between looks.
         self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True,
                          len(engine.shm_peers) + 1)

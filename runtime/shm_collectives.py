@@ -86,7 +86,7 @@ def all_reduce(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.ndarra
     if work.nbytes <= min(one_round_bytes(n), channel.buffer_bytes):
         def write(parity):
             stream_store.copy(channel.buffer(me, parity, work.dtype, work.size), work,
-                              stream_store.stream_min_bytes(n, work.nbytes))
+                              stream_store.stream_min_bytes(channel.host_ranks, work.nbytes))
 
         parity = _first_round(channel, write)
         # ((b0 + b1) + b2) + ... in rank order into `work`; this rank's own part is read from `work`
@@ -147,7 +147,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         hi = min(lo + chunk, size)
         spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
 
-    stream_min = stream_store.stream_min_bytes(n, piece.nbytes)
+    stream_min = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
 
     def copy_in(bounds):
         if bounds[me] > bounds[0]:
@@ -204,7 +204,7 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
         def write(parity, piece=piece):
             stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
-                              stream_store.stream_min_bytes(n))
+                              stream_store.stream_min_bytes(channel.host_ranks))
 
         parity = (_first_round if start == 0 else _round)(channel, write)
         for peer in range(n):
@@ -235,7 +235,7 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
 
         def write(parity, part=part, width=width):
             block = channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)
-            stream_min = stream_store.stream_min_bytes(n)
+            stream_min = stream_store.stream_min_bytes(channel.host_ranks)
             stream_store.copy(block[:me], part[:me], stream_min)
             stream_store.copy(block[me + 1 :], part[me + 1 :], stream_min)
 
@@ -274,7 +274,7 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
         def write(parity, piece=piece):
             if me == root:
                 stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
-                                  stream_store.stream_min_bytes(channel.n))
+                                  stream_store.stream_min_bytes(channel.host_ranks))
 
         if start in (starts[0], starts[-1]) or me == root:
             parity = (_first_round if start == 0 else _round)(channel, write)

@@ -99,9 +99,7 @@ class PairRings:
         self.part_bytes = max(1, min(PART_BYTES, engine.arena.size // 4))
         self.waiter = make_waiter(mode)
         self.world_size = world_size
-        # More ranks than cores: yield the core between looks while spinning.
-        yields = world_size > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
-        self.spin = Spin(yields, len(engine.shm_peers) + 1)
+        self.host_known(world_size)  # (until the worker knows its same-host peers: host_known again)
         self.lock = threading.Lock()
         self.send_lock = threading.Lock()
         self.reclaim_lock = threading.Lock()
@@ -114,6 +112,15 @@ class PairRings:
         self._described: dict = {}  # receiver: description bytes -> (group, dtype, shape, nbytes)
         self.fast = shm_p2p_fast.attach(self)  # one call into C for the common case, or None
         self.single_copy = shm_p2p_single_copy.SingleCopy()  # sendrecv's reads of the sender's array
+
+    def host_known(self, host_ranks: int):
+        """This job's ranks on this host (the worker calls it once it knows its same-host peers): more
+        than cores, the spin yields the core between looks and copies do not stream."""
+        self.host_ranks = host_ranks
+        yields = host_ranks > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
+        self.spin = Spin(yields, host_ranks)
+        if getattr(self, "fast", None) is not None:
+            self.fast.host_known(host_ranks)
 
     @staticmethod
     def pin(arena, world_size: int) -> int:
@@ -206,7 +213,7 @@ class PairRings:
         slot = ring.slots[head % SLOTS]
         if inline is not None:  # -1: the payload, REMOTE: where it lies
             stream_store.copy(slot[META_BYTES : META_BYTES + piece.size], piece,
-                              stream_store.stream_min_bytes(self.world_size))
+                              stream_store.stream_min_bytes(self.host_ranks))
             slot[REFUSED_AT], block = 0, inline
         else:
             block = self._place(ring, head, piece, deadline, name, timeout, dst)
@@ -226,7 +233,7 @@ class PairRings:
             block = arena.alloc(piece.size)
             if block is not None:
                 stream_store.copy(arena.view(block, piece.size), piece,
-                                  stream_store.stream_min_bytes(self.world_size))
+                                  stream_store.stream_min_bytes(self.host_ranks))
                 ring.blocks.append((head, block, generation))
                 return block
             left = deadline - time.monotonic()

@@ -79,7 +79,11 @@ class FastPairs:
         self._prefixes: dict = {}  # group id -> the start of every description of that group
         self.sent = self.received = 0  # messages that took this path (a test's evidence)
         self._arena_address = None  # where this rank's arena is mapped (its blocks of larger messages)
-        lib.set_stream_min(stream_store.stream_min_bytes(rings.world_size))  # (the host's ranks)
+        self.host_known(rings.host_ranks)
+
+    def host_known(self, host_ranks: int):
+        """Streaming as this job's ranks on this host allow (PairRings.host_known)."""
+        self.lib.set_stream_min(stream_store.stream_min_bytes(host_ranks))
 
     def send(self, comm, x, dst, tag) -> bool:
         """True once `x` is in the ring to `dst` (group index); False when the Python path must send it."""

@@ -64,7 +64,7 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
     state[:R_STREAM_MIN + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
                                 chunk, channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
                                 channel.spin.ns(), int(channel.spin.yields), int(first), 0,
-                                stream_store.stream_min_bytes(n, piece.nbytes)]
+                                stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)]
     for member in range(n):
         at = R_MEMBERS + R_PER_MEMBER * member
         state[at : at + R_PER_MEMBER] = [channel.words[member], channel.sleepers[member],

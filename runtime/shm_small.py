@@ -91,7 +91,7 @@ class SmallRounds:
         self.address = int(self.ctl.ctypes.data)
         self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
-        self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(n)  # (the extension's copy in)
+        self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks)  # (the extension's copy in)
         self.ctl[C_STREAM_REDUCE_MAX] = stream_store.reduce_max_bytes()  # (its reduce-scatter round)
         self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
         self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS

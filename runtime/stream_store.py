@@ -2,9 +2,11 @@
 has the why and the measurements): from which size a copy that peers read next goes to memory
 instead of staying modified in this core's cache.
 
-`stream_min_bytes(n, reduce_bytes=None)`: the threshold for a group of `n` members on this host, alike
-for every channel of this process: RINGPIPE_SHM_STREAM_MIN (bytes; "0" or "off": never stream) or
-DEFAULT_MIN_BYTES while the members can have a core each; 0 for a reduction above `reduce_max_bytes()`. With more members than cores, a peer
+`stream_min_bytes(n, reduce_bytes=None)`: the threshold where this job has `n` ranks on this host
+(not a group's members: the ranks of other groups share the cores too), alike for every channel of
+this process: RINGPIPE_SHM_STREAM_MIN (bytes; "0" or "off": never stream) or DEFAULT_MIN_BYTES while
+those ranks can have a core each; 0 for a reduction above `reduce_max_bytes()`. With more ranks than
+cores, a peer
 often runs on this same core next, where a plain store leaves the data in the cache it reads from:
 no streaming there unless RINGPIPE_SHM_STREAM_MIN asks for it. A store changes no value, so members
 with different thresholds still agree bitwise; only speed depends on it.

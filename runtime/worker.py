@@ -130,6 +130,8 @@ class Worker:
                 if entry["rank"] != self.rank and same_host(entry, self.host) and entry.get("arena"):
                     self.engine.peer_arenas[entry["rank"]] = PeerArena(entry["arena"], boot["arena_bytes"])
                     self.engine.shm_peers.add(entry["rank"])
+            if self.engine.rings is not None:
+                self.engine.rings.host_known(len(self.engine.shm_peers) + 1)
         self._send({"t": "ready"})
         self._expect("unlink", boot["start_timeout"])
         if arena is not None:

@@ -253,6 +253,7 @@ def test_a_wake_without_the_awaited_member_returns_the_rounds_call_for_its_calle
     engine = SimpleNamespace(tracer=None, send_lock=threading.Lock(), bytes_sent={})
     channel = SimpleNamespace(n=2, me=0, buffer_bytes=buffer_bytes, words=words, sleepers=[w + 8 for w in words],
                               spin=shm_wait.Spin(False), engine=engine, lock=threading.Lock(), _written=[None, None],
+                              host_ranks=2,
                               group=SimpleNamespace(gid=0))
     small = shm_small.SmallRounds(channel, lib)
     if small.ext is None:
@@ -277,3 +278,24 @@ def test_a_wake_without_the_awaited_member_returns_the_rounds_call_for_its_calle
     thread.join(30)
     assert returned, "the round slept on after a wake without member 1"
     assert found["status"] == shm_small.PENDING and int(small.ctl[shm_small.C_PEER]) == 1
+
+
+def stream_thresholds(comm):
+    """(this job's ranks on the host as the pair rings know them, the stream threshold of a group of
+    ranks 0 and 1's channel: None outside it)."""
+    group = comm.new_group([0, 1])
+    if group is None:
+        return comm.engine.rings.host_ranks, None
+    group.barrier()
+    channel = comm.engine.channels[group.group.gid]
+    return comm.engine.rings.host_ranks, int(channel.small.ctl[shm_small.C_STREAM_MIN])
+
+
+@pytest.mark.timeout(60)
+def test_streaming_goes_by_the_job_s_ranks_on_the_host_not_a_group_s_members(local_cluster):
+    ranks = len(os.sched_getaffinity(0)) + 1  # (a group of two fits the cores; the host's ranks do not)
+    if ranks > 8:
+        pytest.skip(f"{ranks} ranks: too many processes for a test")
+    found = local_cluster(ranks).run(stream_thresholds)
+    assert found == [[ranks, 0], [ranks, 0]] + [[ranks, None]] * (ranks - 2)
+    assert local_cluster(2).run(stream_thresholds) == [[2, stream_store.stream_min_bytes(2)]] * 2
