@@ -13,7 +13,7 @@ import threading
 from collections import deque
 from types import SimpleNamespace
 
-from ringpipe.runtime import thread_priority
+from ringpipe.runtime import shm_wait, thread_priority
 from ringpipe.runtime.operations import Cancelled
 
 
@@ -35,7 +35,7 @@ class ChannelStream:
         # ranks of other groups share the cores too): where they outnumber cores, a peer waited for
         # may need this core more than this thread does.
         nice = thread_priority.comm_thread_nice()
-        self._nice = nice if thread_priority.ranks_fit_cores(self.host_ranks) else None
+        self._nice = nice if self.host_ranks <= shm_wait.cores() else None
         self.priority_raised = None  # whether the thread got self._nice (once it started)
 
     def busy(self) -> bool:

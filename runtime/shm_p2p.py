@@ -30,7 +30,7 @@ import numpy as np
 
 from ringpipe.runtime import shm_p2p_fast, shm_p2p_single_copy, stream_store
 from ringpipe.runtime.operations import Aborted, CommTimeout
-from ringpipe.runtime.shm_wait import Spin
+from ringpipe.runtime.shm_wait import Spin, cores
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -100,9 +100,7 @@ class PairRings:
         self.waiter = make_waiter(mode)
         self.world_size = world_size
         self.host_known(world_size)  # (until the worker knows its same-host peers: host_known again)
-        self.lock = threading.Lock()
-        self.send_lock = threading.Lock()
-        self.reclaim_lock = threading.Lock()
+        self.lock, self.send_lock, self.reclaim_lock = threading.Lock(), threading.Lock(), threading.Lock()
         self.tickets = defaultdict(int)  # (src, key) -> receives posted
         self.arrived = defaultdict(int)  # (src, key) -> messages read
         self.kept: dict = {}  # (src, key, index) -> (array, meta)
@@ -116,9 +114,7 @@ class PairRings:
     def host_known(self, host_ranks: int):
         """This job's ranks on this host (the worker calls it once it knows its same-host peers): more
         than cores, the spin yields the core between looks and copies do not stream."""
-        self.host_ranks = host_ranks
-        yields = host_ranks > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True
-        self.spin = Spin(yields, host_ranks)
+        self.host_ranks, self.spin = host_ranks, Spin(host_ranks > cores(), host_ranks)
         if getattr(self, "fast", None) is not None:
             self.fast.host_known(host_ranks)
 
@@ -148,9 +144,7 @@ class PairRings:
         """Put one message in the ring to `dst` (global rank): in one slot, or in parts of at most
         PART_BYTES in arena blocks. Raises CommTimeout naming `dst` when the ring stays full or the
         arena without room until `timeout`."""
-        engine = self.engine
-        deadline = time.monotonic() + timeout
-        nbytes = array.nbytes
+        engine, deadline, nbytes = self.engine, time.monotonic() + timeout, array.nbytes
         flat = (array if array.flags.c_contiguous else np.ascontiguousarray(array)).reshape(-1).view(np.uint8)
         ring = self._out.get(dst) or self._ring(engine.rank, dst)
         description = self._descriptions.get((key[1], array.dtype, array.shape))

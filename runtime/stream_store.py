@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import c_library, env_setting
+from ringpipe.runtime import c_library, env_setting, shm_wait
 
 # Measured with the channel's own rounds (2 ranks, 2 cores): streaming wins from 4 KiB (one-round
 # all_reduce 4 KiB 2.3 -> 1.9 us, 16 KiB 8 -> 5 us); at 1 KiB the fence costs what it saves.
@@ -104,8 +104,7 @@ def _min_bytes(n: int) -> int:
     setting = _bytes_setting("RINGPIPE_SHM_STREAM_MIN", off=0)
     if setting is not None:
         return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return DEFAULT_MIN_BYTES if n <= cores else 0
+    return DEFAULT_MIN_BYTES if n <= shm_wait.cores() else 0
 
 
 _library: list = []

@@ -42,12 +42,6 @@ def _threads_settable() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "setpriority") and hasattr(threading, "get_native_id")
 
 
-def ranks_fit_cores(ranks: int) -> bool:
-    """Whether `ranks` processes (this job's on this host) can have a core each of this process's affinity."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return ranks <= cores
-
-
 _said: list = []
 
 
@@ -122,5 +116,5 @@ def as_process():
                 pass
 
 
-__all__ = ["comm_thread_nice", "process_nice", "ranks_fit_cores", "say_refused", "apply", "as_process",
+__all__ = ["comm_thread_nice", "process_nice", "say_refused", "apply", "as_process",
            "DEFAULT_RAISE"]
