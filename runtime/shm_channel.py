@@ -20,7 +20,6 @@ epoch's zero, and a peer seen in a newer epoch means this operation was aborted.
 """
 from __future__ import annotations
 
-import os
 import threading
 import time
 import zlib
@@ -30,7 +29,7 @@ import numpy as np
 
 from ringpipe.runtime.channel_stream import ChannelStream
 from ringpipe.runtime.operations import Aborted, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
-from ringpipe.runtime.shm_wait import Spin
+from ringpipe.runtime.shm_wait import Spin, cores
 from ringpipe.runtime.shm_wait import waiter as make_waiter
 from ringpipe.runtime.trace import now_ns
 
@@ -74,9 +73,10 @@ class GroupChannel(ChannelStream):
         # This job's ranks on this host: what streaming and the thread's priority go by (ranks of
         # other groups share the cores too).
         self.host_ranks = len(engine.shm_peers) + 1
-        # Spin only while the members have a core each; beyond that, yield the core between looks.
-        self.spin = Spin(self.n > len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else True,
-                         len(engine.shm_peers) + 1)
+        # Spin only while this job's ranks on the host have a core each; beyond that, yield the core
+        # between looks (by the group's members instead, the README's main command: 13,862 -> 14,347
+        # and 14,242 -> 14,365 tok/s, 200 steps, two pairs).
+        self.spin = Spin(self.host_ranks > cores(), self.host_ranks)
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
         if regions is not None:
