@@ -39,11 +39,28 @@ HOST_CORES = os.cpu_count() or 1
 # Pipelined chunks of a large all_reduce (see chunk_elements): small enough that a chunk stays in the
 # caches between its copy in, the peers' reads and its copy out, few enough that a loaded machine
 # (no spin: every wait a trip through the scheduler) does not pay for many waits. 4 MiB while the
-# loop was Python (each step cost tens of µs there). With the loop in C (shm_reduce_chunks), 2 ranks,
-# 4 MiB all_reduce, medians of 5 interleaved rounds on an idle 2-core machine: 256 KiB chunks
-# 2,157 µs, 1 MiB 2,235, 4 MiB 2,514 (16 MiB: all within 4 %); at load ~6, 16 MiB took 41 ms in
-# 256 KiB chunks against 27 ms in 4 MiB ones.
-CHUNK_BYTES = 1 << 20
+# loop was Python (each step cost tens of µs there), then 1 MiB. Since chunks take turns in two slots
+# of the buffer (chunk_start), 2 ranks on the 2-core EPYC VM, `bench collectives --compare mpi`, three
+# interleaved pairs of 5-round medians, 512 KiB chunks against 1 MiB: 2 MiB 127-203 vs 184-368 us,
+# 4 MiB 277-572 vs 392-582 us; against 256 KiB: 4 MiB 297-426 vs 560-739 us.
+CHUNK_BYTES = 512 << 10
+CHUNK_SLOTS = 2  # (csrc/shm_reduce_chunks.c's SLOTS)
+
+
+def chunk_start(lo: int, chunk: int, size: int) -> int:
+    """Where (elements) the chunk of a round that starts at element `lo` of its piece of `size` sits
+    in each member's buffer: a whole chunk k in slot k % CHUNK_SLOTS, so that a round reuses two
+    chunks of buffer that stay in the caches instead of spreading the piece over the whole buffer
+    (2 ranks, 4 MiB all_reduce: 815-848 -> 481-498 us, the piece's 4 MiB and the buffers' 2 x 4 MiB
+    per rank had left the 32 MiB L3); a short last chunk at its own place, which no other chunk of
+    the round uses.
+    Why nothing is written while a peer reads it: a rank writes slot k % 2 in chunk k's copy in,
+    after every peer published chunk k - 1's copy in, i.e. after each summed chunk k - 2 (what it
+    read from this rank's copy in), and in chunk k's sum, after every peer published chunk k's copy
+    in, i.e. after each copied out chunk k - 2's sums. Whole chunks share their parts' bounds, so
+    the copy in of chunk k writes only where the peers' sums of chunk k - 2 were read; a short
+    chunk's bounds differ, hence its own place."""
+    return lo if lo + chunk > size else (lo // chunk) % CHUNK_SLOTS * chunk
 
 
 def one_round_bytes(n: int) -> int:
@@ -130,8 +147,8 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     The copy in of chunk i + 1 goes between the sum of chunk i and the wait for the peers' sums, so
     a rank that is ahead has work to do instead of waiting; a chunk stays in the caches between the
     copy in, the peers' reads and the copy out. Every member publishes the same sequence, so "peer
-    published k times" means the same step everywhere. Nothing in a buffer is overwritten while a
-    peer may read it: the part a rank sums is written only in step 2, and it is read only after.
+    published k times" means the same step everywhere. Chunks take turns in two slots of each
+    buffer (chunk_start, which says why nothing there is overwritten while a peer may read it).
     Where it can, the whole loop runs in C (runtime/shm_reduce_chunks.py), step for step the same."""
     if shm_reduce_chunks.reduce_round(channel, piece, reduce, divisor, first, chunk_elements(channel, piece.itemsize)):
         channel.engine.count_sent(channel.group.gid, 2 * (channel.n - 1) * (piece.nbytes // channel.n))
@@ -150,10 +167,12 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     stream_min = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
 
     def copy_in(bounds):
+        shift = chunk_start(bounds[0], chunk, size) - bounds[0]  # buffer index - piece index
         if bounds[me] > bounds[0]:
-            stream_store.copy(mine[bounds[0] : bounds[me]], piece[bounds[0] : bounds[me]], stream_min)
+            stream_store.copy(mine[bounds[0] + shift : bounds[me] + shift], piece[bounds[0] : bounds[me]], stream_min)
         if bounds[n] > bounds[me + 1]:
-            stream_store.copy(mine[bounds[me + 1] : bounds[n]], piece[bounds[me + 1] : bounds[n]], stream_min)
+            stream_store.copy(mine[bounds[me + 1] + shift : bounds[n] + shift], piece[bounds[me + 1] : bounds[n]],
+                              stream_min)
 
     c = c_sum(dtype, reduce)
     if c is not None:  # addresses by arithmetic: asking NumPy for each slice's costs microseconds
@@ -167,15 +186,16 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         channel.wait_all()
         if first and index == 0:
             channel.check_signatures(parity)
-        own = slice(bounds[me], bounds[me + 1])
+        shift = chunk_start(bounds[0], chunk, size) - bounds[0]
+        own, slot_own = slice(bounds[me], bounds[me + 1]), slice(bounds[me] + shift, bounds[me + 1] + shift)
         if c is not None:
-            skip = bounds[me] * itemsize
-            inputs = [piece_at + skip if peer == me else buffer_at[peer] + skip for peer in range(n)]
+            skip, slot_skip = bounds[me] * itemsize, (bounds[me] + shift) * itemsize
+            inputs = [piece_at + skip if peer == me else buffer_at[peer] + slot_skip for peer in range(n)]
             count = bounds[me + 1] - bounds[me]
-            c(inputs, count, divisor, buffer_at[me] + skip, piece_at + skip, 0 < stream_min <= count * itemsize)
+            c(inputs, count, divisor, buffer_at[me] + slot_skip, piece_at + skip, 0 < stream_min <= count * itemsize)
         else:
-            reduce_into(reduce, [piece[own] if peer == me else buffers[peer][own] for peer in range(n)], mine[own],
-                        piece[own], divisor)
+            reduce_into(reduce, [piece[own] if peer == me else buffers[peer][slot_own] for peer in range(n)],
+                        mine[slot_own], piece[own], divisor)
         channel.publish()
         if index + 1 < len(spans):
             copy_in(spans[index + 1])
@@ -185,7 +205,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
             channel.wait_all()
         for peer in range(n):
             if peer != me:
-                piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] : bounds[peer + 1]]
+                piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] + shift : bounds[peer + 1] + shift]
     channel.engine.count_sent(channel.group.gid, 2 * (n - 1) * (piece.nbytes // n))  # bytes, as the ring's
 
 

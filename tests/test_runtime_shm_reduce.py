@@ -359,3 +359,10 @@ def test_the_c_chunk_loop_resumes_after_each_wait_with_the_python_loops_targets_
     assert {index for index, _, _ in waits} == set(range(11)), waits  # a wait in every chunk
     for index, step, behind in waits:
         assert (step, behind) == ((1, 0) if step == 1 else (3, 0 if index == 10 else 1)), waits
+    # whole chunks take turns in two chunk-sized slots of each buffer, the short last one (elements
+    # 970..1000) sits at its own place: nothing else of the buffers was written
+    for region in regions:
+        written = np.flatnonzero(region[64 : 64 + buffer_bytes].view(np.float32))
+        assert set(written) <= set(range(2 * chunk)) | set(range(970, count)), written
+        assert written.max() >= 970 and written.min() < chunk
+        assert not region[64 + buffer_bytes :].any()  # a round writes one parity's buffer

@@ -9,6 +9,8 @@ Per chunk (its bounds split it into n parts, part i summed by member i):
             publishes;
   copy out  once every member published its sum, it copies the peers' sums into the caller's array.
 The copy in of chunk i + 1 goes between the sum of chunk i and the wait for the peers' sums.
+Chunks take turns in SLOTS chunk-sized slots at the start of each member's buffer (at() below), as
+shm_collectives._reduce_round's do: a round keeps two chunks of buffer in the caches, not the piece.
 
 A wait here only spins (the spin the caller gives, GIL released by ctypes); when a member is not
 there by then, the call returns WAIT with that member and the counter value it needs, and the
@@ -33,6 +35,15 @@ enum { EPOCH_SHIFT = 40, MAX_MEMBERS = 64 };
 
 #define MEMBER(s, i, field) ((s)[R_MEMBERS + (i) * R_PER_MEMBER + (field)])
 #define BUFFER(s, i) ((char *)(intptr_t)MEMBER(s, i, 2))
+enum { SLOTS = 2 }; /* shm_collectives.CHUNK_SLOTS */
+
+/* Element `e` of the chunk that starts at element `lo`, in member `i`'s buffer: a whole chunk k sits
+   in slot k % SLOTS, a short last one at its own place (shm_collectives.chunk_start says why). */
+static char *at(const int64_t *s, int64_t i, int64_t lo, int64_t e) {
+    int64_t chunk = s[R_CHUNK];
+    int64_t start = lo + chunk <= s[R_SIZE] ? (lo / chunk) % SLOTS * chunk : lo;
+    return BUFFER(s, i) + (start + e - lo) * s[R_ITEMSIZE];
+}
 
 /* Part `i`'s first element of chunk [lo, hi): as _reduce_round's spans. */
 static int64_t bound(int64_t lo, int64_t hi, int64_t i, int64_t n) { return lo + (hi - lo) * i / n; }
@@ -70,14 +81,13 @@ static int arrived(int64_t *s) {
 static void copy_in(int64_t *s, int64_t lo, int64_t hi) {
     int64_t n = s[R_N], me = s[R_ME], size = s[R_ITEMSIZE];
     const char *piece = (const char *)(intptr_t)s[R_PIECE];
-    char *mine = BUFFER(s, me);
     int64_t first = bound(lo, hi, 0, n), own_lo = bound(lo, hi, me, n), own_hi = bound(lo, hi, me + 1, n);
     int64_t last = bound(lo, hi, n, n);
     int64_t stream = s[R_STREAM_MIN];
     if (own_lo > first)
-        rp_copy_for_peers(mine + first * size, piece + first * size, (size_t)((own_lo - first) * size), stream);
+        rp_copy_for_peers(at(s, me, lo, first), piece + first * size, (size_t)((own_lo - first) * size), stream);
     if (last > own_hi)
-        rp_copy_for_peers(mine + own_hi * size, piece + own_hi * size, (size_t)((last - own_hi) * size), stream);
+        rp_copy_for_peers(at(s, me, lo, own_hi), piece + own_hi * size, (size_t)((last - own_hi) * size), stream);
 }
 
 /* This rank's part of the chunk, in rank order, into its buffer and the caller's array. */
@@ -85,9 +95,9 @@ static void reduce_own(int64_t *s, int64_t lo, int64_t hi) {
     int64_t n = s[R_N], me = s[R_ME], size = s[R_ITEMSIZE];
     int64_t a = bound(lo, hi, me, n), b = bound(lo, hi, me + 1, n), count = b - a;
     char *piece = (char *)(intptr_t)s[R_PIECE] + a * size;
-    char *mine = BUFFER(s, me) + a * size;
+    char *mine = at(s, me, lo, a);
     const void *inputs[MAX_MEMBERS];
-    for (int64_t peer = 0; peer < n; peer++) inputs[peer] = peer == me ? piece : BUFFER(s, peer) + a * size;
+    for (int64_t peer = 0; peer < n; peer++) inputs[peer] = peer == me ? piece : at(s, peer, lo, a);
     int dtype = (int)s[R_DTYPE], op = (int)s[R_OP];
     int stream = s[R_STREAM_MIN] > 0 && count * size >= s[R_STREAM_MIN];
     if (op == RP_OP_SUM && dtype == 0) {
@@ -109,7 +119,7 @@ static void copy_out(int64_t *s, int64_t lo, int64_t hi) {
     for (int64_t peer = 0; peer < n; peer++) {
         if (peer == me) continue;
         int64_t a = bound(lo, hi, peer, n), b = bound(lo, hi, peer + 1, n);
-        memcpy(piece + a * size, BUFFER(s, peer) + a * size, (size_t)((b - a) * size));
+        memcpy(piece + a * size, at(s, peer, lo, a), (size_t)((b - a) * size));
     }
 }
 
