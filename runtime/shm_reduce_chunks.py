@@ -57,21 +57,30 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
         return False
     if divisor and (op_code != 0 or dtype_code > 1):  # an average: a sum of floats (the C loop divides those)
         return False
-    state = getattr(channel, "_chunk_state", None)
-    if state is None:
-        state = channel._chunk_state = np.zeros(R_MEMBERS + R_PER_MEMBER * n, np.int64)
+    states = getattr(channel, "_chunk_states", None)
+    if states is None:  # one state per parity, with its address: the members' words and buffers written once
+        states = channel._chunk_states = []
+        for parity in range(2):
+            state = np.zeros(R_MEMBERS + R_PER_MEMBER * n, np.int64)
+            state[R_N], state[R_ME] = n, me
+            for member in range(n):
+                at = R_MEMBERS + R_PER_MEMBER * member
+                state[at : at + R_PER_MEMBER] = [channel.words[member], channel.sleepers[member],
+                                                 channel.buffer_address(member, parity)]
+            states.append((state, state.ctypes.data))
     parity = channel.next_round()
-    state[:R_STREAM_MIN + 1] = [n, me, piece.ctypes.data, piece.size, piece.itemsize, dtype_code, op_code, divisor,
-                                chunk, channel.epoch << EPOCH_SHIFT, channel.count, 0, 0, 0, 0,
-                                channel.spin.ns(), int(channel.spin.yields), int(first), 0,
-                                stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)]
-    for member in range(n):
-        at = R_MEMBERS + R_PER_MEMBER * member
-        state[at : at + R_PER_MEMBER] = [channel.words[member], channel.sleepers[member],
-                                         channel.buffer_address(member, parity)]
+    state, address = states[parity]
+    channel._chunk_state = state  # (the round's, for a look from its waits)
+    # Item by item: a Python list into the array costs more (these calls run between a data-parallel
+    # step's kernels, the caches cold).
+    state[R_PIECE], state[R_SIZE], state[R_ITEMSIZE] = piece.__array_interface__["data"][0], piece.size, piece.itemsize
+    state[R_DTYPE], state[R_OP], state[R_DIVISOR], state[R_CHUNK] = dtype_code, op_code, divisor, chunk
+    state[R_EPOCH], state[R_COUNT], state[R_STEP], state[R_INDEX] = channel.epoch << EPOCH_SHIFT, channel.count, 0, 0
+    state[R_PEER], state[R_TARGET], state[R_SPIN_NS] = 0, 0, channel.spin.ns()
+    state[R_YIELD], state[R_FIRST], state[R_WAITED_NS] = channel.spin.yields, first, 0
+    state[R_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
     if first:
         channel.write_signature(parity)
-    address = state.ctypes.data
     try:
         while True:
             status = lib.rp_reduce_chunks(address)

