@@ -53,6 +53,13 @@ from ringpipe.runtime.reduce_kernels import c_sum, reduce_into
 # 1.04: at most MAX_RANKS. reduce_scatter: 2 ranks 4 MiB 1.16, 64 MiB 0.91; 4 ranks 1.21, 1.05.
 MIN_READ_BYTES = {"all_reduce": 2 << 20, "broadcast": 2 << 20, "all_gather": 1 << 20, "reduce_scatter": None}
 MAX_RANKS = {"all_gather": 2}
+# Operations whose arena path pipelines in chunks that take turns in two slots of the buffer while
+# every member has a core (shm_collectives.chunk_elements, chunk_start): there it beats this path at
+# every size. 2 ranks on the 2-vCPU EPYC VM, `bench collectives --compare mpi`, two interleaved pairs,
+# arena / single-copy: all_reduce 8 MiB 1,117-1,153 / 1,493-2,854 us, 16 MiB 2,522-2,629 /
+# 3,218-4,892, 64 MiB 9,831-12,078 / 13,783-16,474.
+PIPELINED = {"all_reduce"}
+HOST_CORES = os.cpu_count() or 1
 READ_CHUNK_BYTES = 256 << 10  # per peer: fewer calls (the fixed cost) while the chunks stay in L2 / L3
 # This module's words in a channel region's header (after both parities' signatures, which end at
 # 2112): pid, probe word's address, nonce, verdict, whether this collective probes, then per parity
@@ -68,6 +75,8 @@ def chosen(channel, op: str, nbytes: int) -> bool:
     probe said no; True before it (the probe runs in `begin`)."""
     least, n = MIN_READ_BYTES[op], channel.n
     if least is None or n > MAX_RANKS.get(op, n) or getattr(channel, "single_copy", None) is False:
+        return False
+    if op in PIPELINED and n <= HOST_CORES:  # (the host's count, alike on every member, as chunk_elements')
         return False
     # A broadcast's arena path copies the root's array once into a buffer that n - 1 members then
     # read from the shared caches: the more readers, the longer that one copy keeps up.

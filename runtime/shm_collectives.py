@@ -35,7 +35,7 @@ ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
 # (one-round threshold 16 / 32 / 64 / 128 KiB): 32 KiB 28.5 / 23.5 / 35.1 / 38.6 us, 64 KiB 34.1 /
 # 32.8 / 47.3 / 45.8, 128 KiB 44.1 / 42.7 / 45.7 / 49.5, 256 KiB 63.2 / 65.2 / 66.5 / 70.5.
 ONE_ROUND_CORES_BYTES = 32 << 10
-HOST_CORES = os.cpu_count() or 1
+HOST_CORES = shm_cma.HOST_CORES
 # Pipelined chunks of a large all_reduce (see chunk_elements): small enough that a chunk stays in the
 # caches between its copy in, the peers' reads and its copy out, few enough that a loaded machine
 # (no spin: every wait a trip through the scheduler) does not pay for many waits. 4 MiB while the

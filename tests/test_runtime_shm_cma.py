@@ -53,14 +53,16 @@ def run_cases(comm, group):
 def with_thresholds(value, run):
     """`run()` with every operation's MIN_READ_BYTES at `value` (0: single-copy at every size and
     group size; None: never), alike on every member."""
-    saved, most = dict(shm_cma.MIN_READ_BYTES), dict(shm_cma.MAX_RANKS)
+    saved, most, pipelined = dict(shm_cma.MIN_READ_BYTES), dict(shm_cma.MAX_RANKS), set(shm_cma.PIPELINED)
     shm_cma.MIN_READ_BYTES.update(dict.fromkeys(saved, value))
     shm_cma.MAX_RANKS.clear()
+    shm_cma.PIPELINED.clear()
     try:
         return run()
     finally:
         shm_cma.MIN_READ_BYTES.update(saved)
         shm_cma.MAX_RANKS.update(most)
+        shm_cma.PIPELINED.update(pipelined)
 
 
 def single_copy_and_arena(comm):
@@ -315,13 +317,16 @@ def test_the_path_is_chosen_by_the_bytes_a_rank_reads_and_never_after_the_probe_
     def chosen(n, op, nbytes, state=None):
         return shm_cma.chosen(SimpleNamespace(n=n, single_copy=state), op, nbytes)
 
-    least = shm_cma.MIN_READ_BYTES["all_reduce"]
-    assert chosen(4, "all_reduce", 2 * least) and not chosen(2, "all_reduce", 2 * least)  # reads 3/4 vs 1/2
+    least, cores = shm_cma.MIN_READ_BYTES["all_reduce"], shm_cma.HOST_CORES
+    # an all_reduce pipelines on the arena while the members have a core each (shm_cma.PIPELINED)
+    assert not chosen(cores, "all_reduce", 1 << 30) and chosen(cores + 1, "all_reduce", 1 << 30)
+    assert chosen(max(4, cores + 1), "all_reduce", 2 * least)  # reads 3/4 (and more) of it ...
+    assert not chosen(max(4, cores + 1), "all_reduce", least)  # ... of what it reads by the threshold
     assert chosen(2, "broadcast", 2 * least) and not chosen(4, "broadcast", 2 * least)  # per reader of the root's
     assert not chosen(4, "all_reduce", 1 << 30, state=False)
     assert chosen(2, "all_gather", 1 << 30) and not chosen(4, "all_gather", 1 << 30)  # saves 1 copy of n
     for op, path in shm_cma.MIN_READ_BYTES.items():
-        assert chosen(2, op, 1 << 30) == (path is not None), op
+        assert chosen(max(2, cores + 1) if op in shm_cma.PIPELINED else 2, op, 1 << 30) == (path is not None), op
 
 
 def test_ringpipe_cma_0_turns_every_single_copy_path_off_from_a_processs_start():

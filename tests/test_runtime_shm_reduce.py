@@ -252,7 +252,8 @@ def bytes_sent_per_path(comm):
     chunk loop, the Python one, the single-copy path where this group can take it, and the engine's
     ring; the payload bytes each counted as sent by this rank."""
     x = np.ones(3 << 16, np.float32)
-    saved = dict(shm_cma.MIN_READ_BYTES)
+    saved, pipelined = dict(shm_cma.MIN_READ_BYTES), set(shm_cma.PIPELINED)
+    shm_cma.PIPELINED.clear()
     counted = {}
     try:
         comm.barrier()
@@ -265,6 +266,7 @@ def bytes_sent_per_path(comm):
         return counted
     finally:
         shm_cma.MIN_READ_BYTES.update(saved)
+        shm_cma.PIPELINED.update(pipelined)
         os.environ.pop("RINGPIPE_SHM_CHUNKS", None)
 
 
