@@ -19,7 +19,7 @@ int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
 enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_COUNT = 12, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
-       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_STREAM_REDUCE_MAX = 28,
+       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_STREAM_MAX = 28,
        C_MEMBERS = 32, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
 enum { KIND_REDUCE = 1, KIND_HALVES = 2 };
@@ -29,14 +29,17 @@ enum { FROM_SCRATCH = -1, FROM_EVERY_MEMBER = -2 };
 
 #define BUFFER(ctl, member, parity) ((char *)(intptr_t)(ctl)[C_MEMBERS + (member) * C_PER_MEMBER + 4 + (parity)])
 
-static void copy_out(const int64_t *ctl, char *out, Py_ssize_t length, int64_t source) {
+/* `own` (NULL: none): this rank's payload, copied in before the round; an all-gather takes its own
+   piece from there, in the caches, not from its buffer, which streamed stores left in memory. */
+static void copy_out(const int64_t *ctl, char *out, Py_ssize_t length, int64_t source, const char *own) {
     int64_t parity = ctl[C_PARITY];
     if (source == FROM_SCRATCH) {
         memcpy(out, (const char *)(intptr_t)ctl[C_SCRATCH], (size_t)length);
     } else if (source == FROM_EVERY_MEMBER) {
         int64_t n = ctl[C_N];
         size_t piece = (size_t)(length / n);
-        for (int64_t member = 0; member < n; member++) memcpy(out + member * piece, BUFFER(ctl, member, parity), piece);
+        for (int64_t member = 0; member < n; member++)
+            memcpy(out + member * piece, member == ctl[C_ME] && own ? own : BUFFER(ctl, member, parity), piece);
     } else {
         memcpy(out, BUFFER(ctl, source, parity), (size_t)length);
     }
@@ -70,20 +73,21 @@ int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long sour
     ctl[C_WAITED_NS] = 0;
     if (payload != Py_None) {
         /* (streamed from the caller's threshold: the peers read it from another core, see stream_store.h;
-           a reduction only up to stream_store.reduce_max_bytes) */
-        int64_t stream_min = ctl[C_KIND] == KIND_REDUCE && in_view.len > ctl[C_STREAM_REDUCE_MAX] ? 0 : ctl[C_STREAM_MIN];
+           only up to stream_store.max_bytes) */
+        int64_t stream_min = in_view.len > ctl[C_STREAM_MAX] ? 0 : ctl[C_STREAM_MIN];
         rp_copy_for_peers(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len, stream_min);
-        PyBuffer_Release(&in_view);
     }
     int status;
     int64_t scratch = ctl[C_SCRATCH];
     int direct = out != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
+    const char *own = payload != Py_None && source == FROM_EVERY_MEMBER ? (const char *)in_view.buf : NULL;
     Py_BEGIN_ALLOW_THREADS
     if (direct) ctl[C_SCRATCH] = (int64_t)(intptr_t)out_view.buf;
     status = rp_small_round(ctl);
     ctl[C_SCRATCH] = scratch;
-    if (status == DONE && out != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source);
+    if (status == DONE && out != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source, own);
     Py_END_ALLOW_THREADS
+    if (payload != Py_None) PyBuffer_Release(&in_view);
     if (out != Py_None) PyBuffer_Release(&out_view);
     return status;
 }
@@ -105,7 +109,7 @@ static PyObject *small_take(PyObject *self, PyObject *const *args, Py_ssize_t na
         return rp_bad_arguments("take(ctl, out, source)");
     Py_buffer in_view, out_view;
     if (take_buffers(Py_None, args[1], &in_view, &out_view) < 0) Py_RETURN_FALSE;
-    copy_out((const int64_t *)(intptr_t)ctl_address, out_view.buf, out_view.len, source);
+    copy_out((const int64_t *)(intptr_t)ctl_address, out_view.buf, out_view.len, source, NULL);
     PyBuffer_Release(&out_view);
     Py_RETURN_TRUE;
 }
