@@ -10,10 +10,8 @@ OFF = "off"
 
 
 # The integer settings read through here and their bounds: `check` looks at all of them at once.
-SETTINGS = {"RINGPIPE_SHM_STREAM_MIN": (0, None), "RINGPIPE_SHM_STREAM_MAX": (0, None),
+SETTINGS = {"RINGPIPE_SHM_STREAM_MIN": (0, None), "RINGPIPE_SHM_STREAM_REDUCE_MAX": (0, None),
             "RINGPIPE_COMM_THREAD_NICE": (-20, 19)}
-# Settings that were renamed: set, they stop the job with the new name instead of doing nothing.
-RENAMED = {"RINGPIPE_SHM_STREAM_REDUCE_MAX": "RINGPIPE_SHM_STREAM_MAX"}
 
 
 def setting(name: str, environ=None) -> int | str | None:
@@ -25,11 +23,6 @@ def check(environ=None) -> None:
     """Raise the ValueError of the first variable of SETTINGS that `environ` (default os.environ)
     holds a bad value for: the driver checks its workers' environment before starting them, and
     a worker its own at start (a launcher on another host)."""
-    environ = os.environ if environ is None else environ
-    for old, new in RENAMED.items():
-        if environ.get(old, "").strip():
-            raise ValueError(f"{old} was renamed {new} (it now bounds the streaming of every operation): "
-                             f"set {new} instead")
     for name in SETTINGS:
         setting(name, environ)
 
@@ -59,4 +52,4 @@ def int_setting(name: str, low: int | None = None, high: int | None = None, envi
     return value
 
 
-__all__ = ["int_setting", "setting", "check", "SETTINGS", "RENAMED", "OFF"]
+__all__ = ["int_setting", "setting", "check", "SETTINGS", "OFF"]

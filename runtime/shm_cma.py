@@ -181,7 +181,7 @@ def _reduce_part(channel, published: int, row_at: int, own: np.ndarray, lo: int,
     remote = [_address(channel, peer, published) + row_at for peer in range(n)]
     own_at, out_at, copy_at = own.ctypes.data, out.ctypes.data, 0 if copy is None else copy.ctypes.data
     # (with a copy, `out` is a buffer)
-    stream_min = stream_store.stream_min_bytes(channel.host_ranks, own.nbytes) if copy is not None else 0
+    stream_min = stream_store.stream_min_bytes(channel.host_ranks) if copy is not None else 0
     for start in range(lo, hi, chunk):
         count = min(chunk, hi - start)
         nbytes, skip = count * itemsize, (start - lo) * itemsize

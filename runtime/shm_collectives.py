@@ -224,7 +224,7 @@ def all_gather(channel, x: np.ndarray, out: np.ndarray) -> np.ndarray:
 
         def write(parity, piece=piece):
             stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
-                              stream_store.stream_min_bytes(channel.host_ranks, flat.nbytes))
+                              stream_store.stream_min_bytes(channel.host_ranks))
 
         parity = (_first_round if start == 0 else _round)(channel, write)
         for peer in range(n):
@@ -255,7 +255,7 @@ def reduce_scatter(channel, work: np.ndarray, reduce, divisor: int = 0) -> np.nd
 
         def write(parity, part=part, width=width):
             block = channel.buffer(me, parity, part.dtype, n * width).reshape(n, width)
-            stream_min = stream_store.stream_min_bytes(channel.host_ranks, work.nbytes)
+            stream_min = stream_store.stream_min_bytes(channel.host_ranks, work.nbytes)  # (a reduction)
             stream_store.copy(block[:me], part[:me], stream_min)
             stream_store.copy(block[me + 1 :], part[me + 1 :], stream_min)
 
@@ -294,7 +294,7 @@ def broadcast(channel, work: np.ndarray, root: int) -> np.ndarray:
         def write(parity, piece=piece):
             if me == root:
                 stream_store.copy(channel.buffer(me, parity, piece.dtype, piece.size), piece,
-                                  stream_store.stream_min_bytes(channel.host_ranks, work.nbytes))
+                                  stream_store.stream_min_bytes(channel.host_ranks))
 
         if start in (starts[0], starts[-1]) or me == root:
             parity = (_first_round if start == 0 else _round)(channel, write)

@@ -207,7 +207,7 @@ class PairRings:
         slot = ring.slots[head % SLOTS]
         if inline is not None:  # -1: the payload, REMOTE: where it lies
             stream_store.copy(slot[META_BYTES : META_BYTES + piece.size], piece,
-                              stream_store.stream_min_bytes(self.host_ranks, piece.nbytes))
+                              stream_store.stream_min_bytes(self.host_ranks))
             slot[REFUSED_AT], block = 0, inline
         else:
             block = self._place(ring, head, piece, deadline, name, timeout, dst)
@@ -227,7 +227,7 @@ class PairRings:
             block = arena.alloc(piece.size)
             if block is not None:
                 stream_store.copy(arena.view(block, piece.size), piece,
-                                  stream_store.stream_min_bytes(self.host_ranks, piece.nbytes))
+                                  stream_store.stream_min_bytes(self.host_ranks))
                 ring.blocks.append((head, block, generation))
                 return block
             left = deadline - time.monotonic()

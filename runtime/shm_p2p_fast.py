@@ -83,7 +83,7 @@ class FastPairs:
 
     def host_known(self, host_ranks: int):
         """Streaming as this job's ranks on this host allow (PairRings.host_known)."""
-        self.lib.set_stream(stream_store.stream_min_bytes(host_ranks), stream_store.max_bytes())
+        self.lib.set_stream_min(stream_store.stream_min_bytes(host_ranks))
 
     def send(self, comm, x, dst, tag) -> bool:
         """True once `x` is in the ring to `dst` (group index); False when the Python path must send it."""

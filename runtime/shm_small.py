@@ -41,7 +41,7 @@ C_N, C_ME, C_PARITY, C_SPIN_NS = 0, 1, 2, 6
 C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, C_SLEPT = 8, 13, 14, 15, 16, 17, 18, 19
 C_KIND, C_STREAM_MIN, C_CHUNKS = 9, 20, 21
 C_SLICE_NS, C_SPARE_CHECK_NS, C_SPARE_RECHECK_NS = 25, 26, 27  # read by csrc/shm_small_run.c
-C_STREAM_MAX = 28
+C_STREAM_REDUCE_MAX = 28
 C_MEMBERS, C_PER_MEMBER = 32, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -92,7 +92,7 @@ class SmallRounds:
         self.scratch = np.empty(max(self.max_bytes, self.reduce_bytes, self.mid_bytes) // 8 + 1, np.uint64)
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks)  # (the extension's copy in)
-        self.ctl[C_STREAM_MAX] = stream_store.max_bytes()  # (... up to an operation of this many bytes)
+        self.ctl[C_STREAM_REDUCE_MAX] = stream_store.reduce_max_bytes()  # (its reduce-scatter round)
         self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
         self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS
         engine = channel.engine  # what csrc/shm_small_run.c reads of them, for the channel's life

@@ -28,10 +28,9 @@ enum { HEAD = 0, TAIL = 64, SLEEPERS = 8, HEADER_BYTES = 4096, SLOTS = 64, DESCR
    message: the Python path reads it), or none arrived within the spin and one sleep. */
 enum { OTHER = -1, PENDING = -2 };
 
-/* Payloads from stream_min to stream_max bytes are written with streaming stores (stream_store.h;
-   stream_min 0: never): set once per process by the caller (runtime/stream_store.stream_min_bytes,
-   max_bytes). */
-static int64_t stream_min = 0, stream_max = 0;
+/* Payloads from this size on are written with streaming stores (stream_store.h; 0: never): set once
+   per process by the caller (runtime/stream_store.stream_min_bytes). */
+static int64_t stream_min = 0;
 
 struct slot_header {
     int64_t epoch, call, tag, block;
@@ -60,8 +59,7 @@ static PyObject *p2p_send(PyObject *self, PyObject *const *args, Py_ssize_t narg
         at - __atomic_load_n(tail, __ATOMIC_ACQUIRE) < SLOTS) {
         char *slot = ring + HEADER_BYTES + (int64_t)(at % SLOTS) * slot_bytes;
         struct slot_header header = {v[2], v[3], v[4], b[0] >= 0 ? b[0] : -1, 0, 1, now_ns(), length};
-        rp_copy_for_peers(b[0] >= 0 ? (char *)(intptr_t)b[1] : slot + META_BYTES, view.buf, (size_t)view.len,
-                          view.len > stream_max ? 0 : stream_min);
+        rp_copy_for_peers(b[0] >= 0 ? (char *)(intptr_t)b[1] : slot + META_BYTES, view.buf, (size_t)view.len, stream_min);
         memcpy(slot, &header, sizeof header);
         memcpy(slot + DESCRIPTION_AT, PyBytes_AS_STRING(args[5]), (size_t)length);
         rp_publish(head, (uint32_t *)(ring + HEAD + SLEEPERS), at + 1);  /* after the stores above */
@@ -136,16 +134,16 @@ static PyObject *p2p_recv(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromLongLong(result);
 }
 
-/* set_stream(min, max) -> None: payloads of `min` to `max` bytes stream from now on (min 0: none do). */
-static PyObject *p2p_set_stream(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    long long values[2];
-    if (nargs != 2 || rp_take_ints(args, 2, values) < 0) return rp_bad_arguments("set_stream(min, max)");
-    stream_min = values[0], stream_max = values[1];
+/* set_stream_min(bytes) -> None: payloads of `bytes` or more stream from now on (0: none do). */
+static PyObject *p2p_set_stream_min(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    long long value;
+    if (nargs != 1 || rp_take_ints(args, 1, &value) < 0) return rp_bad_arguments("set_stream_min(bytes)");
+    stream_min = value;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    RP_FASTCALL("set_stream", p2p_set_stream, "Stream payloads of min to max bytes."),
+    RP_FASTCALL("set_stream_min", p2p_set_stream_min, "Stream payloads of this many bytes or more."),
     RP_FASTCALL("send", p2p_send, "Write a one-slot message into a pair ring."),
     RP_FASTCALL("recv", p2p_recv, "Take the next message of a pair ring if wanted."),
     {NULL, NULL, 0, NULL},

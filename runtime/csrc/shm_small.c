@@ -26,7 +26,7 @@ enum {
     C_STREAM_MIN, /* copies into this rank's buffer stream from here (bytes; 0: never): stream_store.h */
     C_CHUNKS, C_PIECE, C_DIVISOR, C_CHUNK, /* KIND_HALVES: the chunk loop's state, the caller's array, a
                                                divisor, the elements of a chunk */
-    C_STREAM_MAX = 28, /* copies stream only in operations up to this many bytes (stream_store.max_bytes) */
+    C_STREAM_REDUCE_MAX = 28, /* KIND_HALVES streams only up to this many bytes (stream_store.reduce_max_bytes) */
     C_MEMBERS = 32, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
@@ -109,7 +109,7 @@ static int halves_round(int64_t *ctl) {
         s[R_EPOCH] = (int64_t)(target >> EPOCH_SHIFT << EPOCH_SHIFT);
         s[R_COUNT] = (int64_t)(target & ((1ULL << EPOCH_SHIFT) - 1)) - 1;
         s[R_STEP] = 0, s[R_INDEX] = 0, s[R_YIELD] = ctl[C_YIELD], s[R_FIRST] = 1;
-        s[R_STREAM_MIN] = count * s[R_ITEMSIZE] <= ctl[C_STREAM_MAX] ? ctl[C_STREAM_MIN] : 0;
+        s[R_STREAM_MIN] = count * s[R_ITEMSIZE] <= ctl[C_STREAM_REDUCE_MAX] ? ctl[C_STREAM_MIN] : 0;
         for (int64_t member = 0; member < n; member++) {
             MEMBER_STATE(s, member, 0) = MEMBER(ctl, member, 0);
             MEMBER_STATE(s, member, 1) = MEMBER(ctl, member, 1);

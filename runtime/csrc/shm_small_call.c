@@ -19,7 +19,7 @@ int rp_small_round(int64_t *ctl);
 
 /* shm_small.c's control block words used here (its enum). */
 enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_COUNT = 12, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
-       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_STREAM_MAX = 28,
+       C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_STREAM_REDUCE_MAX = 28,
        C_MEMBERS = 32, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
 enum { KIND_REDUCE = 1, KIND_HALVES = 2 };
@@ -73,8 +73,8 @@ int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long sour
     ctl[C_WAITED_NS] = 0;
     if (payload != Py_None) {
         /* (streamed from the caller's threshold: the peers read it from another core, see stream_store.h;
-           only up to stream_store.max_bytes) */
-        int64_t stream_min = in_view.len > ctl[C_STREAM_MAX] ? 0 : ctl[C_STREAM_MIN];
+           a reduction only up to stream_store.reduce_max_bytes) */
+        int64_t stream_min = ctl[C_KIND] == KIND_REDUCE && in_view.len > ctl[C_STREAM_REDUCE_MAX] ? 0 : ctl[C_STREAM_MIN];
         rp_copy_for_peers(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len, stream_min);
     }
     int status;
