@@ -94,8 +94,8 @@ class GroupChannel(ChannelStream):
         """Bytes of this process's own memory the channel keeps (not its shared arena region): the
         small rounds' scratch and control words, the chunk loop's state, the single-copy scratch."""
         held = [getattr(self.small, "scratch", None), getattr(self.small, "ctl", None),
-                getattr(self.small, "chunks", None), getattr(self, "_chunk_state", None),
-                getattr(self.single_copy, "scratch", None)]
+                getattr(self.small, "chunks", None), getattr(self.single_copy, "scratch", None),
+                *(state for state, _ in getattr(self, "_chunk_states", ()))]  # (one per parity)
         return int(sum(array.nbytes for array in held if array is not None))
 
     def map(self, regions):
