@@ -189,7 +189,11 @@ def _read_small(path: str) -> bytes:
         fd = _open_files.setdefault(path, opened)
         if fd != opened:  # another thread's came first
             os.close(opened)
-    return os.pread(fd, 256, 0)
+    try:
+        return os.pread(fd, 256, 0)
+    except OSError:
+        _open_files.pop(path, None)  # (closed behind this module's back: open it afresh next look)
+        raise
 
 
 class Spin:
