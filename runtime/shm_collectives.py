@@ -159,15 +159,15 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     buffers = [channel.buffer(peer, parity, dtype, size) for peer in range(n)]
     mine = buffers[me]
     chunk = chunk_elements(channel, piece.itemsize)
-    spans = []
+    spans, shifts = [], []  # each chunk's part bounds, and its buffer index - piece index (chunk_start)
     for lo in range(0, size, chunk):
         hi = min(lo + chunk, size)
         spans.append([lo + (hi - lo) * i // n for i in range(n + 1)])
+        shifts.append(chunk_start(lo, chunk, size) - lo)
 
     stream_min = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
 
-    def copy_in(bounds):
-        shift = chunk_start(bounds[0], chunk, size) - bounds[0]  # buffer index - piece index
+    def copy_in(bounds, shift):
         if bounds[me] > bounds[0]:
             stream_store.copy(mine[bounds[0] + shift : bounds[me] + shift], piece[bounds[0] : bounds[me]], stream_min)
         if bounds[n] > bounds[me + 1]:
@@ -178,7 +178,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
     if c is not None:  # addresses by arithmetic: asking NumPy for each slice's costs microseconds
         itemsize, piece_at = piece.itemsize, piece.ctypes.data
         buffer_at = [channel.buffer_address(peer, parity) for peer in range(n)]
-    copy_in(spans[0])
+    copy_in(spans[0], shifts[0])
     if first:
         channel.write_signature(parity)
     channel.publish()
@@ -186,7 +186,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         channel.wait_all()
         if first and index == 0:
             channel.check_signatures(parity)
-        shift = chunk_start(bounds[0], chunk, size) - bounds[0]
+        shift = shifts[index]
         own, slot_own = slice(bounds[me], bounds[me + 1]), slice(bounds[me] + shift, bounds[me + 1] + shift)
         if c is not None:
             skip, slot_skip = bounds[me] * itemsize, (bounds[me] + shift) * itemsize
@@ -198,7 +198,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
                         mine[slot_own], piece[own], divisor)
         channel.publish()
         if index + 1 < len(spans):
-            copy_in(spans[index + 1])
+            copy_in(spans[index + 1], shifts[index + 1])
             channel.publish()
             channel.wait_all(behind=1)
         else:

@@ -70,7 +70,6 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
             states.append((state, state.ctypes.data))
     parity = channel.next_round()
     state, address = states[parity]
-    channel._chunk_state = state  # (the round's, for a look from its waits)
     # Item by item: a Python list into the array costs more (these calls run between a data-parallel
     # step's kernels, the caches cold).
     state[R_PIECE], state[R_SIZE], state[R_ITEMSIZE] = piece.__array_interface__["data"][0], piece.size, piece.itemsize

@@ -308,7 +308,7 @@ class LockstepMember:
         self.checked += 1
 
     def _wait(self, peer, target):
-        state = self._chunk_state
+        state = self._chunk_states[(self.rounds - 1) & 1][0]  # (this round's parity)
         self.waited_at.append((int(state[shm_reduce_chunks.R_INDEX]), int(state[shm_reduce_chunks.R_STEP]),
                                self.count - target))
         with self.turn:
