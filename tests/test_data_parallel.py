@@ -129,14 +129,53 @@ def test_buckets_of_a_stage_start_with_the_head_and_the_last_layer():
     gradients = GradientBuckets({0: stage}, _OneOfTwoRanks(), bucket_bytes=20 << 10)
     layers = [sorted({int(n.split(".")[1]) for n in b.names if n.startswith("h.")}, reverse=True)
               for b in gradients.buckets]
-    assert gradients.buckets[0].names[:2] == ("ln_f.weight", "ln_f.bias")
-    assert gradients.buckets[1].names == ("wte.weight",)
+    assert gradients.buckets[0].names[:4] == ("ln_f.weight", "ln_f.bias", "wpe.weight", "wte.weight")
+    # With a tie group (pipeline stages), the tied embedding has a bucket of its own.
+    tied = GradientBuckets({0: Stage(GPT2ParallelPlan(config), init_params(config), range(4), True, True)},
+                           _OneOfTwoRanks(), tie_comm=_OneOfTwoRanks(), bucket_bytes=20 << 10)
+    assert tied.buckets[1].names == ("wte.weight",)
     assert [layer for bucket in layers for layer in bucket] == sorted(
         [layer for bucket in layers for layer in bucket], reverse=True)  # last layer first
     assert len(gradients.buckets) > 4
     # Stage parameters and gradients are views into the flat buffers, so reducing a bucket needs no copy.
     assert all(np.shares_memory(stage.grads[n], gradients.flat_grads) for n in stage.grads)
     assert all(np.shares_memory(stage.params[n], gradients.flat_params) for n in stage.params)
+
+
+def test_a_stage_lays_its_buckets_out_in_the_order_its_last_backward_reports_them():
+    """The last micro-batch's weight backward reports a block's LayerNorms, then a linear at a time,
+    the largest first (block_backward_weight_parts); the buffers follow that order, and the last
+    group reported (the first block's smallest linear) has a bucket of its own, so that what is left
+    to reduce after backward is that linear alone."""
+    config = GPTConfig(vocab_size=65, n_layer=3, n_head=4, n_embd=32, block_size=16)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config), range(3), True, True)
+    reported = []
+    gradients = GradientBuckets({0: stage}, _OneOfTwoRanks(), bucket_bytes=8 << 10)
+    stage.on_grads_final = lambda names: reported.append(list(names))  # (what GradientBuckets hears)
+    idx = np.random.default_rng(0).integers(0, 65, (2, 16))
+    loss, caches = stage.forward(idx, idx)
+    _, deferred = stage.backward_input(caches, 1.0, last=True)
+    stage.backward_weight(deferred, last=True)
+    assert sorted(name for group in reported for name in group) == sorted(stage.params)
+    assert [set(group) for group in reported] == [set(group) for group in stage.grad_groups_in_ready_order()]
+    for earlier, later in zip(reported, reported[1:]):  # the buffers' order
+        assert max(map(gradients.offsets.get, earlier)) < min(map(gradients.offsets.get, later))
+    assert reported[-1] == ["h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias"]
+    assert gradients.buckets[-1].names == ("h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias")
+    assert reported[-5:-1] == [["h.0.ln_2.weight", "h.0.ln_2.bias", "h.0.ln_1.weight", "h.0.ln_1.bias"],
+                               ["h.0.mlp.c_fc.weight", "h.0.mlp.c_fc.bias"],
+                               ["h.0.mlp.c_proj.weight", "h.0.mlp.c_proj.bias"],
+                               ["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]]
+
+
+def test_the_last_group_reported_starts_a_bucket_of_its_own():
+    shapes = {"a": (4,), "b": (4,), "c": (2,)}
+    buckets, _ = plan_buckets([["a"], ["b"], ["c"]], shapes, itemsize=8, bucket_bytes=1 << 20)
+    assert [b.names for b in buckets] == [("a", "b"), ("c",)]
+    # A name reported again later is final at its last report: it belongs to the group it ends in.
+    buckets, _ = plan_buckets([["a", "c"], ["b"], ["c"]], shapes, itemsize=8, bucket_bytes=1 << 20)
+    assert [b.names for b in buckets] == [("a", "b"), ("c",)]
+    assert [b.names for b in plan_buckets([["a", "b"]], shapes, 8, 1 << 20)[0]] == [("a", "b")]
 
 
 def traced_step(local_cluster, tmp_path, zero: int):

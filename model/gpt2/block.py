@@ -27,6 +27,9 @@ from ringpipe.model.nn import causal_attention, ops
 # and a tensor-parallel rank can draw the dense model's mask and keep its slice. The embedding is
 # layer -1.
 EMBEDDING, ATTN_PROBS, ATTN_RESIDUAL, MLP_RESIDUAL = range(4)
+# A block's linears (parameter prefixes); on a tie in size the earlier comes first in
+# `block_backward_weight_parts`.
+LINEARS = ("mlp.c_fc", "mlp.c_proj", "attn.c_attn", "attn.c_proj")
 
 
 def dropout_generator_seed(dropout_seed: int, layer: int, site: int) -> int:
@@ -217,12 +220,27 @@ class TransformerBlocks:
         self.memory.release(deferred.pending)
         pending, deferred.pending, deferred.defer = deferred.pending, [], False
         yield dict(deferred.grads)
-        pending.sort(key=lambda entry: entry[1].shape[-1] * entry[2].shape[-1])  # weight size: in × out
-        while pending:
-            prefix = pending[-1][0]
-            deferred.add(*pending.pop())
-            name = f"h.{deferred.layer}.{prefix}"
-            yield {key: deferred.grads[key] for key in (name + ".weight", name + ".bias") if key in deferred.grads}
+        by_prefix = {entry[0]: entry for entry in pending}
+        order = self.linears_largest_first(deferred.layer)
+        for prefix in order + [prefix for prefix in by_prefix if prefix not in order]:
+            if prefix in by_prefix:
+                deferred.add(*by_prefix.pop(prefix))
+                name = f"h.{deferred.layer}.{prefix}"
+                yield {key: deferred.grads[key] for key in (name + ".weight", name + ".bias") if key in deferred.grads}
+
+    def linears_largest_first(self, i) -> list[str]:
+        """Block i's linears (parameter prefixes) in the order `block_backward_weight_parts` computes
+        them: by this rank's weight size, largest first (the MLP's before the attention's on a tie)."""
+        return sorted(LINEARS, key=lambda prefix: -self.params[f"h.{i}.{prefix}.weight"].size)
+
+    def block_weight_parts_names(self, i) -> list[list[str]]:
+        """The parameter names of block i in the groups `block_backward_weight_parts` yields them, in
+        its order: the LayerNorms (known after backward_input), then each linear's weight and bias.
+        The data-parallel buffers are laid out in this order (model/parallel/stage.py)."""
+        linears = [[f"h.{i}.{prefix}.weight", f"h.{i}.{prefix}.bias"] for prefix in self.linears_largest_first(i)]
+        in_linears = {name for group in linears for name in group}
+        norms = [name for name in self.params if name.startswith(f"h.{i}.") and name not in in_linears]
+        return [norms] + linears
 
     def block_forward_cached(self, i, x, kv, start):
         """Inference: block i over positions start .. start + T of x (B, T, C) -> (B, T, C).

@@ -120,9 +120,23 @@ class Stage:
         as they always have (moving it would move ZeRO-1's shard boundaries, and so the order in
         which the gradient norm sums, and change float32 results in the last bits)."""
         groups = [self._head_names()] if self.last else []
-        blocks = [self.plan.block_params(i) for i in reversed(self.layers)]
+        blocks = [group for i in reversed(self.layers) for group in self._block_groups(i)]
         embedding = [self._tied_last(self.plan.embedding_params())] if self.first else []
         return groups + (blocks + embedding if self.tensor_parallel else embedding + blocks)
+
+    def _block_groups(self, i) -> list[list[str]]:
+        """Block i's parameters in the groups `backward_weight` reports them on the step's last
+        micro-batch: a linear at a time where the pieces compute them so (their
+        `block_weight_parts_names`), so that the last bucket holds only the last linear."""
+        names = list(self.plan.block_params(i))
+        parts = getattr(self.pieces, "block_weight_parts_names", None)
+        if parts is None or getattr(self.pieces, "block_backward_weight_parts", None) is None:
+            return [names]
+        known = set(names)
+        groups = [[name for name in group if name in known] for group in parts(i)]
+        listed = {name for group in groups for name in group}
+        rest = [name for name in names if name not in listed]  # (reported last by backward_weight)
+        return [group for group in groups + [rest] if group]
 
     def _tied_last(self, names) -> list[str]:
         tied = set(self.plan.tied_params)
