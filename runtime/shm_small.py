@@ -3,9 +3,14 @@ broadcast or barrier that the caller waits for is one call into C (runtime/csrc/
 copies in and out included (csrc/shm_small_call.c, a CPython extension taking the arrays through the
 buffer protocol, built on first use).
 
+An asynchronous all_reduce (a data-parallel bucket) runs the same round on the channel's thread
+once its turn on the stream comes, numbered when it was called (`_run`'s `numbered`), instead of
+the Python round's bookkeeping (runtime/communicator.py's `queued`).
+
 The round is the channel's own (runtime/shm_channel.py: same buffers, counters, signatures and
 epochs), so a member on this path and one on the Python path (another wait mode, a larger size,
-an asynchronous call) still meet, check each other's signature and sum in the same order. What
+an asynchronous call of another collective) still meet, check each other's signature and sum in
+the same order. What
 Python costs per operation is kept to the bookkeeping every operation needs: its number in the
 group, the abort checks, the signature (cached per shape), the trace span.
 Error messages are built only when there is an error.
@@ -117,7 +122,9 @@ class SmallRounds:
         return int(self.words[C_SLEEPING_ON])
 
     # ---- operations: True when done here, False when the caller must take the Python path -------------
-    def all_reduce(self, comm, x: np.ndarray, op: str, timeout) -> bool:
+    def all_reduce(self, comm, x: np.ndarray, op: str, timeout, numbered=None) -> bool:
+        """`numbered`: an asynchronous all_reduce's key (epoch, call, group, #), taken when it was
+        called, now that its turn on the channel's stream came (see _run)."""
         dtype, channel = x.dtype, self.channel
         code, op_code = DTYPES.get(dtype), OPS.get(op)
         if code is None or op_code is None or (op == "avg" and code > 1):
@@ -137,12 +144,12 @@ class SmallRounds:
                 return False
             return self._run(comm, "all_reduce", signature, KIND_HALVES, code, op_code, x, None, n if op == "avg" else 0,
                              x.nbytes, timeout, 2 * (n - 1) * (x.nbytes // n), None,
-                             chunk_elements(channel, x.itemsize)) != NOT_RUN
+                             chunk_elements(channel, x.itemsize), numbered) != NOT_RUN
         # No test of x's layout or writability: those are this rank's own, and a path chosen on them
         # could reduce differently (signed zeros) from a peer's. The round copies x into its
         # contiguous buffer and back (a read-only x then raises as on the Python path).
         done = self._run(comm, "all_reduce", signature, KIND_REDUCE, code, op_code, x, x, FROM_SCRATCH, x.nbytes,
-                         timeout, (channel.n - 1) * x.nbytes)
+                         timeout, (channel.n - 1) * x.nbytes, None, 0, numbered)
         if done == NOT_RUN:
             return False
         if done == UNFILLED:
@@ -218,7 +225,7 @@ class SmallRounds:
 
     # ---- one round ------------------------------------------------------------------------------------
     def _run(self, comm, name, signature, kind, dtype_code, op_code, x, out, source, nbytes, timeout, sent=0,
-             count=None, offset=0) -> int:
+             count=None, offset=0, numbered=None) -> int:
         """The round of collective `name` (`nbytes`: its size, for the trace) with `x` as this rank's
         payload (None: none; copied into its buffer of the round's parity) and the result copied
         into `out` (None: none) from `source` (FROM_SCRATCH, FROM_EVERY_MEMBER or a member's
@@ -226,19 +233,29 @@ class SmallRounds:
         reduction takes `count` elements (default all of x) from byte `offset` of every buffer
         (KIND_HALVES: x is reduced in place, `source` is the divisor, `offset` a chunk's elements).
         NOT_RUN when the channel is busy (asynchronous operations queued, or another thread in
-        it), FILLED, or UNFILLED (the caller copies the result from the buffers)."""
-        if self.ext is not None:  # the common case in one call (csrc/shm_small_run.c), else as below
+        it), FILLED, or UNFILLED (the caller copies the result from the buffers).
+        `numbered` (epoch, call, group, #): an asynchronous collective's key, on the channel's thread
+        when its turn came; it runs whatever is queued behind it, and NOT_RUN (the channel's own run
+        takes it) where the engine's epoch moved since or another thread holds the channel."""
+        if self.ext is not None and numbered is None:  # the common case in one call (csrc/shm_small_run.c)
             done = self.ext.run(self, comm, name, signature, kind, dtype_code, op_code, x, out, source, nbytes, timeout,
                                 sent, count, offset)
             if done != NOT_HANDLED:
                 return done
-        channel = self.channel
-        if channel._queue or channel._running is not None or not channel.lock.acquire(False):  # (as busy())
+        channel, engine = self.channel, self.channel.engine
+        if numbered is None:
+            if channel._queue or channel._running is not None:  # (as busy())
+                return NOT_RUN
+        elif numbered[0] != engine.epoch:
+            return NOT_RUN
+        if not channel.lock.acquire(False):
             return NOT_RUN
         try:
-            engine = channel.engine
-            epoch, call = engine.epoch, engine.call
-            seq = comm._sequence.next((epoch, call))
+            if numbered is None:
+                epoch, call = engine.epoch, engine.call
+                seq = comm._sequence.next((epoch, call))
+            else:
+                epoch, call, _, seq = numbered
             tracing = engine.tracer.enabled
             if tracing:
                 start = now_ns()

@@ -15,8 +15,9 @@ SMALL_ARENA = 1 << 20  # 64 KiB buffers
 CHUNK_BYTES = 4100  # not a divisor of the buffer: every full round ends in a short chunk
 DTYPES = ["float32", "float64", "int64", "int32"]
 # per call, per rank: "c" (the C loop or KIND_HALVES), "python" (Python loop, C sums), "numpy" (Python
-# loop, NumPy sums), "async" (the channel's thread: shm_collectives.all_reduce, C loop)
-WAYS = ["c", "python", "numpy", "async"]
+# loop, NumPy sums), "async" (the channel's thread: KIND_HALVES within a buffer, else the C loop),
+# "strided" (a view the latency path does not take: shm_collectives.all_reduce's C loop on a copy)
+WAYS = ["c", "python", "numpy", "async", "strided"]
 
 
 def cases(world_size: int, count: int, seed: int):
@@ -88,6 +89,10 @@ def stressed_all_reduces(comm, count, seed):
                 time.sleep(delay)
             if way == "async":
                 comm.all_reduce(x, op=op, async_op=True).wait()
+            elif way == "strided":
+                holder = np.zeros(2 * size, dtype)
+                holder[::2] = x
+                x = comm.all_reduce(holder[::2], op=op)
             else:
                 comm.all_reduce(x, op=op)
             out.append((before, x, sorted(set(paths))))

@@ -130,14 +130,15 @@ def test_the_private_cache_is_read_from_sysfs_and_a_shared_or_missing_one_is_non
 
 
 # ---- the round ----------------------------------------------------------------------------------------
-PATHS = ("both", "strided", "python loop", "numpy sums", "async")
+PATHS = ("both", "strided", "python loop", "numpy sums", "async", "async strided")
 
 
 def halves_on_every_path(comm):
     """Every case on the latency path's round on both ranks; then with rank 1 on the Python path (a
     non-contiguous array: shm_collectives._reduce_round with the C chunk loop), then in its Python
     loop (RINGPIPE_SHM_CHUNKS=0), then in it with NumPy's sums (reduce_kernels' "numpy" mode), then
-    asynchronous on rank 0 (the channel thread's Python path).
+    asynchronous on rank 0 (on the channel's thread: the round itself, then, for a strided array, the
+    Python path).
     Per case and path: the result's bytes, the publishes and whether this rank's call took the round."""
     comm.barrier()
     channel = comm.engine.channels[comm.group.gid]
@@ -148,12 +149,12 @@ def halves_on_every_path(comm):
             reduce_kernels.set_mode("numpy" if path == "numpy sums" and comm.rank == 1 else "c")
             for case, (dtype, count, op) in enumerate(CASES):
                 x = rank_input(dtype, count, comm.rank, case)
-                if path == "strided" and comm.rank == 1:
+                if (path == "strided" and comm.rank == 1) or (path == "async strided" and comm.rank == 0):
                     x = np.repeat(x, 2)[::2]
                 channel.small.ctl[shm_small.C_KIND] = -1
                 published = channel.count
                 with np.errstate(over="ignore"):
-                    if path == "async" and comm.rank == 0:
+                    if path.startswith("async") and comm.rank == 0:
                         result = comm.all_reduce(x, op=op, async_op=True).wait()
                     else:
                         result = comm.all_reduce(x, op=op)
@@ -173,37 +174,47 @@ def test_the_round_gives_numpys_rank_order_bits_and_meets_members_on_every_pytho
     assert len(first) == len(second) == len(PATHS) * len(CASES)
     for (path, case, got, published, took), (_, _, other, other_published, other_took) in zip(first, second):
         # The round is the chunk loop in C: where that is off (RINGPIPE_SHM_CHUNKS=0, NumPy's sums), the Python loop runs.
-        assert other_took == (path in ("both", "async")), (path, case)
+        assert other_took == (path in ("both", "async", "async strided")), (path, case)
         dtype, count, op = CASES[case]
         want = in_rank_order([rank_input(dtype, count, rank, case) for rank in (0, 1)], op).astype(dtype)
         assert got == other == want.tobytes(), (path, case)
         assert published == other_published == 2 * chunks(dtype, count), (path, case)  # per chunk: copy in, sums
-        assert took == (path != "async"), (path, case)
+        assert took == (path != "async strided"), (path, case)
 
 
-def halves_mismatch_bytes_and_timeout(comm):
-    """A mismatch (sizes differ by rank), one between the round and the one-round reduce, then the bytes one round counts as sent and a sum (the
-    channel goes on), then a round that only rank 1 calls (last: a timed-out collective leaves the
-    group to the call's end, where the runtime fences it)."""
+def halves_mismatch_bytes_and_timeout(comm, asynchronous=False):
+    """A mismatch (sizes differ by rank), one between the round and the one-round reduce, then the
+    bytes one round counts as sent and a sum (the channel goes on), then a round that only rank 1
+    calls (last: a timed-out collective leaves the group to the call's end, where the runtime fences
+    it). `asynchronous`: every all_reduce on the channel's thread (the round there, numbered at the
+    call). Rank 0 comes late to the sum, past the spin."""
+    def all_reduce(x, **kwargs):
+        return comm.all_reduce(x, async_op=True, **kwargs).wait() if asynchronous else comm.all_reduce(x, **kwargs)
+
     comm.barrier()
+    channel = comm.engine.channels[comm.group.gid]
     found = {}
     try:
-        comm.all_reduce(np.ones(40000 + 8 * comm.rank, np.float32))
+        all_reduce(np.ones(40000 + 8 * comm.rank, np.float32))
     except CollectiveMismatch as exc:
         found["mismatch"] = str(exc)
     try:  # rank 0 in the round (two publishes when done), rank 1 in the one-round reduce (one)
-        comm.all_reduce(np.ones(40000 if comm.rank == 0 else 1000, np.float32))
+        all_reduce(np.ones(40000 if comm.rank == 0 else 1000, np.float32))
     except CollectiveMismatch as exc:
         found["paths"] = str(exc)
     comm.barrier()
     before = comm.bytes_sent
-    comm.all_reduce(np.ones(40000, np.float32))
+    all_reduce(np.ones(40000, np.float32))
     found["sent"] = comm.bytes_sent - before
-    found["after"] = float(comm.all_reduce(np.full(40000, comm.rank + 1.0, np.float32)).min())
+    if comm.rank == 0:
+        time.sleep(0.2)  # rank 1 sleeps in the round's wait
+    channel.small.ctl[shm_small.C_KIND] = -1
+    found["after"] = float(all_reduce(np.full(40000, comm.rank + 1.0, np.float32)).min())
+    found["took"] = int(channel.small.ctl[shm_small.C_KIND]) == shm_small.KIND_HALVES
     comm.barrier()
     if comm.rank == 1:
         try:
-            comm.all_reduce(np.ones(40000, np.float32), timeout=0.5)
+            all_reduce(np.ones(40000, np.float32), timeout=0.5)
         except TimeoutError as exc:
             found["timeout"] = str(exc)
     return found
@@ -212,14 +223,15 @@ def halves_mismatch_bytes_and_timeout(comm):
 @needs_c
 @needs_cores
 @pytest.mark.timeout(60)
-def test_the_round_names_a_mismatch_counts_its_bytes_and_times_out_naming_the_peer(local_cluster):
-    first, second = local_cluster(2).run(halves_mismatch_bytes_and_timeout, timeout=30)
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["waited", "asynchronous"])
+def test_the_round_names_a_mismatch_counts_its_bytes_and_times_out_naming_the_peer(local_cluster, asynchronous):
+    first, second = local_cluster(2).run(halves_mismatch_bytes_and_timeout, asynchronous, timeout=30)
     for rank, found in enumerate((first, second)):
         assert f"rank {rank} called it with op=all_reduce, shape=[{40000 + 8 * rank}]" in found["mismatch"]
         assert f"rank {1 - rank} with op=all_reduce, shape=[{40000 + 8 * (1 - rank)}]" in found["mismatch"]
         assert "shape=[40000]" in found["paths"] and "shape=[1000]" in found["paths"]
         assert found["sent"] == 2 * (2 - 1) * (40000 * 4 // 2)  # 2 (n - 1) / n of the bytes, as the ring's
-        assert found["after"] == 3.0
+        assert found["after"] == 3.0 and found["took"]
     assert "timeout" not in first
     assert re.match(r"all_reduce #\d+ on group w \(rank 1 of 2\) on rank 1 timed out after 0.5s", second["timeout"])
     assert second["timeout"].endswith("waiting for a message from rank 0"), second["timeout"]
