@@ -36,6 +36,7 @@ import time
 
 import numpy as np
 
+from ringpipe.runtime.arguments import check_timeout
 from ringpipe.runtime.operations import CommTimeout
 
 UNIQUE_ID_BYTES = 128
@@ -202,8 +203,11 @@ class NcclCommunicator:
     def _name(self, op: str) -> str:
         return f"nccl {op} (rank {self.rank} of {self.size}, group {self.control.group.gid})"
 
-    def _check(self, x, op: str):
-        """The checks every operation makes before enqueueing anything."""
+    def _check(self, x, op: str, timeout=None):
+        """The checks every operation makes before enqueueing anything (the communicator's own,
+        runtime/arguments.py, make the same before an operation takes its number): returns x's NCCL
+        datatype."""
+        check_timeout(self._name(op), self.rank, timeout)
         if self._aborted is not None:
             raise CommTimeout(f"{self._name(op)}: the NCCL communicator was aborted earlier ({self._aborted})")
         if not self.arrays.is_array(x):
@@ -234,7 +238,7 @@ class NcclCommunicator:
     # ---- collectives ------------------------------------------------------------------------------
     def all_reduce(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """Reduce `x` over the group, in place (sum, avg, max, min); returns `x`."""
-        dtype = self._check(x, "all_reduce")
+        dtype = self._check(x, "all_reduce", timeout)
         code, divide = reduction(self.nccl, op, self._name("all_reduce"))
         if op == "avg" and x.dtype.kind != "f":
             raise TypeError(f"{self._name('all_reduce')}: op 'avg' needs a floating dtype, got {x.dtype}")
@@ -247,7 +251,7 @@ class NcclCommunicator:
 
     def reduce_scatter(self, x, op: str = "sum", async_op: bool = False, timeout: float | None = None):
         """This rank's 1/size slice (along axis 0) of the reduction of `x` over the group (a new array)."""
-        dtype = self._check(x, "reduce_scatter")
+        dtype = self._check(x, "reduce_scatter", timeout)
         code, divide = reduction(self.nccl, op, self._name("reduce_scatter"))
         if x.ndim == 0 or x.shape[0] % self.size:
             raise ValueError(f"{self._name('reduce_scatter')}: x.shape[0] must be divisible by the group size "
@@ -264,7 +268,7 @@ class NcclCommunicator:
 
     def all_gather(self, x, async_op: bool = False, timeout: float | None = None):
         """Every rank's `x` concatenated along axis 0 (0-d inputs stack), a new array."""
-        dtype = self._check(x, "all_gather")
+        dtype = self._check(x, "all_gather", timeout)
         piece = x.shape if x.ndim else (1,)
         out = self.arrays.empty((self.size * piece[0], *piece[1:]), x.dtype)
         self._comm.allGather(self.arrays.pointer(x), self.arrays.pointer(out), x.size, dtype,
@@ -274,7 +278,7 @@ class NcclCommunicator:
 
     def broadcast(self, x, src: int = 0, async_op: bool = False, timeout: float | None = None):
         """Rank `src`'s `x` into every rank's `x`, in place; returns `x`."""
-        dtype = self._check(x, "broadcast")
+        dtype = self._check(x, "broadcast", timeout)
         self._peer(src, "broadcast")
         pointer = self.arrays.pointer(x)
         self._comm.broadcast(pointer, pointer, x.size, dtype, int(src), self.arrays.stream())
@@ -297,7 +301,7 @@ class NcclCommunicator:
     def isend(self, x, dst: int, tag: int = 0, timeout: float | None = None) -> NcclHandle:
         """Send `x` to `dst`: its (sequence, dtype, shape) over the control plane, the data over NCCL.
         Do not modify `x` until the handle is done."""
-        dtype = self._check(x, "send")
+        dtype = self._check(x, "send", timeout)
         dst = self._peer(dst, "send")
         sequence = self._sent.get(dst, 0)
         self._sent[dst] = sequence + 1
@@ -315,6 +319,9 @@ class NcclCommunicator:
         """Receive an array from `src`; `wait()` returns it (written into `out` if given). The NCCL
         receive is enqueued at `wait()`, once the header has arrived: wait in the order `src` sent."""
         src = self._peer(src, "recv")
+        check_timeout(self._name("recv"), self.rank, timeout)
+        if out is not None:  # (its shape and dtype are checked against the message's header at wait())
+            self._check(out, "recv")
         name = self._name(f"recv from rank {src} tag {tag}")
         header_handle = self.control.irecv(src, tag=tag, timeout=timeout)
 
@@ -327,15 +334,14 @@ class NcclCommunicator:
                 raise RuntimeError(f"{name}: this is message {sequence} from rank {src}, but NCCL delivers "
                                    f"message {expected} next; wait for receives in the order the peer sent them")
             self._received[src] = expected + 1
-            target = out
-            if target is None:
-                target = self.arrays.empty(shape, _numpy_dtype(self.nccl, dtype))
-            elif tuple(target.shape) != shape or datatype(self.nccl, target.dtype, name) != dtype:
-                raise ValueError(f"{name}: out is {target.dtype}{list(target.shape)}, the message "
-                                 f"{_numpy_dtype(self.nccl, dtype)}{list(shape)}")
-            else:
-                self._check(target, "recv")
+            fits = out is not None and tuple(out.shape) == shape and datatype(self.nccl, out.dtype, name) == dtype
+            target = out if fits else self.arrays.empty(shape, _numpy_dtype(self.nccl, dtype))
             self._comm.recv(self.arrays.pointer(target), target.size, dtype, src, self.arrays.stream())
+            if out is not None and not fits:
+                # Received all the same (into a scratch array): NCCL delivers a peer's messages in
+                # order, and the next receive from it must get the next one.
+                raise ValueError(f"{name}: out is {out.dtype}{list(out.shape)}, the message "
+                                 f"{_numpy_dtype(self.nccl, dtype)}{list(shape)}")
             return self.arrays.event(), target
 
         return NcclHandle(self, name, start=start, timeout=timeout if timeout is not None else self.timeout)

@@ -243,12 +243,12 @@ class SmallRounds:
             if done != NOT_HANDLED:
                 return done
         channel, engine = self.channel, self.channel.engine
-        if numbered is None:
-            if channel._queue or channel._running is not None:  # (as busy())
-                return NOT_RUN
-        elif numbered[0] != engine.epoch:
+        if numbered is None and (channel._queue or channel._running is not None):  # (as busy())
             return NOT_RUN
         if not channel.lock.acquire(False):
+            return NOT_RUN
+        if numbered is not None and numbered[0] != engine.epoch:  # (looked at under the lock, as the C path does)
+            channel.lock.release()
             return NOT_RUN
         try:
             if numbered is None:

@@ -168,6 +168,15 @@ def test_a_stage_lays_its_buckets_out_in_the_order_its_last_backward_reports_the
                                ["h.0.attn.c_attn.weight", "h.0.attn.c_attn.bias"]]
 
 
+def test_a_tensor_parallel_first_stage_plans_its_embedding_before_its_blocks_as_it_reports_them():
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=4, n_embd=32, block_size=16)
+    stage = Stage(GPT2ParallelPlan(config), init_params(config), range(2), True, False, tp_comm=_OneOfTwoRanks())
+    gradients = GradientBuckets({0: stage}, _OneOfTwoRanks(), tie_comm=_OneOfTwoRanks(), bucket_bytes=8 << 10)
+    assert stage.grad_groups_in_ready_order()[0] == ["wpe.weight", "wte.weight"]
+    assert gradients.buckets[-1].names == ("h.0.attn.c_proj.weight", "h.0.attn.c_proj.bias")
+    assert ("wte.weight",) in [b.names for b in gradients.buckets]  # tied: alone, with a tie group
+
+
 def test_the_last_group_reported_starts_a_bucket_of_its_own():
     shapes = {"a": (4,), "b": (4,), "c": (2,)}
     buckets, _ = plan_buckets([["a"], ["b"], ["c"]], shapes, itemsize=8, bucket_bytes=1 << 20)

@@ -244,6 +244,24 @@ def test_waiting_for_receives_out_of_the_peers_order_is_an_error_not_wrong_data(
     assert tuple(local_cluster(2).run(waits_out_of_order)[1]) == (2,)
 
 
+def receives_into_a_wrong_out(control):
+    comm, _ = nccl_over(control)
+    if comm.rank == 0:
+        comm.send(np.full(3, 1.0, np.float32), 1)
+        comm.send(np.full(4, 2.0, np.float32), 1)
+        return None
+    with pytest.raises(ValueError, match=r"out is float32\[5\], the message float32\[3\]"):
+        comm.recv(0, out=np.zeros(5, np.float32))
+    return comm.recv(0).tolist()
+
+
+@pytest.mark.timeout(60)
+def test_a_receive_into_an_out_of_the_wrong_shape_raises_and_the_next_receive_gets_the_next_message(local_cluster):
+    """NCCL delivers a peer's messages in order: the refused message is received all the same (into
+    a scratch array), or the next receive would get its bytes."""
+    assert local_cluster(2).run(receives_into_a_wrong_out)[1] == [2.0] * 4
+
+
 # ---- checks before anything is enqueued, and timeouts -----------------------------------------------------
 def refusals(control):
     comm, fake = nccl_over(control)
@@ -256,7 +274,14 @@ def refusals(control):
                  lambda: comm.reduce_scatter(np.zeros(3, np.float32)),
                  lambda: comm.broadcast(np.zeros(3, np.float32), src=2),
                  lambda: comm.isend(np.zeros(3, np.float32), dst=5),
-                 lambda: comm.all_gather([1.0, 2.0])):
+                 lambda: comm.all_gather([1.0, 2.0]),
+                 lambda: comm.all_reduce(np.zeros(3, np.float32), timeout=0),
+                 lambda: comm.broadcast(np.zeros(3, np.float32), timeout=-1.0),
+                 lambda: comm.all_gather(np.zeros(3, np.float32), timeout="1"),
+                 lambda: comm.reduce_scatter(np.zeros(4, np.float32), timeout=float("nan")),
+                 lambda: comm.isend(np.zeros(3, np.float32), dst=1, timeout=True),
+                 lambda: comm.irecv(1, timeout=0),
+                 lambda: comm.irecv(1, out=[0.0, 0.0])):
         try:
             call()
         except (TypeError, ValueError) as exc:
@@ -268,11 +293,13 @@ def refusals(control):
 def test_arrays_and_arguments_nccl_cannot_take_are_refused_before_anything_is_enqueued(local_cluster):
     errors, calls = local_cluster(2).run(refusals)[0]
     assert calls == []
-    assert len(errors) == 8 and all("(rank 0 of 2" in e and "\n" not in e for e in errors)
+    assert len(errors) == 15 and all("(rank 0 of 2" in e and "\n" not in e for e in errors)
     for error, expected in zip(errors, ["no datatype for int16", "C-contiguous", "unknown reduction op 'prod'",
                                         "'avg' needs a floating dtype", "divisible by the group size 2",
-                                        "peer 2 is not a rank", "peer 5 is not a rank", "got builtins.list"]):
-        assert expected in error
+                                        "peer 2 is not a rank", "peer 5 is not a rank", "got builtins.list",
+                                        "timeout must be a positive number of seconds, got 0",
+                                        "got -1.0", "got '1'", "got nan", "got True", "recv", "got builtins.list"]):
+        assert expected in error, (expected, error)
 
 
 class NeverDone:

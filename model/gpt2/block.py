@@ -220,13 +220,12 @@ class TransformerBlocks:
         self.memory.release(deferred.pending)
         pending, deferred.pending, deferred.defer = deferred.pending, [], False
         yield dict(deferred.grads)
-        by_prefix = {entry[0]: entry for entry in pending}
-        order = self.linears_largest_first(deferred.layer)
-        for prefix in order + [prefix for prefix in by_prefix if prefix not in order]:
-            if prefix in by_prefix:
-                deferred.add(*by_prefix.pop(prefix))
-                name = f"h.{deferred.layer}.{prefix}"
-                yield {key: deferred.grads[key] for key in (name + ".weight", name + ".bias") if key in deferred.grads}
+        order = {prefix: i for i, prefix in enumerate(self.linears_largest_first(deferred.layer))}
+        pending.sort(key=lambda entry: order.get(entry[0], len(order)))  # (stable: others after, as added)
+        for entry in pending:
+            deferred.add(*entry)
+            name = f"h.{deferred.layer}.{entry[0]}"
+            yield {key: deferred.grads[key] for key in (name + ".weight", name + ".bias") if key in deferred.grads}
 
     def linears_largest_first(self, i) -> list[str]:
         """Block i's linears (parameter prefixes) in the order `block_backward_weight_parts` computes

@@ -114,15 +114,14 @@ class Stage:
 
     # ---- gradient readiness ---------------------------------------------------------------------------
     def grad_groups_in_ready_order(self) -> list[list[str]]:
-        """Parameter names in the groups that `on_grads_final` reports: head and embedding during
-        backward_input, then the blocks (last first) during backward_weight. This is also the order
-        of the data-parallel flat buffers; tensor-parallel stages list the embedding after the blocks,
-        as they always have (moving it would move ZeRO-1's shard boundaries, and so the order in
-        which the gradient norm sums, and change float32 results in the last bits)."""
+        """Parameter names in the groups that `on_grads_final` reports, in the order it reports them
+        on the step's last micro-batch: head and embedding during backward_input, then the blocks
+        (last first) during backward_weight. This is also the order of the data-parallel flat
+        buffers, whose last group has a bucket of its own (data_parallel.plan_buckets)."""
         groups = [self._head_names()] if self.last else []
         blocks = [group for i in reversed(self.layers) for group in self._block_groups(i)]
         embedding = [self._tied_last(self.plan.embedding_params())] if self.first else []
-        return groups + (blocks + embedding if self.tensor_parallel else embedding + blocks)
+        return groups + embedding + blocks
 
     def _block_groups(self, i) -> list[list[str]]:
         """Block i's parameters in the groups `backward_weight` reports them on the step's last
