@@ -59,26 +59,26 @@ class Cluster(StartUp, TraceControl):
                  start_timeout: float = 60.0, arena_bytes: int = DEFAULT_ARENA_BYTES, env: dict | None = None,
                  heartbeat_interval: float = 1.0, heartbeat_timeout: float = 8.0, stuck_grace: float = 3.0,
                  launcher: Launcher | None = None, log_dir: str | None = None,
-                 restart_count: int = 0, **comm_options):
-        """`timeout`: seconds a communication operation may wait for a peer. A worker that sends
-        nothing for `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every
-        `heartbeat_interval`); a worker still inside a call `stuck_grace` seconds after the others
-        timed out waiting for it (or `timeout + stuck_grace` after the call failed elsewhere) is
-        reported as stuck, with its stack. `launcher` starts and stops the worker processes
-        (default: `LocalLauncher`, child processes on this host); `env` is added to their environment.
-        `restart_count`: the job's restarts so far (TORCHELASTIC_RESTART_COUNT).
-        `log_dir`: each rank's stdout and stderr go to `log_dir`/rank-R.log (runtime/rank_logs.py).
-        Every failure a call raises carries a `report` (runtime/failure_report.py). Every option is
-        checked before a worker starts (runtime/cluster_options.py): a ValueError names the first
-        one out of range (e.g. `timeout` must be above 0, `arena_bytes` at least 1 MiB)."""
+                 restart_count: int = 0, cpu_bind: str | None = None, **comm_options):
+        """`timeout`: seconds a communication operation may wait for a peer. A worker that sends nothing for
+        `heartbeat_timeout` seconds is reported as unresponsive (heartbeats come every `heartbeat_interval`); a worker
+        still inside a call `stuck_grace` seconds after the others timed out waiting for it (or `timeout +
+        stuck_grace` after the call failed elsewhere) is reported as stuck, with its stack. `launcher` starts and
+        stops the worker processes (default: `LocalLauncher`, child processes on this host); `env` is added to their
+        environment. `restart_count`: the job's restarts so far (TORCHELASTIC_RESTART_COUNT). `log_dir`: each rank's
+        stdout and stderr go to `log_dir`/rank-R.log (runtime/rank_logs.py). `cpu_bind`: "auto", "core" or "none"
+        (runtime/cpu_binding.py; default $RINGPIPE_CPU_BIND, else auto). Every failure a call raises carries a
+        `report` (runtime/failure_report.py). Every option is checked before a worker starts
+        (runtime/cluster_options.py): a ValueError names the first one out of range (e.g. `timeout` must be above 0,
+        `arena_bytes` at least 1 MiB)."""
         if calls.importing_main is not None:  # a worker re-running the script: it would start workers too
             raise RuntimeError(f"Cluster started while a worker imports the driver's script {calls.importing_main} "
                                "to find its function: guard the script's entry point with "
                                "`if __name__ == \"__main__\":` (workers import the script, as multiprocessing's do)")
         check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worker, bind_host, start_timeout,
                               arena_bytes, env, heartbeat_interval, heartbeat_timeout, stuck_grace, log_dir,
-                              restart_count, comm_options)
-        self.world_size, self.restart_count = world_size, restart_count
+                              restart_count, comm_options, cpu_bind)
+        self.world_size, self.restart_count, self.cpu_bind = world_size, restart_count, cpu_bind
         self.job_id = secrets.token_hex(6)
         self.comm_config = CommConfig(timeout=timeout, shm=shm and shm_available(), algorithm=algorithm,
                                       **comm_options)

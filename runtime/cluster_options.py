@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 
-from ringpipe.runtime import env_setting
+from ringpipe.runtime import cpu_binding, env_setting
 
 MIN_ARENA_BYTES = 1 << 20  # the pair rings take a quarter; the rest holds channels and blocks
 ALGORITHMS = ("auto", "direct", "ring", "shm")
@@ -31,7 +31,7 @@ def _number(name, value, low, *, above=False, integer=False, optional=False):
 
 def check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worker, bind_host, start_timeout,
                           arena_bytes, env, heartbeat_interval, heartbeat_timeout, stuck_grace, log_dir,
-                          restart_count, comm_options) -> None:
+                          restart_count, comm_options, cpu_bind=None) -> None:
     """Raise ValueError for the first option of `Cluster(...)` out of its range (see Cluster.__init__)."""
     _number("world_size", world_size, 1, integer=True)
     for name, value in (("timeout", timeout), ("start_timeout", start_timeout),
@@ -50,6 +50,7 @@ def check_cluster_options(world_size, timeout, shm, algorithm, threads_per_worke
                                                                 for k, v in env.items())):
         raise ValueError(f"Cluster option env={env!r} is out of range: expected a dict of strings to strings (or None)")
     env_setting.check({**os.environ, **(env or {})})  # the workers' tuning variables (runtime/env_setting.py)
+    cpu_binding.mode_from(cpu_bind, {**os.environ, **(env or {})})  # (the workers' binding, runtime/cpu_binding.py)
     if log_dir is not None and not isinstance(log_dir, (str, bytes)) and not hasattr(log_dir, "__fspath__"):
         raise ValueError(f"Cluster option log_dir={log_dir!r} is out of range: expected a path (or None)")
     _number("restart_count", restart_count, 0, integer=True)

@@ -255,29 +255,35 @@ class GroupChannel(ChannelStream):
         self.count += 1
         self.waiter.publish(self.words[self.me], self.sleepers[self.me], (self.epoch << EPOCH_SHIFT) | self.count)
 
-    def wait_all(self, behind: int = 0):
-        """Until every member has published as often as this rank (in this epoch), less `behind`."""
+    def wait_all(self, behind: int = 0, inside: bool = False):
+        """Until every member has published as often as this rank (in this epoch), less `behind`.
+        `inside`: a wait past the collective's first, every member in it (see _wait)."""
         target = (self.epoch << EPOCH_SHIFT) | (self.count - behind)
         for peer in range(self.n):
             if peer != self.me:
-                self._wait(peer, target)
+                self._wait(peer, target, inside)
 
     def wait_for(self, peer: int):
         """Until group member `peer` has published as often as this rank (in this epoch)."""
         self._wait(peer, (self.epoch << EPOCH_SHIFT) | self.count)
 
-    def _wait(self, peer: int, target: int):
+    def _wait(self, peer: int, target: int, inside: bool = False):
         word, sleepers, waiter = self.words[peer], self.sleepers[peer], self.waiter
         value = self.counters[peer][0]
         if value >= target:  # already there: no call into the waiter
             return self._check_epoch(value, peer)
-        # Adaptive spin (shm_wait.Spin). Spinning counts as waiting on the peer in the trace, as
-        # sleeping does.
+        # Adaptive spin (shm_wait.Spin), learnt from the waits for members to arrive in a
+        # collective. `inside` one (a wait past its first) every member is moving chunks: it spins
+        # the longest and teaches the spin nothing (csrc/shm_reduce_chunks.c's arrived says why).
+        # Spinning counts as waiting on the peer in the trace, as sleeping does.
         started = now_ns()
         spin = self.spin
-        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.ns(), spin.yields)
+        spin_ns = spin.ns()
+        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.max_ns if inside and spin_ns else spin_ns,
+                                     spin.yields)
         if value >= target:
-            spin.answered(True)
+            if not inside:
+                spin.answered(True)
             self.wait_ns += now_ns() - started
             return self._check_epoch(value, peer)
         self.engine.direct_wait = (self.name, time.monotonic(), self.group.ranks[peer])
@@ -287,7 +293,8 @@ class GroupChannel(ChannelStream):
                 left = self.deadline - time.monotonic()
                 value = waiter.wait_at_least(word, sleepers, target, max(0.0, min(SLICE_S, left)), 0, False)
                 if value >= target:
-                    spin.answered(False, now_ns() - started)
+                    if not inside:
+                        spin.answered(False, now_ns() - started)
                     return self._check_epoch(value, peer)
                 if self.engine.aborted_call is not None or self.engine.epoch != self.epoch:
                     raise Aborted(self.engine.aborted_call or f"{self.name}: aborted on rank {self.engine.rank}")

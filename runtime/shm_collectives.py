@@ -183,7 +183,7 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         channel.write_signature(parity)
     channel.publish()
     for index, bounds in enumerate(spans):
-        channel.wait_all()
+        channel.wait_all(inside=not (first and index == 0))  # (inside: past the members' arrival)
         if first and index == 0:
             channel.check_signatures(parity)
         shift = shifts[index]
@@ -200,9 +200,9 @@ def _reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool)
         if index + 1 < len(spans):
             copy_in(spans[index + 1], shifts[index + 1])
             channel.publish()
-            channel.wait_all(behind=1)
+            channel.wait_all(behind=1, inside=True)
         else:
-            channel.wait_all()
+            channel.wait_all(inside=True)
         for peer in range(n):
             if peer != me:
                 piece[bounds[peer] : bounds[peer + 1]] = buffers[peer][bounds[peer] + shift : bounds[peer + 1] + shift]

@@ -47,6 +47,8 @@ C_TIMEOUT_NS, C_PHASE, C_PEER, C_WAITED_NS, C_SLEEPING_ON, C_SCRATCH, C_OFFSET, 
 C_KIND, C_STREAM_MIN, C_CHUNKS = 9, 20, 21
 C_SLICE_NS, C_SPARE_CHECK_NS, C_SPARE_RECHECK_NS = 25, 26, 27  # read by csrc/shm_small_run.c
 C_STREAM_REDUCE_MAX = 28
+C_SPIN_IN_NS = 29  # KIND_HALVES: its waits past the first spin this long (csrc/shm_reduce_chunks.c's arrived)
+C_ARRIVAL_NS = 30  # KIND_HALVES: the wait for the members to arrive, of C_WAITED_NS (C_SLEPT: whether it slept)
 C_MEMBERS, C_PER_MEMBER = 32, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -100,6 +102,7 @@ class SmallRounds:
         self.ctl[C_STREAM_REDUCE_MAX] = stream_store.reduce_max_bytes()  # (its reduce-scatter round)
         self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
         self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS
+        self.ctl[C_SPIN_IN_NS] = channel.spin.max_ns
         engine = channel.engine  # what csrc/shm_small_run.c reads of them, for the channel's life
         self.fixed = (channel, engine, channel.lock, channel.spin, engine.tracer, channel._written, channel.group.gid,
                       engine.send_lock, engine.bytes_sent, self.address, int(channel.spin.yields))
@@ -339,7 +342,9 @@ class SmallRounds:
             channel.count = int(self.chunks[shm_reduce_chunks.R_COUNT])
         slept, spin = self.words[C_SLEPT], channel.spin
         if slept or spin._ns < spin.max_ns:  # (a spin at its longest that answered stays so)
-            spin.answered(not slept, self.words[C_WAITED_NS])
+            # What the spin learns from is the wait for the members to arrive: past it they are in
+            # the round, and its waits spin the longest (csrc/shm_reduce_chunks.c's arrived).
+            spin.answered(not slept, self.words[C_ARRIVAL_NS if kind == KIND_HALVES else C_WAITED_NS])
         if status != DONE:
             shm_small_waits.fail(self, comm, name, seq, status, parity, described, signature_id, position)
         # Payload counts as sent by the member whose buffer peers read (as the Python path).

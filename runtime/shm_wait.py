@@ -28,7 +28,7 @@ import platform
 import threading
 import time
 
-from ringpipe.runtime import c_library
+from ringpipe.runtime import c_library, cpu_binding
 
 # The waits, and one round of a small collective built on them (runtime/shm_small.py).
 SOURCES = ("shm_wait.c", "shm_small.c", "shm_reduce_chunks.c", "reduce_sum.c")  # in runtime/csrc/
@@ -158,7 +158,8 @@ class PollWaiter:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The cores this job's ranks on the host share (a bound worker's count before it was bound)."""
+    return cpu_binding.host_cores()
 
 
 def spare_core(own_tasks: int = 1, path: str = LOADAVG) -> bool:

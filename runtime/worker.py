@@ -340,6 +340,15 @@ def main():
     sys.path[:] = boot["sys_path"]
     os.chdir(boot["cwd"])
     limit_blas_threads(boot["threads"])
+    # A core of its own where the host's ranks fit (runtime/cpu_binding.py); before any thread starts,
+    # so that every thread of the worker inherits it.
+    from ringpipe.runtime import cpu_binding
+
+    try:
+        cpu_binding.bind(boot.get("cpu_bind") or cpu_binding.mode_from(None), *cpu_binding.local_position())
+    except (ValueError, OSError) as exc:
+        print(f"ringpipe worker rank {boot['rank']}: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     # The engine thread must get the GIL quickly when a message arrives while the main thread
     # computes; the default 5 ms switch interval would delay every collective by up to that much.
     sys.setswitchinterval(float(os.environ.get("RINGPIPE_SWITCH_INTERVAL", "0.0005")))

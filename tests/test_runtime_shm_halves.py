@@ -361,3 +361,29 @@ def test_reductions_above_the_limit_stream_nothing_and_what_a_peer_reads_once_st
     for (name, nbytes), streamed in copied.items():
         reduction = name in ("all_reduce", "reduce_scatter")
         assert streamed == [nbytes <= 64 << 10 or not reduction], (name, nbytes, streamed)
+
+
+def spin_after_back_to_back_rounds(comm):
+    """Both ranks' adaptive spin forced to its shortest, then back-to-back 1 MiB rounds: what the
+    spin learns from is each round's arrival wait (C_ARRIVAL_NS), not its waits past it."""
+    x = np.ones(1 << 18, np.float32)
+    comm.all_reduce(x)
+    channel = comm.engine.channels[comm.group.gid]
+    words = channel.small.words
+    channel.spin._ns = shm_wait.MIN_SPIN_NS
+    comm.barrier()
+    parts = []
+    for _ in range(40):
+        comm.all_reduce(x)
+        parts.append((int(words[shm_small.C_ARRIVAL_NS]), int(words[shm_small.C_WAITED_NS])))
+    return channel.spin._ns, channel.spin.max_ns, parts, float(x[0])
+
+
+@needs_c
+@needs_cores
+@pytest.mark.timeout(60)
+def test_the_spin_learns_from_the_members_arrival_and_back_to_back_rounds_bring_it_back_to_its_longest(local_cluster):
+    for spin_ns, max_ns, parts, value in local_cluster(2).run(spin_after_back_to_back_rounds):
+        assert value == 2.0 ** 41  # (40 sums of two after the first)
+        assert all(0 <= arrival <= waited for arrival, waited in parts)
+        assert spin_ns == max_ns

@@ -288,7 +288,7 @@ class LockstepMember:
         from ringpipe.runtime import shm_wait
 
         self.n, self.me, self.turn, self.buffer_bytes, self.host_ranks = 2, me, turn, buffer_bytes, 2
-        self.waiter, self.spin = shm_wait.waiter("c"), SimpleNamespace(ns=lambda: 0, yields=False)
+        self.waiter, self.spin = shm_wait.waiter("c"), SimpleNamespace(ns=lambda: 0, yields=False, max_ns=0)
         self.words = [int(region.ctypes.data) for region in regions]
         self.sleepers = [word + 8 for word in self.words]
         self.counters = [region[:8].view(np.uint64) for region in regions]
@@ -307,7 +307,7 @@ class LockstepMember:
     def check_signatures(self, parity):
         self.checked += 1
 
-    def _wait(self, peer, target):
+    def _wait(self, peer, target, inside=False):
         state = self._chunk_states[(self.rounds - 1) & 1][0]  # (this round's parity)
         self.waited_at.append((int(state[shm_reduce_chunks.R_INDEX]), int(state[shm_reduce_chunks.R_STEP]),
                                self.count - target))

@@ -27,6 +27,8 @@ enum {
     C_CHUNKS, C_PIECE, C_DIVISOR, C_CHUNK, /* KIND_HALVES: the chunk loop's state, the caller's array, a
                                                divisor, the elements of a chunk */
     C_STREAM_REDUCE_MAX = 28, /* KIND_HALVES streams only up to this many bytes (stream_store.reduce_max_bytes) */
+    C_SPIN_IN_NS = 29, /* KIND_HALVES: the spin of its waits past the first, where the first may spin */
+    C_ARRIVAL_NS = 30, /* KIND_HALVES: of C_WAITED_NS, its first wait's (C_SLEPT: whether that one slept) */
     C_MEMBERS = 32, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
@@ -110,21 +112,25 @@ static int halves_round(int64_t *ctl) {
         s[R_COUNT] = (int64_t)(target & ((1ULL << EPOCH_SHIFT) - 1)) - 1;
         s[R_STEP] = 0, s[R_INDEX] = 0, s[R_YIELD] = ctl[C_YIELD], s[R_FIRST] = 1;
         s[R_STREAM_MIN] = count * s[R_ITEMSIZE] <= ctl[C_STREAM_REDUCE_MAX] ? ctl[C_STREAM_MIN] : 0;
+        s[R_SPIN_IN_NS] = ctl[C_SPIN_NS] > 0 ? ctl[C_SPIN_IN_NS] : 0; /* (no spin: no core spare) */
         for (int64_t member = 0; member < n; member++) {
             MEMBER_STATE(s, member, 0) = MEMBER(ctl, member, 0);
             MEMBER_STATE(s, member, 1) = MEMBER(ctl, member, 1);
             MEMBER_STATE(s, member, 2) = MEMBER(ctl, member, 4 + parity);
         }
+        s[R_ARRIVAL_NS] = 0;
         ctl[C_PHASE] = 1;
         ctl[C_WAITED_NS] = 0;
+        ctl[C_ARRIVAL_NS] = 0;
         ctl[C_SLEPT] = 0;
     }
     s[R_SPIN_NS] = ctl[C_SPIN_NS]; /* (0 once the caller sleeps in slices) */
     int64_t timeout_ns = ctl[C_TIMEOUT_NS], sleep_end = 0;
     for (;;) {
-        s[R_WAITED_NS] = 0;
+        s[R_WAITED_NS] = 0, s[R_ARRIVAL_NS] = 0;
         int status = rp_reduce_chunks(s);
         ctl[C_WAITED_NS] += s[R_WAITED_NS];
+        ctl[C_ARRIVAL_NS] += s[R_ARRIVAL_NS];
         if (status == CHUNKS_DONE) break;
         if (status == CHUNKS_SIGNATURES) {
             int checked = check_members(ctl);
@@ -142,11 +148,14 @@ static int halves_round(int64_t *ctl) {
         int64_t left = sleep_end - now_ns();
         if (timeout_ns <= 0 || left <= 0) return PENDING;
         int64_t slept_from = now_ns();
-        ctl[C_SLEPT] = 1;
+        int arriving = rp_chunks_arriving(s);
+        if (arriving) ctl[C_SLEPT] = 1;
         __atomic_store_n(&ctl[C_SLEEPING_ON], (int64_t)(intptr_t)word, __ATOMIC_SEQ_CST);
         uint64_t reached = rp_wait_at_least(word, (uint32_t *)MEMBER(ctl, peer, 1), want, 0, 0, left);
         __atomic_store_n(&ctl[C_SLEEPING_ON], 0, __ATOMIC_SEQ_CST);
-        ctl[C_WAITED_NS] += now_ns() - slept_from;
+        int64_t slept = now_ns() - slept_from;
+        ctl[C_WAITED_NS] += slept;
+        if (arriving) ctl[C_ARRIVAL_NS] += slept;
         /* A wake without the member there (an abort's or a destroyed group's: GroupChannel._wake_sleeper)
            returns at once for the caller to look, as wait_members does; sleeping on, the caller saw an
            abort only at the slice's end. */

@@ -22,7 +22,8 @@ int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long sour
 int rp_call_halves(int64_t *ctl, PyObject *x, const long long *v);
 
 /* shm_small.c's words used here (its enum), and this module's three constants (set by shm_small.py). */
-enum { C_SLEPT = 19, C_WAITED_NS = 15, C_CHUNKS = 21, C_SLICE_NS = 25, C_SPARE_CHECK_NS = 26, C_SPARE_RECHECK_NS = 27 };
+enum { C_SLEPT = 19, C_WAITED_NS = 15, C_CHUNKS = 21, C_SLICE_NS = 25, C_SPARE_CHECK_NS = 26, C_SPARE_RECHECK_NS = 27,
+       C_ARRIVAL_NS = 30 };
 enum { DONE = 0, NOT_TAKEN = -1, KIND_HALVES = 2, R_COUNT = 10, EPOCH_SHIFT = 40 };
 /* SmallRounds._run's answers. */
 enum { NOT_RUN = 0, FILLED = 1, UNFILLED = 2, NOT_HANDLED = -3 };
@@ -241,7 +242,7 @@ PyObject *rp_small_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     }
     if (ctl[C_SLEPT] || spin_ns < max_ns) { /* (a spin at its longest that answered stays so) */
         PyObject *result = PyObject_CallMethod(spin, "answered", "OL", ctl[C_SLEPT] ? Py_False : Py_True,
-                                               (long long)ctl[C_WAITED_NS]);
+                                               (long long)ctl[kind == KIND_HALVES ? C_ARRIVAL_NS : C_WAITED_NS]);
         if (!result) goto fail;
         Py_DECREF(result);
     }

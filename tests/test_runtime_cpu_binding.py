@@ -1,0 +1,56 @@
+"""Workers bound to a core of their own where the host's ranks fit (runtime/cpu_binding.py), as
+OpenMPI binds the ranks of a job that fits the cores."""
+import os
+
+import pytest
+
+from ringpipe.runtime import Cluster, cpu_binding
+
+needs_two_cores = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                     reason="binding needs at least two cores this process may use")
+
+
+def test_auto_binds_only_ranks_that_have_a_core_each_and_are_at_least_two():
+    cpus = {3, 5, 7, 9}
+    assert [cpu_binding.core_for("auto", r, 4, cpus) for r in range(4)] == [3, 5, 7, 9]
+    assert cpu_binding.core_for("auto", 0, 1, cpus) is None  # alone: nothing to share a core with
+    assert cpu_binding.core_for("auto", 0, 5, cpus) is None  # more ranks than cores: the scheduler's
+    assert cpu_binding.core_for("auto", 0, 2, {4}) is None  # a launcher bound it already (mpirun, srun)
+    assert [cpu_binding.core_for("core", r, 5, cpus) for r in range(5)] == [3, 5, 7, 9, 3]  # round robin
+    assert cpu_binding.core_for("none", 0, 2, cpus) is None
+    assert cpu_binding.core_for("core", 2, 2, cpus) is None  # not a local rank of the host
+
+
+def test_the_mode_comes_from_the_option_then_the_environment_and_a_bad_one_names_itself():
+    assert cpu_binding.mode_from("none", {"RINGPIPE_CPU_BIND": "core"}) == "none"
+    assert cpu_binding.mode_from(None, {"RINGPIPE_CPU_BIND": " Core "}) == "core"
+    assert cpu_binding.mode_from(None, {}) == "auto"
+    with pytest.raises(ValueError, match=r"RINGPIPE_CPU_BIND='sockets': expected one of auto, core, none"):
+        cpu_binding.mode_from(None, {"RINGPIPE_CPU_BIND": "sockets"})
+    with pytest.raises(ValueError, match=r"Cluster option cpu_bind='yes' is out of range"):
+        Cluster(2, cpu_bind="yes")
+    assert cpu_binding.local_position({"LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}) == (1, 2)
+    assert cpu_binding.local_position({}) == (None, None)
+
+
+def every_threads_cpus(comm):
+    """The CPUs each thread of this worker may run on (the engine's and ZeroMQ's included)."""
+    comm.barrier()  # (a channel and its thread exist by now)
+    return [list(cpus) for cpus in sorted({tuple(sorted(os.sched_getaffinity(int(tid)))) for tid in os.listdir("/proc/self/task")})]
+
+
+@needs_two_cores
+@pytest.mark.timeout(120)
+def test_two_ranks_run_on_two_cores_every_thread_included_and_other_layouts_stay_free(monkeypatch):
+    cpus = sorted(os.sched_getaffinity(0))
+    with Cluster(2) as cluster:
+        assert cluster.run(every_threads_cpus) == [[[cpus[0]]], [[cpus[1]]]]
+    with Cluster(1) as cluster:
+        assert cluster.run(every_threads_cpus) == [[cpus]]
+    with Cluster(len(cpus) + 1) as cluster:  # more ranks than cores
+        assert cluster.run(every_threads_cpus) == [[cpus]] * (len(cpus) + 1)
+    with Cluster(2, cpu_bind="none") as cluster:
+        assert cluster.run(every_threads_cpus) == [[cpus]] * 2
+    monkeypatch.setenv("RINGPIPE_CPU_BIND", "none")
+    with Cluster(2) as cluster:
+        assert cluster.run(every_threads_cpus) == [[cpus]] * 2
