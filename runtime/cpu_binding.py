@@ -1,5 +1,5 @@
-"""Binding each worker to a core of its own, as OpenMPI binds the ranks of a job that fits the cores
-(`--bind-to core`, its default for up to two ranks) and Slurm's `--cpu-bind=cores`.
+"""Binding each worker to cores of its own, as OpenMPI binds the ranks of a job that fits the cores
+(`--bind-to core`, its default for up to two ranks; `--cpus-per-rank`) and Slurm's `--cpu-bind=cores`.
 
 Two ranks that move data through shared memory wait for each other many times per collective (a
 2-rank 1 MiB all_reduce: four waits), so they must run at the same time. Left to the scheduler, the
@@ -7,14 +7,17 @@ two workers of a 2-rank job on a 2-core machine shared one core in 4 clusters of
 brings the woken process to its own core): a 1 MiB all_reduce then took 470-570 µs instead of 60-70,
 as every wait lasted until the waiter's spin or time slice ended. Bound, none of 25 did.
 
+Local rank r of n gets the r-th of n equal blocks of the CPUs the worker may use (len // n of
+them, at least one; a block per rank, so its BLAS threads, `threads_per_worker`, have their cores).
 Modes (the Cluster option `cpu_bind`, else `$RINGPIPE_CPU_BIND`, else "auto"):
-    auto   bind when this host's ranks are at least two and have a core each; else leave the
-           scheduler free (more ranks than cores: binding could only pin two busy ranks together)
-    core   bind local rank r to the r-th core this process may use (round robin past the last)
+    auto   bind when this host's ranks are at least two and have a core each, and no launcher
+           restricted the worker to part of the machine already (mpirun's or srun's binding, a
+           cpuset: kept as it is); else leave the scheduler free (more ranks than cores: binding
+           could only pin busy ranks together)
+    core   bind as above in any case (blocks of one core, round robin, past one rank per core)
     none   never bind (e.g. two jobs on one host, which would both start from the first core)
-A launcher that bound the worker already (mpirun, srun --cpu-bind) leaves it fewer cores than the
-host's ranks: "auto" keeps that binding. Threads the worker starts later (its engine, a channel's
-thread, BLAS) inherit the binding.
+Every thread of the worker is bound (BLAS starts its pool when NumPy is imported, before this);
+threads it starts later inherit the binding.
 """
 from __future__ import annotations
 
@@ -38,29 +41,36 @@ def mode_from(option: str | None, environ=None) -> str:
     return given.lower() or "auto"
 
 
-def core_for(mode: str, local_rank: int, local_world_size: int, allowed) -> int | None:
-    """The CPU that local rank `local_rank` of `local_world_size` binds to among `allowed` (the CPUs
-    this process may run on), or None: see the module docstring."""
+def cores_for(mode: str, local_rank: int, local_world_size: int, allowed, machine: int | None = None) -> list | None:
+    """The CPUs that local rank `local_rank` of `local_world_size` binds to among `allowed` (the CPUs
+    this process may run on, of the `machine`'s; default: all of them), or None: see the module
+    docstring."""
     cpus = sorted(allowed)
     if mode == "none" or not cpus or not 0 <= local_rank < local_world_size:
         return None
-    if mode == "auto" and not 2 <= local_world_size <= len(cpus):
+    if mode == "auto" and not (2 <= local_world_size <= len(cpus) and len(cpus) >= (machine or len(cpus))):
         return None
-    return cpus[local_rank % len(cpus)]
+    block = max(1, len(cpus) // local_world_size)
+    first = local_rank * block % (block * (len(cpus) // block))
+    return cpus[first:first + block]
 
 
-def bind(mode: str, local_rank: int | None, local_world_size: int | None) -> int | None:
-    """Bind this process (its calling thread and the threads it starts later) as `mode` says;
-    returns the CPU, or None where it stays as it was (no local rank known: a launcher that
-    does not say, such as mpirun, which binds itself)."""
+def bind(mode: str, local_rank: int | None, local_world_size: int | None) -> list | None:
+    """Bind every thread of this process (and so those it starts later) as `mode` says; returns the
+    CPUs, or None where it stays as it was (no local rank known). An OSError (a cpuset changed
+    meanwhile) leaves whatever was bound so far and is raised for the caller to say."""
     if local_rank is None or local_world_size is None or not hasattr(os, "sched_setaffinity"):
         return None
     allowed = os.sched_getaffinity(0)
-    core = core_for(mode, local_rank, local_world_size, allowed)
-    if core is not None:
-        os.sched_setaffinity(0, {core})
+    cpus = cores_for(mode, local_rank, local_world_size, allowed, os.cpu_count())
+    if cpus is not None:
         _unbound_cores[:] = [len(allowed)]
-    return core
+        for task in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]:
+            try:
+                os.sched_setaffinity(int(task), cpus)
+            except ProcessLookupError:  # (a thread that ended meanwhile)
+                pass
+    return cpus
 
 
 def host_cores() -> int:
@@ -71,9 +81,11 @@ def host_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def local_position(environ=None) -> tuple[int | None, int | None]:
-    """(LOCAL_RANK, LOCAL_WORLD_SIZE) from the environment a launcher gave (runtime/launch.py's
-    conventional_env), or (None, None)."""
+def local_position(boot: dict, environ=None) -> tuple[int | None, int | None]:
+    """(local rank, ranks on this host): the boot record's (runtime/launch.py's LocalLauncher puts
+    them there), else LOCAL_RANK and LOCAL_WORLD_SIZE from the environment, else (None, None)."""
+    if boot.get("local_rank") is not None and boot.get("local_world_size") is not None:
+        return int(boot["local_rank"]), int(boot["local_world_size"])
     environ = os.environ if environ is None else environ
     try:
         return int(environ["LOCAL_RANK"]), int(environ["LOCAL_WORLD_SIZE"])
@@ -81,4 +93,4 @@ def local_position(environ=None) -> tuple[int | None, int | None]:
         return None, None
 
 
-__all__ = ["MODES", "ENV", "mode_from", "core_for", "bind", "host_cores", "local_position"]
+__all__ = ["MODES", "ENV", "mode_from", "cores_for", "bind", "host_cores", "local_position"]

@@ -106,7 +106,9 @@ class LocalLauncher:
     def start(self, boots: list[dict], env: dict | None = None) -> None:
         environment = reaching_this_package(dict(os.environ, **(env or {})))
         for local_rank, boot in enumerate(boots):
-            boot = dict(boot, host=boot.get("host") or self.host_name, launcher_pid=os.getpid())
+            boot = dict(boot, host=boot.get("host") or self.host_name, launcher_pid=os.getpid(),
+                        local_rank=boot.get("local_rank", local_rank),
+                        local_world_size=boot.get("local_world_size", len(boots)))
             worker_env = dict(environment, **conventional_env(boot, local_rank, len(boots), self.group_rank))
             for var in BLAS_THREAD_VARIABLES:
                 worker_env[var] = str(boot["threads"])

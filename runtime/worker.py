@@ -345,10 +345,12 @@ def main():
     from ringpipe.runtime import cpu_binding
 
     try:
-        cpu_binding.bind(boot.get("cpu_bind") or cpu_binding.mode_from(None), *cpu_binding.local_position())
-    except (ValueError, OSError) as exc:
+        cpu_binding.bind(boot.get("cpu_bind") or cpu_binding.mode_from(None), *cpu_binding.local_position(boot))
+    except ValueError as exc:  # a bad RINGPIPE_CPU_BIND where the boot record has none
         print(f"ringpipe worker rank {boot['rank']}: {exc}", file=sys.stderr, flush=True)
         os._exit(2)
+    except OSError as exc:  # (an optimisation: the worker runs unbound)
+        print(f"ringpipe worker rank {boot['rank']}: not bound to cores ({exc})", file=sys.stderr, flush=True)
     # The engine thread must get the GIL quickly when a message arrives while the main thread
     # computes; the default 5 ms switch interval would delay every collective by up to that much.
     sys.setswitchinterval(float(os.environ.get("RINGPIPE_SWITCH_INTERVAL", "0.0005")))
