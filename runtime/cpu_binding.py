@@ -3,9 +3,9 @@
 
 Two ranks that move data through shared memory wait for each other many times per collective (a
 2-rank 1 MiB all_reduce: four waits), so they must run at the same time. Left to the scheduler, the
-two workers of a 2-rank job on a 2-core machine shared one core in 4 clusters of 9 (a waker's wake-up
+two workers of a 2-rank job on a 2-core machine shared one core in 4 clusters of 12 (a waker's wake-up
 brings the woken process to its own core): a 1 MiB all_reduce then took 470-570 µs instead of 60-70,
-as every wait lasted until the waiter's spin or time slice ended. Bound, none of 25 did.
+as every wait lasted until the waiter's spin or time slice ended. Bound, none of 39 did.
 
 Local rank r of n gets the r-th of n equal blocks of the CPUs the worker may use (len // n of
 them, at least one; a block per rank, so its BLAS threads, `threads_per_worker`, have their cores).
