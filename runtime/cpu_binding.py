@@ -25,7 +25,7 @@ import os
 
 MODES = ("auto", "core", "none")
 ENV = "RINGPIPE_CPU_BIND"
-_unbound_cores: list = []  # how many CPUs this process could use before bind() narrowed it to one
+_unbound_cores: list = []  # how many CPUs this process could use before bind() narrowed them to its block
 
 
 def mode_from(option: str | None, environ=None) -> str:
@@ -51,7 +51,7 @@ def cores_for(mode: str, local_rank: int, local_world_size: int, allowed, machin
     if mode == "auto" and not (2 <= local_world_size <= len(cpus) and len(cpus) >= (machine or len(cpus))):
         return None
     block = max(1, len(cpus) // local_world_size)
-    first = local_rank * block % (block * (len(cpus) // block))
+    first = local_rank % (len(cpus) // block) * block  # (round robin past the last block)
     return cpus[first:first + block]
 
 

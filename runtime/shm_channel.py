@@ -278,8 +278,7 @@ class GroupChannel(ChannelStream):
         # Spinning counts as waiting on the peer in the trace, as sleeping does.
         started = now_ns()
         spin = self.spin
-        spin_ns = spin.ns()
-        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.max_ns if inside and spin_ns else spin_ns,
+        value = waiter.wait_at_least(word, sleepers, target, 0.0, spin.inside_ns() if inside else spin.ns(),
                                      spin.yields)
         if value >= target:
             if not inside:

@@ -24,7 +24,7 @@ from ringpipe.runtime.shm_channel import EPOCH_SHIFT
 
 # The state's words (csrc/shm_reduce_chunks.c's enum).
 R_N, R_ME, R_PIECE, R_SIZE, R_ITEMSIZE, R_DTYPE, R_OP, R_DIVISOR, R_CHUNK, R_EPOCH, R_COUNT, R_STEP = range(12)
-R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS, R_STREAM_MIN, R_SPIN_IN_NS = range(12, 21)
+R_INDEX, R_PEER, R_TARGET, R_SPIN_NS, R_YIELD, R_FIRST, R_WAITED_NS, R_STREAM_MIN, R_SPIN_IN_NS, R_ARRIVAL_NS = range(12, 22)
 R_MEMBERS, R_PER_MEMBER = 24, 3
 DONE, WAIT, SIGNATURES, UNSUPPORTED = 0, 1, 2, 3
 STEP_WAIT_COPIES = 1  # (the C loop's steps) a wait there at chunk 0 of the first round: the members' arrival
@@ -76,10 +76,9 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
     state[R_PIECE], state[R_SIZE], state[R_ITEMSIZE] = piece.__array_interface__["data"][0], piece.size, piece.itemsize
     state[R_DTYPE], state[R_OP], state[R_DIVISOR], state[R_CHUNK] = dtype_code, op_code, divisor, chunk
     state[R_EPOCH], state[R_COUNT], state[R_STEP], state[R_INDEX] = channel.epoch << EPOCH_SHIFT, channel.count, 0, 0
-    spin = channel.spin.ns()  # (0: no core spare)
-    state[R_PEER], state[R_TARGET], state[R_SPIN_NS] = 0, 0, spin
-    state[R_SPIN_IN_NS] = channel.spin.max_ns if spin > 0 else 0  # past the collective's first wait (the C loop's arrived)
-    state[R_YIELD], state[R_FIRST], state[R_WAITED_NS] = channel.spin.yields, first, 0
+    state[R_PEER], state[R_TARGET], state[R_SPIN_NS] = 0, 0, channel.spin.ns()
+    state[R_SPIN_IN_NS] = channel.spin.inside_ns()  # past the collective's first wait (the C loop's arrived)
+    state[R_YIELD], state[R_FIRST], state[R_WAITED_NS], state[R_ARRIVAL_NS] = channel.spin.yields, first, 0, 0
     state[R_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
     if first:
         channel.write_signature(parity)

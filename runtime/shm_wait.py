@@ -218,6 +218,11 @@ class Spin:
             self._spare, self._checked = spare_core(self.own_tasks), now
         return self._ns if self._spare else 0
 
+    def inside_ns(self) -> int:
+        """The spin of a wait inside a collective once every member arrived in it (they are moving
+        its chunks: a sleep there must be woken at each chunk): the longest, while spinning at all."""
+        return self.max_ns if self.ns() else 0
+
     def answered(self, in_time: bool, waited_ns: int | None = None):
         """The last wait ended within the spin (`in_time`) or had to sleep, after `waited_ns` in
         all (spin, sleep and wake-up) when known. A wait that slept but ended within the most it

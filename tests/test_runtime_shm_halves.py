@@ -363,9 +363,9 @@ def test_reductions_above_the_limit_stream_nothing_and_what_a_peer_reads_once_st
         assert streamed == [nbytes <= 64 << 10 or not reduction], (name, nbytes, streamed)
 
 
-def spin_after_back_to_back_rounds(comm):
-    """Both ranks' adaptive spin forced to its shortest, then back-to-back 1 MiB rounds: what the
-    spin learns from is each round's arrival wait (C_ARRIVAL_NS), not its waits past it."""
+def arrival_and_whole_waits(comm):
+    """Back-to-back 1 MiB rounds with both ranks' adaptive spin forced to its shortest: each round's
+    arrival wait (C_ARRIVAL_NS, what the spin learns from) and its whole wait (C_WAITED_NS)."""
     x = np.ones(1 << 18, np.float32)
     comm.all_reduce(x)
     channel = comm.engine.channels[comm.group.gid]
@@ -374,16 +374,19 @@ def spin_after_back_to_back_rounds(comm):
     comm.barrier()
     parts = []
     for _ in range(40):
+        words[shm_small.C_KIND] = -1
         comm.all_reduce(x)
-        parts.append((int(words[shm_small.C_ARRIVAL_NS]), int(words[shm_small.C_WAITED_NS])))
-    return channel.spin._ns, channel.spin.max_ns, parts, float(x[0])
+        parts.append((int(words[shm_small.C_KIND]), int(words[shm_small.C_ARRIVAL_NS]),
+                      int(words[shm_small.C_WAITED_NS])))
+    return parts, float(x[0])
 
 
 @needs_c
 @needs_cores
 @pytest.mark.timeout(60)
-def test_the_spin_learns_from_the_members_arrival_and_back_to_back_rounds_bring_it_back_to_its_longest(local_cluster):
-    for spin_ns, max_ns, parts, value in local_cluster(2).run(spin_after_back_to_back_rounds):
+def test_the_round_reports_its_arrival_wait_apart_from_its_whole_wait(local_cluster):
+    """(How long the waits are depends on the machine's load; that the arrival's is a part of the
+    whole, and is what the round's caller hands the spin, does not: runtime/shm_small.py.)"""
+    for parts, value in local_cluster(2).run(arrival_and_whole_waits):
         assert value == 2.0 ** 41  # (40 sums of two after the first)
-        assert all(0 <= arrival <= waited for arrival, waited in parts)
-        assert spin_ns == max_ns
+        assert all(kind == shm_small.KIND_HALVES and 0 <= arrival <= waited for kind, arrival, waited in parts)

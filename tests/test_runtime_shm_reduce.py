@@ -288,7 +288,7 @@ class LockstepMember:
         from ringpipe.runtime import shm_wait
 
         self.n, self.me, self.turn, self.buffer_bytes, self.host_ranks = 2, me, turn, buffer_bytes, 2
-        self.waiter, self.spin = shm_wait.waiter("c"), SimpleNamespace(ns=lambda: 0, yields=False, max_ns=0)
+        self.waiter, self.spin = shm_wait.waiter("c"), SimpleNamespace(ns=lambda: 0, inside_ns=lambda: 0, yields=False)
         self.words = [int(region.ctypes.data) for region in regions]
         self.sleepers = [word + 8 for word in self.words]
         self.counters = [region[:8].view(np.uint64) for region in regions]

@@ -49,3 +49,16 @@ def test_a_waiter_that_found_no_core_spare_looks_again_soon_and_spins_once_one_i
     spare[0] = False
     clock[0] += shm_wait.SPARE_RECHECK_NS
     assert spin.ns() > 0  # while spinning, the next look is SPARE_CHECK_NS away
+
+
+def test_inside_a_collective_a_waiter_spins_the_longest_however_short_its_arrival_spin_while_a_core_is_spare(monkeypatch):
+    spare = [True]
+    monkeypatch.setattr(shm_wait, "spare_core", lambda own_tasks: spare[0])
+    spin = shm_wait.Spin(yields=False, own_tasks=2)
+    for _ in range(20):
+        spin.answered(False, 10 ** 9)  # long arrivals (the peer computes): the arrival spin at its shortest
+    assert spin.ns() == shm_wait.MIN_SPIN_NS and spin.inside_ns() == shm_wait.MAX_SPIN_NS
+    assert shm_wait.Spin(yields=True, own_tasks=4).inside_ns() == shm_wait.MAX_OVERSUBSCRIBED_SPIN_NS
+    spare[0] = False
+    spin = shm_wait.Spin(yields=False, own_tasks=2)
+    assert spin.inside_ns() == 0  # no core spare: no spin anywhere

@@ -15,9 +15,10 @@ become final in backward (last layer first):
 Micro-batches before the last accumulate locally and do not communicate (as DDP's no_sync).
 A tied parameter (the plan's `tied_params`, e.g. GPT-2's wte) has a bucket of its own where a tie
 group exists. With pp > 1 the first and the last stage both hold it, but only the first (its owner)
-keeps its optimizer state: after the data-parallel average the last stage sends its gradient contribution to the first
-(`finish`), the owner updates the weight, and `share_tied` sends it back. The last stage so holds the
-weight and its gradient, never its Adam moments (15 % of a rank's state at GPT-2 medium, tp 2 × pp 2).
+keeps its optimizer state: after the data-parallel average the last stage sends its gradient
+contribution to the first (`finish`), the owner updates the weight, and `share_tied` sends it back.
+The last stage so holds the weight and its gradient, never its Adam moments (15 % of a rank's state
+at GPT-2 medium, tp 2 × pp 2).
 """
 from __future__ import annotations
 
