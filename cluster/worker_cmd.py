@@ -45,10 +45,11 @@ def worker(rdzv_endpoint, nproc_per_node, key_file, key_stdin, exit_with_stdin, 
         parse_endpoint(rdzv_endpoint)
     except RendezvousError as exc:
         raise bad_flag("--rdzv-endpoint", str(exc)) from None
-    from ringpipe.runtime import env_setting
+    from ringpipe.runtime import cpu_binding, env_setting
 
     try:  # this host's tuning variables, before it joins (its workers would fail at their start)
         env_setting.check()
+        cpu_binding.mode_from(None)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     place = rank_from_environment()

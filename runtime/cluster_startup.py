@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import asdict
 
-from ringpipe.runtime import cpu_binding
 from ringpipe.runtime.calls import WorkerLost, WorkerUnresponsive
 
 
@@ -18,13 +17,12 @@ class StartUp:
     `_die` and `_liveness`."""
 
     def _start_workers(self, bind_host, start_timeout, arena_bytes, extra_env):
-        cpu_bind = cpu_binding.mode_from(self.cpu_bind, {**os.environ, **(extra_env or {})})  # (checked already)
         boots = [{"rank": rank, "world_size": self.world_size, "job_id": self.job_id, "driver": self.address,
                   "keys": self.keys.to_dict(), "bind_host": bind_host, "comm": asdict(self.comm_config),
                   "sys_path": list(sys.path), "cwd": os.getcwd(), "threads": self.threads_per_worker,
                   "start_timeout": start_timeout, "arena_bytes": arena_bytes, "restart_count": self.restart_count,
                   "heartbeat_interval": self.heartbeat_interval, "log_path": self.log_paths[rank],
-                  "cpu_bind": cpu_bind}
+                  "cpu_bind": self.cpu_bind}
                  for rank in range(self.world_size)]
         try:
             self._start_and_join(boots, extra_env, start_timeout)

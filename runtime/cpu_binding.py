@@ -9,7 +9,7 @@ as every wait lasted until the waiter's spin or time slice ended. Bound, none of
 
 Local rank r of n gets the r-th of n equal blocks of the CPUs the worker may use (len // n of
 them, at least one; a block per rank, so its BLAS threads, `threads_per_worker`, have their cores).
-Modes (the Cluster option `cpu_bind`, else `$RINGPIPE_CPU_BIND`, else "auto"):
+Modes (the Cluster option `cpu_bind`, else `$RINGPIPE_CPU_BIND` of the worker's host, else "auto"):
     auto   bind when this host's ranks are at least two and have a core each, and no launcher
            restricted the worker to part of the machine already (mpirun's or srun's binding, a
            cpuset: kept as it is); else leave the scheduler free (more ranks than cores: binding

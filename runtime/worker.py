@@ -345,8 +345,10 @@ def main():
     from ringpipe.runtime import cpu_binding
 
     try:
-        cpu_binding.bind(boot.get("cpu_bind") or cpu_binding.mode_from(None), *cpu_binding.local_position(boot))
-    except ValueError as exc:  # a bad RINGPIPE_CPU_BIND where the boot record has none
+        # The Cluster's option where it was given, else this host's RINGPIPE_CPU_BIND (a joined
+        # host's own), else "auto".
+        cpu_binding.bind(cpu_binding.mode_from(boot.get("cpu_bind")), *cpu_binding.local_position(boot))
+    except ValueError as exc:  # a bad RINGPIPE_CPU_BIND on this host
         print(f"ringpipe worker rank {boot['rank']}: {exc}", file=sys.stderr, flush=True)
         os._exit(2)
     except OSError as exc:  # (an optimisation: the worker runs unbound)

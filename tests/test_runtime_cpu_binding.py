@@ -57,6 +57,21 @@ def test_two_ranks_run_on_two_cores_every_thread_included_and_other_layouts_stay
         assert cluster.run(every_threads_cpus) == [[cpus]] * (len(cpus) + 1)
     with Cluster(2, cpu_bind="none") as cluster:
         assert cluster.run(every_threads_cpus) == [[cpus]] * 2
+    with Cluster(2, env={"RINGPIPE_CPU_BIND": "none"}) as cluster:  # (the worker's host's own value)
+        assert cluster.run(every_threads_cpus) == [[cpus]] * 2
     monkeypatch.setenv("RINGPIPE_CPU_BIND", "none")
     with Cluster(2) as cluster:
         assert cluster.run(every_threads_cpus) == [[cpus]] * 2
+    with Cluster(2, cpu_bind="auto") as cluster:  # the option before the environment
+        assert cluster.run(every_threads_cpus) == [[cpu_binding.cores_for("auto", r, 2, cpus)] for r in range(2)]
+
+
+def test_a_joining_hosts_own_bad_binding_is_one_error_before_it_joins(monkeypatch, tmp_path):
+    """A host that joins with `ringpipe worker` binds its workers by its own RINGPIPE_CPU_BIND (the
+    driver's Cluster option aside), so it checks it before joining, as its tuning variables."""
+    from tests.conftest import one_error_line, run_cli
+
+    monkeypatch.setenv("RINGPIPE_CPU_BIND", "bogus")
+    result = run_cli("worker", "--rdzv-endpoint", "127.0.0.1:9", "--nproc-per-node", 1,
+                     "--key-file", tmp_path / "missing.key")
+    assert "RINGPIPE_CPU_BIND='bogus': expected one of auto, core, none" in one_error_line(result)
