@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import threading
 
+from ringpipe.runtime.cgroups import own_cgroup
+
 
 class WorkerKilled(RuntimeError):
     """A worker's cgroup killed it (out of memory): the run failed, its flags were fine (exit 1)."""
@@ -31,33 +33,6 @@ class WorkerKilled(RuntimeError):
 
 # cgroup v2 memory.stat entries of kernel memory, before Linux 5.18 summed them as "kernel"
 KERNEL_V2 = ("kernel_stack", "pagetables", "percpu", "sock", "slab", "vmalloc")
-
-
-def _own_cgroup() -> tuple[str, int]:
-    """(directory of this process's memory cgroup, version 1 or 2)."""
-    with open("/proc/self/cgroup") as f:
-        entries = [line.rstrip("\n").split(":", 2) for line in f]
-    v1 = [path for _, controllers, path in entries if "memory" in controllers.split(",")]
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            separator = fields.index("-")
-            kind, options = fields[separator + 1], fields[-1].split(",")
-            root, mount_point = fields[3], fields[4]
-            if kind == "cgroup" and "memory" in options:
-                mounts[1] = (root, mount_point)
-            elif kind == "cgroup2":
-                mounts.setdefault(2, (root, mount_point))
-    if v1 and 1 in mounts:
-        path, version = v1[0], 1
-    elif 2 in mounts:
-        path, version = next(p for h, _, p in entries if h == "0"), 2
-    else:
-        raise OSError("no memory cgroup controller is mounted (/proc/self/mountinfo)")
-    root, mount_point = mounts[version]
-    relative = os.path.relpath(path, root) if path.startswith(root) else path.lstrip("/")
-    return os.path.normpath(os.path.join(mount_point, relative)), version
 
 
 class MemoryCgroup:
@@ -71,7 +46,7 @@ class MemoryCgroup:
     def create(cls, name: str, limit_bytes: int) -> "MemoryCgroup":
         """A new cgroup `name` under this process's own, limited to `limit_bytes` (memory + swap);
         OSError naming the file if the kernel refuses."""
-        parent, version = _own_cgroup()
+        parent, version = own_cgroup("memory")
         path = os.path.join(parent, name)
         if version == 2:
             with open(os.path.join(parent, "cgroup.subtree_control")) as f:

@@ -51,6 +51,12 @@ def _place(comm):
     return {name: os.environ[name] for name in ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
 
 
+def _cores(comm):
+    from ringpipe.runtime import cgroups, cpu_binding, shm_wait
+
+    return sorted(os.sched_getaffinity(0)), len(cgroups.cpuset_cpus()), cpu_binding.host_cores(), shm_wait.cores()
+
+
 @needs_openmpi
 def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_view(tmp_path, key_file):
     from ringpipe.cluster.launchers import join_launcher
@@ -65,6 +71,13 @@ def test_mpirun_workers_join_a_driver_with_their_mpi_ranks_and_torchruns_local_v
             # One agent per MPI rank, yet each worker sees its host's two ranks, as torchrun's would.
             assert cluster.run(_place) == [{"RANK": str(r), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": "2",
                                             "GROUP_RANK": "0"} for r in range(2)]
+            # mpirun binds each of two ranks to a core of its own (where the machine has two): each
+            # counts the job's cores, not its one, so its waits and copies act as on a free host.
+            for own, whole, host, waits in cluster.run(_cores):
+                if len(own) < whole:
+                    assert host == waits == min(whole, 2 * len(own)), (own, whole, host)
+                else:
+                    assert host == waits == len(own)
         assert workers.wait(timeout=30) == 0
     finally:
         if workers.poll() is None:

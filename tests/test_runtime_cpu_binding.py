@@ -24,6 +24,28 @@ def test_auto_binds_ranks_that_have_a_core_each_to_equal_blocks_of_the_cores():
     assert cpu_binding.cores_for("core", 2, 2, cpus) is None  # not a local rank of the host
 
 
+def test_a_rank_a_launcher_bound_counts_its_jobs_cores_on_the_host_and_a_shared_cpuset_its_own():
+    # mpirun binds each of two ranks to a core: two cores for the job, so no rank thinks it shares one
+    assert cpu_binding.launcher_bound_cores({1}, 2, {0, 1}) == 2
+    assert cpu_binding.launcher_bound_cores({4, 5}, 3, set(range(16))) == 6  # (srun --cpu-bind=cores -c 2)
+    assert cpu_binding.launcher_bound_cores({1}, 4, {0, 1}) == 2  # at most what the cpuset allows
+    # a cpuset that confines the whole job (a container's): its ranks share it, as before
+    assert cpu_binding.launcher_bound_cores({0, 1}, 4, {0, 1}) is None
+    assert cpu_binding.launcher_bound_cores({0, 1}, 2, None) is None  # (nothing known of the cpuset)
+    assert cpu_binding.launcher_bound_cores({7}, 2, {0, 1}) is None  # (not within it: nothing to infer)
+
+
+def test_cpu_lists_read_as_the_kernel_writes_them_and_the_cpuset_holds_this_processes_cpus():
+    from ringpipe.runtime import cgroups
+
+    assert cgroups.parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert cgroups.parse_cpu_list("") == set()
+    with pytest.raises(ValueError):
+        cgroups.parse_cpu_list("0-a")
+    if hasattr(os, "sched_getaffinity") and os.path.exists("/proc/self/cgroup"):
+        assert os.sched_getaffinity(0) <= cgroups.cpuset_cpus()
+
+
 def test_the_mode_comes_from_the_option_then_the_environment_and_a_bad_one_names_itself():
     assert cpu_binding.mode_from("none", {"RINGPIPE_CPU_BIND": "core"}) == "none"
     assert cpu_binding.mode_from(None, {"RINGPIPE_CPU_BIND": " Core "}) == "core"
