@@ -1,5 +1,5 @@
 """An integer setting from the environment, with "off", checked once: the RINGPIPE_* tuning variables
-(stream_store.py's thresholds, thread_priority.py's nice) read through here, so a bad value is one
+(stream_store.py's thresholds, stream_choice.py's period, thread_priority.py's nice) read through here, so a bad value is one
 ValueError that names the variable and what it takes."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ OFF = "off"
 
 # The integer settings read through here and their bounds: `check` looks at all of them at once.
 SETTINGS = {"RINGPIPE_SHM_STREAM_MIN": (0, None), "RINGPIPE_SHM_STREAM_REDUCE_MAX": (0, None),
+            "RINGPIPE_SHM_STREAM_PROBE": (20, None),  # (stream_choice.MIN_PERIOD)
             "RINGPIPE_COMM_THREAD_NICE": (-20, 19)}
 
 

@@ -27,6 +27,7 @@ import zlib
 import msgpack
 import numpy as np
 
+from ringpipe.runtime import stream_choice
 from ringpipe.runtime.channel_stream import ChannelStream
 from ringpipe.runtime.operations import Aborted, CollectiveMismatch, CommTimeout, GroupDestroyedByPeer
 from ringpipe.runtime.shm_wait import Spin, cores
@@ -77,6 +78,8 @@ class GroupChannel(ChannelStream):
         # between looks (by the group's members instead, the README's main command: 13,862 -> 14,347
         # and 14,242 -> 14,365 tok/s, 200 steps, two pairs).
         self.spin = Spin(self.host_ranks > cores(), self.host_ranks)
+        # Whether copies for peers stream, by this channel's own timings (runtime/stream_choice.py).
+        self.stream_choice = stream_choice.new_state()
         self.name, self.deadline, self.timeout, self.wait_ns = "", 0.0, 0.0, 0
         self._sleeping_on = None
         if regions is not None:
@@ -92,9 +95,10 @@ class GroupChannel(ChannelStream):
 
     def private_bytes(self) -> int:
         """Bytes of this process's own memory the channel keeps (not its shared arena region): the
-        small rounds' scratch and control words, the chunk loop's state, the single-copy scratch."""
+        small rounds' scratch and control words, the chunk loop's state, the single-copy scratch, the
+        stream choice."""
         held = [getattr(self.small, "scratch", None), getattr(self.small, "ctl", None),
-                getattr(self.small, "chunks", None), getattr(self.single_copy, "scratch", None),
+                getattr(self.small, "chunks", None), getattr(self.single_copy, "scratch", None), self.stream_choice,
                 *(state for state, _ in getattr(self, "_chunk_states", ()))]  # (one per parity)
         return int(sum(array.nbytes for array in held if array is not None))
 

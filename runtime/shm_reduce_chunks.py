@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 
-from ringpipe.runtime import reduce_kernels, stream_store
+from ringpipe.runtime import reduce_kernels, stream_choice, stream_store
+from ringpipe.runtime.trace import now_ns
 from ringpipe.runtime.shm_channel import EPOCH_SHIFT
 
 # The state's words (csrc/shm_reduce_chunks.c's enum).
@@ -79,7 +80,13 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
     state[R_PEER], state[R_TARGET], state[R_SPIN_NS] = 0, 0, channel.spin.ns()
     state[R_SPIN_IN_NS] = channel.spin.inside_ns()  # past the collective's first wait (the C loop's arrived)
     state[R_YIELD], state[R_FIRST], state[R_WAITED_NS], state[R_ARRIVAL_NS] = channel.spin.yields, first, 0, 0
-    state[R_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes)
+    # Streamed or not: by the channel's probes (runtime/stream_choice.py), else the size rule.
+    choice = getattr(channel, "stream_choice", None)  # (None: a channel without one, the size rule)
+    choice = None if choice is None else choice.ctypes.data
+    state[R_STREAM_MIN] = lib.rp_stream_choose(choice, stream_choice.KIND_HALVES, piece.nbytes,
+                                               stream_store.stream_min_bytes(channel.host_ranks),
+                                               stream_store.stream_min_bytes(channel.host_ranks, piece.nbytes))
+    arrival_ns = 0  # (the members' arrival, waited for here: not part of what the choice changes)
     if first:
         channel.write_signature(parity)
     try:
@@ -87,10 +94,13 @@ def reduce_round(channel, piece: np.ndarray, reduce, divisor: int, first: bool, 
             status = lib.rp_reduce_chunks(address)
             channel.count = int(state[R_COUNT])  # the publishes it made, for the channel's next round
             if status == DONE:
+                lib.rp_stream_record(choice, arrival_ns + int(state[R_ARRIVAL_NS]))
                 return True
             if status == WAIT:
                 arrival = first and state[R_INDEX] == 0 and state[R_STEP] == STEP_WAIT_COPIES
+                started = now_ns() if arrival else 0
                 channel._wait(int(state[R_PEER]), int(state[R_TARGET]), inside=not arrival)
+                arrival_ns += now_ns() - started if arrival else 0
             elif status == SIGNATURES:
                 channel.check_signatures(parity)
             else:

@@ -49,6 +49,7 @@ C_SLICE_NS, C_SPARE_CHECK_NS, C_SPARE_RECHECK_NS = 25, 26, 27  # read by csrc/sh
 C_STREAM_REDUCE_MAX = 28
 C_SPIN_IN_NS = 29  # KIND_HALVES: its waits past the first spin this long (csrc/shm_reduce_chunks.c's arrived)
 C_ARRIVAL_NS = 30  # KIND_HALVES: the wait for the members to arrive, of C_WAITED_NS (C_SLEPT: whether it slept)
+C_CHOICE = 31  # the channel's stream choice (runtime/stream_choice.py), its address
 C_MEMBERS, C_PER_MEMBER = 32, 6
 # C_PARITY .. C_PHASE in one pack: parity, target, signature, position, spin, yield, timeout, kind,
 # dtype, op, count, phase.
@@ -64,7 +65,7 @@ NOT_TAKEN, FROM_SCRATCH, FROM_EVERY_MEMBER = -1, -1, -2
 NOT_RUN, FILLED, UNFILLED, NOT_HANDLED = 0, 1, 2, -3
 MID_BYTES = 1 << 20  # all_gather (one member's piece), broadcast, reduce_scatter up to here (see __init__)
 MODULE, SOURCES = "_ringpipe_shm_small", ("shm_small_call.c", "shm_small_run.c", "shm_small.c", "shm_wait.c",
-                                          "reduce_sum.c", "shm_reduce_chunks.c")
+                                          "reduce_sum.c", "shm_reduce_chunks.c", "stream_choice.c")
 _extension: list = []  # [module or None], built once per process
 
 
@@ -100,6 +101,8 @@ class SmallRounds:
         self.ctl[C_N], self.ctl[C_ME], self.ctl[C_SCRATCH] = n, channel.me, int(self.scratch.ctypes.data)
         self.ctl[C_STREAM_MIN] = stream_store.stream_min_bytes(channel.host_ranks)  # (the extension's copy in)
         self.ctl[C_STREAM_REDUCE_MAX] = stream_store.reduce_max_bytes()  # (its reduce-scatter round)
+        choice = getattr(channel, "stream_choice", None)  # (the channel keeps it; None: the size rule)
+        self.ctl[C_CHOICE] = 0 if choice is None else choice.ctypes.data
         self.ctl[C_SLICE_NS], self.ctl[C_SPARE_CHECK_NS] = SLICE_NS, shm_wait.SPARE_CHECK_NS
         self.ctl[C_SPARE_RECHECK_NS] = shm_wait.SPARE_RECHECK_NS
         self.ctl[C_SPIN_IN_NS] = channel.spin.max_ns

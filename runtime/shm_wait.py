@@ -28,10 +28,10 @@ import platform
 import threading
 import time
 
-from ringpipe.runtime import c_library, cpu_binding
+from ringpipe.runtime import c_library, cpu_binding, stream_choice
 
 # The waits, and one round of a small collective built on them (runtime/shm_small.py).
-SOURCES = ("shm_wait.c", "shm_small.c", "shm_reduce_chunks.c", "reduce_sum.c")  # in runtime/csrc/
+SOURCES = ("shm_wait.c", "shm_small.c", "shm_reduce_chunks.c", "reduce_sum.c", "stream_choice.c")  # in runtime/csrc/
 MODES = ("c", "syscall", "poll")
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1
 _SYS_FUTEX = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238}
@@ -65,6 +65,7 @@ def _build_library() -> ctypes.CDLL:
     lib.rp_wake.argtypes, lib.rp_wake.restype = [p], None
     lib.rp_small_round.argtypes, lib.rp_small_round.restype = [p], ctypes.c_int
     lib.rp_reduce_chunks.argtypes, lib.rp_reduce_chunks.restype = [p], ctypes.c_int
+    stream_choice.declare(lib)
     return lib
 
 

@@ -48,6 +48,11 @@ def bus_factor(op: str, n: int) -> float:
     return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n}.get(op, 1.0)
 
 
+# Untimed calls of each op and size before the timed ones (nccl-tests' warm-up iterations): past the
+# first 10 calls of a size, ringpipe's channels store as their probes found faster (runtime/stream_choice.py).
+WARMUP_CALLS = 10
+
+
 def iterations(size: int) -> int:
     # Enough repetitions for a stable mean, bounded so the largest sizes stay quick.
     return int(min(200, max(5, (256 << 20) // max(size, 1) // 16)))
@@ -55,9 +60,9 @@ def iterations(size: int) -> int:
 
 # ---- one library-neutral measurement loop (runs on every rank) --------------------------------------
 def measure(ops, op_names, sizes, iters=None) -> list[dict]:
-    """One round on one rank (`ops`: a bench_libraries.Ops): per op and size, a checked call, then
-    `iters` (default `iterations(size)`) timed calls after a barrier; rows with this rank's mean
-    time in seconds."""
+    """One round on one rank (`ops`: a bench_libraries.Ops): per op and size, a checked call,
+    WARMUP_CALLS untimed ones, then `iters` (default `iterations(size)`) timed calls after a barrier;
+    rows with this rank's mean time in seconds."""
     n, rank = ops.size, ops.rank
     rows = []
     for op in op_names:
@@ -69,7 +74,8 @@ def measure(ops, op_names, sizes, iters=None) -> list[dict]:
             wrong = check(run())
             run_timed, _ = _prepare(ops, op, count, n, rank, timed=True)
             calls = iters or iterations(size)
-            run_timed()
+            for _ in range(WARMUP_CALLS):
+                run_timed()
             ops.barrier()
             start = time.perf_counter()
             for _ in range(calls):

@@ -19,6 +19,7 @@ ctl[C_SLEEPING_ON]). */
 #include "shm_wait.h"
 #include "reduce_sum.h"
 #include "shm_reduce_chunks.h"
+#include "stream_choice.h"
 
 enum {
     C_N, C_ME, C_PARITY, C_TARGET, C_SIGNATURE, C_POSITION, C_SPIN_NS, C_YIELD, C_TIMEOUT_NS, C_KIND,
@@ -29,6 +30,7 @@ enum {
     C_STREAM_REDUCE_MAX = 28, /* KIND_HALVES streams only up to this many bytes (stream_store.reduce_max_bytes) */
     C_SPIN_IN_NS = 29, /* KIND_HALVES: the spin of its waits past the first, where the first may spin */
     C_ARRIVAL_NS = 30, /* KIND_HALVES: of C_WAITED_NS, its first wait's (C_SLEPT: whether that one slept) */
+    C_CHOICE = 31, /* the channel's stream_choice.h state (0: none, the size rule) */
     C_MEMBERS = 32, /* then per member: counter, sleepers, ids[2], buffers[2] (addresses) */
     C_PER_MEMBER = 6,
 };
@@ -111,7 +113,10 @@ static int halves_round(int64_t *ctl) {
         s[R_EPOCH] = (int64_t)(target >> EPOCH_SHIFT << EPOCH_SHIFT);
         s[R_COUNT] = (int64_t)(target & ((1ULL << EPOCH_SHIFT) - 1)) - 1;
         s[R_STEP] = 0, s[R_INDEX] = 0, s[R_YIELD] = ctl[C_YIELD], s[R_FIRST] = 1;
-        s[R_STREAM_MIN] = count * s[R_ITEMSIZE] <= ctl[C_STREAM_REDUCE_MAX] ? ctl[C_STREAM_MIN] : 0;
+        int64_t bytes = count * s[R_ITEMSIZE];
+        int64_t size_rule = bytes <= ctl[C_STREAM_REDUCE_MAX] ? ctl[C_STREAM_MIN] : 0;
+        s[R_STREAM_MIN] = rp_stream_choose((int64_t *)(intptr_t)ctl[C_CHOICE], SC_KIND_HALVES, bytes, ctl[C_STREAM_MIN],
+                                           size_rule); /* (rp_call_halves records its time) */
         s[R_SPIN_IN_NS] = ctl[C_SPIN_NS] > 0 ? ctl[C_SPIN_IN_NS] : 0; /* (no spin: no core spare) */
         for (int64_t member = 0; member < n; member++) {
             MEMBER_STATE(s, member, 0) = MEMBER(ctl, member, 0);

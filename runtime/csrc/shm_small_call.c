@@ -13,6 +13,7 @@ in Python and runs the same round. */
 #include <string.h>
 
 #include "py_extension.h"
+#include "stream_choice.h"
 #include "stream_store.h"
 
 int rp_small_round(int64_t *ctl);
@@ -20,7 +21,7 @@ int rp_small_round(int64_t *ctl);
 /* shm_small.c's control block words used here (its enum). */
 enum { C_N = 0, C_ME = 1, C_PARITY = 2, C_KIND = 9, C_COUNT = 12, C_PHASE = 13, C_WAITED_NS = 15, C_SCRATCH = 17,
        C_OFFSET = 18, C_STREAM_MIN = 20, C_PIECE = 22, C_DIVISOR = 23, C_CHUNK = 24, C_STREAM_REDUCE_MAX = 28,
-       C_MEMBERS = 32, C_PER_MEMBER = 6 };
+       C_ARRIVAL_NS = 30, C_CHOICE = 31, C_MEMBERS = 32, C_PER_MEMBER = 6 };
 enum { DONE = 0, NOT_TAKEN = -1 };
 enum { KIND_REDUCE = 1, KIND_HALVES = 2 };
 /* Where `out` is copied from once the round is done: the scratch area (a reduction's result),
@@ -71,12 +72,19 @@ int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long sour
     ctl[C_PHASE] = 0;
     ctl[C_OFFSET] = v[11];
     ctl[C_WAITED_NS] = 0;
-    if (payload != Py_None) {
-        /* (streamed from the caller's threshold: the peers read it from another core, see stream_store.h;
-           a reduction only up to stream_store.reduce_max_bytes) */
-        int64_t stream_min = ctl[C_KIND] == KIND_REDUCE && in_view.len > ctl[C_STREAM_REDUCE_MAX] ? 0 : ctl[C_STREAM_MIN];
+    /* Whether the copy in streams (the peers read it from another core, see stream_store.h): as the
+       channel's probes found for this kind and size (stream_choice.h), else the size rule (a reduction
+       only up to stream_store.reduce_max_bytes). The op's size on every member alike: the payload, or
+       what comes out where there is none (a broadcast's receivers). A broadcast's root cannot see its
+       receivers' reads: it follows the all_gathers' verdict. */
+    int64_t *choice = (int64_t *)(intptr_t)ctl[C_CHOICE];
+    int64_t bytes = payload != Py_None ? in_view.len : out != Py_None ? out_view.len : 0;
+    int64_t size_rule = ctl[C_KIND] == KIND_REDUCE && bytes > ctl[C_STREAM_REDUCE_MAX] ? 0 : ctl[C_STREAM_MIN];
+    int64_t stream_min = source >= 0 ? rp_stream_follow(choice, SC_KIND_COPY, bytes, ctl[C_STREAM_MIN], size_rule)
+                                     : rp_stream_choose(choice, ctl[C_KIND] == KIND_REDUCE ? SC_KIND_REDUCE : SC_KIND_COPY,
+                                                        bytes, ctl[C_STREAM_MIN], size_rule);
+    if (payload != Py_None)
         rp_copy_for_peers(BUFFER(ctl, ctl[C_ME], ctl[C_PARITY]), in_view.buf, (size_t)in_view.len, stream_min);
-    }
     int status;
     int64_t scratch = ctl[C_SCRATCH];
     int direct = out != Py_None && source == FROM_SCRATCH && ctl[C_KIND] == KIND_REDUCE;
@@ -86,6 +94,7 @@ int rp_call_round(int64_t *ctl, PyObject *payload, PyObject *out, long long sour
     status = rp_small_round(ctl);
     ctl[C_SCRATCH] = scratch;
     if (status == DONE && out != Py_None && !direct) copy_out(ctl, out_view.buf, out_view.len, source, own);
+    if (status == DONE) rp_stream_record(choice, ctl[C_WAITED_NS]); /* (waits: the members' arrival) */
     Py_END_ALLOW_THREADS
     if (payload != Py_None) PyBuffer_Release(&in_view);
     if (out != Py_None) PyBuffer_Release(&out_view);
@@ -135,6 +144,8 @@ int rp_call_halves(int64_t *ctl, PyObject *x, const long long *v) {
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = rp_small_round(ctl);
+    /* (its first call chose; one that waited past the spin ends in Python, unrecorded) */
+    if (status == DONE) rp_stream_record((int64_t *)(intptr_t)ctl[C_CHOICE], ctl[C_ARRIVAL_NS]);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
     return status;
