@@ -26,8 +26,11 @@ SMALL_BYTES = 64 << 10  # one round at any group size up to here
 # Up to ONE_ROUND_BYTES, and while a rank reads at most ONE_ROUND_PEER_BYTES of its peers' buffers,
 # the one-round reduce (one wait, every rank summing everything) beats reduce-scatter + all-gather
 # (two waits, 1/n of the sum each). Measured on 2 cores: 2 ranks, 256 KiB and 1 MiB; 4 ranks,
-# 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each).
-ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 1 << 20
+# 256 KiB; at 1 MiB 4 ranks took ~15 % more CPU in one round (3 MiB read from peers each). On the
+# Intel Xeon VM of 2026-12-01, 4 ranks at 256 KiB (one round up to 341 KiB) took 205-254 us against
+# OpenMPI's 151-156; with one round up to 128 KiB (a peer limit of 384 KiB), 150-179 against 156-168
+# (`bench collectives --world-size 4 --ops all_reduce --compare mpi`, 5-round medians).
+ONE_ROUND_BYTES, ONE_ROUND_PEER_BYTES = 1 << 20, 384 << 10
 # While every member has a core of its own (HOST_CORES: the host's count, alike on every member, not
 # this process's affinity) and the copies peers read stream to memory (runtime/stream_store.py), the
 # one-round reduce pays for every rank reading every peer's whole buffer from another core: above 32 KiB
